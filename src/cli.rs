@@ -1,0 +1,391 @@
+//! The `taskgate` command line: `serve`, `simulate` and `case-extract`.
+//!
+//! Clap types stay raw; they are turned into checked `config` types before any port is bound.
+//! Every flag can also be set with a `TASKGATE_…` environment variable.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use prost::Message as _;
+use tokio::net::TcpListener;
+use tonic::transport::Endpoint;
+use tonic_types::{StatusExt, pb};
+
+use crate::codec::DEFAULT_MAX_BODY_BYTES;
+use crate::config::{GatewayConfig, defaults, parse_upstream_url};
+use crate::fault;
+use crate::proto::task_service_client::TaskServiceClient;
+use crate::proto::{CaseExtractRequest, FaultCode, TASK_FAULT_TYPE_URL, TaskFault};
+use crate::simulator::{self, Simulator, layout::Layout};
+
+const EXIT_STATUS: &str = "\
+EXIT STATUS:
+    0  success (for serve and simulate: a clean shutdown on SIGINT or SIGTERM)
+    1  the call returned an error status, or the server failed while running
+    2  a usage or configuration error (bad flag, bad file, address already in use)";
+
+/// taskgate: a gRPC gateway to the AutoStore task interface.
+///
+/// `serve` runs the gateway, `simulate` runs a simulated controller, and `case-extract` calls a
+/// running gateway. Logs go to stderr; set their level with RUST_LOG (for example
+/// RUST_LOG=taskgate=debug).
+#[derive(Debug, Parser)]
+#[command(name = "taskgate", version, after_help = EXIT_STATUS)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gRPC gateway in front of a controller (or the embedded simulator).
+    Serve(ServeArgs),
+    /// Run the simulated controller alone, speaking the task interface over HTTP.
+    Simulate(SimulateArgs),
+    /// Call CaseExtract on a running gateway and print the outcome.
+    CaseExtract(CaseExtractArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The address to serve gRPC on, for example 0.0.0.0:50051.
+    #[arg(long, env = "TASKGATE_LISTEN", default_value = defaults::LISTEN)]
+    listen: SocketAddr,
+
+    /// The controller's task-interface URL (http or https).
+    #[arg(
+        long,
+        env = "TASKGATE_UPSTREAM",
+        default_value = defaults::UPSTREAM,
+        conflicts_with = "simulator"
+    )]
+    upstream: String,
+
+    /// The longest to wait for one controller reply, for example 10s or 500ms; a caller's
+    /// shorter gRPC deadline wins.
+    #[arg(long, env = "TASKGATE_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    upstream_timeout: Duration,
+
+    /// The delay put in RetryInfo when a retry is safe (fault 1148, controller unreachable).
+    #[arg(long, env = "TASKGATE_RETRY_DELAY", default_value = "1s", value_parser = parse_duration)]
+    retry_delay: Duration,
+
+    /// The largest controller reply to read, in bytes.
+    #[arg(long, env = "TASKGATE_MAX_RESPONSE_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    max_response_bytes: usize,
+
+    /// How long calls in flight may take to finish after SIGINT or SIGTERM.
+    #[arg(long, env = "TASKGATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+
+    /// Start the embedded simulated controller on an ephemeral loopback port and use it as the
+    /// upstream.
+    #[arg(long, env = "TASKGATE_SIMULATOR")]
+    simulator: bool,
+
+    /// A TOML port layout for the embedded simulator (see `taskgate simulate --help`); default:
+    /// the built-in layout.
+    #[arg(long, env = "TASKGATE_SIMULATOR_CONFIG", requires = "simulator")]
+    simulator_config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+LAYOUT FILE (TOML):
+    step_time = \"2s\"        # how long EREQ and ERSO each last (default 2s)
+    [[port]]
+    id = 4                  # 1-2000
+    autocase = true         # an AutoCase port?
+    mode = \"OPEN\"           # CLOSED, OPEN, AUTO, INSERT, SWAP, MOVE, SEQUENCE, DISABLED,
+                            # MULTIPORT_PUPPET or RUNOUT
+    selected_bin = 101337   # optional: the bin the last openbin selected
+
+DEFAULT LAYOUT (no --config):
+    port 1: not AutoCase, OPEN
+    port 2: AutoCase, CLOSED
+    port 3: AutoCase, OPEN, no selected bin
+    port 4: AutoCase, OPEN, selected bin 101337
+    every other port: unknown (fault 1000)")]
+struct SimulateArgs {
+    /// The address to serve the task interface on (path /api/v2/task).
+    #[arg(long, env = "TASKGATE_SIMULATOR_LISTEN", default_value = defaults::SIMULATOR_LISTEN)]
+    listen: SocketAddr,
+
+    /// A TOML port layout; default: the built-in layout.
+    #[arg(long, env = "TASKGATE_SIMULATOR_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct CaseExtractArgs {
+    /// The AutoCase port, 1-2000.
+    #[arg(long, env = "TASKGATE_PORT")]
+    port: u32,
+
+    /// The bin to extract the case from, 1-4000000; it must be the port's selected bin.
+    #[arg(long, env = "TASKGATE_BIN")]
+    bin: u32,
+
+    /// The gateway's address.
+    #[arg(
+        long,
+        env = "TASKGATE_GATEWAY",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    gateway: String,
+
+    /// The call's deadline, sent to the gateway as grpc-timeout.
+    #[arg(long, env = "TASKGATE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+/// How a command ended, as an exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    Success,
+    CallFailed,
+    Usage,
+}
+
+// === impl Cli ===
+
+impl Cli {
+    /// The log level when RUST_LOG is not set: the servers report each call, the client only
+    /// warnings.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Serve(_) | Command::Simulate(_) => "info",
+            Command::CaseExtract(_) => "warn",
+        }
+    }
+}
+
+/// Runs the parsed command and returns the process exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Simulate(args) => simulate(args).await,
+        Command::CaseExtract(args) => case_extract(args).await,
+    };
+    let exit = result.unwrap_or_else(|(exit, error)| {
+        eprintln!("error: {error:#}");
+        exit
+    });
+    ExitCode::from(match exit {
+        Exit::Success => 0,
+        Exit::CallFailed => 1,
+        Exit::Usage => 2,
+    })
+}
+
+type Outcome = Result<Exit, (Exit, anyhow::Error)>;
+
+fn usage(error: anyhow::Error) -> (Exit, anyhow::Error) {
+    (Exit::Usage, error)
+}
+
+async fn serve(args: ServeArgs) -> Outcome {
+    let mut config = GatewayConfig {
+        upstream_url: parse_upstream_url(&args.upstream)
+            .context("invalid --upstream")
+            .map_err(usage)?,
+        upstream_timeout: args.upstream_timeout,
+        retry_delay: args.retry_delay,
+        max_response_bytes: std::num::NonZeroUsize::new(args.max_response_bytes)
+            .context("--max-response-bytes must be greater than zero")
+            .map_err(usage)?,
+        shutdown_grace: args.shutdown_grace,
+    };
+    config
+        .validate()
+        .context("invalid configuration")
+        .map_err(usage)?;
+    if args.simulator {
+        let layout = load_layout(args.simulator_config.as_deref()).map_err(usage)?;
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .map_err(usage)?;
+        let address = listener
+            .local_addr()
+            .context("cannot read the simulator's address")
+            .map_err(usage)?;
+        config.upstream_url =
+            parse_upstream_url(&format!("http://{address}{}", simulator::http::TASK_PATH))
+                .context("cannot build the simulator's URL")
+                .map_err(usage)?;
+        tracing::info!(url = %config.upstream_url, "embedded simulated controller started; the gateway calls it instead of a real controller");
+        // The simulator lives as long as the process; it stops when the runtime does.
+        tokio::spawn(simulator::http::serve(
+            listener,
+            Simulator::new(&layout),
+            std::future::pending(),
+        ));
+    }
+    let listener = bind(args.listen).await.map_err(usage)?;
+    crate::server::serve(listener, config, crate::shutdown::signal())
+        .await
+        .map_err(|error| (Exit::CallFailed, error.into()))?;
+    Ok(Exit::Success)
+}
+
+async fn simulate(args: SimulateArgs) -> Outcome {
+    let layout = load_layout(args.config.as_deref()).map_err(usage)?;
+    let listener = bind(args.listen).await.map_err(usage)?;
+    tracing::info!(
+        url = %format!("http://{}{}", args.listen, simulator::http::TASK_PATH),
+        ports = layout.ports.len(),
+        step_time = %humantime::format_duration(layout.step_time),
+        "simulated controller listening"
+    );
+    simulator::http::serve(listener, Simulator::new(&layout), crate::shutdown::signal())
+        .await
+        .context("the simulator failed")
+        .map_err(|error| (Exit::CallFailed, error))?;
+    Ok(Exit::Success)
+}
+
+async fn case_extract(args: CaseExtractArgs) -> Outcome {
+    let endpoint = Endpoint::from_shared(args.gateway.clone())
+        .with_context(|| format!("invalid --gateway '{}'", args.gateway))
+        .map_err(usage)?
+        .connect_timeout(args.timeout)
+        .timeout(args.timeout);
+    let call_failed = |error: anyhow::Error| (Exit::CallFailed, error);
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to the gateway at {}", args.gateway))
+        .map_err(call_failed)?;
+    let request = CaseExtractRequest {
+        port_id: args.port,
+        bin_id: args.bin,
+    };
+    let what = format!("case_extract port {} bin {}", args.port, args.bin);
+    match TaskServiceClient::new(channel).case_extract(request).await {
+        Ok(_) => {
+            println!("ok: {what}: the controller accepted the case extraction");
+            Ok(Exit::Success)
+        }
+        Err(status) => {
+            println!("{}", describe_status(&what, &status));
+            Ok(Exit::CallFailed)
+        }
+    }
+}
+
+/// Renders an error status for operators: gRPC code, fault, meaning, retry advice, message.
+fn describe_status(what: &str, status: &tonic::Status) -> String {
+    let mut lines = vec![format!("failed: {what}: {:?}", status.code())];
+    if let Some(task_fault) = task_fault(status) {
+        let fault_class = fault::classify(task_fault.raw_code);
+        let name = match FaultCode::try_from(task_fault.code) {
+            Ok(FaultCode::Unspecified) | Err(_) => fault_class.reason(),
+            Ok(fault_code) => fault_code.as_str_name().trim_start_matches("FAULT_CODE_"),
+        };
+        lines.push(format!("  fault:   {} {name}", task_fault.raw_code));
+        lines.push(format!("  meaning: {}", fault_class.meaning()));
+    } else if let Some(error_info) = status.get_details_error_info() {
+        lines.push(format!(
+            "  reason:  {} ({})",
+            error_info.reason, error_info.domain
+        ));
+    }
+    if let Some(bad_request) = status.get_details_bad_request() {
+        for violation in bad_request.field_violations {
+            lines.push(format!(
+                "  field:   {}: {}",
+                violation.field, violation.description
+            ));
+        }
+    }
+    match status
+        .get_details_retry_info()
+        .and_then(|retry_info| retry_info.retry_delay)
+    {
+        Some(delay) => lines.push(format!(
+            "  retry:   safe after {}",
+            humantime::format_duration(delay)
+        )),
+        None => lines.push("  retry:   not advised".to_owned()),
+    }
+    lines.push(format!("  message: {}", status.message()));
+    lines.join("\n")
+}
+
+fn task_fault(status: &tonic::Status) -> Option<TaskFault> {
+    let rpc_status = pb::Status::decode(status.details()).ok()?;
+    rpc_status
+        .details
+        .iter()
+        .find(|any| any.type_url == TASK_FAULT_TYPE_URL)
+        .and_then(|any| TaskFault::decode(any.value.as_slice()).ok())
+}
+
+fn load_layout(path: Option<&Path>) -> anyhow::Result<Layout> {
+    let Some(path) = path else {
+        return Ok(Layout::default_layout());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read layout file {}", path.display()))?;
+    Layout::from_toml(&text).with_context(|| format!("invalid layout file {}", path.display()))
+}
+
+async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address}"))
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|error| format!("'{text}' is not a duration such as 10s or 500ms: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(
+            parse_duration("ten")
+                .unwrap_err()
+                .contains("'ten' is not a duration")
+        );
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_defaults_match_the_config_defaults() {
+        let Cli {
+            command: Command::Serve(args),
+        } = Cli::try_parse_from(["taskgate", "serve"]).unwrap()
+        else {
+            panic!("not serve");
+        };
+        let config = GatewayConfig::with_upstream(parse_upstream_url(&args.upstream).unwrap());
+        assert_eq!(args.upstream, defaults::UPSTREAM);
+        assert_eq!(args.listen.to_string(), defaults::LISTEN);
+        assert_eq!(args.upstream_timeout, config.upstream_timeout);
+        assert_eq!(args.retry_delay, config.retry_delay);
+        assert_eq!(args.shutdown_grace, config.shutdown_grace);
+        assert_eq!(args.max_response_bytes, config.max_response_bytes.get());
+    }
+
+    #[test]
+    fn simulator_config_requires_simulator() {
+        let parsed = Cli::try_parse_from(["taskgate", "serve", "--simulator-config", "x.toml"]);
+        assert!(parsed.is_err());
+    }
+}

@@ -1,0 +1,612 @@
+//! The XML codec: task-interface bytes to and from [`MethodCall`] and [`Reply`], for both sides
+//! of the wire (the gateway encodes calls and decodes replies, the simulator does the opposite).
+//!
+//! It accepts UTF-8 and ISO-8859-1, with or without an XML declaration, and any whitespace. It
+//! never expands entities: a DOCTYPE is an error, and only character references and the five
+//! predefined entities are resolved. It does no I/O; whoever reads the body caps its size (see
+//! [`DEFAULT_MAX_BODY_BYTES`]) before handing it here.
+
+use std::borrow::Cow;
+
+use quick_xml::Reader;
+use quick_xml::escape::escape;
+use quick_xml::events::Event;
+
+/// The default cap on a request or response body: task-interface messages are a few hundred
+/// bytes, so anything near this is not a reply we understand.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Valid `port_id` values on every task-interface method.
+pub const PORT_ID_RANGE: std::ops::RangeInclusive<u32> = 1..=2000;
+/// Valid `bin_id` values on every task-interface method.
+pub const BIN_ID_RANGE: std::ops::RangeInclusive<u32> = 1..=4_000_000;
+
+/// A method call on the task interface: `<methodcall><name>…</name><params>…</params></methodcall>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MethodCall {
+    /// The method name, for example `case_extract`.
+    pub name: String,
+    /// The children of `<params>`, in document order.
+    pub params: Vec<Element>,
+}
+
+/// What the controller answered, decided from the body alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// `<response><params…/></response>`: the call succeeded; holds the `<params>` element.
+    Success(Element),
+    /// `<response><fault><code>N</code></fault></response>`: the controller refused with code N.
+    Fault(u32),
+}
+
+/// One XML element, reduced to what the task interface uses: a name, text and child elements.
+/// Attributes are not part of the interface and are dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Element {
+    /// The element name as written, for example `port_id`.
+    pub name: String,
+    /// The element's text with references resolved; whitespace is kept as sent.
+    pub text: String,
+    /// Child elements in document order.
+    pub children: Vec<Element>,
+}
+
+/// Why a body is not a valid task-interface message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The body is empty or holds only whitespace, comments and a declaration.
+    #[error("the body holds no XML element")]
+    Empty,
+    /// The encoding named in the Content-Type or the XML declaration is not one we read.
+    #[error("unsupported encoding '{0}' (expected UTF-8 or ISO-8859-1)")]
+    UnsupportedEncoding(String),
+    /// The bytes are not valid in the encoding that applies.
+    #[error("the body is not valid {encoding} at byte {offset}")]
+    InvalidEncoding {
+        /// The encoding the body was read as.
+        encoding: &'static str,
+        /// The offset of the first bad byte.
+        offset: usize,
+    },
+    /// The XML declaration names a version other than 1.0.
+    #[error("unsupported XML version '{0}' (expected 1.0)")]
+    UnsupportedVersion(String),
+    /// The body is not well-formed XML.
+    #[error("malformed XML at byte {position}: {reason}")]
+    Malformed {
+        /// Where the parser stopped.
+        position: u64,
+        /// What the parser said.
+        reason: String,
+    },
+    /// The body has a DOCTYPE; it could declare entities, which we never expand.
+    #[error("a DOCTYPE is not allowed (entity declarations are never expanded)")]
+    Doctype,
+    /// An entity reference other than a character reference or `lt`, `gt`, `amp`, `apos`, `quot`.
+    #[error(
+        "unknown entity '&{0};' (only character references and the five XML entities are allowed)"
+    )]
+    UnknownEntity(String),
+    /// Elements nest deeper than any task-interface message does.
+    #[error("elements nest deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    /// Text or a second element outside the root element.
+    #[error("unexpected content outside the root element <{root}>")]
+    OutsideRoot {
+        /// The root element's name.
+        root: String,
+    },
+    /// The root element is not the one this message must have.
+    #[error("expected root element <{expected}>, found <{found}>")]
+    UnexpectedRoot {
+        /// The root the message must have.
+        expected: &'static str,
+        /// The root the body has.
+        found: String,
+    },
+    /// A required child element is missing.
+    #[error("<{parent}> has no <{name}>")]
+    MissingElement {
+        /// The element that should hold it.
+        parent: String,
+        /// The missing child.
+        name: &'static str,
+    },
+    /// A child element this message does not allow.
+    #[error("unexpected element <{name}> in <{parent}>")]
+    UnexpectedElement {
+        /// The element that holds it.
+        parent: String,
+        /// The unexpected child.
+        name: String,
+    },
+    /// A child element that may appear only once appears again.
+    #[error("<{parent}> has more than one <{name}>")]
+    DuplicateElement {
+        /// The element that holds it.
+        parent: String,
+        /// The repeated child.
+        name: String,
+    },
+    /// A response with both `<params>` and `<fault>`: neither success nor failure can be trusted.
+    #[error("<response> has both <params> and <fault>")]
+    ParamsAndFault,
+    /// Non-whitespace text where only child elements may appear.
+    #[error("unexpected text '{text}' in <{element}>")]
+    UnexpectedText {
+        /// The element holding the text.
+        element: String,
+        /// The text, shortened.
+        text: String,
+    },
+    /// An element that must hold a non-negative decimal integer holds something else.
+    #[error("<{element}> holds '{text}', not a non-negative integer")]
+    InvalidInteger {
+        /// The element.
+        element: String,
+        /// The text, shortened.
+        text: String,
+    },
+}
+
+/// Elements deeper than this are refused; the deepest documented message nests five levels.
+pub const MAX_DEPTH: usize = 32;
+
+/// Decodes a controller reply. `charset` is the Content-Type charset parameter, if any.
+pub fn decode_reply(body: &[u8], charset: Option<&str>) -> Result<Reply, DecodeError> {
+    let response = parse_document(body, charset)?;
+    expect_root(&response, "response")?;
+    expect_no_text(&response)?;
+    let [params, fault] = distinct_children(&response, ["params", "fault"])?;
+    match (params, fault) {
+        (Some(params), None) => {
+            expect_no_text(params)?;
+            Ok(Reply::Success(params.clone()))
+        }
+        (None, Some(fault)) => {
+            expect_no_text(fault)?;
+            let [code] = distinct_children(fault, ["code"])?;
+            let code = code.ok_or_else(|| missing(fault, "code"))?;
+            Ok(Reply::Fault(parse_integer(code)?))
+        }
+        (Some(_), Some(_)) => Err(DecodeError::ParamsAndFault),
+        (None, None) => Err(missing(&response, "params")),
+    }
+}
+
+/// Decodes a method call, as the simulated controller receives it.
+pub fn decode_method_call(body: &[u8], charset: Option<&str>) -> Result<MethodCall, DecodeError> {
+    let methodcall = parse_document(body, charset)?;
+    expect_root(&methodcall, "methodcall")?;
+    expect_no_text(&methodcall)?;
+    let [name, params] = distinct_children(&methodcall, ["name", "params"])?;
+    let name = name.ok_or_else(|| missing(&methodcall, "name"))?;
+    if let Some(child) = name.children.first() {
+        return Err(unexpected_element(name, child));
+    }
+    let params = params.ok_or_else(|| missing(&methodcall, "params"))?;
+    expect_no_text(params)?;
+    Ok(MethodCall {
+        name: name.text.trim().to_owned(),
+        params: params.children.clone(),
+    })
+}
+
+/// Encodes a method call in the documented shape, UTF-8, with the bare `<?xml version="1.0"?>`
+/// declaration every vendor example sends.
+pub fn encode_method_call(method_call: &MethodCall) -> Vec<u8> {
+    let params = Element {
+        name: "params".to_owned(),
+        text: String::new(),
+        children: method_call.params.clone(),
+    };
+    let methodcall = Element {
+        name: "methodcall".to_owned(),
+        text: String::new(),
+        children: vec![Element::leaf("name", &method_call.name), params],
+    };
+    encode_document(&methodcall)
+}
+
+/// Encodes a reply in the documented shape, as the simulated controller sends it.
+pub fn encode_reply(reply: &Reply) -> Vec<u8> {
+    let child = match reply {
+        Reply::Success(params) => params.clone(),
+        Reply::Fault(code) => Element {
+            name: "fault".to_owned(),
+            text: String::new(),
+            children: vec![Element::leaf("code", code)],
+        },
+    };
+    let response = Element {
+        name: "response".to_owned(),
+        text: String::new(),
+        children: vec![child],
+    };
+    encode_document(&response)
+}
+
+/// Reads an element's text as a non-negative decimal integer, allowing surrounding whitespace.
+pub fn parse_integer(element: &Element) -> Result<u32, DecodeError> {
+    let invalid = || DecodeError::InvalidInteger {
+        element: element.name.clone(),
+        text: shorten(&element.text),
+    };
+    if let Some(child) = element.children.first() {
+        return Err(unexpected_element(element, child));
+    }
+    let digits = element.text.trim_matches(is_xml_whitespace);
+    // `u32::from_str` would also take a leading `+`, which no controller sends.
+    if digits.is_empty() || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    digits.parse().map_err(|_| invalid())
+}
+
+/// The `charset` parameter of a Content-Type value, unquoted.
+pub fn charset_of(content_type: &str) -> Option<&str> {
+    content_type.split(';').skip(1).find_map(|parameter| {
+        let (name, value) = parameter.split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("charset")
+            .then(|| value.trim().trim_matches('"'))
+    })
+}
+
+// === impl MethodCall ===
+
+impl MethodCall {
+    /// A call with no parameters yet.
+    pub fn new(name: &str) -> Self {
+        MethodCall {
+            name: name.to_owned(),
+            params: Vec::new(),
+        }
+    }
+
+    /// Adds a parameter holding `value`'s text.
+    pub fn with_param(mut self, name: &str, value: impl ToString) -> Self {
+        self.params.push(Element::leaf(name, value));
+        self
+    }
+
+    /// The parameters named `name`, in document order.
+    pub fn params_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Element> + 'a {
+        self.params.iter().filter(move |param| param.name == name)
+    }
+}
+
+// === impl Reply ===
+
+impl Reply {
+    /// A success with empty `<params/>`, the reply of methods without response parameters.
+    pub fn empty_success() -> Self {
+        Reply::Success(Element {
+            name: "params".to_owned(),
+            ..Element::default()
+        })
+    }
+}
+
+// === impl Element ===
+
+impl Element {
+    /// An element with text and no children.
+    pub fn leaf(name: &str, text: impl ToString) -> Self {
+        Element {
+            name: name.to_owned(),
+            text: text.to_string(),
+            children: Vec::new(),
+        }
+    }
+}
+
+/// Strips the UTF-8 byte-order mark and turns the body into text in the encoding that applies:
+/// the Content-Type charset, else the XML declaration's encoding, else UTF-8 (RFC 7303 §8).
+fn decode_text<'a>(body: &'a [u8], charset: Option<&str>) -> Result<Cow<'a, str>, DecodeError> {
+    const BOM: &[u8] = b"\xEF\xBB\xBF";
+    let (body, had_bom) = match body.strip_prefix(BOM) {
+        Some(rest) => (rest, true),
+        None => (body, false),
+    };
+    let declared = declared_encoding(body)?;
+    let label = if had_bom {
+        // A byte-order mark is proof of UTF-8, whatever the labels say.
+        "utf-8".to_owned()
+    } else {
+        charset
+            .map(str::to_owned)
+            .or(declared)
+            .unwrap_or_else(|| "utf-8".to_owned())
+    };
+    match label.trim().to_ascii_lowercase().as_str() {
+        "utf-8" | "utf8" => std::str::from_utf8(body)
+            .map(Cow::Borrowed)
+            .map_err(|error| DecodeError::InvalidEncoding {
+                encoding: "UTF-8",
+                offset: error.valid_up_to(),
+            }),
+        "iso-8859-1" | "iso8859-1" | "iso_8859-1" | "latin1" | "latin-1" | "l1" => {
+            // ISO-8859-1 maps every byte to the Unicode code point of the same value.
+            Ok(Cow::Owned(
+                body.iter().map(|&byte| char::from(byte)).collect(),
+            ))
+        }
+        "us-ascii" | "ascii" => match body.iter().position(|byte| !byte.is_ascii()) {
+            Some(offset) => Err(DecodeError::InvalidEncoding {
+                encoding: "US-ASCII",
+                offset,
+            }),
+            // ASCII is valid UTF-8, so this cannot fail.
+            None => Ok(Cow::Borrowed(std::str::from_utf8(body).unwrap_or_default())),
+        },
+        _ => Err(DecodeError::UnsupportedEncoding(shorten(&label))),
+    }
+}
+
+/// Reads the `encoding` of a leading XML declaration. The declaration is ASCII in every encoding
+/// we accept, so it can be read before the body is decoded.
+fn declared_encoding(body: &[u8]) -> Result<Option<String>, DecodeError> {
+    const SCAN_LIMIT: usize = 1024;
+    if !body.starts_with(b"<?xml") {
+        return Ok(None);
+    }
+    let window = &body[..body.len().min(SCAN_LIMIT)];
+    let Some(end) = window.windows(2).position(|pair| pair == b"?>") else {
+        return Ok(None);
+    };
+    let Ok(declaration) = std::str::from_utf8(&window[..end + 2]) else {
+        return Ok(None);
+    };
+    let mut reader = Reader::from_str(declaration);
+    match reader.read_event() {
+        Ok(Event::Decl(decl)) => match decl.encoding() {
+            Some(Ok(encoding)) => Ok(Some(encoding.into_owned())),
+            Some(Err(error)) => Err(DecodeError::Malformed {
+                position: 0,
+                reason: error.to_string(),
+            }),
+            None => Ok(None),
+        },
+        // Not a declaration after all (`<?xml-stylesheet …?>`); the parser judges the rest.
+        _ => Ok(None),
+    }
+}
+
+/// Parses the whole body into its root element.
+fn parse_document(body: &[u8], charset: Option<&str>) -> Result<Element, DecodeError> {
+    let text = decode_text(body, charset)?;
+    let mut reader = Reader::from_str(&text);
+    let mut stack: Vec<Element> = Vec::new();
+    let mut root: Option<Element> = None;
+    let mut first_event = true;
+    loop {
+        let event = reader
+            .read_event()
+            .map_err(|error| DecodeError::Malformed {
+                position: reader.error_position(),
+                reason: error.to_string(),
+            })?;
+        let is_first_event = std::mem::replace(&mut first_event, false);
+        match event {
+            Event::Decl(decl) => {
+                if !is_first_event {
+                    return Err(DecodeError::Malformed {
+                        position: reader.buffer_position(),
+                        reason: "an XML declaration is only allowed at the start".to_owned(),
+                    });
+                }
+                let version = decl.version().map_err(|error| DecodeError::Malformed {
+                    position: 0,
+                    reason: error.to_string(),
+                })?;
+                if version != "1.0" {
+                    return Err(DecodeError::UnsupportedVersion(shorten(&version)));
+                }
+            }
+            Event::DocType(_) => return Err(DecodeError::Doctype),
+            Event::Comment(_) | Event::PI(_) => {}
+            Event::Start(start) => {
+                if stack.len() >= MAX_DEPTH {
+                    return Err(DecodeError::TooDeep);
+                }
+                let name = start.name().as_ref().to_owned();
+                check_single_root(&root)?;
+                stack.push(Element {
+                    name,
+                    ..Element::default()
+                });
+            }
+            Event::Empty(start) => {
+                let element = Element {
+                    name: start.name().as_ref().to_owned(),
+                    ..Element::default()
+                };
+                attach(&mut stack, &mut root, element)?;
+            }
+            Event::End(_) => {
+                // quick-xml checks that end names match, so the stack cannot be empty here.
+                if let Some(element) = stack.pop() {
+                    attach(&mut stack, &mut root, element)?;
+                }
+            }
+            Event::Text(text) => append_text(&mut stack, &root, &text.xml10_content())?,
+            Event::CData(cdata) => append_text(&mut stack, &root, &cdata.xml10_content())?,
+            Event::GeneralRef(reference) => {
+                let resolved = match reference.resolve_char_ref() {
+                    Ok(Some(character)) => character.to_string(),
+                    Ok(None) => match &*reference {
+                        "lt" => "<".to_owned(),
+                        "gt" => ">".to_owned(),
+                        "amp" => "&".to_owned(),
+                        "apos" => "'".to_owned(),
+                        "quot" => "\"".to_owned(),
+                        other => return Err(DecodeError::UnknownEntity(shorten(other))),
+                    },
+                    Err(error) => {
+                        return Err(DecodeError::Malformed {
+                            position: reader.buffer_position(),
+                            reason: error.to_string(),
+                        });
+                    }
+                };
+                append_text(&mut stack, &root, &resolved)?;
+            }
+            Event::Eof => {
+                return match (root, stack.last()) {
+                    (_, Some(open)) => Err(DecodeError::Malformed {
+                        position: reader.buffer_position(),
+                        reason: format!("<{}> is never closed", open.name),
+                    }),
+                    (Some(root), None) => Ok(root),
+                    (None, None) => Err(DecodeError::Empty),
+                };
+            }
+        }
+    }
+}
+
+fn check_single_root(root: &Option<Element>) -> Result<(), DecodeError> {
+    match root {
+        Some(root) => Err(DecodeError::OutsideRoot {
+            root: root.name.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn attach(
+    stack: &mut [Element],
+    root: &mut Option<Element>,
+    element: Element,
+) -> Result<(), DecodeError> {
+    match stack.last_mut() {
+        Some(parent) => parent.children.push(element),
+        None => {
+            check_single_root(root)?;
+            *root = Some(element);
+        }
+    }
+    Ok(())
+}
+
+fn append_text(
+    stack: &mut [Element],
+    root: &Option<Element>,
+    text: &str,
+) -> Result<(), DecodeError> {
+    match stack.last_mut() {
+        Some(element) => element.text.push_str(text),
+        None if text.chars().all(is_xml_whitespace) => {}
+        None => {
+            return Err(match root {
+                Some(root) => DecodeError::OutsideRoot {
+                    root: root.name.clone(),
+                },
+                None => DecodeError::Malformed {
+                    position: 0,
+                    reason: format!("text '{}' before the root element", shorten(text)),
+                },
+            });
+        }
+    }
+    Ok(())
+}
+
+fn expect_root(element: &Element, expected: &'static str) -> Result<(), DecodeError> {
+    if element.name == expected {
+        Ok(())
+    } else {
+        Err(DecodeError::UnexpectedRoot {
+            expected,
+            found: shorten(&element.name),
+        })
+    }
+}
+
+fn expect_no_text(element: &Element) -> Result<(), DecodeError> {
+    if element.text.chars().all(is_xml_whitespace) {
+        Ok(())
+    } else {
+        Err(DecodeError::UnexpectedText {
+            element: element.name.clone(),
+            text: shorten(element.text.trim_matches(is_xml_whitespace)),
+        })
+    }
+}
+
+/// The children of `parent` with the given names, each at most once; any other child is an error.
+fn distinct_children<'a, const N: usize>(
+    parent: &'a Element,
+    names: [&'static str; N],
+) -> Result<[Option<&'a Element>; N], DecodeError> {
+    let mut found = [None; N];
+    for child in &parent.children {
+        let Some(index) = names.iter().position(|name| *name == child.name) else {
+            return Err(unexpected_element(parent, child));
+        };
+        if found[index].replace(child).is_some() {
+            return Err(DecodeError::DuplicateElement {
+                parent: parent.name.clone(),
+                name: child.name.clone(),
+            });
+        }
+    }
+    Ok(found)
+}
+
+fn missing(parent: &Element, name: &'static str) -> DecodeError {
+    DecodeError::MissingElement {
+        parent: parent.name.clone(),
+        name,
+    }
+}
+
+fn unexpected_element(parent: &Element, child: &Element) -> DecodeError {
+    DecodeError::UnexpectedElement {
+        parent: parent.name.clone(),
+        name: shorten(&child.name),
+    }
+}
+
+fn is_xml_whitespace(character: char) -> bool {
+    matches!(character, ' ' | '\t' | '\r' | '\n')
+}
+
+/// Keeps peer-controlled text in error messages short enough to log.
+fn shorten(text: &str) -> String {
+    const LIMIT: usize = 40;
+    match text.char_indices().nth(LIMIT) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+fn encode_document(root: &Element) -> Vec<u8> {
+    let mut out = String::from("<?xml version=\"1.0\"?>\n");
+    write_element(&mut out, root, 0);
+    out.into_bytes()
+}
+
+fn write_element(out: &mut String, element: &Element, depth: usize) {
+    let indent = "  ".repeat(depth);
+    out.push_str(&indent);
+    if element.children.is_empty() && element.text.is_empty() {
+        out.push_str(&format!("<{}/>\n", element.name));
+        return;
+    }
+    out.push_str(&format!("<{}>", element.name));
+    if element.children.is_empty() {
+        out.push_str(&escape(element.text.as_str()));
+    } else {
+        out.push('\n');
+        for child in &element.children {
+            write_element(out, child, depth + 1);
+        }
+        out.push_str(&indent);
+    }
+    out.push_str(&format!("</{}>\n", element.name));
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,164 @@
+//! Validated settings. Every value here has been checked, so the rest of the crate never has to
+//! ask whether a URL has a host or a duration is zero. Flag parsing lives in `cli`.
+
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use reqwest::Url;
+
+/// The gateway's settings, fixed at startup.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// The controller's task-interface URL, for example `http://10.0.0.5:44000/api/v2/task`.
+    pub upstream_url: Url,
+    /// The longest the gateway waits for one controller reply, whatever the caller's deadline.
+    pub upstream_timeout: Duration,
+    /// The delay put in `RetryInfo` when a retry is safe (fault 1148, controller unreachable).
+    pub retry_delay: Duration,
+    /// The largest controller reply body the gateway reads before giving up on it.
+    pub max_response_bytes: NonZeroUsize,
+    /// How long in-flight calls may take to finish once shutdown begins.
+    pub shutdown_grace: Duration,
+}
+
+/// A setting that cannot be used, with the offending value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The upstream URL does not parse.
+    #[error("upstream URL '{url}' is not a valid URL: {reason}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// Why it does not parse.
+        reason: String,
+    },
+    /// The upstream URL is not plain HTTP or HTTPS.
+    #[error("upstream URL '{url}' must start with http:// or https://")]
+    UnsupportedScheme {
+        /// The URL as given.
+        url: String,
+    },
+    /// A duration that must be positive is zero.
+    #[error("{setting} must be greater than zero")]
+    ZeroDuration {
+        /// The setting's flag name.
+        setting: &'static str,
+    },
+}
+
+/// The defaults the CLI documents.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// Where the gateway listens for gRPC.
+    pub const LISTEN: &str = "127.0.0.1:50051";
+    /// The controller's task interface on the local machine.
+    pub const UPSTREAM: &str = "http://127.0.0.1:44000/api/v2/task";
+    /// The cap on one controller call.
+    pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
+    /// The `RetryInfo` delay.
+    pub const RETRY_DELAY: Duration = Duration::from_secs(1);
+    /// The graceful-shutdown bound.
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// Where the standalone simulator listens: the controller's own port.
+    pub const SIMULATOR_LISTEN: &str = "127.0.0.1:44000";
+}
+
+// === impl GatewayConfig ===
+
+impl GatewayConfig {
+    /// The documented defaults, pointed at `upstream_url`.
+    pub fn with_upstream(upstream_url: Url) -> Self {
+        GatewayConfig {
+            upstream_url,
+            upstream_timeout: defaults::UPSTREAM_TIMEOUT,
+            retry_delay: defaults::RETRY_DELAY,
+            max_response_bytes: NonZeroUsize::new(crate::codec::DEFAULT_MAX_BODY_BYTES)
+                .unwrap_or(NonZeroUsize::MIN),
+            shutdown_grace: defaults::SHUTDOWN_GRACE,
+        }
+    }
+
+    /// Checks the settings whose types allow values that make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        positive(self.upstream_timeout, "--upstream-timeout")?;
+        Ok(())
+    }
+}
+
+/// Parses a task-interface URL and insists on HTTP or HTTPS with a host.
+pub fn parse_upstream_url(raw: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(raw).map_err(|error| ConfigError::InvalidUrl {
+        url: raw.to_owned(),
+        reason: error.to_string(),
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ConfigError::UnsupportedScheme {
+            url: raw.to_owned(),
+        });
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(ConfigError::InvalidUrl {
+            url: raw.to_owned(),
+            reason: "no host".to_owned(),
+        });
+    }
+    Ok(url)
+}
+
+fn positive(duration: Duration, setting: &'static str) -> Result<Duration, ConfigError> {
+    if duration.is_zero() {
+        Err(ConfigError::ZeroDuration { setting })
+    } else {
+        Ok(duration)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_url(raw: &str, expected: Result<&str, ConfigError>) {
+        let actual = parse_upstream_url(raw).map(|url| url.to_string());
+        assert_eq!(actual.as_deref().map_err(Clone::clone), expected, "{raw}");
+    }
+
+    #[test]
+    fn upstream_urls() {
+        check_url(defaults::UPSTREAM, Ok(defaults::UPSTREAM));
+        check_url(
+            "https://controller:44000/api/v2/task",
+            Ok("https://controller:44000/api/v2/task"),
+        );
+        check_url(
+            "ftp://controller/x",
+            Err(ConfigError::UnsupportedScheme {
+                url: "ftp://controller/x".to_owned(),
+            }),
+        );
+        check_url(
+            "controller:44000",
+            Err(ConfigError::UnsupportedScheme {
+                url: "controller:44000".to_owned(),
+            }),
+        );
+        assert!(matches!(
+            parse_upstream_url("http//x"),
+            Err(ConfigError::InvalidUrl { .. })
+        ));
+    }
+
+    #[test]
+    fn a_zero_upstream_timeout_is_refused() {
+        let url = parse_upstream_url(defaults::UPSTREAM).unwrap();
+        let mut config = GatewayConfig::with_upstream(url);
+        assert_eq!(config.validate(), Ok(()));
+        config.upstream_timeout = Duration::ZERO;
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::ZeroDuration {
+                setting: "--upstream-timeout"
+            })
+        );
+    }
+}

@@ -1,0 +1,40 @@
+//! taskgate: a gRPC gateway to the AutoStore task interface.
+//!
+//! The major components, in the order a newcomer should read them:
+//!
+//! - [`proto`]: the generated `taskgate.v1` contract (messages, client, server, descriptor set).
+//! - [`fault`]: the fault table, the one source of truth for controller fault codes.
+//! - [`codec`]: task-interface XML to and from method calls and replies.
+//! - [`config`]: validated settings for the gateway and the simulator.
+//! - [`upstream`]: the HTTP client that calls the controller.
+//! - [`status`]: the only place a `tonic::Status` is built.
+//! - [`service`]: the `TaskService` implementation.
+//! - [`simulator`]: an embedded simulated controller.
+//! - [`server`]: wiring a listener, a config and a shutdown signal into a running gateway.
+//! - [`shutdown`]: the SIGINT/SIGTERM future.
+//! - [`cli`]: the `taskgate` command line.
+
+pub mod proto {
+    //! The generated `taskgate.v1` types, tonic client and server, and encoded descriptor set.
+    #![allow(missing_docs, unreachable_pub, clippy::all)] // Generated code: documented in the .proto.
+
+    tonic::include_proto!("taskgate.v1");
+
+    /// The encoded `FileDescriptorSet` of `proto/`, with source info (comments) included.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/taskgate_descriptor.bin"));
+
+    /// The full name of `TaskFault`, for its `google.protobuf.Any` type URL.
+    pub const TASK_FAULT_TYPE_URL: &str = "type.googleapis.com/taskgate.v1.TaskFault";
+}
+
+pub mod cli;
+pub mod codec;
+pub mod config;
+pub mod fault;
+pub mod server;
+mod service;
+pub mod shutdown;
+pub mod simulator;
+mod status;
+mod upstream;

@@ -1,0 +1,250 @@
+//! The `TaskService` implementation: validate the request, work out the time limit, call the
+//! controller, and hand every outcome to `status`.
+
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use crate::codec::{BIN_ID_RANGE, MethodCall, PORT_ID_RANGE, Reply};
+use crate::proto::task_service_server::TaskService;
+use crate::proto::{CaseExtractRequest, CaseExtractResponse};
+use crate::status::{self, CallContext, CallError, RetryPolicy, Violation};
+use crate::upstream::Upstream;
+
+/// The gateway's `TaskService`: cheap to clone, shared by every connection.
+#[derive(Debug, Clone)]
+pub(crate) struct TaskGateway {
+    /// The controller client; its pool is shared by every call.
+    upstream: Upstream,
+    /// The cap on one controller call, whatever the caller's deadline.
+    upstream_timeout: Duration,
+    /// What goes into `RetryInfo`.
+    retry: RetryPolicy,
+}
+
+// === impl TaskGateway ===
+
+impl TaskGateway {
+    /// A service that calls `upstream`.
+    pub(crate) fn new(
+        upstream: Upstream,
+        upstream_timeout: Duration,
+        retry_delay: Duration,
+    ) -> Self {
+        TaskGateway {
+            upstream,
+            upstream_timeout,
+            retry: RetryPolicy { delay: retry_delay },
+        }
+    }
+
+    async fn call(
+        &self,
+        context: &CallContext,
+        method_call: MethodCall,
+        caller_deadline: Option<Duration>,
+    ) -> Result<(), CallError> {
+        let time_limit = time_limit(caller_deadline, self.upstream_timeout).ok_or(
+            CallError::DeadlineTooShort {
+                deadline: caller_deadline.unwrap_or_default(),
+            },
+        )?;
+        tracing::debug!(
+            method = context.method,
+            time_limit_ms = time_limit.as_millis() as u64,
+            "calling the controller"
+        );
+        match self.upstream.call(&method_call, time_limit).await {
+            Ok(Reply::Success(_)) => Ok(()),
+            Ok(Reply::Fault(code)) => Err(CallError::Fault(code)),
+            Err(upstream_error) => Err(CallError::Upstream(upstream_error)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl TaskService for TaskGateway {
+    async fn case_extract(
+        &self,
+        request: Request<CaseExtractRequest>,
+    ) -> Result<Response<CaseExtractResponse>, Status> {
+        let caller_deadline = caller_deadline(&request);
+        let CaseExtractRequest { port_id, bin_id } = request.into_inner();
+        let context = CallContext {
+            method: "case_extract",
+            port_id,
+            bin_id,
+        };
+        let outcome = match validate_case_extract(port_id, bin_id) {
+            Ok(()) => {
+                let method_call = MethodCall::new(context.method)
+                    .with_param("port_id", port_id)
+                    .with_param("bin_id", bin_id);
+                self.call(&context, method_call, caller_deadline).await
+            }
+            Err(violations) => Err(CallError::InvalidArgument(violations)),
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::info!(method = context.method, port_id, bin_id, "ok");
+                Ok(Response::new(CaseExtractResponse {}))
+            }
+            Err(call_error) => {
+                let status = status::status(&context, &call_error, self.retry);
+                tracing::info!(
+                    method = context.method,
+                    port_id,
+                    bin_id,
+                    code = ?status.code(),
+                    message = status.message(),
+                    "failed"
+                );
+                Err(status)
+            }
+        }
+    }
+}
+
+/// Checks `case_extract`'s documented ranges, reporting every field that is out of range.
+pub(crate) fn validate_case_extract(port_id: u32, bin_id: u32) -> Result<(), Vec<Violation>> {
+    let violations: Vec<Violation> = [
+        check_range("port_id", port_id, &PORT_ID_RANGE),
+        check_range("bin_id", bin_id, &BIN_ID_RANGE),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(violations)
+    }
+}
+
+fn check_range(
+    field: &'static str,
+    value: u32,
+    range: &std::ops::RangeInclusive<u32>,
+) -> Option<Violation> {
+    (!range.contains(&value)).then(|| Violation {
+        field,
+        description: format!(
+            "{field} {value} is out of range {}-{}",
+            range.start(),
+            range.end()
+        ),
+    })
+}
+
+/// The caller's deadline from the `grpc-timeout` header, if it sent a valid one.
+fn caller_deadline<T>(request: &Request<T>) -> Option<Duration> {
+    request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|value| value.to_str().ok())
+        .and_then(parse_grpc_timeout)
+}
+
+/// Parses a `grpc-timeout` value: at most 8 digits and a unit (gRPC over HTTP/2 spec).
+pub(crate) fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let split = value.len().checked_sub(1)?;
+    let (digits, unit) = value.split_at_checked(split)?;
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// The longest the gateway may wait for the controller: the smaller of the caller's deadline,
+/// less a margin so the caller receives our DEADLINE_EXCEEDED before its own clock runs out, and
+/// the upstream timeout. `None` when the deadline leaves no time at all.
+pub(crate) fn time_limit(
+    caller_deadline: Option<Duration>,
+    upstream_timeout: Duration,
+) -> Option<Duration> {
+    const MAX_MARGIN: Duration = Duration::from_millis(100);
+    let Some(deadline) = caller_deadline else {
+        return Some(upstream_timeout);
+    };
+    let margin = (deadline / 10).min(MAX_MARGIN);
+    let limit = deadline.saturating_sub(margin).min(upstream_timeout);
+    (limit >= Duration::from_millis(1)).then_some(limit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_valid(port_id: u32, bin_id: u32, expected_fields: &[&str]) {
+        let fields: Vec<&str> = match validate_case_extract(port_id, bin_id) {
+            Ok(()) => Vec::new(),
+            Err(violations) => violations.iter().map(|violation| violation.field).collect(),
+        };
+        assert_eq!(fields, expected_fields, "port {port_id} bin {bin_id}");
+    }
+
+    #[test]
+    fn case_extract_bounds_are_inclusive() {
+        check_valid(1, 1, &[]);
+        check_valid(2000, 4_000_000, &[]);
+        check_valid(0, 1, &["port_id"]);
+        check_valid(2001, 1, &["port_id"]);
+        check_valid(1, 0, &["bin_id"]);
+        check_valid(1, 4_000_001, &["bin_id"]);
+        check_valid(0, 0, &["port_id", "bin_id"]);
+        check_valid(u32::MAX, u32::MAX, &["port_id", "bin_id"]);
+    }
+
+    #[test]
+    fn violation_names_the_value_and_the_range() {
+        let violations = validate_case_extract(2001, 5).unwrap_err();
+        assert_eq!(
+            violations[0].description,
+            "port_id 2001 is out of range 1-2000"
+        );
+    }
+
+    #[test]
+    fn grpc_timeout_values() {
+        let check = |value: &str, expected: Option<Duration>| {
+            assert_eq!(parse_grpc_timeout(value), expected, "{value}");
+        };
+        check("1S", Some(Duration::from_secs(1)));
+        check("250m", Some(Duration::from_millis(250)));
+        check("2H", Some(Duration::from_secs(7200)));
+        check("3M", Some(Duration::from_secs(180)));
+        check("99999999u", Some(Duration::from_micros(99_999_999)));
+        check("5n", Some(Duration::from_nanos(5)));
+        check("123456789S", None);
+        check("S", None);
+        check("", None);
+        check("10", None);
+        check("-1S", None);
+        check("1x", None);
+        check("1é", None);
+    }
+
+    #[test]
+    fn time_limits() {
+        let ms = Duration::from_millis;
+        let upstream_timeout = Duration::from_secs(10);
+        assert_eq!(time_limit(None, upstream_timeout), Some(upstream_timeout));
+        assert_eq!(time_limit(Some(ms(500)), upstream_timeout), Some(ms(450)));
+        assert_eq!(time_limit(Some(ms(5000)), upstream_timeout), Some(ms(4900)));
+        assert_eq!(
+            time_limit(Some(ms(60_000)), upstream_timeout),
+            Some(upstream_timeout)
+        );
+        assert_eq!(time_limit(Some(ms(1)), upstream_timeout), None);
+        assert_eq!(time_limit(Some(Duration::ZERO), upstream_timeout), None);
+    }
+}

@@ -1,0 +1,148 @@
+//! The simulated controller's HTTP edge: accept connections, decode the method call, apply it,
+//! encode the reply. Bad requests get a plain-text reason and a 4xx/5xx status; the task
+//! interface's own replies (success and faults) are HTTP 200.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::{METHODS, Outcome, Simulator};
+use crate::codec::{self, DEFAULT_MAX_BODY_BYTES};
+
+/// The path the task interface is served on, as on a real controller.
+pub const TASK_PATH: &str = "/api/v2/task";
+
+/// Serves the task interface on `listener` until `shutdown` resolves.
+///
+/// Connections still open at shutdown are left to finish on their own; the simulator holds no
+/// state worth draining.
+pub async fn serve(
+    listener: TcpListener,
+    simulator: Simulator,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Per-connection errors (the peer reset before accept, too many files) must
+                    // not stop the server.
+                    tracing::warn!(cause = %error, "simulator failed to accept a connection");
+                    continue;
+                }
+            },
+        };
+        let simulator = simulator.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let simulator = simulator.clone();
+                async move { Ok::<_, Infallible>(handle(&simulator, request, peer).await) }
+            });
+            if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(cause = %error, %peer, "simulator connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle(
+    simulator: &Simulator,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    if request.uri().path() != TASK_PATH {
+        return plain(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no endpoint at '{}'; the task interface is at {TASK_PATH}",
+                request.uri().path()
+            ),
+        );
+    }
+    if request.method() != Method::POST {
+        let mut response = plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method {} is not allowed; use POST", request.method()),
+        );
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("POST"));
+        return response;
+    }
+    let charset = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(codec::charset_of)
+        .map(str::to_owned);
+    let body = match Limited::new(request.into_body(), DEFAULT_MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+            return plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is larger than {DEFAULT_MAX_BODY_BYTES} bytes"),
+            );
+        }
+        Err(error) => {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                format!("could not read the body: {error}"),
+            );
+        }
+    };
+    let method_call = match codec::decode_method_call(&body, charset.as_deref()) {
+        Ok(method_call) => method_call,
+        Err(error) => {
+            tracing::info!(%peer, cause = %error, "simulator refused a malformed method call");
+            return plain(
+                StatusCode::BAD_REQUEST,
+                format!("malformed method call: {error}"),
+            );
+        }
+    };
+    match simulator.handle(&method_call) {
+        Outcome::Reply(reply) => {
+            tracing::info!(%peer, method = %method_call.name, ?reply, "simulator answered");
+            let mut response = Response::new(Full::new(Bytes::from(codec::encode_reply(&reply))));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/xml; charset=utf-8"),
+            );
+            response
+        }
+        Outcome::NotImplemented(name) => plain(
+            StatusCode::NOT_IMPLEMENTED,
+            format!(
+                "method '{name}' is not implemented by the simulator (it implements: {})",
+                METHODS.join(", ")
+            ),
+        ),
+    }
+}
+
+fn plain(status: StatusCode, reason: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(reason + "\n")));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}

@@ -1,0 +1,392 @@
+//! The only place a `tonic::Status` is built: gRPC code, message, `ErrorInfo`, `TaskFault`,
+//! `RetryInfo` and `BadRequest`, decided by one exhaustive `match` per error type so that a new
+//! variant does not compile until it is mapped.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use prost::Message;
+use prost_types::Any;
+use tonic::{Code, Status};
+use tonic_types::{BadRequest, ErrorInfo, FieldViolation, RetryInfo, pb};
+
+use crate::fault::{self, FaultClass};
+use crate::proto::{FaultCode, TASK_FAULT_TYPE_URL, TaskFault};
+use crate::upstream::UpstreamError;
+
+/// The `ErrorInfo` domain of faults the controller reported.
+pub(crate) const CONTROLLER_DOMAIN: &str = "autostore.task";
+/// The `ErrorInfo` domain of errors the gateway itself detected.
+pub(crate) const GATEWAY_DOMAIN: &str = "taskgate";
+
+/// Which call failed: named in every message and in every `ErrorInfo`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallContext {
+    /// The task-interface method, for example `case_extract`.
+    pub(crate) method: &'static str,
+    /// The port the call was for.
+    pub(crate) port_id: u32,
+    /// The bin the call was for.
+    pub(crate) bin_id: u32,
+}
+
+/// Everything that can end a call without success.
+#[derive(Debug)]
+pub(crate) enum CallError {
+    /// The request broke the documented ranges; the controller was not called.
+    InvalidArgument(Vec<Violation>),
+    /// The caller's deadline leaves no time to call the controller.
+    DeadlineTooShort {
+        /// The caller's deadline, from `grpc-timeout`.
+        deadline: Duration,
+    },
+    /// The controller answered with a fault code.
+    Fault(u32),
+    /// The controller could not be asked, or its answer could not be read.
+    Upstream(UpstreamError),
+}
+
+/// One request field outside its documented range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Violation {
+    /// The proto field name.
+    pub(crate) field: &'static str,
+    /// What is wrong, with the value and the range.
+    pub(crate) description: String,
+}
+
+/// What the gateway puts in `RetryInfo` when it tells a caller that a retry is safe.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RetryPolicy {
+    /// The delay a caller should wait before retrying.
+    pub(crate) delay: Duration,
+}
+
+/// Turns a failed call into the status the caller receives.
+pub(crate) fn status(context: &CallContext, error: &CallError, retry: RetryPolicy) -> Status {
+    match error {
+        CallError::InvalidArgument(violations) => invalid_argument(context, violations),
+        CallError::DeadlineTooShort { deadline } => gateway_error(
+            context,
+            Code::DeadlineExceeded,
+            "DEADLINE_TOO_SHORT",
+            format!(
+                "the caller's deadline of {} leaves no time to call the controller",
+                humantime::format_duration(*deadline)
+            ),
+            Extra::None,
+        ),
+        CallError::Fault(code) => controller_fault(context, fault::classify(*code), retry),
+        CallError::Upstream(upstream_error) => upstream(context, upstream_error, retry),
+    }
+}
+
+/// Additional details a gateway error may carry.
+enum Extra {
+    None,
+    RetryAfter(Duration),
+    HttpStatus(u16),
+    TimeoutMs(u128),
+}
+
+fn upstream(context: &CallContext, error: &UpstreamError, retry: RetryPolicy) -> Status {
+    let text = error.to_string();
+    let (code, reason, extra) = match error {
+        // Nothing reached the controller, so a retry cannot repeat an action.
+        UpstreamError::Unreachable(_) => (
+            Code::Unavailable,
+            "UPSTREAM_UNREACHABLE",
+            Extra::RetryAfter(retry.delay),
+        ),
+        // The request may have been acted on: no RetryInfo, so clients do not retry blindly.
+        UpstreamError::ConnectionLost(_) => {
+            (Code::Unavailable, "UPSTREAM_CONNECTION_LOST", Extra::None)
+        }
+        UpstreamError::Timeout { limit } => (
+            Code::DeadlineExceeded,
+            "UPSTREAM_TIMEOUT",
+            Extra::TimeoutMs(limit.as_millis()),
+        ),
+        UpstreamError::HttpStatus { status } => {
+            let code = if status.is_server_error() || status.as_u16() == 429 {
+                Code::Unavailable
+            } else {
+                Code::Internal
+            };
+            (
+                code,
+                "UPSTREAM_HTTP_ERROR",
+                Extra::HttpStatus(status.as_u16()),
+            )
+        }
+        UpstreamError::BadResponse(_) => (Code::Internal, "UPSTREAM_BAD_RESPONSE", Extra::None),
+        UpstreamError::ResponseTooLarge { .. } => {
+            (Code::Internal, "UPSTREAM_RESPONSE_TOO_LARGE", Extra::None)
+        }
+    };
+    gateway_error(context, code, reason, text, extra)
+}
+
+fn gateway_error(
+    context: &CallContext,
+    code: Code,
+    reason: &str,
+    text: String,
+    extra: Extra,
+) -> Status {
+    let mut metadata = context_metadata(context);
+    let mut details = Vec::new();
+    match extra {
+        Extra::None => {}
+        Extra::RetryAfter(delay) => details.push(retry_info(delay)),
+        Extra::HttpStatus(http_status) => {
+            metadata.insert("httpStatus".to_owned(), http_status.to_string());
+        }
+        Extra::TimeoutMs(millis) => {
+            metadata.insert("timeoutMs".to_owned(), millis.to_string());
+        }
+    }
+    details.insert(0, error_info(reason, GATEWAY_DOMAIN, metadata));
+    build(code, format!("{}: {text}", describe(context)), details)
+}
+
+fn controller_fault(context: &CallContext, fault_class: FaultClass, retry: RetryPolicy) -> Status {
+    let raw_code = fault_class.code();
+    let mut metadata = context_metadata(context);
+    metadata.insert("faultCode".to_owned(), raw_code.to_string());
+    let task_fault = TaskFault {
+        code: FaultCode::try_from(raw_code as i32).unwrap_or(FaultCode::Unspecified) as i32,
+        raw_code,
+        method: context.method.to_owned(),
+    };
+    let mut details = vec![
+        error_info(fault_class.reason(), CONTROLLER_DOMAIN, metadata),
+        Any {
+            type_url: TASK_FAULT_TYPE_URL.to_owned(),
+            value: task_fault.encode_to_vec(),
+        },
+    ];
+    if raw_code == fault::PREVIOUS_ACTION_NOT_COMPLETED {
+        details.push(retry_info(retry.delay));
+    }
+    let message = format!(
+        "{}: controller fault {raw_code} {}: {}",
+        describe(context),
+        fault_class.reason(),
+        fault_class.meaning().trim_end_matches('.'),
+    );
+    build(fault_class.grpc_code(), message, details)
+}
+
+fn invalid_argument(context: &CallContext, violations: &[Violation]) -> Status {
+    let descriptions: Vec<&str> = violations
+        .iter()
+        .map(|violation| violation.description.as_str())
+        .collect();
+    let mut metadata = context_metadata(context);
+    if let Some(first) = violations.first() {
+        metadata.insert("field".to_owned(), first.field.to_owned());
+    }
+    let bad_request = BadRequest::new(
+        violations
+            .iter()
+            .map(|violation| FieldViolation::new(violation.field, &violation.description))
+            .collect::<Vec<_>>(),
+    );
+    let details = vec![
+        error_info("INVALID_PARAMETER", GATEWAY_DOMAIN, metadata),
+        Any {
+            type_url: BadRequest::TYPE_URL.to_owned(),
+            value: pb::BadRequest::from(bad_request).encode_to_vec(),
+        },
+    ];
+    let message = format!("{}: {}", describe(context), descriptions.join("; "));
+    build(Code::InvalidArgument, message, details)
+}
+
+fn describe(context: &CallContext) -> String {
+    format!(
+        "{} port {} bin {}",
+        context.method, context.port_id, context.bin_id
+    )
+}
+
+fn context_metadata(context: &CallContext) -> HashMap<String, String> {
+    HashMap::from([
+        ("method".to_owned(), context.method.to_owned()),
+        ("portId".to_owned(), context.port_id.to_string()),
+        ("binId".to_owned(), context.bin_id.to_string()),
+    ])
+}
+
+fn error_info(reason: &str, domain: &str, metadata: HashMap<String, String>) -> Any {
+    Any {
+        type_url: ErrorInfo::TYPE_URL.to_owned(),
+        value: pb::ErrorInfo::from(ErrorInfo::new(reason, domain, metadata)).encode_to_vec(),
+    }
+}
+
+fn retry_info(delay: Duration) -> Any {
+    Any {
+        type_url: RetryInfo::TYPE_URL.to_owned(),
+        value: pb::RetryInfo::from(RetryInfo::new(Some(delay))).encode_to_vec(),
+    }
+}
+
+/// Encodes the `google.rpc.Status` by hand: tonic-types builds only the standard details, and
+/// every fault also carries our own `TaskFault`.
+fn build(code: Code, message: String, details: Vec<Any>) -> Status {
+    let rpc_status = pb::Status {
+        code: code as i32,
+        message: message.clone(),
+        details,
+    };
+    Status::with_details(code, message, rpc_status.encode_to_vec().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic_types::StatusExt;
+
+    use super::*;
+
+    const CONTEXT: CallContext = CallContext {
+        method: "case_extract",
+        port_id: 4,
+        bin_id: 101337,
+    };
+    const RETRY: RetryPolicy = RetryPolicy {
+        delay: Duration::from_millis(1500),
+    };
+
+    fn task_fault(status: &Status) -> Option<TaskFault> {
+        let rpc_status = pb::Status::decode(status.details()).unwrap();
+        rpc_status
+            .details
+            .iter()
+            .find(|any| any.type_url == TASK_FAULT_TYPE_URL)
+            .map(|any| TaskFault::decode(any.value.as_slice()).unwrap())
+    }
+
+    fn check_fault(raw_code: u32, code: Code, reason: &str, fault_code: FaultCode) {
+        let status = status(&CONTEXT, &CallError::Fault(raw_code), RETRY);
+        assert_eq!(status.code(), code, "{raw_code}");
+        let error_info = status.get_details_error_info().unwrap();
+        assert_eq!(error_info.reason, reason);
+        assert_eq!(error_info.domain, CONTROLLER_DOMAIN);
+        assert_eq!(error_info.metadata["faultCode"], raw_code.to_string());
+        assert_eq!(error_info.metadata["portId"], "4");
+        assert_eq!(error_info.metadata["binId"], "101337");
+        assert_eq!(error_info.metadata["method"], "case_extract");
+        assert_eq!(
+            task_fault(&status),
+            Some(TaskFault {
+                code: fault_code as i32,
+                raw_code,
+                method: "case_extract".to_owned()
+            })
+        );
+    }
+
+    #[test]
+    fn every_known_fault_carries_its_table_row() {
+        for row in fault::FAULTS {
+            let fault_code = FaultCode::from_str_name(&format!("FAULT_CODE_{}", row.name)).unwrap();
+            check_fault(row.code, row.grpc_code, row.name, fault_code);
+        }
+    }
+
+    #[test]
+    fn unknown_and_out_of_range_faults() {
+        check_fault(1005, Code::Unknown, "UNKNOWN_FAULT", FaultCode::Unspecified);
+        check_fault(
+            2001,
+            Code::Internal,
+            "CONTROLLER_INTERNAL_ERROR",
+            FaultCode::Unspecified,
+        );
+        check_fault(
+            7,
+            Code::Internal,
+            "CONTROLLER_INTERNAL_ERROR",
+            FaultCode::Unspecified,
+        );
+    }
+
+    #[test]
+    fn fault_1148_is_unavailable_with_retry_info() {
+        let status = status(&CONTEXT, &CallError::Fault(1148), RETRY);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.message(),
+            "case_extract port 4 bin 101337: controller fault 1148 PREVIOUS_ACTION_NOT_COMPLETED: \
+             New action cannot be started until the previous action has been completed"
+        );
+        let retry_info = status.get_details_retry_info().unwrap();
+        assert_eq!(retry_info.retry_delay, Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn other_faults_have_no_retry_info() {
+        let status = status(&CONTEXT, &CallError::Fault(1149), RETRY);
+        assert!(status.get_details_retry_info().is_none());
+    }
+
+    #[test]
+    fn invalid_arguments_carry_bad_request() {
+        let violations = vec![Violation {
+            field: "port_id",
+            description: "port_id 0 is out of range 1-2000".to_owned(),
+        }];
+        let status = status(&CONTEXT, &CallError::InvalidArgument(violations), RETRY);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let error_info = status.get_details_error_info().unwrap();
+        assert_eq!(error_info.reason, "INVALID_PARAMETER");
+        assert_eq!(error_info.domain, GATEWAY_DOMAIN);
+        let bad_request = status.get_details_bad_request().unwrap();
+        assert_eq!(bad_request.field_violations[0].field, "port_id");
+        assert_eq!(task_fault(&status), None);
+    }
+
+    #[test]
+    fn upstream_errors() {
+        let check = |upstream_error: UpstreamError, code: Code, reason: &str| {
+            let status = status(&CONTEXT, &CallError::Upstream(upstream_error), RETRY);
+            assert_eq!(status.code(), code, "{reason}");
+            let error_info = status.get_details_error_info().unwrap();
+            assert_eq!(error_info.reason, reason);
+            assert_eq!(error_info.domain, GATEWAY_DOMAIN);
+            status
+        };
+        let http = |code: u16| UpstreamError::HttpStatus {
+            status: reqwest::StatusCode::from_u16(code).unwrap(),
+        };
+        let status = check(http(500), Code::Unavailable, "UPSTREAM_HTTP_ERROR");
+        assert_eq!(
+            status.get_details_error_info().unwrap().metadata["httpStatus"],
+            "500"
+        );
+        assert!(status.get_details_retry_info().is_none());
+        check(http(503), Code::Unavailable, "UPSTREAM_HTTP_ERROR");
+        check(http(429), Code::Unavailable, "UPSTREAM_HTTP_ERROR");
+        check(http(404), Code::Internal, "UPSTREAM_HTTP_ERROR");
+        check(http(302), Code::Internal, "UPSTREAM_HTTP_ERROR");
+        check(
+            UpstreamError::Timeout {
+                limit: Duration::from_millis(250),
+            },
+            Code::DeadlineExceeded,
+            "UPSTREAM_TIMEOUT",
+        );
+        check(
+            UpstreamError::ResponseTooLarge { limit: 10 },
+            Code::Internal,
+            "UPSTREAM_RESPONSE_TOO_LARGE",
+        );
+        check(
+            UpstreamError::BadResponse(crate::codec::DecodeError::Doctype),
+            Code::Internal,
+            "UPSTREAM_BAD_RESPONSE",
+        );
+    }
+}
