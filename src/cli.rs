@@ -279,7 +279,10 @@ async fn case_extract(args: CaseExtractArgs) -> Outcome {
 
 /// Renders an error status for operators: gRPC code, fault, meaning, retry advice, message.
 fn describe_status(what: &str, status: &tonic::Status) -> String {
-    let mut lines = vec![format!("failed: {what}: {:?}", status.code())];
+    let mut lines = vec![format!(
+        "failed: {what}: {}",
+        fault::grpc_code_name(status.code())
+    )];
     if let Some(task_fault) = task_fault(status) {
         let fault_class = fault::classify(task_fault.raw_code);
         let name = match FaultCode::try_from(task_fault.code) {

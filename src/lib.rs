@@ -6,9 +6,9 @@
 //! - [`fault`]: the fault table, the one source of truth for controller fault codes.
 //! - [`codec`]: task-interface XML to and from method calls and replies.
 //! - [`config`]: validated settings for the gateway and the simulator.
-//! - [`upstream`]: the HTTP client that calls the controller.
-//! - [`status`]: the only place a `tonic::Status` is built.
-//! - [`service`]: the `TaskService` implementation.
+//! - `upstream`: the HTTP client that calls the controller.
+//! - `status`: the only place a `tonic::Status` is built.
+//! - `service`: the `TaskService` implementation.
 //! - [`simulator`]: an embedded simulated controller.
 //! - [`server`]: wiring a listener, a config and a shutdown signal into a running gateway.
 //! - [`shutdown`]: the SIGINT/SIGTERM future.

@@ -49,16 +49,17 @@ pub async fn serve(
         });
     tokio::pin!(server);
     tokio::select! {
-        result = &mut server => return result.map_err(ServeError::Transport),
-        _ = draining_rx => {}
-    }
-    tracing::info!(
-        grace = %humantime::format_duration(config.shutdown_grace),
-        "no longer accepting calls; waiting for calls in flight"
-    );
-    match tokio::time::timeout(config.shutdown_grace, server).await {
-        Ok(result) => result.map_err(ServeError::Transport)?,
-        Err(_) => tracing::warn!("shutdown grace ran out; dropping calls still in flight"),
+        result = &mut server => result.map_err(ServeError::Transport)?,
+        _ = draining_rx => {
+            tracing::info!(
+                grace = %humantime::format_duration(config.shutdown_grace),
+                "no longer accepting calls; waiting for calls in flight"
+            );
+            match tokio::time::timeout(config.shutdown_grace, server).await {
+                Ok(result) => result.map_err(ServeError::Transport)?,
+                Err(_) => tracing::warn!("shutdown grace ran out; calls still in flight end with the process"),
+            }
+        }
     }
     tracing::info!("gateway stopped");
     Ok(())

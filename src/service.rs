@@ -166,18 +166,21 @@ pub(crate) fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 
 /// The longest the gateway may wait for the controller: the smaller of the caller's deadline,
 /// less a margin so the caller receives our DEADLINE_EXCEEDED before its own clock runs out, and
-/// the upstream timeout. `None` when the deadline leaves no time at all.
+/// the upstream timeout. `None` when the deadline leaves too little time for any controller to
+/// answer, so the caller hears that at once instead of racing tonic's own deadline timer (which
+/// answers CANCELLED, not DEADLINE_EXCEEDED).
 pub(crate) fn time_limit(
     caller_deadline: Option<Duration>,
     upstream_timeout: Duration,
 ) -> Option<Duration> {
     const MAX_MARGIN: Duration = Duration::from_millis(100);
+    const MIN_UPSTREAM_TIME: Duration = Duration::from_millis(10);
     let Some(deadline) = caller_deadline else {
         return Some(upstream_timeout);
     };
     let margin = (deadline / 10).min(MAX_MARGIN);
     let limit = deadline.saturating_sub(margin).min(upstream_timeout);
-    (limit >= Duration::from_millis(1)).then_some(limit)
+    (limit >= MIN_UPSTREAM_TIME).then_some(limit)
 }
 
 #[cfg(test)]
@@ -244,6 +247,11 @@ mod tests {
             time_limit(Some(ms(60_000)), upstream_timeout),
             Some(upstream_timeout)
         );
+        assert_eq!(
+            time_limit(Some(ms(12)), upstream_timeout),
+            Some(ms(12) - ms(12) / 10)
+        );
+        assert_eq!(time_limit(Some(ms(11)), upstream_timeout), None);
         assert_eq!(time_limit(Some(ms(1)), upstream_timeout), None);
         assert_eq!(time_limit(Some(Duration::ZERO), upstream_timeout), None);
     }

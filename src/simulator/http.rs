@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use super::{METHODS, Outcome, Simulator};
-use crate::codec::{self, DEFAULT_MAX_BODY_BYTES};
+use crate::codec::{self, DEFAULT_MAX_BODY_BYTES, Reply};
 
 /// The path the task interface is served on, as on a real controller.
 pub const TASK_PATH: &str = "/api/v2/task";
@@ -119,7 +119,14 @@ async fn handle(
     };
     match simulator.handle(&method_call) {
         Outcome::Reply(reply) => {
-            tracing::info!(%peer, method = %method_call.name, ?reply, "simulator answered");
+            match &reply {
+                Reply::Success(_) => {
+                    tracing::info!(%peer, method = %method_call.name, "simulator answered success")
+                }
+                Reply::Fault(code) => {
+                    tracing::info!(%peer, method = %method_call.name, fault_code = code, "simulator answered a fault")
+                }
+            }
             let mut response = Response::new(Full::new(Bytes::from(codec::encode_reply(&reply))));
             response.headers_mut().insert(
                 CONTENT_TYPE,

@@ -1,0 +1,204 @@
+//! The real `taskgate` binary: output and exit codes.
+
+use std::process::{Output, Stdio};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+use taskgate::simulator::layout::Layout;
+
+use crate::support::{Gateway, unused_address};
+
+const BIN: &str = env!("CARGO_BIN_EXE_taskgate");
+
+async fn taskgate(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap()
+}
+
+/// Asserts the exit code, printing the command's output when it differs.
+fn assert_exit(output: &Output, args: &[&str], expected: i32) {
+    assert_eq!(
+        output.status.code(),
+        Some(expected),
+        "taskgate {}\nstdout:\n{}\nstderr:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+async fn run(args: &[&str], expected_exit: i32) -> (String, String) {
+    let output = taskgate(args).await;
+    assert_exit(&output, args, expected_exit);
+    (
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn case_extract_prints_success_then_the_1148_fault() {
+    let gateway = Gateway::with_simulator(Layout::default_layout()).await;
+    let address = format!("http://{}", gateway.address);
+    let (stdout, _) = case_extract(&address, "4", "101337", 0).await;
+    assert_eq!(
+        stdout,
+        "ok: case_extract port 4 bin 101337: the controller accepted the case extraction\n"
+    );
+    let (stdout, _) = case_extract(&address, "4", "101337", 1).await;
+    assert_eq!(
+        stdout,
+        "failed: case_extract port 4 bin 101337: UNAVAILABLE\n\
+         \x20 fault:   1148 PREVIOUS_ACTION_NOT_COMPLETED\n\
+         \x20 meaning: New action cannot be started until the previous action has been completed.\n\
+         \x20 retry:   safe after 1s\n\
+         \x20 message: case_extract port 4 bin 101337: controller fault 1148 \
+         PREVIOUS_ACTION_NOT_COMPLETED: New action cannot be started until the previous action \
+         has been completed\n"
+    );
+}
+
+#[tokio::test]
+async fn case_extract_prints_field_violations() {
+    let gateway = Gateway::with_simulator(Layout::default_layout()).await;
+    let address = format!("http://{}", gateway.address);
+    let (stdout, _) = case_extract(&address, "0", "1", 1).await;
+    assert!(stdout.contains("INVALID_ARGUMENT"), "{stdout}");
+    assert!(
+        stdout.contains("field:   port_id: port_id 0 is out of range 1-2000"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn case_extract_without_a_gateway_fails_with_exit_1() {
+    let address = format!("http://{}", unused_address().await);
+    let (_, stderr) = case_extract(&address, "4", "1", 1).await;
+    assert!(stderr.contains("cannot connect to the gateway"), "{stderr}");
+}
+
+#[tokio::test]
+async fn usage_and_configuration_errors_exit_2() {
+    let (_, stderr) = run(&["serve", "--upstream", "ftp://controller/x"], 2).await;
+    assert!(stderr.contains("invalid --upstream: upstream URL 'ftp://controller/x' must start with http:// or https://"), "{stderr}");
+    let (_, stderr) = run(&["serve", "--upstream-timeout", "soon"], 2).await;
+    assert!(stderr.contains("'soon' is not a duration"), "{stderr}");
+    let (_, stderr) = run(&["serve", "--upstream-timeout", "0s"], 2).await;
+    assert!(
+        stderr.contains("--upstream-timeout must be greater than zero"),
+        "{stderr}"
+    );
+    let (_, stderr) = run(&["simulate", "--config", "/nonexistent/layout.toml"], 2).await;
+    assert!(
+        stderr.contains("cannot read layout file /nonexistent/layout.toml"),
+        "{stderr}"
+    );
+    run(&["case-extract", "--port", "4"], 2).await;
+    run(&["no-such-command"], 2).await;
+}
+
+#[tokio::test]
+async fn a_bad_layout_file_names_the_file_and_line() {
+    let directory = std::env::temp_dir().join(format!("taskgate-test-{}", std::process::id()));
+    std::fs::create_dir_all(&directory).unwrap();
+    let path = directory.join("bad-layout.toml");
+    std::fs::write(
+        &path,
+        "[[port]]\nid = 4\nautocase = true\nmode = \"OPENED\"\n",
+    )
+    .unwrap();
+    let path_text = path.to_str().unwrap();
+    let (_, stderr) = run(
+        &["simulate", "--listen", "127.0.0.1:0", "--config", path_text],
+        2,
+    )
+    .await;
+    std::fs::remove_file(&path).unwrap();
+    assert!(
+        stderr.contains(&format!("invalid layout file {path_text}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("line 4"), "{stderr}");
+    assert!(stderr.contains("OPENED"), "{stderr}");
+}
+
+#[tokio::test]
+async fn help_documents_exit_codes_and_environment_variables() {
+    let (stdout, _) = run(&["--help"], 0).await;
+    assert!(stdout.contains("EXIT STATUS"), "{stdout}");
+    let (stdout, _) = run(&["serve", "--help"], 0).await;
+    assert!(stdout.contains("TASKGATE_UPSTREAM_TIMEOUT"), "{stdout}");
+}
+
+/// Runs `taskgate case-extract` against `gateway`.
+async fn case_extract(
+    gateway: &str,
+    port: &str,
+    bin: &str,
+    expected_exit: i32,
+) -> (String, String) {
+    let args = [
+        "case-extract",
+        "--gateway",
+        gateway,
+        "--port",
+        port,
+        "--bin",
+        bin,
+    ];
+    run(&args, expected_exit).await
+}
+
+/// README's first command, for real: `serve --simulator`, a call, SIGTERM, exit 0.
+#[tokio::test]
+async fn serve_with_the_simulator_answers_calls_and_exits_0_on_sigterm() {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--simulator", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut saw_simulator = false;
+    let address = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("serve exited before it listened");
+        saw_simulator |= line.contains("embedded simulated controller started");
+        if let Some((_, rest)) = line.split_once("gateway listening address=") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    assert!(saw_simulator);
+    let gateway = format!("http://{address}");
+    case_extract(&gateway, "4", "101337", 0).await;
+    case_extract(&gateway, "1", "101337", 1).await;
+
+    let pid = child.id().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().await.unwrap();
+    assert_eq!(status.code(), Some(0));
+    let mut rest = String::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        rest.push_str(&line);
+        rest.push('\n');
+    }
+    assert!(rest.contains("received SIGTERM"), "{rest}");
+    assert!(rest.contains("gateway stopped"), "{rest}");
+}

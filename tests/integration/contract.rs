@@ -1,0 +1,80 @@
+//! The fault table is the single source of truth: the proto's enum comments and the README's
+//! error table must say what it says.
+
+use prost::Message;
+use prost_types::FileDescriptorSet;
+
+use taskgate::fault::{FAULTS, grpc_code_name};
+use taskgate::proto::FILE_DESCRIPTOR_SET;
+
+/// Field numbers in descriptor.proto, used to address comments in `SourceCodeInfo`.
+const FILE_ENUM_TYPE: i32 = 5;
+const ENUM_VALUE: i32 = 2;
+
+#[test]
+fn every_fault_code_comment_in_the_proto_is_the_table_meaning() {
+    let descriptor_set = FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).unwrap();
+    let file = descriptor_set
+        .file
+        .iter()
+        .find(|file| file.name() == "taskgate/v1/task.proto")
+        .unwrap();
+    let (enum_index, fault_code) = file
+        .enum_type
+        .iter()
+        .enumerate()
+        .find(|(_, enumeration)| enumeration.name() == "FaultCode")
+        .unwrap();
+    let locations = &file.source_code_info.as_ref().unwrap().location;
+    for fault in FAULTS {
+        let name = format!("FAULT_CODE_{}", fault.name);
+        let value_index = fault_code
+            .value
+            .iter()
+            .position(|value| value.name() == name)
+            .unwrap_or_else(|| panic!("{name} is not in the proto"));
+        let path = [
+            FILE_ENUM_TYPE,
+            enum_index as i32,
+            ENUM_VALUE,
+            value_index as i32,
+        ];
+        let comment = locations
+            .iter()
+            .find(|location| location.path == path)
+            .and_then(|location| location.leading_comments.clone())
+            .unwrap_or_else(|| panic!("{name} has no comment"));
+        let comment = comment.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert_eq!(comment, fault.meaning, "the proto comment of {name}");
+    }
+}
+
+/// The README's error table, generated from the fault table. When this fails, paste the
+/// expected rows it prints into the README.
+#[test]
+fn the_readme_error_table_matches_the_fault_table() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let rows: Vec<String> = FAULTS
+        .iter()
+        .map(|fault| {
+            format!(
+                "| {} | `{}` | `{}` | {} | {} |",
+                fault.code,
+                fault.name,
+                grpc_code_name(fault.grpc_code),
+                fault.retry_advice(),
+                fault.meaning
+            )
+        })
+        .collect();
+    let missing: Vec<&String> = rows
+        .iter()
+        .filter(|row| !readme.contains(row.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "README.md's error table is out of date; expected rows:\n{}",
+        rows.join("\n")
+    );
+}

@@ -1,0 +1,16 @@
+//! Integration tests over real loopback sockets, compiled as one test binary.
+//!
+//! - `simulator_outcomes`: every simulator outcome end to end, gateway plus simulator.
+//! - `transport_outcomes`: every transport outcome against a scripted fake controller.
+//! - `shutdown`: graceful shutdown with calls in flight.
+//! - `cli`: the real `taskgate` binary, its output and exit codes.
+//! - `contract`: the proto comments and the README agree with the fault table.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // A panic in a test is a failed test.
+
+mod support;
+
+mod cli;
+mod contract;
+mod shutdown;
+mod simulator_outcomes;
+mod transport_outcomes;

@@ -1,0 +1,392 @@
+//! Test fixtures: a gateway on an ephemeral loopback port, the embedded simulator, and a scripted
+//! fake controller that records what it receives.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Url;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+use taskgate::config::{GatewayConfig, parse_upstream_url};
+use taskgate::proto::task_service_client::TaskServiceClient;
+use taskgate::proto::{CaseExtractRequest, TASK_FAULT_TYPE_URL, TaskFault};
+use taskgate::server::ServeError;
+use taskgate::simulator::{self, Simulator, layout::Layout};
+
+/// A running gateway and a client connected to it.
+pub(crate) struct Gateway {
+    pub(crate) client: TaskServiceClient<Channel>,
+    pub(crate) address: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<Result<(), ServeError>>,
+}
+
+impl Gateway {
+    /// Starts a gateway with `config` on 127.0.0.1 and an ephemeral port.
+    pub(crate) async fn start(config: GatewayConfig) -> Gateway {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (shutdown, shutdown_rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(taskgate::server::serve(listener, config, async {
+            let _ = shutdown_rx.await;
+        }));
+        // The listener is already bound, so connecting needs no wait.
+        let client = TaskServiceClient::connect(format!("http://{address}"))
+            .await
+            .unwrap();
+        Gateway {
+            client,
+            address,
+            shutdown: Some(shutdown),
+            handle,
+        }
+    }
+
+    /// A gateway in front of the simulator with `layout`.
+    pub(crate) async fn with_simulator(layout: Layout) -> Gateway {
+        let url = start_simulator(layout).await;
+        Gateway::start(GatewayConfig::with_upstream(url)).await
+    }
+
+    /// Calls CaseExtract with an optional deadline.
+    pub(crate) async fn case_extract(
+        &self,
+        port_id: u32,
+        bin_id: u32,
+        deadline: Option<Duration>,
+    ) -> Result<(), tonic::Status> {
+        let mut request = tonic::Request::new(CaseExtractRequest { port_id, bin_id });
+        if let Some(deadline) = deadline {
+            request.set_timeout(deadline);
+        }
+        self.client.clone().case_extract(request).await.map(|_| ())
+    }
+
+    /// Starts a CaseExtract call in the background, with no deadline.
+    pub(crate) fn spawn_case_extract(
+        &self,
+        port_id: u32,
+        bin_id: u32,
+    ) -> JoinHandle<Result<(), tonic::Status>> {
+        let mut client = self.client.clone();
+        tokio::spawn(async move {
+            client
+                .case_extract(CaseExtractRequest { port_id, bin_id })
+                .await
+                .map(|_| ())
+        })
+    }
+
+    /// Signals shutdown and returns how `serve` ended.
+    pub(crate) async fn stop(mut self) -> Result<(), ServeError> {
+        self.begin_shutdown();
+        self.handle.await.unwrap()
+    }
+
+    /// Signals shutdown without waiting.
+    pub(crate) fn begin_shutdown(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+
+    /// Waits for `serve` to return after `begin_shutdown`.
+    pub(crate) async fn join(self) -> Result<(), ServeError> {
+        self.handle.await.unwrap()
+    }
+}
+
+/// Starts the simulator with `layout` and returns its task-interface URL.
+pub(crate) async fn start_simulator(layout: Layout) -> Url {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(simulator::http::serve(
+        listener,
+        Simulator::new(&layout),
+        std::future::pending(),
+    ));
+    parse_upstream_url(&format!("http://{address}{}", simulator::http::TASK_PATH)).unwrap()
+}
+
+/// A loopback address where nothing listens: bound, read, then released.
+pub(crate) async fn unused_address() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// What the fake controller does with each request.
+#[derive(Clone)]
+pub(crate) enum Script {
+    /// Answer with this status, content type and body.
+    Respond {
+        status: u16,
+        content_type: &'static str,
+        body: Vec<u8>,
+    },
+    /// Answer like `Respond`, but only once `release` is notified.
+    RespondWhen { release: Arc<Notify>, body: Vec<u8> },
+    /// Never answer; record when the gateway closes the connection.
+    Hang,
+    /// Close the connection as soon as the request has arrived.
+    Drop,
+    /// Send a chunked body that never ends; record when the gateway stops reading.
+    Endless,
+}
+
+impl Script {
+    /// HTTP 200 with an XML body.
+    pub(crate) fn ok_xml(body: &str) -> Script {
+        Script::Respond {
+            status: 200,
+            content_type: "application/xml",
+            body: body.as_bytes().to_vec(),
+        }
+    }
+}
+
+/// What the fake controller saw.
+#[derive(Debug)]
+pub(crate) enum Seen {
+    /// A complete request: the request line, lower-cased headers and body.
+    Request {
+        request_line: String,
+        headers: HashMap<String, String>,
+        body: Vec<u8>,
+    },
+    /// The gateway closed a connection while the fake was waiting or writing.
+    Closed,
+}
+
+/// A fake controller on an ephemeral loopback port.
+pub(crate) struct FakeUpstream {
+    pub(crate) url: Url,
+    seen: mpsc::UnboundedReceiver<Seen>,
+    /// Events `requests_so_far` took off the channel but did not count, kept for `next`.
+    backlog: VecDeque<Seen>,
+}
+
+impl FakeUpstream {
+    /// Starts a fake that applies `script` to every request.
+    pub(crate) async fn start(script: Script) -> FakeUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (seen_tx, seen) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve_connection(stream, script.clone(), seen_tx.clone()));
+            }
+        });
+        let url = parse_upstream_url(&format!("http://{address}/api/v2/task")).unwrap();
+        FakeUpstream {
+            url,
+            seen,
+            backlog: VecDeque::new(),
+        }
+    }
+
+    /// The next thing the fake saw; fails the test if nothing comes within 10 s.
+    pub(crate) async fn next(&mut self) -> Seen {
+        if let Some(seen) = self.backlog.pop_front() {
+            return seen;
+        }
+        tokio::time::timeout(Duration::from_secs(10), self.seen.recv())
+            .await
+            .expect("the fake controller saw nothing within 10 s")
+            .expect("the fake controller stopped")
+    }
+
+    /// The next request's body.
+    pub(crate) async fn next_request_body(&mut self) -> Vec<u8> {
+        match self.next().await {
+            Seen::Request { body, .. } => body,
+            Seen::Closed => panic!("expected a request, saw a closed connection"),
+        }
+    }
+
+    /// Waits until the gateway closes a connection to the fake.
+    pub(crate) async fn expect_closed(&mut self) {
+        loop {
+            if let Seen::Closed = self.next().await {
+                return;
+            }
+        }
+    }
+
+    /// How many requests arrived so far, without waiting.
+    pub(crate) fn requests_so_far(&mut self) -> usize {
+        let mut count = 0;
+        while let Ok(seen) = self.seen.try_recv() {
+            match seen {
+                Seen::Request { .. } => count += 1,
+                Seen::Closed => self.backlog.push_back(seen),
+            }
+        }
+        count
+    }
+}
+
+async fn serve_connection(
+    mut stream: TcpStream,
+    script: Script,
+    seen: mpsc::UnboundedSender<Seen>,
+) {
+    let mut buffer = Vec::new();
+    loop {
+        let Some((request_line, headers, body)) = read_request(&mut stream, &mut buffer).await
+        else {
+            return;
+        };
+        let _ = seen.send(Seen::Request {
+            request_line,
+            headers,
+            body,
+        });
+        match &script {
+            Script::Respond {
+                status,
+                content_type,
+                body,
+            } => {
+                if write_response(&mut stream, *status, content_type, body)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Script::RespondWhen { release, body } => {
+                release.notified().await;
+                if write_response(&mut stream, 200, "application/xml", body)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Script::Hang => {
+                let mut byte = [0_u8; 1];
+                // Returns 0 (EOF) or an error once the gateway drops the connection.
+                let _ = stream.read(&mut byte).await;
+                let _ = seen.send(Seen::Closed);
+                return;
+            }
+            Script::Drop => return,
+            Script::Endless => {
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nTransfer-Encoding: chunked\r\n\r\n";
+                if stream.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = format!("{:x}\r\n{}\r\n", 4096, "x".repeat(4096));
+                while stream.write_all(chunk.as_bytes()).await.is_ok() {}
+                let _ = seen.send(Seen::Closed);
+                return;
+            }
+        }
+    }
+}
+
+/// Reads one HTTP/1.1 request with a Content-Length body; `None` when the peer closes first.
+async fn read_request(
+    stream: &mut TcpStream,
+    buffer: &mut Vec<u8>,
+) -> Option<(String, HashMap<String, String>, Vec<u8>)> {
+    let header_end = loop {
+        if let Some(end) = buffer.windows(4).position(|window| window == b"\r\n\r\n") {
+            break end;
+        }
+        let mut chunk = [0_u8; 4096];
+        let read = stream.read(&mut chunk).await.ok()?;
+        if read == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+    };
+    let head = String::from_utf8_lossy(&buffer[..header_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next()?.to_owned();
+    let headers: HashMap<String, String> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0);
+    buffer.drain(..header_end + 4);
+    while buffer.len() < length {
+        let mut chunk = [0_u8; 4096];
+        let read = stream.read(&mut chunk).await.ok()?;
+        if read == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+    }
+    let body = buffer.drain(..length).collect();
+    Some((request_line, headers, body))
+}
+
+async fn write_response(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status} Scripted\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await
+}
+
+/// A config pointing at `url` with the documented defaults.
+pub(crate) fn config_for(url: &Url) -> GatewayConfig {
+    GatewayConfig::with_upstream(url.clone())
+}
+
+/// The ErrorInfo of a status, which every error must carry.
+pub(crate) fn error_info(status: &tonic::Status) -> tonic_types::ErrorInfo {
+    status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"))
+}
+
+/// The TaskFault of a status, if it has one.
+pub(crate) fn task_fault(status: &tonic::Status) -> Option<TaskFault> {
+    use prost::Message;
+    let rpc_status = tonic_types::pb::Status::decode(status.details()).unwrap();
+    let faults: Vec<TaskFault> = rpc_status
+        .details
+        .iter()
+        .filter(|any| any.type_url == TASK_FAULT_TYPE_URL)
+        .map(|any| TaskFault::decode(any.value.as_slice()).unwrap())
+        .collect();
+    assert!(faults.len() <= 1, "more than one TaskFault: {faults:?}");
+    faults.into_iter().next()
+}
+
+/// How many ErrorInfo details a status carries (the contract says exactly one).
+pub(crate) fn error_info_count(status: &tonic::Status) -> usize {
+    use prost::Message;
+    let rpc_status = tonic_types::pb::Status::decode(status.details()).unwrap();
+    rpc_status
+        .details
+        .iter()
+        .filter(|any| any.type_url == tonic_types::ErrorInfo::TYPE_URL)
+        .count()
+}
+
+/// Builds an ErrorInfo metadata map from pairs.
+pub(crate) fn metadata(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+        .collect()
+}

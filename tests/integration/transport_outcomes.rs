@@ -1,0 +1,309 @@
+//! Every transport outcome against a scripted fake controller.
+
+use std::time::Duration;
+
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use taskgate::proto::{FaultCode, TaskFault};
+
+use crate::support::{
+    FakeUpstream, Gateway, Script, Seen, config_for, error_info, error_info_count, metadata,
+    task_fault, unused_address,
+};
+
+/// Checks a gateway error exactly: gRPC code, ErrorInfo domain/reason/metadata, no TaskFault.
+fn check_gateway_error(status: &tonic::Status, code: Code, reason: &str, extra: &[(&str, &str)]) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert_eq!(error_info_count(status), 1);
+    let error_info = error_info(status);
+    assert_eq!(error_info.domain, "taskgate");
+    assert_eq!(error_info.reason, reason);
+    let mut expected = metadata(&[
+        ("method", "case_extract"),
+        ("portId", "4"),
+        ("binId", "101337"),
+    ]);
+    expected.extend(metadata(extra));
+    assert_eq!(error_info.metadata, expected);
+    assert_eq!(task_fault(status), None);
+    assert!(
+        status
+            .message()
+            .starts_with("case_extract port 4 bin 101337: "),
+        "{}",
+        status.message()
+    );
+}
+
+async fn call_through(script: Script) -> (tonic::Status, FakeUpstream) {
+    let mut upstream = FakeUpstream::start(script).await;
+    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
+    // Whatever happened, the gateway sent exactly one request: a POST is never retried.
+    assert_eq!(upstream.requests_so_far(), 1);
+    (status, upstream)
+}
+
+#[tokio::test]
+async fn the_controller_receives_the_documented_xml() {
+    let mut upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
+    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    gateway.case_extract(4, 101337, None).await.unwrap();
+    let Seen::Request {
+        request_line,
+        headers,
+        body,
+    } = upstream.next().await
+    else {
+        panic!("expected a request");
+    };
+    assert_eq!(request_line, "POST /api/v2/task HTTP/1.1");
+    assert_eq!(headers["content-type"], "application/xml");
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        "<?xml version=\"1.0\"?>\n<methodcall>\n  <name>case_extract</name>\n  <params>\n    \
+         <port_id>4</port_id>\n    <bin_id>101337</bin_id>\n  </params>\n</methodcall>\n"
+    );
+}
+
+#[tokio::test]
+async fn invalid_arguments_never_reach_the_controller() {
+    let mut upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
+    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let status = gateway.case_extract(0, 101337, None).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    // A valid call afterwards is the first request the controller sees.
+    gateway.case_extract(4, 101337, None).await.unwrap();
+    let body = upstream.next_request_body().await;
+    assert!(
+        String::from_utf8(body)
+            .unwrap()
+            .contains("<port_id>4</port_id>")
+    );
+    assert_eq!(upstream.requests_so_far(), 0);
+}
+
+#[tokio::test]
+async fn a_latin1_fault_reply_is_read() {
+    let body = b"<?xml version=\"1.0\" encoding=\"ISO-8859-1\"?>\r\n<response>\r\n<fault><code> 1087 </code></fault>\r\n</response>\r\n";
+    let (status, _) = call_through(Script::Respond {
+        status: 200,
+        content_type: "text/xml; charset=ISO-8859-1",
+        body: body.to_vec(),
+    })
+    .await;
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(
+        task_fault(&status),
+        Some(TaskFault {
+            code: FaultCode::PortIsNotAutocase as i32,
+            raw_code: 1087,
+            method: "case_extract".to_owned()
+        })
+    );
+}
+
+#[tokio::test]
+async fn unknown_and_out_of_range_fault_codes() {
+    let (status, _) = call_through(Script::ok_xml(
+        "<response><fault><code>1500</code></fault></response>",
+    ))
+    .await;
+    assert_eq!(status.code(), Code::Unknown);
+    assert_eq!(error_info(&status).reason, "UNKNOWN_FAULT");
+    assert_eq!(
+        task_fault(&status).unwrap().code,
+        FaultCode::Unspecified as i32
+    );
+    assert_eq!(task_fault(&status).unwrap().raw_code, 1500);
+
+    let (status, _) = call_through(Script::ok_xml(
+        "<response><fault><code>9001</code></fault></response>",
+    ))
+    .await;
+    assert_eq!(status.code(), Code::Internal);
+    assert_eq!(error_info(&status).reason, "CONTROLLER_INTERNAL_ERROR");
+    assert_eq!(error_info(&status).domain, "autostore.task");
+    assert_eq!(task_fault(&status).unwrap().raw_code, 9001);
+}
+
+#[tokio::test]
+async fn http_500_is_unavailable() {
+    let (status, _) = call_through(Script::Respond {
+        status: 500,
+        content_type: "text/html",
+        body: b"<html><body>Internal Server Error</body></html>".to_vec(),
+    })
+    .await;
+    check_gateway_error(
+        &status,
+        Code::Unavailable,
+        "UPSTREAM_HTTP_ERROR",
+        &[("httpStatus", "500")],
+    );
+    assert!(status.get_details_retry_info().is_none());
+}
+
+#[tokio::test]
+async fn http_429_is_unavailable_and_404_is_internal() {
+    let (status, _) = call_through(Script::Respond {
+        status: 429,
+        content_type: "text/plain",
+        body: b"slow down".to_vec(),
+    })
+    .await;
+    check_gateway_error(
+        &status,
+        Code::Unavailable,
+        "UPSTREAM_HTTP_ERROR",
+        &[("httpStatus", "429")],
+    );
+    let (status, _) = call_through(Script::Respond {
+        status: 404,
+        content_type: "text/plain",
+        body: Vec::new(),
+    })
+    .await;
+    check_gateway_error(
+        &status,
+        Code::Internal,
+        "UPSTREAM_HTTP_ERROR",
+        &[("httpStatus", "404")],
+    );
+}
+
+#[tokio::test]
+async fn a_fault_under_an_error_status_is_still_the_fault() {
+    let (status, _) = call_through(Script::Respond {
+        status: 500,
+        content_type: "application/xml",
+        body: b"<response><fault><code>1148</code></fault></response>".to_vec(),
+    })
+    .await;
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(error_info(&status).reason, "PREVIOUS_ACTION_NOT_COMPLETED");
+}
+
+#[tokio::test]
+async fn a_non_xml_body_is_a_bad_response() {
+    let (status, _) = call_through(Script::ok_xml("Service is starting, please wait")).await;
+    check_gateway_error(&status, Code::Internal, "UPSTREAM_BAD_RESPONSE", &[]);
+    assert!(
+        status.message().contains("not a valid response"),
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn a_doctype_is_a_bad_response_and_never_expanded() {
+    let body = "<?xml version=\"1.0\"?><!DOCTYPE response [<!ENTITY code \"1148\">]>\
+                <response><fault><code>&code;</code></fault></response>";
+    let (status, _) = call_through(Script::ok_xml(body)).await;
+    check_gateway_error(&status, Code::Internal, "UPSTREAM_BAD_RESPONSE", &[]);
+    assert!(status.message().contains("DOCTYPE"), "{}", status.message());
+}
+
+#[tokio::test]
+async fn an_oversized_body_is_refused() {
+    let body = format!(
+        "<response><params>{}</params></response>",
+        " ".repeat(70_000)
+    );
+    let (status, _) = call_through(Script::ok_xml(&body)).await;
+    check_gateway_error(&status, Code::Internal, "UPSTREAM_RESPONSE_TOO_LARGE", &[]);
+}
+
+#[tokio::test]
+async fn an_endless_body_is_cut_off_at_the_cap_and_the_connection_closed() {
+    let (status, mut upstream) = call_through(Script::Endless).await;
+    check_gateway_error(&status, Code::Internal, "UPSTREAM_RESPONSE_TOO_LARGE", &[]);
+    upstream.expect_closed().await;
+}
+
+#[tokio::test]
+async fn a_dropped_connection_is_unavailable_without_retry_info() {
+    let (status, _) = call_through(Script::Drop).await;
+    check_gateway_error(&status, Code::Unavailable, "UPSTREAM_CONNECTION_LOST", &[]);
+    assert!(status.get_details_retry_info().is_none());
+}
+
+#[tokio::test]
+async fn an_upstream_that_is_not_listening_is_unreachable_with_retry_info() {
+    let address = unused_address().await;
+    let url =
+        taskgate::config::parse_upstream_url(&format!("http://{address}/api/v2/task")).unwrap();
+    let gateway = Gateway::start(config_for(&url)).await;
+    let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
+    check_gateway_error(&status, Code::Unavailable, "UPSTREAM_UNREACHABLE", &[]);
+    let retry_info = status.get_details_retry_info().unwrap();
+    assert_eq!(retry_info.retry_delay, Some(Duration::from_secs(1)));
+}
+
+#[tokio::test]
+async fn the_callers_deadline_cancels_the_upstream_request() {
+    let mut upstream = FakeUpstream::start(Script::Hang).await;
+    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let status = gateway
+        .case_extract(4, 101337, Some(Duration::from_millis(300)))
+        .await
+        .unwrap_err();
+    // 300 ms less the 10 % margin.
+    check_gateway_error(
+        &status,
+        Code::DeadlineExceeded,
+        "UPSTREAM_TIMEOUT",
+        &[("timeoutMs", "270")],
+    );
+    upstream.next_request_body().await;
+    upstream.expect_closed().await;
+}
+
+#[tokio::test]
+async fn the_upstream_timeout_caps_calls_without_a_deadline() {
+    let mut upstream = FakeUpstream::start(Script::Hang).await;
+    let mut config = config_for(&upstream.url);
+    config.upstream_timeout = Duration::from_millis(200);
+    let gateway = Gateway::start(config).await;
+    let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
+    check_gateway_error(
+        &status,
+        Code::DeadlineExceeded,
+        "UPSTREAM_TIMEOUT",
+        &[("timeoutMs", "200")],
+    );
+    upstream.next_request_body().await;
+    upstream.expect_closed().await;
+}
+
+#[tokio::test]
+async fn a_caller_that_goes_away_cancels_the_upstream_request() {
+    let mut upstream = FakeUpstream::start(Script::Hang).await;
+    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let call = gateway.spawn_case_extract(4, 101337);
+    upstream.next_request_body().await;
+    call.abort();
+    upstream.expect_closed().await;
+}
+
+#[tokio::test]
+async fn a_deadline_too_short_to_call_is_refused_at_once() {
+    let mut upstream = FakeUpstream::start(Script::Hang).await;
+    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let mut request = tonic::Request::new(taskgate::proto::CaseExtractRequest {
+        port_id: 4,
+        bin_id: 101337,
+    });
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "5m".parse().unwrap());
+    let status = gateway
+        .client
+        .clone()
+        .case_extract(request)
+        .await
+        .unwrap_err();
+    check_gateway_error(&status, Code::DeadlineExceeded, "DEADLINE_TOO_SHORT", &[]);
+    assert_eq!(upstream.requests_so_far(), 0);
+}
