@@ -155,7 +155,10 @@ fn controller_fault(context: &CallContext, fault_class: FaultClass, retry: Retry
     let mut metadata = context_metadata(context);
     metadata.insert("faultCode".to_owned(), raw_code.to_string());
     let task_fault = TaskFault {
-        code: FaultCode::try_from(raw_code as i32).unwrap_or(FaultCode::Unspecified) as i32,
+        code: i32::try_from(raw_code)
+            .ok()
+            .and_then(|value| FaultCode::try_from(value).ok())
+            .unwrap_or(FaultCode::Unspecified) as i32,
         raw_code,
         method: context.method.to_owned(),
     };

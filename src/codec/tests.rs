@@ -1,3 +1,5 @@
+//! Unit tests of the codec: bytes in, `Reply`, `MethodCall` or `DecodeError` out.
+
 use super::*;
 
 fn check_reply(body: &[u8], charset: Option<&str>, expected: Result<Reply, DecodeError>) {

@@ -78,3 +78,22 @@ fn the_readme_error_table_matches_the_fault_table() {
         rows.join("\n")
     );
 }
+
+/// Every source file says what it is for before anything else (rust-analyzer's `TidyDocs`).
+#[test]
+fn every_source_file_opens_with_a_module_doc() {
+    let mut missing = Vec::new();
+    for directory in ["src", "src/simulator", "src/codec", "tests/integration"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(directory);
+        for entry in std::fs::read_dir(path).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|extension| extension == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                if !text.starts_with("//!") {
+                    missing.push(path.display().to_string());
+                }
+            }
+        }
+    }
+    assert!(missing.is_empty(), "files without a //! doc: {missing:?}");
+}

@@ -1,6 +1,7 @@
 //! Integration tests over real loopback sockets, compiled as one test binary.
 //!
 //! - `simulator_outcomes`: every simulator outcome end to end, gateway plus simulator.
+//! - `simulator_http`: the simulator's HTTP edge, spoken to directly.
 //! - `transport_outcomes`: every transport outcome against a scripted fake controller.
 //! - `shutdown`: graceful shutdown with calls in flight.
 //! - `cli`: the real `taskgate` binary, its output and exit codes.
@@ -12,5 +13,6 @@ mod support;
 mod cli;
 mod contract;
 mod shutdown;
+mod simulator_http;
 mod simulator_outcomes;
 mod transport_outcomes;

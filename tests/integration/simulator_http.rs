@@ -1,0 +1,122 @@
+//! The simulated controller's HTTP edge, spoken to directly: the task interface's XML rules, and
+//! plain-text reasons for requests it cannot take.
+
+use reqwest::StatusCode;
+
+use taskgate::codec::DEFAULT_MAX_BODY_BYTES;
+use taskgate::simulator::layout::Layout;
+
+use crate::support::start_simulator;
+
+/// POSTs `body` and returns the status, Content-Type and body text.
+async fn post(path: &str, content_type: &str, body: Vec<u8>) -> (StatusCode, String, String) {
+    let url = start_simulator(Layout::default_layout()).await;
+    let response = reqwest::Client::new()
+        .post(url.join(path).unwrap())
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    (status, content_type, response.text().await.unwrap())
+}
+
+fn case_extract(port_id: &str, bin_id: &str) -> Vec<u8> {
+    format!(
+        "<?xml version=\"1.0\"?>\n<methodcall>\n  <name>case_extract</name>\n  <params>\n    \
+         <port_id>{port_id}</port_id>\n    <bin_id>{bin_id}</bin_id>\n  </params>\n</methodcall>"
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn the_documented_request_gets_the_documented_reply() {
+    let (status, content_type, body) = post(
+        "/api/v2/task",
+        "application/xml",
+        case_extract("4", "101337"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(content_type, "application/xml; charset=utf-8");
+    assert_eq!(
+        body,
+        "<?xml version=\"1.0\"?>\n<response>\n  <params/>\n</response>\n"
+    );
+}
+
+#[tokio::test]
+async fn faults_are_http_200_with_a_fault_body() {
+    let (status, _, body) = post("/api/v2/task", "text/xml", case_extract("4", "x")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        "<?xml version=\"1.0\"?>\n<response>\n  <fault>\n    <code>1010</code>\n  </fault>\n</response>\n"
+    );
+}
+
+#[tokio::test]
+async fn a_latin1_request_is_read() {
+    let mut body = b"<?xml version=\"1.0\" encoding=\"ISO-8859-1\"?><!-- \xE6 -->".to_vec();
+    body.extend(case_extract("4", "101337").split_off(22));
+    let (status, _, reply) = post("/api/v2/task", "application/xml", body).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert!(reply.contains("<params/>"), "{reply}");
+}
+
+#[tokio::test]
+async fn malformed_xml_is_400_with_a_reason() {
+    let (status, content_type, body) = post(
+        "/api/v2/task",
+        "application/xml",
+        b"<methodcall><name>".to_vec(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(content_type, "text/plain; charset=utf-8");
+    assert!(body.starts_with("malformed method call: "), "{body}");
+
+    let doctype = b"<!DOCTYPE m [<!ENTITY e \"4\">]><methodcall/>".to_vec();
+    let (status, _, body) = post("/api/v2/task", "application/xml", doctype).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body.contains("DOCTYPE"), "{body}");
+}
+
+#[tokio::test]
+async fn an_unimplemented_method_is_501_with_a_reason() {
+    let body =
+        b"<methodcall><name>openport</name><params><port_id>4</port_id></params></methodcall>";
+    let (status, _, reason) = post("/api/v2/task", "application/xml", body.to_vec()).await;
+    assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
+    assert_eq!(
+        reason,
+        "method 'openport' is not implemented by the simulator (it implements: case_extract)\n"
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_body_is_413() {
+    let body = vec![b' '; DEFAULT_MAX_BODY_BYTES + 1];
+    let (status, _, _) = post("/api/v2/task", "application/xml", body).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn other_paths_and_methods_are_refused() {
+    let (status, _, reason) = post("/api/v2/bin", "application/xml", case_extract("4", "1")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        reason.contains("the task interface is at /api/v2/task"),
+        "{reason}"
+    );
+
+    let url = start_simulator(Layout::default_layout()).await;
+    let response = reqwest::get(url).await.unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(response.headers()["allow"], "POST");
+}
