@@ -82,6 +82,11 @@ struct ServeArgs {
     #[arg(long, env = "TASKGATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     shutdown_grace: Duration,
 
+    /// How often to probe the controller with a TCP connect for the health service (nothing is
+    /// ever POSTed).
+    #[arg(long, env = "TASKGATE_HEALTH_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    health_interval: Duration,
+
     /// Start the embedded simulated controller on an ephemeral loopback port and use it as the
     /// upstream.
     #[arg(long, env = "TASKGATE_SIMULATOR")]
@@ -199,6 +204,7 @@ async fn serve(args: ServeArgs) -> Outcome {
             .context("--max-response-bytes must be greater than zero")
             .map_err(usage)?,
         shutdown_grace: args.shutdown_grace,
+        health_interval: args.health_interval,
     };
     config
         .validate()
@@ -383,6 +389,7 @@ mod tests {
         assert_eq!(args.upstream_timeout, config.upstream_timeout);
         assert_eq!(args.retry_delay, config.retry_delay);
         assert_eq!(args.shutdown_grace, config.shutdown_grace);
+        assert_eq!(args.health_interval, config.health_interval);
         assert_eq!(args.max_response_bytes, config.max_response_bytes.get());
     }
 

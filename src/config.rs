@@ -19,6 +19,8 @@ pub struct GatewayConfig {
     pub max_response_bytes: NonZeroUsize,
     /// How long in-flight calls may take to finish once shutdown begins.
     pub shutdown_grace: Duration,
+    /// How often health probes the controller with a TCP connect.
+    pub health_interval: Duration,
 }
 
 /// A setting that cannot be used, with the offending value.
@@ -60,6 +62,8 @@ pub mod defaults {
     pub const RETRY_DELAY: Duration = Duration::from_secs(1);
     /// The graceful-shutdown bound.
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// How often health probes the controller.
+    pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
     /// Where the standalone simulator listens: the controller's own port.
     pub const SIMULATOR_LISTEN: &str = "127.0.0.1:44000";
 }
@@ -76,12 +80,14 @@ impl GatewayConfig {
             max_response_bytes: NonZeroUsize::new(crate::codec::DEFAULT_MAX_BODY_BYTES)
                 .unwrap_or(NonZeroUsize::MIN),
             shutdown_grace: defaults::SHUTDOWN_GRACE,
+            health_interval: defaults::HEALTH_INTERVAL,
         }
     }
 
     /// Checks the settings whose types allow values that make no sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
         positive(self.upstream_timeout, "--upstream-timeout")?;
+        positive(self.health_interval, "--health-interval")?;
         Ok(())
     }
 }

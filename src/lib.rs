@@ -10,6 +10,7 @@
 //! - `status`: the only place a `tonic::Status` is built.
 //! - `service`: the `TaskService` implementation.
 //! - [`simulator`]: an embedded simulated controller.
+//! - `health`: the grpc.health.v1 statuses and the controller probe.
 //! - [`server`]: wiring a listener, a config and a shutdown signal into a running gateway.
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
 //! - [`cli`]: the `taskgate` command line.
@@ -32,6 +33,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod fault;
+mod health;
 pub mod server;
 mod service;
 pub mod shutdown;

@@ -1,4 +1,5 @@
-//! Wiring: a bound listener, a config and a shutdown future become a running gateway.
+//! Wiring: a bound listener, a config and a shutdown future become a running gateway, with
+//! health and reflection beside the task service.
 //!
 //! The binary, the tests and `serve --simulator` all start the gateway through [`serve`], so
 //! what the tests exercise is what runs in production.
@@ -11,6 +12,8 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::GatewayConfig;
+use crate::health::Health;
+use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::task_service_server::TaskServiceServer;
 use crate::service::TaskGateway;
 use crate::upstream::Upstream;
@@ -21,6 +24,9 @@ pub enum ServeError {
     /// The HTTP client for the controller could not be built (for example, no TLS roots).
     #[error("cannot build the controller client: {0}")]
     Client(#[source] reqwest::Error),
+    /// The reflection service could not read the descriptor set that `build.rs` wrote.
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[source] tonic_reflection::server::Error),
     /// The gRPC server failed.
     #[error("the gRPC server failed: {0}")]
     Transport(#[source] tonic::transport::Error),
@@ -37,14 +43,29 @@ pub async fn serve(
     if let Ok(address) = listener.local_addr() {
         tracing::info!(%address, upstream = %upstream.url(), "gateway listening");
     }
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Health::start(reporter, upstream.url(), config.health_interval).await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(ServeError::Reflection)?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(ServeError::Reflection)?;
     let service = TaskGateway::new(upstream, config.upstream_timeout, config.retry_delay);
     // `serve_with_incoming_shutdown` ignores the builder's TCP settings, so set them here.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (draining_tx, draining_rx) = oneshot::channel();
     let server = Server::builder()
         .add_service(TaskServiceServer::new(service))
-        .serve_with_incoming_shutdown(incoming, async move {
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(incoming, async {
             shutdown.await;
+            // Health flips first, so load balancers stop sending calls before the drain.
+            health.shut_down().await;
             let _ = draining_tx.send(());
         });
     tokio::pin!(server);

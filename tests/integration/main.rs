@@ -3,6 +3,7 @@
 //! - `simulator_outcomes`: every simulator outcome end to end, gateway plus simulator.
 //! - `simulator_http`: the simulator's HTTP edge, spoken to directly.
 //! - `transport_outcomes`: every transport outcome against a scripted fake controller.
+//! - `health`: grpc.health.v1 following the controller and shutdown; reflection.
 //! - `shutdown`: graceful shutdown with calls in flight.
 //! - `cli`: the real `taskgate` binary, its output and exit codes.
 //! - `contract`: the proto comments and the README agree with the fault table.
@@ -12,6 +13,7 @@ mod support;
 
 mod cli;
 mod contract;
+mod health;
 mod shutdown;
 mod simulator_http;
 mod simulator_outcomes;

@@ -69,6 +69,15 @@ impl Gateway {
         self.client.clone().case_extract(request).await.map(|_| ())
     }
 
+    /// A fresh channel to the gateway, for clients of its other services.
+    pub(crate) async fn client_channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.address))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
     /// Starts a CaseExtract call in the background, with no deadline.
     pub(crate) fn spawn_case_extract(
         &self,

@@ -1,0 +1,131 @@
+//! Health: the standard `grpc.health.v1.Health` service for `""` and `taskgate.v1.TaskService`,
+//! driven by a periodic TCP connect probe of the controller.
+//!
+//! The probe only opens and closes a TCP connection; it never POSTs anything, because any request
+//! to the task interface could move a robot. Both names report NOT_SERVING until the first probe
+//! succeeds, while the controller cannot be reached, and from the moment shutdown begins.
+
+use std::time::Duration;
+
+use reqwest::Url;
+use tokio::net::TcpStream;
+use tokio::task::AbortHandle;
+use tonic::server::NamedService;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::proto::task_service_server::TaskServiceServer;
+use crate::service::TaskGateway;
+
+/// The service names health is reported for: the whole server and the task service.
+const SERVICE_NAMES: [&str; 2] = ["", <TaskServiceServer<TaskGateway> as NamedService>::NAME];
+
+/// Reports the gateway's health and runs the controller probe.
+#[derive(Debug)]
+pub(crate) struct Health {
+    /// Where the statuses live; the health service reads them.
+    reporter: HealthReporter,
+    /// Stops the probe when shutdown begins or when this is dropped, so nothing flips the status
+    /// back to SERVING while the gateway drains.
+    probe: AbortHandle,
+}
+
+// === impl Health ===
+
+impl Health {
+    /// Reports NOT_SERVING and starts probing `upstream_url` every `interval`.
+    pub(crate) async fn start(
+        reporter: HealthReporter,
+        upstream_url: &Url,
+        interval: Duration,
+    ) -> Self {
+        set_all(&reporter, ServingStatus::NotServing).await;
+        let target = probe_target(upstream_url);
+        let probe = tokio::spawn(probe_loop(reporter.clone(), target, interval)).abort_handle();
+        Health { reporter, probe }
+    }
+
+    /// Stops the probe, reports NOT_SERVING, then ends every Watch stream so that open watchers
+    /// do not hold up the drain of calls in flight.
+    pub(crate) async fn shut_down(&self) {
+        self.probe.abort();
+        set_all(&self.reporter, ServingStatus::NotServing).await;
+        let mut reporter = self.reporter.clone();
+        for name in SERVICE_NAMES {
+            reporter.clear_service_status(name).await;
+        }
+    }
+}
+
+impl Drop for Health {
+    fn drop(&mut self) {
+        self.probe.abort();
+    }
+}
+
+/// The host and port the probe connects to: the upstream URL's, with the scheme's default port.
+fn probe_target(upstream_url: &Url) -> (String, u16) {
+    let host = upstream_url.host_str().unwrap_or_default();
+    // `Url` keeps IPv6 hosts in brackets, which a socket address lookup does not take.
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = upstream_url.port_or_known_default().unwrap_or(80);
+    (host, port)
+}
+
+async fn probe_loop(reporter: HealthReporter, target: (String, u16), interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reachable = None;
+    loop {
+        ticker.tick().await;
+        let outcome =
+            tokio::time::timeout(interval, TcpStream::connect((target.0.as_str(), target.1))).await;
+        let now_reachable = matches!(outcome, Ok(Ok(_)));
+        if reachable != Some(now_reachable) {
+            match &outcome {
+                Ok(Ok(_)) => {
+                    tracing::info!(host = %target.0, port = target.1, "controller reachable; health SERVING")
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(host = %target.0, port = target.1, cause = %error, "controller unreachable; health NOT_SERVING")
+                }
+                Err(_) => {
+                    tracing::warn!(host = %target.0, port = target.1, "controller connect timed out; health NOT_SERVING")
+                }
+            }
+            let status = if now_reachable {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            set_all(&reporter, status).await;
+            reachable = Some(now_reachable);
+        }
+    }
+}
+
+async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
+    for name in SERVICE_NAMES {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_targets() {
+        let check = |url: &str, host: &str, port: u16| {
+            let url = Url::parse(url).unwrap();
+            assert_eq!(probe_target(&url), (host.to_owned(), port), "{url}");
+        };
+        check("http://127.0.0.1:44000/api/v2/task", "127.0.0.1", 44000);
+        check("http://controller/api/v2/task", "controller", 80);
+        check("https://controller/api/v2/task", "controller", 443);
+        check("http://[::1]:44000/api/v2/task", "::1", 44000);
+    }
+}

@@ -1,0 +1,142 @@
+//! Health (`grpc.health.v1`) and reflection, as standard clients see them.
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::Streaming;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+use taskgate::config::parse_upstream_url;
+
+use crate::support::{Gateway, config_for};
+
+const TASK_SERVICE: &str = "taskgate.v1.TaskService";
+
+/// A stand-in controller: a listener that accepts and closes connections, which is all the
+/// health probe ever does.
+async fn controller_at(address: &str) -> TcpListener {
+    TcpListener::bind(address).await.unwrap()
+}
+
+fn accept_forever(listener: TcpListener) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            drop(stream);
+        }
+    })
+}
+
+async fn watch(channel: Channel, service: &str) -> Streaming<HealthCheckResponse> {
+    HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Reads the Watch stream until it reports `expected`.
+async fn wait_for(stream: &mut Streaming<HealthCheckResponse>, expected: ServingStatus) {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("no health change within 10 s")
+            .unwrap()
+            .expect("the Watch stream ended");
+        if message.status() == expected {
+            return;
+        }
+    }
+}
+
+async fn check(channel: Channel, service: &str) -> ServingStatus {
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
+#[tokio::test]
+async fn health_follows_the_controller_and_flips_at_shutdown() {
+    let listener = controller_at("127.0.0.1:0").await;
+    let address = listener.local_addr().unwrap().to_string();
+    let controller = accept_forever(listener);
+    let url = parse_upstream_url(&format!("http://{address}/api/v2/task")).unwrap();
+    let mut config = config_for(&url);
+    config.health_interval = Duration::from_millis(20);
+    let mut gateway = Gateway::start(config).await;
+    let channel = gateway.client_channel().await;
+
+    let mut task_service = watch(channel.clone(), TASK_SERVICE).await;
+    wait_for(&mut task_service, ServingStatus::Serving).await;
+    assert_eq!(check(channel.clone(), "").await, ServingStatus::Serving);
+
+    controller.abort();
+    let _ = controller.await;
+    wait_for(&mut task_service, ServingStatus::NotServing).await;
+    assert_eq!(check(channel.clone(), "").await, ServingStatus::NotServing);
+
+    let controller = accept_forever(controller_at(&address).await);
+    wait_for(&mut task_service, ServingStatus::Serving).await;
+
+    let mut server = watch(channel.clone(), "").await;
+    wait_for(&mut server, ServingStatus::Serving).await;
+    gateway.begin_shutdown();
+    wait_for(&mut server, ServingStatus::NotServing).await;
+    wait_for(&mut task_service, ServingStatus::NotServing).await;
+    // Watch streams end at shutdown, so they do not hold up the drain.
+    assert!(server.message().await.unwrap().is_none());
+    gateway.join().await.unwrap();
+    controller.abort();
+}
+
+#[tokio::test]
+async fn health_is_not_serving_while_the_controller_was_never_reached() {
+    let address = crate::support::unused_address().await;
+    let url = parse_upstream_url(&format!("http://{address}/api/v2/task")).unwrap();
+    let mut config = config_for(&url);
+    config.health_interval = Duration::from_millis(20);
+    let gateway = Gateway::start(config).await;
+    let channel = gateway.client_channel().await;
+    let mut stream = watch(channel.clone(), TASK_SERVICE).await;
+    wait_for(&mut stream, ServingStatus::NotServing).await;
+    assert_eq!(check(channel, "").await, ServingStatus::NotServing);
+}
+
+#[tokio::test]
+async fn reflection_lists_the_task_service() {
+    let gateway =
+        Gateway::with_simulator(taskgate::simulator::layout::Layout::default_layout()).await;
+    let channel = gateway.client_channel().await;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection response {response:?}");
+    };
+    let names: Vec<String> = list
+        .service
+        .into_iter()
+        .map(|service| service.name)
+        .collect();
+    assert!(names.contains(&TASK_SERVICE.to_owned()), "{names:?}");
+}
