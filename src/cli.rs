@@ -20,6 +20,7 @@ use crate::config::{GatewayConfig, defaults, parse_upstream_url};
 use crate::fault;
 use crate::proto::task_service_client::TaskServiceClient;
 use crate::proto::{CaseExtractRequest, FaultCode, TASK_FAULT_TYPE_URL, TaskFault};
+use crate::request_id::HEADER as REQUEST_ID_HEADER;
 use crate::simulator::{self, Simulator, layout::Layout};
 
 const EXIT_STATUS: &str = "\
@@ -38,6 +39,20 @@ EXIT STATUS:
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+
+    /// The log format on stderr: `text` for people, `json` (one object per line) for log
+    /// collectors.
+    #[arg(long, global = true, env = "TASKGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -143,6 +158,11 @@ struct CaseExtractArgs {
     )]
     gateway: String,
 
+    /// The x-request-id to send, to find this call in the gateway's and controller's logs;
+    /// default: one the gateway makes.
+    #[arg(long, env = "TASKGATE_REQUEST_ID")]
+    request_id: Option<String>,
+
     /// The call's deadline, sent to the gateway as grpc-timeout.
     #[arg(long, env = "TASKGATE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     timeout: Duration,
@@ -159,6 +179,11 @@ enum Exit {
 // === impl Cli ===
 
 impl Cli {
+    /// The log format chosen on the command line.
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
+
     /// The log level when RUST_LOG is not set: the servers report each call, the client only
     /// warnings.
     pub fn default_log_filter(&self) -> &'static str {
@@ -266,18 +291,34 @@ async fn case_extract(args: CaseExtractArgs) -> Outcome {
         .await
         .with_context(|| format!("cannot connect to the gateway at {}", args.gateway))
         .map_err(call_failed)?;
-    let request = CaseExtractRequest {
+    let mut request = tonic::Request::new(CaseExtractRequest {
         port_id: args.port,
         bin_id: args.bin,
-    };
+    });
+    if let Some(request_id) = &args.request_id {
+        let value = request_id
+            .parse()
+            .with_context(|| format!("invalid --request-id '{request_id}'"))
+            .map_err(usage)?;
+        request.metadata_mut().insert(REQUEST_ID_HEADER, value);
+    }
     let what = format!("case_extract port {} bin {}", args.port, args.bin);
+    let request_id_of = |metadata: &tonic::metadata::MetadataMap| {
+        metadata
+            .get(REQUEST_ID_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("none")
+            .to_owned()
+    };
     match TaskServiceClient::new(channel).case_extract(request).await {
-        Ok(_) => {
+        Ok(response) => {
             println!("ok: {what}: the controller accepted the case extraction");
+            println!("  request id: {}", request_id_of(response.metadata()));
             Ok(Exit::Success)
         }
         Err(status) => {
             println!("{}", describe_status(&what, &status));
+            println!("  request id: {}", request_id_of(status.metadata()));
             Ok(Exit::CallFailed)
         }
     }
@@ -379,6 +420,7 @@ mod tests {
     fn serve_defaults_match_the_config_defaults() {
         let Cli {
             command: Command::Serve(args),
+            ..
         } = Cli::try_parse_from(["taskgate", "serve"]).unwrap()
         else {
             panic!("not serve");

@@ -6,6 +6,7 @@
 //! - [`fault`]: the fault table, the one source of truth for controller fault codes.
 //! - [`codec`]: task-interface XML to and from method calls and replies.
 //! - [`config`]: validated settings for the gateway and the simulator.
+//! - [`request_id`]: the `x-request-id` layer that ties a call's logs together.
 //! - `upstream`: the HTTP client that calls the controller.
 //! - `status`: the only place a `tonic::Status` is built.
 //! - `service`: the `TaskService` implementation.
@@ -34,6 +35,7 @@ pub mod codec;
 pub mod config;
 pub mod fault;
 mod health;
+pub mod request_id;
 pub mod server;
 mod service;
 pub mod shutdown;

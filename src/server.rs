@@ -15,6 +15,7 @@ use crate::config::GatewayConfig;
 use crate::health::Health;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::task_service_server::TaskServiceServer;
+use crate::request_id::RequestIdLayer;
 use crate::service::TaskGateway;
 use crate::upstream::Upstream;
 
@@ -58,6 +59,7 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (draining_tx, draining_rx) = oneshot::channel();
     let server = Server::builder()
+        .layer(RequestIdLayer)
         .add_service(TaskServiceServer::new(service))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -1,13 +1,17 @@
 //! The `TaskService` implementation: validate the request, work out the time limit, call the
 //! controller, and hand every outcome to `status`.
 
+use std::net::SocketAddr;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tonic::{Request, Response, Status};
 
 use crate::codec::{BIN_ID_RANGE, MethodCall, PORT_ID_RANGE, Reply};
 use crate::proto::task_service_server::TaskService;
 use crate::proto::{CaseExtractRequest, CaseExtractResponse};
+use crate::request_id::RequestId;
 use crate::status::{self, CallContext, CallError, RetryPolicy, Violation};
 use crate::upstream::Upstream;
 
@@ -38,27 +42,34 @@ impl TaskGateway {
         }
     }
 
+    /// Calls the controller; also returns how long the controller took, when it was called.
     async fn call(
         &self,
         context: &CallContext,
         method_call: MethodCall,
+        request_id: &RequestId,
         caller_deadline: Option<Duration>,
-    ) -> Result<(), CallError> {
-        let time_limit = time_limit(caller_deadline, self.upstream_timeout).ok_or(
-            CallError::DeadlineTooShort {
-                deadline: caller_deadline.unwrap_or_default(),
-            },
-        )?;
+    ) -> (Option<Duration>, Result<(), CallError>) {
+        let Some(time_limit) = time_limit(caller_deadline, self.upstream_timeout) else {
+            let deadline = caller_deadline.unwrap_or_default();
+            return (None, Err(CallError::DeadlineTooShort { deadline }));
+        };
         tracing::debug!(
             method = context.method,
             time_limit_ms = time_limit.as_millis() as u64,
             "calling the controller"
         );
-        match self.upstream.call(&method_call, time_limit).await {
+        let started = Instant::now();
+        let reply = self
+            .upstream
+            .call(&method_call, request_id, time_limit)
+            .await;
+        let outcome = match reply {
             Ok(Reply::Success(_)) => Ok(()),
             Ok(Reply::Fault(code)) => Err(CallError::Fault(code)),
             Err(upstream_error) => Err(CallError::Upstream(upstream_error)),
-        }
+        };
+        (Some(started.elapsed()), outcome)
     }
 }
 
@@ -68,40 +79,84 @@ impl TaskService for TaskGateway {
         &self,
         request: Request<CaseExtractRequest>,
     ) -> Result<Response<CaseExtractResponse>, Status> {
+        let started = Instant::now();
         let caller_deadline = caller_deadline(&request);
+        // The request-ID layer always sets one; a default only covers a server built without it.
+        let request_id = request
+            .extensions()
+            .get::<RequestId>()
+            .cloned()
+            .unwrap_or_default();
+        let peer = request.remote_addr();
         let CaseExtractRequest { port_id, bin_id } = request.into_inner();
         let context = CallContext {
             method: "case_extract",
             port_id,
             bin_id,
         };
-        let outcome = match validate_case_extract(port_id, bin_id) {
+        let (upstream_time, outcome) = match validate_case_extract(port_id, bin_id) {
             Ok(()) => {
                 let method_call = MethodCall::new(context.method)
                     .with_param("port_id", port_id)
                     .with_param("bin_id", bin_id);
-                self.call(&context, method_call, caller_deadline).await
+                self.call(&context, method_call, &request_id, caller_deadline)
+                    .await
             }
-            Err(violations) => Err(CallError::InvalidArgument(violations)),
+            Err(violations) => (None, Err(CallError::InvalidArgument(violations))),
         };
-        match outcome {
-            Ok(()) => {
-                tracing::info!(method = context.method, port_id, bin_id, "ok");
-                Ok(Response::new(CaseExtractResponse {}))
-            }
-            Err(call_error) => {
-                let status = status::status(&context, &call_error, self.retry);
-                tracing::info!(
-                    method = context.method,
-                    port_id,
-                    bin_id,
-                    code = ?status.code(),
-                    message = status.message(),
-                    "failed"
-                );
-                Err(status)
-            }
-        }
+        let fault_code = match &outcome {
+            Err(CallError::Fault(code)) => Some(*code),
+            _ => None,
+        };
+        let result = outcome
+            .map(|()| Response::new(CaseExtractResponse {}))
+            .map_err(|call_error| status::status(&context, &call_error, self.retry));
+        let access = AccessRecord {
+            context: &context,
+            code: result
+                .as_ref()
+                .map_or_else(Status::code, |_| tonic::Code::Ok),
+            fault_code,
+            upstream_time,
+            total_time: started.elapsed(),
+            request_id: &request_id,
+            peer,
+        };
+        access.log(result.as_ref().err().map(Status::message));
+        result
+    }
+}
+
+/// What the access log records about one call.
+struct AccessRecord<'a> {
+    context: &'a CallContext,
+    code: tonic::Code,
+    fault_code: Option<u32>,
+    upstream_time: Option<Duration>,
+    total_time: Duration,
+    request_id: &'a RequestId,
+    peer: Option<SocketAddr>,
+}
+
+impl AccessRecord<'_> {
+    /// Writes the one access-log line of a call, under the `taskgate::access` target so it can be
+    /// filtered on its own (`RUST_LOG=taskgate::access=info`).
+    fn log(&self, error_message: Option<&str>) {
+        let milliseconds = |duration: Duration| duration.as_secs_f64() * 1000.0;
+        tracing::info!(
+            target: "taskgate::access",
+            method = self.context.method,
+            port_id = self.context.port_id,
+            bin_id = self.context.bin_id,
+            grpc_code = crate::fault::grpc_code_name(self.code),
+            fault_code = self.fault_code,
+            upstream_ms = self.upstream_time.map(milliseconds),
+            total_ms = milliseconds(self.total_time),
+            request_id = %self.request_id,
+            peer = self.peer.map(tracing::field::display),
+            error = error_message,
+            "call"
+        );
     }
 }
 

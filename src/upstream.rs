@@ -14,6 +14,7 @@ use reqwest::{StatusCode, Url};
 
 use crate::codec::{self, DecodeError, MethodCall, Reply};
 use crate::config::GatewayConfig;
+use crate::request_id::{self, RequestId};
 
 /// Idle pooled connections are closed after this long, before the shortest common server
 /// keep-alive (5 s for Apache and Node, 130 s for Kestrel), so a request is never written onto a
@@ -90,19 +91,20 @@ impl Upstream {
     pub(crate) async fn call(
         &self,
         method_call: &MethodCall,
+        request_id: &RequestId,
         time_limit: Duration,
     ) -> Result<Reply, UpstreamError> {
         let body = Bytes::from(codec::encode_method_call(method_call));
-        tokio::time::timeout(time_limit, self.post(body))
+        tokio::time::timeout(time_limit, self.post(body, request_id))
             .await
             .map_err(|_| UpstreamError::Timeout { limit: time_limit })?
     }
 
-    async fn post(&self, body: Bytes) -> Result<Reply, UpstreamError> {
-        let response = match self.send(body.clone()).await {
+    async fn post(&self, body: Bytes, request_id: &RequestId) -> Result<Reply, UpstreamError> {
+        let response = match self.send(body.clone(), request_id).await {
             Err(error) if error.is_connect() => {
                 tracing::debug!(cause = %error_chain(&error), "connect failed; trying once more");
-                self.send(body).await
+                self.send(body, request_id).await
             }
             result => result,
         }
@@ -133,9 +135,14 @@ impl Upstream {
         codec::decode_reply(&body?, charset.as_deref()).map_err(UpstreamError::BadResponse)
     }
 
-    async fn send(&self, body: Bytes) -> Result<reqwest::Response, reqwest::Error> {
+    async fn send(
+        &self,
+        body: Bytes,
+        request_id: &RequestId,
+    ) -> Result<reqwest::Response, reqwest::Error> {
         self.client
             .post(self.url.clone())
+            .header(request_id::HEADER, request_id.header_value().clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/xml"))
             .header(
                 ACCEPT,

@@ -83,6 +83,12 @@ async fn handle(
             .insert(ALLOW, HeaderValue::from_static("POST"));
         return response;
     }
+    let request_id = request
+        .headers()
+        .get(crate::request_id::HEADER)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("none")
+        .to_owned();
     let charset = request
         .headers()
         .get(CONTENT_TYPE)
@@ -110,7 +116,7 @@ async fn handle(
     let method_call = match codec::decode_method_call(&body, charset.as_deref()) {
         Ok(method_call) => method_call,
         Err(error) => {
-            tracing::info!(%peer, cause = %error, "simulator refused a malformed method call");
+            tracing::info!(%peer, %request_id, cause = %error, "simulator refused a malformed method call");
             return plain(
                 StatusCode::BAD_REQUEST,
                 format!("malformed method call: {error}"),

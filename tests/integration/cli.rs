@@ -46,12 +46,26 @@ async fn run(args: &[&str], expected_exit: i32) -> (String, String) {
 async fn case_extract_prints_success_then_the_1148_fault() {
     let gateway = Gateway::with_simulator(Layout::default_layout()).await;
     let address = format!("http://{}", gateway.address);
-    let (stdout, _) = case_extract(&address, "4", "101337", 0).await;
+    let args = |request_id| {
+        [
+            "case-extract",
+            "--gateway",
+            &address,
+            "--port",
+            "4",
+            "--bin",
+            "101337",
+            "--request-id",
+            request_id,
+        ]
+    };
+    let (stdout, _) = run(&args("cli-1"), 0).await;
     assert_eq!(
         stdout,
-        "ok: case_extract port 4 bin 101337: the controller accepted the case extraction\n"
+        "ok: case_extract port 4 bin 101337: the controller accepted the case extraction\n\
+         \x20 request id: cli-1\n"
     );
-    let (stdout, _) = case_extract(&address, "4", "101337", 1).await;
+    let (stdout, _) = run(&args("cli-2"), 1).await;
     assert_eq!(
         stdout,
         "failed: case_extract port 4 bin 101337: UNAVAILABLE\n\
@@ -60,7 +74,8 @@ async fn case_extract_prints_success_then_the_1148_fault() {
          \x20 retry:   safe after 1s\n\
          \x20 message: case_extract port 4 bin 101337: controller fault 1148 \
          PREVIOUS_ACTION_NOT_COMPLETED: New action cannot be started until the previous action \
-         has been completed\n"
+         has been completed\n\
+         \x20 request id: cli-2\n"
     );
 }
 
@@ -182,7 +197,18 @@ async fn serve_with_the_simulator_answers_calls_and_exits_0_on_sigterm() {
     };
     assert!(saw_simulator);
     let gateway = format!("http://{address}");
-    case_extract(&gateway, "4", "101337", 0).await;
+    let call = [
+        "case-extract",
+        "--gateway",
+        &gateway,
+        "--port",
+        "4",
+        "--bin",
+        "101337",
+        "--request-id",
+        "e2e-1",
+    ];
+    run(&call, 0).await;
     case_extract(&gateway, "1", "101337", 1).await;
 
     let pid = child.id().unwrap().to_string();
@@ -201,4 +227,22 @@ async fn serve_with_the_simulator_answers_calls_and_exits_0_on_sigterm() {
     }
     assert!(rest.contains("received SIGTERM"), "{rest}");
     assert!(rest.contains("gateway stopped"), "{rest}");
+    // The access line of the first call, and the simulator's line for it, carry its request id.
+    let access_line = rest
+        .lines()
+        .find(|line| line.contains("taskgate::access") && line.contains("request_id=e2e-1"))
+        .unwrap_or_else(|| panic!("no access line with the request id in:\n{rest}"));
+    for field in [
+        "port_id=4",
+        "bin_id=101337",
+        "grpc_code=\"OK\"",
+        "upstream_ms=",
+        "total_ms=",
+        "peer=127.0.0.1:",
+    ] {
+        assert!(
+            access_line.contains(field),
+            "{field} missing from {access_line}"
+        );
+    }
 }

@@ -4,6 +4,7 @@
 //! - `simulator_http`: the simulator's HTTP edge, spoken to directly.
 //! - `transport_outcomes`: every transport outcome against a scripted fake controller.
 //! - `health`: grpc.health.v1 following the controller and shutdown; reflection.
+//! - `request_id`: x-request-id from caller to controller and back.
 //! - `shutdown`: graceful shutdown with calls in flight.
 //! - `cli`: the real `taskgate` binary, its output and exit codes.
 //! - `contract`: the proto comments and the README agree with the fault table.
@@ -14,6 +15,7 @@ mod support;
 mod cli;
 mod contract;
 mod health;
+mod request_id;
 mod shutdown;
 mod simulator_http;
 mod simulator_outcomes;
