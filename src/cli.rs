@@ -102,6 +102,11 @@ struct ServeArgs {
     #[arg(long, env = "TASKGATE_HEALTH_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     health_interval: Duration,
 
+    /// How many CaseExtract calls may be in flight at once; more are refused at once with
+    /// RESOURCE_EXHAUSTED (reason OVERLOADED). Health and reflection are not counted.
+    #[arg(long, env = "TASKGATE_MAX_IN_FLIGHT", default_value_t = defaults::MAX_IN_FLIGHT)]
+    max_in_flight: std::num::NonZeroUsize,
+
     /// Start the embedded simulated controller on an ephemeral loopback port and use it as the
     /// upstream.
     #[arg(long, env = "TASKGATE_SIMULATOR")]
@@ -230,6 +235,7 @@ async fn serve(args: ServeArgs) -> Outcome {
             .map_err(usage)?,
         shutdown_grace: args.shutdown_grace,
         health_interval: args.health_interval,
+        max_in_flight: args.max_in_flight,
     };
     config
         .validate()
@@ -432,6 +438,7 @@ mod tests {
         assert_eq!(args.retry_delay, config.retry_delay);
         assert_eq!(args.shutdown_grace, config.shutdown_grace);
         assert_eq!(args.health_interval, config.health_interval);
+        assert_eq!(args.max_in_flight, config.max_in_flight);
         assert_eq!(args.max_response_bytes, config.max_response_bytes.get());
     }
 

@@ -21,6 +21,8 @@ pub struct GatewayConfig {
     pub shutdown_grace: Duration,
     /// How often health probes the controller with a TCP connect.
     pub health_interval: Duration,
+    /// How many task calls may be in flight at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_in_flight: NonZeroUsize,
 }
 
 /// A setting that cannot be used, with the offending value.
@@ -50,6 +52,7 @@ pub enum ConfigError {
 
 /// The defaults the CLI documents.
 pub mod defaults {
+    use std::num::NonZeroUsize;
     use std::time::Duration;
 
     /// Where the gateway listens for gRPC.
@@ -62,6 +65,8 @@ pub mod defaults {
     pub const RETRY_DELAY: Duration = Duration::from_secs(1);
     /// The graceful-shutdown bound.
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// How many task calls may be in flight at once.
+    pub const MAX_IN_FLIGHT: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
     /// How often health probes the controller.
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
     /// Where the standalone simulator listens: the controller's own port.
@@ -81,6 +86,7 @@ impl GatewayConfig {
                 .unwrap_or(NonZeroUsize::MIN),
             shutdown_grace: defaults::SHUTDOWN_GRACE,
             health_interval: defaults::HEALTH_INTERVAL,
+            max_in_flight: defaults::MAX_IN_FLIGHT,
         }
     }
 

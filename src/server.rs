@@ -5,6 +5,7 @@
 //! what the tests exercise is what runs in production.
 
 use std::future::Future;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -18,6 +19,17 @@ use crate::proto::task_service_server::TaskServiceServer;
 use crate::request_id::RequestIdLayer;
 use crate::service::TaskGateway;
 use crate::upstream::Upstream;
+
+/// The largest request message accepted: every task-interface request is a few integers, so
+/// anything bigger is a mistake or an attack, refused before it is decoded.
+const MAX_REQUEST_BYTES: usize = 4 * 1024;
+/// HTTP/2 pings find dead client connections (a pulled cable, a crashed pod) that TCP alone would
+/// keep for hours.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection is closed.
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keep-alive, for peers that do not answer HTTP/2 pings.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// Why the gateway could not run.
 #[derive(Debug, thiserror::Error)]
@@ -54,13 +66,17 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(ServeError::Reflection)?;
-    let service = TaskGateway::new(upstream, config.upstream_timeout, config.retry_delay);
+    let service = TaskGateway::new(upstream, &config);
     // `serve_with_incoming_shutdown` ignores the builder's TCP settings, so set them here.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE));
     let (draining_tx, draining_rx) = oneshot::channel();
     let server = Server::builder()
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .layer(RequestIdLayer)
-        .add_service(TaskServiceServer::new(service))
+        .add_service(TaskServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -2,13 +2,16 @@
 //! controller, and hand every outcome to `status`.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use tonic::{Request, Response, Status};
 
 use crate::codec::{BIN_ID_RANGE, MethodCall, PORT_ID_RANGE, Reply};
+use crate::config::GatewayConfig;
 use crate::proto::task_service_server::TaskService;
 use crate::proto::{CaseExtractRequest, CaseExtractResponse};
 use crate::request_id::RequestId;
@@ -24,21 +27,23 @@ pub(crate) struct TaskGateway {
     upstream_timeout: Duration,
     /// What goes into `RetryInfo`.
     retry: RetryPolicy,
+    /// One permit per call allowed in flight; a call that finds none is shed at once, because
+    /// queueing would only make every caller's deadline expire together.
+    in_flight: Arc<Semaphore>,
 }
 
 // === impl TaskGateway ===
 
 impl TaskGateway {
-    /// A service that calls `upstream`.
-    pub(crate) fn new(
-        upstream: Upstream,
-        upstream_timeout: Duration,
-        retry_delay: Duration,
-    ) -> Self {
+    /// A service that calls `upstream` with the limits in `config`.
+    pub(crate) fn new(upstream: Upstream, config: &GatewayConfig) -> Self {
         TaskGateway {
             upstream,
-            upstream_timeout,
-            retry: RetryPolicy { delay: retry_delay },
+            upstream_timeout: config.upstream_timeout,
+            retry: RetryPolicy {
+                delay: config.retry_delay,
+            },
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight.get())),
         }
     }
 
@@ -94,15 +99,18 @@ impl TaskService for TaskGateway {
             port_id,
             bin_id,
         };
-        let (upstream_time, outcome) = match validate_case_extract(port_id, bin_id) {
-            Ok(()) => {
+        // Held until the call ends; dropped with the future if the caller goes away.
+        let permit = self.in_flight.try_acquire();
+        let (upstream_time, outcome) = match (permit, validate_case_extract(port_id, bin_id)) {
+            (Err(_), _) => (None, Err(CallError::Overloaded)),
+            (Ok(_permit), Ok(())) => {
                 let method_call = MethodCall::new(context.method)
                     .with_param("port_id", port_id)
                     .with_param("bin_id", bin_id);
                 self.call(&context, method_call, &request_id, caller_deadline)
                     .await
             }
-            Err(violations) => (None, Err(CallError::InvalidArgument(violations))),
+            (Ok(_), Err(violations)) => (None, Err(CallError::InvalidArgument(violations))),
         };
         let fault_code = match &outcome {
             Err(CallError::Fault(code)) => Some(*code),
@@ -299,7 +307,7 @@ mod tests {
         let url = crate::config::parse_upstream_url("http://127.0.0.1:9/api/v2/task").unwrap();
         let config = crate::config::GatewayConfig::with_upstream(url);
         let upstream = Upstream::new(&config).unwrap();
-        let gateway = TaskGateway::new(upstream, config.upstream_timeout, config.retry_delay);
+        let gateway = TaskGateway::new(upstream, &config);
         let mut request = Request::new(CaseExtractRequest {
             port_id: 4,
             bin_id: 101337,

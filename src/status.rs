@@ -40,6 +40,8 @@ pub(crate) enum CallError {
         /// The caller's deadline, from `grpc-timeout`.
         deadline: Duration,
     },
+    /// Too many calls are in flight; this one was shed before doing anything.
+    Overloaded,
     /// The controller answered with a fault code.
     Fault(u32),
     /// The controller could not be asked, or its answer could not be read.
@@ -74,6 +76,13 @@ pub(crate) fn status(context: &CallContext, error: &CallError, retry: RetryPolic
                 "the caller's deadline of {} leaves no time to call the controller",
                 humantime::format_duration(*deadline)
             ),
+            Extra::None,
+        ),
+        CallError::Overloaded => gateway_error(
+            context,
+            Code::ResourceExhausted,
+            "OVERLOADED",
+            "too many calls in flight; the controller was not called".to_owned(),
             Extra::None,
         ),
         CallError::Fault(code) => controller_fault(context, fault::classify(*code), retry),
@@ -349,6 +358,16 @@ mod tests {
         let bad_request = status.get_details_bad_request().unwrap();
         assert_eq!(bad_request.field_violations[0].field, "port_id");
         assert_eq!(task_fault(&status), None);
+    }
+
+    #[test]
+    fn overload_is_resource_exhausted() {
+        let status = status(&CONTEXT, &CallError::Overloaded, RETRY);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let error_info = status.get_details_error_info().unwrap();
+        assert_eq!(error_info.reason, "OVERLOADED");
+        assert_eq!(error_info.domain, GATEWAY_DOMAIN);
+        assert!(status.get_details_retry_info().is_none());
     }
 
     #[test]

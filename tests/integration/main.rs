@@ -4,6 +4,7 @@
 //! - `simulator_http`: the simulator's HTTP edge, spoken to directly.
 //! - `transport_outcomes`: every transport outcome against a scripted fake controller.
 //! - `health`: grpc.health.v1 following the controller and shutdown; reflection.
+//! - `limits`: shedding beyond the in-flight limit.
 //! - `request_id`: x-request-id from caller to controller and back.
 //! - `shutdown`: graceful shutdown with calls in flight.
 //! - `cli`: the real `taskgate` binary, its output and exit codes.
@@ -15,6 +16,7 @@ mod support;
 mod cli;
 mod contract;
 mod health;
+mod limits;
 mod request_id;
 mod shutdown;
 mod simulator_http;

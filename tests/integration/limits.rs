@@ -1,0 +1,35 @@
+//! Overload: beyond `max_in_flight` calls are shed at once, and cancelled calls free their slot.
+
+use std::num::NonZeroUsize;
+
+use tonic::Code;
+
+use crate::support::{FakeUpstream, Gateway, Script, config_for, error_info};
+
+#[tokio::test]
+async fn calls_beyond_the_limit_are_shed_with_overloaded() {
+    let mut upstream = FakeUpstream::start(Script::Hang).await;
+    let mut config = config_for(&upstream.url);
+    config.max_in_flight = NonZeroUsize::new(2).unwrap();
+    let gateway = Gateway::start(config).await;
+    let first = gateway.spawn_case_extract(4, 101337);
+    let second = gateway.spawn_case_extract(4, 101337);
+    upstream.next_request_body().await;
+    upstream.next_request_body().await;
+
+    let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    let error_info = error_info(&status);
+    assert_eq!(error_info.reason, "OVERLOADED");
+    assert_eq!(error_info.domain, "taskgate");
+    assert_eq!(upstream.requests_so_far(), 0);
+
+    // Cancelled calls give their slots back.
+    first.abort();
+    second.abort();
+    upstream.expect_closed().await;
+    upstream.expect_closed().await;
+    let third = gateway.spawn_case_extract(4, 101337);
+    upstream.next_request_body().await;
+    third.abort();
+}
