@@ -107,6 +107,11 @@ struct ServeArgs {
     #[arg(long, env = "TASKGATE_MAX_IN_FLIGHT", default_value_t = defaults::MAX_IN_FLIGHT)]
     max_in_flight: std::num::NonZeroUsize,
 
+    /// Serve Prometheus metrics at http://ADDRESS/metrics, for example 127.0.0.1:9464; off unless
+    /// given.
+    #[arg(long, env = "TASKGATE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+
     /// Start the embedded simulated controller on an ephemeral loopback port and use it as the
     /// upstream.
     #[arg(long, env = "TASKGATE_SIMULATOR")]
@@ -263,7 +268,15 @@ async fn serve(args: ServeArgs) -> Outcome {
         ));
     }
     let listener = bind(args.listen).await.map_err(usage)?;
-    crate::server::serve(listener, config, crate::shutdown::signal())
+    let metrics = match args.metrics_listen {
+        Some(address) => Some(bind(address).await.map_err(usage)?),
+        None => None,
+    };
+    let listeners = crate::server::Listeners {
+        grpc: listener,
+        metrics,
+    };
+    crate::server::serve(listeners, config, crate::shutdown::signal())
         .await
         .map_err(|error| (Exit::CallFailed, error.into()))?;
     Ok(Exit::Success)
@@ -272,16 +285,14 @@ async fn serve(args: ServeArgs) -> Outcome {
 async fn simulate(args: SimulateArgs) -> Outcome {
     let layout = load_layout(args.config.as_deref()).map_err(usage)?;
     let listener = bind(args.listen).await.map_err(usage)?;
+    let address = listener.local_addr().unwrap_or(args.listen);
     tracing::info!(
-        url = %format!("http://{}{}", args.listen, simulator::http::TASK_PATH),
+        url = %format!("http://{address}{}", simulator::http::TASK_PATH),
         ports = layout.ports.len(),
         step_time = %humantime::format_duration(layout.step_time),
         "simulated controller listening"
     );
-    simulator::http::serve(listener, Simulator::new(&layout), crate::shutdown::signal())
-        .await
-        .context("the simulator failed")
-        .map_err(|error| (Exit::CallFailed, error))?;
+    simulator::http::serve(listener, Simulator::new(&layout), crate::shutdown::signal()).await;
     Ok(Exit::Success)
 }
 

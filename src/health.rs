@@ -14,6 +14,7 @@ use tonic::server::NamedService;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::metrics::Metrics;
 use crate::proto::task_service_server::TaskServiceServer;
 use crate::service::TaskGateway;
 
@@ -28,6 +29,8 @@ pub(crate) struct Health {
     /// Stops the probe when shutdown begins or when this is dropped, so nothing flips the status
     /// back to SERVING while the gateway drains.
     probe: AbortHandle,
+    /// Mirrors the state in the `taskgate_health_serving` gauge.
+    metrics: Metrics,
 }
 
 // === impl Health ===
@@ -38,11 +41,23 @@ impl Health {
         reporter: HealthReporter,
         upstream_url: &Url,
         interval: Duration,
+        metrics: Metrics,
     ) -> Self {
         set_all(&reporter, ServingStatus::NotServing).await;
+        metrics.health(false);
         let target = probe_target(upstream_url);
-        let probe = tokio::spawn(probe_loop(reporter.clone(), target, interval)).abort_handle();
-        Health { reporter, probe }
+        let probe = tokio::spawn(probe_loop(
+            reporter.clone(),
+            target,
+            interval,
+            metrics.clone(),
+        ))
+        .abort_handle();
+        Health {
+            reporter,
+            probe,
+            metrics,
+        }
     }
 
     /// Stops the probe, reports NOT_SERVING, then ends every Watch stream so that open watchers
@@ -50,6 +65,7 @@ impl Health {
     pub(crate) async fn shut_down(&self) {
         self.probe.abort();
         set_all(&self.reporter, ServingStatus::NotServing).await;
+        self.metrics.health(false);
         let mut reporter = self.reporter.clone();
         for name in SERVICE_NAMES {
             reporter.clear_service_status(name).await;
@@ -75,7 +91,12 @@ fn probe_target(upstream_url: &Url) -> (String, u16) {
     (host, port)
 }
 
-async fn probe_loop(reporter: HealthReporter, target: (String, u16), interval: Duration) {
+async fn probe_loop(
+    reporter: HealthReporter,
+    target: (String, u16),
+    interval: Duration,
+    metrics: Metrics,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reachable = None;
@@ -102,6 +123,7 @@ async fn probe_loop(reporter: HealthReporter, target: (String, u16), interval: D
                 ServingStatus::NotServing
             };
             set_all(&reporter, status).await;
+            metrics.health(now_reachable);
             reachable = Some(now_reachable);
         }
     }

@@ -10,8 +10,10 @@
 //! - `upstream`: the HTTP client that calls the controller.
 //! - `status`: the only place a `tonic::Status` is built.
 //! - `service`: the `TaskService` implementation.
+//! - `http1`: the small HTTP/1.1 server loop the simulator and the metrics endpoint share.
 //! - [`simulator`]: an embedded simulated controller.
 //! - `health`: the grpc.health.v1 statuses and the controller probe.
+//! - [`metrics`]: Prometheus counters, histograms and the `/metrics` endpoint.
 //! - [`server`]: wiring a listener, a config and a shutdown signal into a running gateway.
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
 //! - [`cli`]: the `taskgate` command line.
@@ -35,6 +37,8 @@ pub mod codec;
 pub mod config;
 pub mod fault;
 mod health;
+mod http1;
+pub mod metrics;
 pub mod request_id;
 pub mod server;
 mod service;

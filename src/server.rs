@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tokio::task::AbortHandle;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::GatewayConfig;
 use crate::health::Health;
+use crate::metrics::{METRICS_PATH, Metrics};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::task_service_server::TaskServiceServer;
 use crate::request_id::RequestIdLayer;
@@ -30,6 +32,34 @@ const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP keep-alive, for peers that do not answer HTTP/2 pings.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// The sockets the gateway serves on, bound before `serve` so that binding errors surface at
+/// startup and tests can use ephemeral ports.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC: the task service, health and reflection.
+    pub grpc: TcpListener,
+    /// The Prometheus endpoint, if one was asked for.
+    pub metrics: Option<TcpListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(grpc: TcpListener) -> Self {
+        Listeners {
+            grpc,
+            metrics: None,
+        }
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// Why the gateway could not run.
 #[derive(Debug, thiserror::Error)]
@@ -48,16 +78,36 @@ pub enum ServeError {
 /// Serves the gateway on `listener` until `shutdown` resolves, then lets in-flight calls finish
 /// for at most `config.shutdown_grace`.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     config: GatewayConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    let Listeners {
+        grpc: listener,
+        metrics: metrics_listener,
+    } = listeners.into();
     let upstream = Upstream::new(&config).map_err(ServeError::Client)?;
     if let Ok(address) = listener.local_addr() {
         tracing::info!(%address, upstream = %upstream.url(), "gateway listening");
     }
+    let metrics = Metrics::new();
+    // Stops the metrics endpoint when the gateway stops, however `serve` returns.
+    let _metrics_endpoint = metrics_listener.map(|metrics_listener| {
+        if let Ok(address) = metrics_listener.local_addr() {
+            tracing::info!(url = %format!("http://{address}{METRICS_PATH}"), "metrics listening");
+        }
+        let endpoint =
+            crate::metrics::serve(metrics_listener, metrics.clone(), std::future::pending());
+        AbortOnDrop(tokio::spawn(endpoint).abort_handle())
+    });
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    let health = Health::start(reporter, upstream.url(), config.health_interval).await;
+    let health = Health::start(
+        reporter,
+        upstream.url(),
+        config.health_interval,
+        metrics.clone(),
+    )
+    .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -66,7 +116,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(ServeError::Reflection)?;
-    let service = TaskGateway::new(upstream, &config);
+    let service = TaskGateway::new(upstream, &config, metrics);
     // `serve_with_incoming_shutdown` ignores the builder's TCP settings, so set them here.
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::codec::{BIN_ID_RANGE, MethodCall, PORT_ID_RANGE, Reply};
 use crate::config::GatewayConfig;
+use crate::metrics::Metrics;
 use crate::proto::task_service_server::TaskService;
 use crate::proto::{CaseExtractRequest, CaseExtractResponse};
 use crate::request_id::RequestId;
@@ -30,13 +31,15 @@ pub(crate) struct TaskGateway {
     /// One permit per call allowed in flight; a call that finds none is shed at once, because
     /// queueing would only make every caller's deadline expire together.
     in_flight: Arc<Semaphore>,
+    /// Where every call is counted.
+    metrics: Metrics,
 }
 
 // === impl TaskGateway ===
 
 impl TaskGateway {
     /// A service that calls `upstream` with the limits in `config`.
-    pub(crate) fn new(upstream: Upstream, config: &GatewayConfig) -> Self {
+    pub(crate) fn new(upstream: Upstream, config: &GatewayConfig, metrics: Metrics) -> Self {
         TaskGateway {
             upstream,
             upstream_timeout: config.upstream_timeout,
@@ -44,6 +47,7 @@ impl TaskGateway {
                 delay: config.retry_delay,
             },
             in_flight: Arc::new(Semaphore::new(config.max_in_flight.get())),
+            metrics,
         }
     }
 
@@ -85,6 +89,7 @@ impl TaskService for TaskGateway {
         request: Request<CaseExtractRequest>,
     ) -> Result<Response<CaseExtractResponse>, Status> {
         let started = Instant::now();
+        let _in_flight = self.metrics.call_started();
         let caller_deadline = caller_deadline(&request);
         // The request-ID layer always sets one; a default only covers a server built without it.
         let request_id = request
@@ -112,9 +117,25 @@ impl TaskService for TaskGateway {
             }
             (Ok(_), Err(violations)) => (None, Err(CallError::InvalidArgument(violations))),
         };
+        if let Some(upstream_time) = upstream_time {
+            self.metrics
+                .upstream_finished(context.method, upstream_time);
+        }
         let fault_code = match &outcome {
-            Err(CallError::Fault(code)) => Some(*code),
-            _ => None,
+            Err(CallError::Fault(code)) => {
+                self.metrics.fault(context.method, *code);
+                Some(*code)
+            }
+            Err(CallError::Upstream(upstream_error)) => {
+                self.metrics.upstream_error(upstream_error.kind());
+                None
+            }
+            Ok(())
+            | Err(
+                CallError::InvalidArgument(_)
+                | CallError::DeadlineTooShort { .. }
+                | CallError::Overloaded,
+            ) => None,
         };
         let result = outcome
             .map(|()| Response::new(CaseExtractResponse {}))
@@ -131,6 +152,8 @@ impl TaskService for TaskGateway {
             peer,
         };
         access.log(result.as_ref().err().map(Status::message));
+        self.metrics
+            .call_finished(context.method, access.code, access.total_time);
         result
     }
 }
@@ -307,7 +330,7 @@ mod tests {
         let url = crate::config::parse_upstream_url("http://127.0.0.1:9/api/v2/task").unwrap();
         let config = crate::config::GatewayConfig::with_upstream(url);
         let upstream = Upstream::new(&config).unwrap();
-        let gateway = TaskGateway::new(upstream, &config);
+        let gateway = TaskGateway::new(upstream, &config, Metrics::new());
         let mut request = Request::new(CaseExtractRequest {
             port_id: 4,
             bin_id: 101337,

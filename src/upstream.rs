@@ -64,6 +64,22 @@ pub(crate) enum UpstreamError {
     },
 }
 
+// === impl UpstreamError ===
+
+impl UpstreamError {
+    /// A fixed word for the kind of failure, for metrics labels.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Unreachable(_) => "unreachable",
+            UpstreamError::ConnectionLost(_) => "connection_lost",
+            UpstreamError::Timeout { .. } => "timeout",
+            UpstreamError::HttpStatus { .. } => "http_status",
+            UpstreamError::BadResponse(_) => "bad_response",
+            UpstreamError::ResponseTooLarge { .. } => "response_too_large",
+        }
+    }
+}
+
 // === impl Upstream ===
 
 impl Upstream {

@@ -2,7 +2,6 @@
 //! encode the reply. Bad requests get a plain-text reason and a 4xx/5xx status; the task
 //! interface's own replies (success and faults) are HTTP 200.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 
@@ -11,52 +10,26 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use super::{METHODS, Outcome, Simulator};
 use crate::codec::{self, DEFAULT_MAX_BODY_BYTES, Reply};
+use crate::http1::{self, plain};
 
 /// The path the task interface is served on, as on a real controller.
 pub const TASK_PATH: &str = "/api/v2/task";
 
 /// Serves the task interface on `listener` until `shutdown` resolves.
-///
-/// Connections still open at shutdown are left to finish on their own; the simulator holds no
-/// state worth draining.
 pub async fn serve(
     listener: TcpListener,
     simulator: Simulator,
     shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = &mut shutdown => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Per-connection errors (the peer reset before accept, too many files) must
-                    // not stop the server.
-                    tracing::warn!(cause = %error, "simulator failed to accept a connection");
-                    continue;
-                }
-            },
-        };
+) {
+    let handler = move |request, peer| {
         let simulator = simulator.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let simulator = simulator.clone();
-                async move { Ok::<_, Infallible>(handle(&simulator, request, peer).await) }
-            });
-            if let Err(error) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(cause = %error, %peer, "simulator connection ended with an error");
-            }
-        });
-    }
+        async move { handle(&simulator, request, peer).await }
+    };
+    http1::serve(listener, "simulator", handler, shutdown).await;
 }
 
 async fn handle(
@@ -148,14 +121,4 @@ async fn handle(
             ),
         ),
     }
-}
-
-fn plain(status: StatusCode, reason: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(reason + "\n")));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }

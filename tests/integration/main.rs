@@ -5,6 +5,7 @@
 //! - `transport_outcomes`: every transport outcome against a scripted fake controller.
 //! - `health`: grpc.health.v1 following the controller and shutdown; reflection.
 //! - `limits`: shedding beyond the in-flight limit.
+//! - `metrics`: the Prometheus endpoint after a known mix of calls.
 //! - `request_id`: x-request-id from caller to controller and back.
 //! - `shutdown`: graceful shutdown with calls in flight.
 //! - `cli`: the real `taskgate` binary, its output and exit codes.
@@ -17,6 +18,7 @@ mod cli;
 mod contract;
 mod health;
 mod limits;
+mod metrics;
 mod request_id;
 mod shutdown;
 mod simulator_http;

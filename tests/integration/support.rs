@@ -17,7 +17,7 @@ use tonic_types::StatusExt;
 use taskgate::config::{GatewayConfig, parse_upstream_url};
 use taskgate::proto::task_service_client::TaskServiceClient;
 use taskgate::proto::{CaseExtractRequest, TASK_FAULT_TYPE_URL, TaskFault};
-use taskgate::server::ServeError;
+use taskgate::server::{Listeners, ServeError};
 use taskgate::simulator::{self, Simulator, layout::Layout};
 
 /// A running gateway and a client connected to it.
@@ -32,9 +32,24 @@ impl Gateway {
     /// Starts a gateway with `config` on 127.0.0.1 and an ephemeral port.
     pub(crate) async fn start(config: GatewayConfig) -> Gateway {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
+        Gateway::start_on(listener.into(), config).await
+    }
+
+    /// Starts a gateway that also serves metrics; returns the metrics URL too.
+    pub(crate) async fn start_with_metrics(config: GatewayConfig) -> (Gateway, String) {
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_url = format!("http://{}/metrics", metrics.local_addr().unwrap());
+        let listeners = Listeners {
+            grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            metrics: Some(metrics),
+        };
+        (Gateway::start_on(listeners, config).await, metrics_url)
+    }
+
+    async fn start_on(listeners: Listeners, config: GatewayConfig) -> Gateway {
+        let address = listeners.grpc.local_addr().unwrap();
         let (shutdown, shutdown_rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(taskgate::server::serve(listener, config, async {
+        let handle = tokio::spawn(taskgate::server::serve(listeners, config, async {
             let _ = shutdown_rx.await;
         }));
         // The listener is already bound, so connecting needs no wait.

@@ -1,0 +1,291 @@
+//! Prometheus metrics: what the gateway counts, and the `/metrics` endpoint that exposes them.
+//!
+//! Every label has a small, fixed set of values: no port or bin ids, and fault codes only as the
+//! codes in the fault table (others are `unknown` or `out_of_range`), so a misbehaving controller
+//! cannot grow the series without bound.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+
+use crate::fault::{self, FaultClass};
+use crate::http1::{self, plain};
+
+/// The path the metrics are served on.
+pub const METRICS_PATH: &str = "/metrics";
+
+/// The gateway's metrics; cheap to clone, shared by the service, health and the endpoint.
+#[derive(Debug, Clone)]
+pub(crate) struct Metrics {
+    /// Every metric below, for encoding.
+    registry: Arc<Registry>,
+    calls: Family<CallLabels, Counter>,
+    faults: Family<FaultLabels, Counter>,
+    upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    call_duration: Family<MethodLabels, Histogram>,
+    upstream_duration: Family<MethodLabels, Histogram>,
+    in_flight: Gauge,
+    health_serving: Gauge,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    method: &'static str,
+    code: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FaultLabels {
+    method: &'static str,
+    fault_code: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamErrorLabels {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: &'static str,
+}
+
+/// Decrements the in-flight gauge when a call ends, however it ends (a cancelled call included).
+#[derive(Debug)]
+pub(crate) struct InFlightGuard {
+    gauge: Gauge,
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    /// A fresh set of metrics, all zero.
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::with_prefix("taskgate");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register("calls", "Calls by method and gRPC code", calls.clone());
+        let faults = Family::<FaultLabels, Counter>::default();
+        registry.register(
+            "controller_faults",
+            "Controller faults by method and fault code (unknown or out_of_range for codes not in the fault table)",
+            faults.clone(),
+        );
+        let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Controller calls that produced no usable reply, by kind",
+            upstream_errors.clone(),
+        );
+        let call_duration = Family::<MethodLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register_with_unit(
+            "call_duration",
+            "Total time of a call in the gateway",
+            Unit::Seconds,
+            call_duration.clone(),
+        );
+        let upstream_duration = Family::<MethodLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register_with_unit(
+            "upstream_request_duration",
+            "Time from sending a method call to the controller to its reply or failure",
+            Unit::Seconds,
+            upstream_duration.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "calls_in_flight",
+            "Calls being handled now",
+            in_flight.clone(),
+        );
+        let health_serving = Gauge::default();
+        registry.register(
+            "health_serving",
+            "1 while health reports SERVING (the controller is reachable), else 0",
+            health_serving.clone(),
+        );
+        Metrics {
+            registry: Arc::new(registry),
+            calls,
+            faults,
+            upstream_errors,
+            call_duration,
+            upstream_duration,
+            in_flight,
+            health_serving,
+        }
+    }
+
+    /// Counts a call as in flight until the guard is dropped.
+    pub(crate) fn call_started(&self) -> InFlightGuard {
+        self.in_flight.inc();
+        InFlightGuard {
+            gauge: self.in_flight.clone(),
+        }
+    }
+
+    /// Records a finished call.
+    pub(crate) fn call_finished(
+        &self,
+        method: &'static str,
+        code: tonic::Code,
+        total_time: Duration,
+    ) {
+        self.calls
+            .get_or_create(&CallLabels {
+                method,
+                code: fault::grpc_code_name(code),
+            })
+            .inc();
+        self.call_duration
+            .get_or_create(&MethodLabels { method })
+            .observe(total_time.as_secs_f64());
+    }
+
+    /// Records how long the controller took, whatever the outcome.
+    pub(crate) fn upstream_finished(&self, method: &'static str, upstream_time: Duration) {
+        self.upstream_duration
+            .get_or_create(&MethodLabels { method })
+            .observe(upstream_time.as_secs_f64());
+    }
+
+    /// Records a fault the controller answered.
+    pub(crate) fn fault(&self, method: &'static str, raw_code: u32) {
+        let fault_code = match fault::classify(raw_code) {
+            FaultClass::Known(known) => known.code.to_string(),
+            FaultClass::Unknown(_) => "unknown".to_owned(),
+            FaultClass::OutOfRange(_) => "out_of_range".to_owned(),
+        };
+        self.faults
+            .get_or_create(&FaultLabels { method, fault_code })
+            .inc();
+    }
+
+    /// Records a controller call that produced no usable reply; `kind` is a fixed word.
+    pub(crate) fn upstream_error(&self, kind: &'static str) {
+        self.upstream_errors
+            .get_or_create(&UpstreamErrorLabels { kind })
+            .inc();
+    }
+
+    /// Records the health state.
+    pub(crate) fn health(&self, serving: bool) {
+        self.health_serving.set(i64::from(serving));
+    }
+
+    /// The metrics in the Prometheus/OpenMetrics text format.
+    pub(crate) fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// Buckets from 1 ms to about 33 s, doubling: controller calls take milliseconds when all is well
+/// and up to the upstream timeout when not.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    metrics: Metrics,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let handler = move |request: hyper::Request<hyper::body::Incoming>, _peer| {
+        let response = respond(&metrics, request.method(), request.uri().path());
+        async move { response }
+    };
+    http1::serve(listener, "metrics", handler, shutdown).await;
+}
+
+fn respond(metrics: &Metrics, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    if path != METRICS_PATH {
+        return plain(
+            StatusCode::NOT_FOUND,
+            format!("no endpoint at '{path}'; metrics are at {METRICS_PATH}"),
+        );
+    }
+    if method != Method::GET && method != Method::HEAD {
+        return plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method {method} is not allowed; use GET"),
+        );
+    }
+    let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let metrics = Metrics::new();
+        metrics.call_finished("case_extract", tonic::Code::Ok, Duration::from_millis(3));
+        metrics.fault("case_extract", 1148);
+        metrics.fault("case_extract", 1500);
+        metrics.fault("case_extract", 77);
+        metrics.upstream_error("timeout");
+        metrics.upstream_finished("case_extract", Duration::from_millis(2));
+        let guard = metrics.call_started();
+        metrics.health(true);
+        let text = metrics.encode();
+        for line in [
+            "taskgate_calls_total{method=\"case_extract\",code=\"OK\"} 1",
+            "taskgate_controller_faults_total{method=\"case_extract\",fault_code=\"1148\"} 1",
+            "taskgate_controller_faults_total{method=\"case_extract\",fault_code=\"unknown\"} 1",
+            "taskgate_controller_faults_total{method=\"case_extract\",fault_code=\"out_of_range\"} 1",
+            "taskgate_upstream_errors_total{kind=\"timeout\"} 1",
+            "taskgate_call_duration_seconds_count{method=\"case_extract\"} 1",
+            "taskgate_upstream_request_duration_seconds_count{method=\"case_extract\"} 1",
+            "taskgate_calls_in_flight 1",
+            "taskgate_health_serving 1",
+        ] {
+            assert!(
+                text.lines().any(|actual| actual == line),
+                "{line} missing from:\n{text}"
+            );
+        }
+        drop(guard);
+        assert!(
+            metrics
+                .encode()
+                .lines()
+                .any(|line| line == "taskgate_calls_in_flight 0")
+        );
+    }
+}

@@ -1,0 +1,96 @@
+//! The Prometheus endpoint, scraped after a known mix of calls.
+
+use std::time::Duration;
+
+use taskgate::simulator::layout::Layout;
+
+use crate::support::{Gateway, config_for, start_simulator, unused_address};
+
+async fn scrape(url: &str) -> String {
+    let response = reqwest::get(url).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    response.text().await.unwrap()
+}
+
+fn assert_line(text: &str, expected: &str) {
+    assert!(
+        text.lines().any(|line| line == expected),
+        "{expected} missing from:\n{text}"
+    );
+}
+
+#[tokio::test]
+async fn metrics_count_a_known_mix_of_calls() {
+    let url = start_simulator(Layout::default_layout()).await;
+    let mut config = config_for(&url);
+    config.health_interval = Duration::from_millis(20);
+    let (gateway, metrics_url) = Gateway::start_with_metrics(config).await;
+
+    gateway.case_extract(4, 101337, None).await.unwrap();
+    gateway.case_extract(4, 101337, None).await.unwrap_err(); // 1148
+    gateway.case_extract(1, 101337, None).await.unwrap_err(); // 1087
+    gateway.case_extract(0, 101337, None).await.unwrap_err(); // invalid, not sent
+
+    let text = scrape(&metrics_url).await;
+    for line in [
+        "taskgate_calls_total{method=\"case_extract\",code=\"OK\"} 1",
+        "taskgate_calls_total{method=\"case_extract\",code=\"UNAVAILABLE\"} 1",
+        "taskgate_calls_total{method=\"case_extract\",code=\"FAILED_PRECONDITION\"} 1",
+        "taskgate_calls_total{method=\"case_extract\",code=\"INVALID_ARGUMENT\"} 1",
+        "taskgate_controller_faults_total{method=\"case_extract\",fault_code=\"1148\"} 1",
+        "taskgate_controller_faults_total{method=\"case_extract\",fault_code=\"1087\"} 1",
+        "taskgate_upstream_request_duration_seconds_count{method=\"case_extract\"} 3",
+        "taskgate_call_duration_seconds_count{method=\"case_extract\"} 4",
+        "taskgate_calls_in_flight 0",
+    ] {
+        assert_line(&text, line);
+    }
+    assert!(
+        !text.contains("port_id") && !text.contains("101337"),
+        "ids leaked into labels"
+    );
+
+    // Health reaches SERVING on its own schedule; scrape until it shows.
+    loop {
+        if scrape(&metrics_url)
+            .await
+            .lines()
+            .any(|line| line == "taskgate_health_serving 1")
+        {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn upstream_errors_are_counted_by_kind() {
+    let address = unused_address().await;
+    let url =
+        taskgate::config::parse_upstream_url(&format!("http://{address}/api/v2/task")).unwrap();
+    let (gateway, metrics_url) = Gateway::start_with_metrics(config_for(&url)).await;
+    gateway.case_extract(4, 101337, None).await.unwrap_err();
+    let text = scrape(&metrics_url).await;
+    assert_line(
+        &text,
+        "taskgate_upstream_errors_total{kind=\"unreachable\"} 1",
+    );
+    assert_line(&text, "taskgate_health_serving 0");
+}
+
+#[tokio::test]
+async fn other_paths_are_404() {
+    let (_gateway, metrics_url) =
+        Gateway::start_with_metrics(config_for(&start_simulator(Layout::default_layout()).await))
+            .await;
+    let response = reqwest::get(metrics_url.replace("/metrics", "/"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+}
