@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tonic::transport::Endpoint;
 use tonic_types::{StatusExt, pb};
 
-use crate::codec::DEFAULT_MAX_BODY_BYTES;
+use crate::codec::{DEFAULT_MAX_BODY_BYTES, WireFormat};
 use crate::config::{GatewayConfig, defaults, parse_upstream_url};
 use crate::fault;
 use crate::proto::task_service_client::TaskServiceClient;
@@ -44,6 +44,15 @@ pub struct Cli {
     /// collectors.
     #[arg(long, global = true, env = "TASKGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+/// The controller's wire format, as a flag value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum UpstreamFormat {
+    /// `<methodcall>…</methodcall>`, Content-Type application/xml.
+    Xml,
+    /// `{"method":…,"params":{…}}`, Content-Type application/json.
+    Json,
 }
 
 /// How log lines are written.
@@ -106,6 +115,10 @@ struct ServeArgs {
     /// RESOURCE_EXHAUSTED (reason OVERLOADED). Health and reflection are not counted.
     #[arg(long, env = "TASKGATE_MAX_IN_FLIGHT", default_value_t = defaults::MAX_IN_FLIGHT)]
     max_in_flight: std::num::NonZeroUsize,
+
+    /// How to speak to the controller: `xml` (the documented format) or `json`.
+    #[arg(long, env = "TASKGATE_UPSTREAM_FORMAT", value_enum, default_value_t = UpstreamFormat::Xml)]
+    upstream_format: UpstreamFormat,
 
     /// Serve Prometheus metrics at http://ADDRESS/metrics, for example 127.0.0.1:9464; off unless
     /// given.
@@ -241,6 +254,10 @@ async fn serve(args: ServeArgs) -> Outcome {
         shutdown_grace: args.shutdown_grace,
         health_interval: args.health_interval,
         max_in_flight: args.max_in_flight,
+        upstream_format: match args.upstream_format {
+            UpstreamFormat::Xml => WireFormat::Xml,
+            UpstreamFormat::Json => WireFormat::Json,
+        },
     };
     config
         .validate()
@@ -450,6 +467,8 @@ mod tests {
         assert_eq!(args.shutdown_grace, config.shutdown_grace);
         assert_eq!(args.health_interval, config.health_interval);
         assert_eq!(args.max_in_flight, config.max_in_flight);
+        assert_eq!(args.upstream_format, UpstreamFormat::Xml);
+        assert_eq!(config.upstream_format, WireFormat::Xml);
         assert_eq!(args.max_response_bytes, config.max_response_bytes.get());
     }
 

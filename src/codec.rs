@@ -152,12 +152,32 @@ pub enum DecodeError {
 /// Elements deeper than this are refused; the deepest documented message nests five levels.
 pub const MAX_DEPTH: usize = 32;
 
+/// How method calls and replies are written on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WireFormat {
+    /// The documented XML format.
+    #[default]
+    Xml,
+    /// The JSON variant: `{"method":…,"params":{…}}` and `{"params":{}}` / `{"fault":{"code":N}}`,
+    /// with or without a top-level `response` wrapper.
+    Json,
+}
+
 /// Decodes a controller reply. `charset` is the Content-Type charset parameter, if any.
 pub fn decode_reply(body: &[u8], charset: Option<&str>) -> Result<Reply, DecodeError> {
-    let response = parse_document(body, charset)?;
-    expect_root(&response, "response")?;
-    expect_no_text(&response)?;
-    let [params, fault] = distinct_children(&response, ["params", "fault"])?;
+    reply_from_response(&parse_document(body, charset)?)
+}
+
+/// Decodes a method call, as the simulated controller receives it.
+pub fn decode_method_call(body: &[u8], charset: Option<&str>) -> Result<MethodCall, DecodeError> {
+    method_call_from_element(&parse_document(body, charset)?)
+}
+
+/// The checks every reply passes, whichever format it came in.
+fn reply_from_response(response: &Element) -> Result<Reply, DecodeError> {
+    expect_root(response, "response")?;
+    expect_no_text(response)?;
+    let [params, fault] = distinct_children(response, ["params", "fault"])?;
     match (params, fault) {
         (Some(params), None) => {
             expect_no_text(params)?;
@@ -170,21 +190,20 @@ pub fn decode_reply(body: &[u8], charset: Option<&str>) -> Result<Reply, DecodeE
             Ok(Reply::Fault(parse_integer(code)?))
         }
         (Some(_), Some(_)) => Err(DecodeError::ParamsAndFault),
-        (None, None) => Err(missing(&response, "params")),
+        (None, None) => Err(missing(response, "params")),
     }
 }
 
-/// Decodes a method call, as the simulated controller receives it.
-pub fn decode_method_call(body: &[u8], charset: Option<&str>) -> Result<MethodCall, DecodeError> {
-    let methodcall = parse_document(body, charset)?;
-    expect_root(&methodcall, "methodcall")?;
-    expect_no_text(&methodcall)?;
-    let [name, params] = distinct_children(&methodcall, ["name", "params"])?;
-    let name = name.ok_or_else(|| missing(&methodcall, "name"))?;
+/// The checks every method call passes, whichever format it came in.
+fn method_call_from_element(methodcall: &Element) -> Result<MethodCall, DecodeError> {
+    expect_root(methodcall, "methodcall")?;
+    expect_no_text(methodcall)?;
+    let [name, params] = distinct_children(methodcall, ["name", "params"])?;
+    let name = name.ok_or_else(|| missing(methodcall, "name"))?;
     if let Some(child) = name.children.first() {
         return Err(unexpected_element(name, child));
     }
-    let params = params.ok_or_else(|| missing(&methodcall, "params"))?;
+    let params = params.ok_or_else(|| missing(methodcall, "params"))?;
     expect_no_text(params)?;
     Ok(MethodCall {
         name: name.text.trim().to_owned(),
@@ -251,6 +270,73 @@ pub fn charset_of(content_type: &str) -> Option<&str> {
             .eq_ignore_ascii_case("charset")
             .then(|| value.trim().trim_matches('"'))
     })
+}
+
+// === impl WireFormat ===
+
+impl WireFormat {
+    /// The Content-Type a body in this format is sent with.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            WireFormat::Xml => "application/xml",
+            WireFormat::Json => "application/json",
+        }
+    }
+
+    /// The Accept header for replies in this format.
+    pub fn accept(self) -> &'static str {
+        match self {
+            WireFormat::Xml => "application/xml, text/xml",
+            WireFormat::Json => "application/json",
+        }
+    }
+
+    /// The format a Content-Type names: JSON for any `…json` type, else XML, the documented one.
+    pub fn from_content_type(content_type: Option<&str>) -> Self {
+        let essence = content_type
+            .and_then(|value| value.split(';').next())
+            .map(|essence| essence.trim().to_ascii_lowercase());
+        match essence {
+            Some(essence) if essence.ends_with("json") => WireFormat::Json,
+            _ => WireFormat::Xml,
+        }
+    }
+
+    /// Encodes a method call.
+    pub fn encode_method_call(self, method_call: &MethodCall) -> Vec<u8> {
+        match self {
+            WireFormat::Xml => encode_method_call(method_call),
+            WireFormat::Json => json::encode_method_call(method_call),
+        }
+    }
+
+    /// Decodes a reply.
+    pub fn decode_reply(self, body: &[u8], charset: Option<&str>) -> Result<Reply, DecodeError> {
+        match self {
+            WireFormat::Xml => decode_reply(body, charset),
+            WireFormat::Json => reply_from_response(&json::response_root(body, charset)?),
+        }
+    }
+
+    /// Decodes a method call.
+    pub fn decode_method_call(
+        self,
+        body: &[u8],
+        charset: Option<&str>,
+    ) -> Result<MethodCall, DecodeError> {
+        match self {
+            WireFormat::Xml => decode_method_call(body, charset),
+            WireFormat::Json => method_call_from_element(&json::methodcall_root(body, charset)?),
+        }
+    }
+
+    /// Encodes a reply.
+    pub fn encode_reply(self, reply: &Reply) -> Vec<u8> {
+        match self {
+            WireFormat::Xml => encode_reply(reply),
+            WireFormat::Json => json::encode_reply(reply),
+        }
+    }
 }
 
 // === impl MethodCall ===
@@ -607,6 +693,8 @@ fn write_element(out: &mut String, element: &Element, depth: usize) {
     }
     out.push_str(&format!("</{}>\n", element.name));
 }
+
+mod json;
 
 #[cfg(test)]
 mod tests;

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use reqwest::Url;
 
+use crate::codec::WireFormat;
+
 /// The gateway's settings, fixed at startup.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -23,6 +25,8 @@ pub struct GatewayConfig {
     pub health_interval: Duration,
     /// How many task calls may be in flight at once; more are refused with RESOURCE_EXHAUSTED.
     pub max_in_flight: NonZeroUsize,
+    /// Whether the controller is spoken to in XML (documented) or JSON.
+    pub upstream_format: WireFormat,
 }
 
 /// A setting that cannot be used, with the offending value.
@@ -87,6 +91,7 @@ impl GatewayConfig {
             shutdown_grace: defaults::SHUTDOWN_GRACE,
             health_interval: defaults::HEALTH_INTERVAL,
             max_in_flight: defaults::MAX_IN_FLIGHT,
+            upstream_format: WireFormat::Xml,
         }
     }
 

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 use reqwest::{StatusCode, Url};
 
-use crate::codec::{self, DecodeError, MethodCall, Reply};
+use crate::codec::{self, DecodeError, MethodCall, Reply, WireFormat};
 use crate::config::GatewayConfig;
 use crate::request_id::{self, RequestId};
 
@@ -30,6 +30,8 @@ pub(crate) struct Upstream {
     url: Url,
     /// Replies longer than this are refused without being read further.
     max_response_bytes: usize,
+    /// XML (documented) or JSON, for requests and replies alike.
+    format: WireFormat,
 }
 
 /// A controller call that did not produce a reply we can trust.
@@ -95,6 +97,7 @@ impl Upstream {
             client,
             url: config.upstream_url.clone(),
             max_response_bytes: config.max_response_bytes.get(),
+            format: config.upstream_format,
         })
     }
 
@@ -110,7 +113,7 @@ impl Upstream {
         request_id: &RequestId,
         time_limit: Duration,
     ) -> Result<Reply, UpstreamError> {
-        let body = Bytes::from(codec::encode_method_call(method_call));
+        let body = Bytes::from(self.format.encode_method_call(method_call));
         tokio::time::timeout(time_limit, self.post(body, request_id))
             .await
             .map_err(|_| UpstreamError::Timeout { limit: time_limit })?
@@ -143,12 +146,14 @@ impl Upstream {
         if !status.is_success() {
             // A fault is the controller's answer whatever status carries it; anything else under
             // a non-2xx status is not a reply we can act on.
-            return match body.map(|body| codec::decode_reply(&body, charset.as_deref())) {
+            return match body.map(|body| self.format.decode_reply(&body, charset.as_deref())) {
                 Ok(Ok(Reply::Fault(code))) => Ok(Reply::Fault(code)),
                 _ => Err(UpstreamError::HttpStatus { status }),
             };
         }
-        codec::decode_reply(&body?, charset.as_deref()).map_err(UpstreamError::BadResponse)
+        self.format
+            .decode_reply(&body?, charset.as_deref())
+            .map_err(UpstreamError::BadResponse)
     }
 
     async fn send(
@@ -159,11 +164,11 @@ impl Upstream {
         self.client
             .post(self.url.clone())
             .header(request_id::HEADER, request_id.header_value().clone())
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/xml"))
             .header(
-                ACCEPT,
-                HeaderValue::from_static("application/xml, text/xml"),
+                CONTENT_TYPE,
+                HeaderValue::from_static(self.format.content_type()),
             )
+            .header(ACCEPT, HeaderValue::from_static(self.format.accept()))
             .body(body)
             .send()
             .await

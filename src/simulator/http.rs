@@ -13,7 +13,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
 use super::{METHODS, Outcome, Simulator};
-use crate::codec::{self, DEFAULT_MAX_BODY_BYTES, Reply};
+use crate::codec::{self, DEFAULT_MAX_BODY_BYTES, Reply, WireFormat};
 use crate::http1::{self, plain};
 
 /// The path the task interface is served on, as on a real controller.
@@ -62,12 +62,17 @@ async fn handle(
         .and_then(|value| value.to_str().ok())
         .unwrap_or("none")
         .to_owned();
-    let charset = request
+    let content_type = request
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let charset = content_type
+        .as_deref()
         .and_then(codec::charset_of)
         .map(str::to_owned);
+    // The reply is written in the format the call came in.
+    let format = WireFormat::from_content_type(content_type.as_deref());
     let body = match Limited::new(request.into_body(), DEFAULT_MAX_BODY_BYTES)
         .collect()
         .await
@@ -86,7 +91,7 @@ async fn handle(
             );
         }
     };
-    let method_call = match codec::decode_method_call(&body, charset.as_deref()) {
+    let method_call = match format.decode_method_call(&body, charset.as_deref()) {
         Ok(method_call) => method_call,
         Err(error) => {
             tracing::info!(%peer, %request_id, cause = %error, "simulator refused a malformed method call");
@@ -106,11 +111,14 @@ async fn handle(
                     tracing::info!(%peer, method = %method_call.name, fault_code = code, "simulator answered a fault")
                 }
             }
-            let mut response = Response::new(Full::new(Bytes::from(codec::encode_reply(&reply))));
-            response.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("application/xml; charset=utf-8"),
-            );
+            let mut response = Response::new(Full::new(Bytes::from(format.encode_reply(&reply))));
+            let content_type = match format {
+                WireFormat::Xml => "application/xml; charset=utf-8",
+                WireFormat::Json => "application/json",
+            };
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
             response
         }
         Outcome::NotImplemented(name) => plain(

@@ -4,6 +4,7 @@
 //! - `simulator_http`: the simulator's HTTP edge, spoken to directly.
 //! - `transport_outcomes`: every transport outcome against a scripted fake controller.
 //! - `health`: grpc.health.v1 following the controller and shutdown; reflection.
+//! - `json_upstream`: the JSON variant of the task interface.
 //! - `limits`: shedding beyond the in-flight limit.
 //! - `metrics`: the Prometheus endpoint after a known mix of calls.
 //! - `request_id`: x-request-id from caller to controller and back.
@@ -17,6 +18,7 @@ mod support;
 mod cli;
 mod contract;
 mod health;
+mod json_upstream;
 mod limits;
 mod metrics;
 mod request_id;

@@ -120,3 +120,19 @@ async fn other_paths_and_methods_are_refused() {
     assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(response.headers()["allow"], "POST");
 }
+
+#[tokio::test]
+async fn json_requests_get_json_replies() {
+    let body = br#"{"method":"case_extract","params":{"port_id":4,"bin_id":101337}}"#;
+    let (status, content_type, reply) =
+        post("/api/v2/task", "application/json", body.to_vec()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(content_type, "application/json");
+    assert_eq!(reply, r#"{"params":{}}"#);
+    let body = br#"{"method":"case_extract","params":{"port_id":2,"bin_id":1}}"#;
+    let (_, _, reply) = post("/api/v2/task", "application/json", body.to_vec()).await;
+    assert_eq!(reply, r#"{"fault":{"code":1099}}"#);
+    let (status, _, reason) = post("/api/v2/task", "application/json", b"{oops".to_vec()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(reason.contains("invalid JSON"), "{reason}");
+}
