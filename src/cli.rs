@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tonic::transport::Endpoint;
 use tonic_types::{StatusExt, pb};
 
+use crate::auth::TokenFile;
 use crate::codec::{DEFAULT_MAX_BODY_BYTES, WireFormat};
 use crate::config::{GatewayConfig, defaults, parse_upstream_url};
 use crate::fault;
@@ -120,6 +121,11 @@ struct ServeArgs {
     #[arg(long, env = "TASKGATE_UPSTREAM_FORMAT", value_enum, default_value_t = UpstreamFormat::Xml)]
     upstream_format: UpstreamFormat,
 
+    /// A file of bearer tokens, one per line (# starts a comment): task calls then need
+    /// `authorization: Bearer <token>`. Health and reflection stay open. SIGHUP reloads the file.
+    #[arg(long, env = "TASKGATE_AUTH_TOKENS_FILE")]
+    auth_tokens_file: Option<PathBuf>,
+
     /// Serve Prometheus metrics at http://ADDRESS/metrics, for example 127.0.0.1:9464; off unless
     /// given.
     #[arg(long, env = "TASKGATE_METRICS_LISTEN")]
@@ -180,6 +186,11 @@ struct CaseExtractArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     gateway: String,
+
+    /// The bearer token to send, when the gateway requires one. Prefer the environment variable:
+    /// a command-line argument is visible to other users in the process list.
+    #[arg(long, env = "TASKGATE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 
     /// The x-request-id to send, to find this call in the gateway's and controller's logs;
     /// default: one the gateway makes.
@@ -258,6 +269,10 @@ async fn serve(args: ServeArgs) -> Outcome {
             UpstreamFormat::Xml => WireFormat::Xml,
             UpstreamFormat::Json => WireFormat::Json,
         },
+        auth_tokens: match &args.auth_tokens_file {
+            Some(path) => Some(TokenFile::load(path).map_err(|error| usage(error.into()))?),
+            None => None,
+        },
     };
     config
         .validate()
@@ -329,6 +344,14 @@ async fn case_extract(args: CaseExtractArgs) -> Outcome {
         port_id: args.port,
         bin_id: args.bin,
     });
+    if let Some(token) = &args.token {
+        // The message names the flag, never the token.
+        let value = format!("Bearer {token}")
+            .parse()
+            .context("invalid --token: it must be printable ASCII")
+            .map_err(usage)?;
+        request.metadata_mut().insert("authorization", value);
+    }
     if let Some(request_id) = &args.request_id {
         let value = request_id
             .parse()

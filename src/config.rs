@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use reqwest::Url;
 
+use crate::auth::TokenFile;
 use crate::codec::WireFormat;
 
 /// The gateway's settings, fixed at startup.
@@ -27,6 +28,8 @@ pub struct GatewayConfig {
     pub max_in_flight: NonZeroUsize,
     /// Whether the controller is spoken to in XML (documented) or JSON.
     pub upstream_format: WireFormat,
+    /// When set, task calls need one of these bearer tokens; health and reflection stay open.
+    pub auth_tokens: Option<TokenFile>,
 }
 
 /// A setting that cannot be used, with the offending value.
@@ -92,6 +95,7 @@ impl GatewayConfig {
             health_interval: defaults::HEALTH_INTERVAL,
             max_in_flight: defaults::MAX_IN_FLIGHT,
             upstream_format: WireFormat::Xml,
+            auth_tokens: None,
         }
     }
 

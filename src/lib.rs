@@ -7,6 +7,7 @@
 //! - [`codec`]: task-interface XML to and from method calls and replies.
 //! - [`config`]: validated settings for the gateway and the simulator.
 //! - [`request_id`]: the `x-request-id` layer that ties a call's logs together.
+//! - [`auth`]: bearer tokens for the task service, reloaded on SIGHUP.
 //! - `upstream`: the HTTP client that calls the controller.
 //! - `status`: the only place a `tonic::Status` is built.
 //! - `service`: the `TaskService` implementation.
@@ -32,6 +33,7 @@ pub mod proto {
     pub const TASK_FAULT_TYPE_URL: &str = "type.googleapis.com/taskgate.v1.TaskFault";
 }
 
+pub mod auth;
 pub mod cli;
 pub mod codec;
 pub mod config;

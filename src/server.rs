@@ -10,9 +10,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
+use tonic::service::Interceptor as _;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
+use crate::auth::{self, Authenticator};
 use crate::config::GatewayConfig;
 use crate::health::Health;
 use crate::metrics::{METRICS_PATH, Metrics};
@@ -87,9 +89,6 @@ pub async fn serve(
         metrics: metrics_listener,
     } = listeners.into();
     let upstream = Upstream::new(&config).map_err(ServeError::Client)?;
-    if let Ok(address) = listener.local_addr() {
-        tracing::info!(%address, upstream = %upstream.url(), "gateway listening");
-    }
     let metrics = Metrics::new();
     // Stops the metrics endpoint when the gateway stops, however `serve` returns.
     let _metrics_endpoint = metrics_listener.map(|metrics_listener| {
@@ -116,7 +115,34 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(ServeError::Reflection)?;
+    let task_upstream_url = upstream.url().clone();
     let service = TaskGateway::new(upstream, &config, metrics);
+    let task_service = TaskServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
+    // Without a token file every caller is let through; the interceptor is there either way so
+    // the service has one type.
+    let (authenticator, _reloader) = match config.auth_tokens.clone() {
+        Some(token_file) => {
+            tracing::info!(file = %token_file.path().display(), tokens = token_file.len(), "task calls need a bearer token; SIGHUP reloads the file");
+            let authenticator = Authenticator::new(token_file);
+            let reloader = tokio::spawn(auth::reload_on_sighup(authenticator.clone()));
+            (
+                Some(authenticator),
+                Some(AbortOnDrop(reloader.abort_handle())),
+            )
+        }
+        None => (None, None),
+    };
+    let task_service = tonic::service::interceptor::InterceptedService::new(
+        task_service,
+        move |request: tonic::Request<()>| match &authenticator {
+            Some(authenticator) => authenticator.clone().call(request),
+            None => Ok(request),
+        },
+    );
+    // Logged last, once everything above is in place: tests and operators may act on it.
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(%address, upstream = %task_upstream_url, "gateway listening");
+    }
     // `serve_with_incoming_shutdown` ignores the builder's TCP settings, so set them here.
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
@@ -126,7 +152,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .layer(RequestIdLayer)
-        .add_service(TaskServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_service(task_service)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -90,6 +90,21 @@ pub(crate) fn status(context: &CallContext, error: &CallError, retry: RetryPolic
     }
 }
 
+/// The status of a task call without a valid bearer token. It names no token, and no call
+/// context: the request body is not read before the caller is authenticated.
+pub(crate) fn unauthenticated() -> Status {
+    let details = vec![error_info(
+        "UNAUTHENTICATED",
+        GATEWAY_DOMAIN,
+        HashMap::new(),
+    )];
+    build(
+        Code::Unauthenticated,
+        "a valid 'authorization: Bearer <token>' header is required".to_owned(),
+        details,
+    )
+}
+
 /// Additional details a gateway error may carry.
 enum Extra {
     None,

@@ -170,37 +170,92 @@ async fn case_extract(
     run(&args, expected_exit).await
 }
 
+/// A `taskgate serve --simulator` child process, read through its log on stderr.
+struct ServeProcess {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+    /// Every log line read so far.
+    log: String,
+    /// The gRPC URL it listens on.
+    gateway: String,
+}
+
+impl ServeProcess {
+    /// Starts the gateway and waits for its "gateway listening" line.
+    async fn start(extra_args: &[&str]) -> ServeProcess {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--simulator", "--listen", "127.0.0.1:0"])
+            .args(extra_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut process = ServeProcess {
+            child,
+            lines,
+            log: String::new(),
+            gateway: String::new(),
+        };
+        let line = process.wait_for_line("gateway listening address=").await;
+        let (_, rest) = line.split_once("gateway listening address=").unwrap();
+        process.gateway = format!("http://{}", rest.split_whitespace().next().unwrap());
+        process
+    }
+
+    /// Reads log lines until one contains `needle`, and returns it.
+    async fn wait_for_line(&mut self, needle: &str) -> String {
+        loop {
+            let line =
+                self.lines.next_line().await.unwrap().unwrap_or_else(|| {
+                    panic!("serve exited before logging {needle:?}:\n{}", self.log)
+                });
+            self.log.push_str(&line);
+            self.log.push('\n');
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// Sends a signal, by name, as `kill -NAME` does.
+    async fn signal(&self, name: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        let status = Command::new("kill")
+            .args([format!("-{name}"), pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; returns its exit code and the whole log.
+    async fn finish(mut self) -> (Option<i32>, String) {
+        let status = self.child.wait().await.unwrap();
+        while let Some(line) = self.lines.next_line().await.unwrap() {
+            self.log.push_str(&line);
+            self.log.push('\n');
+        }
+        (status.code(), self.log)
+    }
+}
+
 /// README's first command, for real: `serve --simulator`, a call, SIGTERM, exit 0.
 #[tokio::test]
 async fn serve_with_the_simulator_answers_calls_and_exits_0_on_sigterm() {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--simulator", "--listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut saw_simulator = false;
-    let address = loop {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("serve exited before it listened");
-        saw_simulator |= line.contains("embedded simulated controller started");
-        if let Some((_, rest)) = line.split_once("gateway listening address=") {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    assert!(saw_simulator);
-    let gateway = format!("http://{address}");
+    let serve = ServeProcess::start(&[]).await;
+    assert!(
+        serve.log.contains("embedded simulated controller started"),
+        "{}",
+        serve.log
+    );
     let call = [
         "case-extract",
         "--gateway",
-        &gateway,
+        &serve.gateway,
         "--port",
         "4",
         "--bin",
@@ -209,22 +264,11 @@ async fn serve_with_the_simulator_answers_calls_and_exits_0_on_sigterm() {
         "e2e-1",
     ];
     run(&call, 0).await;
-    case_extract(&gateway, "1", "101337", 1).await;
+    case_extract(&serve.gateway, "1", "101337", 1).await;
 
-    let pid = child.id().unwrap().to_string();
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(killed.success());
-    let status = child.wait().await.unwrap();
-    assert_eq!(status.code(), Some(0));
-    let mut rest = String::new();
-    while let Some(line) = lines.next_line().await.unwrap() {
-        rest.push_str(&line);
-        rest.push('\n');
-    }
+    serve.signal("TERM").await;
+    let (code, rest) = serve.finish().await;
+    assert_eq!(code, Some(0));
     assert!(rest.contains("received SIGTERM"), "{rest}");
     assert!(rest.contains("gateway stopped"), "{rest}");
     // The access line of the first call, and the simulator's line for it, carry its request id.
@@ -244,5 +288,73 @@ async fn serve_with_the_simulator_answers_calls_and_exits_0_on_sigterm() {
             access_line.contains(field),
             "{field} missing from {access_line}"
         );
+    }
+    assert!(
+        rest.lines()
+            .any(|line| line.contains("simulator answered success")
+                && line.contains("request_id=e2e-1")),
+        "the simulator did not log the request id:\n{rest}"
+    );
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_auth_tokens() {
+    let path = crate::auth::token_file("sighup", "old-token\n");
+    let mut serve = ServeProcess::start(&["--auth-tokens-file", path.to_str().unwrap()]).await;
+    let gateway = serve.gateway.clone();
+    let with_token = |token: &'static str| {
+        let gateway = gateway.clone();
+        async move {
+            let output = Command::new(BIN)
+                .args([
+                    "case-extract",
+                    "--gateway",
+                    &gateway,
+                    "--port",
+                    "1",
+                    "--bin",
+                    "1",
+                ])
+                .env("TASKGATE_TOKEN", token)
+                .env_remove("RUST_LOG")
+                .output()
+                .await
+                .unwrap();
+            String::from_utf8(output.stdout).unwrap()
+        }
+    };
+    // Port 1 is not an AutoCase port: fault 1087 proves the call got past authentication.
+    assert!(
+        with_token("old-token")
+            .await
+            .contains("PORT_IS_NOT_AUTOCASE")
+    );
+    assert!(with_token("new-token").await.contains("UNAUTHENTICATED"));
+
+    std::fs::write(&path, "new-token\n").unwrap();
+    serve.signal("HUP").await;
+    serve.wait_for_line("reloaded auth tokens").await;
+    assert!(
+        with_token("new-token")
+            .await
+            .contains("PORT_IS_NOT_AUTOCASE")
+    );
+    assert!(with_token("old-token").await.contains("UNAUTHENTICATED"));
+
+    // A broken file keeps the tokens in force.
+    std::fs::write(&path, "bad token\n").unwrap();
+    serve.signal("HUP").await;
+    serve.wait_for_line("auth tokens not reloaded").await;
+    assert!(
+        with_token("new-token")
+            .await
+            .contains("PORT_IS_NOT_AUTOCASE")
+    );
+
+    serve.signal("TERM").await;
+    let (code, log) = serve.finish().await;
+    assert_eq!(code, Some(0));
+    for token in ["old-token", "new-token"] {
+        assert!(!log.contains(token), "a token leaked into the log:\n{log}");
     }
 }

@@ -9,12 +9,14 @@
 //! - `metrics`: the Prometheus endpoint after a known mix of calls.
 //! - `request_id`: x-request-id from caller to controller and back.
 //! - `shutdown`: graceful shutdown with calls in flight.
+//! - `auth`: bearer tokens on task calls.
 //! - `cli`: the real `taskgate` binary, its output and exit codes.
 //! - `contract`: the proto comments and the README agree with the fault table.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A panic in a test is a failed test.
 
 mod support;
 
+mod auth;
 mod cli;
 mod contract;
 mod health;

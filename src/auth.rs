@@ -1,0 +1,290 @@
+//! Bearer-token authentication for the task service.
+//!
+//! Tokens come from a file, one per line, and are reloaded on SIGHUP. Only SHA-256 digests are
+//! kept in memory and every comparison runs in constant time over all of them, so neither the
+//! timing nor the length of a guess tells anything about a token. A token never appears in a log
+//! line or an error message: errors name the file and the line number only.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tonic::service::Interceptor;
+use tonic::{Request, Status};
+
+use crate::request_id::RequestId;
+
+/// A token file, loaded and checked.
+#[derive(Debug, Clone)]
+pub struct TokenFile {
+    /// Where the tokens were read from, to read them again on SIGHUP.
+    path: PathBuf,
+    /// The tokens' digests.
+    tokens: Arc<Tokens>,
+}
+
+/// Why a token file cannot be used. Never carries a token.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    /// The file cannot be read.
+    #[error("cannot read auth tokens file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A line holds something that cannot be sent in an `authorization` header.
+    #[error("auth tokens file {path}, line {line}: a token must be printable ASCII without spaces")]
+    InvalidToken {
+        /// The file.
+        path: PathBuf,
+        /// The 1-based line number.
+        line: usize,
+    },
+    /// The file has no tokens, which would lock every caller out.
+    #[error("auth tokens file {path} has no tokens (one per line; # starts a comment)")]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// The digests of the accepted tokens. Its `Debug` shows only how many there are: even a digest
+/// would let a weak token be guessed offline.
+struct Tokens {
+    digests: Vec<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "Tokens({} redacted)", self.digests.len())
+    }
+}
+
+/// Checks the `authorization` header of each task call against the current tokens.
+#[derive(Debug, Clone)]
+pub(crate) struct Authenticator {
+    /// The tokens now in force; replaced whole on reload, so a check never sees half a file.
+    current: Arc<RwLock<TokenFile>>,
+}
+
+// === impl TokenFile ===
+
+impl TokenFile {
+    /// Reads and checks a token file.
+    pub fn load(path: &Path) -> Result<Self, TokenFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TokenFileError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let tokens = parse_tokens(&text).map_err(|line| TokenFileError::InvalidToken {
+            path: path.to_owned(),
+            line,
+        })?;
+        if tokens.digests.is_empty() {
+            return Err(TokenFileError::Empty {
+                path: path.to_owned(),
+            });
+        }
+        Ok(TokenFile {
+            path: path.to_owned(),
+            tokens: Arc::new(tokens),
+        })
+    }
+
+    /// The file the tokens came from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How many tokens the file holds.
+    pub fn len(&self) -> usize {
+        self.tokens.digests.len()
+    }
+
+    /// Whether the file holds no tokens; a loaded file never does.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.digests.is_empty()
+    }
+}
+
+/// Parses token lines; on a bad line returns its 1-based number.
+fn parse_tokens(text: &str) -> Result<Tokens, usize> {
+    let mut digests = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let token = line.trim();
+        if token.is_empty() || token.starts_with('#') {
+            continue;
+        }
+        if !token.bytes().all(|byte| byte.is_ascii_graphic()) {
+            return Err(index + 1);
+        }
+        digests.push(digest(token.as_bytes()));
+    }
+    Ok(Tokens { digests })
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+// === impl Tokens ===
+
+impl Tokens {
+    /// Whether `candidate` is one of the tokens, in time that depends only on the number of
+    /// tokens.
+    fn accepts(&self, candidate: &[u8]) -> bool {
+        let candidate = digest(candidate);
+        let mut matched = subtle::Choice::from(0);
+        for token in &self.digests {
+            matched |= token.ct_eq(&candidate);
+        }
+        matched.into()
+    }
+}
+
+// === impl Authenticator ===
+
+impl Authenticator {
+    /// Checks calls against `token_file`.
+    pub(crate) fn new(token_file: TokenFile) -> Self {
+        Authenticator {
+            current: Arc::new(RwLock::new(token_file)),
+        }
+    }
+
+    /// Reads the token file again. On failure the old tokens stay in force.
+    pub(crate) fn reload(&self) -> Result<usize, TokenFileError> {
+        let path = self.snapshot().path;
+        let token_file = TokenFile::load(&path)?;
+        let count = token_file.len();
+        // Every writer replaces the whole value, so a poisoned lock still holds a valid one.
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = token_file;
+        Ok(count)
+    }
+
+    fn snapshot(&self) -> TokenFile {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether an `authorization` header value carries an accepted bearer token.
+    fn accepts(&self, authorization: Option<&[u8]>) -> bool {
+        let Some(token) = authorization.and_then(bearer_token) else {
+            return false;
+        };
+        self.snapshot().tokens.accepts(token)
+    }
+}
+
+impl Interceptor for Authenticator {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .map(|value| value.as_bytes());
+        if self.accepts(authorization) {
+            return Ok(request);
+        }
+        let request_id = request.extensions().get::<RequestId>();
+        tracing::warn!(
+            request_id = request_id.map(tracing::field::display),
+            peer = request.remote_addr().map(tracing::field::display),
+            has_authorization = authorization.is_some(),
+            "refused a call without a valid bearer token"
+        );
+        Err(crate::status::unauthenticated())
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, token) = value.split_at_checked(7)?;
+    (scheme.eq_ignore_ascii_case(b"bearer ") && !token.is_empty()).then_some(token)
+}
+
+/// Listens for SIGHUP now, and returns the task that reloads the tokens on each one until it is
+/// dropped. Listening starts before this returns, so a SIGHUP sent once the server is up can
+/// never hit the default action, which would end the process.
+pub(crate) fn reload_on_sighup(
+    authenticator: Authenticator,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    async move {
+        #[cfg(unix)]
+        {
+            let mut hangups = match hangups {
+                Ok(hangups) => hangups,
+                Err(error) => {
+                    tracing::warn!(cause = %error, "cannot listen for SIGHUP; auth tokens will not be reloaded");
+                    return;
+                }
+            };
+            while hangups.recv().await.is_some() {
+                match authenticator.reload() {
+                    Ok(count) => {
+                        tracing::info!(tokens = count, "received SIGHUP; reloaded auth tokens")
+                    }
+                    Err(error) => tracing::error!(
+                        cause = %error,
+                        "received SIGHUP; auth tokens not reloaded, the old ones stay in force"
+                    ),
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        drop(authenticator);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn authenticator(text: &str) -> Authenticator {
+        let tokens = parse_tokens(text).unwrap();
+        Authenticator::new(TokenFile {
+            path: PathBuf::from("tokens"),
+            tokens: Arc::new(tokens),
+        })
+    }
+
+    #[test]
+    fn bearer_headers() {
+        let authenticator = authenticator("# operators\nsecret-1\n\n  secret-2  \n");
+        let check = |header: Option<&str>, expected: bool| {
+            assert_eq!(
+                authenticator.accepts(header.map(str::as_bytes)),
+                expected,
+                "{header:?}"
+            );
+        };
+        check(Some("Bearer secret-1"), true);
+        check(Some("bearer secret-2"), true);
+        check(Some("BEARER secret-1"), true);
+        check(Some("Bearer secret-3"), false);
+        check(Some("Bearer secret-1 "), false);
+        check(Some("Bearer "), false);
+        check(Some("Basic secret-1"), false);
+        check(Some("secret-1"), false);
+        check(Some("Bearer # operators"), false);
+        check(None, false);
+    }
+
+    #[test]
+    fn bad_lines_are_reported_by_number() {
+        assert_eq!(parse_tokens("ok\nnot ok\n").unwrap_err(), 2);
+        assert_eq!(parse_tokens("é\n").unwrap_err(), 1);
+        assert!(
+            parse_tokens("# only comments\n\n")
+                .unwrap()
+                .digests
+                .is_empty()
+        );
+    }
+}
