@@ -23,6 +23,7 @@ use crate::proto::task_service_client::TaskServiceClient;
 use crate::proto::{CaseExtractRequest, FaultCode, TASK_FAULT_TYPE_URL, TaskFault};
 use crate::request_id::HEADER as REQUEST_ID_HEADER;
 use crate::simulator::{self, Simulator, layout::Layout};
+use crate::tls::{ServerTls, UpstreamTls};
 
 const EXIT_STATUS: &str = "\
 EXIT STATUS:
@@ -68,7 +69,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gRPC gateway in front of a controller (or the embedded simulator).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run the simulated controller alone, speaking the task interface over HTTP.
     Simulate(SimulateArgs),
     /// Call CaseExtract on a running gateway and print the outcome.
@@ -125,6 +126,39 @@ struct ServeArgs {
     /// `authorization: Bearer <token>`. Health and reflection stay open. SIGHUP reloads the file.
     #[arg(long, env = "TASKGATE_AUTH_TOKENS_FILE")]
     auth_tokens_file: Option<PathBuf>,
+
+    /// Serve gRPC over TLS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, env = "TASKGATE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "TASKGATE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by this PEM CA (mutual TLS; needs --tls-cert).
+    #[arg(long, env = "TASKGATE_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+
+    /// Trust only this PEM CA for an https:// controller (default: the system's roots).
+    #[arg(long, env = "TASKGATE_UPSTREAM_CA")]
+    upstream_ca: Option<PathBuf>,
+
+    /// Present this PEM client certificate to an https:// controller (needs
+    /// --upstream-client-key).
+    #[arg(
+        long,
+        env = "TASKGATE_UPSTREAM_CLIENT_CERT",
+        requires = "upstream_client_key"
+    )]
+    upstream_client_cert: Option<PathBuf>,
+
+    /// The PEM private key of --upstream-client-cert.
+    #[arg(
+        long,
+        env = "TASKGATE_UPSTREAM_CLIENT_KEY",
+        requires = "upstream_client_cert"
+    )]
+    upstream_client_key: Option<PathBuf>,
 
     /// Serve Prometheus metrics at http://ADDRESS/metrics, for example 127.0.0.1:9464; off unless
     /// given.
@@ -231,7 +265,7 @@ impl Cli {
 /// Runs the parsed command and returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Simulate(args) => simulate(args).await,
         Command::CaseExtract(args) => case_extract(args).await,
     };
@@ -269,6 +303,20 @@ async fn serve(args: ServeArgs) -> Outcome {
             UpstreamFormat::Xml => WireFormat::Xml,
             UpstreamFormat::Json => WireFormat::Json,
         },
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                ServerTls::load(cert, key, args.tls_client_ca.as_deref())
+                    .map_err(|error| usage(error.into()))?,
+            ),
+            // clap's `requires` makes the two come together.
+            _ => None,
+        },
+        upstream_tls: UpstreamTls::load(
+            args.upstream_ca.as_deref(),
+            args.upstream_client_cert.as_deref(),
+            args.upstream_client_key.as_deref(),
+        )
+        .map_err(|error| usage(error.into()))?,
         auth_tokens: match &args.auth_tokens_file {
             Some(path) => Some(TokenFile::load(path).map_err(|error| usage(error.into()))?),
             None => None,

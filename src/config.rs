@@ -8,6 +8,7 @@ use reqwest::Url;
 
 use crate::auth::TokenFile;
 use crate::codec::WireFormat;
+use crate::tls::{ServerTls, UpstreamTls};
 
 /// The gateway's settings, fixed at startup.
 #[derive(Debug, Clone)]
@@ -30,6 +31,10 @@ pub struct GatewayConfig {
     pub upstream_format: WireFormat,
     /// When set, task calls need one of these bearer tokens; health and reflection stay open.
     pub auth_tokens: Option<TokenFile>,
+    /// When set, gRPC is served over TLS (and, with a client CA, requires client certificates).
+    pub tls: Option<ServerTls>,
+    /// HTTPS settings for the controller.
+    pub upstream_tls: UpstreamTls,
 }
 
 /// A setting that cannot be used, with the offending value.
@@ -96,6 +101,8 @@ impl GatewayConfig {
             max_in_flight: defaults::MAX_IN_FLIGHT,
             upstream_format: WireFormat::Xml,
             auth_tokens: None,
+            tls: None,
+            upstream_tls: UpstreamTls::default(),
         }
     }
 

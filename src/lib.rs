@@ -8,6 +8,7 @@
 //! - [`config`]: validated settings for the gateway and the simulator.
 //! - [`request_id`]: the `x-request-id` layer that ties a call's logs together.
 //! - [`auth`]: bearer tokens for the task service, reloaded on SIGHUP.
+//! - [`tls`]: certificate files for gRPC (and mTLS) and for HTTPS to the controller.
 //! - `upstream`: the HTTP client that calls the controller.
 //! - `status`: the only place a `tonic::Status` is built.
 //! - `service`: the `TaskService` implementation.
@@ -47,4 +48,5 @@ mod service;
 pub mod shutdown;
 pub mod simulator;
 mod status;
+pub mod tls;
 mod upstream;

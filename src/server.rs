@@ -72,6 +72,9 @@ pub enum ServeError {
     /// The reflection service could not read the descriptor set that `build.rs` wrote.
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[source] tonic_reflection::server::Error),
+    /// The TLS settings were refused by the server.
+    #[error("cannot set up TLS: {0}")]
+    Tls(#[source] tonic::transport::Error),
     /// The gRPC server failed.
     #[error("the gRPC server failed: {0}")]
     Transport(#[source] tonic::transport::Error),
@@ -141,14 +144,23 @@ pub async fn serve(
     );
     // Logged last, once everything above is in place: tests and operators may act on it.
     if let Ok(address) = listener.local_addr() {
-        tracing::info!(%address, upstream = %task_upstream_url, "gateway listening");
+        let tls = match &config.tls {
+            None => "off",
+            Some(tls) if tls.requires_client_certificates() => "on, client certificates required",
+            Some(_) => "on",
+        };
+        tracing::info!(%address, upstream = %task_upstream_url, tls, "gateway listening");
     }
     // `serve_with_incoming_shutdown` ignores the builder's TCP settings, so set them here.
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(TCP_KEEPALIVE));
     let (draining_tx, draining_rx) = oneshot::channel();
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(tls.config()).map_err(ServeError::Tls)?;
+    }
+    let server = builder
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .layer(RequestIdLayer)

@@ -5,7 +5,6 @@
 //! sent) is tried once more. The whole call runs inside the caller's future, so dropping that
 //! future (a cancelled RPC) drops the HTTP request and closes its connection.
 
-use std::error::Error as _;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -87,7 +86,9 @@ impl UpstreamError {
 impl Upstream {
     /// Builds the shared client for the configured controller.
     pub(crate) fn new(config: &GatewayConfig) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
+        let client = config
+            .upstream_tls
+            .apply(reqwest::Client::builder())
             .user_agent(concat!("taskgate/", env!("CARGO_PKG_VERSION")))
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             // A redirect would replay a POST somewhere we were not pointed at.
@@ -202,9 +203,9 @@ async fn read_capped(
     Ok(body)
 }
 
-/// An error and its causes on one line, for messages: reqwest's own message alone ("error
-/// sending request") does not say what went wrong.
-fn error_chain(error: &reqwest::Error) -> String {
+/// An error and its causes on one line, for messages: reqwest's and the TLS libraries' own
+/// messages alone ("error sending request") do not say what went wrong.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

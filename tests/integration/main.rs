@@ -2,6 +2,7 @@
 //!
 //! - `simulator_outcomes`: every simulator outcome end to end, gateway plus simulator.
 //! - `simulator_http`: the simulator's HTTP edge, spoken to directly.
+//! - `tls`: TLS, mutual TLS and HTTPS to the controller, with certificates made by rcgen.
 //! - `transport_outcomes`: every transport outcome against a scripted fake controller.
 //! - `health`: grpc.health.v1 following the controller and shutdown; reflection.
 //! - `json_upstream`: the JSON variant of the task interface.
@@ -27,4 +28,5 @@ mod request_id;
 mod shutdown;
 mod simulator_http;
 mod simulator_outcomes;
+mod tls;
 mod transport_outcomes;

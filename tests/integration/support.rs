@@ -35,6 +35,18 @@ impl Gateway {
         Gateway::start_on(listener.into(), config).await
     }
 
+    /// Starts a gateway whose client the test makes itself (for example, over TLS).
+    pub(crate) async fn start_without_client(config: GatewayConfig) -> GatewayAddress {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let handle = tokio::spawn(taskgate::server::serve(
+            listener,
+            config,
+            std::future::pending(),
+        ));
+        GatewayAddress { address, handle }
+    }
+
     /// Starts a gateway that also serves metrics; returns the metrics URL too.
     pub(crate) async fn start_with_metrics(config: GatewayConfig) -> (Gateway, String) {
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -124,6 +136,18 @@ impl Gateway {
     /// Waits for `serve` to return after `begin_shutdown`.
     pub(crate) async fn join(self) -> Result<(), ServeError> {
         self.handle.await.unwrap()
+    }
+}
+
+/// A gateway without a client; it stops when this is dropped.
+pub(crate) struct GatewayAddress {
+    pub(crate) address: SocketAddr,
+    handle: JoinHandle<Result<(), ServeError>>,
+}
+
+impl Drop for GatewayAddress {
+    fn drop(&mut self) {
+        self.handle.abort();
     }
 }
 

@@ -1,0 +1,224 @@
+//! TLS: certificate and key files for the gRPC server (optionally requiring client
+//! certificates) and for HTTPS to the controller (a custom CA, an optional client certificate).
+//!
+//! Everything is read and checked when the configuration is built, before any port is bound, so
+//! a wrong file is a startup error that names the file and says why, never a failed handshake
+//! later.
+
+use std::path::{Path, PathBuf};
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::upstream::error_chain;
+
+/// The gRPC server's TLS settings, checked.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The server certificate chain and key.
+    identity: Identity,
+    /// When set, clients must present a certificate signed by this CA (mTLS).
+    client_ca: Option<Certificate>,
+}
+
+/// HTTPS settings for the controller, checked. Empty means the system's roots and no client
+/// certificate.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamTls {
+    /// Trust only these roots, when given (the controller's own CA).
+    roots: Option<Vec<reqwest::Certificate>>,
+    /// The client certificate and key, for a controller that requires one.
+    identity: Option<reqwest::Identity>,
+}
+
+/// A TLS file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The file cannot be read.
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        /// What the file was for, as its flag.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file holds no PEM certificate.
+    #[error("{what} {path} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)")]
+    NoCertificate {
+        /// What the file was for.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file holds no usable PEM private key.
+    #[error("{what} {path} holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {reason}")]
+    NoPrivateKey {
+        /// What the file was for.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        reason: String,
+    },
+    /// The files parse but do not work together (for example, the key is not the certificate's).
+    #[error("{what}: {reason}")]
+    Unusable {
+        /// Which files, as their flags and paths.
+        what: String,
+        /// What the TLS library said.
+        reason: String,
+    },
+}
+
+// === impl ServerTls ===
+
+impl ServerTls {
+    /// Reads the server certificate chain and key, and the client CA for mTLS if given.
+    pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Self, TlsError> {
+        let cert_pem = read_certificates("--tls-cert", cert)?;
+        let key_pem = read_private_key("--tls-key", key)?;
+        let client_ca = client_ca
+            .map(|path| read_certificates("--tls-client-ca", path).map(Certificate::from_pem))
+            .transpose()?;
+        let server_tls = ServerTls {
+            identity: Identity::from_pem(cert_pem, key_pem),
+            client_ca,
+        };
+        // Building the acceptor is what checks that the key belongs to the certificate.
+        tonic::transport::Server::builder()
+            .tls_config(server_tls.config())
+            .map_err(|error| TlsError::Unusable {
+                what: format!(
+                    "--tls-cert {} with --tls-key {}",
+                    cert.display(),
+                    key.display()
+                ),
+                reason: error_chain(&error),
+            })?;
+        Ok(server_tls)
+    }
+
+    /// The tonic server configuration.
+    pub(crate) fn config(&self) -> ServerTlsConfig {
+        let config = ServerTlsConfig::new().identity(self.identity.clone());
+        match &self.client_ca {
+            Some(client_ca) => config.client_ca_root(client_ca.clone()),
+            None => config,
+        }
+    }
+
+    /// Whether clients must present a certificate.
+    pub fn requires_client_certificates(&self) -> bool {
+        self.client_ca.is_some()
+    }
+}
+
+// === impl UpstreamTls ===
+
+impl UpstreamTls {
+    /// Reads the controller's CA and the client certificate and key, each if given. A client
+    /// certificate needs its key and a key needs its certificate.
+    pub fn load(
+        ca: Option<&Path>,
+        client_cert: Option<&Path>,
+        client_key: Option<&Path>,
+    ) -> Result<Self, TlsError> {
+        let roots = ca
+            .map(|path| {
+                let pem = read_certificates("--upstream-ca", path)?;
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|error| TlsError::Unusable {
+                    what: format!("--upstream-ca {}", path.display()),
+                    reason: error.to_string(),
+                })
+            })
+            .transpose()?;
+        let identity = match (client_cert, client_key) {
+            (Some(cert), Some(key)) => {
+                let mut pem = read_certificates("--upstream-client-cert", cert)?;
+                pem.push(b'\n');
+                pem.extend(read_private_key("--upstream-client-key", key)?);
+                Some(
+                    reqwest::Identity::from_pem(&pem).map_err(|error| TlsError::Unusable {
+                        what: format!(
+                            "--upstream-client-cert {} with --upstream-client-key {}",
+                            cert.display(),
+                            key.display()
+                        ),
+                        reason: error.to_string(),
+                    })?,
+                )
+            }
+            (None, None) => None,
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(TlsError::Unusable {
+                    what: "--upstream-client-cert and --upstream-client-key".to_owned(),
+                    reason: "give both or neither".to_owned(),
+                });
+            }
+        };
+        let upstream_tls = UpstreamTls { roots, identity };
+        // Building a client is what checks that the key belongs to the certificate.
+        upstream_tls
+            .apply(reqwest::Client::builder())
+            .build()
+            .map_err(|error| TlsError::Unusable {
+                what: "the controller's TLS settings".to_owned(),
+                reason: error_chain(&error),
+            })?;
+        Ok(upstream_tls)
+    }
+
+    /// Applies these settings to an HTTP client.
+    pub(crate) fn apply(&self, builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
+        let builder = match &self.roots {
+            Some(roots) => builder.tls_certs_only(roots.iter().cloned()),
+            None => builder,
+        };
+        match &self.identity {
+            Some(identity) => builder.identity(identity.clone()),
+            None => builder,
+        }
+    }
+}
+
+/// Reads a PEM file and checks that it holds at least one certificate and nothing broken.
+fn read_certificates(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    let pem = read(what, path)?;
+    let mut count = 0;
+    for certificate in CertificateDer::pem_slice_iter(&pem) {
+        certificate.map_err(|error| TlsError::Unusable {
+            what: format!("{what} {}", path.display()),
+            reason: error.to_string(),
+        })?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(TlsError::NoCertificate {
+            what,
+            path: path.to_owned(),
+        });
+    }
+    Ok(pem)
+}
+
+/// Reads a PEM file and checks that it holds a private key.
+fn read_private_key(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    let pem = read(what, path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|error| TlsError::NoPrivateKey {
+        what,
+        path: path.to_owned(),
+        reason: error.to_string(),
+    })?;
+    Ok(pem)
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}

@@ -1,0 +1,267 @@
+//! TLS and mutual TLS for gRPC, HTTPS with a client certificate to the controller, and startup
+//! errors for bad files; every certificate is made here with rcgen.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use taskgate::config::parse_upstream_url;
+use taskgate::proto::CaseExtractRequest;
+use taskgate::proto::task_service_client::TaskServiceClient;
+use taskgate::simulator::layout::Layout;
+use taskgate::tls::{ServerTls, TlsError, UpstreamTls};
+
+use crate::support::{Gateway, config_for, error_info, start_simulator};
+
+/// A CA, a certificate for localhost signed by it, and a client certificate signed by it, as
+/// PEM files in a fresh directory.
+struct Pki {
+    directory: PathBuf,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let directory =
+            std::env::temp_dir().join(format!("taskgate-tls-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&directory).unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let pki = Pki { directory };
+        pki.write("ca.pem", &ca.as_ref().pem());
+        for (name, names) in [
+            ("server", vec!["localhost".to_owned()]),
+            ("client", vec!["wms".to_owned()]),
+        ] {
+            let key = KeyPair::generate().unwrap();
+            let certificate = CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &ca)
+                .unwrap();
+            pki.write(&format!("{name}.pem"), &certificate.pem());
+            pki.write(&format!("{name}.key"), &key.serialize_pem());
+        }
+        pki
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        std::fs::write(self.path(name), text).unwrap();
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.directory.join(name)
+    }
+
+    fn read(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.path(name)).unwrap()
+    }
+}
+
+async fn tls_channel(
+    address: std::net::SocketAddr,
+    pki: &Pki,
+    with_client_certificate: bool,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(pki.read("ca.pem")))
+        .domain_name("localhost");
+    if with_client_certificate {
+        tls = tls.identity(Identity::from_pem(
+            pki.read("client.pem"),
+            pki.read("client.key"),
+        ));
+    }
+    Channel::from_shared(format!("https://{address}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await
+}
+
+fn request() -> CaseExtractRequest {
+    CaseExtractRequest {
+        port_id: 4,
+        bin_id: 101337,
+    }
+}
+
+#[tokio::test]
+async fn grpc_over_tls() {
+    let pki = Pki::new("server");
+    let mut config = config_for(&start_simulator(Layout::default_layout()).await);
+    config.tls =
+        Some(ServerTls::load(&pki.path("server.pem"), &pki.path("server.key"), None).unwrap());
+    let gateway = Gateway::start_without_client(config).await;
+    let channel = tls_channel(gateway.address, &pki, false).await.unwrap();
+    TaskServiceClient::new(channel)
+        .case_extract(request())
+        .await
+        .unwrap();
+
+    // A plaintext client gets nowhere.
+    let plaintext = Channel::from_shared(format!("http://{}", gateway.address))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(channel) = plaintext {
+        assert!(
+            TaskServiceClient::new(channel)
+                .case_extract(request())
+                .await
+                .is_err()
+        );
+    }
+}
+
+#[tokio::test]
+async fn mutual_tls_rejects_a_client_without_a_certificate() {
+    let pki = Pki::new("mtls");
+    let mut config = config_for(&start_simulator(Layout::default_layout()).await);
+    config.tls = Some(
+        ServerTls::load(
+            &pki.path("server.pem"),
+            &pki.path("server.key"),
+            Some(&pki.path("ca.pem")),
+        )
+        .unwrap(),
+    );
+    let gateway = Gateway::start_without_client(config).await;
+    let channel = tls_channel(gateway.address, &pki, true).await.unwrap();
+    TaskServiceClient::new(channel)
+        .case_extract(request())
+        .await
+        .unwrap();
+
+    // The handshake may fail at connect or at the first call, depending on timing.
+    match tls_channel(gateway.address, &pki, false).await {
+        Err(_) => {}
+        Ok(channel) => {
+            let status = TaskServiceClient::new(channel)
+                .case_extract(request())
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(status.code(), Code::Unavailable | Code::Unknown),
+                "{status:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_tls_files_are_startup_errors_that_name_the_file() {
+    let pki = Pki::new("bad");
+    let other = Pki::new("other");
+    let message = |error: TlsError| error.to_string();
+
+    let missing = pki.path("missing.pem");
+    let error = ServerTls::load(&missing, &pki.path("server.key"), None).unwrap_err();
+    assert!(message(error).contains(&format!("cannot read --tls-cert {}", missing.display())));
+
+    let error =
+        ServerTls::load(&pki.path("server.key"), &pki.path("server.key"), None).unwrap_err();
+    assert!(message(error).contains("holds no PEM certificate"));
+
+    let error =
+        ServerTls::load(&pki.path("server.pem"), &pki.path("server.pem"), None).unwrap_err();
+    assert!(message(error).contains("holds no PEM private key"));
+
+    // A key that is not the certificate's.
+    let error =
+        ServerTls::load(&pki.path("server.pem"), &other.path("server.key"), None).unwrap_err();
+    let text = message(error);
+    assert!(
+        text.contains("--tls-cert") && text.contains("--tls-key"),
+        "{text}"
+    );
+
+    let error = UpstreamTls::load(None, Some(&pki.path("client.pem")), None).unwrap_err();
+    assert!(message(error).contains("give both or neither"));
+}
+
+/// A controller on HTTPS that requires a client certificate from the test CA; it answers every
+/// request with an empty success.
+async fn https_controller(pki: &Pki) -> std::net::SocketAddr {
+    let mut roots = RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(pki.path("ca.pem")).unwrap() {
+        roots.add(certificate.unwrap()).unwrap();
+    }
+    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+        .build()
+        .unwrap();
+    let certificates = CertificateDer::pem_file_iter(pki.path("server.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(pki.path("server.key")).unwrap();
+    let config = ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certificates, key)
+        .unwrap();
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let mut buffer = vec![0_u8; 4096];
+                let mut request = Vec::new();
+                // The gateway's request is small; read until the end of the XML body.
+                while !request.ends_with(b"</methodcall>\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(read) => request.extend_from_slice(&buffer[..read]),
+                    }
+                }
+                let body = "<response><params/></response>";
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.flush().await;
+            });
+        }
+    });
+    address
+}
+
+#[tokio::test]
+async fn https_to_the_controller_with_a_client_certificate() {
+    let pki = Pki::new("upstream");
+    let address = https_controller(&pki).await;
+    let url =
+        parse_upstream_url(&format!("https://localhost:{}/api/v2/task", address.port())).unwrap();
+
+    let mut config = config_for(&url);
+    config.upstream_tls = UpstreamTls::load(
+        Some(&pki.path("ca.pem")),
+        Some(&pki.path("client.pem")),
+        Some(&pki.path("client.key")),
+    )
+    .unwrap();
+    let gateway = Gateway::start(config).await;
+    gateway.case_extract(4, 101337, None).await.unwrap();
+
+    // Without the client certificate the controller refuses the handshake: nothing was sent.
+    let mut config = config_for(&url);
+    config.upstream_tls = UpstreamTls::load(Some(&pki.path("ca.pem")), None, None).unwrap();
+    let gateway = Gateway::start(config).await;
+    let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(error_info(&status).reason.starts_with("UPSTREAM_"));
+}
