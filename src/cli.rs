@@ -4,16 +4,23 @@
 //! Every flag can also be set with a `TASKGATE_…` environment variable.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use prost::Message as _;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tonic::transport::Endpoint;
 use tonic_types::{StatusExt, pb};
+
+mod file;
+
+use file::ServeFile;
 
 use crate::auth::TokenFile;
 use crate::codec::{DEFAULT_MAX_BODY_BYTES, WireFormat};
@@ -46,10 +53,16 @@ pub struct Cli {
     /// collectors.
     #[arg(long, global = true, env = "TASKGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+
+    /// What clap parsed, kept to tell a value the user gave from a default, which a config file
+    /// may replace.
+    #[arg(skip)]
+    matches: ArgMatches,
 }
 
 /// The controller's wire format, as a flag value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
 enum UpstreamFormat {
     /// `<methodcall>…</methodcall>`, Content-Type application/xml.
     Xml,
@@ -58,7 +71,8 @@ enum UpstreamFormat {
 }
 
 /// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,
@@ -83,12 +97,7 @@ struct ServeArgs {
     listen: SocketAddr,
 
     /// The controller's task-interface URL (http or https).
-    #[arg(
-        long,
-        env = "TASKGATE_UPSTREAM",
-        default_value = defaults::UPSTREAM,
-        conflicts_with = "simulator"
-    )]
+    #[arg(long, env = "TASKGATE_UPSTREAM", default_value = defaults::UPSTREAM)]
     upstream: String,
 
     /// The longest to wait for one controller reply, for example 10s or 500ms; a caller's
@@ -101,8 +110,8 @@ struct ServeArgs {
     retry_delay: Duration,
 
     /// The largest controller reply to read, in bytes.
-    #[arg(long, env = "TASKGATE_MAX_RESPONSE_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
-    max_response_bytes: usize,
+    #[arg(long, env = "TASKGATE_MAX_RESPONSE_BYTES", default_value_t = default_max_response_bytes())]
+    max_response_bytes: NonZeroUsize,
 
     /// How long calls in flight may take to finish after SIGINT or SIGTERM.
     #[arg(long, env = "TASKGATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
@@ -128,15 +137,15 @@ struct ServeArgs {
     auth_tokens_file: Option<PathBuf>,
 
     /// Serve gRPC over TLS with this PEM certificate chain (needs --tls-key).
-    #[arg(long, env = "TASKGATE_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "TASKGATE_TLS_CERT")]
     tls_cert: Option<PathBuf>,
 
     /// The PEM private key of --tls-cert.
-    #[arg(long, env = "TASKGATE_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "TASKGATE_TLS_KEY")]
     tls_key: Option<PathBuf>,
 
     /// Require client certificates signed by this PEM CA (mutual TLS; needs --tls-cert).
-    #[arg(long, env = "TASKGATE_TLS_CLIENT_CA", requires = "tls_cert")]
+    #[arg(long, env = "TASKGATE_TLS_CLIENT_CA")]
     tls_client_ca: Option<PathBuf>,
 
     /// Trust only this PEM CA for an https:// controller (default: the system's roots).
@@ -145,19 +154,11 @@ struct ServeArgs {
 
     /// Present this PEM client certificate to an https:// controller (needs
     /// --upstream-client-key).
-    #[arg(
-        long,
-        env = "TASKGATE_UPSTREAM_CLIENT_CERT",
-        requires = "upstream_client_key"
-    )]
+    #[arg(long, env = "TASKGATE_UPSTREAM_CLIENT_CERT")]
     upstream_client_cert: Option<PathBuf>,
 
     /// The PEM private key of --upstream-client-cert.
-    #[arg(
-        long,
-        env = "TASKGATE_UPSTREAM_CLIENT_KEY",
-        requires = "upstream_client_cert"
-    )]
+    #[arg(long, env = "TASKGATE_UPSTREAM_CLIENT_KEY")]
     upstream_client_key: Option<PathBuf>,
 
     /// Serve Prometheus metrics at http://ADDRESS/metrics, for example 127.0.0.1:9464; off unless
@@ -172,8 +173,22 @@ struct ServeArgs {
 
     /// A TOML port layout for the embedded simulator (see `taskgate simulate --help`); default:
     /// the built-in layout.
-    #[arg(long, env = "TASKGATE_SIMULATOR_CONFIG", requires = "simulator")]
+    #[arg(long, env = "TASKGATE_SIMULATOR_CONFIG")]
     simulator_config: Option<PathBuf>,
+
+    /// A TOML file with any of these settings, keyed by flag name with underscores (for example
+    /// upstream_timeout = "10s"). Flags and environment variables win over the file.
+    #[arg(long, env = "TASKGATE_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// Print the effective configuration (flags > environment > file > defaults) as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+
+    /// Whether `upstream` came from the config file, which conflicts with --simulator as a flag
+    /// value would.
+    #[arg(skip)]
+    upstream_from_file: bool,
 }
 
 #[derive(Debug, Args)]
@@ -247,9 +262,28 @@ enum Exit {
 // === impl Cli ===
 
 impl Cli {
-    /// The log format chosen on the command line.
+    /// Parses the process's arguments; on a usage error prints it and exits 2, as clap does.
+    pub fn parse_args() -> Cli {
+        let matches = Cli::command().get_matches();
+        let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+        cli.matches = matches;
+        cli
+    }
+
+    /// The log format: the flag or environment variable, else `serve`'s config file, else text.
+    /// A config file that cannot be read is ignored here; `run` reports it.
     pub fn log_format(&self) -> LogFormat {
-        self.log_format
+        if given_by_user(&self.matches, "log_format") {
+            return self.log_format;
+        }
+        let config_file = match &self.command {
+            Command::Serve(args) => args.config.as_deref(),
+            Command::Simulate(_) | Command::CaseExtract(_) => None,
+        };
+        config_file
+            .and_then(|path| ServeFile::load(path).ok())
+            .and_then(|file| file.log_format)
+            .unwrap_or(self.log_format)
     }
 
     /// The log level when RUST_LOG is not set: the servers report each call, the client only
@@ -264,8 +298,13 @@ impl Cli {
 
 /// Runs the parsed command and returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
+    let serve_matches = cli
+        .matches
+        .subcommand_matches("serve")
+        .cloned()
+        .unwrap_or_default();
     let result = match cli.command {
-        Command::Serve(args) => serve(*args).await,
+        Command::Serve(args) => serve(*args, &serve_matches).await,
         Command::Simulate(args) => simulate(args).await,
         Command::CaseExtract(args) => case_extract(args).await,
     };
@@ -286,16 +325,23 @@ fn usage(error: anyhow::Error) -> (Exit, anyhow::Error) {
     (Exit::Usage, error)
 }
 
-async fn serve(args: ServeArgs) -> Outcome {
+async fn serve(mut args: ServeArgs, matches: &ArgMatches) -> Outcome {
+    if let Some(path) = args.config.clone() {
+        let file = ServeFile::load(&path).map_err(usage)?;
+        apply_file(&mut args, matches, file);
+    }
+    check_combinations(&args, matches).map_err(usage)?;
+    if args.print_config {
+        print!("{}", ServeFile::from(&args).to_toml());
+        return Ok(Exit::Success);
+    }
     let mut config = GatewayConfig {
         upstream_url: parse_upstream_url(&args.upstream)
             .context("invalid --upstream")
             .map_err(usage)?,
         upstream_timeout: args.upstream_timeout,
         retry_delay: args.retry_delay,
-        max_response_bytes: std::num::NonZeroUsize::new(args.max_response_bytes)
-            .context("--max-response-bytes must be greater than zero")
-            .map_err(usage)?,
+        max_response_bytes: args.max_response_bytes,
         shutdown_grace: args.shutdown_grace,
         health_interval: args.health_interval,
         max_in_flight: args.max_in_flight,
@@ -308,7 +354,7 @@ async fn serve(args: ServeArgs) -> Outcome {
                 ServerTls::load(cert, key, args.tls_client_ca.as_deref())
                     .map_err(|error| usage(error.into()))?,
             ),
-            // clap's `requires` makes the two come together.
+            // `check_combinations` has made sure the two come together.
             _ => None,
         },
         upstream_tls: UpstreamTls::load(
@@ -360,6 +406,111 @@ async fn serve(args: ServeArgs) -> Outcome {
         .await
         .map_err(|error| (Exit::CallFailed, error.into()))?;
     Ok(Exit::Success)
+}
+
+/// Whether the user gave `id` on the command line or in the environment, which beats the file.
+fn given_by_user(matches: &ArgMatches, id: &str) -> bool {
+    matches!(
+        matches.value_source(id),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    )
+}
+
+/// Fills every setting the user did not give with the file's value, if it has one.
+fn apply_file(args: &mut ServeArgs, matches: &ArgMatches, file: ServeFile) {
+    args.upstream_from_file = file.upstream.is_some() && !given_by_user(matches, "upstream");
+    macro_rules! take {
+        ($($field:ident),* $(,)?) => {$(
+            if !given_by_user(matches, stringify!($field)) {
+                if let Some(value) = file.$field {
+                    args.$field = value.into();
+                }
+            }
+        )*};
+    }
+    take!(
+        listen,
+        upstream,
+        upstream_timeout,
+        upstream_format,
+        retry_delay,
+        max_response_bytes,
+        shutdown_grace,
+        health_interval,
+        max_in_flight,
+        simulator,
+    );
+    macro_rules! take_optional {
+        ($($field:ident),* $(,)?) => {$(
+            if !given_by_user(matches, stringify!($field)) && file.$field.is_some() {
+                args.$field = file.$field;
+            }
+        )*};
+    }
+    take_optional!(
+        auth_tokens_file,
+        tls_cert,
+        tls_key,
+        tls_client_ca,
+        upstream_ca,
+        upstream_client_cert,
+        upstream_client_key,
+        metrics_listen,
+        simulator_config,
+    );
+}
+
+/// Settings that only make sense together, checked once flags, environment and file are merged.
+fn check_combinations(args: &ServeArgs, matches: &ArgMatches) -> anyhow::Result<()> {
+    let upstream_given = given_by_user(matches, "upstream") || args.upstream_from_file;
+    if args.simulator && upstream_given {
+        anyhow::bail!(
+            "--upstream and --simulator cannot both be given: the simulator is the upstream"
+        );
+    }
+    if args.simulator_config.is_some() && !args.simulator {
+        anyhow::bail!("--simulator-config needs --simulator");
+    }
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(_), None) => anyhow::bail!("--tls-cert needs --tls-key"),
+        (None, Some(_)) => anyhow::bail!("--tls-key needs --tls-cert"),
+        _ => {}
+    }
+    if args.tls_client_ca.is_some() && args.tls_cert.is_none() {
+        anyhow::bail!("--tls-client-ca needs --tls-cert and --tls-key");
+    }
+    Ok(())
+}
+
+impl From<&ServeArgs> for ServeFile {
+    fn from(args: &ServeArgs) -> Self {
+        ServeFile {
+            listen: Some(args.listen),
+            upstream: (!args.simulator).then(|| args.upstream.clone()),
+            upstream_timeout: Some(args.upstream_timeout),
+            upstream_format: Some(args.upstream_format),
+            retry_delay: Some(args.retry_delay),
+            max_response_bytes: Some(args.max_response_bytes),
+            shutdown_grace: Some(args.shutdown_grace),
+            health_interval: Some(args.health_interval),
+            max_in_flight: Some(args.max_in_flight),
+            auth_tokens_file: args.auth_tokens_file.clone(),
+            tls_cert: args.tls_cert.clone(),
+            tls_key: args.tls_key.clone(),
+            tls_client_ca: args.tls_client_ca.clone(),
+            upstream_ca: args.upstream_ca.clone(),
+            upstream_client_cert: args.upstream_client_cert.clone(),
+            upstream_client_key: args.upstream_client_key.clone(),
+            metrics_listen: args.metrics_listen,
+            log_format: None,
+            simulator: Some(args.simulator),
+            simulator_config: args.simulator_config.clone(),
+        }
+    }
+}
+
+fn default_max_response_bytes() -> NonZeroUsize {
+    NonZeroUsize::new(DEFAULT_MAX_BODY_BYTES).unwrap_or(NonZeroUsize::MIN)
 }
 
 async fn simulate(args: SimulateArgs) -> Outcome {
@@ -540,12 +691,40 @@ mod tests {
         assert_eq!(args.max_in_flight, config.max_in_flight);
         assert_eq!(args.upstream_format, UpstreamFormat::Xml);
         assert_eq!(config.upstream_format, WireFormat::Xml);
-        assert_eq!(args.max_response_bytes, config.max_response_bytes.get());
+        assert_eq!(args.max_response_bytes, config.max_response_bytes);
+    }
+
+    /// Parses `serve` arguments and checks their combinations, without any file.
+    fn check_combination(args: &[&str], expected_error: Option<&str>) {
+        let matches = Cli::command()
+            .try_get_matches_from(["taskgate", "serve"].iter().chain(args))
+            .unwrap();
+        let Command::Serve(serve_args) = Cli::from_arg_matches(&matches).unwrap().command else {
+            panic!("not serve");
+        };
+        let serve_matches = matches.subcommand_matches("serve").unwrap();
+        let outcome =
+            check_combinations(&serve_args, serve_matches).map_err(|error| error.to_string());
+        assert_eq!(outcome.err().as_deref(), expected_error, "{args:?}");
     }
 
     #[test]
-    fn simulator_config_requires_simulator() {
-        let parsed = Cli::try_parse_from(["taskgate", "serve", "--simulator-config", "x.toml"]);
-        assert!(parsed.is_err());
+    fn settings_that_need_each_other() {
+        check_combination(&["--simulator"], None);
+        check_combination(
+            &["--simulator-config", "x.toml"],
+            Some("--simulator-config needs --simulator"),
+        );
+        check_combination(
+            &["--simulator", "--upstream", "http://c/api/v2/task"],
+            Some("--upstream and --simulator cannot both be given: the simulator is the upstream"),
+        );
+        check_combination(&["--tls-cert", "c.pem"], Some("--tls-cert needs --tls-key"));
+        check_combination(&["--tls-key", "k.pem"], Some("--tls-key needs --tls-cert"));
+        check_combination(
+            &["--tls-client-ca", "ca.pem"],
+            Some("--tls-client-ca needs --tls-cert and --tls-key"),
+        );
+        check_combination(&["--tls-cert", "c.pem", "--tls-key", "k.pem"], None);
     }
 }

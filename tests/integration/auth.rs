@@ -14,9 +14,7 @@ use crate::support::{Gateway, config_for, error_info, start_simulator};
 
 /// Writes a token file in a fresh temporary directory.
 pub(crate) fn token_file(name: &str, text: &str) -> PathBuf {
-    let directory =
-        std::env::temp_dir().join(format!("taskgate-auth-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&directory).unwrap();
+    let directory = crate::support::test_folder(&format!("auth-{name}"));
     let path = directory.join("tokens");
     std::fs::write(&path, text).unwrap();
     path

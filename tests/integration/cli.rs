@@ -120,8 +120,7 @@ async fn usage_and_configuration_errors_exit_2() {
 
 #[tokio::test]
 async fn a_bad_layout_file_names_the_file_and_line() {
-    let directory = std::env::temp_dir().join(format!("taskgate-test-{}", std::process::id()));
-    std::fs::create_dir_all(&directory).unwrap();
+    let directory = crate::support::test_folder("layout");
     let path = directory.join("bad-layout.toml");
     std::fs::write(
         &path,
@@ -357,4 +356,103 @@ async fn sighup_reloads_the_auth_tokens() {
     for token in ["old-token", "new-token"] {
         assert!(!log.contains(token), "a token leaked into the log:\n{log}");
     }
+}
+
+/// Writes a config file in a fresh folder and returns its path.
+fn config_file(name: &str, text: &str) -> std::path::PathBuf {
+    let directory = crate::support::test_folder(&format!("config-{name}"));
+    let path = directory.join("taskgate.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn print_config(args: &[&str], env: &[(&str, &str)], expected_exit: i32) -> (String, String) {
+    let mut command = Command::new(BIN);
+    command
+        .arg("serve")
+        .args(args)
+        .arg("--print-config")
+        .env_remove("RUST_LOG");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().await.unwrap();
+    assert_exit(&output, args, expected_exit);
+    (
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn flags_beat_environment_beats_file_beats_defaults() {
+    let path = config_file(
+        "precedence",
+        "listen = \"127.0.0.1:6000\"\nupstream_timeout = \"3s\"\nretry_delay = \"2s\"\n\
+         max_in_flight = 7\nupstream_format = \"json\"\nauth_tokens_file = \"tokens\"\n",
+    );
+    let path_text = path.to_str().unwrap();
+    let (stdout, _) = print_config(
+        &["--config", path_text, "--upstream-timeout", "5s"],
+        &[
+            ("TASKGATE_RETRY_DELAY", "4s"),
+            ("TASKGATE_UPSTREAM_TIMEOUT", "9s"),
+        ],
+        0,
+    )
+    .await;
+    let tokens = path.parent().unwrap().join("tokens");
+    for line in [
+        "listen = \"127.0.0.1:6000\"".to_owned(),
+        "upstream_timeout = \"5s\"".to_owned(),
+        "retry_delay = \"4s\"".to_owned(),
+        "max_in_flight = 7".to_owned(),
+        "upstream_format = \"json\"".to_owned(),
+        "shutdown_grace = \"10s\"".to_owned(),
+        format!("auth_tokens_file = \"{}\"", tokens.display()),
+    ] {
+        assert!(
+            stdout.lines().any(|actual| actual == line),
+            "{line} missing from:\n{stdout}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn config_file_errors_name_the_file_key_and_line() {
+    let path = config_file(
+        "typo",
+        "listen = \"127.0.0.1:6000\"\nupstream_timeot = \"3s\"\n",
+    );
+    let path_text = path.to_str().unwrap();
+    let (_, stderr) = print_config(&["--config", path_text], &[], 2).await;
+    assert!(
+        stderr.contains(&format!("invalid config file {path_text}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("line 2"), "{stderr}");
+    assert!(stderr.contains("upstream_timeot"), "{stderr}");
+
+    let path = config_file("value", "\nmax_in_flight = 0\n");
+    let (_, stderr) = print_config(&["--config", path.to_str().unwrap()], &[], 2).await;
+    assert!(
+        stderr.contains("line 2") && stderr.contains("max_in_flight"),
+        "{stderr}"
+    );
+
+    let path = config_file(
+        "conflict",
+        "simulator = true\nupstream = \"http://c:44000/api/v2/task\"\n",
+    );
+    let (_, stderr) = print_config(&["--config", path.to_str().unwrap()], &[], 2).await;
+    assert!(
+        stderr.contains("--upstream and --simulator cannot both be given"),
+        "{stderr}"
+    );
+
+    let (_, stderr) = print_config(&["--config", "/nonexistent/taskgate.toml"], &[], 2).await;
+    assert!(
+        stderr.contains("cannot read config file /nonexistent/taskgate.toml"),
+        "{stderr}"
+    );
 }

@@ -163,6 +163,13 @@ pub(crate) async fn start_simulator(layout: Layout) -> Url {
     parse_upstream_url(&format!("http://{address}{}", simulator::http::TASK_PATH)).unwrap()
 }
 
+/// A fresh folder for this test's files, unique to the test process and `name`.
+pub(crate) fn test_folder(name: &str) -> std::path::PathBuf {
+    let folder = std::env::temp_dir().join(format!("taskgate-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&folder).unwrap();
+    folder
+}
+
 /// A loopback address where nothing listens: bound, read, then released.
 pub(crate) async fn unused_address() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -31,9 +31,7 @@ struct Pki {
 
 impl Pki {
     fn new(name: &str) -> Pki {
-        let directory =
-            std::env::temp_dir().join(format!("taskgate-tls-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&directory).unwrap();
+        let directory = crate::support::test_folder(&format!("tls-{name}"));
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
