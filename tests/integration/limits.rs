@@ -33,3 +33,29 @@ async fn calls_beyond_the_limit_are_shed_with_overloaded() {
     upstream.next_request_body().await;
     third.abort();
 }
+
+/// A request with a big unknown field: valid protobuf, but far beyond any task request.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Oversized {
+    #[prost(bytes = "vec", tag = "99")]
+    padding: Vec<u8>,
+}
+
+#[tokio::test]
+async fn oversized_requests_are_refused_before_decoding() {
+    let mut upstream = FakeUpstream::start(Script::Hang).await;
+    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let mut grpc = tonic::client::Grpc::new(gateway.client_channel().await);
+    grpc.ready().await.unwrap();
+    let codec =
+        tonic_prost::ProstCodec::<Oversized, taskgate::proto::CaseExtractResponse>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/taskgate.v1.TaskService/CaseExtract",
+    );
+    let request = tonic::Request::new(Oversized {
+        padding: vec![0; 8 * 1024],
+    });
+    let status = grpc.unary(request, path, codec).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(upstream.requests_so_far(), 0);
+}
