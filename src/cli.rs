@@ -298,13 +298,14 @@ impl Cli {
 
 /// Runs the parsed command and returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
+    let log_format = cli.log_format();
     let serve_matches = cli
         .matches
         .subcommand_matches("serve")
         .cloned()
         .unwrap_or_default();
     let result = match cli.command {
-        Command::Serve(args) => serve(*args, &serve_matches).await,
+        Command::Serve(args) => serve(*args, &serve_matches, log_format).await,
         Command::Simulate(args) => simulate(args).await,
         Command::CaseExtract(args) => case_extract(args).await,
     };
@@ -325,14 +326,16 @@ fn usage(error: anyhow::Error) -> (Exit, anyhow::Error) {
     (Exit::Usage, error)
 }
 
-async fn serve(mut args: ServeArgs, matches: &ArgMatches) -> Outcome {
+async fn serve(mut args: ServeArgs, matches: &ArgMatches, log_format: LogFormat) -> Outcome {
     if let Some(path) = args.config.clone() {
         let file = ServeFile::load(&path).map_err(usage)?;
         apply_file(&mut args, matches, file);
     }
     check_combinations(&args, matches).map_err(usage)?;
     if args.print_config {
-        print!("{}", ServeFile::from(&args).to_toml());
+        let mut effective = ServeFile::from(&args);
+        effective.log_format = Some(log_format);
+        print!("{}", effective.to_toml());
         return Ok(Exit::Success);
     }
     let mut config = GatewayConfig {

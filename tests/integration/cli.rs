@@ -409,6 +409,7 @@ async fn flags_beat_environment_beats_file_beats_defaults() {
         "max_in_flight = 7".to_owned(),
         "upstream_format = \"json\"".to_owned(),
         "shutdown_grace = \"10s\"".to_owned(),
+        "log_format = \"text\"".to_owned(),
         format!("auth_tokens_file = \"{}\"", tokens.display()),
     ] {
         assert!(
