@@ -1,0 +1,151 @@
+"""A small typed Python client for taskgate's TaskService.
+
+The protobuf and gRPC modules are generated from ``proto/`` by ``generate.py`` (run by the test
+script) into ``taskgate_client/_generated``; they are not committed, so they always match the
+contract.
+
+>>> from taskgate_client import TaskGate, TaskGateError
+>>> with TaskGate("127.0.0.1:50051") as gateway:
+...     try:
+...         gateway.case_extract(port_id=4, bin_id=101337, timeout=5.0)
+...     except TaskGateError as error:
+...         print(error.fault_name, error.raw_code, error.code, error.retry_delay)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "_generated"))
+try:
+    from taskgate.v1 import task_pb2, task_pb2_grpc  # noqa: E402
+except ImportError as error:  # pragma: no cover - a setup mistake, reported clearly
+    raise ImportError(
+        "taskgate_client: the generated modules are missing; run "
+        "'python clients/python/generate.py' first"
+    ) from error
+
+__all__ = ["TaskGate", "TaskGateError", "FaultCode", "task_pb2"]
+
+FaultCode = task_pb2.FaultCode
+_TASK_FAULT_TYPE = "taskgate.v1.TaskFault"
+
+
+@dataclass
+class TaskGateError(Exception):
+    """A CaseExtract call that did not succeed, with everything the status details say."""
+
+    code: grpc.StatusCode
+    """The gRPC status code."""
+    message: str
+    """The status message (names method, port, bin, code and meaning)."""
+    reason: str
+    """ErrorInfo reason: the fault name (PREVIOUS_ACTION_NOT_COMPLETED) or a gateway reason."""
+    domain: str
+    """ErrorInfo domain: ``autostore.task`` for controller faults, ``taskgate`` for the gateway."""
+    metadata: dict
+    """ErrorInfo metadata (faultCode, method, portId, binId, httpStatus, ...)."""
+    fault_code: int = FaultCode.FAULT_CODE_UNSPECIFIED
+    """The TaskFault code as the FaultCode enum value (UNSPECIFIED when unknown or no fault)."""
+    raw_code: Optional[int] = None
+    """The controller's fault number, when the controller answered a fault."""
+    retry_delay: Optional[timedelta] = None
+    """From RetryInfo, when a retry is safe."""
+    field_violations: tuple = ()
+    """From BadRequest: (field, description) pairs."""
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+    @property
+    def fault_name(self) -> Optional[str]:
+        """The FaultCode name without its prefix, when the fault is a known one."""
+        if self.fault_code == FaultCode.FAULT_CODE_UNSPECIFIED:
+            return None
+        return FaultCode.Name(self.fault_code).removeprefix("FAULT_CODE_")
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> "TaskGateError":
+        """Reads the rich details of a failed call."""
+        error_info = error_details_pb2.ErrorInfo()
+        task_fault = None
+        retry_delay = None
+        violations = ()
+        status = rpc_status.from_call(error)
+        for detail in status.details if status is not None else ():
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                detail.Unpack(error_info)
+            elif detail.type_url.endswith("/" + _TASK_FAULT_TYPE):
+                task_fault = task_pb2.TaskFault()
+                detail.Unpack(task_fault)
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry_info = error_details_pb2.RetryInfo()
+                detail.Unpack(retry_info)
+                retry_delay = retry_info.retry_delay.ToTimedelta()
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad_request = error_details_pb2.BadRequest()
+                detail.Unpack(bad_request)
+                violations = tuple(
+                    (violation.field, violation.description)
+                    for violation in bad_request.field_violations
+                )
+        return cls(
+            code=error.code(),
+            message=error.details() or "",
+            reason=error_info.reason,
+            domain=error_info.domain,
+            metadata=dict(error_info.metadata),
+            fault_code=task_fault.code if task_fault else FaultCode.FAULT_CODE_UNSPECIFIED,
+            raw_code=task_fault.raw_code if task_fault else None,
+            retry_delay=retry_delay,
+            field_violations=violations,
+        )
+
+
+class TaskGate:
+    """A connection to a taskgate gateway."""
+
+    def __init__(self, target: str, token: Optional[str] = None,
+                 credentials: Optional[grpc.ChannelCredentials] = None):
+        """``target`` is host:port; ``token`` a bearer token when the gateway requires one."""
+        self._channel = (
+            grpc.secure_channel(target, credentials)
+            if credentials is not None
+            else grpc.insecure_channel(target)
+        )
+        self._stub = task_pb2_grpc.TaskServiceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def case_extract(self, port_id: int, bin_id: int, timeout: float = 10.0,
+                     request_id: Optional[str] = None) -> str:
+        """Extracts a case from ``bin_id`` at ``port_id``; returns the call's request id.
+
+        Raises ``TaskGateError`` with the typed fault when the call fails.
+        """
+        metadata = self._metadata + ((("x-request-id", request_id),) if request_id else ())
+        request = task_pb2.CaseExtractRequest(port_id=port_id, bin_id=bin_id)
+        try:
+            _, call = self._stub.CaseExtract.with_call(
+                request, timeout=timeout, metadata=metadata
+            )
+        except grpc.RpcError as error:
+            raise TaskGateError.from_rpc_error(error) from None
+        return dict(call.initial_metadata()).get("x-request-id", "")
+
+    def close(self) -> None:
+        """Closes the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> "TaskGate":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

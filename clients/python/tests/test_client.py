@@ -1,0 +1,69 @@
+"""The Python client against the real gateway: success, every simulator fault, bad arguments."""
+
+from datetime import timedelta
+
+import grpc
+import pytest
+
+from taskgate_client import FaultCode, TaskGate, TaskGateError
+
+
+@pytest.fixture
+def client(gateway):
+    with TaskGate(gateway) as task_gate:
+        yield task_gate
+
+
+def expect_error(client, port_id, bin_id) -> TaskGateError:
+    with pytest.raises(TaskGateError) as raised:
+        client.case_extract(port_id=port_id, bin_id=bin_id, timeout=5)
+    return raised.value
+
+
+def test_success_then_1148_with_the_retry_delay(client):
+    request_id = client.case_extract(port_id=4, bin_id=101337, request_id="py-1")
+    assert request_id == "py-1"
+    error = expect_error(client, 4, 101337)
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert error.fault_code == FaultCode.FAULT_CODE_PREVIOUS_ACTION_NOT_COMPLETED
+    assert error.fault_name == "PREVIOUS_ACTION_NOT_COMPLETED"
+    assert error.raw_code == 1148
+    assert error.retry_delay == timedelta(milliseconds=1500)
+    assert error.domain == "autostore.task"
+    assert error.metadata == {
+        "faultCode": "1148",
+        "method": "case_extract",
+        "portId": "4",
+        "binId": "101337",
+    }
+
+
+@pytest.mark.parametrize(
+    "port_id, bin_id, code, fault_code",
+    [
+        (1, 101337, grpc.StatusCode.FAILED_PRECONDITION, FaultCode.FAULT_CODE_PORT_IS_NOT_AUTOCASE),
+        (2, 101337, grpc.StatusCode.FAILED_PRECONDITION, FaultCode.FAULT_CODE_PORT_NOT_IN_APPROPRIATE_MODE),
+        (3, 101337, grpc.StatusCode.FAILED_PRECONDITION, FaultCode.FAULT_CODE_BIN_NOT_SELECTED_FOR_PORT),
+        (9, 101337, grpc.StatusCode.NOT_FOUND, FaultCode.FAULT_CODE_PORT_IS_NOT_AVAILABLE),
+    ],
+)
+def test_every_simulator_fault(client, port_id, bin_id, code, fault_code):
+    error = expect_error(client, port_id, bin_id)
+    assert error.code == code
+    assert error.fault_code == fault_code
+    assert error.raw_code == fault_code
+    assert error.reason == FaultCode.Name(fault_code).removeprefix("FAULT_CODE_")
+    assert error.retry_delay is None
+
+
+@pytest.mark.parametrize(
+    "port_id, bin_id, field",
+    [(0, 1, "port_id"), (2001, 1, "port_id"), (4, 0, "bin_id"), (4, 4_000_001, "bin_id")],
+)
+def test_invalid_arguments(client, port_id, bin_id, field):
+    error = expect_error(client, port_id, bin_id)
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.reason == "INVALID_PARAMETER"
+    assert error.domain == "taskgate"
+    assert error.raw_code is None
+    assert [violation[0] for violation in error.field_violations] == [field]
