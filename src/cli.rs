@@ -24,7 +24,7 @@ use file::ServeFile;
 
 use crate::auth::TokenFile;
 use crate::codec::{DEFAULT_MAX_BODY_BYTES, WireFormat};
-use crate::config::{GatewayConfig, defaults, parse_upstream_url};
+use crate::config::{GatewayConfig, defaults, parse_cors_origin, parse_upstream_url};
 use crate::fault;
 use crate::proto::task_service_client::TaskServiceClient;
 use crate::proto::{CaseExtractRequest, FaultCode, TASK_FAULT_TYPE_URL, TaskFault};
@@ -160,6 +160,11 @@ struct ServeArgs {
     /// The PEM private key of --upstream-client-cert.
     #[arg(long, env = "TASKGATE_UPSTREAM_CLIENT_KEY")]
     upstream_client_key: Option<PathBuf>,
+
+    /// Browser origins allowed to call over gRPC-Web, comma-separated (for example
+    /// https://ops.example.com), or * for any; off by default, so only same-origin pages can call.
+    #[arg(long, env = "TASKGATE_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    cors_allow_origin: Vec<String>,
 
     /// Serve Prometheus metrics at http://ADDRESS/metrics, for example 127.0.0.1:9464; off unless
     /// given.
@@ -366,6 +371,13 @@ async fn serve(mut args: ServeArgs, matches: &ArgMatches, log_format: LogFormat)
             args.upstream_client_key.as_deref(),
         )
         .map_err(|error| usage(error.into()))?,
+        cors_allow_origins: args
+            .cors_allow_origin
+            .iter()
+            .map(|origin| parse_cors_origin(origin))
+            .collect::<Result<_, _>>()
+            .context("invalid --cors-allow-origin")
+            .map_err(usage)?,
         auth_tokens: match &args.auth_tokens_file {
             Some(path) => Some(TokenFile::load(path).map_err(|error| usage(error.into()))?),
             None => None,
@@ -461,6 +473,11 @@ fn apply_file(args: &mut ServeArgs, matches: &ArgMatches, file: ServeFile) {
         metrics_listen,
         simulator_config,
     );
+    if !given_by_user(matches, "cors_allow_origin")
+        && let Some(origins) = file.cors_allow_origin
+    {
+        args.cors_allow_origin = origins;
+    }
 }
 
 /// Settings that only make sense together, checked once flags, environment and file are merged.
@@ -505,6 +522,8 @@ impl From<&ServeArgs> for ServeFile {
             upstream_client_cert: args.upstream_client_cert.clone(),
             upstream_client_key: args.upstream_client_key.clone(),
             metrics_listen: args.metrics_listen,
+            cors_allow_origin: (!args.cors_allow_origin.is_empty())
+                .then(|| args.cors_allow_origin.clone()),
             log_format: None,
             simulator: Some(args.simulator),
             simulator_config: args.simulator_config.clone(),

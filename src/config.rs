@@ -5,6 +5,7 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use reqwest::Url;
+use reqwest::header::HeaderValue;
 
 use crate::auth::TokenFile;
 use crate::codec::WireFormat;
@@ -35,6 +36,8 @@ pub struct GatewayConfig {
     pub tls: Option<ServerTls>,
     /// HTTPS settings for the controller.
     pub upstream_tls: UpstreamTls,
+    /// Browser origins allowed to call over gRPC-Web (`*` for any); empty sends no CORS headers.
+    pub cors_allow_origins: Vec<HeaderValue>,
 }
 
 /// A setting that cannot be used, with the offending value.
@@ -53,6 +56,14 @@ pub enum ConfigError {
     UnsupportedScheme {
         /// The URL as given.
         url: String,
+    },
+    /// A CORS origin that is not `*` or `scheme://host[:port]`.
+    #[error(
+        "CORS origin '{origin}' must be '*' or like https://example.com[:port], without a path"
+    )]
+    InvalidOrigin {
+        /// The origin as given.
+        origin: String,
     },
     /// A duration that must be positive is zero.
     #[error("{setting} must be greater than zero")]
@@ -103,6 +114,7 @@ impl GatewayConfig {
             auth_tokens: None,
             tls: None,
             upstream_tls: UpstreamTls::default(),
+            cors_allow_origins: Vec::new(),
         }
     }
 
@@ -132,6 +144,25 @@ pub fn parse_upstream_url(raw: &str) -> Result<Url, ConfigError> {
         });
     }
     Ok(url)
+}
+
+/// Checks a CORS origin: `*`, or a scheme, host and optional port with nothing after.
+pub fn parse_cors_origin(raw: &str) -> Result<HeaderValue, ConfigError> {
+    let invalid = || ConfigError::InvalidOrigin {
+        origin: raw.to_owned(),
+    };
+    if raw != "*" {
+        let url = Url::parse(raw).map_err(|_| invalid())?;
+        let bare = url.path() == "/" && url.query().is_none() && url.fragment().is_none();
+        if !matches!(url.scheme(), "http" | "https")
+            || url.host_str().is_none()
+            || !bare
+            || raw.ends_with('/')
+        {
+            return Err(invalid());
+        }
+    }
+    HeaderValue::from_str(raw).map_err(|_| invalid())
 }
 
 fn positive(duration: Duration, setting: &'static str) -> Result<Duration, ConfigError> {
@@ -174,6 +205,28 @@ mod tests {
             parse_upstream_url("http//x"),
             Err(ConfigError::InvalidUrl { .. })
         ));
+    }
+
+    #[test]
+    fn cors_origins() {
+        for good in ["*", "https://ops.example.com", "http://localhost:5173"] {
+            assert!(parse_cors_origin(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "ops.example.com",
+            "https://ops.example.com/",
+            "https://x/app",
+            "ftp://x",
+            "",
+        ] {
+            assert_eq!(
+                parse_cors_origin(bad),
+                Err(ConfigError::InvalidOrigin {
+                    origin: bad.to_owned()
+                }),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

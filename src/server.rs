@@ -10,9 +10,12 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
+use tonic::codegen::http::{HeaderName, HeaderValue, Method};
 use tonic::service::Interceptor as _;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic_web::GrpcWebLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::{self, Authenticator};
 use crate::config::GatewayConfig;
@@ -52,6 +55,40 @@ impl From<TcpListener> for Listeners {
             metrics: None,
         }
     }
+}
+
+/// CORS for gRPC-Web from browser pages on other origins. With no origins configured, no CORS
+/// headers are sent, so browsers refuse cross-origin calls.
+fn cors_layer(allow_origins: &[HeaderValue]) -> CorsLayer {
+    const ALLOW_HEADERS: [&str; 7] = [
+        "content-type",
+        "x-grpc-web",
+        "x-user-agent",
+        "grpc-timeout",
+        "authorization",
+        "x-request-id",
+        "grpc-accept-encoding",
+    ];
+    const EXPOSE_HEADERS: [&str; 4] = [
+        "grpc-status",
+        "grpc-message",
+        "grpc-status-details-bin",
+        "x-request-id",
+    ];
+    if allow_origins.is_empty() {
+        return CorsLayer::new();
+    }
+    let origin = if allow_origins.iter().any(|origin| origin == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(allow_origins.iter().cloned())
+    };
+    CorsLayer::new()
+        .allow_origin(origin)
+        .allow_methods([Method::POST])
+        .allow_headers(ALLOW_HEADERS.map(HeaderName::from_static))
+        .expose_headers(EXPOSE_HEADERS.map(HeaderName::from_static))
+        .max_age(Duration::from_secs(24 * 60 * 60))
 }
 
 /// Aborts a background task when dropped.
@@ -163,7 +200,11 @@ pub async fn serve(
     let server = builder
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        // gRPC-Web arrives over HTTP/1.1 from browsers, on the same port as gRPC.
+        .accept_http1(true)
+        .layer(cors_layer(&config.cors_allow_origins))
         .layer(RequestIdLayer)
+        .layer(GrpcWebLayer::new())
         .add_service(task_service)
         .add_service(health_service)
         .add_service(reflection_v1)

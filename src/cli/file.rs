@@ -36,6 +36,7 @@ pub(super) struct ServeFile {
     pub(super) upstream_client_cert: Option<PathBuf>,
     pub(super) upstream_client_key: Option<PathBuf>,
     pub(super) metrics_listen: Option<SocketAddr>,
+    pub(super) cors_allow_origin: Option<Vec<String>>,
     pub(super) log_format: Option<super::LogFormat>,
     pub(super) simulator: Option<bool>,
     pub(super) simulator_config: Option<PathBuf>,

@@ -4,6 +4,7 @@
 //! - `simulator_http`: the simulator's HTTP edge, spoken to directly.
 //! - `tls`: TLS, mutual TLS and HTTPS to the controller, with certificates made by rcgen.
 //! - `transport_outcomes`: every transport outcome against a scripted fake controller.
+//! - `grpc_web`: gRPC-Web over HTTP/1.1 and CORS.
 //! - `health`: grpc.health.v1 following the controller and shutdown; reflection.
 //! - `json_upstream`: the JSON variant of the task interface.
 //! - `limits`: shedding beyond the in-flight limit.
@@ -20,6 +21,7 @@ mod support;
 mod auth;
 mod cli;
 mod contract;
+mod grpc_web;
 mod health;
 mod json_upstream;
 mod limits;

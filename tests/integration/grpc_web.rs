@@ -1,0 +1,140 @@
+//! gRPC-Web over HTTP/1.1 on the gRPC port, and CORS for browser pages on other origins.
+
+use base64::Engine as _;
+use prost::Message;
+use reqwest::header::{HeaderMap, HeaderValue};
+
+use taskgate::proto::{CaseExtractRequest, TASK_FAULT_TYPE_URL, TaskFault};
+use taskgate::simulator::layout::Layout;
+
+use crate::support::{Gateway, config_for, start_simulator};
+
+const PATH: &str = "/taskgate.v1.TaskService/CaseExtract";
+
+/// The body of a gRPC-Web call: one uncompressed data frame.
+fn frame(request: &CaseExtractRequest) -> Vec<u8> {
+    let message = request.encode_to_vec();
+    let mut body = vec![0];
+    body.extend((message.len() as u32).to_be_bytes());
+    body.extend(message);
+    body
+}
+
+/// The grpc-status and grpc-status-details-bin of a gRPC-Web reply, from the headers of a
+/// trailers-only reply or from the trailer frame at the end of the body.
+fn status_of(headers: &HeaderMap, body: &[u8]) -> (String, Option<String>) {
+    if let Some(status) = headers.get("grpc-status") {
+        let details = headers
+            .get("grpc-status-details-bin")
+            .map(|value| value.to_str().unwrap().to_owned());
+        return (status.to_str().unwrap().to_owned(), details);
+    }
+    let mut rest = body;
+    while rest.len() >= 5 {
+        let length = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+        let (payload, next) = rest[5..].split_at(length);
+        if rest[0] & 0x80 != 0 {
+            let trailers = String::from_utf8(payload.to_vec()).unwrap();
+            let field = |name: &str| {
+                trailers.lines().find_map(|line| {
+                    let (key, value) = line.split_once(':')?;
+                    key.trim()
+                        .eq_ignore_ascii_case(name)
+                        .then(|| value.trim().to_owned())
+                })
+            };
+            return (
+                field("grpc-status").unwrap(),
+                field("grpc-status-details-bin"),
+            );
+        }
+        rest = next;
+    }
+    panic!("no grpc-status in the reply");
+}
+
+async fn call(gateway: &Gateway, port_id: u32) -> (String, Option<String>) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{}{PATH}", gateway.address))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(frame(&CaseExtractRequest {
+            port_id,
+            bin_id: 101337,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/grpc-web+proto"
+    );
+    let headers = response.headers().clone();
+    let body = response.bytes().await.unwrap();
+    status_of(&headers, &body)
+}
+
+#[tokio::test]
+async fn case_extract_over_grpc_web_with_typed_faults() {
+    let gateway = Gateway::with_simulator(Layout::default_layout()).await;
+    assert_eq!(call(&gateway, 4).await, ("0".to_owned(), None));
+
+    let (status, details) = call(&gateway, 2).await;
+    assert_eq!(status, "9"); // FAILED_PRECONDITION
+    let details = details.expect("no grpc-status-details-bin");
+    let decoded = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(details.trim_end_matches('='))
+        .unwrap();
+    let rpc_status = tonic_types::pb::Status::decode(decoded.as_slice()).unwrap();
+    let task_fault = rpc_status
+        .details
+        .iter()
+        .find(|any| any.type_url == TASK_FAULT_TYPE_URL)
+        .map(|any| TaskFault::decode(any.value.as_slice()).unwrap())
+        .unwrap();
+    assert_eq!(task_fault.raw_code, 1099);
+}
+
+async fn preflight(gateway: &Gateway, origin: &str) -> HeaderMap {
+    reqwest::Client::new()
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("http://{}{PATH}", gateway.address),
+        )
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type,x-grpc-web")
+        .send()
+        .await
+        .unwrap()
+        .headers()
+        .clone()
+}
+
+#[tokio::test]
+async fn cors_is_off_unless_an_origin_is_allowed() {
+    let url = start_simulator(Layout::default_layout()).await;
+    let gateway = Gateway::start(config_for(&url)).await;
+    let headers = preflight(&gateway, "https://ops.example.com").await;
+    assert!(
+        headers.get("access-control-allow-origin").is_none(),
+        "{headers:?}"
+    );
+
+    let mut config = config_for(&url);
+    config.cors_allow_origins = vec![HeaderValue::from_static("https://ops.example.com")];
+    let gateway = Gateway::start(config).await;
+    let headers = preflight(&gateway, "https://ops.example.com").await;
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://ops.example.com"
+    );
+    let allowed = headers["access-control-allow-headers"].to_str().unwrap();
+    assert!(allowed.contains("x-grpc-web"), "{allowed}");
+    let headers = preflight(&gateway, "https://elsewhere.example.com").await;
+    assert!(
+        headers.get("access-control-allow-origin").is_none(),
+        "{headers:?}"
+    );
+}
