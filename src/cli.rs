@@ -162,7 +162,8 @@ struct ServeArgs {
     upstream_client_key: Option<PathBuf>,
 
     /// Browser origins allowed to call over gRPC-Web, comma-separated (for example
-    /// https://ops.example.com), or * for any; off by default, so only same-origin pages can call.
+    /// `https://ops.example.com`), or * for any; off by default, so only same-origin pages can
+    /// call.
     #[arg(long, env = "TASKGATE_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
     cors_allow_origin: Vec<String>,
 
