@@ -40,19 +40,29 @@ test("success, then 1148 with the retry delay", async () => {
   assert.deepEqual(error.metadata, { faultCode: "1148", method: "case_extract", portId: "4", binId: "101337" });
 });
 
-for (const [portId, codeName, faultCode, rawCode] of [
+const SIMULATOR_FAULTS = [
   [1, "FAILED_PRECONDITION", "FAULT_CODE_PORT_IS_NOT_AUTOCASE", 1087],
   [2, "FAILED_PRECONDITION", "FAULT_CODE_PORT_NOT_IN_APPROPRIATE_MODE", 1099],
   [3, "FAILED_PRECONDITION", "FAULT_CODE_BIN_NOT_SELECTED_FOR_PORT", 1149],
   [9, "NOT_FOUND", "FAULT_CODE_PORT_IS_NOT_AVAILABLE", 1000],
-]) {
-  test(`port ${portId} gives ${faultCode}`, async () => {
-    const error = await expectError(client.caseExtract(portId, 101337));
-    assert.equal(error.codeName, codeName);
-    assert.equal(error.faultCode, faultCode);
-    assert.equal(error.rawCode, rawCode);
-    assert.equal(error.reason, faultCode.replace("FAULT_CODE_", ""));
-    assert.equal(error.retryDelayMs, null);
+];
+
+function checkFault(error, [, codeName, faultCode, rawCode]) {
+  assert.equal(error.codeName, codeName);
+  assert.equal(error.faultCode, faultCode);
+  assert.equal(error.rawCode, rawCode);
+  assert.equal(error.reason, faultCode.replace("FAULT_CODE_", ""));
+  assert.equal(error.domain, "autostore.task");
+  assert.equal(error.retryDelayMs, null);
+}
+
+for (const fault of SIMULATOR_FAULTS) {
+  test(`port ${fault[0]} gives ${fault[2]}`, async () => {
+    checkFault(await expectError(client.caseExtract(fault[0], 101337)), fault);
+  });
+  test(`gRPC-Web: port ${fault[0]} gives ${fault[2]}`, async () => {
+    const baseUrl = `http://${gateway.address}`;
+    checkFault(await expectError(caseExtractGrpcWeb(baseUrl, fault[0], 101337)), fault);
   });
 }
 
@@ -67,12 +77,9 @@ test("invalid arguments carry the field violations", async () => {
   );
 });
 
-test("gRPC-Web: a fault is read from the trailers like over gRPC", async () => {
+test("gRPC-Web: the message and field violations arrive too", async () => {
   const baseUrl = `http://${gateway.address}`;
   const error = await expectError(caseExtractGrpcWeb(baseUrl, 2, 101337));
-  assert.equal(error.codeName, "FAILED_PRECONDITION");
-  assert.equal(error.faultCode, "FAULT_CODE_PORT_NOT_IN_APPROPRIATE_MODE");
-  assert.equal(error.rawCode, 1099);
   assert.match(error.message, /controller fault 1099 PORT_NOT_IN_APPROPRIATE_MODE/);
 
   const invalid = await expectError(caseExtractGrpcWeb(baseUrl, 0, 1));
