@@ -169,8 +169,8 @@ async fn case_extract(
     run(&args, expected_exit).await
 }
 
-/// A `taskgate serve --simulator` child process, read through its log on stderr.
-struct ServeProcess {
+/// A `taskgate` child process (`serve` or `simulate`), read through its log on stderr.
+struct TaskgateProcess {
     child: tokio::process::Child,
     lines: tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
     /// Every log line read so far.
@@ -179,12 +179,26 @@ struct ServeProcess {
     gateway: String,
 }
 
-impl ServeProcess {
+impl TaskgateProcess {
     /// Starts the gateway and waits for its "gateway listening" line.
-    async fn start(extra_args: &[&str]) -> ServeProcess {
+    async fn start(extra_args: &[&str]) -> TaskgateProcess {
+        let mut process = TaskgateProcess::spawn(
+            &[
+                &["serve", "--simulator", "--listen", "127.0.0.1:0"],
+                extra_args,
+            ]
+            .concat(),
+        );
+        let line = process.wait_for_line("gateway listening address=").await;
+        let (_, rest) = line.split_once("gateway listening address=").unwrap();
+        process.gateway = format!("http://{}", rest.split_whitespace().next().unwrap());
+        process
+    }
+
+    /// Starts `taskgate` with `args`, reading its log.
+    fn spawn(args: &[&str]) -> TaskgateProcess {
         let mut child = Command::new(BIN)
-            .args(["serve", "--simulator", "--listen", "127.0.0.1:0"])
-            .args(extra_args)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -193,16 +207,12 @@ impl ServeProcess {
             .spawn()
             .unwrap();
         let lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut process = ServeProcess {
+        TaskgateProcess {
             child,
             lines,
             log: String::new(),
             gateway: String::new(),
-        };
-        let line = process.wait_for_line("gateway listening address=").await;
-        let (_, rest) = line.split_once("gateway listening address=").unwrap();
-        process.gateway = format!("http://{}", rest.split_whitespace().next().unwrap());
-        process
+        }
     }
 
     /// Reads log lines until one contains `needle`, and returns it.
@@ -245,7 +255,7 @@ impl ServeProcess {
 /// README's first command, for real: `serve --simulator`, a call, SIGTERM, exit 0.
 #[tokio::test]
 async fn serve_with_the_simulator_answers_calls_and_exits_0_on_sigterm() {
-    let serve = ServeProcess::start(&[]).await;
+    let serve = TaskgateProcess::start(&[]).await;
     assert!(
         serve.log.contains("embedded simulated controller started"),
         "{}",
@@ -299,7 +309,7 @@ async fn serve_with_the_simulator_answers_calls_and_exits_0_on_sigterm() {
 #[tokio::test]
 async fn sighup_reloads_the_auth_tokens() {
     let path = crate::auth::token_file("sighup", "old-token\n");
-    let mut serve = ServeProcess::start(&["--auth-tokens-file", path.to_str().unwrap()]).await;
+    let mut serve = TaskgateProcess::start(&["--auth-tokens-file", path.to_str().unwrap()]).await;
     let gateway = serve.gateway.clone();
     let with_token = |token: &'static str| {
         let gateway = gateway.clone();
@@ -456,4 +466,35 @@ async fn config_file_errors_name_the_file_key_and_line() {
         stderr.contains("cannot read config file /nonexistent/taskgate.toml"),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn simulate_serves_the_task_interface_and_exits_0_on_sigint() {
+    let mut simulate = TaskgateProcess::spawn(&["simulate", "--listen", "127.0.0.1:0"]);
+    let line = simulate
+        .wait_for_line("simulated controller listening")
+        .await;
+    let url = line
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("url="))
+        .unwrap()
+        .to_owned();
+    assert!(line.contains("ports=4"), "{line}");
+    let body = "<methodcall><name>case_extract</name><params><port_id>4</port_id>\
+                <bin_id>101337</bin_id></params></methodcall>";
+    let reply = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", "application/xml")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(reply.contains("<params/>"), "{reply}");
+    simulate.signal("INT").await;
+    let (code, log) = simulate.finish().await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("received SIGINT"), "{log}");
 }
