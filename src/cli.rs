@@ -23,7 +23,7 @@ mod file;
 use file::ServeFile;
 
 use crate::auth::TokenFile;
-use crate::codec::{DEFAULT_MAX_BODY_BYTES, WireFormat};
+use crate::codec::WireFormat;
 use crate::config::{GatewayConfig, defaults, parse_cors_origin, parse_upstream_url};
 use crate::fault;
 use crate::proto::task_service_client::TaskServiceClient;
@@ -110,7 +110,7 @@ struct ServeArgs {
     retry_delay: Duration,
 
     /// The largest controller reply to read, in bytes.
-    #[arg(long, env = "TASKGATE_MAX_RESPONSE_BYTES", default_value_t = default_max_response_bytes())]
+    #[arg(long, env = "TASKGATE_MAX_RESPONSE_BYTES", default_value_t = defaults::MAX_RESPONSE_BYTES)]
     max_response_bytes: NonZeroUsize,
 
     /// How long calls in flight may take to finish after SIGINT or SIGTERM.
@@ -125,7 +125,7 @@ struct ServeArgs {
     /// How many CaseExtract calls may be in flight at once; more are refused at once with
     /// RESOURCE_EXHAUSTED (reason OVERLOADED). Health and reflection are not counted.
     #[arg(long, env = "TASKGATE_MAX_IN_FLIGHT", default_value_t = defaults::MAX_IN_FLIGHT)]
-    max_in_flight: std::num::NonZeroUsize,
+    max_in_flight: NonZeroUsize,
 
     /// How to speak to the controller: `xml` (the documented format) or `json`.
     #[arg(long, env = "TASKGATE_UPSTREAM_FORMAT", value_enum, default_value_t = UpstreamFormat::Xml)]
@@ -338,12 +338,6 @@ async fn serve(mut args: ServeArgs, matches: &ArgMatches, log_format: LogFormat)
         apply_file(&mut args, matches, file);
     }
     check_combinations(&args, matches).map_err(usage)?;
-    if args.print_config {
-        let mut effective = ServeFile::from(&args);
-        effective.log_format = Some(log_format);
-        print!("{}", effective.to_toml());
-        return Ok(Exit::Success);
-    }
     let mut config = GatewayConfig {
         upstream_url: parse_upstream_url(&args.upstream)
             .context("invalid --upstream")
@@ -388,6 +382,14 @@ async fn serve(mut args: ServeArgs, matches: &ArgMatches, log_format: LogFormat)
         .validate()
         .context("invalid configuration")
         .map_err(usage)?;
+    // Printed only once every file has been read and every value checked, so what is printed
+    // is a configuration that starts.
+    if args.print_config {
+        let mut effective = ServeFile::from(&args);
+        effective.log_format = Some(log_format);
+        print!("{}", effective.to_toml());
+        return Ok(Exit::Success);
+    }
     if args.simulator {
         let layout = load_layout(args.simulator_config.as_deref()).map_err(usage)?;
         let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -530,10 +532,6 @@ impl From<&ServeArgs> for ServeFile {
             simulator_config: args.simulator_config.clone(),
         }
     }
-}
-
-fn default_max_response_bytes() -> NonZeroUsize {
-    NonZeroUsize::new(DEFAULT_MAX_BODY_BYTES).unwrap_or(NonZeroUsize::MIN)
 }
 
 async fn simulate(args: SimulateArgs) -> Outcome {

@@ -88,6 +88,9 @@ pub mod defaults {
     pub const RETRY_DELAY: Duration = Duration::from_secs(1);
     /// The graceful-shutdown bound.
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// The largest controller reply read.
+    pub const MAX_RESPONSE_BYTES: NonZeroUsize =
+        NonZeroUsize::new(crate::codec::DEFAULT_MAX_BODY_BYTES).unwrap();
     /// How many task calls may be in flight at once.
     pub const MAX_IN_FLIGHT: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
     /// How often health probes the controller.
@@ -105,8 +108,7 @@ impl GatewayConfig {
             upstream_url,
             upstream_timeout: defaults::UPSTREAM_TIMEOUT,
             retry_delay: defaults::RETRY_DELAY,
-            max_response_bytes: NonZeroUsize::new(crate::codec::DEFAULT_MAX_BODY_BYTES)
-                .unwrap_or(NonZeroUsize::MIN),
+            max_response_bytes: defaults::MAX_RESPONSE_BYTES,
             shutdown_grace: defaults::SHUTDOWN_GRACE,
             health_interval: defaults::HEALTH_INTERVAL,
             max_in_flight: defaults::MAX_IN_FLIGHT,

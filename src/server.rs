@@ -103,6 +103,9 @@ impl Drop for AbortOnDrop {
 /// Why the gateway could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// A setting makes no sense (for example, a zero health interval).
+    #[error("invalid configuration: {0}")]
+    Config(#[source] crate::config::ConfigError),
     /// The HTTP client for the controller could not be built (for example, no TLS roots).
     #[error("cannot build the controller client: {0}")]
     Client(#[source] reqwest::Error),
@@ -128,6 +131,9 @@ pub async fn serve(
         grpc: listener,
         metrics: metrics_listener,
     } = listeners.into();
+    // The CLI checks too, but library callers build configs by hand, and a zero interval would
+    // panic the health probe.
+    config.validate().map_err(ServeError::Config)?;
     let upstream = Upstream::new(&config).map_err(ServeError::Client)?;
     let metrics = Metrics::new();
     // Stops the metrics endpoint when the gateway stops, however `serve` returns.
@@ -179,6 +185,10 @@ pub async fn serve(
             None => Ok(request),
         },
     );
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(tls.config()).map_err(ServeError::Tls)?;
+    }
     // Logged last, once everything above is in place: tests and operators may act on it.
     if let Ok(address) = listener.local_addr() {
         let tls = match &config.tls {
@@ -193,10 +203,6 @@ pub async fn serve(
         .with_nodelay(Some(true))
         .with_keepalive(Some(TCP_KEEPALIVE));
     let (draining_tx, draining_rx) = oneshot::channel();
-    let mut builder = Server::builder();
-    if let Some(tls) = &config.tls {
-        builder = builder.tls_config(tls.config()).map_err(ServeError::Tls)?;
-    }
     let server = builder
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))

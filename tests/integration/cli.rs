@@ -401,6 +401,8 @@ async fn flags_beat_environment_beats_file_beats_defaults() {
         "listen = \"127.0.0.1:6000\"\nupstream_timeout = \"3s\"\nretry_delay = \"2s\"\n\
          max_in_flight = 7\nupstream_format = \"json\"\nauth_tokens_file = \"tokens\"\n",
     );
+    // --print-config checks every file it names, so the token file must exist.
+    std::fs::write(path.parent().unwrap().join("tokens"), "a-token\n").unwrap();
     let path_text = path.to_str().unwrap();
     let (stdout, _) = print_config(
         &["--config", path_text, "--upstream-timeout", "5s"],

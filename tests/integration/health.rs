@@ -140,3 +140,17 @@ async fn reflection_lists_the_task_service() {
         .collect();
     assert!(names.contains(&TASK_SERVICE.to_owned()), "{names:?}");
 }
+
+#[tokio::test]
+async fn serve_refuses_a_zero_health_interval_instead_of_panicking() {
+    let url = parse_upstream_url("http://127.0.0.1:9/api/v2/task").unwrap();
+    let mut config = config_for(&url);
+    config.health_interval = Duration::ZERO;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let outcome = taskgate::server::serve(listener, config, std::future::pending()).await;
+    let message = outcome.unwrap_err().to_string();
+    assert_eq!(
+        message,
+        "invalid configuration: --health-interval must be greater than zero"
+    );
+}
