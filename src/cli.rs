@@ -24,8 +24,9 @@ use file::ServeFile;
 
 use crate::auth::TokenFile;
 use crate::codec::WireFormat;
-use crate::config::{GatewayConfig, defaults, parse_cors_origin, parse_upstream_url};
+use crate::config::{AccessLog, GatewayConfig, defaults, parse_cors_origin, parse_upstream_url};
 use crate::fault;
+use crate::log::LogFormat;
 use crate::proto::task_service_client::TaskServiceClient;
 use crate::proto::{CaseExtractRequest, FaultCode, TASK_FAULT_TYPE_URL, TaskFault};
 use crate::request_id::HEADER as REQUEST_ID_HEADER;
@@ -67,16 +68,6 @@ enum UpstreamFormat {
     /// `<methodcall>…</methodcall>`, Content-Type application/xml.
     Xml,
     /// `{"method":…,"params":{…}}`, Content-Type application/json.
-    Json,
-}
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
     Json,
 }
 
@@ -166,6 +157,11 @@ struct ServeArgs {
     /// call.
     #[arg(long, env = "TASKGATE_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
     cors_allow_origin: Vec<String>,
+
+    /// Which calls write an access line: `all`, `errors` (every call that did not end OK) or
+    /// `off`.
+    #[arg(long, env = "TASKGATE_ACCESS_LOG", value_enum, default_value_t = AccessLog::All)]
+    access_log: AccessLog,
 
     /// Serve Prometheus metrics at http://ADDRESS/metrics, for example 127.0.0.1:9464; off unless
     /// given.
@@ -302,28 +298,48 @@ impl Cli {
     }
 }
 
-/// Runs the parsed command and returns the process exit code.
-pub async fn run(cli: Cli) -> ExitCode {
+/// How a command ended.
+#[derive(Debug)]
+pub struct Ending {
+    /// The process exit code.
+    pub code: ExitCode,
+    /// What to print on stderr, after the log is flushed, when the command failed.
+    pub error: Option<String>,
+    /// How long the log may take to flush: a server's shutdown grace, so that a stalled log
+    /// reader cannot hold the exit past it.
+    pub log_flush_bound: Duration,
+}
+
+/// Runs the parsed command and says how it ended.
+pub async fn run(cli: Cli) -> Ending {
     let log_format = cli.log_format();
     let serve_matches = cli
         .matches
         .subcommand_matches("serve")
         .cloned()
         .unwrap_or_default();
+    // A server's own grace once its settings are known; the default for the other commands.
+    let mut log_flush_bound = defaults::SHUTDOWN_GRACE;
     let result = match cli.command {
-        Command::Serve(args) => serve(*args, &serve_matches, log_format).await,
+        Command::Serve(args) => {
+            serve(*args, &serve_matches, log_format, &mut log_flush_bound).await
+        }
         Command::Simulate(args) => simulate(args).await,
         Command::CaseExtract(args) => case_extract(args).await,
     };
-    let exit = result.unwrap_or_else(|(exit, error)| {
-        eprintln!("error: {error:#}");
-        exit
-    });
-    ExitCode::from(match exit {
-        Exit::Success => 0,
-        Exit::CallFailed => 1,
-        Exit::Usage => 2,
-    })
+    let (exit, error) = match result {
+        Ok(exit) => (exit, None),
+        Err((exit, error)) => (exit, Some(format!("error: {error:#}"))),
+    };
+    Ending {
+        code: ExitCode::from(match exit {
+            Exit::Success => 0,
+            Exit::CallFailed => 1,
+            Exit::Usage => 2,
+        }),
+        error,
+        log_flush_bound,
+    }
 }
 
 type Outcome = Result<Exit, (Exit, anyhow::Error)>;
@@ -332,7 +348,12 @@ fn usage(error: anyhow::Error) -> (Exit, anyhow::Error) {
     (Exit::Usage, error)
 }
 
-async fn serve(mut args: ServeArgs, matches: &ArgMatches, log_format: LogFormat) -> Outcome {
+async fn serve(
+    mut args: ServeArgs,
+    matches: &ArgMatches,
+    log_format: LogFormat,
+    log_flush_bound: &mut Duration,
+) -> Outcome {
     if let Some(path) = args.config.clone() {
         let file = ServeFile::load(&path).map_err(usage)?;
         apply_file(&mut args, matches, file);
@@ -373,6 +394,7 @@ async fn serve(mut args: ServeArgs, matches: &ArgMatches, log_format: LogFormat)
             .collect::<Result<_, _>>()
             .context("invalid --cors-allow-origin")
             .map_err(usage)?,
+        access_log: args.access_log,
         auth_tokens: match &args.auth_tokens_file {
             Some(path) => Some(TokenFile::load(path).map_err(|error| usage(error.into()))?),
             None => None,
@@ -382,6 +404,7 @@ async fn serve(mut args: ServeArgs, matches: &ArgMatches, log_format: LogFormat)
         .validate()
         .context("invalid configuration")
         .map_err(usage)?;
+    *log_flush_bound = config.shutdown_grace;
     // Printed only once every file has been read and every value checked, so what is printed
     // is a configuration that starts.
     if args.print_config {
@@ -456,6 +479,7 @@ fn apply_file(args: &mut ServeArgs, matches: &ArgMatches, file: ServeFile) {
         shutdown_grace,
         health_interval,
         max_in_flight,
+        access_log,
         simulator,
     );
     macro_rules! take_optional {
@@ -528,6 +552,7 @@ impl From<&ServeArgs> for ServeFile {
             cors_allow_origin: (!args.cors_allow_origin.is_empty())
                 .then(|| args.cors_allow_origin.clone()),
             log_format: None,
+            access_log: Some(args.access_log),
             simulator: Some(args.simulator),
             simulator_config: args.simulator_config.clone(),
         }
@@ -713,6 +738,7 @@ mod tests {
         assert_eq!(args.upstream_format, UpstreamFormat::Xml);
         assert_eq!(config.upstream_format, WireFormat::Xml);
         assert_eq!(args.max_response_bytes, config.max_response_bytes);
+        assert_eq!(args.access_log, config.access_log);
     }
 
     /// Parses `serve` arguments and checks their combinations, without any file.

@@ -38,6 +38,42 @@ pub struct GatewayConfig {
     pub upstream_tls: UpstreamTls,
     /// Browser origins allowed to call over gRPC-Web (`*` for any); empty sends no CORS headers.
     pub cors_allow_origins: Vec<HeaderValue>,
+    /// Which calls write an access line.
+    pub access_log: AccessLog,
+}
+
+/// Which calls write an access line, the way Envoy filters its access log.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLog {
+    /// Every call.
+    #[default]
+    All,
+    /// Every call that did not end OK.
+    Errors,
+    /// None.
+    Off,
+}
+
+impl AccessLog {
+    /// Whether a call that ended with `code` writes an access line.
+    pub fn records(self, code: tonic::Code) -> bool {
+        match self {
+            AccessLog::All => true,
+            AccessLog::Errors => code != tonic::Code::Ok,
+            AccessLog::Off => false,
+        }
+    }
 }
 
 /// A setting that cannot be used, with the offending value.
@@ -117,6 +153,7 @@ impl GatewayConfig {
             tls: None,
             upstream_tls: UpstreamTls::default(),
             cors_allow_origins: Vec::new(),
+            access_log: AccessLog::default(),
         }
     }
 

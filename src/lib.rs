@@ -15,6 +15,7 @@
 //! - `http1`: the small HTTP/1.1 server loop the simulator and the metrics endpoint share.
 //! - [`simulator`]: an embedded simulated controller.
 //! - `health`: the grpc.health.v1 statuses and the controller probe.
+//! - [`log`]: logging off the call path, through a bounded queue and a writer thread.
 //! - [`metrics`]: Prometheus counters, histograms and the `/metrics` endpoint.
 //! - [`server`]: wiring a listener, a config and a shutdown signal into a running gateway.
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
@@ -41,6 +42,7 @@ pub mod config;
 pub mod fault;
 mod health;
 mod http1;
+pub mod log;
 pub mod metrics;
 pub mod request_id;
 pub mod server;

@@ -10,11 +10,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Response, StatusCode};
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 
@@ -59,6 +60,11 @@ struct UpstreamErrorLabels {
 struct MethodLabels {
     method: &'static str,
 }
+
+/// The log's drop counter, read when the metrics are encoded: the log module counts drops
+/// itself, outside any call.
+#[derive(Debug)]
+struct DroppedLogLines;
 
 /// Decrements the in-flight gauge when a call ends, however it ends (a cancelled call included).
 #[derive(Debug)]
@@ -109,6 +115,11 @@ impl Metrics {
             "calls_in_flight",
             "Calls being handled now",
             in_flight.clone(),
+        );
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because stderr was not read fast enough",
+            DroppedLogLines,
         );
         let health_serving = Gauge::default();
         registry.register(
@@ -206,6 +217,20 @@ impl Drop for InFlightGuard {
     }
 }
 
+impl TypedMetric for DroppedLogLines {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for DroppedLogLines {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<NoLabelSet, _, u64>(&crate::log::dropped_lines(), None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 /// Buckets from 1 ms to about 33 s, doubling: controller calls take milliseconds when all is well
 /// and up to the upstream timeout when not.
 fn latency_histogram() -> Histogram {
@@ -274,6 +299,7 @@ mod tests {
             "taskgate_upstream_request_duration_seconds_count{method=\"case_extract\"} 1",
             "taskgate_calls_in_flight 1",
             "taskgate_health_serving 1",
+            "taskgate_log_lines_dropped_total 0",
         ] {
             assert!(
                 text.lines().any(|actual| actual == line),

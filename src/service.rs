@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::codec::{BIN_ID_RANGE, MethodCall, PORT_ID_RANGE, Reply};
-use crate::config::GatewayConfig;
+use crate::config::{AccessLog, GatewayConfig};
 use crate::metrics::Metrics;
 use crate::proto::task_service_server::TaskService;
 use crate::proto::{CaseExtractRequest, CaseExtractResponse};
@@ -33,6 +33,8 @@ pub(crate) struct TaskGateway {
     in_flight: Arc<Semaphore>,
     /// Where every call is counted.
     metrics: Metrics,
+    /// Which calls write an access line.
+    access_log: AccessLog,
 }
 
 // === impl TaskGateway ===
@@ -48,6 +50,7 @@ impl TaskGateway {
             },
             in_flight: Arc::new(Semaphore::new(config.max_in_flight.get())),
             metrics,
+            access_log: config.access_log,
         }
     }
 
@@ -151,7 +154,9 @@ impl TaskService for TaskGateway {
             request_id: &request_id,
             peer,
         };
-        access.log(result.as_ref().err().map(Status::message));
+        if self.access_log.records(access.code) {
+            access.log(result.as_ref().err().map(Status::message));
+        }
         self.metrics
             .call_finished(context.method, access.code, access.total_time);
         result

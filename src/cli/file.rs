@@ -10,6 +10,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
+use crate::config::AccessLog;
+
 /// What a config file may hold; everything is optional, and a flag or environment variable wins
 /// over the file.
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -38,6 +40,7 @@ pub(super) struct ServeFile {
     pub(super) metrics_listen: Option<SocketAddr>,
     pub(super) cors_allow_origin: Option<Vec<String>>,
     pub(super) log_format: Option<super::LogFormat>,
+    pub(super) access_log: Option<AccessLog>,
     pub(super) simulator: Option<bool>,
     pub(super) simulator_config: Option<PathBuf>,
 }

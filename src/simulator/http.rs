@@ -105,10 +105,10 @@ async fn handle(
         Outcome::Reply(reply) => {
             match &reply {
                 Reply::Success(_) => {
-                    tracing::info!(%peer, %request_id, method = %method_call.name, "simulator answered success")
+                    tracing::debug!(%peer, %request_id, method = %method_call.name, "simulator answered success")
                 }
                 Reply::Fault(code) => {
-                    tracing::info!(%peer, %request_id, method = %method_call.name, fault_code = code, "simulator answered a fault")
+                    tracing::debug!(%peer, %request_id, method = %method_call.name, fault_code = code, "simulator answered a fault")
                 }
             }
             let mut response = Response::new(Full::new(Bytes::from(format.encode_reply(&reply))));

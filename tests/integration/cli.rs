@@ -199,7 +199,8 @@ impl TaskgateProcess {
     fn spawn(args: &[&str]) -> TaskgateProcess {
         let mut child = Command::new(BIN)
             .args(args)
-            .env("RUST_LOG", "info")
+            // The simulator logs each request at debug level; the tests follow a request id into it.
+            .env("RUST_LOG", "info,taskgate::simulator=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -304,6 +305,96 @@ async fn serve_with_the_simulator_answers_calls_and_exits_0_on_sigterm() {
                 && line.contains("request_id=e2e-1")),
         "the simulator did not log the request id:\n{rest}"
     );
+}
+
+/// A log reader that stops reading must not stop the gateway: stderr is a pipe that is never read
+/// while 10,000 calls are made, far more than the pipe and the log queue hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_log_reader_never_stalls_calls_or_shutdown() {
+    const CALLS: usize = 10_000;
+    const CALLERS: usize = 16;
+    let mut serve =
+        TaskgateProcess::start(&["--metrics-listen", "127.0.0.1:0", "--shutdown-grace", "2s"])
+            .await;
+    let metrics_line = serve
+        .log
+        .lines()
+        .find(|line| line.contains("metrics listening"))
+        .unwrap_or_else(|| panic!("no metrics line in:\n{}", serve.log))
+        .to_owned();
+    let metrics_url = metrics_line
+        .split("url=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    // From here on nobody reads stderr until every call has been answered.
+    let channel = tonic::transport::Channel::from_shared(serve.gateway.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let calls = (0..CALLERS).map(|_| {
+        let mut client =
+            taskgate::proto::task_service_client::TaskServiceClient::new(channel.clone());
+        tokio::spawn(async move {
+            for _ in 0..CALLS / CALLERS {
+                // Port 1 is not an AutoCase port: every call gets fault 1087, whatever came before.
+                let status = client
+                    .case_extract(taskgate::proto::CaseExtractRequest {
+                        port_id: 1,
+                        bin_id: 101337,
+                    })
+                    .await
+                    .unwrap_err();
+                assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+                assert!(status.message().contains("1087"), "{}", status.message());
+            }
+        })
+    });
+    let all_calls = futures_join_all(calls);
+    tokio::time::timeout(std::time::Duration::from_secs(120), all_calls)
+        .await
+        .expect("calls stalled behind the log");
+    drop(channel);
+
+    let metrics = reqwest::get(&metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("taskgate_log_lines_dropped_total "))
+        .unwrap_or_else(|| panic!("no dropped-lines counter in:\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(
+        dropped > 0,
+        "{CALLS} calls' lines cannot fit a 64 KiB pipe and the queue"
+    );
+
+    // Reading resumes, so the drops are reported once the queue has drained; SIGTERM then still
+    // ends the process cleanly, and its last lines are written.
+    let notice = "log lines were dropped because stderr was not read fast enough";
+    let bound = std::time::Duration::from_secs(60);
+    tokio::time::timeout(bound, serve.wait_for_line(notice))
+        .await
+        .expect("the drops were never reported");
+    serve.signal("TERM").await;
+    let (code, rest) = tokio::time::timeout(bound, serve.finish())
+        .await
+        .expect("the gateway did not exit after SIGTERM");
+    assert_eq!(code, Some(0), "{rest}");
+    assert!(rest.contains("gateway stopped"), "{rest}");
+}
+
+/// Waits for every task, failing on the first that panicked.
+async fn futures_join_all(tasks: impl Iterator<Item = tokio::task::JoinHandle<()>>) {
+    for task in tasks.collect::<Vec<_>>() {
+        task.await.unwrap();
+    }
 }
 
 #[tokio::test]
