@@ -1,0 +1,555 @@
+//! The benchmark rig behind `scripts/bench`: measures, side by side in one run on loopback, the
+//! gateway in front of a fast controller stand-in and a bare tonic server that implements
+//! `TaskService` as a no-op (the ceiling of this gRPC stack on this machine).
+//!
+//! ```text
+//! bench_rig --taskgate PATH [--gateway-bin PATH] [--duration SECS] [--smoke]
+//! bench_rig bare      # internal: the bare tonic server, run as a child process
+//! ```
+//!
+//! `--taskgate` is the binary whose `bench` command drives the load; `--gateway-bin` (default:
+//! the same) is the binary whose `serve` is measured, so an older build can be compared with the
+//! same load generator. Load comes from `taskgate bench --json`; instructions per call from
+//! callgrind, when `valgrind` is on the PATH, as the difference between two runs of different
+//! lengths (so start-up and warm-up cancel out), every thread counted.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // A benchmark that cannot run should stop loudly.
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tonic::{Status, transport::Server};
+
+use taskgate::proto::task_service_server::{TaskService, TaskServiceServer};
+use taskgate::proto::{CaseExtractRequest, CaseExtractResponse};
+
+/// What the stand-in answers to every POST: the task interface's success reply.
+const SUCCESS: &[u8] = b"<?xml version=\"1.0\"?><response><params/></response>";
+/// How long the slow stand-in takes to answer, so that calls pile up in the gateway.
+const SLOW_REPLY: Duration = Duration::from_millis(250);
+/// The port and bin every benchmark call uses; the stand-in does not look at them.
+const PORT_AND_BIN: [&str; 4] = ["--port", "4", "--bin", "101337"];
+
+struct Options {
+    taskgate: PathBuf,
+    gateway_bin: PathBuf,
+    duration: Duration,
+    warmup: Duration,
+    smoke: bool,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("bare") {
+        return run_bare();
+    }
+    let options = parse_options(&args);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let fast = runtime.block_on(start_stand_in(Duration::ZERO));
+    let slow = runtime.block_on(start_stand_in(SLOW_REPLY));
+    let report = measure(&options, fast, slow);
+    print!("{}", report.table(&options));
+}
+
+fn parse_options(args: &[String]) -> Options {
+    let usage = "usage: bench_rig --taskgate PATH [--gateway-bin PATH] [--duration SECS] [--smoke]";
+    let mut taskgate = None;
+    let mut gateway_bin = None;
+    let mut duration = None;
+    let mut smoke = false;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value; {usage}"));
+        match arg.as_str() {
+            "--taskgate" => taskgate = Some(PathBuf::from(value())),
+            "--gateway-bin" => gateway_bin = Some(PathBuf::from(value())),
+            "--duration" => {
+                let text = value();
+                let seconds: f64 = text
+                    .parse()
+                    .unwrap_or_else(|_| panic!("--duration '{text}' is not a number of seconds"));
+                duration = Some(Duration::from_secs_f64(seconds));
+            }
+            "--smoke" => smoke = true,
+            other => panic!("unknown argument '{other}'; {usage}"),
+        }
+    }
+    let taskgate = taskgate.unwrap_or_else(|| panic!("--taskgate is required; {usage}"));
+    let (default_duration, warmup) = if smoke {
+        (Duration::from_millis(500), Duration::from_millis(200))
+    } else {
+        (Duration::from_secs(10), Duration::from_secs(1))
+    };
+    Options {
+        gateway_bin: gateway_bin.unwrap_or_else(|| taskgate.clone()),
+        taskgate,
+        duration: duration.unwrap_or(default_duration),
+        warmup,
+        smoke,
+    }
+}
+
+/// One `taskgate bench --json` result, the fields this rig uses.
+#[derive(Debug, Clone, Copy, Default)]
+struct Run {
+    calls_per_s: f64,
+    mean_latency_us: f64,
+    ok_calls: u64,
+    calls: u64,
+}
+
+#[derive(Debug, Default)]
+struct Report {
+    gateway_1: Run,
+    bare_1: Run,
+    gateway_128: Run,
+    bare_128: Run,
+    stand_in_round_trip_us: f64,
+    /// Instructions per call, gateway and bare, when valgrind is installed.
+    instructions: Option<(f64, f64)>,
+    peak_rss_kib: u64,
+    rss_run: Run,
+}
+
+fn measure(options: &Options, fast: SocketAddr, slow: SocketAddr) -> Report {
+    let mut report = Report {
+        stand_in_round_trip_us: round_trip_us(fast, if options.smoke { 200 } else { 5000 }),
+        ..Report::default()
+    };
+    let upstream = format!("http://{fast}/api/v2/task");
+    let gateway = Target::gateway(&options.gateway_bin, &upstream, None);
+    let bare = Target::bare(None);
+    let load = |target: &Target, in_flight: usize| {
+        let connections = if in_flight >= 8 { 8 } else { 1 };
+        bench(options, target, in_flight, connections, Length::Duration)
+    };
+    // Interleaved, so that a machine that slows down during the run slows both sides alike.
+    report.gateway_1 = load(&gateway, 1);
+    report.bare_1 = load(&bare, 1);
+    report.gateway_128 = load(&gateway, 128);
+    report.bare_128 = load(&bare, 128);
+    gateway.stop();
+    bare.stop();
+
+    if which("valgrind") {
+        let (short, long) = if options.smoke { (20, 60) } else { (500, 2500) };
+        let per_call = |start: &dyn Fn(&Path) -> Target| {
+            let total = |calls: u64| {
+                let out = std::env::temp_dir().join(format!(
+                    "taskgate-callgrind-{}-{calls}.out",
+                    std::process::id()
+                ));
+                let target = start(&out);
+                bench(options, &target, 1, 1, Length::Calls(calls));
+                target.stop();
+                callgrind_total(&out)
+            };
+            (total(long) - total(short)) as f64 / (long - short) as f64
+        };
+        let gateway_instructions =
+            per_call(&|out| Target::gateway(&options.gateway_bin, &upstream, Some(out)));
+        let bare_instructions = per_call(&|out| Target::bare(Some(out)));
+        report.instructions = Some((gateway_instructions, bare_instructions));
+    }
+
+    let slow_upstream = format!("http://{slow}/api/v2/task");
+    let gateway = Target::gateway(&options.gateway_bin, &slow_upstream, None);
+    report.rss_run = bench(options, &gateway, 1024, 16, Length::Duration);
+    report.peak_rss_kib = peak_rss_kib(gateway.child.id());
+    gateway.stop();
+    report
+}
+
+/// How long one `taskgate bench` runs.
+enum Length {
+    /// `--duration`, after `--warmup`.
+    Duration,
+    /// Exactly this many calls, no warm-up (for instruction counts).
+    Calls(u64),
+}
+
+fn bench(
+    options: &Options,
+    target: &Target,
+    in_flight: usize,
+    connections: usize,
+    length: Length,
+) -> Run {
+    let mut command = Command::new(&options.taskgate);
+    command
+        .args(["bench", "--json", "--gateway", &target.url])
+        .args(["--concurrency", &in_flight.to_string()])
+        .args(["--connections", &connections.to_string()])
+        .args(PORT_AND_BIN)
+        // Under valgrind a call is ~50 times slower; the default deadline would cut it short.
+        .args(["--timeout", "60s"]);
+    match length {
+        Length::Duration => command.args([
+            "--duration",
+            &format!("{}ms", options.duration.as_millis()),
+            "--warmup",
+            &format!("{}ms", options.warmup.as_millis()),
+        ]),
+        Length::Calls(calls) => command.args(["--calls", &calls.to_string(), "--warmup", "0s"]),
+    };
+    let output = command.stderr(Stdio::inherit()).output().unwrap();
+    assert!(
+        output.status.success(),
+        "taskgate bench against {} failed: {}",
+        target.name,
+        output.status
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!(
+            "taskgate bench printed no JSON ({error}):\n{}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    });
+    let number = |value: &serde_json::Value| value.as_f64().unwrap_or_default();
+    Run {
+        calls_per_s: number(&json["calls_per_s"]),
+        mean_latency_us: number(&json["latency_us"]["mean"]),
+        ok_calls: json["codes"]["OK"].as_u64().unwrap_or_default(),
+        calls: json["calls"].as_u64().unwrap_or_default(),
+    }
+}
+
+/// A server under test, in a child process.
+struct Target {
+    name: &'static str,
+    url: String,
+    child: Child,
+}
+
+impl Target {
+    /// `taskgate serve` with its default access log, read by a thread as a log shipper would.
+    fn gateway(binary: &Path, upstream: &str, callgrind_out: Option<&Path>) -> Target {
+        let mut command = under_callgrind(binary, callgrind_out);
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--upstream", upstream])
+            .env("RUST_LOG", "info")
+            .env("TASKGATE_LOG_FORMAT", "text");
+        let (child, line) = spawn_until(command, Pipe::Stderr, "gateway listening address=");
+        let address = line
+            .split("gateway listening address=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap()
+            .to_owned();
+        Target {
+            name: "the gateway",
+            url: format!("http://{address}"),
+            child,
+        }
+    }
+
+    /// This program's `bare` command.
+    fn bare(callgrind_out: Option<&Path>) -> Target {
+        let mut command = under_callgrind(&std::env::current_exe().unwrap(), callgrind_out);
+        command.arg("bare");
+        let (child, line) = spawn_until(command, Pipe::Stdout, "bare listening ");
+        Target {
+            name: "the bare server",
+            url: format!("http://{}", line.trim_start_matches("bare listening ").trim()),
+            child,
+        }
+    }
+
+    /// SIGTERM, then wait: both servers exit cleanly, which is when callgrind writes its counts.
+    fn stop(mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "could not signal {}", self.name);
+        self.child.wait().unwrap();
+    }
+}
+
+fn under_callgrind(binary: &Path, out: Option<&Path>) -> Command {
+    match out {
+        None => Command::new(binary),
+        Some(out) => {
+            let mut command = Command::new("valgrind");
+            command
+                .arg("--tool=callgrind")
+                .arg(format!("--callgrind-out-file={}", out.display()))
+                .arg(binary);
+            command
+        }
+    }
+}
+
+enum Pipe {
+    Stdout,
+    Stderr,
+}
+
+/// Starts `command` and reads `pipe` until a line containing `needle`; a thread then keeps
+/// reading the pipe, so the child never blocks on it.
+fn spawn_until(mut command: Command, pipe: Pipe, needle: &str) -> (Child, String) {
+    let (stdout, stderr) = match pipe {
+        Pipe::Stdout => (Stdio::piped(), Stdio::null()),
+        Pipe::Stderr => (Stdio::null(), Stdio::piped()),
+    };
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .unwrap_or_else(|error| panic!("cannot start {command:?}: {error}"));
+    let reader: Box<dyn Read + Send> = match pipe {
+        Pipe::Stdout => Box::new(child.stdout.take().unwrap()),
+        Pipe::Stderr => Box::new(child.stderr.take().unwrap()),
+    };
+    let mut reader = BufReader::new(reader);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let read = reader.read_line(&mut line).unwrap();
+        assert!(read > 0, "{command:?} exited before printing {needle:?}");
+        if line.contains(needle) {
+            break;
+        }
+    }
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    (child, line)
+}
+
+/// The mean time of a minimal HTTP/1.1 POST and its reply on one kept-alive connection: what one
+/// controller hop costs at the least.
+fn round_trip_us(stand_in: SocketAddr, round_trips: u32) -> f64 {
+    let mut stream = TcpStream::connect(stand_in).unwrap();
+    stream.set_nodelay(true).unwrap();
+    let body = b"<?xml version=\"1.0\"?>\n<methodcall/>\n";
+    let request = format!(
+        "POST /api/v2/task HTTP/1.1\r\nhost: {stand_in}\r\ncontent-type: application/xml\r\ncontent-length: {}\r\n\r\n{}",
+        body.len(),
+        String::from_utf8_lossy(body)
+    );
+    let mut buffer = vec![0; 4096];
+    let mut exchange = || {
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut received = 0;
+        // The reply is small and fixed: done once its body has arrived.
+        while !buffer[..received].ends_with(SUCCESS) {
+            let read = stream.read(&mut buffer[received..]).unwrap();
+            assert!(read > 0, "the stand-in closed the connection");
+            received += read;
+        }
+    };
+    for _ in 0..round_trips / 10 {
+        exchange();
+    }
+    let started = Instant::now();
+    for _ in 0..round_trips {
+        exchange();
+    }
+    started.elapsed().as_secs_f64() * 1e6 / f64::from(round_trips)
+}
+
+/// The stand-in controller: every POST gets the success reply, after `delay`.
+async fn start_stand_in(delay: Duration) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_request: Request<_>| async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    let mut response = Response::new(Full::new(Bytes::from_static(SUCCESS)));
+                    response.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("application/xml"),
+                    );
+                    Ok::<_, Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    address
+}
+
+/// `TaskService` doing nothing: what tonic alone costs per call.
+struct NoOp;
+
+#[tonic::async_trait]
+impl TaskService for NoOp {
+    async fn case_extract(
+        &self,
+        _request: tonic::Request<CaseExtractRequest>,
+    ) -> Result<tonic::Response<CaseExtractResponse>, Status> {
+        Ok(tonic::Response::new(CaseExtractResponse {}))
+    }
+}
+
+fn run_bare() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("bare listening {}", listener.local_addr().unwrap());
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+        Server::builder()
+            .add_service(TaskServiceServer::new(NoOp))
+            .serve_with_incoming_shutdown(incoming, async move {
+                terminate.recv().await;
+            })
+            .await
+            .unwrap();
+    });
+}
+
+/// The total instruction count callgrind wrote, every thread included.
+fn callgrind_total(out: &Path) -> u64 {
+    let text = std::fs::read_to_string(out)
+        .unwrap_or_else(|error| panic!("cannot read {}: {error}", out.display()));
+    let _ = std::fs::remove_file(out);
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix("summary:")
+                .or_else(|| line.strip_prefix("totals:"))
+        })
+        .and_then(|count| count.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no instruction total in {}", out.display()))
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.split_whitespace().next()?.parse().ok())
+        .unwrap_or_default()
+}
+
+fn which(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+impl Report {
+    fn table(&self, options: &Options) -> String {
+        let ratio = |gateway: f64, bare: f64| if bare > 0.0 { gateway / bare } else { 0.0 };
+        let verdict = |pass: bool| if pass { "yes" } else { "NO" };
+        let mut out = String::new();
+        let mut row = |what: &str, gateway: &str, bare: &str, ratio: &str, goal: &str| {
+            out.push_str(&format!(
+                "| {what:<34} | {gateway:>12} | {bare:>12} | {ratio:>7} | {goal:<28} |\n"
+            ));
+        };
+        row(
+            "measure",
+            "gateway",
+            "bare tonic",
+            "ratio",
+            "goal (met?)",
+        );
+        row(
+            "---",
+            "---:",
+            "---:",
+            "---:",
+            "---",
+        );
+        let throughput = ratio(self.gateway_128.calls_per_s, self.bare_128.calls_per_s);
+        row(
+            "calls/s, 1 in flight",
+            &format!("{:.0}", self.gateway_1.calls_per_s),
+            &format!("{:.0}", self.bare_1.calls_per_s),
+            &format!("{:.2}", ratio(self.gateway_1.calls_per_s, self.bare_1.calls_per_s)),
+            "",
+        );
+        row(
+            "calls/s, 128 in flight",
+            &format!("{:.0}", self.gateway_128.calls_per_s),
+            &format!("{:.0}", self.bare_128.calls_per_s),
+            &format!("{throughput:.2}"),
+            &format!(">= 0.50 ({})", verdict(throughput >= 0.5)),
+        );
+        let latency_bound = (self.bare_1.mean_latency_us + self.stand_in_round_trip_us) * 1.3;
+        row(
+            "mean latency, 1 in flight (µs)",
+            &format!("{:.1}", self.gateway_1.mean_latency_us),
+            &format!("{:.1}", self.bare_1.mean_latency_us),
+            &format!(
+                "{:.2}",
+                ratio(self.gateway_1.mean_latency_us, self.bare_1.mean_latency_us)
+            ),
+            &format!(
+                "<= {latency_bound:.1} ({})",
+                verdict(self.gateway_1.mean_latency_us <= latency_bound)
+            ),
+        );
+        match self.instructions {
+            Some((gateway, bare)) => {
+                let instructions = ratio(gateway, bare);
+                row(
+                    "instructions per call (callgrind)",
+                    &format!("{gateway:.0}"),
+                    &format!("{bare:.0}"),
+                    &format!("{instructions:.2}"),
+                    &format!("<= 1.80 ({})", verdict(instructions <= 1.8)),
+                );
+            }
+            None => row(
+                "instructions per call (callgrind)",
+                "-",
+                "-",
+                "-",
+                "valgrind not installed",
+            ),
+        }
+        let rss_mib = self.peak_rss_kib as f64 / 1024.0;
+        row(
+            "peak RSS, 1024 in flight (MiB)",
+            &format!("{rss_mib:.1}"),
+            "-",
+            "-",
+            &format!("<= 64 ({})", verdict(rss_mib <= 64.0)),
+        );
+        let mut notes = format!(
+            "\nstand-in round trip (HTTP/1.1 POST on loopback): {:.1} µs; {} per run after {} warm-up; \
+             slow stand-in answers after {}\n",
+            self.stand_in_round_trip_us,
+            humantime::format_duration(options.duration),
+            humantime::format_duration(options.warmup),
+            humantime::format_duration(SLOW_REPLY),
+        );
+        for (name, run) in [
+            ("gateway, 1 in flight", self.gateway_1),
+            ("gateway, 128 in flight", self.gateway_128),
+            ("gateway, 1024 in flight, slow stand-in", self.rss_run),
+        ] {
+            if run.ok_calls != run.calls {
+                notes.push_str(&format!(
+                    "warning: {name}: only {} of {} calls were OK\n",
+                    run.ok_calls, run.calls
+                ));
+            }
+        }
+        out + &notes
+    }
+}
