@@ -1,4 +1,4 @@
-//! The `taskgate` command line: `serve`, `simulate` and `case-extract`.
+//! The `taskgate` command line: `serve`, `simulate`, `case-extract` and `bench`.
 //!
 //! Clap types stay raw; they are turned into checked `config` types before any port is bound.
 //! Every flag can also be set with a `TASKGATE_…` environment variable.
@@ -15,11 +15,14 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand}
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tonic::transport::Endpoint;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::transport::{Channel, Endpoint};
 use tonic_types::{StatusExt, pb};
 
+mod bench;
 mod file;
 
+use bench::BenchArgs;
 use file::ServeFile;
 
 use crate::auth::TokenFile;
@@ -35,14 +38,16 @@ use crate::tls::{ServerTls, UpstreamTls};
 
 const EXIT_STATUS: &str = "\
 EXIT STATUS:
-    0  success (for serve and simulate: a clean shutdown on SIGINT or SIGTERM)
-    1  the call returned an error status, or the server failed while running
+    0  success (for serve and simulate: a clean shutdown on SIGINT or SIGTERM; for bench: the
+       run completed, even if some calls failed)
+    1  the call returned an error status, the gateway cannot be reached, or the server failed
+       while running
     2  a usage or configuration error (bad flag, bad file, address already in use)";
 
 /// taskgate: a gRPC gateway to the AutoStore task interface.
 ///
-/// `serve` runs the gateway, `simulate` runs a simulated controller, and `case-extract` calls a
-/// running gateway. Logs go to stderr; set their level with RUST_LOG (for example
+/// `serve` runs the gateway, `simulate` runs a simulated controller, `case-extract` calls a
+/// running gateway, and `bench` puts a running gateway under load and reports its latency. Logs go to stderr; set their level with RUST_LOG (for example
 /// RUST_LOG=taskgate=debug).
 #[derive(Debug, Parser)]
 #[command(name = "taskgate", version, after_help = EXIT_STATUS)]
@@ -79,6 +84,9 @@ enum Command {
     Simulate(SimulateArgs),
     /// Call CaseExtract on a running gateway and print the outcome.
     CaseExtract(CaseExtractArgs),
+    /// Put a running gateway under load with CaseExtract calls and report calls/s, latency
+    /// percentiles and a count per gRPC status code.
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -280,7 +288,7 @@ impl Cli {
         }
         let config_file = match &self.command {
             Command::Serve(args) => args.config.as_deref(),
-            Command::Simulate(_) | Command::CaseExtract(_) => None,
+            Command::Simulate(_) | Command::CaseExtract(_) | Command::Bench(_) => None,
         };
         config_file
             .and_then(|path| ServeFile::load(path).ok())
@@ -288,12 +296,12 @@ impl Cli {
             .unwrap_or(self.log_format)
     }
 
-    /// The log level when RUST_LOG is not set: the servers report each call, the client only
+    /// The log level when RUST_LOG is not set: the servers report each call, the clients only
     /// warnings.
     pub fn default_log_filter(&self) -> &'static str {
         match self.command {
             Command::Serve(_) | Command::Simulate(_) => "info",
-            Command::CaseExtract(_) => "warn",
+            Command::CaseExtract(_) | Command::Bench(_) => "warn",
         }
     }
 }
@@ -326,6 +334,7 @@ pub async fn run(cli: Cli) -> Ending {
         }
         Command::Simulate(args) => simulate(args).await,
         Command::CaseExtract(args) => case_extract(args).await,
+        Command::Bench(args) => bench::bench(args).await,
     };
     let (exit, error) = match result {
         Ok(exit) => (exit, None),
@@ -574,27 +583,17 @@ async fn simulate(args: SimulateArgs) -> Outcome {
 }
 
 async fn case_extract(args: CaseExtractArgs) -> Outcome {
-    let endpoint = Endpoint::from_shared(args.gateway.clone())
-        .with_context(|| format!("invalid --gateway '{}'", args.gateway))
-        .map_err(usage)?
-        .connect_timeout(args.timeout)
-        .timeout(args.timeout);
+    let endpoint = gateway_endpoint(&args.gateway, args.timeout).map_err(usage)?;
     let call_failed = |error: anyhow::Error| (Exit::CallFailed, error);
-    let channel = endpoint
-        .connect()
+    let channel = connect(&endpoint, &args.gateway)
         .await
-        .with_context(|| format!("cannot connect to the gateway at {}", args.gateway))
         .map_err(call_failed)?;
     let mut request = tonic::Request::new(CaseExtractRequest {
         port_id: args.port,
         bin_id: args.bin,
     });
     if let Some(token) = &args.token {
-        // The message names the flag, never the token.
-        let value = format!("Bearer {token}")
-            .parse()
-            .context("invalid --token: it must be printable ASCII")
-            .map_err(usage)?;
+        let value = bearer_token(token).map_err(usage)?;
         request.metadata_mut().insert("authorization", value);
     }
     if let Some(request_id) = &args.request_id {
@@ -624,6 +623,29 @@ async fn case_extract(args: CaseExtractArgs) -> Outcome {
             Ok(Exit::CallFailed)
         }
     }
+}
+
+/// The gateway's endpoint, checked without connecting; `timeout` bounds the connect and each
+/// call.
+fn gateway_endpoint(gateway: &str, timeout: Duration) -> anyhow::Result<Endpoint> {
+    let endpoint = Endpoint::from_shared(gateway.to_owned())
+        .with_context(|| format!("invalid --gateway '{gateway}'"))?;
+    Ok(endpoint.connect_timeout(timeout).timeout(timeout))
+}
+
+/// Opens one HTTP/2 connection to the gateway.
+async fn connect(endpoint: &Endpoint, gateway: &str) -> anyhow::Result<Channel> {
+    endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to the gateway at {gateway}"))
+}
+
+/// The `authorization` value for `token`. The error names the flag, never the token.
+fn bearer_token(token: &str) -> anyhow::Result<AsciiMetadataValue> {
+    format!("Bearer {token}")
+        .parse()
+        .context("invalid --token: it must be printable ASCII")
 }
 
 /// Renders an error status for operators: gRPC code, fault, meaning, retry advice, message.

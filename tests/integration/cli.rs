@@ -9,7 +9,7 @@ use taskgate::simulator::layout::Layout;
 
 use crate::support::{Gateway, unused_address};
 
-const BIN: &str = env!("CARGO_BIN_EXE_taskgate");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_taskgate");
 
 async fn taskgate(args: &[&str]) -> Output {
     Command::new(BIN)
@@ -22,7 +22,7 @@ async fn taskgate(args: &[&str]) -> Output {
 }
 
 /// Asserts the exit code, printing the command's output when it differs.
-fn assert_exit(output: &Output, args: &[&str], expected: i32) {
+pub(crate) fn assert_exit(output: &Output, args: &[&str], expected: i32) {
     assert_eq!(
         output.status.code(),
         Some(expected),
@@ -33,7 +33,8 @@ fn assert_exit(output: &Output, args: &[&str], expected: i32) {
     );
 }
 
-async fn run(args: &[&str], expected_exit: i32) -> (String, String) {
+/// Runs `taskgate ARGS…`, asserts its exit code and returns its stdout and stderr.
+pub(crate) async fn run(args: &[&str], expected_exit: i32) -> (String, String) {
     let output = taskgate(args).await;
     assert_exit(&output, args, expected_exit);
     (

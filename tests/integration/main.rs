@@ -13,12 +13,14 @@
 //! - `shutdown`: graceful shutdown with calls in flight.
 //! - `auth`: bearer tokens on task calls.
 //! - `cli`: the real `taskgate` binary, its output and exit codes.
+//! - `bench`: `taskgate bench` against the simulator: its report, counts and exit codes.
 //! - `contract`: the proto comments and the README agree with the fault table.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A panic in a test is a failed test.
 
 mod support;
 
 mod auth;
+mod bench;
 mod cli;
 mod contract;
 mod grpc_web;
