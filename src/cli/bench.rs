@@ -554,18 +554,19 @@ impl Report {
     }
 }
 
-/// A latency for people: three significant digits, in us, ms or s.
+/// A latency for people: three significant digits, in us, ms or s. The limits sit half a unit
+/// of the last digit below each power of ten, so that 9999 us reads 10.0ms, not 10.00ms.
 fn format_micros(micros: f64) -> String {
-    let (value, unit) = if micros < 1_000.0 {
+    let (value, unit) = if micros < 999.5 {
         return format!("{micros:.0}us");
-    } else if micros < 1_000_000.0 {
+    } else if micros < 999_500.0 {
         (micros / 1_000.0, "ms")
     } else {
         (micros / 1_000_000.0, "s")
     };
-    let decimals = if value < 10.0 {
+    let decimals = if value < 9.995 {
         2
-    } else if value < 100.0 {
+    } else if value < 99.95 {
         1
     } else {
         0
@@ -1062,6 +1063,10 @@ mod tests {
     fn latencies_read_with_three_significant_digits() {
         assert_eq!(format_micros(0.0), "0us");
         assert_eq!(format_micros(850.4), "850us");
+        assert_eq!(format_micros(999.6), "1.00ms");
+        assert_eq!(format_micros(9_999.0), "10.0ms");
+        assert_eq!(format_micros(99_960.0), "100ms");
+        assert_eq!(format_micros(999_700.0), "1.00s");
         assert_eq!(format_micros(4_050.2), "4.05ms");
         assert_eq!(format_micros(12_100.0), "12.1ms");
         assert_eq!(format_micros(123_456.0), "123ms");
