@@ -3,8 +3,9 @@
 //! `TaskService` as a no-op (the ceiling of this gRPC stack on this machine).
 //!
 //! ```text
-//! bench_rig --taskgate PATH [--gateway-bin PATH] [--duration SECS] [--smoke]
+//! bench_rig --taskgate PATH [--gateway-bin PATH] [--duration SECS] [--smoke] [--keep-profiles DIR]
 //! bench_rig bare      # internal: the bare tonic server, run as a child process
+//! bench_rig stand-in  # the fast stand-in alone, for profiling the gateway by hand
 //! ```
 //!
 //! `--taskgate` is the binary whose `bench` command drives the load; `--gateway-bin` (default:
@@ -43,12 +44,16 @@ struct Options {
     duration: Duration,
     warmup: Duration,
     smoke: bool,
+    /// Where callgrind's output files are kept for `callgrind_annotate`; removed when `None`.
+    keep_profiles: Option<PathBuf>,
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("bare") {
-        return run_bare();
+    match args.first().map(String::as_str) {
+        Some("bare") => return run_bare(),
+        Some("stand-in") => return run_stand_in(),
+        _ => {}
     }
     let options = parse_options(&args);
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -59,11 +64,13 @@ fn main() {
 }
 
 fn parse_options(args: &[String]) -> Options {
-    let usage = "usage: bench_rig --taskgate PATH [--gateway-bin PATH] [--duration SECS] [--smoke]";
+    let usage = "usage: bench_rig --taskgate PATH [--gateway-bin PATH] [--duration SECS] [--smoke] \
+                 [--keep-profiles DIR]";
     let mut taskgate = None;
     let mut gateway_bin = None;
     let mut duration = None;
     let mut smoke = false;
+    let mut keep_profiles = None;
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value; {usage}"));
@@ -78,6 +85,7 @@ fn parse_options(args: &[String]) -> Options {
                 duration = Some(Duration::from_secs_f64(seconds));
             }
             "--smoke" => smoke = true,
+            "--keep-profiles" => keep_profiles = Some(PathBuf::from(value())),
             other => panic!("unknown argument '{other}'; {usage}"),
         }
     }
@@ -93,6 +101,7 @@ fn parse_options(args: &[String]) -> Options {
         duration: duration.unwrap_or(default_duration),
         warmup,
         smoke,
+        keep_profiles,
     }
 }
 
@@ -140,22 +149,25 @@ fn measure(options: &Options, fast: SocketAddr, slow: SocketAddr) -> Report {
 
     if which("valgrind") {
         let (short, long) = if options.smoke { (20, 60) } else { (500, 2500) };
-        let per_call = |start: &dyn Fn(&Path) -> Target| {
+        let per_call = |name: &str, start: &dyn Fn(&Path) -> Target| {
             let total = |calls: u64| {
-                let out = std::env::temp_dir().join(format!(
-                    "taskgate-callgrind-{}-{calls}.out",
-                    std::process::id()
-                ));
+                let folder = options.keep_profiles.clone().unwrap_or_else(std::env::temp_dir);
+                let out = folder.join(format!("callgrind.{name}.{calls}-calls.out"));
                 let target = start(&out);
                 bench(options, &target, 1, 1, Length::Calls(calls));
                 target.stop();
-                callgrind_total(&out)
+                let total = callgrind_total(&out);
+                if options.keep_profiles.is_none() {
+                    let _ = std::fs::remove_file(&out);
+                }
+                total
             };
             (total(long) - total(short)) as f64 / (long - short) as f64
         };
-        let gateway_instructions =
-            per_call(&|out| Target::gateway(&options.gateway_bin, &upstream, Some(out)));
-        let bare_instructions = per_call(&|out| Target::bare(Some(out)));
+        let gateway_instructions = per_call("gateway", &|out| {
+            Target::gateway(&options.gateway_bin, &upstream, Some(out))
+        });
+        let bare_instructions = per_call("bare", &|out| Target::bare(Some(out)));
         report.instructions = Some((gateway_instructions, bare_instructions));
     }
 
@@ -386,6 +398,15 @@ async fn start_stand_in(delay: Duration) -> SocketAddr {
     address
 }
 
+fn run_stand_in() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let address = start_stand_in(Duration::ZERO).await;
+        println!("stand-in listening http://{address}/api/v2/task");
+        std::future::pending::<()>().await;
+    });
+}
+
 /// `TaskService` doing nothing: what tonic alone costs per call.
 struct NoOp;
 
@@ -422,7 +443,6 @@ fn run_bare() {
 fn callgrind_total(out: &Path) -> u64 {
     let text = std::fs::read_to_string(out)
         .unwrap_or_else(|error| panic!("cannot read {}: {error}", out.display()));
-    let _ = std::fs::remove_file(out);
     text.lines()
         .find_map(|line| {
             line.strip_prefix("summary:")
