@@ -26,6 +26,13 @@ fn malformed(body: &[u8]) {
     }
 }
 
+fn check_encoded(method_call: &MethodCall, expected: &str) {
+    assert_eq!(
+        String::from_utf8(encode_method_call(method_call)).unwrap(),
+        expected
+    );
+}
+
 #[test]
 fn case_extract_request_is_the_documented_shape() {
     let method_call = MethodCall::new("case_extract")
@@ -39,9 +46,84 @@ fn case_extract_request_is_the_documented_shape() {
                     <bin_id>101337</bin_id>\n  \
                     </params>\n\
                     </methodcall>\n";
+    check_encoded(&method_call, expected);
+}
+
+/// Pins the exact bytes of text that needs escaping: the five markup characters and `\r`, which
+/// XML end-of-line handling would otherwise turn into `\n`. Non-ASCII text is written as is.
+#[test]
+fn escaped_text_has_exact_bytes() {
+    let method_call = MethodCall::new("a&b")
+        .with_param("note", "x<y & \"q\" 'a' > z\r\n\tæ€")
+        .with_param("tail", "&&")
+        .with_param("empty", "");
+    let expected = "<?xml version=\"1.0\"?>\n\
+                    <methodcall>\n  \
+                    <name>a&amp;b</name>\n  \
+                    <params>\n    \
+                    <note>x&lt;y &amp; &quot;q&quot; &apos;a&apos; &gt; z&#13;\n\tæ€</note>\n    \
+                    <tail>&amp;&amp;</tail>\n    \
+                    <empty/>\n  \
+                    </params>\n\
+                    </methodcall>\n";
+    check_encoded(&method_call, expected);
     assert_eq!(
-        String::from_utf8(encode_method_call(&method_call)).unwrap(),
-        expected
+        decode_method_call(expected.as_bytes(), None),
+        Ok(method_call)
+    );
+}
+
+/// Pins nested parameters, an empty call, and a reply carrying data; an element with children
+/// is written without its own text, as it always has been.
+#[test]
+fn nested_elements_have_exact_bytes() {
+    let task = Element {
+        name: "task".to_owned(),
+        text: "dropped".to_owned(),
+        children: vec![Element::leaf("task_id", 7), Element::leaf("bin_id", 12)],
+    };
+    let tasks = Element {
+        name: "tasks".to_owned(),
+        text: String::new(),
+        children: vec![task, Element::leaf("begingroup", "")],
+    };
+    let method_call = MethodCall {
+        name: "create_taskgroup".to_owned(),
+        params: vec![Element::leaf("taskgroup_id", 3), tasks],
+    };
+    let expected = "<?xml version=\"1.0\"?>\n\
+                    <methodcall>\n  \
+                    <name>create_taskgroup</name>\n  \
+                    <params>\n    \
+                    <taskgroup_id>3</taskgroup_id>\n    \
+                    <tasks>\n      \
+                    <task>\n        \
+                    <task_id>7</task_id>\n        \
+                    <bin_id>12</bin_id>\n      \
+                    </task>\n      \
+                    <begingroup/>\n    \
+                    </tasks>\n  \
+                    </params>\n\
+                    </methodcall>\n";
+    check_encoded(&method_call, expected);
+
+    assert_eq!(
+        encode_method_call(&MethodCall::new("")),
+        b"<?xml version=\"1.0\"?>\n<methodcall>\n  <name/>\n  <params/>\n</methodcall>\n"
+    );
+
+    let params = Element {
+        name: "params".to_owned(),
+        text: String::new(),
+        children: vec![Element::leaf("case_state", "EREQ")],
+    };
+    assert_eq!(
+        encode_reply(&Reply::Success(params)),
+        b"<?xml version=\"1.0\"?>\n<response>\n  <params>\n    <case_state>EREQ</case_state>\n  </params>\n</response>\n"
+    );
+    assert_eq!(
+        encode_reply(&Reply::Fault(u32::MAX)),
+        b"<?xml version=\"1.0\"?>\n<response>\n  <fault>\n    <code>4294967295</code>\n  </fault>\n</response>\n"
     );
 }
 
