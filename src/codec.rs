@@ -9,7 +9,6 @@
 use std::borrow::Cow;
 
 use quick_xml::Reader;
-use quick_xml::escape::escape;
 use quick_xml::events::Event;
 
 /// The default cap on a request or response body: task-interface messages are a few hundred
@@ -214,35 +213,33 @@ fn method_call_from_element(methodcall: &Element) -> Result<MethodCall, DecodeEr
 /// Encodes a method call in the documented shape, UTF-8, with the bare `<?xml version="1.0"?>`
 /// declaration every vendor example sends.
 pub fn encode_method_call(method_call: &MethodCall) -> Vec<u8> {
-    let params = Element {
-        name: "params".to_owned(),
-        text: String::new(),
-        children: method_call.params.clone(),
-    };
-    let methodcall = Element {
-        name: "methodcall".to_owned(),
-        text: String::new(),
-        children: vec![Element::leaf("name", &method_call.name), params],
-    };
-    encode_document(&methodcall)
+    encode_document(
+        "methodcall",
+        &[
+            Node::leaf("name", &method_call.name),
+            Node {
+                name: "params",
+                text: "",
+                children: &method_call.params,
+            },
+        ],
+    )
 }
 
 /// Encodes a reply in the documented shape, as the simulated controller sends it.
 pub fn encode_reply(reply: &Reply) -> Vec<u8> {
-    let child = match reply {
-        Reply::Success(params) => params.clone(),
-        Reply::Fault(code) => Element {
-            name: "fault".to_owned(),
-            text: String::new(),
-            children: vec![Element::leaf("code", code)],
-        },
-    };
-    let response = Element {
-        name: "response".to_owned(),
-        text: String::new(),
-        children: vec![child],
-    };
-    encode_document(&response)
+    match reply {
+        Reply::Success(params) => encode_document("response", &[Node::from(params)]),
+        Reply::Fault(code) => {
+            let code = [integer_leaf("code", *code)];
+            let fault = Node {
+                name: "fault",
+                text: "",
+                children: &code,
+            };
+            encode_document("response", &[fault])
+        }
+    }
 }
 
 /// Reads an element's text as a non-negative decimal integer, allowing surrounding whitespace.
@@ -353,6 +350,13 @@ impl MethodCall {
     /// Adds a parameter holding `value`'s text.
     pub fn with_param(mut self, name: &str, value: impl ToString) -> Self {
         self.params.push(Element::leaf(name, value));
+        self
+    }
+
+    /// Adds a parameter holding `value` in decimal; cheaper than [`MethodCall::with_param`],
+    /// which goes through `core::fmt`.
+    pub fn with_integer_param(mut self, name: &str, value: u32) -> Self {
+        self.params.push(integer_leaf(name, value));
         self
     }
 
@@ -668,30 +672,139 @@ fn shorten(text: &str) -> String {
     }
 }
 
-fn encode_document(root: &Element) -> Vec<u8> {
-    let mut out = String::from("<?xml version=\"1.0\"?>\n");
-    write_element(&mut out, root, 0);
-    out.into_bytes()
+fn integer_leaf(name: &str, value: u32) -> Element {
+    Element::leaf(name, itoa::Buffer::new().format(value))
 }
 
-fn write_element(out: &mut String, element: &Element, depth: usize) {
-    let indent = "  ".repeat(depth);
-    out.push_str(&indent);
-    if element.children.is_empty() && element.text.is_empty() {
-        out.push_str(&format!("<{}/>\n", element.name));
+/// The declaration every encoded document starts with.
+const DECLARATION: &[u8] = b"<?xml version=\"1.0\"?>\n";
+
+/// An element to encode, borrowed, so that the `<methodcall>` or `<response>` envelope can wrap
+/// the caller's elements without copying them.
+#[derive(Clone, Copy)]
+struct Node<'a> {
+    name: &'a str,
+    text: &'a str,
+    children: &'a [Element],
+}
+
+impl<'a> Node<'a> {
+    fn leaf(name: &'a str, text: &'a str) -> Self {
+        Node {
+            name,
+            text,
+            children: &[],
+        }
+    }
+}
+
+impl<'a> From<&'a Element> for Node<'a> {
+    fn from(element: &'a Element) -> Self {
+        Node {
+            name: &element.name,
+            text: &element.text,
+            children: &element.children,
+        }
+    }
+}
+
+/// Where the encoder writes: the output buffer, or a counter that sizes that buffer first. One
+/// writer drives both, so the size cannot drift from what is written.
+trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+    fn indent(&mut self, depth: usize);
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+
+    fn indent(&mut self, depth: usize) {
+        self.resize(self.len() + INDENT_WIDTH * depth, b' ');
+    }
+}
+
+/// Counts the bytes a document will take.
+struct Length(usize);
+
+impl Sink for Length {
+    fn put(&mut self, bytes: &[u8]) {
+        self.0 += bytes.len();
+    }
+
+    fn indent(&mut self, depth: usize) {
+        self.0 += INDENT_WIDTH * depth;
+    }
+}
+
+const INDENT_WIDTH: usize = 2;
+
+/// Writes the declaration and a root holding `children`, into a buffer of exactly the right size.
+fn encode_document(root: &str, children: &[Node<'_>]) -> Vec<u8> {
+    let mut length = Length(0);
+    write_document(&mut length, root, children);
+    let mut out = Vec::with_capacity(length.0);
+    write_document(&mut out, root, children);
+    out
+}
+
+fn write_document(sink: &mut impl Sink, root: &str, children: &[Node<'_>]) {
+    sink.put(DECLARATION);
+    write_tag(sink, b"<", root, b">\n");
+    for child in children {
+        write_node(sink, *child, 1);
+    }
+    write_tag(sink, b"</", root, b">\n");
+}
+
+fn write_node(sink: &mut impl Sink, node: Node<'_>, depth: usize) {
+    sink.indent(depth);
+    if node.children.is_empty() && node.text.is_empty() {
+        write_tag(sink, b"<", node.name, b"/>\n");
         return;
     }
-    out.push_str(&format!("<{}>", element.name));
-    if element.children.is_empty() {
-        out.push_str(&escape(element.text.as_str()));
+    write_tag(sink, b"<", node.name, b">");
+    if node.children.is_empty() {
+        write_escaped(sink, node.text);
     } else {
-        out.push('\n');
-        for child in &element.children {
-            write_element(out, child, depth + 1);
+        sink.put(b"\n");
+        for child in node.children {
+            write_node(sink, child.into(), depth + 1);
         }
-        out.push_str(&indent);
+        sink.indent(depth);
     }
-    out.push_str(&format!("</{}>\n", element.name));
+    write_tag(sink, b"</", node.name, b">\n");
+}
+
+fn write_tag(sink: &mut impl Sink, open: &[u8], name: &str, close: &[u8]) {
+    sink.put(open);
+    sink.put(name.as_bytes());
+    sink.put(close);
+}
+
+/// Writes text with the escapes of `quick_xml::escape::escape`, which the wire format was first
+/// written with: the five markup characters, and `\r`, which a reader's end-of-line handling
+/// would otherwise turn into `\n`. Runs without any of them are copied in one go.
+fn write_escaped(sink: &mut impl Sink, text: &str) {
+    let bytes = text.as_bytes();
+    let mut run_start = 0;
+    for (index, &byte) in bytes.iter().enumerate() {
+        // All six are ASCII, so they never occur inside a multi-byte UTF-8 sequence.
+        let escaped: &[u8] = match byte {
+            b'<' => b"&lt;",
+            b'>' => b"&gt;",
+            b'&' => b"&amp;",
+            b'\'' => b"&apos;",
+            b'"' => b"&quot;",
+            b'\r' => b"&#13;",
+            _ => continue,
+        };
+        sink.put(&bytes[run_start..index]);
+        sink.put(escaped);
+        run_start = index + 1;
+    }
+    sink.put(&bytes[run_start..]);
 }
 
 mod json;

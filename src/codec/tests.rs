@@ -38,6 +38,14 @@ fn case_extract_request_is_the_documented_shape() {
     let method_call = MethodCall::new("case_extract")
         .with_param("port_id", 4)
         .with_param("bin_id", 101337);
+    assert_eq!(
+        MethodCall::new("case_extract")
+            .with_integer_param("port_id", 4)
+            .with_integer_param("bin_id", 101337),
+        method_call
+    );
+    let body = encode_method_call(&method_call);
+    assert_eq!(body.capacity(), body.len(), "sized exactly, never regrown");
     let expected = "<?xml version=\"1.0\"?>\n\
                     <methodcall>\n  \
                     <name>case_extract</name>\n  \
