@@ -20,6 +20,7 @@
 //! - [`server`]: wiring a listener, a config and a shutdown signal into a running gateway.
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
 //! - [`cli`]: the `taskgate` command line.
+//! - `bench_api`: hidden entry points for `benches/`; not a stable API.
 
 pub mod proto {
     //! The generated `taskgate.v1` types, tonic client and server, and encoded descriptor set.
@@ -36,6 +37,8 @@ pub mod proto {
 }
 
 pub mod auth;
+#[doc(hidden)]
+pub mod bench_api;
 pub mod cli;
 pub mod codec;
 pub mod config;

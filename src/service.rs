@@ -113,8 +113,8 @@ impl TaskService for TaskGateway {
             (Err(_), _) => (None, Err(CallError::Overloaded)),
             (Ok(_permit), Ok(())) => {
                 let method_call = MethodCall::new(context.method)
-                    .with_param("port_id", port_id)
-                    .with_param("bin_id", bin_id);
+                    .with_integer_param("port_id", port_id)
+                    .with_integer_param("bin_id", bin_id);
                 self.call(&context, method_call, &request_id, caller_deadline)
                     .await
             }

@@ -1,0 +1,40 @@
+//! Entry points for `benches/`, which can only reach the public API. Not a stable API: hidden
+//! from the docs and changed with the benches. It exists so that the full reply parser and the
+//! `status` mapping can be measured without making them, or `status`, public.
+
+use std::time::Duration;
+
+use tonic::Status;
+
+use crate::codec::{self, DecodeError, Reply};
+use crate::config::defaults;
+use crate::status::{self, CallContext, CallError, RetryPolicy};
+use crate::upstream::UpstreamError;
+
+/// The call every mapping below is for.
+const CONTEXT: CallContext = CallContext {
+    method: "case_extract",
+    port_id: 4,
+    bin_id: 101337,
+};
+
+const RETRY: RetryPolicy = RetryPolicy {
+    delay: defaults::RETRY_DELAY,
+};
+
+/// Decodes a reply with the full parser alone: the baseline for [`codec::decode_reply`], which
+/// recognises common replies without it.
+pub fn parse_reply(body: &[u8], charset: Option<&str>) -> Result<Reply, DecodeError> {
+    codec::parse_reply(body, charset)
+}
+
+/// The status a caller receives when the controller answers a case_extract with fault `code`.
+pub fn fault_status(code: u32) -> Status {
+    status::status(&CONTEXT, &CallError::Fault(code), RETRY)
+}
+
+/// The status a caller receives when the controller does not answer a case_extract within `limit`.
+pub fn upstream_timeout_status(limit: Duration) -> Status {
+    let timeout = CallError::Upstream(UpstreamError::Timeout { limit });
+    status::status(&CONTEXT, &timeout, RETRY)
+}
