@@ -20,7 +20,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -73,7 +73,10 @@ fn parse_options(args: &[String]) -> Options {
     let mut keep_profiles = None;
     let mut args = args.iter();
     while let Some(arg) = args.next() {
-        let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value; {usage}"));
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| panic!("{arg} needs a value; {usage}"))
+        };
         match arg.as_str() {
             "--taskgate" => taskgate = Some(PathBuf::from(value())),
             "--gateway-bin" => gateway_bin = Some(PathBuf::from(value())),
@@ -151,7 +154,10 @@ fn measure(options: &Options, fast: SocketAddr, slow: SocketAddr) -> Report {
         let (short, long) = if options.smoke { (20, 60) } else { (500, 2500) };
         let per_call = |name: &str, start: &dyn Fn(&Path) -> Target| {
             let total = |calls: u64| {
-                let folder = options.keep_profiles.clone().unwrap_or_else(std::env::temp_dir);
+                let folder = options
+                    .keep_profiles
+                    .clone()
+                    .unwrap_or_else(std::env::temp_dir);
                 let out = folder.join(format!("callgrind.{name}.{calls}-calls.out"));
                 let target = start(&out);
                 bench(options, &target, 1, 1, Length::Calls(calls));
@@ -269,7 +275,10 @@ impl Target {
         let (child, line) = spawn_until(command, Pipe::Stdout, "bare listening ");
         Target {
             name: "the bare server",
-            url: format!("http://{}", line.trim_start_matches("bare listening ").trim()),
+            url: format!(
+                "http://{}",
+                line.trim_start_matches("bare listening ").trim()
+            ),
             child,
         }
     }
@@ -360,7 +369,7 @@ fn round_trip_us(stand_in: SocketAddr, round_trips: u32) -> f64 {
     for _ in 0..round_trips / 10 {
         exchange();
     }
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     for _ in 0..round_trips {
         exchange();
     }
@@ -480,26 +489,17 @@ impl Report {
                 "| {what:<34} | {gateway:>12} | {bare:>12} | {ratio:>7} | {goal:<28} |\n"
             ));
         };
-        row(
-            "measure",
-            "gateway",
-            "bare tonic",
-            "ratio",
-            "goal (met?)",
-        );
-        row(
-            "---",
-            "---:",
-            "---:",
-            "---:",
-            "---",
-        );
+        row("measure", "gateway", "bare tonic", "ratio", "goal (met?)");
+        row("---", "---:", "---:", "---:", "---");
         let throughput = ratio(self.gateway_128.calls_per_s, self.bare_128.calls_per_s);
         row(
             "calls/s, 1 in flight",
             &format!("{:.0}", self.gateway_1.calls_per_s),
             &format!("{:.0}", self.bare_1.calls_per_s),
-            &format!("{:.2}", ratio(self.gateway_1.calls_per_s, self.bare_1.calls_per_s)),
+            &format!(
+                "{:.2}",
+                ratio(self.gateway_1.calls_per_s, self.bare_1.calls_per_s)
+            ),
             "",
         );
         row(
