@@ -6,13 +6,19 @@
 //! are counted (`taskgate_log_lines_dropped_total`) and reported in one line once writing
 //! resumes. On exit the queue is flushed, for at most the time the caller allows.
 
+use std::fmt;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
+use tracing::field::{Field, Visit};
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::field::{RecordFields, VisitOutput};
+use tracing_subscriber::fmt::FormatFields;
+use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
+use tracing_subscriber::fmt::time::FormatTime;
 
 /// How many formatted lines may wait for the writer thread. At a few hundred bytes a line this
 /// caps the queue near 2 MiB, and it absorbs a reader that pauses for a fraction of a second at
@@ -64,8 +70,14 @@ pub fn init(format: LogFormat, default_filter: &str) -> LogGuard {
     let _ = match format {
         LogFormat::Text => builder
             .with_ansi(std::io::stderr().is_terminal())
+            .fmt_fields(PlainFields)
+            .with_timer(Rfc3339)
             .try_init(),
-        LogFormat::Json => builder.json().with_current_span(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_timer(Rfc3339)
+            .try_init(),
     };
     LogGuard { worker }
 }
@@ -129,6 +141,183 @@ impl<W: Write> Write for DropReporter<W> {
     }
 }
 
+/// The text format's fields, written as `tracing-subscriber`'s default writes them without ANSI
+/// styles, but without its per-field styling machinery, and without `core::fmt` for the values
+/// every access line has: strings that need no escaping, integers and booleans. On a terminal
+/// (where names are styled) every field goes to the default visitor. A test checks that both
+/// write the same bytes.
+#[derive(Debug)]
+struct PlainFields;
+
+impl<'writer> FormatFields<'writer> for PlainFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'writer>, fields: R) -> fmt::Result {
+        if writer.has_ansi_escapes() {
+            let mut visitor = DefaultVisitor::new(writer, true);
+            fields.record(&mut visitor);
+            return visitor.finish();
+        }
+        let mut visitor = PlainVisitor {
+            writer,
+            is_empty: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct PlainVisitor<'writer> {
+    writer: Writer<'writer>,
+    is_empty: bool,
+    result: fmt::Result,
+}
+
+/// How a field's value is written.
+enum Value<'a> {
+    /// As it is: integers, booleans.
+    Bare(&'a str),
+    /// Between double quotes, as `Debug` writes a string that needs no escaping.
+    Quoted(&'a str),
+    /// With `Debug`.
+    Debug(&'a dyn fmt::Debug),
+}
+
+impl PlainVisitor<'_> {
+    /// Writes one field as the default visitor does: `name=value`, or the value alone for the
+    /// message, after a space unless it is the first.
+    fn write(&mut self, field: &Field, value: Value<'_>) {
+        let name = field.name();
+        // `log` records bridged into tracing carry their metadata as fields, already printed.
+        if self.result.is_err() || name.starts_with("log.") {
+            return;
+        }
+        self.result = self.write_field(name.strip_prefix("r#").unwrap_or(name), value);
+    }
+
+    fn write_field(&mut self, name: &str, value: Value<'_>) -> fmt::Result {
+        if !std::mem::replace(&mut self.is_empty, false) {
+            self.writer.write_str(" ")?;
+        }
+        if name != "message" {
+            self.writer.write_str(name)?;
+            self.writer.write_str("=")?;
+        }
+        match value {
+            Value::Bare(text) => self.writer.write_str(text),
+            Value::Quoted(text) => {
+                self.writer.write_str("\"")?;
+                self.writer.write_str(text)?;
+                self.writer.write_str("\"")
+            }
+            Value::Debug(value) => write!(self.writer, "{value:?}"),
+        }
+    }
+}
+
+impl Visit for PlainVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        // Exactly the strings whose `Debug` form is the text between quotes.
+        let needs_no_escape = value
+            .bytes()
+            .all(|byte| (b' '..=b'~').contains(&byte) && byte != b'"' && byte != b'\\');
+        if field.name() == "message" {
+            self.write(field, Value::Bare(value));
+        } else if needs_no_escape {
+            self.write(field, Value::Quoted(value));
+        } else {
+            self.write(field, Value::Debug(&value));
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.write(field, Value::Bare(itoa::Buffer::new().format(value)));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.write(field, Value::Bare(itoa::Buffer::new().format(value)));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.write(field, Value::Bare(if value { "true" } else { "false" }));
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        if self.result.is_err() {
+            return;
+        }
+        // Rare, and the default writes the error's sources too.
+        let mut visitor = DefaultVisitor::new(self.writer.by_ref(), self.is_empty);
+        visitor.record_error(field, value);
+        self.result = visitor.finish();
+        self.is_empty = false;
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.write(field, Value::Debug(value));
+    }
+}
+
+/// UTC timestamps with microseconds (`2026-11-29T02:54:14.211684Z`), the format the default
+/// timer writes, with plain digit writes instead of `core::fmt` padding.
+#[derive(Debug)]
+struct Rfc3339;
+
+impl FormatTime for Rfc3339 {
+    fn format_time(&self, writer: &mut Writer<'_>) -> fmt::Result {
+        let since_epoch = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut text = [0_u8; 27];
+        write_rfc3339(&mut text, since_epoch);
+        writer.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
+    }
+}
+
+/// Writes a time since the Unix epoch, for years 1970 to 9999.
+fn write_rfc3339(text: &mut [u8; 27], since_epoch: Duration) {
+    let seconds = since_epoch.as_secs();
+    let (year, month, day) = civil_from_days(seconds / 86_400);
+    let second_of_day = seconds % 86_400;
+    let mut position = 0;
+    let fields = [
+        (year, 4, b'-'),
+        (month, 2, b'-'),
+        (day, 2, b'T'),
+        (second_of_day / 3600, 2, b':'),
+        (second_of_day / 60 % 60, 2, b':'),
+        (second_of_day % 60, 2, b'.'),
+        (u64::from(since_epoch.subsec_micros()), 6, b'Z'),
+    ];
+    for (mut value, width, after) in fields {
+        for index in (position..position + width).rev() {
+            text[index] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+        text[position + width] = after;
+        position += width + 1;
+    }
+}
+
+/// The proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`, for non-negative days).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let shifted = days + 719_468;
+    let era = shifted / 146_097;
+    let day_of_era = shifted % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +336,97 @@ mod tests {
         );
         reporter.flush().unwrap();
         assert_eq!(reporter.inner.get_ref().as_slice(), b"one\ntwo\n");
+    }
+
+    fn rfc3339(since_epoch: Duration) -> String {
+        let mut text = [0_u8; 27];
+        write_rfc3339(&mut text, since_epoch);
+        String::from_utf8(text.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn timestamps_match_the_default_timer() {
+        let check = |seconds: u64, micros: u64, expected: &str| {
+            let since_epoch = Duration::from_secs(seconds) + Duration::from_micros(micros);
+            assert_eq!(rfc3339(since_epoch), expected, "{seconds}");
+        };
+        check(0, 0, "1970-01-01T00:00:00.000000Z");
+        check(951_782_400, 7, "2000-02-29T00:00:00.000007Z");
+        check(1_709_251_199, 999_999, "2024-02-29T23:59:59.999999Z");
+        check(1_795_920_854, 211_684, "2026-11-29T02:54:14.211684Z");
+        check(253_402_300_799, 0, "9999-12-31T23:59:59.000000Z");
+    }
+
+    /// Formats one event with `PlainFields` and with the default field formatter; the lines must
+    /// be identical.
+    fn same_as_default(record: impl Fn()) {
+        let line = |plain: bool| {
+            let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let writer = {
+                let buffer = buffer.clone();
+                move || SharedBuffer(buffer.clone())
+            };
+            let builder = tracing_subscriber::fmt()
+                .with_writer(writer)
+                .with_ansi(false)
+                .without_time();
+            if plain {
+                tracing::subscriber::with_default(
+                    builder.fmt_fields(PlainFields).finish(),
+                    &record,
+                );
+            } else {
+                tracing::subscriber::with_default(builder.finish(), &record);
+            }
+            String::from_utf8(buffer.lock().unwrap().clone()).unwrap()
+        };
+        let (plain, default) = (line(true), line(false));
+        assert!(!plain.is_empty());
+        assert_eq!(plain, default);
+    }
+
+    struct SharedBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for SharedBuffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().write(bytes)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn plain_fields_write_what_the_default_writes() {
+        same_as_default(|| {
+            tracing::info!(
+                method = "case_extract",
+                port_id = 4_u32,
+                fault_code = Some(1148_u32),
+                missing = None::<u32>,
+                negative = -3_i64,
+                flag = true,
+                ms = 0.25_f64,
+                quoted = "say \"hi\"",
+                tab = "a\tb",
+                unicode = "grüße",
+                display = %"shown",
+                "call"
+            );
+        });
+        same_as_default(|| {
+            let span = tracing::info_span!("call", request_id = "r-1", path = "/x");
+            let _entered = span.enter();
+            tracing::warn!(r#type = "raw", error = "boom", "message with {} args", 2);
+        });
+        same_as_default(|| {
+            let error = std::io::Error::other("disk on fire");
+            tracing::error!(
+                cause = &error as &(dyn std::error::Error + 'static),
+                peer = %std::net::SocketAddr::from(([127, 0, 0, 1], 5)),
+                "failed"
+            );
+        });
     }
 }

@@ -7,12 +7,15 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tonic::codegen::http::{HeaderValue, Request, Response};
+use tonic::codegen::http::{HeaderName, HeaderValue, Request, Response};
 use tower::{Layer, Service};
 use tracing::Instrument as _;
 
 /// The header carrying the request ID, both ways and towards the controller.
 pub const HEADER: &str = "x-request-id";
+
+/// [`HEADER`] as a header name, made once: a `&str` name is parsed and checked on every use.
+const HEADER_NAME: HeaderName = HeaderName::from_static(HEADER);
 
 /// The longest caller-supplied ID we keep; a longer one is replaced, not truncated, so that two
 /// different IDs never end up the same.
@@ -106,10 +109,10 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let request_id = RequestId::from_caller(request.headers().get(HEADER));
+        let request_id = RequestId::from_caller(request.headers().get(&HEADER_NAME));
         request
             .headers_mut()
-            .insert(HEADER, request_id.header_value().clone());
+            .insert(HEADER_NAME, request_id.header_value().clone());
         request.extensions_mut().insert(request_id.clone());
         let span =
             tracing::info_span!("call", request_id = %request_id, path = %request.uri().path());
@@ -121,7 +124,7 @@ where
                 let mut response = inner.call(request).await?;
                 response
                     .headers_mut()
-                    .insert(HEADER, request_id.header_value().clone());
+                    .insert(HEADER_NAME, request_id.header_value().clone());
                 Ok(response)
             }
             .instrument(span),

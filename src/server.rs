@@ -15,6 +15,7 @@ use tonic::service::Interceptor as _;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_web::GrpcWebLayer;
+use tower::util::option_layer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::{self, Authenticator};
@@ -57,9 +58,10 @@ impl From<TcpListener> for Listeners {
     }
 }
 
-/// CORS for gRPC-Web from browser pages on other origins. With no origins configured, no CORS
-/// headers are sent, so browsers refuse cross-origin calls.
-fn cors_layer(allow_origins: &[HeaderValue]) -> CorsLayer {
+/// CORS for gRPC-Web from browser pages on other origins. With no origins configured there is no
+/// layer at all: no CORS headers are sent, so browsers refuse cross-origin calls, and calls do
+/// not pay for the `Vary` header the layer would add to every response.
+fn cors_layer(allow_origins: &[HeaderValue]) -> Option<CorsLayer> {
     const ALLOW_HEADERS: [&str; 7] = [
         "content-type",
         "x-grpc-web",
@@ -76,19 +78,21 @@ fn cors_layer(allow_origins: &[HeaderValue]) -> CorsLayer {
         "x-request-id",
     ];
     if allow_origins.is_empty() {
-        return CorsLayer::new();
+        return None;
     }
     let origin = if allow_origins.iter().any(|origin| origin == "*") {
         AllowOrigin::any()
     } else {
         AllowOrigin::list(allow_origins.iter().cloned())
     };
-    CorsLayer::new()
-        .allow_origin(origin)
-        .allow_methods([Method::POST])
-        .allow_headers(ALLOW_HEADERS.map(HeaderName::from_static))
-        .expose_headers(EXPOSE_HEADERS.map(HeaderName::from_static))
-        .max_age(Duration::from_secs(24 * 60 * 60))
+    Some(
+        CorsLayer::new()
+            .allow_origin(origin)
+            .allow_methods([Method::POST])
+            .allow_headers(ALLOW_HEADERS.map(HeaderName::from_static))
+            .expose_headers(EXPOSE_HEADERS.map(HeaderName::from_static))
+            .max_age(Duration::from_secs(24 * 60 * 60)),
+    )
 }
 
 /// Aborts a background task when dropped.
@@ -208,7 +212,7 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         // gRPC-Web arrives over HTTP/1.1 from browsers, on the same port as gRPC.
         .accept_http1(true)
-        .layer(cors_layer(&config.cors_allow_origins))
+        .layer(option_layer(cors_layer(&config.cors_allow_origins)))
         .layer(RequestIdLayer)
         .layer(GrpcWebLayer::new())
         .add_service(task_service)
