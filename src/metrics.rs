@@ -4,7 +4,7 @@
 //! codes in the fault table (others are `unknown` or `out_of_range`), so a misbehaving controller
 //! cannot grow the series without bound.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -65,6 +65,27 @@ struct MethodLabels {
 /// itself, outside any call.
 #[derive(Debug)]
 struct DroppedLogLines;
+
+/// One method's series, each looked up in its family on first use and kept: a family lookup
+/// hashes the labels and takes a lock, on every call otherwise. Series still appear only once
+/// they have a value, as before.
+#[derive(Debug, Clone)]
+pub(crate) struct MethodMetrics {
+    method: &'static str,
+    metrics: Metrics,
+    series: Arc<MethodSeries>,
+}
+
+#[derive(Debug, Default)]
+struct MethodSeries {
+    /// One counter per gRPC code, indexed by the code's number.
+    calls: [OnceLock<Counter>; GRPC_CODES],
+    call_duration: OnceLock<Histogram>,
+    upstream_duration: OnceLock<Histogram>,
+}
+
+/// gRPC defines codes 0 (OK) to 16 (UNAUTHENTICATED).
+const GRPC_CODES: usize = 17;
 
 /// Decrements the in-flight gauge when a call ends, however it ends (a cancelled call included).
 #[derive(Debug)]
@@ -147,29 +168,13 @@ impl Metrics {
         }
     }
 
-    /// Records a finished call.
-    pub(crate) fn call_finished(
-        &self,
-        method: &'static str,
-        code: tonic::Code,
-        total_time: Duration,
-    ) {
-        self.calls
-            .get_or_create(&CallLabels {
-                method,
-                code: fault::grpc_code_name(code),
-            })
-            .inc();
-        self.call_duration
-            .get_or_create(&MethodLabels { method })
-            .observe(total_time.as_secs_f64());
-    }
-
-    /// Records how long the controller took, whatever the outcome.
-    pub(crate) fn upstream_finished(&self, method: &'static str, upstream_time: Duration) {
-        self.upstream_duration
-            .get_or_create(&MethodLabels { method })
-            .observe(upstream_time.as_secs_f64());
+    /// The metrics of one method, for the service to keep.
+    pub(crate) fn method(&self, method: &'static str) -> MethodMetrics {
+        MethodMetrics {
+            method,
+            metrics: self.clone(),
+            series: Arc::default(),
+        }
     }
 
     /// Records a fault the controller answered.
@@ -202,6 +207,53 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+}
+
+// === impl MethodMetrics ===
+
+impl MethodMetrics {
+    /// Records a finished call.
+    pub(crate) fn call_finished(&self, code: tonic::Code, total_time: Duration) {
+        let family = &self.metrics.calls;
+        let labels = || CallLabels {
+            method: self.method,
+            code: fault::grpc_code_name(code),
+        };
+        let counter = usize::try_from(i32::from(code))
+            .ok()
+            .and_then(|index| self.series.calls.get(index));
+        match counter {
+            Some(counter) => {
+                counter
+                    .get_or_init(|| family.get_or_create(&labels()).clone())
+                    .inc();
+            }
+            // Only a code outside gRPC's own list, which tonic never produces.
+            None => {
+                family.get_or_create(&labels()).inc();
+            }
+        }
+        self.series
+            .call_duration
+            .get_or_init(|| self.histogram(&self.metrics.call_duration))
+            .observe(total_time.as_secs_f64());
+    }
+
+    /// Records how long the controller took, whatever the outcome.
+    pub(crate) fn upstream_finished(&self, upstream_time: Duration) {
+        self.series
+            .upstream_duration
+            .get_or_init(|| self.histogram(&self.metrics.upstream_duration))
+            .observe(upstream_time.as_secs_f64());
+    }
+
+    fn histogram(&self, family: &Family<MethodLabels, Histogram>) -> Histogram {
+        family
+            .get_or_create(&MethodLabels {
+                method: self.method,
+            })
+            .clone()
     }
 }
 
@@ -280,22 +332,30 @@ mod tests {
     #[test]
     fn names_follow_prometheus_conventions() {
         let metrics = Metrics::new();
-        metrics.call_finished("case_extract", tonic::Code::Ok, Duration::from_millis(3));
+        let case_extract = metrics.method("case_extract");
+        assert!(
+            !metrics.encode().contains("taskgate_calls_total{"),
+            "a series before any call"
+        );
+        case_extract.call_finished(tonic::Code::Ok, Duration::from_millis(3));
         metrics.fault("case_extract", 1148);
         metrics.fault("case_extract", 1500);
         metrics.fault("case_extract", 77);
         metrics.upstream_error("timeout");
-        metrics.upstream_finished("case_extract", Duration::from_millis(2));
+        case_extract.upstream_finished(Duration::from_millis(2));
+        case_extract.call_finished(tonic::Code::Unavailable, Duration::from_millis(3));
+        case_extract.call_finished(tonic::Code::Unavailable, Duration::from_millis(3));
         let guard = metrics.call_started();
         metrics.health(true);
         let text = metrics.encode();
         for line in [
             "taskgate_calls_total{method=\"case_extract\",code=\"OK\"} 1",
+            "taskgate_calls_total{method=\"case_extract\",code=\"UNAVAILABLE\"} 2",
             "taskgate_controller_faults_total{method=\"case_extract\",fault_code=\"1148\"} 1",
             "taskgate_controller_faults_total{method=\"case_extract\",fault_code=\"unknown\"} 1",
             "taskgate_controller_faults_total{method=\"case_extract\",fault_code=\"out_of_range\"} 1",
             "taskgate_upstream_errors_total{kind=\"timeout\"} 1",
-            "taskgate_call_duration_seconds_count{method=\"case_extract\"} 1",
+            "taskgate_call_duration_seconds_count{method=\"case_extract\"} 3",
             "taskgate_upstream_request_duration_seconds_count{method=\"case_extract\"} 1",
             "taskgate_calls_in_flight 1",
             "taskgate_health_serving 1",
