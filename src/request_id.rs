@@ -122,9 +122,12 @@ where
         Box::pin(
             async move {
                 let mut response = inner.call(request).await?;
-                response
-                    .headers_mut()
-                    .insert(HEADER_NAME, request_id.header_value().clone());
+                // A fresh ID in every response would churn HPACK's dynamic table for nothing: no
+                // later response repeats it. Marked sensitive, it is sent as a literal never
+                // indexed, which is what h2 offers for a value that is never repeated.
+                let mut value = request_id.header_value().clone();
+                value.set_sensitive(true);
+                response.headers_mut().insert(HEADER_NAME, value);
                 Ok(response)
             }
             .instrument(span),
