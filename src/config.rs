@@ -4,8 +4,8 @@
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
-use reqwest::Url;
-use reqwest::header::HeaderValue;
+use hyper::header::HeaderValue;
+use url::Url;
 
 use crate::auth::TokenFile;
 use crate::codec::WireFormat;
@@ -176,13 +176,18 @@ pub fn parse_upstream_url(raw: &str) -> Result<Url, ConfigError> {
             url: raw.to_owned(),
         });
     }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(ConfigError::InvalidUrl {
-            url: raw.to_owned(),
-            reason: "no host".to_owned(),
-        });
-    }
-    Ok(url)
+    let reason = if url.host_str().is_none_or(str::is_empty) {
+        "no host"
+    } else if !url.username().is_empty() || url.password().is_some() {
+        // The controller's task interface takes no credentials; they would not be sent.
+        "credentials in the URL are not supported"
+    } else {
+        return Ok(url);
+    };
+    Err(ConfigError::InvalidUrl {
+        url: raw.to_owned(),
+        reason: reason.to_owned(),
+    })
 }
 
 /// Checks a CORS origin: `*`, or a scheme, host and optional port with nothing after.
@@ -243,6 +248,10 @@ mod tests {
         assert!(matches!(
             parse_upstream_url("http//x"),
             Err(ConfigError::InvalidUrl { .. })
+        ));
+        assert!(matches!(
+            parse_upstream_url("http://user:secret@controller/api/v2/task"),
+            Err(ConfigError::InvalidUrl { reason, .. }) if reason.contains("credentials")
         ));
     }
 

@@ -7,12 +7,12 @@
 
 use std::time::Duration;
 
-use reqwest::Url;
 use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 use tonic::server::NamedService;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use url::Url;
 
 use crate::metrics::Metrics;
 use crate::proto::task_service_server::TaskServiceServer;

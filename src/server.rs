@@ -112,7 +112,7 @@ pub enum ServeError {
     Config(#[source] crate::config::ConfigError),
     /// The HTTP client for the controller could not be built (for example, no TLS roots).
     #[error("cannot build the controller client: {0}")]
-    Client(#[source] reqwest::Error),
+    Client(#[source] crate::upstream::ClientError),
     /// The reflection service could not read the descriptor set that `build.rs` wrote.
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[source] tonic_reflection::server::Error),

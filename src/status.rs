@@ -396,7 +396,7 @@ mod tests {
             status
         };
         let http = |code: u16| UpstreamError::HttpStatus {
-            status: reqwest::StatusCode::from_u16(code).unwrap(),
+            status: hyper::StatusCode::from_u16(code).unwrap(),
         };
         let status = check(http(500), Code::Unavailable, "UPSTREAM_HTTP_ERROR");
         assert_eq!(

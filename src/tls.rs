@@ -6,9 +6,13 @@
 //! later.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use rustls::client::WantsClientCert;
+use rustls::{ClientConfig, ConfigBuilder, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_platform_verifier::BuilderVerifierExt as _;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::upstream::error_chain;
@@ -26,10 +30,9 @@ pub struct ServerTls {
 /// certificate.
 #[derive(Debug, Clone, Default)]
 pub struct UpstreamTls {
-    /// Trust only these roots, when given (the controller's own CA).
-    roots: Option<Vec<reqwest::Certificate>>,
-    /// The client certificate and key, for a controller that requires one.
-    identity: Option<reqwest::Identity>,
+    /// Built from the files when any were given. Without files the system's roots are loaded
+    /// when the client is built, and only for an https:// controller.
+    config: Option<Arc<ClientConfig>>,
 }
 
 /// A TLS file that cannot be used.
@@ -126,31 +129,8 @@ impl UpstreamTls {
         client_cert: Option<&Path>,
         client_key: Option<&Path>,
     ) -> Result<Self, TlsError> {
-        let roots = ca
-            .map(|path| {
-                let pem = read_certificates("--upstream-ca", path)?;
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|error| TlsError::Unusable {
-                    what: format!("--upstream-ca {}", path.display()),
-                    reason: error.to_string(),
-                })
-            })
-            .transpose()?;
         let identity = match (client_cert, client_key) {
-            (Some(cert), Some(key)) => {
-                let mut pem = read_certificates("--upstream-client-cert", cert)?;
-                pem.push(b'\n');
-                pem.extend(read_private_key("--upstream-client-key", key)?);
-                Some(
-                    reqwest::Identity::from_pem(&pem).map_err(|error| TlsError::Unusable {
-                        what: format!(
-                            "--upstream-client-cert {} with --upstream-client-key {}",
-                            cert.display(),
-                            key.display()
-                        ),
-                        reason: error.to_string(),
-                    })?,
-                )
-            }
+            (Some(cert), Some(key)) => Some((cert, key)),
             (None, None) => None,
             (Some(_), None) | (None, Some(_)) => {
                 return Err(TlsError::Unusable {
@@ -159,29 +139,90 @@ impl UpstreamTls {
                 });
             }
         };
-        let upstream_tls = UpstreamTls { roots, identity };
-        // Building a client is what checks that the key belongs to the certificate.
-        upstream_tls
-            .apply(reqwest::Client::builder())
-            .build()
-            .map_err(|error| TlsError::Unusable {
-                what: "the controller's TLS settings".to_owned(),
-                reason: error_chain(&error),
-            })?;
-        Ok(upstream_tls)
+        if ca.is_none() && identity.is_none() {
+            return Ok(UpstreamTls::default());
+        }
+        let builder = match ca {
+            Some(path) => {
+                let pem = read_certificates("--upstream-ca", path)?;
+                let mut roots = RootCertStore::empty();
+                for certificate in certificates(&pem) {
+                    roots.add(certificate).map_err(|error| TlsError::Unusable {
+                        what: format!("--upstream-ca {}", path.display()),
+                        reason: error.to_string(),
+                    })?;
+                }
+                config_builder()
+                    .map_err(|error| settings_unusable(&error))?
+                    .with_root_certificates(roots)
+            }
+            None => system_roots().map_err(|error| settings_unusable(&error))?,
+        };
+        let mut config = match identity {
+            Some((cert, key)) => {
+                let chain =
+                    certificates(&read_certificates("--upstream-client-cert", cert)?).collect();
+                let key_pem = read("--upstream-client-key", key)?;
+                let key_der = parse_private_key("--upstream-client-key", key, &key_pem)?;
+                // This is what checks that the key belongs to the certificate.
+                builder
+                    .with_client_auth_cert(chain, key_der)
+                    .map_err(|error| TlsError::Unusable {
+                        what: format!(
+                            "--upstream-client-cert {} with --upstream-client-key {}",
+                            cert.display(),
+                            key.display()
+                        ),
+                        reason: error.to_string(),
+                    })?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(UpstreamTls {
+            config: Some(Arc::new(config)),
+        })
     }
 
-    /// Applies these settings to an HTTP client.
-    pub(crate) fn apply(&self, builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
-        let builder = match &self.roots {
-            Some(roots) => builder.tls_certs_only(roots.iter().cloned()),
-            None => builder,
-        };
-        match &self.identity {
-            Some(identity) => builder.identity(identity.clone()),
-            None => builder,
+    /// The rustls configuration for a controller at an `https` (or plain http) URL.
+    pub(crate) fn client_config(&self, https: bool) -> Result<Arc<ClientConfig>, rustls::Error> {
+        if let Some(config) = &self.config {
+            return Ok(Arc::clone(config));
         }
+        let builder = if https {
+            system_roots()?
+        } else {
+            // An http:// controller never starts a handshake, so the system's roots (tens of
+            // millions of instructions to load) are not read for it.
+            config_builder()?.with_root_certificates(RootCertStore::empty())
+        };
+        let mut config = builder.with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
     }
+}
+
+/// A client configuration builder on the aws-lc-rs provider that tonic's TLS already uses.
+fn config_builder() -> Result<ConfigBuilder<ClientConfig, rustls::WantsVerifier>, rustls::Error> {
+    ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+}
+
+/// Trusts the platform's roots, read once here.
+fn system_roots() -> Result<ConfigBuilder<ClientConfig, WantsClientCert>, rustls::Error> {
+    config_builder()?.with_platform_verifier()
+}
+
+fn settings_unusable(error: &rustls::Error) -> TlsError {
+    TlsError::Unusable {
+        what: "the controller's TLS settings".to_owned(),
+        reason: error.to_string(),
+    }
+}
+
+/// The certificates in a PEM file that [`read_certificates`] has already checked.
+fn certificates(pem: &[u8]) -> impl Iterator<Item = CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem).flatten()
 }
 
 /// Reads a PEM file and checks that it holds at least one certificate and nothing broken.
@@ -207,12 +248,20 @@ fn read_certificates(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsErro
 /// Reads a PEM file and checks that it holds a private key.
 fn read_private_key(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     let pem = read(what, path)?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|error| TlsError::NoPrivateKey {
+    parse_private_key(what, path, &pem)?;
+    Ok(pem)
+}
+
+fn parse_private_key(
+    what: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|error| TlsError::NoPrivateKey {
         what,
         path: path.to_owned(),
         reason: error.to_string(),
-    })?;
-    Ok(pem)
+    })
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {

@@ -185,6 +185,19 @@ fn bad_tls_files_are_startup_errors_that_name_the_file() {
 
     let error = UpstreamTls::load(None, Some(&pki.path("client.pem")), None).unwrap_err();
     assert!(message(error).contains("give both or neither"));
+
+    // A client key that is not the client certificate's.
+    let error = UpstreamTls::load(
+        Some(&pki.path("ca.pem")),
+        Some(&pki.path("client.pem")),
+        Some(&other.path("client.key")),
+    )
+    .unwrap_err();
+    let text = message(error);
+    assert!(
+        text.contains("--upstream-client-cert") && text.contains("--upstream-client-key"),
+        "{text}"
+    );
 }
 
 /// A controller on HTTPS that requires a client certificate from the test CA; it answers every
@@ -262,4 +275,22 @@ async fn https_to_the_controller_with_a_client_certificate() {
     let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(error_info(&status).reason.starts_with("UPSTREAM_"));
+
+    // A controller certificate from another CA fails the handshake: nothing was sent.
+    let other = Pki::new("upstream-other");
+    let mut config = config_for(&url);
+    config.upstream_tls = UpstreamTls::load(
+        Some(&other.path("ca.pem")),
+        Some(&pki.path("client.pem")),
+        Some(&pki.path("client.key")),
+    )
+    .unwrap();
+    let gateway = Gateway::start(config).await;
+    let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
+    assert_eq!(error_info(&status).reason, "UPSTREAM_UNREACHABLE");
+    assert!(
+        status.message().contains("certificate"),
+        "{}",
+        status.message()
+    );
 }
