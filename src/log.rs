@@ -13,12 +13,15 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
+use tracing_log::NormalizeEvent as _;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::field::{RecordFields, VisitOutput};
-use tracing_subscriber::fmt::FormatFields;
-use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
+use tracing_subscriber::fmt::format::{self, DefaultVisitor, Format, Full, Writer};
 use tracing_subscriber::fmt::time::FormatTime;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::registry::LookupSpan;
 
 /// How many formatted lines may wait for the writer thread. At a few hundred bytes a line this
 /// caps the queue near 2 MiB, and it absorbs a reader that pauses for a fraction of a second at
@@ -28,6 +31,11 @@ const QUEUE_LINES: usize = 8192;
 /// The writer thread collects lines in a buffer this large and writes it with one `write(2)`, so
 /// a busy gateway does not make a system call per line.
 const BATCH_BYTES: usize = 64 * 1024;
+
+/// After writing a batch the writer thread waits this long before taking the next, so that under
+/// load lines pile up in the queue instead of each call waking the thread (a futex wake on the
+/// call's own thread, and a `write(2)` per line). Lines reach stderr at most this much later.
+const BATCH_INTERVAL: Duration = Duration::from_millis(10);
 
 /// The lines dropped so far, once logging is set up.
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
@@ -71,7 +79,7 @@ pub fn init(format: LogFormat, default_filter: &str) -> LogGuard {
         LogFormat::Text => builder
             .with_ansi(std::io::stderr().is_terminal())
             .fmt_fields(PlainFields)
-            .with_timer(Rfc3339)
+            .event_format(PlainText::default())
             .try_init(),
         LogFormat::Json => builder
             .json()
@@ -136,8 +144,107 @@ impl<W: Write> Write for DropReporter<W> {
         self.inner.write(line)
     }
 
+    /// Called by the writer thread once it has emptied the queue.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "paces the writer thread so lines batch up; nothing waits on this sleep"
+    )]
     fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+        let flushed = self.inner.flush();
+        std::thread::sleep(BATCH_INTERVAL);
+        flushed
+    }
+}
+
+/// The text format's lines, written as `tracing-subscriber`'s full format writes them without
+/// ANSI styles (`TIME LEVEL span{fields}: target: fields`), with plain string writes instead of
+/// its per-part `write!` and styling. On a terminal the full format itself writes the line. A
+/// test checks that both write the same bytes.
+#[derive(Debug)]
+struct PlainText {
+    styled: Format<Full, Rfc3339>,
+}
+
+impl Default for PlainText {
+    fn default() -> Self {
+        PlainText {
+            styled: format::format().with_timer(Rfc3339),
+        }
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for PlainText
+where
+    S: Subscriber + for<'lookup> LookupSpan<'lookup>,
+    N: for<'writer> FormatFields<'writer> + 'static,
+{
+    fn format_event(
+        &self,
+        context: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        if writer.has_ansi_escapes() {
+            return self.styled.format_event(context, writer, event);
+        }
+        // Events bridged from the `log` crate carry their real target in fields.
+        let normalized = event.normalized_metadata();
+        let metadata = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        let mut timestamp = [0_u8; 27];
+        write_rfc3339(&mut timestamp, since_epoch());
+        writer.write_str(std::str::from_utf8(&timestamp).map_err(|_| fmt::Error)?)?;
+        writer.write_str(match *metadata.level() {
+            Level::TRACE => " TRACE ",
+            Level::DEBUG => " DEBUG ",
+            Level::INFO => "  INFO ",
+            Level::WARN => "  WARN ",
+            Level::ERROR => " ERROR ",
+        })?;
+        if let Some(scope) = context.event_scope() {
+            let mut any = false;
+            for span in scope.from_root() {
+                writer.write_str(span.metadata().name())?;
+                let extensions = span.extensions();
+                if let Some(fields) = extensions.get::<FormattedFields<N>>()
+                    && !fields.is_empty()
+                {
+                    writer.write_str("{")?;
+                    writer.write_str(fields)?;
+                    writer.write_str("}")?;
+                }
+                writer.write_str(":")?;
+                any = true;
+            }
+            if any {
+                writer.write_str(" ")?;
+            }
+        }
+        writer.write_str(metadata.target())?;
+        writer.write_str(": ")?;
+        context.format_fields(writer.by_ref(), event)?;
+        writer.write_str("\n")
+    }
+}
+
+/// A socket address that displays as `SocketAddr` does, with plain writes for IPv4 (the common
+/// peer) instead of `core::fmt` per octet.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PlainAddr(pub(crate) std::net::SocketAddr);
+
+impl fmt::Display for PlainAddr {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let std::net::SocketAddr::V4(address) = self.0 else {
+            return fmt::Display::fmt(&self.0, formatter);
+        };
+        let mut digits = itoa::Buffer::new();
+        for (index, octet) in address.ip().octets().into_iter().enumerate() {
+            if index > 0 {
+                formatter.write_str(".")?;
+            }
+            formatter.write_str(digits.format(octet))?;
+        }
+        formatter.write_str(":")?;
+        formatter.write_str(digits.format(address.port()))
     }
 }
 
@@ -241,6 +348,15 @@ impl Visit for PlainVisitor<'_> {
         self.write(field, Value::Bare(if value { "true" } else { "false" }));
     }
 
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        // Outside this range `Debug` switches to exponents written differently.
+        if value == 0.0 || (1e-4..1e15).contains(&value.abs()) {
+            self.write(field, Value::Bare(zmij::Buffer::new().format_finite(value)));
+        } else {
+            self.write(field, Value::Debug(&value));
+        }
+    }
+
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         if self.result.is_err() {
             return;
@@ -264,13 +380,16 @@ struct Rfc3339;
 
 impl FormatTime for Rfc3339 {
     fn format_time(&self, writer: &mut Writer<'_>) -> fmt::Result {
-        let since_epoch = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
         let mut text = [0_u8; 27];
-        write_rfc3339(&mut text, since_epoch);
+        write_rfc3339(&mut text, since_epoch());
         writer.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
     }
+}
+
+fn since_epoch() -> Duration {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
 }
 
 /// Writes a time since the Unix epoch, for years 1970 to 9999.
@@ -357,32 +476,82 @@ mod tests {
         check(253_402_300_799, 0, "9999-12-31T23:59:59.000000Z");
     }
 
-    /// Formats one event with `PlainFields` and with the default field formatter; the lines must
-    /// be identical.
-    fn same_as_default(record: impl Fn()) {
-        let line = |plain: bool| {
-            let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-            let writer = {
-                let buffer = buffer.clone();
-                move || SharedBuffer(buffer.clone())
-            };
-            let builder = tracing_subscriber::fmt()
-                .with_writer(writer)
-                .with_ansi(false)
-                .without_time();
-            if plain {
-                tracing::subscriber::with_default(
-                    builder.fmt_fields(PlainFields).finish(),
-                    &record,
-                );
-            } else {
-                tracing::subscriber::with_default(builder.finish(), &record);
-            }
-            String::from_utf8(buffer.lock().unwrap().clone()).unwrap()
+    /// What `record` logs, formatted by `PlainText` and `PlainFields` when `plain`, else by
+    /// tracing-subscriber's own full format; no ANSI styles either way.
+    fn capture(plain: bool, record: impl Fn()) -> String {
+        let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = {
+            let buffer = buffer.clone();
+            move || SharedBuffer(buffer.clone())
         };
-        let (plain, default) = (line(true), line(false));
+        let builder = tracing_subscriber::fmt()
+            .with_writer(writer)
+            .with_ansi(false);
+        if plain {
+            let subscriber = builder
+                .fmt_fields(PlainFields)
+                .event_format(PlainText::default())
+                .finish();
+            tracing::subscriber::with_default(subscriber, record);
+        } else {
+            tracing::subscriber::with_default(builder.finish(), record);
+        }
+        String::from_utf8(buffer.lock().unwrap().clone()).unwrap()
+    }
+
+    /// The lines `record` logs must be the same both ways but for the time, which is checked for
+    /// its shape.
+    fn same_as_default(record: impl Fn()) {
+        let lines = |plain: bool| {
+            capture(plain, &record)
+                .lines()
+                .map(|line| {
+                    let (time, rest) = line.split_at(27);
+                    assert!(time.starts_with("20") && time.ends_with('Z'), "{line}");
+                    assert_eq!(&time[10..11], "T", "{line}");
+                    rest.to_owned()
+                })
+                .collect::<Vec<_>>()
+        };
+        let (plain, default) = (lines(true), lines(false));
         assert!(!plain.is_empty());
         assert_eq!(plain, default);
+    }
+
+    #[test]
+    fn floats_are_written_as_debug_writes_them() {
+        // Durations in milliseconds, as the access line has them, and the edges of the range.
+        let mut state: u64 = 88_172_645_463_325_252;
+        let mut values = vec![0.0, 1.0, 1e-4, 0.1 + 0.2, 999_999_999_999_999.9, -8.574963];
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            values.push(Duration::from_nanos(state % 100_000_000_000_000).as_secs_f64() * 1000.0);
+        }
+        let text = capture(true, || {
+            for value in &values {
+                tracing::info!(ms = *value);
+            }
+        });
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), values.len());
+        for (line, value) in lines.iter().zip(&values) {
+            assert!(line.ends_with(&format!(" ms={value:?}")), "{line}");
+        }
+    }
+
+    #[test]
+    fn plain_addresses_display_as_socket_addresses() {
+        for address in [
+            "127.0.0.1:54342",
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "[::1]:8080",
+        ] {
+            let address: std::net::SocketAddr = address.parse().unwrap();
+            assert_eq!(PlainAddr(address).to_string(), address.to_string());
+        }
     }
 
     struct SharedBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
@@ -398,7 +567,7 @@ mod tests {
     }
 
     #[test]
-    fn plain_fields_write_what_the_default_writes() {
+    fn plain_lines_are_what_the_default_format_writes() {
         same_as_default(|| {
             tracing::info!(
                 method = "case_extract",
@@ -408,6 +577,10 @@ mod tests {
                 negative = -3_i64,
                 flag = true,
                 ms = 0.25_f64,
+                tiny = 1e-5_f64,
+                huge = 1e16_f64,
+                not_a_number = f64::NAN,
+                negative_ms = -12.482190000000001_f64,
                 quoted = "say \"hi\"",
                 tab = "a\tb",
                 unicode = "grüße",
@@ -419,6 +592,14 @@ mod tests {
             let span = tracing::info_span!("call", request_id = "r-1", path = "/x");
             let _entered = span.enter();
             tracing::warn!(r#type = "raw", error = "boom", "message with {} args", 2);
+        });
+        same_as_default(|| {
+            let outer = tracing::info_span!("outer");
+            let _outer = outer.enter();
+            let inner = tracing::debug_span!("inner", depth = 2_u8);
+            let _inner = inner.enter();
+            tracing::error!(target: "elsewhere", "nested");
+            tracing::trace!("filtered out by the default level");
         });
         same_as_default(|| {
             let error = std::io::Error::other("disk on fire");

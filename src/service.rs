@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::codec::{BIN_ID_RANGE, MethodCall, PORT_ID_RANGE, Reply};
 use crate::config::{AccessLog, GatewayConfig};
+use crate::log::PlainAddr;
 use crate::metrics::{MethodMetrics, Metrics};
 use crate::proto::task_service_server::TaskService;
 use crate::proto::{CaseExtractRequest, CaseExtractResponse};
@@ -191,7 +192,7 @@ impl AccessRecord<'_> {
             upstream_ms = self.upstream_time.map(milliseconds),
             total_ms = milliseconds(self.total_time),
             request_id = %self.request_id,
-            peer = self.peer.map(tracing::field::display),
+            peer = self.peer.map(|peer| tracing::field::display(PlainAddr(peer))),
             error = error_message,
             "call"
         );
