@@ -4,6 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use reqwest::Url;
@@ -187,6 +188,8 @@ pub(crate) enum Script {
     },
     /// Answer like `Respond`, but only once `release` is notified.
     RespondWhen { release: Arc<Notify>, body: Vec<u8> },
+    /// Answer like `ok_xml` with `Connection: close`, then close the connection.
+    RespondAndClose { body: Vec<u8> },
     /// Never answer; record when the gateway closes the connection.
     Hang,
     /// Close the connection as soon as the request has arrived.
@@ -225,6 +228,8 @@ pub(crate) struct FakeUpstream {
     seen: mpsc::UnboundedReceiver<Seen>,
     /// Events `requests_so_far` took off the channel but did not count, kept for `next`.
     backlog: VecDeque<Seen>,
+    /// Connections that carried at least one request (the health probe's carry none).
+    connections: Arc<AtomicUsize>,
 }
 
 impl FakeUpstream {
@@ -233,9 +238,16 @@ impl FakeUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let (seen_tx, seen) = mpsc::unbounded_channel();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let accepted = connections.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve_connection(stream, script.clone(), seen_tx.clone()));
+                tokio::spawn(serve_connection(
+                    stream,
+                    script.clone(),
+                    seen_tx.clone(),
+                    accepted.clone(),
+                ));
             }
         });
         let url = parse_upstream_url(&format!("http://{address}/api/v2/task")).unwrap();
@@ -243,6 +255,7 @@ impl FakeUpstream {
             url,
             seen,
             backlog: VecDeque::new(),
+            connections,
         }
     }
 
@@ -274,6 +287,11 @@ impl FakeUpstream {
         }
     }
 
+    /// How many connections carried a request so far.
+    pub(crate) fn connections_so_far(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
     /// How many requests arrived so far, without waiting.
     pub(crate) fn requests_so_far(&mut self) -> usize {
         let mut count = 0;
@@ -291,13 +309,17 @@ async fn serve_connection(
     mut stream: TcpStream,
     script: Script,
     seen: mpsc::UnboundedSender<Seen>,
+    connections: Arc<AtomicUsize>,
 ) {
     let mut buffer = Vec::new();
-    loop {
+    for request in 0.. {
         let Some((request_line, headers, body)) = read_request(&mut stream, &mut buffer).await
         else {
             return;
         };
+        if request == 0 {
+            connections.fetch_add(1, Ordering::SeqCst);
+        }
         let _ = seen.send(Seen::Request {
             request_line,
             headers,
@@ -315,6 +337,15 @@ async fn serve_connection(
                 {
                     return;
                 }
+            }
+            Script::RespondAndClose { body } => {
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(body).await;
+                return;
             }
             Script::RespondWhen { release, body } => {
                 release.notified().await;

@@ -68,6 +68,51 @@ async fn the_controller_receives_the_documented_xml() {
 }
 
 #[tokio::test]
+async fn calls_one_after_another_share_one_kept_alive_connection() {
+    let mut upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
+    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    for _ in 0..3 {
+        gateway.case_extract(4, 101337, None).await.unwrap();
+    }
+    assert_eq!(upstream.requests_so_far(), 3);
+    assert_eq!(upstream.connections_so_far(), 1);
+}
+
+#[tokio::test]
+async fn a_connection_the_controller_closes_is_not_used_again() {
+    let mut upstream = FakeUpstream::start(Script::RespondAndClose {
+        body: b"<response><params/></response>".to_vec(),
+    })
+    .await;
+    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    for _ in 0..3 {
+        gateway.case_extract(4, 101337, None).await.unwrap();
+    }
+    assert_eq!(upstream.requests_so_far(), 3);
+    assert_eq!(upstream.connections_so_far(), 3);
+}
+
+#[tokio::test]
+async fn a_connection_with_an_unread_reply_is_not_used_again() {
+    let body = format!(
+        "<response><params>{}</params></response>",
+        "x".repeat(70_000)
+    );
+    let mut upstream = FakeUpstream::start(Script::ok_xml(&body)).await;
+    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    for _ in 0..2 {
+        let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
+        assert!(
+            status.message().contains("larger than"),
+            "{}",
+            status.message()
+        );
+    }
+    assert_eq!(upstream.requests_so_far(), 2);
+    assert_eq!(upstream.connections_so_far(), 2);
+}
+
+#[tokio::test]
 async fn invalid_arguments_never_reach_the_controller() {
     let mut upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
     let gateway = Gateway::start(config_for(&upstream.url)).await;
