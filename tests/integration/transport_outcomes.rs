@@ -67,49 +67,44 @@ async fn the_controller_receives_the_documented_xml() {
     );
 }
 
-#[tokio::test]
-async fn calls_one_after_another_share_one_kept_alive_connection() {
-    let mut upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
+/// Makes three calls one after another against `script`; returns how many connections carried
+/// them, after checking that each call was sent exactly once.
+async fn connections_for_three_calls(script: Script, expect_ok: bool) -> usize {
+    let mut upstream = FakeUpstream::start(script).await;
     let gateway = Gateway::start(config_for(&upstream.url)).await;
     for _ in 0..3 {
-        gateway.case_extract(4, 101337, None).await.unwrap();
+        let outcome = gateway.case_extract(4, 101337, None).await;
+        assert_eq!(outcome.is_ok(), expect_ok, "{outcome:?}");
     }
     assert_eq!(upstream.requests_so_far(), 3);
-    assert_eq!(upstream.connections_so_far(), 1);
+    upstream.connections_so_far()
+}
+
+#[tokio::test]
+async fn calls_one_after_another_share_one_kept_alive_connection() {
+    let script = Script::ok_xml("<response><params/></response>");
+    assert_eq!(connections_for_three_calls(script, true).await, 1);
 }
 
 #[tokio::test]
 async fn a_connection_the_controller_closes_is_not_used_again() {
-    let mut upstream = FakeUpstream::start(Script::RespondAndClose {
+    let script = Script::RespondAndClose {
         body: b"<response><params/></response>".to_vec(),
-    })
-    .await;
-    let gateway = Gateway::start(config_for(&upstream.url)).await;
-    for _ in 0..3 {
-        gateway.case_extract(4, 101337, None).await.unwrap();
-    }
-    assert_eq!(upstream.requests_so_far(), 3);
-    assert_eq!(upstream.connections_so_far(), 3);
+    };
+    assert_eq!(connections_for_three_calls(script, true).await, 3);
 }
 
 #[tokio::test]
 async fn a_connection_with_an_unread_reply_is_not_used_again() {
+    // Larger than the 64 KiB cap: the gateway stops reading and the call fails.
     let body = format!(
         "<response><params>{}</params></response>",
         "x".repeat(70_000)
     );
-    let mut upstream = FakeUpstream::start(Script::ok_xml(&body)).await;
-    let gateway = Gateway::start(config_for(&upstream.url)).await;
-    for _ in 0..2 {
-        let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
-        assert!(
-            status.message().contains("larger than"),
-            "{}",
-            status.message()
-        );
-    }
-    assert_eq!(upstream.requests_so_far(), 2);
-    assert_eq!(upstream.connections_so_far(), 2);
+    assert_eq!(
+        connections_for_three_calls(Script::ok_xml(&body), false).await,
+        3
+    );
 }
 
 #[tokio::test]
