@@ -49,9 +49,11 @@ impl RequestId {
 
     /// A fresh random ID.
     pub fn new() -> Self {
-        let text = uuid::Uuid::new_v4().to_string();
+        let mut text = [0_u8; uuid::fmt::Hyphenated::LENGTH];
+        // Written straight into a buffer: `to_string` would go through `core::fmt`.
+        let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
         // A UUID's text is ASCII hex and dashes, always a valid header value.
-        RequestId(HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("invalid")))
+        RequestId(HeaderValue::from_str(text).unwrap_or(HeaderValue::from_static("invalid")))
     }
 
     /// The ID as a header value.

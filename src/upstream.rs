@@ -22,7 +22,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::header::{
-    ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue, USER_AGENT,
+    ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue, USER_AGENT,
 };
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
@@ -64,12 +64,9 @@ pub(crate) struct Upstream {
     /// `url`'s path and query, the request target of every call (HTTP/1.1's origin form),
     /// parsed once so a call only clones it.
     path: Uri,
-    /// The Host header for `url`, made once rather than by the client on every call.
-    host: HeaderValue,
-    /// The Content-Type of `format`'s requests.
-    content_type: HeaderValue,
-    /// The Accept header for `format`'s replies.
-    accept: HeaderValue,
+    /// Host, User-Agent, Content-Type and Accept, made once: a call clones them and adds its
+    /// length and request ID, instead of hashing six header names on every call.
+    headers: HeaderMap,
     /// Replies longer than this are refused without being read further.
     max_response_bytes: usize,
     /// XML (documented) or JSON, for requests and replies alike.
@@ -187,9 +184,18 @@ impl Upstream {
             url,
             target,
             path,
-            host,
-            content_type: HeaderValue::from_static(config.upstream_format.content_type()),
-            accept: HeaderValue::from_static(config.upstream_format.accept()),
+            headers: header_template([
+                (HOST, host),
+                (USER_AGENT, USER_AGENT_VALUE),
+                (
+                    CONTENT_TYPE,
+                    HeaderValue::from_static(config.upstream_format.content_type()),
+                ),
+                (
+                    ACCEPT,
+                    HeaderValue::from_static(config.upstream_format.accept()),
+                ),
+            ]),
             max_response_bytes: config.max_response_bytes.get(),
             format: config.upstream_format,
         })
@@ -302,15 +308,18 @@ impl Upstream {
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.path.clone();
         let headers = request.headers_mut();
-        headers.reserve(6);
-        headers.insert(HOST, self.host.clone());
-        headers.insert(USER_AGENT, USER_AGENT_VALUE);
-        headers.insert(CONTENT_TYPE, self.content_type.clone());
-        headers.insert(ACCEPT, self.accept.clone());
+        *headers = self.headers.clone();
         headers.insert(CONTENT_LENGTH, length);
         headers.insert(REQUEST_ID, request_id.header_value().clone());
         request
     }
+}
+
+/// A header map with `fixed`, with room for the two headers each call adds.
+fn header_template(fixed: [(HeaderName, HeaderValue); 4]) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(fixed.len() + 2);
+    headers.extend(fixed);
+    headers
 }
 
 /// Reads the body frame by frame and stops as soon as it passes `limit`, so a huge or endless
