@@ -485,9 +485,10 @@ impl Pool {
     }
 
     /// Keeps `connection` for the next call, unless it has ended or enough are idle; connections
-    /// idle for too long go first.
-    fn put(&self, mut connection: Connection) {
-        if !connection.is_open() {
+    /// idle for too long go first. Whether the controller closed it is checked when it is taken,
+    /// which is soon enough and saves a poll per call.
+    fn put(&self, connection: Connection) {
+        if connection.driver.is_none() || connection.sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
