@@ -56,9 +56,8 @@ fn main() {
         _ => {}
     }
     let options = parse_options(&args);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let fast = runtime.block_on(start_stand_in(Duration::ZERO));
-    let slow = runtime.block_on(start_stand_in(SLOW_REPLY));
+    let fast = start_stand_in(Duration::ZERO);
+    let slow = start_stand_in(SLOW_REPLY);
     let report = measure(&options, fast, slow);
     print!("{}", report.table(&options));
 }
@@ -376,44 +375,57 @@ fn round_trip_us(stand_in: SocketAddr, round_trips: u32) -> f64 {
     started.elapsed().as_secs_f64() * 1e6 / f64::from(round_trips)
 }
 
-/// The stand-in controller: every POST gets the success reply, after `delay`.
-async fn start_stand_in(delay: Duration) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// The stand-in controller: every POST gets the success reply, after `delay`. It runs on one
+/// thread of its own (a current-thread runtime), as an event-loop server like nginx would, so it
+/// takes as little as it can of the CPU the gateway and the load share: a real controller is on
+/// another machine.
+fn start_stand_in(delay: Duration) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
     let address = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |_request: Request<_>| async move {
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
-                    let mut response = Response::new(Full::new(Bytes::from_static(SUCCESS)));
-                    response.headers_mut().insert(
-                        hyper::header::CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static("application/xml"),
-                    );
-                    Ok::<_, Infallible>(response)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            serve_stand_in(tokio::net::TcpListener::from_std(listener).unwrap(), delay).await;
+        });
     });
     address
 }
 
+async fn serve_stand_in(listener: tokio::net::TcpListener, delay: Duration) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |_request: Request<_>| async move {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                let mut response = Response::new(Full::new(Bytes::from_static(SUCCESS)));
+                response.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/xml"),
+                );
+                Ok::<_, Infallible>(response)
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
 fn run_stand_in() {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let address = start_stand_in(Duration::ZERO).await;
-        println!("stand-in listening http://{address}/api/v2/task");
-        std::future::pending::<()>().await;
-    });
+    let address = start_stand_in(Duration::ZERO);
+    println!("stand-in listening http://{address}/api/v2/task");
+    loop {
+        std::thread::park();
+    }
 }
 
 /// `TaskService` doing nothing: what tonic alone costs per call.
