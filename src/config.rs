@@ -266,6 +266,19 @@ mod tests {
     }
 
     #[test]
+    fn access_log_modes() {
+        use tonic::Code;
+        for (mode, ok, failed) in [
+            (AccessLog::All, true, true),
+            (AccessLog::Errors, false, true),
+            (AccessLog::Off, false, false),
+        ] {
+            assert_eq!(mode.records(Code::Ok), ok, "{mode:?}");
+            assert_eq!(mode.records(Code::Unavailable), failed, "{mode:?}");
+        }
+    }
+
+    #[test]
     fn cors_origins() {
         for good in ["*", "https://ops.example.com", "http://localhost:5173"] {
             assert!(parse_cors_origin(good).is_ok(), "{good}");

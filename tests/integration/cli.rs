@@ -308,6 +308,34 @@ async fn serve_with_the_simulator_answers_calls_and_exits_0_on_sigterm() {
     );
 }
 
+/// `--access-log errors` writes the line of a call that failed and not of one that succeeded;
+/// `off` writes none.
+#[tokio::test]
+async fn access_log_filters_calls_by_outcome() {
+    for (mode, expected) in [("errors", vec!["port_id=1 "]), ("off", vec![])] {
+        let serve = TaskgateProcess::start(&["--access-log", mode]).await;
+        case_extract(&serve.gateway, "4", "101337", 0).await;
+        // Port 1 is not an AutoCase port: fault 1087.
+        case_extract(&serve.gateway, "1", "101337", 1).await;
+        serve.signal("TERM").await;
+        let (code, log) = serve.finish().await;
+        assert_eq!(code, Some(0), "{log}");
+        let access_lines: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains("taskgate::access"))
+            .collect();
+        assert_eq!(
+            access_lines.len(),
+            expected.len(),
+            "--access-log {mode}:\n{log}"
+        );
+        for (line, needle) in access_lines.iter().zip(expected) {
+            assert!(line.contains(needle), "--access-log {mode}: {line}");
+            assert!(line.contains("grpc_code=\"FAILED_PRECONDITION\""), "{line}");
+        }
+    }
+}
+
 /// A log reader that stops reading must not stop the gateway: stderr is a pipe that is never read
 /// while 10,000 calls are made, far more than the pipe and the log queue hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
