@@ -210,6 +210,10 @@ pub fn known(code: u32) -> Option<&'static Fault> {
     }
 }
 
+/// How many status codes gRPC defines: 0 (`OK`) to 16 (`UNAUTHENTICATED`), so a code's number
+/// can index a table of this size.
+pub const GRPC_CODE_COUNT: usize = 17;
+
 /// The canonical gRPC name of a code, as every gRPC library prints it.
 pub fn grpc_code_name(code: Code) -> &'static str {
     match code {

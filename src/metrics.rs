@@ -79,13 +79,10 @@ pub(crate) struct MethodMetrics {
 #[derive(Debug, Default)]
 struct MethodSeries {
     /// One counter per gRPC code, indexed by the code's number.
-    calls: [OnceLock<Counter>; GRPC_CODES],
+    calls: [OnceLock<Counter>; fault::GRPC_CODE_COUNT],
     call_duration: OnceLock<Histogram>,
     upstream_duration: OnceLock<Histogram>,
 }
-
-/// gRPC defines codes 0 (OK) to 16 (UNAUTHENTICATED).
-const GRPC_CODES: usize = 17;
 
 /// Decrements the in-flight gauge when a call ends, however it ends (a cancelled call included).
 #[derive(Debug)]

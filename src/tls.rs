@@ -158,7 +158,7 @@ impl UpstreamTls {
             }
             None => system_roots().map_err(|error| settings_unusable(&error))?,
         };
-        let mut config = match identity {
+        let config = match identity {
             Some((cert, key)) => {
                 let chain =
                     certificates(&read_certificates("--upstream-client-cert", cert)?).collect();
@@ -178,9 +178,8 @@ impl UpstreamTls {
             }
             None => builder.with_no_client_auth(),
         };
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(UpstreamTls {
-            config: Some(Arc::new(config)),
+            config: Some(http1_only(config)),
         })
     }
 
@@ -196,9 +195,7 @@ impl UpstreamTls {
             // millions of instructions to load) are not read for it.
             config_builder()?.with_root_certificates(RootCertStore::empty())
         };
-        let mut config = builder.with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
+        Ok(http1_only(builder.with_no_client_auth()))
     }
 }
 
@@ -206,6 +203,12 @@ impl UpstreamTls {
 fn config_builder() -> Result<ConfigBuilder<ClientConfig, rustls::WantsVerifier>, rustls::Error> {
     ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
         .with_safe_default_protocol_versions()
+}
+
+/// Offers only HTTP/1.1 in ALPN: the client speaks nothing else to the controller.
+fn http1_only(mut config: ClientConfig) -> Arc<ClientConfig> {
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
 }
 
 /// Trusts the platform's roots, read once here.

@@ -53,9 +53,6 @@ EXIT STATUS:
 /// The header a call's deadline travels in (tonic keeps its own constant private).
 const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
 
-/// Every gRPC code, `OK` (0) to `UNAUTHENTICATED` (16), indexed by its number.
-const CODE_COUNT: usize = 17;
-
 /// How often the progress line is refreshed.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -215,7 +212,7 @@ struct Tally {
     /// Latency in microseconds.
     latency: Histogram<u64>,
     /// Calls by gRPC code number.
-    codes: [u64; CODE_COUNT],
+    codes: [u64; fault::GRPC_CODE_COUNT],
 }
 
 /// The outcome of a run, ready to render.
@@ -412,7 +409,7 @@ impl Tally {
     fn new() -> anyhow::Result<Tally> {
         Ok(Tally {
             latency: Histogram::new(3).context("cannot create a latency histogram")?,
-            codes: [0; CODE_COUNT],
+            codes: [0; fault::GRPC_CODE_COUNT],
         })
     }
 
@@ -447,7 +444,7 @@ impl Tally {
             .enumerate()
             .filter(|(_, count)| **count > 0)
             .map(|(number, count)| {
-                // `number` indexes CODE_COUNT entries, so it is a gRPC code number.
+                // `number` indexes GRPC_CODE_COUNT entries, so it is a gRPC code number.
                 (fault::grpc_code_name(Code::from_i32(number as i32)), *count)
             })
     }
