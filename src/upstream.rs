@@ -464,24 +464,23 @@ async fn drive<T>(
 // === impl Pool ===
 
 impl Pool {
-    /// The most recently used idle connection that is still open, if any.
+    /// The most recently used idle connection that is still open, if any. The lock is held only
+    /// to pop: checking a connection polls it, and dropping one closes its socket.
     fn take(&self) -> Option<Connection> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(Idle {
-            mut connection,
-            since,
-        }) = idle.pop()
-        {
+        loop {
+            let Idle {
+                mut connection,
+                since,
+            } = self.lock().pop()?;
             if since.elapsed() >= POOL_IDLE_TIMEOUT {
                 // The most recently used is too old, so all are.
-                idle.clear();
+                drop(std::mem::take(&mut *self.lock()));
                 return None;
             }
             if connection.is_open() {
                 return Some(connection);
             }
         }
-        None
     }
 
     /// Keeps `connection` for the next call, unless it has ended or enough are idle; connections
@@ -491,18 +490,28 @@ impl Pool {
         if connection.driver.is_none() || connection.sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let stale = idle
-            .iter()
-            .take_while(|entry| entry.since.elapsed() >= POOL_IDLE_TIMEOUT)
-            .count();
-        idle.drain(..stale);
-        if idle.len() < self.max_idle {
-            idle.push(Idle {
-                connection,
-                since: Instant::now(),
-            });
-        }
+        let stale: Vec<Idle> = {
+            let mut idle = self.lock();
+            let stale = idle
+                .iter()
+                .take_while(|entry| entry.since.elapsed() >= POOL_IDLE_TIMEOUT)
+                .count();
+            let stale = idle.drain(..stale).collect();
+            if idle.len() < self.max_idle {
+                idle.push(Idle {
+                    connection,
+                    since: Instant::now(),
+                });
+            }
+            stale
+        };
+        // Closed outside the lock.
+        drop(stale);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        // The list stays consistent whatever panicked while holding it.
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
