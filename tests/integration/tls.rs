@@ -14,6 +14,7 @@ use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use url::Url;
 
 use taskgate::config::parse_upstream_url;
 use taskgate::proto::CaseExtractRequest;
@@ -251,6 +252,17 @@ async fn https_controller(pki: &Pki) -> std::net::SocketAddr {
     address
 }
 
+/// A gateway calling `url`, trusting `ca`'s CA and presenting `client`'s certificate, if any.
+async fn gateway_with_upstream_tls(url: &Url, ca: &Pki, client: Option<(&Pki, &str)>) -> Gateway {
+    let client_file =
+        |extension: &str| client.map(|(pki, name)| pki.path(&format!("{name}.{extension}")));
+    let (cert, key) = (client_file("pem"), client_file("key"));
+    let mut config = config_for(url);
+    config.upstream_tls =
+        UpstreamTls::load(Some(&ca.path("ca.pem")), cert.as_deref(), key.as_deref()).unwrap();
+    Gateway::start(config).await
+}
+
 #[tokio::test]
 async fn https_to_the_controller_with_a_client_certificate() {
     let pki = Pki::new("upstream");
@@ -258,34 +270,19 @@ async fn https_to_the_controller_with_a_client_certificate() {
     let url =
         parse_upstream_url(&format!("https://localhost:{}/api/v2/task", address.port())).unwrap();
 
-    let mut config = config_for(&url);
-    config.upstream_tls = UpstreamTls::load(
-        Some(&pki.path("ca.pem")),
-        Some(&pki.path("client.pem")),
-        Some(&pki.path("client.key")),
-    )
-    .unwrap();
-    let gateway = Gateway::start(config).await;
+    let client = Some((&pki, "client"));
+    let gateway = gateway_with_upstream_tls(&url, &pki, client).await;
     gateway.case_extract(4, 101337, None).await.unwrap();
 
     // Without the client certificate the controller refuses the handshake: nothing was sent.
-    let mut config = config_for(&url);
-    config.upstream_tls = UpstreamTls::load(Some(&pki.path("ca.pem")), None, None).unwrap();
-    let gateway = Gateway::start(config).await;
+    let gateway = gateway_with_upstream_tls(&url, &pki, None).await;
     let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(error_info(&status).reason.starts_with("UPSTREAM_"));
 
     // A controller certificate from another CA fails the handshake: nothing was sent.
     let other = Pki::new("upstream-other");
-    let mut config = config_for(&url);
-    config.upstream_tls = UpstreamTls::load(
-        Some(&other.path("ca.pem")),
-        Some(&pki.path("client.pem")),
-        Some(&pki.path("client.key")),
-    )
-    .unwrap();
-    let gateway = Gateway::start(config).await;
+    let gateway = gateway_with_upstream_tls(&url, &other, client).await;
     let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
     assert_eq!(error_info(&status).reason, "UPSTREAM_UNREACHABLE");
     assert!(
