@@ -8,10 +8,16 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::service::Interceptor;
-use tonic::{Request, Status};
+use tonic::body::Body;
+use tonic::codegen::http::{self, HeaderValue, header::AUTHORIZATION};
+use tonic::server::NamedService;
+use tower::Service;
 
 use crate::request_id::RequestId;
 
@@ -181,23 +187,90 @@ impl Authenticator {
     }
 }
 
-impl Interceptor for Authenticator {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let authorization = request
-            .metadata()
-            .get("authorization")
-            .map(|value| value.as_bytes());
-        if self.accepts(authorization) {
-            return Ok(request);
+/// The task service behind the bearer-token check when there is a token file. Without one,
+/// calls go straight to the service: nothing converts their headers into gRPC metadata only to
+/// let them all through.
+#[derive(Debug, Clone)]
+pub(crate) struct Guarded<S> {
+    inner: S,
+    authenticator: Option<Authenticator>,
+}
+
+/// The future of a [`Guarded`] call: the service's, or the refusal.
+#[derive(Debug)]
+pub(crate) enum GuardedFuture<F> {
+    /// The token was accepted, or none is needed.
+    Passed(F),
+    /// The call was refused; taken once polled.
+    Refused(Option<http::Response<Body>>),
+}
+
+// === impl Guarded ===
+
+impl<S> Guarded<S> {
+    /// `inner`, checked by `authenticator` if there is one.
+    pub(crate) fn new(inner: S, authenticator: Option<Authenticator>) -> Self {
+        Guarded {
+            inner,
+            authenticator,
         }
-        let request_id = request.extensions().get::<RequestId>();
-        tracing::warn!(
-            request_id = request_id.map(tracing::field::display),
-            peer = request.remote_addr().map(tracing::field::display),
-            has_authorization = authorization.is_some(),
-            "refused a call without a valid bearer token"
-        );
-        Err(crate::status::unauthenticated())
+    }
+}
+
+impl<S: NamedService> NamedService for Guarded<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> Service<http::Request<B>> for Guarded<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Unpin,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = GuardedFuture<S::Future>;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if let Some(authenticator) = &self.authenticator {
+            let authorization = request.headers().get(AUTHORIZATION);
+            if !authenticator.accepts(authorization.map(HeaderValue::as_bytes)) {
+                let has_authorization = authorization.is_some();
+                let request = tonic::Request::from_http(request);
+                tracing::warn!(
+                    request_id = request
+                        .extensions()
+                        .get::<RequestId>()
+                        .map(tracing::field::display),
+                    peer = request.remote_addr().map(tracing::field::display),
+                    has_authorization,
+                    "refused a call without a valid bearer token"
+                );
+                return GuardedFuture::Refused(Some(crate::status::unauthenticated().into_http()));
+            }
+        }
+        GuardedFuture::Passed(self.inner.call(request))
+    }
+}
+
+// === impl GuardedFuture ===
+
+impl<F, E> Future for GuardedFuture<F>
+where
+    F: Future<Output = Result<http::Response<Body>, E>> + Unpin,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            GuardedFuture::Passed(future) => Pin::new(future).poll(context),
+            GuardedFuture::Refused(response) => Poll::Ready(Ok(response
+                .take()
+                .unwrap_or_else(|| crate::status::unauthenticated().into_http()))),
+        }
     }
 }
 

@@ -11,7 +11,6 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 use tonic::codegen::http::{HeaderName, HeaderValue, Method};
-use tonic::service::Interceptor as _;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_web::GrpcWebLayer;
@@ -168,8 +167,6 @@ pub async fn serve(
     let task_upstream_url = upstream.url().clone();
     let service = TaskGateway::new(upstream, &config, metrics);
     let task_service = TaskServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
-    // Without a token file every caller is let through; the interceptor is there either way so
-    // the service has one type.
     let (authenticator, _reloader) = match config.auth_tokens.clone() {
         Some(token_file) => {
             tracing::info!(file = %token_file.path().display(), tokens = token_file.len(), "task calls need a bearer token; SIGHUP reloads the file");
@@ -182,13 +179,7 @@ pub async fn serve(
         }
         None => (None, None),
     };
-    let task_service = tonic::service::interceptor::InterceptedService::new(
-        task_service,
-        move |request: tonic::Request<()>| match &authenticator {
-            Some(authenticator) => authenticator.clone().call(request),
-            None => Ok(request),
-        },
-    );
+    let task_service = auth::Guarded::new(task_service, authenticator);
     let mut builder = Server::builder();
     if let Some(tls) = &config.tls {
         builder = builder.tls_config(tls.config()).map_err(ServeError::Tls)?;
