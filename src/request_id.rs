@@ -112,9 +112,7 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let request_id = RequestId::from_caller(request.headers().get(&HEADER_NAME));
-        request
-            .headers_mut()
-            .insert(HEADER_NAME, request_id.header_value().clone());
+        // Services read the ID from the extensions; the caller's header, if any, stays as sent.
         request.extensions_mut().insert(request_id.clone());
         let span =
             tracing::info_span!("call", request_id = %request_id, path = %request.uri().path());
