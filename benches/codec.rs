@@ -7,15 +7,16 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use taskgate::bench_api;
-use taskgate::codec::{self, MethodCall, Reply};
+use taskgate::codec::{self, Call, Reply};
 use taskgate::config::defaults;
 
 fn encode(c: &mut Criterion) {
-    let case_extract = MethodCall::new("case_extract")
-        .with_integer_param("port_id", 4)
-        .with_integer_param("bin_id", 101337);
+    let case_extract = Call {
+        method: "case_extract",
+        params: &[("port_id", 4), ("bin_id", 101337)],
+    };
     c.bench_function("encode case_extract", |b| {
-        b.iter(|| codec::encode_method_call(black_box(&case_extract)))
+        b.iter(|| codec::encode_call(black_box(&case_extract)))
     });
 }
 

@@ -33,6 +33,16 @@ pub struct MethodCall {
     pub params: Vec<Element>,
 }
 
+/// A method call to send, borrowed: its name and named integer parameters, the shape of every
+/// task-interface command. Encoding one allocates nothing but the output buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Call<'a> {
+    /// The method name, for example `case_extract`.
+    pub method: &'a str,
+    /// The parameters, in document order.
+    pub params: &'a [(&'a str, u32)],
+}
+
 /// What the controller answered, decided from the body alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
@@ -233,7 +243,22 @@ pub fn encode_method_call(method_call: &MethodCall) -> Vec<u8> {
             Node {
                 name: "params",
                 text: "",
-                children: &method_call.params,
+                children: Children::Elements(&method_call.params),
+            },
+        ],
+    )
+}
+
+/// Encodes a call to the same bytes as [`encode_method_call`] of the equivalent [`MethodCall`].
+pub fn encode_call(call: &Call<'_>) -> Vec<u8> {
+    encode_document(
+        "methodcall",
+        &[
+            Node::leaf("name", call.method),
+            Node {
+                name: "params",
+                text: "",
+                children: Children::Integers(call.params),
             },
         ],
     )
@@ -244,11 +269,10 @@ pub fn encode_reply(reply: &Reply) -> Vec<u8> {
     match reply {
         Reply::Success(params) => encode_document("response", &[Node::from(params)]),
         Reply::Fault(code) => {
-            let code = [integer_leaf("code", *code)];
             let fault = Node {
                 name: "fault",
                 text: "",
-                children: &code,
+                children: Children::Integers(&[("code", *code)]),
             };
             encode_document("response", &[fault])
         }
@@ -320,6 +344,15 @@ impl WireFormat {
         }
     }
 
+    /// Encodes a call.
+    pub fn encode_call(self, call: &Call<'_>) -> Vec<u8> {
+        match self {
+            WireFormat::Xml => encode_call(call),
+            // Not the hot path: the tree the JSON encoder takes is built first.
+            WireFormat::Json => json::encode_method_call(&MethodCall::from(call)),
+        }
+    }
+
     /// Decodes a reply.
     pub fn decode_reply(self, body: &[u8], charset: Option<&str>) -> Result<Reply, DecodeError> {
         match self {
@@ -366,16 +399,23 @@ impl MethodCall {
         self
     }
 
-    /// Adds a parameter holding `value` in decimal; cheaper than [`MethodCall::with_param`],
-    /// which goes through `core::fmt`.
-    pub fn with_integer_param(mut self, name: &str, value: u32) -> Self {
-        self.params.push(integer_leaf(name, value));
-        self
-    }
-
     /// The parameters named `name`, in document order.
     pub fn params_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Element> + 'a {
         self.params.iter().filter(move |param| param.name == name)
+    }
+}
+
+impl From<&Call<'_>> for MethodCall {
+    fn from(call: &Call<'_>) -> Self {
+        let mut digits = itoa::Buffer::new();
+        MethodCall {
+            name: call.method.to_owned(),
+            params: call
+                .params
+                .iter()
+                .map(|(name, value)| Element::leaf(name, digits.format(*value)))
+                .collect(),
+        }
     }
 }
 
@@ -826,10 +866,6 @@ fn shorten(text: &str) -> String {
     }
 }
 
-fn integer_leaf(name: &str, value: u32) -> Element {
-    Element::leaf(name, itoa::Buffer::new().format(value))
-}
-
 /// The declaration every encoded document starts with.
 const DECLARATION: &[u8] = b"<?xml version=\"1.0\"?>\n";
 
@@ -839,7 +875,24 @@ const DECLARATION: &[u8] = b"<?xml version=\"1.0\"?>\n";
 struct Node<'a> {
     name: &'a str,
     text: &'a str,
-    children: &'a [Element],
+    children: Children<'a>,
+}
+
+/// An element's children: elements of a tree, or the integer parameters of a [`Call`], each
+/// written as a leaf holding the number in decimal.
+#[derive(Clone, Copy)]
+enum Children<'a> {
+    Elements(&'a [Element]),
+    Integers(&'a [(&'a str, u32)]),
+}
+
+impl Children<'_> {
+    fn is_empty(self) -> bool {
+        match self {
+            Children::Elements(elements) => elements.is_empty(),
+            Children::Integers(integers) => integers.is_empty(),
+        }
+    }
 }
 
 impl<'a> Node<'a> {
@@ -847,7 +900,7 @@ impl<'a> Node<'a> {
         Node {
             name,
             text,
-            children: &[],
+            children: Children::Elements(&[]),
         }
     }
 }
@@ -857,7 +910,7 @@ impl<'a> From<&'a Element> for Node<'a> {
         Node {
             name: &element.name,
             text: &element.text,
-            children: &element.children,
+            children: Children::Elements(&element.children),
         }
     }
 }
@@ -896,11 +949,25 @@ const INDENT_WIDTH: usize = 2;
 
 /// Writes the declaration and a root holding `children`, into a buffer of exactly the right size.
 fn encode_document(root: &str, children: &[Node<'_>]) -> Vec<u8> {
-    let mut length = Length(0);
-    write_document(&mut length, root, children);
-    let mut out = Vec::with_capacity(length.0);
-    write_document(&mut out, root, children);
-    out
+    thread_local! {
+        /// Where a thread writes documents before copying each out at its exact size: one pass
+        /// over the tree instead of one to size the buffer and one to fill it.
+        static DOCUMENT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    DOCUMENT.with(|document| match document.try_borrow_mut() {
+        Ok(mut document) => {
+            document.clear();
+            write_document(&mut *document, root, children);
+            document.to_vec()
+        }
+        Err(_) => {
+            let mut length = Length(0);
+            write_document(&mut length, root, children);
+            let mut out = Vec::with_capacity(length.0);
+            write_document(&mut out, root, children);
+            out
+        }
+    })
 }
 
 fn write_document(sink: &mut impl Sink, root: &str, children: &[Node<'_>]) {
@@ -923,8 +990,18 @@ fn write_node(sink: &mut impl Sink, node: Node<'_>, depth: usize) {
         write_escaped(sink, node.text);
     } else {
         sink.put(b"\n");
-        for child in node.children {
-            write_node(sink, child.into(), depth + 1);
+        match node.children {
+            Children::Elements(children) => {
+                for child in children {
+                    write_node(sink, child.into(), depth + 1);
+                }
+            }
+            Children::Integers(integers) => {
+                let mut digits = itoa::Buffer::new();
+                for (name, value) in integers {
+                    write_node(sink, Node::leaf(name, digits.format(*value)), depth + 1);
+                }
+            }
         }
         sink.indent(depth);
     }

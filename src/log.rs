@@ -14,14 +14,14 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_log::NormalizeEvent as _;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::field::{RecordFields, VisitOutput};
 use tracing_subscriber::fmt::format::{self, DefaultVisitor, Format, Full, Writer};
 use tracing_subscriber::fmt::time::FormatTime;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
-use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::registry::{LookupSpan, Registry, SpanRef};
 
 /// How many formatted lines may wait for the writer thread. At a few hundred bytes a line this
 /// caps the queue near 2 MiB, and it absorbs a reader that pauses for a fraction of a second at
@@ -39,6 +39,10 @@ const BATCH_INTERVAL: Duration = Duration::from_millis(10);
 
 /// The lines dropped so far, once logging is set up.
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// The queue, for lines written without a tracing event ([`write_plain`]); set only when lines
+/// are unstyled plain text, the one format those lines reproduce.
+static PLAIN_SINK: OnceLock<NonBlocking> = OnceLock::new();
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, Serialize)]
@@ -71,16 +75,23 @@ pub fn init(format: LogFormat, default_filter: &str) -> LogGuard {
         });
     // Set once per process; a second `init` (only ever in tests) keeps the first counter.
     let _ = DROPPED.set(writer.error_counter());
+    let styled = std::io::stderr().is_terminal();
+    let sink = writer.clone();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
     // `try_init` so that a process that already has a subscriber keeps it rather than panicking.
     let _ = match format {
         LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
+            .with_ansi(styled)
             .fmt_fields(PlainFields)
             .event_format(PlainText::default())
-            .try_init(),
+            .try_init()
+            .inspect(|()| {
+                if !styled {
+                    let _ = PLAIN_SINK.set(sink);
+                }
+            }),
         LogFormat::Json => builder
             .json()
             .with_current_span(true)
@@ -190,40 +201,175 @@ where
         // Events bridged from the `log` crate carry their real target in fields.
         let normalized = event.normalized_metadata();
         let metadata = normalized.as_ref().unwrap_or_else(|| event.metadata());
-        let mut timestamp = [0_u8; 27];
-        write_rfc3339(&mut timestamp, since_epoch());
-        writer.write_str(std::str::from_utf8(&timestamp).map_err(|_| fmt::Error)?)?;
-        writer.write_str(match *metadata.level() {
-            Level::TRACE => " TRACE ",
-            Level::DEBUG => " DEBUG ",
-            Level::INFO => "  INFO ",
-            Level::WARN => "  WARN ",
-            Level::ERROR => " ERROR ",
-        })?;
-        if let Some(scope) = context.event_scope() {
-            let mut any = false;
-            for span in scope.from_root() {
-                writer.write_str(span.metadata().name())?;
-                let extensions = span.extensions();
-                if let Some(fields) = extensions.get::<FormattedFields<N>>()
-                    && !fields.is_empty()
-                {
-                    writer.write_str("{")?;
-                    writer.write_str(fields)?;
-                    writer.write_str("}")?;
-                }
-                writer.write_str(":")?;
-                any = true;
-            }
-            if any {
-                writer.write_str(" ")?;
+        with_line_buffer(|line| {
+            write_head(
+                line,
+                metadata.level(),
+                context.parent_span(),
+                metadata.target(),
+            )?;
+            PlainVisitor::new(line).record_all(event)?;
+            line.push('\n');
+            writer.write_str(line)
+        })
+    }
+}
+
+/// Writes what comes before an event's fields: `TIME LEVEL span{fields}:…: target: `, for an
+/// event in `leaf` and the spans above it.
+fn write_head<'a, R: LookupSpan<'a>>(
+    line: &mut String,
+    level: &Level,
+    leaf: Option<SpanRef<'a, R>>,
+    target: &str,
+) -> fmt::Result {
+    let mut timestamp = [0_u8; 27];
+    write_rfc3339(&mut timestamp, since_epoch());
+    line.push_str(std::str::from_utf8(&timestamp).map_err(|_| fmt::Error)?);
+    line.push_str(match *level {
+        Level::TRACE => " TRACE ",
+        Level::DEBUG => " DEBUG ",
+        Level::INFO => "  INFO ",
+        Level::WARN => "  WARN ",
+        Level::ERROR => " ERROR ",
+    });
+    if let Some(leaf) = leaf {
+        // Most lines are in one span: no list of the spans to reverse.
+        if leaf.parent().is_none() {
+            write_span(line, &leaf);
+        } else {
+            for span in leaf.scope().from_root() {
+                write_span(line, &span);
             }
         }
-        writer.write_str(metadata.target())?;
-        writer.write_str(": ")?;
-        context.format_fields(writer.by_ref(), event)?;
-        writer.write_str("\n")
+        line.push(' ');
     }
+    line.push_str(target);
+    line.push_str(": ");
+    Ok(())
+}
+
+/// Writes `name{fields}:`, the fields as the text format recorded them when the span was made.
+fn write_span<'a, R: LookupSpan<'a>>(line: &mut String, span: &SpanRef<'a, R>) {
+    line.push_str(span.metadata().name());
+    let extensions = span.extensions();
+    if let Some(fields) = extensions.get::<FormattedFields<PlainFields>>()
+        && !fields.is_empty()
+    {
+        line.push('{');
+        line.push_str(fields);
+        line.push('}');
+    }
+    line.push(':');
+}
+
+/// Writes an INFO line for `target`, in the current span, with the fields `write_fields` adds:
+/// the bytes the text format writes for the same event (a test checks both), without tracing's
+/// per-field visitors or `core::fmt`. For the line every call writes. Returns `false`, writing
+/// nothing, unless lines are unstyled plain text: the caller then logs the event instead.
+/// Whether `target` is enabled is the caller's check.
+pub(crate) fn write_plain(target: &str, write_fields: impl FnOnce(&mut PlainLine<'_>)) -> bool {
+    let Some(sink) = PLAIN_SINK.get() else {
+        return false;
+    };
+    let _ = with_line_buffer(|line| {
+        plain_line(line, target, write_fields)?;
+        // A full queue drops the line and counts it, as for any other line.
+        let _ = sink.clone().write_all(line.as_bytes());
+        Ok(())
+    });
+    true
+}
+
+/// Builds the line [`write_plain`] writes.
+fn plain_line(
+    line: &mut String,
+    target: &str,
+    write_fields: impl FnOnce(&mut PlainLine<'_>),
+) -> fmt::Result {
+    tracing::dispatcher::get_default(|dispatch| {
+        let registry = dispatch.downcast_ref::<Registry>();
+        let current = dispatch.current_span();
+        let leaf = registry
+            .zip(current.id())
+            .and_then(|(registry, id)| registry.span(id));
+        write_head(line, &Level::INFO, leaf, target)
+    })?;
+    let mut fields = PlainLine(PlainVisitor::new(line));
+    write_fields(&mut fields);
+    fields.0.result?;
+    line.push('\n');
+    Ok(())
+}
+
+/// The fields of a line built by [`write_plain`], each written as the text format writes the
+/// value it names.
+pub(crate) struct PlainLine<'line>(PlainVisitor<'line>);
+
+impl PlainLine<'_> {
+    /// The message, as `tracing::info!(…, "text")` records it.
+    pub(crate) fn message(&mut self, text: &str) {
+        self.add("message", Value::Bare(text));
+    }
+
+    /// A `&str` field.
+    pub(crate) fn str(&mut self, name: &str, value: &str) {
+        self.add(name, Value::of_str(&value));
+    }
+
+    /// An integer field.
+    pub(crate) fn u64(&mut self, name: &str, value: u64) {
+        self.add(name, Value::Bare(itoa::Buffer::new().format(value)));
+    }
+
+    /// A float field.
+    pub(crate) fn f64(&mut self, name: &str, value: f64) {
+        self.add(name, Value::of_f64(&value, &mut zmij::Buffer::new()));
+    }
+
+    /// A field recorded with `%`, whose `Display` writes `text`.
+    pub(crate) fn display(&mut self, name: &str, text: &str) {
+        self.add(name, Value::Bare(text));
+    }
+
+    /// A socket address recorded with `%`.
+    pub(crate) fn socket_addr(&mut self, name: &str, address: std::net::SocketAddr) {
+        match address {
+            std::net::SocketAddr::V4(address) => {
+                self.display(name, ipv4_text(address, &mut [0; IPV4_TEXT_MAX]));
+            }
+            address => self.add(name, Value::Debug(&tracing::field::display(address))),
+        }
+    }
+
+    fn add(&mut self, name: &str, value: Value<'_>) {
+        if self.0.result.is_ok() {
+            self.0.result = self.0.write_field(name, value);
+        }
+    }
+}
+
+impl fmt::Debug for PlainLine<'_> {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("PlainLine")
+    }
+}
+
+thread_local! {
+    /// Where a thread builds its text lines: one reused buffer, written out with one call.
+    static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// Runs `write` on this thread's line buffer, emptied; on a fresh buffer if a line is already
+/// being built here (a field's `Debug` that logs).
+fn with_line_buffer(write: impl FnOnce(&mut String) -> fmt::Result) -> fmt::Result {
+    LINE.with(|line| match line.try_borrow_mut() {
+        Ok(mut line) => {
+            line.clear();
+            write(&mut line)
+        }
+        Err(_) => write(&mut String::new()),
+    })
 }
 
 /// A socket address that displays as `SocketAddr` does, with plain writes for IPv4 (the common
@@ -233,19 +379,45 @@ pub(crate) struct PlainAddr(pub(crate) std::net::SocketAddr);
 
 impl fmt::Display for PlainAddr {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let std::net::SocketAddr::V4(address) = self.0 else {
-            return fmt::Display::fmt(&self.0, formatter);
-        };
-        let mut digits = itoa::Buffer::new();
-        for (index, octet) in address.ip().octets().into_iter().enumerate() {
-            if index > 0 {
-                formatter.write_str(".")?;
+        match self.0 {
+            std::net::SocketAddr::V4(address) => {
+                formatter.write_str(ipv4_text(address, &mut [0; IPV4_TEXT_MAX]))
             }
-            formatter.write_str(digits.format(octet))?;
+            address => fmt::Display::fmt(&address, formatter),
         }
-        formatter.write_str(":")?;
-        formatter.write_str(digits.format(address.port()))
     }
+}
+
+/// The longest IPv4 socket address text: `255.255.255.255:65535`.
+const IPV4_TEXT_MAX: usize = 21;
+
+/// `address` as `Display` writes it, with plain digit writes into `text`.
+fn ipv4_text(address: std::net::SocketAddrV4, text: &mut [u8; IPV4_TEXT_MAX]) -> &str {
+    let mut length = 0;
+    for (index, octet) in address.ip().octets().into_iter().enumerate() {
+        if index > 0 {
+            text[length] = b'.';
+            length += 1;
+        }
+        if octet >= 100 {
+            text[length] = b'0' + octet / 100;
+            length += 1;
+        }
+        if octet >= 10 {
+            text[length] = b'0' + octet / 10 % 10;
+            length += 1;
+        }
+        text[length] = b'0' + octet % 10;
+        length += 1;
+    }
+    text[length] = b':';
+    length += 1;
+    let mut digits = itoa::Buffer::new();
+    let port = digits.format(address.port()).as_bytes();
+    text[length..length + port.len()].copy_from_slice(port);
+    length += port.len();
+    // Only ASCII digits, dots and a colon were written.
+    std::str::from_utf8(&text[..length]).unwrap_or_default()
 }
 
 /// The text format's fields, written as `tracing-subscriber`'s default writes them without ANSI
@@ -257,24 +429,26 @@ impl fmt::Display for PlainAddr {
 struct PlainFields;
 
 impl<'writer> FormatFields<'writer> for PlainFields {
-    fn format_fields<R: RecordFields>(&self, writer: Writer<'writer>, fields: R) -> fmt::Result {
+    fn format_fields<R: RecordFields>(
+        &self,
+        mut writer: Writer<'writer>,
+        fields: R,
+    ) -> fmt::Result {
         if writer.has_ansi_escapes() {
             let mut visitor = DefaultVisitor::new(writer, true);
             fields.record(&mut visitor);
             return visitor.finish();
         }
-        let mut visitor = PlainVisitor {
-            writer,
-            is_empty: true,
-            result: Ok(()),
-        };
-        fields.record(&mut visitor);
-        visitor.result
+        with_line_buffer(|text| {
+            PlainVisitor::new(text).record_all(fields)?;
+            writer.write_str(text)
+        })
     }
 }
 
-struct PlainVisitor<'writer> {
-    writer: Writer<'writer>,
+/// Writes fields into a line being built, as the default visitor writes them.
+struct PlainVisitor<'line> {
+    line: &'line mut String,
     is_empty: bool,
     result: fmt::Result,
 }
@@ -289,7 +463,21 @@ enum Value<'a> {
     Debug(&'a dyn fmt::Debug),
 }
 
-impl PlainVisitor<'_> {
+impl<'line> PlainVisitor<'line> {
+    fn new(line: &'line mut String) -> Self {
+        PlainVisitor {
+            line,
+            is_empty: true,
+            result: Ok(()),
+        }
+    }
+
+    /// Writes every field of `fields`.
+    fn record_all(mut self, fields: impl RecordFields) -> fmt::Result {
+        fields.record(&mut self);
+        self.result
+    }
+
     /// Writes one field as the default visitor does: `name=value`, or the value alone for the
     /// message, after a space unless it is the first.
     fn write(&mut self, field: &Field, value: Value<'_>) {
@@ -303,36 +491,58 @@ impl PlainVisitor<'_> {
 
     fn write_field(&mut self, name: &str, value: Value<'_>) -> fmt::Result {
         if !std::mem::replace(&mut self.is_empty, false) {
-            self.writer.write_str(" ")?;
+            self.line.push(' ');
         }
         if name != "message" {
-            self.writer.write_str(name)?;
-            self.writer.write_str("=")?;
+            self.line.push_str(name);
+            self.line.push('=');
         }
         match value {
-            Value::Bare(text) => self.writer.write_str(text),
+            Value::Bare(text) => self.line.push_str(text),
             Value::Quoted(text) => {
-                self.writer.write_str("\"")?;
-                self.writer.write_str(text)?;
-                self.writer.write_str("\"")
+                self.line.push('"');
+                self.line.push_str(text);
+                self.line.push('"');
             }
-            Value::Debug(value) => write!(self.writer, "{value:?}"),
+            Value::Debug(value) => {
+                return fmt::Write::write_fmt(self.line, format_args!("{value:?}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<'a> Value<'a> {
+    /// A string field's value: between quotes, or escaped as `Debug` does.
+    fn of_str(value: &'a &'a str) -> Self {
+        // Exactly the strings whose `Debug` form is the text between quotes.
+        let needs_no_escape = value
+            .bytes()
+            .all(|byte| (b' '..=b'~').contains(&byte) && byte != b'"' && byte != b'\\');
+        if needs_no_escape {
+            Value::Quoted(value)
+        } else {
+            Value::Debug(value)
+        }
+    }
+
+    /// A float field's value, written into `buffer` where `Debug` would write the same digits.
+    fn of_f64(value: &'a f64, buffer: &'a mut zmij::Buffer) -> Self {
+        // Outside this range `Debug` switches to exponents written differently.
+        if *value == 0.0 || (1e-4..1e15).contains(&value.abs()) {
+            Value::Bare(buffer.format_finite(*value))
+        } else {
+            Value::Debug(value)
         }
     }
 }
 
 impl Visit for PlainVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        // Exactly the strings whose `Debug` form is the text between quotes.
-        let needs_no_escape = value
-            .bytes()
-            .all(|byte| (b' '..=b'~').contains(&byte) && byte != b'"' && byte != b'\\');
         if field.name() == "message" {
             self.write(field, Value::Bare(value));
-        } else if needs_no_escape {
-            self.write(field, Value::Quoted(value));
         } else {
-            self.write(field, Value::Debug(&value));
+            self.write(field, Value::of_str(&value));
         }
     }
 
@@ -349,12 +559,7 @@ impl Visit for PlainVisitor<'_> {
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        // Outside this range `Debug` switches to exponents written differently.
-        if value == 0.0 || (1e-4..1e15).contains(&value.abs()) {
-            self.write(field, Value::Bare(zmij::Buffer::new().format_finite(value)));
-        } else {
-            self.write(field, Value::Debug(&value));
-        }
+        self.write(field, Value::of_f64(&value, &mut zmij::Buffer::new()));
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
@@ -362,7 +567,7 @@ impl Visit for PlainVisitor<'_> {
             return;
         }
         // Rare, and the default writes the error's sources too.
-        let mut visitor = DefaultVisitor::new(self.writer.by_ref(), self.is_empty);
+        let mut visitor = DefaultVisitor::new(Writer::new(self.line), self.is_empty);
         visitor.record_error(field, value);
         self.result = visitor.finish();
         self.is_empty = false;
@@ -435,6 +640,44 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     };
     let year = year_of_era + era * 400 + u64::from(month <= 2);
     (year, month, day)
+}
+
+/// For tests elsewhere: the lines the plain text format writes for the events `record` logs, and
+/// the lines `record` returns, each without its time.
+#[cfg(test)]
+pub(crate) fn plain_lines_without_time(
+    record: impl FnOnce() -> String,
+) -> (Vec<String>, Vec<String>) {
+    let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writer = {
+        let buffer = buffer.clone();
+        move || tests::SharedBuffer(buffer.clone())
+    };
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_ansi(false)
+        .fmt_fields(PlainFields)
+        .event_format(PlainText::default())
+        .finish();
+    let returned = tracing::subscriber::with_default(subscriber, record);
+    let events = String::from_utf8(buffer.lock().unwrap().clone()).unwrap();
+    let without_time = |text: &str| {
+        text.lines()
+            .map(|line| line.get(27..).unwrap_or(line).to_owned())
+            .collect()
+    };
+    (without_time(&events), without_time(&returned))
+}
+
+/// For tests elsewhere: the line [`write_plain`] writes.
+#[cfg(test)]
+pub(crate) fn plain_line_for_test(
+    target: &str,
+    write_fields: impl FnOnce(&mut PlainLine<'_>),
+) -> String {
+    let mut line = String::new();
+    plain_line(&mut line, target, write_fields).unwrap();
+    line
 }
 
 #[cfg(test)]
@@ -554,7 +797,7 @@ mod tests {
         }
     }
 
-    struct SharedBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    pub(super) struct SharedBuffer(pub(super) std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
     impl Write for SharedBuffer {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {

@@ -10,9 +10,9 @@ use tokio::time::Instant;
 
 use tonic::{Request, Response, Status};
 
-use crate::codec::{BIN_ID_RANGE, MethodCall, PORT_ID_RANGE, Reply};
+use crate::codec::{BIN_ID_RANGE, Call, PORT_ID_RANGE, Reply};
 use crate::config::{AccessLog, GatewayConfig};
-use crate::log::PlainAddr;
+use crate::log::{PlainAddr, PlainLine};
 use crate::metrics::{MethodMetrics, Metrics};
 use crate::proto::task_service_server::TaskService;
 use crate::proto::{CaseExtractRequest, CaseExtractResponse};
@@ -62,7 +62,7 @@ impl TaskGateway {
     async fn call(
         &self,
         context: &CallContext,
-        method_call: MethodCall,
+        call: Call<'_>,
         request_id: &RequestId,
         caller_deadline: Option<Duration>,
     ) -> (Option<Duration>, Result<(), CallError>) {
@@ -76,10 +76,7 @@ impl TaskGateway {
             "calling the controller"
         );
         let started = Instant::now();
-        let reply = self
-            .upstream
-            .call(&method_call, request_id, time_limit)
-            .await;
+        let reply = self.upstream.call(&call, request_id, time_limit).await;
         let outcome = match reply {
             Ok(Reply::Success(_)) => Ok(()),
             Ok(Reply::Fault(code)) => Err(CallError::Fault(code)),
@@ -116,10 +113,11 @@ impl TaskService for TaskGateway {
         let (upstream_time, outcome) = match (permit, validate_case_extract(port_id, bin_id)) {
             (Err(_), _) => (None, Err(CallError::Overloaded)),
             (Ok(_permit), Ok(())) => {
-                let method_call = MethodCall::new(context.method)
-                    .with_integer_param("port_id", port_id)
-                    .with_integer_param("bin_id", bin_id);
-                self.call(&context, method_call, &request_id, caller_deadline)
+                let call = Call {
+                    method: context.method,
+                    params: &[("port_id", port_id), ("bin_id", bin_id)],
+                };
+                self.call(&context, call, &request_id, caller_deadline)
                     .await
             }
             (Ok(_), Err(violations)) => (None, Err(CallError::InvalidArgument(violations))),
@@ -177,13 +175,26 @@ struct AccessRecord<'a> {
     peer: Option<SocketAddr>,
 }
 
+/// The target of access lines, so they can be filtered on their own
+/// (`RUST_LOG=taskgate::access=info`).
+const ACCESS_TARGET: &str = "taskgate::access";
+
 impl AccessRecord<'_> {
-    /// Writes the one access-log line of a call, under the `taskgate::access` target so it can be
-    /// filtered on its own (`RUST_LOG=taskgate::access=info`).
+    /// Writes the one access-log line of a call: straight to the log queue when lines are plain
+    /// text (the line every call writes, so it skips tracing's visitors), else as an event.
     fn log(&self, error_message: Option<&str>) {
-        let milliseconds = |duration: Duration| duration.as_secs_f64() * 1000.0;
+        if !tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
+            return;
+        }
+        if !crate::log::write_plain(ACCESS_TARGET, |line| self.write_fields(line, error_message)) {
+            self.event(error_message);
+        }
+    }
+
+    /// The access line as a tracing event: the one declaration of its fields for every format.
+    fn event(&self, error_message: Option<&str>) {
         tracing::info!(
-            target: "taskgate::access",
+            target: ACCESS_TARGET,
             method = self.context.method,
             port_id = self.context.port_id,
             bin_id = self.context.bin_id,
@@ -197,6 +208,34 @@ impl AccessRecord<'_> {
             "call"
         );
     }
+
+    /// The fields of [`AccessRecord::event`], in its order, for a plain text line; a test checks
+    /// that both write the same line.
+    fn write_fields(&self, line: &mut PlainLine<'_>, error_message: Option<&str>) {
+        line.message("call");
+        line.str("method", self.context.method);
+        line.u64("port_id", self.context.port_id.into());
+        line.u64("bin_id", self.context.bin_id.into());
+        line.str("grpc_code", crate::fault::grpc_code_name(self.code));
+        if let Some(fault_code) = self.fault_code {
+            line.u64("fault_code", fault_code.into());
+        }
+        if let Some(upstream_time) = self.upstream_time {
+            line.f64("upstream_ms", milliseconds(upstream_time));
+        }
+        line.f64("total_ms", milliseconds(self.total_time));
+        line.display("request_id", self.request_id.as_str());
+        if let Some(peer) = self.peer {
+            line.socket_addr("peer", peer);
+        }
+        if let Some(error) = error_message {
+            line.str("error", error);
+        }
+    }
+}
+
+fn milliseconds(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
 }
 
 /// Checks `case_extract`'s documented ranges, reporting every field that is out of range.
@@ -280,6 +319,72 @@ pub(crate) fn time_limit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The access line written straight to the queue is, byte for byte, the line the event
+    /// writes, for every shape of record: with and without a fault, an upstream time, a peer
+    /// (IPv4 and IPv6) and an error that needs escaping.
+    #[test]
+    fn the_plain_access_line_is_the_events_line() {
+        let context = CallContext {
+            method: "case_extract",
+            port_id: 4,
+            bin_id: 101_337,
+        };
+        let request_id = RequestId::new();
+        let records = [
+            (
+                tonic::Code::Ok,
+                None,
+                Some(Duration::from_micros(2_226)),
+                Some("127.0.0.1:4711"),
+                None,
+            ),
+            (
+                tonic::Code::Unavailable,
+                Some(1148),
+                Some(Duration::from_nanos(1_234_567)),
+                Some("10.20.30.255:65535"),
+                Some("port 4 is busy"),
+            ),
+            (
+                tonic::Code::InvalidArgument,
+                None,
+                None,
+                Some("[::1]:50051"),
+                Some("bad \"bin\"\n\ttab"),
+            ),
+            (tonic::Code::DeadlineExceeded, None, None, None, Some("")),
+            (
+                tonic::Code::Internal,
+                Some(0),
+                Some(Duration::ZERO),
+                None,
+                Some("grüße"),
+            ),
+        ];
+        for (code, fault_code, upstream_time, peer, error) in records {
+            let peer = peer.map(|peer| peer.parse().unwrap());
+            let record = AccessRecord {
+                context: &context,
+                code,
+                fault_code,
+                upstream_time,
+                total_time: Duration::from_secs_f64(0.002_281_54),
+                request_id: &request_id,
+                peer,
+            };
+            let (events, direct) = crate::log::plain_lines_without_time(|| {
+                let span = tracing::info_span!("call", request_id = %request_id, path = "/x");
+                let _entered = span.enter();
+                record.event(error);
+                crate::log::plain_line_for_test(ACCESS_TARGET, |line| {
+                    record.write_fields(line, error);
+                })
+            });
+            assert_eq!(events.len(), 1, "{events:?}");
+            assert_eq!(direct, events);
+        }
+    }
 
     fn check_valid(port_id: u32, bin_id: u32, expected_fields: &[&str]) {
         let fields: Vec<&str> = match validate_case_extract(port_id, bin_id) {

@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use tower::ServiceExt as _;
 use url::Url;
 
-use crate::codec::{self, DecodeError, MethodCall, Reply, WireFormat};
+use crate::codec::{self, Call, DecodeError, Reply, WireFormat};
 use crate::config::GatewayConfig;
 use crate::request_id::{self, RequestId};
 
@@ -206,24 +206,20 @@ impl Upstream {
         &self.url
     }
 
-    /// POSTs `method_call` and returns the controller's reply, giving up after `time_limit`.
+    /// POSTs `call` and returns the controller's reply, giving up after `time_limit`.
     pub(crate) async fn call(
         &self,
-        method_call: &MethodCall,
+        call: &Call<'_>,
         request_id: &RequestId,
         time_limit: Duration,
     ) -> Result<Reply, UpstreamError> {
-        tokio::time::timeout(time_limit, self.post(method_call, request_id))
+        tokio::time::timeout(time_limit, self.post(call, request_id))
             .await
             .map_err(|_| UpstreamError::Timeout { limit: time_limit })?
     }
 
-    async fn post(
-        &self,
-        method_call: &MethodCall,
-        request_id: &RequestId,
-    ) -> Result<Reply, UpstreamError> {
-        let request = self.request(method_call, request_id);
+    async fn post(&self, call: &Call<'_>, request_id: &RequestId) -> Result<Reply, UpstreamError> {
+        let request = self.request(call, request_id);
         let (mut connection, exchange) = match self.pool.take() {
             Some(mut connection) => match connection.exchange(request).await {
                 // A kept-alive connection the controller closed before the request was written:
@@ -301,8 +297,8 @@ impl Upstream {
     }
 
     /// The POST of `method_call`: every header but the request ID and the length was made once.
-    fn request(&self, method_call: &MethodCall, request_id: &RequestId) -> Request<Full<Bytes>> {
-        let body = self.format.encode_method_call(method_call);
+    fn request(&self, call: &Call<'_>, request_id: &RequestId) -> Request<Full<Bytes>> {
+        let body = self.format.encode_call(call);
         let length = HeaderValue::from(body.len());
         let mut request = Request::new(Full::new(Bytes::from(body)));
         *request.method_mut() = Method::POST;

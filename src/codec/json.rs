@@ -187,7 +187,7 @@ fn kind(value: &Value) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use super::super::WireFormat;
+    use super::super::{Call, WireFormat};
     use super::*;
 
     fn check_reply(body: &str, expected: Result<Reply, DecodeError>) {
@@ -297,6 +297,18 @@ mod tests {
         assert_eq!(
             WireFormat::Json.decode_method_call(&body, None),
             Ok(method_call)
+        );
+    }
+
+    #[test]
+    fn a_call_encodes_as_its_method_call_does() {
+        let call = Call {
+            method: "case_extract",
+            params: &[("port_id", 4), ("bin_id", 101337)],
+        };
+        assert_eq!(
+            WireFormat::Json.encode_call(&call),
+            WireFormat::Json.encode_method_call(&MethodCall::from(&call))
         );
     }
 

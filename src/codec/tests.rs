@@ -38,14 +38,16 @@ fn case_extract_request_is_the_documented_shape() {
     let method_call = MethodCall::new("case_extract")
         .with_param("port_id", 4)
         .with_param("bin_id", 101337);
-    assert_eq!(
-        MethodCall::new("case_extract")
-            .with_integer_param("port_id", 4)
-            .with_integer_param("bin_id", 101337),
-        method_call
-    );
+    let call = Call {
+        method: "case_extract",
+        params: &[("port_id", 4), ("bin_id", 101337)],
+    };
+    assert_eq!(MethodCall::from(&call), method_call);
     let body = encode_method_call(&method_call);
     assert_eq!(body.capacity(), body.len(), "sized exactly, never regrown");
+    let call_body = encode_call(&call);
+    assert_eq!(call_body, body, "a Call encodes as its MethodCall does");
+    assert_eq!(call_body.capacity(), call_body.len(), "sized exactly");
     let expected = "<?xml version=\"1.0\"?>\n\
                     <methodcall>\n  \
                     <name>case_extract</name>\n  \
@@ -705,5 +707,32 @@ fn common_replies_take_the_shortcut() {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+}
+
+/// Edge shapes of a call encode as the equivalent tree does: no parameters, an empty name, text
+/// that needs escaping, the largest value.
+#[test]
+fn calls_encode_as_their_method_calls_do() {
+    let calls = [
+        Call {
+            method: "case_getstate",
+            params: &[],
+        },
+        Call {
+            method: "",
+            params: &[("port_id", 0)],
+        },
+        Call {
+            method: "a<b&c",
+            params: &[("x", u32::MAX), ("x", 7)],
+        },
+    ];
+    for call in calls {
+        assert_eq!(
+            encode_call(&call),
+            encode_method_call(&MethodCall::from(&call)),
+            "{call:?}"
+        );
     }
 }
