@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
-use taskgate::config::{GatewayConfig, parse_upstream_url};
+use taskgate::config::{GatewayConfig, Http1Limits, defaults, parse_upstream_url};
 use taskgate::proto::task_service_client::TaskServiceClient;
 use taskgate::proto::{CaseExtractRequest, TASK_FAULT_TYPE_URL, TaskFault};
 use taskgate::server::{Listeners, ServeError};
@@ -159,6 +159,7 @@ pub(crate) async fn start_simulator(layout: Layout) -> Url {
     tokio::spawn(simulator::http::serve(
         listener,
         Simulator::new(&layout),
+        Http1Limits::with_max_connections(defaults::SIMULATOR_MAX_CONNECTIONS),
         std::future::pending(),
     ));
     parse_upstream_url(&format!("http://{address}{}", simulator::http::TASK_PATH)).unwrap()
