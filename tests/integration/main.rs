@@ -8,6 +8,7 @@
 //! - `health`: grpc.health.v1 following the controller and shutdown; reflection.
 //! - `json_upstream`: the JSON variant of the task interface.
 //! - `limits`: shedding beyond the in-flight limit.
+//! - `connections`: the gRPC port's connection limits, stream limits and shutdown drain.
 //! - `metrics`: the Prometheus endpoint after a known mix of calls.
 //! - `request_id`: x-request-id from caller to controller and back.
 //! - `shutdown`: graceful shutdown with calls in flight.
@@ -22,6 +23,7 @@ mod support;
 mod auth;
 mod bench;
 mod cli;
+mod connections;
 mod contract;
 mod grpc_web;
 mod health;

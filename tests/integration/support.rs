@@ -477,3 +477,40 @@ pub(crate) fn metadata(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
         .collect()
 }
+
+/// Scrapes `metrics_url` until a line equals `expected`; fails the test if none does within
+/// 5 s. Metrics follow events on other tasks (a connection closing), so one scrape may be early.
+pub(crate) async fn scrape_line(metrics_url: &str, expected: &str) {
+    scrape_until(metrics_url, expected, |value| value == expected).await;
+}
+
+/// Scrapes `metrics_url` until the series `series` (name and labels) has a value of at least
+/// `at_least`; fails the test if it does not within 5 s.
+pub(crate) async fn scrape_at_least(metrics_url: &str, series: &str, at_least: f64) {
+    let what = format!("{series} >= {at_least}");
+    scrape_until(metrics_url, &what, |line| {
+        line.strip_prefix(series)
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .is_some_and(|value| value >= at_least)
+    })
+    .await;
+}
+
+async fn scrape_until(metrics_url: &str, what: &str, matches: impl Fn(&str) -> bool) {
+    let mut last = String::new();
+    let found = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(response) = reqwest::get(metrics_url).await
+                && let Ok(text) = response.text().await
+            {
+                if text.lines().any(&matches) {
+                    return;
+                }
+                last = text;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "{what} missing from:\n{last}");
+}
