@@ -13,33 +13,19 @@ use tonic_health::pb::health_client::HealthClient;
 
 use taskgate::config::GatewayConfig;
 
-use crate::support::{FakeUpstream, Gateway, Script, config_for, scrape_at_least, scrape_line};
+use crate::support::{
+    FakeUpstream, Gateway, PROMPTLY, Script, config_for, read_until_closed, scrape_at_least,
+    scrape_line,
+};
 
 /// What an HTTP/2 client sends first, then an empty SETTINGS frame.
 const HTTP2_PREFACE_AND_SETTINGS: &[u8] =
     b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
 const GOAWAY: u8 = 0x7;
 const SETTINGS: u8 = 0x4;
-/// Generous bound on "closed at once" and "closed after a 200 ms limit".
-const PROMPTLY: Duration = Duration::from_secs(5);
 
 async fn config() -> GatewayConfig {
     config_for(&FakeUpstream::start(Script::Hang).await.url)
-}
-
-/// Reads until the server closes the connection, which must happen within [`PROMPTLY`].
-async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
-    let mut received = Vec::new();
-    tokio::time::timeout(PROMPTLY, async {
-        let mut buffer = [0_u8; 4096];
-        // A reset counts as closed too.
-        while let Ok(read @ 1..) = stream.read(&mut buffer).await {
-            received.extend_from_slice(&buffer[..read]);
-        }
-    })
-    .await
-    .expect("the server did not close the connection");
-    received
 }
 
 /// The HTTP/2 frames in `bytes` as (type, payload), after the server's part of the handshake.

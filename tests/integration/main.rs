@@ -9,6 +9,7 @@
 //! - `json_upstream`: the JSON variant of the task interface.
 //! - `limits`: shedding beyond the in-flight limit.
 //! - `connections`: the gRPC port's connection limits, stream limits and shutdown drain.
+//! - `http1_limits`: the timeouts and connection cap of `/metrics` and the simulator.
 //! - `metrics`: the Prometheus endpoint after a known mix of calls.
 //! - `request_id`: x-request-id from caller to controller and back.
 //! - `shutdown`: graceful shutdown with calls in flight.
@@ -27,6 +28,7 @@ mod connections;
 mod contract;
 mod grpc_web;
 mod health;
+mod http1_limits;
 mod json_upstream;
 mod limits;
 mod metrics;

@@ -514,3 +514,22 @@ async fn scrape_until(metrics_url: &str, what: &str, matches: impl Fn(&str) -> b
     .await;
     assert!(found.is_ok(), "{what} missing from:\n{last}");
 }
+
+/// Generous bound on "closed at once" and "closed after a 200 ms limit".
+pub(crate) const PROMPTLY: Duration = Duration::from_secs(5);
+
+/// Reads until the server closes the connection, which must happen within [`PROMPTLY`]; returns
+/// what it sent.
+pub(crate) async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
+    let mut received = Vec::new();
+    tokio::time::timeout(PROMPTLY, async {
+        let mut buffer = [0_u8; 4096];
+        // A reset counts as closed too.
+        while let Ok(read @ 1..) = stream.read(&mut buffer).await {
+            received.extend_from_slice(&buffer[..read]);
+        }
+    })
+    .await
+    .expect("the server did not close the connection");
+    received
+}
