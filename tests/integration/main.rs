@@ -10,6 +10,7 @@
 //! - `limits`: shedding beyond the in-flight limit.
 //! - `connections`: the gRPC port's connection limits, stream limits and shutdown drain.
 //! - `http1_limits`: the timeouts and connection cap of `/metrics` and the simulator.
+//! - `fd_limits`: the real binary at its file-descriptor limit, and its shutdown log.
 //! - `metrics`: the Prometheus endpoint after a known mix of calls.
 //! - `request_id`: x-request-id from caller to controller and back.
 //! - `shutdown`: graceful shutdown with calls in flight.
@@ -26,6 +27,7 @@ mod bench;
 mod cli;
 mod connections;
 mod contract;
+mod fd_limits;
 mod grpc_web;
 mod health;
 mod http1_limits;
