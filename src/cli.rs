@@ -4,7 +4,7 @@
 //! Every flag can also be set with a `TASKGATE_…` environment variable.
 
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -27,9 +27,13 @@ use file::ServeFile;
 
 use crate::auth::TokenFile;
 use crate::codec::WireFormat;
-use crate::config::{AccessLog, GatewayConfig, defaults, parse_cors_origin, parse_upstream_url};
+use crate::config::{
+    AccessLog, GatewayConfig, Http1Flags, Http1Limits, defaults, parse_cors_origin,
+    parse_upstream_url,
+};
 use crate::fault;
 use crate::log::LogFormat;
+use crate::nofile;
 use crate::proto::task_service_client::TaskServiceClient;
 use crate::proto::{CaseExtractRequest, FaultCode, TASK_FAULT_TYPE_URL, TaskFault};
 use crate::request_id::HEADER as REQUEST_ID_HEADER;
@@ -125,6 +129,51 @@ struct ServeArgs {
     /// RESOURCE_EXHAUSTED (reason OVERLOADED). Health and reflection are not counted.
     #[arg(long, env = "TASKGATE_MAX_IN_FLIGHT", default_value_t = defaults::MAX_IN_FLIGHT)]
     max_in_flight: NonZeroUsize,
+
+    /// How long a new gRPC connection may take to identify itself (TLS handshake, then the
+    /// HTTP/2 preface or a complete first HTTP/1.1 request head) before it is closed; also the
+    /// limit on later HTTP/1.1 request heads.
+    #[arg(long, env = "TASKGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+
+    /// How long a gRPC connection may stay without an open call or stream before it is closed
+    /// (GOAWAY on HTTP/2), for example 5m.
+    #[arg(long, env = "TASKGATE_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    idle_timeout: Duration,
+
+    /// How many gRPC connections may be open at once; more are closed as soon as they are
+    /// accepted. Default: the open-file limit (nofile) less --max-in-flight + 1 controller
+    /// connections, --metrics-max-connections (when metrics are served) and 64 in reserve, at
+    /// least 16 and at most 65536.
+    #[arg(long, env = "TASKGATE_MAX_CONNECTIONS")]
+    max_connections: Option<NonZeroUsize>,
+
+    /// How many streams (calls) one HTTP/2 connection may have open at once; clients queue the
+    /// rest.
+    #[arg(long, env = "TASKGATE_MAX_CONCURRENT_STREAMS", default_value_t = defaults::MAX_CONCURRENT_STREAMS)]
+    max_concurrent_streams: NonZeroU32,
+
+    /// How many health Watch streams may be open at once over all connections; more are
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TASKGATE_MAX_HEALTH_WATCHES", default_value_t = defaults::MAX_HEALTH_WATCHES)]
+    max_health_watches: NonZeroUsize,
+
+    /// How long a request head to /metrics may take, from accept or from its first byte.
+    #[arg(long, env = "TASKGATE_METRICS_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    metrics_header_read_timeout: Duration,
+
+    /// How long a kept-alive connection to /metrics may wait for its next request.
+    #[arg(long, env = "TASKGATE_METRICS_IDLE_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    metrics_idle_timeout: Duration,
+
+    /// How long a request body to /metrics may take once its head has arrived.
+    #[arg(long, env = "TASKGATE_METRICS_BODY_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    metrics_body_read_timeout: Duration,
+
+    /// How many connections to /metrics may be open at once; more are closed as soon as they
+    /// are accepted.
+    #[arg(long, env = "TASKGATE_METRICS_MAX_CONNECTIONS", default_value_t = defaults::METRICS_MAX_CONNECTIONS)]
+    metrics_max_connections: NonZeroUsize,
 
     /// How to speak to the controller: `xml` (the documented format) or `json`.
     #[arg(long, env = "TASKGATE_UPSTREAM_FORMAT", value_enum, default_value_t = UpstreamFormat::Xml)]
@@ -226,6 +275,23 @@ struct SimulateArgs {
     /// A TOML port layout; default: the built-in layout.
     #[arg(long, env = "TASKGATE_SIMULATOR_CONFIG")]
     config: Option<PathBuf>,
+
+    /// How long a request head may take, from accept or from its first byte.
+    #[arg(long, env = "TASKGATE_SIMULATOR_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    header_read_timeout: Duration,
+
+    /// How long a kept-alive connection may wait for its next request.
+    #[arg(long, env = "TASKGATE_SIMULATOR_IDLE_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    idle_timeout: Duration,
+
+    /// How long a request body may take once its head has arrived.
+    #[arg(long, env = "TASKGATE_SIMULATOR_BODY_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    body_read_timeout: Duration,
+
+    /// How many connections may be open at once; more are closed as soon as they are accepted
+    /// (and logged).
+    #[arg(long, env = "TASKGATE_SIMULATOR_MAX_CONNECTIONS", default_value_t = defaults::SIMULATOR_MAX_CONNECTIONS)]
+    max_connections: NonZeroUsize,
 }
 
 #[derive(Debug, Args)]
@@ -259,6 +325,34 @@ struct CaseExtractArgs {
     /// The call's deadline, sent to the gateway as grpc-timeout.
     #[arg(long, env = "TASKGATE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     timeout: Duration,
+}
+
+// === impl ServeArgs ===
+
+impl ServeArgs {
+    /// The metrics endpoint's limits, from their four flags.
+    fn metrics_limits(&self) -> Http1Limits {
+        Http1Limits {
+            header_read_timeout: self.metrics_header_read_timeout,
+            idle_timeout: self.metrics_idle_timeout,
+            body_read_timeout: self.metrics_body_read_timeout,
+            max_connections: self.metrics_max_connections,
+        }
+    }
+}
+
+// === impl SimulateArgs ===
+
+impl SimulateArgs {
+    /// The simulator's listener limits, from their four flags.
+    fn limits(&self) -> Http1Limits {
+        Http1Limits {
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            body_read_timeout: self.body_read_timeout,
+            max_connections: self.max_connections,
+        }
+    }
 }
 
 /// How a command ended, as an exit code.
@@ -404,6 +498,12 @@ async fn serve(
             .context("invalid --cors-allow-origin")
             .map_err(usage)?,
         access_log: args.access_log,
+        handshake_timeout: args.handshake_timeout,
+        idle_timeout: args.idle_timeout,
+        max_connections: args.max_connections,
+        max_concurrent_streams: args.max_concurrent_streams,
+        max_health_watches: args.max_health_watches,
+        metrics_limits: args.metrics_limits(),
         auth_tokens: match &args.auth_tokens_file {
             Some(path) => Some(TokenFile::load(path).map_err(|error| usage(error.into()))?),
             None => None,
@@ -440,9 +540,11 @@ async fn serve(
         tokio::spawn(simulator::http::serve(
             listener,
             Simulator::new(&layout),
+            Http1Limits::with_max_connections(defaults::SIMULATOR_MAX_CONNECTIONS),
             std::future::pending(),
         ));
     }
+    nofile::log_raise(nofile::raise_soft_limit());
     let listener = bind(args.listen).await.map_err(usage)?;
     let metrics = match args.metrics_listen {
         Some(address) => Some(bind(address).await.map_err(usage)?),
@@ -490,6 +592,14 @@ fn apply_file(args: &mut ServeArgs, matches: &ArgMatches, file: ServeFile) {
         max_in_flight,
         access_log,
         simulator,
+        handshake_timeout,
+        idle_timeout,
+        max_concurrent_streams,
+        max_health_watches,
+        metrics_header_read_timeout,
+        metrics_idle_timeout,
+        metrics_body_read_timeout,
+        metrics_max_connections,
     );
     macro_rules! take_optional {
         ($($field:ident),* $(,)?) => {$(
@@ -508,6 +618,7 @@ fn apply_file(args: &mut ServeArgs, matches: &ArgMatches, file: ServeFile) {
         upstream_client_key,
         metrics_listen,
         simulator_config,
+        max_connections,
     );
     if !given_by_user(matches, "cors_allow_origin")
         && let Some(origins) = file.cors_allow_origin
@@ -564,12 +675,27 @@ impl From<&ServeArgs> for ServeFile {
             access_log: Some(args.access_log),
             simulator: Some(args.simulator),
             simulator_config: args.simulator_config.clone(),
+            handshake_timeout: Some(args.handshake_timeout),
+            idle_timeout: Some(args.idle_timeout),
+            max_connections: args.max_connections,
+            max_concurrent_streams: Some(args.max_concurrent_streams),
+            max_health_watches: Some(args.max_health_watches),
+            metrics_header_read_timeout: Some(args.metrics_header_read_timeout),
+            metrics_idle_timeout: Some(args.metrics_idle_timeout),
+            metrics_body_read_timeout: Some(args.metrics_body_read_timeout),
+            metrics_max_connections: Some(args.metrics_max_connections),
         }
     }
 }
 
 async fn simulate(args: SimulateArgs) -> Outcome {
     let layout = load_layout(args.config.as_deref()).map_err(usage)?;
+    let limits = args.limits();
+    limits
+        .validate(Http1Flags::SIMULATE)
+        .context("invalid configuration")
+        .map_err(usage)?;
+    nofile::log_raise(nofile::raise_soft_limit());
     let listener = bind(args.listen).await.map_err(usage)?;
     let address = listener.local_addr().unwrap_or(args.listen);
     tracing::info!(
@@ -578,7 +704,13 @@ async fn simulate(args: SimulateArgs) -> Outcome {
         step_time = %humantime::format_duration(layout.step_time),
         "simulated controller listening"
     );
-    simulator::http::serve(listener, Simulator::new(&layout), crate::shutdown::signal()).await;
+    simulator::http::serve(
+        listener,
+        Simulator::new(&layout),
+        limits,
+        crate::shutdown::signal(),
+    )
+    .await;
     Ok(Exit::Success)
 }
 
@@ -761,6 +893,27 @@ mod tests {
         assert_eq!(config.upstream_format, WireFormat::Xml);
         assert_eq!(args.max_response_bytes, config.max_response_bytes);
         assert_eq!(args.access_log, config.access_log);
+        assert_eq!(args.handshake_timeout, config.handshake_timeout);
+        assert_eq!(args.idle_timeout, config.idle_timeout);
+        assert_eq!(args.max_connections, config.max_connections);
+        assert_eq!(args.max_concurrent_streams, config.max_concurrent_streams);
+        assert_eq!(args.max_health_watches, config.max_health_watches);
+        assert_eq!(args.metrics_limits(), config.metrics_limits);
+    }
+
+    #[test]
+    fn simulate_defaults_match_the_config_defaults() {
+        let Cli {
+            command: Command::Simulate(args),
+            ..
+        } = Cli::try_parse_from(["taskgate", "simulate"]).unwrap()
+        else {
+            panic!("not simulate");
+        };
+        assert_eq!(
+            args.limits(),
+            Http1Limits::with_max_connections(defaults::SIMULATOR_MAX_CONNECTIONS)
+        );
     }
 
     /// Parses `serve` arguments and checks their combinations, without any file.

@@ -1,7 +1,7 @@
 //! Validated settings. Every value here has been checked, so the rest of the crate never has to
 //! ask whether a URL has a host or a duration is zero. Flag parsing lives in `cli`.
 
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
 use hyper::header::HeaderValue;
@@ -40,6 +40,35 @@ pub struct GatewayConfig {
     pub cors_allow_origins: Vec<HeaderValue>,
     /// Which calls write an access line.
     pub access_log: AccessLog,
+    /// How long a new gRPC connection may take to identify itself: TLS, then the HTTP/2 preface
+    /// or a complete first HTTP/1.1 request head (also the limit on later HTTP/1.1 heads).
+    pub handshake_timeout: Duration,
+    /// How long a gRPC connection may stay without an open call or stream before it is closed
+    /// (with GOAWAY on HTTP/2).
+    pub idle_timeout: Duration,
+    /// How many gRPC connections may be open at once; more are closed as soon as accepted.
+    /// `None`: sized from the open-file limit at startup (see `nofile`).
+    pub max_connections: Option<NonZeroUsize>,
+    /// How many streams (calls) one HTTP/2 connection may have open at once.
+    pub max_concurrent_streams: NonZeroU32,
+    /// How many health Watch streams may be open at once, over all connections.
+    pub max_health_watches: NonZeroUsize,
+    /// The limits of the `/metrics` listener.
+    pub metrics_limits: Http1Limits,
+}
+
+/// The limits of an HTTP/1.1 listener (`/metrics`, the simulator), fixed at startup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http1Limits {
+    /// How long a request head may take, from accept (the first request) or from its first byte
+    /// (later requests on a kept-alive connection).
+    pub header_read_timeout: Duration,
+    /// How long a kept-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+    /// How long a request body may take once its head has arrived.
+    pub body_read_timeout: Duration,
+    /// How many connections may be open at once; more are closed as soon as accepted.
+    pub max_connections: NonZeroUsize,
 }
 
 /// Which calls write an access line, the way Envoy filters its access log.
@@ -107,11 +136,21 @@ pub enum ConfigError {
         /// The setting's flag name.
         setting: &'static str,
     },
+    /// A count beyond what the runtime can take.
+    #[error("{setting} {value} is too large: the most it can be is {max}")]
+    TooLarge {
+        /// The setting's flag name.
+        setting: &'static str,
+        /// The value given.
+        value: usize,
+        /// The largest value allowed.
+        max: usize,
+    },
 }
 
 /// The defaults the CLI documents.
 pub mod defaults {
-    use std::num::NonZeroUsize;
+    use std::num::{NonZeroU32, NonZeroUsize};
     use std::time::Duration;
 
     /// Where the gateway listens for gRPC.
@@ -133,6 +172,28 @@ pub mod defaults {
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
     /// Where the standalone simulator listens: the controller's own port.
     pub const SIMULATOR_LISTEN: &str = "127.0.0.1:44000";
+    /// How long a new gRPC connection may take to identify its protocol (linkerd2-proxy's
+    /// detect timeout is the same).
+    pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// How long a gRPC connection may stay without an open call or stream.
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+    /// Streams per HTTP/2 connection, as gRPC servers commonly allow; h2's own default is
+    /// unlimited.
+    pub const MAX_CONCURRENT_STREAMS: NonZeroU32 = NonZeroU32::new(256).unwrap();
+    /// Open health Watch streams over all connections.
+    pub const MAX_HEALTH_WATCHES: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
+    /// How long an HTTP/1.1 request head may take.
+    pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// How long a kept-alive HTTP/1.1 connection may wait for its next request: longer than a
+    /// typical Prometheus scrape interval, so scrapes reuse their connection.
+    pub const HTTP1_IDLE_TIMEOUT: Duration = Duration::from_secs(2 * 60);
+    /// How long an HTTP/1.1 request body may take.
+    pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Connections to `/metrics`: a few scrapers, with room to spare.
+    pub const METRICS_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(64).unwrap();
+    /// Connections to the simulator: a gateway opens at most one per call in flight, so twice
+    /// the gateway's default `--max-in-flight`.
+    pub const SIMULATOR_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(2048).unwrap();
 }
 
 // === impl GatewayConfig ===
@@ -154,6 +215,12 @@ impl GatewayConfig {
             upstream_tls: UpstreamTls::default(),
             cors_allow_origins: Vec::new(),
             access_log: AccessLog::default(),
+            handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
+            idle_timeout: defaults::IDLE_TIMEOUT,
+            max_connections: None,
+            max_concurrent_streams: defaults::MAX_CONCURRENT_STREAMS,
+            max_health_watches: defaults::MAX_HEALTH_WATCHES,
+            metrics_limits: Http1Limits::with_max_connections(defaults::METRICS_MAX_CONNECTIONS),
         }
     }
 
@@ -161,8 +228,68 @@ impl GatewayConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         positive(self.upstream_timeout, "--upstream-timeout")?;
         positive(self.health_interval, "--health-interval")?;
-        Ok(())
+        positive(self.handshake_timeout, "--handshake-timeout")?;
+        positive(self.idle_timeout, "--idle-timeout")?;
+        // Both are counted with tokio semaphores, which take at most this many permits.
+        let max = tokio::sync::Semaphore::MAX_PERMITS;
+        if let Some(max_connections) = self.max_connections {
+            at_most(max_connections.get(), max, "--max-connections")?;
+        }
+        at_most(self.max_health_watches.get(), max, "--max-health-watches")?;
+        self.metrics_limits.validate(Http1Flags::METRICS)
     }
+}
+
+// === impl Http1Limits ===
+
+impl Http1Limits {
+    /// The documented timeouts, with `max_connections`.
+    pub fn with_max_connections(max_connections: NonZeroUsize) -> Self {
+        Http1Limits {
+            header_read_timeout: defaults::HEADER_READ_TIMEOUT,
+            idle_timeout: defaults::HTTP1_IDLE_TIMEOUT,
+            body_read_timeout: defaults::BODY_READ_TIMEOUT,
+            max_connections,
+        }
+    }
+
+    /// Checks the limits; `flags` name them in the error.
+    pub fn validate(&self, flags: Http1Flags) -> Result<(), ConfigError> {
+        positive(self.header_read_timeout, flags.header_read_timeout)?;
+        positive(self.idle_timeout, flags.idle_timeout)?;
+        positive(self.body_read_timeout, flags.body_read_timeout)?;
+        at_most(
+            self.max_connections.get(),
+            tokio::sync::Semaphore::MAX_PERMITS,
+            flags.max_connections,
+        )
+    }
+}
+
+/// The flag names of one HTTP/1.1 listener's limits, for error messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Http1Flags {
+    header_read_timeout: &'static str,
+    idle_timeout: &'static str,
+    body_read_timeout: &'static str,
+    max_connections: &'static str,
+}
+
+impl Http1Flags {
+    /// `serve`'s flags for the metrics endpoint.
+    pub const METRICS: Http1Flags = Http1Flags {
+        header_read_timeout: "--metrics-header-read-timeout",
+        idle_timeout: "--metrics-idle-timeout",
+        body_read_timeout: "--metrics-body-read-timeout",
+        max_connections: "--metrics-max-connections",
+    };
+    /// `simulate`'s flags.
+    pub const SIMULATE: Http1Flags = Http1Flags {
+        header_read_timeout: "--header-read-timeout",
+        idle_timeout: "--idle-timeout",
+        body_read_timeout: "--body-read-timeout",
+        max_connections: "--max-connections",
+    };
 }
 
 /// Parses a task-interface URL and insists on HTTP or HTTPS with a host.
@@ -214,6 +341,17 @@ pub fn parse_cors_origin(raw: &str) -> Result<HeaderValue, ConfigError> {
         }
     }
     HeaderValue::from_str(raw).map_err(|_| invalid())
+}
+
+fn at_most(value: usize, max: usize, setting: &'static str) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(ConfigError::TooLarge {
+            setting,
+            value,
+            max,
+        });
+    }
+    Ok(())
 }
 
 fn positive(duration: Duration, setting: &'static str) -> Result<Duration, ConfigError> {

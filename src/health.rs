@@ -5,15 +5,24 @@
 //! to the task interface could move a robot. Both names report NOT_SERVING until the first probe
 //! succeeds, while the controller cannot be reached, and from the moment shutdown begins.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio::task::AbortHandle;
+use tonic::body::Body;
+use tonic::codegen::http;
 use tonic::server::NamedService;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use url::Url;
 
+use crate::connection::Holding;
 use crate::metrics::Metrics;
 use crate::proto::task_service_server::TaskServiceServer;
 use crate::service::TaskGateway;
@@ -32,6 +41,22 @@ pub(crate) struct Health {
     /// Mirrors the state in the `taskgate_health_serving` gauge.
     metrics: Metrics,
 }
+
+/// Caps the open health Watch streams: health needs no token, and every open stream holds
+/// memory, so without a cap anyone who can connect could hold as much as they like. Over the
+/// cap a Watch is answered RESOURCE_EXHAUSTED at once; Check is never limited.
+#[derive(Debug, Clone)]
+pub(crate) struct WatchLimit<S> {
+    inner: S,
+    /// One permit per Watch stream that may be open; a stream holds its permit until its
+    /// response body is dropped.
+    permits: Arc<Semaphore>,
+    limit: usize,
+    metrics: Metrics,
+}
+
+/// The path of the health Watch method.
+const WATCH_PATH: &str = "/grpc.health.v1.Health/Watch";
 
 // === impl Health ===
 
@@ -76,6 +101,55 @@ impl Health {
 impl Drop for Health {
     fn drop(&mut self) {
         self.probe.abort();
+    }
+}
+
+// === impl WatchLimit ===
+
+impl<S> WatchLimit<S> {
+    /// Lets at most `limit` Watch streams through `inner` at once.
+    pub(crate) fn new(inner: S, limit: usize, metrics: Metrics) -> Self {
+        WatchLimit {
+            inner,
+            permits: Arc::new(Semaphore::new(limit)),
+            limit,
+            metrics,
+        }
+    }
+}
+
+impl<S: NamedService> NamedService for WatchLimit<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<http::Request<Body>> for WatchLimit<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if request.uri().path() != WATCH_PATH {
+            return Box::pin(self.inner.call(request));
+        }
+        let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+            self.metrics.health_watch_refused();
+            let status = crate::status::health_watches_exhausted(self.limit);
+            return Box::pin(std::future::ready(Ok(status.into_http())));
+        };
+        let open = self.metrics.health_watch_opened();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| Body::new(Holding::new(body, (permit, open)))))
+        })
     }
 }
 

@@ -12,6 +12,9 @@
 //! - `upstream`: the HTTP client that calls the controller.
 //! - `status`: the only place a `tonic::Status` is built.
 //! - `service`: the `TaskService` implementation.
+//! - `accept`: accept loops that back off, count and log once per interval when accept fails.
+//! - `connection`: the limits every accepted connection lives under (handshake, idle, heads,
+//!   how many) and the drain at shutdown.
 //! - `http1`: the small HTTP/1.1 server loop the simulator and the metrics endpoint share.
 //! - [`simulator`]: an embedded simulated controller.
 //! - `health`: the grpc.health.v1 statuses and the controller probe.
@@ -19,6 +22,8 @@
 //! - [`metrics`]: Prometheus counters, histograms and the `/metrics` endpoint.
 //! - [`server`]: wiring a listener, a config and a shutdown signal into a running gateway.
 //! - [`shutdown`]: the SIGINT/SIGTERM future.
+//! - [`nofile`]: the open-file limit: raised at startup, and what the connection limit is
+//!   sized from.
 //! - [`cli`]: the `taskgate` command line.
 //! - `bench_api`: hidden entry points for `benches/`; not a stable API.
 
@@ -36,17 +41,20 @@ pub mod proto {
     pub const TASK_FAULT_TYPE_URL: &str = "type.googleapis.com/taskgate.v1.TaskFault";
 }
 
+mod accept;
 pub mod auth;
 #[doc(hidden)]
 pub mod bench_api;
 pub mod cli;
 pub mod codec;
 pub mod config;
+mod connection;
 pub mod fault;
 mod health;
 mod http1;
 pub mod log;
 pub mod metrics;
+pub mod nofile;
 pub mod request_id;
 pub mod server;
 mod service;

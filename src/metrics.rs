@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
+use hyper::header::HeaderValue;
 use hyper::{Method, Response, StatusCode};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
@@ -19,6 +20,7 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 
+use crate::config::Http1Limits;
 use crate::fault::{self, FaultClass};
 use crate::http1::{self, plain};
 
@@ -37,6 +39,45 @@ pub(crate) struct Metrics {
     upstream_duration: Family<MethodLabels, Histogram>,
     in_flight: Gauge,
     health_serving: Gauge,
+    health_watches: Gauge,
+    health_watches_refused: Counter,
+    connections: ConnectionFamilies,
+}
+
+/// The connection series of every listener, one label value per listener.
+#[derive(Debug, Clone, Default)]
+struct ConnectionFamilies {
+    open: Family<ListenerLabels, Gauge>,
+    refused: Family<ConnectionLabels, Counter>,
+    closed: Family<ConnectionLabels, Counter>,
+    accept_errors: Family<AcceptErrorLabels, Counter>,
+}
+
+/// The connection counters of one listener (`grpc`, `metrics`, or the simulator's, which are
+/// counted but not exposed anywhere).
+#[derive(Debug, Clone)]
+pub(crate) struct ListenerMetrics {
+    listener: &'static str,
+    /// This listener's series of the gauge, looked up once.
+    open: Gauge,
+    families: ConnectionFamilies,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectionLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AcceptErrorLabels {
+    listener: &'static str,
+    kind: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -84,9 +125,10 @@ struct MethodSeries {
     upstream_duration: OnceLock<Histogram>,
 }
 
-/// Decrements the in-flight gauge when a call ends, however it ends (a cancelled call included).
+/// Decrements a gauge when dropped: a call that ends, however it ends (a cancelled call
+/// included), or a stream that closes.
 #[derive(Debug)]
-pub(crate) struct InFlightGuard {
+pub(crate) struct GaugeGuard {
     gauge: Gauge,
 }
 
@@ -145,6 +187,39 @@ impl Metrics {
             "1 while health reports SERVING (the controller is reachable), else 0",
             health_serving.clone(),
         );
+        let health_watches = Gauge::default();
+        registry.register(
+            "health_watches_open",
+            "Open grpc.health.v1 Watch streams",
+            health_watches.clone(),
+        );
+        let health_watches_refused = Counter::default();
+        registry.register(
+            "health_watches_refused",
+            "Watch calls refused with RESOURCE_EXHAUSTED because --max-health-watches were open",
+            health_watches_refused.clone(),
+        );
+        let connections = ConnectionFamilies::default();
+        registry.register(
+            "connections_open",
+            "Open connections by listener",
+            connections.open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed as soon as they were accepted, by listener and reason",
+            connections.refused.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections the gateway closed because a time limit ran out, by listener and reason",
+            connections.closed.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Failed accepts by listener and kind (fd_limit: out of file descriptors)",
+            connections.accept_errors.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             calls,
@@ -154,13 +229,34 @@ impl Metrics {
             upstream_duration,
             in_flight,
             health_serving,
+            health_watches,
+            health_watches_refused,
+            connections,
         }
     }
 
+    /// The connection counters of the listener called `listener`.
+    pub(crate) fn listener(&self, listener: &'static str) -> ListenerMetrics {
+        ListenerMetrics::in_families(listener, self.connections.clone())
+    }
+
+    /// Counts an open health Watch stream until the guard is dropped.
+    pub(crate) fn health_watch_opened(&self) -> GaugeGuard {
+        self.health_watches.inc();
+        GaugeGuard {
+            gauge: self.health_watches.clone(),
+        }
+    }
+
+    /// Records a Watch call refused because too many were open.
+    pub(crate) fn health_watch_refused(&self) {
+        self.health_watches_refused.inc();
+    }
+
     /// Counts a call as in flight until the guard is dropped.
-    pub(crate) fn call_started(&self) -> InFlightGuard {
+    pub(crate) fn call_started(&self) -> GaugeGuard {
         self.in_flight.inc();
-        InFlightGuard {
+        GaugeGuard {
             gauge: self.in_flight.clone(),
         }
     }
@@ -260,9 +356,71 @@ impl Default for Metrics {
     }
 }
 
-impl Drop for InFlightGuard {
+impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.gauge.dec();
+    }
+}
+
+// === impl ListenerMetrics ===
+
+impl ListenerMetrics {
+    /// Counters for a listener whose metrics are not served (the simulator): the counts only
+    /// back the log lines.
+    pub(crate) fn unregistered(listener: &'static str) -> Self {
+        ListenerMetrics::in_families(listener, ConnectionFamilies::default())
+    }
+
+    fn in_families(listener: &'static str, families: ConnectionFamilies) -> Self {
+        let open = families
+            .open
+            .get_or_create(&ListenerLabels { listener })
+            .clone();
+        ListenerMetrics {
+            listener,
+            open,
+            families,
+        }
+    }
+
+    /// The listener's name, as its label value.
+    pub(crate) fn listener(&self) -> &'static str {
+        self.listener
+    }
+
+    /// Counts a connection as open until the guard is dropped.
+    pub(crate) fn connection_opened(&self) -> GaugeGuard {
+        self.open.inc();
+        GaugeGuard {
+            gauge: self.open.clone(),
+        }
+    }
+
+    /// Records a connection closed as soon as it was accepted; `reason` is a fixed word.
+    pub(crate) fn connection_refused(&self, reason: &'static str) {
+        let listener = self.listener;
+        self.families
+            .refused
+            .get_or_create(&ConnectionLabels { listener, reason })
+            .inc();
+    }
+
+    /// Records a connection the gateway closed because a limit ran out; `reason` is a fixed word.
+    pub(crate) fn connection_closed(&self, reason: &'static str) {
+        let listener = self.listener;
+        self.families
+            .closed
+            .get_or_create(&ConnectionLabels { listener, reason })
+            .inc();
+    }
+
+    /// Records a failed accept; `kind` is a fixed word.
+    pub(crate) fn accept_error(&self, kind: &'static str) {
+        let listener = self.listener;
+        self.families
+            .accept_errors
+            .get_or_create(&AcceptErrorLabels { listener, kind })
+            .inc();
     }
 }
 
@@ -289,14 +447,16 @@ fn latency_histogram() -> Histogram {
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.
 pub(crate) async fn serve(
     listener: TcpListener,
+    limits: Http1Limits,
     metrics: Metrics,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let handler = move |request: hyper::Request<hyper::body::Incoming>, _peer| {
+    let listener_metrics = metrics.listener("metrics");
+    let handler = move |request: hyper::Request<Bytes>, _peer| {
         let response = respond(&metrics, request.method(), request.uri().path());
         async move { response }
     };
-    http1::serve(listener, "metrics", handler, shutdown).await;
+    http1::serve(listener, limits, listener_metrics, handler, shutdown).await;
 }
 
 fn respond(metrics: &Metrics, method: &Method, path: &str) -> Response<Full<Bytes>> {
@@ -307,17 +467,19 @@ fn respond(metrics: &Metrics, method: &Method, path: &str) -> Response<Full<Byte
         );
     }
     if method != Method::GET && method != Method::HEAD {
-        return plain(
+        let mut response = plain(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("method {method} is not allowed; use GET"),
         );
+        response
+            .headers_mut()
+            .insert(hyper::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
     }
     let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     response
 }

@@ -3,24 +3,33 @@
 //!
 //! The binary, the tests and `serve --simulator` all start the gateway through [`serve`], so
 //! what the tests exercise is what runs in production.
+//!
+//! The gRPC port has its own accept loop rather than tonic's `serve_with_incoming_shutdown`, so
+//! that each connection can be limited and watched (`connection`): tonic's loop has no
+//! handshake, idle or connection limit, and at shutdown waits for every connection, idle or
+//! not, to close.
 
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
+use tokio_rustls::TlsAcceptor;
 use tonic::codegen::http::{HeaderName, HeaderValue, Method};
-use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
+use tonic::service::Routes;
 use tonic_web::GrpcWebLayer;
-use tower::util::option_layer;
+use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::accept::Acceptor;
 use crate::auth::{self, Authenticator};
 use crate::config::GatewayConfig;
-use crate::health::Health;
+use crate::connection::{self, Admission, ConnectionLimits, Connections};
+use crate::health::{Health, WatchLimit};
 use crate::metrics::{METRICS_PATH, Metrics};
+use crate::nofile::{self, FdBudget};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::task_service_server::TaskServiceServer;
 use crate::request_id::RequestIdLayer;
@@ -37,6 +46,9 @@ const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP keep-alive, for peers that do not answer HTTP/2 pings.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// Requests under this path are calls, which the shutdown log counts apart from other streams
+/// (a test checks it against the service's name).
+const TASK_SERVICE_PATH: &str = "/taskgate.v1.TaskService/";
 
 /// The sockets the gateway serves on, bound before `serve` so that binding errors surface at
 /// startup and tests can use ephemeral ports.
@@ -115,16 +127,10 @@ pub enum ServeError {
     /// The reflection service could not read the descriptor set that `build.rs` wrote.
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[source] tonic_reflection::server::Error),
-    /// The TLS settings were refused by the server.
-    #[error("cannot set up TLS: {0}")]
-    Tls(#[source] tonic::transport::Error),
-    /// The gRPC server failed.
-    #[error("the gRPC server failed: {0}")]
-    Transport(#[source] tonic::transport::Error),
 }
 
-/// Serves the gateway on `listener` until `shutdown` resolves, then lets in-flight calls finish
-/// for at most `config.shutdown_grace`.
+/// Serves the gateway on `listener` until `shutdown` resolves, then closes idle connections and
+/// lets calls in flight finish for at most `config.shutdown_grace`.
 pub async fn serve(
     listeners: impl Into<Listeners>,
     config: GatewayConfig,
@@ -140,12 +146,17 @@ pub async fn serve(
     let upstream = Upstream::new(&config).map_err(ServeError::Client)?;
     let metrics = Metrics::new();
     // Stops the metrics endpoint when the gateway stops, however `serve` returns.
+    let metrics_listener_given = metrics_listener.is_some();
     let _metrics_endpoint = metrics_listener.map(|metrics_listener| {
         if let Ok(address) = metrics_listener.local_addr() {
             tracing::info!(url = %format!("http://{address}{METRICS_PATH}"), "metrics listening");
         }
-        let endpoint =
-            crate::metrics::serve(metrics_listener, metrics.clone(), std::future::pending());
+        let endpoint = crate::metrics::serve(
+            metrics_listener,
+            config.metrics_limits,
+            metrics.clone(),
+            std::future::pending(),
+        );
         AbortOnDrop(tokio::spawn(endpoint).abort_handle())
     });
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -165,7 +176,7 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(ServeError::Reflection)?;
     let task_upstream_url = upstream.url().clone();
-    let service = TaskGateway::new(upstream, &config, metrics);
+    let service = TaskGateway::new(upstream, &config, metrics.clone());
     let task_service = TaskServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     let (authenticator, _reloader) = match config.auth_tokens.clone() {
         Some(token_file) => {
@@ -180,56 +191,177 @@ pub async fn serve(
         None => (None, None),
     };
     let task_service = auth::Guarded::new(task_service, authenticator);
-    let mut builder = Server::builder();
-    if let Some(tls) = &config.tls {
-        builder = builder.tls_config(tls.config()).map_err(ServeError::Tls)?;
+    let health_service = WatchLimit::new(
+        health_service,
+        config.max_health_watches.get(),
+        metrics.clone(),
+    );
+    let routes = Routes::new(task_service)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .prepare();
+    // The first layer is the outermost, as with tonic's `Server::layer`.
+    let service = ServiceBuilder::new()
+        .option_layer(cors_layer(&config.cors_allow_origins))
+        .layer(RequestIdLayer)
+        // gRPC-Web arrives over HTTP/1.1 from browsers, on the same port as gRPC.
+        .layer(GrpcWebLayer::new())
+        .service(routes);
+    let max_connections = config.max_connections.unwrap_or_else(|| {
+        nofile::default_max_connections(
+            nofile::soft_limit(),
+            controller_connections(&config),
+            metrics_connections(&config, metrics_listener_given),
+        )
+    });
+    FdBudget {
+        max_connections: max_connections.get(),
+        controller_connections: controller_connections(&config),
+        metrics_connections: metrics_connections(&config, metrics_listener_given),
     }
+    .warn_if_short(nofile::soft_limit());
+    let limits = ConnectionLimits {
+        handshake_timeout: config.handshake_timeout,
+        // Later HTTP/1.1 heads (gRPC-Web on a kept-alive connection) get as long as the first.
+        header_read_timeout: config.handshake_timeout,
+        idle_timeout: config.idle_timeout,
+    };
+    let mut builder = connection::builder();
+    builder
+        .http2()
+        .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
+        .max_concurrent_streams(config.max_concurrent_streams.get());
+    let tls = config.tls.as_ref().map(crate::tls::ServerTls::acceptor);
+    let mut acceptor = Acceptor::new(listener, metrics.listener("grpc"));
+    let local = acceptor.local_addr().ok();
     // Logged last, once everything above is in place: tests and operators may act on it.
-    if let Ok(address) = listener.local_addr() {
+    if let Some(address) = local {
         let tls = match &config.tls {
             None => "off",
             Some(tls) if tls.requires_client_certificates() => "on, client certificates required",
             Some(_) => "on",
         };
-        tracing::info!(%address, upstream = %task_upstream_url, tls, "gateway listening");
+        tracing::info!(%address, upstream = %task_upstream_url, tls, max_connections, "gateway listening");
     }
-    // `serve_with_incoming_shutdown` ignores the builder's TCP settings, so set them here.
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(TCP_KEEPALIVE));
-    let (draining_tx, draining_rx) = oneshot::channel();
-    let server = builder
-        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-        // gRPC-Web arrives over HTTP/1.1 from browsers, on the same port as gRPC.
-        .accept_http1(true)
-        .layer(option_layer(cors_layer(&config.cors_allow_origins)))
-        .layer(RequestIdLayer)
-        .layer(GrpcWebLayer::new())
-        .add_service(task_service)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(incoming, async {
-            shutdown.await;
-            // Health flips first, so load balancers stop sending calls before the drain.
-            health.shut_down().await;
-            let _ = draining_tx.send(());
-        });
-    tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => result.map_err(ServeError::Transport)?,
-        _ = draining_rx => {
-            tracing::info!(
-                grace = %humantime::format_duration(config.shutdown_grace),
-                "no longer accepting calls; waiting for calls in flight"
-            );
-            match tokio::time::timeout(config.shutdown_grace, server).await {
-                Ok(result) => result.map_err(ServeError::Transport)?,
-                Err(_) => tracing::warn!("shutdown grace ran out; calls still in flight end with the process"),
-            }
-        }
+    let mut connections = Connections::new(limits, max_connections.get(), metrics.listener("grpc"));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = acceptor.accept() => accepted,
+        };
+        let Some(admission) = connections.admit(peer) else {
+            drop(stream);
+            continue;
+        };
+        let service = admission.track(service.clone(), TASK_SERVICE_PATH, local);
+        tokio::spawn(serve_grpc_connection(
+            builder.clone(),
+            stream,
+            tls.clone(),
+            service,
+            admission,
+        ));
     }
-    tracing::info!("gateway stopped");
+    // Closing the listener first makes the kernel refuse new connections at once, rather than
+    // queue them until their deadline.
+    drop(acceptor);
+    // Health flips first, so load balancers stop sending calls before the drain.
+    health.shut_down().await;
+    connections.begin_shutdown();
+    let census = connections.census.counts();
+    tracing::info!(
+        grace = %humantime::format_duration(config.shutdown_grace),
+        calls = census.calls,
+        streams = census.streams,
+        "no longer accepting calls; idle connections and partial requests are closed, calls and streams in flight may finish"
+    );
+    let drained = tokio::time::timeout(config.shutdown_grace, connections.all_closed()).await;
+    let census = connections.census.counts();
+    if drained.is_err() {
+        tracing::warn!(
+            calls = census.calls,
+            streams = census.streams,
+            "shutdown grace ran out; these calls and streams end with the process"
+        );
+    }
+    tracing::info!(
+        closed_idle = census.closed_idle,
+        closed_partial = census.closed_partial,
+        "gateway stopped"
+    );
     Ok(())
+}
+
+/// One gRPC connection: TCP settings, the TLS handshake within the handshake timeout, then HTTP.
+async fn serve_grpc_connection<S>(
+    builder: auto::Builder<TokioExecutor>,
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    service: connection::Tracked<S>,
+    mut admission: Admission,
+) where
+    connection::Tracked<S>: Clone,
+    S: tower::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    set_tcp_options(&stream);
+    match tls {
+        None => connection::serve(&builder, stream, service, &mut admission).await,
+        Some(tls) => match admission.within_handshake(tls.accept(stream)).await {
+            Ok(Ok(stream)) => connection::serve(&builder, stream, service, &mut admission).await,
+            Ok(Err(error)) => {
+                tracing::debug!(cause = %error, "TLS handshake failed");
+            }
+            Err(_) => {}
+        },
+    }
+}
+
+/// Nodelay, since every gRPC message is a small write that must go out at once; keep-alive for
+/// peers that vanish without a word. Failures only cost latency or a late close, so they are
+/// logged, not fatal.
+fn set_tcp_options(stream: &TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+    let outcome = stream
+        .set_nodelay(true)
+        .and_then(|()| socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive));
+    if let Err(error) = outcome {
+        tracing::debug!(cause = %error, "cannot set TCP options on a connection");
+    }
+}
+
+/// Controller connections: one per call in flight at most, plus the health probe's.
+fn controller_connections(config: &GatewayConfig) -> usize {
+    config.max_in_flight.get().saturating_add(1)
+}
+
+/// Connections to `/metrics`, when it is served.
+fn metrics_connections(config: &GatewayConfig, metrics_served: bool) -> usize {
+    if metrics_served {
+        config.metrics_limits.max_connections.get()
+    } else {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::server::NamedService;
+
+    use super::*;
+
+    #[test]
+    fn calls_are_told_apart_by_the_task_service_path() {
+        let name = <TaskServiceServer<TaskGateway> as NamedService>::NAME;
+        assert_eq!(TASK_SERVICE_PATH, format!("/{name}/"));
+    }
 }

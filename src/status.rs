@@ -90,6 +90,21 @@ pub(crate) fn status(context: &CallContext, error: &CallError, retry: RetryPolic
     }
 }
 
+/// The status of a health Watch refused because `limit` Watch streams are already open. Health
+/// needs no token, so without a cap anyone could hold memory with open streams.
+pub(crate) fn health_watches_exhausted(limit: usize) -> Status {
+    let mut metadata = HashMap::new();
+    metadata.insert("limit".to_owned(), limit.to_string());
+    let details = vec![error_info("TOO_MANY_WATCHES", GATEWAY_DOMAIN, metadata)];
+    build(
+        Code::ResourceExhausted,
+        format!(
+            "{limit} health Watch streams are already open (--max-health-watches); use Check, or retry once a Watch has closed"
+        ),
+        details,
+    )
+}
+
 /// The status of a task call without a valid bearer token. It names no token, and no call
 /// context: the request body is not read before the caller is authenticated.
 pub(crate) fn unauthenticated() -> Status {

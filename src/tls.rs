@@ -9,21 +9,21 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::client::WantsClientCert;
-use rustls::{ClientConfig, ConfigBuilder, RootCertStore};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, ConfigBuilder, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use rustls_platform_verifier::BuilderVerifierExt as _;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-
-use crate::upstream::error_chain;
+use tokio_rustls::TlsAcceptor;
 
 /// The gRPC server's TLS settings, checked.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerTls {
-    /// The server certificate chain and key.
-    identity: Identity,
-    /// When set, clients must present a certificate signed by this CA (mTLS).
-    client_ca: Option<Certificate>,
+    /// The server certificate chain and key, and the client CA when clients must present a
+    /// certificate (mTLS).
+    config: Arc<ServerConfig>,
+    /// Whether a client CA was given.
+    requires_client_certificates: bool,
 }
 
 /// HTTPS settings for the controller, checked. Empty means the system's roots and no client
@@ -82,40 +82,79 @@ impl ServerTls {
     /// Reads the server certificate chain and key, and the client CA for mTLS if given.
     pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Self, TlsError> {
         let cert_pem = read_certificates("--tls-cert", cert)?;
-        let key_pem = read_private_key("--tls-key", key)?;
-        let client_ca = client_ca
-            .map(|path| read_certificates("--tls-client-ca", path).map(Certificate::from_pem))
-            .transpose()?;
-        let server_tls = ServerTls {
-            identity: Identity::from_pem(cert_pem, key_pem),
-            client_ca,
+        let key_pem = read("--tls-key", key)?;
+        let key_der = parse_private_key("--tls-key", key, &key_pem)?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|error| unusable("the gRPC server's TLS settings".to_owned(), &error))?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(path) => {
+                let what = || format!("--tls-client-ca {}", path.display());
+                let mut roots = RootCertStore::empty();
+                for certificate in certificates(&read_certificates("--tls-client-ca", path)?) {
+                    roots
+                        .add(certificate)
+                        .map_err(|error| unusable(what(), &error))?;
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .map_err(|error| TlsError::Unusable {
+                            what: what(),
+                            reason: error.to_string(),
+                        })?;
+                builder.with_client_cert_verifier(verifier)
+            }
         };
-        // Building the acceptor is what checks that the key belongs to the certificate.
-        tonic::transport::Server::builder()
-            .tls_config(server_tls.config())
-            .map_err(|error| TlsError::Unusable {
-                what: format!(
+        // This is what checks that the key belongs to the certificate.
+        let mut config = builder
+            .with_single_cert(certificates(&cert_pem).collect(), key_der)
+            .map_err(|error| {
+                let what = format!(
                     "--tls-cert {} with --tls-key {}",
                     cert.display(),
                     key.display()
-                ),
-                reason: error_chain(&error),
+                );
+                unusable(what, &error)
             })?;
-        Ok(server_tls)
+        // gRPC is HTTP/2; a client that offers no ALPN may still speak HTTP/1.1 (gRPC-Web).
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(ServerTls {
+            config: Arc::new(config),
+            requires_client_certificates: client_ca.is_some(),
+        })
     }
 
-    /// The tonic server configuration.
-    pub(crate) fn config(&self) -> ServerTlsConfig {
-        let config = ServerTlsConfig::new().identity(self.identity.clone());
-        match &self.client_ca {
-            Some(client_ca) => config.client_ca_root(client_ca.clone()),
-            None => config,
-        }
+    /// The acceptor that runs the server side of each handshake.
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(Arc::clone(&self.config))
     }
 
     /// Whether clients must present a certificate.
     pub fn requires_client_certificates(&self) -> bool {
-        self.client_ca.is_some()
+        self.requires_client_certificates
+    }
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The configuration holds the private key; show only what is safe.
+        formatter
+            .debug_struct("ServerTls")
+            .field(
+                "requires_client_certificates",
+                &self.requires_client_certificates,
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+fn unusable(what: String, error: &rustls::Error) -> TlsError {
+    TlsError::Unusable {
+        what,
+        reason: error.to_string(),
     }
 }
 
@@ -153,10 +192,11 @@ impl UpstreamTls {
                     })?;
                 }
                 config_builder()
-                    .map_err(|error| settings_unusable(&error))?
+                    .map_err(|error| unusable("the controller's TLS settings".to_owned(), &error))?
                     .with_root_certificates(roots)
             }
-            None => system_roots().map_err(|error| settings_unusable(&error))?,
+            None => system_roots()
+                .map_err(|error| unusable("the controller's TLS settings".to_owned(), &error))?,
         };
         let config = match identity {
             Some((cert, key)) => {
@@ -216,13 +256,6 @@ fn system_roots() -> Result<ConfigBuilder<ClientConfig, WantsClientCert>, rustls
     config_builder()?.with_platform_verifier()
 }
 
-fn settings_unusable(error: &rustls::Error) -> TlsError {
-    TlsError::Unusable {
-        what: "the controller's TLS settings".to_owned(),
-        reason: error.to_string(),
-    }
-}
-
 /// The certificates in a PEM file that [`read_certificates`] has already checked.
 fn certificates(pem: &[u8]) -> impl Iterator<Item = CertificateDer<'static>> {
     CertificateDer::pem_slice_iter(pem).flatten()
@@ -245,13 +278,6 @@ fn read_certificates(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsErro
             path: path.to_owned(),
         });
     }
-    Ok(pem)
-}
-
-/// Reads a PEM file and checks that it holds a private key.
-fn read_private_key(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    let pem = read(what, path)?;
-    parse_private_key(what, path, &pem)?;
     Ok(pem)
 }
 

@@ -3,7 +3,7 @@
 //! file's line; relative paths are taken from the file's own folder.
 
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -43,6 +43,20 @@ pub(super) struct ServeFile {
     pub(super) access_log: Option<AccessLog>,
     pub(super) simulator: Option<bool>,
     pub(super) simulator_config: Option<PathBuf>,
+    #[serde(default, with = "duration")]
+    pub(super) handshake_timeout: Option<Duration>,
+    #[serde(default, with = "duration")]
+    pub(super) idle_timeout: Option<Duration>,
+    pub(super) max_connections: Option<NonZeroUsize>,
+    pub(super) max_concurrent_streams: Option<NonZeroU32>,
+    pub(super) max_health_watches: Option<NonZeroUsize>,
+    #[serde(default, with = "duration")]
+    pub(super) metrics_header_read_timeout: Option<Duration>,
+    #[serde(default, with = "duration")]
+    pub(super) metrics_idle_timeout: Option<Duration>,
+    #[serde(default, with = "duration")]
+    pub(super) metrics_body_read_timeout: Option<Duration>,
+    pub(super) metrics_max_connections: Option<NonZeroUsize>,
 }
 
 impl ServeFile {

@@ -6,35 +6,39 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http_body_util::Full;
 use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
 use super::{METHODS, Outcome, Simulator};
-use crate::codec::{self, DEFAULT_MAX_BODY_BYTES, Reply, WireFormat};
+use crate::codec::{self, Reply, WireFormat};
+use crate::config::Http1Limits;
 use crate::http1::{self, plain};
+use crate::metrics::ListenerMetrics;
 
 /// The path the task interface is served on, as on a real controller.
 pub const TASK_PATH: &str = "/api/v2/task";
 
-/// Serves the task interface on `listener` until `shutdown` resolves.
+/// Serves the task interface on `listener` until `shutdown` resolves, within `limits`. The
+/// simulator has no metrics endpoint: connections refused or closed by a limit are logged.
 pub async fn serve(
     listener: TcpListener,
     simulator: Simulator,
+    limits: Http1Limits,
     shutdown: impl Future<Output = ()>,
 ) {
     let handler = move |request, peer| {
         let simulator = simulator.clone();
-        async move { handle(&simulator, request, peer).await }
+        async move { handle(&simulator, request, peer) }
     };
-    http1::serve(listener, "simulator", handler, shutdown).await;
+    let metrics = ListenerMetrics::unregistered("simulator");
+    http1::serve(listener, limits, metrics, handler, shutdown).await;
 }
 
-async fn handle(
+fn handle(
     simulator: &Simulator,
-    request: Request<Incoming>,
+    request: Request<Bytes>,
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
     if request.uri().path() != TASK_PATH {
@@ -73,24 +77,7 @@ async fn handle(
         .map(str::to_owned);
     // The reply is written in the format the call came in.
     let format = WireFormat::from_content_type(content_type.as_deref());
-    let body = match Limited::new(request.into_body(), DEFAULT_MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
-            return plain(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the body is larger than {DEFAULT_MAX_BODY_BYTES} bytes"),
-            );
-        }
-        Err(error) => {
-            return plain(
-                StatusCode::BAD_REQUEST,
-                format!("could not read the body: {error}"),
-            );
-        }
-    };
+    let body = request.into_body();
     let method_call = match format.decode_method_call(&body, charset.as_deref()) {
         Ok(method_call) => method_call,
         Err(error) => {

@@ -171,25 +171,30 @@ async fn case_extract(
 }
 
 /// A `taskgate` child process (`serve` or `simulate`), read through its log on stderr.
-struct TaskgateProcess {
+pub(crate) struct TaskgateProcess {
     child: tokio::process::Child,
     lines: tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
     /// Every log line read so far.
-    log: String,
+    pub(crate) log: String,
     /// The gRPC URL it listens on.
-    gateway: String,
+    pub(crate) gateway: String,
 }
 
 impl TaskgateProcess {
     /// Starts the gateway and waits for its "gateway listening" line.
     async fn start(extra_args: &[&str]) -> TaskgateProcess {
-        let mut process = TaskgateProcess::spawn(
+        TaskgateProcess::start_serving(TaskgateProcess::spawn(
             &[
                 &["serve", "--simulator", "--listen", "127.0.0.1:0"],
                 extra_args,
             ]
             .concat(),
-        );
+        ))
+        .await
+    }
+
+    /// Waits for the "gateway listening" line of a `serve` process and notes its URL.
+    pub(crate) async fn start_serving(mut process: TaskgateProcess) -> TaskgateProcess {
         let line = process.wait_for_line("gateway listening address=").await;
         let (_, rest) = line.split_once("gateway listening address=").unwrap();
         process.gateway = format!("http://{}", rest.split_whitespace().next().unwrap());
@@ -197,9 +202,13 @@ impl TaskgateProcess {
     }
 
     /// Starts `taskgate` with `args`, reading its log.
-    fn spawn(args: &[&str]) -> TaskgateProcess {
-        let mut child = Command::new(BIN)
-            .args(args)
+    pub(crate) fn spawn(args: &[&str]) -> TaskgateProcess {
+        TaskgateProcess::spawn_command(Command::new(BIN).args(args))
+    }
+
+    /// Starts `command` (which runs `taskgate`), reading its log.
+    pub(crate) fn spawn_command(command: &mut Command) -> TaskgateProcess {
+        let mut child = command
             // The simulator logs each request at debug level; the tests follow a request id into it.
             .env("RUST_LOG", "info,taskgate::simulator=debug")
             .stdin(Stdio::null())
@@ -218,7 +227,7 @@ impl TaskgateProcess {
     }
 
     /// Reads log lines until one contains `needle`, and returns it.
-    async fn wait_for_line(&mut self, needle: &str) -> String {
+    pub(crate) async fn wait_for_line(&mut self, needle: &str) -> String {
         loop {
             let line =
                 self.lines.next_line().await.unwrap().unwrap_or_else(|| {
@@ -233,7 +242,7 @@ impl TaskgateProcess {
     }
 
     /// Sends a signal, by name, as `kill -NAME` does.
-    async fn signal(&self, name: &str) {
+    pub(crate) async fn signal(&self, name: &str) {
         let pid = self.child.id().unwrap().to_string();
         let status = Command::new("kill")
             .args([format!("-{name}"), pid])
@@ -244,7 +253,7 @@ impl TaskgateProcess {
     }
 
     /// Waits for the process to exit; returns its exit code and the whole log.
-    async fn finish(mut self) -> (Option<i32>, String) {
+    pub(crate) async fn finish(mut self) -> (Option<i32>, String) {
         let status = self.child.wait().await.unwrap();
         while let Some(line) = self.lines.next_line().await.unwrap() {
             self.log.push_str(&line);

@@ -8,6 +8,9 @@
 //! - `health`: grpc.health.v1 following the controller and shutdown; reflection.
 //! - `json_upstream`: the JSON variant of the task interface.
 //! - `limits`: shedding beyond the in-flight limit.
+//! - `connections`: the gRPC port's connection limits, stream limits and shutdown drain.
+//! - `http1_limits`: the timeouts and connection cap of `/metrics` and the simulator.
+//! - `fd_limits`: the real binary at its file-descriptor limit, and its shutdown log.
 //! - `metrics`: the Prometheus endpoint after a known mix of calls.
 //! - `request_id`: x-request-id from caller to controller and back.
 //! - `shutdown`: graceful shutdown with calls in flight.
@@ -22,9 +25,12 @@ mod support;
 mod auth;
 mod bench;
 mod cli;
+mod connections;
 mod contract;
+mod fd_limits;
 mod grpc_web;
 mod health;
+mod http1_limits;
 mod json_upstream;
 mod limits;
 mod metrics;

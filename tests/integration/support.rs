@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
-use taskgate::config::{GatewayConfig, parse_upstream_url};
+use taskgate::config::{GatewayConfig, Http1Limits, defaults, parse_upstream_url};
 use taskgate::proto::task_service_client::TaskServiceClient;
 use taskgate::proto::{CaseExtractRequest, TASK_FAULT_TYPE_URL, TaskFault};
 use taskgate::server::{Listeners, ServeError};
@@ -159,6 +159,7 @@ pub(crate) async fn start_simulator(layout: Layout) -> Url {
     tokio::spawn(simulator::http::serve(
         listener,
         Simulator::new(&layout),
+        Http1Limits::with_max_connections(defaults::SIMULATOR_MAX_CONNECTIONS),
         std::future::pending(),
     ));
     parse_upstream_url(&format!("http://{address}{}", simulator::http::TASK_PATH)).unwrap()
@@ -475,4 +476,60 @@ pub(crate) fn metadata(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         .iter()
         .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
         .collect()
+}
+
+/// Scrapes `metrics_url` until a line equals `expected`; fails the test if none does within
+/// 5 s. Metrics follow events on other tasks (a connection closing), so one scrape may be early.
+pub(crate) async fn scrape_line(metrics_url: &str, expected: &str) {
+    scrape_until(metrics_url, expected, |value| value == expected).await;
+}
+
+/// Scrapes `metrics_url` until the series `series` (name and labels) has a value of at least
+/// `at_least`; fails the test if it does not within 5 s.
+pub(crate) async fn scrape_at_least(metrics_url: &str, series: &str, at_least: f64) {
+    let what = format!("{series} >= {at_least}");
+    scrape_until(metrics_url, &what, |line| {
+        line.strip_prefix(series)
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .is_some_and(|value| value >= at_least)
+    })
+    .await;
+}
+
+async fn scrape_until(metrics_url: &str, what: &str, matches: impl Fn(&str) -> bool) {
+    let mut last = String::new();
+    let found = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(response) = reqwest::get(metrics_url).await
+                && let Ok(text) = response.text().await
+            {
+                if text.lines().any(&matches) {
+                    return;
+                }
+                last = text;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "{what} missing from:\n{last}");
+}
+
+/// Generous bound on "closed at once" and "closed after a 200 ms limit".
+pub(crate) const PROMPTLY: Duration = Duration::from_secs(5);
+
+/// Reads until the server closes the connection, which must happen within [`PROMPTLY`]; returns
+/// what it sent.
+pub(crate) async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
+    let mut received = Vec::new();
+    tokio::time::timeout(PROMPTLY, async {
+        let mut buffer = [0_u8; 4096];
+        // A reset counts as closed too.
+        while let Ok(read @ 1..) = stream.read(&mut buffer).await {
+            received.extend_from_slice(&buffer[..read]);
+        }
+    })
+    .await
+    .expect("the server did not close the connection");
+    received
 }

@@ -1,0 +1,265 @@
+//! The gRPC port under hostile and careless peers (issue 8): connections that never identify
+//! themselves, idle ones, too many of them, too many streams and Watch streams, non-gRPC
+//! HTTP/1.1, and shutdown with idle connections and partial requests.
+
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use taskgate::config::GatewayConfig;
+
+use crate::support::{
+    FakeUpstream, Gateway, PROMPTLY, Script, config_for, read_until_closed, scrape_at_least,
+    scrape_line,
+};
+
+/// What an HTTP/2 client sends first, then an empty SETTINGS frame.
+const HTTP2_PREFACE_AND_SETTINGS: &[u8] =
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+const GOAWAY: u8 = 0x7;
+const SETTINGS: u8 = 0x4;
+
+async fn config() -> GatewayConfig {
+    config_for(&FakeUpstream::start(Script::Hang).await.url)
+}
+
+/// The HTTP/2 frames in `bytes` as (type, payload), after the server's part of the handshake.
+fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while bytes.len() >= 9 {
+        let length =
+            usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+        let end = (9 + length).min(bytes.len());
+        frames.push((bytes[3], bytes[9..end].to_vec()));
+        bytes = &bytes[end..];
+    }
+    frames
+}
+
+/// An HTTP/2 connection that has sent its preface and settings and then says nothing, not even
+/// a ping or settings acknowledgement.
+async fn silent_http2_client(gateway: &Gateway) -> TcpStream {
+    let mut stream = TcpStream::connect(gateway.address).await.unwrap();
+    stream.write_all(HTTP2_PREFACE_AND_SETTINGS).await.unwrap();
+    stream
+}
+
+#[tokio::test]
+async fn a_connection_that_never_sends_a_whole_preface_is_closed_after_the_handshake_timeout() {
+    let mut config = config().await;
+    config.handshake_timeout = Duration::from_millis(200);
+    let (gateway, metrics_url) = Gateway::start_with_metrics(config).await;
+    for sent in [
+        &b""[..],
+        b"P",
+        b"PRI * HTTP/2.0\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\n",
+    ] {
+        let mut stream = TcpStream::connect(gateway.address).await.unwrap();
+        stream.write_all(sent).await.unwrap();
+        read_until_closed(&mut stream).await;
+    }
+    scrape_line(
+        &metrics_url,
+        "taskgate_connections_closed_total{listener=\"grpc\",reason=\"handshake_timeout\"} 4",
+    )
+    .await;
+    // A client that identifies itself in time is served as before.
+    gateway.case_extract(4, 0, None).await.unwrap_err();
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_gets_goaway_and_is_closed_after_the_idle_timeout() {
+    let mut config = config().await;
+    config.idle_timeout = Duration::from_millis(200);
+    let (gateway, metrics_url) = Gateway::start_with_metrics(config).await;
+    let mut stream = silent_http2_client(&gateway).await;
+    let received = read_until_closed(&mut stream).await;
+    let types: Vec<u8> = frames(&received).iter().map(|(kind, _)| *kind).collect();
+    assert!(types.contains(&GOAWAY), "no GOAWAY among frames {types:?}");
+    // The test's own client connection, idle too, may be counted as well.
+    scrape_at_least(
+        &metrics_url,
+        "taskgate_connections_closed_total{listener=\"grpc\",reason=\"idle\"}",
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn max_concurrent_streams_is_sent_in_the_servers_settings() {
+    let mut config = config().await;
+    config.max_concurrent_streams = NonZeroU32::new(7).unwrap();
+    let gateway = Gateway::start(config).await;
+    let mut stream = silent_http2_client(&gateway).await;
+    let mut received = Vec::new();
+    let settings = tokio::time::timeout(PROMPTLY, async {
+        loop {
+            let mut buffer = [0_u8; 4096];
+            let read = stream.read(&mut buffer).await.unwrap();
+            assert_ne!(read, 0, "closed before sending SETTINGS");
+            received.extend_from_slice(&buffer[..read]);
+            if let Some((_, payload)) = frames(&received)
+                .into_iter()
+                .find(|(kind, _)| *kind == SETTINGS)
+            {
+                break payload;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    // Each setting is a 16-bit id and a 32-bit value; 0x3 is SETTINGS_MAX_CONCURRENT_STREAMS.
+    let max_concurrent_streams = settings.chunks(6).find_map(|setting| {
+        (setting[..2] == [0, 3]).then(|| u32::from_be_bytes(setting[2..6].try_into().unwrap()))
+    });
+    assert_eq!(max_concurrent_streams, Some(7));
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_closed_at_once_and_counted() {
+    let mut config = config().await;
+    config.max_connections = NonZeroUsize::new(2);
+    let (gateway, metrics_url) = Gateway::start_with_metrics(config).await;
+    // The gateway's own client holds one connection; one more fills the limit.
+    gateway.case_extract(4, 0, None).await.unwrap_err();
+    let second = silent_http2_client(&gateway).await;
+    let mut refused = TcpStream::connect(gateway.address).await.unwrap();
+    let received = read_until_closed(&mut refused).await;
+    assert!(
+        received.is_empty(),
+        "a refused connection was answered: {received:?}"
+    );
+    scrape_line(
+        &metrics_url,
+        "taskgate_connections_refused_total{listener=\"grpc\",reason=\"max_connections\"} 1",
+    )
+    .await;
+    scrape_line(
+        &metrics_url,
+        "taskgate_connections_open{listener=\"grpc\"} 2",
+    )
+    .await;
+    // A closed connection gives its slot back.
+    drop(second);
+    scrape_line(
+        &metrics_url,
+        "taskgate_connections_open{listener=\"grpc\"} 1",
+    )
+    .await;
+    let mut stream = silent_http2_client(&gateway).await;
+    let mut buffer = [0_u8; 9];
+    tokio::time::timeout(PROMPTLY, stream.read_exact(&mut buffer))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn health_watch_streams_beyond_the_cap_are_refused_and_their_slots_come_back() {
+    let mut config = config().await;
+    config.max_health_watches = NonZeroUsize::new(2).unwrap();
+    let (gateway, metrics_url) = Gateway::start_with_metrics(config).await;
+    let health = HealthClient::new(gateway.client_channel().await);
+    let watch = || {
+        let mut health = health.clone();
+        async move {
+            health
+                .watch(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+        }
+    };
+    let first = watch().await.unwrap();
+    let second = watch().await.unwrap();
+    let status = watch().await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(
+        status.message(),
+        "2 health Watch streams are already open (--max-health-watches); use Check, or retry once a Watch has closed"
+    );
+    assert_eq!(
+        crate::support::error_info(&status).reason,
+        "TOO_MANY_WATCHES"
+    );
+    // Check is never limited.
+    health
+        .clone()
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    scrape_line(&metrics_url, "taskgate_health_watches_open 2").await;
+    scrape_line(&metrics_url, "taskgate_health_watches_refused_total 1").await;
+    // Closed streams give back their slots, and what they held.
+    drop(first);
+    drop(second);
+    scrape_line(&metrics_url, "taskgate_health_watches_open 0").await;
+    watch().await.unwrap();
+}
+
+#[tokio::test]
+async fn non_grpc_http1_on_the_grpc_port_is_answered_at_once() {
+    let gateway = Gateway::start(config().await).await;
+    // A body that is complete, and one that never comes.
+    for body in [&b"\x00\x00\x00\x00\x00"[..], b""] {
+        let mut stream = TcpStream::connect(gateway.address).await.unwrap();
+        let head = "POST /taskgate.v1.TaskService/CaseExtract HTTP/1.1\r\nHost: gateway\r\n\
+                    Content-Type: application/grpc\r\nContent-Length: 5\r\n\r\n";
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(body).await.unwrap();
+        let mut response = [0_u8; 12];
+        tokio::time::timeout(PROMPTLY, stream.read_exact(&mut response))
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert_eq!(
+            &response,
+            b"HTTP/1.1 400",
+            "{}",
+            String::from_utf8_lossy(&response)
+        );
+    }
+}
+
+/// Shutdown with nothing in flight but connections that never close on their own: an idle
+/// HTTP/2 client that does not even answer pings, a partial HTTP/1.1 head, and a gRPC-Web
+/// request whose body never arrives. None may hold the 60 s grace.
+#[tokio::test]
+async fn idle_connections_and_partial_requests_do_not_hold_shutdown() {
+    let mut config = config().await;
+    config.shutdown_grace = Duration::from_secs(60);
+    let mut gateway = Gateway::start(config).await;
+    let mut idle = silent_http2_client(&gateway).await;
+    let mut partial_head = TcpStream::connect(gateway.address).await.unwrap();
+    partial_head
+        .write_all(b"POST /taskgate.v1.TaskService/CaseExtract HTTP/1.1\r\nHost: g")
+        .await
+        .unwrap();
+    let mut partial_body = TcpStream::connect(gateway.address).await.unwrap();
+    let head = "POST /taskgate.v1.TaskService/CaseExtract HTTP/1.1\r\nHost: gateway\r\n\
+                Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\n\
+                Content-Length: 100\r\nExpect: 100-continue\r\n\r\n";
+    partial_body.write_all(head.as_bytes()).await.unwrap();
+    // The 100 Continue shows the request reached the service, which now waits for its body.
+    let mut interim = [0_u8; 25];
+    partial_body.read_exact(&mut interim).await.unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    partial_body.write_all(b"\x00\x00\x00").await.unwrap();
+
+    gateway.begin_shutdown();
+    tokio::time::timeout(PROMPTLY, gateway.join())
+        .await
+        .expect("shutdown waited for connections with nothing in flight")
+        .unwrap();
+    for stream in [&mut idle, &mut partial_head, &mut partial_body] {
+        read_until_closed(stream).await;
+    }
+}
