@@ -207,39 +207,18 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     (scheme.eq_ignore_ascii_case(b"bearer ") && !token.is_empty()).then_some(token)
 }
 
-/// Listens for SIGHUP now, and returns the task that reloads the tokens on each one until it is
-/// dropped. Listening starts before this returns, so a SIGHUP sent once the server is up can
-/// never hit the default action, which would end the process.
+/// Listens for SIGHUP now, and returns the future that reloads the tokens on each one (see
+/// [`crate::shutdown::hangups`]).
 pub(crate) fn reload_on_sighup(
     authenticator: Authenticator,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    #[cfg(unix)]
-    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-    async move {
-        #[cfg(unix)]
-        {
-            let mut hangups = match hangups {
-                Ok(hangups) => hangups,
-                Err(error) => {
-                    tracing::warn!(cause = %error, "cannot listen for SIGHUP; auth tokens will not be reloaded");
-                    return;
-                }
-            };
-            while hangups.recv().await.is_some() {
-                match authenticator.reload() {
-                    Ok(count) => {
-                        tracing::info!(tokens = count, "received SIGHUP; reloaded auth tokens")
-                    }
-                    Err(error) => tracing::error!(
-                        cause = %error,
-                        "received SIGHUP; auth tokens not reloaded, the old ones stay in force"
-                    ),
-                }
-            }
-        }
-        #[cfg(not(unix))]
-        drop(authenticator);
-    }
+    crate::shutdown::hangups(move || match authenticator.reload() {
+        Ok(count) => tracing::info!(tokens = count, "received SIGHUP; reloaded auth tokens"),
+        Err(error) => tracing::error!(
+            cause = %error,
+            "received SIGHUP; auth tokens not reloaded, the old ones stay in force"
+        ),
+    })
 }
 
 #[cfg(test)]

@@ -572,6 +572,10 @@ async fn simulate(args: SimulateArgs) -> Outcome {
     let layout = load_layout(args.config.as_deref()).map_err(usage)?;
     let listener = bind(args.listen).await.map_err(usage)?;
     let address = listener.local_addr().unwrap_or(args.listen);
+    // Caught before "listening" is logged, so a SIGHUP sent after it never ends the process.
+    tokio::spawn(crate::shutdown::hangups(|| {
+        tracing::info!("received SIGHUP; the simulator has nothing to reload")
+    }));
     tracing::info!(
         url = %format!("http://{address}{}", simulator::http::TASK_PATH),
         ports = layout.ports.len(),

@@ -18,7 +18,7 @@
 //! - [`log`]: logging off the call path, through a bounded queue and a writer thread.
 //! - [`metrics`]: Prometheus counters, histograms and the `/metrics` endpoint.
 //! - [`server`]: wiring a listener, a config and a shutdown signal into a running gateway.
-//! - [`shutdown`]: the SIGINT/SIGTERM future.
+//! - [`shutdown`]: the SIGINT/SIGTERM future, and SIGHUP caught so it never ends the process.
 //! - [`cli`]: the `taskgate` command line.
 //! - `bench_api`: hidden entry points for `benches/`; not a stable API.
 

@@ -170,18 +170,23 @@ pub async fn serve(
     let task_service = TaskServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     // Without a token file every caller is let through; the interceptor is there either way so
     // the service has one type.
-    let (authenticator, _reloader) = match config.auth_tokens.clone() {
+    let (authenticator, hangups) = match config.auth_tokens.clone() {
         Some(token_file) => {
             tracing::info!(file = %token_file.path().display(), tokens = token_file.len(), "task calls need a bearer token; SIGHUP reloads the file");
             let authenticator = Authenticator::new(token_file);
             let reloader = tokio::spawn(auth::reload_on_sighup(authenticator.clone()));
-            (
-                Some(authenticator),
-                Some(AbortOnDrop(reloader.abort_handle())),
-            )
+            (Some(authenticator), reloader)
         }
-        None => (None, None),
+        None => (
+            None,
+            tokio::spawn(crate::shutdown::hangups(|| {
+                tracing::info!("received SIGHUP; nothing to reload without --auth-tokens-file")
+            })),
+        ),
     };
+    // SIGHUP is caught before "gateway listening" is logged, so one sent after it never ends
+    // the process.
+    let _hangups = AbortOnDrop(hangups.abort_handle());
     let task_service = tonic::service::interceptor::InterceptedService::new(
         task_service,
         move |request: tonic::Request<()>| match &authenticator {
