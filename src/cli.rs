@@ -27,7 +27,9 @@ use file::ServeFile;
 
 use crate::auth::TokenFile;
 use crate::codec::WireFormat;
-use crate::config::{AccessLog, GatewayConfig, defaults, parse_cors_origin, parse_upstream_url};
+use crate::config::{
+    AccessLog, GatewayConfig, defaults, parse_cors_origin, parse_upstream_url, redact_url,
+};
 use crate::fault;
 use crate::log::LogFormat;
 use crate::proto::task_service_client::TaskServiceClient;
@@ -633,7 +635,7 @@ async fn case_extract(args: CaseExtractArgs) -> Outcome {
 /// call.
 fn gateway_endpoint(gateway: &str, timeout: Duration) -> anyhow::Result<Endpoint> {
     let endpoint = Endpoint::from_shared(gateway.to_owned())
-        .with_context(|| format!("invalid --gateway '{gateway}'"))?;
+        .with_context(|| format!("invalid --gateway '{}'", redact_url(gateway)))?;
     Ok(endpoint.connect_timeout(timeout).timeout(timeout))
 }
 
@@ -642,7 +644,7 @@ async fn connect(endpoint: &Endpoint, gateway: &str) -> anyhow::Result<Channel> 
     endpoint
         .connect()
         .await
-        .with_context(|| format!("cannot connect to the gateway at {gateway}"))
+        .with_context(|| format!("cannot connect to the gateway at {}", redact_url(gateway)))
 }
 
 /// The `authorization` value for `token`. The error names the flag, never the token.

@@ -1,6 +1,7 @@
 //! Validated settings. Every value here has been checked, so the rest of the crate never has to
 //! ask whether a URL has a host or a duration is zero. Flag parsing lives in `cli`.
 
+use std::borrow::Cow;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
@@ -82,15 +83,24 @@ pub enum ConfigError {
     /// The upstream URL does not parse.
     #[error("upstream URL '{url}' is not a valid URL: {reason}")]
     InvalidUrl {
-        /// The URL as given.
+        /// The URL as given, its credentials masked.
         url: String,
         /// Why it does not parse.
         reason: String,
     },
+    /// The upstream URL carries a user name or password, which the gateway would never send.
+    #[error(
+        "upstream URL '{url}' has credentials, which are never sent: the task interface takes \
+         none; remove them"
+    )]
+    Credentials {
+        /// The URL with its credentials masked.
+        url: String,
+    },
     /// The upstream URL is not plain HTTP or HTTPS.
     #[error("upstream URL '{url}' must start with http:// or https://")]
     UnsupportedScheme {
-        /// The URL as given.
+        /// The URL as given, its credentials masked.
         url: String,
     },
     /// A CORS origin that is not `*` or `scheme://host[:port]`.
@@ -159,42 +169,109 @@ impl GatewayConfig {
 
     /// Checks the settings whose types allow values that make no sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // `parse_upstream_url` refuses credentials, but library callers may build a `Url` by hand,
+        // and every log line that names the upstream prints it whole.
+        refuse_credentials(&self.upstream_url)?;
         positive(self.upstream_timeout, "--upstream-timeout")?;
         positive(self.health_interval, "--health-interval")?;
         Ok(())
     }
 }
 
-/// Parses a task-interface URL and insists on HTTP or HTTPS with a host.
+/// Parses a task-interface URL and insists on HTTP or HTTPS with a host and no credentials.
+/// Errors show the URL with its credentials masked, whichever check fails.
 pub fn parse_upstream_url(raw: &str) -> Result<Url, ConfigError> {
+    let shown = || redact_url(raw).into_owned();
     let url = Url::parse(raw).map_err(|error| ConfigError::InvalidUrl {
-        url: raw.to_owned(),
+        url: shown(),
         reason: error.to_string(),
     })?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(ConfigError::UnsupportedScheme {
-            url: raw.to_owned(),
-        });
+        return Err(ConfigError::UnsupportedScheme { url: shown() });
     }
-    if !url.username().is_empty() || url.password().is_some() {
-        // The controller's task interface takes no credentials, so they would not be sent; the
-        // password is not repeated in the message.
-        let mut shown = url.clone();
-        if url.password().is_some() {
-            let _ = shown.set_password(Some("***"));
-        }
-        return Err(ConfigError::InvalidUrl {
-            url: shown.to_string(),
-            reason: "credentials in the URL are not supported".to_owned(),
-        });
-    }
+    refuse_credentials(&url)?;
     if url.host_str().is_none_or(str::is_empty) {
         return Err(ConfigError::InvalidUrl {
-            url: raw.to_owned(),
+            url: shown(),
             reason: "no host".to_owned(),
         });
     }
     Ok(url)
+}
+
+/// Refuses a URL with a user name or password: the controller's task interface takes no
+/// credentials, so they would not be sent, and a URL that seemed to carry them would mislead.
+fn refuse_credentials(url: &Url) -> Result<(), ConfigError> {
+    if url.username().is_empty() && url.password().is_none() {
+        return Ok(());
+    }
+    Err(ConfigError::Credentials {
+        url: redact_url(url.as_str()).into_owned(),
+    })
+}
+
+/// One URL as given, with its credentials masked (see [`redact_userinfo`]); without `://` the
+/// whole text is taken as an authority, so `user:password@host` is masked too.
+pub fn redact_url(raw: &str) -> Cow<'_, str> {
+    if raw.contains("://") {
+        redact_userinfo(raw)
+    } else {
+        let mut shown = String::with_capacity(raw.len());
+        push_redacted_authority(raw, &mut shown);
+        Cow::Owned(shown)
+    }
+}
+
+/// `text` with the credentials of every URL in it masked: `http://user:***@host`, and
+/// `http://***@host` for a lone user name, which is how a token is often passed
+/// (`https://TOKEN@host`). For text that may quote a URL a user gave, such as a parse error.
+pub fn redact_userinfo(text: &str) -> Cow<'_, str> {
+    const SCHEME_END: &str = "://";
+    if !text.contains(SCHEME_END) {
+        return Cow::Borrowed(text);
+    }
+    let mut shown = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find(SCHEME_END) {
+        let (before, after) = rest.split_at(start + SCHEME_END.len());
+        shown.push_str(before);
+        // A URL in prose or TOML ends at white space or a quote.
+        let end = after
+            .find(|character: char| character.is_whitespace() || "\"'`".contains(character))
+            .unwrap_or(after.len());
+        push_redacted_authority(&after[..end], &mut shown);
+        rest = &after[end..];
+    }
+    shown.push_str(rest);
+    Cow::Owned(shown)
+}
+
+/// Pushes `url_rest` (what follows `scheme://`) with everything before its last `@` masked but
+/// the user name. The last `@`, not the first `/`, ends the credentials here, since a password
+/// may hold a `/`; but text whose first `/` comes before any `:` is a host and a path that holds
+/// an `@` (`controller/a@b`), and is kept.
+fn push_redacted_authority(url_rest: &str, shown: &mut String) {
+    let Some(at) = url_rest.rfind('@') else {
+        shown.push_str(url_rest);
+        return;
+    };
+    let (userinfo, host_and_path) = url_rest.split_at(at);
+    let colon = userinfo.find(':');
+    if userinfo
+        .find('/')
+        .is_some_and(|slash| colon.is_none_or(|colon| slash < colon))
+    {
+        shown.push_str(url_rest);
+        return;
+    }
+    match colon {
+        Some(colon) => {
+            shown.push_str(&userinfo[..colon]);
+            shown.push_str(":***");
+        }
+        None => shown.push_str("***"),
+    }
+    shown.push_str(host_and_path);
 }
 
 /// Checks a CORS origin: `*`, or a scheme, host and optional port with nothing after.
@@ -256,12 +333,72 @@ mod tests {
             parse_upstream_url("http//x"),
             Err(ConfigError::InvalidUrl { .. })
         ));
+    }
+
+    /// Issue 8, finding 5: whichever check refuses a URL, its password is not in the message.
+    #[test]
+    fn refused_upstream_urls_never_show_a_password() {
+        let check = |raw: &str, expected: &str| {
+            let message = parse_upstream_url(raw).unwrap_err().to_string();
+            assert_eq!(message, expected, "{raw}");
+        };
+        check(
+            "http://user:secret@controller/api/v2/task",
+            "upstream URL 'http://user:***@controller/api/v2/task' has credentials, which are \
+             never sent: the task interface takes none; remove them",
+        );
+        check(
+            "http://TOKEN@controller/api/v2/task",
+            "upstream URL 'http://***@controller/api/v2/task' has credentials, which are never \
+             sent: the task interface takes none; remove them",
+        );
+        check(
+            "http://user:secret@controller:99999/api/v2/task",
+            "upstream URL 'http://user:***@controller:99999/api/v2/task' is not a valid URL: \
+             invalid port number",
+        );
+        check(
+            "ftp://user:secret@controller/x",
+            "upstream URL 'ftp://user:***@controller/x' must start with http:// or https://",
+        );
+        check(
+            "user:secret@controller:44000",
+            "upstream URL 'user:***@controller:44000' must start with http:// or https://",
+        );
+    }
+
+    #[test]
+    fn credentials_in_text_are_masked() {
+        let check = |text: &str, expected: &str| {
+            assert_eq!(redact_userinfo(text), expected, "{text}");
+        };
+        check("no URL here", "no URL here");
+        check("http://controller/a@b", "http://controller/a@b");
+        check("http://u:p@h/x", "http://u:***@h/x");
+        check("http://u:p/w@h/x", "http://u:***@h/x");
+        check("https://t0ken@h", "https://***@h");
+        check(
+            "1 | upstream = \"http://u:p4ss@h:1/x\" junk\n  |  ^",
+            "1 | upstream = \"http://u:***@h:1/x\" junk\n  |  ^",
+        );
+        check(
+            "a http://u:p@h and 'https://v:q@i'",
+            "a http://u:***@h and 'https://v:***@i'",
+        );
+        assert_eq!(redact_url("u:p@h:1"), "u:***@h:1");
+    }
+
+    #[test]
+    fn a_url_built_by_hand_with_credentials_is_refused() {
+        let mut url = parse_upstream_url(defaults::UPSTREAM).unwrap();
+        url.set_password(Some("secret")).unwrap();
+        url.set_username("user").unwrap();
+        let config = GatewayConfig::with_upstream(url);
         assert_eq!(
-            parse_upstream_url("http://user:secret@controller/api/v2/task")
-                .unwrap_err()
-                .to_string(),
-            "upstream URL 'http://user:***@controller/api/v2/task' is not a valid URL: \
-             credentials in the URL are not supported"
+            config.validate(),
+            Err(ConfigError::Credentials {
+                url: "http://user:***@127.0.0.1:44000/api/v2/task".to_owned()
+            })
         );
     }
 

@@ -24,6 +24,7 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
 use super::{Exit, Outcome, bearer_token, connect, gateway_endpoint, parse_duration, usage};
+use crate::config::redact_url;
 use crate::fault;
 use crate::proto::CaseExtractRequest;
 use crate::proto::task_service_client::TaskServiceClient;
@@ -281,7 +282,8 @@ impl Plan {
         let authorization = args.token.as_deref().map(bearer_token).transpose()?;
         Ok(Plan {
             endpoint: gateway_endpoint(&args.gateway, args.timeout)?,
-            gateway: args.gateway,
+            // Shown in the report and in errors, never with a password in it.
+            gateway: redact_url(&args.gateway).into_owned(),
             connections,
             concurrency,
             window,

@@ -13,6 +13,7 @@
 //! - `shutdown`: graceful shutdown with calls in flight.
 //! - `auth`: bearer tokens on task calls.
 //! - `cli`: the real `taskgate` binary, its output and exit codes.
+//! - `operators`: the real binary as a careless operator runs it: no password printed.
 //! - `bench`: `taskgate bench` against the simulator: its report, counts and exit codes.
 //! - `contract`: the proto comments and the README agree with the fault table.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A panic in a test is a failed test.
@@ -28,6 +29,7 @@ mod health;
 mod json_upstream;
 mod limits;
 mod metrics;
+mod operators;
 mod request_id;
 mod shutdown;
 mod simulator_http;
