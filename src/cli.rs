@@ -102,29 +102,31 @@ struct ServeArgs {
     upstream: String,
 
     /// The longest to wait for one controller reply, for example 10s or 500ms; a caller's
-    /// shorter gRPC deadline wins.
+    /// shorter gRPC deadline wins. 10ms to 1h: calls are never sent with less than 10ms left.
     #[arg(long, env = "TASKGATE_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     upstream_timeout: Duration,
 
-    /// The delay put in RetryInfo when a retry is safe (fault 1148, controller unreachable).
+    /// The delay put in RetryInfo when a retry is safe (fault 1148, controller unreachable);
+    /// 0s to 1h.
     #[arg(long, env = "TASKGATE_RETRY_DELAY", default_value = "1s", value_parser = parse_duration)]
     retry_delay: Duration,
 
-    /// The largest controller reply to read, in bytes.
+    /// The largest controller reply to read, in bytes; 1024 to 67108864 (64 MiB).
     #[arg(long, env = "TASKGATE_MAX_RESPONSE_BYTES", default_value_t = defaults::MAX_RESPONSE_BYTES)]
     max_response_bytes: NonZeroUsize,
 
-    /// How long calls in flight may take to finish after SIGINT or SIGTERM.
+    /// How long calls in flight may take to finish after SIGINT or SIGTERM; 0s to 1h.
     #[arg(long, env = "TASKGATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     shutdown_grace: Duration,
 
     /// How often to probe the controller with a TCP connect for the health service (nothing is
-    /// ever POSTed).
+    /// ever POSTed); 10ms to 1h.
     #[arg(long, env = "TASKGATE_HEALTH_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     health_interval: Duration,
 
     /// How many CaseExtract calls may be in flight at once; more are refused at once with
-    /// RESOURCE_EXHAUSTED (reason OVERLOADED). Health and reflection are not counted.
+    /// RESOURCE_EXHAUSTED (reason OVERLOADED). Health and reflection are not counted. 1 to
+    /// 100000.
     #[arg(long, env = "TASKGATE_MAX_IN_FLIGHT", default_value_t = defaults::MAX_IN_FLIGHT)]
     max_in_flight: NonZeroUsize,
 

@@ -111,12 +111,106 @@ pub enum ConfigError {
         /// The origin as given.
         origin: String,
     },
-    /// A duration that must be positive is zero.
-    #[error("{setting} must be greater than zero")]
-    ZeroDuration {
+    /// A numeric setting outside the range the gateway can run with.
+    #[error("{setting} {value} is out of range {range}: {reason}")]
+    OutOfRange {
         /// The setting's flag name.
         setting: &'static str,
+        /// The value, as a user would write it.
+        value: String,
+        /// The allowed range, for example `10ms-1h`.
+        range: String,
+        /// Why values beyond that end are refused.
+        reason: &'static str,
     },
+}
+
+/// The range a numeric setting must fall in, and why each end is where it is.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds<T> {
+    /// The setting's flag name, as messages name it.
+    pub setting: &'static str,
+    /// The smallest value allowed.
+    pub min: T,
+    /// The largest value allowed.
+    pub max: T,
+    /// Why a smaller value is refused.
+    pub below: &'static str,
+    /// Why a larger value is refused.
+    pub above: &'static str,
+}
+
+/// A setting's value as messages show it: as a user would write it on the command line.
+pub trait SettingValue: PartialOrd + Copy {
+    /// The value as text, for example `10ms` or `1024`.
+    fn show(self) -> String;
+}
+
+/// The ranges every numeric `serve` setting is checked against at startup. Each is far wider
+/// than any deployment needs and far narrower than what would make the runtime panic or every
+/// call fail (a semaphore of 2^61 permits, a zero timer period, a timeout no call can meet).
+pub mod limits {
+    use std::num::NonZeroUsize;
+    use std::time::Duration;
+
+    use super::Bounds;
+
+    /// The least time worth calling the controller with; a call with less left is refused
+    /// without calling it (`DEADLINE_TOO_SHORT`), so `--upstream-timeout` may not be shorter.
+    pub const MIN_UPSTREAM_TIME: Duration = Duration::from_millis(10);
+    const HOUR: Duration = Duration::from_secs(60 * 60);
+
+    /// `--upstream-timeout`.
+    pub const UPSTREAM_TIMEOUT: Bounds<Duration> = Bounds {
+        setting: "--upstream-timeout",
+        min: MIN_UPSTREAM_TIME,
+        max: HOUR,
+        below: "the gateway never calls the controller with less than 10ms left, so a shorter \
+                timeout would fail every call",
+        above: "no caller waits that long for a controller reply",
+    };
+    /// `--retry-delay`.
+    pub const RETRY_DELAY: Bounds<Duration> = Bounds {
+        setting: "--retry-delay",
+        min: Duration::ZERO,
+        max: HOUR,
+        below: "a delay cannot be negative",
+        above: "a caller told to wait that long would rather give up",
+    };
+    /// `--shutdown-grace`.
+    pub const SHUTDOWN_GRACE: Bounds<Duration> = Bounds {
+        setting: "--shutdown-grace",
+        min: Duration::ZERO,
+        max: HOUR,
+        below: "a grace cannot be negative",
+        above: "service managers kill a process long before (systemd after 90s, Kubernetes \
+                after 30s by default)",
+    };
+    /// `--health-interval`.
+    pub const HEALTH_INTERVAL: Bounds<Duration> = Bounds {
+        setting: "--health-interval",
+        min: Duration::from_millis(10),
+        max: HOUR,
+        below: "the probe opens a TCP connection to the controller every interval",
+        above: "health would take that long to notice that the controller is gone",
+    };
+    /// `--max-in-flight`.
+    pub const MAX_IN_FLIGHT: Bounds<NonZeroUsize> = Bounds {
+        setting: "--max-in-flight",
+        min: NonZeroUsize::MIN,
+        max: NonZeroUsize::new(100_000).unwrap(),
+        below: "at least one call must be allowed",
+        above: "each call in flight may hold a connection and a file descriptor to the \
+                controller, which serves far fewer calls at once",
+    };
+    /// `--max-response-bytes`.
+    pub const MAX_RESPONSE_BYTES: Bounds<NonZeroUsize> = Bounds {
+        setting: "--max-response-bytes",
+        min: NonZeroUsize::new(1024).unwrap(),
+        max: NonZeroUsize::new(64 * 1024 * 1024).unwrap(),
+        below: "a smaller cap would refuse the controller's ordinary fault replies",
+        above: "each reply is held in memory while it is read, once for every call in flight",
+    };
 }
 
 /// The defaults the CLI documents.
@@ -172,8 +266,12 @@ impl GatewayConfig {
         // `parse_upstream_url` refuses credentials, but library callers may build a `Url` by hand,
         // and every log line that names the upstream prints it whole.
         refuse_credentials(&self.upstream_url)?;
-        positive(self.upstream_timeout, "--upstream-timeout")?;
-        positive(self.health_interval, "--health-interval")?;
+        limits::UPSTREAM_TIMEOUT.check(self.upstream_timeout)?;
+        limits::RETRY_DELAY.check(self.retry_delay)?;
+        limits::SHUTDOWN_GRACE.check(self.shutdown_grace)?;
+        limits::HEALTH_INTERVAL.check(self.health_interval)?;
+        limits::MAX_IN_FLIGHT.check(self.max_in_flight)?;
+        limits::MAX_RESPONSE_BYTES.check(self.max_response_bytes)?;
         Ok(())
     }
 }
@@ -293,11 +391,37 @@ pub fn parse_cors_origin(raw: &str) -> Result<HeaderValue, ConfigError> {
     HeaderValue::from_str(raw).map_err(|_| invalid())
 }
 
-fn positive(duration: Duration, setting: &'static str) -> Result<Duration, ConfigError> {
-    if duration.is_zero() {
-        Err(ConfigError::ZeroDuration { setting })
-    } else {
-        Ok(duration)
+// === impl Bounds ===
+
+impl<T: SettingValue> Bounds<T> {
+    /// `value` when it is in range, else an error naming the setting, the value, the range and
+    /// the reason for the end it is beyond.
+    pub fn check(&self, value: T) -> Result<T, ConfigError> {
+        let reason = if value < self.min {
+            self.below
+        } else if value > self.max {
+            self.above
+        } else {
+            return Ok(value);
+        };
+        Err(ConfigError::OutOfRange {
+            setting: self.setting,
+            value: value.show(),
+            range: format!("{}-{}", self.min.show(), self.max.show()),
+            reason,
+        })
+    }
+}
+
+impl SettingValue for Duration {
+    fn show(self) -> String {
+        humantime::format_duration(self).to_string()
+    }
+}
+
+impl SettingValue for NonZeroUsize {
+    fn show(self) -> String {
+        self.to_string()
     }
 }
 
@@ -437,17 +561,65 @@ mod tests {
         }
     }
 
+    /// Validates the defaults with one setting changed; `expected` is the error, if any.
+    fn check_setting(change: impl Fn(&mut GatewayConfig), expected: Option<&str>) {
+        let mut config =
+            GatewayConfig::with_upstream(parse_upstream_url(defaults::UPSTREAM).unwrap());
+        change(&mut config);
+        let error = config.validate().err().map(|error| error.to_string());
+        assert_eq!(error.as_deref(), expected);
+    }
+
     #[test]
-    fn a_zero_upstream_timeout_is_refused() {
-        let url = parse_upstream_url(defaults::UPSTREAM).unwrap();
-        let mut config = GatewayConfig::with_upstream(url);
-        assert_eq!(config.validate(), Ok(()));
-        config.upstream_timeout = Duration::ZERO;
-        assert_eq!(
-            config.validate(),
-            Err(ConfigError::ZeroDuration {
-                setting: "--upstream-timeout"
-            })
+    fn numeric_settings_are_checked_against_their_ranges() {
+        let ms = Duration::from_millis;
+        let count = |value: usize| NonZeroUsize::new(value).unwrap();
+        check_setting(|_| {}, None);
+        check_setting(|config| config.upstream_timeout = ms(10), None);
+        check_setting(
+            |config| config.upstream_timeout = Duration::from_nanos(1),
+            Some(
+                "--upstream-timeout 1ns is out of range 10ms-1h: the gateway never calls the \
+                 controller with less than 10ms left, so a shorter timeout would fail every call",
+            ),
+        );
+        check_setting(
+            |config| config.upstream_timeout = Duration::from_secs(3601),
+            Some(
+                "--upstream-timeout 1h 1s is out of range 10ms-1h: no caller waits that long \
+                 for a controller reply",
+            ),
+        );
+        check_setting(|config| config.retry_delay = Duration::ZERO, None);
+        check_setting(
+            |config| config.shutdown_grace = Duration::from_secs(7200),
+            Some(
+                "--shutdown-grace 2h is out of range 0s-1h: service managers kill a process \
+                 long before (systemd after 90s, Kubernetes after 30s by default)",
+            ),
+        );
+        check_setting(
+            |config| config.health_interval = Duration::ZERO,
+            Some(
+                "--health-interval 0s is out of range 10ms-1h: the probe opens a TCP connection \
+                 to the controller every interval",
+            ),
+        );
+        check_setting(|config| config.max_in_flight = count(100_000), None);
+        check_setting(
+            |config| config.max_in_flight = count(1 << 61),
+            Some(
+                "--max-in-flight 2305843009213693952 is out of range 1-100000: each call in \
+                 flight may hold a connection and a file descriptor to the controller, which \
+                 serves far fewer calls at once",
+            ),
+        );
+        check_setting(
+            |config| config.max_response_bytes = count(1023),
+            Some(
+                "--max-response-bytes 1023 is out of range 1024-67108864: a smaller cap would \
+                 refuse the controller's ordinary fault replies",
+            ),
         );
     }
 }

@@ -268,7 +268,8 @@ pub(crate) fn time_limit(
     upstream_timeout: Duration,
 ) -> Option<Duration> {
     const MAX_MARGIN: Duration = Duration::from_millis(100);
-    const MIN_UPSTREAM_TIME: Duration = Duration::from_millis(10);
+    // `--upstream-timeout` is never below this, so only a caller's deadline can be too short.
+    const MIN_UPSTREAM_TIME: Duration = crate::config::limits::MIN_UPSTREAM_TIME;
     let Some(deadline) = caller_deadline else {
         return Some(upstream_timeout);
     };

@@ -107,7 +107,7 @@ async fn usage_and_configuration_errors_exit_2() {
     assert!(stderr.contains("'soon' is not a duration"), "{stderr}");
     let (_, stderr) = run(&["serve", "--upstream-timeout", "0s"], 2).await;
     assert!(
-        stderr.contains("--upstream-timeout must be greater than zero"),
+        stderr.contains("--upstream-timeout 0s is out of range 10ms-1h"),
         "{stderr}"
     );
     let (_, stderr) = run(&["simulate", "--config", "/nonexistent/layout.toml"], 2).await;

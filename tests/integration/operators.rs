@@ -1,5 +1,6 @@
 //! The real binary as a careless operator runs it (issue 8): a password in the controller URL is
-//! never printed, whichever way it comes in.
+//! never printed, whichever way it comes in, and a setting the runtime cannot take is refused
+//! with exit 2 and its range instead of a panic or a gateway that fails every call.
 
 use std::process::Stdio;
 
@@ -12,7 +13,7 @@ use crate::support::{test_folder, unused_address};
 const PASSWORD: &str = "S3cr3t-pw";
 
 /// Runs `taskgate ARGS…` with `env`, asserts its exit code and that neither stdout nor stderr
-/// holds [`PASSWORD`]; returns stdout and stderr.
+/// holds [`PASSWORD`] (no case has a reason to print it); returns stdout and stderr.
 async fn run_with_env(args: &[&str], env: &[(&str, &str)], expected_exit: i32) -> (String, String) {
     let mut command = Command::new(BIN);
     command
@@ -130,4 +131,79 @@ async fn a_password_in_a_url_is_never_printed() {
         )),
         "{stderr}"
     );
+}
+
+/// Writes `text` as a config file in a fresh folder named for `name`; returns its path.
+fn config_file(name: &str, text: &str) -> String {
+    let path = test_folder(&format!("operators-{name}")).join("taskgate.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// Runs `serve` with `args` and `env` and asserts it exits 2 with exactly `expected` on stderr.
+/// Were a value let through, the gateway would start on an ephemeral port and the bounded wait
+/// would fail the test.
+async fn check_refused(args: &[&str], env: &[(&str, &str)], expected: &str) {
+    let args = [&["serve", "--simulator", "--listen", "127.0.0.1:0"], args].concat();
+    let (stdout, stderr) = run_with_env(&args, env, 2).await;
+    assert_eq!(stderr, expected, "{args:?} {env:?}");
+    assert_eq!(stdout, "", "{args:?} {env:?}");
+}
+
+/// Issue 8, findings 7 and 8: every numeric setting is checked against its range, from the flag,
+/// the environment and the file, before anything starts. `--max-in-flight` of 2^61 used to panic
+/// in tokio's semaphore (exit 101), and `--upstream-timeout 1ns` started a gateway that failed
+/// every call.
+#[tokio::test]
+async fn settings_out_of_range_exit_2_with_the_range_and_the_reason() {
+    let too_many = "error: invalid configuration: --max-in-flight 2305843009213693952 is out of \
+                    range 1-100000: each call in flight may hold a connection and a file \
+                    descriptor to the controller, which serves far fewer calls at once\n";
+    let file = config_file("max-in-flight", "max_in_flight = 2305843009213693952\n");
+    check_refused(&["--max-in-flight", "2305843009213693952"], &[], too_many).await;
+    check_refused(
+        &[],
+        &[("TASKGATE_MAX_IN_FLIGHT", "2305843009213693952")],
+        too_many,
+    )
+    .await;
+    check_refused(&["--config", &file], &[], too_many).await;
+    check_refused(
+        &["--upstream-timeout", "1ns"],
+        &[],
+        "error: invalid configuration: --upstream-timeout 1ns is out of range 10ms-1h: the \
+         gateway never calls the controller with less than 10ms left, so a shorter timeout would \
+         fail every call\n",
+    )
+    .await;
+    check_refused(
+        &["--health-interval", "0s"],
+        &[],
+        "error: invalid configuration: --health-interval 0s is out of range 10ms-1h: the probe \
+         opens a TCP connection to the controller every interval\n",
+    )
+    .await;
+    check_refused(
+        &["--max-response-bytes", "18446744073709551615"],
+        &[],
+        "error: invalid configuration: --max-response-bytes 18446744073709551615 is out of range \
+         1024-67108864: each reply is held in memory while it is read, once for every call in \
+         flight\n",
+    )
+    .await;
+    check_refused(
+        &["--shutdown-grace", "500000000000y"],
+        &[],
+        "error: invalid configuration: --shutdown-grace 500000000000years is out of range 0s-1h: \
+         service managers kill a process long before (systemd after 90s, Kubernetes after 30s \
+         by default)\n",
+    )
+    .await;
+    check_refused(
+        &["--retry-delay", "2h"],
+        &[],
+        "error: invalid configuration: --retry-delay 2h is out of range 0s-1h: a caller told to \
+         wait that long would rather give up\n",
+    )
+    .await;
 }
