@@ -13,6 +13,7 @@ use subtle::ConstantTimeEq;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
+use crate::regular_file::{self, FileError};
 use crate::request_id::RequestId;
 
 /// A token file, loaded and checked.
@@ -27,13 +28,13 @@ pub struct TokenFile {
 /// Why a token file cannot be used. Never carries a token.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenFileError {
-    /// The file cannot be read.
-    #[error("cannot read auth tokens file {path}: {source}")]
+    /// The file cannot be read, or is not a regular file.
+    #[error("cannot read auth tokens file {path}: {cause}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
+        /// Why; in the message, so not also a `source`.
+        cause: FileError,
     },
     /// A line holds something that cannot be sent in an `authorization` header.
     #[error("auth tokens file {path}, line {line}: a token must be printable ASCII without spaces")]
@@ -75,9 +76,9 @@ pub(crate) struct Authenticator {
 impl TokenFile {
     /// Reads and checks a token file.
     pub fn load(path: &Path) -> Result<Self, TokenFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokenFileError::Read {
+        let text = regular_file::read_to_string(path).map_err(|cause| TokenFileError::Read {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
         let tokens = parse_tokens(&text).map_err(|line| TokenFileError::InvalidToken {
             path: path.to_owned(),

@@ -711,7 +711,7 @@ fn load_layout(path: Option<&Path>) -> anyhow::Result<Layout> {
     let Some(path) = path else {
         return Ok(Layout::default_layout());
     };
-    let text = std::fs::read_to_string(path)
+    let text = crate::regular_file::read_to_string(path)
         .with_context(|| format!("cannot read layout file {}", path.display()))?;
     Layout::from_toml(&text).with_context(|| format!("invalid layout file {}", path.display()))
 }

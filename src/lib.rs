@@ -9,6 +9,7 @@
 //! - [`request_id`]: the `x-request-id` layer that ties a call's logs together.
 //! - [`auth`]: bearer tokens for the task service, reloaded on SIGHUP.
 //! - [`tls`]: certificate files for gRPC (and mTLS) and for HTTPS to the controller.
+//! - [`regular_file`]: reading an operator's file: regular files only, size capped.
 //! - `upstream`: the HTTP client that calls the controller.
 //! - `status`: the only place a `tonic::Status` is built.
 //! - `service`: the `TaskService` implementation.
@@ -47,6 +48,7 @@ mod health;
 mod http1;
 pub mod log;
 pub mod metrics;
+pub mod regular_file;
 pub mod request_id;
 pub mod server;
 mod service;

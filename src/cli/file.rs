@@ -48,7 +48,7 @@ pub(super) struct ServeFile {
 impl ServeFile {
     /// Reads a config file; relative paths in it are made relative to its folder.
     pub(super) fn load(path: &Path) -> anyhow::Result<ServeFile> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::regular_file::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         let mut file: ServeFile = toml::from_str(&text)
             // A TOML error quotes the line it is about, which may be the upstream URL's.

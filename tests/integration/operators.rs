@@ -1,6 +1,7 @@
 //! The real binary as a careless operator runs it (issue 8): a password in the controller URL is
 //! never printed, whichever way it comes in, and a setting the runtime cannot take is refused
-//! with exit 2 and its range instead of a panic or a gateway that fails every call.
+//! with exit 2 and its range instead of a panic or a gateway that fails every call, and so is a
+//! token file that is not a regular file.
 
 use std::process::Stdio;
 
@@ -206,4 +207,32 @@ async fn settings_out_of_range_exit_2_with_the_range_and_the_reason() {
          wait that long would rather give up\n",
     )
     .await;
+}
+
+/// Issue 8, finding 7: a token file that is not a regular file is refused at once with what it
+/// is; a FIFO used to hang startup with no output, and /dev/zero would be read until memory ran
+/// out.
+#[tokio::test]
+async fn a_token_file_that_is_not_a_regular_file_is_refused() {
+    let folder = test_folder("operators-not-a-file");
+    let fifo = folder.join("tokens.fifo");
+    let _ = std::fs::remove_file(&fifo);
+    let made = Command::new("mkfifo").arg(&fifo).status().await.unwrap();
+    assert!(made.success());
+    let folder_text = folder.to_str().unwrap();
+    let fifo_text = fifo.to_str().unwrap();
+    for (path, kind) in [
+        (fifo_text, "a FIFO"),
+        (folder_text, "a directory"),
+        ("/dev/zero", "a character device"),
+    ] {
+        check_refused(
+            &["--auth-tokens-file", path],
+            &[],
+            &format!(
+                "error: cannot read auth tokens file {path}: it is {kind}, not a regular file\n"
+            ),
+        )
+        .await;
+    }
 }
