@@ -7,6 +7,7 @@
 //! - [`codec`]: task-interface XML to and from method calls and replies.
 //! - [`config`]: validated settings for the gateway and the simulator.
 //! - [`request_id`]: the `x-request-id` layer that ties a call's logs together.
+//! - [`protocol`]: the layer that refuses a malformed `grpc-timeout` and a second request message.
 //! - [`auth`]: bearer tokens for the task service, reloaded on SIGHUP.
 //! - [`tls`]: certificate files for gRPC (and mTLS) and for HTTPS to the controller.
 //! - [`regular_file`]: reading an operator's file: regular files only, size capped.
@@ -48,6 +49,7 @@ mod health;
 mod http1;
 pub mod log;
 pub mod metrics;
+pub mod protocol;
 pub mod regular_file;
 pub mod request_id;
 pub mod server;

@@ -220,6 +220,7 @@ pub async fn serve(
         .layer(option_layer(cors_layer(&config.cors_allow_origins)))
         .layer(RequestIdLayer)
         .layer(GrpcWebLayer::new())
+        .layer(crate::protocol::ProtocolLayer)
         .add_service(task_service)
         .add_service(health_service)
         .add_service(reflection_v1)

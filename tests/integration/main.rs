@@ -9,6 +9,7 @@
 //! - `json_upstream`: the JSON variant of the task interface.
 //! - `limits`: shedding beyond the in-flight limit.
 //! - `metrics`: the Prometheus endpoint after a known mix of calls.
+//! - `protocol`: a malformed grpc-timeout and a second request message are refused.
 //! - `request_id`: x-request-id from caller to controller and back.
 //! - `shutdown`: graceful shutdown with calls in flight.
 //! - `auth`: bearer tokens on task calls.
@@ -30,6 +31,7 @@ mod json_upstream;
 mod limits;
 mod metrics;
 mod operators;
+mod protocol;
 mod request_id;
 mod shutdown;
 mod simulator_http;
