@@ -223,7 +223,7 @@ impl Framing {
                 continue;
             }
             match self.header_seen {
-                0 => self.messages += 1,
+                0 => self.messages = self.messages.saturating_add(1),
                 seen => self.length[seen - 1] = byte,
             }
             self.header_seen += 1;
