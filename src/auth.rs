@@ -19,6 +19,7 @@ use tonic::codegen::http::{self, HeaderValue, header::AUTHORIZATION};
 use tonic::server::NamedService;
 use tower::Service;
 
+use crate::regular_file::{self, FileError};
 use crate::request_id::RequestId;
 
 /// A token file, loaded and checked.
@@ -33,13 +34,13 @@ pub struct TokenFile {
 /// Why a token file cannot be used. Never carries a token.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenFileError {
-    /// The file cannot be read.
-    #[error("cannot read auth tokens file {path}: {source}")]
+    /// The file cannot be read, or is not a regular file.
+    #[error("cannot read auth tokens file {path}: {cause}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
+        /// Why; in the message, so not also a `source`.
+        cause: FileError,
     },
     /// A line holds something that cannot be sent in an `authorization` header.
     #[error("auth tokens file {path}, line {line}: a token must be printable ASCII without spaces")]
@@ -81,9 +82,9 @@ pub(crate) struct Authenticator {
 impl TokenFile {
     /// Reads and checks a token file.
     pub fn load(path: &Path) -> Result<Self, TokenFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokenFileError::Read {
+        let text = regular_file::read_to_string(path).map_err(|cause| TokenFileError::Read {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
         let tokens = parse_tokens(&text).map_err(|line| TokenFileError::InvalidToken {
             path: path.to_owned(),
@@ -280,39 +281,18 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     (scheme.eq_ignore_ascii_case(b"bearer ") && !token.is_empty()).then_some(token)
 }
 
-/// Listens for SIGHUP now, and returns the task that reloads the tokens on each one until it is
-/// dropped. Listening starts before this returns, so a SIGHUP sent once the server is up can
-/// never hit the default action, which would end the process.
+/// Listens for SIGHUP now, and returns the future that reloads the tokens on each one (see
+/// [`crate::shutdown::hangups`]).
 pub(crate) fn reload_on_sighup(
     authenticator: Authenticator,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    #[cfg(unix)]
-    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-    async move {
-        #[cfg(unix)]
-        {
-            let mut hangups = match hangups {
-                Ok(hangups) => hangups,
-                Err(error) => {
-                    tracing::warn!(cause = %error, "cannot listen for SIGHUP; auth tokens will not be reloaded");
-                    return;
-                }
-            };
-            while hangups.recv().await.is_some() {
-                match authenticator.reload() {
-                    Ok(count) => {
-                        tracing::info!(tokens = count, "received SIGHUP; reloaded auth tokens")
-                    }
-                    Err(error) => tracing::error!(
-                        cause = %error,
-                        "received SIGHUP; auth tokens not reloaded, the old ones stay in force"
-                    ),
-                }
-            }
-        }
-        #[cfg(not(unix))]
-        drop(authenticator);
-    }
+    crate::shutdown::hangups(move || match authenticator.reload() {
+        Ok(count) => tracing::info!(tokens = count, "received SIGHUP; reloaded auth tokens"),
+        Err(error) => tracing::error!(
+            cause = %error,
+            "received SIGHUP; auth tokens not reloaded, the old ones stay in force"
+        ),
+    })
 }
 
 #[cfg(test)]

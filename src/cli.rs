@@ -29,7 +29,7 @@ use crate::auth::TokenFile;
 use crate::codec::WireFormat;
 use crate::config::{
     AccessLog, GatewayConfig, Http1Flags, Http1Limits, defaults, parse_cors_origin,
-    parse_upstream_url,
+    parse_upstream_url, redact_url,
 };
 use crate::fault;
 use crate::log::LogFormat;
@@ -104,29 +104,31 @@ struct ServeArgs {
     upstream: String,
 
     /// The longest to wait for one controller reply, for example 10s or 500ms; a caller's
-    /// shorter gRPC deadline wins.
+    /// shorter gRPC deadline wins. 10ms to 1h: calls are never sent with less than 10ms left.
     #[arg(long, env = "TASKGATE_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     upstream_timeout: Duration,
 
-    /// The delay put in RetryInfo when a retry is safe (fault 1148, controller unreachable).
+    /// The delay put in RetryInfo when a retry is safe (fault 1148, controller unreachable);
+    /// 0s to 1h.
     #[arg(long, env = "TASKGATE_RETRY_DELAY", default_value = "1s", value_parser = parse_duration)]
     retry_delay: Duration,
 
-    /// The largest controller reply to read, in bytes.
+    /// The largest controller reply to read, in bytes; 1024 to 67108864 (64 MiB).
     #[arg(long, env = "TASKGATE_MAX_RESPONSE_BYTES", default_value_t = defaults::MAX_RESPONSE_BYTES)]
     max_response_bytes: NonZeroUsize,
 
-    /// How long calls in flight may take to finish after SIGINT or SIGTERM.
+    /// How long calls in flight may take to finish after SIGINT or SIGTERM; 0s to 1h.
     #[arg(long, env = "TASKGATE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     shutdown_grace: Duration,
 
     /// How often to probe the controller with a TCP connect for the health service (nothing is
-    /// ever POSTed).
+    /// ever POSTed); 10ms to 1h.
     #[arg(long, env = "TASKGATE_HEALTH_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     health_interval: Duration,
 
     /// How many CaseExtract calls may be in flight at once; more are refused at once with
-    /// RESOURCE_EXHAUSTED (reason OVERLOADED). Health and reflection are not counted.
+    /// RESOURCE_EXHAUSTED (reason OVERLOADED). Health and reflection are not counted. 1 to
+    /// 100000.
     #[arg(long, env = "TASKGATE_MAX_IN_FLIGHT", default_value_t = defaults::MAX_IN_FLIGHT)]
     max_in_flight: NonZeroUsize,
 
@@ -698,6 +700,10 @@ async fn simulate(args: SimulateArgs) -> Outcome {
     nofile::log_raise(nofile::raise_soft_limit());
     let listener = bind(args.listen).await.map_err(usage)?;
     let address = listener.local_addr().unwrap_or(args.listen);
+    // Caught before "listening" is logged, so a SIGHUP sent after it never ends the process.
+    tokio::spawn(crate::shutdown::hangups(|| {
+        tracing::info!("received SIGHUP; the simulator has nothing to reload")
+    }));
     tracing::info!(
         url = %format!("http://{address}{}", simulator::http::TASK_PATH),
         ports = layout.ports.len(),
@@ -761,7 +767,7 @@ async fn case_extract(args: CaseExtractArgs) -> Outcome {
 /// call.
 fn gateway_endpoint(gateway: &str, timeout: Duration) -> anyhow::Result<Endpoint> {
     let endpoint = Endpoint::from_shared(gateway.to_owned())
-        .with_context(|| format!("invalid --gateway '{gateway}'"))?;
+        .with_context(|| format!("invalid --gateway '{}'", redact_url(gateway)))?;
     Ok(endpoint.connect_timeout(timeout).timeout(timeout))
 }
 
@@ -770,7 +776,7 @@ async fn connect(endpoint: &Endpoint, gateway: &str) -> anyhow::Result<Channel> 
     endpoint
         .connect()
         .await
-        .with_context(|| format!("cannot connect to the gateway at {gateway}"))
+        .with_context(|| format!("cannot connect to the gateway at {}", redact_url(gateway)))
 }
 
 /// The `authorization` value for `token`. The error names the flag, never the token.
@@ -835,7 +841,7 @@ fn load_layout(path: Option<&Path>) -> anyhow::Result<Layout> {
     let Some(path) = path else {
         return Ok(Layout::default_layout());
     };
-    let text = std::fs::read_to_string(path)
+    let text = crate::regular_file::read_to_string(path)
         .with_context(|| format!("cannot read layout file {}", path.display()))?;
     Layout::from_toml(&text).with_context(|| format!("invalid layout file {}", path.display()))
 }

@@ -1,6 +1,7 @@
 //! Validated settings. Every value here has been checked, so the rest of the crate never has to
 //! ask whether a URL has a host or a duration is zero. Flag parsing lives in `cli`.
 
+use std::borrow::Cow;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
@@ -111,15 +112,24 @@ pub enum ConfigError {
     /// The upstream URL does not parse.
     #[error("upstream URL '{url}' is not a valid URL: {reason}")]
     InvalidUrl {
-        /// The URL as given.
+        /// The URL as given, its credentials masked.
         url: String,
         /// Why it does not parse.
         reason: String,
     },
+    /// The upstream URL carries a user name or password, which the gateway would never send.
+    #[error(
+        "upstream URL '{url}' has credentials, which are never sent: the task interface takes \
+         none; remove them"
+    )]
+    Credentials {
+        /// The URL with its credentials masked.
+        url: String,
+    },
     /// The upstream URL is not plain HTTP or HTTPS.
     #[error("upstream URL '{url}' must start with http:// or https://")]
     UnsupportedScheme {
-        /// The URL as given.
+        /// The URL as given, its credentials masked.
         url: String,
     },
     /// A CORS origin that is not `*` or `scheme://host[:port]`.
@@ -130,22 +140,148 @@ pub enum ConfigError {
         /// The origin as given.
         origin: String,
     },
-    /// A duration that must be positive is zero.
-    #[error("{setting} must be greater than zero")]
-    ZeroDuration {
+    /// A numeric setting outside the range the gateway can run with.
+    #[error("{setting} {value} is out of range {range}: {reason}")]
+    OutOfRange {
         /// The setting's flag name.
         setting: &'static str,
+        /// The value, as a user would write it.
+        value: String,
+        /// The allowed range, for example `10ms-1h`.
+        range: String,
+        /// Why values beyond that end are refused.
+        reason: &'static str,
     },
-    /// A count beyond what the runtime can take.
-    #[error("{setting} {value} is too large: the most it can be is {max}")]
-    TooLarge {
-        /// The setting's flag name.
-        setting: &'static str,
-        /// The value given.
-        value: usize,
-        /// The largest value allowed.
-        max: usize,
-    },
+}
+
+/// The range a numeric setting must fall in, and why each end is where it is.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds<T> {
+    /// The setting's flag name, as messages name it.
+    pub setting: &'static str,
+    /// The smallest value allowed.
+    pub min: T,
+    /// The largest value allowed.
+    pub max: T,
+    /// Why a smaller value is refused.
+    pub below: &'static str,
+    /// Why a larger value is refused.
+    pub above: &'static str,
+}
+
+/// A setting's value as messages show it: as a user would write it on the command line.
+pub trait SettingValue: PartialOrd + Copy {
+    /// The value as text, for example `10ms` or `1024`.
+    fn show(self) -> String;
+}
+
+/// The ranges every numeric `serve` setting is checked against at startup. Each is far wider
+/// than any deployment needs and far narrower than what would make the runtime panic or every
+/// call fail (a semaphore of 2^61 permits, a zero timer period, a timeout no call can meet).
+pub mod limits {
+    use std::num::NonZeroUsize;
+    use std::time::Duration;
+
+    use super::Bounds;
+
+    /// The least time worth calling the controller with; a call with less left is refused
+    /// without calling it (`DEADLINE_TOO_SHORT`), so `--upstream-timeout` may not be shorter.
+    pub const MIN_UPSTREAM_TIME: Duration = Duration::from_millis(10);
+    const HOUR: Duration = Duration::from_secs(60 * 60);
+    const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+
+    /// `--upstream-timeout`.
+    pub const UPSTREAM_TIMEOUT: Bounds<Duration> = Bounds {
+        setting: "--upstream-timeout",
+        min: MIN_UPSTREAM_TIME,
+        max: HOUR,
+        below: "the gateway never calls the controller with less than 10ms left, so a shorter \
+                timeout would fail every call",
+        above: "no caller waits that long for a controller reply",
+    };
+    /// `--retry-delay`.
+    pub const RETRY_DELAY: Bounds<Duration> = Bounds {
+        setting: "--retry-delay",
+        min: Duration::ZERO,
+        max: HOUR,
+        below: "a delay cannot be negative",
+        above: "a caller told to wait that long would rather give up",
+    };
+    /// `--shutdown-grace`.
+    pub const SHUTDOWN_GRACE: Bounds<Duration> = Bounds {
+        setting: "--shutdown-grace",
+        min: Duration::ZERO,
+        max: HOUR,
+        below: "a grace cannot be negative",
+        above: "service managers kill a process long before (systemd after 90s, Kubernetes \
+                after 30s by default)",
+    };
+    /// `--health-interval`.
+    pub const HEALTH_INTERVAL: Bounds<Duration> = Bounds {
+        setting: "--health-interval",
+        min: Duration::from_millis(10),
+        max: HOUR,
+        below: "the probe opens a TCP connection to the controller every interval",
+        above: "health would take that long to notice that the controller is gone",
+    };
+    /// `--max-in-flight`.
+    pub const MAX_IN_FLIGHT: Bounds<NonZeroUsize> = Bounds {
+        setting: "--max-in-flight",
+        min: NonZeroUsize::MIN,
+        max: NonZeroUsize::new(100_000).unwrap(),
+        below: "at least one call must be allowed",
+        above: "each call in flight may hold a connection and a file descriptor to the \
+                controller, which serves far fewer calls at once",
+    };
+    /// `--handshake-timeout`.
+    pub const HANDSHAKE_TIMEOUT: Bounds<Duration> = Bounds {
+        setting: "--handshake-timeout",
+        min: Duration::from_millis(10),
+        max: HOUR,
+        below: "a client needs some time to send its preface, a TLS handshake included",
+        above: "a connection silent that long is not a client, and it holds a file descriptor",
+    };
+    /// `--idle-timeout`.
+    pub const IDLE_TIMEOUT: Bounds<Duration> = Bounds {
+        setting: "--idle-timeout",
+        min: Duration::from_millis(10),
+        max: DAY,
+        below: "a client needs some time between calls to keep its connection",
+        above: "an idle connection holds a file descriptor and memory for nothing",
+    };
+    /// A connection cap (`--max-connections`, and the HTTP/1.1 listeners' caps).
+    pub const MAX_CONNECTIONS: Bounds<NonZeroUsize> = Bounds {
+        setting: "--max-connections",
+        min: NonZeroUsize::MIN,
+        max: NonZeroUsize::new(1_000_000).unwrap(),
+        below: "at least one connection must be allowed",
+        above: "each connection takes a file descriptor, and no open-file limit allows that many",
+    };
+    /// `--max-health-watches`.
+    pub const MAX_HEALTH_WATCHES: Bounds<NonZeroUsize> = Bounds {
+        setting: "--max-health-watches",
+        min: NonZeroUsize::MIN,
+        max: NonZeroUsize::new(1_000_000).unwrap(),
+        below: "at least one watch must be allowed",
+        above: "each watch holds a stream and memory; a load balancer needs a few",
+    };
+    /// A timeout of an HTTP/1.1 listener (the metrics endpoint, the simulator); each use names
+    /// its own flag.
+    pub const HTTP1_TIMEOUT: Bounds<Duration> = Bounds {
+        setting: "--header-read-timeout",
+        min: Duration::from_millis(10),
+        max: HOUR,
+        below: "a client needs some time to send a request",
+        above: "a connection that slow holds a file descriptor for nothing",
+    };
+    /// `--max-response-bytes`.
+    pub const MAX_RESPONSE_BYTES: Bounds<NonZeroUsize> = Bounds {
+        setting: "--max-response-bytes",
+        min: NonZeroUsize::new(1024).unwrap(),
+        max: NonZeroUsize::new(64 * 1024 * 1024).unwrap(),
+        below: "a smaller cap would refuse the controller's ordinary fault replies",
+        above: "each reply is held in memory while it is read, once for every call in flight",
+    };
 }
 
 /// The defaults the CLI documents.
@@ -226,16 +362,21 @@ impl GatewayConfig {
 
     /// Checks the settings whose types allow values that make no sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        positive(self.upstream_timeout, "--upstream-timeout")?;
-        positive(self.health_interval, "--health-interval")?;
-        positive(self.handshake_timeout, "--handshake-timeout")?;
-        positive(self.idle_timeout, "--idle-timeout")?;
-        // Both are counted with tokio semaphores, which take at most this many permits.
-        let max = tokio::sync::Semaphore::MAX_PERMITS;
+        // `parse_upstream_url` refuses credentials, but library callers may build a `Url` by hand,
+        // and every log line that names the upstream prints it whole.
+        refuse_credentials(&self.upstream_url)?;
+        limits::UPSTREAM_TIMEOUT.check(self.upstream_timeout)?;
+        limits::RETRY_DELAY.check(self.retry_delay)?;
+        limits::SHUTDOWN_GRACE.check(self.shutdown_grace)?;
+        limits::HEALTH_INTERVAL.check(self.health_interval)?;
+        limits::MAX_IN_FLIGHT.check(self.max_in_flight)?;
+        limits::MAX_RESPONSE_BYTES.check(self.max_response_bytes)?;
+        limits::HANDSHAKE_TIMEOUT.check(self.handshake_timeout)?;
+        limits::IDLE_TIMEOUT.check(self.idle_timeout)?;
         if let Some(max_connections) = self.max_connections {
-            at_most(max_connections.get(), max, "--max-connections")?;
+            limits::MAX_CONNECTIONS.check(max_connections)?;
         }
-        at_most(self.max_health_watches.get(), max, "--max-health-watches")?;
+        limits::MAX_HEALTH_WATCHES.check(self.max_health_watches)?;
         self.metrics_limits.validate(Http1Flags::METRICS)
     }
 }
@@ -255,14 +396,19 @@ impl Http1Limits {
 
     /// Checks the limits; `flags` name them in the error.
     pub fn validate(&self, flags: Http1Flags) -> Result<(), ConfigError> {
-        positive(self.header_read_timeout, flags.header_read_timeout)?;
-        positive(self.idle_timeout, flags.idle_timeout)?;
-        positive(self.body_read_timeout, flags.body_read_timeout)?;
-        at_most(
-            self.max_connections.get(),
-            tokio::sync::Semaphore::MAX_PERMITS,
-            flags.max_connections,
-        )
+        let timeout = |setting| Bounds {
+            setting,
+            ..limits::HTTP1_TIMEOUT
+        };
+        timeout(flags.header_read_timeout).check(self.header_read_timeout)?;
+        timeout(flags.idle_timeout).check(self.idle_timeout)?;
+        timeout(flags.body_read_timeout).check(self.body_read_timeout)?;
+        Bounds {
+            setting: flags.max_connections,
+            ..limits::MAX_CONNECTIONS
+        }
+        .check(self.max_connections)?;
+        Ok(())
     }
 }
 
@@ -292,36 +438,100 @@ impl Http1Flags {
     };
 }
 
-/// Parses a task-interface URL and insists on HTTP or HTTPS with a host.
+/// Parses a task-interface URL and insists on HTTP or HTTPS with a host and no credentials.
+/// Errors show the URL with its credentials masked, whichever check fails.
 pub fn parse_upstream_url(raw: &str) -> Result<Url, ConfigError> {
+    let shown = || redact_url(raw).into_owned();
     let url = Url::parse(raw).map_err(|error| ConfigError::InvalidUrl {
-        url: raw.to_owned(),
+        url: shown(),
         reason: error.to_string(),
     })?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(ConfigError::UnsupportedScheme {
-            url: raw.to_owned(),
-        });
+        return Err(ConfigError::UnsupportedScheme { url: shown() });
     }
-    if !url.username().is_empty() || url.password().is_some() {
-        // The controller's task interface takes no credentials, so they would not be sent; the
-        // password is not repeated in the message.
-        let mut shown = url.clone();
-        if url.password().is_some() {
-            let _ = shown.set_password(Some("***"));
-        }
-        return Err(ConfigError::InvalidUrl {
-            url: shown.to_string(),
-            reason: "credentials in the URL are not supported".to_owned(),
-        });
-    }
+    refuse_credentials(&url)?;
     if url.host_str().is_none_or(str::is_empty) {
         return Err(ConfigError::InvalidUrl {
-            url: raw.to_owned(),
+            url: shown(),
             reason: "no host".to_owned(),
         });
     }
     Ok(url)
+}
+
+/// Refuses a URL with a user name or password: the controller's task interface takes no
+/// credentials, so they would not be sent, and a URL that seemed to carry them would mislead.
+fn refuse_credentials(url: &Url) -> Result<(), ConfigError> {
+    if url.username().is_empty() && url.password().is_none() {
+        return Ok(());
+    }
+    Err(ConfigError::Credentials {
+        url: redact_url(url.as_str()).into_owned(),
+    })
+}
+
+/// One URL as given, with its credentials masked (see [`redact_userinfo`]); without `://` the
+/// whole text is taken as an authority, so `user:password@host` is masked too.
+pub fn redact_url(raw: &str) -> Cow<'_, str> {
+    if raw.contains("://") {
+        redact_userinfo(raw)
+    } else {
+        let mut shown = String::with_capacity(raw.len());
+        push_redacted_authority(raw, &mut shown);
+        Cow::Owned(shown)
+    }
+}
+
+/// `text` with the credentials of every URL in it masked: `http://user:***@host`, and
+/// `http://***@host` for a lone user name, which is how a token is often passed
+/// (`https://TOKEN@host`). For text that may quote a URL a user gave, such as a parse error.
+pub fn redact_userinfo(text: &str) -> Cow<'_, str> {
+    const SCHEME_END: &str = "://";
+    if !text.contains(SCHEME_END) {
+        return Cow::Borrowed(text);
+    }
+    let mut shown = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find(SCHEME_END) {
+        let (before, after) = rest.split_at(start + SCHEME_END.len());
+        shown.push_str(before);
+        // A URL in prose or TOML ends at white space or a quote.
+        let end = after
+            .find(|character: char| character.is_whitespace() || "\"'`".contains(character))
+            .unwrap_or(after.len());
+        push_redacted_authority(&after[..end], &mut shown);
+        rest = &after[end..];
+    }
+    shown.push_str(rest);
+    Cow::Owned(shown)
+}
+
+/// Pushes `url_rest` (what follows `scheme://`) with everything before its last `@` masked but
+/// the user name. The last `@`, not the first `/`, ends the credentials here, since a password
+/// may hold a `/`; but text whose first `/` comes before any `:` is a host and a path that holds
+/// an `@` (`controller/a@b`), and is kept.
+fn push_redacted_authority(url_rest: &str, shown: &mut String) {
+    let Some(at) = url_rest.rfind('@') else {
+        shown.push_str(url_rest);
+        return;
+    };
+    let (userinfo, host_and_path) = url_rest.split_at(at);
+    let colon = userinfo.find(':');
+    if userinfo
+        .find('/')
+        .is_some_and(|slash| colon.is_none_or(|colon| slash < colon))
+    {
+        shown.push_str(url_rest);
+        return;
+    }
+    match colon {
+        Some(colon) => {
+            shown.push_str(&userinfo[..colon]);
+            shown.push_str(":***");
+        }
+        None => shown.push_str("***"),
+    }
+    shown.push_str(host_and_path);
 }
 
 /// Checks a CORS origin: `*`, or a scheme, host and optional port with nothing after.
@@ -343,22 +553,37 @@ pub fn parse_cors_origin(raw: &str) -> Result<HeaderValue, ConfigError> {
     HeaderValue::from_str(raw).map_err(|_| invalid())
 }
 
-fn at_most(value: usize, max: usize, setting: &'static str) -> Result<(), ConfigError> {
-    if value > max {
-        return Err(ConfigError::TooLarge {
-            setting,
-            value,
-            max,
-        });
+// === impl Bounds ===
+
+impl<T: SettingValue> Bounds<T> {
+    /// `value` when it is in range, else an error naming the setting, the value, the range and
+    /// the reason for the end it is beyond.
+    pub fn check(&self, value: T) -> Result<T, ConfigError> {
+        let reason = if value < self.min {
+            self.below
+        } else if value > self.max {
+            self.above
+        } else {
+            return Ok(value);
+        };
+        Err(ConfigError::OutOfRange {
+            setting: self.setting,
+            value: value.show(),
+            range: format!("{}-{}", self.min.show(), self.max.show()),
+            reason,
+        })
     }
-    Ok(())
 }
 
-fn positive(duration: Duration, setting: &'static str) -> Result<Duration, ConfigError> {
-    if duration.is_zero() {
-        Err(ConfigError::ZeroDuration { setting })
-    } else {
-        Ok(duration)
+impl SettingValue for Duration {
+    fn show(self) -> String {
+        humantime::format_duration(self).to_string()
+    }
+}
+
+impl SettingValue for NonZeroUsize {
+    fn show(self) -> String {
+        self.to_string()
     }
 }
 
@@ -394,12 +619,72 @@ mod tests {
             parse_upstream_url("http//x"),
             Err(ConfigError::InvalidUrl { .. })
         ));
+    }
+
+    /// Issue 8, finding 5: whichever check refuses a URL, its password is not in the message.
+    #[test]
+    fn refused_upstream_urls_never_show_a_password() {
+        let check = |raw: &str, expected: &str| {
+            let message = parse_upstream_url(raw).unwrap_err().to_string();
+            assert_eq!(message, expected, "{raw}");
+        };
+        check(
+            "http://user:secret@controller/api/v2/task",
+            "upstream URL 'http://user:***@controller/api/v2/task' has credentials, which are \
+             never sent: the task interface takes none; remove them",
+        );
+        check(
+            "http://TOKEN@controller/api/v2/task",
+            "upstream URL 'http://***@controller/api/v2/task' has credentials, which are never \
+             sent: the task interface takes none; remove them",
+        );
+        check(
+            "http://user:secret@controller:99999/api/v2/task",
+            "upstream URL 'http://user:***@controller:99999/api/v2/task' is not a valid URL: \
+             invalid port number",
+        );
+        check(
+            "ftp://user:secret@controller/x",
+            "upstream URL 'ftp://user:***@controller/x' must start with http:// or https://",
+        );
+        check(
+            "user:secret@controller:44000",
+            "upstream URL 'user:***@controller:44000' must start with http:// or https://",
+        );
+    }
+
+    #[test]
+    fn credentials_in_text_are_masked() {
+        let check = |text: &str, expected: &str| {
+            assert_eq!(redact_userinfo(text), expected, "{text}");
+        };
+        check("no URL here", "no URL here");
+        check("http://controller/a@b", "http://controller/a@b");
+        check("http://u:p@h/x", "http://u:***@h/x");
+        check("http://u:p/w@h/x", "http://u:***@h/x");
+        check("https://t0ken@h", "https://***@h");
+        check(
+            "1 | upstream = \"http://u:p4ss@h:1/x\" junk\n  |  ^",
+            "1 | upstream = \"http://u:***@h:1/x\" junk\n  |  ^",
+        );
+        check(
+            "a http://u:p@h and 'https://v:q@i'",
+            "a http://u:***@h and 'https://v:***@i'",
+        );
+        assert_eq!(redact_url("u:p@h:1"), "u:***@h:1");
+    }
+
+    #[test]
+    fn a_url_built_by_hand_with_credentials_is_refused() {
+        let mut url = parse_upstream_url(defaults::UPSTREAM).unwrap();
+        url.set_password(Some("secret")).unwrap();
+        url.set_username("user").unwrap();
+        let config = GatewayConfig::with_upstream(url);
         assert_eq!(
-            parse_upstream_url("http://user:secret@controller/api/v2/task")
-                .unwrap_err()
-                .to_string(),
-            "upstream URL 'http://user:***@controller/api/v2/task' is not a valid URL: \
-             credentials in the URL are not supported"
+            config.validate(),
+            Err(ConfigError::Credentials {
+                url: "http://user:***@127.0.0.1:44000/api/v2/task".to_owned()
+            })
         );
     }
 
@@ -438,17 +723,65 @@ mod tests {
         }
     }
 
+    /// Validates the defaults with one setting changed; `expected` is the error, if any.
+    fn check_setting(change: impl Fn(&mut GatewayConfig), expected: Option<&str>) {
+        let mut config =
+            GatewayConfig::with_upstream(parse_upstream_url(defaults::UPSTREAM).unwrap());
+        change(&mut config);
+        let error = config.validate().err().map(|error| error.to_string());
+        assert_eq!(error.as_deref(), expected);
+    }
+
     #[test]
-    fn a_zero_upstream_timeout_is_refused() {
-        let url = parse_upstream_url(defaults::UPSTREAM).unwrap();
-        let mut config = GatewayConfig::with_upstream(url);
-        assert_eq!(config.validate(), Ok(()));
-        config.upstream_timeout = Duration::ZERO;
-        assert_eq!(
-            config.validate(),
-            Err(ConfigError::ZeroDuration {
-                setting: "--upstream-timeout"
-            })
+    fn numeric_settings_are_checked_against_their_ranges() {
+        let ms = Duration::from_millis;
+        let count = |value: usize| NonZeroUsize::new(value).unwrap();
+        check_setting(|_| {}, None);
+        check_setting(|config| config.upstream_timeout = ms(10), None);
+        check_setting(
+            |config| config.upstream_timeout = Duration::from_nanos(1),
+            Some(
+                "--upstream-timeout 1ns is out of range 10ms-1h: the gateway never calls the \
+                 controller with less than 10ms left, so a shorter timeout would fail every call",
+            ),
+        );
+        check_setting(
+            |config| config.upstream_timeout = Duration::from_secs(3601),
+            Some(
+                "--upstream-timeout 1h 1s is out of range 10ms-1h: no caller waits that long \
+                 for a controller reply",
+            ),
+        );
+        check_setting(|config| config.retry_delay = Duration::ZERO, None);
+        check_setting(
+            |config| config.shutdown_grace = Duration::from_secs(7200),
+            Some(
+                "--shutdown-grace 2h is out of range 0s-1h: service managers kill a process \
+                 long before (systemd after 90s, Kubernetes after 30s by default)",
+            ),
+        );
+        check_setting(
+            |config| config.health_interval = Duration::ZERO,
+            Some(
+                "--health-interval 0s is out of range 10ms-1h: the probe opens a TCP connection \
+                 to the controller every interval",
+            ),
+        );
+        check_setting(|config| config.max_in_flight = count(100_000), None);
+        check_setting(
+            |config| config.max_in_flight = count(1 << 61),
+            Some(
+                "--max-in-flight 2305843009213693952 is out of range 1-100000: each call in \
+                 flight may hold a connection and a file descriptor to the controller, which \
+                 serves far fewer calls at once",
+            ),
+        );
+        check_setting(
+            |config| config.max_response_bytes = count(1023),
+            Some(
+                "--max-response-bytes 1023 is out of range 1024-67108864: a smaller cap would \
+                 refuse the controller's ordinary fault replies",
+            ),
         );
     }
 }

@@ -7,8 +7,10 @@
 //! - [`codec`]: task-interface XML to and from method calls and replies.
 //! - [`config`]: validated settings for the gateway and the simulator.
 //! - [`request_id`]: the `x-request-id` layer that ties a call's logs together.
+//! - [`protocol`]: the layer that refuses a malformed `grpc-timeout` and a second request message.
 //! - [`auth`]: bearer tokens for the task service, reloaded on SIGHUP.
 //! - [`tls`]: certificate files for gRPC (and mTLS) and for HTTPS to the controller.
+//! - [`regular_file`]: reading an operator's file: regular files only, size capped.
 //! - `upstream`: the HTTP client that calls the controller.
 //! - `status`: the only place a `tonic::Status` is built.
 //! - `service`: the `TaskService` implementation.
@@ -21,7 +23,7 @@
 //! - [`log`]: logging off the call path, through a bounded queue and a writer thread.
 //! - [`metrics`]: Prometheus counters, histograms and the `/metrics` endpoint.
 //! - [`server`]: wiring a listener, a config and a shutdown signal into a running gateway.
-//! - [`shutdown`]: the SIGINT/SIGTERM future.
+//! - [`shutdown`]: the SIGINT/SIGTERM future, and SIGHUP caught so it never ends the process.
 //! - [`nofile`]: the open-file limit: raised at startup, and what the connection limit is
 //!   sized from.
 //! - [`cli`]: the `taskgate` command line.
@@ -55,6 +57,8 @@ mod http1;
 pub mod log;
 pub mod metrics;
 pub mod nofile;
+pub mod protocol;
+pub mod regular_file;
 pub mod request_id;
 pub mod server;
 mod service;

@@ -178,18 +178,23 @@ pub async fn serve(
     let task_upstream_url = upstream.url().clone();
     let service = TaskGateway::new(upstream, &config, metrics.clone());
     let task_service = TaskServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
-    let (authenticator, _reloader) = match config.auth_tokens.clone() {
+    let (authenticator, hangups) = match config.auth_tokens.clone() {
         Some(token_file) => {
             tracing::info!(file = %token_file.path().display(), tokens = token_file.len(), "task calls need a bearer token; SIGHUP reloads the file");
             let authenticator = Authenticator::new(token_file);
             let reloader = tokio::spawn(auth::reload_on_sighup(authenticator.clone()));
-            (
-                Some(authenticator),
-                Some(AbortOnDrop(reloader.abort_handle())),
-            )
+            (Some(authenticator), reloader)
         }
-        None => (None, None),
+        None => (
+            None,
+            tokio::spawn(crate::shutdown::hangups(|| {
+                tracing::info!("received SIGHUP; nothing to reload without --auth-tokens-file")
+            })),
+        ),
     };
+    // SIGHUP is caught before "gateway listening" is logged, so one sent after it never ends
+    // the process.
+    let _hangups = AbortOnDrop(hangups.abort_handle());
     let task_service = auth::Guarded::new(task_service, authenticator);
     let health_service = WatchLimit::new(
         health_service,
@@ -207,6 +212,7 @@ pub async fn serve(
         .layer(RequestIdLayer)
         // gRPC-Web arrives over HTTP/1.1 from browsers, on the same port as gRPC.
         .layer(GrpcWebLayer::new())
+        .layer(crate::protocol::ProtocolLayer)
         .service(routes);
     let max_connections = config.max_connections.unwrap_or_else(|| {
         nofile::default_max_connections(

@@ -16,6 +16,7 @@ use crate::log::{PlainAddr, PlainLine};
 use crate::metrics::{MethodMetrics, Metrics};
 use crate::proto::task_service_server::TaskService;
 use crate::proto::{CaseExtractRequest, CaseExtractResponse};
+use crate::protocol::{GRPC_TIMEOUT, parse_grpc_timeout};
 use crate::request_id::RequestId;
 use crate::status::{self, CallContext, CallError, RetryPolicy, Violation};
 use crate::upstream::Upstream;
@@ -269,32 +270,14 @@ fn check_range(
     })
 }
 
-/// The caller's deadline from the `grpc-timeout` header, if it sent a valid one.
+/// The caller's deadline from the `grpc-timeout` header, if it sent one; `protocol` has refused
+/// a malformed one before the call gets here.
 fn caller_deadline<T>(request: &Request<T>) -> Option<Duration> {
     request
         .metadata()
-        .get("grpc-timeout")
+        .get(GRPC_TIMEOUT)
         .and_then(|value| value.to_str().ok())
         .and_then(parse_grpc_timeout)
-}
-
-/// Parses a `grpc-timeout` value: at most 8 digits and a unit (gRPC over HTTP/2 spec).
-pub(crate) fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    let split = value.len().checked_sub(1)?;
-    let (digits, unit) = value.split_at_checked(split)?;
-    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
-        return None;
-    }
-    let amount: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount * 3600),
-        "M" => Duration::from_secs(amount * 60),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
 }
 
 /// The longest the gateway may wait for the controller: the smaller of the caller's deadline,
@@ -307,7 +290,8 @@ pub(crate) fn time_limit(
     upstream_timeout: Duration,
 ) -> Option<Duration> {
     const MAX_MARGIN: Duration = Duration::from_millis(100);
-    const MIN_UPSTREAM_TIME: Duration = Duration::from_millis(10);
+    // `--upstream-timeout` is never below this, so only a caller's deadline can be too short.
+    const MIN_UPSTREAM_TIME: Duration = crate::config::limits::MIN_UPSTREAM_TIME;
     let Some(deadline) = caller_deadline else {
         return Some(upstream_timeout);
     };
@@ -413,26 +397,6 @@ mod tests {
             violations[0].description,
             "port_id 2001 is out of range 1-2000"
         );
-    }
-
-    #[test]
-    fn grpc_timeout_values() {
-        let check = |value: &str, expected: Option<Duration>| {
-            assert_eq!(parse_grpc_timeout(value), expected, "{value}");
-        };
-        check("1S", Some(Duration::from_secs(1)));
-        check("250m", Some(Duration::from_millis(250)));
-        check("2H", Some(Duration::from_secs(7200)));
-        check("3M", Some(Duration::from_secs(180)));
-        check("99999999u", Some(Duration::from_micros(99_999_999)));
-        check("5n", Some(Duration::from_nanos(5)));
-        check("123456789S", None);
-        check("S", None);
-        check("", None);
-        check("10", None);
-        check("-1S", None);
-        check("1x", None);
-        check("1é", None);
     }
 
     /// Through the real server, tonic's own deadline timer races this refusal, so the handler is

@@ -120,6 +120,39 @@ pub(crate) fn unauthenticated() -> Status {
     )
 }
 
+/// The status of a call whose `grpc-timeout` header breaks the gRPC spec; `value` is the header
+/// as the message may quote it.
+pub(crate) fn malformed_grpc_timeout(value: &str) -> Status {
+    let metadata = HashMap::from([("header".to_owned(), "grpc-timeout".to_owned())]);
+    build(
+        Code::InvalidArgument,
+        format!(
+            "malformed grpc-timeout header '{value}': expected 1 to 8 digits and a unit (H, M, \
+             S, m, u or n), for example 500m"
+        ),
+        vec![error_info(
+            "MALFORMED_GRPC_TIMEOUT",
+            GATEWAY_DOMAIN,
+            metadata,
+        )],
+    )
+}
+
+/// The status of a call that sent a second request message to a method that takes one. INTERNAL,
+/// as grpc-java and grpc-go answer it.
+pub(crate) fn second_request_message(path: &str) -> Status {
+    let metadata = HashMap::from([("method".to_owned(), path.to_owned())]);
+    build(
+        Code::Internal,
+        format!("{path} takes one request message, and a second one arrived"),
+        vec![error_info(
+            "TOO_MANY_REQUEST_MESSAGES",
+            GATEWAY_DOMAIN,
+            metadata,
+        )],
+    )
+}
+
 /// Additional details a gateway error may carry.
 enum Extra {
     None,

@@ -16,6 +16,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use rustls_platform_verifier::BuilderVerifierExt as _;
 use tokio_rustls::TlsAcceptor;
 
+use crate::regular_file::{self, FileError};
+
 /// The gRPC server's TLS settings, checked.
 #[derive(Clone)]
 pub struct ServerTls {
@@ -38,15 +40,15 @@ pub struct UpstreamTls {
 /// A TLS file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// The file cannot be read.
-    #[error("cannot read {what} {path}: {source}")]
+    /// The file cannot be read, or is not a regular file.
+    #[error("cannot read {what} {path}: {cause}")]
     Read {
         /// What the file was for, as its flag.
         what: &'static str,
         /// The file.
         path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
+        /// Why; in the message, so not also a `source`.
+        cause: FileError,
     },
     /// The file holds no PEM certificate.
     #[error("{what} {path} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)")]
@@ -294,9 +296,9 @@ fn parse_private_key(
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    regular_file::read(path).map_err(|cause| TlsError::Read {
         what,
         path: path.to_owned(),
-        source,
+        cause,
     })
 }

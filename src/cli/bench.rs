@@ -24,6 +24,7 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
 use super::{Exit, Outcome, bearer_token, connect, gateway_endpoint, parse_duration, usage};
+use crate::config::{Bounds, redact_url};
 use crate::fault;
 use crate::proto::CaseExtractRequest;
 use crate::proto::task_service_client::TaskServiceClient;
@@ -56,6 +57,47 @@ const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
 /// How often the progress line is refreshed.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
+// The ranges of the settings, far wider than any run needs: a longer time would overflow the
+// clock when added to it, and more tasks or connections would exhaust memory or descriptors
+// before the gateway is measured.
+const HOUR: Duration = Duration::from_secs(60 * 60);
+const CONNECTIONS: Bounds<NonZeroUsize> = Bounds {
+    setting: "--connections",
+    min: NonZeroUsize::MIN,
+    max: NonZeroUsize::new(10_000).unwrap(),
+    below: "a run needs a connection",
+    above: "each connection takes a file descriptor here and on the gateway",
+};
+const CONCURRENCY: Bounds<NonZeroUsize> = Bounds {
+    setting: "--concurrency",
+    min: NonZeroUsize::MIN,
+    max: NonZeroUsize::new(100_000).unwrap(),
+    below: "a run needs a call in flight",
+    above: "each call in flight is a task here and a slot on the gateway (--max-in-flight is at \
+            most 100000)",
+};
+const DURATION: Bounds<Duration> = Bounds {
+    setting: "--duration",
+    min: Duration::from_millis(1),
+    max: Duration::from_secs(24 * 60 * 60),
+    below: "a run must measure for some time, for example 10s",
+    above: "a run that long is a soak test; use --calls or several runs",
+};
+const WARMUP: Bounds<Duration> = Bounds {
+    setting: "--warmup",
+    min: Duration::ZERO,
+    max: HOUR,
+    below: "a warm-up cannot be negative",
+    above: "connections and caches are warm long before",
+};
+const TIMEOUT: Bounds<Duration> = Bounds {
+    setting: "--timeout",
+    min: Duration::from_millis(1),
+    max: HOUR,
+    below: "a call needs some time to be answered, for example 5s",
+    above: "the gateway caps every controller call at --upstream-timeout, at most 1h",
+};
+
 #[derive(Debug, Args)]
 #[command(after_help = BENCH_HELP)]
 pub(super) struct BenchArgs {
@@ -67,7 +109,8 @@ pub(super) struct BenchArgs {
     )]
     gateway: String,
 
-    /// How many HTTP/2 connections to open; the workers are spread over them in turn.
+    /// How many HTTP/2 connections to open (1 to 10000); the workers are spread over them in
+    /// turn.
     #[arg(
         long,
         env = "TASKGATE_BENCH_CONNECTIONS",
@@ -77,7 +120,7 @@ pub(super) struct BenchArgs {
     connections: NonZeroUsize,
 
     /// How many calls to keep in flight: one worker each, calling back to back. At least
-    /// --connections.
+    /// --connections, at most 100000.
     #[arg(
         long,
         env = "TASKGATE_BENCH_CONCURRENCY",
@@ -86,7 +129,7 @@ pub(super) struct BenchArgs {
     )]
     concurrency: NonZeroUsize,
 
-    /// How long to measure, after the warm-up, for example 10s or 2m.
+    /// How long to measure, after the warm-up, for example 10s or 2m; 1ms to 1day.
     #[arg(long, env = "TASKGATE_BENCH_DURATION", default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
 
@@ -128,11 +171,12 @@ pub(super) struct BenchArgs {
     bins: Option<String>,
 
     /// How long to call before measuring, so connections and caches are warm; these calls are
-    /// made but not counted. 0s for none.
+    /// made but not counted. 0s for none; at most 1h.
     #[arg(long, env = "TASKGATE_BENCH_WARMUP", default_value = "1s", value_parser = parse_duration)]
     warmup: Duration,
 
-    /// Each call's deadline, sent to the gateway as grpc-timeout; also the connect timeout.
+    /// Each call's deadline, sent to the gateway as grpc-timeout; also the connect timeout. 1ms
+    /// to 1h.
     #[arg(long, env = "TASKGATE_BENCH_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     timeout: Duration,
 
@@ -255,8 +299,8 @@ struct Shared {
 impl Plan {
     /// Checks every setting; nothing here touches the network.
     fn from_args(args: BenchArgs) -> anyhow::Result<Plan> {
-        let connections = args.connections.get();
-        let concurrency = args.concurrency.get();
+        let connections = CONNECTIONS.check(args.connections)?.get();
+        let concurrency = CONCURRENCY.check(args.concurrency)?.get();
         if concurrency < connections {
             anyhow::bail!(
                 "--concurrency {concurrency} is less than --connections {connections}: each \
@@ -266,14 +310,10 @@ impl Plan {
         }
         let window = match args.calls {
             Some(calls) => Window::Calls(calls.get()),
-            None if args.duration.is_zero() => {
-                anyhow::bail!("--duration must be greater than zero, for example 10s")
-            }
-            None => Window::Duration(args.duration),
+            None => Window::Duration(DURATION.check(args.duration)?),
         };
-        if args.timeout.is_zero() {
-            anyhow::bail!("--timeout must be greater than zero, for example 5s");
-        }
+        WARMUP.check(args.warmup)?;
+        TIMEOUT.check(args.timeout)?;
         let targets = Targets {
             ports: id_range("ports", args.ports.as_deref(), args.port)?,
             bins: id_range("bins", args.bins.as_deref(), args.bin)?,
@@ -281,7 +321,8 @@ impl Plan {
         let authorization = args.token.as_deref().map(bearer_token).transpose()?;
         Ok(Plan {
             endpoint: gateway_endpoint(&args.gateway, args.timeout)?,
-            gateway: args.gateway,
+            // Shown in the report and in errors, never with a password in it.
+            gateway: redact_url(&args.gateway).into_owned(),
             connections,
             concurrency,
             window,
@@ -921,11 +962,33 @@ mod tests {
         );
         assert_eq!(
             error(&["--duration", "0s"]),
-            "--duration must be greater than zero, for example 10s"
+            "--duration 0s is out of range 1ms-1day: a run must measure for some time, for \
+             example 10s"
         );
         assert_eq!(
             error(&["--timeout", "0s"]),
-            "--timeout must be greater than zero, for example 5s"
+            "--timeout 0s is out of range 1ms-1h: a call needs some time to be answered, for \
+             example 5s"
+        );
+        // Each of these used to overflow the clock (a panic) or exhaust memory.
+        assert_eq!(
+            error(&["--warmup", "500000000000y"]),
+            "--warmup 500000000000years is out of range 0s-1h: connections and caches are warm \
+             long before"
+        );
+        assert_eq!(
+            error(&["--duration", "25h"]),
+            "--duration 1day 1h is out of range 1ms-1day: a run that long is a soak test; use \
+             --calls or several runs"
+        );
+        assert!(error(&["--timeout", "2h"]).starts_with("--timeout 2h is out of range 1ms-1h"));
+        assert!(
+            error(&["--concurrency", "100001", "--connections", "1"])
+                .starts_with("--concurrency 100001 is out of range 1-100000")
+        );
+        assert!(
+            error(&["--connections", "10001", "--concurrency", "20000"])
+                .starts_with("--connections 10001 is out of range 1-10000")
         );
         assert_eq!(
             error(&["--token", "not\nascii"]),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::config::AccessLog;
+use crate::config::{AccessLog, redact_userinfo};
 
 /// What a config file may hold; everything is optional, and a flag or environment variable wins
 /// over the file.
@@ -62,9 +62,11 @@ pub(super) struct ServeFile {
 impl ServeFile {
     /// Reads a config file; relative paths in it are made relative to its folder.
     pub(super) fn load(path: &Path) -> anyhow::Result<ServeFile> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::regular_file::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         let mut file: ServeFile = toml::from_str(&text)
+            // A TOML error quotes the line it is about, which may be the upstream URL's.
+            .map_err(|error| anyhow::anyhow!("{}", redact_userinfo(&error.to_string())))
             .with_context(|| format!("invalid config file {}", path.display()))?;
         let folder = path.parent().unwrap_or(Path::new("."));
         for path in [

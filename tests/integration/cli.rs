@@ -107,7 +107,7 @@ async fn usage_and_configuration_errors_exit_2() {
     assert!(stderr.contains("'soon' is not a duration"), "{stderr}");
     let (_, stderr) = run(&["serve", "--upstream-timeout", "0s"], 2).await;
     assert!(
-        stderr.contains("--upstream-timeout must be greater than zero"),
+        stderr.contains("--upstream-timeout 0s is out of range 10ms-1h"),
         "{stderr}"
     );
     let (_, stderr) = run(&["simulate", "--config", "/nonexistent/layout.toml"], 2).await;
@@ -170,6 +170,9 @@ async fn case_extract(
     run(&args, expected_exit).await
 }
 
+/// The longest a test waits for a `taskgate` process to log a line or to exit.
+const PROCESS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A `taskgate` child process (`serve` or `simulate`), read through its log on stderr.
 pub(crate) struct TaskgateProcess {
     child: tokio::process::Child,
@@ -227,11 +230,16 @@ impl TaskgateProcess {
     }
 
     /// Reads log lines until one contains `needle`, and returns it.
+    /// Fails the test when no such line comes within [`PROCESS_WAIT`].
     pub(crate) async fn wait_for_line(&mut self, needle: &str) -> String {
+        let waited_until = tokio::time::Instant::now() + PROCESS_WAIT;
         loop {
-            let line =
-                self.lines.next_line().await.unwrap().unwrap_or_else(|| {
-                    panic!("serve exited before logging {needle:?}:\n{}", self.log)
+            let line = tokio::time::timeout_at(waited_until, self.lines.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("no {needle:?} within {PROCESS_WAIT:?}:\n{}", self.log))
+                .unwrap()
+                .unwrap_or_else(|| {
+                    panic!("taskgate exited before logging {needle:?}:\n{}", self.log)
                 });
             self.log.push_str(&line);
             self.log.push('\n');
@@ -253,8 +261,17 @@ impl TaskgateProcess {
     }
 
     /// Waits for the process to exit; returns its exit code and the whole log.
+    /// Fails the test when it has not exited within [`PROCESS_WAIT`].
     pub(crate) async fn finish(mut self) -> (Option<i32>, String) {
-        let status = self.child.wait().await.unwrap();
+        let status = tokio::time::timeout(PROCESS_WAIT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "taskgate still running after {PROCESS_WAIT:?}:\n{}",
+                    self.log
+                )
+            })
+            .unwrap();
         while let Some(line) = self.lines.next_line().await.unwrap() {
             self.log.push_str(&line);
             self.log.push('\n');
@@ -599,33 +616,100 @@ async fn config_file_errors_name_the_file_key_and_line() {
     );
 }
 
-#[tokio::test]
-async fn simulate_serves_the_task_interface_and_exits_0_on_sigint() {
+/// Starts `taskgate simulate` on an ephemeral port; returns it and its task-interface URL.
+async fn start_simulate() -> (TaskgateProcess, String) {
     let mut simulate = TaskgateProcess::spawn(&["simulate", "--listen", "127.0.0.1:0"]);
     let line = simulate
         .wait_for_line("simulated controller listening")
         .await;
+    assert!(line.contains("ports=4"), "{line}");
     let url = line
         .split_whitespace()
         .find_map(|field| field.strip_prefix("url="))
         .unwrap()
         .to_owned();
-    assert!(line.contains("ports=4"), "{line}");
+    (simulate, url)
+}
+
+/// POSTs `case_extract` port 4 bin 101337 to a simulator and returns its reply.
+async fn simulator_case_extract(url: &str) -> String {
     let body = "<methodcall><name>case_extract</name><params><port_id>4</port_id>\
                 <bin_id>101337</bin_id></params></methodcall>";
     let reply = reqwest::Client::new()
-        .post(&url)
+        .post(url)
         .header("content-type", "application/xml")
         .body(body)
+        .timeout(PROCESS_WAIT)
         .send()
         .await
-        .unwrap()
-        .text()
-        .await
         .unwrap();
+    reply.text().await.unwrap()
+}
+
+#[tokio::test]
+async fn simulate_serves_the_task_interface_and_exits_0_on_sigint() {
+    let (simulate, url) = start_simulate().await;
+    let reply = simulator_case_extract(&url).await;
     assert!(reply.contains("<params/>"), "{reply}");
     simulate.signal("INT").await;
     let (code, log) = simulate.finish().await;
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("received SIGINT"), "{log}");
+}
+
+/// Issue 8, finding 4: SIGHUP, which log rotation and `systemctl reload` send, never ends `serve`
+/// (with or without auth) or `simulate`: each logs it, still answers, and exits 0 on SIGTERM.
+#[tokio::test]
+async fn sighup_never_ends_serve_or_simulate() {
+    let tokens = crate::auth::token_file("sighup-stays-up", "a-token\n");
+    let with_auth = ["--auth-tokens-file", tokens.to_str().unwrap()];
+    for (args, logged) in [
+        (
+            &[][..],
+            "received SIGHUP; nothing to reload without --auth-tokens-file",
+        ),
+        (
+            &with_auth[..],
+            "received SIGHUP; reloaded auth tokens tokens=1",
+        ),
+    ] {
+        let mut serve = TaskgateProcess::start(args).await;
+        serve.signal("HUP").await;
+        serve.wait_for_line(logged).await;
+        // Port 1 is not an AutoCase port: fault 1087 proves the call reached the controller.
+        let output = Command::new(BIN)
+            .args([
+                "case-extract",
+                "--gateway",
+                &serve.gateway,
+                "--port",
+                "1",
+                "--bin",
+                "1",
+            ])
+            .env("TASKGATE_TOKEN", "a-token")
+            .env_remove("RUST_LOG")
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        assert!(
+            stdout.contains("PORT_IS_NOT_AUTOCASE"),
+            "{args:?}: {stdout}"
+        );
+        serve.signal("TERM").await;
+        let (code, log) = serve.finish().await;
+        assert_eq!(code, Some(0), "{args:?}:\n{log}");
+    }
+
+    let (mut simulate, url) = start_simulate().await;
+    simulate.signal("HUP").await;
+    simulate
+        .wait_for_line("received SIGHUP; the simulator has nothing to reload")
+        .await;
+    let reply = simulator_case_extract(&url).await;
+    assert!(reply.contains("<params/>"), "{reply}");
+    simulate.signal("TERM").await;
+    let (code, log) = simulate.finish().await;
+    assert_eq!(code, Some(0), "{log}");
 }

@@ -151,6 +151,7 @@ async fn serve_refuses_a_zero_health_interval_instead_of_panicking() {
     let message = outcome.unwrap_err().to_string();
     assert_eq!(
         message,
-        "invalid configuration: --health-interval must be greater than zero"
+        "invalid configuration: --health-interval 0s is out of range 10ms-1h: the probe opens a \
+         TCP connection to the controller every interval"
     );
 }

@@ -12,10 +12,12 @@
 //! - `http1_limits`: the timeouts and connection cap of `/metrics` and the simulator.
 //! - `fd_limits`: the real binary at its file-descriptor limit, and its shutdown log.
 //! - `metrics`: the Prometheus endpoint after a known mix of calls.
+//! - `protocol`: a malformed grpc-timeout and a second request message are refused.
 //! - `request_id`: x-request-id from caller to controller and back.
 //! - `shutdown`: graceful shutdown with calls in flight.
 //! - `auth`: bearer tokens on task calls.
 //! - `cli`: the real `taskgate` binary, its output and exit codes.
+//! - `operators`: the real binary as a careless operator runs it: no password printed.
 //! - `bench`: `taskgate bench` against the simulator: its report, counts and exit codes.
 //! - `contract`: the proto comments and the README agree with the fault table.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A panic in a test is a failed test.
@@ -34,6 +36,8 @@ mod http1_limits;
 mod json_upstream;
 mod limits;
 mod metrics;
+mod operators;
+mod protocol;
 mod request_id;
 mod shutdown;
 mod simulator_http;
