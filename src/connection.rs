@@ -18,27 +18,30 @@
 //!   linger that lets the GOAWAY out.
 //!
 //! It learns what happens on a connection from two taps: [`WatchedIo`] sees the bytes read and
-//! [`Tracked`] sees requests start and their bodies end; both tell the connection's driver
-//! through its [`Activity`].
+//! [`Tracked`] sees requests start and their bodies end; both record it in the connection's
+//! [`Activity`]. Calls are the hot path, so a call only updates counters: the driver is woken
+//! for what needs an answer at once (a protocol identified, an HTTP/1.1 head starting, anything
+//! during shutdown), and otherwise reads the counters when its deadline comes.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::BodyExt as _;
+use futures_util::task::AtomicWaker;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tonic::body::Body;
 use tonic::transport::server::TcpConnectInfo;
@@ -121,8 +124,16 @@ pub(crate) struct Activity {
     http2: AtomicBool,
     /// Bytes arrived while no request was open: the next HTTP/1.1 request head is on its way.
     head_arriving: AtomicBool,
-    /// Wakes the driver when any of the above changes.
-    changed: Notify,
+    /// When the last request ended, in nanoseconds since `started_at`.
+    last_end: AtomicU64,
+    /// The time `last_end` counts from.
+    started_at: Instant,
+    /// Shutdown has begun: from now on every change wakes the driver.
+    draining: AtomicBool,
+    /// Set with a wake-up of the driver; the driver clears it when it looks.
+    signalled: AtomicBool,
+    /// The driver's waker.
+    driver: AtomicWaker,
 }
 
 /// The socket of one connection, with a tap on what is read from it.
@@ -173,13 +184,10 @@ struct RequestBody {
 /// A response body that holds something (a request's guard, a permit) until it is dropped:
 /// when the response has been sent, or its stream reset.
 #[derive(Debug)]
-pub(crate) struct Holding<T> {
-    inner: Body,
+pub(crate) struct Holding<T, B = Body> {
+    inner: B,
     _held: T,
 }
-
-/// A response body that keeps its request open until it is dropped.
-pub(crate) type ResponseBody = Holding<RequestGuard>;
 
 /// Why a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,8 +216,25 @@ pub(crate) struct Connections {
     max_connections: usize,
     /// Refusals come in floods; one line per interval.
     refusal_log: LogEvery,
-    /// `true` once shutdown begins; every connection holds a receiver until it closes.
-    shutdown: watch::Sender<bool>,
+    /// Every connection holds a receiver until it closes, so `closed` tells when all have.
+    open_connections: watch::Sender<()>,
+    /// The connections open now, to tell each when shutdown begins.
+    live: Arc<Mutex<Live>>,
+}
+
+/// The [`Activity`] of every open connection of a listener.
+#[derive(Debug, Default)]
+struct Live {
+    next_id: u64,
+    activities: HashMap<u64, Arc<Activity>>,
+    shutdown_begun: bool,
+}
+
+/// Takes a connection out of [`Live`] when it closes.
+#[derive(Debug)]
+struct LiveEntry {
+    live: Arc<Mutex<Live>>,
+    id: u64,
 }
 
 /// What an admitted connection holds until it closes.
@@ -217,8 +242,8 @@ pub(crate) struct Connections {
 pub(crate) struct Admission {
     _slot: OwnedSemaphorePermit,
     _open: GaugeGuard,
-    /// Resolves when shutdown begins.
-    pub(crate) shutdown: watch::Receiver<bool>,
+    _counted: watch::Receiver<()>,
+    _live: LiveEntry,
     /// When the connection was accepted; the handshake timeout counts from here.
     pub(crate) accepted_at: Instant,
     activity: Arc<Activity>,
@@ -246,7 +271,8 @@ impl Connections {
             slots: Arc::new(Semaphore::new(max_connections)),
             max_connections,
             refusal_log: LogEvery::default(),
-            shutdown: watch::Sender::new(false),
+            open_connections: watch::Sender::new(()),
+            live: Arc::default(),
         }
     }
 
@@ -267,12 +293,27 @@ impl Connections {
             }
             return None;
         };
+        let activity = Arc::new(Activity::new(Arc::clone(&self.census), accepted_at));
+        let id = {
+            let mut live = lock(&self.live);
+            let id = live.next_id;
+            live.next_id += 1;
+            if live.shutdown_begun {
+                activity.draining.store(true, Ordering::SeqCst);
+            }
+            live.activities.insert(id, Arc::clone(&activity));
+            id
+        };
         Some(Admission {
             _slot: slot,
             _open: self.metrics.connection_opened(),
-            shutdown: self.shutdown.subscribe(),
+            _counted: self.open_connections.subscribe(),
+            _live: LiveEntry {
+                live: Arc::clone(&self.live),
+                id,
+            },
             accepted_at,
-            activity: Arc::new(Activity::new(Arc::clone(&self.census))),
+            activity,
             limits: self.limits,
             metrics: self.metrics.clone(),
             peer,
@@ -281,12 +322,28 @@ impl Connections {
 
     /// Tells every connection that shutdown has begun.
     pub(crate) fn begin_shutdown(&self) {
-        self.shutdown.send_replace(true);
+        let mut live = lock(&self.live);
+        live.shutdown_begun = true;
+        for activity in live.activities.values() {
+            activity.draining.store(true, Ordering::SeqCst);
+            activity.signal();
+        }
     }
 
     /// Resolves once every admitted connection has closed.
     pub(crate) async fn all_closed(&self) {
-        self.shutdown.closed().await;
+        self.open_connections.closed().await;
+    }
+}
+
+fn lock(live: &Mutex<Live>) -> std::sync::MutexGuard<'_, Live> {
+    // The map stays consistent whatever panicked while holding it.
+    live.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Drop for LiveEntry {
+    fn drop(&mut self) {
+        lock(&self.live).activities.remove(&self.id);
     }
 }
 
@@ -321,7 +378,7 @@ impl Admission {
         let ending = tokio::select! {
             output = handshake => return Ok(output),
             () = tokio::time::sleep_until(deadline) => Ending::HandshakeTimeout,
-            _ = self.shutdown.wait_for(|begun| *begun) => Ending::Shutdown,
+            () = self.activity.until_draining() => Ending::Shutdown,
         };
         self.record(ending);
         Err(ending)
@@ -365,7 +422,7 @@ impl Census {
 // === impl Activity ===
 
 impl Activity {
-    fn new(census: Arc<Census>) -> Self {
+    fn new(census: Arc<Census>, started_at: Instant) -> Self {
         Activity {
             census,
             open: AtomicUsize::new(0),
@@ -374,16 +431,54 @@ impl Activity {
             identified: AtomicBool::new(false),
             http2: AtomicBool::new(false),
             head_arriving: AtomicBool::new(false),
-            changed: Notify::new(),
+            last_end: AtomicU64::new(0),
+            started_at,
+            draining: AtomicBool::new(false),
+            signalled: AtomicBool::new(false),
+            driver: AtomicWaker::new(),
         }
+    }
+
+    /// Wakes the driver.
+    fn signal(&self) {
+        self.signalled.store(true, Ordering::SeqCst);
+        self.driver.wake();
+    }
+
+    /// Resolves once [`Activity::signal`] has been called since the driver last looked.
+    fn signalled(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            self.driver.register(cx.waker());
+            if self.signalled.swap(false, Ordering::SeqCst) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
+    /// Resolves once shutdown has begun.
+    async fn until_draining(&self) {
+        while !self.draining.load(Ordering::SeqCst) {
+            self.signalled().await;
+        }
+    }
+
+    /// When the last request ended; `started_at` if none has.
+    fn last_end(&self) -> Instant {
+        self.started_at + Duration::from_nanos(self.last_end.load(Ordering::SeqCst))
     }
 
     fn request_started(self: &Arc<Self>, kind: RequestKind) -> Arc<RequestProgress> {
         self.open.fetch_add(1, Ordering::SeqCst);
         self.started.fetch_add(1, Ordering::SeqCst);
-        self.head_arriving.store(false, Ordering::SeqCst);
-        self.identified.store(true, Ordering::SeqCst);
-        self.changed.notify_one();
+        let head_was_arriving = self.head_arriving.swap(false, Ordering::SeqCst);
+        let was_identified = self.identified.swap(true, Ordering::SeqCst);
+        // The driver times a head or the handshake only until the request starts; otherwise a
+        // call costs it nothing: it reads the counters when its deadline comes.
+        if head_was_arriving || !was_identified || self.draining.load(Ordering::SeqCst) {
+            self.signal();
+        }
         Arc::new(RequestProgress {
             activity: Arc::clone(self),
             kind,
@@ -404,7 +499,7 @@ impl Activity {
                 if *preface_matched == HTTP2_PREFACE.len() {
                     self.http2.store(true, Ordering::SeqCst);
                     self.identified.store(true, Ordering::SeqCst);
-                    self.changed.notify_one();
+                    self.signal();
                 }
             } else {
                 // Never matches again: a mismatch is permanent.
@@ -416,7 +511,7 @@ impl Activity {
             && self.open.load(Ordering::SeqCst) == 0
             && !self.head_arriving.swap(true, Ordering::SeqCst)
         {
-            self.changed.notify_one();
+            self.signal();
         }
     }
 }
@@ -436,7 +531,9 @@ impl RequestProgress {
                 .census
                 .working(self.kind)
                 .fetch_add(1, Ordering::SeqCst);
-            self.activity.changed.notify_one();
+            if self.activity.draining.load(Ordering::SeqCst) {
+                self.activity.signal();
+            }
         }
     }
 }
@@ -452,8 +549,13 @@ impl Drop for RequestGuard {
                 .working(progress.kind)
                 .fetch_sub(1, Ordering::SeqCst);
         }
+        let since_start = Instant::now().saturating_duration_since(activity.started_at);
+        let since_start = u64::try_from(since_start.as_nanos()).unwrap_or(u64::MAX);
+        activity.last_end.fetch_max(since_start, Ordering::SeqCst);
         activity.open.fetch_sub(1, Ordering::SeqCst);
-        activity.changed.notify_one();
+        if activity.draining.load(Ordering::SeqCst) {
+            activity.signal();
+        }
     }
 }
 
@@ -525,10 +627,11 @@ where
     S: tower::Service<Request<Body>, Response = Response<ResBody>>,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
-    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+    ResBody: HttpBody<Data = Bytes> + Unpin + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    type Response = Response<ResponseBody>;
+    /// The service's own body: wrapping it in another box would cost an allocation a call.
+    type Response = Response<Holding<RequestGuard, ResBody>>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -556,7 +659,7 @@ where
         let response = self.inner.call(Request::from_parts(parts, body));
         Box::pin(async move {
             let response = response.await.map_err(Into::into)?;
-            Ok(response.map(|body| Holding::new(Body::new(body.map_err(Into::into)), guard)))
+            Ok(response.map(|body| Holding::new(body, guard)))
         })
     }
 }
@@ -570,12 +673,9 @@ impl HttpBody for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        let complete = match &polled {
-            Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
-            Poll::Ready(Some(Err(_))) | Poll::Pending => false,
-        };
-        if complete {
+        // The end, not the last frame: asking h2 whether a frame was the last takes a lock, and
+        // tonic reads every body to its end (a one-message call too, for its trailers).
+        if let Poll::Ready(None) = polled {
             self.progress.body_complete();
         }
         polled
@@ -592,21 +692,21 @@ impl HttpBody for RequestBody {
 
 // === impl Holding ===
 
-impl<T> Holding<T> {
+impl<T, B> Holding<T, B> {
     /// `inner`, holding `held` until dropped.
-    pub(crate) fn new(inner: Body, held: T) -> Self {
+    pub(crate) fn new(inner: B, held: T) -> Self {
         Holding { inner, _held: held }
     }
 }
 
-impl<T: Unpin> HttpBody for Holding<T> {
+impl<T: Unpin, B: HttpBody<Data = Bytes> + Unpin> HttpBody for Holding<T, B> {
     type Data = Bytes;
-    type Error = tonic::Status;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 
@@ -643,7 +743,7 @@ pub(crate) async fn serve<I, S, ResBody>(
     S: tower::Service<Request<Body>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
-    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+    ResBody: HttpBody<Data = Bytes> + Unpin + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
     let activity = Arc::clone(&admission.activity);
@@ -652,7 +752,11 @@ pub(crate) async fn serve<I, S, ResBody>(
     tokio::pin!(connection);
     let mut driver = Driver::new(admission.accepted_at, admission.limits);
     let ending = loop {
-        let deadline = match driver.next_step(&activity, *admission.shutdown.borrow()) {
+        if !driver.draining && activity.draining.load(Ordering::SeqCst) {
+            driver.draining = true;
+            connection.as_mut().graceful_shutdown();
+        }
+        let deadline = match driver.next_step(&activity) {
             Step::Wait(deadline) => deadline,
             Step::GoAway(ending) => {
                 connection.as_mut().graceful_shutdown();
@@ -667,12 +771,7 @@ pub(crate) async fn serve<I, S, ResBody>(
                 }
                 break driver.closing.map_or(Ending::Closed, |(_, ending)| ending);
             }
-            // An error means the server is gone: shut down just the same.
-            _ = admission.shutdown.changed(), if !driver.draining => {
-                driver.draining = true;
-                connection.as_mut().graceful_shutdown();
-            }
-            () = activity.changed.notified() => {}
+            () = activity.signalled() => {}
             () = sleep_until(deadline) => {
                 if let Some(ending) = driver.deadline_passed() {
                     break ending;
@@ -697,8 +796,6 @@ struct Driver {
     accepted_at: Instant,
     /// `started` as last seen: a change means the connection was just busy.
     last_started: u64,
-    /// Whether a request was open when last seen.
-    was_open: bool,
     /// Since when no request has been open.
     idle_since: Instant,
     /// Since when the bytes of a request head have been arriving.
@@ -738,7 +835,6 @@ impl Driver {
             limits,
             accepted_at,
             last_started: 0,
-            was_open: false,
             idle_since: accepted_at,
             head_since: None,
             draining: false,
@@ -748,17 +844,17 @@ impl Driver {
         }
     }
 
-    fn next_step(&mut self, activity: &Activity, shutdown_begun: bool) -> Step {
+    fn next_step(&mut self, activity: &Activity) -> Step {
         let now = Instant::now();
-        self.draining |= shutdown_begun;
         let started = activity.started.load(Ordering::SeqCst);
         let open = activity.open.load(Ordering::SeqCst) > 0;
-        if started != self.last_started || open || self.was_open {
+        if started != self.last_started || open {
             self.last_started = started;
-            self.idle_since = now;
             self.head_since = None;
         }
-        self.was_open = open;
+        // Requests do not wake the driver: the connection has been idle since the last one
+        // ended (or since it was accepted).
+        self.idle_since = self.idle_since.max(activity.last_end());
         self.on_deadline = OnDeadline::Recheck;
         if let Some((until, ending)) = self.closing {
             self.on_deadline = OnDeadline::Drop(ending);
@@ -786,7 +882,8 @@ impl Driver {
             return Step::Wait(Some(self.accepted_at + self.limits.handshake_timeout));
         }
         if open {
-            return Step::Wait(None);
+            // Looked at again then; the request may well have ended by that time.
+            return Step::Wait(Some(now + self.limits.idle_timeout));
         }
         if activity.head_arriving.load(Ordering::SeqCst) {
             let since = *self.head_since.get_or_insert(now);

@@ -20,7 +20,7 @@ use futures_util::future::{Either, Ready, ready as answer};
 use hyper::body::Frame;
 use tonic::Status;
 use tonic::body::Body;
-use tonic::codegen::http::{HeaderMap, HeaderValue, Request, Response};
+use tonic::codegen::http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use tonic::server::NamedService;
 use tower::{Layer, Service};
 
@@ -29,6 +29,10 @@ use crate::service::TaskGateway;
 
 /// The header a caller's deadline travels in.
 pub(crate) const GRPC_TIMEOUT: &str = "grpc-timeout";
+
+/// [`GRPC_TIMEOUT`] as a header name, made once: a `&str` name is parsed and checked on every
+/// lookup.
+const GRPC_TIMEOUT_NAME: HeaderName = HeaderName::from_static(GRPC_TIMEOUT);
 
 /// The services every method of which takes exactly one request message (unary or server
 /// streaming); reflection streams requests, so it is not here. A test checks the task service's
@@ -91,7 +95,7 @@ where
 
 /// Refuses a `grpc-timeout` that does not follow the spec.
 fn check_grpc_timeout(headers: &HeaderMap) -> Result<(), Status> {
-    match headers.get(GRPC_TIMEOUT) {
+    match headers.get(&GRPC_TIMEOUT_NAME) {
         Some(value) if value.to_str().ok().and_then(parse_grpc_timeout).is_none() => {
             Err(crate::status::malformed_grpc_timeout(&shown(value)))
         }

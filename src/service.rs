@@ -273,9 +273,11 @@ fn check_range(
 /// The caller's deadline from the `grpc-timeout` header, if it sent one; `protocol` has refused
 /// a malformed one before the call gets here.
 fn caller_deadline<T>(request: &Request<T>) -> Option<Duration> {
-    request
-        .metadata()
-        .get(GRPC_TIMEOUT)
+    // Made once: a `&str` name is parsed and checked on every lookup.
+    const NAME: tonic::codegen::http::HeaderName =
+        tonic::codegen::http::HeaderName::from_static(GRPC_TIMEOUT);
+    AsRef::<tonic::codegen::http::HeaderMap>::as_ref(request.metadata())
+        .get(&NAME)
         .and_then(|value| value.to_str().ok())
         .and_then(parse_grpc_timeout)
 }
