@@ -19,8 +19,8 @@ use tonic::codegen::http::{self, HeaderValue, header::AUTHORIZATION};
 use tonic::server::NamedService;
 use tower::Service;
 
+use crate::call::CallScope;
 use crate::regular_file::{self, FileError};
-use crate::request_id::RequestId;
 
 /// A token file, loaded and checked.
 #[derive(Debug, Clone)]
@@ -244,8 +244,8 @@ where
                 tracing::warn!(
                     request_id = request
                         .extensions()
-                        .get::<RequestId>()
-                        .map(tracing::field::display),
+                        .get::<CallScope>()
+                        .map(|scope| tracing::field::display(&scope.request_id)),
                     peer = request.remote_addr().map(tracing::field::display),
                     has_authorization,
                     "refused a call without a valid bearer token"

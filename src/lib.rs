@@ -6,7 +6,8 @@
 //! - [`fault`]: the fault table, the one source of truth for controller fault codes.
 //! - [`codec`]: task-interface XML to and from method calls and replies.
 //! - [`config`]: validated settings for the gateway and the simulator.
-//! - [`request_id`]: the `x-request-id` layer that ties a call's logs together.
+//! - [`request_id`]: the `x-request-id` that ties a call's logs together.
+//! - `call`: the layer around every call: request ID, span, in-flight gauge, metrics, access line.
 //! - [`protocol`]: the layer that refuses a malformed `grpc-timeout` and a second request message.
 //! - [`auth`]: bearer tokens for the task service, reloaded on SIGHUP.
 //! - [`tls`]: certificate files for gRPC (and mTLS) and for HTTPS to the controller.
@@ -47,6 +48,7 @@ mod accept;
 pub mod auth;
 #[doc(hidden)]
 pub mod bench_api;
+mod call;
 pub mod cli;
 pub mod codec;
 pub mod config;

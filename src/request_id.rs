@@ -1,21 +1,13 @@
-//! Request IDs: a tower layer that takes the caller's `x-request-id` (or makes one), puts it in the
-//! request's extensions and in a tracing span around the whole call, and returns it in the
-//! response metadata, on errors too.
+//! Request IDs: the caller's `x-request-id` when it is usable, else a fresh UUID. The call layer
+//! (`call`) takes one for every request, puts it in the call's span and returns it in the
+//! response metadata, on errors too; the controller receives it as well.
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use tonic::codegen::http::{HeaderName, HeaderValue, Request, Response};
-use tower::{Layer, Service};
-use tracing::Instrument as _;
+use tonic::codegen::http::HeaderValue;
 
 /// The header carrying the request ID, both ways and towards the controller.
 pub const HEADER: &str = "x-request-id";
-
-/// [`HEADER`] as a header name, made once: a `&str` name is parsed and checked on every use.
-const HEADER_NAME: HeaderName = HeaderName::from_static(HEADER);
 
 /// The longest caller-supplied ID we keep; a longer one is replaced, not truncated, so that two
 /// different IDs never end up the same.
@@ -25,16 +17,6 @@ const MAX_LEN: usize = 128;
 /// fresh UUID.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestId(HeaderValue);
-
-/// Adds [`RequestId`] handling to a service.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RequestIdLayer;
-
-/// The service [`RequestIdLayer`] wraps around another.
-#[derive(Debug, Clone)]
-pub struct RequestIdService<S> {
-    inner: S,
-}
 
 // === impl RequestId ===
 
@@ -82,57 +64,6 @@ impl fmt::Display for RequestId {
 
 fn is_usable(bytes: &[u8]) -> bool {
     !bytes.is_empty() && bytes.len() <= MAX_LEN && bytes.iter().all(|byte| byte.is_ascii_graphic())
-}
-
-// === impl RequestIdLayer ===
-
-impl<S> Layer<S> for RequestIdLayer {
-    type Service = RequestIdService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RequestIdService { inner }
-    }
-}
-
-// === impl RequestIdService ===
-
-impl<S, B, ResponseBody> Service<Request<B>> for RequestIdService<S>
-where
-    S: Service<Request<B>, Response = Response<ResponseBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(context)
-    }
-
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let request_id = RequestId::from_caller(request.headers().get(&HEADER_NAME));
-        // Services read the ID from the extensions; the caller's header, if any, stays as sent.
-        request.extensions_mut().insert(request_id.clone());
-        let span =
-            tracing::info_span!("call", request_id = %request_id, path = %request.uri().path());
-        // The clone that was made ready is the one to call; keep a fresh clone for next time.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(
-            async move {
-                let mut response = inner.call(request).await?;
-                // A fresh ID in every response would churn HPACK's dynamic table for nothing: no
-                // later response repeats it. Marked sensitive, it is sent as a literal never
-                // indexed, which is what h2 offers for a value that is never repeated.
-                let mut value = request_id.header_value().clone();
-                value.set_sensitive(true);
-                response.headers_mut().insert(HEADER_NAME, value);
-                Ok(response)
-            }
-            .instrument(span),
-        )
-    }
 }
 
 #[cfg(test)]

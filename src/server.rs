@@ -25,6 +25,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::accept::Acceptor;
 use crate::auth::{self, Authenticator};
+use crate::call::CallLayer;
 use crate::config::GatewayConfig;
 use crate::connection::{self, Admission, ConnectionLimits, Connections};
 use crate::health::{Health, WatchLimit};
@@ -32,7 +33,6 @@ use crate::metrics::{METRICS_PATH, Metrics};
 use crate::nofile::{self, FdBudget};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::task_service_server::TaskServiceServer;
-use crate::request_id::RequestIdLayer;
 use crate::service::TaskGateway;
 use crate::upstream::Upstream;
 
@@ -176,7 +176,7 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(ServeError::Reflection)?;
     let task_upstream_url = upstream.url().clone();
-    let service = TaskGateway::new(upstream, &config, metrics.clone());
+    let service = TaskGateway::new(upstream, &config);
     let task_service = TaskServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     let (authenticator, hangups) = match config.auth_tokens.clone() {
         Some(token_file) => {
@@ -209,9 +209,10 @@ pub async fn serve(
     // The first layer is the outermost, as with tonic's `Server::layer`.
     let service = ServiceBuilder::new()
         .option_layer(cors_layer(&config.cors_allow_origins))
-        .layer(RequestIdLayer)
         // gRPC-Web arrives over HTTP/1.1 from browsers, on the same port as gRPC.
         .layer(GrpcWebLayer::new())
+        // Outside auth and the protocol checks: a call they refuse is logged and counted too.
+        .layer(CallLayer::new(metrics.clone(), config.access_log))
         .layer(crate::protocol::ProtocolLayer)
         .service(routes);
     let max_connections = config.max_connections.unwrap_or_else(|| {

@@ -1,7 +1,7 @@
 //! The `TaskService` implementation: validate the request, work out the time limit, call the
-//! controller, and hand every outcome to `status`.
+//! controller, and hand every outcome to `status`. The request ID, the span, the metrics and the
+//! access line are the call layer's (`call`); a handler only leaves it what it learned.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,10 +10,9 @@ use tokio::time::Instant;
 
 use tonic::{Request, Response, Status};
 
+use crate::call::{CallNotes, CallScope};
 use crate::codec::{BIN_ID_RANGE, Call, PORT_ID_RANGE, Reply};
-use crate::config::{AccessLog, GatewayConfig};
-use crate::log::{PlainAddr, PlainLine};
-use crate::metrics::{MethodMetrics, Metrics};
+use crate::config::GatewayConfig;
 use crate::proto::task_service_server::TaskService;
 use crate::proto::{CaseExtractRequest, CaseExtractResponse};
 use crate::protocol::{GRPC_TIMEOUT, parse_grpc_timeout};
@@ -33,19 +32,13 @@ pub(crate) struct TaskGateway {
     /// One permit per call allowed in flight; a call that finds none is shed at once, because
     /// queueing would only make every caller's deadline expire together.
     in_flight: Arc<Semaphore>,
-    /// Where every call is counted.
-    metrics: Metrics,
-    /// CaseExtract's own series, looked up once.
-    case_extract_metrics: MethodMetrics,
-    /// Which calls write an access line.
-    access_log: AccessLog,
 }
 
 // === impl TaskGateway ===
 
 impl TaskGateway {
     /// A service that calls `upstream` with the limits in `config`.
-    pub(crate) fn new(upstream: Upstream, config: &GatewayConfig, metrics: Metrics) -> Self {
+    pub(crate) fn new(upstream: Upstream, config: &GatewayConfig) -> Self {
         TaskGateway {
             upstream,
             upstream_timeout: config.upstream_timeout,
@@ -53,9 +46,6 @@ impl TaskGateway {
                 delay: config.retry_delay,
             },
             in_flight: Arc::new(Semaphore::new(config.max_in_flight.get())),
-            case_extract_metrics: metrics.method("case_extract"),
-            metrics,
-            access_log: config.access_log,
         }
     }
 
@@ -93,16 +83,13 @@ impl TaskService for TaskGateway {
         &self,
         request: Request<CaseExtractRequest>,
     ) -> Result<Response<CaseExtractResponse>, Status> {
-        let started = Instant::now();
-        let _in_flight = self.metrics.call_started();
         let caller_deadline = caller_deadline(&request);
-        // The request-ID layer always sets one; a default only covers a server built without it.
-        let request_id = request
+        // The call layer always sets one; a default only covers a server built without it.
+        let scope = request
             .extensions()
-            .get::<RequestId>()
+            .get::<CallScope>()
             .cloned()
             .unwrap_or_default();
-        let peer = request.remote_addr();
         let CaseExtractRequest { port_id, bin_id } = request.into_inner();
         let context = CallContext {
             method: "case_extract",
@@ -118,125 +105,28 @@ impl TaskService for TaskGateway {
                     method: context.method,
                     params: &[("port_id", port_id), ("bin_id", bin_id)],
                 };
-                self.call(&context, call, &request_id, caller_deadline)
+                self.call(&context, call, &scope.request_id, caller_deadline)
                     .await
             }
             (Ok(_), Err(violations)) => (None, Err(CallError::InvalidArgument(violations))),
         };
-        if let Some(upstream_time) = upstream_time {
-            self.case_extract_metrics.upstream_finished(upstream_time);
-        }
-        let fault_code = match &outcome {
-            Err(CallError::Fault(code)) => {
-                self.metrics.fault(context.method, *code);
-                Some(*code)
-            }
-            Err(CallError::Upstream(upstream_error)) => {
-                self.metrics.upstream_error(upstream_error.kind());
-                None
-            }
-            Ok(())
-            | Err(
-                CallError::InvalidArgument(_)
-                | CallError::DeadlineTooShort { .. }
-                | CallError::Overloaded,
-            ) => None,
-        };
-        let result = outcome
-            .map(|()| Response::new(CaseExtractResponse {}))
-            .map_err(|call_error| status::status(&context, &call_error, self.retry));
-        let access = AccessRecord {
-            context: &context,
-            code: result
-                .as_ref()
-                .map_or_else(Status::code, |_| tonic::Code::Ok),
-            fault_code,
+        scope.note(CallNotes {
+            port_id: Some(port_id),
+            bin_id: Some(bin_id),
+            fault_code: match &outcome {
+                Err(CallError::Fault(code)) => Some(*code),
+                _ => None,
+            },
             upstream_time,
-            total_time: started.elapsed(),
-            request_id: &request_id,
-            peer,
-        };
-        if self.access_log.records(access.code) {
-            access.log(result.as_ref().err().map(Status::message));
-        }
-        self.case_extract_metrics
-            .call_finished(access.code, access.total_time);
-        result
+            upstream_error: match &outcome {
+                Err(CallError::Upstream(upstream_error)) => Some(upstream_error.kind()),
+                _ => None,
+            },
+        });
+        outcome
+            .map(|()| Response::new(CaseExtractResponse {}))
+            .map_err(|call_error| status::status(&context, &call_error, self.retry))
     }
-}
-
-/// What the access log records about one call.
-struct AccessRecord<'a> {
-    context: &'a CallContext,
-    code: tonic::Code,
-    fault_code: Option<u32>,
-    upstream_time: Option<Duration>,
-    total_time: Duration,
-    request_id: &'a RequestId,
-    peer: Option<SocketAddr>,
-}
-
-/// The target of access lines, so they can be filtered on their own
-/// (`RUST_LOG=taskgate::access=info`).
-const ACCESS_TARGET: &str = "taskgate::access";
-
-impl AccessRecord<'_> {
-    /// Writes the one access-log line of a call: straight to the log queue when lines are plain
-    /// text (the line every call writes, so it skips tracing's visitors), else as an event.
-    fn log(&self, error_message: Option<&str>) {
-        if !tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
-            return;
-        }
-        if !crate::log::write_plain(ACCESS_TARGET, |line| self.write_fields(line, error_message)) {
-            self.event(error_message);
-        }
-    }
-
-    /// The access line as a tracing event: the one declaration of its fields for every format.
-    fn event(&self, error_message: Option<&str>) {
-        tracing::info!(
-            target: ACCESS_TARGET,
-            method = self.context.method,
-            port_id = self.context.port_id,
-            bin_id = self.context.bin_id,
-            grpc_code = crate::fault::grpc_code_name(self.code),
-            fault_code = self.fault_code,
-            upstream_ms = self.upstream_time.map(milliseconds),
-            total_ms = milliseconds(self.total_time),
-            request_id = %self.request_id,
-            peer = self.peer.map(|peer| tracing::field::display(PlainAddr(peer))),
-            error = error_message,
-            "call"
-        );
-    }
-
-    /// The fields of [`AccessRecord::event`], in its order, for a plain text line; a test checks
-    /// that both write the same line.
-    fn write_fields(&self, line: &mut PlainLine<'_>, error_message: Option<&str>) {
-        line.message("call");
-        line.str("method", self.context.method);
-        line.u64("port_id", self.context.port_id.into());
-        line.u64("bin_id", self.context.bin_id.into());
-        line.str("grpc_code", crate::fault::grpc_code_name(self.code));
-        if let Some(fault_code) = self.fault_code {
-            line.u64("fault_code", fault_code.into());
-        }
-        if let Some(upstream_time) = self.upstream_time {
-            line.f64("upstream_ms", milliseconds(upstream_time));
-        }
-        line.f64("total_ms", milliseconds(self.total_time));
-        line.display("request_id", self.request_id.as_str());
-        if let Some(peer) = self.peer {
-            line.socket_addr("peer", peer);
-        }
-        if let Some(error) = error_message {
-            line.str("error", error);
-        }
-    }
-}
-
-fn milliseconds(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
 }
 
 /// Checks `case_extract`'s documented ranges, reporting every field that is out of range.
@@ -306,72 +196,6 @@ pub(crate) fn time_limit(
 mod tests {
     use super::*;
 
-    /// The access line written straight to the queue is, byte for byte, the line the event
-    /// writes, for every shape of record: with and without a fault, an upstream time, a peer
-    /// (IPv4 and IPv6) and an error that needs escaping.
-    #[test]
-    fn the_plain_access_line_is_the_events_line() {
-        let context = CallContext {
-            method: "case_extract",
-            port_id: 4,
-            bin_id: 101_337,
-        };
-        let request_id = RequestId::new();
-        let records = [
-            (
-                tonic::Code::Ok,
-                None,
-                Some(Duration::from_micros(2_226)),
-                Some("127.0.0.1:4711"),
-                None,
-            ),
-            (
-                tonic::Code::Unavailable,
-                Some(1148),
-                Some(Duration::from_nanos(1_234_567)),
-                Some("10.20.30.255:65535"),
-                Some("port 4 is busy"),
-            ),
-            (
-                tonic::Code::InvalidArgument,
-                None,
-                None,
-                Some("[::1]:50051"),
-                Some("bad \"bin\"\n\ttab"),
-            ),
-            (tonic::Code::DeadlineExceeded, None, None, None, Some("")),
-            (
-                tonic::Code::Internal,
-                Some(0),
-                Some(Duration::ZERO),
-                None,
-                Some("grüße"),
-            ),
-        ];
-        for (code, fault_code, upstream_time, peer, error) in records {
-            let peer = peer.map(|peer| peer.parse().unwrap());
-            let record = AccessRecord {
-                context: &context,
-                code,
-                fault_code,
-                upstream_time,
-                total_time: Duration::from_secs_f64(0.002_281_54),
-                request_id: &request_id,
-                peer,
-            };
-            let (events, direct) = crate::log::plain_lines_without_time(|| {
-                let span = tracing::info_span!("call", request_id = %request_id, path = "/x");
-                let _entered = span.enter();
-                record.event(error);
-                crate::log::plain_line_for_test(ACCESS_TARGET, |line| {
-                    record.write_fields(line, error);
-                })
-            });
-            assert_eq!(events.len(), 1, "{events:?}");
-            assert_eq!(direct, events);
-        }
-    }
-
     fn check_valid(port_id: u32, bin_id: u32, expected_fields: &[&str]) {
         let fields: Vec<&str> = match validate_case_extract(port_id, bin_id) {
             Ok(()) => Vec::new(),
@@ -409,7 +233,7 @@ mod tests {
         let url = crate::config::parse_upstream_url("http://127.0.0.1:9/api/v2/task").unwrap();
         let config = crate::config::GatewayConfig::with_upstream(url);
         let upstream = Upstream::new(&config).unwrap();
-        let gateway = TaskGateway::new(upstream, &config, Metrics::new());
+        let gateway = TaskGateway::new(upstream, &config);
         let mut request = Request::new(CaseExtractRequest {
             port_id: 4,
             bin_id: 101337,

@@ -16,6 +16,7 @@
 //! - `request_id`: x-request-id from caller to controller and back.
 //! - `shutdown`: graceful shutdown with calls in flight.
 //! - `auth`: bearer tokens on task calls.
+//! - `call_layer`: calls refused before the handler are counted and logged like any other.
 //! - `cli`: the real `taskgate` binary, its output and exit codes.
 //! - `operators`: the real binary as a careless operator runs it: no password printed.
 //! - `bench`: `taskgate bench` against the simulator: its report, counts and exit codes.
@@ -26,6 +27,7 @@ mod support;
 
 mod auth;
 mod bench;
+mod call_layer;
 mod cli;
 mod connections;
 mod contract;

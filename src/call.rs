@@ -1,0 +1,482 @@
+//! One tower layer around every request, outside auth and the protocol checks, so a call refused
+//! anywhere is seen like any other: its request ID (the caller's `x-request-id`, or a fresh one,
+//! returned in the response), the tracing span around everything done for it, and, for the task
+//! service's calls, the in-flight gauge, the metrics and the access line.
+//!
+//! The handler knows what only it can know (the port and bin, how the controller answered) and
+//! leaves it in the request's [`CallScope`]; the layer reads it when the response is ready. A
+//! new RPC gets all of this by being in the proto: the methods come from the descriptor set.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use prost::Message as _;
+use tokio::time::Instant;
+use tonic::codegen::http::{HeaderMap, HeaderName, Request, Response};
+use tonic::transport::server::TcpConnectInfo;
+use tower::{Layer, Service};
+use tracing::Instrument as _;
+
+use crate::config::AccessLog;
+use crate::log::{PlainAddr, PlainLine};
+use crate::metrics::{MethodMetrics, Metrics};
+use crate::proto::task_service_server::SERVICE_NAME;
+use crate::request_id::{self, RequestId};
+
+/// [`request_id::HEADER`] as a header name, made once: a `&str` name is parsed and checked on
+/// every use.
+const REQUEST_ID: HeaderName = HeaderName::from_static(request_id::HEADER);
+
+/// Where a gRPC response that ends at once (every error) carries its code.
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// The target of access lines, so they can be filtered on their own
+/// (`RUST_LOG=taskgate::access=info`).
+const ACCESS_TARGET: &str = "taskgate::access";
+
+/// Adds [`CallService`] around a service.
+#[derive(Debug, Clone)]
+pub(crate) struct CallLayer {
+    shared: Arc<Shared>,
+}
+
+/// The service [`CallLayer`] wraps around another.
+#[derive(Debug, Clone)]
+pub(crate) struct CallService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    metrics: Metrics,
+    access_log: AccessLog,
+    /// The task service's methods, with their metrics series.
+    methods: Vec<Method>,
+}
+
+/// One RPC of the task service.
+#[derive(Debug)]
+struct Method {
+    /// `/taskgate.v1.TaskService/CaseExtract`.
+    path: String,
+    /// `case_extract`: the name in metrics and access lines.
+    name: &'static str,
+    metrics: MethodMetrics,
+}
+
+/// What a task-service handler finds in its request's extensions: the call's request ID, and
+/// where to leave what the access line and the metrics need from it.
+#[derive(Debug, Clone)]
+pub(crate) struct CallScope {
+    /// The call's request ID.
+    pub(crate) request_id: RequestId,
+    notes: Arc<OnceLock<CallNotes>>,
+}
+
+/// What only the handler knows about a call.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CallNotes {
+    /// The port the call was for.
+    pub(crate) port_id: Option<u32>,
+    /// The bin the call was for.
+    pub(crate) bin_id: Option<u32>,
+    /// The fault code the controller answered, if it did.
+    pub(crate) fault_code: Option<u32>,
+    /// How long the controller took, when it was called.
+    pub(crate) upstream_time: Option<Duration>,
+    /// Why the controller's reply was unusable, as a fixed word, if it was.
+    pub(crate) upstream_error: Option<&'static str>,
+}
+
+// === impl CallLayer ===
+
+impl CallLayer {
+    /// Counts calls in `metrics` and writes the access lines `access_log` asks for.
+    pub(crate) fn new(metrics: Metrics, access_log: AccessLog) -> Self {
+        let methods = task_methods()
+            .iter()
+            .map(|(path, name)| Method {
+                path: path.clone(),
+                name,
+                metrics: metrics.method(name),
+            })
+            .collect();
+        CallLayer {
+            shared: Arc::new(Shared {
+                metrics,
+                access_log,
+                methods,
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for CallLayer {
+    type Service = CallService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CallService {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// The task service's methods as (path, name in snake case), read once from the descriptor set
+/// that `build.rs` wrote, so that a new RPC is counted and logged by being in the proto.
+fn task_methods() -> &'static [(String, &'static str)] {
+    static METHODS: OnceLock<Vec<(String, &'static str)>> = OnceLock::new();
+    METHODS.get_or_init(|| {
+        let Ok(files) = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
+        else {
+            return Vec::new();
+        };
+        let mut methods = Vec::new();
+        for file in &files.file {
+            for service in &file.service {
+                if format!("{}.{}", file.package(), service.name()) != SERVICE_NAME {
+                    continue;
+                }
+                for method in &service.method {
+                    // Once per process, for a handful of names.
+                    let name: &'static str = Box::leak(snake_case(method.name()).into_boxed_str());
+                    methods.push((format!("/{SERVICE_NAME}/{}", method.name()), name));
+                }
+            }
+        }
+        methods
+    })
+}
+
+/// `CaseGetState` → `case_get_state`.
+fn snake_case(name: &str) -> String {
+    let mut snake = String::with_capacity(name.len() + 4);
+    for (index, character) in name.chars().enumerate() {
+        if character.is_ascii_uppercase() {
+            if index > 0 {
+                snake.push('_');
+            }
+            snake.push(character.to_ascii_lowercase());
+        } else {
+            snake.push(character);
+        }
+    }
+    snake
+}
+
+// === impl CallService ===
+
+impl<S, B, ResponseBody> Service<Request<B>> for CallService<S>
+where
+    S: Service<Request<B>, Response = Response<ResponseBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let request_id = RequestId::from_caller(request.headers().get(&REQUEST_ID));
+        let span =
+            tracing::info_span!("call", request_id = %request_id, path = %request.uri().path());
+        let shared = Arc::clone(&self.shared);
+        let method = shared
+            .methods
+            .iter()
+            .position(|method| method.path == request.uri().path());
+        let watched = method.map(|method| {
+            let notes = Arc::new(OnceLock::new());
+            request.extensions_mut().insert(CallScope {
+                request_id: request_id.clone(),
+                notes: Arc::clone(&notes),
+            });
+            let peer = request
+                .extensions()
+                .get::<TcpConnectInfo>()
+                .and_then(TcpConnectInfo::remote_addr);
+            (method, notes, peer, shared.metrics.call_started())
+        });
+        // The clone that was made ready is the one to call; keep a fresh clone for next time.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(
+            async move {
+                let mut response = inner.call(request).await?;
+                if let Some((method, notes, peer, _in_flight)) = watched {
+                    let method = &shared.methods[method];
+                    let notes = Arc::try_unwrap(notes)
+                        .map(OnceLock::into_inner)
+                        .unwrap_or_else(|notes| notes.get().cloned())
+                        .unwrap_or_default();
+                    shared.finished(
+                        method,
+                        &notes,
+                        response.headers(),
+                        started,
+                        &request_id,
+                        peer,
+                    );
+                }
+                // A fresh ID in every response would churn HPACK's dynamic table for nothing: no
+                // later response repeats it. Marked sensitive, it is sent as a literal never
+                // indexed, which is what h2 offers for a value that is never repeated.
+                let mut value = request_id.header_value().clone();
+                value.set_sensitive(true);
+                response.headers_mut().insert(REQUEST_ID, value);
+                Ok(response)
+            }
+            .instrument(span),
+        )
+    }
+}
+
+// === impl Shared ===
+
+impl Shared {
+    /// Counts a task-service call that ended with `headers` and writes its access line.
+    fn finished(
+        &self,
+        method: &Method,
+        notes: &CallNotes,
+        headers: &HeaderMap,
+        started: Instant,
+        request_id: &RequestId,
+        peer: Option<SocketAddr>,
+    ) {
+        // An error ends the response at once, its code in the headers; a success sends its code
+        // in the trailers, after the message.
+        let status = headers
+            .contains_key(&GRPC_STATUS)
+            .then(|| tonic::Status::from_header_map(headers))
+            .flatten();
+        let code = status.as_ref().map_or(tonic::Code::Ok, tonic::Status::code);
+        let total_time = started.elapsed();
+        if let Some(upstream_time) = notes.upstream_time {
+            method.metrics.upstream_finished(upstream_time);
+        }
+        if let Some(fault_code) = notes.fault_code {
+            self.metrics.fault(method.name, fault_code);
+        }
+        if let Some(kind) = notes.upstream_error {
+            self.metrics.upstream_error(kind);
+        }
+        if self.access_log.records(code) {
+            let access = AccessRecord {
+                method: method.name,
+                notes,
+                code,
+                total_time,
+                request_id,
+                peer,
+            };
+            access.log(status.as_ref().map(tonic::Status::message));
+        }
+        method.metrics.call_finished(code, total_time);
+    }
+}
+
+// === impl CallScope ===
+
+impl CallScope {
+    /// Leaves what the handler learned for the access line and the metrics; the first notes
+    /// left are kept.
+    pub(crate) fn note(&self, notes: CallNotes) {
+        let _ = self.notes.set(notes);
+    }
+}
+
+impl Default for CallScope {
+    /// For a handler called without the layer (in tests): a fresh ID, notes nobody reads.
+    fn default() -> Self {
+        CallScope {
+            request_id: RequestId::new(),
+            notes: Arc::default(),
+        }
+    }
+}
+
+/// What the access log records about one call.
+struct AccessRecord<'a> {
+    method: &'static str,
+    notes: &'a CallNotes,
+    code: tonic::Code,
+    total_time: Duration,
+    request_id: &'a RequestId,
+    peer: Option<SocketAddr>,
+}
+
+impl AccessRecord<'_> {
+    /// Writes the one access-log line of a call: straight to the log queue when lines are plain
+    /// text (the line every call writes, so it skips tracing's visitors), else as an event.
+    fn log(&self, error_message: Option<&str>) {
+        if !tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
+            return;
+        }
+        if !crate::log::write_plain(ACCESS_TARGET, |line| self.write_fields(line, error_message)) {
+            self.event(error_message);
+        }
+    }
+
+    /// The access line as a tracing event: the one declaration of its fields for every format.
+    fn event(&self, error_message: Option<&str>) {
+        tracing::info!(
+            target: ACCESS_TARGET,
+            method = self.method,
+            port_id = self.notes.port_id,
+            bin_id = self.notes.bin_id,
+            grpc_code = crate::fault::grpc_code_name(self.code),
+            fault_code = self.notes.fault_code,
+            upstream_ms = self.notes.upstream_time.map(milliseconds),
+            total_ms = milliseconds(self.total_time),
+            request_id = %self.request_id,
+            peer = self.peer.map(|peer| tracing::field::display(PlainAddr(peer))),
+            error = error_message,
+            "call"
+        );
+    }
+
+    /// The fields of [`AccessRecord::event`], in its order, for a plain text line; a test checks
+    /// that both write the same line.
+    fn write_fields(&self, line: &mut PlainLine<'_>, error_message: Option<&str>) {
+        line.message("call");
+        line.str("method", self.method);
+        if let Some(port_id) = self.notes.port_id {
+            line.u64("port_id", port_id.into());
+        }
+        if let Some(bin_id) = self.notes.bin_id {
+            line.u64("bin_id", bin_id.into());
+        }
+        line.str("grpc_code", crate::fault::grpc_code_name(self.code));
+        if let Some(fault_code) = self.notes.fault_code {
+            line.u64("fault_code", fault_code.into());
+        }
+        if let Some(upstream_time) = self.notes.upstream_time {
+            line.f64("upstream_ms", milliseconds(upstream_time));
+        }
+        line.f64("total_ms", milliseconds(self.total_time));
+        line.display("request_id", self.request_id.as_str());
+        if let Some(peer) = self.peer {
+            line.socket_addr("peer", peer);
+        }
+        if let Some(error) = error_message {
+            line.str("error", error);
+        }
+    }
+}
+
+fn milliseconds(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_method_is_found_in_the_descriptor_set() {
+        let methods = task_methods();
+        assert!(
+            methods.contains(&(
+                "/taskgate.v1.TaskService/CaseExtract".to_owned(),
+                "case_extract"
+            )),
+            "{methods:?}"
+        );
+    }
+
+    #[test]
+    fn names_are_snake_case() {
+        assert_eq!(snake_case("CaseExtract"), "case_extract");
+        assert_eq!(snake_case("CaseGetState"), "case_get_state");
+        assert_eq!(snake_case("Watch"), "watch");
+    }
+
+    /// The access line written straight to the queue is, byte for byte, the line the event
+    /// writes, for every shape of record: with and without a port and bin (a call refused before
+    /// its message was read), a fault, an upstream time, a peer (IPv4 and IPv6) and an error
+    /// that needs escaping.
+    #[test]
+    fn the_plain_access_line_is_the_events_line() {
+        let request_id = RequestId::new();
+        let records = [
+            (
+                tonic::Code::Ok,
+                Some(4),
+                None,
+                Some(Duration::from_micros(2_226)),
+                Some("127.0.0.1:4711"),
+                None,
+            ),
+            (
+                tonic::Code::Unavailable,
+                Some(4),
+                Some(1148),
+                Some(Duration::from_nanos(1_234_567)),
+                Some("10.20.30.255:65535"),
+                Some("port 4 is busy"),
+            ),
+            (
+                tonic::Code::InvalidArgument,
+                Some(0),
+                None,
+                None,
+                Some("[::1]:50051"),
+                Some("bad \"bin\"\n\ttab"),
+            ),
+            (
+                tonic::Code::Unauthenticated,
+                None,
+                None,
+                None,
+                None,
+                Some(""),
+            ),
+            (
+                tonic::Code::Internal,
+                Some(2000),
+                Some(0),
+                Some(Duration::ZERO),
+                None,
+                Some("grüße"),
+            ),
+        ];
+        for (code, port_id, fault_code, upstream_time, peer, error) in records {
+            let notes = CallNotes {
+                port_id,
+                bin_id: port_id.map(|port_id| port_id * 1000 + 7),
+                fault_code,
+                upstream_time,
+                upstream_error: None,
+            };
+            let record = AccessRecord {
+                method: "case_extract",
+                notes: &notes,
+                code,
+                total_time: Duration::from_secs_f64(0.002_281_54),
+                request_id: &request_id,
+                peer: peer.map(|peer| peer.parse().unwrap()),
+            };
+            let (events, direct) = crate::log::plain_lines_without_time(|| {
+                let span = tracing::info_span!("call", request_id = %request_id, path = "/x");
+                let _entered = span.enter();
+                record.event(error);
+                crate::log::plain_line_for_test(ACCESS_TARGET, |line| {
+                    record.write_fields(line, error);
+                })
+            });
+            assert_eq!(events.len(), 1, "{events:?}");
+            assert_eq!(direct, events);
+        }
+    }
+}

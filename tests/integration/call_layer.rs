@@ -1,0 +1,102 @@
+//! Every task call is counted and logged by one layer, whatever refused it: a call refused for its
+//! token, for a malformed grpc-timeout or for the size of its message is in the metrics and the
+//! access log like one the controller answered.
+
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+
+use taskgate::auth::TokenFile;
+use taskgate::proto::CaseExtractRequest;
+use taskgate::simulator::layout::Layout;
+
+use crate::cli::TaskgateProcess;
+use crate::support::{Gateway, config_for, scrape_line, start_simulator};
+
+fn request() -> tonic::Request<CaseExtractRequest> {
+    tonic::Request::new(CaseExtractRequest {
+        port_id: 4,
+        bin_id: 101337,
+    })
+}
+
+#[tokio::test]
+async fn refused_calls_are_counted() {
+    let path = crate::auth::token_file("counted", "right-token\n");
+    let mut config = config_for(&start_simulator(Layout::default_layout()).await);
+    config.auth_tokens = Some(TokenFile::load(&path).unwrap());
+    let (gateway, metrics_url) = Gateway::start_with_metrics(config).await;
+    let mut client = gateway.client.clone();
+
+    let refused = client.case_extract(request()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+
+    let mut malformed = request();
+    malformed.metadata_mut().insert(
+        "authorization",
+        MetadataValue::from_static("Bearer right-token"),
+    );
+    malformed
+        .metadata_mut()
+        .insert("grpc-timeout", MetadataValue::from_static("abc"));
+    let refused = client.case_extract(malformed).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+
+    for expected in [
+        "taskgate_calls_total{method=\"case_extract\",code=\"UNAUTHENTICATED\"} 1",
+        "taskgate_calls_total{method=\"case_extract\",code=\"INVALID_ARGUMENT\"} 1",
+        "taskgate_calls_in_flight 0",
+    ] {
+        scrape_line(&metrics_url, expected).await;
+    }
+}
+
+/// The real binary: the access line of a call refused for its token has the code, the request
+/// ID and the error, and no port or bin (the message was never read).
+#[tokio::test]
+async fn a_call_refused_for_its_token_writes_an_access_line() {
+    let path = crate::auth::token_file("access", "right-token\n");
+    let serve = TaskgateProcess::start_serving(TaskgateProcess::spawn(&[
+        "serve",
+        "--simulator",
+        "--listen",
+        "127.0.0.1:0",
+        "--auth-tokens-file",
+        path.to_str().unwrap(),
+    ]))
+    .await;
+    let mut client =
+        taskgate::proto::task_service_client::TaskServiceClient::connect(serve.gateway.clone())
+            .await
+            .unwrap();
+    let mut call = request();
+    call.metadata_mut()
+        .insert("x-request-id", MetadataValue::from_static("refused-1"));
+    let refused = client.case_extract(call).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    serve.signal("TERM").await;
+    let (code, log) = serve.finish().await;
+    assert_eq!(code, Some(0), "{log}");
+    let line = log
+        .lines()
+        .find(|line| line.contains("taskgate::access") && line.contains("request_id=refused-1"))
+        .unwrap_or_else(|| panic!("no access line for the refused call:\n{log}"));
+    let (_, fields) = line.split_once("taskgate::access: ").unwrap();
+    let fields = fields.split(" total_ms=").next().unwrap();
+    assert_eq!(
+        fields,
+        "call method=\"case_extract\" grpc_code=\"UNAUTHENTICATED\""
+    );
+    assert!(
+        line.ends_with(&format!(
+            "request_id=refused-1 peer={} error=\"{}\"",
+            line.split(" peer=")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap(),
+            refused.message()
+        )),
+        "{line}"
+    );
+}
