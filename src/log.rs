@@ -16,12 +16,15 @@ use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_log::NormalizeEvent as _;
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::field::{RecordFields, VisitOutput};
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::format::{self, DefaultVisitor, Format, Full, Writer};
 use tracing_subscriber::fmt::time::FormatTime;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::registry::{LookupSpan, Registry, SpanRef};
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer};
 
 /// How many formatted lines may wait for the writer thread. At a few hundred bytes a line this
 /// caps the queue near 2 MiB, and it absorbs a reader that pauses for a fraction of a second at
@@ -63,8 +66,6 @@ pub struct LogGuard {
 /// Installs the global subscriber: `RUST_LOG` if set, else `default_filter`, formatted as
 /// `format` and written to stderr by a dedicated thread.
 pub fn init(format: LogFormat, default_filter: &str) -> LogGuard {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let (writer, worker) = NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(QUEUE_LINES)
@@ -77,28 +78,49 @@ pub fn init(format: LogFormat, default_filter: &str) -> LogGuard {
     let _ = DROPPED.set(writer.error_counter());
     let styled = std::io::stderr().is_terminal();
     let sink = writer.clone();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
+    let registry = tracing_subscriber::registry().with(filter(default_filter));
     // `try_init` so that a process that already has a subscriber keeps it rather than panicking.
     let _ = match format {
-        LogFormat::Text => builder
-            .with_ansi(styled)
-            .fmt_fields(PlainFields)
-            .event_format(PlainText::default())
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(writer)
+                    .with_ansi(styled)
+                    .fmt_fields(PlainFields)
+                    .event_format(PlainText::default()),
+            )
             .try_init()
             .inspect(|()| {
                 if !styled {
                     let _ = PLAIN_SINK.set(sink);
                 }
             }),
-        LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_timer(Rfc3339)
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(writer)
+                    .json()
+                    .with_current_span(true)
+                    .with_timer(Rfc3339),
+            )
             .try_init(),
     };
     LogGuard { worker }
+}
+
+/// `RUST_LOG` if it is set and valid, else `default_filter`. Directives of targets and levels
+/// only (all but the rarest) become a [`Targets`] filter, which decides once per call site;
+/// `EnvFilter`, needed only for span and field directives (`[span{field=value}]`), also looks
+/// each span up under a lock every time a call's future is polled.
+fn filter(default_filter: &str) -> Box<dyn Layer<Registry> + Send + Sync> {
+    let directives = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|directives| EnvFilter::try_new(directives).is_ok())
+        .unwrap_or_else(|| default_filter.to_owned());
+    match directives.parse::<Targets>() {
+        Ok(targets) => Box::new(targets),
+        Err(_) => Box::new(EnvFilter::new(directives)),
+    }
 }
 
 /// How many log lines were dropped because the queue was full; 0 before [`init`].
@@ -807,6 +829,48 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// For target-and-level directives, the cheaper filter decides as `EnvFilter` does.
+    #[test]
+    fn targets_filter_as_env_filter_does() {
+        fn decisions(filter: Box<dyn Layer<Registry> + Send + Sync>) -> Vec<bool> {
+            let subscriber = tracing_subscriber::registry().with(filter);
+            tracing::subscriber::with_default(subscriber, || {
+                vec![
+                    tracing::enabled!(target: "taskgate::access", Level::INFO),
+                    tracing::enabled!(target: "taskgate::access", Level::DEBUG),
+                    tracing::enabled!(target: "taskgate::simulator", Level::DEBUG),
+                    tracing::enabled!(target: "taskgate::simulator::http", Level::TRACE),
+                    tracing::enabled!(target: "taskgate", Level::TRACE),
+                    tracing::enabled!(target: "hyper::proto::h1", Level::DEBUG),
+                    tracing::enabled!(target: "h2", Level::WARN),
+                    tracing::enabled!(target: "taskgatex", Level::INFO),
+                ]
+            })
+        }
+        for directives in [
+            "info",
+            "warn,taskgate::access=info",
+            "info,taskgate::simulator=debug",
+            "taskgate",
+            "taskgate=trace,hyper=off",
+            "off",
+            "error,taskgate::simulator::http=trace",
+            "DEBUG",
+        ] {
+            let targets: Targets = directives.parse().unwrap();
+            assert_eq!(
+                decisions(Box::new(targets)),
+                decisions(Box::new(EnvFilter::new(directives))),
+                "{directives}"
+            );
+        }
+        assert!(
+            "info,[call{request_id=x}]=debug"
+                .parse::<Targets>()
+                .is_err()
+        );
     }
 
     #[test]

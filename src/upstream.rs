@@ -299,23 +299,41 @@ impl Upstream {
     /// The POST of `method_call`: every header but the request ID and the length was made once.
     fn request(&self, call: &Call<'_>, request_id: &RequestId) -> Request<Full<Bytes>> {
         let body = self.format.encode_call(call);
-        let length = HeaderValue::from(body.len());
+        let length = content_length(body.len());
         let mut request = Request::new(Full::new(Bytes::from(body)));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.path.clone();
         let headers = request.headers_mut();
         *headers = self.headers.clone();
-        headers.insert(CONTENT_LENGTH, length);
-        headers.insert(REQUEST_ID, request_id.header_value().clone());
+        // The template holds both already: replacing a value costs less than adding a header.
+        if let Some(value) = headers.get_mut(CONTENT_LENGTH) {
+            *value = length;
+        }
+        if let Some(value) = headers.get_mut(REQUEST_ID) {
+            *value = request_id.header_value().clone();
+        }
         request
     }
 }
 
-/// A header map with `fixed`, with room for the two headers each call adds.
+/// A header map with `fixed`, then the two headers each call sets, in the order they are sent.
 fn header_template(fixed: [(HeaderName, HeaderValue); 4]) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(fixed.len() + 2);
     headers.extend(fixed);
+    headers.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+    headers.insert(REQUEST_ID, HeaderValue::from_static("-"));
     headers
+}
+
+/// `Content-Length: length`. The lengths method calls have are made once: a header value made
+/// from a number is an allocation, a clone of one made before is not.
+fn content_length(length: usize) -> HeaderValue {
+    const CACHED: usize = 1024;
+    static LENGTHS: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+    if length >= CACHED {
+        return HeaderValue::from(length);
+    }
+    LENGTHS.get_or_init(|| (0..CACHED).map(HeaderValue::from).collect())[length].clone()
 }
 
 /// Reads the body frame by frame and stops as soon as it passes `limit`, so a huge or endless
