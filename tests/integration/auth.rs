@@ -1,23 +1,17 @@
 //! Bearer tokens: task calls need one; health stays open; a token never shows in an error.
 
-use std::path::PathBuf;
-
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 use taskgate::auth::TokenFile;
 use taskgate::proto::CaseExtractRequest;
-use taskgate::simulator::layout::Layout;
 
-use crate::support::{Gateway, config_for, error_info, start_simulator};
+use crate::support::{Gateway, TestFile, error_info};
 
-/// Writes a token file in a fresh temporary directory.
-pub(crate) fn token_file(name: &str, text: &str) -> PathBuf {
-    let directory = crate::support::test_folder(&format!("auth-{name}"));
-    let path = directory.join("tokens");
-    std::fs::write(&path, text).unwrap();
-    path
+/// Writes a token file in a fresh temporary folder, removed when the file is dropped.
+pub(crate) fn token_file(name: &str, text: &str) -> TestFile {
+    TestFile::new(&format!("auth-{name}"), "tokens", text)
 }
 
 fn call(authorization: Option<&str>) -> tonic::Request<CaseExtractRequest> {
@@ -35,10 +29,10 @@ fn call(authorization: Option<&str>) -> tonic::Request<CaseExtractRequest> {
 
 #[tokio::test]
 async fn task_calls_need_a_valid_bearer_token_and_health_stays_open() {
-    let path = token_file("calls", "# test tokens\nright-token\n");
-    let mut config = config_for(&start_simulator(Layout::default_layout()).await);
-    config.auth_tokens = Some(TokenFile::load(&path).unwrap());
-    let gateway = Gateway::start(config).await;
+    let gateway = Gateway::builder()
+        .auth_tokens(&["right-token"])
+        .start()
+        .await;
     let mut client = gateway.client.clone();
 
     for authorization in [None, Some("Bearer wrong-token"), Some("Basic right-token")] {

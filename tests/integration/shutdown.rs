@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tonic::Code;
 
-use crate::support::{FakeUpstream, Gateway, Script, config_for};
+use crate::support::{FakeUpstream, Gateway, Script};
 
 #[tokio::test]
 async fn a_call_in_flight_completes_after_shutdown_begins() {
@@ -16,7 +16,7 @@ async fn a_call_in_flight_completes_after_shutdown_begins() {
         body: b"<response><params/></response>".to_vec(),
     })
     .await;
-    let mut gateway = Gateway::start(config_for(&upstream.url)).await;
+    let mut gateway = Gateway::builder().upstream(&upstream.url).start().await;
     let call = gateway.spawn_case_extract(4, 101337);
     upstream.next_request_body().await;
     gateway.begin_shutdown();
@@ -28,9 +28,11 @@ async fn a_call_in_flight_completes_after_shutdown_begins() {
 #[tokio::test]
 async fn shutdown_stops_waiting_when_the_grace_runs_out() {
     let mut upstream = FakeUpstream::start(Script::Hang).await;
-    let mut config = config_for(&upstream.url);
-    config.shutdown_grace = Duration::from_millis(100);
-    let mut gateway = Gateway::start(config).await;
+    let mut gateway = Gateway::builder()
+        .upstream(&upstream.url)
+        .config(|config| config.shutdown_grace = Duration::from_millis(100))
+        .start()
+        .await;
     let call = gateway.spawn_case_extract(4, 101337);
     upstream.next_request_body().await;
     gateway.begin_shutdown();
@@ -44,14 +46,14 @@ async fn shutdown_stops_waiting_when_the_grace_runs_out() {
 #[tokio::test]
 async fn a_gateway_with_no_calls_stops_at_once() {
     let upstream = FakeUpstream::start(Script::Hang).await;
-    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
     gateway.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn new_calls_are_refused_after_shutdown() {
     let upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
-    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
     let address = gateway.address;
     gateway.stop().await.unwrap();
     let connected = taskgate::proto::task_service_client::TaskServiceClient::connect(format!(
