@@ -72,8 +72,10 @@ async fn a_connection_that_never_sends_a_whole_preface_is_closed_after_the_hands
         "taskgate_connections_closed_total{listener=\"grpc\",reason=\"handshake_timeout\"} 4",
     )
     .await;
-    // A client that identifies itself in time is served as before.
-    gateway.case_extract(4, 0, None).await.unwrap_err();
+    // A client that identifies itself in time is served as before: bin 0 is refused by the
+    // service itself, not by the connection.
+    let status = gateway.case_extract(4, 0, None).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 }
 
 #[tokio::test]
@@ -138,7 +140,8 @@ async fn connections_beyond_the_limit_are_closed_at_once_and_counted() {
         .await;
     let metrics_url = gateway.metrics_url();
     // The gateway's own client holds one connection; one more fills the limit.
-    gateway.case_extract(4, 0, None).await.unwrap_err();
+    let status = gateway.case_extract(4, 0, None).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     let second = silent_http2_client(&gateway).await;
     let mut refused = TcpStream::connect(gateway.address).await.unwrap();
     let received = read_until_closed(&mut refused).await;

@@ -98,6 +98,11 @@ impl Gateway {
         })
     }
 
+    /// Whether `serve` is still running.
+    pub(crate) fn is_serving(&self) -> bool {
+        !self.handle.is_finished()
+    }
+
     /// Signals shutdown and returns how `serve` ended; see [`Gateway::join`].
     pub(crate) async fn stop(mut self) -> Result<(), ServeError> {
         self.begin_shutdown();
