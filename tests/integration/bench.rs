@@ -9,11 +9,8 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::process::Command;
 
-use taskgate::auth::TokenFile;
-use taskgate::simulator::layout::Layout;
-
 use crate::cli::{BIN, assert_exit, run};
-use crate::support::{Gateway, config_for, start_simulator, unused_address};
+use crate::support::{Gateway, unused_address};
 
 /// Long enough for any of these runs on a loaded machine; a hang fails instead of blocking.
 const RUN_LIMIT: Duration = Duration::from_secs(60);
@@ -50,7 +47,7 @@ fn codes(report: &Value) -> Vec<(String, u64)> {
 
 #[tokio::test]
 async fn a_json_report_counts_exactly_the_calls_asked_for() {
-    let gateway = Gateway::with_simulator(Layout::default_layout()).await;
+    let gateway = Gateway::builder().start().await;
     let report = bench_json(&gateway, &["--calls", "40", "--warmup", "0s"]).await;
     let keys: Vec<&str> = report
         .as_object()
@@ -93,7 +90,7 @@ async fn a_json_report_counts_exactly_the_calls_asked_for() {
 
 #[tokio::test]
 async fn ports_that_refuse_case_extract_show_as_failed_precondition() {
-    let gateway = Gateway::with_simulator(Layout::default_layout()).await;
+    let gateway = Gateway::builder().start().await;
     let stdout = bench(
         &gateway,
         &[
@@ -131,7 +128,7 @@ async fn ports_that_refuse_case_extract_show_as_failed_precondition() {
 
 #[tokio::test]
 async fn calls_go_to_every_port_in_turn() {
-    let gateway = Gateway::with_simulator(Layout::default_layout()).await;
+    let gateway = Gateway::builder().start().await;
     let report = bench_json(
         &gateway,
         &["--calls", "8", "--warmup", "0s", "--ports", "2-5"],
@@ -152,7 +149,7 @@ async fn calls_go_to_every_port_in_turn() {
 
 #[tokio::test]
 async fn a_timed_run_finishes_and_counts_its_calls() {
-    let gateway = Gateway::with_simulator(Layout::default_layout()).await;
+    let gateway = Gateway::builder().start().await;
     let report = bench_json(&gateway, &["--duration", "1s", "--warmup", "200ms"]).await;
     let calls = report["calls"].as_u64().unwrap();
     assert!(calls > 0, "{report}");
@@ -164,10 +161,10 @@ async fn a_timed_run_finishes_and_counts_its_calls() {
 
 #[tokio::test]
 async fn the_token_is_sent_and_never_printed() {
-    let path = crate::auth::token_file("bench", "bench-token\n");
-    let mut config = config_for(&start_simulator(Layout::default_layout()).await);
-    config.auth_tokens = Some(TokenFile::load(&path).unwrap());
-    let gateway = Gateway::start(config).await;
+    let gateway = Gateway::builder()
+        .auth_tokens(&["bench-token"])
+        .start()
+        .await;
     let address = format!("http://{}", gateway.address);
     let args = [
         "bench",

@@ -5,18 +5,17 @@ use std::process::{Output, Stdio};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-use taskgate::simulator::layout::Layout;
-
-use crate::support::{Gateway, unused_address};
+use crate::support::{Gateway, TestFile, unused_address, within};
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_taskgate");
 
 async fn taskgate(args: &[&str]) -> Output {
-    Command::new(BIN)
+    let output = Command::new(BIN)
         .args(args)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
-        .output()
+        .output();
+    within(PROCESS_WAIT, "taskgate did not exit", output)
         .await
         .unwrap()
 }
@@ -45,7 +44,7 @@ pub(crate) async fn run(args: &[&str], expected_exit: i32) -> (String, String) {
 
 #[tokio::test]
 async fn case_extract_prints_success_then_the_1148_fault() {
-    let gateway = Gateway::with_simulator(Layout::default_layout()).await;
+    let gateway = Gateway::builder().start().await;
     let address = format!("http://{}", gateway.address);
     let args = |request_id| {
         [
@@ -82,7 +81,7 @@ async fn case_extract_prints_success_then_the_1148_fault() {
 
 #[tokio::test]
 async fn case_extract_prints_field_violations() {
-    let gateway = Gateway::with_simulator(Layout::default_layout()).await;
+    let gateway = Gateway::builder().start().await;
     let address = format!("http://{}", gateway.address);
     let (stdout, _) = case_extract(&address, "0", "1", 1).await;
     assert!(stdout.contains("INVALID_ARGUMENT"), "{stdout}");
@@ -252,9 +251,10 @@ impl TaskgateProcess {
     /// Sends a signal, by name, as `kill -NAME` does.
     pub(crate) async fn signal(&self, name: &str) {
         let pid = self.child.id().unwrap().to_string();
-        let status = Command::new("kill")
+        let kill = Command::new("kill")
             .args([format!("-{name}"), pid])
-            .status()
+            .status();
+        let status = within(PROCESS_WAIT, "kill did not exit", kill)
             .await
             .unwrap();
         assert!(status.success());
@@ -272,10 +272,13 @@ impl TaskgateProcess {
                 )
             })
             .unwrap();
-        while let Some(line) = self.lines.next_line().await.unwrap() {
-            self.log.push_str(&line);
-            self.log.push('\n');
-        }
+        let rest = async {
+            while let Some(line) = self.lines.next_line().await.unwrap() {
+                self.log.push_str(&line);
+                self.log.push('\n');
+            }
+        };
+        within(PROCESS_WAIT, "taskgate's stderr did not close", rest).await;
         (status.code(), self.log)
     }
 }
@@ -413,7 +416,9 @@ async fn a_stalled_log_reader_never_stalls_calls_or_shutdown() {
         .expect("calls stalled behind the log");
     drop(channel);
 
-    let metrics = reqwest::get(&metrics_url)
+    let metrics = crate::support::http_client()
+        .get(&metrics_url)
+        .send()
         .await
         .unwrap()
         .text()
@@ -472,7 +477,8 @@ async fn sighup_reloads_the_auth_tokens() {
                 ])
                 .env("TASKGATE_TOKEN", token)
                 .env_remove("RUST_LOG")
-                .output()
+                .output();
+            let output = within(PROCESS_WAIT, "taskgate did not exit", output)
                 .await
                 .unwrap();
             String::from_utf8(output.stdout).unwrap()
@@ -514,12 +520,9 @@ async fn sighup_reloads_the_auth_tokens() {
     }
 }
 
-/// Writes a config file in a fresh folder and returns its path.
-fn config_file(name: &str, text: &str) -> std::path::PathBuf {
-    let directory = crate::support::test_folder(&format!("config-{name}"));
-    let path = directory.join("taskgate.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+/// Writes a config file in a fresh folder, removed when the file is dropped.
+fn config_file(name: &str, text: &str) -> TestFile {
+    TestFile::new(&format!("config-{name}"), "taskgate.toml", text)
 }
 
 async fn print_config(args: &[&str], env: &[(&str, &str)], expected_exit: i32) -> (String, String) {
@@ -532,7 +535,9 @@ async fn print_config(args: &[&str], env: &[(&str, &str)], expected_exit: i32) -
     for (key, value) in env {
         command.env(key, value);
     }
-    let output = command.output().await.unwrap();
+    let output = within(PROCESS_WAIT, "taskgate did not exit", command.output())
+        .await
+        .unwrap();
     assert_exit(&output, args, expected_exit);
     (
         String::from_utf8(output.stdout).unwrap(),
@@ -689,7 +694,8 @@ async fn sighup_never_ends_serve_or_simulate() {
             ])
             .env("TASKGATE_TOKEN", "a-token")
             .env_remove("RUST_LOG")
-            .output()
+            .output();
+        let output = within(PROCESS_WAIT, "taskgate did not exit", output)
             .await
             .unwrap();
         let stdout = String::from_utf8(output.stdout).unwrap();

@@ -11,11 +11,9 @@ use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use taskgate::config::GatewayConfig;
-
 use crate::support::{
-    FakeUpstream, Gateway, PROMPTLY, Script, config_for, read_until_closed, scrape_at_least,
-    scrape_line,
+    FakeUpstream, Gateway, GatewayBuilder, PROMPTLY, Script, read_until_closed, scrape_at_least,
+    scrape_line, within,
 };
 
 /// What an HTTP/2 client sends first, then an empty SETTINGS frame.
@@ -24,8 +22,9 @@ const HTTP2_PREFACE_AND_SETTINGS: &[u8] =
 const GOAWAY: u8 = 0x7;
 const SETTINGS: u8 = 0x4;
 
-async fn config() -> GatewayConfig {
-    config_for(&FakeUpstream::start(Script::Hang).await.url)
+/// A gateway in front of a controller that never answers.
+async fn gateway() -> GatewayBuilder {
+    Gateway::builder().upstream(&FakeUpstream::start(Script::Hang).await.url)
 }
 
 /// The HTTP/2 frames in `bytes` as (type, payload), after the server's part of the handshake.
@@ -51,9 +50,13 @@ async fn silent_http2_client(gateway: &Gateway) -> TcpStream {
 
 #[tokio::test]
 async fn a_connection_that_never_sends_a_whole_preface_is_closed_after_the_handshake_timeout() {
-    let mut config = config().await;
-    config.handshake_timeout = Duration::from_millis(200);
-    let (gateway, metrics_url) = Gateway::start_with_metrics(config).await;
+    let gateway = gateway()
+        .await
+        .config(|config| config.handshake_timeout = Duration::from_millis(200))
+        .metrics()
+        .start()
+        .await;
+    let metrics_url = gateway.metrics_url();
     for sent in [
         &b""[..],
         b"P",
@@ -65,26 +68,31 @@ async fn a_connection_that_never_sends_a_whole_preface_is_closed_after_the_hands
         read_until_closed(&mut stream).await;
     }
     scrape_line(
-        &metrics_url,
+        metrics_url,
         "taskgate_connections_closed_total{listener=\"grpc\",reason=\"handshake_timeout\"} 4",
     )
     .await;
-    // A client that identifies itself in time is served as before.
-    gateway.case_extract(4, 0, None).await.unwrap_err();
+    // A client that identifies itself in time is served as before: bin 0 is refused by the
+    // service itself, not by the connection.
+    let status = gateway.case_extract(4, 0, None).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 }
 
 #[tokio::test]
 async fn an_idle_http2_connection_gets_goaway_and_is_closed_after_the_idle_timeout() {
-    let mut config = config().await;
-    config.idle_timeout = Duration::from_millis(200);
-    let (gateway, metrics_url) = Gateway::start_with_metrics(config).await;
+    let gateway = gateway()
+        .await
+        .config(|config| config.idle_timeout = Duration::from_millis(200))
+        .metrics()
+        .start()
+        .await;
     let mut stream = silent_http2_client(&gateway).await;
     let received = read_until_closed(&mut stream).await;
     let types: Vec<u8> = frames(&received).iter().map(|(kind, _)| *kind).collect();
     assert!(types.contains(&GOAWAY), "no GOAWAY among frames {types:?}");
     // The test's own client connection, idle too, may be counted as well.
     scrape_at_least(
-        &metrics_url,
+        gateway.metrics_url(),
         "taskgate_connections_closed_total{listener=\"grpc\",reason=\"idle\"}",
         1.0,
     )
@@ -93,12 +101,14 @@ async fn an_idle_http2_connection_gets_goaway_and_is_closed_after_the_idle_timeo
 
 #[tokio::test]
 async fn max_concurrent_streams_is_sent_in_the_servers_settings() {
-    let mut config = config().await;
-    config.max_concurrent_streams = NonZeroU32::new(7).unwrap();
-    let gateway = Gateway::start(config).await;
+    let gateway = gateway()
+        .await
+        .config(|config| config.max_concurrent_streams = NonZeroU32::new(7).unwrap())
+        .start()
+        .await;
     let mut stream = silent_http2_client(&gateway).await;
     let mut received = Vec::new();
-    let settings = tokio::time::timeout(PROMPTLY, async {
+    let settings = within(PROMPTLY, "the gateway sent no SETTINGS", async {
         loop {
             let mut buffer = [0_u8; 4096];
             let read = stream.read(&mut buffer).await.unwrap();
@@ -112,8 +122,7 @@ async fn max_concurrent_streams_is_sent_in_the_servers_settings() {
             }
         }
     })
-    .await
-    .unwrap();
+    .await;
     // Each setting is a 16-bit id and a 32-bit value; 0x3 is SETTINGS_MAX_CONCURRENT_STREAMS.
     let max_concurrent_streams = settings.chunks(6).find_map(|setting| {
         (setting[..2] == [0, 3]).then(|| u32::from_be_bytes(setting[2..6].try_into().unwrap()))
@@ -123,11 +132,16 @@ async fn max_concurrent_streams_is_sent_in_the_servers_settings() {
 
 #[tokio::test]
 async fn connections_beyond_the_limit_are_closed_at_once_and_counted() {
-    let mut config = config().await;
-    config.max_connections = NonZeroUsize::new(2);
-    let (gateway, metrics_url) = Gateway::start_with_metrics(config).await;
+    let gateway = gateway()
+        .await
+        .config(|config| config.max_connections = NonZeroUsize::new(2))
+        .metrics()
+        .start()
+        .await;
+    let metrics_url = gateway.metrics_url();
     // The gateway's own client holds one connection; one more fills the limit.
-    gateway.case_extract(4, 0, None).await.unwrap_err();
+    let status = gateway.case_extract(4, 0, None).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     let second = silent_http2_client(&gateway).await;
     let mut refused = TcpStream::connect(gateway.address).await.unwrap();
     let received = read_until_closed(&mut refused).await;
@@ -136,35 +150,42 @@ async fn connections_beyond_the_limit_are_closed_at_once_and_counted() {
         "a refused connection was answered: {received:?}"
     );
     scrape_line(
-        &metrics_url,
+        metrics_url,
         "taskgate_connections_refused_total{listener=\"grpc\",reason=\"max_connections\"} 1",
     )
     .await;
     scrape_line(
-        &metrics_url,
+        metrics_url,
         "taskgate_connections_open{listener=\"grpc\"} 2",
     )
     .await;
     // A closed connection gives its slot back.
     drop(second);
     scrape_line(
-        &metrics_url,
+        metrics_url,
         "taskgate_connections_open{listener=\"grpc\"} 1",
     )
     .await;
     let mut stream = silent_http2_client(&gateway).await;
     let mut buffer = [0_u8; 9];
-    tokio::time::timeout(PROMPTLY, stream.read_exact(&mut buffer))
-        .await
-        .unwrap()
-        .unwrap();
+    within(
+        PROMPTLY,
+        "a connection in the freed slot was not served",
+        stream.read_exact(&mut buffer),
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
 async fn health_watch_streams_beyond_the_cap_are_refused_and_their_slots_come_back() {
-    let mut config = config().await;
-    config.max_health_watches = NonZeroUsize::new(2).unwrap();
-    let (gateway, metrics_url) = Gateway::start_with_metrics(config).await;
+    let gateway = gateway()
+        .await
+        .config(|config| config.max_health_watches = NonZeroUsize::new(2).unwrap())
+        .metrics()
+        .start()
+        .await;
+    let metrics_url = gateway.metrics_url();
     let health = HealthClient::new(gateway.client_channel().await);
     let watch = || {
         let mut health = health.clone();
@@ -196,18 +217,18 @@ async fn health_watch_streams_beyond_the_cap_are_refused_and_their_slots_come_ba
         })
         .await
         .unwrap();
-    scrape_line(&metrics_url, "taskgate_health_watches_open 2").await;
-    scrape_line(&metrics_url, "taskgate_health_watches_refused_total 1").await;
+    scrape_line(metrics_url, "taskgate_health_watches_open 2").await;
+    scrape_line(metrics_url, "taskgate_health_watches_refused_total 1").await;
     // Closed streams give back their slots, and what they held.
     drop(first);
     drop(second);
-    scrape_line(&metrics_url, "taskgate_health_watches_open 0").await;
+    scrape_line(metrics_url, "taskgate_health_watches_open 0").await;
     watch().await.unwrap();
 }
 
 #[tokio::test]
 async fn non_grpc_http1_on_the_grpc_port_is_answered_at_once() {
-    let gateway = Gateway::start(config().await).await;
+    let gateway = gateway().await.start().await;
     // A body that is complete, and one that never comes.
     for body in [&b"\x00\x00\x00\x00\x00"[..], b""] {
         let mut stream = TcpStream::connect(gateway.address).await.unwrap();
@@ -216,10 +237,13 @@ async fn non_grpc_http1_on_the_grpc_port_is_answered_at_once() {
         stream.write_all(head.as_bytes()).await.unwrap();
         stream.write_all(body).await.unwrap();
         let mut response = [0_u8; 12];
-        tokio::time::timeout(PROMPTLY, stream.read_exact(&mut response))
-            .await
-            .expect("no answer")
-            .unwrap();
+        within(
+            PROMPTLY,
+            "non-gRPC HTTP/1.1 was not answered",
+            stream.read_exact(&mut response),
+        )
+        .await
+        .unwrap();
         assert_eq!(
             &response,
             b"HTTP/1.1 400",
@@ -234,9 +258,11 @@ async fn non_grpc_http1_on_the_grpc_port_is_answered_at_once() {
 /// request whose body never arrives. None may hold the 60 s grace.
 #[tokio::test]
 async fn idle_connections_and_partial_requests_do_not_hold_shutdown() {
-    let mut config = config().await;
-    config.shutdown_grace = Duration::from_secs(60);
-    let mut gateway = Gateway::start(config).await;
+    let mut gateway = gateway()
+        .await
+        .config(|config| config.shutdown_grace = Duration::from_secs(60))
+        .start()
+        .await;
     let mut idle = silent_http2_client(&gateway).await;
     let mut partial_head = TcpStream::connect(gateway.address).await.unwrap();
     partial_head
@@ -250,15 +276,24 @@ async fn idle_connections_and_partial_requests_do_not_hold_shutdown() {
     partial_body.write_all(head.as_bytes()).await.unwrap();
     // The 100 Continue shows the request reached the service, which now waits for its body.
     let mut interim = [0_u8; 25];
-    partial_body.read_exact(&mut interim).await.unwrap();
+    within(
+        PROMPTLY,
+        "no 100 Continue for the gRPC-Web request",
+        partial_body.read_exact(&mut interim),
+    )
+    .await
+    .unwrap();
     assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
     partial_body.write_all(b"\x00\x00\x00").await.unwrap();
 
     gateway.begin_shutdown();
-    tokio::time::timeout(PROMPTLY, gateway.join())
-        .await
-        .expect("shutdown waited for connections with nothing in flight")
-        .unwrap();
+    within(
+        PROMPTLY,
+        "shutdown waited for connections with nothing in flight",
+        gateway.join(),
+    )
+    .await
+    .unwrap();
     for stream in [&mut idle, &mut partial_head, &mut partial_body] {
         read_until_closed(stream).await;
     }

@@ -1,6 +1,8 @@
 //! The fault table is the single source of truth: the proto's enum comments and the README's
 //! error table must say what it says.
 
+use std::path::{Path, PathBuf};
+
 use prost::Message;
 use prost_types::FileDescriptorSet;
 
@@ -80,20 +82,39 @@ fn the_readme_error_table_matches_the_fault_table() {
 }
 
 /// Every source file says what it is for before anything else (rust-analyzer's `TidyDocs`).
+/// The folders are walked, not listed, so files in new folders are checked too.
 #[test]
 fn every_source_file_opens_with_a_module_doc() {
-    let mut missing = Vec::new();
-    for directory in ["src", "src/simulator", "src/codec", "tests/integration"] {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(directory);
-        for entry in std::fs::read_dir(path).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|extension| extension == "rs") {
-                let text = std::fs::read_to_string(&path).unwrap();
-                if !text.starts_with("//!") {
-                    missing.push(path.display().to_string());
-                }
-            }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    for folder in ["src", "tests", "benches", "examples"] {
+        rust_files(&root.join(folder), &mut files);
+    }
+    // A walk that found nothing, or did not go down into folders, would check nothing.
+    assert!(files.contains(&root.join("src/lib.rs")), "{files:?}");
+    assert!(
+        files.contains(&root.join("tests/integration/main.rs")),
+        "{files:?}"
+    );
+    let missing: Vec<String> = files
+        .iter()
+        .filter(|path| !std::fs::read_to_string(path).unwrap().starts_with("//!"))
+        .map(|path| path.display().to_string())
+        .collect();
+    assert!(missing.is_empty(), "files without a //! doc: {missing:?}");
+}
+
+/// Adds every `.rs` file under `folder`, at any depth, to `files`; a missing folder adds none.
+fn rust_files(folder: &Path, files: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return;
+    };
+    for entry in entries {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, files);
+        } else if path.extension().is_some_and(|extension| extension == "rs") {
+            files.push(path);
         }
     }
-    assert!(missing.is_empty(), "files without a //! doc: {missing:?}");
 }

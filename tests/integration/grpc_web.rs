@@ -5,9 +5,8 @@ use prost::Message;
 use reqwest::header::{HeaderMap, HeaderValue};
 
 use taskgate::proto::{CaseExtractRequest, TASK_FAULT_TYPE_URL, TaskFault};
-use taskgate::simulator::layout::Layout;
 
-use crate::support::{Gateway, config_for, start_simulator};
+use crate::support::{Gateway, http_client};
 
 const PATH: &str = "/taskgate.v1.TaskService/CaseExtract";
 
@@ -54,7 +53,7 @@ fn status_of(headers: &HeaderMap, body: &[u8]) -> (String, Option<String>) {
 }
 
 async fn call(gateway: &Gateway, port_id: u32) -> (String, Option<String>) {
-    let response = reqwest::Client::new()
+    let response = http_client()
         .post(format!("http://{}{PATH}", gateway.address))
         .header("content-type", "application/grpc-web+proto")
         .header("x-grpc-web", "1")
@@ -77,7 +76,7 @@ async fn call(gateway: &Gateway, port_id: u32) -> (String, Option<String>) {
 
 #[tokio::test]
 async fn case_extract_over_grpc_web_with_typed_faults() {
-    let gateway = Gateway::with_simulator(Layout::default_layout()).await;
+    let gateway = Gateway::builder().start().await;
     assert_eq!(call(&gateway, 4).await, ("0".to_owned(), None));
 
     let (status, details) = call(&gateway, 2).await;
@@ -97,7 +96,7 @@ async fn case_extract_over_grpc_web_with_typed_faults() {
 }
 
 async fn preflight(gateway: &Gateway, origin: &str) -> HeaderMap {
-    reqwest::Client::new()
+    http_client()
         .request(
             reqwest::Method::OPTIONS,
             format!("http://{}{PATH}", gateway.address),
@@ -114,17 +113,19 @@ async fn preflight(gateway: &Gateway, origin: &str) -> HeaderMap {
 
 #[tokio::test]
 async fn cors_is_off_unless_an_origin_is_allowed() {
-    let url = start_simulator(Layout::default_layout()).await;
-    let gateway = Gateway::start(config_for(&url)).await;
+    let gateway = Gateway::builder().start().await;
     let headers = preflight(&gateway, "https://ops.example.com").await;
     assert!(
         headers.get("access-control-allow-origin").is_none(),
         "{headers:?}"
     );
 
-    let mut config = config_for(&url);
-    config.cors_allow_origins = vec![HeaderValue::from_static("https://ops.example.com")];
-    let gateway = Gateway::start(config).await;
+    let gateway = Gateway::builder()
+        .config(|config| {
+            config.cors_allow_origins = vec![HeaderValue::from_static("https://ops.example.com")];
+        })
+        .start()
+        .await;
     let headers = preflight(&gateway, "https://ops.example.com").await;
     assert_eq!(
         headers["access-control-allow-origin"],

@@ -13,9 +13,9 @@ use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-use taskgate::config::parse_upstream_url;
+use taskgate::config::{GatewayConfig, parse_upstream_url};
 
-use crate::support::{Gateway, config_for};
+use crate::support::{CALL_LIMIT, Gateway, PROMPTLY, within};
 
 const TASK_SERVICE: &str = "taskgate.v1.TaskService";
 
@@ -43,18 +43,23 @@ async fn watch(channel: Channel, service: &str) -> Streaming<HealthCheckResponse
         .into_inner()
 }
 
-/// Reads the Watch stream until it reports `expected`.
+/// Reads the Watch stream until it reports `expected`; fails the test if it has not within
+/// [`CALL_LIMIT`].
 async fn wait_for(stream: &mut Streaming<HealthCheckResponse>, expected: ServingStatus) {
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(10), stream.message())
-            .await
-            .expect("no health change within 10 s")
-            .unwrap()
-            .expect("the Watch stream ended");
-        if message.status() == expected {
-            return;
+    let reported = async {
+        loop {
+            let message = stream
+                .message()
+                .await
+                .unwrap()
+                .expect("the Watch stream ended");
+            if message.status() == expected {
+                return;
+            }
         }
-    }
+    };
+    let what_failed = format!("health Watch did not report {expected:?}");
+    within(CALL_LIMIT, &what_failed, reported).await;
 }
 
 async fn check(channel: Channel, service: &str) -> ServingStatus {
@@ -74,9 +79,11 @@ async fn health_follows_the_controller_and_flips_at_shutdown() {
     let address = listener.local_addr().unwrap().to_string();
     let controller = accept_forever(listener);
     let url = parse_upstream_url(&format!("http://{address}/api/v2/task")).unwrap();
-    let mut config = config_for(&url);
-    config.health_interval = Duration::from_millis(20);
-    let mut gateway = Gateway::start(config).await;
+    let mut gateway = Gateway::builder()
+        .upstream(&url)
+        .config(|config| config.health_interval = Duration::from_millis(20))
+        .start()
+        .await;
     let channel = gateway.client_channel().await;
 
     let mut task_service = watch(channel.clone(), TASK_SERVICE).await;
@@ -97,7 +104,8 @@ async fn health_follows_the_controller_and_flips_at_shutdown() {
     wait_for(&mut server, ServingStatus::NotServing).await;
     wait_for(&mut task_service, ServingStatus::NotServing).await;
     // Watch streams end at shutdown, so they do not hold up the drain.
-    assert!(server.message().await.unwrap().is_none());
+    let end = within(PROMPTLY, "the Watch stream did not end", server.message()).await;
+    assert!(end.unwrap().is_none());
     gateway.join().await.unwrap();
     controller.abort();
 }
@@ -106,9 +114,11 @@ async fn health_follows_the_controller_and_flips_at_shutdown() {
 async fn health_is_not_serving_while_the_controller_was_never_reached() {
     let address = crate::support::unused_address().await;
     let url = parse_upstream_url(&format!("http://{address}/api/v2/task")).unwrap();
-    let mut config = config_for(&url);
-    config.health_interval = Duration::from_millis(20);
-    let gateway = Gateway::start(config).await;
+    let gateway = Gateway::builder()
+        .upstream(&url)
+        .config(|config| config.health_interval = Duration::from_millis(20))
+        .start()
+        .await;
     let channel = gateway.client_channel().await;
     let mut stream = watch(channel.clone(), TASK_SERVICE).await;
     wait_for(&mut stream, ServingStatus::NotServing).await;
@@ -117,8 +127,7 @@ async fn health_is_not_serving_while_the_controller_was_never_reached() {
 
 #[tokio::test]
 async fn reflection_lists_the_task_service() {
-    let gateway =
-        Gateway::with_simulator(taskgate::simulator::layout::Layout::default_layout()).await;
+    let gateway = Gateway::builder().start().await;
     let channel = gateway.client_channel().await;
     let request = ServerReflectionRequest {
         host: String::new(),
@@ -129,7 +138,10 @@ async fn reflection_lists_the_task_service() {
         .await
         .unwrap()
         .into_inner();
-    let response = responses.message().await.unwrap().unwrap();
+    let response = within(CALL_LIMIT, "no reflection response", responses.message())
+        .await
+        .unwrap()
+        .unwrap();
     let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
         panic!("unexpected reflection response {response:?}");
     };
@@ -144,10 +156,11 @@ async fn reflection_lists_the_task_service() {
 #[tokio::test]
 async fn serve_refuses_a_zero_health_interval_instead_of_panicking() {
     let url = parse_upstream_url("http://127.0.0.1:9/api/v2/task").unwrap();
-    let mut config = config_for(&url);
+    let mut config = GatewayConfig::with_upstream(url);
     config.health_interval = Duration::ZERO;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let outcome = taskgate::server::serve(listener, config, std::future::pending()).await;
+    let serve = taskgate::server::serve(listener, config, std::future::pending());
+    let outcome = within(PROMPTLY, "serve did not refuse the configuration", serve).await;
     let message = outcome.unwrap_err().to_string();
     assert_eq!(
         message,

@@ -11,16 +11,20 @@ use taskgate::config::{Http1Limits, defaults};
 use taskgate::simulator::{self, Simulator, layout::Layout};
 
 use crate::support::{
-    FakeUpstream, Gateway, PROMPTLY, Script, config_for, read_until_closed, scrape_line,
+    FakeUpstream, Gateway, PROMPTLY, Script, http_client, read_until_closed, scrape_line, within,
 };
 
 const SHORT: Duration = Duration::from_millis(200);
 
 /// A gateway whose metrics endpoint has `limits`; returns its metrics URL and address.
 async fn metrics_endpoint(limits: Http1Limits) -> (Gateway, String, String) {
-    let mut config = config_for(&FakeUpstream::start(Script::Hang).await.url);
-    config.metrics_limits = limits;
-    let (gateway, metrics_url) = Gateway::start_with_metrics(config).await;
+    let gateway = Gateway::builder()
+        .upstream(&FakeUpstream::start(Script::Hang).await.url)
+        .config(move |config| config.metrics_limits = limits)
+        .metrics()
+        .start()
+        .await;
+    let metrics_url = gateway.metrics_url().to_owned();
     let address = metrics_url
         .trim_start_matches("http://")
         .trim_end_matches("/metrics")
@@ -48,7 +52,7 @@ fn limits() -> Http1Limits {
 /// Reads one response with a Content-Length body; returns its head.
 async fn read_response(stream: &mut TcpStream) -> String {
     let mut received = Vec::new();
-    tokio::time::timeout(PROMPTLY, async {
+    within(PROMPTLY, "no whole response", async {
         loop {
             let mut buffer = [0_u8; 4096];
             let read = stream.read(&mut buffer).await.unwrap();
@@ -68,7 +72,6 @@ async fn read_response(stream: &mut TcpStream) -> String {
         }
     })
     .await
-    .expect("no whole response")
 }
 
 const GET_METRICS: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: metrics\r\n\r\n";
@@ -166,11 +169,7 @@ async fn connections_beyond_the_limit_are_closed_at_once() {
 #[tokio::test]
 async fn the_metrics_405_names_the_allowed_methods() {
     let (_gateway, metrics_url, _) = metrics_endpoint(limits()).await;
-    let response = reqwest::Client::new()
-        .post(&metrics_url)
-        .send()
-        .await
-        .unwrap();
+    let response = http_client().post(&metrics_url).send().await.unwrap();
     assert_eq!(response.status(), 405);
     assert_eq!(response.headers()["allow"], "GET, HEAD");
 }

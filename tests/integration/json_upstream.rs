@@ -3,11 +3,13 @@
 use tonic::Code;
 
 use taskgate::codec::WireFormat;
-use taskgate::simulator::layout::Layout;
+use taskgate::config::GatewayConfig;
 
-use crate::support::{
-    FakeUpstream, Gateway, Script, Seen, config_for, error_info, start_simulator, task_fault,
-};
+use crate::support::{FakeUpstream, Gateway, Script, Seen, error_info, task_fault};
+
+fn json_format(config: &mut GatewayConfig) {
+    config.upstream_format = WireFormat::Json;
+}
 
 fn json(body: &str) -> Script {
     Script::Respond {
@@ -19,9 +21,7 @@ fn json(body: &str) -> Script {
 
 #[tokio::test]
 async fn every_simulator_outcome_over_json() {
-    let mut config = config_for(&start_simulator(Layout::default_layout()).await);
-    config.upstream_format = WireFormat::Json;
-    let gateway = Gateway::start(config).await;
+    let gateway = Gateway::builder().config(json_format).start().await;
     gateway.case_extract(4, 101337, None).await.unwrap();
     for (port_id, code, raw_code) in [
         (4, Code::Unavailable, 1148),
@@ -43,9 +43,11 @@ async fn every_simulator_outcome_over_json() {
 #[tokio::test]
 async fn the_controller_receives_the_documented_json() {
     let mut upstream = FakeUpstream::start(json(r#"{"response":{"params":{}}}"#)).await;
-    let mut config = config_for(&upstream.url);
-    config.upstream_format = WireFormat::Json;
-    let gateway = Gateway::start(config).await;
+    let gateway = Gateway::builder()
+        .upstream(&upstream.url)
+        .config(json_format)
+        .start()
+        .await;
     gateway.case_extract(4, 101337, None).await.unwrap();
     let Seen::Request { headers, body, .. } = upstream.next().await else {
         panic!("expected a request");
@@ -74,9 +76,11 @@ async fn other_json_is_a_bad_response_and_size_is_capped() {
         ),
     ] {
         let upstream = FakeUpstream::start(script).await;
-        let mut config = config_for(&upstream.url);
-        config.upstream_format = WireFormat::Json;
-        let gateway = Gateway::start(config).await;
+        let gateway = Gateway::builder()
+            .upstream(&upstream.url)
+            .config(json_format)
+            .start()
+            .await;
         let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
         assert_eq!(status.code(), Code::Internal);
         assert_eq!(error_info(&status).reason, reason);

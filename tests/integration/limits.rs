@@ -4,14 +4,16 @@ use std::num::NonZeroUsize;
 
 use tonic::Code;
 
-use crate::support::{FakeUpstream, Gateway, Script, config_for, error_info};
+use crate::support::{FakeUpstream, Gateway, Script, error_info};
 
 #[tokio::test]
 async fn calls_beyond_the_limit_are_shed_with_overloaded() {
     let mut upstream = FakeUpstream::start(Script::Hang).await;
-    let mut config = config_for(&upstream.url);
-    config.max_in_flight = NonZeroUsize::new(2).unwrap();
-    let gateway = Gateway::start(config).await;
+    let gateway = Gateway::builder()
+        .upstream(&upstream.url)
+        .config(|config| config.max_in_flight = NonZeroUsize::new(2).unwrap())
+        .start()
+        .await;
     let first = gateway.spawn_case_extract(4, 101337);
     let second = gateway.spawn_case_extract(4, 101337);
     upstream.next_request_body().await;
@@ -44,7 +46,7 @@ struct Oversized {
 #[tokio::test]
 async fn oversized_requests_are_refused_before_decoding() {
     let mut upstream = FakeUpstream::start(Script::Hang).await;
-    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
     let mut grpc = tonic::client::Grpc::new(gateway.client_channel().await);
     grpc.ready().await.unwrap();
     let codec =

@@ -2,12 +2,10 @@
 
 use std::time::Duration;
 
-use taskgate::simulator::layout::Layout;
-
-use crate::support::{Gateway, config_for, start_simulator, unused_address};
+use crate::support::{Gateway, http_client, scrape_line, unused_address};
 
 async fn scrape(url: &str) -> String {
-    let response = reqwest::get(url).await.unwrap();
+    let response = http_client().get(url).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert!(
         response.headers()["content-type"]
@@ -27,17 +25,19 @@ fn assert_line(text: &str, expected: &str) {
 
 #[tokio::test]
 async fn metrics_count_a_known_mix_of_calls() {
-    let url = start_simulator(Layout::default_layout()).await;
-    let mut config = config_for(&url);
-    config.health_interval = Duration::from_millis(20);
-    let (gateway, metrics_url) = Gateway::start_with_metrics(config).await;
+    let gateway = Gateway::builder()
+        .config(|config| config.health_interval = Duration::from_millis(20))
+        .metrics()
+        .start()
+        .await;
+    let metrics_url = gateway.metrics_url();
 
     gateway.case_extract(4, 101337, None).await.unwrap();
     gateway.case_extract(4, 101337, None).await.unwrap_err(); // 1148
     gateway.case_extract(1, 101337, None).await.unwrap_err(); // 1087
     gateway.case_extract(0, 101337, None).await.unwrap_err(); // invalid, not sent
 
-    let text = scrape(&metrics_url).await;
+    let text = scrape(metrics_url).await;
     for line in [
         "taskgate_calls_total{method=\"case_extract\",code=\"OK\"} 1",
         "taskgate_calls_total{method=\"case_extract\",code=\"UNAVAILABLE\"} 1",
@@ -56,17 +56,8 @@ async fn metrics_count_a_known_mix_of_calls() {
         "ids leaked into labels"
     );
 
-    // Health reaches SERVING on its own schedule; scrape until it shows.
-    loop {
-        if scrape(&metrics_url)
-            .await
-            .lines()
-            .any(|line| line == "taskgate_health_serving 1")
-        {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    // Health reaches SERVING on its own schedule; scrape until it shows, for a bounded time.
+    scrape_line(metrics_url, "taskgate_health_serving 1").await;
 }
 
 #[tokio::test]
@@ -74,9 +65,9 @@ async fn upstream_errors_are_counted_by_kind() {
     let address = unused_address().await;
     let url =
         taskgate::config::parse_upstream_url(&format!("http://{address}/api/v2/task")).unwrap();
-    let (gateway, metrics_url) = Gateway::start_with_metrics(config_for(&url)).await;
+    let gateway = Gateway::builder().upstream(&url).metrics().start().await;
     gateway.case_extract(4, 101337, None).await.unwrap_err();
-    let text = scrape(&metrics_url).await;
+    let text = scrape(gateway.metrics_url()).await;
     assert_line(
         &text,
         "taskgate_upstream_errors_total{kind=\"unreachable\"} 1",
@@ -86,10 +77,10 @@ async fn upstream_errors_are_counted_by_kind() {
 
 #[tokio::test]
 async fn other_paths_are_404() {
-    let (_gateway, metrics_url) =
-        Gateway::start_with_metrics(config_for(&start_simulator(Layout::default_layout()).await))
-            .await;
-    let response = reqwest::get(metrics_url.replace("/metrics", "/"))
+    let gateway = Gateway::builder().metrics().start().await;
+    let response = http_client()
+        .get(gateway.metrics_url().replace("/metrics", "/"))
+        .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 404);

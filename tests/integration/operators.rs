@@ -4,11 +4,12 @@
 //! token file that is not a regular file.
 
 use std::process::Stdio;
+use std::time::Duration;
 
 use tokio::process::Command;
 
 use crate::cli::{BIN, assert_exit};
-use crate::support::{test_folder, unused_address};
+use crate::support::{TestFile, test_folder, unused_address, within};
 
 /// The password every case below puts in a URL; no output may contain it.
 const PASSWORD: &str = "S3cr3t-pw";
@@ -134,11 +135,10 @@ async fn a_password_in_a_url_is_never_printed() {
     );
 }
 
-/// Writes `text` as a config file in a fresh folder named for `name`; returns its path.
-fn config_file(name: &str, text: &str) -> String {
-    let path = test_folder(&format!("operators-{name}")).join("taskgate.toml");
-    std::fs::write(&path, text).unwrap();
-    path.to_str().unwrap().to_owned()
+/// Writes `text` as a config file in a fresh folder named for `name`, removed when the file is
+/// dropped.
+fn config_file(name: &str, text: &str) -> TestFile {
+    TestFile::new(&format!("operators-{name}"), "taskgate.toml", text)
 }
 
 /// Runs `serve` with `args` and `env` and asserts it exits 2 with exactly `expected` on stderr.
@@ -168,7 +168,7 @@ async fn settings_out_of_range_exit_2_with_the_range_and_the_reason() {
         too_many,
     )
     .await;
-    check_refused(&["--config", &file], &[], too_many).await;
+    check_refused(&["--config", file.to_str().unwrap()], &[], too_many).await;
     check_refused(
         &["--upstream-timeout", "1ns"],
         &[],
@@ -217,7 +217,10 @@ async fn a_token_file_that_is_not_a_regular_file_is_refused() {
     let folder = test_folder("operators-not-a-file");
     let fifo = folder.join("tokens.fifo");
     let _ = std::fs::remove_file(&fifo);
-    let made = Command::new("mkfifo").arg(&fifo).status().await.unwrap();
+    let mkfifo = Command::new("mkfifo").arg(&fifo).status();
+    let made = within(Duration::from_secs(60), "mkfifo did not exit", mkfifo)
+        .await
+        .unwrap();
     assert!(made.success());
     let folder_text = folder.to_str().unwrap();
     let fifo_text = fifo.to_str().unwrap();

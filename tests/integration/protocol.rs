@@ -13,7 +13,7 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 
 use taskgate::proto::{CaseExtractRequest, CaseExtractResponse};
 
-use crate::support::{FakeUpstream, Gateway, Script, config_for, error_info};
+use crate::support::{FakeUpstream, Gateway, Script, error_info};
 
 /// The longest any call here may take: each is answered at once or fails the test.
 const CALL_WAIT: Duration = Duration::from_secs(10);
@@ -30,7 +30,7 @@ fn request() -> CaseExtractRequest {
 /// A gateway in front of a fake controller that answers every call with success.
 async fn gateway() -> (Gateway, FakeUpstream) {
     let upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
-    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
     (gateway, upstream)
 }
 

@@ -4,7 +4,7 @@ use tonic::metadata::MetadataMap;
 
 use taskgate::proto::CaseExtractRequest;
 
-use crate::support::{FakeUpstream, Gateway, Script, Seen, config_for};
+use crate::support::{FakeUpstream, Gateway, Script, Seen};
 
 fn request_with_id(request_id: Option<&str>) -> tonic::Request<CaseExtractRequest> {
     let mut request = tonic::Request::new(CaseExtractRequest {
@@ -38,7 +38,7 @@ async fn id_seen_by_controller(upstream: &mut FakeUpstream) -> String {
 #[tokio::test]
 async fn the_callers_id_reaches_the_controller_and_comes_back() {
     let mut upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
-    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
     let response = gateway
         .client
         .clone()
@@ -55,7 +55,7 @@ async fn errors_carry_the_id_too() {
         "<response><fault><code>1149</code></fault></response>",
     ))
     .await;
-    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
     let status = gateway
         .client
         .clone()
@@ -80,7 +80,7 @@ async fn errors_carry_the_id_too() {
 #[tokio::test]
 async fn a_missing_or_unusable_id_is_replaced_by_a_fresh_one() {
     let mut upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
-    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
     let too_long = "x".repeat(129);
     for caller_id in [None, Some(too_long.as_str())] {
         let response = gateway

@@ -1,13 +1,36 @@
 //! Graceful shutdown: stop accepting, finish calls in flight, bounded by the grace period.
 
+use std::io::ErrorKind;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
-use crate::support::{FakeUpstream, Gateway, Script, config_for};
+use crate::support::{FakeUpstream, Gateway, PROMPTLY, Script, within};
 
+/// Waits until `gateway` has begun shutting down: it ends health Watch streams only then, after
+/// it has closed its listener.
+async fn until_shutdown_began(watch: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>) {
+    let ended = async {
+        // The stream ends cleanly, or with its connection; either way shutdown has begun.
+        while let Ok(Some(_status)) = watch.message().await {}
+    };
+    within(
+        PROMPTLY,
+        "the health Watch stream did not end at shutdown",
+        ended,
+    )
+    .await;
+}
+
+/// linkerd's `h2_exercise_goaways_connections`: shutdown begins while a call waits for the
+/// controller; the gateway refuses new connections, yet the call completes OK, and only then
+/// does `serve` return.
 #[tokio::test]
 async fn a_call_in_flight_completes_after_shutdown_begins() {
     let release = Arc::new(Notify::new());
@@ -16,21 +39,42 @@ async fn a_call_in_flight_completes_after_shutdown_begins() {
         body: b"<response><params/></response>".to_vec(),
     })
     .await;
-    let mut gateway = Gateway::start(config_for(&upstream.url)).await;
+    let mut gateway = Gateway::builder()
+        .upstream(&upstream.url)
+        .config(|config| config.shutdown_grace = Duration::from_secs(60))
+        .start()
+        .await;
+    let mut watch = HealthClient::new(gateway.client_channel().await)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let call = gateway.spawn_case_extract(4, 101337);
     upstream.next_request_body().await;
+
     gateway.begin_shutdown();
+    until_shutdown_began(&mut watch).await;
+    assert_refused(gateway.address).await;
+    assert!(gateway.is_serving(), "serve returned with a call in flight");
+
     release.notify_one();
-    call.await.unwrap().unwrap();
+    within(PROMPTLY, "the call in flight did not complete", call)
+        .await
+        .unwrap()
+        .unwrap();
     gateway.join().await.unwrap();
 }
 
 #[tokio::test]
 async fn shutdown_stops_waiting_when_the_grace_runs_out() {
     let mut upstream = FakeUpstream::start(Script::Hang).await;
-    let mut config = config_for(&upstream.url);
-    config.shutdown_grace = Duration::from_millis(100);
-    let mut gateway = Gateway::start(config).await;
+    let mut gateway = Gateway::builder()
+        .upstream(&upstream.url)
+        .config(|config| config.shutdown_grace = Duration::from_millis(100))
+        .start()
+        .await;
     let call = gateway.spawn_case_extract(4, 101337);
     upstream.next_request_body().await;
     gateway.begin_shutdown();
@@ -41,31 +85,41 @@ async fn shutdown_stops_waiting_when_the_grace_runs_out() {
     call.abort();
 }
 
+/// With nothing in flight, the gateway's own idle client connection does not hold the 60 s grace.
 #[tokio::test]
 async fn a_gateway_with_no_calls_stops_at_once() {
     let upstream = FakeUpstream::start(Script::Hang).await;
-    let gateway = Gateway::start(config_for(&upstream.url)).await;
-    gateway.stop().await.unwrap();
+    let gateway = Gateway::builder()
+        .upstream(&upstream.url)
+        .config(|config| config.shutdown_grace = Duration::from_secs(60))
+        .start()
+        .await;
+    let status = gateway.case_extract(4, 0, None).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    within(
+        PROMPTLY,
+        "an idle gateway did not stop at once",
+        gateway.stop(),
+    )
+    .await
+    .unwrap();
 }
 
+/// Once `serve` has returned, its port is closed: a new connection is refused at once rather
+/// than queued until the caller's deadline.
 #[tokio::test]
-async fn new_calls_are_refused_after_shutdown() {
+async fn new_connections_are_refused_after_shutdown() {
     let upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
-    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
     let address = gateway.address;
     gateway.stop().await.unwrap();
-    let connected = taskgate::proto::task_service_client::TaskServiceClient::connect(format!(
-        "http://{address}"
-    ))
-    .await;
-    if let Ok(mut client) = connected {
-        let status = client
-            .case_extract(taskgate::proto::CaseExtractRequest {
-                port_id: 4,
-                bin_id: 101337,
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(status.code(), Code::Unavailable);
-    }
+    assert_refused(address).await;
+}
+
+/// Asserts that connecting to `address` is refused.
+async fn assert_refused(address: SocketAddr) {
+    let error = TcpStream::connect(address)
+        .await
+        .expect_err("a connection was accepted after shutdown began");
+    assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
 }

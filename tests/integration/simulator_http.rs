@@ -6,12 +6,12 @@ use reqwest::StatusCode;
 use taskgate::codec::DEFAULT_MAX_BODY_BYTES;
 use taskgate::simulator::layout::Layout;
 
-use crate::support::start_simulator;
+use crate::support::{http_client, start_simulator};
 
 /// POSTs `body` and returns the status, Content-Type and body text.
 async fn post(path: &str, content_type: &str, body: Vec<u8>) -> (StatusCode, String, String) {
     let url = start_simulator(Layout::default_layout()).await;
-    let response = reqwest::Client::new()
+    let response = http_client()
         .post(url.join(path).unwrap())
         .header("content-type", content_type)
         .body(body)
@@ -116,7 +116,7 @@ async fn other_paths_and_methods_are_refused() {
     );
 
     let url = start_simulator(Layout::default_layout()).await;
-    let response = reqwest::get(url).await.unwrap();
+    let response = http_client().get(url).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(response.headers()["allow"], "POST");
 }

@@ -9,7 +9,9 @@ use taskgate::proto::{FaultCode, TaskFault};
 use taskgate::simulator::layout::Layout;
 use taskgate::simulator::port::{PortMode, PortSettings};
 
-use crate::support::{Gateway, error_info, error_info_count, metadata, task_fault};
+use crate::support::{
+    CALL_LIMIT, Gateway, error_info, error_info_count, metadata, task_fault, within,
+};
 
 /// Checks a fault outcome exactly: gRPC code, ErrorInfo, TaskFault.
 fn check_fault(
@@ -53,7 +55,7 @@ fn check_fault(
 
 #[tokio::test]
 async fn extract_succeeds_then_repeating_at_once_is_1148_with_retry_info() {
-    let gateway = Gateway::with_simulator(Layout::default_layout()).await;
+    let gateway = Gateway::builder().start().await;
     gateway.case_extract(4, 101337, None).await.unwrap();
     let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
     check_fault(
@@ -68,7 +70,7 @@ async fn extract_succeeds_then_repeating_at_once_is_1148_with_retry_info() {
 
 #[tokio::test]
 async fn every_port_fault_of_the_default_layout() {
-    let gateway = Gateway::with_simulator(Layout::default_layout()).await;
+    let gateway = Gateway::builder().start().await;
     let cases = [
         (
             (1, 101337),
@@ -109,22 +111,17 @@ async fn the_port_frees_up_after_ecmp() {
         step_time: Duration::from_millis(20),
         ..Layout::default_layout()
     };
-    let gateway = Gateway::with_simulator(layout).await;
+    let gateway = Gateway::builder().simulator(layout).start().await;
     gateway.case_extract(4, 101337, None).await.unwrap();
     // Poll until the port is free: each 1148 proves the operation is still running, and the
     // loop ends on the first success, so no fixed sleep decides the outcome.
-    let mut attempts = 0;
-    loop {
-        match gateway.case_extract(4, 101337, None).await {
-            Ok(()) => break,
-            Err(status) => {
-                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-                attempts += 1;
-                assert!(attempts < 10_000, "the port never became free");
-                tokio::task::yield_now().await;
-            }
+    let freed = async {
+        while let Err(status) = gateway.case_extract(4, 101337, None).await {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            tokio::task::yield_now().await;
         }
-    }
+    };
+    within(CALL_LIMIT, "port 4 did not become free after ECMP", freed).await;
 }
 
 /// Expected field violations: (field, description).
@@ -132,7 +129,7 @@ type Violations = &'static [(&'static str, &'static str)];
 
 #[tokio::test]
 async fn out_of_range_arguments_are_refused_with_bad_request() {
-    let gateway = Gateway::with_simulator(Layout::default_layout()).await;
+    let gateway = Gateway::builder().start().await;
     let cases: [(u32, u32, Violations); 5] = [
         (0, 1, &[("port_id", "port_id 0 is out of range 1-2000")]),
         (
@@ -194,7 +191,7 @@ async fn two_hundred_fifty_six_concurrent_calls_succeed() {
         ports,
         step_time: Duration::from_secs(60),
     };
-    let gateway = Gateway::with_simulator(layout).await;
+    let gateway = Gateway::builder().simulator(layout).start().await;
     let calls = (1..=256).map(|port_id| {
         let client = gateway.client.clone();
         tokio::spawn(async move {

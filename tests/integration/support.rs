@@ -3,84 +3,65 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use reqwest::Url;
+use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic_types::StatusExt;
 
+use taskgate::auth::TokenFile;
 use taskgate::config::{GatewayConfig, Http1Limits, defaults, parse_upstream_url};
 use taskgate::proto::task_service_client::TaskServiceClient;
 use taskgate::proto::{CaseExtractRequest, TASK_FAULT_TYPE_URL, TaskFault};
 use taskgate::server::{Listeners, ServeError};
 use taskgate::simulator::{self, Simulator, layout::Layout};
+use taskgate::tls::ServerTls;
 
-/// A running gateway and a client connected to it.
+/// A running gateway and a client connected to it. Dropping it begins shutdown.
 pub(crate) struct Gateway {
+    /// A client on its own connection, made before the test starts (over TLS when the gateway
+    /// serves TLS).
     pub(crate) client: TaskServiceClient<Channel>,
     pub(crate) address: SocketAddr,
+    /// How `client` reaches the gateway, for tests that need more connections.
+    endpoint: Endpoint,
+    /// The `/metrics` URL, when the builder asked for metrics.
+    metrics_url: Option<String>,
+    /// How long `serve` may drain, so `join` knows how long is too long.
+    shutdown_grace: Duration,
     shutdown: Option<oneshot::Sender<()>>,
     handle: JoinHandle<Result<(), ServeError>>,
+    /// The auth tokens file: the gateway reads it again on SIGHUP, so it lives as long.
+    _token_file: Option<TestFile>,
 }
 
 impl Gateway {
-    /// Starts a gateway with `config` on 127.0.0.1 and an ephemeral port.
-    pub(crate) async fn start(config: GatewayConfig) -> Gateway {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        Gateway::start_on(listener.into(), config).await
-    }
-
-    /// Starts a gateway whose client the test makes itself (for example, over TLS).
-    pub(crate) async fn start_without_client(config: GatewayConfig) -> GatewayAddress {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let handle = tokio::spawn(taskgate::server::serve(
-            listener,
-            config,
-            std::future::pending(),
-        ));
-        GatewayAddress { address, handle }
-    }
-
-    /// Starts a gateway that also serves metrics; returns the metrics URL too.
-    pub(crate) async fn start_with_metrics(config: GatewayConfig) -> (Gateway, String) {
-        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let metrics_url = format!("http://{}/metrics", metrics.local_addr().unwrap());
-        let listeners = Listeners {
-            grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            metrics: Some(metrics),
-        };
-        (Gateway::start_on(listeners, config).await, metrics_url)
-    }
-
-    async fn start_on(listeners: Listeners, config: GatewayConfig) -> Gateway {
-        let address = listeners.grpc.local_addr().unwrap();
-        let (shutdown, shutdown_rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(taskgate::server::serve(listeners, config, async {
-            let _ = shutdown_rx.await;
-        }));
-        // The listener is already bound, so connecting needs no wait.
-        let client = TaskServiceClient::connect(format!("http://{address}"))
-            .await
-            .unwrap();
-        Gateway {
-            client,
-            address,
-            shutdown: Some(shutdown),
-            handle,
+    /// A gateway on 127.0.0.1 and an ephemeral port, in front of the simulator with its default
+    /// layout unless the builder says otherwise.
+    pub(crate) fn builder() -> GatewayBuilder {
+        GatewayBuilder {
+            upstream: Upstream::Simulator(Layout::default_layout()),
+            settings: Vec::new(),
+            tls: None,
+            auth_tokens: None,
+            metrics: false,
         }
     }
 
-    /// A gateway in front of the simulator with `layout`.
-    pub(crate) async fn with_simulator(layout: Layout) -> Gateway {
-        let url = start_simulator(layout).await;
-        Gateway::start(GatewayConfig::with_upstream(url)).await
+    /// The `/metrics` URL; the builder must have asked for [`GatewayBuilder::metrics`].
+    pub(crate) fn metrics_url(&self) -> &str {
+        self.metrics_url
+            .as_deref()
+            .expect("no metrics endpoint: build the gateway with .metrics()")
     }
 
     /// Calls CaseExtract with an optional deadline.
@@ -97,13 +78,9 @@ impl Gateway {
         self.client.clone().case_extract(request).await.map(|_| ())
     }
 
-    /// A fresh channel to the gateway, for clients of its other services.
+    /// A fresh connection to the gateway, for clients of its other services.
     pub(crate) async fn client_channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.address))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        self.endpoint.connect().await.unwrap()
     }
 
     /// Starts a CaseExtract call in the background, with no deadline.
@@ -121,10 +98,15 @@ impl Gateway {
         })
     }
 
-    /// Signals shutdown and returns how `serve` ended.
+    /// Whether `serve` is still running.
+    pub(crate) fn is_serving(&self) -> bool {
+        !self.handle.is_finished()
+    }
+
+    /// Signals shutdown and returns how `serve` ended; see [`Gateway::join`].
     pub(crate) async fn stop(mut self) -> Result<(), ServeError> {
         self.begin_shutdown();
-        self.handle.await.unwrap()
+        self.join().await
     }
 
     /// Signals shutdown without waiting.
@@ -134,22 +116,161 @@ impl Gateway {
         }
     }
 
-    /// Waits for `serve` to return after `begin_shutdown`.
+    /// Waits for `serve` to return after `begin_shutdown`; fails the test if it has not returned
+    /// within the shutdown grace and [`PROMPTLY`] more.
     pub(crate) async fn join(self) -> Result<(), ServeError> {
-        self.handle.await.unwrap()
+        let limit = self.shutdown_grace + PROMPTLY;
+        within(limit, "serve did not return after shutdown", self.handle)
+            .await
+            .unwrap()
     }
 }
 
-/// A gateway without a client; it stops when this is dropped.
-pub(crate) struct GatewayAddress {
-    pub(crate) address: SocketAddr,
-    handle: JoinHandle<Result<(), ServeError>>,
+/// Settings for [`Gateway::builder`].
+pub(crate) struct GatewayBuilder {
+    upstream: Upstream,
+    /// Changes to the default configuration, applied in order.
+    settings: Vec<Setting>,
+    /// The gateway's TLS, and the client's to reach it.
+    tls: Option<(ServerTls, ClientTlsConfig)>,
+    auth_tokens: Option<Vec<String>>,
+    metrics: bool,
 }
 
-impl Drop for GatewayAddress {
-    fn drop(&mut self) {
-        self.handle.abort();
+/// One change a test makes to the gateway's configuration.
+type Setting = Box<dyn FnOnce(&mut GatewayConfig)>;
+
+/// The controller a gateway calls.
+enum Upstream {
+    /// The simulator with this layout, started with the gateway.
+    Simulator(Layout),
+    /// A controller (usually a [`FakeUpstream`]) already running at this URL.
+    Url(Url),
+}
+
+impl GatewayBuilder {
+    /// Calls the controller at `url` instead of the simulator.
+    pub(crate) fn upstream(mut self, url: &Url) -> Self {
+        self.upstream = Upstream::Url(url.clone());
+        self
     }
+
+    /// Calls a simulator with `layout`.
+    pub(crate) fn simulator(mut self, layout: Layout) -> Self {
+        self.upstream = Upstream::Simulator(layout);
+        self
+    }
+
+    /// Changes the configuration, which starts with the documented defaults.
+    pub(crate) fn config(mut self, change: impl FnOnce(&mut GatewayConfig) + 'static) -> Self {
+        self.settings.push(Box::new(change));
+        self
+    }
+
+    /// Serves gRPC over TLS with `server`; the gateway's client connects with `client`.
+    pub(crate) fn tls(mut self, server: ServerTls, client: ClientTlsConfig) -> Self {
+        self.tls = Some((server, client));
+        self
+    }
+
+    /// Requires one of `tokens` on task calls, read from a token file as the binary reads it.
+    /// The gateway's client sends none.
+    pub(crate) fn auth_tokens(mut self, tokens: &[&str]) -> Self {
+        self.auth_tokens = Some(tokens.iter().map(|token| (*token).to_owned()).collect());
+        self
+    }
+
+    /// Serves `/metrics` too, on an ephemeral port of its own.
+    pub(crate) fn metrics(mut self) -> Self {
+        self.metrics = true;
+        self
+    }
+
+    /// Binds the listeners, spawns `serve` and connects the client.
+    pub(crate) async fn start(self) -> Gateway {
+        let upstream_url = match self.upstream {
+            Upstream::Simulator(layout) => start_simulator(layout).await,
+            Upstream::Url(url) => url,
+        };
+        let mut config = GatewayConfig::with_upstream(upstream_url);
+        let token_file = self.auth_tokens.map(|tokens| {
+            let token_file = TestFile::new("auth", "tokens", &(tokens.join("\n") + "\n"));
+            config.auth_tokens = Some(TokenFile::load(&token_file).unwrap());
+            token_file
+        });
+        for change in self.settings {
+            change(&mut config);
+        }
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = grpc.local_addr().unwrap();
+        let metrics = if self.metrics {
+            Some(TcpListener::bind("127.0.0.1:0").await.unwrap())
+        } else {
+            None
+        };
+        let metrics_url = metrics
+            .as_ref()
+            .map(|listener| format!("http://{}/metrics", listener.local_addr().unwrap()));
+        let endpoint = match self.tls {
+            Some((server, client)) => {
+                config.tls = Some(server);
+                endpoint(format!("https://{address}"))
+                    .tls_config(client)
+                    .unwrap()
+            }
+            None => endpoint(format!("http://{address}")),
+        };
+        let shutdown_grace = config.shutdown_grace;
+        let (shutdown, shutdown_rx) = oneshot::channel::<()>();
+        let listeners = Listeners { grpc, metrics };
+        let handle = tokio::spawn(taskgate::server::serve(listeners, config, async {
+            let _ = shutdown_rx.await;
+        }));
+        // The listener is already bound, so connecting needs no wait.
+        let client = TaskServiceClient::new(endpoint.connect().await.unwrap());
+        Gateway {
+            client,
+            address,
+            endpoint,
+            metrics_url,
+            shutdown_grace,
+            shutdown: Some(shutdown),
+            handle,
+            _token_file: token_file,
+        }
+    }
+}
+
+/// The longest a test waits for one call or HTTP request to be answered: far beyond any answer
+/// on a loaded machine, so reaching it means the answer never came.
+pub(crate) const CALL_LIMIT: Duration = Duration::from_secs(30);
+
+/// A gRPC endpoint at `uri` that gives up connecting, and each call, after [`CALL_LIMIT`]. The
+/// limit stays in the client: no `grpc-timeout` is sent, so the gateway sees no deadline.
+pub(crate) fn endpoint(uri: String) -> Endpoint {
+    Endpoint::from_shared(uri)
+        .unwrap()
+        .connect_timeout(CALL_LIMIT)
+        .timeout(CALL_LIMIT)
+}
+
+/// A plain HTTP client that gives up on a request after [`CALL_LIMIT`].
+pub(crate) fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(CALL_LIMIT)
+        .build()
+        .unwrap()
+}
+
+/// Awaits `future`, failing the test with "`what_failed` within `limit`" if it takes longer.
+pub(crate) async fn within<T>(
+    limit: Duration,
+    what_failed: &str,
+    future: impl Future<Output = T>,
+) -> T {
+    tokio::time::timeout(limit, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what_failed} within {limit:?}"))
 }
 
 /// Starts the simulator with `layout` and returns its task-interface URL.
@@ -165,11 +286,67 @@ pub(crate) async fn start_simulator(layout: Layout) -> Url {
     parse_upstream_url(&format!("http://{address}{}", simulator::http::TASK_PATH)).unwrap()
 }
 
-/// A fresh folder for this test's files, unique to the test process and `name`.
-pub(crate) fn test_folder(name: &str) -> std::path::PathBuf {
-    let folder = std::env::temp_dir().join(format!("taskgate-test-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&folder).unwrap();
-    folder
+/// A fresh folder for a test's files, removed with everything in it when this is dropped.
+#[derive(Debug)]
+pub(crate) struct TestFolder(TempDir);
+
+impl Deref for TestFolder {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl AsRef<Path> for TestFolder {
+    fn as_ref(&self) -> &Path {
+        self
+    }
+}
+
+/// A fresh folder for this test's files, its name starting with `name` so that it can be found
+/// while the test runs.
+pub(crate) fn test_folder(name: &str) -> TestFolder {
+    let folder = tempfile::Builder::new()
+        .prefix(&format!("taskgate-test-{name}-"))
+        .tempdir()
+        .unwrap();
+    TestFolder(folder)
+}
+
+/// A file holding `text` in a fresh folder; both are removed when this is dropped.
+#[derive(Debug)]
+pub(crate) struct TestFile {
+    path: PathBuf,
+    /// Keeps the folder, and so the file, until the test is done with it.
+    _folder: TestFolder,
+}
+
+impl TestFile {
+    /// Writes `text` to `file_name` in a fresh folder named after `folder_name`.
+    pub(crate) fn new(folder_name: &str, file_name: &str, text: &str) -> TestFile {
+        let folder = test_folder(folder_name);
+        let path = folder.join(file_name);
+        std::fs::write(&path, text).unwrap();
+        TestFile {
+            path,
+            _folder: folder,
+        }
+    }
+}
+
+impl Deref for TestFile {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for TestFile {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// A loopback address where nothing listens: bound, read, then released.
@@ -279,13 +456,16 @@ impl FakeUpstream {
         }
     }
 
-    /// Waits until the gateway closes a connection to the fake.
+    /// Waits until the gateway closes a connection to the fake; fails the test if it has not
+    /// within [`CALL_LIMIT`].
     pub(crate) async fn expect_closed(&mut self) {
-        loop {
-            if let Seen::Closed = self.next().await {
-                return;
-            }
-        }
+        let closed = async { while let Seen::Request { .. } = self.next().await {} };
+        within(
+            CALL_LIMIT,
+            "the gateway did not close a connection to the fake controller",
+            closed,
+        )
+        .await;
     }
 
     /// How many connections carried a request so far.
@@ -433,11 +613,6 @@ async fn write_response(
     stream.write_all(body).await
 }
 
-/// A config pointing at `url` with the documented defaults.
-pub(crate) fn config_for(url: &Url) -> GatewayConfig {
-    GatewayConfig::with_upstream(url.clone())
-}
-
 /// The ErrorInfo of a status, which every error must carry.
 pub(crate) fn error_info(status: &tonic::Status) -> tonic_types::ErrorInfo {
     status
@@ -497,10 +672,11 @@ pub(crate) async fn scrape_at_least(metrics_url: &str, series: &str, at_least: f
 }
 
 async fn scrape_until(metrics_url: &str, what: &str, matches: impl Fn(&str) -> bool) {
+    let http_client = http_client();
     let mut last = String::new();
     let found = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
-            if let Ok(response) = reqwest::get(metrics_url).await
+            if let Ok(response) = http_client.get(metrics_url).send().await
                 && let Ok(text) = response.text().await
             {
                 if text.lines().any(&matches) {

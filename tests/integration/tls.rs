@@ -19,20 +19,19 @@ use url::Url;
 use taskgate::config::parse_upstream_url;
 use taskgate::proto::CaseExtractRequest;
 use taskgate::proto::task_service_client::TaskServiceClient;
-use taskgate::simulator::layout::Layout;
 use taskgate::tls::{ServerTls, TlsError, UpstreamTls};
 
-use crate::support::{Gateway, config_for, error_info, start_simulator};
+use crate::support::{Gateway, TestFolder, endpoint, error_info, test_folder};
 
 /// A CA, a certificate for localhost signed by it, and a client certificate signed by it, as
-/// PEM files in a fresh directory.
+/// PEM files in a fresh folder, removed with the `Pki`.
 struct Pki {
-    directory: PathBuf,
+    directory: TestFolder,
 }
 
 impl Pki {
     fn new(name: &str) -> Pki {
-        let directory = crate::support::test_folder(&format!("tls-{name}"));
+        let directory = test_folder(&format!("tls-{name}"));
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
@@ -64,24 +63,28 @@ impl Pki {
     fn read(&self, name: &str) -> Vec<u8> {
         std::fs::read(self.path(name)).unwrap()
     }
+
+    /// A client that trusts the CA and presents no certificate.
+    fn client_tls(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.read("ca.pem")))
+            .domain_name("localhost")
+    }
+
+    /// A client that trusts the CA and presents the client certificate.
+    fn client_tls_with_certificate(&self) -> ClientTlsConfig {
+        self.client_tls().identity(Identity::from_pem(
+            self.read("client.pem"),
+            self.read("client.key"),
+        ))
+    }
 }
 
 async fn tls_channel(
     address: std::net::SocketAddr,
-    pki: &Pki,
-    with_client_certificate: bool,
+    tls: ClientTlsConfig,
 ) -> Result<Channel, tonic::transport::Error> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(pki.read("ca.pem")))
-        .domain_name("localhost");
-    if with_client_certificate {
-        tls = tls.identity(Identity::from_pem(
-            pki.read("client.pem"),
-            pki.read("client.key"),
-        ));
-    }
-    Channel::from_shared(format!("https://{address}"))
-        .unwrap()
+    endpoint(format!("https://{address}"))
         .tls_config(tls)?
         .connect()
         .await
@@ -97,19 +100,15 @@ fn request() -> CaseExtractRequest {
 #[tokio::test]
 async fn grpc_over_tls() {
     let pki = Pki::new("server");
-    let mut config = config_for(&start_simulator(Layout::default_layout()).await);
-    config.tls =
-        Some(ServerTls::load(&pki.path("server.pem"), &pki.path("server.key"), None).unwrap());
-    let gateway = Gateway::start_without_client(config).await;
-    let channel = tls_channel(gateway.address, &pki, false).await.unwrap();
-    TaskServiceClient::new(channel)
-        .case_extract(request())
-        .await
-        .unwrap();
+    let server_tls = ServerTls::load(&pki.path("server.pem"), &pki.path("server.key"), None);
+    let gateway = Gateway::builder()
+        .tls(server_tls.unwrap(), pki.client_tls())
+        .start()
+        .await;
+    gateway.case_extract(4, 101337, None).await.unwrap();
 
     // A plaintext client gets nowhere.
-    let plaintext = Channel::from_shared(format!("http://{}", gateway.address))
-        .unwrap()
+    let plaintext = endpoint(format!("http://{}", gateway.address))
         .connect()
         .await;
     if let Ok(channel) = plaintext {
@@ -125,24 +124,19 @@ async fn grpc_over_tls() {
 #[tokio::test]
 async fn mutual_tls_rejects_a_client_without_a_certificate() {
     let pki = Pki::new("mtls");
-    let mut config = config_for(&start_simulator(Layout::default_layout()).await);
-    config.tls = Some(
-        ServerTls::load(
-            &pki.path("server.pem"),
-            &pki.path("server.key"),
-            Some(&pki.path("ca.pem")),
-        )
-        .unwrap(),
+    let server_tls = ServerTls::load(
+        &pki.path("server.pem"),
+        &pki.path("server.key"),
+        Some(&pki.path("ca.pem")),
     );
-    let gateway = Gateway::start_without_client(config).await;
-    let channel = tls_channel(gateway.address, &pki, true).await.unwrap();
-    TaskServiceClient::new(channel)
-        .case_extract(request())
-        .await
-        .unwrap();
+    let gateway = Gateway::builder()
+        .tls(server_tls.unwrap(), pki.client_tls_with_certificate())
+        .start()
+        .await;
+    gateway.case_extract(4, 101337, None).await.unwrap();
 
     // The handshake may fail at connect or at the first call, depending on timing.
-    match tls_channel(gateway.address, &pki, false).await {
+    match tls_channel(gateway.address, pki.client_tls()).await {
         Err(_) => {}
         Ok(channel) => {
             let status = TaskServiceClient::new(channel)
@@ -257,10 +251,13 @@ async fn gateway_with_upstream_tls(url: &Url, ca: &Pki, client: Option<(&Pki, &s
     let client_file =
         |extension: &str| client.map(|(pki, name)| pki.path(&format!("{name}.{extension}")));
     let (cert, key) = (client_file("pem"), client_file("key"));
-    let mut config = config_for(url);
-    config.upstream_tls =
+    let upstream_tls =
         UpstreamTls::load(Some(&ca.path("ca.pem")), cert.as_deref(), key.as_deref()).unwrap();
-    Gateway::start(config).await
+    Gateway::builder()
+        .upstream(url)
+        .config(|config| config.upstream_tls = upstream_tls)
+        .start()
+        .await
 }
 
 #[tokio::test]

@@ -8,8 +8,8 @@ use tonic_types::StatusExt;
 use taskgate::proto::{FaultCode, TaskFault};
 
 use crate::support::{
-    FakeUpstream, Gateway, Script, Seen, config_for, error_info, error_info_count, metadata,
-    task_fault, unused_address,
+    FakeUpstream, Gateway, Script, Seen, error_info, error_info_count, metadata, task_fault,
+    unused_address,
 };
 
 /// Checks a gateway error exactly: gRPC code, ErrorInfo domain/reason/metadata, no TaskFault.
@@ -38,7 +38,7 @@ fn check_gateway_error(status: &tonic::Status, code: Code, reason: &str, extra: 
 
 async fn call_through(script: Script) -> (tonic::Status, FakeUpstream) {
     let mut upstream = FakeUpstream::start(script).await;
-    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
     let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
     // Whatever happened, the gateway sent exactly one request: a POST is never retried.
     assert_eq!(upstream.requests_so_far(), 1);
@@ -48,7 +48,7 @@ async fn call_through(script: Script) -> (tonic::Status, FakeUpstream) {
 #[tokio::test]
 async fn the_controller_receives_the_documented_xml() {
     let mut upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
-    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
     gateway.case_extract(4, 101337, None).await.unwrap();
     let Seen::Request {
         request_line,
@@ -71,7 +71,7 @@ async fn the_controller_receives_the_documented_xml() {
 /// them, after checking that each call was sent exactly once.
 async fn connections_for_three_calls(script: Script, expect_ok: bool) -> usize {
     let mut upstream = FakeUpstream::start(script).await;
-    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
     for _ in 0..3 {
         let outcome = gateway.case_extract(4, 101337, None).await;
         assert_eq!(outcome.is_ok(), expect_ok, "{outcome:?}");
@@ -110,7 +110,7 @@ async fn a_connection_with_an_unread_reply_is_not_used_again() {
 #[tokio::test]
 async fn invalid_arguments_never_reach_the_controller() {
     let mut upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
-    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
     let status = gateway.case_extract(0, 101337, None).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     // A valid call afterwards is the first request the controller sees.
@@ -274,7 +274,7 @@ async fn an_upstream_that_is_not_listening_is_unreachable_with_retry_info() {
     let address = unused_address().await;
     let url =
         taskgate::config::parse_upstream_url(&format!("http://{address}/api/v2/task")).unwrap();
-    let gateway = Gateway::start(config_for(&url)).await;
+    let gateway = Gateway::builder().upstream(&url).start().await;
     let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
     check_gateway_error(&status, Code::Unavailable, "UPSTREAM_UNREACHABLE", &[]);
     let retry_info = status.get_details_retry_info().unwrap();
@@ -284,7 +284,7 @@ async fn an_upstream_that_is_not_listening_is_unreachable_with_retry_info() {
 #[tokio::test]
 async fn the_callers_deadline_cancels_the_upstream_request() {
     let mut upstream = FakeUpstream::start(Script::Hang).await;
-    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
     let status = gateway
         .case_extract(4, 101337, Some(Duration::from_secs(1)))
         .await
@@ -303,9 +303,11 @@ async fn the_callers_deadline_cancels_the_upstream_request() {
 #[tokio::test]
 async fn the_upstream_timeout_caps_calls_without_a_deadline() {
     let mut upstream = FakeUpstream::start(Script::Hang).await;
-    let mut config = config_for(&upstream.url);
-    config.upstream_timeout = Duration::from_millis(200);
-    let gateway = Gateway::start(config).await;
+    let gateway = Gateway::builder()
+        .upstream(&upstream.url)
+        .config(|config| config.upstream_timeout = Duration::from_millis(200))
+        .start()
+        .await;
     let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
     check_gateway_error(
         &status,
@@ -320,7 +322,7 @@ async fn the_upstream_timeout_caps_calls_without_a_deadline() {
 #[tokio::test]
 async fn a_caller_that_goes_away_cancels_the_upstream_request() {
     let mut upstream = FakeUpstream::start(Script::Hang).await;
-    let gateway = Gateway::start(config_for(&upstream.url)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
     let call = gateway.spawn_case_extract(4, 101337);
     upstream.next_request_body().await;
     call.abort();

@@ -6,6 +6,21 @@ const fs = require("node:fs");
 const readline = require("node:readline");
 const { spawn } = require("node:child_process");
 
+// The longest the gateway may take to log its address, and to exit after SIGTERM.
+const STARTUP_LIMIT_MS = 60_000;
+const STOP_LIMIT_MS = 30_000;
+// How many of the gateway's last log lines a failure shows.
+const KEPT_LINES = 200;
+
+// Settles like `promise`, or rejects with `message()` if it has not settled within `limitMs`.
+function within(promise, limitMs, message) {
+  let timer;
+  const expired = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(message())), limitMs);
+  });
+  return Promise.race([promise, expired]).finally(() => clearTimeout(timer));
+}
+
 async function startGateway(extraArgs = []) {
   const binary = process.env.TASKGATE_BIN || path.resolve(__dirname, "..", "..", "..", "target", "debug", "taskgate");
   if (!fs.existsSync(binary)) {
@@ -15,21 +30,49 @@ async function startGateway(extraArgs = []) {
     stdio: ["ignore", "ignore", "pipe"],
     env: { ...process.env, RUST_LOG: "info", TASKGATE_LOG_FORMAT: "text" },
   });
+  const exited = new Promise((resolve) => child.once("exit", (code, signal) => resolve(code ?? signal)));
+  // The 'line' listener stays for the process's lifetime, so stderr (the gateway's log) is read
+  // to its end, not just up to the "listening" line: a pipe nobody reads fills up, and then the
+  // gateway's log writer blocks and every later line is lost.
+  const recent = [];
+  const log = () => recent.join("\n");
   const lines = readline.createInterface({ input: child.stderr });
-  const address = await new Promise((resolve, reject) => {
-    child.once("exit", (code) => reject(new Error(`the gateway exited with ${code} before it listened`)));
+  const listening = new Promise((resolve, reject) => {
+    exited.then((code) => reject(new Error(`the gateway exited with ${code} before it listened:\n${log()}`)));
     lines.on("line", (line) => {
+      recent.push(line);
+      if (recent.length > KEPT_LINES) recent.shift();
       const match = /gateway listening address=(\S+)/.exec(line);
       if (match) resolve(match[1]);
     });
   });
+  let address;
+  try {
+    address = await within(
+      listening,
+      STARTUP_LIMIT_MS,
+      () => `the gateway did not log its listening address within ${STARTUP_LIMIT_MS} ms:\n${log()}`,
+    );
+  } catch (error) {
+    child.kill("SIGKILL");
+    throw error;
+  }
   return {
     address,
-    stop: () =>
-      new Promise((resolve) => {
-        child.once("exit", (code) => resolve(code));
-        child.kill("SIGTERM");
-      }),
+    // Sends SIGTERM and resolves with the exit code (or the signal that ended the process).
+    stop: async () => {
+      child.kill("SIGTERM");
+      try {
+        return await within(
+          exited,
+          STOP_LIMIT_MS,
+          () => `the gateway did not exit within ${STOP_LIMIT_MS} ms of SIGTERM:\n${log()}`,
+        );
+      } catch (error) {
+        child.kill("SIGKILL");
+        throw error;
+      }
+    },
   };
 }
 

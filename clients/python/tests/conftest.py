@@ -1,11 +1,13 @@
 """Starts the real gateway binary on the embedded simulator for the tests."""
 
+import collections
 import os
 import pathlib
 import re
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -21,6 +23,41 @@ def _binary() -> str:
     return binary
 
 
+# The longest the gateway may take to log its address, and to exit after SIGTERM.
+STARTUP_LIMIT_S = 60
+STOP_LIMIT_S = 30
+
+
+class _StderrReader(threading.Thread):
+    """Reads the gateway's stderr, its log, for as long as the process lives.
+
+    Reading only up to the "listening" line would leave a pipe nobody reads: once it is full
+    (64 KiB on Linux) the gateway's log writer blocks and every later line is lost. The last
+    lines are kept to explain a failure.
+    """
+
+    def __init__(self, stream):
+        super().__init__(name="taskgate-stderr", daemon=True)
+        self._stream = stream
+        self.lines = collections.deque(maxlen=200)
+        self.address = None
+        # Set once the address is known or stderr has ended, whichever comes first.
+        self.settled = threading.Event()
+
+    def run(self):
+        for line in self._stream:
+            self.lines.append(line)
+            if self.address is None:
+                match = re.search(r"gateway listening address=(\S+)", line)
+                if match:
+                    self.address = match.group(1)
+                    self.settled.set()
+        self.settled.set()
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+
 @pytest.fixture(scope="session")
 def gateway():
     """The address of a gateway in front of the simulator with its default layout."""
@@ -32,15 +69,21 @@ def gateway():
         text=True,
         env={**os.environ, "RUST_LOG": "info", "TASKGATE_LOG_FORMAT": "text"},
     )
-    address = None
-    for line in process.stderr:
-        match = re.search(r"gateway listening address=(\S+)", line)
-        if match:
-            address = match.group(1)
-            break
-    if address is None:
+    stderr = _StderrReader(process.stderr)
+    stderr.start()
+    if not stderr.settled.wait(timeout=STARTUP_LIMIT_S) or stderr.address is None:
         process.kill()
-        pytest.exit("the gateway exited before it listened", 2)
-    yield address
+        process.wait(timeout=STOP_LIMIT_S)
+        pytest.exit(
+            f"the gateway did not log its listening address within {STARTUP_LIMIT_S} s:\n{stderr.log()}",
+            2,
+        )
+    yield stderr.address
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=30) == 0
+    try:
+        code = process.wait(timeout=STOP_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError(f"the gateway did not exit within {STOP_LIMIT_S} s of SIGTERM:\n{stderr.log()}")
+    stderr.join(timeout=STOP_LIMIT_S)
+    assert code == 0, f"the gateway exited with {code}:\n{stderr.log()}"
