@@ -5,12 +5,10 @@
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 
-use taskgate::auth::TokenFile;
 use taskgate::proto::CaseExtractRequest;
-use taskgate::simulator::layout::Layout;
 
 use crate::cli::TaskgateProcess;
-use crate::support::{Gateway, config_for, scrape_line, start_simulator};
+use crate::support::{Gateway, scrape_line};
 
 fn request() -> tonic::Request<CaseExtractRequest> {
     tonic::Request::new(CaseExtractRequest {
@@ -21,10 +19,12 @@ fn request() -> tonic::Request<CaseExtractRequest> {
 
 #[tokio::test]
 async fn refused_calls_are_counted() {
-    let path = crate::auth::token_file("counted", "right-token\n");
-    let mut config = config_for(&start_simulator(Layout::default_layout()).await);
-    config.auth_tokens = Some(TokenFile::load(&path).unwrap());
-    let (gateway, metrics_url) = Gateway::start_with_metrics(config).await;
+    let gateway = Gateway::builder()
+        .auth_tokens(&["right-token"])
+        .metrics()
+        .start()
+        .await;
+    let metrics_url = gateway.metrics_url();
     let mut client = gateway.client.clone();
 
     let refused = client.case_extract(request()).await.unwrap_err();
@@ -46,7 +46,7 @@ async fn refused_calls_are_counted() {
         "taskgate_calls_total{method=\"case_extract\",code=\"INVALID_ARGUMENT\"} 1",
         "taskgate_calls_in_flight 0",
     ] {
-        scrape_line(&metrics_url, expected).await;
+        scrape_line(metrics_url, expected).await;
     }
 }
 
