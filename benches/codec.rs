@@ -15,9 +15,14 @@ fn encode(c: &mut Criterion) {
         method: "case_extract",
         params: &[("port_id", 4), ("bin_id", 101337)],
     };
-    c.bench_function("encode case_extract", |b| {
+    let mut group = c.benchmark_group("encode case_extract");
+    group.bench_function("template", |b| {
         b.iter(|| codec::encode_call(black_box(&case_extract)))
     });
+    group.bench_function("from scratch", |b| {
+        b.iter(|| bench_api::encode_call_from_scratch(black_box(&case_extract)))
+    });
+    group.finish();
 }
 
 fn decode(c: &mut Criterion) {

@@ -28,6 +28,11 @@ pub fn parse_reply(body: &[u8], charset: Option<&str>) -> Result<Reply, DecodeEr
     codec::parse_reply(body, charset)
 }
 
+/// Encodes a call without its shape's template: the baseline for [`codec::encode_call`].
+pub fn encode_call_from_scratch(call: &codec::Call<'_>) -> Vec<u8> {
+    codec::encode_call_from_scratch(call)
+}
+
 /// The status a caller receives when the controller answers a case_extract with fault `code`.
 pub fn fault_status(code: u32) -> Status {
     status::status(&CONTEXT, &CallError::Fault(code), RETRY)

@@ -249,8 +249,15 @@ pub fn encode_method_call(method_call: &MethodCall) -> Vec<u8> {
     )
 }
 
-/// Encodes a call to the same bytes as [`encode_method_call`] of the equivalent [`MethodCall`].
+/// Encodes a call to the same bytes as [`encode_method_call`] of the equivalent [`MethodCall`],
+/// from a template of the call's shape made once per thread (`codec/template.rs`).
 pub fn encode_call(call: &Call<'_>) -> Vec<u8> {
+    template::encode_call(call).unwrap_or_else(|| encode_call_from_scratch(call))
+}
+
+/// [`encode_call`] without a template: the baseline the templates are measured and checked
+/// against.
+pub(crate) fn encode_call_from_scratch(call: &Call<'_>) -> Vec<u8> {
     encode_document(
         "methodcall",
         &[
@@ -1039,6 +1046,7 @@ fn write_escaped(sink: &mut impl Sink, text: &str) {
 }
 
 mod json;
+mod template;
 
 #[cfg(test)]
 mod tests;

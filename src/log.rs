@@ -356,9 +356,24 @@ impl PlainLine<'_> {
 
     /// A socket address recorded with `%`.
     pub(crate) fn socket_addr(&mut self, name: &str, address: std::net::SocketAddr) {
+        thread_local! {
+            /// The last IPv4 peer written on this thread, as text: calls come in runs on one
+            /// connection.
+            static LAST_PEER: std::cell::Cell<(Option<std::net::SocketAddrV4>, [u8; IPV4_TEXT_MAX], usize)> =
+                const { std::cell::Cell::new((None, [0; IPV4_TEXT_MAX], 0)) };
+        }
         match address {
             std::net::SocketAddr::V4(address) => {
-                self.display(name, ipv4_text(address, &mut [0; IPV4_TEXT_MAX]));
+                let (last, mut text, mut length) = LAST_PEER.get();
+                if last != Some(address) {
+                    length = ipv4_text(address, &mut text).len();
+                    LAST_PEER.set((Some(address), text, length));
+                }
+                // Only ASCII digits, dots and a colon were written.
+                self.display(
+                    name,
+                    std::str::from_utf8(&text[..length]).unwrap_or_default(),
+                );
             }
             address => self.add(name, Value::Debug(&tracing::field::display(address))),
         }
@@ -621,7 +636,30 @@ fn since_epoch() -> Duration {
 
 /// Writes a time since the Unix epoch, for years 1970 to 9999.
 fn write_rfc3339(text: &mut [u8; 27], since_epoch: Duration) {
+    thread_local! {
+        /// The last second written on this thread, and its text up to the fraction: lines come
+        /// many to a second.
+        static LAST_SECOND: std::cell::Cell<Option<(u64, [u8; 27])>> =
+            const { std::cell::Cell::new(None) };
+    }
     let seconds = since_epoch.as_secs();
+    match LAST_SECOND.get() {
+        Some((second, written)) if second == seconds => *text = written,
+        _ => {
+            write_second(text, seconds);
+            LAST_SECOND.set(Some((seconds, *text)));
+        }
+    }
+    let mut micros = since_epoch.subsec_micros();
+    for digit in text[20..26].iter_mut().rev() {
+        *digit = b'0' + (micros % 10) as u8;
+        micros /= 10;
+    }
+    text[26] = b'Z';
+}
+
+/// Writes `YYYY-MM-DDTHH:MM:SS.` for a second since the Unix epoch.
+fn write_second(text: &mut [u8; 27], seconds: u64) {
     let (year, month, day) = civil_from_days(seconds / 86_400);
     let second_of_day = seconds % 86_400;
     let mut position = 0;
@@ -632,7 +670,6 @@ fn write_rfc3339(text: &mut [u8; 27], since_epoch: Duration) {
         (second_of_day / 3600, 2, b':'),
         (second_of_day / 60 % 60, 2, b':'),
         (second_of_day % 60, 2, b'.'),
-        (u64::from(since_epoch.subsec_micros()), 6, b'Z'),
     ];
     for (mut value, width, after) in fields {
         for index in (position..position + width).rev() {
@@ -738,6 +775,9 @@ mod tests {
         check(951_782_400, 7, "2000-02-29T00:00:00.000007Z");
         check(1_709_251_199, 999_999, "2024-02-29T23:59:59.999999Z");
         check(1_795_920_854, 211_684, "2026-11-29T02:54:14.211684Z");
+        // The same second again, from the thread's last second.
+        check(1_795_920_854, 5, "2026-11-29T02:54:14.000005Z");
+        check(1_795_920_855, 5, "2026-11-29T02:54:15.000005Z");
         check(253_402_300_799, 0, "9999-12-31T23:59:59.000000Z");
     }
 

@@ -33,9 +33,12 @@ impl RequestId {
     pub fn new() -> Self {
         let mut text = [0_u8; uuid::fmt::Hyphenated::LENGTH];
         // Written straight into a buffer: `to_string` would go through `core::fmt`.
-        let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
-        // A UUID's text is ASCII hex and dashes, always a valid header value.
-        RequestId(HeaderValue::from_str(text).unwrap_or(HeaderValue::from_static("invalid")))
+        uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+        // Owned by the `Bytes`, so that each copy (to the controller, into the response) only
+        // counts a reference; bytes copied from a slice are moved to the heap again on first
+        // clone. A UUID's text is ASCII hex and dashes, always a valid header value.
+        let value = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text));
+        RequestId(value.unwrap_or(HeaderValue::from_static("invalid")))
     }
 
     /// The ID as a header value.

@@ -729,6 +729,20 @@ fn calls_encode_as_their_method_calls_do() {
         },
     ];
     for call in calls {
+        let expected = encode_method_call(&MethodCall::from(&call));
+        assert_eq!(encode_call_from_scratch(&call), expected, "{call:?}");
+        // Twice: the template is made by the first call of a shape and used by the next.
+        assert_eq!(encode_call(&call), expected, "{call:?}");
+        let again = encode_call(&call);
+        assert_eq!(again, expected, "{call:?}");
+        assert_eq!(again.capacity(), again.len(), "sized exactly: {call:?}");
+    }
+    // Other numbers in a shape already seen.
+    for (port_id, bin_id) in [(0, 0), (9, 10), (2000, 4_000_000), (u32::MAX, 1)] {
+        let call = Call {
+            method: "case_extract",
+            params: &[("port_id", port_id), ("bin_id", bin_id)],
+        };
         assert_eq!(
             encode_call(&call),
             encode_method_call(&MethodCall::from(&call)),
