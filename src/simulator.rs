@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::time::Instant;
 
 use crate::codec::{self, BIN_ID_RANGE, MethodCall, PORT_ID_RANGE, Reply};
+use crate::fault;
 use layout::Layout;
 use port::PortTable;
 
@@ -65,13 +66,14 @@ pub fn apply(ports: &mut PortTable, method_call: &MethodCall, now: Instant) -> O
 
 fn case_extract(ports: &mut PortTable, method_call: &MethodCall, now: Instant) -> Reply {
     const PORT_ID_FAULTS: ParamFaults = ParamFaults {
-        missing: 1003,
-        invalid: 1004,
+        missing: fault::MISSING_PARAMETER_PORT_ID.code,
+        invalid: fault::INVALID_PARAMETER_PORT_ID.code,
     };
-    // The vendor lists no "missing bin_id" code; 1010 is the closest (task-interface.md §4.5).
+    // The vendor lists no "missing bin_id" code; INVALID_PARAMETER_BIN_ID is the closest
+    // (task-interface.md §4.5).
     const BIN_ID_FAULTS: ParamFaults = ParamFaults {
-        missing: 1010,
-        invalid: 1010,
+        missing: fault::INVALID_PARAMETER_BIN_ID.code,
+        invalid: fault::INVALID_PARAMETER_BIN_ID.code,
     };
     let checked =
         integer_param(method_call, "port_id", &PORT_ID_RANGE, PORT_ID_FAULTS).and_then(|port_id| {
