@@ -115,10 +115,13 @@ fn integer_param(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::WireFormat;
 
     fn check(body: &str, expected: Outcome) {
         let mut ports = PortTable::new(&Layout::default_layout().ports, layout::DEFAULT_STEP_TIME);
-        let method_call = codec::decode_method_call(body.as_bytes(), None).unwrap();
+        let method_call = WireFormat::Xml
+            .decode_method_call(body.as_bytes(), None)
+            .unwrap();
         assert_eq!(
             apply(&mut ports, &method_call, Instant::now()),
             expected,
