@@ -29,12 +29,6 @@ pub use shape::parse_integer;
 /// bytes, so anything near this is not a reply we understand.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// Valid `port_id` values on every task-interface method.
-pub const PORT_ID_RANGE: std::ops::RangeInclusive<u32> = 1..=2000;
-
-/// Valid `bin_id` values on every task-interface method.
-pub const BIN_ID_RANGE: std::ops::RangeInclusive<u32> = 1..=4_000_000;
-
 /// A method call on the task interface: `<methodcall><name>…</name><params>…</params></methodcall>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MethodCall {

@@ -5,6 +5,7 @@
 //! - [`proto`]: the generated `taskgate.v1` contract (messages, client, server, descriptor set).
 //! - [`fault`]: the fault table, the one source of truth for controller fault codes.
 //! - [`codec`]: task-interface XML to and from method calls and replies.
+//! - `domain`: the task interface's parameter ranges, shared by the gateway and the simulator.
 //! - [`config`]: validated settings for the gateway and the simulator.
 //! - [`request_id`]: the `x-request-id` layer that ties a call's logs together.
 //! - [`protocol`]: the layer that refuses a malformed `grpc-timeout` and a second request message.
@@ -51,6 +52,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 mod connection;
+mod domain;
 pub mod fault;
 mod health;
 mod http1;

@@ -10,8 +10,9 @@ use tokio::time::Instant;
 
 use tonic::{Request, Response, Status};
 
-use crate::codec::{BIN_ID_RANGE, Call, PORT_ID_RANGE, Reply};
+use crate::codec::{Call, Reply};
 use crate::config::{AccessLog, GatewayConfig};
+use crate::domain::{BIN_ID_RANGE, PORT_ID_RANGE};
 use crate::log::{PlainAddr, PlainLine};
 use crate::metrics::{MethodMetrics, Metrics};
 use crate::proto::task_service_server::TaskService;

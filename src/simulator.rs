@@ -1,8 +1,8 @@
 //! The simulated controller: an HTTP server that speaks the task interface, with per-port state,
 //! so every `case_extract` outcome can be produced for real without an AutoStore.
 //!
-//! It is the other side of the wire, so it shares only `codec` and `fault` with the gateway and
-//! never imports the gateway's service or upstream client.
+//! It is the other side of the wire, so it shares only `codec`, `fault` and `domain` with the
+//! gateway and never imports the gateway's service or upstream client.
 
 pub mod http;
 pub mod layout;
@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::time::Instant;
 
-use crate::codec::{self, BIN_ID_RANGE, MethodCall, PORT_ID_RANGE, Reply};
+use crate::codec::{self, MethodCall, Reply};
+use crate::domain::{BIN_ID_RANGE, PORT_ID_RANGE};
 use crate::fault;
 use layout::Layout;
 use port::PortTable;
