@@ -18,7 +18,7 @@
 //! - `accept`: accept loops that back off, count and log once per interval when accept fails.
 //! - `connection`: the limits every accepted connection lives under (handshake, idle, heads,
 //!   how many) and the drain at shutdown.
-//! - `http1`: the small HTTP/1.1 server loop the simulator and the metrics endpoint share.
+//! - `router`: serves the simulator's and the metrics endpoint's axum routers within the limits.
 //! - [`simulator`]: an embedded simulated controller.
 //! - `health`: the grpc.health.v1 statuses and the controller probe.
 //! - [`log`]: logging off the call path, through a bounded queue and a writer thread.
@@ -55,13 +55,13 @@ mod connection;
 mod domain;
 pub mod fault;
 mod health;
-mod http1;
 pub mod log;
 pub mod metrics;
 pub mod nofile;
 pub mod protocol;
 pub mod regular_file;
 pub mod request_id;
+mod router;
 pub mod server;
 mod service;
 pub mod shutdown;
