@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use taskgate::bench_api;
-use taskgate::codec::{self, Call, Reply};
+use taskgate::codec::{Call, Reply, WireFormat};
 use taskgate::config::defaults;
 
 fn encode(c: &mut Criterion) {
@@ -17,7 +17,7 @@ fn encode(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("encode case_extract");
     group.bench_function("template", |b| {
-        b.iter(|| codec::encode_call(black_box(&case_extract)))
+        b.iter(|| WireFormat::Xml.encode_call(black_box(&case_extract)))
     });
     group.bench_function("from scratch", |b| {
         b.iter(|| bench_api::encode_call_from_scratch(black_box(&case_extract)))
@@ -28,13 +28,16 @@ fn encode(c: &mut Criterion) {
 fn decode(c: &mut Criterion) {
     // The replies exactly as the simulator sends them.
     let replies = [
-        ("success", codec::encode_reply(&Reply::empty_success())),
-        ("fault", codec::encode_reply(&Reply::Fault(1148))),
+        (
+            "success",
+            WireFormat::Xml.encode_reply(&Reply::empty_success()),
+        ),
+        ("fault", WireFormat::Xml.encode_reply(&Reply::Fault(1148))),
     ];
     let mut group = c.benchmark_group("decode");
     for (name, body) in &replies {
         group.bench_function(*name, |b| {
-            b.iter(|| codec::decode_reply(black_box(body), None))
+            b.iter(|| WireFormat::Xml.decode_reply(black_box(body), None))
         });
         group.bench_function(format!("{name} (full parser)"), |b| {
             b.iter(|| bench_api::parse_reply(black_box(body), None))

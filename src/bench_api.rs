@@ -22,8 +22,8 @@ const RETRY: RetryPolicy = RetryPolicy {
     delay: defaults::RETRY_DELAY,
 };
 
-/// Decodes a reply with the full parser alone: the baseline for [`codec::decode_reply`], which
-/// recognises common replies without it.
+/// Decodes a reply with the full parser alone: the baseline for
+/// [`codec::WireFormat::decode_reply`], which recognises common replies without it.
 pub fn parse_reply(body: &[u8], charset: Option<&str>) -> Result<Reply, DecodeError> {
     codec::parse_reply(body, charset)
 }

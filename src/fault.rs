@@ -1,13 +1,14 @@
 //! The fault table: every known controller fault code with its vendor name, meaning, gRPC code and
-//! retry advice.
+//! retry policy.
 //!
 //! This table is the single source of truth for faults. The proto enum `taskgate.v1.FaultCode`,
-//! its comments and the README's error table are checked against it by tests, and `status` reads
-//! the gRPC code from it. This module does no I/O.
+//! its comments and the README's error table are checked against it by tests; `status` reads the
+//! gRPC code and whether to send a `RetryInfo` from it, and the simulator names the faults it
+//! answers by its constants. This module does no I/O.
 
 use tonic::Code;
 
-/// One known controller fault.
+/// One known controller fault: a row of [`FAULTS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fault {
     /// The controller's numeric code, as sent in `<fault><code>`.
@@ -18,6 +19,28 @@ pub struct Fault {
     pub meaning: &'static str,
     /// The gRPC status code a caller receives for this fault.
     pub grpc_code: Code,
+    /// What a caller may do about it; also whether the status carries a `RetryInfo`.
+    pub retry: Retry,
+}
+
+/// What a caller should do after a fault: the table's retry column. One value decides both what
+/// the docs advise and whether the status carries a `google.rpc.RetryInfo`, so the two cannot
+/// disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The controller certainly did not start the action, so retrying is safe: the status
+    /// carries a `RetryInfo` with the delay to wait.
+    AfterDelay,
+    /// The request itself is wrong; the same request fails again.
+    FixRequest,
+    /// An id names nothing the controller knows.
+    CheckIds,
+    /// The port is not in a state that allows the action.
+    AfterPortChange,
+    /// A 1xxx code the gateway does not know: what the controller did is unknown.
+    Report,
+    /// A code outside the documented range: the controller's own internal error.
+    ContactSupport,
 }
 
 /// How a raw fault code from the controller is classified.
@@ -31,163 +54,81 @@ pub enum FaultClass {
     OutOfRange(u32),
 }
 
-/// The code a controller returns when a new action arrives while the previous one still runs.
-/// It is the one fault where the controller certainly did nothing, so a retry is safe.
-pub const PREVIOUS_ACTION_NOT_COMPLETED: u32 = 1148;
+/// Declares each fault once: a constant named after the vendor's name (so code outside this
+/// table names a fault, never its number), and its row in [`FAULTS`], in the order written. The
+/// `http` crate declares its `StatusCode` constants and their reasons the same way.
+macro_rules! fault_table {
+    ($($name:ident = $code:literal, $grpc_code:ident, $retry:ident, $meaning:literal;)*) => {
+        $(
+            #[doc = concat!("Fault ", $code, ": ", $meaning)]
+            pub const $name: Fault = Fault {
+                code: $code,
+                name: stringify!($name),
+                meaning: $meaning,
+                grpc_code: Code::$grpc_code,
+                retry: Retry::$retry,
+            };
+        )*
 
-/// Every known fault, ordered by code.
-pub const FAULTS: &[Fault] = &[
-    fault(
-        1000,
-        "PORT_IS_NOT_AVAILABLE",
-        "The specified port does not exist.",
-        Code::NotFound,
-    ),
-    fault(
-        1001,
-        "PORT_IS_CLOSING",
-        "The specified port is closing.",
-        Code::FailedPrecondition,
-    ),
-    fault(
-        1002,
-        "PORT_IS_ALREADY_OPEN",
-        "The specified port is already open.",
-        Code::FailedPrecondition,
-    ),
-    fault(
-        1003,
-        "MISSING_PARAMETER_PORT_ID",
-        "The mandatory parameter port_id is missing.",
-        Code::InvalidArgument,
-    ),
-    fault(
-        1004,
-        "INVALID_PARAMETER_PORT_ID",
-        "The parameter port_id is invalid (bad format or out of range).",
-        Code::InvalidArgument,
-    ),
-    fault(
-        1006,
-        "INVALID_PARAMETER_CONTENT",
-        "The parameter content is invalid (bad format or out of range).",
-        Code::InvalidArgument,
-    ),
-    fault(
-        1007,
-        "INVALID_PARAMETER_CATEGORY",
-        "The parameter category is invalid (bad format or out of range).",
-        Code::InvalidArgument,
-    ),
-    fault(
-        1008,
-        "INVALID_PARAMETER_REQ_TIME",
-        "The parameter req_time is invalid (bad format or out of range).",
-        Code::InvalidArgument,
-    ),
-    fault(
-        1009,
-        "PORT_IS_NOT_OPEN",
-        "The specified port is not open.",
-        Code::FailedPrecondition,
-    ),
-    fault(
-        1010,
-        "INVALID_PARAMETER_BIN_ID",
-        "The parameter bin_id is invalid (bad format or out of range).",
-        Code::InvalidArgument,
-    ),
-    fault(
-        1011,
-        "BIN_DOES_NOT_EXIST",
-        "The specified bin does not exist.",
-        Code::NotFound,
-    ),
-    fault(
-        1012,
-        "INVALID_PARAMETER_TASK_ID",
-        "The parameter task_id is invalid (bad format or out of range).",
-        Code::InvalidArgument,
-    ),
-    fault(
-        1013,
-        "INVALID_PARAMETER_TASKGROUP_ID",
-        "The parameter taskgroup_id is invalid (bad format or out of range).",
-        Code::InvalidArgument,
-    ),
-    fault(
-        1014,
-        "INVALID_PARAMETER_SHIPMENT",
-        "The parameter shipment is invalid (bad format or out of range).",
-        Code::InvalidArgument,
-    ),
-    fault(
-        1015,
-        "NO_TASKS_OR_BINS_FULFILLS_PORT_SELECT",
-        "No tasks or bins satisfy the port's select requirements.",
-        Code::FailedPrecondition,
-    ),
-    fault(
-        1016,
-        "NO_READY_BINS_FULLFILLS_PORT_SELECT",
-        "No ready bins satisfy the port's select requirements.",
-        Code::FailedPrecondition,
-    ),
-    fault(
-        1017,
-        "TASK_DOES_NOT_EXIST",
-        "The specified task does not exist.",
-        Code::NotFound,
-    ),
-    fault(
-        1018,
-        "TASKGROUP_DOES_NOT_EXIST",
-        "The specified task group does not exist.",
-        Code::NotFound,
-    ),
-    fault(
-        1019,
-        "TASKGROUP_IS_SELECTED_BY_ANOTHER_PORT",
-        "The task group is selected by another port.",
-        Code::FailedPrecondition,
-    ),
-    fault(
-        1020,
-        "CONFLICTS_WITH_PREV_OPENBIN",
-        "This openbin conflicts with an earlier openbin that has not been closed yet.",
-        Code::FailedPrecondition,
-    ),
-    fault(
-        1021,
-        "CONFLICTS_WITH_SELECTED_SHIPMENT",
-        "The request conflicts with the port's selected shipment.",
-        Code::FailedPrecondition,
-    ),
-    fault(
-        1087,
-        "PORT_IS_NOT_AUTOCASE",
-        "The Port specified is not an AutoCase port.",
-        Code::FailedPrecondition,
-    ),
-    fault(
-        1099,
-        "PORT_NOT_IN_APPROPRIATE_MODE",
-        "Port is not in the appropriate mode (open).",
-        Code::FailedPrecondition,
-    ),
-    fault(
-        PREVIOUS_ACTION_NOT_COMPLETED,
-        "PREVIOUS_ACTION_NOT_COMPLETED",
-        "New action cannot be started until the previous action has been completed.",
-        Code::Unavailable,
-    ),
-    fault(
-        1149,
-        "BIN_NOT_SELECTED_FOR_PORT",
-        "The specified bin is not selected for the specified port, the requested operation is therefore invalid.",
-        Code::FailedPrecondition,
-    ),
-];
+        /// Every known fault, ordered by code.
+        pub const FAULTS: &[Fault] = &[$($name),*];
+    };
+}
+
+fault_table! {
+    PORT_IS_NOT_AVAILABLE = 1000, NotFound, CheckIds,
+        "The specified port does not exist.";
+    PORT_IS_CLOSING = 1001, FailedPrecondition, AfterPortChange,
+        "The specified port is closing.";
+    PORT_IS_ALREADY_OPEN = 1002, FailedPrecondition, AfterPortChange,
+        "The specified port is already open.";
+    MISSING_PARAMETER_PORT_ID = 1003, InvalidArgument, FixRequest,
+        "The mandatory parameter port_id is missing.";
+    INVALID_PARAMETER_PORT_ID = 1004, InvalidArgument, FixRequest,
+        "The parameter port_id is invalid (bad format or out of range).";
+    INVALID_PARAMETER_CONTENT = 1006, InvalidArgument, FixRequest,
+        "The parameter content is invalid (bad format or out of range).";
+    INVALID_PARAMETER_CATEGORY = 1007, InvalidArgument, FixRequest,
+        "The parameter category is invalid (bad format or out of range).";
+    INVALID_PARAMETER_REQ_TIME = 1008, InvalidArgument, FixRequest,
+        "The parameter req_time is invalid (bad format or out of range).";
+    PORT_IS_NOT_OPEN = 1009, FailedPrecondition, AfterPortChange,
+        "The specified port is not open.";
+    INVALID_PARAMETER_BIN_ID = 1010, InvalidArgument, FixRequest,
+        "The parameter bin_id is invalid (bad format or out of range).";
+    BIN_DOES_NOT_EXIST = 1011, NotFound, CheckIds,
+        "The specified bin does not exist.";
+    INVALID_PARAMETER_TASK_ID = 1012, InvalidArgument, FixRequest,
+        "The parameter task_id is invalid (bad format or out of range).";
+    INVALID_PARAMETER_TASKGROUP_ID = 1013, InvalidArgument, FixRequest,
+        "The parameter taskgroup_id is invalid (bad format or out of range).";
+    INVALID_PARAMETER_SHIPMENT = 1014, InvalidArgument, FixRequest,
+        "The parameter shipment is invalid (bad format or out of range).";
+    NO_TASKS_OR_BINS_FULFILLS_PORT_SELECT = 1015, FailedPrecondition, AfterPortChange,
+        "No tasks or bins satisfy the port's select requirements.";
+    NO_READY_BINS_FULLFILLS_PORT_SELECT = 1016, FailedPrecondition, AfterPortChange,
+        "No ready bins satisfy the port's select requirements.";
+    TASK_DOES_NOT_EXIST = 1017, NotFound, CheckIds,
+        "The specified task does not exist.";
+    TASKGROUP_DOES_NOT_EXIST = 1018, NotFound, CheckIds,
+        "The specified task group does not exist.";
+    TASKGROUP_IS_SELECTED_BY_ANOTHER_PORT = 1019, FailedPrecondition, AfterPortChange,
+        "The task group is selected by another port.";
+    CONFLICTS_WITH_PREV_OPENBIN = 1020, FailedPrecondition, AfterPortChange,
+        "This openbin conflicts with an earlier openbin that has not been closed yet.";
+    CONFLICTS_WITH_SELECTED_SHIPMENT = 1021, FailedPrecondition, AfterPortChange,
+        "The request conflicts with the port's selected shipment.";
+    PORT_IS_NOT_AUTOCASE = 1087, FailedPrecondition, AfterPortChange,
+        "The Port specified is not an AutoCase port.";
+    PORT_NOT_IN_APPROPRIATE_MODE = 1099, FailedPrecondition, AfterPortChange,
+        "Port is not in the appropriate mode (open).";
+    // A new action arrived while the previous one still runs: the one fault where the controller
+    // certainly did nothing, so a retry is safe.
+    PREVIOUS_ACTION_NOT_COMPLETED = 1148, Unavailable, AfterDelay,
+        "New action cannot be started until the previous action has been completed.";
+    BIN_NOT_SELECTED_FOR_PORT = 1149, FailedPrecondition, AfterPortChange,
+        "The specified bin is not selected for the specified port, the requested operation is therefore invalid.";
+}
 
 /// The lowest and highest code the vendor allows the interface to return; anything else is an
 /// internal controller error that "should not be exposed to the WMS".
@@ -237,12 +178,33 @@ pub fn grpc_code_name(code: Code) -> &'static str {
     }
 }
 
-// === impl Fault ===
+// === impl Retry ===
 
-impl Fault {
-    /// What a caller should do about this fault, for the docs and the CLI.
-    pub fn retry_advice(&self) -> &'static str {
-        retry_advice(self.grpc_code)
+impl Retry {
+    /// What a caller should do, as the README's error table and the proto's comments say it.
+    pub fn advice(self) -> &'static str {
+        match self {
+            Retry::AfterDelay => {
+                "retry after the RetryInfo delay; the controller did not start the action"
+            }
+            Retry::FixRequest => "do not retry; fix the request",
+            Retry::CheckIds => "do not retry; check the port, bin or task id",
+            Retry::AfterPortChange => "do not retry until the port's state changes",
+            Retry::Report => "do not retry; report it",
+            Retry::ContactSupport => "do not retry; contact AutoStore support",
+        }
+    }
+
+    /// Whether the status tells the caller how long to wait, in a `google.rpc.RetryInfo`.
+    pub fn has_retry_info(self) -> bool {
+        match self {
+            Retry::AfterDelay => true,
+            Retry::FixRequest
+            | Retry::CheckIds
+            | Retry::AfterPortChange
+            | Retry::Report
+            | Retry::ContactSupport => false,
+        }
     }
 }
 
@@ -285,25 +247,14 @@ impl FaultClass {
             FaultClass::OutOfRange(_) => Code::Internal,
         }
     }
-}
 
-const fn fault(code: u32, name: &'static str, meaning: &'static str, grpc_code: Code) -> Fault {
-    Fault {
-        code,
-        name,
-        meaning,
-        grpc_code,
-    }
-}
-
-fn retry_advice(grpc_code: Code) -> &'static str {
-    match grpc_code {
-        Code::Unavailable => {
-            "retry after the RetryInfo delay; the controller did not start the action"
+    /// What a caller may do about it.
+    pub fn retry(&self) -> Retry {
+        match self {
+            FaultClass::Known(fault) => fault.retry,
+            FaultClass::Unknown(_) => Retry::Report,
+            FaultClass::OutOfRange(_) => Retry::ContactSupport,
         }
-        Code::InvalidArgument => "do not retry; fix the request",
-        Code::NotFound => "do not retry; check the port, bin or task id",
-        _ => "do not retry until the port's state changes",
     }
 }
 
@@ -312,7 +263,7 @@ mod tests {
     use super::*;
     use crate::proto::FaultCode;
 
-    fn check(code: u32, expected_reason: &str, expected_grpc: Code) {
+    fn check(code: u32, expected_reason: &str, expected_grpc: Code, expected_retry: Retry) {
         let fault_class = classify(code);
         assert_eq!(fault_class.code(), code);
         assert_eq!(fault_class.reason(), expected_reason, "reason of {code}");
@@ -321,22 +272,37 @@ mod tests {
             expected_grpc,
             "gRPC code of {code}"
         );
+        assert_eq!(fault_class.retry(), expected_retry, "retry of {code}");
+    }
+
+    fn check_known(codes: &[u32], expected_grpc: Code, expected_retry: Retry) {
+        for &code in codes {
+            let name = known(code).unwrap().name;
+            check(code, name, expected_grpc, expected_retry);
+        }
     }
 
     #[test]
-    fn every_code_maps_to_the_specified_grpc_code() {
-        for code in [1000, 1011, 1017, 1018] {
-            check(code, known(code).unwrap().name, Code::NotFound);
-        }
-        for code in [1003, 1004, 1006, 1007, 1008, 1010, 1012, 1013, 1014] {
-            check(code, known(code).unwrap().name, Code::InvalidArgument);
-        }
-        check(1148, "PREVIOUS_ACTION_NOT_COMPLETED", Code::Unavailable);
-        for code in [
-            1001, 1002, 1009, 1015, 1016, 1019, 1020, 1021, 1087, 1099, 1149,
-        ] {
-            check(code, known(code).unwrap().name, Code::FailedPrecondition);
-        }
+    fn every_code_maps_to_the_specified_grpc_code_and_retry() {
+        check_known(&[1000, 1011, 1017, 1018], Code::NotFound, Retry::CheckIds);
+        check_known(
+            &[1003, 1004, 1006, 1007, 1008, 1010, 1012, 1013, 1014],
+            Code::InvalidArgument,
+            Retry::FixRequest,
+        );
+        check(
+            1148,
+            "PREVIOUS_ACTION_NOT_COMPLETED",
+            Code::Unavailable,
+            Retry::AfterDelay,
+        );
+        check_known(
+            &[
+                1001, 1002, 1009, 1015, 1016, 1019, 1020, 1021, 1087, 1099, 1149,
+            ],
+            Code::FailedPrecondition,
+            Retry::AfterPortChange,
+        );
         assert_eq!(
             FAULTS.len(),
             4 + 9 + 1 + 11,
@@ -345,13 +311,31 @@ mod tests {
     }
 
     #[test]
+    fn only_a_retry_after_the_delay_carries_retry_info() {
+        assert!(Retry::AfterDelay.has_retry_info());
+        for retry in [
+            Retry::FixRequest,
+            Retry::CheckIds,
+            Retry::AfterPortChange,
+            Retry::Report,
+            Retry::ContactSupport,
+        ] {
+            assert!(!retry.has_retry_info(), "{retry:?}");
+        }
+    }
+
+    #[test]
     fn unknown_and_out_of_range_codes() {
-        check(1005, "UNKNOWN_FAULT", Code::Unknown);
-        check(1999, "UNKNOWN_FAULT", Code::Unknown);
-        check(999, "CONTROLLER_INTERNAL_ERROR", Code::Internal);
-        check(2000, "CONTROLLER_INTERNAL_ERROR", Code::Internal);
-        check(0, "CONTROLLER_INTERNAL_ERROR", Code::Internal);
-        check(u32::MAX, "CONTROLLER_INTERNAL_ERROR", Code::Internal);
+        check(1005, "UNKNOWN_FAULT", Code::Unknown, Retry::Report);
+        check(1999, "UNKNOWN_FAULT", Code::Unknown, Retry::Report);
+        for code in [999, 2000, 0, u32::MAX] {
+            check(
+                code,
+                "CONTROLLER_INTERNAL_ERROR",
+                Code::Internal,
+                Retry::ContactSupport,
+            );
+        }
     }
 
     #[test]

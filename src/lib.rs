@@ -5,6 +5,7 @@
 //! - [`proto`]: the generated `taskgate.v1` contract (messages, client, server, descriptor set).
 //! - [`fault`]: the fault table, the one source of truth for controller fault codes.
 //! - [`codec`]: task-interface XML to and from method calls and replies.
+//! - `domain`: the task interface's parameter ranges, shared by the gateway and the simulator.
 //! - [`config`]: validated settings for the gateway and the simulator.
 //! - [`request_id`]: the `x-request-id` that ties a call's logs together.
 //! - `call`: the layer around every call: request ID, span, in-flight gauge, metrics, access line.
@@ -18,7 +19,7 @@
 //! - `accept`: accept loops that back off, count and log once per interval when accept fails.
 //! - `connection`: the limits every accepted connection lives under (handshake, idle, heads,
 //!   how many) and the drain at shutdown.
-//! - `http1`: the small HTTP/1.1 server loop the simulator and the metrics endpoint share.
+//! - `router`: serves the simulator's and the metrics endpoint's axum routers within the limits.
 //! - [`simulator`]: an embedded simulated controller.
 //! - `health`: the grpc.health.v1 statuses and the controller probe.
 //! - [`log`]: logging off the call path, through a bounded queue and a writer thread.
@@ -53,15 +54,16 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 mod connection;
+mod domain;
 pub mod fault;
 mod health;
-mod http1;
 pub mod log;
 pub mod metrics;
 pub mod nofile;
 pub mod protocol;
 pub mod regular_file;
 pub mod request_id;
+mod router;
 pub mod server;
 mod service;
 pub mod shutdown;

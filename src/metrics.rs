@@ -7,10 +7,10 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::header::HeaderValue;
-use hyper::{Method, Response, StatusCode};
+use axum::extract::State;
+use axum::http::header::{CONTENT_TYPE, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Http1Limits;
 use crate::fault::{self, FaultClass};
-use crate::http1::{self, plain};
+use crate::router::{self, Endpoint};
 
 /// The path the metrics are served on.
 pub const METRICS_PATH: &str = "/metrics";
@@ -451,37 +451,21 @@ pub(crate) async fn serve(
     metrics: Metrics,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let listener_metrics = metrics.listener("metrics");
-    let handler = move |request: hyper::Request<Bytes>, _peer| {
-        let response = respond(&metrics, request.method(), request.uri().path());
-        async move { response }
+    const ENDPOINT: Endpoint = Endpoint {
+        path: METRICS_PATH,
+        pointer: "metrics are at",
+        allow: "GET, HEAD",
     };
-    http1::serve(listener, limits, listener_metrics, handler, shutdown).await;
+    let listener_metrics = metrics.listener("metrics");
+    let router = ENDPOINT.router(get(encoded)).with_state(metrics);
+    router::serve(listener, limits, listener_metrics, router, shutdown).await;
 }
 
-fn respond(metrics: &Metrics, method: &Method, path: &str) -> Response<Full<Bytes>> {
-    if path != METRICS_PATH {
-        return plain(
-            StatusCode::NOT_FOUND,
-            format!("no endpoint at '{path}'; metrics are at {METRICS_PATH}"),
-        );
-    }
-    if method != Method::GET && method != Method::HEAD {
-        let mut response = plain(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("method {method} is not allowed; use GET"),
-        );
-        response
-            .headers_mut()
-            .insert(hyper::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return response;
-    }
-    let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
-    response
+/// The answer to a scrape: every metric in the OpenMetrics text format.
+async fn encoded(State(metrics): State<Metrics>) -> Response {
+    let content_type =
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8");
+    ([(CONTENT_TYPE, content_type)], metrics.encode()).into_response()
 }
 
 #[cfg(test)]

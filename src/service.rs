@@ -11,8 +11,9 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::call::{CallNotes, CallScope};
-use crate::codec::{BIN_ID_RANGE, Call, PORT_ID_RANGE, Reply};
+use crate::codec::{Call, Reply};
 use crate::config::GatewayConfig;
+use crate::domain::{BIN_ID_RANGE, PORT_ID_RANGE};
 use crate::proto::task_service_server::TaskService;
 use crate::proto::{CaseExtractRequest, CaseExtractResponse};
 use crate::protocol::{GRPC_TIMEOUT, parse_grpc_timeout};

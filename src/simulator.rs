@@ -1,8 +1,8 @@
 //! The simulated controller: an HTTP server that speaks the task interface, with per-port state,
 //! so every `case_extract` outcome can be produced for real without an AutoStore.
 //!
-//! It is the other side of the wire, so it shares only `codec` and `fault` with the gateway and
-//! never imports the gateway's service or upstream client.
+//! It is the other side of the wire, so it shares only `codec`, `fault` and `domain` with the
+//! gateway and never imports the gateway's service or upstream client.
 
 pub mod http;
 pub mod layout;
@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::time::Instant;
 
-use crate::codec::{self, BIN_ID_RANGE, MethodCall, PORT_ID_RANGE, Reply};
+use crate::codec::{self, MethodCall, Reply};
+use crate::domain::{BIN_ID_RANGE, PORT_ID_RANGE};
+use crate::fault;
 use layout::Layout;
 use port::PortTable;
 
@@ -65,13 +67,14 @@ pub fn apply(ports: &mut PortTable, method_call: &MethodCall, now: Instant) -> O
 
 fn case_extract(ports: &mut PortTable, method_call: &MethodCall, now: Instant) -> Reply {
     const PORT_ID_FAULTS: ParamFaults = ParamFaults {
-        missing: 1003,
-        invalid: 1004,
+        missing: fault::MISSING_PARAMETER_PORT_ID.code,
+        invalid: fault::INVALID_PARAMETER_PORT_ID.code,
     };
-    // The vendor lists no "missing bin_id" code; 1010 is the closest (task-interface.md §4.5).
+    // The vendor lists no "missing bin_id" code; INVALID_PARAMETER_BIN_ID is the closest
+    // (task-interface.md §4.5).
     const BIN_ID_FAULTS: ParamFaults = ParamFaults {
-        missing: 1010,
-        invalid: 1010,
+        missing: fault::INVALID_PARAMETER_BIN_ID.code,
+        invalid: fault::INVALID_PARAMETER_BIN_ID.code,
     };
     let checked =
         integer_param(method_call, "port_id", &PORT_ID_RANGE, PORT_ID_FAULTS).and_then(|port_id| {
@@ -113,10 +116,13 @@ fn integer_param(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::WireFormat;
 
     fn check(body: &str, expected: Outcome) {
         let mut ports = PortTable::new(&Layout::default_layout().ports, layout::DEFAULT_STEP_TIME);
-        let method_call = codec::decode_method_call(body.as_bytes(), None).unwrap();
+        let method_call = WireFormat::Xml
+            .decode_method_call(body.as_bytes(), None)
+            .unwrap();
         assert_eq!(
             apply(&mut ports, &method_call, Instant::now()),
             expected,

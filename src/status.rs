@@ -241,7 +241,7 @@ fn controller_fault(context: &CallContext, fault_class: FaultClass, retry: Retry
             value: task_fault.encode_to_vec(),
         },
     ];
-    if raw_code == fault::PREVIOUS_ACTION_NOT_COMPLETED {
+    if fault_class.retry().has_retry_info() {
         details.push(retry_info(retry.delay));
     }
     let message = format!(
@@ -345,6 +345,11 @@ mod tests {
 
     fn check_fault(raw_code: u32, code: Code, reason: &str, fault_code: FaultCode) {
         let status = status(&CONTEXT, &CallError::Fault(raw_code), RETRY);
+        assert_eq!(
+            status.get_details_retry_info().is_some(),
+            fault::classify(raw_code).retry().has_retry_info(),
+            "RetryInfo of {raw_code}"
+        );
         assert_eq!(status.code(), code, "{raw_code}");
         let error_info = status.get_details_error_info().unwrap();
         assert_eq!(error_info.reason, reason);

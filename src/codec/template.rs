@@ -7,7 +7,8 @@
 
 use std::cell::RefCell;
 
-use super::{Call, Element, MethodCall, encode_method_call};
+use super::xml::encode_method_call;
+use super::{Call, Element, MethodCall};
 
 /// Stands where a number will go; it cannot be in a call the encoder wrote, so finding exactly
 /// one per parameter proves the cut is right.

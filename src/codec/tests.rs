@@ -4,7 +4,7 @@ use super::*;
 
 fn check_reply(body: &[u8], charset: Option<&str>, expected: Result<Reply, DecodeError>) {
     assert_eq!(
-        decode_reply(body, charset),
+        WireFormat::Xml.decode_reply(body, charset),
         expected,
         "body: {}",
         String::from_utf8_lossy(body)
@@ -20,7 +20,7 @@ fn fault(code: u32) -> Result<Reply, DecodeError> {
 }
 
 fn malformed(body: &[u8]) {
-    match decode_reply(body, None) {
+    match WireFormat::Xml.decode_reply(body, None) {
         Err(DecodeError::Malformed { .. }) => {}
         other => panic!("expected Malformed for {body:?}, got {other:?}"),
     }
@@ -28,7 +28,7 @@ fn malformed(body: &[u8]) {
 
 fn check_encoded(method_call: &MethodCall, expected: &str) {
     assert_eq!(
-        String::from_utf8(encode_method_call(method_call)).unwrap(),
+        String::from_utf8(WireFormat::Xml.encode_method_call(method_call)).unwrap(),
         expected
     );
 }
@@ -43,9 +43,9 @@ fn case_extract_request_is_the_documented_shape() {
         params: &[("port_id", 4), ("bin_id", 101337)],
     };
     assert_eq!(MethodCall::from(&call), method_call);
-    let body = encode_method_call(&method_call);
+    let body = WireFormat::Xml.encode_method_call(&method_call);
     assert_eq!(body.capacity(), body.len(), "sized exactly, never regrown");
-    let call_body = encode_call(&call);
+    let call_body = WireFormat::Xml.encode_call(&call);
     assert_eq!(call_body, body, "a Call encodes as its MethodCall does");
     assert_eq!(call_body.capacity(), call_body.len(), "sized exactly");
     let expected = "<?xml version=\"1.0\"?>\n\
@@ -78,7 +78,7 @@ fn escaped_text_has_exact_bytes() {
                     </methodcall>\n";
     check_encoded(&method_call, expected);
     assert_eq!(
-        decode_method_call(expected.as_bytes(), None),
+        WireFormat::Xml.decode_method_call(expected.as_bytes(), None),
         Ok(method_call)
     );
 }
@@ -118,7 +118,7 @@ fn nested_elements_have_exact_bytes() {
     check_encoded(&method_call, expected);
 
     assert_eq!(
-        encode_method_call(&MethodCall::new("")),
+        WireFormat::Xml.encode_method_call(&MethodCall::new("")),
         b"<?xml version=\"1.0\"?>\n<methodcall>\n  <name/>\n  <params/>\n</methodcall>\n"
     );
 
@@ -128,11 +128,11 @@ fn nested_elements_have_exact_bytes() {
         children: vec![Element::leaf("case_state", "EREQ")],
     };
     assert_eq!(
-        encode_reply(&Reply::Success(params)),
+        WireFormat::Xml.encode_reply(&Reply::Success(params)),
         b"<?xml version=\"1.0\"?>\n<response>\n  <params>\n    <case_state>EREQ</case_state>\n  </params>\n</response>\n"
     );
     assert_eq!(
-        encode_reply(&Reply::Fault(u32::MAX)),
+        WireFormat::Xml.encode_reply(&Reply::Fault(u32::MAX)),
         b"<?xml version=\"1.0\"?>\n<response>\n  <fault>\n    <code>4294967295</code>\n  </fault>\n</response>\n"
     );
 }
@@ -140,25 +140,28 @@ fn nested_elements_have_exact_bytes() {
 #[test]
 fn method_call_round_trips_and_escapes_text() {
     let method_call = MethodCall::new("x").with_param("note", "a<b & c>d");
-    let body = encode_method_call(&method_call);
+    let body = WireFormat::Xml.encode_method_call(&method_call);
     assert!(String::from_utf8_lossy(&body).contains("a&lt;b &amp; c&gt;d"));
-    assert_eq!(decode_method_call(&body, None), Ok(method_call));
+    assert_eq!(
+        WireFormat::Xml.decode_method_call(&body, None),
+        Ok(method_call)
+    );
 }
 
 #[test]
 fn replies_encode_in_the_documented_shape() {
-    let success_body = encode_reply(&Reply::empty_success());
+    let success_body = WireFormat::Xml.encode_reply(&Reply::empty_success());
     assert_eq!(
         success_body,
         b"<?xml version=\"1.0\"?>\n<response>\n  <params/>\n</response>\n"
     );
-    let fault_body = encode_reply(&Reply::Fault(1009));
+    let fault_body = WireFormat::Xml.encode_reply(&Reply::Fault(1009));
     assert_eq!(
         fault_body,
         b"<?xml version=\"1.0\"?>\n<response>\n  <fault>\n    <code>1009</code>\n  </fault>\n</response>\n"
     );
-    assert_eq!(decode_reply(&success_body, None), success());
-    assert_eq!(decode_reply(&fault_body, None), fault(1009));
+    assert_eq!(WireFormat::Xml.decode_reply(&success_body, None), success());
+    assert_eq!(WireFormat::Xml.decode_reply(&fault_body, None), fault(1009));
 }
 
 #[test]
@@ -195,7 +198,7 @@ fn success_shapes() {
         success(),
     );
     check_reply(b"<response><params x=\"1\"/></response>", None, success());
-    let with_data = decode_reply(
+    let with_data = WireFormat::Xml.decode_reply(
         b"<response><params><port_id>4</port_id></params></response>",
         None,
     );
@@ -379,16 +382,23 @@ fn doctype_and_entities_are_refused_never_expanded() {
 fn latin1_is_read_from_the_declaration_or_the_charset() {
     // 0xE6 is 'æ' in ISO-8859-1 and not valid UTF-8 on its own.
     let declared = b"<?xml version=\"1.0\" encoding=\"ISO-8859-1\"?><methodcall><name>n\xE6</name><params/></methodcall>";
-    assert_eq!(decode_method_call(declared, None).unwrap().name, "næ");
+    assert_eq!(
+        WireFormat::Xml
+            .decode_method_call(declared, None)
+            .unwrap()
+            .name,
+        "næ"
+    );
     let undeclared = b"<methodcall><name>n\xE6</name><params/></methodcall>";
     assert_eq!(
-        decode_method_call(undeclared, Some("iso-8859-1"))
+        WireFormat::Xml
+            .decode_method_call(undeclared, Some("iso-8859-1"))
             .unwrap()
             .name,
         "næ"
     );
     assert_eq!(
-        decode_method_call(undeclared, None),
+        WireFormat::Xml.decode_method_call(undeclared, None),
         Err(DecodeError::InvalidEncoding {
             encoding: "UTF-8",
             offset: 19
@@ -410,7 +420,8 @@ fn latin1_is_read_from_the_declaration_or_the_charset() {
 fn the_content_type_charset_wins_over_the_declaration() {
     let body = "<?xml version=\"1.0\" encoding=\"ISO-8859-1\"?><methodcall><name>næ</name><params/></methodcall>";
     assert_eq!(
-        decode_method_call(body.as_bytes(), Some("utf-8"))
+        WireFormat::Xml
+            .decode_method_call(body.as_bytes(), Some("utf-8"))
             .unwrap()
             .name,
         "næ"
@@ -443,7 +454,9 @@ fn nesting_is_capped() {
 #[test]
 fn method_call_shapes() {
     let documented = b"<?xml version=\"1.0\"?>\n<methodcall>\n  <name>case_extract</name>\n  <params>\n    <port_id>4</port_id>\n    <bin_id>101337</bin_id>\n</params>\n</methodcall>";
-    let method_call = decode_method_call(documented, None).unwrap();
+    let method_call = WireFormat::Xml
+        .decode_method_call(documented, None)
+        .unwrap();
     assert_eq!(method_call.name, "case_extract");
     assert_eq!(method_call.params_named("port_id").count(), 1);
     assert_eq!(
@@ -452,15 +465,15 @@ fn method_call_shapes() {
     );
 
     assert_eq!(
-        decode_method_call(b"<methodcall><params/></methodcall>", None),
+        WireFormat::Xml.decode_method_call(b"<methodcall><params/></methodcall>", None),
         Err(missing_in("methodcall", "name"))
     );
     assert_eq!(
-        decode_method_call(b"<methodcall><name>x</name></methodcall>", None),
+        WireFormat::Xml.decode_method_call(b"<methodcall><name>x</name></methodcall>", None),
         Err(missing_in("methodcall", "params"))
     );
     assert_eq!(
-        decode_method_call(b"<response><params/></response>", None),
+        WireFormat::Xml.decode_method_call(b"<response><params/></response>", None),
         Err(DecodeError::UnexpectedRoot {
             expected: "methodcall",
             found: "response".to_owned()
@@ -468,14 +481,16 @@ fn method_call_shapes() {
     );
     // The page's own Python sample ends in `</methodcall>>`; a stray `>` after the root is text.
     assert!(
-        decode_method_call(b"<methodcall><name>x</name><params/></methodcall>>", None).is_err()
+        WireFormat::Xml
+            .decode_method_call(b"<methodcall><name>x</name><params/></methodcall>>", None)
+            .is_err()
     );
 }
 
 #[test]
 fn long_peer_text_is_shortened_in_errors() {
     let body = format!("<{}/>", "x".repeat(500));
-    match decode_reply(body.as_bytes(), None) {
+    match WireFormat::Xml.decode_reply(body.as_bytes(), None) {
         Err(DecodeError::UnexpectedRoot { found, .. }) => assert_eq!(found.chars().count(), 41),
         other => panic!("{other:?}"),
     }
@@ -638,8 +653,8 @@ fn reply_variants() -> Vec<Vec<u8>> {
         bodies.push(odd.as_bytes().to_vec());
     }
     let valid: [&[u8]; 4] = [
-        &encode_reply(&Reply::empty_success()),
-        &encode_reply(&Reply::Fault(1148)),
+        &WireFormat::Xml.encode_reply(&Reply::empty_success()),
+        &WireFormat::Xml.encode_reply(&Reply::Fault(1148)),
         b"\xEF\xBB\xBF<?xml version=\"1.0\" encoding=\"UTF-8\"?>\r\n<response>\r\n <fault> <code> 01149 </code> </fault>\r\n</response>\r\n",
         b"<response><params>\r\n</params></response>",
     ];
@@ -671,11 +686,11 @@ fn common_replies_decode_as_the_full_parser_does() {
     let mut recognised = 0;
     for (index, body) in bodies.iter().enumerate() {
         for charset in [None, charsets[index % charsets.len()]] {
-            if common_reply(body, charset).is_some() {
+            if xml::common_reply(body, charset).is_some() {
                 recognised += 1;
             }
             assert_eq!(
-                decode_reply(body, charset),
+                WireFormat::Xml.decode_reply(body, charset),
                 parse_reply(body, charset),
                 "body {:?}, charset {charset:?}",
                 String::from_utf8_lossy(body)
@@ -691,8 +706,8 @@ fn common_replies_decode_as_the_full_parser_does() {
 #[test]
 fn common_replies_take_the_shortcut() {
     let bodies: [&[u8]; 6] = [
-        &encode_reply(&Reply::empty_success()),
-        &encode_reply(&Reply::Fault(1148)),
+        &WireFormat::Xml.encode_reply(&Reply::empty_success()),
+        &WireFormat::Xml.encode_reply(&Reply::Fault(1148)),
         b"\xEF\xBB\xBF<?xml version=\"1.0\" encoding=\"UTF-8\"?><response><params></params></response>",
         b"<response>\r\n\t<fault><code>\n0001009\n</code></fault>\r\n</response>\r\n",
         b"<response><params>\r\n</params></response>",
@@ -701,7 +716,7 @@ fn common_replies_take_the_shortcut() {
     for body in bodies {
         for charset in [None, Some("utf-8"), Some("ISO-8859-1")] {
             assert_eq!(
-                common_reply(body, charset),
+                xml::common_reply(body, charset),
                 Some(parse_reply(body, charset).unwrap()),
                 "{}",
                 String::from_utf8_lossy(body)
@@ -729,11 +744,11 @@ fn calls_encode_as_their_method_calls_do() {
         },
     ];
     for call in calls {
-        let expected = encode_method_call(&MethodCall::from(&call));
+        let expected = WireFormat::Xml.encode_method_call(&MethodCall::from(&call));
         assert_eq!(encode_call_from_scratch(&call), expected, "{call:?}");
         // Twice: the template is made by the first call of a shape and used by the next.
-        assert_eq!(encode_call(&call), expected, "{call:?}");
-        let again = encode_call(&call);
+        assert_eq!(WireFormat::Xml.encode_call(&call), expected, "{call:?}");
+        let again = WireFormat::Xml.encode_call(&call);
         assert_eq!(again, expected, "{call:?}");
         assert_eq!(again.capacity(), again.len(), "sized exactly: {call:?}");
     }
@@ -744,8 +759,8 @@ fn calls_encode_as_their_method_calls_do() {
             params: &[("port_id", port_id), ("bin_id", bin_id)],
         };
         assert_eq!(
-            encode_call(&call),
-            encode_method_call(&MethodCall::from(&call)),
+            WireFormat::Xml.encode_call(&call),
+            WireFormat::Xml.encode_method_call(&MethodCall::from(&call)),
             "{call:?}"
         );
     }

@@ -1,21 +1,24 @@
-//! The simulated controller's HTTP edge: accept connections, decode the method call, apply it,
-//! encode the reply. Bad requests get a plain-text reason and a 4xx/5xx status; the task
-//! interface's own replies (success and faults) are HTTP 200.
+//! The simulated controller's HTTP edge: an axum router with the task interface's one route,
+//! whose handler decodes the method call, applies it and encodes the reply. Bad requests get a
+//! plain-text reason and a 4xx/5xx status; the task interface's own replies (success and faults)
+//! are HTTP 200.
 
 use std::future::Future;
-use std::net::SocketAddr;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use axum::Extension;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::header::{CONTENT_TYPE, HeaderValue};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
 use tokio::net::TcpListener;
 
 use super::{METHODS, Outcome, Simulator};
 use crate::codec::{self, Reply, WireFormat};
 use crate::config::Http1Limits;
-use crate::http1::{self, plain};
 use crate::metrics::ListenerMetrics;
+use crate::router::{self, Endpoint, Peer, plain};
 
 /// The path the task interface is served on, as on a real controller.
 pub const TASK_PATH: &str = "/api/v2/task";
@@ -28,46 +31,28 @@ pub async fn serve(
     limits: Http1Limits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let handler = move |request, peer| {
-        let simulator = simulator.clone();
-        async move { handle(&simulator, request, peer) }
+    const TASK_INTERFACE: Endpoint = Endpoint {
+        path: TASK_PATH,
+        pointer: "the task interface is at",
+        allow: "POST",
     };
+    let router = TASK_INTERFACE.router(post(handle)).with_state(simulator);
     let metrics = ListenerMetrics::unregistered("simulator");
-    http1::serve(listener, limits, metrics, handler, shutdown).await;
+    router::serve(listener, limits, metrics, router, shutdown).await;
 }
 
-fn handle(
-    simulator: &Simulator,
-    request: Request<Bytes>,
-    peer: SocketAddr,
-) -> Response<Full<Bytes>> {
-    if request.uri().path() != TASK_PATH {
-        return plain(
-            StatusCode::NOT_FOUND,
-            format!(
-                "no endpoint at '{}'; the task interface is at {TASK_PATH}",
-                request.uri().path()
-            ),
-        );
-    }
-    if request.method() != Method::POST {
-        let mut response = plain(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("method {} is not allowed; use POST", request.method()),
-        );
-        response
-            .headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("POST"));
-        return response;
-    }
-    let request_id = request
-        .headers()
+async fn handle(
+    State(simulator): State<Simulator>,
+    Extension(Peer(peer)): Extension<Peer>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let request_id = headers
         .get(crate::request_id::HEADER)
         .and_then(|value| value.to_str().ok())
         .unwrap_or("none")
         .to_owned();
-    let content_type = request
-        .headers()
+    let content_type = headers
         .get(CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
         .map(str::to_owned);
@@ -77,7 +62,6 @@ fn handle(
         .map(str::to_owned);
     // The reply is written in the format the call came in.
     let format = WireFormat::from_content_type(content_type.as_deref());
-    let body = request.into_body();
     let method_call = match format.decode_method_call(&body, charset.as_deref()) {
         Ok(method_call) => method_call,
         Err(error) => {
@@ -98,15 +82,15 @@ fn handle(
                     tracing::debug!(%peer, %request_id, method = %method_call.name, fault_code = code, "simulator answered a fault")
                 }
             }
-            let mut response = Response::new(Full::new(Bytes::from(format.encode_reply(&reply))));
             let content_type = match format {
                 WireFormat::Xml => "application/xml; charset=utf-8",
                 WireFormat::Json => "application/json",
             };
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-            response
+            (
+                [(CONTENT_TYPE, HeaderValue::from_static(content_type))],
+                format.encode_reply(&reply),
+            )
+                .into_response()
         }
         Outcome::NotImplemented(name) => plain(
             StatusCode::NOT_IMPLEMENTED,

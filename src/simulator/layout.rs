@@ -111,14 +111,14 @@ impl Layout {
         let mut seen = BTreeSet::new();
         let mut ports = Vec::with_capacity(file.port.len());
         for entry in file.port {
-            if !crate::codec::PORT_ID_RANGE.contains(&entry.id) {
+            if !crate::domain::PORT_ID_RANGE.contains(&entry.id) {
                 return Err(LayoutError::PortId(entry.id));
             }
             if !seen.insert(entry.id) {
                 return Err(LayoutError::DuplicatePort(entry.id));
             }
             if let Some(bin) = entry.selected_bin
-                && !crate::codec::BIN_ID_RANGE.contains(&bin)
+                && !crate::domain::BIN_ID_RANGE.contains(&bin)
             {
                 return Err(LayoutError::SelectedBin {
                     port: entry.id,

@@ -9,6 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use crate::fault;
+
 /// A port mode, as the vendor names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -64,7 +66,7 @@ pub struct PortSettings {
 /// Every port the simulated controller knows, and what each is doing.
 #[derive(Debug)]
 pub struct PortTable {
-    /// Ports by id; a port not in here does not exist (fault 1000).
+    /// Ports by id; a port not in here does not exist (`PORT_IS_NOT_AVAILABLE`).
     ports: BTreeMap<u32, Port>,
     /// How long each case state lasts before the next.
     step_time: Duration,
@@ -105,18 +107,21 @@ impl PortTable {
     /// The checks run in the order the controller is assumed to run them (task-interface.md §4.5).
     pub fn case_extract(&mut self, port_id: u32, bin_id: u32, now: Instant) -> Result<(), u32> {
         let step_time = self.step_time;
-        let port = self.ports.get_mut(&port_id).ok_or(1000_u32)?;
+        let port = self
+            .ports
+            .get_mut(&port_id)
+            .ok_or(fault::PORT_IS_NOT_AVAILABLE.code)?;
         if !port.settings.autocase {
-            return Err(1087);
+            return Err(fault::PORT_IS_NOT_AUTOCASE.code);
         }
         if port.settings.mode != PortMode::Open {
-            return Err(1099);
+            return Err(fault::PORT_NOT_IN_APPROPRIATE_MODE.code);
         }
         if port.settings.selected_bin != Some(bin_id) {
-            return Err(1149);
+            return Err(fault::BIN_NOT_SELECTED_FOR_PORT.code);
         }
         if port.case_state(now, step_time).1.is_busy() {
-            return Err(crate::fault::PREVIOUS_ACTION_NOT_COMPLETED);
+            return Err(fault::PREVIOUS_ACTION_NOT_COMPLETED.code);
         }
         port.case_operation = Some(CaseOperation {
             bin_id,
@@ -154,7 +159,8 @@ impl Port {
 // === impl CaseState ===
 
 impl CaseState {
-    /// Whether a case operation is still running, so a new one must wait (fault 1148).
+    /// Whether a case operation is still running, so a new one must wait
+    /// (`PREVIOUS_ACTION_NOT_COMPLETED`).
     pub fn is_busy(self) -> bool {
         match self {
             CaseState::Ereq | CaseState::Erso => true,

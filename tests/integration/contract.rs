@@ -1,12 +1,12 @@
 //! The fault table is the single source of truth: the proto's enum comments and the README's
-//! error table must say what it says.
+//! error table must say what it says, retry advice included.
 
 use std::path::{Path, PathBuf};
 
 use prost::Message;
 use prost_types::FileDescriptorSet;
 
-use taskgate::fault::{FAULTS, grpc_code_name};
+use taskgate::fault::{FAULTS, FaultClass, classify, grpc_code_name};
 use taskgate::proto::FILE_DESCRIPTOR_SET;
 
 /// Field numbers in descriptor.proto, used to address comments in `SourceCodeInfo`.
@@ -14,7 +14,7 @@ const FILE_ENUM_TYPE: i32 = 5;
 const ENUM_VALUE: i32 = 2;
 
 #[test]
-fn every_fault_code_comment_in_the_proto_is_the_table_meaning() {
+fn every_fault_code_comment_in_the_proto_is_the_table_meaning_and_retry_advice() {
     let descriptor_set = FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).unwrap();
     let file = descriptor_set
         .file
@@ -47,29 +47,33 @@ fn every_fault_code_comment_in_the_proto_is_the_table_meaning() {
             .and_then(|location| location.leading_comments.clone())
             .unwrap_or_else(|| panic!("{name} has no comment"));
         let comment = comment.split_whitespace().collect::<Vec<_>>().join(" ");
-        assert_eq!(comment, fault.meaning, "the proto comment of {name}");
+        let expected = format!("{} Retry advice: {}.", fault.meaning, fault.retry.advice());
+        assert_eq!(comment, expected, "the proto comment of {name}");
     }
 }
 
-/// The README's error table, generated from the fault table. When this fails, paste the
-/// expected rows it prints into the README.
+/// The README's error table, generated from the fault table: a row per known fault, then the rows
+/// of the codes it does not list. When this fails, paste the expected rows it prints into the
+/// README.
 #[test]
 fn the_readme_error_table_matches_the_fault_table() {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let rows: Vec<String> = FAULTS
+    let row = |code: String, fault_class: FaultClass| {
+        format!(
+            "| {code} | `{}` | `{}` | {} | {} |",
+            fault_class.reason(),
+            grpc_code_name(fault_class.grpc_code()),
+            fault_class.retry().advice(),
+            fault_class.meaning()
+        )
+    };
+    let mut rows: Vec<String> = FAULTS
         .iter()
-        .map(|fault| {
-            format!(
-                "| {} | `{}` | `{}` | {} | {} |",
-                fault.code,
-                fault.name,
-                grpc_code_name(fault.grpc_code),
-                fault.retry_advice(),
-                fault.meaning
-            )
-        })
+        .map(|fault| row(fault.code.to_string(), FaultClass::Known(fault)))
         .collect();
+    rows.push(row("1000–1999, unlisted".to_owned(), classify(1005)));
+    rows.push(row("any other".to_owned(), classify(2000)));
     let missing: Vec<&String> = rows
         .iter()
         .filter(|row| !readme.contains(row.as_str()))

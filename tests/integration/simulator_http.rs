@@ -102,8 +102,12 @@ async fn an_unimplemented_method_is_501_with_a_reason() {
 #[tokio::test]
 async fn an_oversized_body_is_413() {
     let body = vec![b' '; DEFAULT_MAX_BODY_BYTES + 1];
-    let (status, _, _) = post("/api/v2/task", "application/xml", body).await;
+    let (status, _, reason) = post("/api/v2/task", "application/xml", body).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        reason,
+        format!("the body is larger than {DEFAULT_MAX_BODY_BYTES} bytes\n")
+    );
 }
 
 #[tokio::test]
@@ -119,6 +123,10 @@ async fn other_paths_and_methods_are_refused() {
     let response = http_client().get(url).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(response.headers()["allow"], "POST");
+    assert_eq!(
+        response.text().await.unwrap(),
+        "method GET is not allowed; use POST\n"
+    );
 }
 
 #[tokio::test]
