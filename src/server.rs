@@ -361,13 +361,12 @@ fn metrics_connections(config: &GatewayConfig, metrics_served: bool) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use tonic::server::NamedService;
+    use crate::proto::task_service_server::SERVICE_NAME;
 
     use super::*;
 
     #[test]
     fn calls_are_told_apart_by_the_task_service_path() {
-        let name = <TaskServiceServer<TaskGateway> as NamedService>::NAME;
-        assert_eq!(TASK_SERVICE_PATH, format!("/{name}/"));
+        assert_eq!(TASK_SERVICE_PATH, format!("/{SERVICE_NAME}/"));
     }
 }
