@@ -28,8 +28,7 @@ use file::ServeFile;
 use crate::auth::TokenFile;
 use crate::codec::WireFormat;
 use crate::config::{
-    AccessLog, GatewayConfig, Http1Flags, Http1Limits, defaults, parse_cors_origin,
-    parse_upstream_url, redact_url,
+    AccessLog, Http1Flags, Http1Limits, defaults, parse_cors_origin, parse_upstream_url, redact_url,
 };
 use crate::fault;
 use crate::log::LogFormat;
@@ -37,8 +36,10 @@ use crate::nofile;
 use crate::proto::task_service_client::TaskServiceClient;
 use crate::proto::{CaseExtractRequest, FaultCode, TASK_FAULT_TYPE_URL, TaskFault};
 use crate::request_id::HEADER as REQUEST_ID_HEADER;
+use crate::server::Config;
 use crate::simulator::{self, Simulator, layout::Layout};
 use crate::tls::{ServerTls, UpstreamTls};
+use crate::{connection, upstream};
 
 const EXIT_STATUS: &str = "\
 EXIT STATUS:
@@ -464,20 +465,28 @@ async fn serve(
         apply_file(&mut args, matches, file);
     }
     check_combinations(&args, matches).map_err(usage)?;
-    let mut config = GatewayConfig {
-        upstream_url: parse_upstream_url(&args.upstream)
-            .context("invalid --upstream")
-            .map_err(usage)?,
-        upstream_timeout: args.upstream_timeout,
-        retry_delay: args.retry_delay,
-        max_response_bytes: args.max_response_bytes,
+    let mut config = Config {
+        upstream: upstream::Settings {
+            url: parse_upstream_url(&args.upstream)
+                .context("invalid --upstream")
+                .map_err(usage)?,
+            timeout: args.upstream_timeout,
+            retry_delay: args.retry_delay,
+            max_response_bytes: args.max_response_bytes,
+            max_in_flight: args.max_in_flight,
+            format: match args.upstream_format {
+                UpstreamFormat::Xml => WireFormat::Xml,
+                UpstreamFormat::Json => WireFormat::Json,
+            },
+            tls: UpstreamTls::load(
+                args.upstream_ca.as_deref(),
+                args.upstream_client_cert.as_deref(),
+                args.upstream_client_key.as_deref(),
+            )
+            .map_err(|error| usage(error.into()))?,
+        },
         shutdown_grace: args.shutdown_grace,
         health_interval: args.health_interval,
-        max_in_flight: args.max_in_flight,
-        upstream_format: match args.upstream_format {
-            UpstreamFormat::Xml => WireFormat::Xml,
-            UpstreamFormat::Json => WireFormat::Json,
-        },
         tls: match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => Some(
                 ServerTls::load(cert, key, args.tls_client_ca.as_deref())
@@ -486,12 +495,6 @@ async fn serve(
             // `check_combinations` has made sure the two come together.
             _ => None,
         },
-        upstream_tls: UpstreamTls::load(
-            args.upstream_ca.as_deref(),
-            args.upstream_client_cert.as_deref(),
-            args.upstream_client_key.as_deref(),
-        )
-        .map_err(|error| usage(error.into()))?,
         cors_allow_origins: args
             .cors_allow_origin
             .iter()
@@ -500,10 +503,12 @@ async fn serve(
             .context("invalid --cors-allow-origin")
             .map_err(usage)?,
         access_log: args.access_log,
-        handshake_timeout: args.handshake_timeout,
-        idle_timeout: args.idle_timeout,
-        max_connections: args.max_connections,
-        max_concurrent_streams: args.max_concurrent_streams,
+        connections: connection::Settings {
+            handshake_timeout: args.handshake_timeout,
+            idle_timeout: args.idle_timeout,
+            max_connections: args.max_connections,
+            max_concurrent_streams: args.max_concurrent_streams,
+        },
         max_health_watches: args.max_health_watches,
         metrics_limits: args.metrics_limits(),
         auth_tokens: match &args.auth_tokens_file {
@@ -533,11 +538,11 @@ async fn serve(
             .local_addr()
             .context("cannot read the simulator's address")
             .map_err(usage)?;
-        config.upstream_url =
+        config.upstream.url =
             parse_upstream_url(&format!("http://{address}{}", simulator::http::TASK_PATH))
                 .context("cannot build the simulator's URL")
                 .map_err(usage)?;
-        tracing::info!(url = %config.upstream_url, "embedded simulated controller started; the gateway calls it instead of a real controller");
+        tracing::info!(url = %config.upstream.url, "embedded simulated controller started; the gateway calls it instead of a real controller");
         // The simulator lives as long as the process; it stops when the runtime does.
         tokio::spawn(simulator::http::serve(
             listener,
@@ -887,22 +892,25 @@ mod tests {
         else {
             panic!("not serve");
         };
-        let config = GatewayConfig::with_upstream(parse_upstream_url(&args.upstream).unwrap());
+        let config = Config::with_upstream(parse_upstream_url(&args.upstream).unwrap());
         assert_eq!(args.upstream, defaults::UPSTREAM);
         assert_eq!(args.listen.to_string(), defaults::LISTEN);
-        assert_eq!(args.upstream_timeout, config.upstream_timeout);
-        assert_eq!(args.retry_delay, config.retry_delay);
+        assert_eq!(args.upstream_timeout, config.upstream.timeout);
+        assert_eq!(args.retry_delay, config.upstream.retry_delay);
         assert_eq!(args.shutdown_grace, config.shutdown_grace);
         assert_eq!(args.health_interval, config.health_interval);
-        assert_eq!(args.max_in_flight, config.max_in_flight);
+        assert_eq!(args.max_in_flight, config.upstream.max_in_flight);
         assert_eq!(args.upstream_format, UpstreamFormat::Xml);
-        assert_eq!(config.upstream_format, WireFormat::Xml);
-        assert_eq!(args.max_response_bytes, config.max_response_bytes);
+        assert_eq!(config.upstream.format, WireFormat::Xml);
+        assert_eq!(args.max_response_bytes, config.upstream.max_response_bytes);
         assert_eq!(args.access_log, config.access_log);
-        assert_eq!(args.handshake_timeout, config.handshake_timeout);
-        assert_eq!(args.idle_timeout, config.idle_timeout);
-        assert_eq!(args.max_connections, config.max_connections);
-        assert_eq!(args.max_concurrent_streams, config.max_concurrent_streams);
+        assert_eq!(args.handshake_timeout, config.connections.handshake_timeout);
+        assert_eq!(args.idle_timeout, config.connections.idle_timeout);
+        assert_eq!(args.max_connections, config.connections.max_connections);
+        assert_eq!(
+            args.max_concurrent_streams,
+            config.connections.max_concurrent_streams
+        );
         assert_eq!(args.max_health_watches, config.max_health_watches);
         assert_eq!(args.metrics_limits(), config.metrics_limits);
     }

@@ -11,7 +11,7 @@ use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use taskgate::config::GatewayConfig;
+use taskgate::server::Config;
 
 use crate::support::{
     FakeUpstream, Gateway, PROMPTLY, Script, config_for, read_until_closed, scrape_at_least,
@@ -24,7 +24,7 @@ const HTTP2_PREFACE_AND_SETTINGS: &[u8] =
 const GOAWAY: u8 = 0x7;
 const SETTINGS: u8 = 0x4;
 
-async fn config() -> GatewayConfig {
+async fn config() -> Config {
     config_for(&FakeUpstream::start(Script::Hang).await.url)
 }
 
@@ -52,7 +52,7 @@ async fn silent_http2_client(gateway: &Gateway) -> TcpStream {
 #[tokio::test]
 async fn a_connection_that_never_sends_a_whole_preface_is_closed_after_the_handshake_timeout() {
     let mut config = config().await;
-    config.handshake_timeout = Duration::from_millis(200);
+    config.connections.handshake_timeout = Duration::from_millis(200);
     let (gateway, metrics_url) = Gateway::start_with_metrics(config).await;
     for sent in [
         &b""[..],
@@ -76,7 +76,7 @@ async fn a_connection_that_never_sends_a_whole_preface_is_closed_after_the_hands
 #[tokio::test]
 async fn an_idle_http2_connection_gets_goaway_and_is_closed_after_the_idle_timeout() {
     let mut config = config().await;
-    config.idle_timeout = Duration::from_millis(200);
+    config.connections.idle_timeout = Duration::from_millis(200);
     let (gateway, metrics_url) = Gateway::start_with_metrics(config).await;
     let mut stream = silent_http2_client(&gateway).await;
     let received = read_until_closed(&mut stream).await;
@@ -94,7 +94,7 @@ async fn an_idle_http2_connection_gets_goaway_and_is_closed_after_the_idle_timeo
 #[tokio::test]
 async fn max_concurrent_streams_is_sent_in_the_servers_settings() {
     let mut config = config().await;
-    config.max_concurrent_streams = NonZeroU32::new(7).unwrap();
+    config.connections.max_concurrent_streams = NonZeroU32::new(7).unwrap();
     let gateway = Gateway::start(config).await;
     let mut stream = silent_http2_client(&gateway).await;
     let mut received = Vec::new();
@@ -124,7 +124,7 @@ async fn max_concurrent_streams_is_sent_in_the_servers_settings() {
 #[tokio::test]
 async fn connections_beyond_the_limit_are_closed_at_once_and_counted() {
     let mut config = config().await;
-    config.max_connections = NonZeroUsize::new(2);
+    config.connections.max_connections = NonZeroUsize::new(2);
     let (gateway, metrics_url) = Gateway::start_with_metrics(config).await;
     // The gateway's own client holds one connection; one more fills the limit.
     gateway.case_extract(4, 0, None).await.unwrap_err();

@@ -148,7 +148,8 @@ async fn serve_refuses_a_zero_health_interval_instead_of_panicking() {
     config.health_interval = Duration::ZERO;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let outcome = taskgate::server::serve(listener, config, std::future::pending()).await;
-    let message = outcome.unwrap_err().to_string();
+    // Each cause is said once: by the error, then by its source, as `{:#}` prints the chain.
+    let message = format!("{:#}", anyhow::Error::from(outcome.unwrap_err()));
     assert_eq!(
         message,
         "invalid configuration: --health-interval 0s is out of range 10ms-1h: the probe opens a \

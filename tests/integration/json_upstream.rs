@@ -20,7 +20,7 @@ fn json(body: &str) -> Script {
 #[tokio::test]
 async fn every_simulator_outcome_over_json() {
     let mut config = config_for(&start_simulator(Layout::default_layout()).await);
-    config.upstream_format = WireFormat::Json;
+    config.upstream.format = WireFormat::Json;
     let gateway = Gateway::start(config).await;
     gateway.case_extract(4, 101337, None).await.unwrap();
     for (port_id, code, raw_code) in [
@@ -44,7 +44,7 @@ async fn every_simulator_outcome_over_json() {
 async fn the_controller_receives_the_documented_json() {
     let mut upstream = FakeUpstream::start(json(r#"{"response":{"params":{}}}"#)).await;
     let mut config = config_for(&upstream.url);
-    config.upstream_format = WireFormat::Json;
+    config.upstream.format = WireFormat::Json;
     let gateway = Gateway::start(config).await;
     gateway.case_extract(4, 101337, None).await.unwrap();
     let Seen::Request { headers, body, .. } = upstream.next().await else {
@@ -75,7 +75,7 @@ async fn other_json_is_a_bad_response_and_size_is_capped() {
     ] {
         let upstream = FakeUpstream::start(script).await;
         let mut config = config_for(&upstream.url);
-        config.upstream_format = WireFormat::Json;
+        config.upstream.format = WireFormat::Json;
         let gateway = Gateway::start(config).await;
         let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
         assert_eq!(status.code(), Code::Internal);

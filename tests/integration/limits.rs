@@ -10,7 +10,7 @@ use crate::support::{FakeUpstream, Gateway, Script, config_for, error_info};
 async fn calls_beyond_the_limit_are_shed_with_overloaded() {
     let mut upstream = FakeUpstream::start(Script::Hang).await;
     let mut config = config_for(&upstream.url);
-    config.max_in_flight = NonZeroUsize::new(2).unwrap();
+    config.upstream.max_in_flight = NonZeroUsize::new(2).unwrap();
     let gateway = Gateway::start(config).await;
     let first = gateway.spawn_case_extract(4, 101337);
     let second = gateway.spawn_case_extract(4, 101337);

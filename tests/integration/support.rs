@@ -15,9 +15,10 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
-use taskgate::config::{GatewayConfig, Http1Limits, defaults, parse_upstream_url};
+use taskgate::config::{Http1Limits, defaults, parse_upstream_url};
 use taskgate::proto::task_service_client::TaskServiceClient;
 use taskgate::proto::{CaseExtractRequest, TASK_FAULT_TYPE_URL, TaskFault};
+use taskgate::server::Config;
 use taskgate::server::{Listeners, ServeError};
 use taskgate::simulator::{self, Simulator, layout::Layout};
 
@@ -31,13 +32,13 @@ pub(crate) struct Gateway {
 
 impl Gateway {
     /// Starts a gateway with `config` on 127.0.0.1 and an ephemeral port.
-    pub(crate) async fn start(config: GatewayConfig) -> Gateway {
+    pub(crate) async fn start(config: Config) -> Gateway {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         Gateway::start_on(listener.into(), config).await
     }
 
     /// Starts a gateway whose client the test makes itself (for example, over TLS).
-    pub(crate) async fn start_without_client(config: GatewayConfig) -> GatewayAddress {
+    pub(crate) async fn start_without_client(config: Config) -> GatewayAddress {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let handle = tokio::spawn(taskgate::server::serve(
@@ -49,7 +50,7 @@ impl Gateway {
     }
 
     /// Starts a gateway that also serves metrics; returns the metrics URL too.
-    pub(crate) async fn start_with_metrics(config: GatewayConfig) -> (Gateway, String) {
+    pub(crate) async fn start_with_metrics(config: Config) -> (Gateway, String) {
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics_url = format!("http://{}/metrics", metrics.local_addr().unwrap());
         let listeners = Listeners {
@@ -59,7 +60,7 @@ impl Gateway {
         (Gateway::start_on(listeners, config).await, metrics_url)
     }
 
-    async fn start_on(listeners: Listeners, config: GatewayConfig) -> Gateway {
+    async fn start_on(listeners: Listeners, config: Config) -> Gateway {
         let address = listeners.grpc.local_addr().unwrap();
         let (shutdown, shutdown_rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(taskgate::server::serve(listeners, config, async {
@@ -80,7 +81,7 @@ impl Gateway {
     /// A gateway in front of the simulator with `layout`.
     pub(crate) async fn with_simulator(layout: Layout) -> Gateway {
         let url = start_simulator(layout).await;
-        Gateway::start(GatewayConfig::with_upstream(url)).await
+        Gateway::start(Config::with_upstream(url)).await
     }
 
     /// Calls CaseExtract with an optional deadline.
@@ -434,8 +435,8 @@ async fn write_response(
 }
 
 /// A config pointing at `url` with the documented defaults.
-pub(crate) fn config_for(url: &Url) -> GatewayConfig {
-    GatewayConfig::with_upstream(url.clone())
+pub(crate) fn config_for(url: &Url) -> Config {
+    Config::with_upstream(url.clone())
 }
 
 /// The ErrorInfo of a status, which every error must carry.

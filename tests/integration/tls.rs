@@ -258,7 +258,7 @@ async fn gateway_with_upstream_tls(url: &Url, ca: &Pki, client: Option<(&Pki, &s
         |extension: &str| client.map(|(pki, name)| pki.path(&format!("{name}.{extension}")));
     let (cert, key) = (client_file("pem"), client_file("key"));
     let mut config = config_for(url);
-    config.upstream_tls =
+    config.upstream.tls =
         UpstreamTls::load(Some(&ca.path("ca.pem")), cert.as_deref(), key.as_deref()).unwrap();
     Gateway::start(config).await
 }

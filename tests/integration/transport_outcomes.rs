@@ -304,7 +304,7 @@ async fn the_callers_deadline_cancels_the_upstream_request() {
 async fn the_upstream_timeout_caps_calls_without_a_deadline() {
     let mut upstream = FakeUpstream::start(Script::Hang).await;
     let mut config = config_for(&upstream.url);
-    config.upstream_timeout = Duration::from_millis(200);
+    config.upstream.timeout = Duration::from_millis(200);
     let gateway = Gateway::start(config).await;
     let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
     check_gateway_error(
