@@ -242,11 +242,12 @@ pub mod limits {
 
 /// The defaults the CLI documents.
 pub mod defaults {
+    use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
     use std::num::{NonZeroU32, NonZeroUsize};
     use std::time::Duration;
 
     /// Where the gateway listens for gRPC.
-    pub const LISTEN: &str = "127.0.0.1:50051";
+    pub const LISTEN: SocketAddr = loopback(50051);
     /// The controller's task interface on the local machine.
     pub const UPSTREAM: &str = "http://127.0.0.1:44000/api/v2/task";
     /// The cap on one controller call.
@@ -263,7 +264,7 @@ pub mod defaults {
     /// How often health probes the controller.
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
     /// Where the standalone simulator listens: the controller's own port.
-    pub const SIMULATOR_LISTEN: &str = "127.0.0.1:44000";
+    pub const SIMULATOR_LISTEN: SocketAddr = loopback(44000);
     /// How long a new gRPC connection may take to identify its protocol (linkerd2-proxy's
     /// detect timeout is the same).
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -286,6 +287,11 @@ pub mod defaults {
     /// Connections to the simulator: a gateway opens at most one per call in flight, so twice
     /// the gateway's default `--max-in-flight`.
     pub const SIMULATOR_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(2048).unwrap();
+
+    /// `port` on 127.0.0.1: nothing listens beyond the machine unless asked to.
+    const fn loopback(port: u16) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+    }
 }
 
 // === impl Http1Limits ===

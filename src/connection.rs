@@ -17,9 +17,9 @@
 //!   nothing else (idle, a partial head, a body that never comes) is closed after a short
 //!   linger that lets the GOAWAY out.
 //!
-//! It learns what happens on a connection from two taps: [`WatchedIo`] sees the bytes read and
-//! [`Tracked`] sees requests start and their bodies end; both record it in the connection's
-//! [`Activity`]. Calls are the hot path, so a call only updates counters: the driver is woken
+//! It learns what happens on a connection from two taps: `WatchedIo` sees the bytes read and
+//! `Tracked` sees requests start and their bodies end; both record it in the connection's
+//! `Activity`. Calls are the hot path, so a call only updates counters: the driver is woken
 //! for what needs an answer at once (a protocol identified, an HTTP/1.1 head starting, anything
 //! during shutdown), and otherwise reads the counters when its deadline comes.
 

@@ -25,7 +25,7 @@ use crate::fault::{self, FaultClass};
 use crate::http1::{self, plain};
 
 /// The path the metrics are served on.
-pub const METRICS_PATH: &str = "/metrics";
+pub(crate) const METRICS_PATH: &str = "/metrics";
 
 /// The gateway's metrics; cheap to clone, shared by the service, health and the endpoint.
 #[derive(Debug, Clone)]

@@ -43,11 +43,11 @@ const ONE_MESSAGE_SERVICES: [&str; 2] = [
 
 /// Adds the checks to a service.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ProtocolLayer;
+pub(crate) struct ProtocolLayer;
 
 /// The service [`ProtocolLayer`] wraps around another.
 #[derive(Debug, Clone)]
-pub struct ProtocolService<S> {
+pub(crate) struct ProtocolService<S> {
     inner: S,
 }
 

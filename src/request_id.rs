@@ -12,7 +12,7 @@ use tower::{Layer, Service};
 use tracing::Instrument as _;
 
 /// The header carrying the request ID, both ways and towards the controller.
-pub const HEADER: &str = "x-request-id";
+pub(crate) const HEADER: &str = crate::proto::REQUEST_ID_HEADER;
 
 /// [`HEADER`] as a header name, made once: a `&str` name is parsed and checked on every use.
 const HEADER_NAME: HeaderName = HeaderName::from_static(HEADER);
@@ -24,15 +24,15 @@ const MAX_LEN: usize = 128;
 /// One call's request ID: the caller's, when it is printable ASCII of at most 128 bytes, or a
 /// fresh UUID.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestId(HeaderValue);
+pub(crate) struct RequestId(HeaderValue);
 
 /// Adds [`RequestId`] handling to a service.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RequestIdLayer;
+pub(crate) struct RequestIdLayer;
 
 /// The service [`RequestIdLayer`] wraps around another.
 #[derive(Debug, Clone)]
-pub struct RequestIdService<S> {
+pub(crate) struct RequestIdService<S> {
     inner: S,
 }
 
@@ -40,7 +40,7 @@ pub struct RequestIdService<S> {
 
 impl RequestId {
     /// Keeps `caller`'s ID when it is usable, else makes a new one.
-    pub fn from_caller(caller: Option<&HeaderValue>) -> Self {
+    pub(crate) fn from_caller(caller: Option<&HeaderValue>) -> Self {
         match caller {
             Some(value) if is_usable(value.as_bytes()) => RequestId(value.clone()),
             _ => RequestId::new(),
@@ -48,7 +48,7 @@ impl RequestId {
     }
 
     /// A fresh random ID.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut text = [0_u8; uuid::fmt::Hyphenated::LENGTH];
         // Written straight into a buffer: `to_string` would go through `core::fmt`.
         let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
@@ -57,12 +57,12 @@ impl RequestId {
     }
 
     /// The ID as a header value.
-    pub fn header_value(&self) -> &HeaderValue {
+    pub(crate) fn header_value(&self) -> &HeaderValue {
         &self.0
     }
 
     /// The ID as text.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         // Only printable ASCII is ever stored, so this cannot fail.
         self.0.to_str().unwrap_or_default()
     }

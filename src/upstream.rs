@@ -1,5 +1,5 @@
 //! The controller client: one pooled HTTP client that POSTs a method call, reads the reply with a
-//! size cap, and sorts every transport outcome into an [`UpstreamError`].
+//! size cap, and sorts every transport outcome into an `UpstreamError`.
 //!
 //! It never retries a request that may have reached the controller: only a failed connect, or a
 //! kept-alive connection found closed before the request was written (nothing sent either way),
