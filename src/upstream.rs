@@ -125,15 +125,16 @@ pub(crate) enum TransportError {
     Body(hyper::Error),
 }
 
-/// A controller call that did not produce a reply we can trust.
+/// A controller call that did not produce a reply we can trust. Its message is the one callers
+/// read, so it says the cause itself, which is therefore not also a `source`.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UpstreamError {
     /// The connection could not be made, twice: nothing was sent.
     #[error("cannot connect to the controller: {}", error_chain(&**.0))]
-    Unreachable(#[source] ConnectError),
+    Unreachable(ConnectError),
     /// The connection failed after the request may have been sent.
     #[error("the connection to the controller failed: {}", error_chain(.0))]
-    ConnectionLost(#[source] TransportError),
+    ConnectionLost(TransportError),
     /// No complete reply arrived within the time limit.
     #[error("the controller did not answer within {}", humantime::format_duration(*.limit))]
     Timeout {
@@ -148,7 +149,7 @@ pub(crate) enum UpstreamError {
     },
     /// A 2xx reply whose body is not a task-interface response.
     #[error("the controller's reply is not a valid response: {0}")]
-    BadResponse(#[source] DecodeError),
+    BadResponse(DecodeError),
     /// The reply body is longer than the configured cap.
     #[error("the controller's reply is larger than {limit} bytes")]
     ResponseTooLarge {
