@@ -70,3 +70,6 @@ pub mod simulator;
 mod status;
 pub mod tls;
 pub mod upstream;
+
+#[cfg(test)]
+mod layering;
