@@ -1,62 +1,18 @@
-//! Validated settings. Every value here has been checked, so the rest of the crate never has to
-//! ask whether a URL has a host or a duration is zero. Flag parsing lives in `cli`.
+//! The vocabulary of settings, shared by every subsystem: the documented defaults, the range
+//! each number and duration must fall in ([`limits`]), the checks that turn text into values that
+//! cannot be invalid (an upstream URL with a host and no credentials, a CORS origin), and the
+//! masking of URL credentials in messages.
+//!
+//! It is a leaf: it holds no loaded resources and depends on no subsystem, so any module may use
+//! it. Each subsystem owns its own settings (`upstream::Settings`, `connection::Settings`, the
+//! `tls` and `auth` files), and `server::Config` puts them together.
 
 use std::borrow::Cow;
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use hyper::header::HeaderValue;
 use url::Url;
-
-use crate::auth::TokenFile;
-use crate::codec::WireFormat;
-use crate::tls::{ServerTls, UpstreamTls};
-
-/// The gateway's settings, fixed at startup.
-#[derive(Debug, Clone)]
-pub struct GatewayConfig {
-    /// The controller's task-interface URL, for example `http://10.0.0.5:44000/api/v2/task`.
-    pub upstream_url: Url,
-    /// The longest the gateway waits for one controller reply, whatever the caller's deadline.
-    pub upstream_timeout: Duration,
-    /// The delay put in `RetryInfo` when a retry is safe (fault 1148, controller unreachable).
-    pub retry_delay: Duration,
-    /// The largest controller reply body the gateway reads before giving up on it.
-    pub max_response_bytes: NonZeroUsize,
-    /// How long in-flight calls may take to finish once shutdown begins.
-    pub shutdown_grace: Duration,
-    /// How often health probes the controller with a TCP connect.
-    pub health_interval: Duration,
-    /// How many task calls may be in flight at once; more are refused with RESOURCE_EXHAUSTED.
-    pub max_in_flight: NonZeroUsize,
-    /// Whether the controller is spoken to in XML (documented) or JSON.
-    pub upstream_format: WireFormat,
-    /// When set, task calls need one of these bearer tokens; health and reflection stay open.
-    pub auth_tokens: Option<TokenFile>,
-    /// When set, gRPC is served over TLS (and, with a client CA, requires client certificates).
-    pub tls: Option<ServerTls>,
-    /// HTTPS settings for the controller.
-    pub upstream_tls: UpstreamTls,
-    /// Browser origins allowed to call over gRPC-Web (`*` for any); empty sends no CORS headers.
-    pub cors_allow_origins: Vec<HeaderValue>,
-    /// Which calls write an access line.
-    pub access_log: AccessLog,
-    /// How long a new gRPC connection may take to identify itself: TLS, then the HTTP/2 preface
-    /// or a complete first HTTP/1.1 request head (also the limit on later HTTP/1.1 heads).
-    pub handshake_timeout: Duration,
-    /// How long a gRPC connection may stay without an open call or stream before it is closed
-    /// (with GOAWAY on HTTP/2).
-    pub idle_timeout: Duration,
-    /// How many gRPC connections may be open at once; more are closed as soon as accepted.
-    /// `None`: sized from the open-file limit at startup (see `nofile`).
-    pub max_connections: Option<NonZeroUsize>,
-    /// How many streams (calls) one HTTP/2 connection may have open at once.
-    pub max_concurrent_streams: NonZeroU32,
-    /// How many health Watch streams may be open at once, over all connections.
-    pub max_health_watches: NonZeroUsize,
-    /// The limits of the `/metrics` listener.
-    pub metrics_limits: Http1Limits,
-}
 
 /// The limits of an HTTP/1.1 listener (`/metrics`, the simulator), fixed at startup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,11 +242,12 @@ pub mod limits {
 
 /// The defaults the CLI documents.
 pub mod defaults {
+    use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
     use std::num::{NonZeroU32, NonZeroUsize};
     use std::time::Duration;
 
     /// Where the gateway listens for gRPC.
-    pub const LISTEN: &str = "127.0.0.1:50051";
+    pub const LISTEN: SocketAddr = loopback(50051);
     /// The controller's task interface on the local machine.
     pub const UPSTREAM: &str = "http://127.0.0.1:44000/api/v2/task";
     /// The cap on one controller call.
@@ -307,7 +264,7 @@ pub mod defaults {
     /// How often health probes the controller.
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
     /// Where the standalone simulator listens: the controller's own port.
-    pub const SIMULATOR_LISTEN: &str = "127.0.0.1:44000";
+    pub const SIMULATOR_LISTEN: SocketAddr = loopback(44000);
     /// How long a new gRPC connection may take to identify its protocol (linkerd2-proxy's
     /// detect timeout is the same).
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -330,54 +287,10 @@ pub mod defaults {
     /// Connections to the simulator: a gateway opens at most one per call in flight, so twice
     /// the gateway's default `--max-in-flight`.
     pub const SIMULATOR_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(2048).unwrap();
-}
 
-// === impl GatewayConfig ===
-
-impl GatewayConfig {
-    /// The documented defaults, pointed at `upstream_url`.
-    pub fn with_upstream(upstream_url: Url) -> Self {
-        GatewayConfig {
-            upstream_url,
-            upstream_timeout: defaults::UPSTREAM_TIMEOUT,
-            retry_delay: defaults::RETRY_DELAY,
-            max_response_bytes: defaults::MAX_RESPONSE_BYTES,
-            shutdown_grace: defaults::SHUTDOWN_GRACE,
-            health_interval: defaults::HEALTH_INTERVAL,
-            max_in_flight: defaults::MAX_IN_FLIGHT,
-            upstream_format: WireFormat::Xml,
-            auth_tokens: None,
-            tls: None,
-            upstream_tls: UpstreamTls::default(),
-            cors_allow_origins: Vec::new(),
-            access_log: AccessLog::default(),
-            handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
-            idle_timeout: defaults::IDLE_TIMEOUT,
-            max_connections: None,
-            max_concurrent_streams: defaults::MAX_CONCURRENT_STREAMS,
-            max_health_watches: defaults::MAX_HEALTH_WATCHES,
-            metrics_limits: Http1Limits::with_max_connections(defaults::METRICS_MAX_CONNECTIONS),
-        }
-    }
-
-    /// Checks the settings whose types allow values that make no sense.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        // `parse_upstream_url` refuses credentials, but library callers may build a `Url` by hand,
-        // and every log line that names the upstream prints it whole.
-        refuse_credentials(&self.upstream_url)?;
-        limits::UPSTREAM_TIMEOUT.check(self.upstream_timeout)?;
-        limits::RETRY_DELAY.check(self.retry_delay)?;
-        limits::SHUTDOWN_GRACE.check(self.shutdown_grace)?;
-        limits::HEALTH_INTERVAL.check(self.health_interval)?;
-        limits::MAX_IN_FLIGHT.check(self.max_in_flight)?;
-        limits::MAX_RESPONSE_BYTES.check(self.max_response_bytes)?;
-        limits::HANDSHAKE_TIMEOUT.check(self.handshake_timeout)?;
-        limits::IDLE_TIMEOUT.check(self.idle_timeout)?;
-        if let Some(max_connections) = self.max_connections {
-            limits::MAX_CONNECTIONS.check(max_connections)?;
-        }
-        limits::MAX_HEALTH_WATCHES.check(self.max_health_watches)?;
-        self.metrics_limits.validate(Http1Flags::METRICS)
+    /// `port` on 127.0.0.1: nothing listens beyond the machine unless asked to.
+    const fn loopback(port: u16) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
     }
 }
 
@@ -461,7 +374,7 @@ pub fn parse_upstream_url(raw: &str) -> Result<Url, ConfigError> {
 
 /// Refuses a URL with a user name or password: the controller's task interface takes no
 /// credentials, so they would not be sent, and a URL that seemed to carry them would mislead.
-fn refuse_credentials(url: &Url) -> Result<(), ConfigError> {
+pub(crate) fn refuse_credentials(url: &Url) -> Result<(), ConfigError> {
     if url.username().is_empty() && url.password().is_none() {
         return Ok(());
     }
@@ -675,20 +588,6 @@ mod tests {
     }
 
     #[test]
-    fn a_url_built_by_hand_with_credentials_is_refused() {
-        let mut url = parse_upstream_url(defaults::UPSTREAM).unwrap();
-        url.set_password(Some("secret")).unwrap();
-        url.set_username("user").unwrap();
-        let config = GatewayConfig::with_upstream(url);
-        assert_eq!(
-            config.validate(),
-            Err(ConfigError::Credentials {
-                url: "http://user:***@127.0.0.1:44000/api/v2/task".to_owned()
-            })
-        );
-    }
-
-    #[test]
     fn access_log_modes() {
         use tonic::Code;
         for (mode, ok, failed) in [
@@ -721,67 +620,5 @@ mod tests {
                 "{bad}"
             );
         }
-    }
-
-    /// Validates the defaults with one setting changed; `expected` is the error, if any.
-    fn check_setting(change: impl Fn(&mut GatewayConfig), expected: Option<&str>) {
-        let mut config =
-            GatewayConfig::with_upstream(parse_upstream_url(defaults::UPSTREAM).unwrap());
-        change(&mut config);
-        let error = config.validate().err().map(|error| error.to_string());
-        assert_eq!(error.as_deref(), expected);
-    }
-
-    #[test]
-    fn numeric_settings_are_checked_against_their_ranges() {
-        let ms = Duration::from_millis;
-        let count = |value: usize| NonZeroUsize::new(value).unwrap();
-        check_setting(|_| {}, None);
-        check_setting(|config| config.upstream_timeout = ms(10), None);
-        check_setting(
-            |config| config.upstream_timeout = Duration::from_nanos(1),
-            Some(
-                "--upstream-timeout 1ns is out of range 10ms-1h: the gateway never calls the \
-                 controller with less than 10ms left, so a shorter timeout would fail every call",
-            ),
-        );
-        check_setting(
-            |config| config.upstream_timeout = Duration::from_secs(3601),
-            Some(
-                "--upstream-timeout 1h 1s is out of range 10ms-1h: no caller waits that long \
-                 for a controller reply",
-            ),
-        );
-        check_setting(|config| config.retry_delay = Duration::ZERO, None);
-        check_setting(
-            |config| config.shutdown_grace = Duration::from_secs(7200),
-            Some(
-                "--shutdown-grace 2h is out of range 0s-1h: service managers kill a process \
-                 long before (systemd after 90s, Kubernetes after 30s by default)",
-            ),
-        );
-        check_setting(
-            |config| config.health_interval = Duration::ZERO,
-            Some(
-                "--health-interval 0s is out of range 10ms-1h: the probe opens a TCP connection \
-                 to the controller every interval",
-            ),
-        );
-        check_setting(|config| config.max_in_flight = count(100_000), None);
-        check_setting(
-            |config| config.max_in_flight = count(1 << 61),
-            Some(
-                "--max-in-flight 2305843009213693952 is out of range 1-100000: each call in \
-                 flight may hold a connection and a file descriptor to the controller, which \
-                 serves far fewer calls at once",
-            ),
-        );
-        check_setting(
-            |config| config.max_response_bytes = count(1023),
-            Some(
-                "--max-response-bytes 1023 is out of range 1024-67108864: a smaller cap would \
-                 refuse the controller's ordinary fault replies",
-            ),
-        );
     }
 }

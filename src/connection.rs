@@ -17,9 +17,9 @@
 //!   nothing else (idle, a partial head, a body that never comes) is closed after a short
 //!   linger that lets the GOAWAY out.
 //!
-//! It learns what happens on a connection from two taps: [`WatchedIo`] sees the bytes read and
-//! [`Tracked`] sees requests start and their bodies end; both record it in the connection's
-//! [`Activity`]. Calls are the hot path, so a call only updates counters: the driver is woken
+//! It learns what happens on a connection from two taps: `WatchedIo` sees the bytes read and
+//! `Tracked` sees requests start and their bodies end; both record it in the connection's
+//! `Activity`. Calls are the hot path, so a call only updates counters: the driver is woken
 //! for what needs an answer at once (a protocol identified, an HTTP/1.1 head starting, anything
 //! during shutdown), and otherwise reads the counters when its deadline comes.
 
@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -47,6 +48,7 @@ use tonic::body::Body;
 use tonic::transport::server::TcpConnectInfo;
 
 use crate::accept::LogEvery;
+use crate::config::{ConfigError, defaults, limits};
 use crate::metrics::{GaugeGuard, ListenerMetrics};
 
 /// After GOAWAY, how long a connection with nothing in flight is still served before it is
@@ -58,6 +60,22 @@ const CLOSE_LINGER: Duration = Duration::from_millis(500);
 const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The gRPC port's connection limits, as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// How long a new connection may take to identify itself: TLS, then the HTTP/2 preface or
+    /// a complete first HTTP/1.1 request head (also the limit on later HTTP/1.1 heads).
+    pub handshake_timeout: Duration,
+    /// How long a connection may stay without an open call or stream before it is closed
+    /// (with GOAWAY on HTTP/2).
+    pub idle_timeout: Duration,
+    /// How many connections may be open at once; more are closed as soon as accepted.
+    /// `None`: sized from the open-file limit at startup (see `nofile`).
+    pub max_connections: Option<NonZeroUsize>,
+    /// How many streams (calls) one HTTP/2 connection may have open at once.
+    pub max_concurrent_streams: NonZeroU32,
+}
 
 /// The time limits of every connection on one listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,6 +269,43 @@ pub(crate) struct Admission {
     /// The listener's counters, for the connection's ending.
     pub(crate) metrics: ListenerMetrics,
     peer: SocketAddr,
+}
+
+// === impl Settings ===
+
+impl Default for Settings {
+    /// The documented defaults.
+    fn default() -> Self {
+        Settings {
+            handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
+            idle_timeout: defaults::IDLE_TIMEOUT,
+            max_connections: None,
+            max_concurrent_streams: defaults::MAX_CONCURRENT_STREAMS,
+        }
+    }
+}
+
+impl Settings {
+    /// Checks the limits whose types allow values a gateway cannot run with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        limits::HANDSHAKE_TIMEOUT.check(self.handshake_timeout)?;
+        limits::IDLE_TIMEOUT.check(self.idle_timeout)?;
+        if let Some(max_connections) = self.max_connections {
+            limits::MAX_CONNECTIONS.check(max_connections)?;
+        }
+        Ok(())
+    }
+
+    /// The time limits each gRPC connection is watched with.
+    pub(crate) fn limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            handshake_timeout: self.handshake_timeout,
+            // Later HTTP/1.1 heads (gRPC-Web on a kept-alive connection) get as long as the
+            // first.
+            header_read_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
+        }
+    }
 }
 
 // === impl Connections ===

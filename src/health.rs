@@ -24,11 +24,10 @@ use url::Url;
 
 use crate::connection::Holding;
 use crate::metrics::Metrics;
-use crate::proto::task_service_server::TaskServiceServer;
-use crate::service::TaskGateway;
+use crate::proto::task_service_server::SERVICE_NAME;
 
 /// The service names health is reported for: the whole server and the task service.
-const SERVICE_NAMES: [&str; 2] = ["", <TaskServiceServer<TaskGateway> as NamedService>::NAME];
+const SERVICE_NAMES: [&str; 2] = ["", SERVICE_NAME];
 
 /// Reports the gateway's health and runs the controller probe.
 #[derive(Debug)]

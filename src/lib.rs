@@ -1,35 +1,34 @@
-//! taskgate: a gRPC gateway to the AutoStore task interface.
+//! taskgate: a gRPC gateway to the AutoStore task interface, as a library.
 //!
-//! The major components, in the order a newcomer should read them:
+//! What a library user needs is small: build a [`server::Config`] (from
+//! [`server::Config::with_upstream`], changing what differs), bind a listener and call
+//! [`server::serve`] with a shutdown future; or run the embedded [`simulator`] the same way.
+//! The `taskgate` binary is one such user: its command line (flags, environment, config file)
+//! lives in the binary and only builds these types.
+//!
+//! The public modules, in the order a newcomer should read them:
 //!
 //! - [`proto`]: the generated `taskgate.v1` contract (messages, client, server, descriptor set).
 //! - [`fault`]: the fault table, the one source of truth for controller fault codes.
-//! - [`codec`]: task-interface XML to and from method calls and replies.
-//! - `domain`: the task interface's parameter ranges, shared by the gateway and the simulator.
-//! - [`config`]: validated settings for the gateway and the simulator.
-//! - [`request_id`]: the `x-request-id` that ties a call's logs together.
-//! - `call`: the layer around every call: request ID, span, in-flight gauge, metrics, access line.
-//! - [`protocol`]: the layer that refuses a malformed `grpc-timeout` and a second request message.
-//! - [`auth`]: bearer tokens for the task service, reloaded on SIGHUP.
+//! - [`codec`]: task-interface XML (and JSON) to and from method calls and replies.
+//! - [`config`]: the shared vocabulary of settings: defaults, ranges, URL and origin checks.
+//! - [`upstream`]: the controller client's settings ([`upstream::Settings`]).
+//! - [`connection`]: the gRPC port's connection limits ([`connection::Settings`]).
 //! - [`tls`]: certificate files for gRPC (and mTLS) and for HTTPS to the controller.
-//! - [`regular_file`]: reading an operator's file: regular files only, size capped.
-//! - `upstream`: the HTTP client that calls the controller.
-//! - `status`: the only place a `tonic::Status` is built.
-//! - `service`: the `TaskService` implementation.
-//! - `accept`: accept loops that back off, count and log once per interval when accept fails.
-//! - `connection`: the limits every accepted connection lives under (handshake, idle, heads,
-//!   how many) and the drain at shutdown.
-//! - `router`: serves the simulator's and the metrics endpoint's axum routers within the limits.
+//! - [`auth`]: the bearer-token file for the task service, reloaded on SIGHUP.
+//! - [`server`]: the whole configuration and [`server::serve`], which runs a gateway.
 //! - [`simulator`]: an embedded simulated controller.
-//! - `health`: the grpc.health.v1 statuses and the controller probe.
 //! - [`log`]: logging off the call path, through a bounded queue and a writer thread.
-//! - [`metrics`]: Prometheus counters, histograms and the `/metrics` endpoint.
-//! - [`server`]: wiring a listener, a config and a shutdown signal into a running gateway.
 //! - [`shutdown`]: the SIGINT/SIGTERM future, and SIGHUP caught so it never ends the process.
-//! - [`nofile`]: the open-file limit: raised at startup, and what the connection limit is
-//!   sized from.
-//! - [`cli`]: the `taskgate` command line.
-//! - `bench_api`: hidden entry points for `benches/`; not a stable API.
+//! - [`nofile`]: the open-file limit, raised at startup.
+//! - [`regular_file`]: reading an operator's file: regular files only, size capped.
+//!
+//! Inside, and not part of the API: `call` (the layer around every call: request ID, span,
+//! in-flight gauge, metrics, access line), `request_id` (the `x-request-id` itself), `protocol`
+//! (the layer that refuses a malformed `grpc-timeout` or a second request message), `status` (the
+//! only place a `tonic::Status` is built), `service` (the `TaskService` implementation), `domain`
+//! (the parameter ranges), `health`, `metrics`, `accept` and `router` (the axum endpoints within
+//! the connection limits); `bench_api` is a hidden door for `benches/`.
 
 pub mod proto {
     //! The generated `taskgate.v1` types, tonic client and server, and encoded descriptor set.
@@ -43,6 +42,11 @@ pub mod proto {
 
     /// The full name of `TaskFault`, for its `google.protobuf.Any` type URL.
     pub const TASK_FAULT_TYPE_URL: &str = "type.googleapis.com/taskgate.v1.TaskFault";
+
+    /// The metadata key of a call's request ID: a caller may send one (printable ASCII, at most
+    /// 128 bytes), and the gateway returns it, on errors too, and logs it with every line of the
+    /// call.
+    pub const REQUEST_ID_HEADER: &str = "x-request-id";
 }
 
 mod accept;
@@ -50,19 +54,18 @@ pub mod auth;
 #[doc(hidden)]
 pub mod bench_api;
 mod call;
-pub mod cli;
 pub mod codec;
 pub mod config;
-mod connection;
+pub mod connection;
 mod domain;
 pub mod fault;
 mod health;
 pub mod log;
-pub mod metrics;
+mod metrics;
 pub mod nofile;
-pub mod protocol;
+mod protocol;
 pub mod regular_file;
-pub mod request_id;
+mod request_id;
 mod router;
 pub mod server;
 mod service;
@@ -70,4 +73,7 @@ pub mod shutdown;
 pub mod simulator;
 mod status;
 pub mod tls;
-mod upstream;
+pub mod upstream;
+
+#[cfg(test)]
+mod layering;

@@ -7,10 +7,6 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::header::{CONTENT_TYPE, HeaderValue};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -18,14 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
-use tokio::net::TcpListener;
 
-use crate::config::Http1Limits;
 use crate::fault::{self, FaultClass};
-use crate::router::{self, Endpoint};
-
-/// The path the metrics are served on.
-pub const METRICS_PATH: &str = "/metrics";
 
 /// The gateway's metrics; cheap to clone, shared by the service, health and the endpoint.
 #[derive(Debug, Clone)]
@@ -442,30 +432,6 @@ impl EncodeMetric for DroppedLogLines {
 /// and up to the upstream timeout when not.
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
-}
-
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    limits: Http1Limits,
-    metrics: Metrics,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    const ENDPOINT: Endpoint = Endpoint {
-        path: METRICS_PATH,
-        pointer: "metrics are at",
-        allow: "GET, HEAD",
-    };
-    let listener_metrics = metrics.listener("metrics");
-    let router = ENDPOINT.router(get(encoded)).with_state(metrics);
-    router::serve(listener, limits, listener_metrics, router, shutdown).await;
-}
-
-/// The answer to a scrape: every metric in the OpenMetrics text format.
-async fn encoded(State(metrics): State<Metrics>) -> Response {
-    let content_type =
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8");
-    ([(CONTENT_TYPE, content_type)], metrics.encode()).into_response()
 }
 
 #[cfg(test)]

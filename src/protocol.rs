@@ -24,8 +24,7 @@ use tonic::codegen::http::{HeaderMap, HeaderName, HeaderValue, Request, Response
 use tonic::server::NamedService;
 use tower::{Layer, Service};
 
-use crate::proto::task_service_server::TaskServiceServer;
-use crate::service::TaskGateway;
+use crate::proto::task_service_server::SERVICE_NAME;
 
 /// The header a caller's deadline travels in.
 pub(crate) const GRPC_TIMEOUT: &str = "grpc-timeout";
@@ -38,17 +37,17 @@ const GRPC_TIMEOUT_NAME: HeaderName = HeaderName::from_static(GRPC_TIMEOUT);
 /// streaming); reflection streams requests, so it is not here. A test checks the task service's
 /// methods against the proto.
 const ONE_MESSAGE_SERVICES: [&str; 2] = [
-    <TaskServiceServer<TaskGateway> as NamedService>::NAME,
+    SERVICE_NAME,
     <tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService> as NamedService>::NAME,
 ];
 
 /// Adds the checks to a service.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ProtocolLayer;
+pub(crate) struct ProtocolLayer;
 
 /// The service [`ProtocolLayer`] wraps around another.
 #[derive(Debug, Clone)]
-pub struct ProtocolService<S> {
+pub(crate) struct ProtocolService<S> {
     inner: S,
 }
 

@@ -7,7 +7,7 @@ use std::fmt;
 use tonic::codegen::http::HeaderValue;
 
 /// The header carrying the request ID, both ways and towards the controller.
-pub const HEADER: &str = "x-request-id";
+pub(crate) const HEADER: &str = crate::proto::REQUEST_ID_HEADER;
 
 /// The longest caller-supplied ID we keep; a longer one is replaced, not truncated, so that two
 /// different IDs never end up the same.
@@ -16,13 +16,13 @@ const MAX_LEN: usize = 128;
 /// One call's request ID: the caller's, when it is printable ASCII of at most 128 bytes, or a
 /// fresh UUID.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestId(HeaderValue);
+pub(crate) struct RequestId(HeaderValue);
 
 // === impl RequestId ===
 
 impl RequestId {
     /// Keeps `caller`'s ID when it is usable, else makes a new one.
-    pub fn from_caller(caller: Option<&HeaderValue>) -> Self {
+    pub(crate) fn from_caller(caller: Option<&HeaderValue>) -> Self {
         match caller {
             Some(value) if is_usable(value.as_bytes()) => RequestId(value.clone()),
             _ => RequestId::new(),
@@ -30,7 +30,7 @@ impl RequestId {
     }
 
     /// A fresh random ID.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut text = [0_u8; uuid::fmt::Hyphenated::LENGTH];
         // Written straight into a buffer: `to_string` would go through `core::fmt`.
         uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
@@ -42,12 +42,12 @@ impl RequestId {
     }
 
     /// The ID as a header value.
-    pub fn header_value(&self) -> &HeaderValue {
+    pub(crate) fn header_value(&self) -> &HeaderValue {
         &self.0
     }
 
     /// The ID as text.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         // Only printable ASCII is ever stored, so this cannot fail.
         self.0.to_str().unwrap_or_default()
     }

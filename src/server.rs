@@ -26,10 +26,9 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::accept::Acceptor;
 use crate::auth::{self, Authenticator};
 use crate::call::CallLayer;
-use crate::config::GatewayConfig;
-use crate::connection::{self, Admission, ConnectionLimits, Connections};
+use crate::connection::{self, Admission, Connections};
 use crate::health::{Health, WatchLimit};
-use crate::metrics::{METRICS_PATH, Metrics};
+use crate::metrics::Metrics;
 use crate::nofile::{self, FdBudget};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::task_service_server::TaskServiceServer;
@@ -115,17 +114,22 @@ impl Drop for AbortOnDrop {
     }
 }
 
+mod config;
+mod metrics_endpoint;
+
+pub use config::Config;
+
 /// Why the gateway could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// A setting makes no sense (for example, a zero health interval).
-    #[error("invalid configuration: {0}")]
+    #[error("invalid configuration")]
     Config(#[source] crate::config::ConfigError),
     /// The HTTP client for the controller could not be built (for example, no TLS roots).
-    #[error("cannot build the controller client: {0}")]
+    #[error("cannot build the controller client")]
     Client(#[source] crate::upstream::ClientError),
     /// The reflection service could not read the descriptor set that `build.rs` wrote.
-    #[error("cannot build the reflection service: {0}")]
+    #[error("cannot build the reflection service")]
     Reflection(#[source] tonic_reflection::server::Error),
 }
 
@@ -133,7 +137,7 @@ pub enum ServeError {
 /// lets calls in flight finish for at most `config.shutdown_grace`.
 pub async fn serve(
     listeners: impl Into<Listeners>,
-    config: GatewayConfig,
+    config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let Listeners {
@@ -143,15 +147,15 @@ pub async fn serve(
     // The CLI checks too, but library callers build configs by hand, and a zero interval would
     // panic the health probe.
     config.validate().map_err(ServeError::Config)?;
-    let upstream = Upstream::new(&config).map_err(ServeError::Client)?;
+    let upstream = Upstream::new(&config.upstream).map_err(ServeError::Client)?;
     let metrics = Metrics::new();
     // Stops the metrics endpoint when the gateway stops, however `serve` returns.
     let metrics_listener_given = metrics_listener.is_some();
     let _metrics_endpoint = metrics_listener.map(|metrics_listener| {
         if let Ok(address) = metrics_listener.local_addr() {
-            tracing::info!(url = %format!("http://{address}{METRICS_PATH}"), "metrics listening");
+            tracing::info!(url = %format!("http://{address}{}", metrics_endpoint::METRICS_PATH), "metrics listening");
         }
-        let endpoint = crate::metrics::serve(
+        let endpoint = metrics_endpoint::serve(
             metrics_listener,
             config.metrics_limits,
             metrics.clone(),
@@ -176,7 +180,7 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(ServeError::Reflection)?;
     let task_upstream_url = upstream.url().clone();
-    let service = TaskGateway::new(upstream, &config);
+    let service = TaskGateway::new(upstream, &config.upstream);
     let task_service = TaskServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     let (authenticator, hangups) = match config.auth_tokens.clone() {
         Some(token_file) => {
@@ -215,7 +219,7 @@ pub async fn serve(
         .layer(CallLayer::new(metrics.clone(), config.access_log))
         .layer(crate::protocol::ProtocolLayer)
         .service(routes);
-    let max_connections = config.max_connections.unwrap_or_else(|| {
+    let max_connections = config.connections.max_connections.unwrap_or_else(|| {
         nofile::default_max_connections(
             nofile::soft_limit(),
             controller_connections(&config),
@@ -228,18 +232,13 @@ pub async fn serve(
         metrics_connections: metrics_connections(&config, metrics_listener_given),
     }
     .warn_if_short(nofile::soft_limit());
-    let limits = ConnectionLimits {
-        handshake_timeout: config.handshake_timeout,
-        // Later HTTP/1.1 heads (gRPC-Web on a kept-alive connection) get as long as the first.
-        header_read_timeout: config.handshake_timeout,
-        idle_timeout: config.idle_timeout,
-    };
+    let limits = config.connections.limits();
     let mut builder = connection::builder();
     builder
         .http2()
         .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
-        .max_concurrent_streams(config.max_concurrent_streams.get());
+        .max_concurrent_streams(config.connections.max_concurrent_streams.get());
     let tls = config.tls.as_ref().map(crate::tls::ServerTls::acceptor);
     let mut acceptor = Acceptor::new(listener, metrics.listener("grpc"));
     let local = acceptor.local_addr().ok();
@@ -347,12 +346,12 @@ fn set_tcp_options(stream: &TcpStream) {
 }
 
 /// Controller connections: one per call in flight at most, plus the health probe's.
-fn controller_connections(config: &GatewayConfig) -> usize {
-    config.max_in_flight.get().saturating_add(1)
+fn controller_connections(config: &Config) -> usize {
+    config.upstream.max_in_flight.get().saturating_add(1)
 }
 
 /// Connections to `/metrics`, when it is served.
-fn metrics_connections(config: &GatewayConfig, metrics_served: bool) -> usize {
+fn metrics_connections(config: &Config, metrics_served: bool) -> usize {
     if metrics_served {
         config.metrics_limits.max_connections.get()
     } else {
@@ -362,13 +361,12 @@ fn metrics_connections(config: &GatewayConfig, metrics_served: bool) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use tonic::server::NamedService;
+    use crate::proto::task_service_server::SERVICE_NAME;
 
     use super::*;
 
     #[test]
     fn calls_are_told_apart_by_the_task_service_path() {
-        let name = <TaskServiceServer<TaskGateway> as NamedService>::NAME;
-        assert_eq!(TASK_SERVICE_PATH, format!("/{name}/"));
+        assert_eq!(TASK_SERVICE_PATH, format!("/{SERVICE_NAME}/"));
     }
 }

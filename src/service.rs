@@ -12,14 +12,13 @@ use tonic::{Request, Response, Status};
 
 use crate::call::{CallNotes, CallScope};
 use crate::codec::{Call, Reply};
-use crate::config::GatewayConfig;
 use crate::domain::{BIN_ID_RANGE, PORT_ID_RANGE};
 use crate::proto::task_service_server::TaskService;
 use crate::proto::{CaseExtractRequest, CaseExtractResponse};
 use crate::protocol::{GRPC_TIMEOUT, parse_grpc_timeout};
 use crate::request_id::RequestId;
 use crate::status::{self, CallContext, CallError, RetryPolicy, Violation};
-use crate::upstream::Upstream;
+use crate::upstream::{self, Upstream};
 
 /// The gateway's `TaskService`: cheap to clone, shared by every connection.
 #[derive(Debug, Clone)]
@@ -38,15 +37,15 @@ pub(crate) struct TaskGateway {
 // === impl TaskGateway ===
 
 impl TaskGateway {
-    /// A service that calls `upstream` with the limits in `config`.
-    pub(crate) fn new(upstream: Upstream, config: &GatewayConfig) -> Self {
+    /// A service that calls `upstream` with the limits in `settings`.
+    pub(crate) fn new(upstream: Upstream, settings: &upstream::Settings) -> Self {
         TaskGateway {
             upstream,
-            upstream_timeout: config.upstream_timeout,
+            upstream_timeout: settings.timeout,
             retry: RetryPolicy {
-                delay: config.retry_delay,
+                delay: settings.retry_delay,
             },
-            in_flight: Arc::new(Semaphore::new(config.max_in_flight.get())),
+            in_flight: Arc::new(Semaphore::new(settings.max_in_flight.get())),
         }
     }
 
@@ -232,9 +231,9 @@ mod tests {
     #[tokio::test]
     async fn a_deadline_too_short_to_call_is_refused_without_calling_the_controller() {
         let url = crate::config::parse_upstream_url("http://127.0.0.1:9/api/v2/task").unwrap();
-        let config = crate::config::GatewayConfig::with_upstream(url);
-        let upstream = Upstream::new(&config).unwrap();
-        let gateway = TaskGateway::new(upstream, &config);
+        let settings = upstream::Settings::new(url);
+        let upstream = Upstream::new(&settings).unwrap();
+        let gateway = TaskGateway::new(upstream, &settings);
         let mut request = Request::new(CaseExtractRequest {
             port_id: 4,
             bin_id: 101337,

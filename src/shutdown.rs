@@ -39,7 +39,7 @@ pub async fn signal() {
 /// something to reload. Listening starts before this returns, and tokio never restores the
 /// default action, so from then on no SIGHUP can end the process, even once the future is
 /// dropped.
-pub(crate) fn hangups(
+pub fn hangups(
     mut on_hangup: impl FnMut() + Send + 'static,
 ) -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]

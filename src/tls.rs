@@ -41,31 +41,32 @@ pub struct UpstreamTls {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// The file cannot be read, or is not a regular file.
-    #[error("cannot read {what} {path}: {cause}")]
+    #[error("cannot read {what} {path}")]
     Read {
-        /// What the file was for, as its flag.
+        /// The flag that named the file, which says what it was for.
         what: &'static str,
-        /// The file.
+        /// The path as given.
         path: PathBuf,
-        /// Why; in the message, so not also a `source`.
+        /// Why it cannot be read: only the source says it, so a printed chain says it once.
+        #[source]
         cause: FileError,
     },
     /// The file holds no PEM certificate.
     #[error("{what} {path} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)")]
     NoCertificate {
-        /// What the file was for.
+        /// The flag that named the file.
         what: &'static str,
-        /// The file.
+        /// The path as given.
         path: PathBuf,
     },
     /// The file holds no usable PEM private key.
     #[error("{what} {path} holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {reason}")]
     NoPrivateKey {
-        /// What the file was for.
+        /// The flag that named the file.
         what: &'static str,
-        /// The file.
+        /// The path as given.
         path: PathBuf,
-        /// What the parser said.
+        /// What the PEM parser said.
         reason: String,
     },
     /// The files parse but do not work together (for example, the key is not the certificate's).

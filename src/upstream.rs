@@ -1,5 +1,5 @@
 //! The controller client: one pooled HTTP client that POSTs a method call, reads the reply with a
-//! size cap, and sorts every transport outcome into an [`UpstreamError`].
+//! size cap, and sorts every transport outcome into an `UpstreamError`.
 //!
 //! It never retries a request that may have reached the controller: only a failed connect, or a
 //! kept-alive connection found closed before the request was written (nothing sent either way),
@@ -12,6 +12,7 @@
 //! task wake-up per call, about 7 % of the gateway's whole cost.
 
 use std::future::Future as _;
+use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
@@ -34,8 +35,9 @@ use tower::ServiceExt as _;
 use url::Url;
 
 use crate::codec::{self, Call, DecodeError, Reply, WireFormat};
-use crate::config::GatewayConfig;
+use crate::config::{ConfigError, defaults, limits, refuse_credentials};
 use crate::request_id::{self, RequestId};
+use crate::tls::UpstreamTls;
 
 /// Idle pooled connections are not used after this long, before the shortest common server
 /// keep-alive (5 s for Apache and Node, 130 s for Kestrel), so a request is not written onto a
@@ -48,6 +50,26 @@ const REQUEST_ID: HeaderName = HeaderName::from_static(request_id::HEADER);
 /// Sent on every call, so the controller's logs can tell the gateway from other clients.
 const USER_AGENT_VALUE: HeaderValue =
     HeaderValue::from_static(concat!("taskgate/", env!("CARGO_PKG_VERSION")));
+
+/// How the gateway calls the controller: where, in which format, and within which limits.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The controller's task-interface URL, for example `http://10.0.0.5:44000/api/v2/task`.
+    pub url: Url,
+    /// Whether the controller is spoken to in XML (documented) or JSON.
+    pub format: WireFormat,
+    /// The longest the gateway waits for one controller reply, whatever the caller's deadline.
+    pub timeout: Duration,
+    /// The delay put in `RetryInfo` when a retry is safe (fault 1148, controller unreachable).
+    pub retry_delay: Duration,
+    /// The largest controller reply body the gateway reads before giving up on it.
+    pub max_response_bytes: NonZeroUsize,
+    /// How many task calls may be in flight at once, each holding at most one controller
+    /// connection; more are refused with RESOURCE_EXHAUSTED rather than queued.
+    pub max_in_flight: NonZeroUsize,
+    /// HTTPS to the controller: its CA and a client certificate, when they are not the defaults.
+    pub tls: UpstreamTls,
+}
 
 /// A client for one controller's task interface.
 #[derive(Debug, Clone)]
@@ -85,7 +107,7 @@ pub enum ClientError {
         reason: String,
     },
     /// The TLS configuration cannot be built (for example, the system has no roots).
-    #[error("cannot set up TLS to the controller: {0}")]
+    #[error("cannot set up TLS to the controller")]
     Tls(#[source] rustls::Error),
 }
 
@@ -103,15 +125,16 @@ pub(crate) enum TransportError {
     Body(hyper::Error),
 }
 
-/// A controller call that did not produce a reply we can trust.
+/// A controller call that did not produce a reply we can trust. Its message is the one callers
+/// read, so it says the cause itself, which is therefore not also a `source`.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UpstreamError {
     /// The connection could not be made, twice: nothing was sent.
     #[error("cannot connect to the controller: {}", error_chain(&**.0))]
-    Unreachable(#[source] ConnectError),
+    Unreachable(ConnectError),
     /// The connection failed after the request may have been sent.
     #[error("the connection to the controller failed: {}", error_chain(.0))]
-    ConnectionLost(#[source] TransportError),
+    ConnectionLost(TransportError),
     /// No complete reply arrived within the time limit.
     #[error("the controller did not answer within {}", humantime::format_duration(*.limit))]
     Timeout {
@@ -126,13 +149,42 @@ pub(crate) enum UpstreamError {
     },
     /// A 2xx reply whose body is not a task-interface response.
     #[error("the controller's reply is not a valid response: {0}")]
-    BadResponse(#[source] DecodeError),
+    BadResponse(DecodeError),
     /// The reply body is longer than the configured cap.
     #[error("the controller's reply is larger than {limit} bytes")]
     ResponseTooLarge {
         /// The cap in bytes.
         limit: usize,
     },
+}
+
+// === impl Settings ===
+
+impl Settings {
+    /// The documented defaults, pointed at `url`.
+    pub fn new(url: Url) -> Self {
+        Settings {
+            url,
+            format: WireFormat::Xml,
+            timeout: defaults::UPSTREAM_TIMEOUT,
+            retry_delay: defaults::RETRY_DELAY,
+            max_response_bytes: defaults::MAX_RESPONSE_BYTES,
+            max_in_flight: defaults::MAX_IN_FLIGHT,
+            tls: UpstreamTls::default(),
+        }
+    }
+
+    /// Checks the settings whose types allow values the gateway cannot run with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        // `parse_upstream_url` refuses credentials, but library callers may build a `Url` by
+        // hand, and every log line that names the upstream prints it whole.
+        refuse_credentials(&self.url)?;
+        limits::UPSTREAM_TIMEOUT.check(self.timeout)?;
+        limits::RETRY_DELAY.check(self.retry_delay)?;
+        limits::MAX_IN_FLIGHT.check(self.max_in_flight)?;
+        limits::MAX_RESPONSE_BYTES.check(self.max_response_bytes)?;
+        Ok(())
+    }
 }
 
 // === impl UpstreamError ===
@@ -155,8 +207,8 @@ impl UpstreamError {
 
 impl Upstream {
     /// Builds the shared client for the configured controller.
-    pub(crate) fn new(config: &GatewayConfig) -> Result<Self, ClientError> {
-        let url = config.upstream_url.clone();
+    pub(crate) fn new(settings: &Settings) -> Result<Self, ClientError> {
+        let url = settings.url.clone();
         let invalid = |reason: String| ClientError::Target {
             url: url.to_string(),
             reason,
@@ -167,8 +219,8 @@ impl Upstream {
             .map_err(|error| invalid(error.to_string()))?;
         let host = HeaderValue::from_str(&url[url::Position::BeforeHost..url::Position::AfterPort])
             .map_err(|error| invalid(error.to_string()))?;
-        let tls = config
-            .upstream_tls
+        let tls = settings
+            .tls
             .client_config(url.scheme() == "https")
             .map_err(ClientError::Tls)?;
         let mut http = HttpConnector::new();
@@ -179,7 +231,7 @@ impl Upstream {
             connector: HttpsConnector::from((http, tls)),
             pool: Arc::new(Pool {
                 idle: Mutex::new(Vec::new()),
-                max_idle: config.max_in_flight.get(),
+                max_idle: settings.max_in_flight.get(),
             }),
             url,
             target,
@@ -189,15 +241,12 @@ impl Upstream {
                 (USER_AGENT, USER_AGENT_VALUE),
                 (
                     CONTENT_TYPE,
-                    HeaderValue::from_static(config.upstream_format.content_type()),
+                    HeaderValue::from_static(settings.format.content_type()),
                 ),
-                (
-                    ACCEPT,
-                    HeaderValue::from_static(config.upstream_format.accept()),
-                ),
+                (ACCEPT, HeaderValue::from_static(settings.format.accept())),
             ]),
-            max_response_bytes: config.max_response_bytes.get(),
-            format: config.upstream_format,
+            max_response_bytes: settings.max_response_bytes.get(),
+            format: settings.format,
         })
     }
 

@@ -23,11 +23,11 @@ use tonic::Code;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{Exit, Outcome, bearer_token, connect, gateway_endpoint, parse_duration, usage};
-use crate::config::{Bounds, redact_url};
-use crate::fault;
-use crate::proto::CaseExtractRequest;
-use crate::proto::task_service_client::TaskServiceClient;
+use super::{Exit, Outcome, bearer_token, connect, duration, gateway_endpoint, usage};
+use taskgate::config::{Bounds, redact_url};
+use taskgate::fault;
+use taskgate::proto::CaseExtractRequest;
+use taskgate::proto::task_service_client::TaskServiceClient;
 
 const BENCH_HELP: &str = "\
 OUTPUT:
@@ -130,7 +130,7 @@ pub(super) struct BenchArgs {
     concurrency: NonZeroUsize,
 
     /// How long to measure, after the warm-up, for example 10s or 2m; 1ms to 1day.
-    #[arg(long, env = "TASKGATE_BENCH_DURATION", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "TASKGATE_BENCH_DURATION", default_value = "10s", value_parser = duration)]
     duration: Duration,
 
     /// Measure exactly this many calls in total, after the warm-up, instead of --duration.
@@ -172,12 +172,12 @@ pub(super) struct BenchArgs {
 
     /// How long to call before measuring, so connections and caches are warm; these calls are
     /// made but not counted. 0s for none; at most 1h.
-    #[arg(long, env = "TASKGATE_BENCH_WARMUP", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "TASKGATE_BENCH_WARMUP", default_value = "1s", value_parser = duration)]
     warmup: Duration,
 
     /// Each call's deadline, sent to the gateway as grpc-timeout; also the connect timeout. 1ms
     /// to 1h.
-    #[arg(long, env = "TASKGATE_BENCH_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "TASKGATE_BENCH_TIMEOUT", default_value = "5s", value_parser = duration)]
     timeout: Duration,
 
     /// The bearer token to send, when the gateway requires one. Prefer the environment variable:
@@ -666,7 +666,7 @@ async fn measure(plan: &Plan, channels: &[Channel]) -> anyhow::Result<Report> {
             None => std::future::pending().await,
         }
     });
-    let mut interrupt = pin!(crate::shutdown::signal());
+    let mut interrupt = pin!(taskgate::shutdown::signal());
     let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
     let mut interrupted = false;
     let mut total = empty;

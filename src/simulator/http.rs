@@ -23,6 +23,11 @@ use crate::router::{self, Endpoint, Peer, plain};
 /// The path the task interface is served on, as on a real controller.
 pub const TASK_PATH: &str = "/api/v2/task";
 
+/// The header a gateway sends its call's request ID in, logged with each request so one ID finds
+/// a call on both sides. The simulator names it itself rather than importing the gateway's layer:
+/// it is the other side of the wire (the real binary's test follows an ID into its log).
+const REQUEST_ID_HEADER: &str = "x-request-id";
+
 /// Serves the task interface on `listener` until `shutdown` resolves, within `limits`. The
 /// simulator has no metrics endpoint: connections refused or closed by a limit are logged.
 pub async fn serve(
@@ -48,7 +53,7 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let request_id = headers
-        .get(crate::request_id::HEADER)
+        .get(REQUEST_ID_HEADER)
         .and_then(|value| value.to_str().ok())
         .unwrap_or("none")
         .to_owned();

@@ -24,16 +24,8 @@ pub struct Layout {
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
     /// The TOML does not parse or has unknown keys; the message gives line and column.
-    #[error("{0}")]
+    #[error(transparent)]
     Toml(#[from] toml::de::Error),
-    /// `step_time` is not a duration.
-    #[error("step_time '{value}' is not a duration such as \"2s\" or \"500ms\": {reason}")]
-    StepTime {
-        /// The value as written.
-        value: String,
-        /// Why it does not parse.
-        reason: String,
-    },
     /// `step_time` is zero, so a case operation would never block anything.
     #[error("step_time must be greater than zero")]
     ZeroStepTime,
@@ -56,7 +48,8 @@ pub enum LayoutError {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LayoutFile {
-    step_time: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    step_time: Option<Duration>,
     #[serde(default)]
     port: Vec<PortEntry>,
 }
@@ -96,15 +89,7 @@ impl Layout {
     /// Parses and checks a TOML layout.
     pub fn from_toml(text: &str) -> Result<Self, LayoutError> {
         let file: LayoutFile = toml::from_str(text)?;
-        let step_time = match file.step_time {
-            None => DEFAULT_STEP_TIME,
-            Some(value) => {
-                humantime::parse_duration(&value).map_err(|error| LayoutError::StepTime {
-                    value: value.clone(),
-                    reason: error.to_string(),
-                })?
-            }
-        };
+        let step_time = file.step_time.unwrap_or(DEFAULT_STEP_TIME);
         if step_time.is_zero() {
             return Err(LayoutError::ZeroStepTime);
         }
@@ -198,7 +183,10 @@ mod tests {
             "[[port]]\nid = 4\nmode = \"OPEN\"",
             "missing field `autocase`",
         );
-        check_error("step_time = \"soon\"", "step_time 'soon' is not a duration");
+        check_error(
+            "step_time = \"soon\"",
+            "invalid value: string \"soon\", expected a duration",
+        );
         check_error("step_time = \"0s\"", "step_time must be greater than zero");
         check_error(
             &port("").replace("id = 4", "id = 0"),

@@ -52,7 +52,7 @@ async fn silent_http2_client(gateway: &Gateway) -> TcpStream {
 async fn a_connection_that_never_sends_a_whole_preface_is_closed_after_the_handshake_timeout() {
     let gateway = gateway()
         .await
-        .config(|config| config.handshake_timeout = Duration::from_millis(200))
+        .config(|config| config.connections.handshake_timeout = Duration::from_millis(200))
         .metrics()
         .start()
         .await;
@@ -82,7 +82,7 @@ async fn a_connection_that_never_sends_a_whole_preface_is_closed_after_the_hands
 async fn an_idle_http2_connection_gets_goaway_and_is_closed_after_the_idle_timeout() {
     let gateway = gateway()
         .await
-        .config(|config| config.idle_timeout = Duration::from_millis(200))
+        .config(|config| config.connections.idle_timeout = Duration::from_millis(200))
         .metrics()
         .start()
         .await;
@@ -103,7 +103,7 @@ async fn an_idle_http2_connection_gets_goaway_and_is_closed_after_the_idle_timeo
 async fn max_concurrent_streams_is_sent_in_the_servers_settings() {
     let gateway = gateway()
         .await
-        .config(|config| config.max_concurrent_streams = NonZeroU32::new(7).unwrap())
+        .config(|config| config.connections.max_concurrent_streams = NonZeroU32::new(7).unwrap())
         .start()
         .await;
     let mut stream = silent_http2_client(&gateway).await;
@@ -134,7 +134,7 @@ async fn max_concurrent_streams_is_sent_in_the_servers_settings() {
 async fn connections_beyond_the_limit_are_closed_at_once_and_counted() {
     let gateway = gateway()
         .await
-        .config(|config| config.max_connections = NonZeroUsize::new(2))
+        .config(|config| config.connections.max_connections = NonZeroUsize::new(2))
         .metrics()
         .start()
         .await;

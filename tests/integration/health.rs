@@ -13,7 +13,8 @@ use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-use taskgate::config::{GatewayConfig, parse_upstream_url};
+use taskgate::config::parse_upstream_url;
+use taskgate::server::Config as GatewayConfig;
 
 use crate::support::{CALL_LIMIT, Gateway, PROMPTLY, within};
 
@@ -161,7 +162,8 @@ async fn serve_refuses_a_zero_health_interval_instead_of_panicking() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let serve = taskgate::server::serve(listener, config, std::future::pending());
     let outcome = within(PROMPTLY, "serve did not refuse the configuration", serve).await;
-    let message = outcome.unwrap_err().to_string();
+    // Each cause is said once: by the error, then by its source, as `{:#}` prints the chain.
+    let message = format!("{:#}", anyhow::Error::from(outcome.unwrap_err()));
     assert_eq!(
         message,
         "invalid configuration: --health-interval 0s is out of range 10ms-1h: the probe opens a \

@@ -3,12 +3,12 @@
 use tonic::Code;
 
 use taskgate::codec::WireFormat;
-use taskgate::config::GatewayConfig;
+use taskgate::server::Config as GatewayConfig;
 
 use crate::support::{FakeUpstream, Gateway, Script, Seen, error_info, task_fault};
 
 fn json_format(config: &mut GatewayConfig) {
-    config.upstream_format = WireFormat::Json;
+    config.upstream.format = WireFormat::Json;
 }
 
 fn json(body: &str) -> Script {

@@ -11,7 +11,7 @@ async fn calls_beyond_the_limit_are_shed_with_overloaded() {
     let mut upstream = FakeUpstream::start(Script::Hang).await;
     let gateway = Gateway::builder()
         .upstream(&upstream.url)
-        .config(|config| config.max_in_flight = NonZeroUsize::new(2).unwrap())
+        .config(|config| config.upstream.max_in_flight = NonZeroUsize::new(2).unwrap())
         .start()
         .await;
     let first = gateway.spawn_case_extract(4, 101337);

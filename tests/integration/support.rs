@@ -19,9 +19,10 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic_types::StatusExt;
 
 use taskgate::auth::TokenFile;
-use taskgate::config::{GatewayConfig, Http1Limits, defaults, parse_upstream_url};
+use taskgate::config::{Http1Limits, defaults, parse_upstream_url};
 use taskgate::proto::task_service_client::TaskServiceClient;
 use taskgate::proto::{CaseExtractRequest, TASK_FAULT_TYPE_URL, TaskFault};
+use taskgate::server::Config as GatewayConfig;
 use taskgate::server::{Listeners, ServeError};
 use taskgate::simulator::{self, Simulator, layout::Layout};
 use taskgate::tls::ServerTls;

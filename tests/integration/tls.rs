@@ -255,7 +255,7 @@ async fn gateway_with_upstream_tls(url: &Url, ca: &Pki, client: Option<(&Pki, &s
         UpstreamTls::load(Some(&ca.path("ca.pem")), cert.as_deref(), key.as_deref()).unwrap();
     Gateway::builder()
         .upstream(url)
-        .config(|config| config.upstream_tls = upstream_tls)
+        .config(|config| config.upstream.tls = upstream_tls)
         .start()
         .await
 }

@@ -305,7 +305,7 @@ async fn the_upstream_timeout_caps_calls_without_a_deadline() {
     let mut upstream = FakeUpstream::start(Script::Hang).await;
     let gateway = Gateway::builder()
         .upstream(&upstream.url)
-        .config(|config| config.upstream_timeout = Duration::from_millis(200))
+        .config(|config| config.upstream.timeout = Duration::from_millis(200))
         .start()
         .await;
     let status = gateway.case_extract(4, 101337, None).await.unwrap_err();

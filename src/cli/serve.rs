@@ -1,0 +1,285 @@
+//! `taskgate serve`: the gateway, in front of a controller or the embedded simulator.
+//!
+//! Its settings come from flags, environment variables and a `--config` file, merged once before
+//! logging starts ([`ServeArgs::prepare`]), then turned into the library's checked
+//! [`Config`](taskgate::server::Config), every file read and every value checked, before any port
+//! is bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+
+use taskgate::auth::TokenFile;
+use taskgate::config::{Http1Limits, defaults, parse_cors_origin, parse_upstream_url};
+use taskgate::log::LogFormat;
+use taskgate::nofile;
+use taskgate::server::{Config, Listeners};
+use taskgate::simulator::{self, Simulator};
+use taskgate::tls::{ServerTls, UpstreamTls};
+
+use super::simulate::load_layout;
+use super::{Exit, Outcome, bind, usage};
+
+mod settings;
+
+use settings::ServeSettings;
+
+#[derive(Debug, Args)]
+pub(super) struct ServeArgs {
+    #[command(flatten)]
+    settings: ServeSettings,
+
+    /// A TOML file with any of these settings, keyed by flag name with underscores (for example
+    /// upstream_timeout = "10s"). Flags and environment variables win over the file.
+    #[arg(long, env = "TASKGATE_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// Print the effective configuration (flags > environment > file > defaults) as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+/// `serve` with its settings merged: flags and environment over the config file. Defaults are
+/// not in yet, so what a user gave can still be told from what nobody did.
+#[derive(Debug)]
+pub(super) struct Serve {
+    given: ServeSettings,
+    print_config: bool,
+}
+
+// === impl ServeArgs ===
+
+impl ServeArgs {
+    /// Reads the config file, if any, and merges the flags and environment (and the global
+    /// `log_format`) over it.
+    pub(super) fn prepare(self, log_format: Option<LogFormat>) -> anyhow::Result<Serve> {
+        let mut given = self.settings;
+        given.log_format = log_format;
+        if let Some(path) = &self.config {
+            given = given.or(&ServeSettings::load(path)?)?;
+        }
+        Ok(Serve {
+            given,
+            print_config: self.print_config,
+        })
+    }
+}
+
+// === impl Serve ===
+
+impl Serve {
+    /// The log format given by flag, environment or file, if any.
+    pub(super) fn log_format(&self) -> Option<LogFormat> {
+        self.given.log_format
+    }
+
+    /// Checks the settings, then prints them or serves until SIGINT or SIGTERM. Sets
+    /// `log_flush_bound` to the shutdown grace once it is known.
+    pub(super) async fn run(self, log_flush_bound: &mut Duration) -> Outcome {
+        check_combinations(&self.given).map_err(usage)?;
+        let effective = self.given.or(&ServeSettings::defaults()).map_err(usage)?;
+        let mut config = resolve(&effective).map_err(usage)?;
+        config
+            .validate()
+            .context("invalid configuration")
+            .map_err(usage)?;
+        *log_flush_bound = config.shutdown_grace;
+        let simulator = effective.simulator == Some(true);
+        // Printed only once every file has been read and every value checked, so what is printed
+        // is a configuration that starts.
+        if self.print_config {
+            let mut shown = effective;
+            if simulator {
+                // The simulator's URL is not known until it listens.
+                shown.upstream = None;
+            }
+            print!(
+                "{}",
+                toml::to_string(&shown).map_err(|error| usage(error.into()))?
+            );
+            return Ok(Exit::Success);
+        }
+        if simulator {
+            let layout = load_layout(effective.simulator_config.as_deref()).map_err(usage)?;
+            let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .map_err(usage)?;
+            let address = listener
+                .local_addr()
+                .context("cannot read the simulator's address")
+                .map_err(usage)?;
+            config.upstream.url =
+                parse_upstream_url(&format!("http://{address}{}", simulator::http::TASK_PATH))
+                    .context("cannot build the simulator's URL")
+                    .map_err(usage)?;
+            tracing::info!(url = %config.upstream.url, "embedded simulated controller started; the gateway calls it instead of a real controller");
+            // The simulator lives as long as the process; it stops when the runtime does.
+            tokio::spawn(simulator::http::serve(
+                listener,
+                Simulator::new(&layout),
+                Http1Limits::with_max_connections(defaults::SIMULATOR_MAX_CONNECTIONS),
+                std::future::pending(),
+            ));
+        }
+        nofile::log_raise(nofile::raise_soft_limit());
+        let listen = effective.listen.unwrap_or(defaults::LISTEN);
+        let grpc = bind(listen).await.map_err(usage)?;
+        let metrics = match effective.metrics_listen {
+            Some(address) => Some(bind(address).await.map_err(usage)?),
+            None => None,
+        };
+        taskgate::server::serve(
+            Listeners { grpc, metrics },
+            config,
+            taskgate::shutdown::signal(),
+        )
+        .await
+        .map_err(|error| (Exit::CallFailed, error.into()))?;
+        Ok(Exit::Success)
+    }
+}
+
+/// Settings that only make sense together, checked on what was given (flags, environment and
+/// file), before defaults fill the rest.
+fn check_combinations(given: &ServeSettings) -> anyhow::Result<()> {
+    let simulator = given.simulator == Some(true);
+    if simulator && given.upstream.is_some() {
+        anyhow::bail!(
+            "--upstream and --simulator cannot both be given: the simulator is the upstream"
+        );
+    }
+    if given.simulator_config.is_some() && !simulator {
+        anyhow::bail!("--simulator-config needs --simulator");
+    }
+    match (&given.tls_cert, &given.tls_key) {
+        (Some(_), None) => anyhow::bail!("--tls-cert needs --tls-key"),
+        (None, Some(_)) => anyhow::bail!("--tls-key needs --tls-cert"),
+        _ => {}
+    }
+    if given.tls_client_ca.is_some() && given.tls_cert.is_none() {
+        anyhow::bail!("--tls-client-ca needs --tls-cert and --tls-key");
+    }
+    Ok(())
+}
+
+/// The library's configuration from the effective settings: each setting goes to the subsystem
+/// that owns it, and every file is read and checked here.
+fn resolve(settings: &ServeSettings) -> anyhow::Result<Config> {
+    let upstream = settings.upstream.as_deref().unwrap_or(defaults::UPSTREAM);
+    let mut config =
+        Config::with_upstream(parse_upstream_url(upstream).context("invalid --upstream")?);
+    set(&mut config.upstream.timeout, settings.upstream_timeout);
+    set(&mut config.upstream.retry_delay, settings.retry_delay);
+    set(
+        &mut config.upstream.max_response_bytes,
+        settings.max_response_bytes,
+    );
+    set(&mut config.upstream.max_in_flight, settings.max_in_flight);
+    set(
+        &mut config.upstream.format,
+        settings.upstream_format.map(Into::into),
+    );
+    set(&mut config.shutdown_grace, settings.shutdown_grace);
+    set(&mut config.health_interval, settings.health_interval);
+    set(&mut config.max_health_watches, settings.max_health_watches);
+    set(&mut config.access_log, settings.access_log);
+    let connections = &mut config.connections;
+    set(
+        &mut connections.handshake_timeout,
+        settings.handshake_timeout,
+    );
+    set(&mut connections.idle_timeout, settings.idle_timeout);
+    connections.max_connections = settings.max_connections;
+    set(
+        &mut connections.max_concurrent_streams,
+        settings.max_concurrent_streams,
+    );
+    let metrics = &mut config.metrics_limits;
+    set(
+        &mut metrics.header_read_timeout,
+        settings.metrics_header_read_timeout,
+    );
+    set(&mut metrics.idle_timeout, settings.metrics_idle_timeout);
+    set(
+        &mut metrics.body_read_timeout,
+        settings.metrics_body_read_timeout,
+    );
+    set(
+        &mut metrics.max_connections,
+        settings.metrics_max_connections,
+    );
+    // `check_combinations` has made sure that a key comes with its certificate.
+    if let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) {
+        config.tls = Some(ServerTls::load(
+            cert,
+            key,
+            settings.tls_client_ca.as_deref(),
+        )?);
+    }
+    config.upstream.tls = UpstreamTls::load(
+        settings.upstream_ca.as_deref(),
+        settings.upstream_client_cert.as_deref(),
+        settings.upstream_client_key.as_deref(),
+    )?;
+    config.cors_allow_origins = settings
+        .cors_allow_origin
+        .iter()
+        .flatten()
+        .map(|origin| parse_cors_origin(origin))
+        .collect::<Result<_, _>>()
+        .context("invalid --cors-allow-origin")?;
+    if let Some(path) = &settings.auth_tokens_file {
+        config.auth_tokens = Some(TokenFile::load(path)?);
+    }
+    Ok(config)
+}
+
+/// Replaces a library default with a value the user gave.
+fn set<T>(slot: &mut T, given: Option<T>) {
+    if let Some(value) = given {
+        *slot = value;
+    }
+}
+
+/// `command` with `serve`'s defaults shown in the help of each flag that has one, and of the
+/// global `--log-format`, from [`ServeSettings::defaults`]: clap's own `default_value` would
+/// fill the value in, and a default must not hide the config file's value.
+pub(super) fn show_defaults(command: clap::Command) -> clap::Command {
+    let Ok(defaults) = ServeSettings::defaults().given() else {
+        return command;
+    };
+    let command = command.mut_subcommand("serve", |serve| show_in_help(serve, &defaults));
+    show_in_help(command, &defaults)
+}
+
+fn show_in_help(
+    mut command: clap::Command,
+    defaults: &serde_json::Map<String, serde_json::Value>,
+) -> clap::Command {
+    for (id, value) in defaults {
+        if command
+            .get_arguments()
+            .any(|arg| arg.get_id() == id.as_str())
+        {
+            command = command.mut_arg(id, |arg| {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                arg.help(format!("{help} [default: {}]", shown_value(value)))
+            });
+        }
+    }
+    command
+}
+
+/// A setting's value as a user writes it on the command line: strings unquoted.
+fn shown_value(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
