@@ -217,27 +217,16 @@ mod tests {
             r#"{"params":{},"fault":{"code":1}}"#,
             Err(DecodeError::ParamsAndFault),
         );
-        check_reply(
-            r#"{"fault":{"code":"soon"}}"#,
-            Err(DecodeError::InvalidInteger {
-                element: "code".to_owned(),
-                text: "soon".to_owned(),
-            }),
-        );
-        check_reply(
-            r#"{"fault":{"code":-3}}"#,
-            Err(DecodeError::InvalidInteger {
-                element: "code".to_owned(),
-                text: "-3".to_owned(),
-            }),
-        );
-        check_reply(
-            r#"{"fault":{"code":1148.5}}"#,
-            Err(DecodeError::InvalidInteger {
-                element: "code".to_owned(),
-                text: "1148.5".to_owned(),
-            }),
-        );
+        for code in ["\"soon\"", "-3", "1148.5"] {
+            let text = code.trim_matches('"');
+            check_reply(
+                &format!(r#"{{"fault":{{"code":{code}}}}}"#),
+                Err(DecodeError::InvalidInteger {
+                    element: "code".to_owned(),
+                    text: text.to_owned(),
+                }),
+            );
+        }
         check_reply(
             r#"{"fault":{"code":null}}"#,
             Err(DecodeError::UnexpectedText {

@@ -48,10 +48,11 @@ pub async fn serve(
 
 async fn handle(
     State(simulator): State<Simulator>,
-    Extension(Peer(peer)): Extension<Peer>,
+    peer: Extension<Peer>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let Extension(Peer(peer)) = peer;
     let request_id = headers
         .get(REQUEST_ID_HEADER)
         .and_then(|value| value.to_str().ok())
