@@ -5,7 +5,8 @@
 //! - [`proto`]: the generated `taskgate.v1` contract (messages, client, server, descriptor set).
 //! - [`fault`]: the fault table, the one source of truth for controller fault codes.
 //! - [`codec`]: task-interface XML to and from method calls and replies.
-//! - `domain`: the task interface's parameter ranges, shared by the gateway and the simulator.
+//! - [`domain`]: the task interface's parameter ranges and the AutoCase states, shared by the
+//!   gateway and the simulator.
 //! - [`config`]: validated settings for the gateway and the simulator.
 //! - [`request_id`]: the `x-request-id` that ties a call's logs together.
 //! - `call`: the layer around every call: request ID, span, in-flight gauge, metrics, access line.
@@ -54,7 +55,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 mod connection;
-mod domain;
+pub mod domain;
 pub mod fault;
 mod health;
 pub mod log;

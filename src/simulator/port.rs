@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use crate::domain::CaseState;
 use crate::fault;
 
 /// A port mode, as the vendor names them.
@@ -35,19 +36,6 @@ pub enum PortMode {
     MultiportPuppet,
     /// No more task groups will be planned.
     Runout,
-}
-
-/// An AutoCase state as the Log Publisher `AC` segment reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CaseState {
-    /// No ongoing case operation.
-    Noop,
-    /// Case extract requested.
-    Ereq,
-    /// Ready to send case out.
-    Erso,
-    /// Case extract completed; the port is free again.
-    Ecmp,
 }
 
 /// How one port is set up.
@@ -153,19 +141,6 @@ impl Port {
             CaseState::Ecmp
         };
         (Some(operation.bin_id), case_state)
-    }
-}
-
-// === impl CaseState ===
-
-impl CaseState {
-    /// Whether a case operation is still running, so a new one must wait
-    /// (`PREVIOUS_ACTION_NOT_COMPLETED`).
-    pub fn is_busy(self) -> bool {
-        match self {
-            CaseState::Ereq | CaseState::Erso => true,
-            CaseState::Noop | CaseState::Ecmp => false,
-        }
     }
 }
 
