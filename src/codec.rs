@@ -351,7 +351,7 @@ fn is_xml_whitespace(character: char) -> bool {
 }
 
 /// Keeps peer-controlled text in error messages short enough to log.
-fn shorten(text: &str) -> String {
+pub(crate) fn shorten(text: &str) -> String {
     const LIMIT: usize = 40;
     match text.char_indices().nth(LIMIT) {
         Some((cut, _)) => format!("{}…", &text[..cut]),

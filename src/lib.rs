@@ -7,6 +7,7 @@
 //! - [`codec`]: task-interface XML to and from method calls and replies.
 //! - [`domain`]: the task interface's parameter ranges and the AutoCase states, shared by the
 //!   gateway and the simulator.
+//! - [`log_publisher`]: the Log Publisher's event stream: CRLF lines and the segments in them.
 //! - [`config`]: validated settings for the gateway and the simulator.
 //! - [`request_id`]: the `x-request-id` that ties a call's logs together.
 //! - `call`: the layer around every call: request ID, span, in-flight gauge, metrics, access line.
@@ -59,6 +60,7 @@ pub mod domain;
 pub mod fault;
 mod health;
 pub mod log;
+pub mod log_publisher;
 pub mod metrics;
 pub mod nofile;
 pub mod protocol;
