@@ -28,7 +28,8 @@ pub fn parse_reply(body: &[u8], charset: Option<&str>) -> Result<Reply, DecodeEr
     codec::parse_reply(body, charset)
 }
 
-/// Encodes a call without its shape's template: the baseline for [`codec::WireFormat::encode_call`].
+/// Encodes a call without its shape's template: the baseline for
+/// [`codec::WireFormat::encode_call`].
 pub fn encode_call_from_scratch(call: &codec::Call<'_>) -> Vec<u8> {
     codec::encode_call_from_scratch(call)
 }

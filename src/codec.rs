@@ -9,6 +9,7 @@
 //!   is an error).
 //! - `json`: the JSON variant, read into the same trees.
 //! - `shape`: which trees are a method call or a reply: the checks both formats pass.
+//! - `case_state`: the data of a `case_getstate` reply, typed ([`CaseStateReply`]).
 //!
 //! It accepts any whitespace, and XML with or without a declaration. It does no I/O; whoever
 //! reads the body caps its size (see [`DEFAULT_MAX_BODY_BYTES`]) before handing it here.
@@ -17,12 +18,14 @@
 //! straight into one exactly sized buffer; decoding recognises the two common replies from their
 //! bytes and hands anything else to the full parser, which gives the same answer.
 
+mod case_state;
 mod charset;
 mod json;
 mod shape;
 mod template;
 mod xml;
 
+pub use case_state::CaseStateReply;
 pub use charset::charset_of;
 pub use shape::parse_integer;
 
@@ -158,6 +161,23 @@ pub enum DecodeError {
         /// The text, shortened.
         text: String,
     },
+    /// An integer outside the range the task interface allows for the element.
+    #[error("<{element}> holds {value}, outside {min}-{max}")]
+    OutOfRange {
+        /// The element.
+        element: String,
+        /// The value it holds.
+        value: u32,
+        /// The smallest value allowed.
+        min: u32,
+        /// The largest value allowed.
+        max: u32,
+    },
+    /// A `<case_state>` that holds no AutoCase state code.
+    #[error(
+        "<case_state> holds '{0}', not one of NOOP, EREQ, ERSO, ECMP, IREQ, IRTR, ICRC, ICIN or ICMP"
+    )]
+    UnknownCaseState(String),
     /// An element that must hold a non-negative decimal integer holds something else.
     #[error("<{element}> holds '{text}', not a non-negative integer")]
     InvalidInteger {
@@ -351,7 +371,7 @@ fn is_xml_whitespace(character: char) -> bool {
 }
 
 /// Keeps peer-controlled text in error messages short enough to log.
-fn shorten(text: &str) -> String {
+pub(crate) fn shorten(text: &str) -> String {
     const LIMIT: usize = 40;
     match text.char_indices().nth(LIMIT) {
         Some((cut, _)) => format!("{}…", &text[..cut]),

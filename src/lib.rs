@@ -14,6 +14,9 @@
 //! - [`config`]: the shared vocabulary of settings: defaults, ranges, URL and origin checks.
 //! - [`upstream`]: the controller client's settings ([`upstream::Settings`]).
 //! - [`connection`]: the gRPC port's connection limits ([`connection::Settings`]).
+//! - [`domain`]: the task interface's parameter ranges and the AutoCase states, shared by the
+//!   gateway and the simulator.
+//! - [`log_publisher`]: the Log Publisher's event stream: CRLF lines and the segments in them.
 //! - [`tls`]: certificate files for gRPC (and mTLS) and for HTTPS to the controller.
 //! - [`auth`]: the bearer-token file for the task service, reloaded on SIGHUP.
 //! - [`server`]: the whole configuration and [`server::serve`], which runs a gateway.
@@ -26,9 +29,9 @@
 //! Inside, and not part of the API: `call` (the layer around every call: request ID, span,
 //! in-flight gauge, metrics, access line), `request_id` (the `x-request-id` itself), `protocol`
 //! (the layer that refuses a malformed `grpc-timeout` or a second request message), `status` (the
-//! only place a `tonic::Status` is built), `service` (the `TaskService` implementation), `domain`
-//! (the parameter ranges), `health`, `metrics`, `accept` and `router` (the axum endpoints within
-//! the connection limits); `bench_api` is a hidden door for `benches/`.
+//! only place a `tonic::Status` is built), `service` (the `TaskService` implementation),
+//! `health`, `metrics`, `accept` and `router` (the axum endpoints within the connection limits);
+//! `bench_api` is a hidden door for `benches/`.
 
 pub mod proto {
     //! The generated `taskgate.v1` types, tonic client and server, and encoded descriptor set.
@@ -57,10 +60,11 @@ mod call;
 pub mod codec;
 pub mod config;
 pub mod connection;
-mod domain;
+pub mod domain;
 pub mod fault;
 mod health;
 pub mod log;
+pub mod log_publisher;
 mod metrics;
 pub mod nofile;
 mod protocol;

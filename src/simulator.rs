@@ -1,5 +1,6 @@
 //! The simulated controller: an HTTP server that speaks the task interface, with per-port state,
-//! so every `case_extract` outcome can be produced for real without an AutoStore.
+//! so every `case_extract`, `case_cancel` and `case_getstate` outcome can be produced for real
+//! without an AutoStore. What it assumes where the vendor is silent is listed in [`port`].
 //!
 //! It is the other side of the wire, so it shares only `codec`, `fault` and `domain` with the
 //! gateway and never imports the gateway's service or upstream client.
@@ -12,14 +13,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::time::Instant;
 
-use crate::codec::{self, MethodCall, Reply};
+use crate::codec::{self, CaseStateReply, MethodCall, Reply};
 use crate::domain::{BIN_ID_RANGE, PORT_ID_RANGE};
 use crate::fault;
 use layout::Layout;
 use port::PortTable;
 
 /// The methods the simulator implements; others are answered with HTTP 501.
-pub const METHODS: &[&str] = &["case_extract"];
+pub const METHODS: &[&str] = &["case_extract", "case_cancel", "case_getstate"];
 
 /// A handle on the simulated controller's state: cheap to clone, shared by every connection.
 #[derive(Debug, Clone)]
@@ -50,8 +51,9 @@ impl Simulator {
 
     /// Applies one method call at the current time.
     pub fn handle(&self, method_call: &MethodCall) -> Outcome {
-        // A panic while the lock was held cannot leave the table half-updated: every change is
-        // one assignment, so the data is still consistent and the poison can be ignored.
+        // A panic while the lock was held leaves the table usable: an operation starts or is
+        // cancelled in one assignment, and at worst an event on its way to the waiting list is
+        // lost. So the poison can be ignored.
         let mut ports = self.ports.lock().unwrap_or_else(PoisonError::into_inner);
         apply(&mut ports, method_call, Instant::now())
     }
@@ -59,32 +61,47 @@ impl Simulator {
 
 /// Applies one method call to the port table at `now`.
 pub fn apply(ports: &mut PortTable, method_call: &MethodCall, now: Instant) -> Outcome {
-    match method_call.name.as_str() {
-        "case_extract" => Outcome::Reply(case_extract(ports, method_call, now)),
-        other => Outcome::NotImplemented(other.to_owned()),
-    }
+    let reply = match method_call.name.as_str() {
+        "case_extract" => port_and_bin(method_call)
+            .and_then(|(port_id, bin_id)| ports.case_extract(port_id, bin_id, now))
+            .map(|()| Reply::empty_success()),
+        // The same parameters as case_extract (task-interface.md §3.2).
+        "case_cancel" => port_and_bin(method_call)
+            .and_then(|(port_id, bin_id)| ports.case_cancel(port_id, bin_id, now))
+            .map(|()| Reply::empty_success()),
+        "case_getstate" => integer_param(method_call, "port_id", &PORT_ID_RANGE, PORT_ID_FAULTS)
+            .and_then(|port_id| {
+                let (bin_id, case_state) = ports.case_getstate(port_id, now)?;
+                let case_state_reply = CaseStateReply {
+                    port_id,
+                    bin_id,
+                    case_state,
+                };
+                Ok(case_state_reply.to_reply())
+            }),
+        other => return Outcome::NotImplemented(other.to_owned()),
+    };
+    Outcome::Reply(reply.unwrap_or_else(Reply::Fault))
 }
 
-fn case_extract(ports: &mut PortTable, method_call: &MethodCall, now: Instant) -> Reply {
-    const PORT_ID_FAULTS: ParamFaults = ParamFaults {
-        missing: fault::MISSING_PARAMETER_PORT_ID.code,
-        invalid: fault::INVALID_PARAMETER_PORT_ID.code,
-    };
-    // The vendor lists no "missing bin_id" code; INVALID_PARAMETER_BIN_ID is the closest
-    // (task-interface.md §4.5).
-    const BIN_ID_FAULTS: ParamFaults = ParamFaults {
-        missing: fault::INVALID_PARAMETER_BIN_ID.code,
-        invalid: fault::INVALID_PARAMETER_BIN_ID.code,
-    };
-    let checked =
-        integer_param(method_call, "port_id", &PORT_ID_RANGE, PORT_ID_FAULTS).and_then(|port_id| {
-            let bin_id = integer_param(method_call, "bin_id", &BIN_ID_RANGE, BIN_ID_FAULTS)?;
-            ports.case_extract(port_id, bin_id, now)
-        });
-    match checked {
-        Ok(()) => Reply::empty_success(),
-        Err(code) => Reply::Fault(code),
-    }
+const PORT_ID_FAULTS: ParamFaults = ParamFaults {
+    missing: fault::MISSING_PARAMETER_PORT_ID.code,
+    invalid: fault::INVALID_PARAMETER_PORT_ID.code,
+};
+
+// The vendor lists no "missing bin_id" code; INVALID_PARAMETER_BIN_ID is the closest
+// (task-interface.md §4.5).
+const BIN_ID_FAULTS: ParamFaults = ParamFaults {
+    missing: fault::INVALID_PARAMETER_BIN_ID.code,
+    invalid: fault::INVALID_PARAMETER_BIN_ID.code,
+};
+
+/// Reads `port_id` then `bin_id`, as `case_extract` and `case_cancel` take them, or returns the
+/// fault for the first that is wrong.
+fn port_and_bin(method_call: &MethodCall) -> Result<(u32, u32), u32> {
+    let port_id = integer_param(method_call, "port_id", &PORT_ID_RANGE, PORT_ID_FAULTS)?;
+    let bin_id = integer_param(method_call, "bin_id", &BIN_ID_RANGE, BIN_ID_FAULTS)?;
+    Ok((port_id, bin_id))
 }
 
 /// The fault codes for a parameter that is missing, and for one that is repeated, not an
@@ -117,6 +134,7 @@ fn integer_param(
 mod tests {
     use super::*;
     use crate::codec::WireFormat;
+    use crate::domain::CaseState;
 
     fn check(body: &str, expected: Outcome) {
         let mut ports = PortTable::new(&Layout::default_layout().ports, layout::DEFAULT_STEP_TIME);
@@ -175,6 +193,82 @@ mod tests {
             &call(" <port_id> 4 </port_id>\n<bin_id>101337</bin_id> "),
             Outcome::Reply(Reply::empty_success()),
         );
+    }
+
+    fn named(method: &str, params: &str) -> String {
+        format!("<methodcall><name>{method}</name><params>{params}</params></methodcall>")
+    }
+
+    fn case_state(port_id: u32, bin_id: Option<u32>, case_state: CaseState) -> Outcome {
+        let case_state_reply = CaseStateReply {
+            port_id,
+            bin_id,
+            case_state,
+        };
+        Outcome::Reply(case_state_reply.to_reply())
+    }
+
+    #[test]
+    fn case_cancel_checks_parameters_as_case_extract_does() {
+        for (params, code) in [
+            ("<bin_id>1</bin_id>", 1003),
+            ("<port_id>0</port_id><bin_id>1</bin_id>", 1004),
+            ("<port_id>4</port_id>", 1010),
+            ("<port_id>4</port_id><bin_id>4000001</bin_id>", 1010),
+            ("<port_id>9</port_id><bin_id>1</bin_id>", 1000),
+            ("<port_id>1</port_id><bin_id>1</bin_id>", 1087),
+            ("<port_id>2</port_id><bin_id>1</bin_id>", 1099),
+            // Nothing is running on the default layout's port 4.
+            ("<port_id>4</port_id><bin_id>101337</bin_id>", 1149),
+        ] {
+            check(&named("case_cancel", params), fault(code));
+        }
+    }
+
+    #[test]
+    fn case_getstate_answers_with_data() {
+        check(&named("case_getstate", ""), fault(1003));
+        check(
+            &named("case_getstate", "<port_id>2001</port_id>"),
+            fault(1004),
+        );
+        check(&named("case_getstate", "<port_id>9</port_id>"), fault(1000));
+        check(&named("case_getstate", "<port_id>1</port_id>"), fault(1087));
+        check(
+            &named("case_getstate", "<port_id>2</port_id>"),
+            case_state(2, None, CaseState::Noop),
+        );
+        // A bin_id is not a parameter of case_getstate; like any other, it is ignored.
+        check(
+            &named("case_getstate", "<port_id>4</port_id><bin_id>5</bin_id>"),
+            case_state(4, None, CaseState::Noop),
+        );
+    }
+
+    #[test]
+    fn extract_getstate_cancel_on_one_table() {
+        let mut ports = PortTable::new(&Layout::default_layout().ports, layout::DEFAULT_STEP_TIME);
+        let start = Instant::now();
+        let mut call = |method: &str, params: &str, now| {
+            let method_call = WireFormat::Xml
+                .decode_method_call(named(method, params).as_bytes(), None)
+                .unwrap();
+            apply(&mut ports, &method_call, now)
+        };
+        let port_and_bin = "<port_id>4</port_id><bin_id>101337</bin_id>";
+        let success = Outcome::Reply(Reply::empty_success());
+        assert_eq!(call("case_extract", port_and_bin, start), success);
+        let erso = start + layout::DEFAULT_STEP_TIME;
+        assert_eq!(
+            call("case_getstate", "<port_id>4</port_id>", erso),
+            case_state(4, Some(101337), CaseState::Erso)
+        );
+        assert_eq!(call("case_cancel", port_and_bin, erso), success);
+        assert_eq!(
+            call("case_getstate", "<port_id>4</port_id>", erso),
+            case_state(4, Some(101337), CaseState::Noop)
+        );
+        assert_eq!(call("case_cancel", port_and_bin, erso), fault(1149));
     }
 
     #[test]

@@ -71,7 +71,7 @@ fn expect_root(element: &Element, expected: &'static str) -> Result<(), DecodeEr
     }
 }
 
-fn expect_no_text(element: &Element) -> Result<(), DecodeError> {
+pub(super) fn expect_no_text(element: &Element) -> Result<(), DecodeError> {
     if element.text.chars().all(is_xml_whitespace) {
         Ok(())
     } else {
@@ -83,7 +83,7 @@ fn expect_no_text(element: &Element) -> Result<(), DecodeError> {
 }
 
 /// The children of `parent` with the given names, each at most once; any other child is an error.
-fn distinct_children<'a, const N: usize>(
+pub(super) fn distinct_children<'a, const N: usize>(
     parent: &'a Element,
     names: [&'static str; N],
 ) -> Result<[Option<&'a Element>; N], DecodeError> {
@@ -102,14 +102,14 @@ fn distinct_children<'a, const N: usize>(
     Ok(found)
 }
 
-fn missing(parent: &Element, name: &'static str) -> DecodeError {
+pub(super) fn missing(parent: &Element, name: &'static str) -> DecodeError {
     DecodeError::MissingElement {
         parent: parent.name.clone(),
         name,
     }
 }
 
-fn unexpected_element(parent: &Element, child: &Element) -> DecodeError {
+pub(super) fn unexpected_element(parent: &Element, child: &Element) -> DecodeError {
     DecodeError::UnexpectedElement {
         parent: parent.name.clone(),
         name: shorten(&child.name),

@@ -59,6 +59,59 @@ fn case_extract_request_is_the_documented_shape() {
     check_encoded(&method_call, expected);
 }
 
+/// The other AutoCase methods go through the same `Call`: case_cancel has case_extract's
+/// parameters (task-interface.md §3.2), case_getstate only `port_id`, and its JSON is the
+/// vendor's one JSON example, less its spaces.
+#[test]
+fn case_cancel_and_case_getstate_requests_are_the_documented_shape() {
+    let check = |call: Call<'_>, xml: &str, json: &str| {
+        assert_eq!(
+            String::from_utf8(WireFormat::Xml.encode_call(&call)).unwrap(),
+            xml
+        );
+        assert_eq!(encode_call_from_scratch(&call), xml.as_bytes());
+        assert_eq!(
+            String::from_utf8(WireFormat::Json.encode_call(&call)).unwrap(),
+            json
+        );
+        for (format, body) in [(WireFormat::Xml, xml), (WireFormat::Json, json)] {
+            assert_eq!(
+                format.decode_method_call(body.as_bytes(), None),
+                Ok(MethodCall::from(&call))
+            );
+        }
+    };
+    check(
+        Call {
+            method: "case_cancel",
+            params: &[("port_id", 4), ("bin_id", 101337)],
+        },
+        "<?xml version=\"1.0\"?>\n\
+         <methodcall>\n  \
+         <name>case_cancel</name>\n  \
+         <params>\n    \
+         <port_id>4</port_id>\n    \
+         <bin_id>101337</bin_id>\n  \
+         </params>\n\
+         </methodcall>\n",
+        r#"{"method":"case_cancel","params":{"port_id":4,"bin_id":101337}}"#,
+    );
+    check(
+        Call {
+            method: "case_getstate",
+            params: &[("port_id", 4)],
+        },
+        "<?xml version=\"1.0\"?>\n\
+         <methodcall>\n  \
+         <name>case_getstate</name>\n  \
+         <params>\n    \
+         <port_id>4</port_id>\n  \
+         </params>\n\
+         </methodcall>\n",
+        r#"{"method":"case_getstate","params":{"port_id":4}}"#,
+    );
+}
+
 /// Pins the exact bytes of text that needs escaping: the five markup characters and `\r`, which
 /// XML end-of-line handling would otherwise turn into `\n`. Non-ASCII text is written as is.
 #[test]

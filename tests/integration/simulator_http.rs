@@ -95,7 +95,8 @@ async fn an_unimplemented_method_is_501_with_a_reason() {
     assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
     assert_eq!(
         reason,
-        "method 'openport' is not implemented by the simulator (it implements: case_extract)\n"
+        "method 'openport' is not implemented by the simulator (it implements: case_extract, \
+         case_cancel, case_getstate)\n"
     );
 }
 
