@@ -12,40 +12,14 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::support::{
-    FakeUpstream, Gateway, GatewayBuilder, PROMPTLY, Script, read_until_closed, scrape_at_least,
-    scrape_line, within,
+    FakeUpstream, GOAWAY, Gateway, GatewayBuilder, PROMPTLY, Script, frames,
+    max_concurrent_streams, read_until_closed, scrape_at_least, scrape_line, server_settings,
+    silent_http2_client, within,
 };
-
-/// What an HTTP/2 client sends first, then an empty SETTINGS frame.
-const HTTP2_PREFACE_AND_SETTINGS: &[u8] =
-    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
-const GOAWAY: u8 = 0x7;
-const SETTINGS: u8 = 0x4;
 
 /// A gateway in front of a controller that never answers.
 async fn gateway() -> GatewayBuilder {
     Gateway::builder().upstream(&FakeUpstream::start(Script::Hang).await.url)
-}
-
-/// The HTTP/2 frames in `bytes` as (type, payload), after the server's part of the handshake.
-fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
-    let mut frames = Vec::new();
-    while bytes.len() >= 9 {
-        let length =
-            usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
-        let end = (9 + length).min(bytes.len());
-        frames.push((bytes[3], bytes[9..end].to_vec()));
-        bytes = &bytes[end..];
-    }
-    frames
-}
-
-/// An HTTP/2 connection that has sent its preface and settings and then says nothing, not even
-/// a ping or settings acknowledgement.
-async fn silent_http2_client(gateway: &Gateway) -> TcpStream {
-    let mut stream = TcpStream::connect(gateway.address).await.unwrap();
-    stream.write_all(HTTP2_PREFACE_AND_SETTINGS).await.unwrap();
-    stream
 }
 
 #[tokio::test]
@@ -86,7 +60,7 @@ async fn an_idle_http2_connection_gets_goaway_and_is_closed_after_the_idle_timeo
         .metrics()
         .start()
         .await;
-    let mut stream = silent_http2_client(&gateway).await;
+    let mut stream = silent_http2_client(gateway.address).await;
     let received = read_until_closed(&mut stream).await;
     let types: Vec<u8> = frames(&received).iter().map(|(kind, _)| *kind).collect();
     assert!(types.contains(&GOAWAY), "no GOAWAY among frames {types:?}");
@@ -106,27 +80,9 @@ async fn max_concurrent_streams_is_sent_in_the_servers_settings() {
         .config(|config| config.max_concurrent_streams = NonZeroU32::new(7).unwrap())
         .start()
         .await;
-    let mut stream = silent_http2_client(&gateway).await;
-    let mut received = Vec::new();
-    let settings = within(PROMPTLY, "the gateway sent no SETTINGS", async {
-        loop {
-            let mut buffer = [0_u8; 4096];
-            let read = stream.read(&mut buffer).await.unwrap();
-            assert_ne!(read, 0, "closed before sending SETTINGS");
-            received.extend_from_slice(&buffer[..read]);
-            if let Some((_, payload)) = frames(&received)
-                .into_iter()
-                .find(|(kind, _)| *kind == SETTINGS)
-            {
-                break payload;
-            }
-        }
-    })
-    .await;
-    // Each setting is a 16-bit id and a 32-bit value; 0x3 is SETTINGS_MAX_CONCURRENT_STREAMS.
-    let max_concurrent_streams = settings.chunks(6).find_map(|setting| {
-        (setting[..2] == [0, 3]).then(|| u32::from_be_bytes(setting[2..6].try_into().unwrap()))
-    });
+    let mut stream = silent_http2_client(gateway.address).await;
+    let settings = server_settings(&mut stream).await;
+    let max_concurrent_streams = max_concurrent_streams(&settings);
     assert_eq!(max_concurrent_streams, Some(7));
 }
 
@@ -142,7 +98,7 @@ async fn connections_beyond_the_limit_are_closed_at_once_and_counted() {
     // The gateway's own client holds one connection; one more fills the limit.
     let status = gateway.case_extract(4, 0, None).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    let second = silent_http2_client(&gateway).await;
+    let second = silent_http2_client(gateway.address).await;
     let mut refused = TcpStream::connect(gateway.address).await.unwrap();
     let received = read_until_closed(&mut refused).await;
     assert!(
@@ -166,7 +122,7 @@ async fn connections_beyond_the_limit_are_closed_at_once_and_counted() {
         "taskgate_connections_open{listener=\"grpc\"} 1",
     )
     .await;
-    let mut stream = silent_http2_client(&gateway).await;
+    let mut stream = silent_http2_client(gateway.address).await;
     let mut buffer = [0_u8; 9];
     within(
         PROMPTLY,
@@ -263,7 +219,7 @@ async fn idle_connections_and_partial_requests_do_not_hold_shutdown() {
         .config(|config| config.shutdown_grace = Duration::from_secs(60))
         .start()
         .await;
-    let mut idle = silent_http2_client(&gateway).await;
+    let mut idle = silent_http2_client(gateway.address).await;
     let mut partial_head = TcpStream::connect(gateway.address).await.unwrap();
     partial_head
         .write_all(b"POST /taskgate.v1.TaskService/CaseExtract HTTP/1.1\r\nHost: g")
