@@ -16,6 +16,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tonic_types::StatusExt;
 
 use taskgate::auth::TokenFile;
@@ -845,4 +847,73 @@ pub(crate) async fn case_extract_stream(
     within(PROMPTLY, "CaseExtract (streamed) was not answered", call)
         .await
         .map(|response| response.into_inner())
+}
+
+/// Sends HTTP/1.1 POSTs of `application/grpc` (which needs HTTP/2) to the gRPC port at `address`,
+/// one with its whole body and one whose body never comes, and asserts that each is answered 400
+/// within `limit`.
+pub(crate) async fn assert_grpc_over_http1_gets_400(
+    address: impl tokio::net::ToSocketAddrs + Copy,
+    limit: Duration,
+) {
+    for body in [&b"\x00\x00\x00\x00\x00"[..], b""] {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        let head = "POST /taskgate.v1.TaskService/CaseExtract HTTP/1.1\r\nHost: gateway\r\n\
+                    Content-Type: application/grpc\r\nContent-Length: 5\r\n\r\n";
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(body).await.unwrap();
+        assert_reply_begins(&mut stream, b"HTTP/1.1 400", limit).await;
+    }
+}
+
+/// Reads as many bytes as `expected` has, which must come within `limit`, and asserts that they
+/// are `expected`.
+async fn assert_reply_begins(stream: &mut TcpStream, expected: &[u8], limit: Duration) {
+    let mut received = vec![0_u8; expected.len()];
+    let what = format!("{:?} did not arrive", String::from_utf8_lossy(expected));
+    within(limit, &what, stream.read_exact(&mut received))
+        .await
+        .unwrap();
+    assert_eq!(received, expected, "{}", String::from_utf8_lossy(&received));
+}
+
+/// Connections to the gRPC port at `address` with nothing in flight that never close on their
+/// own: an HTTP/2 client the server has served that then says nothing (not even answering
+/// pings), a partial first HTTP/1.1 head, and a gRPC-Web request whose body never arrives (its
+/// 100 Continue shows it reached the service).
+pub(crate) async fn idle_and_partial_connections(
+    address: impl tokio::net::ToSocketAddrs + Copy,
+) -> [TcpStream; 3] {
+    let idle = served_http2_client(address).await;
+    let mut partial_head = TcpStream::connect(address).await.unwrap();
+    partial_head
+        .write_all(b"POST /taskgate.v1.TaskService/CaseExtract HTTP/1.1\r\nHost: g")
+        .await
+        .unwrap();
+    let mut partial_body = TcpStream::connect(address).await.unwrap();
+    let head = "POST /taskgate.v1.TaskService/CaseExtract HTTP/1.1\r\nHost: gateway\r\n\
+                Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\n\
+                Content-Length: 100\r\nExpect: 100-continue\r\n\r\n";
+    partial_body.write_all(head.as_bytes()).await.unwrap();
+    let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+    assert_reply_begins(&mut partial_body, interim, PROMPTLY).await;
+    partial_body.write_all(b"\x00\x00\x00").await.unwrap();
+    [idle, partial_head, partial_body]
+}
+
+/// Opens a health `Watch` of the whole server on `health`'s connection; the answer (its response
+/// head, or a refusal) must come within [`PROMPTLY`].
+pub(crate) async fn health_watch(
+    health: &HealthClient<Channel>,
+) -> Result<tonic::Response<tonic::Streaming<HealthCheckResponse>>, tonic::Status> {
+    let mut health = health.clone();
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    within(
+        PROMPTLY,
+        "the Watch was not answered",
+        health.watch(request),
+    )
+    .await
 }
