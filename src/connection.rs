@@ -552,14 +552,19 @@ impl Activity {
             if bytes[..length] == expected[..length] && matched < HTTP2_PREFACE.len() {
                 *preface_matched = matched + length;
                 if *preface_matched == HTTP2_PREFACE.len() {
+                    self.head_arriving.store(false, Ordering::SeqCst);
                     self.http2.store(true, Ordering::SeqCst);
                     self.identified.store(true, Ordering::SeqCst);
                     self.signal();
+                    return;
                 }
             } else {
                 // Never matches again: a mismatch is permanent.
                 *preface_matched = usize::MAX;
             }
+            // Part of a preface or of a first head: a partial request, should shutdown come now.
+            // The handshake timeout times it; no need to wake the driver.
+            self.head_arriving.store(true, Ordering::SeqCst);
             return;
         }
         if !self.http2.load(Ordering::Relaxed)

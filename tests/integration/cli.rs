@@ -257,8 +257,9 @@ pub(crate) struct TaskgateProcess {
 }
 
 impl TaskgateProcess {
-    /// Starts the gateway and waits for its "gateway listening" line.
-    async fn start(extra_args: &[&str]) -> TaskgateProcess {
+    /// Starts `serve --simulator` on an ephemeral loopback port with `extra_args`, and waits for
+    /// its "gateway listening" line.
+    pub(crate) async fn start(extra_args: &[&str]) -> TaskgateProcess {
         TaskgateProcess::start_serving(TaskgateProcess::spawn(
             &[
                 &["serve", "--simulator", "--listen", "127.0.0.1:0"],
@@ -300,6 +301,21 @@ impl TaskgateProcess {
             log: String::new(),
             gateway: String::new(),
         }
+    }
+
+    /// The `/metrics` URL of a `serve` process started with `--metrics-listen`, from its
+    /// "metrics listening" line (logged before "gateway listening").
+    pub(crate) fn metrics_url(&self) -> String {
+        self.log
+            .lines()
+            .filter(|line| line.contains("metrics listening"))
+            .find_map(|line| {
+                line.split_whitespace()
+                    .find_map(|field| field.strip_prefix("url="))
+            })
+            .unwrap_or_else(|| panic!("no metrics line in:\n{}", self.log))
+            .trim_matches('"')
+            .to_owned()
     }
 
     /// Reads log lines until one contains `needle`, and returns it.
@@ -448,18 +464,7 @@ async fn a_stalled_log_reader_never_stalls_calls_or_shutdown() {
     let mut serve =
         TaskgateProcess::start(&["--metrics-listen", "127.0.0.1:0", "--shutdown-grace", "2s"])
             .await;
-    let metrics_line = serve
-        .log
-        .lines()
-        .find(|line| line.contains("metrics listening"))
-        .unwrap_or_else(|| panic!("no metrics line in:\n{}", serve.log))
-        .to_owned();
-    let metrics_url = metrics_line
-        .split("url=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap()
-        .to_owned();
+    let metrics_url = serve.metrics_url();
     // From here on nobody reads stderr until every call has been answered.
     let channel = tonic::transport::Channel::from_shared(serve.gateway.clone())
         .unwrap()
@@ -695,9 +700,11 @@ async fn config_file_errors_name_the_file_key_and_line() {
     );
 }
 
-/// Starts `taskgate simulate` on an ephemeral port; returns it and its task-interface URL.
-async fn start_simulate() -> (TaskgateProcess, String) {
-    let mut simulate = TaskgateProcess::spawn(&["simulate", "--listen", "127.0.0.1:0"]);
+/// Starts `taskgate simulate` on an ephemeral port with `extra_args`; returns it and its
+/// task-interface URL.
+pub(crate) async fn start_simulate(extra_args: &[&str]) -> (TaskgateProcess, String) {
+    let mut simulate =
+        TaskgateProcess::spawn(&[&["simulate", "--listen", "127.0.0.1:0"], extra_args].concat());
     let line = simulate
         .wait_for_line("simulated controller listening")
         .await;
@@ -727,7 +734,7 @@ async fn simulator_case_extract(url: &str) -> String {
 
 #[tokio::test]
 async fn simulate_serves_the_task_interface_and_exits_0_on_sigint() {
-    let (simulate, url) = start_simulate().await;
+    let (simulate, url) = start_simulate(&[]).await;
     let reply = simulator_case_extract(&url).await;
     assert!(reply.contains("<params/>"), "{reply}");
     simulate.signal("INT").await;
@@ -782,7 +789,7 @@ async fn sighup_never_ends_serve_or_simulate() {
         assert_eq!(code, Some(0), "{args:?}:\n{log}");
     }
 
-    let (mut simulate, url) = start_simulate().await;
+    let (mut simulate, url) = start_simulate(&[]).await;
     simulate.signal("HUP").await;
     simulate
         .wait_for_line("received SIGHUP; the simulator has nothing to reload")

@@ -5,47 +5,22 @@
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::support::{
-    FakeUpstream, Gateway, GatewayBuilder, PROMPTLY, Script, read_until_closed, scrape_at_least,
-    scrape_line, within,
+    FakeUpstream, GOAWAY, Gateway, GatewayBuilder, PROMPTLY, Script,
+    assert_grpc_over_http1_gets_400, frames, health_watch, idle_and_partial_connections,
+    max_concurrent_streams, read_until_closed, scrape_at_least, scrape_line, served_http2_client,
+    server_settings, silent_http2_client, within,
 };
-
-/// What an HTTP/2 client sends first, then an empty SETTINGS frame.
-const HTTP2_PREFACE_AND_SETTINGS: &[u8] =
-    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
-const GOAWAY: u8 = 0x7;
-const SETTINGS: u8 = 0x4;
 
 /// A gateway in front of a controller that never answers.
 async fn gateway() -> GatewayBuilder {
     Gateway::builder().upstream(&FakeUpstream::start(Script::Hang).await.url)
-}
-
-/// The HTTP/2 frames in `bytes` as (type, payload), after the server's part of the handshake.
-fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
-    let mut frames = Vec::new();
-    while bytes.len() >= 9 {
-        let length =
-            usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
-        let end = (9 + length).min(bytes.len());
-        frames.push((bytes[3], bytes[9..end].to_vec()));
-        bytes = &bytes[end..];
-    }
-    frames
-}
-
-/// An HTTP/2 connection that has sent its preface and settings and then says nothing, not even
-/// a ping or settings acknowledgement.
-async fn silent_http2_client(gateway: &Gateway) -> TcpStream {
-    let mut stream = TcpStream::connect(gateway.address).await.unwrap();
-    stream.write_all(HTTP2_PREFACE_AND_SETTINGS).await.unwrap();
-    stream
 }
 
 #[tokio::test]
@@ -86,7 +61,7 @@ async fn an_idle_http2_connection_gets_goaway_and_is_closed_after_the_idle_timeo
         .metrics()
         .start()
         .await;
-    let mut stream = silent_http2_client(&gateway).await;
+    let mut stream = silent_http2_client(gateway.address).await;
     let received = read_until_closed(&mut stream).await;
     let types: Vec<u8> = frames(&received).iter().map(|(kind, _)| *kind).collect();
     assert!(types.contains(&GOAWAY), "no GOAWAY among frames {types:?}");
@@ -106,27 +81,9 @@ async fn max_concurrent_streams_is_sent_in_the_servers_settings() {
         .config(|config| config.connections.max_concurrent_streams = NonZeroU32::new(7).unwrap())
         .start()
         .await;
-    let mut stream = silent_http2_client(&gateway).await;
-    let mut received = Vec::new();
-    let settings = within(PROMPTLY, "the gateway sent no SETTINGS", async {
-        loop {
-            let mut buffer = [0_u8; 4096];
-            let read = stream.read(&mut buffer).await.unwrap();
-            assert_ne!(read, 0, "closed before sending SETTINGS");
-            received.extend_from_slice(&buffer[..read]);
-            if let Some((_, payload)) = frames(&received)
-                .into_iter()
-                .find(|(kind, _)| *kind == SETTINGS)
-            {
-                break payload;
-            }
-        }
-    })
-    .await;
-    // Each setting is a 16-bit id and a 32-bit value; 0x3 is SETTINGS_MAX_CONCURRENT_STREAMS.
-    let max_concurrent_streams = settings.chunks(6).find_map(|setting| {
-        (setting[..2] == [0, 3]).then(|| u32::from_be_bytes(setting[2..6].try_into().unwrap()))
-    });
+    let mut stream = silent_http2_client(gateway.address).await;
+    let settings = server_settings(&mut stream).await;
+    let max_concurrent_streams = max_concurrent_streams(&settings);
     assert_eq!(max_concurrent_streams, Some(7));
 }
 
@@ -142,7 +99,7 @@ async fn connections_beyond_the_limit_are_closed_at_once_and_counted() {
     // The gateway's own client holds one connection; one more fills the limit.
     let status = gateway.case_extract(4, 0, None).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    let second = silent_http2_client(&gateway).await;
+    let second = silent_http2_client(gateway.address).await;
     let mut refused = TcpStream::connect(gateway.address).await.unwrap();
     let received = read_until_closed(&mut refused).await;
     assert!(
@@ -166,15 +123,8 @@ async fn connections_beyond_the_limit_are_closed_at_once_and_counted() {
         "taskgate_connections_open{listener=\"grpc\"} 1",
     )
     .await;
-    let mut stream = silent_http2_client(&gateway).await;
-    let mut buffer = [0_u8; 9];
-    within(
-        PROMPTLY,
-        "a connection in the freed slot was not served",
-        stream.read_exact(&mut buffer),
-    )
-    .await
-    .unwrap();
+    // A connection in the freed slot is served.
+    served_http2_client(gateway.address).await;
 }
 
 #[tokio::test]
@@ -187,19 +137,9 @@ async fn health_watch_streams_beyond_the_cap_are_refused_and_their_slots_come_ba
         .await;
     let metrics_url = gateway.metrics_url();
     let health = HealthClient::new(gateway.client_channel().await);
-    let watch = || {
-        let mut health = health.clone();
-        async move {
-            health
-                .watch(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-        }
-    };
-    let first = watch().await.unwrap();
-    let second = watch().await.unwrap();
-    let status = watch().await.unwrap_err();
+    let first = health_watch(&health).await.unwrap();
+    let second = health_watch(&health).await.unwrap();
+    let status = health_watch(&health).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(
         status.message(),
@@ -223,34 +163,13 @@ async fn health_watch_streams_beyond_the_cap_are_refused_and_their_slots_come_ba
     drop(first);
     drop(second);
     scrape_line(metrics_url, "taskgate_health_watches_open 0").await;
-    watch().await.unwrap();
+    health_watch(&health).await.unwrap();
 }
 
 #[tokio::test]
 async fn non_grpc_http1_on_the_grpc_port_is_answered_at_once() {
     let gateway = gateway().await.start().await;
-    // A body that is complete, and one that never comes.
-    for body in [&b"\x00\x00\x00\x00\x00"[..], b""] {
-        let mut stream = TcpStream::connect(gateway.address).await.unwrap();
-        let head = "POST /taskgate.v1.TaskService/CaseExtract HTTP/1.1\r\nHost: gateway\r\n\
-                    Content-Type: application/grpc\r\nContent-Length: 5\r\n\r\n";
-        stream.write_all(head.as_bytes()).await.unwrap();
-        stream.write_all(body).await.unwrap();
-        let mut response = [0_u8; 12];
-        within(
-            PROMPTLY,
-            "non-gRPC HTTP/1.1 was not answered",
-            stream.read_exact(&mut response),
-        )
-        .await
-        .unwrap();
-        assert_eq!(
-            &response,
-            b"HTTP/1.1 400",
-            "{}",
-            String::from_utf8_lossy(&response)
-        );
-    }
+    assert_grpc_over_http1_gets_400(gateway.address, PROMPTLY).await;
 }
 
 /// Shutdown with nothing in flight but connections that never close on their own: an idle
@@ -263,28 +182,7 @@ async fn idle_connections_and_partial_requests_do_not_hold_shutdown() {
         .config(|config| config.shutdown_grace = Duration::from_secs(60))
         .start()
         .await;
-    let mut idle = silent_http2_client(&gateway).await;
-    let mut partial_head = TcpStream::connect(gateway.address).await.unwrap();
-    partial_head
-        .write_all(b"POST /taskgate.v1.TaskService/CaseExtract HTTP/1.1\r\nHost: g")
-        .await
-        .unwrap();
-    let mut partial_body = TcpStream::connect(gateway.address).await.unwrap();
-    let head = "POST /taskgate.v1.TaskService/CaseExtract HTTP/1.1\r\nHost: gateway\r\n\
-                Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\n\
-                Content-Length: 100\r\nExpect: 100-continue\r\n\r\n";
-    partial_body.write_all(head.as_bytes()).await.unwrap();
-    // The 100 Continue shows the request reached the service, which now waits for its body.
-    let mut interim = [0_u8; 25];
-    within(
-        PROMPTLY,
-        "no 100 Continue for the gRPC-Web request",
-        partial_body.read_exact(&mut interim),
-    )
-    .await
-    .unwrap();
-    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
-    partial_body.write_all(b"\x00\x00\x00").await.unwrap();
+    let mut connections = idle_and_partial_connections(gateway.address).await;
 
     gateway.begin_shutdown();
     within(
@@ -294,7 +192,7 @@ async fn idle_connections_and_partial_requests_do_not_hold_shutdown() {
     )
     .await
     .unwrap();
-    for stream in [&mut idle, &mut partial_head, &mut partial_body] {
+    for stream in &mut connections {
         read_until_closed(stream).await;
     }
 }

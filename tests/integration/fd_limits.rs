@@ -2,12 +2,11 @@
 //! it (issue 8). The limit is set with the shell's `ulimit` before `exec`, as a service manager
 //! would set it.
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::Command;
 
 use crate::cli::{BIN, TaskgateProcess};
-use crate::support::{FakeUpstream, PROMPTLY, Script, scrape_at_least};
+use crate::support::{FakeUpstream, PROMPTLY, Script, scrape_at_least, served_http2_client};
 
 /// Runs `taskgate ARGS` under `ulimit ULIMIT_ARGS` (for example `-n 64`).
 fn spawn_with_ulimit(ulimit_args: &str, args: &[&str]) -> TaskgateProcess {
@@ -60,18 +59,7 @@ async fn at_the_fd_limit_accept_backs_off_logs_once_and_recovers() {
         "no warning about nofile:\n{}",
         serve.log
     );
-    let metrics_line = serve
-        .log
-        .lines()
-        .find(|line| line.contains("metrics listening"))
-        .unwrap()
-        .to_owned();
-    let metrics_url = metrics_line
-        .split_whitespace()
-        .find_map(|field| field.strip_prefix("url="))
-        .unwrap()
-        .trim_matches('"')
-        .to_owned();
+    let metrics_url = serve.metrics_url();
     let address = serve.gateway.trim_start_matches("http://").to_owned();
     let mut connections = Vec::new();
     for _ in 0..80 {
@@ -91,7 +79,7 @@ async fn at_the_fd_limit_accept_backs_off_logs_once_and_recovers() {
     )
     .await;
     // And new connections are accepted and served again.
-    server_settings(&mut TcpStream::connect(&address).await.unwrap()).await;
+    served_http2_client(&address).await;
     serve.signal("TERM").await;
     let (code, log) = serve.finish().await;
     assert_eq!(code, Some(0), "{log}");
@@ -131,11 +119,8 @@ async fn the_shutdown_log_says_what_held_the_grace() {
             .await
     });
     upstream.next_request_body().await;
-    let mut idle = TcpStream::connect(serve.gateway.trim_start_matches("http://"))
-        .await
-        .unwrap();
     // Served, so it is one of the gateway's connections when SIGTERM arrives.
-    server_settings(&mut idle).await;
+    let _idle = served_http2_client(serve.gateway.trim_start_matches("http://")).await;
     serve.signal("TERM").await;
     let (code, log) = tokio::time::timeout(PROMPTLY, serve.finish())
         .await
@@ -160,18 +145,4 @@ async fn the_shutdown_log_says_what_held_the_grace() {
     let stopped = line("gateway stopped");
     assert!(stopped.contains("closed_idle=1"), "{stopped}");
     call.abort();
-}
-
-/// Sends an HTTP/2 preface and reads the head of the server's first frame (its SETTINGS).
-async fn server_settings(stream: &mut TcpStream) {
-    stream
-        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-        .await
-        .unwrap();
-    let mut frame_head = [0_u8; 9];
-    tokio::time::timeout(PROMPTLY, stream.read_exact(&mut frame_head))
-        .await
-        .expect("the gateway did not answer the preface")
-        .unwrap();
-    assert_eq!(frame_head[3], 0x4, "not SETTINGS: {frame_head:?}");
 }

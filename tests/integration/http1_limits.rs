@@ -4,14 +4,15 @@
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use taskgate::config::{Http1Limits, defaults};
 use taskgate::simulator::{self, Simulator, layout::Layout};
 
 use crate::support::{
-    FakeUpstream, Gateway, PROMPTLY, Script, http_client, read_until_closed, scrape_line, within,
+    FakeUpstream, GET_METRICS, Gateway, Script, http_client, read_response, read_until_closed,
+    scrape_line,
 };
 
 const SHORT: Duration = Duration::from_millis(200);
@@ -48,33 +49,6 @@ async fn simulator_with(limits: Http1Limits) -> String {
 fn limits() -> Http1Limits {
     Http1Limits::with_max_connections(defaults::METRICS_MAX_CONNECTIONS)
 }
-
-/// Reads one response with a Content-Length body; returns its head.
-async fn read_response(stream: &mut TcpStream) -> String {
-    let mut received = Vec::new();
-    within(PROMPTLY, "no whole response", async {
-        loop {
-            let mut buffer = [0_u8; 4096];
-            let read = stream.read(&mut buffer).await.unwrap();
-            assert_ne!(read, 0, "closed before a whole response");
-            received.extend_from_slice(&buffer[..read]);
-            let text = String::from_utf8_lossy(&received).into_owned();
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                let length: usize = head
-                    .lines()
-                    .find_map(|line| line.strip_prefix("content-length: "))
-                    .and_then(|length| length.parse().ok())
-                    .unwrap_or(0);
-                if body.len() >= length {
-                    return head.to_owned();
-                }
-            }
-        }
-    })
-    .await
-}
-
-const GET_METRICS: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: metrics\r\n\r\n";
 
 #[tokio::test]
 async fn request_heads_that_never_complete_are_closed_after_the_header_read_timeout() {

@@ -11,6 +11,8 @@
 //! - `connections`: the gRPC port's connection limits, stream limits and shutdown drain.
 //! - `http1_limits`: the timeouts and connection cap of `/metrics` and the simulator.
 //! - `fd_limits`: the real binary at its file-descriptor limit, and its shutdown log.
+//! - `hostile_binary`: the real binary's connection, HTTP/1.1 and protocol limits, given as flags,
+//!   and its shutdown with idle and partial connections.
 //! - `metrics`: the Prometheus endpoint after a known mix of calls.
 //! - `protocol`: a malformed grpc-timeout and a second request message are refused.
 //! - `request_id`: x-request-id from caller to controller and back.
@@ -34,6 +36,7 @@ mod contract;
 mod fd_limits;
 mod grpc_web;
 mod health;
+mod hostile_binary;
 mod http1_limits;
 mod json_upstream;
 mod limits;

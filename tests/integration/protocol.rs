@@ -4,21 +4,21 @@
 use std::time::Duration;
 
 use tonic::Code;
-use tonic::codegen::http::uri::PathAndQuery;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 
-use taskgate::proto::{CaseExtractRequest, CaseExtractResponse};
+use taskgate::proto::CaseExtractRequest;
 
-use crate::support::{FakeUpstream, Gateway, Script, error_info};
+use crate::support::{
+    CASE_EXTRACT, FakeUpstream, Gateway, Script, case_extract_stream,
+    case_extract_with_grpc_timeout, error_info,
+};
 
 /// The longest any call here may take: each is answered at once or fails the test.
 const CALL_WAIT: Duration = Duration::from_secs(10);
-
-const CASE_EXTRACT: &str = "/taskgate.v1.TaskService/CaseExtract";
 
 fn request() -> CaseExtractRequest {
     CaseExtractRequest {
@@ -34,23 +34,13 @@ async fn gateway() -> (Gateway, FakeUpstream) {
     (gateway, upstream)
 }
 
-/// Calls CaseExtract with `grpc-timeout: value`, set as raw metadata.
-async fn case_extract_with_timeout(gateway: &Gateway, value: &str) -> Result<(), tonic::Status> {
-    let mut call = tonic::Request::new(request());
-    call.metadata_mut()
-        .insert("grpc-timeout", value.parse().unwrap());
-    let mut client = gateway.client.clone();
-    let outcome = tokio::time::timeout(CALL_WAIT, client.case_extract(call)).await;
-    outcome.expect("no answer in time").map(|_| ())
-}
-
 /// tonic reads a malformed grpc-timeout as no deadline at all; the gateway refuses it, naming the
 /// header and the value, and never calls the controller.
 #[tokio::test]
 async fn a_malformed_grpc_timeout_is_invalid_argument() {
     let (gateway, mut upstream) = gateway().await;
     for value in ["abc", "-5S", "1.5S", "123456789S", "5s", "+5S", "S"] {
-        let status = case_extract_with_timeout(&gateway, value)
+        let status = case_extract_with_grpc_timeout(&gateway.client, value)
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{value}");
@@ -84,28 +74,11 @@ async fn a_malformed_grpc_timeout_is_invalid_argument() {
 
     // Well-formed values still work, up to the spec's eight digits.
     for value in ["5S", "99999999m"] {
-        case_extract_with_timeout(&gateway, value).await.unwrap();
+        case_extract_with_grpc_timeout(&gateway.client, value)
+            .await
+            .unwrap();
     }
     assert_eq!(upstream.requests_so_far(), 2);
-}
-
-/// Sends `messages` to CaseExtract as a client stream, which a well-behaved client never does.
-async fn case_extract_stream(
-    gateway: &Gateway,
-    messages: Vec<CaseExtractRequest>,
-) -> Result<CaseExtractResponse, tonic::Status> {
-    let mut grpc = tonic::client::Grpc::new(gateway.client_channel().await);
-    grpc.ready().await.unwrap();
-    let codec = tonic_prost::ProstCodec::<CaseExtractRequest, CaseExtractResponse>::default();
-    let call = grpc.client_streaming(
-        tonic::Request::new(tokio_stream::iter(messages)),
-        PathAndQuery::from_static(CASE_EXTRACT),
-        codec,
-    );
-    let outcome = tokio::time::timeout(CALL_WAIT, call).await;
-    outcome
-        .expect("no answer in time")
-        .map(|response| response.into_inner())
 }
 
 /// A unary call with two request messages was answered OK; now it is refused with INTERNAL, as
@@ -114,7 +87,7 @@ async fn case_extract_stream(
 #[tokio::test]
 async fn a_second_request_message_on_a_unary_call_is_internal() {
     let (gateway, mut upstream) = gateway().await;
-    let status = case_extract_stream(&gateway, vec![request(), request()])
+    let status = case_extract_stream(gateway.client_channel().await, vec![request(), request()])
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Internal);
@@ -127,7 +100,7 @@ async fn a_second_request_message_on_a_unary_call_is_internal() {
     assert_eq!(error_info.metadata["method"], CASE_EXTRACT);
     assert_eq!(upstream.requests_so_far(), 0);
 
-    case_extract_stream(&gateway, vec![request()])
+    case_extract_stream(gateway.client_channel().await, vec![request()])
         .await
         .unwrap();
     assert_eq!(upstream.requests_so_far(), 1);

@@ -16,12 +16,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tonic_types::StatusExt;
 
 use taskgate::auth::TokenFile;
 use taskgate::config::{Http1Limits, defaults, parse_upstream_url};
 use taskgate::proto::task_service_client::TaskServiceClient;
-use taskgate::proto::{CaseExtractRequest, TASK_FAULT_TYPE_URL, TaskFault};
+use taskgate::proto::{CaseExtractRequest, CaseExtractResponse, TASK_FAULT_TYPE_URL, TaskFault};
 use taskgate::server::Config as GatewayConfig;
 use taskgate::server::{Listeners, ServeError};
 use taskgate::simulator::{self, Simulator, layout::Layout};
@@ -709,4 +711,210 @@ pub(crate) async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
     .await
     .expect("the server did not close the connection");
     received
+}
+
+/// What an HTTP/2 client sends first, then an empty SETTINGS frame.
+pub(crate) const HTTP2_PREFACE_AND_SETTINGS: &[u8] =
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+/// HTTP/2 frame types.
+pub(crate) const GOAWAY: u8 = 0x7;
+pub(crate) const SETTINGS: u8 = 0x4;
+
+/// The HTTP/2 frames in `bytes` as (type, payload), after the server's part of the handshake.
+pub(crate) fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while bytes.len() >= 9 {
+        let length =
+            usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+        let end = (9 + length).min(bytes.len());
+        frames.push((bytes[3], bytes[9..end].to_vec()));
+        bytes = &bytes[end..];
+    }
+    frames
+}
+
+/// An HTTP/2 connection to `address` that has sent its preface and settings and then says
+/// nothing, not even a ping or settings acknowledgement.
+pub(crate) async fn silent_http2_client(address: impl tokio::net::ToSocketAddrs) -> TcpStream {
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream.write_all(HTTP2_PREFACE_AND_SETTINGS).await.unwrap();
+    stream
+}
+
+/// Reads from an HTTP/2 connection until the server's SETTINGS frame, which must come within
+/// [`PROMPTLY`]; returns its payload.
+pub(crate) async fn server_settings(stream: &mut TcpStream) -> Vec<u8> {
+    read_until(stream, "the server's SETTINGS", |received| {
+        frames(received)
+            .into_iter()
+            .find_map(|(kind, payload)| (kind == SETTINGS).then_some(payload))
+    })
+    .await
+}
+
+/// A [`silent_http2_client`] the server has accepted and served: its SETTINGS have arrived.
+pub(crate) async fn served_http2_client(address: impl tokio::net::ToSocketAddrs) -> TcpStream {
+    let mut stream = silent_http2_client(address).await;
+    server_settings(&mut stream).await;
+    stream
+}
+
+/// SETTINGS_MAX_CONCURRENT_STREAMS in a SETTINGS payload, if the server sent it.
+pub(crate) fn max_concurrent_streams(settings: &[u8]) -> Option<u32> {
+    // Each setting is a 16-bit id and a 32-bit value; 0x3 is SETTINGS_MAX_CONCURRENT_STREAMS.
+    settings.chunks(6).find_map(|setting| {
+        (setting[..2] == [0, 3]).then(|| u32::from_be_bytes(setting[2..6].try_into().unwrap()))
+    })
+}
+
+/// A whole `GET /metrics` request, as an HTTP/1.1 client keeping its connection alive sends it.
+pub(crate) const GET_METRICS: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: metrics\r\n\r\n";
+
+/// Reads one HTTP/1.1 response with a Content-Length body, which must come within
+/// [`PROMPTLY`]; returns it, head and body.
+pub(crate) async fn read_response(stream: &mut TcpStream) -> String {
+    read_until(stream, "a whole response", |received| {
+        let text = String::from_utf8_lossy(received);
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length: "))
+            .and_then(|length| length.parse().ok())
+            .unwrap_or(0);
+        (body.len() >= length).then(|| text.clone().into_owned())
+    })
+    .await
+}
+
+/// Reads from `stream` until `complete` finds `what` in everything received so far, and returns
+/// what it found; fails the test if the server closes first or `what` has not come within
+/// [`PROMPTLY`].
+async fn read_until<T>(
+    stream: &mut TcpStream,
+    what: &str,
+    complete: impl Fn(&[u8]) -> Option<T>,
+) -> T {
+    let mut received = Vec::new();
+    within(PROMPTLY, &format!("{what} did not arrive"), async {
+        loop {
+            let mut buffer = [0_u8; 4096];
+            let read = stream.read(&mut buffer).await.unwrap();
+            assert_ne!(read, 0, "closed before {what}");
+            received.extend_from_slice(&buffer[..read]);
+            if let Some(found) = complete(&received) {
+                return found;
+            }
+        }
+    })
+    .await
+}
+
+/// CaseExtract's gRPC path.
+pub(crate) const CASE_EXTRACT: &str = "/taskgate.v1.TaskService/CaseExtract";
+
+/// Calls CaseExtract (port 4, bin 101337) with `grpc-timeout: value`, set as raw metadata; the
+/// answer must come within [`PROMPTLY`].
+pub(crate) async fn case_extract_with_grpc_timeout(
+    client: &TaskServiceClient<Channel>,
+    value: &str,
+) -> Result<(), tonic::Status> {
+    let mut call = tonic::Request::new(CaseExtractRequest {
+        port_id: 4,
+        bin_id: 101337,
+    });
+    call.metadata_mut()
+        .insert("grpc-timeout", value.parse().unwrap());
+    let mut client = client.clone();
+    let answer = client.case_extract(call);
+    within(PROMPTLY, "CaseExtract was not answered", answer)
+        .await
+        .map(|_| ())
+}
+
+/// Sends `messages` to CaseExtract on `channel` as a client stream, which a well-behaved client
+/// never does; the answer must come within [`PROMPTLY`].
+pub(crate) async fn case_extract_stream(
+    channel: Channel,
+    messages: Vec<CaseExtractRequest>,
+) -> Result<CaseExtractResponse, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<CaseExtractRequest, CaseExtractResponse>::default();
+    let call = grpc.client_streaming(
+        tonic::Request::new(tokio_stream::iter(messages)),
+        tonic::codegen::http::uri::PathAndQuery::from_static(CASE_EXTRACT),
+        codec,
+    );
+    within(PROMPTLY, "CaseExtract (streamed) was not answered", call)
+        .await
+        .map(|response| response.into_inner())
+}
+
+/// Sends HTTP/1.1 POSTs of `application/grpc` (which needs HTTP/2) to the gRPC port at `address`,
+/// one with its whole body and one whose body never comes, and asserts that each is answered 400
+/// within `limit`.
+pub(crate) async fn assert_grpc_over_http1_gets_400(
+    address: impl tokio::net::ToSocketAddrs + Copy,
+    limit: Duration,
+) {
+    for body in [&b"\x00\x00\x00\x00\x00"[..], b""] {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        let head = "POST /taskgate.v1.TaskService/CaseExtract HTTP/1.1\r\nHost: gateway\r\n\
+                    Content-Type: application/grpc\r\nContent-Length: 5\r\n\r\n";
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(body).await.unwrap();
+        assert_reply_begins(&mut stream, b"HTTP/1.1 400", limit).await;
+    }
+}
+
+/// Reads as many bytes as `expected` has, which must come within `limit`, and asserts that they
+/// are `expected`.
+async fn assert_reply_begins(stream: &mut TcpStream, expected: &[u8], limit: Duration) {
+    let mut received = vec![0_u8; expected.len()];
+    let what = format!("{:?} did not arrive", String::from_utf8_lossy(expected));
+    within(limit, &what, stream.read_exact(&mut received))
+        .await
+        .unwrap();
+    assert_eq!(received, expected, "{}", String::from_utf8_lossy(&received));
+}
+
+/// Connections to the gRPC port at `address` with nothing in flight that never close on their
+/// own: an HTTP/2 client the server has served that then says nothing (not even answering
+/// pings), a partial first HTTP/1.1 head, and a gRPC-Web request whose body never arrives (its
+/// 100 Continue shows it reached the service).
+pub(crate) async fn idle_and_partial_connections(
+    address: impl tokio::net::ToSocketAddrs + Copy,
+) -> [TcpStream; 3] {
+    let idle = served_http2_client(address).await;
+    let mut partial_head = TcpStream::connect(address).await.unwrap();
+    partial_head
+        .write_all(b"POST /taskgate.v1.TaskService/CaseExtract HTTP/1.1\r\nHost: g")
+        .await
+        .unwrap();
+    let mut partial_body = TcpStream::connect(address).await.unwrap();
+    let head = "POST /taskgate.v1.TaskService/CaseExtract HTTP/1.1\r\nHost: gateway\r\n\
+                Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\n\
+                Content-Length: 100\r\nExpect: 100-continue\r\n\r\n";
+    partial_body.write_all(head.as_bytes()).await.unwrap();
+    let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+    assert_reply_begins(&mut partial_body, interim, PROMPTLY).await;
+    partial_body.write_all(b"\x00\x00\x00").await.unwrap();
+    [idle, partial_head, partial_body]
+}
+
+/// Opens a health `Watch` of the whole server on `health`'s connection; the answer (its response
+/// head, or a refusal) must come within [`PROMPTLY`].
+pub(crate) async fn health_watch(
+    health: &HealthClient<Channel>,
+) -> Result<tonic::Response<tonic::Streaming<HealthCheckResponse>>, tonic::Status> {
+    let mut health = health.clone();
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    within(
+        PROMPTLY,
+        "the Watch was not answered",
+        health.watch(request),
+    )
+    .await
 }

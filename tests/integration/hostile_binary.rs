@@ -1,0 +1,441 @@
+//! Issue 8's connection limits, HTTP/1.1 limits, protocol rules and shutdown, shown against the
+//! real `taskgate` binary (`serve --simulator`, `simulate`) with its limits given as flags: the
+//! in-process tests in `connections`, `http1_limits` and `protocol` call the same code through
+//! `serve`, but not the flags, the process or its log. Loopback and ephemeral ports only; the
+//! addresses come from the binary's "listening" lines.
+//!
+//! "Closed after the timeout" is shown by waiting (at most [`PROMPTLY`]) for the close and then
+//! checking that at least the limit had passed since the connection was made; "closed at once"
+//! by a limit of [`PROMPTLY`] in a process whose time limits are far longer ([`NEVER`]).
+
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+
+use taskgate::proto::CaseExtractRequest;
+use taskgate::proto::task_service_client::TaskServiceClient;
+
+use crate::cli::{TaskgateProcess, start_simulate};
+use crate::support::{
+    GET_METRICS, GOAWAY, HTTP2_PREFACE_AND_SETTINGS, PROMPTLY, assert_grpc_over_http1_gets_400,
+    case_extract_stream, case_extract_with_grpc_timeout, endpoint, error_info, frames,
+    health_watch, idle_and_partial_connections, max_concurrent_streams, read_response,
+    read_until_closed, scrape_line, served_http2_client, server_settings, silent_http2_client,
+    within,
+};
+
+/// The limits every `serve` here starts with (a test may change some): short, so that each shows
+/// within a second.
+const SMALL_LIMITS: [(&str, &str); 9] = [
+    ("--handshake-timeout", SHORT),
+    ("--idle-timeout", IDLE),
+    ("--max-connections", "3"),
+    ("--max-concurrent-streams", "4"),
+    ("--max-health-watches", "2"),
+    ("--metrics-header-read-timeout", SHORT),
+    ("--metrics-idle-timeout", IDLE),
+    ("--metrics-body-read-timeout", SHORT),
+    ("--metrics-max-connections", "2"),
+];
+
+/// The handshake, header-read and body-read timeouts.
+const SHORT: &str = "300ms";
+/// The idle timeouts.
+const IDLE: &str = "500ms";
+
+/// For a time limit that must not fire while a test sets up what it is about (connections held
+/// to fill a cap, a client that stays until SIGTERM): far beyond any bound a test waits.
+const NEVER: &str = "60s";
+
+/// How soon "answered at once" must be: well below the 5 s the gateway used to hold a non-gRPC
+/// HTTP/1.1 request before its 400, and far above a loopback answer on a loaded machine.
+const AT_ONCE: Duration = Duration::from_secs(2);
+
+/// A running `taskgate serve --simulator` with [`SMALL_LIMITS`] and `/metrics`.
+struct Serve {
+    process: TaskgateProcess,
+    /// The gRPC port, as `host:port`.
+    address: String,
+    metrics_url: String,
+    /// The `/metrics` port, as `host:port`.
+    metrics_address: String,
+}
+
+impl Serve {
+    /// Scrapes `/metrics` until each line of `expected` is there; see [`scrape_line`].
+    async fn scrape_lines(&self, expected: &[&str]) {
+        for line in expected {
+            scrape_line(&self.metrics_url, line).await;
+        }
+    }
+
+    /// A gRPC connection to the gateway.
+    async fn channel(&self) -> Channel {
+        endpoint(self.process.gateway.clone())
+            .connect()
+            .await
+            .unwrap()
+    }
+}
+
+/// Starts `serve --simulator` with [`SMALL_LIMITS`], each flag in `changes` replacing its value
+/// there or added, and `/metrics` on an ephemeral port.
+async fn serve(changes: &[(&str, &str)]) -> Serve {
+    let mut flags = SMALL_LIMITS.to_vec();
+    for &(flag, value) in changes {
+        match flags.iter_mut().find(|(known, _)| *known == flag) {
+            Some(setting) => setting.1 = value,
+            None => flags.push((flag, value)),
+        }
+    }
+    let mut args = vec!["--metrics-listen", "127.0.0.1:0"];
+    args.extend(flags.iter().flat_map(|&(flag, value)| [flag, value]));
+    let process = TaskgateProcess::start(&args).await;
+    let address = process.gateway.trim_start_matches("http://").to_owned();
+    let metrics_url = process.metrics_url();
+    let metrics_address = metrics_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_owned();
+    Serve {
+        process,
+        address,
+        metrics_url,
+        metrics_address,
+    }
+}
+
+/// Asserts that at least `limit` (a flag's value, `300ms`) had passed since `since` when the
+/// server closed the connection: the limit closed it, not a refusal or an error.
+fn assert_closed_after(since: Instant, limit: &str) {
+    let waited = since.elapsed();
+    let at_least = humantime::parse_duration(limit).unwrap();
+    assert!(
+        waited >= at_least,
+        "closed after {waited:?}, before its limit of {limit}"
+    );
+}
+
+/// Connects to `address`, sends `sent` and waits for the server to close the connection, which
+/// must happen within [`PROMPTLY`] but not before `limit` has passed since connecting (the
+/// limits count from accept). Returns what the server sent.
+async fn closed_by_limit(address: &str, sent: &[u8], limit: &str) -> Vec<u8> {
+    let connected = Instant::now();
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream.write_all(sent).await.unwrap();
+    let received = read_until_closed(&mut stream).await;
+    assert_closed_after(connected, limit);
+    received
+}
+
+/// A connection to the HTTP/1.1 listener at `address` whose `request` was answered with
+/// `status` (`HTTP/1.1 200`), so that it holds one of the listener's slots; kept alive.
+async fn answered_connection(address: &str, request: &[u8], status: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let response = read_response(&mut stream).await;
+    assert!(response.starts_with(status), "{response}");
+    stream
+}
+
+/// Opens a new connection to `address`, which must be closed at once and unanswered.
+async fn assert_refused(address: &str) {
+    let mut refused = TcpStream::connect(address).await.unwrap();
+    let received = read_until_closed(&mut refused).await;
+    assert!(
+        received.is_empty(),
+        "a refused connection was answered: {received:?}"
+    );
+}
+
+/// Issue 8, finding 1: a gRPC connection that never sends the HTTP/2 preface, or one byte of it,
+/// is closed once `--handshake-timeout` has passed, and counted.
+#[tokio::test]
+async fn grpc_connections_without_a_preface_are_closed_after_the_handshake_timeout() {
+    let serve = serve(&[]).await;
+    for sent in [&b""[..], b"P"] {
+        closed_by_limit(&serve.address, sent, SHORT).await;
+    }
+    serve
+        .scrape_lines(&[
+            "taskgate_connections_closed_total{listener=\"grpc\",reason=\"handshake_timeout\"} 2",
+        ])
+        .await;
+}
+
+/// Issue 8, finding 1: an HTTP/2 connection with no call gets GOAWAY and is closed once
+/// `--idle-timeout` has passed, and counted.
+#[tokio::test]
+async fn an_idle_http2_connection_gets_goaway_after_the_idle_timeout() {
+    let serve = serve(&[]).await;
+    let received = closed_by_limit(&serve.address, HTTP2_PREFACE_AND_SETTINGS, IDLE).await;
+    let types: Vec<u8> = frames(&received).iter().map(|(kind, _)| *kind).collect();
+    assert!(types.contains(&GOAWAY), "no GOAWAY among frames {types:?}");
+    serve
+        .scrape_lines(&["taskgate_connections_closed_total{listener=\"grpc\",reason=\"idle\"} 1"])
+        .await;
+}
+
+/// Issue 8, finding 1: beyond `--max-connections` a new connection is closed at once, unanswered,
+/// and counted. The time limits are [`NEVER`], so nothing else can close it within [`PROMPTLY`].
+#[tokio::test]
+async fn grpc_connections_beyond_max_connections_are_closed_at_once() {
+    let serve = serve(&[("--handshake-timeout", NEVER), ("--idle-timeout", NEVER)]).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(served_http2_client(&serve.address).await);
+    }
+    assert_refused(&serve.address).await;
+    serve
+        .scrape_lines(&[
+            "taskgate_connections_refused_total{listener=\"grpc\",reason=\"max_connections\"} 1",
+            "taskgate_connections_open{listener=\"grpc\"} 3",
+        ])
+        .await;
+}
+
+/// Issue 8, finding 3: `--max-concurrent-streams` is in the SETTINGS the server sends, and Watch
+/// streams beyond `--max-health-watches` get RESOURCE_EXHAUSTED and are counted. (The idle
+/// timeout is [`NEVER`]: the Watch connection is idle until its first Watch.)
+#[tokio::test]
+async fn streams_per_connection_and_watch_streams_are_limited() {
+    let serve = serve(&[("--idle-timeout", NEVER)]).await;
+    let mut stream = silent_http2_client(&serve.address).await;
+    let settings = server_settings(&mut stream).await;
+    assert_eq!(max_concurrent_streams(&settings), Some(4));
+
+    let health = HealthClient::new(serve.channel().await);
+    let _first = health_watch(&health).await.unwrap();
+    let _second = health_watch(&health).await.unwrap();
+    let status = health_watch(&health).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(error_info(&status).reason, "TOO_MANY_WATCHES");
+    serve
+        .scrape_lines(&[
+            "taskgate_health_watches_open 2",
+            "taskgate_health_watches_refused_total 1",
+        ])
+        .await;
+}
+
+/// Issue 8, finding 8: an HTTP/1.1 POST of `application/grpc` (which needs HTTP/2) on the gRPC
+/// port is answered 400 at once, whether its body has arrived or never will.
+#[tokio::test]
+async fn grpc_over_http1_is_answered_400_at_once() {
+    let serve = serve(&[]).await;
+    assert_grpc_over_http1_gets_400(serve.address.as_str(), AT_ONCE).await;
+}
+
+/// Issue 8, finding 1, on `/metrics`: a first request head that never completes, a later one on
+/// a kept-alive connection, and a body that never comes (408) are each closed once their limit
+/// has passed, and counted by reason.
+#[tokio::test]
+async fn metrics_closes_slow_heads_and_missing_bodies_and_counts_them() {
+    let serve = serve(&[]).await;
+    let address = &serve.metrics_address;
+    closed_by_limit(address, b"GET /metrics HTTP/1.1\r\nHo", SHORT).await;
+
+    let mut later = answered_connection(address, GET_METRICS, "HTTP/1.1 200").await;
+    let started = Instant::now();
+    later.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+    read_until_closed(&mut later).await;
+    assert_closed_after(started, SHORT);
+
+    let no_body = b"POST /metrics HTTP/1.1\r\nHost: metrics\r\nContent-Length: 100\r\n\r\nx";
+    assert_408(&closed_by_limit(address, no_body, SHORT).await);
+
+    serve
+        .scrape_lines(&[
+            "taskgate_connections_closed_total{listener=\"metrics\",reason=\"handshake_timeout\"} 1",
+            "taskgate_connections_closed_total{listener=\"metrics\",reason=\"header_timeout\"} 1",
+            "taskgate_connections_closed_total{listener=\"metrics\",reason=\"body_timeout\"} 1",
+        ])
+        .await;
+}
+
+/// Asserts that `response` is the 408 for a body that missed a body-read timeout of [`SHORT`].
+fn assert_408(response: &[u8]) {
+    let response = String::from_utf8_lossy(response);
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    let reason = format!("the request body did not arrive within {SHORT}");
+    assert!(response.contains(&reason), "{response}");
+}
+
+/// Issue 8, findings 1 and 8, on `/metrics`: beyond `--metrics-max-connections` a new connection
+/// is closed at once and counted; a 405 names the allowed methods. The connections that fill the
+/// cap read the count and the 405 themselves, so no slot has to come free first.
+#[tokio::test]
+async fn metrics_closes_connections_beyond_its_cap_at_once_and_its_405_has_allow() {
+    let serve = serve(&[
+        ("--metrics-header-read-timeout", NEVER),
+        ("--metrics-idle-timeout", NEVER),
+    ])
+    .await;
+    let address = &serve.metrics_address;
+    let mut first = answered_connection(address, GET_METRICS, "HTTP/1.1 200").await;
+    let mut second = answered_connection(address, GET_METRICS, "HTTP/1.1 200").await;
+    assert_refused(address).await;
+
+    first.write_all(GET_METRICS).await.unwrap();
+    let metrics = read_response(&mut first).await;
+    let refusals =
+        "taskgate_connections_refused_total{listener=\"metrics\",reason=\"max_connections\"} 1";
+    assert!(
+        metrics.lines().any(|line| line == refusals),
+        "{refusals} missing from:\n{metrics}"
+    );
+
+    second
+        .write_all(b"POST /metrics HTTP/1.1\r\nHost: metrics\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let response = read_response(&mut second).await;
+    assert!(response.starts_with("HTTP/1.1 405"), "{response}");
+    assert!(response.contains("\r\nallow: GET, HEAD\r\n"), "{response}");
+}
+
+/// Issue 8, finding 1, on `simulate` with its own flags: a request head that never completes is
+/// closed after `--header-read-timeout`; a body that never comes gets 408 after
+/// `--body-read-timeout`.
+#[tokio::test]
+async fn simulate_closes_slow_heads_and_missing_bodies() {
+    let (_simulate, url) =
+        start_simulate(&["--header-read-timeout", SHORT, "--body-read-timeout", SHORT]).await;
+    let address = simulator_address(&url);
+    closed_by_limit(&address, b"POST /api/v2/task HTTP/1.1\r\nHo", SHORT).await;
+    let no_body = "POST /api/v2/task HTTP/1.1\r\nHost: controller\r\n\
+                   Content-Type: application/xml\r\nContent-Length: 100\r\n\r\n<methodcall>";
+    assert_408(&closed_by_limit(&address, no_body.as_bytes(), SHORT).await);
+}
+
+/// Issue 8, finding 1, on `simulate`: beyond `--max-connections` a new connection is closed at
+/// once, and the refusal is logged (the simulator has no metrics).
+#[tokio::test]
+async fn simulate_closes_connections_beyond_its_cap_at_once_and_logs_it() {
+    let (mut simulate, url) = start_simulate(&[
+        "--max-connections",
+        "2",
+        "--header-read-timeout",
+        NEVER,
+        "--idle-timeout",
+        NEVER,
+    ])
+    .await;
+    let address = simulator_address(&url);
+    // Answered (a 404 for another path), so each holds a slot.
+    let request = b"GET / HTTP/1.1\r\nHost: controller\r\n\r\n";
+    let _first = answered_connection(&address, request, "HTTP/1.1 404").await;
+    let _second = answered_connection(&address, request, "HTTP/1.1 404").await;
+    assert_refused(&address).await;
+    let line = within(
+        PROMPTLY,
+        "the simulator did not log the refusal",
+        simulate.wait_for_line("connection refused: the connection limit is reached"),
+    )
+    .await;
+    assert!(line.contains("max_connections=2"), "{line}");
+}
+
+/// The `host:port` of a simulator's task-interface URL.
+fn simulator_address(url: &str) -> String {
+    let address = url.trim_start_matches("http://");
+    address.split('/').next().unwrap().to_owned()
+}
+
+/// Issue 8, finding 8: a malformed `grpc-timeout` gets INVALID_ARGUMENT and a second request
+/// message on CaseExtract gets INTERNAL, both before the controller is called; a well-formed
+/// call on the same connection still reaches it.
+#[tokio::test]
+async fn malformed_grpc_timeout_and_a_second_message_are_refused() {
+    // The connection is idle between calls; the idle timeout must not end it mid-test.
+    let serve = serve(&[("--idle-timeout", NEVER)]).await;
+    let channel = serve.channel().await;
+    let client = TaskServiceClient::new(channel.clone());
+
+    let status = case_extract_with_grpc_timeout(&client, "1.5S")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(error_info(&status).reason, "MALFORMED_GRPC_TIMEOUT");
+
+    let request = CaseExtractRequest {
+        port_id: 4,
+        bin_id: 101337,
+    };
+    let status = case_extract_stream(channel, vec![request, request])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert_eq!(error_info(&status).reason, "TOO_MANY_REQUEST_MESSAGES");
+
+    case_extract_with_grpc_timeout(&client, "5S").await.unwrap();
+
+    serve.process.signal("TERM").await;
+    let (code, log) = serve.process.finish().await;
+    assert_eq!(code, Some(0), "{log}");
+    // The simulator logs each request it answers: only the well-formed call reached it.
+    let answered = log
+        .lines()
+        .filter(|line| line.contains("simulator answered"))
+        .count();
+    assert_eq!(answered, 1, "{log}");
+}
+
+/// Issue 8, finding 6: at SIGTERM an idle HTTP/2 client, a partial HTTP/1.1 head and a gRPC-Web
+/// request whose body never arrives are closed at once: the process exits 0 well within a 30 s
+/// `--shutdown-grace`, and its log says what it closed and that no call held it.
+#[tokio::test]
+async fn sigterm_closes_idle_and_partial_connections_without_waiting_for_the_grace() {
+    let serve = serve(&[
+        ("--handshake-timeout", NEVER),
+        ("--idle-timeout", NEVER),
+        ("--shutdown-grace", "30s"),
+    ])
+    .await;
+    let mut connections = idle_and_partial_connections(serve.address.as_str()).await;
+    // All three are the gateway's connections (the partial head's has no other sign of it).
+    serve
+        .scrape_lines(&["taskgate_connections_open{listener=\"grpc\"} 3"])
+        .await;
+
+    serve.process.signal("TERM").await;
+    let (code, log) = within(
+        PROMPTLY,
+        "taskgate did not exit after SIGTERM (the grace is 30s)",
+        serve.process.finish(),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{log}");
+    let line = |needle: &str| {
+        log.lines()
+            .find(|line| line.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in:\n{log}"))
+    };
+    let draining = line("no longer accepting calls");
+    assert!(
+        draining.contains("calls=0") && draining.contains("streams=0"),
+        "{draining}"
+    );
+    let stopped = line("gateway stopped");
+    let closed = |field: &str| -> usize {
+        stopped
+            .split_whitespace()
+            .find_map(|pair| pair.strip_prefix(field))
+            .unwrap_or_else(|| panic!("no {field} in {stopped}"))
+            .parse()
+            .unwrap()
+    };
+    let (idle_count, partial_count) = (closed("closed_idle="), closed("closed_partial="));
+    // The HTTP/2 client is idle; the partial first head and the gRPC-Web request whose body
+    // never came are partial.
+    assert_eq!((idle_count, partial_count), (1, 2), "{stopped}");
+    assert!(!log.contains("shutdown grace ran out"), "{log}");
+    for stream in &mut connections {
+        read_until_closed(stream).await;
+    }
+}
