@@ -29,7 +29,10 @@ use hyper_util::rt::TokioIo;
 use tonic::{Status, transport::Server};
 
 use taskgate::proto::task_service_server::{TaskService, TaskServiceServer};
-use taskgate::proto::{CaseExtractRequest, CaseExtractResponse};
+use taskgate::proto::{
+    CaseCancelRequest, CaseCancelResponse, CaseExtractRequest, CaseExtractResponse,
+    CaseGetStateRequest, CaseGetStateResponse,
+};
 
 /// What the stand-in answers to every POST: the task interface's success reply.
 const SUCCESS: &[u8] = b"<?xml version=\"1.0\"?><response><params/></response>";
@@ -438,6 +441,21 @@ impl TaskService for NoOp {
         _request: tonic::Request<CaseExtractRequest>,
     ) -> Result<tonic::Response<CaseExtractResponse>, Status> {
         Ok(tonic::Response::new(CaseExtractResponse {}))
+    }
+
+    // The bench calls only CaseExtract; the other RPCs do nothing as well.
+    async fn case_cancel(
+        &self,
+        _request: tonic::Request<CaseCancelRequest>,
+    ) -> Result<tonic::Response<CaseCancelResponse>, Status> {
+        Ok(tonic::Response::new(CaseCancelResponse {}))
+    }
+
+    async fn case_get_state(
+        &self,
+        _request: tonic::Request<CaseGetStateRequest>,
+    ) -> Result<tonic::Response<CaseGetStateResponse>, Status> {
+        Ok(tonic::Response::new(CaseGetStateResponse::default()))
     }
 }
 

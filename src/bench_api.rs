@@ -15,7 +15,7 @@ use crate::upstream::UpstreamError;
 const CONTEXT: CallContext = CallContext {
     method: "case_extract",
     port_id: 4,
-    bin_id: 101337,
+    bin_id: Some(101337),
 };
 
 const RETRY: RetryPolicy = RetryPolicy {

@@ -1,5 +1,5 @@
-//! The `taskgate` command line: `serve`, `simulate`, `case-extract` and `bench`, one module
-//! each.
+//! The `taskgate` command line: `serve`, `simulate`, `case-extract`, `case-cancel`, `case-state`
+//! and `bench`, one module each; `task_call` is what the three calling commands share.
 //!
 //! Clap types stay raw; they are turned into the library's checked settings before any port is
 //! bound. Every flag can also be set with a `TASKGATE_…` environment variable. The command line
@@ -19,9 +19,12 @@ use taskgate::config::{defaults, redact_url};
 use taskgate::log::LogFormat;
 
 mod bench;
+mod case_cancel;
 mod case_extract;
+mod case_state;
 mod serve;
 mod simulate;
+mod task_call;
 
 const EXIT_STATUS: &str = "\
 EXIT STATUS:
@@ -33,8 +36,9 @@ EXIT STATUS:
 
 /// taskgate: a gRPC gateway to the AutoStore task interface.
 ///
-/// `serve` runs the gateway, `simulate` runs a simulated controller, `case-extract` calls a
-/// running gateway, and `bench` puts a running gateway under load and reports its latency. Logs go to stderr; set their level with RUST_LOG (for example
+/// `serve` runs the gateway, `simulate` runs a simulated controller, `case-extract`,
+/// `case-cancel` and `case-state` call a running gateway, and `bench` puts a running gateway under
+/// load and reports its latency. Logs go to stderr; set their level with RUST_LOG (for example
 /// RUST_LOG=taskgate=debug).
 #[derive(Debug, Parser)]
 #[command(name = "taskgate", version, after_help = EXIT_STATUS)]
@@ -55,7 +59,11 @@ enum Command {
     /// Run the simulated controller alone, speaking the task interface over HTTP.
     Simulate(simulate::SimulateArgs),
     /// Call CaseExtract on a running gateway and print the outcome.
-    CaseExtract(case_extract::CaseExtractArgs),
+    CaseExtract(task_call::PortAndBinArgs),
+    /// Call CaseCancel on a running gateway and print the outcome.
+    CaseCancel(task_call::PortAndBinArgs),
+    /// Call CaseGetState on a running gateway and print the port's case state.
+    CaseState(case_state::CaseStateArgs),
     /// Put a running gateway under load with CaseExtract calls and report calls/s, latency
     /// percentiles and a count per gRPC status code.
     Bench(bench::BenchArgs),
@@ -73,7 +81,9 @@ pub(crate) struct Prepared {
 enum PreparedCommand {
     Serve(Box<serve::Serve>),
     Simulate(simulate::SimulateArgs),
-    CaseExtract(case_extract::CaseExtractArgs),
+    CaseExtract(task_call::PortAndBinArgs),
+    CaseCancel(task_call::PortAndBinArgs),
+    CaseState(case_state::CaseStateArgs),
     Bench(bench::BenchArgs),
 }
 
@@ -127,6 +137,8 @@ impl Cli {
             }
             Command::Simulate(args) => (PreparedCommand::Simulate(args), self.log_format),
             Command::CaseExtract(args) => (PreparedCommand::CaseExtract(args), self.log_format),
+            Command::CaseCancel(args) => (PreparedCommand::CaseCancel(args), self.log_format),
+            Command::CaseState(args) => (PreparedCommand::CaseState(args), self.log_format),
             Command::Bench(args) => (PreparedCommand::Bench(args), self.log_format),
         };
         Ok(Prepared {
@@ -149,7 +161,10 @@ impl Prepared {
     pub(crate) fn default_log_filter(&self) -> &'static str {
         match self.command {
             PreparedCommand::Serve(_) | PreparedCommand::Simulate(_) => "info",
-            PreparedCommand::CaseExtract(_) | PreparedCommand::Bench(_) => "warn",
+            PreparedCommand::CaseExtract(_)
+            | PreparedCommand::CaseCancel(_)
+            | PreparedCommand::CaseState(_)
+            | PreparedCommand::Bench(_) => "warn",
         }
     }
 
@@ -161,6 +176,8 @@ impl Prepared {
             PreparedCommand::Serve(serve) => serve.run(&mut log_flush_bound).await,
             PreparedCommand::Simulate(args) => simulate::simulate(args).await,
             PreparedCommand::CaseExtract(args) => case_extract::case_extract(args).await,
+            PreparedCommand::CaseCancel(args) => case_cancel::case_cancel(args).await,
+            PreparedCommand::CaseState(args) => case_state::case_state(args).await,
             PreparedCommand::Bench(args) => bench::bench(args).await,
         };
         ending(outcome, log_flush_bound)

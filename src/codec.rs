@@ -173,6 +173,14 @@ pub enum DecodeError {
         /// The largest value allowed.
         max: u32,
     },
+    /// A reply about another port than the one the call asked about.
+    #[error("<port_id> holds {answered}, but the call asked about port {asked}")]
+    OtherPort {
+        /// The port the call asked about.
+        asked: u32,
+        /// The port the reply is about.
+        answered: u32,
+    },
     /// A `<case_state>` that holds no AutoCase state code.
     #[error(
         "<case_state> holds '{0}', not one of NOOP, EREQ, ERSO, ECMP, IREQ, IRTR, ICRC, ICIN or ICMP"

@@ -1,5 +1,7 @@
 //! The `TaskService` implementation: validate the request, work out the time limit, call the
-//! controller, and hand every outcome to `status`. The request ID, the span, the metrics and the
+//! controller, read its reply, and hand every outcome to `status`. Every unary RPC takes the one
+//! generic path ([`TaskGateway::unary`]); a handler only says which method it calls with which
+//! port and bin, and what a success reply becomes. The request ID, the span, the metrics and the
 //! access line are the call layer's (`call`); a handler only leaves it what it learned.
 
 use std::sync::Arc;
@@ -11,14 +13,17 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::call::{CallNotes, CallScope};
-use crate::codec::{Call, Reply};
-use crate::domain::{BIN_ID_RANGE, PORT_ID_RANGE};
+use crate::codec::{Call, CaseStateReply, DecodeError, Element, Reply};
+use crate::domain::{BIN_ID_RANGE, CaseState, PORT_ID_RANGE};
 use crate::proto::task_service_server::TaskService;
-use crate::proto::{CaseExtractRequest, CaseExtractResponse};
+use crate::proto::{
+    self, CaseCancelRequest, CaseCancelResponse, CaseExtractRequest, CaseExtractResponse,
+    CaseGetStateRequest, CaseGetStateResponse,
+};
 use crate::protocol::{GRPC_TIMEOUT, parse_grpc_timeout};
 use crate::request_id::RequestId;
 use crate::status::{self, CallContext, CallError, RetryPolicy, Violation};
-use crate::upstream::{self, Upstream};
+use crate::upstream::{self, Upstream, UpstreamError};
 
 /// The gateway's `TaskService`: cheap to clone, shared by every connection.
 #[derive(Debug, Clone)]
@@ -49,40 +54,17 @@ impl TaskGateway {
         }
     }
 
-    /// Calls the controller; also returns how long the controller took, when it was called.
-    async fn call(
+    /// The path of every unary RPC: validate the port and bin `context_of` reads from the
+    /// message, take an in-flight permit, call the controller within the time limit, turn its
+    /// success reply into the response with `read_reply`, leave the call layer its notes, and
+    /// hand any failure to `status`. Generic, not boxed: each RPC compiles to its own copy of
+    /// this, which does the work CaseExtract's own body did and no more.
+    async fn unary<Message, Output>(
         &self,
-        context: &CallContext,
-        call: Call<'_>,
-        request_id: &RequestId,
-        caller_deadline: Option<Duration>,
-    ) -> (Option<Duration>, Result<(), CallError>) {
-        let Some(time_limit) = time_limit(caller_deadline, self.upstream_timeout) else {
-            let deadline = caller_deadline.unwrap_or_default();
-            return (None, Err(CallError::DeadlineTooShort { deadline }));
-        };
-        tracing::debug!(
-            method = context.method,
-            time_limit_ms = time_limit.as_millis() as u64,
-            "calling the controller"
-        );
-        let started = Instant::now();
-        let reply = self.upstream.call(&call, request_id, time_limit).await;
-        let outcome = match reply {
-            Ok(Reply::Success(_)) => Ok(()),
-            Ok(Reply::Fault(code)) => Err(CallError::Fault(code)),
-            Err(upstream_error) => Err(CallError::Upstream(upstream_error)),
-        };
-        (Some(started.elapsed()), outcome)
-    }
-}
-
-#[tonic::async_trait]
-impl TaskService for TaskGateway {
-    async fn case_extract(
-        &self,
-        request: Request<CaseExtractRequest>,
-    ) -> Result<Response<CaseExtractResponse>, Status> {
+        request: Request<Message>,
+        context_of: impl FnOnce(Message) -> CallContext,
+        read_reply: impl FnOnce(&CallContext, Element) -> Result<Output, DecodeError>,
+    ) -> Result<Response<Output>, Status> {
         let caller_deadline = caller_deadline(&request);
         // The call layer always sets one; a default only covers a server built without it.
         let scope = request
@@ -90,29 +72,20 @@ impl TaskService for TaskGateway {
             .get::<CallScope>()
             .cloned()
             .unwrap_or_default();
-        let CaseExtractRequest { port_id, bin_id } = request.into_inner();
-        let context = CallContext {
-            method: "case_extract",
-            port_id,
-            bin_id,
-        };
+        let context = context_of(request.into_inner());
         // Held until the call ends; dropped with the future if the caller goes away.
         let permit = self.in_flight.try_acquire();
-        let (upstream_time, outcome) = match (permit, validate_case_extract(port_id, bin_id)) {
+        let (upstream_time, outcome) = match (permit, validate(context.port_id, context.bin_id)) {
             (Err(_), _) => (None, Err(CallError::Overloaded)),
             (Ok(_permit), Ok(())) => {
-                let call = Call {
-                    method: context.method,
-                    params: &[("port_id", port_id), ("bin_id", bin_id)],
-                };
-                self.call(&context, call, &scope.request_id, caller_deadline)
+                self.call(&context, &scope.request_id, caller_deadline, read_reply)
                     .await
             }
             (Ok(_), Err(violations)) => (None, Err(CallError::InvalidArgument(violations))),
         };
         scope.note(CallNotes {
-            port_id: Some(port_id),
-            bin_id: Some(bin_id),
+            port_id: Some(context.port_id),
+            bin_id: context.bin_id,
             fault_code: match &outcome {
                 Err(CallError::Fault(code)) => Some(*code),
                 _ => None,
@@ -124,16 +97,133 @@ impl TaskService for TaskGateway {
             },
         });
         outcome
-            .map(|()| Response::new(CaseExtractResponse {}))
+            .map(Response::new)
             .map_err(|call_error| status::status(&context, &call_error, self.retry))
+    }
+
+    /// Calls the controller and reads its success reply with `read_reply`; also returns how long
+    /// the controller took, when it was called. A reply `read_reply` refuses is a bad response,
+    /// like any other reply the gateway cannot trust.
+    async fn call<Output>(
+        &self,
+        context: &CallContext,
+        request_id: &RequestId,
+        caller_deadline: Option<Duration>,
+        read_reply: impl FnOnce(&CallContext, Element) -> Result<Output, DecodeError>,
+    ) -> (Option<Duration>, Result<Output, CallError>) {
+        let Some(time_limit) = time_limit(caller_deadline, self.upstream_timeout) else {
+            let deadline = caller_deadline.unwrap_or_default();
+            return (None, Err(CallError::DeadlineTooShort { deadline }));
+        };
+        tracing::debug!(
+            method = context.method,
+            time_limit_ms = time_limit.as_millis() as u64,
+            "calling the controller"
+        );
+        // The parameters every AutoCase method takes, in the documented order, on the stack.
+        let port_and_bin;
+        let port_only;
+        let params: &[(&str, u32)] = match context.bin_id {
+            Some(bin_id) => {
+                port_and_bin = [("port_id", context.port_id), ("bin_id", bin_id)];
+                &port_and_bin
+            }
+            None => {
+                port_only = [("port_id", context.port_id)];
+                &port_only
+            }
+        };
+        let call = Call {
+            method: context.method,
+            params,
+        };
+        let started = Instant::now();
+        let reply = self.upstream.call(&call, request_id, time_limit).await;
+        let upstream_time = started.elapsed();
+        let outcome = match reply {
+            Ok(Reply::Success(params)) => read_reply(context, params)
+                .map_err(|error| CallError::Upstream(UpstreamError::BadResponse(error))),
+            Ok(Reply::Fault(code)) => Err(CallError::Fault(code)),
+            Err(upstream_error) => Err(CallError::Upstream(upstream_error)),
+        };
+        (Some(upstream_time), outcome)
     }
 }
 
-/// Checks `case_extract`'s documented ranges, reporting every field that is out of range.
-pub(crate) fn validate_case_extract(port_id: u32, bin_id: u32) -> Result<(), Vec<Violation>> {
+#[tonic::async_trait]
+impl TaskService for TaskGateway {
+    async fn case_extract(
+        &self,
+        request: Request<CaseExtractRequest>,
+    ) -> Result<Response<CaseExtractResponse>, Status> {
+        let context_of = |CaseExtractRequest { port_id, bin_id }| CallContext {
+            method: "case_extract",
+            port_id,
+            bin_id: Some(bin_id),
+        };
+        // `case_extract` has no response parameters; whatever `<params>` holds is not read.
+        self.unary(request, context_of, |_, _| Ok(CaseExtractResponse {}))
+            .await
+    }
+
+    async fn case_cancel(
+        &self,
+        request: Request<CaseCancelRequest>,
+    ) -> Result<Response<CaseCancelResponse>, Status> {
+        let context_of = |CaseCancelRequest { port_id, bin_id }| CallContext {
+            method: "case_cancel",
+            port_id,
+            bin_id: Some(bin_id),
+        };
+        // Like `case_extract`, `case_cancel` has no response parameters.
+        self.unary(request, context_of, |_, _| Ok(CaseCancelResponse {}))
+            .await
+    }
+
+    async fn case_get_state(
+        &self,
+        request: Request<CaseGetStateRequest>,
+    ) -> Result<Response<CaseGetStateResponse>, Status> {
+        let context_of = |CaseGetStateRequest { port_id }| CallContext {
+            method: "case_getstate",
+            port_id,
+            bin_id: None,
+        };
+        self.unary(request, context_of, |context, params| {
+            let reply = CaseStateReply::from_params(&params)?.about_port(context.port_id)?;
+            Ok(CaseGetStateResponse {
+                port_id: reply.port_id,
+                bin_id: reply.bin_id,
+                state: proto_case_state(reply.case_state) as i32,
+                raw_state: reply.case_state.code().to_owned(),
+            })
+        })
+        .await
+    }
+}
+
+/// The contract's name for a vendor state. A test checks it against the proto's comments, so
+/// each value stays the one its comment names.
+fn proto_case_state(case_state: CaseState) -> proto::CaseState {
+    match case_state {
+        CaseState::Noop => proto::CaseState::NoOperation,
+        CaseState::Ereq => proto::CaseState::ExtractionRequested,
+        CaseState::Erso => proto::CaseState::ExtractionReadyToSend,
+        CaseState::Ecmp => proto::CaseState::ExtractionCompleted,
+        CaseState::Ireq => proto::CaseState::InsertionRequested,
+        CaseState::Irtr => proto::CaseState::InsertionReadyToReceive,
+        CaseState::Icrc => proto::CaseState::InsertionCaseReceived,
+        CaseState::Icin => proto::CaseState::InsertionCaseInserted,
+        CaseState::Icmp => proto::CaseState::InsertionCompleted,
+    }
+}
+
+/// Checks the documented ranges of `port_id` and, on methods that take one, `bin_id`, reporting
+/// every field that is out of range. The proto fields have the task-interface parameters' names.
+pub(crate) fn validate(port_id: u32, bin_id: Option<u32>) -> Result<(), Vec<Violation>> {
     let violations: Vec<Violation> = [
         check_range("port_id", port_id, &PORT_ID_RANGE),
-        check_range("bin_id", bin_id, &BIN_ID_RANGE),
+        bin_id.and_then(|bin_id| check_range("bin_id", bin_id, &BIN_ID_RANGE)),
     ]
     .into_iter()
     .flatten()
@@ -197,11 +287,63 @@ mod tests {
     use super::*;
 
     fn check_valid(port_id: u32, bin_id: u32, expected_fields: &[&str]) {
-        let fields: Vec<&str> = match validate_case_extract(port_id, bin_id) {
+        let fields: Vec<&str> = match validate(port_id, Some(bin_id)) {
             Ok(()) => Vec::new(),
             Err(violations) => violations.iter().map(|violation| violation.field).collect(),
         };
         assert_eq!(fields, expected_fields, "port {port_id} bin {bin_id}");
+    }
+
+    /// The vendor code each `CaseState` value's comment in the proto starts with
+    /// (`` // `ERSO`: … ``), by value name; `None` for a value whose comment names none. Read
+    /// from the file itself: the comments are the clients' manual.
+    fn proto_state_codes() -> Vec<(String, Option<String>)> {
+        let proto = include_str!("../proto/taskgate/v1/task.proto");
+        let (_, body) = proto.split_once("\nenum CaseState {").unwrap();
+        let (body, _) = body.split_once("\n}").unwrap();
+        let mut codes = Vec::new();
+        let mut comment_start: Option<&str> = None;
+        for line in body.lines().map(str::trim) {
+            if let Some(comment) = line.strip_prefix("//") {
+                comment_start.get_or_insert(comment.trim());
+            } else if let Some((name, _)) = line.split_once(" = ") {
+                let code = comment_start
+                    .take()
+                    .and_then(|comment| comment.strip_prefix('`')?.split_once("`:"))
+                    .map(|(code, _)| code.to_owned());
+                codes.push((name.to_owned(), code));
+            }
+        }
+        codes
+    }
+
+    /// The proto enum and `domain::CaseState` agree one to one: each vendor state maps to the
+    /// value whose comment names its code, and every value but UNSPECIFIED names one.
+    #[test]
+    fn every_vendor_state_is_the_proto_value_that_names_its_code() {
+        let codes = proto_state_codes();
+        let mut named: Vec<(&str, &str)> = codes
+            .iter()
+            .filter_map(|(name, code)| Some((name.as_str(), code.as_deref()?)))
+            .collect();
+        let mut mapped: Vec<(&str, &str)> = CaseState::ALL
+            .into_iter()
+            .map(|case_state| {
+                (
+                    proto_case_state(case_state).as_str_name(),
+                    case_state.code(),
+                )
+            })
+            .collect();
+        named.sort_unstable();
+        mapped.sort_unstable();
+        assert_eq!(mapped, named);
+        let unnamed: Vec<&str> = codes
+            .iter()
+            .filter(|(_, code)| code.is_none())
+            .map(|(name, _)| name.as_str())
+            .collect();
+        assert_eq!(unnamed, ["CASE_STATE_UNSPECIFIED"]);
     }
 
     #[test]
@@ -218,7 +360,7 @@ mod tests {
 
     #[test]
     fn violation_names_the_value_and_the_range() {
-        let violations = validate_case_extract(2001, 5).unwrap_err();
+        let violations = validate(2001, Some(5)).unwrap_err();
         assert_eq!(
             violations[0].description,
             "port_id 2001 is out of range 1-2000"

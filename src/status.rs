@@ -26,8 +26,8 @@ pub(crate) struct CallContext {
     pub(crate) method: &'static str,
     /// The port the call was for.
     pub(crate) port_id: u32,
-    /// The bin the call was for.
-    pub(crate) bin_id: u32,
+    /// The bin the call was for, on methods that take one (`case_getstate` does not).
+    pub(crate) bin_id: Option<u32>,
 }
 
 /// Everything that can end a call without success.
@@ -280,18 +280,21 @@ fn invalid_argument(context: &CallContext, violations: &[Violation]) -> Status {
 }
 
 fn describe(context: &CallContext) -> String {
-    format!(
-        "{} port {} bin {}",
-        context.method, context.port_id, context.bin_id
-    )
+    match context.bin_id {
+        Some(bin_id) => format!("{} port {} bin {bin_id}", context.method, context.port_id),
+        None => format!("{} port {}", context.method, context.port_id),
+    }
 }
 
 fn context_metadata(context: &CallContext) -> HashMap<String, String> {
-    HashMap::from([
+    let mut metadata = HashMap::from([
         ("method".to_owned(), context.method.to_owned()),
         ("portId".to_owned(), context.port_id.to_string()),
-        ("binId".to_owned(), context.bin_id.to_string()),
-    ])
+    ]);
+    if let Some(bin_id) = context.bin_id {
+        metadata.insert("binId".to_owned(), bin_id.to_string());
+    }
+    metadata
 }
 
 fn error_info(reason: &str, domain: &str, metadata: HashMap<String, String>) -> Any {
@@ -328,7 +331,7 @@ mod tests {
     const CONTEXT: CallContext = CallContext {
         method: "case_extract",
         port_id: 4,
-        bin_id: 101337,
+        bin_id: Some(101337),
     };
     const RETRY: RetryPolicy = RetryPolicy {
         delay: Duration::from_millis(1500),
@@ -404,6 +407,31 @@ mod tests {
         );
         let retry_info = status.get_details_retry_info().unwrap();
         assert_eq!(retry_info.retry_delay, Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn a_call_without_a_bin_names_none() {
+        let context = CallContext {
+            method: "case_getstate",
+            port_id: 1,
+            bin_id: None,
+        };
+        let status = status(&context, &CallError::Fault(1087), RETRY);
+        assert_eq!(
+            status.message(),
+            "case_getstate port 1: controller fault 1087 PORT_IS_NOT_AUTOCASE: The Port \
+             specified is not an AutoCase port"
+        );
+        let expected = [
+            ("faultCode", "1087"),
+            ("method", "case_getstate"),
+            ("portId", "1"),
+        ]
+        .map(|(key, value)| (key.to_owned(), value.to_owned()));
+        assert_eq!(
+            status.get_details_error_info().unwrap().metadata,
+            HashMap::from(expected)
+        );
     }
 
     #[test]

@@ -155,22 +155,43 @@ class TaskGate {
    * Extracts a case from `binId` at `portId`; resolves with the call's request id and rejects
    * with a TaskGateError.
    */
-  caseExtract(portId, binId, { timeoutMs = 10000, requestId } = {}) {
+  async caseExtract(portId, binId, options = {}) {
+    const { requestId } = await this.call("CaseExtract", { port_id: portId, bin_id: binId }, options);
+    return requestId;
+  }
+
+  /**
+   * Cancels the case operation running on `binId` at `portId`; resolves with the call's request
+   * id and rejects with a TaskGateError (fault 1149 when nothing runs on that bin at the port).
+   */
+  async caseCancel(portId, binId, options = {}) {
+    const { requestId } = await this.call("CaseCancel", { port_id: portId, bin_id: binId }, options);
+    return requestId;
+  }
+
+  /**
+   * Reads the port's AutoCase state; resolves with { port_id, bin_id (null when the controller
+   * names none), state (the CaseState name), raw_state (the vendor code, e.g. "ERSO") } and
+   * rejects with a TaskGateError.
+   */
+  async caseGetState(portId, options = {}) {
+    const { response } = await this.call("CaseGetState", { port_id: portId }, options);
+    // proto-loader leaves an unset proto3 `optional` field out, or null with `defaults`.
+    return { ...response, bin_id: response.bin_id ?? null };
+  }
+
+  /** Calls `method` with the token and request id; resolves with { response, requestId }. */
+  call(method, request, { timeoutMs = 10000, requestId } = {}) {
     const metadata = new grpc.Metadata();
     if (this.token) metadata.set("authorization", `Bearer ${this.token}`);
     if (requestId) metadata.set("x-request-id", requestId);
     return new Promise((resolve, reject) => {
       let returnedId = "";
-      const call = this.client.CaseExtract(
-        { port_id: portId, bin_id: binId },
-        metadata,
-        { deadline: Date.now() + timeoutMs },
-        (error) => {
-          if (!error) return resolve(returnedId);
-          const details = error.metadata ? error.metadata.get("grpc-status-details-bin")[0] : undefined;
-          return reject(errorFromStatusDetails(error.code, error.details || "", details));
-        },
-      );
+      const call = this.client[method](request, metadata, { deadline: Date.now() + timeoutMs }, (error, response) => {
+        if (!error) return resolve({ response, requestId: returnedId });
+        const details = error.metadata ? error.metadata.get("grpc-status-details-bin")[0] : undefined;
+        return reject(errorFromStatusDetails(error.code, error.details || "", details));
+      });
       call.on("metadata", (headers) => {
         returnedId = String(headers.get("x-request-id")[0] || "");
       });

@@ -12,6 +12,7 @@
 //!   exactly once surrounding whitespace is removed (`CR` is a signal, not a state).
 //! - Nothing else: any other element, or one of these twice, is an error, as `<params>` is
 //!   everywhere else in the codec.
+//! - A reply about another port than the one asked is an error too ([`CaseStateReply::about_port`]).
 //!
 //! JSON replies read the same way (`{"params":{"port_id":4,"bin_id":101337,"case_state":"ERSO"}}`);
 //! a JSON `null` is refused by the JSON layer, as anywhere else.
@@ -49,6 +50,19 @@ impl CaseStateReply {
             },
             case_state: read_case_state(case_state)?,
         })
+    }
+
+    /// This reply, if it is about `asked`, the port the call named: a reply about another port
+    /// says nothing about the one asked, and is an error rather than an answer.
+    pub fn about_port(self, asked: u32) -> Result<Self, DecodeError> {
+        if self.port_id == asked {
+            Ok(self)
+        } else {
+            Err(DecodeError::OtherPort {
+                asked,
+                answered: self.port_id,
+            })
+        }
     }
 
     /// The success reply that carries this, elements in the order `from_params` documents.
@@ -282,6 +296,24 @@ mod tests {
         check_json(
             r#""port_id":4,"bin_id":4000001,"case_state":"NOOP""#,
             Err(out_of_range("bin_id", 4_000_001, BIN_ID_RANGE)),
+        );
+    }
+
+    #[test]
+    fn a_reply_about_another_port_is_an_error() {
+        let erso = reply(4, Some(101337), CaseState::Erso);
+        assert_eq!(erso.about_port(4), Ok(erso));
+        let error = erso.about_port(5).unwrap_err();
+        assert_eq!(
+            error,
+            DecodeError::OtherPort {
+                asked: 5,
+                answered: 4
+            }
+        );
+        assert_eq!(
+            error.to_string(),
+            "<port_id> holds 4, but the call asked about port 5"
         );
     }
 

@@ -119,6 +119,8 @@ async fn usage_and_configuration_errors_exit_2() {
         "{stderr}"
     );
     run(&["case-extract", "--port", "4"], 2).await;
+    run(&["case-cancel", "--port", "4"], 2).await;
+    run(&["case-state"], 2).await;
     run(&["no-such-command"], 2).await;
 }
 
@@ -425,6 +427,100 @@ async fn serve_with_the_simulator_answers_calls_and_exits_0_on_sigterm() {
                 && line.contains("request_id=e2e-1")),
         "the simulator did not log the request id:\n{rest}"
     );
+}
+
+/// `case-cancel` and `case-state` print their outcome as `case-extract` does, with the same exit
+/// codes, and the gateway's access line of each names its method, port and bin (issue 10).
+#[tokio::test]
+async fn case_cancel_and_case_state_print_their_outcome_and_are_logged() {
+    let serve = TaskgateProcess::start(&[]).await;
+    let gateway = serve.gateway.as_str();
+    let call = |command: &'static str, port_and_bin: &[&'static str], request_id: &'static str| {
+        let mut args = vec![command, "--gateway", gateway, "--request-id", request_id];
+        args.extend_from_slice(port_and_bin);
+        args
+    };
+    let cancel = ["--port", "4", "--bin", "101337"];
+    let (stdout, _) = run(&call("case-cancel", &cancel, "cancel-1"), 1).await;
+    let not_selected = "The specified bin is not selected for the specified port, the requested \
+                        operation is therefore invalid";
+    assert_eq!(
+        stdout,
+        format!(
+            "failed: case_cancel port 4 bin 101337: FAILED_PRECONDITION\n\
+             \x20 fault:   1149 BIN_NOT_SELECTED_FOR_PORT\n\
+             \x20 meaning: {not_selected}.\n\
+             \x20 retry:   not advised\n\
+             \x20 message: case_cancel port 4 bin 101337: controller fault 1149 \
+             BIN_NOT_SELECTED_FOR_PORT: {not_selected}\n\
+             \x20 request id: cancel-1\n"
+        )
+    );
+    case_extract(gateway, "4", "101337", 0).await;
+    let (stdout, _) = run(&call("case-cancel", &cancel, "cancel-2"), 0).await;
+    assert_eq!(
+        stdout,
+        "ok: case_cancel port 4 bin 101337: the controller accepted the cancel\n\
+         \x20 request id: cancel-2\n"
+    );
+    let (stdout, _) = run(&call("case-state", &["--port", "4"], "state-1"), 0).await;
+    assert_eq!(
+        stdout,
+        "ok: case_getstate port 4: state NOOP (NO_OPERATION), bin 101337\n\
+         \x20 request id: state-1\n"
+    );
+    let (stdout, _) = run(&call("case-state", &["--port", "3"], "state-2"), 0).await;
+    assert_eq!(
+        stdout,
+        "ok: case_getstate port 3: state NOOP (NO_OPERATION), no bin\n\
+         \x20 request id: state-2\n"
+    );
+    let (stdout, _) = run(&call("case-state", &["--port", "1"], "state-3"), 1).await;
+    assert_eq!(
+        stdout,
+        "failed: case_getstate port 1: FAILED_PRECONDITION\n\
+         \x20 fault:   1087 PORT_IS_NOT_AUTOCASE\n\
+         \x20 meaning: The Port specified is not an AutoCase port.\n\
+         \x20 retry:   not advised\n\
+         \x20 message: case_getstate port 1: controller fault 1087 PORT_IS_NOT_AUTOCASE: The \
+         Port specified is not an AutoCase port\n\
+         \x20 request id: state-3\n"
+    );
+
+    serve.signal("TERM").await;
+    let (code, log) = serve.finish().await;
+    assert_eq!(code, Some(0), "{log}");
+    // The call layer learns the RPCs from the descriptor set: the metric and log name of
+    // CaseGetState is `case_get_state`, its task-interface method `case_getstate`.
+    for (request_id, expected) in [
+        (
+            "cancel-1",
+            "method=\"case_cancel\" port_id=4 bin_id=101337 grpc_code=\"FAILED_PRECONDITION\" \
+             fault_code=1149",
+        ),
+        (
+            "cancel-2",
+            "method=\"case_cancel\" port_id=4 bin_id=101337 grpc_code=\"OK\"",
+        ),
+        (
+            "state-1",
+            "method=\"case_get_state\" port_id=4 grpc_code=\"OK\"",
+        ),
+        (
+            "state-3",
+            "method=\"case_get_state\" port_id=1 grpc_code=\"FAILED_PRECONDITION\" \
+             fault_code=1087",
+        ),
+    ] {
+        let needle = format!("request_id={request_id} ");
+        let line = log
+            .lines()
+            .find(|line| line.contains("taskgate::access") && line.contains(&needle))
+            .unwrap_or_else(|| panic!("no access line for {request_id}:\n{log}"));
+        let (_, fields) = line.split_once("taskgate::access: call ").unwrap();
+        let (fields, _) = fields.split_once(" upstream_ms=").unwrap();
+        assert_eq!(fields, expected, "{line}");
+    }
 }
 
 /// `--access-log errors` writes the line of a call that failed and not of one that succeeded;

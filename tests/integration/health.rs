@@ -126,13 +126,11 @@ async fn health_is_not_serving_while_the_controller_was_never_reached() {
     assert_eq!(check(channel, "").await, ServingStatus::NotServing);
 }
 
-#[tokio::test]
-async fn reflection_lists_the_task_service() {
-    let gateway = Gateway::builder().start().await;
-    let channel = gateway.client_channel().await;
+/// Sends one reflection request on `channel` and returns its answer.
+async fn reflect(channel: Channel, message_request: MessageRequest) -> MessageResponse {
     let request = ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
+        message_request: Some(message_request),
     };
     let mut responses = ServerReflectionClient::new(channel)
         .server_reflection_info(tokio_stream::iter([request]))
@@ -143,7 +141,15 @@ async fn reflection_lists_the_task_service() {
         .await
         .unwrap()
         .unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+    response.message_response.unwrap()
+}
+
+#[tokio::test]
+async fn reflection_lists_the_task_service() {
+    let gateway = Gateway::builder().start().await;
+    let channel = gateway.client_channel().await;
+    let response = reflect(channel, MessageRequest::ListServices(String::new())).await;
+    let MessageResponse::ListServicesResponse(list) = response else {
         panic!("unexpected reflection response {response:?}");
     };
     let names: Vec<String> = list
@@ -152,6 +158,42 @@ async fn reflection_lists_the_task_service() {
         .map(|service| service.name)
         .collect();
     assert!(names.contains(&TASK_SERVICE.to_owned()), "{names:?}");
+}
+
+/// Generic tools (grpcurl `describe`) see every RPC of the task service, the new ones of issue
+/// 10 included.
+#[tokio::test]
+async fn reflection_describes_every_task_rpc() {
+    use prost::Message as _;
+    let gateway = Gateway::builder().start().await;
+    let channel = gateway.client_channel().await;
+    let request = MessageRequest::FileContainingSymbol(TASK_SERVICE.to_owned());
+    let MessageResponse::FileDescriptorResponse(files) = reflect(channel, request).await else {
+        panic!("no file descriptor for {TASK_SERVICE}");
+    };
+    let methods: Vec<(String, String, String)> = files
+        .file_descriptor_proto
+        .iter()
+        .map(|bytes| prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap())
+        .flat_map(|file| file.service)
+        .filter(|service| service.name() == "TaskService")
+        .flat_map(|service| service.method)
+        .map(|method| {
+            let name = method.name().to_owned();
+            (
+                name,
+                method.input_type().to_owned(),
+                method.output_type().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String, String)> = ["CaseExtract", "CaseCancel", "CaseGetState"]
+        .map(|name| {
+            let message = |suffix| format!(".taskgate.v1.{name}{suffix}");
+            (name.to_owned(), message("Request"), message("Response"))
+        })
+        .into();
+    assert_eq!(methods, expected);
 }
 
 #[tokio::test]

@@ -60,6 +60,36 @@ async fn metrics_count_a_known_mix_of_calls() {
     scrape_line(metrics_url, "taskgate_health_serving 1").await;
 }
 
+/// The call layer learns CaseCancel and CaseGetState from the descriptor set: their calls,
+/// faults and controller times are counted like CaseExtract's, under their snake-case names.
+#[tokio::test]
+async fn metrics_count_case_cancel_and_case_get_state() {
+    let gateway = Gateway::builder().metrics().start().await;
+    gateway.case_cancel(4, 101337).await.unwrap_err(); // 1149: nothing runs
+    gateway.case_extract(4, 101337, None).await.unwrap();
+    gateway.case_cancel(4, 101337).await.unwrap();
+    gateway.case_get_state(4).await.unwrap();
+    gateway.case_get_state(1).await.unwrap_err(); // 1087
+    gateway.case_get_state(0).await.unwrap_err(); // invalid, not sent
+
+    let text = scrape(gateway.metrics_url()).await;
+    for line in [
+        "taskgate_calls_total{method=\"case_cancel\",code=\"OK\"} 1",
+        "taskgate_calls_total{method=\"case_cancel\",code=\"FAILED_PRECONDITION\"} 1",
+        "taskgate_controller_faults_total{method=\"case_cancel\",fault_code=\"1149\"} 1",
+        "taskgate_upstream_request_duration_seconds_count{method=\"case_cancel\"} 2",
+        "taskgate_calls_total{method=\"case_get_state\",code=\"OK\"} 1",
+        "taskgate_calls_total{method=\"case_get_state\",code=\"FAILED_PRECONDITION\"} 1",
+        "taskgate_calls_total{method=\"case_get_state\",code=\"INVALID_ARGUMENT\"} 1",
+        "taskgate_controller_faults_total{method=\"case_get_state\",fault_code=\"1087\"} 1",
+        "taskgate_upstream_request_duration_seconds_count{method=\"case_get_state\"} 2",
+        "taskgate_call_duration_seconds_count{method=\"case_get_state\"} 3",
+        "taskgate_calls_in_flight 0",
+    ] {
+        assert_line(&text, line);
+    }
+}
+
 #[tokio::test]
 async fn upstream_errors_are_counted_by_kind() {
     let address = unused_address().await;

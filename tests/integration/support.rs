@@ -23,7 +23,10 @@ use tonic_types::StatusExt;
 use taskgate::auth::TokenFile;
 use taskgate::config::{Http1Limits, defaults, parse_upstream_url};
 use taskgate::proto::task_service_client::TaskServiceClient;
-use taskgate::proto::{CaseExtractRequest, CaseExtractResponse, TASK_FAULT_TYPE_URL, TaskFault};
+use taskgate::proto::{
+    CaseCancelRequest, CaseExtractRequest, CaseExtractResponse, CaseGetStateRequest,
+    CaseGetStateResponse, TASK_FAULT_TYPE_URL, TaskFault,
+};
 use taskgate::server::Config as GatewayConfig;
 use taskgate::server::{Listeners, ServeError};
 use taskgate::simulator::{self, Simulator, layout::Layout};
@@ -79,6 +82,22 @@ impl Gateway {
             request.set_timeout(deadline);
         }
         self.client.clone().case_extract(request).await.map(|_| ())
+    }
+
+    /// Calls CaseCancel, with no deadline.
+    pub(crate) async fn case_cancel(&self, port_id: u32, bin_id: u32) -> Result<(), tonic::Status> {
+        let request = CaseCancelRequest { port_id, bin_id };
+        self.client.clone().case_cancel(request).await.map(|_| ())
+    }
+
+    /// Calls CaseGetState, with no deadline.
+    pub(crate) async fn case_get_state(
+        &self,
+        port_id: u32,
+    ) -> Result<CaseGetStateResponse, tonic::Status> {
+        let request = CaseGetStateRequest { port_id };
+        let response = self.client.clone().case_get_state(request).await;
+        response.map(tonic::Response::into_inner)
     }
 
     /// A fresh connection to the gateway, for clients of its other services.

@@ -5,35 +5,47 @@ use std::time::Duration;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use taskgate::proto::{FaultCode, TaskFault};
+use taskgate::proto::{CaseGetStateResponse, CaseState, FaultCode, TaskFault};
 
 use crate::support::{
     FakeUpstream, Gateway, Script, Seen, error_info, error_info_count, metadata, task_fault,
     unused_address,
 };
 
-/// Checks a gateway error exactly: gRPC code, ErrorInfo domain/reason/metadata, no TaskFault.
+/// Checks a gateway error of CaseExtract (port 4, bin 101337) exactly; see [`check_error_of`].
 fn check_gateway_error(status: &tonic::Status, code: Code, reason: &str, extra: &[(&str, &str)]) {
+    let call = [
+        ("method", "case_extract"),
+        ("portId", "4"),
+        ("binId", "101337"),
+    ];
+    check_error_of(status, &call, code, reason, extra);
+}
+
+/// Checks a gateway error of the call described by `call` (its ErrorInfo metadata) exactly:
+/// gRPC code, ErrorInfo domain/reason/metadata, no TaskFault, and a message naming the call.
+fn check_error_of(
+    status: &tonic::Status,
+    call: &[(&str, &str)],
+    code: Code,
+    reason: &str,
+    extra: &[(&str, &str)],
+) {
     assert_eq!(status.code(), code, "{status:?}");
     assert_eq!(error_info_count(status), 1);
     let error_info = error_info(status);
     assert_eq!(error_info.domain, "taskgate");
     assert_eq!(error_info.reason, reason);
-    let mut expected = metadata(&[
-        ("method", "case_extract"),
-        ("portId", "4"),
-        ("binId", "101337"),
-    ]);
+    let mut expected = metadata(call);
     expected.extend(metadata(extra));
     assert_eq!(error_info.metadata, expected);
     assert_eq!(task_fault(status), None);
-    assert!(
-        status
-            .message()
-            .starts_with("case_extract port 4 bin 101337: "),
-        "{}",
-        status.message()
-    );
+    let what = match call {
+        [(_, method), (_, port), (_, bin)] => format!("{method} port {port} bin {bin}: "),
+        [(_, method), (_, port)] => format!("{method} port {port}: "),
+        other => panic!("not a call's metadata: {other:?}"),
+    };
+    assert!(status.message().starts_with(&what), "{}", status.message());
 }
 
 async fn call_through(script: Script) -> (tonic::Status, FakeUpstream) {
@@ -65,6 +77,68 @@ async fn the_controller_receives_the_documented_xml() {
         "<?xml version=\"1.0\"?>\n<methodcall>\n  <name>case_extract</name>\n  <params>\n    \
          <port_id>4</port_id>\n    <bin_id>101337</bin_id>\n  </params>\n</methodcall>\n"
     );
+}
+
+/// CaseGetState sends `case_getstate` with the port alone, and reads the data of the reply.
+#[tokio::test]
+async fn case_get_state_sends_the_port_and_reads_the_reply() {
+    let reply = "<response><params><port_id>4</port_id><bin_id>101337</bin_id>\
+                 <case_state>ERSO</case_state></params></response>";
+    let mut upstream = FakeUpstream::start(Script::ok_xml(reply)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let response = gateway.case_get_state(4).await.unwrap();
+    assert_eq!(
+        response,
+        CaseGetStateResponse {
+            port_id: 4,
+            bin_id: Some(101337),
+            state: CaseState::ExtractionReadyToSend as i32,
+            raw_state: "ERSO".to_owned(),
+        }
+    );
+    let Seen::Request { body, .. } = upstream.next().await else {
+        panic!("expected a request");
+    };
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        "<?xml version=\"1.0\"?>\n<methodcall>\n  <name>case_getstate</name>\n  <params>\n    \
+         <port_id>4</port_id>\n  </params>\n</methodcall>\n"
+    );
+}
+
+/// A `case_getstate` reply without a state, with a state the gateway does not know, or about
+/// another port is refused, never turned into a guess (issue 10).
+#[tokio::test]
+async fn case_get_state_replies_that_cannot_be_trusted_are_bad_responses() {
+    let cases = [
+        (
+            "<port_id>4</port_id><bin_id>101337</bin_id>",
+            "<params> has no <case_state>",
+        ),
+        (
+            "<port_id>4</port_id><case_state>EXTR</case_state>",
+            "<case_state> holds 'EXTR', not one of NOOP, EREQ, ERSO, ECMP, IREQ, IRTR, ICRC, \
+             ICIN or ICMP",
+        ),
+        (
+            "<port_id>5</port_id><bin_id>101337</bin_id><case_state>ERSO</case_state>",
+            "<port_id> holds 5, but the call asked about port 4",
+        ),
+    ];
+    for (params, cause) in cases {
+        let reply = format!("<response><params>{params}</params></response>");
+        let upstream = FakeUpstream::start(Script::ok_xml(&reply)).await;
+        let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+        let status = gateway.case_get_state(4).await.unwrap_err();
+        let call = [("method", "case_getstate"), ("portId", "4")];
+        check_error_of(&status, &call, Code::Internal, "UPSTREAM_BAD_RESPONSE", &[]);
+        assert_eq!(
+            status.message(),
+            format!(
+                "case_getstate port 4: the controller's reply is not a valid response: {cause}"
+            )
+        );
+    }
 }
 
 /// Makes three calls one after another against `script`; returns how many connections carried

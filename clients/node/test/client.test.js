@@ -1,5 +1,6 @@
 "use strict";
-// The Node client against the real gateway: gRPC and gRPC-Web, success and every typed fault.
+// The Node client against the real gateway: gRPC and gRPC-Web, success and every typed fault,
+// cancel and case state.
 
 const { test, before, after } = require("node:test");
 const assert = require("node:assert/strict");
@@ -85,6 +86,36 @@ test("gRPC-Web: the message and field violations arrive too", async () => {
   const invalid = await expectError(caseExtractGrpcWeb(baseUrl, 0, 1));
   assert.equal(invalid.codeName, "INVALID_ARGUMENT");
   assert.equal(invalid.fieldViolations[0].field, "port_id");
+});
+
+test("cancel leaves NOOP with the bin", async () => {
+  // Port 4 may still run the extraction of an earlier test (each step lasts 2 s): either way an
+  // extraction on bin 101337 runs when the cancel arrives.
+  await client.caseExtract(4, 101337).catch((error) => assert.equal(error.rawCode, 1148));
+  assert.equal(await client.caseCancel(4, 101337, { requestId: "node-cancel" }), "node-cancel");
+  assert.deepEqual(await client.caseGetState(4), {
+    port_id: 4,
+    bin_id: 101337,
+    state: "CASE_STATE_NO_OPERATION",
+    raw_state: "NOOP",
+  });
+  const error = await expectError(client.caseCancel(4, 101337));
+  assert.equal(error.faultCode, "FAULT_CODE_BIN_NOT_SELECTED_FOR_PORT");
+  assert.deepEqual(error.metadata, { faultCode: "1149", method: "case_cancel", portId: "4", binId: "101337" });
+});
+
+test("case state of a port, and of one that is not an AutoCase port", async () => {
+  // Port 2 is a CLOSED AutoCase port: reading its state changes nothing, so it answers.
+  assert.deepEqual(await client.caseGetState(2), {
+    port_id: 2,
+    bin_id: null,
+    state: "CASE_STATE_NO_OPERATION",
+    raw_state: "NOOP",
+  });
+  const error = await expectError(client.caseGetState(1));
+  assert.equal(error.codeName, "FAILED_PRECONDITION");
+  assert.equal(error.faultCode, "FAULT_CODE_PORT_IS_NOT_AUTOCASE");
+  assert.deepEqual(error.metadata, { faultCode: "1087", method: "case_getstate", portId: "1" });
 });
 
 test("gRPC-Web: 1148 carries its retry delay", async () => {

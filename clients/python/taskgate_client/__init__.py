@@ -33,15 +33,17 @@ except ImportError as error:  # pragma: no cover - a setup mistake, reported cle
         "'python clients/python/generate.py' first"
     ) from error
 
-__all__ = ["TaskGate", "TaskGateError", "FaultCode", "task_pb2"]
+__all__ = ["TaskGate", "TaskGateError", "FaultCode", "CaseState", "CaseGetStateResponse", "task_pb2"]
 
 FaultCode = task_pb2.FaultCode
+CaseState = task_pb2.CaseState
+CaseGetStateResponse = task_pb2.CaseGetStateResponse
 _TASK_FAULT_TYPE = "taskgate.v1.TaskFault"
 
 
 @dataclass
 class TaskGateError(Exception):
-    """A CaseExtract call that did not succeed, with everything the status details say."""
+    """A call that did not succeed, with everything the status details say."""
 
     code: grpc.StatusCode
     """The gRPC status code."""
@@ -130,15 +132,43 @@ class TaskGate:
 
         Raises ``TaskGateError`` with the typed fault when the call fails.
         """
-        metadata = self._metadata + ((("x-request-id", request_id),) if request_id else ())
         request = task_pb2.CaseExtractRequest(port_id=port_id, bin_id=bin_id)
+        _, request_id = self._call(self._stub.CaseExtract, request, timeout, request_id)
+        return request_id
+
+    def case_cancel(self, port_id: int, bin_id: int, timeout: float = 10.0,
+                    request_id: Optional[str] = None) -> str:
+        """Cancels the case operation running on ``bin_id`` at ``port_id``; returns the call's
+        request id.
+
+        Raises ``TaskGateError`` with the typed fault when the call fails (1149 when nothing
+        runs on that bin at the port).
+        """
+        request = task_pb2.CaseCancelRequest(port_id=port_id, bin_id=bin_id)
+        _, request_id = self._call(self._stub.CaseCancel, request, timeout, request_id)
+        return request_id
+
+    def case_get_state(self, port_id: int, timeout: float = 10.0,
+                       request_id: Optional[str] = None) -> "CaseGetStateResponse":
+        """Reads the port's AutoCase state: ``state`` (a ``CaseState``), ``raw_state`` (the
+        vendor code, e.g. ``ERSO``) and ``bin_id`` (check ``HasField("bin_id")``: a port that has
+        run no case operation names none).
+
+        Raises ``TaskGateError`` with the typed fault when the call fails.
+        """
+        request = task_pb2.CaseGetStateRequest(port_id=port_id)
+        response, _ = self._call(self._stub.CaseGetState, request, timeout, request_id)
+        return response
+
+    def _call(self, method, request, timeout: float, request_id: Optional[str]):
+        """Calls ``method`` with the token and request id; returns the response and the call's
+        request id, or raises ``TaskGateError``."""
+        metadata = self._metadata + ((("x-request-id", request_id),) if request_id else ())
         try:
-            _, call = self._stub.CaseExtract.with_call(
-                request, timeout=timeout, metadata=metadata
-            )
+            response, call = method.with_call(request, timeout=timeout, metadata=metadata)
         except grpc.RpcError as error:
             raise TaskGateError.from_rpc_error(error) from None
-        return dict(call.initial_metadata()).get("x-request-id", "")
+        return response, dict(call.initial_metadata()).get("x-request-id", "")
 
     def close(self) -> None:
         """Closes the channel."""

@@ -1,11 +1,12 @@
-"""The Python client against the real gateway: success, every simulator fault, bad arguments."""
+"""The Python client against the real gateway: success, every simulator fault, bad arguments,
+cancel and case state."""
 
 from datetime import timedelta
 
 import grpc
 import pytest
 
-from taskgate_client import FaultCode, TaskGate, TaskGateError
+from taskgate_client import CaseState, FaultCode, TaskGate, TaskGateError
 
 
 @pytest.fixture
@@ -67,3 +68,38 @@ def test_invalid_arguments(client, port_id, bin_id, field):
     assert error.domain == "taskgate"
     assert error.raw_code is None
     assert [violation[0] for violation in error.field_violations] == [field]
+
+
+def test_case_cancel_leaves_noop_with_the_bin(client):
+    # Port 4 may still run the extraction of an earlier test (each step lasts 2 s): either way
+    # an extraction on bin 101337 runs when the cancel arrives.
+    try:
+        client.case_extract(port_id=4, bin_id=101337, timeout=5)
+    except TaskGateError as error:
+        assert error.raw_code == 1148, error
+    assert client.case_cancel(port_id=4, bin_id=101337, request_id="py-cancel") == "py-cancel"
+    state = client.case_get_state(port_id=4)
+    assert (state.port_id, state.state, state.raw_state) == (4, CaseState.CASE_STATE_NO_OPERATION, "NOOP")
+    assert state.HasField("bin_id") and state.bin_id == 101337
+    with pytest.raises(TaskGateError) as raised:
+        client.case_cancel(port_id=4, bin_id=101337)
+    assert raised.value.fault_name == "BIN_NOT_SELECTED_FOR_PORT"
+    assert raised.value.metadata == {
+        "faultCode": "1149",
+        "method": "case_cancel",
+        "portId": "4",
+        "binId": "101337",
+    }
+
+
+def test_case_get_state(client):
+    # Port 2 is a CLOSED AutoCase port: reading its state changes nothing, so it answers.
+    state = client.case_get_state(port_id=2)
+    assert (state.port_id, state.state, state.raw_state) == (2, CaseState.CASE_STATE_NO_OPERATION, "NOOP")
+    assert not state.HasField("bin_id")
+    with pytest.raises(TaskGateError) as raised:
+        client.case_get_state(port_id=1)
+    error = raised.value
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.fault_name == "PORT_IS_NOT_AUTOCASE"
+    assert error.metadata == {"faultCode": "1087", "method": "case_getstate", "portId": "1"}

@@ -1,0 +1,19 @@
+//! `taskgate case-cancel`: one CaseCancel call on a running gateway, its outcome printed for
+//! operators as `case-extract` prints its own.
+
+use taskgate::proto::CaseCancelRequest;
+
+use super::Outcome;
+use super::task_call::{Client, PortAndBinArgs};
+
+pub(super) async fn case_cancel(args: PortAndBinArgs) -> Outcome {
+    let message_of = |port_id, bin_id| CaseCancelRequest { port_id, bin_id };
+    let rpc = |mut client: Client, request| async move { client.case_cancel(request).await };
+    args.call(
+        "case_cancel",
+        message_of,
+        rpc,
+        "the controller accepted the cancel",
+    )
+    .await
+}

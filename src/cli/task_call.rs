@@ -1,0 +1,187 @@
+//! One `TaskService` call from the command line, shared by `case-extract`, `case-cancel` and
+//! `case-state`: the flags that say how to reach the gateway, the request's metadata, and the
+//! outcome printed for operators (the same lines and exit codes whichever RPC it was).
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use prost::Message as _;
+use tonic::transport::Channel;
+use tonic_types::{StatusExt, pb};
+
+use taskgate::fault;
+use taskgate::proto::task_service_client::TaskServiceClient;
+use taskgate::proto::{FaultCode, REQUEST_ID_HEADER, TASK_FAULT_TYPE_URL, TaskFault};
+
+use super::{Exit, Outcome, bearer_token, connect, duration, gateway_endpoint, usage};
+
+/// How to reach the gateway, and what every call sends besides its message.
+#[derive(Debug, Args)]
+pub(super) struct GatewayArgs {
+    /// The gateway's address.
+    #[arg(
+        long,
+        env = "TASKGATE_GATEWAY",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    gateway: String,
+
+    /// The bearer token to send, when the gateway requires one. Prefer the environment variable:
+    /// a command-line argument is visible to other users in the process list.
+    #[arg(long, env = "TASKGATE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
+    /// The x-request-id to send, to find this call in the gateway's and controller's logs;
+    /// default: one the gateway makes.
+    #[arg(long, env = "TASKGATE_REQUEST_ID")]
+    request_id: Option<String>,
+
+    /// The call's deadline, sent to the gateway as grpc-timeout.
+    #[arg(long, env = "TASKGATE_TIMEOUT", default_value = "5s", value_parser = duration)]
+    timeout: Duration,
+}
+
+/// The flags of a command on a port and a bin (`case-extract`, `case-cancel`): the two take the
+/// same parameters, with the same ranges.
+#[derive(Debug, Args)]
+pub(super) struct PortAndBinArgs {
+    /// The AutoCase port, 1-2000.
+    #[arg(long, env = "TASKGATE_PORT")]
+    port: u32,
+
+    /// The bin, 1-4000000: for case-extract the port's selected bin, for case-cancel the bin of
+    /// the case operation running at the port.
+    #[arg(long, env = "TASKGATE_BIN")]
+    bin: u32,
+
+    #[command(flatten)]
+    gateway: GatewayArgs,
+}
+
+/// The client the calling commands use.
+pub(super) type Client = TaskServiceClient<Channel>;
+
+// === impl PortAndBinArgs ===
+
+impl PortAndBinArgs {
+    /// Calls `method` (its task-interface name, for the printed lines) with the message
+    /// `message_of` makes from the port and bin, through `rpc`; a success prints `accepted`.
+    pub(super) async fn call<Message, Reply, Answer>(
+        &self,
+        method: &str,
+        message_of: impl FnOnce(u32, u32) -> Message,
+        rpc: impl FnOnce(Client, tonic::Request<Message>) -> Answer,
+        accepted: &str,
+    ) -> Outcome
+    where
+        Answer: Future<Output = Result<tonic::Response<Reply>, tonic::Status>>,
+    {
+        let what = format!("{method} port {} bin {}", self.port, self.bin);
+        let message = message_of(self.port, self.bin);
+        call(&self.gateway, &what, message, rpc, |_| accepted.to_owned()).await
+    }
+}
+
+/// Sends `message` with `rpc` and prints the outcome: `ok: {what}: ` and what `summary` makes
+/// of the reply, or the error status described for operators; then the request ID. A call the
+/// gateway answered with an error exits 1, like one that could not be made.
+pub(super) async fn call<Message, Reply, Answer>(
+    args: &GatewayArgs,
+    what: &str,
+    message: Message,
+    rpc: impl FnOnce(Client, tonic::Request<Message>) -> Answer,
+    summary: impl FnOnce(Reply) -> String,
+) -> Outcome
+where
+    Answer: Future<Output = Result<tonic::Response<Reply>, tonic::Status>>,
+{
+    let endpoint = gateway_endpoint(&args.gateway, args.timeout).map_err(usage)?;
+    let channel = connect(&endpoint, &args.gateway)
+        .await
+        .map_err(|error| (Exit::CallFailed, error))?;
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = &args.token {
+        let value = bearer_token(token).map_err(usage)?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    if let Some(request_id) = &args.request_id {
+        let value = request_id
+            .parse()
+            .with_context(|| format!("invalid --request-id '{request_id}'"))
+            .map_err(usage)?;
+        request.metadata_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    let request_id_of = |metadata: &tonic::metadata::MetadataMap| {
+        metadata
+            .get(REQUEST_ID_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("none")
+            .to_owned()
+    };
+    match rpc(TaskServiceClient::new(channel), request).await {
+        Ok(response) => {
+            let request_id = request_id_of(response.metadata());
+            println!("ok: {what}: {}", summary(response.into_inner()));
+            println!("  request id: {request_id}");
+            Ok(Exit::Success)
+        }
+        Err(status) => {
+            println!("{}", describe_status(what, &status));
+            println!("  request id: {}", request_id_of(status.metadata()));
+            Ok(Exit::CallFailed)
+        }
+    }
+}
+
+/// Renders an error status for operators: gRPC code, fault, meaning, retry advice, message.
+fn describe_status(what: &str, status: &tonic::Status) -> String {
+    let mut lines = vec![format!(
+        "failed: {what}: {}",
+        fault::grpc_code_name(status.code())
+    )];
+    if let Some(task_fault) = task_fault(status) {
+        let fault_class = fault::classify(task_fault.raw_code);
+        let name = match FaultCode::try_from(task_fault.code) {
+            Ok(FaultCode::Unspecified) | Err(_) => fault_class.reason(),
+            Ok(fault_code) => fault_code.as_str_name().trim_start_matches("FAULT_CODE_"),
+        };
+        lines.push(format!("  fault:   {} {name}", task_fault.raw_code));
+        lines.push(format!("  meaning: {}", fault_class.meaning()));
+    } else if let Some(error_info) = status.get_details_error_info() {
+        lines.push(format!(
+            "  reason:  {} ({})",
+            error_info.reason, error_info.domain
+        ));
+    }
+    if let Some(bad_request) = status.get_details_bad_request() {
+        for violation in bad_request.field_violations {
+            lines.push(format!(
+                "  field:   {}: {}",
+                violation.field, violation.description
+            ));
+        }
+    }
+    match status
+        .get_details_retry_info()
+        .and_then(|retry_info| retry_info.retry_delay)
+    {
+        Some(delay) => lines.push(format!(
+            "  retry:   safe after {}",
+            humantime::format_duration(delay)
+        )),
+        None => lines.push("  retry:   not advised".to_owned()),
+    }
+    lines.push(format!("  message: {}", status.message()));
+    lines.join("\n")
+}
+
+fn task_fault(status: &tonic::Status) -> Option<TaskFault> {
+    let rpc_status = pb::Status::decode(status.details()).ok()?;
+    rpc_status
+        .details
+        .iter()
+        .find(|any| any.type_url == TASK_FAULT_TYPE_URL)
+        .and_then(|any| TaskFault::decode(any.value.as_slice()).ok())
+}
