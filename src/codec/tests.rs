@@ -412,6 +412,15 @@ fn malformed_xml() {
     malformed(b"{\"fault\":{\"code\":1148}}");
 }
 
+/// Issue 11, found by fuzzing `xml_reply`: `<` then white space was read as an element with an
+/// empty name, which the encoder cannot write back; it is not well-formed XML.
+#[test]
+fn an_element_without_a_name_is_malformed() {
+    malformed(b"<response><params><a>x<\r/></a></params></response>");
+    malformed(b"<response><params>< ></ ></params></response>");
+    malformed(b"< />");
+}
+
 #[test]
 fn doctype_and_entities_are_refused_never_expanded() {
     check_reply(

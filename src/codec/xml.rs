@@ -96,7 +96,7 @@ pub(super) fn parse_document(body: &[u8], charset: Option<&str>) -> Result<Eleme
                 if stack.len() >= MAX_DEPTH {
                     return Err(DecodeError::TooDeep);
                 }
-                let name = start.name().as_ref().to_owned();
+                let name = element_name(start.name().as_ref(), &reader)?;
                 check_single_root(&root)?;
                 stack.push(Element {
                     name,
@@ -105,7 +105,7 @@ pub(super) fn parse_document(body: &[u8], charset: Option<&str>) -> Result<Eleme
             }
             Event::Empty(start) => {
                 let element = Element {
-                    name: start.name().as_ref().to_owned(),
+                    name: element_name(start.name().as_ref(), &reader)?,
                     ..Element::default()
                 };
                 attach(&mut stack, &mut root, element)?;
@@ -150,6 +150,19 @@ pub(super) fn parse_document(body: &[u8], charset: Option<&str>) -> Result<Eleme
             }
         }
     }
+}
+
+/// An element's name. quick-xml reads `< />` (`<` then white space) as an element with an empty
+/// name, which is not well-formed XML: refused, as the encoder could not write it back (found by
+/// fuzzing `xml_reply`, issue 11).
+fn element_name(name: &str, reader: &Reader<&[u8]>) -> Result<String, DecodeError> {
+    if name.is_empty() {
+        return Err(DecodeError::Malformed {
+            position: reader.buffer_position(),
+            reason: "an element has no name".to_owned(),
+        });
+    }
+    Ok(name.to_owned())
 }
 
 fn check_single_root(root: &Option<Element>) -> Result<(), DecodeError> {
