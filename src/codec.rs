@@ -388,4 +388,6 @@ pub(crate) fn shorten(text: &str) -> String {
 }
 
 #[cfg(test)]
+mod properties;
+#[cfg(test)]
 mod tests;

@@ -384,15 +384,22 @@ pub(crate) fn refuse_credentials(url: &Url) -> Result<(), ConfigError> {
 }
 
 /// One URL as given, with its credentials masked (see [`redact_userinfo`]); without `://` the
-/// whole text is taken as an authority, so `user:password@host` is masked too.
+/// whole text is taken as an authority, so `user:password@host` is masked too. Unlike prose, the
+/// text is one URL to its end: a quote or a space in it does not end it, so a password after
+/// one is masked too (`http://'user:secret@host` showed its password; found by fuzzing, issue 11).
 pub fn redact_url(raw: &str) -> Cow<'_, str> {
-    if raw.contains("://") {
-        redact_userinfo(raw)
-    } else {
-        let mut shown = String::with_capacity(raw.len());
-        push_redacted_authority(raw, &mut shown);
-        Cow::Owned(shown)
-    }
+    const SCHEME_END: &str = "://";
+    let mut shown = String::with_capacity(raw.len());
+    let rest = match raw.split_once(SCHEME_END) {
+        Some((scheme, rest)) => {
+            shown.push_str(scheme);
+            shown.push_str(SCHEME_END);
+            rest
+        }
+        None => raw,
+    };
+    push_redacted_authority(rest, &mut shown);
+    Cow::Owned(shown)
 }
 
 /// `text` with the credentials of every URL in it masked: `http://user:***@host`, and
@@ -563,6 +570,17 @@ mod tests {
         check(
             "user:secret@controller:44000",
             "upstream URL 'user:***@controller:44000' must start with http:// or https://",
+        );
+        // Issue 11 (found by fuzzing `config_toml`): a quote in the user name ended the URL
+        // for the masking, and the password was shown.
+        check(
+            "http:/'user:secret@controller:44000/api/v2/task",
+            "upstream URL 'http://'user:***@controller:44000/api/v2/task' has credentials, which \
+             are never sent: the task interface takes none; remove them",
+        );
+        check(
+            "ftp://u ser:secret@controller/x",
+            "upstream URL 'ftp://u ser:***@controller/x' must start with http:// or https://",
         );
     }
 

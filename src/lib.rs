@@ -31,7 +31,7 @@
 //! (the layer that refuses a malformed `grpc-timeout` or a second request message), `status` (the
 //! only place a `tonic::Status` is built), `service` (the `TaskService` implementation),
 //! `health`, `metrics`, `accept` and `router` (the axum endpoints within the connection limits);
-//! `bench_api` is a hidden door for `benches/`.
+//! `bench_api` and `fuzz_api` are hidden doors for `benches/` and `fuzz/`.
 
 pub mod proto {
     //! The generated `taskgate.v1` types, tonic client and server, and encoded descriptor set.
@@ -62,6 +62,8 @@ pub mod config;
 pub mod connection;
 pub mod domain;
 pub mod fault;
+#[doc(hidden)]
+pub mod fuzz_api;
 mod health;
 pub mod log;
 pub mod log_publisher;

@@ -323,6 +323,8 @@ fn build(code: Code, message: String, details: Vec<Any>) -> Status {
 }
 
 #[cfg(test)]
+mod properties;
+#[cfg(test)]
 mod tests {
     use tonic_types::StatusExt;
 

@@ -412,6 +412,28 @@ fn malformed_xml() {
     malformed(b"{\"fault\":{\"code\":1148}}");
 }
 
+/// Issue 11, found by fuzzing `xml_reply`: `<` then white space was read as an element with an
+/// empty name, and any bytes as a name, which the encoder cannot write back; neither is
+/// well-formed XML.
+#[test]
+fn an_element_without_an_xml_name_is_malformed() {
+    malformed(b"<response><params><a>x<\r/></a></params></response>");
+    malformed(b"<response><params>< ></ ></params></response>");
+    malformed(b"< />");
+    malformed(b"<response><params><a\0|/></params></response>");
+    malformed(b"<response><params><1a/></params></response>");
+    malformed(b"<response><params><a&b></a&b></params></response>");
+    check_reply(
+        b"<response><params><x:a-b.c\xC3\xA6\xC2\xB7/></params></response>",
+        None,
+        Ok(Reply::Success(Element {
+            name: "params".to_owned(),
+            text: String::new(),
+            children: vec![Element::leaf("x:a-b.cæ·", "")],
+        })),
+    );
+}
+
 #[test]
 fn doctype_and_entities_are_refused_never_expanded() {
     check_reply(

@@ -96,7 +96,7 @@ pub(super) fn parse_document(body: &[u8], charset: Option<&str>) -> Result<Eleme
                 if stack.len() >= MAX_DEPTH {
                     return Err(DecodeError::TooDeep);
                 }
-                let name = start.name().as_ref().to_owned();
+                let name = element_name(start.name().as_ref(), &reader)?;
                 check_single_root(&root)?;
                 stack.push(Element {
                     name,
@@ -105,7 +105,7 @@ pub(super) fn parse_document(body: &[u8], charset: Option<&str>) -> Result<Eleme
             }
             Event::Empty(start) => {
                 let element = Element {
-                    name: start.name().as_ref().to_owned(),
+                    name: element_name(start.name().as_ref(), &reader)?,
                     ..Element::default()
                 };
                 attach(&mut stack, &mut root, element)?;
@@ -150,6 +150,36 @@ pub(super) fn parse_document(body: &[u8], charset: Option<&str>) -> Result<Eleme
             }
         }
     }
+}
+
+/// An element's name, if it is an XML name (XML 1.0 §2.3, `Name`). quick-xml reads any bytes up
+/// to white space, `/` or `>` as a name, so `< />` had an empty one and `<a\0|&/>` a name no
+/// XML has; the encoder could not write either back. Both are not well-formed XML (found by
+/// fuzzing `xml_reply`, issue 11).
+fn element_name(name: &str, reader: &Reader<&[u8]>) -> Result<String, DecodeError> {
+    let mut characters = name.chars();
+    let is_name = characters.next().is_some_and(is_name_start)
+        && characters.all(|character| {
+            is_name_start(character)
+                || matches!(character, '-' | '.' | '0'..='9' | '\u{B7}' | '\u{300}'..='\u{36F}' | '\u{203F}'..='\u{2040}')
+        });
+    if !is_name {
+        return Err(DecodeError::Malformed {
+            position: reader.buffer_position(),
+            reason: format!("'{}' is not an element name", shorten(name)),
+        });
+    }
+    Ok(name.to_owned())
+}
+
+/// XML 1.0's `NameStartChar`.
+fn is_name_start(character: char) -> bool {
+    matches!(character,
+        ':' | 'A'..='Z' | '_' | 'a'..='z' | '\u{C0}'..='\u{D6}' | '\u{D8}'..='\u{F6}'
+        | '\u{F8}'..='\u{2FF}' | '\u{370}'..='\u{37D}' | '\u{37F}'..='\u{1FFF}'
+        | '\u{200C}'..='\u{200D}' | '\u{2070}'..='\u{218F}' | '\u{2C00}'..='\u{2FEF}'
+        | '\u{3001}'..='\u{D7FF}' | '\u{F900}'..='\u{FDCF}' | '\u{FDF0}'..='\u{FFFD}'
+        | '\u{10000}'..='\u{EFFFF}')
 }
 
 fn check_single_root(root: &Option<Element>) -> Result<(), DecodeError> {

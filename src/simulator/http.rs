@@ -15,7 +15,7 @@ use axum::routing::post;
 use tokio::net::TcpListener;
 
 use super::{METHODS, Outcome, Simulator};
-use crate::codec::{self, Reply, WireFormat};
+use crate::codec::{self, DecodeError, MethodCall, Reply, WireFormat};
 use crate::config::Http1Limits;
 use crate::metrics::ListenerMetrics;
 use crate::router::{self, Endpoint, Peer, plain};
@@ -46,6 +46,26 @@ pub async fn serve(
     router::serve(listener, limits, metrics, router, shutdown).await;
 }
 
+/// A request's method call, decoded from its body in the format and charset its Content-Type
+/// names, with the format its reply is written in: the call's own. Pure, so the fuzzer reaches
+/// it (`fuzz_api`).
+pub(crate) fn decode_request(
+    content_type: Option<&str>,
+    body: &[u8],
+) -> (WireFormat, Result<MethodCall, DecodeError>) {
+    let format = WireFormat::from_content_type(content_type);
+    let charset = content_type.and_then(codec::charset_of);
+    (format, format.decode_method_call(body, charset))
+}
+
+/// The Content-Type a reply in `format` is sent with.
+pub(crate) fn reply_content_type(format: WireFormat) -> &'static str {
+    match format {
+        WireFormat::Xml => "application/xml; charset=utf-8",
+        WireFormat::Json => "application/json",
+    }
+}
+
 async fn handle(
     State(simulator): State<Simulator>,
     peer: Extension<Peer>,
@@ -60,15 +80,9 @@ async fn handle(
         .to_owned();
     let content_type = headers
         .get(CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .map(str::to_owned);
-    let charset = content_type
-        .as_deref()
-        .and_then(codec::charset_of)
-        .map(str::to_owned);
-    // The reply is written in the format the call came in.
-    let format = WireFormat::from_content_type(content_type.as_deref());
-    let method_call = match format.decode_method_call(&body, charset.as_deref()) {
+        .and_then(|value| value.to_str().ok());
+    let (format, decoded) = decode_request(content_type, &body);
+    let method_call = match decoded {
         Ok(method_call) => method_call,
         Err(error) => {
             tracing::info!(%peer, %request_id, cause = %error, "simulator refused a malformed method call");
@@ -88,12 +102,11 @@ async fn handle(
                     tracing::debug!(%peer, %request_id, method = %method_call.name, fault_code = code, "simulator answered a fault")
                 }
             }
-            let content_type = match format {
-                WireFormat::Xml => "application/xml; charset=utf-8",
-                WireFormat::Json => "application/json",
-            };
             (
-                [(CONTENT_TYPE, HeaderValue::from_static(content_type))],
+                [(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static(reply_content_type(format)),
+                )],
                 format.encode_reply(&reply),
             )
                 .into_response()

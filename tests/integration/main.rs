@@ -23,6 +23,7 @@
 //! - `operators`: the real binary as a careless operator runs it: no password printed.
 //! - `bench`: `taskgate bench` against the simulator: its report, counts and exit codes.
 //! - `contract`: the proto comments and the README agree with the fault table.
+//! - `fuzz_corpus`: the fuzz targets' committed corpora, replayed through their checks on stable.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A panic in a test is a failed test.
 
 mod support;
@@ -34,6 +35,7 @@ mod cli;
 mod connections;
 mod contract;
 mod fd_limits;
+mod fuzz_corpus;
 mod grpc_web;
 mod health;
 mod hostile_binary;

@@ -1,0 +1,322 @@
+//! Property tests of the status mapping (issue 11): any fault code, and every kind of upstream
+//! error with any values, maps to exactly one documented status: the gRPC code, the message, one
+//! `ErrorInfo` with the documented reason, domain and metadata, a `TaskFault` for a controller
+//! fault, a `RetryInfo` exactly when the fault table (or the README's gateway table) says so,
+//! and no other detail. The expectations are written out from the tables, not from `status`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use tonic_types::StatusExt;
+
+use super::*;
+use crate::codec::DecodeError;
+use crate::upstream::TransportError;
+
+/// Cases per property; each builds and decodes one status in microseconds.
+const CASES: u32 = 256;
+
+/// What the documentation promises for one status.
+#[derive(Debug)]
+struct Documented {
+    code: Code,
+    reason: &'static str,
+    domain: &'static str,
+    /// Metadata besides `method`, `portId` and `binId`.
+    extra_metadata: Vec<(&'static str, String)>,
+    task_fault: Option<TaskFault>,
+    retry_delay: Option<Duration>,
+    message: String,
+}
+
+/// Fault codes: any `u32`, weighted towards the documented range, its edges and the table's
+/// own codes.
+fn fault_code() -> impl Strategy<Value = u32> {
+    let known: Vec<u32> = fault::FAULTS.iter().map(|fault| fault.code).collect();
+    prop_oneof![
+        any::<u32>(),
+        900_u32..2100,
+        prop::sample::select(known),
+        prop::sample::select(vec![0, 999, 1000, 1005, 1999, 2000, u32::MAX]),
+    ]
+}
+
+fn context() -> impl Strategy<Value = CallContext> {
+    (
+        prop::sample::select(vec!["case_extract", "case_cancel", "case_getstate"]),
+        any::<u32>(),
+        any::<u32>(),
+    )
+        .prop_map(|(method, port_id, bin_id)| CallContext {
+            method,
+            port_id,
+            bin_id,
+        })
+}
+
+fn retry_policy() -> impl Strategy<Value = RetryPolicy> {
+    (0_u64..3_600_000).prop_map(|millis| RetryPolicy {
+        delay: Duration::from_millis(millis),
+    })
+}
+
+/// The fault table's row for `code`, read as the README reads it: a listed code keeps its row;
+/// an unlisted 1000–1999 code is `UNKNOWN_FAULT`, UNKNOWN; anything else
+/// `CONTROLLER_INTERNAL_ERROR`, INTERNAL; only `Retry::AfterDelay` carries a `RetryInfo`.
+fn documented_fault(context: &CallContext, code: u32, retry: RetryPolicy) -> Documented {
+    let row = fault::FAULTS.iter().find(|fault| fault.code == code);
+    let (grpc_code, reason, meaning, after_delay) = match row {
+        Some(row) => (
+            row.grpc_code,
+            row.name,
+            row.meaning,
+            row.retry == fault::Retry::AfterDelay,
+        ),
+        None if (1000..=1999).contains(&code) => (
+            Code::Unknown,
+            "UNKNOWN_FAULT",
+            "A fault code this gateway does not know.",
+            false,
+        ),
+        None => (
+            Code::Internal,
+            "CONTROLLER_INTERNAL_ERROR",
+            "An internal controller error outside the documented 1000-1999 range; contact AutoStore support.",
+            false,
+        ),
+    };
+    let fault_code = row
+        .and_then(|row| FaultCode::from_str_name(&format!("FAULT_CODE_{}", row.name)))
+        .unwrap_or(FaultCode::Unspecified);
+    Documented {
+        code: grpc_code,
+        reason,
+        domain: CONTROLLER_DOMAIN,
+        extra_metadata: vec![("faultCode", code.to_string())],
+        task_fault: Some(TaskFault {
+            code: fault_code as i32,
+            raw_code: code,
+            method: context.method.to_owned(),
+        }),
+        retry_delay: after_delay.then_some(retry.delay),
+        message: format!(
+            "{} port {} bin {}: controller fault {code} {reason}: {}",
+            context.method,
+            context.port_id,
+            context.bin_id,
+            meaning.trim_end_matches('.')
+        ),
+    }
+}
+
+/// An upstream error, as generated: `UpstreamError` holds a `hyper::Error`, which only hyper
+/// makes, so the error itself is built per case.
+#[derive(Debug, Clone)]
+enum Kind {
+    Unreachable(String),
+    ConnectionLost { while_reading_body: bool },
+    Timeout(Duration),
+    HttpStatus(u16),
+    BadResponse(DecodeError),
+    ResponseTooLarge(usize),
+}
+
+fn kind() -> impl Strategy<Value = Kind> {
+    let decode_error = prop::sample::select(vec![
+        DecodeError::Empty,
+        DecodeError::Doctype,
+        DecodeError::TooDeep,
+        DecodeError::ParamsAndFault,
+        DecodeError::UnknownEntity("e".to_owned()),
+        DecodeError::UnexpectedRoot {
+            expected: "response",
+            found: "html".to_owned(),
+        },
+    ]);
+    prop_oneof![
+        "[a-z ]{0,20}".prop_map(Kind::Unreachable),
+        any::<bool>().prop_map(|while_reading_body| Kind::ConnectionLost { while_reading_body }),
+        (0_u64..10_000_000).prop_map(|millis| Kind::Timeout(Duration::from_millis(millis))),
+        (100_u16..1000).prop_map(Kind::HttpStatus),
+        decode_error.prop_map(Kind::BadResponse),
+        any::<usize>().prop_map(Kind::ResponseTooLarge),
+    ]
+}
+
+fn upstream_error(kind: &Kind) -> UpstreamError {
+    match kind {
+        Kind::Unreachable(message) => UpstreamError::Unreachable(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            message.clone(),
+        ))),
+        Kind::ConnectionLost { while_reading_body } => {
+            UpstreamError::ConnectionLost(match while_reading_body {
+                true => TransportError::Body(hyper_error()),
+                false => TransportError::Request(hyper_error()),
+            })
+        }
+        Kind::Timeout(limit) => UpstreamError::Timeout { limit: *limit },
+        Kind::HttpStatus(code) => UpstreamError::HttpStatus {
+            status: hyper::StatusCode::from_u16(*code).expect("100-999 is a valid status"),
+        },
+        Kind::BadResponse(error) => UpstreamError::BadResponse(error.clone()),
+        Kind::ResponseTooLarge(limit) => UpstreamError::ResponseTooLarge { limit: *limit },
+    }
+}
+
+/// A real `hyper::Error`, which has no public constructor: a request on a connection whose peer
+/// has already gone.
+fn hyper_error() -> hyper::Error {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (client, server) = tokio::io::duplex(64);
+        drop(server);
+        let (mut sender, connection) = hyper::client::conn::http1::handshake::<
+            _,
+            http_body_util::Empty<bytes::Bytes>,
+        >(hyper_util::rt::TokioIo::new(client))
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        sender
+            .send_request(hyper::Request::new(http_body_util::Empty::new()))
+            .await
+            .unwrap_err()
+    })
+}
+
+/// The README's gateway error table, row by row.
+fn documented_upstream(
+    context: &CallContext,
+    kind: &Kind,
+    error: &UpstreamError,
+    retry: RetryPolicy,
+) -> Documented {
+    let (code, reason, extra_metadata, retry_delay) = match kind {
+        Kind::Unreachable(_) => (
+            Code::Unavailable,
+            "UPSTREAM_UNREACHABLE",
+            vec![],
+            Some(retry.delay),
+        ),
+        Kind::ConnectionLost { .. } => {
+            (Code::Unavailable, "UPSTREAM_CONNECTION_LOST", vec![], None)
+        }
+        Kind::Timeout(limit) => (
+            Code::DeadlineExceeded,
+            "UPSTREAM_TIMEOUT",
+            vec![("timeoutMs", limit.as_millis().to_string())],
+            None,
+        ),
+        Kind::HttpStatus(http_status) => (
+            // "5xx, 429" in the README; 600-999 are "others".
+            if (500..=599).contains(http_status) || *http_status == 429 {
+                Code::Unavailable
+            } else {
+                Code::Internal
+            },
+            "UPSTREAM_HTTP_ERROR",
+            vec![("httpStatus", http_status.to_string())],
+            None,
+        ),
+        Kind::BadResponse(_) => (Code::Internal, "UPSTREAM_BAD_RESPONSE", vec![], None),
+        Kind::ResponseTooLarge(_) => (Code::Internal, "UPSTREAM_RESPONSE_TOO_LARGE", vec![], None),
+    };
+    Documented {
+        code,
+        reason,
+        domain: GATEWAY_DOMAIN,
+        extra_metadata,
+        task_fault: None,
+        retry_delay,
+        message: format!(
+            "{} port {} bin {}: {error}",
+            context.method, context.port_id, context.bin_id
+        ),
+    }
+}
+
+/// Checks `status` against `documented`, detail by detail, and that it has no other detail.
+fn check(
+    status: &Status,
+    context: &CallContext,
+    documented: &Documented,
+) -> Result<(), TestCaseError> {
+    prop_assert_eq!(status.code(), documented.code);
+    prop_assert_eq!(status.message(), documented.message.as_str());
+    let rpc_status = pb::Status::decode(status.details()).unwrap();
+    prop_assert_eq!(rpc_status.code, documented.code as i32);
+    prop_assert_eq!(&rpc_status.message, &documented.message);
+    let count = |type_url: &str| {
+        rpc_status
+            .details
+            .iter()
+            .filter(|any| any.type_url == type_url)
+            .count()
+    };
+    let error_infos = count(ErrorInfo::TYPE_URL);
+    let task_faults = count(TASK_FAULT_TYPE_URL);
+    let retry_infos = count(RetryInfo::TYPE_URL);
+    prop_assert_eq!(error_infos, 1, "exactly one ErrorInfo");
+    prop_assert_eq!(task_faults, usize::from(documented.task_fault.is_some()));
+    prop_assert_eq!(retry_infos, usize::from(documented.retry_delay.is_some()));
+    prop_assert_eq!(
+        rpc_status.details.len(),
+        error_infos + task_faults + retry_infos,
+        "no other detail"
+    );
+
+    let error_info = status.get_details_error_info().unwrap();
+    prop_assert_eq!(error_info.reason.as_str(), documented.reason);
+    prop_assert_eq!(error_info.domain.as_str(), documented.domain);
+    let mut metadata: HashMap<String, String> = HashMap::from([
+        ("method".to_owned(), context.method.to_owned()),
+        ("portId".to_owned(), context.port_id.to_string()),
+        ("binId".to_owned(), context.bin_id.to_string()),
+    ]);
+    for (key, value) in &documented.extra_metadata {
+        metadata.insert((*key).to_owned(), value.clone());
+    }
+    prop_assert_eq!(&error_info.metadata, &metadata);
+
+    let task_fault = rpc_status
+        .details
+        .iter()
+        .find(|any| any.type_url == TASK_FAULT_TYPE_URL)
+        .map(|any| TaskFault::decode(any.value.as_slice()).unwrap());
+    prop_assert_eq!(&task_fault, &documented.task_fault);
+    let retry_delay = status
+        .get_details_retry_info()
+        .and_then(|retry_info| retry_info.retry_delay);
+    prop_assert_eq!(retry_delay, documented.retry_delay);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+    #[test]
+    fn every_fault_code_has_its_documented_status(
+        code in fault_code(),
+        context in context(),
+        retry in retry_policy(),
+    ) {
+        let status = status(&context, &CallError::Fault(code), retry);
+        check(&status, &context, &documented_fault(&context, code, retry))?;
+    }
+
+    #[test]
+    fn every_upstream_error_has_its_documented_status(
+        kind in kind(),
+        context in context(),
+        retry in retry_policy(),
+    ) {
+        let error = upstream_error(&kind);
+        let documented = documented_upstream(&context, &kind, &error, retry);
+        let status = status(&context, &CallError::Upstream(error), retry);
+        check(&status, &context, &documented)?;
+    }
+}
