@@ -46,13 +46,22 @@ fn context() -> impl Strategy<Value = CallContext> {
     (
         prop::sample::select(vec!["case_extract", "case_cancel", "case_getstate"]),
         any::<u32>(),
-        any::<u32>(),
+        // `case_getstate` names no bin.
+        prop::option::of(any::<u32>()),
     )
         .prop_map(|(method, port_id, bin_id)| CallContext {
             method,
             port_id,
             bin_id,
         })
+}
+
+/// How the README's messages name a call: `method port P bin B`, or without a bin.
+fn call_named(context: &CallContext) -> String {
+    match context.bin_id {
+        Some(bin_id) => format!("{} port {} bin {bin_id}", context.method, context.port_id),
+        None => format!("{} port {}", context.method, context.port_id),
+    }
 }
 
 fn retry_policy() -> impl Strategy<Value = RetryPolicy> {
@@ -101,10 +110,8 @@ fn documented_fault(context: &CallContext, code: u32, retry: RetryPolicy) -> Doc
         }),
         retry_delay: after_delay.then_some(retry.delay),
         message: format!(
-            "{} port {} bin {}: controller fault {code} {reason}: {}",
-            context.method,
-            context.port_id,
-            context.bin_id,
+            "{}: controller fault {code} {reason}: {}",
+            call_named(context),
             meaning.trim_end_matches('.')
         ),
     }
@@ -232,10 +239,7 @@ fn documented_upstream(
         extra_metadata,
         task_fault: None,
         retry_delay,
-        message: format!(
-            "{} port {} bin {}: {error}",
-            context.method, context.port_id, context.bin_id
-        ),
+        message: format!("{}: {error}", call_named(context)),
     }
 }
 
@@ -275,8 +279,10 @@ fn check(
     let mut metadata: HashMap<String, String> = HashMap::from([
         ("method".to_owned(), context.method.to_owned()),
         ("portId".to_owned(), context.port_id.to_string()),
-        ("binId".to_owned(), context.bin_id.to_string()),
     ]);
+    if let Some(bin_id) = context.bin_id {
+        metadata.insert("binId".to_owned(), bin_id.to_string());
+    }
     for (key, value) in &documented.extra_metadata {
         metadata.insert((*key).to_owned(), value.clone());
     }
