@@ -54,6 +54,19 @@ fn reply(status: &str, framing: &str, body: &str) -> Vec<u8> {
         .into_bytes()
 }
 
+/// RFC 9112 §6.1: Transfer-Encoding overrides Content-Length, so the chunked body is the reply
+/// and the call succeeds; but such a reply may be a response-splitting attempt, so where the next
+/// reply on that connection begins is not to be trusted. hyper keeps the connection alive.
+#[tokio::test]
+async fn a_reply_with_both_transfer_encoding_and_content_length_closes_its_connection() {
+    let chunked = format!("{:x}\r\n{OK}\r\n0\r\n\r\n", OK.len());
+    let framing = "Transfer-Encoding: chunked\r\nContent-Length: 7";
+    let first = reply("200 OK", framing, &chunked);
+    first_then_fresh_connection(&first, false, LIMIT)
+        .await
+        .unwrap();
+}
+
 /// A body shorter than its Content-Length, then the connection closed.
 #[tokio::test]
 async fn a_reply_cut_short_is_connection_lost_and_the_next_call_connects_again() {
