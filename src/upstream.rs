@@ -23,7 +23,8 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::header::{
-    ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue, USER_AGENT,
+    ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue,
+    TRANSFER_ENCODING, USER_AGENT,
 };
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
@@ -294,8 +295,13 @@ impl Upstream {
             .get(CONTENT_TYPE)
             .and_then(|value| value.to_str().ok())
             .and_then(codec::charset_of);
+        // RFC 9112 §6.1: Transfer-Encoding overrides Content-Length, so such a reply is read as
+        // the former says; but having both may be a response-splitting attempt, so where the
+        // next reply on this connection begins is not to be trusted. (hyper keeps it alive.)
+        let framing_conflicts = head.headers.contains_key(TRANSFER_ENCODING)
+            && head.headers.contains_key(CONTENT_LENGTH);
         let body = connection.read_capped(body, self.max_response_bytes).await;
-        if body.is_ok() {
+        if body.is_ok() && !framing_conflicts {
             // Read to its end, so the connection can carry the next call.
             self.pool.put(connection);
         }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use reqwest::Url;
@@ -396,6 +396,16 @@ pub(crate) enum Script {
     Drop,
     /// Send a chunked body that never ends; record when the gateway stops reading.
     Endless,
+    /// Answer the first request of all with `first`, written as it is, then close that
+    /// connection if `close` or else wait for its next request; answer every later request, on
+    /// any connection, like `ok_xml(then)`.
+    FirstRaw {
+        first: Vec<u8>,
+        close: bool,
+        then: Vec<u8>,
+        /// Whether `first` has been sent, shared by every connection.
+        sent: Arc<AtomicBool>,
+    },
 }
 
 impl Script {
@@ -405,6 +415,16 @@ impl Script {
             status: 200,
             content_type: "application/xml",
             body: body.as_bytes().to_vec(),
+        }
+    }
+
+    /// See [`Script::FirstRaw`].
+    pub(crate) fn first_raw(first: &[u8], close: bool, then: &str) -> Script {
+        Script::FirstRaw {
+            first: first.to_vec(),
+            close,
+            then: then.as_bytes().to_vec(),
+            sent: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -576,6 +596,25 @@ async fn serve_connection(
                 while stream.write_all(chunk.as_bytes()).await.is_ok() {}
                 let _ = seen.send(Seen::Closed);
                 return;
+            }
+            Script::FirstRaw {
+                first,
+                close,
+                then,
+                sent,
+            } => {
+                if !sent.swap(true, Ordering::SeqCst) {
+                    // The gateway may close it before reading it all; that is for the test to see.
+                    let _ = stream.write_all(first).await;
+                    if *close {
+                        return;
+                    }
+                } else if write_response(&mut stream, 200, "application/xml", then)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
             }
         }
     }
