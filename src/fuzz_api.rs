@@ -444,8 +444,9 @@ fn assert_same_reply(received: &Reply, sent: &Reply) {
     }
 }
 
-/// Feeds `chunks` to a splitter one at a time and collects every line or error.
-fn split_lines(
+/// Feeds `chunks` to a splitter one at a time and collects every line or error; the buffer never
+/// holds more than a line at the cap and its CR. The line splitter's unit tests use it too.
+pub(crate) fn split_lines(
     max_line_bytes: usize,
     chunks: &[&[u8]],
 ) -> Vec<Result<Vec<u8>, crate::log_publisher::lines::LineError>> {

@@ -31,7 +31,7 @@ pub(crate) const GRPC_TIMEOUT: &str = "grpc-timeout";
 
 /// [`GRPC_TIMEOUT`] as a header name, made once: a `&str` name is parsed and checked on every
 /// lookup.
-const GRPC_TIMEOUT_NAME: HeaderName = HeaderName::from_static(GRPC_TIMEOUT);
+pub(crate) const GRPC_TIMEOUT_NAME: HeaderName = HeaderName::from_static(GRPC_TIMEOUT);
 
 /// The services every method of which takes exactly one request message (unary or server
 /// streaming); reflection streams requests, so it is not here. A test checks the task service's

@@ -20,7 +20,7 @@ use crate::proto::{
     self, CaseCancelRequest, CaseCancelResponse, CaseExtractRequest, CaseExtractResponse,
     CaseGetStateRequest, CaseGetStateResponse,
 };
-use crate::protocol::{GRPC_TIMEOUT, parse_grpc_timeout};
+use crate::protocol::{GRPC_TIMEOUT_NAME, parse_grpc_timeout};
 use crate::request_id::RequestId;
 use crate::status::{self, CallContext, CallError, RetryPolicy, Violation};
 use crate::upstream::{self, Upstream, UpstreamError};
@@ -253,11 +253,8 @@ fn check_range(
 /// The caller's deadline from the `grpc-timeout` header, if it sent one; `protocol` has refused
 /// a malformed one before the call gets here.
 fn caller_deadline<T>(request: &Request<T>) -> Option<Duration> {
-    // Made once: a `&str` name is parsed and checked on every lookup.
-    const NAME: tonic::codegen::http::HeaderName =
-        tonic::codegen::http::HeaderName::from_static(GRPC_TIMEOUT);
     AsRef::<tonic::codegen::http::HeaderMap>::as_ref(request.metadata())
-        .get(&NAME)
+        .get(&GRPC_TIMEOUT_NAME)
         .and_then(|value| value.to_str().ok())
         .and_then(parse_grpc_timeout)
 }

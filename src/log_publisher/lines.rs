@@ -120,18 +120,10 @@ mod tests {
     /// Feeds `chunks` one at a time, as reads would deliver them, and collects every line
     /// (as text) or error.
     fn split(max_line_bytes: usize, chunks: &[&[u8]]) -> Vec<Result<String, LineError>> {
-        let mut splitter = LineSplitter::new(max_line_bytes);
-        let mut buffer = BytesMut::new();
-        let mut lines = Vec::new();
-        for chunk in chunks {
-            buffer.extend_from_slice(chunk);
-            while let Some(line) = splitter.next_line(&mut buffer) {
-                lines.push(line.map(|line| String::from_utf8_lossy(&line).into_owned()));
-            }
-            // Memory stays bounded whatever arrives: at most a line at the cap and its CR.
-            assert!(buffer.len() <= max_line_bytes + 1, "{}", buffer.len());
-        }
-        lines
+        crate::fuzz_api::split_lines(max_line_bytes, chunks)
+            .into_iter()
+            .map(|line| line.map(|line| String::from_utf8_lossy(&line).into_owned()))
+            .collect()
     }
 
     fn lines(texts: &[&str]) -> Vec<Result<String, LineError>> {

@@ -112,15 +112,7 @@ async fn task_calls_need_a_valid_bearer_token_and_health_stays_open() {
 #[tokio::test]
 async fn no_token_shows_in_the_log() {
     let tokens = token_file("log", &format!("{RIGHT_TOKEN}\n"));
-    let serve = TaskgateProcess::start_serving(TaskgateProcess::spawn(&[
-        "serve",
-        "--simulator",
-        "--listen",
-        "127.0.0.1:0",
-        "--auth-tokens-file",
-        tokens.to_str().unwrap(),
-    ]))
-    .await;
+    let serve = TaskgateProcess::start(&["--auth-tokens-file", tokens.to_str().unwrap()]).await;
     let channel = endpoint(serve.gateway.clone()).connect().await.unwrap();
     let mut client = TaskServiceClient::new(channel);
     refused_calls(&mut client).await;

@@ -55,15 +55,7 @@ async fn refused_calls_are_counted() {
 #[tokio::test]
 async fn a_call_refused_for_its_token_writes_an_access_line() {
     let path = crate::auth::token_file("access", "right-token\n");
-    let serve = TaskgateProcess::start_serving(TaskgateProcess::spawn(&[
-        "serve",
-        "--simulator",
-        "--listen",
-        "127.0.0.1:0",
-        "--auth-tokens-file",
-        path.to_str().unwrap(),
-    ]))
-    .await;
+    let serve = TaskgateProcess::start(&["--auth-tokens-file", path.to_str().unwrap()]).await;
     let mut client =
         taskgate::proto::task_service_client::TaskServiceClient::connect(serve.gateway.clone())
             .await
