@@ -457,6 +457,15 @@ impl TaskService for NoOp {
     ) -> Result<tonic::Response<CaseGetStateResponse>, Status> {
         Ok(tonic::Response::new(CaseGetStateResponse::default()))
     }
+
+    type WatchCaseEventsStream = tokio_stream::Empty<Result<taskgate::proto::CaseEvent, Status>>;
+
+    async fn watch_case_events(
+        &self,
+        _request: tonic::Request<taskgate::proto::WatchCaseEventsRequest>,
+    ) -> Result<tonic::Response<Self::WatchCaseEventsStream>, Status> {
+        Ok(tonic::Response::new(tokio_stream::empty()))
+    }
 }
 
 fn run_bare() {

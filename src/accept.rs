@@ -36,9 +36,11 @@ pub(crate) struct Acceptor {
     error_log: LogEvery,
 }
 
-/// Lets a repeating event through to the log once per [`LOG_INTERVAL`], counting the rest.
-#[derive(Debug, Default)]
+/// Lets a repeating event through to the log once per interval ([`LOG_INTERVAL`] by default),
+/// counting the rest.
+#[derive(Debug)]
 pub(crate) struct LogEvery {
+    interval: Duration,
     last_logged: Option<Instant>,
     /// Events since the last line that were not logged.
     suppressed: u64,
@@ -113,12 +115,27 @@ fn error_kind(error: &io::Error) -> &'static str {
 
 // === impl LogEvery ===
 
+impl Default for LogEvery {
+    fn default() -> Self {
+        LogEvery::every(LOG_INTERVAL)
+    }
+}
+
 impl LogEvery {
+    /// At most one line per `interval`.
+    pub(crate) fn every(interval: Duration) -> Self {
+        LogEvery {
+            interval,
+            last_logged: None,
+            suppressed: 0,
+        }
+    }
+
     /// `Some(suppressed)` when a line may be logged at `now` (with the count of events not
     /// logged since the last one); `None` when this event is only counted.
     pub(crate) fn ready(&mut self, now: Instant) -> Option<u64> {
         match self.last_logged {
-            Some(last) if now.duration_since(last) < LOG_INTERVAL => {
+            Some(last) if now.duration_since(last) < self.interval => {
                 self.suppressed += 1;
                 None
             }

@@ -4,7 +4,8 @@
 //! service's calls, the in-flight gauge, the metrics and the access line.
 //!
 //! The handler knows what only it can know (the port and bin, how the controller answered) and
-//! leaves it in the request's [`CallScope`]; the layer reads it when the response is ready. A
+//! leaves it in the request's [`CallScope`]; the layer reads it when the response is ready, or,
+//! for a server-streaming RPC, when its stream ends: a stream's outcome is in its trailers. A
 //! new RPC gets all of this by being in the proto: the methods come from the descriptor set.
 
 use std::future::Future;
@@ -14,6 +15,8 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use hyper::body::{Frame, SizeHint};
 use prost::Message as _;
 use tokio::time::Instant;
 use tonic::codegen::http::{HeaderMap, HeaderName, Request, Response};
@@ -23,7 +26,7 @@ use tracing::Instrument as _;
 
 use crate::config::AccessLog;
 use crate::log::{PlainAddr, PlainLine};
-use crate::metrics::{MethodMetrics, Metrics};
+use crate::metrics::{GaugeGuard, MethodMetrics, Metrics};
 use crate::proto::task_service_server::SERVICE_NAME;
 use crate::request_id::{self, RequestId};
 
@@ -66,6 +69,8 @@ struct Method {
     path: String,
     /// `case_extract`: the name in metrics and access lines.
     name: &'static str,
+    /// Whether the server streams its response, so the call ends with the stream.
+    streaming: bool,
     metrics: MethodMetrics,
 }
 
@@ -100,10 +105,11 @@ impl CallLayer {
     pub(crate) fn new(metrics: Metrics, access_log: AccessLog) -> Self {
         let methods = task_methods()
             .iter()
-            .map(|(path, name)| Method {
-                path: path.clone(),
-                name,
-                metrics: metrics.method(name),
+            .map(|method| Method {
+                path: method.path.clone(),
+                name: method.name,
+                streaming: method.streaming,
+                metrics: metrics.method(method.name),
             })
             .collect();
         CallLayer {
@@ -127,10 +133,21 @@ impl<S> Layer<S> for CallLayer {
     }
 }
 
-/// The task service's methods as (path, name in snake case), read once from the descriptor set
-/// that `build.rs` wrote, so that a new RPC is counted and logged by being in the proto.
-fn task_methods() -> &'static [(String, &'static str)] {
-    static METHODS: OnceLock<Vec<(String, &'static str)>> = OnceLock::new();
+/// A task-service method as the descriptor set declares it.
+#[derive(Debug, PartialEq, Eq)]
+struct Declared {
+    /// `/taskgate.v1.TaskService/CaseExtract`.
+    path: String,
+    /// `case_extract`.
+    name: &'static str,
+    /// Whether the server streams its response.
+    streaming: bool,
+}
+
+/// The task service's methods, read once from the descriptor set that `build.rs` wrote, so that
+/// a new RPC is counted and logged by being in the proto.
+fn task_methods() -> &'static [Declared] {
+    static METHODS: OnceLock<Vec<Declared>> = OnceLock::new();
     METHODS.get_or_init(|| {
         let Ok(files) = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
         else {
@@ -145,7 +162,11 @@ fn task_methods() -> &'static [(String, &'static str)] {
                 for method in &service.method {
                     // Once per process, for a handful of names.
                     let name: &'static str = Box::leak(snake_case(method.name()).into_boxed_str());
-                    methods.push((format!("/{SERVICE_NAME}/{}", method.name()), name));
+                    methods.push(Declared {
+                        path: format!("/{SERVICE_NAME}/{}", method.name()),
+                        name,
+                        streaming: method.server_streaming(),
+                    });
                 }
             }
         }
@@ -171,9 +192,9 @@ fn snake_case(name: &str) -> String {
 
 // === impl CallService ===
 
-impl<S, B, ResponseBody> Service<Request<B>> for CallService<S>
+impl<S, B> Service<Request<B>> for CallService<S>
 where
-    S: Service<Request<B>, Response = Response<ResponseBody>> + Clone + Send + 'static,
+    S: Service<Request<B>, Response = Response<tonic::body::Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     B: Send + 'static,
 {
@@ -216,20 +237,31 @@ where
         Box::pin(
             async move {
                 let mut response = inner.call(request).await?;
-                if let Some((method, notes, peer, _in_flight)) = watched {
-                    let method = &shared.methods[method];
-                    let notes = Arc::try_unwrap(notes)
-                        .map(OnceLock::into_inner)
-                        .unwrap_or_else(|notes| notes.get().cloned())
-                        .unwrap_or_default();
-                    shared.finished(
+                if let Some((method, notes, peer, in_flight)) = watched {
+                    let finish = Finish {
+                        shared,
                         method,
-                        &notes,
-                        response.headers(),
+                        notes,
                         started,
-                        &request_id,
+                        request_id: request_id.clone(),
                         peer,
-                    );
+                        _in_flight: in_flight,
+                    };
+                    let status = status_in(response.headers());
+                    // A stream that started ends later, with its trailers; an error ends it now.
+                    if finish.streaming() && status.is_none() {
+                        // The stream ends outside this future: its lines keep the call's span.
+                        let span = tracing::Span::current();
+                        response = response.map(|body| {
+                            tonic::body::Body::new(StreamBody {
+                                inner: body,
+                                finish: Some(finish),
+                                span,
+                            })
+                        });
+                    } else {
+                        finish.finished(status);
+                    }
                 }
                 // A fresh ID in every response would churn HPACK's dynamic table for nothing: no
                 // later response repeats it. Marked sensitive, it is sent as a literal never
@@ -253,25 +285,120 @@ impl std::fmt::Display for PlainStr<'_> {
     }
 }
 
+/// The status in a response's headers or trailers, if they carry one. An error ends a unary
+/// response at once, its code in the headers; a success sends its code in the trailers, after
+/// the message, and a stream ends with its code in the trailers.
+fn status_in(headers: &HeaderMap) -> Option<tonic::Status> {
+    headers
+        .contains_key(&GRPC_STATUS)
+        .then(|| tonic::Status::from_header_map(headers))
+        .flatten()
+}
+
+/// What the layer needs to count a task-service call and write its access line once it ends.
+struct Finish {
+    shared: Arc<Shared>,
+    /// Its index in `shared.methods`.
+    method: usize,
+    notes: Arc<OnceLock<CallNotes>>,
+    started: Instant,
+    request_id: RequestId,
+    peer: Option<SocketAddr>,
+    /// The call is in flight until this is dropped.
+    _in_flight: GaugeGuard,
+}
+
+impl Finish {
+    fn streaming(&self) -> bool {
+        self.shared.methods[self.method].streaming
+    }
+
+    /// Counts the call, which ended with `status` (`None`: OK), and writes its access line.
+    fn finished(self, status: Option<tonic::Status>) {
+        let notes = Arc::try_unwrap(self.notes)
+            .map(OnceLock::into_inner)
+            .unwrap_or_else(|notes| notes.get().cloned())
+            .unwrap_or_default();
+        let method = &self.shared.methods[self.method];
+        self.shared.finished(
+            method,
+            &notes,
+            status,
+            self.started,
+            &self.request_id,
+            self.peer,
+        );
+    }
+}
+
+/// The body of a server-streaming response, which reports its call when the stream ends: with
+/// the status in its trailers, or CANCELLED when it is dropped before them (the caller went
+/// away).
+struct StreamBody {
+    inner: tonic::body::Body,
+    finish: Option<Finish>,
+    span: tracing::Span,
+}
+
+impl hyper::body::Body for StreamBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(context);
+        let ended = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(status_in),
+            Poll::Ready(Some(Err(status))) => Some(Some(status.clone())),
+            // The end without trailers: nothing said it failed.
+            Poll::Ready(None) => Some(None),
+            Poll::Pending => None,
+        };
+        if let Some(status) = ended
+            && let Some(finish) = self.finish.take()
+        {
+            let _entered = self.span.enter();
+            finish.finished(status);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for StreamBody {
+    fn drop(&mut self) {
+        if let Some(finish) = self.finish.take() {
+            let _entered = self.span.enter();
+            finish.finished(Some(tonic::Status::cancelled(
+                "the caller ended the stream",
+            )));
+        }
+    }
+}
+
 // === impl Shared ===
 
 impl Shared {
-    /// Counts a task-service call that ended with `headers` and writes its access line.
+    /// Counts a task-service call that ended with `status` (`None`: OK) and writes its access
+    /// line.
     fn finished(
         &self,
         method: &Method,
         notes: &CallNotes,
-        headers: &HeaderMap,
+        status: Option<tonic::Status>,
         started: Instant,
         request_id: &RequestId,
         peer: Option<SocketAddr>,
     ) {
-        // An error ends the response at once, its code in the headers; a success sends its code
-        // in the trailers, after the message.
-        let status = headers
-            .contains_key(&GRPC_STATUS)
-            .then(|| tonic::Status::from_header_map(headers))
-            .flatten();
         let code = status.as_ref().map_or(tonic::Code::Ok, tonic::Status::code);
         let total_time = started.elapsed();
         if let Some(upstream_time) = notes.upstream_time {
@@ -398,11 +525,17 @@ mod tests {
     #[test]
     fn every_task_method_is_found_in_the_descriptor_set() {
         let methods = task_methods();
+        let declared = |path: &str, name, streaming| Declared {
+            path: format!("/taskgate.v1.TaskService/{path}"),
+            name,
+            streaming,
+        };
         assert!(
-            methods.contains(&(
-                "/taskgate.v1.TaskService/CaseExtract".to_owned(),
-                "case_extract"
-            )),
+            methods.contains(&declared("CaseExtract", "case_extract", false)),
+            "{methods:?}"
+        );
+        assert!(
+            methods.contains(&declared("WatchCaseEvents", "watch_case_events", true)),
             "{methods:?}"
         );
     }

@@ -25,6 +25,7 @@ mod case_state;
 mod serve;
 mod simulate;
 mod task_call;
+mod watch;
 
 const EXIT_STATUS: &str = "\
 EXIT STATUS:
@@ -58,12 +59,16 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Run the simulated controller alone, speaking the task interface over HTTP.
     Simulate(simulate::SimulateArgs),
-    /// Call CaseExtract on a running gateway and print the outcome.
-    CaseExtract(task_call::PortAndBinArgs),
+    /// Call CaseExtract on a running gateway and print the outcome; with --wait, follow the
+    /// case until it is out.
+    CaseExtract(watch::CaseExtractArgs),
     /// Call CaseCancel on a running gateway and print the outcome.
     CaseCancel(task_call::PortAndBinArgs),
     /// Call CaseGetState on a running gateway and print the port's case state.
     CaseState(case_state::CaseStateArgs),
+    /// Print AutoCase events as a running gateway streams them from the Log Publisher, one line
+    /// each.
+    Watch(watch::WatchArgs),
     /// Put a running gateway under load with CaseExtract calls and report calls/s, latency
     /// percentiles and a count per gRPC status code.
     Bench(bench::BenchArgs),
@@ -81,9 +86,10 @@ pub(crate) struct Prepared {
 enum PreparedCommand {
     Serve(Box<serve::Serve>),
     Simulate(simulate::SimulateArgs),
-    CaseExtract(task_call::PortAndBinArgs),
+    CaseExtract(watch::CaseExtractArgs),
     CaseCancel(task_call::PortAndBinArgs),
     CaseState(case_state::CaseStateArgs),
+    Watch(watch::WatchArgs),
     Bench(bench::BenchArgs),
 }
 
@@ -139,6 +145,7 @@ impl Cli {
             Command::CaseExtract(args) => (PreparedCommand::CaseExtract(args), self.log_format),
             Command::CaseCancel(args) => (PreparedCommand::CaseCancel(args), self.log_format),
             Command::CaseState(args) => (PreparedCommand::CaseState(args), self.log_format),
+            Command::Watch(args) => (PreparedCommand::Watch(args), self.log_format),
             Command::Bench(args) => (PreparedCommand::Bench(args), self.log_format),
         };
         Ok(Prepared {
@@ -164,6 +171,7 @@ impl Prepared {
             PreparedCommand::CaseExtract(_)
             | PreparedCommand::CaseCancel(_)
             | PreparedCommand::CaseState(_)
+            | PreparedCommand::Watch(_)
             | PreparedCommand::Bench(_) => "warn",
         }
     }
@@ -175,9 +183,10 @@ impl Prepared {
         let outcome = match self.command {
             PreparedCommand::Serve(serve) => serve.run(&mut log_flush_bound).await,
             PreparedCommand::Simulate(args) => simulate::simulate(args).await,
-            PreparedCommand::CaseExtract(args) => case_extract::case_extract(args).await,
+            PreparedCommand::CaseExtract(args) => watch::case_extract(args).await,
             PreparedCommand::CaseCancel(args) => case_cancel::case_cancel(args).await,
             PreparedCommand::CaseState(args) => case_state::case_state(args).await,
+            PreparedCommand::Watch(args) => watch::watch(args).await,
             PreparedCommand::Bench(args) => bench::bench(args).await,
         };
         ending(outcome, log_flush_bound)

@@ -62,6 +62,90 @@ impl AccessLog {
     }
 }
 
+/// Where the controller's Log Publisher is: a TCP address, spoken to in plain text or over TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogPublisherAddress {
+    /// A host name or IP address (an IPv6 address without brackets).
+    pub host: String,
+    /// The TCP port.
+    pub port: u16,
+    /// Whether the stream is read over TLS (with the upstream's CA and client certificate).
+    pub tls: bool,
+}
+
+impl LogPublisherAddress {
+    /// The Log Publisher beside a controller: the upstream URL's host on
+    /// [`defaults::LOG_PUBLISHER_PORT`], over TLS when the task interface is HTTPS.
+    pub fn beside(upstream: &Url) -> Option<LogPublisherAddress> {
+        let host = match upstream.host()? {
+            url::Host::Domain(domain) => domain.to_owned(),
+            url::Host::Ipv4(address) => address.to_string(),
+            url::Host::Ipv6(address) => address.to_string(),
+        };
+        Some(LogPublisherAddress {
+            host,
+            port: defaults::LOG_PUBLISHER_PORT,
+            tls: upstream.scheme() == "https",
+        })
+    }
+
+    /// Reads `off` (`None`), `HOST:PORT`, `tcp://HOST:PORT` or `tls://HOST:PORT`; an IPv6 host
+    /// is written in brackets, `[::1]:44001`.
+    pub fn parse(value: &str) -> Result<Option<LogPublisherAddress>, ConfigError> {
+        if value == "off" {
+            return Ok(None);
+        }
+        let invalid = || ConfigError::InvalidLogPublisher {
+            value: mask_userinfo(value),
+        };
+        let (tls, rest) = match value.split_once("://") {
+            Some(("tls", rest)) => (true, rest),
+            Some(("tcp", rest)) => (false, rest),
+            Some(_) => return Err(invalid()),
+            None => (false, value),
+        };
+        // Parsed as the authority of an http URL: the host rules (IDNA, IPv6 brackets) are
+        // those of the upstream URL, and anything but a host and a port is refused below.
+        let url = Url::parse(&format!("http://{rest}")).map_err(|_| invalid())?;
+        let plain_authority = url.username().is_empty()
+            && url.password().is_none()
+            && url.path() == "/"
+            && url.query().is_none()
+            && url.fragment().is_none()
+            && !rest.ends_with('/');
+        // `port()` is `None` for http's own port 80 written out, so read it from the text too.
+        let port = url
+            .port()
+            .or_else(|| rest.ends_with(":80").then_some(80))
+            .filter(|_| plain_authority)
+            .ok_or_else(invalid)?;
+        let mut address = LogPublisherAddress::beside(&url).ok_or_else(invalid)?;
+        address.port = port;
+        address.tls = tls;
+        Ok(Some(address))
+    }
+}
+
+/// `value` with anything before an `@` masked: an address has no user info, so whatever is
+/// there may be a password.
+fn mask_userinfo(value: &str) -> String {
+    match value.rsplit_once('@') {
+        Some((_, host)) => format!("***@{host}"),
+        None => value.to_owned(),
+    }
+}
+
+impl std::fmt::Display for LogPublisherAddress {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "tls://" } else { "" };
+        if self.host.contains(':') {
+            write!(formatter, "{scheme}[{}]:{}", self.host, self.port)
+        } else {
+            write!(formatter, "{scheme}{}:{}", self.host, self.port)
+        }
+    }
+}
+
 /// A setting that cannot be used, with the offending value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -95,6 +179,15 @@ pub enum ConfigError {
     InvalidOrigin {
         /// The origin as given.
         origin: String,
+    },
+    /// A `--log-publisher` value that is not `off`, `HOST:PORT` or `tls://HOST:PORT`.
+    #[error(
+        "--log-publisher '{value}' must be HOST:PORT (for example 10.0.0.5:44001), \
+         tls://HOST:PORT or off"
+    )]
+    InvalidLogPublisher {
+        /// The value as given, its credentials masked.
+        value: String,
     },
     /// A numeric setting outside the range the gateway can run with.
     #[error("{setting} {value} is out of range {range}: {reason}")]
@@ -230,6 +323,22 @@ pub mod limits {
         below: "a client needs some time to send a request",
         above: "a connection that slow holds a file descriptor for nothing",
     };
+    /// `--max-watches`.
+    pub const MAX_WATCHES: Bounds<NonZeroUsize> = Bounds {
+        setting: "--max-watches",
+        min: NonZeroUsize::MIN,
+        max: NonZeroUsize::new(1_000_000).unwrap(),
+        below: "at least one watch must be allowed",
+        above: "each watch holds a stream and memory, and every event is copied to each",
+    };
+    /// `--watch-buffer`.
+    pub const WATCH_BUFFER: Bounds<NonZeroUsize> = Bounds {
+        setting: "--watch-buffer",
+        min: NonZeroUsize::new(16).unwrap(),
+        max: NonZeroUsize::new(1_048_576).unwrap(),
+        below: "a burst of a few extractions would cut every watcher off",
+        above: "the buffer is held in memory whether or not anyone lags",
+    };
     /// `--max-response-bytes`.
     pub const MAX_RESPONSE_BYTES: Bounds<NonZeroUsize> = Bounds {
         setting: "--max-response-bytes",
@@ -287,6 +396,14 @@ pub mod defaults {
     /// Connections to the simulator: a gateway opens at most one per call in flight, so twice
     /// the gateway's default `--max-in-flight`.
     pub const SIMULATOR_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(2048).unwrap();
+
+    /// The Log Publisher's port on a controller (V1 used 53005).
+    pub const LOG_PUBLISHER_PORT: u16 = 44001;
+    /// Open WatchCaseEvents streams over all connections.
+    pub const MAX_WATCHES: NonZeroUsize = NonZeroUsize::new(10_000).unwrap();
+    /// Events a watcher may fall behind before its stream ends with WATCH_LAGGED: minutes of
+    /// a busy grid's AutoCase traffic.
+    pub const WATCH_BUFFER: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
 
     /// `port` on 127.0.0.1: nothing listens beyond the machine unless asked to.
     const fn loopback(port: u16) -> SocketAddr {
@@ -513,6 +630,67 @@ mod tests {
     fn check_url(raw: &str, expected: Result<&str, ConfigError>) {
         let actual = parse_upstream_url(raw).map(|url| url.to_string());
         assert_eq!(actual.as_deref().map_err(Clone::clone), expected, "{raw}");
+    }
+
+    #[test]
+    fn log_publisher_addresses() {
+        let parsed = |value: &str| {
+            LogPublisherAddress::parse(value)
+                .map(|address| address.map(|address| address.to_string()))
+                .map_err(|error| error.to_string())
+        };
+        assert_eq!(parsed("off"), Ok(None));
+        for (value, shown) in [
+            ("10.0.0.5:44001", "10.0.0.5:44001"),
+            ("tcp://10.0.0.5:44001", "10.0.0.5:44001"),
+            (
+                "tls://controller.example:44001",
+                "tls://controller.example:44001",
+            ),
+            ("[::1]:44001", "[::1]:44001"),
+            ("Controller:80", "controller:80"),
+        ] {
+            assert_eq!(parsed(value), Ok(Some(shown.to_owned())), "{value}");
+        }
+        for value in [
+            "",
+            "controller",
+            "controller:",
+            "controller:99999",
+            "http://controller:44001",
+            "controller:44001/x",
+            "controller:44001/",
+            "user:secret@controller:44001",
+            "controller:44001?x",
+            "Off",
+        ] {
+            let expected = format!(
+                "--log-publisher '{}' must be HOST:PORT (for example 10.0.0.5:44001), \
+                 tls://HOST:PORT or off",
+                mask_userinfo(value)
+            );
+            assert_eq!(parsed(value), Err(expected), "{value}");
+        }
+        assert!(
+            !parsed("user:secret@controller:44001")
+                .unwrap_err()
+                .contains("secret")
+        );
+    }
+
+    #[test]
+    fn the_log_publisher_is_beside_the_controller() {
+        let beside = |url: &str| {
+            LogPublisherAddress::beside(&parse_upstream_url(url).unwrap())
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(beside(defaults::UPSTREAM), "127.0.0.1:44001");
+        assert_eq!(
+            beside("https://controller.example:44000/api/v2/task"),
+            "tls://controller.example:44001"
+        );
+        assert_eq!(beside("http://[::1]:44000/api/v2/task"), "[::1]:44001");
     }
 
     #[test]

@@ -80,6 +80,7 @@ pub mod simulator;
 mod status;
 pub mod tls;
 pub mod upstream;
+pub mod watch;
 
 #[cfg(test)]
 mod layering;

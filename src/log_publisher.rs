@@ -11,6 +11,10 @@
 //!
 //! A malformed or over-long line must never end the stream: whoever reads it counts the error
 //! and moves on to the next line.
+//!
+//! The gateway's client (`client`, the I/O edge) reads the stream with both and feeds the
+//! case-event watches; the simulator's Log Publisher writes it with [`segment::encode_autocase`].
 
+pub(crate) mod client;
 pub mod lines;
 pub mod segment;

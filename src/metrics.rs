@@ -32,6 +32,30 @@ pub(crate) struct Metrics {
     health_watches: Gauge,
     health_watches_refused: Counter,
     connections: ConnectionFamilies,
+    case_events: CaseEventMetrics,
+}
+
+/// The series of WatchCaseEvents and of the Log Publisher feed behind it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CaseEventMetrics {
+    watches_open: Gauge,
+    watches_refused: Counter,
+    watches_lagged: Counter,
+    events: Family<StateLabels, Counter>,
+    publisher_connected: Gauge,
+    publisher_reconnects: Counter,
+    publisher_connect_failures: Counter,
+    publisher_lines: Family<LineLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LineLabels {
+    kind: &'static str,
 }
 
 /// The connection series of every listener, one label value per listener.
@@ -210,6 +234,8 @@ impl Metrics {
             "Failed accepts by listener and kind (fd_limit: out of file descriptors)",
             connections.accept_errors.clone(),
         );
+        let case_events = CaseEventMetrics::default();
+        case_events.register(&mut registry);
         Metrics {
             registry: Arc::new(registry),
             calls,
@@ -222,6 +248,7 @@ impl Metrics {
             health_watches,
             health_watches_refused,
             connections,
+            case_events,
         }
     }
 
@@ -279,6 +306,11 @@ impl Metrics {
             .inc();
     }
 
+    /// The series of case-event watches and the Log Publisher feed.
+    pub(crate) fn case_events(&self) -> &CaseEventMetrics {
+        &self.case_events
+    }
+
     /// Records the health state.
     pub(crate) fn health(&self, serving: bool) {
         self.health_serving.set(i64::from(serving));
@@ -290,6 +322,98 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+}
+
+// === impl CaseEventMetrics ===
+
+impl CaseEventMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "case_watches_open",
+            "Open WatchCaseEvents streams",
+            self.watches_open.clone(),
+        );
+        registry.register(
+            "case_watches_refused",
+            "WatchCaseEvents calls refused with RESOURCE_EXHAUSTED because --max-watches were open",
+            self.watches_refused.clone(),
+        );
+        registry.register(
+            "case_watches_lagged",
+            "WatchCaseEvents streams ended with RESOURCE_EXHAUSTED (WATCH_LAGGED) because their caller read too slowly",
+            self.watches_lagged.clone(),
+        );
+        registry.register(
+            "case_events",
+            "AutoCase events received from the Log Publisher, by state code (CR for the cancel request)",
+            self.events.clone(),
+        );
+        registry.register(
+            "log_publisher_connected",
+            "1 while the gateway is connected to the Log Publisher, else 0",
+            self.publisher_connected.clone(),
+        );
+        registry.register(
+            "log_publisher_reconnects",
+            "Connections made to the Log Publisher after the first (each follows a lost connection)",
+            self.publisher_reconnects.clone(),
+        );
+        registry.register(
+            "log_publisher_connect_failures",
+            "Failed attempts to connect to the Log Publisher",
+            self.publisher_connect_failures.clone(),
+        );
+        registry.register(
+            "log_publisher_lines",
+            "Lines read from the Log Publisher, by kind: autocase (an AC segment), other (skipped), malformed (an AC segment that does not parse), too_long",
+            self.publisher_lines.clone(),
+        );
+    }
+
+    /// Counts an open watch until the guard is dropped.
+    pub(crate) fn watch_opened(&self) -> GaugeGuard {
+        self.watches_open.inc();
+        GaugeGuard {
+            gauge: self.watches_open.clone(),
+        }
+    }
+
+    /// Records a watch refused because too many were open.
+    pub(crate) fn watch_refused(&self) {
+        self.watches_refused.inc();
+    }
+
+    /// Records a watch ended because its caller fell behind.
+    pub(crate) fn watch_lagged(&self) {
+        self.watches_lagged.inc();
+    }
+
+    /// Records an AutoCase event; `state` is its vendor code.
+    pub(crate) fn event(&self, state: &'static str) {
+        self.events.get_or_create(&StateLabels { state }).inc();
+    }
+
+    /// Records whether the Log Publisher is connected.
+    pub(crate) fn publisher_connected(&self, connected: bool) {
+        self.publisher_connected.set(i64::from(connected));
+    }
+
+    /// Records a connection made after a lost or failed one.
+    pub(crate) fn publisher_reconnected(&self) {
+        self.publisher_reconnects.inc();
+    }
+
+    /// Records a failed connection attempt.
+    pub(crate) fn publisher_connect_failed(&self) {
+        self.publisher_connect_failures.inc();
+    }
+
+    /// Records a line read from the Log Publisher; `kind` is a fixed word.
+    pub(crate) fn publisher_line(&self, kind: &'static str) {
+        self.publisher_lines
+            .get_or_create(&LineLabels { kind })
+            .inc();
     }
 }
 

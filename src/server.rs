@@ -28,12 +28,14 @@ use crate::auth::{self, Authenticator};
 use crate::call::CallLayer;
 use crate::connection::{self, Admission, Connections};
 use crate::health::{Health, WatchLimit};
+use crate::log_publisher::client::{self as log_publisher_client, Target};
 use crate::metrics::Metrics;
 use crate::nofile::{self, FdBudget};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::task_service_server::TaskServiceServer;
 use crate::service::TaskGateway;
 use crate::upstream::Upstream;
+use crate::watch::Watches;
 
 /// The largest request message accepted: every task-interface request is a few integers, so
 /// anything bigger is a mistake or an attack, refused before it is decoded.
@@ -180,7 +182,29 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(ServeError::Reflection)?;
     let task_upstream_url = upstream.url().clone();
-    let service = TaskGateway::new(upstream, &config.upstream);
+    let watches = config
+        .log_publisher
+        .as_ref()
+        .map(|address| Watches::new(config.watches, address.to_string(), metrics.clone()));
+    // Stops the feed when the gateway stops, however `serve` returns.
+    let _feed = match (&config.log_publisher, &watches) {
+        (Some(address), Some(watches)) => {
+            let target = Target {
+                address: address.clone(),
+                tls: address
+                    .tls
+                    .then(|| config.upstream.tls.stream_config())
+                    .transpose()
+                    .map_err(|error| {
+                        ServeError::Client(crate::upstream::ClientError::Tls(error))
+                    })?,
+            };
+            let feed = log_publisher_client::run(target, watches.clone());
+            Some(AbortOnDrop(tokio::spawn(feed).abort_handle()))
+        }
+        _ => None,
+    };
+    let service = TaskGateway::new(upstream, &config.upstream, watches.clone());
     let task_service = TaskServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     let (authenticator, hangups) = match config.auth_tokens.clone() {
         Some(token_file) => {
@@ -249,7 +273,11 @@ pub async fn serve(
             Some(tls) if tls.requires_client_certificates() => "on, client certificates required",
             Some(_) => "on",
         };
-        tracing::info!(%address, upstream = %task_upstream_url, tls, max_connections, "gateway listening");
+        let log_publisher = config
+            .log_publisher
+            .as_ref()
+            .map_or_else(|| "off".to_owned(), ToString::to_string);
+        tracing::info!(%address, upstream = %task_upstream_url, %log_publisher, tls, max_connections, "gateway listening");
     }
     let mut connections = Connections::new(limits, max_connections.get(), metrics.listener("grpc"));
     tokio::pin!(shutdown);
@@ -276,6 +304,11 @@ pub async fn serve(
     drop(acceptor);
     // Health flips first, so load balancers stop sending calls before the drain.
     health.shut_down().await;
+    // Watches never end on their own: ended now, their callers hear why rather than wait out
+    // the grace.
+    if let Some(watches) = &watches {
+        watches.shut_down();
+    }
     connections.begin_shutdown();
     let census = connections.census.counts();
     tracing::info!(

@@ -4,9 +4,11 @@
 //! port and bin, and what a success reply becomes. The request ID, the span, the metrics and the
 //! access line are the call layer's (`call`); a handler only leaves it what it learned.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::Stream;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
@@ -14,16 +16,17 @@ use tonic::{Request, Response, Status};
 
 use crate::call::{CallNotes, CallScope};
 use crate::codec::{Call, CaseStateReply, DecodeError, Element, Reply};
-use crate::domain::{BIN_ID_RANGE, CaseState, PORT_ID_RANGE};
+use crate::domain::{BIN_ID_RANGE, CaseSignal, CaseState, PORT_ID_RANGE};
 use crate::proto::task_service_server::TaskService;
 use crate::proto::{
     self, CaseCancelRequest, CaseCancelResponse, CaseExtractRequest, CaseExtractResponse,
-    CaseGetStateRequest, CaseGetStateResponse,
+    CaseGetStateRequest, CaseGetStateResponse, WatchCaseEventsRequest,
 };
 use crate::protocol::{GRPC_TIMEOUT_NAME, parse_grpc_timeout};
 use crate::request_id::RequestId;
 use crate::status::{self, CallContext, CallError, RetryPolicy, Violation};
 use crate::upstream::{self, Upstream, UpstreamError};
+use crate::watch::{ReceivedEvent, Subscription, WatchEnd, Watches};
 
 /// The gateway's `TaskService`: cheap to clone, shared by every connection.
 #[derive(Debug, Clone)]
@@ -37,13 +40,23 @@ pub(crate) struct TaskGateway {
     /// One permit per call allowed in flight; a call that finds none is shed at once, because
     /// queueing would only make every caller's deadline expire together.
     in_flight: Arc<Semaphore>,
+    /// The case-event watches, unless the gateway runs without a Log Publisher.
+    watches: Option<Watches>,
 }
+
+/// The events of one WatchCaseEvents call, ending with the status that ends it.
+type CaseEventStream = Pin<Box<dyn Stream<Item = Result<proto::CaseEvent, Status>> + Send>>;
 
 // === impl TaskGateway ===
 
 impl TaskGateway {
-    /// A service that calls `upstream` with the limits in `settings`.
-    pub(crate) fn new(upstream: Upstream, settings: &upstream::Settings) -> Self {
+    /// A service that calls `upstream` with the limits in `settings`, and serves case events
+    /// from `watches`.
+    pub(crate) fn new(
+        upstream: Upstream,
+        settings: &upstream::Settings,
+        watches: Option<Watches>,
+    ) -> Self {
         TaskGateway {
             upstream,
             upstream_timeout: settings.timeout,
@@ -51,6 +64,7 @@ impl TaskGateway {
                 delay: settings.retry_delay,
             },
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight.get())),
+            watches,
         }
     }
 
@@ -66,12 +80,7 @@ impl TaskGateway {
         read_reply: impl FnOnce(&CallContext, Element) -> Result<Output, DecodeError>,
     ) -> Result<Response<Output>, Status> {
         let caller_deadline = caller_deadline(&request);
-        // The call layer always sets one; a default only covers a server built without it.
-        let scope = request
-            .extensions()
-            .get::<CallScope>()
-            .cloned()
-            .unwrap_or_default();
+        let scope = call_scope(&request);
         let context = context_of(request.into_inner());
         // Held until the call ends; dropped with the future if the caller goes away.
         let permit = self.in_flight.try_acquire();
@@ -200,6 +209,94 @@ impl TaskService for TaskGateway {
         })
         .await
     }
+
+    type WatchCaseEventsStream = CaseEventStream;
+
+    async fn watch_case_events(
+        &self,
+        request: Request<WatchCaseEventsRequest>,
+    ) -> Result<Response<Self::WatchCaseEventsStream>, Status> {
+        let started = Instant::now();
+        let caller_deadline = caller_deadline(&request);
+        let scope = call_scope(&request);
+        let WatchCaseEventsRequest { port_ids } = request.into_inner();
+        // The access line names the port when the watch is of one.
+        scope.note(CallNotes {
+            port_id: match port_ids.as_slice() {
+                [port_id] => Some(*port_id),
+                _ => None,
+            },
+            ..CallNotes::default()
+        });
+        let violations: Vec<Violation> = port_ids
+            .iter()
+            .filter_map(|port_id| check_range("port_ids", *port_id, &PORT_ID_RANGE))
+            .collect();
+        if !violations.is_empty() {
+            return Err(status::watch_invalid_ports(&violations));
+        }
+        let refused = |end| status::watch_ended(&end, self.retry);
+        let watches = self
+            .watches
+            .as_ref()
+            .ok_or_else(|| refused(WatchEnd::Disabled))?;
+        let subscription = watches.subscribe(port_ids).map_err(refused)?;
+        let deadline = caller_deadline.map(|deadline| (started + deadline, deadline));
+        Ok(Response::new(case_event_stream(
+            subscription,
+            deadline,
+            self.retry,
+        )))
+    }
+}
+
+/// The events `subscription` yields until it ends or `deadline` (when, and the caller's
+/// deadline as sent) passes; then the status that says why, and nothing more.
+fn case_event_stream(
+    subscription: Subscription,
+    deadline: Option<(Instant, Duration)>,
+    retry: RetryPolicy,
+) -> CaseEventStream {
+    let timer = deadline.map(|(at, deadline)| (Box::pin(tokio::time::sleep_until(at)), deadline));
+    Box::pin(futures_util::stream::unfold(
+        Some((subscription, timer)),
+        move |state| async move {
+            let (mut subscription, mut timer) = state?;
+            let next = match &mut timer {
+                Some((sleep, deadline)) => tokio::select! {
+                    biased;
+                    () = sleep.as_mut() => Err(WatchEnd::DeadlineReached { deadline: *deadline }),
+                    next = subscription.next() => next,
+                },
+                None => subscription.next().await,
+            };
+            match next {
+                Ok(received) => {
+                    Some((Ok(proto_case_event(&received)), Some((subscription, timer))))
+                }
+                Err(end) => Some((Err(status::watch_ended(&end, retry)), None)),
+            }
+        },
+    ))
+}
+
+/// An event as the contract sends it.
+fn proto_case_event(received: &ReceivedEvent) -> proto::CaseEvent {
+    let signal = received.event.signal;
+    let change = match signal {
+        CaseSignal::State(case_state) => {
+            proto::case_event::Change::State(proto_case_state(case_state) as i32)
+        }
+        CaseSignal::CancelRequest => proto::case_event::Change::CancelRequest(true),
+    };
+    proto::CaseEvent {
+        port_id: received.event.port_id,
+        bin_id: received.event.bin_id,
+        change: Some(change),
+        raw_state: signal.code().to_owned(),
+        segment: received.segment.clone(),
+        received_at: Some(received.received_at.into()),
+    }
 }
 
 /// The contract's name for a vendor state. A test checks it against the proto's comments, so
@@ -248,6 +345,16 @@ fn check_range(
             range.end()
         ),
     })
+}
+
+/// Where the handler leaves its notes for the call layer. The layer always sets one; a default
+/// only covers a server built without it.
+fn call_scope<T>(request: &Request<T>) -> CallScope {
+    request
+        .extensions()
+        .get::<CallScope>()
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// The caller's deadline from the `grpc-timeout` header, if it sent one; `protocol` has refused
@@ -372,7 +479,7 @@ mod tests {
         let url = crate::config::parse_upstream_url("http://127.0.0.1:9/api/v2/task").unwrap();
         let settings = upstream::Settings::new(url);
         let upstream = Upstream::new(&settings).unwrap();
-        let gateway = TaskGateway::new(upstream, &settings);
+        let gateway = TaskGateway::new(upstream, &settings, None);
         let mut request = Request::new(CaseExtractRequest {
             port_id: 4,
             bin_id: 101337,

@@ -7,10 +7,12 @@
 
 pub mod http;
 pub mod layout;
+pub mod log_publisher;
 pub mod port;
 
 use std::sync::{Arc, Mutex, PoisonError};
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::codec::{self, CaseStateReply, MethodCall, Reply};
@@ -28,6 +30,9 @@ pub struct Simulator {
     /// The port table behind a std mutex: it is held only for a few non-async lines and never
     /// across an `.await`, so an async mutex would add cost and nothing else.
     ports: Arc<Mutex<PortTable>>,
+    /// Woken after every method call, which may have started or cancelled a case operation, so
+    /// the Log Publisher looks at the table again.
+    changed: Arc<Notify>,
 }
 
 /// What the simulator makes of one method call.
@@ -46,16 +51,35 @@ impl Simulator {
     pub fn new(layout: &Layout) -> Self {
         Simulator {
             ports: Arc::new(Mutex::new(PortTable::new(&layout.ports, layout.step_time))),
+            changed: Arc::new(Notify::new()),
         }
     }
 
     /// Applies one method call at the current time.
     pub fn handle(&self, method_call: &MethodCall) -> Outcome {
+        let outcome = apply(&mut self.lock(), method_call, Instant::now());
+        self.changed.notify_one();
+        outcome
+    }
+
+    /// The case events that have happened by now and not been taken yet, and when the next one
+    /// is due, if any is.
+    pub fn take_events(&self) -> (Vec<port::TimedCaseEvent>, Option<Instant>) {
+        let mut ports = self.lock();
+        let events = ports.take_events(Instant::now());
+        (events, ports.next_event_at())
+    }
+
+    /// Resolves after the next method call (at once if one came since the last wait).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PortTable> {
         // A panic while the lock was held leaves the table usable: an operation starts or is
         // cancelled in one assignment, and at worst an event on its way to the waiting list is
         // lost. So the poison can be ignored.
-        let mut ports = self.ports.lock().unwrap_or_else(PoisonError::into_inner);
-        apply(&mut ports, method_call, Instant::now())
+        self.ports.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

@@ -13,6 +13,7 @@ use tonic_types::{BadRequest, ErrorInfo, FieldViolation, RetryInfo, pb};
 use crate::fault::{self, FaultClass};
 use crate::proto::{FaultCode, TASK_FAULT_TYPE_URL, TaskFault};
 use crate::upstream::UpstreamError;
+use crate::watch::WatchEnd;
 
 /// The `ErrorInfo` domain of faults the controller reported.
 pub(crate) const CONTROLLER_DOMAIN: &str = "autostore.task";
@@ -103,6 +104,81 @@ pub(crate) fn health_watches_exhausted(limit: usize) -> Status {
         ),
         details,
     )
+}
+
+/// What every WatchCaseEvents error names as its `method`: it calls no task-interface method.
+pub(crate) const WATCH_METHOD: &str = "WatchCaseEvents";
+
+/// The status a WatchCaseEvents stream ends with, or is refused with.
+pub(crate) fn watch_ended(end: &WatchEnd, retry: RetryPolicy) -> Status {
+    let mut metadata = HashMap::from([("method".to_owned(), WATCH_METHOD.to_owned())]);
+    let mut details = Vec::new();
+    let (code, reason, text) = match end {
+        WatchEnd::Unavailable { source, cause } => {
+            metadata.insert("logPublisher".to_owned(), source.clone());
+            details.push(retry_info(retry.delay));
+            (
+                Code::Unavailable,
+                "LOG_PUBLISHER_UNAVAILABLE",
+                format!(
+                    "the Log Publisher at {source} is not connected ({cause}); events may have \
+                     been missed: read the state with CaseGetState, then watch again"
+                ),
+            )
+        }
+        WatchEnd::Lagged { buffer } => {
+            metadata.insert("buffer".to_owned(), buffer.to_string());
+            (
+                Code::ResourceExhausted,
+                "WATCH_LAGGED",
+                format!(
+                    "the stream fell more than {buffer} events behind (--watch-buffer) and was \
+                     ended; events were missed: read the state with CaseGetState, then watch again"
+                ),
+            )
+        }
+        WatchEnd::TooMany { limit } => {
+            metadata.insert("limit".to_owned(), limit.to_string());
+            (
+                Code::ResourceExhausted,
+                "TOO_MANY_WATCHES",
+                format!(
+                    "{limit} watches are already open (--max-watches); retry once one has closed"
+                ),
+            )
+        }
+        WatchEnd::ShuttingDown => (
+            Code::Unavailable,
+            "SHUTTING_DOWN",
+            "the gateway is shutting down; watch again once it is back, or through another \
+             instance"
+                .to_owned(),
+        ),
+        WatchEnd::Disabled => (
+            Code::FailedPrecondition,
+            "LOG_PUBLISHER_DISABLED",
+            "the gateway runs without a Log Publisher (--log-publisher off), so it has no case \
+             events; read states with CaseGetState"
+                .to_owned(),
+        ),
+        WatchEnd::DeadlineReached { deadline } => (
+            Code::DeadlineExceeded,
+            "DEADLINE_REACHED",
+            format!(
+                "the caller's deadline of {} has passed",
+                humantime::format_duration(*deadline)
+            ),
+        ),
+    };
+    details.insert(0, error_info(reason, GATEWAY_DOMAIN, metadata));
+    build(code, format!("{WATCH_METHOD}: {text}"), details)
+}
+
+/// The status of a WatchCaseEvents call whose port filter breaks the documented range. It names
+/// no port in its `ErrorInfo`: the filter is a list.
+pub(crate) fn watch_invalid_ports(violations: &[Violation]) -> Status {
+    let metadata = HashMap::from([("method".to_owned(), WATCH_METHOD.to_owned())]);
+    bad_request(WATCH_METHOD.to_owned(), metadata, violations)
 }
 
 /// The status of a task call without a valid bearer token. It names no token, and no call
@@ -254,11 +330,19 @@ fn controller_fault(context: &CallContext, fault_class: FaultClass, retry: Retry
 }
 
 fn invalid_argument(context: &CallContext, violations: &[Violation]) -> Status {
+    bad_request(describe(context), context_metadata(context), violations)
+}
+
+/// INVALID_ARGUMENT with a `BadRequest` of `violations`; `subject` starts the message.
+fn bad_request(
+    subject: String,
+    mut metadata: HashMap<String, String>,
+    violations: &[Violation],
+) -> Status {
     let descriptions: Vec<&str> = violations
         .iter()
         .map(|violation| violation.description.as_str())
         .collect();
-    let mut metadata = context_metadata(context);
     if let Some(first) = violations.first() {
         metadata.insert("field".to_owned(), first.field.to_owned());
     }
@@ -275,7 +359,7 @@ fn invalid_argument(context: &CallContext, violations: &[Violation]) -> Status {
             value: pb::BadRequest::from(bad_request).encode_to_vec(),
         },
     ];
-    let message = format!("{}: {}", describe(context), descriptions.join("; "));
+    let message = format!("{subject}: {}", descriptions.join("; "));
     build(Code::InvalidArgument, message, details)
 }
 

@@ -226,6 +226,14 @@ impl UpstreamTls {
         })
     }
 
+    /// The rustls configuration for the controller's Log Publisher over TLS: the same trust and
+    /// client certificate as the task interface, without its HTTP ALPN.
+    pub(crate) fn stream_config(&self) -> Result<Arc<ClientConfig>, rustls::Error> {
+        let mut config = (*self.client_config(true)?).clone();
+        config.alpn_protocols.clear();
+        Ok(Arc::new(config))
+    }
+
     /// The rustls configuration for a controller at an `https` (or plain http) URL.
     pub(crate) fn client_config(&self, https: bool) -> Result<Arc<ClientConfig>, rustls::Error> {
         if let Some(config) = &self.config {

@@ -13,7 +13,9 @@ use anyhow::Context as _;
 use clap::Args;
 
 use taskgate::auth::TokenFile;
-use taskgate::config::{Http1Limits, defaults, parse_cors_origin, parse_upstream_url};
+use taskgate::config::{
+    Http1Limits, LogPublisherAddress, defaults, parse_cors_origin, parse_upstream_url,
+};
 use taskgate::log::LogFormat;
 use taskgate::nofile;
 use taskgate::server::{Config, Listeners};
@@ -93,8 +95,9 @@ impl Serve {
         if self.print_config {
             let mut shown = effective;
             if simulator {
-                // The simulator's URL is not known until it listens.
+                // The simulator's addresses are not known until it listens.
                 shown.upstream = None;
+                shown.log_publisher = None;
             }
             print!(
                 "{}",
@@ -104,25 +107,9 @@ impl Serve {
         }
         if simulator {
             let layout = load_layout(effective.simulator_config.as_deref()).map_err(usage)?;
-            let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            start_simulator(&Simulator::new(&layout), &mut config)
                 .await
                 .map_err(usage)?;
-            let address = listener
-                .local_addr()
-                .context("cannot read the simulator's address")
-                .map_err(usage)?;
-            config.upstream.url =
-                parse_upstream_url(&format!("http://{address}{}", simulator::http::TASK_PATH))
-                    .context("cannot build the simulator's URL")
-                    .map_err(usage)?;
-            tracing::info!(url = %config.upstream.url, "embedded simulated controller started; the gateway calls it instead of a real controller");
-            // The simulator lives as long as the process; it stops when the runtime does.
-            tokio::spawn(simulator::http::serve(
-                listener,
-                Simulator::new(&layout),
-                Http1Limits::with_max_connections(defaults::SIMULATOR_MAX_CONNECTIONS),
-                std::future::pending(),
-            ));
         }
         nofile::log_raise(nofile::raise_soft_limit());
         let listen = effective.listen.unwrap_or(defaults::LISTEN);
@@ -142,6 +129,45 @@ impl Serve {
     }
 }
 
+/// Starts the embedded simulator on ephemeral loopback ports and points `config` at it: its task
+/// interface, and its Log Publisher unless the gateway runs without one. It lives as long as the
+/// process, and stops when the runtime does.
+async fn start_simulator(simulator: &Simulator, config: &mut Config) -> anyhow::Result<()> {
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let listener = bind(loopback).await?;
+    let address = listener
+        .local_addr()
+        .context("cannot read the simulator's address")?;
+    config.upstream.url =
+        parse_upstream_url(&format!("http://{address}{}", simulator::http::TASK_PATH))
+            .context("cannot build the simulator's URL")?;
+    tracing::info!(url = %config.upstream.url, "embedded simulated controller started; the gateway calls it instead of a real controller");
+    tokio::spawn(simulator::http::serve(
+        listener,
+        simulator.clone(),
+        Http1Limits::with_max_connections(defaults::SIMULATOR_MAX_CONNECTIONS),
+        std::future::pending(),
+    ));
+    if config.log_publisher.is_none() {
+        return Ok(());
+    }
+    let listener = bind(loopback).await?;
+    let address = listener
+        .local_addr()
+        .context("cannot read the simulator's Log Publisher address")?;
+    config.log_publisher = Some(LogPublisherAddress {
+        host: address.ip().to_string(),
+        port: address.port(),
+        tls: false,
+    });
+    tokio::spawn(simulator::log_publisher::serve(
+        listener,
+        simulator.clone(),
+        std::future::pending(),
+    ));
+    Ok(())
+}
+
 /// Settings that only make sense together, checked on what was given (flags, environment and
 /// file), before defaults fill the rest.
 fn check_combinations(given: &ServeSettings) -> anyhow::Result<()> {
@@ -149,6 +175,17 @@ fn check_combinations(given: &ServeSettings) -> anyhow::Result<()> {
     if simulator && given.upstream.is_some() {
         anyhow::bail!(
             "--upstream and --simulator cannot both be given: the simulator is the upstream"
+        );
+    }
+    if simulator
+        && given
+            .log_publisher
+            .as_deref()
+            .is_some_and(|value| value != "off")
+    {
+        anyhow::bail!(
+            "--log-publisher and --simulator cannot both be given: the simulator's Log Publisher \
+             is used (--log-publisher off runs without one)"
         );
     }
     if given.simulator_config.is_some() && !simulator {
@@ -185,6 +222,11 @@ fn resolve(settings: &ServeSettings) -> anyhow::Result<Config> {
     set(&mut config.shutdown_grace, settings.shutdown_grace);
     set(&mut config.health_interval, settings.health_interval);
     set(&mut config.max_health_watches, settings.max_health_watches);
+    set(&mut config.watches.max_watches, settings.max_watches);
+    set(&mut config.watches.buffer, settings.watch_buffer);
+    if let Some(value) = &settings.log_publisher {
+        config.log_publisher = LogPublisherAddress::parse(value)?;
+    }
     set(&mut config.access_log, settings.access_log);
     let connections = &mut config.connections;
     set(

@@ -34,6 +34,12 @@ pub(super) struct SimulateArgs {
     #[arg(long, env = "TASKGATE_SIMULATOR_LISTEN", default_value_t = defaults::SIMULATOR_LISTEN)]
     listen: SocketAddr,
 
+    /// Also publish case events as a Log Publisher on this address, for example 127.0.0.1:44001
+    /// (a controller's port, where `serve` looks by default): an `AC` segment per state
+    /// change, and a `BD` segment before each extraction. Off unless given.
+    #[arg(long, env = "TASKGATE_SIMULATOR_LOG_PUBLISHER_LISTEN")]
+    log_publisher_listen: Option<SocketAddr>,
+
     /// A TOML port layout; default: the built-in layout.
     #[arg(long, env = "TASKGATE_SIMULATOR_CONFIG")]
     config: Option<PathBuf>,
@@ -80,6 +86,18 @@ pub(super) async fn simulate(args: SimulateArgs) -> Outcome {
     nofile::log_raise(nofile::raise_soft_limit());
     let listener = bind(args.listen).await.map_err(usage)?;
     let address = listener.local_addr().unwrap_or(args.listen);
+    let simulator = Simulator::new(&layout);
+    if let Some(listen) = args.log_publisher_listen {
+        let log_publisher = bind(listen).await.map_err(usage)?;
+        let address = log_publisher.local_addr().unwrap_or(listen);
+        tracing::info!(%address, "simulated Log Publisher listening");
+        // It stops with the process, after the task interface below.
+        tokio::spawn(simulator::log_publisher::serve(
+            log_publisher,
+            simulator.clone(),
+            std::future::pending(),
+        ));
+    }
     // Caught before "listening" is logged, so a SIGHUP sent after it never ends the process.
     tokio::spawn(taskgate::shutdown::hangups(|| {
         tracing::info!("received SIGHUP; the simulator has nothing to reload")
@@ -90,13 +108,7 @@ pub(super) async fn simulate(args: SimulateArgs) -> Outcome {
         step_time = %humantime::format_duration(layout.step_time),
         "simulated controller listening"
     );
-    simulator::http::serve(
-        listener,
-        Simulator::new(&layout),
-        limits,
-        taskgate::shutdown::signal(),
-    )
-    .await;
+    simulator::http::serve(listener, simulator, limits, taskgate::shutdown::signal()).await;
     Ok(Exit::Success)
 }
 

@@ -1,6 +1,7 @@
-//! One `TaskService` call from the command line, shared by `case-extract`, `case-cancel` and
-//! `case-state`: the flags that say how to reach the gateway, the request's metadata, and the
-//! outcome printed for operators (the same lines and exit codes whichever RPC it was).
+//! One `TaskService` call from the command line, shared by `case-extract`, `case-cancel`,
+//! `case-state` and `watch`: the flags that say how to reach the gateway, the request's
+//! metadata, and the outcome printed for operators (the same lines and exit codes whichever RPC
+//! it was).
 
 use std::future::Future;
 use std::time::Duration;
@@ -38,7 +39,8 @@ pub(super) struct GatewayArgs {
     #[arg(long, env = "TASKGATE_REQUEST_ID")]
     request_id: Option<String>,
 
-    /// The call's deadline, sent to the gateway as grpc-timeout.
+    /// The call's deadline, sent to the gateway as grpc-timeout; for `watch`, only the time to
+    /// connect and open the stream.
     #[arg(long, env = "TASKGATE_TIMEOUT", default_value = "5s", value_parser = duration)]
     timeout: Duration,
 }
@@ -66,6 +68,16 @@ pub(super) type Client = TaskServiceClient<Channel>;
 // === impl PortAndBinArgs ===
 
 impl PortAndBinArgs {
+    /// The port and the bin given.
+    pub(super) fn port_and_bin(&self) -> (u32, u32) {
+        (self.port, self.bin)
+    }
+
+    /// How to reach the gateway.
+    pub(super) fn gateway(&self) -> &GatewayArgs {
+        &self.gateway
+    }
+
     /// Calls `method` (its task-interface name, for the printed lines) with the message
     /// `message_of` makes from the port and bin, through `rpc`; a success prints `accepted`.
     pub(super) async fn call<Message, Reply, Answer>(
@@ -97,6 +109,27 @@ pub(super) async fn call<Message, Reply, Answer>(
 where
     Answer: Future<Output = Result<tonic::Response<Reply>, tonic::Status>>,
 {
+    let (client, request) = open(args, message).await?;
+    match rpc(client, request).await {
+        Ok(response) => {
+            let request_id = request_id_of(response.metadata());
+            println!("ok: {what}: {}", summary(response.into_inner()));
+            println!("  request id: {request_id}");
+            Ok(Exit::Success)
+        }
+        Err(status) => {
+            print_failure(what, &status);
+            Ok(Exit::CallFailed)
+        }
+    }
+}
+
+/// Connects to the gateway and makes the request for `message`, with the token and request ID
+/// given; the caller sets its deadline.
+pub(super) async fn open<Message>(
+    args: &GatewayArgs,
+    message: Message,
+) -> Result<(Client, tonic::Request<Message>), (Exit, anyhow::Error)> {
     let endpoint = gateway_endpoint(&args.gateway, args.timeout).map_err(usage)?;
     let channel = connect(&endpoint, &args.gateway)
         .await
@@ -113,26 +146,22 @@ where
             .map_err(usage)?;
         request.metadata_mut().insert(REQUEST_ID_HEADER, value);
     }
-    let request_id_of = |metadata: &tonic::metadata::MetadataMap| {
-        metadata
-            .get(REQUEST_ID_HEADER)
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or("none")
-            .to_owned()
-    };
-    match rpc(TaskServiceClient::new(channel), request).await {
-        Ok(response) => {
-            let request_id = request_id_of(response.metadata());
-            println!("ok: {what}: {}", summary(response.into_inner()));
-            println!("  request id: {request_id}");
-            Ok(Exit::Success)
-        }
-        Err(status) => {
-            println!("{}", describe_status(what, &status));
-            println!("  request id: {}", request_id_of(status.metadata()));
-            Ok(Exit::CallFailed)
-        }
-    }
+    Ok((TaskServiceClient::new(channel), request))
+}
+
+/// Prints a failed call for operators: the status described, then the request ID.
+pub(super) fn print_failure(what: &str, status: &tonic::Status) {
+    println!("{}", describe_status(what, status));
+    println!("  request id: {}", request_id_of(status.metadata()));
+}
+
+/// The request ID the gateway returned, or `none`.
+pub(super) fn request_id_of(metadata: &tonic::metadata::MetadataMap) -> String {
+    metadata
+        .get(REQUEST_ID_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("none")
+        .to_owned()
 }
 
 /// Renders an error status for operators: gRPC code, fault, meaning, retry advice, message.

@@ -10,10 +10,13 @@ use hyper::header::HeaderValue;
 use url::Url;
 
 use crate::auth::TokenFile;
-use crate::config::{AccessLog, ConfigError, Http1Flags, Http1Limits, defaults, limits};
+use crate::config::{
+    AccessLog, ConfigError, Http1Flags, Http1Limits, LogPublisherAddress, defaults, limits,
+};
 use crate::connection;
 use crate::tls::ServerTls;
 use crate::upstream;
+use crate::watch;
 
 /// The gateway's settings, fixed at startup.
 #[derive(Debug, Clone)]
@@ -40,14 +43,25 @@ pub struct Config {
     pub max_health_watches: NonZeroUsize,
     /// The limits of the `/metrics` listener.
     pub metrics_limits: Http1Limits,
+    /// The controller's Log Publisher, whose `AC` segments WatchCaseEvents streams; `None`
+    /// runs without (WatchCaseEvents then answers FAILED_PRECONDITION).
+    pub log_publisher: Option<LogPublisherAddress>,
+    /// The limits on WatchCaseEvents streams.
+    pub watches: watch::Settings,
 }
 
 // === impl Config ===
 
 impl Config {
-    /// The documented defaults, pointed at the controller at `upstream_url`.
+    /// The documented defaults, pointed at the controller at `upstream_url` and at the Log
+    /// Publisher beside it.
     pub fn with_upstream(upstream_url: Url) -> Self {
         Config {
+            log_publisher: LogPublisherAddress::beside(&upstream_url),
+            watches: watch::Settings {
+                max_watches: defaults::MAX_WATCHES,
+                buffer: defaults::WATCH_BUFFER,
+            },
             upstream: upstream::Settings::new(upstream_url),
             connections: connection::Settings::default(),
             tls: None,
@@ -69,6 +83,8 @@ impl Config {
         limits::HEALTH_INTERVAL.check(self.health_interval)?;
         self.connections.validate()?;
         limits::MAX_HEALTH_WATCHES.check(self.max_health_watches)?;
+        limits::MAX_WATCHES.check(self.watches.max_watches)?;
+        limits::WATCH_BUFFER.check(self.watches.buffer)?;
         self.metrics_limits.validate(Http1Flags::METRICS)
     }
 }

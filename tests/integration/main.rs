@@ -25,6 +25,7 @@
 //! - `operators`: the real binary as a careless operator runs it: no password printed.
 //! - `bench`: `taskgate bench` against the simulator: its report, counts and exit codes.
 //! - `contract`: the proto comments and the README agree with the fault table.
+//! - `watch`: WatchCaseEvents against the simulator's Log Publisher and a scripted one.
 //! - `fuzz_corpus`: the fuzz targets' committed corpora, replayed through their checks on stable.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A panic in a test is a failed test.
 
@@ -54,3 +55,4 @@ mod simulator_outcomes;
 mod tls;
 mod transport_outcomes;
 mod upstream_hygiene;
+mod watch;

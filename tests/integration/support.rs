@@ -21,7 +21,7 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tonic_types::StatusExt;
 
 use taskgate::auth::TokenFile;
-use taskgate::config::{Http1Limits, defaults, parse_upstream_url};
+use taskgate::config::{Http1Limits, LogPublisherAddress, defaults, parse_upstream_url};
 use taskgate::proto::task_service_client::TaskServiceClient;
 use taskgate::proto::{
     CaseCancelRequest, CaseExtractRequest, CaseExtractResponse, CaseGetStateRequest,
@@ -60,6 +60,7 @@ impl Gateway {
             tls: None,
             auth_tokens: None,
             metrics: false,
+            log_publisher: None,
         }
     }
 
@@ -157,6 +158,9 @@ pub(crate) struct GatewayBuilder {
     tls: Option<(ServerTls, ClientTlsConfig)>,
     auth_tokens: Option<Vec<String>>,
     metrics: bool,
+    /// The Log Publisher to read case events from; none unless a test asks, so a gateway does
+    /// not knock on 127.0.0.1:44001.
+    log_publisher: Option<SocketAddr>,
 }
 
 /// One change a test makes to the gateway's configuration.
@@ -202,6 +206,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// Reads case events from the Log Publisher at `address`.
+    pub(crate) fn log_publisher(mut self, address: SocketAddr) -> Self {
+        self.log_publisher = Some(address);
+        self
+    }
+
     /// Serves `/metrics` too, on an ephemeral port of its own.
     pub(crate) fn metrics(mut self) -> Self {
         self.metrics = true;
@@ -215,6 +225,11 @@ impl GatewayBuilder {
             Upstream::Url(url) => url,
         };
         let mut config = GatewayConfig::with_upstream(upstream_url);
+        config.log_publisher = self.log_publisher.map(|address| LogPublisherAddress {
+            host: address.ip().to_string(),
+            port: address.port(),
+            tls: false,
+        });
         let token_file = self.auth_tokens.map(|tokens| {
             let token_file = TestFile::new("auth", "tokens", &(tokens.join("\n") + "\n"));
             config.auth_tokens = Some(TokenFile::load(&token_file).unwrap());

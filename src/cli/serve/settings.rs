@@ -97,6 +97,23 @@ pub(crate) struct ServeSettings {
     #[arg(long, env = "TASKGATE_MAX_HEALTH_WATCHES")]
     pub(super) max_health_watches: Option<NonZeroUsize>,
 
+    /// The controller's Log Publisher, whose AutoCase (AC) segments WatchCaseEvents streams:
+    /// HOST:PORT, or tls://HOST:PORT to read it over TLS with the --upstream-ca and client
+    /// certificate; `off` to run without. Default: the --upstream host on port 44001, over TLS
+    /// when the upstream is https. With --simulator: the simulator's own.
+    #[arg(long, env = "TASKGATE_LOG_PUBLISHER")]
+    pub(super) log_publisher: Option<String>,
+
+    /// How many WatchCaseEvents streams may be open at once over all connections; more are
+    /// refused with RESOURCE_EXHAUSTED (TOO_MANY_WATCHES).
+    #[arg(long, env = "TASKGATE_MAX_WATCHES")]
+    pub(super) max_watches: Option<NonZeroUsize>,
+
+    /// How many events a WatchCaseEvents caller may fall behind before its stream ends with
+    /// RESOURCE_EXHAUSTED (WATCH_LAGGED); 16 to 1048576.
+    #[arg(long, env = "TASKGATE_WATCH_BUFFER")]
+    pub(super) watch_buffer: Option<NonZeroUsize>,
+
     /// How long a request head to /metrics may take, from accept or from its first byte.
     #[arg(long, env = "TASKGATE_METRICS_HEADER_READ_TIMEOUT", value_parser = duration)]
     #[serde(default, with = "humantime_serde")]
@@ -211,6 +228,8 @@ impl ServeSettings {
             idle_timeout: Some(defaults::IDLE_TIMEOUT),
             max_concurrent_streams: Some(defaults::MAX_CONCURRENT_STREAMS),
             max_health_watches: Some(defaults::MAX_HEALTH_WATCHES),
+            max_watches: Some(defaults::MAX_WATCHES),
+            watch_buffer: Some(defaults::WATCH_BUFFER),
             metrics_header_read_timeout: Some(defaults::HEADER_READ_TIMEOUT),
             metrics_idle_timeout: Some(defaults::HTTP1_IDLE_TIMEOUT),
             metrics_body_read_timeout: Some(defaults::BODY_READ_TIMEOUT),

@@ -1,0 +1,257 @@
+//! `taskgate watch` (a line per case event as it arrives) and `taskgate case-extract --wait`
+//! (an extraction followed to its end), both on WatchCaseEvents.
+
+use std::time::{Duration, SystemTime};
+
+use clap::Args;
+use tonic::codec::Streaming;
+
+use taskgate::proto::case_event::Change;
+use taskgate::proto::{CaseEvent, CaseExtractRequest, CaseState, WatchCaseEventsRequest};
+
+use super::task_call::{self, GatewayArgs, PortAndBinArgs};
+use super::{Exit, Outcome, duration};
+
+#[derive(Debug, Args)]
+pub(super) struct WatchArgs {
+    /// Only events of this AutoCase port (1-2000); repeat, or separate with commas, for more.
+    /// Default: every port.
+    #[arg(long = "port", env = "TASKGATE_PORTS", value_delimiter = ',')]
+    ports: Vec<u32>,
+
+    #[command(flatten)]
+    gateway: GatewayArgs,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct CaseExtractArgs {
+    #[command(flatten)]
+    call: PortAndBinArgs,
+
+    /// Follow the case after the controller accepts it, printing each state, until ECMP (exit
+    /// 0) or a cancel (exit 1). The watch opens before the extraction is asked for, so no state
+    /// is missed; if it cannot open (no Log Publisher), nothing is asked for.
+    #[arg(long)]
+    wait: bool,
+
+    /// With --wait: give up following after this long (exit 1); default: follow until the end.
+    #[arg(long, requires = "wait", value_parser = duration)]
+    wait_timeout: Option<Duration>,
+}
+
+/// How following an extraction ends.
+#[derive(Debug, PartialEq, Eq)]
+enum Followed {
+    /// The event is not the end: keep following.
+    Going,
+    /// ECMP: the case is out.
+    Completed,
+    /// NOOP after the extraction began: it was cancelled.
+    Cancelled,
+}
+
+pub(super) async fn watch(args: WatchArgs) -> Outcome {
+    let what = match args.ports.as_slice() {
+        [] => "watch every port".to_owned(),
+        ports => format!("watch port {}", join(ports)),
+    };
+    let message = WatchCaseEventsRequest {
+        port_ids: args.ports,
+    };
+    let Some(mut events) = open(&args.gateway, &what, message, None).await? else {
+        return Ok(Exit::CallFailed);
+    };
+    eprintln!("{what}: one line per event; stop with Ctrl-C");
+    let stop = taskgate::shutdown::signal();
+    tokio::pin!(stop);
+    loop {
+        let message = tokio::select! {
+            () = &mut stop => return Ok(Exit::Success),
+            message = events.message() => message,
+        };
+        match message {
+            Ok(Some(event)) => println!("{}", event_line(&event)),
+            Ok(None) => return ended_without_status(&what),
+            Err(status) => {
+                task_call::print_failure(&what, &status);
+                return Ok(Exit::CallFailed);
+            }
+        }
+    }
+}
+
+pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
+    let CaseExtractArgs {
+        call,
+        wait,
+        wait_timeout,
+    } = args;
+    if !wait {
+        return super::case_extract::case_extract(call).await;
+    }
+    let (port_id, bin_id) = call.port_and_bin();
+    let what = format!("case_extract port {port_id} bin {bin_id}");
+    let message = WatchCaseEventsRequest {
+        port_ids: vec![port_id],
+    };
+    let Some(mut events) = open(call.gateway(), &what, message, wait_timeout).await? else {
+        return Ok(Exit::CallFailed);
+    };
+    let message_of = |port_id, bin_id| CaseExtractRequest { port_id, bin_id };
+    let rpc =
+        |mut client: task_call::Client, request| async move { client.case_extract(request).await };
+    let accepted = "the controller accepted the case extraction; following it";
+    let exit = call.call("case_extract", message_of, rpc, accepted).await?;
+    if exit != Exit::Success {
+        return Ok(exit);
+    }
+    let mut followed = Followed::Going;
+    while followed == Followed::Going {
+        let event = match events.message().await {
+            Ok(Some(event)) => event,
+            Ok(None) => return ended_without_status(&what),
+            Err(status) => {
+                task_call::print_failure(&what, &status);
+                return Ok(Exit::CallFailed);
+            }
+        };
+        // Another bin's events are an earlier operation's.
+        if event.bin_id != Some(bin_id) {
+            continue;
+        }
+        println!("{}", event_line(&event));
+        followed = follow(&event);
+    }
+    if followed == Followed::Completed {
+        println!("ok: {what}: the case is out (ECMP)");
+        Ok(Exit::Success)
+    } else {
+        println!("failed: {what}: the extraction was cancelled (NOOP)");
+        Ok(Exit::CallFailed)
+    }
+}
+
+/// Opens the watch, with `deadline` if given; `None` when the gateway refused it (printed).
+async fn open(
+    gateway: &GatewayArgs,
+    what: &str,
+    message: WatchCaseEventsRequest,
+    deadline: Option<Duration>,
+) -> Result<Option<Streaming<CaseEvent>>, (Exit, anyhow::Error)> {
+    let (mut client, mut request) = task_call::open(gateway, message).await?;
+    if let Some(deadline) = deadline {
+        request.set_timeout(deadline);
+    }
+    match client.watch_case_events(request).await {
+        Ok(response) => Ok(Some(response.into_inner())),
+        Err(status) => {
+            task_call::print_failure(what, &status);
+            Ok(None)
+        }
+    }
+}
+
+/// What an event of the followed bin means for the extraction.
+fn follow(event: &CaseEvent) -> Followed {
+    match event.change {
+        Some(Change::State(state)) if state == CaseState::ExtractionCompleted as i32 => {
+            Followed::Completed
+        }
+        Some(Change::State(state)) if state == CaseState::NoOperation as i32 => Followed::Cancelled,
+        _ => Followed::Going,
+    }
+}
+
+/// The gateway always ends a watch with a status; a stream that ends without one was cut.
+fn ended_without_status(what: &str) -> Outcome {
+    println!("failed: {what}: the stream ended without a status (the connection was cut)");
+    Ok(Exit::CallFailed)
+}
+
+/// `2026-11-29T08:01:02.345Z port 4 bin 101337 ERSO (EXTRACTION_READY_TO_SEND)`: when the
+/// gateway received it, then the vendor's code and the contract's name for it.
+fn event_line(event: &CaseEvent) -> String {
+    let received_at = event
+        .received_at
+        .and_then(|timestamp| SystemTime::try_from(timestamp).ok())
+        .map_or_else(
+            || "-".to_owned(),
+            |time| humantime::format_rfc3339_millis(time).to_string(),
+        );
+    let bin = event
+        .bin_id
+        .map_or_else(|| "-".to_owned(), |bin_id| bin_id.to_string());
+    let meaning = match event.change {
+        Some(Change::State(state)) => CaseState::try_from(state)
+            .map(|state| state.as_str_name().trim_start_matches("CASE_STATE_"))
+            .unwrap_or("UNKNOWN"),
+        Some(Change::CancelRequest(_)) => "CANCEL_REQUEST",
+        None => "UNKNOWN",
+    };
+    format!(
+        "{received_at} port {} bin {bin} {} ({meaning})",
+        event.port_id, event.raw_state
+    )
+}
+
+fn join(ports: &[u32]) -> String {
+    ports
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(bin_id: Option<u32>, change: Change, raw_state: &str) -> CaseEvent {
+        CaseEvent {
+            port_id: 4,
+            bin_id,
+            change: Some(change),
+            raw_state: raw_state.to_owned(),
+            segment: String::new(),
+            received_at: Some(SystemTime::UNIX_EPOCH.into()),
+        }
+    }
+
+    #[test]
+    fn lines_name_the_code_and_the_state() {
+        let erso = event(
+            Some(101337),
+            Change::State(CaseState::ExtractionReadyToSend as i32),
+            "ERSO",
+        );
+        assert_eq!(
+            event_line(&erso),
+            "1970-01-01T00:00:00.000Z port 4 bin 101337 ERSO (EXTRACTION_READY_TO_SEND)"
+        );
+        let cancel = event(None, Change::CancelRequest(true), "CR");
+        assert_eq!(
+            event_line(&cancel),
+            "1970-01-01T00:00:00.000Z port 4 bin - CR (CANCEL_REQUEST)"
+        );
+    }
+
+    #[test]
+    fn an_extraction_ends_at_ecmp_or_noop_and_a_cancel_request_is_only_a_signal() {
+        let state = |state: CaseState| event(Some(1), Change::State(state as i32), "");
+        assert_eq!(
+            follow(&state(CaseState::ExtractionRequested)),
+            Followed::Going
+        );
+        assert_eq!(
+            follow(&state(CaseState::ExtractionReadyToSend)),
+            Followed::Going
+        );
+        let cancel_request = event(Some(1), Change::CancelRequest(true), "CR");
+        assert_eq!(follow(&cancel_request), Followed::Going);
+        assert_eq!(
+            follow(&state(CaseState::ExtractionCompleted)),
+            Followed::Completed
+        );
+        assert_eq!(follow(&state(CaseState::NoOperation)), Followed::Cancelled);
+    }
+}

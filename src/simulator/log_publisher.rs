@@ -1,0 +1,146 @@
+//! The simulated controller's Log Publisher: a TCP listener that streams every case event as an
+//! `AC` segment line, as a controller's Log Publisher (port 44001) does (task-interface.md §3.3a).
+//!
+//! Like the real one it sends readable text, one CRLF-terminated segment per line, and reads
+//! nothing. So that clients learn to skip segments they do not read, a `BD` bin definition
+//! (`BD,bin_id,330,AC`: an AutoCase bin, 330 mm) goes out before every extraction's `EREQ`; what
+//! a controller really sends around an extraction is not documented, so this is inferred.
+//!
+//! Events come from the port table's timeline ([`Simulator::take_events`]), the same one
+//! `case_getstate` answers from, so a watcher and a reader never disagree.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{BufMut as _, Bytes, BytesMut};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
+use tokio::task::JoinSet;
+
+use super::Simulator;
+use crate::accept::Acceptor;
+use crate::domain::{CaseEvent, CaseSignal, CaseState};
+use crate::log_publisher::segment::encode_autocase;
+use crate::metrics::ListenerMetrics;
+
+/// How many clients may be connected at once; more are closed as soon as they are accepted.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How many lines a client may fall behind before it is disconnected, as a real publisher
+/// drops a reader that does not keep up rather than buffer without end.
+const CLIENT_BUFFER: usize = 4096;
+
+/// Publishes the simulator's case events on `listener` until `shutdown` resolves. Every client
+/// connection ends when this returns (or is dropped), as when a controller's Log Publisher stops.
+pub async fn serve(
+    listener: TcpListener,
+    simulator: Simulator,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (lines, _) = broadcast::channel::<Bytes>(CLIENT_BUFFER);
+    let mut acceptor = Acceptor::new(
+        listener,
+        ListenerMetrics::unregistered("simulator_log_publisher"),
+    );
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Owned here, so dropping this future closes every client connection with it.
+    let mut clients = JoinSet::new();
+    let publisher = publish(simulator, lines.clone());
+    tokio::pin!(shutdown, publisher);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            () = &mut publisher => break,
+            accepted = acceptor.accept() => accepted,
+            // Reaps finished clients, so the set does not grow with every connection ever made.
+            Some(_) = clients.join_next(), if !clients.is_empty() => continue,
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::warn!(%peer, limit = MAX_CONNECTIONS, "simulator Log Publisher refused a connection: too many clients");
+            continue;
+        };
+        tracing::info!(%peer, "simulator Log Publisher client connected");
+        clients.spawn(feed(stream, peer, lines.subscribe(), slot));
+    }
+}
+
+/// Takes the port table's events as they happen and sends each as its lines.
+async fn publish(simulator: Simulator, lines: broadcast::Sender<Bytes>) {
+    loop {
+        let (events, next_at) = simulator.take_events();
+        for timed in events {
+            // No receivers is not an error: events nobody watches are simply not seen.
+            let _ = lines.send(segment_lines(&timed.event));
+        }
+        match next_at {
+            Some(at) => tokio::select! {
+                () = simulator.changed() => {}
+                () = tokio::time::sleep_until(at) => {}
+            },
+            None => simulator.changed().await,
+        }
+    }
+}
+
+/// The lines one event is published as: its `AC` segment, after a `BD` segment for the bin when
+/// an extraction starts.
+fn segment_lines(event: &CaseEvent) -> Bytes {
+    let mut lines = BytesMut::new();
+    if let (CaseSignal::State(CaseState::Ereq), Some(bin_id)) = (event.signal, event.bin_id) {
+        lines.put_slice(format!("BD,{bin_id},330,AC\r\n").as_bytes());
+    }
+    lines.put_slice(encode_autocase(event).as_bytes());
+    lines.put_slice(b"\r\n");
+    lines.freeze()
+}
+
+/// Writes every published line to one client until it goes away or falls too far behind.
+async fn feed(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    mut lines: broadcast::Receiver<Bytes>,
+    _slot: OwnedSemaphorePermit,
+) {
+    loop {
+        let line = match lines.recv().await {
+            Ok(line) => line,
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(%peer, missed, "simulator Log Publisher dropped a client that fell behind");
+                return;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if let Err(error) = stream.write_all(&line).await {
+            tracing::info!(%peer, cause = %error, "simulator Log Publisher client went away");
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_extraction_starts_with_a_bin_definition() {
+        let event = |signal| CaseEvent {
+            port_id: 4,
+            bin_id: Some(101337),
+            signal,
+        };
+        assert_eq!(
+            segment_lines(&event(CaseSignal::State(CaseState::Ereq))),
+            "BD,101337,330,AC\r\nAC,4,101337,EREQ\r\n"
+        );
+        assert_eq!(
+            segment_lines(&event(CaseSignal::State(CaseState::Erso))),
+            "AC,4,101337,ERSO\r\n"
+        );
+        assert_eq!(
+            segment_lines(&event(CaseSignal::CancelRequest)),
+            "AC,4,101337,CR\r\n"
+        );
+    }
+}

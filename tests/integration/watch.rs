@@ -1,0 +1,522 @@
+//! WatchCaseEvents end to end (issue 10): the simulator's Log Publisher for the AutoCase flows
+//! (extraction, cancel, a publisher that goes away and comes back), and a scripted publisher for
+//! what the simulator never sends (garbage, over-long lines, a flood for 1,000 watchers).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, oneshot};
+use tokio::task::JoinHandle;
+use tonic::Code;
+use tonic::codec::Streaming;
+use tonic::transport::Endpoint;
+use url::Url;
+
+use taskgate::config::{Http1Limits, defaults, parse_upstream_url};
+use taskgate::proto::case_event::Change;
+use taskgate::proto::task_service_client::TaskServiceClient;
+use taskgate::proto::{CaseEvent, CaseState, WatchCaseEventsRequest};
+use taskgate::simulator::{self, Simulator, layout::Layout};
+
+use crate::support::{
+    Gateway, GatewayBuilder, PROMPTLY, error_info, scrape_at_least, scrape_line, within,
+};
+
+/// The simulated controller: its task interface, and its Log Publisher, which a test may stop
+/// and start again on the same address.
+struct SimulatedController {
+    url: Url,
+    simulator: Simulator,
+    log_publisher: SocketAddr,
+    running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl SimulatedController {
+    /// The default layout (port 4: AutoCase, OPEN, bin 101337 selected), each state lasting
+    /// `step_time`.
+    async fn start(step_time: Duration) -> Self {
+        let layout = Layout {
+            step_time,
+            ..Layout::default_layout()
+        };
+        let simulator = Simulator::new(&layout);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(simulator::http::serve(
+            listener,
+            simulator.clone(),
+            Http1Limits::with_max_connections(defaults::SIMULATOR_MAX_CONNECTIONS),
+            std::future::pending(),
+        ));
+        let log_publisher = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut controller = SimulatedController {
+            url: parse_upstream_url(&format!("http://{address}{}", simulator::http::TASK_PATH))
+                .unwrap(),
+            simulator,
+            log_publisher: log_publisher.local_addr().unwrap(),
+            running: None,
+        };
+        controller.publish_on(log_publisher);
+        controller
+    }
+
+    fn publish_on(&mut self, listener: TcpListener) {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(simulator::log_publisher::serve(
+            listener,
+            self.simulator.clone(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        self.running = Some((stop, task));
+    }
+
+    /// Stops the Log Publisher: its listener and every connection close.
+    async fn stop_log_publisher(&mut self) {
+        let (stop, task) = self
+            .running
+            .take()
+            .expect("the Log Publisher is not running");
+        stop.send(()).unwrap();
+        within(PROMPTLY, "the Log Publisher did not stop", task)
+            .await
+            .unwrap();
+    }
+
+    /// Starts the Log Publisher again, on the address it had.
+    async fn restart_log_publisher(&mut self) {
+        let listener = TcpListener::bind(self.log_publisher).await.unwrap();
+        self.publish_on(listener);
+    }
+
+    async fn gateway(&self) -> Gateway {
+        Gateway::builder()
+            .upstream(&self.url)
+            .log_publisher(self.log_publisher)
+            .metrics()
+            .start()
+            .await
+    }
+}
+
+/// Opens a watch of `port_ids` once the gateway's feed is connected: until then a watch is
+/// refused with UNAVAILABLE, which is retried for at most [`PROMPTLY`].
+async fn watch(
+    client: &TaskServiceClient<tonic::transport::Channel>,
+    port_ids: &[u32],
+) -> Streaming<CaseEvent> {
+    within(PROMPTLY, "the feed did not connect", async {
+        loop {
+            let request = WatchCaseEventsRequest {
+                port_ids: port_ids.to_vec(),
+            };
+            match client.clone().watch_case_events(request).await {
+                Ok(response) => return response.into_inner(),
+                Err(status) if status.code() == Code::Unavailable => {
+                    assert_eq!(error_info(&status).reason, "LOG_PUBLISHER_UNAVAILABLE");
+                    tokio::task::yield_now().await;
+                }
+                Err(status) => panic!("the watch was refused: {status:?}"),
+            }
+        }
+    })
+    .await
+}
+
+/// The next event, which must come within [`PROMPTLY`].
+async fn next_event(events: &mut Streaming<CaseEvent>) -> CaseEvent {
+    within(PROMPTLY, "no event", events.message())
+        .await
+        .unwrap()
+        .expect("the stream ended")
+}
+
+/// How the stream ends, which must be within `limit`.
+async fn end_of(events: &mut Streaming<CaseEvent>, limit: Duration) -> tonic::Status {
+    within(limit, "the stream did not end", async {
+        loop {
+            match events.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the stream ended without an error"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+}
+
+fn state(state: CaseState) -> Option<Change> {
+    Some(Change::State(state as i32))
+}
+
+#[tokio::test]
+async fn an_extraction_is_watched_from_request_to_completion() {
+    let controller = SimulatedController::start(Duration::from_millis(50)).await;
+    let gateway = controller.gateway().await;
+    let mut events = watch(&gateway.client, &[4]).await;
+    let before = SystemTime::now();
+    gateway.case_extract(4, 101337, None).await.unwrap();
+    for (expected, code) in [
+        (CaseState::ExtractionRequested, "EREQ"),
+        (CaseState::ExtractionReadyToSend, "ERSO"),
+        (CaseState::ExtractionCompleted, "ECMP"),
+    ] {
+        let event = next_event(&mut events).await;
+        assert_eq!(event.port_id, 4);
+        assert_eq!(event.bin_id, Some(101337));
+        assert_eq!(event.change, state(expected));
+        assert_eq!(event.raw_state, code);
+        assert_eq!(event.segment, format!("AC,4,101337,{code}"));
+        let received_at = SystemTime::try_from(event.received_at.unwrap()).unwrap();
+        assert!(received_at >= before, "{received_at:?} before {before:?}");
+    }
+    let read = gateway.case_get_state(4).await.unwrap();
+    assert_eq!(read.state, CaseState::ExtractionCompleted as i32);
+    scrape_line(
+        gateway.metrics_url(),
+        "taskgate_case_events_total{state=\"ECMP\"} 1",
+    )
+    .await;
+    scrape_line(gateway.metrics_url(), "taskgate_case_watches_open 1").await;
+}
+
+#[tokio::test]
+async fn a_cancel_is_watched_as_cr_then_noop_and_case_get_state_agrees() {
+    // Long steps: the cancel comes while the extraction is still requested.
+    let controller = SimulatedController::start(Duration::from_secs(60)).await;
+    let gateway = controller.gateway().await;
+    let mut events = watch(&gateway.client, &[]).await;
+    gateway.case_extract(4, 101337, None).await.unwrap();
+    let requested = next_event(&mut events).await;
+    assert_eq!(requested.change, state(CaseState::ExtractionRequested));
+    gateway.case_cancel(4, 101337).await.unwrap();
+    let cancel = next_event(&mut events).await;
+    assert_eq!(
+        (
+            cancel.change,
+            cancel.raw_state.as_str(),
+            cancel.segment.as_str()
+        ),
+        (Some(Change::CancelRequest(true)), "CR", "AC,4,101337,CR")
+    );
+    let noop = next_event(&mut events).await;
+    assert_eq!(
+        (noop.change, noop.bin_id, noop.segment.as_str()),
+        (
+            state(CaseState::NoOperation),
+            Some(101337),
+            "AC,4,101337,NOOP"
+        )
+    );
+    let read = gateway.case_get_state(4).await.unwrap();
+    assert_eq!(
+        (read.state, read.bin_id, read.raw_state.as_str()),
+        (CaseState::NoOperation as i32, Some(101337), "NOOP")
+    );
+}
+
+#[tokio::test]
+async fn a_lost_publisher_ends_every_watch_within_a_second_and_watches_resume_after_it_returns() {
+    let mut controller = SimulatedController::start(Duration::from_millis(50)).await;
+    let gateway = controller.gateway().await;
+    let mut port_4 = watch(&gateway.client, &[4]).await;
+    let mut every_port = watch(&gateway.client, &[]).await;
+    controller.stop_log_publisher().await;
+    for events in [&mut port_4, &mut every_port] {
+        let status = end_of(events, Duration::from_secs(1)).await;
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        let info = error_info(&status);
+        assert_eq!(info.reason, "LOG_PUBLISHER_UNAVAILABLE");
+        assert_eq!(info.domain, "taskgate");
+        assert_eq!(info.metadata["method"], "WatchCaseEvents");
+        assert_eq!(
+            info.metadata["logPublisher"],
+            controller.log_publisher.to_string()
+        );
+        assert_eq!(
+            status.message(),
+            format!(
+                "WatchCaseEvents: the Log Publisher at {} is not connected (the Log Publisher \
+                 closed the connection); events may have been missed: read the state with \
+                 CaseGetState, then watch again",
+                controller.log_publisher
+            )
+        );
+    }
+    scrape_line(gateway.metrics_url(), "taskgate_log_publisher_connected 0").await;
+    scrape_at_least(
+        gateway.metrics_url(),
+        "taskgate_calls_total{method=\"watch_case_events\",code=\"UNAVAILABLE\"}",
+        2.0,
+    )
+    .await;
+    // Task calls do not depend on the Log Publisher.
+    gateway.case_extract(4, 101337, None).await.unwrap();
+
+    controller.restart_log_publisher().await;
+    let mut resumed = within(
+        Duration::from_secs(15),
+        "no watch after the publisher came back",
+        watch(&gateway.client, &[4]),
+    )
+    .await;
+    scrape_at_least(
+        gateway.metrics_url(),
+        "taskgate_log_publisher_reconnects_total",
+        1.0,
+    )
+    .await;
+    // The first extraction has completed; a new one is watched from its start.
+    within(PROMPTLY, "the port stayed busy", async {
+        while gateway.case_extract(4, 101337, None).await.is_err() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    // The simulator may first publish the end of the extraction made while it was away.
+    within(PROMPTLY, "the new extraction was not seen", async {
+        while next_event(&mut resumed).await.change != state(CaseState::ExtractionRequested) {}
+    })
+    .await;
+}
+
+/// A gateway (with metrics, as `build` adds to it) whose Log Publisher is the test: its
+/// connection, to write lines into.
+async fn with_scripted_publisher(
+    build: impl FnOnce(GatewayBuilder) -> GatewayBuilder,
+) -> (Gateway, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let builder = Gateway::builder()
+        .log_publisher(listener.local_addr().unwrap())
+        .metrics();
+    let gateway = build(builder).start().await;
+    let (publisher, _) = within(PROMPTLY, "the gateway did not connect", listener.accept())
+        .await
+        .unwrap();
+    (gateway, publisher)
+}
+
+#[tokio::test]
+async fn garbage_malformed_and_over_long_lines_are_skipped_and_counted() {
+    let (gateway, mut publisher) = with_scripted_publisher(|config| config).await;
+    let mut events = watch(&gateway.client, &[]).await;
+    let mut script = Vec::new();
+    script.extend_from_slice(b"garbage\r\n\xff\xfe\x00binary\r\n\r\nBD,101337,330,AC\r\n");
+    script.extend_from_slice(b"AC,4,101337\r\nAC,9999,1,EREQ\r\nAC,4,101337,XXXX\r\n");
+    script.extend_from_slice(&[b'A'; 5000]);
+    script.extend_from_slice(b"\r\nAC,4,101337,EREQ\r\n");
+    // Dripped a few bytes at a time: lines are whole however the bytes arrive.
+    for chunk in script.chunks(7) {
+        publisher.write_all(chunk).await.unwrap();
+    }
+    let event = next_event(&mut events).await;
+    assert_eq!(event.segment, "AC,4,101337,EREQ");
+    let metrics_url = gateway.metrics_url();
+    for (kind, count) in [
+        ("autocase", 1),
+        ("other", 4),
+        ("malformed", 3),
+        ("too_long", 1),
+    ] {
+        scrape_line(
+            metrics_url,
+            &format!("taskgate_log_publisher_lines_total{{kind=\"{kind}\"}} {count}"),
+        )
+        .await;
+    }
+    // The connection survived all of it.
+    publisher.write_all(b"AC,4,101337,ERSO\r\n").await.unwrap();
+    assert_eq!(next_event(&mut events).await.raw_state, "ERSO");
+    scrape_line(metrics_url, "taskgate_log_publisher_connected 1").await;
+}
+
+/// 1,000 watchers on four connections all see every event in order while a watcher that never
+/// reads is cut off: the feed never waits for it. Events go out in batches, each once every
+/// watcher has the one before, so a fast watcher is never more than a batch behind.
+#[tokio::test]
+async fn a_thousand_watchers_see_every_event_and_one_that_never_reads_is_cut_off() {
+    const WATCHERS: usize = 1000;
+    const CONNECTIONS: usize = 4;
+    const BATCHES: u32 = 8;
+    const BATCH: u32 = 20;
+    const BUFFER: usize = 64;
+    let (gateway, mut publisher) = with_scripted_publisher(|builder| {
+        builder.config(|config| config.watches.buffer = BUFFER.try_into().unwrap())
+    })
+    .await;
+    // A stream window of 1 KiB, which the never-reading watcher never opens again: the gateway
+    // can then send it only a few events before they pile up in its buffer.
+    let tiny_window = Endpoint::from_shared(format!("http://{}", gateway.address))
+        .unwrap()
+        .initial_stream_window_size(1024)
+        .connect()
+        .await
+        .unwrap();
+    let mut never_reads = watch(&TaskServiceClient::new(tiny_window), &[]).await;
+    let received = Arc::new(Semaphore::new(0));
+    let mut watchers = Vec::with_capacity(WATCHERS);
+    for connection in 0..CONNECTIONS {
+        let client = TaskServiceClient::new(gateway.client_channel().await);
+        for _ in 0..WATCHERS / CONNECTIONS {
+            let mut events = watch(&client, &[]).await;
+            let received = Arc::clone(&received);
+            watchers.push(tokio::spawn(async move {
+                let mut bins = Vec::new();
+                while bins.len() < (BATCHES * BATCH) as usize {
+                    let event = events.message().await.unwrap().unwrap();
+                    bins.push(event.bin_id.unwrap());
+                    received.add_permits(1);
+                }
+                (connection, bins)
+            }));
+        }
+    }
+    let mut bin_id = 0;
+    for batch in 0..BATCHES {
+        let mut lines = String::new();
+        for _ in 0..BATCH {
+            bin_id += 1;
+            lines.push_str(&format!("AC,4,{bin_id},EREQ\r\n"));
+        }
+        publisher.write_all(lines.as_bytes()).await.unwrap();
+        let batch_permits = u32::try_from(WATCHERS).unwrap() * BATCH;
+        within(
+            Duration::from_secs(60),
+            &format!("batch {batch} did not reach every watcher"),
+            received.acquire_many(batch_permits),
+        )
+        .await
+        .unwrap()
+        .forget();
+    }
+    let expected: Vec<u32> = (1..=BATCHES * BATCH).collect();
+    for watcher in watchers {
+        let (connection, bins) = watcher.await.unwrap();
+        assert_eq!(bins, expected, "a watcher on connection {connection}");
+    }
+    // The watcher that never read gets what was on its way, then the reason it was cut off.
+    let status = end_of(&mut never_reads, PROMPTLY).await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(error_info(&status).reason, "WATCH_LAGGED");
+    assert_eq!(
+        status.message(),
+        "WatchCaseEvents: the stream fell more than 64 events behind (--watch-buffer) and was \
+         ended; events were missed: read the state with CaseGetState, then watch again"
+    );
+    scrape_line(
+        gateway.metrics_url(),
+        "taskgate_case_watches_lagged_total 1",
+    )
+    .await;
+}
+
+/// Asserts that a watch of `port_ids` is refused with `code`, `reason` and `message`.
+async fn assert_refused(
+    gateway: &Gateway,
+    port_ids: Vec<u32>,
+    code: Code,
+    reason: &str,
+    message: &str,
+) {
+    let status = gateway
+        .client
+        .clone()
+        .watch_case_events(WatchCaseEventsRequest { port_ids })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (
+            status.code(),
+            error_info(&status).reason.as_str(),
+            status.message()
+        ),
+        (code, reason, message)
+    );
+}
+
+#[tokio::test]
+async fn watches_are_refused_with_the_documented_statuses() {
+    let gateway = Gateway::builder().start().await;
+    assert_refused(
+        &gateway,
+        Vec::new(),
+        Code::FailedPrecondition,
+        "LOG_PUBLISHER_DISABLED",
+        "WatchCaseEvents: the gateway runs without a Log Publisher (--log-publisher off), so it \
+         has no case events; read states with CaseGetState",
+    )
+    .await;
+    assert_refused(
+        &gateway,
+        vec![4, 0, 2001],
+        Code::InvalidArgument,
+        "INVALID_PARAMETER",
+        "WatchCaseEvents: port_ids 0 is out of range 1-2000; port_ids 2001 is out of range 1-2000",
+    )
+    .await;
+
+    // One watch allowed.
+    let controller = SimulatedController::start(Duration::from_millis(50)).await;
+    let gateway = Gateway::builder()
+        .upstream(&controller.url)
+        .log_publisher(controller.log_publisher)
+        .config(|config| config.watches.max_watches = 1.try_into().unwrap())
+        .start()
+        .await;
+    let mut open = watch(&gateway.client, &[]).await;
+    assert_refused(
+        &gateway,
+        Vec::new(),
+        Code::ResourceExhausted,
+        "TOO_MANY_WATCHES",
+        "WatchCaseEvents: 1 watches are already open (--max-watches); retry once one has closed",
+    )
+    .await;
+    drop(open);
+    open = watch(&gateway.client, &[]).await;
+    drop(open);
+
+    // The caller's deadline ends the stream.
+    let mut events = within(PROMPTLY, "no watch", async {
+        loop {
+            let mut request = tonic::Request::new(WatchCaseEventsRequest::default());
+            request.set_timeout(Duration::from_millis(300));
+            if let Ok(response) = gateway.client.clone().watch_case_events(request).await {
+                return response.into_inner();
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let status = end_of(&mut events, PROMPTLY).await;
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(error_info(&status).reason, "DEADLINE_REACHED");
+    assert_eq!(
+        status.message(),
+        "WatchCaseEvents: the caller's deadline of 300ms has passed"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_watches_at_once_instead_of_waiting_out_the_grace() {
+    let controller = SimulatedController::start(Duration::from_millis(50)).await;
+    let mut gateway = Gateway::builder()
+        .upstream(&controller.url)
+        .log_publisher(controller.log_publisher)
+        .config(|config| config.shutdown_grace = Duration::from_secs(120))
+        .start()
+        .await;
+    let mut events = watch(&gateway.client, &[]).await;
+    gateway.begin_shutdown();
+    let status = end_of(&mut events, PROMPTLY).await;
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(error_info(&status).reason, "SHUTTING_DOWN");
+    drop(events);
+    within(PROMPTLY, "serve waited for the watch", gateway.join())
+        .await
+        .unwrap();
+}
