@@ -896,3 +896,135 @@ async fn sighup_never_ends_serve_or_simulate() {
     let (code, log) = simulate.finish().await;
     assert_eq!(code, Some(0), "{log}");
 }
+
+/// The event lines a command printed, without the time each starts with (it varies).
+fn event_lines(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .filter(|line| line.starts_with(|first: char| first.is_ascii_digit()))
+        .map(|line| line.split_once(' ').unwrap().1.to_owned())
+        .collect()
+}
+
+/// `watch` prints each event of the port as it comes, and `case-extract --wait` follows its
+/// extraction to ECMP, against `serve --simulator` with its own Log Publisher (issue 10).
+#[tokio::test]
+async fn watch_and_case_extract_wait_follow_an_extraction_to_its_end() {
+    let layout = TestFile::new(
+        "watch-cli",
+        "layout.toml",
+        "step_time = \"50ms\"\n[[port]]\nid = 4\nautocase = true\nmode = \"OPEN\"\nselected_bin = 101337\n",
+    );
+    let layout_path = layout.to_str().unwrap();
+    let serve = TaskgateProcess::start(&["--simulator-config", layout_path]).await;
+    let gateway = serve.gateway.as_str();
+    let mut watch = Command::new(BIN)
+        .args(["watch", "--gateway", gateway, "--port", "4"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut watch_stderr = BufReader::new(watch.stderr.take().unwrap()).lines();
+    // Printed once the stream is open, so the extraction below cannot come before it.
+    let opened = within(PROCESS_WAIT, "watch did not open", watch_stderr.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(opened, "watch port 4: one line per event; stop with Ctrl-C");
+    let mut watch_stdout = BufReader::new(watch.stdout.take().unwrap()).lines();
+
+    let (stdout, _) = run(
+        &[
+            "case-extract",
+            "--gateway",
+            gateway,
+            "--port",
+            "4",
+            "--bin",
+            "101337",
+            "--wait",
+        ],
+        0,
+    )
+    .await;
+    let expected = [
+        "port 4 bin 101337 EREQ (EXTRACTION_REQUESTED)",
+        "port 4 bin 101337 ERSO (EXTRACTION_READY_TO_SEND)",
+        "port 4 bin 101337 ECMP (EXTRACTION_COMPLETED)",
+    ];
+    assert_eq!(event_lines(&stdout), expected, "{stdout}");
+    assert!(
+        stdout.starts_with(
+            "ok: case_extract port 4 bin 101337: the controller accepted the case extraction; \
+             following it\n"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.ends_with("ok: case_extract port 4 bin 101337: the case is out (ECMP)\n"),
+        "{stdout}"
+    );
+    let mut watched = String::new();
+    for _ in expected {
+        let line = within(
+            PROCESS_WAIT,
+            "watch printed no line",
+            watch_stdout.next_line(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        watched.push_str(&line);
+        watched.push('\n');
+    }
+    assert_eq!(event_lines(&watched), expected, "{watched}");
+    let watch_pid = watch.id().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &watch_pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let status = within(PROCESS_WAIT, "watch did not stop", watch.wait())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "watch did not exit 0 on SIGTERM");
+    serve.signal("TERM").await;
+    let (code, log) = serve.finish().await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
+/// Without a Log Publisher, `case-extract --wait` cannot follow, so it asks for nothing.
+#[tokio::test]
+async fn case_extract_wait_asks_for_nothing_when_it_cannot_follow() {
+    let serve = TaskgateProcess::start(&["--log-publisher", "off"]).await;
+    let gateway = serve.gateway.as_str();
+    let (stdout, _) = run(
+        &[
+            "case-extract",
+            "--gateway",
+            gateway,
+            "--port",
+            "4",
+            "--bin",
+            "101337",
+            "--wait",
+        ],
+        1,
+    )
+    .await;
+    assert!(
+        stdout.starts_with(
+            "failed: case_extract port 4 bin 101337: FAILED_PRECONDITION\n\
+             \x20 reason:  LOG_PUBLISHER_DISABLED (taskgate)\n"
+        ),
+        "{stdout}"
+    );
+    let (stdout, _) = run(&["case-state", "--gateway", gateway, "--port", "4"], 0).await;
+    assert!(
+        stdout.starts_with("ok: case_getstate port 4: state NOOP (NO_OPERATION), no bin\n"),
+        "{stdout}"
+    );
+}

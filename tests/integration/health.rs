@@ -187,12 +187,17 @@ async fn reflection_describes_every_task_rpc() {
             )
         })
         .collect();
-    let expected: Vec<(String, String, String)> = ["CaseExtract", "CaseCancel", "CaseGetState"]
+    let mut expected: Vec<(String, String, String)> = ["CaseExtract", "CaseCancel", "CaseGetState"]
         .map(|name| {
             let message = |suffix| format!(".taskgate.v1.{name}{suffix}");
             (name.to_owned(), message("Request"), message("Response"))
         })
         .into();
+    expected.push((
+        "WatchCaseEvents".to_owned(),
+        ".taskgate.v1.WatchCaseEventsRequest".to_owned(),
+        ".taskgate.v1.CaseEvent".to_owned(),
+    ));
     assert_eq!(methods, expected);
 }
 
