@@ -897,6 +897,22 @@ async fn sighup_never_ends_serve_or_simulate() {
     assert_eq!(code, Some(0), "{log}");
 }
 
+/// `case-extract --port 4 --bin 101337 --wait` on `gateway`, which must exit with
+/// `expected_exit`; what it printed.
+async fn case_extract_wait(gateway: &str, expected_exit: i32) -> String {
+    let args = [
+        "case-extract",
+        "--gateway",
+        gateway,
+        "--port",
+        "4",
+        "--bin",
+        "101337",
+        "--wait",
+    ];
+    run(&args, expected_exit).await.0
+}
+
 /// The event lines a command printed, without the time each starts with (it varies).
 fn event_lines(stdout: &str) -> Vec<String> {
     stdout
@@ -935,20 +951,7 @@ async fn watch_and_case_extract_wait_follow_an_extraction_to_its_end() {
     assert_eq!(opened, "watch port 4: one line per event; stop with Ctrl-C");
     let mut watch_stdout = BufReader::new(watch.stdout.take().unwrap()).lines();
 
-    let (stdout, _) = run(
-        &[
-            "case-extract",
-            "--gateway",
-            gateway,
-            "--port",
-            "4",
-            "--bin",
-            "101337",
-            "--wait",
-        ],
-        0,
-    )
-    .await;
+    let stdout = case_extract_wait(gateway, 0).await;
     let expected = [
         "port 4 bin 101337 EREQ (EXTRACTION_REQUESTED)",
         "port 4 bin 101337 ERSO (EXTRACTION_READY_TO_SEND)",
@@ -1001,20 +1004,7 @@ async fn watch_and_case_extract_wait_follow_an_extraction_to_its_end() {
 async fn case_extract_wait_asks_for_nothing_when_it_cannot_follow() {
     let serve = TaskgateProcess::start(&["--log-publisher", "off"]).await;
     let gateway = serve.gateway.as_str();
-    let (stdout, _) = run(
-        &[
-            "case-extract",
-            "--gateway",
-            gateway,
-            "--port",
-            "4",
-            "--bin",
-            "101337",
-            "--wait",
-        ],
-        1,
-    )
-    .await;
+    let stdout = case_extract_wait(gateway, 1).await;
     assert!(
         stdout.starts_with(
             "failed: case_extract port 4 bin 101337: FAILED_PRECONDITION\n\
