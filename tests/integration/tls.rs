@@ -16,12 +16,12 @@ use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use url::Url;
 
-use taskgate::config::parse_upstream_url;
-use taskgate::proto::CaseExtractRequest;
+use taskgate::config::{LogPublisherAddress, parse_upstream_url};
 use taskgate::proto::task_service_client::TaskServiceClient;
+use taskgate::proto::{CaseExtractRequest, WatchCaseEventsRequest};
 use taskgate::tls::{ServerTls, TlsError, UpstreamTls};
 
-use crate::support::{Gateway, TestFolder, endpoint, error_info, test_folder};
+use crate::support::{Gateway, PROMPTLY, TestFolder, endpoint, error_info, test_folder, within};
 
 /// A CA, a certificate for localhost signed by it, and a client certificate signed by it, as
 /// PEM files in a fresh folder, removed with the `Pki`.
@@ -198,23 +198,7 @@ fn bad_tls_files_are_startup_errors_that_name_the_file() {
 /// A controller on HTTPS that requires a client certificate from the test CA; it answers every
 /// request with an empty success.
 async fn https_controller(pki: &Pki) -> std::net::SocketAddr {
-    let mut roots = RootCertStore::empty();
-    for certificate in CertificateDer::pem_file_iter(pki.path("ca.pem")).unwrap() {
-        roots.add(certificate.unwrap()).unwrap();
-    }
-    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
-        .build()
-        .unwrap();
-    let certificates = CertificateDer::pem_file_iter(pki.path("server.pem"))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(pki.path("server.key")).unwrap();
-    let config = ServerConfig::builder()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certificates, key)
-        .unwrap();
-    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let acceptor = acceptor_requiring_client_certificates(pki);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -244,6 +228,28 @@ async fn https_controller(pki: &Pki) -> std::net::SocketAddr {
         }
     });
     address
+}
+
+/// A TLS server configuration with the test CA's localhost certificate that requires a client
+/// certificate from the same CA.
+fn acceptor_requiring_client_certificates(pki: &Pki) -> TlsAcceptor {
+    let mut roots = RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(pki.path("ca.pem")).unwrap() {
+        roots.add(certificate.unwrap()).unwrap();
+    }
+    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+        .build()
+        .unwrap();
+    let certificates = CertificateDer::pem_file_iter(pki.path("server.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(pki.path("server.key")).unwrap();
+    let config = ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certificates, key)
+        .unwrap();
+    TlsAcceptor::from(Arc::new(config))
 }
 
 /// A gateway calling `url`, trusting `ca`'s CA and presenting `client`'s certificate, if any.
@@ -284,6 +290,100 @@ async fn https_to_the_controller_with_a_client_certificate() {
     assert_eq!(error_info(&status).reason, "UPSTREAM_UNREACHABLE");
     assert!(
         status.message().contains("certificate"),
+        "{}",
+        status.message()
+    );
+}
+
+/// The Log Publisher over TLS (`tls://HOST:PORT`), with the upstream's CA and client
+/// certificate: a publisher that requires the certificate streams an event to a watcher, and
+/// one whose certificate the gateway does not trust is never read (issue 10).
+#[tokio::test]
+async fn the_log_publisher_over_tls_with_the_upstreams_ca_and_client_certificate() {
+    let pki = Pki::new("log-publisher");
+    let acceptor = acceptor_requiring_client_certificates(&pki);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Every connection that completes the handshake, for the test to write to.
+    let (handshaken, mut publishers) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            if let Ok(stream) = acceptor.accept(stream).await {
+                let _ = handshaken.send(stream);
+            }
+        }
+    });
+    let upstream_tls = UpstreamTls::load(
+        Some(&pki.path("ca.pem")),
+        Some(&pki.path("client.pem")),
+        Some(&pki.path("client.key")),
+    )
+    .unwrap();
+    let tls_address = LogPublisherAddress {
+        host: "localhost".to_owned(),
+        port,
+        tls: true,
+    };
+    let address = tls_address.clone();
+    let gateway = Gateway::builder()
+        .config(move |config| {
+            config.upstream.tls = upstream_tls;
+            config.log_publisher = Some(address);
+        })
+        .start()
+        .await;
+    let mut stream = within(PROMPTLY, "no TLS handshake", publishers.recv())
+        .await
+        .unwrap();
+    let mut events = within(PROMPTLY, "no watch", async {
+        loop {
+            let request = WatchCaseEventsRequest::default();
+            if let Ok(response) = gateway.client.clone().watch_case_events(request).await {
+                return response.into_inner();
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    stream.write_all(b"AC,4,101337,EREQ\r\n").await.unwrap();
+    let event = within(PROMPTLY, "no event", events.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.segment, "AC,4,101337,EREQ");
+
+    // A gateway that trusts another CA refuses the publisher's certificate: no watch starts,
+    // and the refusal says why.
+    let other = Pki::new("log-publisher-other");
+    let untrusting = UpstreamTls::load(Some(&other.path("ca.pem")), None, None).unwrap();
+    let gateway = Gateway::builder()
+        .config(move |config| {
+            config.upstream.tls = untrusting;
+            config.log_publisher = Some(tls_address);
+        })
+        .start()
+        .await;
+    let status = within(PROMPTLY, "the handshake did not fail", async {
+        loop {
+            let request = WatchCaseEventsRequest::default();
+            let status = gateway
+                .client
+                .clone()
+                .watch_case_events(request)
+                .await
+                .unwrap_err();
+            if status.message().contains("TLS handshake") {
+                return status;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(error_info(&status).reason, "LOG_PUBLISHER_UNAVAILABLE");
+    assert!(
+        status
+            .message()
+            .contains(&format!("TLS handshake with tls://localhost:{port} failed")),
         "{}",
         status.message()
     );
