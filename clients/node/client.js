@@ -25,6 +25,8 @@ taskRoot.resolvePath = (_origin, target) => path.join(PROTO_ROOT, target);
 taskRoot.loadSync(TASK_PROTO, { keepCase: true });
 const TaskFault = taskRoot.lookupType("taskgate.v1.TaskFault");
 const CaseExtractRequest = taskRoot.lookupType("taskgate.v1.CaseExtractRequest");
+const WatchCaseEventsRequest = taskRoot.lookupType("taskgate.v1.WatchCaseEventsRequest");
+const CaseEvent = taskRoot.lookupType("taskgate.v1.CaseEvent");
 const FaultCode = taskRoot.lookupEnum("taskgate.v1.FaultCode").values;
 
 // The standard google.rpc types the gateway puts in grpc-status-details-bin, by field number.
@@ -143,6 +145,137 @@ function errorFromStatusDetails(code, message, detailsBytes) {
   return new TaskGateError(fields);
 }
 
+/** Decodes the grpc-status-details-bin of a grpc-js status's metadata into a TaskGateError. */
+function errorFromGrpcStatus({ code, details, metadata }) {
+  const bytes = metadata ? metadata.get("grpc-status-details-bin")[0] : undefined;
+  return errorFromStatusDetails(code, details || "", bytes);
+}
+
+/**
+ * A CaseEvent as a plain object, the same over gRPC and gRPC-Web: `port_id`; `bin_id` (null
+ * when the segment names no bin); `state` (the CaseState name, null for a cancel request);
+ * `cancel_request` (true for `CR`, the cancel-request signal, which is not a state);
+ * `raw_state` (the vendor code, e.g. "ERSO" or "CR"); `segment` (as the Log Publisher sent it);
+ * `received_at` (a Date: when the gateway received the segment).
+ */
+function caseEventFrom(message) {
+  const at = message.received_at;
+  return {
+    port_id: message.port_id,
+    bin_id: message.bin_id ?? null,
+    state: message.state ?? null,
+    cancel_request: message.cancel_request === true,
+    raw_state: message.raw_state,
+    segment: message.segment,
+    received_at: at ? new Date(Number(at.seconds) * 1000 + Math.floor((at.nanos || 0) / 1e6)) : null,
+  };
+}
+
+/**
+ * An open WatchCaseEvents stream: iterate it with `for await` to receive case events (see
+ * caseEventFrom). The stream ends only with an error, thrown from the iteration as a
+ * TaskGateError (WATCH_LAGGED, LOG_PUBLISHER_UNAVAILABLE, DEADLINE_REACHED, ...), or when it is
+ * cancelled (`cancel()`, or leaving the loop), which ends the iteration quietly.
+ */
+class CaseEventWatch {
+  constructor(events, cancel, requestId) {
+    this.events = events;
+    this.cancelStream = cancel;
+    /** The call's request id, as the gateway logs it. */
+    this.requestId = requestId;
+  }
+
+  [Symbol.asyncIterator]() {
+    return this.events;
+  }
+
+  /**
+   * Reads the next event: resolves with it, or with null once the watch is cancelled; rejects
+   * with the TaskGateError that ended the stream.
+   */
+  async nextEvent() {
+    const { value, done } = await this.events.next();
+    return done ? null : value;
+  }
+
+  /** Ends the stream; the iteration then stops. */
+  cancel() {
+    this.cancelStream();
+  }
+}
+
+// How many received events a native watch holds for a slow reader before it stops reading from
+// the connection; the gateway then holds them (up to --watch-buffer) and ends a stream that
+// falls further behind with WATCH_LAGGED, rather than this process buffering without bound.
+const WATCH_QUEUE = 64;
+
+/**
+ * Adapts a grpc-js server stream: resolves with a CaseEventWatch once the gateway has answered
+ * the call's headers (it has started the watch), rejects with a TaskGateError when it refused
+ * it (a trailers-only reply).
+ */
+function nativeWatch(call) {
+  const queue = [];
+  let status = null;
+  let ended = false;
+  let cancelled = false;
+  let wake = null;
+  const notify = () => {
+    if (wake) wake();
+    wake = null;
+  };
+  call.on("data", (message) => {
+    queue.push(message);
+    if (queue.length >= WATCH_QUEUE) call.pause();
+    notify();
+  });
+  call.on("end", () => {
+    ended = true;
+    notify();
+  });
+  // The status says the same as the 'error' event, with its metadata; this listener only keeps
+  // an unread error from being thrown as an uncaught exception.
+  call.on("error", () => {});
+  call.on("status", (received) => {
+    status = received;
+    notify();
+  });
+  async function* events() {
+    try {
+      for (;;) {
+        if (queue.length > 0) {
+          const message = queue.shift();
+          if (queue.length < WATCH_QUEUE) call.resume();
+          yield caseEventFrom(message);
+        } else if (status && (ended || status.code !== grpc.status.OK)) {
+          // Every message is read once the stream has ended; an error status ends it anyway.
+          if (status.code === grpc.status.OK || (cancelled && status.code === grpc.status.CANCELLED)) return;
+          throw errorFromGrpcStatus(status);
+        } else {
+          await new Promise((resolve) => {
+            wake = resolve;
+          });
+        }
+      }
+    } finally {
+      if (!status) {
+        cancelled = true;
+        call.cancel();
+      }
+    }
+  }
+  const cancel = () => {
+    cancelled = true;
+    call.cancel();
+  };
+  return new Promise((resolve, reject) => {
+    call.once("metadata", (headers) => {
+      resolve(new CaseEventWatch(events(), cancel, String(headers.get("x-request-id")[0] || "")));
+    });
+    call.once("status", (received) => reject(errorFromGrpcStatus(received)));
+  });
+}
+
 /** A connection to a taskgate gateway over gRPC (HTTP/2). */
 class TaskGate {
   /** `target` is host:port; `token` a bearer token when the gateway requires one. */
@@ -180,11 +313,31 @@ class TaskGate {
     return { ...response, bin_id: response.bin_id ?? null };
   }
 
-  /** Calls `method` with the token and request id; resolves with { response, requestId }. */
-  call(method, request, { timeoutMs = 10000, requestId } = {}) {
+  /**
+   * Watches the AutoCase events of `portIds` (every port when empty) from now on. Resolves with
+   * a CaseEventWatch once the gateway has started the watch, so an operation started after that
+   * is seen from its first event; rejects with a TaskGateError when the gateway refuses it
+   * (LOG_PUBLISHER_UNAVAILABLE, LOG_PUBLISHER_DISABLED, TOO_MANY_WATCHES, INVALID_PARAMETER).
+   * `timeoutMs` bounds the whole stream; without it the watch lasts until cancelled. Read the
+   * state with caseGetState first, and again after the stream ends with an error: events may
+   * have been missed.
+   */
+  watchCaseEvents(portIds = [], { timeoutMs, requestId } = {}) {
+    const options = timeoutMs === undefined ? {} : { deadline: Date.now() + timeoutMs };
+    return nativeWatch(this.client.WatchCaseEvents({ port_ids: portIds }, this.metadata(requestId), options));
+  }
+
+  /** The call metadata: the token and the request id, when given. */
+  metadata(requestId) {
     const metadata = new grpc.Metadata();
     if (this.token) metadata.set("authorization", `Bearer ${this.token}`);
     if (requestId) metadata.set("x-request-id", requestId);
+    return metadata;
+  }
+
+  /** Calls `method` with the token and request id; resolves with { response, requestId }. */
+  call(method, request, { timeoutMs = 10000, requestId } = {}) {
+    const metadata = this.metadata(requestId);
     return new Promise((resolve, reject) => {
       let returnedId = "";
       const call = this.client[method](request, metadata, { deadline: Date.now() + timeoutMs }, (error, response) => {
@@ -201,6 +354,111 @@ class TaskGate {
   close() {
     this.client.close();
   }
+}
+
+/** One gRPC-Web frame: flag byte, 4-byte big-endian length, payload. */
+function grpcWebFrame(message) {
+  const frame = Buffer.alloc(5 + message.length);
+  frame.writeUInt8(0, 0);
+  frame.writeUInt32BE(message.length, 1);
+  Buffer.from(message).copy(frame, 5);
+  return frame;
+}
+
+/**
+ * The gRPC-Web frames in `chunks` (an async iterable of byte chunks, such as a fetch body), as
+ * { flags, payload }, however the chunks split them: a frame may span chunks and a chunk may
+ * hold several frames. Throws if the bytes end inside a frame.
+ */
+async function* grpcWebFrames(chunks) {
+  let pending = Buffer.alloc(0);
+  for await (const chunk of chunks) {
+    pending = pending.length === 0 ? Buffer.from(chunk) : Buffer.concat([pending, chunk]);
+    let offset = 0;
+    while (pending.length - offset >= 5) {
+      const length = pending.readUInt32BE(offset + 1);
+      if (pending.length - offset < 5 + length) break;
+      yield { flags: pending.readUInt8(offset), payload: pending.subarray(offset + 5, offset + 5 + length) };
+      offset += 5 + length;
+    }
+    pending = pending.subarray(offset);
+  }
+  if (pending.length > 0) throw new Error(`the gRPC-Web body ended inside a frame (${pending.length} bytes left)`);
+}
+
+/** The headers of a gRPC-Web trailer frame's payload (`name: value` lines), by lowercase name. */
+function grpcWebTrailers(payload) {
+  const trailers = new Map();
+  for (const line of payload.toString("utf8").split("\r\n")) {
+    const colon = line.indexOf(":");
+    if (colon > 0) trailers.set(line.slice(0, colon).trim().toLowerCase(), line.slice(colon + 1).trim());
+  }
+  return trailers;
+}
+
+/** The TaskGateError a gRPC-Web status (trailers or trailers-only headers) describes. */
+function errorFromGrpcWebTrailers(trailers) {
+  const details = trailers.get("grpc-status-details-bin");
+  return errorFromStatusDetails(
+    Number(trailers.get("grpc-status")),
+    decodeURIComponent(trailers.get("grpc-message") || ""),
+    details ? Buffer.from(details, "base64") : undefined,
+  );
+}
+
+/**
+ * Watches case events over gRPC-Web (HTTP/1.1, as a browser does) with fetch: resolves with a
+ * CaseEventWatch like TaskGate.watchCaseEvents does, once the gateway has answered the response
+ * head; rejects with a TaskGateError when it refused the watch. Events arrive as the messages
+ * of the chunked response body, and the status that ends the stream in its trailer frame (flag
+ * 0x80). `timeoutMs` is sent as the grpc-timeout header: the gateway enforces it.
+ */
+async function watchCaseEventsGrpcWeb(baseUrl, portIds = [], { headers = {}, timeoutMs } = {}) {
+  const body = grpcWebFrame(WatchCaseEventsRequest.encode({ port_ids: portIds }).finish());
+  const requestHeaders = { "content-type": "application/grpc-web+proto", "x-grpc-web": "1", ...headers };
+  if (timeoutMs !== undefined) requestHeaders["grpc-timeout"] = `${Math.ceil(timeoutMs)}m`;
+  const abort = new AbortController();
+  const response = await fetch(`${baseUrl}/taskgate.v1.TaskService/WatchCaseEvents`, {
+    method: "POST",
+    headers: requestHeaders,
+    body,
+    signal: abort.signal,
+  });
+  // A refusal is trailers-only: the status is in the response head and the body is empty.
+  if (response.headers.has("grpc-status")) {
+    await response.body?.cancel();
+    throw errorFromGrpcWebTrailers(new Map(response.headers));
+  }
+  let cancelled = false;
+  let finished = false;
+  async function* events() {
+    try {
+      for await (const { flags, payload } of grpcWebFrames(response.body)) {
+        if (flags & 0x80) {
+          finished = true;
+          const trailers = grpcWebTrailers(payload);
+          if (Number(trailers.get("grpc-status")) === 0) return;
+          throw errorFromGrpcWebTrailers(trailers);
+        }
+        yield caseEventFrom(CaseEvent.toObject(CaseEvent.decode(payload), { enums: String, longs: Number }));
+      }
+      throw errorFromStatusDetails(grpc.status.INTERNAL, "the gRPC-Web stream ended without a trailer frame");
+    } catch (error) {
+      if (error instanceof TaskGateError) throw error;
+      if (cancelled) return;
+      throw errorFromStatusDetails(grpc.status.UNAVAILABLE, `the gRPC-Web stream broke off: ${error.message}`);
+    } finally {
+      if (!finished) {
+        cancelled = true;
+        abort.abort();
+      }
+    }
+  }
+  const cancel = () => {
+    cancelled = true;
+    abort.abort();
+  };
+  return new CaseEventWatch(events(), cancel, response.headers.get("x-request-id") || "");
 }
 
 /**
@@ -243,4 +501,13 @@ async function caseExtractGrpcWeb(baseUrl, portId, binId, { headers = {} } = {})
   throw errorFromStatusDetails(code, message_, details ? Buffer.from(details, "base64") : undefined);
 }
 
-module.exports = { TaskGate, TaskGateError, FaultCode, caseExtractGrpcWeb, errorFromStatusDetails };
+module.exports = {
+  TaskGate,
+  TaskGateError,
+  CaseEventWatch,
+  FaultCode,
+  caseExtractGrpcWeb,
+  watchCaseEventsGrpcWeb,
+  grpcWebFrames,
+  errorFromStatusDetails,
+};

@@ -1,10 +1,20 @@
 "use strict";
 // The Node client against the real gateway: gRPC and gRPC-Web, success and every typed fault,
-// cancel and case state.
+// cancel and case state, and WatchCaseEvents' server stream.
 
-const { test, before, after } = require("node:test");
+const { test, describe, before, after } = require("node:test");
 const assert = require("node:assert/strict");
-const { TaskGate, TaskGateError, caseExtractGrpcWeb } = require("../client.js");
+const fs = require("node:fs");
+const os = require("node:os");
+const path = require("node:path");
+const {
+  TaskGate,
+  TaskGateError,
+  caseExtractGrpcWeb,
+  watchCaseEventsGrpcWeb,
+  grpcWebFrames,
+  errorFromStatusDetails,
+} = require("../client.js");
 const { startGateway } = require("./gateway.js");
 
 let gateway;
@@ -125,4 +135,237 @@ test("gRPC-Web: 1148 carries its retry delay", async () => {
   const error = await expectError(caseExtractGrpcWeb(baseUrl, 4, 101337));
   assert.equal(error.rawCode, 1148);
   assert.equal(error.retryDelayMs, 1500);
+});
+
+test("gRPC-Web frames are read whole however the body's chunks split them", async () => {
+  const frame = (flags, text) => {
+    const payload = Buffer.from(text);
+    const bytes = Buffer.alloc(5 + payload.length);
+    bytes.writeUInt8(flags, 0);
+    bytes.writeUInt32BE(payload.length, 1);
+    payload.copy(bytes, 5);
+    return bytes;
+  };
+  const body = Buffer.concat([frame(0, "first"), frame(0, ""), frame(0, "x".repeat(300)), frame(0x80, "grpc-status: 0\r\n")]);
+  const expected = [
+    [0, "first"],
+    [0, ""],
+    [0, "x".repeat(300)],
+    [0x80, "grpc-status: 0\r\n"],
+  ];
+  async function* chunked(size) {
+    for (let offset = 0; offset < body.length; offset += size) yield new Uint8Array(body.subarray(offset, offset + size));
+  }
+  for (const size of [1, 2, 3, 4, 5, 6, 7, 64, body.length]) {
+    const frames = [];
+    for await (const { flags, payload } of grpcWebFrames(chunked(size))) frames.push([flags, payload.toString()]);
+    assert.deepEqual(frames, expected, `chunks of ${size} bytes`);
+  }
+  async function* truncated() {
+    yield body.subarray(0, 7);
+  }
+  await assert.rejects(async () => {
+    for await (const _ of grpcWebFrames(truncated()));
+  }, /ended inside a frame/);
+});
+
+describe("WatchCaseEvents", () => {
+  // The longest a watch is retried while the gateway's Log Publisher feed connects after start,
+  // and the deadline of every stream a test reads: an event that never comes ends the stream (and
+  // fails the test) within it.
+  const FEED_LIMIT_MS = 10_000;
+  const STREAM_LIMIT_MS = 10_000;
+  const EXTRACTION = [
+    ["CASE_STATE_EXTRACTION_REQUESTED", "EREQ"],
+    ["CASE_STATE_EXTRACTION_READY_TO_SEND", "ERSO"],
+    ["CASE_STATE_EXTRACTION_COMPLETED", "ECMP"],
+  ];
+  let layouts;
+  let fast;
+  let slow;
+  let withoutPublisher;
+
+  // Port 4 of the default layout alone, each extraction state (EREQ, ERSO) lasting `stepTime`.
+  function layout(stepTime) {
+    const file = path.join(layouts, `step-${stepTime}.toml`);
+    fs.writeFileSync(
+      file,
+      `step_time = "${stepTime}"\n[[port]]\nid = 4\nautocase = true\nmode = "OPEN"\nselected_bin = 101337\n`,
+    );
+    return file;
+  }
+
+  before(async () => {
+    layouts = fs.mkdtempSync(path.join(os.tmpdir(), "taskgate-layout-"));
+    // An extraction through EREQ, ERSO and ECMP in 100 ms; one that stays requested for an hour,
+    // for a cancel to find it running; and a gateway without case events.
+    [fast, slow, withoutPublisher] = await Promise.all([
+      startGateway(["--simulator-config", layout("50ms")]),
+      startGateway(["--simulator-config", layout("1h")]),
+      startGateway(["--log-publisher", "off"]),
+    ]);
+    for (const gateway of [fast, slow, withoutPublisher]) {
+      gateway.client = new TaskGate(gateway.address);
+      gateway.baseUrl = `http://${gateway.address}`;
+    }
+  });
+
+  after(async () => {
+    for (const gateway of [fast, slow, withoutPublisher]) {
+      gateway.client.close();
+      assert.equal(await gateway.stop(), 0);
+    }
+    fs.rmSync(layouts, { recursive: true, force: true });
+  });
+
+  // Opens a watch with `open` once the gateway's feed is connected: just after the gateway
+  // starts, a watch is refused with UNAVAILABLE (LOG_PUBLISHER_UNAVAILABLE) until then, which is
+  // retried for at most FEED_LIMIT_MS.
+  async function openWatch(open) {
+    const giveUp = Date.now() + FEED_LIMIT_MS;
+    for (;;) {
+      try {
+        return await open();
+      } catch (error) {
+        if (!(error instanceof TaskGateError) || error.reason !== "LOG_PUBLISHER_UNAVAILABLE" || Date.now() > giveUp) {
+          throw error;
+        }
+      }
+    }
+  }
+
+  const transports = {
+    gRPC: (gateway, portIds, options) => gateway.client.watchCaseEvents(portIds, options),
+    "gRPC-Web": (gateway, portIds, options) => watchCaseEventsGrpcWeb(gateway.baseUrl, portIds, options),
+  };
+
+  for (const [transport, watch] of Object.entries(transports)) {
+    test(`${transport}: an extraction is watched as EREQ, ERSO, ECMP`, async () => {
+      const before = Date.now();
+      const events = await openWatch(() => watch(fast, [4], { timeoutMs: STREAM_LIMIT_MS }));
+      assert.ok(events.requestId);
+      await fast.client.caseExtract(4, 101337);
+      const seen = [];
+      for await (const event of events) {
+        seen.push(event);
+        if (seen.length === EXTRACTION.length) break;
+      }
+      assert.deepEqual(
+        seen.map(({ received_at: _, ...event }) => event),
+        EXTRACTION.map(([state, code]) => ({
+          port_id: 4,
+          bin_id: 101337,
+          state,
+          cancel_request: false,
+          raw_state: code,
+          segment: `AC,4,101337,${code}`,
+        })),
+      );
+      // Each arrived as it happened, long before the stream's deadline.
+      const received = seen.map((event) => event.received_at.getTime());
+      assert.ok(before - 1000 <= received[0] && received[0] <= received[1] && received[1] <= received[2], String(received));
+      assert.ok(Date.now() - before < STREAM_LIMIT_MS / 2);
+      assert.equal((await fast.client.caseGetState(4)).raw_state, "ECMP");
+    });
+
+    test(`${transport}: a deadline ends the stream with DEADLINE_REACHED`, async () => {
+      const events = await openWatch(() => watch(fast, [4], { timeoutMs: 1000 }));
+      const error = await expectError(
+        (async () => {
+          for await (const _ of events);
+        })(),
+      );
+      // The gateway's own status with its details, not the client's bare timeout.
+      assert.equal(error.codeName, "DEADLINE_EXCEEDED");
+      assert.equal(error.reason, "DEADLINE_REACHED");
+      assert.equal(error.domain, "taskgate");
+      assert.deepEqual(error.metadata, { method: "WatchCaseEvents" });
+    });
+
+    test(`${transport}: a gateway without Log Publisher refuses watches with LOG_PUBLISHER_DISABLED`, async () => {
+      const error = await expectError(watch(withoutPublisher, [4], { timeoutMs: STREAM_LIMIT_MS }));
+      assert.equal(error.codeName, "FAILED_PRECONDITION");
+      assert.equal(error.reason, "LOG_PUBLISHER_DISABLED");
+      assert.equal(error.domain, "taskgate");
+      assert.deepEqual(error.metadata, { method: "WatchCaseEvents" });
+      assert.match(error.message, /--log-publisher off/);
+    });
+
+    test(`${transport}: ports out of range are refused`, async () => {
+      const error = await expectError(watch(fast, [4, 0, 2001], { timeoutMs: STREAM_LIMIT_MS }));
+      assert.equal(error.codeName, "INVALID_ARGUMENT");
+      assert.equal(error.reason, "INVALID_PARAMETER");
+      assert.deepEqual(
+        error.fieldViolations.map((violation) => violation.field),
+        ["port_ids", "port_ids"],
+      );
+    });
+
+    test(`${transport}: cancelling a watch ends its iteration`, async () => {
+      const events = await openWatch(() => watch(fast, [4], { timeoutMs: STREAM_LIMIT_MS }));
+      events.cancel();
+      assert.equal(await events.nextEvent(), null);
+    });
+  }
+
+  test("gRPC: a cancel is watched as CR, then NOOP", async () => {
+    const events = await openWatch(() => slow.client.watchCaseEvents([], { timeoutMs: STREAM_LIMIT_MS }));
+    try {
+      await slow.client.caseExtract(4, 101337);
+      assert.equal((await events.nextEvent()).raw_state, "EREQ");
+      await slow.client.caseCancel(4, 101337);
+      const { received_at: _cr, ...cancel } = await events.nextEvent();
+      const { received_at: _noop, ...noop } = await events.nextEvent();
+      // CR is a signal, not a state.
+      assert.deepEqual(cancel, {
+        port_id: 4,
+        bin_id: 101337,
+        state: null,
+        cancel_request: true,
+        raw_state: "CR",
+        segment: "AC,4,101337,CR",
+      });
+      assert.deepEqual(noop, {
+        port_id: 4,
+        bin_id: 101337,
+        state: "CASE_STATE_NO_OPERATION",
+        cancel_request: false,
+        raw_state: "NOOP",
+        segment: "AC,4,101337,NOOP",
+      });
+    } finally {
+      events.cancel();
+    }
+    assert.equal((await slow.client.caseGetState(4)).raw_state, "NOOP");
+  });
+
+  test("gRPC-Web: the stream's status arrives in a trailer frame after its messages", async () => {
+    // The feed is connected once a watch opens.
+    (await openWatch(() => fast.client.watchCaseEvents([4], { timeoutMs: STREAM_LIMIT_MS }))).cancel();
+    const request = Buffer.from([0, 0, 0, 0, 2, 0x08, 4]); // one frame: WatchCaseEventsRequest{port_ids: [4]}
+    const response = await fetch(`${fast.baseUrl}/taskgate.v1.TaskService/WatchCaseEvents`, {
+      method: "POST",
+      headers: { "content-type": "application/grpc-web+proto", "x-grpc-web": "1", "grpc-timeout": "2000m" },
+      body: request,
+    });
+    assert.equal(response.status, 200);
+    assert.equal(response.headers.get("grpc-status"), null, "a trailers-only reply");
+    await fast.client.caseExtract(4, 101337);
+    const frames = [];
+    for await (const frame of grpcWebFrames(response.body)) frames.push(frame);
+    assert.deepEqual(
+      frames.map(({ flags }) => flags),
+      [0, 0, 0, 0x80],
+    );
+    const trailers = new Map();
+    for (const line of frames[3].payload.toString().split("\r\n")) {
+      const colon = line.indexOf(":");
+      if (colon > 0) trailers.set(line.slice(0, colon).trim().toLowerCase(), line.slice(colon + 1).trim());
+    }
+    assert.equal(trailers.get("grpc-status"), "4");
+    const error = errorFromStatusDetails(4, "", Buffer.from(trailers.get("grpc-status-details-bin"), "base64"));
+    assert.equal(error.reason, "DEADLINE_REACHED");
+    assert.equal(error.domain, "taskgate");
+    assert.deepEqual(error.metadata, { method: "WatchCaseEvents" });
+  });
 });

@@ -10,6 +10,14 @@ contract.
 ...         gateway.case_extract(port_id=4, bin_id=101337, timeout=5.0)
 ...     except TaskGateError as error:
 ...         print(error.fault_name, error.raw_code, error.code, error.retry_delay)
+
+Case events stream from ``watch_case_events``; the stream's end raises the same ``TaskGateError``:
+
+>>> with TaskGate("127.0.0.1:50051") as gateway:
+...     state = gateway.case_get_state(port_id=4)
+...     with gateway.watch_case_events(port_ids=[4], timeout=60) as events:
+...         for event in events:
+...             print(event.segment)
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 import grpc
 from google.rpc import error_details_pb2
@@ -33,11 +41,21 @@ except ImportError as error:  # pragma: no cover - a setup mistake, reported cle
         "'python clients/python/generate.py' first"
     ) from error
 
-__all__ = ["TaskGate", "TaskGateError", "FaultCode", "CaseState", "CaseGetStateResponse", "task_pb2"]
+__all__ = [
+    "TaskGate",
+    "TaskGateError",
+    "CaseEventWatch",
+    "FaultCode",
+    "CaseState",
+    "CaseEvent",
+    "CaseGetStateResponse",
+    "task_pb2",
+]
 
 FaultCode = task_pb2.FaultCode
 CaseState = task_pb2.CaseState
 CaseGetStateResponse = task_pb2.CaseGetStateResponse
+CaseEvent = task_pb2.CaseEvent
 _TASK_FAULT_TYPE = "taskgate.v1.TaskFault"
 
 
@@ -160,10 +178,37 @@ class TaskGate:
         response, _ = self._call(self._stub.CaseGetState, request, timeout, request_id)
         return response
 
+    def watch_case_events(self, port_ids: Iterable[int] = (), timeout: Optional[float] = None,
+                          request_id: Optional[str] = None) -> "CaseEventWatch":
+        """Watches the AutoCase events of ``port_ids`` (every port when empty) from now on.
+
+        Returns once the gateway has started the watch, so an operation started after this
+        returns is seen from its first event. Raises ``TaskGateError`` at once when the gateway
+        refuses the watch (``LOG_PUBLISHER_UNAVAILABLE``, ``LOG_PUBLISHER_DISABLED``,
+        ``TOO_MANY_WATCHES``, ``INVALID_PARAMETER``, ...). Iterating the returned
+        ``CaseEventWatch`` yields ``CaseEvent`` messages; a stream that the gateway ends raises
+        ``TaskGateError`` with its reason (``WATCH_LAGGED``, ``LOG_PUBLISHER_UNAVAILABLE``,
+        ``DEADLINE_REACHED``, ...). ``timeout`` (seconds) bounds the whole stream; ``None``
+        watches until cancelled. Read the state with ``case_get_state`` first, and again after
+        the stream ends with an error: events may have been missed.
+        """
+        request = task_pb2.WatchCaseEventsRequest(port_ids=list(port_ids))
+        call = self._stub.WatchCaseEvents(request, timeout=timeout,
+                                          metadata=self._call_metadata(request_id))
+        # The gateway answers headers once it has subscribed the stream; a refusal is a
+        # trailers-only response, which leaves the initial metadata empty.
+        headers = call.initial_metadata()
+        if not headers:
+            raise TaskGateError.from_rpc_error(call)
+        return CaseEventWatch(call, dict(headers).get("x-request-id", ""))
+
+    def _call_metadata(self, request_id: Optional[str]) -> tuple:
+        return self._metadata + ((("x-request-id", request_id),) if request_id else ())
+
     def _call(self, method, request, timeout: float, request_id: Optional[str]):
         """Calls ``method`` with the token and request id; returns the response and the call's
         request id, or raises ``TaskGateError``."""
-        metadata = self._metadata + ((("x-request-id", request_id),) if request_id else ())
+        metadata = self._call_metadata(request_id)
         try:
             response, call = method.with_call(request, timeout=timeout, metadata=metadata)
         except grpc.RpcError as error:
@@ -179,3 +224,39 @@ class TaskGate:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class CaseEventWatch:
+    """An open ``WatchCaseEvents`` stream: an iterator over ``CaseEvent`` messages.
+
+    The stream ends only with an error, raised as ``TaskGateError`` from the iteration, or when
+    it is cancelled (``cancel()``, or leaving its ``with`` block), which ends the iteration.
+    """
+
+    def __init__(self, call, request_id: str):
+        self._call = call
+        self._cancelled = False
+        self.request_id = request_id
+        """The call's request id, as the gateway logs it."""
+
+    def __iter__(self) -> Iterator["CaseEvent"]:
+        return self
+
+    def __next__(self) -> "CaseEvent":
+        try:
+            return next(self._call)
+        except grpc.RpcError as error:
+            if self._cancelled and error.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise TaskGateError.from_rpc_error(error) from None
+
+    def cancel(self) -> None:
+        """Ends the stream; the iteration then stops."""
+        self._cancelled = True
+        self._call.cancel()
+
+    def __enter__(self) -> "CaseEventWatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()

@@ -58,11 +58,11 @@ class _StderrReader(threading.Thread):
         return "".join(self.lines)
 
 
-@pytest.fixture(scope="session")
-def gateway():
-    """The address of a gateway in front of the simulator with its default layout."""
+def _serve(*extra_args):
+    """Starts the gateway in front of the simulator with ``extra_args``; yields its address and
+    checks, once the tests are done, that it exits cleanly on SIGTERM."""
     process = subprocess.Popen(
-        [_binary(), "serve", "--simulator", "--listen", "127.0.0.1:0", "--retry-delay", "1500ms"],
+        [_binary(), "serve", "--simulator", "--listen", "127.0.0.1:0", "--retry-delay", "1500ms", *extra_args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -87,3 +87,45 @@ def gateway():
         raise AssertionError(f"the gateway did not exit within {STOP_LIMIT_S} s of SIGTERM:\n{stderr.log()}")
     stderr.join(timeout=STOP_LIMIT_S)
     assert code == 0, f"the gateway exited with {code}:\n{stderr.log()}"
+
+
+# Port 4 of the default layout (AutoCase, OPEN, bin 101337 selected), alone, with each
+# extraction state (EREQ, ERSO) lasting STEP_TIME.
+_LAYOUT = """step_time = "{step_time}"
+[[port]]
+id = 4
+autocase = true
+mode = "OPEN"
+selected_bin = 101337
+"""
+
+
+def _layout(tmp_path_factory, step_time: str) -> str:
+    path = tmp_path_factory.mktemp("layout") / f"step-{step_time}.toml"
+    path.write_text(_LAYOUT.format(step_time=step_time))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def gateway():
+    """The address of a gateway in front of the simulator with its default layout."""
+    yield from _serve()
+
+
+@pytest.fixture(scope="session")
+def fast_gateway(tmp_path_factory):
+    """A gateway whose simulator runs an extraction through EREQ, ERSO and ECMP in 100 ms."""
+    yield from _serve("--simulator-config", _layout(tmp_path_factory, "50ms"))
+
+
+@pytest.fixture(scope="session")
+def slow_gateway(tmp_path_factory):
+    """A gateway whose simulator keeps an extraction requested (EREQ) for an hour: long enough
+    for any cancel to find it running."""
+    yield from _serve("--simulator-config", _layout(tmp_path_factory, "1h"))
+
+
+@pytest.fixture(scope="session")
+def gateway_without_log_publisher():
+    """A gateway run with --log-publisher off: it has no case events."""
+    yield from _serve("--log-publisher", "off")
