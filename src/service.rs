@@ -241,13 +241,11 @@ impl TaskService for TaskGateway {
             .as_ref()
             .ok_or_else(|| refused(WatchEnd::Disabled))?;
         let subscription = watches.subscribe(port_ids).map_err(refused)?;
-        // Ended a little early (10 %, at most 100 ms, as for calls), so the caller hears
-        // DEADLINE_REACHED before its own timer ends the stream without details.
+        // Ended a little early, as calls are, so the caller hears DEADLINE_REACHED before its
+        // own timer ends the stream without details.
         let deadline = caller_deadline.map(|deadline| {
-            (
-                started + deadline - (deadline / 10).min(Duration::from_millis(100)),
-                deadline,
-            )
+            let ends_at = started + deadline.saturating_sub(deadline_margin(deadline));
+            (ends_at, deadline)
         });
         Ok(Response::new(case_event_stream(
             subscription,
@@ -382,15 +380,22 @@ pub(crate) fn time_limit(
     caller_deadline: Option<Duration>,
     upstream_timeout: Duration,
 ) -> Option<Duration> {
-    const MAX_MARGIN: Duration = Duration::from_millis(100);
     // `--upstream-timeout` is never below this, so only a caller's deadline can be too short.
     const MIN_UPSTREAM_TIME: Duration = crate::config::limits::MIN_UPSTREAM_TIME;
     let Some(deadline) = caller_deadline else {
         return Some(upstream_timeout);
     };
-    let margin = (deadline / 10).min(MAX_MARGIN);
-    let limit = deadline.saturating_sub(margin).min(upstream_timeout);
+    let limit = deadline
+        .saturating_sub(deadline_margin(deadline))
+        .min(upstream_timeout);
     (limit >= MIN_UPSTREAM_TIME).then_some(limit)
+}
+
+/// How much sooner than the caller's deadline the gateway gives up, so its own status (with
+/// details) reaches the caller before the caller's clock ends the call: 10 %, at most 100 ms.
+fn deadline_margin(deadline: Duration) -> Duration {
+    const MAX_MARGIN: Duration = Duration::from_millis(100);
+    (deadline / 10).min(MAX_MARGIN)
 }
 
 #[cfg(test)]

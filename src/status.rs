@@ -122,7 +122,7 @@ pub(crate) fn watch_ended(end: &WatchEnd, retry: RetryPolicy) -> Status {
                 "LOG_PUBLISHER_UNAVAILABLE",
                 format!(
                     "the Log Publisher at {source} is not connected ({cause}); events may have \
-                     been missed: read the state with CaseGetState, then watch again"
+                     been missed: watch again, then read the state with CaseGetState"
                 ),
             )
         }
@@ -133,7 +133,7 @@ pub(crate) fn watch_ended(end: &WatchEnd, retry: RetryPolicy) -> Status {
                 "WATCH_LAGGED",
                 format!(
                     "the stream fell more than {buffer} events behind (--watch-buffer) and was \
-                     ended; events were missed: read the state with CaseGetState, then watch again"
+                     ended; events were missed: watch again, then read the state with CaseGetState"
                 ),
             )
         }

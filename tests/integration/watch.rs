@@ -241,8 +241,8 @@ async fn a_lost_publisher_ends_every_watch_within_a_second_and_watches_resume_af
             status.message(),
             format!(
                 "WatchCaseEvents: the Log Publisher at {} is not connected (the Log Publisher \
-                 closed the connection); events may have been missed: read the state with \
-                 CaseGetState, then watch again",
+                 closed the connection); events may have been missed: watch again, then read \
+                 the state with CaseGetState",
                 controller.log_publisher
             )
         );
@@ -405,7 +405,7 @@ async fn a_thousand_watchers_see_every_event_and_one_that_never_reads_is_cut_off
     assert_eq!(
         status.message(),
         "WatchCaseEvents: the stream fell more than 64 events behind (--watch-buffer) and was \
-         ended; events were missed: read the state with CaseGetState, then watch again"
+         ended; events were missed: watch again, then read the state with CaseGetState"
     );
     scrape_line(
         gateway.metrics_url(),
