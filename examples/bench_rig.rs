@@ -6,6 +6,7 @@
 //! bench_rig --taskgate PATH [--gateway-bin PATH] [--duration SECS] [--smoke] [--keep-profiles DIR]
 //! bench_rig bare      # internal: the bare tonic server, run as a child process
 //! bench_rig stand-in  # the fast stand-in alone, for profiling the gateway by hand
+//! bench_rig soak --taskgate PATH [--calls N] [--duration D] [--sample D] [--warmup D] [--plot PNG]
 //! ```
 //!
 //! `--taskgate` is the binary whose `bench` command drives the load; `--gateway-bin` (default:
@@ -29,6 +30,10 @@ use hyper_util::rt::TokioIo;
 use tonic::{Status, transport::Server};
 
 use taskgate::proto::task_service_server::{TaskService, TaskServiceServer};
+
+// In a folder of its own, so Cargo does not take it for an example of its own.
+#[path = "bench_rig/soak.rs"]
+mod soak;
 use taskgate::proto::{
     CaseCancelRequest, CaseCancelResponse, CaseExtractRequest, CaseExtractResponse,
     CaseGetStateRequest, CaseGetStateResponse,
@@ -56,6 +61,7 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("bare") => return run_bare(),
         Some("stand-in") => return run_stand_in(),
+        Some("soak") => return soak::run(&args[1..]),
         _ => {}
     }
     let options = parse_options(&args);
@@ -115,6 +121,7 @@ fn parse_options(args: &[String]) -> Options {
 struct Run {
     calls_per_s: f64,
     mean_latency_us: f64,
+    p99_us: f64,
     ok_calls: u64,
     calls: u64,
 }
@@ -182,7 +189,7 @@ fn measure(options: &Options, fast: SocketAddr, slow: SocketAddr) -> Report {
     let slow_upstream = format!("http://{slow}/api/v2/task");
     let gateway = Target::gateway(&options.gateway_bin, &slow_upstream, None);
     report.rss_run = bench(options, &gateway, 1024, 16, Length::Duration);
-    report.peak_rss_kib = peak_rss_kib(gateway.child.id());
+    report.peak_rss_kib = proc_status_kib(gateway.child.id(), "VmHWM:");
     gateway.stop();
     report
 }
@@ -236,6 +243,7 @@ fn bench(
     Run {
         calls_per_s: number(&json["calls_per_s"]),
         mean_latency_us: number(&json["latency_us"]["mean"]),
+        p99_us: number(&json["latency_us"]["p99"]),
         ok_calls: json["codes"]["OK"].as_u64().unwrap_or_default(),
         calls: json["calls"].as_u64().unwrap_or_default(),
     }
@@ -500,11 +508,12 @@ fn callgrind_total(out: &Path) -> u64 {
         .unwrap_or_else(|| panic!("no instruction total in {}", out.display()))
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
+/// A size in KiB from /proc/PID/status: `VmHWM:` (peak RSS) or `VmRSS:` (RSS now).
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|value| value.split_whitespace().next()?.parse().ok())
         .unwrap_or_default()
 }

@@ -340,6 +340,12 @@ impl TaskgateProcess {
         }
     }
 
+    /// The process id, to read its RSS and open files from /proc.
+    pub(crate) fn pid(&self) -> u32 {
+        // Only `finish` waits for the process, and it takes `self`.
+        self.child.id().expect("the process was already waited for")
+    }
+
     /// Sends a signal, by name, as `kill -NAME` does.
     pub(crate) async fn signal(&self, name: &str) {
         let pid = self.child.id().unwrap().to_string();

@@ -21,6 +21,8 @@
 //! - `shutdown`: graceful shutdown with calls in flight.
 //! - `auth`: bearer tokens on task calls.
 //! - `call_layer`: calls refused before the handler are counted and logged like any other.
+//! - `chaos`: the real binary in front of a seeded chaos controller: every call answered in time
+//!   with its documented status, no leak, a clean exit.
 //! - `cli`: the real `taskgate` binary, its output and exit codes.
 //! - `operators`: the real binary as a careless operator runs it: no password printed.
 //! - `bench`: `taskgate bench` against the simulator: its report, counts and exit codes.
@@ -34,6 +36,7 @@ mod support;
 mod auth;
 mod bench;
 mod call_layer;
+mod chaos;
 mod cli;
 mod connections;
 mod contract;

@@ -636,7 +636,8 @@ async fn serve_connection(
 }
 
 /// Reads one HTTP/1.1 request with a Content-Length body; `None` when the peer closes first.
-async fn read_request(
+/// `buffer` keeps what arrived past the request, for the next one on the connection.
+pub(crate) async fn read_request(
     stream: &mut TcpStream,
     buffer: &mut Vec<u8>,
 ) -> Option<(String, HashMap<String, String>, Vec<u8>)> {
