@@ -8,8 +8,8 @@
 //! connection, every open watch ends with LOG_PUBLISHER_UNAVAILABLE (events may be missed until
 //! it reconnects), and new watches are refused until it is back.
 //!
-//! No I/O and no gRPC here: the service turns a [`Subscription`] into a stream, and `status`
-//! turns a [`WatchEnd`] into the caller's status.
+//! No I/O and no gRPC here: the service turns a `Subscription` into a stream, and `status`
+//! turns a `WatchEnd` into the caller's status.
 
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
