@@ -10,14 +10,14 @@
 //! which planned behaviour a request gets and the test knows what the controller did. The test
 //! asserts: every call is answered no later than its deadline + 100 ms, with the documented status
 //! for what the controller did (README, "Errors for clients"); every request reached the
-//! controller exactly once; the gateway's RSS and open file descriptors return to where they were
+//! controller once, unless the gateway's time ran out before it was sent; the gateway's RSS and open file descriptors return to where they were
 //! after the warm-up; no panic is logged; SIGTERM then exits 0.
 //!
 //! `cargo test` runs [`CI_CALLS`] calls of a debug build; `scripts/chaos [CALLS] [SEED]` runs a
 //! release build and more calls (the long mode, 100,000 by default) through
 //! `TASKGATE_CHAOS_CALLS` and `TASKGATE_CHAOS_SEED`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -140,8 +140,9 @@ async fn chaos_controller_every_call_is_answered_in_time_with_its_documented_sta
     let each_level = || levels.next().unwrap();
     run_calls(&plan, 0..warmup, &clients, each_level, &mut tally).await;
     tally.assert_no_failures(seed);
-    tally = Tally::default();
     let before = settle(&controller, &clients[0], pid).await;
+    tally.assert_each_reached_once(&controller, 0..warmup, seed);
+    tally = Tally::default();
     let started = Instant::now();
     let mut random = SplitMix64(seed);
     let drawn = || CONCURRENCY[random.below(CONCURRENCY.len())];
@@ -149,19 +150,14 @@ async fn chaos_controller_every_call_is_answered_in_time_with_its_documented_sta
     let took = started.elapsed();
     let after = settle(&controller, &clients[0], pid).await;
     tally.assert_no_failures(seed);
+    let unsent = tally.assert_each_reached_once(&controller, warmup..warmup + calls, seed);
 
     println!("{}", tally.table(calls, took));
+    println!("calls the gateway gave up on before their request was sent: {unsent}");
     println!(
         "gateway after warm-up: {} KiB RSS, {} fds; after the run: {} KiB RSS, {} fds",
         before.rss_kib, before.fds, after.rss_kib, after.fds
     );
-    for (index, arrivals) in controller.arrivals.iter().enumerate() {
-        let arrivals = arrivals.load(Ordering::SeqCst);
-        assert_eq!(
-            arrivals, 1,
-            "seed {seed}: call {index} reached the controller {arrivals} times, not once"
-        );
-    }
     assert_eq!(
         after.fds, before.fds,
         "seed {seed}: the gateway's open file descriptors did not return to their level"
@@ -232,7 +228,7 @@ async fn run_calls(
                     planned.behaviour, planned.deadline, answer.outcome, answer.elapsed
                 ));
             }
-            tally.add(planned.behaviour.name(), &answer.outcome);
+            tally.add(index, planned.behaviour.name(), &answer.outcome);
         }
         next = end;
     }
@@ -923,9 +919,37 @@ fn rss_kib(pid: u32) -> u64 {
 struct Tally {
     counts: BTreeMap<String, BTreeMap<Outcome, usize>>,
     failures: Vec<String>,
+    /// The calls answered UPSTREAM_TIMEOUT, which may never have reached the controller.
+    timed_out: HashSet<usize>,
 }
 
 impl Tally {
+    /// Asserts that each call in `range` reached the controller at most once (the gateway never
+    /// sends a request twice) and that one that never did was answered UPSTREAM_TIMEOUT: its
+    /// time ran out while the gateway was still connecting, as happens in a burst of 256 new
+    /// connections. Returns how many never did. Only final once the controller has closed every
+    /// connection ([`settle`]), since a request may be read after its call has been answered.
+    fn assert_each_reached_once(
+        &self,
+        controller: &ChaosController,
+        range: std::ops::Range<usize>,
+        seed: u64,
+    ) -> usize {
+        let mut unsent = 0;
+        for index in range {
+            match controller.arrivals[index].load(Ordering::SeqCst) {
+                1 => {}
+                0 if self.timed_out.contains(&index) => unsent += 1,
+                arrivals => panic!(
+                    "seed {seed}: call {index} reached the controller {arrivals} times; \
+                     answered UPSTREAM_TIMEOUT: {}",
+                    self.timed_out.contains(&index)
+                ),
+            }
+        }
+        unsent
+    }
+
     fn assert_no_failures(&self, seed: u64) {
         let shown: Vec<&str> = self.failures.iter().take(20).map(String::as_str).collect();
         assert!(
@@ -937,7 +961,10 @@ impl Tally {
         );
     }
 
-    fn add(&mut self, behaviour: String, outcome: &Outcome) {
+    fn add(&mut self, index: usize, behaviour: String, outcome: &Outcome) {
+        if *outcome == Outcome::error(Code::DeadlineExceeded, "UPSTREAM_TIMEOUT") {
+            self.timed_out.insert(index);
+        }
         *self
             .counts
             .entry(behaviour)
