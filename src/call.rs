@@ -237,13 +237,18 @@ where
         Box::pin(
             async move {
                 let mut response = inner.call(request).await?;
+                // A fresh ID in every response would churn HPACK's dynamic table for nothing: no
+                // later response repeats it. Marked sensitive, it is sent as a literal never
+                // indexed, which is what h2 offers for a value that is never repeated.
+                let mut value = request_id.header_value().clone();
+                value.set_sensitive(true);
                 if let Some((method, notes, peer, in_flight)) = watched {
                     let finish = Finish {
                         shared,
                         method,
                         notes,
                         started,
-                        request_id: request_id.clone(),
+                        request_id,
                         peer,
                         _in_flight: in_flight,
                     };
@@ -263,11 +268,6 @@ where
                         finish.finished(status);
                     }
                 }
-                // A fresh ID in every response would churn HPACK's dynamic table for nothing: no
-                // later response repeats it. Marked sensitive, it is sent as a literal never
-                // indexed, which is what h2 offers for a value that is never repeated.
-                let mut value = request_id.header_value().clone();
-                value.set_sensitive(true);
                 response.headers_mut().insert(REQUEST_ID, value);
                 Ok(response)
             }

@@ -77,13 +77,8 @@ impl LogPublisherAddress {
     /// The Log Publisher beside a controller: the upstream URL's host on
     /// [`defaults::LOG_PUBLISHER_PORT`], over TLS when the task interface is HTTPS.
     pub fn beside(upstream: &Url) -> Option<LogPublisherAddress> {
-        let host = match upstream.host()? {
-            url::Host::Domain(domain) => domain.to_owned(),
-            url::Host::Ipv4(address) => address.to_string(),
-            url::Host::Ipv6(address) => address.to_string(),
-        };
         Some(LogPublisherAddress {
-            host,
+            host: host_text(upstream.host()?),
             port: defaults::LOG_PUBLISHER_PORT,
             tls: upstream.scheme() == "https",
         })
@@ -104,25 +99,30 @@ impl LogPublisherAddress {
             Some(_) => return Err(invalid()),
             None => (false, value),
         };
-        // Parsed as the authority of an http URL: the host rules (IDNA, IPv6 brackets) are
-        // those of the upstream URL, and anything but a host and a port is refused below.
-        let url = Url::parse(&format!("http://{rest}")).map_err(|_| invalid())?;
-        let plain_authority = url.username().is_empty()
-            && url.password().is_none()
-            && url.path() == "/"
-            && url.query().is_none()
-            && url.fragment().is_none()
-            && !rest.ends_with('/');
-        // `port()` is `None` for http's own port 80 written out, so read it from the text too.
-        let port = url
-            .port()
-            .or_else(|| rest.ends_with(":80").then_some(80))
-            .filter(|_| plain_authority)
+        let (host, port) = rest.rsplit_once(':').ok_or_else(invalid)?;
+        // Digits only: `parse` alone would take a sign.
+        let port = Some(port)
+            .filter(|port| !port.is_empty() && port.bytes().all(|byte| byte.is_ascii_digit()))
+            .and_then(|port| port.parse::<u16>().ok())
+            .filter(|port| *port != 0)
             .ok_or_else(invalid)?;
-        let mut address = LogPublisherAddress::beside(&url).ok_or_else(invalid)?;
-        address.port = port;
-        address.tls = tls;
-        Ok(Some(address))
+        // The upstream URL's host rules (IDNA, IPv6 in brackets); a user, path or query holds
+        // characters no host may have, so it is refused here.
+        let host = url::Host::parse(host).map_err(|_| invalid())?;
+        Ok(Some(LogPublisherAddress {
+            host: host_text(host),
+            port,
+            tls,
+        }))
+    }
+}
+
+/// A host as text to connect to: a name, or an IP address (IPv6 without brackets).
+fn host_text<S: AsRef<str>>(host: url::Host<S>) -> String {
+    match host {
+        url::Host::Domain(domain) => domain.as_ref().to_owned(),
+        url::Host::Ipv4(address) => address.to_string(),
+        url::Host::Ipv6(address) => address.to_string(),
     }
 }
 
@@ -649,6 +649,7 @@ mod tests {
             ),
             ("[::1]:44001", "[::1]:44001"),
             ("Controller:80", "controller:80"),
+            ("controller:080", "controller:80"),
         ] {
             assert_eq!(parsed(value), Ok(Some(shown.to_owned())), "{value}");
         }
@@ -657,6 +658,9 @@ mod tests {
             "controller",
             "controller:",
             "controller:99999",
+            "controller:0",
+            "controller:+80",
+            ":44001",
             "http://controller:44001",
             "controller:44001/x",
             "controller:44001/",

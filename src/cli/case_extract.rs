@@ -1,5 +1,5 @@
 //! `taskgate case-extract`: one CaseExtract call on a running gateway, its outcome printed for
-//! operators.
+//! operators (`--wait`, which follows the case afterwards, is in `watch`).
 
 use taskgate::proto::CaseExtractRequest;
 
@@ -7,8 +7,12 @@ use super::Outcome;
 use super::task_call::{Client, PortAndBinArgs};
 
 pub(super) async fn case_extract(args: PortAndBinArgs) -> Outcome {
+    ask(&args, "the controller accepted the case extraction").await
+}
+
+/// Asks for the extraction and prints the outcome; a success prints `accepted`.
+pub(super) async fn ask(args: &PortAndBinArgs, accepted: &str) -> Outcome {
     let message_of = |port_id, bin_id| CaseExtractRequest { port_id, bin_id };
     let rpc = |mut client: Client, request| async move { client.case_extract(request).await };
-    let accepted = "the controller accepted the case extraction";
     args.call("case_extract", message_of, rpc, accepted).await
 }

@@ -7,7 +7,7 @@ use clap::Args;
 use tonic::codec::Streaming;
 
 use taskgate::proto::case_event::Change;
-use taskgate::proto::{CaseEvent, CaseExtractRequest, CaseState, WatchCaseEventsRequest};
+use taskgate::proto::{CaseEvent, CaseState, WatchCaseEventsRequest};
 
 use super::task_call::{self, GatewayArgs, PortAndBinArgs};
 use super::{Exit, Outcome, duration};
@@ -97,11 +97,8 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
     let Some(mut events) = open(call.gateway(), &what, message, wait_timeout).await? else {
         return Ok(Exit::CallFailed);
     };
-    let message_of = |port_id, bin_id| CaseExtractRequest { port_id, bin_id };
-    let rpc =
-        |mut client: task_call::Client, request| async move { client.case_extract(request).await };
     let accepted = "the controller accepted the case extraction; following it";
-    let exit = call.call("case_extract", message_of, rpc, accepted).await?;
+    let exit = super::case_extract::ask(&call, accepted).await?;
     if exit != Exit::Success {
         return Ok(exit);
     }

@@ -39,8 +39,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Keep-alive probes find a Log Publisher host that vanished without closing in about 25 s.
 const KEEPALIVE_TIME: Duration = Duration::from_secs(10);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-/// At most one log line a minute about bad lines, with the count of those not logged.
-const BAD_LINE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// At most one log line a minute about a repeating problem (failed connects, bad lines), with
+/// the count of those not logged.
+const REPEAT_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// Bytes read at a time.
 const READ_CHUNK: usize = 8 * 1024;
 
@@ -57,7 +58,7 @@ pub(crate) struct Target {
 /// dropping (aborting) it.
 pub(crate) async fn run(target: Target, watches: Watches) {
     let mut backoff = FIRST_BACKOFF;
-    let mut failure_log = LogEvery::every(BAD_LINE_LOG_INTERVAL);
+    let mut failure_log = LogEvery::every(REPEAT_LOG_INTERVAL);
     let mut connected_before = false;
     loop {
         let cause = match connect(&target).await {
@@ -134,7 +135,7 @@ async fn connect(target: &Target) -> Result<Box<dyn Connection>, String> {
 async fn read(mut stream: Box<dyn Connection>, watches: &Watches) -> String {
     let mut splitter = LineSplitter::new(DEFAULT_MAX_LINE_BYTES);
     let mut buffer = BytesMut::with_capacity(READ_CHUNK);
-    let mut bad_lines = LogEvery::every(BAD_LINE_LOG_INTERVAL);
+    let mut bad_lines = LogEvery::every(REPEAT_LOG_INTERVAL);
     loop {
         buffer.reserve(READ_CHUNK);
         match stream.read_buf(&mut buffer).await {
