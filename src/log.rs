@@ -6,15 +6,16 @@
 //! are counted (`taskgate_log_lines_dropped_total`) and reported in one line once writing
 //! resumes. On exit the queue is flushed, for at most the time the caller allows.
 
+mod queue;
+
 use std::fmt;
-use std::io::{BufWriter, IsTerminal, Write};
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
-use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_log::NormalizeEvent as _;
 use tracing_subscriber::field::{RecordFields, VisitOutput};
 use tracing_subscriber::filter::Targets;
@@ -26,26 +27,23 @@ use tracing_subscriber::registry::{LookupSpan, Registry, SpanRef};
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// How many formatted lines may wait for the writer thread. At a few hundred bytes a line this
-/// caps the queue near 2 MiB, and it absorbs a reader that pauses for a fraction of a second at
-/// tens of thousands of calls a second.
-const QUEUE_LINES: usize = 8192;
-
-/// The writer thread collects lines in a buffer this large and writes it with one `write(2)`, so
-/// a busy gateway does not make a system call per line.
-const BATCH_BYTES: usize = 64 * 1024;
+/// How many bytes of formatted lines may wait for the writer thread: some 8,000 lines of a few
+/// hundred bytes, which absorbs a reader that pauses for a fraction of a second at tens of
+/// thousands of calls a second. The writer thread writes all that waits with one `write(2)`, so a
+/// busy gateway does not make a system call per line.
+const QUEUE_BYTES: usize = 2 * 1024 * 1024;
 
 /// After writing a batch the writer thread waits this long before taking the next, so that under
 /// load lines pile up in the queue instead of each call waking the thread (a futex wake on the
 /// call's own thread, and a `write(2)` per line). Lines reach stderr at most this much later.
 const BATCH_INTERVAL: Duration = Duration::from_millis(10);
 
-/// The lines dropped so far, once logging is set up.
-static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+/// The queue, once logging is set up: for the dropped-lines count.
+static QUEUE: OnceLock<queue::QueueWriter> = OnceLock::new();
 
 /// The queue, for lines written without a tracing event ([`write_plain`]); set only when lines
 /// are unstyled plain text, the one format those lines reproduce.
-static PLAIN_SINK: OnceLock<NonBlocking> = OnceLock::new();
+static PLAIN_SINK: OnceLock<queue::QueueWriter> = OnceLock::new();
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, Serialize)]
@@ -60,22 +58,29 @@ pub enum LogFormat {
 /// Keeps the writer thread running; [`LogGuard::flush_within`] drains it on exit.
 #[derive(Debug)]
 pub struct LogGuard {
-    worker: WorkerGuard,
+    /// `None` if the thread could not be started: lines then go nowhere.
+    writer_thread: Option<queue::QueueThread>,
 }
 
 /// Installs the global subscriber: `RUST_LOG` if set, else `default_filter`, formatted as
 /// `format` and written to stderr by a dedicated thread.
 pub fn init(format: LogFormat, default_filter: &str) -> LogGuard {
-    let (writer, worker) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(QUEUE_LINES)
-        .thread_name("taskgate-log")
-        .finish(DropReporter {
-            inner: BufWriter::with_capacity(BATCH_BYTES, std::io::stderr()),
-            reported: 0,
-        });
-    // Set once per process; a second `init` (only ever in tests) keeps the first counter.
-    let _ = DROPPED.set(writer.error_counter());
+    let settings = queue::WriterSettings {
+        limit: QUEUE_BYTES,
+        interval: BATCH_INTERVAL,
+        report_drops,
+    };
+    let (writer, writer_thread) = match queue::start("taskgate-log", settings, std::io::stderr()) {
+        Ok((writer, thread)) => (writer, Some(thread)),
+        Err(error) => {
+            eprintln!("taskgate: cannot start the log writer thread ({error}); logging is off");
+            return LogGuard {
+                writer_thread: None,
+            };
+        }
+    };
+    // Set once per process; a second `init` (only ever in tests) keeps the first queue's count.
+    let _ = QUEUE.set(writer.clone());
     let styled = std::io::stderr().is_terminal();
     let sink = writer.clone();
     let registry = tracing_subscriber::registry().with(filter(default_filter));
@@ -105,7 +110,7 @@ pub fn init(format: LogFormat, default_filter: &str) -> LogGuard {
             )
             .try_init(),
     };
-    LogGuard { worker }
+    LogGuard { writer_thread }
 }
 
 /// `RUST_LOG` if it is set and valid, else `default_filter`. Directives of targets and levels
@@ -125,9 +130,18 @@ fn filter(default_filter: &str) -> Box<dyn Layer<Registry> + Send + Sync> {
 
 /// How many log lines were dropped because the queue was full; 0 before [`init`].
 pub fn dropped_lines() -> u64 {
-    DROPPED
-        .get()
-        .map_or(0, |counter| counter.dropped_lines() as u64)
+    QUEUE.get().map_or(0, queue::QueueWriter::dropped)
+}
+
+/// Reports drops in one line, written before the next batch (on the writer thread, which is not
+/// inside the subscriber here, so logging from it cannot deadlock).
+fn report_drops(newly_dropped: u64, total_dropped: u64) {
+    tracing::warn!(
+        target: "taskgate::log",
+        dropped = newly_dropped,
+        total_dropped,
+        "log lines were dropped because stderr was not read fast enough"
+    );
 }
 
 // === impl LogGuard ===
@@ -136,56 +150,9 @@ impl LogGuard {
     /// Writes out what is queued, waiting at most `bound`: a reader that never reads again must
     /// not keep the process from exiting.
     pub fn flush_within(self, bound: Duration) {
-        let (done_tx, done_rx) = std::sync::mpsc::channel();
-        // Dropping the guard is what flushes, and it can block on a stalled stderr, so it happens
-        // on a thread of its own that the process does not wait for past `bound`.
-        let flusher = std::thread::Builder::new()
-            .name("taskgate-log-flush".to_owned())
-            .spawn(move || {
-                drop(self.worker);
-                let _ = done_tx.send(());
-            });
-        if flusher.is_ok() {
-            let _ = done_rx.recv_timeout(bound);
+        if let Some(writer_thread) = self.writer_thread {
+            writer_thread.close_within(bound);
         }
-    }
-}
-
-/// The writer thread's end of the queue: reports drops in one line before the first line written
-/// after them.
-struct DropReporter<W> {
-    inner: W,
-    /// The drop count already reported.
-    reported: u64,
-}
-
-impl<W: Write> Write for DropReporter<W> {
-    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
-        let dropped = dropped_lines();
-        if dropped > self.reported {
-            let newly_dropped = dropped - self.reported;
-            self.reported = dropped;
-            // Goes through the queue like any line, so it is formatted like the rest; this thread
-            // is not inside the subscriber here, so logging from it cannot deadlock.
-            tracing::warn!(
-                target: "taskgate::log",
-                dropped = newly_dropped,
-                total_dropped = dropped,
-                "log lines were dropped because stderr was not read fast enough"
-            );
-        }
-        self.inner.write(line)
-    }
-
-    /// Called by the writer thread once it has emptied the queue.
-    #[expect(
-        clippy::disallowed_methods,
-        reason = "paces the writer thread so lines batch up; nothing waits on this sleep"
-    )]
-    fn flush(&mut self) -> std::io::Result<()> {
-        let flushed = self.inner.flush();
-        std::thread::sleep(BATCH_INTERVAL);
-        flushed
     }
 }
 
@@ -297,7 +264,7 @@ pub(crate) fn write_plain(target: &str, write_fields: impl FnOnce(&mut PlainLine
     let _ = with_line_buffer(|line| {
         plain_line(line, target, write_fields)?;
         // A full queue drops the line and counts it, as for any other line.
-        let _ = sink.clone().write_all(line.as_bytes());
+        sink.push(line.as_bytes());
         Ok(())
     });
     true
@@ -743,22 +710,6 @@ pub(crate) fn plain_line_for_test(
 mod tests {
     use super::*;
 
-    #[test]
-    fn lines_pass_through_in_order_and_are_written_on_flush() {
-        let mut reporter = DropReporter {
-            inner: BufWriter::new(Vec::new()),
-            reported: 0,
-        };
-        reporter.write_all(b"one\n").unwrap();
-        reporter.write_all(b"two\n").unwrap();
-        assert!(
-            reporter.inner.get_ref().is_empty(),
-            "written before a flush"
-        );
-        reporter.flush().unwrap();
-        assert_eq!(reporter.inner.get_ref().as_slice(), b"one\ntwo\n");
-    }
-
     fn rfc3339(since_epoch: Duration) -> String {
         let mut text = [0_u8; 27];
         write_rfc3339(&mut text, since_epoch);
@@ -861,7 +812,7 @@ mod tests {
 
     pub(super) struct SharedBuffer(pub(super) std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
-    impl Write for SharedBuffer {
+    impl std::io::Write for SharedBuffer {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
             self.0.lock().unwrap().write(bytes)
         }
