@@ -67,7 +67,7 @@ fn main() {
     let options = parse_options(&args);
     let fast = start_stand_in(Duration::ZERO);
     let slow = start_stand_in(SLOW_REPLY);
-    let report = measure(&options, fast, slow);
+    let report = measure(&options, &fast, slow.address);
     print!("{}", report.table(&options));
 }
 
@@ -137,14 +137,33 @@ struct Report {
     instructions: Option<(f64, f64)>,
     peak_rss_kib: u64,
     rss_run: Run,
+    cpu: CpuSplit,
 }
 
-fn measure(options: &Options, fast: SocketAddr, slow: SocketAddr) -> Report {
+/// CPU time, in µs per call or in seconds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    user: f64,
+    system: f64,
+}
+
+/// Who spends the CPU of a call at 128 in flight, in µs per call: on a machine where every process
+/// shares the same cores, calls/s follow the sum.
+#[derive(Debug, Default)]
+struct CpuSplit {
+    gateway: Cpu,
+    stand_in: Cpu,
+    gateway_load: Cpu,
+    bare: Cpu,
+    bare_load: Cpu,
+}
+
+fn measure(options: &Options, fast: &StandIn, slow: SocketAddr) -> Report {
     let mut report = Report {
-        stand_in_round_trip_us: round_trip_us(fast, if options.smoke { 200 } else { 5000 }),
+        stand_in_round_trip_us: round_trip_us(fast.address, if options.smoke { 200 } else { 5000 }),
         ..Report::default()
     };
-    let upstream = format!("http://{fast}/api/v2/task");
+    let upstream = format!("http://{}/api/v2/task", fast.address);
     let gateway = Target::gateway(&options.gateway_bin, &upstream, None);
     let bare = Target::bare(None);
     let load = |target: &Target, in_flight: usize| {
@@ -156,6 +175,7 @@ fn measure(options: &Options, fast: SocketAddr, slow: SocketAddr) -> Report {
     report.bare_1 = load(&bare, 1);
     report.gateway_128 = load(&gateway, 128);
     report.bare_128 = load(&bare, 128);
+    report.cpu = cpu_split(options, &gateway, &bare, fast);
     gateway.stop();
     bare.stop();
 
@@ -192,6 +212,63 @@ fn measure(options: &Options, fast: SocketAddr, slow: SocketAddr) -> Report {
     report.peak_rss_kib = proc_status_kib(gateway.child.id(), "VmHWM:");
     gateway.stop();
     report
+}
+
+/// CPU per call at 128 in flight, each side measured over a run of a fixed number of calls (no
+/// warm-up, so every call counted is one the CPU was spent on): the server's process, the
+/// stand-in's thread and the load generator (a child this process waits for).
+fn cpu_split(options: &Options, gateway: &Target, bare: &Target, stand_in: &StandIn) -> CpuSplit {
+    let calls = if options.smoke { 2_000 } else { 100_000 };
+    let per_call = |before: Cpu, after: Cpu| Cpu {
+        user: (after.user - before.user) * 1e6 / calls as f64,
+        system: (after.system - before.system) * 1e6 / calls as f64,
+    };
+    let server = |target: &Target| Path::new("/proc").join(target.child.id().to_string());
+    let (gateway_before, stand_in_before, load_before) = (
+        cpu_time(&server(gateway)),
+        cpu_time(&stand_in.thread),
+        children_cpu_time(),
+    );
+    bench(options, gateway, 128, 8, Length::Calls(calls));
+    let mut split = CpuSplit {
+        gateway: per_call(gateway_before, cpu_time(&server(gateway))),
+        stand_in: per_call(stand_in_before, cpu_time(&stand_in.thread)),
+        gateway_load: per_call(load_before, children_cpu_time()),
+        ..CpuSplit::default()
+    };
+    let (bare_before, load_before) = (cpu_time(&server(bare)), children_cpu_time());
+    bench(options, bare, 128, 8, Length::Calls(calls));
+    split.bare = per_call(bare_before, cpu_time(&server(bare)));
+    split.bare_load = per_call(load_before, children_cpu_time());
+    split
+}
+
+/// The user and system time in `folder`/stat: a process's (`/proc/PID`) or a thread's.
+fn cpu_time(folder: &Path) -> Cpu {
+    stat_seconds(folder, 11)
+}
+
+/// The user and system time of this process's children that it has waited for.
+fn children_cpu_time() -> Cpu {
+    stat_seconds(Path::new("/proc/self"), 13)
+}
+
+/// Two clock-tick fields of a stat file, from `field` (0 = the state, the field after the
+/// command's name, which may hold spaces and parentheses), in seconds.
+fn stat_seconds(folder: &Path, field: usize) -> Cpu {
+    let stat = std::fs::read_to_string(folder.join("stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = rustix::param::clock_ticks_per_second() as f64;
+    let seconds = |index: usize| fields[index].parse::<f64>().unwrap() / ticks;
+    Cpu {
+        user: seconds(field),
+        system: seconds(field + 1),
+    }
 }
 
 /// How long one `taskgate bench` runs.
@@ -390,11 +467,15 @@ fn round_trip_us(stand_in: SocketAddr, round_trips: u32) -> f64 {
 /// thread of its own (a current-thread runtime), as an event-loop server like nginx would, so it
 /// takes as little as it can of the CPU the gateway and the load share: a real controller is on
 /// another machine.
-fn start_stand_in(delay: Duration) -> SocketAddr {
+fn start_stand_in(delay: Duration) -> StandIn {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let address = listener.local_addr().unwrap();
+    let (thread_tx, thread_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // "PID/task/TID": where this thread's CPU time is, for the CPU split.
+        let thread = std::fs::read_link("/proc/thread-self").unwrap();
+        thread_tx.send(Path::new("/proc").join(thread)).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -403,7 +484,16 @@ fn start_stand_in(delay: Duration) -> SocketAddr {
             serve_stand_in(tokio::net::TcpListener::from_std(listener).unwrap(), delay).await;
         });
     });
-    address
+    StandIn {
+        address,
+        thread: thread_rx.recv().unwrap(),
+    }
+}
+
+/// A running stand-in: where it listens, and its thread's folder under /proc.
+struct StandIn {
+    address: SocketAddr,
+    thread: PathBuf,
 }
 
 async fn serve_stand_in(listener: tokio::net::TcpListener, delay: Duration) {
@@ -432,8 +522,8 @@ async fn serve_stand_in(listener: tokio::net::TcpListener, delay: Duration) {
 }
 
 fn run_stand_in() {
-    let address = start_stand_in(Duration::ZERO);
-    println!("stand-in listening http://{address}/api/v2/task");
+    let stand_in = start_stand_in(Duration::ZERO);
+    println!("stand-in listening http://{}/api/v2/task", stand_in.address);
     loop {
         std::thread::park();
     }
@@ -527,6 +617,34 @@ fn which(program: &str) -> bool {
         .is_ok_and(|status| status.success())
 }
 
+impl CpuSplit {
+    /// Who spent what, and the calls/s two cores would give if the CPU were the only limit.
+    fn lines(&self) -> String {
+        let show = |cpu: Cpu| format!("{:.1} + {:.1}", cpu.user, cpu.system);
+        let total = |parts: &[Cpu]| parts.iter().map(|cpu| cpu.user + cpu.system).sum::<f64>();
+        let gateway_total = total(&[self.gateway, self.stand_in, self.gateway_load]);
+        let bare_total = total(&[self.bare, self.bare_load]);
+        let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+        let ratio = if gateway_total > 0.0 {
+            bare_total / gateway_total
+        } else {
+            0.0
+        };
+        format!(
+            "CPU per call at 128 in flight, user + system µs: gateway {}, stand-in {}, load \
+             generator {} = {gateway_total:.1}; bare {}, load generator {} = {bare_total:.1}\n\
+             at {cores} cores' worth of CPU that is {:.0} vs {:.0} calls/s, a ratio of {ratio:.2}\n",
+            show(self.gateway),
+            show(self.stand_in),
+            show(self.gateway_load),
+            show(self.bare),
+            show(self.bare_load),
+            cores * 1e6 / gateway_total.max(f64::MIN_POSITIVE),
+            cores * 1e6 / bare_total.max(f64::MIN_POSITIVE),
+        )
+    }
+}
+
 impl Report {
     fn table(&self, options: &Options) -> String {
         let ratio = |gateway: f64, bare: f64| if bare > 0.0 { gateway / bare } else { 0.0 };
@@ -606,6 +724,7 @@ impl Report {
             humantime::format_duration(options.warmup),
             humantime::format_duration(SLOW_REPLY),
         );
+        notes.push_str(&self.cpu.lines());
         for (name, run) in [
             ("gateway, 1 in flight", self.gateway_1),
             ("gateway, 128 in flight", self.gateway_128),
