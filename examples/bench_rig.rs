@@ -128,15 +128,25 @@ struct Run {
 
 #[derive(Debug, Default)]
 struct Report {
-    gateway_1: Run,
-    bare_1: Run,
-    gateway_128: Run,
-    bare_128: Run,
+    /// 1 in flight: medians over rounds that alternate the two servers.
+    idle: Rounds,
+    /// 128 in flight: medians over rounds that alternate the two servers.
+    busy: Rounds,
     stand_in_round_trip_us: f64,
     /// Instructions per call, gateway and bare, when valgrind is installed.
     instructions: Option<(f64, f64)>,
     peak_rss_kib: u64,
     rss_run: Run,
+}
+
+/// Load in rounds: the median calls/s of each side, the median of the rounds' ratios, and the
+/// median CPU per call of each process.
+#[derive(Debug, Default)]
+struct Rounds {
+    gateway: Run,
+    bare: Run,
+    ratios: Vec<f64>,
+    round_length: Duration,
     cpu: CpuSplit,
 }
 
@@ -147,8 +157,8 @@ struct Cpu {
     system: f64,
 }
 
-/// Who spends the CPU of a call at 128 in flight, in µs per call: on a machine where every process
-/// shares the same cores, calls/s follow the sum.
+/// Who spends the CPU of a call, in µs per call: on a machine where every process shares the same
+/// cores, calls/s under load follow the sum.
 #[derive(Debug, Default)]
 struct CpuSplit {
     gateway: Cpu,
@@ -159,6 +169,9 @@ struct CpuSplit {
 }
 
 fn measure(options: &Options, fast: &StandIn, slow: SocketAddr) -> Report {
+    // On an idle machine, before the servers start, as since the first session: measured between
+    // the rounds instead, right after load, the same exchange took 16-17 µs, not 45-85 µs (this
+    // VM wakes a thread on an idle CPU slowly), and the latency bound would move with it.
     let mut report = Report {
         stand_in_round_trip_us: round_trip_us(fast.address, if options.smoke { 200 } else { 5000 }),
         ..Report::default()
@@ -166,16 +179,8 @@ fn measure(options: &Options, fast: &StandIn, slow: SocketAddr) -> Report {
     let upstream = format!("http://{}/api/v2/task", fast.address);
     let gateway = Target::gateway(&options.gateway_bin, &upstream, None);
     let bare = Target::bare(None);
-    let load = |target: &Target, in_flight: usize| {
-        let connections = if in_flight >= 8 { 8 } else { 1 };
-        bench(options, target, in_flight, connections, Length::Duration)
-    };
-    // Interleaved, so that a machine that slows down during the run slows both sides alike.
-    report.gateway_1 = load(&gateway, 1);
-    report.bare_1 = load(&bare, 1);
-    report.gateway_128 = load(&gateway, 128);
-    report.bare_128 = load(&bare, 128);
-    report.cpu = cpu_split(options, &gateway, &bare, fast);
+    report.idle = rounds(options, [&gateway, &bare], fast, [1, 1]);
+    report.busy = rounds(options, [&gateway, &bare], fast, [128, 8]);
     gateway.stop();
     bare.stop();
 
@@ -214,33 +219,104 @@ fn measure(options: &Options, fast: &StandIn, slow: SocketAddr) -> Report {
     report
 }
 
-/// CPU per call at 128 in flight, each side measured over a run of a fixed number of calls (no
-/// warm-up, so every call counted is one the CPU was spent on): the server's process, the
-/// stand-in's thread and the load generator (a child this process waits for).
-fn cpu_split(options: &Options, gateway: &Target, bare: &Target, stand_in: &StandIn) -> CpuSplit {
-    let calls = if options.smoke { 2_000 } else { 100_000 };
-    let per_call = |before: Cpu, after: Cpu| Cpu {
-        user: (after.user - before.user) * 1e6 / calls as f64,
-        system: (after.system - before.system) * 1e6 / calls as f64,
+/// `in_flight` calls on `connections` connections, in rounds that alternate the gateway and the
+/// bare server, each after one warm-up run: a machine that slows down for a while (a shared VM
+/// does, by a third at times) slows both sides of a round alike, and the medians leave out the
+/// round it did not. Each run has no warm-up of its own, so every call it counts is one the CPU
+/// measured around it was spent on: the server's process and the stand-in's thread from /proc,
+/// the load generator as a child this process waited for (its start included, a few ms).
+fn rounds(
+    options: &Options,
+    [gateway, bare]: [&Target; 2],
+    stand_in: &StandIn,
+    [in_flight, connections]: [usize; 2],
+) -> Rounds {
+    let rounds: u32 = if options.smoke { 1 } else { 5 };
+    let round_length = options.duration / rounds;
+    let run = |target: &Target, length: Duration| {
+        load_run(options, target, stand_in, [in_flight, connections], length)
     };
-    let server = |target: &Target| Path::new("/proc").join(target.child.id().to_string());
-    let (gateway_before, stand_in_before, load_before) = (
-        cpu_time(&server(gateway)),
+    run(gateway, options.warmup);
+    run(bare, options.warmup);
+    let (mut gateway_runs, mut bare_runs) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        gateway_runs.push(run(gateway, round_length));
+        bare_runs.push(run(bare, round_length));
+    }
+    let ratios = gateway_runs
+        .iter()
+        .zip(&bare_runs)
+        .map(|(gateway, bare)| {
+            gateway.run.calls_per_s / bare.run.calls_per_s.max(f64::MIN_POSITIVE)
+        })
+        .collect();
+    let median_cpu = |runs: &[LoadRun], pick: fn(&LoadRun) -> Cpu| {
+        let cpus: Vec<Cpu> = runs.iter().map(pick).collect();
+        Cpu {
+            user: median_by(cpus.clone(), |cpu| cpu.user).user,
+            system: median_by(cpus, |cpu| cpu.system).system,
+        }
+    };
+    Rounds {
+        cpu: CpuSplit {
+            gateway: median_cpu(&gateway_runs, |run| run.server),
+            stand_in: median_cpu(&gateway_runs, |run| run.stand_in),
+            gateway_load: median_cpu(&gateway_runs, |run| run.load),
+            bare: median_cpu(&bare_runs, |run| run.server),
+            bare_load: median_cpu(&bare_runs, |run| run.load),
+        },
+        gateway: median_by(gateway_runs, |run| run.run.calls_per_s).run,
+        bare: median_by(bare_runs, |run| run.run.calls_per_s).run,
+        ratios,
+        round_length,
+    }
+}
+
+/// One load run and the CPU per call each process spent around it.
+struct LoadRun {
+    run: Run,
+    server: Cpu,
+    stand_in: Cpu,
+    load: Cpu,
+}
+
+fn load_run(
+    options: &Options,
+    target: &Target,
+    stand_in: &StandIn,
+    [in_flight, connections]: [usize; 2],
+    length: Duration,
+) -> LoadRun {
+    let server = Path::new("/proc").join(target.child.id().to_string());
+    let before = (
+        cpu_time(&server),
         cpu_time(&stand_in.thread),
         children_cpu_time(),
     );
-    bench(options, gateway, 128, 8, Length::Calls(calls));
-    let mut split = CpuSplit {
-        gateway: per_call(gateway_before, cpu_time(&server(gateway))),
-        stand_in: per_call(stand_in_before, cpu_time(&stand_in.thread)),
-        gateway_load: per_call(load_before, children_cpu_time()),
-        ..CpuSplit::default()
+    let run = bench(
+        options,
+        target,
+        in_flight,
+        connections,
+        Length::Round(length),
+    );
+    let per_call = |before: Cpu, after: Cpu| Cpu {
+        user: (after.user - before.user) * 1e6 / run.calls.max(1) as f64,
+        system: (after.system - before.system) * 1e6 / run.calls.max(1) as f64,
     };
-    let (bare_before, load_before) = (cpu_time(&server(bare)), children_cpu_time());
-    bench(options, bare, 128, 8, Length::Calls(calls));
-    split.bare = per_call(bare_before, cpu_time(&server(bare)));
-    split.bare_load = per_call(load_before, children_cpu_time());
-    split
+    LoadRun {
+        server: per_call(before.0, cpu_time(&server)),
+        stand_in: per_call(before.1, cpu_time(&stand_in.thread)),
+        load: per_call(before.2, children_cpu_time()),
+        run,
+    }
+}
+
+/// The middle item by `key` (the upper middle of an even count).
+fn median_by<T>(mut items: Vec<T>, key: impl Fn(&T) -> f64) -> T {
+    items.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    let middle = items.len() / 2;
+    items.swap_remove(middle)
 }
 
 /// The user and system time in `folder`/stat: a process's (`/proc/PID`) or a thread's.
@@ -277,6 +353,8 @@ enum Length {
     Duration,
     /// Exactly this many calls, no warm-up (for instruction counts).
     Calls(u64),
+    /// This long, no warm-up (a round).
+    Round(Duration),
 }
 
 fn bench(
@@ -302,6 +380,12 @@ fn bench(
             &format!("{}ms", options.warmup.as_millis()),
         ]),
         Length::Calls(calls) => command.args(["--calls", &calls.to_string(), "--warmup", "0s"]),
+        Length::Round(length) => command.args([
+            "--duration",
+            &format!("{}ms", length.as_millis()),
+            "--warmup",
+            "0s",
+        ]),
     };
     let output = command.stderr(Stdio::inherit()).output().unwrap();
     assert!(
@@ -657,36 +741,36 @@ impl Report {
         };
         row("measure", "gateway", "bare tonic", "ratio", "goal (met?)");
         row("---", "---:", "---:", "---:", "---");
-        let throughput = ratio(self.gateway_128.calls_per_s, self.bare_128.calls_per_s);
+        let throughput = median_by(self.busy.ratios.clone(), |ratio| *ratio);
         row(
             "calls/s, 1 in flight",
-            &format!("{:.0}", self.gateway_1.calls_per_s),
-            &format!("{:.0}", self.bare_1.calls_per_s),
-            &format!(
-                "{:.2}",
-                ratio(self.gateway_1.calls_per_s, self.bare_1.calls_per_s)
-            ),
+            &format!("{:.0}", self.idle.gateway.calls_per_s),
+            &format!("{:.0}", self.idle.bare.calls_per_s),
+            &format!("{:.2}", median_by(self.idle.ratios.clone(), |ratio| *ratio)),
             "",
         );
         row(
             "calls/s, 128 in flight",
-            &format!("{:.0}", self.gateway_128.calls_per_s),
-            &format!("{:.0}", self.bare_128.calls_per_s),
+            &format!("{:.0}", self.busy.gateway.calls_per_s),
+            &format!("{:.0}", self.busy.bare.calls_per_s),
             &format!("{throughput:.2}"),
             &format!(">= 0.50 ({})", verdict(throughput >= 0.5)),
         );
-        let latency_bound = (self.bare_1.mean_latency_us + self.stand_in_round_trip_us) * 1.3;
+        let latency_bound = (self.idle.bare.mean_latency_us + self.stand_in_round_trip_us) * 1.3;
         row(
             "mean latency, 1 in flight (µs)",
-            &format!("{:.1}", self.gateway_1.mean_latency_us),
-            &format!("{:.1}", self.bare_1.mean_latency_us),
+            &format!("{:.1}", self.idle.gateway.mean_latency_us),
+            &format!("{:.1}", self.idle.bare.mean_latency_us),
             &format!(
                 "{:.2}",
-                ratio(self.gateway_1.mean_latency_us, self.bare_1.mean_latency_us)
+                ratio(
+                    self.idle.gateway.mean_latency_us,
+                    self.idle.bare.mean_latency_us
+                )
             ),
             &format!(
                 "<= {latency_bound:.1} ({})",
-                verdict(self.gateway_1.mean_latency_us <= latency_bound)
+                verdict(self.idle.gateway.mean_latency_us <= latency_bound)
             ),
         );
         match self.instructions {
@@ -716,18 +800,32 @@ impl Report {
             "-",
             &format!("<= 64 ({})", verdict(rss_mib <= 64.0)),
         );
+        let list = |ratios: &[f64]| {
+            ratios
+                .iter()
+                .map(|ratio| format!("{ratio:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         let mut notes = format!(
-            "\nstand-in round trip (HTTP/1.1 POST on loopback): {:.1} µs; {} per run after {} warm-up; \
-             slow stand-in answers after {}\n",
+            "\n1 and 128 in flight: {} round{} of {} per side, alternating, after a {} warm-up run \
+             of each; ratios are the medians of the rounds' (1 in flight: {}; 128: {})\n\
+             stand-in round trip (HTTP/1.1 POST on loopback, idle machine): {:.1} µs; \
+             RSS: {} at 1024 in flight against a stand-in that answers after {}\n",
+            self.busy.ratios.len(),
+            if self.busy.ratios.len() == 1 { "" } else { "s" },
+            humantime::format_duration(self.busy.round_length),
+            humantime::format_duration(options.warmup),
+            list(&self.idle.ratios),
+            list(&self.busy.ratios),
             self.stand_in_round_trip_us,
             humantime::format_duration(options.duration),
-            humantime::format_duration(options.warmup),
             humantime::format_duration(SLOW_REPLY),
         );
-        notes.push_str(&self.cpu.lines());
+        notes.push_str(&self.busy.cpu.lines());
         for (name, run) in [
-            ("gateway, 1 in flight", self.gateway_1),
-            ("gateway, 128 in flight", self.gateway_128),
+            ("gateway, 1 in flight", self.idle.gateway),
+            ("gateway, 128 in flight", self.busy.gateway),
             ("gateway, 1024 in flight, slow stand-in", self.rss_run),
         ] {
             if run.ok_calls != run.calls {
