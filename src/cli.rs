@@ -176,6 +176,16 @@ impl Prepared {
         }
     }
 
+    /// The runtime the command runs on: `serve` with its `--worker-threads`, the others with one
+    /// thread per core (the load generator needs them), as `#[tokio::main]` builds it.
+    pub(crate) fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let PreparedCommand::Serve(serve) = &self.command {
+            builder.worker_threads(serve.worker_threads().get());
+        }
+        builder.enable_all().build()
+    }
+
     /// Runs the command and says how it ended.
     pub(crate) async fn run(self) -> Ending {
         // A server's own grace once its settings are known; the default for the other commands.

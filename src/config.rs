@@ -331,6 +331,14 @@ pub mod limits {
         below: "at least one watch must be allowed",
         above: "each watch holds a stream and memory, and every event is copied to each",
     };
+    /// `--worker-threads`.
+    pub const WORKER_THREADS: Bounds<NonZeroUsize> = Bounds {
+        setting: "--worker-threads",
+        min: NonZeroUsize::MIN,
+        max: NonZeroUsize::new(1024).unwrap(),
+        below: "calls need a thread to run on",
+        above: "threads beyond the machine's cores only take turns on them",
+    };
     /// `--watch-buffer`.
     pub const WATCH_BUFFER: Bounds<NonZeroUsize> = Bounds {
         setting: "--watch-buffer",
@@ -396,6 +404,12 @@ pub mod defaults {
     /// Connections to the simulator: a gateway opens at most one per call in flight, so twice
     /// the gateway's default `--max-in-flight`.
     pub const SIMULATOR_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(2048).unwrap();
+
+    /// The gateway's runtime threads. One: a gateway fronts one controller, which takes calls far
+    /// slower than one thread serves them (~25,000 a second while sharing two cores with the
+    /// load and a stand-in, docs/performance.md), and a call that stays on its thread is not
+    /// handed between threads, which costs latency at low load and CPU at high load.
+    pub const WORKER_THREADS: NonZeroUsize = NonZeroUsize::MIN;
 
     /// The Log Publisher's port on a controller (V1 used 53005).
     pub const LOG_PUBLISHER_PORT: u16 = 44001;

@@ -4,20 +4,31 @@ use std::process::ExitCode;
 
 mod cli;
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let ending = match cli::parse().prepare() {
-        Ok(prepared) => {
-            let log = taskgate::log::init(prepared.log_format(), prepared.default_log_filter());
-            let ending = prepared.run().await;
-            // The log goes first so that the error, if any, is the last line, as it was when
-            // logging was synchronous.
-            log.flush_within(ending.log_flush_bound);
-            ending
-        }
+fn main() -> ExitCode {
+    let prepared = match cli::parse().prepare() {
+        Ok(prepared) => prepared,
         // The settings could not be completed (a bad config file): nothing was logged yet.
-        Err(ending) => ending,
+        Err(ending) => return finish(ending),
     };
+    // Built once the command is known: `serve` runs on its own number of threads.
+    let runtime = match prepared.runtime() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("taskgate: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let log = taskgate::log::init(prepared.log_format(), prepared.default_log_filter());
+    let ending = runtime.block_on(prepared.run());
+    // The log goes first so that the error, if any, is the last line, as it was when logging
+    // was synchronous.
+    log.flush_within(ending.log_flush_bound);
+    // The runtime ends after the error is printed, as it did under `#[tokio::main]`.
+    finish(ending)
+}
+
+/// Prints the error, if any, and gives the exit code.
+fn finish(ending: cli::Ending) -> ExitCode {
     if let Some(error) = ending.error {
         eprintln!("{error}");
     }

@@ -6,6 +6,7 @@
 //! is bound.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use clap::Args;
 
 use taskgate::auth::TokenFile;
 use taskgate::config::{
-    Http1Limits, LogPublisherAddress, defaults, parse_cors_origin, parse_upstream_url,
+    Http1Limits, LogPublisherAddress, defaults, limits, parse_cors_origin, parse_upstream_url,
 };
 use taskgate::log::LogFormat;
 use taskgate::nofile;
@@ -50,6 +51,8 @@ pub(super) struct ServeArgs {
 pub(super) struct Serve {
     given: ServeSettings,
     print_config: bool,
+    /// Checked here, since the runtime is built before `run`.
+    worker_threads: NonZeroUsize,
 }
 
 // === impl ServeArgs ===
@@ -63,9 +66,13 @@ impl ServeArgs {
         if let Some(path) = &self.config {
             given = given.or(&ServeSettings::load(path)?)?;
         }
+        let worker_threads = limits::WORKER_THREADS
+            .check(given.worker_threads.unwrap_or(defaults::WORKER_THREADS))
+            .context("invalid configuration")?;
         Ok(Serve {
             given,
             print_config: self.print_config,
+            worker_threads,
         })
     }
 }
@@ -76,6 +83,11 @@ impl Serve {
     /// The log format given by flag, environment or file, if any.
     pub(super) fn log_format(&self) -> Option<LogFormat> {
         self.given.log_format
+    }
+
+    /// How many runtime threads run calls (`--worker-threads`).
+    pub(super) fn worker_threads(&self) -> NonZeroUsize {
+        self.worker_threads
     }
 
     /// Checks the settings, then prints them or serves until SIGINT or SIGTERM. Sets

@@ -113,6 +113,14 @@ async fn usage_and_configuration_errors_exit_2() {
         stderr.contains("--upstream-timeout 0s is out of range 10ms-1h"),
         "{stderr}"
     );
+    let (_, stderr) = run(&["serve", "--worker-threads", "2000"], 2).await;
+    assert!(
+        stderr.ends_with(
+            "invalid configuration: --worker-threads 2000 is out of range 1-1024: threads beyond \
+             the machine's cores only take turns on them\n"
+        ),
+        "{stderr}"
+    );
     let (_, stderr) = run(&["simulate", "--config", "/nonexistent/layout.toml"], 2).await;
     assert!(
         stderr.contains("cannot read layout file /nonexistent/layout.toml"),
@@ -122,6 +130,29 @@ async fn usage_and_configuration_errors_exit_2() {
     run(&["case-cancel", "--port", "4"], 2).await;
     run(&["case-state"], 2).await;
     run(&["no-such-command"], 2).await;
+}
+
+/// `serve` runs calls on `--worker-threads` runtime threads, one unless told otherwise; the
+/// client commands keep one per core.
+#[tokio::test]
+async fn serve_runs_on_its_worker_threads() {
+    for (args, expected) in [(&[][..], 1), (&["--worker-threads", "3"][..], 3)] {
+        let serve = TaskgateProcess::start(args).await;
+        let pid = serve.child.id().unwrap();
+        // tokio names its runtime threads "tokio-rt-worker", blocking ones too, of which this
+        // gateway starts none: every address it is given is an IP.
+        let workers = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter(|task| {
+                let comm = task.as_ref().unwrap().path().join("comm");
+                std::fs::read_to_string(comm).unwrap_or_default().trim() == "tokio-rt-worker"
+            })
+            .count();
+        assert_eq!(workers, expected, "{args:?}");
+        serve.signal("TERM").await;
+        let (code, rest) = serve.finish().await;
+        assert_eq!(code, Some(0), "{rest}");
+    }
 }
 
 /// Issue 9, item 5: each cause is printed once, and exactly (ripgrep's style): a missing file, a

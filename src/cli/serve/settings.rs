@@ -114,6 +114,11 @@ pub(crate) struct ServeSettings {
     #[arg(long, env = "TASKGATE_WATCH_BUFFER")]
     pub(super) watch_buffer: Option<NonZeroUsize>,
 
+    /// How many threads run calls. One serves far more calls than a controller takes and keeps
+    /// each call on one thread; more only for heavy WatchCaseEvents fan-out. 1 to 1024.
+    #[arg(long, env = "TASKGATE_WORKER_THREADS")]
+    pub(super) worker_threads: Option<NonZeroUsize>,
+
     /// How long a request head to /metrics may take, from accept or from its first byte.
     #[arg(long, env = "TASKGATE_METRICS_HEADER_READ_TIMEOUT", value_parser = duration)]
     #[serde(default, with = "humantime_serde")]
@@ -230,6 +235,7 @@ impl ServeSettings {
             max_health_watches: Some(defaults::MAX_HEALTH_WATCHES),
             max_watches: Some(defaults::MAX_WATCHES),
             watch_buffer: Some(defaults::WATCH_BUFFER),
+            worker_threads: Some(defaults::WORKER_THREADS),
             metrics_header_read_timeout: Some(defaults::HEADER_READ_TIMEOUT),
             metrics_idle_timeout: Some(defaults::HTTP1_IDLE_TIMEOUT),
             metrics_body_read_timeout: Some(defaults::BODY_READ_TIMEOUT),
