@@ -133,8 +133,9 @@ pub fn dropped_lines() -> u64 {
     QUEUE.get().map_or(0, queue::QueueWriter::dropped)
 }
 
-/// Reports drops in one line, written before the next batch (on the writer thread, which is not
-/// inside the subscriber here, so logging from it cannot deadlock).
+/// Reports drops in one line, logged like any other by the writer thread as soon as it takes a
+/// batch again (it is not inside the subscriber then, so logging cannot deadlock; the queue it
+/// has just emptied has room for the line).
 fn report_drops(newly_dropped: u64, total_dropped: u64) {
     tracing::warn!(
         target: "taskgate::log",
