@@ -124,19 +124,6 @@ impl QueueWriter {
     }
 }
 
-/// Each `write` is one whole line: tracing-subscriber formats an event into a buffer and writes
-/// it with one `write_all`.
-impl Write for QueueWriter {
-    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
-        self.push(line);
-        Ok(line.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 impl<'a> MakeWriter<'a> for QueueWriter {
     type Writer = &'a QueueWriter;
 
@@ -145,6 +132,8 @@ impl<'a> MakeWriter<'a> for QueueWriter {
     }
 }
 
+/// Each `write` is one whole line: tracing-subscriber formats an event into a buffer and writes
+/// it with one `write_all`.
 impl Write for &QueueWriter {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
         self.push(line);
