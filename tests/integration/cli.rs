@@ -132,11 +132,11 @@ async fn usage_and_configuration_errors_exit_2() {
     run(&["no-such-command"], 2).await;
 }
 
-/// `serve` runs calls on `--worker-threads` runtime threads, one unless told otherwise; the
-/// client commands keep one per core.
+/// `serve` runs calls on `--worker-threads` runtime threads, one unless told otherwise: the main
+/// thread, which runs the current-thread scheduler, so no worker thread is started.
 #[tokio::test]
 async fn serve_runs_on_its_worker_threads() {
-    for (args, expected) in [(&[][..], 1), (&["--worker-threads", "3"][..], 3)] {
+    for (args, expected) in [(&[][..], 0), (&["--worker-threads", "3"][..], 3)] {
         let serve = TaskgateProcess::start(args).await;
         let pid = serve.child.id().unwrap();
         // tokio names its runtime threads "tokio-rt-worker", blocking ones too, of which this

@@ -114,8 +114,9 @@ pub(crate) struct ServeSettings {
     #[arg(long, env = "TASKGATE_WATCH_BUFFER")]
     pub(super) watch_buffer: Option<NonZeroUsize>,
 
-    /// How many threads run calls. One serves far more calls than a controller takes and keeps
-    /// each call on one thread; more only for heavy WatchCaseEvents fan-out. 1 to 1024.
+    /// How many threads run calls. One (the main thread) serves far more calls than a controller
+    /// takes and writes the responses that are ready together; more only for heavy
+    /// WatchCaseEvents fan-out. 1 to 1024.
     #[arg(long, env = "TASKGATE_WORKER_THREADS")]
     pub(super) worker_threads: Option<NonZeroUsize>,
 
