@@ -229,24 +229,18 @@ impl UpstreamTls {
     /// The rustls configuration for the controller's Log Publisher over TLS: the same trust and
     /// client certificate as the task interface, without its HTTP ALPN.
     pub(crate) fn stream_config(&self) -> Result<Arc<ClientConfig>, rustls::Error> {
-        let mut config = (*self.client_config(true)?).clone();
+        let mut config = (*self.client_config()?).clone();
         config.alpn_protocols.clear();
         Ok(Arc::new(config))
     }
 
-    /// The rustls configuration for a controller at an `https` (or plain http) URL.
-    pub(crate) fn client_config(&self, https: bool) -> Result<Arc<ClientConfig>, rustls::Error> {
+    /// The rustls configuration for a controller at an `https` URL. Only asked for one: the
+    /// system's roots take tens of millions of instructions to load.
+    pub(crate) fn client_config(&self) -> Result<Arc<ClientConfig>, rustls::Error> {
         if let Some(config) = &self.config {
             return Ok(Arc::clone(config));
         }
-        let builder = if https {
-            system_roots()?
-        } else {
-            // An http:// controller never starts a handshake, so the system's roots (tens of
-            // millions of instructions to load) are not read for it.
-            config_builder()?.with_root_certificates(RootCertStore::empty())
-        };
-        Ok(http1_only(builder.with_no_client_auth()))
+        Ok(http1_only(system_roots()?.with_no_client_auth()))
     }
 }
 

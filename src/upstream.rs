@@ -2,42 +2,34 @@
 //! size cap, and sorts every transport outcome into an `UpstreamError`.
 //!
 //! It never retries a request that may have reached the controller: only a failed connect, or a
-//! kept-alive connection found closed before the request was written (nothing sent either way),
-//! is tried once more. The whole call, connection I/O included, runs inside the caller's future,
-//! so dropping that future (a cancelled RPC) drops the HTTP request and closes its connection.
+//! kept-alive connection whose first write failed with nothing sent, is tried once more. A pooled
+//! connection the controller closed is found before it is used. The whole call, connection I/O
+//! included, runs inside the caller's future, so dropping that future (a cancelled RPC) drops the
+//! HTTP request and closes its connection.
 //!
-//! Connections are hyper's HTTP/1.1 client connections in a small pool of our own rather than
-//! hyper-util's pooled client: measured with callgrind, that pool's bookkeeping (a hashed,
-//! locked map per call) and the task that drives each connection cost ~8k instructions and a
-//! task wake-up per call, about 7 % of the gateway's whole cost.
+//! Connections are kept alive in a small pool of our own, and the HTTP/1.1 exchange on them is
+//! [`http1`]'s, made for the one request the gateway sends (see there for why not hyper's client).
 
-use std::future::Future as _;
+pub(crate) mod http1;
+
 use std::num::NonZeroUsize;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
-use hyper::body::{Body as _, Incoming};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper::header::{
-    ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue,
-    TRANSFER_ENCODING, USER_AGENT,
-};
-use hyper::{Method, Request, StatusCode, Uri};
-use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper::{StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
 use tower::ServiceExt as _;
 use url::Url;
 
-use crate::codec::{self, Call, DecodeError, Reply, WireFormat};
+pub(crate) use self::http1::TransportError;
+use self::http1::{Answer, BodyError, Connection, ExchangeError, Io, RequestHead};
+use crate::codec::{Call, DecodeError, Reply, WireFormat};
 use crate::config::{ConfigError, defaults, limits, refuse_credentials};
-use crate::request_id::{self, RequestId};
+use crate::request_id::RequestId;
 use crate::tls::UpstreamTls;
 
 /// Idle pooled connections are not used after this long, before the shortest common server
@@ -45,12 +37,8 @@ use crate::tls::UpstreamTls;
 /// connection the controller is closing.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// The request ID header, named once rather than parsed from text on every call.
-const REQUEST_ID: HeaderName = HeaderName::from_static(request_id::HEADER);
-
 /// Sent on every call, so the controller's logs can tell the gateway from other clients.
-const USER_AGENT_VALUE: HeaderValue =
-    HeaderValue::from_static(concat!("taskgate/", env!("CARGO_PKG_VERSION")));
+const USER_AGENT: &str = concat!("taskgate/", env!("CARGO_PKG_VERSION"));
 
 /// How the gateway calls the controller: where, in which format, and within which limits.
 #[derive(Debug, Clone)]
@@ -75,21 +63,19 @@ pub struct Settings {
 /// A client for one controller's task interface.
 #[derive(Debug, Clone)]
 pub(crate) struct Upstream {
-    /// Makes new connections: TCP, and TLS for an https:// URL.
-    connector: HttpsConnector<HttpConnector>,
-    /// Idle keep-alive connections, shared by every call. Nothing here follows a redirect,
-    /// which would replay a POST somewhere we were not pointed at.
+    /// Makes the TCP connections. Nothing here follows a redirect, which would replay a POST
+    /// somewhere we were not pointed at.
+    connector: HttpConnector,
+    /// TLS over them, with the name the controller's certificate must have, for https://.
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    /// Idle keep-alive connections, shared by every call.
     pool: Arc<Pool>,
     /// The task-interface endpoint every method call is POSTed to.
     url: Url,
     /// `url` without its fragment, where new connections go.
     target: Uri,
-    /// `url`'s path and query, the request target of every call (HTTP/1.1's origin form),
-    /// parsed once so a call only clones it.
-    path: Uri,
-    /// Host, User-Agent, Content-Type and Accept, made once: a call clones them and adds its
-    /// length and request ID, instead of hashing six header names on every call.
-    headers: HeaderMap,
+    /// Every request's head up to its length, made once.
+    head: RequestHead,
     /// Replies longer than this are refused without being read further.
     max_response_bytes: usize,
     /// XML (documented) or JSON, for requests and replies alike.
@@ -110,21 +96,16 @@ pub enum ClientError {
     /// The TLS configuration cannot be built (for example, the system has no roots).
     #[error("cannot set up TLS to the controller")]
     Tls(#[source] rustls::Error),
+    /// The host of an https:// URL cannot be a certificate's name.
+    #[error("upstream URL '{url}' has a host that cannot be checked against a TLS certificate")]
+    ServerName {
+        /// The URL.
+        url: String,
+    },
 }
 
 /// Why a connection to the controller could not be made (TCP connect or TLS handshake).
 pub(crate) type ConnectError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A connection failure while sending the request or reading the reply.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum TransportError {
-    /// Sending the request or reading the reply head failed.
-    #[error(transparent)]
-    Request(hyper::Error),
-    /// Reading the reply body failed.
-    #[error(transparent)]
-    Body(hyper::Error),
-}
 
 /// A controller call that did not produce a reply we can trust. Its message is the one callers
 /// read, so it says the cause itself, which is therefore not also a `source`.
@@ -216,36 +197,43 @@ impl Upstream {
         };
         let target = Uri::try_from(&url[..url::Position::AfterQuery])
             .map_err(|error| invalid(error.to_string()))?;
+        // Checked as a request target, so that it cannot end the request line early.
         let path = Uri::try_from(&url[url::Position::BeforePath..url::Position::AfterQuery])
             .map_err(|error| invalid(error.to_string()))?;
-        let host = HeaderValue::from_str(&url[url::Position::BeforeHost..url::Position::AfterPort])
-            .map_err(|error| invalid(error.to_string()))?;
-        let tls = settings
-            .tls
-            .client_config(url.scheme() == "https")
-            .map_err(ClientError::Tls)?;
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        // The TLS layer above takes https:// URLs; this layer only makes the TCP connection.
-        http.enforce_http(false);
+        let host = hyper::header::HeaderValue::from_str(
+            &url[url::Position::BeforeHost..url::Position::AfterPort],
+        )
+        .map_err(|error| invalid(error.to_string()))?;
+        let tls = match url.scheme() {
+            "https" => {
+                let config = settings.tls.client_config().map_err(ClientError::Tls)?;
+                let name = server_name(&url).ok_or_else(|| ClientError::ServerName {
+                    url: url.to_string(),
+                })?;
+                Some((config, name))
+            }
+            _ => None,
+        };
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        // TLS is added above this layer, which only makes the TCP connection.
+        connector.enforce_http(false);
         Ok(Upstream {
-            connector: HttpsConnector::from((http, tls)),
+            connector,
+            tls,
             pool: Arc::new(Pool {
                 idle: Mutex::new(Vec::new()),
                 max_idle: settings.max_in_flight.get(),
             }),
+            head: RequestHead::new(
+                &path.to_string(),
+                host.to_str().map_err(|error| invalid(error.to_string()))?,
+                USER_AGENT,
+                settings.format.content_type(),
+                settings.format.accept(),
+            ),
             url,
             target,
-            path,
-            headers: header_template([
-                (HOST, host),
-                (USER_AGENT, USER_AGENT_VALUE),
-                (
-                    CONTENT_TYPE,
-                    HeaderValue::from_static(settings.format.content_type()),
-                ),
-                (ACCEPT, HeaderValue::from_static(settings.format.accept())),
-            ]),
             max_response_bytes: settings.max_response_bytes.get(),
             format: settings.format,
         })
@@ -269,65 +257,64 @@ impl Upstream {
     }
 
     async fn post(&self, call: &Call<'_>, request_id: &RequestId) -> Result<Reply, UpstreamError> {
-        let request = self.request(call, request_id);
-        let (mut connection, exchange) = match self.pool.take() {
-            Some(mut connection) => match connection.exchange(request).await {
-                // A kept-alive connection the controller closed before the request was written:
-                // nothing was sent, so a new connection may carry it.
-                Exchange::NotSent(request, error) => {
-                    tracing::debug!(cause = %error_chain(&error), "pooled connection closed; using a new one");
-                    self.exchange_on_new(request).await?
-                }
-                exchange => (connection, exchange),
-            },
-            None => self.exchange_on_new(request).await?,
+        let body = self.format.encode_call(call);
+        let request_id = request_id.header_value().as_bytes();
+        let limit = self.max_response_bytes;
+        let mut connection = match self.pool.take() {
+            Some(connection) => connection,
+            None => self.connect().await?,
         };
-        let (head, body) = match exchange {
-            Exchange::Answered(response) => response.into_parts(),
-            Exchange::NotSent(_, error) | Exchange::Failed(error) => {
-                return Err(UpstreamError::ConnectionLost(TransportError::Request(
-                    error,
-                )));
-            }
-        };
-        let charset = head
-            .headers
-            .get(CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .and_then(codec::charset_of);
-        // RFC 9112 §6.1: Transfer-Encoding overrides Content-Length, so such a reply is read as
-        // the former says; but having both may be a response-splitting attempt, so where the
-        // next reply on this connection begins is not to be trusted. (hyper keeps it alive.)
-        let framing_conflicts = head.headers.contains_key(TRANSFER_ENCODING)
-            && head.headers.contains_key(CONTENT_LENGTH);
-        let body = connection.read_capped(body, self.max_response_bytes).await;
-        if body.is_ok() && !framing_conflicts {
-            // Read to its end, so the connection can carry the next call.
-            self.pool.put(connection);
+        let mut answer = connection
+            .exchange(&self.head, request_id, &body, limit)
+            .await;
+        let mut fresh = None;
+        if let Err(ExchangeError::NotSent(error)) = &answer {
+            // A kept-alive connection the controller closed: nothing was sent, so a new
+            // connection may carry the request.
+            tracing::debug!(cause = %error, "pooled connection closed; using a new one");
+            drop(answer);
+            answer = fresh
+                .insert(self.connect().await?)
+                .exchange(&self.head, request_id, &body, limit)
+                .await;
         }
-        if !head.status.is_success() {
+        let answer = answer.map_err(|error| {
+            UpstreamError::ConnectionLost(match error {
+                ExchangeError::NotSent(error) => TransportError::Io(error),
+                ExchangeError::Failed(error) => error,
+            })
+        })?;
+        let reusable = answer.reusable;
+        let reply = self.reply(answer);
+        if reusable {
+            self.pool.put(fresh.unwrap_or(connection));
+        }
+        reply
+    }
+
+    /// What the controller answered, from a reply read to its end (or refused for its size).
+    fn reply(&self, answer: Answer<'_>) -> Result<Reply, UpstreamError> {
+        let limit = self.max_response_bytes;
+        if !answer.status.is_success() {
             // A fault is the controller's answer whatever status carries it; anything else under
             // a non-2xx status is not a reply we can act on.
-            return match body.map(|body| self.format.decode_reply(&body, charset)) {
+            return match answer
+                .body
+                .map(|body| self.format.decode_reply(body, answer.charset))
+            {
                 Ok(Ok(Reply::Fault(code))) => Ok(Reply::Fault(code)),
                 _ => Err(UpstreamError::HttpStatus {
-                    status: head.status,
+                    status: answer.status,
                 }),
             };
         }
+        let body = answer.body.map_err(|error| match error {
+            BodyError::TooLarge => UpstreamError::ResponseTooLarge { limit },
+            BodyError::Transport(error) => UpstreamError::ConnectionLost(error),
+        })?;
         self.format
-            .decode_reply(&body?, charset)
+            .decode_reply(body, answer.charset)
             .map_err(UpstreamError::BadResponse)
-    }
-
-    /// Sends `request` on a new connection.
-    async fn exchange_on_new(
-        &self,
-        request: Request<Full<Bytes>>,
-    ) -> Result<(Connection, Exchange), UpstreamError> {
-        let mut connection = self.connect().await?;
-        let exchange = connection.exchange(request).await;
-        Ok((connection, exchange))
     }
 
     /// A new connection; a failed connect is tried once more, since nothing was sent.
@@ -343,98 +330,38 @@ impl Upstream {
     }
 
     async fn connect_once(&self) -> Result<Connection, ConnectError> {
-        let stream = self.connector.clone().oneshot(self.target.clone()).await?;
-        let (sender, driver) = http1::handshake(stream).await?;
-        Ok(Connection {
-            sender,
-            driver: Some(Box::pin(driver)),
-        })
-    }
-
-    /// The POST of `method_call`: every header but the request ID and the length was made once.
-    fn request(&self, call: &Call<'_>, request_id: &RequestId) -> Request<Full<Bytes>> {
-        let body = self.format.encode_call(call);
-        let length = content_length(body.len());
-        let mut request = Request::new(Full::new(Bytes::from(body)));
-        *request.method_mut() = Method::POST;
-        *request.uri_mut() = self.path.clone();
-        let headers = request.headers_mut();
-        *headers = self.headers.clone();
-        // The template holds both already: replacing a value costs less than adding a header.
-        if let Some(value) = headers.get_mut(CONTENT_LENGTH) {
-            *value = length;
-        }
-        if let Some(value) = headers.get_mut(REQUEST_ID) {
-            *value = request_id.header_value().clone();
-        }
-        request
+        let stream = self
+            .connector
+            .clone()
+            .oneshot(self.target.clone())
+            .await?
+            .into_inner();
+        let io = match &self.tls {
+            None => Io::Tcp(stream),
+            Some((config, name)) => Io::Tls(Box::new(
+                TlsConnector::from(Arc::clone(config))
+                    .connect(name.clone(), stream)
+                    .await
+                    .map_err(TlsHandshake)?,
+            )),
+        };
+        Ok(Connection::new(io))
     }
 }
 
-/// A header map with `fixed`, then the two headers each call sets, in the order they are sent.
-fn header_template(fixed: [(HeaderName, HeaderValue); 4]) -> HeaderMap {
-    let mut headers = HeaderMap::with_capacity(fixed.len() + 2);
-    headers.extend(fixed);
-    headers.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
-    headers.insert(REQUEST_ID, HeaderValue::from_static("-"));
-    headers
-}
-
-/// `Content-Length: length`. The lengths method calls have are made once: a header value made
-/// from a number is an allocation, a clone of one made before is not.
-fn content_length(length: usize) -> HeaderValue {
-    const CACHED: usize = 1024;
-    static LENGTHS: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
-    if length >= CACHED {
-        return HeaderValue::from(length);
+/// The name an https:// controller's certificate must have: its URL's host.
+fn server_name(url: &Url) -> Option<ServerName<'static>> {
+    match url.host()? {
+        url::Host::Domain(domain) => ServerName::try_from(domain.to_owned()).ok(),
+        url::Host::Ipv4(address) => Some(ServerName::from(std::net::IpAddr::V4(address))),
+        url::Host::Ipv6(address) => Some(ServerName::from(std::net::IpAddr::V6(address))),
     }
-    LENGTHS.get_or_init(|| (0..CACHED).map(HeaderValue::from).collect())[length].clone()
 }
 
-/// Reads the body frame by frame and stops as soon as it passes `limit`, so a huge or endless
-/// reply never costs more than `limit` bytes of memory. Dropping a body that is not read to its
-/// end closes the connection instead of returning it to the pool.
-async fn read_capped(mut body: Incoming, limit: usize) -> Result<Vec<u8>, UpstreamError> {
-    let too_large = UpstreamError::ResponseTooLarge { limit };
-    // The Content-Length, when the controller sent one.
-    let announced = body.size_hint().lower();
-    if announced > limit as u64 {
-        return Err(too_large);
-    }
-    let mut bytes = Vec::with_capacity(announced as usize);
-    while let Some(frame) = body.frame().await {
-        let frame =
-            frame.map_err(|error| UpstreamError::ConnectionLost(TransportError::Body(error)))?;
-        if let Ok(chunk) = frame.into_data() {
-            if bytes.len() + chunk.len() > limit {
-                return Err(too_large);
-            }
-            bytes.extend_from_slice(&chunk);
-        }
-    }
-    Ok(bytes)
-}
-
-/// One keep-alive HTTP/1.1 connection to the controller. Its I/O is driven by whichever call
-/// holds it, inside that call's future, so no task of its own is woken per call, and dropping
-/// the call drops the connection.
-struct Connection {
-    sender: SendRequest<Full<Bytes>>,
-    /// `None` once the connection has ended.
-    driver: Option<Pin<Box<Driver>>>,
-}
-
-type Driver = http1::Connection<MaybeHttpsStream<TokioIo<TcpStream>>, Full<Bytes>>;
-
-/// How sending a request ended.
-enum Exchange {
-    /// The reply head arrived.
-    Answered(hyper::Response<Incoming>),
-    /// The connection was gone before the request was written; it may be sent elsewhere.
-    NotSent(Request<Full<Bytes>>, hyper::Error),
-    /// The connection failed after the request may have been written.
-    Failed(hyper::Error),
-}
+/// Why a TLS handshake with the controller failed.
+#[derive(Debug, thiserror::Error)]
+#[error("TLS handshake failed")]
+struct TlsHandshake(#[source] std::io::Error);
 
 /// Idle connections, most recently used last.
 #[derive(Debug)]
@@ -448,86 +375,6 @@ struct Pool {
 struct Idle {
     connection: Connection,
     since: Instant,
-}
-
-// === impl Connection ===
-
-impl Connection {
-    /// Sends `request` and waits for the reply head.
-    async fn exchange(&mut self, request: Request<Full<Bytes>>) -> Exchange {
-        let sender = &mut self.sender;
-        let send = async move {
-            if let Err(error) = sender.ready().await {
-                return Exchange::NotSent(request, error);
-            }
-            match sender.try_send_request(request).await {
-                Ok(response) => Exchange::Answered(response),
-                Err(mut error) => match error.take_message() {
-                    Some(request) => Exchange::NotSent(request, error.into_error()),
-                    None => Exchange::Failed(error.into_error()),
-                },
-            }
-        };
-        drive(&mut self.driver, send).await
-    }
-
-    /// Reads the reply body, capped at `limit`.
-    async fn read_capped(
-        &mut self,
-        body: Incoming,
-        limit: usize,
-    ) -> Result<Vec<u8>, UpstreamError> {
-        drive(&mut self.driver, read_capped(body, limit)).await
-    }
-
-    /// Whether the connection can carry another request: polled once, a connection the
-    /// controller has closed notices it.
-    fn is_open(&mut self) -> bool {
-        let Some(driver) = &mut self.driver else {
-            return false;
-        };
-        match driver
-            .as_mut()
-            .poll(&mut Context::from_waker(Waker::noop()))
-        {
-            Poll::Pending => !self.sender.is_closed(),
-            Poll::Ready(_) => {
-                self.driver = None;
-                false
-            }
-        }
-    }
-}
-
-impl std::fmt::Debug for Connection {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter
-            .debug_struct("Connection")
-            .field("open", &self.driver.is_some())
-            .finish()
-    }
-}
-
-/// Runs `work` while driving the connection's I/O. Once the connection ends its driver is
-/// dropped, which hands every request still waiting back with an error, so `work` ends too.
-async fn drive<T>(
-    driver: &mut Option<Pin<Box<Driver>>>,
-    work: impl std::future::Future<Output = T>,
-) -> T {
-    let mut work = std::pin::pin!(work);
-    std::future::poll_fn(|context| {
-        if let Poll::Ready(output) = work.as_mut().poll(context) {
-            return Poll::Ready(output);
-        }
-        if let Some(running) = driver
-            && running.as_mut().poll(context).is_ready()
-        {
-            *driver = None;
-            return work.as_mut().poll(context);
-        }
-        Poll::Pending
-    })
-    .await
 }
 
 // === impl Pool ===
@@ -552,13 +399,11 @@ impl Pool {
         }
     }
 
-    /// Keeps `connection` for the next call, unless it has ended or enough are idle; connections
-    /// idle for too long go first. Whether the controller closed it is checked when it is taken,
-    /// which is soon enough and saves a poll per call.
-    fn put(&self, connection: Connection) {
-        if connection.driver.is_none() || connection.sender.is_closed() {
-            return;
-        }
+    /// Keeps `connection`, which ended a clean exchange, for the next call unless enough are
+    /// idle; connections idle for too long go first. Whether the controller closed it is checked
+    /// when it is taken, which is soon enough and saves a poll per call.
+    fn put(&self, mut connection: Connection) {
+        connection.shrink_buffers();
         let stale: Vec<Idle> = {
             let mut idle = self.lock();
             let stale = idle

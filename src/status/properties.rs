@@ -13,6 +13,7 @@ use tonic_types::StatusExt;
 use super::*;
 use crate::codec::DecodeError;
 use crate::upstream::TransportError;
+use crate::upstream::http1::{Malformed, Part};
 
 /// Cases per property; each builds and decodes one status in microseconds.
 const CASES: u32 = 256;
@@ -117,16 +118,24 @@ fn documented_fault(context: &CallContext, code: u32, retry: RetryPolicy) -> Doc
     }
 }
 
-/// An upstream error, as generated: `UpstreamError` holds a `hyper::Error`, which only hyper
-/// makes, so the error itself is built per case.
+/// An upstream error, as generated: `UpstreamError` may hold an `io::Error`, which cannot be
+/// cloned, so the error itself is built per case.
 #[derive(Debug, Clone)]
 enum Kind {
     Unreachable(String),
-    ConnectionLost { while_reading_body: bool },
+    ConnectionLost(Lost),
     Timeout(Duration),
     HttpStatus(u16),
     BadResponse(DecodeError),
     ResponseTooLarge(usize),
+}
+
+/// How a connection was lost.
+#[derive(Debug, Clone)]
+enum Lost {
+    Reset,
+    Closed(Part),
+    TwoLengths(u64, u64),
 }
 
 fn kind() -> impl Strategy<Value = Kind> {
@@ -143,7 +152,14 @@ fn kind() -> impl Strategy<Value = Kind> {
     ]);
     prop_oneof![
         "[a-z ]{0,20}".prop_map(Kind::Unreachable),
-        any::<bool>().prop_map(|while_reading_body| Kind::ConnectionLost { while_reading_body }),
+        prop_oneof![
+            Just(Lost::Reset),
+            Just(Lost::Closed(Part::Head)),
+            Just(Lost::Closed(Part::Body)),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(first, second)| Lost::TwoLengths(first, second)),
+        ]
+        .prop_map(Kind::ConnectionLost),
         (0_u64..10_000_000).prop_map(|millis| Kind::Timeout(Duration::from_millis(millis))),
         (100_u16..1000).prop_map(Kind::HttpStatus),
         decode_error.prop_map(Kind::BadResponse),
@@ -157,12 +173,13 @@ fn upstream_error(kind: &Kind) -> UpstreamError {
             std::io::ErrorKind::ConnectionRefused,
             message.clone(),
         ))),
-        Kind::ConnectionLost { while_reading_body } => {
-            UpstreamError::ConnectionLost(match while_reading_body {
-                true => TransportError::Body(hyper_error()),
-                false => TransportError::Request(hyper_error()),
-            })
-        }
+        Kind::ConnectionLost(lost) => UpstreamError::ConnectionLost(match lost {
+            Lost::Reset => TransportError::Io(std::io::ErrorKind::ConnectionReset.into()),
+            Lost::Closed(part) => TransportError::Closed(*part),
+            Lost::TwoLengths(first, second) => {
+                TransportError::Malformed(Malformed::ContentLengths(*first, *second))
+            }
+        }),
         Kind::Timeout(limit) => UpstreamError::Timeout { limit: *limit },
         Kind::HttpStatus(code) => UpstreamError::HttpStatus {
             status: hyper::StatusCode::from_u16(*code).expect("100-999 is a valid status"),
@@ -170,29 +187,6 @@ fn upstream_error(kind: &Kind) -> UpstreamError {
         Kind::BadResponse(error) => UpstreamError::BadResponse(error.clone()),
         Kind::ResponseTooLarge(limit) => UpstreamError::ResponseTooLarge { limit: *limit },
     }
-}
-
-/// A real `hyper::Error`, which has no public constructor: a request on a connection whose peer
-/// has already gone.
-fn hyper_error() -> hyper::Error {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let (client, server) = tokio::io::duplex(64);
-        drop(server);
-        let (mut sender, connection) = hyper::client::conn::http1::handshake::<
-            _,
-            http_body_util::Empty<bytes::Bytes>,
-        >(hyper_util::rt::TokioIo::new(client))
-        .await
-        .unwrap();
-        tokio::spawn(connection);
-        sender
-            .send_request(hyper::Request::new(http_body_util::Empty::new()))
-            .await
-            .unwrap_err()
-    })
 }
 
 /// The README's gateway error table, row by row.
@@ -209,9 +203,7 @@ fn documented_upstream(
             vec![],
             Some(retry.delay),
         ),
-        Kind::ConnectionLost { .. } => {
-            (Code::Unavailable, "UPSTREAM_CONNECTION_LOST", vec![], None)
-        }
+        Kind::ConnectionLost(_) => (Code::Unavailable, "UPSTREAM_CONNECTION_LOST", vec![], None),
         Kind::Timeout(limit) => (
             Code::DeadlineExceeded,
             "UPSTREAM_TIMEOUT",
