@@ -20,7 +20,7 @@ use futures_util::future::{Either, Ready, ready as answer};
 use hyper::body::Frame;
 use tonic::Status;
 use tonic::body::Body;
-use tonic::codegen::http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use tonic::codegen::http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
 use tonic::server::NamedService;
 use tower::{Layer, Service};
 
@@ -81,10 +81,10 @@ where
             tracing::debug!(message = status.message(), "refused a call");
             return Either::Left(answer(Ok(status.into_http())));
         }
-        let path = request.uri().path();
-        let request = if takes_one_message(path) {
-            let path = path.to_owned();
-            request.map(|body| Body::new(OneMessage::new(body, path)))
+        let request = if takes_one_message(request.uri().path()) {
+            // A clone of the URI counts a reference; the path is only read for an error.
+            let uri = request.uri().clone();
+            request.map(|body| Body::new(OneMessage::new(body, uri)))
         } else {
             request
         };
@@ -151,8 +151,8 @@ fn takes_one_message(path: &str) -> bool {
 /// second one.
 struct OneMessage {
     inner: Body,
-    /// The method, for the message.
-    path: String,
+    /// The request's URI, whose path names the method in the message.
+    uri: Uri,
     framing: Framing,
 }
 
@@ -173,10 +173,10 @@ struct Framing {
 // === impl OneMessage ===
 
 impl OneMessage {
-    fn new(inner: Body, path: String) -> Self {
+    fn new(inner: Body, uri: Uri) -> Self {
         OneMessage {
             inner,
-            path,
+            uri,
             framing: Framing::default(),
         }
     }
@@ -197,7 +197,9 @@ impl hyper::body::Body for OneMessage {
             .and_then(|frame| frame.as_ref().ok()?.data_ref())
             && this.framing.feed(data) > 1
         {
-            return Poll::Ready(Some(Err(crate::status::second_request_message(&this.path))));
+            return Poll::Ready(Some(Err(crate::status::second_request_message(
+                this.uri.path(),
+            ))));
         }
         Poll::Ready(frame)
     }

@@ -12,7 +12,9 @@
 
 pub(crate) mod http1;
 
+use std::future::Future;
 use std::num::NonZeroUsize;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -262,7 +264,7 @@ impl Upstream {
         let limit = self.max_response_bytes;
         let mut connection = match self.pool.take() {
             Some(connection) => connection,
-            None => self.connect().await?,
+            None => self.connect_boxed().await?,
         };
         let mut answer = connection
             .exchange(&self.head, request_id, &body, limit)
@@ -274,7 +276,7 @@ impl Upstream {
             tracing::debug!(cause = %error, "pooled connection closed; using a new one");
             drop(answer);
             answer = fresh
-                .insert(self.connect().await?)
+                .insert(self.connect_boxed().await?)
                 .exchange(&self.head, request_id, &body, limit)
                 .await;
         }
@@ -315,6 +317,14 @@ impl Upstream {
         self.format
             .decode_reply(body, answer.charset)
             .map_err(UpstreamError::BadResponse)
+    }
+
+    /// [`Upstream::connect`] on the heap: its TLS handshake state is over a kilobyte, which every
+    /// call's future would otherwise carry (and copy) for a connect it rarely makes.
+    fn connect_boxed(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<Connection, UpstreamError>> + Send + '_>> {
+        Box::pin(self.connect())
     }
 
     /// A new connection; a failed connect is tried once more, since nothing was sent.
