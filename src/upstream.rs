@@ -8,7 +8,7 @@
 //! HTTP request and closes its connection.
 //!
 //! Connections are kept alive in a small pool of our own, and the HTTP/1.1 exchange on them is
-//! [`http1`]'s, made for the one request the gateway sends (see there for why not hyper's client).
+//! `http1`'s, made for the one request the gateway sends (see there for why not hyper's client).
 
 pub(crate) mod http1;
 
