@@ -262,15 +262,15 @@ impl Upstream {
         let body = self.format.encode_call(call);
         let request_id = request_id.header_value().as_bytes();
         let limit = self.max_response_bytes;
-        let mut connection = match self.pool.take() {
-            Some(connection) => connection,
-            None => self.connect_boxed().await?,
+        let (mut connection, pooled) = match self.pool.take() {
+            Some(connection) => (connection, true),
+            None => (self.connect_boxed().await?, false),
         };
         let mut answer = connection
             .exchange(&self.head, request_id, &body, limit)
             .await;
         let mut fresh = None;
-        if let Err(ExchangeError::NotSent(error)) = &answer {
+        if let (true, Err(ExchangeError::NotSent(error))) = (pooled, &answer) {
             // A kept-alive connection the controller closed: nothing was sent, so a new
             // connection may carry the request.
             tracing::debug!(cause = %error, "pooled connection closed; using a new one");
