@@ -392,17 +392,14 @@ impl Connection {
         Ok(())
     }
 
-    /// Reads what the socket has into `self.read`; 0 at the end of the stream.
+    /// Reads what the socket has into `self.read`; 0 at the end of the stream. A TLS peer that
+    /// closes without close_notify is an error, not an end: a body framed by the close could
+    /// have been cut short by anyone on the path.
     async fn fill(&mut self) -> io::Result<usize> {
         if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
             self.read.reserve(READ_CHUNK);
         }
-        match self.io.read_buf(&mut self.read).await {
-            // A TLS peer that closes without close_notify: the end of the stream all the same;
-            // a reply it cut short is found short by its framing.
-            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
-            read => read,
-        }
+        self.io.read_buf(&mut self.read).await
     }
 }
 
