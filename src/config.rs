@@ -406,7 +406,7 @@ pub mod defaults {
     pub const SIMULATOR_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(2048).unwrap();
 
     /// The gateway's runtime threads. One: a gateway fronts one controller, which takes calls far
-    /// slower than one thread serves them (~25,000 a second while sharing two cores with the
+    /// slower than one thread serves them (~30,000 a second while sharing two cores with the
     /// load and a stand-in, docs/performance.md), and a call that stays on its thread is not
     /// handed between threads, which costs latency at low load and CPU at high load.
     pub const WORKER_THREADS: NonZeroUsize = NonZeroUsize::MIN;
