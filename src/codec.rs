@@ -210,6 +210,19 @@ pub enum WireFormat {
     Json,
 }
 
+/// A header value as an error message may quote it: escaped to ASCII and cut short, since it
+/// came from a peer: a caller's `grpc-timeout`, a controller's Content-Length.
+pub(crate) fn shown(bytes: &[u8]) -> String {
+    const MAX_SHOWN: usize = 32;
+    let mut text = bytes[..bytes.len().min(MAX_SHOWN)]
+        .escape_ascii()
+        .to_string();
+    if bytes.len() > MAX_SHOWN {
+        text.push('…');
+    }
+    text
+}
+
 /// Decodes an XML reply with the full parser, skipping the shortcut for common replies: what
 /// [`WireFormat::decode_reply`] does for any other reply, and the baseline its shortcut is
 /// measured against.

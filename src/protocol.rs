@@ -20,7 +20,7 @@ use futures_util::future::{Either, Ready, ready as answer};
 use hyper::body::Frame;
 use tonic::Status;
 use tonic::body::Body;
-use tonic::codegen::http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
+use tonic::codegen::http::{HeaderMap, HeaderName, Request, Response, Uri};
 use tonic::server::NamedService;
 use tower::{Layer, Service};
 
@@ -95,25 +95,11 @@ where
 /// Refuses a `grpc-timeout` that does not follow the spec.
 fn check_grpc_timeout(headers: &HeaderMap) -> Result<(), Status> {
     match headers.get(&GRPC_TIMEOUT_NAME) {
-        Some(value) if value.to_str().ok().and_then(parse_grpc_timeout).is_none() => {
-            Err(crate::status::malformed_grpc_timeout(&shown(value)))
-        }
+        Some(value) if value.to_str().ok().and_then(parse_grpc_timeout).is_none() => Err(
+            crate::status::malformed_grpc_timeout(&crate::codec::shown(value.as_bytes())),
+        ),
         _ => Ok(()),
     }
-}
-
-/// A header value as an error message may quote it: escaped to ASCII and cut short, since it
-/// came from the peer.
-fn shown(value: &HeaderValue) -> String {
-    const MAX_SHOWN: usize = 32;
-    let bytes = value.as_bytes();
-    let mut text = bytes[..bytes.len().min(MAX_SHOWN)]
-        .escape_ascii()
-        .to_string();
-    if bytes.len() > MAX_SHOWN {
-        text.push('…');
-    }
-    text
 }
 
 /// Parses a `grpc-timeout` value. The gRPC over HTTP/2 spec: `TimeoutValue TimeoutUnit`, the
@@ -244,7 +230,10 @@ impl Framing {
 
 #[cfg(test)]
 mod tests {
+    use tonic::codegen::http::HeaderValue;
+
     use super::*;
+    use crate::codec::shown;
 
     #[test]
     fn grpc_timeout_values() {
@@ -275,7 +264,10 @@ mod tests {
     #[test]
     fn values_are_quoted_escaped_and_short() {
         let check = |value: &[u8], expected: &str| {
-            assert_eq!(shown(&HeaderValue::from_bytes(value).unwrap()), expected);
+            assert_eq!(
+                shown(HeaderValue::from_bytes(value).unwrap().as_bytes()),
+                expected
+            );
         };
         check(b"abc", "abc");
         check(b"1\xff", "1\\xff");

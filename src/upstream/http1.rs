@@ -533,7 +533,8 @@ fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// A Content-Length value: decimal digits only, as RFC 9110 §8.6 has it.
 fn parse_length(value: &[u8]) -> Result<u64, Malformed> {
-    let invalid = || Malformed::ContentLength(String::from_utf8_lossy(value).into_owned());
+    // Quoted short and escaped: the controller may send any bytes, any number of them.
+    let invalid = || Malformed::ContentLength(codec::shown(value));
     if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
         return Err(invalid());
     }
@@ -879,6 +880,12 @@ mod tests {
             (
                 "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
                 "the reply's Content-Length '99999999999999999999' is not a number of bytes",
+            ),
+            // What the controller sent is quoted short and escaped, however long or binary.
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 1\u{ff}2345678901234567890123456789012345\r\n\r\n",
+                "the reply's Content-Length '1\\xc3\\xbf23456789012345678901234567890…' is not a \
+                 number of bytes",
             ),
             (
                 "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
