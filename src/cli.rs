@@ -176,26 +176,20 @@ impl Prepared {
         }
     }
 
-    /// The runtime the command runs on: `serve` with its `--worker-threads`, the others with one
-    /// thread per core (the load generator needs them), as `#[tokio::main]` builds it.
+    /// The runtime the command runs on: `serve` on the main thread alone (it starts its other
+    /// worker threads itself, each with a runtime of its own), the others with one thread per
+    /// core (the load generator needs them), as `#[tokio::main]` builds it.
     ///
-    /// `serve` on one thread uses the current-thread scheduler, on the main thread. Its run queue
-    /// is first in, first out, so the HTTP/2 connection task a finished call wakes runs after
-    /// every call that became ready in the same pass, and their responses leave in one write. The
-    /// multi-thread scheduler runs a woken task next (its LIFO slot), one write per response even
-    /// with one worker. Measured at 128 in flight, five interleaved runs each: 26.9 µs of gateway
-    /// CPU per call against 32.1, and 12 % less in the controller stand-in and the load generator,
+    /// `serve`'s runtimes use the current-thread scheduler. Its run queue is first in, first
+    /// out, so the HTTP/2 connection task a finished call wakes runs after every call that
+    /// became ready in the same pass, and their responses leave in one write. The multi-thread
+    /// scheduler runs a woken task next (its LIFO slot), one write per response even with one
+    /// worker. Measured at 128 in flight, five interleaved runs each: 26.9 µs of gateway CPU
+    /// per call against 32.1, and 12 % less in the controller stand-in and the load generator,
     /// which get fewer, fuller reads (docs/performance.md).
     pub(crate) fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
         let mut builder = match &self.command {
-            PreparedCommand::Serve(serve) if serve.worker_threads().get() == 1 => {
-                tokio::runtime::Builder::new_current_thread()
-            }
-            PreparedCommand::Serve(serve) => {
-                let mut builder = tokio::runtime::Builder::new_multi_thread();
-                builder.worker_threads(serve.worker_threads().get());
-                builder
-            }
+            PreparedCommand::Serve(_) => tokio::runtime::Builder::new_current_thread(),
             PreparedCommand::Simulate(_)
             | PreparedCommand::CaseExtract(_)
             | PreparedCommand::CaseCancel(_)

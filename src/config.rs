@@ -405,11 +405,18 @@ pub mod defaults {
     /// the gateway's default `--max-in-flight`.
     pub const SIMULATOR_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(2048).unwrap();
 
-    /// The gateway's runtime threads. One: a gateway fronts one controller, which takes calls far
-    /// slower than one thread serves them (~30,000 a second while sharing two cores with the
-    /// load and a stand-in, docs/performance.md), and a call that stays on its thread is not
-    /// handed between threads, which costs latency at low load and CPU at high load.
-    pub const WORKER_THREADS: NonZeroUsize = NonZeroUsize::MIN;
+    /// The gateway's worker threads: one per core this process may use (which counts a
+    /// container's CPU quota), within `--worker-threads`' range. Each runs its own connections
+    /// from accept to close, so a second core serves more calls without a call being handed
+    /// between threads (docs/performance.md).
+    pub fn worker_threads() -> NonZeroUsize {
+        std::thread::available_parallelism().map_or(NonZeroUsize::MIN, |cores| {
+            cores.clamp(
+                super::limits::WORKER_THREADS.min,
+                super::limits::WORKER_THREADS.max,
+            )
+        })
+    }
 
     /// The Log Publisher's port on a controller (V1 used 53005).
     pub const LOG_PUBLISHER_PORT: u16 = 44001;

@@ -81,6 +81,7 @@ mod status;
 pub mod tls;
 pub mod upstream;
 pub mod watch;
+mod workers;
 
 #[cfg(test)]
 mod layering;

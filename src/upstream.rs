@@ -15,6 +15,7 @@ pub(crate) mod http1;
 use std::future::Future;
 use std::num::NonZeroUsize;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -70,7 +71,7 @@ pub(crate) struct Upstream {
     connector: HttpConnector,
     /// TLS over them, with the name the controller's certificate must have, for https://.
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
-    /// Idle keep-alive connections, shared by every call.
+    /// Idle keep-alive connections, each worker's apart.
     pool: Arc<Pool>,
     /// The task-interface endpoint every method call is POSTed to.
     url: Url,
@@ -190,8 +191,9 @@ impl UpstreamError {
 // === impl Upstream ===
 
 impl Upstream {
-    /// Builds the shared client for the configured controller.
-    pub(crate) fn new(settings: &Settings) -> Result<Self, ClientError> {
+    /// Builds the shared client for the configured controller, for calls on `workers` worker
+    /// threads.
+    pub(crate) fn new(settings: &Settings, workers: usize) -> Result<Self, ClientError> {
         let url = settings.url.clone();
         let invalid = |reason: String| ClientError::Target {
             url: url.to_string(),
@@ -223,10 +225,7 @@ impl Upstream {
         Ok(Upstream {
             connector,
             tls,
-            pool: Arc::new(Pool {
-                idle: Mutex::new(Vec::new()),
-                max_idle: settings.max_in_flight.get(),
-            }),
+            pool: Arc::new(Pool::new(workers, settings.max_in_flight.get())),
             head: RequestHead::new(
                 &path.to_string(),
                 host.to_str().map_err(|error| invalid(error.to_string()))?,
@@ -264,19 +263,24 @@ impl Upstream {
         let limit = self.max_response_bytes;
         let (mut connection, pooled) = match self.pool.take() {
             Some(connection) => (connection, true),
-            None => (self.connect_boxed().await?, false),
+            None => {
+                let opened = self.pool.opening();
+                (Counted::new(self.connect_boxed().await?, opened), false)
+            }
         };
         let mut answer = connection
+            .io
             .exchange(&self.head, request_id, &body, limit)
             .await;
-        let mut fresh = None;
         if let (true, Err(ExchangeError::NotSent(error))) = (pooled, &answer) {
             // A kept-alive connection the controller closed: nothing was sent, so a new
-            // connection may carry the request.
+            // connection may carry the request, in the closed one's place in the count.
             tracing::debug!(cause = %error, "pooled connection closed; using a new one");
             drop(answer);
-            answer = fresh
-                .insert(self.connect_boxed().await?)
+            let opened = connection.close();
+            connection = Counted::new(self.connect_boxed().await?, opened);
+            answer = connection
+                .io
                 .exchange(&self.head, request_id, &body, limit)
                 .await;
         }
@@ -289,7 +293,7 @@ impl Upstream {
         let reusable = answer.reusable;
         let reply = self.reply(answer);
         if reusable {
-            self.pool.put(fresh.unwrap_or(connection));
+            self.pool.put(connection);
         }
         reply
     }
@@ -373,55 +377,85 @@ fn server_name(url: &Url) -> Option<ServerName<'static>> {
 #[error("TLS handshake failed")]
 struct TlsHandshake(#[source] std::io::Error);
 
-/// Idle connections, most recently used last.
+/// The controller connections: the idle ones, each worker's apart, and a count of all that are
+/// open.
+///
+/// A connection's I/O is driven by the runtime that opened it, so a call takes only from its own
+/// worker's list, and on another worker's it would wait for that thread to hand its events
+/// over. The count keeps the promise the file-descriptor budget relies on: at most one
+/// connection per call in flight, over all workers together.
 #[derive(Debug)]
 struct Pool {
-    idle: Mutex<Vec<Idle>>,
-    /// More idle connections than calls can be in flight would never be used.
-    max_idle: usize,
+    /// Per worker, most recently used last.
+    idle: Box<[Mutex<Vec<Idle>>]>,
+    /// Connections open now, idle or in use.
+    open: Arc<AtomicUsize>,
+    /// Calls that may be in flight at once, each holding at most one connection.
+    limit: usize,
 }
 
 #[derive(Debug)]
 struct Idle {
-    connection: Connection,
+    connection: Counted,
     since: Instant,
 }
+
+/// A controller connection, counted as open until it is dropped.
+#[derive(Debug)]
+struct Counted {
+    io: Connection,
+    opened: Opened,
+}
+
+/// One connection's place in [`Pool::open`].
+#[derive(Debug)]
+struct Opened(Arc<AtomicUsize>);
 
 // === impl Pool ===
 
 impl Pool {
-    /// The most recently used idle connection that is still open, if any. The lock is held only
-    /// to pop: checking a connection polls it, and dropping one closes its socket.
-    fn take(&self) -> Option<Connection> {
+    fn new(workers: usize, limit: usize) -> Pool {
+        Pool {
+            idle: (0..workers.max(1)).map(|_| Mutex::default()).collect(),
+            open: Arc::default(),
+            limit,
+        }
+    }
+
+    /// The most recently used of this worker's idle connections that is still open, if any.
+    /// The lock is held only to pop: checking a connection polls it, and dropping one closes
+    /// its socket.
+    fn take(&self) -> Option<Counted> {
+        let idle = self.here();
         loop {
             let Idle {
                 mut connection,
                 since,
-            } = self.lock().pop()?;
+            } = lock(idle).pop()?;
             if since.elapsed() >= POOL_IDLE_TIMEOUT {
                 // The most recently used is too old, so all are.
-                drop(std::mem::take(&mut *self.lock()));
+                drop(std::mem::take(&mut *lock(idle)));
                 return None;
             }
-            if connection.is_open() {
+            if connection.io.is_open() {
                 return Some(connection);
             }
         }
     }
 
-    /// Keeps `connection`, which ended a clean exchange, for the next call unless enough are
-    /// idle; connections idle for too long go first. Whether the controller closed it is checked
-    /// when it is taken, which is soon enough and saves a poll per call.
-    fn put(&self, mut connection: Connection) {
-        connection.shrink_buffers();
+    /// Keeps `connection`, which ended a clean exchange, for this worker's next call unless
+    /// enough are idle; connections idle for too long go first. Whether the controller closed
+    /// it is checked when it is taken, which is soon enough and saves a poll per call.
+    fn put(&self, mut connection: Counted) {
+        connection.io.shrink_buffers();
         let stale: Vec<Idle> = {
-            let mut idle = self.lock();
+            let mut idle = lock(self.here());
             let stale = idle
                 .iter()
                 .take_while(|entry| entry.since.elapsed() >= POOL_IDLE_TIMEOUT)
                 .count();
             let stale = idle.drain(..stale).collect();
-            if idle.len() < self.max_idle {
+            if idle.len() < self.limit {
                 idle.push(Idle {
                     connection,
                     since: Instant::now(),
@@ -433,9 +467,64 @@ impl Pool {
         drop(stale);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
-        // The list stays consistent whatever panicked while holding it.
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Counts a connection about to be opened. The caller holds one of `limit` permits, so
+    /// when `limit` connections are open, at least one is idle, on another worker: the oldest
+    /// idle one is closed to make room.
+    fn opening(&self) -> Opened {
+        for _ in 0..=self.idle.len() {
+            let reserved = self
+                .open
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                    (open < self.limit).then_some(open + 1)
+                });
+            if reserved.is_ok() {
+                return Opened(Arc::clone(&self.open));
+            }
+            drop(self.oldest_idle());
+        }
+        // Only connections that calls are dropping at this moment, on other threads, can hold
+        // the count up now; they are gone in a moment, so the promise bends for that moment
+        // rather than make a call wait.
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Opened(Arc::clone(&self.open))
+    }
+
+    /// The idle connection that waited longest on its worker, from the first worker that has
+    /// one.
+    fn oldest_idle(&self) -> Option<Counted> {
+        self.idle.iter().find_map(|idle| {
+            let mut idle = lock(idle);
+            (!idle.is_empty()).then(|| idle.remove(0).connection)
+        })
+    }
+
+    /// This worker's idle list.
+    fn here(&self) -> &Mutex<Vec<Idle>> {
+        &self.idle[crate::workers::current() % self.idle.len()]
+    }
+}
+
+fn lock(idle: &Mutex<Vec<Idle>>) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+    // The list stays consistent whatever panicked while holding it.
+    idle.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+// === impl Counted ===
+
+impl Counted {
+    fn new(io: Connection, opened: Opened) -> Counted {
+        Counted { io, opened }
+    }
+
+    /// Closes the connection and keeps its place in the count, for the one that replaces it.
+    fn close(self) -> Opened {
+        self.opened
+    }
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -453,4 +542,94 @@ pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection to a loopback listener, counted in `pool`.
+    async fn connection(pool: &Pool, listener: &tokio::net::TcpListener) -> Counted {
+        let opened = pool.opening();
+        let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        Counted::new(Connection::new(Io::Tcp(stream)), opened)
+    }
+
+    fn idle(pool: &Pool) -> Vec<usize> {
+        pool.idle.iter().map(|idle| lock(idle).len()).collect()
+    }
+
+    /// Each worker takes only its own idle connections, and a worker that needs a new one when
+    /// `limit` are open closes another worker's oldest idle one: never more connections than
+    /// calls may be in flight.
+    #[tokio::test]
+    async fn workers_keep_their_own_connections_within_one_limit() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pool = Pool::new(2, 2);
+        crate::workers::pretend_current(0);
+        let (first, second) = (
+            connection(&pool, &listener).await,
+            connection(&pool, &listener).await,
+        );
+        pool.put(first);
+        pool.put(second);
+        assert_eq!(
+            (pool.open.load(Ordering::Acquire), idle(&pool)),
+            (2, vec![2, 0])
+        );
+
+        crate::workers::pretend_current(1);
+        assert!(pool.take().is_none(), "worker 1 has no idle connection");
+        let third = connection(&pool, &listener).await;
+        assert_eq!(
+            (pool.open.load(Ordering::Acquire), idle(&pool)),
+            (2, vec![1, 0])
+        );
+        pool.put(third);
+        assert_eq!(idle(&pool), [1, 1]);
+
+        let taken = pool.take().expect("worker 1's own connection");
+        assert_eq!(idle(&pool), [1, 0]);
+        let replacement = Counted::new(
+            Connection::new(Io::Tcp(
+                tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+                    .await
+                    .unwrap(),
+            )),
+            taken.close(),
+        );
+        assert_eq!(
+            pool.open.load(Ordering::Acquire),
+            2,
+            "a replacement takes its place"
+        );
+        drop(replacement);
+        assert_eq!(pool.open.load(Ordering::Acquire), 1);
+        crate::workers::pretend_current(0);
+        drop(pool.take().expect("worker 0's connection"));
+        assert_eq!(
+            (pool.open.load(Ordering::Acquire), idle(&pool)),
+            (0, vec![0, 0])
+        );
+    }
+
+    /// Under the limit nothing is closed to make room.
+    #[tokio::test]
+    async fn under_the_limit_idle_connections_stay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pool = Pool::new(2, 3);
+        crate::workers::pretend_current(0);
+        let first = connection(&pool, &listener).await;
+        pool.put(first);
+        crate::workers::pretend_current(1);
+        let second = connection(&pool, &listener).await;
+        assert_eq!(
+            (pool.open.load(Ordering::Acquire), idle(&pool)),
+            (2, vec![1, 0])
+        );
+        drop(second);
+        crate::workers::pretend_current(0);
+    }
 }

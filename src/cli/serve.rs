@@ -6,7 +6,6 @@
 //! is bound.
 
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -15,7 +14,7 @@ use clap::Args;
 
 use taskgate::auth::TokenFile;
 use taskgate::config::{
-    Http1Limits, LogPublisherAddress, defaults, limits, parse_cors_origin, parse_upstream_url,
+    Http1Limits, LogPublisherAddress, defaults, parse_cors_origin, parse_upstream_url,
 };
 use taskgate::log::LogFormat;
 use taskgate::nofile;
@@ -51,8 +50,6 @@ pub(super) struct ServeArgs {
 pub(super) struct Serve {
     given: ServeSettings,
     print_config: bool,
-    /// Checked here, since the runtime is built before `run`.
-    worker_threads: NonZeroUsize,
 }
 
 // === impl ServeArgs ===
@@ -66,13 +63,9 @@ impl ServeArgs {
         if let Some(path) = &self.config {
             given = given.or(&ServeSettings::load(path)?)?;
         }
-        let worker_threads = limits::WORKER_THREADS
-            .check(given.worker_threads.unwrap_or(defaults::WORKER_THREADS))
-            .context("invalid configuration")?;
         Ok(Serve {
             given,
             print_config: self.print_config,
-            worker_threads,
         })
     }
 }
@@ -83,11 +76,6 @@ impl Serve {
     /// The log format given by flag, environment or file, if any.
     pub(super) fn log_format(&self) -> Option<LogFormat> {
         self.given.log_format
-    }
-
-    /// How many runtime threads run calls (`--worker-threads`).
-    pub(super) fn worker_threads(&self) -> NonZeroUsize {
-        self.worker_threads
     }
 
     /// Checks the settings, then prints them or serves until SIGINT or SIGTERM. Sets
@@ -236,6 +224,7 @@ fn resolve(settings: &ServeSettings) -> anyhow::Result<Config> {
     set(&mut config.max_health_watches, settings.max_health_watches);
     set(&mut config.watches.max_watches, settings.max_watches);
     set(&mut config.watches.buffer, settings.watch_buffer);
+    set(&mut config.worker_threads, settings.worker_threads);
     if let Some(value) = &settings.log_publisher {
         config.log_publisher = LogPublisherAddress::parse(value)?;
     }

@@ -48,6 +48,9 @@ pub struct Config {
     pub log_publisher: Option<LogPublisherAddress>,
     /// The limits on WatchCaseEvents streams.
     pub watches: watch::Settings,
+    /// How many threads run connections, each with its own runtime; the one `serve` runs on
+    /// is the first.
+    pub worker_threads: NonZeroUsize,
 }
 
 // === impl Config ===
@@ -72,6 +75,7 @@ impl Config {
             health_interval: defaults::HEALTH_INTERVAL,
             max_health_watches: defaults::MAX_HEALTH_WATCHES,
             metrics_limits: Http1Limits::with_max_connections(defaults::METRICS_MAX_CONNECTIONS),
+            worker_threads: defaults::worker_threads(),
         }
     }
 
@@ -85,6 +89,7 @@ impl Config {
         limits::MAX_HEALTH_WATCHES.check(self.max_health_watches)?;
         limits::MAX_WATCHES.check(self.watches.max_watches)?;
         limits::WATCH_BUFFER.check(self.watches.buffer)?;
+        limits::WORKER_THREADS.check(self.worker_threads)?;
         self.metrics_limits.validate(Http1Flags::METRICS)
     }
 }

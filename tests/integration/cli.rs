@@ -132,23 +132,43 @@ async fn usage_and_configuration_errors_exit_2() {
     run(&["no-such-command"], 2).await;
 }
 
-/// `serve` runs calls on `--worker-threads` runtime threads, one unless told otherwise: the main
-/// thread, which runs the current-thread scheduler, so no worker thread is started.
+/// `serve` runs connections on `--worker-threads` threads, one per core unless told otherwise:
+/// the main thread and as many more, each with a current-thread runtime, so tokio starts no
+/// worker thread of its own.
 #[tokio::test]
 async fn serve_runs_on_its_worker_threads() {
-    for (args, expected) in [(&[][..], 0), (&["--worker-threads", "3"][..], 3)] {
+    let cores = std::thread::available_parallelism().unwrap().get();
+    for (args, expected) in [
+        (&[][..], cores),
+        (&["--worker-threads", "1"][..], 1),
+        (&["--worker-threads", "3"][..], 3),
+    ] {
         let serve = TaskgateProcess::start(args).await;
         let pid = serve.child.id().unwrap();
+        let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .map(|task| {
+                let comm = task.unwrap().path().join("comm");
+                std::fs::read_to_string(comm)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned()
+            })
+            .collect();
+        let named = |name: &str| threads.iter().filter(|thread| *thread == name).count();
         // tokio names its runtime threads "tokio-rt-worker", blocking ones too, of which this
         // gateway starts none: every address it is given is an IP.
-        let workers = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .filter(|task| {
-                let comm = task.as_ref().unwrap().path().join("comm");
-                std::fs::read_to_string(comm).unwrap_or_default().trim() == "tokio-rt-worker"
-            })
-            .count();
-        assert_eq!(workers, expected, "{args:?}");
+        assert_eq!(named("tokio-rt-worker"), 0, "{args:?}: {threads:?}");
+        assert_eq!(
+            named("taskgate-worker"),
+            expected - 1,
+            "{args:?}: {threads:?}"
+        );
+        assert!(
+            serve.log.contains(&format!("worker_threads={expected}")),
+            "{}",
+            serve.log
+        );
         serve.signal("TERM").await;
         let (code, rest) = serve.finish().await;
         assert_eq!(code, Some(0), "{rest}");

@@ -114,9 +114,8 @@ pub(crate) struct ServeSettings {
     #[arg(long, env = "TASKGATE_WATCH_BUFFER")]
     pub(super) watch_buffer: Option<NonZeroUsize>,
 
-    /// How many threads run calls. One (the main thread) serves far more calls than a controller
-    /// takes and writes the responses that are ready together; more only for heavy
-    /// WatchCaseEvents fan-out. 1 to 1024.
+    /// How many threads run connections, each with its own event loop, so a call never moves
+    /// between threads; the main thread is the first. Default: one per core. 1 to 1024.
     #[arg(long, env = "TASKGATE_WORKER_THREADS")]
     pub(super) worker_threads: Option<NonZeroUsize>,
 
@@ -236,7 +235,6 @@ impl ServeSettings {
             max_health_watches: Some(defaults::MAX_HEALTH_WATCHES),
             max_watches: Some(defaults::MAX_WATCHES),
             watch_buffer: Some(defaults::WATCH_BUFFER),
-            worker_threads: Some(defaults::WORKER_THREADS),
             metrics_header_read_timeout: Some(defaults::HEADER_READ_TIMEOUT),
             metrics_idle_timeout: Some(defaults::HTTP1_IDLE_TIMEOUT),
             metrics_body_read_timeout: Some(defaults::BODY_READ_TIMEOUT),
