@@ -13,7 +13,7 @@ use reqwest::Url;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic_health::pb::health_client::HealthClient;
@@ -465,6 +465,8 @@ pub(crate) struct FakeUpstream {
     backlog: VecDeque<Seen>,
     /// Connections that carried at least one request (the health probe's carry none).
     connections: Arc<AtomicUsize>,
+    /// How many of those are open now.
+    open: Arc<watch::Sender<usize>>,
 }
 
 impl FakeUpstream {
@@ -474,14 +476,15 @@ impl FakeUpstream {
         let address = listener.local_addr().unwrap();
         let (seen_tx, seen) = mpsc::unbounded_channel();
         let connections = Arc::new(AtomicUsize::new(0));
-        let accepted = connections.clone();
+        let open = Arc::new(watch::Sender::new(0));
+        let (accepted, still_open) = (connections.clone(), open.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 tokio::spawn(serve_connection(
                     stream,
                     script.clone(),
                     seen_tx.clone(),
-                    accepted.clone(),
+                    (accepted.clone(), still_open.clone()),
                 ));
             }
         });
@@ -491,7 +494,19 @@ impl FakeUpstream {
             seen,
             backlog: VecDeque::new(),
             connections,
+            open,
         }
+    }
+
+    /// Waits until `count` connections that carried a request are open, and fails the test if
+    /// that does not happen within [`CALL_LIMIT`].
+    pub(crate) async fn wait_for_open_connections(&self, count: usize) {
+        let mut open = self.open.subscribe();
+        let reached = async move {
+            open.wait_for(|open| *open == count).await.unwrap();
+        };
+        let what = format!("the fake controller never had {count} connections open");
+        within(CALL_LIMIT, &what, reached).await;
     }
 
     /// The next thing the fake saw; fails the test if nothing comes within 10 s.
@@ -547,9 +562,10 @@ async fn serve_connection(
     mut stream: TcpStream,
     script: Script,
     seen: mpsc::UnboundedSender<Seen>,
-    connections: Arc<AtomicUsize>,
+    (connections, open): (Arc<AtomicUsize>, Arc<watch::Sender<usize>>),
 ) {
     let mut buffer = Vec::new();
+    let mut _open = None;
     for request in 0.. {
         let Some((request_line, headers, body)) = read_request(&mut stream, &mut buffer).await
         else {
@@ -557,6 +573,7 @@ async fn serve_connection(
         };
         if request == 0 {
             connections.fetch_add(1, Ordering::SeqCst);
+            _open = Some(OpenConnection::new(open.clone()));
         }
         let _ = seen.send(Seen::Request {
             request_line,
@@ -991,4 +1008,20 @@ pub(crate) async fn health_watch(
         health.watch(request),
     )
     .await
+}
+
+/// A connection counted as open while it lives (the fake controller's from its first request).
+pub(crate) struct OpenConnection(Arc<watch::Sender<usize>>);
+
+impl OpenConnection {
+    pub(crate) fn new(open: Arc<watch::Sender<usize>>) -> OpenConnection {
+        open.send_modify(|open| *open += 1);
+        OpenConnection(open)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.send_modify(|open| *open -= 1);
+    }
 }

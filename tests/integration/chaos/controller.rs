@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use super::SUCCESS;
 use super::plan::{Behaviour, Body, Framing, PIECE, Pacing, Plan, Reply, garbage};
-use crate::support::read_request;
+use crate::support::{OpenConnection, read_request};
 
 /// The chaos controller: a raw TCP server that does to each request what the plan says for the
 /// request id it carries.
@@ -55,22 +55,6 @@ impl ChaosController {
             open,
             close_idle,
         }
-    }
-}
-
-/// Counts a connection as open while it lives.
-struct OpenConnection(Arc<watch::Sender<usize>>);
-
-impl OpenConnection {
-    fn new(open: Arc<watch::Sender<usize>>) -> OpenConnection {
-        open.send_modify(|open| *open += 1);
-        OpenConnection(open)
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.send_modify(|open| *open -= 1);
     }
 }
 
