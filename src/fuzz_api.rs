@@ -579,6 +579,7 @@ fn count_bounds(key: &str) -> Option<config::Bounds<std::num::NonZeroUsize>> {
         "max_connections" | "metrics_max_connections" => limits::MAX_CONNECTIONS,
         "max_health_watches" => limits::MAX_HEALTH_WATCHES,
         "max_response_bytes" => limits::MAX_RESPONSE_BYTES,
+        "worker_threads" => limits::WORKER_THREADS,
         _ => return None,
     })
 }

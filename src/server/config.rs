@@ -160,6 +160,14 @@ mod tests {
             |config| config.upstream.max_in_flight = count(100_000),
             None,
         );
+        check_setting(|config| config.worker_threads = count(1024), None);
+        check_setting(
+            |config| config.worker_threads = count(1025),
+            Some(
+                "--worker-threads 1025 is out of range 1-1024: threads beyond the machine's \
+                 cores only take turns on them",
+            ),
+        );
         check_setting(
             |config| config.upstream.max_in_flight = count(1 << 61),
             Some(
