@@ -15,7 +15,6 @@ pub(crate) mod http1;
 use std::future::Future;
 use std::num::NonZeroUsize;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -263,10 +262,7 @@ impl Upstream {
         let limit = self.max_response_bytes;
         let (mut connection, pooled) = match self.pool.take() {
             Some(connection) => (connection, true),
-            None => {
-                let opened = self.pool.opening();
-                (Counted::new(self.connect_boxed().await?, opened), false)
-            }
+            None => (self.pool.owned(self.connect_boxed().await?), false),
         };
         let mut answer = connection
             .io
@@ -274,11 +270,10 @@ impl Upstream {
             .await;
         if let (true, Err(ExchangeError::NotSent(error))) = (pooled, &answer) {
             // A kept-alive connection the controller closed: nothing was sent, so a new
-            // connection may carry the request, in the closed one's place in the count.
+            // connection may carry the request.
             tracing::debug!(cause = %error, "pooled connection closed; using a new one");
             drop(answer);
-            let opened = connection.close();
-            connection = Counted::new(self.connect_boxed().await?, opened);
+            connection = self.pool.owned(self.connect_boxed().await?);
             answer = connection
                 .io
                 .exchange(&self.head, request_id, &body, limit)
@@ -377,56 +372,59 @@ fn server_name(url: &Url) -> Option<ServerName<'static>> {
 #[error("TLS handshake failed")]
 struct TlsHandshake(#[source] std::io::Error);
 
-/// The controller connections: the idle ones, each worker's apart, and a count of all that are
-/// open.
+/// Idle controller connections, each worker's apart.
 ///
-/// A connection's I/O is driven by the runtime that opened it, so a call takes only from its own
-/// worker's list, and on another worker's it would wait for that thread to hand its events
-/// over. The count keeps the promise the file-descriptor budget relies on: at most one
-/// connection per call in flight, over all workers together.
+/// A connection's I/O is driven by the runtime of the worker that opened it, so a call takes
+/// one of its own worker's first, and a connection goes back to its owner's list after each
+/// call. When its worker has none, a call takes another worker's rather than open one: at low
+/// load most lists are empty or stale, and a new connection costs the controller a connect (and,
+/// over TLS, a handshake); that call's I/O events then pass through the owner's thread. A
+/// connection is opened only when no worker has an idle one, so, as with a single list, no more
+/// are open than calls may be in flight.
 #[derive(Debug)]
 struct Pool {
     /// Per worker, most recently used last.
     idle: Box<[Mutex<Vec<Idle>>]>,
-    /// Connections open now, idle or in use.
-    open: Arc<AtomicUsize>,
-    /// Calls that may be in flight at once, each holding at most one connection.
-    limit: usize,
+    /// More idle connections than calls can be in flight would never be used.
+    max_idle: usize,
 }
 
 #[derive(Debug)]
 struct Idle {
-    connection: Counted,
+    connection: Owned,
     since: Instant,
 }
 
-/// A controller connection, counted as open until it is dropped.
+/// A controller connection and the worker whose runtime drives its I/O.
 #[derive(Debug)]
-struct Counted {
+struct Owned {
     io: Connection,
-    opened: Opened,
+    owner: usize,
 }
-
-/// One connection's place in [`Pool::open`].
-#[derive(Debug)]
-struct Opened(Arc<AtomicUsize>);
 
 // === impl Pool ===
 
 impl Pool {
-    fn new(workers: usize, limit: usize) -> Pool {
+    fn new(workers: usize, max_idle: usize) -> Pool {
         Pool {
             idle: (0..workers.max(1)).map(|_| Mutex::default()).collect(),
-            open: Arc::default(),
-            limit,
+            max_idle,
         }
     }
 
-    /// The most recently used of this worker's idle connections that is still open, if any.
-    /// The lock is held only to pop: checking a connection polls it, and dropping one closes
-    /// its socket.
-    fn take(&self) -> Option<Counted> {
-        let idle = self.here();
+    /// An idle connection that is still open: this worker's most recently used, else another
+    /// worker's.
+    fn take(&self) -> Option<Owned> {
+        let here = self.here();
+        let workers = self.idle.len();
+        (0..workers).find_map(|offset| self.take_from((here + offset) % workers))
+    }
+
+    /// The most recently used of `worker`'s idle connections that is still open, if any. The
+    /// lock is held only to pop: checking a connection polls it, and dropping one closes its
+    /// socket.
+    fn take_from(&self, worker: usize) -> Option<Owned> {
+        let idle = &self.idle[worker];
         loop {
             let Idle {
                 mut connection,
@@ -443,19 +441,27 @@ impl Pool {
         }
     }
 
-    /// Keeps `connection`, which ended a clean exchange, for this worker's next call unless
-    /// enough are idle; connections idle for too long go first. Whether the controller closed
-    /// it is checked when it is taken, which is soon enough and saves a poll per call.
-    fn put(&self, mut connection: Counted) {
+    /// `io`, just opened on this worker.
+    fn owned(&self, io: Connection) -> Owned {
+        Owned {
+            io,
+            owner: self.here(),
+        }
+    }
+
+    /// Keeps `connection`, which ended a clean exchange, on its owner's list for a next call
+    /// unless enough are idle; connections idle for too long go first. Whether the controller
+    /// closed it is checked when it is taken, which is soon enough and saves a poll per call.
+    fn put(&self, mut connection: Owned) {
         connection.io.shrink_buffers();
         let stale: Vec<Idle> = {
-            let mut idle = lock(self.here());
+            let mut idle = lock(&self.idle[connection.owner]);
             let stale = idle
                 .iter()
                 .take_while(|entry| entry.since.elapsed() >= POOL_IDLE_TIMEOUT)
                 .count();
             let stale = idle.drain(..stale).collect();
-            if idle.len() < self.limit {
+            if idle.len() < self.max_idle {
                 idle.push(Idle {
                     connection,
                     since: Instant::now(),
@@ -467,65 +473,15 @@ impl Pool {
         drop(stale);
     }
 
-    /// Counts a connection about to be opened. The caller holds one of `limit` permits, so
-    /// when `limit` connections are open, at least one is idle, on another worker: the oldest
-    /// idle one is closed to make room.
-    fn opening(&self) -> Opened {
-        for _ in 0..=self.idle.len() {
-            let reserved = self
-                .open
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
-                    (open < self.limit).then_some(open + 1)
-                });
-            if reserved.is_ok() {
-                return Opened(Arc::clone(&self.open));
-            }
-            drop(self.oldest_idle());
-        }
-        // Only connections that calls are dropping at this moment, on other threads, can hold
-        // the count up now; they are gone in a moment, so the promise bends for that moment
-        // rather than make a call wait.
-        self.open.fetch_add(1, Ordering::AcqRel);
-        Opened(Arc::clone(&self.open))
-    }
-
-    /// The idle connection that waited longest on its worker, from the first worker that has
-    /// one.
-    fn oldest_idle(&self) -> Option<Counted> {
-        self.idle.iter().find_map(|idle| {
-            let mut idle = lock(idle);
-            (!idle.is_empty()).then(|| idle.remove(0).connection)
-        })
-    }
-
-    /// This worker's idle list.
-    fn here(&self) -> &Mutex<Vec<Idle>> {
-        &self.idle[crate::workers::current() % self.idle.len()]
+    /// This worker's index among the lists.
+    fn here(&self) -> usize {
+        crate::workers::current() % self.idle.len()
     }
 }
 
 fn lock(idle: &Mutex<Vec<Idle>>) -> std::sync::MutexGuard<'_, Vec<Idle>> {
     // The list stays consistent whatever panicked while holding it.
     idle.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-// === impl Counted ===
-
-impl Counted {
-    fn new(io: Connection, opened: Opened) -> Counted {
-        Counted { io, opened }
-    }
-
-    /// Closes the connection and keeps its place in the count, for the one that replaces it.
-    fn close(self) -> Opened {
-        self.opened
-    }
-}
-
-impl Drop for Opened {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 /// An error and its causes on one line, for messages: the HTTP and TLS libraries' own messages
@@ -548,26 +504,24 @@ pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
-    /// A connection to a loopback listener, counted in `pool`.
-    async fn connection(pool: &Pool, listener: &tokio::net::TcpListener) -> Counted {
-        let opened = pool.opening();
+    /// A connection to a loopback listener, opened on this thread's worker.
+    async fn connection(pool: &Pool, listener: &tokio::net::TcpListener) -> Owned {
         let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        Counted::new(Connection::new(Io::Tcp(stream)), opened)
+        pool.owned(Connection::new(Io::Tcp(stream)))
     }
 
     fn idle(pool: &Pool) -> Vec<usize> {
         pool.idle.iter().map(|idle| lock(idle).len()).collect()
     }
 
-    /// Each worker takes only its own idle connections, and a worker that needs a new one when
-    /// `limit` are open closes another worker's oldest idle one: never more connections than
-    /// calls may be in flight.
+    /// A worker takes its own idle connections first, another worker's when it has none, and a
+    /// connection goes back to the worker that opened it.
     #[tokio::test]
-    async fn workers_keep_their_own_connections_within_one_limit() {
+    async fn workers_take_their_own_connections_first_and_return_them_to_their_owner() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let pool = Pool::new(2, 2);
+        let pool = Pool::new(2, 8);
         crate::workers::pretend_current(0);
         let (first, second) = (
             connection(&pool, &listener).await,
@@ -575,61 +529,18 @@ mod tests {
         );
         pool.put(first);
         pool.put(second);
-        assert_eq!(
-            (pool.open.load(Ordering::Acquire), idle(&pool)),
-            (2, vec![2, 0])
-        );
-
         crate::workers::pretend_current(1);
-        assert!(pool.take().is_none(), "worker 1 has no idle connection");
         let third = connection(&pool, &listener).await;
-        assert_eq!(
-            (pool.open.load(Ordering::Acquire), idle(&pool)),
-            (2, vec![1, 0])
-        );
         pool.put(third);
-        assert_eq!(idle(&pool), [1, 1]);
+        assert_eq!(idle(&pool), [2, 1]);
 
-        let taken = pool.take().expect("worker 1's own connection");
-        assert_eq!(idle(&pool), [1, 0]);
-        let replacement = Counted::new(
-            Connection::new(Io::Tcp(
-                tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-                    .await
-                    .unwrap(),
-            )),
-            taken.close(),
-        );
-        assert_eq!(
-            pool.open.load(Ordering::Acquire),
-            2,
-            "a replacement takes its place"
-        );
-        drop(replacement);
-        assert_eq!(pool.open.load(Ordering::Acquire), 1);
-        crate::workers::pretend_current(0);
-        drop(pool.take().expect("worker 0's connection"));
-        assert_eq!(
-            (pool.open.load(Ordering::Acquire), idle(&pool)),
-            (0, vec![0, 0])
-        );
-    }
-
-    /// Under the limit nothing is closed to make room.
-    #[tokio::test]
-    async fn under_the_limit_idle_connections_stay() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let pool = Pool::new(2, 3);
-        crate::workers::pretend_current(0);
-        let first = connection(&pool, &listener).await;
-        pool.put(first);
-        crate::workers::pretend_current(1);
-        let second = connection(&pool, &listener).await;
-        assert_eq!(
-            (pool.open.load(Ordering::Acquire), idle(&pool)),
-            (2, vec![1, 0])
-        );
-        drop(second);
+        let own = pool.take().expect("worker 1's own connection");
+        assert_eq!((own.owner, idle(&pool)), (1, vec![2, 0]));
+        let borrowed = pool.take().expect("worker 0's connection, lent");
+        assert_eq!((borrowed.owner, idle(&pool)), (0, vec![1, 0]));
+        pool.put(borrowed);
+        pool.put(own);
+        assert_eq!(idle(&pool), [2, 1]);
         crate::workers::pretend_current(0);
     }
 }
