@@ -1,15 +1,15 @@
 //! The threads that run the gateway's connections, each on a current-thread runtime of its own:
-//! a connection, its HTTP/2 streams and the controller connections its calls use stay on one
-//! thread from accept to close, and no task is ever handed to another thread.
+//! a connection and its HTTP/2 streams stay on one thread from accept to close, no task is
+//! ever handed to another thread, and calls use their own thread's controller connections
+//! first (`upstream`'s pool).
 //!
 //! tokio's multi-thread scheduler shares one run queue between its threads and steals work
 //! across them: at 128 calls in flight on two cores, its second worker cost more CPU per call
 //! than it gained. Connections spread over independent runtimes use the second core without
 //! handing anything over (docs/performance.md, "Sixth session").
 //!
-//! Worker 0 is the runtime `server::serve` runs on, which also accepts
-//! connections and runs health, metrics and the Log Publisher feed; the others are threads
-//! started here.
+//! Worker 0 is the runtime `server::serve` runs on, which also accepts connections and runs
+//! health, metrics and the Log Publisher feed; the others are threads started here.
 
 use std::cell::Cell;
 use std::future::Future;
