@@ -411,10 +411,7 @@ pub mod defaults {
     /// between threads (docs/performance.md).
     pub fn worker_threads() -> NonZeroUsize {
         std::thread::available_parallelism().map_or(NonZeroUsize::MIN, |cores| {
-            cores.clamp(
-                super::limits::WORKER_THREADS.min,
-                super::limits::WORKER_THREADS.max,
-            )
+            cores.min(super::limits::WORKER_THREADS.max)
         })
     }
 

@@ -431,8 +431,9 @@ impl Pool {
                 since,
             } = lock(idle).pop()?;
             if since.elapsed() >= POOL_IDLE_TIMEOUT {
-                // The most recently used is too old, so all are.
-                drop(std::mem::take(&mut *lock(idle)));
+                // The most recently used is too old, so all are; closed outside the lock.
+                let stale = std::mem::take(&mut *lock(idle));
+                drop(stale);
                 return None;
             }
             if connection.io.is_open() {
