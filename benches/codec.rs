@@ -1,6 +1,5 @@
 //! Criterion benches of the pure work on every call's path: encoding the method call, decoding
-//! the reply (each decode also through the full parser alone, as the baseline in the same run),
-//! and mapping an outcome to the caller's status. Run with `cargo bench`.
+//! the reply, and mapping an outcome to the caller's status. Run with `cargo bench`.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -15,14 +14,9 @@ fn encode(c: &mut Criterion) {
         method: "case_extract",
         params: &[("port_id", 4), ("bin_id", 101337)],
     };
-    let mut group = c.benchmark_group("encode case_extract");
-    group.bench_function("template", |b| {
+    c.bench_function("encode case_extract", |b| {
         b.iter(|| WireFormat::Xml.encode_call(black_box(&case_extract)))
     });
-    group.bench_function("from scratch", |b| {
-        b.iter(|| bench_api::encode_call_from_scratch(black_box(&case_extract)))
-    });
-    group.finish();
 }
 
 fn decode(c: &mut Criterion) {
@@ -38,9 +32,6 @@ fn decode(c: &mut Criterion) {
     for (name, body) in &replies {
         group.bench_function(*name, |b| {
             b.iter(|| WireFormat::Xml.decode_reply(black_box(body), None))
-        });
-        group.bench_function(format!("{name} (full parser)"), |b| {
-            b.iter(|| bench_api::parse_reply(black_box(body), None))
         });
     }
     group.finish();

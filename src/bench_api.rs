@@ -1,12 +1,11 @@
 //! Entry points for `benches/`, which can only reach the public API. Not a stable API: hidden
-//! from the docs and changed with the benches. It exists so that the full reply parser and the
-//! `status` mapping can be measured without making them, or `status`, public.
+//! from the docs and changed with the benches. It exists so that the `status` mapping can be
+//! measured without making `status` public.
 
 use std::time::Duration;
 
 use tonic::Status;
 
-use crate::codec::{self, DecodeError, Reply};
 use crate::config::defaults;
 use crate::status::{self, CallContext, CallError, RetryPolicy};
 use crate::upstream::UpstreamError;
@@ -21,18 +20,6 @@ const CONTEXT: CallContext = CallContext {
 const RETRY: RetryPolicy = RetryPolicy {
     delay: defaults::RETRY_DELAY,
 };
-
-/// Decodes a reply with the full parser alone: the baseline for
-/// [`codec::WireFormat::decode_reply`], which recognises common replies without it.
-pub fn parse_reply(body: &[u8], charset: Option<&str>) -> Result<Reply, DecodeError> {
-    codec::parse_reply(body, charset)
-}
-
-/// Encodes a call without its shape's template: the baseline for
-/// [`codec::WireFormat::encode_call`].
-pub fn encode_call_from_scratch(call: &codec::Call<'_>) -> Vec<u8> {
-    codec::encode_call_from_scratch(call)
-}
 
 /// The status a caller receives when the controller answers a case_extract with fault `code`.
 pub fn fault_status(code: u32) -> Status {

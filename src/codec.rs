@@ -14,15 +14,13 @@
 //! It accepts any whitespace, and XML with or without a declaration. It does no I/O; whoever
 //! reads the body caps its size (see [`DEFAULT_MAX_BODY_BYTES`]) before handing it here.
 //!
-//! Both directions sit on every call's path (`cargo bench` measures them). Encoding writes bytes
-//! straight into one exactly sized buffer; decoding recognises the two common replies from their
-//! bytes and hands anything else to the full parser, which gives the same answer.
+//! Every call is written by the one encoder and every reply read by quick-xml (or serde_json):
+//! there is no second, faster path that could answer differently. `cargo bench` measures both.
 
 mod case_state;
 mod charset;
 mod json;
 mod shape;
-mod template;
 mod xml;
 
 pub use case_state::CaseStateReply;
@@ -43,7 +41,7 @@ pub struct MethodCall {
 }
 
 /// A method call to send, borrowed: its name and named integer parameters, the shape of every
-/// task-interface command. Encoding one allocates nothing but the output buffer.
+/// task-interface command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Call<'a> {
     /// The method name, for example `case_extract`.
@@ -223,19 +221,6 @@ pub(crate) fn shown(bytes: &[u8]) -> String {
     text
 }
 
-/// Decodes an XML reply with the full parser, skipping the shortcut for common replies: what
-/// [`WireFormat::decode_reply`] does for any other reply, and the baseline its shortcut is
-/// measured against.
-pub(crate) fn parse_reply(body: &[u8], charset: Option<&str>) -> Result<Reply, DecodeError> {
-    shape::reply_from_response(&xml::parse_document(body, charset)?)
-}
-
-/// Encodes a call as XML without its shape's template: the baseline the templates are measured
-/// and checked against.
-pub(crate) fn encode_call_from_scratch(call: &Call<'_>) -> Vec<u8> {
-    xml::encode_call(call)
-}
-
 // === impl WireFormat ===
 
 impl WireFormat {
@@ -275,26 +260,16 @@ impl WireFormat {
         }
     }
 
-    /// Encodes a call, to the same bytes as [`WireFormat::encode_method_call`] of the
-    /// equivalent [`MethodCall`]: the gateway's hot path.
+    /// Encodes a call: the bytes of [`WireFormat::encode_method_call`] of the equivalent
+    /// [`MethodCall`].
     pub fn encode_call(self, call: &Call<'_>) -> Vec<u8> {
-        match self {
-            // From a template of the call's shape made once per thread (`codec/template.rs`).
-            WireFormat::Xml => {
-                template::encode_call(call).unwrap_or_else(|| xml::encode_call(call))
-            }
-            // Not the hot path: the tree the JSON encoder takes is built first.
-            WireFormat::Json => json::encode_method_call(&MethodCall::from(call)),
-        }
+        self.encode_method_call(&MethodCall::from(call))
     }
 
     /// Decodes a controller reply. `charset` is the Content-Type charset parameter, if any.
     pub fn decode_reply(self, body: &[u8], charset: Option<&str>) -> Result<Reply, DecodeError> {
         match self {
-            WireFormat::Xml => match xml::common_reply(body, charset) {
-                Some(reply) => Ok(reply),
-                None => parse_reply(body, charset),
-            },
+            WireFormat::Xml => shape::reply_from_response(&xml::parse_document(body, charset)?),
             WireFormat::Json => shape::reply_from_response(&json::response_root(body, charset)?),
         }
     }
@@ -349,13 +324,12 @@ impl MethodCall {
 
 impl From<&Call<'_>> for MethodCall {
     fn from(call: &Call<'_>) -> Self {
-        let mut digits = itoa::Buffer::new();
         MethodCall {
             name: call.method.to_owned(),
             params: call
                 .params
                 .iter()
-                .map(|(name, value)| Element::leaf(name, digits.format(*value)))
+                .map(|(name, value)| Element::leaf(name, value))
                 .collect(),
         }
     }

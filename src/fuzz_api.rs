@@ -89,19 +89,12 @@ const CHARSETS: [Option<&str>; 8] = [
 
 /// An XML controller reply, as the gateway decodes it.
 ///
-/// - The shortcut for common replies and the full parser give the same answer.
 /// - A success needs `params` in the bytes, a fault `fault` and `code`: element names cannot be
 ///   written with references, and every supported charset writes ASCII as ASCII.
 /// - What it decodes to, encoded again as the simulator would, decodes to the same reply.
 pub fn xml_reply(data: &[u8]) {
     let (charset, body) = split_charset(data);
-    let reply = WireFormat::Xml.decode_reply(body, charset);
-    assert_eq!(
-        reply,
-        codec::parse_reply(body, charset),
-        "the shortcut and the full parser disagree"
-    );
-    let Ok(reply) = reply else {
+    let Ok(reply) = WireFormat::Xml.decode_reply(body, charset) else {
         return;
     };
     match &reply {
@@ -137,9 +130,8 @@ pub fn json_reply(data: &[u8]) {
 }
 
 /// Any valid [`Call`] (built from the bytes by [`call_from_bytes`]) encodes, in both formats,
-/// to bytes that the simulator's request decoding reads back as the same method call; and the
-/// XML encoder's three paths (template, from scratch, through a [`MethodCall`]) write the same
-/// bytes.
+/// to bytes that the simulator's request decoding reads back as the same method call; and
+/// encoding the call writes the bytes of its [`MethodCall`].
 pub fn call_round_trip(data: &[u8]) {
     let (method, params) = call_from_bytes(data);
     let params: Vec<(&str, u32)> = params
@@ -152,7 +144,6 @@ pub fn call_round_trip(data: &[u8]) {
     };
     let method_call = MethodCall::from(&call);
     let xml = WireFormat::Xml.encode_call(&call);
-    assert_eq!(xml, codec::encode_call_from_scratch(&call), "template");
     assert_eq!(xml, WireFormat::Xml.encode_method_call(&method_call));
     for (format, body) in [
         (WireFormat::Xml, xml),

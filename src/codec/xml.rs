@@ -1,5 +1,4 @@
-//! XML: text to a generic [`Element`] tree and back, plus the fast path that recognises the two
-//! common replies straight from their bytes.
+//! XML: text to a generic [`Element`] tree (read by quick-xml) and back.
 //!
 //! It never expands entities: a DOCTYPE is an error, and only character references and the five
 //! predefined entities are resolved. Text comes from [`charset`](super::charset); whether a
@@ -8,49 +7,32 @@
 use quick_xml::Reader;
 use quick_xml::events::Event;
 
-use super::charset::{decode_text, encoding_named, strip_bom};
-use super::{Call, DecodeError, Element, MAX_DEPTH, MethodCall, Reply, is_xml_whitespace, shorten};
+use super::charset::decode_text;
+use super::{DecodeError, Element, MAX_DEPTH, MethodCall, Reply, is_xml_whitespace, shorten};
 
 /// Encodes a method call in the documented shape, UTF-8, with the bare `<?xml version="1.0"?>`
 /// declaration every vendor example sends.
 pub(super) fn encode_method_call(method_call: &MethodCall) -> Vec<u8> {
+    let params = Element {
+        name: "params".to_owned(),
+        text: String::new(),
+        children: method_call.params.clone(),
+    };
     encode_document(
         "methodcall",
-        &[
-            Node::leaf("name", &method_call.name),
-            Node {
-                name: "params",
-                text: "",
-                children: Children::Elements(&method_call.params),
-            },
-        ],
-    )
-}
-
-/// Encodes a call to the same bytes as [`encode_method_call`] of the equivalent [`MethodCall`].
-pub(super) fn encode_call(call: &Call<'_>) -> Vec<u8> {
-    encode_document(
-        "methodcall",
-        &[
-            Node::leaf("name", call.method),
-            Node {
-                name: "params",
-                text: "",
-                children: Children::Integers(call.params),
-            },
-        ],
+        &[Element::leaf("name", &method_call.name), params],
     )
 }
 
 /// Encodes a reply in the documented shape, as the simulated controller sends it.
 pub(super) fn encode_reply(reply: &Reply) -> Vec<u8> {
     match reply {
-        Reply::Success(params) => encode_document("response", &[Node::from(params)]),
+        Reply::Success(params) => encode_document("response", std::slice::from_ref(params)),
         Reply::Fault(code) => {
-            let fault = Node {
-                name: "fault",
-                text: "",
-                children: Children::Integers(&[("code", *code)]),
+            let fault = Element {
+                name: "fault".to_owned(),
+                text: String::new(),
+                children: vec![Element::leaf("code", code)],
             };
             encode_document("response", &[fault])
         }
@@ -229,272 +211,56 @@ fn append_text(
     Ok(())
 }
 
-// === the fast path for common replies ===
-
-/// Recognises the two replies nearly every call gets, empty `<params>` and a fault code, straight
-/// from the bytes: between XML whitespace, after an optional byte-order mark and one of the two
-/// declarations controllers send. It decodes no text and builds no events or element tree.
-///
-/// `None` means "not one of those", never "invalid": [`parse_reply`](super::parse_reply) then decides, so every
-/// answer is the full parser's (a unit test compares the two on thousands of variants).
-pub(super) fn common_reply(body: &[u8], charset: Option<&str>) -> Option<Reply> {
-    const DECLARATIONS: [&[u8]; 2] = [
-        b"<?xml version=\"1.0\"?>",
-        b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>",
-    ];
-    let (body, had_bom) = strip_bom(body);
-    // An unsupported charset is refused first, unless a byte-order mark overrides it, as in
-    // `decode_text`. Past that the encoding does not matter: the shapes below are all ASCII.
-    if !had_bom && charset.is_some_and(|label| encoding_named(label).is_none()) {
-        return None;
-    }
-    let body = DECLARATIONS
-        .iter()
-        .find_map(|declaration| body.strip_prefix(*declaration))
-        .unwrap_or(body);
-    let mut cursor = Cursor(body);
-    cursor.whitespace();
-    cursor.eat(b"<response>")?;
-    cursor.whitespace();
-    let reply = if cursor.eat(b"<params/>").is_some() {
-        Reply::empty_success()
-    } else if cursor.eat(b"<params>").is_some() {
-        let text = cursor.whitespace();
-        cursor.eat(b"</params>")?;
-        Reply::Success(Element {
-            name: "params".to_owned(),
-            text: normalize_line_ends(text),
-            children: Vec::new(),
-        })
-    } else {
-        cursor.eat(b"<fault>")?;
-        cursor.whitespace();
-        cursor.eat(b"<code>")?;
-        cursor.whitespace();
-        let code = decimal(cursor.take_while(|byte| byte.is_ascii_digit()))?;
-        cursor.whitespace();
-        cursor.eat(b"</code>")?;
-        cursor.whitespace();
-        cursor.eat(b"</fault>")?;
-        Reply::Fault(code)
-    };
-    cursor.whitespace();
-    cursor.eat(b"</response>")?;
-    cursor.whitespace();
-    cursor.0.is_empty().then_some(reply)
-}
-
-/// The unread rest of a body that [`common_reply`] matches byte for byte.
-struct Cursor<'a>(&'a [u8]);
-
-impl<'a> Cursor<'a> {
-    /// Consumes `expected` if the rest starts with it.
-    fn eat(&mut self, expected: &[u8]) -> Option<()> {
-        self.0 = self.0.strip_prefix(expected)?;
-        Some(())
-    }
-
-    /// Consumes and returns the longest run of bytes that `keep` accepts.
-    fn take_while(&mut self, keep: impl Fn(u8) -> bool) -> &'a [u8] {
-        let end = self
-            .0
-            .iter()
-            .position(|&byte| !keep(byte))
-            .unwrap_or(self.0.len());
-        let (taken, rest) = self.0.split_at(end);
-        self.0 = rest;
-        taken
-    }
-
-    fn whitespace(&mut self) -> &'a [u8] {
-        self.take_while(|byte| is_xml_whitespace(char::from(byte)))
-    }
-}
-
-/// XML end-of-line handling, as the full parser applies it to text: `\r\n` and a lone `\r` are
-/// both read as `\n`.
-fn normalize_line_ends(whitespace: &[u8]) -> String {
-    let mut text = String::with_capacity(whitespace.len());
-    let mut bytes = whitespace.iter().peekable();
-    while let Some(&byte) = bytes.next() {
-        if byte == b'\r' {
-            bytes.next_if_eq(&&b'\n');
-            text.push('\n');
-        } else {
-            text.push(char::from(byte));
-        }
-    }
-    text
-}
-
-/// The value of ASCII digits as [`parse_integer`](super::parse_integer) reads them; `None` if there are none or the
-/// value does not fit a `u32`.
-fn decimal(digits: &[u8]) -> Option<u32> {
-    if digits.is_empty() {
-        return None;
-    }
-    digits.iter().try_fold(0_u32, |value, &digit| {
-        value.checked_mul(10)?.checked_add(u32::from(digit - b'0'))
-    })
-}
-
 // === an element tree to XML text ===
 
 /// The declaration every encoded document starts with.
 const DECLARATION: &[u8] = b"<?xml version=\"1.0\"?>\n";
 
-/// An element to encode, borrowed, so that the `<methodcall>` or `<response>` envelope can wrap
-/// the caller's elements without copying them.
-#[derive(Clone, Copy)]
-struct Node<'a> {
-    name: &'a str,
-    text: &'a str,
-    children: Children<'a>,
-}
-
-/// An element's children: elements of a tree, or the integer parameters of a [`Call`], each
-/// written as a leaf holding the number in decimal.
-#[derive(Clone, Copy)]
-enum Children<'a> {
-    Elements(&'a [Element]),
-    Integers(&'a [(&'a str, u32)]),
-}
-
-impl Children<'_> {
-    fn is_empty(self) -> bool {
-        match self {
-            Children::Elements(elements) => elements.is_empty(),
-            Children::Integers(integers) => integers.is_empty(),
-        }
-    }
-}
-
-impl<'a> Node<'a> {
-    fn leaf(name: &'a str, text: &'a str) -> Self {
-        Node {
-            name,
-            text,
-            children: Children::Elements(&[]),
-        }
-    }
-}
-
-impl<'a> From<&'a Element> for Node<'a> {
-    fn from(element: &'a Element) -> Self {
-        Node {
-            name: &element.name,
-            text: &element.text,
-            children: Children::Elements(&element.children),
-        }
-    }
-}
-
-/// Where the encoder writes: the output buffer, or a counter that sizes that buffer first. One
-/// writer drives both, so the size cannot drift from what is written.
-trait Sink {
-    fn put(&mut self, bytes: &[u8]);
-    fn indent(&mut self, depth: usize);
-}
-
-impl Sink for Vec<u8> {
-    fn put(&mut self, bytes: &[u8]) {
-        self.extend_from_slice(bytes);
-    }
-
-    fn indent(&mut self, depth: usize) {
-        self.resize(self.len() + INDENT_WIDTH * depth, b' ');
-    }
-}
-
-/// Counts the bytes a document will take.
-struct Length(usize);
-
-impl Sink for Length {
-    fn put(&mut self, bytes: &[u8]) {
-        self.0 += bytes.len();
-    }
-
-    fn indent(&mut self, depth: usize) {
-        self.0 += INDENT_WIDTH * depth;
-    }
-}
-
 const INDENT_WIDTH: usize = 2;
 
-/// Writes the declaration and a root holding `children`, into a buffer of exactly the right size.
-fn encode_document(root: &str, children: &[Node<'_>]) -> Vec<u8> {
-    thread_local! {
-        /// Where a thread writes documents before copying each out at its exact size: one pass
-        /// over the tree instead of one to size the buffer and one to fill it.
-        static DOCUMENT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    DOCUMENT.with(|document| match document.try_borrow_mut() {
-        Ok(mut document) => {
-            document.clear();
-            write_document(&mut *document, root, children);
-            document.to_vec()
-        }
-        Err(_) => {
-            let mut length = Length(0);
-            write_document(&mut length, root, children);
-            let mut out = Vec::with_capacity(length.0);
-            write_document(&mut out, root, children);
-            out
-        }
-    })
-}
-
-fn write_document(sink: &mut impl Sink, root: &str, children: &[Node<'_>]) {
-    sink.put(DECLARATION);
-    write_tag(sink, b"<", root, b">\n");
+/// Writes the declaration and a root element named `root` holding `children`, indented by two
+/// spaces a level, as the vendor's examples are.
+fn encode_document(root: &str, children: &[Element]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(DECLARATION);
+    write_tag(&mut out, b"<", root, b">\n");
     for child in children {
-        write_node(sink, *child, 1);
+        write_element(&mut out, child, 1);
     }
-    write_tag(sink, b"</", root, b">\n");
+    write_tag(&mut out, b"</", root, b">\n");
+    out
 }
 
-fn write_node(sink: &mut impl Sink, node: Node<'_>, depth: usize) {
-    sink.indent(depth);
-    if node.children.is_empty() && node.text.is_empty() {
-        write_tag(sink, b"<", node.name, b"/>\n");
+fn write_element(out: &mut Vec<u8>, element: &Element, depth: usize) {
+    out.resize(out.len() + INDENT_WIDTH * depth, b' ');
+    if element.children.is_empty() && element.text.is_empty() {
+        write_tag(out, b"<", &element.name, b"/>\n");
         return;
     }
-    write_tag(sink, b"<", node.name, b">");
-    if node.children.is_empty() {
-        write_escaped(sink, node.text);
+    write_tag(out, b"<", &element.name, b">");
+    if element.children.is_empty() {
+        write_escaped(out, &element.text);
     } else {
-        sink.put(b"\n");
-        match node.children {
-            Children::Elements(children) => {
-                for child in children {
-                    write_node(sink, child.into(), depth + 1);
-                }
-            }
-            Children::Integers(integers) => {
-                let mut digits = itoa::Buffer::new();
-                for (name, value) in integers {
-                    write_node(sink, Node::leaf(name, digits.format(*value)), depth + 1);
-                }
-            }
+        out.push(b'\n');
+        for child in &element.children {
+            write_element(out, child, depth + 1);
         }
-        sink.indent(depth);
+        out.resize(out.len() + INDENT_WIDTH * depth, b' ');
     }
-    write_tag(sink, b"</", node.name, b">\n");
+    write_tag(out, b"</", &element.name, b">\n");
 }
 
-fn write_tag(sink: &mut impl Sink, open: &[u8], name: &str, close: &[u8]) {
-    sink.put(open);
-    sink.put(name.as_bytes());
-    sink.put(close);
+fn write_tag(out: &mut Vec<u8>, open: &[u8], name: &str, close: &[u8]) {
+    out.extend_from_slice(open);
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(close);
 }
 
 /// Writes text with the escapes of `quick_xml::escape::escape`, which the wire format was first
 /// written with: the five markup characters, and `\r`, which a reader's end-of-line handling
-/// would otherwise turn into `\n`. Runs without any of them are copied in one go.
-fn write_escaped(sink: &mut impl Sink, text: &str) {
-    let bytes = text.as_bytes();
-    let mut run_start = 0;
-    for (index, &byte) in bytes.iter().enumerate() {
+/// would otherwise turn into `\n`.
+fn write_escaped(out: &mut Vec<u8>, text: &str) {
+    for byte in text.bytes() {
         // All six are ASCII, so they never occur inside a multi-byte UTF-8 sequence.
         let escaped: &[u8] = match byte {
             b'<' => b"&lt;",
@@ -503,11 +269,11 @@ fn write_escaped(sink: &mut impl Sink, text: &str) {
             b'\'' => b"&apos;",
             b'"' => b"&quot;",
             b'\r' => b"&#13;",
-            _ => continue,
+            _ => {
+                out.push(byte);
+                continue;
+            }
         };
-        sink.put(&bytes[run_start..index]);
-        sink.put(escaped);
-        run_start = index + 1;
+        out.extend_from_slice(escaped);
     }
-    sink.put(&bytes[run_start..]);
 }
