@@ -6,6 +6,7 @@
 //! is part of the binary, not of the library: nothing in the library depends on it.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -80,7 +81,12 @@ enum Command {
 pub(crate) struct Prepared {
     command: PreparedCommand,
     log_format: LogFormat,
+    /// `serve`'s `--worker-threads`, checked; the other commands take tokio's default.
+    worker_threads: Option<NonZeroUsize>,
 }
+
+/// The name of `serve`'s runtime threads (Linux keeps 15 bytes of a thread's name).
+const WORKER_THREAD_NAME: &str = "taskgate-worker";
 
 #[derive(Debug)]
 enum PreparedCommand {
@@ -133,11 +139,12 @@ impl Cli {
     /// under the flags and environment. Runs before logging starts, since the file may set the
     /// log format.
     pub(crate) fn prepare(self) -> Result<Prepared, Ending> {
+        let refused = |error| ending(Err((Exit::Usage, error)), defaults::SHUTDOWN_GRACE);
+        let mut worker_threads = None;
         let (command, log_format) = match self.command {
             Command::Serve(args) => {
-                let serve = args
-                    .prepare(self.log_format)
-                    .map_err(|error| ending(Err((Exit::Usage, error)), defaults::SHUTDOWN_GRACE))?;
+                let serve = args.prepare(self.log_format).map_err(refused)?;
+                worker_threads = Some(serve.worker_threads().map_err(refused)?);
                 let log_format = serve.log_format();
                 (PreparedCommand::Serve(Box::new(serve)), log_format)
             }
@@ -151,6 +158,7 @@ impl Cli {
         Ok(Prepared {
             command,
             log_format: log_format.unwrap_or(LogFormat::Text),
+            worker_threads,
         })
     }
 }
@@ -176,27 +184,16 @@ impl Prepared {
         }
     }
 
-    /// The runtime the command runs on: `serve` on the main thread alone (it starts its other
-    /// worker threads itself, each with a runtime of its own), the others with one thread per
-    /// core (the load generator needs them), as `#[tokio::main]` builds it.
-    ///
-    /// `serve`'s runtimes use the current-thread scheduler. Its run queue is first in, first
-    /// out, so the HTTP/2 connection task a finished call wakes runs after every call that
-    /// became ready in the same pass, and their responses leave in one write. The multi-thread
-    /// scheduler runs a woken task next (its LIFO slot), one write per response even with one
-    /// worker. Measured at 128 in flight, five interleaved runs each: 26.9 µs of gateway CPU
-    /// per call against 32.1, and 12 % less in the controller stand-in and the load generator,
-    /// which get fewer, fuller reads (docs/performance.md).
+    /// The runtime the command runs on: tokio's multi-thread runtime, as `#[tokio::main]`
+    /// builds it, with `serve`'s threads counted by `--worker-threads` and named after the
+    /// gateway, so an operator can tell them in `top -H`.
     pub(crate) fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
-        let mut builder = match &self.command {
-            PreparedCommand::Serve(_) => tokio::runtime::Builder::new_current_thread(),
-            PreparedCommand::Simulate(_)
-            | PreparedCommand::CaseExtract(_)
-            | PreparedCommand::CaseCancel(_)
-            | PreparedCommand::CaseState(_)
-            | PreparedCommand::Watch(_)
-            | PreparedCommand::Bench(_) => tokio::runtime::Builder::new_multi_thread(),
-        };
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(threads) = self.worker_threads {
+            builder
+                .worker_threads(threads.get())
+                .thread_name(WORKER_THREAD_NAME);
+        }
         builder.enable_all().build()
     }
 

@@ -406,9 +406,7 @@ pub mod defaults {
     pub const SIMULATOR_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(2048).unwrap();
 
     /// The gateway's worker threads: one per core this process may use (which counts a
-    /// container's CPU quota), within `--worker-threads`' range. Each runs its own connections
-    /// from accept to close, so a second core serves more calls without a call being handed
-    /// between threads (docs/performance.md).
+    /// container's CPU quota), within `--worker-threads`' range, as tokio's own default.
     pub fn worker_threads() -> NonZeroUsize {
         std::thread::available_parallelism().map_or(NonZeroUsize::MIN, |cores| {
             cores.min(super::limits::WORKER_THREADS.max)

@@ -81,7 +81,6 @@ mod status;
 pub mod tls;
 pub mod upstream;
 pub mod watch;
-mod workers;
 
 #[cfg(test)]
 mod layering;

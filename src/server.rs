@@ -15,7 +15,7 @@ use std::time::Duration;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::AbortHandle;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 use tonic::codegen::http::{HeaderName, HeaderValue, Method};
 use tonic::service::Routes;
@@ -36,7 +36,6 @@ use crate::proto::task_service_server::TaskServiceServer;
 use crate::service::TaskGateway;
 use crate::upstream::Upstream;
 use crate::watch::Watches;
-use crate::workers::Workers;
 
 /// The largest request message accepted: every task-interface request is a few integers, so
 /// anything bigger is a mistake or an attack, refused before it is decoded.
@@ -134,9 +133,6 @@ pub enum ServeError {
     /// The reflection service could not read the descriptor set that `build.rs` wrote.
     #[error("cannot build the reflection service")]
     Reflection(#[source] tonic_reflection::server::Error),
-    /// A worker thread or its runtime could not be started (for example, a thread limit).
-    #[error("cannot start the worker threads")]
-    Workers(#[source] std::io::Error),
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then closes idle connections and
@@ -153,8 +149,7 @@ pub async fn serve(
     // The CLI checks too, but library callers build configs by hand, and a zero interval would
     // panic the health probe.
     config.validate().map_err(ServeError::Config)?;
-    let workers = Workers::start(config.worker_threads).map_err(ServeError::Workers)?;
-    let upstream = Upstream::new(&config.upstream, workers.count()).map_err(ServeError::Client)?;
+    let upstream = Upstream::new(&config.upstream, 1).map_err(ServeError::Client)?;
     let metrics = Metrics::new();
     // Stops the metrics endpoint when the gateway stops, however `serve` returns.
     let metrics_listener_given = metrics_listener.is_some();
@@ -282,21 +277,26 @@ pub async fn serve(
             .log_publisher
             .as_ref()
             .map_or_else(|| "off".to_owned(), ToString::to_string);
-        tracing::info!(%address, upstream = %task_upstream_url, %log_publisher, tls, max_connections, worker_threads = workers.count(), "gateway listening");
+        let worker_threads = tokio::runtime::Handle::current().metrics().num_workers();
+        tracing::info!(%address, upstream = %task_upstream_url, %log_publisher, tls, max_connections, worker_threads, "gateway listening");
     }
     let mut connections = Connections::new(limits, max_connections.get(), metrics.listener("grpc"));
+    // Each connection's task, so that those the grace leaves running end when `serve` returns.
+    let mut connection_tasks = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = acceptor.accept() => accepted,
+            // Reaps ended connections, which the set would otherwise keep until `serve` returns.
+            Some(_) = connection_tasks.join_next() => continue,
         };
         let Some(admission) = connections.admit(peer) else {
             drop(stream);
             continue;
         };
         let service = admission.track(service.clone(), TASK_SERVICE_PATH, local);
-        workers.spawn(serve_grpc_connection(
+        connection_tasks.spawn(serve_grpc_connection(
             builder.clone(),
             stream,
             tls.clone(),
@@ -331,8 +331,8 @@ pub async fn serve(
             "shutdown grace ran out; these calls and streams end with the process"
         );
     }
-    // Ends the worker threads' runtimes, and with them whatever the grace left running there.
-    drop(workers);
+    // Ends whatever the grace left running.
+    connection_tasks.abort_all();
     tracing::info!(
         closed_idle = census.closed_idle,
         closed_partial = census.closed_partial,

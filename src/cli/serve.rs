@@ -6,6 +6,7 @@
 //! is bound.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use clap::Args;
 
 use taskgate::auth::TokenFile;
 use taskgate::config::{
-    Http1Limits, LogPublisherAddress, defaults, parse_cors_origin, parse_upstream_url,
+    Http1Limits, LogPublisherAddress, defaults, limits, parse_cors_origin, parse_upstream_url,
 };
 use taskgate::log::LogFormat;
 use taskgate::nofile;
@@ -73,6 +74,19 @@ impl ServeArgs {
 // === impl Serve ===
 
 impl Serve {
+    /// How many threads the runtime `serve` runs on has: `--worker-threads`, else one per core,
+    /// checked against its range. The runtime is built before `run`, so this is checked first.
+    pub(super) fn worker_threads(&self) -> anyhow::Result<NonZeroUsize> {
+        let threads = self
+            .given
+            .worker_threads
+            .unwrap_or_else(defaults::worker_threads);
+        limits::WORKER_THREADS
+            .check(threads)
+            .context("invalid configuration")?;
+        Ok(threads)
+    }
+
     /// The log format given by flag, environment or file, if any.
     pub(super) fn log_format(&self) -> Option<LogFormat> {
         self.given.log_format
@@ -224,7 +238,6 @@ fn resolve(settings: &ServeSettings) -> anyhow::Result<Config> {
     set(&mut config.max_health_watches, settings.max_health_watches);
     set(&mut config.watches.max_watches, settings.max_watches);
     set(&mut config.watches.buffer, settings.watch_buffer);
-    set(&mut config.worker_threads, settings.worker_threads);
     if let Some(value) = &settings.log_publisher {
         config.log_publisher = LogPublisherAddress::parse(value)?;
     }

@@ -48,9 +48,6 @@ pub struct Config {
     pub log_publisher: Option<LogPublisherAddress>,
     /// The limits on WatchCaseEvents streams.
     pub watches: watch::Settings,
-    /// How many threads run connections, each with its own runtime; the one `serve` runs on
-    /// is the first.
-    pub worker_threads: NonZeroUsize,
 }
 
 // === impl Config ===
@@ -75,7 +72,6 @@ impl Config {
             health_interval: defaults::HEALTH_INTERVAL,
             max_health_watches: defaults::MAX_HEALTH_WATCHES,
             metrics_limits: Http1Limits::with_max_connections(defaults::METRICS_MAX_CONNECTIONS),
-            worker_threads: defaults::worker_threads(),
         }
     }
 
@@ -89,7 +85,6 @@ impl Config {
         limits::MAX_HEALTH_WATCHES.check(self.max_health_watches)?;
         limits::MAX_WATCHES.check(self.watches.max_watches)?;
         limits::WATCH_BUFFER.check(self.watches.buffer)?;
-        limits::WORKER_THREADS.check(self.worker_threads)?;
         self.metrics_limits.validate(Http1Flags::METRICS)
     }
 }
@@ -159,14 +154,6 @@ mod tests {
         check_setting(
             |config| config.upstream.max_in_flight = count(100_000),
             None,
-        );
-        check_setting(|config| config.worker_threads = count(1024), None);
-        check_setting(
-            |config| config.worker_threads = count(1025),
-            Some(
-                "--worker-threads 1025 is out of range 1-1024: threads beyond the machine's \
-                 cores only take turns on them",
-            ),
         );
         check_setting(
             |config| config.upstream.max_in_flight = count(1 << 61),

@@ -132,9 +132,8 @@ async fn usage_and_configuration_errors_exit_2() {
     run(&["no-such-command"], 2).await;
 }
 
-/// `serve` runs connections on `--worker-threads` threads, one per core unless told otherwise:
-/// the main thread and as many more, each with a current-thread runtime, so tokio starts no
-/// worker thread of its own.
+/// `serve` runs calls on `--worker-threads` threads of tokio's runtime, one per core unless told
+/// otherwise, named so that an operator can tell them in `top -H`, and says how many it has.
 #[tokio::test]
 async fn serve_runs_on_its_worker_threads() {
     let cores = std::thread::available_parallelism().unwrap().get();
@@ -156,12 +155,10 @@ async fn serve_runs_on_its_worker_threads() {
             })
             .collect();
         let named = |name: &str| threads.iter().filter(|thread| *thread == name).count();
-        // tokio names its runtime threads "tokio-rt-worker", blocking ones too, of which this
-        // gateway starts none: every address it is given is an IP.
+        // tokio's blocking threads take the same name, so there may be more than the workers.
         assert_eq!(named("tokio-rt-worker"), 0, "{args:?}: {threads:?}");
-        assert_eq!(
-            named("taskgate-worker"),
-            expected - 1,
+        assert!(
+            named("taskgate-worker") >= expected,
             "{args:?}: {threads:?}"
         );
         assert!(

@@ -123,3 +123,16 @@ async fn assert_refused(address: SocketAddr) {
         .expect_err("a connection was accepted after shutdown began");
     assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
 }
+
+/// A stopped gateway leaves no connection open to the controller: the ones its calls kept alive
+/// close when `serve` returns, so a library caller that stops and starts gateways, or a
+/// controller with a connection limit, never meets connections nobody will use again.
+#[tokio::test]
+async fn stopping_the_gateway_closes_its_controller_connections() {
+    let upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    gateway.case_extract(4, 101337, None).await.unwrap();
+    upstream.wait_for_open_connections(1).await;
+    gateway.stop().await.unwrap();
+    upstream.wait_for_open_connections(0).await;
+}

@@ -114,8 +114,7 @@ pub(crate) struct ServeSettings {
     #[arg(long, env = "TASKGATE_WATCH_BUFFER")]
     pub(super) watch_buffer: Option<NonZeroUsize>,
 
-    /// How many threads run connections, each with its own event loop, so a call never moves
-    /// between threads; the main thread is the first. Default: one per core. 1 to 1024.
+    /// How many worker threads tokio's runtime runs calls on. Default: one per core. 1 to 1024.
     #[arg(long, env = "TASKGATE_WORKER_THREADS")]
     pub(super) worker_threads: Option<NonZeroUsize>,
 
