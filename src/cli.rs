@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
-use taskgate::config::{defaults, redact_url};
+use taskgate::config::redact_url;
 use taskgate::log::LogFormat;
 
 mod bench;
@@ -108,9 +108,6 @@ pub(crate) struct Ending {
     pub(crate) code: ExitCode,
     /// What to print on stderr, after the log is flushed, when the command failed.
     pub(crate) error: Option<String>,
-    /// How long the log may take to flush: a server's shutdown grace, so that a stalled log
-    /// reader cannot hold the exit past it.
-    pub(crate) log_flush_bound: Duration,
 }
 
 type Outcome = Result<Exit, (Exit, anyhow::Error)>;
@@ -137,7 +134,7 @@ impl Cli {
             Command::Serve(args) => {
                 let serve = args
                     .prepare(self.log_format)
-                    .map_err(|error| ending(Err((Exit::Usage, error)), defaults::SHUTDOWN_GRACE))?;
+                    .map_err(|error| ending(Err((Exit::Usage, error))))?;
                 let log_format = serve.log_format();
                 (PreparedCommand::Serve(Box::new(serve)), log_format)
             }
@@ -202,10 +199,8 @@ impl Prepared {
 
     /// Runs the command and says how it ended.
     pub(crate) async fn run(self) -> Ending {
-        // A server's own grace once its settings are known; the default for the other commands.
-        let mut log_flush_bound = defaults::SHUTDOWN_GRACE;
         let outcome = match self.command {
-            PreparedCommand::Serve(serve) => serve.run(&mut log_flush_bound).await,
+            PreparedCommand::Serve(serve) => serve.run().await,
             PreparedCommand::Simulate(args) => simulate::simulate(args).await,
             PreparedCommand::CaseExtract(args) => watch::case_extract(args).await,
             PreparedCommand::CaseCancel(args) => case_cancel::case_cancel(args).await,
@@ -213,13 +208,13 @@ impl Prepared {
             PreparedCommand::Watch(args) => watch::watch(args).await,
             PreparedCommand::Bench(args) => bench::bench(args).await,
         };
-        ending(outcome, log_flush_bound)
+        ending(outcome)
     }
 }
 
 /// The exit code and message of an outcome. The error is printed with `{:#}`, its chain joined
 /// by ": ", so each error in it must say only what it adds and leave its cause to its source.
-fn ending(outcome: Outcome, log_flush_bound: Duration) -> Ending {
+fn ending(outcome: Outcome) -> Ending {
     let (exit, error) = match outcome {
         Ok(exit) => (exit, None),
         Err((exit, error)) => (exit, Some(format!("error: {error:#}"))),
@@ -231,7 +226,6 @@ fn ending(outcome: Outcome, log_flush_bound: Duration) -> Ending {
             Exit::Usage => 2,
         }),
         error,
-        log_flush_bound,
     }
 }
 

@@ -6,7 +6,8 @@
 //! must never make a call wait: the writer is lossy, so once `BUFFERED_LINES` lines wait, a new
 //! line is dropped, never waited for. Drops are counted by the writer's `ErrorCounter`
 //! (`taskgate_log_lines_dropped_total`) and reported in a warning by a thread of their own. On
-//! exit what is buffered is written out for at most the time the caller allows.
+//! exit what is buffered is written out for at most [`EXIT_FLUSH_BOUND`], since a reader that
+//! never reads again must not keep the process from exiting.
 //!
 //! The hand-written byte queue and text formatter this replaces were faster under load (no
 //! allocation per line, fewer system calls); issue 19 traded that for crates a newcomer knows,
@@ -27,6 +28,12 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::registry::{LookupSpan, Registry};
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer};
+
+/// How long the exit waits for buffered lines (and the command's error) to reach stderr. A reader
+/// that keeps up takes milliseconds; one that has stopped would hold the exit for ever, and
+/// `WorkerGuard`'s own drop for up to 1.1 s. Well under the 1 s the README promises after the
+/// drain.
+pub const EXIT_FLUSH_BOUND: Duration = Duration::from_millis(500);
 
 /// How many formatted lines may wait for the writer thread before new ones are dropped: a reader
 /// that pauses for a fraction of a second at tens of thousands of calls a second loses nothing,
@@ -50,8 +57,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// Keeps the writer thread and the drop reporter running; [`LogGuard::flush_within`] ends both
-/// on exit.
+/// Keeps the writer thread and the drop reporter running; [`LogGuard::close`] ends both on exit.
 #[derive(Debug)]
 pub struct LogGuard {
     /// Dropping it writes out what is buffered and stops the writer thread; it may wait.
@@ -137,23 +143,26 @@ fn filter(default_filter: &str) -> Box<dyn Layer<Registry> + Send + Sync> {
 // === impl LogGuard ===
 
 impl LogGuard {
-    /// Writes out what is buffered, waiting at most `bound`: a reader that never reads again
-    /// must not keep the process from exiting. The writing happens on a thread of its own, left
-    /// behind if stderr is not read.
-    pub fn flush_within(self, bound: Duration) {
+    /// Writes out the lines still buffered, then `last_line` (the command's error) straight to
+    /// stderr, waiting at most [`EXIT_FLUSH_BOUND`]. The writing happens on a thread of its own,
+    /// left behind if stderr is not read: the process exits anyway.
+    pub fn close(self, last_line: Option<String>) {
         let (done_tx, done) = mpsc::channel();
-        let flushing = std::thread::Builder::new()
+        let closing = std::thread::Builder::new()
             .name("taskgate-log-exit".to_owned())
             .spawn(move || {
                 if let Some(reporter) = self.reporter {
                     reporter.stop();
                 }
                 drop(self.worker);
+                if let Some(line) = last_line {
+                    eprintln!("{line}");
+                }
                 let _ = done_tx.send(());
             });
         // Without the thread nothing is written: writing here could wait for ever.
-        if flushing.is_ok() {
-            let _ = done.recv_timeout(bound);
+        if closing.is_ok() {
+            let _ = done.recv_timeout(EXIT_FLUSH_BOUND);
         }
     }
 }
