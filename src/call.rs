@@ -25,7 +25,6 @@ use tower::{Layer, Service};
 use tracing::Instrument as _;
 
 use crate::config::AccessLog;
-use crate::log::{PlainAddr, PlainLine};
 use crate::metrics::{GaugeGuard, MethodMetrics, Metrics};
 use crate::proto::task_service_server::SERVICE_NAME;
 use crate::request_id::{self, RequestId};
@@ -456,19 +455,9 @@ struct AccessRecord<'a> {
 }
 
 impl AccessRecord<'_> {
-    /// Writes the one access-log line of a call: straight to the log queue when lines are plain
-    /// text (the line every call writes, so it skips tracing's visitors), else as an event.
+    /// Logs the one access line of a call: a single event, so the fmt layer writes it in text
+    /// and JSON alike.
     fn log(&self, error_message: Option<&str>) {
-        if !tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
-            return;
-        }
-        if !crate::log::write_plain(ACCESS_TARGET, |line| self.write_fields(line, error_message)) {
-            self.event(error_message);
-        }
-    }
-
-    /// The access line as a tracing event: the one declaration of its fields for every format.
-    fn event(&self, error_message: Option<&str>) {
         tracing::info!(
             target: ACCESS_TARGET,
             method = self.method,
@@ -479,38 +468,10 @@ impl AccessRecord<'_> {
             upstream_ms = self.notes.upstream_time.map(milliseconds),
             total_ms = milliseconds(self.total_time),
             request_id = %self.request_id,
-            peer = self.peer.map(|peer| tracing::field::display(PlainAddr(peer))),
+            peer = self.peer.map(tracing::field::display),
             error = error_message,
             "call"
         );
-    }
-
-    /// The fields of [`AccessRecord::event`], in its order, for a plain text line; a test checks
-    /// that both write the same line.
-    fn write_fields(&self, line: &mut PlainLine<'_>, error_message: Option<&str>) {
-        line.message("call");
-        line.str("method", self.method);
-        if let Some(port_id) = self.notes.port_id {
-            line.u64("port_id", port_id.into());
-        }
-        if let Some(bin_id) = self.notes.bin_id {
-            line.u64("bin_id", bin_id.into());
-        }
-        line.str("grpc_code", crate::fault::grpc_code_name(self.code));
-        if let Some(fault_code) = self.notes.fault_code {
-            line.u64("fault_code", fault_code.into());
-        }
-        if let Some(upstream_time) = self.notes.upstream_time {
-            line.f64("upstream_ms", milliseconds(upstream_time));
-        }
-        line.f64("total_ms", milliseconds(self.total_time));
-        line.display("request_id", self.request_id.as_str());
-        if let Some(peer) = self.peer {
-            line.socket_addr("peer", peer);
-        }
-        if let Some(error) = error_message {
-            line.str("error", error);
-        }
     }
 }
 
@@ -521,6 +482,7 @@ fn milliseconds(duration: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log::LogFormat;
 
     #[test]
     fn every_task_method_is_found_in_the_descriptor_set() {
@@ -547,81 +509,81 @@ mod tests {
         assert_eq!(snake_case("Watch"), "watch");
     }
 
-    /// The access line written straight to the queue is, byte for byte, the line the event
-    /// writes, for every shape of record: with and without a port and bin (a call refused before
-    /// its message was read), a fault, an upstream time, a peer (IPv4 and IPv6) and an error
-    /// that needs escaping.
+    /// The access line is one event with the same fields in both formats, in the order a reader
+    /// expects, for each shape of record: a success with its upstream time and an IPv4 peer, and
+    /// a call refused before its message was read, with no port, bin or peer and an error that
+    /// needs escaping.
     #[test]
-    fn the_plain_access_line_is_the_events_line() {
+    fn the_access_line_has_its_fields_in_text_and_json() {
         let request_id = RequestId::new();
+        let id = request_id.as_str();
+        let total_time = Duration::from_micros(2_281);
+        // The digits `Debug` writes, as the text format does; JSON compares the number itself.
+        let total_ms = milliseconds(total_time);
+        let upstream_ms = milliseconds(Duration::from_micros(2_226));
+        let ok = CallNotes {
+            port_id: Some(4),
+            bin_id: Some(4007),
+            fault_code: Some(1148),
+            upstream_time: Some(Duration::from_micros(2_226)),
+            upstream_error: None,
+        };
+        let refused = CallNotes::default();
         let records = [
             (
-                tonic::Code::Ok,
-                Some(4),
-                None,
-                Some(Duration::from_micros(2_226)),
-                Some("127.0.0.1:4711"),
-                None,
-            ),
-            (
+                &ok,
                 tonic::Code::Unavailable,
-                Some(4),
-                Some(1148),
-                Some(Duration::from_nanos(1_234_567)),
-                Some("10.20.30.255:65535"),
+                Some("127.0.0.1:4711"),
                 Some("port 4 is busy"),
+                format!(
+                    "method=\"case_extract\" port_id=4 bin_id=4007 grpc_code=\"UNAVAILABLE\" \
+                     fault_code=1148 upstream_ms={upstream_ms:?} total_ms={total_ms:?} request_id={id} \
+                     peer=127.0.0.1:4711 error=\"port 4 is busy\""
+                ),
+                serde_json::json!({
+                    "message": "call", "method": "case_extract", "port_id": 4, "bin_id": 4007,
+                    "grpc_code": "UNAVAILABLE", "fault_code": 1148, "upstream_ms": upstream_ms,
+                    "total_ms": total_ms, "request_id": id, "peer": "127.0.0.1:4711",
+                    "error": "port 4 is busy",
+                }),
             ),
             (
-                tonic::Code::InvalidArgument,
-                Some(0),
-                None,
-                None,
-                Some("[::1]:50051"),
-                Some("bad \"bin\"\n\ttab"),
-            ),
-            (
+                &refused,
                 tonic::Code::Unauthenticated,
                 None,
-                None,
-                None,
-                None,
-                Some(""),
-            ),
-            (
-                tonic::Code::Internal,
-                Some(2000),
-                Some(0),
-                Some(Duration::ZERO),
-                None,
-                Some("grüße"),
+                Some("bad \"token\"\n"),
+                format!(
+                    "method=\"case_extract\" grpc_code=\"UNAUTHENTICATED\" total_ms={total_ms:?} \
+                     request_id={id} error=\"bad \\\"token\\\"\\n\""
+                ),
+                serde_json::json!({
+                    "message": "call", "method": "case_extract", "grpc_code": "UNAUTHENTICATED",
+                    "total_ms": total_ms, "request_id": id, "error": "bad \"token\"\n",
+                }),
             ),
         ];
-        for (code, port_id, fault_code, upstream_time, peer, error) in records {
-            let notes = CallNotes {
-                port_id,
-                bin_id: port_id.map(|port_id| port_id * 1000 + 7),
-                fault_code,
-                upstream_time,
-                upstream_error: None,
-            };
+        for (notes, code, peer, error, text_fields, json_fields) in records {
             let record = AccessRecord {
                 method: "case_extract",
-                notes: &notes,
+                notes,
                 code,
-                total_time: Duration::from_secs_f64(0.002_281_54),
+                total_time,
                 request_id: &request_id,
                 peer: peer.map(|peer| peer.parse().unwrap()),
             };
-            let (events, direct) = crate::log::plain_lines_without_time(|| {
-                let span = tracing::info_span!("call", request_id = %request_id, path = "/x");
-                let _entered = span.enter();
-                record.event(error);
-                crate::log::plain_line_for_test(ACCESS_TARGET, |line| {
-                    record.write_fields(line, error);
-                })
-            });
-            assert_eq!(events.len(), 1, "{events:?}");
-            assert_eq!(direct, events);
+            let text = crate::log::lines_for_test(LogFormat::Text, || record.log(error));
+            assert_eq!(text.len(), 1, "{text:?}");
+            let (_, after_time) = text[0].split_once(' ').unwrap();
+            assert_eq!(
+                after_time,
+                format!(" INFO taskgate::access: call {text_fields}")
+            );
+            let json = crate::log::lines_for_test(LogFormat::Json, || record.log(error));
+            assert_eq!(json.len(), 1, "{json:?}");
+            let object: serde_json::Value = serde_json::from_str(&json[0]).unwrap();
+            assert_eq!(object["level"], "INFO", "{object}");
+            assert_eq!(object["target"], ACCESS_TARGET, "{object}");
+            assert_eq!(object["fields"], json_fields, "{object}");
         }
     }
 }

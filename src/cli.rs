@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
-use taskgate::config::{defaults, redact_url};
+use taskgate::config::redact_url;
 use taskgate::log::LogFormat;
 
 mod bench;
@@ -114,9 +114,6 @@ pub(crate) struct Ending {
     pub(crate) code: ExitCode,
     /// What to print on stderr, after the log is flushed, when the command failed.
     pub(crate) error: Option<String>,
-    /// How long the log may take to flush: a server's shutdown grace, so that a stalled log
-    /// reader cannot hold the exit past it.
-    pub(crate) log_flush_bound: Duration,
 }
 
 type Outcome = Result<Exit, (Exit, anyhow::Error)>;
@@ -139,7 +136,7 @@ impl Cli {
     /// under the flags and environment. Runs before logging starts, since the file may set the
     /// log format.
     pub(crate) fn prepare(self) -> Result<Prepared, Ending> {
-        let refused = |error| ending(Err((Exit::Usage, error)), defaults::SHUTDOWN_GRACE);
+        let refused = |error| ending(Err((Exit::Usage, error)));
         let mut worker_threads = None;
         let (command, log_format) = match self.command {
             Command::Serve(args) => {
@@ -199,10 +196,8 @@ impl Prepared {
 
     /// Runs the command and says how it ended.
     pub(crate) async fn run(self) -> Ending {
-        // A server's own grace once its settings are known; the default for the other commands.
-        let mut log_flush_bound = defaults::SHUTDOWN_GRACE;
         let outcome = match self.command {
-            PreparedCommand::Serve(serve) => serve.run(&mut log_flush_bound).await,
+            PreparedCommand::Serve(serve) => serve.run().await,
             PreparedCommand::Simulate(args) => simulate::simulate(args).await,
             PreparedCommand::CaseExtract(args) => watch::case_extract(args).await,
             PreparedCommand::CaseCancel(args) => case_cancel::case_cancel(args).await,
@@ -210,13 +205,13 @@ impl Prepared {
             PreparedCommand::Watch(args) => watch::watch(args).await,
             PreparedCommand::Bench(args) => bench::bench(args).await,
         };
-        ending(outcome, log_flush_bound)
+        ending(outcome)
     }
 }
 
 /// The exit code and message of an outcome. The error is printed with `{:#}`, its chain joined
 /// by ": ", so each error in it must say only what it adds and leave its cause to its source.
-fn ending(outcome: Outcome, log_flush_bound: Duration) -> Ending {
+fn ending(outcome: Outcome) -> Ending {
     let (exit, error) = match outcome {
         Ok(exit) => (exit, None),
         Err((exit, error)) => (exit, Some(format!("error: {error:#}"))),
@@ -228,7 +223,6 @@ fn ending(outcome: Outcome, log_flush_bound: Duration) -> Ending {
             Exit::Usage => 2,
         }),
         error,
-        log_flush_bound,
     }
 }
 

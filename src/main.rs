@@ -21,13 +21,15 @@ fn main() -> ExitCode {
     let log = taskgate::log::init(prepared.log_format(), prepared.default_log_filter());
     let ending = runtime.block_on(prepared.run());
     // The log goes first so that the error, if any, is the last line, as it was when logging
-    // was synchronous.
-    log.flush_within(ending.log_flush_bound);
-    // The runtime ends after the error is printed, as it did under `#[tokio::main]`.
-    finish(ending)
+    // was synchronous. Both are bounded: a stalled log reader must not hold the exit.
+    log.close(ending.error);
+    // Without waiting for its blocking threads: a DNS lookup the system resolver holds for
+    // seconds would otherwise hold the exit, which is bounded by the grace.
+    runtime.shutdown_background();
+    ending.code
 }
 
-/// Prints the error, if any, and gives the exit code.
+/// Prints the error of a command that ended before logging started, and gives the exit code.
 fn finish(ending: cli::Ending) -> ExitCode {
     if let Some(error) = ending.error {
         eprintln!("{error}");

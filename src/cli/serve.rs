@@ -8,7 +8,6 @@
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
@@ -92,9 +91,8 @@ impl Serve {
         self.given.log_format
     }
 
-    /// Checks the settings, then prints them or serves until SIGINT or SIGTERM. Sets
-    /// `log_flush_bound` to the shutdown grace once it is known.
-    pub(super) async fn run(self, log_flush_bound: &mut Duration) -> Outcome {
+    /// Checks the settings, then prints them or serves until SIGINT or SIGTERM.
+    pub(super) async fn run(self) -> Outcome {
         check_combinations(&self.given).map_err(usage)?;
         let effective = self.given.or(&ServeSettings::defaults()).map_err(usage)?;
         let mut config = resolve(&effective).map_err(usage)?;
@@ -102,7 +100,6 @@ impl Serve {
             .validate()
             .context("invalid configuration")
             .map_err(usage)?;
-        *log_flush_bound = config.shutdown_grace;
         let simulator = effective.simulator == Some(true);
         // Printed only once every file has been read and every value checked, so what is printed
         // is a configuration that starts.

@@ -1,7 +1,10 @@
 //! The real `taskgate` binary: output and exit codes.
 
 use std::process::{Output, Stdio};
+use std::time::Duration;
 
+use taskgate::proto::CaseExtractRequest;
+use taskgate::proto::task_service_client::TaskServiceClient;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
@@ -294,7 +297,7 @@ async fn case_extract(
 }
 
 /// The longest a test waits for a `taskgate` process to log a line or to exit.
-const PROCESS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+const PROCESS_WAIT: Duration = Duration::from_secs(60);
 
 /// A `taskgate` child process (`serve` or `simulate`), read through its log on stderr.
 pub(crate) struct TaskgateProcess {
@@ -313,6 +316,19 @@ impl TaskgateProcess {
         TaskgateProcess::start_serving(TaskgateProcess::spawn(
             &[
                 &["serve", "--simulator", "--listen", "127.0.0.1:0"],
+                extra_args,
+            ]
+            .concat(),
+        ))
+        .await
+    }
+
+    /// Starts `serve --upstream URL` on an ephemeral loopback port with `extra_args`, and waits
+    /// for its "gateway listening" line.
+    pub(crate) async fn start_with_upstream(url: &str, extra_args: &[&str]) -> TaskgateProcess {
+        TaskgateProcess::start_serving(TaskgateProcess::spawn(
+            &[
+                &["serve", "--upstream", url, "--listen", "127.0.0.1:0"],
                 extra_args,
             ]
             .concat(),
@@ -408,15 +424,17 @@ impl TaskgateProcess {
 
     /// Waits for the process to exit; returns its exit code and the whole log.
     /// Fails the test when it has not exited within [`PROCESS_WAIT`].
-    pub(crate) async fn finish(mut self) -> (Option<i32>, String) {
-        let status = tokio::time::timeout(PROCESS_WAIT, self.child.wait())
+    pub(crate) async fn finish(self) -> (Option<i32>, String) {
+        self.finish_within(PROCESS_WAIT).await
+    }
+
+    /// Waits for the process to exit without reading its log meanwhile, then reads the rest of
+    /// the log; returns its exit code and the whole log. Fails the test when it has not exited
+    /// within `bound`.
+    pub(crate) async fn finish_within(mut self, bound: Duration) -> (Option<i32>, String) {
+        let status = tokio::time::timeout(bound, self.child.wait())
             .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "taskgate still running after {PROCESS_WAIT:?}:\n{}",
-                    self.log
-                )
-            })
+            .unwrap_or_else(|_| panic!("taskgate still running after {bound:?}:\n{}", self.log))
             .unwrap();
         let rest = async {
             while let Some(line) = self.lines.next_line().await.unwrap() {
@@ -606,68 +624,24 @@ async fn access_log_filters_calls_by_outcome() {
 }
 
 /// A log reader that stops reading must not stop the gateway: stderr is a pipe that is never read
-/// while 10,000 calls are made, far more than the pipe and the log queue hold.
+/// while calls are made until lines are dropped, far more than the pipe and the log's buffer hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_log_reader_never_stalls_calls_or_shutdown() {
-    const CALLS: usize = 10_000;
-    const CALLERS: usize = 16;
     let mut serve =
         TaskgateProcess::start(&["--metrics-listen", "127.0.0.1:0", "--shutdown-grace", "2s"])
             .await;
     let metrics_url = serve.metrics_url();
-    // From here on nobody reads stderr until every call has been answered.
-    let channel = tonic::transport::Channel::from_shared(serve.gateway.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let calls = (0..CALLERS).map(|_| {
-        let mut client =
-            taskgate::proto::task_service_client::TaskServiceClient::new(channel.clone());
-        tokio::spawn(async move {
-            for _ in 0..CALLS / CALLERS {
-                // Port 1 is not an AutoCase port: every call gets fault 1087, whatever came before.
-                let status = client
-                    .case_extract(taskgate::proto::CaseExtractRequest {
-                        port_id: 1,
-                        bin_id: 101337,
-                    })
-                    .await
-                    .unwrap_err();
-                assert_eq!(status.code(), tonic::Code::FailedPrecondition);
-                assert!(status.message().contains("1087"), "{}", status.message());
-            }
-        })
-    });
-    let all_calls = futures_join_all(calls);
-    tokio::time::timeout(std::time::Duration::from_secs(120), all_calls)
-        .await
-        .expect("calls stalled behind the log");
-    drop(channel);
+    // Port 1 is not an AutoCase port: every call gets fault 1087, whatever came before.
+    let fault_1087 = CaseExtractRequest {
+        port_id: 1,
+        bin_id: 101337,
+    };
+    call_until_log_lines_drop(&serve.gateway, &metrics_url, fault_1087, "1087").await;
 
-    let metrics = crate::support::http_client()
-        .get(&metrics_url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let dropped: u64 = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("taskgate_log_lines_dropped_total "))
-        .unwrap_or_else(|| panic!("no dropped-lines counter in:\n{metrics}"))
-        .parse()
-        .unwrap();
-    assert!(
-        dropped > 0,
-        "{CALLS} calls' lines cannot fit a 64 KiB pipe and the queue"
-    );
-
-    // Reading resumes, so the drops are reported once the queue has drained; SIGTERM then still
-    // ends the process cleanly, and its last lines are written.
+    // Reading resumes, so the drops are reported; SIGTERM then still ends the process cleanly,
+    // and its last lines are written.
     let notice = "log lines were dropped because stderr was not read fast enough";
-    let bound = std::time::Duration::from_secs(60);
+    let bound = Duration::from_secs(60);
     tokio::time::timeout(bound, serve.wait_for_line(notice))
         .await
         .expect("the drops were never reported");
@@ -677,6 +651,63 @@ async fn a_stalled_log_reader_never_stalls_calls_or_shutdown() {
         .expect("the gateway did not exit after SIGTERM");
     assert_eq!(code, Some(0), "{rest}");
     assert!(rest.contains("gateway stopped"), "{rest}");
+}
+
+/// Makes calls to `gateway`, with its stderr unread, until its `/metrics` at `metrics_url` counts
+/// dropped log lines: the pipe and the log's buffer are then full, and every line more is dropped.
+/// Each call must fail with a message that contains `expected`, answered by the gateway or its
+/// controller. Fails the test if the calls stall, or no line is dropped within two minutes.
+pub(crate) async fn call_until_log_lines_drop(
+    gateway: &str,
+    metrics_url: &str,
+    request: CaseExtractRequest,
+    expected: &'static str,
+) {
+    const CALLERS: usize = 16;
+    const CALLS_PER_CALLER: usize = 64;
+    let channel = tonic::transport::Channel::from_shared(gateway.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let calls_until_dropped = async {
+        while log_lines_dropped(metrics_url).await == 0 {
+            let calls = (0..CALLERS).map(|_| {
+                let mut client = TaskServiceClient::new(channel.clone());
+                tokio::spawn(async move {
+                    for _ in 0..CALLS_PER_CALLER {
+                        let status = client.case_extract(request).await.unwrap_err();
+                        assert!(status.message().contains(expected), "{status:?}");
+                    }
+                })
+            });
+            futures_join_all(calls).await;
+        }
+    };
+    within(
+        Duration::from_secs(120),
+        "calls stalled behind the log, or no log line was dropped,",
+        calls_until_dropped,
+    )
+    .await;
+}
+
+/// The `taskgate_log_lines_dropped_total` the `/metrics` at `metrics_url` reports.
+async fn log_lines_dropped(metrics_url: &str) -> u64 {
+    let metrics = crate::support::http_client()
+        .get(metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("taskgate_log_lines_dropped_total "))
+        .unwrap_or_else(|| panic!("no dropped-lines counter in:\n{metrics}"))
+        .parse()
+        .unwrap()
 }
 
 /// Waits for every task, failing on the first that panicked.

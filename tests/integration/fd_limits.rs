@@ -96,16 +96,9 @@ async fn at_the_fd_limit_accept_backs_off_logs_once_and_recovers() {
 #[tokio::test]
 async fn the_shutdown_log_says_what_held_the_grace() {
     let mut upstream = FakeUpstream::start(Script::Hang).await;
-    let serve = TaskgateProcess::start_serving(TaskgateProcess::spawn(&[
-        "serve",
-        "--upstream",
-        upstream.url.as_str(),
-        "--listen",
-        "127.0.0.1:0",
-        "--shutdown-grace",
-        "300ms",
-    ]))
-    .await;
+    let serve =
+        TaskgateProcess::start_with_upstream(upstream.url.as_str(), &["--shutdown-grace", "300ms"])
+            .await;
     let mut client =
         taskgate::proto::task_service_client::TaskServiceClient::connect(serve.gateway.clone())
             .await

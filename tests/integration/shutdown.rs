@@ -1,4 +1,5 @@
-//! Graceful shutdown: stop accepting, finish calls in flight, bounded by the grace period.
+//! Graceful shutdown: stop accepting, finish calls in flight, bounded by the grace period; and the
+//! real binary's exit, bounded whatever its log reader does.
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -11,7 +12,11 @@ use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::support::{FakeUpstream, Gateway, PROMPTLY, Script, within};
+use taskgate::proto::CaseExtractRequest;
+use taskgate::proto::task_service_client::TaskServiceClient;
+
+use crate::cli::{TaskgateProcess, call_until_log_lines_drop};
+use crate::support::{FakeUpstream, Gateway, PROMPTLY, Script, endpoint, within};
 
 /// Waits until `gateway` has begun shutting down: it ends health Watch streams only then, after
 /// it has closed its listener.
@@ -135,4 +140,61 @@ async fn stopping_the_gateway_closes_its_controller_connections() {
     upstream.wait_for_open_connections(1).await;
     gateway.stop().await.unwrap();
     upstream.wait_for_open_connections(0).await;
+}
+
+/// Issue 19, item 6: with nothing in flight, SIGTERM ends the real binary well before its 30 s
+/// grace even though nobody reads its stderr and its log is full: the exit's log flush is bounded
+/// on its own, not by the grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_nothing_in_flight_exits_at_once_while_stderr_is_never_read() {
+    let serve =
+        TaskgateProcess::start(&["--metrics-listen", "127.0.0.1:0", "--shutdown-grace", "30s"])
+            .await;
+    // Port 1 is not an AutoCase port: every call gets fault 1087.
+    let fault_1087 = CaseExtractRequest {
+        port_id: 1,
+        bin_id: 101337,
+    };
+    call_until_log_lines_drop(&serve.gateway, &serve.metrics_url(), fault_1087, "1087").await;
+    serve.signal("TERM").await;
+    let (code, log) = serve.finish_within(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
+/// Issue 19, item 6: a call held at a controller that never answers keeps the real binary for
+/// its grace and no longer, though nobody reads its stderr and its log is full. Waiting for the
+/// log as long again (as before the fix) would take 16 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_call_in_flight_exits_after_the_grace_while_stderr_is_never_read() {
+    const GRACE: Duration = Duration::from_secs(8);
+    let mut upstream = FakeUpstream::start(Script::Hang).await;
+    let serve = TaskgateProcess::start_with_upstream(
+        upstream.url.as_str(),
+        &["--metrics-listen", "127.0.0.1:0", "--shutdown-grace", "8s"],
+    )
+    .await;
+    // Bin 0 is refused before the controller is called.
+    let refused = CaseExtractRequest {
+        port_id: 4,
+        bin_id: 0,
+    };
+    call_until_log_lines_drop(&serve.gateway, &serve.metrics_url(), refused, "bin_id").await;
+    let mut client = TaskServiceClient::new(endpoint(serve.gateway.clone()).connect_lazy());
+    let held = tokio::spawn(async move {
+        client
+            .case_extract(CaseExtractRequest {
+                port_id: 4,
+                bin_id: 101337,
+            })
+            .await
+    });
+    upstream.next_request_body().await;
+    serve.signal("TERM").await;
+    let (code, log) = serve.finish_within(GRACE + Duration::from_secs(5)).await;
+    assert_eq!(code, Some(0), "{log}");
+    // It ended with the process (the connection broke), not with an answer.
+    let ended = within(PROMPTLY, "the held call did not end", held)
+        .await
+        .unwrap();
+    assert!(ended.is_err(), "{ended:?}");
 }

@@ -2,6 +2,7 @@
 //! README's flag table checked against the one declaration.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use clap::FromArgMatches as _;
 
