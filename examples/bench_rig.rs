@@ -1,11 +1,20 @@
-//! The benchmark rig behind `scripts/bench`: measures, side by side in one run on loopback, the
-//! gateway in front of a fast controller stand-in and a bare tonic server that implements
-//! `TaskService` as a no-op (the ceiling of this gRPC stack on this machine).
+//! The benchmark rig behind `scripts/bench`: measures three servers side by side in one run on
+//! loopback, in front of the same fast controller stand-in where they call one:
+//!
+//! - **the gateway** (`taskgate serve`), with its access log read by a thread as a log shipper
+//!   would, metrics served and its default limits: what is deployed;
+//! - **the naive card stack** (`bench_rig naive`): a tonic handler that formats the
+//!   `case_extract` method call with `format!` and POSTs it with one `reqwest::Client`, and
+//!   nothing else. The yardstick the gateway's bar is set against: the card's stack at its most
+//!   naive;
+//! - **a bare tonic server** (`bench_rig bare`) that implements `TaskService` as a no-op: what the
+//!   gRPC stack alone costs on this machine, for reference.
 //!
 //! ```text
 //! bench_rig --taskgate PATH [--gateway-bin PATH] [--duration SECS] [--smoke] [--keep-profiles DIR]
-//! bench_rig bare      # internal: the bare tonic server, run as a child process
-//! bench_rig stand-in  # the fast stand-in alone, for profiling the gateway by hand
+//! bench_rig naive --upstream URL  # internal: the naive card stack, run as a child process
+//! bench_rig bare                  # internal: the bare tonic server, run as a child process
+//! bench_rig stand-in              # the fast stand-in alone, for profiling the gateway by hand
 //! bench_rig soak --taskgate PATH [--calls N] [--duration D] [--sample D] [--warmup D] [--plot PNG]
 //! ```
 //!
@@ -17,8 +26,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A benchmark that cannot run should stop loudly.
 
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -45,6 +54,12 @@ const SUCCESS: &[u8] = b"<?xml version=\"1.0\"?><response><params/></response>";
 const SLOW_REPLY: Duration = Duration::from_millis(250);
 /// The port and bin every benchmark call uses; the stand-in does not look at them.
 const PORT_AND_BIN: [&str; 4] = ["--port", "4", "--bin", "101337"];
+/// The gateway's bar at 128 in flight: the least calls/s, and the most p99, it may have as a
+/// multiple of the naive stack's.
+const MIN_CALLS_PER_S_VS_NAIVE: f64 = 0.9;
+const MAX_P99_VS_NAIVE: f64 = 1.2;
+/// The gateway's bar at 1,024 in flight: the most peak RSS, in MiB.
+const MAX_PEAK_RSS_MIB: f64 = 64.0;
 
 struct Options {
     taskgate: PathBuf,
@@ -59,7 +74,8 @@ struct Options {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("bare") => return run_bare(),
+        Some("naive") => return run_naive(&args[1..]),
+        Some("bare") => return serve_until_terminated(Reference::Bare),
         Some("stand-in") => return run_stand_in(),
         Some("soak") => return soak::run(&args[1..]),
         _ => {}
@@ -67,10 +83,9 @@ fn main() {
     let options = parse_options(&args);
     let fast = start_stand_in(Duration::ZERO);
     let slow = start_stand_in(SLOW_REPLY);
-    let report = measure(&options, &fast, slow.address);
+    let report = measure(&options, fast, slow);
     print!("{}", report.table(&options));
 }
-
 fn parse_options(args: &[String]) -> Options {
     let usage = "usage: bench_rig --taskgate PATH [--gateway-bin PATH] [--duration SECS] [--smoke] \
                  [--keep-profiles DIR]";
@@ -126,225 +141,157 @@ struct Run {
     calls: u64,
 }
 
-#[derive(Debug, Default)]
 struct Report {
-    /// 1 in flight: medians over rounds that alternate the two servers.
+    /// 1 in flight, on one connection.
     idle: Rounds,
-    /// 128 in flight: medians over rounds that alternate the two servers.
+    /// 128 in flight, on 8 connections: where the bar is judged.
     busy: Rounds,
-    stand_in_round_trip_us: f64,
-    /// Instructions per call, gateway and bare, when valgrind is installed.
+    /// Instructions per call, gateway and naive stack, when valgrind is installed.
     instructions: Option<(f64, f64)>,
     peak_rss_kib: u64,
     rss_run: Run,
 }
 
-/// Load in rounds: the median calls/s of each side, the median of the rounds' ratios, and the
-/// median CPU per call of each process.
-#[derive(Debug, Default)]
+/// Each server's runs at one load, one per round, in round order: a round's runs are side by
+/// side in time, so their ratios are the fair comparison.
+#[derive(Default)]
 struct Rounds {
-    gateway: Run,
-    bare: Run,
-    ratios: Vec<f64>,
+    gateway: Vec<Run>,
+    naive: Vec<Run>,
+    bare: Vec<Run>,
     round_length: Duration,
-    cpu: CpuSplit,
 }
 
-/// CPU time, in µs per call or in seconds.
-#[derive(Debug, Clone, Copy, Default)]
-struct Cpu {
-    user: f64,
-    system: f64,
-}
-
-/// Who spends the CPU of a call, in µs per call: on a machine where every process shares the same
-/// cores, calls/s under load follow the sum.
-#[derive(Debug, Default)]
-struct CpuSplit {
-    gateway: Cpu,
-    stand_in: Cpu,
-    gateway_load: Cpu,
-    bare: Cpu,
-    bare_load: Cpu,
-}
-
-fn measure(options: &Options, fast: &StandIn, slow: SocketAddr) -> Report {
-    // On an idle machine, before the servers start, as since the first session: measured between
-    // the rounds instead, right after load, the same exchange took 16-17 µs, not 45-85 µs (this
-    // VM wakes a thread on an idle CPU slowly), and the latency bound would move with it.
-    let mut report = Report {
-        stand_in_round_trip_us: round_trip_us(fast.address, if options.smoke { 200 } else { 5000 }),
-        ..Report::default()
-    };
-    let upstream = format!("http://{}/api/v2/task", fast.address);
+fn measure(options: &Options, fast: SocketAddr, slow: SocketAddr) -> Report {
+    let upstream = format!("http://{fast}/api/v2/task");
     let gateway = Target::gateway(&options.gateway_bin, &upstream, None);
+    let naive = Target::naive(&upstream, None);
     let bare = Target::bare(None);
-    report.idle = rounds(options, [&gateway, &bare], fast, [1, 1]);
-    report.busy = rounds(options, [&gateway, &bare], fast, [128, 8]);
-    gateway.stop();
-    bare.stop();
-
-    if which("valgrind") {
-        let (short, long) = if options.smoke { (20, 60) } else { (500, 2500) };
-        let per_call = |name: &str, start: &dyn Fn(&Path) -> Target| {
-            let total = |calls: u64| {
-                let folder = options
-                    .keep_profiles
-                    .clone()
-                    .unwrap_or_else(std::env::temp_dir);
-                let out = folder.join(format!("callgrind.{name}.{calls}-calls.out"));
-                let target = start(&out);
-                bench(options, &target, 1, 1, Length::Calls(calls));
-                target.stop();
-                let total = callgrind_total(&out);
-                if options.keep_profiles.is_none() {
-                    let _ = std::fs::remove_file(&out);
-                }
-                total
-            };
-            (total(long) - total(short)) as f64 / (long - short) as f64
-        };
-        let gateway_instructions = per_call("gateway", &|out| {
-            Target::gateway(&options.gateway_bin, &upstream, Some(out))
-        });
-        let bare_instructions = per_call("bare", &|out| Target::bare(Some(out)));
-        report.instructions = Some((gateway_instructions, bare_instructions));
+    let idle = rounds(options, [&gateway, &naive, &bare], [1, 1]);
+    let busy = rounds(options, [&gateway, &naive, &bare], [128, 8]);
+    for target in [gateway, naive, bare] {
+        target.stop();
     }
 
-    let slow_upstream = format!("http://{slow}/api/v2/task");
-    let gateway = Target::gateway(&options.gateway_bin, &slow_upstream, None);
-    report.rss_run = bench(options, &gateway, 1024, 16, Length::Duration);
-    report.peak_rss_kib = proc_status_kib(gateway.child.id(), "VmHWM:");
+    let instructions = which("valgrind").then(|| {
+        (
+            instructions_per_call(options, "gateway", |out| {
+                Target::gateway(&options.gateway_bin, &upstream, Some(out))
+            }),
+            instructions_per_call(options, "naive", |out| Target::naive(&upstream, Some(out))),
+        )
+    });
+
+    let gateway = Target::gateway(
+        &options.gateway_bin,
+        &format!("http://{slow}/api/v2/task"),
+        None,
+    );
+    let rss_run = bench(options, &gateway, 1024, 16, Length::Duration);
+    let peak_rss_kib = proc_status_kib(gateway.child.id(), "VmHWM:");
     gateway.stop();
-    report
+    Report {
+        idle,
+        busy,
+        instructions,
+        peak_rss_kib,
+        rss_run,
+    }
 }
 
-/// `in_flight` calls on `connections` connections, in rounds that alternate the gateway and the
-/// bare server, each after one warm-up run: a machine that slows down for a while (a shared VM
-/// does, by a third at times) slows both sides of a round alike, and the medians leave out the
-/// round it did not. Each run has no warm-up of its own, so every call it counts is one the CPU
-/// measured around it was spent on: the server's process and the stand-in's thread from /proc,
-/// the load generator as a child this process waited for (its start included, a few ms).
+/// `in_flight` calls on `connections` connections, in rounds that each run the gateway, the
+/// naive stack and the bare server in turn, after one warm-up run of each: a machine that slows
+/// down for a while (a shared VM does, by a third at times) slows every side of a round alike,
+/// and the medians leave out the round it did not.
 fn rounds(
     options: &Options,
-    [gateway, bare]: [&Target; 2],
-    stand_in: &StandIn,
+    [gateway, naive, bare]: [&Target; 3],
     [in_flight, connections]: [usize; 2],
 ) -> Rounds {
     let rounds: u32 = if options.smoke { 1 } else { 5 };
-    let round_length = options.duration / rounds;
     let run = |target: &Target, length: Duration| {
-        load_run(options, target, stand_in, [in_flight, connections], length)
+        bench(
+            options,
+            target,
+            in_flight,
+            connections,
+            Length::Round(length),
+        )
     };
-    run(gateway, options.warmup);
-    run(bare, options.warmup);
-    let (mut gateway_runs, mut bare_runs) = (Vec::new(), Vec::new());
+    for target in [gateway, naive, bare] {
+        run(target, options.warmup);
+    }
+    let mut result = Rounds {
+        round_length: options.duration / rounds,
+        ..Rounds::default()
+    };
     for _ in 0..rounds {
-        gateway_runs.push(run(gateway, round_length));
-        bare_runs.push(run(bare, round_length));
+        result.gateway.push(run(gateway, result.round_length));
+        result.naive.push(run(naive, result.round_length));
+        result.bare.push(run(bare, result.round_length));
     }
-    let ratios = gateway_runs
-        .iter()
-        .zip(&bare_runs)
-        .map(|(gateway, bare)| {
-            gateway.run.calls_per_s / bare.run.calls_per_s.max(f64::MIN_POSITIVE)
-        })
-        .collect();
-    let median_cpu = |runs: &[LoadRun], pick: fn(&LoadRun) -> Cpu| {
-        let cpus: Vec<Cpu> = runs.iter().map(pick).collect();
-        Cpu {
-            user: median_by(cpus.clone(), |cpu| cpu.user).user,
-            system: median_by(cpus, |cpu| cpu.system).system,
+    result
+}
+
+impl Rounds {
+    /// Each server's name and runs, in the table's order.
+    fn servers(&self) -> [(&'static str, &[Run]); 3] {
+        [
+            ("gateway", &self.gateway),
+            ("naive stack", &self.naive),
+            ("bare tonic", &self.bare),
+        ]
+    }
+
+    /// The median of `measure` over each server's runs, in the table's order.
+    fn medians(&self, measure: fn(&Run) -> f64) -> [f64; 3] {
+        self.servers()
+            .map(|(_, runs)| median(runs.iter().map(measure).collect()))
+    }
+
+    /// The gateway's `measure` over `other`'s, round by round.
+    fn ratios(&self, other: &[Run], measure: fn(&Run) -> f64) -> Vec<f64> {
+        self.gateway
+            .iter()
+            .zip(other)
+            .map(|(gateway, other)| ratio(measure(gateway), measure(other)))
+            .collect()
+    }
+}
+
+/// The middle value (the upper middle of an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// `part / whole`, or 0 when `whole` is 0 (a run with no call measured), so the table still
+/// prints.
+fn ratio(part: f64, whole: f64) -> f64 {
+    if whole > 0.0 { part / whole } else { 0.0 }
+}
+
+/// The instructions one CaseExtract costs the server `start` runs under callgrind, at 1 in
+/// flight, every thread counted: the difference between a long and a short run, so that start-up
+/// and warm-up cancel out.
+fn instructions_per_call(options: &Options, name: &str, start: impl Fn(&Path) -> Target) -> f64 {
+    let (short, long) = if options.smoke { (20, 60) } else { (500, 2500) };
+    let total = |calls: u64| {
+        let folder = options
+            .keep_profiles
+            .clone()
+            .unwrap_or_else(std::env::temp_dir);
+        let out = folder.join(format!("callgrind.{name}.{calls}-calls.out"));
+        let target = start(&out);
+        bench(options, &target, 1, 1, Length::Calls(calls));
+        target.stop();
+        let total = callgrind_total(&out);
+        if options.keep_profiles.is_none() {
+            let _ = std::fs::remove_file(&out);
         }
+        total
     };
-    Rounds {
-        cpu: CpuSplit {
-            gateway: median_cpu(&gateway_runs, |run| run.server),
-            stand_in: median_cpu(&gateway_runs, |run| run.stand_in),
-            gateway_load: median_cpu(&gateway_runs, |run| run.load),
-            bare: median_cpu(&bare_runs, |run| run.server),
-            bare_load: median_cpu(&bare_runs, |run| run.load),
-        },
-        gateway: median_by(gateway_runs, |run| run.run.calls_per_s).run,
-        bare: median_by(bare_runs, |run| run.run.calls_per_s).run,
-        ratios,
-        round_length,
-    }
-}
-
-/// One load run and the CPU per call each process spent around it.
-struct LoadRun {
-    run: Run,
-    server: Cpu,
-    stand_in: Cpu,
-    load: Cpu,
-}
-
-fn load_run(
-    options: &Options,
-    target: &Target,
-    stand_in: &StandIn,
-    [in_flight, connections]: [usize; 2],
-    length: Duration,
-) -> LoadRun {
-    let server = Path::new("/proc").join(target.child.id().to_string());
-    let before = (
-        cpu_time(&server),
-        cpu_time(&stand_in.thread),
-        children_cpu_time(),
-    );
-    let run = bench(
-        options,
-        target,
-        in_flight,
-        connections,
-        Length::Round(length),
-    );
-    let per_call = |before: Cpu, after: Cpu| Cpu {
-        user: (after.user - before.user) * 1e6 / run.calls.max(1) as f64,
-        system: (after.system - before.system) * 1e6 / run.calls.max(1) as f64,
-    };
-    LoadRun {
-        server: per_call(before.0, cpu_time(&server)),
-        stand_in: per_call(before.1, cpu_time(&stand_in.thread)),
-        load: per_call(before.2, children_cpu_time()),
-        run,
-    }
-}
-
-/// The middle item by `key` (the upper middle of an even count).
-fn median_by<T>(mut items: Vec<T>, key: impl Fn(&T) -> f64) -> T {
-    items.sort_by(|a, b| key(a).total_cmp(&key(b)));
-    let middle = items.len() / 2;
-    items.swap_remove(middle)
-}
-
-/// The user and system time in `folder`/stat: a process's (`/proc/PID`) or a thread's.
-fn cpu_time(folder: &Path) -> Cpu {
-    stat_seconds(folder, 11)
-}
-
-/// The user and system time of this process's children that it has waited for.
-fn children_cpu_time() -> Cpu {
-    stat_seconds(Path::new("/proc/self"), 13)
-}
-
-/// Two clock-tick fields of a stat file, from `field` (0 = the state, the field after the
-/// command's name, which may hold spaces and parentheses), in seconds.
-fn stat_seconds(folder: &Path, field: usize) -> Cpu {
-    let stat = std::fs::read_to_string(folder.join("stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks = rustix::param::clock_ticks_per_second() as f64;
-    let seconds = |index: usize| fields[index].parse::<f64>().unwrap() / ticks;
-    Cpu {
-        user: seconds(field),
-        system: seconds(field + 1),
-    }
+    (total(long) - total(short)) as f64 / (long - short) as f64
 }
 
 /// How long one `taskgate bench` runs.
@@ -418,11 +365,13 @@ struct Target {
 }
 
 impl Target {
-    /// `taskgate serve` with its default access log, read by a thread as a log shipper would.
+    /// `taskgate serve` as deployed: its default access log, read by a thread as a log shipper
+    /// would, metrics served, and its default limits.
     fn gateway(binary: &Path, upstream: &str, callgrind_out: Option<&Path>) -> Target {
         let mut command = under_callgrind(binary, callgrind_out);
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--upstream", upstream])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "info")
             .env("TASKGATE_LOG_FORMAT", "text");
         let (child, line) = spawn_until(command, Pipe::Stderr, "gateway listening address=");
@@ -439,22 +388,33 @@ impl Target {
         }
     }
 
+    /// This program's `naive` command, calling `upstream`.
+    fn naive(upstream: &str, callgrind_out: Option<&Path>) -> Target {
+        Target::rig_server(
+            "the naive stack",
+            &["naive", "--upstream", upstream],
+            callgrind_out,
+        )
+    }
+
     /// This program's `bare` command.
     fn bare(callgrind_out: Option<&Path>) -> Target {
+        Target::rig_server("the bare server", &["bare"], callgrind_out)
+    }
+
+    /// One of this program's own servers, which prints `listening ADDRESS` once it listens.
+    fn rig_server(name: &'static str, args: &[&str], callgrind_out: Option<&Path>) -> Target {
         let mut command = under_callgrind(&std::env::current_exe().unwrap(), callgrind_out);
-        command.arg("bare");
-        let (child, line) = spawn_until(command, Pipe::Stdout, "bare listening ");
+        command.args(args);
+        let (child, line) = spawn_until(command, Pipe::Stdout, "listening ");
         Target {
-            name: "the bare server",
-            url: format!(
-                "http://{}",
-                line.trim_start_matches("bare listening ").trim()
-            ),
+            name,
+            url: format!("http://{}", line.trim_start_matches("listening ").trim()),
             child,
         }
     }
 
-    /// SIGTERM, then wait: both servers exit cleanly, which is when callgrind writes its counts.
+    /// SIGTERM, then wait: every server exits cleanly, which is when callgrind writes its counts.
     fn stop(mut self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -515,51 +475,15 @@ fn spawn_until(mut command: Command, pipe: Pipe, needle: &str) -> (Child, String
     (child, line)
 }
 
-/// The mean time of a minimal HTTP/1.1 POST and its reply on one kept-alive connection: what one
-/// controller hop costs at the least.
-fn round_trip_us(stand_in: SocketAddr, round_trips: u32) -> f64 {
-    let mut stream = TcpStream::connect(stand_in).unwrap();
-    stream.set_nodelay(true).unwrap();
-    let body = b"<?xml version=\"1.0\"?>\n<methodcall/>\n";
-    let request = format!(
-        "POST /api/v2/task HTTP/1.1\r\nhost: {stand_in}\r\ncontent-type: application/xml\r\ncontent-length: {}\r\n\r\n{}",
-        body.len(),
-        String::from_utf8_lossy(body)
-    );
-    let mut buffer = vec![0; 4096];
-    let mut exchange = || {
-        stream.write_all(request.as_bytes()).unwrap();
-        let mut received = 0;
-        // The reply is small and fixed: done once its body has arrived.
-        while !buffer[..received].ends_with(SUCCESS) {
-            let read = stream.read(&mut buffer[received..]).unwrap();
-            assert!(read > 0, "the stand-in closed the connection");
-            received += read;
-        }
-    };
-    for _ in 0..round_trips / 10 {
-        exchange();
-    }
-    let started = tokio::time::Instant::now();
-    for _ in 0..round_trips {
-        exchange();
-    }
-    started.elapsed().as_secs_f64() * 1e6 / f64::from(round_trips)
-}
-
 /// The stand-in controller: every POST gets the success reply, after `delay`. It runs on one
 /// thread of its own (a current-thread runtime), as an event-loop server like nginx would, so it
-/// takes as little as it can of the CPU the gateway and the load share: a real controller is on
+/// takes as little as it can of the CPU the servers and the load share: a real controller is on
 /// another machine.
-fn start_stand_in(delay: Duration) -> StandIn {
+fn start_stand_in(delay: Duration) -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let address = listener.local_addr().unwrap();
-    let (thread_tx, thread_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        // "PID/task/TID": where this thread's CPU time is, for the CPU split.
-        let thread = std::fs::read_link("/proc/thread-self").unwrap();
-        thread_tx.send(Path::new("/proc").join(thread)).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -568,16 +492,7 @@ fn start_stand_in(delay: Duration) -> StandIn {
             serve_stand_in(tokio::net::TcpListener::from_std(listener).unwrap(), delay).await;
         });
     });
-    StandIn {
-        address,
-        thread: thread_rx.recv().unwrap(),
-    }
-}
-
-/// A running stand-in: where it listens, and its thread's folder under /proc.
-struct StandIn {
-    address: SocketAddr,
-    thread: PathBuf,
+    address
 }
 
 async fn serve_stand_in(listener: tokio::net::TcpListener, delay: Duration) {
@@ -607,25 +522,40 @@ async fn serve_stand_in(listener: tokio::net::TcpListener, delay: Duration) {
 
 fn run_stand_in() {
     let stand_in = start_stand_in(Duration::ZERO);
-    println!("stand-in listening http://{}/api/v2/task", stand_in.address);
+    println!("stand-in listening http://{stand_in}/api/v2/task");
     loop {
         std::thread::park();
     }
 }
 
-/// `TaskService` doing nothing: what tonic alone costs per call.
-struct NoOp;
+/// The two servers that measure the gateway's stack at its least. The bench calls only
+/// CaseExtract, so the other RPCs do nothing in both.
+enum Reference {
+    /// A no-op: what tonic alone costs per call.
+    Bare,
+    /// The card's stack at its most naive: CaseExtract formats the method call and POSTs it with
+    /// one shared `reqwest::Client`, and answers OK when the reply is 2xx. No validation, no
+    /// limits, no logging: what any gateway built from tonic and reqwest costs at the least.
+    Naive {
+        client: reqwest::Client,
+        upstream: String,
+    },
+}
 
 #[tonic::async_trait]
-impl TaskService for NoOp {
+impl TaskService for Reference {
     async fn case_extract(
         &self,
-        _request: tonic::Request<CaseExtractRequest>,
+        request: tonic::Request<CaseExtractRequest>,
     ) -> Result<tonic::Response<CaseExtractResponse>, Status> {
-        Ok(tonic::Response::new(CaseExtractResponse {}))
+        match self {
+            Reference::Bare => Ok(tonic::Response::new(CaseExtractResponse {})),
+            Reference::Naive { client, upstream } => {
+                post_case_extract(client, upstream, request.into_inner()).await
+            }
+        }
     }
 
-    // The bench calls only CaseExtract; the other RPCs do nothing as well.
     async fn case_cancel(
         &self,
         _request: tonic::Request<CaseCancelRequest>,
@@ -650,17 +580,64 @@ impl TaskService for NoOp {
     }
 }
 
-fn run_bare() {
+/// The naive stack's whole CaseExtract: `format!`, POST, OK on 2xx.
+async fn post_case_extract(
+    client: &reqwest::Client,
+    upstream: &str,
+    CaseExtractRequest { port_id, bin_id }: CaseExtractRequest,
+) -> Result<tonic::Response<CaseExtractResponse>, Status> {
+    let method_call = format!(
+        "<?xml version=\"1.0\"?>\n<methodcall>\n  <name>case_extract</name>\n  <params>\n    \
+         <port_id>{port_id}</port_id>\n    <bin_id>{bin_id}</bin_id>\n  </params>\n\
+         </methodcall>\n"
+    );
+    let unavailable = |error: reqwest::Error| Status::unavailable(error.to_string());
+    let reply = client
+        .post(upstream)
+        .header(reqwest::header::CONTENT_TYPE, "application/xml")
+        .body(method_call)
+        .send()
+        .await
+        .map_err(unavailable)?;
+    let status = reply.status();
+    // Read to its end, as a handler that parsed the reply would: only then can the connection
+    // go back to reqwest's pool.
+    reply.bytes().await.map_err(unavailable)?;
+    if status.is_success() {
+        Ok(tonic::Response::new(CaseExtractResponse {}))
+    } else {
+        Err(Status::unavailable(format!(
+            "the controller answered {status}"
+        )))
+    }
+}
+
+fn run_naive(args: &[String]) {
+    let upstream = match args {
+        [flag, upstream] if flag == "--upstream" => upstream.clone(),
+        _ => panic!("usage: bench_rig naive --upstream URL"),
+    };
+    // reqwest's defaults but one: no proxy from the environment, so the calls stay on loopback,
+    // as the gateway's do.
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    serve_until_terminated(Reference::Naive { client, upstream });
+}
+
+/// Serves `service` on a free loopback port, with tokio's default multi-thread runtime and
+/// tonic's default settings, until SIGTERM. Prints `listening ADDRESS` first, for the rig.
+fn serve_until_terminated(service: impl TaskService) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("bare listening {}", listener.local_addr().unwrap());
+        println!("listening {}", listener.local_addr().unwrap());
+        // `serve_with_incoming_shutdown` ignores the builder's TCP settings: this is the
+        // `tcp_nodelay` tonic's `serve` would set by default.
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
         Server::builder()
-            .add_service(TaskServiceServer::new(NoOp))
+            .add_service(TaskServiceServer::new(service))
             .serve_with_incoming_shutdown(incoming, async move {
                 terminate.recv().await;
             })
@@ -701,105 +678,78 @@ fn which(program: &str) -> bool {
         .is_ok_and(|status| status.success())
 }
 
-impl CpuSplit {
-    /// Who spent what, and the calls/s two cores would give if the CPU were the only limit.
-    fn lines(&self) -> String {
-        let show = |cpu: Cpu| format!("{:.1} + {:.1}", cpu.user, cpu.system);
-        let total = |parts: &[Cpu]| parts.iter().map(|cpu| cpu.user + cpu.system).sum::<f64>();
-        let gateway_total = total(&[self.gateway, self.stand_in, self.gateway_load]);
-        let bare_total = total(&[self.bare, self.bare_load]);
-        let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
-        let ratio = if gateway_total > 0.0 {
-            bare_total / gateway_total
-        } else {
-            0.0
-        };
-        format!(
-            "CPU per call at 128 in flight, user + system µs: gateway {}, stand-in {}, load \
-             generator {} = {gateway_total:.1}; bare {}, load generator {} = {bare_total:.1}\n\
-             at {cores} cores' worth of CPU that is {:.0} vs {:.0} calls/s, a ratio of {ratio:.2}\n",
-            show(self.gateway),
-            show(self.stand_in),
-            show(self.gateway_load),
-            show(self.bare),
-            show(self.bare_load),
-            cores * 1e6 / gateway_total.max(f64::MIN_POSITIVE),
-            cores * 1e6 / bare_total.max(f64::MIN_POSITIVE),
-        )
-    }
-}
-
 impl Report {
     fn table(&self, options: &Options) -> String {
-        let ratio = |gateway: f64, bare: f64| if bare > 0.0 { gateway / bare } else { 0.0 };
         let verdict = |pass: bool| if pass { "yes" } else { "NO" };
+        let calls_per_s: fn(&Run) -> f64 = |run| run.calls_per_s;
+        let p99_us: fn(&Run) -> f64 = |run| run.p99_us;
+        let mean_latency_us: fn(&Run) -> f64 = |run| run.mean_latency_us;
+        let throughput_ratios = self.busy.ratios(&self.busy.naive, calls_per_s);
+        let p99_ratios = self.busy.ratios(&self.busy.naive, p99_us);
+        let throughput = median(throughput_ratios.clone());
+        let p99 = median(p99_ratios.clone());
+
         let mut out = String::new();
-        let mut row = |what: &str, gateway: &str, bare: &str, ratio: &str, goal: &str| {
+        let mut row = |what: &str, cells: [&str; 5], bar: &str| {
+            let [gateway, naive, bare, vs_naive, vs_bare] = cells;
             out.push_str(&format!(
-                "| {what:<34} | {gateway:>12} | {bare:>12} | {ratio:>7} | {goal:<28} |\n"
+                "| {what:<33} | {gateway:>9} | {naive:>11} | {bare:>10} | {vs_naive:>13} | \
+                 {vs_bare:>12} | {bar:<22} |\n"
             ));
         };
-        row("measure", "gateway", "bare tonic", "ratio", "goal (met?)");
-        row("---", "---:", "---:", "---:", "---");
-        let throughput = median_by(self.busy.ratios.clone(), |ratio| *ratio);
-        row(
-            "calls/s, 1 in flight",
-            &format!("{:.0}", self.idle.gateway.calls_per_s),
-            &format!("{:.0}", self.idle.bare.calls_per_s),
-            &format!("{:.2}", median_by(self.idle.ratios.clone(), |ratio| *ratio)),
-            "",
+        let [gateway, naive, bare] = self.busy.servers().map(|(server, _)| server);
+        let header = [gateway, naive, bare, "gateway/naive", "gateway/bare"];
+        row("measure", header, "bar (met?)");
+        row("---", ["---:"; 5], "---");
+        let throughput_bar = format!(
+            ">= {MIN_CALLS_PER_S_VS_NAIVE:.2}× naive ({})",
+            verdict(throughput >= MIN_CALLS_PER_S_VS_NAIVE)
         );
-        row(
-            "calls/s, 128 in flight",
-            &format!("{:.0}", self.busy.gateway.calls_per_s),
-            &format!("{:.0}", self.busy.bare.calls_per_s),
-            &format!("{throughput:.2}"),
-            &format!(">= 0.50 ({})", verdict(throughput >= 0.5)),
+        let p99_bar = format!(
+            "<= {MAX_P99_VS_NAIVE:.2}× naive ({})",
+            verdict(p99 <= MAX_P99_VS_NAIVE)
         );
-        let latency_bound = (self.idle.bare.mean_latency_us + self.stand_in_round_trip_us) * 1.3;
-        row(
-            "mean latency, 1 in flight (µs)",
-            &format!("{:.1}", self.idle.gateway.mean_latency_us),
-            &format!("{:.1}", self.idle.bare.mean_latency_us),
-            &format!(
-                "{:.2}",
-                ratio(
-                    self.idle.gateway.mean_latency_us,
-                    self.idle.bare.mean_latency_us
-                )
+        for (what, rounds, measure, bar) in [
+            (
+                "calls/s, 128 in flight",
+                &self.busy,
+                calls_per_s,
+                &throughput_bar[..],
             ),
-            &format!(
-                "<= {latency_bound:.1} ({})",
-                verdict(self.idle.gateway.mean_latency_us <= latency_bound)
+            ("p99, 128 in flight (µs)", &self.busy, p99_us, &p99_bar),
+            ("calls/s, 1 in flight", &self.idle, calls_per_s, ""),
+            (
+                "mean latency, 1 in flight (µs)",
+                &self.idle,
+                mean_latency_us,
+                "",
             ),
-        );
+        ] {
+            let [gateway, naive, bare] = rounds.medians(measure).map(|value| format!("{value:.0}"));
+            let [vs_naive, vs_bare] = [&rounds.naive, &rounds.bare]
+                .map(|other| format!("{:.2}", median(rounds.ratios(other, measure))));
+            row(what, [&gateway, &naive, &bare, &vs_naive, &vs_bare], bar);
+        }
+        let instructions = "instructions per call (callgrind)";
         match self.instructions {
-            Some((gateway, bare)) => {
-                let instructions = ratio(gateway, bare);
-                row(
-                    "instructions per call (callgrind)",
-                    &format!("{gateway:.0}"),
-                    &format!("{bare:.0}"),
-                    &format!("{instructions:.2}"),
-                    &format!("<= 1.80 ({})", verdict(instructions <= 1.8)),
-                );
+            Some((gateway, naive)) => {
+                let vs_naive = format!("{:.2}", ratio(gateway, naive));
+                let [gateway, naive] = [gateway, naive].map(|count| format!("{count:.0}"));
+                row(instructions, [&gateway, &naive, "-", &vs_naive, "-"], "");
             }
-            None => row(
-                "instructions per call (callgrind)",
-                "-",
-                "-",
-                "-",
-                "valgrind not installed",
-            ),
+            None => row(instructions, ["-"; 5], "valgrind not installed"),
         }
         let rss_mib = self.peak_rss_kib as f64 / 1024.0;
+        let rss_bar = format!(
+            "<= {MAX_PEAK_RSS_MIB:.0} ({})",
+            verdict(rss_mib <= MAX_PEAK_RSS_MIB)
+        );
         row(
             "peak RSS, 1024 in flight (MiB)",
-            &format!("{rss_mib:.1}"),
-            "-",
-            "-",
-            &format!("<= 64 ({})", verdict(rss_mib <= 64.0)),
+            [&format!("{rss_mib:.1}"), "-", "-", "-", "-"],
+            &rss_bar,
         );
+
         let list = |ratios: &[f64]| {
             ratios
                 .iter()
@@ -807,34 +757,36 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
+        let rounds = self.busy.gateway.len();
         let mut notes = format!(
-            "\n1 and 128 in flight: {} round{} of {} per side, alternating, after a {} warm-up run \
-             of each; ratios are the medians of the rounds' (1 in flight: {}; 128: {})\n\
-             stand-in round trip (HTTP/1.1 POST on loopback, idle machine): {:.1} µs; \
-             RSS: {} at 1024 in flight against a stand-in that answers after {}\n",
-            self.busy.ratios.len(),
-            if self.busy.ratios.len() == 1 { "" } else { "s" },
+            "\n1 and 128 in flight: {rounds} round{} of {} per server (gateway, naive stack, bare \
+             tonic in turn), after a {} warm-up run of each; values are medians over the rounds, \
+             ratios the medians of the rounds' ratios (at 128 in flight, calls/s against the \
+             naive stack: {}; p99: {})\n\
+             RSS: a fresh gateway after {} at 1024 in flight against a stand-in that answers \
+             after {}\n",
+            if rounds == 1 { "" } else { "s" },
             humantime::format_duration(self.busy.round_length),
             humantime::format_duration(options.warmup),
-            list(&self.idle.ratios),
-            list(&self.busy.ratios),
-            self.stand_in_round_trip_us,
+            list(&throughput_ratios),
+            list(&p99_ratios),
             humantime::format_duration(options.duration),
             humantime::format_duration(SLOW_REPLY),
         );
-        notes.push_str(&self.busy.cpu.lines());
-        for (name, run) in [
-            ("gateway, 1 in flight", self.idle.gateway),
-            ("gateway, 128 in flight", self.busy.gateway),
-            ("gateway, 1024 in flight, slow stand-in", self.rss_run),
-        ] {
-            if run.ok_calls != run.calls {
+        let mut warn_unless_ok = |server: &str, in_flight: u32, runs: &[Run]| {
+            for run in runs.iter().filter(|run| run.ok_calls != run.calls) {
                 notes.push_str(&format!(
-                    "warning: {name}: only {} of {} calls were OK\n",
+                    "warning: {server}, {in_flight} in flight: only {} of {} calls were OK\n",
                     run.ok_calls, run.calls
                 ));
             }
+        };
+        for (rounds, in_flight) in [(&self.idle, 1), (&self.busy, 128)] {
+            for (server, runs) in rounds.servers() {
+                warn_unless_ok(server, in_flight, runs);
+            }
         }
+        warn_unless_ok("gateway", 1024, std::slice::from_ref(&self.rss_run));
         out + &notes
     }
 }

@@ -55,7 +55,7 @@ struct Sample {
 pub(super) fn run(args: &[String]) {
     let options = parse(args);
     let stand_in = start_stand_in(Duration::ZERO);
-    let upstream = format!("http://{}/api/v2/task", stand_in.address);
+    let upstream = format!("http://{stand_in}/api/v2/task");
     let gateway = Target::gateway(&options.taskgate, &upstream, None);
     let pid = gateway.child.id();
     let window = Options {
