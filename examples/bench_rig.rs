@@ -200,7 +200,8 @@ fn measure(options: &Options, fast: SocketAddr, slow: SocketAddr) -> Report {
 }
 
 /// `in_flight` calls on `connections` connections, in rounds that each run the gateway, the
-/// naive stack and the bare server in turn, after one warm-up run of each: a machine that slows
+/// naive stack and the bare server in turn (each round starting with the next), after one
+/// warm-up run of each: a machine that slows
 /// down for a while (a shared VM does, by a third at times) slows every side of a round alike,
 /// and the medians leave out the round it did not.
 fn rounds(
@@ -225,10 +226,17 @@ fn rounds(
         round_length: options.duration / rounds,
         ..Rounds::default()
     };
-    for _ in 0..rounds {
-        result.gateway.push(run(gateway, result.round_length));
-        result.naive.push(run(naive, result.round_length));
-        result.bare.push(run(bare, result.round_length));
+    // Each round starts with the next server, so none always runs first (on a cold stand-in
+    // connection pool) or right after the same neighbour.
+    for round in 0..rounds as usize {
+        for turn in 0..3 {
+            let length = result.round_length;
+            match (round + turn) % 3 {
+                0 => result.gateway.push(run(gateway, length)),
+                1 => result.naive.push(run(naive, length)),
+                _ => result.bare.push(run(bare, length)),
+            }
+        }
     }
     result
 }
