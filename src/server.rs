@@ -154,7 +154,7 @@ pub async fn serve(
     // panic the health probe.
     config.validate().map_err(ServeError::Config)?;
     let workers = Workers::start(config.worker_threads).map_err(ServeError::Workers)?;
-    let upstream = Upstream::new(&config.upstream, workers.count()).map_err(ServeError::Client)?;
+    let upstream = Upstream::new(&config.upstream).map_err(ServeError::Client)?;
     let metrics = Metrics::new();
     // Stops the metrics endpoint when the gateway stops, however `serve` returns.
     let metrics_listener_given = metrics_listener.is_some();

@@ -1,7 +1,7 @@
 //! The threads that run the gateway's connections, each on a current-thread runtime of its own:
-//! a connection and its HTTP/2 streams stay on one thread from accept to close, no task is
-//! ever handed to another thread, and calls use their own thread's controller connections
-//! first (`upstream`'s pool).
+//! a connection and its HTTP/2 streams stay on one thread from accept to close, and no task is
+//! ever handed to another thread. Controller connections are the one `reqwest::Client`'s, shared
+//! by every worker: each is driven on the worker that opened it (hyper spawns its task there).
 //!
 //! tokio's multi-thread scheduler shares one run queue between its threads and steals work
 //! across them: at 128 calls in flight on two cores, its second worker cost more CPU per call
@@ -11,7 +11,6 @@
 //! Worker 0 is the runtime `server::serve` runs on, which also accepts connections and runs
 //! health, metrics and the Log Publisher feed; the others are threads started here.
 
-use std::cell::Cell;
 use std::future::Future;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -22,23 +21,6 @@ use tokio::sync::oneshot;
 
 /// The name of the threads started here (Linux keeps 15 bytes of a thread's name).
 pub(crate) const THREAD_NAME: &str = "taskgate-worker";
-
-thread_local! {
-    /// Which worker runs on this thread: 0 unless the thread was started here.
-    static INDEX: Cell<usize> = const { Cell::new(0) };
-}
-
-/// The worker running on this thread: 0 for the thread `serve` runs on and any thread not
-/// started here (a multi-thread runtime a library caller runs `serve` on is worker 0 whole).
-pub(crate) fn current() -> usize {
-    INDEX.get()
-}
-
-/// Makes this thread count as worker `index`, for tests of what each worker keeps apart.
-#[cfg(test)]
-pub(crate) fn pretend_current(index: usize) {
-    INDEX.set(index);
-}
 
 /// The runtimes connections run on. Dropping it stops the threads started here, and with them
 /// every task still running on them.
@@ -57,13 +39,12 @@ impl Workers {
     pub(crate) fn start(count: NonZeroUsize) -> std::io::Result<Workers> {
         let mut handles = vec![Handle::current()];
         let mut stops = Vec::with_capacity(count.get() - 1);
-        for index in 1..count.get() {
+        for _ in 1..count.get() {
             let (stop, stopped) = oneshot::channel::<()>();
             let (started, handle) = std::sync::mpsc::sync_channel(1);
             std::thread::Builder::new()
                 .name(THREAD_NAME.to_owned())
                 .spawn(move || {
-                    INDEX.set(index);
                     let runtime = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build();
@@ -159,8 +140,8 @@ mod tests {
         assert_eq!(least_loaded(&load(&[3, 1, 2])), 1);
     }
 
-    /// Each connection runs on the worker it was given, knows its index there, and leaves the
-    /// count when it ends.
+    /// Connections spread evenly over the workers, each worker a thread of its own (worker 0
+    /// the caller's), and each leaves the count when it ends.
     #[tokio::test]
     async fn connections_spread_over_the_workers_and_leave_their_count() {
         let workers = Workers::start(NonZeroUsize::new(3).unwrap()).unwrap();
@@ -172,30 +153,25 @@ mod tests {
             ends.push(end);
             let ran = ran.clone();
             workers.spawn(async move {
-                let thread = std::thread::current().name().map(str::to_owned);
-                ran.send((current(), thread)).unwrap();
+                let thread = std::thread::current();
+                ran.send((thread.id(), thread.name().map(str::to_owned)))
+                    .unwrap();
                 let _ = ended.await;
             });
         }
-        let mut seen = Vec::new();
+        let mut per_thread = std::collections::HashMap::new();
         for _ in 0..6 {
             let next = tokio::time::timeout(Duration::from_secs(10), ran_on.recv());
-            seen.push(next.await.unwrap().unwrap());
+            *per_thread.entry(next.await.unwrap().unwrap()).or_insert(0) += 1;
         }
-        seen.sort();
-        let worker_thread = Some(THREAD_NAME.to_owned());
-        let main_thread = std::thread::current().name().map(str::to_owned);
-        assert_eq!(
-            seen,
-            [
-                (0, main_thread.clone()),
-                (0, main_thread),
-                (1, worker_thread.clone()),
-                (1, worker_thread.clone()),
-                (2, worker_thread.clone()),
-                (2, worker_thread),
-            ]
-        );
+        let main_thread = std::thread::current();
+        let main_thread = (main_thread.id(), main_thread.name().map(str::to_owned));
+        assert_eq!(per_thread.remove(&main_thread), Some(2));
+        let others: Vec<_> = per_thread.into_iter().collect();
+        assert_eq!(others.len(), 2, "{others:?}");
+        for ((_, name), count) in others {
+            assert_eq!((name.as_deref(), count), (Some(THREAD_NAME), 2));
+        }
         let counts = |workers: &Workers| -> Vec<usize> {
             workers
                 .load

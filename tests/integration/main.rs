@@ -29,7 +29,6 @@
 //! - `contract`: the proto comments and the README agree with the fault table.
 //! - `watch`: WatchCaseEvents against the simulator's Log Publisher and a scripted one.
 //! - `fuzz_corpus`: the fuzz targets' committed corpora, replayed through their checks on stable.
-//! - `workers`: connections spread over worker threads, and their controller connections.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A panic in a test is a failed test.
 
 mod support;
@@ -60,4 +59,3 @@ mod tls;
 mod transport_outcomes;
 mod upstream_hygiene;
 mod watch;
-mod workers;
