@@ -405,6 +405,9 @@ pub(crate) enum Script {
     RespondWhen { release: Arc<Notify>, body: Vec<u8> },
     /// Answer like `ok_xml` with `Connection: close`, then close the connection.
     RespondAndClose { body: Vec<u8> },
+    /// Answer like `ok_xml`, announcing nothing, then close the connection: a controller whose
+    /// keep-alive timeout ends as soon as it has answered.
+    RespondThenHangUp { body: Vec<u8> },
     /// Never answer; record when the gateway closes the connection.
     Hang,
     /// Close the connection as soon as the request has arrived.
@@ -587,6 +590,10 @@ async fn serve_connection(
                 );
                 let _ = stream.write_all(head.as_bytes()).await;
                 let _ = stream.write_all(body).await;
+                return;
+            }
+            Script::RespondThenHangUp { body } => {
+                let _ = write_response(&mut stream, 200, "application/xml", body).await;
                 return;
             }
             Script::RespondWhen { release, body } => {

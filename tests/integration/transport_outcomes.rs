@@ -172,6 +172,16 @@ async fn a_controller_that_closes_each_connection_answers_every_call() {
     connections_for_three_good_calls(script).await;
 }
 
+/// A controller that closes a kept-alive connection without saying so, as when its keep-alive
+/// timeout ends, costs no call its answer and no POST a second send.
+#[tokio::test]
+async fn a_controller_that_hangs_up_on_idle_connections_answers_every_call() {
+    let script = Script::RespondThenHangUp {
+        body: b"<response><params/></response>".to_vec(),
+    };
+    connections_for_three_good_calls(script).await;
+}
+
 #[tokio::test]
 async fn invalid_arguments_never_reach_the_controller() {
     let mut upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
