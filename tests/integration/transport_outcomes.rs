@@ -403,3 +403,18 @@ async fn a_caller_that_goes_away_cancels_the_upstream_request() {
     call.abort();
     upstream.expect_closed().await;
 }
+
+/// A reply head that does not end within hyper's read buffer (about 400 KiB) is refused there:
+/// a controller cannot make the gateway buffer an endless head.
+#[tokio::test]
+async fn an_endless_reply_head_is_connection_lost() {
+    let mut head = b"HTTP/1.1 200 OK\r\nX-Padding: ".to_vec();
+    head.extend("a".repeat(1024 * 1024).as_bytes());
+    let (status, _) = call_through(Script::poisoned(&head, false, &[], "")).await;
+    check_gateway_error(&status, Code::Unavailable, "UPSTREAM_CONNECTION_LOST", &[]);
+    assert!(
+        status.message().ends_with("message head is too large"),
+        "{}",
+        status.message()
+    );
+}
