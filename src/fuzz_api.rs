@@ -69,10 +69,6 @@ pub const TARGETS: &[Target] = &[
         name: "grpc_timeout",
         check: grpc_timeout,
     },
-    Target {
-        name: "http1_reply",
-        check: http1_reply,
-    },
 ];
 
 /// The charsets a reply is decoded with: the first input byte picks one, the rest is the body.
@@ -317,18 +313,6 @@ pub fn grpc_timeout(data: &[u8]) {
         });
     let parsed = crate::protocol::parse_grpc_timeout(value).map(|duration| duration.as_nanos());
     assert_eq!(parsed, expected, "{value:?}");
-}
-
-/// A controller's HTTP/1.1 reply as the gateway's client reads it (`upstream/http1.rs`):
-///
-/// - a complete head is never longer than its bytes, its charset lies inside it, it parses the
-///   same from exactly its bytes, and every shorter cut of it is incomplete, never an error or
-///   another head;
-/// - the chunked decoder, fed the bytes whole or cut in two, decodes the same body, ends at the
-///   same byte or fails the same way, never uses more bytes than it was given and never decodes
-///   past its cap.
-pub fn http1_reply(data: &[u8]) {
-    crate::upstream::http1::check_reply_bytes(data);
 }
 
 // === the calls `call_round_trip` builds ===

@@ -149,7 +149,7 @@ pub async fn serve(
     // The CLI checks too, but library callers build configs by hand, and a zero interval would
     // panic the health probe.
     config.validate().map_err(ServeError::Config)?;
-    let upstream = Upstream::new(&config.upstream, 1).map_err(ServeError::Client)?;
+    let upstream = Upstream::new(&config.upstream).map_err(ServeError::Client)?;
     let metrics = Metrics::new();
     // Stops the metrics endpoint when the gateway stops, however `serve` returns.
     let metrics_listener_given = metrics_listener.is_some();

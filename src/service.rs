@@ -490,7 +490,7 @@ mod tests {
     async fn a_deadline_too_short_to_call_is_refused_without_calling_the_controller() {
         let url = crate::config::parse_upstream_url("http://127.0.0.1:9/api/v2/task").unwrap();
         let settings = upstream::Settings::new(url);
-        let upstream = Upstream::new(&settings, 1).unwrap();
+        let upstream = Upstream::new(&settings).unwrap();
         let gateway = TaskGateway::new(upstream, &settings, None);
         let mut request = Request::new(CaseExtractRequest {
             port_id: 4,

@@ -244,6 +244,16 @@ impl UpstreamTls {
     }
 }
 
+/// A client configuration that trusts no server, for an HTTP client that must never speak TLS
+/// (one that only ever calls an http:// controller): it costs nothing to build, where the
+/// system's roots are slow to load and may be missing.
+pub(crate) fn trusting_nothing() -> Result<Arc<ClientConfig>, rustls::Error> {
+    let config = config_builder()?
+        .with_root_certificates(RootCertStore::empty())
+        .with_no_client_auth();
+    Ok(http1_only(config))
+}
+
 /// A client configuration builder on the aws-lc-rs provider that tonic's TLS already uses.
 fn config_builder() -> Result<ConfigBuilder<ClientConfig, rustls::WantsVerifier>, rustls::Error> {
     ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))

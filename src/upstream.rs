@@ -1,35 +1,25 @@
-//! The controller client: one pooled HTTP client that POSTs a method call, reads the reply with a
-//! size cap, and sorts every transport outcome into an `UpstreamError`.
+//! The controller client: one `reqwest::Client` that POSTs a method call, reads the reply with a
+//! size cap while it arrives, and sorts every transport outcome into an `UpstreamError`.
 //!
-//! It never retries a request that may have reached the controller: only a failed connect, or a
-//! kept-alive connection whose first write failed with nothing sent, is tried once more. A pooled
-//! connection the controller closed is found before it is used. The whole call, connection I/O
-//! included, runs inside the caller's future, so dropping that future (a cancelled RPC) drops the
-//! HTTP request and closes its connection.
-//!
-//! Connections are kept alive in a small pool of our own, and the HTTP/1.1 exchange on them is
-//! `http1`'s, made for the one request the gateway sends (see there for why not hyper's client).
+//! It never sends a request twice when it may have reached the controller. Only a failed connect
+//! is tried once more, by us; reqwest's own retries are off. Below reqwest, hyper-util's pool
+//! resends a request only when it was never written: the kept-alive connection it was given
+//! closed before hyper began to write it (`retry_canceled_requests`). A connection whose reply
+//! was not read whole (cut short, too large, timed out, badly framed) is closed, never pooled.
+//! The whole call runs inside the caller's future, so dropping that future (a cancelled RPC)
+//! drops the HTTP request, and hyper closes its connection.
 
-pub(crate) mod http1;
-
-use std::future::Future;
 use std::num::NonZeroUsize;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
+use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::{StatusCode, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
-use tokio::time::Instant;
-use tokio_rustls::TlsConnector;
-use tower::ServiceExt as _;
 use url::Url;
 
-pub(crate) use self::http1::TransportError;
-use self::http1::{Answer, BodyError, Connection, ExchangeError, Io, RequestHead};
-use crate::codec::{Call, DecodeError, Reply, WireFormat};
+use crate::codec::{Call, DecodeError, Reply, WireFormat, charset_of};
 use crate::config::{ConfigError, defaults, limits, refuse_credentials};
 use crate::request_id::RequestId;
 use crate::tls::UpstreamTls;
@@ -65,19 +55,10 @@ pub struct Settings {
 /// A client for one controller's task interface.
 #[derive(Debug, Clone)]
 pub(crate) struct Upstream {
-    /// Makes the TCP connections. Nothing here follows a redirect, which would replay a POST
-    /// somewhere we were not pointed at.
-    connector: HttpConnector,
-    /// TLS over them, with the name the controller's certificate must have, for https://.
-    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
-    /// Idle keep-alive connections, each worker's apart.
-    pool: Arc<Pool>,
+    /// Keeps the connections alive between calls; cheap to clone, one pool for all clones.
+    client: reqwest::Client,
     /// The task-interface endpoint every method call is POSTed to.
     url: Url,
-    /// `url` without its fragment, where new connections go.
-    target: Uri,
-    /// Every request's head up to its length, made once.
-    head: RequestHead,
     /// Replies longer than this are refused without being read further.
     max_response_bytes: usize,
     /// XML (documented) or JSON, for requests and replies alike.
@@ -98,6 +79,9 @@ pub enum ClientError {
     /// The TLS configuration cannot be built (for example, the system has no roots).
     #[error("cannot set up TLS to the controller")]
     Tls(#[source] rustls::Error),
+    /// The HTTP client cannot be built.
+    #[error("cannot set up the HTTP client for the controller")]
+    Build(#[source] TransportError),
     /// The host of an https:// URL cannot be a certificate's name.
     #[error("upstream URL '{url}' has a host that cannot be checked against a TLS certificate")]
     ServerName {
@@ -106,8 +90,9 @@ pub enum ClientError {
     },
 }
 
-/// Why a connection to the controller could not be made (TCP connect or TLS handshake).
-pub(crate) type ConnectError = Box<dyn std::error::Error + Send + Sync>;
+/// Why the connection to the controller failed: the HTTP client's error and its causes, which
+/// [`error_chain`] renders.
+pub(crate) type TransportError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A controller call that did not produce a reply we can trust. Its message is the one callers
 /// read, so it says the cause itself, which is therefore not also a `source`.
@@ -115,9 +100,9 @@ pub(crate) type ConnectError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) enum UpstreamError {
     /// The connection could not be made, twice: nothing was sent.
     #[error("cannot connect to the controller: {}", error_chain(&**.0))]
-    Unreachable(ConnectError),
+    Unreachable(TransportError),
     /// The connection failed after the request may have been sent.
-    #[error("the connection to the controller failed: {}", error_chain(.0))]
+    #[error("the connection to the controller failed: {}", error_chain(&**.0))]
     ConnectionLost(TransportError),
     /// No complete reply arrived within the time limit.
     #[error("the controller did not answer within {}", humantime::format_duration(*.limit))]
@@ -190,50 +175,56 @@ impl UpstreamError {
 // === impl Upstream ===
 
 impl Upstream {
-    /// Builds the shared client for the configured controller, for calls on `workers` worker
-    /// threads.
-    pub(crate) fn new(settings: &Settings, workers: usize) -> Result<Self, ClientError> {
+    /// Builds the shared client for the configured controller.
+    pub(crate) fn new(settings: &Settings) -> Result<Self, ClientError> {
         let url = settings.url.clone();
         let invalid = |reason: String| ClientError::Target {
             url: url.to_string(),
             reason,
         };
-        let target = Uri::try_from(&url[..url::Position::AfterQuery])
-            .map_err(|error| invalid(error.to_string()))?;
-        // Checked as a request target, so that it cannot end the request line early.
-        let path = Uri::try_from(&url[url::Position::BeforePath..url::Position::AfterQuery])
-            .map_err(|error| invalid(error.to_string()))?;
-        let host = hyper::header::HeaderValue::from_str(
-            &url[url::Position::BeforeHost..url::Position::AfterPort],
-        )
-        .map_err(|error| invalid(error.to_string()))?;
+        // reqwest would refuse such a URL on every call, as it makes this same `Uri` of it;
+        // refusing it here names it at startup.
+        Uri::try_from(url.as_str()).map_err(|error| invalid(error.to_string()))?;
         let tls = match url.scheme() {
             "https" => {
-                let config = settings.tls.client_config().map_err(ClientError::Tls)?;
-                let name = server_name(&url).ok_or_else(|| ClientError::ServerName {
-                    url: url.to_string(),
-                })?;
-                Some((config, name))
+                if server_name(&url).is_none() {
+                    return Err(ClientError::ServerName {
+                        url: url.to_string(),
+                    });
+                }
+                settings.tls.client_config()
             }
-            _ => None,
-        };
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        // TLS is added above this layer, which only makes the TCP connection.
-        connector.enforce_http(false);
+            // This client calls the one configured URL and follows no redirect, so an http://
+            // controller never needs TLS, nor the system's roots that reqwest would load.
+            "http" => crate::tls::trusting_nothing(),
+            _ => return Err(invalid("its scheme is not http or https".to_owned())),
+        }
+        .map_err(ClientError::Tls)?;
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(settings.format.content_type()),
+        );
+        headers.insert(ACCEPT, HeaderValue::from_static(settings.format.accept()));
+        let client = reqwest::Client::builder()
+            .http1_only()
+            .tls_backend_preconfigured(ClientConfig::clone(&tls))
+            // A proxy from the environment would send robot commands somewhere the operator
+            // did not name; a redirect would replay a POST there.
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            // Our own retry of a failed connect (`send`) is the only one.
+            .retry(reqwest::retry::never())
+            .tcp_nodelay(true)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(settings.max_in_flight.get())
+            .user_agent(USER_AGENT)
+            .default_headers(headers)
+            .build()
+            .map_err(|error| ClientError::Build(Box::new(error)))?;
         Ok(Upstream {
-            connector,
-            tls,
-            pool: Arc::new(Pool::new(workers, settings.max_in_flight.get())),
-            head: RequestHead::new(
-                &path.to_string(),
-                host.to_str().map_err(|error| invalid(error.to_string()))?,
-                USER_AGENT,
-                settings.format.content_type(),
-                settings.format.accept(),
-            ),
+            client,
             url,
-            target,
             max_response_bytes: settings.max_response_bytes.get(),
             format: settings.format,
         })
@@ -257,105 +248,99 @@ impl Upstream {
     }
 
     async fn post(&self, call: &Call<'_>, request_id: &RequestId) -> Result<Reply, UpstreamError> {
-        let body = self.format.encode_call(call);
-        let request_id = request_id.header_value().as_bytes();
-        let limit = self.max_response_bytes;
-        let (mut connection, pooled) = match self.pool.take() {
-            Some(connection) => (connection, true),
-            None => (self.pool.owned(self.connect_boxed().await?), false),
-        };
-        let mut answer = connection
-            .io
-            .exchange(&self.head, request_id, &body, limit)
-            .await;
-        if let (true, Err(ExchangeError::NotSent(error))) = (pooled, &answer) {
-            // A kept-alive connection the controller closed: nothing was sent, so a new
-            // connection may carry the request.
-            tracing::debug!(cause = %error, "pooled connection closed; using a new one");
-            drop(answer);
-            connection = self.pool.owned(self.connect_boxed().await?);
-            answer = connection
-                .io
-                .exchange(&self.head, request_id, &body, limit)
-                .await;
-        }
-        let answer = answer.map_err(|error| {
-            UpstreamError::ConnectionLost(match error {
-                ExchangeError::NotSent(error) => TransportError::Io(error),
-                ExchangeError::Failed(error) => error,
-            })
-        })?;
-        let reusable = answer.reusable;
-        let reply = self.reply(answer);
-        if reusable {
-            self.pool.put(connection);
-        }
-        reply
-    }
-
-    /// What the controller answered, from a reply read to its end (or refused for its size).
-    fn reply(&self, answer: Answer<'_>) -> Result<Reply, UpstreamError> {
-        let limit = self.max_response_bytes;
-        if !answer.status.is_success() {
+        let body = Bytes::from(self.format.encode_call(call));
+        let mut response = self.send(body, request_id).await?;
+        let status = response.status();
+        // Copied out: reading the body borrows the response.
+        let content_type = response.headers().get(CONTENT_TYPE).cloned();
+        let charset = content_type
+            .as_ref()
+            .and_then(|value| value.to_str().ok())
+            .and_then(charset_of);
+        let body = read_capped(&mut response, self.max_response_bytes).await;
+        if !status.is_success() {
             // A fault is the controller's answer whatever status carries it; anything else under
             // a non-2xx status is not a reply we can act on.
-            return match answer
-                .body
-                .map(|body| self.format.decode_reply(body, answer.charset))
-            {
+            return match body.map(|body| self.format.decode_reply(&body, charset)) {
                 Ok(Ok(Reply::Fault(code))) => Ok(Reply::Fault(code)),
-                _ => Err(UpstreamError::HttpStatus {
-                    status: answer.status,
-                }),
+                _ => Err(UpstreamError::HttpStatus { status }),
             };
         }
-        let body = answer.body.map_err(|error| match error {
-            BodyError::TooLarge => UpstreamError::ResponseTooLarge { limit },
-            BodyError::Transport(error) => UpstreamError::ConnectionLost(error),
+        let body = body.map_err(|error| match error {
+            BodyError::TooLarge => UpstreamError::ResponseTooLarge {
+                limit: self.max_response_bytes,
+            },
+            BodyError::Transport(error) => UpstreamError::ConnectionLost(boxed(error)),
         })?;
         self.format
-            .decode_reply(body, answer.charset)
+            .decode_reply(&body, charset)
             .map_err(UpstreamError::BadResponse)
     }
 
-    /// [`Upstream::connect`] on the heap: its TLS handshake state is over a kilobyte, which every
-    /// call's future would otherwise carry (and copy) for a connect it rarely makes.
-    fn connect_boxed(
+    /// Sends the request and waits for the reply's head. A failed connect is tried once more,
+    /// since nothing was sent; any other failure may have reached the controller.
+    async fn send(
         &self,
-    ) -> Pin<Box<dyn Future<Output = Result<Connection, UpstreamError>> + Send + '_>> {
-        Box::pin(self.connect())
-    }
-
-    /// A new connection; a failed connect is tried once more, since nothing was sent.
-    async fn connect(&self) -> Result<Connection, UpstreamError> {
-        match self.connect_once().await {
-            Err(error) => {
-                tracing::debug!(cause = %error_chain(&*error), "connect failed; trying once more");
-                self.connect_once().await
-            }
-            connected => connected,
-        }
-        .map_err(UpstreamError::Unreachable)
-    }
-
-    async fn connect_once(&self) -> Result<Connection, ConnectError> {
-        let stream = self
-            .connector
-            .clone()
-            .oneshot(self.target.clone())
-            .await?
-            .into_inner();
-        let io = match &self.tls {
-            None => Io::Tcp(stream),
-            Some((config, name)) => Io::Tls(Box::new(
-                TlsConnector::from(Arc::clone(config))
-                    .connect(name.clone(), stream)
-                    .await
-                    .map_err(TlsHandshake)?,
-            )),
+        body: Bytes,
+        request_id: &RequestId,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let send_once = || {
+            self.client
+                .post(self.url.clone())
+                .header(crate::request_id::HEADER, request_id.header_value())
+                .body(body.clone())
+                .send()
         };
-        Ok(Connection::new(io))
+        match send_once().await {
+            Err(error) if error.is_connect() => {
+                tracing::debug!(cause = %error_chain(&error), "connect failed; trying once more");
+                send_once().await
+            }
+            sent => sent,
+        }
+        .map_err(|error| {
+            if error.is_connect() {
+                UpstreamError::Unreachable(boxed(error))
+            } else {
+                UpstreamError::ConnectionLost(boxed(error))
+            }
+        })
     }
+}
+
+/// Why a reply's body was not read.
+#[derive(Debug)]
+enum BodyError {
+    /// It is longer than the cap: announced so, or found so while reading.
+    TooLarge,
+    /// The connection failed or the body broke its framing.
+    Transport(reqwest::Error),
+}
+
+/// The reply's body, read chunk by chunk and given up on as soon as it passes `limit`, so a
+/// controller cannot make the gateway hold more. A body not read to its end closes its
+/// connection: hyper pools only a connection whose reply was read whole.
+async fn read_capped(response: &mut reqwest::Response, limit: usize) -> Result<Vec<u8>, BodyError> {
+    // hyper reports a Content-Length only for a body framed by it (not chunked).
+    let announced = response.content_length().unwrap_or(0);
+    if announced > limit as u64 {
+        return Err(BodyError::TooLarge);
+    }
+    // Bounded by the check above; a controller reply is a few hundred bytes.
+    let mut body = Vec::with_capacity(announced as usize);
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Transport)? {
+        if chunk.len() > limit - body.len() {
+            return Err(BodyError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// `error`, without the URL reqwest puts in its text: every message already names the
+/// controller, and the gateway's own logs print the URL once at startup.
+fn boxed(error: reqwest::Error) -> TransportError {
+    Box::new(error.without_url())
 }
 
 /// The name an https:// controller's certificate must have: its URL's host.
@@ -367,136 +352,51 @@ fn server_name(url: &Url) -> Option<ServerName<'static>> {
     }
 }
 
-/// Why a TLS handshake with the controller failed.
-#[derive(Debug, thiserror::Error)]
-#[error("TLS handshake failed")]
-struct TlsHandshake(#[source] std::io::Error);
-
-/// Idle controller connections, each worker's apart.
-///
-/// A connection's I/O is driven by the runtime of the worker that opened it, so a call takes
-/// one of its own worker's first, and a connection goes back to its owner's list after each
-/// call. When its worker has none, a call takes another worker's rather than open one: at low
-/// load most lists are empty or stale, and a new connection costs the controller a connect (and,
-/// over TLS, a handshake); that call's I/O events then pass through the owner's thread. A
-/// connection is opened only when no worker has an idle one, so, as with a single list, no more
-/// are open than calls may be in flight.
-#[derive(Debug)]
-struct Pool {
-    /// Per worker, most recently used last.
-    idle: Box<[Mutex<Vec<Idle>>]>,
-    /// More idle connections than calls can be in flight would never be used.
-    max_idle: usize,
-}
-
-#[derive(Debug)]
-struct Idle {
-    connection: Owned,
-    since: Instant,
-}
-
-/// A controller connection and the worker whose runtime drives its I/O.
-#[derive(Debug)]
-struct Owned {
-    io: Connection,
-    owner: usize,
-}
-
-// === impl Pool ===
-
-impl Pool {
-    fn new(workers: usize, max_idle: usize) -> Pool {
-        Pool {
-            idle: (0..workers.max(1)).map(|_| Mutex::default()).collect(),
-            max_idle,
+/// An error and its causes on one line, for messages. The HTTP client's own layers say only
+/// where an error arose ("error sending request", "client error (Connect)"), so such a layer with
+/// a cause below it gives just that cause.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = String::new();
+    let mut next = Some(error);
+    while let Some(cause) = next {
+        next = cause.source();
+        let layer = cause.is::<reqwest::Error>() || cause.is::<hyper_util::client::legacy::Error>();
+        if layer && next.is_some() {
+            continue;
         }
-    }
-
-    /// An idle connection that is still open: this worker's most recently used, else another
-    /// worker's.
-    fn take(&self) -> Option<Owned> {
-        let here = self.here();
-        let workers = self.idle.len();
-        (0..workers).find_map(|offset| self.take_from((here + offset) % workers))
-    }
-
-    /// The most recently used of `worker`'s idle connections that is still open, if any. The
-    /// lock is held only to pop: checking a connection polls it, and dropping one closes its
-    /// socket.
-    fn take_from(&self, worker: usize) -> Option<Owned> {
-        let idle = &self.idle[worker];
-        loop {
-            let Idle {
-                mut connection,
-                since,
-            } = lock(idle).pop()?;
-            if since.elapsed() >= POOL_IDLE_TIMEOUT {
-                // The most recently used is too old, so all are; closed outside the lock.
-                let stale = std::mem::take(&mut *lock(idle));
-                drop(stale);
-                return None;
-            }
-            if connection.io.is_open() {
-                return Some(connection);
-            }
-        }
-    }
-
-    /// `io`, just opened on this worker.
-    fn owned(&self, io: Connection) -> Owned {
-        Owned {
-            io,
-            owner: self.here(),
-        }
-    }
-
-    /// Keeps `connection`, which ended a clean exchange, on its owner's list for a next call
-    /// unless enough are idle; connections idle for too long go first. Whether the controller
-    /// closed it is checked when it is taken, which is soon enough and saves a poll per call.
-    fn put(&self, mut connection: Owned) {
-        connection.io.shrink_buffers();
-        let stale: Vec<Idle> = {
-            let mut idle = lock(&self.idle[connection.owner]);
-            let stale = idle
-                .iter()
-                .take_while(|entry| entry.since.elapsed() >= POOL_IDLE_TIMEOUT)
-                .count();
-            let stale = idle.drain(..stale).collect();
-            if idle.len() < self.max_idle {
-                idle.push(Idle {
-                    connection,
-                    since: Instant::now(),
-                });
-            }
-            stale
-        };
-        // Closed outside the lock.
-        drop(stale);
-    }
-
-    /// This worker's index among the lists.
-    fn here(&self) -> usize {
-        0
-    }
-}
-
-fn lock(idle: &Mutex<Vec<Idle>>) -> std::sync::MutexGuard<'_, Vec<Idle>> {
-    // The list stays consistent whatever panicked while holding it.
-    idle.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// An error and its causes on one line, for messages: the HTTP and TLS libraries' own messages
-/// alone ("client error (Connect)") do not say what went wrong.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
         let cause_text = cause.to_string();
         if !text.contains(&cause_text) {
-            text.push_str(": ");
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
             text.push_str(&cause_text);
         }
-        source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A URL the client cannot call is refused when the client is built, with the reason.
+    #[test]
+    fn urls_the_client_cannot_call_are_refused_at_startup() {
+        let check = |url: &str, expected: Option<&str>| {
+            let settings = Settings::new(Url::parse(url).unwrap());
+            let error = Upstream::new(&settings)
+                .err()
+                .map(|error| error.to_string());
+            assert_eq!(error.as_deref(), expected, "{url}");
+        };
+        check("http://controller:44000/api/v2/task?site=1#top", None);
+        check("http://[::1]/api/v2/task", None);
+        check(
+            "ftp://controller/api/v2/task",
+            Some(
+                "upstream URL 'ftp://controller/api/v2/task' is not a valid HTTP request target: \
+                 its scheme is not http or https",
+            ),
+        );
+    }
 }

@@ -12,8 +12,6 @@ use tonic_types::StatusExt;
 
 use super::*;
 use crate::codec::DecodeError;
-use crate::upstream::TransportError;
-use crate::upstream::http1::{Malformed, Part};
 
 /// Cases per property; each builds and decodes one status in microseconds.
 const CASES: u32 = 256;
@@ -123,19 +121,11 @@ fn documented_fault(context: &CallContext, code: u32, retry: RetryPolicy) -> Doc
 #[derive(Debug, Clone)]
 enum Kind {
     Unreachable(String),
-    ConnectionLost(Lost),
+    ConnectionLost(String),
     Timeout(Duration),
     HttpStatus(u16),
     BadResponse(DecodeError),
     ResponseTooLarge(usize),
-}
-
-/// How a connection was lost.
-#[derive(Debug, Clone)]
-enum Lost {
-    Reset,
-    Closed(Part),
-    TwoLengths(u64, u64),
 }
 
 fn kind() -> impl Strategy<Value = Kind> {
@@ -152,14 +142,7 @@ fn kind() -> impl Strategy<Value = Kind> {
     ]);
     prop_oneof![
         "[a-z ]{0,20}".prop_map(Kind::Unreachable),
-        prop_oneof![
-            Just(Lost::Reset),
-            Just(Lost::Closed(Part::Head)),
-            Just(Lost::Closed(Part::Body)),
-            (any::<u64>(), any::<u64>())
-                .prop_map(|(first, second)| Lost::TwoLengths(first, second)),
-        ]
-        .prop_map(Kind::ConnectionLost),
+        "[a-z ]{0,20}".prop_map(Kind::ConnectionLost),
         (0_u64..10_000_000).prop_map(|millis| Kind::Timeout(Duration::from_millis(millis))),
         (100_u16..1000).prop_map(Kind::HttpStatus),
         decode_error.prop_map(Kind::BadResponse),
@@ -173,13 +156,9 @@ fn upstream_error(kind: &Kind) -> UpstreamError {
             std::io::ErrorKind::ConnectionRefused,
             message.clone(),
         ))),
-        Kind::ConnectionLost(lost) => UpstreamError::ConnectionLost(match lost {
-            Lost::Reset => TransportError::Io(std::io::ErrorKind::ConnectionReset.into()),
-            Lost::Closed(part) => TransportError::Closed(*part),
-            Lost::TwoLengths(first, second) => {
-                TransportError::Malformed(Malformed::ContentLengths(*first, *second))
-            }
-        }),
+        Kind::ConnectionLost(message) => UpstreamError::ConnectionLost(Box::new(
+            std::io::Error::new(std::io::ErrorKind::ConnectionReset, message.clone()),
+        )),
         Kind::Timeout(limit) => UpstreamError::Timeout { limit: *limit },
         Kind::HttpStatus(code) => UpstreamError::HttpStatus {
             status: hyper::StatusCode::from_u16(*code).expect("100-999 is a valid status"),

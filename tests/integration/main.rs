@@ -4,8 +4,8 @@
 //! - `simulator_http`: the simulator's HTTP edge, spoken to directly.
 //! - `tls`: TLS, mutual TLS and HTTPS to the controller, with certificates made by rcgen.
 //! - `transport_outcomes`: every transport outcome against a scripted fake controller.
-//! - `upstream_hygiene`: a controller connection whose reply was not read cleanly to its end is
-//!   never used again.
+//! - `upstream_hygiene`: whatever a controller sent before, the next call reads its own reply and
+//!   each POST arrives once.
 //! - `grpc_web`: gRPC-Web over HTTP/1.1 and CORS.
 //! - `health`: grpc.health.v1 following the controller and shutdown; reflection.
 //! - `json_upstream`: the JSON variant of the task interface.

@@ -129,19 +129,6 @@ async fn assert_refused(address: SocketAddr) {
     assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
 }
 
-/// A stopped gateway leaves no connection open to the controller: the ones its calls kept alive
-/// close when `serve` returns, so a library caller that stops and starts gateways, or a
-/// controller with a connection limit, never meets connections nobody will use again.
-#[tokio::test]
-async fn stopping_the_gateway_closes_its_controller_connections() {
-    let upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
-    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
-    gateway.case_extract(4, 101337, None).await.unwrap();
-    upstream.wait_for_open_connections(1).await;
-    gateway.stop().await.unwrap();
-    upstream.wait_for_open_connections(0).await;
-}
-
 /// Issue 19, item 6: with nothing in flight, SIGTERM ends the real binary well before its 30 s
 /// grace even though nobody reads its stderr and its log is full: the exit's log flush is bounded
 /// on its own, not by the grace.

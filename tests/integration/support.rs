@@ -405,6 +405,9 @@ pub(crate) enum Script {
     RespondWhen { release: Arc<Notify>, body: Vec<u8> },
     /// Answer like `ok_xml` with `Connection: close`, then close the connection.
     RespondAndClose { body: Vec<u8> },
+    /// Answer like `ok_xml`, announcing nothing, then close the connection: a controller whose
+    /// keep-alive timeout ends as soon as it has answered.
+    RespondThenHangUp { body: Vec<u8> },
     /// Never answer; record when the gateway closes the connection.
     Hang,
     /// Close the connection as soon as the request has arrived.
@@ -412,11 +415,12 @@ pub(crate) enum Script {
     /// Send a chunked body that never ends; record when the gateway stops reading.
     Endless,
     /// Answer the first request of all with `first`, written as it is, then close that
-    /// connection if `close` or else wait for its next request; answer every later request, on
-    /// any connection, like `ok_xml(then)`.
-    FirstRaw {
+    /// connection if `close` or else answer every later request on it with `leftover`, also as
+    /// it is; answer every request on any other connection like `ok_xml(then)`.
+    Poisoned {
         first: Vec<u8>,
         close: bool,
+        leftover: Vec<u8>,
         then: Vec<u8>,
         /// Whether `first` has been sent, shared by every connection.
         sent: Arc<AtomicBool>,
@@ -433,11 +437,12 @@ impl Script {
         }
     }
 
-    /// See [`Script::FirstRaw`].
-    pub(crate) fn first_raw(first: &[u8], close: bool, then: &str) -> Script {
-        Script::FirstRaw {
+    /// See [`Script::Poisoned`].
+    pub(crate) fn poisoned(first: &[u8], close: bool, leftover: &[u8], then: &str) -> Script {
+        Script::Poisoned {
             first: first.to_vec(),
             close,
+            leftover: leftover.to_vec(),
             then: then.as_bytes().to_vec(),
             sent: Arc::new(AtomicBool::new(false)),
         }
@@ -465,8 +470,6 @@ pub(crate) struct FakeUpstream {
     backlog: VecDeque<Seen>,
     /// Connections that carried at least one request (the health probe's carry none).
     connections: Arc<AtomicUsize>,
-    /// How many of those are open now.
-    open: Arc<watch::Sender<usize>>,
 }
 
 impl FakeUpstream {
@@ -476,15 +479,14 @@ impl FakeUpstream {
         let address = listener.local_addr().unwrap();
         let (seen_tx, seen) = mpsc::unbounded_channel();
         let connections = Arc::new(AtomicUsize::new(0));
-        let open = Arc::new(watch::Sender::new(0));
-        let (accepted, still_open) = (connections.clone(), open.clone());
+        let accepted = connections.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 tokio::spawn(serve_connection(
                     stream,
                     script.clone(),
                     seen_tx.clone(),
-                    (accepted.clone(), still_open.clone()),
+                    accepted.clone(),
                 ));
             }
         });
@@ -494,19 +496,7 @@ impl FakeUpstream {
             seen,
             backlog: VecDeque::new(),
             connections,
-            open,
         }
-    }
-
-    /// Waits until `count` connections that carried a request are open, and fails the test if
-    /// that does not happen within [`CALL_LIMIT`].
-    pub(crate) async fn wait_for_open_connections(&self, count: usize) {
-        let mut open = self.open.subscribe();
-        let reached = async move {
-            open.wait_for(|open| *open == count).await.unwrap();
-        };
-        let what = format!("the fake controller never had {count} connections open");
-        within(CALL_LIMIT, &what, reached).await;
     }
 
     /// The next thing the fake saw; fails the test if nothing comes within 10 s.
@@ -562,10 +552,11 @@ async fn serve_connection(
     mut stream: TcpStream,
     script: Script,
     seen: mpsc::UnboundedSender<Seen>,
-    (connections, open): (Arc<AtomicUsize>, Arc<watch::Sender<usize>>),
+    connections: Arc<AtomicUsize>,
 ) {
     let mut buffer = Vec::new();
-    let mut _open = None;
+    // Whether this connection carried `Script::Poisoned`'s first reply.
+    let mut poisoned = false;
     for request in 0.. {
         let Some((request_line, headers, body)) = read_request(&mut stream, &mut buffer).await
         else {
@@ -573,7 +564,6 @@ async fn serve_connection(
         };
         if request == 0 {
             connections.fetch_add(1, Ordering::SeqCst);
-            _open = Some(OpenConnection::new(open.clone()));
         }
         let _ = seen.send(Seen::Request {
             request_line,
@@ -600,6 +590,10 @@ async fn serve_connection(
                 );
                 let _ = stream.write_all(head.as_bytes()).await;
                 let _ = stream.write_all(body).await;
+                return;
+            }
+            Script::RespondThenHangUp { body } => {
+                let _ = write_response(&mut stream, 200, "application/xml", body).await;
                 return;
             }
             Script::RespondWhen { release, body } => {
@@ -629,22 +623,30 @@ async fn serve_connection(
                 let _ = seen.send(Seen::Closed);
                 return;
             }
-            Script::FirstRaw {
+            Script::Poisoned {
                 first,
                 close,
+                leftover,
                 then,
                 sent,
             } => {
-                if !sent.swap(true, Ordering::SeqCst) {
-                    // The gateway may close it before reading it all; that is for the test to see.
-                    let _ = stream.write_all(first).await;
-                    if *close {
-                        return;
-                    }
-                } else if write_response(&mut stream, 200, "application/xml", then)
-                    .await
-                    .is_err()
-                {
+                let raw = if poisoned {
+                    Some(leftover)
+                } else if !sent.swap(true, Ordering::SeqCst) {
+                    poisoned = true;
+                    Some(first)
+                } else {
+                    None
+                };
+                let written = match raw {
+                    // The gateway may close it before reading it all; that is for the test to
+                    // see. Only the poisoned connection gets here, so `close` is about it.
+                    Some(raw) => stream.write_all(raw).await.is_ok() && !*close,
+                    None => write_response(&mut stream, 200, "application/xml", then)
+                        .await
+                        .is_ok(),
+                };
+                if !written {
                     return;
                 }
             }
