@@ -1,48 +1,51 @@
 //! Accepted connections, watched from accept to close, for every listener (the gRPC port,
 //! `/metrics` and the simulator).
 //!
-//! Hyper speaks the protocol; this module decides when a connection has had long enough:
+//! Hyper speaks the protocol and keeps the limits it has options for: HTTP/2 keep-alive pings,
+//! concurrent streams, header sizes and reset floods (`builder`, `server.rs`). This module keeps
+//! the limits no library has:
 //!
-//! - **Handshake**: a new connection must identify itself (TLS, then an HTTP/2 preface or a
-//!   complete first HTTP/1.1 request head) within the handshake timeout, or it is closed at
-//!   once, the way linkerd2-proxy's protocol detection gives up.
-//! - **Request heads**: a later HTTP/1.1 head must be complete within the header-read timeout
-//!   of its first byte (slowloris).
-//! - **Idle**: a connection without an open request for the idle timeout is closed gracefully
-//!   (GOAWAY on HTTP/2).
 //! - **Capacity**: beyond the connection limit a new connection is closed as soon as it is
-//!   accepted, before it costs more than a descriptor.
+//!   accepted, before it costs more than a descriptor (a semaphore, as in mini-redis).
+//! - **Handshake**: a new connection must identify itself (TLS, then an HTTP/2 preface or a
+//!   complete first HTTP/1.1 request head) within the handshake timeout of accept, or it is
+//!   closed, the way linkerd2-proxy's protocol detection gives up.
+//! - **Request heads**: a later HTTP/1.1 head must be complete within the header-read timeout
+//!   of its first byte (slowloris). Hyper's `header_read_timeout` starts when a kept-alive
+//!   connection goes idle, so it would close idle connections at the header-read timeout rather
+//!   than the idle one.
+//! - **Idle**: a connection without an open request for the idle timeout gets GOAWAY (an idle
+//!   HTTP/1.1 connection is closed). Hyper and hyper-util have no idle timeout for servers.
 //! - **Shutdown**: every connection gets GOAWAY at once. A request holds the drain only once its
-//!   body has fully arrived (a real call, or a response stream being sent); a connection with
-//!   nothing else (idle, a partial head, a body that never comes) is closed after a short
-//!   linger that lets the GOAWAY out.
+//!   body has fully arrived; a connection with nothing else (idle, a partial head, a body that
+//!   never comes) is closed after a short linger. hyper-util's `GracefulShutdown` waits for every
+//!   connection, so a silent peer could hold it for the whole grace.
 //!
-//! It learns what happens on a connection from two taps: `WatchedIo` sees the bytes read and
-//! `Tracked` sees requests start and their bodies end; both record it in the connection's
-//! `Activity`. Calls are the hot path, so a call only updates counters: the driver is woken
-//! for what needs an answer at once (a protocol identified, an HTTP/1.1 head starting, anything
-//! during shutdown), and otherwise reads the counters when its deadline comes.
+//! Each connection has one `State` behind a `std::sync::Mutex`, written by two taps (the bytes
+//! read from the socket, and each request's start, body and end) and read by the connection's
+//! driver, which decides with `next_step`, a pure function of the state, the time and the
+//! limits. Calls are the hot path, so a call only updates the state: the driver is woken through
+//! a `Notify` only when it must act at once (the protocol identified, an HTTP/1.1 head starting,
+//! anything during shutdown), and otherwise reads the state when its deadline comes.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::task::AtomicWaker;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tonic::body::Body;
 use tonic::transport::server::TcpConnectInfo;
@@ -89,7 +92,8 @@ pub(crate) struct ConnectionLimits {
     pub(crate) idle_timeout: Duration,
 }
 
-/// What a listener's connections are doing, summed, for the shutdown log.
+/// What a listener's connections are doing, summed, for the shutdown log. Plain counters:
+/// nothing is decided on them, so the order in which threads see them does not matter.
 #[derive(Debug, Default)]
 pub(crate) struct Census {
     /// Calls (task-service requests) whose request has fully arrived and whose response has not
@@ -117,99 +121,79 @@ pub(crate) struct CensusCounts {
     pub(crate) closed_partial: usize,
 }
 
-/// Whether a request is a call (the task service) or another stream; only for the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum RequestKind {
-    /// A task-service call.
-    Call,
-    /// Health, reflection, anything else.
-    Stream,
+/// One listener's connections: the limit on how many are open, what they are doing, and the
+/// shutdown signal they all follow.
+#[derive(Debug)]
+pub(crate) struct Connections {
+    limits: ConnectionLimits,
+    metrics: ListenerMetrics,
+    pub(crate) census: Arc<Census>,
+    /// One permit per connection that may be open.
+    slots: Arc<Semaphore>,
+    max_connections: usize,
+    /// Refusals come in floods; one line per interval.
+    refusal_log: LogEvery,
+    /// `true` once shutdown has begun. Every admitted connection holds a receiver until it
+    /// closes, so the sender also tells when all have closed.
+    draining: watch::Sender<bool>,
 }
 
-/// What one connection is doing, shared by its taps and its driver.
+/// What an admitted connection holds until it closes.
 #[derive(Debug)]
-pub(crate) struct Activity {
+pub(crate) struct Admission {
+    _slot: OwnedSemaphorePermit,
+    _open: GaugeGuard,
+    draining: watch::Receiver<bool>,
+    connection: Arc<Connection>,
+    limits: ConnectionLimits,
+    metrics: ListenerMetrics,
+    peer: SocketAddr,
+}
+
+/// One connection's state, shared by its taps and its driver.
+#[derive(Debug)]
+struct Connection {
+    state: Mutex<State>,
+    /// Wakes the driver when it must act before its deadline.
+    wake: Notify,
     census: Arc<Census>,
+}
+
+/// What one connection is doing; [`next_step`] decides from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct State {
+    /// The handshake timeout counts from here.
+    accepted_at: Instant,
+    /// It has sent an HTTP/2 preface or a complete first request head.
+    identified: bool,
     /// Requests whose response has not ended, including those still receiving their body.
-    open: AtomicUsize,
+    open: usize,
     /// Of those, requests whose body has fully arrived: the ones shutdown waits for.
-    working: AtomicUsize,
-    /// Requests started so far; a change tells the driver the connection was just busy.
-    started: AtomicU64,
-    /// The connection has said which protocol it speaks (an HTTP/2 preface or a first request).
-    identified: AtomicBool,
-    /// It speaks HTTP/2, where bytes between requests are pings and settings, not a head.
-    http2: AtomicBool,
-    /// Bytes arrived while no request was open: the next HTTP/1.1 request head is on its way.
-    head_arriving: AtomicBool,
-    /// When the last request ended, in nanoseconds since `started_at`.
-    last_end: AtomicU64,
-    /// The time `last_end` counts from.
-    started_at: Instant,
-    /// Shutdown has begun: from now on every change wakes the driver.
-    draining: AtomicBool,
-    /// Set with a wake-up of the driver; the driver clears it when it looks.
-    signalled: AtomicBool,
-    /// The driver's waker.
-    driver: AtomicWaker,
+    arrived: usize,
+    /// Since when the bytes of a request head (or preface) have been arriving with no request
+    /// open.
+    head_since: Option<Instant>,
+    /// Since when no request has been open.
+    idle_since: Instant,
+    /// Shutdown has begun and GOAWAY was sent: from now on every change wakes the driver.
+    draining: bool,
 }
 
-/// The socket of one connection, with a tap on what is read from it.
-#[derive(Debug)]
-pub(crate) struct WatchedIo<T> {
-    inner: T,
-    activity: Arc<Activity>,
-    /// How many bytes of the HTTP/2 preface have matched so far, until identification.
-    preface_matched: usize,
-}
-
-/// The service of one connection, with a tap on each request's start, body and end.
-#[derive(Debug, Clone)]
-pub(crate) struct Tracked<S> {
-    inner: S,
-    activity: Arc<Activity>,
-    /// Requests whose path starts with this are calls; the rest are streams.
-    call_path_prefix: &'static str,
-    /// Put in every request, so `tonic::Request::remote_addr` works as under tonic's server.
-    connect_info: TcpConnectInfo,
-}
-
-/// A request's progress, shared by its body tap and its guard.
-#[derive(Debug)]
-struct RequestProgress {
-    activity: Arc<Activity>,
-    kind: RequestKind,
-    /// `RECEIVING`, then `WORKING` once the body has fully arrived, then `ENDED`.
-    state: AtomicU8,
-}
-
-const RECEIVING: u8 = 0;
-const WORKING: u8 = 1;
-const ENDED: u8 = 2;
-
-/// Marks a request ended when dropped: with its response body, or with its response future if
-/// the request was cancelled first.
-#[derive(Debug)]
-pub(crate) struct RequestGuard(Arc<RequestProgress>);
-
-/// A request body that reports when it has fully arrived.
-#[derive(Debug)]
-struct RequestBody {
-    inner: Incoming,
-    progress: Arc<RequestProgress>,
-}
-
-/// A response body that holds something (a request's guard, a permit) until it is dropped:
-/// when the response has been sent, or its stream reset.
-#[derive(Debug)]
-pub(crate) struct Holding<T, B = Body> {
-    inner: B,
-    _held: T,
+/// What the driver does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Serve on, and look again at the instant (`None`: only when woken).
+    LookAgainAt(Option<Instant>),
+    /// Send GOAWAY (close an idle HTTP/1.1 connection) for this reason, and drop the connection
+    /// after the linger.
+    GoAway(Ending),
+    /// Drop the connection now, for this reason.
+    Drop(Ending),
 }
 
 /// Why a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Ending {
+enum Ending {
     /// The peer closed it, or the protocol ended it.
     Closed,
     /// It did not identify its protocol in time.
@@ -218,57 +202,77 @@ pub(crate) enum Ending {
     HeaderTimeout,
     /// It had no open request for the idle timeout.
     Idle,
-    /// Shutdown closed it with nothing worth waiting for.
+    /// Shutdown closed it once nothing worth waiting for was left.
     Shutdown,
 }
 
-/// One listener's connections: the limit on how many are open, what they are doing, and the
-/// shutdown signal they all follow.
+/// The socket of one connection, with a tap on what is read from it.
 #[derive(Debug)]
-pub(crate) struct Connections {
-    pub(crate) limits: ConnectionLimits,
-    pub(crate) metrics: ListenerMetrics,
-    pub(crate) census: Arc<Census>,
-    /// One permit per connection that may be open.
-    slots: Arc<Semaphore>,
-    max_connections: usize,
-    /// Refusals come in floods; one line per interval.
-    refusal_log: LogEvery,
-    /// Every connection holds a receiver until it closes, so `closed` tells when all have.
-    open_connections: watch::Sender<()>,
-    /// The connections open now, to tell each when shutdown begins.
-    live: Arc<Mutex<Live>>,
+pub(crate) struct WatchedIo<T> {
+    inner: T,
+    connection: Arc<Connection>,
+    protocol: Protocol,
 }
 
-/// The [`Activity`] of every open connection of a listener.
-#[derive(Debug, Default)]
-struct Live {
-    next_id: u64,
-    activities: HashMap<u64, Arc<Activity>>,
-    shutdown_begun: bool,
+/// What the socket tap knows of the connection's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// This many bytes of the HTTP/2 preface have arrived, and nothing else.
+    Preface(usize),
+    /// HTTP/1.1: bytes with no request open are the start of a head.
+    Http1,
+    /// HTTP/2: bytes between requests are pings and settings; the tap has nothing more to do.
+    Http2,
 }
 
-/// Takes a connection out of [`Live`] when it closes.
-#[derive(Debug)]
-struct LiveEntry {
-    live: Arc<Mutex<Live>>,
-    id: u64,
+/// The service of one connection, with a tap on each request's start, body and end.
+#[derive(Debug, Clone)]
+pub(crate) struct Tracked<S> {
+    inner: S,
+    connection: Arc<Connection>,
+    /// Requests whose path starts with this are calls; the rest are streams.
+    call_path_prefix: &'static str,
+    /// Put in every request, so `tonic::Request::remote_addr` works as under tonic's server.
+    connect_info: TcpConnectInfo,
 }
 
-/// What an admitted connection holds until it closes.
+/// One request, shared by its body tap and its guard.
 #[derive(Debug)]
-pub(crate) struct Admission {
-    _slot: OwnedSemaphorePermit,
-    _open: GaugeGuard,
-    _counted: watch::Receiver<()>,
-    _live: LiveEntry,
-    /// When the connection was accepted; the handshake timeout counts from here.
-    pub(crate) accepted_at: Instant,
-    activity: Arc<Activity>,
-    limits: ConnectionLimits,
-    /// The listener's counters, for the connection's ending.
-    pub(crate) metrics: ListenerMetrics,
-    peer: SocketAddr,
+struct TrackedRequest {
+    connection: Arc<Connection>,
+    /// A call or another stream, for the census.
+    is_call: bool,
+    /// Locked before the connection's state, never after it, so the two taps agree on whether
+    /// the request was counted as arrived.
+    stage: Mutex<Stage>,
+}
+
+/// Where a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Receiving,
+    Arrived,
+    Ended,
+}
+
+/// Ends a request when dropped: with its response body, or with its response future if the
+/// request was cancelled first.
+#[derive(Debug)]
+pub(crate) struct RequestGuard(Arc<TrackedRequest>);
+
+/// A request body that reports when it has fully arrived.
+#[derive(Debug)]
+struct RequestBody {
+    inner: Incoming,
+    request: Arc<TrackedRequest>,
+}
+
+/// A response body that holds something (a request's guard, a permit) until it is dropped:
+/// when the response has been sent, or its stream reset.
+#[derive(Debug)]
+pub(crate) struct Holding<T, B = Body> {
+    inner: B,
+    _held: T,
 }
 
 // === impl Settings ===
@@ -326,8 +330,7 @@ impl Connections {
             slots: Arc::new(Semaphore::new(max_connections)),
             max_connections,
             refusal_log: LogEvery::default(),
-            open_connections: watch::Sender::new(()),
-            live: Arc::default(),
+            draining: watch::Sender::new(false),
         }
     }
 
@@ -348,27 +351,16 @@ impl Connections {
             }
             return None;
         };
-        let activity = Arc::new(Activity::new(Arc::clone(&self.census), accepted_at));
-        let id = {
-            let mut live = lock(&self.live);
-            let id = live.next_id;
-            live.next_id += 1;
-            if live.shutdown_begun {
-                activity.draining.store(true, Ordering::SeqCst);
-            }
-            live.activities.insert(id, Arc::clone(&activity));
-            id
+        let connection = Connection {
+            state: Mutex::new(State::new(accepted_at)),
+            wake: Notify::new(),
+            census: Arc::clone(&self.census),
         };
         Some(Admission {
             _slot: slot,
             _open: self.metrics.connection_opened(),
-            _counted: self.open_connections.subscribe(),
-            _live: LiveEntry {
-                live: Arc::clone(&self.live),
-                id,
-            },
-            accepted_at,
-            activity,
+            draining: self.draining.subscribe(),
+            connection: Arc::new(connection),
             limits: self.limits,
             metrics: self.metrics.clone(),
             peer,
@@ -377,28 +369,12 @@ impl Connections {
 
     /// Tells every connection that shutdown has begun.
     pub(crate) fn begin_shutdown(&self) {
-        let mut live = lock(&self.live);
-        live.shutdown_begun = true;
-        for activity in live.activities.values() {
-            activity.draining.store(true, Ordering::SeqCst);
-            activity.signal();
-        }
+        self.draining.send_replace(true);
     }
 
     /// Resolves once every admitted connection has closed.
     pub(crate) async fn all_closed(&self) {
-        self.open_connections.closed().await;
-    }
-}
-
-fn lock(live: &Mutex<Live>) -> std::sync::MutexGuard<'_, Live> {
-    // The map stays consistent whatever panicked while holding it.
-    live.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl Drop for LiveEntry {
-    fn drop(&mut self) {
-        lock(&self.live).activities.remove(&self.id);
+        self.draining.closed().await;
     }
 }
 
@@ -414,7 +390,7 @@ impl Admission {
     ) -> Tracked<S> {
         Tracked {
             inner: service,
-            activity: Arc::clone(&self.activity),
+            connection: Arc::clone(&self.connection),
             call_path_prefix,
             connect_info: TcpConnectInfo {
                 local_addr: local,
@@ -424,23 +400,102 @@ impl Admission {
     }
 
     /// Runs a step of the handshake before HTTP (TLS) within the handshake timeout; gives up
-    /// at once when shutdown begins. The error is the ending, already recorded.
+    /// at once when shutdown begins. `None` when it gave up.
     pub(crate) async fn within_handshake<T>(
         &mut self,
         handshake: impl Future<Output = T>,
-    ) -> Result<T, Ending> {
-        let deadline = self.accepted_at + self.limits.handshake_timeout;
+    ) -> Option<T> {
+        let deadline = self.accepted_at() + self.limits.handshake_timeout;
         let ending = tokio::select! {
-            output = handshake => return Ok(output),
+            output = handshake => return Some(output),
             () = tokio::time::sleep_until(deadline) => Ending::HandshakeTimeout,
-            () = self.activity.until_draining() => Ending::Shutdown,
+            _ = self.draining.wait_for(|draining| *draining) => Ending::Shutdown,
         };
         self.record(ending);
-        Err(ending)
+        None
+    }
+
+    /// Serves `io` with `service` on `builder` until the peer closes it, a limit closes it, or
+    /// shutdown closes it; counts a close by a time limit.
+    pub(crate) async fn serve<I, S, ResBody>(
+        mut self,
+        builder: &auto::Builder<TokioExecutor>,
+        io: I,
+        service: Tracked<S>,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: tower::Service<Request<Body>, Response = Response<ResBody>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        ResBody: HttpBody<Data = Bytes> + Unpin + Send + 'static,
+        ResBody::Error: Into<BoxError>,
+    {
+        let connection = Arc::clone(&self.connection);
+        let io = TokioIo::new(WatchedIo {
+            inner: io,
+            connection: Arc::clone(&connection),
+            protocol: Protocol::Preface(0),
+        });
+        let served = builder.serve_connection(io, TowerToHyperService::new(service));
+        tokio::pin!(served);
+        let mut draining = false;
+        // A request held the drain, so the close is not one of an idle or partial connection.
+        let mut held_drain = false;
+        // GOAWAY was sent for this reason; the connection is dropped at the instant.
+        let mut closing: Option<(Instant, Ending)> = None;
+        let ending = loop {
+            let look_again_at = match closing {
+                Some((until, _)) => Some(until),
+                None => {
+                    let now = Instant::now();
+                    let state = *connection.lock();
+                    match next_step(&state, now, &self.limits) {
+                        Step::LookAgainAt(at) => {
+                            held_drain |= state.draining;
+                            at
+                        }
+                        Step::Drop(ending) => break ending,
+                        Step::GoAway(ending) => {
+                            if ending == Ending::Shutdown && !held_drain {
+                                connection.census.closed(state.is_partial());
+                            }
+                            served.as_mut().graceful_shutdown();
+                            closing = Some((now + CLOSE_LINGER, ending));
+                            continue;
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                result = served.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(cause = %error, peer = %self.peer, "connection ended with an error");
+                    }
+                    break closing.map_or(Ending::Closed, |(_, ending)| ending);
+                }
+                () = connection.wake.notified() => {}
+                () = sleep_until(look_again_at) => {
+                    if let Some((_, ending)) = closing {
+                        break ending;
+                    }
+                }
+                // An error means the listener is gone without a shutdown: drained all the same.
+                _ = self.draining.wait_for(|draining| *draining), if !draining => {
+                    draining = true;
+                    connection.lock().draining = true;
+                    served.as_mut().graceful_shutdown();
+                }
+            }
+        };
+        self.record(ending);
+    }
+
+    fn accepted_at(&self) -> Instant {
+        self.connection.lock().accepted_at
     }
 
     /// Counts a connection closed by a time limit, and logs it at debug level.
-    pub(crate) fn record(&self, ending: Ending) {
+    fn record(&self, ending: Ending) {
         let reason = match ending {
             Ending::Closed | Ending::Shutdown => return,
             Ending::HandshakeTimeout => "handshake_timeout",
@@ -450,6 +505,13 @@ impl Admission {
         self.metrics.connection_closed(reason);
         let peer = self.peer;
         tracing::debug!(listener = self.metrics.listener(), %peer, reason, "connection closed by a time limit");
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -466,168 +528,138 @@ impl Census {
         }
     }
 
-    fn working(&self, kind: RequestKind) -> &AtomicUsize {
-        match kind {
-            RequestKind::Call => &self.calls,
-            RequestKind::Stream => &self.streams,
+    fn arrived(&self, is_call: bool) -> &AtomicUsize {
+        if is_call { &self.calls } else { &self.streams }
+    }
+
+    fn closed(&self, partial: bool) {
+        let counter = if partial {
+            &self.closed_partial
+        } else {
+            &self.closed_idle
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+// === impl Connection ===
+
+impl Connection {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every update leaves the state whole, so it stays usable whatever panicked.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Applies `update` to the state, and wakes the driver if it says so.
+    fn update(&self, update: impl FnOnce(&mut State) -> bool) {
+        let wake = update(&mut self.lock());
+        if wake {
+            self.wake.notify_one();
         }
     }
 }
 
-// === impl Activity ===
+// === impl State ===
 
-impl Activity {
-    fn new(census: Arc<Census>, started_at: Instant) -> Self {
-        Activity {
-            census,
-            open: AtomicUsize::new(0),
-            working: AtomicUsize::new(0),
-            started: AtomicU64::new(0),
-            identified: AtomicBool::new(false),
-            http2: AtomicBool::new(false),
-            head_arriving: AtomicBool::new(false),
-            last_end: AtomicU64::new(0),
-            started_at,
-            draining: AtomicBool::new(false),
-            signalled: AtomicBool::new(false),
-            driver: AtomicWaker::new(),
+impl State {
+    fn new(accepted_at: Instant) -> Self {
+        State {
+            accepted_at,
+            identified: false,
+            open: 0,
+            arrived: 0,
+            head_since: None,
+            idle_since: accepted_at,
+            draining: false,
         }
     }
 
-    /// Wakes the driver.
-    fn signal(&self) {
-        self.signalled.store(true, Ordering::SeqCst);
-        self.driver.wake();
-    }
-
-    /// Resolves once [`Activity::signal`] has been called since the driver last looked.
-    fn signalled(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(|cx| {
-            self.driver.register(cx.waker());
-            if self.signalled.swap(false, Ordering::SeqCst) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-    }
-
-    /// Resolves once shutdown has begun.
-    async fn until_draining(&self) {
-        while !self.draining.load(Ordering::SeqCst) {
-            self.signalled().await;
-        }
-    }
-
-    /// When the last request ended; `started_at` if none has.
-    fn last_end(&self) -> Instant {
-        self.started_at + Duration::from_nanos(self.last_end.load(Ordering::SeqCst))
-    }
-
-    fn request_started(self: &Arc<Self>, kind: RequestKind) -> Arc<RequestProgress> {
-        self.open.fetch_add(1, Ordering::SeqCst);
-        self.started.fetch_add(1, Ordering::SeqCst);
-        let head_was_arriving = self.head_arriving.swap(false, Ordering::SeqCst);
-        let was_identified = self.identified.swap(true, Ordering::SeqCst);
-        // The driver times a head or the handshake only until the request starts; otherwise a
-        // call costs it nothing: it reads the counters when its deadline comes.
-        if head_was_arriving || !was_identified || self.draining.load(Ordering::SeqCst) {
-            self.signal();
-        }
-        Arc::new(RequestProgress {
-            activity: Arc::clone(self),
-            kind,
-            state: AtomicU8::new(RECEIVING),
-        })
-    }
-
-    /// Called by the socket tap for every read that returned bytes.
-    fn bytes_read(&self, preface_matched: &mut usize, bytes: &[u8]) {
-        if !self.identified.load(Ordering::Relaxed) {
-            // Compare what has arrived with the HTTP/2 preface; the first difference means
-            // HTTP/1.1, identified later by its first complete request head.
-            let matched = *preface_matched;
-            let expected = &HTTP2_PREFACE[matched.min(HTTP2_PREFACE.len())..];
-            let length = bytes.len().min(expected.len());
-            if bytes[..length] == expected[..length] && matched < HTTP2_PREFACE.len() {
-                *preface_matched = matched + length;
-                if *preface_matched == HTTP2_PREFACE.len() {
-                    self.head_arriving.store(false, Ordering::SeqCst);
-                    self.http2.store(true, Ordering::SeqCst);
-                    self.identified.store(true, Ordering::SeqCst);
-                    self.signal();
-                    return;
-                }
-            } else {
-                // Never matches again: a mismatch is permanent.
-                *preface_matched = usize::MAX;
-            }
-            // Part of a preface or of a first head: a partial request, should shutdown come now.
-            // The handshake timeout times it; no need to wake the driver.
-            self.head_arriving.store(true, Ordering::SeqCst);
-            return;
-        }
-        if !self.http2.load(Ordering::Relaxed)
-            && self.open.load(Ordering::SeqCst) == 0
-            && !self.head_arriving.swap(true, Ordering::SeqCst)
-        {
-            self.signal();
-        }
+    /// Closed now, the connection would cut a request short (a head, or a body, still on its
+    /// way).
+    fn is_partial(&self) -> bool {
+        self.open > 0 || self.head_since.is_some()
     }
 }
 
-// === impl RequestProgress ===
-
-impl RequestProgress {
-    /// The body has fully arrived: from now on the request is worth waiting for.
-    fn body_complete(&self) {
-        if self
-            .state
-            .compare_exchange(RECEIVING, WORKING, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
-        {
-            self.activity.working.fetch_add(1, Ordering::SeqCst);
-            self.activity
-                .census
-                .working(self.kind)
-                .fetch_add(1, Ordering::SeqCst);
-            if self.activity.draining.load(Ordering::SeqCst) {
-                self.activity.signal();
-            }
+/// The driver's decisions, one rule per line, apart from the I/O so that they read as a table
+/// (and are tested as one).
+fn next_step(state: &State, now: Instant, limits: &ConnectionLimits) -> Step {
+    let at_or_before = |deadline: Instant, ending| {
+        if now >= deadline {
+            Step::Drop(ending)
+        } else {
+            Step::LookAgainAt(Some(deadline))
         }
+    };
+    if state.draining {
+        // Every change wakes the driver now, so it has no deadline of its own.
+        return if state.arrived > 0 {
+            Step::LookAgainAt(None)
+        } else {
+            Step::GoAway(Ending::Shutdown)
+        };
     }
-}
-
-impl Drop for RequestGuard {
-    fn drop(&mut self) {
-        let progress = &self.0;
-        let activity = &progress.activity;
-        if progress.state.swap(ENDED, Ordering::SeqCst) == WORKING {
-            activity.working.fetch_sub(1, Ordering::SeqCst);
-            activity
-                .census
-                .working(progress.kind)
-                .fetch_sub(1, Ordering::SeqCst);
-        }
-        let since_start = Instant::now().saturating_duration_since(activity.started_at);
-        let since_start = u64::try_from(since_start.as_nanos()).unwrap_or(u64::MAX);
-        activity.last_end.fetch_max(since_start, Ordering::SeqCst);
-        activity.open.fetch_sub(1, Ordering::SeqCst);
-        if activity.draining.load(Ordering::SeqCst) {
-            activity.signal();
-        }
+    if !state.identified {
+        return at_or_before(
+            state.accepted_at + limits.handshake_timeout,
+            Ending::HandshakeTimeout,
+        );
+    }
+    if state.open > 0 {
+        // Request ends do not wake the driver: it looks again when the connection could have
+        // been idle for the whole idle timeout at the earliest.
+        return Step::LookAgainAt(Some(now + limits.idle_timeout));
+    }
+    if let Some(head_since) = state.head_since {
+        return at_or_before(
+            head_since + limits.header_read_timeout,
+            Ending::HeaderTimeout,
+        );
+    }
+    match at_or_before(state.idle_since + limits.idle_timeout, Ending::Idle) {
+        Step::Drop(ending) => Step::GoAway(ending),
+        step => step,
     }
 }
 
 // === impl WatchedIo ===
 
 impl<T> WatchedIo<T> {
-    pub(crate) fn new(inner: T, activity: Arc<Activity>) -> Self {
-        WatchedIo {
-            inner,
-            activity,
-            preface_matched: 0,
+    /// Called for every read that returned bytes.
+    fn bytes_read(&mut self, bytes: &[u8]) {
+        if let Protocol::Preface(matched) = self.protocol {
+            // A first difference from the HTTP/2 preface means HTTP/1.1, identified later by its
+            // first complete request head.
+            let expected = &HTTP2_PREFACE[matched..];
+            let length = bytes.len().min(expected.len());
+            self.protocol = if bytes[..length] != expected[..length] {
+                Protocol::Http1
+            } else if matched + length == HTTP2_PREFACE.len() {
+                Protocol::Http2
+            } else {
+                Protocol::Preface(matched + length)
+            };
+            if self.protocol == Protocol::Http2 {
+                self.connection.update(|state| {
+                    state.identified = true;
+                    state.head_since = None;
+                    true
+                });
+                return;
+            }
         }
+        if self.protocol == Protocol::Http2 {
+            return;
+        }
+        let now = Instant::now();
+        self.connection.update(|state| {
+            if state.open > 0 || state.head_since.is_some() {
+                return false;
+            }
+            state.head_since = Some(now);
+            // Before identification the handshake deadline already times the head.
+            state.identified || state.draining
+        });
     }
 }
 
@@ -639,12 +671,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for WatchedIo<T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = polled {
-            let this = &mut *self;
-            let read = &buf.filled()[before..];
-            if !read.is_empty() {
-                this.activity.bytes_read(&mut this.preface_matched, read);
-            }
+        let read = &buf.filled()[before..];
+        if !read.is_empty() {
+            self.bytes_read(read);
         }
         polled
     }
@@ -700,27 +729,79 @@ where
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let kind = if request.uri().path().starts_with(self.call_path_prefix) {
-            RequestKind::Call
-        } else {
-            RequestKind::Stream
-        };
-        let progress = self.activity.request_started(kind);
-        let guard = RequestGuard(Arc::clone(&progress));
+        self.connection.update(|state| {
+            state.open += 1;
+            state.head_since = None;
+            // The driver stops timing the handshake; a later head was timed only until now.
+            let identifies = !state.identified;
+            state.identified = true;
+            identifies || state.draining
+        });
+        let tracked = Arc::new(TrackedRequest {
+            connection: Arc::clone(&self.connection),
+            is_call: request.uri().path().starts_with(self.call_path_prefix),
+            stage: Mutex::new(Stage::Receiving),
+        });
+        let guard = RequestGuard(Arc::clone(&tracked));
         let (mut parts, body) = request.into_parts();
         if body.is_end_stream() {
-            progress.body_complete();
+            tracked.body_arrived();
         }
         parts.extensions.insert(self.connect_info.clone());
         let body = Body::new(RequestBody {
             inner: body,
-            progress,
+            request: tracked,
         });
         let response = self.inner.call(Request::from_parts(parts, body));
         Box::pin(async move {
             let response = response.await.map_err(Into::into)?;
             Ok(response.map(|body| Holding::new(body, guard)))
         })
+    }
+}
+
+// === impl TrackedRequest ===
+
+impl TrackedRequest {
+    /// Moves the request to `next`, updating the counts it leaves and enters.
+    fn advance(&self, next: Stage) {
+        let mut stage = self.stage.lock().unwrap_or_else(PoisonError::into_inner);
+        let previous = std::mem::replace(&mut *stage, next);
+        if previous == next || previous == Stage::Ended {
+            *stage = previous;
+            return;
+        }
+        let census = self.connection.census.arrived(self.is_call);
+        let now = Instant::now();
+        self.connection.update(|state| {
+            match (previous, next) {
+                (Stage::Receiving, Stage::Arrived) => {
+                    state.arrived += 1;
+                    census.fetch_add(1, Ordering::Relaxed);
+                }
+                (Stage::Arrived, Stage::Ended) => {
+                    state.arrived -= 1;
+                    census.fetch_sub(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+            if next == Stage::Ended {
+                state.open -= 1;
+                state.idle_since = now;
+            }
+            state.draining
+        });
+    }
+
+    /// The body has fully arrived: from now on the request is worth waiting for.
+    fn body_arrived(&self) {
+        self.advance(Stage::Arrived);
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.advance(Stage::Ended);
     }
 }
 
@@ -736,7 +817,7 @@ impl HttpBody for RequestBody {
         // The end, not the last frame: asking h2 whether a frame was the last takes a lock, and
         // tonic reads every body to its end (a one-message call too, for its trailers).
         if let Poll::Ready(None) = polled {
-            self.progress.body_complete();
+            self.request.body_arrived();
         }
         polled
     }
@@ -779,11 +860,9 @@ impl<T: Unpin, B: HttpBody<Data = Bytes> + Unpin> HttpBody for Holding<T, B> {
     }
 }
 
-// === serving one connection ===
-
-/// A hyper connection builder with the timer that HTTP/2 keep-alive needs. HTTP/1.1 head
-/// timeouts are this module's (hyper's own starts counting when the connection goes idle, so it
-/// cannot tell an idle keep-alive connection from a slow head).
+/// A hyper connection builder with the timer that HTTP/2 keep-alive needs. Hyper's defaults
+/// bound header sizes (HTTP/1.1 buffer, HTTP/2 header list) and reset floods (pending-accept and
+/// local-error resets); HTTP/1.1 head timeouts are this module's (see the module doc).
 pub(crate) fn builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().header_read_timeout(None);
@@ -791,177 +870,102 @@ pub(crate) fn builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Serves `io` with `service` on `builder` until the peer closes it, a limit closes it, or
-/// shutdown closes it; counts a close by a time limit.
-pub(crate) async fn serve<I, S, ResBody>(
-    builder: &auto::Builder<TokioExecutor>,
-    io: I,
-    service: Tracked<S>,
-    admission: &mut Admission,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: tower::Service<Request<Body>, Response = Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    ResBody: HttpBody<Data = Bytes> + Unpin + Send + 'static,
-    ResBody::Error: Into<BoxError>,
-{
-    let activity = Arc::clone(&admission.activity);
-    let io = TokioIo::new(WatchedIo::new(io, Arc::clone(&activity)));
-    let connection = builder.serve_connection(io, TowerToHyperService::new(service));
-    tokio::pin!(connection);
-    let mut driver = Driver::new(admission.accepted_at, admission.limits);
-    let ending = loop {
-        if !driver.draining && activity.draining.load(Ordering::SeqCst) {
-            driver.draining = true;
-            connection.as_mut().graceful_shutdown();
-        }
-        let deadline = match driver.next_step(&activity) {
-            Step::Wait(deadline) => deadline,
-            Step::GoAway(ending) => {
-                connection.as_mut().graceful_shutdown();
-                driver.closing = Some((Instant::now() + CLOSE_LINGER, ending));
-                continue;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(seconds: u64) -> Duration {
+        Duration::from_secs(seconds)
+    }
+
+    const LIMITS: ConnectionLimits = ConnectionLimits {
+        handshake_timeout: Duration::from_secs(10),
+        header_read_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(60),
+    };
+
+    /// The step for a connection accepted at `t0`, set up by `setup`, at `t0 + at` seconds.
+    fn check(
+        setup: impl FnOnce(&mut State, Instant),
+        at: u64,
+        expected: impl FnOnce(Instant) -> Step,
+    ) {
+        let t0 = Instant::now();
+        let mut state = State::new(t0);
+        setup(&mut state, t0);
+        let now = t0 + secs(at);
+        assert_eq!(
+            next_step(&state, now, &LIMITS),
+            expected(t0),
+            "{state:?} at {at}s"
+        );
+    }
+
+    fn identified(state: &mut State, _: Instant) {
+        state.identified = true;
+    }
+
+    #[test]
+    fn the_steps_of_a_connection() {
+        use Step::{Drop, GoAway, LookAgainAt};
+        let at = |seconds: u64| move |t0: Instant| LookAgainAt(Some(t0 + secs(seconds)));
+        // Before identification only the handshake deadline counts, a partial head or not.
+        check(|_, _| {}, 0, at(10));
+        check(|state, t0| state.head_since = Some(t0 + secs(1)), 9, at(10));
+        check(|_, _| {}, 10, |_| Drop(Ending::HandshakeTimeout));
+        // Identified and idle: GOAWAY once the idle timeout has passed since the last request.
+        check(identified, 0, at(60));
+        check(identified, 60, |_| GoAway(Ending::Idle));
+        check(
+            |state, t0| {
+                identified(state, t0);
+                state.idle_since = t0 + secs(30);
+            },
+            60,
+            at(90),
+        );
+        // A request open: look again one idle timeout later, whatever the older deadlines.
+        check(
+            |state, t0| {
+                identified(state, t0);
+                state.open = 1;
+            },
+            100,
+            at(160),
+        );
+        // A later head: dropped once the header-read timeout has passed since its first byte.
+        let head_at_50 = |state: &mut State, t0: Instant| {
+            identified(state, t0);
+            state.head_since = Some(t0 + secs(50));
+        };
+        check(head_at_50, 52, at(55));
+        check(head_at_50, 55, |_| Drop(Ending::HeaderTimeout));
+        // Draining: held while a request has fully arrived, GOAWAY at once otherwise, whatever
+        // the protocol or the other limits.
+        let draining = |arrived: usize| {
+            move |state: &mut State, _: Instant| {
+                state.draining = true;
+                state.open = 2;
+                state.arrived = arrived;
             }
         };
-        tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(error) = result {
-                    tracing::debug!(cause = %error, peer = %admission.peer, "connection ended with an error");
-                }
-                break driver.closing.map_or(Ending::Closed, |(_, ending)| ending);
-            }
-            () = activity.signalled() => {}
-            () = sleep_until(deadline) => {
-                if let Some(ending) = driver.deadline_passed() {
-                    break ending;
-                }
-            }
-        }
-    };
-    admission.record(ending);
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The timing decisions of one connection, apart from the I/O so they read as one table.
-#[derive(Debug)]
-struct Driver {
-    limits: ConnectionLimits,
-    accepted_at: Instant,
-    /// `started` as last seen: a change means the connection was just busy.
-    last_started: u64,
-    /// Since when no request has been open.
-    idle_since: Instant,
-    /// Since when the bytes of a request head have been arriving.
-    head_since: Option<Instant>,
-    /// Shutdown has begun (GOAWAY sent).
-    draining: bool,
-    /// A request held the connection open during shutdown, so its close is not counted as one
-    /// of an idle or partial connection.
-    held_shutdown: bool,
-    /// GOAWAY was sent for this reason; the connection is dropped at the instant.
-    closing: Option<(Instant, Ending)>,
-    /// What happens when the pending deadline passes.
-    on_deadline: OnDeadline,
-}
-
-/// What the driver does next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
-    /// Serve until the deadline (none: until something changes).
-    Wait(Option<Instant>),
-    /// Send GOAWAY (or close an idle HTTP/1.1 connection) for this reason, then linger.
-    GoAway(Ending),
-}
-
-/// What the pending deadline means.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OnDeadline {
-    /// Nothing: look again.
-    Recheck,
-    /// Drop the connection now, for this reason.
-    Drop(Ending),
-}
-
-impl Driver {
-    fn new(accepted_at: Instant, limits: ConnectionLimits) -> Self {
-        Driver {
-            limits,
-            accepted_at,
-            last_started: 0,
-            idle_since: accepted_at,
-            head_since: None,
-            draining: false,
-            held_shutdown: false,
-            closing: None,
-            on_deadline: OnDeadline::Recheck,
-        }
+        check(draining(1), 0, |_| LookAgainAt(None));
+        check(draining(0), 0, |_| GoAway(Ending::Shutdown));
+        check(draining(0), 1000, |_| GoAway(Ending::Shutdown));
     }
 
-    fn next_step(&mut self, activity: &Activity) -> Step {
-        let now = Instant::now();
-        let started = activity.started.load(Ordering::SeqCst);
-        let open = activity.open.load(Ordering::SeqCst) > 0;
-        if started != self.last_started || open {
-            self.last_started = started;
-            self.head_since = None;
-        }
-        // Requests do not wake the driver: the connection has been idle since the last one
-        // ended (or since it was accepted).
-        self.idle_since = self.idle_since.max(activity.last_end());
-        self.on_deadline = OnDeadline::Recheck;
-        if let Some((until, ending)) = self.closing {
-            self.on_deadline = OnDeadline::Drop(ending);
-            return Step::Wait(Some(until));
-        }
-        if self.draining {
-            if activity.working.load(Ordering::SeqCst) > 0 {
-                self.held_shutdown = true;
-                return Step::Wait(None);
+    #[test]
+    fn a_connection_closed_at_shutdown_is_partial_with_a_request_or_head_on_its_way() {
+        let t0 = Instant::now();
+        let idle = State::new(t0);
+        assert!(!idle.is_partial());
+        assert!(State { open: 1, ..idle }.is_partial());
+        assert!(
+            State {
+                head_since: Some(t0),
+                ..idle
             }
-            if !self.held_shutdown {
-                let partial = open || activity.head_arriving.load(Ordering::SeqCst);
-                let census = &activity.census;
-                let counter = if partial {
-                    &census.closed_partial
-                } else {
-                    &census.closed_idle
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
-            return Step::GoAway(Ending::Shutdown);
-        }
-        if !activity.identified.load(Ordering::SeqCst) {
-            self.on_deadline = OnDeadline::Drop(Ending::HandshakeTimeout);
-            return Step::Wait(Some(self.accepted_at + self.limits.handshake_timeout));
-        }
-        if open {
-            // Looked at again then; the request may well have ended by that time.
-            return Step::Wait(Some(now + self.limits.idle_timeout));
-        }
-        if activity.head_arriving.load(Ordering::SeqCst) {
-            let since = *self.head_since.get_or_insert(now);
-            self.on_deadline = OnDeadline::Drop(Ending::HeaderTimeout);
-            return Step::Wait(Some(since + self.limits.header_read_timeout));
-        }
-        let deadline = self.idle_since + self.limits.idle_timeout;
-        if now >= deadline {
-            return Step::GoAway(Ending::Idle);
-        }
-        Step::Wait(Some(deadline))
-    }
-
-    /// The pending deadline passed: `Some` when the connection is to be dropped now.
-    fn deadline_passed(&self) -> Option<Ending> {
-        match self.on_deadline {
-            OnDeadline::Recheck => None,
-            OnDeadline::Drop(ending) => Some(ending),
-        }
+            .is_partial()
+        );
     }
 }

@@ -95,16 +95,14 @@ pub(crate) async fn serve(
             () = &mut shutdown => break,
             accepted = acceptor.accept() => accepted,
         };
-        let Some(mut admission) = connections.admit(peer) else {
+        let Some(admission) = connections.admit(peer) else {
             drop(stream);
             continue;
         };
         let service = Extension(Peer(peer)).layer(router.clone());
         let service = admission.track(service, "/", local);
         let builder = builder.clone();
-        tokio::spawn(async move {
-            connection::serve(&builder, stream, service, &mut admission).await;
-        });
+        tokio::spawn(async move { admission.serve(&builder, stream, service).await });
     }
     connections.begin_shutdown();
 }
