@@ -33,7 +33,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -92,32 +91,22 @@ pub(crate) struct ConnectionLimits {
     pub(crate) idle_timeout: Duration,
 }
 
-/// What a listener's connections are doing, summed, for the shutdown log. Plain counters:
-/// nothing is decided on them, so the order in which threads see them does not matter.
+/// What a listener's connections are doing, summed, for the shutdown log.
 #[derive(Debug, Default)]
-pub(crate) struct Census {
-    /// Calls (task-service requests) whose request has fully arrived and whose response has not
-    /// ended.
-    calls: AtomicUsize,
-    /// Other requests in the same state: health Watch and reflection streams.
-    streams: AtomicUsize,
-    /// Connections closed at shutdown with no request open.
-    closed_idle: AtomicUsize,
-    /// Connections closed at shutdown with only a partial request (a head or body that had not
-    /// fully arrived).
-    closed_partial: AtomicUsize,
-}
+pub(crate) struct Census(Mutex<CensusCounts>);
 
 /// A snapshot of a [`Census`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct CensusCounts {
-    /// See [`Census`].
+    /// Calls (task-service requests) whose request has fully arrived and whose response has not
+    /// ended.
     pub(crate) calls: usize,
-    /// See [`Census`].
+    /// Other requests in the same state: health Watch and reflection streams.
     pub(crate) streams: usize,
-    /// See [`Census`].
+    /// Connections closed at shutdown with no request open.
     pub(crate) closed_idle: usize,
-    /// See [`Census`].
+    /// Connections closed at shutdown with only a partial request (a head or body that had not
+    /// fully arrived).
     pub(crate) closed_partial: usize,
 }
 
@@ -247,11 +236,14 @@ struct TrackedRequest {
     stage: Mutex<Stage>,
 }
 
-/// Where a request is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a request is, in the order it gets there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Stage {
+    /// Its body is still arriving.
     Receiving,
+    /// Its body has fully arrived; its response has not ended.
     Arrived,
+    /// Its response has ended, or it was cancelled.
     Ended,
 }
 
@@ -457,7 +449,13 @@ impl Admission {
                         Step::Drop(ending) => break ending,
                         Step::GoAway(ending) => {
                             if ending == Ending::Shutdown && !held_drain {
-                                connection.census.closed(state.is_partial());
+                                connection.census.update(|counts| {
+                                    if state.is_partial() {
+                                        counts.closed_partial += 1;
+                                    } else {
+                                        counts.closed_idle += 1;
+                                    }
+                                });
                             }
                             served.as_mut().graceful_shutdown();
                             closing = Some((now + CLOSE_LINGER, ending));
@@ -520,34 +518,25 @@ async fn sleep_until(deadline: Option<Instant>) {
 impl Census {
     /// The counts now.
     pub(crate) fn counts(&self) -> CensusCounts {
-        CensusCounts {
-            calls: self.calls.load(Ordering::Relaxed),
-            streams: self.streams.load(Ordering::Relaxed),
-            closed_idle: self.closed_idle.load(Ordering::Relaxed),
-            closed_partial: self.closed_partial.load(Ordering::Relaxed),
-        }
+        *lock(&self.0)
     }
 
-    fn arrived(&self, is_call: bool) -> &AtomicUsize {
-        if is_call { &self.calls } else { &self.streams }
+    fn update(&self, update: impl FnOnce(&mut CensusCounts)) {
+        update(&mut lock(&self.0));
     }
+}
 
-    fn closed(&self, partial: bool) {
-        let counter = if partial {
-            &self.closed_partial
-        } else {
-            &self.closed_idle
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
+/// Locks `mutex`: every update leaves what it guards whole, so it stays usable whatever
+/// panicked while holding it.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 // === impl Connection ===
 
 impl Connection {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Every update leaves the state whole, so it stays usable whatever panicked.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
 
     /// Applies `update` to the state, and wakes the driver if it says so.
@@ -763,33 +752,30 @@ where
 // === impl TrackedRequest ===
 
 impl TrackedRequest {
-    /// Moves the request to `next`, updating the counts it leaves and enters.
+    /// Moves the request on to `next` (never back), updating the counts it leaves and enters.
     fn advance(&self, next: Stage) {
-        let mut stage = self.stage.lock().unwrap_or_else(PoisonError::into_inner);
-        let previous = std::mem::replace(&mut *stage, next);
-        if previous == next || previous == Stage::Ended {
-            *stage = previous;
+        let mut stage = lock(&self.stage);
+        if *stage >= next {
             return;
         }
-        let census = self.connection.census.arrived(self.is_call);
-        let now = Instant::now();
+        let (leaves, enters) = (*stage == Stage::Arrived, next == Stage::Arrived);
+        *stage = next;
+        let ended_at = (next == Stage::Ended).then(Instant::now);
         self.connection.update(|state| {
-            match (previous, next) {
-                (Stage::Receiving, Stage::Arrived) => {
-                    state.arrived += 1;
-                    census.fetch_add(1, Ordering::Relaxed);
-                }
-                (Stage::Arrived, Stage::Ended) => {
-                    state.arrived -= 1;
-                    census.fetch_sub(1, Ordering::Relaxed);
-                }
-                _ => {}
-            }
-            if next == Stage::Ended {
+            state.arrived = state.arrived + usize::from(enters) - usize::from(leaves);
+            if let Some(ended_at) = ended_at {
                 state.open -= 1;
-                state.idle_since = now;
+                state.idle_since = ended_at;
             }
             state.draining
+        });
+        self.connection.census.update(|counts| {
+            let counter = if self.is_call {
+                &mut counts.calls
+            } else {
+                &mut counts.streams
+            };
+            *counter = *counter + usize::from(enters) - usize::from(leaves);
         });
     }
 
