@@ -29,7 +29,6 @@
 //! anything during shutdown), and otherwise reads the state when its deadline comes.
 
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::pin::Pin;
@@ -43,9 +42,10 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
+use tokio_util::io::InspectReader;
 use tonic::body::Body;
 use tonic::transport::server::TcpConnectInfo;
 
@@ -195,10 +195,9 @@ enum Ending {
     Shutdown,
 }
 
-/// The socket of one connection, with a tap on what is read from it.
+/// What a connection's reads tell of it (called through tokio-util's `InspectReader`).
 #[derive(Debug)]
-pub(crate) struct WatchedIo<T> {
-    inner: T,
+struct SocketTap {
     connection: Arc<Connection>,
     protocol: Protocol,
 }
@@ -423,11 +422,12 @@ impl Admission {
         ResBody::Error: Into<BoxError>,
     {
         let connection = Arc::clone(&self.connection);
-        let io = TokioIo::new(WatchedIo {
-            inner: io,
+        let mut socket_tap = SocketTap {
             connection: Arc::clone(&connection),
             protocol: Protocol::Preface(0),
-        });
+        };
+        let io = InspectReader::new(io, move |bytes: &[u8]| socket_tap.bytes_read(bytes));
+        let io = TokioIo::new(io);
         let served = builder.serve_connection(io, TowerToHyperService::new(service));
         tokio::pin!(served);
         let mut draining = false;
@@ -611,90 +611,48 @@ fn next_step(state: &State, now: Instant, limits: &ConnectionLimits) -> Step {
     }
 }
 
-// === impl WatchedIo ===
+// === impl SocketTap ===
 
-impl<T> WatchedIo<T> {
-    /// Called for every read that returned bytes.
+impl SocketTap {
+    /// Called with the bytes of every read.
     fn bytes_read(&mut self, bytes: &[u8]) {
-        if let Protocol::Preface(matched) = self.protocol {
-            // A first difference from the HTTP/2 preface means HTTP/1.1, identified later by its
-            // first complete request head.
-            let expected = &HTTP2_PREFACE[matched..];
-            let length = bytes.len().min(expected.len());
-            self.protocol = if bytes[..length] != expected[..length] {
-                Protocol::Http1
-            } else if matched + length == HTTP2_PREFACE.len() {
-                Protocol::Http2
-            } else {
-                Protocol::Preface(matched + length)
-            };
-            if self.protocol == Protocol::Http2 {
-                self.connection.update(|state| {
-                    state.identified = true;
-                    state.head_since = None;
-                    true
-                });
-                return;
-            }
-        }
-        if self.protocol == Protocol::Http2 {
+        if bytes.is_empty() || self.protocol == Protocol::Http2 {
             return;
         }
-        let now = Instant::now();
+        self.protocol = self.protocol.after(bytes);
+        let http2 = self.protocol == Protocol::Http2;
         self.connection.update(|state| {
+            if http2 {
+                state.identified = true;
+                state.head_since = None;
+                return true;
+            }
             if state.open > 0 || state.head_since.is_some() {
                 return false;
             }
-            state.head_since = Some(now);
+            state.head_since = Some(Instant::now());
             // Before identification the handshake deadline already times the head.
             state.identified || state.draining
         });
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for WatchedIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let read = &buf.filled()[before..];
-        if !read.is_empty() {
-            self.bytes_read(read);
+impl Protocol {
+    /// What the protocol is known to be once `bytes` have also been read. A first difference
+    /// from the HTTP/2 preface means HTTP/1.1, identified later by its first complete head.
+    fn after(self, bytes: &[u8]) -> Protocol {
+        let Protocol::Preface(matched) = self else {
+            return self;
+        };
+        let expected = &HTTP2_PREFACE[matched..];
+        let length = bytes.len().min(expected.len());
+        if bytes[..length] != expected[..length] {
+            Protocol::Http1
+        } else if matched + length == HTTP2_PREFACE.len() {
+            Protocol::Http2
+        } else {
+            Protocol::Preface(matched + length)
         }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for WatchedIo<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -938,6 +896,22 @@ mod tests {
         check(draining(1), 0, |_| LookAgainAt(None));
         check(draining(0), 0, |_| GoAway(Ending::Shutdown));
         check(draining(0), 1000, |_| GoAway(Ending::Shutdown));
+    }
+
+    #[test]
+    fn the_http2_preface_identifies_http2_and_its_first_difference_http1() {
+        use Protocol::{Http1, Http2, Preface};
+        let cases: [(Protocol, &[u8], Protocol); 6] = [
+            (Preface(0), b"P", Preface(1)),
+            (Preface(1), b"RI * HTTP/2.0\r\n", Preface(16)),
+            (Preface(16), b"\r\nSM\r\n\r\n\0\0\x04", Http2),
+            (Preface(0), b"POST / HTTP/1.1\r\n", Http1),
+            (Preface(3), b"X", Http1),
+            (Http1, HTTP2_PREFACE, Http1),
+        ];
+        for (before, bytes, after) in cases {
+            assert_eq!(before.after(bytes), after, "{before:?} then {bytes:?}");
+        }
     }
 
     #[test]
