@@ -23,10 +23,10 @@
 //!
 //! Each connection has one `State` behind a `std::sync::Mutex`, written by two taps (the bytes
 //! read from the socket, and each request's start, body and end) and read by the connection's
-//! driver, which decides with `next_step`, a pure function of the state, the time and the
-//! limits. Calls are the hot path, so a call only updates the state: the driver is woken through
-//! a `Notify` only when it must act at once (the protocol identified, an HTTP/1.1 head starting,
-//! anything during shutdown), and otherwise reads the state when its deadline comes.
+//! driver; the transitions and the driver's decisions are pure, in `state`. Calls are the hot
+//! path, so a call only updates the state: the driver is woken through a `Notify` only when it
+//! must act at once (the protocol identified, an HTTP/1.1 head starting, anything during
+//! shutdown), and otherwise reads the state when its deadline comes.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -53,13 +53,14 @@ use crate::accept::LogEvery;
 use crate::config::{ConfigError, defaults, limits};
 use crate::metrics::{GaugeGuard, ListenerMetrics};
 
+mod state;
+
+use state::{Ending, Protocol, State, Step, next_step};
+
 /// After GOAWAY, how long a connection with nothing in flight is still served before it is
 /// dropped: enough for the frame to be written and a live client to close first, short enough
 /// that an unresponsive client cannot hold shutdown.
 const CLOSE_LINGER: Duration = Duration::from_millis(500);
-
-/// What an HTTP/2 client sends first (RFC 9113, section 3.4).
-const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -148,69 +149,11 @@ struct Connection {
     census: Arc<Census>,
 }
 
-/// What one connection is doing; [`next_step`] decides from it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct State {
-    /// The handshake timeout counts from here.
-    accepted_at: Instant,
-    /// It has sent an HTTP/2 preface or a complete first request head.
-    identified: bool,
-    /// Requests whose response has not ended, including those still receiving their body.
-    open: usize,
-    /// Of those, requests whose body has fully arrived: the ones shutdown waits for.
-    arrived: usize,
-    /// Since when the bytes of a request head (or preface) have been arriving with no request
-    /// open.
-    head_since: Option<Instant>,
-    /// Since when no request has been open.
-    idle_since: Instant,
-    /// Shutdown has begun and GOAWAY was sent: from now on every change wakes the driver.
-    draining: bool,
-}
-
-/// What the driver does next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
-    /// Serve on, and look again at the instant (`None`: only when woken).
-    LookAgainAt(Option<Instant>),
-    /// Send GOAWAY (close an idle HTTP/1.1 connection) for this reason, and drop the connection
-    /// after the linger.
-    GoAway(Ending),
-    /// Drop the connection now, for this reason.
-    Drop(Ending),
-}
-
-/// Why a connection ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ending {
-    /// The peer closed it, or the protocol ended it.
-    Closed,
-    /// It did not identify its protocol in time.
-    HandshakeTimeout,
-    /// A later HTTP/1.1 request head did not arrive in time.
-    HeaderTimeout,
-    /// It had no open request for the idle timeout.
-    Idle,
-    /// Shutdown closed it once nothing worth waiting for was left.
-    Shutdown,
-}
-
 /// What a connection's reads tell of it (called through tokio-util's `InspectReader`).
 #[derive(Debug)]
 struct SocketTap {
     connection: Arc<Connection>,
     protocol: Protocol,
-}
-
-/// What the socket tap knows of the connection's protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Protocol {
-    /// This many bytes of the HTTP/2 preface have arrived, and nothing else.
-    Preface(usize),
-    /// HTTP/1.1: bytes with no request open are the start of a head.
-    Http1,
-    /// HTTP/2: bytes between requests are pings and settings; the tap has nothing more to do.
-    Http2,
 }
 
 /// The service of one connection, with a tap on each request's start, body and end.
@@ -230,13 +173,13 @@ struct TrackedRequest {
     connection: Arc<Connection>,
     /// A call or another stream, for the census.
     is_call: bool,
-    /// Locked before the connection's state, never after it, so the two taps agree on whether
-    /// the request was counted as arrived.
+    /// Locked before the connection's state and the census, never after them, so the two taps
+    /// agree on whether the request was counted as arrived.
     stage: Mutex<Stage>,
 }
 
-/// Where a request is, in the order it gets there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// Where a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     /// Its body is still arriving.
     Receiving,
@@ -449,13 +392,7 @@ impl Admission {
                         Step::Drop(ending) => break ending,
                         Step::GoAway(ending) => {
                             if ending == Ending::Shutdown && !held_drain {
-                                connection.census.update(|counts| {
-                                    if state.is_partial() {
-                                        counts.closed_partial += 1;
-                                    } else {
-                                        counts.closed_idle += 1;
-                                    }
-                                });
+                                connection.census.closed(state.is_partial());
                             }
                             served.as_mut().graceful_shutdown();
                             closing = Some((now + CLOSE_LINGER, ending));
@@ -521,8 +458,24 @@ impl Census {
         *lock(&self.0)
     }
 
-    fn update(&self, update: impl FnOnce(&mut CensusCounts)) {
-        update(&mut lock(&self.0));
+    /// Applies `change` to the count of calls, or of streams, whose request has arrived.
+    fn arrived(&self, is_call: bool, change: fn(&mut usize)) {
+        let mut counts = lock(&self.0);
+        change(if is_call {
+            &mut counts.calls
+        } else {
+            &mut counts.streams
+        });
+    }
+
+    /// Counts a connection that shutdown closed without a request holding it.
+    fn closed(&self, partial: bool) {
+        let mut counts = lock(&self.0);
+        if partial {
+            counts.closed_partial += 1;
+        } else {
+            counts.closed_idle += 1;
+        }
     }
 }
 
@@ -548,69 +501,6 @@ impl Connection {
     }
 }
 
-// === impl State ===
-
-impl State {
-    fn new(accepted_at: Instant) -> Self {
-        State {
-            accepted_at,
-            identified: false,
-            open: 0,
-            arrived: 0,
-            head_since: None,
-            idle_since: accepted_at,
-            draining: false,
-        }
-    }
-
-    /// Closed now, the connection would cut a request short (a head, or a body, still on its
-    /// way).
-    fn is_partial(&self) -> bool {
-        self.open > 0 || self.head_since.is_some()
-    }
-}
-
-/// The driver's decisions, one rule per line, apart from the I/O so that they read as a table
-/// (and are tested as one).
-fn next_step(state: &State, now: Instant, limits: &ConnectionLimits) -> Step {
-    let at_or_before = |deadline: Instant, ending| {
-        if now >= deadline {
-            Step::Drop(ending)
-        } else {
-            Step::LookAgainAt(Some(deadline))
-        }
-    };
-    if state.draining {
-        // Every change wakes the driver now, so it has no deadline of its own.
-        return if state.arrived > 0 {
-            Step::LookAgainAt(None)
-        } else {
-            Step::GoAway(Ending::Shutdown)
-        };
-    }
-    if !state.identified {
-        return at_or_before(
-            state.accepted_at + limits.handshake_timeout,
-            Ending::HandshakeTimeout,
-        );
-    }
-    if state.open > 0 {
-        // Request ends do not wake the driver: it looks again when the connection could have
-        // been idle for the whole idle timeout at the earliest.
-        return Step::LookAgainAt(Some(now + limits.idle_timeout));
-    }
-    if let Some(head_since) = state.head_since {
-        return at_or_before(
-            head_since + limits.header_read_timeout,
-            Ending::HeaderTimeout,
-        );
-    }
-    match at_or_before(state.idle_since + limits.idle_timeout, Ending::Idle) {
-        Step::Drop(ending) => Step::GoAway(ending),
-        step => step,
-    }
-}
-
 // === impl SocketTap ===
 
 impl SocketTap {
@@ -620,38 +510,11 @@ impl SocketTap {
             return;
         }
         self.protocol = self.protocol.after(bytes);
-        let http2 = self.protocol == Protocol::Http2;
-        self.connection.update(|state| {
-            if http2 {
-                state.identified = true;
-                state.head_since = None;
-                return true;
-            }
-            if state.open > 0 || state.head_since.is_some() {
-                return false;
-            }
-            state.head_since = Some(Instant::now());
-            // Before identification the handshake deadline already times the head.
-            state.identified || state.draining
-        });
-    }
-}
-
-impl Protocol {
-    /// What the protocol is known to be once `bytes` have also been read. A first difference
-    /// from the HTTP/2 preface means HTTP/1.1, identified later by its first complete head.
-    fn after(self, bytes: &[u8]) -> Protocol {
-        let Protocol::Preface(matched) = self else {
-            return self;
-        };
-        let expected = &HTTP2_PREFACE[matched..];
-        let length = bytes.len().min(expected.len());
-        if bytes[..length] != expected[..length] {
-            Protocol::Http1
-        } else if matched + length == HTTP2_PREFACE.len() {
-            Protocol::Http2
+        if self.protocol == Protocol::Http2 {
+            self.connection.update(State::preface_read);
         } else {
-            Protocol::Preface(matched + length)
+            let now = Instant::now();
+            self.connection.update(|state| state.bytes_read(now));
         }
     }
 }
@@ -676,14 +539,7 @@ where
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        self.connection.update(|state| {
-            state.open += 1;
-            state.head_since = None;
-            // The driver stops timing the handshake; a later head was timed only until now.
-            let identifies = !state.identified;
-            state.identified = true;
-            identifies || state.draining
-        });
+        self.connection.update(State::request_started);
         let tracked = Arc::new(TrackedRequest {
             connection: Arc::clone(&self.connection),
             is_call: request.uri().path().starts_with(self.call_path_prefix),
@@ -710,42 +566,35 @@ where
 // === impl TrackedRequest ===
 
 impl TrackedRequest {
-    /// Moves the request on to `next` (never back), updating the counts it leaves and enters.
-    fn advance(&self, next: Stage) {
-        let mut stage = lock(&self.stage);
-        if *stage >= next {
-            return;
-        }
-        let (leaves, enters) = (*stage == Stage::Arrived, next == Stage::Arrived);
-        *stage = next;
-        let ended_at = (next == Stage::Ended).then(Instant::now);
-        self.connection.update(|state| {
-            state.arrived = state.arrived + usize::from(enters) - usize::from(leaves);
-            if let Some(ended_at) = ended_at {
-                state.open -= 1;
-                state.idle_since = ended_at;
-            }
-            state.draining
-        });
-        self.connection.census.update(|counts| {
-            let counter = if self.is_call {
-                &mut counts.calls
-            } else {
-                &mut counts.streams
-            };
-            *counter = *counter + usize::from(enters) - usize::from(leaves);
-        });
-    }
-
     /// The body has fully arrived: from now on the request is worth waiting for.
     fn body_arrived(&self) {
-        self.advance(Stage::Arrived);
+        let mut stage = lock(&self.stage);
+        if *stage == Stage::Receiving {
+            *stage = Stage::Arrived;
+            self.connection.update(State::body_arrived);
+            self.connection
+                .census
+                .arrived(self.is_call, |count| *count += 1);
+        }
     }
 }
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.0.advance(Stage::Ended);
+        let request = &self.0;
+        let mut stage = lock(&request.stage);
+        let had_arrived = *stage == Stage::Arrived;
+        *stage = Stage::Ended;
+        let now = Instant::now();
+        request
+            .connection
+            .update(|state| state.request_ended(had_arrived, now));
+        if had_arrived {
+            request
+                .connection
+                .census
+                .arrived(request.is_call, |count| *count -= 1);
+        }
     }
 }
 
@@ -812,120 +661,4 @@ pub(crate) fn builder() -> auto::Builder<TokioExecutor> {
     builder.http1().header_read_timeout(None);
     builder.http2().timer(TokioTimer::new());
     builder
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn secs(seconds: u64) -> Duration {
-        Duration::from_secs(seconds)
-    }
-
-    const LIMITS: ConnectionLimits = ConnectionLimits {
-        handshake_timeout: Duration::from_secs(10),
-        header_read_timeout: Duration::from_secs(5),
-        idle_timeout: Duration::from_secs(60),
-    };
-
-    /// The step for a connection accepted at `t0`, set up by `setup`, at `t0 + at` seconds.
-    fn check(
-        setup: impl FnOnce(&mut State, Instant),
-        at: u64,
-        expected: impl FnOnce(Instant) -> Step,
-    ) {
-        let t0 = Instant::now();
-        let mut state = State::new(t0);
-        setup(&mut state, t0);
-        let now = t0 + secs(at);
-        assert_eq!(
-            next_step(&state, now, &LIMITS),
-            expected(t0),
-            "{state:?} at {at}s"
-        );
-    }
-
-    fn identified(state: &mut State, _: Instant) {
-        state.identified = true;
-    }
-
-    #[test]
-    fn the_steps_of_a_connection() {
-        use Step::{Drop, GoAway, LookAgainAt};
-        let at = |seconds: u64| move |t0: Instant| LookAgainAt(Some(t0 + secs(seconds)));
-        // Before identification only the handshake deadline counts, a partial head or not.
-        check(|_, _| {}, 0, at(10));
-        check(|state, t0| state.head_since = Some(t0 + secs(1)), 9, at(10));
-        check(|_, _| {}, 10, |_| Drop(Ending::HandshakeTimeout));
-        // Identified and idle: GOAWAY once the idle timeout has passed since the last request.
-        check(identified, 0, at(60));
-        check(identified, 60, |_| GoAway(Ending::Idle));
-        check(
-            |state, t0| {
-                identified(state, t0);
-                state.idle_since = t0 + secs(30);
-            },
-            60,
-            at(90),
-        );
-        // A request open: look again one idle timeout later, whatever the older deadlines.
-        check(
-            |state, t0| {
-                identified(state, t0);
-                state.open = 1;
-            },
-            100,
-            at(160),
-        );
-        // A later head: dropped once the header-read timeout has passed since its first byte.
-        let head_at_50 = |state: &mut State, t0: Instant| {
-            identified(state, t0);
-            state.head_since = Some(t0 + secs(50));
-        };
-        check(head_at_50, 52, at(55));
-        check(head_at_50, 55, |_| Drop(Ending::HeaderTimeout));
-        // Draining: held while a request has fully arrived, GOAWAY at once otherwise, whatever
-        // the protocol or the other limits.
-        let draining = |arrived: usize| {
-            move |state: &mut State, _: Instant| {
-                state.draining = true;
-                state.open = 2;
-                state.arrived = arrived;
-            }
-        };
-        check(draining(1), 0, |_| LookAgainAt(None));
-        check(draining(0), 0, |_| GoAway(Ending::Shutdown));
-        check(draining(0), 1000, |_| GoAway(Ending::Shutdown));
-    }
-
-    #[test]
-    fn the_http2_preface_identifies_http2_and_its_first_difference_http1() {
-        use Protocol::{Http1, Http2, Preface};
-        let cases: [(Protocol, &[u8], Protocol); 6] = [
-            (Preface(0), b"P", Preface(1)),
-            (Preface(1), b"RI * HTTP/2.0\r\n", Preface(16)),
-            (Preface(16), b"\r\nSM\r\n\r\n\0\0\x04", Http2),
-            (Preface(0), b"POST / HTTP/1.1\r\n", Http1),
-            (Preface(3), b"X", Http1),
-            (Http1, HTTP2_PREFACE, Http1),
-        ];
-        for (before, bytes, after) in cases {
-            assert_eq!(before.after(bytes), after, "{before:?} then {bytes:?}");
-        }
-    }
-
-    #[test]
-    fn a_connection_closed_at_shutdown_is_partial_with_a_request_or_head_on_its_way() {
-        let t0 = Instant::now();
-        let idle = State::new(t0);
-        assert!(!idle.is_partial());
-        assert!(State { open: 1, ..idle }.is_partial());
-        assert!(
-            State {
-                head_since: Some(t0),
-                ..idle
-            }
-            .is_partial()
-        );
-    }
 }
