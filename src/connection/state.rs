@@ -123,7 +123,8 @@ impl State {
     pub(super) fn request_ended(&mut self, had_arrived: bool, now: Instant) -> bool {
         self.open -= 1;
         self.arrived -= usize::from(had_arrived);
-        self.idle_since = now;
+        // Concurrent streams read the clock before they take the lock, so not in order.
+        self.idle_since = self.idle_since.max(now);
         self.draining
     }
 
