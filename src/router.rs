@@ -3,12 +3,10 @@
 //!
 //! axum does the HTTP work: routing, a 404 from the router's fallback, a 405 from the route's
 //! method fallback (both set up by [`Endpoint`]), and the size cap through [`DefaultBodyLimit`].
-//! What `axum::serve` cannot do is keep the limits both listeners need against whatever can reach
-//! their port: header-read, idle and body-read timeouts, a connection cap, a pause when accept
-//! fails, and a count of what each limit closed. So the router is accepted through `accept` and
-//! served connection by connection through `connection` (with its `Tracked` tap), as the gRPC
-//! port is; the body-read timeout is a middleware, so a handler sees a request only once its
-//! whole body has arrived.
+//! Not `axum::serve`: it has no connection cap and no header-read or idle timeout, so the router
+//! is accepted through `accept` and served through `connection`, as the gRPC port is.
+//! The body-read timeout is a middleware, so a handler sees a request only once its whole body
+//! has arrived.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -95,16 +93,14 @@ pub(crate) async fn serve(
             () = &mut shutdown => break,
             accepted = acceptor.accept() => accepted,
         };
-        let Some(mut admission) = connections.admit(peer) else {
+        let Some(admission) = connections.admit(peer) else {
             drop(stream);
             continue;
         };
         let service = Extension(Peer(peer)).layer(router.clone());
         let service = admission.track(service, "/", local);
         let builder = builder.clone();
-        tokio::spawn(async move {
-            connection::serve(&builder, stream, service, &mut admission).await;
-        });
+        tokio::spawn(async move { admission.serve(&builder, stream, service).await });
     }
     connections.begin_shutdown();
 }

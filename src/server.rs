@@ -361,13 +361,11 @@ async fn serve_grpc_connection<S>(
 {
     set_tcp_options(&stream);
     match tls {
-        None => connection::serve(&builder, stream, service, &mut admission).await,
+        None => admission.serve(&builder, stream, service).await,
         Some(tls) => match admission.within_handshake(tls.accept(stream)).await {
-            Ok(Ok(stream)) => connection::serve(&builder, stream, service, &mut admission).await,
-            Ok(Err(error)) => {
-                tracing::debug!(cause = %error, "TLS handshake failed");
-            }
-            Err(_) => {}
+            Some(Ok(stream)) => admission.serve(&builder, stream, service).await,
+            Some(Err(error)) => tracing::debug!(cause = %error, "TLS handshake failed"),
+            None => {}
         },
     }
 }
