@@ -14,7 +14,7 @@
 //! bench_rig --taskgate PATH [--gateway-bin PATH] [--duration SECS] [--smoke] [--keep-profiles DIR]
 //! bench_rig naive --upstream URL  # internal: the naive card stack, run as a child process
 //! bench_rig bare                  # internal: the bare tonic server, run as a child process
-//! bench_rig stand-in              # the fast stand-in alone, for profiling the gateway by hand
+//! bench_rig stand-in [--slow]      # the stand-in alone (--slow: after 250 ms), for profiling by hand
 //! bench_rig soak --taskgate PATH [--calls N] [--duration D] [--sample D] [--warmup D] [--plot PNG]
 //! ```
 //!
@@ -76,7 +76,7 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("naive") => return run_naive(&args[1..]),
         Some("bare") => return serve_until_terminated(Reference::Bare),
-        Some("stand-in") => return run_stand_in(),
+        Some("stand-in") => return run_stand_in(&args[1..]),
         Some("soak") => return soak::run(&args[1..]),
         _ => {}
     }
@@ -528,8 +528,14 @@ async fn serve_stand_in(listener: tokio::net::TcpListener, delay: Duration) {
     }
 }
 
-fn run_stand_in() {
-    let stand_in = start_stand_in(Duration::ZERO);
+/// `stand-in [--slow]`: the stand-in alone, answering at once or after [`SLOW_REPLY`].
+fn run_stand_in(args: &[String]) {
+    let delay = match args {
+        [] => Duration::ZERO,
+        [slow] if slow == "--slow" => SLOW_REPLY,
+        other => panic!("usage: bench_rig stand-in [--slow], not {other:?}"),
+    };
+    let stand_in = start_stand_in(delay);
     println!("stand-in listening http://{stand_in}/api/v2/task");
     loop {
         std::thread::park();

@@ -13,30 +13,22 @@ use super::{DecodeError, Element, MAX_DEPTH, MethodCall, Reply, is_xml_whitespac
 /// Encodes a method call in the documented shape, UTF-8, with the bare `<?xml version="1.0"?>`
 /// declaration every vendor example sends.
 pub(super) fn encode_method_call(method_call: &MethodCall) -> Vec<u8> {
-    let params = Element {
-        name: "params".to_owned(),
-        text: String::new(),
-        children: method_call.params.clone(),
-    };
-    encode_document(
-        "methodcall",
-        &[Element::leaf("name", &method_call.name), params],
-    )
+    encode_document("methodcall", |out| {
+        write_element(out, "name", &method_call.name, &[], 1);
+        write_element(out, "params", "", &method_call.params, 1);
+    })
 }
 
 /// Encodes a reply in the documented shape, as the simulated controller sends it.
 pub(super) fn encode_reply(reply: &Reply) -> Vec<u8> {
-    match reply {
-        Reply::Success(params) => encode_document("response", std::slice::from_ref(params)),
-        Reply::Fault(code) => {
-            let fault = Element {
-                name: "fault".to_owned(),
-                text: String::new(),
-                children: vec![Element::leaf("code", code)],
-            };
-            encode_document("response", &[fault])
+    encode_document("response", |out| match reply {
+        Reply::Success(params) => {
+            write_element(out, &params.name, &params.text, &params.children, 1);
         }
-    }
+        Reply::Fault(code) => {
+            write_element(out, "fault", "", &[Element::leaf("code", code)], 1);
+        }
+    })
 }
 
 // === XML text to an element tree ===
@@ -218,36 +210,36 @@ const DECLARATION: &[u8] = b"<?xml version=\"1.0\"?>\n";
 
 const INDENT_WIDTH: usize = 2;
 
-/// Writes the declaration and a root element named `root` holding `children`, indented by two
-/// spaces a level, as the vendor's examples are.
-fn encode_document(root: &str, children: &[Element]) -> Vec<u8> {
+/// Writes the declaration and a root element named `root` around what `children` writes,
+/// indented by two spaces a level, as the vendor's examples are.
+fn encode_document(root: &str, children: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(DECLARATION);
     write_tag(&mut out, b"<", root, b">\n");
-    for child in children {
-        write_element(&mut out, child, 1);
-    }
+    children(&mut out);
     write_tag(&mut out, b"</", root, b">\n");
     out
 }
 
-fn write_element(out: &mut Vec<u8>, element: &Element, depth: usize) {
+/// Writes one element at `depth`, from its parts, so that a caller need not build an
+/// [`Element`] (and copy what it holds) to write one.
+fn write_element(out: &mut Vec<u8>, name: &str, text: &str, children: &[Element], depth: usize) {
     out.resize(out.len() + INDENT_WIDTH * depth, b' ');
-    if element.children.is_empty() && element.text.is_empty() {
-        write_tag(out, b"<", &element.name, b"/>\n");
+    if children.is_empty() && text.is_empty() {
+        write_tag(out, b"<", name, b"/>\n");
         return;
     }
-    write_tag(out, b"<", &element.name, b">");
-    if element.children.is_empty() {
-        write_escaped(out, &element.text);
+    write_tag(out, b"<", name, b">");
+    if children.is_empty() {
+        write_escaped(out, text);
     } else {
         out.push(b'\n');
-        for child in &element.children {
-            write_element(out, child, depth + 1);
+        for child in children {
+            write_element(out, &child.name, &child.text, &child.children, depth + 1);
         }
         out.resize(out.len() + INDENT_WIDTH * depth, b' ');
     }
-    write_tag(out, b"</", &element.name, b">\n");
+    write_tag(out, b"</", name, b">\n");
 }
 
 fn write_tag(out: &mut Vec<u8>, open: &[u8], name: &str, close: &[u8]) {
