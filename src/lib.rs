@@ -21,7 +21,7 @@
 //! - [`auth`]: the bearer-token file for the task service, reloaded on SIGHUP.
 //! - [`server`]: the whole configuration and [`server::serve`], which runs a gateway.
 //! - [`simulator`]: an embedded simulated controller.
-//! - [`log`]: logging off the call path, through a bounded queue and a writer thread.
+//! - [`log`]: logging off the call path: tracing-subscriber's fmt layer into tracing-appender's lossy writer.
 //! - [`shutdown`]: the SIGINT/SIGTERM future, and SIGHUP caught so it never ends the process.
 //! - [`nofile`]: the open-file limit, raised at startup.
 //! - [`regular_file`]: reading an operator's file: regular files only, size capped.
