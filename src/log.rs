@@ -13,7 +13,7 @@
 //! allocation per line, fewer system calls); issue 19 traded that for crates a newcomer knows,
 //! since the gateway's load is some hundreds of calls a second.
 
-use std::io::IsTerminal;
+use std::io::{BufWriter, IsTerminal};
 use std::sync::OnceLock;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
@@ -39,6 +39,9 @@ pub const EXIT_FLUSH_BOUND: Duration = Duration::from_millis(500);
 /// that pauses for a fraction of a second at tens of thousands of calls a second loses nothing,
 /// and at a few hundred bytes a line this holds a few MiB at most.
 const BUFFERED_LINES: usize = 8192;
+
+/// The writer thread's buffer in front of stderr: a few hundred lines of a busy gateway per write.
+const STDERR_BUFFER_BYTES: usize = 64 * 1024;
 
 /// How often the reporter thread looks at the drop count: drops are reported at most this late,
 /// and a reader that stays stalled sees at most one warning in each such interval.
@@ -82,7 +85,12 @@ pub fn init(format: LogFormat, default_filter: &str) -> LogGuard {
         .lossy(true)
         .buffered_lines_limit(BUFFERED_LINES)
         .thread_name("taskgate-log")
-        .finish(std::io::stderr());
+        // The writer thread takes every line waiting, then flushes: buffered, a busy gateway's
+        // lines leave in one write each time rather than one write (and one system call) each.
+        .finish(BufWriter::with_capacity(
+            STDERR_BUFFER_BYTES,
+            std::io::stderr(),
+        ));
     let dropped = writer.error_counter();
     // Set once per process; a second `init` (only ever in tests) keeps the first writer's count.
     let _ = DROPPED.set(dropped.clone());
