@@ -148,8 +148,11 @@ struct Report {
     busy: Rounds,
     /// Instructions per call, gateway and naive stack, when valgrind is installed.
     instructions: Option<(f64, f64)>,
-    peak_rss_kib: u64,
-    rss_run: Run,
+    /// Peak RSS at 1,024 in flight, gateway and naive stack: the bar is the gateway's, the
+    /// naive stack's shows what the crates alone hold at that load.
+    peak_rss_kib: [u64; 2],
+    /// The runs that measured it, gateway's and naive stack's.
+    rss_runs: [Run; 2],
 }
 
 /// Each server's runs at one load, one per round, in round order: a round's runs are side by
@@ -182,20 +185,22 @@ fn measure(options: &Options, fast: SocketAddr, slow: SocketAddr) -> Report {
         )
     });
 
-    let gateway = Target::gateway(
-        &options.gateway_bin,
-        &format!("http://{slow}/api/v2/task"),
-        None,
-    );
-    let rss_run = bench(options, &gateway, 1024, 16, Length::Duration);
-    let peak_rss_kib = proc_status_kib(gateway.child.id(), "VmHWM:");
-    gateway.stop();
+    let slow_upstream = format!("http://{slow}/api/v2/task");
+    let peak_rss = |target: Target| {
+        let run = bench(options, &target, 1024, 16, Length::Duration);
+        let peak = proc_status_kib(target.child.id(), "VmHWM:");
+        target.stop();
+        (peak, run)
+    };
+    let (gateway_rss, gateway_run) =
+        peak_rss(Target::gateway(&options.gateway_bin, &slow_upstream, None));
+    let (naive_rss, naive_run) = peak_rss(Target::naive(&slow_upstream, None));
     Report {
         idle,
         busy,
         instructions,
-        peak_rss_kib,
-        rss_run,
+        peak_rss_kib: [gateway_rss, naive_rss],
+        rss_runs: [gateway_run, naive_run],
     }
 }
 
@@ -753,14 +758,20 @@ impl Report {
             }
             None => row(instructions, ["-"; 5], "valgrind not installed"),
         }
-        let rss_mib = self.peak_rss_kib as f64 / 1024.0;
+        let [rss_mib, naive_rss_mib] = self.peak_rss_kib.map(|kib| kib as f64 / 1024.0);
         let rss_bar = format!(
             "<= {MAX_PEAK_RSS_MIB:.0} ({})",
             verdict(rss_mib <= MAX_PEAK_RSS_MIB)
         );
         row(
             "peak RSS, 1024 in flight (MiB)",
-            [&format!("{rss_mib:.1}"), "-", "-", "-", "-"],
+            [
+                &format!("{rss_mib:.1}"),
+                &format!("{naive_rss_mib:.1}"),
+                "-",
+                &format!("{:.2}", ratio(rss_mib, naive_rss_mib)),
+                "-",
+            ],
             &rss_bar,
         );
 
@@ -777,8 +788,8 @@ impl Report {
              tonic in turn), after a {} warm-up run of each; values are medians over the rounds, \
              ratios the medians of the rounds' ratios (at 128 in flight, calls/s against the \
              naive stack: {}; p99: {})\n\
-             RSS: a fresh gateway after {} at 1024 in flight against a stand-in that answers \
-             after {}\n",
+             RSS: a fresh gateway, and a fresh naive stack, after {} at 1024 in flight against a \
+             stand-in that answers after {}\n",
             if rounds == 1 { "" } else { "s" },
             humantime::format_duration(self.busy.round_length),
             humantime::format_duration(options.warmup),
@@ -800,7 +811,9 @@ impl Report {
                 warn_unless_ok(server, in_flight, runs);
             }
         }
-        warn_unless_ok("gateway", 1024, std::slice::from_ref(&self.rss_run));
+        let [gateway_run, naive_run] = &self.rss_runs;
+        warn_unless_ok("gateway", 1024, std::slice::from_ref(gateway_run));
+        warn_unless_ok("naive stack", 1024, std::slice::from_ref(naive_run));
         out + &notes
     }
 }
