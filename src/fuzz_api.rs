@@ -126,8 +126,7 @@ pub fn json_reply(data: &[u8]) {
 }
 
 /// Any valid [`Call`] (built from the bytes by [`call_from_bytes`]) encodes, in both formats,
-/// to bytes that the simulator's request decoding reads back as the same method call; and
-/// encoding the call writes the bytes of its [`MethodCall`].
+/// to bytes that the simulator's request decoding reads back as the same method call.
 pub fn call_round_trip(data: &[u8]) {
     let (method, params) = call_from_bytes(data);
     let params: Vec<(&str, u32)> = params
@@ -140,7 +139,6 @@ pub fn call_round_trip(data: &[u8]) {
     };
     let method_call = MethodCall::from(&call);
     let xml = WireFormat::Xml.encode_call(&call);
-    assert_eq!(xml, WireFormat::Xml.encode_method_call(&method_call));
     for (format, body) in [
         (WireFormat::Xml, xml),
         (WireFormat::Json, WireFormat::Json.encode_call(&call)),

@@ -8,10 +8,6 @@
 //! (`taskgate_log_lines_dropped_total`) and reported in a warning by a thread of their own. On
 //! exit what is buffered is written out for at most [`EXIT_FLUSH_BOUND`], since a reader that
 //! never reads again must not keep the process from exiting.
-//!
-//! The hand-written byte queue and text formatter this replaces were faster under load (no
-//! allocation per line, fewer system calls); issue 19 traded that for crates a newcomer knows,
-//! since the gateway's load is some hundreds of calls a second.
 
 use std::io::{BufWriter, IsTerminal};
 use std::sync::OnceLock;
@@ -31,9 +27,9 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 /// How long the exit waits for buffered lines (and the command's error) to reach stderr. A reader
 /// that keeps up takes milliseconds; one that has stopped would hold the exit for ever, and
-/// `WorkerGuard`'s own drop for up to 1.1 s. Well under the 1 s the README promises after the
-/// drain.
-pub const EXIT_FLUSH_BOUND: Duration = Duration::from_millis(500);
+/// `WorkerGuard`'s own drop for up to 1.1 s. With the half second a connection may linger after
+/// GOAWAY, it keeps an exit with nothing in flight within the 1 s the README promises.
+pub const EXIT_FLUSH_BOUND: Duration = Duration::from_millis(250);
 
 /// How many formatted lines may wait for the writer thread before new ones are dropped: a reader
 /// that pauses for a fraction of a second at tens of thousands of calls a second loses nothing,

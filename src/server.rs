@@ -289,7 +289,15 @@ pub async fn serve(
             () = &mut shutdown => break,
             accepted = acceptor.accept() => accepted,
             // Reaps ended connections, which the set would otherwise keep until `serve` returns.
-            Some(_) = connection_tasks.join_next() => continue,
+            Some(ended) = connection_tasks.join_next() => {
+                // A bug, not anything a peer did: that connection is gone, the gateway goes on.
+                if let Err(error) = ended
+                    && error.is_panic()
+                {
+                    tracing::error!(%error, "a connection's task panicked");
+                }
+                continue;
+            }
         };
         let Some(admission) = connections.admit(peer) else {
             drop(stream);

@@ -5,7 +5,9 @@
 //! is tried once more, by us; reqwest's own retries are off. Below reqwest, hyper-util's pool
 //! resends a request only when it was never written: the kept-alive connection it was given
 //! closed before hyper began to write it (`retry_canceled_requests`). A connection whose reply
-//! was not read whole (cut short, too large, timed out, badly framed) is closed, never pooled.
+//! was not read whole (too large, timed out) is pooled only once hyper has read the rest its
+//! framing gives, if that has already arrived; otherwise, and when a reply is cut short or badly
+//! framed, it is closed. Either way no call reads another call's reply.
 //! The whole call runs inside the caller's future, so dropping that future (a cancelled RPC)
 //! drops the HTTP request, and hyper closes its connection.
 
@@ -318,8 +320,9 @@ enum BodyError {
 }
 
 /// The reply's body, read chunk by chunk and given up on as soon as it passes `limit`, so a
-/// controller cannot make the gateway hold more. A body not read to its end closes its
-/// connection: hyper pools only a connection whose reply was read whole.
+/// controller cannot make the gateway hold more. Of a body not read to its end, hyper reads
+/// what has already arrived up to the end its framing gives and pools the connection, or else
+/// closes it: a connection is pooled only with its reply read whole.
 async fn read_capped(response: &mut reqwest::Response, limit: usize) -> Result<Vec<u8>, BodyError> {
     // hyper reports a Content-Length only for a body framed by it (not chunked).
     let announced = response.content_length().unwrap_or(0);

@@ -412,6 +412,9 @@ pub(crate) enum Script {
     Hang,
     /// Close the connection as soon as the request has arrived.
     Drop,
+    /// Answer a connection's first request like `ok_xml`, keeping it open, and close it as
+    /// soon as its second request has arrived: a kept-alive connection lost under a POST.
+    DropSecond { body: Vec<u8> },
     /// Send a chunked body that never ends; record when the gateway stops reading.
     Endless,
     /// Answer the first request of all with `first`, written as it is, then close that
@@ -613,6 +616,15 @@ async fn serve_connection(
                 return;
             }
             Script::Drop => return,
+            Script::DropSecond { body } => {
+                let answered = request == 0
+                    && write_response(&mut stream, 200, "application/xml", body)
+                        .await
+                        .is_ok();
+                if !answered {
+                    return;
+                }
+            }
             Script::Endless => {
                 let head = "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nTransfer-Encoding: chunked\r\n\r\n";
                 if stream.write_all(head.as_bytes()).await.is_err() {

@@ -344,6 +344,29 @@ async fn a_dropped_connection_is_unavailable_without_retry_info() {
     assert!(status.get_details_retry_info().is_none());
 }
 
+/// A kept-alive connection lost once the POST was written: the one place below the gateway where
+/// a request could be sent again (hyper's pool resends only on a reused connection, and only a
+/// request it never began to write). This one was written, so it is not sent again and the
+/// caller hears that the controller may have acted.
+#[tokio::test]
+async fn a_kept_alive_connection_lost_under_a_post_sends_it_once() {
+    let script = Script::DropSecond {
+        body: b"<response><params/></response>".to_vec(),
+    };
+    let mut upstream = FakeUpstream::start(script).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    gateway.case_extract(4, 101337, None).await.unwrap();
+    let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
+    check_gateway_error(&status, Code::Unavailable, "UPSTREAM_CONNECTION_LOST", &[]);
+    assert!(status.get_details_retry_info().is_none());
+    assert_eq!(upstream.requests_so_far(), 2);
+    assert_eq!(
+        upstream.connections_so_far(),
+        1,
+        "the second POST went out on a new connection"
+    );
+}
+
 #[tokio::test]
 async fn an_upstream_that_is_not_listening_is_unreachable_with_retry_info() {
     let address = unused_address().await;
