@@ -825,10 +825,7 @@ async fn flags_beat_environment_beats_file_beats_defaults() {
     )
     .await;
     let tokens = path.parent().unwrap().join("tokens");
-    let cores = std::thread::available_parallelism().unwrap();
     for line in [
-        // Not given anywhere: the default, one thread per core, as the runtime is built.
-        format!("worker_threads = {cores}"),
         "listen = \"127.0.0.1:6000\"".to_owned(),
         "upstream_timeout = \"5s\"".to_owned(),
         "retry_delay = \"4s\"".to_owned(),

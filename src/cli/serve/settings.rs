@@ -234,7 +234,6 @@ impl ServeSettings {
             max_health_watches: Some(defaults::MAX_HEALTH_WATCHES),
             max_watches: Some(defaults::MAX_WATCHES),
             watch_buffer: Some(defaults::WATCH_BUFFER),
-            worker_threads: Some(defaults::worker_threads()),
             metrics_header_read_timeout: Some(defaults::HEADER_READ_TIMEOUT),
             metrics_idle_timeout: Some(defaults::HTTP1_IDLE_TIMEOUT),
             metrics_body_read_timeout: Some(defaults::BODY_READ_TIMEOUT),
