@@ -32,6 +32,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -92,12 +93,19 @@ pub(crate) struct ConnectionLimits {
     pub(crate) idle_timeout: Duration,
 }
 
-/// What a listener's connections are doing, summed, for the shutdown log.
+/// What a listener's connections are doing, summed, for the shutdown log. Plain counters: every
+/// call moves two of them, from whichever worker runs it, and only the log reads them, so a
+/// lock shared by the whole listener would be contention on the call path for nothing.
 #[derive(Debug, Default)]
-pub(crate) struct Census(Mutex<CensusCounts>);
+pub(crate) struct Census {
+    calls: AtomicUsize,
+    streams: AtomicUsize,
+    closed_idle: AtomicUsize,
+    closed_partial: AtomicUsize,
+}
 
 /// A snapshot of a [`Census`].
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct CensusCounts {
     /// Calls (task-service requests) whose request has fully arrived and whose response has not
     /// ended.
@@ -173,8 +181,9 @@ struct TrackedRequest {
     connection: Arc<Connection>,
     /// A call or another stream, for the census.
     is_call: bool,
-    /// Locked before the connection's state and the census, never after them, so the two taps
-    /// agree on whether the request was counted as arrived.
+    /// Held while the connection's state and the census are updated, and locked before the
+    /// state, never after it, so the two taps agree on whether the request was counted as
+    /// arrived.
     stage: Mutex<Stage>,
 }
 
@@ -455,27 +464,28 @@ async fn sleep_until(deadline: Option<Instant>) {
 impl Census {
     /// The counts now.
     pub(crate) fn counts(&self) -> CensusCounts {
-        *lock(&self.0)
+        let count = |counter: &AtomicUsize| counter.load(Ordering::Relaxed);
+        CensusCounts {
+            calls: count(&self.calls),
+            streams: count(&self.streams),
+            closed_idle: count(&self.closed_idle),
+            closed_partial: count(&self.closed_partial),
+        }
     }
 
-    /// Applies `change` to the count of calls, or of streams, whose request has arrived.
-    fn arrived(&self, is_call: bool, change: fn(&mut usize)) {
-        let mut counts = lock(&self.0);
-        change(if is_call {
-            &mut counts.calls
-        } else {
-            &mut counts.streams
-        });
+    /// The count of calls, or of streams, whose request has arrived and not ended.
+    fn arrived(&self, is_call: bool) -> &AtomicUsize {
+        if is_call { &self.calls } else { &self.streams }
     }
 
     /// Counts a connection that shutdown closed without a request holding it.
     fn closed(&self, partial: bool) {
-        let mut counts = lock(&self.0);
-        if partial {
-            counts.closed_partial += 1;
+        let counter = if partial {
+            &self.closed_partial
         } else {
-            counts.closed_idle += 1;
-        }
+            &self.closed_idle
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -574,7 +584,8 @@ impl TrackedRequest {
             self.connection.update(State::body_arrived);
             self.connection
                 .census
-                .arrived(self.is_call, |count| *count += 1);
+                .arrived(self.is_call)
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -593,7 +604,8 @@ impl Drop for RequestGuard {
             request
                 .connection
                 .census
-                .arrived(request.is_call, |count| *count -= 1);
+                .arrived(request.is_call)
+                .fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
