@@ -8,7 +8,7 @@ use taskgate::proto::task_service_client::TaskServiceClient;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-use crate::support::{Gateway, TestFile, unused_address, within};
+use crate::support::{Gateway, PROMPTLY, TestFile, unused_address, within};
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_taskgate");
 
@@ -147,21 +147,39 @@ async fn serve_runs_on_its_worker_threads() {
     ] {
         let serve = TaskgateProcess::start(args).await;
         let pid = serve.child.id().unwrap();
-        let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .map(|task| {
-                let comm = task.unwrap().path().join("comm");
-                std::fs::read_to_string(comm)
-                    .unwrap_or_default()
-                    .trim()
-                    .to_owned()
-            })
-            .collect();
-        let named = |name: &str| threads.iter().filter(|thread| *thread == name).count();
-        // tokio's blocking threads take the same name, so there may be more than the workers.
-        assert_eq!(named("tokio-rt-worker"), 0, "{args:?}: {threads:?}");
-        assert!(
-            named("taskgate-worker") >= expected,
+        let thread_names = || -> Vec<String> {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .map(|task| {
+                    let comm = task.unwrap().path().join("comm");
+                    std::fs::read_to_string(comm)
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned()
+                })
+                .collect()
+        };
+        let named = |threads: &[String], name: &str| {
+            threads.iter().filter(|thread| *thread == name).count()
+        };
+        // Each of tokio's threads names itself once it runs, which may be after the runtime was
+        // built and the gateway logged that it listens; no event says when, so /proc is read
+        // again until they have (tokio's blocking threads take the same name, so there may be
+        // more than the workers).
+        let named_in_time = async {
+            loop {
+                let threads = thread_names();
+                if named(&threads, "taskgate-worker") >= expected {
+                    return threads;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let what = format!("{args:?}: fewer than {expected} threads named taskgate-worker");
+        let threads = within(PROMPTLY, &what, named_in_time).await;
+        assert_eq!(
+            named(&threads, "tokio-rt-worker"),
+            0,
             "{args:?}: {threads:?}"
         );
         assert!(
