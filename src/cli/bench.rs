@@ -54,8 +54,10 @@ NOTE:
 
 EXIT STATUS:
     0  the run completed, even if some calls failed (the status line counts them)
-    1  the gateway cannot be reached
-    2  a usage error (bad flag value); nothing was sent";
+    1  the gateway cannot be reached, or a connection to it does not answer a health check
+       within --timeout; nothing was measured
+    2  a usage error (bad flag value, a --gateway that is not http:// or https://); nothing was
+       sent";
 
 /// The header a call's deadline travels in (tonic keeps its own constant private).
 const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";

@@ -390,3 +390,18 @@ async fn a_wait_that_runs_out_says_the_case_may_still_be_running() {
     let (code, log) = within(PROMPTLY * 12, "serve did not stop", serve.finish()).await;
     assert_eq!(code, Some(0), "{log}");
 }
+
+/// Item 10: `serve --help` said `--max-in-flight` counts CaseExtract calls; every task call
+/// takes a slot (one semaphore on the unary path all three share), as the README says.
+#[tokio::test]
+async fn serve_help_says_max_in_flight_counts_every_task_call() {
+    let (stdout, _) = run(&["serve", "--help"], 0).await;
+    let help = stdout.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        help.contains(
+            "How many task calls (CaseExtract, CaseCancel and CaseGetState together) may be in \
+             flight at once"
+        ),
+        "{stdout}"
+    );
+}

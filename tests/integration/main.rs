@@ -29,6 +29,7 @@
 //! - `operators`: the real binary as a careless operator runs it: no password printed.
 //! - `bench`: `taskgate bench` against the simulator: its report, counts and exit codes.
 //! - `contract`: the proto comments and the README agree with the fault table.
+//! - `readme_examples`: the README's command-line examples, run as written.
 //! - `watch`: WatchCaseEvents against the simulator's Log Publisher and a scripted one.
 //! - `fuzz_corpus`: the fuzz targets' committed corpora, replayed through their checks on stable.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A panic in a test is a failed test.
@@ -54,6 +55,7 @@ mod limits;
 mod metrics;
 mod operators;
 mod protocol;
+mod readme_examples;
 mod request_id;
 mod shutdown;
 mod simulator_http;
