@@ -405,3 +405,46 @@ async fn serve_help_says_max_in_flight_counts_every_task_call() {
         "{stdout}"
     );
 }
+
+/// Item 10: a stream cut by the gateway's end printed `request id: none`; a reply without a
+/// request id has no such line.
+#[tokio::test]
+async fn a_cut_stream_prints_no_request_id_line() {
+    let serve = TaskgateProcess::start(&[]).await;
+    let mut watch = Command::new(BIN)
+        .args(["watch", "--gateway", &serve.gateway, "--port", "4"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut watch_stderr = BufReader::new(watch.stderr.take().unwrap()).lines();
+    let opened = within(PROCESS_WAIT, "watch did not open", watch_stderr.next_line())
+        .await
+        .unwrap();
+    assert_eq!(
+        opened.as_deref(),
+        Some("watch port 4: one line per event; stop with Ctrl-C")
+    );
+    // Gone at once, without a status: the stream is cut.
+    serve.signal("KILL").await;
+    let mut stdout = String::new();
+    let mut watch_stdout = watch.stdout.take().unwrap();
+    within(
+        PROCESS_WAIT,
+        "watch's stdout did not close",
+        watch_stdout.read_to_string(&mut stdout),
+    )
+    .await
+    .unwrap();
+    let status = within(PROCESS_WAIT, "watch did not stop", watch.wait())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert!(stdout.starts_with("failed: watch port 4: "), "{stdout}");
+    assert!(!stdout.contains("request id"), "{stdout}");
+    let (code, _) = serve.finish().await;
+    assert_eq!(code, None, "killed");
+}
