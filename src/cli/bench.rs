@@ -215,7 +215,8 @@ pub(super) async fn bench(args: BenchArgs) -> Outcome {
             .map_err(unreachable)?;
         channels.push(channel);
     }
-    let report = measure(&plan, &channels).await.map_err(unreachable)?;
+    let internal = |error: anyhow::Error| (Exit::CallFailed, error);
+    let report = measure(&plan, &channels).await.map_err(internal)?;
     let printed = if plan.json {
         output::line(report.to_json())
     } else {

@@ -94,7 +94,9 @@ pub(super) async fn watch(args: WatchArgs) -> Outcome {
                 Err(Unwritten::ReaderGone) => return Ok(Exit::Success),
                 Err(failed) => return output::exit_after(Err(failed), Exit::Success),
             },
-            Ok(None) => return ended_without_status(&what),
+            Ok(None) => {
+                return output::exit_after(print_ended_without_status(&what), Exit::CallFailed);
+            }
             Err(status) => {
                 return output::exit_after(
                     task_call::print_failure(&what, &status),
@@ -140,20 +142,20 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
         let event = match events.message().await {
             Ok(Some(event)) => event,
             Ok(None) => {
-                return printed.map_or_else(
-                    |unwritten| output::exit_after(Err(unwritten), Exit::CallFailed),
-                    |()| ended_without_status(&what),
-                );
-            }
-            Err(status) if status.code() == Code::DeadlineExceeded => {
-                let exit = Exit::WaitTimedOut;
-                let printed = printed.and(print_wait_timed_out(&what, port_id, wait_timeout));
-                return output::exit_after(printed, exit);
-            }
-            Err(status) => {
-                let printed = printed.and(task_call::print_failure(&what, &status));
+                let printed = printed.and(print_ended_without_status(&what));
                 return output::exit_after(printed, Exit::CallFailed);
             }
+            // The only deadline on the watch is --wait-timeout's.
+            Err(status) => match (status.code(), wait_timeout) {
+                (Code::DeadlineExceeded, Some(wait_timeout)) => {
+                    let printed = printed.and(print_wait_ran_out(&what, port_id, wait_timeout));
+                    return output::exit_after(printed, Exit::WaitTimedOut);
+                }
+                _ => {
+                    let printed = printed.and(task_call::print_failure(&what, &status));
+                    return output::exit_after(printed, Exit::CallFailed);
+                }
+            },
         };
         // Another bin's events are an earlier operation's.
         if event.bin_id != Some(bin_id) {
@@ -177,13 +179,11 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
 
 /// What is true when `--wait-timeout` runs out: the controller accepted the extraction, only
 /// the following stopped, and the case may still be running; and how to follow it further.
-fn print_wait_timed_out(what: &str, port_id: u32, wait_timeout: Option<Duration>) -> Printed {
-    let waited = wait_timeout.map_or_else(
-        || "the wait's deadline".to_owned(),
-        |timeout| format!("--wait-timeout {}", humantime::format_duration(timeout)),
-    );
+fn print_wait_ran_out(what: &str, port_id: u32, wait_timeout: Duration) -> Printed {
+    let wait_timeout = humantime::format_duration(wait_timeout);
     output::line(format_args!(
-        "stopped following: {what}: {waited} ran out before the case ended\n\
+        "stopped following: {what}: --wait-timeout {wait_timeout} ran out before the case \
+         ended\n\
          \x20 the controller accepted the extraction; the case may still be running\n\
          \x20 follow it: taskgate watch --port {port_id}, or taskgate case-state --port \
          {port_id}"
@@ -203,10 +203,10 @@ async fn open(
     }
     match client.watch_case_events(request).await {
         Ok(response) => Ok(Some(response.into_inner())),
-        Err(status) => match task_call::print_failure(what, &status) {
-            Ok(()) | Err(Unwritten::ReaderGone) => Ok(None),
-            Err(failed) => output::exit_after(Err(failed), Exit::CallFailed).map(|_| None),
-        },
+        Err(status) => {
+            output::exit_after(task_call::print_failure(what, &status), Exit::CallFailed)?;
+            Ok(None)
+        }
     }
 }
 
@@ -222,11 +222,10 @@ fn follow(event: &CaseEvent) -> Followed {
 }
 
 /// The gateway always ends a watch with a status; a stream that ends without one was cut.
-fn ended_without_status(what: &str) -> Outcome {
-    let printed = output::line(format_args!(
+fn print_ended_without_status(what: &str) -> Printed {
+    output::line(format_args!(
         "failed: {what}: the stream ended without a status (the connection was cut)"
-    ));
-    output::exit_after(printed, Exit::CallFailed)
+    ))
 }
 
 /// `2026-11-29T08:01:02.345Z port 4 bin 101337 ERSO (EXTRACTION_READY_TO_SEND)`: when the
