@@ -49,3 +49,29 @@ pub(super) fn exit_after(printed: Printed, exit: Exit) -> Outcome {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gone_reader_keeps_the_exit_code_and_a_failed_write_is_an_error() {
+        assert!(matches!(
+            exit_after(Ok(()), Exit::CallFailed),
+            Ok(Exit::CallFailed)
+        ));
+        assert!(matches!(
+            exit_after(Err(Unwritten::ReaderGone), Exit::Success),
+            Ok(Exit::Success)
+        ));
+        let full = io::Error::from_raw_os_error(28);
+        let Err((exit, error)) = exit_after(Err(Unwritten::Failed(full)), Exit::Success) else {
+            panic!("a failed write was not an error");
+        };
+        assert_eq!(exit, Exit::CallFailed);
+        assert_eq!(
+            format!("{error:#}"),
+            "cannot write to stdout: No space left on device (os error 28)"
+        );
+    }
+}

@@ -448,3 +448,33 @@ async fn a_cut_stream_prints_no_request_id_line() {
     let (code, _) = serve.finish().await;
     assert_eq!(code, None, "killed");
 }
+
+/// Item 5: a stdout that fails otherwise than by its reader going (a full disk) is an error,
+/// named once, exit 1; not a panic.
+#[tokio::test]
+async fn a_full_stdout_is_an_error() {
+    let gateway = Gateway::builder().start().await;
+    let address = format!("http://{}", gateway.address);
+    let output = Command::new(BIN)
+        .args(["case-state", "--gateway", &address, "--port", "4"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+        .wait_with_output();
+    let output = within(PROCESS_WAIT, "taskgate did not exit", output)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            output.status.code(),
+            String::from_utf8(output.stderr).unwrap()
+        ),
+        (
+            Some(1),
+            "error: cannot write to stdout: No space left on device (os error 28)\n".to_owned()
+        )
+    );
+}
