@@ -699,7 +699,13 @@ fn which(program: &str) -> bool {
 
 impl Report {
     fn table(&self, options: &Options) -> String {
-        let verdict = |pass: bool| if pass { "yes" } else { "NO" };
+        // A smoke run's few calls show that the rig runs, not whether the bar is met: judging
+        // them printed `(NO)` inside passing CI runs.
+        let verdict = |pass: bool| match (options.smoke, pass) {
+            (true, _) => "not judged at smoke size",
+            (false, true) => "yes",
+            (false, false) => "NO",
+        };
         let calls_per_s: fn(&Run) -> f64 = |run| run.calls_per_s;
         let p99_us: fn(&Run) -> f64 = |run| run.p99_us;
         let mean_latency_us: fn(&Run) -> f64 = |run| run.mean_latency_us;

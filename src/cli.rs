@@ -16,13 +16,14 @@ use tokio::net::TcpListener;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
-use taskgate::config::redact_url;
+use taskgate::config::{Bounds, redact_url};
 use taskgate::log::LogFormat;
 
 mod bench;
 mod case_cancel;
 mod case_extract;
 mod case_state;
+mod output;
 mod serve;
 mod simulate;
 mod task_call;
@@ -34,7 +35,12 @@ EXIT STATUS:
        run completed, even if some calls failed)
     1  the call returned an error status, the gateway cannot be reached, or the server failed
        while running
-    2  a usage or configuration error (bad flag, bad file, address already in use)";
+    2  a usage or configuration error (bad flag, bad file, address already in use)
+    3  case-extract --wait: the extraction was accepted, but --wait-timeout ran out before the
+       case ended (it may still be running)
+
+A closed stdout (a reader such as `head -n 1` that has gone) is not an error: the output ends
+there and the exit code is the one above; `watch` stops and exits 0.";
 
 /// taskgate: a gRPC gateway to the AutoStore task interface.
 ///
@@ -105,6 +111,8 @@ enum Exit {
     Success,
     CallFailed,
     Usage,
+    /// `case-extract --wait` stopped following an accepted extraction at `--wait-timeout`.
+    WaitTimedOut,
 }
 
 /// How a command ended.
@@ -209,32 +217,74 @@ impl Prepared {
     }
 }
 
-/// The exit code and message of an outcome. The error is printed with `{:#}`, its chain joined
-/// by ": ", so each error in it must say only what it adds and leave its cause to its source.
+/// The exit code and message of an outcome. The error is printed with its chain joined by ": ",
+/// each cause once (see [`error_chain`]).
 fn ending(outcome: Outcome) -> Ending {
     let (exit, error) = match outcome {
         Ok(exit) => (exit, None),
-        Err((exit, error)) => (exit, Some(format!("error: {error:#}"))),
+        Err((exit, error)) => (exit, Some(format!("error: {}", error_chain(&error)))),
     };
     Ending {
         code: ExitCode::from(match exit {
             Exit::Success => 0,
             Exit::CallFailed => 1,
             Exit::Usage => 2,
+            Exit::WaitTimedOut => 3,
         }),
         error,
     }
+}
+
+/// An error and its causes joined by ": ", as `{:#}` joins them, but each cause once. Our own
+/// errors say only what they add, but some of the crates' errors also print their source
+/// (hyper-util's `tcp connect error` does), which would then be printed twice: `tcp connect
+/// error: tcp connect error: Connection refused`. A cause that the text so far already ends
+/// with is left out.
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.is_empty() {
+            text = cause;
+        } else if !text.ends_with(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn usage(error: anyhow::Error) -> (Exit, anyhow::Error) {
     (Exit::Usage, error)
 }
 
-/// The gateway's endpoint, checked without connecting; `timeout` bounds the connect and each
-/// call.
+/// The range of a client command's `--timeout`: a call's deadline, and the connect timeout.
+const CALL_TIMEOUT: Bounds<Duration> = Bounds {
+    setting: "--timeout",
+    min: Duration::from_millis(1),
+    max: Duration::from_secs(60 * 60),
+    below: "a call needs some time to be answered, for example 5s",
+    above: "the gateway caps every controller call at --upstream-timeout, at most 1h",
+};
+
+/// The gateway's endpoint, checked without connecting: an `http://` or `https://` URL with a
+/// host (tonic would also take a Unix socket path or a bare name, and fail only when
+/// connecting, as if the gateway were down). `timeout`, checked against [`CALL_TIMEOUT`], bounds
+/// the connect and each call.
 fn gateway_endpoint(gateway: &str, timeout: Duration) -> anyhow::Result<Endpoint> {
-    let endpoint = Endpoint::from_shared(gateway.to_owned())
-        .with_context(|| format!("invalid --gateway '{}'", redact_url(gateway)))?;
+    let uri = gateway
+        .parse::<tonic::codegen::http::Uri>()
+        .ok()
+        .filter(|uri| matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some())
+        .with_context(|| {
+            format!(
+                "invalid --gateway '{}': it must be http://HOST:PORT or https://HOST:PORT, for \
+                 example http://127.0.0.1:50051",
+                redact_url(gateway)
+            )
+        })?;
+    let timeout = CALL_TIMEOUT.check(timeout)?;
+    let endpoint = Endpoint::from(uri);
     Ok(endpoint.connect_timeout(timeout).timeout(timeout))
 }
 
@@ -272,6 +322,22 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         command().debug_assert();
+    }
+
+    /// Issue 20, item 10: `tcp connect error: tcp connect error: Connection refused`.
+    #[test]
+    fn each_cause_is_printed_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("tcp connect error: {0}")]
+        struct Repeats(#[source] std::io::Error);
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let error = anyhow::Error::new(Repeats(refused)).context("cannot connect to the gateway");
+        assert_eq!(
+            error_chain(&error),
+            "cannot connect to the gateway: tcp connect error: connection refused"
+        );
+        let nested = anyhow::anyhow!("cause").context("context").context("outer");
+        assert_eq!(error_chain(&nested), "outer: context: cause");
     }
 
     #[test]

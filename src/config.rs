@@ -8,7 +8,7 @@
 //! `tls` and `auth` files), and `server::Config` puts them together.
 
 use std::borrow::Cow;
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::time::Duration;
 
 use hyper::header::HeaderValue;
@@ -84,8 +84,9 @@ impl LogPublisherAddress {
         })
     }
 
-    /// Reads `off` (`None`), `HOST:PORT`, `tcp://HOST:PORT` or `tls://HOST:PORT`; an IPv6 host
-    /// is written in brackets, `[::1]:44001`.
+    /// Reads `off` (`None`), `HOST:PORT` or `tls://HOST:PORT`; an IPv6 host is written in
+    /// brackets, `[::1]:44001`. No other scheme is taken, `tcp://` included: an address that
+    /// reads as a URL the gateway does not speak is refused rather than guessed at.
     pub fn parse(value: &str) -> Result<Option<LogPublisherAddress>, ConfigError> {
         if value == "off" {
             return Ok(None);
@@ -95,7 +96,6 @@ impl LogPublisherAddress {
         };
         let (tls, rest) = match value.split_once("://") {
             Some(("tls", rest)) => (true, rest),
-            Some(("tcp", rest)) => (false, rest),
             Some(_) => return Err(invalid()),
             None => (false, value),
         };
@@ -228,7 +228,7 @@ pub trait SettingValue: PartialOrd + Copy {
 /// than any deployment needs and far narrower than what would make the runtime panic or every
 /// call fail (a semaphore of 2^61 permits, a zero timer period, a timeout no call can meet).
 pub mod limits {
-    use std::num::NonZeroUsize;
+    use std::num::{NonZeroU32, NonZeroUsize};
     use std::time::Duration;
 
     use super::Bounds;
@@ -305,6 +305,15 @@ pub mod limits {
         max: NonZeroUsize::new(1_000_000).unwrap(),
         below: "at least one connection must be allowed",
         above: "each connection takes a file descriptor, and no open-file limit allows that many",
+    };
+    /// `--max-concurrent-streams`.
+    pub const MAX_CONCURRENT_STREAMS: Bounds<NonZeroU32> = Bounds {
+        setting: "--max-concurrent-streams",
+        min: NonZeroU32::MIN,
+        max: NonZeroU32::new(100_000).unwrap(),
+        below: "a connection must be allowed a call",
+        above: "each open stream holds memory on its connection, and no more calls than \
+                --max-in-flight (at most 100000) are served at once",
     };
     /// `--max-health-watches`.
     pub const MAX_HEALTH_WATCHES: Bounds<NonZeroUsize> = Bounds {
@@ -502,6 +511,15 @@ pub fn parse_upstream_url(raw: &str) -> Result<Url, ConfigError> {
             reason: "no host".to_owned(),
         });
     }
+    // Port 0 parses, but nothing can be connected to on it: every call would fail.
+    if url.port() == Some(0) {
+        return Err(ConfigError::InvalidUrl {
+            url: shown(),
+            reason: "port 0 cannot be connected to; give the controller's port (44000 by \
+                     default)"
+                .to_owned(),
+        });
+    }
     Ok(url)
 }
 
@@ -618,12 +636,29 @@ impl<T: SettingValue> Bounds<T> {
         } else {
             return Ok(value);
         };
-        Err(ConfigError::OutOfRange {
+        Err(self.out_of_range(value.show(), reason))
+    }
+
+    /// `count` as the nonzero value it must be, when it is in range. Zero is below the range,
+    /// and says so as any other value would: the settings take counts as plain numbers so that
+    /// a flag, the environment and the file all get this message.
+    pub fn check_count<Count>(&self, count: Count) -> Result<T, ConfigError>
+    where
+        Count: TryInto<T> + ToString + Copy,
+    {
+        match count.try_into() {
+            Ok(value) => self.check(value),
+            Err(_) => Err(self.out_of_range(count.to_string(), self.below)),
+        }
+    }
+
+    fn out_of_range(&self, value: String, reason: &'static str) -> ConfigError {
+        ConfigError::OutOfRange {
             setting: self.setting,
-            value: value.show(),
+            value,
             range: format!("{}-{}", self.min.show(), self.max.show()),
             reason,
-        })
+        }
     }
 }
 
@@ -634,6 +669,18 @@ impl SettingValue for Duration {
 }
 
 impl SettingValue for NonZeroUsize {
+    fn show(self) -> String {
+        self.to_string()
+    }
+}
+
+impl SettingValue for NonZeroU32 {
+    fn show(self) -> String {
+        self.to_string()
+    }
+}
+
+impl SettingValue for NonZeroU64 {
     fn show(self) -> String {
         self.to_string()
     }
@@ -658,7 +705,6 @@ mod tests {
         assert_eq!(parsed("off"), Ok(None));
         for (value, shown) in [
             ("10.0.0.5:44001", "10.0.0.5:44001"),
-            ("tcp://10.0.0.5:44001", "10.0.0.5:44001"),
             (
                 "tls://controller.example:44001",
                 "tls://controller.example:44001",
@@ -678,6 +724,8 @@ mod tests {
             "controller:+80",
             ":44001",
             "http://controller:44001",
+            // Issue 20, item 9: an undocumented scheme, once taken as plain TCP.
+            "tcp://127.0.0.1:1",
             "controller:44001/x",
             "controller:44001/",
             "user:secret@controller:44001",
@@ -736,6 +784,16 @@ mod tests {
             parse_upstream_url("http//x"),
             Err(ConfigError::InvalidUrl { .. })
         ));
+        // Issue 20, item 9: accepted, and then every call failed.
+        check_url(
+            "http://127.0.0.1:0/api/v2/task",
+            Err(ConfigError::InvalidUrl {
+                url: "http://127.0.0.1:0/api/v2/task".to_owned(),
+                reason: "port 0 cannot be connected to; give the controller's port (44000 by \
+                         default)"
+                    .to_owned(),
+            }),
+        );
     }
 
     /// Issue 8, finding 5: whichever check refuses a URL, its password is not in the message.

@@ -237,6 +237,7 @@ impl Settings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         limits::HANDSHAKE_TIMEOUT.check(self.handshake_timeout)?;
         limits::IDLE_TIMEOUT.check(self.idle_timeout)?;
+        limits::MAX_CONCURRENT_STREAMS.check(self.max_concurrent_streams)?;
         if let Some(max_connections) = self.max_connections {
             limits::MAX_CONNECTIONS.check(max_connections)?;
         }

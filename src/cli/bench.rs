@@ -5,6 +5,7 @@
 //! and allocates nothing beyond what tonic needs: the generator shares the machine with the
 //! gateway it measures, and every cycle it spends is one the gateway does not get.
 
+use std::error::Error as _;
 use std::fmt;
 use std::num::{NonZeroU64, NonZeroUsize};
 use std::pin::pin;
@@ -23,11 +24,16 @@ use tonic::Code;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{Exit, Outcome, bearer_token, connect, duration, gateway_endpoint, usage};
+use super::output;
+use super::{
+    CALL_TIMEOUT, Exit, Outcome, bearer_token, connect, duration, gateway_endpoint, usage,
+};
 use taskgate::config::{Bounds, redact_url};
 use taskgate::fault;
 use taskgate::proto::CaseExtractRequest;
 use taskgate::proto::task_service_client::TaskServiceClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 const BENCH_HELP: &str = "\
 OUTPUT:
@@ -48,8 +54,10 @@ NOTE:
 
 EXIT STATUS:
     0  the run completed, even if some calls failed (the status line counts them)
-    1  the gateway cannot be reached
-    2  a usage error (bad flag value); nothing was sent";
+    1  the gateway cannot be reached, or a connection to it does not answer a health check
+       within --timeout; nothing was measured
+    2  a usage error (bad flag value, a --gateway that is not http:// or https://); nothing was
+       sent";
 
 /// The header a call's deadline travels in (tonic keeps its own constant private).
 const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
@@ -76,6 +84,13 @@ const CONCURRENCY: Bounds<NonZeroUsize> = Bounds {
     above: "each call in flight is a task here and a slot on the gateway (--max-in-flight is at \
             most 100000)",
 };
+const CALLS: Bounds<NonZeroU64> = Bounds {
+    setting: "--calls",
+    min: NonZeroU64::MIN,
+    max: NonZeroU64::MAX,
+    below: "a run must measure a call",
+    above: "a count beyond 2^64 cannot be kept",
+};
 const DURATION: Bounds<Duration> = Bounds {
     setting: "--duration",
     min: Duration::from_millis(1),
@@ -89,13 +104,6 @@ const WARMUP: Bounds<Duration> = Bounds {
     max: HOUR,
     below: "a warm-up cannot be negative",
     above: "connections and caches are warm long before",
-};
-const TIMEOUT: Bounds<Duration> = Bounds {
-    setting: "--timeout",
-    min: Duration::from_millis(1),
-    max: HOUR,
-    below: "a call needs some time to be answered, for example 5s",
-    above: "the gateway caps every controller call at --upstream-timeout, at most 1h",
 };
 
 #[derive(Debug, Args)]
@@ -117,7 +125,7 @@ pub(super) struct BenchArgs {
         value_name = "C",
         default_value = "1"
     )]
-    connections: NonZeroUsize,
+    connections: usize,
 
     /// How many calls to keep in flight: one worker each, calling back to back. At least
     /// --connections, at most 100000.
@@ -127,7 +135,7 @@ pub(super) struct BenchArgs {
         value_name = "N",
         default_value = "50"
     )]
-    concurrency: NonZeroUsize,
+    concurrency: usize,
 
     /// How long to measure, after the warm-up, for example 10s or 2m; 1ms to 1day.
     #[arg(long, env = "TASKGATE_BENCH_DURATION", default_value = "10s", value_parser = duration)]
@@ -140,7 +148,7 @@ pub(super) struct BenchArgs {
         value_name = "N",
         conflicts_with = "duration"
     )]
-    calls: Option<NonZeroU64>,
+    calls: Option<u64>,
 
     /// The port to call. The default is the simulator's AutoCase port with a selected bin.
     #[arg(
@@ -193,22 +201,52 @@ pub(super) struct BenchArgs {
 /// Runs the benchmark and prints its report.
 pub(super) async fn bench(args: BenchArgs) -> Outcome {
     let plan = Plan::from_args(args).map_err(usage)?;
+    let unreachable = |error: anyhow::Error| (Exit::CallFailed, error);
     let mut channels = Vec::with_capacity(plan.connections);
-    // Every connection is made before any load, so an unreachable gateway costs no partial run.
+    // Every connection is made, and answers, before any load, so an unreachable gateway costs no
+    // partial run.
     for _ in 0..plan.connections {
         let channel = connect(&plan.endpoint, &plan.gateway)
             .await
-            .map_err(|error| (Exit::CallFailed, error))?;
+            .map_err(unreachable)?;
+        probe(&channel, plan.timeout)
+            .await
+            .with_context(|| format!("cannot connect to the gateway at {}", plan.gateway))
+            .map_err(unreachable)?;
         channels.push(channel);
     }
     let internal = |error: anyhow::Error| (Exit::CallFailed, error);
     let report = measure(&plan, &channels).await.map_err(internal)?;
-    if plan.json {
-        println!("{}", report.to_json());
+    let printed = if plan.json {
+        output::line(report.to_json())
     } else {
-        print!("{}", report.to_text());
+        output::text(report.to_text())
+    };
+    output::exit_after(printed, Exit::Success)
+}
+
+/// Checks that the gateway behind `channel` answers: a TCP connect and an HTTP/2 preface
+/// succeed even when nothing there speaks gRPC, and the run would then count every call as
+/// CANCELLED or UNAVAILABLE. The check is a health Check, which moves nothing; any status the
+/// server sends back (UNIMPLEMENTED from a server without health, say) is an answer. A status
+/// made on this side has a source: the transport error or the timeout.
+async fn probe(channel: &Channel, timeout: Duration) -> anyhow::Result<()> {
+    let mut health = HealthClient::new(channel.clone());
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    match health.check(request).await {
+        Ok(_) => Ok(()),
+        Err(status) if status.source().is_none() => Ok(()),
+        Err(status) if status.code() == Code::Cancelled => Err(anyhow::anyhow!(
+            "it accepted the connection but did not answer a health check within {} (--timeout)",
+            humantime::format_duration(timeout)
+        )),
+        Err(status) => Err(anyhow::anyhow!(
+            "it accepted the connection but ended it without answering a health check: {}",
+            status.message()
+        )),
     }
-    Ok(Exit::Success)
 }
 
 /// The checked settings of one run. Not `Debug`: it holds the token.
@@ -220,6 +258,8 @@ struct Plan {
     window: Window,
     targets: Targets,
     warmup: Duration,
+    /// Each call's deadline, and how long the gateway has to answer the first.
+    timeout: Duration,
     /// The grpc-timeout value every call carries, encoded once.
     grpc_timeout: AsciiMetadataValue,
     /// `Bearer <token>`, encoded once; never printed.
@@ -299,8 +339,8 @@ struct Shared {
 impl Plan {
     /// Checks every setting; nothing here touches the network.
     fn from_args(args: BenchArgs) -> anyhow::Result<Plan> {
-        let connections = CONNECTIONS.check(args.connections)?.get();
-        let concurrency = CONCURRENCY.check(args.concurrency)?.get();
+        let connections = CONNECTIONS.check_count(args.connections)?.get();
+        let concurrency = CONCURRENCY.check_count(args.concurrency)?.get();
         if concurrency < connections {
             anyhow::bail!(
                 "--concurrency {concurrency} is less than --connections {connections}: each \
@@ -309,11 +349,11 @@ impl Plan {
             );
         }
         let window = match args.calls {
-            Some(calls) => Window::Calls(calls.get()),
+            Some(calls) => Window::Calls(CALLS.check_count(calls)?.get()),
             None => Window::Duration(DURATION.check(args.duration)?),
         };
         WARMUP.check(args.warmup)?;
-        TIMEOUT.check(args.timeout)?;
+        CALL_TIMEOUT.check(args.timeout)?;
         let targets = Targets {
             ports: id_range("ports", args.ports.as_deref(), args.port)?,
             bins: id_range("bins", args.bins.as_deref(), args.bin)?,
@@ -328,6 +368,7 @@ impl Plan {
             window,
             targets,
             warmup: args.warmup,
+            timeout: args.timeout,
             grpc_timeout: grpc_timeout(args.timeout)?,
             authorization,
             json: args.json,
@@ -994,11 +1035,23 @@ mod tests {
             error(&["--token", "not\nascii"]),
             "invalid --token: it must be printable ASCII: failed to parse metadata value"
         );
-        assert!(
-            error(&["--gateway", "not a url"]).starts_with("invalid --gateway 'not a url': "),
-            "{}",
-            error(&["--gateway", "not a url"])
-        );
+        // Issue 20, item 7: these were tried as addresses, and exited 1 as if the gateway were
+        // down.
+        for gateway in [
+            "not a url",
+            "notaurl",
+            "ftp://127.0.0.1:50051",
+            "unix:///run/taskgate.sock",
+            "http://",
+        ] {
+            assert_eq!(
+                error(&["--gateway", gateway]),
+                format!(
+                    "invalid --gateway '{gateway}': it must be http://HOST:PORT or \
+                     https://HOST:PORT, for example http://127.0.0.1:50051"
+                )
+            );
+        }
         for conflicting in [
             &["--calls", "5", "--duration", "2s"][..],
             &["--port", "1", "--ports", "1-2"],
@@ -1009,8 +1062,19 @@ mod tests {
                 "{conflicting:?}"
             );
         }
-        assert!(error(&["--calls", "0"]).contains("invalid value '0'"));
-        assert!(error(&["--concurrency", "0"]).contains("invalid value '0'"));
+        // Issue 20, item 9: zero gets the range's message, as any other value out of it does.
+        assert_eq!(
+            error(&["--calls", "0"]),
+            "--calls 0 is out of range 1-18446744073709551615: a run must measure a call"
+        );
+        assert_eq!(
+            error(&["--concurrency", "0"]),
+            "--concurrency 0 is out of range 1-100000: a run needs a call in flight"
+        );
+        assert_eq!(
+            error(&["--connections", "0"]),
+            "--connections 0 is out of range 1-10000: a run needs a connection"
+        );
     }
 
     /// A tally of `(code, latency in microseconds)` calls.

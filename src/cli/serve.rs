@@ -14,7 +14,8 @@ use clap::Args;
 
 use taskgate::auth::TokenFile;
 use taskgate::config::{
-    Http1Limits, LogPublisherAddress, defaults, limits, parse_cors_origin, parse_upstream_url,
+    Bounds, Http1Limits, LogPublisherAddress, SettingValue, defaults, limits, parse_cors_origin,
+    parse_upstream_url,
 };
 use taskgate::log::LogFormat;
 use taskgate::nofile;
@@ -76,13 +77,12 @@ impl Serve {
     /// How many threads the runtime `serve` runs on has: `--worker-threads`, else one per core,
     /// checked against its range. The runtime is built before `run`, so this is checked first.
     pub(super) fn worker_threads(&self) -> anyhow::Result<NonZeroUsize> {
-        let threads = self
-            .given
-            .worker_threads
-            .unwrap_or_else(defaults::worker_threads);
-        limits::WORKER_THREADS
-            .check(threads)
-            .context("invalid configuration")?;
+        let threads = match self.given.worker_threads {
+            Some(threads) => limits::WORKER_THREADS
+                .check_count(threads)
+                .context("invalid configuration")?,
+            None => defaults::worker_threads(),
+        };
         Ok(threads)
     }
 
@@ -223,18 +223,30 @@ fn resolve(settings: &ServeSettings) -> anyhow::Result<Config> {
     set(&mut config.upstream.retry_delay, settings.retry_delay);
     set(
         &mut config.upstream.max_response_bytes,
-        settings.max_response_bytes,
+        count(limits::MAX_RESPONSE_BYTES, settings.max_response_bytes)?,
     );
-    set(&mut config.upstream.max_in_flight, settings.max_in_flight);
+    set(
+        &mut config.upstream.max_in_flight,
+        count(limits::MAX_IN_FLIGHT, settings.max_in_flight)?,
+    );
     set(
         &mut config.upstream.format,
         settings.upstream_format.map(Into::into),
     );
     set(&mut config.shutdown_grace, settings.shutdown_grace);
     set(&mut config.health_interval, settings.health_interval);
-    set(&mut config.max_health_watches, settings.max_health_watches);
-    set(&mut config.watches.max_watches, settings.max_watches);
-    set(&mut config.watches.buffer, settings.watch_buffer);
+    set(
+        &mut config.max_health_watches,
+        count(limits::MAX_HEALTH_WATCHES, settings.max_health_watches)?,
+    );
+    set(
+        &mut config.watches.max_watches,
+        count(limits::MAX_WATCHES, settings.max_watches)?,
+    );
+    set(
+        &mut config.watches.buffer,
+        count(limits::WATCH_BUFFER, settings.watch_buffer)?,
+    );
     if let Some(value) = &settings.log_publisher {
         config.log_publisher = LogPublisherAddress::parse(value)?;
     }
@@ -245,10 +257,13 @@ fn resolve(settings: &ServeSettings) -> anyhow::Result<Config> {
         settings.handshake_timeout,
     );
     set(&mut connections.idle_timeout, settings.idle_timeout);
-    connections.max_connections = settings.max_connections;
+    connections.max_connections = count(limits::MAX_CONNECTIONS, settings.max_connections)?;
     set(
         &mut connections.max_concurrent_streams,
-        settings.max_concurrent_streams,
+        count(
+            limits::MAX_CONCURRENT_STREAMS,
+            settings.max_concurrent_streams,
+        )?,
     );
     let metrics = &mut config.metrics_limits;
     set(
@@ -260,9 +275,13 @@ fn resolve(settings: &ServeSettings) -> anyhow::Result<Config> {
         &mut metrics.body_read_timeout,
         settings.metrics_body_read_timeout,
     );
+    let metrics_max_connections = Bounds {
+        setting: "--metrics-max-connections",
+        ..limits::MAX_CONNECTIONS
+    };
     set(
         &mut metrics.max_connections,
-        settings.metrics_max_connections,
+        count(metrics_max_connections, settings.metrics_max_connections)?,
     );
     // `check_combinations` has made sure that a key comes with its certificate.
     if let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) {
@@ -288,6 +307,22 @@ fn resolve(settings: &ServeSettings) -> anyhow::Result<Config> {
         config.auth_tokens = Some(TokenFile::load(path)?);
     }
     Ok(config)
+}
+
+/// A count given as a plain number, checked against `bounds`: zero gets the range's message, as
+/// any other value out of it does.
+fn count<Count, Checked>(
+    bounds: Bounds<Checked>,
+    given: Option<Count>,
+) -> anyhow::Result<Option<Checked>>
+where
+    Count: TryInto<Checked> + ToString + Copy,
+    Checked: SettingValue,
+{
+    given
+        .map(|count| bounds.check_count(count))
+        .transpose()
+        .context("invalid configuration")
 }
 
 /// Replaces a library default with a value the user gave.

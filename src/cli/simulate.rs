@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use clap::Args;
 
-use taskgate::config::{Http1Flags, Http1Limits, defaults};
+use taskgate::config::{Bounds, ConfigError, Http1Flags, Http1Limits, defaults, limits};
 use taskgate::nofile;
 use taskgate::simulator::{self, Simulator, layout::Layout};
 
@@ -57,30 +57,36 @@ pub(super) struct SimulateArgs {
     body_read_timeout: humantime::Duration,
 
     /// How many connections may be open at once; more are closed as soon as they are accepted
-    /// (and logged).
-    #[arg(long, env = "TASKGATE_SIMULATOR_MAX_CONNECTIONS", default_value_t = defaults::SIMULATOR_MAX_CONNECTIONS)]
-    max_connections: std::num::NonZeroUsize,
+    /// (and logged). 1 to 1000000.
+    #[arg(long, env = "TASKGATE_SIMULATOR_MAX_CONNECTIONS", default_value_t = defaults::SIMULATOR_MAX_CONNECTIONS.get())]
+    max_connections: usize,
 }
 
 // === impl SimulateArgs ===
 
 impl SimulateArgs {
-    /// The simulator's listener limits, from their four flags.
-    fn limits(&self) -> Http1Limits {
-        Http1Limits {
+    /// The simulator's listener limits, from their four flags, checked.
+    fn limits(&self) -> Result<Http1Limits, ConfigError> {
+        let max_connections = Bounds {
+            setting: "--max-connections",
+            ..limits::MAX_CONNECTIONS
+        }
+        .check_count(self.max_connections)?;
+        let limits = Http1Limits {
             header_read_timeout: self.header_read_timeout.into(),
             idle_timeout: self.idle_timeout.into(),
             body_read_timeout: self.body_read_timeout.into(),
-            max_connections: self.max_connections,
-        }
+            max_connections,
+        };
+        limits.validate(Http1Flags::SIMULATE)?;
+        Ok(limits)
     }
 }
 
 pub(super) async fn simulate(args: SimulateArgs) -> Outcome {
     let layout = load_layout(args.config.as_deref()).map_err(usage)?;
-    let limits = args.limits();
-    limits
-        .validate(Http1Flags::SIMULATE)
+    let limits = args
+        .limits()
         .context("invalid configuration")
         .map_err(usage)?;
     nofile::log_raise(nofile::raise_soft_limit());
@@ -139,7 +145,7 @@ mod tests {
             panic!("not simulate");
         };
         assert_eq!(
-            args.limits(),
+            args.limits().unwrap(),
             Http1Limits::with_max_connections(defaults::SIMULATOR_MAX_CONNECTIONS)
         );
         assert_eq!(args.listen, defaults::SIMULATOR_LISTEN);

@@ -16,6 +16,7 @@ use taskgate::fault;
 use taskgate::proto::task_service_client::TaskServiceClient;
 use taskgate::proto::{FaultCode, REQUEST_ID_HEADER, TASK_FAULT_TYPE_URL, TaskFault};
 
+use super::output::{self, Printed};
 use super::{Exit, Outcome, bearer_token, connect, duration, gateway_endpoint, usage};
 
 /// How to reach the gateway, and what every call sends besides its message.
@@ -112,28 +113,23 @@ where
     let (client, request) = open(args, message).await?;
     match rpc(client, request).await {
         Ok(response) => {
-            let request_id = request_id_of(response.metadata());
-            println!("ok: {what}: {}", summary(response.into_inner()));
-            println!("  request id: {request_id}");
-            Ok(Exit::Success)
+            let (metadata, reply, _) = response.into_parts();
+            let printed = output::line(format_args!("ok: {what}: {}", summary(reply)))
+                .and_then(|()| print_request_id(&metadata));
+            output::exit_after(printed, Exit::Success)
         }
-        Err(status) => {
-            print_failure(what, &status);
-            Ok(Exit::CallFailed)
-        }
+        Err(status) => output::exit_after(print_failure(what, &status), Exit::CallFailed),
     }
 }
 
-/// Connects to the gateway and makes the request for `message`, with the token and request ID
-/// given; the caller sets its deadline.
+/// Checks every argument, then connects to the gateway and makes the request for `message`,
+/// with the token and request ID given; the caller sets its deadline. An argument that cannot
+/// be sent is a usage error found before connecting, whether or not a gateway is there.
 pub(super) async fn open<Message>(
     args: &GatewayArgs,
     message: Message,
 ) -> Result<(Client, tonic::Request<Message>), (Exit, anyhow::Error)> {
     let endpoint = gateway_endpoint(&args.gateway, args.timeout).map_err(usage)?;
-    let channel = connect(&endpoint, &args.gateway)
-        .await
-        .map_err(|error| (Exit::CallFailed, error))?;
     let mut request = tonic::Request::new(message);
     if let Some(token) = &args.token {
         let value = bearer_token(token).map_err(usage)?;
@@ -146,22 +142,28 @@ pub(super) async fn open<Message>(
             .map_err(usage)?;
         request.metadata_mut().insert(REQUEST_ID_HEADER, value);
     }
+    let channel = connect(&endpoint, &args.gateway)
+        .await
+        .map_err(|error| (Exit::CallFailed, error))?;
     Ok((TaskServiceClient::new(channel), request))
 }
 
 /// Prints a failed call for operators: the status described, then the request ID.
-pub(super) fn print_failure(what: &str, status: &tonic::Status) {
-    println!("{}", describe_status(what, status));
-    println!("  request id: {}", request_id_of(status.metadata()));
+pub(super) fn print_failure(what: &str, status: &tonic::Status) -> Printed {
+    output::line(describe_status(what, status))?;
+    print_request_id(status.metadata())
 }
 
-/// The request ID the gateway returned, or `none`.
-pub(super) fn request_id_of(metadata: &tonic::metadata::MetadataMap) -> String {
-    metadata
+/// Prints the request ID the gateway returned; a reply without one (a stream the connection cut,
+/// an error made on this side) has no line.
+fn print_request_id(metadata: &tonic::metadata::MetadataMap) -> Printed {
+    match metadata
         .get(REQUEST_ID_HEADER)
         .and_then(|value| value.to_str().ok())
-        .unwrap_or("none")
-        .to_owned()
+    {
+        Some(request_id) => output::line(format_args!("  request id: {request_id}")),
+        None => Ok(()),
+    }
 }
 
 /// Renders an error status for operators: gRPC code, fault, meaning, retry advice, message.

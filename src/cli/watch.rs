@@ -1,16 +1,29 @@
 //! `taskgate watch` (a line per case event as it arrives) and `taskgate case-extract --wait`
 //! (an extraction followed to its end), both on WatchCaseEvents.
 
+use std::io::Write as _;
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
+use tonic::Code;
 use tonic::codec::Streaming;
 
+use taskgate::config::Bounds;
 use taskgate::proto::case_event::Change;
 use taskgate::proto::{CaseEvent, CaseState, WatchCaseEventsRequest};
 
+use super::output::{self, Printed, Unwritten};
 use super::task_call::{self, GatewayArgs, PortAndBinArgs};
-use super::{Exit, Outcome, duration};
+use super::{Exit, Outcome, duration, usage};
+
+/// The range of `--wait-timeout`.
+const WAIT_TIMEOUT: Bounds<Duration> = Bounds {
+    setting: "--wait-timeout",
+    min: Duration::from_millis(1),
+    max: Duration::from_secs(24 * 60 * 60),
+    below: "following needs some time, for example 30s",
+    above: "no case takes that long; leave --wait-timeout out to follow until the end",
+};
 
 #[derive(Debug, Args)]
 pub(super) struct WatchArgs {
@@ -34,7 +47,8 @@ pub(super) struct CaseExtractArgs {
     #[arg(long)]
     wait: bool,
 
-    /// With --wait: give up following after this long (exit 1); default: follow until the end.
+    /// With --wait: stop following after this long (exit 3: the extraction was accepted and may
+    /// still be running); 1ms to 1day. Default: follow until the end.
     #[arg(long, requires = "wait", value_parser = duration)]
     wait_timeout: Option<Duration>,
 }
@@ -61,7 +75,11 @@ pub(super) async fn watch(args: WatchArgs) -> Outcome {
     let Some(mut events) = open(&args.gateway, &what, message, None).await? else {
         return Ok(Exit::CallFailed);
     };
-    eprintln!("{what}: one line per event; stop with Ctrl-C");
+    // On stderr, so stdout holds only events; a closed stderr loses only this line.
+    let _ = writeln!(
+        std::io::stderr(),
+        "{what}: one line per event; stop with Ctrl-C"
+    );
     let stop = taskgate::shutdown::signal();
     tokio::pin!(stop);
     loop {
@@ -70,11 +88,20 @@ pub(super) async fn watch(args: WatchArgs) -> Outcome {
             message = events.message() => message,
         };
         match message {
-            Ok(Some(event)) => println!("{}", event_line(&event)),
-            Ok(None) => return ended_without_status(&what),
+            // Printing is all a watch does: once stdout's reader has gone, it is over.
+            Ok(Some(event)) => match output::line(event_line(&event)) {
+                Ok(()) => {}
+                Err(Unwritten::ReaderGone) => return Ok(Exit::Success),
+                Err(failed) => return output::exit_after(Err(failed), Exit::Success),
+            },
+            Ok(None) => {
+                return output::exit_after(print_ended_without_status(&what), Exit::CallFailed);
+            }
             Err(status) => {
-                task_call::print_failure(&what, &status);
-                return Ok(Exit::CallFailed);
+                return output::exit_after(
+                    task_call::print_failure(&what, &status),
+                    Exit::CallFailed,
+                );
             }
         }
     }
@@ -89,6 +116,11 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
     if !wait {
         return super::case_extract::case_extract(call).await;
     }
+    if let Some(timeout) = wait_timeout {
+        WAIT_TIMEOUT
+            .check(timeout)
+            .map_err(|error| usage(error.into()))?;
+    }
     let (port_id, bin_id) = call.port_and_bin();
     let what = format!("case_extract port {port_id} bin {bin_id}");
     let message = WatchCaseEventsRequest {
@@ -102,30 +134,60 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
     if exit != Exit::Success {
         return Ok(exit);
     }
+    // The exit code says how the case ended, so following goes on after stdout's reader has
+    // gone (`| head -n 1`); the first failure to print is kept for the end.
+    let mut printed = Ok(());
     let mut followed = Followed::Going;
     while followed == Followed::Going {
         let event = match events.message().await {
             Ok(Some(event)) => event,
-            Ok(None) => return ended_without_status(&what),
-            Err(status) => {
-                task_call::print_failure(&what, &status);
-                return Ok(Exit::CallFailed);
+            Ok(None) => {
+                let printed = printed.and(print_ended_without_status(&what));
+                return output::exit_after(printed, Exit::CallFailed);
             }
+            // The only deadline on the watch is --wait-timeout's.
+            Err(status) => match (status.code(), wait_timeout) {
+                (Code::DeadlineExceeded, Some(wait_timeout)) => {
+                    let printed = printed.and(print_wait_ran_out(&what, port_id, wait_timeout));
+                    return output::exit_after(printed, Exit::WaitTimedOut);
+                }
+                _ => {
+                    let printed = printed.and(task_call::print_failure(&what, &status));
+                    return output::exit_after(printed, Exit::CallFailed);
+                }
+            },
         };
         // Another bin's events are an earlier operation's.
         if event.bin_id != Some(bin_id) {
             continue;
         }
-        println!("{}", event_line(&event));
+        printed = printed.and(output::line(event_line(&event)));
         followed = follow(&event);
     }
     if followed == Followed::Completed {
-        println!("ok: {what}: the case is out (ECMP)");
-        Ok(Exit::Success)
+        let printed = printed.and(output::line(format_args!(
+            "ok: {what}: the case is out (ECMP)"
+        )));
+        output::exit_after(printed, Exit::Success)
     } else {
-        println!("failed: {what}: the extraction was cancelled (NOOP)");
-        Ok(Exit::CallFailed)
+        let printed = printed.and(output::line(format_args!(
+            "failed: {what}: the extraction was cancelled (NOOP)"
+        )));
+        output::exit_after(printed, Exit::CallFailed)
     }
+}
+
+/// What is true when `--wait-timeout` runs out: the controller accepted the extraction, only
+/// the following stopped, and the case may still be running; and how to follow it further.
+fn print_wait_ran_out(what: &str, port_id: u32, wait_timeout: Duration) -> Printed {
+    let wait_timeout = humantime::format_duration(wait_timeout);
+    output::line(format_args!(
+        "stopped following: {what}: --wait-timeout {wait_timeout} ran out before the case \
+         ended\n\
+         \x20 the controller accepted the extraction; the case may still be running\n\
+         \x20 follow it: taskgate watch --port {port_id}, or taskgate case-state --port \
+         {port_id}"
+    ))
 }
 
 /// Opens the watch, with `deadline` if given; `None` when the gateway refused it (printed).
@@ -142,7 +204,7 @@ async fn open(
     match client.watch_case_events(request).await {
         Ok(response) => Ok(Some(response.into_inner())),
         Err(status) => {
-            task_call::print_failure(what, &status);
+            output::exit_after(task_call::print_failure(what, &status), Exit::CallFailed)?;
             Ok(None)
         }
     }
@@ -160,9 +222,10 @@ fn follow(event: &CaseEvent) -> Followed {
 }
 
 /// The gateway always ends a watch with a status; a stream that ends without one was cut.
-fn ended_without_status(what: &str) -> Outcome {
-    println!("failed: {what}: the stream ended without a status (the connection was cut)");
-    Ok(Exit::CallFailed)
+fn print_ended_without_status(what: &str) -> Printed {
+    output::line(format_args!(
+        "failed: {what}: the stream ended without a status (the connection was cut)"
+    ))
 }
 
 /// `2026-11-29T08:01:02.345Z port 4 bin 101337 ERSO (EXTRACTION_READY_TO_SEND)`: when the

@@ -222,7 +222,7 @@ async fn errors_print_each_cause_once() {
         &format!("invalid config file {config}"),
         (2, 17),
         "max_in_flight = \"many\"",
-        "invalid type: string \"many\", expected a nonzero usize",
+        "invalid type: string \"many\", expected usize",
     );
     assert_eq!(stderr, expected);
 
@@ -875,11 +875,20 @@ async fn config_file_errors_name_the_file_key_and_line() {
     assert!(stderr.contains("line 2"), "{stderr}");
     assert!(stderr.contains("upstream_timeot"), "{stderr}");
 
-    let path = config_file("value", "\nmax_in_flight = 0\n");
+    let path = config_file("value", "\nmax_in_flight = -1\n");
     let (_, stderr) = print_config(&["--config", path.to_str().unwrap()], &[], 2).await;
     assert!(
         stderr.contains("line 2") && stderr.contains("max_in_flight"),
         "{stderr}"
+    );
+
+    // Issue 20, item 9: zero is out of the range, from the file as from a flag.
+    let path = config_file("zero", "\nmax_in_flight = 0\n");
+    let (_, stderr) = print_config(&["--config", path.to_str().unwrap()], &[], 2).await;
+    assert_eq!(
+        stderr,
+        "error: invalid configuration: --max-in-flight 0 is out of range 1-100000: at least one \
+         call must be allowed\n"
     );
 
     let path = config_file(

@@ -160,6 +160,41 @@ async fn reflection_lists_the_task_service() {
     assert!(names.contains(&TASK_SERVICE.to_owned()), "{names:?}");
 }
 
+/// Issue 20, item 10: `grpc.health.v1.Health` was "symbol not found", so generic tools could not
+/// call it as the README suggests. It is listed, and its file describes Check and Watch.
+#[tokio::test]
+async fn reflection_resolves_the_health_service() {
+    use prost::Message as _;
+    const HEALTH: &str = "grpc.health.v1.Health";
+    let gateway = Gateway::builder().start().await;
+    let channel = gateway.client_channel().await;
+    let response = reflect(channel.clone(), MessageRequest::ListServices(String::new())).await;
+    let MessageResponse::ListServicesResponse(list) = response else {
+        panic!("unexpected reflection response {response:?}");
+    };
+    let names: Vec<String> = list
+        .service
+        .into_iter()
+        .map(|service| service.name)
+        .collect();
+    assert!(names.contains(&HEALTH.to_owned()), "{names:?}");
+    let request = MessageRequest::FileContainingSymbol(HEALTH.to_owned());
+    let response = reflect(channel, request).await;
+    let MessageResponse::FileDescriptorResponse(files) = response else {
+        panic!("no file descriptor for {HEALTH}: {response:?}");
+    };
+    let methods: Vec<String> = files
+        .file_descriptor_proto
+        .iter()
+        .map(|bytes| prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap())
+        .flat_map(|file| file.service)
+        .filter(|service| service.name() == "Health")
+        .flat_map(|service| service.method)
+        .map(|method| method.name().to_owned())
+        .collect();
+    assert_eq!(methods, ["Check", "Watch"]);
+}
+
 /// Generic tools (grpcurl `describe`) see every RPC of the task service, the new ones of issue
 /// 10 included.
 #[tokio::test]

@@ -24,9 +24,12 @@
 //! - `chaos`: the real binary in front of a seeded chaos controller: every call answered in time
 //!   with its documented status, no leak, a clean exit.
 //! - `cli`: the real `taskgate` binary, its output and exit codes.
+//! - `cli_edges`: the real binary with a closed stdout, `bench` against gateways that do not
+//!   answer, settings out of range, and its messages when a wait runs out (issue 20).
 //! - `operators`: the real binary as a careless operator runs it: no password printed.
 //! - `bench`: `taskgate bench` against the simulator: its report, counts and exit codes.
 //! - `contract`: the proto comments and the README agree with the fault table.
+//! - `readme_examples`: the README's command-line examples, run as written.
 //! - `watch`: WatchCaseEvents against the simulator's Log Publisher and a scripted one.
 //! - `fuzz_corpus`: the fuzz targets' committed corpora, replayed through their checks on stable.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A panic in a test is a failed test.
@@ -38,6 +41,7 @@ mod bench;
 mod call_layer;
 mod chaos;
 mod cli;
+mod cli_edges;
 mod connections;
 mod contract;
 mod fd_limits;
@@ -51,6 +55,7 @@ mod limits;
 mod metrics;
 mod operators;
 mod protocol;
+mod readme_examples;
 mod request_id;
 mod shutdown;
 mod simulator_http;

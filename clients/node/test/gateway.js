@@ -22,9 +22,9 @@ function within(promise, limitMs, message) {
 }
 
 async function startGateway(extraArgs = []) {
-  const binary = process.env.TASKGATE_BIN || path.resolve(__dirname, "..", "..", "..", "target", "debug", "taskgate");
+  const binary = process.env.TASKGATE_TEST_BINARY || path.resolve(__dirname, "..", "..", "..", "target", "debug", "taskgate");
   if (!fs.existsSync(binary)) {
-    throw new Error(`no taskgate binary at ${binary}: run 'cargo build' or set TASKGATE_BIN`);
+    throw new Error(`no taskgate binary at ${binary}: run 'cargo build' or set TASKGATE_TEST_BINARY`);
   }
   const child = spawn(binary, ["serve", "--simulator", "--listen", "127.0.0.1:0", "--retry-delay", "1500ms", ...extraArgs], {
     stdio: ["ignore", "ignore", "pipe"],

@@ -17,9 +17,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[3]
 
 
 def _binary() -> str:
-    binary = os.environ.get("TASKGATE_BIN", str(ROOT / "target" / "debug" / "taskgate"))
+    binary = os.environ.get("TASKGATE_TEST_BINARY", str(ROOT / "target" / "debug" / "taskgate"))
     if not os.path.exists(binary):
-        pytest.exit(f"no taskgate binary at {binary}: run 'cargo build' or set TASKGATE_BIN", 2)
+        pytest.exit(f"no taskgate binary at {binary}: run 'cargo build' or set TASKGATE_TEST_BINARY", 2)
     return binary
 
 

@@ -8,7 +8,6 @@
 //! from the file's own folder.
 
 use std::net::SocketAddr;
-use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -48,7 +47,7 @@ pub(crate) struct ServeSettings {
 
     /// The largest controller reply to read, in bytes; 1024 to 67108864 (64 MiB).
     #[arg(long, env = "TASKGATE_MAX_RESPONSE_BYTES")]
-    pub(super) max_response_bytes: Option<NonZeroUsize>,
+    pub(super) max_response_bytes: Option<usize>,
 
     /// How long calls in flight may take to finish after SIGINT or SIGTERM; 0s to 1h.
     #[arg(long, env = "TASKGATE_SHUTDOWN_GRACE", value_parser = duration)]
@@ -61,21 +60,21 @@ pub(crate) struct ServeSettings {
     #[serde(default, with = "humantime_serde")]
     pub(super) health_interval: Option<Duration>,
 
-    /// How many CaseExtract calls may be in flight at once; more are refused at once with
-    /// RESOURCE_EXHAUSTED (reason OVERLOADED). Health and reflection are not counted. 1 to
-    /// 100000.
+    /// How many task calls (CaseExtract, CaseCancel and CaseGetState together) may be in flight
+    /// at once; more are refused at once with RESOURCE_EXHAUSTED (reason OVERLOADED). Health,
+    /// reflection and WatchCaseEvents streams are not counted. 1 to 100000.
     #[arg(long, env = "TASKGATE_MAX_IN_FLIGHT")]
-    pub(super) max_in_flight: Option<NonZeroUsize>,
+    pub(super) max_in_flight: Option<usize>,
 
     /// How long a new gRPC connection may take to identify itself (TLS handshake, then the
     /// HTTP/2 preface or a complete first HTTP/1.1 request head) before it is closed; also the
-    /// limit on later HTTP/1.1 request heads.
+    /// limit on later HTTP/1.1 request heads. 10ms to 1h.
     #[arg(long, env = "TASKGATE_HANDSHAKE_TIMEOUT", value_parser = duration)]
     #[serde(default, with = "humantime_serde")]
     pub(super) handshake_timeout: Option<Duration>,
 
     /// How long a gRPC connection may stay without an open call or stream before it is closed
-    /// (GOAWAY on HTTP/2), for example 5m.
+    /// (GOAWAY on HTTP/2), for example 5m; 10ms to 1d.
     #[arg(long, env = "TASKGATE_IDLE_TIMEOUT", value_parser = duration)]
     #[serde(default, with = "humantime_serde")]
     pub(super) idle_timeout: Option<Duration>,
@@ -83,19 +82,19 @@ pub(crate) struct ServeSettings {
     /// How many gRPC connections may be open at once; more are closed as soon as they are
     /// accepted. Default: the open-file limit (nofile) less --max-in-flight + 1 controller
     /// connections, --metrics-max-connections (when metrics are served) and 64 in reserve, at
-    /// least 16 and at most 65536.
+    /// least 16 and at most 65536. 1 to 1000000.
     #[arg(long, env = "TASKGATE_MAX_CONNECTIONS")]
-    pub(super) max_connections: Option<NonZeroUsize>,
+    pub(super) max_connections: Option<usize>,
 
     /// How many streams (calls) one HTTP/2 connection may have open at once; clients queue the
-    /// rest.
+    /// rest. 1 to 100000.
     #[arg(long, env = "TASKGATE_MAX_CONCURRENT_STREAMS")]
-    pub(super) max_concurrent_streams: Option<NonZeroU32>,
+    pub(super) max_concurrent_streams: Option<u32>,
 
     /// How many health Watch streams may be open at once over all connections; more are
-    /// refused with RESOURCE_EXHAUSTED.
+    /// refused with RESOURCE_EXHAUSTED. 1 to 1000000.
     #[arg(long, env = "TASKGATE_MAX_HEALTH_WATCHES")]
-    pub(super) max_health_watches: Option<NonZeroUsize>,
+    pub(super) max_health_watches: Option<usize>,
 
     /// The controller's Log Publisher, whose AutoCase (AC) segments WatchCaseEvents streams:
     /// HOST:PORT, or tls://HOST:PORT to read it over TLS with the --upstream-ca and client
@@ -105,38 +104,39 @@ pub(crate) struct ServeSettings {
     pub(super) log_publisher: Option<String>,
 
     /// How many WatchCaseEvents streams may be open at once over all connections; more are
-    /// refused with RESOURCE_EXHAUSTED (TOO_MANY_WATCHES).
+    /// refused with RESOURCE_EXHAUSTED (TOO_MANY_WATCHES). 1 to 1000000.
     #[arg(long, env = "TASKGATE_MAX_WATCHES")]
-    pub(super) max_watches: Option<NonZeroUsize>,
+    pub(super) max_watches: Option<usize>,
 
     /// How many events a WatchCaseEvents caller may fall behind before its stream ends with
     /// RESOURCE_EXHAUSTED (WATCH_LAGGED); 16 to 1048576.
     #[arg(long, env = "TASKGATE_WATCH_BUFFER")]
-    pub(super) watch_buffer: Option<NonZeroUsize>,
+    pub(super) watch_buffer: Option<usize>,
 
     /// How many worker threads tokio's runtime runs calls on. Default: one per core. 1 to 1024.
     #[arg(long, env = "TASKGATE_WORKER_THREADS")]
-    pub(super) worker_threads: Option<NonZeroUsize>,
+    pub(super) worker_threads: Option<usize>,
 
-    /// How long a request head to /metrics may take, from accept or from its first byte.
+    /// How long a request head to /metrics may take, from accept or from its first byte; 10ms
+    /// to 1h.
     #[arg(long, env = "TASKGATE_METRICS_HEADER_READ_TIMEOUT", value_parser = duration)]
     #[serde(default, with = "humantime_serde")]
     pub(super) metrics_header_read_timeout: Option<Duration>,
 
-    /// How long a kept-alive connection to /metrics may wait for its next request.
+    /// How long a kept-alive connection to /metrics may wait for its next request; 10ms to 1h.
     #[arg(long, env = "TASKGATE_METRICS_IDLE_TIMEOUT", value_parser = duration)]
     #[serde(default, with = "humantime_serde")]
     pub(super) metrics_idle_timeout: Option<Duration>,
 
-    /// How long a request body to /metrics may take once its head has arrived.
+    /// How long a request body to /metrics may take once its head has arrived; 10ms to 1h.
     #[arg(long, env = "TASKGATE_METRICS_BODY_READ_TIMEOUT", value_parser = duration)]
     #[serde(default, with = "humantime_serde")]
     pub(super) metrics_body_read_timeout: Option<Duration>,
 
     /// How many connections to /metrics may be open at once; more are closed as soon as they
-    /// are accepted.
+    /// are accepted. 1 to 1000000.
     #[arg(long, env = "TASKGATE_METRICS_MAX_CONNECTIONS")]
-    pub(super) metrics_max_connections: Option<NonZeroUsize>,
+    pub(super) metrics_max_connections: Option<usize>,
 
     /// How to speak to the controller: `xml` (the documented format) or `json`.
     #[arg(long, env = "TASKGATE_UPSTREAM_FORMAT", value_enum)]
@@ -224,20 +224,20 @@ impl ServeSettings {
             upstream: Some(defaults::UPSTREAM.to_owned()),
             upstream_timeout: Some(defaults::UPSTREAM_TIMEOUT),
             retry_delay: Some(defaults::RETRY_DELAY),
-            max_response_bytes: Some(defaults::MAX_RESPONSE_BYTES),
+            max_response_bytes: Some(defaults::MAX_RESPONSE_BYTES.get()),
             shutdown_grace: Some(defaults::SHUTDOWN_GRACE),
             health_interval: Some(defaults::HEALTH_INTERVAL),
-            max_in_flight: Some(defaults::MAX_IN_FLIGHT),
+            max_in_flight: Some(defaults::MAX_IN_FLIGHT.get()),
             handshake_timeout: Some(defaults::HANDSHAKE_TIMEOUT),
             idle_timeout: Some(defaults::IDLE_TIMEOUT),
-            max_concurrent_streams: Some(defaults::MAX_CONCURRENT_STREAMS),
-            max_health_watches: Some(defaults::MAX_HEALTH_WATCHES),
-            max_watches: Some(defaults::MAX_WATCHES),
-            watch_buffer: Some(defaults::WATCH_BUFFER),
+            max_concurrent_streams: Some(defaults::MAX_CONCURRENT_STREAMS.get()),
+            max_health_watches: Some(defaults::MAX_HEALTH_WATCHES.get()),
+            max_watches: Some(defaults::MAX_WATCHES.get()),
+            watch_buffer: Some(defaults::WATCH_BUFFER.get()),
             metrics_header_read_timeout: Some(defaults::HEADER_READ_TIMEOUT),
             metrics_idle_timeout: Some(defaults::HTTP1_IDLE_TIMEOUT),
             metrics_body_read_timeout: Some(defaults::BODY_READ_TIMEOUT),
-            metrics_max_connections: Some(defaults::METRICS_MAX_CONNECTIONS),
+            metrics_max_connections: Some(defaults::METRICS_MAX_CONNECTIONS.get()),
             upstream_format: Some(UpstreamFormat::Xml),
             access_log: Some(AccessLog::default()),
             simulator: Some(false),
@@ -334,7 +334,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(file.upstream_timeout, Some(Duration::from_millis(2500)));
-        assert_eq!(file.max_in_flight, NonZeroUsize::new(64));
+        assert_eq!(file.max_in_flight, Some(64));
         let printed = toml::to_string(&file).unwrap();
         assert!(
             printed.contains("upstream_timeout = \"2s 500ms\""),
@@ -364,7 +364,7 @@ mod tests {
                 "invalid value: string \"soon\", expected a duration",
             ],
         );
-        check("max_in_flight = 0\n", &["line 1", "max_in_flight"]);
+        check("max_in_flight = -1\n", &["line 1", "max_in_flight"]);
         check("listen = \"nowhere\"\n", &["line 1", "listen"]);
         check(
             "upstream_format = \"yaml\"\n",
@@ -379,7 +379,7 @@ mod tests {
             parse("upstream_timeout = \"9s\"\nmax_in_flight = 7\nsimulator = true\n").unwrap();
         let merged = given.or(&fallback).unwrap();
         assert_eq!(merged.upstream_timeout, Some(Duration::from_secs(3)));
-        assert_eq!(merged.max_in_flight, NonZeroUsize::new(7));
+        assert_eq!(merged.max_in_flight, Some(7));
         assert_eq!(merged.simulator, Some(false));
         assert_eq!(merged.listen, None);
     }

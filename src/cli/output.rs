@@ -1,0 +1,77 @@
+//! What the commands print on stdout, through [`line`] and [`text`] rather than `println!`,
+//! which panics (exit 101, with a backtrace) when stdout's reader has gone: `taskgate watch |
+//! head -n 1`, `case-state … | true`.
+//!
+//! A closed stdout is not an error, as in ripgrep: the output ends there, nothing is printed
+//! about it, and the command exits with the code it would have given otherwise (`watch`, whose
+//! only work is printing, stops and exits 0). Any other write error (a full disk) is one, exit 1.
+
+use std::fmt::Display;
+use std::io::{self, Write as _};
+
+use super::{Exit, Outcome};
+
+/// Why output was not written.
+#[derive(Debug)]
+pub(super) enum Unwritten {
+    /// Stdout's reader has gone (EPIPE): the output ends, quietly.
+    ReaderGone,
+    /// Writing failed otherwise.
+    Failed(io::Error),
+}
+
+/// The result of printing.
+pub(super) type Printed = Result<(), Unwritten>;
+
+/// Prints `line` and a newline on stdout.
+pub(super) fn line(line: impl Display) -> Printed {
+    text(format_args!("{line}\n"))
+}
+
+/// Prints `text` on stdout as it is, flushed: a reader sees each line as soon as it is printed.
+pub(super) fn text(text: impl Display) -> Printed {
+    let mut stdout = io::stdout().lock();
+    write!(stdout, "{text}")
+        .and_then(|()| stdout.flush())
+        .map_err(|error| match error.kind() {
+            io::ErrorKind::BrokenPipe => Unwritten::ReaderGone,
+            _ => Unwritten::Failed(error),
+        })
+}
+
+/// `exit` once the output is printed, or its reader gone; a failed write is an error.
+pub(super) fn exit_after(printed: Printed, exit: Exit) -> Outcome {
+    match printed {
+        Ok(()) | Err(Unwritten::ReaderGone) => Ok(exit),
+        Err(Unwritten::Failed(error)) => Err((
+            Exit::CallFailed,
+            anyhow::Error::new(error).context("cannot write to stdout"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gone_reader_keeps_the_exit_code_and_a_failed_write_is_an_error() {
+        assert!(matches!(
+            exit_after(Ok(()), Exit::CallFailed),
+            Ok(Exit::CallFailed)
+        ));
+        assert!(matches!(
+            exit_after(Err(Unwritten::ReaderGone), Exit::Success),
+            Ok(Exit::Success)
+        ));
+        let full = io::Error::from_raw_os_error(28);
+        let Err((exit, error)) = exit_after(Err(Unwritten::Failed(full)), Exit::Success) else {
+            panic!("a failed write was not an error");
+        };
+        assert_eq!(exit, Exit::CallFailed);
+        assert_eq!(
+            format!("{error:#}"),
+            "cannot write to stdout: No space left on device (os error 28)"
+        );
+    }
+}

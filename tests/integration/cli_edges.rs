@@ -1,0 +1,480 @@
+//! Issue 20: the real binary at its edges, as a newcomer and a hostile peer met it: a closed
+//! stdout, `bench` against gateways that are not there or do not answer, settings outside their
+//! range, and the messages that were not true.
+
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::Command;
+
+use crate::cli::{BIN, TaskgateProcess, run};
+use crate::support::{Gateway, PROMPTLY, TestFile, unused_address, within};
+
+/// The longest a test waits for a `taskgate` process to exit.
+const PROCESS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs `taskgate ARGS…` with its stdout closed before it writes anything (its reader dropped at
+/// once, as `| true` does); returns its exit code and stderr.
+async fn with_stdout_closed(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let mut stderr = String::new();
+    let mut child_stderr = child.stderr.take().unwrap();
+    let read = child_stderr.read_to_string(&mut stderr);
+    within(PROCESS_WAIT, "taskgate's stderr did not close", read)
+        .await
+        .unwrap();
+    let status = within(PROCESS_WAIT, "taskgate did not exit", child.wait())
+        .await
+        .unwrap();
+    (status.code(), stderr)
+}
+
+/// Item 5: `case-state … | true` and `bench` with stdout closed exited 101 with a backtrace.
+/// A closed stdout ends the output and nothing else: the exit code is the call's.
+#[tokio::test]
+async fn a_closed_stdout_is_not_a_panic_and_keeps_the_exit_code() {
+    let gateway = Gateway::builder().start().await;
+    let address = format!("http://{}", gateway.address);
+    let case_state = ["case-state", "--gateway", &address, "--port", "4"];
+    assert_eq!(
+        with_stdout_closed(&case_state).await,
+        (Some(0), String::new())
+    );
+    // Port 1 is not an AutoCase port: the call fails, and still says so with its exit code.
+    let refused = ["case-state", "--gateway", &address, "--port", "1"];
+    assert_eq!(with_stdout_closed(&refused).await, (Some(1), String::new()));
+    let bench = [
+        "bench",
+        "--gateway",
+        &address,
+        "--calls",
+        "5",
+        "--warmup",
+        "0s",
+        "--concurrency",
+        "1",
+    ];
+    assert_eq!(with_stdout_closed(&bench).await, (Some(0), String::new()));
+}
+
+/// Item 5: `taskgate watch | head -n 1` exited 101 at the next event after `head` had gone.
+/// It stops there and exits 0, as on Ctrl-C.
+#[tokio::test]
+async fn watch_stops_quietly_when_its_reader_goes() {
+    let layout = TestFile::new(
+        "closed-stdout",
+        "layout.toml",
+        "step_time = \"50ms\"\n[[port]]\nid = 4\nautocase = true\nmode = \"OPEN\"\nselected_bin = 101337\n",
+    );
+    let serve = TaskgateProcess::start(&["--simulator-config", layout.to_str().unwrap()]).await;
+    let gateway = serve.gateway.clone();
+    let mut watch = Command::new(BIN)
+        .args(["watch", "--gateway", &gateway, "--port", "4"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut watch_stderr = BufReader::new(watch.stderr.take().unwrap()).lines();
+    // Printed once the stream is open, so the events below come after it.
+    let opened = within(PROCESS_WAIT, "watch did not open", watch_stderr.next_line())
+        .await
+        .unwrap();
+    assert_eq!(
+        opened.as_deref(),
+        Some("watch port 4: one line per event; stop with Ctrl-C")
+    );
+    drop(watch.stdout.take());
+    run(
+        &[
+            "case-extract",
+            "--gateway",
+            &gateway,
+            "--port",
+            "4",
+            "--bin",
+            "101337",
+        ],
+        0,
+    )
+    .await;
+    let status = within(PROCESS_WAIT, "watch did not stop", watch.wait())
+        .await
+        .unwrap();
+    let mut rest = String::new();
+    while let Some(line) = watch_stderr.next_line().await.unwrap() {
+        rest.push_str(&line);
+        rest.push('\n');
+    }
+    assert_eq!((status.code(), rest.as_str()), (Some(0), ""));
+    serve.signal("TERM").await;
+    let (code, log) = serve.finish().await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
+/// Item 7: a gateway address bench cannot use is a usage error, before any connect.
+#[tokio::test]
+async fn bench_refuses_a_gateway_that_is_not_an_http_url() {
+    for gateway in [
+        "notaurl",
+        "ftp://127.0.0.1:50051",
+        "unix:///tmp/taskgate.sock",
+    ] {
+        let (stdout, stderr) = run(&["bench", "--gateway", gateway, "--calls", "1"], 2).await;
+        assert_eq!(stdout, "");
+        assert_eq!(
+            stderr,
+            format!(
+                "error: invalid --gateway '{gateway}': it must be http://HOST:PORT or \
+                 https://HOST:PORT, for example http://127.0.0.1:50051\n"
+            )
+        );
+    }
+}
+
+/// Item 7: a "gateway" that accepts connections and never answers, or accepts and closes them,
+/// gave exit 0 and `CANCELLED 10`. It cannot be reached as a gateway: exit 1 before any load.
+#[tokio::test]
+async fn bench_exits_1_when_the_gateway_accepts_but_never_answers() {
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_address = format!("http://{}", silent.local_addr().unwrap());
+    // Accepted and held open, never read nor written.
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let args = [
+        "bench",
+        "--gateway",
+        &silent_address,
+        "--calls",
+        "10",
+        "--timeout",
+        "500ms",
+    ];
+    let (stdout, stderr) = run(&args, 1).await;
+    assert_eq!(stdout, "");
+    assert_eq!(
+        stderr,
+        format!(
+            "error: cannot connect to the gateway at {silent_address}: it accepted the \
+             connection but did not answer a health check within 500ms (--timeout)\n"
+        )
+    );
+    held.abort();
+
+    let closing = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closing_address = format!("http://{}", closing.local_addr().unwrap());
+    let closer = tokio::spawn(async move {
+        while let Ok((stream, _)) = closing.accept().await {
+            drop(stream);
+        }
+    });
+    let args = ["bench", "--gateway", &closing_address, "--calls", "10"];
+    let (stdout, stderr) = run(&args, 1).await;
+    assert_eq!(stdout, "");
+    let prefix = format!("error: cannot connect to the gateway at {closing_address}: ");
+    assert!(stderr.starts_with(&prefix), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    closer.abort();
+}
+
+/// Item 9: each setting out of its range, or in a form not documented, is refused at startup
+/// with exit 2 and the range or the forms accepted.
+#[tokio::test]
+async fn settings_out_of_range_are_refused_with_their_range() {
+    let refused = [
+        (
+            &["serve", "--max-concurrent-streams", "4294967295"][..],
+            "error: invalid configuration: --max-concurrent-streams 4294967295 is out of range \
+             1-100000: each open stream holds memory on its connection, and no more calls than \
+             --max-in-flight (at most 100000) are served at once\n",
+        ),
+        (
+            &["serve", "--worker-threads", "0"],
+            "error: invalid configuration: --worker-threads 0 is out of range 1-1024: calls need \
+             a thread to run on\n",
+        ),
+        (
+            &["serve", "--max-in-flight", "0"],
+            "error: invalid configuration: --max-in-flight 0 is out of range 1-100000: at least \
+             one call must be allowed\n",
+        ),
+        (
+            &["serve", "--watch-buffer", "0"],
+            "error: invalid configuration: --watch-buffer 0 is out of range 16-1048576: a burst \
+             of a few extractions would cut every watcher off\n",
+        ),
+        (
+            &["serve", "--log-publisher", "tcp://127.0.0.1:1"],
+            "error: --log-publisher 'tcp://127.0.0.1:1' must be HOST:PORT (for example \
+             10.0.0.5:44001), tls://HOST:PORT or off\n",
+        ),
+        (
+            &["serve", "--upstream", "http://127.0.0.1:0/api/v2/task"],
+            "error: invalid --upstream: upstream URL 'http://127.0.0.1:0/api/v2/task' is not a \
+             valid URL: port 0 cannot be connected to; give the controller's port (44000 by \
+             default)\n",
+        ),
+        (
+            &["simulate", "--max-connections", "0"],
+            "error: invalid configuration: --max-connections 0 is out of range 1-1000000: at \
+             least one connection must be allowed\n",
+        ),
+    ];
+    for (args, expected) in refused {
+        let (stdout, stderr) = run(args, 2).await;
+        assert_eq!(
+            (stdout.as_str(), stderr.as_str()),
+            ("", expected),
+            "{args:?}"
+        );
+    }
+}
+
+/// Item 9: the calling commands checked `--timeout` and the token only after connecting, so with
+/// no gateway there they exited 1, as if the gateway were down, not 2.
+#[tokio::test]
+async fn client_arguments_are_checked_before_connecting() {
+    let nowhere = format!("http://{}", unused_address().await);
+    let cases = [
+        (
+            &[
+                "case-state",
+                "--gateway",
+                &nowhere,
+                "--port",
+                "4",
+                "--timeout",
+                "0s",
+            ][..],
+            "error: --timeout 0s is out of range 1ms-1h: a call needs some time to be answered, \
+             for example 5s\n",
+        ),
+        (
+            &[
+                "case-extract",
+                "--gateway",
+                &nowhere,
+                "--port",
+                "4",
+                "--bin",
+                "1",
+                "--token",
+                "line\nbreak",
+            ],
+            "error: invalid --token: it must be printable ASCII: failed to parse metadata value\n",
+        ),
+        (
+            &[
+                "case-extract",
+                "--gateway",
+                &nowhere,
+                "--port",
+                "4",
+                "--bin",
+                "1",
+                "--wait",
+                "--wait-timeout",
+                "0s",
+            ],
+            "error: --wait-timeout 0s is out of range 1ms-1day: following needs some time, for \
+             example 30s\n",
+        ),
+        (
+            &["watch", "--gateway", "notaurl"],
+            "error: invalid --gateway 'notaurl': it must be http://HOST:PORT or \
+             https://HOST:PORT, for example http://127.0.0.1:50051\n",
+        ),
+    ];
+    for (args, expected) in cases {
+        let (stdout, stderr) = run(args, 2).await;
+        assert_eq!(
+            (stdout.as_str(), stderr.as_str()),
+            ("", expected),
+            "{args:?}"
+        );
+    }
+}
+
+/// Item 10: `tcp connect error: tcp connect error: Connection refused`; each cause once.
+#[tokio::test]
+async fn a_refused_connection_names_its_cause_once() {
+    let nowhere = format!("http://{}", unused_address().await);
+    let (stdout, stderr) = run(&["case-state", "--gateway", &nowhere, "--port", "4"], 1).await;
+    assert_eq!(stdout, "");
+    assert_eq!(
+        stderr,
+        format!(
+            "error: cannot connect to the gateway at {nowhere}: transport error: tcp connect \
+             error: Connection refused (os error 111)\n"
+        )
+    );
+}
+
+/// Item 10: when `--wait-timeout` ran out, `case-extract --wait` printed `failed: …
+/// DEADLINE_EXCEEDED … retry: not advised`, though the extraction was accepted and running.
+#[tokio::test]
+async fn a_wait_that_runs_out_says_the_case_may_still_be_running() {
+    let layout = TestFile::new(
+        "wait-timeout",
+        "layout.toml",
+        "step_time = \"1h\"\n[[port]]\nid = 4\nautocase = true\nmode = \"OPEN\"\nselected_bin = 101337\n",
+    );
+    let serve = TaskgateProcess::start(&["--simulator-config", layout.to_str().unwrap()]).await;
+    let args = [
+        "case-extract",
+        "--gateway",
+        &serve.gateway,
+        "--port",
+        "4",
+        "--bin",
+        "101337",
+        "--wait",
+        "--wait-timeout",
+        "1s",
+    ];
+    let (stdout, stderr) = within(
+        PROCESS_WAIT,
+        "case-extract --wait did not end",
+        run(&args, 3),
+    )
+    .await;
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter(|line| !line.starts_with("  request id: "))
+        // An event line starts with the time it was received, which varies.
+        .map(|line| match line.split_once(" port 4 ") {
+            Some((time, rest)) if time.starts_with(|first: char| first.is_ascii_digit()) => rest,
+            _ => line,
+        })
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "ok: case_extract port 4 bin 101337: the controller accepted the case extraction; \
+             following it",
+            "bin 101337 EREQ (EXTRACTION_REQUESTED)",
+            "stopped following: case_extract port 4 bin 101337: --wait-timeout 1s ran out \
+             before the case ended",
+            "  the controller accepted the extraction; the case may still be running",
+            "  follow it: taskgate watch --port 4, or taskgate case-state --port 4",
+        ],
+        "{stdout}"
+    );
+    assert_eq!(stderr, "");
+    let (stdout, _) = run(
+        &["case-state", "--gateway", &serve.gateway, "--port", "4"],
+        0,
+    )
+    .await;
+    assert!(
+        stdout.starts_with("ok: case_getstate port 4: state EREQ (EXTRACTION_REQUESTED)"),
+        "{stdout}"
+    );
+    serve.signal("TERM").await;
+    let (code, log) = within(PROMPTLY * 12, "serve did not stop", serve.finish()).await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
+/// Item 10: `serve --help` said `--max-in-flight` counts CaseExtract calls; every task call
+/// takes a slot (one semaphore on the unary path all three share), as the README says.
+#[tokio::test]
+async fn serve_help_says_max_in_flight_counts_every_task_call() {
+    let (stdout, _) = run(&["serve", "--help"], 0).await;
+    let help = stdout.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        help.contains(
+            "How many task calls (CaseExtract, CaseCancel and CaseGetState together) may be in \
+             flight at once"
+        ),
+        "{stdout}"
+    );
+}
+
+/// Item 10: a stream cut by the gateway's end printed `request id: none`; a reply without a
+/// request id has no such line.
+#[tokio::test]
+async fn a_cut_stream_prints_no_request_id_line() {
+    let serve = TaskgateProcess::start(&[]).await;
+    let mut watch = Command::new(BIN)
+        .args(["watch", "--gateway", &serve.gateway, "--port", "4"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut watch_stderr = BufReader::new(watch.stderr.take().unwrap()).lines();
+    let opened = within(PROCESS_WAIT, "watch did not open", watch_stderr.next_line())
+        .await
+        .unwrap();
+    assert_eq!(
+        opened.as_deref(),
+        Some("watch port 4: one line per event; stop with Ctrl-C")
+    );
+    // Gone at once, without a status: the stream is cut.
+    serve.signal("KILL").await;
+    let mut stdout = String::new();
+    let mut watch_stdout = watch.stdout.take().unwrap();
+    within(
+        PROCESS_WAIT,
+        "watch's stdout did not close",
+        watch_stdout.read_to_string(&mut stdout),
+    )
+    .await
+    .unwrap();
+    let status = within(PROCESS_WAIT, "watch did not stop", watch.wait())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert!(stdout.starts_with("failed: watch port 4: "), "{stdout}");
+    assert!(!stdout.contains("request id"), "{stdout}");
+    let (code, _) = serve.finish().await;
+    assert_eq!(code, None, "killed");
+}
+
+/// Item 5: a stdout that fails otherwise than by its reader going (a full disk) is an error,
+/// named once, exit 1; not a panic.
+#[tokio::test]
+async fn a_full_stdout_is_an_error() {
+    let gateway = Gateway::builder().start().await;
+    let address = format!("http://{}", gateway.address);
+    let output = Command::new(BIN)
+        .args(["case-state", "--gateway", &address, "--port", "4"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+        .wait_with_output();
+    let output = within(PROCESS_WAIT, "taskgate did not exit", output)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            output.status.code(),
+            String::from_utf8(output.stderr).unwrap()
+        ),
+        (
+            Some(1),
+            "error: cannot write to stdout: No space left on device (os error 28)\n".to_owned()
+        )
+    );
+}
