@@ -20,6 +20,9 @@
 //!   body has fully arrived; a connection with nothing else (idle, a partial head, a body that
 //!   never comes) is closed after a short linger. hyper-util's `GracefulShutdown` waits for every
 //!   connection, so a silent peer could hold it for the whole grace.
+//! - **Streams nothing polls**: an HTTP/2 stream whose peer has stopped reading is never polled
+//!   again, so a watch that has ended could not end its stream; its handler can have the stream
+//!   reset instead (`stream_task`).
 //!
 //! Each connection has one `State` behind a `std::sync::Mutex`, written by two taps (the bytes
 //! read from the socket, and each request's start, body and end) and read by the connection's
@@ -40,7 +43,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -55,8 +58,10 @@ use crate::config::{ConfigError, defaults, limits};
 use crate::metrics::{GaugeGuard, ListenerMetrics};
 
 mod state;
+mod stream_task;
 
 use state::{Ending, Protocol, State, Step, next_step};
+pub(crate) use stream_task::{StreamExecutor, end_stream_when};
 
 /// After GOAWAY, how long a connection with nothing in flight is still served before it is
 /// dropped: enough for the frame to be written and a live client to close first, short enough
@@ -362,7 +367,7 @@ impl Admission {
     /// shutdown closes it; counts a close by a time limit.
     pub(crate) async fn serve<I, S, ResBody>(
         mut self,
-        builder: &auto::Builder<TokioExecutor>,
+        builder: &auto::Builder<StreamExecutor>,
         io: I,
         service: Tracked<S>,
     ) where
@@ -665,11 +670,12 @@ impl<T: Unpin, B: HttpBody<Data = Bytes> + Unpin> HttpBody for Holding<T, B> {
     }
 }
 
-/// A hyper connection builder with the timer that HTTP/2 keep-alive needs. Hyper's defaults
-/// bound header sizes (HTTP/1.1 buffer, HTTP/2 header list) and reset floods (pending-accept and
-/// local-error resets); HTTP/1.1 head timeouts are this module's (see the module doc).
-pub(crate) fn builder() -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+/// A hyper connection builder with the timer that HTTP/2 keep-alive needs, whose HTTP/2 streams
+/// a handler can end ([`end_stream_when`]). Hyper's defaults bound header sizes (HTTP/1.1
+/// buffer, HTTP/2 header list) and reset floods (pending-accept and local-error resets);
+/// HTTP/1.1 head timeouts are this module's (see the module doc).
+pub(crate) fn builder() -> auto::Builder<StreamExecutor> {
+    let mut builder = auto::Builder::new(StreamExecutor);
     builder.http1().header_read_timeout(None);
     builder.http2().timer(TokioTimer::new());
     builder

@@ -12,7 +12,6 @@
 use std::future::Future;
 use std::time::Duration;
 
-use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{AbortHandle, JoinSet};
@@ -351,7 +350,7 @@ pub async fn serve(
 
 /// One gRPC connection: TCP settings, the TLS handshake within the handshake timeout, then HTTP.
 async fn serve_grpc_connection<S>(
-    builder: auto::Builder<TokioExecutor>,
+    builder: auto::Builder<connection::StreamExecutor>,
     stream: TcpStream,
     tls: Option<TlsAcceptor>,
     service: connection::Tracked<S>,
