@@ -104,6 +104,7 @@ pub(crate) struct ConnectionLimits {
 #[derive(Debug, Default)]
 pub(crate) struct Census {
     calls: AtomicUsize,
+    watches: AtomicUsize,
     streams: AtomicUsize,
     closed_idle: AtomicUsize,
     closed_partial: AtomicUsize,
@@ -115,6 +116,9 @@ pub(crate) struct CensusCounts {
     /// Calls (task-service requests) whose request has fully arrived and whose response has not
     /// ended.
     pub(crate) calls: usize,
+    /// WatchCaseEvents streams in the same state: shutdown ends them, so they never hold the
+    /// drain as calls do.
+    pub(crate) watches: usize,
     /// Other requests in the same state: health Watch and reflection streams.
     pub(crate) streams: usize,
     /// Connections closed at shutdown with no request open.
@@ -122,6 +126,17 @@ pub(crate) struct CensusCounts {
     /// Connections closed at shutdown with only a partial request (a head or body that had not
     /// fully arrived).
     pub(crate) closed_partial: usize,
+}
+
+/// What a request is, for the census: a listener tells them apart by path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RequestKind {
+    /// A task call.
+    Call,
+    /// A case-event watch.
+    Watch,
+    /// Anything else: health, reflection.
+    Stream,
 }
 
 /// One listener's connections: the limit on how many are open, what they are doing, and the
@@ -174,8 +189,8 @@ struct SocketTap {
 pub(crate) struct Tracked<S> {
     inner: S,
     connection: Arc<Connection>,
-    /// Requests whose path starts with this are calls; the rest are streams.
-    call_path_prefix: &'static str,
+    /// What a request with this path is.
+    kind_of: fn(&str) -> RequestKind,
     /// Put in every request, so `tonic::Request::remote_addr` works as under tonic's server.
     connect_info: TcpConnectInfo,
 }
@@ -184,8 +199,8 @@ pub(crate) struct Tracked<S> {
 #[derive(Debug)]
 struct TrackedRequest {
     connection: Arc<Connection>,
-    /// A call or another stream, for the census.
-    is_call: bool,
+    /// For the census.
+    kind: RequestKind,
     /// Held while the connection's state and the census are updated, and locked before the
     /// state, never after it, so the two taps agree on whether the request was counted as
     /// arrived.
@@ -329,17 +344,18 @@ impl Connections {
 // === impl Admission ===
 
 impl Admission {
-    /// Puts the request tap around `service`; `local` is the listener's address.
+    /// Puts the request tap around `service`, which counts each request as `kind_of` its path
+    /// says; `local` is the listener's address.
     pub(crate) fn track<S>(
         &self,
         service: S,
-        call_path_prefix: &'static str,
+        kind_of: fn(&str) -> RequestKind,
         local: Option<SocketAddr>,
     ) -> Tracked<S> {
         Tracked {
             inner: service,
             connection: Arc::clone(&self.connection),
-            call_path_prefix,
+            kind_of,
             connect_info: TcpConnectInfo {
                 local_addr: local,
                 remote_addr: Some(self.peer),
@@ -472,15 +488,20 @@ impl Census {
         let count = |counter: &AtomicUsize| counter.load(Ordering::Relaxed);
         CensusCounts {
             calls: count(&self.calls),
+            watches: count(&self.watches),
             streams: count(&self.streams),
             closed_idle: count(&self.closed_idle),
             closed_partial: count(&self.closed_partial),
         }
     }
 
-    /// The count of calls, or of streams, whose request has arrived and not ended.
-    fn arrived(&self, is_call: bool) -> &AtomicUsize {
-        if is_call { &self.calls } else { &self.streams }
+    /// The count of requests of `kind` whose request has arrived and not ended.
+    fn arrived(&self, kind: RequestKind) -> &AtomicUsize {
+        match kind {
+            RequestKind::Call => &self.calls,
+            RequestKind::Watch => &self.watches,
+            RequestKind::Stream => &self.streams,
+        }
     }
 
     /// Counts a connection that shutdown closed without a request holding it.
@@ -557,7 +578,7 @@ where
         self.connection.update(State::request_started);
         let tracked = Arc::new(TrackedRequest {
             connection: Arc::clone(&self.connection),
-            is_call: request.uri().path().starts_with(self.call_path_prefix),
+            kind: (self.kind_of)(request.uri().path()),
             stage: Mutex::new(Stage::Receiving),
         });
         let guard = RequestGuard(Arc::clone(&tracked));
@@ -589,7 +610,7 @@ impl TrackedRequest {
             self.connection.update(State::body_arrived);
             self.connection
                 .census
-                .arrived(self.is_call)
+                .arrived(self.kind)
                 .fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -609,7 +630,7 @@ impl Drop for RequestGuard {
             request
                 .connection
                 .census
-                .arrived(request.is_call)
+                .arrived(request.kind)
                 .fetch_sub(1, Ordering::Relaxed);
         }
     }

@@ -188,8 +188,9 @@ async fn sigterm_with_a_call_in_flight_exits_after_the_grace_while_stderr_is_nev
     assert!(ended.is_err(), "{ended:?}");
 }
 
-/// Issue 20, item 1: a watcher that has stopped reading (its window full, its buffer not) does
-/// not hold SIGTERM's drain: the real binary exits at once, not after its 30 s grace.
+/// Issue 20, items 1 and 10: a watcher that has stopped reading (its window full, its buffer not)
+/// does not hold SIGTERM's drain: the real binary exits at once, not after its 30 s grace, and
+/// its log counts the watch as a watch, not as a call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_a_watcher_that_never_reads_exits_at_once() {
     // Events of 15 extractions, each cancelled at once: EREQ, CR, NOOP.
@@ -237,5 +238,13 @@ async fn sigterm_with_a_watcher_that_never_reads_exits_at_once() {
     serve.signal("TERM").await;
     let (code, log) = serve.finish_within(Duration::from_secs(5)).await;
     assert_eq!(code, Some(0), "{log}");
+    let draining = log
+        .lines()
+        .find(|line| line.contains("no longer accepting calls"))
+        .unwrap_or_else(|| panic!("no drain line in:\n{log}"));
+    assert!(
+        draining.contains("calls=0 watches=1 streams=0"),
+        "{draining}"
+    );
     assert!(!log.contains("shutdown grace ran out"), "{log}");
 }
