@@ -20,9 +20,9 @@
 //!   body has fully arrived; a connection with nothing else (idle, a partial head, a body that
 //!   never comes) is closed after a short linger. hyper-util's `GracefulShutdown` waits for every
 //!   connection, so a silent peer could hold it for the whole grace.
-//! - **Streams nothing polls**: an HTTP/2 stream whose peer has stopped reading is never polled
-//!   again, so a watch that has ended could not end its stream; its handler can have the stream
-//!   reset instead (`stream_task`).
+//! - **Responses nothing polls**: a response whose peer has stopped reading is never polled
+//!   again, so a watch that has ended could not end its stream; its handler can have the HTTP/2
+//!   stream reset, or the HTTP/1.1 connection closed, instead (`stream_task`).
 //!
 //! Each connection has one `State` behind a `std::sync::Mutex`, written by two taps (the bytes
 //! read from the socket, and each request's start, body and end) and read by the connection's
@@ -61,6 +61,7 @@ mod state;
 mod stream_task;
 
 use state::{Ending, Protocol, State, Step, next_step};
+use stream_task::{EndSignal, until_ended};
 pub(crate) use stream_task::{StreamExecutor, end_stream_when};
 
 /// After GOAWAY, how long a connection with nothing in flight is still served before it is
@@ -382,6 +383,23 @@ impl Admission {
     /// Serves `io` with `service` on `builder` until the peer closes it, a limit closes it, or
     /// shutdown closes it; counts a close by a time limit.
     pub(crate) async fn serve<I, S, ResBody>(
+        self,
+        builder: &auto::Builder<StreamExecutor>,
+        io: I,
+        service: Tracked<S>,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: tower::Service<Request<Body>, Response = Response<ResBody>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        ResBody: HttpBody<Data = Bytes> + Unpin + Send + 'static,
+        ResBody::Error: Into<BoxError>,
+    {
+        // HTTP/1.1 requests are served in this task, so a handler may leave its end signal here.
+        stream_task::with_end_signal(self.drive(builder, io, service)).await;
+    }
+
+    async fn drive<I, S, ResBody>(
         mut self,
         builder: &auto::Builder<StreamExecutor>,
         io: I,
@@ -403,6 +421,7 @@ impl Admission {
         let io = TokioIo::new(io);
         let served = builder.serve_connection(io, TowerToHyperService::new(service));
         tokio::pin!(served);
+        let mut end_signal = EndSignal::default();
         let mut draining = false;
         // A request held the drain, so the close is not one of an idle or partial connection.
         let mut held_drain = false;
@@ -432,7 +451,11 @@ impl Admission {
                 }
             };
             tokio::select! {
-                result = served.as_mut() => {
+                served = until_ended(served.as_mut(), &mut end_signal) => {
+                    let Some(result) = served else {
+                        tracing::debug!(peer = %self.peer, "a response told to end could not be sent; closing its connection");
+                        break Ending::Closed;
+                    };
                     if let Err(error) = result {
                         tracing::debug!(cause = %error, peer = %self.peer, "connection ended with an error");
                     }

@@ -240,13 +240,10 @@ impl TaskService for TaskGateway {
             .watches
             .as_ref()
             .ok_or_else(|| refused(WatchEnd::Disabled))?;
-        let mut subscription = watches.subscribe(port_ids).map_err(refused)?;
+        let subscription = watches.subscribe(port_ids).map_err(refused)?;
         // A client that stops reading stops its stream being polled, so the watch's end must
-        // reach the stream from outside; over HTTP/1.1 (gRPC-Web) there is no stream task to
-        // end, and the signal is dropped.
-        if let Some(ended) = subscription.take_ended() {
-            crate::connection::end_stream_when(ended);
-        }
+        // reach the stream from outside.
+        crate::connection::end_stream_when(subscription.ended());
         // Ended a little early, as calls are, so the caller hears DEADLINE_REACHED before its
         // own timer ends the stream without details.
         let deadline = caller_deadline.map(|deadline| {

@@ -13,7 +13,7 @@
 //!
 //! No I/O and no gRPC here: the service turns a `Subscription` into a stream, and `status`
 //! turns a `WatchEnd` into the caller's status. A watch that ends also says so through
-//! [`Subscription::take_ended`], so that its stream can be ended even when its client has
+//! [`Subscription::ended`], so that its stream can be ended even when its client has
 //! stopped reading and nothing polls it (`connection::end_stream_when`).
 
 use std::collections::{HashMap, VecDeque};
@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, watch};
 
 use crate::domain::CaseEvent;
 use crate::metrics::{CaseEventMetrics, GaugeGuard, Metrics};
@@ -85,6 +85,8 @@ struct Inbox {
     state: Mutex<InboxState>,
     /// Wakes the stream when an event or the end has arrived.
     arrived: Notify,
+    /// Turns `true` when the watch ends, for whatever sends its stream; dropped with the watch.
+    ended: watch::Sender<bool>,
 }
 
 #[derive(Debug)]
@@ -93,8 +95,6 @@ struct InboxState {
     events: VecDeque<Arc<ReceivedEvent>>,
     /// Why the watch ends, once the events before it have been taken.
     end: Option<WatchEnd>,
-    /// Fired when the watch ends, for whatever sends its stream.
-    ended: Option<oneshot::Sender<()>>,
 }
 
 /// An AutoCase event as the gateway received it.
@@ -145,8 +145,6 @@ pub(crate) struct Subscription {
     /// Its name in the feed's index, which it leaves when dropped.
     id: u64,
     inbox: Arc<Inbox>,
-    /// Resolves when the watch ends; until taken.
-    ended: Option<oneshot::Receiver<()>>,
     shared: Arc<Shared>,
     _open: OpenWatch,
 }
@@ -194,15 +192,14 @@ impl Watches {
         }
         ports.sort_unstable();
         ports.dedup();
-        let (ended_sender, ended) = oneshot::channel();
         let inbox = Arc::new(Inbox {
             ports,
             state: Mutex::new(InboxState {
                 events: VecDeque::new(),
                 end: None,
-                ended: Some(ended_sender),
             }),
             arrived: Notify::new(),
+            ended: watch::Sender::new(false),
         });
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         match &mut *self.shared.lock() {
@@ -213,7 +210,6 @@ impl Watches {
         Ok(Subscription {
             id,
             inbox,
-            ended: Some(ended),
             shared: Arc::clone(&self.shared),
             _open: open,
         })
@@ -355,7 +351,8 @@ impl Inbox {
             state.events.push_back(Arc::clone(event));
         } else {
             state.events = VecDeque::new();
-            state.end(WatchEnd::Lagged { buffer });
+            state.end = Some(WatchEnd::Lagged { buffer });
+            self.ended.send_replace(true);
         }
         drop(state);
         self.arrived.notify_one();
@@ -366,7 +363,8 @@ impl Inbox {
     fn end(&self, end: WatchEnd) {
         let mut state = lock(&self.state);
         if state.end.is_none() {
-            state.end(end);
+            state.end = Some(end);
+            self.ended.send_replace(true);
             drop(state);
             self.arrived.notify_one();
         }
@@ -379,16 +377,6 @@ impl Inbox {
         match state.events.pop_front() {
             Some(event) => Some(Ok(event)),
             None => state.end.clone().map(Err),
-        }
-    }
-}
-
-impl InboxState {
-    fn end(&mut self, end: WatchEnd) {
-        self.end = Some(end);
-        if let Some(ended) = self.ended.take() {
-            // Nobody listening: the stream has gone already.
-            let _ = ended.send(());
         }
     }
 }
@@ -409,10 +397,10 @@ impl Subscription {
         }
     }
 
-    /// Resolves once the watch has ended (lagged, lost its feed, or shut down), whether or not
-    /// its events have been taken; `None` once taken.
-    pub(crate) fn take_ended(&mut self) -> Option<oneshot::Receiver<()>> {
-        self.ended.take()
+    /// Turns `true` once the watch has ended (lagged, lost its feed, or shut down), whether
+    /// or not its events have been taken; its sender is dropped with the subscription.
+    pub(crate) fn ended(&self) -> watch::Receiver<bool> {
+        self.inbox.ended.subscribe()
     }
 }
 
@@ -562,21 +550,18 @@ mod tests {
         let watches = watches(10, 16);
         watches.connected();
         let mut lagging = watches.subscribe(Vec::new()).unwrap();
-        let mut lagged = lagging.take_ended().unwrap();
-        let mut shut_down = watches.subscribe(vec![5]).unwrap();
-        let mut shutting_down = shut_down.take_ended().unwrap();
+        let lagged = lagging.ended();
+        let shut_down = watches.subscribe(vec![5]).unwrap();
+        let shutting_down = shut_down.ended();
         for _ in 0..16 {
             watches.publish(event(4, CaseState::Ereq));
         }
-        assert_eq!(lagged.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        assert!(!*lagged.borrow());
         watches.publish(event(4, CaseState::Ereq));
-        assert_eq!(lagged.try_recv(), Ok(()));
-        assert_eq!(
-            shutting_down.try_recv(),
-            Err(oneshot::error::TryRecvError::Empty)
-        );
+        assert!(*lagged.borrow());
+        assert!(!*shutting_down.borrow());
         watches.shut_down();
-        assert_eq!(shutting_down.try_recv(), Ok(()));
+        assert!(*shutting_down.borrow());
         assert_eq!(
             next_segment(&mut lagging).await,
             Err(WatchEnd::Lagged { buffer: 16 })

@@ -557,6 +557,41 @@ async fn a_watcher_that_never_reads_is_reset_a_buffer_behind_and_its_slot_is_fre
     drop(replacement);
 }
 
+/// Issue 20, item 1, over gRPC-Web: a watcher on HTTP/1.1 whose socket stays full (it has
+/// stopped reading) does not hold the drain either: its connection is closed.
+#[tokio::test]
+async fn shutdown_closes_a_grpc_web_watch_that_never_reads() {
+    // Some 11 MB of events, far more than the sockets' buffers and hyper's can hold: the rest
+    // waits in the watch's buffer.
+    const EVENTS: u32 = 200_000;
+    let (gateway, mut publisher) = with_scripted_publisher(|builder| {
+        builder.config(|config| {
+            config.watches.buffer = 1_048_576.try_into().unwrap();
+            config.shutdown_grace = Duration::from_secs(60);
+        })
+    })
+    .await;
+    // Once one watch is accepted, the feed is connected.
+    drop(watch(&gateway.client, &[]).await);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut never_reads = socket.connect(gateway.address).await.unwrap();
+    let request = "POST /taskgate.v1.TaskService/WatchCaseEvents HTTP/1.1\r\nHost: gateway\r\n\
+                   Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\n\
+                   Content-Length: 5\r\n\r\n\x00\x00\x00\x00\x00";
+    never_reads.write_all(request.as_bytes()).await.unwrap();
+    scrape_line(gateway.metrics_url(), "taskgate_case_watches_open 1").await;
+    flood_port_4(&mut publisher, EVENTS).await;
+    scrape_line(
+        gateway.metrics_url(),
+        &format!("taskgate_case_events_total{{state=\"EREQ\"}} {EVENTS}"),
+    )
+    .await;
+    within(PROMPTLY, "serve waited for the watch", gateway.stop())
+        .await
+        .unwrap();
+}
+
 /// Asserts that a watch of `port_ids` is refused with `code`, `reason` and `message`.
 async fn assert_refused(
     gateway: &Gateway,
