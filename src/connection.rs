@@ -399,6 +399,7 @@ impl Admission {
         stream_task::with_end_signal(self.drive(builder, io, service)).await;
     }
 
+    /// [`Admission::serve`], within its task's place for an end signal.
     async fn drive<I, S, ResBody>(
         mut self,
         builder: &auto::Builder<StreamExecutor>,
