@@ -332,7 +332,7 @@ impl Finish {
 
 /// The body of a server-streaming response, which reports its call when the stream ends: with
 /// the status in its trailers, or CANCELLED when it is dropped before them (the caller went
-/// away).
+/// away, or stopped reading and its stream was reset: `connection::end_stream_when`).
 struct StreamBody {
     inner: tonic::body::Body,
     finish: Option<Finish>,
@@ -378,7 +378,7 @@ impl Drop for StreamBody {
         if let Some(finish) = self.finish.take() {
             let _entered = self.span.enter();
             finish.finished(Some(tonic::Status::cancelled(
-                "the caller ended the stream",
+                "the stream ended before its status: the caller went away, or stopped reading",
             )));
         }
     }

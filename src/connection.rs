@@ -20,6 +20,9 @@
 //!   body has fully arrived; a connection with nothing else (idle, a partial head, a body that
 //!   never comes) is closed after a short linger. hyper-util's `GracefulShutdown` waits for every
 //!   connection, so a silent peer could hold it for the whole grace.
+//! - **Responses nothing polls**: a response whose peer has stopped reading is never polled
+//!   again, so a watch that has ended could not end its stream; its handler can have the HTTP/2
+//!   stream reset, or the HTTP/1.1 connection closed, instead (`stream_task`).
 //!
 //! Each connection has one `State` behind a `std::sync::Mutex`, written by two taps (the bytes
 //! read from the socket, and each request's start, body and end) and read by the connection's
@@ -40,7 +43,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -55,8 +58,11 @@ use crate::config::{ConfigError, defaults, limits};
 use crate::metrics::{GaugeGuard, ListenerMetrics};
 
 mod state;
+mod stream_task;
 
 use state::{Ending, Protocol, State, Step, next_step};
+use stream_task::{EndSignal, until_ended};
+pub(crate) use stream_task::{StreamExecutor, end_stream_when};
 
 /// After GOAWAY, how long a connection with nothing in flight is still served before it is
 /// dropped: enough for the frame to be written and a live client to close first, short enough
@@ -99,6 +105,7 @@ pub(crate) struct ConnectionLimits {
 #[derive(Debug, Default)]
 pub(crate) struct Census {
     calls: AtomicUsize,
+    watches: AtomicUsize,
     streams: AtomicUsize,
     closed_idle: AtomicUsize,
     closed_partial: AtomicUsize,
@@ -110,6 +117,9 @@ pub(crate) struct CensusCounts {
     /// Calls (task-service requests) whose request has fully arrived and whose response has not
     /// ended.
     pub(crate) calls: usize,
+    /// WatchCaseEvents streams in the same state: shutdown ends them, so they never hold the
+    /// drain as calls do.
+    pub(crate) watches: usize,
     /// Other requests in the same state: health Watch and reflection streams.
     pub(crate) streams: usize,
     /// Connections closed at shutdown with no request open.
@@ -117,6 +127,17 @@ pub(crate) struct CensusCounts {
     /// Connections closed at shutdown with only a partial request (a head or body that had not
     /// fully arrived).
     pub(crate) closed_partial: usize,
+}
+
+/// What a request is, for the census: a listener tells them apart by path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RequestKind {
+    /// A task call.
+    Call,
+    /// A case-event watch.
+    Watch,
+    /// Anything else: health, reflection.
+    Stream,
 }
 
 /// One listener's connections: the limit on how many are open, what they are doing, and the
@@ -169,8 +190,8 @@ struct SocketTap {
 pub(crate) struct Tracked<S> {
     inner: S,
     connection: Arc<Connection>,
-    /// Requests whose path starts with this are calls; the rest are streams.
-    call_path_prefix: &'static str,
+    /// What a request with this path is.
+    kind_of: fn(&str) -> RequestKind,
     /// Put in every request, so `tonic::Request::remote_addr` works as under tonic's server.
     connect_info: TcpConnectInfo,
 }
@@ -179,8 +200,8 @@ pub(crate) struct Tracked<S> {
 #[derive(Debug)]
 struct TrackedRequest {
     connection: Arc<Connection>,
-    /// A call or another stream, for the census.
-    is_call: bool,
+    /// For the census.
+    kind: RequestKind,
     /// Held while the connection's state and the census are updated, and locked before the
     /// state, never after it, so the two taps agree on whether the request was counted as
     /// arrived.
@@ -325,17 +346,18 @@ impl Connections {
 // === impl Admission ===
 
 impl Admission {
-    /// Puts the request tap around `service`; `local` is the listener's address.
+    /// Puts the request tap around `service`, which counts each request as `kind_of` its path
+    /// says; `local` is the listener's address.
     pub(crate) fn track<S>(
         &self,
         service: S,
-        call_path_prefix: &'static str,
+        kind_of: fn(&str) -> RequestKind,
         local: Option<SocketAddr>,
     ) -> Tracked<S> {
         Tracked {
             inner: service,
             connection: Arc::clone(&self.connection),
-            call_path_prefix,
+            kind_of,
             connect_info: TcpConnectInfo {
                 local_addr: local,
                 remote_addr: Some(self.peer),
@@ -362,8 +384,26 @@ impl Admission {
     /// Serves `io` with `service` on `builder` until the peer closes it, a limit closes it, or
     /// shutdown closes it; counts a close by a time limit.
     pub(crate) async fn serve<I, S, ResBody>(
+        self,
+        builder: &auto::Builder<StreamExecutor>,
+        io: I,
+        service: Tracked<S>,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: tower::Service<Request<Body>, Response = Response<ResBody>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        ResBody: HttpBody<Data = Bytes> + Unpin + Send + 'static,
+        ResBody::Error: Into<BoxError>,
+    {
+        // HTTP/1.1 requests are served in this task, so a handler may leave its end signal here.
+        stream_task::with_end_signal(self.drive(builder, io, service)).await;
+    }
+
+    /// [`Admission::serve`], within its task's place for an end signal.
+    async fn drive<I, S, ResBody>(
         mut self,
-        builder: &auto::Builder<TokioExecutor>,
+        builder: &auto::Builder<StreamExecutor>,
         io: I,
         service: Tracked<S>,
     ) where
@@ -383,6 +423,7 @@ impl Admission {
         let io = TokioIo::new(io);
         let served = builder.serve_connection(io, TowerToHyperService::new(service));
         tokio::pin!(served);
+        let mut end_signal = EndSignal::default();
         let mut draining = false;
         // A request held the drain, so the close is not one of an idle or partial connection.
         let mut held_drain = false;
@@ -412,7 +453,11 @@ impl Admission {
                 }
             };
             tokio::select! {
-                result = served.as_mut() => {
+                served = until_ended(served.as_mut(), &mut end_signal) => {
+                    let Some(result) = served else {
+                        tracing::debug!(peer = %self.peer, "a response told to end could not be sent; closing its connection");
+                        break Ending::Closed;
+                    };
                     if let Err(error) = result {
                         tracing::debug!(cause = %error, peer = %self.peer, "connection ended with an error");
                     }
@@ -468,15 +513,20 @@ impl Census {
         let count = |counter: &AtomicUsize| counter.load(Ordering::Relaxed);
         CensusCounts {
             calls: count(&self.calls),
+            watches: count(&self.watches),
             streams: count(&self.streams),
             closed_idle: count(&self.closed_idle),
             closed_partial: count(&self.closed_partial),
         }
     }
 
-    /// The count of calls, or of streams, whose request has arrived and not ended.
-    fn arrived(&self, is_call: bool) -> &AtomicUsize {
-        if is_call { &self.calls } else { &self.streams }
+    /// The count of requests of `kind` whose request has arrived and not ended.
+    fn arrived(&self, kind: RequestKind) -> &AtomicUsize {
+        match kind {
+            RequestKind::Call => &self.calls,
+            RequestKind::Watch => &self.watches,
+            RequestKind::Stream => &self.streams,
+        }
     }
 
     /// Counts a connection that shutdown closed without a request holding it.
@@ -553,7 +603,7 @@ where
         self.connection.update(State::request_started);
         let tracked = Arc::new(TrackedRequest {
             connection: Arc::clone(&self.connection),
-            is_call: request.uri().path().starts_with(self.call_path_prefix),
+            kind: (self.kind_of)(request.uri().path()),
             stage: Mutex::new(Stage::Receiving),
         });
         let guard = RequestGuard(Arc::clone(&tracked));
@@ -585,7 +635,7 @@ impl TrackedRequest {
             self.connection.update(State::body_arrived);
             self.connection
                 .census
-                .arrived(self.is_call)
+                .arrived(self.kind)
                 .fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -605,7 +655,7 @@ impl Drop for RequestGuard {
             request
                 .connection
                 .census
-                .arrived(request.is_call)
+                .arrived(request.kind)
                 .fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -666,11 +716,12 @@ impl<T: Unpin, B: HttpBody<Data = Bytes> + Unpin> HttpBody for Holding<T, B> {
     }
 }
 
-/// A hyper connection builder with the timer that HTTP/2 keep-alive needs. Hyper's defaults
-/// bound header sizes (HTTP/1.1 buffer, HTTP/2 header list) and reset floods (pending-accept and
-/// local-error resets); HTTP/1.1 head timeouts are this module's (see the module doc).
-pub(crate) fn builder() -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+/// A hyper connection builder with the timer that HTTP/2 keep-alive needs, whose HTTP/2 streams
+/// a handler can end ([`end_stream_when`]). Hyper's defaults bound header sizes (HTTP/1.1
+/// buffer, HTTP/2 header list) and reset floods (pending-accept and local-error resets);
+/// HTTP/1.1 head timeouts are this module's (see the module doc).
+pub(crate) fn builder() -> auto::Builder<StreamExecutor> {
+    let mut builder = auto::Builder::new(StreamExecutor);
     builder.http1().header_read_timeout(None);
     builder.http2().timer(TokioTimer::new());
     builder

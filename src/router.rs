@@ -28,7 +28,7 @@ use tower::Layer as _;
 use crate::accept::Acceptor;
 use crate::codec::DEFAULT_MAX_BODY_BYTES;
 use crate::config::Http1Limits;
-use crate::connection::{self, ConnectionLimits, Connections};
+use crate::connection::{self, ConnectionLimits, Connections, RequestKind};
 use crate::metrics::ListenerMetrics;
 
 /// The address a request came from, in every request's extensions: handlers take it as
@@ -98,7 +98,7 @@ pub(crate) async fn serve(
             continue;
         };
         let service = Extension(Peer(peer)).layer(router.clone());
-        let service = admission.track(service, "/", local);
+        let service = admission.track(service, |_| RequestKind::Call, local);
         let builder = builder.clone();
         tokio::spawn(async move { admission.serve(&builder, stream, service).await });
     }

@@ -12,7 +12,6 @@
 use std::future::Future;
 use std::time::Duration;
 
-use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{AbortHandle, JoinSet};
@@ -26,7 +25,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::accept::Acceptor;
 use crate::auth::{self, Authenticator};
 use crate::call::CallLayer;
-use crate::connection::{self, Admission, Connections};
+use crate::connection::{self, Admission, Connections, RequestKind};
 use crate::health::{Health, WatchLimit};
 use crate::log_publisher::client::{self as log_publisher_client, Target};
 use crate::metrics::Metrics;
@@ -48,8 +47,10 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP keep-alive, for peers that do not answer HTTP/2 pings.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// Requests under this path are calls, which the shutdown log counts apart from other streams
-/// (a test checks it against the service's name).
+/// (a test checks it against the service's name)...
 const TASK_SERVICE_PATH: &str = "/taskgate.v1.TaskService/";
+/// ...except this one, a watch, which shutdown ends rather than waits for.
+const WATCH_CASE_EVENTS_PATH: &str = "/taskgate.v1.TaskService/WatchCaseEvents";
 
 /// The sockets the gateway serves on, bound before `serve` so that binding errors surface at
 /// startup and tests can use ephemeral ports.
@@ -306,7 +307,7 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let service = admission.track(service.clone(), TASK_SERVICE_PATH, local);
+        let service = admission.track(service.clone(), request_kind, local);
         connection_tasks.spawn(serve_grpc_connection(
             builder.clone(),
             stream,
@@ -330,6 +331,7 @@ pub async fn serve(
     tracing::info!(
         grace = %humantime::format_duration(config.shutdown_grace),
         calls = census.calls,
+        watches = census.watches,
         streams = census.streams,
         "no longer accepting calls; idle connections and partial requests are closed, calls and streams in flight may finish"
     );
@@ -338,6 +340,7 @@ pub async fn serve(
     if drained.is_err() {
         tracing::warn!(
             calls = census.calls,
+            watches = census.watches,
             streams = census.streams,
             "shutdown grace ran out; these calls and streams end with the process"
         );
@@ -354,7 +357,7 @@ pub async fn serve(
 
 /// One gRPC connection: TCP settings, the TLS handshake within the handshake timeout, then HTTP.
 async fn serve_grpc_connection<S>(
-    builder: auto::Builder<TokioExecutor>,
+    builder: auto::Builder<connection::StreamExecutor>,
     stream: TcpStream,
     tls: Option<TlsAcceptor>,
     service: connection::Tracked<S>,
@@ -394,6 +397,17 @@ fn set_tcp_options(stream: &TcpStream) {
     }
 }
 
+/// What a request on the gRPC port is, by its path.
+fn request_kind(path: &str) -> RequestKind {
+    if path == WATCH_CASE_EVENTS_PATH {
+        RequestKind::Watch
+    } else if path.starts_with(TASK_SERVICE_PATH) {
+        RequestKind::Call
+    } else {
+        RequestKind::Stream
+    }
+}
+
 /// Controller connections: one per call in flight at most, plus the health probe's.
 fn controller_connections(config: &Config) -> usize {
     config.upstream.max_in_flight.get().saturating_add(1)
@@ -415,7 +429,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn calls_are_told_apart_by_the_task_service_path() {
+    fn calls_and_watches_are_told_apart_by_their_paths() {
         assert_eq!(TASK_SERVICE_PATH, format!("/{SERVICE_NAME}/"));
+        assert_eq!(
+            WATCH_CASE_EVENTS_PATH,
+            format!("/{SERVICE_NAME}/WatchCaseEvents")
+        );
     }
 }

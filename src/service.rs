@@ -241,6 +241,9 @@ impl TaskService for TaskGateway {
             .as_ref()
             .ok_or_else(|| refused(WatchEnd::Disabled))?;
         let subscription = watches.subscribe(port_ids).map_err(refused)?;
+        // A client that stops reading stops its stream being polled, so the watch's end must
+        // reach the stream from outside.
+        crate::connection::end_stream_when(subscription.ended());
         // Ended a little early, as calls are, so the caller hears DEADLINE_REACHED before its
         // own timer ends the stream without details.
         let deadline = caller_deadline.map(|deadline| {

@@ -1,22 +1,28 @@
 //! Case-event watches: the one Log Publisher feed fanned out to every open WatchCaseEvents
 //! stream.
 //!
-//! The feed (`log_publisher::client`) publishes each AutoCase event once, into a broadcast ring
-//! of `--watch-buffer` entries that every watch reads at its own pace. Publishing never waits for
-//! a watcher: one that falls a whole ring behind has missed events, and its stream ends with
-//! WATCH_LAGGED the next time it is read, while the others carry on. When the feed loses its
-//! connection, every open watch ends with LOG_PUBLISHER_UNAVAILABLE (events may be missed until
-//! it reconnects), and new watches are refused until it is back.
+//! The feed (`log_publisher::client`) hands each AutoCase event to the watches of its port and
+//! to those of every port, each into an inbox of at most `--watch-buffer` events that its
+//! stream empties at its own pace. Publishing never waits for a watcher: one whose inbox is full
+//! when an event comes has fallen a whole buffer behind, and the feed ends it there and then with
+//! WATCH_LAGGED, whether or not anything still reads its stream, while the others carry on. An
+//! inbox holds only the events of the ports its watch asked for, so a watcher of a quiet port
+//! never lags for other ports' events. When the feed loses its connection, every open watch ends
+//! with LOG_PUBLISHER_UNAVAILABLE after the events already in its inbox (events may be missed
+//! until it reconnects), and new watches are refused until it is back.
 //!
 //! No I/O and no gRPC here: the service turns a `Subscription` into a stream, and `status`
-//! turns a `WatchEnd` into the caller's status.
+//! turns a `WatchEnd` into the caller's status. A watch that ends also says so through
+//! [`Subscription::ended`], so that its stream can be ended even when its client has
+//! stopped reading and nothing polls it (`connection::end_stream_when`).
 
+use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, watch};
 
 use crate::domain::CaseEvent;
 use crate::metrics::{CaseEventMetrics, GaugeGuard, Metrics};
@@ -26,7 +32,8 @@ use crate::metrics::{CaseEventMetrics, GaugeGuard, Metrics};
 pub struct Settings {
     /// How many watches may be open at once over all connections.
     pub max_watches: NonZeroUsize,
-    /// How many events a watcher may fall behind before its stream ends with WATCH_LAGGED.
+    /// How many events of its ports a watcher may fall behind before its stream ends with
+    /// WATCH_LAGGED.
     pub buffer: NonZeroUsize,
 }
 
@@ -44,27 +51,50 @@ struct Shared {
     feed: Mutex<Feed>,
     /// Open watches, checked against `settings.max_watches`.
     open: AtomicUsize,
+    /// Names the next watch in the feed's index.
+    next_id: AtomicU64,
     metrics: Metrics,
 }
 
 /// The state of the feed, which decides what a new watch gets.
 #[derive(Debug)]
 enum Feed {
-    /// Connected: events go out through this ring.
-    Connected(broadcast::Sender<Item>),
+    /// Connected: events go to these inboxes.
+    Connected(Inboxes),
     /// Not connected (yet, or any more), for this reason.
     Disconnected(Arc<str>),
     /// The gateway is shutting down: no watch starts any more.
     ShutDown,
 }
 
-/// What goes round the ring.
-#[derive(Debug, Clone)]
-enum Item {
-    Event(Arc<ReceivedEvent>),
-    /// The feed lost its connection, for this reason.
-    Lost(Arc<str>),
-    ShuttingDown,
+/// The inboxes of the open watches, by the ports they watch, so that an event costs only the
+/// watches that asked for it.
+#[derive(Debug, Default)]
+struct Inboxes {
+    /// Watches of every port.
+    every_port: HashMap<u64, Arc<Inbox>>,
+    /// Watches of some ports, under each port they watch.
+    by_port: HashMap<u32, HashMap<u64, Arc<Inbox>>>,
+}
+
+/// One watch's events on their way to its stream.
+#[derive(Debug)]
+struct Inbox {
+    /// The ports watched, sorted; empty for every port.
+    ports: Vec<u32>,
+    state: Mutex<InboxState>,
+    /// Wakes the stream when an event or the end has arrived.
+    arrived: Notify,
+    /// Turns `true` when the watch ends, for whatever sends its stream; dropped with the watch.
+    ended: watch::Sender<bool>,
+}
+
+#[derive(Debug)]
+struct InboxState {
+    /// At most `--watch-buffer`.
+    events: VecDeque<Arc<ReceivedEvent>>,
+    /// Why the watch ends, once the events before it have been taken.
+    end: Option<WatchEnd>,
 }
 
 /// An AutoCase event as the gateway received it.
@@ -112,9 +142,9 @@ pub(crate) enum WatchEnd {
 /// One open watch: the events of some ports, or of all, from when it was opened.
 #[derive(Debug)]
 pub(crate) struct Subscription {
-    receiver: broadcast::Receiver<Item>,
-    /// The ports asked for, sorted; empty for every port.
-    ports: Vec<u32>,
+    /// Its name in the feed's index, which it leaves when dropped.
+    id: u64,
+    inbox: Arc<Inbox>,
     shared: Arc<Shared>,
     _open: OpenWatch,
 }
@@ -137,6 +167,7 @@ impl Watches {
                 feed: Mutex::new(Feed::Disconnected(Arc::from("it has not connected yet"))),
                 source,
                 open: AtomicUsize::new(0),
+                next_id: AtomicU64::new(0),
                 metrics,
             }),
         }
@@ -159,16 +190,26 @@ impl Watches {
             self.metrics().watch_refused();
             return Err(WatchEnd::TooMany { limit });
         }
-        let receiver = match &*self.shared.lock() {
-            Feed::Connected(sender) => sender.subscribe(),
-            Feed::Disconnected(cause) => return Err(self.shared.unavailable(cause)),
-            Feed::ShutDown => return Err(WatchEnd::ShuttingDown),
-        };
         ports.sort_unstable();
         ports.dedup();
-        Ok(Subscription {
-            receiver,
+        let inbox = Arc::new(Inbox {
             ports,
+            state: Mutex::new(InboxState {
+                events: VecDeque::new(),
+                end: None,
+            }),
+            arrived: Notify::new(),
+            ended: watch::Sender::new(false),
+        });
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        match &mut *self.shared.lock() {
+            Feed::Connected(inboxes) => inboxes.insert(id, &inbox),
+            Feed::Disconnected(cause) => return Err(self.shared.unavailable(cause)),
+            Feed::ShutDown => return Err(WatchEnd::ShuttingDown),
+        }
+        Ok(Subscription {
+            id,
+            inbox,
             shared: Arc::clone(&self.shared),
             _open: open,
         })
@@ -177,18 +218,32 @@ impl Watches {
     /// The feed connected: watches may start.
     pub(crate) fn connected(&self) {
         let mut feed = self.shared.lock();
-        if !matches!(*feed, Feed::ShutDown) {
-            let (sender, _) = broadcast::channel(self.shared.settings.buffer.get());
-            *feed = Feed::Connected(sender);
+        // Watches opened on an earlier connection have been ended already.
+        if let Feed::Disconnected(_) = *feed {
+            *feed = Feed::Connected(Inboxes::default());
         }
     }
 
-    /// Hands an event to every open watch, without waiting for any.
+    /// Hands an event to every open watch of its port, without waiting for any; a watch whose
+    /// inbox is full has lagged, and is ended here.
     pub(crate) fn publish(&self, event: ReceivedEvent) {
         self.metrics().event(event.event.signal.code());
-        if let Feed::Connected(sender) = &*self.shared.lock() {
-            // No receivers is not an error: nobody is watching.
-            let _ = sender.send(Item::Event(Arc::new(event)));
+        let mut feed = self.shared.lock();
+        let Feed::Connected(inboxes) = &mut *feed else {
+            return;
+        };
+        let port_id = event.event.port_id;
+        let event = Arc::new(event);
+        let buffer = self.shared.settings.buffer.get();
+        let mut lagged = Vec::new();
+        for (id, inbox) in inboxes.of_port(port_id) {
+            if !inbox.deliver(&event, buffer) {
+                lagged.push((*id, Arc::clone(inbox)));
+            }
+        }
+        for (id, inbox) in lagged {
+            self.metrics().watch_lagged();
+            inboxes.remove(id, &inbox);
         }
     }
 
@@ -200,8 +255,8 @@ impl Watches {
             return;
         }
         let cause: Arc<str> = Arc::from(cause);
-        if let Feed::Connected(sender) = &*feed {
-            let _ = sender.send(Item::Lost(Arc::clone(&cause)));
+        if let Feed::Connected(inboxes) = &*feed {
+            inboxes.end_all(&self.shared.unavailable(&cause));
         }
         *feed = Feed::Disconnected(cause);
     }
@@ -210,8 +265,8 @@ impl Watches {
     /// streams that would never end on their own, and no new one starts.
     pub(crate) fn shut_down(&self) {
         let mut feed = self.shared.lock();
-        if let Feed::Connected(sender) = &*feed {
-            let _ = sender.send(Item::ShuttingDown);
+        if let Feed::Connected(inboxes) = &*feed {
+            inboxes.end_all(&WatchEnd::ShuttingDown);
         }
         *feed = Feed::ShutDown;
     }
@@ -220,16 +275,108 @@ impl Watches {
 // === impl Shared ===
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Feed> {
-        // The feed state is replaced in one assignment, so a panic elsewhere never leaves it
-        // half made: the poison can be ignored.
-        self.feed.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Feed> {
+        lock(&self.feed)
     }
 
     fn unavailable(&self, cause: &str) -> WatchEnd {
         WatchEnd::Unavailable {
             source: self.source.clone(),
             cause: cause.to_owned(),
+        }
+    }
+}
+
+/// Locks `mutex`: what the feed and the inboxes guard is replaced or pushed in one step, so a
+/// panic elsewhere never leaves it half made, and the poison can be ignored.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+// === impl Inboxes ===
+
+impl Inboxes {
+    fn insert(&mut self, id: u64, inbox: &Arc<Inbox>) {
+        if inbox.ports.is_empty() {
+            self.every_port.insert(id, Arc::clone(inbox));
+        }
+        for port_id in &inbox.ports {
+            let watches = self.by_port.entry(*port_id).or_default();
+            watches.insert(id, Arc::clone(inbox));
+        }
+    }
+
+    fn remove(&mut self, id: u64, inbox: &Inbox) {
+        if inbox.ports.is_empty() {
+            self.every_port.remove(&id);
+        }
+        for port_id in &inbox.ports {
+            if let Some(watches) = self.by_port.get_mut(port_id) {
+                watches.remove(&id);
+                if watches.is_empty() {
+                    self.by_port.remove(port_id);
+                }
+            }
+        }
+    }
+
+    /// The inboxes an event of `port_id` goes to, each once.
+    fn of_port(&self, port_id: u32) -> impl Iterator<Item = (&u64, &Arc<Inbox>)> {
+        let of_port = self.by_port.get(&port_id).into_iter().flatten();
+        self.every_port.iter().chain(of_port)
+    }
+
+    /// Ends every watch with `end`, after the events already in its inbox.
+    fn end_all(&self, end: &WatchEnd) {
+        let by_port = self.by_port.values().flatten();
+        // A watch of several ports is met more than once; only its first end counts.
+        for (_, inbox) in self.every_port.iter().chain(by_port) {
+            inbox.end(end.clone());
+        }
+    }
+}
+
+// === impl Inbox ===
+
+impl Inbox {
+    /// Queues `event`; `false` when the inbox already held `buffer` events: the watch has
+    /// lagged and is ended at once, its queued events dropped (a gap follows them anyway).
+    fn deliver(&self, event: &Arc<ReceivedEvent>, buffer: usize) -> bool {
+        let mut state = lock(&self.state);
+        if state.end.is_some() {
+            return true;
+        }
+        let delivered = state.events.len() < buffer;
+        if delivered {
+            state.events.push_back(Arc::clone(event));
+        } else {
+            state.events = VecDeque::new();
+            state.end = Some(WatchEnd::Lagged { buffer });
+            self.ended.send_replace(true);
+        }
+        drop(state);
+        self.arrived.notify_one();
+        delivered
+    }
+
+    /// Ends the watch with `end` after the events already queued, unless it has ended already.
+    fn end(&self, end: WatchEnd) {
+        let mut state = lock(&self.state);
+        if state.end.is_none() {
+            state.end = Some(end);
+            self.ended.send_replace(true);
+            drop(state);
+            self.arrived.notify_one();
+        }
+    }
+
+    /// The next event, or the end once every event before it has been taken; `None` while
+    /// there is neither.
+    fn take(&self) -> Option<Result<Arc<ReceivedEvent>, WatchEnd>> {
+        let mut state = lock(&self.state);
+        match state.events.pop_front() {
+            Some(event) => Some(Ok(event)),
+            None => state.end.clone().map(Err),
         }
     }
 }
@@ -241,28 +388,26 @@ impl Subscription {
     /// subscription is spent: the caller ends the stream.
     pub(crate) async fn next(&mut self) -> Result<Arc<ReceivedEvent>, WatchEnd> {
         loop {
-            match self.receiver.recv().await {
-                Ok(Item::Event(received)) => {
-                    if self.ports.is_empty()
-                        || self.ports.binary_search(&received.event.port_id).is_ok()
-                    {
-                        return Ok(received);
-                    }
-                }
-                Ok(Item::Lost(cause)) => return Err(self.shared.unavailable(&cause)),
-                Ok(Item::ShuttingDown) => return Err(WatchEnd::ShuttingDown),
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    self.shared.metrics.case_events().watch_lagged();
-                    return Err(WatchEnd::Lagged {
-                        buffer: self.shared.settings.buffer.get(),
-                    });
-                }
-                // Every sender is replaced only after its last item went out, so this is a
-                // feed that went away without saying why.
-                Err(broadcast::error::RecvError::Closed) => {
-                    return Err(self.shared.unavailable("the feed stopped"));
-                }
+            if let Some(next) = self.inbox.take() {
+                return next;
             }
+            // One reader: an event that arrives between `take` and here leaves a permit, so
+            // this returns at once.
+            self.inbox.arrived.notified().await;
+        }
+    }
+
+    /// Turns `true` once the watch has ended (lagged, lost its feed, or shut down), whether
+    /// or not its events have been taken; its sender is dropped with the subscription.
+    pub(crate) fn ended(&self) -> watch::Receiver<bool> {
+        self.inbox.ended.subscribe()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Feed::Connected(inboxes) = &mut *self.shared.lock() {
+            inboxes.remove(self.id, &self.inbox);
         }
     }
 }
@@ -378,6 +523,48 @@ mod tests {
         assert!(
             exposed.contains("taskgate_case_watches_lagged_total 1\n"),
             "{exposed}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_watcher_of_a_quiet_port_never_lags_for_other_ports_events() {
+        let watches = watches(10, 16);
+        watches.connected();
+        let mut quiet = watches.subscribe(vec![5]).unwrap();
+        for _ in 0..100 {
+            watches.publish(event(4, CaseState::Ereq));
+        }
+        watches.publish(event(5, CaseState::Ereq));
+        assert_eq!(next_segment(&mut quiet).await.unwrap(), "AC,5,7,EREQ");
+        let exposed = watches.shared.metrics.encode();
+        assert!(
+            exposed.contains("taskgate_case_watches_lagged_total 0\n"),
+            "{exposed}"
+        );
+    }
+
+    /// What sends the stream learns that the watch has ended though nothing has read it, and
+    /// only then.
+    #[tokio::test]
+    async fn a_watch_says_it_has_ended_without_being_read() {
+        let watches = watches(10, 16);
+        watches.connected();
+        let mut lagging = watches.subscribe(Vec::new()).unwrap();
+        let lagged = lagging.ended();
+        let shut_down = watches.subscribe(vec![5]).unwrap();
+        let shutting_down = shut_down.ended();
+        for _ in 0..16 {
+            watches.publish(event(4, CaseState::Ereq));
+        }
+        assert!(!*lagged.borrow());
+        watches.publish(event(4, CaseState::Ereq));
+        assert!(*lagged.borrow());
+        assert!(!*shutting_down.borrow());
+        watches.shut_down();
+        assert!(*shutting_down.borrow());
+        assert_eq!(
+            next_segment(&mut lagging).await,
+            Err(WatchEnd::Lagged { buffer: 16 })
         );
     }
 

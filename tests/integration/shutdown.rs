@@ -12,11 +12,13 @@ use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use taskgate::proto::CaseExtractRequest;
 use taskgate::proto::task_service_client::TaskServiceClient;
+use taskgate::proto::{CaseCancelRequest, CaseExtractRequest, WatchCaseEventsRequest};
 
 use crate::cli::{TaskgateProcess, call_until_log_lines_drop};
-use crate::support::{FakeUpstream, Gateway, PROMPTLY, Script, endpoint, within};
+use crate::support::{
+    FakeUpstream, Gateway, PROMPTLY, Script, endpoint, error_info, scrape_line, within,
+};
 
 /// Waits until `gateway` has begun shutting down: it ends health Watch streams only then, after
 /// it has closed its listener.
@@ -184,4 +186,65 @@ async fn sigterm_with_a_call_in_flight_exits_after_the_grace_while_stderr_is_nev
         .await
         .unwrap();
     assert!(ended.is_err(), "{ended:?}");
+}
+
+/// Issue 20, items 1 and 10: a watcher that has stopped reading (its window full, its buffer not)
+/// does not hold SIGTERM's drain: the real binary exits at once, not after its 30 s grace, and
+/// its log counts the watch as a watch, not as a call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_watcher_that_never_reads_exits_at_once() {
+    // Events of 15 extractions, each cancelled at once: EREQ, CR, NOOP.
+    const CYCLES: usize = 15;
+    let serve =
+        TaskgateProcess::start(&["--metrics-listen", "127.0.0.1:0", "--shutdown-grace", "30s"])
+            .await;
+    let tiny_window = endpoint(serve.gateway.clone())
+        .initial_stream_window_size(1024)
+        .connect()
+        .await
+        .unwrap();
+    let watch_request = || WatchCaseEventsRequest { port_ids: vec![4] };
+    let _never_reads = within(PROMPTLY, "the feed did not connect", async {
+        let mut client = TaskServiceClient::new(tiny_window);
+        loop {
+            match client.watch_case_events(watch_request()).await {
+                Ok(response) => return response.into_inner(),
+                Err(status) => assert_eq!(
+                    error_info(&status).reason,
+                    "LOG_PUBLISHER_UNAVAILABLE",
+                    "{status:?}"
+                ),
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let mut client = TaskServiceClient::new(endpoint(serve.gateway.clone()).connect_lazy());
+    for _ in 0..CYCLES {
+        let (port_id, bin_id) = (4, 101337);
+        client
+            .case_extract(CaseExtractRequest { port_id, bin_id })
+            .await
+            .unwrap();
+        client
+            .case_cancel(CaseCancelRequest { port_id, bin_id })
+            .await
+            .unwrap();
+    }
+    // Published to the watch: more than its window holds, fewer than its buffer.
+    let metrics_url = serve.metrics_url();
+    let noop = format!("taskgate_case_events_total{{state=\"NOOP\"}} {CYCLES}");
+    scrape_line(&metrics_url, &noop).await;
+    serve.signal("TERM").await;
+    let (code, log) = serve.finish_within(Duration::from_secs(5)).await;
+    assert_eq!(code, Some(0), "{log}");
+    let draining = log
+        .lines()
+        .find(|line| line.contains("no longer accepting calls"))
+        .unwrap_or_else(|| panic!("no drain line in:\n{log}"));
+    assert!(
+        draining.contains("calls=0 watches=1 streams=0"),
+        "{draining}"
+    );
+    assert!(!log.contains("shutdown grace ran out"), "{log}");
 }

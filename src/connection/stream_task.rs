@@ -1,0 +1,191 @@
+//! Responses that a handler can end from outside, whatever its peer reads.
+//!
+//! A response is sent from one task: hyper runs each HTTP/2 stream as a task of its own, and
+//! serves an HTTP/1.1 request (gRPC-Web) in its connection's task. Either task polls the response
+//! body only while the peer takes what was sent (an HTTP/2 window with room, a socket that
+//! drains), so a watch whose client has stopped reading is never polled again, and nothing in
+//! its body can end it: it would keep its `--max-watches` slot and hold the shutdown drain for
+//! the whole grace. So both tasks run with a place for an end signal, which a handler fills
+//! ([`end_stream_when`]): once the signal says the response has ended, it has [`END_LINGER`] to
+//! go out by itself (its status reaching a client that reads); then the task drops it, which
+//! resets an HTTP/2 stream (RST_STREAM, CANCEL) or closes an HTTP/1.1 connection.
+//!
+//! A response that leaves no signal (every call) costs one task-local lookup per poll.
+
+use std::cell::Cell;
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// How long a response told to end may still take to go out before it is dropped: long enough
+/// for a client that reads to take its last messages and status, short enough that one that
+/// does not cannot hold shutdown.
+pub(crate) const END_LINGER: Duration = Duration::from_millis(250);
+
+tokio::task_local! {
+    /// Where a handler leaves the signal that ends its response; set only in the tasks that
+    /// send responses.
+    static END_SIGNAL: Cell<Option<watch::Receiver<bool>>>;
+}
+
+/// Spawns hyper's HTTP/2 stream tasks on tokio, each one endable through [`end_stream_when`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct StreamExecutor;
+
+/// What a task that sends responses does about the signal a handler left in it.
+#[derive(Default)]
+pub(super) struct EndSignal {
+    /// Resolves with `true` when the response must be dropped, `false` once it has gone
+    /// without needing to be; allocated only for a response that left a signal.
+    end: Option<Pin<Box<dyn Future<Output = bool> + Send>>>,
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        tokio::spawn(with_end_signal(async move {
+            let mut end_signal = EndSignal::default();
+            until_ended(pin!(stream), &mut end_signal).await;
+        }));
+    }
+}
+
+/// Ends the response whose handler calls this once `ended` says `true`, whether or not its
+/// peer reads: it gets [`END_LINGER`] to go out by itself, then is dropped, unless the sender
+/// is dropped first (the response has gone). `false` (and `ended` is dropped) outside a task
+/// that sends responses.
+pub(crate) fn end_stream_when(ended: watch::Receiver<bool>) -> bool {
+    END_SIGNAL
+        .try_with(|signal| signal.set(Some(ended)))
+        .is_ok()
+}
+
+/// Runs `task` (one that sends responses) with a place for a handler's end signal.
+pub(super) fn with_end_signal<F: Future>(task: F) -> impl Future<Output = F::Output> {
+    END_SIGNAL.scope(Cell::new(None), task)
+}
+
+/// Polls `task`, then the signal a handler may have left while it ran: `None` once the signal
+/// says to drop it.
+pub(super) fn until_ended<'a, F: Future>(
+    mut task: Pin<&'a mut F>,
+    end_signal: &'a mut EndSignal,
+) -> impl Future<Output = Option<F::Output>> + 'a {
+    poll_fn(move |cx| {
+        if let Poll::Ready(output) = task.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        end_signal.poll_end(cx).map(|()| None)
+    })
+}
+
+// === impl EndSignal ===
+
+impl EndSignal {
+    /// Takes a signal left since the last call; ready once the response must be dropped.
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let end = match &mut self.end {
+                Some(end) => end,
+                None => {
+                    let Some(ended) = END_SIGNAL.try_with(Cell::take).ok().flatten() else {
+                        return Poll::Pending;
+                    };
+                    self.end.insert(Box::pin(end_after_linger(ended)))
+                }
+            };
+            match end.as_mut().poll(cx) {
+                Poll::Ready(true) => return Poll::Ready(()),
+                // Gone by itself; on HTTP/1.1 a later request may have left a signal since.
+                Poll::Ready(false) => self.end = None,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for EndSignal {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("EndSignal")
+            .field("end", &self.end.is_some())
+            .finish()
+    }
+}
+
+/// `true` [`END_LINGER`] after `ended` says `true`; `false` as soon as its sender is dropped
+/// (the response has gone), whether or not it had said so.
+async fn end_after_linger(mut ended: watch::Receiver<bool>) -> bool {
+    if ended.wait_for(|ended| *ended).await.is_err() {
+        return false;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(END_LINGER) => true,
+        // The signal only ever turns `true`: a change is its sender going.
+        _ = ended.changed() => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use hyper::rt::Executor as _;
+    use tokio::sync::mpsc;
+
+    /// A stream that never ends on its own and says when it is dropped; its handler leaves
+    /// `ended` on its first poll.
+    async fn stream_that_never_ends(ended: watch::Receiver<bool>, dropped: mpsc::Sender<()>) {
+        let _dropped = DropSignal(dropped);
+        assert!(end_stream_when(ended));
+        std::future::pending::<()>().await;
+    }
+
+    struct DropSignal(mpsc::Sender<()>);
+
+    impl Drop for DropSignal {
+        fn drop(&mut self) {
+            let _ = self.0.try_send(());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_told_to_end_is_dropped_after_the_linger() {
+        let (end, ended) = watch::channel(false);
+        let (dropped_sender, mut dropped) = mpsc::channel(1);
+        StreamExecutor.execute(stream_that_never_ends(ended, dropped_sender));
+        tokio::task::yield_now().await;
+        let told_at = tokio::time::Instant::now();
+        end.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(5), dropped.recv())
+            .await
+            .expect("the stream was not dropped within 5s")
+            .unwrap();
+        let elapsed = told_at.elapsed();
+        assert!(elapsed >= END_LINGER, "dropped after {elapsed:?}");
+    }
+
+    /// Nothing is dropped for a response that has gone, told to end or not: on HTTP/1.1 its
+    /// connection goes on to the next request.
+    #[tokio::test]
+    async fn a_signal_whose_sender_is_gone_ends_nothing() {
+        let (end, ended) = watch::channel(false);
+        drop(end);
+        assert!(!end_after_linger(ended).await);
+        let (end, ended) = watch::channel(false);
+        end.send_replace(true);
+        drop(end);
+        assert!(!end_after_linger(ended).await);
+    }
+
+    #[test]
+    fn no_signal_is_taken_outside_a_task_that_sends_responses() {
+        let (_end, ended) = watch::channel(false);
+        assert!(!end_stream_when(ended));
+    }
+}
