@@ -27,6 +27,10 @@ use tokio::sync::{Notify, watch};
 use crate::domain::CaseEvent;
 use crate::metrics::{CaseEventMetrics, GaugeGuard, Metrics};
 
+/// The most an emptied inbox keeps allocated (in events): a watcher that keeps up needs a
+/// handful, and 10,000 watches that each once took a burst do not keep `--watch-buffer` apiece.
+const IDLE_INBOX_CAPACITY: usize = 16;
+
 /// The limits on watches, fixed at startup.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
@@ -376,7 +380,14 @@ impl Inbox {
         let mut state = lock(&self.state);
         match state.events.pop_front() {
             Some(event) => Some(Ok(event)),
-            None => state.end.clone().map(Err),
+            None => {
+                // A burst grows the inbox up to `--watch-buffer`; an emptied one gives that
+                // back, so open watches hold memory only for events still waiting.
+                if state.events.capacity() > IDLE_INBOX_CAPACITY {
+                    state.events.shrink_to(IDLE_INBOX_CAPACITY);
+                }
+                state.end.clone().map(Err)
+            }
         }
     }
 }
@@ -451,6 +462,23 @@ mod tests {
             .next()
             .await
             .map(|received| received.segment.clone())
+    }
+
+    #[tokio::test]
+    async fn an_inbox_emptied_after_a_burst_gives_its_memory_back() {
+        let watches = watches(10, 1024);
+        watches.connected();
+        let mut all = watches.subscribe(Vec::new()).unwrap();
+        for _ in 0..1000 {
+            watches.publish(event(4, CaseState::Ereq));
+        }
+        assert!(all.inbox.state.lock().unwrap().events.capacity() >= 1000);
+        for _ in 0..1000 {
+            next_segment(&mut all).await.unwrap();
+        }
+        assert!(all.inbox.take().is_none());
+        let capacity = all.inbox.state.lock().unwrap().events.capacity();
+        assert!(capacity <= IDLE_INBOX_CAPACITY, "{capacity}");
     }
 
     #[tokio::test]
