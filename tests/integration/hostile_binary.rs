@@ -17,7 +17,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 
-use taskgate::proto::CaseExtractRequest;
+use taskgate::proto::{CaseExtractRequest, CaseGetStateRequest};
 use taskgate::proto::task_service_client::TaskServiceClient;
 
 use crate::cli::{TaskgateProcess, start_simulate};
@@ -229,6 +229,40 @@ async fn streams_per_connection_and_watch_streams_are_limited() {
 async fn grpc_over_http1_is_answered_400_at_once() {
     let serve = serve(&[]).await;
     assert_grpc_over_http1_gets_400(serve.address.as_str(), AT_ONCE).await;
+}
+
+/// Issue 20, item 2: a gRPC-Web request whose body stops after one byte is closed once
+/// `--handshake-timeout` has passed since its head, and counted; the connections it held are
+/// free again, so a new client is served, not refused at `--max-connections` (3, all of them
+/// held by these).
+#[tokio::test]
+async fn grpc_web_bodies_that_never_arrive_are_closed_after_the_handshake_timeout() {
+    // Idle [`NEVER`]: only the body's limit may close these connections.
+    let serve = serve(&[("--idle-timeout", NEVER)]).await;
+    let head = "POST /taskgate.v1.TaskService/CaseGetState HTTP/1.1\r\nHost: gateway\r\n\
+                Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\n\
+                Content-Length: 12\r\n\r\n\x00";
+    let mut stuck = Vec::new();
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(&serve.address).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stuck.push((Instant::now(), stream));
+    }
+    for (sent, stream) in &mut stuck {
+        let received = read_until_closed(stream).await;
+        assert_closed_after(*sent, SHORT);
+        assert!(received.is_empty(), "{}", String::from_utf8_lossy(&received));
+    }
+    let mut client = TaskServiceClient::new(serve.channel().await);
+    let request = CaseGetStateRequest { port_id: 4 };
+    within(PROMPTLY, "CaseGetState was not answered", client.case_get_state(request))
+        .await
+        .unwrap();
+    serve
+        .scrape_lines(&[
+            "taskgate_connections_closed_total{listener=\"grpc\",reason=\"body_timeout\"} 3",
+        ])
+        .await;
 }
 
 /// Issue 8, finding 1, on `/metrics`: a first request head that never completes, a later one on

@@ -68,7 +68,8 @@ pub(crate) struct ServeSettings {
 
     /// How long a new gRPC connection may take to identify itself (TLS handshake, then the
     /// HTTP/2 preface or a complete first HTTP/1.1 request head) before it is closed; also the
-    /// limit on later HTTP/1.1 request heads. 10ms to 1h.
+    /// limit on later HTTP/1.1 request heads, and on each HTTP/1.1 (gRPC-Web) request body from
+    /// its head. 10ms to 1h.
     #[arg(long, env = "TASKGATE_HANDSHAKE_TIMEOUT", value_parser = duration)]
     #[serde(default, with = "humantime_serde")]
     pub(super) handshake_timeout: Option<Duration>,
