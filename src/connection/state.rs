@@ -171,7 +171,8 @@ pub(super) fn next_step(state: &State, now: Instant, limits: &ConnectionLimits) 
             Ending::HandshakeTimeout,
         );
     }
-    if let (Some(body_since), Some(body_read_timeout)) = (state.body_since, limits.body_read_timeout)
+    if let (Some(body_since), Some(body_read_timeout)) =
+        (state.body_since, limits.body_read_timeout)
     {
         return at_or_before(body_since + body_read_timeout, Ending::BodyTimeout);
     }

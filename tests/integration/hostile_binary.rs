@@ -16,9 +16,10 @@ use tokio::time::Instant;
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
+use tonic_types::StatusExt as _;
 
-use taskgate::proto::{CaseExtractRequest, CaseGetStateRequest};
 use taskgate::proto::task_service_client::TaskServiceClient;
+use taskgate::proto::{CaseExtractRequest, CaseGetStateRequest, WatchCaseEventsRequest};
 
 use crate::cli::{TaskgateProcess, start_simulate};
 use crate::support::{
@@ -251,18 +252,68 @@ async fn grpc_web_bodies_that_never_arrive_are_closed_after_the_handshake_timeou
     for (sent, stream) in &mut stuck {
         let received = read_until_closed(stream).await;
         assert_closed_after(*sent, SHORT);
-        assert!(received.is_empty(), "{}", String::from_utf8_lossy(&received));
+        assert!(
+            received.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&received)
+        );
     }
     let mut client = TaskServiceClient::new(serve.channel().await);
     let request = CaseGetStateRequest { port_id: 4 };
-    within(PROMPTLY, "CaseGetState was not answered", client.case_get_state(request))
-        .await
-        .unwrap();
+    within(
+        PROMPTLY,
+        "CaseGetState was not answered",
+        client.case_get_state(request),
+    )
+    .await
+    .unwrap();
     serve
         .scrape_lines(&[
             "taskgate_connections_closed_total{listener=\"grpc\",reason=\"body_timeout\"} 3",
         ])
         .await;
+}
+
+/// Issue 20, item 3: WatchCaseEvents naming 500 bad ports is answered INVALID_ARGUMENT in
+/// response headers that a client accepting at most 8 KiB of them can read: the first ten
+/// violations, then a count of the rest.
+#[tokio::test]
+async fn many_bad_port_ids_get_a_reply_a_client_with_8_kib_of_headers_can_read() {
+    let serve = serve(&[]).await;
+    let channel = endpoint(serve.process.gateway.clone())
+        .http2_max_header_list_size(8 * 1024)
+        .connect()
+        .await
+        .unwrap();
+    let request = WatchCaseEventsRequest {
+        port_ids: (2001..2501).collect(),
+    };
+    let mut client = TaskServiceClient::new(channel);
+    let status = within(
+        PROMPTLY,
+        "WatchCaseEvents was not answered",
+        client.watch_case_events(request),
+    )
+    .await
+    .unwrap_err();
+    let listed: Vec<String> = (2001..2011)
+        .map(|port_id| format!("port_ids {port_id} is out of range 1-2000"))
+        .chain(["and 490 more".to_owned()])
+        .collect();
+    assert_eq!(
+        (status.code(), status.message()),
+        (
+            Code::InvalidArgument,
+            format!("WatchCaseEvents: {}", listed.join("; ")).as_str()
+        ),
+        "{status:?}"
+    );
+    let violations = status.get_details_bad_request().unwrap().field_violations;
+    let descriptions: Vec<&str> = violations
+        .iter()
+        .map(|violation| violation.description.as_str())
+        .collect();
+    assert_eq!(descriptions, listed);
 }
 
 /// Issue 8, finding 1, on `/metrics`: a first request head that never completes, a later one on
