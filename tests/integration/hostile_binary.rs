@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tonic::Code;
@@ -20,12 +20,13 @@ use tonic_types::StatusExt as _;
 
 use taskgate::proto::task_service_client::TaskServiceClient;
 use taskgate::proto::{CaseExtractRequest, CaseGetStateRequest, WatchCaseEventsRequest};
+use taskgate::simulator::log_publisher;
 
 use crate::cli::{TaskgateProcess, start_simulate};
 use crate::support::{
     GET_METRICS, GOAWAY, HTTP2_PREFACE_AND_SETTINGS, PROMPTLY, assert_grpc_over_http1_gets_400,
     case_extract_stream, case_extract_with_grpc_timeout, endpoint, error_info, frames,
-    health_watch, idle_and_partial_connections, max_concurrent_streams, read_response,
+    health_watch, http_client, idle_and_partial_connections, max_concurrent_streams, read_response,
     read_until_closed, scrape_line, served_http2_client, server_settings, silent_http2_client,
     within,
 };
@@ -424,6 +425,59 @@ async fn simulate_closes_connections_beyond_its_cap_at_once_and_logs_it() {
     )
     .await;
     assert!(line.contains("max_connections=2"), "{line}");
+}
+
+/// Issue 20, item 4: clients of `simulate`'s Log Publisher that connect and close free their
+/// slots at once, not at the next event: after more of them than it has slots have come and
+/// gone, with no case event in between, a new client is admitted and gets the next event.
+#[tokio::test]
+async fn simulate_log_publisher_frees_the_slots_of_clients_that_closed() {
+    let (mut simulate, url) = start_simulate(&["--log-publisher-listen", "127.0.0.1:0"]).await;
+    // Logged before the task interface's "listening" line, which `start_simulate` waited for.
+    let address = simulate
+        .log
+        .lines()
+        .find(|line| line.contains("simulated Log Publisher listening"))
+        .and_then(|line| {
+            line.split_whitespace()
+                .find_map(|field| field.strip_prefix("address="))
+        })
+        .unwrap()
+        .to_owned();
+    for _ in 0..log_publisher::MAX_CONNECTIONS + 8 {
+        let client = TcpStream::connect(&address).await.unwrap();
+        simulate
+            .wait_for_line("simulator Log Publisher client connected")
+            .await;
+        drop(client);
+        simulate
+            .wait_for_line("simulator Log Publisher client closed its connection")
+            .await;
+    }
+    let mut client = TcpStream::connect(&address).await.unwrap();
+    simulate
+        .wait_for_line("simulator Log Publisher client connected")
+        .await;
+    let case_extract = "<methodcall><name>case_extract</name><params><port_id>4</port_id>\
+                        <bin_id>101337</bin_id></params></methodcall>";
+    let reply = http_client()
+        .post(&url)
+        .header("content-type", "application/xml")
+        .body(case_extract)
+        .send()
+        .await
+        .unwrap();
+    assert!(reply.status().is_success(), "{reply:?}");
+    let mut received = Vec::new();
+    within(PROMPTLY, "no EREQ line reached the new client", async {
+        while !String::from_utf8_lossy(&received).contains("AC,4,101337,EREQ\r\n") {
+            let mut buffer = [0_u8; 256];
+            let read = client.read(&mut buffer).await.unwrap();
+            assert_ne!(read, 0, "the new client was closed");
+            received.extend_from_slice(&buffer[..read]);
+        }
+    })
+    .await;
 }
 
 /// The `host:port` of a simulator's task-interface URL.
