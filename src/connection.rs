@@ -728,13 +728,21 @@ impl<T: Unpin, B: HttpBody<Data = Bytes> + Unpin> HttpBody for Holding<T, B> {
     }
 }
 
+/// The largest HTTP/1.1 read buffer, and so the largest request head: hyper's default is about
+/// 400 KiB, which a connection sending a head slowly could hold until its header-read timeout.
+/// 16 KiB is the HTTP/2 header list limit; a larger head is answered 431.
+const HTTP1_MAX_BUFFER: usize = 16 * 1024;
+
 /// A hyper connection builder with the timer that HTTP/2 keep-alive needs, whose HTTP/2 streams
-/// a handler can end ([`end_stream_when`]). Hyper's defaults bound header sizes (HTTP/1.1
-/// buffer, HTTP/2 header list) and reset floods (pending-accept and local-error resets);
-/// HTTP/1.1 head timeouts are this module's (see the module doc).
+/// a handler can end ([`end_stream_when`]). Hyper's defaults bound the HTTP/2 header list and
+/// reset floods (pending-accept and local-error resets); the HTTP/1.1 buffer is bounded here,
+/// and HTTP/1.1 head timeouts are this module's (see the module doc).
 pub(crate) fn builder() -> auto::Builder<StreamExecutor> {
     let mut builder = auto::Builder::new(StreamExecutor);
-    builder.http1().header_read_timeout(None);
+    builder
+        .http1()
+        .header_read_timeout(None)
+        .max_buf_size(HTTP1_MAX_BUFFER);
     builder.http2().timer(TokioTimer::new());
     builder
 }

@@ -24,11 +24,11 @@ use taskgate::simulator::log_publisher;
 
 use crate::cli::{TaskgateProcess, start_simulate};
 use crate::support::{
-    GET_METRICS, GOAWAY, HTTP2_PREFACE_AND_SETTINGS, PROMPTLY, assert_grpc_over_http1_gets_400,
-    case_extract_stream, case_extract_with_grpc_timeout, endpoint, error_info, frames,
-    health_watch, http_client, idle_and_partial_connections, max_concurrent_streams, read_response,
-    read_until_closed, scrape_line, served_http2_client, server_settings, silent_http2_client,
-    within,
+    GET_METRICS, GOAWAY, HTTP2_PREFACE_AND_SETTINGS, PROMPTLY, SETTINGS_INITIAL_WINDOW_SIZE,
+    SETTINGS_MAX_CONCURRENT_STREAMS, assert_grpc_over_http1_gets_400, case_extract_stream,
+    case_extract_with_grpc_timeout, endpoint, error_info, frames, health_watch, http_client,
+    idle_and_partial_connections, read_response, read_until_closed, scrape_line,
+    served_http2_client, server_settings, setting, silent_http2_client, within,
 };
 
 /// The limits every `serve` here starts with (a test may change some): short, so that each shows
@@ -209,7 +209,7 @@ async fn streams_per_connection_and_watch_streams_are_limited() {
     let serve = serve(&[("--idle-timeout", NEVER)]).await;
     let mut stream = silent_http2_client(&serve.address).await;
     let settings = server_settings(&mut stream).await;
-    assert_eq!(max_concurrent_streams(&settings), Some(4));
+    assert_eq!(setting(&settings, SETTINGS_MAX_CONCURRENT_STREAMS), Some(4));
 
     let health = HealthClient::new(serve.channel().await);
     let _first = health_watch(&health).await.unwrap();
@@ -223,6 +223,32 @@ async fn streams_per_connection_and_watch_streams_are_limited() {
             "taskgate_health_watches_refused_total 1",
         ])
         .await;
+}
+
+/// Issue 20, item 6: what a connection can make the gateway hold is bounded. An HTTP/2 client
+/// may send 64 KiB (HTTP/2's default window) of request data per stream before the gateway reads
+/// it, not hyper's 1 MiB; an HTTP/1.1 head over 16 KiB is answered 431 rather than buffered up
+/// to hyper's 400 KiB.
+#[tokio::test]
+async fn a_connection_can_make_the_gateway_hold_little_memory() {
+    let serve = serve(&[]).await;
+    let mut stream = silent_http2_client(&serve.address).await;
+    let settings = server_settings(&mut stream).await;
+    assert_eq!(
+        setting(&settings, SETTINGS_INITIAL_WINDOW_SIZE),
+        Some(65_535)
+    );
+
+    let mut stream = TcpStream::connect(&serve.address).await.unwrap();
+    let filler = "a".repeat(20 * 1024);
+    let head = format!(
+        "POST /taskgate.v1.TaskService/CaseGetState HTTP/1.1\r\nHost: gateway\r\n\
+         Content-Type: application/grpc-web+proto\r\nX-Filler: {filler}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let received = read_until_closed(&mut stream).await;
+    let received = String::from_utf8_lossy(&received);
+    assert!(received.starts_with("HTTP/1.1 431"), "{received}");
 }
 
 /// Issue 8, finding 8: an HTTP/1.1 POST of `application/grpc` (which needs HTTP/2) on the gRPC
