@@ -20,8 +20,8 @@ const MIN_DEFAULT_MAX_CONNECTIONS: usize = 16;
 /// What one gRPC connection holds while it has no call open, rounded up: about 37 KiB
 /// allocated, of which h2's frame read, frame write and HPACK buffers are 8, 16 and 4 KiB
 /// (constants in h2 and tokio-util that no hyper or h2 setting changes) and its task about 8.
-/// `bench_rig idle` measures about 22 KiB of RSS per idle connection: not every page of those
-/// buffers is touched until the allocator hands it out a second time.
+/// `bench_rig idle` measures 22 KiB of RSS per idle connection at first, since not every page
+/// of those buffers is touched, and up to 35 KiB once connections reuse freed memory.
 const CONNECTION_COST: usize = 40 * 1024;
 /// The memory the default `--max-connections` lets idle connections take at most.
 const CONNECTIONS_MEMORY_BUDGET: usize = 256 * 1024 * 1024;
