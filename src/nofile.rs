@@ -1,13 +1,13 @@
 //! The open-file limit (`nofile`). Every accepted connection and every connection to the
-//! controller is a file descriptor, so this limit, not memory, is what a flood of idle
-//! connections exhausts first; once it is, accepts fail everywhere and even the health probe
-//! reports "Too many open files".
+//! controller is a file descriptor, so with a small limit (1024 is common) this, not memory, is
+//! what a flood of idle connections exhausts first; once it is, accepts fail everywhere and even
+//! the health probe reports "Too many open files".
 //!
 //! At startup the soft limit is raised to the hard limit (the soft limit is often 1024 while
 //! the hard one allows far more), the default `--max-connections` is sized from what is left
 //! after the other limits, and a warning names the numbers when the limit is still too small.
 //! With a large limit, memory is what runs out first: the default is also capped so that idle
-//! connections fit [`CONNECTIONS_MEMORY_BUDGET`].
+//! connections fit a memory budget (`CONNECTIONS_MEMORY_BUDGET`).
 
 use std::num::NonZeroUsize;
 
