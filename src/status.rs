@@ -26,6 +26,12 @@ pub(crate) const GATEWAY_DOMAIN: &str = "taskgate";
 /// request of 4 KiB can name a thousand bad ports.
 const MAX_VIOLATIONS_SHOWN: usize = 10;
 
+/// The longest message a status carries, in bytes. Its text goes in `grpc-message`
+/// (percent-encoded, up to three times as long) and again in `grpc-status-details-bin`, and
+/// clients refuse response headers past 8 or 16 KiB. Every message the gateway writes is far
+/// shorter: only text a peer sent could reach it, and that is cut short where it is quoted.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
 /// Which call failed: named in every message and in every `ErrorInfo`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CallContext {
@@ -408,7 +414,16 @@ fn retry_info(delay: Duration) -> Any {
 
 /// Encodes the `google.rpc.Status` by hand: tonic-types builds only the standard details, and
 /// every fault also carries our own `TaskFault`.
-fn build(code: Code, message: String, details: Vec<Any>) -> Status {
+fn build(code: Code, mut message: String, details: Vec<Any>) -> Status {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let ellipsis = '…';
+        let mut cut = MAX_MESSAGE_BYTES - ellipsis.len_utf8();
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push(ellipsis);
+    }
     let rpc_status = pb::Status {
         code: code as i32,
         message: message.clone(),
@@ -581,6 +596,16 @@ mod tests {
             .map(|text| ("port_ids", text.as_str()))
             .collect();
         assert_eq!(described, expected);
+    }
+
+    #[test]
+    fn a_message_is_cut_short_past_1_kib() {
+        let long = "é".repeat(2000);
+        let status = second_request_message(&long);
+        assert_eq!(status.message().len(), MAX_MESSAGE_BYTES - 1);
+        assert!(status.message().ends_with("éé…"), "{}", status.message());
+        let rpc_status = pb::Status::decode(status.details()).unwrap();
+        assert_eq!(rpc_status.message, status.message());
     }
 
     #[test]

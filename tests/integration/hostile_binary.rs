@@ -24,11 +24,12 @@ use taskgate::simulator::log_publisher;
 
 use crate::cli::{TaskgateProcess, start_simulate};
 use crate::support::{
-    GET_METRICS, GOAWAY, HTTP2_PREFACE_AND_SETTINGS, PROMPTLY, SETTINGS_INITIAL_WINDOW_SIZE,
-    SETTINGS_MAX_CONCURRENT_STREAMS, assert_grpc_over_http1_gets_400, case_extract_stream,
-    case_extract_with_grpc_timeout, endpoint, error_info, frames, health_watch, http_client,
-    idle_and_partial_connections, read_response, read_until_closed, scrape_line,
-    served_http2_client, server_settings, setting, silent_http2_client, within,
+    FakeUpstream, GET_METRICS, GOAWAY, HTTP2_PREFACE_AND_SETTINGS, PROMPTLY,
+    SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_CONCURRENT_STREAMS, Script,
+    assert_grpc_over_http1_gets_400, case_extract_stream, case_extract_with_grpc_timeout, endpoint,
+    error_info, frames, health_watch, http_client, idle_and_partial_connections, read_response,
+    read_until_closed, scrape_line, served_http2_client, server_settings, setting,
+    silent_http2_client, within,
 };
 
 /// The limits every `serve` here starts with (a test may change some): short, so that each shows
@@ -341,6 +342,42 @@ async fn many_bad_port_ids_get_a_reply_a_client_with_8_kib_of_headers_can_read()
         .map(|violation| violation.description.as_str())
         .collect();
     assert_eq!(descriptions, listed);
+}
+
+/// Issue 20, item 3: a controller reply whose text the message would quote at length (a 60 KB
+/// element name) is answered INTERNAL with the name cut short, readable by a client accepting at
+/// most 8 KiB of response headers.
+#[tokio::test]
+async fn a_controller_reply_quoted_in_an_error_is_cut_short() {
+    let body = format!("<{0}/>trailing", "r".repeat(60_000));
+    let controller = FakeUpstream::start(Script::ok_xml(&body)).await;
+    let gateway = TaskgateProcess::start_with_upstream(controller.url.as_str(), &[]).await;
+    let channel = endpoint(gateway.gateway.clone())
+        .http2_max_header_list_size(8 * 1024)
+        .connect()
+        .await
+        .unwrap();
+    let request = CaseGetStateRequest { port_id: 4 };
+    let status = within(
+        PROMPTLY,
+        "CaseGetState was not answered",
+        TaskServiceClient::new(channel).case_get_state(request),
+    )
+    .await
+    .unwrap_err();
+    let name = format!("{}…", "r".repeat(40));
+    assert_eq!(
+        (status.code(), status.message()),
+        (
+            Code::Internal,
+            format!(
+                "case_getstate port 4: the controller's reply is not a valid response: \
+                 unexpected content outside the root element <{name}>"
+            )
+            .as_str()
+        ),
+        "{status:?}"
+    );
 }
 
 /// Issue 8, finding 1, on `/metrics`: a first request head that never completes, a later one on
