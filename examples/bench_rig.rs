@@ -16,6 +16,7 @@
 //! bench_rig bare                  # internal: the bare tonic server, run as a child process
 //! bench_rig stand-in [--slow]      # the stand-in alone (--slow: after 250 ms), for profiling by hand
 //! bench_rig soak --taskgate PATH [--calls N] [--duration D] [--sample D] [--warmup D] [--plot PNG]
+//! bench_rig idle --taskgate PATH [--connections N] [--rounds N]  # memory per idle connection
 //! ```
 //!
 //! `--taskgate` is the binary whose `bench` command drives the load; `--gateway-bin` (default:
@@ -41,6 +42,8 @@ use tonic::{Status, transport::Server};
 use taskgate::proto::task_service_server::{TaskService, TaskServiceServer};
 
 // In a folder of its own, so Cargo does not take it for an example of its own.
+#[path = "bench_rig/idle.rs"]
+mod idle;
 #[path = "bench_rig/soak.rs"]
 mod soak;
 use taskgate::proto::{
@@ -78,6 +81,7 @@ fn main() {
         Some("bare") => return serve_until_terminated(Reference::Bare),
         Some("stand-in") => return run_stand_in(&args[1..]),
         Some("soak") => return soak::run(&args[1..]),
+        Some("idle") => return idle::run(&args[1..]),
         _ => {}
     }
     let options = parse_options(&args);

@@ -14,6 +14,10 @@
 //!   of its first byte (slowloris). Hyper's `header_read_timeout` starts when a kept-alive
 //!   connection goes idle, so it would close idle connections at the header-read timeout rather
 //!   than the idle one.
+//! - **Request bodies**: an HTTP/1.1 request body must have arrived within the body-read
+//!   timeout of its head, or the connection is closed (on the gRPC port, where gRPC-Web bodies
+//!   stream into tonic; the router's listeners answer 408 from a middleware instead). HTTP/2
+//!   bodies are flow-controlled streams that may rightly stay open.
 //! - **Idle**: a connection without an open request for the idle timeout gets GOAWAY (an idle
 //!   HTTP/1.1 connection is closed). Hyper and hyper-util have no idle timeout for servers.
 //! - **Shutdown**: every connection gets GOAWAY at once. A request holds the drain only once its
@@ -28,7 +32,7 @@
 //! read from the socket, and each request's start, body and end) and read by the connection's
 //! driver; the transitions and the driver's decisions are pure, in `state`. Calls are the hot
 //! path, so a call only updates the state: the driver is woken through a `Notify` only when it
-//! must act at once (the protocol identified, an HTTP/1.1 head starting, anything during
+//! must act at once (the protocol identified, an HTTP/1.1 head or body starting, anything during
 //! shutdown), and otherwise reads the state when its deadline comes.
 
 use std::future::Future;
@@ -42,7 +46,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper::{Request, Response};
+use hyper::{Request, Response, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -95,6 +99,9 @@ pub(crate) struct ConnectionLimits {
     pub(crate) handshake_timeout: Duration,
     /// From the first byte of a later HTTP/1.1 request head to its end.
     pub(crate) header_read_timeout: Duration,
+    /// From an HTTP/1.1 request's head to the end of its body, after which the connection is
+    /// closed. `None` where the service times bodies itself (the router answers 408).
+    pub(crate) body_read_timeout: Option<Duration>,
     /// How long a connection may stay without an open request before it is closed.
     pub(crate) idle_timeout: Duration,
 }
@@ -269,9 +276,10 @@ impl Settings {
     pub(crate) fn limits(&self) -> ConnectionLimits {
         ConnectionLimits {
             handshake_timeout: self.handshake_timeout,
-            // Later HTTP/1.1 heads (gRPC-Web on a kept-alive connection) get as long as the
-            // first.
+            // Later HTTP/1.1 heads (gRPC-Web on a kept-alive connection), and the body after
+            // each head, get as long as the first head.
             header_read_timeout: self.handshake_timeout,
+            body_read_timeout: Some(self.handshake_timeout),
             idle_timeout: self.idle_timeout,
         }
     }
@@ -490,6 +498,7 @@ impl Admission {
             Ending::Closed | Ending::Shutdown => return,
             Ending::HandshakeTimeout => "handshake_timeout",
             Ending::HeaderTimeout => "header_timeout",
+            Ending::BodyTimeout => "body_timeout",
             Ending::Idle => "idle",
         };
         self.metrics.connection_closed(reason);
@@ -600,14 +609,17 @@ where
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        self.connection.update(State::request_started);
+        let (mut parts, body) = request.into_parts();
+        let http1_body_since =
+            (parts.version < Version::HTTP_2 && !body.is_end_stream()).then(Instant::now);
+        self.connection
+            .update(|state| state.request_started(http1_body_since));
         let tracked = Arc::new(TrackedRequest {
             connection: Arc::clone(&self.connection),
-            kind: (self.kind_of)(request.uri().path()),
+            kind: (self.kind_of)(parts.uri.path()),
             stage: Mutex::new(Stage::Receiving),
         });
         let guard = RequestGuard(Arc::clone(&tracked));
-        let (mut parts, body) = request.into_parts();
         if body.is_end_stream() {
             tracked.body_arrived();
         }
@@ -716,13 +728,21 @@ impl<T: Unpin, B: HttpBody<Data = Bytes> + Unpin> HttpBody for Holding<T, B> {
     }
 }
 
+/// The largest HTTP/1.1 read buffer, and so the largest request head: hyper's default is about
+/// 400 KiB, which a connection sending a head slowly could hold until its header-read timeout.
+/// 16 KiB is the HTTP/2 header list limit; a larger head is answered 431.
+const HTTP1_MAX_BUFFER: usize = 16 * 1024;
+
 /// A hyper connection builder with the timer that HTTP/2 keep-alive needs, whose HTTP/2 streams
-/// a handler can end ([`end_stream_when`]). Hyper's defaults bound header sizes (HTTP/1.1
-/// buffer, HTTP/2 header list) and reset floods (pending-accept and local-error resets);
-/// HTTP/1.1 head timeouts are this module's (see the module doc).
+/// a handler can end ([`end_stream_when`]). Hyper's defaults bound the HTTP/2 header list and
+/// reset floods (pending-accept and local-error resets); the HTTP/1.1 buffer is bounded here,
+/// and HTTP/1.1 head timeouts are this module's (see the module doc).
 pub(crate) fn builder() -> auto::Builder<StreamExecutor> {
     let mut builder = auto::Builder::new(StreamExecutor);
-    builder.http1().header_read_timeout(None);
+    builder
+        .http1()
+        .header_read_timeout(None)
+        .max_buf_size(HTTP1_MAX_BUFFER);
     builder.http2().timer(TokioTimer::new());
     builder
 }

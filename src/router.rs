@@ -80,6 +80,8 @@ pub(crate) async fn serve(
         // A new connection identifies itself with its first request head.
         handshake_timeout: limits.header_read_timeout,
         header_read_timeout: limits.header_read_timeout,
+        // `read_body` answers a late body with a 408 and closes the connection.
+        body_read_timeout: None,
         idle_timeout: limits.idle_timeout,
     };
     let mut acceptor = Acceptor::new(listener, metrics.clone());

@@ -44,6 +44,17 @@ const MAX_REQUEST_BYTES: usize = 4 * 1024;
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a ping may go unanswered before the connection is closed.
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How much request data a client may send on a connection, and on each stream, before the
+/// gateway has read it: HTTP/2's own default (RFC 9113, section 6.9.2), where hyper's is 1 MiB
+/// of memory a client can fill on every connection. A request message is at most
+/// [`MAX_REQUEST_BYTES`], so no call waits for a window update unless more than 15 of the
+/// largest are sent at once.
+const HTTP2_WINDOW: u32 = 65_535;
+/// How much of a stream's response may wait for the client's flow-control window: hyper's
+/// default is 400 KiB a stream, 100 MiB for a connection of 256 streams that stop reading.
+/// Every response message is far smaller (a watch event is some 40 bytes), so a stream that
+/// reads keeps up.
+const HTTP2_MAX_SEND_BUFFER: usize = 64 * 1024;
 /// TCP keep-alive, for peers that do not answer HTTP/2 pings.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// Requests under this path are calls, which the shutdown log counts apart from other streams
@@ -266,7 +277,10 @@ pub async fn serve(
         .http2()
         .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
-        .max_concurrent_streams(config.connections.max_concurrent_streams.get());
+        .max_concurrent_streams(config.connections.max_concurrent_streams.get())
+        .initial_stream_window_size(HTTP2_WINDOW)
+        .initial_connection_window_size(HTTP2_WINDOW)
+        .max_send_buf_size(HTTP2_MAX_SEND_BUFFER);
     let tls = config.tls.as_ref().map(crate::tls::ServerTls::acceptor);
     let mut acceptor = Acceptor::new(listener, metrics.listener("grpc"));
     let local = acceptor.local_addr().ok();

@@ -20,6 +20,18 @@ pub(crate) const CONTROLLER_DOMAIN: &str = "autostore.task";
 /// The `ErrorInfo` domain of errors the gateway itself detected.
 pub(crate) const GATEWAY_DOMAIN: &str = "taskgate";
 
+/// The most field violations one `BadRequest` lists; the rest are counted. Each costs about
+/// 100 bytes of response headers (its text is in `grpc-message` and again, base64-encoded, in
+/// `grpc-status-details-bin`), and clients refuse headers past 8 or 16 KiB: a `WatchCaseEvents`
+/// request of 4 KiB can name a thousand bad ports.
+const MAX_VIOLATIONS_SHOWN: usize = 10;
+
+/// The longest message a status carries, in bytes. Its text goes in `grpc-message`
+/// (percent-encoded, up to three times as long) and again in `grpc-status-details-bin`, and
+/// clients refuse response headers past 8 or 16 KiB. Every message the gateway writes is far
+/// shorter: only text a peer sent could reach it, and that is cut short where it is quoted.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
 /// Which call failed: named in every message and in every `ErrorInfo`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CallContext {
@@ -333,33 +345,38 @@ fn invalid_argument(context: &CallContext, violations: &[Violation]) -> Status {
     bad_request(describe(context), context_metadata(context), violations)
 }
 
-/// INVALID_ARGUMENT with a `BadRequest` of `violations`; `subject` starts the message.
+/// INVALID_ARGUMENT with a `BadRequest` of `violations`; `subject` starts the message. Only the
+/// first [`MAX_VIOLATIONS_SHOWN`] are listed, then a count of the rest, in the message and as a
+/// last violation.
 fn bad_request(
     subject: String,
     mut metadata: HashMap<String, String>,
     violations: &[Violation],
 ) -> Status {
-    let descriptions: Vec<&str> = violations
-        .iter()
-        .map(|violation| violation.description.as_str())
-        .collect();
     if let Some(first) = violations.first() {
         metadata.insert("field".to_owned(), first.field.to_owned());
     }
-    let bad_request = BadRequest::new(
-        violations
-            .iter()
-            .map(|violation| FieldViolation::new(violation.field, &violation.description))
-            .collect::<Vec<_>>(),
-    );
+    let shown = &violations[..violations.len().min(MAX_VIOLATIONS_SHOWN)];
+    let mut field_violations: Vec<FieldViolation> = shown
+        .iter()
+        .map(|violation| FieldViolation::new(violation.field, &violation.description))
+        .collect();
+    if let Some(first_unshown) = violations.get(shown.len()) {
+        let rest = format!("and {} more", violations.len() - shown.len());
+        field_violations.push(FieldViolation::new(first_unshown.field, rest));
+    }
+    let descriptions: Vec<&str> = field_violations
+        .iter()
+        .map(|violation| violation.description.as_str())
+        .collect();
+    let message = format!("{subject}: {}", descriptions.join("; "));
     let details = vec![
         error_info("INVALID_PARAMETER", GATEWAY_DOMAIN, metadata),
         Any {
             type_url: BadRequest::TYPE_URL.to_owned(),
-            value: pb::BadRequest::from(bad_request).encode_to_vec(),
+            value: pb::BadRequest::from(BadRequest::new(field_violations)).encode_to_vec(),
         },
     ];
-    let message = format!("{subject}: {}", descriptions.join("; "));
     build(Code::InvalidArgument, message, details)
 }
 
@@ -397,7 +414,16 @@ fn retry_info(delay: Duration) -> Any {
 
 /// Encodes the `google.rpc.Status` by hand: tonic-types builds only the standard details, and
 /// every fault also carries our own `TaskFault`.
-fn build(code: Code, message: String, details: Vec<Any>) -> Status {
+fn build(code: Code, mut message: String, details: Vec<Any>) -> Status {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let ellipsis = '…';
+        let mut cut = MAX_MESSAGE_BYTES - ellipsis.len_utf8();
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push(ellipsis);
+    }
     let rpc_status = pb::Status {
         code: code as i32,
         message: message.clone(),
@@ -540,6 +566,46 @@ mod tests {
         let bad_request = status.get_details_bad_request().unwrap();
         assert_eq!(bad_request.field_violations[0].field, "port_id");
         assert_eq!(task_fault(&status), None);
+    }
+
+    #[test]
+    fn a_bad_request_lists_the_first_violations_and_counts_the_rest() {
+        let violations: Vec<Violation> = (2001..2013)
+            .map(|port_id| Violation {
+                field: "port_ids",
+                description: format!("port_ids {port_id} is out of range 1-2000"),
+            })
+            .collect();
+        let status = watch_invalid_ports(&violations);
+        let listed: Vec<String> = (2001..2011)
+            .map(|port_id| format!("port_ids {port_id} is out of range 1-2000"))
+            .chain(["and 2 more".to_owned()])
+            .collect();
+        assert_eq!(
+            status.message(),
+            format!("WatchCaseEvents: {}", listed.join("; "))
+        );
+        let bad_request = status.get_details_bad_request().unwrap();
+        let described: Vec<(&str, &str)> = bad_request
+            .field_violations
+            .iter()
+            .map(|violation| (violation.field.as_str(), violation.description.as_str()))
+            .collect();
+        let expected: Vec<(&str, &str)> = listed
+            .iter()
+            .map(|text| ("port_ids", text.as_str()))
+            .collect();
+        assert_eq!(described, expected);
+    }
+
+    #[test]
+    fn a_message_is_cut_short_past_1_kib() {
+        let long = "é".repeat(2000);
+        let status = second_request_message(&long);
+        assert_eq!(status.message().len(), MAX_MESSAGE_BYTES - 1);
+        assert!(status.message().ends_with("éé…"), "{}", status.message());
+        let rpc_status = pb::Status::decode(status.details()).unwrap();
+        assert_eq!(rpc_status.message, status.message());
     }
 
     #[test]

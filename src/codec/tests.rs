@@ -386,6 +386,15 @@ fn wrong_shapes_are_bad_responses() {
             root: "response".to_owned(),
         }),
     );
+    // A peer's element name is quoted cut short: the message goes to the caller's headers.
+    let long_root = format!("<{0}/>trailing", "r".repeat(60_000));
+    check_reply(
+        long_root.as_bytes(),
+        None,
+        Err(DecodeError::OutsideRoot {
+            root: format!("{}…", "r".repeat(40)),
+        }),
+    );
     check_reply(
         b"<?xml version=\"1.1\"?><response><params/></response>",
         None,

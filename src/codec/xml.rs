@@ -159,7 +159,7 @@ fn is_name_start(character: char) -> bool {
 fn check_single_root(root: &Option<Element>) -> Result<(), DecodeError> {
     match root {
         Some(root) => Err(DecodeError::OutsideRoot {
-            root: root.name.clone(),
+            root: shorten(&root.name),
         }),
         None => Ok(()),
     }
@@ -191,7 +191,7 @@ fn append_text(
         None => {
             return Err(match root {
                 Some(root) => DecodeError::OutsideRoot {
-                    root: root.name.clone(),
+                    root: shorten(&root.name),
                 },
                 None => DecodeError::Malformed {
                     position: 0,

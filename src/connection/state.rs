@@ -25,6 +25,10 @@ pub(super) struct State {
     /// Since when the bytes of a request head (or preface) have been arriving with no request
     /// open.
     head_since: Option<Instant>,
+    /// Since when an HTTP/1.1 request's body has been on its way (from its complete head). Only
+    /// HTTP/1.1: an HTTP/2 stream's body is flow-controlled, and a client-streaming call's may
+    /// rightly stay open.
+    body_since: Option<Instant>,
     /// Since when no request has been open.
     idle_since: Instant,
     /// Shutdown has begun and GOAWAY was sent: from now on every change wakes the driver.
@@ -52,6 +56,8 @@ pub(super) enum Ending {
     HandshakeTimeout,
     /// A later HTTP/1.1 request head did not arrive in time.
     HeaderTimeout,
+    /// An HTTP/1.1 request body did not arrive in time.
+    BodyTimeout,
     /// It had no open request for the idle timeout.
     Idle,
     /// Shutdown closed it once nothing worth waiting for was left.
@@ -80,6 +86,7 @@ impl State {
             open: 0,
             arrived: 0,
             head_since: None,
+            body_since: None,
             idle_since: accepted_at,
             draining: false,
         }
@@ -102,19 +109,23 @@ impl State {
         self.identified || self.draining
     }
 
-    /// A request's head is complete. The driver times a head or the handshake only until now:
-    /// it is woken if this identified the connection, and otherwise finds out at its deadline.
-    pub(super) fn request_started(&mut self) -> bool {
+    /// A request's head is complete; `http1_body_since` is when, for an HTTP/1.1 request whose
+    /// body is still to come. The driver times a head or the handshake only until now: it is
+    /// woken if this identified the connection or an HTTP/1.1 body is to be timed, and otherwise
+    /// finds out at its deadline.
+    pub(super) fn request_started(&mut self, http1_body_since: Option<Instant>) -> bool {
         let identifies = !self.identified;
         self.identified = true;
         self.open += 1;
         self.head_since = None;
-        identifies || self.draining
+        self.body_since = http1_body_since;
+        identifies || http1_body_since.is_some() || self.draining
     }
 
     /// A request's body has fully arrived: from now on the request is worth waiting for.
     pub(super) fn body_arrived(&mut self) -> bool {
         self.arrived += 1;
+        self.body_since = None;
         self.draining
     }
 
@@ -123,6 +134,8 @@ impl State {
     pub(super) fn request_ended(&mut self, had_arrived: bool, now: Instant) -> bool {
         self.open -= 1;
         self.arrived -= usize::from(had_arrived);
+        // An HTTP/1.1 connection has one request at a time: its body is no longer awaited.
+        self.body_since = None;
         // Concurrent streams read the clock before they take the lock, so not in order.
         self.idle_since = self.idle_since.max(now);
         self.draining
@@ -157,6 +170,11 @@ pub(super) fn next_step(state: &State, now: Instant, limits: &ConnectionLimits) 
             state.accepted_at + limits.handshake_timeout,
             Ending::HandshakeTimeout,
         );
+    }
+    if let (Some(body_since), Some(body_read_timeout)) =
+        (state.body_since, limits.body_read_timeout)
+    {
+        return at_or_before(body_since + body_read_timeout, Ending::BodyTimeout);
     }
     if state.open > 0 {
         // Request ends do not wake the driver: it looks again when the connection could have
@@ -205,6 +223,7 @@ mod tests {
     const LIMITS: ConnectionLimits = ConnectionLimits {
         handshake_timeout: Duration::from_secs(10),
         header_read_timeout: Duration::from_secs(5),
+        body_read_timeout: Some(Duration::from_secs(5)),
         idle_timeout: Duration::from_secs(60),
     };
 
@@ -245,12 +264,24 @@ mod tests {
         check(identified, 0, at(60));
         check(identified, 60, |_| GoAway(Ending::Idle));
         let ended_at_30 = |state: &mut State, t0: Instant| {
-            state.request_started();
+            state.request_started(None);
             state.request_ended(false, t0 + secs(30));
         };
         check(ended_at_30, 60, at(90));
         // A request open: look again one idle timeout later, whatever the older deadlines.
-        check(|state, _| _ = state.request_started(), 100, at(160));
+        check(|state, _| _ = state.request_started(None), 100, at(160));
+        // An HTTP/1.1 body: dropped once the body-read timeout has passed since its head, open
+        // requests or not; once it has arrived, the request is an open one like any other.
+        let body_from_20 = |state: &mut State, t0: Instant| {
+            state.request_started(Some(t0 + secs(20)));
+        };
+        check(body_from_20, 21, at(25));
+        check(body_from_20, 25, |_| Drop(Ending::BodyTimeout));
+        let body_arrived = |state: &mut State, t0: Instant| {
+            body_from_20(state, t0);
+            state.body_arrived();
+        };
+        check(body_arrived, 25, at(85));
         // A later head: dropped once the header-read timeout has passed since its first byte.
         let head_at_50 = |state: &mut State, t0: Instant| {
             identified(state, t0);
@@ -262,8 +293,8 @@ mod tests {
         // the protocol or the other limits.
         let draining = |arrived: bool| {
             move |state: &mut State, _: Instant| {
-                state.request_started();
-                state.request_started();
+                state.request_started(None);
+                state.request_started(None);
                 if arrived {
                     state.body_arrived();
                 }
@@ -276,14 +307,18 @@ mod tests {
     }
 
     #[test]
-    fn calls_wake_the_driver_only_to_identify_the_connection_or_while_draining() {
+    fn calls_wake_the_driver_only_to_identify_the_connection_time_an_http1_body_or_drain() {
         let t0 = Instant::now();
         let mut state = State::new(t0);
-        assert!(state.request_started(), "the first request identifies");
+        assert!(state.request_started(None), "the first request identifies");
         assert!(!state.body_arrived());
         assert!(!state.request_ended(true, t0));
-        assert!(!state.request_started());
+        assert!(!state.request_started(None));
         assert!(!state.bytes_read(t0), "a body's bytes are no head");
+        assert!(
+            state.request_started(Some(t0)),
+            "an HTTP/1.1 body is timed from now"
+        );
         state.draining = true;
         assert!(state.body_arrived());
         assert!(state.request_ended(true, t0));
@@ -297,7 +332,7 @@ mod tests {
             !state.bytes_read(t0),
             "the handshake deadline times the first head"
         );
-        assert!(state.request_started());
+        assert!(state.request_started(None));
         state.request_ended(false, t0);
         assert!(state.bytes_read(t0));
         assert!(!state.bytes_read(t0), "only its first bytes");
@@ -325,7 +360,7 @@ mod tests {
         let idle = State::new(t0);
         assert!(!idle.is_partial());
         let mut open = idle;
-        open.request_started();
+        open.request_started(None);
         assert!(open.is_partial());
         let mut head = idle;
         head.bytes_read(t0);

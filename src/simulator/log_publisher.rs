@@ -2,7 +2,8 @@
 //! `AC` segment line, as a controller's Log Publisher (port 44001) does (task-interface.md §3.3a).
 //!
 //! Like the real one it sends readable text, one CRLF-terminated segment per line, and reads
-//! nothing. So that clients learn to skip segments they do not read, a `BD` bin definition
+//! nothing but the end of a client's stream: a client that closes its connection frees its slot
+//! at once, not at the next event's failed write. So that clients learn to skip segments they do not read, a `BD` bin definition
 //! (`BD,bin_id,330,AC`: an AutoCase bin, 330 mm) goes out before every extraction's `EREQ`; what
 //! a controller really sends around an extraction is not documented, so this is inferred.
 //!
@@ -14,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{BufMut as _, Bytes, BytesMut};
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio::task::JoinSet;
@@ -103,8 +104,25 @@ async fn feed(
     mut lines: broadcast::Receiver<Bytes>,
     _slot: OwnedSemaphorePermit,
 ) {
+    let (mut reader, mut writer) = stream.split();
+    // Whatever a client sends is read and ignored, so that its end of stream is seen.
+    let mut ignored = [0_u8; 512];
     loop {
-        let line = match lines.recv().await {
+        let received = tokio::select! {
+            received = lines.recv() => received,
+            read = reader.read(&mut ignored) => match read {
+                Ok(1..) => continue,
+                Ok(0) => {
+                    tracing::info!(%peer, "simulator Log Publisher client closed its connection");
+                    return;
+                }
+                Err(error) => {
+                    tracing::info!(%peer, cause = %error, "simulator Log Publisher client went away");
+                    return;
+                }
+            },
+        };
+        let line = match received {
             Ok(line) => line,
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::warn!(%peer, missed, "simulator Log Publisher dropped a client that fell behind");
@@ -112,7 +130,7 @@ async fn feed(
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        if let Err(error) = stream.write_all(&line).await {
+        if let Err(error) = writer.write_all(&line).await {
             tracing::info!(%peer, cause = %error, "simulator Log Publisher client went away");
             return;
         }

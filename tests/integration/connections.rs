@@ -12,10 +12,10 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::support::{
-    FakeUpstream, GOAWAY, Gateway, GatewayBuilder, PROMPTLY, Script,
-    assert_grpc_over_http1_gets_400, frames, health_watch, idle_and_partial_connections,
-    max_concurrent_streams, read_until_closed, scrape_at_least, scrape_line, served_http2_client,
-    server_settings, silent_http2_client, within,
+    FakeUpstream, GOAWAY, Gateway, GatewayBuilder, PROMPTLY, SETTINGS_MAX_CONCURRENT_STREAMS,
+    Script, assert_grpc_over_http1_gets_400, frames, health_watch, idle_and_partial_connections,
+    read_until_closed, scrape_at_least, scrape_line, served_http2_client, server_settings, setting,
+    silent_http2_client, within,
 };
 
 /// A gateway in front of a controller that never answers.
@@ -83,7 +83,7 @@ async fn max_concurrent_streams_is_sent_in_the_servers_settings() {
         .await;
     let mut stream = silent_http2_client(gateway.address).await;
     let settings = server_settings(&mut stream).await;
-    let max_concurrent_streams = max_concurrent_streams(&settings);
+    let max_concurrent_streams = setting(&settings, SETTINGS_MAX_CONCURRENT_STREAMS);
     assert_eq!(max_concurrent_streams, Some(7));
 }
 

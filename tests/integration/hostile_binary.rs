@@ -10,23 +10,26 @@
 
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
+use tonic_types::StatusExt as _;
 
-use taskgate::proto::CaseExtractRequest;
 use taskgate::proto::task_service_client::TaskServiceClient;
+use taskgate::proto::{CaseExtractRequest, CaseGetStateRequest, WatchCaseEventsRequest};
+use taskgate::simulator::log_publisher;
 
 use crate::cli::{TaskgateProcess, start_simulate};
 use crate::support::{
-    GET_METRICS, GOAWAY, HTTP2_PREFACE_AND_SETTINGS, PROMPTLY, assert_grpc_over_http1_gets_400,
-    case_extract_stream, case_extract_with_grpc_timeout, endpoint, error_info, frames,
-    health_watch, idle_and_partial_connections, max_concurrent_streams, read_response,
-    read_until_closed, scrape_line, served_http2_client, server_settings, silent_http2_client,
-    within,
+    FakeUpstream, GET_METRICS, GOAWAY, HTTP2_PREFACE_AND_SETTINGS, PROMPTLY,
+    SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_CONCURRENT_STREAMS, Script,
+    assert_grpc_over_http1_gets_400, case_extract_stream, case_extract_with_grpc_timeout, endpoint,
+    error_info, frames, health_watch, http_client, idle_and_partial_connections, read_response,
+    read_until_closed, scrape_line, served_http2_client, server_settings, setting,
+    silent_http2_client, within,
 };
 
 /// The limits every `serve` here starts with (a test may change some): short, so that each shows
@@ -207,7 +210,7 @@ async fn streams_per_connection_and_watch_streams_are_limited() {
     let serve = serve(&[("--idle-timeout", NEVER)]).await;
     let mut stream = silent_http2_client(&serve.address).await;
     let settings = server_settings(&mut stream).await;
-    assert_eq!(max_concurrent_streams(&settings), Some(4));
+    assert_eq!(setting(&settings, SETTINGS_MAX_CONCURRENT_STREAMS), Some(4));
 
     let health = HealthClient::new(serve.channel().await);
     let _first = health_watch(&health).await.unwrap();
@@ -223,12 +226,158 @@ async fn streams_per_connection_and_watch_streams_are_limited() {
         .await;
 }
 
+/// Issue 20, item 6: what a connection can make the gateway hold is bounded. An HTTP/2 client
+/// may send 64 KiB (HTTP/2's default window) of request data per stream before the gateway reads
+/// it, not hyper's 1 MiB; an HTTP/1.1 head over 16 KiB is answered 431 rather than buffered up
+/// to hyper's 400 KiB.
+#[tokio::test]
+async fn a_connection_can_make_the_gateway_hold_little_memory() {
+    let serve = serve(&[]).await;
+    let mut stream = silent_http2_client(&serve.address).await;
+    let settings = server_settings(&mut stream).await;
+    assert_eq!(
+        setting(&settings, SETTINGS_INITIAL_WINDOW_SIZE),
+        Some(65_535)
+    );
+
+    let mut stream = TcpStream::connect(&serve.address).await.unwrap();
+    let filler = "a".repeat(20 * 1024);
+    let head = format!(
+        "POST /taskgate.v1.TaskService/CaseGetState HTTP/1.1\r\nHost: gateway\r\n\
+         Content-Type: application/grpc-web+proto\r\nX-Filler: {filler}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let received = read_until_closed(&mut stream).await;
+    let received = String::from_utf8_lossy(&received);
+    assert!(received.starts_with("HTTP/1.1 431"), "{received}");
+}
+
 /// Issue 8, finding 8: an HTTP/1.1 POST of `application/grpc` (which needs HTTP/2) on the gRPC
 /// port is answered 400 at once, whether its body has arrived or never will.
 #[tokio::test]
 async fn grpc_over_http1_is_answered_400_at_once() {
     let serve = serve(&[]).await;
     assert_grpc_over_http1_gets_400(serve.address.as_str(), AT_ONCE).await;
+}
+
+/// Issue 20, item 2: a gRPC-Web request whose body stops after one byte is closed once
+/// `--handshake-timeout` has passed since its head, and counted; the connections it held are
+/// free again, so a new client is served, not refused at `--max-connections` (3, all of them
+/// held by these).
+#[tokio::test]
+async fn grpc_web_bodies_that_never_arrive_are_closed_after_the_handshake_timeout() {
+    // Idle [`NEVER`]: only the body's limit may close these connections.
+    let serve = serve(&[("--idle-timeout", NEVER)]).await;
+    let head = "POST /taskgate.v1.TaskService/CaseGetState HTTP/1.1\r\nHost: gateway\r\n\
+                Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\n\
+                Content-Length: 12\r\n\r\n\x00";
+    let mut stuck = Vec::new();
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(&serve.address).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stuck.push((Instant::now(), stream));
+    }
+    for (sent, stream) in &mut stuck {
+        let received = read_until_closed(stream).await;
+        assert_closed_after(*sent, SHORT);
+        assert!(
+            received.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&received)
+        );
+    }
+    let mut client = TaskServiceClient::new(serve.channel().await);
+    let request = CaseGetStateRequest { port_id: 4 };
+    within(
+        PROMPTLY,
+        "CaseGetState was not answered",
+        client.case_get_state(request),
+    )
+    .await
+    .unwrap();
+    serve
+        .scrape_lines(&[
+            "taskgate_connections_closed_total{listener=\"grpc\",reason=\"body_timeout\"} 3",
+        ])
+        .await;
+}
+
+/// Issue 20, item 3: WatchCaseEvents naming 500 bad ports is answered INVALID_ARGUMENT in
+/// response headers that a client accepting at most 8 KiB of them can read: the first ten
+/// violations, then a count of the rest.
+#[tokio::test]
+async fn many_bad_port_ids_get_a_reply_a_client_with_8_kib_of_headers_can_read() {
+    let serve = serve(&[]).await;
+    let channel = endpoint(serve.process.gateway.clone())
+        .http2_max_header_list_size(8 * 1024)
+        .connect()
+        .await
+        .unwrap();
+    let request = WatchCaseEventsRequest {
+        port_ids: (2001..2501).collect(),
+    };
+    let mut client = TaskServiceClient::new(channel);
+    let status = within(
+        PROMPTLY,
+        "WatchCaseEvents was not answered",
+        client.watch_case_events(request),
+    )
+    .await
+    .unwrap_err();
+    let listed: Vec<String> = (2001..2011)
+        .map(|port_id| format!("port_ids {port_id} is out of range 1-2000"))
+        .chain(["and 490 more".to_owned()])
+        .collect();
+    assert_eq!(
+        (status.code(), status.message()),
+        (
+            Code::InvalidArgument,
+            format!("WatchCaseEvents: {}", listed.join("; ")).as_str()
+        ),
+        "{status:?}"
+    );
+    let violations = status.get_details_bad_request().unwrap().field_violations;
+    let descriptions: Vec<&str> = violations
+        .iter()
+        .map(|violation| violation.description.as_str())
+        .collect();
+    assert_eq!(descriptions, listed);
+}
+
+/// Issue 20, item 3: a controller reply whose text the message would quote at length (a 60 KB
+/// element name) is answered INTERNAL with the name cut short, readable by a client accepting at
+/// most 8 KiB of response headers.
+#[tokio::test]
+async fn a_controller_reply_quoted_in_an_error_is_cut_short() {
+    let body = format!("<{0}/>trailing", "r".repeat(60_000));
+    let controller = FakeUpstream::start(Script::ok_xml(&body)).await;
+    let gateway = TaskgateProcess::start_with_upstream(controller.url.as_str(), &[]).await;
+    let channel = endpoint(gateway.gateway.clone())
+        .http2_max_header_list_size(8 * 1024)
+        .connect()
+        .await
+        .unwrap();
+    let request = CaseGetStateRequest { port_id: 4 };
+    let status = within(
+        PROMPTLY,
+        "CaseGetState was not answered",
+        TaskServiceClient::new(channel).case_get_state(request),
+    )
+    .await
+    .unwrap_err();
+    let name = format!("{}…", "r".repeat(40));
+    assert_eq!(
+        (status.code(), status.message()),
+        (
+            Code::Internal,
+            format!(
+                "case_getstate port 4: the controller's reply is not a valid response: \
+                 unexpected content outside the root element <{name}>"
+            )
+            .as_str()
+        ),
+        "{status:?}"
+    );
 }
 
 /// Issue 8, finding 1, on `/metrics`: a first request head that never completes, a later one on
@@ -339,6 +488,59 @@ async fn simulate_closes_connections_beyond_its_cap_at_once_and_logs_it() {
     )
     .await;
     assert!(line.contains("max_connections=2"), "{line}");
+}
+
+/// Issue 20, item 4: clients of `simulate`'s Log Publisher that connect and close free their
+/// slots at once, not at the next event: after more of them than it has slots have come and
+/// gone, with no case event in between, a new client is admitted and gets the next event.
+#[tokio::test]
+async fn simulate_log_publisher_frees_the_slots_of_clients_that_closed() {
+    let (mut simulate, url) = start_simulate(&["--log-publisher-listen", "127.0.0.1:0"]).await;
+    // Logged before the task interface's "listening" line, which `start_simulate` waited for.
+    let address = simulate
+        .log
+        .lines()
+        .find(|line| line.contains("simulated Log Publisher listening"))
+        .and_then(|line| {
+            line.split_whitespace()
+                .find_map(|field| field.strip_prefix("address="))
+        })
+        .unwrap()
+        .to_owned();
+    for _ in 0..log_publisher::MAX_CONNECTIONS + 8 {
+        let client = TcpStream::connect(&address).await.unwrap();
+        simulate
+            .wait_for_line("simulator Log Publisher client connected")
+            .await;
+        drop(client);
+        simulate
+            .wait_for_line("simulator Log Publisher client closed its connection")
+            .await;
+    }
+    let mut client = TcpStream::connect(&address).await.unwrap();
+    simulate
+        .wait_for_line("simulator Log Publisher client connected")
+        .await;
+    let case_extract = "<methodcall><name>case_extract</name><params><port_id>4</port_id>\
+                        <bin_id>101337</bin_id></params></methodcall>";
+    let reply = http_client()
+        .post(&url)
+        .header("content-type", "application/xml")
+        .body(case_extract)
+        .send()
+        .await
+        .unwrap();
+    assert!(reply.status().is_success(), "{reply:?}");
+    let mut received = Vec::new();
+    within(PROMPTLY, "no EREQ line reached the new client", async {
+        while !String::from_utf8_lossy(&received).contains("AC,4,101337,EREQ\r\n") {
+            let mut buffer = [0_u8; 256];
+            let read = client.read(&mut buffer).await.unwrap();
+            assert_ne!(read, 0, "the new client was closed");
+            received.extend_from_slice(&buffer[..read]);
+        }
+    })
+    .await;
 }
 
 /// The `host:port` of a simulator's task-interface URL.

@@ -864,11 +864,16 @@ pub(crate) async fn served_http2_client(address: impl tokio::net::ToSocketAddrs)
     stream
 }
 
-/// SETTINGS_MAX_CONCURRENT_STREAMS in a SETTINGS payload, if the server sent it.
-pub(crate) fn max_concurrent_streams(settings: &[u8]) -> Option<u32> {
-    // Each setting is a 16-bit id and a 32-bit value; 0x3 is SETTINGS_MAX_CONCURRENT_STREAMS.
+/// HTTP/2 setting ids (RFC 9113, section 6.5.2).
+pub(crate) const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+pub(crate) const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
+
+/// The setting `id` in a SETTINGS payload, if the server sent it.
+pub(crate) fn setting(settings: &[u8], id: u16) -> Option<u32> {
+    // Each setting is a 16-bit id and a 32-bit value.
     settings.chunks(6).find_map(|setting| {
-        (setting[..2] == [0, 3]).then(|| u32::from_be_bytes(setting[2..6].try_into().unwrap()))
+        (setting[..2] == id.to_be_bytes())
+            .then(|| u32::from_be_bytes(setting[2..6].try_into().unwrap()))
     })
 }
 

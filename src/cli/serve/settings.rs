@@ -68,7 +68,8 @@ pub(crate) struct ServeSettings {
 
     /// How long a new gRPC connection may take to identify itself (TLS handshake, then the
     /// HTTP/2 preface or a complete first HTTP/1.1 request head) before it is closed; also the
-    /// limit on later HTTP/1.1 request heads. 10ms to 1h.
+    /// limit on later HTTP/1.1 request heads, and on each HTTP/1.1 (gRPC-Web) request body from
+    /// its head. 10ms to 1h.
     #[arg(long, env = "TASKGATE_HANDSHAKE_TIMEOUT", value_parser = duration)]
     #[serde(default, with = "humantime_serde")]
     pub(super) handshake_timeout: Option<Duration>,
@@ -82,7 +83,7 @@ pub(crate) struct ServeSettings {
     /// How many gRPC connections may be open at once; more are closed as soon as they are
     /// accepted. Default: the open-file limit (nofile) less --max-in-flight + 1 controller
     /// connections, --metrics-max-connections (when metrics are served) and 64 in reserve, at
-    /// least 16 and at most 65536. 1 to 1000000.
+    /// least 16 and at most 6553 (256 MiB for idle connections at 40 KiB each). 1 to 1000000.
     #[arg(long, env = "TASKGATE_MAX_CONNECTIONS")]
     pub(super) max_connections: Option<usize>,
 
