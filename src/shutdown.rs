@@ -3,31 +3,49 @@
 
 use std::future::Future;
 
-/// Resolves on the first SIGINT or SIGTERM and logs which arrived.
-pub async fn signal() {
+/// Listens for SIGINT and SIGTERM now, and returns the future that resolves on the first of
+/// them and logs which arrived.
+///
+/// Listening starts before this returns, not when the future is first polled: a supervisor may
+/// send SIGTERM as soon as the gateway's port accepts, and one that came before the future was
+/// polled would otherwise meet the default action and kill the process without its drain.
+/// Must be called within the tokio runtime.
+pub fn signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    {
+    let signals = {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
+        (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        )
+    };
+    async move {
+        #[cfg(unix)]
+        match signals {
+            (Ok(mut interrupt), Ok(mut terminate)) => {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => tracing::info!("received SIGINT; shutting down"),
+                    _ = interrupt.recv() => tracing::info!("received SIGINT; shutting down"),
                     _ = terminate.recv() => tracing::info!("received SIGTERM; shutting down"),
                 }
-                return;
             }
-            Err(error) => {
+            (Ok(mut interrupt), Err(error)) => {
                 tracing::warn!(cause = %error, "cannot listen for SIGTERM; only SIGINT stops the server");
+                interrupt.recv().await;
+                tracing::info!("received SIGINT; shutting down");
+            }
+            (Err(error), _) => {
+                // Without a SIGINT handler, waiting forever is safer than shutting down at once.
+                tracing::warn!(cause = %error, "cannot listen for SIGINT");
+                std::future::pending::<()>().await;
             }
         }
-    }
-    match tokio::signal::ctrl_c().await {
-        Ok(()) => tracing::info!("received SIGINT; shutting down"),
-        Err(error) => {
-            // Without any signal handler the process can only be killed; wait forever rather than
-            // shutting down at once.
-            tracing::warn!(cause = %error, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
+        #[cfg(not(unix))]
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => tracing::info!("received SIGINT; shutting down"),
+            Err(error) => {
+                tracing::warn!(cause = %error, "cannot listen for SIGINT");
+                std::future::pending::<()>().await;
+            }
         }
     }
 }

@@ -13,7 +13,7 @@
 //!
 //! No I/O and no gRPC here: the service turns a `Subscription` into a stream, and `status`
 //! turns a `WatchEnd` into the caller's status. A watch that ends also says so through
-//! [`Subscription::ended`], so that its stream can be ended even when its client has
+//! `Subscription::ended`, so that its stream can be ended even when its client has
 //! stopped reading and nothing polls it (`connection::end_stream_when`).
 
 use std::collections::{HashMap, VecDeque};

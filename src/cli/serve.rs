@@ -93,6 +93,8 @@ impl Serve {
 
     /// Checks the settings, then prints them or serves until SIGINT or SIGTERM.
     pub(super) async fn run(self) -> Outcome {
+        // Before anything is bound: a SIGTERM sent as soon as a port accepts must drain, not kill.
+        let stop = taskgate::shutdown::signal();
         check_combinations(&self.given).map_err(usage)?;
         let effective = self.given.or(&ServeSettings::defaults()).map_err(usage)?;
         let mut config = resolve(&effective).map_err(usage)?;
@@ -129,13 +131,9 @@ impl Serve {
             Some(address) => Some(bind(address).await.map_err(usage)?),
             None => None,
         };
-        taskgate::server::serve(
-            Listeners { grpc, metrics },
-            config,
-            taskgate::shutdown::signal(),
-        )
-        .await
-        .map_err(|error| (Exit::CallFailed, error.into()))?;
+        taskgate::server::serve(Listeners { grpc, metrics }, config, stop)
+            .await
+            .map_err(|error| (Exit::CallFailed, error.into()))?;
         Ok(Exit::Success)
     }
 }

@@ -104,7 +104,9 @@ pub(super) async fn simulate(args: SimulateArgs) -> Outcome {
             std::future::pending(),
         ));
     }
-    // Caught before "listening" is logged, so a SIGHUP sent after it never ends the process.
+    // Caught before "listening" is logged, so a signal sent after it never ends the process
+    // without its drain, and a SIGHUP never ends it at all.
+    let stop = taskgate::shutdown::signal();
     tokio::spawn(taskgate::shutdown::hangups(|| {
         tracing::info!("received SIGHUP; the simulator has nothing to reload")
     }));
@@ -114,7 +116,7 @@ pub(super) async fn simulate(args: SimulateArgs) -> Outcome {
         step_time = %humantime::format_duration(layout.step_time),
         "simulated controller listening"
     );
-    simulator::http::serve(listener, simulator, limits, taskgate::shutdown::signal()).await;
+    simulator::http::serve(listener, simulator, limits, stop).await;
     Ok(Exit::Success)
 }
 

@@ -248,3 +248,17 @@ async fn sigterm_with_a_watcher_that_never_reads_exits_at_once() {
     );
     assert!(!log.contains("shutdown grace ran out"), "{log}");
 }
+
+/// A supervisor may send SIGTERM the moment the gateway says it listens: the signal is caught
+/// from before the port is bound, so the process drains and exits 0 rather than dying by the
+/// signal's default action (which it did, now and then, when SIGTERM beat the first poll of the
+/// shutdown future). Many times over, since one try may miss the moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_as_soon_as_the_gateway_listens_drains_rather_than_kills() {
+    for attempt in 0..20 {
+        let serve = TaskgateProcess::start(&[]).await;
+        serve.signal("TERM").await;
+        let (code, log) = serve.finish_within(Duration::from_secs(10)).await;
+        assert_eq!(code, Some(0), "attempt {attempt}: {log}");
+    }
+}
