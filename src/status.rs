@@ -1,6 +1,7 @@
 //! The only place a `tonic::Status` is built: gRPC code, message, `ErrorInfo`, `TaskFault`,
 //! `RetryInfo` and `BadRequest`, decided by one exhaustive `match` per error type so that a new
-//! variant does not compile until it is mapped.
+//! variant does not compile until it is mapped. A gateway error's code, reason and `RetryInfo`
+//! come from its row in [`crate::gateway_error`], a fault's from [`crate::fault`].
 
 use std::collections::HashMap;
 use std::time::Duration;
