@@ -195,6 +195,17 @@ impl Retry {
         }
     }
 
+    /// Whether the controller may have acted on the call. A fault it sent from the vendor's list
+    /// means it refused the action; after any other code, what it did is unknown.
+    pub fn controller_may_have_acted(self) -> bool {
+        match self {
+            Retry::AfterDelay | Retry::FixRequest | Retry::CheckIds | Retry::AfterPortChange => {
+                false
+            }
+            Retry::Report | Retry::ContactSupport => true,
+        }
+    }
+
     /// Whether the status tells the caller how long to wait, in a `google.rpc.RetryInfo`.
     pub fn has_retry_info(self) -> bool {
         match self {

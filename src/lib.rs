@@ -10,6 +10,8 @@
 //!
 //! - [`proto`]: the generated `taskgate.v1` contract (messages, client, server, descriptor set).
 //! - [`fault`]: the fault table, the one source of truth for controller fault codes.
+//! - [`gateway_error`]: the gateway-error table, the one source of truth for its own errors and
+//!   which of them a caller may retry.
 //! - [`codec`]: task-interface XML (and JSON) to and from method calls and replies.
 //! - [`config`]: the shared vocabulary of settings: defaults, ranges, URL and origin checks.
 //! - [`upstream`]: the controller client's settings ([`upstream::Settings`]).
@@ -64,6 +66,7 @@ pub mod domain;
 pub mod fault;
 #[doc(hidden)]
 pub mod fuzz_api;
+pub mod gateway_error;
 mod health;
 pub mod log;
 pub mod log_publisher;

@@ -1,6 +1,7 @@
 //! The only place a `tonic::Status` is built: gRPC code, message, `ErrorInfo`, `TaskFault`,
 //! `RetryInfo` and `BadRequest`, decided by one exhaustive `match` per error type so that a new
-//! variant does not compile until it is mapped.
+//! variant does not compile until it is mapped. A gateway error's code, reason and `RetryInfo`
+//! come from its row in [`crate::gateway_error`], a fault's from [`crate::fault`].
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use tonic::{Code, Status};
 use tonic_types::{BadRequest, ErrorInfo, FieldViolation, RetryInfo, pb};
 
 use crate::fault::{self, FaultClass};
+use crate::gateway_error::{self, GatewayError};
 use crate::proto::{FaultCode, TASK_FAULT_TYPE_URL, TaskFault};
 use crate::upstream::UpstreamError;
 use crate::watch::WatchEnd;
@@ -83,20 +85,20 @@ pub(crate) fn status(context: &CallContext, error: &CallError, retry: RetryPolic
         CallError::InvalidArgument(violations) => invalid_argument(context, violations),
         CallError::DeadlineTooShort { deadline } => gateway_error(
             context,
-            Code::DeadlineExceeded,
-            "DEADLINE_TOO_SHORT",
+            &gateway_error::DEADLINE_TOO_SHORT,
             format!(
                 "the caller's deadline of {} leaves no time to call the controller",
                 humantime::format_duration(*deadline)
             ),
             Extra::None,
+            retry,
         ),
         CallError::Overloaded => gateway_error(
             context,
-            Code::ResourceExhausted,
-            "OVERLOADED",
+            &gateway_error::OVERLOADED,
             "too many calls in flight; the controller was not called".to_owned(),
             Extra::None,
+            retry,
         ),
         CallError::Fault(code) => controller_fault(context, fault::classify(*code), retry),
         CallError::Upstream(upstream_error) => upstream(context, upstream_error, retry),
@@ -108,9 +110,13 @@ pub(crate) fn status(context: &CallContext, error: &CallError, retry: RetryPolic
 pub(crate) fn health_watches_exhausted(limit: usize) -> Status {
     let mut metadata = HashMap::new();
     metadata.insert("limit".to_owned(), limit.to_string());
-    let details = vec![error_info("TOO_MANY_WATCHES", GATEWAY_DOMAIN, metadata)];
+    let details = vec![error_info(
+        gateway_error::TOO_MANY_HEALTH_WATCHES.reason,
+        GATEWAY_DOMAIN,
+        metadata,
+    )];
     build(
-        Code::ResourceExhausted,
+        gateway_error::TOO_MANY_HEALTH_WATCHES.code,
         format!(
             "{limit} health Watch streams are already open (--max-health-watches); use Check, or retry once a Watch has closed"
         ),
@@ -197,12 +203,12 @@ pub(crate) fn watch_invalid_ports(violations: &[Violation]) -> Status {
 /// context: the request body is not read before the caller is authenticated.
 pub(crate) fn unauthenticated() -> Status {
     let details = vec![error_info(
-        "UNAUTHENTICATED",
+        gateway_error::UNAUTHENTICATED.reason,
         GATEWAY_DOMAIN,
         HashMap::new(),
     )];
     build(
-        Code::Unauthenticated,
+        gateway_error::UNAUTHENTICATED.code,
         "a valid 'authorization: Bearer <token>' header is required".to_owned(),
         details,
     )
@@ -241,64 +247,47 @@ pub(crate) fn second_request_message(path: &str) -> Status {
     )
 }
 
-/// Additional details a gateway error may carry.
+/// Metadata a gateway error may add to the call's.
 enum Extra {
     None,
-    RetryAfter(Duration),
     HttpStatus(u16),
     TimeoutMs(u128),
 }
 
 fn upstream(context: &CallContext, error: &UpstreamError, retry: RetryPolicy) -> Status {
-    let text = error.to_string();
-    let (code, reason, extra) = match error {
-        // Nothing reached the controller, so a retry cannot repeat an action.
-        UpstreamError::Unreachable(_) => (
-            Code::Unavailable,
-            "UPSTREAM_UNREACHABLE",
-            Extra::RetryAfter(retry.delay),
-        ),
-        // The request may have been acted on: no RetryInfo, so clients do not retry blindly.
-        UpstreamError::ConnectionLost(_) => {
-            (Code::Unavailable, "UPSTREAM_CONNECTION_LOST", Extra::None)
-        }
+    let (row, extra) = match error {
+        UpstreamError::Unreachable(_) => (&gateway_error::UPSTREAM_UNREACHABLE, Extra::None),
+        UpstreamError::ConnectionLost(_) => (&gateway_error::UPSTREAM_CONNECTION_LOST, Extra::None),
         UpstreamError::Timeout { limit } => (
-            Code::DeadlineExceeded,
-            "UPSTREAM_TIMEOUT",
+            &gateway_error::UPSTREAM_TIMEOUT,
             Extra::TimeoutMs(limit.as_millis()),
         ),
         UpstreamError::HttpStatus { status } => {
-            let code = if status.is_server_error() || status.as_u16() == 429 {
-                Code::Unavailable
-            } else {
-                Code::Internal
+            let row = match status.as_u16() {
+                429 | 503 => &gateway_error::UPSTREAM_HTTP_DECLINED,
+                _ if status.is_server_error() => &gateway_error::UPSTREAM_HTTP_SERVER_ERROR,
+                _ => &gateway_error::UPSTREAM_HTTP_OTHER,
             };
-            (
-                code,
-                "UPSTREAM_HTTP_ERROR",
-                Extra::HttpStatus(status.as_u16()),
-            )
+            (row, Extra::HttpStatus(status.as_u16()))
         }
-        UpstreamError::BadResponse(_) => (Code::Internal, "UPSTREAM_BAD_RESPONSE", Extra::None),
+        UpstreamError::BadResponse(_) => (&gateway_error::UPSTREAM_BAD_RESPONSE, Extra::None),
         UpstreamError::ResponseTooLarge { .. } => {
-            (Code::Internal, "UPSTREAM_RESPONSE_TOO_LARGE", Extra::None)
+            (&gateway_error::UPSTREAM_RESPONSE_TOO_LARGE, Extra::None)
         }
     };
-    gateway_error(context, code, reason, text, extra)
+    gateway_error(context, row, error.to_string(), extra, retry)
 }
 
 fn gateway_error(
     context: &CallContext,
-    code: Code,
-    reason: &str,
+    row: &GatewayError,
     text: String,
     extra: Extra,
+    retry: RetryPolicy,
 ) -> Status {
     let mut metadata = context_metadata(context);
-    let mut details = Vec::new();
     match extra {
         Extra::None => {}
-        Extra::RetryAfter(delay) => details.push(retry_info(delay)),
         Extra::HttpStatus(http_status) => {
             metadata.insert("httpStatus".to_owned(), http_status.to_string());
         }
@@ -306,8 +295,11 @@ fn gateway_error(
             metadata.insert("timeoutMs".to_owned(), millis.to_string());
         }
     }
-    details.insert(0, error_info(reason, GATEWAY_DOMAIN, metadata));
-    build(code, format!("{}: {text}", describe(context)), details)
+    let mut details = vec![error_info(row.reason, GATEWAY_DOMAIN, metadata)];
+    if row.retry.has_retry_info() {
+        details.push(retry_info(retry.delay));
+    }
+    build(row.code, format!("{}: {text}", describe(context)), details)
 }
 
 fn controller_fault(context: &CallContext, fault_class: FaultClass, retry: RetryPolicy) -> Status {
@@ -371,13 +363,17 @@ fn bad_request(
         .collect();
     let message = format!("{subject}: {}", descriptions.join("; "));
     let details = vec![
-        error_info("INVALID_PARAMETER", GATEWAY_DOMAIN, metadata),
+        error_info(
+            gateway_error::INVALID_PARAMETER.reason,
+            GATEWAY_DOMAIN,
+            metadata,
+        ),
         Any {
             type_url: BadRequest::TYPE_URL.to_owned(),
             value: pb::BadRequest::from(BadRequest::new(field_violations)).encode_to_vec(),
         },
     ];
-    build(Code::InvalidArgument, message, details)
+    build(gateway_error::INVALID_PARAMETER.code, message, details)
 }
 
 fn describe(context: &CallContext) -> String {
@@ -631,16 +627,34 @@ mod tests {
         let http = |code: u16| UpstreamError::HttpStatus {
             status: hyper::StatusCode::from_u16(code).unwrap(),
         };
-        let status = check(http(500), Code::Unavailable, "UPSTREAM_HTTP_ERROR");
-        assert_eq!(
-            status.get_details_error_info().unwrap().metadata["httpStatus"],
-            "500"
-        );
-        assert!(status.get_details_retry_info().is_none());
-        check(http(503), Code::Unavailable, "UPSTREAM_HTTP_ERROR");
-        check(http(429), Code::Unavailable, "UPSTREAM_HTTP_ERROR");
+        // The controller may have acted: a code no standard retry policy retries, no RetryInfo.
+        for http_status in [500, 502, 504, 599] {
+            let status = check(http(http_status), Code::Unknown, "UPSTREAM_HTTP_ERROR");
+            assert_eq!(
+                status.get_details_error_info().unwrap().metadata["httpStatus"],
+                http_status.to_string()
+            );
+            assert!(status.get_details_retry_info().is_none(), "{http_status}");
+        }
+        // The controller declined: UNAVAILABLE, with the delay to wait.
+        for http_status in [503, 429] {
+            let status = check(http(http_status), Code::Unavailable, "UPSTREAM_HTTP_ERROR");
+            let retry_info = status.get_details_retry_info().unwrap();
+            assert_eq!(retry_info.retry_delay, Some(Duration::from_millis(1500)));
+        }
         check(http(404), Code::Internal, "UPSTREAM_HTTP_ERROR");
         check(http(302), Code::Internal, "UPSTREAM_HTTP_ERROR");
+        let status = check(
+            UpstreamError::ConnectionLost("connection closed before message completed".into()),
+            Code::Unknown,
+            "UPSTREAM_CONNECTION_LOST",
+        );
+        assert_eq!(
+            status.message(),
+            "case_extract port 4 bin 101337: the connection to the controller failed: connection \
+             closed before message completed"
+        );
+        assert!(status.get_details_retry_info().is_none());
         check(
             UpstreamError::Timeout {
                 limit: Duration::from_millis(250),

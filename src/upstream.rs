@@ -43,7 +43,8 @@ pub struct Settings {
     pub format: WireFormat,
     /// The longest the gateway waits for one controller reply, whatever the caller's deadline.
     pub timeout: Duration,
-    /// The delay put in `RetryInfo` when a retry is safe (fault 1148, controller unreachable).
+    /// The delay put in `RetryInfo` when a retry is safe (fault 1148, controller unreachable,
+    /// HTTP 503 or 429).
     pub retry_delay: Duration,
     /// The largest controller reply body the gateway reads before giving up on it.
     pub max_response_bytes: NonZeroUsize,

@@ -145,6 +145,9 @@ fn kind() -> impl Strategy<Value = Kind> {
         "[a-z ]{0,20}".prop_map(Kind::ConnectionLost),
         (0_u64..10_000_000).prop_map(|millis| Kind::Timeout(Duration::from_millis(millis))),
         (100_u16..1000).prop_map(Kind::HttpStatus),
+        // The statuses whose code differs from their neighbours'.
+        prop::sample::select(vec![429, 499, 500, 502, 503, 504, 599, 600])
+            .prop_map(Kind::HttpStatus),
         decode_error.prop_map(Kind::BadResponse),
         any::<usize>().prop_map(Kind::ResponseTooLarge),
     ]
@@ -182,24 +185,28 @@ fn documented_upstream(
             vec![],
             Some(retry.delay),
         ),
-        Kind::ConnectionLost(_) => (Code::Unavailable, "UPSTREAM_CONNECTION_LOST", vec![], None),
+        Kind::ConnectionLost(_) => (Code::Unknown, "UPSTREAM_CONNECTION_LOST", vec![], None),
         Kind::Timeout(limit) => (
             Code::DeadlineExceeded,
             "UPSTREAM_TIMEOUT",
             vec![("timeoutMs", limit.as_millis().to_string())],
             None,
         ),
-        Kind::HttpStatus(http_status) => (
-            // "5xx, 429" in the README; 600-999 are "others".
-            if (500..=599).contains(http_status) || *http_status == 429 {
-                Code::Unavailable
-            } else {
-                Code::Internal
-            },
-            "UPSTREAM_HTTP_ERROR",
-            vec![("httpStatus", http_status.to_string())],
-            None,
-        ),
+        Kind::HttpStatus(http_status) => {
+            // 503 and 429: the controller declined, so UNAVAILABLE with the delay; any other
+            // 5xx: it may have acted, so UNKNOWN; 600-999 are "others", like 4xx.
+            let (code, retry_delay) = match http_status {
+                429 | 503 => (Code::Unavailable, Some(retry.delay)),
+                500..=599 => (Code::Unknown, None),
+                _ => (Code::Internal, None),
+            };
+            (
+                code,
+                "UPSTREAM_HTTP_ERROR",
+                vec![("httpStatus", http_status.to_string())],
+                retry_delay,
+            )
+        }
         Kind::BadResponse(_) => (Code::Internal, "UPSTREAM_BAD_RESPONSE", vec![], None),
         Kind::ResponseTooLarge(_) => (Code::Internal, "UPSTREAM_RESPONSE_TOO_LARGE", vec![], None),
     };

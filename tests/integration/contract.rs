@@ -1,5 +1,6 @@
-//! The fault table is the single source of truth: the proto's enum comments and the README's
-//! error table must say what it says, retry advice included.
+//! The fault table and the gateway-error table are the single source of truth: the proto's enum
+//! comments and the README's error tables must say what they say, retry advice and whether the
+//! controller may have acted included.
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +8,7 @@ use prost::Message;
 use prost_types::FileDescriptorSet;
 
 use taskgate::fault::{FAULTS, FaultClass, classify, grpc_code_name};
+use taskgate::gateway_error::GATEWAY_ERRORS;
 use taskgate::proto::FILE_DESCRIPTOR_SET;
 
 /// Field numbers in descriptor.proto, used to address comments in `SourceCodeInfo`.
@@ -61,9 +63,10 @@ fn the_readme_error_table_matches_the_fault_table() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let row = |code: String, fault_class: FaultClass| {
         format!(
-            "| {code} | `{}` | `{}` | {} | {} |",
+            "| {code} | `{}` | `{}` | {} | {} | {} |",
             fault_class.reason(),
             grpc_code_name(fault_class.grpc_code()),
+            yes_or_no(fault_class.retry().controller_may_have_acted()),
             fault_class.retry().advice(),
             fault_class.meaning()
         )
@@ -83,6 +86,51 @@ fn the_readme_error_table_matches_the_fault_table() {
         "README.md's error table is out of date; expected rows:\n{}",
         rows.join("\n")
     );
+}
+
+/// The README's "Gateway errors" table, row for row and in order, is the gateway-error table.
+/// When this fails, paste the expected rows it prints into the README.
+#[test]
+fn the_readme_gateway_error_table_is_the_gateway_error_table() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let (_, section) = readme
+        .split_once("**Gateway errors**")
+        .expect("README.md has no **Gateway errors** table");
+    let table: Vec<&str> = section
+        .lines()
+        .skip_while(|line| !line.starts_with('|'))
+        .take_while(|line| line.starts_with('|'))
+        // The heading and the line under it.
+        .skip(2)
+        .collect();
+    let expected: Vec<String> = GATEWAY_ERRORS
+        .iter()
+        .map(|row| {
+            format!(
+                "| `{}` | `{}` | {} | {} | {} |",
+                row.reason,
+                grpc_code_name(row.code),
+                row.when,
+                yes_or_no(row.retry.controller_may_have_acted()),
+                row.retry.advice()
+            )
+        })
+        .collect();
+    assert!(
+        table == expected,
+        "README.md's gateway error table is out of date; expected rows:\n{}",
+        expected.join("\n")
+    );
+}
+
+/// The README's "Controller may have acted?" column.
+fn yes_or_no(controller_may_have_acted: bool) -> &'static str {
+    if controller_may_have_acted {
+        "yes"
+    } else {
+        "no"
+    }
 }
 
 /// Every source file says what it is for before anything else (rust-analyzer's `TidyDocs`).

@@ -18,6 +18,8 @@
 //! - `metrics`: the Prometheus endpoint after a known mix of calls.
 //! - `protocol`: a malformed grpc-timeout and a second request message are refused.
 //! - `request_id`: x-request-id from caller to controller and back.
+//! - `retry_contract`: a client retrying as the published service config says, on the real
+//!   binary: one POST when the controller may have acted, retries when it declined.
 //! - `shutdown`: graceful shutdown with calls in flight.
 //! - `auth`: bearer tokens on task calls.
 //! - `call_layer`: calls refused before the handler are counted and logged like any other.
@@ -57,6 +59,7 @@ mod operators;
 mod protocol;
 mod readme_examples;
 mod request_id;
+mod retry_contract;
 mod shutdown;
 mod simulator_http;
 mod simulator_outcomes;

@@ -243,8 +243,10 @@ async fn unknown_and_out_of_range_fault_codes() {
     assert_eq!(task_fault(&status).unwrap().raw_code, 9001);
 }
 
+/// A 500 without a fault: the controller may have acted before it failed, so the caller gets a
+/// code no retry policy retries, and no `RetryInfo`.
 #[tokio::test]
-async fn http_500_is_unavailable() {
+async fn http_500_is_unknown_without_retry_info() {
     let (status, _) = call_through(Script::Respond {
         status: 500,
         content_type: "text/html",
@@ -253,27 +255,43 @@ async fn http_500_is_unavailable() {
     .await;
     check_gateway_error(
         &status,
-        Code::Unavailable,
+        Code::Unknown,
         "UPSTREAM_HTTP_ERROR",
         &[("httpStatus", "500")],
+    );
+    assert_eq!(
+        status.message(),
+        "case_extract port 4 bin 101337: the controller answered HTTP 500 Internal Server Error"
     );
     assert!(status.get_details_retry_info().is_none());
 }
 
+/// 503 and 429: the controller declined the request, so a retry is safe after the delay.
 #[tokio::test]
-async fn http_429_is_unavailable_and_404_is_internal() {
-    let (status, _) = call_through(Script::Respond {
-        status: 429,
-        content_type: "text/plain",
-        body: b"slow down".to_vec(),
-    })
-    .await;
-    check_gateway_error(
-        &status,
-        Code::Unavailable,
-        "UPSTREAM_HTTP_ERROR",
-        &[("httpStatus", "429")],
-    );
+async fn http_503_and_429_are_unavailable_with_retry_info_and_404_is_internal() {
+    for (http_status, text) in [
+        (503, "503 Service Unavailable"),
+        (429, "429 Too Many Requests"),
+    ] {
+        let (status, _) = call_through(Script::Respond {
+            status: http_status,
+            content_type: "text/plain",
+            body: b"slow down".to_vec(),
+        })
+        .await;
+        check_gateway_error(
+            &status,
+            Code::Unavailable,
+            "UPSTREAM_HTTP_ERROR",
+            &[("httpStatus", &http_status.to_string())],
+        );
+        assert_eq!(
+            status.message(),
+            format!("case_extract port 4 bin 101337: the controller answered HTTP {text}")
+        );
+        let retry_info = status.get_details_retry_info().unwrap();
+        assert_eq!(retry_info.retry_delay, Some(Duration::from_secs(1)));
+    }
     let (status, _) = call_through(Script::Respond {
         status: 404,
         content_type: "text/plain",
@@ -286,6 +304,7 @@ async fn http_429_is_unavailable_and_404_is_internal() {
         "UPSTREAM_HTTP_ERROR",
         &[("httpStatus", "404")],
     );
+    assert!(status.get_details_retry_info().is_none());
 }
 
 #[tokio::test]
@@ -338,9 +357,9 @@ async fn an_endless_body_is_cut_off_at_the_cap_and_the_connection_closed() {
 }
 
 #[tokio::test]
-async fn a_dropped_connection_is_unavailable_without_retry_info() {
+async fn a_dropped_connection_is_unknown_without_retry_info() {
     let (status, _) = call_through(Script::Drop).await;
-    check_gateway_error(&status, Code::Unavailable, "UPSTREAM_CONNECTION_LOST", &[]);
+    check_gateway_error(&status, Code::Unknown, "UPSTREAM_CONNECTION_LOST", &[]);
     assert!(status.get_details_retry_info().is_none());
 }
 
@@ -357,7 +376,7 @@ async fn a_kept_alive_connection_lost_under_a_post_sends_it_once() {
     let gateway = Gateway::builder().upstream(&upstream.url).start().await;
     gateway.case_extract(4, 101337, None).await.unwrap();
     let status = gateway.case_extract(4, 101337, None).await.unwrap_err();
-    check_gateway_error(&status, Code::Unavailable, "UPSTREAM_CONNECTION_LOST", &[]);
+    check_gateway_error(&status, Code::Unknown, "UPSTREAM_CONNECTION_LOST", &[]);
     assert!(status.get_details_retry_info().is_none());
     assert_eq!(upstream.requests_so_far(), 2);
     assert_eq!(
@@ -434,7 +453,7 @@ async fn an_endless_reply_head_is_connection_lost() {
     let mut head = b"HTTP/1.1 200 OK\r\nX-Padding: ".to_vec();
     head.extend("a".repeat(1024 * 1024).as_bytes());
     let (status, _) = call_through(Script::poisoned(&head, false, &[], "")).await;
-    check_gateway_error(&status, Code::Unavailable, "UPSTREAM_CONNECTION_LOST", &[]);
+    check_gateway_error(&status, Code::Unknown, "UPSTREAM_CONNECTION_LOST", &[]);
     assert!(
         status.message().ends_with("message head is too large"),
         "{}",

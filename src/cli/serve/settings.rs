@@ -39,8 +39,8 @@ pub(crate) struct ServeSettings {
     #[serde(default, with = "humantime_serde")]
     pub(super) upstream_timeout: Option<Duration>,
 
-    /// The delay put in RetryInfo when a retry is safe (fault 1148, controller unreachable);
-    /// 0s to 1h.
+    /// The delay put in RetryInfo when a retry is safe (fault 1148, controller unreachable,
+    /// HTTP 503 or 429); 0s to 1h.
     #[arg(long, env = "TASKGATE_RETRY_DELAY", value_parser = duration)]
     #[serde(default, with = "humantime_serde")]
     pub(super) retry_delay: Option<Duration>,

@@ -226,7 +226,7 @@ impl Behaviour {
     /// The documented outcome when the reply arrives in time (README, "Errors for clients").
     pub(super) fn expected(&self) -> Outcome {
         let gateway = Outcome::error;
-        let lost = gateway(Code::Unavailable, "UPSTREAM_CONNECTION_LOST");
+        let lost = gateway(Code::Unknown, "UPSTREAM_CONNECTION_LOST");
         match self {
             Behaviour::Reply(reply) => {
                 let fault = |code| {
@@ -240,7 +240,9 @@ impl Behaviour {
                     (200, Body::Oversized) => {
                         gateway(Code::Internal, "UPSTREAM_RESPONSE_TOO_LARGE")
                     }
-                    (429 | 500.., _) => gateway(Code::Unavailable, "UPSTREAM_HTTP_ERROR"),
+                    // The controller declined; after any other 5xx it may have acted.
+                    (429 | 503, _) => gateway(Code::Unavailable, "UPSTREAM_HTTP_ERROR"),
+                    (500.., _) => gateway(Code::Unknown, "UPSTREAM_HTTP_ERROR"),
                     (_, _) => gateway(Code::Internal, "UPSTREAM_HTTP_ERROR"),
                 }
             }

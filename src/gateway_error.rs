@@ -1,0 +1,230 @@
+//! The gateway-error table: every error the gateway itself detects on a call, with its
+//! `ErrorInfo` reason, gRPC code, when it happens, whether the controller may have acted, and
+//! what a caller may do.
+//!
+//! This table is the single source of truth for gateway errors, as [`crate::fault`] is for
+//! controller faults: `status` reads the gRPC code, the reason and whether to send a `RetryInfo`
+//! from it, and the README's "Gateway errors" table is checked against it by a test. The retry
+//! contract lives here: `UNAVAILABLE` only where the controller started nothing, and a
+//! `RetryInfo` only there. This module does no I/O.
+
+use tonic::Code;
+
+/// One error the gateway itself detects: a row of the README's "Gateway errors" table, which a
+/// test checks against [`GATEWAY_ERRORS`]. A status of this row takes its code, its reason and
+/// whether it carries a `RetryInfo` from here, so the README and the statuses cannot disagree.
+#[derive(Debug)]
+pub struct GatewayError {
+    /// The `ErrorInfo` reason.
+    pub reason: &'static str,
+    /// The gRPC status code.
+    pub code: Code,
+    /// When a caller receives it, as the README says it.
+    pub when: &'static str,
+    /// Whether the controller may have acted, and what a caller may do.
+    pub retry: GatewayRetry,
+}
+
+/// What a caller may do after a gateway error, and whether the controller may have acted: the
+/// two questions a retry policy must answer. Only a status whose controller started nothing
+/// carries a `RetryInfo`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatewayRetry {
+    /// The controller started nothing, and a retry may succeed: the status carries a
+    /// `RetryInfo` with the delay to wait.
+    AfterDelay,
+    /// The controller started nothing; the same call fails again unless the caller does this.
+    NotActed(&'static str),
+    /// The POST may have reached the controller and been acted on; the caller should do this.
+    MayHaveActed(&'static str),
+}
+
+/// What the README advises after an error whose POST may have been acted on.
+const READ_THE_PORT_FIRST: &str = "no; read the port with `CaseGetState` first";
+
+/// `port_id` or `bin_id` out of range.
+pub const INVALID_PARAMETER: GatewayError = GatewayError {
+    reason: "INVALID_PARAMETER",
+    code: Code::InvalidArgument,
+    when: "`port_id` outside 1–2000 or `bin_id` outside 1–4000000; a `google.rpc.BadRequest` \
+           names each field and range (at most ten, then a last one `and N more` counts the \
+           rest, as the message does, so the reply stays within any client's header limit); the \
+           controller was not called",
+    retry: GatewayRetry::NotActed("no; fix the request"),
+};
+/// No connection to the controller could be made.
+pub const UPSTREAM_UNREACHABLE: GatewayError = GatewayError {
+    reason: "UPSTREAM_UNREACHABLE",
+    code: Code::Unavailable,
+    when: "the controller refused the connection, or DNS failed (tried twice); nothing was sent",
+    retry: GatewayRetry::AfterDelay,
+};
+/// The connection failed once the request may have been sent.
+pub const UPSTREAM_CONNECTION_LOST: GatewayError = GatewayError {
+    reason: "UPSTREAM_CONNECTION_LOST",
+    code: Code::Unknown,
+    when: "the connection failed after the request may have been sent: closed or reset before \
+           or during the reply, a reply cut short, or bytes that are not an HTTP/1.1 reply \
+           (garbage, two different `Content-Length`s)",
+    retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
+};
+/// HTTP 503 or 429: by HTTP's definition of them, the request was not processed.
+pub const UPSTREAM_HTTP_DECLINED: GatewayError = GatewayError {
+    reason: "UPSTREAM_HTTP_ERROR",
+    code: Code::Unavailable,
+    when: "HTTP 503 or 429 without a fault in the body: the controller declined the request (as \
+           HTTP defines these statuses; the vendor does not document them); metadata \
+           `httpStatus`",
+    retry: GatewayRetry::AfterDelay,
+};
+/// Any other 5xx: the controller, or a proxy before it, failed while handling the request.
+pub const UPSTREAM_HTTP_SERVER_ERROR: GatewayError = GatewayError {
+    reason: "UPSTREAM_HTTP_ERROR",
+    code: Code::Unknown,
+    when: "HTTP 500, 502, 504 or any other 5xx without a fault in the body: the request may \
+           have been acted on before it failed; metadata `httpStatus`",
+    retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
+};
+/// Any other non-2xx status: not what the task interface answers.
+pub const UPSTREAM_HTTP_OTHER: GatewayError = GatewayError {
+    reason: "UPSTREAM_HTTP_ERROR",
+    code: Code::Internal,
+    when: "any other non-2xx status without a fault in the body (`101`, `404`, …); metadata \
+           `httpStatus`",
+    retry: GatewayRetry::MayHaveActed("no; check the controller URL"),
+};
+/// No complete reply within the time limit.
+pub const UPSTREAM_TIMEOUT: GatewayError = GatewayError {
+    reason: "UPSTREAM_TIMEOUT",
+    code: Code::DeadlineExceeded,
+    when: "no reply within the smaller of your deadline (less a margin of 10 %, at most \
+           100 ms) and `--upstream-timeout`; metadata `timeoutMs`",
+    retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
+};
+/// A task call without a valid bearer token.
+pub const UNAUTHENTICATED: GatewayError = GatewayError {
+    reason: "UNAUTHENTICATED",
+    code: Code::Unauthenticated,
+    when: "auth is on and the call has no valid bearer token",
+    retry: GatewayRetry::NotActed("with a valid token"),
+};
+/// Shed at the in-flight limit.
+pub const OVERLOADED: GatewayError = GatewayError {
+    reason: "OVERLOADED",
+    code: Code::ResourceExhausted,
+    when: "more than `--max-in-flight` task calls were in flight; this one was shed at once and \
+           the controller was not called",
+    retry: GatewayRetry::NotActed("yes, with backoff"),
+};
+/// A health Watch past `--max-health-watches`.
+pub const TOO_MANY_HEALTH_WATCHES: GatewayError = GatewayError {
+    reason: "TOO_MANY_WATCHES",
+    code: Code::ResourceExhausted,
+    when: "a health `Watch` while `--max-health-watches` are open (metadata `limit` only: it is \
+           not a task call)",
+    retry: GatewayRetry::NotActed("once a Watch has closed; or use `Check`"),
+};
+/// A deadline too short to call the controller at all.
+pub const DEADLINE_TOO_SHORT: GatewayError = GatewayError {
+    reason: "DEADLINE_TOO_SHORT",
+    code: Code::DeadlineExceeded,
+    when: "your deadline leaves less than 10 ms to call the controller; nothing was sent",
+    retry: GatewayRetry::NotActed("with a longer deadline"),
+};
+/// A 2xx reply that is not a task-interface response.
+pub const UPSTREAM_BAD_RESPONSE: GatewayError = GatewayError {
+    reason: "UPSTREAM_BAD_RESPONSE",
+    code: Code::Internal,
+    when: "the reply is not a task-interface response (not XML, another root, a DOCTYPE, a \
+           non-integer code, …); for CaseGetState also a reply without `port_id` or \
+           `case_state`, with a state the gateway does not know, or about another port than \
+           asked (never guessed at)",
+    retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
+};
+/// A reply past `--max-response-bytes`.
+pub const UPSTREAM_RESPONSE_TOO_LARGE: GatewayError = GatewayError {
+    reason: "UPSTREAM_RESPONSE_TOO_LARGE",
+    code: Code::Internal,
+    when: "the reply is larger than `--max-response-bytes` (default 64 KiB)",
+    retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
+};
+
+/// Every gateway error of a call, in the README's order.
+pub const GATEWAY_ERRORS: &[&GatewayError] = &[
+    &INVALID_PARAMETER,
+    &UPSTREAM_UNREACHABLE,
+    &UPSTREAM_CONNECTION_LOST,
+    &UPSTREAM_HTTP_DECLINED,
+    &UPSTREAM_HTTP_SERVER_ERROR,
+    &UPSTREAM_HTTP_OTHER,
+    &UPSTREAM_TIMEOUT,
+    &UNAUTHENTICATED,
+    &OVERLOADED,
+    &TOO_MANY_HEALTH_WATCHES,
+    &DEADLINE_TOO_SHORT,
+    &UPSTREAM_BAD_RESPONSE,
+    &UPSTREAM_RESPONSE_TOO_LARGE,
+];
+
+// === impl GatewayRetry ===
+
+impl GatewayRetry {
+    /// What a caller may do, as the README's "Retry?" column says it.
+    pub fn advice(self) -> &'static str {
+        match self {
+            GatewayRetry::AfterDelay => "yes, after the `RetryInfo` delay",
+            GatewayRetry::NotActed(advice) | GatewayRetry::MayHaveActed(advice) => advice,
+        }
+    }
+
+    /// Whether the controller may have acted on the call.
+    pub fn controller_may_have_acted(self) -> bool {
+        match self {
+            GatewayRetry::AfterDelay | GatewayRetry::NotActed(_) => false,
+            GatewayRetry::MayHaveActed(_) => true,
+        }
+    }
+
+    /// Whether the status tells the caller how long to wait, in a `google.rpc.RetryInfo`.
+    pub fn has_retry_info(self) -> bool {
+        match self {
+            GatewayRetry::AfterDelay => true,
+            GatewayRetry::NotActed(_) | GatewayRetry::MayHaveActed(_) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fault::{FAULTS, FaultClass, classify};
+
+    /// The retry contract: a standard retry policy retries UNAVAILABLE and nothing else, so
+    /// UNAVAILABLE is sent exactly where the controller started nothing and a retry is advised,
+    /// with the delay; wherever the controller may have acted, the code is one no standard
+    /// policy retries, and there is no `RetryInfo`.
+    #[test]
+    fn only_what_the_controller_did_not_act_on_is_unavailable() {
+        for row in GATEWAY_ERRORS {
+            let unavailable = row.code == Code::Unavailable;
+            assert_eq!(unavailable, row.retry.has_retry_info(), "{row:?}");
+            if row.retry.controller_may_have_acted() {
+                assert!(!row.retry.has_retry_info(), "{row:?}");
+                assert!(
+                    [Code::Unknown, Code::DeadlineExceeded, Code::Internal].contains(&row.code),
+                    "{row:?}"
+                );
+            }
+        }
+        let known = FAULTS.iter().map(FaultClass::Known);
+        for fault_class in known.chain([classify(1005), classify(2000)]) {
+            let retry = fault_class.retry();
+            let unavailable = fault_class.grpc_code() == Code::Unavailable;
+            assert_eq!(unavailable, retry.has_retry_info(), "{fault_class:?}");
+            assert!(
+                !(retry.has_retry_info() && retry.controller_may_have_acted()),
+                "{fault_class:?}"
+            );
+        }
+    }
+}
