@@ -45,8 +45,8 @@ there and the exit code is the one above; `watch` stops and exits 0.";
 /// taskgate: a gRPC gateway to the AutoStore task interface.
 ///
 /// `serve` runs the gateway, `simulate` runs a simulated controller, `case-extract`,
-/// `case-cancel` and `case-state` call a running gateway, and `bench` puts a running gateway under
-/// load and reports its latency. Logs go to stderr; set their level with RUST_LOG (for example
+/// `case-cancel` and `case-state` call a running gateway, `watch` prints the case events it
+/// streams, and `bench` puts a running gateway under load and reports its latency. Logs go to stderr; set their level with RUST_LOG (for example
 /// RUST_LOG=taskgate=debug).
 #[derive(Debug, Parser)]
 #[command(name = "taskgate", version, after_help = EXIT_STATUS)]
@@ -283,6 +283,13 @@ fn gateway_endpoint(gateway: &str, timeout: Duration) -> anyhow::Result<Endpoint
                 redact_url(gateway)
             )
         })?;
+    if uri.port_u16() == Some(0) {
+        anyhow::bail!(
+            "invalid --gateway '{}': port 0 cannot be connected to; give the gateway's port \
+             (50051 by default)",
+            redact_url(gateway)
+        );
+    }
     let timeout = CALL_TIMEOUT.check(timeout)?;
     let endpoint = Endpoint::from(uri);
     Ok(endpoint.connect_timeout(timeout).timeout(timeout))

@@ -300,6 +300,17 @@ async fn client_arguments_are_checked_before_connecting() {
             "error: invalid --gateway 'notaurl': it must be http://HOST:PORT or \
              https://HOST:PORT, for example http://127.0.0.1:50051\n",
         ),
+        (
+            &[
+                "case-state",
+                "--gateway",
+                "http://127.0.0.1:0",
+                "--port",
+                "4",
+            ],
+            "error: invalid --gateway 'http://127.0.0.1:0': port 0 cannot be connected to; give \
+             the gateway's port (50051 by default)\n",
+        ),
     ];
     for (args, expected) in cases {
         let (stdout, stderr) = run(args, 2).await;
