@@ -222,7 +222,7 @@ async fn errors_print_each_cause_once() {
         &format!("invalid config file {config}"),
         (2, 17),
         "max_in_flight = \"many\"",
-        "invalid type: string \"many\", expected usize",
+        "invalid type: string \"many\", expected u64",
     );
     assert_eq!(stderr, expected);
 
