@@ -312,8 +312,8 @@ pub mod limits {
         min: NonZeroU32::MIN,
         max: NonZeroU32::new(100_000).unwrap(),
         below: "a connection must be allowed a call",
-        above: "each open stream holds memory on its connection, and no more calls than \
-                --max-in-flight (at most 100000) are served at once",
+        above: "each open stream holds flow-control windows and buffers on its connection, \
+                and a client that needs more streams can open another connection",
     };
     /// `--max-health-watches`.
     pub const MAX_HEALTH_WATCHES: Bounds<NonZeroUsize> = Bounds {
@@ -639,16 +639,20 @@ impl<T: SettingValue> Bounds<T> {
         Err(self.out_of_range(value.show(), reason))
     }
 
-    /// `count` as the nonzero value it must be, when it is in range. Zero is below the range,
-    /// and says so as any other value would: the settings take counts as plain numbers so that
-    /// a flag, the environment and the file all get this message.
-    pub fn check_count<Count>(&self, count: Count) -> Result<T, ConfigError>
+    /// `count` as the nonzero value it must be, when it is in range. Zero is below the range and
+    /// a count too large for the setting's type above it, and each says so as any other value
+    /// would: the settings take counts as plain `u64` numbers so that a flag, the environment
+    /// and the file all get this message, with the real range.
+    pub fn check_count(&self, count: u64) -> Result<T, ConfigError>
     where
-        Count: TryInto<T> + ToString + Copy,
+        T: TryFrom<NonZeroU64>,
     {
-        match count.try_into() {
+        let Some(count) = NonZeroU64::new(count) else {
+            return Err(self.out_of_range(count.to_string(), self.below));
+        };
+        match T::try_from(count) {
             Ok(value) => self.check(value),
-            Err(_) => Err(self.out_of_range(count.to_string(), self.below)),
+            Err(_) => Err(self.out_of_range(count.to_string(), self.above)),
         }
     }
 

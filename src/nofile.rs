@@ -22,11 +22,11 @@ const MIN_DEFAULT_MAX_CONNECTIONS: usize = 16;
 /// (constants in h2 and tokio-util that no hyper or h2 setting changes) and its task about 8.
 /// `bench_rig idle` measures 22 KiB of RSS per idle connection at first, since not every page
 /// of those buffers is touched, and up to 35 KiB once connections reuse freed memory.
-const CONNECTION_COST: usize = 40 * 1024;
+pub(crate) const CONNECTION_COST: usize = 40 * 1024;
 /// The memory the default `--max-connections` lets idle connections take at most.
-const CONNECTIONS_MEMORY_BUDGET: usize = 256 * 1024 * 1024;
+pub(crate) const CONNECTIONS_MEMORY_BUDGET: usize = 256 * 1024 * 1024;
 /// Nor above this (6,553), so that idle connections fit the memory budget.
-const MAX_DEFAULT_MAX_CONNECTIONS: usize = CONNECTIONS_MEMORY_BUDGET / CONNECTION_COST;
+pub(crate) const MAX_DEFAULT_MAX_CONNECTIONS: usize = CONNECTIONS_MEMORY_BUDGET / CONNECTION_COST;
 
 /// What raising the soft limit did, for one log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -438,6 +438,7 @@ fn metrics_connections(config: &Config, metrics_served: bool) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use crate::config::defaults;
     use crate::proto::task_service_server::SERVICE_NAME;
 
     use super::*;
@@ -449,5 +450,73 @@ mod tests {
             WATCH_CASE_EVENTS_PATH,
             format!("/{SERVICE_NAME}/WatchCaseEvents")
         );
+    }
+
+    /// The README's worst case for a busy connection follows from the settings it rests on: the
+    /// idle cost, the connection window, the stream limit, the send buffer and the defaults.
+    #[test]
+    fn the_readme_states_what_a_busy_connection_can_hold() {
+        const KIB: usize = 1024;
+        const MIB: f64 = 1024.0 * 1024.0;
+        const GIB: f64 = MIB * 1024.0;
+        // A stream's request headers (85 KiB in memory for 471 one- to three-character fields,
+        // the most the 16 KiB header list allows) and tonic's 8 KiB decode buffer, rounded up.
+        const STREAM: usize = 96 * KIB;
+        // tonic's encoder yields chunks of about 32 KiB (its default yield threshold).
+        const TONIC_CHUNK: usize = 32 * KIB;
+        let window = (HTTP2_WINDOW as usize).div_ceil(KIB) * KIB;
+        let watch = HTTP2_MAX_SEND_BUFFER + 2 * TONIC_CHUNK;
+        let idle = nofile::CONNECTION_COST;
+        let streams = defaults::MAX_CONCURRENT_STREAMS.get() as usize;
+        let busy = |streams: usize| idle + window + streams * STREAM;
+        let watches = defaults::MAX_WATCHES.get() + defaults::MAX_HEALTH_WATCHES.get();
+        let connections = nofile::MAX_DEFAULT_MAX_CONNECTIONS;
+        let expected = [
+            format!(
+                "and the next chunk waits beside it: about {} KiB",
+                watch / KIB
+            ),
+            format!(
+                "at most **{} KiB + {} KiB + `--max-concurrent-streams` × {} KiB, {:.1} MiB with \
+                 {streams} streams**",
+                idle / KIB,
+                window / KIB,
+                STREAM / KIB,
+                busy(streams) as f64 / MIB,
+            ),
+            format!(
+                "adds up to {} KiB (above), over all connections at most `--max-watches` + \
+                 `--max-health-watches` of them ({:.1} GiB with the defaults)",
+                watch / KIB,
+                (watches * watch) as f64 / GIB
+            ),
+            format!(
+                "budget `--max-connections` × ({} KiB + `--max-concurrent-streams` × {} KiB)",
+                (idle + window) / KIB,
+                STREAM / KIB
+            ),
+            format!(
+                "with `--max-concurrent-streams 16`, a connection's worst case is {:.1} MiB, \
+                 {:.1} GiB for 6,553 connections",
+                busy(16) as f64 / MIB,
+                (connections * busy(16)) as f64 / GIB
+            ),
+            format!(
+                "within {} MiB (that would be {} connections)",
+                nofile::CONNECTIONS_MEMORY_BUDGET / (1024 * KIB),
+                nofile::CONNECTIONS_MEMORY_BUDGET / busy(streams)
+            ),
+        ];
+        assert_eq!(connections, 6553, "the README names 6,553 connections");
+        let readme = include_str!("../README.md")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        for sentence in expected {
+            assert!(
+                readme.contains(&sentence),
+                "README.md does not say: {sentence}"
+            );
+        }
     }
 }

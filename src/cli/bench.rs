@@ -125,7 +125,7 @@ pub(super) struct BenchArgs {
         value_name = "C",
         default_value = "1"
     )]
-    connections: usize,
+    connections: u64,
 
     /// How many calls to keep in flight: one worker each, calling back to back. At least
     /// --connections, at most 100000.
@@ -135,7 +135,7 @@ pub(super) struct BenchArgs {
         value_name = "N",
         default_value = "50"
     )]
-    concurrency: usize,
+    concurrency: u64,
 
     /// How long to measure, after the warm-up, for example 10s or 2m; 1ms to 1day.
     #[arg(long, env = "TASKGATE_BENCH_DURATION", default_value = "10s", value_parser = duration)]

@@ -6,7 +6,7 @@
 //! is bound.
 
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU64, NonZeroUsize};
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -24,7 +24,7 @@ use taskgate::simulator::{self, Simulator};
 use taskgate::tls::{ServerTls, UpstreamTls};
 
 use super::simulate::load_layout;
-use super::{Exit, Outcome, bind, usage};
+use super::{Exit, Outcome, bind, output, usage};
 
 mod settings;
 
@@ -112,11 +112,8 @@ impl Serve {
                 shown.upstream = None;
                 shown.log_publisher = None;
             }
-            print!(
-                "{}",
-                toml::to_string(&shown).map_err(|error| usage(error.into()))?
-            );
-            return Ok(Exit::Success);
+            let shown = toml::to_string(&shown).map_err(|error| usage(error.into()))?;
+            return output::exit_after(output::text(shown), Exit::Success);
         }
         if simulator {
             let layout = load_layout(effective.simulator_config.as_deref()).map_err(usage)?;
@@ -309,13 +306,9 @@ fn resolve(settings: &ServeSettings) -> anyhow::Result<Config> {
 
 /// A count given as a plain number, checked against `bounds`: zero gets the range's message, as
 /// any other value out of it does.
-fn count<Count, Checked>(
-    bounds: Bounds<Checked>,
-    given: Option<Count>,
-) -> anyhow::Result<Option<Checked>>
+fn count<Checked>(bounds: Bounds<Checked>, given: Option<u64>) -> anyhow::Result<Option<Checked>>
 where
-    Count: TryInto<Checked> + ToString + Copy,
-    Checked: SettingValue,
+    Checked: SettingValue + TryFrom<NonZeroU64>,
 {
     given
         .map(|count| bounds.check_count(count))

@@ -58,8 +58,8 @@ pub(super) struct SimulateArgs {
 
     /// How many connections may be open at once; more are closed as soon as they are accepted
     /// (and logged). 1 to 1000000.
-    #[arg(long, env = "TASKGATE_SIMULATOR_MAX_CONNECTIONS", default_value_t = defaults::SIMULATOR_MAX_CONNECTIONS.get())]
-    max_connections: usize,
+    #[arg(long, env = "TASKGATE_SIMULATOR_MAX_CONNECTIONS", default_value_t = defaults::SIMULATOR_MAX_CONNECTIONS.get() as u64)]
+    max_connections: u64,
 }
 
 // === impl SimulateArgs ===

@@ -222,7 +222,7 @@ async fn errors_print_each_cause_once() {
         &format!("invalid config file {config}"),
         (2, 17),
         "max_in_flight = \"many\"",
-        "invalid type: string \"many\", expected usize",
+        "invalid type: string \"many\", expected u64",
     );
     assert_eq!(stderr, expected);
 
@@ -889,6 +889,15 @@ async fn config_file_errors_name_the_file_key_and_line() {
         stderr,
         "error: invalid configuration: --max-in-flight 0 is out of range 1-100000: at least one \
          call must be allowed\n"
+    );
+    // Beyond the setting's type too, with the real range (the file's parser said "expected u32").
+    let path = config_file("wide", "\nmax_concurrent_streams = 4294967296\n");
+    let (_, stderr) = print_config(&["--config", path.to_str().unwrap()], &[], 2).await;
+    assert_eq!(
+        stderr,
+        "error: invalid configuration: --max-concurrent-streams 4294967296 is out of range \
+         1-100000: each open stream holds flow-control windows and buffers on its connection, \
+         and a client that needs more streams can open another connection\n"
     );
 
     let path = config_file(

@@ -39,7 +39,8 @@ async fn with_stdout_closed(args: &[&str]) -> (Option<i32>, String) {
     (status.code(), stderr)
 }
 
-/// Item 5: `case-state … | true` and `bench` with stdout closed exited 101 with a backtrace.
+/// Item 5: `case-state … | true`, `bench` and `serve --print-config` with stdout closed exited
+/// 101 with a backtrace.
 /// A closed stdout ends the output and nothing else: the exit code is the call's.
 #[tokio::test]
 async fn a_closed_stdout_is_not_a_panic_and_keeps_the_exit_code() {
@@ -65,6 +66,20 @@ async fn a_closed_stdout_is_not_a_panic_and_keeps_the_exit_code() {
         "1",
     ];
     assert_eq!(with_stdout_closed(&bench).await, (Some(0), String::new()));
+    // Commands that print without calling anything: the settings, and clap's help and version.
+    for printing in [
+        &["serve", "--print-config"][..],
+        &["--help"],
+        &["serve", "--help"],
+        &["--version"],
+    ] {
+        assert_eq!(
+            with_stdout_closed(printing).await,
+            (Some(0), String::new()),
+            "taskgate {}",
+            printing.join(" ")
+        );
+    }
 }
 
 /// Item 5: `taskgate watch | head -n 1` exited 101 at the next event after `head` had gone.
@@ -201,8 +216,33 @@ async fn settings_out_of_range_are_refused_with_their_range() {
         (
             &["serve", "--max-concurrent-streams", "4294967295"][..],
             "error: invalid configuration: --max-concurrent-streams 4294967295 is out of range \
-             1-100000: each open stream holds memory on its connection, and no more calls than \
-             --max-in-flight (at most 100000) are served at once\n",
+             1-100000: each open stream holds flow-control windows and buffers on its \
+             connection, and a client that needs more streams can open another connection\n",
+        ),
+        // Beyond the setting's type, the message is the same, with the real range (clap's own
+        // said "not in 0..=4294967295").
+        (
+            &["serve", "--max-concurrent-streams", "4294967296"],
+            "error: invalid configuration: --max-concurrent-streams 4294967296 is out of range \
+             1-100000: each open stream holds flow-control windows and buffers on its \
+             connection, and a client that needs more streams can open another connection\n",
+        ),
+        (
+            &["serve", "--max-in-flight", "18446744073709551615"],
+            "error: invalid configuration: --max-in-flight 18446744073709551615 is out of range \
+             1-100000: each call in flight may hold a connection and a file descriptor to the \
+             controller, which serves far fewer calls at once\n",
+        ),
+        (
+            &["simulate", "--max-connections", "18446744073709551615"],
+            "error: invalid configuration: --max-connections 18446744073709551615 is out of \
+             range 1-1000000: each connection takes a file descriptor, and no open-file limit \
+             allows that many\n",
+        ),
+        (
+            &["bench", "--concurrency", "4294967296"],
+            "error: --concurrency 4294967296 is out of range 1-100000: each call in flight is a \
+             task here and a slot on the gateway (--max-in-flight is at most 100000)\n",
         ),
         (
             &["serve", "--worker-threads", "0"],

@@ -22,6 +22,28 @@ use tokio::process::Command;
 use crate::cli::{BIN, TaskgateProcess};
 use crate::support::{TestFile, within};
 
+/// `taskgate` without the `TASKGATE_*` variables of the environment running the tests: a
+/// developer's `TASKGATE_TOKEN` or `TASKGATE_PORT` would change what the README's commands do.
+fn taskgate() -> Command {
+    let mut command = Command::new(BIN);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("TASKGATE_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// `serve --simulator` on an ephemeral port with `extra_args`, started as [`taskgate`] is.
+async fn serve(extra_args: &[&str]) -> TaskgateProcess {
+    let args = [
+        &["serve", "--simulator", "--listen", "127.0.0.1:0"],
+        extra_args,
+    ]
+    .concat();
+    TaskgateProcess::start_serving(TaskgateProcess::spawn_command(taskgate().args(args))).await
+}
+
 /// How README commands start.
 const PROMPT: &str = "$ cargo run --release -- ";
 
@@ -150,10 +172,9 @@ async fn the_readme_command_line_examples_print_what_it_shows() {
     // end, and `bench` needs a gateway of its own.
     let slow_layout = layout("readme-slow", "1h");
     let quick_layout = layout("readme-quick", "50ms");
-    let slow = TaskgateProcess::start(&["--simulator-config", slow_layout.to_str().unwrap()]).await;
-    let quick =
-        TaskgateProcess::start(&["--simulator-config", quick_layout.to_str().unwrap()]).await;
-    let bench = TaskgateProcess::start(&[]).await;
+    let slow = serve(&["--simulator-config", slow_layout.to_str().unwrap()]).await;
+    let quick = serve(&["--simulator-config", quick_layout.to_str().unwrap()]).await;
+    let bench = serve(&[]).await;
     for example in examples
         .iter()
         .filter(|example| !example.args.contains(&"--json".to_owned()))
@@ -167,7 +188,7 @@ async fn the_readme_command_line_examples_print_what_it_shows() {
             }
             _ => &slow.gateway,
         };
-        let output = Command::new(BIN)
+        let output = taskgate()
             .args(&example.args)
             .env("TASKGATE_GATEWAY", gateway)
             .env("TASKGATE_BENCH_GATEWAY", gateway)

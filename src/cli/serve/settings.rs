@@ -8,6 +8,7 @@
 //! from the file's own folder.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -47,7 +48,7 @@ pub(crate) struct ServeSettings {
 
     /// The largest controller reply to read, in bytes; 1024 to 67108864 (64 MiB).
     #[arg(long, env = "TASKGATE_MAX_RESPONSE_BYTES")]
-    pub(super) max_response_bytes: Option<usize>,
+    pub(super) max_response_bytes: Option<u64>,
 
     /// How long calls in flight may take to finish after SIGINT or SIGTERM; 0s to 1h.
     #[arg(long, env = "TASKGATE_SHUTDOWN_GRACE", value_parser = duration)]
@@ -64,7 +65,7 @@ pub(crate) struct ServeSettings {
     /// at once; more are refused at once with RESOURCE_EXHAUSTED (reason OVERLOADED). Health,
     /// reflection and WatchCaseEvents streams are not counted. 1 to 100000.
     #[arg(long, env = "TASKGATE_MAX_IN_FLIGHT")]
-    pub(super) max_in_flight: Option<usize>,
+    pub(super) max_in_flight: Option<u64>,
 
     /// How long a new gRPC connection may take to identify itself (TLS handshake, then the
     /// HTTP/2 preface or a complete first HTTP/1.1 request head) before it is closed; also the
@@ -85,17 +86,17 @@ pub(crate) struct ServeSettings {
     /// connections, --metrics-max-connections (when metrics are served) and 64 in reserve, at
     /// least 16 and at most 6553 (256 MiB for idle connections at 40 KiB each). 1 to 1000000.
     #[arg(long, env = "TASKGATE_MAX_CONNECTIONS")]
-    pub(super) max_connections: Option<usize>,
+    pub(super) max_connections: Option<u64>,
 
     /// How many streams (calls) one HTTP/2 connection may have open at once; clients queue the
     /// rest. 1 to 100000.
     #[arg(long, env = "TASKGATE_MAX_CONCURRENT_STREAMS")]
-    pub(super) max_concurrent_streams: Option<u32>,
+    pub(super) max_concurrent_streams: Option<u64>,
 
     /// How many health Watch streams may be open at once over all connections; more are
     /// refused with RESOURCE_EXHAUSTED. 1 to 1000000.
     #[arg(long, env = "TASKGATE_MAX_HEALTH_WATCHES")]
-    pub(super) max_health_watches: Option<usize>,
+    pub(super) max_health_watches: Option<u64>,
 
     /// The controller's Log Publisher, whose AutoCase (AC) segments WatchCaseEvents streams:
     /// HOST:PORT, or tls://HOST:PORT to read it over TLS with the --upstream-ca and client
@@ -107,16 +108,16 @@ pub(crate) struct ServeSettings {
     /// How many WatchCaseEvents streams may be open at once over all connections; more are
     /// refused with RESOURCE_EXHAUSTED (TOO_MANY_WATCHES). 1 to 1000000.
     #[arg(long, env = "TASKGATE_MAX_WATCHES")]
-    pub(super) max_watches: Option<usize>,
+    pub(super) max_watches: Option<u64>,
 
     /// How many events a WatchCaseEvents caller may fall behind before its stream ends with
     /// RESOURCE_EXHAUSTED (WATCH_LAGGED); 16 to 1048576.
     #[arg(long, env = "TASKGATE_WATCH_BUFFER")]
-    pub(super) watch_buffer: Option<usize>,
+    pub(super) watch_buffer: Option<u64>,
 
     /// How many worker threads tokio's runtime runs calls on. Default: one per core. 1 to 1024.
     #[arg(long, env = "TASKGATE_WORKER_THREADS")]
-    pub(super) worker_threads: Option<usize>,
+    pub(super) worker_threads: Option<u64>,
 
     /// How long a request head to /metrics may take, from accept or from its first byte; 10ms
     /// to 1h.
@@ -137,7 +138,7 @@ pub(crate) struct ServeSettings {
     /// How many connections to /metrics may be open at once; more are closed as soon as they
     /// are accepted. 1 to 1000000.
     #[arg(long, env = "TASKGATE_METRICS_MAX_CONNECTIONS")]
-    pub(super) metrics_max_connections: Option<usize>,
+    pub(super) metrics_max_connections: Option<u64>,
 
     /// How to speak to the controller: `xml` (the documented format) or `json`.
     #[arg(long, env = "TASKGATE_UPSTREAM_FORMAT", value_enum)]
@@ -214,6 +215,11 @@ pub(super) enum UpstreamFormat {
     Json,
 }
 
+/// A default count as the settings hold it: a plain `u64`, which every `usize` fits in.
+const fn count(value: NonZeroUsize) -> u64 {
+    value.get() as u64
+}
+
 // === impl ServeSettings ===
 
 impl ServeSettings {
@@ -225,20 +231,20 @@ impl ServeSettings {
             upstream: Some(defaults::UPSTREAM.to_owned()),
             upstream_timeout: Some(defaults::UPSTREAM_TIMEOUT),
             retry_delay: Some(defaults::RETRY_DELAY),
-            max_response_bytes: Some(defaults::MAX_RESPONSE_BYTES.get()),
+            max_response_bytes: Some(count(defaults::MAX_RESPONSE_BYTES)),
             shutdown_grace: Some(defaults::SHUTDOWN_GRACE),
             health_interval: Some(defaults::HEALTH_INTERVAL),
-            max_in_flight: Some(defaults::MAX_IN_FLIGHT.get()),
+            max_in_flight: Some(count(defaults::MAX_IN_FLIGHT)),
             handshake_timeout: Some(defaults::HANDSHAKE_TIMEOUT),
             idle_timeout: Some(defaults::IDLE_TIMEOUT),
-            max_concurrent_streams: Some(defaults::MAX_CONCURRENT_STREAMS.get()),
-            max_health_watches: Some(defaults::MAX_HEALTH_WATCHES.get()),
-            max_watches: Some(defaults::MAX_WATCHES.get()),
-            watch_buffer: Some(defaults::WATCH_BUFFER.get()),
+            max_concurrent_streams: Some(u64::from(defaults::MAX_CONCURRENT_STREAMS.get())),
+            max_health_watches: Some(count(defaults::MAX_HEALTH_WATCHES)),
+            max_watches: Some(count(defaults::MAX_WATCHES)),
+            watch_buffer: Some(count(defaults::WATCH_BUFFER)),
             metrics_header_read_timeout: Some(defaults::HEADER_READ_TIMEOUT),
             metrics_idle_timeout: Some(defaults::HTTP1_IDLE_TIMEOUT),
             metrics_body_read_timeout: Some(defaults::BODY_READ_TIMEOUT),
-            metrics_max_connections: Some(defaults::METRICS_MAX_CONNECTIONS.get()),
+            metrics_max_connections: Some(count(defaults::METRICS_MAX_CONNECTIONS)),
             upstream_format: Some(UpstreamFormat::Xml),
             access_log: Some(AccessLog::default()),
             simulator: Some(false),

@@ -75,6 +75,7 @@ struct Row {
     flags: Vec<String>,
     env: Vec<String>,
     default: Option<String>,
+    meaning: String,
 }
 
 fn backticked(cell: &str) -> Vec<String> {
@@ -103,6 +104,7 @@ fn readme_rows() -> Vec<Row> {
                 env: backticked(cells[1]),
                 default: (default.starts_with('`') && default.ends_with('`'))
                     .then(|| default.trim_matches('`').to_owned()),
+                meaning: cells[3].trim_end_matches(" |").to_owned(),
             }
         })
         .collect()
@@ -140,4 +142,122 @@ fn the_readme_flag_table_matches_the_settings() {
         }
     }
     assert_eq!(documented, actual);
+}
+
+/// Every range `serve` checks, by flag, as `--help`, the README and the error messages show its
+/// two ends.
+fn checked_ranges() -> BTreeMap<String, (String, String)> {
+    fn ends<T: SettingValue>(bounds: Bounds<T>) -> (String, String) {
+        (bounds.min.show(), bounds.max.show())
+    }
+    let mut ranges = BTreeMap::new();
+    for bounds in [
+        limits::UPSTREAM_TIMEOUT,
+        limits::RETRY_DELAY,
+        limits::SHUTDOWN_GRACE,
+        limits::HEALTH_INTERVAL,
+        limits::HANDSHAKE_TIMEOUT,
+        limits::IDLE_TIMEOUT,
+    ] {
+        ranges.insert(bounds.setting.to_owned(), ends(bounds));
+    }
+    for flag in [
+        "--metrics-header-read-timeout",
+        "--metrics-idle-timeout",
+        "--metrics-body-read-timeout",
+    ] {
+        ranges.insert(flag.to_owned(), ends(limits::HTTP1_TIMEOUT));
+    }
+    for bounds in [
+        limits::MAX_RESPONSE_BYTES,
+        limits::MAX_IN_FLIGHT,
+        limits::MAX_CONNECTIONS,
+        limits::MAX_HEALTH_WATCHES,
+        limits::MAX_WATCHES,
+        limits::WATCH_BUFFER,
+        limits::WORKER_THREADS,
+    ] {
+        ranges.insert(bounds.setting.to_owned(), ends(bounds));
+    }
+    ranges.insert(
+        "--metrics-max-connections".to_owned(),
+        ends(limits::MAX_CONNECTIONS),
+    );
+    let streams = limits::MAX_CONCURRENT_STREAMS;
+    ranges.insert(streams.setting.to_owned(), ends(streams));
+    ranges
+}
+
+/// One end of a range as written in prose (`1d`, `10ms`, `100000`), in the form the error
+/// messages give it (`1day`, `10ms`, `100000`).
+fn range_end(written: &str) -> String {
+    let written = written.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+    match written.parse::<u64>() {
+        Ok(count) => count.to_string(),
+        Err(_) => humantime::parse_duration(written)
+            .map(|duration| humantime::format_duration(duration).to_string())
+            .unwrap_or_else(|error| panic!("{written:?} is not a range's end: {error}")),
+    }
+}
+
+/// The ranges in `text` written `A<separator>B`, A and B starting with a digit.
+fn written_ranges(text: &str, separator: &str) -> Vec<(String, String)> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let starts_with_digit = |word: &str| {
+        word.trim_start_matches('(')
+            .starts_with(|c: char| c.is_ascii_digit())
+    };
+    let mut ranges = Vec::new();
+    for (index, word) in words.iter().enumerate() {
+        if separator == " to " {
+            if *word == "to"
+                && index > 0
+                && index + 1 < words.len()
+                && starts_with_digit(words[index - 1])
+                && starts_with_digit(words[index + 1])
+            {
+                ranges.push((range_end(words[index - 1]), range_end(words[index + 1])));
+            }
+        } else if let Some((low, high)) = word.split_once(separator)
+            && starts_with_digit(low)
+            && starts_with_digit(high)
+        {
+            ranges.push((range_end(low), range_end(high)));
+        }
+    }
+    ranges
+}
+
+/// The ranges `--help` and the README's flag table give are the ones checked at startup
+/// (`config::limits`): each bounded flag states its range once in each, and no other flag
+/// states one.
+#[test]
+fn the_help_and_the_readme_give_the_ranges_that_are_checked() {
+    let expected: BTreeMap<String, Vec<(String, String)>> = checked_ranges()
+        .into_iter()
+        .map(|(flag, range)| (flag, vec![range]))
+        .collect();
+    let mut command = command();
+    command.build();
+    let serve = command.find_subcommand("serve").unwrap();
+    let mut in_help = BTreeMap::new();
+    for arg in serve.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+        let ranges = written_ranges(&help, " to ");
+        if !ranges.is_empty() {
+            in_help.insert(format!("--{long}"), ranges);
+        }
+    }
+    assert_eq!(in_help, expected, "serve --help");
+    let mut in_readme = BTreeMap::new();
+    for row in readme_rows() {
+        let ranges = written_ranges(&row.meaning, "–");
+        if !ranges.is_empty() {
+            for flag in row.flags {
+                in_readme.insert(flag, ranges.clone());
+            }
+        }
+    }
+    assert_eq!(in_readme, expected, "README.md's serve flag table");
 }
