@@ -557,6 +557,57 @@ async fn a_watcher_that_never_reads_is_reset_a_buffer_behind_and_its_slot_is_fre
     drop(replacement);
 }
 
+/// Issue 20, item 1, review: a watch that ends while its client still reads, however slowly,
+/// is not reset: its client gets every event that was waiting for it, then the status that says
+/// why it ended. Here 3,000 events wait when the Log Publisher goes away, and the client reads
+/// one a millisecond through a 1 KiB window, for some 3 s: far longer than a client that has
+/// stopped reading is given.
+#[tokio::test]
+async fn a_slow_reader_gets_every_waiting_event_then_the_status_when_the_publisher_goes() {
+    const EVENTS: u32 = 3000;
+    let (gateway, mut publisher) = with_scripted_publisher(|builder| {
+        builder.config(|config| config.watches.buffer = 4096.try_into().unwrap())
+    })
+    .await;
+    let tiny_window = Endpoint::from_shared(format!("http://{}", gateway.address))
+        .unwrap()
+        .initial_stream_window_size(1024)
+        .connect()
+        .await
+        .unwrap();
+    let mut slow = watch(&TaskServiceClient::new(tiny_window), &[]).await;
+    flood_port_4(&mut publisher, EVENTS).await;
+    scrape_line(
+        gateway.metrics_url(),
+        &format!("taskgate_case_events_total{{state=\"EREQ\"}} {EVENTS}"),
+    )
+    .await;
+    drop(publisher);
+    scrape_line(gateway.metrics_url(), "taskgate_log_publisher_connected 0").await;
+    let (bins, status) = within(
+        Duration::from_secs(60),
+        "the slow reader did not finish",
+        async {
+            let mut bins = Vec::new();
+            loop {
+                match slow.message().await {
+                    Ok(Some(event)) => bins.push(event.bin_id.unwrap()),
+                    Ok(None) => panic!("the stream ended without an error"),
+                    Err(status) => return (bins, status),
+                }
+                // Pacing a reader that keeps reading, slowly: not a wait for anything.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        },
+    )
+    .await;
+    let expected: Vec<u32> = (1..=EVENTS).collect();
+    assert_eq!(bins.len(), expected.len(), "{status:?}");
+    assert_eq!(bins, expected);
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(error_info(&status).reason, "LOG_PUBLISHER_UNAVAILABLE");
+}
+
 /// Issue 20, item 1, over gRPC-Web: a watcher on HTTP/1.1 whose socket stays full (it has
 /// stopped reading) does not hold the drain either: its connection is closed.
 #[tokio::test]
