@@ -232,25 +232,38 @@ impl Watches {
     }
 
     /// Hands an event to every open watch of its port, without waiting for any; a watch whose
-    /// inbox is full has lagged, and is ended here.
+    /// inbox is full has lagged, and is ended here. Called by the feed alone, one event after
+    /// the other.
     pub(crate) fn publish(&self, event: ReceivedEvent) {
         self.metrics().event(event.event.signal.code());
-        let mut feed = self.shared.lock();
-        let Feed::Connected(inboxes) = &mut *feed else {
-            return;
-        };
         let port_id = event.event.port_id;
+        // The inboxes are filled (and their streams woken) after the feed's lock is released,
+        // so that watches opening and closing do not wait for thousands of them. Order holds
+        // all the same: this is the only publisher, so each inbox gets its ports' events in the
+        // order they came, and a watch opened after this list was made never sees this event.
+        let recipients: Vec<(u64, Arc<Inbox>)> = match &*self.shared.lock() {
+            Feed::Connected(inboxes) => inboxes
+                .of_port(port_id)
+                .map(|(id, inbox)| (*id, Arc::clone(inbox)))
+                .collect(),
+            Feed::Disconnected(_) | Feed::ShutDown => return,
+        };
         let event = Arc::new(event);
         let buffer = self.shared.settings.buffer.get();
-        let mut lagged = Vec::new();
-        for (id, inbox) in inboxes.of_port(port_id) {
-            if !inbox.deliver(&event, buffer) {
-                lagged.push((*id, Arc::clone(inbox)));
-            }
+        let lagged: Vec<(u64, Arc<Inbox>)> = recipients
+            .into_iter()
+            .filter(|(_, inbox)| !inbox.deliver(&event, buffer))
+            .collect();
+        if lagged.is_empty() {
+            return;
         }
+        let mut feed = self.shared.lock();
         for (id, inbox) in lagged {
             self.metrics().watch_lagged();
-            inboxes.remove(id, &inbox);
+            // A feed lost or shut down since has let go of every inbox already.
+            if let Feed::Connected(inboxes) = &mut *feed {
+                inboxes.remove(id, &inbox);
+            }
         }
     }
 
