@@ -642,6 +642,14 @@ mod tests {
         assert_eq!(*ending.borrow(), Some(2));
     }
 
+    /// The README's memory figures count 56 bytes for an event (then its two reference counts
+    /// and its segment's bytes).
+    #[test]
+    fn an_event_is_no_bigger_than_the_readme_counts() {
+        let size = size_of::<ReceivedEvent>();
+        assert!(size <= 56, "{size}");
+    }
+
     #[tokio::test]
     async fn watches_beyond_the_limit_are_refused_until_one_closes() {
         let watches = watches(2, 16);
