@@ -10,8 +10,9 @@
 //! itself (what was queued, then its status) for as long as its peer reads; once it has made no
 //! headway for [`END_LINGER`], the task drops it, which resets an HTTP/2 stream (RST_STREAM,
 //! CANCEL) or closes an HTTP/1.1 connection. Headway is the handler's to report: only it knows
-//! what its body took, and a body is polled only when its peer has made room (an HTTP/2 window
-//! with space, a socket that drains).
+//! what its body took. Hyper asks a body for a chunk only once the one before has found room (an
+//! HTTP/2 window with space, a socket that drains), so a body that keeps taking small chunks is
+//! one whose peer keeps reading.
 //!
 //! A response that leaves no signal (every call) costs one task-local lookup per poll.
 
