@@ -348,15 +348,9 @@ async fn a_thousand_watchers_see_every_event_and_one_that_never_reads_is_cut_off
         builder.config(|config| config.watches.buffer = BUFFER.try_into().unwrap())
     })
     .await;
-    // A stream window of 1 KiB, which the never-reading watcher never opens again: the gateway
-    // can then send it only a few events before they pile up in its buffer.
-    let tiny_window = Endpoint::from_shared(format!("http://{}", gateway.address))
-        .unwrap()
-        .initial_stream_window_size(1024)
-        .connect()
-        .await
-        .unwrap();
-    let mut never_reads = watch(&TaskServiceClient::new(tiny_window), &[]).await;
+    // A window of 1 KiB, which the never-reading watcher never opens again: the gateway can
+    // then send it only a few events before they pile up in its buffer.
+    let mut never_reads = watch_through_a_small_window(&gateway).await;
     let received = Arc::new(Semaphore::new(0));
     let mut watchers = Vec::with_capacity(WATCHERS);
     for connection in 0..CONNECTIONS {
@@ -563,6 +557,35 @@ async fn a_watcher_that_never_reads_is_reset_a_buffer_behind_and_its_slot_is_fre
     drop(replacement);
 }
 
+/// A watch of every port through a client whose stream window is 1 KiB, once the feed is
+/// connected: its client makes room for little more than a dozen events at a time.
+async fn watch_through_a_small_window(gateway: &Gateway) -> Streaming<CaseEvent> {
+    let small_window = Endpoint::from_shared(format!("http://{}", gateway.address))
+        .unwrap()
+        .initial_stream_window_size(1024)
+        .connect()
+        .await
+        .unwrap();
+    watch(&TaskServiceClient::new(small_window), &[]).await
+}
+
+/// Reads `events` to their end, one event a millisecond: the bin ids seen, then the status.
+async fn read_slowly(events: &mut Streaming<CaseEvent>) -> (Vec<u32>, tonic::Status) {
+    within(Duration::from_secs(60), "no end", async {
+        let mut bins = Vec::new();
+        loop {
+            match events.message().await {
+                Ok(Some(event)) => bins.push(event.bin_id.unwrap()),
+                Ok(None) => panic!("the stream ended without an error"),
+                Err(status) => return (bins, status),
+            }
+            // Pacing a reader that keeps reading, slowly: not a wait for anything.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+}
+
 /// Issue 20, item 1, review: a watch that ends while its client still reads, however slowly,
 /// is not reset: its client gets every event that was waiting for it, then the status that says
 /// why it ended. Here 3,000 events wait when the Log Publisher goes away, and the client reads
@@ -575,13 +598,7 @@ async fn a_slow_reader_gets_every_waiting_event_then_the_status_when_the_publish
         builder.config(|config| config.watches.buffer = 4096.try_into().unwrap())
     })
     .await;
-    let tiny_window = Endpoint::from_shared(format!("http://{}", gateway.address))
-        .unwrap()
-        .initial_stream_window_size(1024)
-        .connect()
-        .await
-        .unwrap();
-    let mut slow = watch(&TaskServiceClient::new(tiny_window), &[]).await;
+    let mut slow = watch_through_a_small_window(&gateway).await;
     flood_port_4(&mut publisher, EVENTS).await;
     scrape_line(
         gateway.metrics_url(),
@@ -590,28 +607,43 @@ async fn a_slow_reader_gets_every_waiting_event_then_the_status_when_the_publish
     .await;
     drop(publisher);
     scrape_line(gateway.metrics_url(), "taskgate_log_publisher_connected 0").await;
-    let (bins, status) = within(
-        Duration::from_secs(60),
-        "the slow reader did not finish",
-        async {
-            let mut bins = Vec::new();
-            loop {
-                match slow.message().await {
-                    Ok(Some(event)) => bins.push(event.bin_id.unwrap()),
-                    Ok(None) => panic!("the stream ended without an error"),
-                    Err(status) => return (bins, status),
-                }
-                // Pacing a reader that keeps reading, slowly: not a wait for anything.
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        },
-    )
-    .await;
+    let (bins, status) = read_slowly(&mut slow).await;
     let expected: Vec<u32> = (1..=EVENTS).collect();
     assert_eq!(bins.len(), expected.len(), "{status:?}");
     assert_eq!(bins, expected);
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(error_info(&status).reason, "LOG_PUBLISHER_UNAVAILABLE");
+}
+
+/// At shutdown too, a watcher that still reads gets every event that was waiting, then
+/// SHUTTING_DOWN; the drain waits for it (for at most the grace), and then for nothing.
+#[tokio::test]
+async fn at_shutdown_a_slow_reader_gets_every_waiting_event_then_shutting_down() {
+    const EVENTS: u32 = 1000;
+    let (mut gateway, mut publisher) = with_scripted_publisher(|builder| {
+        builder.config(|config| {
+            config.watches.buffer = 4096.try_into().unwrap();
+            config.shutdown_grace = Duration::from_secs(60);
+        })
+    })
+    .await;
+    let mut slow = watch_through_a_small_window(&gateway).await;
+    flood_port_4(&mut publisher, EVENTS).await;
+    scrape_line(
+        gateway.metrics_url(),
+        &format!("taskgate_case_events_total{{state=\"EREQ\"}} {EVENTS}"),
+    )
+    .await;
+    gateway.begin_shutdown();
+    let (bins, status) = read_slowly(&mut slow).await;
+    let expected: Vec<u32> = (1..=EVENTS).collect();
+    assert_eq!(bins.len(), expected.len(), "{status:?}");
+    assert_eq!(bins, expected);
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(error_info(&status).reason, "SHUTTING_DOWN");
+    within(PROMPTLY, "serve waited", gateway.join())
+        .await
+        .unwrap();
 }
 
 /// Issue 20, item 1, over gRPC-Web: a watcher on HTTP/1.1 whose socket stays full (it has
