@@ -66,7 +66,7 @@ mod stream_task;
 
 use state::{Ending, Protocol, State, Step, next_step};
 use stream_task::{EndSignal, until_ended};
-pub(crate) use stream_task::{StreamExecutor, end_stream_when};
+pub(crate) use stream_task::{ResponseEnd, StreamExecutor, end_stream_when};
 
 /// After GOAWAY, how long a connection with nothing in flight is still served before it is
 /// dropped: enough for the frame to be written and a live client to close first, short enough

@@ -243,7 +243,7 @@ impl TaskService for TaskGateway {
         let subscription = watches.subscribe(port_ids).map_err(refused)?;
         // A client that stops reading stops its stream being polled, so the watch's end must
         // reach the stream from outside.
-        crate::connection::end_stream_when(subscription.ended());
+        crate::connection::end_stream_when(subscription.ending());
         // Ended a little early, as calls are, so the caller hears DEADLINE_REACHED before its
         // own timer ends the stream without details.
         let deadline = caller_deadline.map(|deadline| {
@@ -258,6 +258,14 @@ impl TaskService for TaskGateway {
     }
 }
 
+/// The most events a watch's stream hands over without letting its chunk go. The gRPC encoder
+/// packs every event that is ready into one chunk of up to 32 KiB, and takes more only once its
+/// client has made room for that chunk: a client reading slowly through a small window would
+/// then take nothing from its inbox for seconds at a time, and an ended watch's stream, reset
+/// once nothing is taken for a moment (`connection::end_stream_when`), would be cut off though
+/// its client still reads. About 1 KiB.
+const EVENTS_PER_CHUNK: u64 = 16;
+
 /// The events `subscription` yields until it ends or `deadline` (when, and the caller's
 /// deadline as sent) passes; then the status that says why, and nothing more.
 fn case_event_stream(
@@ -267,9 +275,13 @@ fn case_event_stream(
 ) -> CaseEventStream {
     let timer = deadline.map(|(at, deadline)| (Box::pin(tokio::time::sleep_until(at)), deadline));
     Box::pin(futures_util::stream::unfold(
-        Some((subscription, timer)),
+        Some((subscription, timer, 0_u64)),
         move |state| async move {
-            let (mut subscription, mut timer) = state?;
+            let (mut subscription, mut timer, mut sent) = state?;
+            if sent > 0 && sent % EVENTS_PER_CHUNK == 0 {
+                // Lets the encoder send what it has packed.
+                tokio::task::yield_now().await;
+            }
             let next = match &mut timer {
                 Some((sleep, deadline)) => tokio::select! {
                     biased;
@@ -280,7 +292,9 @@ fn case_event_stream(
             };
             match next {
                 Ok(received) => {
-                    Some((Ok(proto_case_event(&received)), Some((subscription, timer))))
+                    sent += 1;
+                    let event = Ok(proto_case_event(&received));
+                    Some((event, Some((subscription, timer, sent))))
                 }
                 Err(end) => Some((Err(status::watch_ended(&end, retry)), None)),
             }

@@ -13,8 +13,9 @@
 //!
 //! No I/O and no gRPC here: the service turns a `Subscription` into a stream, and `status`
 //! turns a `WatchEnd` into the caller's status. A watch that ends also says so through
-//! `Subscription::ended`, so that its stream can be ended even when its client has
-//! stopped reading and nothing polls it (`connection::end_stream_when`).
+//! `Subscription::ending`, and then counts each event its stream takes after that, so that
+//! its stream can be ended when its client has stopped reading and nothing polls it, and only
+//! then (`connection::end_stream_when`).
 
 use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroUsize;
@@ -24,6 +25,7 @@ use std::time::SystemTime;
 
 use tokio::sync::{Notify, watch};
 
+use crate::connection::ResponseEnd;
 use crate::domain::CaseEvent;
 use crate::metrics::{CaseEventMetrics, GaugeGuard, Metrics};
 
@@ -89,8 +91,9 @@ struct Inbox {
     state: Mutex<InboxState>,
     /// Wakes the stream when an event or the end has arrived.
     arrived: Notify,
-    /// Turns `true` when the watch ends, for whatever sends its stream; dropped with the watch.
-    ended: watch::Sender<bool>,
+    /// For whatever sends its stream: `Some` once the watch has ended, counting the events
+    /// taken since; dropped with the watch.
+    ending: watch::Sender<ResponseEnd>,
 }
 
 #[derive(Debug)]
@@ -203,7 +206,7 @@ impl Watches {
                 end: None,
             }),
             arrived: Notify::new(),
-            ended: watch::Sender::new(false),
+            ending: watch::Sender::new(None),
         });
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         match &mut *self.shared.lock() {
@@ -229,25 +232,38 @@ impl Watches {
     }
 
     /// Hands an event to every open watch of its port, without waiting for any; a watch whose
-    /// inbox is full has lagged, and is ended here.
+    /// inbox is full has lagged, and is ended here. Called by the feed alone, one event after
+    /// the other.
     pub(crate) fn publish(&self, event: ReceivedEvent) {
         self.metrics().event(event.event.signal.code());
-        let mut feed = self.shared.lock();
-        let Feed::Connected(inboxes) = &mut *feed else {
-            return;
-        };
         let port_id = event.event.port_id;
+        // The inboxes are filled (and their streams woken) after the feed's lock is released,
+        // so that watches opening and closing do not wait for thousands of them. Order holds
+        // all the same: this is the only publisher, so each inbox gets its ports' events in the
+        // order they came, and a watch opened after this list was made never sees this event.
+        let recipients: Vec<(u64, Arc<Inbox>)> = match &*self.shared.lock() {
+            Feed::Connected(inboxes) => inboxes
+                .of_port(port_id)
+                .map(|(id, inbox)| (*id, Arc::clone(inbox)))
+                .collect(),
+            Feed::Disconnected(_) | Feed::ShutDown => return,
+        };
         let event = Arc::new(event);
         let buffer = self.shared.settings.buffer.get();
-        let mut lagged = Vec::new();
-        for (id, inbox) in inboxes.of_port(port_id) {
-            if !inbox.deliver(&event, buffer) {
-                lagged.push((*id, Arc::clone(inbox)));
-            }
+        let lagged: Vec<(u64, Arc<Inbox>)> = recipients
+            .into_iter()
+            .filter(|(_, inbox)| !inbox.deliver(&event, buffer))
+            .collect();
+        if lagged.is_empty() {
+            return;
         }
+        let mut feed = self.shared.lock();
         for (id, inbox) in lagged {
             self.metrics().watch_lagged();
-            inboxes.remove(id, &inbox);
+            // A feed lost or shut down since has let go of every inbox already.
+            if let Feed::Connected(inboxes) = &mut *feed {
+                inboxes.remove(id, &inbox);
+            }
         }
     }
 
@@ -356,7 +372,7 @@ impl Inbox {
         } else {
             state.events = VecDeque::new();
             state.end = Some(WatchEnd::Lagged { buffer });
-            self.ended.send_replace(true);
+            self.ending.send_replace(Some(0));
         }
         drop(state);
         self.arrived.notify_one();
@@ -368,7 +384,7 @@ impl Inbox {
         let mut state = lock(&self.state);
         if state.end.is_none() {
             state.end = Some(end);
-            self.ended.send_replace(true);
+            self.ending.send_replace(Some(0));
             drop(state);
             self.arrived.notify_one();
         }
@@ -379,7 +395,14 @@ impl Inbox {
     fn take(&self) -> Option<Result<Arc<ReceivedEvent>, WatchEnd>> {
         let mut state = lock(&self.state);
         match state.events.pop_front() {
-            Some(event) => Some(Ok(event)),
+            Some(event) => {
+                if state.end.is_some() {
+                    // Its client still reads: its stream is not ended while this goes on.
+                    self.ending
+                        .send_modify(|taken| *taken = taken.map(|taken| taken + 1));
+                }
+                Some(Ok(event))
+            }
             None => {
                 // A burst grows the inbox up to `--watch-buffer`; an emptied one gives that
                 // back, so open watches hold memory only for events still waiting.
@@ -408,10 +431,11 @@ impl Subscription {
         }
     }
 
-    /// Turns `true` once the watch has ended (lagged, lost its feed, or shut down), whether
-    /// or not its events have been taken; its sender is dropped with the subscription.
-    pub(crate) fn ended(&self) -> watch::Receiver<bool> {
-        self.inbox.ended.subscribe()
+    /// `Some` once the watch has ended (lagged, lost its feed, or shut down), whether or not
+    /// its events have been taken, then counting the events taken since; its sender is
+    /// dropped with the subscription.
+    pub(crate) fn ending(&self) -> watch::Receiver<ResponseEnd> {
+        self.inbox.ending.subscribe()
     }
 }
 
@@ -578,22 +602,52 @@ mod tests {
         let watches = watches(10, 16);
         watches.connected();
         let mut lagging = watches.subscribe(Vec::new()).unwrap();
-        let lagged = lagging.ended();
+        let lagged = lagging.ending();
         let shut_down = watches.subscribe(vec![5]).unwrap();
-        let shutting_down = shut_down.ended();
+        let shutting_down = shut_down.ending();
         for _ in 0..16 {
             watches.publish(event(4, CaseState::Ereq));
         }
-        assert!(!*lagged.borrow());
+        assert_eq!(*lagged.borrow(), None);
         watches.publish(event(4, CaseState::Ereq));
-        assert!(*lagged.borrow());
-        assert!(!*shutting_down.borrow());
+        assert_eq!(*lagged.borrow(), Some(0));
+        assert_eq!(*shutting_down.borrow(), None);
         watches.shut_down();
-        assert!(*shutting_down.borrow());
+        assert_eq!(*shutting_down.borrow(), Some(0));
         assert_eq!(
             next_segment(&mut lagging).await,
             Err(WatchEnd::Lagged { buffer: 16 })
         );
+    }
+
+    /// A watch that has ended counts each event its stream still takes, which tells what sends
+    /// the stream that its client still reads.
+    #[tokio::test]
+    async fn an_ended_watch_counts_the_events_taken_after_its_end() {
+        let watches = watches(10, 16);
+        watches.connected();
+        let mut draining = watches.subscribe(Vec::new()).unwrap();
+        let ending = draining.ending();
+        watches.publish(event(4, CaseState::Ereq));
+        next_segment(&mut draining).await.unwrap();
+        watches.publish(event(4, CaseState::Erso));
+        watches.publish(event(4, CaseState::Ecmp));
+        watches.lost("connection reset by peer");
+        assert_eq!(*ending.borrow(), Some(0));
+        for taken in 1..=2 {
+            next_segment(&mut draining).await.unwrap();
+            assert_eq!(*ending.borrow(), Some(taken));
+        }
+        assert!(next_segment(&mut draining).await.is_err());
+        assert_eq!(*ending.borrow(), Some(2));
+    }
+
+    /// The README's memory figures count 56 bytes for an event (then its two reference counts
+    /// and its segment's bytes).
+    #[test]
+    fn an_event_is_no_bigger_than_the_readme_counts() {
+        let size = size_of::<ReceivedEvent>();
+        assert!(size <= 56, "{size}");
     }
 
     #[tokio::test]

@@ -6,9 +6,13 @@
 //! drains), so a watch whose client has stopped reading is never polled again, and nothing in
 //! its body can end it: it would keep its `--max-watches` slot and hold the shutdown drain for
 //! the whole grace. So both tasks run with a place for an end signal, which a handler fills
-//! ([`end_stream_when`]): once the signal says the response has ended, it has [`END_LINGER`] to
-//! go out by itself (its status reaching a client that reads); then the task drops it, which
-//! resets an HTTP/2 stream (RST_STREAM, CANCEL) or closes an HTTP/1.1 connection.
+//! ([`end_stream_when`]): once the signal says the response has ended, it goes on going out by
+//! itself (what was queued, then its status) for as long as its peer reads; once it has made no
+//! headway for [`END_LINGER`], the task drops it, which resets an HTTP/2 stream (RST_STREAM,
+//! CANCEL) or closes an HTTP/1.1 connection. Headway is the handler's to report: only it knows
+//! what its body took. Hyper asks a body for a chunk only once the one before has found room (an
+//! HTTP/2 window with space, a socket that drains), so a body that keeps taking small chunks is
+//! one whose peer keeps reading.
 //!
 //! A response that leaves no signal (every call) costs one task-local lookup per poll.
 
@@ -20,16 +24,21 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-/// How long a response told to end may still take to go out before it is dropped: long enough
-/// for a client that reads to take its last messages and status, short enough that one that
-/// does not cannot hold shutdown.
+/// How long a response told to end may go without headway before it is dropped: long enough
+/// for a client that reads to make room for its next messages, short enough that one that does
+/// not cannot hold shutdown.
 pub(crate) const END_LINGER: Duration = Duration::from_millis(250);
 
 tokio::task_local! {
     /// Where a handler leaves the signal that ends its response; set only in the tasks that
     /// send responses.
-    static END_SIGNAL: Cell<Option<watch::Receiver<bool>>>;
+    static END_SIGNAL: Cell<Option<watch::Receiver<ResponseEnd>>>;
 }
+
+/// What a handler says of its response through [`end_stream_when`]: `None` while it runs;
+/// `Some(headway)` once it must end, `headway` counting the steps it has made since (each a
+/// sign that its peer still reads).
+pub(crate) type ResponseEnd = Option<u64>;
 
 /// Spawns hyper's HTTP/2 stream tasks on tokio, each one endable through [`end_stream_when`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -55,14 +64,13 @@ where
     }
 }
 
-/// Ends the response whose handler calls this once `ended` says `true`, whether or not its
-/// peer reads: it gets [`END_LINGER`] to go out by itself, then is dropped, unless the sender
-/// is dropped first (the response has gone). `false` (and `ended` is dropped) outside a task
-/// that sends responses.
-pub(crate) fn end_stream_when(ended: watch::Receiver<bool>) -> bool {
-    END_SIGNAL
-        .try_with(|signal| signal.set(Some(ended)))
-        .is_ok()
+/// Ends the response whose handler calls this once `ending` says so, whether or not its peer
+/// reads: it goes on going out by itself while its headway grows, and is dropped once it has not
+/// for [`END_LINGER`], unless the sender is dropped first (the response has gone). Outside a
+/// task that sends responses, `ending` is dropped and nothing is ended.
+pub(crate) fn end_stream_when(ending: watch::Receiver<ResponseEnd>) {
+    // Outside such a task (a test calling the service directly) there is nothing to end.
+    let _ = END_SIGNAL.try_with(|signal| signal.set(Some(ending)));
 }
 
 /// Runs `task` (one that sends responses) with a place for a handler's end signal.
@@ -118,16 +126,26 @@ impl std::fmt::Debug for EndSignal {
     }
 }
 
-/// `true` [`END_LINGER`] after `ended` says `true`; `false` as soon as its sender is dropped
-/// (the response has gone), whether or not it had said so.
-async fn end_after_linger(mut ended: watch::Receiver<bool>) -> bool {
-    if ended.wait_for(|ended| *ended).await.is_err() {
+/// `true` once `ending` has said the response must end and its headway has then stood still
+/// for [`END_LINGER`]; `false` as soon as its sender is dropped (the response has gone),
+/// whether or not it had said so.
+async fn end_after_linger(mut ending: watch::Receiver<ResponseEnd>) -> bool {
+    if ending.wait_for(Option::is_some).await.is_err() {
         return false;
     }
-    tokio::select! {
-        () = tokio::time::sleep(END_LINGER) => true,
-        // The signal only ever turns `true`: a change is its sender going.
-        _ = ended.changed() => false,
+    let linger = tokio::time::sleep(END_LINGER);
+    let mut linger = pin!(linger);
+    loop {
+        tokio::select! {
+            () = linger.as_mut() => return true,
+            // Once it has said `Some`, the signal changes only with headway, or by going.
+            headway = ending.changed() => {
+                if headway.is_err() {
+                    return false;
+                }
+                linger.as_mut().reset(tokio::time::Instant::now() + END_LINGER);
+            }
+        }
     }
 }
 
@@ -139,10 +157,13 @@ mod tests {
     use tokio::sync::mpsc;
 
     /// A stream that never ends on its own and says when it is dropped; its handler leaves
-    /// `ended` on its first poll.
-    async fn stream_that_never_ends(ended: watch::Receiver<bool>, dropped: mpsc::Sender<()>) {
+    /// `ending` on its first poll.
+    async fn stream_that_never_ends(
+        ending: watch::Receiver<ResponseEnd>,
+        dropped: mpsc::Sender<()>,
+    ) {
         let _dropped = DropSignal(dropped);
-        assert!(end_stream_when(ended));
+        end_stream_when(ending);
         std::future::pending::<()>().await;
     }
 
@@ -154,19 +175,45 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_stream_told_to_end_is_dropped_after_the_linger() {
-        let (end, ended) = watch::channel(false);
-        let (dropped_sender, mut dropped) = mpsc::channel(1);
-        StreamExecutor.execute(stream_that_never_ends(ended, dropped_sender));
-        tokio::task::yield_now().await;
-        let told_at = tokio::time::Instant::now();
-        end.send_replace(true);
+    /// Waits for the stream to be dropped, within 5 s.
+    async fn dropped_within_5s(dropped: &mut mpsc::Receiver<()>) {
         tokio::time::timeout(Duration::from_secs(5), dropped.recv())
             .await
             .expect("the stream was not dropped within 5s")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stream_told_to_end_is_dropped_after_the_linger() {
+        let (end, ending) = watch::channel(None);
+        let (dropped_sender, mut dropped) = mpsc::channel(1);
+        StreamExecutor.execute(stream_that_never_ends(ending, dropped_sender));
+        tokio::task::yield_now().await;
+        let told_at = tokio::time::Instant::now();
+        end.send_replace(Some(0));
+        dropped_within_5s(&mut dropped).await;
         let elapsed = told_at.elapsed();
+        assert!(elapsed >= END_LINGER, "dropped after {elapsed:?}");
+    }
+
+    /// A stream that goes on making headway after it was told to end is left to finish, however
+    /// long that takes; it is dropped a linger after its headway stops.
+    #[tokio::test]
+    async fn a_stream_told_to_end_is_dropped_only_once_its_headway_stops() {
+        let (end, ending) = watch::channel(None);
+        let (dropped_sender, mut dropped) = mpsc::channel(1);
+        StreamExecutor.execute(stream_that_never_ends(ending, dropped_sender));
+        tokio::task::yield_now().await;
+        end.send_replace(Some(0));
+        // Four lingers, with headway ten times in each.
+        for _ in 0..40 {
+            tokio::time::sleep(END_LINGER / 10).await;
+            end.send_modify(|headway| *headway = headway.map(|steps| steps + 1));
+        }
+        assert!(dropped.try_recv().is_err(), "dropped while making headway");
+        let stopped_at = tokio::time::Instant::now();
+        dropped_within_5s(&mut dropped).await;
+        let elapsed = stopped_at.elapsed();
         assert!(elapsed >= END_LINGER, "dropped after {elapsed:?}");
     }
 
@@ -174,18 +221,20 @@ mod tests {
     /// connection goes on to the next request.
     #[tokio::test]
     async fn a_signal_whose_sender_is_gone_ends_nothing() {
-        let (end, ended) = watch::channel(false);
+        let (end, ending) = watch::channel(None);
         drop(end);
-        assert!(!end_after_linger(ended).await);
-        let (end, ended) = watch::channel(false);
-        end.send_replace(true);
+        assert!(!end_after_linger(ending).await);
+        let (end, ending) = watch::channel(None);
+        end.send_replace(Some(0));
+        end.send_replace(Some(1));
         drop(end);
-        assert!(!end_after_linger(ended).await);
+        assert!(!end_after_linger(ending).await);
     }
 
     #[test]
     fn no_signal_is_taken_outside_a_task_that_sends_responses() {
-        let (_end, ended) = watch::channel(false);
-        assert!(!end_stream_when(ended));
+        let (end, ending) = watch::channel(None);
+        end_stream_when(ending);
+        assert!(end.is_closed(), "the signal was kept");
     }
 }
