@@ -67,7 +67,7 @@ pub const REQUEST_IN_PROGRESS: GatewayError = GatewayError {
     reason: "REQUEST_IN_PROGRESS",
     code: Code::DeadlineExceeded,
     when: "a repeat of a `request_id` waited for its first call, still in flight, until the \
-           repeat's own deadline (less the margin above); metadata `requestId`",
+           repeat's own deadline, less a margin of 10 %, at most 100 ms; metadata `requestId`",
     retry: GatewayRetry::MayHaveActed(
         "yes, with the same `request_id`: it gets the first call's answer",
     ),
@@ -76,7 +76,7 @@ pub const REQUEST_IN_PROGRESS: GatewayError = GatewayError {
 pub const REQUEST_OUTCOME_UNKNOWN: GatewayError = GatewayError {
     reason: "REQUEST_OUTCOME_UNKNOWN",
     code: Code::FailedPrecondition,
-    when: "a repeat of a `request_id` whose first call may have been acted on (a status above \
+    when: "a repeat of a `request_id` whose first call may have been acted on (a row of this table \
            with \"yes\" in the next column), and `case_getstate` shows the port in a state \
            that neither proves the first call was accepted nor that it was not; the message \
            names the state and bin, metadata `requestId`, `caseState`; nothing was sent",

@@ -550,6 +550,30 @@ impl FakeUpstream {
         self.connections.load(Ordering::SeqCst)
     }
 
+    /// The task-interface method (`<name>`) of every request that arrived so far, in order,
+    /// without waiting.
+    pub(crate) fn methods_so_far(&mut self) -> Vec<String> {
+        let mut methods = Vec::new();
+        let mut seen = std::mem::take(&mut self.backlog);
+        while let Ok(event) = self.seen.try_recv() {
+            seen.push_back(event);
+        }
+        for event in seen {
+            match event {
+                Seen::Request { body, .. } => {
+                    let body = String::from_utf8_lossy(&body);
+                    let name = body
+                        .split_once("<name>")
+                        .and_then(|(_, rest)| rest.split_once("</name>"))
+                        .map_or("?", |(name, _)| name);
+                    methods.push(name.to_owned());
+                }
+                Seen::Closed => self.backlog.push_back(event),
+            }
+        }
+        methods
+    }
+
     /// How many requests arrived so far, without waiting.
     pub(crate) fn requests_so_far(&mut self) -> usize {
         let mut count = 0;
