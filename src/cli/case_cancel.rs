@@ -7,10 +7,10 @@ use super::Outcome;
 use super::task_call::{Client, PortAndBinArgs};
 
 pub(super) async fn case_cancel(args: PortAndBinArgs) -> Outcome {
-    let message_of = |port_id, bin_id| CaseCancelRequest {
+    let message_of = |port_id, bin_id, request_id| CaseCancelRequest {
         port_id,
         bin_id,
-        ..Default::default()
+        request_id,
     };
     let rpc = |mut client: Client, request| async move { client.case_cancel(request).await };
     args.call(

@@ -371,3 +371,65 @@ async fn a_client_retrying_everything_with_one_request_id_makes_one_post() {
     );
     assert_eq!(methods.len(), 5, "{methods:?}");
 }
+
+/// `case-extract` sends a fresh request_id and prints it when the outcome is unknown; repeated
+/// with `--idempotency-key`, the call is answered from the port's state, not POSTed again.
+#[tokio::test]
+async fn the_cli_prints_the_key_of_an_unknown_outcome_and_repeats_with_it() {
+    let mut upstream = FakeUpstream::start(lost_then(&port_state("ERSO"))).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let address = format!("http://{}", gateway.address);
+    let args = [
+        "case-extract",
+        "--gateway",
+        &address,
+        "--port",
+        "4",
+        "--bin",
+        "101337",
+    ];
+    let (stdout, _) = crate::cli::run(&args, 1).await;
+    let line = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("  idempotency key: "))
+        .unwrap_or_else(|| panic!("no idempotency key line in:\n{stdout}"));
+    let (key, repeat_hint) = line.split_once(' ').unwrap();
+    assert_eq!(
+        repeat_hint,
+        format!("(repeat with --idempotency-key {key})")
+    );
+    let mut repeat = args.to_vec();
+    repeat.extend(["--idempotency-key", key]);
+    let (stdout, _) = crate::cli::run(&repeat, 0).await;
+    assert!(
+        stdout.starts_with(
+            "ok: case_extract port 4 bin 101337: the controller accepted the case extraction\n"
+        ),
+        "{stdout}"
+    );
+    assert_eq!(upstream.methods_so_far(), ["case_extract", "case_getstate"]);
+}
+
+/// A call that failed with a definite answer prints no key: there is nothing to repeat.
+#[tokio::test]
+async fn the_cli_prints_no_key_after_a_definite_answer() {
+    let fault = "<response><fault><code>1149</code></fault></response>";
+    let upstream = FakeUpstream::start(Script::ok_xml(fault)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let address = format!("http://{}", gateway.address);
+    let args = [
+        "case-cancel",
+        "--gateway",
+        &address,
+        "--port",
+        "4",
+        "--bin",
+        "101337",
+    ];
+    let (stdout, _) = crate::cli::run(&args, 1).await;
+    assert!(
+        stdout.contains("1149 BIN_NOT_SELECTED_FOR_PORT"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("idempotency key"), "{stdout}");
+}
