@@ -541,6 +541,48 @@ mod tests {
         table + order
     };
 
+    /// The simulator makes the inference true: what its port shows after it accepted a call
+    /// judges it accepted, whenever the port is read; what it shows when it has not judges it
+    /// not acted on.
+    #[test]
+    fn the_simulator_makes_the_inference_true() {
+        use crate::simulator::port::{PortMode, PortSettings, PortTable};
+        let step = Duration::from_secs(2);
+        let port = PortSettings {
+            id: 4,
+            autocase: true,
+            mode: PortMode::Open,
+            selected_bin: Some(EXTRACT.bin_id),
+        };
+        let cancel = Params {
+            method: Method::CaseCancel,
+            ..EXTRACT
+        };
+        let judge_at = |table: &PortTable, params: Params, at: Instant| {
+            let (bin_id, case_state) = table.case_state(4, at).unwrap();
+            judge(params, bin_id, case_state)
+        };
+        let later = [Duration::ZERO, step / 2, step, step * 2, step * 100];
+        let start = Instant::now();
+        let mut table = PortTable::new(&[port.clone()], step);
+        assert_eq!(judge_at(&table, EXTRACT, start), Verdict::NotActed);
+        table.case_extract(4, EXTRACT.bin_id, start).unwrap();
+        for offset in later {
+            assert_eq!(judge_at(&table, EXTRACT, start + offset), Verdict::Accepted);
+        }
+        let mut table = PortTable::new(&[port], step);
+        table.case_extract(4, EXTRACT.bin_id, start).unwrap();
+        let cancelled = start + step / 2;
+        assert_eq!(judge_at(&table, cancel, cancelled), Verdict::NotActed);
+        table.case_cancel(4, EXTRACT.bin_id, cancelled).unwrap();
+        for offset in later {
+            assert_eq!(
+                judge_at(&table, cancel, cancelled + offset),
+                Verdict::Accepted
+            );
+        }
+    }
+
     /// The README states the worst-case memory of the default `--idempotency-max-entries`.
     #[test]
     fn the_memory_of_an_entry_is_what_the_readme_states() {
