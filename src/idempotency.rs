@@ -564,7 +564,7 @@ mod tests {
         };
         let later = [Duration::ZERO, step / 2, step, step * 2, step * 100];
         let start = Instant::now();
-        let mut table = PortTable::new(&[port.clone()], step);
+        let mut table = PortTable::new(std::slice::from_ref(&port), step);
         assert_eq!(judge_at(&table, EXTRACT, start), Verdict::NotActed);
         table.case_extract(4, EXTRACT.bin_id, start).unwrap();
         for offset in later {
