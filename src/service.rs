@@ -176,8 +176,9 @@ impl TaskGateway {
         scope.note(CallNotes {
             port_id: Some(context.port_id),
             bin_id: context.bin_id,
+            // A replayed fault is counted once, when the controller sent it.
             fault_code: match &outcome {
-                Err(CallError::Fault(code)) => Some(*code),
+                Err(CallError::Fault(code)) if replayed.is_none() => Some(*code),
                 _ => None,
             },
             upstream_time,

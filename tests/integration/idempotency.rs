@@ -109,7 +109,11 @@ async fn a_fault_is_replayed_except_one_that_asks_for_a_retry() {
     for (code, posts) in [(1149, 1), (1148, 2)] {
         let fault = format!("<response><fault><code>{code}</code></fault></response>");
         let mut upstream = FakeUpstream::start(Script::ok_xml(&fault)).await;
-        let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+        let gateway = Gateway::builder()
+            .upstream(&upstream.url)
+            .metrics()
+            .start()
+            .await;
         let mut client = gateway.client.clone();
         let first = client.case_extract(extract(101337)).await.unwrap_err();
         let repeat = client.case_extract(extract(101337)).await.unwrap_err();
@@ -121,6 +125,14 @@ async fn a_fault_is_replayed_except_one_that_asks_for_a_retry() {
             "{code}"
         );
         assert_eq!(upstream.methods_so_far().len(), posts, "{code}");
+        // Counted as often as the controller sent it.
+        scrape_line(
+            gateway.metrics_url(),
+            &format!(
+                "taskgate_controller_faults_total{{method=\"case_extract\",fault_code=\"{code}\"}} {posts}"
+            ),
+        )
+        .await;
     }
 }
 
