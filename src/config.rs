@@ -403,7 +403,7 @@ pub mod defaults {
         NonZeroUsize::new(crate::codec::DEFAULT_MAX_BODY_BYTES).unwrap();
     /// How many task calls may be in flight at once.
     pub const MAX_IN_FLIGHT: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
-    /// How long a `request_id` is remembered from its first call: longer than any client's
+    /// How long a `request_id` is remembered after its call ended: longer than any client's
     /// retries of one call (AIP-155 asks for at least an hour only of services that keep ids
     /// in storage; these live in memory).
     pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(10 * 60);

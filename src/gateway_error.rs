@@ -57,8 +57,8 @@ pub const INVALID_PARAMETER: GatewayError = GatewayError {
 pub const REQUEST_ID_REUSED: GatewayError = GatewayError {
     reason: "REQUEST_ID_REUSED",
     code: Code::InvalidArgument,
-    when: "a `request_id` the gateway remembers (for `--idempotency-window` from its first \
-           call) came on another method, or with another `port_id` or `bin_id`; metadata \
+    when: "a `request_id` the gateway remembers (for `--idempotency-window` after its call \
+           ended) came on another method, or with another `port_id` or `bin_id`; metadata \
            `requestId`; the controller was not called",
     retry: GatewayRetry::NotActed("no; send a fresh `request_id` for each new call"),
 };

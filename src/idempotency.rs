@@ -14,10 +14,11 @@
 //! An answer where the controller certainly started nothing (unreachable, 503 or 429, fault
 //! 1148, a deadline too short) is not kept: the entry is dropped, so a repeat calls again.
 //!
-//! Entries live for the window from the first call, and at most `max_entries` are kept; when
-//! full, the oldest that is not in flight is evicted. An entry in flight is never evicted, as a
-//! repeat would then POST a second time: the table may hold one more entry per call in flight
-//! (at most `--max-in-flight`).
+//! Entries live for the window from the answer (or unknown outcome) of their last call, and at
+//! most `max_entries` are kept; when full, the oldest that is not in flight is evicted. An entry
+//! in flight never expires and is never evicted, as a repeat waiting for it would then POST a
+//! second time: the table may hold one more entry per call in flight (at most
+//! `--max-in-flight`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
@@ -148,7 +149,8 @@ struct Inner {
     window: Duration,
     max_entries: NonZeroUsize,
     entries: HashMap<u128, Entry>,
-    /// The keys by serial, oldest first: what expires and what is evicted first.
+    /// The keys by serial, oldest first: what expires and what is evicted first. Entries in
+    /// flight keep the serial of their claim, and are skipped.
     order: BTreeMap<u64, u128>,
     next_serial: u64,
 }
@@ -156,8 +158,10 @@ struct Inner {
 /// What the store remembers about one `request_id`.
 #[derive(Debug)]
 struct Entry {
+    /// Its place in `order`: renewed when a call ends, so `order` is by `since`.
     serial: u64,
-    created: Instant,
+    /// When its last call ended, or, while in flight, when it was claimed.
+    since: Instant,
     params: Params,
     state: State,
 }
@@ -193,7 +197,7 @@ impl Method {
 // === impl Store ===
 
 impl Store {
-    /// Remembers ids for `window` from their first call, at most `max_entries` of them.
+    /// Remembers ids for `window` after their call ended, at most `max_entries` of them.
     pub(crate) fn new(window: Duration, max_entries: NonZeroUsize) -> Self {
         Store {
             inner: Arc::new(Mutex::new(Inner {
@@ -235,7 +239,7 @@ impl Store {
             request_id,
             Entry {
                 serial,
-                created: now,
+                since: now,
                 params,
                 state: State::InFlight(receiver),
             },
@@ -272,16 +276,23 @@ impl Store {
 // === impl Inner ===
 
 impl Inner {
-    /// Forgets every entry older than the window.
+    /// Forgets every entry not in flight whose last call ended a window ago or more.
     fn expire(&mut self, now: Instant) {
-        while let Some((&serial, &key)) = self.order.first_key_value() {
-            let expired = self
-                .entries
-                .get(&key)
-                .is_none_or(|entry| now.saturating_duration_since(entry.created) >= self.window);
-            if !expired {
+        let mut expired = Vec::new();
+        for (&serial, key) in &self.order {
+            let Some(entry) = self.entries.get(key) else {
+                expired.push((serial, *key));
+                continue;
+            };
+            if matches!(entry.state, State::InFlight(_)) {
+                continue;
+            }
+            if now.saturating_duration_since(entry.since) < self.window {
                 break;
             }
+            expired.push((serial, *key));
+        }
+        for (serial, key) in expired {
             self.order.remove(&serial);
             self.entries.remove(&key);
         }
@@ -305,41 +316,48 @@ impl Inner {
         evicted
     }
 
-    /// Records how the lease `serial` on `key` ended, unless its entry has gone meanwhile.
-    fn end(&mut self, key: u128, serial: u64, ending: Ending) {
+    /// Records how the lease `serial` on `key` ended at `now`, unless its entry has gone.
+    fn end(&mut self, key: u128, serial: u64, ending: Ending, now: Instant) {
         let Some(entry) = self.entries.get_mut(&key) else {
             return;
         };
         if entry.serial != serial {
             return;
         }
-        match ending {
-            Ending::Answered(answer) => entry.state = State::Answered(answer),
-            Ending::Unknown => entry.state = State::Unknown,
+        self.order.remove(&serial);
+        let state = match ending {
+            Ending::Answered(answer) => State::Answered(answer),
+            Ending::Unknown => State::Unknown,
             Ending::NothingSent => {
                 self.entries.remove(&key);
-                self.order.remove(&serial);
+                return;
             }
-        }
+        };
+        entry.state = state;
+        entry.since = now;
+        entry.serial = self.next_serial;
+        self.order.insert(self.next_serial, key);
+        self.next_serial += 1;
     }
 }
 
 // === impl Lease ===
 
 impl Lease {
-    /// Records how the call ended; repeats waiting on it then claim again.
-    pub(crate) fn end(mut self, ending: Ending) {
+    /// Records how the call ended at `now`; repeats waiting on it then claim again.
+    pub(crate) fn end(mut self, ending: Ending, now: Instant) {
         self.ended = true;
-        self.store.lock().end(self.key, self.serial, ending);
+        self.store.lock().end(self.key, self.serial, ending, now);
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         if !self.ended {
+            let now = Instant::now();
             self.store
                 .lock()
-                .end(self.key, self.serial, Ending::Unknown);
+                .end(self.key, self.serial, Ending::Unknown, now);
         }
     }
 }
@@ -372,7 +390,7 @@ mod tests {
         let now = Instant::now();
         let (claim, counts) = store.claim(1, EXTRACT, now);
         assert!(!counts.hit);
-        lease(claim).end(Ending::Answered(Answer::Fault(1149)));
+        lease(claim).end(Ending::Answered(Answer::Fault(1149)), now);
         let (claim, counts) = store.claim(1, EXTRACT, now + Duration::from_secs(1));
         assert!(counts.hit);
         assert!(
@@ -411,7 +429,7 @@ mod tests {
         let Claim::Wait(mut receiver) = store.claim(1, EXTRACT, now).0 else {
             panic!("expected to wait");
         };
-        first.end(Ending::Answered(Answer::Ok));
+        first.end(Ending::Answered(Answer::Ok), now);
         assert!(
             receiver.changed().await.is_err(),
             "the wait ends with the lease"
@@ -430,7 +448,7 @@ mod tests {
         let resolving = store.claim(1, EXTRACT, now).0;
         assert!(matches!(resolving, Claim::Resolve(_)), "{resolving:?}");
         assert!(matches!(store.claim(1, EXTRACT, now).0, Claim::Wait(_)));
-        lease(resolving).end(Ending::Unknown);
+        lease(resolving).end(Ending::Unknown, now);
         assert!(matches!(store.claim(1, EXTRACT, now).0, Claim::Resolve(_)));
     }
 
@@ -438,7 +456,7 @@ mod tests {
     fn nothing_sent_forgets_the_id() {
         let store = store(10);
         let now = Instant::now();
-        lease(store.claim(1, EXTRACT, now).0).end(Ending::NothingSent);
+        lease(store.claim(1, EXTRACT, now).0).end(Ending::NothingSent, now);
         assert_eq!(store.len(), 0);
         let (claim, counts) = store.claim(1, EXTRACT, now);
         assert!(matches!(claim, Claim::Call(_)), "{claim:?}");
@@ -446,10 +464,10 @@ mod tests {
     }
 
     #[test]
-    fn an_id_is_forgotten_once_the_window_from_its_first_call_has_passed() {
+    fn an_id_is_forgotten_once_the_window_from_its_answer_has_passed() {
         let store = store(10);
         let now = Instant::now();
-        lease(store.claim(1, EXTRACT, now).0).end(Ending::Answered(Answer::Ok));
+        lease(store.claim(1, EXTRACT, now).0).end(Ending::Answered(Answer::Ok), now);
         let just_before = now + WINDOW - Duration::from_millis(1);
         assert!(matches!(
             store.claim(1, EXTRACT, just_before).0,
@@ -466,7 +484,7 @@ mod tests {
         let store = store(2);
         let now = Instant::now();
         let _in_flight = lease(store.claim(1, EXTRACT, now).0);
-        lease(store.claim(2, EXTRACT, now).0).end(Ending::Answered(Answer::Ok));
+        lease(store.claim(2, EXTRACT, now).0).end(Ending::Answered(Answer::Ok), now);
         let (claim, counts) = store.claim(3, EXTRACT, now);
         assert_eq!(counts.evicted, 1);
         let _third = lease(claim);
@@ -483,18 +501,24 @@ mod tests {
     }
 
     #[test]
-    fn a_lease_ended_after_its_entry_was_replaced_changes_nothing() {
+    fn a_call_in_flight_never_expires_and_the_window_counts_from_its_answer() {
         let store = store(10);
         let now = Instant::now();
-        let old = lease(store.claim(1, EXTRACT, now).0);
-        let later = now + WINDOW;
-        let new = lease(store.claim(1, EXTRACT, later).0);
-        old.end(Ending::Answered(Answer::Fault(1000)));
-        assert!(matches!(store.claim(1, EXTRACT, later).0, Claim::Wait(_)));
-        new.end(Ending::Answered(Answer::Ok));
+        let first = lease(store.claim(1, EXTRACT, now).0);
+        let answered = now + WINDOW * 2;
         assert!(matches!(
-            store.claim(1, EXTRACT, later).0,
+            store.claim(1, EXTRACT, answered).0,
+            Claim::Wait(_)
+        ));
+        first.end(Ending::Answered(Answer::Ok), answered);
+        let just_before = answered + WINDOW - Duration::from_millis(1);
+        assert!(matches!(
+            store.claim(1, EXTRACT, just_before).0,
             Claim::Replay(Answer::Ok)
+        ));
+        assert!(matches!(
+            store.claim(1, EXTRACT, answered + WINDOW).0,
+            Claim::Call(_)
         ));
     }
 

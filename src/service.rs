@@ -255,13 +255,13 @@ impl TaskGateway {
                             }
                             Verdict::Accepted => {
                                 self.idempotency_metrics.resolved("accepted");
-                                lease.end(Ending::Answered(Answer::Ok));
+                                lease.end(Ending::Answered(Answer::Ok), Instant::now());
                                 *replayed = Some(Replayed::Resolved);
                                 return (None, Ok(Output::default()));
                             }
                             Verdict::Unclear => {
                                 self.idempotency_metrics.resolved("unresolved");
-                                lease.end(Ending::Unknown);
+                                lease.end(Ending::Unknown, Instant::now());
                                 let unknown = CallError::OutcomeUnknown {
                                     request_id: once.request_id,
                                     bin_id: reply.bin_id,
@@ -273,7 +273,7 @@ impl TaskGateway {
                     }
                     Err(error) => {
                         self.idempotency_metrics.resolved("read_failed");
-                        lease.end(Ending::Unknown);
+                        lease.end(Ending::Unknown, Instant::now());
                         return (None, Err(CallError::ReadingThePort(Box::new(error))));
                     }
                 },
@@ -282,7 +282,7 @@ impl TaskGateway {
             let (upstream_time, outcome) = self
                 .call(once.context, request_id, caller_deadline, read_reply)
                 .await;
-            lease.end(ending(&outcome));
+            lease.end(ending(&outcome), Instant::now());
             return (upstream_time, outcome);
         }
     }

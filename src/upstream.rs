@@ -51,7 +51,7 @@ pub struct Settings {
     /// How many task calls may be in flight at once, each holding at most one controller
     /// connection; more are refused with RESOURCE_EXHAUSTED rather than queued.
     pub max_in_flight: NonZeroUsize,
-    /// How long a CaseExtract or CaseCancel `request_id` is remembered from its first call.
+    /// How long a CaseExtract or CaseCancel `request_id` is remembered after its call ended.
     pub idempotency_window: Duration,
     /// How many `request_id`s are remembered at most; the oldest answered one is evicted first.
     pub idempotency_max_entries: NonZeroUsize,

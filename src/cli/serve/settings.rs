@@ -68,7 +68,7 @@ pub(crate) struct ServeSettings {
     pub(super) max_in_flight: Option<u64>,
 
     /// How long a CaseExtract or CaseCancel request_id (the idempotency key in the message, not
-    /// the x-request-id header) is remembered from its first call: a repeat within it is never
+    /// the x-request-id header) is remembered after its call ended (never while in flight): a repeat within it is never
     /// sent to the controller twice. 1s to 1d.
     #[arg(long, env = "TASKGATE_IDEMPOTENCY_WINDOW", value_parser = duration)]
     #[serde(default, with = "humantime_serde")]
