@@ -445,3 +445,34 @@ async fn the_cli_prints_no_key_after_a_definite_answer() {
     );
     assert!(!stdout.contains("idempotency key"), "{stdout}");
 }
+
+/// Past `--idempotency-max-entries`, the oldest answered id is forgotten, and counted: its
+/// repeat is then sent again.
+#[tokio::test]
+async fn past_the_entry_limit_the_oldest_id_is_forgotten_and_counted() {
+    let mut upstream = FakeUpstream::start(Script::ok_xml(OK)).await;
+    let gateway = Gateway::builder()
+        .upstream(&upstream.url)
+        .config(|config| {
+            config.upstream.idempotency_max_entries = std::num::NonZeroUsize::new(1).unwrap();
+        })
+        .metrics()
+        .start()
+        .await;
+    let mut client = gateway.client.clone();
+    let other = CaseExtractRequest {
+        port_id: 4,
+        bin_id: 101337,
+        request_id: "0b6f7c1e-2d3a-4b5c-9d8e-7f6a5b4c3d2e".to_owned(),
+    };
+    client.case_extract(extract(101337)).await.unwrap();
+    client.case_extract(other).await.unwrap();
+    let repeat = client.case_extract(extract(101337)).await.unwrap();
+    assert_eq!(replayed(&repeat), None);
+    assert_eq!(upstream.methods_so_far().len(), 3);
+    scrape_line(
+        gateway.metrics_url(),
+        "taskgate_idempotency_evictions_total 2",
+    )
+    .await;
+}
