@@ -607,7 +607,9 @@ impl TaskService for Reference {
 async fn post_case_extract(
     client: &reqwest::Client,
     upstream: &str,
-    CaseExtractRequest { port_id, bin_id }: CaseExtractRequest,
+    CaseExtractRequest {
+        port_id, bin_id, ..
+    }: CaseExtractRequest,
 ) -> Result<tonic::Response<CaseExtractResponse>, Status> {
     let method_call = format!(
         "<?xml version=\"1.0\"?>\n<methodcall>\n  <name>case_extract</name>\n  <params>\n    \

@@ -95,6 +95,12 @@ pub(crate) struct CallNotes {
     pub(crate) upstream_time: Option<Duration>,
     /// Why the controller's reply was unusable, as a fixed word, if it was.
     pub(crate) upstream_error: Option<&'static str>,
+    /// The message's `request_id` field, the idempotency key, when the call sent one: not the
+    /// call's `x-request-id`.
+    pub(crate) idempotency_key: Option<uuid::Uuid>,
+    /// How a repeat of an earlier call was answered without calling the controller again, as
+    /// the `taskgate-replayed` header says it.
+    pub(crate) replayed: Option<&'static str>,
 }
 
 // === impl CallLayer ===
@@ -468,6 +474,8 @@ impl AccessRecord<'_> {
             upstream_ms = self.notes.upstream_time.map(milliseconds),
             total_ms = milliseconds(self.total_time),
             request_id = %self.request_id,
+            idempotency_key = self.notes.idempotency_key.map(tracing::field::display),
+            replayed = self.notes.replayed,
             peer = self.peer.map(tracing::field::display),
             error = error_message,
             "call"
@@ -527,6 +535,10 @@ mod tests {
             fault_code: Some(1148),
             upstream_time: Some(Duration::from_micros(2_226)),
             upstream_error: None,
+            idempotency_key: Some(uuid::Uuid::from_u128(
+                0x0123_4567_89ab_cdef_0123_4567_89ab_cdef,
+            )),
+            replayed: Some("stored"),
         };
         let refused = CallNotes::default();
         let records = [
@@ -538,12 +550,15 @@ mod tests {
                 format!(
                     "method=\"case_extract\" port_id=4 bin_id=4007 grpc_code=\"UNAVAILABLE\" \
                      fault_code=1148 upstream_ms={upstream_ms:?} total_ms={total_ms:?} request_id={id} \
+                     idempotency_key=01234567-89ab-cdef-0123-456789abcdef replayed=\"stored\" \
                      peer=127.0.0.1:4711 error=\"port 4 is busy\""
                 ),
                 serde_json::json!({
                     "message": "call", "method": "case_extract", "port_id": 4, "bin_id": 4007,
                     "grpc_code": "UNAVAILABLE", "fault_code": 1148, "upstream_ms": upstream_ms,
-                    "total_ms": total_ms, "request_id": id, "peer": "127.0.0.1:4711",
+                    "total_ms": total_ms, "request_id": id,
+                    "idempotency_key": "01234567-89ab-cdef-0123-456789abcdef",
+                    "replayed": "stored", "peer": "127.0.0.1:4711",
                     "error": "port 4 is busy",
                 }),
             ),

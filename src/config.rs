@@ -282,6 +282,22 @@ pub mod limits {
         above: "each call in flight may hold a connection and a file descriptor to the \
                 controller, which serves far fewer calls at once",
     };
+    /// `--idempotency-window`.
+    pub const IDEMPOTENCY_WINDOW: Bounds<Duration> = Bounds {
+        setting: "--idempotency-window",
+        min: Duration::from_secs(1),
+        max: DAY,
+        below: "a retry comes later than that, so nothing would be deduplicated",
+        above: "no caller retries one call that much later",
+    };
+    /// `--idempotency-max-entries`.
+    pub const IDEMPOTENCY_MAX_ENTRIES: Bounds<NonZeroUsize> = Bounds {
+        setting: "--idempotency-max-entries",
+        min: NonZeroUsize::MIN,
+        max: NonZeroUsize::new(1_000_000).unwrap(),
+        below: "at least one request_id must be remembered",
+        above: "each takes up to 249 bytes, and a controller serves far fewer calls in a window",
+    };
     /// `--handshake-timeout`.
     pub const HANDSHAKE_TIMEOUT: Bounds<Duration> = Bounds {
         setting: "--handshake-timeout",
@@ -387,6 +403,13 @@ pub mod defaults {
         NonZeroUsize::new(crate::codec::DEFAULT_MAX_BODY_BYTES).unwrap();
     /// How many task calls may be in flight at once.
     pub const MAX_IN_FLIGHT: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
+    /// How long a `request_id` is remembered after its call ended: longer than any client's
+    /// retries of one call (AIP-155 asks for at least an hour only of services that keep ids
+    /// in storage; these live in memory).
+    pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(10 * 60);
+    /// How many `request_id`s are remembered at most: 15.6 MiB at worst (249 bytes each), and
+    /// over 100 calls a second for the whole default window.
+    pub const IDEMPOTENCY_MAX_ENTRIES: NonZeroUsize = NonZeroUsize::new(65_536).unwrap();
     /// How often health probes the controller.
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
     /// Where the standalone simulator listens: the controller's own port.

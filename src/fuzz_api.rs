@@ -537,6 +537,7 @@ fn duration_bounds(key: &str) -> Option<config::Bounds<Duration>> {
         "retry_delay" => limits::RETRY_DELAY,
         "shutdown_grace" => limits::SHUTDOWN_GRACE,
         "health_interval" => limits::HEALTH_INTERVAL,
+        "idempotency_window" => limits::IDEMPOTENCY_WINDOW,
         "handshake_timeout" => limits::HANDSHAKE_TIMEOUT,
         "idle_timeout" => limits::IDLE_TIMEOUT,
         "metrics_header_read_timeout" | "metrics_idle_timeout" | "metrics_body_read_timeout" => {
@@ -549,6 +550,7 @@ fn duration_bounds(key: &str) -> Option<config::Bounds<Duration>> {
 fn count_bounds(key: &str) -> Option<config::Bounds<std::num::NonZeroUsize>> {
     Some(match key {
         "max_in_flight" => limits::MAX_IN_FLIGHT,
+        "idempotency_max_entries" => limits::IDEMPOTENCY_MAX_ENTRIES,
         "max_connections" | "metrics_max_connections" => limits::MAX_CONNECTIONS,
         "max_health_watches" => limits::MAX_HEALTH_WATCHES,
         "max_response_bytes" => limits::MAX_RESPONSE_BYTES,

@@ -46,11 +46,41 @@ const READ_THE_PORT_FIRST: &str = "no; read the port with `CaseGetState` first";
 pub const INVALID_PARAMETER: GatewayError = GatewayError {
     reason: "INVALID_PARAMETER",
     code: Code::InvalidArgument,
-    when: "`port_id` outside 1–2000 or `bin_id` outside 1–4000000; a `google.rpc.BadRequest` \
-           names each field and range (at most ten, then a last one `and N more` counts the \
+    when: "`port_id` outside 1–2000, `bin_id` outside 1–4000000, or a `request_id` that is not \
+           a UUID in its hyphenated form or is the nil UUID; a `google.rpc.BadRequest` names each \
+           field and range (at most ten, then a last one `and N more` counts the \
            rest, as the message does, so the reply stays within any client's header limit); the \
            controller was not called",
     retry: GatewayRetry::NotActed("no; fix the request"),
+};
+/// A `request_id` the gateway remembers, sent with other parameters.
+pub const REQUEST_ID_REUSED: GatewayError = GatewayError {
+    reason: "REQUEST_ID_REUSED",
+    code: Code::InvalidArgument,
+    when: "a `request_id` the gateway remembers (for `--idempotency-window` after its call \
+           ended) came on another method, or with another `port_id` or `bin_id`; metadata \
+           `requestId`; the controller was not called",
+    retry: GatewayRetry::NotActed("no; send a fresh `request_id` for each new call"),
+};
+/// A repeat that waited for the first call with its `request_id` until its own deadline.
+pub const REQUEST_IN_PROGRESS: GatewayError = GatewayError {
+    reason: "REQUEST_IN_PROGRESS",
+    code: Code::DeadlineExceeded,
+    when: "a repeat of a `request_id` waited for its first call, still in flight, until the \
+           repeat's own deadline, less a margin of 10 %, at most 100 ms; metadata `requestId`",
+    retry: GatewayRetry::MayHaveActed(
+        "yes, with the same `request_id`: it gets the first call's answer",
+    ),
+};
+/// A repeat after an unknown outcome, and a port state that does not tell what happened.
+pub const REQUEST_OUTCOME_UNKNOWN: GatewayError = GatewayError {
+    reason: "REQUEST_OUTCOME_UNKNOWN",
+    code: Code::FailedPrecondition,
+    when: "a repeat of a `request_id` whose first call may have been acted on (a row of this table \
+           with \"yes\" in the next column), and `case_getstate` shows the port in a state \
+           that neither proves the first call was accepted nor that it was not; the message \
+           names the state and bin, metadata `requestId`, `caseState`; nothing was sent",
+    retry: GatewayRetry::MayHaveActed("no; read the port with `CaseGetState` and decide"),
 };
 /// No connection to the controller could be made.
 pub const UPSTREAM_UNREACHABLE: GatewayError = GatewayError {
@@ -152,6 +182,9 @@ pub const UPSTREAM_RESPONSE_TOO_LARGE: GatewayError = GatewayError {
 /// Every gateway error of a call, in the README's order.
 pub const GATEWAY_ERRORS: &[&GatewayError] = &[
     &INVALID_PARAMETER,
+    &REQUEST_ID_REUSED,
+    &REQUEST_IN_PROGRESS,
+    &REQUEST_OUTCOME_UNKNOWN,
     &UPSTREAM_UNREACHABLE,
     &UPSTREAM_CONNECTION_LOST,
     &UPSTREAM_HTTP_DECLINED,
@@ -210,8 +243,16 @@ mod tests {
             assert_eq!(unavailable, row.retry.has_retry_info(), "{row:?}");
             if row.retry.controller_may_have_acted() {
                 assert!(!row.retry.has_retry_info(), "{row:?}");
+                // FAILED_PRECONDITION: a repeat after an unknown outcome that the port's state
+                // does not settle; no standard policy retries it, and the caller must decide.
                 assert!(
-                    [Code::Unknown, Code::DeadlineExceeded, Code::Internal].contains(&row.code),
+                    [
+                        Code::Unknown,
+                        Code::DeadlineExceeded,
+                        Code::Internal,
+                        Code::FailedPrecondition
+                    ]
+                    .contains(&row.code),
                     "{row:?}"
                 );
             }

@@ -32,6 +32,7 @@
 //! in-flight gauge, metrics, access line), `request_id` (the `x-request-id` itself), `protocol`
 //! (the layer that refuses a malformed `grpc-timeout` or a second request message), `status` (the
 //! only place a `tonic::Status` is built), `service` (the `TaskService` implementation),
+//! `idempotency` (what the gateway remembers of each `request_id`, the AIP-155 idempotency key),
 //! `health`, `metrics`, `accept` and `router` (the axum endpoints within the connection limits);
 //! `bench_api` and `fuzz_api` are hidden doors for `benches/` and `fuzz/`.
 
@@ -68,6 +69,7 @@ pub mod fault;
 pub mod fuzz_api;
 pub mod gateway_error;
 mod health;
+mod idempotency;
 pub mod log;
 pub mod log_publisher;
 mod metrics;

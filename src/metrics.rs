@@ -33,6 +33,21 @@ pub(crate) struct Metrics {
     health_watches_refused: Counter,
     connections: ConnectionFamilies,
     case_events: CaseEventMetrics,
+    idempotency: IdempotencyMetrics,
+}
+
+/// The series of the idempotency store (`request_id` on CaseExtract and CaseCancel).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct IdempotencyMetrics {
+    hits: Counter,
+    replays: Counter,
+    resolved: Family<ResolvedLabels, Counter>,
+    evictions: Counter,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResolvedLabels {
+    outcome: &'static str,
 }
 
 /// The series of WatchCaseEvents and of the Log Publisher feed behind it.
@@ -236,6 +251,8 @@ impl Metrics {
         );
         let case_events = CaseEventMetrics::default();
         case_events.register(&mut registry);
+        let idempotency = IdempotencyMetrics::default();
+        idempotency.register(&mut registry);
         Metrics {
             registry: Arc::new(registry),
             calls,
@@ -249,6 +266,7 @@ impl Metrics {
             health_watches_refused,
             connections,
             case_events,
+            idempotency,
         }
     }
 
@@ -311,6 +329,11 @@ impl Metrics {
         &self.case_events
     }
 
+    /// The series of the idempotency store.
+    pub(crate) fn idempotency(&self) -> &IdempotencyMetrics {
+        &self.idempotency
+    }
+
     /// Records the health state.
     pub(crate) fn health(&self, serving: bool) {
         self.health_serving.set(i64::from(serving));
@@ -322,6 +345,55 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+}
+
+// === impl IdempotencyMetrics ===
+
+impl IdempotencyMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "idempotency_hits",
+            "CaseExtract and CaseCancel calls whose request_id was already remembered",
+            self.hits.clone(),
+        );
+        registry.register(
+            "idempotency_replays",
+            "Repeats answered from the idempotency store without calling the controller",
+            self.replays.clone(),
+        );
+        registry.register(
+            "idempotency_resolved",
+            "Repeats after an unknown outcome, by what case_getstate showed: accepted, not_acted (sent again), unresolved, read_failed",
+            self.resolved.clone(),
+        );
+        registry.register(
+            "idempotency_evictions",
+            "Remembered request_ids forgotten before their window because --idempotency-max-entries were kept",
+            self.evictions.clone(),
+        );
+    }
+
+    /// Counts a call whose `request_id` was already remembered.
+    pub(crate) fn hit(&self) {
+        self.hits.inc();
+    }
+
+    /// Counts a repeat answered from the store.
+    pub(crate) fn replayed(&self) {
+        self.replays.inc();
+    }
+
+    /// Counts a repeat after an unknown outcome; `outcome` is a fixed word.
+    pub(crate) fn resolved(&self, outcome: &'static str) {
+        self.resolved
+            .get_or_create(&ResolvedLabels { outcome })
+            .inc();
+    }
+
+    /// Counts `count` entries evicted to make room.
+    pub(crate) fn evicted(&self, count: usize) {
+        self.evictions.inc_by(count as u64);
     }
 }
 

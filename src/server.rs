@@ -219,7 +219,7 @@ pub async fn serve(
         }
         _ => None,
     };
-    let service = TaskGateway::new(upstream, &config.upstream, watches.clone());
+    let service = TaskGateway::new(upstream, &config.upstream, watches.clone(), &metrics);
     let task_service = TaskServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     let (authenticator, hangups) = match config.auth_tokens.clone() {
         Some(token_file) => {

@@ -15,8 +15,14 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::call::{CallNotes, CallScope};
+use tonic::metadata::MetadataValue;
+use uuid::Uuid;
+
 use crate::codec::{Call, CaseStateReply, DecodeError, Element, Reply};
 use crate::domain::{BIN_ID_RANGE, CaseSignal, CaseState, PORT_ID_RANGE};
+use crate::fault;
+use crate::idempotency::{self, Answer, Claim, Ending, Method, Params, Store, Verdict};
+use crate::metrics::{IdempotencyMetrics, Metrics};
 use crate::proto::task_service_server::TaskService;
 use crate::proto::{
     self, CaseCancelRequest, CaseCancelResponse, CaseExtractRequest, CaseExtractResponse,
@@ -42,6 +48,42 @@ pub(crate) struct TaskGateway {
     in_flight: Arc<Semaphore>,
     /// The case-event watches, unless the gateway runs without a Log Publisher.
     watches: Option<Watches>,
+    /// What the gateway remembers of each CaseExtract and CaseCancel `request_id`. Kept here,
+    /// not in a layer as work every call needs is: only these two RPCs take one, and what a
+    /// repeat does depends on how the controller answered, which only the handler knows.
+    idempotency: Store,
+    /// The idempotency store's series.
+    idempotency_metrics: IdempotencyMetrics,
+}
+
+/// The message's `request_id` field: the idempotency key of CaseExtract and CaseCancel.
+struct IdempotencyKey {
+    method: Method,
+    text: String,
+}
+
+/// How a repeat was answered without calling the controller again: the value of the
+/// [`REPLAYED_HEADER`] header.
+#[derive(Debug, Clone, Copy)]
+enum Replayed {
+    /// From the store: the first call's answer.
+    Stored,
+    /// After an unknown outcome, from the port's state, which shows the first call accepted.
+    Resolved,
+}
+
+/// The response header that marks an answer to a repeated `request_id` given without calling
+/// the controller again.
+const REPLAYED_HEADER: &str = "taskgate-replayed";
+
+/// A call with an idempotency key, as [`TaskGateway::call_once`] needs it.
+struct Once<'a> {
+    context: &'a CallContext,
+    params: Params,
+    request_id: Uuid,
+    /// When the gateway received the call: the caller's deadline counts from then.
+    started: Instant,
+    caller_deadline: Option<Duration>,
 }
 
 /// The events of one WatchCaseEvents call, ending with the status that ends it.
@@ -56,6 +98,7 @@ impl TaskGateway {
         upstream: Upstream,
         settings: &upstream::Settings,
         watches: Option<Watches>,
+        metrics: &Metrics,
     ) -> Self {
         TaskGateway {
             upstream,
@@ -65,38 +108,77 @@ impl TaskGateway {
             },
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight.get())),
             watches,
+            idempotency: Store::new(
+                settings.idempotency_window,
+                settings.idempotency_max_entries,
+            ),
+            idempotency_metrics: metrics.idempotency().clone(),
         }
     }
 
     /// The path of every unary RPC: validate the port and bin `context_of` reads from the
-    /// message, take an in-flight permit, call the controller within the time limit, turn its
+    /// message (and the idempotency `key`, on the methods that take one), take an in-flight
+    /// permit, call the controller within the time limit (at most once per key), turn its
     /// success reply into the response with `read_reply`, leave the call layer its notes, and
     /// hand any failure to `status`. Generic, not boxed: each RPC compiles to its own copy of
     /// this, which does the work CaseExtract's own body did and no more.
-    async fn unary<Message, Output>(
+    async fn unary<Message, Output: Default>(
         &self,
         request: Request<Message>,
+        key: Option<IdempotencyKey>,
         context_of: impl FnOnce(Message) -> CallContext,
         read_reply: impl FnOnce(&CallContext, Element) -> Result<Output, DecodeError>,
     ) -> Result<Response<Output>, Status> {
+        let started = Instant::now();
         let caller_deadline = caller_deadline(&request);
         let scope = call_scope(&request);
         let context = context_of(request.into_inner());
         // Held until the call ends; dropped with the future if the caller goes away.
         let permit = self.in_flight.try_acquire();
-        let (upstream_time, outcome) = match (permit, validate(context.port_id, context.bin_id)) {
-            (Err(_), _) => (None, Err(CallError::Overloaded)),
-            (Ok(_permit), Ok(())) => {
-                self.call(&context, &scope.request_id, caller_deadline, read_reply)
-                    .await
+        let mut violations = validate(context.port_id, context.bin_id)
+            .err()
+            .unwrap_or_default();
+        let key = match key.map(|key| (key.method, parse_request_id(&key.text))) {
+            Some((method, Ok(Some(request_id)))) => Some((method, request_id)),
+            Some((_, Err(violation))) => {
+                violations.push(violation);
+                None
             }
-            (Ok(_), Err(violations)) => (None, Err(CallError::InvalidArgument(violations))),
+            Some((_, Ok(None))) | None => None,
+        };
+        let mut replayed = None;
+        let (upstream_time, outcome) = match (permit, violations.is_empty()) {
+            (Err(_), _) => (None, Err(CallError::Overloaded)),
+            (Ok(_), false) => (None, Err(CallError::InvalidArgument(violations))),
+            (Ok(_permit), true) => match (key, context.bin_id) {
+                (Some((method, request_id)), Some(bin_id)) => {
+                    let params = Params {
+                        method,
+                        port_id: context.port_id,
+                        bin_id,
+                    };
+                    let once = Once {
+                        context: &context,
+                        params,
+                        request_id,
+                        started,
+                        caller_deadline,
+                    };
+                    self.call_once(&once, &scope.request_id, &mut replayed, read_reply)
+                        .await
+                }
+                _ => {
+                    self.call(&context, &scope.request_id, caller_deadline, read_reply)
+                        .await
+                }
+            },
         };
         scope.note(CallNotes {
             port_id: Some(context.port_id),
             bin_id: context.bin_id,
+            // A replayed fault is counted once, when the controller sent it.
             fault_code: match &outcome {
-                Err(CallError::Fault(code)) => Some(*code),
+                Err(CallError::Fault(code)) if replayed.is_none() => Some(*code),
                 _ => None,
             },
             upstream_time,
@@ -104,10 +186,123 @@ impl TaskGateway {
                 Err(CallError::Upstream(upstream_error)) => Some(upstream_error.kind()),
                 _ => None,
             },
+            idempotency_key: key.map(|(_, request_id)| request_id),
+            replayed: replayed.map(Replayed::as_str),
         });
-        outcome
+        let mut answer = outcome
             .map(Response::new)
-            .map_err(|call_error| status::status(&context, &call_error, self.retry))
+            .map_err(|call_error| status::status(&context, &call_error, self.retry));
+        if let Some(replayed) = replayed {
+            let value = MetadataValue::from_static(replayed.as_str());
+            match &mut answer {
+                Ok(response) => response.metadata_mut().insert(REPLAYED_HEADER, value),
+                Err(status) => status.metadata_mut().insert(REPLAYED_HEADER, value),
+            };
+        }
+        answer
+    }
+
+    /// Calls the controller at most once for `once.request_id`: the first call with it calls,
+    /// a repeat waits for a call in flight, gets the answer the controller gave, or, after an
+    /// unknown outcome, reads the port before calling again. Sets `replayed` when the answer
+    /// comes without calling the controller's method.
+    async fn call_once<Output: Default>(
+        &self,
+        once: &Once<'_>,
+        request_id: &RequestId,
+        replayed: &mut Option<Replayed>,
+        read_reply: impl FnOnce(&CallContext, Element) -> Result<Output, DecodeError>,
+    ) -> (Option<Duration>, Result<Output, CallError>) {
+        let key = once.request_id.as_u128();
+        let mut first_claim = true;
+        loop {
+            let (claim, counts) = self.idempotency.claim(key, once.params, Instant::now());
+            if counts.hit && first_claim {
+                self.idempotency_metrics.hit();
+            }
+            self.idempotency_metrics.evicted(counts.evicted);
+            first_claim = false;
+            let lease = match claim {
+                Claim::Call(lease) => lease,
+                Claim::Reused(first) => {
+                    let request_id = once.request_id;
+                    return (None, Err(CallError::RequestIdReused { request_id, first }));
+                }
+                Claim::Replay(answer) => {
+                    self.idempotency_metrics.replayed();
+                    *replayed = Some(Replayed::Stored);
+                    return (None, replay(answer));
+                }
+                Claim::Wait(mut first_call) => {
+                    let Some(time_left) = once.time_left(self.upstream_timeout) else {
+                        let request_id = once.request_id;
+                        return (None, Err(CallError::RequestInProgress { request_id }));
+                    };
+                    // Fails once the first call's lease has ended, however it ended.
+                    let ended = first_call.changed();
+                    if tokio::time::timeout(time_left, ended).await.is_err() {
+                        let request_id = once.request_id;
+                        return (None, Err(CallError::RequestInProgress { request_id }));
+                    }
+                    continue;
+                }
+                Claim::Resolve(lease) => match self.read_port(once, request_id).await {
+                    Ok(reply) => {
+                        match idempotency::judge(once.params, reply.bin_id, reply.case_state) {
+                            Verdict::NotActed => {
+                                self.idempotency_metrics.resolved("not_acted");
+                                lease
+                            }
+                            Verdict::Accepted => {
+                                self.idempotency_metrics.resolved("accepted");
+                                lease.end(Ending::Answered(Answer::Ok), Instant::now());
+                                *replayed = Some(Replayed::Resolved);
+                                return (None, Ok(Output::default()));
+                            }
+                            Verdict::Unclear => {
+                                self.idempotency_metrics.resolved("unresolved");
+                                lease.end(Ending::Unknown, Instant::now());
+                                let unknown = CallError::OutcomeUnknown {
+                                    request_id: once.request_id,
+                                    bin_id: reply.bin_id,
+                                    case_state: reply.case_state,
+                                };
+                                return (None, Err(unknown));
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        self.idempotency_metrics.resolved("read_failed");
+                        lease.end(Ending::Unknown, Instant::now());
+                        return (None, Err(CallError::ReadingThePort(Box::new(error))));
+                    }
+                },
+            };
+            let caller_deadline = once.deadline_left();
+            let (upstream_time, outcome) = self
+                .call(once.context, request_id, caller_deadline, read_reply)
+                .await;
+            lease.end(ending(&outcome), Instant::now());
+            return (upstream_time, outcome);
+        }
+    }
+    /// Reads the port of `once` with `case_getstate`, after a call whose outcome was unknown.
+    async fn read_port(
+        &self,
+        once: &Once<'_>,
+        request_id: &RequestId,
+    ) -> Result<CaseStateReply, CallError> {
+        let context = CallContext {
+            method: "case_getstate",
+            port_id: once.context.port_id,
+            bin_id: None,
+        };
+        let read = |context: &CallContext, params: Element| {
+            CaseStateReply::from_params(&params)?.about_port(context.port_id)
+        };
+        self.call(&context, request_id, once.deadline_left(), read)
+            .await
+            .1
     }
 
     /// Calls the controller and reads its success reply with `read_reply`; also returns how long
@@ -159,34 +354,136 @@ impl TaskGateway {
     }
 }
 
+// === impl Once ===
+
+impl Once<'_> {
+    /// What is left of the caller's deadline, as `call` takes it.
+    fn deadline_left(&self) -> Option<Duration> {
+        self.caller_deadline
+            .map(|deadline| deadline.saturating_sub(self.started.elapsed()))
+    }
+
+    /// How long a repeat may wait for the first call, as long as it could call the controller.
+    fn time_left(&self, upstream_timeout: Duration) -> Option<Duration> {
+        time_limit(self.deadline_left(), upstream_timeout)
+    }
+}
+
+// === impl Replayed ===
+
+impl Replayed {
+    fn as_str(self) -> &'static str {
+        match self {
+            Replayed::Stored => "stored",
+            Replayed::Resolved => "resolved",
+        }
+    }
+}
+
+/// The answer a repeat gets from the store.
+fn replay<Output: Default>(answer: Answer) -> Result<Output, CallError> {
+    match answer {
+        Answer::Ok => Ok(Output::default()),
+        Answer::Fault(code) => Err(CallError::Fault(code)),
+    }
+}
+
+/// What the store keeps of how a call ended. An answer is kept only when the controller gave
+/// it and a retry would not change it: fault 1148 and the gateway's own refusals say the
+/// controller started nothing, so a repeat calls again, as a retry of them should.
+fn ending<Output>(outcome: &Result<Output, CallError>) -> Ending {
+    match outcome {
+        Ok(_) => Ending::Answered(Answer::Ok),
+        Err(CallError::Fault(code)) if fault::classify(*code).retry().has_retry_info() => {
+            Ending::NothingSent
+        }
+        Err(CallError::Fault(code)) => Ending::Answered(Answer::Fault(*code)),
+        Err(CallError::Upstream(error)) if status::may_have_acted(error) => Ending::Unknown,
+        Err(_) => Ending::NothingSent,
+    }
+}
+
+/// The idempotency key in a message's `request_id`: none when empty, else a UUID in its
+/// hyphenated form, in either case, other than the nil UUID (a client's unset default, which
+/// would make unrelated calls repeats of each other).
+fn parse_request_id(text: &str) -> Result<Option<Uuid>, Violation> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let parsed = (text.len() == uuid::fmt::Hyphenated::LENGTH)
+        .then(|| Uuid::try_parse(text).ok())
+        .flatten();
+    match parsed {
+        Some(uuid) if uuid.is_nil() => Err(Violation {
+            field: "request_id",
+            description: format!(
+                "request_id {uuid} is the nil UUID; send a fresh random one for each call"
+            ),
+        }),
+        Some(uuid) => Ok(Some(uuid)),
+        None => {
+            const MAX_QUOTED_CHARS: usize = 40;
+            let mut quoted: String = text.chars().take(MAX_QUOTED_CHARS).collect();
+            if quoted.len() < text.len() {
+                quoted.push('…');
+            }
+            Err(Violation {
+                field: "request_id",
+                description: format!(
+                    "request_id {quoted:?} is not a UUID in its hyphenated form, as \
+                     123e4567-e89b-12d3-a456-426614174000"
+                ),
+            })
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl TaskService for TaskGateway {
     async fn case_extract(
         &self,
         request: Request<CaseExtractRequest>,
     ) -> Result<Response<CaseExtractResponse>, Status> {
-        let context_of = |CaseExtractRequest { port_id, bin_id }| CallContext {
+        let mut request = request;
+        let key = IdempotencyKey {
+            method: Method::CaseExtract,
+            text: std::mem::take(&mut request.get_mut().request_id),
+        };
+        let context_of = |CaseExtractRequest {
+                              port_id, bin_id, ..
+                          }| CallContext {
             method: "case_extract",
             port_id,
             bin_id: Some(bin_id),
         };
         // `case_extract` has no response parameters; whatever `<params>` holds is not read.
-        self.unary(request, context_of, |_, _| Ok(CaseExtractResponse {}))
-            .await
+        self.unary(request, Some(key), context_of, |_, _| {
+            Ok(CaseExtractResponse {})
+        })
+        .await
     }
 
     async fn case_cancel(
         &self,
         request: Request<CaseCancelRequest>,
     ) -> Result<Response<CaseCancelResponse>, Status> {
-        let context_of = |CaseCancelRequest { port_id, bin_id }| CallContext {
+        let mut request = request;
+        let key = IdempotencyKey {
+            method: Method::CaseCancel,
+            text: std::mem::take(&mut request.get_mut().request_id),
+        };
+        let context_of = |CaseCancelRequest {
+                              port_id, bin_id, ..
+                          }| CallContext {
             method: "case_cancel",
             port_id,
             bin_id: Some(bin_id),
         };
         // Like `case_extract`, `case_cancel` has no response parameters.
-        self.unary(request, context_of, |_, _| Ok(CaseCancelResponse {}))
-            .await
+        self.unary(request, Some(key), context_of, |_, _| {
+            Ok(CaseCancelResponse {})
+        })
+        .await
     }
 
     async fn case_get_state(
@@ -198,7 +495,7 @@ impl TaskService for TaskGateway {
             port_id,
             bin_id: None,
         };
-        self.unary(request, context_of, |context, params| {
+        self.unary(request, None, context_of, |context, params| {
             let reply = CaseStateReply::from_params(&params)?.about_port(context.port_id)?;
             Ok(CaseGetStateResponse {
                 port_id: reply.port_id,
@@ -508,10 +805,11 @@ mod tests {
         let url = crate::config::parse_upstream_url("http://127.0.0.1:9/api/v2/task").unwrap();
         let settings = upstream::Settings::new(url);
         let upstream = Upstream::new(&settings).unwrap();
-        let gateway = TaskGateway::new(upstream, &settings, None);
+        let gateway = TaskGateway::new(upstream, &settings, None, &Metrics::new());
         let mut request = Request::new(CaseExtractRequest {
             port_id: 4,
             bin_id: 101337,
+            request_id: String::new(),
         });
         request
             .metadata_mut()

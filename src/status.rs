@@ -11,8 +11,12 @@ use prost_types::Any;
 use tonic::{Code, Status};
 use tonic_types::{BadRequest, ErrorInfo, FieldViolation, RetryInfo, pb};
 
+use uuid::Uuid;
+
+use crate::domain::CaseState;
 use crate::fault::{self, FaultClass};
 use crate::gateway_error::{self, GatewayError};
+use crate::idempotency::Params;
 use crate::proto::{FaultCode, TASK_FAULT_TYPE_URL, TaskFault};
 use crate::upstream::UpstreamError;
 use crate::watch::WatchEnd;
@@ -61,6 +65,30 @@ pub(crate) enum CallError {
     Fault(u32),
     /// The controller could not be asked, or its answer could not be read.
     Upstream(UpstreamError),
+    /// The `request_id` was first sent with other parameters.
+    RequestIdReused {
+        /// The key.
+        request_id: Uuid,
+        /// What it was first sent with.
+        first: Params,
+    },
+    /// The first call with the `request_id` was still in flight when this repeat's time ran out.
+    RequestInProgress {
+        /// The key.
+        request_id: Uuid,
+    },
+    /// The first call with the `request_id` may have been acted on, and the port's state does
+    /// not tell whether it was.
+    OutcomeUnknown {
+        /// The key.
+        request_id: Uuid,
+        /// The bin `case_getstate` named, if any.
+        bin_id: Option<u32>,
+        /// The state it showed.
+        case_state: CaseState,
+    },
+    /// Reading the port after an unknown outcome failed; the status is that of `case_getstate`.
+    ReadingThePort(Box<CallError>),
 }
 
 /// One request field outside its documented range.
@@ -102,7 +130,66 @@ pub(crate) fn status(context: &CallContext, error: &CallError, retry: RetryPolic
         ),
         CallError::Fault(code) => controller_fault(context, fault::classify(*code), retry),
         CallError::Upstream(upstream_error) => upstream(context, upstream_error, retry),
+        CallError::RequestIdReused { request_id, first } => gateway_error(
+            context,
+            &gateway_error::REQUEST_ID_REUSED,
+            format!(
+                "request_id {request_id} was first sent with {} port {} bin {}; send a fresh \
+                 request_id for each new call",
+                first.method.name(),
+                first.port_id,
+                first.bin_id
+            ),
+            Extra::RequestId(*request_id, None),
+            retry,
+        ),
+        CallError::RequestInProgress { request_id } => gateway_error(
+            context,
+            &gateway_error::REQUEST_IN_PROGRESS,
+            format!(
+                "the first call with request_id {request_id} was still in flight when this \
+                 call's deadline ran out; repeat it with the same request_id to get that call's \
+                 answer"
+            ),
+            Extra::RequestId(*request_id, None),
+            retry,
+        ),
+        CallError::OutcomeUnknown {
+            request_id,
+            bin_id,
+            case_state,
+        } => {
+            let seen = match bin_id {
+                Some(bin_id) => format!("{} with bin {bin_id}", case_state.code()),
+                None => format!("{} with no bin", case_state.code()),
+            };
+            gateway_error(
+                context,
+                &gateway_error::REQUEST_OUTCOME_UNKNOWN,
+                format!(
+                    "the first call with request_id {request_id} may have been acted on, and \
+                     case_getstate shows the port in {seen}, which does not tell whether it \
+                     was; nothing was sent: read the port with CaseGetState and decide"
+                ),
+                Extra::RequestId(*request_id, Some(case_state.code())),
+                retry,
+            )
+        }
+        CallError::ReadingThePort(error) => {
+            let reading = CallContext {
+                method: "case_getstate",
+                port_id: context.port_id,
+                bin_id: None,
+            };
+            status(&reading, error, retry)
+        }
     }
+}
+
+/// Whether the controller may have acted on a call that failed with `error`, as its row in the
+/// gateway-error table says.
+pub(crate) fn may_have_acted(error: &UpstreamError) -> bool {
+    upstream_row(error).0.retry.controller_may_have_acted()
 }
 
 /// The status of a health Watch refused because `limit` Watch streams are already open. Health
@@ -252,10 +339,17 @@ enum Extra {
     None,
     HttpStatus(u16),
     TimeoutMs(u128),
+    /// The idempotency key, and the case state a repeat saw.
+    RequestId(Uuid, Option<&'static str>),
 }
 
 fn upstream(context: &CallContext, error: &UpstreamError, retry: RetryPolicy) -> Status {
-    let (row, extra) = match error {
+    let (row, extra) = upstream_row(error);
+    gateway_error(context, row, error.to_string(), extra, retry)
+}
+
+fn upstream_row(error: &UpstreamError) -> (&'static GatewayError, Extra) {
+    match error {
         UpstreamError::Unreachable(_) => (&gateway_error::UPSTREAM_UNREACHABLE, Extra::None),
         UpstreamError::ConnectionLost(_) => (&gateway_error::UPSTREAM_CONNECTION_LOST, Extra::None),
         UpstreamError::Timeout { limit } => (
@@ -274,8 +368,7 @@ fn upstream(context: &CallContext, error: &UpstreamError, retry: RetryPolicy) ->
         UpstreamError::ResponseTooLarge { .. } => {
             (&gateway_error::UPSTREAM_RESPONSE_TOO_LARGE, Extra::None)
         }
-    };
-    gateway_error(context, row, error.to_string(), extra, retry)
+    }
 }
 
 fn gateway_error(
@@ -293,6 +386,12 @@ fn gateway_error(
         }
         Extra::TimeoutMs(millis) => {
             metadata.insert("timeoutMs".to_owned(), millis.to_string());
+        }
+        Extra::RequestId(request_id, case_state) => {
+            metadata.insert("requestId".to_owned(), request_id.to_string());
+            if let Some(case_state) = case_state {
+                metadata.insert("caseState".to_owned(), case_state.to_owned());
+            }
         }
     }
     let mut details = vec![error_info(row.reason, GATEWAY_DOMAIN, metadata)];

@@ -51,6 +51,10 @@ pub struct Settings {
     /// How many task calls may be in flight at once, each holding at most one controller
     /// connection; more are refused with RESOURCE_EXHAUSTED rather than queued.
     pub max_in_flight: NonZeroUsize,
+    /// How long a CaseExtract or CaseCancel `request_id` is remembered after its call ended.
+    pub idempotency_window: Duration,
+    /// How many `request_id`s are remembered at most; the oldest answered one is evicted first.
+    pub idempotency_max_entries: NonZeroUsize,
     /// HTTPS to the controller: its CA and a client certificate, when they are not the defaults.
     pub tls: UpstreamTls,
 }
@@ -142,6 +146,8 @@ impl Settings {
             retry_delay: defaults::RETRY_DELAY,
             max_response_bytes: defaults::MAX_RESPONSE_BYTES,
             max_in_flight: defaults::MAX_IN_FLIGHT,
+            idempotency_window: defaults::IDEMPOTENCY_WINDOW,
+            idempotency_max_entries: defaults::IDEMPOTENCY_MAX_ENTRIES,
             tls: UpstreamTls::default(),
         }
     }
@@ -154,6 +160,8 @@ impl Settings {
         limits::UPSTREAM_TIMEOUT.check(self.timeout)?;
         limits::RETRY_DELAY.check(self.retry_delay)?;
         limits::MAX_IN_FLIGHT.check(self.max_in_flight)?;
+        limits::IDEMPOTENCY_WINDOW.check(self.idempotency_window)?;
+        limits::IDEMPOTENCY_MAX_ENTRIES.check(self.idempotency_max_entries)?;
         limits::MAX_RESPONSE_BYTES.check(self.max_response_bytes)?;
         Ok(())
     }

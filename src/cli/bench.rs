@@ -662,7 +662,11 @@ fn round(value: f64, decimals: i32) -> f64 {
 
 impl Shared {
     fn request(&self, port_id: u32, bin_id: u32) -> tonic::Request<CaseExtractRequest> {
-        let mut request = tonic::Request::new(CaseExtractRequest { port_id, bin_id });
+        let mut request = tonic::Request::new(CaseExtractRequest {
+            port_id,
+            bin_id,
+            ..Default::default()
+        });
         let metadata = request.metadata_mut();
         metadata.insert(GRPC_TIMEOUT_HEADER, self.grpc_timeout.clone());
         if let Some(authorization) = &self.authorization {

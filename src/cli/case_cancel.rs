@@ -7,7 +7,11 @@ use super::Outcome;
 use super::task_call::{Client, PortAndBinArgs};
 
 pub(super) async fn case_cancel(args: PortAndBinArgs) -> Outcome {
-    let message_of = |port_id, bin_id| CaseCancelRequest { port_id, bin_id };
+    let message_of = |port_id, bin_id, request_id| CaseCancelRequest {
+        port_id,
+        bin_id,
+        request_id,
+    };
     let rpc = |mut client: Client, request| async move { client.case_cancel(request).await };
     args.call(
         "case_cancel",

@@ -12,7 +12,11 @@ pub(super) async fn case_extract(args: PortAndBinArgs) -> Outcome {
 
 /// Asks for the extraction and prints the outcome; a success prints `accepted`.
 pub(super) async fn ask(args: &PortAndBinArgs, accepted: &str) -> Outcome {
-    let message_of = |port_id, bin_id| CaseExtractRequest { port_id, bin_id };
+    let message_of = |port_id, bin_id, request_id| CaseExtractRequest {
+        port_id,
+        bin_id,
+        request_id,
+    };
     let rpc = |mut client: Client, request| async move { client.case_extract(request).await };
     args.call("case_extract", message_of, rpc, accepted).await
 }

@@ -225,6 +225,17 @@ fn resolve(settings: &ServeSettings) -> anyhow::Result<Config> {
         count(limits::MAX_IN_FLIGHT, settings.max_in_flight)?,
     );
     set(
+        &mut config.upstream.idempotency_window,
+        settings.idempotency_window,
+    );
+    set(
+        &mut config.upstream.idempotency_max_entries,
+        count(
+            limits::IDEMPOTENCY_MAX_ENTRIES,
+            settings.idempotency_max_entries,
+        )?,
+    );
+    set(
         &mut config.upstream.format,
         settings.upstream_format.map(Into::into),
     );

@@ -59,6 +59,12 @@ pub(super) struct PortAndBinArgs {
     #[arg(long, env = "TASKGATE_BIN")]
     bin: u32,
 
+    /// The message's request_id, the idempotency key (a UUID; not the x-request-id): give the
+    /// one a failed call printed to repeat that call, which the gateway then never sends to the
+    /// controller twice. Default: a fresh UUID for each invocation.
+    #[arg(long, env = "TASKGATE_IDEMPOTENCY_KEY")]
+    idempotency_key: Option<String>,
+
     #[command(flatten)]
     gateway: GatewayArgs,
 }
@@ -80,11 +86,13 @@ impl PortAndBinArgs {
     }
 
     /// Calls `method` (its task-interface name, for the printed lines) with the message
-    /// `message_of` makes from the port and bin, through `rpc`; a success prints `accepted`.
+    /// `message_of` makes from the port, bin and idempotency key, through `rpc`; a success
+    /// prints `accepted`. A failure whose outcome is unknown also prints the key, so that the
+    /// call can be repeated safely.
     pub(super) async fn call<Message, Reply, Answer>(
         &self,
         method: &str,
-        message_of: impl FnOnce(u32, u32) -> Message,
+        message_of: impl FnOnce(u32, u32, String) -> Message,
         rpc: impl FnOnce(Client, tonic::Request<Message>) -> Answer,
         accepted: &str,
     ) -> Outcome
@@ -92,8 +100,44 @@ impl PortAndBinArgs {
         Answer: Future<Output = Result<tonic::Response<Reply>, tonic::Status>>,
     {
         let what = format!("{method} port {} bin {}", self.port, self.bin);
-        let message = message_of(self.port, self.bin);
-        call(&self.gateway, &what, message, rpc, |_| accepted.to_owned()).await
+        let key = self
+            .idempotency_key
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let message = message_of(self.port, self.bin, key.clone());
+        let (client, request) = open(&self.gateway, message).await?;
+        match rpc(client, request).await {
+            Ok(response) => {
+                let printed = output::line(format_args!("ok: {what}: {accepted}"))
+                    .and_then(|()| print_request_id(response.metadata()));
+                output::exit_after(printed, Exit::Success)
+            }
+            Err(status) => {
+                let printed = print_failure(&what, &status).and_then(|()| {
+                    if outcome_unknown(&status) {
+                        output::line(format_args!(
+                            "  idempotency key: {key} (repeat with --idempotency-key {key})"
+                        ))
+                    } else {
+                        Ok(())
+                    }
+                });
+                output::exit_after(printed, Exit::CallFailed)
+            }
+        }
+    }
+}
+
+/// Whether the controller may have acted on a failed call without its answer being known: the
+/// codes of the retry contract that no retry policy retries, and a repeat the port's state did
+/// not settle.
+fn outcome_unknown(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::Unknown | tonic::Code::DeadlineExceeded | tonic::Code::Internal => true,
+        tonic::Code::FailedPrecondition => status
+            .get_details_error_info()
+            .is_some_and(|error_info| error_info.reason == "REQUEST_OUTCOME_UNKNOWN"),
+        _ => false,
     }
 }
 

@@ -164,6 +164,20 @@ mod tests {
             ),
         );
         check_setting(
+            |config| config.upstream.idempotency_window = ms(999),
+            Some(
+                "--idempotency-window 999ms is out of range 1s-1day: a retry comes later than \
+                 that, so nothing would be deduplicated",
+            ),
+        );
+        check_setting(
+            |config| config.upstream.idempotency_max_entries = count(1_000_001),
+            Some(
+                "--idempotency-max-entries 1000001 is out of range 1-1000000: each takes up to \
+                 249 bytes, and a controller serves far fewer calls in a window",
+            ),
+        );
+        check_setting(
             |config| config.upstream.max_response_bytes = count(1023),
             Some(
                 "--max-response-bytes 1023 is out of range 1024-67108864: a smaller cap would \

@@ -31,6 +31,11 @@
 //!   reading a state changes nothing. A port that has never run an operation answers NOOP with
 //!   no bin.
 //! - Insertion (IREQ…ICMP) is never simulated: no method starts one.
+//!
+//! The gateway relies on these rules when it repeats a `request_id` whose first call's outcome
+//! was unknown (`idempotency::judge`): an accepted `case_extract` shows its bin in EREQ, ERSO or
+//! ECMP from the moment it is accepted, an accepted `case_cancel` shows NOOP with its bin. A
+//! test there runs this table to keep the two in step.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;

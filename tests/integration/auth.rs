@@ -37,6 +37,7 @@ fn call(authorization: Option<&str>) -> tonic::Request<CaseExtractRequest> {
     let mut request = tonic::Request::new(CaseExtractRequest {
         port_id: 4,
         bin_id: 101337,
+        ..Default::default()
     });
     if let Some(authorization) = authorization {
         request

@@ -14,6 +14,7 @@ fn request() -> tonic::Request<CaseExtractRequest> {
     tonic::Request::new(CaseExtractRequest {
         port_id: 4,
         bin_id: 101337,
+        ..Default::default()
     })
 }
 

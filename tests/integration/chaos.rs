@@ -273,6 +273,7 @@ async fn call(mut client: Client, index: usize, deadline: Option<Duration>) -> A
     let mut request = tonic::Request::new(CaseExtractRequest {
         port_id: 4,
         bin_id: 101337,
+        ..Default::default()
     });
     request
         .metadata_mut()
@@ -371,6 +372,7 @@ async fn settle(controller: &ChaosController, client: &Client, pid: u32) -> Samp
     let request = CaseExtractRequest {
         port_id: 4,
         bin_id: 101337,
+        ..Default::default()
     };
     client.case_extract(request).await.unwrap();
     Sample {

@@ -653,6 +653,7 @@ async fn a_stalled_log_reader_never_stalls_calls_or_shutdown() {
     let fault_1087 = CaseExtractRequest {
         port_id: 1,
         bin_id: 101337,
+        ..Default::default()
     };
     call_until_log_lines_drop(&serve.gateway, &metrics_url, fault_1087, "1087").await;
 
@@ -692,9 +693,10 @@ pub(crate) async fn call_until_log_lines_drop(
         while log_lines_dropped(metrics_url).await == 0 {
             let calls = (0..CALLERS).map(|_| {
                 let mut client = TaskServiceClient::new(channel.clone());
+                let request = request.clone();
                 tokio::spawn(async move {
                     for _ in 0..CALLS_PER_CALLER {
-                        let status = client.case_extract(request).await.unwrap_err();
+                        let status = client.case_extract(request.clone()).await.unwrap_err();
                         assert!(status.message().contains(expected), "{status:?}");
                     }
                 })

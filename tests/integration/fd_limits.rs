@@ -108,6 +108,7 @@ async fn the_shutdown_log_says_what_held_the_grace() {
             .case_extract(taskgate::proto::CaseExtractRequest {
                 port_id: 4,
                 bin_id: 101337,
+                ..Default::default()
             })
             .await
     });

@@ -60,6 +60,7 @@ async fn call(gateway: &Gateway, port_id: u32) -> (String, Option<String>) {
         .body(frame(&CaseExtractRequest {
             port_id,
             bin_id: 101337,
+            ..Default::default()
         }))
         .send()
         .await

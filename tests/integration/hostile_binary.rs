@@ -568,8 +568,9 @@ async fn malformed_grpc_timeout_and_a_second_message_are_refused() {
     let request = CaseExtractRequest {
         port_id: 4,
         bin_id: 101337,
+        ..Default::default()
     };
-    let status = case_extract_stream(channel, vec![request, request])
+    let status = case_extract_stream(channel, vec![request.clone(), request])
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Internal, "{status:?}");

@@ -18,6 +18,7 @@
 //! - `metrics`: the Prometheus endpoint after a known mix of calls.
 //! - `protocol`: a malformed grpc-timeout and a second request message are refused.
 //! - `request_id`: x-request-id from caller to controller and back.
+//! - `idempotency`: the `request_id` message field: a repeat is never POSTed twice.
 //! - `retry_contract`: a client retrying as the published service config says, on the real
 //!   binary: one POST when the controller may have acted, retries when it declined.
 //! - `shutdown`: graceful shutdown with calls in flight.
@@ -52,6 +53,7 @@ mod grpc_web;
 mod health;
 mod hostile_binary;
 mod http1_limits;
+mod idempotency;
 mod json_upstream;
 mod limits;
 mod metrics;

@@ -24,6 +24,7 @@ fn request() -> CaseExtractRequest {
     CaseExtractRequest {
         port_id: 4,
         bin_id: 101337,
+        ..Default::default()
     }
 }
 

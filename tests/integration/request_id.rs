@@ -10,6 +10,7 @@ fn request_with_id(request_id: Option<&str>) -> tonic::Request<CaseExtractReques
     let mut request = tonic::Request::new(CaseExtractRequest {
         port_id: 4,
         bin_id: 101337,
+        ..Default::default()
     });
     if let Some(request_id) = request_id {
         request

@@ -68,6 +68,7 @@ impl PublishedPolicy {
             let request = CaseExtractRequest {
                 port_id: 4,
                 bin_id: 101337,
+                ..Default::default()
             };
             let status = client.case_extract(request).await.unwrap_err();
             let retryable = self

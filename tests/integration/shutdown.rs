@@ -143,6 +143,7 @@ async fn sigterm_with_nothing_in_flight_exits_at_once_while_stderr_is_never_read
     let fault_1087 = CaseExtractRequest {
         port_id: 1,
         bin_id: 101337,
+        ..Default::default()
     };
     call_until_log_lines_drop(&serve.gateway, &serve.metrics_url(), fault_1087, "1087").await;
     serve.signal("TERM").await;
@@ -166,6 +167,7 @@ async fn sigterm_with_a_call_in_flight_exits_after_the_grace_while_stderr_is_nev
     let refused = CaseExtractRequest {
         port_id: 4,
         bin_id: 0,
+        ..Default::default()
     };
     call_until_log_lines_drop(&serve.gateway, &serve.metrics_url(), refused, "bin_id").await;
     let mut client = TaskServiceClient::new(endpoint(serve.gateway.clone()).connect_lazy());
@@ -174,6 +176,7 @@ async fn sigterm_with_a_call_in_flight_exits_after_the_grace_while_stderr_is_nev
             .case_extract(CaseExtractRequest {
                 port_id: 4,
                 bin_id: 101337,
+                ..Default::default()
             })
             .await
     });
@@ -223,11 +226,19 @@ async fn sigterm_with_a_watcher_that_never_reads_exits_at_once() {
     for _ in 0..CYCLES {
         let (port_id, bin_id) = (4, 101337);
         client
-            .case_extract(CaseExtractRequest { port_id, bin_id })
+            .case_extract(CaseExtractRequest {
+                port_id,
+                bin_id,
+                ..Default::default()
+            })
             .await
             .unwrap();
         client
-            .case_cancel(CaseCancelRequest { port_id, bin_id })
+            .case_cancel(CaseCancelRequest {
+                port_id,
+                bin_id,
+                ..Default::default()
+            })
             .await
             .unwrap();
     }

@@ -337,6 +337,7 @@ async fn two_hundred_fifty_six_concurrent_calls_succeed() {
             let request = taskgate::proto::CaseExtractRequest {
                 port_id,
                 bin_id: 1000 + port_id,
+                ..Default::default()
             };
             client.clone().case_extract(request).await
         })

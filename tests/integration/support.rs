@@ -78,7 +78,11 @@ impl Gateway {
         bin_id: u32,
         deadline: Option<Duration>,
     ) -> Result<(), tonic::Status> {
-        let mut request = tonic::Request::new(CaseExtractRequest { port_id, bin_id });
+        let mut request = tonic::Request::new(CaseExtractRequest {
+            port_id,
+            bin_id,
+            ..Default::default()
+        });
         if let Some(deadline) = deadline {
             request.set_timeout(deadline);
         }
@@ -87,7 +91,11 @@ impl Gateway {
 
     /// Calls CaseCancel, with no deadline.
     pub(crate) async fn case_cancel(&self, port_id: u32, bin_id: u32) -> Result<(), tonic::Status> {
-        let request = CaseCancelRequest { port_id, bin_id };
+        let request = CaseCancelRequest {
+            port_id,
+            bin_id,
+            ..Default::default()
+        };
         self.client.clone().case_cancel(request).await.map(|_| ())
     }
 
@@ -115,7 +123,11 @@ impl Gateway {
         let mut client = self.client.clone();
         tokio::spawn(async move {
             client
-                .case_extract(CaseExtractRequest { port_id, bin_id })
+                .case_extract(CaseExtractRequest {
+                    port_id,
+                    bin_id,
+                    ..Default::default()
+                })
                 .await
                 .map(|_| ())
         })
@@ -538,6 +550,30 @@ impl FakeUpstream {
         self.connections.load(Ordering::SeqCst)
     }
 
+    /// The task-interface method (`<name>`) of every request that arrived so far, in order,
+    /// without waiting.
+    pub(crate) fn methods_so_far(&mut self) -> Vec<String> {
+        let mut methods = Vec::new();
+        let mut seen = std::mem::take(&mut self.backlog);
+        while let Ok(event) = self.seen.try_recv() {
+            seen.push_back(event);
+        }
+        for event in seen {
+            match event {
+                Seen::Request { body, .. } => {
+                    let body = String::from_utf8_lossy(&body);
+                    let name = body
+                        .split_once("<name>")
+                        .and_then(|(_, rest)| rest.split_once("</name>"))
+                        .map_or("?", |(name, _)| name);
+                    methods.push(name.to_owned());
+                }
+                Seen::Closed => self.backlog.push_back(event),
+            }
+        }
+        methods
+    }
+
     /// How many requests arrived so far, without waiting.
     pub(crate) fn requests_so_far(&mut self) -> usize {
         let mut count = 0;
@@ -931,6 +967,7 @@ pub(crate) async fn case_extract_with_grpc_timeout(
     let mut call = tonic::Request::new(CaseExtractRequest {
         port_id: 4,
         bin_id: 101337,
+        ..Default::default()
     });
     call.metadata_mut()
         .insert("grpc-timeout", value.parse().unwrap());

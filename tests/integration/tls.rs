@@ -94,6 +94,7 @@ fn request() -> CaseExtractRequest {
     CaseExtractRequest {
         port_id: 4,
         bin_id: 101337,
+        ..Default::default()
     }
 }
 

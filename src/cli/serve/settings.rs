@@ -67,6 +67,18 @@ pub(crate) struct ServeSettings {
     #[arg(long, env = "TASKGATE_MAX_IN_FLIGHT")]
     pub(super) max_in_flight: Option<u64>,
 
+    /// How long a CaseExtract or CaseCancel request_id (the idempotency key in the message, not
+    /// the x-request-id header) is remembered after its call ended (never while in flight): a repeat within it is never
+    /// sent to the controller twice. 1s to 1d.
+    #[arg(long, env = "TASKGATE_IDEMPOTENCY_WINDOW", value_parser = duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub(super) idempotency_window: Option<Duration>,
+
+    /// How many request_ids are remembered at most, up to 249 bytes each; when full, the oldest
+    /// answered one is forgotten (counted on /metrics). 1 to 1000000.
+    #[arg(long, env = "TASKGATE_IDEMPOTENCY_MAX_ENTRIES")]
+    pub(super) idempotency_max_entries: Option<u64>,
+
     /// How long a new gRPC connection may take to identify itself (TLS handshake, then the
     /// HTTP/2 preface or a complete first HTTP/1.1 request head) before it is closed; also the
     /// limit on later HTTP/1.1 request heads, and on each HTTP/1.1 (gRPC-Web) request body from
@@ -235,6 +247,8 @@ impl ServeSettings {
             shutdown_grace: Some(defaults::SHUTDOWN_GRACE),
             health_interval: Some(defaults::HEALTH_INTERVAL),
             max_in_flight: Some(count(defaults::MAX_IN_FLIGHT)),
+            idempotency_window: Some(defaults::IDEMPOTENCY_WINDOW),
+            idempotency_max_entries: Some(count(defaults::IDEMPOTENCY_MAX_ENTRIES)),
             handshake_timeout: Some(defaults::HANDSHAKE_TIMEOUT),
             idle_timeout: Some(defaults::IDLE_TIMEOUT),
             max_concurrent_streams: Some(u64::from(defaults::MAX_CONCURRENT_STREAMS.get())),

@@ -158,6 +158,7 @@ fn checked_ranges() -> BTreeMap<String, (String, String)> {
         limits::HEALTH_INTERVAL,
         limits::HANDSHAKE_TIMEOUT,
         limits::IDLE_TIMEOUT,
+        limits::IDEMPOTENCY_WINDOW,
     ] {
         ranges.insert(bounds.setting.to_owned(), ends(bounds));
     }
@@ -171,6 +172,7 @@ fn checked_ranges() -> BTreeMap<String, (String, String)> {
     for bounds in [
         limits::MAX_RESPONSE_BYTES,
         limits::MAX_IN_FLIGHT,
+        limits::IDEMPOTENCY_MAX_ENTRIES,
         limits::MAX_CONNECTIONS,
         limits::MAX_HEALTH_WATCHES,
         limits::MAX_WATCHES,

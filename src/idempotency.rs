@@ -1,0 +1,623 @@
+//! The idempotency store (AIP-155): what the gateway remembers about each `request_id` sent on
+//! CaseExtract and CaseCancel, so that a repeat is never POSTed twice.
+//!
+//! Pure logic: time is passed in as `now`, and the only waiting is on a `watch` channel the
+//! service awaits. An entry is keyed by the request_id alone and remembers the method, port and
+//! bin it came with (a repeat with other ones is refused), and where the call stands:
+//!
+//! - in flight: one call holds its [`Lease`]; a repeat waits for it;
+//! - answered: OK, or a fault the controller sent; a repeat gets the same answer;
+//! - unknown: the call ended where the controller may have acted (connection lost, timeout, a
+//!   5xx, a reply the gateway cannot read, or the caller went away mid-call); a repeat takes the
+//!   lease and reads the port before doing anything.
+//!
+//! An answer where the controller certainly started nothing (unreachable, 503 or 429, fault
+//! 1148, a deadline too short) is not kept: the entry is dropped, so a repeat calls again.
+//!
+//! Entries live for the window from the answer (or unknown outcome) of their last call, and at
+//! most `max_entries` are kept; when full, the oldest that is not in flight is evicted. An entry
+//! in flight never expires and is never evicted, as a repeat waiting for it would then POST a
+//! second time: the table may hold one more entry per call in flight (at most
+//! `--max-in-flight`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::domain::CaseState;
+
+/// The two methods that take a `request_id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Method {
+    /// `case_extract`.
+    CaseExtract,
+    /// `case_cancel`.
+    CaseCancel,
+}
+
+/// What `case_getstate` shows about a call whose outcome was unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The controller accepted the call: its answer was OK.
+    Accepted,
+    /// The controller did not act on it: send it again.
+    NotActed,
+    /// The state does not tell.
+    Unclear,
+}
+
+/// What a port in `case_state` with `bin_id`, read after a call of `params` whose outcome was
+/// unknown, says about that call.
+///
+/// Inferred, not documented by the vendor (task-interface.md §4.5 lists the states, not the
+/// transitions; the simulator's `port` module makes the same assumptions, so this holds against
+/// it):
+/// - an accepted `case_extract` puts the port in EREQ, then ERSO, then ECMP, naming its bin;
+///   ECMP stays until the next operation. A port in NOOP naming another bin, or none, did not
+///   accept it. NOOP naming this very bin is unclear: an extraction of it may have been
+///   accepted and then cancelled. ECMP of this bin cannot be told from an earlier completed
+///   extraction of the same bin, which would need the bin opened again in between.
+/// - an accepted `case_cancel` puts the port in NOOP keeping the bin (after the `CR` signal);
+///   EREQ or ERSO of this bin means the cancel was not applied, so it is sent again. ECMP (the
+///   operation finished, so a cancel would have been refused) and any other bin are unclear.
+pub(crate) fn judge(params: Params, bin_id: Option<u32>, case_state: CaseState) -> Verdict {
+    let this_bin = bin_id == Some(params.bin_id);
+    match (params.method, case_state) {
+        (Method::CaseExtract, CaseState::Ereq | CaseState::Erso | CaseState::Ecmp) if this_bin => {
+            Verdict::Accepted
+        }
+        (Method::CaseExtract, CaseState::Noop) if !this_bin => Verdict::NotActed,
+        (Method::CaseCancel, CaseState::Noop) if this_bin => Verdict::Accepted,
+        (Method::CaseCancel, CaseState::Ereq | CaseState::Erso) if this_bin => Verdict::NotActed,
+        _ => Verdict::Unclear,
+    }
+}
+
+/// What a request asks for: a repeat must ask for the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Params {
+    /// The method called.
+    pub(crate) method: Method,
+    /// The port.
+    pub(crate) port_id: u32,
+    /// The bin.
+    pub(crate) bin_id: u32,
+}
+
+/// A definite answer, kept for repeats: small and `Copy`, so that an entry holds nothing on
+/// the heap. The status is built again from it, as the first call's was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// The controller accepted the call.
+    Ok,
+    /// The controller answered this fault code.
+    Fault(u32),
+}
+
+/// How a call that holds a lease ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// The controller answered; repeats get the same answer.
+    Answered(Answer),
+    /// The controller certainly started nothing; a repeat may call again.
+    NothingSent,
+    /// The controller may have acted; a repeat reads the port first.
+    Unknown,
+}
+
+/// What a call with a `request_id` does next.
+#[derive(Debug)]
+pub(crate) enum Claim {
+    /// No call with this id is remembered: call the controller, then end the lease.
+    Call(Lease),
+    /// An earlier call's outcome is unknown: read the port, then end the lease.
+    Resolve(Lease),
+    /// An earlier call is in flight: wait for `changed()` to fail (its lease ended), then claim
+    /// again.
+    Wait(watch::Receiver<()>),
+    /// An earlier call got this answer.
+    Replay(Answer),
+    /// The id was first sent with these other parameters.
+    Reused(Params),
+}
+
+/// The right to call the controller for one `request_id`, until [`Lease::end`]. Dropped
+/// without ending (the caller went away mid-call), the outcome is unknown: the POST may have
+/// been sent.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    store: Store,
+    key: u128,
+    serial: u64,
+    /// Dropped with the lease, which wakes every repeat waiting on it.
+    _in_flight: watch::Sender<()>,
+    ended: bool,
+}
+
+/// The idempotency store: cheap to clone, shared by every call.
+#[derive(Debug, Clone)]
+pub(crate) struct Store {
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    window: Duration,
+    max_entries: NonZeroUsize,
+    entries: HashMap<u128, Entry>,
+    /// The keys by serial, oldest first: what expires and what is evicted first. Entries in
+    /// flight keep the serial of their claim, and are skipped.
+    order: BTreeMap<u64, u128>,
+    next_serial: u64,
+}
+
+/// What the store remembers about one `request_id`.
+#[derive(Debug)]
+struct Entry {
+    /// Its place in `order`: renewed when a call ends, so `order` is by `since`.
+    serial: u64,
+    /// When its last call ended, or, while in flight, when it was claimed.
+    since: Instant,
+    params: Params,
+    state: State,
+}
+
+#[derive(Debug)]
+enum State {
+    InFlight(watch::Receiver<()>),
+    Answered(Answer),
+    Unknown,
+}
+
+/// What [`Store::claim`] did besides answering, for the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Counts {
+    /// Whether the id was already remembered (a repeat).
+    pub(crate) hit: bool,
+    /// How many entries were evicted to make room.
+    pub(crate) evicted: usize,
+}
+
+// === impl Method ===
+
+impl Method {
+    /// The task-interface method, as messages name it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Method::CaseExtract => "case_extract",
+            Method::CaseCancel => "case_cancel",
+        }
+    }
+}
+
+// === impl Store ===
+
+impl Store {
+    /// Remembers ids for `window` after their call ended, at most `max_entries` of them.
+    pub(crate) fn new(window: Duration, max_entries: NonZeroUsize) -> Self {
+        Store {
+            inner: Arc::new(Mutex::new(Inner {
+                window,
+                max_entries,
+                entries: HashMap::new(),
+                order: BTreeMap::new(),
+                next_serial: 0,
+            })),
+        }
+    }
+
+    /// What a call of `params` with `request_id` does at `now`.
+    pub(crate) fn claim(&self, request_id: u128, params: Params, now: Instant) -> (Claim, Counts) {
+        let mut inner = self.lock();
+        inner.expire(now);
+        let mut counts = Counts::default();
+        if let Some(entry) = inner.entries.get_mut(&request_id) {
+            counts.hit = true;
+            if entry.params != params {
+                return (Claim::Reused(entry.params), counts);
+            }
+            let claim = match &entry.state {
+                State::InFlight(receiver) => Claim::Wait(receiver.clone()),
+                State::Answered(answer) => Claim::Replay(*answer),
+                State::Unknown => {
+                    let (sender, receiver) = watch::channel(());
+                    entry.state = State::InFlight(receiver);
+                    Claim::Resolve(self.lease(request_id, entry.serial, sender))
+                }
+            };
+            return (claim, counts);
+        }
+        counts.evicted = inner.make_room();
+        let serial = inner.next_serial;
+        inner.next_serial += 1;
+        let (sender, receiver) = watch::channel(());
+        inner.entries.insert(
+            request_id,
+            Entry {
+                serial,
+                since: now,
+                params,
+                state: State::InFlight(receiver),
+            },
+        );
+        inner.order.insert(serial, request_id);
+        (Claim::Call(self.lease(request_id, serial, sender)), counts)
+    }
+
+    /// How many ids are remembered.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    fn lease(&self, key: u128, serial: u64, sender: watch::Sender<()>) -> Lease {
+        Lease {
+            store: self.clone(),
+            key,
+            serial,
+            _in_flight: sender,
+            ended: false,
+        }
+    }
+
+    /// The table, even if a thread panicked holding it: every change to it is one statement,
+    /// so it is never left half made.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+// === impl Inner ===
+
+impl Inner {
+    /// Forgets every entry not in flight whose last call ended a window ago or more.
+    fn expire(&mut self, now: Instant) {
+        let mut expired = Vec::new();
+        for (&serial, key) in &self.order {
+            let Some(entry) = self.entries.get(key) else {
+                expired.push((serial, *key));
+                continue;
+            };
+            if matches!(entry.state, State::InFlight(_)) {
+                continue;
+            }
+            if now.saturating_duration_since(entry.since) < self.window {
+                break;
+            }
+            expired.push((serial, *key));
+        }
+        for (serial, key) in expired {
+            self.order.remove(&serial);
+            self.entries.remove(&key);
+        }
+    }
+
+    /// Evicts the oldest entries not in flight until one more fits; returns how many.
+    fn make_room(&mut self) -> usize {
+        let mut evicted = 0;
+        while self.entries.len() >= self.max_entries.get() {
+            let oldest_settled = self.order.iter().find_map(|(&serial, key)| {
+                let entry = self.entries.get(key)?;
+                (!matches!(entry.state, State::InFlight(_))).then_some((serial, *key))
+            });
+            let Some((serial, key)) = oldest_settled else {
+                break;
+            };
+            self.order.remove(&serial);
+            self.entries.remove(&key);
+            evicted += 1;
+        }
+        evicted
+    }
+
+    /// Records how the lease `serial` on `key` ended at `now`, unless its entry has gone.
+    fn end(&mut self, key: u128, serial: u64, ending: Ending, now: Instant) {
+        let Some(entry) = self.entries.get_mut(&key) else {
+            return;
+        };
+        if entry.serial != serial {
+            return;
+        }
+        self.order.remove(&serial);
+        let state = match ending {
+            Ending::Answered(answer) => State::Answered(answer),
+            Ending::Unknown => State::Unknown,
+            Ending::NothingSent => {
+                self.entries.remove(&key);
+                return;
+            }
+        };
+        entry.state = state;
+        entry.since = now;
+        entry.serial = self.next_serial;
+        self.order.insert(self.next_serial, key);
+        self.next_serial += 1;
+    }
+}
+
+// === impl Lease ===
+
+impl Lease {
+    /// Records how the call ended at `now`; repeats waiting on it then claim again.
+    pub(crate) fn end(mut self, ending: Ending, now: Instant) {
+        self.ended = true;
+        self.store.lock().end(self.key, self.serial, ending, now);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.ended {
+            let now = Instant::now();
+            self.store
+                .lock()
+                .end(self.key, self.serial, Ending::Unknown, now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_secs(600);
+    const EXTRACT: Params = Params {
+        method: Method::CaseExtract,
+        port_id: 4,
+        bin_id: 101337,
+    };
+
+    fn store(max_entries: usize) -> Store {
+        Store::new(WINDOW, NonZeroUsize::new(max_entries).unwrap())
+    }
+
+    fn lease(claim: Claim) -> Lease {
+        match claim {
+            Claim::Call(lease) | Claim::Resolve(lease) => lease,
+            other => panic!("expected a lease, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_repeat_after_an_answer_gets_it_and_nothing_is_called_twice() {
+        let store = store(10);
+        let now = Instant::now();
+        let (claim, counts) = store.claim(1, EXTRACT, now);
+        assert!(!counts.hit);
+        lease(claim).end(Ending::Answered(Answer::Fault(1149)), now);
+        let (claim, counts) = store.claim(1, EXTRACT, now + Duration::from_secs(1));
+        assert!(counts.hit);
+        assert!(
+            matches!(claim, Claim::Replay(Answer::Fault(1149))),
+            "{claim:?}"
+        );
+    }
+
+    #[test]
+    fn the_same_id_with_other_parameters_or_method_is_refused() {
+        let store = store(10);
+        let now = Instant::now();
+        let _first = lease(store.claim(1, EXTRACT, now).0);
+        let other_bin = Params {
+            bin_id: 7,
+            ..EXTRACT
+        };
+        let cancel = Params {
+            method: Method::CaseCancel,
+            ..EXTRACT
+        };
+        for params in [other_bin, cancel] {
+            let (claim, _) = store.claim(1, params, now);
+            assert!(
+                matches!(claim, Claim::Reused(first) if first == EXTRACT),
+                "{claim:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_repeat_in_flight_waits_for_the_first_call_and_then_replays_it() {
+        let store = store(10);
+        let now = Instant::now();
+        let first = lease(store.claim(1, EXTRACT, now).0);
+        let Claim::Wait(mut receiver) = store.claim(1, EXTRACT, now).0 else {
+            panic!("expected to wait");
+        };
+        first.end(Ending::Answered(Answer::Ok), now);
+        assert!(
+            receiver.changed().await.is_err(),
+            "the wait ends with the lease"
+        );
+        assert!(matches!(
+            store.claim(1, EXTRACT, now).0,
+            Claim::Replay(Answer::Ok)
+        ));
+    }
+
+    #[test]
+    fn after_an_unknown_outcome_one_repeat_resolves_and_the_next_waits() {
+        let store = store(10);
+        let now = Instant::now();
+        drop(lease(store.claim(1, EXTRACT, now).0));
+        let resolving = store.claim(1, EXTRACT, now).0;
+        assert!(matches!(resolving, Claim::Resolve(_)), "{resolving:?}");
+        assert!(matches!(store.claim(1, EXTRACT, now).0, Claim::Wait(_)));
+        lease(resolving).end(Ending::Unknown, now);
+        assert!(matches!(store.claim(1, EXTRACT, now).0, Claim::Resolve(_)));
+    }
+
+    #[test]
+    fn nothing_sent_forgets_the_id() {
+        let store = store(10);
+        let now = Instant::now();
+        lease(store.claim(1, EXTRACT, now).0).end(Ending::NothingSent, now);
+        assert_eq!(store.len(), 0);
+        let (claim, counts) = store.claim(1, EXTRACT, now);
+        assert!(matches!(claim, Claim::Call(_)), "{claim:?}");
+        assert!(!counts.hit);
+    }
+
+    #[test]
+    fn an_id_is_forgotten_once_the_window_from_its_answer_has_passed() {
+        let store = store(10);
+        let now = Instant::now();
+        lease(store.claim(1, EXTRACT, now).0).end(Ending::Answered(Answer::Ok), now);
+        let just_before = now + WINDOW - Duration::from_millis(1);
+        assert!(matches!(
+            store.claim(1, EXTRACT, just_before).0,
+            Claim::Replay(_)
+        ));
+        assert!(matches!(
+            store.claim(1, EXTRACT, now + WINDOW).0,
+            Claim::Call(_)
+        ));
+    }
+
+    #[test]
+    fn when_full_the_oldest_settled_entry_is_evicted_never_one_in_flight() {
+        let store = store(2);
+        let now = Instant::now();
+        let _in_flight = lease(store.claim(1, EXTRACT, now).0);
+        lease(store.claim(2, EXTRACT, now).0).end(Ending::Answered(Answer::Ok), now);
+        let (claim, counts) = store.claim(3, EXTRACT, now);
+        assert_eq!(counts.evicted, 1);
+        let _third = lease(claim);
+        assert_eq!(store.len(), 2);
+        assert!(
+            matches!(store.claim(1, EXTRACT, now).0, Claim::Wait(_)),
+            "1 is kept"
+        );
+        // Every entry is in flight now: the table grows past its bound rather than forget one.
+        let (claim, counts) = store.claim(2, EXTRACT, now);
+        assert!(matches!(claim, Claim::Call(_)), "2 was evicted: {claim:?}");
+        assert_eq!(counts.evicted, 0);
+        assert_eq!(store.len(), 3);
+    }
+
+    #[test]
+    fn a_call_in_flight_never_expires_and_the_window_counts_from_its_answer() {
+        let store = store(10);
+        let now = Instant::now();
+        let first = lease(store.claim(1, EXTRACT, now).0);
+        let answered = now + WINDOW * 2;
+        assert!(matches!(
+            store.claim(1, EXTRACT, answered).0,
+            Claim::Wait(_)
+        ));
+        first.end(Ending::Answered(Answer::Ok), answered);
+        let just_before = answered + WINDOW - Duration::from_millis(1);
+        assert!(matches!(
+            store.claim(1, EXTRACT, just_before).0,
+            Claim::Replay(Answer::Ok)
+        ));
+        assert!(matches!(
+            store.claim(1, EXTRACT, answered + WINDOW).0,
+            Claim::Call(_)
+        ));
+    }
+
+    #[test]
+    fn what_the_port_shows_after_an_unknown_outcome() {
+        let cancel = Params {
+            method: Method::CaseCancel,
+            ..EXTRACT
+        };
+        let this = Some(EXTRACT.bin_id);
+        let other = Some(7);
+        let cases = [
+            (EXTRACT, this, CaseState::Ereq, Verdict::Accepted),
+            (EXTRACT, this, CaseState::Erso, Verdict::Accepted),
+            (EXTRACT, this, CaseState::Ecmp, Verdict::Accepted),
+            (EXTRACT, None, CaseState::Noop, Verdict::NotActed),
+            (EXTRACT, other, CaseState::Noop, Verdict::NotActed),
+            (EXTRACT, this, CaseState::Noop, Verdict::Unclear),
+            (EXTRACT, other, CaseState::Ereq, Verdict::Unclear),
+            (EXTRACT, this, CaseState::Ireq, Verdict::Unclear),
+            (cancel, this, CaseState::Noop, Verdict::Accepted),
+            (cancel, this, CaseState::Ereq, Verdict::NotActed),
+            (cancel, this, CaseState::Erso, Verdict::NotActed),
+            (cancel, this, CaseState::Ecmp, Verdict::Unclear),
+            (cancel, None, CaseState::Noop, Verdict::Unclear),
+            (cancel, other, CaseState::Noop, Verdict::Unclear),
+        ];
+        for (params, bin_id, case_state, verdict) in cases {
+            assert_eq!(
+                judge(params, bin_id, case_state),
+                verdict,
+                "{params:?} {bin_id:?} {case_state:?}"
+            );
+        }
+    }
+
+    /// The most memory one entry takes in the store's two maps, in bytes, at worst: a hash table
+    /// entry and a control byte, at a load as low as 7/16 (hashbrown fills to 7/8, then doubles),
+    /// plus an order-map item in B-tree nodes at worst half full. Measured with `size_of` by a test
+    /// that also pins the number the README states.
+    const WORST_CASE_ENTRY_BYTES: usize = {
+        let table = (size_of::<(u128, Entry)>() + 1) * 16 / 7;
+        let order = size_of::<(u64, u128)>() * 2;
+        table + order
+    };
+
+    /// The simulator makes the inference true: what its port shows after it accepted a call
+    /// judges it accepted, whenever the port is read; what it shows when it has not judges it
+    /// not acted on.
+    #[test]
+    fn the_simulator_makes_the_inference_true() {
+        use crate::simulator::port::{PortMode, PortSettings, PortTable};
+        let step = Duration::from_secs(2);
+        let port = PortSettings {
+            id: 4,
+            autocase: true,
+            mode: PortMode::Open,
+            selected_bin: Some(EXTRACT.bin_id),
+        };
+        let cancel = Params {
+            method: Method::CaseCancel,
+            ..EXTRACT
+        };
+        let judge_at = |table: &PortTable, params: Params, at: Instant| {
+            let (bin_id, case_state) = table.case_state(4, at).unwrap();
+            judge(params, bin_id, case_state)
+        };
+        let later = [Duration::ZERO, step / 2, step, step * 2, step * 100];
+        let start = Instant::now();
+        let mut table = PortTable::new(std::slice::from_ref(&port), step);
+        assert_eq!(judge_at(&table, EXTRACT, start), Verdict::NotActed);
+        table.case_extract(4, EXTRACT.bin_id, start).unwrap();
+        for offset in later {
+            assert_eq!(judge_at(&table, EXTRACT, start + offset), Verdict::Accepted);
+        }
+        let mut table = PortTable::new(&[port], step);
+        table.case_extract(4, EXTRACT.bin_id, start).unwrap();
+        let cancelled = start + step / 2;
+        assert_eq!(judge_at(&table, cancel, cancelled), Verdict::NotActed);
+        table.case_cancel(4, EXTRACT.bin_id, cancelled).unwrap();
+        for offset in later {
+            assert_eq!(
+                judge_at(&table, cancel, cancelled + offset),
+                Verdict::Accepted
+            );
+        }
+    }
+
+    /// The README states the worst-case memory of the default `--idempotency-max-entries`.
+    #[test]
+    fn the_memory_of_an_entry_is_what_the_readme_states() {
+        assert_eq!(WORST_CASE_ENTRY_BYTES, 249);
+        let readme = include_str!("../README.md");
+        assert!(readme.contains("at most 249 bytes each"), "README");
+        let default = crate::config::defaults::IDEMPOTENCY_MAX_ENTRIES.get();
+        let mib = (default * WORST_CASE_ENTRY_BYTES) as f64 / f64::from(1 << 20);
+        assert!(
+            readme.contains(&format!("{mib:.1} MiB")),
+            "README: {mib:.1} MiB"
+        );
+    }
+}

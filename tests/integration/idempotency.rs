@@ -1,0 +1,478 @@
+//! The `request_id` field of CaseExtract and CaseCancel (AIP-155): whatever a client repeats,
+//! and however it retries, the controller sees one POST per request_id it may have acted on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use taskgate::proto::task_service_client::TaskServiceClient;
+use taskgate::proto::{CaseCancelRequest, CaseExtractRequest};
+
+use crate::cli::TaskgateProcess;
+use crate::support::{FakeUpstream, Gateway, Script, error_info, metadata, scrape_line, within};
+
+const REQUEST_ID: &str = "9f1c2b3a-4d5e-4f60-8a7b-1c2d3e4f5a6b";
+const CALL_LIMIT: Duration = Duration::from_secs(30);
+const OK: &str = "<response><params></params></response>";
+
+fn extract(bin_id: u32) -> tonic::Request<CaseExtractRequest> {
+    tonic::Request::new(CaseExtractRequest {
+        port_id: 4,
+        bin_id,
+        request_id: REQUEST_ID.to_owned(),
+    })
+}
+
+fn replayed<T>(response: &tonic::Response<T>) -> Option<&str> {
+    let value = response.metadata().get("taskgate-replayed")?;
+    Some(value.to_str().unwrap())
+}
+
+/// A `case_getstate` reply: port 4 in `state`, naming bin 101337.
+fn port_state(state: &str) -> String {
+    format!(
+        "<response><params><port_id>4</port_id><bin_id>101337</bin_id>\
+         <case_state>{state}</case_state></params></response>"
+    )
+}
+
+/// A controller that reads the first POST of all and drops its connection without answering,
+/// then answers every later request with `then`.
+fn lost_then(then: &str) -> Script {
+    Script::poisoned(b"", true, b"", then)
+}
+
+/// (a) A repeat sent while the first call is in flight waits for it: one POST, both OK, the
+/// repeat marked as replayed.
+#[tokio::test]
+async fn a_repeat_while_the_first_call_is_in_flight_waits_for_its_answer() {
+    let release = Arc::new(Notify::new());
+    let script = Script::RespondWhen {
+        release: release.clone(),
+        body: OK.as_bytes().to_vec(),
+    };
+    let mut upstream = FakeUpstream::start(script).await;
+    let gateway = Gateway::builder()
+        .upstream(&upstream.url)
+        .metrics()
+        .start()
+        .await;
+    let mut first_client = gateway.client.clone();
+    let first = tokio::spawn(async move { first_client.case_extract(extract(101337)).await });
+    upstream.next_request_body().await;
+    let mut repeat_client = gateway.client.clone();
+    let repeat = tokio::spawn(async move { repeat_client.case_extract(extract(101337)).await });
+    scrape_line(gateway.metrics_url(), "taskgate_idempotency_hits_total 1").await;
+    release.notify_one();
+    let first = within(CALL_LIMIT, "the first call did not end", first).await;
+    let repeat = within(CALL_LIMIT, "the repeat did not end", repeat).await;
+    let (first, repeat) = (first.unwrap().unwrap(), repeat.unwrap().unwrap());
+    assert_eq!(replayed(&first), None);
+    assert_eq!(replayed(&repeat), Some("stored"));
+    assert_eq!(
+        upstream.methods_so_far(),
+        Vec::<String>::new(),
+        "one POST only"
+    );
+    scrape_line(
+        gateway.metrics_url(),
+        "taskgate_idempotency_replays_total 1",
+    )
+    .await;
+}
+
+/// (b) A repeat after OK gets OK again without a POST, marked as replayed; a call without a
+/// request_id is never deduplicated.
+#[tokio::test]
+async fn a_repeat_after_an_answer_gets_it_without_a_post() {
+    let mut upstream = FakeUpstream::start(Script::ok_xml(OK)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let mut client = gateway.client.clone();
+    let first = client.case_extract(extract(101337)).await.unwrap();
+    assert_eq!(replayed(&first), None);
+    let repeat = client.case_extract(extract(101337)).await.unwrap();
+    assert_eq!(replayed(&repeat), Some("stored"));
+    assert_eq!(upstream.methods_so_far(), ["case_extract"]);
+    for _ in 0..2 {
+        gateway.case_extract(4, 101337, None).await.unwrap();
+    }
+    assert_eq!(upstream.methods_so_far(), ["case_extract", "case_extract"]);
+}
+
+/// A fault the controller sent is replayed like OK, unless it says the controller started
+/// nothing and a retry may succeed (1148): then a repeat is a retry, and is sent.
+#[tokio::test]
+async fn a_fault_is_replayed_except_one_that_asks_for_a_retry() {
+    for (code, posts) in [(1149, 1), (1148, 2)] {
+        let fault = format!("<response><fault><code>{code}</code></fault></response>");
+        let mut upstream = FakeUpstream::start(Script::ok_xml(&fault)).await;
+        let gateway = Gateway::builder()
+            .upstream(&upstream.url)
+            .metrics()
+            .start()
+            .await;
+        let mut client = gateway.client.clone();
+        let first = client.case_extract(extract(101337)).await.unwrap_err();
+        let repeat = client.case_extract(extract(101337)).await.unwrap_err();
+        assert_eq!(repeat.code(), first.code(), "{code}");
+        assert_eq!(repeat.message(), first.message(), "{code}");
+        assert_eq!(
+            repeat.metadata().get("taskgate-replayed").is_some(),
+            posts == 1,
+            "{code}"
+        );
+        assert_eq!(upstream.methods_so_far().len(), posts, "{code}");
+        // Counted as often as the controller sent it.
+        scrape_line(
+            gateway.metrics_url(),
+            &format!(
+                "taskgate_controller_faults_total{{method=\"case_extract\",fault_code=\"{code}\"}} {posts}"
+            ),
+        )
+        .await;
+    }
+}
+
+/// (c) The same request_id with another bin, or on CaseCancel, is refused without a POST.
+#[tokio::test]
+async fn the_same_request_id_with_other_parameters_is_refused() {
+    let mut upstream = FakeUpstream::start(Script::ok_xml(OK)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let mut client = gateway.client.clone();
+    client.case_extract(extract(101337)).await.unwrap();
+    let other_bin = client.case_extract(extract(7)).await.unwrap_err();
+    assert_eq!(other_bin.code(), Code::InvalidArgument);
+    assert_eq!(
+        other_bin.message(),
+        format!(
+            "case_extract port 4 bin 7: request_id {REQUEST_ID} was first sent with case_extract \
+             port 4 bin 101337; send a fresh request_id for each new call"
+        )
+    );
+    let info = error_info(&other_bin);
+    assert_eq!(info.reason, "REQUEST_ID_REUSED");
+    assert_eq!(
+        info.metadata,
+        metadata(&[
+            ("method", "case_extract"),
+            ("portId", "4"),
+            ("binId", "7"),
+            ("requestId", REQUEST_ID)
+        ])
+    );
+    let cancel = CaseCancelRequest {
+        port_id: 4,
+        bin_id: 101337,
+        request_id: REQUEST_ID.to_owned(),
+    };
+    let on_cancel = client.case_cancel(cancel).await.unwrap_err();
+    assert_eq!(error_info(&on_cancel).reason, "REQUEST_ID_REUSED");
+    assert_eq!(upstream.methods_so_far(), ["case_extract"]);
+}
+
+/// A request_id that is not a UUID is refused with a field violation naming it; the nil UUID
+/// too, as the value of a client that never set the field.
+#[tokio::test]
+async fn a_request_id_that_is_not_a_uuid_is_refused() {
+    let mut upstream = FakeUpstream::start(Script::ok_xml(OK)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let cases = [
+        (
+            "order-42",
+            "case_extract port 4 bin 101337: request_id \"order-42\" is not a UUID in its \
+             hyphenated form, as 123e4567-e89b-12d3-a456-426614174000",
+        ),
+        (
+            "9f1c2b3a4d5e4f608a7b1c2d3e4f5a6b",
+            "case_extract port 4 bin 101337: request_id \"9f1c2b3a4d5e4f608a7b1c2d3e4f5a6b\" is \
+             not a UUID in its hyphenated form, as 123e4567-e89b-12d3-a456-426614174000",
+        ),
+        (
+            "00000000-0000-0000-0000-000000000000",
+            "case_extract port 4 bin 101337: request_id 00000000-0000-0000-0000-000000000000 is \
+             the nil UUID; send a fresh random one for each call",
+        ),
+    ];
+    for (request_id, message) in cases {
+        let request = CaseExtractRequest {
+            port_id: 4,
+            bin_id: 101337,
+            request_id: request_id.to_owned(),
+        };
+        let status = gateway
+            .client
+            .clone()
+            .case_extract(request)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{request_id}");
+        assert_eq!(status.message(), message);
+        assert_eq!(error_info(&status).reason, "INVALID_PARAMETER");
+        let bad_request = status.get_details_bad_request().unwrap();
+        assert_eq!(bad_request.field_violations[0].field, "request_id");
+    }
+    let upper_case = CaseExtractRequest {
+        port_id: 4,
+        bin_id: 101337,
+        request_id: REQUEST_ID.to_uppercase(),
+    };
+    gateway
+        .client
+        .clone()
+        .case_extract(upper_case)
+        .await
+        .unwrap();
+    let repeat = gateway
+        .client
+        .clone()
+        .case_extract(extract(101337))
+        .await
+        .unwrap();
+    assert_eq!(
+        replayed(&repeat),
+        Some("stored"),
+        "the case of the hex digits is not the id"
+    );
+    assert_eq!(upstream.methods_so_far(), ["case_extract"]);
+}
+
+/// (d) The first call's connection is lost after the POST: its outcome is unknown. The port
+/// then shows the bin in EREQ, so the first call was accepted: the repeat answers OK without a
+/// second `case_extract`.
+#[tokio::test]
+async fn after_an_unknown_outcome_a_port_running_the_extraction_answers_ok() {
+    let mut upstream = FakeUpstream::start(lost_then(&port_state("EREQ"))).await;
+    let gateway = Gateway::builder()
+        .upstream(&upstream.url)
+        .metrics()
+        .start()
+        .await;
+    let mut client = gateway.client.clone();
+    let first = client.case_extract(extract(101337)).await.unwrap_err();
+    assert_eq!(first.code(), Code::Unknown, "{first:?}");
+    let repeat = client.case_extract(extract(101337)).await.unwrap();
+    assert_eq!(replayed(&repeat), Some("resolved"));
+    let again = client.case_extract(extract(101337)).await.unwrap();
+    assert_eq!(replayed(&again), Some("stored"));
+    assert_eq!(upstream.methods_so_far(), ["case_extract", "case_getstate"]);
+    scrape_line(
+        gateway.metrics_url(),
+        "taskgate_idempotency_resolved_total{outcome=\"accepted\"} 1",
+    )
+    .await;
+}
+
+/// (d) The same, but the port shows no operation: the first call was not acted on, so the
+/// repeat sends it again.
+#[tokio::test]
+async fn after_an_unknown_outcome_a_port_with_no_operation_is_sent_again() {
+    let noop_without_bin = "<response><params><port_id>4</port_id>\
+                            <case_state>NOOP</case_state></params></response>";
+    let mut upstream = FakeUpstream::start(lost_then(noop_without_bin)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let mut client = gateway.client.clone();
+    client.case_extract(extract(101337)).await.unwrap_err();
+    let repeat = client.case_extract(extract(101337)).await.unwrap();
+    assert_eq!(replayed(&repeat), None);
+    assert_eq!(
+        upstream.methods_so_far(),
+        ["case_extract", "case_getstate", "case_extract"]
+    );
+}
+
+/// After an unknown outcome, a state that tells neither way is named, with a code no retry
+/// policy retries, and nothing is sent.
+#[tokio::test]
+async fn after_an_unknown_outcome_an_unclear_state_is_named() {
+    let other_bin = "<response><params><port_id>4</port_id><bin_id>7</bin_id>\
+                     <case_state>ERSO</case_state></params></response>";
+    let mut upstream = FakeUpstream::start(lost_then(other_bin)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let mut client = gateway.client.clone();
+    client.case_extract(extract(101337)).await.unwrap_err();
+    let repeat = client.case_extract(extract(101337)).await.unwrap_err();
+    assert_eq!(repeat.code(), Code::FailedPrecondition);
+    assert_eq!(
+        repeat.message(),
+        format!(
+            "case_extract port 4 bin 101337: the first call with request_id {REQUEST_ID} may have \
+             been acted on, and case_getstate shows the port in ERSO with bin 7, which does not \
+             tell whether it was; nothing was sent: read the port with CaseGetState and decide"
+        )
+    );
+    let info = error_info(&repeat);
+    assert_eq!(info.reason, "REQUEST_OUTCOME_UNKNOWN");
+    assert_eq!(info.metadata["caseState"], "ERSO");
+    assert_eq!(upstream.methods_so_far(), ["case_extract", "case_getstate"]);
+}
+
+/// A repeat whose deadline runs out while the first call is in flight is told so, and a later
+/// repeat gets the first call's answer.
+#[tokio::test]
+async fn a_repeat_that_cannot_wait_for_the_first_call_says_so() {
+    let release = Arc::new(Notify::new());
+    let script = Script::RespondWhen {
+        release: release.clone(),
+        body: OK.as_bytes().to_vec(),
+    };
+    let mut upstream = FakeUpstream::start(script).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let mut first_client = gateway.client.clone();
+    let first = tokio::spawn(async move { first_client.case_extract(extract(101337)).await });
+    upstream.next_request_body().await;
+    let mut hurried = extract(101337);
+    hurried.set_timeout(Duration::from_millis(500));
+    let status = gateway
+        .client
+        .clone()
+        .case_extract(hurried)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    assert_eq!(error_info(&status).reason, "REQUEST_IN_PROGRESS");
+    release.notify_one();
+    within(CALL_LIMIT, "the first call did not end", first)
+        .await
+        .unwrap()
+        .unwrap();
+    let repeat = gateway
+        .client
+        .clone()
+        .case_extract(extract(101337))
+        .await
+        .unwrap();
+    assert_eq!(replayed(&repeat), Some("stored"));
+    assert_eq!(
+        upstream.methods_so_far(),
+        Vec::<String>::new(),
+        "one POST only"
+    );
+}
+
+/// (e) The issue's five-POST case on the real binary, with a naive client that retries every
+/// error five times with the same request_id: the controller, which reads each POST and drops
+/// the connection, sees one `case_extract`; the repeats only read the port.
+#[tokio::test]
+async fn a_client_retrying_everything_with_one_request_id_makes_one_post() {
+    let mut upstream = FakeUpstream::start(Script::Drop).await;
+    let gateway = TaskgateProcess::start_with_upstream(upstream.url.as_str(), &[]).await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let attempts = async {
+        let mut codes = Vec::new();
+        for _ in 0..5 {
+            let status = client.case_extract(extract(101337)).await.unwrap_err();
+            codes.push(status.code());
+        }
+        codes
+    };
+    let codes = within(CALL_LIMIT, "the attempts did not end", attempts).await;
+    assert_eq!(codes, [Code::Unknown; 5]);
+    let methods = upstream.methods_so_far();
+    assert_eq!(
+        methods
+            .iter()
+            .filter(|method| *method == "case_extract")
+            .count(),
+        1,
+        "{methods:?}"
+    );
+    assert_eq!(methods.len(), 5, "{methods:?}");
+}
+
+/// `case-extract` sends a fresh request_id and prints it when the outcome is unknown; repeated
+/// with `--idempotency-key`, the call is answered from the port's state, not POSTed again.
+#[tokio::test]
+async fn the_cli_prints_the_key_of_an_unknown_outcome_and_repeats_with_it() {
+    let mut upstream = FakeUpstream::start(lost_then(&port_state("ERSO"))).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let address = format!("http://{}", gateway.address);
+    let args = [
+        "case-extract",
+        "--gateway",
+        &address,
+        "--port",
+        "4",
+        "--bin",
+        "101337",
+    ];
+    let (stdout, _) = crate::cli::run(&args, 1).await;
+    let line = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("  idempotency key: "))
+        .unwrap_or_else(|| panic!("no idempotency key line in:\n{stdout}"));
+    let (key, repeat_hint) = line.split_once(' ').unwrap();
+    assert_eq!(
+        repeat_hint,
+        format!("(repeat with --idempotency-key {key})")
+    );
+    let mut repeat = args.to_vec();
+    repeat.extend(["--idempotency-key", key]);
+    let (stdout, _) = crate::cli::run(&repeat, 0).await;
+    assert!(
+        stdout.starts_with(
+            "ok: case_extract port 4 bin 101337: the controller accepted the case extraction\n"
+        ),
+        "{stdout}"
+    );
+    assert_eq!(upstream.methods_so_far(), ["case_extract", "case_getstate"]);
+}
+
+/// A call that failed with a definite answer prints no key: there is nothing to repeat.
+#[tokio::test]
+async fn the_cli_prints_no_key_after_a_definite_answer() {
+    let fault = "<response><fault><code>1149</code></fault></response>";
+    let upstream = FakeUpstream::start(Script::ok_xml(fault)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let address = format!("http://{}", gateway.address);
+    let args = [
+        "case-cancel",
+        "--gateway",
+        &address,
+        "--port",
+        "4",
+        "--bin",
+        "101337",
+    ];
+    let (stdout, _) = crate::cli::run(&args, 1).await;
+    assert!(
+        stdout.contains("1149 BIN_NOT_SELECTED_FOR_PORT"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("idempotency key"), "{stdout}");
+}
+
+/// Past `--idempotency-max-entries`, the oldest answered id is forgotten, and counted: its
+/// repeat is then sent again.
+#[tokio::test]
+async fn past_the_entry_limit_the_oldest_id_is_forgotten_and_counted() {
+    let mut upstream = FakeUpstream::start(Script::ok_xml(OK)).await;
+    let gateway = Gateway::builder()
+        .upstream(&upstream.url)
+        .config(|config| {
+            config.upstream.idempotency_max_entries = std::num::NonZeroUsize::new(1).unwrap();
+        })
+        .metrics()
+        .start()
+        .await;
+    let mut client = gateway.client.clone();
+    let other = CaseExtractRequest {
+        port_id: 4,
+        bin_id: 101337,
+        request_id: "0b6f7c1e-2d3a-4b5c-9d8e-7f6a5b4c3d2e".to_owned(),
+    };
+    client.case_extract(extract(101337)).await.unwrap();
+    client.case_extract(other).await.unwrap();
+    let repeat = client.case_extract(extract(101337)).await.unwrap();
+    assert_eq!(replayed(&repeat), None);
+    assert_eq!(upstream.methods_so_far().len(), 3);
+    scrape_line(
+        gateway.metrics_url(),
+        "taskgate_idempotency_evictions_total 2",
+    )
+    .await;
+}
