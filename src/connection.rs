@@ -14,10 +14,15 @@
 //!   of its first byte (slowloris). Hyper's `header_read_timeout` starts when a kept-alive
 //!   connection goes idle, so it would close idle connections at the header-read timeout rather
 //!   than the idle one.
-//! - **Request bodies**: an HTTP/1.1 request body must have arrived within the body-read
-//!   timeout of its head, or the connection is closed (on the gRPC port, where gRPC-Web bodies
-//!   stream into tonic; the router's listeners answer 408 from a middleware instead). HTTP/2
-//!   bodies are flow-controlled streams that may rightly stay open.
+//! - **Request bodies**: on the gRPC port every request body must have arrived within the
+//!   body-read timeout of its head (the router's listeners answer 408 from a middleware
+//!   instead). An HTTP/1.1 connection carries one request at a time, so it is closed. An HTTP/2
+//!   stream is ended on its own: its body fails with `DEADLINE_EXCEEDED`, which tonic sends as
+//!   the call's status, and the connection serves its other streams on. Tonic reads a unary
+//!   or server-streaming call's body to its end before it calls the handler, so a body that
+//!   never ends would hold its stream, and the connection, which is never idle while a stream
+//!   is open. No task RPC streams its requests; reflection's stream, which does, gets the same
+//!   limit.
 //! - **Idle**: a connection without an open request for the idle timeout gets GOAWAY (an idle
 //!   HTTP/1.1 connection is closed). Hyper and hyper-util have no idle timeout for servers.
 //! - **Shutdown**: every connection gets GOAWAY at once. A request holds the drain only once its
@@ -41,7 +46,7 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -52,7 +57,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::io::InspectReader;
 use tonic::body::Body;
 use tonic::transport::server::TcpConnectInfo;
@@ -99,8 +104,9 @@ pub(crate) struct ConnectionLimits {
     pub(crate) handshake_timeout: Duration,
     /// From the first byte of a later HTTP/1.1 request head to its end.
     pub(crate) header_read_timeout: Duration,
-    /// From an HTTP/1.1 request's head to the end of its body, after which the connection is
-    /// closed. `None` where the service times bodies itself (the router answers 408).
+    /// From a request's head to the end of its body, after which an HTTP/1.1 connection is
+    /// closed and an HTTP/2 stream ended. `None` where the service times bodies itself (the
+    /// router answers 408).
     pub(crate) body_read_timeout: Option<Duration>,
     /// How long a connection may stay without an open request before it is closed.
     pub(crate) idle_timeout: Duration,
@@ -199,6 +205,8 @@ pub(crate) struct Tracked<S> {
     connection: Arc<Connection>,
     /// What a request with this path is.
     kind_of: fn(&str) -> RequestKind,
+    /// The limit on an HTTP/2 request's body, which its stream enforces.
+    body_read_timeout: Option<Duration>,
     /// Put in every request, so `tonic::Request::remote_addr` works as under tonic's server.
     connect_info: TcpConnectInfo,
 }
@@ -231,11 +239,25 @@ enum Stage {
 #[derive(Debug)]
 pub(crate) struct RequestGuard(Arc<TrackedRequest>);
 
-/// A request body that reports when it has fully arrived.
+/// A request body that reports when it has fully arrived, and fails once an HTTP/2 body has
+/// taken too long.
 #[derive(Debug)]
 struct RequestBody {
     inner: Incoming,
     request: Arc<TrackedRequest>,
+    /// `None` for HTTP/1.1, whose connection's driver times the body, and once it has fired.
+    deadline: Option<BodyDeadline>,
+}
+
+/// When an HTTP/2 request's body must have arrived.
+#[derive(Debug)]
+struct BodyDeadline {
+    at: Instant,
+    /// For the status.
+    timeout: Duration,
+    /// Armed only once the body is waited for: most bodies have arrived by their first poll, and
+    /// a timer for each would cost a call an allocation and the timer wheel an entry.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 /// A response body that holds something (a request's guard, a permit) until it is dropped:
@@ -366,6 +388,7 @@ impl Admission {
             inner: service,
             connection: Arc::clone(&self.connection),
             kind_of,
+            body_read_timeout: self.limits.body_read_timeout,
             connect_info: TcpConnectInfo {
                 local_addr: local,
                 remote_addr: Some(self.peer),
@@ -610,8 +633,17 @@ where
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let (mut parts, body) = request.into_parts();
-        let http1_body_since =
-            (parts.version < Version::HTTP_2 && !body.is_end_stream()).then(Instant::now);
+        let body_since = (!body.is_end_stream()).then(Instant::now);
+        let http2 = parts.version >= Version::HTTP_2;
+        let http1_body_since = body_since.filter(|_| !http2);
+        let deadline = match (body_since, self.body_read_timeout) {
+            (Some(since), Some(timeout)) if http2 => Some(BodyDeadline {
+                at: since + timeout,
+                timeout,
+                timer: None,
+            }),
+            _ => None,
+        };
         self.connection
             .update(|state| state.request_started(http1_body_since));
         let tracked = Arc::new(TrackedRequest {
@@ -627,6 +659,7 @@ where
         let body = Body::new(RequestBody {
             inner: body,
             request: tracked,
+            deadline,
         });
         let response = self.inner.call(Request::from_parts(parts, body));
         Box::pin(async move {
@@ -675,19 +708,29 @@ impl Drop for RequestGuard {
 
 impl HttpBody for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        // The end, not the last frame: asking h2 whether a frame was the last takes a lock, and
-        // tonic reads every body to its end (a one-message call too, for its trailers).
-        if let Poll::Ready(None) = polled {
-            self.request.body_arrived();
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            // The end, not the last frame: asking h2 whether a frame was the last takes a lock,
+            // and tonic reads every body to its end (a one-message call too, for its trailers).
+            Poll::Ready(None) => {
+                this.request.body_arrived();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(frame)) => Poll::Ready(Some(frame.map_err(Into::into))),
+            Poll::Pending => match this.deadline.as_mut().map(|deadline| deadline.poll(cx)) {
+                Some(Poll::Ready(status)) => {
+                    this.deadline = None;
+                    Poll::Ready(Some(Err(status.into())))
+                }
+                _ => Poll::Pending,
+            },
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -696,6 +739,25 @@ impl HttpBody for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+// === impl BodyDeadline ===
+
+impl BodyDeadline {
+    /// Ready with the status the call ends with once the deadline has passed; until then the
+    /// timer wakes `cx`.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<tonic::Status> {
+        let at = self.at;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        ready!(timer.as_mut().poll(cx));
+        // Not CANCELLED: tonic reads a request body's CANCELLED as its end.
+        Poll::Ready(tonic::Status::deadline_exceeded(format!(
+            "the request body did not arrive within {}",
+            humantime::format_duration(self.timeout)
+        )))
     }
 }
 

@@ -26,8 +26,8 @@ pub(super) struct State {
     /// open.
     head_since: Option<Instant>,
     /// Since when an HTTP/1.1 request's body has been on its way (from its complete head). Only
-    /// HTTP/1.1: an HTTP/2 stream's body is flow-controlled, and a client-streaming call's may
-    /// rightly stay open.
+    /// HTTP/1.1, which has one request at a time: an HTTP/2 body late past the same limit ends
+    /// its own stream (`RequestBody`), not the connection with the other streams on it.
     body_since: Option<Instant>,
     /// Since when no request has been open.
     idle_since: Instant,

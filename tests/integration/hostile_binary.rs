@@ -302,6 +302,71 @@ async fn grpc_web_bodies_that_never_arrive_are_closed_after_the_handshake_timeou
         .await;
 }
 
+/// Issue 20, item 2 (review): an HTTP/2 call whose request body never ends (a whole
+/// CaseGetState message, then no END_STREAM) is ended with DEADLINE_EXCEEDED once
+/// `--handshake-timeout` has passed since its head, and counted. Its connection is then idle
+/// and closed as any other, so with `--max-connections 1` a new client is served.
+#[tokio::test]
+async fn an_http2_request_body_that_never_ends_is_ended_after_the_handshake_timeout() {
+    let serve = serve(&[("--max-connections", "1")]).await;
+    let tcp = TcpStream::connect(&serve.address).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = tonic::codegen::http::Request::post(format!(
+        "http://{}/taskgate.v1.TaskService/CaseGetState",
+        serve.address
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let sent = Instant::now();
+    let (response, mut request_body) = client.send_request(request, false).unwrap();
+    // CaseGetStateRequest { port_id: 4 }, whole, and the stream left open.
+    let message = bytes::Bytes::from_static(&[0, 0, 0, 0, 2, 0x08, 4]);
+    request_body.send_data(message, false).unwrap();
+    let response = within(PROMPTLY, "the call was not answered", response)
+        .await
+        .unwrap();
+    assert_closed_after(sent, SHORT);
+    // An error before any message is trailers only: the status is in the head.
+    let status = tonic::Status::from_header_map(response.headers()).unwrap();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "the request body did not arrive within 300ms"
+    );
+    // The client keeps its handles, and so its connection: only the gateway may close it.
+    let held = (client, request_body, response);
+    // Closed by the gateway with GOAWAY: h2 may report that as an error or as the end.
+    let _ = within(PROMPTLY, "the idle connection was not closed", connection)
+        .await
+        .unwrap();
+    drop(held);
+    // The gateway frees the slot once it has seen the close.
+    serve
+        .scrape_lines(&[
+            "taskgate_connections_closed_total{listener=\"grpc\",reason=\"idle\"} 1",
+            "taskgate_connections_open{listener=\"grpc\"} 0",
+        ])
+        .await;
+    let mut client = TaskServiceClient::new(serve.channel().await);
+    let request = CaseGetStateRequest { port_id: 4 };
+    within(
+        PROMPTLY,
+        "CaseGetState was not answered",
+        client.case_get_state(request),
+    )
+    .await
+    .unwrap();
+    serve
+        .scrape_lines(&[
+            "taskgate_calls_total{method=\"case_get_state\",code=\"DEADLINE_EXCEEDED\"} 1",
+        ])
+        .await;
+}
+
 /// Issue 20, item 3: WatchCaseEvents naming 500 bad ports is answered INVALID_ARGUMENT in
 /// response headers that a client accepting at most 8 KiB of them can read: the first ten
 /// violations, then a count of the rest.

@@ -1,12 +1,15 @@
-//! The simulated controller's HTTP edge, spoken to directly: the task interface's XML rules, and
-//! plain-text reasons for requests it cannot take.
+//! The simulated controller's edges, spoken to directly: the task interface's XML rules and
+//! plain-text reasons for requests it cannot take, and the Log Publisher's slots.
 
 use reqwest::StatusCode;
+use tokio::io::AsyncReadExt as _;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use taskgate::codec::DEFAULT_MAX_BODY_BYTES;
+use taskgate::codec::{DEFAULT_MAX_BODY_BYTES, MethodCall};
 use taskgate::simulator::layout::Layout;
+use taskgate::simulator::{Simulator, log_publisher};
 
-use crate::support::{http_client, start_simulator};
+use crate::support::{CALL_LIMIT, http_client, start_simulator, within};
 
 /// POSTs `body` and returns the status, Content-Type and body text.
 async fn post(path: &str, content_type: &str, body: Vec<u8>) -> (StatusCode, String, String) {
@@ -144,4 +147,67 @@ async fn json_requests_get_json_replies() {
     let (status, _, reason) = post("/api/v2/task", "application/json", b"{oops".to_vec()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(reason.contains("invalid JSON"), "{reason}");
+}
+
+/// Issue 20, item 4 (review): clients of the simulator's Log Publisher that stay connected and
+/// never read are disconnected once they fall behind, however full their sockets are, so they
+/// do not keep their slots: with every slot taken by such clients and events flowing, a new
+/// client is soon admitted and receives events.
+#[tokio::test]
+async fn log_publisher_clients_that_never_read_lose_their_slots() {
+    let simulator = Simulator::new(&Layout::default_layout());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(log_publisher::serve(
+        listener,
+        simulator.clone(),
+        std::future::pending(),
+    ));
+    let mut never_read = Vec::new();
+    for _ in 0..log_publisher::MAX_CONNECTIONS {
+        let socket = TcpSocket::new_v4().unwrap();
+        // A small receive buffer, so that fewer events fill it: the kernel keeps at least 2 KiB.
+        socket.set_recv_buffer_size(1024).unwrap();
+        never_read.push(socket.connect(address).await.unwrap());
+    }
+    // Events, one extraction and its cancel (EREQ, CR, NOOP) at a time, for as long as the test
+    // runs.
+    let extract = MethodCall::new("case_extract")
+        .with_param("port_id", 4)
+        .with_param("bin_id", 101337);
+    let cancel = MethodCall::new("case_cancel")
+        .with_param("port_id", 4)
+        .with_param("bin_id", 101337);
+    let events = tokio::spawn(async move {
+        loop {
+            simulator.handle(&extract);
+            simulator.handle(&cancel);
+            tokio::task::yield_now().await;
+        }
+    });
+    within(CALL_LIMIT, "no new client was admitted", async {
+        loop {
+            // A refused client is closed at once; an admitted one receives the next events.
+            let mut client = TcpStream::connect(address).await.unwrap();
+            let mut received = Vec::new();
+            let mut buffer = [0_u8; 256];
+            loop {
+                let read = client.read(&mut buffer).await.unwrap();
+                if read == 0 {
+                    break;
+                }
+                received.extend_from_slice(&buffer[..read]);
+                if received.windows(2).any(|pair| pair == b"\r\n") {
+                    let text = String::from_utf8_lossy(&received);
+                    assert!(
+                        text.starts_with("AC,4,101337,") || text.starts_with("BD,101337,"),
+                        "{text}"
+                    );
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    events.abort();
 }
