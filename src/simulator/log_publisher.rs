@@ -4,7 +4,7 @@
 //! Like the real one it sends readable text, one CRLF-terminated segment per line, and reads
 //! nothing but the end of a client's stream: a client that closes its connection frees its slot
 //! at once, not at the next event's failed write. A client that stays connected but stops
-//! reading is disconnected once it is [`CLIENT_BUFFER`] events behind, counted while a write to
+//! reading is disconnected once it is `CLIENT_BUFFER` events behind, counted while a write to
 //! it waits, so it cannot hold its slot either. So that clients learn to skip segments they do
 //! not read, a `BD` bin definition (`BD,bin_id,330,AC`: an AutoCase bin, 330 mm) goes out
 //! before every extraction's `EREQ`; what a controller really sends around an extraction is not
