@@ -21,12 +21,14 @@ function within(promise, limitMs, message) {
   return Promise.race([promise, expired]).finally(() => clearTimeout(timer));
 }
 
-async function startGateway(extraArgs = []) {
+// Starts the gateway in front of `upstream` (its flags; the simulator unless told) with
+// `extraArgs`. Resolves with { address, logLines() (the lines it logged so far), stop() }.
+async function startGateway(extraArgs = [], { upstream = ["--simulator"], retryDelay = "1500ms" } = {}) {
   const binary = process.env.TASKGATE_TEST_BINARY || path.resolve(__dirname, "..", "..", "..", "target", "debug", "taskgate");
   if (!fs.existsSync(binary)) {
     throw new Error(`no taskgate binary at ${binary}: run 'cargo build' or set TASKGATE_TEST_BINARY`);
   }
-  const child = spawn(binary, ["serve", "--simulator", "--listen", "127.0.0.1:0", "--retry-delay", "1500ms", ...extraArgs], {
+  const child = spawn(binary, ["serve", ...upstream, "--listen", "127.0.0.1:0", "--retry-delay", retryDelay, ...extraArgs], {
     stdio: ["ignore", "ignore", "pipe"],
     env: { ...process.env, RUST_LOG: "info", TASKGATE_LOG_FORMAT: "text" },
   });
@@ -59,6 +61,7 @@ async function startGateway(extraArgs = []) {
   }
   return {
     address,
+    logLines: () => [...recent],
     // Sends SIGTERM and resolves with the exit code (or the signal that ended the process).
     stop: async () => {
       child.kill("SIGTERM");
