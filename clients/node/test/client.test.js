@@ -439,9 +439,10 @@ describe("safe retries", () => {
     }
   }
 
-  // The access lines of the calls the gateway received with idempotency key `key`.
-  function attemptsLogged(gateway, key) {
-    return gateway.logLines().filter((line) => line.includes("taskgate::access") && line.includes(`idempotency_key=${key} `));
+  // Resolves with the access lines of `count` calls the gateway received with idempotency key
+  // `key` (each line is written once its call has ended, maybe after the client saw the end).
+  function attemptsLogged(gateway, key, count) {
+    return gateway.linesLogged((line) => line.includes("taskgate::access") && line.includes(`idempotency_key=${key} `), count);
   }
 
   test("each call sends a fresh UUID v4 key, and a repeat with it is replayed", async () => {
@@ -465,7 +466,7 @@ describe("safe retries", () => {
       assert.deepEqual([error.codeName, error.reason, error.metadata.httpStatus], ["UNAVAILABLE", "UPSTREAM_HTTP_ERROR", "503"]);
       assert.deepEqual([error.retryable, error.mayHaveActed, error.attempts], [true, false, 3]);
       assert.equal(posts(), 3);
-      assert.equal(attemptsLogged(gateway, error.idempotencyKey).length, 3);
+      assert.equal((await attemptsLogged(gateway, error.idempotencyKey, 3)).length, 3);
     });
   });
 
@@ -476,7 +477,7 @@ describe("safe retries", () => {
       assert.deepEqual([error.retryable, error.mayHaveActed, error.attempts], [false, true, 2]);
       assert.equal(posts(), 2);
       assert.match(error.idempotencyKey, UUID_V4);
-      assert.equal(attemptsLogged(gateway, error.idempotencyKey).length, 2);
+      assert.equal((await attemptsLogged(gateway, error.idempotencyKey, 2)).length, 2);
     });
   });
 

@@ -27,6 +27,8 @@ def _binary() -> str:
 # The longest the gateway may take to log its address, and to exit after SIGTERM.
 STARTUP_LIMIT_S = 60
 STOP_LIMIT_S = 30
+# The longest the gateway may take to log a line a test waits for.
+LINE_LIMIT_S = 30
 
 
 class _StderrReader(threading.Thread):
@@ -41,6 +43,9 @@ class _StderrReader(threading.Thread):
         super().__init__(name="taskgate-stderr", daemon=True)
         self._stream = stream
         self.lines = collections.deque(maxlen=200)
+        # Every line, for tests that wait for one; notified on each.
+        self.logged = []
+        self.new_line = threading.Condition()
         self.address = None
         # Set once the address is known or stderr has ended, whichever comes first.
         self.settled = threading.Event()
@@ -48,6 +53,9 @@ class _StderrReader(threading.Thread):
     def run(self):
         for line in self._stream:
             self.lines.append(line)
+            with self.new_line:
+                self.logged.append(line)
+                self.new_line.notify_all()
             if self.address is None:
                 match = re.search(r"gateway listening address=(\S+)", line)
                 if match:
@@ -60,15 +68,24 @@ class _StderrReader(threading.Thread):
 
 
 class Gateway(str):
-    """A running gateway's address, with the lines it has logged so far (``log_lines()``)."""
+    """A running gateway's address, whose log lines a test can wait for (``lines_logged``)."""
 
     def __new__(cls, address: str, stderr: "_StderrReader"):
         gateway = super().__new__(cls, address)
         gateway._stderr = stderr
         return gateway
 
-    def log_lines(self) -> list:
-        return list(self._stderr.lines)
+    def lines_logged(self, test, count: int) -> list:
+        """The logged lines that pass ``test``, once there are ``count`` of them; fails the test
+        if there are not within ``LINE_LIMIT_S``."""
+        def matching():
+            return [line for line in self._stderr.logged if test(line)]
+        with self._stderr.new_line:
+            if not self._stderr.new_line.wait_for(lambda: len(matching()) >= count, LINE_LIMIT_S):
+                raise AssertionError(
+                    f"the gateway did not log {count} such lines within {LINE_LIMIT_S} s:\n"
+                    f"{self._stderr.log()}")
+            return matching()
 
 
 def _serve(*extra_args, upstream=("--simulator",), retry_delay="1500ms"):

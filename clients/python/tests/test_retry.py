@@ -11,10 +11,12 @@ import pytest
 from taskgate_client import TaskGate, TaskGateError
 
 
-def attempts_logged(gateway, key):
-    """The access lines of the calls the gateway received with idempotency key ``key``."""
-    return [line for line in gateway.log_lines()
-            if "taskgate::access" in line and re.search(rf"idempotency_key={key}\b", line)]
+def attempts_logged(gateway, key, count):
+    """The access lines of ``count`` calls the gateway received with idempotency key ``key``
+    (each is written once its call has ended, maybe after the client saw the end)."""
+    return gateway.lines_logged(
+        lambda line: "taskgate::access" in line and re.search(rf"idempotency_key={key}\b", line),
+        count)
 
 
 def test_each_call_sends_a_fresh_uuid4_key_and_a_repeat_with_it_is_replayed(idempotency_gateway):
@@ -43,7 +45,7 @@ def test_unavailable_is_retried_with_the_same_key_up_to_max_attempts(fake_contro
         grpc.StatusCode.UNAVAILABLE, "UPSTREAM_HTTP_ERROR", "503")
     assert (error.retryable, error.may_have_acted, error.attempts) == (True, False, 3)
     assert controller.posts == 3
-    assert len(attempts_logged(gateway, error.idempotency_key)) == 3
+    assert len(attempts_logged(gateway, error.idempotency_key, 3)) == 3
 
 
 @pytest.mark.script("503", "drop")
@@ -57,7 +59,7 @@ def test_an_unknown_outcome_is_not_retried_and_carries_the_key_to_repeat_with(fa
     assert (error.retryable, error.may_have_acted, error.attempts) == (False, True, 2)
     assert controller.posts == 2
     assert uuid.UUID(error.idempotency_key).version == 4
-    assert len(attempts_logged(gateway, error.idempotency_key)) == 2
+    assert len(attempts_logged(gateway, error.idempotency_key, 2)) == 2
 
 
 def error(code, reason=""):
