@@ -2,8 +2,8 @@
 // A small Node.js client for taskgate's TaskService, loading proto/ at run time (nothing is
 // generated or committed), with the rich error details decoded into a TaskGateError. Each
 // CaseExtract and CaseCancel call sends a fresh idempotency key (the message's `request_id`, a
-// UUID v4) and keeps it across its own retries; calls are retried only on UNAVAILABLE (the
-// controller started nothing), as the README's retry contract allows.
+// UUID v4) and keeps it across its own retries; calls are retried only when the controller
+// started nothing (UNAVAILABLE and OVERLOADED), as the README's retry contract allows.
 
 const crypto = require("node:crypto");
 const path = require("node:path");
@@ -86,8 +86,10 @@ const DEFAULT_MAX_ATTEMPTS = 4;
 const INITIAL_BACKOFF_MS = 1000;
 const MAX_BACKOFF_MS = 10000;
 
-// The README's retry contract: the codes after which the controller may have acted, and the
+// The README's retry contract: besides UNAVAILABLE, the reasons safe to retry as they are (the
+// controller was not called); the codes after which the controller may have acted, and the
 // reasons that are exceptions to their code's rule.
+const RETRYABLE_REASONS = new Set(["OVERLOADED"]);
 const MAY_HAVE_ACTED_CODES = new Set([
   grpc.status.UNKNOWN,
   grpc.status.DEADLINE_EXCEEDED,
@@ -130,11 +132,11 @@ class TaskGateError extends Error {
   }
 
   /**
-   * Whether the README's retry contract marks the error safe to retry as it is (UNAVAILABLE,
-   * after retryDelayMs); TaskGate retries these itself.
+   * Whether the README's retry contract marks the error safe to retry as it is: UNAVAILABLE
+   * (after retryDelayMs) and OVERLOADED (with backoff). TaskGate retries these itself.
    */
   get retryable() {
-    return this.code === grpc.status.UNAVAILABLE;
+    return this.code === grpc.status.UNAVAILABLE || RETRYABLE_REASONS.has(this.reason);
   }
 
   /**
@@ -341,7 +343,7 @@ class TaskGate {
    * TaskGateError. Options: `timeoutMs` bounds the whole call, retries included (10 s);
    * `requestId` sets the x-request-id; `idempotencyKey` the message's request_id (a fresh UUID v4
    * when unset: give the one a TaskGateError carries to repeat a call whose outcome is unknown);
-   * `maxAttempts` (4) bounds the retries on UNAVAILABLE.
+   * `maxAttempts` (4) bounds the retries (on UNAVAILABLE and OVERLOADED only).
    */
   caseExtract(portId, binId, options = {}) {
     return this.callWithKey("CaseExtract", { port_id: portId, bin_id: binId }, options);
@@ -366,8 +368,8 @@ class TaskGate {
   /**
    * Reads the port's AutoCase state; resolves with { port_id, bin_id (null when the controller
    * names none), state (the CaseState name), raw_state (the vendor code, e.g. "ERSO") } and
-   * rejects with a TaskGateError. It only reads, so it is retried on UNAVAILABLE like the other
-   * calls (the options `timeoutMs`, `requestId`, `maxAttempts`), without an idempotency key.
+   * rejects with a TaskGateError. It only reads, so it is retried like the other calls (the
+   * options `timeoutMs`, `requestId`, `maxAttempts`), without an idempotency key.
    */
   async caseGetState(portId, options = {}) {
     const { response } = await this.call("CaseGetState", { port_id: portId }, options);
@@ -398,7 +400,7 @@ class TaskGate {
   }
 
   /**
-   * Calls `method` with the token and request id, again after each UNAVAILABLE while
+   * Calls `method` with the token and request id, again after each retryable error while
    * `maxAttempts` and `timeoutMs` allow; resolves with { response, requestId, replayed, attempts }
    * or rejects with a TaskGateError.
    */

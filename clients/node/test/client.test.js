@@ -374,8 +374,8 @@ describe("WatchCaseEvents", () => {
 });
 
 // Safe retries (README, "Retry contract" and "Idempotency"): every CaseExtract and CaseCancel call
-// sends a fresh idempotency key and keeps it across its retries; only UNAVAILABLE is retried; an
-// error says whether the controller may have acted.
+// sends a fresh idempotency key and keeps it across its retries; only UNAVAILABLE (and OVERLOADED)
+// is retried; an error says whether the controller may have acted.
 describe("safe retries", () => {
   const UUID_V4 = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
   let layouts;
@@ -501,7 +501,8 @@ describe("safe retries", () => {
     ["INVALID_ARGUMENT", "REQUEST_ID_REUSED", false, false],
     ["NOT_FOUND", "PORT_IS_NOT_AVAILABLE", false, false],
     ["UNAUTHENTICATED", "UNAUTHENTICATED", false, false],
-    ["RESOURCE_EXHAUSTED", "OVERLOADED", false, false],
+    ["RESOURCE_EXHAUSTED", "OVERLOADED", true, false],
+    ["RESOURCE_EXHAUSTED", "WATCH_LAGGED", false, false],
     ["CANCELLED", "", false, true],
   ];
   for (const [codeName, reason, retryable, mayHaveActed] of CLASSIFICATION) {

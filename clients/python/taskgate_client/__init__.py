@@ -15,9 +15,9 @@ contract.
 ...                                  idempotency_key=error.idempotency_key)
 
 Each CaseExtract and CaseCancel call sends a fresh idempotency key (the message's ``request_id``,
-a UUID v4) and keeps it across its own retries; a call is retried only on ``UNAVAILABLE`` (the
-controller started nothing), after the ``RetryInfo`` delay, at most ``max_attempts`` times in all
-and within ``timeout``.
+a UUID v4) and keeps it across its own retries; a call is retried only when the controller
+started nothing (``UNAVAILABLE``, after the ``RetryInfo`` delay; ``OVERLOADED``, with backoff), at
+most ``max_attempts`` times in all and within ``timeout``.
 
 Case events stream from ``watch_case_events``; the stream's end raises the same ``TaskGateError``:
 
@@ -75,8 +75,10 @@ DEFAULT_MAX_ATTEMPTS = 4
 _INITIAL_BACKOFF_S = 1.0
 _MAX_BACKOFF_S = 10.0
 
-# The README's retry contract: the codes after which the controller may have acted, and the
+# The README's retry contract: besides UNAVAILABLE, the reasons safe to retry as they are (the
+# controller was not called); the codes after which the controller may have acted, and the
 # reasons that are exceptions to their code's rule.
+_RETRYABLE_REASONS = frozenset({"OVERLOADED"})
 _MAY_HAVE_ACTED_CODES = frozenset({
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -99,7 +101,7 @@ class CallResult:
     """``stored`` or ``resolved`` when the gateway answered a repeat of ``idempotency_key``
     without calling the controller's method (the ``taskgate-replayed`` header), else None."""
     attempts: int
-    """How many times the call was sent: more than 1 after ``UNAVAILABLE`` answers."""
+    """How many times the call was sent: more than 1 after retryable errors."""
 
 
 @dataclass
@@ -142,9 +144,10 @@ class TaskGateError(Exception):
 
     @property
     def retryable(self) -> bool:
-        """Whether the README's retry contract marks the error safe to retry as it is
-        (``UNAVAILABLE``, after ``retry_delay``); the client retries these itself."""
-        return self.code == grpc.StatusCode.UNAVAILABLE
+        """Whether the README's retry contract marks the error safe to retry as it is:
+        ``UNAVAILABLE`` (after ``retry_delay``) and ``OVERLOADED`` (with backoff). The client
+        retries these itself."""
+        return self.code == grpc.StatusCode.UNAVAILABLE or self.reason in _RETRYABLE_REASONS
 
     @property
     def may_have_acted(self) -> bool:
@@ -246,8 +249,7 @@ class TaskGate:
         vendor code, e.g. ``ERSO``) and ``bin_id`` (check ``HasField("bin_id")``: a port that has
         run no case operation names none).
 
-        It only reads, so it is retried on ``UNAVAILABLE`` like the other calls, without an
-        idempotency key. Raises ``TaskGateError`` with the typed fault when the call fails.
+        It only reads, so it is retried like the other calls, without an idempotency key. Raises ``TaskGateError`` with the typed fault when the call fails.
         """
         request = task_pb2.CaseGetStateRequest(port_id=port_id)
         return self._call(self._stub.CaseGetState, request, timeout, request_id, max_attempts)[0]
@@ -281,7 +283,7 @@ class TaskGate:
 
     def _call(self, method, request, timeout: float, request_id: Optional[str],
               max_attempts: int):
-        """Calls ``method`` with the token and request id, again after each ``UNAVAILABLE`` while
+        """Calls ``method`` with the token and request id, again after each retryable error while
         attempts and ``timeout`` allow; returns the response and a ``CallResult``, or raises
         ``TaskGateError``."""
         metadata = self._call_metadata(request_id)

@@ -1,5 +1,6 @@
 """Safe retries (README, "Retry contract" and "Idempotency"): every CaseExtract and CaseCancel
-call sends a fresh idempotency key and keeps it across its retries; only UNAVAILABLE is retried;
+call sends a fresh idempotency key and keeps it across its retries; only UNAVAILABLE (and
+OVERLOADED) is retried;
 an error says whether the controller may have acted."""
 
 import re
@@ -88,7 +89,8 @@ def error(code, reason=""):
         (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED", False, False),
         (grpc.StatusCode.NOT_FOUND, "PORT_IS_NOT_AVAILABLE", False, False),
         (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", False, False),
-        (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED", False, False),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED", True, False),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCH_LAGGED", False, False),
         (grpc.StatusCode.CANCELLED, "", False, True),
     ],
 )
