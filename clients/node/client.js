@@ -1,7 +1,11 @@
 "use strict";
 // A small Node.js client for taskgate's TaskService, loading proto/ at run time (nothing is
-// generated or committed), with the rich error details decoded into a TaskGateError.
+// generated or committed), with the rich error details decoded into a TaskGateError. Each
+// CaseExtract and CaseCancel call sends a fresh idempotency key (the message's `request_id`, a
+// UUID v4) and keeps it across its own retries; calls are retried only when the controller
+// started nothing (UNAVAILABLE and OVERLOADED), as the README's retry contract allows.
 
+const crypto = require("node:crypto");
 const path = require("node:path");
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
@@ -76,6 +80,25 @@ const ErrorInfo = rpcRoot.lookupType("google.rpc.ErrorInfo");
 const RetryInfo = rpcRoot.lookupType("google.rpc.RetryInfo");
 const BadRequest = rpcRoot.lookupType("google.rpc.BadRequest");
 
+// The retries of one call, as the service config docs/clients.md recommends: at most 4 attempts,
+// waiting the RetryInfo delay, or else a backoff from 1 s doubling up to 10 s.
+const DEFAULT_MAX_ATTEMPTS = 4;
+const INITIAL_BACKOFF_MS = 1000;
+const MAX_BACKOFF_MS = 10000;
+
+// The README's retry contract: besides UNAVAILABLE, the reasons safe to retry as they are (the
+// controller was not called); the codes after which the controller may have acted, and the
+// reasons that are exceptions to their code's rule.
+const RETRYABLE_REASONS = new Set(["OVERLOADED"]);
+const MAY_HAVE_ACTED_CODES = new Set([
+  grpc.status.UNKNOWN,
+  grpc.status.DEADLINE_EXCEEDED,
+  grpc.status.INTERNAL,
+  grpc.status.CANCELLED,
+]);
+const NOTHING_SENT_REASONS = new Set(["DEADLINE_TOO_SHORT"]);
+const OUTCOME_UNKNOWN_REASONS = new Set(["REQUEST_OUTCOME_UNKNOWN"]);
+
 /** A failed call, with everything the status details say. */
 class TaskGateError extends Error {
   constructor(fields) {
@@ -99,6 +122,34 @@ class TaskGateError extends Error {
     this.retryDelayMs = fields.retryDelayMs;
     /** From BadRequest: [{ field, description }]. */
     this.fieldViolations = fields.fieldViolations;
+    /**
+     * The call's idempotency key (CaseExtract and CaseCancel), or null: pass it back as the
+     * `idempotencyKey` option to repeat the call safely, within the gateway's idempotency window.
+     */
+    this.idempotencyKey = null;
+    /** How many times the call was sent before it failed. */
+    this.attempts = 1;
+  }
+
+  /**
+   * Whether the README's retry contract marks the error safe to retry as it is: UNAVAILABLE
+   * (after retryDelayMs) and OVERLOADED (with backoff). TaskGate retries these itself.
+   */
+  get retryable() {
+    return this.code === grpc.status.UNAVAILABLE || RETRYABLE_REASONS.has(this.reason);
+  }
+
+  /**
+   * Whether the controller may have acted on the call (the README's "Controller may have acted?"
+   * column): UNKNOWN, DEADLINE_EXCEEDED (but DEADLINE_TOO_SHORT), INTERNAL,
+   * REQUEST_OUTCOME_UNKNOWN, and a call cancelled or cut off before an answer (an UNAVAILABLE
+   * without the gateway's ErrorInfo). Then repeat the call with `idempotencyKey`, or read the
+   * port with caseGetState, before acting again.
+   */
+  get mayHaveActed() {
+    if (OUTCOME_UNKNOWN_REASONS.has(this.reason)) return true;
+    if (this.code === grpc.status.UNAVAILABLE) return !this.reason;
+    return MAY_HAVE_ACTED_CODES.has(this.code) && !NOTHING_SENT_REASONS.has(this.reason);
   }
 }
 
@@ -285,27 +336,40 @@ class TaskGate {
   }
 
   /**
-   * Extracts a case from `binId` at `portId`; resolves with the call's request id and rejects
-   * with a TaskGateError.
+   * Extracts a case from `binId` at `portId`. Resolves with { requestId (the last attempt's
+   * x-request-id, a correlation ID for the logs), idempotencyKey (the message's request_id, the
+   * same on every attempt), replayed ("stored" or "resolved" when the gateway answered a repeat
+   * of the key without calling the controller's method, else null), attempts }; rejects with a
+   * TaskGateError. Options: `timeoutMs` bounds the whole call, retries included (10 s);
+   * `requestId` sets the x-request-id; `idempotencyKey` the message's request_id (a fresh UUID v4
+   * when unset: give the one a TaskGateError carries to repeat a call whose outcome is unknown);
+   * `maxAttempts` (4) bounds the retries (on UNAVAILABLE and OVERLOADED only).
    */
-  async caseExtract(portId, binId, options = {}) {
-    const { requestId } = await this.call("CaseExtract", { port_id: portId, bin_id: binId }, options);
-    return requestId;
+  caseExtract(portId, binId, options = {}) {
+    return this.callWithKey("CaseExtract", { port_id: portId, bin_id: binId }, options);
   }
 
   /**
-   * Cancels the case operation running on `binId` at `portId`; resolves with the call's request
-   * id and rejects with a TaskGateError (fault 1149 when nothing runs on that bin at the port).
+   * Cancels the case operation running on `binId` at `portId`, with the options, retries and
+   * result of caseExtract; rejects with a TaskGateError (fault 1149 when nothing runs on that bin
+   * at the port).
    */
-  async caseCancel(portId, binId, options = {}) {
-    const { requestId } = await this.call("CaseCancel", { port_id: portId, bin_id: binId }, options);
-    return requestId;
+  caseCancel(portId, binId, options = {}) {
+    return this.callWithKey("CaseCancel", { port_id: portId, bin_id: binId }, options);
+  }
+
+  /** Calls `method` with `request` and an idempotency key; resolves with the call's result. */
+  async callWithKey(method, request, { idempotencyKey, ...options }) {
+    const key = idempotencyKey || crypto.randomUUID();
+    const { requestId, replayed, attempts } = await this.call(method, { ...request, request_id: key }, options);
+    return { requestId, idempotencyKey: key, replayed, attempts };
   }
 
   /**
    * Reads the port's AutoCase state; resolves with { port_id, bin_id (null when the controller
    * names none), state (the CaseState name), raw_state (the vendor code, e.g. "ERSO") } and
-   * rejects with a TaskGateError.
+   * rejects with a TaskGateError. It only reads, so it is retried like the other calls (the
+   * options `timeoutMs`, `requestId`, `maxAttempts`), without an idempotency key.
    */
   async caseGetState(portId, options = {}) {
     const { response } = await this.call("CaseGetState", { port_id: portId }, options);
@@ -335,18 +399,45 @@ class TaskGate {
     return metadata;
   }
 
-  /** Calls `method` with the token and request id; resolves with { response, requestId }. */
-  call(method, request, { timeoutMs = 10000, requestId } = {}) {
-    const metadata = this.metadata(requestId);
+  /**
+   * Calls `method` with the token and request id, again after each retryable error while
+   * `maxAttempts` and `timeoutMs` allow; resolves with { response, requestId, replayed, attempts }
+   * or rejects with a TaskGateError.
+   */
+  async call(method, request, { timeoutMs = 10000, requestId, maxAttempts = DEFAULT_MAX_ATTEMPTS } = {}) {
+    const deadline = Date.now() + timeoutMs;
+    let backoffMs = INITIAL_BACKOFF_MS;
+    for (let attempt = 1; ; attempt += 1) {
+      try {
+        return { ...(await this.attempt(method, request, requestId, deadline)), attempts: attempt };
+      } catch (error) {
+        error.idempotencyKey = request.request_id || null;
+        error.attempts = attempt;
+        const delayMs = error.retryDelayMs ?? backoffMs;
+        if (!error.retryable || attempt >= maxAttempts || Date.now() + delayMs >= deadline) throw error;
+        await new Promise((done) => setTimeout(done, delayMs));
+        backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
+      }
+    }
+  }
+
+  /** One attempt of a call; resolves with { response, requestId, replayed }. */
+  attempt(method, request, requestId, deadline) {
     return new Promise((resolve, reject) => {
-      let returnedId = "";
-      const call = this.client[method](request, metadata, { deadline: Date.now() + timeoutMs }, (error, response) => {
-        if (!error) return resolve({ response, requestId: returnedId });
+      let headers = null;
+      const call = this.client[method](request, this.metadata(requestId), { deadline }, (error, response) => {
+        if (!error) {
+          return resolve({
+            response,
+            requestId: String(headers?.get("x-request-id")[0] || ""),
+            replayed: headers?.get("taskgate-replayed")[0]?.toString() ?? null,
+          });
+        }
         const details = error.metadata ? error.metadata.get("grpc-status-details-bin")[0] : undefined;
         return reject(errorFromStatusDetails(error.code, error.details || "", details));
       });
-      call.on("metadata", (headers) => {
-        returnedId = String(headers.get("x-request-id")[0] || "");
+      call.on("metadata", (received) => {
+        headers = received;
       });
     });
   }
@@ -505,6 +596,7 @@ module.exports = {
   TaskGate,
   TaskGateError,
   CaseEventWatch,
+  DEFAULT_MAX_ATTEMPTS,
   FaultCode,
   caseExtractGrpcWeb,
   watchCaseEventsGrpcWeb,

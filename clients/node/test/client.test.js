@@ -5,6 +5,7 @@
 const { test, describe, before, after } = require("node:test");
 const assert = require("node:assert/strict");
 const fs = require("node:fs");
+const net = require("node:net");
 const os = require("node:os");
 const path = require("node:path");
 const {
@@ -16,6 +17,7 @@ const {
   errorFromStatusDetails,
 } = require("../client.js");
 const { startGateway } = require("./gateway.js");
+const grpc = require("@grpc/grpc-js");
 
 let gateway;
 let client;
@@ -41,9 +43,10 @@ async function expectError(promise) {
 }
 
 test("success, then 1148 with the retry delay", async () => {
-  assert.equal(await client.caseExtract(4, 101337, { requestId: "node-1" }), "node-1");
-  const error = await expectError(client.caseExtract(4, 101337));
+  assert.equal((await client.caseExtract(4, 101337, { requestId: "node-1" })).requestId, "node-1");
+  const error = await expectError(client.caseExtract(4, 101337, { maxAttempts: 1 }));
   assert.equal(error.codeName, "UNAVAILABLE");
+  assert.deepEqual([error.retryable, error.mayHaveActed, error.attempts], [true, false, 1]);
   assert.equal(error.faultCode, "FAULT_CODE_PREVIOUS_ACTION_NOT_COMPLETED");
   assert.equal(error.rawCode, 1148);
   assert.equal(error.retryDelayMs, 1500);
@@ -101,8 +104,8 @@ test("gRPC-Web: the message and field violations arrive too", async () => {
 test("cancel leaves NOOP with the bin", async () => {
   // Port 4 may still run the extraction of an earlier test (each step lasts 2 s): either way an
   // extraction on bin 101337 runs when the cancel arrives.
-  await client.caseExtract(4, 101337).catch((error) => assert.equal(error.rawCode, 1148));
-  assert.equal(await client.caseCancel(4, 101337, { requestId: "node-cancel" }), "node-cancel");
+  await client.caseExtract(4, 101337, { maxAttempts: 1 }).catch((error) => assert.equal(error.rawCode, 1148));
+  assert.equal((await client.caseCancel(4, 101337, { requestId: "node-cancel" })).requestId, "node-cancel");
   assert.deepEqual(await client.caseGetState(4), {
     port_id: 4,
     bin_id: 101337,
@@ -368,4 +371,144 @@ describe("WatchCaseEvents", () => {
     assert.equal(error.domain, "taskgate");
     assert.deepEqual(error.metadata, { method: "WatchCaseEvents" });
   });
+});
+
+// Safe retries (README, "Retry contract" and "Idempotency"): every CaseExtract and CaseCancel call
+// sends a fresh idempotency key and keeps it across its retries; only UNAVAILABLE (and OVERLOADED)
+// is retried; an error says whether the controller may have acted.
+describe("safe retries", () => {
+  const UUID_V4 = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
+  let layouts;
+  let own;
+
+  before(async () => {
+    layouts = fs.mkdtempSync(path.join(os.tmpdir(), "taskgate-layout-"));
+    // A gateway of its own, whose simulator runs an extraction in 100 ms: no other test moves its
+    // port 4.
+    const layout = path.join(layouts, "step-50ms.toml");
+    fs.writeFileSync(
+      layout,
+      'step_time = "50ms"\n[[port]]\nid = 4\nautocase = true\nmode = "OPEN"\nselected_bin = 101337\n',
+    );
+    own = await startGateway(["--simulator-config", layout]);
+    own.client = new TaskGate(own.address);
+  });
+
+  after(async () => {
+    own.client.close();
+    assert.equal(await own.stop(), 0);
+    fs.rmSync(layouts, { recursive: true, force: true });
+  });
+
+  // A controller's task interface that answers the n-th POST as `script[n]` says (the last entry
+  // for the rest): "503" (HTTP 503: it declined the request) or "drop" (read it, then close the
+  // connection: it may have been acted on). Connections that send nothing (health probes) are
+  // not POSTs. Runs `body({ client, gateway, posts() })` against a gateway in front of it, with a
+  // RetryInfo delay of 100 ms.
+  async function withFakeController(script, body) {
+    let posts = 0;
+    const server = net.createServer((socket) => {
+      let received = Buffer.alloc(0);
+      socket.on("error", () => {});
+      socket.on("data", (chunk) => {
+        received = Buffer.concat([received, chunk]);
+        const headEnd = received.indexOf("\r\n\r\n");
+        if (headEnd < 0) return;
+        const length = /\r\ncontent-length:\s*(\d+)/i.exec(received.subarray(0, headEnd).toString("latin1"));
+        if (received.length - headEnd - 4 < Number(length ? length[1] : 0)) return;
+        const action = script[Math.min(posts, script.length - 1)];
+        posts += 1;
+        received = Buffer.alloc(0);
+        if (action === "503") {
+          socket.end("HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        } else {
+          socket.destroy();
+        }
+      });
+    });
+    await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+    const url = `http://127.0.0.1:${server.address().port}/api/v2/task`;
+    const gateway = await startGateway([], { upstream: ["--upstream", url, "--log-publisher", "off"], retryDelay: "100ms" });
+    const client = new TaskGate(gateway.address);
+    try {
+      await body({ client, gateway, posts: () => posts });
+    } finally {
+      client.close();
+      assert.equal(await gateway.stop(), 0);
+      server.close();
+    }
+  }
+
+  // Resolves with the access lines of `count` calls the gateway received with idempotency key
+  // `key` (each line is written once its call has ended, maybe after the client saw the end).
+  function attemptsLogged(gateway, key, count) {
+    return gateway.linesLogged((line) => line.includes("taskgate::access") && line.includes(`idempotency_key=${key} `), count);
+  }
+
+  test("each call sends a fresh UUID v4 key, and a repeat with it is replayed", async () => {
+    const first = await own.client.caseExtract(4, 101337);
+    assert.match(first.idempotencyKey, UUID_V4);
+    assert.equal(first.replayed, null);
+    const repeat = await own.client.caseExtract(4, 101337, { idempotencyKey: first.idempotencyKey });
+    assert.deepEqual(
+      [repeat.idempotencyKey, repeat.replayed, repeat.attempts],
+      [first.idempotencyKey, "stored", 1],
+    );
+    // A new logical call gets a new key: it is not answered from the first one's.
+    const second = await own.client.caseExtract(4, 101337);
+    assert.notEqual(second.idempotencyKey, first.idempotencyKey);
+    assert.equal(second.replayed, null);
+  });
+
+  test("UNAVAILABLE is retried with the same key up to maxAttempts", async () => {
+    await withFakeController(["503"], async ({ client, gateway, posts }) => {
+      const error = await expectError(client.caseExtract(4, 101337, { timeoutMs: 30000, maxAttempts: 3 }));
+      assert.deepEqual([error.codeName, error.reason, error.metadata.httpStatus], ["UNAVAILABLE", "UPSTREAM_HTTP_ERROR", "503"]);
+      assert.deepEqual([error.retryable, error.mayHaveActed, error.attempts], [true, false, 3]);
+      assert.equal(posts(), 3);
+      assert.equal((await attemptsLogged(gateway, error.idempotencyKey, 3)).length, 3);
+    });
+  });
+
+  test("an unknown outcome is not retried, and carries the key to repeat the call with", async () => {
+    await withFakeController(["503", "drop"], async ({ client, gateway, posts }) => {
+      const error = await expectError(client.caseExtract(4, 101337, { timeoutMs: 30000 }));
+      assert.deepEqual([error.codeName, error.reason], ["UNKNOWN", "UPSTREAM_CONNECTION_LOST"]);
+      assert.deepEqual([error.retryable, error.mayHaveActed, error.attempts], [false, true, 2]);
+      assert.equal(posts(), 2);
+      assert.match(error.idempotencyKey, UUID_V4);
+      assert.equal((await attemptsLogged(gateway, error.idempotencyKey, 2)).length, 2);
+    });
+  });
+
+  const CLASSIFICATION = [
+    ["UNAVAILABLE", "PREVIOUS_ACTION_NOT_COMPLETED", true, false],
+    ["UNAVAILABLE", "UPSTREAM_UNREACHABLE", true, false],
+    ["UNAVAILABLE", "UPSTREAM_HTTP_ERROR", true, false],
+    // The connection to the gateway broke: the call may have reached it.
+    ["UNAVAILABLE", "", true, true],
+    ["UNKNOWN", "UPSTREAM_CONNECTION_LOST", false, true],
+    ["UNKNOWN", "UPSTREAM_HTTP_ERROR", false, true],
+    ["UNKNOWN", "UNKNOWN_FAULT", false, true],
+    ["DEADLINE_EXCEEDED", "UPSTREAM_TIMEOUT", false, true],
+    ["DEADLINE_EXCEEDED", "REQUEST_IN_PROGRESS", false, true],
+    ["DEADLINE_EXCEEDED", "", false, true],
+    ["DEADLINE_EXCEEDED", "DEADLINE_TOO_SHORT", false, false],
+    ["INTERNAL", "UPSTREAM_BAD_RESPONSE", false, true],
+    ["INTERNAL", "CONTROLLER_INTERNAL_ERROR", false, true],
+    ["FAILED_PRECONDITION", "REQUEST_OUTCOME_UNKNOWN", false, true],
+    ["FAILED_PRECONDITION", "BIN_NOT_SELECTED_FOR_PORT", false, false],
+    ["INVALID_ARGUMENT", "REQUEST_ID_REUSED", false, false],
+    ["NOT_FOUND", "PORT_IS_NOT_AVAILABLE", false, false],
+    ["UNAUTHENTICATED", "UNAUTHENTICATED", false, false],
+    ["RESOURCE_EXHAUSTED", "OVERLOADED", true, false],
+    ["RESOURCE_EXHAUSTED", "WATCH_LAGGED", false, false],
+    ["CANCELLED", "", false, true],
+  ];
+  for (const [codeName, reason, retryable, mayHaveActed] of CLASSIFICATION) {
+    test(`${codeName} ${reason || "without a reason"}: retryable ${retryable}, may have acted ${mayHaveActed}`, () => {
+      const error = new TaskGateError({ code: grpc.status[codeName], codeName, message: "", reason });
+      assert.deepEqual([error.retryable, error.mayHaveActed], [retryable, mayHaveActed]);
+    });
+  }
 });

@@ -10,6 +10,14 @@ contract.
 ...         gateway.case_extract(port_id=4, bin_id=101337, timeout=5.0)
 ...     except TaskGateError as error:
 ...         print(error.fault_name, error.raw_code, error.code, error.retry_delay)
+...         if error.may_have_acted:  # the outcome is unknown: repeat with the same key
+...             gateway.case_extract(port_id=4, bin_id=101337, timeout=5.0,
+...                                  idempotency_key=error.idempotency_key)
+
+Each CaseExtract and CaseCancel call sends a fresh idempotency key (the message's ``request_id``,
+a UUID v4) and keeps it across its own retries; a call is retried only when the controller
+started nothing (``UNAVAILABLE``, after the ``RetryInfo`` delay; ``OVERLOADED``, with backoff), at
+most ``max_attempts`` times in all and within ``timeout``.
 
 Case events stream from ``watch_case_events``; the stream's end raises the same ``TaskGateError``:
 
@@ -24,6 +32,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterable, Iterator, Optional
@@ -44,6 +54,7 @@ except ImportError as error:  # pragma: no cover - a setup mistake, reported cle
 __all__ = [
     "TaskGate",
     "TaskGateError",
+    "CallResult",
     "CaseEventWatch",
     "FaultCode",
     "CaseState",
@@ -57,6 +68,40 @@ CaseState = task_pb2.CaseState
 CaseGetStateResponse = task_pb2.CaseGetStateResponse
 CaseEvent = task_pb2.CaseEvent
 _TASK_FAULT_TYPE = "taskgate.v1.TaskFault"
+
+# The retries of one call, as the service config docs/clients.md recommends: at most 4 attempts,
+# waiting the RetryInfo delay, or else a backoff from 1 s doubling up to 10 s.
+DEFAULT_MAX_ATTEMPTS = 4
+_INITIAL_BACKOFF_S = 1.0
+_MAX_BACKOFF_S = 10.0
+
+# The README's retry contract: besides UNAVAILABLE, the reasons safe to retry as they are (the
+# controller was not called); the codes after which the controller may have acted, and the
+# reasons that are exceptions to their code's rule.
+_RETRYABLE_REASONS = frozenset({"OVERLOADED"})
+_MAY_HAVE_ACTED_CODES = frozenset({
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.CANCELLED,
+})
+_NOTHING_SENT_REASONS = frozenset({"DEADLINE_TOO_SHORT"})
+_OUTCOME_UNKNOWN_REASONS = frozenset({"REQUEST_OUTCOME_UNKNOWN"})
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """A CaseExtract or CaseCancel call that succeeded."""
+
+    request_id: str
+    """The last attempt's ``x-request-id``, as the gateway logs it (a correlation ID)."""
+    idempotency_key: str
+    """The message's ``request_id``, the same on every attempt of the call."""
+    replayed: Optional[str]
+    """``stored`` or ``resolved`` when the gateway answered a repeat of ``idempotency_key``
+    without calling the controller's method (the ``taskgate-replayed`` header), else None."""
+    attempts: int
+    """How many times the call was sent: more than 1 after retryable errors."""
 
 
 @dataclass
@@ -81,6 +126,11 @@ class TaskGateError(Exception):
     """From RetryInfo, when a retry is safe."""
     field_violations: tuple = ()
     """From BadRequest: (field, description) pairs."""
+    idempotency_key: Optional[str] = None
+    """The call's idempotency key (CaseExtract and CaseCancel): pass it back as
+    ``idempotency_key`` to repeat the call safely, within the gateway's idempotency window."""
+    attempts: int = 1
+    """How many times the call was sent before it failed."""
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
@@ -91,6 +141,26 @@ class TaskGateError(Exception):
         if self.fault_code == FaultCode.FAULT_CODE_UNSPECIFIED:
             return None
         return FaultCode.Name(self.fault_code).removeprefix("FAULT_CODE_")
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the README's retry contract marks the error safe to retry as it is:
+        ``UNAVAILABLE`` (after ``retry_delay``) and ``OVERLOADED`` (with backoff). The client
+        retries these itself."""
+        return self.code == grpc.StatusCode.UNAVAILABLE or self.reason in _RETRYABLE_REASONS
+
+    @property
+    def may_have_acted(self) -> bool:
+        """Whether the controller may have acted on the call (the README's "Controller may have
+        acted?" column): ``UNKNOWN``, ``DEADLINE_EXCEEDED`` (but ``DEADLINE_TOO_SHORT``),
+        ``INTERNAL``, ``REQUEST_OUTCOME_UNKNOWN``, and a call cancelled or cut off before an
+        answer (an ``UNAVAILABLE`` without the gateway's ``ErrorInfo``). Then repeat the call with
+        ``idempotency_key``, or read the port with ``case_get_state``, before acting again."""
+        if self.reason in _OUTCOME_UNKNOWN_REASONS:
+            return True
+        if self.code == grpc.StatusCode.UNAVAILABLE:
+            return not self.reason
+        return self.code in _MAY_HAVE_ACTED_CODES and self.reason not in _NOTHING_SENT_REASONS
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> "TaskGateError":
@@ -145,38 +215,44 @@ class TaskGate:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     def case_extract(self, port_id: int, bin_id: int, timeout: float = 10.0,
-                     request_id: Optional[str] = None) -> str:
-        """Extracts a case from ``bin_id`` at ``port_id``; returns the call's request id.
+                     request_id: Optional[str] = None, idempotency_key: Optional[str] = None,
+                     max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> CallResult:
+        """Extracts a case from ``bin_id`` at ``port_id``.
 
-        Raises ``TaskGateError`` with the typed fault when the call fails.
+        ``timeout`` (seconds) bounds the whole call, retries included; ``request_id`` is the
+        ``x-request-id`` (a correlation ID for the logs); ``idempotency_key`` the message's
+        ``request_id`` (a fresh UUID v4 when None): give the one a ``TaskGateError`` carries to
+        repeat a call whose outcome is unknown. Raises ``TaskGateError`` with the typed fault
+        when the call fails.
         """
-        request = task_pb2.CaseExtractRequest(port_id=port_id, bin_id=bin_id)
-        _, request_id = self._call(self._stub.CaseExtract, request, timeout, request_id)
-        return request_id
+        request = task_pb2.CaseExtractRequest(
+            port_id=port_id, bin_id=bin_id, request_id=idempotency_key or str(uuid.uuid4()))
+        return self._call(self._stub.CaseExtract, request, timeout, request_id, max_attempts)[1]
 
     def case_cancel(self, port_id: int, bin_id: int, timeout: float = 10.0,
-                    request_id: Optional[str] = None) -> str:
-        """Cancels the case operation running on ``bin_id`` at ``port_id``; returns the call's
-        request id.
+                    request_id: Optional[str] = None, idempotency_key: Optional[str] = None,
+                    max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> CallResult:
+        """Cancels the case operation running on ``bin_id`` at ``port_id``, with the arguments
+        and retries of ``case_extract``.
 
         Raises ``TaskGateError`` with the typed fault when the call fails (1149 when nothing
         runs on that bin at the port).
         """
-        request = task_pb2.CaseCancelRequest(port_id=port_id, bin_id=bin_id)
-        _, request_id = self._call(self._stub.CaseCancel, request, timeout, request_id)
-        return request_id
+        request = task_pb2.CaseCancelRequest(
+            port_id=port_id, bin_id=bin_id, request_id=idempotency_key or str(uuid.uuid4()))
+        return self._call(self._stub.CaseCancel, request, timeout, request_id, max_attempts)[1]
 
     def case_get_state(self, port_id: int, timeout: float = 10.0,
-                       request_id: Optional[str] = None) -> "CaseGetStateResponse":
+                       request_id: Optional[str] = None,
+                       max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> "CaseGetStateResponse":
         """Reads the port's AutoCase state: ``state`` (a ``CaseState``), ``raw_state`` (the
         vendor code, e.g. ``ERSO``) and ``bin_id`` (check ``HasField("bin_id")``: a port that has
         run no case operation names none).
 
-        Raises ``TaskGateError`` with the typed fault when the call fails.
+        It only reads, so it is retried like the other calls, without an idempotency key. Raises ``TaskGateError`` with the typed fault when the call fails.
         """
         request = task_pb2.CaseGetStateRequest(port_id=port_id)
-        response, _ = self._call(self._stub.CaseGetState, request, timeout, request_id)
-        return response
+        return self._call(self._stub.CaseGetState, request, timeout, request_id, max_attempts)[0]
 
     def watch_case_events(self, port_ids: Iterable[int] = (), timeout: Optional[float] = None,
                           request_id: Optional[str] = None) -> "CaseEventWatch":
@@ -205,15 +281,40 @@ class TaskGate:
     def _call_metadata(self, request_id: Optional[str]) -> tuple:
         return self._metadata + ((("x-request-id", request_id),) if request_id else ())
 
-    def _call(self, method, request, timeout: float, request_id: Optional[str]):
-        """Calls ``method`` with the token and request id; returns the response and the call's
-        request id, or raises ``TaskGateError``."""
+    def _call(self, method, request, timeout: float, request_id: Optional[str],
+              max_attempts: int):
+        """Calls ``method`` with the token and request id, again after each retryable error while
+        attempts and ``timeout`` allow; returns the response and a ``CallResult``, or raises
+        ``TaskGateError``."""
         metadata = self._call_metadata(request_id)
-        try:
-            response, call = method.with_call(request, timeout=timeout, metadata=metadata)
-        except grpc.RpcError as error:
-            raise TaskGateError.from_rpc_error(error) from None
-        return response, dict(call.initial_metadata()).get("x-request-id", "")
+        idempotency_key = getattr(request, "request_id", "") or None
+        deadline = time.monotonic() + timeout
+        backoff = _INITIAL_BACKOFF_S
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response, call = method.with_call(
+                    request, timeout=max(deadline - time.monotonic(), 0.0), metadata=metadata)
+            except grpc.RpcError as rpc_error:
+                error = TaskGateError.from_rpc_error(rpc_error)
+                error.idempotency_key = idempotency_key
+                error.attempts = attempt
+                delay = (error.retry_delay.total_seconds() if error.retry_delay is not None
+                         else backoff)
+                if (not error.retryable or attempt >= max_attempts
+                        or time.monotonic() + delay >= deadline):
+                    raise error from None
+                time.sleep(delay)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+                continue
+            headers = dict(call.initial_metadata())
+            return response, CallResult(
+                request_id=headers.get("x-request-id", ""),
+                idempotency_key=idempotency_key or "",
+                replayed=headers.get("taskgate-replayed"),
+                attempts=attempt,
+            )
 
     def close(self) -> None:
         """Closes the channel."""

@@ -5,6 +5,7 @@ import os
 import pathlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +27,8 @@ def _binary() -> str:
 # The longest the gateway may take to log its address, and to exit after SIGTERM.
 STARTUP_LIMIT_S = 60
 STOP_LIMIT_S = 30
+# The longest the gateway may take to log a line a test waits for.
+LINE_LIMIT_S = 30
 
 
 class _StderrReader(threading.Thread):
@@ -40,6 +43,9 @@ class _StderrReader(threading.Thread):
         super().__init__(name="taskgate-stderr", daemon=True)
         self._stream = stream
         self.lines = collections.deque(maxlen=200)
+        # Every line, for tests that wait for one; notified on each.
+        self.logged = []
+        self.new_line = threading.Condition()
         self.address = None
         # Set once the address is known or stderr has ended, whichever comes first.
         self.settled = threading.Event()
@@ -47,6 +53,9 @@ class _StderrReader(threading.Thread):
     def run(self):
         for line in self._stream:
             self.lines.append(line)
+            with self.new_line:
+                self.logged.append(line)
+                self.new_line.notify_all()
             if self.address is None:
                 match = re.search(r"gateway listening address=(\S+)", line)
                 if match:
@@ -58,11 +67,33 @@ class _StderrReader(threading.Thread):
         return "".join(self.lines)
 
 
-def _serve(*extra_args):
-    """Starts the gateway in front of the simulator with ``extra_args``; yields its address and
-    checks, once the tests are done, that it exits cleanly on SIGTERM."""
+class Gateway(str):
+    """A running gateway's address, whose log lines a test can wait for (``lines_logged``)."""
+
+    def __new__(cls, address: str, stderr: "_StderrReader"):
+        gateway = super().__new__(cls, address)
+        gateway._stderr = stderr
+        return gateway
+
+    def lines_logged(self, test, count: int) -> list:
+        """The logged lines that pass ``test``, once there are ``count`` of them; fails the test
+        if there are not within ``LINE_LIMIT_S``."""
+        def matching():
+            return [line for line in self._stderr.logged if test(line)]
+        with self._stderr.new_line:
+            if not self._stderr.new_line.wait_for(lambda: len(matching()) >= count, LINE_LIMIT_S):
+                raise AssertionError(
+                    f"the gateway did not log {count} such lines within {LINE_LIMIT_S} s:\n"
+                    f"{self._stderr.log()}")
+            return matching()
+
+
+def _serve(*extra_args, upstream=("--simulator",), retry_delay="1500ms"):
+    """Starts the gateway in front of ``upstream`` (the simulator unless told) with
+    ``extra_args``; yields its address (a ``Gateway``) and checks, once the tests are done, that
+    it exits cleanly on SIGTERM."""
     process = subprocess.Popen(
-        [_binary(), "serve", "--simulator", "--listen", "127.0.0.1:0", "--retry-delay", "1500ms", *extra_args],
+        [_binary(), "serve", *upstream, "--listen", "127.0.0.1:0", "--retry-delay", retry_delay, *extra_args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -78,7 +109,7 @@ def _serve(*extra_args):
             f"the gateway did not log its listening address within {STARTUP_LIMIT_S} s:\n{stderr.log()}",
             2,
         )
-    yield stderr.address
+    yield Gateway(stderr.address, stderr)
     process.send_signal(signal.SIGTERM)
     try:
         code = process.wait(timeout=STOP_LIMIT_S)
@@ -129,3 +160,91 @@ def slow_gateway(tmp_path_factory):
 def gateway_without_log_publisher():
     """A gateway run with --log-publisher off: it has no case events."""
     yield from _serve("--log-publisher", "off")
+
+
+@pytest.fixture(scope="session")
+def idempotency_gateway(tmp_path_factory):
+    """A gateway of its own whose simulator runs an extraction in 100 ms, for the tests of
+    idempotency keys: no other test moves its port 4."""
+    yield from _serve("--simulator-config", _layout(tmp_path_factory, "50ms"))
+
+
+# The longest the fake controller waits for a request's bytes.
+_FAKE_READ_LIMIT_S = 30
+
+
+class FakeController(threading.Thread):
+    """A controller's task interface that answers the n-th POST as ``script[n]`` says: ``"503"``
+    (HTTP 503: the controller declined it) or ``"drop"`` (read it, then close the connection:
+    it may have been acted on). Connections that send nothing (health probes) are not POSTs."""
+
+    def __init__(self, script):
+        super().__init__(name="fake-controller", daemon=True)
+        self._script = list(script)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/api/v2/task"
+        self.posts = 0
+
+    def run(self):
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.settimeout(_FAKE_READ_LIMIT_S)
+                if not self._read_request(connection):
+                    continue
+                action = self._script[min(self.posts, len(self._script) - 1)]
+                self.posts += 1
+                if action == "503":
+                    connection.sendall(
+                        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n"
+                        b"connection: close\r\n\r\n"
+                    )
+
+    @staticmethod
+    def _read_request(connection) -> bool:
+        """Reads one request's head and body; False when the peer sent nothing."""
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = connection.recv(65536)
+            if not chunk:
+                return False
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        while length and len(body) < int(length.group(1)):
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return head.startswith(b"POST")
+
+    def close(self):
+        # shutdown wakes the thread blocked in accept; close alone does not.
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+
+
+@pytest.fixture
+def fake_controller(request):
+    """A ``FakeController`` following the test's ``script`` (``@pytest.mark.script(...)``) and a
+    gateway in front of it, with a RetryInfo delay of 100 ms: yields (controller, gateway)."""
+    controller = FakeController(request.node.get_closest_marker("script").args)
+    controller.start()
+    try:
+        yield from (
+            (controller, gateway)
+            for gateway in _serve(upstream=("--upstream", controller.url, "--log-publisher", "off"),
+                                  retry_delay="100ms")
+        )
+    finally:
+        controller.close()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "script(*actions): the fake controller's answers to POSTs")

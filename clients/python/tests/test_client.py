@@ -17,19 +17,19 @@ def client(gateway):
 
 def expect_error(client, port_id, bin_id) -> TaskGateError:
     with pytest.raises(TaskGateError) as raised:
-        client.case_extract(port_id=port_id, bin_id=bin_id, timeout=5)
+        client.case_extract(port_id=port_id, bin_id=bin_id, timeout=5, max_attempts=1)
     return raised.value
 
 
 def test_success_then_1148_with_the_retry_delay(client):
-    request_id = client.case_extract(port_id=4, bin_id=101337, request_id="py-1")
-    assert request_id == "py-1"
+    assert client.case_extract(port_id=4, bin_id=101337, request_id="py-1").request_id == "py-1"
     error = expect_error(client, 4, 101337)
     assert error.code == grpc.StatusCode.UNAVAILABLE
     assert error.fault_code == FaultCode.FAULT_CODE_PREVIOUS_ACTION_NOT_COMPLETED
     assert error.fault_name == "PREVIOUS_ACTION_NOT_COMPLETED"
     assert error.raw_code == 1148
     assert error.retry_delay == timedelta(milliseconds=1500)
+    assert (error.retryable, error.may_have_acted, error.attempts) == (True, False, 1)
     assert error.domain == "autostore.task"
     assert error.metadata == {
         "faultCode": "1148",
@@ -74,10 +74,10 @@ def test_case_cancel_leaves_noop_with_the_bin(client):
     # Port 4 may still run the extraction of an earlier test (each step lasts 2 s): either way
     # an extraction on bin 101337 runs when the cancel arrives.
     try:
-        client.case_extract(port_id=4, bin_id=101337, timeout=5)
+        client.case_extract(port_id=4, bin_id=101337, timeout=5, max_attempts=1)
     except TaskGateError as error:
         assert error.raw_code == 1148, error
-    assert client.case_cancel(port_id=4, bin_id=101337, request_id="py-cancel") == "py-cancel"
+    assert client.case_cancel(port_id=4, bin_id=101337, request_id="py-cancel").request_id == "py-cancel"
     state = client.case_get_state(port_id=4)
     assert (state.port_id, state.state, state.raw_state) == (4, CaseState.CASE_STATE_NO_OPERATION, "NOOP")
     assert state.HasField("bin_id") and state.bin_id == 101337

@@ -1,0 +1,100 @@
+"""Safe retries (README, "Retry contract" and "Idempotency"): every CaseExtract and CaseCancel
+call sends a fresh idempotency key and keeps it across its retries; only UNAVAILABLE (and
+OVERLOADED) is retried;
+an error says whether the controller may have acted."""
+
+import re
+import uuid
+
+import grpc
+import pytest
+
+from taskgate_client import TaskGate, TaskGateError
+
+
+def attempts_logged(gateway, key, count):
+    """The access lines of ``count`` calls the gateway received with idempotency key ``key``
+    (each is written once its call has ended, maybe after the client saw the end)."""
+    return gateway.lines_logged(
+        lambda line: "taskgate::access" in line and re.search(rf"idempotency_key={key}\b", line),
+        count)
+
+
+def test_each_call_sends_a_fresh_uuid4_key_and_a_repeat_with_it_is_replayed(idempotency_gateway):
+    with TaskGate(idempotency_gateway) as client:
+        first = client.case_extract(port_id=4, bin_id=101337, timeout=10)
+        assert uuid.UUID(first.idempotency_key).version == 4
+        assert first.replayed is None
+        repeat = client.case_extract(port_id=4, bin_id=101337, timeout=10,
+                                     idempotency_key=first.idempotency_key)
+        assert (repeat.idempotency_key, repeat.replayed, repeat.attempts) == (
+            first.idempotency_key, "stored", 1)
+        # A new logical call gets a new key: it is not answered from the first one's.
+        second = client.case_extract(port_id=4, bin_id=101337, timeout=10)
+        assert second.idempotency_key != first.idempotency_key
+        assert second.replayed is None
+
+
+@pytest.mark.script("503")
+def test_unavailable_is_retried_with_the_same_key_up_to_max_attempts(fake_controller):
+    controller, gateway = fake_controller
+    with TaskGate(gateway) as client:
+        with pytest.raises(TaskGateError) as raised:
+            client.case_extract(port_id=4, bin_id=101337, timeout=30, max_attempts=3)
+    error = raised.value
+    assert (error.code, error.reason, error.metadata["httpStatus"]) == (
+        grpc.StatusCode.UNAVAILABLE, "UPSTREAM_HTTP_ERROR", "503")
+    assert (error.retryable, error.may_have_acted, error.attempts) == (True, False, 3)
+    assert controller.posts == 3
+    assert len(attempts_logged(gateway, error.idempotency_key, 3)) == 3
+
+
+@pytest.mark.script("503", "drop")
+def test_an_unknown_outcome_is_not_retried_and_carries_the_key_to_repeat_with(fake_controller):
+    controller, gateway = fake_controller
+    with TaskGate(gateway) as client:
+        with pytest.raises(TaskGateError) as raised:
+            client.case_extract(port_id=4, bin_id=101337, timeout=30)
+    error = raised.value
+    assert (error.code, error.reason) == (grpc.StatusCode.UNKNOWN, "UPSTREAM_CONNECTION_LOST")
+    assert (error.retryable, error.may_have_acted, error.attempts) == (False, True, 2)
+    assert controller.posts == 2
+    assert uuid.UUID(error.idempotency_key).version == 4
+    assert len(attempts_logged(gateway, error.idempotency_key, 2)) == 2
+
+
+def error(code, reason=""):
+    return TaskGateError(code=code, message="", reason=reason, domain="taskgate", metadata={})
+
+
+@pytest.mark.parametrize(
+    "code, reason, retryable, may_have_acted",
+    [
+        (grpc.StatusCode.UNAVAILABLE, "PREVIOUS_ACTION_NOT_COMPLETED", True, False),
+        (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNREACHABLE", True, False),
+        (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_HTTP_ERROR", True, False),
+        # The connection to the gateway broke: the call may have reached it.
+        (grpc.StatusCode.UNAVAILABLE, "", True, True),
+        (grpc.StatusCode.UNKNOWN, "UPSTREAM_CONNECTION_LOST", False, True),
+        (grpc.StatusCode.UNKNOWN, "UPSTREAM_HTTP_ERROR", False, True),
+        (grpc.StatusCode.UNKNOWN, "UNKNOWN_FAULT", False, True),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "UPSTREAM_TIMEOUT", False, True),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "REQUEST_IN_PROGRESS", False, True),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "", False, True),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_TOO_SHORT", False, False),
+        (grpc.StatusCode.INTERNAL, "UPSTREAM_BAD_RESPONSE", False, True),
+        (grpc.StatusCode.INTERNAL, "CONTROLLER_INTERNAL_ERROR", False, True),
+        (grpc.StatusCode.FAILED_PRECONDITION, "REQUEST_OUTCOME_UNKNOWN", False, True),
+        (grpc.StatusCode.FAILED_PRECONDITION, "BIN_NOT_SELECTED_FOR_PORT", False, False),
+        (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED", False, False),
+        (grpc.StatusCode.NOT_FOUND, "PORT_IS_NOT_AVAILABLE", False, False),
+        (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", False, False),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED", True, False),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCH_LAGGED", False, False),
+        (grpc.StatusCode.CANCELLED, "", False, True),
+    ],
+)
+def test_each_error_says_whether_to_retry_and_whether_the_controller_may_have_acted(
+        code, reason, retryable, may_have_acted):
+    assert (error(code, reason).retryable, error(code, reason).may_have_acted) == (
+        retryable, may_have_acted)
