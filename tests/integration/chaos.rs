@@ -72,8 +72,18 @@ const ANSWER_SLACK: Duration = if cfg!(debug_assertions) {
 };
 
 /// How much later than the gateway's time limit a reply may complete and still win the race
-/// with the timer on a loaded machine; between the two, either outcome is correct.
-const TIMER_SLACK: Duration = Duration::from_millis(200);
+/// with the timer on a loaded machine; between the two, either outcome is correct. In the debug
+/// build, with 256 calls in flight beside other builds (load average 7.5 on two cores), a reply
+/// planned 201 ms past the limit has been seen to win: the timer's task waited for CPU as long
+/// as the answers do, so the bound is [`ANSWER_SLACK`]'s 1 s, and the release build's run
+/// (`scripts/chaos`) keeps 200 ms. A timer the gateway forgot still fails the test: calls never
+/// answered, and replies planned 1 s or more past the limit (delays go up to 1.5 s), must end
+/// `UPSTREAM_TIMEOUT`.
+const TIMER_SLACK: Duration = if cfg!(debug_assertions) {
+    Duration::from_secs(1)
+} else {
+    Duration::from_millis(200)
+};
 /// How many calls are in flight in a round, drawn for each round.
 const CONCURRENCY: [usize; 6] = [1, 4, 16, 64, 128, 256];
 /// Calls each worker makes in a round: enough for the concurrency to matter.
