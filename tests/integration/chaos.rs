@@ -13,12 +13,17 @@
 //! controller once, unless the gateway's time ran out before it was sent; the gateway's RSS and open file descriptors return to where they were
 //! after the warm-up; no panic is logged; SIGTERM then exits 0.
 //!
+//! Between the run and SIGTERM, a client that retries as docs/clients.md says makes one logical
+//! call per [`RETRYING_SHARE`] calls ([`retrying`]): no extraction the controller accepted is
+//! POSTed again, and every final answer agrees with what the controller did.
+//!
 //! `cargo test` runs [`CI_CALLS`] calls of a debug build; `scripts/chaos [CALLS] [SEED]` runs a
 //! release build and more calls (the long mode, 100,000 by default) through
 //! `TASKGATE_CHAOS_CALLS` and `TASKGATE_CHAOS_SEED`.
 
 mod controller;
 mod plan;
+mod retrying;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -44,6 +49,8 @@ use plan::{Plan, Planned, SplitMix64};
 /// Calls in the run `cargo test` makes: enough to meet every behaviour many times at every
 /// concurrency, in well under a minute of a debug build on two cores.
 const CI_CALLS: usize = 3_000;
+/// The retrying client's run makes one logical call per this many calls of the first run.
+const RETRYING_SHARE: usize = 10;
 /// The seed when `TASKGATE_CHAOS_SEED` does not name one.
 const DEFAULT_SEED: u64 = 11;
 
@@ -119,7 +126,7 @@ async fn chaos_controller_every_call_is_answered_in_time_with_its_documented_sta
         .map(|level| level * CALLS_PER_WORKER)
         .sum();
     let plan = Arc::new(Plan::draw(seed, warmup + calls));
-    let controller = ChaosController::start(plan.clone()).await;
+    let controller = ChaosController::start(plan.clone(), retrying::Ledger::new(seed)).await;
     let serve = TaskgateProcess::start_serving(TaskgateProcess::spawn(&[
         "serve",
         "--listen",
@@ -183,6 +190,16 @@ async fn chaos_controller_every_call_is_answered_in_time_with_its_documented_sta
         before.rss_kib,
         after.rss_kib
     );
+
+    // Then the same controller and gateway, with a client that retries as published.
+    let logical_calls = calls / RETRYING_SHARE;
+    let started = Instant::now();
+    let results = retrying::run(logical_calls, &clients).await;
+    let took = started.elapsed();
+    settle(&controller, &clients[0], pid).await;
+    let summary = retrying::judge(&controller.ledger, &results);
+    summary.assert_no_failures(seed);
+    println!("{}", summary.line(took));
 
     serve.signal("TERM").await;
     let (code, log) = serve.finish().await;
