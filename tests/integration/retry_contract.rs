@@ -19,13 +19,13 @@ const CALL_LIMIT: Duration = Duration::from_secs(30);
 
 /// The retry policy of the service config that README.md publishes, which docs/clients.md must
 /// publish word for word.
-struct PublishedPolicy {
-    max_attempts: u64,
-    retryable_status_codes: Vec<String>,
+pub(crate) struct PublishedPolicy {
+    pub(crate) max_attempts: u64,
+    pub(crate) retryable_status_codes: Vec<String>,
 }
 
 impl PublishedPolicy {
-    fn read() -> PublishedPolicy {
+    pub(crate) fn read() -> PublishedPolicy {
         let root = env!("CARGO_MANIFEST_DIR");
         let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
         let clients = std::fs::read_to_string(format!("{root}/docs/clients.md")).unwrap();

@@ -1,5 +1,6 @@
 //! The chaos controller: a raw TCP server that does to each request what the plan says for the
-//! call its `x-request-id` names, and counts the requests that arrive.
+//! call its `x-request-id` names, and counts the requests that arrive; a request of the retrying
+//! client (`x-request-id` `retry-{call}`) goes to the ledger instead.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use tokio::sync::watch;
 
 use super::SUCCESS;
 use super::plan::{Behaviour, Body, Framing, PIECE, Pacing, Plan, Reply, garbage};
+use super::retrying::{self, Ledger};
 use crate::support::{OpenConnection, read_request};
 
 /// The chaos controller: a raw TCP server that does to each request what the plan says for the
@@ -20,6 +22,8 @@ pub(super) struct ChaosController {
     pub(super) url: String,
     /// How many times each planned call's request arrived.
     pub(super) arrivals: Arc<Vec<AtomicU8>>,
+    /// What the controller did for the retrying client's logical calls.
+    pub(super) ledger: Arc<Ledger>,
     /// Connections open now, on the controller's side.
     pub(super) open: watch::Receiver<usize>,
     /// Bumped to make every connection waiting for its next request close, as a controller
@@ -28,7 +32,7 @@ pub(super) struct ChaosController {
 }
 
 impl ChaosController {
-    pub(super) async fn start(plan: Arc<Plan>) -> ChaosController {
+    pub(super) async fn start(plan: Arc<Plan>, ledger: Ledger) -> ChaosController {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let arrivals: Arc<Vec<AtomicU8>> =
@@ -36,7 +40,9 @@ impl ChaosController {
         let (open_tx, open) = watch::channel(0);
         let open_tx = Arc::new(open_tx);
         let (close_idle, close_idle_rx) = watch::channel(0);
+        let ledger = Arc::new(ledger);
         let (accepted_arrivals, accepted_open) = (arrivals.clone(), open_tx);
+        let accepted_ledger = ledger.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let connection = OpenConnection::new(accepted_open.clone());
@@ -44,6 +50,7 @@ impl ChaosController {
                     stream,
                     plan.clone(),
                     accepted_arrivals.clone(),
+                    accepted_ledger.clone(),
                     close_idle_rx.clone(),
                     connection,
                 ));
@@ -52,6 +59,7 @@ impl ChaosController {
         ChaosController {
             url: format!("http://{address}/api/v2/task"),
             arrivals,
+            ledger,
             open,
             close_idle,
         }
@@ -62,6 +70,7 @@ async fn serve_connection(
     mut stream: TcpStream,
     plan: Arc<Plan>,
     arrivals: Arc<Vec<AtomicU8>>,
+    ledger: Arc<Ledger>,
     mut close_idle: watch::Receiver<u64>,
     _open: OpenConnection,
 ) {
@@ -73,9 +82,19 @@ async fn serve_connection(
             request = read_request(&mut stream, &mut buffer) => request,
             _ = close_idle.changed() => return,
         };
-        let Some((_, headers, _)) = request else {
+        let Some((_, headers, body)) = request else {
             return;
         };
+        let retrying = headers
+            .get("x-request-id")
+            .and_then(|id| id.strip_prefix(retrying::PREFIX))
+            .and_then(|call| call.parse::<usize>().ok());
+        if let Some(call) = retrying {
+            if ledger.serve(&mut stream, call, &body).await.is_err() {
+                return;
+            }
+            continue;
+        }
         let index = headers
             .get("x-request-id")
             .and_then(|id| id.strip_prefix("chaos-"))
@@ -99,8 +118,18 @@ async fn serve_connection(
     }
 }
 
+/// Answers the request that just arrived with a success reply carrying `body`.
+pub(super) async fn send_body(stream: &mut TcpStream, body: &[u8]) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 200 Chaos\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await
+}
+
 /// Does `behaviour` to the request that just arrived; an error means the connection is done.
-async fn act(stream: &mut TcpStream, behaviour: &Behaviour) -> std::io::Result<()> {
+pub(super) async fn act(stream: &mut TcpStream, behaviour: &Behaviour) -> std::io::Result<()> {
     let done = Err(std::io::ErrorKind::ConnectionAborted.into());
     match behaviour {
         Behaviour::Reply(reply) => send_reply(stream, reply).await,
