@@ -13,6 +13,11 @@
 //!
 //! An answer where the controller certainly started nothing (unreachable, 503 or 429, fault
 //! 1148, a deadline too short) is not kept: the entry is dropped, so a repeat calls again.
+//! Except after a resend: a lease that resolved an unknown outcome and sent the call again
+//! (the port showed no operation) cannot tell its own "nothing sent" from the first call's,
+//! which may still reach the controller after the port was read. Such an ending, or the fault
+//! the controller sends when an earlier call already acted (1148 for `case_extract`, 1149 for
+//! `case_cancel`), keeps the entry unknown: see [`resent_ending`].
 //!
 //! Entries live for the window from the answer (or unknown outcome) of their last call, and at
 //! most `max_entries` are kept; when full, the oldest that is not in flight is evicted. An entry
@@ -57,19 +62,19 @@ pub(crate) enum Verdict {
 /// transitions; the simulator's `port` module makes the same assumptions, so this holds against
 /// it):
 /// - an accepted `case_extract` puts the port in EREQ, then ERSO, then ECMP, naming its bin;
-///   ECMP stays until the next operation. A port in NOOP naming another bin, or none, did not
-///   accept it. NOOP naming this very bin is unclear: an extraction of it may have been
-///   accepted and then cancelled. ECMP of this bin cannot be told from an earlier completed
-///   extraction of the same bin, which would need the bin opened again in between.
+///   ECMP stays until the next operation. Only EREQ or ERSO of this bin prove it accepted: ECMP
+///   of this bin looks the same as an earlier extraction of the same bin that completed before
+///   this call (task-interface.md §4.5 step 6; the simulator's port keeps the bin selected in
+///   ECMP), so it is unclear. A port in NOOP naming another bin, or none, did not accept it.
+///   NOOP naming this very bin is unclear: an extraction of it may have been accepted and then
+///   cancelled.
 /// - an accepted `case_cancel` puts the port in NOOP keeping the bin (after the `CR` signal);
 ///   EREQ or ERSO of this bin means the cancel was not applied, so it is sent again. ECMP (the
 ///   operation finished, so a cancel would have been refused) and any other bin are unclear.
 pub(crate) fn judge(params: Params, bin_id: Option<u32>, case_state: CaseState) -> Verdict {
     let this_bin = bin_id == Some(params.bin_id);
     match (params.method, case_state) {
-        (Method::CaseExtract, CaseState::Ereq | CaseState::Erso | CaseState::Ecmp) if this_bin => {
-            Verdict::Accepted
-        }
+        (Method::CaseExtract, CaseState::Ereq | CaseState::Erso) if this_bin => Verdict::Accepted,
         (Method::CaseExtract, CaseState::Noop) if !this_bin => Verdict::NotActed,
         (Method::CaseCancel, CaseState::Noop) if this_bin => Verdict::Accepted,
         (Method::CaseCancel, CaseState::Ereq | CaseState::Erso) if this_bin => Verdict::NotActed,
@@ -109,6 +114,31 @@ pub(crate) enum Ending {
     Unknown,
 }
 
+/// The fault the controller answers `method` with when an earlier call already acted on the
+/// port: 1148 (previous action not completed) for `case_extract`, 1149 (bin not selected,
+/// as after a cancel) for `case_cancel`.
+fn already_acted_fault(method: Method) -> u32 {
+    match method {
+        Method::CaseExtract => 1148,
+        Method::CaseCancel => 1149,
+    }
+}
+
+/// How the store records `ending` of a call of `method` sent again after the port showed no
+/// operation. The port read may be stale: the first call, timed out at the gateway, may still
+/// reach the controller after it. So "nothing sent" (this call's, not the first's), or the fault
+/// meaning an earlier call already acted, leaves the outcome unknown: forgetting the id, or
+/// keeping that fault as the answer, could make a retry act a second time.
+pub(crate) fn resent_ending(method: Method, ending: Ending) -> Ending {
+    match ending {
+        Ending::NothingSent => Ending::Unknown,
+        Ending::Answered(Answer::Fault(code)) if code == already_acted_fault(method) => {
+            Ending::Unknown
+        }
+        other => other,
+    }
+}
+
 /// What a call with a `request_id` does next.
 #[derive(Debug)]
 pub(crate) enum Claim {
@@ -133,6 +163,8 @@ pub(crate) struct Lease {
     store: Store,
     key: u128,
     serial: u64,
+    /// Whether the lease resolves an unknown outcome: its call is a resend.
+    resolving: bool,
     /// Dropped with the lease, which wakes every repeat waiting on it.
     _in_flight: watch::Sender<()>,
     ended: bool,
@@ -226,7 +258,7 @@ impl Store {
                 State::Unknown => {
                     let (sender, receiver) = watch::channel(());
                     entry.state = State::InFlight(receiver);
-                    Claim::Resolve(self.lease(request_id, entry.serial, sender))
+                    Claim::Resolve(self.lease(request_id, entry.serial, true, sender))
                 }
             };
             return (claim, counts);
@@ -245,7 +277,10 @@ impl Store {
             },
         );
         inner.order.insert(serial, request_id);
-        (Claim::Call(self.lease(request_id, serial, sender)), counts)
+        (
+            Claim::Call(self.lease(request_id, serial, false, sender)),
+            counts,
+        )
     }
 
     /// How many ids are remembered.
@@ -254,18 +289,21 @@ impl Store {
         self.lock().entries.len()
     }
 
-    fn lease(&self, key: u128, serial: u64, sender: watch::Sender<()>) -> Lease {
+    fn lease(&self, key: u128, serial: u64, resolving: bool, sender: watch::Sender<()>) -> Lease {
         Lease {
             store: self.clone(),
             key,
             serial,
+            resolving,
             _in_flight: sender,
             ended: false,
         }
     }
 
-    /// The table, even if a thread panicked holding it: every change to it is one statement,
-    /// so it is never left half made.
+    /// The table, even if a thread panicked holding it. A change may take several statements
+    /// (`Inner::end`, `expire`), but none of them can panic between the first and the last (map
+    /// inserts and removes, arithmetic on a `u64` serial that cannot overflow in practice), so
+    /// the table is never left half made.
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner
             .lock()
@@ -344,10 +382,18 @@ impl Inner {
 // === impl Lease ===
 
 impl Lease {
-    /// Records how the call ended at `now`; repeats waiting on it then claim again.
-    pub(crate) fn end(mut self, ending: Ending, now: Instant) {
+    /// Records how the call ended at `now`, as [`resent_ending`] has it when the call was sent
+    /// again after an unknown outcome; returns what was recorded. Repeats waiting on it then
+    /// claim again.
+    pub(crate) fn end(mut self, ending: Ending, now: Instant) -> Ending {
         self.ended = true;
-        self.store.lock().end(self.key, self.serial, ending, now);
+        let mut inner = self.store.lock();
+        let ending = match inner.entries.get(&self.key) {
+            Some(entry) if self.resolving => resent_ending(entry.params.method, ending),
+            _ => ending,
+        };
+        inner.end(self.key, self.serial, ending, now);
+        ending
     }
 }
 
@@ -452,6 +498,51 @@ mod tests {
         assert!(matches!(store.claim(1, EXTRACT, now).0, Claim::Resolve(_)));
     }
 
+    /// The first call timed out at the gateway but is still on its way to the controller; a
+    /// repeat read NOOP and sent it again; the controller handled the first call, so the resend
+    /// got 1148 (or ended with nothing sent). The id must stay unknown: forgotten, a retry would
+    /// POST again, as a new call, and extract a second time.
+    #[test]
+    fn a_resend_that_sent_nothing_or_met_an_earlier_call_keeps_the_outcome_unknown() {
+        let cancel = Params {
+            method: Method::CaseCancel,
+            ..EXTRACT
+        };
+        let cases = [
+            (EXTRACT, Ending::NothingSent),
+            (EXTRACT, Ending::Answered(Answer::Fault(1148))),
+            (cancel, Ending::NothingSent),
+            (cancel, Ending::Answered(Answer::Fault(1149))),
+        ];
+        for (params, ending) in cases {
+            let store = store(10);
+            let now = Instant::now();
+            drop(lease(store.claim(1, params, now).0));
+            let resolving = lease(store.claim(1, params, now).0);
+            assert_eq!(resolving.end(ending, now), Ending::Unknown, "{params:?}");
+            let (claim, counts) = store.claim(1, params, now);
+            assert!(counts.hit, "{params:?} {ending:?}: the id is kept");
+            assert!(
+                matches!(claim, Claim::Resolve(_)),
+                "{params:?} {ending:?}: {claim:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_resend_answered_otherwise_is_kept_as_answered() {
+        let store = store(10);
+        let now = Instant::now();
+        drop(lease(store.claim(1, EXTRACT, now).0));
+        let resolving = lease(store.claim(1, EXTRACT, now).0);
+        let answered = Ending::Answered(Answer::Fault(1149));
+        assert_eq!(resolving.end(answered, now), answered);
+        assert!(matches!(
+            store.claim(1, EXTRACT, now).0,
+            Claim::Replay(Answer::Fault(1149))
+        ));
+    }
+
     #[test]
     fn nothing_sent_forgets_the_id() {
         let store = store(10);
@@ -533,7 +624,7 @@ mod tests {
         let cases = [
             (EXTRACT, this, CaseState::Ereq, Verdict::Accepted),
             (EXTRACT, this, CaseState::Erso, Verdict::Accepted),
-            (EXTRACT, this, CaseState::Ecmp, Verdict::Accepted),
+            (EXTRACT, this, CaseState::Ecmp, Verdict::Unclear),
             (EXTRACT, None, CaseState::Noop, Verdict::NotActed),
             (EXTRACT, other, CaseState::Noop, Verdict::NotActed),
             (EXTRACT, this, CaseState::Noop, Verdict::Unclear),
@@ -591,8 +682,17 @@ mod tests {
         let mut table = PortTable::new(std::slice::from_ref(&port), step);
         assert_eq!(judge_at(&table, EXTRACT, start), Verdict::NotActed);
         table.case_extract(4, EXTRACT.bin_id, start).unwrap();
-        for offset in later {
+        for offset in [Duration::ZERO, step / 2, step + step / 2] {
             assert_eq!(judge_at(&table, EXTRACT, start + offset), Verdict::Accepted);
+        }
+        // Once the extraction completed the port shows ECMP with the bin until the next
+        // operation: what a call never accepted sees after an earlier extraction of the same
+        // bin completed. So ECMP does not prove this call was accepted.
+        for offset in [step * 2, step * 100] {
+            let at = start + offset;
+            let shown = table.case_state(4, at).unwrap();
+            assert_eq!(shown, (Some(EXTRACT.bin_id), CaseState::Ecmp));
+            assert_eq!(judge_at(&table, EXTRACT, at), Verdict::Unclear);
         }
         let mut table = PortTable::new(&[port], step);
         table.case_extract(4, EXTRACT.bin_id, start).unwrap();
