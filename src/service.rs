@@ -217,12 +217,17 @@ impl TaskGateway {
         let mut first_claim = true;
         // What the port showed when this call is a resend after an unknown outcome.
         let mut resent = None;
+        // Whether a call this one waited for ended with an unknown outcome.
+        let mut told_unknown = false;
         loop {
-            let (claim, counts) = self.idempotency.claim(key, once.params, Instant::now());
+            let (claim, counts) =
+                self.idempotency
+                    .claim(key, once.params, told_unknown, Instant::now());
             if counts.hit && first_claim {
                 self.idempotency_metrics.hit();
             }
-            self.idempotency_metrics.evicted(counts.evicted);
+            self.idempotency_metrics
+                .evicted(counts.evicted, counts.evicted_unknown);
             first_claim = false;
             let lease = match claim {
                 Claim::Call(lease) => lease,
@@ -240,11 +245,27 @@ impl TaskGateway {
                         let request_id = once.request_id;
                         return (None, Err(CallError::RequestInProgress { request_id }));
                     };
-                    // Fails once the first call's lease has ended, however it ended.
-                    let ended = first_call.changed();
-                    if tokio::time::timeout(time_left, ended).await.is_err() {
-                        let request_id = once.request_id;
-                        return (None, Err(CallError::RequestInProgress { request_id }));
+                    // The ending is taken from the lease, not looked up again: the entry may be
+                    // evicted as soon as the first call ends.
+                    let ended = first_call.wait_for(Option::is_some);
+                    let ending = match tokio::time::timeout(time_left, ended).await {
+                        Err(_) => {
+                            let request_id = once.request_id;
+                            return (None, Err(CallError::RequestInProgress { request_id }));
+                        }
+                        Ok(Ok(ending)) => ending.unwrap_or(Ending::Unknown),
+                        // A lease always sends its ending before it goes; if not, assume the
+                        // worst.
+                        Ok(Err(_)) => Ending::Unknown,
+                    };
+                    match ending {
+                        Ending::Answered(answer) => {
+                            self.idempotency_metrics.replayed();
+                            *replayed = Some(Replayed::Stored);
+                            return (None, replay(answer));
+                        }
+                        Ending::Unknown => told_unknown = true,
+                        Ending::NothingSent => {}
                     }
                     continue;
                 }

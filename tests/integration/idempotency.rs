@@ -454,7 +454,8 @@ async fn past_the_entry_limit_the_oldest_id_is_forgotten_and_counted() {
     let gateway = Gateway::builder()
         .upstream(&upstream.url)
         .config(|config| {
-            config.upstream.idempotency_max_entries = std::num::NonZeroUsize::new(1).unwrap();
+            config.upstream.max_in_flight = std::num::NonZeroUsize::new(1).unwrap();
+            config.upstream.idempotency_max_entries = std::num::NonZeroUsize::new(2).unwrap();
         })
         .metrics()
         .start()
@@ -465,14 +466,19 @@ async fn past_the_entry_limit_the_oldest_id_is_forgotten_and_counted() {
         bin_id: 101337,
         request_id: "0b6f7c1e-2d3a-4b5c-9d8e-7f6a5b4c3d2e".to_owned(),
     };
+    let third = CaseExtractRequest {
+        request_id: "5d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6".to_owned(),
+        ..other.clone()
+    };
     client.case_extract(extract(101337)).await.unwrap();
     client.case_extract(other).await.unwrap();
+    client.case_extract(third).await.unwrap();
     let repeat = client.case_extract(extract(101337)).await.unwrap();
     assert_eq!(replayed(&repeat), None);
-    assert_eq!(upstream.methods_so_far().len(), 3);
+    assert_eq!(upstream.methods_so_far().len(), 4);
     scrape_line(
         gateway.metrics_url(),
-        "taskgate_idempotency_evictions_total 2",
+        "taskgate_idempotency_evictions_total{state=\"answered\"} 2",
     )
     .await;
 }
