@@ -186,6 +186,18 @@ pub const UPSTREAM_RESPONSE_TOO_LARGE: GatewayError = GatewayError {
     retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
 };
 
+/// The `ErrorInfo` domain of errors the gateway itself detected.
+pub const DOMAIN: &str = "taskgate";
+
+/// The row of this table a status with ErrorInfo `reason` (domain [`DOMAIN`]) and `code` came
+/// from: a reason alone is not enough, as `UPSTREAM_HTTP_ERROR` has three rows.
+pub fn find(reason: &str, code: Code) -> Option<&'static GatewayError> {
+    GATEWAY_ERRORS
+        .iter()
+        .copied()
+        .find(|row| row.reason == reason && row.code == code)
+}
+
 /// Every gateway error of a call, in the README's order.
 pub const GATEWAY_ERRORS: &[&GatewayError] = &[
     &INVALID_PARAMETER,

@@ -22,9 +22,9 @@ use crate::upstream::UpstreamError;
 use crate::watch::WatchEnd;
 
 /// The `ErrorInfo` domain of faults the controller reported.
-pub(crate) const CONTROLLER_DOMAIN: &str = "autostore.task";
+pub(crate) const CONTROLLER_DOMAIN: &str = fault::DOMAIN;
 /// The `ErrorInfo` domain of errors the gateway itself detected.
-pub(crate) const GATEWAY_DOMAIN: &str = "taskgate";
+pub(crate) const GATEWAY_DOMAIN: &str = gateway_error::DOMAIN;
 
 /// The most field violations one `BadRequest` lists; the rest are counted. Each costs about
 /// 100 bytes of response headers (its text is in `grpc-message` and again, base64-encoded, in
