@@ -200,15 +200,18 @@ pub(crate) fn status(context: &CallContext, error: &CallError, retry: RetryPolic
                 None => format!("{} with no bin", case_state.code()),
             };
             let resend = status(context, resend, retry);
+            // The resend's message names the same call: say it once.
+            let prefix = format!("{}: ", describe(context));
+            let resend = resend.message();
+            let resend = resend.strip_prefix(&prefix).unwrap_or(resend);
             gateway_error(
                 context,
                 &gateway_error::REQUEST_OUTCOME_UNKNOWN,
                 format!(
                     "the first call with request_id {request_id} may have been acted on; \
                      case_getstate showed the port in {seen}, so it was sent again, and that \
-                     ended: {}; the first call may have reached the controller after the port \
-                     was read: read the port with CaseGetState and decide",
-                    resend.message()
+                     ended: {resend}; the first call may have reached the controller after the \
+                     port was read: read the port with CaseGetState and decide"
                 ),
                 Extra::RequestId(*request_id, Some(case_state.code())),
                 retry,
