@@ -201,6 +201,18 @@ pub enum ConfigError {
         /// Why values beyond that end are refused.
         reason: &'static str,
     },
+    /// `--idempotency-max-entries` not above `--max-in-flight`.
+    #[error(
+        "--idempotency-max-entries {max_entries} must be more than --max-in-flight \
+         {max_in_flight}: calls in flight keep their entries, so no room would be left for \
+         answers"
+    )]
+    IdempotencyEntriesNotAboveInFlight {
+        /// `--idempotency-max-entries`.
+        max_entries: usize,
+        /// `--max-in-flight`.
+        max_in_flight: usize,
+    },
 }
 
 /// The range a numeric setting must fall in, and why each end is where it is.

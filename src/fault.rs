@@ -134,6 +134,10 @@ fault_table! {
 /// internal controller error that "should not be exposed to the WMS".
 pub const DOCUMENTED_RANGE: std::ops::RangeInclusive<u32> = 1000..=1999;
 
+/// The `ErrorInfo` domain of faults the controller reported; its metadata `faultCode` is the
+/// code.
+pub const DOMAIN: &str = "autostore.task";
+
 /// Classifies a raw fault code from the controller.
 pub fn classify(code: u32) -> FaultClass {
     match FAULTS.binary_search_by_key(&code, |fault| fault.code) {

@@ -62,24 +62,31 @@ pub const REQUEST_ID_REUSED: GatewayError = GatewayError {
            `requestId`; the controller was not called",
     retry: GatewayRetry::NotActed("no; send a fresh `request_id` for each new call"),
 };
-/// A repeat that waited for the first call with its `request_id` until its own deadline.
+/// A repeat that waited for the first call with its `request_id` until its time ran out.
 pub const REQUEST_IN_PROGRESS: GatewayError = GatewayError {
     reason: "REQUEST_IN_PROGRESS",
     code: Code::DeadlineExceeded,
-    when: "a repeat of a `request_id` waited for its first call, still in flight, until the \
-           repeat's own deadline, less a margin of 10 %, at most 100 ms; metadata `requestId`",
+    when: "a repeat of a `request_id` waited for its first call, still in flight, for the \
+           smaller of its own deadline (less a margin of 10 %, at most 100 ms) and \
+           `--upstream-timeout`; a first call that is itself a repeat reading the port, then \
+           sending again, can take twice that; metadata `requestId`",
     retry: GatewayRetry::MayHaveActed(
         "yes, with the same `request_id`: it gets the first call's answer",
     ),
 };
-/// A repeat after an unknown outcome, and a port state that does not tell what happened.
+/// A repeat after an unknown outcome, and a port state, or a resend, that does not tell what
+/// happened.
 pub const REQUEST_OUTCOME_UNKNOWN: GatewayError = GatewayError {
     reason: "REQUEST_OUTCOME_UNKNOWN",
     code: Code::FailedPrecondition,
     when: "a repeat of a `request_id` whose first call may have been acted on (a row of this table \
            with \"yes\" in the next column), and `case_getstate` shows the port in a state \
-           that neither proves the first call was accepted nor that it was not; the message \
-           names the state and bin, metadata `requestId`, `caseState`; nothing was sent",
+           that neither proves the first call was accepted nor that it was not (nothing was \
+           sent); or shows no operation, and the call sent again ended with nothing sent, or \
+           with the fault meaning an earlier call acted (1148 on CaseExtract, 1149 on \
+           CaseCancel), as when the first call reached the controller after the port was \
+           read; the message names the state and bin, and how a resend ended, metadata \
+           `requestId`, `caseState`",
     retry: GatewayRetry::MayHaveActed("no; read the port with `CaseGetState` and decide"),
 };
 /// No connection to the controller could be made.
@@ -178,6 +185,18 @@ pub const UPSTREAM_RESPONSE_TOO_LARGE: GatewayError = GatewayError {
     when: "the reply is larger than `--max-response-bytes` (default 64 KiB)",
     retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
 };
+
+/// The `ErrorInfo` domain of errors the gateway itself detected.
+pub const DOMAIN: &str = "taskgate";
+
+/// The row of this table a status with ErrorInfo `reason` (domain [`DOMAIN`]) and `code` came
+/// from: a reason alone is not enough, as `UPSTREAM_HTTP_ERROR` has three rows.
+pub fn find(reason: &str, code: Code) -> Option<&'static GatewayError> {
+    GATEWAY_ERRORS
+        .iter()
+        .copied()
+        .find(|row| row.reason == reason && row.code == code)
+}
 
 /// Every gateway error of a call, in the README's order.
 pub const GATEWAY_ERRORS: &[&GatewayError] = &[

@@ -42,12 +42,17 @@ pub(crate) struct IdempotencyMetrics {
     hits: Counter,
     replays: Counter,
     resolved: Family<ResolvedLabels, Counter>,
-    evictions: Counter,
+    evictions: Family<EvictedLabels, Counter>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResolvedLabels {
     outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EvictedLabels {
+    state: &'static str,
 }
 
 /// The series of WatchCaseEvents and of the Log Publisher feed behind it.
@@ -369,7 +374,7 @@ impl IdempotencyMetrics {
         );
         registry.register(
             "idempotency_evictions",
-            "Remembered request_ids forgotten before their window because --idempotency-max-entries were kept",
+            "Remembered request_ids forgotten before their window because --idempotency-max-entries were kept, by state: answered, unknown (a repeat is then sent without reading the port)",
             self.evictions.clone(),
         );
     }
@@ -391,9 +396,15 @@ impl IdempotencyMetrics {
             .inc();
     }
 
-    /// Counts `count` entries evicted to make room.
-    pub(crate) fn evicted(&self, count: usize) {
-        self.evictions.inc_by(count as u64);
+    /// Counts entries evicted to make room: `answered` ones, and `unknown` ones.
+    pub(crate) fn evicted(&self, answered: usize, unknown: usize) {
+        for (state, count) in [("answered", answered), ("unknown", unknown)] {
+            if count > 0 {
+                self.evictions
+                    .get_or_create(&EvictedLabels { state })
+                    .inc_by(count as u64);
+            }
+        }
     }
 }
 

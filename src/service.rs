@@ -215,12 +215,19 @@ impl TaskGateway {
     ) -> (Option<Duration>, Result<Output, CallError>) {
         let key = once.request_id.as_u128();
         let mut first_claim = true;
+        // What the port showed when this call is a resend after an unknown outcome.
+        let mut resent = None;
+        // Whether a call this one waited for ended with an unknown outcome.
+        let mut told_unknown = false;
         loop {
-            let (claim, counts) = self.idempotency.claim(key, once.params, Instant::now());
+            let (claim, counts) =
+                self.idempotency
+                    .claim(key, once.params, told_unknown, Instant::now());
             if counts.hit && first_claim {
                 self.idempotency_metrics.hit();
             }
-            self.idempotency_metrics.evicted(counts.evicted);
+            self.idempotency_metrics
+                .evicted(counts.evicted, counts.evicted_unknown);
             first_claim = false;
             let lease = match claim {
                 Claim::Call(lease) => lease,
@@ -238,11 +245,27 @@ impl TaskGateway {
                         let request_id = once.request_id;
                         return (None, Err(CallError::RequestInProgress { request_id }));
                     };
-                    // Fails once the first call's lease has ended, however it ended.
-                    let ended = first_call.changed();
-                    if tokio::time::timeout(time_left, ended).await.is_err() {
-                        let request_id = once.request_id;
-                        return (None, Err(CallError::RequestInProgress { request_id }));
+                    // The ending is taken from the lease, not looked up again: the entry may be
+                    // evicted as soon as the first call ends.
+                    let ended = first_call.wait_for(Option::is_some);
+                    let ending = match tokio::time::timeout(time_left, ended).await {
+                        Err(_) => {
+                            let request_id = once.request_id;
+                            return (None, Err(CallError::RequestInProgress { request_id }));
+                        }
+                        Ok(Ok(ending)) => ending.unwrap_or(Ending::Unknown),
+                        // A lease always sends its ending before it goes; if not, assume the
+                        // worst.
+                        Ok(Err(_)) => Ending::Unknown,
+                    };
+                    match ending {
+                        Ending::Answered(answer) => {
+                            self.idempotency_metrics.replayed();
+                            *replayed = Some(Replayed::Stored);
+                            return (None, replay(answer));
+                        }
+                        Ending::Unknown => told_unknown = true,
+                        Ending::NothingSent => {}
                     }
                     continue;
                 }
@@ -251,6 +274,7 @@ impl TaskGateway {
                         match idempotency::judge(once.params, reply.bin_id, reply.case_state) {
                             Verdict::NotActed => {
                                 self.idempotency_metrics.resolved("not_acted");
+                                resent = Some((reply.bin_id, reply.case_state));
                                 lease
                             }
                             Verdict::Accepted => {
@@ -282,7 +306,21 @@ impl TaskGateway {
             let (upstream_time, outcome) = self
                 .call(once.context, request_id, caller_deadline, read_reply)
                 .await;
-            lease.end(ending(&outcome), Instant::now());
+            let ending = ending(&outcome);
+            let recorded = lease.end(ending, Instant::now());
+            if let Some((bin_id, case_state)) = resent
+                && recorded == Ending::Unknown
+                && ending != Ending::Unknown
+            {
+                // An answer of OK is recorded as it is, so only a failure gets here.
+                let outcome = outcome.map_err(|resend| CallError::ResendInconclusive {
+                    request_id: once.request_id,
+                    bin_id,
+                    case_state,
+                    resend: Box::new(resend),
+                });
+                return (upstream_time, outcome);
+            }
             return (upstream_time, outcome);
         }
     }
@@ -390,12 +428,19 @@ fn replay<Output: Default>(answer: Answer) -> Result<Output, CallError> {
 
 /// What the store keeps of how a call ended. An answer is kept only when the controller gave
 /// it and a retry would not change it: fault 1148 and the gateway's own refusals say the
-/// controller started nothing, so a repeat calls again, as a retry of them should.
+/// controller started nothing, so a repeat calls again, as a retry of them should. A fault
+/// whose row says the controller may have acted (codes outside the vendor's list) leaves the
+/// outcome unknown, so a repeat reads the port first.
 fn ending<Output>(outcome: &Result<Output, CallError>) -> Ending {
     match outcome {
         Ok(_) => Ending::Answered(Answer::Ok),
         Err(CallError::Fault(code)) if fault::classify(*code).retry().has_retry_info() => {
             Ending::NothingSent
+        }
+        Err(CallError::Fault(code))
+            if fault::classify(*code).retry().controller_may_have_acted() =>
+        {
+            Ending::Unknown
         }
         Err(CallError::Fault(code)) => Ending::Answered(Answer::Fault(*code)),
         Err(CallError::Upstream(error)) if status::may_have_acted(error) => Ending::Unknown,
@@ -715,6 +760,19 @@ fn deadline_margin(deadline: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fault from the vendor's list is the controller refusing the action, so a repeat
+    /// replays it; after any other code the controller may have acted, so a repeat reads the
+    /// port first rather than replay an answer that may be wrong.
+    #[test]
+    fn a_fault_the_controller_may_have_acted_on_is_kept_as_unknown() {
+        let ending_of = |code| ending::<()>(&Err(CallError::Fault(code)));
+        assert_eq!(ending_of(1148), Ending::NothingSent);
+        assert_eq!(ending_of(1149), Ending::Answered(Answer::Fault(1149)));
+        for code in [1500, 1999, 2000, 65535] {
+            assert_eq!(ending_of(code), Ending::Unknown, "fault {code}");
+        }
+    }
 
     fn check_valid(port_id: u32, bin_id: u32, expected_fields: &[&str]) {
         let fields: Vec<&str> = match validate(port_id, Some(bin_id)) {

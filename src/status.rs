@@ -22,9 +22,9 @@ use crate::upstream::UpstreamError;
 use crate::watch::WatchEnd;
 
 /// The `ErrorInfo` domain of faults the controller reported.
-pub(crate) const CONTROLLER_DOMAIN: &str = "autostore.task";
+pub(crate) const CONTROLLER_DOMAIN: &str = fault::DOMAIN;
 /// The `ErrorInfo` domain of errors the gateway itself detected.
-pub(crate) const GATEWAY_DOMAIN: &str = "taskgate";
+pub(crate) const GATEWAY_DOMAIN: &str = gateway_error::DOMAIN;
 
 /// The most field violations one `BadRequest` lists; the rest are counted. Each costs about
 /// 100 bytes of response headers (its text is in `grpc-message` and again, base64-encoded, in
@@ -89,6 +89,20 @@ pub(crate) enum CallError {
     },
     /// Reading the port after an unknown outcome failed; the status is that of `case_getstate`.
     ReadingThePort(Box<CallError>),
+    /// After an unknown outcome the port showed no operation, so the call was sent again, and
+    /// that ended in `resend`: nothing sent, or the fault saying an earlier call already acted.
+    /// The port read may have come before the first call reached the controller, so whether
+    /// the first call was acted on is still unknown.
+    ResendInconclusive {
+        /// The key.
+        request_id: Uuid,
+        /// The bin `case_getstate` named before the resend, if any.
+        bin_id: Option<u32>,
+        /// The state it showed.
+        case_state: CaseState,
+        /// How the resend ended.
+        resend: Box<CallError>,
+    },
 }
 
 /// One request field outside its documented range.
@@ -170,6 +184,34 @@ pub(crate) fn status(context: &CallContext, error: &CallError, retry: RetryPolic
                     "the first call with request_id {request_id} may have been acted on, and \
                      case_getstate shows the port in {seen}, which does not tell whether it \
                      was; nothing was sent: read the port with CaseGetState and decide"
+                ),
+                Extra::RequestId(*request_id, Some(case_state.code())),
+                retry,
+            )
+        }
+        CallError::ResendInconclusive {
+            request_id,
+            bin_id,
+            case_state,
+            resend,
+        } => {
+            let seen = match bin_id {
+                Some(bin_id) => format!("{} with bin {bin_id}", case_state.code()),
+                None => format!("{} with no bin", case_state.code()),
+            };
+            let resend = status(context, resend, retry);
+            // The resend's message names the same call: say it once.
+            let prefix = format!("{}: ", describe(context));
+            let resend = resend.message();
+            let resend = resend.strip_prefix(&prefix).unwrap_or(resend);
+            gateway_error(
+                context,
+                &gateway_error::REQUEST_OUTCOME_UNKNOWN,
+                format!(
+                    "the first call with request_id {request_id} may have been acted on; \
+                     case_getstate showed the port in {seen}, so it was sent again, and that \
+                     ended: {resend}; the first call may have reached the controller after the \
+                     port was read: read the port with CaseGetState and decide"
                 ),
                 Extra::RequestId(*request_id, Some(case_state.code())),
                 retry,

@@ -162,6 +162,12 @@ impl Settings {
         limits::MAX_IN_FLIGHT.check(self.max_in_flight)?;
         limits::IDEMPOTENCY_WINDOW.check(self.idempotency_window)?;
         limits::IDEMPOTENCY_MAX_ENTRIES.check(self.idempotency_max_entries)?;
+        if self.idempotency_max_entries <= self.max_in_flight {
+            return Err(ConfigError::IdempotencyEntriesNotAboveInFlight {
+                max_entries: self.idempotency_max_entries.get(),
+                max_in_flight: self.max_in_flight.get(),
+            });
+        }
         limits::MAX_RESPONSE_BYTES.check(self.max_response_bytes)?;
         Ok(())
     }

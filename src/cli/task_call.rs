@@ -12,9 +12,9 @@ use prost::Message as _;
 use tonic::transport::Channel;
 use tonic_types::{StatusExt, pb};
 
-use taskgate::fault;
 use taskgate::proto::task_service_client::TaskServiceClient;
 use taskgate::proto::{FaultCode, REQUEST_ID_HEADER, TASK_FAULT_TYPE_URL, TaskFault};
+use taskgate::{fault, gateway_error};
 
 use super::output::{self, Printed};
 use super::{Exit, Outcome, bearer_token, connect, duration, gateway_endpoint, usage};
@@ -128,16 +128,24 @@ impl PortAndBinArgs {
     }
 }
 
-/// Whether the controller may have acted on a failed call without its answer being known: the
-/// codes of the retry contract that no retry policy retries, and a repeat the port's state did
-/// not settle.
+/// Whether the controller may have acted on a failed call, so that a repeat needs the
+/// idempotency key. Only the gateway-error table (for an ErrorInfo of the gateway) or the fault
+/// table (for one of the controller) can say it certainly did not; a status without either came
+/// from the client or a proxy, perhaps after the request was sent (a connection broken
+/// mid-call), so the key is printed.
 fn outcome_unknown(status: &tonic::Status) -> bool {
-    match status.code() {
-        tonic::Code::Unknown | tonic::Code::DeadlineExceeded | tonic::Code::Internal => true,
-        tonic::Code::FailedPrecondition => status
-            .get_details_error_info()
-            .is_some_and(|error_info| error_info.reason == "REQUEST_OUTCOME_UNKNOWN"),
-        _ => false,
+    let Some(error_info) = status.get_details_error_info() else {
+        return true;
+    };
+    match error_info.domain.as_str() {
+        gateway_error::DOMAIN => gateway_error::find(&error_info.reason, status.code())
+            .is_none_or(|row| row.retry.controller_may_have_acted()),
+        fault::DOMAIN => error_info
+            .metadata
+            .get("faultCode")
+            .and_then(|code| code.parse().ok())
+            .is_none_or(|code| fault::classify(code).retry().controller_may_have_acted()),
+        _ => true,
     }
 }
 
@@ -259,4 +267,50 @@ fn task_fault(status: &tonic::Status) -> Option<TaskFault> {
         .iter()
         .find(|any| any.type_url == TASK_FAULT_TYPE_URL)
         .and_then(|any| TaskFault::decode(any.value.as_slice()).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use tonic::Code;
+    use tonic_types::ErrorDetails;
+
+    use super::*;
+
+    fn with_error_info(code: Code, domain: &str, reason: &str, fault_code: &str) -> tonic::Status {
+        let metadata = HashMap::from([("faultCode".to_owned(), fault_code.to_owned())]);
+        let details = ErrorDetails::with_error_info(reason, domain, metadata);
+        tonic::Status::with_error_details(code, "failed", details)
+    }
+
+    /// The key is printed unless the status says the controller certainly did not act: a status
+    /// the client made itself (a connection broken after sending) gets it, a gateway refusal
+    /// that sent nothing does not.
+    #[test]
+    fn the_key_is_printed_unless_the_controller_certainly_did_not_act() {
+        let gateway = |code, reason| with_error_info(code, gateway_error::DOMAIN, reason, "");
+        let fault = |code, number| with_error_info(code, fault::DOMAIN, "FAULT", number);
+        let cases = [
+            (tonic::Status::unavailable("connection reset"), true),
+            (tonic::Status::unknown("h2 protocol error"), true),
+            (gateway(Code::Unavailable, "UPSTREAM_UNREACHABLE"), false),
+            (gateway(Code::DeadlineExceeded, "DEADLINE_TOO_SHORT"), false),
+            (gateway(Code::DeadlineExceeded, "UPSTREAM_TIMEOUT"), true),
+            (gateway(Code::Unavailable, "UPSTREAM_HTTP_ERROR"), false),
+            (gateway(Code::Unknown, "UPSTREAM_HTTP_ERROR"), true),
+            (
+                gateway(Code::FailedPrecondition, "REQUEST_OUTCOME_UNKNOWN"),
+                true,
+            ),
+            (gateway(Code::Unavailable, "NO_SUCH_REASON"), true),
+            (fault(Code::Unavailable, "1148"), false),
+            (fault(Code::FailedPrecondition, "1149"), false),
+            (fault(Code::Unknown, "1999"), true),
+            (fault(Code::Internal, "2000"), true),
+        ];
+        for (status, expected) in cases {
+            assert_eq!(outcome_unknown(&status), expected, "{status:?}");
+        }
+    }
 }

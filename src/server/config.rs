@@ -152,7 +152,10 @@ mod tests {
             ),
         );
         check_setting(
-            |config| config.upstream.max_in_flight = count(100_000),
+            |config| {
+                config.upstream.max_in_flight = count(100_000);
+                config.upstream.idempotency_max_entries = count(100_001);
+            },
             None,
         );
         check_setting(
@@ -176,6 +179,23 @@ mod tests {
                 "--idempotency-max-entries 1000001 is out of range 1-1000000: each takes up to \
                  249 bytes, and a controller serves far fewer calls in a window",
             ),
+        );
+        check_setting(
+            |config| {
+                config.upstream.max_in_flight = count(8);
+                config.upstream.idempotency_max_entries = count(8);
+            },
+            Some(
+                "--idempotency-max-entries 8 must be more than --max-in-flight 8: calls in \
+                 flight keep their entries, so no room would be left for answers",
+            ),
+        );
+        check_setting(
+            |config| {
+                config.upstream.max_in_flight = count(8);
+                config.upstream.idempotency_max_entries = count(9);
+            },
+            None,
         );
         check_setting(
             |config| config.upstream.max_response_bytes = count(1023),

@@ -309,6 +309,48 @@ async fn after_an_unknown_outcome_an_unclear_state_is_named() {
     assert_eq!(upstream.methods_so_far(), ["case_extract", "case_getstate"]);
 }
 
+/// The port read that clears a resend may come before the first call reaches the controller.
+/// When the resend then meets it (fault 1148), the repeat is told the outcome is still unknown,
+/// with a code no retry policy retries, and the id is kept: the next repeat reads the port
+/// again rather than send a fresh POST.
+#[tokio::test]
+async fn a_resend_that_meets_the_first_call_leaves_the_outcome_unknown() {
+    let noop = "<response><params><port_id>4</port_id>\
+                <case_state>NOOP</case_state></params></response>";
+    let fault = "<response><fault><code>1148</code></fault></response>";
+    let script = Script::sequence(&[None, Some(noop), Some(fault), Some(&port_state("EREQ"))]);
+    let mut upstream = FakeUpstream::start(script).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let mut client = gateway.client.clone();
+    let first = client.case_extract(extract(101337)).await.unwrap_err();
+    assert_eq!(first.code(), Code::Unknown, "{first:?}");
+    let repeat = client.case_extract(extract(101337)).await.unwrap_err();
+    assert_eq!(repeat.code(), Code::FailedPrecondition, "{repeat:?}");
+    assert_eq!(
+        repeat.message(),
+        format!(
+            "case_extract port 4 bin 101337: the first call with request_id {REQUEST_ID} may have \
+             been acted on; case_getstate showed the port in NOOP with no bin, so it was sent \
+             again, and that ended: controller fault 1148 \
+             PREVIOUS_ACTION_NOT_COMPLETED: New action cannot be started until the previous \
+             action has been completed; the first call may have reached the controller after \
+             the port was read: read the port with CaseGetState and decide"
+        )
+    );
+    assert_eq!(error_info(&repeat).reason, "REQUEST_OUTCOME_UNKNOWN");
+    let again = client.case_extract(extract(101337)).await.unwrap();
+    assert_eq!(replayed(&again), Some("resolved"));
+    assert_eq!(
+        upstream.methods_so_far(),
+        [
+            "case_extract",
+            "case_getstate",
+            "case_extract",
+            "case_getstate"
+        ]
+    );
+}
+
 /// A repeat whose deadline runs out while the first call is in flight is told so, and a later
 /// repeat gets the first call's answer.
 #[tokio::test]
@@ -454,7 +496,8 @@ async fn past_the_entry_limit_the_oldest_id_is_forgotten_and_counted() {
     let gateway = Gateway::builder()
         .upstream(&upstream.url)
         .config(|config| {
-            config.upstream.idempotency_max_entries = std::num::NonZeroUsize::new(1).unwrap();
+            config.upstream.max_in_flight = std::num::NonZeroUsize::new(1).unwrap();
+            config.upstream.idempotency_max_entries = std::num::NonZeroUsize::new(2).unwrap();
         })
         .metrics()
         .start()
@@ -465,14 +508,19 @@ async fn past_the_entry_limit_the_oldest_id_is_forgotten_and_counted() {
         bin_id: 101337,
         request_id: "0b6f7c1e-2d3a-4b5c-9d8e-7f6a5b4c3d2e".to_owned(),
     };
+    let third = CaseExtractRequest {
+        request_id: "5d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6".to_owned(),
+        ..other.clone()
+    };
     client.case_extract(extract(101337)).await.unwrap();
     client.case_extract(other).await.unwrap();
+    client.case_extract(third).await.unwrap();
     let repeat = client.case_extract(extract(101337)).await.unwrap();
     assert_eq!(replayed(&repeat), None);
-    assert_eq!(upstream.methods_so_far().len(), 3);
+    assert_eq!(upstream.methods_so_far().len(), 4);
     scrape_line(
         gateway.metrics_url(),
-        "taskgate_idempotency_evictions_total 2",
+        "taskgate_idempotency_evictions_total{state=\"answered\"} 2",
     )
     .await;
 }

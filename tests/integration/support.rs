@@ -440,6 +440,9 @@ pub(crate) enum Script {
         /// Whether `first` has been sent, shared by every connection.
         sent: Arc<AtomicBool>,
     },
+    /// Answer the requests of all connections in turn, each with the next of these like
+    /// `ok_xml`, or, for `None` or once they have run out, by closing the connection.
+    Sequence(Arc<std::sync::Mutex<VecDeque<Option<String>>>>),
 }
 
 impl Script {
@@ -450,6 +453,12 @@ impl Script {
             content_type: "application/xml",
             body: body.as_bytes().to_vec(),
         }
+    }
+
+    /// See [`Script::Sequence`].
+    pub(crate) fn sequence(replies: &[Option<&str>]) -> Script {
+        let replies = replies.iter().map(|reply| reply.map(str::to_owned));
+        Script::Sequence(Arc::new(std::sync::Mutex::new(replies.collect())))
     }
 
     /// See [`Script::Poisoned`].
@@ -695,6 +704,18 @@ async fn serve_connection(
                         .is_ok(),
                 };
                 if !written {
+                    return;
+                }
+            }
+            Script::Sequence(replies) => {
+                let reply = replies.lock().unwrap().pop_front().flatten();
+                let Some(body) = reply else {
+                    return;
+                };
+                if write_response(&mut stream, 200, "application/xml", body.as_bytes())
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

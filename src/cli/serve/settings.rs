@@ -75,7 +75,8 @@ pub(crate) struct ServeSettings {
     pub(super) idempotency_window: Option<Duration>,
 
     /// How many request_ids are remembered at most, up to 249 bytes each; when full, the oldest
-    /// answered one is forgotten (counted on /metrics). 1 to 1000000.
+    /// answered one is forgotten (counted on /metrics). 1 to 1000000, and more than
+    /// --max-in-flight.
     #[arg(long, env = "TASKGATE_IDEMPOTENCY_MAX_ENTRIES")]
     pub(super) idempotency_max_entries: Option<u64>,
 
