@@ -224,7 +224,12 @@ where
             .methods
             .iter()
             .position(|method| method.path == request.uri().path());
-        let watched = method.map(|method| {
+        // A fresh ID in every response would churn HPACK's dynamic table for nothing: no later
+        // response repeats it. Marked sensitive, it is sent as a literal never indexed, which is
+        // what h2 offers for a value that is never repeated.
+        let mut value = request_id.header_value().clone();
+        value.set_sensitive(true);
+        let unanswered = Unanswered(method.map(|method| {
             let notes = Arc::new(OnceLock::new());
             request.extensions_mut().insert(CallScope {
                 request_id: request_id.clone(),
@@ -234,29 +239,26 @@ where
                 .extensions()
                 .get::<TcpConnectInfo>()
                 .and_then(TcpConnectInfo::remote_addr);
-            (method, notes, peer, shared.metrics.call_started())
-        });
+            Finish {
+                _in_flight: shared.metrics.call_started(),
+                shared,
+                method,
+                notes,
+                started,
+                request_id,
+                peer,
+            }
+        }));
         // The clone that was made ready is the one to call; keep a fresh clone for next time.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(
             async move {
-                let mut response = inner.call(request).await?;
-                // A fresh ID in every response would churn HPACK's dynamic table for nothing: no
-                // later response repeats it. Marked sensitive, it is sent as a literal never
-                // indexed, which is what h2 offers for a value that is never repeated.
-                let mut value = request_id.header_value().clone();
-                value.set_sensitive(true);
-                if let Some((method, notes, peer, in_flight)) = watched {
-                    let finish = Finish {
-                        shared,
-                        method,
-                        notes,
-                        started,
-                        request_id,
-                        peer,
-                        _in_flight: in_flight,
-                    };
+                let mut unanswered = unanswered;
+                let response = inner.call(request).await;
+                let finish = unanswered.0.take();
+                let mut response = response?;
+                if let Some(finish) = finish {
                     let status = status_in(response.headers());
                     // A stream that started ends later, with its trailers; an error ends it now.
                     if finish.streaming() && status.is_none() {
@@ -311,6 +313,21 @@ struct Finish {
     peer: Option<SocketAddr>,
     /// The call is in flight until this is dropped.
     _in_flight: GaugeGuard,
+}
+
+/// A task call's [`Finish`] until its response has begun: dropped before then (the caller went
+/// away, or its deadline ended the call on this side), the call is still logged and counted,
+/// as `CANCELLED`.
+struct Unanswered(Option<Finish>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(finish) = self.0.take() {
+            finish.finished(Some(tonic::Status::cancelled(
+                "the caller went away before the reply",
+            )));
+        }
+    }
 }
 
 impl Finish {

@@ -93,3 +93,32 @@ async fn a_call_refused_for_its_token_writes_an_access_line() {
         "{line}"
     );
 }
+
+/// A call its caller gives up on while the controller still has it is counted and logged too,
+/// as CANCELLED: the README promises one access line and one count per task call, whatever
+/// ended it.
+#[tokio::test]
+async fn a_call_its_caller_gives_up_on_is_counted_as_cancelled() {
+    let mut upstream = crate::support::FakeUpstream::start(crate::support::Script::Hang).await;
+    let gateway = Gateway::builder()
+        .upstream(&upstream.url)
+        .metrics()
+        .start()
+        .await;
+    let mut client = gateway.client.clone();
+    let call = tokio::spawn(async move { client.case_extract(request()).await });
+    // The POST has reached the controller: the call is in the gateway, waiting.
+    crate::support::within(
+        crate::support::PROMPTLY,
+        "the controller to receive the POST",
+        upstream.next_request_body(),
+    )
+    .await;
+    call.abort();
+    for expected in [
+        "taskgate_calls_total{method=\"case_extract\",code=\"CANCELLED\"} 1",
+        "taskgate_calls_in_flight 0",
+    ] {
+        scrape_line(gateway.metrics_url(), expected).await;
+    }
+}
