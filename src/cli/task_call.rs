@@ -105,7 +105,10 @@ impl PortAndBinArgs {
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let message = message_of(self.port, self.bin, key.clone());
-        let (client, request) = open(&self.gateway, message).await?;
+        let (client, mut request) = open(&self.gateway, message).await?;
+        // The gateway then answers within it (UPSTREAM_TIMEOUT, which may have acted, so the key
+        // is printed) before this side gives up with a bare CANCELLED.
+        request.set_timeout(self.gateway.timeout);
         match rpc(client, request).await {
             Ok(response) => {
                 let printed = output::line(format_args!("ok: {what}: {accepted}"))
@@ -162,7 +165,8 @@ pub(super) async fn call<Message, Reply, Answer>(
 where
     Answer: Future<Output = Result<tonic::Response<Reply>, tonic::Status>>,
 {
-    let (client, request) = open(args, message).await?;
+    let (client, mut request) = open(args, message).await?;
+    request.set_timeout(args.timeout);
     match rpc(client, request).await {
         Ok(response) => {
             let (metadata, reply, _) = response.into_parts();

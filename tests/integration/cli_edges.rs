@@ -529,3 +529,47 @@ async fn a_full_stdout_is_an_error() {
         )
     );
 }
+
+/// The CLI's `--timeout` is the call's deadline at the gateway too: against a controller that
+/// never answers, the gateway answers UPSTREAM_TIMEOUT within it (the controller may have
+/// acted, so the idempotency key is printed to repeat the call with), rather than the CLI
+/// giving up first with a bare CANCELLED that names neither.
+#[tokio::test]
+async fn a_call_timing_out_at_the_controller_prints_the_key_to_repeat_it_with() {
+    let upstream = crate::support::FakeUpstream::start(crate::support::Script::Hang).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let address = format!("http://{}", gateway.address);
+    let key = "0b8f3e52-7d1c-4a5e-9f60-2c4d8e1a3b7f";
+    let (stdout, _) = run(
+        &[
+            "case-extract",
+            "--gateway",
+            &address,
+            "--port",
+            "4",
+            "--bin",
+            "101337",
+            "--timeout",
+            "1s",
+            "--request-id",
+            "cli-timeout",
+            "--idempotency-key",
+            key,
+        ],
+        1,
+    )
+    .await;
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.first().copied(),
+        Some("failed: case_extract port 4 bin 101337: DEADLINE_EXCEEDED"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("UPSTREAM_TIMEOUT"), "{stdout}");
+    assert!(stdout.contains("  request id: cli-timeout\n"), "{stdout}");
+    assert_eq!(
+        lines.last().copied(),
+        Some(format!("  idempotency key: {key} (repeat with --idempotency-key {key})").as_str()),
+        "{stdout}"
+    );
+}
