@@ -410,13 +410,15 @@ const MAY_HAVE_ACTED: [(Code, &str); 4] = [
     (Code::DeadlineExceeded, "REQUEST_IN_PROGRESS"),
 ];
 
+/// A status without the gateway's ErrorInfo was made on the way (tonic's own grpc-timeout
+/// timer answers CANCELLED when a loaded machine is slower than the gateway's margin, a client
+/// deadline gives DEADLINE_EXCEEDED): the POST may have gone, so it counts as acted on too.
 fn may_have_acted(answer: &Result<(), tonic::Status>) -> bool {
     answer.as_ref().is_err_and(|status| {
-        let reason = status
-            .get_details_error_info()
-            .map(|error_info| error_info.reason)
-            .unwrap_or_default();
-        MAY_HAVE_ACTED.contains(&(status.code(), reason.as_str()))
+        let Some(error_info) = status.get_details_error_info() else {
+            return true;
+        };
+        MAY_HAVE_ACTED.contains(&(status.code(), error_info.reason.as_str()))
     })
 }
 
