@@ -874,6 +874,15 @@ mod tests {
         }
     }
 
+    /// The README states the bound within which "not acted on" is believed.
+    #[test]
+    fn the_readme_states_how_long_not_acted_is_believed() {
+        let readme = include_str!("../README.md");
+        let seconds = NOT_ACTED_BELIEVED_FOR.as_secs();
+        let stated = format!("within {seconds} s of the unknown outcome");
+        assert!(readme.contains(&stated), "README: {stated}");
+    }
+
     /// The README states the worst-case memory of the default `--idempotency-max-entries`.
     #[test]
     fn the_memory_of_an_entry_is_what_the_readme_states() {
