@@ -9,7 +9,9 @@
 //! - answered: OK, or a fault the controller sent; a repeat gets the same answer;
 //! - unknown: the call ended where the controller may have acted (connection lost, timeout, a
 //!   5xx, a reply the gateway cannot read, or the caller went away mid-call); a repeat takes the
-//!   lease and reads the port before doing anything.
+//!   lease and reads the port before doing anything. The entry keeps when the outcome first
+//!   became unknown: a port showing the call not acted on proves it only shortly after
+//!   ([`NOT_ACTED_BELIEVED_FOR`]).
 //!
 //! An answer where the controller certainly started nothing (unreachable, 503 or 429, fault
 //! 1148, a deadline too short) is not kept: the entry is dropped, so a repeat calls again.
@@ -231,7 +233,9 @@ struct Entry {
 enum State {
     InFlight(watch::Receiver<Option<Ending>>),
     Answered(Answer),
-    Unknown,
+    /// When the outcome first became unknown: repeats that could not settle it keep that time,
+    /// so a port read is judged by how long ago the earliest call that may have acted ended.
+    Unknown(Instant),
 }
 
 /// What [`Store::claim`] did besides answering, for the metrics.
@@ -292,10 +296,10 @@ impl Store {
             let claim = match &entry.state {
                 State::InFlight(receiver) => Claim::Wait(receiver.clone()),
                 State::Answered(answer) => Claim::Replay(*answer),
-                State::Unknown => {
+                State::Unknown(first) => {
+                    let since = Some(*first);
                     let (sender, receiver) = watch::channel(None);
                     entry.state = State::InFlight(receiver);
-                    let since = Some(entry.since);
                     Claim::Resolve(self.lease(request_id, entry.serial, since, sender))
                 }
             };
@@ -409,8 +413,16 @@ impl Inner {
         evicted
     }
 
-    /// Records how the lease `serial` on `key` ended at `now`, unless its entry has gone.
-    fn end(&mut self, key: u128, serial: u64, ending: Ending, now: Instant) {
+    /// Records how the lease `serial` on `key`, resolving an outcome unknown since `unknown_since`
+    /// if any, ended at `now`, unless its entry has gone.
+    fn end(
+        &mut self,
+        key: u128,
+        serial: u64,
+        unknown_since: Option<Instant>,
+        ending: Ending,
+        now: Instant,
+    ) {
         let Some(entry) = self.entries.get_mut(&key) else {
             return;
         };
@@ -420,7 +432,7 @@ impl Inner {
         self.order.remove(&serial);
         let state = match ending {
             Ending::Answered(answer) => State::Answered(answer),
-            Ending::Unknown => State::Unknown,
+            Ending::Unknown => State::Unknown(unknown_since.unwrap_or(now)),
             Ending::NothingSent => {
                 self.entries.remove(&key);
                 return;
@@ -452,7 +464,7 @@ impl Lease {
             Some(_) => resent_ending(ending),
             None => ending,
         };
-        inner.end(self.key, self.serial, ending, now);
+        inner.end(self.key, self.serial, self.resolving, ending, now);
         drop(inner);
         self.in_flight.send_replace(Some(ending));
         ending
@@ -465,7 +477,7 @@ impl Drop for Lease {
             let now = Instant::now();
             self.store
                 .lock()
-                .end(self.key, self.serial, Ending::Unknown, now);
+                .end(self.key, self.serial, self.resolving, Ending::Unknown, now);
             self.in_flight.send_replace(Some(Ending::Unknown));
         }
     }
@@ -684,6 +696,11 @@ mod tests {
         let later = ended + Duration::from_secs(60);
         let resolving = lease(store.claim(1, EXTRACT, false, later).0);
         assert_eq!(resolving.unknown_since(), Some(ended));
+        // A repeat that could not settle it (the port read failed, or did not tell, or a resend
+        // failed) keeps the first time: the first call may still have acted back then.
+        resolving.end(Ending::Unknown, later);
+        let (claim, _) = store.claim(1, EXTRACT, false, later + Duration::from_secs(1));
+        assert_eq!(lease(claim).unknown_since(), Some(ended));
     }
 
     #[test]
