@@ -15,6 +15,7 @@ const CONTEXT: CallContext = CallContext {
     method: "case_extract",
     port_id: 4,
     bin_id: Some(101337),
+    reading_after: None,
 };
 
 const RETRY: RetryPolicy = RetryPolicy {

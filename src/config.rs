@@ -308,7 +308,7 @@ pub mod limits {
         min: NonZeroUsize::MIN,
         max: NonZeroUsize::new(1_000_000).unwrap(),
         below: "at least one request_id must be remembered",
-        above: "each takes up to 249 bytes, and a controller serves far fewer calls in a window",
+        above: "each takes up to 609 bytes, and a controller serves far fewer calls in a window",
     };
     /// `--handshake-timeout`.
     pub const HANDSHAKE_TIMEOUT: Bounds<Duration> = Bounds {
@@ -419,7 +419,7 @@ pub mod defaults {
     /// retries of one call (AIP-155 asks for at least an hour only of services that keep ids
     /// in storage; these live in memory).
     pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(10 * 60);
-    /// How many `request_id`s are remembered at most: 15.6 MiB at worst (249 bytes each), and
+    /// How many `request_id`s are remembered at most: 38.1 MiB at worst (609 bytes each), and
     /// over 100 calls a second for the whole default window.
     pub const IDEMPOTENCY_MAX_ENTRIES: NonZeroUsize = NonZeroUsize::new(65_536).unwrap();
     /// How often health probes the controller.

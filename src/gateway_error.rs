@@ -81,13 +81,26 @@ pub const REQUEST_OUTCOME_UNKNOWN: GatewayError = GatewayError {
     code: Code::FailedPrecondition,
     when: "a repeat of a `request_id` whose first call may have been acted on (a row of this table \
            with \"yes\" in the next column), and `case_getstate` shows the port in a state \
-           that neither proves the first call was accepted nor that it was not (nothing was \
-           sent); or shows no operation, and the call sent again ended with nothing sent, or \
-           with the fault meaning an earlier call acted (1148 on CaseExtract, 1149 on \
-           CaseCancel), as when the first call reached the controller after the port was \
-           read; the message names the state and bin, and how a resend ended, metadata \
-           `requestId`, `caseState`",
+           that neither proves the first call was accepted nor that it was not, or that would \
+           show it not acted on but was read too long after the unknown outcome (nothing was \
+           sent); or showed it not acted on, and the call sent again ended other than OK \
+           (nothing sent, a fault such as 1148 on CaseExtract or 1149 on CaseCancel, or an \
+           unknown outcome again), as when the first call reached the controller after the port \
+           was read; the message names the state and bin, and how long ago or how a resend \
+           ended, metadata `requestId`, `caseState`",
     retry: GatewayRetry::MayHaveActed("no; read the port with `CaseGetState` and decide"),
+};
+/// A new `request_id` while every remembered one is in flight or has an unknown outcome.
+pub const IDEMPOTENCY_TABLE_FULL: GatewayError = GatewayError {
+    reason: "IDEMPOTENCY_TABLE_FULL",
+    code: Code::ResourceExhausted,
+    when: "a new `request_id` came while all `--idempotency-max-entries` remembered ones were in \
+           flight or had an unknown outcome, which are never forgotten before \
+           `--idempotency-window` has passed (forgotten, a repeat would be sent without reading \
+           the port); metadata `requestId`; the controller was not called",
+    retry: GatewayRetry::NotActed(
+        "later, with backoff, once entries have expired; or raise `--idempotency-max-entries`",
+    ),
 };
 /// No connection to the controller could be made.
 pub const UPSTREAM_UNREACHABLE: GatewayError = GatewayError {
@@ -189,6 +202,14 @@ pub const UPSTREAM_RESPONSE_TOO_LARGE: GatewayError = GatewayError {
 /// The `ErrorInfo` domain of errors the gateway itself detected.
 pub const DOMAIN: &str = "taskgate";
 
+/// The `ErrorInfo` metadata key, with value [`OUTCOME_UNKNOWN`], of a status that is not about
+/// the call's own POST but about reading the port after the unknown outcome of an earlier call
+/// with its `request_id` (metadata `requestId`): whatever the status's code and row, that
+/// earlier call may have acted.
+pub const REQUEST_OUTCOME_KEY: &str = "requestOutcome";
+/// The value of [`REQUEST_OUTCOME_KEY`].
+pub const OUTCOME_UNKNOWN: &str = "unknown";
+
 /// The row of this table a status with ErrorInfo `reason` (domain [`DOMAIN`]) and `code` came
 /// from: a reason alone is not enough, as `UPSTREAM_HTTP_ERROR` has three rows.
 pub fn find(reason: &str, code: Code) -> Option<&'static GatewayError> {
@@ -204,6 +225,7 @@ pub const GATEWAY_ERRORS: &[&GatewayError] = &[
     &REQUEST_ID_REUSED,
     &REQUEST_IN_PROGRESS,
     &REQUEST_OUTCOME_UNKNOWN,
+    &IDEMPOTENCY_TABLE_FULL,
     &UPSTREAM_UNREACHABLE,
     &UPSTREAM_CONNECTION_LOST,
     &UPSTREAM_HTTP_DECLINED,

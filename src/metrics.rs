@@ -43,6 +43,7 @@ pub(crate) struct IdempotencyMetrics {
     replays: Counter,
     resolved: Family<ResolvedLabels, Counter>,
     evictions: Family<EvictedLabels, Counter>,
+    refusals: Counter,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -374,8 +375,13 @@ impl IdempotencyMetrics {
         );
         registry.register(
             "idempotency_evictions",
-            "Remembered request_ids forgotten before their window because --idempotency-max-entries were kept, by state: answered, unknown (a repeat is then sent without reading the port)",
+            "Remembered request_ids forgotten before their window because --idempotency-max-entries were kept, by state: answered (an unknown one is never forgotten)",
             self.evictions.clone(),
+        );
+        registry.register(
+            "idempotency_refusals",
+            "New request_ids refused (IDEMPOTENCY_TABLE_FULL) because every one of --idempotency-max-entries was in flight or unknown",
+            self.refusals.clone(),
         );
     }
 
@@ -396,15 +402,19 @@ impl IdempotencyMetrics {
             .inc();
     }
 
-    /// Counts entries evicted to make room: `answered` ones, and `unknown` ones.
-    pub(crate) fn evicted(&self, answered: usize, unknown: usize) {
-        for (state, count) in [("answered", answered), ("unknown", unknown)] {
-            if count > 0 {
-                self.evictions
-                    .get_or_create(&EvictedLabels { state })
-                    .inc_by(count as u64);
-            }
+    /// Counts `answered` entries evicted to make room.
+    pub(crate) fn evicted(&self, answered: usize) {
+        if answered > 0 {
+            self.evictions
+                .get_or_create(&EvictedLabels { state: "answered" })
+                .inc_by(answered as u64);
         }
+    }
+
+    /// Counts a new `request_id` refused because the table was full of entries in flight or
+    /// unknown.
+    pub(crate) fn refused(&self) {
+        self.refusals.inc();
     }
 }
 

@@ -226,11 +226,22 @@ impl TaskGateway {
             if counts.hit && first_claim {
                 self.idempotency_metrics.hit();
             }
-            self.idempotency_metrics
-                .evicted(counts.evicted, counts.evicted_unknown);
+            self.idempotency_metrics.evicted(counts.evicted);
             first_claim = false;
             let lease = match claim {
                 Claim::Call(lease) => lease,
+                Claim::Full {
+                    max_entries,
+                    window,
+                } => {
+                    self.idempotency_metrics.refused();
+                    let full = CallError::IdempotencyTableFull {
+                        request_id: once.request_id,
+                        max_entries: max_entries.get(),
+                        window,
+                    };
+                    return (None, Err(full));
+                }
                 Claim::Reused(first) => {
                     let request_id = once.request_id;
                     return (None, Err(CallError::RequestIdReused { request_id, first }));
@@ -271,7 +282,21 @@ impl TaskGateway {
                 }
                 Claim::Resolve(lease) => match self.read_port(once, request_id).await {
                     Ok(reply) => {
-                        match idempotency::judge(once.params, reply.bin_id, reply.case_state) {
+                        let elapsed = lease
+                            .unknown_since()
+                            .map(|since| since.elapsed())
+                            .unwrap_or_default();
+                        let verdict = idempotency::judge(
+                            once.params,
+                            reply.bin_id,
+                            reply.case_state,
+                            elapsed,
+                        );
+                        let too_late = match verdict {
+                            Verdict::TooLate(elapsed) => Some(elapsed),
+                            _ => None,
+                        };
+                        match verdict {
                             Verdict::NotActed => {
                                 self.idempotency_metrics.resolved("not_acted");
                                 resent = Some((reply.bin_id, reply.case_state));
@@ -283,13 +308,14 @@ impl TaskGateway {
                                 *replayed = Some(Replayed::Resolved);
                                 return (None, Ok(Output::default()));
                             }
-                            Verdict::Unclear => {
+                            Verdict::Unclear | Verdict::TooLate(_) => {
                                 self.idempotency_metrics.resolved("unresolved");
                                 lease.end(Ending::Unknown, Instant::now());
                                 let unknown = CallError::OutcomeUnknown {
                                     request_id: once.request_id,
                                     bin_id: reply.bin_id,
                                     case_state: reply.case_state,
+                                    too_late,
                                 };
                                 return (None, Err(unknown));
                             }
@@ -298,7 +324,11 @@ impl TaskGateway {
                     Err(error) => {
                         self.idempotency_metrics.resolved("read_failed");
                         lease.end(Ending::Unknown, Instant::now());
-                        return (None, Err(CallError::ReadingThePort(Box::new(error))));
+                        let reading = CallError::ReadingThePort {
+                            request_id: once.request_id,
+                            error: Box::new(error),
+                        };
+                        return (None, Err(reading));
                     }
                 },
             };
@@ -306,13 +336,10 @@ impl TaskGateway {
             let (upstream_time, outcome) = self
                 .call(once.context, request_id, caller_deadline, read_reply)
                 .await;
-            let ending = ending(&outcome);
-            let recorded = lease.end(ending, Instant::now());
-            if let Some((bin_id, case_state)) = resent
-                && recorded == Ending::Unknown
-                && ending != Ending::Unknown
-            {
-                // An answer of OK is recorded as it is, so only a failure gets here.
+            lease.end(ending(&outcome), Instant::now());
+            if let Some((bin_id, case_state)) = resent {
+                // Only an answer of OK settles a resend: any failure leaves the first call's
+                // outcome unknown (`idempotency::resent_ending`).
                 let outcome = outcome.map_err(|resend| CallError::ResendInconclusive {
                     request_id: once.request_id,
                     bin_id,
@@ -334,6 +361,7 @@ impl TaskGateway {
             method: "case_getstate",
             port_id: once.context.port_id,
             bin_id: None,
+            reading_after: None,
         };
         let read = |context: &CallContext, params: Element| {
             CaseStateReply::from_params(&params)?.about_port(context.port_id)
@@ -500,6 +528,7 @@ impl TaskService for TaskGateway {
             method: "case_extract",
             port_id,
             bin_id: Some(bin_id),
+            reading_after: None,
         };
         // `case_extract` has no response parameters; whatever `<params>` holds is not read.
         self.unary(request, Some(key), context_of, |_, _| {
@@ -523,6 +552,7 @@ impl TaskService for TaskGateway {
             method: "case_cancel",
             port_id,
             bin_id: Some(bin_id),
+            reading_after: None,
         };
         // Like `case_extract`, `case_cancel` has no response parameters.
         self.unary(request, Some(key), context_of, |_, _| {
@@ -539,6 +569,7 @@ impl TaskService for TaskGateway {
             method: "case_getstate",
             port_id,
             bin_id: None,
+            reading_after: None,
         };
         self.unary(request, None, context_of, |context, params| {
             let reply = CaseStateReply::from_params(&params)?.about_port(context.port_id)?;

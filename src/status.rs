@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::domain::CaseState;
 use crate::fault::{self, FaultClass};
 use crate::gateway_error::{self, GatewayError};
-use crate::idempotency::Params;
+use crate::idempotency::{self, Params};
 use crate::proto::{FaultCode, TASK_FAULT_TYPE_URL, TaskFault};
 use crate::upstream::UpstreamError;
 use crate::watch::WatchEnd;
@@ -47,6 +47,8 @@ pub(crate) struct CallContext {
     pub(crate) port_id: u32,
     /// The bin the call was for, on methods that take one (`case_getstate` does not).
     pub(crate) bin_id: Option<u32>,
+    /// The `request_id` whose unknown outcome this call reads the port after, if it does.
+    pub(crate) reading_after: Option<Uuid>,
 }
 
 /// Everything that can end a call without success.
@@ -86,11 +88,29 @@ pub(crate) enum CallError {
         bin_id: Option<u32>,
         /// The state it showed.
         case_state: CaseState,
+        /// How long after the unknown outcome the port was read, when that was too long for a
+        /// state showing the call not acted on to be believed.
+        too_late: Option<Duration>,
     },
-    /// Reading the port after an unknown outcome failed; the status is that of `case_getstate`.
-    ReadingThePort(Box<CallError>),
-    /// After an unknown outcome the port showed no operation, so the call was sent again, and
-    /// that ended in `resend`: nothing sent, or the fault saying an earlier call already acted.
+    /// Reading the port after an unknown outcome failed; the status is that of `case_getstate`,
+    /// marked as reading after an unknown outcome.
+    ReadingThePort {
+        /// The key.
+        request_id: Uuid,
+        /// How `case_getstate` failed.
+        error: Box<CallError>,
+    },
+    /// A new `request_id` while every remembered one is in flight or unknown; nothing was sent.
+    IdempotencyTableFull {
+        /// The key.
+        request_id: Uuid,
+        /// `--idempotency-max-entries`.
+        max_entries: usize,
+        /// `--idempotency-window`.
+        window: Duration,
+    },
+    /// After an unknown outcome the port showed the call not acted on, so it was sent again,
+    /// and that ended in `resend`, a failure.
     /// The port read may have come before the first call reached the controller, so whether
     /// the first call was acted on is still unknown.
     ResendInconclusive {
@@ -172,18 +192,28 @@ pub(crate) fn status(context: &CallContext, error: &CallError, retry: RetryPolic
             request_id,
             bin_id,
             case_state,
+            too_late,
         } => {
             let seen = match bin_id {
                 Some(bin_id) => format!("{} with bin {bin_id}", case_state.code()),
                 None => format!("{} with no bin", case_state.code()),
+            };
+            let why = match too_late {
+                None => "which does not tell whether it was".to_owned(),
+                Some(elapsed) => format!(
+                    "read {} after that call's outcome became unknown, too long after (more \
+                     than {}) to prove it was not: the port may have moved on since",
+                    humantime::format_duration(round_to_millis(*elapsed)),
+                    humantime::format_duration(idempotency::NOT_ACTED_BELIEVED_FOR)
+                ),
             };
             gateway_error(
                 context,
                 &gateway_error::REQUEST_OUTCOME_UNKNOWN,
                 format!(
                     "the first call with request_id {request_id} may have been acted on, and \
-                     case_getstate shows the port in {seen}, which does not tell whether it \
-                     was; nothing was sent: read the port with CaseGetState and decide"
+                     case_getstate shows the port in {seen}, {why}; nothing was sent: read the \
+                     port with CaseGetState and decide"
                 ),
                 Extra::RequestId(*request_id, Some(case_state.code())),
                 retry,
@@ -217,14 +247,32 @@ pub(crate) fn status(context: &CallContext, error: &CallError, retry: RetryPolic
                 retry,
             )
         }
-        CallError::ReadingThePort(error) => {
+        CallError::ReadingThePort { request_id, error } => {
             let reading = CallContext {
                 method: "case_getstate",
                 port_id: context.port_id,
                 bin_id: None,
+                reading_after: Some(*request_id),
             };
             status(&reading, error, retry)
         }
+        CallError::IdempotencyTableFull {
+            request_id,
+            max_entries,
+            window,
+        } => gateway_error(
+            context,
+            &gateway_error::IDEMPOTENCY_TABLE_FULL,
+            format!(
+                "request_id {request_id} is new, and all {max_entries} remembered request_ids \
+                 (--idempotency-max-entries) are in flight or have an unknown outcome, which are \
+                 kept for --idempotency-window ({}) after their call ended; nothing was sent: \
+                 retry later, with backoff",
+                humantime::format_duration(*window)
+            ),
+            Extra::RequestId(*request_id, None),
+            retry,
+        ),
     }
 }
 
@@ -518,9 +566,15 @@ fn bad_request(
 }
 
 fn describe(context: &CallContext) -> String {
-    match context.bin_id {
+    let call = match context.bin_id {
         Some(bin_id) => format!("{} port {} bin {bin_id}", context.method, context.port_id),
         None => format!("{} port {}", context.method, context.port_id),
+    };
+    match context.reading_after {
+        Some(request_id) => {
+            format!("{call}, reading the port after the unknown outcome of request_id {request_id}")
+        }
+        None => call,
     }
 }
 
@@ -532,7 +586,19 @@ fn context_metadata(context: &CallContext) -> HashMap<String, String> {
     if let Some(bin_id) = context.bin_id {
         metadata.insert("binId".to_owned(), bin_id.to_string());
     }
+    if let Some(request_id) = context.reading_after {
+        metadata.insert("requestId".to_owned(), request_id.to_string());
+        metadata.insert(
+            gateway_error::REQUEST_OUTCOME_KEY.to_owned(),
+            gateway_error::OUTCOME_UNKNOWN.to_owned(),
+        );
+    }
     metadata
+}
+
+/// `elapsed` to whole milliseconds, as a message states it.
+fn round_to_millis(elapsed: Duration) -> Duration {
+    Duration::from_millis(elapsed.as_millis() as u64)
 }
 
 fn error_info(reason: &str, domain: &str, metadata: HashMap<String, String>) -> Any {
@@ -581,6 +647,7 @@ mod tests {
         method: "case_extract",
         port_id: 4,
         bin_id: Some(101337),
+        reading_after: None,
     };
     const RETRY: RetryPolicy = RetryPolicy {
         delay: Duration::from_millis(1500),
@@ -664,6 +731,7 @@ mod tests {
             method: "case_getstate",
             port_id: 1,
             bin_id: None,
+            reading_after: None,
         };
         let status = status(&context, &CallError::Fault(1087), RETRY);
         assert_eq!(
@@ -743,6 +811,103 @@ mod tests {
         assert!(status.message().ends_with("éé…"), "{}", status.message());
         let rpc_status = pb::Status::decode(status.details()).unwrap();
         assert_eq!(rpc_status.message, status.message());
+    }
+
+    const REQUEST_ID: Uuid = Uuid::from_u128(0x9f1c2b3a_4d5e_4f60_8a7b_1c2d3e4f5a6b);
+
+    /// A repeat after an unknown outcome whose port read fails keeps the read's code (retrying
+    /// it only reads the port again), but says, in the message and in `ErrorInfo`, that the
+    /// earlier call's outcome is unknown: a client must not take `UNAVAILABLE` here for "did
+    /// not act".
+    #[test]
+    fn a_failed_port_read_after_an_unknown_outcome_is_marked() {
+        let unreachable = UpstreamError::Unreachable("connection refused".into());
+        let error = CallError::ReadingThePort {
+            request_id: REQUEST_ID,
+            error: Box::new(CallError::Upstream(unreachable)),
+        };
+        let status = status(&CONTEXT, &error, RETRY);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.message(),
+            "case_getstate port 4, reading the port after the unknown outcome of request_id \
+             9f1c2b3a-4d5e-4f60-8a7b-1c2d3e4f5a6b: cannot connect to the controller: connection \
+             refused"
+        );
+        let error_info = status.get_details_error_info().unwrap();
+        assert_eq!(error_info.reason, "UPSTREAM_UNREACHABLE");
+        assert_eq!(error_info.metadata["method"], "case_getstate");
+        assert_eq!(
+            error_info.metadata["requestId"],
+            "9f1c2b3a-4d5e-4f60-8a7b-1c2d3e4f5a6b"
+        );
+        assert_eq!(error_info.metadata["requestOutcome"], "unknown");
+        assert!(status.get_details_retry_info().is_some());
+        let fault = CallError::ReadingThePort {
+            request_id: REQUEST_ID,
+            error: Box::new(CallError::Fault(1087)),
+        };
+        let faulted = super::status(&CONTEXT, &fault, RETRY);
+        let error_info = faulted.get_details_error_info().unwrap();
+        assert_eq!(error_info.metadata["requestOutcome"], "unknown");
+        assert!(
+            faulted.message().starts_with(
+                "case_getstate port 4, reading the port after the unknown outcome of request_id \
+                 9f1c2b3a-4d5e-4f60-8a7b-1c2d3e4f5a6b: controller fault 1087 "
+            ),
+            "{}",
+            faulted.message()
+        );
+    }
+
+    /// A port that would show the call not acted on, read too long after the unknown outcome,
+    /// proves nothing: the message says what was seen and how long ago.
+    #[test]
+    fn a_port_read_too_late_is_named_with_the_time_passed() {
+        let error = CallError::OutcomeUnknown {
+            request_id: REQUEST_ID,
+            bin_id: None,
+            case_state: CaseState::Noop,
+            too_late: Some(Duration::from_micros(12_345_678)),
+        };
+        let status = status(&CONTEXT, &error, RETRY);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(
+            status.message(),
+            "case_extract port 4 bin 101337: the first call with request_id \
+             9f1c2b3a-4d5e-4f60-8a7b-1c2d3e4f5a6b may have been acted on, and case_getstate \
+             shows the port in NOOP with no bin, read 12s 345ms after that call's outcome became \
+             unknown, too long after (more than 10s) to prove it was not: the port may have \
+             moved on since; nothing was sent: read the port with CaseGetState and decide"
+        );
+        let error_info = status.get_details_error_info().unwrap();
+        assert_eq!(error_info.reason, "REQUEST_OUTCOME_UNKNOWN");
+        assert_eq!(error_info.metadata["caseState"], "NOOP");
+    }
+
+    #[test]
+    fn a_full_idempotency_table_refuses_a_new_id_before_sending() {
+        let error = CallError::IdempotencyTableFull {
+            request_id: REQUEST_ID,
+            max_entries: 65536,
+            window: Duration::from_secs(600),
+        };
+        let status = status(&CONTEXT, &error, RETRY);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(
+            status.message(),
+            "case_extract port 4 bin 101337: request_id 9f1c2b3a-4d5e-4f60-8a7b-1c2d3e4f5a6b is \
+             new, and all 65536 remembered request_ids (--idempotency-max-entries) are in flight \
+             or have an unknown outcome, which are kept for --idempotency-window (10m) after \
+             their call ended; nothing was sent: retry later, with backoff"
+        );
+        let error_info = status.get_details_error_info().unwrap();
+        assert_eq!(error_info.reason, "IDEMPOTENCY_TABLE_FULL");
+        assert_eq!(
+            error_info.metadata["requestId"],
+            "9f1c2b3a-4d5e-4f60-8a7b-1c2d3e4f5a6b"
+        );
+        assert!(status.get_details_retry_info().is_none());
     }
 
     #[test]

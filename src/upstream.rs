@@ -53,7 +53,7 @@ pub struct Settings {
     pub max_in_flight: NonZeroUsize,
     /// How long a CaseExtract or CaseCancel `request_id` is remembered after its call ended.
     pub idempotency_window: Duration,
-    /// How many `request_id`s are remembered at most; the oldest answered one is evicted first.
+    /// How many `request_id`s are remembered at most; only answered ones are evicted.
     pub idempotency_max_entries: NonZeroUsize,
     /// HTTPS to the controller: its CA and a client certificate, when they are not the defaults.
     pub tls: UpstreamTls,

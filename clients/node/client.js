@@ -98,6 +98,10 @@ const MAY_HAVE_ACTED_CODES = new Set([
 ]);
 const NOTHING_SENT_REASONS = new Set(["DEADLINE_TOO_SHORT"]);
 const OUTCOME_UNKNOWN_REASONS = new Set(["REQUEST_OUTCOME_UNKNOWN"]);
+// The ErrorInfo metadata that marks a failed port read after an unknown outcome (README, "Gateway
+// errors"): whatever its code, the earlier call may have acted.
+const REQUEST_OUTCOME_KEY = "requestOutcome";
+const OUTCOME_UNKNOWN = "unknown";
 
 /** A failed call, with everything the status details say. */
 class TaskGateError extends Error {
@@ -129,6 +133,8 @@ class TaskGateError extends Error {
     this.idempotencyKey = null;
     /** How many times the call was sent before it failed. */
     this.attempts = 1;
+    /** Whether an earlier attempt of the same call, retried by TaskGate, may have acted. */
+    this.earlierAttemptMayHaveActed = false;
   }
 
   /**
@@ -142,12 +148,15 @@ class TaskGateError extends Error {
   /**
    * Whether the controller may have acted on the call (the README's "Controller may have acted?"
    * column): UNKNOWN, DEADLINE_EXCEEDED (but DEADLINE_TOO_SHORT), INTERNAL,
-   * REQUEST_OUTCOME_UNKNOWN, and a call cancelled or cut off before an answer (an UNAVAILABLE
-   * without the gateway's ErrorInfo). Then repeat the call with `idempotencyKey`, or read the
-   * port with caseGetState, before acting again.
+   * REQUEST_OUTCOME_UNKNOWN, a call cancelled or cut off before an answer (an UNAVAILABLE
+   * without the gateway's ErrorInfo), a failed port read after an earlier unknown outcome
+   * (metadata requestOutcome: "unknown"), and any error of a call one of whose earlier attempts
+   * may have acted. Then repeat the call with `idempotencyKey`, or read the port with
+   * caseGetState, before acting again.
    */
   get mayHaveActed() {
-    if (OUTCOME_UNKNOWN_REASONS.has(this.reason)) return true;
+    if (this.earlierAttemptMayHaveActed || OUTCOME_UNKNOWN_REASONS.has(this.reason)) return true;
+    if (this.metadata?.[REQUEST_OUTCOME_KEY] === OUTCOME_UNKNOWN) return true;
     if (this.code === grpc.status.UNAVAILABLE) return !this.reason;
     return MAY_HAVE_ACTED_CODES.has(this.code) && !NOTHING_SENT_REASONS.has(this.reason);
   }
@@ -407,12 +416,15 @@ class TaskGate {
   async call(method, request, { timeoutMs = 10000, requestId, maxAttempts = DEFAULT_MAX_ATTEMPTS } = {}) {
     const deadline = Date.now() + timeoutMs;
     let backoffMs = INITIAL_BACKOFF_MS;
+    let mayHaveActed = false;
     for (let attempt = 1; ; attempt += 1) {
       try {
         return { ...(await this.attempt(method, request, requestId, deadline)), attempts: attempt };
       } catch (error) {
         error.idempotencyKey = request.request_id || null;
         error.attempts = attempt;
+        error.earlierAttemptMayHaveActed = mayHaveActed;
+        mayHaveActed = error.mayHaveActed;
         const delayMs = error.retryDelayMs ?? backoffMs;
         if (!error.retryable || attempt >= maxAttempts || Date.now() + delayMs >= deadline) throw error;
         await new Promise((done) => setTimeout(done, delayMs));

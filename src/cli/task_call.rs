@@ -88,7 +88,8 @@ impl PortAndBinArgs {
     /// Calls `method` (its task-interface name, for the printed lines) with the message
     /// `message_of` makes from the port, bin and idempotency key, through `rpc`; a success
     /// prints `accepted`. A failure whose outcome is unknown also prints the key, so that the
-    /// call can be repeated safely.
+    /// call can be repeated safely; so does every failure of a call given `--idempotency-key`:
+    /// the operator repeating with it keeps seeing it, whatever the repeat's own status.
     pub(super) async fn call<Message, Reply, Answer>(
         &self,
         method: &str,
@@ -117,7 +118,7 @@ impl PortAndBinArgs {
             }
             Err(status) => {
                 let printed = print_failure(&what, &status).and_then(|()| {
-                    if outcome_unknown(&status) {
+                    if outcome_unknown(&status) || self.idempotency_key.is_some() {
                         output::line(format_args!(
                             "  idempotency key: {key} (repeat with --idempotency-key {key})"
                         ))
@@ -140,6 +141,10 @@ fn outcome_unknown(status: &tonic::Status) -> bool {
     let Some(error_info) = status.get_details_error_info() else {
         return true;
     };
+    let marked = error_info.metadata.get(gateway_error::REQUEST_OUTCOME_KEY);
+    if marked.is_some_and(|value| value == gateway_error::OUTCOME_UNKNOWN) {
+        return true;
+    }
     match error_info.domain.as_str() {
         gateway_error::DOMAIN => gateway_error::find(&error_info.reason, status.code())
             .is_none_or(|row| row.retry.controller_may_have_acted()),
@@ -295,7 +300,20 @@ mod tests {
     fn the_key_is_printed_unless_the_controller_certainly_did_not_act() {
         let gateway = |code, reason| with_error_info(code, gateway_error::DOMAIN, reason, "");
         let fault = |code, number| with_error_info(code, fault::DOMAIN, "FAULT", number);
+        let marked = {
+            let metadata = HashMap::from([(
+                gateway_error::REQUEST_OUTCOME_KEY.to_owned(),
+                gateway_error::OUTCOME_UNKNOWN.to_owned(),
+            )]);
+            let details = ErrorDetails::with_error_info(
+                "UPSTREAM_UNREACHABLE",
+                gateway_error::DOMAIN,
+                metadata,
+            );
+            tonic::Status::with_error_details(Code::Unavailable, "failed", details)
+        };
         let cases = [
+            (marked, true),
             (tonic::Status::unavailable("connection reset"), true),
             (tonic::Status::unknown("h2 protocol error"), true),
             (gateway(Code::Unavailable, "UPSTREAM_UNREACHABLE"), false),

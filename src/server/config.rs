@@ -177,7 +177,7 @@ mod tests {
             |config| config.upstream.idempotency_max_entries = count(1_000_001),
             Some(
                 "--idempotency-max-entries 1000001 is out of range 1-1000000: each takes up to \
-                 249 bytes, and a controller serves far fewer calls in a window",
+                 609 bytes, and a controller serves far fewer calls in a window",
             ),
         );
         check_setting(

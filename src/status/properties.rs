@@ -52,6 +52,7 @@ fn context() -> impl Strategy<Value = CallContext> {
             method,
             port_id,
             bin_id,
+            reading_after: None,
         })
 }
 

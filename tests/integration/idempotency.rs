@@ -524,3 +524,119 @@ async fn past_the_entry_limit_the_oldest_id_is_forgotten_and_counted() {
     )
     .await;
 }
+
+fn cancel(request_id: &str) -> tonic::Request<CaseCancelRequest> {
+    tonic::Request::new(CaseCancelRequest {
+        port_id: 4,
+        bin_id: 101337,
+        request_id: request_id.to_owned(),
+    })
+}
+
+/// CaseCancel after an unknown outcome, on the real binary: a port in NOOP keeping the bin
+/// shows the cancel was applied, so the repeat answers OK without a second `case_cancel`; a
+/// port still in EREQ with the bin shows it was not, so the repeat sends it again.
+#[tokio::test]
+async fn after_an_unknown_cancel_the_port_decides_on_the_real_binary() {
+    let mut upstream = FakeUpstream::start(lost_then(&port_state("NOOP"))).await;
+    let gateway = TaskgateProcess::start_with_upstream(upstream.url.as_str(), &[]).await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let first = client.case_cancel(cancel(REQUEST_ID)).await.unwrap_err();
+    assert_eq!(first.code(), Code::Unknown, "{first:?}");
+    let repeat = client.case_cancel(cancel(REQUEST_ID)).await.unwrap();
+    assert_eq!(replayed(&repeat), Some("resolved"));
+    let again = client.case_cancel(cancel(REQUEST_ID)).await.unwrap();
+    assert_eq!(replayed(&again), Some("stored"));
+    assert_eq!(upstream.methods_so_far(), ["case_cancel", "case_getstate"]);
+
+    let ereq = port_state("EREQ");
+    let script = Script::sequence(&[None, Some(&ereq), Some(OK)]);
+    let mut upstream = FakeUpstream::start(script).await;
+    let gateway = TaskgateProcess::start_with_upstream(upstream.url.as_str(), &[]).await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    client.case_cancel(cancel(REQUEST_ID)).await.unwrap_err();
+    let repeat = client.case_cancel(cancel(REQUEST_ID)).await.unwrap();
+    assert_eq!(replayed(&repeat), None);
+    assert_eq!(
+        upstream.methods_so_far(),
+        ["case_cancel", "case_getstate", "case_cancel"]
+    );
+}
+
+/// An operator repeating a call with `--idempotency-key` sees the key on every failure, a
+/// definite one included, so the next repeat has it at hand.
+#[tokio::test]
+async fn the_cli_prints_a_given_key_on_every_failure() {
+    let fault = "<response><fault><code>1149</code></fault></response>";
+    let upstream = FakeUpstream::start(Script::ok_xml(fault)).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let address = format!("http://{}", gateway.address);
+    let args = [
+        "case-cancel",
+        "--gateway",
+        &address,
+        "--port",
+        "4",
+        "--bin",
+        "101337",
+        "--idempotency-key",
+        REQUEST_ID,
+    ];
+    let (stdout, _) = crate::cli::run(&args, 1).await;
+    assert!(
+        stdout.contains("1149 BIN_NOT_SELECTED_FOR_PORT"),
+        "{stdout}"
+    );
+    let expected =
+        format!("\n  idempotency key: {REQUEST_ID} (repeat with --idempotency-key {REQUEST_ID})\n");
+    assert!(stdout.contains(&expected), "{stdout}");
+}
+
+/// Ids whose outcome is unknown are never forgotten: when they fill the table, a new id is
+/// refused before anything is sent, and counted.
+#[tokio::test]
+async fn a_table_full_of_unknown_ids_refuses_a_new_one_without_a_post() {
+    let mut upstream = FakeUpstream::start(Script::Drop).await;
+    let gateway = Gateway::builder()
+        .upstream(&upstream.url)
+        .config(|config| {
+            config.upstream.max_in_flight = std::num::NonZeroUsize::new(1).unwrap();
+            config.upstream.idempotency_max_entries = std::num::NonZeroUsize::new(2).unwrap();
+        })
+        .metrics()
+        .start()
+        .await;
+    let mut client = gateway.client.clone();
+    let ids = [
+        REQUEST_ID,
+        "0b6f7c1e-2d3a-4b5c-9d8e-7f6a5b4c3d2e",
+        "5d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6",
+    ];
+    for id in &ids[..2] {
+        let status = client.case_cancel(cancel(id)).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unknown, "{status:?}");
+    }
+    let refused = client.case_cancel(cancel(ids[2])).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(error_info(&refused).reason, "IDEMPOTENCY_TABLE_FULL");
+    assert_eq!(
+        refused.message(),
+        format!(
+            "case_cancel port 4 bin 101337: request_id {} is new, and all 2 remembered \
+             request_ids (--idempotency-max-entries) are in flight or have an unknown outcome, \
+             which are kept for --idempotency-window (10m) after their call ended; nothing was \
+             sent: retry later, with backoff",
+            ids[2]
+        )
+    );
+    assert_eq!(upstream.methods_so_far(), ["case_cancel", "case_cancel"]);
+    scrape_line(
+        gateway.metrics_url(),
+        "taskgate_idempotency_refusals_total 1",
+    )
+    .await;
+}

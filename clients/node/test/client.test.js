@@ -505,6 +505,36 @@ describe("safe retries", () => {
     ["RESOURCE_EXHAUSTED", "WATCH_LAGGED", false, false],
     ["CANCELLED", "", false, true],
   ];
+  test("a failed port read after an unknown outcome may have acted, whatever its code", () => {
+    const error = new TaskGateError({
+      code: grpc.status.UNAVAILABLE,
+      codeName: "UNAVAILABLE",
+      message: "",
+      reason: "UPSTREAM_UNREACHABLE",
+      metadata: { requestOutcome: "unknown" },
+    });
+    assert.deepEqual([error.retryable, error.mayHaveActed], [true, true]);
+  });
+
+  test("may have acted is kept across the client's own retries of one call", async () => {
+    // The first attempt was cut off (it may have reached the controller); the retry was answered
+    // "unreachable": the call may still have acted.
+    const failures = [
+      ["UNAVAILABLE", ""],
+      ["UNAVAILABLE", "UPSTREAM_UNREACHABLE"],
+    ].map(([codeName, reason]) => new TaskGateError({ code: grpc.status[codeName], codeName, message: "", reason, metadata: {} }));
+    const stub = Object.create(TaskGate.prototype);
+    stub.attempt = async () => {
+      throw failures.shift();
+    };
+    const request = { port_id: 4, bin_id: 101337, request_id: "9f1c2b3a-4d5e-4f60-8a7b-1c2d3e4f5a6b" };
+    const error = await stub.call("CaseExtract", request, { timeoutMs: 30000, maxAttempts: 2 }).then(
+      () => assert.fail("the call succeeded"),
+      (failed) => failed,
+    );
+    assert.deepEqual([error.reason, error.attempts, error.mayHaveActed], ["UPSTREAM_UNREACHABLE", 2, true]);
+  });
+
   for (const [codeName, reason, retryable, mayHaveActed] of CLASSIFICATION) {
     test(`${codeName} ${reason || "without a reason"}: retryable ${retryable}, may have acted ${mayHaveActed}`, () => {
       const error = new TaskGateError({ code: grpc.status[codeName], codeName, message: "", reason });

@@ -87,6 +87,10 @@ _MAY_HAVE_ACTED_CODES = frozenset({
 })
 _NOTHING_SENT_REASONS = frozenset({"DEADLINE_TOO_SHORT"})
 _OUTCOME_UNKNOWN_REASONS = frozenset({"REQUEST_OUTCOME_UNKNOWN"})
+# The ErrorInfo metadata that marks a failed port read after an unknown outcome (README, "Gateway
+# errors"): whatever its code, the earlier call may have acted.
+_REQUEST_OUTCOME_KEY = "requestOutcome"
+_OUTCOME_UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,8 @@ class TaskGateError(Exception):
     ``idempotency_key`` to repeat the call safely, within the gateway's idempotency window."""
     attempts: int = 1
     """How many times the call was sent before it failed."""
+    earlier_attempt_may_have_acted: bool = False
+    """Whether an earlier attempt of the same call, retried by the client, may have acted."""
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
@@ -153,10 +159,14 @@ class TaskGateError(Exception):
     def may_have_acted(self) -> bool:
         """Whether the controller may have acted on the call (the README's "Controller may have
         acted?" column): ``UNKNOWN``, ``DEADLINE_EXCEEDED`` (but ``DEADLINE_TOO_SHORT``),
-        ``INTERNAL``, ``REQUEST_OUTCOME_UNKNOWN``, and a call cancelled or cut off before an
-        answer (an ``UNAVAILABLE`` without the gateway's ``ErrorInfo``). Then repeat the call with
+        ``INTERNAL``, ``REQUEST_OUTCOME_UNKNOWN``, a call cancelled or cut off before an answer
+        (an ``UNAVAILABLE`` without the gateway's ``ErrorInfo``), a failed port read after an
+        earlier unknown outcome (metadata ``requestOutcome: unknown``), and any error of a call
+        one of whose earlier attempts may have acted. Then repeat the call with
         ``idempotency_key``, or read the port with ``case_get_state``, before acting again."""
-        if self.reason in _OUTCOME_UNKNOWN_REASONS:
+        if self.earlier_attempt_may_have_acted or self.reason in _OUTCOME_UNKNOWN_REASONS:
+            return True
+        if self.metadata.get(_REQUEST_OUTCOME_KEY) == _OUTCOME_UNKNOWN:
             return True
         if self.code == grpc.StatusCode.UNAVAILABLE:
             return not self.reason
@@ -291,6 +301,7 @@ class TaskGate:
         deadline = time.monotonic() + timeout
         backoff = _INITIAL_BACKOFF_S
         attempt = 0
+        may_have_acted = False
         while True:
             attempt += 1
             try:
@@ -300,6 +311,8 @@ class TaskGate:
                 error = TaskGateError.from_rpc_error(rpc_error)
                 error.idempotency_key = idempotency_key
                 error.attempts = attempt
+                error.earlier_attempt_may_have_acted = may_have_acted
+                may_have_acted = error.may_have_acted
                 delay = (error.retry_delay.total_seconds() if error.retry_delay is not None
                          else backoff)
                 if (not error.retryable or attempt >= max_attempts

@@ -8,8 +8,9 @@ import uuid
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
-from taskgate_client import TaskGate, TaskGateError
+from taskgate_client import TaskGate, TaskGateError, task_pb2
 
 
 def attempts_logged(gateway, key, count):
@@ -98,3 +99,56 @@ def test_each_error_says_whether_to_retry_and_whether_the_controller_may_have_ac
         code, reason, retryable, may_have_acted):
     assert (error(code, reason).retryable, error(code, reason).may_have_acted) == (
         retryable, may_have_acted)
+
+
+def test_a_failed_port_read_after_an_unknown_outcome_may_have_acted():
+    marked = TaskGateError(code=grpc.StatusCode.UNAVAILABLE, message="", reason="UPSTREAM_UNREACHABLE",
+                           domain="taskgate", metadata={"requestOutcome": "unknown"})
+    assert (marked.retryable, marked.may_have_acted) == (True, True)
+
+
+class _FailedAttempt(grpc.RpcError):
+    """What grpcio raises for a failed call: a code, a message and the status details."""
+
+    def __init__(self, code, reason):
+        super().__init__()
+        self._code = code
+        status = status_pb2.Status(code=code.value[0], message="failed")
+        if reason:
+            info = error_details_pb2.ErrorInfo(reason=reason, domain="taskgate")
+            status.details.add().Pack(info)
+        self._trailing = (("grpc-status-details-bin", status.SerializeToString()),)
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return "failed"
+
+    def trailing_metadata(self):
+        return self._trailing
+
+
+class _Attempts:
+    """A stub method that fails each attempt with the next of ``failures``."""
+
+    def __init__(self, *failures):
+        self.failures = list(failures)
+
+    def with_call(self, request, timeout, metadata):
+        raise self.failures.pop(0)
+
+
+def test_may_have_acted_is_kept_across_the_clients_own_retries():
+    # The first attempt was cut off (it may have reached the controller); the retry was answered
+    # "unreachable": the call may still have acted.
+    method = _Attempts(_FailedAttempt(grpc.StatusCode.UNAVAILABLE, ""),
+                       _FailedAttempt(grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNREACHABLE"))
+    request = task_pb2.CaseExtractRequest(port_id=4, bin_id=101337, request_id=str(uuid.uuid4()))
+    with TaskGate("127.0.0.1:1") as client:
+        with pytest.raises(TaskGateError) as raised:
+            client._call(method, request, timeout=30, request_id=None, max_attempts=2)
+    error = raised.value
+    assert (error.reason, error.attempts, error.may_have_acted) == ("UPSTREAM_UNREACHABLE", 2, True)
+    alone = _FailedAttempt(grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNREACHABLE")
+    assert TaskGateError.from_rpc_error(alone).may_have_acted is False

@@ -74,9 +74,9 @@ pub(crate) struct ServeSettings {
     #[serde(default, with = "humantime_serde")]
     pub(super) idempotency_window: Option<Duration>,
 
-    /// How many request_ids are remembered at most, up to 249 bytes each; when full, the oldest
-    /// answered one is forgotten (counted on /metrics). 1 to 1000000, and more than
-    /// --max-in-flight.
+    /// How many request_ids are remembered at most, up to 609 bytes each; when full, the oldest
+    /// answered one is forgotten, and a new one is refused when none is left (both counted on
+    /// /metrics). 1 to 1000000, and more than --max-in-flight.
     #[arg(long, env = "TASKGATE_IDEMPOTENCY_MAX_ENTRIES")]
     pub(super) idempotency_max_entries: Option<u64>,
 
