@@ -1,7 +1,16 @@
 package taskgateclient
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
+	"math/big"
+	"net"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -174,4 +183,60 @@ func TestEachErrorSaysWhetherToRetryAndWhetherTheControllerMayHaveActed(t *testi
 				row.code, row.reason, failure.Retryable(), failure.MayHaveActed(), row.retryable, row.mayHaveActed)
 		}
 	}
+}
+
+func TestTheClientConnectsOverTLS(t *testing.T) {
+	cert, key, roots := selfSignedCertificate(t)
+	client := startGateway(t, "--tls-cert", cert, "--tls-key", key).client(Options{TLS: &tls.Config{RootCAs: roots}})
+	state, err := client.CaseGetState(testContext(t), 4)
+	if err != nil {
+		t.Fatalf("CaseGetState over TLS: %v", err)
+	}
+	if state.PortId != 4 {
+		t.Errorf("the state is %v", state)
+	}
+}
+
+// selfSignedCertificate writes a certificate for 127.0.0.1 and its key as PEM files, and gives
+// their paths and a pool that trusts the certificate.
+func selfSignedCertificate(t *testing.T) (string, string, *x509.CertPool) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	template := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "taskgate Go suite"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, template, template, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	folder := t.TempDir()
+	certPath, keyPath := filepath.Join(folder, "cert.pem"), filepath.Join(folder, "key.pem")
+	for path, block := range map[string]*pem.Block{
+		certPath: {Type: "CERTIFICATE", Bytes: der},
+		keyPath:  {Type: "PRIVATE KEY", Bytes: keyDER},
+	} {
+		if err := os.WriteFile(path, pem.EncodeToMemory(block), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	parsed, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(parsed)
+	return certPath, keyPath, roots
 }
