@@ -112,12 +112,14 @@ func WithRequestID(id string) CallOption {
 }
 
 // WithIdempotencyKey sends key as the message's request_id instead of a fresh UUID v4: give the
-// one an *Error carries to repeat a call whose outcome is unknown. CaseGetState ignores it.
+// one an *Error carries to repeat a call whose outcome is unknown. CaseGetState and
+// WatchCaseEvents ignore it.
 func WithIdempotencyKey(key string) CallOption {
 	return func(settings *callSettings) { settings.idempotencyKey = key }
 }
 
 // WithMaxAttempts sends the call at most attempts times in all (DefaultMaxAttempts unless set).
+// WatchCaseEvents ignores it: a watch is not retried (Follow watches again).
 func WithMaxAttempts(attempts int) CallOption {
 	return func(settings *callSettings) { settings.maxAttempts = attempts }
 }

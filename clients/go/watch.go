@@ -3,6 +3,7 @@ package taskgateclient
 import (
 	"context"
 	"io"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -16,7 +17,7 @@ type Watch struct {
 	RequestID string
 	stream    taskgatev1.TaskService_WatchCaseEventsClient
 	cancel    context.CancelFunc
-	closed    bool
+	closed    atomic.Bool
 }
 
 // WatchCaseEvents watches the AutoCase events of portIDs (every port when empty) from now on.
@@ -56,15 +57,15 @@ func (w *Watch) Recv() (*taskgatev1.CaseEvent, error) {
 		return event, nil
 	}
 	failure := ErrorOf(err)
-	if w.closed && failure.Code == codes.Canceled {
+	if w.closed.Load() && failure.Code == codes.Canceled {
 		return nil, io.EOF
 	}
 	return nil, failure
 }
 
-// Close ends the stream; Recv then returns io.EOF. It must not race with Recv's return.
+// Close ends the stream, from any goroutine; Recv then returns io.EOF.
 func (w *Watch) Close() {
-	w.closed = true
+	w.closed.Store(true)
 	w.cancel()
 }
 

@@ -155,7 +155,8 @@ func TestARefusedWatchIsAnErrorAtOnce(t *testing.T) {
 func TestClosingAWatchEndsItWithEOF(t *testing.T) {
 	client := startGateway(t, layout(t, "50ms")...).client(Options{})
 	watch := openWatch(testContext(t), t, client, []uint32{4})
-	watch.Close()
+	// From another goroutine, as a program stops a watch that Recv waits on.
+	go watch.Close()
 	if event, err := watch.Recv(); err != io.EOF {
 		t.Errorf("after Close, Recv gives %v, %v; not io.EOF", event, err)
 	}
