@@ -15,7 +15,6 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
-	"strings"
 	"testing"
 	"time"
 
@@ -94,8 +93,7 @@ func TestA1148IsRetriedWithTheSameKeyAndARepeatOfTheKeyIsReplayed(t *testing.T) 
 		t.Errorf("a new logical call sent the key %q (the first sent %q)", failure.IdempotencyKey, first.IdempotencyKey)
 	}
 	// Every attempt carried the one key: the gateway's access log records it on each.
-	key := regexp.MustCompile(`idempotency_key=` + failure.IdempotencyKey + `\b`)
-	g.waitForLines(func(line string) bool { return strings.Contains(line, "taskgate::access") && key.MatchString(line) }, 3)
+	attemptsLogged(g, failure.IdempotencyKey, 3)
 	repeat, err := client.CaseExtract(ctx, 4, 101337, WithIdempotencyKey(first.IdempotencyKey))
 	if err != nil {
 		t.Fatalf("the repeat of the first call: %v", err)

@@ -43,9 +43,15 @@ type gateway struct {
 }
 
 // startGateway starts `taskgate serve --simulator` with a RetryInfo delay of 1.5 s, as the
-// Python and Node suites do, and extraArgs. Once the test is done it checks that the gateway
-// exits cleanly on SIGTERM, unless the test has stopped it itself.
+// Python and Node suites do, and extraArgs.
 func startGateway(t *testing.T, extraArgs ...string) *gateway {
+	t.Helper()
+	return serve(t, append([]string{"--simulator", "--retry-delay", "1500ms"}, extraArgs...)...)
+}
+
+// serve starts `taskgate serve` with args on an ephemeral port. Once the test is done it checks
+// that the gateway exits cleanly on SIGTERM, unless the test has stopped it itself.
+func serve(t *testing.T, args ...string) *gateway {
 	t.Helper()
 	binary := os.Getenv("TASKGATE_TEST_BINARY")
 	if binary == "" {
@@ -54,8 +60,7 @@ func startGateway(t *testing.T, extraArgs ...string) *gateway {
 	if _, err := os.Stat(binary); err != nil {
 		t.Fatalf("no taskgate binary at %s (run 'cargo build'): %v", binary, err)
 	}
-	args := append([]string{"serve", "--simulator", "--listen", "127.0.0.1:0", "--retry-delay", "1500ms"}, extraArgs...)
-	process := exec.Command(binary, args...)
+	process := exec.Command(binary, append([]string{"serve", "--listen", "127.0.0.1:0"}, args...)...)
 	process.Env = append(os.Environ(), "RUST_LOG=info", "TASKGATE_LOG_FORMAT=text")
 	stderr, err := process.StderrPipe()
 	if err != nil {
