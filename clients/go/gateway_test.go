@@ -107,8 +107,8 @@ func serve(t *testing.T, args ...string) *gateway {
 // linesLogged gives the logged lines that pass test once there are count of them, or an error
 // naming the last lines if there are not within limit.
 func (g *gateway) linesLogged(test func(string) bool, count int, limit time.Duration) ([]string, error) {
-	give_up := time.NewTimer(limit)
-	defer give_up.Stop()
+	giveUp := time.NewTimer(limit)
+	defer giveUp.Stop()
 	for {
 		g.mu.Lock()
 		var matching []string
@@ -126,7 +126,7 @@ func (g *gateway) linesLogged(test func(string) bool, count int, limit time.Dura
 		case <-changed:
 		case <-g.exited:
 			return nil, fmt.Errorf("the gateway exited (%v) before it logged %d such lines:\n%s", g.exitErr, count, g.log())
-		case <-give_up.C:
+		case <-giveUp.C:
 			return nil, fmt.Errorf("the gateway did not log %d such lines within %v:\n%s", count, limit, g.log())
 		}
 	}
