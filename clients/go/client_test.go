@@ -1,0 +1,240 @@
+package taskgateclient
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+
+	taskgatev1 "taskgate/v1"
+)
+
+var uuid4 = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$`)
+
+// mustFail gives the *Error a call failed with, and fails the test if it succeeded or failed
+// with another type.
+func mustFail(t *testing.T, err error) *Error {
+	t.Helper()
+	if err == nil {
+		t.Fatal("the call succeeded; it should have failed")
+	}
+	var failure *Error
+	if !errors.As(err, &failure) {
+		t.Fatalf("the call failed with %T (%v), not with an *Error", err, err)
+	}
+	return failure
+}
+
+func TestASuccessThen1148WithItsRetryDelay(t *testing.T) {
+	client := startGateway(t).client(Options{})
+	ctx := testContext(t)
+	result, err := client.CaseExtract(ctx, 4, 101337, WithRequestID("go-1"))
+	if err != nil {
+		t.Fatalf("CaseExtract: %v", err)
+	}
+	if result.RequestID != "go-1" || !uuid4.MatchString(result.IdempotencyKey) || result.Replayed != "" || result.Attempts != 1 {
+		t.Errorf("the result is %+v", result)
+	}
+	// The extraction runs for a few seconds: a second one meets fault 1148.
+	_, err = client.CaseExtract(ctx, 4, 101337, WithMaxAttempts(1))
+	failure := mustFail(t, err)
+	if failure.Code != codes.Unavailable || failure.FaultCode != taskgatev1.FaultCode_FAULT_CODE_PREVIOUS_ACTION_NOT_COMPLETED ||
+		failure.FaultName() != "PREVIOUS_ACTION_NOT_COMPLETED" || failure.RawCode != 1148 {
+		t.Errorf("the fault is %v %v %q %d", failure.Code, failure.FaultCode, failure.FaultName(), failure.RawCode)
+	}
+	if !failure.HasRetryDelay || failure.RetryDelay != 1500*time.Millisecond {
+		t.Errorf("the RetryInfo delay is %v (present: %v), not the gateway's --retry-delay 1500ms", failure.RetryDelay, failure.HasRetryDelay)
+	}
+	if !failure.Retryable() || failure.MayHaveActed() || failure.Attempts != 1 || !uuid4.MatchString(failure.IdempotencyKey) {
+		t.Errorf("retryable %v, may have acted %v, attempts %d, key %q", failure.Retryable(), failure.MayHaveActed(), failure.Attempts, failure.IdempotencyKey)
+	}
+	if failure.Reason != "PREVIOUS_ACTION_NOT_COMPLETED" || failure.Domain != "autostore.task" {
+		t.Errorf("the ErrorInfo is %q in %q", failure.Reason, failure.Domain)
+	}
+	wantMetadata := map[string]string{"faultCode": "1148", "method": "case_extract", "portId": "4", "binId": "101337"}
+	if !reflect.DeepEqual(failure.Metadata, wantMetadata) {
+		t.Errorf("the ErrorInfo metadata is %v, not %v", failure.Metadata, wantMetadata)
+	}
+	const text = "UNAVAILABLE: case_extract port 4 bin 101337: controller fault 1148 PREVIOUS_ACTION_NOT_COMPLETED: New action cannot be started until the previous action has been completed"
+	if failure.Error() != text {
+		t.Errorf("the error reads\n%q, not\n%q", failure.Error(), text)
+	}
+}
+
+func TestA1148IsRetriedWithTheSameKeyAndARepeatOfTheKeyIsReplayed(t *testing.T) {
+	// Each step of an extraction lasts an hour: every later extraction meets 1148.
+	g := startGateway(t, layout(t, "1h")...)
+	client := g.client(Options{})
+	ctx := testContext(t)
+	first, err := client.CaseExtract(ctx, 4, 101337)
+	if err != nil {
+		t.Fatalf("CaseExtract: %v", err)
+	}
+	_, err = client.CaseExtract(ctx, 4, 101337, WithMaxAttempts(3))
+	failure := mustFail(t, err)
+	if failure.RawCode != 1148 || failure.Attempts != 3 {
+		t.Errorf("the call ended with fault %d after %d attempts, not 1148 after 3", failure.RawCode, failure.Attempts)
+	}
+	if failure.IdempotencyKey == first.IdempotencyKey || !uuid4.MatchString(failure.IdempotencyKey) {
+		t.Errorf("a new logical call sent the key %q (the first sent %q)", failure.IdempotencyKey, first.IdempotencyKey)
+	}
+	// Every attempt carried the one key: the gateway's access log records it on each.
+	attemptsLogged(g, failure.IdempotencyKey, 3)
+	repeat, err := client.CaseExtract(ctx, 4, 101337, WithIdempotencyKey(first.IdempotencyKey))
+	if err != nil {
+		t.Fatalf("the repeat of the first call: %v", err)
+	}
+	if repeat.IdempotencyKey != first.IdempotencyKey || repeat.Replayed != "stored" || repeat.Attempts != 1 {
+		t.Errorf("the repeat of the first call is %+v", repeat)
+	}
+}
+
+func TestAnOutOfRangePortCarriesItsBadRequest(t *testing.T) {
+	client := startGateway(t).client(Options{})
+	_, err := client.CaseExtract(testContext(t), 2001, 101337)
+	failure := mustFail(t, err)
+	if failure.Code != codes.InvalidArgument || failure.Reason != "INVALID_PARAMETER" || failure.Domain != "taskgate" {
+		t.Errorf("the error is %v %q in %q", failure.Code, failure.Reason, failure.Domain)
+	}
+	want := []FieldViolation{{Field: "port_id", Description: "port_id 2001 is out of range 1-2000"}}
+	if !reflect.DeepEqual(failure.FieldViolations, want) {
+		t.Errorf("the violations are %+v, not %+v", failure.FieldViolations, want)
+	}
+	if failure.Retryable() || failure.MayHaveActed() || failure.Attempts != 1 || failure.HasRetryDelay || failure.RawCode != 0 {
+		t.Errorf("retryable %v, may have acted %v, attempts %d, retry delay %v, fault %d",
+			failure.Retryable(), failure.MayHaveActed(), failure.Attempts, failure.HasRetryDelay, failure.RawCode)
+	}
+}
+
+func TestACallWithoutAValidTokenIsUnauthenticated(t *testing.T) {
+	tokens := filepath.Join(t.TempDir(), "tokens")
+	if err := os.WriteFile(tokens, []byte("# the Go suite's token\ngo-client-token\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	g := startGateway(t, "--auth-tokens-file", tokens)
+	ctx := testContext(t)
+	for _, token := range []string{"", "another-token"} {
+		_, err := g.client(Options{Token: token}).CaseGetState(ctx, 4)
+		failure := mustFail(t, err)
+		if failure.Code != codes.Unauthenticated || failure.Reason != "UNAUTHENTICATED" || failure.Domain != "taskgate" {
+			t.Errorf("token %q: the error is %v %q in %q", token, failure.Code, failure.Reason, failure.Domain)
+		}
+		if failure.Retryable() || failure.MayHaveActed() {
+			t.Errorf("token %q: retryable %v, may have acted %v", token, failure.Retryable(), failure.MayHaveActed())
+		}
+	}
+	state, err := g.client(Options{Token: "go-client-token"}).CaseGetState(ctx, 4)
+	if err != nil {
+		t.Fatalf("with the token in the file: %v", err)
+	}
+	if state.PortId != 4 {
+		t.Errorf("the state is %v", state)
+	}
+}
+
+func TestEachErrorSaysWhetherToRetryAndWhetherTheControllerMayHaveActed(t *testing.T) {
+	for _, row := range []struct {
+		code                    codes.Code
+		reason                  string
+		retryable, mayHaveActed bool
+	}{
+		{codes.Unavailable, "PREVIOUS_ACTION_NOT_COMPLETED", true, false},
+		{codes.Unavailable, "UPSTREAM_UNREACHABLE", true, false},
+		{codes.Unavailable, "UPSTREAM_HTTP_ERROR", true, false},
+		// The connection to the gateway broke: the call may have reached it.
+		{codes.Unavailable, "", true, true},
+		{codes.Unknown, "UPSTREAM_CONNECTION_LOST", false, true},
+		{codes.Unknown, "UPSTREAM_HTTP_ERROR", false, true},
+		{codes.Unknown, "UNKNOWN_FAULT", false, true},
+		{codes.DeadlineExceeded, "UPSTREAM_TIMEOUT", false, true},
+		{codes.DeadlineExceeded, "REQUEST_IN_PROGRESS", false, true},
+		{codes.DeadlineExceeded, "", false, true},
+		{codes.DeadlineExceeded, "DEADLINE_TOO_SHORT", false, false},
+		{codes.Internal, "UPSTREAM_BAD_RESPONSE", false, true},
+		{codes.Internal, "CONTROLLER_INTERNAL_ERROR", false, true},
+		{codes.FailedPrecondition, "REQUEST_OUTCOME_UNKNOWN", false, true},
+		{codes.FailedPrecondition, "BIN_NOT_SELECTED_FOR_PORT", false, false},
+		{codes.InvalidArgument, "REQUEST_ID_REUSED", false, false},
+		{codes.NotFound, "PORT_IS_NOT_AVAILABLE", false, false},
+		{codes.Unauthenticated, "UNAUTHENTICATED", false, false},
+		{codes.ResourceExhausted, "OVERLOADED", true, false},
+		{codes.ResourceExhausted, "WATCH_LAGGED", false, false},
+		{codes.Canceled, "", false, true},
+	} {
+		failure := &Error{Code: row.code, Reason: row.reason}
+		if failure.Retryable() != row.retryable || failure.MayHaveActed() != row.mayHaveActed {
+			t.Errorf("%v %q: retryable %v, may have acted %v; the README says %v, %v",
+				row.code, row.reason, failure.Retryable(), failure.MayHaveActed(), row.retryable, row.mayHaveActed)
+		}
+	}
+}
+
+func TestTheClientConnectsOverTLS(t *testing.T) {
+	cert, key, roots := selfSignedCertificate(t)
+	client := startGateway(t, "--tls-cert", cert, "--tls-key", key).client(Options{TLS: &tls.Config{RootCAs: roots}})
+	state, err := client.CaseGetState(testContext(t), 4)
+	if err != nil {
+		t.Fatalf("CaseGetState over TLS: %v", err)
+	}
+	if state.PortId != 4 {
+		t.Errorf("the state is %v", state)
+	}
+}
+
+// selfSignedCertificate writes a certificate for 127.0.0.1 and its key as PEM files, and gives
+// their paths and a pool that trusts the certificate.
+func selfSignedCertificate(t *testing.T) (string, string, *x509.CertPool) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	template := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "taskgate Go suite"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, template, template, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	folder := t.TempDir()
+	certPath, keyPath := filepath.Join(folder, "cert.pem"), filepath.Join(folder, "key.pem")
+	for path, block := range map[string]*pem.Block{
+		certPath: {Type: "CERTIFICATE", Bytes: der},
+		keyPath:  {Type: "PRIVATE KEY", Bytes: keyDER},
+	} {
+		if err := os.WriteFile(path, pem.EncodeToMemory(block), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	parsed, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(parsed)
+	return certPath, keyPath, roots
+}

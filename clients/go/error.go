@@ -1,0 +1,184 @@
+package taskgateclient
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	taskgatev1 "taskgate/v1"
+)
+
+// The README's retry contract: besides UNAVAILABLE, the reasons safe to retry as they are (the
+// controller was not called); the codes after which the controller may have acted, and the
+// reasons that are exceptions to their code's rule. The Python and Node clients decide alike.
+var (
+	retryableReasons  = map[string]bool{"OVERLOADED": true}
+	mayHaveActedCodes = map[codes.Code]bool{
+		codes.Unknown:          true,
+		codes.DeadlineExceeded: true,
+		codes.Internal:         true,
+		codes.Canceled:         true,
+	}
+	nothingSentReasons    = map[string]bool{"DEADLINE_TOO_SHORT": true}
+	outcomeUnknownReasons = map[string]bool{"REQUEST_OUTCOME_UNKNOWN": true}
+)
+
+// FieldViolation is one entry of a google.rpc.BadRequest: a field and what is wrong with it.
+type FieldViolation struct {
+	Field       string
+	Description string
+}
+
+// Error is a call that did not succeed, with everything its status details say. Every method
+// of Client returns one when a call fails; ErrorOf turns any other error into one.
+type Error struct {
+	// Code is the gRPC status code.
+	Code codes.Code
+	// Message is the status message (it names the method, port, bin, code and meaning).
+	Message string
+	// Reason is the ErrorInfo reason: the fault name (PREVIOUS_ACTION_NOT_COMPLETED) or a
+	// gateway reason (INVALID_PARAMETER); empty when the status has no ErrorInfo, that is when
+	// it came from the gRPC library rather than from the gateway.
+	Reason string
+	// Domain is the ErrorInfo domain: autostore.task for controller faults, taskgate for the
+	// gateway's own errors.
+	Domain string
+	// Metadata is the ErrorInfo metadata (faultCode, method, portId, binId, httpStatus, ...).
+	Metadata map[string]string
+	// FaultCode is the TaskFault code; FAULT_CODE_UNSPECIFIED without a TaskFault or for a
+	// code the contract does not list.
+	FaultCode taskgatev1.FaultCode
+	// RawCode is the controller's fault number as it sent it; 0 without a TaskFault.
+	RawCode uint32
+	// HasRetryDelay says whether the status carries a RetryInfo: then a retry is safe after
+	// RetryDelay (which may be zero).
+	HasRetryDelay bool
+	// RetryDelay is the RetryInfo delay.
+	RetryDelay time.Duration
+	// FieldViolations are the BadRequest's violations, in order.
+	FieldViolations []FieldViolation
+	// IdempotencyKey is the call's request_id (CaseExtract and CaseCancel): give it back with
+	// WithIdempotencyKey to repeat the call safely, within the gateway's idempotency window.
+	IdempotencyKey string
+	// Attempts is how many times the call was sent before it failed.
+	Attempts int
+}
+
+// Error gives the code's canonical name and the message, as the Python and Node clients do:
+// "UNAVAILABLE: CaseExtract port 4 bin 101337: ...".
+func (e *Error) Error() string {
+	return codeName(e.Code) + ": " + e.Message
+}
+
+// FaultName is the FaultCode name without its FAULT_CODE_ prefix, or "" without a known fault.
+func (e *Error) FaultName() string {
+	if e.FaultCode == taskgatev1.FaultCode_FAULT_CODE_UNSPECIFIED {
+		return ""
+	}
+	return strings.TrimPrefix(e.FaultCode.String(), "FAULT_CODE_")
+}
+
+// Retryable says whether the README's retry contract marks the error safe to retry as it is:
+// UNAVAILABLE (after RetryDelay) and OVERLOADED (with backoff): the controller started nothing.
+// Client retries these itself.
+func (e *Error) Retryable() bool {
+	return e.Code == codes.Unavailable || retryableReasons[e.Reason]
+}
+
+// MayHaveActed says whether the controller may have acted on the call (the README's "Controller
+// may have acted?" column): UNKNOWN, DEADLINE_EXCEEDED (but DEADLINE_TOO_SHORT), INTERNAL,
+// REQUEST_OUTCOME_UNKNOWN, and a call cancelled or cut off before an answer (CANCELLED, or an
+// UNAVAILABLE without the gateway's ErrorInfo). Then repeat the call with WithIdempotencyKey, or
+// read the port with CaseGetState, before acting again.
+func (e *Error) MayHaveActed() bool {
+	if outcomeUnknownReasons[e.Reason] {
+		return true
+	}
+	if e.Code == codes.Unavailable {
+		return e.Reason == ""
+	}
+	return mayHaveActedCodes[e.Code] && !nothingSentReasons[e.Reason]
+}
+
+// ErrorOf turns any error into an *Error: an *Error (from Client) as it is, a gRPC status with
+// its details read, a context error as CANCELLED or DEADLINE_EXCEEDED, anything else as UNKNOWN
+// with its text. It returns nil for nil.
+func ErrorOf(err error) *Error {
+	if err == nil {
+		return nil
+	}
+	var typed *Error
+	if errors.As(err, &typed) {
+		return typed
+	}
+	var grpcStatus interface{ GRPCStatus() *status.Status }
+	if errors.As(err, &grpcStatus) {
+		return fromStatus(grpcStatus.GRPCStatus())
+	}
+	if errors.Is(err, context.Canceled) {
+		return fromStatus(status.New(codes.Canceled, err.Error()))
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return fromStatus(status.New(codes.DeadlineExceeded, err.Error()))
+	}
+	return fromStatus(status.New(codes.Unknown, err.Error()))
+}
+
+// fromStatus reads the details the gateway puts in grpc-status-details-bin.
+func fromStatus(s *status.Status) *Error {
+	e := &Error{Code: s.Code(), Message: s.Message(), Metadata: map[string]string{}, Attempts: 1}
+	for _, detail := range s.Details() {
+		switch d := detail.(type) {
+		case *errdetails.ErrorInfo:
+			e.Reason, e.Domain = d.GetReason(), d.GetDomain()
+			for key, value := range d.GetMetadata() {
+				e.Metadata[key] = value
+			}
+		case *taskgatev1.TaskFault:
+			e.FaultCode, e.RawCode = d.GetCode(), d.GetRawCode()
+		case *errdetails.RetryInfo:
+			e.HasRetryDelay, e.RetryDelay = true, d.GetRetryDelay().AsDuration()
+		case *errdetails.BadRequest:
+			for _, violation := range d.GetFieldViolations() {
+				e.FieldViolations = append(e.FieldViolations,
+					FieldViolation{Field: violation.GetField(), Description: violation.GetDescription()})
+			}
+		}
+	}
+	return e
+}
+
+// codeNames are the canonical names of the gRPC codes, as every other gRPC library spells them
+// (grpc-go's own String gives "Unavailable").
+var codeNames = map[codes.Code]string{
+	codes.OK:                 "OK",
+	codes.Canceled:           "CANCELLED",
+	codes.Unknown:            "UNKNOWN",
+	codes.InvalidArgument:    "INVALID_ARGUMENT",
+	codes.DeadlineExceeded:   "DEADLINE_EXCEEDED",
+	codes.NotFound:           "NOT_FOUND",
+	codes.AlreadyExists:      "ALREADY_EXISTS",
+	codes.PermissionDenied:   "PERMISSION_DENIED",
+	codes.ResourceExhausted:  "RESOURCE_EXHAUSTED",
+	codes.FailedPrecondition: "FAILED_PRECONDITION",
+	codes.Aborted:            "ABORTED",
+	codes.OutOfRange:         "OUT_OF_RANGE",
+	codes.Unimplemented:      "UNIMPLEMENTED",
+	codes.Internal:           "INTERNAL",
+	codes.Unavailable:        "UNAVAILABLE",
+	codes.DataLoss:           "DATA_LOSS",
+	codes.Unauthenticated:    "UNAUTHENTICATED",
+}
+
+func codeName(code codes.Code) string {
+	if name, ok := codeNames[code]; ok {
+		return name
+	}
+	return fmt.Sprintf("CODE_%d", uint32(code))
+}

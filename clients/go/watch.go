@@ -1,0 +1,136 @@
+package taskgateclient
+
+import (
+	"context"
+	"io"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc/codes"
+
+	taskgatev1 "taskgate/v1"
+)
+
+// Watch is an open WatchCaseEvents stream.
+type Watch struct {
+	// RequestID is the stream's x-request-id, as the gateway logs it.
+	RequestID string
+	stream    taskgatev1.TaskService_WatchCaseEventsClient
+	cancel    context.CancelFunc
+	closed    atomic.Bool
+}
+
+// WatchCaseEvents watches the AutoCase events of portIDs (every port when empty) from now on.
+//
+// It returns once the gateway has started the watch, so an operation started after it returns
+// is seen from its first event; a refused watch (LOG_PUBLISHER_UNAVAILABLE,
+// LOG_PUBLISHER_DISABLED, TOO_MANY_WATCHES, INVALID_PARAMETER, ...) is an *Error at once. The
+// context bounds the whole stream: without a deadline it lasts until Close. Read the state with
+// CaseGetState once it has returned, and again after the stream ends with an error: events may
+// have been missed. Follow does all of this.
+func (c *Client) WatchCaseEvents(ctx context.Context, portIDs []uint32, options ...CallOption) (*Watch, error) {
+	ctx, cancel := context.WithCancel(c.outgoing(ctx, settingsOf(options).requestID))
+	stream, err := c.stub.WatchCaseEvents(ctx, &taskgatev1.WatchCaseEventsRequest{PortIds: portIDs})
+	if err != nil {
+		cancel()
+		return nil, ErrorOf(err)
+	}
+	// The gateway answers headers once it has subscribed the stream; a refusal is a
+	// trailers-only response, which leaves them empty, and Recv gives its status.
+	header, err := stream.Header()
+	if err == nil && len(header) == 0 {
+		_, err = stream.Recv()
+	}
+	if err != nil {
+		cancel()
+		return nil, ErrorOf(err)
+	}
+	return &Watch{RequestID: first(header, "x-request-id"), stream: stream, cancel: cancel}, nil
+}
+
+// Recv waits for the next event. The stream ends only with an error, an *Error with its reason
+// (WATCH_LAGGED, LOG_PUBLISHER_UNAVAILABLE, SHUTTING_DOWN, DEADLINE_REACHED, ...), or with
+// io.EOF once Close has been called.
+func (w *Watch) Recv() (*taskgatev1.CaseEvent, error) {
+	event, err := w.stream.Recv()
+	if err == nil {
+		return event, nil
+	}
+	failure := ErrorOf(err)
+	if w.closed.Load() && failure.Code == codes.Canceled {
+		return nil, io.EOF
+	}
+	return nil, failure
+}
+
+// Close ends the stream, from any goroutine; Recv then returns io.EOF.
+func (w *Watch) Close() {
+	w.closed.Store(true)
+	w.cancel()
+}
+
+// Follow runs the pattern of docs/clients.md, "Watching case events", on one port until a
+// handler returns an error or the watch ends for good: it starts a watch, once the watch is live
+// reads the state with CaseGetState and gives it to onState, then gives each event to onEvent.
+// When the watch is refused or ends with LOG_PUBLISHER_UNAVAILABLE (after its RetryInfo delay)
+// or WATCH_LAGGED (at once), events may have been missed, so it watches and reads the state
+// again. It returns the first error a handler returns, as it is, or otherwise the *Error that
+// ended the watch (the context's end included).
+func (c *Client) Follow(ctx context.Context, portID uint32,
+	onState func(*taskgatev1.CaseGetStateResponse) error,
+	onEvent func(*taskgatev1.CaseEvent) error) error {
+	for {
+		failure, handlerErr := c.followOnce(ctx, portID, onState, onEvent)
+		if handlerErr != nil {
+			return handlerErr
+		}
+		switch failure.Reason {
+		case "LOG_PUBLISHER_UNAVAILABLE":
+			if sleep(ctx, failure.RetryDelay) != nil {
+				return failure
+			}
+		case "WATCH_LAGGED":
+		default:
+			return failure
+		}
+	}
+}
+
+// followOnce is one watch of Follow: it ends with the *Error that ended the watch (or refused
+// it, or failed the state's read), or with a handler's error.
+func (c *Client) followOnce(ctx context.Context, portID uint32,
+	onState func(*taskgatev1.CaseGetStateResponse) error,
+	onEvent func(*taskgatev1.CaseEvent) error) (*Error, error) {
+	watch, err := c.WatchCaseEvents(ctx, []uint32{portID})
+	if err != nil {
+		return ErrorOf(err), nil
+	}
+	defer watch.Close()
+	state, err := c.CaseGetState(ctx, portID)
+	if err != nil {
+		return ErrorOf(err), nil
+	}
+	if err := onState(state); err != nil {
+		return nil, err
+	}
+	for {
+		event, err := watch.Recv()
+		if err != nil {
+			return ErrorOf(err), nil
+		}
+		if err := onEvent(event); err != nil {
+			return nil, err
+		}
+	}
+}
+
+func sleep(ctx context.Context, delay time.Duration) error {
+	timer := time.NewTimer(delay)
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
