@@ -200,6 +200,7 @@ func (c *Client) call(ctx context.Context, settings callSettings, key string, at
 	ctx = c.outgoing(ctx, settings.requestID)
 	deadline, _ := ctx.Deadline()
 	backoff := initialBackoff
+	mayHaveActed := false
 	for attempts := 1; ; attempts++ {
 		var header metadata.MD
 		err := attempt(ctx, &header)
@@ -213,6 +214,8 @@ func (c *Client) call(ctx context.Context, settings callSettings, key string, at
 		}
 		failure := ErrorOf(err)
 		failure.IdempotencyKey, failure.Attempts = key, attempts
+		failure.EarlierAttemptMayHaveActed = mayHaveActed
+		mayHaveActed = failure.MayHaveActed()
 		delay := backoff
 		if failure.HasRetryDelay {
 			delay = failure.RetryDelay

@@ -1,6 +1,7 @@
 package taskgateclient
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -18,7 +19,10 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	taskgatev1 "taskgate/v1"
 )
@@ -181,6 +185,46 @@ func TestEachErrorSaysWhetherToRetryAndWhetherTheControllerMayHaveActed(t *testi
 				row.code, row.reason, failure.Retryable(), failure.MayHaveActed(), row.retryable, row.mayHaveActed)
 		}
 	}
+}
+
+func TestAFailedPortReadAfterAnUnknownOutcomeMayHaveActed(t *testing.T) {
+	marked := &Error{Code: codes.Unavailable, Reason: "UPSTREAM_UNREACHABLE", Metadata: map[string]string{"requestOutcome": "unknown"}}
+	if !marked.Retryable() || !marked.MayHaveActed() {
+		t.Errorf("retryable %v, may have acted %v; want true, true", marked.Retryable(), marked.MayHaveActed())
+	}
+}
+
+func TestMayHaveActedIsKeptAcrossTheClientsOwnRetries(t *testing.T) {
+	// The first attempt was cut off (it may have reached the controller); the retry was answered
+	// "unreachable": the call may still have acted.
+	failures := []error{
+		status.Error(codes.Unavailable, "cut off"),
+		statusWithReason(t, codes.Unavailable, "UPSTREAM_UNREACHABLE"),
+	}
+	client := &Client{}
+	_, err := client.call(testContext(t), callSettings{maxAttempts: 2}, "key", func(context.Context, *metadata.MD) error {
+		next := failures[0]
+		failures = failures[1:]
+		return next
+	})
+	failure := mustFail(t, err)
+	if failure.Reason != "UPSTREAM_UNREACHABLE" || failure.Attempts != 2 || !failure.MayHaveActed() {
+		t.Errorf("reason %q, attempts %d, may have acted %v", failure.Reason, failure.Attempts, failure.MayHaveActed())
+	}
+	alone := ErrorOf(statusWithReason(t, codes.Unavailable, "UPSTREAM_UNREACHABLE"))
+	if alone.MayHaveActed() {
+		t.Errorf("an unreachable controller alone may have acted")
+	}
+}
+
+// statusWithReason is a status error carrying the gateway's ErrorInfo with reason.
+func statusWithReason(t *testing.T, code codes.Code, reason string) error {
+	t.Helper()
+	withInfo, err := status.New(code, "failed").WithDetails(&errdetails.ErrorInfo{Reason: reason, Domain: "taskgate"})
+	if err != nil {
+		t.Fatalf("cannot build the status: %v", err)
+	}
+	return withInfo.Err()
 }
 
 func TestTheClientConnectsOverTLS(t *testing.T) {

@@ -29,6 +29,13 @@ var (
 	outcomeUnknownReasons = map[string]bool{"REQUEST_OUTCOME_UNKNOWN": true}
 )
 
+// The ErrorInfo metadata that marks a failed port read after an unknown outcome (README,
+// "Gateway errors"): whatever its code, the earlier call may have acted.
+const (
+	requestOutcomeKey = "requestOutcome"
+	outcomeUnknown    = "unknown"
+)
+
 // FieldViolation is one entry of a google.rpc.BadRequest: a field and what is wrong with it.
 type FieldViolation struct {
 	Field       string
@@ -68,6 +75,9 @@ type Error struct {
 	IdempotencyKey string
 	// Attempts is how many times the call was sent before it failed.
 	Attempts int
+	// EarlierAttemptMayHaveActed says whether an earlier attempt of the same call, retried by
+	// Client, may have acted.
+	EarlierAttemptMayHaveActed bool
 }
 
 // Error gives the code's canonical name and the message, as the Python and Node clients do:
@@ -93,11 +103,13 @@ func (e *Error) Retryable() bool {
 
 // MayHaveActed says whether the controller may have acted on the call (the README's "Controller
 // may have acted?" column): UNKNOWN, DEADLINE_EXCEEDED (but DEADLINE_TOO_SHORT), INTERNAL,
-// REQUEST_OUTCOME_UNKNOWN, and a call cancelled or cut off before an answer (CANCELLED, or an
-// UNAVAILABLE without the gateway's ErrorInfo). Then repeat the call with WithIdempotencyKey, or
-// read the port with CaseGetState, before acting again.
+// REQUEST_OUTCOME_UNKNOWN, a call cancelled or cut off before an answer (CANCELLED, or an
+// UNAVAILABLE without the gateway's ErrorInfo), a failed port read after an earlier unknown
+// outcome (metadata requestOutcome: unknown), and any error of a call one of whose earlier
+// attempts may have acted. Then repeat the call with WithIdempotencyKey, or read the port with
+// CaseGetState, before acting again.
 func (e *Error) MayHaveActed() bool {
-	if outcomeUnknownReasons[e.Reason] {
+	if e.EarlierAttemptMayHaveActed || outcomeUnknownReasons[e.Reason] || e.Metadata[requestOutcomeKey] == outcomeUnknown {
 		return true
 	}
 	if e.Code == codes.Unavailable {
