@@ -10,7 +10,7 @@
 //	defer gateway.Close()
 //	result, err := gateway.CaseExtract(ctx, 4, 101337)
 //	if failure := taskgateclient.ErrorOf(err); failure != nil && failure.MayHaveActed() {
-//		// The outcome is unknown: repeat with the same key, which never extracts twice.
+//		// The outcome is unknown: repeat with the same key, which is not extracted twice.
 //		result, err = gateway.CaseExtract(ctx, 4, 101337,
 //			taskgateclient.WithIdempotencyKey(failure.IdempotencyKey))
 //	}
