@@ -89,7 +89,7 @@ pub(crate) enum CallError {
         bin_id: Option<u32>,
         /// The state it showed.
         case_state: CaseState,
-        /// How long after the unknown outcome the port was read, when that was too long for a
+        /// How long after the first call was sent the port was read, when that was too long for a
         /// state showing the call not acted on to be believed.
         too_late: Option<Duration>,
     },
@@ -202,7 +202,7 @@ pub(crate) fn status(context: &CallContext, error: &CallError, retry: RetryPolic
             let why = match too_late {
                 None => "which does not tell whether it was".to_owned(),
                 Some(elapsed) => format!(
-                    "read {} after that call's outcome became unknown, too long after (more \
+                    "read {} after that call was sent, too long after (more \
                      than {}) to prove it was not: the port may have moved on since",
                     humantime::format_duration(round_to_millis(*elapsed)),
                     humantime::format_duration(idempotency::NOT_ACTED_BELIEVED_FOR)
@@ -893,7 +893,7 @@ mod tests {
         );
     }
 
-    /// A port that would show the call not acted on, read too long after the unknown outcome,
+    /// A port that would show the call not acted on, read too long after the call was sent,
     /// proves nothing: the message says what was seen and how long ago.
     #[test]
     fn a_port_read_too_late_is_named_with_the_time_passed() {
@@ -909,9 +909,9 @@ mod tests {
             status.message(),
             "case_extract port 4 bin 101337: the first call with request_id \
              9f1c2b3a-4d5e-4f60-8a7b-1c2d3e4f5a6b may have been acted on, and case_getstate \
-             shows the port in NOOP with no bin, read 12s 345ms after that call's outcome became \
-             unknown, too long after (more than 10s) to prove it was not: the port may have \
-             moved on since; nothing was sent: read the port with CaseGetState and decide"
+             shows the port in NOOP with no bin, read 12s 345ms after that call was sent, too \
+             long after (more than 10s) to prove it was not: the port may have moved on since; \
+             nothing was sent: read the port with CaseGetState and decide"
         );
         let error_info = status.get_details_error_info().unwrap();
         assert_eq!(error_info.reason, "REQUEST_OUTCOME_UNKNOWN");
