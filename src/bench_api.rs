@@ -1,12 +1,15 @@
-//! Entry points for `benches/`, which can only reach the public API. Not a stable API: hidden
-//! from the docs and changed with the benches. It exists so that the `status` mapping can be
-//! measured without making `status` public.
+//! Entry points for `benches/` and measuring tests, which can only reach the public API. Not a
+//! stable API: hidden from the docs and changed with them. It exists so that the `status`
+//! mapping and the idempotency store can be measured without making them public.
 
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tonic::Status;
 
 use crate::config::defaults;
+use crate::idempotency::{Claim, Method, Params, Store};
 use crate::status::{self, CallContext, CallError, RetryPolicy};
 use crate::upstream::UpstreamError;
 
@@ -31,4 +34,25 @@ pub fn fault_status(code: u32) -> Status {
 pub fn upstream_timeout_status(limit: Duration) -> Status {
     let timeout = CallError::Upstream(UpstreamError::Timeout { limit });
     status::status(&CONTEXT, &timeout, RETRY)
+}
+
+/// An idempotency store holding `count` entries in flight, its largest state (each holds the
+/// watch channel its repeats would wait on): the `request_id`s 0 to `count - 1`, each claimed
+/// and its lease forgotten, so that the store alone holds what an entry costs. Kept for as long
+/// as the returned value lives.
+pub fn idempotency_store_in_flight(count: NonZeroUsize) -> impl std::fmt::Debug {
+    let store = Store::new(defaults::IDEMPOTENCY_WINDOW, count);
+    let params = Params {
+        method: Method::CaseExtract,
+        port_id: 4,
+        bin_id: 101337,
+    };
+    let now = Instant::now();
+    for request_id in 0..count.get() as u128 {
+        match store.claim(request_id, params, None, now).0 {
+            Claim::Call(lease) => std::mem::forget(lease),
+            other => panic!("a new id in a store with room is called, not {other:?}"),
+        }
+    }
+    store
 }

@@ -82,8 +82,8 @@ pub const REQUEST_OUTCOME_UNKNOWN: GatewayError = GatewayError {
     when: "a repeat of a `request_id` whose first call may have been acted on (a row of this table \
            with \"yes\" in the next column), and `case_getstate` shows the port in a state \
            that neither proves the first call was accepted nor that it was not, or that would \
-           show it not acted on but was read too long after the unknown outcome (nothing was \
-           sent); or showed it not acted on, and the call sent again ended other than OK \
+           show it not acted on but was read too long after the first call was sent (nothing \
+           was sent); or showed it not acted on, and the call sent again ended other than OK \
            (nothing sent, a fault such as 1148 on CaseExtract or 1149 on CaseCancel, or an \
            unknown outcome again), as when the first call reached the controller after the port \
            was read; the message names the state and bin, and how long ago or how a resend \

@@ -8,13 +8,13 @@
 //! - in flight: one call holds its [`Lease`]; a repeat waits for it;
 //! - answered: OK, or a fault the controller sent; a repeat gets the same answer;
 //! - unknown: the call ended where the controller may have acted (connection lost, timeout, a
-//!   5xx, a reply the gateway cannot read, or the caller went away mid-call); a repeat takes the
-//!   lease and reads the port before doing anything. The entry keeps when the outcome first
-//!   became unknown: a port showing the call not acted on proves it only shortly after
-//!   ([`NOT_ACTED_BELIEVED_FOR`]).
+//!   5xx, a reply the gateway cannot read, or the caller went away once the call was being
+//!   sent); a repeat takes the lease and reads the port before doing anything. The entry keeps
+//!   when the first call that may have acted was claimed, just before it was sent: a port
+//!   showing the call not acted on proves it only shortly after ([`NOT_ACTED_BELIEVED_FOR`]).
 //!
 //! An answer where the controller certainly started nothing (unreachable, 503 or 429, fault
-//! 1148, a deadline too short) is not kept: the entry is dropped, so a repeat calls again.
+//! 1148, a deadline too short, or the caller went away before the call was sent) is not kept: the entry is dropped, so a repeat calls again.
 //! Except after a resend: a lease that resolved an unknown outcome and sent the call again
 //! (the port showed no operation) cannot tell its own failure from the first call's outcome,
 //! which may still reach the controller after the port was read. Every ending of a resend but
@@ -23,8 +23,11 @@
 //! Entries live for the window from the answer (or unknown outcome) of their last call, and at
 //! most `max_entries` are kept. An entry in flight never expires and is never evicted, and
 //! neither is an unknown one: forgotten, a repeat of it would be sent without reading the port
-//! first, and could extract twice. When full, the oldest answered entry is evicted; when none
-//! is left (every entry in flight or unknown), a new `request_id` is refused before anything is
+//! first, and could extract twice. When full, the oldest answered fault is evicted, and only
+//! when none is left the oldest answered OK: forgetting an OK lets a repeat of that id be sent
+//! like a new call, which acts a second time, so the caller is told to size the table to keep
+//! OKs and alert on their eviction. Answered entries are kept in their own ordered indexes, so
+//! finding the one to evict never looks at an entry in flight or unknown. When none is left (every entry in flight or unknown), a new `request_id` is refused before anything is
 //! sent ([`Claim::Full`]). A repeat waiting for a call in flight is given its ending through the
 //! lease's channel, so evicting the entry the moment the call ends cannot make the repeat call
 //! again. A repeat that was told of an unknown ending and finds its entry gone reads the port
@@ -49,17 +52,18 @@ pub(crate) enum Method {
     CaseCancel,
 }
 
-/// How long after an unknown ending a port that shows the call not acted on is believed, so
-/// that the call is sent again. Inferred, not documented by the vendor: for the port to show
-/// "not acted on" although the first call was accepted, that call's whole operation must have
-/// run (a robot fetching the bin and presenting it, or a cancel applied) and another operation
-/// must have moved the port on again, all between the unknown ending and the read. The bound is
-/// 10 s, the default `--upstream-timeout`: the time the gateway gives the controller to answer
-/// one call, so a repeat within it is a prompt retry of that call, not a later decision. A
-/// robot's trip on a real grid takes longer than that; the simulator, with its default step of
-/// 2 s, runs an extraction in 4 s, so there only another caller running and cancelling an
-/// operation on the same port within those seconds could move it on. A read later than this
-/// tells nothing.
+/// How long after the first call whose outcome is unknown was sent a port that shows the call
+/// not acted on is believed, so that the call is sent again. Timed from the send, not from the
+/// unknown ending: after a timeout the controller may have accepted the call at any moment
+/// since it was sent, up to `--upstream-timeout` (as much as an hour) before the ending.
+/// Inferred, not documented by the vendor: for the port to show "not acted on" although the
+/// first call was accepted, that call's whole operation must have run (a robot fetching the bin
+/// and presenting it, or a cancel applied) and another operation must have moved the port on
+/// again, all between the send and the read. A robot's trip on a real grid takes longer than
+/// 10 s; the simulator, with its default step of 2 s, runs an extraction in 4 s, so there only
+/// another caller running and cancelling an operation on the same port within those seconds
+/// could move it on. A read later than this tells nothing, so a repeat after a call that timed
+/// out at a long `--upstream-timeout` is never sent again.
 pub(crate) const NOT_ACTED_BELIEVED_FOR: Duration = Duration::from_secs(10);
 
 /// What `case_getstate` shows about a call whose outcome was unknown.
@@ -72,12 +76,12 @@ pub(crate) enum Verdict {
     /// The state does not tell.
     Unclear,
     /// The state would say the controller did not act on it, but the port was read this long
-    /// after the unknown ending, more than [`NOT_ACTED_BELIEVED_FOR`]: it may have moved on.
+    /// after the call was sent, more than [`NOT_ACTED_BELIEVED_FOR`]: it may have moved on.
     TooLate(Duration),
 }
 
-/// What a port in `case_state` with `bin_id`, read `elapsed` after a call of `params` ended
-/// with an unknown outcome, says about that call.
+/// What a port in `case_state` with `bin_id`, read `elapsed` after a call of `params` whose
+/// outcome is unknown was sent, says about that call.
 ///
 /// Inferred, not documented by the vendor (task-interface.md §4.5 lists the states, not the
 /// transitions; the simulator's `port` module makes the same assumptions, so this holds against
@@ -92,7 +96,12 @@ pub(crate) enum Verdict {
 /// - an accepted `case_cancel` puts the port in NOOP keeping the bin (after the `CR` signal);
 ///   EREQ or ERSO of this bin means the cancel was not applied, so it is sent again. ECMP (the
 ///   operation finished, so a cancel would have been refused) and any other bin are unclear.
-/// - "not acted on" holds only for [`NOT_ACTED_BELIEVED_FOR`] after the unknown ending.
+///   A known gap: EREQ or ERSO of this bin can also be a new extraction of the same bin that
+///   someone started after our cancel was applied; the resend then cancels that other
+///   caller's extraction. The port does not name who started an operation, so the two look
+///   the same; within [`NOT_ACTED_BELIEVED_FOR`] of the send, a cancel applied and a new
+///   extraction of the same bin started is taken to be the rarer case.
+/// - "not acted on" holds only for [`NOT_ACTED_BELIEVED_FOR`] after the call was sent.
 pub(crate) fn judge(
     params: Params,
     bin_id: Option<u32>,
@@ -169,9 +178,15 @@ pub(crate) enum Claim {
     /// An earlier call's outcome is unknown: read the port, then end the lease.
     Resolve(Lease),
     /// An earlier call is in flight: wait for its ending to be sent (`wait_for(Option::is_some)`).
-    /// An answer is this call's answer too; after any other ending, claim again, with
-    /// `unknown` set if it was [`Ending::Unknown`].
-    Wait(watch::Receiver<Option<Ending>>),
+    /// An answer is this call's answer too; after any other ending, claim again, with `unknown`
+    /// set to `sent` if it was [`Ending::Unknown`].
+    Wait {
+        /// Where the call in flight sends its ending.
+        ending: watch::Receiver<Option<Ending>>,
+        /// When the earliest call that may have acted was sent: the one in flight, or one
+        /// before it whose outcome it is resolving.
+        sent: Instant,
+    },
     /// An earlier call got this answer.
     Replay(Answer),
     /// The id was first sent with these other parameters.
@@ -187,15 +202,19 @@ pub(crate) enum Claim {
 }
 
 /// The right to call the controller for one `request_id`, until [`Lease::end`]. Dropped
-/// without ending (the caller went away mid-call), the outcome is unknown: the POST may have
-/// been sent.
+/// without ending (the caller went away), the outcome is unknown once [`Lease::sending`] was
+/// called, as the POST may have been sent; before that, nothing was sent.
 #[derive(Debug)]
 pub(crate) struct Lease {
     store: Store,
     key: u128,
     serial: u64,
-    /// When the unknown outcome this lease resolves happened: its call is a resend.
+    /// When it was claimed, just before its call could be sent.
+    claimed: Instant,
+    /// When the first call whose outcome this lease resolves was sent: its call is a resend.
     resolving: Option<Instant>,
+    /// Whether its call to the controller has begun.
+    sending: bool,
     /// Sends how the call ended to every repeat waiting on it.
     in_flight: watch::Sender<Option<Ending>>,
     ended: bool,
@@ -212,18 +231,26 @@ struct Inner {
     window: Duration,
     max_entries: NonZeroUsize,
     entries: HashMap<u128, Entry>,
-    /// The keys by serial, oldest first: what expires and what is evicted first. Entries in
-    /// flight keep the serial of their claim, and are skipped.
-    order: BTreeMap<u64, u128>,
+    /// The answered entries with a fault, by serial, oldest first: what expires, and what is
+    /// evicted first.
+    faults: BTreeMap<u64, u128>,
+    /// The answered entries with OK, by serial, oldest first: what expires, and what is
+    /// evicted once no fault is left.
+    oks: BTreeMap<u64, u128>,
+    /// The entries with an unknown outcome, by serial, oldest first: what expires, never
+    /// evicted. Entries in flight are in no index: they neither expire nor are evicted.
+    unknown: BTreeMap<u64, u128>,
     next_serial: u64,
 }
 
 /// What the store remembers about one `request_id`.
 #[derive(Debug)]
 struct Entry {
-    /// Its place in `order`: renewed when a call ends, so `order` is by `since`.
+    /// Its place in its index: renewed when a call ends, so each index is by `since`.
     serial: u64,
-    /// When its last call ended, or, while in flight, when it was claimed.
+    /// When its last call ended, or, while in flight, when the earliest call that may have
+    /// acted was sent: this one, claimed just before it is sent, or the first one whose
+    /// outcome it resolves.
     since: Instant,
     params: Params,
     state: State,
@@ -231,10 +258,11 @@ struct Entry {
 
 #[derive(Debug)]
 enum State {
+    /// Where its lease sends the ending.
     InFlight(watch::Receiver<Option<Ending>>),
     Answered(Answer),
-    /// When the outcome first became unknown: repeats that could not settle it keep that time,
-    /// so a port read is judged by how long ago the earliest call that may have acted ended.
+    /// When the first call that may have acted was sent: repeats that could not settle it keep
+    /// that time, so a port read is judged by how long ago that call may have been accepted.
     Unknown(Instant),
 }
 
@@ -243,8 +271,10 @@ enum State {
 pub(crate) struct Counts {
     /// Whether the id was already remembered (a repeat).
     pub(crate) hit: bool,
-    /// How many answered entries were evicted to make room.
-    pub(crate) evicted: usize,
+    /// How many answered faults were evicted to make room.
+    pub(crate) evicted_faults: usize,
+    /// How many answered OKs were evicted to make room: a repeat of one is sent again.
+    pub(crate) evicted_oks: usize,
 }
 
 // === impl Method ===
@@ -269,20 +299,22 @@ impl Store {
                 window,
                 max_entries,
                 entries: HashMap::new(),
-                order: BTreeMap::new(),
+                faults: BTreeMap::new(),
+                oks: BTreeMap::new(),
+                unknown: BTreeMap::new(),
                 next_serial: 0,
             })),
         }
     }
 
     /// What a call of `params` with `request_id` does at `now`. `unknown` says the caller was
-    /// told an earlier call with it ended with an unknown outcome, at `now`: if the entry has
-    /// gone since, the call still reads the port first.
+    /// told an earlier call with it ended with an unknown outcome, and when that call was sent
+    /// ([`Claim::Wait`]): if the entry has gone since, the call still reads the port first.
     pub(crate) fn claim(
         &self,
         request_id: u128,
         params: Params,
-        unknown: bool,
+        unknown: Option<Instant>,
         now: Instant,
     ) -> (Claim, Counts) {
         let mut inner = self.lock();
@@ -294,18 +326,24 @@ impl Store {
                 return (Claim::Reused(entry.params), counts);
             }
             let claim = match &entry.state {
-                State::InFlight(receiver) => Claim::Wait(receiver.clone()),
+                State::InFlight(receiver) => Claim::Wait {
+                    ending: receiver.clone(),
+                    sent: entry.since,
+                },
                 State::Answered(answer) => Claim::Replay(*answer),
-                State::Unknown(first) => {
-                    let since = Some(*first);
+                State::Unknown(sent) => {
+                    let sent = *sent;
                     let (sender, receiver) = watch::channel(None);
                     entry.state = State::InFlight(receiver);
-                    Claim::Resolve(self.lease(request_id, entry.serial, since, sender))
+                    entry.since = sent;
+                    let serial = entry.serial;
+                    inner.unknown.remove(&serial);
+                    Claim::Resolve(self.lease(request_id, serial, now, Some(sent), sender))
                 }
             };
             return (claim, counts);
         }
-        counts.evicted = inner.make_room();
+        (counts.evicted_faults, counts.evicted_oks) = inner.make_room();
         if inner.entries.len() >= inner.max_entries.get() {
             let full = Claim::Full {
                 max_entries: inner.max_entries,
@@ -320,14 +358,13 @@ impl Store {
             request_id,
             Entry {
                 serial,
-                since: now,
+                since: unknown.unwrap_or(now),
                 params,
                 state: State::InFlight(receiver),
             },
         );
-        inner.order.insert(serial, request_id);
-        let lease = self.lease(request_id, serial, unknown.then_some(now), sender);
-        let claim = if unknown {
+        let lease = self.lease(request_id, serial, now, unknown, sender);
+        let claim = if unknown.is_some() {
             Claim::Resolve(lease)
         } else {
             Claim::Call(lease)
@@ -345,6 +382,7 @@ impl Store {
         &self,
         key: u128,
         serial: u64,
+        claimed: Instant,
         resolving: Option<Instant>,
         sender: watch::Sender<Option<Ending>>,
     ) -> Lease {
@@ -352,7 +390,9 @@ impl Store {
             store: self.clone(),
             key,
             serial,
+            claimed,
             resolving,
+            sending: false,
             in_flight: sender,
             ended: false,
         }
@@ -372,67 +412,57 @@ impl Store {
 // === impl Inner ===
 
 impl Inner {
-    /// Forgets every entry not in flight whose last call ended a window ago or more.
+    /// Forgets every entry not in flight whose last call ended a window ago or more: the
+    /// oldest of each index, until one is younger.
     fn expire(&mut self, now: Instant) {
-        let mut expired = Vec::new();
-        for (&serial, key) in &self.order {
-            let Some(entry) = self.entries.get(key) else {
-                expired.push((serial, *key));
-                continue;
-            };
-            if matches!(entry.state, State::InFlight(_)) {
-                continue;
+        let window = self.window;
+        for index in [&mut self.faults, &mut self.oks, &mut self.unknown] {
+            while let Some(entry) = index.first_entry() {
+                let key = *entry.get();
+                let young = self
+                    .entries
+                    .get(&key)
+                    .is_some_and(|kept| now.saturating_duration_since(kept.since) < window);
+                if young {
+                    break;
+                }
+                entry.remove();
+                self.entries.remove(&key);
             }
-            if now.saturating_duration_since(entry.since) < self.window {
-                break;
-            }
-            expired.push((serial, *key));
-        }
-        for (serial, key) in expired {
-            self.order.remove(&serial);
-            self.entries.remove(&key);
         }
     }
 
-    /// Evicts the oldest answered entries, never one in flight or unknown, until one more fits
-    /// or none is left; returns how many.
-    fn make_room(&mut self) -> usize {
-        let mut evicted = 0;
+    /// Evicts the oldest answered faults, then the oldest answered OKs, never one in flight or
+    /// unknown, until one more fits or none is left; returns how many faults and OKs.
+    fn make_room(&mut self) -> (usize, usize) {
+        let mut evicted = (0, 0);
         while self.entries.len() >= self.max_entries.get() {
-            let oldest = self.order.iter().find_map(|(&serial, key)| {
-                let entry = self.entries.get(key)?;
-                matches!(entry.state, State::Answered(_)).then_some((serial, *key))
-            });
-            let Some((serial, key)) = oldest else {
+            if let Some((_, key)) = self.faults.pop_first() {
+                self.entries.remove(&key);
+                evicted.0 += 1;
+            } else if let Some((_, key)) = self.oks.pop_first() {
+                self.entries.remove(&key);
+                evicted.1 += 1;
+            } else {
                 break;
-            };
-            evicted += 1;
-            self.order.remove(&serial);
-            self.entries.remove(&key);
+            }
         }
         evicted
     }
 
-    /// Records how the lease `serial` on `key`, resolving an outcome unknown since `unknown_since`
-    /// if any, ended at `now`, unless its entry has gone.
-    fn end(
-        &mut self,
-        key: u128,
-        serial: u64,
-        unknown_since: Option<Instant>,
-        ending: Ending,
-        now: Instant,
-    ) {
+    /// Records how the lease `serial` on `key` ended at `now`, unless its entry has gone; an
+    /// unknown ending keeps `sent`, when the earliest call that may have acted was sent.
+    fn end(&mut self, key: u128, serial: u64, sent: Instant, ending: Ending, now: Instant) {
         let Some(entry) = self.entries.get_mut(&key) else {
             return;
         };
         if entry.serial != serial {
             return;
         }
-        self.order.remove(&serial);
-        let state = match ending {
-            Ending::Answered(answer) => State::Answered(answer),
-            Ending::Unknown => State::Unknown(unknown_since.unwrap_or(now)),
+        let (state, index) = match ending {
+            Ending::Answered(Answer::Ok) => (State::Answered(Answer::Ok), &mut self.oks),
+            Ending::Answered(fault) => (State::Answered(fault), &mut self.faults),
+            Ending::Unknown => (State::Unknown(sent), &mut self.unknown),
             Ending::NothingSent => {
                 self.entries.remove(&key);
                 return;
@@ -441,7 +471,7 @@ impl Inner {
         entry.state = state;
         entry.since = now;
         entry.serial = self.next_serial;
-        self.order.insert(self.next_serial, key);
+        index.insert(self.next_serial, key);
         self.next_serial += 1;
     }
 }
@@ -449,9 +479,21 @@ impl Inner {
 // === impl Lease ===
 
 impl Lease {
-    /// When the unknown outcome this lease resolves happened, if it resolves one.
+    /// When the first call whose outcome this lease resolves was sent, if it resolves one.
     pub(crate) fn unknown_since(&self) -> Option<Instant> {
         self.resolving
+    }
+
+    /// Marks the call to the controller as begun: dropped from now on, the lease leaves the
+    /// outcome unknown rather than forget the id.
+    pub(crate) fn sending(&mut self) {
+        self.sending = true;
+    }
+
+    /// When the earliest call that may have acted was sent: the one this lease resolves, or
+    /// else its own, sent just after its claim.
+    fn sent(&self) -> Instant {
+        self.resolving.unwrap_or(self.claimed)
     }
 
     /// Records how the call ended at `now`, as [`resent_ending`] has it when the call was sent
@@ -464,7 +506,7 @@ impl Lease {
             Some(_) => resent_ending(ending),
             None => ending,
         };
-        inner.end(self.key, self.serial, self.resolving, ending, now);
+        inner.end(self.key, self.serial, self.sent(), ending, now);
         drop(inner);
         self.in_flight.send_replace(Some(ending));
         ending
@@ -474,11 +516,15 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if !self.ended {
+            let ending = match (self.sending, self.resolving) {
+                (false, None) => Ending::NothingSent,
+                (true, _) | (false, Some(_)) => Ending::Unknown,
+            };
             let now = Instant::now();
             self.store
                 .lock()
-                .end(self.key, self.serial, self.resolving, Ending::Unknown, now);
-            self.in_flight.send_replace(Some(Ending::Unknown));
+                .end(self.key, self.serial, self.sent(), ending, now);
+            self.in_flight.send_replace(Some(ending));
         }
     }
 }
@@ -505,14 +551,21 @@ mod tests {
         }
     }
 
+    /// The lease of `claim`, its call begun.
+    fn sent(claim: Claim) -> Lease {
+        let mut lease = lease(claim);
+        lease.sending();
+        lease
+    }
+
     #[test]
     fn a_repeat_after_an_answer_gets_it_and_nothing_is_called_twice() {
         let store = store(10);
         let now = Instant::now();
-        let (claim, counts) = store.claim(1, EXTRACT, false, now);
+        let (claim, counts) = store.claim(1, EXTRACT, None, now);
         assert!(!counts.hit);
         lease(claim).end(Ending::Answered(Answer::Fault(1149)), now);
-        let (claim, counts) = store.claim(1, EXTRACT, false, now + Duration::from_secs(1));
+        let (claim, counts) = store.claim(1, EXTRACT, None, now + Duration::from_secs(1));
         assert!(counts.hit);
         assert!(
             matches!(claim, Claim::Replay(Answer::Fault(1149))),
@@ -524,7 +577,7 @@ mod tests {
     fn the_same_id_with_other_parameters_or_method_is_refused() {
         let store = store(10);
         let now = Instant::now();
-        let _first = lease(store.claim(1, EXTRACT, false, now).0);
+        let _first = lease(store.claim(1, EXTRACT, None, now).0);
         let other_bin = Params {
             bin_id: 7,
             ..EXTRACT
@@ -534,7 +587,7 @@ mod tests {
             ..EXTRACT
         };
         for params in [other_bin, cancel] {
-            let (claim, _) = store.claim(1, params, false, now);
+            let (claim, _) = store.claim(1, params, None, now);
             assert!(
                 matches!(claim, Claim::Reused(first) if first == EXTRACT),
                 "{claim:?}"
@@ -546,15 +599,19 @@ mod tests {
     async fn a_repeat_in_flight_waits_for_the_first_call_and_then_replays_it() {
         let store = store(10);
         let now = Instant::now();
-        let first = lease(store.claim(1, EXTRACT, false, now).0);
-        let Claim::Wait(mut receiver) = store.claim(1, EXTRACT, false, now).0 else {
+        let first = lease(store.claim(1, EXTRACT, None, now).0);
+        let Claim::Wait {
+            ending: mut receiver,
+            ..
+        } = store.claim(1, EXTRACT, None, now).0
+        else {
             panic!("expected to wait");
         };
         first.end(Ending::Answered(Answer::Ok), now);
         let ending = *receiver.wait_for(Option::is_some).await.unwrap();
         assert_eq!(ending, Some(Ending::Answered(Answer::Ok)));
         assert!(matches!(
-            store.claim(1, EXTRACT, false, now).0,
+            store.claim(1, EXTRACT, None, now).0,
             Claim::Replay(Answer::Ok)
         ));
     }
@@ -566,37 +623,108 @@ mod tests {
     async fn a_waiting_repeat_gets_the_answer_even_if_the_entry_is_evicted_at_once() {
         let store = store(2);
         let now = Instant::now();
-        let first = lease(store.claim(1, EXTRACT, false, now).0);
-        let Claim::Wait(mut receiver) = store.claim(1, EXTRACT, false, now).0 else {
+        let first = lease(store.claim(1, EXTRACT, None, now).0);
+        let Claim::Wait {
+            ending: mut receiver,
+            ..
+        } = store.claim(1, EXTRACT, None, now).0
+        else {
             panic!("expected to wait");
         };
-        let _other = lease(store.claim(2, EXTRACT, false, now).0);
+        let _other = lease(store.claim(2, EXTRACT, None, now).0);
         first.end(Ending::Answered(Answer::Fault(1149)), now);
-        let (claim, counts) = store.claim(3, EXTRACT, false, now);
+        let (claim, counts) = store.claim(3, EXTRACT, None, now);
         let _third = lease(claim);
-        assert_eq!(counts.evicted, 1, "1 was evicted");
+        assert_eq!(counts.evicted_faults, 1, "1 was evicted");
         let ending = *receiver.wait_for(Option::is_some).await.unwrap();
         assert_eq!(ending, Some(Ending::Answered(Answer::Fault(1149))));
     }
 
     /// A repeat that waited for a call ending with an unknown outcome reads the port first,
-    /// even when the entry has gone by the time it claims again.
+    /// even when the entry has gone by the time it claims again, and judges it by when that
+    /// call was sent.
     #[tokio::test]
     async fn a_repeat_told_of_an_unknown_outcome_reads_the_port_though_the_entry_is_gone() {
         let store = store(2);
         let now = Instant::now();
-        let first = lease(store.claim(1, EXTRACT, false, now).0);
-        let Claim::Wait(mut receiver) = store.claim(1, EXTRACT, false, now).0 else {
+        let first = sent(store.claim(1, EXTRACT, None, now).0);
+        let Claim::Wait {
+            ending: mut receiver,
+            sent,
+        } = store
+            .claim(1, EXTRACT, None, now + Duration::from_secs(1))
+            .0
+        else {
             panic!("expected to wait");
         };
+        assert_eq!(sent, now);
         drop(first);
         let ending = *receiver.wait_for(Option::is_some).await.unwrap();
         assert_eq!(ending, Some(Ending::Unknown));
         let gone = now + WINDOW * 2;
-        let (claim, counts) = store.claim(1, EXTRACT, true, gone);
+        let (claim, counts) = store.claim(1, EXTRACT, Some(sent), gone);
         assert!(!counts.hit, "the entry expired");
         let claim = lease(claim);
-        assert_eq!(claim.unknown_since(), Some(gone));
+        assert_eq!(claim.unknown_since(), Some(now));
+    }
+
+    /// A caller that goes away before its call to the controller began sent nothing: the id is
+    /// forgotten, and a repeat calls at once rather than read the port first. Once the call
+    /// began, going away leaves the outcome unknown.
+    #[tokio::test]
+    async fn a_lease_dropped_before_its_call_began_forgets_the_id() {
+        let store = store(10);
+        let now = Instant::now();
+        let first = lease(store.claim(1, EXTRACT, None, now).0);
+        let Claim::Wait {
+            ending: mut receiver,
+            ..
+        } = store.claim(1, EXTRACT, None, now).0
+        else {
+            panic!("expected to wait");
+        };
+        drop(first);
+        let ending = *receiver.wait_for(Option::is_some).await.unwrap();
+        assert_eq!(ending, Some(Ending::NothingSent));
+        assert_eq!(store.len(), 0);
+        let (claim, counts) = store.claim(1, EXTRACT, None, now);
+        assert!(!counts.hit);
+        drop(sent(claim));
+        let (claim, counts) = store.claim(1, EXTRACT, None, now);
+        assert!(counts.hit);
+        assert!(matches!(claim, Claim::Resolve(_)), "{claim:?}");
+    }
+
+    /// An evicted OK lets a repeat of that id be sent like a new call, which acts a second
+    /// time; an evicted fault only makes the controller answer it again. So every answered
+    /// fault goes before any answered OK, however much older the OK, and each is counted by
+    /// its state.
+    #[test]
+    fn answered_faults_are_evicted_before_answered_oks() {
+        let store = store(3);
+        let now = Instant::now();
+        lease(store.claim(1, EXTRACT, None, now).0).end(Ending::Answered(Answer::Ok), now);
+        let later = now + Duration::from_secs(1);
+        for id in [2, 3] {
+            let fault = Ending::Answered(Answer::Fault(1149));
+            lease(store.claim(id, EXTRACT, None, later).0).end(fault, later);
+        }
+        for id in [4, 5] {
+            let (claim, counts) = store.claim(id, EXTRACT, None, later);
+            assert_eq!((counts.evicted_faults, counts.evicted_oks), (1, 0), "{id}");
+            lease(claim).end(Ending::Answered(Answer::Ok), later);
+        }
+        assert!(matches!(
+            store.claim(1, EXTRACT, None, later).0,
+            Claim::Replay(Answer::Ok)
+        ));
+        let (claim, counts) = store.claim(6, EXTRACT, None, later);
+        assert_eq!((counts.evicted_faults, counts.evicted_oks), (0, 1));
+        let _sixth = lease(claim);
+        assert!(
+            matches!(store.claim(1, EXTRACT, None, later).0, Claim::Call(_)),
+            "the oldest OK went last"
+        );
     }
 
     /// Forgetting an entry whose outcome is unknown would make a later repeat send without
@@ -606,17 +734,17 @@ mod tests {
     fn an_unknown_entry_is_never_evicted_and_a_new_id_is_refused_instead() {
         let store = store(2);
         let now = Instant::now();
-        drop(lease(store.claim(1, EXTRACT, false, now).0));
+        drop(sent(store.claim(1, EXTRACT, None, now).0));
         let later = now + Duration::from_secs(1);
-        lease(store.claim(2, EXTRACT, false, later).0).end(Ending::Answered(Answer::Ok), later);
-        let (claim, counts) = store.claim(3, EXTRACT, false, later);
-        assert_eq!(counts.evicted, 1, "the answered one goes first");
+        lease(store.claim(2, EXTRACT, None, later).0).end(Ending::Answered(Answer::Ok), later);
+        let (claim, counts) = store.claim(3, EXTRACT, None, later);
+        assert_eq!(counts.evicted_oks, 1, "the answered one goes first");
         let _third = lease(claim);
-        let (claim, counts) = store.claim(4, EXTRACT, false, later);
+        let (claim, counts) = store.claim(4, EXTRACT, None, later);
         assert!(matches!(claim, Claim::Full { .. }), "{claim:?}");
-        assert_eq!(counts.evicted, 0);
+        assert_eq!(counts.evicted_oks, 0);
         assert_eq!(store.len(), 2);
-        let (claim, _) = store.claim(1, EXTRACT, false, later);
+        let (claim, _) = store.claim(1, EXTRACT, None, later);
         assert!(matches!(claim, Claim::Resolve(_)), "1 is kept: {claim:?}");
     }
 
@@ -624,16 +752,16 @@ mod tests {
     fn after_an_unknown_outcome_one_repeat_resolves_and_the_next_waits() {
         let store = store(10);
         let now = Instant::now();
-        drop(lease(store.claim(1, EXTRACT, false, now).0));
-        let resolving = store.claim(1, EXTRACT, false, now).0;
+        drop(sent(store.claim(1, EXTRACT, None, now).0));
+        let resolving = store.claim(1, EXTRACT, None, now).0;
         assert!(matches!(resolving, Claim::Resolve(_)), "{resolving:?}");
         assert!(matches!(
-            store.claim(1, EXTRACT, false, now).0,
-            Claim::Wait(_)
+            store.claim(1, EXTRACT, None, now).0,
+            Claim::Wait { .. }
         ));
         lease(resolving).end(Ending::Unknown, now);
         assert!(matches!(
-            store.claim(1, EXTRACT, false, now).0,
+            store.claim(1, EXTRACT, None, now).0,
             Claim::Resolve(_)
         ));
     }
@@ -660,10 +788,10 @@ mod tests {
             for ending in endings {
                 let store = store(10);
                 let now = Instant::now();
-                drop(lease(store.claim(1, params, false, now).0));
-                let resolving = lease(store.claim(1, params, false, now).0);
+                drop(sent(store.claim(1, params, None, now).0));
+                let resolving = lease(store.claim(1, params, None, now).0);
                 assert_eq!(resolving.end(ending, now), Ending::Unknown, "{params:?}");
-                let (claim, counts) = store.claim(1, params, false, now);
+                let (claim, counts) = store.claim(1, params, None, now);
                 assert!(counts.hit, "{params:?} {ending:?}: the id is kept");
                 assert!(
                     matches!(claim, Claim::Resolve(_)),
@@ -672,44 +800,46 @@ mod tests {
             }
             let store = store(10);
             let now = Instant::now();
-            drop(lease(store.claim(1, params, false, now).0));
-            let resolving = lease(store.claim(1, params, false, now).0);
+            drop(sent(store.claim(1, params, None, now).0));
+            let resolving = lease(store.claim(1, params, None, now).0);
             let ok = Ending::Answered(Answer::Ok);
             assert_eq!(resolving.end(ok, now), ok);
             assert!(matches!(
-                store.claim(1, params, false, now).0,
+                store.claim(1, params, None, now).0,
                 Claim::Replay(Answer::Ok)
             ));
         }
     }
 
-    /// The lease of a repeat after an unknown outcome says when that outcome happened, so the
-    /// port's state can be judged by how long ago it was.
+    /// The lease of a repeat after an unknown outcome says when the call whose outcome is
+    /// unknown was sent, not when it ended: after a timeout the controller may have accepted it
+    /// at any moment since the send, as much as `--upstream-timeout` before the ending, so the
+    /// port's state is judged by how long ago the send was.
     #[test]
-    fn a_resolving_lease_knows_when_the_outcome_became_unknown() {
+    fn a_resolving_lease_knows_when_the_unknown_call_was_sent() {
         let store = store(10);
         let now = Instant::now();
-        let first = lease(store.claim(1, EXTRACT, false, now).0);
+        let first = sent(store.claim(1, EXTRACT, None, now).0);
         assert_eq!(first.unknown_since(), None);
-        let ended = now + Duration::from_secs(3);
-        first.end(Ending::Unknown, ended);
-        let later = ended + Duration::from_secs(60);
-        let resolving = lease(store.claim(1, EXTRACT, false, later).0);
-        assert_eq!(resolving.unknown_since(), Some(ended));
+        let timed_out = now + Duration::from_secs(3600);
+        first.end(Ending::Unknown, timed_out);
+        let later = timed_out + Duration::from_secs(1);
+        let resolving = lease(store.claim(1, EXTRACT, None, later).0);
+        assert_eq!(resolving.unknown_since(), Some(now));
         // A repeat that could not settle it (the port read failed, or did not tell, or a resend
-        // failed) keeps the first time: the first call may still have acted back then.
+        // failed) keeps the first send: the first call may still have acted back then.
         resolving.end(Ending::Unknown, later);
-        let (claim, _) = store.claim(1, EXTRACT, false, later + Duration::from_secs(1));
-        assert_eq!(lease(claim).unknown_since(), Some(ended));
+        let (claim, _) = store.claim(1, EXTRACT, None, later + Duration::from_secs(1));
+        assert_eq!(lease(claim).unknown_since(), Some(now));
     }
 
     #[test]
     fn nothing_sent_forgets_the_id() {
         let store = store(10);
         let now = Instant::now();
-        lease(store.claim(1, EXTRACT, false, now).0).end(Ending::NothingSent, now);
+        lease(store.claim(1, EXTRACT, None, now).0).end(Ending::NothingSent, now);
         assert_eq!(store.len(), 0);
-        let (claim, counts) = store.claim(1, EXTRACT, false, now);
+        let (claim, counts) = store.claim(1, EXTRACT, None, now);
         assert!(matches!(claim, Claim::Call(_)), "{claim:?}");
         assert!(!counts.hit);
     }
@@ -718,14 +848,14 @@ mod tests {
     fn an_id_is_forgotten_once_the_window_from_its_answer_has_passed() {
         let store = store(10);
         let now = Instant::now();
-        lease(store.claim(1, EXTRACT, false, now).0).end(Ending::Answered(Answer::Ok), now);
+        lease(store.claim(1, EXTRACT, None, now).0).end(Ending::Answered(Answer::Ok), now);
         let just_before = now + WINDOW - Duration::from_millis(1);
         assert!(matches!(
-            store.claim(1, EXTRACT, false, just_before).0,
+            store.claim(1, EXTRACT, None, just_before).0,
             Claim::Replay(_)
         ));
         assert!(matches!(
-            store.claim(1, EXTRACT, false, now + WINDOW).0,
+            store.claim(1, EXTRACT, None, now + WINDOW).0,
             Claim::Call(_)
         ));
     }
@@ -734,23 +864,23 @@ mod tests {
     fn when_full_the_oldest_settled_entry_is_evicted_never_one_in_flight() {
         let store = store(2);
         let now = Instant::now();
-        let _in_flight = lease(store.claim(1, EXTRACT, false, now).0);
-        lease(store.claim(2, EXTRACT, false, now).0).end(Ending::Answered(Answer::Ok), now);
-        let (claim, counts) = store.claim(3, EXTRACT, false, now);
-        assert_eq!(counts.evicted, 1);
+        let _in_flight = lease(store.claim(1, EXTRACT, None, now).0);
+        lease(store.claim(2, EXTRACT, None, now).0).end(Ending::Answered(Answer::Ok), now);
+        let (claim, counts) = store.claim(3, EXTRACT, None, now);
+        assert_eq!(counts.evicted_oks, 1);
         let _third = lease(claim);
         assert_eq!(store.len(), 2);
         assert!(
-            matches!(store.claim(1, EXTRACT, false, now).0, Claim::Wait(_)),
+            matches!(store.claim(1, EXTRACT, None, now).0, Claim::Wait { .. }),
             "1 is kept"
         );
         // Every entry is in flight now: a new id is refused rather than forget one.
-        let (claim, counts) = store.claim(2, EXTRACT, false, now);
+        let (claim, counts) = store.claim(2, EXTRACT, None, now);
         assert!(
             matches!(claim, Claim::Full { .. }),
             "2 was evicted: {claim:?}"
         );
-        assert_eq!(counts.evicted, 0);
+        assert_eq!(counts.evicted_oks, 0);
         assert_eq!(store.len(), 2);
     }
 
@@ -758,20 +888,20 @@ mod tests {
     fn a_call_in_flight_never_expires_and_the_window_counts_from_its_answer() {
         let store = store(10);
         let now = Instant::now();
-        let first = lease(store.claim(1, EXTRACT, false, now).0);
+        let first = lease(store.claim(1, EXTRACT, None, now).0);
         let answered = now + WINDOW * 2;
         assert!(matches!(
-            store.claim(1, EXTRACT, false, answered).0,
-            Claim::Wait(_)
+            store.claim(1, EXTRACT, None, answered).0,
+            Claim::Wait { .. }
         ));
         first.end(Ending::Answered(Answer::Ok), answered);
         let just_before = answered + WINDOW - Duration::from_millis(1);
         assert!(matches!(
-            store.claim(1, EXTRACT, false, just_before).0,
+            store.claim(1, EXTRACT, None, just_before).0,
             Claim::Replay(Answer::Ok)
         ));
         assert!(matches!(
-            store.claim(1, EXTRACT, false, answered + WINDOW).0,
+            store.claim(1, EXTRACT, None, answered + WINDOW).0,
             Claim::Call(_)
         ));
     }
@@ -809,7 +939,7 @@ mod tests {
                     "{params:?} {bin_id:?} {case_state:?}"
                 );
             }
-            // Long after the unknown ending, the first call may have been accepted, run and
+            // Long after the first call was sent, it may have been accepted, run and
             // been followed by another operation: "not acted on" is no longer believed.
             let late = match verdict {
                 Verdict::NotActed => Verdict::TooLate(long_after),
@@ -827,13 +957,16 @@ mod tests {
     /// allocation; cloning a receiver allocates nothing): 360 bytes with tokio 1.54 and this
     /// crate's tokio features, counted by a global allocator that adds up the sizes asked for
     /// around one `watch::channel::<Option<Ending>>(None)`. The type is private to tokio, so
-    /// `size_of` cannot reach it.
+    /// `size_of` cannot reach it. `tests/idempotency_memory.rs` checks the sum against resident
+    /// memory, malloc's overhead included: an entry in flight measures 474 bytes there (this
+    /// channel, malloc's header, and the hash table at the load of 100,000 entries).
     const WATCH_CHANNEL_BYTES: usize = 360;
 
-    /// The most memory one entry takes, in bytes, at worst: in the store's two maps a hash table
-    /// entry and a control byte, at a load as low as 7/16 (hashbrown fills to 7/8, then doubles),
-    /// plus an order-map item in B-tree nodes at worst half full, measured with `size_of`; and,
-    /// while in flight, its watch channel. A test pins the number the README states.
+    /// The most memory one entry takes, in bytes, at worst: in the store's hash map an entry and
+    /// a control byte, at a load as low as 7/16 (hashbrown fills to 7/8, then doubles), plus,
+    /// once its call ended, an item of one ordered index in B-tree nodes at worst half full,
+    /// measured with `size_of`; and, while in flight, its watch channel (an entry has either,
+    /// never both, so the sum is a bound). A test pins the number the README states.
     const WORST_CASE_ENTRY_BYTES: usize = {
         let table = (size_of::<(u128, Entry)>() + 1) * 16 / 7;
         let order = size_of::<(u64, u128)>() * 2;
@@ -896,7 +1029,7 @@ mod tests {
     fn the_readme_states_how_long_not_acted_is_believed() {
         let readme = include_str!("../README.md");
         let seconds = NOT_ACTED_BELIEVED_FOR.as_secs();
-        let stated = format!("within {seconds} s of the unknown outcome");
+        let stated = format!("within {seconds} s of the first call being sent");
         assert!(readme.contains(&stated), "README: {stated}");
     }
 

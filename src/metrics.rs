@@ -375,7 +375,7 @@ impl IdempotencyMetrics {
         );
         registry.register(
             "idempotency_evictions",
-            "Remembered request_ids forgotten before their window because --idempotency-max-entries were kept, by state: answered (an unknown one is never forgotten)",
+            "Remembered request_ids forgotten before their window because --idempotency-max-entries were kept, by state: fault, or ok (a repeat of an evicted ok is sent again, and may act twice; one in flight or unknown is never forgotten)",
             self.evictions.clone(),
         );
         registry.register(
@@ -402,12 +402,14 @@ impl IdempotencyMetrics {
             .inc();
     }
 
-    /// Counts `answered` entries evicted to make room.
-    pub(crate) fn evicted(&self, answered: usize) {
-        if answered > 0 {
-            self.evictions
-                .get_or_create(&EvictedLabels { state: "answered" })
-                .inc_by(answered as u64);
+    /// Counts answered `faults` and `oks` evicted to make room.
+    pub(crate) fn evicted(&self, faults: usize, oks: usize) {
+        for (state, evicted) in [("fault", faults), ("ok", oks)] {
+            if evicted > 0 {
+                self.evictions
+                    .get_or_create(&EvictedLabels { state })
+                    .inc_by(evicted as u64);
+            }
         }
     }
 

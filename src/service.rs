@@ -217,8 +217,8 @@ impl TaskGateway {
         let mut first_claim = true;
         // What the port showed when this call is a resend after an unknown outcome.
         let mut resent = None;
-        // Whether a call this one waited for ended with an unknown outcome.
-        let mut told_unknown = false;
+        // When a call this one waited for, which ended with an unknown outcome, was sent.
+        let mut told_unknown = None;
         loop {
             let (claim, counts) =
                 self.idempotency
@@ -226,9 +226,10 @@ impl TaskGateway {
             if counts.hit && first_claim {
                 self.idempotency_metrics.hit();
             }
-            self.idempotency_metrics.evicted(counts.evicted);
+            self.idempotency_metrics
+                .evicted(counts.evicted_faults, counts.evicted_oks);
             first_claim = false;
-            let lease = match claim {
+            let mut lease = match claim {
                 Claim::Call(lease) => lease,
                 Claim::Full {
                     max_entries,
@@ -251,7 +252,10 @@ impl TaskGateway {
                     *replayed = Some(Replayed::Stored);
                     return (None, replay(answer));
                 }
-                Claim::Wait(mut first_call) => {
+                Claim::Wait {
+                    ending: mut first_call,
+                    sent,
+                } => {
                     let Some(time_left) = once.time_left(self.upstream_timeout) else {
                         let request_id = once.request_id;
                         return (None, Err(CallError::RequestInProgress { request_id }));
@@ -275,7 +279,7 @@ impl TaskGateway {
                             *replayed = Some(Replayed::Stored);
                             return (None, replay(answer));
                         }
-                        Ending::Unknown => told_unknown = true,
+                        Ending::Unknown => told_unknown = Some(sent),
                         Ending::NothingSent => {}
                     }
                     continue;
@@ -333,6 +337,9 @@ impl TaskGateway {
                 },
             };
             let caller_deadline = once.deadline_left();
+            // Nothing awaits between here and the POST in `call`: a caller gone before this
+            // point sent nothing, and its lease forgets the id.
+            lease.sending();
             let (upstream_time, outcome) = self
                 .call(once.context, request_id, caller_deadline, read_reply)
                 .await;

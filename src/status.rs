@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use prost::Message;
 use prost_types::Any;
+use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 use tonic_types::{BadRequest, ErrorInfo, FieldViolation, RetryInfo, pb};
 
@@ -88,7 +89,7 @@ pub(crate) enum CallError {
         bin_id: Option<u32>,
         /// The state it showed.
         case_state: CaseState,
-        /// How long after the unknown outcome the port was read, when that was too long for a
+        /// How long after the first call was sent the port was read, when that was too long for a
         /// state showing the call not acted on to be believed.
         too_late: Option<Duration>,
     },
@@ -201,7 +202,7 @@ pub(crate) fn status(context: &CallContext, error: &CallError, retry: RetryPolic
             let why = match too_late {
                 None => "which does not tell whether it was".to_owned(),
                 Some(elapsed) => format!(
-                    "read {} after that call's outcome became unknown, too long after (more \
+                    "read {} after that call was sent, too long after (more \
                      than {}) to prove it was not: the port may have moved on since",
                     humantime::format_duration(round_to_millis(*elapsed)),
                     humantime::format_duration(idempotency::NOT_ACTED_BELIEVED_FOR)
@@ -298,6 +299,7 @@ pub(crate) fn health_watches_exhausted(limit: usize) -> Status {
             "{limit} health Watch streams are already open (--max-health-watches); use Check, or retry once a Watch has closed"
         ),
         details,
+        None,
     )
 }
 
@@ -307,11 +309,11 @@ pub(crate) const WATCH_METHOD: &str = "WatchCaseEvents";
 /// The status a WatchCaseEvents stream ends with, or is refused with.
 pub(crate) fn watch_ended(end: &WatchEnd, retry: RetryPolicy) -> Status {
     let mut metadata = HashMap::from([("method".to_owned(), WATCH_METHOD.to_owned())]);
-    let mut details = Vec::new();
+    let mut retry_after = None;
     let (code, reason, text) = match end {
         WatchEnd::Unavailable { source, cause } => {
             metadata.insert("logPublisher".to_owned(), source.clone());
-            details.push(retry_info(retry.delay));
+            retry_after = Some(retry.delay);
             (
                 Code::Unavailable,
                 "LOG_PUBLISHER_UNAVAILABLE",
@@ -365,8 +367,13 @@ pub(crate) fn watch_ended(end: &WatchEnd, retry: RetryPolicy) -> Status {
             ),
         ),
     };
-    details.insert(0, error_info(reason, GATEWAY_DOMAIN, metadata));
-    build(code, format!("{WATCH_METHOD}: {text}"), details)
+    let details = vec![error_info(reason, GATEWAY_DOMAIN, metadata)];
+    build(
+        code,
+        format!("{WATCH_METHOD}: {text}"),
+        details,
+        retry_after,
+    )
 }
 
 /// The status of a WatchCaseEvents call whose port filter breaks the documented range. It names
@@ -388,6 +395,7 @@ pub(crate) fn unauthenticated() -> Status {
         gateway_error::UNAUTHENTICATED.code,
         "a valid 'authorization: Bearer <token>' header is required".to_owned(),
         details,
+        None,
     )
 }
 
@@ -406,6 +414,7 @@ pub(crate) fn malformed_grpc_timeout(value: &str) -> Status {
             GATEWAY_DOMAIN,
             metadata,
         )],
+        None,
     )
 }
 
@@ -421,6 +430,7 @@ pub(crate) fn second_request_message(path: &str) -> Status {
             GATEWAY_DOMAIN,
             metadata,
         )],
+        None,
     )
 }
 
@@ -484,11 +494,14 @@ fn gateway_error(
             }
         }
     }
-    let mut details = vec![error_info(row.reason, GATEWAY_DOMAIN, metadata)];
-    if row.retry.has_retry_info() {
-        details.push(retry_info(retry.delay));
-    }
-    build(row.code, format!("{}: {text}", describe(context)), details)
+    let details = vec![error_info(row.reason, GATEWAY_DOMAIN, metadata)];
+    let retry_after = row.retry.has_retry_info().then_some(retry.delay);
+    build(
+        row.code,
+        format!("{}: {text}", describe(context)),
+        details,
+        retry_after,
+    )
 }
 
 fn controller_fault(context: &CallContext, fault_class: FaultClass, retry: RetryPolicy) -> Status {
@@ -503,23 +516,21 @@ fn controller_fault(context: &CallContext, fault_class: FaultClass, retry: Retry
         raw_code,
         method: context.method.to_owned(),
     };
-    let mut details = vec![
+    let details = vec![
         error_info(fault_class.reason(), CONTROLLER_DOMAIN, metadata),
         Any {
             type_url: TASK_FAULT_TYPE_URL.to_owned(),
             value: task_fault.encode_to_vec(),
         },
     ];
-    if fault_class.retry().has_retry_info() {
-        details.push(retry_info(retry.delay));
-    }
+    let retry_after = fault_class.retry().has_retry_info().then_some(retry.delay);
     let message = format!(
         "{}: controller fault {raw_code} {}: {}",
         describe(context),
         fault_class.reason(),
         fault_class.meaning().trim_end_matches('.'),
     );
-    build(fault_class.grpc_code(), message, details)
+    build(fault_class.grpc_code(), message, details, retry_after)
 }
 
 fn invalid_argument(context: &CallContext, violations: &[Violation]) -> Status {
@@ -562,7 +573,12 @@ fn bad_request(
             value: pb::BadRequest::from(BadRequest::new(field_violations)).encode_to_vec(),
         },
     ];
-    build(gateway_error::INVALID_PARAMETER.code, message, details)
+    build(
+        gateway_error::INVALID_PARAMETER.code,
+        message,
+        details,
+        None,
+    )
 }
 
 fn describe(context: &CallContext) -> String {
@@ -608,16 +624,20 @@ fn error_info(reason: &str, domain: &str, metadata: HashMap<String, String>) -> 
     }
 }
 
-fn retry_info(delay: Duration) -> Any {
-    Any {
-        type_url: RetryInfo::TYPE_URL.to_owned(),
-        value: pb::RetryInfo::from(RetryInfo::new(Some(delay))).encode_to_vec(),
-    }
-}
+/// The trailer gRPC's own retry reads for the delay before the next attempt (gRFC A6,
+/// "pushback"): grpc-core and grpc-go honour it, and ignore `RetryInfo`.
+const RETRY_PUSHBACK_TRAILER: &str = "grpc-retry-pushback-ms";
 
 /// Encodes the `google.rpc.Status` by hand: tonic-types builds only the standard details, and
-/// every fault also carries our own `TaskFault`.
-fn build(code: Code, mut message: String, details: Vec<Any>) -> Status {
+/// every fault also carries our own `TaskFault`. With `retry_after`, the status says a retry is
+/// safe after that delay twice, in one place so the two cannot disagree: as `RetryInfo`, for
+/// callers that read the details, and as the pushback trailer, for gRPC's built-in retry.
+fn build(
+    code: Code,
+    mut message: String,
+    mut details: Vec<Any>,
+    retry_after: Option<Duration>,
+) -> Status {
     if message.len() > MAX_MESSAGE_BYTES {
         let ellipsis = '…';
         let mut cut = MAX_MESSAGE_BYTES - ellipsis.len_utf8();
@@ -627,12 +647,25 @@ fn build(code: Code, mut message: String, details: Vec<Any>) -> Status {
         message.truncate(cut);
         message.push(ellipsis);
     }
+    if let Some(delay) = retry_after {
+        details.push(Any {
+            type_url: RetryInfo::TYPE_URL.to_owned(),
+            value: pb::RetryInfo::from(RetryInfo::new(Some(delay))).encode_to_vec(),
+        });
+    }
     let rpc_status = pb::Status {
         code: code as i32,
         message: message.clone(),
         details,
     };
-    Status::with_details(code, message, rpc_status.encode_to_vec().into())
+    let mut status = Status::with_details(code, message, rpc_status.encode_to_vec().into());
+    if let Some(delay) = retry_after {
+        let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        status
+            .metadata_mut()
+            .insert(RETRY_PUSHBACK_TRAILER, MetadataValue::from(millis));
+    }
+    status
 }
 
 #[cfg(test)]
@@ -860,7 +893,7 @@ mod tests {
         );
     }
 
-    /// A port that would show the call not acted on, read too long after the unknown outcome,
+    /// A port that would show the call not acted on, read too long after the call was sent,
     /// proves nothing: the message says what was seen and how long ago.
     #[test]
     fn a_port_read_too_late_is_named_with_the_time_passed() {
@@ -876,9 +909,9 @@ mod tests {
             status.message(),
             "case_extract port 4 bin 101337: the first call with request_id \
              9f1c2b3a-4d5e-4f60-8a7b-1c2d3e4f5a6b may have been acted on, and case_getstate \
-             shows the port in NOOP with no bin, read 12s 345ms after that call's outcome became \
-             unknown, too long after (more than 10s) to prove it was not: the port may have \
-             moved on since; nothing was sent: read the port with CaseGetState and decide"
+             shows the port in NOOP with no bin, read 12s 345ms after that call was sent, too \
+             long after (more than 10s) to prove it was not: the port may have moved on since; \
+             nothing was sent: read the port with CaseGetState and decide"
         );
         let error_info = status.get_details_error_info().unwrap();
         assert_eq!(error_info.reason, "REQUEST_OUTCOME_UNKNOWN");

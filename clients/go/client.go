@@ -16,9 +16,14 @@
 //	}
 //
 // Each CaseExtract and CaseCancel call sends a fresh idempotency key (the message's request_id,
-// a UUID v4) and keeps it across its own retries; a call is retried only when the controller
-// started nothing (UNAVAILABLE, after the RetryInfo delay; OVERLOADED, with backoff), at most
-// WithMaxAttempts times in all and within the context's deadline (DefaultTimeout without one).
+// a UUID v4, sent also as the idempotency-key metadata for a proxy to route on) and keeps it
+// across its own retries. A call is retried on UNAVAILABLE (after the RetryInfo delay) and
+// OVERLOADED (with backoff), at most WithMaxAttempts times in all and within the context's
+// deadline (DefaultTimeout without one). From the gateway, these say the controller started
+// nothing; a bare UNAVAILABLE without ErrorInfo is grpc-go's own, when the connection to the
+// gateway broke, possibly after the call reached it. Its retry carries the same key, so the same
+// gateway process does not send it twice; a gateway restarted in between, or another replica,
+// has forgotten the key.
 package taskgateclient
 
 import (
@@ -197,7 +202,7 @@ func (c *Client) call(ctx context.Context, settings callSettings, key string, at
 		ctx, cancel = context.WithTimeout(ctx, DefaultTimeout)
 		defer cancel()
 	}
-	ctx = c.outgoing(ctx, settings.requestID)
+	ctx = c.outgoing(ctx, settings.requestID, key)
 	deadline, _ := ctx.Deadline()
 	backoff := initialBackoff
 	mayHaveActed := false
@@ -236,13 +241,20 @@ func (c *Client) call(ctx context.Context, settings callSettings, key string, at
 	}
 }
 
-// outgoing adds the token and the request id to the call's headers.
-func (c *Client) outgoing(ctx context.Context, requestID string) context.Context {
+// idempotencyKeyHeader repeats the message's request_id, for a proxy to hash on (README,
+// "Idempotency", Limits); the gateway reads only the field.
+const idempotencyKeyHeader = "idempotency-key"
+
+// outgoing adds the token, the request id and the idempotency key to the call's headers.
+func (c *Client) outgoing(ctx context.Context, requestID, key string) context.Context {
 	if c.token != "" {
 		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+c.token)
 	}
 	if requestID != "" {
 		ctx = metadata.AppendToOutgoingContext(ctx, "x-request-id", requestID)
+	}
+	if key != "" {
+		ctx = metadata.AppendToOutgoingContext(ctx, idempotencyKeyHeader, key)
 	}
 	return ctx
 }

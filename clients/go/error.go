@@ -94,9 +94,11 @@ func (e *Error) FaultName() string {
 	return strings.TrimPrefix(e.FaultCode.String(), "FAULT_CODE_")
 }
 
-// Retryable says whether the README's retry contract marks the error safe to retry as it is:
-// UNAVAILABLE (after RetryDelay) and OVERLOADED (with backoff): the controller started nothing.
-// Client retries these itself.
+// Retryable says whether the error is retried as it is: UNAVAILABLE (after RetryDelay) and
+// OVERLOADED (with backoff). From the gateway, these say the controller started nothing; a
+// bare UNAVAILABLE without ErrorInfo (the connection to the gateway broke) may have reached it,
+// and is retried with the same key, which only the same gateway process deduplicates. Client
+// retries these itself.
 func (e *Error) Retryable() bool {
 	return e.Code == codes.Unavailable || retryableReasons[e.Reason]
 }

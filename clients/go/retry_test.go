@@ -2,16 +2,23 @@ package taskgateclient
 
 import (
 	"bufio"
+	"context"
 	"io"
 	"net"
 	"net/http"
+	"reflect"
 	"regexp"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+
+	taskgatev1 "taskgate/v1"
 )
 
 // The longest the fake controller waits for a request's bytes.
@@ -108,4 +115,65 @@ func TestAnUnknownOutcomeIsNotRetriedAndCarriesTheKeyToRepeatWith(t *testing.T) 
 		t.Errorf("the key to repeat with is %q", failure.IdempotencyKey)
 	}
 	attemptsLogged(g, failure.IdempotencyKey, 2)
+}
+
+// recordingGateway is a TaskService that records the key each call carried in its message and
+// in its metadata: the gateway reads only the field, so only a server that looks can tell.
+type recordingGateway struct {
+	taskgatev1.UnimplementedTaskServiceServer
+	mu   sync.Mutex
+	seen [][2]string
+}
+
+func (g *recordingGateway) record(ctx context.Context, requestID string) {
+	incoming, _ := metadata.FromIncomingContext(ctx)
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.seen = append(g.seen, [2]string{requestID, strings.Join(incoming.Get("idempotency-key"), ",")})
+}
+
+func (g *recordingGateway) CaseExtract(ctx context.Context, request *taskgatev1.CaseExtractRequest) (*taskgatev1.CaseExtractResponse, error) {
+	g.record(ctx, request.RequestId)
+	return &taskgatev1.CaseExtractResponse{}, nil
+}
+
+func (g *recordingGateway) CaseCancel(ctx context.Context, request *taskgatev1.CaseCancelRequest) (*taskgatev1.CaseCancelResponse, error) {
+	g.record(ctx, request.RequestId)
+	return &taskgatev1.CaseCancelResponse{}, nil
+}
+
+func TestCaseExtractAndCaseCancelSendTheKeyAlsoAsMetadataForAProxyToHashOn(t *testing.T) {
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	recording := &recordingGateway{}
+	server := grpc.NewServer()
+	taskgatev1.RegisterTaskServiceServer(server, recording)
+	go func() { _ = server.Serve(listener) }()
+	t.Cleanup(server.Stop)
+	client, err := New(listener.Addr().String(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = client.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	extracted, err := client.CaseExtract(ctx, 4, 101337)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancelled, err := client.CaseCancel(ctx, 4, 101337, WithIdempotencyKey(extracted.IdempotencyKey))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := [][2]string{
+		{extracted.IdempotencyKey, extracted.IdempotencyKey},
+		{cancelled.IdempotencyKey, cancelled.IdempotencyKey},
+	}
+	recording.mu.Lock()
+	defer recording.mu.Unlock()
+	if !reflect.DeepEqual(recording.seen, want) {
+		t.Fatalf("the stand-in TaskService saw (request_id, idempotency-key) %v, want %v", recording.seen, want)
+	}
 }

@@ -29,7 +29,7 @@ type Watch struct {
 // CaseGetState once it has returned, and again after the stream ends with an error: events may
 // have been missed. Follow does all of this.
 func (c *Client) WatchCaseEvents(ctx context.Context, portIDs []uint32, options ...CallOption) (*Watch, error) {
-	ctx, cancel := context.WithCancel(c.outgoing(ctx, settingsOf(options).requestID))
+	ctx, cancel := context.WithCancel(c.outgoing(ctx, settingsOf(options).requestID, ""))
 	stream, err := c.stub.WatchCaseEvents(ctx, &taskgatev1.WatchCaseEventsRequest{PortIds: portIDs})
 	if err != nil {
 		cancel()

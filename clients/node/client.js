@@ -2,8 +2,12 @@
 // A small Node.js client for taskgate's TaskService, loading proto/ at run time (nothing is
 // generated or committed), with the rich error details decoded into a TaskGateError. Each
 // CaseExtract and CaseCancel call sends a fresh idempotency key (the message's `request_id`, a
-// UUID v4) and keeps it across its own retries; calls are retried only when the controller
-// started nothing (UNAVAILABLE and OVERLOADED), as the README's retry contract allows.
+// UUID v4, sent also as the `idempotency-key` metadata for a proxy to route on) and keeps it
+// across its own retries. Calls are retried on UNAVAILABLE and OVERLOADED: from the gateway,
+// these say the controller started nothing (the README's retry contract); a bare UNAVAILABLE
+// without ErrorInfo is grpc-js's own, when the connection to the gateway broke, possibly after
+// the call reached it. Its retry carries the same key, so the same gateway process does not send
+// it twice; a gateway restarted in between, or another replica, has forgotten the key.
 
 const crypto = require("node:crypto");
 const path = require("node:path");
@@ -12,6 +16,9 @@ const protoLoader = require("@grpc/proto-loader");
 const protobuf = require("protobufjs");
 
 const PROTO_ROOT = path.resolve(__dirname, "..", "..", "proto");
+// The metadata that repeats the message's request_id, for a proxy to hash on (README,
+// "Idempotency", Limits); the gateway reads only the field.
+const IDEMPOTENCY_KEY_HEADER = "idempotency-key";
 const TASK_PROTO = "taskgate/v1/task.proto";
 
 const packageDefinition = protoLoader.loadSync(TASK_PROTO, {
@@ -138,8 +145,11 @@ class TaskGateError extends Error {
   }
 
   /**
-   * Whether the README's retry contract marks the error safe to retry as it is: UNAVAILABLE
-   * (after retryDelayMs) and OVERLOADED (with backoff). TaskGate retries these itself.
+   * Whether the error is retried as it is: UNAVAILABLE (after retryDelayMs) and OVERLOADED (with
+   * backoff). From the gateway, these say the controller started nothing; a bare UNAVAILABLE
+   * without ErrorInfo (the connection to the gateway broke) may have reached it, and is retried
+   * with the same key, which only the same gateway process deduplicates. TaskGate retries these
+   * itself.
    */
   get retryable() {
     return this.code === grpc.status.UNAVAILABLE || RETRYABLE_REASONS.has(this.reason);
@@ -400,11 +410,12 @@ class TaskGate {
     return nativeWatch(this.client.WatchCaseEvents({ port_ids: portIds }, this.metadata(requestId), options));
   }
 
-  /** The call metadata: the token and the request id, when given. */
-  metadata(requestId) {
+  /** The call metadata: the token, the request id and the idempotency key, when given. */
+  metadata(requestId, idempotencyKey) {
     const metadata = new grpc.Metadata();
     if (this.token) metadata.set("authorization", `Bearer ${this.token}`);
     if (requestId) metadata.set("x-request-id", requestId);
+    if (idempotencyKey) metadata.set(IDEMPOTENCY_KEY_HEADER, idempotencyKey);
     return metadata;
   }
 
@@ -437,7 +448,8 @@ class TaskGate {
   attempt(method, request, requestId, deadline) {
     return new Promise((resolve, reject) => {
       let headers = null;
-      const call = this.client[method](request, this.metadata(requestId), { deadline }, (error, response) => {
+      const metadata = this.metadata(requestId, request.request_id);
+      const call = this.client[method](request, metadata, { deadline }, (error, response) => {
         if (!error) {
           return resolve({
             response,

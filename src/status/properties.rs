@@ -246,6 +246,17 @@ fn check(
     prop_assert_eq!(error_infos, 1, "exactly one ErrorInfo");
     prop_assert_eq!(task_faults, usize::from(documented.task_fault.is_some()));
     prop_assert_eq!(retry_infos, usize::from(documented.retry_delay.is_some()));
+    let pushback = status
+        .metadata()
+        .get("grpc-retry-pushback-ms")
+        .map(|millis| millis.to_str().unwrap().to_owned());
+    prop_assert_eq!(
+        pushback,
+        documented
+            .retry_delay
+            .map(|delay| delay.as_millis().to_string()),
+        "the pushback trailer says what RetryInfo says"
+    );
     prop_assert_eq!(
         rpc_status.details.len(),
         error_infos + task_faults + retry_infos,

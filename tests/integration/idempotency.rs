@@ -488,8 +488,8 @@ async fn the_cli_prints_no_key_after_a_definite_answer() {
     assert!(!stdout.contains("idempotency key"), "{stdout}");
 }
 
-/// Past `--idempotency-max-entries`, the oldest answered id is forgotten, and counted: its
-/// repeat is then sent again.
+/// Past `--idempotency-max-entries`, the oldest answered id is forgotten, and counted by its
+/// state: an OK forgotten means its repeat is sent again, which an operator must see.
 #[tokio::test]
 async fn past_the_entry_limit_the_oldest_id_is_forgotten_and_counted() {
     let mut upstream = FakeUpstream::start(Script::ok_xml(OK)).await;
@@ -520,7 +520,7 @@ async fn past_the_entry_limit_the_oldest_id_is_forgotten_and_counted() {
     assert_eq!(upstream.methods_so_far().len(), 4);
     scrape_line(
         gateway.metrics_url(),
-        "taskgate_idempotency_evictions_total{state=\"answered\"} 2",
+        "taskgate_idempotency_evictions_total{state=\"ok\"} 2",
     )
     .await;
 }

@@ -148,3 +148,40 @@ async fn the_published_policy_retries_what_the_controller_declined() {
     let retry_info = status.get_details_retry_info().unwrap();
     assert_eq!(retry_info.retry_delay, Some(Duration::from_secs(1)));
 }
+
+/// gRPC's built-in retry (grpc-core, grpc-go) ignores `RetryInfo` and waits only as long as the
+/// `grpc-retry-pushback-ms` trailer says: a 1148 carries both, with the same delay, so a caller
+/// using the published policy waits `--retry-delay` before its retry, whichever it reads.
+#[tokio::test]
+async fn a_retryable_status_carries_its_delay_as_the_pushback_trailer_too() {
+    let fault = "<response><fault><code>1148</code></fault></response>";
+    let upstream = FakeUpstream::start(Script::ok_xml(fault)).await;
+    let gateway =
+        TaskgateProcess::start_with_upstream(upstream.url.as_str(), &["--retry-delay", "2500ms"])
+            .await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let request = CaseExtractRequest {
+        port_id: 4,
+        bin_id: 101337,
+        ..Default::default()
+    };
+    let status = within(
+        CALL_LIMIT,
+        "the call did not end",
+        client.case_extract(request),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let retry_info = status.get_details_retry_info().unwrap();
+    assert_eq!(retry_info.retry_delay, Some(Duration::from_millis(2500)));
+    let pushback = status.metadata().get("grpc-retry-pushback-ms");
+    assert_eq!(
+        pushback.map(|value| value.to_str().unwrap()),
+        Some("2500"),
+        "{:?}",
+        status.metadata()
+    );
+}

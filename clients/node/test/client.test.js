@@ -18,6 +18,7 @@ const {
 } = require("../client.js");
 const { startGateway } = require("./gateway.js");
 const grpc = require("@grpc/grpc-js");
+const protoLoader = require("@grpc/proto-loader");
 
 let gateway;
 let client;
@@ -533,6 +534,40 @@ describe("safe retries", () => {
       (failed) => failed,
     );
     assert.deepEqual([error.reason, error.attempts, error.mayHaveActed], ["UPSTREAM_UNREACHABLE", 2, true]);
+  });
+
+  test("CaseExtract and CaseCancel send the key also as idempotency-key metadata, for a proxy to hash on", async () => {
+    // A stand-in TaskService that records what each call carried: the gateway reads only the
+    // field, so only a server that looks at the metadata can tell it was sent.
+    const definition = protoLoader.loadSync("taskgate/v1/task.proto", {
+      includeDirs: [path.resolve(__dirname, "..", "..", "..", "proto")],
+      keepCase: true,
+    });
+    const { TaskService } = grpc.loadPackageDefinition(definition).taskgate.v1;
+    const seen = [];
+    const record = (call, callback) => {
+      seen.push([call.request.request_id, call.metadata.get("idempotency-key")]);
+      callback(null, {});
+    };
+    const server = new grpc.Server();
+    server.addService(TaskService.service, { CaseExtract: record, CaseCancel: record });
+    const port = await new Promise((resolve, reject) =>
+      server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, bound) =>
+        error ? reject(error) : resolve(bound),
+      ),
+    );
+    const stub = new TaskGate(`127.0.0.1:${port}`);
+    try {
+      const extracted = await stub.caseExtract(4, 101337);
+      const cancelled = await stub.caseCancel(4, 101337, { idempotencyKey: extracted.idempotencyKey });
+      assert.deepEqual(seen, [
+        [extracted.idempotencyKey, [extracted.idempotencyKey]],
+        [cancelled.idempotencyKey, [cancelled.idempotencyKey]],
+      ]);
+    } finally {
+      stub.close();
+      server.forceShutdown();
+    }
   });
 
   for (const [codeName, reason, retryable, mayHaveActed] of CLASSIFICATION) {

@@ -15,9 +15,13 @@ contract.
 ...                                  idempotency_key=error.idempotency_key)
 
 Each CaseExtract and CaseCancel call sends a fresh idempotency key (the message's ``request_id``,
-a UUID v4) and keeps it across its own retries; a call is retried only when the controller
-started nothing (``UNAVAILABLE``, after the ``RetryInfo`` delay; ``OVERLOADED``, with backoff), at
-most ``max_attempts`` times in all and within ``timeout``.
+a UUID v4, sent also as the ``idempotency-key`` metadata for a proxy to route on) and keeps it
+across its own retries. A call is retried on ``UNAVAILABLE`` (after the ``RetryInfo`` delay) and
+``OVERLOADED`` (with backoff), at most ``max_attempts`` times in all and within ``timeout``. From
+the gateway, these say the controller started nothing; a bare ``UNAVAILABLE`` without ErrorInfo
+is grpcio's own, when the connection to the gateway broke, possibly after the call reached it. Its
+retry carries the same key, so the same gateway process does not send it twice; a gateway
+restarted in between, or another replica, has forgotten the key.
 
 Case events stream from ``watch_case_events``; the stream's end raises the same ``TaskGateError``:
 
@@ -91,6 +95,9 @@ _OUTCOME_UNKNOWN_REASONS = frozenset({"REQUEST_OUTCOME_UNKNOWN"})
 # errors"): whatever its code, the earlier call may have acted.
 _REQUEST_OUTCOME_KEY = "requestOutcome"
 _OUTCOME_UNKNOWN = "unknown"
+# The metadata that repeats the message's request_id, for a proxy to hash on (README,
+# "Idempotency", Limits); the gateway reads only the field.
+_IDEMPOTENCY_KEY_HEADER = "idempotency-key"
 
 
 @dataclass(frozen=True)
@@ -150,9 +157,11 @@ class TaskGateError(Exception):
 
     @property
     def retryable(self) -> bool:
-        """Whether the README's retry contract marks the error safe to retry as it is:
-        ``UNAVAILABLE`` (after ``retry_delay``) and ``OVERLOADED`` (with backoff). The client
-        retries these itself."""
+        """Whether the error is retried as it is: ``UNAVAILABLE`` (after ``retry_delay``) and
+        ``OVERLOADED`` (with backoff). From the gateway, these say the controller started
+        nothing; a bare ``UNAVAILABLE`` without ErrorInfo (the connection to the gateway broke)
+        may have reached it, and is retried with the same key, which only the same gateway
+        process deduplicates. The client retries these itself."""
         return self.code == grpc.StatusCode.UNAVAILABLE or self.reason in _RETRYABLE_REASONS
 
     @property
@@ -296,8 +305,10 @@ class TaskGate:
         """Calls ``method`` with the token and request id, again after each retryable error while
         attempts and ``timeout`` allow; returns the response and a ``CallResult``, or raises
         ``TaskGateError``."""
-        metadata = self._call_metadata(request_id)
         idempotency_key = getattr(request, "request_id", "") or None
+        metadata = self._call_metadata(request_id)
+        if idempotency_key:
+            metadata += ((_IDEMPOTENCY_KEY_HEADER, idempotency_key),)
         deadline = time.monotonic() + timeout
         backoff = _INITIAL_BACKOFF_S
         attempt = 0

@@ -5,12 +5,13 @@ an error says whether the controller may have acted."""
 
 import re
 import uuid
+from concurrent import futures
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from taskgate_client import TaskGate, TaskGateError, task_pb2
+from taskgate_client import TaskGate, TaskGateError, task_pb2, task_pb2_grpc
 
 
 def attempts_logged(gateway, key, count):
@@ -152,3 +153,41 @@ def test_may_have_acted_is_kept_across_the_clients_own_retries():
     assert (error.reason, error.attempts, error.may_have_acted) == ("UPSTREAM_UNREACHABLE", 2, True)
     alone = _FailedAttempt(grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNREACHABLE")
     assert TaskGateError.from_rpc_error(alone).may_have_acted is False
+
+
+class _RecordingTaskService(task_pb2_grpc.TaskServiceServicer):
+    """A stand-in TaskService that records the key each call carried in its message and in its
+    metadata: the gateway reads only the field, so only a server that looks can tell."""
+
+    def __init__(self):
+        self.seen = []
+
+    def _record(self, request, context, response):
+        metadata = dict(context.invocation_metadata())
+        self.seen.append((request.request_id, metadata.get("idempotency-key")))
+        return response
+
+    def CaseExtract(self, request, context):
+        return self._record(request, context, task_pb2.CaseExtractResponse())
+
+    def CaseCancel(self, request, context):
+        return self._record(request, context, task_pb2.CaseCancelResponse())
+
+
+def test_case_extract_and_case_cancel_send_the_key_also_as_metadata_for_a_proxy_to_hash_on():
+    service = _RecordingTaskService()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    task_pb2_grpc.add_TaskServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with TaskGate(f"127.0.0.1:{port}") as client:
+            extracted = client.case_extract(port_id=4, bin_id=101337, timeout=10)
+            cancelled = client.case_cancel(port_id=4, bin_id=101337, timeout=10,
+                                           idempotency_key=extracted.idempotency_key)
+    finally:
+        server.stop(grace=None)
+    assert service.seen == [
+        (extracted.idempotency_key, extracted.idempotency_key),
+        (cancelled.idempotency_key, cancelled.idempotency_key),
+    ]

@@ -75,8 +75,11 @@ pub(crate) struct ServeSettings {
     pub(super) idempotency_window: Option<Duration>,
 
     /// How many request_ids are remembered at most, up to 609 bytes each; when full, the oldest
-    /// answered one is forgotten, and a new one is refused when none is left (both counted on
-    /// /metrics). 1 to 1000000, and more than --max-in-flight.
+    /// answered fault is forgotten, then the oldest answered OK, and a new one is refused when
+    /// none is left (all counted on /metrics). A forgotten OK means a repeat of that id is sent
+    /// like a new call and can act twice: give at least --idempotency-window times the peak
+    /// call rate, and alert on evictions with state "ok". 1 to 1000000, and more than
+    /// --max-in-flight.
     #[arg(long, env = "TASKGATE_IDEMPOTENCY_MAX_ENTRIES")]
     pub(super) idempotency_max_entries: Option<u64>,
 
