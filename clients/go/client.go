@@ -212,7 +212,7 @@ func (c *Client) call(ctx context.Context, settings callSettings, key string, at
 				Attempts:       attempts,
 			}, nil
 		}
-		failure := ErrorOf(err)
+		failure := endedBy(ctx, err)
 		failure.IdempotencyKey, failure.Attempts = key, attempts
 		failure.EarlierAttemptMayHaveActed = mayHaveActed
 		mayHaveActed = failure.MayHaveActed()

@@ -77,6 +77,40 @@ func TestASuccessThen1148WithItsRetryDelay(t *testing.T) {
 	if failure.Error() != text {
 		t.Errorf("the error reads\n%q, not\n%q", failure.Error(), text)
 	}
+	// grpc-go's own status functions read the client's errors as they read its own.
+	if code := status.Code(err); code != codes.Unavailable {
+		t.Errorf("status.Code gives %v, not Unavailable", code)
+	}
+	var fault *taskgatev1.TaskFault
+	var retryInfo *errdetails.RetryInfo
+	for _, detail := range status.Convert(err).Details() {
+		switch d := detail.(type) {
+		case *taskgatev1.TaskFault:
+			fault = d
+		case *errdetails.RetryInfo:
+			retryInfo = d
+		}
+	}
+	if fault.GetRawCode() != 1148 || retryInfo.GetRetryDelay().AsDuration() != 1500*time.Millisecond {
+		t.Errorf("status.Convert(err).Details() has the TaskFault %v and the RetryInfo %v", fault, retryInfo)
+	}
+}
+
+func TestACallWhoseContextEndsIsItsContextsError(t *testing.T) {
+	client := startGateway(t).client(Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Nanosecond)
+	defer cancel()
+	<-ctx.Done()
+	_, err := client.CaseGetState(ctx, 4)
+	if failure := mustFail(t, err); failure.Code != codes.DeadlineExceeded || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("a call past its deadline fails with %v, which errors.Is does not find to be context.DeadlineExceeded", err)
+	}
+	ctx, cancel = context.WithCancel(context.Background())
+	cancel()
+	_, err = client.CaseExtract(ctx, 4, 101337)
+	if !errors.Is(err, context.Canceled) || status.Code(err) != codes.Canceled {
+		t.Errorf("a call whose context was cancelled fails with %v, which errors.Is does not find to be context.Canceled", err)
+	}
 }
 
 func TestA1148IsRetriedWithTheSameKeyAndARepeatOfTheKeyIsReplayed(t *testing.T) {

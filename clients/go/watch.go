@@ -16,6 +16,7 @@ type Watch struct {
 	// RequestID is the stream's x-request-id, as the gateway logs it.
 	RequestID string
 	stream    taskgatev1.TaskService_WatchCaseEventsClient
+	ctx       context.Context
 	cancel    context.CancelFunc
 	closed    atomic.Bool
 }
@@ -32,8 +33,9 @@ func (c *Client) WatchCaseEvents(ctx context.Context, portIDs []uint32, options 
 	ctx, cancel := context.WithCancel(c.outgoing(ctx, settingsOf(options).requestID))
 	stream, err := c.stub.WatchCaseEvents(ctx, &taskgatev1.WatchCaseEventsRequest{PortIds: portIDs})
 	if err != nil {
+		failure := endedBy(ctx, err)
 		cancel()
-		return nil, ErrorOf(err)
+		return nil, failure
 	}
 	// The gateway answers headers once it has subscribed the stream; a refusal is a
 	// trailers-only response, which leaves them empty, and Recv gives its status.
@@ -42,10 +44,11 @@ func (c *Client) WatchCaseEvents(ctx context.Context, portIDs []uint32, options 
 		_, err = stream.Recv()
 	}
 	if err != nil {
+		failure := endedBy(ctx, err)
 		cancel()
-		return nil, ErrorOf(err)
+		return nil, failure
 	}
-	return &Watch{RequestID: first(header, "x-request-id"), stream: stream, cancel: cancel}, nil
+	return &Watch{RequestID: first(header, "x-request-id"), stream: stream, ctx: ctx, cancel: cancel}, nil
 }
 
 // Recv waits for the next event. The stream ends only with an error, an *Error with its reason
@@ -56,7 +59,7 @@ func (w *Watch) Recv() (*taskgatev1.CaseEvent, error) {
 	if err == nil {
 		return event, nil
 	}
-	failure := ErrorOf(err)
+	failure := endedBy(w.ctx, err)
 	if w.closed.Load() && failure.Code == codes.Canceled {
 		return nil, io.EOF
 	}
