@@ -11,14 +11,18 @@ import (
 	taskgatev1 "taskgate/v1"
 )
 
-// Watch is an open WatchCaseEvents stream.
+// Watch is an open WatchCaseEvents stream. Always Close it (defer watch.Close()), even after
+// Recv has failed: it holds the stream's context, and with it the connection's stream, until
+// then. Recv is for one goroutine at a time; Close may be called from any.
 type Watch struct {
 	// RequestID is the stream's x-request-id, as the gateway logs it.
 	RequestID string
 	stream    taskgatev1.TaskService_WatchCaseEventsClient
-	ctx       context.Context
-	cancel    context.CancelFunc
-	closed    atomic.Bool
+	// pending is an event read while WatchCaseEvents waited for the headers, for the first Recv.
+	pending *taskgatev1.CaseEvent
+	ctx     context.Context
+	cancel  context.CancelFunc
+	closed  atomic.Bool
 }
 
 // WatchCaseEvents watches the AutoCase events of portIDs (every port when empty) from now on.
@@ -26,9 +30,9 @@ type Watch struct {
 // It returns once the gateway has started the watch, so an operation started after it returns
 // is seen from its first event; a refused watch (LOG_PUBLISHER_UNAVAILABLE,
 // LOG_PUBLISHER_DISABLED, TOO_MANY_WATCHES, INVALID_PARAMETER, ...) is an *Error at once. The
-// context bounds the whole stream: without a deadline it lasts until Close. Read the state with
-// CaseGetState once it has returned, and again after the stream ends with an error: events may
-// have been missed. Follow does all of this.
+// context bounds the whole stream: without a deadline it lasts until Close, which must always be
+// called. Read the state with CaseGetState once it has returned, and again after the stream
+// ends with an error: events may have been missed. Follow does all of this.
 func (c *Client) WatchCaseEvents(ctx context.Context, portIDs []uint32, options ...CallOption) (*Watch, error) {
 	ctx, cancel := context.WithCancel(c.outgoing(ctx, settingsOf(options).requestID))
 	stream, err := c.stub.WatchCaseEvents(ctx, &taskgatev1.WatchCaseEventsRequest{PortIds: portIDs})
@@ -38,23 +42,30 @@ func (c *Client) WatchCaseEvents(ctx context.Context, portIDs []uint32, options 
 		return nil, failure
 	}
 	// The gateway answers headers once it has subscribed the stream; a refusal is a
-	// trailers-only response, which leaves them empty, and Recv gives its status.
+	// trailers-only response, which leaves them empty, and Recv gives its status. Empty headers
+	// followed by an event are a live watch too (a server that sends no metadata, read by a
+	// grpc-go that, unlike 1.33, leaves content-type out): the event is kept for the first Recv.
 	header, err := stream.Header()
+	var pending *taskgatev1.CaseEvent
 	if err == nil && len(header) == 0 {
-		_, err = stream.Recv()
+		pending, err = stream.Recv()
 	}
 	if err != nil {
 		failure := endedBy(ctx, err)
 		cancel()
 		return nil, failure
 	}
-	return &Watch{RequestID: first(header, "x-request-id"), stream: stream, ctx: ctx, cancel: cancel}, nil
+	return &Watch{RequestID: first(header, "x-request-id"), stream: stream, pending: pending, ctx: ctx, cancel: cancel}, nil
 }
 
 // Recv waits for the next event. The stream ends only with an error, an *Error with its reason
 // (WATCH_LAGGED, LOG_PUBLISHER_UNAVAILABLE, SHUTTING_DOWN, DEADLINE_REACHED, ...), or with
 // io.EOF once Close has been called.
 func (w *Watch) Recv() (*taskgatev1.CaseEvent, error) {
+	if event := w.pending; event != nil && !w.closed.Load() {
+		w.pending = nil
+		return event, nil
+	}
 	event, err := w.stream.Recv()
 	if err == nil {
 		return event, nil
