@@ -194,10 +194,11 @@ func layout(t *testing.T, stepTime string) []string {
 
 // The longest a test waits for the gateway's Log Publisher feed to connect after start, and
 // the deadline of every stream and call a test makes: an event that never comes ends the
-// stream (and fails the test) within it.
+// stream (and fails the test) within it; and how often a test tries to watch until then.
 const (
 	feedLimit = 10 * time.Second
 	testLimit = 20 * time.Second
+	watchPoll = 50 * time.Millisecond
 )
 
 // testContext is bounded by testLimit and ends with the test.
@@ -209,7 +210,7 @@ func testContext(t *testing.T) context.Context {
 
 // openWatch opens a watch once the gateway's Log Publisher feed is connected: just after the
 // gateway starts, a watch is refused with LOG_PUBLISHER_UNAVAILABLE until then, which is
-// retried for at most feedLimit.
+// retried every watchPoll for at most feedLimit.
 func openWatch(ctx context.Context, t *testing.T, client *Client, portIDs []uint32) *Watch {
 	t.Helper()
 	giveUp := time.Now().Add(feedLimit)
@@ -217,6 +218,9 @@ func openWatch(ctx context.Context, t *testing.T, client *Client, portIDs []uint
 		watch, err := client.WatchCaseEvents(ctx, portIDs)
 		var failure *Error
 		if errors.As(err, &failure) && failure.Reason == "LOG_PUBLISHER_UNAVAILABLE" && time.Now().Before(giveUp) {
+			// Shorter than the gateway's RetryInfo delay (1.5 s), which would slow every
+			// test down, but no busy loop.
+			time.Sleep(watchPoll)
 			continue
 		}
 		if err != nil {

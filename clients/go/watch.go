@@ -3,6 +3,7 @@ package taskgateclient
 import (
 	"context"
 	"io"
+	"math/rand"
 	"sync/atomic"
 	"time"
 
@@ -83,57 +84,81 @@ func (w *Watch) Close() {
 	w.cancel()
 }
 
+// Follow's waits between watches: at least followFloor (a RetryInfo delay may be zero), and
+// after consecutive watches that delivered no event a backoff doubling from followFloor up to
+// maxBackoff, jittered, so that many followers of a gateway that keeps refusing neither spin
+// nor come back all at once.
+const followFloor = 100 * time.Millisecond
+
 // Follow runs the pattern of docs/clients.md, "Watching case events", on one port until a
 // handler returns an error or the watch ends for good: it starts a watch, once the watch is live
 // reads the state with CaseGetState and gives it to onState, then gives each event to onEvent.
-// When the watch is refused or ends with LOG_PUBLISHER_UNAVAILABLE (after its RetryInfo delay)
-// or WATCH_LAGGED (at once), events may have been missed, so it watches and reads the state
-// again. It returns the first error a handler returns, as it is, or otherwise the *Error that
-// ended the watch (the context's end included).
+// When the watch is refused or ends with LOG_PUBLISHER_UNAVAILABLE or WATCH_LAGGED, events may
+// have been missed, so it watches and reads the state again: after the RetryInfo delay, but at
+// least 100 ms, and longer (doubling up to 10 s, jittered) while the watches deliver no event.
+// It returns the first error a handler returns, as it is, or otherwise the *Error that ended
+// the watch (the context's end included).
 func (c *Client) Follow(ctx context.Context, portID uint32,
 	onState func(*taskgatev1.CaseGetStateResponse) error,
 	onEvent func(*taskgatev1.CaseEvent) error) error {
+	random := rand.New(rand.NewSource(time.Now().UnixNano()))
+	backoff := followFloor
 	for {
-		failure, handlerErr := c.followOnce(ctx, portID, onState, onEvent)
+		failure, delivered, handlerErr := c.followOnce(ctx, portID, onState, onEvent)
 		if handlerErr != nil {
 			return handlerErr
 		}
 		switch failure.Reason {
-		case "LOG_PUBLISHER_UNAVAILABLE":
-			if sleep(ctx, failure.RetryDelay) != nil {
-				return failure
-			}
-		case "WATCH_LAGGED":
+		case "LOG_PUBLISHER_UNAVAILABLE", "WATCH_LAGGED":
 		default:
 			return failure
+		}
+		if delivered {
+			backoff = followFloor
+		}
+		// Equal jitter: between half the backoff and all of it, never below the floor or the
+		// gateway's RetryInfo delay.
+		delay := backoff/2 + time.Duration(random.Int63n(int64(backoff/2)+1))
+		if delay < followFloor {
+			delay = followFloor
+		}
+		if failure.HasRetryDelay && delay < failure.RetryDelay {
+			delay = failure.RetryDelay
+		}
+		if sleep(ctx, delay) != nil {
+			return failure
+		}
+		if backoff *= 2; backoff > maxBackoff {
+			backoff = maxBackoff
 		}
 	}
 }
 
 // followOnce is one watch of Follow: it ends with the *Error that ended the watch (or refused
-// it, or failed the state's read), or with a handler's error.
+// it, or failed the state's read), saying whether the watch delivered an event, or with a
+// handler's error.
 func (c *Client) followOnce(ctx context.Context, portID uint32,
 	onState func(*taskgatev1.CaseGetStateResponse) error,
-	onEvent func(*taskgatev1.CaseEvent) error) (*Error, error) {
+	onEvent func(*taskgatev1.CaseEvent) error) (*Error, bool, error) {
 	watch, err := c.WatchCaseEvents(ctx, []uint32{portID})
 	if err != nil {
-		return ErrorOf(err), nil
+		return ErrorOf(err), false, nil
 	}
 	defer watch.Close()
 	state, err := c.CaseGetState(ctx, portID)
 	if err != nil {
-		return ErrorOf(err), nil
+		return ErrorOf(err), false, nil
 	}
 	if err := onState(state); err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	for {
+	for delivered := false; ; delivered = true {
 		event, err := watch.Recv()
 		if err != nil {
-			return ErrorOf(err), nil
+			return ErrorOf(err), delivered, nil
 		}
 		if err := onEvent(event); err != nil {
-			return nil, err
+			return nil, true, err
 		}
 	}
 }
