@@ -10,9 +10,15 @@
 //	defer gateway.Close()
 //	result, err := gateway.CaseExtract(ctx, 4, 101337)
 //	if failure := taskgateclient.ErrorOf(err); failure != nil && failure.MayHaveActed() {
-//		// The outcome is unknown: repeat with the same key, which is not extracted twice.
-//		result, err = gateway.CaseExtract(ctx, 4, 101337,
+//		// The outcome is unknown: repeat with the same key, which is not extracted twice,
+//		// with a context of its own (the first call may have used up ctx).
+//		repeat, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+//		defer cancel()
+//		result, err = gateway.CaseExtract(repeat, 4, 101337,
 //			taskgateclient.WithIdempotencyKey(failure.IdempotencyKey))
+//	}
+//	if err != nil {
+//		return err
 //	}
 //
 // Each CaseExtract and CaseCancel call sends a fresh idempotency key (the message's request_id,
