@@ -260,11 +260,12 @@ func first(header metadata.MD, key string) string {
 	return ""
 }
 
-// newUUID4 is a random UUID (version 4, RFC 4122) in its hyphenated form.
+// newUUID4 is a random UUID (version 4, RFC 4122) in its hyphenated form. Without random
+// bytes it fails with an *Error, as every call does, that says nothing was sent.
 func newUUID4() (string, error) {
 	var b [16]byte
 	if _, err := rand.Read(b[:]); err != nil {
-		return "", fmt.Errorf("taskgate: no random bytes for an idempotency key: %w", err)
+		return "", localError(err)
 	}
 	b[6] = b[6]&0x0f | 0x40
 	b[8] = b[8]&0x3f | 0x80

@@ -316,3 +316,33 @@ func selfSignedCertificate(t *testing.T) (string, string, *x509.CertPool) {
 	roots.AddCert(parsed)
 	return certPath, keyPath, roots
 }
+
+// failingReader is a source of random bytes that has none.
+type failingReader struct{}
+
+var errNoEntropy = errors.New("no entropy")
+
+func (failingReader) Read([]byte) (int, error) { return 0, errNoEntropy }
+
+func TestACallWithoutRandomBytesIsATypedErrorThatSentNothing(t *testing.T) {
+	reader := rand.Reader
+	rand.Reader = failingReader{}
+	t.Cleanup(func() { rand.Reader = reader })
+	// Nothing listens there: the call must fail before it connects.
+	client, err := New("127.0.0.1:1", Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	_, err = client.CaseExtract(testContext(t), 4, 101337)
+	failure := mustFail(t, err)
+	if failure.Code != codes.FailedPrecondition || failure.Reason != "NO_RANDOM_BYTES" || failure.Domain != "taskgateclient" ||
+		failure.Attempts != 0 || failure.Retryable() || failure.MayHaveActed() || !errors.Is(err, errNoEntropy) {
+		t.Errorf("the call failed with %v (reason %q in %q, %d attempts, retryable %v, may have acted %v)",
+			err, failure.Reason, failure.Domain, failure.Attempts, failure.Retryable(), failure.MayHaveActed())
+	}
+	const text = "FAILED_PRECONDITION: no random bytes for an idempotency key: no entropy"
+	if err.Error() != text {
+		t.Errorf("the error reads %q, not %q", err.Error(), text)
+	}
+}

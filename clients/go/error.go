@@ -173,6 +173,25 @@ func endedBy(ctx context.Context, err error) *Error {
 	return failure
 }
 
+// The ErrorInfo of a call the client could not send for want of random bytes for its
+// idempotency key: FAILED_PRECONDITION, as nothing was sent, so nothing may have acted, and
+// retrying at once will not help.
+const (
+	noRandomBytesReason = "NO_RANDOM_BYTES"
+	clientDomain        = "taskgateclient"
+)
+
+// localError is the *Error of a call not sent because crypto/rand failed with err.
+func localError(err error) *Error {
+	s := status.New(codes.FailedPrecondition, "no random bytes for an idempotency key: "+err.Error())
+	if withInfo, detailErr := s.WithDetails(&errdetails.ErrorInfo{Reason: noRandomBytesReason, Domain: clientDomain}); detailErr == nil {
+		s = withInfo
+	}
+	failure := fromStatus(s, err)
+	failure.Attempts = 0
+	return failure
+}
+
 // fromStatus reads the details the gateway puts in grpc-status-details-bin; cause is the
 // error s came from.
 func fromStatus(s *status.Status, cause error) *Error {
