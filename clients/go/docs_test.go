@@ -144,3 +144,39 @@ func TestTheDocsTypedClientExampleSucceedsOrSaysWhyNot(t *testing.T) {
 		t.Errorf("the controller got %d POSTs: the example did not repeat the call", posts)
 	}
 }
+
+var (
+	// scriptsImportPath is the one definition of the generators' M option, in scripts/go-client.
+	scriptsImportPath = regexp.MustCompile(`(?m)^go_package="(M[^"]+)"$`)
+	// docsImportPath is an M option as the docs give it to protoc.
+	docsImportPath = regexp.MustCompile(`go(?:-grpc)?_opt='(M[^']*)'`)
+)
+
+// TestTheDocsGiveTheGeneratorsTheScriptsImportPath: the README and docs/clients.md show the
+// protoc command a reader copies, so their M options must be the script's, which the client is
+// tested with.
+func TestTheDocsGiveTheGeneratorsTheScriptsImportPath(t *testing.T) {
+	script, err := os.ReadFile("../../scripts/go-client")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defined := scriptsImportPath.FindSubmatch(script)
+	if defined == nil {
+		t.Fatalf("scripts/go-client defines no go_package=\"M...\" (the pattern is %v)", scriptsImportPath)
+	}
+	for _, path := range []string{"../../README.md", "../../docs/clients.md"} {
+		text, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		options := docsImportPath.FindAllSubmatch(text, -1)
+		if len(options) != 2 {
+			t.Errorf("%s gives %d M options; its protoc command gives one to each generator, 2", path, len(options))
+		}
+		for _, option := range options {
+			if string(option[1]) != string(defined[1]) {
+				t.Errorf("%s gives the generators %q; scripts/go-client gives %q", path, option[1], defined[1])
+			}
+		}
+	}
+}
