@@ -92,9 +92,13 @@ func (e *Error) Error() string {
 	return codeName(e.Code) + ": " + e.Message
 }
 
-// GRPCStatus is the status the error was read from, with all its details: with it,
-// status.Code, status.FromError and status.Convert work on an *Error as on grpc-go's own errors.
+// GRPCStatus is the status the error was read from, with all its details (for an *Error built
+// by hand, its Code and Message): with it, status.Code, status.FromError and status.Convert
+// work on an *Error as on grpc-go's own errors.
 func (e *Error) GRPCStatus() *status.Status {
+	if e.status == nil {
+		return status.New(e.Code, e.Message)
+	}
 	return e.status
 }
 

@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	taskgatev1 "taskgate/v1"
 )
@@ -175,6 +176,9 @@ func TestErrorOfReadsContextErrorsAndOthers(t *testing.T) {
 	}
 	if failure := ErrorOf(errors.New("no route")); failure.Code != codes.Unknown || failure.Message != "no route" {
 		t.Errorf("an error of no gRPC status is %v %q", failure.Code, failure.Message)
+	}
+	if code := status.Code(&Error{Code: codes.NotFound}); code != codes.NotFound {
+		t.Errorf("status.Code gives %v for an *Error of NotFound built by hand", code)
 	}
 }
 
