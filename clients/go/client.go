@@ -10,9 +10,15 @@
 //	defer gateway.Close()
 //	result, err := gateway.CaseExtract(ctx, 4, 101337)
 //	if failure := taskgateclient.ErrorOf(err); failure != nil && failure.MayHaveActed() {
-//		// The outcome is unknown: repeat with the same key, which is not extracted twice.
-//		result, err = gateway.CaseExtract(ctx, 4, 101337,
+//		// The outcome is unknown: repeat with the same key, which is not extracted twice,
+//		// with a context of its own (the first call may have used up ctx).
+//		repeat, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+//		defer cancel()
+//		result, err = gateway.CaseExtract(repeat, 4, 101337,
 //			taskgateclient.WithIdempotencyKey(failure.IdempotencyKey))
+//	}
+//	if err != nil {
+//		return err
 //	}
 //
 // Each CaseExtract and CaseCancel call sends a fresh idempotency key (the message's request_id,
@@ -217,7 +223,7 @@ func (c *Client) call(ctx context.Context, settings callSettings, key string, at
 				Attempts:       attempts,
 			}, nil
 		}
-		failure := ErrorOf(err)
+		failure := endedBy(ctx, err)
 		failure.IdempotencyKey, failure.Attempts = key, attempts
 		failure.EarlierAttemptMayHaveActed = mayHaveActed
 		mayHaveActed = failure.MayHaveActed()
@@ -266,11 +272,12 @@ func first(header metadata.MD, key string) string {
 	return ""
 }
 
-// newUUID4 is a random UUID (version 4, RFC 4122) in its hyphenated form.
+// newUUID4 is a random UUID (version 4, RFC 4122) in its hyphenated form. Without random
+// bytes it fails with an *Error, as every call does, that says nothing was sent.
 func newUUID4() (string, error) {
 	var b [16]byte
 	if _, err := rand.Read(b[:]); err != nil {
-		return "", fmt.Errorf("taskgate: no random bytes for an idempotency key: %w", err)
+		return "", localError(err)
 	}
 	b[6] = b[6]&0x0f | 0x40
 	b[8] = b[8]&0x3f | 0x80

@@ -77,6 +77,40 @@ func TestASuccessThen1148WithItsRetryDelay(t *testing.T) {
 	if failure.Error() != text {
 		t.Errorf("the error reads\n%q, not\n%q", failure.Error(), text)
 	}
+	// grpc-go's own status functions read the client's errors as they read its own.
+	if code := status.Code(err); code != codes.Unavailable {
+		t.Errorf("status.Code gives %v, not Unavailable", code)
+	}
+	var fault *taskgatev1.TaskFault
+	var retryInfo *errdetails.RetryInfo
+	for _, detail := range status.Convert(err).Details() {
+		switch d := detail.(type) {
+		case *taskgatev1.TaskFault:
+			fault = d
+		case *errdetails.RetryInfo:
+			retryInfo = d
+		}
+	}
+	if fault.GetRawCode() != 1148 || retryInfo.GetRetryDelay().AsDuration() != 1500*time.Millisecond {
+		t.Errorf("status.Convert(err).Details() has the TaskFault %v and the RetryInfo %v", fault, retryInfo)
+	}
+}
+
+func TestACallWhoseContextEndsIsItsContextsError(t *testing.T) {
+	client := startGateway(t).client(Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Nanosecond)
+	defer cancel()
+	<-ctx.Done()
+	_, err := client.CaseGetState(ctx, 4)
+	if failure := mustFail(t, err); failure.Code != codes.DeadlineExceeded || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("a call past its deadline fails with %v, which errors.Is does not find to be context.DeadlineExceeded", err)
+	}
+	ctx, cancel = context.WithCancel(context.Background())
+	cancel()
+	_, err = client.CaseExtract(ctx, 4, 101337)
+	if !errors.Is(err, context.Canceled) || status.Code(err) != codes.Canceled {
+		t.Errorf("a call whose context was cancelled fails with %v, which errors.Is does not find to be context.Canceled", err)
+	}
 }
 
 func TestA1148IsRetriedWithTheSameKeyAndARepeatOfTheKeyIsReplayed(t *testing.T) {
@@ -281,4 +315,34 @@ func selfSignedCertificate(t *testing.T) (string, string, *x509.CertPool) {
 	roots := x509.NewCertPool()
 	roots.AddCert(parsed)
 	return certPath, keyPath, roots
+}
+
+// failingReader is a source of random bytes that has none.
+type failingReader struct{}
+
+var errNoEntropy = errors.New("no entropy")
+
+func (failingReader) Read([]byte) (int, error) { return 0, errNoEntropy }
+
+func TestACallWithoutRandomBytesIsATypedErrorThatSentNothing(t *testing.T) {
+	reader := rand.Reader
+	rand.Reader = failingReader{}
+	t.Cleanup(func() { rand.Reader = reader })
+	// Nothing listens there: the call must fail before it connects.
+	client, err := New("127.0.0.1:1", Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	_, err = client.CaseExtract(testContext(t), 4, 101337)
+	failure := mustFail(t, err)
+	if failure.Code != codes.FailedPrecondition || failure.Reason != "NO_RANDOM_BYTES" || failure.Domain != "taskgateclient" ||
+		failure.Attempts != 0 || failure.Retryable() || failure.MayHaveActed() || !errors.Is(err, errNoEntropy) {
+		t.Errorf("the call failed with %v (reason %q in %q, %d attempts, retryable %v, may have acted %v)",
+			err, failure.Reason, failure.Domain, failure.Attempts, failure.Retryable(), failure.MayHaveActed())
+	}
+	const text = "FAILED_PRECONDITION: no random bytes for an idempotency key: no entropy"
+	if err.Error() != text {
+		t.Errorf("the error reads %q, not %q", err.Error(), text)
+	}
 }

@@ -78,12 +78,35 @@ type Error struct {
 	// EarlierAttemptMayHaveActed says whether an earlier attempt of the same call, retried by
 	// Client, may have acted.
 	EarlierAttemptMayHaveActed bool
+
+	// status is the gRPC status the fields are read from, for GRPCStatus.
+	status *status.Status
+	// cause is the error Unwrap gives: the context's error when the call ended because its
+	// context did, else the error the gRPC library (or the caller of ErrorOf) gave.
+	cause error
 }
 
 // Error gives the code's canonical name and the message, as the Python and Node clients do:
 // "UNAVAILABLE: CaseExtract port 4 bin 101337: ...".
 func (e *Error) Error() string {
 	return codeName(e.Code) + ": " + e.Message
+}
+
+// GRPCStatus is the status the error was read from, with all its details (for an *Error built
+// by hand, its Code and Message): with it, status.Code, status.FromError and status.Convert
+// work on an *Error as on grpc-go's own errors.
+func (e *Error) GRPCStatus() *status.Status {
+	if e.status == nil {
+		return status.New(e.Code, e.Message)
+	}
+	return e.status
+}
+
+// Unwrap gives the error the *Error was made from: context.DeadlineExceeded or
+// context.Canceled when the call's context ended it (so errors.Is finds them), else the gRPC
+// library's error.
+func (e *Error) Unwrap() error {
+	return e.cause
 }
 
 // FaultName is the FaultCode name without its FAULT_CODE_ prefix, or "" without a known fault.
@@ -133,20 +156,53 @@ func ErrorOf(err error) *Error {
 	}
 	var grpcStatus interface{ GRPCStatus() *status.Status }
 	if errors.As(err, &grpcStatus) {
-		return fromStatus(grpcStatus.GRPCStatus())
+		return fromStatus(grpcStatus.GRPCStatus(), err)
 	}
 	if errors.Is(err, context.Canceled) {
-		return fromStatus(status.New(codes.Canceled, err.Error()))
+		return fromStatus(status.New(codes.Canceled, err.Error()), err)
 	}
 	if errors.Is(err, context.DeadlineExceeded) {
-		return fromStatus(status.New(codes.DeadlineExceeded, err.Error()))
+		return fromStatus(status.New(codes.DeadlineExceeded, err.Error()), err)
 	}
-	return fromStatus(status.New(codes.Unknown, err.Error()))
+	return fromStatus(status.New(codes.Unknown, err.Error()), err)
 }
 
-// fromStatus reads the details the gateway puts in grpc-status-details-bin.
-func fromStatus(s *status.Status) *Error {
-	e := &Error{Code: s.Code(), Message: s.Message(), Metadata: map[string]string{}, Attempts: 1}
+// endedBy is ErrorOf(err) for a call made with ctx: when ctx has ended and the call failed
+// with the matching code, it unwraps to the context's error, which grpc-go's status does not.
+func endedBy(ctx context.Context, err error) *Error {
+	failure := ErrorOf(err)
+	switch ctxErr := ctx.Err(); {
+	case errors.Is(ctxErr, context.DeadlineExceeded) && failure.Code == codes.DeadlineExceeded,
+		errors.Is(ctxErr, context.Canceled) && failure.Code == codes.Canceled:
+		failure.cause = ctxErr
+	}
+	return failure
+}
+
+// The ErrorInfo of a call the client could not send for want of random bytes for its
+// idempotency key: FAILED_PRECONDITION, as nothing was sent, so nothing may have acted, and
+// retrying at once will not help.
+const (
+	noRandomBytesReason = "NO_RANDOM_BYTES"
+	clientDomain        = "taskgateclient"
+)
+
+// localError is the *Error of a call not sent because crypto/rand failed with err.
+func localError(err error) *Error {
+	s := status.New(codes.FailedPrecondition, "no random bytes for an idempotency key: "+err.Error())
+	if withInfo, detailErr := s.WithDetails(&errdetails.ErrorInfo{Reason: noRandomBytesReason, Domain: clientDomain}); detailErr == nil {
+		s = withInfo
+	}
+	failure := fromStatus(s, err)
+	failure.Attempts = 0
+	return failure
+}
+
+// fromStatus reads the details the gateway puts in grpc-status-details-bin; cause is the
+// error s came from.
+func fromStatus(s *status.Status, cause error) *Error {
+	e := &Error{Code: s.Code(), Message: s.Message(), Metadata: map[string]string{}, Attempts: 1,
+		status: s, cause: cause}
 	for _, detail := range s.Details() {
 		switch d := detail.(type) {
 		case *errdetails.ErrorInfo:

@@ -132,3 +132,22 @@ func TestFollowWatchesAndReadsAgainAfterAnOutageOrALagAndStopsAtOtherEndings(t *
 		t.Errorf("Follow ended with %v, not with the SHUTTING_DOWN that ended its watch", err)
 	}
 }
+
+func TestFollowBacksOffFromAFloorWhileTheGatewayRefusesAtOnce(t *testing.T) {
+	// --retry-delay 0s is valid: the gateway may ask for no wait at all.
+	now := &errdetails.RetryInfo{RetryDelay: durationpb.New(0)}
+	refusal := watchEnding(t, codes.Unavailable, "LOG_PUBLISHER_UNAVAILABLE", now)
+	client := serveEndings(t, refusal, refusal, refusal, refusal)
+	started := time.Now()
+	err := client.Follow(testContext(t), 4,
+		func(*taskgatev1.CaseGetStateResponse) error { return nil },
+		func(*taskgatev1.CaseEvent) error { return errEnough })
+	if err != errEnough {
+		t.Fatalf("Follow ended with %v, not with its handler's error", err)
+	}
+	// The floor, then the backoff doubling from it with at most half taken off by the jitter:
+	// 100 + 100 + 200 + 400 ms at the least before the fifth watch.
+	if elapsed, least := time.Since(started), 800*time.Millisecond; elapsed < least {
+		t.Errorf("Follow watched 5 times in %v, though the first 4 were refused: it waits at least %v in all", elapsed, least)
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -62,6 +63,11 @@ func serve(t *testing.T, args ...string) *gateway {
 	}
 	process := exec.Command(binary, append([]string{"serve", "--listen", "127.0.0.1:0"}, args...)...)
 	process.Env = append(os.Environ(), "RUST_LOG=info", "TASKGATE_LOG_FORMAT=text")
+	// Killed with the test process, should it die before its cleanups run (a timeout's panic, a
+	// SIGKILL): a gateway left behind would hold its port and simulator for nothing. (Linux
+	// sends it when the thread that started the gateway ends, which Go's runtime does only for
+	// a goroutine that locked its thread and returned.)
+	process.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	stderr, err := process.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -194,10 +200,11 @@ func layout(t *testing.T, stepTime string) []string {
 
 // The longest a test waits for the gateway's Log Publisher feed to connect after start, and
 // the deadline of every stream and call a test makes: an event that never comes ends the
-// stream (and fails the test) within it.
+// stream (and fails the test) within it; and how often a test tries to watch until then.
 const (
 	feedLimit = 10 * time.Second
 	testLimit = 20 * time.Second
+	watchPoll = 50 * time.Millisecond
 )
 
 // testContext is bounded by testLimit and ends with the test.
@@ -209,7 +216,7 @@ func testContext(t *testing.T) context.Context {
 
 // openWatch opens a watch once the gateway's Log Publisher feed is connected: just after the
 // gateway starts, a watch is refused with LOG_PUBLISHER_UNAVAILABLE until then, which is
-// retried for at most feedLimit.
+// retried every watchPoll for at most feedLimit.
 func openWatch(ctx context.Context, t *testing.T, client *Client, portIDs []uint32) *Watch {
 	t.Helper()
 	giveUp := time.Now().Add(feedLimit)
@@ -217,6 +224,9 @@ func openWatch(ctx context.Context, t *testing.T, client *Client, portIDs []uint
 		watch, err := client.WatchCaseEvents(ctx, portIDs)
 		var failure *Error
 		if errors.As(err, &failure) && failure.Reason == "LOG_PUBLISHER_UNAVAILABLE" && time.Now().Before(giveUp) {
+			// Shorter than the gateway's RetryInfo delay (1.5 s), which would slow every
+			// test down, but no busy loop.
+			time.Sleep(watchPoll)
 			continue
 		}
 		if err != nil {
@@ -225,4 +235,52 @@ func openWatch(ctx context.Context, t *testing.T, client *Client, portIDs []uint
 		t.Cleanup(watch.Close)
 		return watch
 	}
+}
+
+// orphanVariable makes TestAGatewayDiesWithTheTestProcess, in the copy of the test binary it
+// runs, start a gateway, print its pid and die at once.
+const orphanVariable = "TASKGATE_GO_TEST_ORPHAN"
+
+func TestAGatewayDiesWithTheTestProcess(t *testing.T) {
+	if os.Getenv(orphanVariable) != "" {
+		g := startGateway(t)
+		fmt.Printf("gateway pid %d\n", g.process.Process.Pid)
+		_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		select {}
+	}
+	child := exec.Command(os.Args[0], "-test.run=^TestAGatewayDiesWithTheTestProcess$", "-test.count=1")
+	child.Env = append(os.Environ(), orphanVariable+"=1")
+	output, err := child.Output()
+	var exitErr *exec.ExitError
+	if !errors.As(err, &exitErr) {
+		t.Fatalf("the test process that started a gateway did not die (%v):\n%s", err, output)
+	}
+	match := regexp.MustCompile(`gateway pid (\d+)`).FindSubmatch(output)
+	if match == nil {
+		t.Fatalf("the test process did not start a gateway:\n%s", output)
+	}
+	pid, err := strconv.Atoi(string(match[1]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	giveUp := time.Now().Add(stopLimit)
+	for running(pid) {
+		if time.Now().After(giveUp) {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+			t.Fatalf("the gateway (pid %d) still runs %v after the test process that started it died", pid, stopLimit)
+		}
+		time.Sleep(watchPoll)
+	}
+}
+
+// running says whether the process pid runs: it exists and is not a zombie nobody has reaped
+// yet (the orphan's new parent may not reap it at once, or at all in a container).
+func running(pid int) bool {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// The state follows the command, which is in parentheses and may hold spaces.
+	fields := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+1:]))
+	return len(fields) > 0 && fields[0] != "Z"
 }

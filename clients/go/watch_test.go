@@ -7,7 +7,10 @@ import (
 	"reflect"
 	"testing"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	taskgatev1 "taskgate/v1"
 )
@@ -173,5 +176,47 @@ func TestErrorOfReadsContextErrorsAndOthers(t *testing.T) {
 	}
 	if failure := ErrorOf(errors.New("no route")); failure.Code != codes.Unknown || failure.Message != "no route" {
 		t.Errorf("an error of no gRPC status is %v %q", failure.Code, failure.Message)
+	}
+	if code := status.Code(&Error{Code: codes.NotFound}); code != codes.NotFound {
+		t.Errorf("status.Code gives %v for an *Error of NotFound built by hand", code)
+	}
+}
+
+// headerlessStub is a TaskServiceClient whose watch answers empty headers and then an event:
+// a server that sends no metadata of its own, seen by a gRPC library that, unlike grpc-go 1.33,
+// keeps content-type out of the headers it hands over. Only WatchCaseEvents is implemented.
+type headerlessStub struct {
+	taskgatev1.TaskServiceClient
+}
+
+func (headerlessStub) WatchCaseEvents(context.Context, *taskgatev1.WatchCaseEventsRequest, ...grpc.CallOption) (taskgatev1.TaskService_WatchCaseEventsClient, error) {
+	return &headerlessStream{events: []*taskgatev1.CaseEvent{{PortId: 4, Segment: "first"}}}, nil
+}
+
+type headerlessStream struct {
+	grpc.ClientStream
+	events []*taskgatev1.CaseEvent
+}
+
+func (*headerlessStream) Header() (metadata.MD, error) { return metadata.MD{}, nil }
+
+func (s *headerlessStream) Recv() (*taskgatev1.CaseEvent, error) {
+	if len(s.events) == 0 {
+		return nil, io.EOF
+	}
+	event := s.events[0]
+	s.events = s.events[1:]
+	return event, nil
+}
+
+func TestTheFirstEventIsKeptWhenTheWatchSendsNoHeaders(t *testing.T) {
+	client := &Client{stub: headerlessStub{}}
+	watch, err := client.WatchCaseEvents(testContext(t), []uint32{4})
+	if err != nil {
+		t.Fatalf("WatchCaseEvents: %v", err)
+	}
+	defer watch.Close()
+	if event := mustRecv(t, watch); event.GetSegment() != "first" {
+		t.Errorf("the first event Recv gives is %v, not the one the server sent first", event)
 	}
 }
