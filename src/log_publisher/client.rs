@@ -9,6 +9,10 @@
 //!
 //! A Log Publisher sends nothing while nothing happens, so silence is not a failure; a peer that
 //! vanishes without closing is found by TCP keep-alive.
+//!
+//! When spans are exported, each connection (attempt) is a span of its own, from the connect to
+//! the end of the connection: a reconnect is a new span, marked `reconnect`, and one that failed
+//! has an error status with the cause.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -20,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
+use tracing::Instrument as _;
 
 use super::lines::{DEFAULT_MAX_LINE_BYTES, LineError, LineSplitter};
 use super::segment::{Segment, parse_segment};
@@ -61,7 +66,9 @@ pub(crate) async fn run(target: Target, watches: Watches) {
     let mut failure_log = LogEvery::every(REPEAT_LOG_INTERVAL);
     let mut connected_before = false;
     loop {
-        let cause = match connect(&target).await {
+        let span = connection_span(&target.address, connected_before);
+        let cause = async {
+            match connect(&target).await {
             Ok(stream) => {
                 if connected_before {
                     watches.metrics().publisher_reconnected();
@@ -86,11 +93,35 @@ pub(crate) async fn run(target: Target, watches: Watches) {
                 }
                 cause
             }
-        };
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        if !span.is_none() {
+            span.record("otel.status_code", "error");
+            span.record("otel.status_description", cause.as_str());
+        }
+        drop(span);
         watches.lost(&cause);
         tokio::time::sleep(jittered(backoff)).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// The span of one connection to the Log Publisher, when spans are exported.
+fn connection_span(address: &LogPublisherAddress, reconnect: bool) -> tracing::Span {
+    if !crate::otel::exporting() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        "log_publisher.connection",
+        otel.kind = "client",
+        server.address = %address.host,
+        server.port = address.port,
+        reconnect,
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+    )
 }
 
 /// A connected stream, TLS or not.
