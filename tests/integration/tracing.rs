@@ -1,0 +1,321 @@
+//! Distributed tracing (issue 22): the real binary exporting to an OTLP trace receiver served
+//! here, with opentelemetry-proto's service; and the caller's trace context passed to the
+//! controller when nothing is exported.
+
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use taskgate::proto::CaseExtractRequest;
+use taskgate::proto::task_service_client::TaskServiceClient;
+
+use crate::cli::TaskgateProcess;
+use crate::support::{self, FakeUpstream, Gateway, Script, Seen, within};
+
+/// The caller's trace and span, as a WMS service would send them.
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN_ID: &str = "00f067aa0ba902b7";
+
+/// The longest a test waits for spans to arrive: the exporter sends within about a second.
+const SPAN_WAIT: Duration = Duration::from_secs(30);
+
+/// An OTLP trace receiver on an ephemeral loopback port, handing over every span it receives.
+struct Receiver {
+    endpoint: String,
+    spans: mpsc::UnboundedReceiver<Span>,
+    /// Spans already taken off the channel.
+    seen: Vec<Span>,
+}
+
+struct Collect(mpsc::UnboundedSender<Span>);
+
+#[tonic::async_trait]
+impl TraceService for Collect {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let spans = request
+            .into_inner()
+            .resource_spans
+            .into_iter()
+            .flat_map(|resource| resource.scope_spans)
+            .flat_map(|scope| scope.spans);
+        for span in spans {
+            let _ = self.0.send(span);
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let (sender, spans) = mpsc::unbounded_channel();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(Collect(sender)))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        Receiver {
+            endpoint,
+            spans,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first span received that `matches`, waiting for it within [`SPAN_WAIT`].
+    async fn span(&mut self, what: &str, matches: impl Fn(&Span) -> bool) -> Span {
+        if let Some(span) = self.seen.iter().find(|span| matches(span)) {
+            return span.clone();
+        }
+        let wait = async {
+            loop {
+                let span = self.spans.recv().await.unwrap();
+                self.seen.push(span.clone());
+                if matches(&span) {
+                    return span;
+                }
+            }
+        };
+        within(SPAN_WAIT, &format!("no {what} span was exported"), wait).await
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// An attribute's value as text, whatever its type.
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    let value = span
+        .attributes
+        .iter()
+        .find(|attribute| attribute.key == key)?
+        .value
+        .as_ref()?
+        .value
+        .as_ref()?;
+    Some(match value {
+        Value::StringValue(text) => text.clone(),
+        Value::IntValue(number) => number.to_string(),
+        Value::BoolValue(flag) => flag.to_string(),
+        other => format!("{other:?}"),
+    })
+}
+
+fn request(port_id: u32, traceparent: Option<&str>) -> tonic::Request<CaseExtractRequest> {
+    let mut request = tonic::Request::new(CaseExtractRequest {
+        port_id,
+        bin_id: 101337,
+        ..Default::default()
+    });
+    if let Some(traceparent) = traceparent {
+        request
+            .metadata_mut()
+            .insert("traceparent", traceparent.parse().unwrap());
+        request
+            .metadata_mut()
+            .insert("tracestate", "wms=order-7".parse().unwrap());
+    }
+    request
+}
+
+/// A call that sends a `traceparent` is a server span under the caller's span, the controller
+/// POST a client span under that, and the controller (the simulator, which logs what it
+/// received at debug level) is called with the client span's id in the same trace. The access
+/// line names the trace and the server span.
+#[tokio::test]
+async fn a_traced_call_continues_the_callers_trace_to_the_controller() {
+    let mut receiver = Receiver::start().await;
+    let mut gateway = TaskgateProcess::start(&["--otlp-endpoint", &receiver.endpoint]).await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+    client
+        .case_extract(request(4, Some(&traceparent)))
+        .await
+        .unwrap();
+
+    let server = receiver
+        .span("server", |span| span.kind == SpanKind::Server as i32)
+        .await;
+    assert_eq!(server.name, "taskgate.v1.TaskService/CaseExtract");
+    assert_eq!(hex(&server.trace_id), TRACE_ID);
+    assert_eq!(hex(&server.parent_span_id), CALLER_SPAN_ID);
+    assert_eq!(server.trace_state, "wms=order-7");
+    for (key, value) in [
+        ("rpc.system", "grpc"),
+        ("rpc.service", "taskgate.v1.TaskService"),
+        ("rpc.method", "CaseExtract"),
+        ("rpc.grpc.status_code", "0"),
+        ("server.address", "127.0.0.1"),
+        ("taskgate.port_id", "4"),
+        ("taskgate.bin_id", "101337"),
+    ] {
+        assert_eq!(attribute(&server, key).as_deref(), Some(value), "{key}");
+    }
+    let server_port = gateway.gateway.rsplit(':').next().unwrap().to_owned();
+    assert_eq!(attribute(&server, "server.port"), Some(server_port));
+    assert!(attribute(&server, "request_id").is_some(), "{server:?}");
+
+    let server_span_id = hex(&server.span_id);
+    let client = receiver
+        .span("client", |span| span.kind == SpanKind::Client as i32)
+        .await;
+    assert_eq!(client.name, "POST");
+    assert_eq!(hex(&client.trace_id), TRACE_ID);
+    assert_eq!(hex(&client.parent_span_id), server_span_id);
+    assert_eq!(
+        attribute(&client, "http.request.method").as_deref(),
+        Some("POST")
+    );
+    assert_eq!(
+        attribute(&client, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    assert_eq!(
+        attribute(&client, "server.address").as_deref(),
+        Some("127.0.0.1")
+    );
+    let url = attribute(&client, "url.full").unwrap();
+    assert!(url.ends_with("/api/v2/task"), "{url}");
+
+    let expected = format!("traceparent=\"00-{TRACE_ID}-{}-01\"", hex(&client.span_id));
+    let received = gateway
+        .wait_for_line("simulator received trace context")
+        .await;
+    assert!(received.contains(" DEBUG "), "{received}");
+    assert!(received.contains(&expected), "{received}");
+    let access = gateway.wait_for_line("taskgate::access").await;
+    assert!(
+        access.contains(&format!("trace_id={TRACE_ID} span_id={server_span_id}")),
+        "{access}"
+    );
+    gateway.signal("TERM").await;
+    let (code, _) = gateway.finish().await;
+    assert_eq!(code, Some(0));
+}
+
+/// A call the controller answered with a fault has the fault on its span and an error status,
+/// and a call without a `traceparent` starts a trace of its own: the default sampler is on for
+/// a root.
+#[tokio::test]
+async fn a_fault_calls_span_carries_the_fault_and_an_error_status() {
+    let mut receiver = Receiver::start().await;
+    let gateway = TaskgateProcess::start(&["--otlp-endpoint", &receiver.endpoint]).await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    // Port 1 is not an AutoCase port: fault 1087.
+    let status = client.case_extract(request(1, None)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+
+    let server = receiver
+        .span("server", |span| span.kind == SpanKind::Server as i32)
+        .await;
+    assert!(server.parent_span_id.is_empty(), "{server:?}");
+    assert_eq!(
+        attribute(&server, "taskgate.fault.code").as_deref(),
+        Some("1087")
+    );
+    assert_eq!(
+        attribute(&server, "taskgate.fault.name").as_deref(),
+        Some("PORT_IS_NOT_AUTOCASE")
+    );
+    assert_eq!(
+        attribute(&server, "rpc.grpc.status_code").as_deref(),
+        Some("9")
+    );
+    let span_status = server.status.unwrap();
+    assert_eq!(span_status.code, StatusCode::Error as i32);
+    assert_eq!(span_status.message, status.message());
+}
+
+/// A collector that accepts connections and never answers does not slow calls down, and
+/// SIGTERM still ends the process within the grace (plus the process's own exit bound).
+#[tokio::test]
+async fn a_collector_that_never_answers_slows_nothing_and_shutdown_keeps_its_grace() {
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    // Accepts and holds every connection, reading nothing.
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let gateway =
+        TaskgateProcess::start(&["--otlp-endpoint", &endpoint, "--shutdown-grace", "2s"]).await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+    for round in 0..20 {
+        let call = client.case_extract(request(4, Some(&traceparent)));
+        // Generous: a call to the simulator takes milliseconds.
+        let answered = within(Duration::from_secs(10), "a call was held up", call).await;
+        // Later calls find the port busy with the first case: a fault, still an answer.
+        if let Err(status) = answered {
+            assert!(
+                support::task_fault(&status).is_some(),
+                "call {round}: {status:?}"
+            );
+        }
+    }
+    gateway.signal("TERM").await;
+    // The grace, and the same few seconds any exit is given.
+    let (code, log) = gateway.finish_within(Duration::from_secs(2 + 5)).await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
+/// Without export, a caller's trace context still reaches the controller, unchanged: the
+/// controller's own spans join the caller's trace.
+#[tokio::test]
+async fn without_export_the_callers_context_reaches_the_controller_unchanged() {
+    let mut upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+    gateway
+        .client
+        .clone()
+        .case_extract(request(4, Some(&traceparent)))
+        .await
+        .unwrap();
+    let Seen::Request { headers, .. } = upstream.next().await else {
+        panic!("expected a request");
+    };
+    assert_eq!(headers.get("traceparent"), Some(&traceparent));
+    assert_eq!(
+        headers.get("tracestate").map(String::as_str),
+        Some("wms=order-7")
+    );
+
+    // A call without one sends none, and neither does one whose traceparent is malformed.
+    for traceparent in [None, Some("00-not-a-trace-01")] {
+        let mut call = request(4, None);
+        if let Some(traceparent) = traceparent {
+            call.metadata_mut()
+                .insert("traceparent", traceparent.parse().unwrap());
+        }
+        gateway.client.clone().case_extract(call).await.unwrap();
+        let Seen::Request { headers, .. } = upstream.next().await else {
+            panic!("expected a request");
+        };
+        assert_eq!(headers.get("traceparent"), None, "{traceparent:?}");
+    }
+}
