@@ -93,7 +93,7 @@ pub(crate) fn dropped_spans() -> [(&'static str, u64); 2] {
 }
 
 /// The OTLP/gRPC exporter for `endpoint`; its channel connects when the first batch is sent.
-/// `OTEL_EXPORTER_OTLP_HEADERS`, `…_TIMEOUT` and `…_COMPRESSION` are read by the exporter.
+/// The exporter reads `OTEL_EXPORTER_OTLP_HEADERS` itself.
 pub(super) fn exporter(
     endpoint: &Url,
 ) -> Result<SpanExporter, opentelemetry_otlp::ExporterBuildError> {

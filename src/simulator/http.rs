@@ -32,6 +32,9 @@ const REQUEST_ID_HEADER: &str = "x-request-id";
 /// test (or an operator) can see which span the controller was called from.
 const TRACEPARENT_HEADER: &str = "traceparent";
 
+/// The vendor trace state that may come with it.
+const TRACESTATE_HEADER: &str = "tracestate";
+
 /// Serves the task interface on `listener` until `shutdown` resolves, within `limits`. The
 /// simulator has no metrics endpoint: connections refused or closed by a limit are logged.
 pub async fn serve(
@@ -83,8 +86,10 @@ async fn handle(
         .unwrap_or("none")
         .to_owned();
     if let Some(traceparent) = headers.get(TRACEPARENT_HEADER) {
-        let traceparent = traceparent.to_str().unwrap_or("(not visible ASCII)");
-        tracing::debug!(%peer, %request_id, traceparent, "simulator received trace context");
+        let visible =
+            |value: &HeaderValue| value.to_str().unwrap_or("(not visible ASCII)").to_owned();
+        let tracestate = headers.get(TRACESTATE_HEADER).map(visible);
+        tracing::debug!(%peer, %request_id, traceparent = visible(traceparent), tracestate, "simulator received trace context");
     }
     let content_type = headers
         .get(CONTENT_TYPE)

@@ -201,6 +201,10 @@ async fn a_traced_call_continues_the_callers_trace_to_the_controller() {
         .await;
     assert!(received.contains(" DEBUG "), "{received}");
     assert!(received.contains(&expected), "{received}");
+    assert!(
+        received.contains("tracestate=\"wms=order-7\""),
+        "{received}"
+    );
     let access = gateway.wait_for_line("taskgate::access").await;
     assert!(
         access.contains(&format!("trace_id={TRACE_ID} span_id={server_span_id}")),
