@@ -21,7 +21,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use taskgate::proto::CaseExtractRequest;
 use taskgate::proto::task_service_client::TaskServiceClient;
 
-use crate::cli::TaskgateProcess;
+use crate::cli::{TaskgateProcess, config_file, print_config};
 use crate::support::{self, FakeUpstream, Gateway, Script, Seen, within};
 
 /// The caller's trace and span, as a WMS service would send them.
@@ -322,4 +322,50 @@ async fn without_export_the_callers_context_reaches_the_controller_unchanged() {
         };
         assert_eq!(headers.get("traceparent"), None, "{traceparent:?}");
     }
+}
+
+/// The collector is chosen as every setting is: the flag over the standard variable, which, as
+/// an environment variable, wins over the config file; a bad one stops the gateway at startup.
+#[tokio::test]
+async fn the_flag_beats_the_standard_variable_which_beats_the_file() {
+    let file = config_file("otlp", "otlp_endpoint = \"http://file.example:4317\"\n");
+    let config = file.to_str().unwrap();
+    let variable = [(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "http://variable.example:4317",
+    )];
+    let printed = |stdout: &str| {
+        stdout
+            .lines()
+            .find(|line| line.starts_with("otlp_endpoint"))
+            .map(str::to_owned)
+    };
+    let (stdout, _) = print_config(&["--config", config], &[], 0).await;
+    assert_eq!(
+        printed(&stdout).as_deref(),
+        Some("otlp_endpoint = \"http://file.example:4317\"")
+    );
+    let (stdout, _) = print_config(&["--config", config], &variable, 0).await;
+    assert_eq!(
+        printed(&stdout).as_deref(),
+        Some("otlp_endpoint = \"http://variable.example:4317\"")
+    );
+    let flag = [
+        "--config",
+        config,
+        "--otlp-endpoint",
+        "http://flag.example:4317",
+    ];
+    let (stdout, _) = print_config(&flag, &variable, 0).await;
+    assert_eq!(
+        printed(&stdout).as_deref(),
+        Some("otlp_endpoint = \"http://flag.example:4317\"")
+    );
+    let (_, stderr) = print_config(&["--otlp-endpoint", "https://collector:4317"], &[], 2).await;
+    assert_eq!(
+        stderr.trim_end(),
+        "error: invalid --otlp-endpoint: OTLP endpoint 'https://collector:4317' is not an \
+         http:// URL (for example http://127.0.0.1:4317): https is not supported: export to a \
+         collector on loopback or in the pod"
+    );
 }
