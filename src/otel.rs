@@ -12,7 +12,7 @@
 //! stream is its call's span, for the stream's life; each Log Publisher connection is a span of
 //! its own. Spans are sampled parent-based, always on for a root, unless `OTEL_TRACES_SAMPLER`
 //! says otherwise, and exported in batches by a task of their own from a bounded queue
-//! ([`export`]): a call never waits for the collector, and a span that finds the queue full is
+//! (`export`): a call never waits for the collector, and a span that finds the queue full is
 //! dropped and counted (`taskgate_spans_dropped_total`).
 
 use std::sync::OnceLock;
