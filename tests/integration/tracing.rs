@@ -141,7 +141,13 @@ fn request(port_id: u32, traceparent: Option<&str>) -> tonic::Request<CaseExtrac
 #[tokio::test]
 async fn a_traced_call_continues_the_callers_trace_to_the_controller() {
     let mut receiver = Receiver::start().await;
-    let mut gateway = TaskgateProcess::start(&["--otlp-endpoint", &receiver.endpoint]).await;
+    let mut gateway = TaskgateProcess::start(&[
+        "--otlp-endpoint",
+        &receiver.endpoint,
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
+    .await;
     let mut client = TaskServiceClient::connect(gateway.gateway.clone())
         .await
         .unwrap();
@@ -209,6 +215,24 @@ async fn a_traced_call_continues_the_callers_trace_to_the_controller() {
     assert!(
         access.contains(&format!("trace_id={TRACE_ID} span_id={server_span_id}")),
         "{access}"
+    );
+    // The call's latency bucket points at its trace.
+    let exemplar = format!("# {{trace_id=\"{TRACE_ID}\",span_id=\"{server_span_id}\"}}");
+    let metrics = support::http_client()
+        .get(gateway.metrics_url())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let bucket = metrics
+        .lines()
+        .find(|line| line.contains(&exemplar))
+        .unwrap_or_else(|| panic!("no exemplar {exemplar} in:\n{metrics}"));
+    assert!(
+        bucket.starts_with("taskgate_call_duration_seconds_bucket{"),
+        "{bucket}"
     );
     gateway.signal("TERM").await;
     let (code, _) = gateway.finish().await;
@@ -368,4 +392,119 @@ async fn the_flag_beats_the_standard_variable_which_beats_the_file() {
          http:// URL (for example http://127.0.0.1:4317): https is not supported: export to a \
          collector on loopback or in the pod"
     );
+}
+
+/// A WatchCaseEvents stream is one span, from the call to the stream's end: it says how many
+/// events the stream carried and how it ended.
+#[tokio::test]
+async fn a_watch_is_one_span_for_its_streams_life() {
+    let mut receiver = Receiver::start().await;
+    let gateway = TaskgateProcess::start(&["--otlp-endpoint", &receiver.endpoint]).await;
+    let client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let mut events = crate::watch::watch(&client, &[4]).await;
+    client.clone().case_extract(request(4, None)).await.unwrap();
+    crate::watch::next_event(&mut events).await;
+    // The caller goes away.
+    drop(events);
+    let span = receiver
+        .span("watch", |span| {
+            span.name == "taskgate.v1.TaskService/WatchCaseEvents"
+                && attribute(span, "taskgate.watch.events").is_some()
+        })
+        .await;
+    assert_eq!(span.kind, SpanKind::Server as i32);
+    let events: u64 = attribute(&span, "taskgate.watch.events")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(events >= 1, "{span:?}");
+    assert_eq!(
+        attribute(&span, "taskgate.watch.end").as_deref(),
+        Some("stream_closed")
+    );
+    assert_eq!(
+        attribute(&span, "rpc.grpc.status_code").as_deref(),
+        Some("1"),
+        "CANCELLED"
+    );
+}
+
+/// Each connection to the Log Publisher is a span of its own: one that ends has an error
+/// status with its cause, and the next is marked as a reconnect.
+#[tokio::test]
+async fn log_publisher_connections_and_reconnects_are_spans() {
+    let mut receiver = Receiver::start().await;
+    // A Log Publisher that hangs up on every connection at once.
+    let publisher = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let publisher_address = publisher.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = publisher.accept().await {
+            drop(stream);
+        }
+    });
+    let upstream = format!("http://{}/api/v2/task", support::unused_address().await);
+    let _gateway = TaskgateProcess::start_with_upstream(
+        &upstream,
+        &[
+            "--otlp-endpoint",
+            &receiver.endpoint,
+            "--log-publisher",
+            &publisher_address.to_string(),
+        ],
+    )
+    .await;
+    let is_connection = |reconnect: &'static str| {
+        move |span: &Span| {
+            span.name == "log_publisher.connection"
+                && attribute(span, "reconnect").as_deref() == Some(reconnect)
+        }
+    };
+    let first = receiver
+        .span("first connection", is_connection("false"))
+        .await;
+    let again = receiver.span("reconnection", is_connection("true")).await;
+    for span in [first, again] {
+        assert_eq!(span.kind, SpanKind::Client as i32);
+        assert_eq!(
+            attribute(&span, "server.port"),
+            Some(publisher_address.port().to_string())
+        );
+        let status = span.status.unwrap();
+        assert_eq!(status.code, StatusCode::Error as i32);
+        assert_eq!(status.message, "the Log Publisher closed the connection");
+    }
+}
+
+/// A collector that refuses every export costs spans, not calls: they are counted as dropped
+/// on /metrics, and the failure is logged once, not once per export.
+#[tokio::test]
+async fn spans_a_collector_refuses_are_counted_and_logged_once_a_minute() {
+    let endpoint = format!("http://{}", support::unused_address().await);
+    let mut gateway = TaskgateProcess::start(&[
+        "--otlp-endpoint",
+        &endpoint,
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let metrics_url = gateway.metrics_url();
+    let dropped = "taskgate_spans_dropped_total{reason=\"export_failed\"}";
+    for exports in 1..=2 {
+        let _ = client.case_extract(request(4, None)).await;
+        // Each call's two spans (server and client) go in a batch of their own, a second after
+        // they end, once the previous batch has failed.
+        support::scrape_at_least(&metrics_url, dropped, f64::from(exports * 2)).await;
+    }
+    gateway.signal("TERM").await;
+    let (code, log) = gateway.finish().await;
+    assert_eq!(code, Some(0));
+    let warnings = log
+        .matches("cannot export spans to the OTLP collector")
+        .count();
+    assert_eq!(warnings, 1, "{log}");
 }
