@@ -26,7 +26,7 @@ use bytes::Bytes;
 use futures_util::future::Either;
 use hyper::body::{Frame, SizeHint};
 use opentelemetry::context::FutureExt as _;
-use opentelemetry::trace::{SpanId, Status, TraceContextExt as _, TraceId};
+use opentelemetry::trace::{SpanId, TraceContextExt as _, TraceId};
 use prost::Message as _;
 use tokio::time::Instant;
 use tonic::codegen::http::{HeaderMap, HeaderName, Request, Response};
@@ -229,16 +229,16 @@ where
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let started = Instant::now();
         let request_id = RequestId::from_caller(request.headers().get(&REQUEST_ID));
+        let span = tracing::info_span!(
+            "call",
+            request_id = %request_id,
+            path = %PlainStr(request.uri().path())
+        );
         let caller = crate::otel::caller_context(request.headers());
-        let (span, trace, caller) = if self.shared.exporting {
-            let (span, trace) = server_span(&request, &request_id, caller);
-            (span, Some(trace), None)
+        let (otel_span, trace, caller) = if self.shared.exporting {
+            let (otel_span, trace) = server_span(&request, &request_id, caller, &span);
+            (Some(otel_span), Some(trace), None)
         } else {
-            let span = tracing::info_span!(
-                "call",
-                request_id = %request_id,
-                path = %PlainStr(request.uri().path())
-            );
             let trace = caller.as_ref().map(|caller| {
                 let span = caller.span();
                 TraceIds {
@@ -247,7 +247,7 @@ where
                     sampled: false,
                 }
             });
-            (span, trace, caller)
+            (None, trace, caller)
         };
         let shared = Arc::clone(&self.shared);
         let method = shared
@@ -269,7 +269,7 @@ where
                 .extensions()
                 .get::<TcpConnectInfo>()
                 .and_then(TcpConnectInfo::remote_addr);
-            let server_span = shared.exporting.then(|| span.clone());
+            let server_span = otel_span.clone();
             Finish {
                 _in_flight: shared.metrics.call_started(),
                 shared,
@@ -309,49 +309,68 @@ where
             }
             response.headers_mut().insert(REQUEST_ID, value);
             Ok(response)
-        }
-        .instrument(span);
+        };
         // Without export, the caller's context rides with the call for the controller POST;
-        // exported, the span's own context is current whenever it is entered.
-        let future = match caller {
-            None => Either::Left(future),
-            Some(caller) => Either::Right(future.with_context(caller)),
+        // exported, the server span's own context is current whenever it is entered.
+        let future = match (otel_span, caller) {
+            (None, None) => Either::Left(future.instrument(span)),
+            (None, Some(caller)) => {
+                Either::Right(Either::Left(future.instrument(span).with_context(caller)))
+            }
+            (Some(otel_span), _) => {
+                Either::Right(Either::Right(future.instrument(otel_span).instrument(span)))
+            }
         };
         Box::pin(future)
     }
 }
 
 /// A call's server span, under `caller`'s context when the caller sent one, and the ids the
-/// access line and the exemplar name it by.
+/// access line and the exemplar name it by. It is a span of its own beside the call's log span
+/// (`parent`), for the OpenTelemetry layer alone (`otel::SPAN_TARGET`): its attributes are not
+/// log fields.
 fn server_span<B>(
     request: &Request<B>,
     request_id: &RequestId,
     caller: Option<opentelemetry::Context>,
+    parent: &tracing::Span,
 ) -> (tracing::Span, TraceIds) {
     let path = request.uri().path();
-    let span = tracing::info_span!(
-        "call",
-        request_id = %request_id,
-        path = %PlainStr(path),
-        otel.name = crate::otel::rpc_span_name(path),
-        otel.kind = "server",
-    );
-    if let Some(caller) = caller {
-        let _ = span.set_parent(caller);
-    }
-    // Set on the span alone: as fields they would be in every log line of the call.
-    span.set_attribute("rpc.system", "grpc");
-    if let Some((service, method)) = path.trim_start_matches('/').split_once('/') {
-        span.set_attribute("rpc.service", service.to_owned());
-        span.set_attribute("rpc.method", method.to_owned());
-    }
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or_default();
     let local = request
         .extensions()
         .get::<TcpConnectInfo>()
         .and_then(TcpConnectInfo::local_addr);
-    if let Some(local) = local {
-        span.set_attribute("server.address", local.ip().to_string());
-        span.set_attribute("server.port", i64::from(local.port()));
+    let empty = tracing::field::Empty;
+    let span = tracing::info_span!(
+        target: crate::otel::SPAN_TARGET,
+        parent: parent,
+        "server",
+        otel.name = crate::otel::rpc_span_name(path),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        server.address = local.map(|local| tracing::field::display(local.ip())),
+        server.port = local.map(|local| local.port()),
+        request_id = %request_id,
+        rpc.grpc.status_code = empty,
+        taskgate.port_id = empty,
+        taskgate.bin_id = empty,
+        taskgate.fault.code = empty,
+        taskgate.fault.name = empty,
+        taskgate.upstream_error = empty,
+        taskgate.watch.events = empty,
+        taskgate.watch.end = empty,
+        error.type = empty,
+        otel.status_code = empty,
+        otel.status_description = empty,
+    );
+    if let Some(caller) = caller {
+        let _ = span.set_parent(caller);
     }
     let context = span.context();
     let otel_span = context.span();
@@ -534,25 +553,19 @@ impl Drop for StreamBody {
 /// so a call that met one is marked failed whatever its code.
 fn record_outcome(span: &tracing::Span, notes: &CallNotes, status: Option<&tonic::Status>) {
     let code = status.map_or(tonic::Code::Ok, tonic::Status::code);
-    span.set_attribute("rpc.grpc.status_code", i64::from(i32::from(code)));
-    if let Some(port_id) = notes.port_id {
-        span.set_attribute("taskgate.port_id", i64::from(port_id));
-    }
-    if let Some(bin_id) = notes.bin_id {
-        span.set_attribute("taskgate.bin_id", i64::from(bin_id));
-    }
+    span.record("rpc.grpc.status_code", i32::from(code));
+    span.record("taskgate.port_id", notes.port_id);
+    span.record("taskgate.bin_id", notes.bin_id);
     if let Some(fault_code) = notes.fault_code {
-        span.set_attribute("taskgate.fault.code", i64::from(fault_code));
         let name = match crate::fault::classify(fault_code) {
             FaultClass::Known(fault) => fault.name,
             FaultClass::Unknown(_) => "unknown",
             FaultClass::OutOfRange(_) => "out_of_range",
         };
-        span.set_attribute("taskgate.fault.name", name);
+        span.record("taskgate.fault.code", fault_code);
+        span.record("taskgate.fault.name", name);
     }
-    if let Some(kind) = notes.upstream_error {
-        span.set_attribute("taskgate.upstream_error", kind);
-    }
+    span.record("taskgate.upstream_error", notes.upstream_error);
     let server_failure = matches!(
         code,
         tonic::Code::Unknown
@@ -565,8 +578,9 @@ fn record_outcome(span: &tracing::Span, notes: &CallNotes, status: Option<&tonic
     if let Some(status) = status
         && (server_failure || notes.fault_code.is_some())
     {
-        span.set_attribute("error.type", crate::fault::grpc_code_name(code));
-        span.set_status(Status::error(status.message().to_owned()));
+        span.record("error.type", crate::fault::grpc_code_name(code));
+        span.record("otel.status_code", "error");
+        span.record("otel.status_description", status.message());
     }
 }
 

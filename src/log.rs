@@ -10,7 +10,8 @@
 //! never reads again must not keep the process from exiting.
 //!
 //! When spans are exported ([`crate::otel`]), the OpenTelemetry layer sits beside the fmt layer,
-//! each with a filter of its own: `RUST_LOG` decides what is logged, never what is traced.
+//! each with a filter of its own: `RUST_LOG` decides what is logged, never what is traced, and
+//! the spans made for tracing are never in a log line.
 //! Without export the subscriber is what it always was, with one filter for everything.
 
 use std::io::{BufWriter, IsTerminal};
@@ -22,7 +23,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tracing::Subscriber;
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
-use tracing_subscriber::filter::{FilterFn, Targets, filter_fn};
+use tracing_subscriber::filter::{FilterExt as _, Targets, filter_fn};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::Filter;
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -107,8 +108,10 @@ pub fn init(
             .with(format_layer(format, writer, styled))
             .try_init(),
         Some(exported) => tracing_subscriber::registry()
-            .with(format_layer(format, writer, styled).with_filter(log_filter(default_filter)))
-            .with(exported.layer().with_filter(traced()))
+            .with(format_layer(format, writer, styled).with_filter(
+                log_filter(default_filter).and(filter_fn(|metadata| !is_traced(metadata))),
+            ))
+            .with(exported.layer().with_filter(filter_fn(is_traced)))
             .try_init(),
     };
     let reporter = DropReporter::start(dropped)
@@ -169,15 +172,11 @@ where
     }
 }
 
-/// What is traced: the gateway's own spans at INFO, whatever `RUST_LOG` says; no events (they
-/// are log lines, which the log has).
-fn traced() -> FilterFn<fn(&tracing::Metadata<'_>) -> bool> {
-    fn is_traced(metadata: &tracing::Metadata<'_>) -> bool {
-        metadata.is_span()
-            && metadata.level() <= &tracing::Level::INFO
-            && metadata.target().starts_with("taskgate")
-    }
-    filter_fn(is_traced)
+/// What is traced: the spans made for tracing alone ([`crate::otel::SPAN_TARGET`]), whatever
+/// `RUST_LOG` says; the log never shows them, and no event is traced (events are log lines,
+/// which the log has).
+fn is_traced(metadata: &tracing::Metadata<'_>) -> bool {
+    metadata.is_span() && metadata.target() == crate::otel::SPAN_TARGET
 }
 
 /// `RUST_LOG` if it is set and valid, else `default_filter`.

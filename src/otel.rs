@@ -39,6 +39,10 @@ pub(crate) use export::dropped_spans;
 /// The W3C header that names the caller's trace and span.
 pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
+/// The target of the spans made for tracing alone: the OpenTelemetry layer sees only these, and
+/// the log never does, so their attributes stay out of log lines.
+pub(crate) const SPAN_TARGET: &str = "taskgate::otel";
+
 /// The standard variable for the endpoint of every OTLP signal, read when `--otlp-endpoint` is
 /// not given.
 pub const OTEL_EXPORTER_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
@@ -239,6 +243,11 @@ struct HeaderInjector<'a>(&'a mut HeaderMap);
 
 impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
+        // The propagator writes an empty `tracestate` when there is none; W3C lets it be left
+        // out, and the controller should see one only when the caller sent one.
+        if value.is_empty() {
+            return;
+        }
         // The propagator writes only its own header names and printable values.
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(key.as_bytes()),
@@ -306,6 +315,13 @@ mod tests {
             );
         }
         assert!(caller_context(&headers(&[("tracestate", tracestate)])).is_none());
+
+        // Without a trace state, no `tracestate` is sent.
+        let context = caller_context(&headers(&[("traceparent", traceparent)])).unwrap();
+        let mut sent = HeaderMap::new();
+        inject(&context, &mut sent);
+        assert_eq!(sent[&TRACEPARENT], traceparent);
+        assert!(!sent.contains_key(&TRACESTATE), "{sent:?}");
     }
 
     #[test]

@@ -278,6 +278,7 @@ impl Upstream {
                 .await;
         }
         let span = tracing::info_span!(
+            target: crate::otel::SPAN_TARGET,
             "POST",
             otel.kind = "client",
             http.request.method = "POST",

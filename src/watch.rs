@@ -159,7 +159,7 @@ pub(crate) struct Subscription {
 }
 
 /// What a watch's span records when the watch ends: the call's server span (`call`), which
-/// lasts as long as its stream.
+/// lasts as long as its stream, and declares these fields.
 #[derive(Debug)]
 struct TracedWatch {
     span: tracing::Span,
@@ -471,12 +471,10 @@ impl Drop for Subscription {
             inboxes.remove(self.id, &self.inbox);
         }
         if let Some(traced) = &self.traced {
-            use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-            let events = i64::try_from(traced.events).unwrap_or(i64::MAX);
-            traced.span.set_attribute("taskgate.watch.events", events);
+            traced.span.record("taskgate.watch.events", traced.events);
             // Not ended by the watch: the caller went away, or its stream was cut.
             let end = traced.end.unwrap_or("stream_closed");
-            traced.span.set_attribute("taskgate.watch.end", end);
+            traced.span.record("taskgate.watch.end", end);
         }
     }
 }

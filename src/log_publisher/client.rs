@@ -114,6 +114,7 @@ fn connection_span(address: &LogPublisherAddress, reconnect: bool) -> tracing::S
         return tracing::Span::none();
     }
     tracing::info_span!(
+        target: crate::otel::SPAN_TARGET,
         "log_publisher.connection",
         otel.kind = "client",
         server.address = %address.host,

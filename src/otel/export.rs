@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use opentelemetry::Context;
 use opentelemetry_otlp::{RetryPolicy, SpanExporter, WithExportConfig as _, WithTonicConfig as _};
-use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter as _, SpanProcessor};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -219,7 +219,7 @@ async fn send(
     let spans = batch.len() as u64;
     let cause = match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(batch)).await {
         Ok(Ok(())) => return,
-        Ok(Err(error)) => error.to_string(),
+        Ok(Err(error)) => cause(error),
         Err(_) => format!(
             "the collector did not answer within {}",
             humantime::format_duration(EXPORT_TIMEOUT)
@@ -235,5 +235,57 @@ async fn send(
             suppressed,
             "cannot export spans to the OTLP collector; they are dropped and counted in taskgate_spans_dropped_total (logged once a minute)"
         );
+    }
+}
+
+/// What an export failure says, once: without the SDK's "Operation failed" wrapping, and with a
+/// cause tonic's layers repeat ("tcp connect error: tcp connect error: …") named once.
+fn cause(error: OTelSdkError) -> String {
+    let text = match error {
+        OTelSdkError::InternalFailure(text) => text,
+        other => other.to_string(),
+    };
+    let mut parts: Vec<&str> = Vec::new();
+    for part in text.split(": ") {
+        if parts.last() != Some(&part) {
+            parts.push(part);
+        }
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_export_failure_names_its_cause_once() {
+        let error = OTelSdkError::InternalFailure(
+            "TonicTracesClient export failed with gRPC code: Unavailable: transport error: tcp \
+             connect error: tcp connect error: Connection refused (os error 111)"
+                .to_owned(),
+        );
+        assert_eq!(
+            cause(error),
+            "TonicTracesClient export failed with gRPC code: Unavailable: transport error: tcp \
+             connect error: Connection refused (os error 111)"
+        );
+        assert_eq!(
+            cause(OTelSdkError::AlreadyShutdown),
+            "Shutdown already invoked"
+        );
+    }
+
+    /// The collector's failures are logged once per interval, with the count of those that
+    /// were not.
+    #[test]
+    fn failures_are_logged_once_a_minute_with_the_rest_counted() {
+        let start = Instant::now();
+        let mut failures = Failures::default();
+        assert_eq!(failures.ready(start), Some(0));
+        assert_eq!(failures.ready(start + Duration::from_secs(1)), None);
+        assert_eq!(failures.ready(start + Duration::from_secs(59)), None);
+        assert_eq!(failures.ready(start + Duration::from_secs(60)), Some(2));
+        assert_eq!(failures.ready(start + Duration::from_secs(61)), None);
     }
 }
