@@ -508,3 +508,42 @@ async fn spans_a_collector_refuses_are_counted_and_logged_once_a_minute() {
         .count();
     assert_eq!(warnings, 1, "{log}");
 }
+
+/// A call refused before its handler (here for its missing token) is traced like any other:
+/// its span has its code, and, the caller being at fault, no error status.
+#[tokio::test]
+async fn a_call_refused_before_its_handler_is_traced_too() {
+    let mut receiver = Receiver::start().await;
+    let tokens = support::TestFile::new("otlp-tokens", "tokens", "secret-token\n");
+    let gateway = TaskgateProcess::start(&[
+        "--otlp-endpoint",
+        &receiver.endpoint,
+        "--auth-tokens-file",
+        tokens.to_str().unwrap(),
+    ])
+    .await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+    let status = client
+        .case_extract(request(4, Some(&traceparent)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    let server = receiver
+        .span("server", |span| span.kind == SpanKind::Server as i32)
+        .await;
+    assert_eq!(hex(&server.trace_id), TRACE_ID);
+    assert_eq!(hex(&server.parent_span_id), CALLER_SPAN_ID);
+    assert_eq!(
+        attribute(&server, "rpc.grpc.status_code").as_deref(),
+        Some("16")
+    );
+    let span_status = server.status.unwrap_or_default();
+    assert_eq!(
+        span_status.code,
+        StatusCode::Unset as i32,
+        "{span_status:?}"
+    );
+}
