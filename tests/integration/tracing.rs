@@ -482,7 +482,7 @@ async fn log_publisher_connections_and_reconnects_are_spans() {
 #[tokio::test]
 async fn spans_a_collector_refuses_are_counted_and_logged_once_a_minute() {
     let endpoint = format!("http://{}", support::unused_address().await);
-    let mut gateway = TaskgateProcess::start(&[
+    let gateway = TaskgateProcess::start(&[
         "--otlp-endpoint",
         &endpoint,
         "--metrics-listen",
