@@ -270,6 +270,8 @@ where
                 .get::<TcpConnectInfo>()
                 .and_then(TcpConnectInfo::remote_addr);
             let server_span = otel_span.clone();
+            // Only a streaming call keeps its log span past its future.
+            let stream_span = shared.methods[method].streaming.then(|| span.clone());
             Finish {
                 _in_flight: shared.metrics.call_started(),
                 shared,
@@ -280,6 +282,7 @@ where
                 peer,
                 trace,
                 server_span,
+                stream_span,
             }
         }));
         // The clone that was made ready is the one to call; keep a fresh clone for next time.
@@ -290,17 +293,23 @@ where
             let response = inner.call(request).await;
             let finish = unanswered.0.take();
             let mut response = response?;
-            if let Some(finish) = finish {
+            if let Some(mut finish) = finish {
                 let status = status_in(response.headers());
                 // A stream that started ends later, with its trailers; an error ends it now.
                 if finish.streaming() && status.is_none() {
-                    // The stream ends outside this future: its lines keep the call's span.
-                    let span = tracing::Span::current();
+                    // The stream ends outside this future: its lines keep the call's span, and
+                    // its server span ends with it.
+                    let server_span = finish.server_span.clone();
+                    let span = finish
+                        .stream_span
+                        .take()
+                        .unwrap_or_else(tracing::Span::current);
                     response = response.map(|body| {
                         tonic::body::Body::new(StreamBody {
                             inner: body,
                             finish: Some(finish),
                             span,
+                            server_span,
                         })
                     });
                 } else {
@@ -355,7 +364,7 @@ fn server_span<B>(
         rpc.service = service,
         rpc.method = method,
         server.address = local.map(|local| tracing::field::display(local.ip())),
-        server.port = local.map(|local| local.port()),
+        server.port = local.map(|local| i64::from(local.port())),
         request_id = %request_id,
         rpc.grpc.status_code = empty,
         taskgate.port_id = empty,
@@ -426,6 +435,8 @@ struct Finish {
     trace: Option<TraceIds>,
     /// The server span, when spans are exported: it gets the call's facts when it ends.
     server_span: Option<tracing::Span>,
+    /// The call's log span, for a server-streaming call, whose stream ends outside its future.
+    stream_span: Option<tracing::Span>,
     /// The call is in flight until this is dropped.
     _in_flight: GaugeGuard,
 }
@@ -499,7 +510,11 @@ impl Finish {
 struct StreamBody {
     inner: tonic::body::Body,
     finish: Option<Finish>,
+    /// The call's log span.
     span: tracing::Span,
+    /// The call's server span, when spans are exported: entered as the stream ends, so that it
+    /// ends then too.
+    server_span: Option<tracing::Span>,
 }
 
 impl hyper::body::Body for StreamBody {
@@ -522,6 +537,7 @@ impl hyper::body::Body for StreamBody {
             && let Some(finish) = self.finish.take()
         {
             let _entered = self.span.enter();
+            let _traced = self.server_span.as_ref().map(tracing::Span::enter);
             finish.finished(status);
         }
         polled
@@ -540,6 +556,7 @@ impl Drop for StreamBody {
     fn drop(&mut self) {
         if let Some(finish) = self.finish.take() {
             let _entered = self.span.enter();
+            let _traced = self.server_span.as_ref().map(tracing::Span::enter);
             finish.finished(Some(tonic::Status::cancelled(
                 "the stream ended before its status: the caller went away, or stopped reading",
             )));
@@ -554,15 +571,16 @@ impl Drop for StreamBody {
 fn record_outcome(span: &tracing::Span, notes: &CallNotes, status: Option<&tonic::Status>) {
     let code = status.map_or(tonic::Code::Ok, tonic::Status::code);
     span.record("rpc.grpc.status_code", i32::from(code));
-    span.record("taskgate.port_id", notes.port_id);
-    span.record("taskgate.bin_id", notes.bin_id);
+    // As signed integers: tracing-opentelemetry records unsigned ones as text.
+    span.record("taskgate.port_id", notes.port_id.map(i64::from));
+    span.record("taskgate.bin_id", notes.bin_id.map(i64::from));
     if let Some(fault_code) = notes.fault_code {
         let name = match crate::fault::classify(fault_code) {
             FaultClass::Known(fault) => fault.name,
             FaultClass::Unknown(_) => "unknown",
             FaultClass::OutOfRange(_) => "out_of_range",
         };
-        span.record("taskgate.fault.code", fault_code);
+        span.record("taskgate.fault.code", i64::from(fault_code));
         span.record("taskgate.fault.name", name);
     }
     span.record("taskgate.upstream_error", notes.upstream_error);

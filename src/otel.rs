@@ -204,6 +204,8 @@ impl Exporting {
             .with_threads(false)
             .with_target(false)
             .with_level(false)
+            // Busy and idle times per span cost two clock reads at every poll.
+            .with_tracked_inactivity(false)
     }
 }
 

@@ -283,7 +283,8 @@ impl Upstream {
             otel.kind = "client",
             http.request.method = "POST",
             server.address = self.url.host_str(),
-            server.port = self.url.port_or_known_default(),
+            // As signed integers: tracing-opentelemetry records unsigned ones as text.
+            server.port = self.url.port_or_known_default().map(i64::from),
             url.full = %redact_url(self.url.as_str()),
             http.response.status_code = tracing::field::Empty,
             error.type = tracing::field::Empty,
@@ -324,7 +325,8 @@ impl Upstream {
         let mut response = self.send(body, request_id, trace_headers).await?;
         let status = response.status();
         if self.exporting {
-            tracing::Span::current().record("http.response.status_code", status.as_u16());
+            tracing::Span::current()
+                .record("http.response.status_code", i64::from(status.as_u16()));
         }
         // Copied out: reading the body borrows the response.
         let content_type = response.headers().get(CONTENT_TYPE).cloned();

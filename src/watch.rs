@@ -471,7 +471,8 @@ impl Drop for Subscription {
             inboxes.remove(self.id, &self.inbox);
         }
         if let Some(traced) = &self.traced {
-            traced.span.record("taskgate.watch.events", traced.events);
+            let events = i64::try_from(traced.events).unwrap_or(i64::MAX);
+            traced.span.record("taskgate.watch.events", events);
             // Not ended by the watch: the caller went away, or its stream was cut.
             let end = traced.end.unwrap_or("stream_closed");
             traced.span.record("taskgate.watch.end", end);

@@ -118,7 +118,7 @@ fn connection_span(address: &LogPublisherAddress, reconnect: bool) -> tracing::S
         "log_publisher.connection",
         otel.kind = "client",
         server.address = %address.host,
-        server.port = address.port,
+        server.port = i64::from(address.port),
         reconnect,
         otel.status_code = tracing::field::Empty,
         otel.status_description = tracing::field::Empty,

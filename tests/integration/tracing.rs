@@ -99,7 +99,9 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-/// An attribute's value as text, whatever its type.
+/// An attribute's value as text: a string as it is, an integer in decimal (`IntValue`, as the
+/// conventions type ports, status codes and counts), a boolean as `true` or `false`; other
+/// types are refused.
 fn attribute(span: &Span, key: &str) -> Option<String> {
     let value = span
         .attributes
@@ -113,8 +115,24 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
         Value::StringValue(text) => text.clone(),
         Value::IntValue(number) => number.to_string(),
         Value::BoolValue(flag) => flag.to_string(),
-        other => format!("{other:?}"),
+        other => panic!("{key} has an unexpected type: {other:?}"),
     })
+}
+
+/// An integer attribute's value; `None` if it is missing or not an integer.
+fn int_attribute(span: &Span, key: &str) -> Option<i64> {
+    let value = span
+        .attributes
+        .iter()
+        .find(|attribute| attribute.key == key)?
+        .value
+        .as_ref()?
+        .value
+        .as_ref()?;
+    match value {
+        Value::IntValue(number) => Some(*number),
+        _ => None,
+    }
 }
 
 fn request(port_id: u32, traceparent: Option<&str>) -> tonic::Request<CaseExtractRequest> {
@@ -168,15 +186,19 @@ async fn a_traced_call_continues_the_callers_trace_to_the_controller() {
         ("rpc.system", "grpc"),
         ("rpc.service", "taskgate.v1.TaskService"),
         ("rpc.method", "CaseExtract"),
-        ("rpc.grpc.status_code", "0"),
         ("server.address", "127.0.0.1"),
-        ("taskgate.port_id", "4"),
-        ("taskgate.bin_id", "101337"),
     ] {
         assert_eq!(attribute(&server, key).as_deref(), Some(value), "{key}");
     }
-    let server_port = gateway.gateway.rsplit(':').next().unwrap().to_owned();
-    assert_eq!(attribute(&server, "server.port"), Some(server_port));
+    let server_port: i64 = gateway.gateway.rsplit(':').next().unwrap().parse().unwrap();
+    for (key, value) in [
+        ("rpc.grpc.status_code", 0),
+        ("server.port", server_port),
+        ("taskgate.port_id", 4),
+        ("taskgate.bin_id", 101337),
+    ] {
+        assert_eq!(int_attribute(&server, key), Some(value), "{key}");
+    }
     assert!(attribute(&server, "request_id").is_some(), "{server:?}");
 
     let server_span_id = hex(&server.span_id);
@@ -191,8 +213,12 @@ async fn a_traced_call_continues_the_callers_trace_to_the_controller() {
         Some("POST")
     );
     assert_eq!(
-        attribute(&client, "http.response.status_code").as_deref(),
-        Some("200")
+        int_attribute(&client, "http.response.status_code"),
+        Some(200)
+    );
+    assert!(
+        int_attribute(&client, "server.port").is_some(),
+        "{client:?}"
     );
     assert_eq!(
         attribute(&client, "server.address").as_deref(),
@@ -257,18 +283,12 @@ async fn a_fault_calls_span_carries_the_fault_and_an_error_status() {
         .span("server", |span| span.kind == SpanKind::Server as i32)
         .await;
     assert!(server.parent_span_id.is_empty(), "{server:?}");
-    assert_eq!(
-        attribute(&server, "taskgate.fault.code").as_deref(),
-        Some("1087")
-    );
+    assert_eq!(int_attribute(&server, "taskgate.fault.code"), Some(1087));
     assert_eq!(
         attribute(&server, "taskgate.fault.name").as_deref(),
         Some("PORT_IS_NOT_AUTOCASE")
     );
-    assert_eq!(
-        attribute(&server, "rpc.grpc.status_code").as_deref(),
-        Some("9")
-    );
+    assert_eq!(int_attribute(&server, "rpc.grpc.status_code"), Some(9));
     let span_status = server.status.unwrap();
     assert_eq!(span_status.code, StatusCode::Error as i32);
     assert_eq!(span_status.message, status.message());
@@ -399,7 +419,7 @@ async fn the_flag_beats_the_standard_variable_which_beats_the_file() {
 #[tokio::test]
 async fn a_watch_is_one_span_for_its_streams_life() {
     let mut receiver = Receiver::start().await;
-    let gateway = TaskgateProcess::start(&["--otlp-endpoint", &receiver.endpoint]).await;
+    let mut gateway = TaskgateProcess::start(&["--otlp-endpoint", &receiver.endpoint]).await;
     let client = TaskServiceClient::connect(gateway.gateway.clone())
         .await
         .unwrap();
@@ -415,20 +435,30 @@ async fn a_watch_is_one_span_for_its_streams_life() {
         })
         .await;
     assert_eq!(span.kind, SpanKind::Server as i32);
-    let events: u64 = attribute(&span, "taskgate.watch.events")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let events = int_attribute(&span, "taskgate.watch.events").unwrap();
     assert!(events >= 1, "{span:?}");
     assert_eq!(
         attribute(&span, "taskgate.watch.end").as_deref(),
         Some("stream_closed")
     );
     assert_eq!(
-        attribute(&span, "rpc.grpc.status_code").as_deref(),
-        Some("1"),
+        int_attribute(&span, "rpc.grpc.status_code"),
+        Some(1),
         "CANCELLED"
     );
+    // The span lasts as long as the stream: it ends after the extraction made during it.
+    let extraction = receiver
+        .span("extraction", |span| {
+            span.name == "taskgate.v1.TaskService/CaseExtract"
+        })
+        .await;
+    assert!(
+        span.end_time_unix_nano > extraction.end_time_unix_nano,
+        "{span:?}\n{extraction:?}"
+    );
+    // Its access line, written as the stream ends, is in the call's log span as ever.
+    let access = gateway.wait_for_line("method=\"watch_case_events\"").await;
+    assert!(access.contains(" call{request_id="), "{access}");
 }
 
 /// Each connection to the Log Publisher is a span of its own: one that ends has an error
@@ -468,8 +498,8 @@ async fn log_publisher_connections_and_reconnects_are_spans() {
     for span in [first, again] {
         assert_eq!(span.kind, SpanKind::Client as i32);
         assert_eq!(
-            attribute(&span, "server.port"),
-            Some(publisher_address.port().to_string())
+            int_attribute(&span, "server.port"),
+            Some(i64::from(publisher_address.port()))
         );
         let status = span.status.unwrap();
         assert_eq!(status.code, StatusCode::Error as i32);
@@ -536,10 +566,7 @@ async fn a_call_refused_before_its_handler_is_traced_too() {
         .await;
     assert_eq!(hex(&server.trace_id), TRACE_ID);
     assert_eq!(hex(&server.parent_span_id), CALLER_SPAN_ID);
-    assert_eq!(
-        attribute(&server, "rpc.grpc.status_code").as_deref(),
-        Some("16")
-    );
+    assert_eq!(int_attribute(&server, "rpc.grpc.status_code"), Some(16));
     let span_status = server.status.unwrap_or_default();
     assert_eq!(
         span_status.code,
