@@ -6,11 +6,11 @@
 //! `traceparent` header, and when a caller sends a valid one, passes it (and its `tracestate`)
 //! to the controller unchanged and names its trace id in the access line.
 //!
-//! On, tracing-opentelemetry turns the gateway's own spans into OpenTelemetry spans: the call
-//! layer's `call` span is the server span, under the caller's `traceparent`; the controller POST
-//! is a client span under it (`upstream`), whose context the POST carries; a WatchCaseEvents
-//! stream is its call's span, for the stream's life; each Log Publisher connection is a span of
-//! its own. Spans are sampled parent-based, always on for a root, unless `OTEL_TRACES_SAMPLER`
+//! On, tracing-opentelemetry turns the spans made for tracing ([`SPAN_TARGET`], which the log
+//! never shows) into OpenTelemetry spans: the call layer makes each call's server span, under
+//! the caller's `traceparent`, beside the call's log span; the controller POST is a client span
+//! under it (`upstream`), whose context the POST carries; a WatchCaseEvents stream is its call's
+//! span, for the stream's life; each Log Publisher connection is a span of its own. Spans are sampled parent-based, always on for a root, unless `OTEL_TRACES_SAMPLER`
 //! says otherwise, and exported in batches by a task of their own from a bounded queue
 //! (`export`): a call never waits for the collector, and a span that finds the queue full is
 //! dropped and counted (`taskgate_spans_dropped_total`).
