@@ -6,7 +6,7 @@
 //! `traceparent` header, and when a caller sends a valid one, passes it (and its `tracestate`)
 //! to the controller unchanged and names its trace id in the access line.
 //!
-//! On, tracing-opentelemetry turns the spans made for tracing ([`SPAN_TARGET`], which the log
+//! On, tracing-opentelemetry turns the spans made for tracing (`SPAN_TARGET`, which the log
 //! never shows) into OpenTelemetry spans: the call layer makes each call's server span, under
 //! the caller's `traceparent`, beside the call's log span; the controller POST is a client span
 //! under it (`upstream`), whose context the POST carries; a WatchCaseEvents stream is its call's
