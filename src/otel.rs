@@ -133,15 +133,16 @@ pub fn endpoint_from_environment() -> Option<String> {
 /// [`Exporting::layer`]). `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
 /// `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` are read here, by the SDK.
 pub fn start(endpoint: &Url) -> Result<Exporting, OtlpError> {
-    let exporter = export::exporter(endpoint).map_err(|error| OtlpError::Exporter {
+    let resource = resource();
+    let exporter = export::exporter(endpoint, &resource).map_err(|error| OtlpError::Exporter {
         endpoint: endpoint.to_string(),
         reason: error.to_string(),
     })?;
     let processor = export::QueueProcessor::start(exporter, endpoint.to_string());
-    // Built before the sampler and resource are read, so both come from the environment.
+    // The sampler comes from the environment (`OTEL_TRACES_SAMPLER`), as the builder reads it.
     let provider = SdkTracerProvider::builder()
         .with_span_processor(processor)
-        .with_resource(resource())
+        .with_resource(resource)
         .build();
     let _ = INSTALLED.set(provider.clone());
     Ok(Exporting {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use opentelemetry::Context;
 use opentelemetry_otlp::{RetryPolicy, SpanExporter, WithExportConfig as _, WithTonicConfig as _};
+use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter as _, SpanProcessor};
 use tokio::sync::{mpsc, watch};
@@ -92,17 +93,23 @@ pub(crate) fn dropped_spans() -> [(&'static str, u64); 2] {
     ]
 }
 
-/// The OTLP/gRPC exporter for `endpoint`; its channel connects when the first batch is sent.
-/// The exporter reads `OTEL_EXPORTER_OTLP_HEADERS` itself.
+/// The OTLP/gRPC exporter for `endpoint`, sending `resource` with every batch; its channel
+/// connects when the first batch is sent. The exporter reads `OTEL_EXPORTER_OTLP_HEADERS`
+/// itself.
 pub(super) fn exporter(
     endpoint: &Url,
+    resource: &Resource,
 ) -> Result<SpanExporter, opentelemetry_otlp::ExporterBuildError> {
-    SpanExporter::builder()
+    let mut exporter = SpanExporter::builder()
         .with_tonic()
         .with_endpoint(endpoint.as_str())
         .with_timeout(EXPORT_TIMEOUT)
         .with_retry_policy(RetryPolicy::disabled())
-        .build()
+        .build()?;
+    // Given here: the provider hands it to its processors, and this one's exporter has moved
+    // to the export task by then.
+    exporter.set_resource(resource);
+    Ok(exporter)
 }
 
 /// Sends what is queued, waiting at most `within`, and stops the export task.

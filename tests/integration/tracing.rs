@@ -2,6 +2,7 @@
 //! here, with opentelemetry-proto's service; and the caller's trace context passed to the
 //! controller when nothing is exported.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -10,6 +11,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
+use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
@@ -37,9 +39,14 @@ struct Receiver {
     spans: mpsc::UnboundedReceiver<Span>,
     /// Spans already taken off the channel.
     seen: Vec<Span>,
+    /// The resource attributes of every export, each kept before its spans are handed over.
+    resources: Arc<Mutex<Vec<Vec<KeyValue>>>>,
 }
 
-struct Collect(mpsc::UnboundedSender<Span>);
+struct Collect {
+    spans: mpsc::UnboundedSender<Span>,
+    resources: Arc<Mutex<Vec<Vec<KeyValue>>>>,
+}
 
 #[tonic::async_trait]
 impl TraceService for Collect {
@@ -47,14 +54,16 @@ impl TraceService for Collect {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let spans = request
-            .into_inner()
-            .resource_spans
-            .into_iter()
-            .flat_map(|resource| resource.scope_spans)
-            .flat_map(|scope| scope.spans);
-        for span in spans {
-            let _ = self.0.send(span);
+        for resource_spans in request.into_inner().resource_spans {
+            let resource = resource_spans.resource.unwrap_or_default().attributes;
+            self.resources.lock().unwrap().push(resource);
+            let spans = resource_spans
+                .scope_spans
+                .into_iter()
+                .flat_map(|scope| scope.spans);
+            for span in spans {
+                let _ = self.spans.send(span);
+            }
         }
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
@@ -65,16 +74,41 @@ impl Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let (sender, spans) = mpsc::unbounded_channel();
+        let resources = Arc::default();
+        let collect = Collect {
+            spans: sender,
+            resources: Arc::clone(&resources),
+        };
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(Collect(sender)))
+                .add_service(TraceServiceServer::new(collect))
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
         Receiver {
             endpoint,
             spans,
             seen: Vec::new(),
+            resources,
         }
+    }
+
+    /// Each resource attribute received so far, as `key=value` text.
+    fn resource_attributes(&self) -> Vec<String> {
+        let resources = self.resources.lock().unwrap();
+        let attributes = resources.iter().flatten();
+        attributes
+            .map(|attribute| {
+                let value = match attribute
+                    .value
+                    .as_ref()
+                    .and_then(|value| value.value.as_ref())
+                {
+                    Some(Value::StringValue(text)) => text.clone(),
+                    other => format!("{other:?}"),
+                };
+                format!("{}={value}", attribute.key)
+            })
+            .collect()
     }
 
     /// The first span received that `matches`, waiting for it within [`SPAN_WAIT`].
@@ -283,6 +317,11 @@ async fn a_fault_calls_span_carries_the_fault_and_an_error_status() {
         .span("server", |span| span.kind == SpanKind::Server as i32)
         .await;
     assert!(server.parent_span_id.is_empty(), "{server:?}");
+    let resource = receiver.resource_attributes();
+    assert!(
+        resource.contains(&"service.name=taskgate".to_owned()),
+        "{resource:?}"
+    );
     assert_eq!(int_attribute(&server, "taskgate.fault.code"), Some(1087));
     assert_eq!(
         attribute(&server, "taskgate.fault.name").as_deref(),
@@ -573,4 +612,69 @@ async fn a_call_refused_before_its_handler_is_traced_too() {
         StatusCode::Unset as i32,
         "{span_status:?}"
     );
+}
+
+/// The standard variables work as in every OpenTelemetry SDK: the service name and resource
+/// attributes are the operator's, and a sampler that keeps no trace the gateway starts still
+/// follows a caller that sampled its own.
+#[tokio::test]
+async fn the_standard_variables_name_the_service_and_choose_the_sampler() {
+    let mut receiver = Receiver::start().await;
+    let mut command = tokio::process::Command::new(crate::cli::BIN);
+    command
+        .args(["serve", "--simulator", "--listen", "127.0.0.1:0"])
+        .args(["--otlp-endpoint", &receiver.endpoint])
+        .env("OTEL_SERVICE_NAME", "wms-gateway")
+        .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+        .env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+        .env("OTEL_TRACES_SAMPLER_ARG", "0");
+    let mut gateway =
+        TaskgateProcess::start_serving(TaskgateProcess::spawn_command(&mut command)).await;
+    assert!(
+        gateway
+            .log
+            .contains("exporting spans over OTLP/gRPC endpoint="),
+        "{}",
+        gateway.log
+    );
+    assert!(
+        gateway.log.contains("sampler=\"parentbased_traceidratio\""),
+        "{}",
+        gateway.log
+    );
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    // Started here: not sampled at a ratio of 0.
+    client.case_get_state(state_request()).await.unwrap();
+    // Sampled by its caller: followed.
+    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+    client
+        .case_extract(request(4, Some(&traceparent)))
+        .await
+        .unwrap();
+    receiver
+        .span("server", |span| span.kind == SpanKind::Server as i32)
+        .await;
+    // Spans leave in the order they ended: had the first call's been sampled, they would have
+    // arrived by now.
+    let traces: Vec<String> = receiver
+        .seen
+        .iter()
+        .map(|span| hex(&span.trace_id))
+        .collect();
+    assert!(traces.iter().all(|trace| trace == TRACE_ID), "{traces:?}");
+    let resource = receiver.resource_attributes();
+    for expected in ["service.name=wms-gateway", "deployment.environment=test"] {
+        assert!(resource.contains(&expected.to_owned()), "{resource:?}");
+    }
+    gateway.signal("TERM").await;
+    let _ = gateway.finish().await;
+}
+
+fn state_request() -> tonic::Request<taskgate::proto::CaseGetStateRequest> {
+    tonic::Request::new(taskgate::proto::CaseGetStateRequest {
+        port_id: 4,
+        ..Default::default()
+    })
 }
