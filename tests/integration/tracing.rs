@@ -628,7 +628,7 @@ async fn the_standard_variables_name_the_service_and_choose_the_sampler() {
         .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
         .env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
         .env("OTEL_TRACES_SAMPLER_ARG", "0");
-    let mut gateway =
+    let gateway =
         TaskgateProcess::start_serving(TaskgateProcess::spawn_command(&mut command)).await;
     assert!(
         gateway
@@ -673,8 +673,5 @@ async fn the_standard_variables_name_the_service_and_choose_the_sampler() {
 }
 
 fn state_request() -> tonic::Request<taskgate::proto::CaseGetStateRequest> {
-    tonic::Request::new(taskgate::proto::CaseGetStateRequest {
-        port_id: 4,
-        ..Default::default()
-    })
+    tonic::Request::new(taskgate::proto::CaseGetStateRequest { port_id: 4 })
 }
