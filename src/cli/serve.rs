@@ -91,14 +91,16 @@ impl Serve {
     }
 
     /// The OTLP endpoint given by flag, environment or file, checked; `None` when spans are not
-    /// exported.
+    /// exported, which `--print-config` never does.
     pub(super) fn otlp_endpoint(&self) -> anyhow::Result<Option<url::Url>> {
-        self.given
+        let endpoint = self
+            .given
             .otlp_endpoint
             .as_deref()
             .map(taskgate::otel::parse_endpoint)
             .transpose()
-            .context("invalid --otlp-endpoint")
+            .context("invalid --otlp-endpoint")?;
+        Ok(endpoint.filter(|_| !self.print_config))
     }
 
     /// The log format given by flag, environment or file, if any.

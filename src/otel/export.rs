@@ -283,6 +283,46 @@ mod tests {
         );
     }
 
+    fn span_data() -> SpanData {
+        use opentelemetry::trace::{
+            SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+        };
+        SpanData {
+            span_context: SpanContext::new(
+                TraceId::from(1),
+                SpanId::from(1),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::default(),
+            ),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Server,
+            name: "span".into(),
+            start_time: std::time::SystemTime::UNIX_EPOCH,
+            end_time: std::time::SystemTime::UNIX_EPOCH,
+            attributes: Vec::new(),
+            dropped_attributes_count: 0,
+            events: Default::default(),
+            links: Default::default(),
+            status: Status::Unset,
+            instrumentation_scope: Default::default(),
+        }
+    }
+
+    /// A span that finds the queue full is dropped and counted at once: ending a span never
+    /// waits for the export task.
+    #[test]
+    fn a_full_queue_drops_and_counts_without_waiting() {
+        let (queue, _receiver) = mpsc::channel(2);
+        let processor = QueueProcessor { queue };
+        let before = DROPPED_QUEUE_FULL.load(Ordering::Relaxed);
+        for _ in 0..5 {
+            processor.on_end(span_data());
+        }
+        assert_eq!(DROPPED_QUEUE_FULL.load(Ordering::Relaxed) - before, 3);
+    }
+
     /// The collector's failures are logged once per interval, with the count of those that
     /// were not.
     #[test]
