@@ -79,6 +79,14 @@ pub enum OtlpError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The standard variables ask for a protocol other than OTLP/gRPC.
+    #[error("{variable}={value}: only OTLP over gRPC (grpc) is exported")]
+    Protocol {
+        /// The variable that names the protocol.
+        variable: &'static str,
+        /// Its value.
+        value: String,
+    },
     /// The exporter could not be built.
     #[error("cannot set up the OTLP exporter for '{endpoint}': {reason}")]
     Exporter {
@@ -126,6 +134,27 @@ pub fn endpoint_from_environment() -> Option<String> {
     .into_iter()
     .filter_map(|name| std::env::var(name).ok())
     .find(|value| !value.trim().is_empty())
+}
+
+/// Checks that the standard variables, if they name a protocol
+/// (`OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else `OTEL_EXPORTER_OTLP_PROTOCOL`), name `grpc`: a
+/// collector's HTTP port spoken to in gRPC would refuse every export.
+pub fn check_protocol() -> Result<(), OtlpError> {
+    let named = [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ]
+    .into_iter()
+    .find_map(|variable| {
+        let value = std::env::var(variable).ok()?;
+        (!value.trim().is_empty()).then_some((variable, value))
+    });
+    match named {
+        Some((variable, value)) if value.trim() != "grpc" => {
+            Err(OtlpError::Protocol { variable, value })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Starts exporting spans to `endpoint`. Must be called within the tokio runtime the export

@@ -100,6 +100,9 @@ impl Serve {
             .map(taskgate::otel::parse_endpoint)
             .transpose()
             .context("invalid --otlp-endpoint")?;
+        if endpoint.is_some() {
+            taskgate::otel::check_protocol().context("invalid configuration")?;
+        }
         Ok(endpoint.filter(|_| !self.print_config))
     }
 

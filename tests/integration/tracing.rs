@@ -444,6 +444,13 @@ async fn the_flag_beats_the_standard_variable_which_beats_the_file() {
         printed(&stdout).as_deref(),
         Some("otlp_endpoint = \"http://flag.example:4317\"")
     );
+    let http = [("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")];
+    let (_, stderr) = print_config(&flag, &http, 2).await;
+    assert_eq!(
+        stderr.trim_end(),
+        "error: invalid configuration: OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf: only OTLP over \
+         gRPC (grpc) is exported"
+    );
     let (_, stderr) = print_config(&["--otlp-endpoint", "https://collector:4317"], &[], 2).await;
     assert_eq!(
         stderr.trim_end(),
