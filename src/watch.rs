@@ -158,8 +158,8 @@ pub(crate) struct Subscription {
     _open: OpenWatch,
 }
 
-/// What a watch's span records when the watch ends: the call's server span (`call`), which
-/// lasts as long as its stream, and declares these fields.
+/// What a watch's span records when the watch ends: the call's server span (made in `call`,
+/// which declares these fields), lasting as long as its stream.
 #[derive(Debug)]
 struct TracedWatch {
     span: tracing::Span,

@@ -24,7 +24,6 @@ use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
-use tracing::Instrument as _;
 
 use super::lines::{DEFAULT_MAX_LINE_BYTES, LineError, LineSplitter};
 use super::segment::{Segment, parse_segment};
@@ -66,9 +65,10 @@ pub(crate) async fn run(target: Target, watches: Watches) {
     let mut failure_log = LogEvery::every(REPEAT_LOG_INTERVAL);
     let mut connected_before = false;
     loop {
+        // Held, not entered, for the connection's life: a span of its own, which the log never
+        // shows.
         let span = connection_span(&target.address, connected_before);
-        let cause = async {
-            match connect(&target).await {
+        let cause = match connect(&target).await {
             Ok(stream) => {
                 if connected_before {
                     watches.metrics().publisher_reconnected();
@@ -93,14 +93,10 @@ pub(crate) async fn run(target: Target, watches: Watches) {
                 }
                 cause
             }
-            }
-        }
-        .instrument(span.clone())
-        .await;
-        if !span.is_none() {
-            span.record("otel.status_code", "error");
-            span.record("otel.status_description", cause.as_str());
-        }
+        };
+        span.record("otel.status_code", "error");
+        span.record("otel.status_description", cause.as_str());
+        // Ended here, before the pause: the pause is not the connection's.
         drop(span);
         watches.lost(&cause);
         tokio::time::sleep(jittered(backoff)).await;
