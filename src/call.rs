@@ -8,10 +8,10 @@
 //! for a server-streaming RPC, when its stream ends: a stream's outcome is in its trailers. A
 //! new RPC gets all of this by being in the proto: the methods come from the descriptor set.
 //!
-//! Trace context comes in here too ([`crate::otel`]). When spans are exported, the call's span is
-//! the server span, a child of the caller's `traceparent`, with the RPC attributes of the
-//! semantic conventions and the call's facts; its ids go into the access line and the latency
-//! histogram's exemplar. When they are not, a caller's valid `traceparent` is only read: its
+//! Trace context comes in here too ([`crate::otel`]). When spans are exported, each call also
+//! gets a server span beside its log span, a child of the caller's `traceparent`, with the RPC
+//! attributes of the semantic conventions and the call's facts; its ids go into the access line
+//! and the latency histogram's exemplar. When they are not, a caller's valid `traceparent` is only read: its
 //! trace id goes into the access line, and the call's future carries its context, which the
 //! controller POST passes on unchanged. A call without one pays for one header lookup.
 
