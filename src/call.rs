@@ -7,6 +7,13 @@
 //! leaves it in the request's [`CallScope`]; the layer reads it when the response is ready, or,
 //! for a server-streaming RPC, when its stream ends: a stream's outcome is in its trailers. A
 //! new RPC gets all of this by being in the proto: the methods come from the descriptor set.
+//!
+//! Trace context comes in here too ([`crate::otel`]). When spans are exported, each call also
+//! gets a server span beside its log span, a child of the caller's `traceparent`, with the RPC
+//! attributes of the semantic conventions and the call's facts; its ids go into the access line
+//! and the latency histogram's exemplar. When they are not, a caller's valid `traceparent` is only read: its
+//! trace id goes into the access line, and the call's future carries its context, which the
+//! controller POST passes on unchanged. A call without one pays for one header lookup.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,15 +23,20 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use hyper::body::{Frame, SizeHint};
+use opentelemetry::context::FutureExt as _;
+use opentelemetry::trace::{SpanId, TraceContextExt as _, TraceId};
 use prost::Message as _;
 use tokio::time::Instant;
 use tonic::codegen::http::{HeaderMap, HeaderName, Request, Response};
 use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
 use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::config::AccessLog;
+use crate::fault::FaultClass;
 use crate::metrics::{GaugeGuard, MethodMetrics, Metrics};
 use crate::proto::task_service_server::SERVICE_NAME;
 use crate::request_id::{self, RequestId};
@@ -57,6 +69,8 @@ pub(crate) struct CallService<S> {
 struct Shared {
     metrics: Metrics,
     access_log: AccessLog,
+    /// Whether spans are exported, fixed when the layer is made.
+    exporting: bool,
     /// The task service's methods, with their metrics series.
     methods: Vec<Method>,
 }
@@ -121,6 +135,7 @@ impl CallLayer {
             shared: Arc::new(Shared {
                 metrics,
                 access_log,
+                exporting: crate::otel::exporting(),
                 methods,
             }),
         }
@@ -219,6 +234,21 @@ where
             request_id = %request_id,
             path = %PlainStr(request.uri().path())
         );
+        let caller = crate::otel::caller_context(request.headers());
+        let (otel_span, trace, caller) = if self.shared.exporting {
+            let (otel_span, trace) = server_span(&request, &request_id, caller, &span);
+            (Some(otel_span), Some(trace), None)
+        } else {
+            let trace = caller.as_ref().map(|caller| {
+                let span = caller.span();
+                TraceIds {
+                    trace_id: span.span_context().trace_id(),
+                    span_id: None,
+                    sampled: false,
+                }
+            });
+            (None, trace, caller)
+        };
         let shared = Arc::clone(&self.shared);
         let method = shared
             .methods
@@ -239,6 +269,9 @@ where
                 .extensions()
                 .get::<TcpConnectInfo>()
                 .and_then(TcpConnectInfo::remote_addr);
+            let server_span = otel_span.clone();
+            // Only a streaming call keeps its log span past its future.
+            let stream_span = shared.methods[method].streaming.then(|| span.clone());
             Finish {
                 _in_flight: shared.metrics.call_started(),
                 shared,
@@ -247,40 +280,127 @@ where
                 started,
                 request_id,
                 peer,
+                trace,
+                server_span,
+                stream_span,
             }
         }));
         // The clone that was made ready is the one to call; keep a fresh clone for next time.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(
-            async move {
-                let mut unanswered = unanswered;
-                let response = inner.call(request).await;
-                let finish = unanswered.0.take();
-                let mut response = response?;
-                if let Some(finish) = finish {
-                    let status = status_in(response.headers());
-                    // A stream that started ends later, with its trailers; an error ends it now.
-                    if finish.streaming() && status.is_none() {
-                        // The stream ends outside this future: its lines keep the call's span.
-                        let span = tracing::Span::current();
-                        response = response.map(|body| {
-                            tonic::body::Body::new(StreamBody {
-                                inner: body,
-                                finish: Some(finish),
-                                span,
-                            })
-                        });
-                    } else {
-                        finish.finished(status);
-                    }
+        let future = async move {
+            let mut unanswered = unanswered;
+            let response = inner.call(request).await;
+            let finish = unanswered.0.take();
+            let mut response = response?;
+            if let Some(mut finish) = finish {
+                let status = status_in(response.headers());
+                // A stream that started ends later, with its trailers; an error ends it now.
+                if finish.streaming() && status.is_none() {
+                    // The stream ends outside this future: its lines keep the call's span, and
+                    // its server span ends with it.
+                    let server_span = finish.server_span.clone();
+                    let span = finish
+                        .stream_span
+                        .take()
+                        .unwrap_or_else(tracing::Span::current);
+                    response = response.map(|body| {
+                        tonic::body::Body::new(StreamBody {
+                            inner: body,
+                            finish: Some(finish),
+                            span,
+                            server_span,
+                        })
+                    });
+                } else {
+                    finish.finished(status);
                 }
-                response.headers_mut().insert(REQUEST_ID, value);
-                Ok(response)
             }
-            .instrument(span),
-        )
+            response.headers_mut().insert(REQUEST_ID, value);
+            Ok(response)
+        };
+        // Without export, the caller's context rides with the call for the controller POST;
+        // exported, the server span's own context is current whenever it is entered.
+        let future = match (otel_span, caller) {
+            (None, None) => Either::Left(future.instrument(span)),
+            (None, Some(caller)) => {
+                Either::Right(Either::Left(future.instrument(span).with_context(caller)))
+            }
+            (Some(otel_span), _) => {
+                Either::Right(Either::Right(future.instrument(otel_span).instrument(span)))
+            }
+        };
+        Box::pin(future)
     }
+}
+
+/// A call's server span, under `caller`'s context when the caller sent one, and the ids the
+/// access line and the exemplar name it by. It is a span of its own beside the call's log span
+/// (`parent`), for the OpenTelemetry layer alone (`otel::SPAN_TARGET`): its attributes are not
+/// log fields.
+fn server_span<B>(
+    request: &Request<B>,
+    request_id: &RequestId,
+    caller: Option<opentelemetry::Context>,
+    parent: &tracing::Span,
+) -> (tracing::Span, TraceIds) {
+    let path = request.uri().path();
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or_default();
+    let local = request
+        .extensions()
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::local_addr);
+    let empty = tracing::field::Empty;
+    let span = tracing::info_span!(
+        target: crate::otel::SPAN_TARGET,
+        parent: parent,
+        "server",
+        otel.name = crate::otel::rpc_span_name(path),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        server.address = local.map(|local| tracing::field::display(local.ip())),
+        server.port = local.map(|local| i64::from(local.port())),
+        request_id = %request_id,
+        rpc.grpc.status_code = empty,
+        taskgate.port_id = empty,
+        taskgate.bin_id = empty,
+        taskgate.fault.code = empty,
+        taskgate.fault.name = empty,
+        taskgate.upstream_error = empty,
+        taskgate.watch.events = empty,
+        taskgate.watch.end = empty,
+        error.type = empty,
+        otel.status_code = empty,
+        otel.status_description = empty,
+    );
+    if let Some(caller) = caller {
+        let _ = span.set_parent(caller);
+    }
+    let context = span.context();
+    let otel_span = context.span();
+    let span_context = otel_span.span_context();
+    let trace = TraceIds {
+        trace_id: span_context.trace_id(),
+        span_id: Some(span_context.span_id()),
+        sampled: span_context.is_sampled(),
+    };
+    (span, trace)
+}
+
+/// The ids that tie a call's log line and metrics to its trace.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TraceIds {
+    /// The trace: the caller's, or a new one when the call started it.
+    pub(crate) trace_id: TraceId,
+    /// The gateway's server span, when spans are exported.
+    pub(crate) span_id: Option<SpanId>,
+    /// Whether the trace is exported, so an exemplar can point at it.
+    pub(crate) sampled: bool,
 }
 
 /// A `&str` displayed with one write: `str`'s own `Display` pads to a width, which costs more.
@@ -311,6 +431,12 @@ struct Finish {
     started: Instant,
     request_id: RequestId,
     peer: Option<SocketAddr>,
+    /// The trace the call is part of, when spans are exported or the caller named one.
+    trace: Option<TraceIds>,
+    /// The server span, when spans are exported: it gets the call's facts when it ends.
+    server_span: Option<tracing::Span>,
+    /// The call's log span, for a server-streaming call, whose stream ends outside its future.
+    stream_span: Option<tracing::Span>,
     /// The call is in flight until this is dropped.
     _in_flight: GaugeGuard,
 }
@@ -342,14 +468,39 @@ impl Finish {
             .unwrap_or_else(|notes| notes.get().cloned())
             .unwrap_or_default();
         let method = &self.shared.methods[self.method];
-        self.shared.finished(
-            method,
-            &notes,
-            status,
-            self.started,
-            &self.request_id,
-            self.peer,
-        );
+        if let Some(span) = &self.server_span {
+            record_outcome(span, &notes, status.as_ref());
+        }
+        let shared = &self.shared;
+        let code = status.as_ref().map_or(tonic::Code::Ok, tonic::Status::code);
+        let total_time = self.started.elapsed();
+        if let Some(upstream_time) = notes.upstream_time {
+            method.metrics.upstream_finished(upstream_time);
+        }
+        if let Some(fault_code) = notes.fault_code {
+            shared.metrics.fault(method.name, fault_code);
+        }
+        if let Some(kind) = notes.upstream_error {
+            shared.metrics.upstream_error(kind);
+        }
+        if shared.access_log.records(code) {
+            let access = AccessRecord {
+                method: method.name,
+                notes: &notes,
+                code,
+                total_time,
+                request_id: &self.request_id,
+                peer: self.peer,
+                trace: self.trace,
+            };
+            access.log(status.as_ref().map(tonic::Status::message));
+        }
+        // Only a trace that is exported is worth pointing at.
+        let exemplar = self
+            .trace
+            .filter(|trace| trace.sampled)
+            .and_then(|trace| Some((trace.trace_id, trace.span_id?)));
+        method.metrics.call_finished(code, total_time, exemplar);
     }
 }
 
@@ -359,7 +510,11 @@ impl Finish {
 struct StreamBody {
     inner: tonic::body::Body,
     finish: Option<Finish>,
+    /// The call's log span.
     span: tracing::Span,
+    /// The call's server span, when spans are exported: entered as the stream ends, so that it
+    /// ends then too.
+    server_span: Option<tracing::Span>,
 }
 
 impl hyper::body::Body for StreamBody {
@@ -382,6 +537,7 @@ impl hyper::body::Body for StreamBody {
             && let Some(finish) = self.finish.take()
         {
             let _entered = self.span.enter();
+            let _traced = self.server_span.as_ref().map(tracing::Span::enter);
             finish.finished(status);
         }
         polled
@@ -400,6 +556,7 @@ impl Drop for StreamBody {
     fn drop(&mut self) {
         if let Some(finish) = self.finish.take() {
             let _entered = self.span.enter();
+            let _traced = self.server_span.as_ref().map(tracing::Span::enter);
             finish.finished(Some(tonic::Status::cancelled(
                 "the stream ended before its status: the caller went away, or stopped reading",
             )));
@@ -407,43 +564,41 @@ impl Drop for StreamBody {
     }
 }
 
-// === impl Shared ===
-
-impl Shared {
-    /// Counts a task-service call that ended with `status` (`None`: OK) and writes its access
-    /// line.
-    fn finished(
-        &self,
-        method: &Method,
-        notes: &CallNotes,
-        status: Option<tonic::Status>,
-        started: Instant,
-        request_id: &RequestId,
-        peer: Option<SocketAddr>,
-    ) {
-        let code = status.as_ref().map_or(tonic::Code::Ok, tonic::Status::code);
-        let total_time = started.elapsed();
-        if let Some(upstream_time) = notes.upstream_time {
-            method.metrics.upstream_finished(upstream_time);
-        }
-        if let Some(fault_code) = notes.fault_code {
-            self.metrics.fault(method.name, fault_code);
-        }
-        if let Some(kind) = notes.upstream_error {
-            self.metrics.upstream_error(kind);
-        }
-        if self.access_log.records(code) {
-            let access = AccessRecord {
-                method: method.name,
-                notes,
-                code,
-                total_time,
-                request_id,
-                peer,
-            };
-            access.log(status.as_ref().map(tonic::Status::message));
-        }
-        method.metrics.call_finished(code, total_time);
+/// Puts what the call came to on its server span: the gRPC code, the port, bin and fault, and
+/// an error status for a fault or a server-side failure. The RPC conventions leave a server
+/// span's status unset for the codes that blame the caller; a fault is the controller's answer,
+/// so a call that met one is marked failed whatever its code.
+fn record_outcome(span: &tracing::Span, notes: &CallNotes, status: Option<&tonic::Status>) {
+    let code = status.map_or(tonic::Code::Ok, tonic::Status::code);
+    span.record("rpc.grpc.status_code", i32::from(code));
+    // As signed integers: tracing-opentelemetry records unsigned ones as text.
+    span.record("taskgate.port_id", notes.port_id.map(i64::from));
+    span.record("taskgate.bin_id", notes.bin_id.map(i64::from));
+    if let Some(fault_code) = notes.fault_code {
+        let name = match crate::fault::classify(fault_code) {
+            FaultClass::Known(fault) => fault.name,
+            FaultClass::Unknown(_) => "unknown",
+            FaultClass::OutOfRange(_) => "out_of_range",
+        };
+        span.record("taskgate.fault.code", i64::from(fault_code));
+        span.record("taskgate.fault.name", name);
+    }
+    span.record("taskgate.upstream_error", notes.upstream_error);
+    let server_failure = matches!(
+        code,
+        tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unimplemented
+            | tonic::Code::Internal
+            | tonic::Code::Unavailable
+            | tonic::Code::DataLoss
+    );
+    if let Some(status) = status
+        && (server_failure || notes.fault_code.is_some())
+    {
+        span.record("error.type", crate::fault::grpc_code_name(code));
+        span.record("otel.status_code", "error");
+        span.record("otel.status_description", status.message());
     }
 }
 
@@ -475,6 +630,7 @@ struct AccessRecord<'a> {
     total_time: Duration,
     request_id: &'a RequestId,
     peer: Option<SocketAddr>,
+    trace: Option<TraceIds>,
 }
 
 impl AccessRecord<'_> {
@@ -491,6 +647,11 @@ impl AccessRecord<'_> {
             upstream_ms = self.notes.upstream_time.map(milliseconds),
             total_ms = milliseconds(self.total_time),
             request_id = %self.request_id,
+            trace_id = self.trace.map(|trace| tracing::field::display(trace.trace_id)),
+            span_id = self
+                .trace
+                .and_then(|trace| trace.span_id)
+                .map(tracing::field::display),
             idempotency_key = self.notes.idempotency_key.map(tracing::field::display),
             replayed = self.notes.replayed,
             peer = self.peer.map(tracing::field::display),
@@ -567,6 +728,7 @@ mod tests {
                 format!(
                     "method=\"case_extract\" port_id=4 bin_id=4007 grpc_code=\"UNAVAILABLE\" \
                      fault_code=1148 upstream_ms={upstream_ms:?} total_ms={total_ms:?} request_id={id} \
+                     trace_id=0af7651916cd43dd8448eb211c80319c span_id=b7ad6b7169203331 \
                      idempotency_key=01234567-89ab-cdef-0123-456789abcdef replayed=\"stored\" \
                      peer=127.0.0.1:4711 error=\"port 4 is busy\""
                 ),
@@ -574,9 +736,15 @@ mod tests {
                     "message": "call", "method": "case_extract", "port_id": 4, "bin_id": 4007,
                     "grpc_code": "UNAVAILABLE", "fault_code": 1148, "upstream_ms": upstream_ms,
                     "total_ms": total_ms, "request_id": id,
+                    "trace_id": "0af7651916cd43dd8448eb211c80319c", "span_id": "b7ad6b7169203331",
                     "idempotency_key": "01234567-89ab-cdef-0123-456789abcdef",
                     "replayed": "stored", "peer": "127.0.0.1:4711",
                     "error": "port 4 is busy",
+                }),
+                Some(TraceIds {
+                    trace_id: TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
+                    span_id: Some(SpanId::from_hex("b7ad6b7169203331").unwrap()),
+                    sampled: true,
                 }),
             ),
             (
@@ -592,9 +760,10 @@ mod tests {
                     "message": "call", "method": "case_extract", "grpc_code": "UNAUTHENTICATED",
                     "total_ms": total_ms, "request_id": id, "error": "bad \"token\"\n",
                 }),
+                None,
             ),
         ];
-        for (notes, code, peer, error, text_fields, json_fields) in records {
+        for (notes, code, peer, error, text_fields, json_fields, trace) in records {
             let record = AccessRecord {
                 method: "case_extract",
                 notes,
@@ -602,6 +771,7 @@ mod tests {
                 total_time,
                 request_id: &request_id,
                 peer: peer.map(|peer| peer.parse().unwrap()),
+                trace,
             };
             let text = crate::log::lines_for_test(LogFormat::Text, || record.log(error));
             assert_eq!(text.len(), 1, "{text:?}");

@@ -24,6 +24,7 @@
 //! - [`server`]: the whole configuration and [`server::serve`], which runs a gateway.
 //! - [`simulator`]: an embedded simulated controller.
 //! - [`log`]: logging off the call path: tracing-subscriber's fmt layer into tracing-appender's lossy writer.
+//! - [`otel`]: distributed tracing: W3C trace context in and out, spans exported over OTLP.
 //! - [`shutdown`]: the SIGINT/SIGTERM future, and SIGHUP caught so it never ends the process.
 //! - [`nofile`]: the open-file limit, raised at startup.
 //! - [`regular_file`]: reading an operator's file: regular files only, size capped.
@@ -74,6 +75,7 @@ pub mod log;
 pub mod log_publisher;
 mod metrics;
 pub mod nofile;
+pub mod otel;
 mod protocol;
 pub mod regular_file;
 mod request_id;

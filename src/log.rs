@@ -8,6 +8,11 @@
 //! (`taskgate_log_lines_dropped_total`) and reported in a warning by a thread of their own. On
 //! exit what is buffered is written out for at most [`EXIT_FLUSH_BOUND`], since a reader that
 //! never reads again must not keep the process from exiting.
+//!
+//! When spans are exported ([`crate::otel`]), the OpenTelemetry layer sits beside the fmt layer,
+//! each with a filter of its own: `RUST_LOG` decides what is logged, never what is traced, and
+//! the spans made for tracing are never in a log line.
+//! Without export the subscriber is what it always was, with one filter for everything.
 
 use std::io::{BufWriter, IsTerminal};
 use std::sync::OnceLock;
@@ -18,8 +23,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tracing::Subscriber;
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::{FilterExt as _, Targets, filter_fn};
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::Filter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::registry::{LookupSpan, Registry};
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -74,8 +80,13 @@ struct DropReporter {
 }
 
 /// Installs the global subscriber: `RUST_LOG` if set, else `default_filter`, formatted as
-/// `format` and written to stderr by tracing-appender's lossy writer thread.
-pub fn init(format: LogFormat, default_filter: &str) -> LogGuard {
+/// `format` and written to stderr by tracing-appender's lossy writer thread; and, when spans are
+/// `exported`, the layer that turns the gateway's spans into OpenTelemetry spans.
+pub fn init(
+    format: LogFormat,
+    default_filter: &str,
+    exported: Option<&crate::otel::Exporting>,
+) -> LogGuard {
     let styled = std::io::stderr().is_terminal();
     let (writer, worker) = NonBlockingBuilder::default()
         .lossy(true)
@@ -91,10 +102,18 @@ pub fn init(format: LogFormat, default_filter: &str) -> LogGuard {
     // Set once per process; a second `init` (only ever in tests) keeps the first writer's count.
     let _ = DROPPED.set(dropped.clone());
     // `try_init` so that a process that already has a subscriber keeps it rather than panicking.
-    let _ = tracing_subscriber::registry()
-        .with(filter(default_filter))
-        .with(format_layer(format, writer, styled))
-        .try_init();
+    let _ = match exported {
+        None => tracing_subscriber::registry()
+            .with(filter(default_filter))
+            .with(format_layer(format, writer, styled))
+            .try_init(),
+        Some(exported) => tracing_subscriber::registry()
+            .with(format_layer(format, writer, styled).with_filter(
+                log_filter(default_filter).and(filter_fn(|metadata| !is_traced(metadata))),
+            ))
+            .with(exported.layer().with_filter(filter_fn(is_traced)))
+            .try_init(),
+    };
     let reporter = DropReporter::start(dropped)
         .inspect_err(|error| {
             tracing::warn!(
@@ -134,14 +153,38 @@ where
 /// `EnvFilter`, needed only for span and field directives (`[span{field=value}]`), also looks
 /// each span up under a lock every time a call's future is polled.
 fn filter(default_filter: &str) -> Box<dyn Layer<Registry> + Send + Sync> {
-    let directives = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|directives| EnvFilter::try_new(directives).is_ok())
-        .unwrap_or_else(|| default_filter.to_owned());
+    let directives = directives(default_filter);
     match directives.parse::<Targets>() {
         Ok(targets) => Box::new(targets),
         Err(_) => Box::new(EnvFilter::new(directives)),
     }
+}
+
+/// The same directives as [`filter`], as a filter of the fmt layer alone.
+fn log_filter<S>(default_filter: &str) -> Box<dyn Filter<S> + Send + Sync>
+where
+    S: Subscriber + for<'lookup> LookupSpan<'lookup>,
+{
+    let directives = directives(default_filter);
+    match directives.parse::<Targets>() {
+        Ok(targets) => Box::new(targets),
+        Err(_) => Box::new(EnvFilter::new(directives)),
+    }
+}
+
+/// What is traced: the spans made for tracing alone ([`crate::otel::SPAN_TARGET`]), whatever
+/// `RUST_LOG` says; the log never shows them, and no event is traced (events are log lines,
+/// which the log has).
+fn is_traced(metadata: &tracing::Metadata<'_>) -> bool {
+    metadata.is_span() && metadata.target() == crate::otel::SPAN_TARGET
+}
+
+/// `RUST_LOG` if it is set and valid, else `default_filter`.
+fn directives(default_filter: &str) -> String {
+    std::env::var("RUST_LOG")
+        .ok()
+        .filter(|directives| EnvFilter::try_new(directives).is_ok())
+        .unwrap_or_else(|| default_filter.to_owned())
 }
 
 // === impl LogGuard ===

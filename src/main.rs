@@ -18,7 +18,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let log = taskgate::log::init(prepared.log_format(), prepared.default_log_filter());
+    let exporting = match prepared.start_exporting(&runtime) {
+        Ok(exporting) => exporting,
+        Err(ending) => return finish(ending),
+    };
+    let log = taskgate::log::init(
+        prepared.log_format(),
+        prepared.default_log_filter(),
+        exporting.as_ref(),
+    );
+    if let Some(exporting) = &exporting {
+        exporting.log_started();
+    }
     let ending = runtime.block_on(prepared.run());
     // The log goes first so that the error, if any, is the last line, as it was when logging
     // was synchronous. Both are bounded: a stalled log reader must not hold the exit.

@@ -7,8 +7,10 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use opentelemetry::trace::{SpanId, TraceId};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -25,7 +27,7 @@ pub(crate) struct Metrics {
     calls: Family<CallLabels, Counter>,
     faults: Family<FaultLabels, Counter>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
-    call_duration: Family<MethodLabels, Histogram>,
+    call_duration: Family<MethodLabels, CallHistogram>,
     upstream_duration: Family<MethodLabels, Histogram>,
     in_flight: Gauge,
     health_serving: Gauge,
@@ -142,6 +144,25 @@ struct MethodLabels {
 #[derive(Debug)]
 struct DroppedLogLines;
 
+/// The span exporter's drop counters, read when the metrics are encoded.
+#[derive(Debug)]
+struct DroppedSpans;
+
+/// A call's latency histogram: with the trace of the latest exported call in each bucket as its
+/// exemplar when spans are exported, else plain (one lock per observation, not two).
+#[derive(Debug, Clone)]
+enum CallHistogram {
+    Plain(Histogram),
+    Traced(HistogramWithExemplars<TraceLabels>),
+}
+
+/// An exemplar's labels: the trace and the server span of the call it stands for.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TraceLabels {
+    trace_id: String,
+    span_id: String,
+}
+
 /// One method's series, each looked up in its family on first use and kept: a family lookup
 /// hashes the labels and takes a lock, on every call otherwise. Series still appear only once
 /// they have a value, as before.
@@ -156,7 +177,7 @@ pub(crate) struct MethodMetrics {
 struct MethodSeries {
     /// One counter per gRPC code, indexed by the code's number.
     calls: [OnceLock<Counter>; fault::GRPC_CODE_COUNT],
-    call_duration: OnceLock<Histogram>,
+    call_duration: OnceLock<CallHistogram>,
     upstream_duration: OnceLock<Histogram>,
 }
 
@@ -187,8 +208,12 @@ impl Metrics {
             "Controller calls that produced no usable reply, by kind",
             upstream_errors.clone(),
         );
-        let call_duration = Family::<MethodLabels, Histogram>::new_with_constructor(
-            latency_histogram as fn() -> Histogram,
+        let call_duration = Family::<MethodLabels, CallHistogram>::new_with_constructor(
+            if crate::otel::exporting() {
+                traced_latency_histogram as fn() -> CallHistogram
+            } else {
+                plain_latency_histogram
+            },
         );
         registry.register_with_unit(
             "call_duration",
@@ -215,6 +240,11 @@ impl Metrics {
             "log_lines_dropped",
             "Log lines dropped because stderr was not read fast enough",
             DroppedLogLines,
+        );
+        registry.register(
+            "spans_dropped",
+            "Spans that never reached the OTLP collector, by reason: queue_full (the export queue was full) or export_failed (the collector did not take them)",
+            DroppedSpans,
         );
         let health_serving = Gauge::default();
         registry.register(
@@ -515,8 +545,14 @@ impl CaseEventMetrics {
 // === impl MethodMetrics ===
 
 impl MethodMetrics {
-    /// Records a finished call.
-    pub(crate) fn call_finished(&self, code: tonic::Code, total_time: Duration) {
+    /// Records a finished call; `trace` is its exported trace and server span, the exemplar of
+    /// its latency bucket.
+    pub(crate) fn call_finished(
+        &self,
+        code: tonic::Code,
+        total_time: Duration,
+        trace: Option<(TraceId, SpanId)>,
+    ) {
         let family = &self.metrics.calls;
         let labels = || CallLabels {
             method: self.method,
@@ -538,8 +574,15 @@ impl MethodMetrics {
         }
         self.series
             .call_duration
-            .get_or_init(|| self.histogram(&self.metrics.call_duration))
-            .observe(total_time.as_secs_f64());
+            .get_or_init(|| {
+                self.metrics
+                    .call_duration
+                    .get_or_create(&MethodLabels {
+                        method: self.method,
+                    })
+                    .clone()
+            })
+            .observe(total_time.as_secs_f64(), trace);
     }
 
     /// Records how long the controller took, whatever the outcome.
@@ -647,15 +690,110 @@ impl EncodeMetric for DroppedLogLines {
     }
 }
 
+impl TypedMetric for DroppedSpans {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for DroppedSpans {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (reason, dropped) in crate::otel::dropped_spans() {
+            encoder
+                .encode_family(&[("reason", reason)])?
+                .encode_counter::<NoLabelSet, _, u64>(&dropped, None)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+// === impl CallHistogram ===
+
+impl CallHistogram {
+    fn observe(&self, seconds: f64, trace: Option<(TraceId, SpanId)>) {
+        match self {
+            CallHistogram::Plain(histogram) => histogram.observe(seconds),
+            CallHistogram::Traced(histogram) => histogram.observe(
+                seconds,
+                trace.map(|(trace_id, span_id)| TraceLabels {
+                    trace_id: trace_id.to_string(),
+                    span_id: span_id.to_string(),
+                }),
+                None,
+            ),
+        }
+    }
+}
+
+impl TypedMetric for CallHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for CallHistogram {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        match self {
+            CallHistogram::Plain(histogram) => histogram.encode(encoder),
+            CallHistogram::Traced(histogram) => histogram.encode(encoder),
+        }
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+fn plain_latency_histogram() -> CallHistogram {
+    CallHistogram::Plain(latency_histogram())
+}
+
+fn traced_latency_histogram() -> CallHistogram {
+    CallHistogram::Traced(HistogramWithExemplars::new(latency_buckets()))
+}
+
 /// Buckets from 1 ms to about 33 s, doubling: controller calls take milliseconds when all is well
 /// and up to the upstream timeout when not.
 fn latency_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+    Histogram::new(latency_buckets())
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.001, 2.0, 16)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With spans exported, a call's latency bucket names the trace of the latest sampled call
+    /// in it, in the OpenMetrics exemplar syntax; a call without one leaves it as it was.
+    #[test]
+    fn latency_buckets_carry_the_trace_as_an_exemplar() {
+        let family = Family::<MethodLabels, CallHistogram>::new_with_constructor(
+            traced_latency_histogram as fn() -> CallHistogram,
+        );
+        let mut registry = Registry::with_prefix("taskgate");
+        registry.register_with_unit(
+            "call_duration",
+            "Total time of a call in the gateway",
+            Unit::Seconds,
+            family.clone(),
+        );
+        let histogram = family.get_or_create(&MethodLabels {
+            method: "case_extract",
+        });
+        let trace_id = TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap();
+        let span_id = SpanId::from_hex("b7ad6b7169203331").unwrap();
+        histogram.observe(0.0015, Some((trace_id, span_id)));
+        histogram.observe(0.0150, None);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let expected = "taskgate_call_duration_seconds_bucket{le=\"0.002\",method=\"case_extract\"} 1 \
+                        # {trace_id=\"0af7651916cd43dd8448eb211c80319c\",span_id=\"b7ad6b7169203331\"} 0.0015";
+        assert!(text.contains(expected), "{text}");
+        assert_eq!(text.matches(" # {").count(), 1, "{text}");
+    }
 
     #[test]
     fn names_follow_prometheus_conventions() {
@@ -665,14 +803,14 @@ mod tests {
             !metrics.encode().contains("taskgate_calls_total{"),
             "a series before any call"
         );
-        case_extract.call_finished(tonic::Code::Ok, Duration::from_millis(3));
+        case_extract.call_finished(tonic::Code::Ok, Duration::from_millis(3), None);
         metrics.fault("case_extract", 1148);
         metrics.fault("case_extract", 1500);
         metrics.fault("case_extract", 77);
         metrics.upstream_error("timeout");
         case_extract.upstream_finished(Duration::from_millis(2));
-        case_extract.call_finished(tonic::Code::Unavailable, Duration::from_millis(3));
-        case_extract.call_finished(tonic::Code::Unavailable, Duration::from_millis(3));
+        case_extract.call_finished(tonic::Code::Unavailable, Duration::from_millis(3), None);
+        case_extract.call_finished(tonic::Code::Unavailable, Duration::from_millis(3), None);
         let guard = metrics.call_started();
         metrics.health(true);
         let text = metrics.encode();

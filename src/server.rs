@@ -86,7 +86,7 @@ impl From<TcpListener> for Listeners {
 /// layer at all: no CORS headers are sent, so browsers refuse cross-origin calls, and calls do
 /// not pay for the `Vary` header the layer would add to every response.
 fn cors_layer(allow_origins: &[HeaderValue]) -> Option<CorsLayer> {
-    const ALLOW_HEADERS: [&str; 7] = [
+    const ALLOW_HEADERS: [&str; 9] = [
         "content-type",
         "x-grpc-web",
         "x-user-agent",
@@ -94,6 +94,9 @@ fn cors_layer(allow_origins: &[HeaderValue]) -> Option<CorsLayer> {
         "authorization",
         "x-request-id",
         "grpc-accept-encoding",
+        // W3C trace context, which a traced page sends with every call.
+        "traceparent",
+        "tracestate",
     ];
     const EXPOSE_HEADERS: [&str; 4] = [
         "grpc-status",
@@ -330,6 +333,7 @@ pub async fn serve(
             admission,
         ));
     }
+    let stopping = tokio::time::Instant::now();
     // Closing the listener first makes the kernel refuse new connections at once, rather than
     // queue them until their deadline.
     drop(acceptor);
@@ -361,6 +365,9 @@ pub async fn serve(
     }
     // Ends whatever the grace left running.
     connection_tasks.abort_all();
+    // The spans of the calls just ended, in what is left of the grace: a collector that does
+    // not answer must not hold the exit.
+    crate::otel::flush(config.shutdown_grace.saturating_sub(stopping.elapsed())).await;
     tracing::info!(
         closed_idle = census.closed_idle,
         closed_partial = census.closed_partial,

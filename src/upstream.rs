@@ -10,6 +10,10 @@
 //! framed, it is closed. Either way no call reads another call's reply.
 //! The whole call runs inside the caller's future, so dropping that future (a cancelled RPC)
 //! drops the HTTP request, and hyper closes its connection.
+//!
+//! The POST carries the call's trace context (`crate::otel`): when spans are exported, a client
+//! span under the call's server span, which the `traceparent` names; when not, the caller's own
+//! `traceparent` and `tracestate`, unchanged. Without either, nothing is added.
 
 use std::num::NonZeroUsize;
 use std::time::Duration;
@@ -17,12 +21,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::{StatusCode, Uri};
+use opentelemetry::Context;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use url::Url;
 
 use crate::codec::{Call, DecodeError, Reply, WireFormat, charset_of};
-use crate::config::{ConfigError, defaults, limits, refuse_credentials};
+use crate::config::{ConfigError, defaults, limits, redact_url, refuse_credentials};
 use crate::request_id::RequestId;
 use crate::tls::UpstreamTls;
 
@@ -70,6 +77,8 @@ pub(crate) struct Upstream {
     max_response_bytes: usize,
     /// XML (documented) or JSON, for requests and replies alike.
     format: WireFormat,
+    /// Whether a client span is made for each POST, fixed when the client is built.
+    exporting: bool,
 }
 
 /// Why the controller client cannot be built.
@@ -244,6 +253,7 @@ impl Upstream {
             url,
             max_response_bytes: settings.max_response_bytes.get(),
             format: settings.format,
+            exporting: crate::otel::exporting(),
         })
     }
 
@@ -259,15 +269,65 @@ impl Upstream {
         request_id: &RequestId,
         time_limit: Duration,
     ) -> Result<Reply, UpstreamError> {
-        tokio::time::timeout(time_limit, self.post(call, request_id))
+        if !self.exporting {
+            // The caller's context, if it sent one, rides with the call (`call`).
+            let mut trace_headers = HeaderMap::new();
+            Context::map_current(|context| crate::otel::inject(context, &mut trace_headers));
+            return self
+                .timed_post(call, request_id, time_limit, trace_headers)
+                .await;
+        }
+        let span = tracing::info_span!(
+            target: crate::otel::SPAN_TARGET,
+            "POST",
+            otel.kind = "client",
+            http.request.method = "POST",
+            server.address = self.url.host_str(),
+            // As signed integers: tracing-opentelemetry records unsigned ones as text.
+            server.port = self.url.port_or_known_default().map(i64::from),
+            url.full = %redact_url(self.url.as_str()),
+            http.response.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let mut trace_headers = HeaderMap::new();
+        crate::otel::inject(&span.context(), &mut trace_headers);
+        let reply = self
+            .timed_post(call, request_id, time_limit, trace_headers)
+            .instrument(span.clone())
+            .await;
+        if let Err(error) = &reply {
+            span.record("error.type", error.kind());
+            span.record("otel.status_code", "error");
+        }
+        reply
+    }
+
+    async fn timed_post(
+        &self,
+        call: &Call<'_>,
+        request_id: &RequestId,
+        time_limit: Duration,
+        trace_headers: HeaderMap,
+    ) -> Result<Reply, UpstreamError> {
+        tokio::time::timeout(time_limit, self.post(call, request_id, trace_headers))
             .await
             .map_err(|_| UpstreamError::Timeout { limit: time_limit })?
     }
 
-    async fn post(&self, call: &Call<'_>, request_id: &RequestId) -> Result<Reply, UpstreamError> {
+    async fn post(
+        &self,
+        call: &Call<'_>,
+        request_id: &RequestId,
+        trace_headers: HeaderMap,
+    ) -> Result<Reply, UpstreamError> {
         let body = Bytes::from(self.format.encode_call(call));
-        let mut response = self.send(body, request_id).await?;
+        let mut response = self.send(body, request_id, trace_headers).await?;
         let status = response.status();
+        if self.exporting {
+            tracing::Span::current()
+                .record("http.response.status_code", i64::from(status.as_u16()));
+        }
         // Copied out: reading the body borrows the response.
         let content_type = response.headers().get(CONTENT_TYPE).cloned();
         let charset = content_type
@@ -300,13 +360,19 @@ impl Upstream {
         &self,
         body: Bytes,
         request_id: &RequestId,
+        trace_headers: HeaderMap,
     ) -> Result<reqwest::Response, UpstreamError> {
         let send_once = || {
-            self.client
+            let request = self
+                .client
                 .post(self.url.clone())
-                .header(crate::request_id::HEADER, request_id.header_value())
-                .body(body.clone())
-                .send()
+                .header(crate::request_id::HEADER, request_id.header_value());
+            let request = if trace_headers.is_empty() {
+                request
+            } else {
+                request.headers(trace_headers.clone())
+            };
+            request.body(body.clone()).send()
         };
         match send_once().await {
             Err(error) if error.is_connect() => {

@@ -153,7 +153,20 @@ pub(crate) struct Subscription {
     id: u64,
     inbox: Arc<Inbox>,
     shared: Arc<Shared>,
+    /// The stream's span and what it carried, when spans are exported.
+    traced: Option<TracedWatch>,
     _open: OpenWatch,
+}
+
+/// What a watch's span records when the watch ends: the call's server span (made in `call`,
+/// which declares these fields), lasting as long as its stream.
+#[derive(Debug)]
+struct TracedWatch {
+    span: tracing::Span,
+    /// Events handed to the stream.
+    events: u64,
+    /// Why the watch ended, as a fixed word, once it has.
+    end: Option<&'static str>,
 }
 
 /// Counts a watch as open until it is dropped, however the stream ends.
@@ -214,10 +227,17 @@ impl Watches {
             Feed::Disconnected(cause) => return Err(self.shared.unavailable(cause)),
             Feed::ShutDown => return Err(WatchEnd::ShuttingDown),
         }
+        // Subscribed from the handler, inside the call's span.
+        let traced = crate::otel::exporting().then(|| TracedWatch {
+            span: tracing::Span::current(),
+            events: 0,
+            end: None,
+        });
         Ok(Subscription {
             id,
             inbox,
             shared: Arc::clone(&self.shared),
+            traced,
             _open: open,
         })
     }
@@ -423,6 +443,12 @@ impl Subscription {
     pub(crate) async fn next(&mut self) -> Result<Arc<ReceivedEvent>, WatchEnd> {
         loop {
             if let Some(next) = self.inbox.take() {
+                if let Some(traced) = &mut self.traced {
+                    match &next {
+                        Ok(_) => traced.events += 1,
+                        Err(end) => traced.end = Some(end.kind()),
+                    }
+                }
                 return next;
             }
             // One reader: an event that arrives between `take` and here leaves a permit, so
@@ -443,6 +469,29 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         if let Feed::Connected(inboxes) = &mut *self.shared.lock() {
             inboxes.remove(self.id, &self.inbox);
+        }
+        if let Some(traced) = &self.traced {
+            let events = i64::try_from(traced.events).unwrap_or(i64::MAX);
+            traced.span.record("taskgate.watch.events", events);
+            // Not ended by the watch: the caller went away, or its stream was cut.
+            let end = traced.end.unwrap_or("stream_closed");
+            traced.span.record("taskgate.watch.end", end);
+        }
+    }
+}
+
+// === impl WatchEnd ===
+
+impl WatchEnd {
+    /// A fixed word for how a watch ended, for its span.
+    fn kind(&self) -> &'static str {
+        match self {
+            WatchEnd::Unavailable { .. } => "log_publisher_unavailable",
+            WatchEnd::Lagged { .. } => "lagged",
+            WatchEnd::TooMany { .. } => "too_many_watches",
+            WatchEnd::ShuttingDown => "shutting_down",
+            WatchEnd::Disabled => "disabled",
+            WatchEnd::DeadlineReached { .. } => "deadline_reached",
         }
     }
 }

@@ -61,6 +61,10 @@ impl ServeArgs {
     pub(super) fn prepare(self, log_format: Option<LogFormat>) -> anyhow::Result<Serve> {
         let mut given = self.settings;
         given.log_format = log_format;
+        // The standard variables are environment variables like ours: they win over the file.
+        if given.otlp_endpoint.is_none() {
+            given.otlp_endpoint = taskgate::otel::endpoint_from_environment();
+        }
         if let Some(path) = &self.config {
             given = given.or(&ServeSettings::load(path)?)?;
         }
@@ -84,6 +88,22 @@ impl Serve {
             None => defaults::worker_threads(),
         };
         Ok(threads)
+    }
+
+    /// The OTLP endpoint given by flag, environment or file, checked; `None` when spans are not
+    /// exported, which `--print-config` never does.
+    pub(super) fn otlp_endpoint(&self) -> anyhow::Result<Option<url::Url>> {
+        let endpoint = self
+            .given
+            .otlp_endpoint
+            .as_deref()
+            .map(taskgate::otel::parse_endpoint)
+            .transpose()
+            .context("invalid --otlp-endpoint")?;
+        if endpoint.is_some() {
+            taskgate::otel::check_protocol().context("invalid configuration")?;
+        }
+        Ok(endpoint.filter(|_| !self.print_config))
     }
 
     /// The log format given by flag, environment or file, if any.

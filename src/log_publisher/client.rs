@@ -9,6 +9,10 @@
 //!
 //! A Log Publisher sends nothing while nothing happens, so silence is not a failure; a peer that
 //! vanishes without closing is found by TCP keep-alive.
+//!
+//! When spans are exported, each connection (attempt) is a span of its own, from the connect to
+//! the end of the connection: a reconnect is a new span, marked `reconnect`, and one that failed
+//! has an error status with the cause.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -61,6 +65,9 @@ pub(crate) async fn run(target: Target, watches: Watches) {
     let mut failure_log = LogEvery::every(REPEAT_LOG_INTERVAL);
     let mut connected_before = false;
     loop {
+        // Held, not entered, for the connection's life: a span of its own, which the log never
+        // shows.
+        let span = connection_span(&target.address, connected_before);
         let cause = match connect(&target).await {
             Ok(stream) => {
                 if connected_before {
@@ -87,10 +94,31 @@ pub(crate) async fn run(target: Target, watches: Watches) {
                 cause
             }
         };
+        span.record("otel.status_code", "error");
+        span.record("otel.status_description", cause.as_str());
+        // Ended here, before the pause: the pause is not the connection's.
+        drop(span);
         watches.lost(&cause);
         tokio::time::sleep(jittered(backoff)).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// The span of one connection to the Log Publisher, when spans are exported.
+fn connection_span(address: &LogPublisherAddress, reconnect: bool) -> tracing::Span {
+    if !crate::otel::exporting() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        target: crate::otel::SPAN_TARGET,
+        "log_publisher.connection",
+        otel.kind = "client",
+        server.address = %address.host,
+        server.port = i64::from(address.port),
+        reconnect,
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+    )
 }
 
 /// A connected stream, TLS or not.

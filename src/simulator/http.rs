@@ -28,6 +28,13 @@ pub const TASK_PATH: &str = "/api/v2/task";
 /// it is the other side of the wire (the real binary's test follows an ID into its log).
 const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// The W3C trace-context header a gateway sends with a traced call, logged at debug level so a
+/// test (or an operator) can see which span the controller was called from.
+const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// The vendor trace state that may come with it.
+const TRACESTATE_HEADER: &str = "tracestate";
+
 /// Serves the task interface on `listener` until `shutdown` resolves, within `limits`. The
 /// simulator has no metrics endpoint: connections refused or closed by a limit are logged.
 pub async fn serve(
@@ -78,6 +85,12 @@ async fn handle(
         .and_then(|value| value.to_str().ok())
         .unwrap_or("none")
         .to_owned();
+    if let Some(traceparent) = headers.get(TRACEPARENT_HEADER) {
+        let visible =
+            |value: &HeaderValue| value.to_str().unwrap_or("(not visible ASCII)").to_owned();
+        let tracestate = headers.get(TRACESTATE_HEADER).map(visible);
+        tracing::debug!(%peer, %request_id, traceparent = visible(traceparent), tracestate, "simulator received trace context");
+    }
     let content_type = headers
         .get(CONTENT_TYPE)
         .and_then(|value| value.to_str().ok());

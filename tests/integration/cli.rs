@@ -801,11 +801,15 @@ async fn sighup_reloads_the_auth_tokens() {
 }
 
 /// Writes a config file in a fresh folder, removed when the file is dropped.
-fn config_file(name: &str, text: &str) -> TestFile {
+pub(crate) fn config_file(name: &str, text: &str) -> TestFile {
     TestFile::new(&format!("config-{name}"), "taskgate.toml", text)
 }
 
-async fn print_config(args: &[&str], env: &[(&str, &str)], expected_exit: i32) -> (String, String) {
+pub(crate) async fn print_config(
+    args: &[&str],
+    env: &[(&str, &str)],
+    expected_exit: i32,
+) -> (String, String) {
     let mut command = Command::new(BIN);
     command
         .arg("serve")

@@ -97,6 +97,11 @@ async fn case_extract_over_grpc_web_with_typed_faults() {
 }
 
 async fn preflight(gateway: &Gateway, origin: &str) -> HeaderMap {
+    preflight_for(gateway, origin, "content-type,x-grpc-web").await
+}
+
+/// The preflight a browser sends before a call from `origin` with `request_headers`.
+async fn preflight_for(gateway: &Gateway, origin: &str, request_headers: &str) -> HeaderMap {
     http_client()
         .request(
             reqwest::Method::OPTIONS,
@@ -104,7 +109,7 @@ async fn preflight(gateway: &Gateway, origin: &str) -> HeaderMap {
         )
         .header("origin", origin)
         .header("access-control-request-method", "POST")
-        .header("access-control-request-headers", "content-type,x-grpc-web")
+        .header("access-control-request-headers", request_headers)
         .send()
         .await
         .unwrap()
@@ -139,4 +144,35 @@ async fn cors_is_off_unless_an_origin_is_allowed() {
         headers.get("access-control-allow-origin").is_none(),
         "{headers:?}"
     );
+}
+
+/// A page that traces its calls sends W3C trace context with each one: the preflight allows
+/// `traceparent` and `tracestate` (Chromium refused the call before, issue 22).
+#[tokio::test]
+async fn a_traced_page_may_send_trace_context() {
+    let gateway = Gateway::builder()
+        .config(|config| {
+            config.cors_allow_origins = vec![HeaderValue::from_static("https://ops.example.com")];
+        })
+        .start()
+        .await;
+    let headers = preflight_for(
+        &gateway,
+        "https://ops.example.com",
+        "content-type,x-grpc-web,traceparent,tracestate",
+    )
+    .await;
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://ops.example.com"
+    );
+    let allowed: Vec<&str> = headers["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .split(',')
+        .map(str::trim)
+        .collect();
+    for header in ["content-type", "x-grpc-web", "traceparent", "tracestate"] {
+        assert!(allowed.contains(&header), "{header} not in {allowed:?}");
+    }
 }

@@ -33,6 +33,7 @@
 //! - `bench`: `taskgate bench` against the simulator: its report, counts and exit codes.
 //! - `contract`: the proto comments and the README agree with the fault table.
 //! - `readme_examples`: the README's command-line examples, run as written.
+//! - `tracing`: W3C trace context through the real binary to an OTLP receiver served here.
 //! - `watch`: WatchCaseEvents against the simulator's Log Publisher and a scripted one.
 //! - `fuzz_corpus`: the fuzz targets' committed corpora, replayed through their checks on stable.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A panic in a test is a failed test.
@@ -66,6 +67,7 @@ mod shutdown;
 mod simulator_http;
 mod simulator_outcomes;
 mod tls;
+mod tracing;
 mod transport_outcomes;
 mod upstream_hygiene;
 mod watch;

@@ -105,7 +105,7 @@ impl SimulatedController {
 
 /// Opens a watch of `port_ids` once the gateway's feed is connected: until then a watch is
 /// refused with UNAVAILABLE, which is retried for at most [`PROMPTLY`].
-async fn watch(
+pub(crate) async fn watch(
     client: &TaskServiceClient<tonic::transport::Channel>,
     port_ids: &[u32],
 ) -> Streaming<CaseEvent> {
@@ -128,7 +128,7 @@ async fn watch(
 }
 
 /// The next event, which must come within [`PROMPTLY`].
-async fn next_event(events: &mut Streaming<CaseEvent>) -> CaseEvent {
+pub(crate) async fn next_event(events: &mut Streaming<CaseEvent>) -> CaseEvent {
     within(PROMPTLY, "no event", events.message())
         .await
         .unwrap()

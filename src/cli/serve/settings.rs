@@ -206,6 +206,13 @@ pub(crate) struct ServeSettings {
     #[arg(long, env = "TASKGATE_METRICS_LISTEN")]
     pub(super) metrics_listen: Option<SocketAddr>,
 
+    /// Export spans over OTLP/gRPC to this collector, for example http://127.0.0.1:4317; off
+    /// unless given, here or in OTEL_EXPORTER_OTLP_ENDPOINT. Sampling is parent-based: a call
+    /// follows its caller's traceparent, and one without is always sampled (OTEL_TRACES_SAMPLER
+    /// changes that); see README, "Tracing".
+    #[arg(long, env = "TASKGATE_OTLP_ENDPOINT")]
+    pub(super) otlp_endpoint: Option<String>,
+
     /// Start the embedded simulated controller on an ephemeral loopback port and use it as the
     /// upstream.
     #[arg(long, env = "TASKGATE_SIMULATOR", num_args = 0..=1, require_equals = true, default_missing_value = "true")]

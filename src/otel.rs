@@ -1,0 +1,398 @@
+//! Distributed tracing: W3C trace context from the caller through the gateway to the
+//! controller, and spans exported over OTLP/gRPC (issue 22).
+//!
+//! Off unless an OTLP endpoint is given (`--otlp-endpoint`, or `OTEL_EXPORTER_OTLP_ENDPOINT`).
+//! Off, no exporter, no tracer and no OpenTelemetry layer exist: the call layer only looks for a
+//! `traceparent` header, and when a caller sends a valid one, passes it (and its `tracestate`)
+//! to the controller unchanged and names its trace id in the access line.
+//!
+//! On, tracing-opentelemetry turns the spans made for tracing (`SPAN_TARGET`, which the log
+//! never shows) into OpenTelemetry spans: the call layer makes each call's server span, under
+//! the caller's `traceparent`, beside the call's log span; the controller POST is a client span
+//! under it (`upstream`), whose context the POST carries; a WatchCaseEvents stream is its call's
+//! span, for the stream's life; each Log Publisher connection is a span of its own. Spans are sampled parent-based, always on for a root, unless `OTEL_TRACES_SAMPLER`
+//! says otherwise, and exported in batches by a task of their own from a bounded queue
+//! (`export`): a call never waits for the collector, and a span that finds the queue full is
+//! dropped and counted (`taskgate_spans_dropped_total`).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tonic::codegen::http::{HeaderMap, HeaderName, HeaderValue};
+use tracing::Subscriber;
+use tracing_subscriber::Layer;
+use tracing_subscriber::registry::LookupSpan;
+use url::Url;
+
+use crate::config::redact_url;
+
+mod export;
+
+pub(crate) use export::dropped_spans;
+
+/// The W3C header that names the caller's trace and span.
+pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// The target of the spans made for tracing alone: the OpenTelemetry layer sees only these, and
+/// the log never does, so their attributes stay out of log lines.
+pub(crate) const SPAN_TARGET: &str = "taskgate::otel";
+
+/// The standard variable for the endpoint of every OTLP signal, read when `--otlp-endpoint` is
+/// not given.
+pub const OTEL_EXPORTER_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
+/// The standard variable for the endpoint of traces alone, which wins over
+/// [`OTEL_EXPORTER_OTLP_ENDPOINT`] as every OpenTelemetry SDK has it.
+pub const OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+
+/// The `service.name` of the spans when neither `OTEL_SERVICE_NAME` nor
+/// `OTEL_RESOURCE_ATTRIBUTES` names one.
+const SERVICE_NAME: &str = "taskgate";
+
+/// The installed exporter, once [`start`] has run in this process.
+static INSTALLED: OnceLock<SdkTracerProvider> = OnceLock::new();
+
+/// Exports spans while it lives; [`Exporting::layer`] is what the log's subscriber adds.
+#[derive(Debug)]
+pub struct Exporting {
+    provider: SdkTracerProvider,
+    /// The collector, for the log.
+    endpoint: Url,
+}
+
+/// Why tracing cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum OtlpError {
+    /// The endpoint is not an `http://` URL.
+    #[error(
+        "OTLP endpoint '{endpoint}' is not an http:// URL (for example http://127.0.0.1:4317): {reason}"
+    )]
+    Endpoint {
+        /// The endpoint as given, its credentials masked.
+        endpoint: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The standard variables ask for a protocol other than OTLP/gRPC.
+    #[error("{variable}={value}: only OTLP over gRPC (grpc) is exported")]
+    Protocol {
+        /// The variable that names the protocol.
+        variable: &'static str,
+        /// Its value.
+        value: String,
+    },
+    /// The exporter could not be built.
+    #[error("cannot set up the OTLP exporter for '{endpoint}': {reason}")]
+    Exporter {
+        /// The endpoint, its credentials masked.
+        endpoint: String,
+        /// What the exporter said.
+        reason: String,
+    },
+}
+
+/// An OTLP/gRPC endpoint, checked: an `http://` URL with a host.
+pub fn parse_endpoint(raw: &str) -> Result<Url, OtlpError> {
+    let invalid = |reason: &str| OtlpError::Endpoint {
+        endpoint: redact_url(raw).into_owned(),
+        reason: reason.to_owned(),
+    };
+    let url = Url::parse(raw).map_err(|error| invalid(&error.to_string()))?;
+    match url.scheme() {
+        "http" => {}
+        // The gateway's TLS roots are not the exporter's; a collector is usually a sidecar on
+        // loopback or in the same pod.
+        "https" => {
+            return Err(invalid(
+                "https is not supported: export to a collector on loopback or in the pod",
+            ));
+        }
+        _ => return Err(invalid("its scheme is not http")),
+    }
+    if url.host().is_none() {
+        return Err(invalid("it has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid("it has credentials, which gRPC would not send"));
+    }
+    Ok(url)
+}
+
+/// The endpoint the standard variables name, if any: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`. Empty counts as unset, as in every SDK.
+pub fn endpoint_from_environment() -> Option<String> {
+    [
+        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+        OTEL_EXPORTER_OTLP_ENDPOINT,
+    ]
+    .into_iter()
+    .filter_map(|name| std::env::var(name).ok())
+    .find(|value| !value.trim().is_empty())
+}
+
+/// Checks that the standard variables, if they name a protocol
+/// (`OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else `OTEL_EXPORTER_OTLP_PROTOCOL`), name `grpc`: a
+/// collector's HTTP port spoken to in gRPC would refuse every export.
+pub fn check_protocol() -> Result<(), OtlpError> {
+    let named = [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ]
+    .into_iter()
+    .find_map(|variable| {
+        let value = std::env::var(variable).ok()?;
+        (!value.trim().is_empty()).then_some((variable, value))
+    });
+    match named {
+        Some((variable, value)) if value.trim() != "grpc" => {
+            Err(OtlpError::Protocol { variable, value })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Starts exporting spans to `endpoint`. Must be called within the tokio runtime the export
+/// task is to run on, before the log's subscriber is installed (it takes
+/// [`Exporting::layer`]). `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+/// `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` are read here, by the SDK.
+pub fn start(endpoint: &Url) -> Result<Exporting, OtlpError> {
+    let resource = resource();
+    let exporter = export::exporter(endpoint, &resource).map_err(|error| OtlpError::Exporter {
+        endpoint: endpoint.to_string(),
+        reason: error.to_string(),
+    })?;
+    let processor = export::QueueProcessor::start(exporter, endpoint.to_string());
+    // The sampler comes from the environment (`OTEL_TRACES_SAMPLER`), as the builder reads it.
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .with_resource(resource)
+        .build();
+    let _ = INSTALLED.set(provider.clone());
+    Ok(Exporting {
+        provider,
+        endpoint: endpoint.clone(),
+    })
+}
+
+/// Whether spans are exported in this process.
+pub(crate) fn exporting() -> bool {
+    INSTALLED.get().is_some()
+}
+
+/// Sends the spans still queued, for at most `within`; then nothing more is exported. Does
+/// nothing when nothing is exported.
+pub(crate) async fn flush(within: Duration) {
+    if INSTALLED.get().is_some() {
+        export::flush(within).await;
+    }
+}
+
+/// The resource the SDK reads from `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`, with
+/// `service.name` "taskgate" when neither names one (the SDK's own default is
+/// "unknown_service").
+fn resource() -> Resource {
+    let detected = Resource::builder().build();
+    let named = detected
+        .get(&opentelemetry::Key::from_static_str("service.name"))
+        .is_some_and(|name| !name.as_str().starts_with("unknown_service"));
+    if named {
+        return detected;
+    }
+    Resource::builder()
+        .with_attribute(KeyValue::new("service.name", SERVICE_NAME))
+        .build()
+}
+
+// === impl Exporting ===
+
+impl Exporting {
+    /// Logs where spans go, once the log is set up.
+    pub fn log_started(&self) {
+        tracing::info!(
+            target: "taskgate::otel",
+            endpoint = %self.endpoint,
+            sampler = std::env::var("OTEL_TRACES_SAMPLER").as_deref().unwrap_or("parentbased_always_on"),
+            "exporting spans over OTLP/gRPC"
+        );
+    }
+
+    /// The layer that turns the gateway's spans into OpenTelemetry spans.
+    pub fn layer<S>(&self) -> impl Layer<S> + Send + Sync + 'static
+    where
+        S: Subscriber + for<'lookup> LookupSpan<'lookup> + Send + Sync,
+    {
+        tracing_opentelemetry::layer()
+            .with_tracer(self.provider.tracer("taskgate"))
+            // Events are log lines, which the log has; spans carry what a trace needs.
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_level(false)
+            // Busy and idle times per span cost two clock reads at every poll.
+            .with_tracked_inactivity(false)
+    }
+}
+
+/// The context a caller's `traceparent` and `tracestate` name, if the `traceparent` is valid.
+/// Only a request that carries one pays for parsing it.
+pub(crate) fn caller_context(headers: &HeaderMap) -> Option<Context> {
+    if !headers.contains_key(&TRACEPARENT) {
+        return None;
+    }
+    let context = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    context.span().span_context().is_valid().then_some(context)
+}
+
+/// Adds `traceparent` (and `tracestate`, if there is any) naming `context`'s span to
+/// `headers`; nothing when it has none.
+pub(crate) fn inject(context: &Context, headers: &mut HeaderMap) {
+    if context.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(context, &mut HeaderInjector(headers));
+    }
+}
+
+/// Reads W3C headers out of a request's headers.
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(HeaderName::as_str).collect()
+    }
+}
+
+/// Writes W3C headers into a request's headers.
+struct HeaderInjector<'a>(&'a mut HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        // The propagator writes an empty `tracestate` when there is none; W3C lets it be left
+        // out, and the controller should see one only when the caller sent one.
+        if value.is_empty() {
+            return;
+        }
+        // The propagator writes only its own header names and printable values.
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(key.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// The span name the RPC semantic conventions give a call: `taskgate.v1.TaskService/CaseExtract`
+/// for the path `/taskgate.v1.TaskService/CaseExtract`.
+pub(crate) fn rpc_span_name(path: &str) -> &str {
+    path.strip_prefix('/').unwrap_or(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(name, value)| {
+                (
+                    HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_str(value).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// A caller's context goes to the controller as it came: same trace, same parent, same
+    /// flags and trace state; a malformed `traceparent` is no context at all.
+    #[test]
+    fn a_callers_context_is_passed_on_unchanged_and_a_bad_one_is_ignored() {
+        let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let tracestate = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7";
+        let context = caller_context(&headers(&[
+            ("traceparent", traceparent),
+            ("tracestate", tracestate),
+        ]))
+        .unwrap();
+        let mut sent = HeaderMap::new();
+        inject(&context, &mut sent);
+        assert_eq!(sent[&TRACEPARENT], traceparent);
+        assert_eq!(sent[&TRACESTATE], tracestate);
+        let span = context.span();
+        assert_eq!(
+            span.span_context().trace_id().to_string(),
+            "0af7651916cd43dd8448eb211c80319c"
+        );
+        for bad in [
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "not a traceparent",
+        ] {
+            assert!(
+                caller_context(&headers(&[("traceparent", bad)])).is_none(),
+                "{bad}"
+            );
+        }
+        assert!(caller_context(&headers(&[("tracestate", tracestate)])).is_none());
+
+        // Without a trace state, no `tracestate` is sent.
+        let context = caller_context(&headers(&[("traceparent", traceparent)])).unwrap();
+        let mut sent = HeaderMap::new();
+        inject(&context, &mut sent);
+        assert_eq!(sent[&TRACEPARENT], traceparent);
+        assert!(!sent.contains_key(&TRACESTATE), "{sent:?}");
+    }
+
+    #[test]
+    fn endpoints_are_http_urls_with_a_host() {
+        let check = |raw: &str, expected: Option<&str>| {
+            let error = parse_endpoint(raw).err().map(|error| error.to_string());
+            assert_eq!(error.as_deref(), expected, "{raw}");
+        };
+        check("http://127.0.0.1:4317", None);
+        check("http://collector.observability:4317/", None);
+        check(
+            "https://collector:4317",
+            Some(
+                "OTLP endpoint 'https://collector:4317' is not an http:// URL (for example \
+                 http://127.0.0.1:4317): https is not supported: export to a collector on \
+                 loopback or in the pod",
+            ),
+        );
+        check(
+            "127.0.0.1:4317",
+            Some(
+                "OTLP endpoint '127.0.0.1:4317' is not an http:// URL (for example \
+                 http://127.0.0.1:4317): relative URL without a base",
+            ),
+        );
+        check(
+            "http://user:secret@collector:4317",
+            Some(
+                "OTLP endpoint 'http://user:***@collector:4317' is not an http:// URL (for \
+                 example http://127.0.0.1:4317): it has credentials, which gRPC would not send",
+            ),
+        );
+    }
+
+    #[test]
+    fn span_names_are_service_and_method() {
+        assert_eq!(
+            rpc_span_name("/taskgate.v1.TaskService/CaseExtract"),
+            "taskgate.v1.TaskService/CaseExtract"
+        );
+    }
+}

@@ -1,0 +1,338 @@
+//! Span export off the call path: a span that ends is put in a bounded queue without waiting
+//! (or dropped and counted when the queue is full), and a task of its own sends the queue to
+//! the collector in batches.
+//!
+//! The SDK's `BatchSpanProcessor` does the same on a thread of its own, but keeps its drop count
+//! to itself; this one counts what it drops for `/metrics`, never retries (a retry holds the
+//! queue while new spans are dropped), and logs the collector's failures at most once a minute.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use opentelemetry::Context;
+use opentelemetry_otlp::{RetryPolicy, SpanExporter, WithExportConfig as _, WithTonicConfig as _};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter as _, SpanProcessor};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use url::Url;
+
+/// How many ended spans may wait for export: about a second of a busy gateway's calls (two
+/// spans each), a few MiB at most.
+const QUEUE_SPANS: usize = 8192;
+
+/// The most spans sent in one export request.
+const MAX_BATCH: usize = 512;
+
+/// How long the first span of a batch waits for others before the batch is sent.
+const BATCH_DELAY: Duration = Duration::from_secs(1);
+
+/// How long one export may take before its spans are given up on. A collector that takes
+/// longer fills the queue meanwhile, and new spans are dropped; calls are not slowed.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// At most one log line a minute about a failing collector, with the count of failures since.
+const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Spans dropped because the queue was full.
+static DROPPED_QUEUE_FULL: AtomicU64 = AtomicU64::new(0);
+
+/// Spans dropped because the collector did not take them.
+static DROPPED_EXPORT_FAILED: AtomicU64 = AtomicU64::new(0);
+
+/// What stops the export task, once it runs.
+static CONTROL: Mutex<Option<Control>> = Mutex::new(None);
+
+#[derive(Debug)]
+struct Control {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// The collector's failures, logged at most once per [`ERROR_LOG_INTERVAL`].
+#[derive(Debug, Default)]
+struct Failures {
+    last_logged: Option<Instant>,
+    /// Failures since the last line that were not logged.
+    suppressed: u64,
+}
+
+impl Failures {
+    /// `Some(suppressed)` when a failure may be logged now, else counts it as suppressed.
+    fn ready(&mut self, now: Instant) -> Option<u64> {
+        match self.last_logged {
+            Some(last) if now.duration_since(last) < ERROR_LOG_INTERVAL => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last_logged = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// The span processor that queues ended spans for the export task.
+#[derive(Debug)]
+pub(super) struct QueueProcessor {
+    queue: mpsc::Sender<SpanData>,
+}
+
+/// Spans that never reached the collector, by why: `queue_full` and `export_failed`.
+pub(crate) fn dropped_spans() -> [(&'static str, u64); 2] {
+    [
+        ("queue_full", DROPPED_QUEUE_FULL.load(Ordering::Relaxed)),
+        (
+            "export_failed",
+            DROPPED_EXPORT_FAILED.load(Ordering::Relaxed),
+        ),
+    ]
+}
+
+/// The OTLP/gRPC exporter for `endpoint`, sending `resource` with every batch; its channel
+/// connects when the first batch is sent. The exporter reads `OTEL_EXPORTER_OTLP_HEADERS`
+/// itself.
+pub(super) fn exporter(
+    endpoint: &Url,
+    resource: &Resource,
+) -> Result<SpanExporter, opentelemetry_otlp::ExporterBuildError> {
+    let mut exporter = SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint.as_str())
+        .with_timeout(EXPORT_TIMEOUT)
+        .with_retry_policy(RetryPolicy::disabled())
+        .build()?;
+    // Given here: the provider hands it to its processors, and this one's exporter has moved
+    // to the export task by then.
+    exporter.set_resource(resource);
+    Ok(exporter)
+}
+
+/// Sends what is queued, waiting at most `within`, and stops the export task.
+pub(super) async fn flush(within: Duration) {
+    let control = CONTROL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    let Some(Control { stop, mut task }) = control else {
+        return;
+    };
+    let _ = stop.send(true);
+    if tokio::time::timeout(within, &mut task).await.is_err() {
+        task.abort();
+        tracing::warn!(
+            target: "taskgate::otel",
+            grace = %humantime::format_duration(within),
+            "spans still queued were not all exported within the shutdown grace"
+        );
+    }
+}
+
+// === impl QueueProcessor ===
+
+impl QueueProcessor {
+    /// Starts the export task on the current runtime, sending to `exporter`; `endpoint` names
+    /// the collector in log lines.
+    pub(super) fn start(exporter: SpanExporter, endpoint: String) -> QueueProcessor {
+        let (queue, receiver) = mpsc::channel(QUEUE_SPANS);
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(run(receiver, exporter, endpoint, stopped));
+        *CONTROL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Control { stop, task });
+        QueueProcessor { queue }
+    }
+}
+
+impl SpanProcessor for QueueProcessor {
+    fn on_start(&self, _span: &mut Span, _context: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if !span.span_context.is_sampled() {
+            return;
+        }
+        // Never waits: a full queue (or a stopped task) drops the span.
+        if self.queue.try_send(span).is_err() {
+            DROPPED_QUEUE_FULL.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    // The task sends what is queued within a second; shutdown flushes through `flush`.
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+}
+
+/// Sends batches of queued spans until stopped; then sends what is left and returns.
+async fn run(
+    mut queue: mpsc::Receiver<SpanData>,
+    exporter: SpanExporter,
+    endpoint: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut failures = Failures::default();
+    let mut stopping = false;
+    while !stopping {
+        tokio::select! {
+            _ = stop.changed() => stopping = true,
+            received = queue.recv_many(&mut batch, MAX_BATCH) => stopping = received == 0,
+        }
+        // The first span waits a little for others, so that a busy gateway sends few requests.
+        let deadline = Instant::now() + BATCH_DELAY;
+        while !stopping && batch.len() < MAX_BATCH {
+            let room = MAX_BATCH - batch.len();
+            tokio::select! {
+                _ = stop.changed() => stopping = true,
+                () = tokio::time::sleep_until(deadline) => break,
+                received = queue.recv_many(&mut batch, room) => stopping = received == 0,
+            }
+        }
+        if !batch.is_empty() {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
+            send(&exporter, full, &endpoint, &mut failures).await;
+        }
+    }
+    // Stopping: what is still queued goes now, without waiting for more.
+    queue.close();
+    while let Ok(span) = queue.try_recv() {
+        batch.push(span);
+        if batch.len() == MAX_BATCH {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
+            send(&exporter, full, &endpoint, &mut failures).await;
+        }
+    }
+    if !batch.is_empty() {
+        send(&exporter, batch, &endpoint, &mut failures).await;
+    }
+    let _ = exporter.shutdown();
+}
+
+/// Exports one batch; its spans are counted as dropped if the collector does not take them.
+async fn send(
+    exporter: &SpanExporter,
+    batch: Vec<SpanData>,
+    endpoint: &str,
+    failures: &mut Failures,
+) {
+    let spans = batch.len() as u64;
+    let cause = match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(batch)).await {
+        Ok(Ok(())) => return,
+        Ok(Err(error)) => cause(error),
+        Err(_) => format!(
+            "the collector did not answer within {}",
+            humantime::format_duration(EXPORT_TIMEOUT)
+        ),
+    };
+    DROPPED_EXPORT_FAILED.fetch_add(spans, Ordering::Relaxed);
+    if let Some(suppressed) = failures.ready(Instant::now()) {
+        tracing::warn!(
+            target: "taskgate::otel",
+            endpoint,
+            %cause,
+            spans,
+            suppressed,
+            "cannot export spans to the OTLP collector; they are dropped and counted in taskgate_spans_dropped_total (logged once a minute)"
+        );
+    }
+}
+
+/// What an export failure says, once: without the SDK's "Operation failed" wrapping, and with a
+/// cause tonic's layers repeat ("tcp connect error: tcp connect error: …") named once.
+fn cause(error: OTelSdkError) -> String {
+    let text = match error {
+        OTelSdkError::InternalFailure(text) => text,
+        other => other.to_string(),
+    };
+    let mut parts: Vec<&str> = Vec::new();
+    for part in text.split(": ") {
+        if parts.last() != Some(&part) {
+            parts.push(part);
+        }
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_export_failure_names_its_cause_once() {
+        let error = OTelSdkError::InternalFailure(
+            "TonicTracesClient export failed with gRPC code: Unavailable: transport error: tcp \
+             connect error: tcp connect error: Connection refused (os error 111)"
+                .to_owned(),
+        );
+        assert_eq!(
+            cause(error),
+            "TonicTracesClient export failed with gRPC code: Unavailable: transport error: tcp \
+             connect error: Connection refused (os error 111)"
+        );
+        assert_eq!(
+            cause(OTelSdkError::AlreadyShutdown),
+            "Shutdown already invoked"
+        );
+    }
+
+    fn span_data() -> SpanData {
+        use opentelemetry::trace::{
+            SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+        };
+        SpanData {
+            span_context: SpanContext::new(
+                TraceId::from(1),
+                SpanId::from(1),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::default(),
+            ),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Server,
+            name: "span".into(),
+            start_time: std::time::SystemTime::UNIX_EPOCH,
+            end_time: std::time::SystemTime::UNIX_EPOCH,
+            attributes: Vec::new(),
+            dropped_attributes_count: 0,
+            events: Default::default(),
+            links: Default::default(),
+            status: Status::Unset,
+            instrumentation_scope: Default::default(),
+        }
+    }
+
+    /// A span that finds the queue full is dropped and counted at once: ending a span never
+    /// waits for the export task.
+    #[test]
+    fn a_full_queue_drops_and_counts_without_waiting() {
+        let (queue, _receiver) = mpsc::channel(2);
+        let processor = QueueProcessor { queue };
+        let before = DROPPED_QUEUE_FULL.load(Ordering::Relaxed);
+        for _ in 0..5 {
+            processor.on_end(span_data());
+        }
+        assert_eq!(DROPPED_QUEUE_FULL.load(Ordering::Relaxed) - before, 3);
+    }
+
+    /// The collector's failures are logged once per interval, with the count of those that
+    /// were not.
+    #[test]
+    fn failures_are_logged_once_a_minute_with_the_rest_counted() {
+        let start = Instant::now();
+        let mut failures = Failures::default();
+        assert_eq!(failures.ready(start), Some(0));
+        assert_eq!(failures.ready(start + Duration::from_secs(1)), None);
+        assert_eq!(failures.ready(start + Duration::from_secs(59)), None);
+        assert_eq!(failures.ready(start + Duration::from_secs(60)), Some(2));
+        assert_eq!(failures.ready(start + Duration::from_secs(61)), None);
+    }
+}

@@ -1,0 +1,684 @@
+//! Distributed tracing (issue 22): the real binary exporting to an OTLP trace receiver served
+//! here, with opentelemetry-proto's service; and the caller's trace context passed to the
+//! controller when nothing is exported.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use taskgate::proto::CaseExtractRequest;
+use taskgate::proto::task_service_client::TaskServiceClient;
+
+use crate::cli::{TaskgateProcess, config_file, print_config};
+use crate::support::{self, FakeUpstream, Gateway, Script, Seen, within};
+
+/// The caller's trace and span, as a WMS service would send them.
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN_ID: &str = "00f067aa0ba902b7";
+
+/// The longest a test waits for spans to arrive: the exporter sends within about a second.
+const SPAN_WAIT: Duration = Duration::from_secs(30);
+
+/// An OTLP trace receiver on an ephemeral loopback port, handing over every span it receives.
+struct Receiver {
+    endpoint: String,
+    spans: mpsc::UnboundedReceiver<Span>,
+    /// Spans already taken off the channel.
+    seen: Vec<Span>,
+    /// The resource attributes of every export, each kept before its spans are handed over.
+    resources: Arc<Mutex<Vec<Vec<KeyValue>>>>,
+}
+
+struct Collect {
+    spans: mpsc::UnboundedSender<Span>,
+    resources: Arc<Mutex<Vec<Vec<KeyValue>>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collect {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        for resource_spans in request.into_inner().resource_spans {
+            let resource = resource_spans.resource.unwrap_or_default().attributes;
+            self.resources.lock().unwrap().push(resource);
+            let spans = resource_spans
+                .scope_spans
+                .into_iter()
+                .flat_map(|scope| scope.spans);
+            for span in spans {
+                let _ = self.spans.send(span);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let (sender, spans) = mpsc::unbounded_channel();
+        let resources = Arc::default();
+        let collect = Collect {
+            spans: sender,
+            resources: Arc::clone(&resources),
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(collect))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        Receiver {
+            endpoint,
+            spans,
+            seen: Vec::new(),
+            resources,
+        }
+    }
+
+    /// Each resource attribute received so far, as `key=value` text.
+    fn resource_attributes(&self) -> Vec<String> {
+        let resources = self.resources.lock().unwrap();
+        let attributes = resources.iter().flatten();
+        attributes
+            .map(|attribute| {
+                let value = match attribute
+                    .value
+                    .as_ref()
+                    .and_then(|value| value.value.as_ref())
+                {
+                    Some(Value::StringValue(text)) => text.clone(),
+                    other => format!("{other:?}"),
+                };
+                format!("{}={value}", attribute.key)
+            })
+            .collect()
+    }
+
+    /// The first span received that `matches`, waiting for it within [`SPAN_WAIT`].
+    async fn span(&mut self, what: &str, matches: impl Fn(&Span) -> bool) -> Span {
+        if let Some(span) = self.seen.iter().find(|span| matches(span)) {
+            return span.clone();
+        }
+        let wait = async {
+            loop {
+                let span = self.spans.recv().await.unwrap();
+                self.seen.push(span.clone());
+                if matches(&span) {
+                    return span;
+                }
+            }
+        };
+        within(SPAN_WAIT, &format!("no {what} span was exported"), wait).await
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// An attribute's value as text: a string as it is, an integer in decimal (`IntValue`, as the
+/// conventions type ports, status codes and counts), a boolean as `true` or `false`; other
+/// types are refused.
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    let value = span
+        .attributes
+        .iter()
+        .find(|attribute| attribute.key == key)?
+        .value
+        .as_ref()?
+        .value
+        .as_ref()?;
+    Some(match value {
+        Value::StringValue(text) => text.clone(),
+        Value::IntValue(number) => number.to_string(),
+        Value::BoolValue(flag) => flag.to_string(),
+        other => panic!("{key} has an unexpected type: {other:?}"),
+    })
+}
+
+/// An integer attribute's value; `None` if it is missing or not an integer.
+fn int_attribute(span: &Span, key: &str) -> Option<i64> {
+    let value = span
+        .attributes
+        .iter()
+        .find(|attribute| attribute.key == key)?
+        .value
+        .as_ref()?
+        .value
+        .as_ref()?;
+    match value {
+        Value::IntValue(number) => Some(*number),
+        _ => None,
+    }
+}
+
+fn request(port_id: u32, traceparent: Option<&str>) -> tonic::Request<CaseExtractRequest> {
+    let mut request = tonic::Request::new(CaseExtractRequest {
+        port_id,
+        bin_id: 101337,
+        ..Default::default()
+    });
+    if let Some(traceparent) = traceparent {
+        request
+            .metadata_mut()
+            .insert("traceparent", traceparent.parse().unwrap());
+        request
+            .metadata_mut()
+            .insert("tracestate", "wms=order-7".parse().unwrap());
+    }
+    request
+}
+
+/// A call that sends a `traceparent` is a server span under the caller's span, the controller
+/// POST a client span under that, and the controller (the simulator, which logs what it
+/// received at debug level) is called with the client span's id in the same trace. The access
+/// line names the trace and the server span.
+#[tokio::test]
+async fn a_traced_call_continues_the_callers_trace_to_the_controller() {
+    let mut receiver = Receiver::start().await;
+    let mut gateway = TaskgateProcess::start(&[
+        "--otlp-endpoint",
+        &receiver.endpoint,
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+    client
+        .case_extract(request(4, Some(&traceparent)))
+        .await
+        .unwrap();
+
+    let server = receiver
+        .span("server", |span| span.kind == SpanKind::Server as i32)
+        .await;
+    assert_eq!(server.name, "taskgate.v1.TaskService/CaseExtract");
+    assert_eq!(hex(&server.trace_id), TRACE_ID);
+    assert_eq!(hex(&server.parent_span_id), CALLER_SPAN_ID);
+    assert_eq!(server.trace_state, "wms=order-7");
+    for (key, value) in [
+        ("rpc.system", "grpc"),
+        ("rpc.service", "taskgate.v1.TaskService"),
+        ("rpc.method", "CaseExtract"),
+        ("server.address", "127.0.0.1"),
+    ] {
+        assert_eq!(attribute(&server, key).as_deref(), Some(value), "{key}");
+    }
+    let server_port: i64 = gateway.gateway.rsplit(':').next().unwrap().parse().unwrap();
+    for (key, value) in [
+        ("rpc.grpc.status_code", 0),
+        ("server.port", server_port),
+        ("taskgate.port_id", 4),
+        ("taskgate.bin_id", 101337),
+    ] {
+        assert_eq!(int_attribute(&server, key), Some(value), "{key}");
+    }
+    assert!(attribute(&server, "request_id").is_some(), "{server:?}");
+
+    let server_span_id = hex(&server.span_id);
+    let client = receiver
+        .span("client", |span| span.kind == SpanKind::Client as i32)
+        .await;
+    assert_eq!(client.name, "POST");
+    assert_eq!(hex(&client.trace_id), TRACE_ID);
+    assert_eq!(hex(&client.parent_span_id), server_span_id);
+    assert_eq!(
+        attribute(&client, "http.request.method").as_deref(),
+        Some("POST")
+    );
+    assert_eq!(
+        int_attribute(&client, "http.response.status_code"),
+        Some(200)
+    );
+    assert!(
+        int_attribute(&client, "server.port").is_some(),
+        "{client:?}"
+    );
+    assert_eq!(
+        attribute(&client, "server.address").as_deref(),
+        Some("127.0.0.1")
+    );
+    let url = attribute(&client, "url.full").unwrap();
+    assert!(url.ends_with("/api/v2/task"), "{url}");
+
+    let expected = format!("traceparent=\"00-{TRACE_ID}-{}-01\"", hex(&client.span_id));
+    let received = gateway
+        .wait_for_line("simulator received trace context")
+        .await;
+    assert!(received.contains(" DEBUG "), "{received}");
+    assert!(received.contains(&expected), "{received}");
+    assert!(
+        received.contains("tracestate=\"wms=order-7\""),
+        "{received}"
+    );
+    let access = gateway.wait_for_line("taskgate::access").await;
+    assert!(
+        access.contains(&format!("trace_id={TRACE_ID} span_id={server_span_id}")),
+        "{access}"
+    );
+    // The call's latency bucket points at its trace.
+    let exemplar = format!("# {{trace_id=\"{TRACE_ID}\",span_id=\"{server_span_id}\"}}");
+    let metrics = support::http_client()
+        .get(gateway.metrics_url())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let bucket = metrics
+        .lines()
+        .find(|line| line.contains(&exemplar))
+        .unwrap_or_else(|| panic!("no exemplar {exemplar} in:\n{metrics}"));
+    assert!(
+        bucket.starts_with("taskgate_call_duration_seconds_bucket{"),
+        "{bucket}"
+    );
+    gateway.signal("TERM").await;
+    let (code, _) = gateway.finish().await;
+    assert_eq!(code, Some(0));
+}
+
+/// A call the controller answered with a fault has the fault on its span and an error status,
+/// and a call without a `traceparent` starts a trace of its own: the default sampler is on for
+/// a root.
+#[tokio::test]
+async fn a_fault_calls_span_carries_the_fault_and_an_error_status() {
+    let mut receiver = Receiver::start().await;
+    let gateway = TaskgateProcess::start(&["--otlp-endpoint", &receiver.endpoint]).await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    // Port 1 is not an AutoCase port: fault 1087.
+    let status = client.case_extract(request(1, None)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+
+    let server = receiver
+        .span("server", |span| span.kind == SpanKind::Server as i32)
+        .await;
+    assert!(server.parent_span_id.is_empty(), "{server:?}");
+    let resource = receiver.resource_attributes();
+    assert!(
+        resource.contains(&"service.name=taskgate".to_owned()),
+        "{resource:?}"
+    );
+    assert_eq!(int_attribute(&server, "taskgate.fault.code"), Some(1087));
+    assert_eq!(
+        attribute(&server, "taskgate.fault.name").as_deref(),
+        Some("PORT_IS_NOT_AUTOCASE")
+    );
+    assert_eq!(int_attribute(&server, "rpc.grpc.status_code"), Some(9));
+    let span_status = server.status.unwrap();
+    assert_eq!(span_status.code, StatusCode::Error as i32);
+    assert_eq!(span_status.message, status.message());
+}
+
+/// A collector that accepts connections and never answers does not slow calls down, and
+/// SIGTERM still ends the process within the grace (plus the process's own exit bound).
+#[tokio::test]
+async fn a_collector_that_never_answers_slows_nothing_and_shutdown_keeps_its_grace() {
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    // Accepts and holds every connection, reading nothing.
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let gateway =
+        TaskgateProcess::start(&["--otlp-endpoint", &endpoint, "--shutdown-grace", "2s"]).await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+    for round in 0..20 {
+        let call = client.case_extract(request(4, Some(&traceparent)));
+        // Generous: a call to the simulator takes milliseconds.
+        let answered = within(Duration::from_secs(10), "a call was held up", call).await;
+        // Later calls find the port busy with the first case: a fault, still an answer.
+        if let Err(status) = answered {
+            assert!(
+                support::task_fault(&status).is_some(),
+                "call {round}: {status:?}"
+            );
+        }
+    }
+    gateway.signal("TERM").await;
+    // The grace, and the same few seconds any exit is given.
+    let (code, log) = gateway.finish_within(Duration::from_secs(2 + 5)).await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
+/// Without export, a caller's trace context still reaches the controller, unchanged: the
+/// controller's own spans join the caller's trace.
+#[tokio::test]
+async fn without_export_the_callers_context_reaches_the_controller_unchanged() {
+    let mut upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+    gateway
+        .client
+        .clone()
+        .case_extract(request(4, Some(&traceparent)))
+        .await
+        .unwrap();
+    let Seen::Request { headers, .. } = upstream.next().await else {
+        panic!("expected a request");
+    };
+    assert_eq!(headers.get("traceparent"), Some(&traceparent));
+    assert_eq!(
+        headers.get("tracestate").map(String::as_str),
+        Some("wms=order-7")
+    );
+
+    // A call without one sends none, and neither does one whose traceparent is malformed.
+    for traceparent in [None, Some("00-not-a-trace-01")] {
+        let mut call = request(4, None);
+        if let Some(traceparent) = traceparent {
+            call.metadata_mut()
+                .insert("traceparent", traceparent.parse().unwrap());
+        }
+        gateway.client.clone().case_extract(call).await.unwrap();
+        let Seen::Request { headers, .. } = upstream.next().await else {
+            panic!("expected a request");
+        };
+        assert_eq!(headers.get("traceparent"), None, "{traceparent:?}");
+    }
+}
+
+/// The collector is chosen as every setting is: the flag over the standard variable, which, as
+/// an environment variable, wins over the config file; a bad one stops the gateway at startup.
+#[tokio::test]
+async fn the_flag_beats_the_standard_variable_which_beats_the_file() {
+    let file = config_file("otlp", "otlp_endpoint = \"http://file.example:4317\"\n");
+    let config = file.to_str().unwrap();
+    let variable = [(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "http://variable.example:4317",
+    )];
+    let printed = |stdout: &str| {
+        stdout
+            .lines()
+            .find(|line| line.starts_with("otlp_endpoint"))
+            .map(str::to_owned)
+    };
+    let (stdout, _) = print_config(&["--config", config], &[], 0).await;
+    assert_eq!(
+        printed(&stdout).as_deref(),
+        Some("otlp_endpoint = \"http://file.example:4317\"")
+    );
+    let (stdout, _) = print_config(&["--config", config], &variable, 0).await;
+    assert_eq!(
+        printed(&stdout).as_deref(),
+        Some("otlp_endpoint = \"http://variable.example:4317\"")
+    );
+    let flag = [
+        "--config",
+        config,
+        "--otlp-endpoint",
+        "http://flag.example:4317",
+    ];
+    let (stdout, _) = print_config(&flag, &variable, 0).await;
+    assert_eq!(
+        printed(&stdout).as_deref(),
+        Some("otlp_endpoint = \"http://flag.example:4317\"")
+    );
+    let http = [("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")];
+    let (_, stderr) = print_config(&flag, &http, 2).await;
+    assert_eq!(
+        stderr.trim_end(),
+        "error: invalid configuration: OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf: only OTLP over \
+         gRPC (grpc) is exported"
+    );
+    let (_, stderr) = print_config(&["--otlp-endpoint", "https://collector:4317"], &[], 2).await;
+    assert_eq!(
+        stderr.trim_end(),
+        "error: invalid --otlp-endpoint: OTLP endpoint 'https://collector:4317' is not an \
+         http:// URL (for example http://127.0.0.1:4317): https is not supported: export to a \
+         collector on loopback or in the pod"
+    );
+}
+
+/// A WatchCaseEvents stream is one span, from the call to the stream's end: it says how many
+/// events the stream carried and how it ended.
+#[tokio::test]
+async fn a_watch_is_one_span_for_its_streams_life() {
+    let mut receiver = Receiver::start().await;
+    let mut gateway = TaskgateProcess::start(&["--otlp-endpoint", &receiver.endpoint]).await;
+    let client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let mut events = crate::watch::watch(&client, &[4]).await;
+    client.clone().case_extract(request(4, None)).await.unwrap();
+    crate::watch::next_event(&mut events).await;
+    // The caller goes away.
+    drop(events);
+    let span = receiver
+        .span("watch", |span| {
+            span.name == "taskgate.v1.TaskService/WatchCaseEvents"
+                && attribute(span, "taskgate.watch.events").is_some()
+        })
+        .await;
+    assert_eq!(span.kind, SpanKind::Server as i32);
+    let events = int_attribute(&span, "taskgate.watch.events").unwrap();
+    assert!(events >= 1, "{span:?}");
+    assert_eq!(
+        attribute(&span, "taskgate.watch.end").as_deref(),
+        Some("stream_closed")
+    );
+    assert_eq!(
+        int_attribute(&span, "rpc.grpc.status_code"),
+        Some(1),
+        "CANCELLED"
+    );
+    // The span lasts as long as the stream: it ends after the extraction made during it.
+    let extraction = receiver
+        .span("extraction", |span| {
+            span.name == "taskgate.v1.TaskService/CaseExtract"
+        })
+        .await;
+    assert!(
+        span.end_time_unix_nano > extraction.end_time_unix_nano,
+        "{span:?}\n{extraction:?}"
+    );
+    // Its access line, written as the stream ends, is in the call's log span as ever.
+    let access = gateway.wait_for_line("method=\"watch_case_events\"").await;
+    assert!(access.contains(" call{request_id="), "{access}");
+}
+
+/// Each connection to the Log Publisher is a span of its own: one that ends has an error
+/// status with its cause, and the next is marked as a reconnect.
+#[tokio::test]
+async fn log_publisher_connections_and_reconnects_are_spans() {
+    let mut receiver = Receiver::start().await;
+    // A Log Publisher that hangs up on every connection at once.
+    let publisher = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let publisher_address = publisher.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = publisher.accept().await {
+            drop(stream);
+        }
+    });
+    let upstream = format!("http://{}/api/v2/task", support::unused_address().await);
+    let _gateway = TaskgateProcess::start_with_upstream(
+        &upstream,
+        &[
+            "--otlp-endpoint",
+            &receiver.endpoint,
+            "--log-publisher",
+            &publisher_address.to_string(),
+        ],
+    )
+    .await;
+    let is_connection = |reconnect: &'static str| {
+        move |span: &Span| {
+            span.name == "log_publisher.connection"
+                && attribute(span, "reconnect").as_deref() == Some(reconnect)
+        }
+    };
+    let first = receiver
+        .span("first connection", is_connection("false"))
+        .await;
+    let again = receiver.span("reconnection", is_connection("true")).await;
+    for span in [first, again] {
+        assert_eq!(span.kind, SpanKind::Client as i32);
+        assert_eq!(
+            int_attribute(&span, "server.port"),
+            Some(i64::from(publisher_address.port()))
+        );
+        let status = span.status.unwrap();
+        assert_eq!(status.code, StatusCode::Error as i32);
+        assert_eq!(status.message, "the Log Publisher closed the connection");
+    }
+}
+
+/// A collector that refuses every export costs spans, not calls: they are counted as dropped
+/// on /metrics, and the failure is logged once, not once per export.
+#[tokio::test]
+async fn spans_a_collector_refuses_are_counted_and_logged_once_a_minute() {
+    let endpoint = format!("http://{}", support::unused_address().await);
+    let gateway = TaskgateProcess::start(&[
+        "--otlp-endpoint",
+        &endpoint,
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let metrics_url = gateway.metrics_url();
+    let dropped = "taskgate_spans_dropped_total{reason=\"export_failed\"}";
+    for exports in 1..=2 {
+        let _ = client.case_extract(request(4, None)).await;
+        // Each call's two spans (server and client) go in a batch of their own, a second after
+        // they end, once the previous batch has failed.
+        support::scrape_at_least(&metrics_url, dropped, f64::from(exports * 2)).await;
+    }
+    gateway.signal("TERM").await;
+    let (code, log) = gateway.finish().await;
+    assert_eq!(code, Some(0));
+    let warnings = log
+        .matches("cannot export spans to the OTLP collector")
+        .count();
+    assert_eq!(warnings, 1, "{log}");
+}
+
+/// A call refused before its handler (here for its missing token) is traced like any other:
+/// its span has its code, and, the caller being at fault, no error status.
+#[tokio::test]
+async fn a_call_refused_before_its_handler_is_traced_too() {
+    let mut receiver = Receiver::start().await;
+    let tokens = support::TestFile::new("otlp-tokens", "tokens", "secret-token\n");
+    let gateway = TaskgateProcess::start(&[
+        "--otlp-endpoint",
+        &receiver.endpoint,
+        "--auth-tokens-file",
+        tokens.to_str().unwrap(),
+    ])
+    .await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+    let status = client
+        .case_extract(request(4, Some(&traceparent)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    let server = receiver
+        .span("server", |span| span.kind == SpanKind::Server as i32)
+        .await;
+    assert_eq!(hex(&server.trace_id), TRACE_ID);
+    assert_eq!(hex(&server.parent_span_id), CALLER_SPAN_ID);
+    assert_eq!(int_attribute(&server, "rpc.grpc.status_code"), Some(16));
+    let span_status = server.status.unwrap_or_default();
+    assert_eq!(
+        span_status.code,
+        StatusCode::Unset as i32,
+        "{span_status:?}"
+    );
+}
+
+/// The standard variables work as in every OpenTelemetry SDK: the service name and resource
+/// attributes are the operator's, and a sampler that keeps no trace the gateway starts still
+/// follows a caller that sampled its own.
+#[tokio::test]
+async fn the_standard_variables_name_the_service_and_choose_the_sampler() {
+    let mut receiver = Receiver::start().await;
+    let mut command = tokio::process::Command::new(crate::cli::BIN);
+    command
+        .args(["serve", "--simulator", "--listen", "127.0.0.1:0"])
+        .args(["--otlp-endpoint", &receiver.endpoint])
+        .env("OTEL_SERVICE_NAME", "wms-gateway")
+        .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+        .env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+        .env("OTEL_TRACES_SAMPLER_ARG", "0");
+    let gateway =
+        TaskgateProcess::start_serving(TaskgateProcess::spawn_command(&mut command)).await;
+    assert!(
+        gateway
+            .log
+            .contains("exporting spans over OTLP/gRPC endpoint="),
+        "{}",
+        gateway.log
+    );
+    assert!(
+        gateway.log.contains("sampler=\"parentbased_traceidratio\""),
+        "{}",
+        gateway.log
+    );
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    // Started here: not sampled at a ratio of 0.
+    client.case_get_state(state_request()).await.unwrap();
+    // Sampled by its caller: followed.
+    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+    client
+        .case_extract(request(4, Some(&traceparent)))
+        .await
+        .unwrap();
+    receiver
+        .span("server", |span| span.kind == SpanKind::Server as i32)
+        .await;
+    // Spans leave in the order they ended: had the first call's been sampled, they would have
+    // arrived by now.
+    let traces: Vec<String> = receiver
+        .seen
+        .iter()
+        .map(|span| hex(&span.trace_id))
+        .collect();
+    assert!(traces.iter().all(|trace| trace == TRACE_ID), "{traces:?}");
+    let resource = receiver.resource_attributes();
+    for expected in ["service.name=wms-gateway", "deployment.environment=test"] {
+        assert!(resource.contains(&expected.to_owned()), "{resource:?}");
+    }
+    gateway.signal("TERM").await;
+    let _ = gateway.finish().await;
+}
+
+fn state_request() -> tonic::Request<taskgate::proto::CaseGetStateRequest> {
+    tonic::Request::new(taskgate::proto::CaseGetStateRequest { port_id: 4 })
+}
