@@ -69,7 +69,7 @@ const CONCURRENCY: usize = 32;
 const DEADLINE: Duration = Duration::from_millis(500);
 /// How late a delayed reply comes: well past [`DEADLINE`], so the gateway has given up.
 const LATE: Duration = Duration::from_millis(800);
-/// The longest a late POST is held waiting for a repeat to read the port.
+/// The longest a late POST is held waiting for the resend a port read causes.
 const HOLD_LIMIT: Duration = Duration::from_secs(2);
 /// The published backoff (`initialBackoff` 1 s, `backoffMultiplier` 2) scaled down 50 times so
 /// the run stays short: the backoff changes when a retry is sent, not whether.
@@ -375,7 +375,7 @@ impl Ledger {
             Next::Held { id, mut release } => {
                 let behaviour = match tokio::time::timeout(HOLD_LIMIT, &mut release).await {
                     Ok(Ok(behaviour)) => behaviour,
-                    _ => self.release_unread(id, &mut release),
+                    _ => self.release_at_limit(id, &mut release),
                 };
                 act(stream, &behaviour).await
             }
@@ -384,12 +384,11 @@ impl Ledger {
 
     /// Acts on held POST `id` that no resend released within [`HOLD_LIMIT`]; one may have
     /// released it meanwhile.
-    fn release_unread(&self, id: u64, release: &mut oneshot::Receiver<Behaviour>) -> Behaviour {
+    fn release_at_limit(&self, id: u64, release: &mut oneshot::Receiver<Behaviour>) -> Behaviour {
         let mut inner = self.inner.lock().unwrap();
         match inner.held.iter().position(|held| held.id == id) {
             Some(index) => {
                 let held = inner.held.swap_remove(index);
-
                 let result = inner.act(self.seed, held.call, held.op);
                 Fate::Act.answer(result)
             }
@@ -415,11 +414,10 @@ impl Inner {
             self.release_held(seed, call, op);
         }
         let fate = match Fate::draw(seed, call, op, attempt) {
-            // Only a first POST is delivered late. A later one is sent only after a port read,
-            // which it would not meet: held past a further read, a resend the gateway rightly
-            // made (the read showed the first POST had not arrived) would arrive after the
-            // extraction the first one started had completed, and start another, which no
-            // gateway could see coming.
+            // Only a first POST is delivered late. A resend held in turn would arrive only
+            // after the next port read, when the extraction the late first POST started may
+            // have completed, and start another: the gateway rightly sent it (the read showed
+            // nothing had arrived), and no gateway could see that coming.
             Fate::Held if attempt > 0 => Fate::Act,
             fate => fate,
         };
