@@ -14,8 +14,9 @@
 //! after the warm-up; no panic is logged; SIGTERM then exits 0.
 //!
 //! Between the run and SIGTERM, a client that retries as docs/clients.md says makes one logical
-//! call per [`RETRYING_SHARE`] calls ([`retrying`]): no extraction the controller accepted is
-//! POSTed again, and every final answer agrees with what the controller did.
+//! call per [`RETRYING_SHARE`] calls ([`retrying`]) against ports that run on a clock: the
+//! controller never acts twice for one `request_id`, and every final answer agrees with what it
+//! did.
 //!
 //! `cargo test` runs [`CI_CALLS`] calls of a debug build; `scripts/chaos [CALLS] [SEED]` runs a
 //! release build and more calls (the long mode, 100,000 by default) through
@@ -194,7 +195,7 @@ async fn chaos_controller_every_call_is_answered_in_time_with_its_documented_sta
     // Then the same controller and gateway, with a client that retries as published.
     let logical_calls = calls / RETRYING_SHARE;
     let started = Instant::now();
-    let results = retrying::run(logical_calls, &clients).await;
+    let results = retrying::run(seed, logical_calls, &clients).await;
     let took = started.elapsed();
     settle(&controller, &clients[0], pid).await;
     let summary = retrying::judge(&controller.ledger, &results);

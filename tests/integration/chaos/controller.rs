@@ -1,6 +1,6 @@
 //! The chaos controller: a raw TCP server that does to each request what the plan says for the
 //! call its `x-request-id` names, and counts the requests that arrive; a request of the retrying
-//! client (`x-request-id` `retry-{call}`) goes to the ledger instead.
+//! client (`x-request-id` `retry-e{call}` or `retry-c{call}`) goes to the ledger instead.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -87,10 +87,9 @@ async fn serve_connection(
         };
         let retrying = headers
             .get("x-request-id")
-            .and_then(|id| id.strip_prefix(retrying::PREFIX))
-            .and_then(|call| call.parse::<usize>().ok());
-        if let Some(call) = retrying {
-            if ledger.serve(&mut stream, call, &body).await.is_err() {
+            .and_then(|id| retrying::attribute(id));
+        if let Some(request) = retrying {
+            if ledger.serve(&mut stream, request, &body).await.is_err() {
                 return;
             }
             continue;
