@@ -1,5 +1,6 @@
 //! The idempotency store (AIP-155): what the gateway remembers about each `request_id` sent on
-//! CaseExtract and CaseCancel, so that a repeat is never POSTed twice.
+//! CaseExtract and CaseCancel, so that a repeat of a call the controller may have acted on is not
+//! POSTed again unless the port shows it was not.
 //!
 //! Pure logic: time is passed in as `now`, and the only waiting is on a `watch` channel the
 //! service awaits. An entry is keyed by the request_id alone and remembers the method, port and
@@ -40,8 +41,37 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
+use uuid::Uuid;
 
 use crate::domain::CaseState;
+
+/// Reads an idempotency key (a message's `request_id`, the CLI's `--idempotency-key`): none when
+/// empty, else a UUID in its hyphenated form, in either case, other than the nil UUID (a
+/// client's unset default, which would make unrelated calls repeats of each other).
+pub fn parse_key(text: &str) -> Result<Option<Uuid>, KeyError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let parsed = (text.len() == uuid::fmt::Hyphenated::LENGTH)
+        .then(|| Uuid::try_parse(text).ok())
+        .flatten();
+    match parsed {
+        Some(uuid) if uuid.is_nil() => Err(KeyError::Nil),
+        Some(uuid) => Ok(Some(uuid)),
+        None => Err(KeyError::NotAUuid),
+    }
+}
+
+/// Why [`parse_key`] refused a key; its text follows the key in a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The nil UUID.
+    #[error("is the nil UUID; send a fresh random one for each call")]
+    Nil,
+    /// Not a UUID in its hyphenated form.
+    #[error("is not a UUID in its hyphenated form, as 123e4567-e89b-12d3-a456-426614174000")]
+    NotAUuid,
+}
 
 /// The two methods that take a `request_id`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

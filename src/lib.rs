@@ -54,6 +54,11 @@ pub mod proto {
     /// 128 bytes), and the gateway returns it, on errors too, and logs it with every line of the
     /// call.
     pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+    /// The response header that marks an answer to a repeated `request_id` given without calling
+    /// the controller's method again: `stored` (the first call's answer) or `resolved` (OK, read
+    /// from the port after an unknown outcome).
+    pub const REPLAYED_HEADER: &str = "taskgate-replayed";
 }
 
 mod accept;
@@ -70,7 +75,7 @@ pub mod fault;
 pub mod fuzz_api;
 pub mod gateway_error;
 mod health;
-mod idempotency;
+pub mod idempotency;
 pub mod log;
 pub mod log_publisher;
 mod metrics;

@@ -26,7 +26,7 @@ use crate::metrics::{IdempotencyMetrics, Metrics};
 use crate::proto::task_service_server::TaskService;
 use crate::proto::{
     self, CaseCancelRequest, CaseCancelResponse, CaseExtractRequest, CaseExtractResponse,
-    CaseGetStateRequest, CaseGetStateResponse, WatchCaseEventsRequest,
+    CaseGetStateRequest, CaseGetStateResponse, REPLAYED_HEADER, WatchCaseEventsRequest,
 };
 use crate::protocol::{GRPC_TIMEOUT_NAME, parse_grpc_timeout};
 use crate::request_id::RequestId;
@@ -71,10 +71,6 @@ enum Replayed {
     /// After an unknown outcome, from the port's state, which shows the first call accepted.
     Resolved,
 }
-
-/// The response header that marks an answer to a repeated `request_id` given without calling
-/// the controller again.
-const REPLAYED_HEADER: &str = "taskgate-replayed";
 
 /// A call with an idempotency key, as [`TaskGateway::call_once`] needs it.
 struct Once<'a> {
@@ -483,39 +479,26 @@ fn ending<Output>(outcome: &Result<Output, CallError>) -> Ending {
     }
 }
 
-/// The idempotency key in a message's `request_id`: none when empty, else a UUID in its
-/// hyphenated form, in either case, other than the nil UUID (a client's unset default, which
-/// would make unrelated calls repeats of each other).
+/// The idempotency key in a message's `request_id`, as [`idempotency::parse_key`] reads it; the
+/// violation quotes at most 40 characters of it.
 fn parse_request_id(text: &str) -> Result<Option<Uuid>, Violation> {
-    if text.is_empty() {
-        return Ok(None);
-    }
-    let parsed = (text.len() == uuid::fmt::Hyphenated::LENGTH)
-        .then(|| Uuid::try_parse(text).ok())
-        .flatten();
-    match parsed {
-        Some(uuid) if uuid.is_nil() => Err(Violation {
-            field: "request_id",
-            description: format!(
-                "request_id {uuid} is the nil UUID; send a fresh random one for each call"
-            ),
-        }),
-        Some(uuid) => Ok(Some(uuid)),
-        None => {
-            const MAX_QUOTED_CHARS: usize = 40;
-            let mut quoted: String = text.chars().take(MAX_QUOTED_CHARS).collect();
-            if quoted.len() < text.len() {
-                quoted.push('…');
+    idempotency::parse_key(text).map_err(|error| {
+        const MAX_QUOTED_CHARS: usize = 40;
+        let shown = match error {
+            idempotency::KeyError::Nil => text.to_owned(),
+            idempotency::KeyError::NotAUuid => {
+                let mut quoted: String = text.chars().take(MAX_QUOTED_CHARS).collect();
+                if quoted.len() < text.len() {
+                    quoted.push('…');
+                }
+                format!("{quoted:?}")
             }
-            Err(Violation {
-                field: "request_id",
-                description: format!(
-                    "request_id {quoted:?} is not a UUID in its hyphenated form, as \
-                     123e4567-e89b-12d3-a456-426614174000"
-                ),
-            })
+        };
+        Violation {
+            field: "request_id",
+            description: format!("request_id {shown} {error}"),
         }
-    }
+    })
 }
 
 #[tonic::async_trait]

@@ -13,7 +13,9 @@ use tonic::transport::Channel;
 use tonic_types::{StatusExt, pb};
 
 use taskgate::proto::task_service_client::TaskServiceClient;
-use taskgate::proto::{FaultCode, REQUEST_ID_HEADER, TASK_FAULT_TYPE_URL, TaskFault};
+use taskgate::proto::{
+    FaultCode, REPLAYED_HEADER, REQUEST_ID_HEADER, TASK_FAULT_TYPE_URL, TaskFault,
+};
 use taskgate::{fault, gateway_error};
 
 use super::output::{self, Printed};
@@ -62,11 +64,21 @@ pub(super) struct PortAndBinArgs {
     /// The message's request_id, the idempotency key (a UUID; not the x-request-id): give the
     /// one a failed call printed to repeat that call, which the gateway then never sends to the
     /// controller twice. Default: a fresh UUID for each invocation.
-    #[arg(long, env = "TASKGATE_IDEMPOTENCY_KEY")]
+    #[arg(long, env = "TASKGATE_IDEMPOTENCY_KEY", value_parser = idempotency_key)]
     idempotency_key: Option<String>,
 
     #[command(flatten)]
     gateway: GatewayArgs,
+}
+
+/// Checks `--idempotency-key` as the gateway checks `request_id`, so that a key it would refuse
+/// is a usage error found before connecting.
+fn idempotency_key(text: &str) -> Result<String, String> {
+    match taskgate::idempotency::parse_key(text) {
+        Ok(Some(_)) => Ok(text.to_owned()),
+        Ok(None) => Err("it is empty; leave the flag out for a fresh key".to_owned()),
+        Err(error) => Err(format!("it {error}")),
+    }
 }
 
 /// The client the calling commands use.
@@ -113,19 +125,22 @@ impl PortAndBinArgs {
         match rpc(client, request).await {
             Ok(response) => {
                 let printed = output::line(format_args!("ok: {what}: {accepted}"))
+                    .and_then(|()| print_replayed(response.metadata()))
                     .and_then(|()| print_request_id(response.metadata()));
                 output::exit_after(printed, Exit::Success)
             }
             Err(status) => {
-                let printed = print_failure(&what, &status).and_then(|()| {
-                    if outcome_unknown(&status) || self.idempotency_key.is_some() {
-                        output::line(format_args!(
-                            "  idempotency key: {key} (repeat with --idempotency-key {key})"
-                        ))
-                    } else {
-                        Ok(())
-                    }
-                });
+                let printed = print_failure(&what, &status)
+                    .and_then(|()| print_replayed(status.metadata()))
+                    .and_then(|()| {
+                        if outcome_unknown(&status) || self.idempotency_key.is_some() {
+                            output::line(format_args!(
+                                "  idempotency key: {key} (repeat with --idempotency-key {key})"
+                            ))
+                        } else {
+                            Ok(())
+                        }
+                    });
                 output::exit_after(printed, Exit::CallFailed)
             }
         }
@@ -213,6 +228,20 @@ pub(super) async fn open<Message>(
 pub(super) fn print_failure(what: &str, status: &tonic::Status) -> Printed {
     output::line(describe_status(what, status))?;
     print_request_id(status.metadata())
+}
+
+/// Prints how the gateway answered a repeated idempotency key without calling the controller's
+/// method again, when it did.
+fn print_replayed(metadata: &tonic::metadata::MetadataMap) -> Printed {
+    let how = match metadata
+        .get(REPLAYED_HEADER)
+        .and_then(|value| value.to_str().ok())
+    {
+        Some("stored") => "the first call's answer; the controller was not called again",
+        Some("resolved") => "the port showed the first call accepted; it was not sent again",
+        Some(_) | None => return Ok(()),
+    };
+    output::line(format_args!("  replayed: {how}"))
 }
 
 /// Prints the request ID the gateway returned; a reply without one (a stream the connection cut,

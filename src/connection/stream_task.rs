@@ -25,9 +25,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// How long a response told to end may go without headway before it is dropped: long enough
-/// for a client that reads to make room for its next messages, short enough that one that does
-/// not cannot hold shutdown.
-pub(crate) const END_LINGER: Duration = Duration::from_millis(250);
+/// for a client that reads to make room for its next messages even when it (or the gateway)
+/// waits for a CPU on a loaded machine, where 250 ms was seen to reset a client reading steadily;
+/// short enough that one that does not read cannot hold shutdown.
+pub(crate) const END_LINGER: Duration = Duration::from_secs(1);
 
 tokio::task_local! {
     /// Where a handler leaves the signal that ends its response; set only in the tasks that

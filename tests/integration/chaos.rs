@@ -72,9 +72,10 @@ const DEADLINES: [Option<Duration>; 5] = [
 /// issue's 100 ms. `cargo test` runs a debug build, which does several times the work per call,
 /// in a test process that is itself a debug build on the same two cores, often beside other
 /// builds: there a round of 128 calls has been seen answered up to 440 ms late by this measure,
-/// so the bound is 1 s, which still catches a call the gateway forgot or held too long.
+/// and, at a load average of 10 on two cores, 256 calls up to 1.1 s late, so the bound is 2 s,
+/// which still catches a call the gateway forgot or held too long.
 const ANSWER_SLACK: Duration = if cfg!(debug_assertions) {
-    Duration::from_secs(1)
+    Duration::from_secs(2)
 } else {
     Duration::from_millis(100)
 };
@@ -83,7 +84,7 @@ const ANSWER_SLACK: Duration = if cfg!(debug_assertions) {
 /// with the timer on a loaded machine; between the two, either outcome is correct. In the debug
 /// build, with 256 calls in flight beside other builds (load average 7.5 on two cores), a reply
 /// planned 201 ms past the limit has been seen to win: the timer's task waited for CPU as long
-/// as the answers do, so the bound is [`ANSWER_SLACK`]'s 1 s, and the release build's run
+/// as the answers do, so the bound is 1 s, and the release build's run
 /// (`scripts/chaos`) keeps 200 ms. A timer the gateway forgot still fails the test: calls never
 /// answered, and replies planned 1 s or more past the limit (delays go up to 1.5 s), must end
 /// `UPSTREAM_TIMEOUT`.

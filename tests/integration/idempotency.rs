@@ -640,3 +640,65 @@ async fn a_table_full_of_unknown_ids_refuses_a_new_one_without_a_post() {
     )
     .await;
 }
+
+/// The CLI shows when an answer is a replay, so an operator repeating with
+/// `--idempotency-key` can tell that the controller was not called again.
+#[tokio::test]
+async fn the_cli_says_when_an_answer_is_replayed() {
+    let gateway = Gateway::builder().start().await;
+    let address = format!("http://{}", gateway.address);
+    let args = [
+        "case-extract",
+        "--gateway",
+        &address,
+        "--port",
+        "4",
+        "--bin",
+        "101337",
+        "--idempotency-key",
+        REQUEST_ID,
+    ];
+    let (first, _) = crate::cli::run(&args, 0).await;
+    assert!(!first.contains("replayed"), "{first}");
+    let (repeat, _) = crate::cli::run(&args, 0).await;
+    assert!(
+        repeat.starts_with(
+            "ok: case_extract port 4 bin 101337: the controller accepted the case extraction\n  \
+             replayed: the first call's answer; the controller was not called again\n  request id: "
+        ),
+        "{repeat}"
+    );
+}
+
+/// A key the gateway would refuse is a usage error, found before connecting: nothing listens
+/// on the address given.
+#[tokio::test]
+async fn the_cli_refuses_a_key_that_is_not_a_uuid_before_connecting() {
+    for (key, cause) in [
+        (
+            "not-a-uuid",
+            "it is not a UUID in its hyphenated form, as 123e4567-e89b-12d3-a456-426614174000",
+        ),
+        (
+            "00000000-0000-0000-0000-000000000000",
+            "it is the nil UUID; send a fresh random one for each call",
+        ),
+    ] {
+        let args = [
+            "case-extract",
+            "--gateway",
+            "http://127.0.0.1:1",
+            "--port",
+            "4",
+            "--bin",
+            "101337",
+            "--idempotency-key",
+            key,
+        ];
+        let (_, stderr) = crate::cli::run(&args, 2).await;
+        let expected = format!(
+            "error: invalid value '{key}' for '--idempotency-key <IDEMPOTENCY_KEY>': {cause}\n"
+        );
+        assert!(stderr.starts_with(&expected), "{stderr}");
+    }
+}
