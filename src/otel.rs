@@ -23,7 +23,7 @@ use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tonic::codegen::http::{HeaderMap, HeaderName, HeaderValue};
 use tracing::Subscriber;
 use tracing_subscriber::Layer;
@@ -64,6 +64,8 @@ pub struct Exporting {
     provider: SdkTracerProvider,
     /// The collector, for the log.
     endpoint: Url,
+    /// The sampler in force, for the log.
+    sampling: Sampling,
 }
 
 /// Why tracing cannot start.
@@ -85,6 +87,29 @@ pub enum OtlpError {
         /// The variable that names the protocol.
         variable: &'static str,
         /// Its value.
+        value: String,
+    },
+    /// `OTEL_TRACES_SAMPLER` names a sampler the gateway does not have.
+    #[error(
+        "OTEL_TRACES_SAMPLER={value}: not a supported sampler (always_on, always_off, \
+         traceidratio, parentbased_always_on, parentbased_always_off, parentbased_traceidratio)"
+    )]
+    Sampler {
+        /// The variable's value.
+        value: String,
+    },
+    /// `OTEL_TRACES_SAMPLER_ARG` is not a ratio a `traceidratio` sampler can use.
+    #[error(
+        "OTEL_TRACES_SAMPLER_ARG={value}: the ratio of traces to sample must be a number from 0 to 1"
+    )]
+    SamplerArg {
+        /// The variable's value.
+        value: String,
+    },
+    /// `OTEL_TRACES_EXPORTER` names an exporter other than OTLP.
+    #[error("OTEL_TRACES_EXPORTER={value}: only otlp (or none, to export nothing) is supported")]
+    Exporters {
+        /// The variable's value.
         value: String,
     },
     /// The exporter could not be built.
@@ -157,19 +182,133 @@ pub fn check_protocol() -> Result<(), OtlpError> {
     }
 }
 
+/// Whether the standard variables leave export on: `OTEL_SDK_DISABLED=true` and
+/// `OTEL_TRACES_EXPORTER=none` turn it off, whatever the endpoint; an exporter other than
+/// `otlp` is refused rather than silently replaced.
+pub fn export_enabled() -> Result<bool, OtlpError> {
+    let disabled = std::env::var("OTEL_SDK_DISABLED")
+        .is_ok_and(|value| value.trim().eq_ignore_ascii_case("true"));
+    if disabled {
+        return Ok(false);
+    }
+    let Ok(value) = std::env::var("OTEL_TRACES_EXPORTER") else {
+        return Ok(true);
+    };
+    match value.trim() {
+        "" | "otlp" => Ok(true),
+        "none" => Ok(false),
+        _ => Err(OtlpError::Exporters { value }),
+    }
+}
+
+/// The sampler in force: `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG`, checked, or
+/// `parentbased_always_on` when the first is unset.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// Whether a call with a caller's context follows the caller's decision.
+    parent_based: bool,
+    /// The share of the traces the gateway starts that are sampled, 0 to 1.
+    ratio: f64,
+    /// Whether the ratio came from `traceidratio` (or `parentbased_traceidratio`).
+    by_ratio: bool,
+}
+
+impl Sampling {
+    /// Reads and checks the standard variables.
+    pub fn from_environment() -> Result<Sampling, OtlpError> {
+        let variable = |name| {
+            std::env::var(name)
+                .ok()
+                .filter(|value: &String| !value.trim().is_empty())
+        };
+        Sampling::parse(
+            variable("OTEL_TRACES_SAMPLER").as_deref(),
+            variable("OTEL_TRACES_SAMPLER_ARG").as_deref(),
+        )
+    }
+
+    fn parse(sampler: Option<&str>, argument: Option<&str>) -> Result<Sampling, OtlpError> {
+        let name = sampler.map_or("parentbased_always_on", str::trim);
+        let (parent_based, root) = match name.strip_prefix("parentbased_") {
+            Some(root) => (true, root),
+            None => (false, name),
+        };
+        let by_ratio = root == "traceidratio";
+        let ratio = match root {
+            "always_on" => 1.0,
+            "always_off" => 0.0,
+            // The specification's default when no ratio is given.
+            "traceidratio" => match argument {
+                None => 1.0,
+                Some(raw) => raw
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|ratio| (0.0..=1.0).contains(ratio))
+                    .ok_or_else(|| OtlpError::SamplerArg {
+                        value: raw.to_owned(),
+                    })?,
+            },
+            _ => {
+                return Err(OtlpError::Sampler {
+                    value: name.to_owned(),
+                });
+            }
+        };
+        Ok(Sampling {
+            parent_based,
+            ratio,
+            by_ratio,
+        })
+    }
+
+    /// The SDK's sampler for this choice.
+    fn sampler(self) -> Sampler {
+        let root = if self.by_ratio {
+            Sampler::TraceIdRatioBased(self.ratio)
+        } else if self.ratio > 0.0 {
+            Sampler::AlwaysOn
+        } else {
+            Sampler::AlwaysOff
+        };
+        if self.parent_based {
+            Sampler::ParentBased(Box::new(root))
+        } else {
+            root
+        }
+    }
+}
+
+impl std::fmt::Display for Sampling {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parent = if self.parent_based {
+            "parentbased_"
+        } else {
+            ""
+        };
+        let root = match (self.by_ratio, self.ratio > 0.0) {
+            (true, _) => "traceidratio",
+            (false, true) => "always_on",
+            (false, false) => "always_off",
+        };
+        write!(formatter, "{parent}{root}")
+    }
+}
+
 /// Starts exporting spans to `endpoint`. Must be called within the tokio runtime the export
 /// task is to run on, before the log's subscriber is installed (it takes
 /// [`Exporting::layer`]). `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
-/// `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` are read here, by the SDK.
-pub fn start(endpoint: &Url) -> Result<Exporting, OtlpError> {
+/// the sampler is `sampling`.
+pub fn start(endpoint: &Url, sampling: Sampling) -> Result<Exporting, OtlpError> {
     let resource = resource();
     let exporter = export::exporter(endpoint, &resource).map_err(|error| OtlpError::Exporter {
         endpoint: endpoint.to_string(),
         reason: error.to_string(),
     })?;
     let processor = export::QueueProcessor::start(exporter, endpoint.to_string());
-    // The sampler comes from the environment (`OTEL_TRACES_SAMPLER`), as the builder reads it.
+    // Set here, checked: the SDK would replace a sampler it cannot read with always-on, silently.
     let provider = SdkTracerProvider::builder()
+        .with_sampler(sampling.sampler())
         .with_span_processor(processor)
         .with_resource(resource)
         .build();
@@ -177,6 +316,7 @@ pub fn start(endpoint: &Url) -> Result<Exporting, OtlpError> {
     Ok(Exporting {
         provider,
         endpoint: endpoint.clone(),
+        sampling,
     })
 }
 
@@ -217,7 +357,8 @@ impl Exporting {
         tracing::info!(
             target: "taskgate::otel",
             endpoint = %self.endpoint,
-            sampler = std::env::var("OTEL_TRACES_SAMPLER").as_deref().unwrap_or("parentbased_always_on"),
+            sampler = %self.sampling,
+            ratio = self.sampling.ratio,
             "exporting spans over OTLP/gRPC"
         );
     }
@@ -386,6 +527,66 @@ mod tests {
                  example http://127.0.0.1:4317): it has credentials, which gRPC would not send",
             ),
         );
+    }
+
+    /// The sampler in force is the one named, with its ratio; anything the gateway cannot
+    /// honour exactly is refused, never replaced by another sampler.
+    #[test]
+    fn the_sampler_is_the_one_named_or_refused() {
+        let chosen = |sampler, argument| {
+            Sampling::parse(sampler, argument)
+                .map(|sampling| format!("{sampling} ratio={}", sampling.ratio))
+                .map_err(|error| error.to_string())
+        };
+        for (sampler, argument, expected) in [
+            (None, None, "parentbased_always_on ratio=1"),
+            (Some("always_off"), None, "always_off ratio=0"),
+            (
+                Some("traceidratio"),
+                Some("0.25"),
+                "traceidratio ratio=0.25",
+            ),
+            (
+                Some("parentbased_traceidratio"),
+                Some("0"),
+                "parentbased_traceidratio ratio=0",
+            ),
+            // The specification's default ratio.
+            (
+                Some("parentbased_traceidratio"),
+                None,
+                "parentbased_traceidratio ratio=1",
+            ),
+            (
+                Some("parentbased_always_off"),
+                Some("0.5"),
+                "parentbased_always_off ratio=0",
+            ),
+        ] {
+            assert_eq!(chosen(sampler, argument).as_deref(), Ok(expected));
+        }
+        let unknown = "not a supported sampler (always_on, always_off, traceidratio, \
+                       parentbased_always_on, parentbased_always_off, parentbased_traceidratio)";
+        for sampler in [
+            "xray",
+            "jaeger_remote",
+            "parentbased_jaeger_remote",
+            "AlwaysOn",
+        ] {
+            assert_eq!(
+                chosen(Some(sampler), None),
+                Err(format!("OTEL_TRACES_SAMPLER={sampler}: {unknown}"))
+            );
+        }
+        for argument in ["1.5", "-0.1", "ten percent", "NaN"] {
+            assert_eq!(
+                chosen(Some("traceidratio"), Some(argument)),
+                Err(format!(
+                    "OTEL_TRACES_SAMPLER_ARG={argument}: the ratio of traces to sample must be a \
+                     number from 0 to 1"
+                ))
+            );
+        }
     }
 
     #[test]

@@ -451,6 +451,33 @@ async fn the_flag_beats_the_standard_variable_which_beats_the_file() {
         "error: invalid configuration: OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf: only OTLP over \
          gRPC (grpc) is exported"
     );
+    for (variables, refusal) in [
+        (
+            [("OTEL_TRACES_SAMPLER", "xray")],
+            "OTEL_TRACES_SAMPLER=xray: not a supported sampler (always_on, always_off, \
+             traceidratio, parentbased_always_on, parentbased_always_off, \
+             parentbased_traceidratio)",
+        ),
+        (
+            [("OTEL_TRACES_SAMPLER_ARG", "5")],
+            "OTEL_TRACES_SAMPLER_ARG=5: the ratio of traces to sample must be a number from 0 \
+             to 1",
+        ),
+        (
+            [("OTEL_TRACES_EXPORTER", "zipkin")],
+            "OTEL_TRACES_EXPORTER=zipkin: only otlp (or none, to export nothing) is supported",
+        ),
+    ] {
+        let mut variables = variables.to_vec();
+        if variables[0].0 == "OTEL_TRACES_SAMPLER_ARG" {
+            variables.push(("OTEL_TRACES_SAMPLER", "traceidratio"));
+        }
+        let (_, stderr) = print_config(&flag, &variables, 2).await;
+        assert_eq!(
+            stderr.trim_end(),
+            format!("error: invalid configuration: {refusal}")
+        );
+    }
     let (_, stderr) = print_config(&["--otlp-endpoint", "https://collector:4317"], &[], 2).await;
     assert_eq!(
         stderr.trim_end(),
@@ -645,7 +672,9 @@ async fn the_standard_variables_name_the_service_and_choose_the_sampler() {
         gateway.log
     );
     assert!(
-        gateway.log.contains("sampler=\"parentbased_traceidratio\""),
+        gateway
+            .log
+            .contains("sampler=parentbased_traceidratio ratio=0"),
         "{}",
         gateway.log
     );
@@ -678,6 +707,57 @@ async fn the_standard_variables_name_the_service_and_choose_the_sampler() {
     gateway.signal("TERM").await;
     let _ = gateway.finish().await;
 }
+
+/// `OTEL_SDK_DISABLED=true` and `OTEL_TRACES_EXPORTER=none` turn export off whatever the
+/// endpoint, as in every SDK: no exporter starts and no span leaves.
+#[tokio::test]
+async fn the_standard_variables_can_turn_export_off() {
+    for variable in [
+        ("OTEL_SDK_DISABLED", "true"),
+        ("OTEL_TRACES_EXPORTER", "none"),
+    ] {
+        let mut command = tokio::process::Command::new(crate::cli::BIN);
+        command
+            .args(["serve", "--simulator", "--listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .env(OTEL_ENDPOINT, "http://127.0.0.1:4317")
+            .env(variable.0, variable.1);
+        let gateway =
+            TaskgateProcess::start_serving(TaskgateProcess::spawn_command(&mut command)).await;
+        assert!(
+            !gateway.log.contains("exporting spans over OTLP"),
+            "{variable:?}: {}",
+            gateway.log
+        );
+        // Without export, the latency histogram carries no exemplars, so a traced call leaves
+        // none.
+        let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+            .await
+            .unwrap();
+        let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+        client
+            .case_extract(request(4, Some(&traceparent)))
+            .await
+            .unwrap();
+        let metrics = support::http_client()
+            .get(gateway.metrics_url())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics.contains("taskgate_call_duration_seconds_bucket"),
+            "{metrics}"
+        );
+        assert!(!metrics.contains("trace_id="), "{variable:?}: {metrics}");
+        gateway.signal("TERM").await;
+        let _ = gateway.finish().await;
+    }
+}
+
+const OTEL_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 
 fn state_request() -> tonic::Request<taskgate::proto::CaseGetStateRequest> {
     tonic::Request::new(taskgate::proto::CaseGetStateRequest { port_id: 4 })
