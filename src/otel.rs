@@ -71,9 +71,10 @@ pub struct Exporting {
 /// Why tracing cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum OtlpError {
-    /// The endpoint is not an `http://` URL.
+    /// The endpoint is not an `http://` or `https://` URL.
     #[error(
-        "OTLP endpoint '{endpoint}' is not an http:// URL (for example http://127.0.0.1:4317): {reason}"
+        "OTLP endpoint '{endpoint}' is not an http:// or https:// URL (for example \
+         http://127.0.0.1:4317): {reason}"
     )]
     Endpoint {
         /// The endpoint as given, its credentials masked.
@@ -122,23 +123,16 @@ pub enum OtlpError {
     },
 }
 
-/// An OTLP/gRPC endpoint, checked: an `http://` URL with a host.
+/// An OTLP/gRPC endpoint, checked: an `http://` or `https://` URL with a host. An `https://`
+/// collector is trusted by the system's roots (or `SSL_CERT_FILE`/`SSL_CERT_DIR`).
 pub fn parse_endpoint(raw: &str) -> Result<Url, OtlpError> {
     let invalid = |reason: &str| OtlpError::Endpoint {
         endpoint: redact_url(raw).into_owned(),
         reason: reason.to_owned(),
     };
     let url = Url::parse(raw).map_err(|error| invalid(&error.to_string()))?;
-    match url.scheme() {
-        "http" => {}
-        // The gateway's TLS roots are not the exporter's; a collector is usually a sidecar on
-        // loopback or in the same pod.
-        "https" => {
-            return Err(invalid(
-                "https is not supported: export to a collector on loopback or in the pod",
-            ));
-        }
-        _ => return Err(invalid("its scheme is not http")),
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid("its scheme is neither http nor https"));
     }
     if url.host().is_none() {
         return Err(invalid("it has no host"));
@@ -498,33 +492,34 @@ mod tests {
     }
 
     #[test]
-    fn endpoints_are_http_urls_with_a_host() {
+    fn endpoints_are_http_or_https_urls_with_a_host() {
         let check = |raw: &str, expected: Option<&str>| {
             let error = parse_endpoint(raw).err().map(|error| error.to_string());
             assert_eq!(error.as_deref(), expected, "{raw}");
         };
         check("http://127.0.0.1:4317", None);
         check("http://collector.observability:4317/", None);
-        check(
-            "https://collector:4317",
-            Some(
-                "OTLP endpoint 'https://collector:4317' is not an http:// URL (for example \
-                 http://127.0.0.1:4317): https is not supported: export to a collector on \
-                 loopback or in the pod",
-            ),
-        );
+        check("https://collector:4317", None);
         check(
             "127.0.0.1:4317",
             Some(
-                "OTLP endpoint '127.0.0.1:4317' is not an http:// URL (for example \
+                "OTLP endpoint '127.0.0.1:4317' is not an http:// or https:// URL (for example \
                  http://127.0.0.1:4317): relative URL without a base",
+            ),
+        );
+        check(
+            "grpc://collector:4317",
+            Some(
+                "OTLP endpoint 'grpc://collector:4317' is not an http:// or https:// URL (for \
+                 example http://127.0.0.1:4317): its scheme is neither http nor https",
             ),
         );
         check(
             "http://user:secret@collector:4317",
             Some(
-                "OTLP endpoint 'http://user:***@collector:4317' is not an http:// URL (for \
-                 example http://127.0.0.1:4317): it has credentials, which gRPC would not send",
+                "OTLP endpoint 'http://user:***@collector:4317' is not an http:// or https:// \
+                 URL (for example http://127.0.0.1:4317): it has credentials, which gRPC would \
+                 not send",
             ),
         );
     }

@@ -18,6 +18,7 @@ use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter as _, SpanProcessor}
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tonic::transport::ClientTlsConfig;
 use url::Url;
 
 /// How many ended spans may wait for export: about a second of a busy gateway's calls (two
@@ -93,16 +94,22 @@ pub(crate) fn dropped_spans() -> [(&'static str, u64); 2] {
     ]
 }
 
-/// The OTLP/gRPC exporter for `endpoint`, sending `resource` with every batch; its channel
+/// The OTLP/gRPC exporter for `endpoint` (over TLS trusting the system's roots for an
+/// `https://` one), sending `resource` with every batch; its channel
 /// connects when the first batch is sent. The exporter reads `OTEL_EXPORTER_OTLP_HEADERS`
 /// itself.
 pub(super) fn exporter(
     endpoint: &Url,
     resource: &Resource,
 ) -> Result<SpanExporter, opentelemetry_otlp::ExporterBuildError> {
-    let mut exporter = SpanExporter::builder()
+    let mut builder = SpanExporter::builder()
         .with_tonic()
-        .with_endpoint(endpoint.as_str())
+        .with_endpoint(endpoint.as_str());
+    if endpoint.scheme() == "https" {
+        // Left alone, the exporter would trust no root at all.
+        builder = builder.with_tls_config(ClientTlsConfig::new().with_native_roots());
+    }
+    let mut exporter = builder
         .with_timeout(EXPORT_TIMEOUT)
         .with_retry_policy(RetryPolicy::disabled())
         .build()?;

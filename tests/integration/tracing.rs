@@ -23,8 +23,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 use taskgate::proto::CaseExtractRequest;
 use taskgate::proto::task_service_client::TaskServiceClient;
 
+use tonic::transport::{Identity, ServerTlsConfig};
+
 use crate::cli::{TaskgateProcess, config_file, print_config};
 use crate::support::{self, FakeUpstream, Gateway, Script, Seen, within};
+use crate::tls::Pki;
 
 /// The caller's trace and span, as a WMS service would send them.
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -71,16 +74,34 @@ impl TraceService for Collect {
 
 impl Receiver {
     async fn start() -> Receiver {
+        Receiver::serve(None).await
+    }
+
+    /// A receiver served over TLS with `pki`'s certificate for localhost.
+    async fn start_tls(pki: &Pki) -> Receiver {
+        let identity = Identity::from_pem(pki.read("server.pem"), pki.read("server.key"));
+        Receiver::serve(Some(ServerTlsConfig::new().identity(identity))).await
+    }
+
+    async fn serve(tls: Option<ServerTlsConfig>) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let port = listener.local_addr().unwrap().port();
+        let endpoint = match tls {
+            Some(_) => format!("https://localhost:{port}"),
+            None => format!("http://127.0.0.1:{port}"),
+        };
         let (sender, spans) = mpsc::unbounded_channel();
         let resources = Arc::default();
         let collect = Collect {
             spans: sender,
             resources: Arc::clone(&resources),
         };
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            server = server.tls_config(tls).unwrap();
+        }
         tokio::spawn(
-            tonic::transport::Server::builder()
+            server
                 .add_service(TraceServiceServer::new(collect))
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
@@ -478,13 +499,42 @@ async fn the_flag_beats_the_standard_variable_which_beats_the_file() {
             format!("error: invalid configuration: {refusal}")
         );
     }
-    let (_, stderr) = print_config(&["--otlp-endpoint", "https://collector:4317"], &[], 2).await;
+    let (_, stderr) = print_config(&["--otlp-endpoint", "collector:4317"], &[], 2).await;
     assert_eq!(
         stderr.trim_end(),
-        "error: invalid --otlp-endpoint: OTLP endpoint 'https://collector:4317' is not an \
-         http:// URL (for example http://127.0.0.1:4317): https is not supported: export to a \
-         collector on loopback or in the pod"
+        "error: invalid --otlp-endpoint: OTLP endpoint 'collector:4317' is not an http:// or \
+         https:// URL (for example http://127.0.0.1:4317): its scheme is neither http nor https"
     );
+}
+
+/// A collector served over TLS is trusted through the system's roots, which `SSL_CERT_FILE`
+/// names here as an operator would for a private CA.
+#[tokio::test]
+async fn spans_reach_an_https_collector_trusted_by_the_system_roots() {
+    let pki = Pki::new("otlp");
+    let mut receiver = Receiver::start_tls(&pki).await;
+    let mut command = tokio::process::Command::new(crate::cli::BIN);
+    command
+        .args(["serve", "--simulator", "--listen", "127.0.0.1:0"])
+        .args(["--otlp-endpoint", &receiver.endpoint])
+        .env("SSL_CERT_FILE", pki.path("ca.pem"));
+    let gateway =
+        TaskgateProcess::start_serving(TaskgateProcess::spawn_command(&mut command)).await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+    client
+        .case_extract(request(4, Some(&traceparent)))
+        .await
+        .unwrap();
+    let server = receiver
+        .span("server", |span| span.kind == SpanKind::Server as i32)
+        .await;
+    assert_eq!(hex(&server.trace_id), TRACE_ID);
+    gateway.signal("TERM").await;
+    let (code, _) = gateway.finish().await;
+    assert_eq!(code, Some(0));
 }
 
 /// A WatchCaseEvents stream is one span, from the call to the stream's end: it says how many
