@@ -425,12 +425,6 @@ impl Injector for HeaderInjector<'_> {
     }
 }
 
-/// The span name the RPC semantic conventions give a call: `taskgate.v1.TaskService/CaseExtract`
-/// for the path `/taskgate.v1.TaskService/CaseExtract`.
-pub(crate) fn rpc_span_name(path: &str) -> &str {
-    path.strip_prefix('/').unwrap_or(path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -582,13 +576,5 @@ mod tests {
                 ))
             );
         }
-    }
-
-    #[test]
-    fn span_names_are_service_and_method() {
-        assert_eq!(
-            rpc_span_name("/taskgate.v1.TaskService/CaseExtract"),
-            "taskgate.v1.TaskService/CaseExtract"
-        );
     }
 }

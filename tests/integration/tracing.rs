@@ -507,6 +507,52 @@ async fn the_flag_beats_the_standard_variable_which_beats_the_file() {
     );
 }
 
+/// Every server span has a bounded name and a gRPC code: health checks are named after their
+/// method, and a path the gateway does not serve, as a scanner sends, is `_OTHER`.
+#[tokio::test]
+async fn every_server_span_has_a_known_name_and_a_code() {
+    let mut receiver = Receiver::start().await;
+    let gateway = TaskgateProcess::start(&["--otlp-endpoint", &receiver.endpoint]).await;
+    let channel = tonic::transport::Endpoint::from_shared(gateway.gateway.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .unary(
+            tonic::Request::new(CaseExtractRequest::default()),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/scanner.Probe/wp-login.php"),
+            tonic_prost::ProstCodec::<CaseExtractRequest, CaseExtractRequest>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+
+    let health = receiver
+        .span("health", |span| span.name == "grpc.health.v1.Health/Check")
+        .await;
+    assert_eq!(attribute(&health, "rpc.method").as_deref(), Some("Check"));
+    assert_eq!(int_attribute(&health, "rpc.grpc.status_code"), Some(0));
+    let other = receiver.span("unknown", |span| span.name == "_OTHER").await;
+    assert_eq!(attribute(&other, "rpc.method").as_deref(), Some("_OTHER"));
+    assert_eq!(attribute(&other, "rpc.service"), None);
+    assert_eq!(int_attribute(&other, "rpc.grpc.status_code"), Some(12));
+    assert!(
+        receiver
+            .seen
+            .iter()
+            .all(|span| !span.name.contains("wp-login")),
+        "{:?}",
+        receiver.seen
+    );
+}
+
 /// A collector served over TLS is trusted through the system's roots, which `SSL_CERT_FILE`
 /// names here as an operator would for a private CA.
 #[tokio::test]
