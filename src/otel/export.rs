@@ -15,6 +15,7 @@ use opentelemetry_otlp::{RetryPolicy, SpanExporter, WithExportConfig as _, WithT
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter as _, SpanProcessor};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -40,6 +41,9 @@ const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Spans dropped because the queue was full.
 static DROPPED_QUEUE_FULL: AtomicU64 = AtomicU64::new(0);
+
+/// Spans that ended after export stopped, at shutdown.
+static DROPPED_AFTER_SHUTDOWN: AtomicU64 = AtomicU64::new(0);
 
 /// Spans dropped because the collector did not take them.
 static DROPPED_EXPORT_FAILED: AtomicU64 = AtomicU64::new(0);
@@ -83,10 +87,15 @@ pub(super) struct QueueProcessor {
     queue: mpsc::Sender<SpanData>,
 }
 
-/// Spans that never reached the collector, by why: `queue_full` and `export_failed`.
-pub(crate) fn dropped_spans() -> [(&'static str, u64); 2] {
+/// Spans that never reached the collector, by why: `queue_full`, `after_shutdown` and
+/// `export_failed`.
+pub(crate) fn dropped_spans() -> [(&'static str, u64); 3] {
     [
         ("queue_full", DROPPED_QUEUE_FULL.load(Ordering::Relaxed)),
+        (
+            "after_shutdown",
+            DROPPED_AFTER_SHUTDOWN.load(Ordering::Relaxed),
+        ),
         (
             "export_failed",
             DROPPED_EXPORT_FAILED.load(Ordering::Relaxed),
@@ -163,9 +172,12 @@ impl SpanProcessor for QueueProcessor {
             return;
         }
         // Never waits: a full queue (or a stopped task) drops the span.
-        if self.queue.try_send(span).is_err() {
-            DROPPED_QUEUE_FULL.fetch_add(1, Ordering::Relaxed);
-        }
+        let dropped = match self.queue.try_send(span) {
+            Ok(()) => return,
+            Err(TrySendError::Full(_)) => &DROPPED_QUEUE_FULL,
+            Err(TrySendError::Closed(_)) => &DROPPED_AFTER_SHUTDOWN,
+        };
+        dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     // The task sends what is queued within a second; shutdown flushes through `flush`.
@@ -328,6 +340,20 @@ mod tests {
             processor.on_end(span_data());
         }
         assert_eq!(DROPPED_QUEUE_FULL.load(Ordering::Relaxed) - before, 3);
+    }
+
+    /// A span that ends once export has stopped, at shutdown, is counted as such, not as a
+    /// full queue.
+    #[test]
+    fn a_span_ending_after_shutdown_is_counted_as_such() {
+        let (queue, receiver) = mpsc::channel(2);
+        drop(receiver);
+        let processor = QueueProcessor { queue };
+        let full = DROPPED_QUEUE_FULL.load(Ordering::Relaxed);
+        let late = DROPPED_AFTER_SHUTDOWN.load(Ordering::Relaxed);
+        processor.on_end(span_data());
+        assert_eq!(DROPPED_AFTER_SHUTDOWN.load(Ordering::Relaxed) - late, 1);
+        assert_eq!(DROPPED_QUEUE_FULL.load(Ordering::Relaxed), full);
     }
 
     /// The collector's failures are logged once per interval, with the count of those that
