@@ -553,6 +553,42 @@ async fn every_server_span_has_a_known_name_and_a_code() {
     );
 }
 
+/// A controller's non-2xx reply fails the client span, as the HTTP conventions have it: an
+/// error status, and `error.type` the status code.
+#[tokio::test]
+async fn a_non_2xx_reply_fails_the_client_span_with_its_status_code() {
+    let mut receiver = Receiver::start().await;
+    let upstream = FakeUpstream::start(Script::Respond {
+        status: 500,
+        content_type: "text/plain",
+        body: b"internal error".to_vec(),
+    })
+    .await;
+    let gateway = TaskgateProcess::start_with_upstream(
+        upstream.url.as_str(),
+        &["--otlp-endpoint", &receiver.endpoint],
+    )
+    .await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+    client
+        .case_extract(request(4, Some(&traceparent)))
+        .await
+        .unwrap_err();
+    // The call's POST, not the health probe's.
+    let span = receiver
+        .span("client", |span| {
+            span.kind == SpanKind::Client as i32 && hex(&span.trace_id) == TRACE_ID
+        })
+        .await;
+    assert_eq!(int_attribute(&span, "http.response.status_code"), Some(500));
+    assert_eq!(attribute(&span, "error.type").as_deref(), Some("500"));
+    assert_eq!(attribute(&span, "http.request.resend_count"), None);
+    assert_eq!(span.status.unwrap().code, StatusCode::Error as i32);
+}
+
 /// A collector served over TLS is trusted through the system's roots, which `SSL_CERT_FILE`
 /// names here as an operator would for a private CA.
 #[tokio::test]
