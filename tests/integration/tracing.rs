@@ -595,6 +595,51 @@ async fn a_non_2xx_reply_fails_the_client_span_with_its_status_code() {
     assert_eq!(span.status.unwrap().code, StatusCode::Error as i32);
 }
 
+/// Exported, a gRPC-Web call's trace context is continued like a gRPC call's: the controller
+/// is called in the page's trace, under the gateway's client span.
+#[tokio::test]
+async fn a_grpc_web_call_is_traced_to_the_controller() {
+    let mut receiver = Receiver::start().await;
+    let mut upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
+    let gateway = TaskgateProcess::start_with_upstream(
+        upstream.url.as_str(),
+        &["--otlp-endpoint", &receiver.endpoint],
+    )
+    .await;
+    let message = prost::Message::encode_to_vec(&request(4, None).into_inner());
+    let mut body = vec![0];
+    body.extend((message.len() as u32).to_be_bytes());
+    body.extend(message);
+    let response = support::http_client()
+        .post(format!(
+            "{}/taskgate.v1.TaskService/CaseExtract",
+            gateway.gateway
+        ))
+        .header("content-type", "application/grpc-web+proto")
+        .header("traceparent", format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let client = receiver
+        .span("client", |span| {
+            span.kind == SpanKind::Client as i32 && hex(&span.trace_id) == TRACE_ID
+        })
+        .await;
+    // The health probe's POSTs come first, in traces of their own.
+    let sent = loop {
+        let Seen::Request { headers, .. } = upstream.next().await else {
+            panic!("expected a request");
+        };
+        let traceparent = headers.get("traceparent").cloned().unwrap_or_default();
+        if traceparent.contains(TRACE_ID) {
+            break traceparent;
+        }
+    };
+    assert_eq!(sent, format!("00-{TRACE_ID}-{}-01", hex(&client.span_id)));
+}
+
 /// A collector served over TLS is trusted through the system's roots, which `SSL_CERT_FILE`
 /// names here as an operator would for a private CA.
 #[tokio::test]
