@@ -362,10 +362,9 @@ fn server_span<B>(
     parent: &tracing::Span,
 ) -> (tracing::Span, TraceIds) {
     let (name, service, method) = rpc_name(known);
-    let local = request
-        .extensions()
-        .get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::local_addr);
+    let connection = request.extensions().get::<TcpConnectInfo>();
+    let local = connection.and_then(TcpConnectInfo::local_addr);
+    let peer = connection.and_then(TcpConnectInfo::remote_addr);
     let empty = tracing::field::Empty;
     let span = tracing::info_span!(
         target: crate::otel::SPAN_TARGET,
@@ -378,7 +377,9 @@ fn server_span<B>(
         rpc.method = method,
         server.address = local.map(|local| tracing::field::display(local.ip())),
         server.port = local.map(|local| i64::from(local.port())),
-        request_id = %request_id,
+        client.address = peer.map(|peer| tracing::field::display(peer.ip())),
+        client.port = peer.map(|peer| i64::from(peer.port())),
+        taskgate.request_id = %request_id,
         rpc.grpc.status_code = empty,
         taskgate.port_id = empty,
         taskgate.bin_id = empty,

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::{Context, InstrumentationScope, KeyValue};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
@@ -54,6 +54,10 @@ pub const OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_
 /// The `service.name` of the spans when neither `OTEL_SERVICE_NAME` nor
 /// `OTEL_RESOURCE_ATTRIBUTES` names one.
 const SERVICE_NAME: &str = "taskgate";
+
+/// The semantic conventions the spans' attributes follow (`rpc.grpc.status_code`, `error.type`,
+/// `http.request.resend_count`, `client.address`, …).
+const SCHEMA_URL: &str = "https://opentelemetry.io/schemas/1.27.0";
 
 /// The installed exporter, once [`start`] has run in this process.
 static INSTALLED: OnceLock<SdkTracerProvider> = OnceLock::new();
@@ -329,18 +333,24 @@ pub(crate) async fn flush(within: Duration) {
 
 /// The resource the SDK reads from `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`, with
 /// `service.name` "taskgate" when neither names one (the SDK's own default is
-/// "unknown_service").
+/// "unknown_service"), and `service.version` the gateway's version unless they name one.
 fn resource() -> Resource {
     let detected = Resource::builder().build();
     let named = detected
         .get(&opentelemetry::Key::from_static_str("service.name"))
         .is_some_and(|name| !name.as_str().starts_with("unknown_service"));
-    if named {
-        return detected;
+    let versioned = detected
+        .get(&opentelemetry::Key::from_static_str("service.version"))
+        .is_some();
+    let mut defaults = Vec::new();
+    if !named {
+        defaults.push(KeyValue::new("service.name", SERVICE_NAME));
     }
-    Resource::builder()
-        .with_attribute(KeyValue::new("service.name", SERVICE_NAME))
-        .build()
+    if !versioned {
+        defaults.push(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
+    }
+    // Only what the operator left unnamed is added; the detectors run again, as they are cheap.
+    Resource::builder().with_attributes(defaults).build()
 }
 
 // === impl Exporting ===
@@ -362,8 +372,12 @@ impl Exporting {
     where
         S: Subscriber + for<'lookup> LookupSpan<'lookup> + Send + Sync,
     {
+        let scope = InstrumentationScope::builder("taskgate")
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .with_schema_url(SCHEMA_URL)
+            .build();
         tracing_opentelemetry::layer()
-            .with_tracer(self.provider.tracer("taskgate"))
+            .with_tracer(self.provider.tracer_with_scope(scope))
             // Events are log lines, which the log has; spans carry what a trace needs.
             .with_location(false)
             .with_threads(false)

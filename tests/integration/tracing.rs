@@ -44,11 +44,14 @@ struct Receiver {
     seen: Vec<Span>,
     /// The resource attributes of every export, each kept before its spans are handed over.
     resources: Arc<Mutex<Vec<Vec<KeyValue>>>>,
+    /// The instrumentation scope (name, version, schema URL) of every export's spans.
+    scopes: Arc<Mutex<Vec<(String, String, String)>>>,
 }
 
 struct Collect {
     spans: mpsc::UnboundedSender<Span>,
     resources: Arc<Mutex<Vec<Vec<KeyValue>>>>,
+    scopes: Arc<Mutex<Vec<(String, String, String)>>>,
 }
 
 #[tonic::async_trait]
@@ -60,6 +63,14 @@ impl TraceService for Collect {
         for resource_spans in request.into_inner().resource_spans {
             let resource = resource_spans.resource.unwrap_or_default().attributes;
             self.resources.lock().unwrap().push(resource);
+            for scope_spans in &resource_spans.scope_spans {
+                let scope = scope_spans.scope.clone().unwrap_or_default();
+                self.scopes.lock().unwrap().push((
+                    scope.name,
+                    scope.version,
+                    scope_spans.schema_url.clone(),
+                ));
+            }
             let spans = resource_spans
                 .scope_spans
                 .into_iter()
@@ -92,9 +103,11 @@ impl Receiver {
         };
         let (sender, spans) = mpsc::unbounded_channel();
         let resources = Arc::default();
+        let scopes = Arc::default();
         let collect = Collect {
             spans: sender,
             resources: Arc::clone(&resources),
+            scopes: Arc::clone(&scopes),
         };
         let mut server = tonic::transport::Server::builder();
         if let Some(tls) = tls {
@@ -110,6 +123,7 @@ impl Receiver {
             spans,
             seen: Vec::new(),
             resources,
+            scopes,
         }
     }
 
@@ -254,7 +268,27 @@ async fn a_traced_call_continues_the_callers_trace_to_the_controller() {
     ] {
         assert_eq!(int_attribute(&server, key), Some(value), "{key}");
     }
-    assert!(attribute(&server, "request_id").is_some(), "{server:?}");
+    assert!(
+        attribute(&server, "taskgate.request_id").is_some(),
+        "{server:?}"
+    );
+    assert_eq!(
+        attribute(&server, "client.address").as_deref(),
+        Some("127.0.0.1")
+    );
+    assert!(
+        int_attribute(&server, "client.port").is_some(),
+        "{server:?}"
+    );
+    let scope = receiver.scopes.lock().unwrap().clone();
+    assert!(
+        scope.contains(&(
+            "taskgate".to_owned(),
+            env!("CARGO_PKG_VERSION").to_owned(),
+            "https://opentelemetry.io/schemas/1.27.0".to_owned()
+        )),
+        "{scope:?}"
+    );
 
     let server_span_id = hex(&server.span_id);
     let client = receiver
@@ -339,10 +373,12 @@ async fn a_fault_calls_span_carries_the_fault_and_an_error_status() {
         .await;
     assert!(server.parent_span_id.is_empty(), "{server:?}");
     let resource = receiver.resource_attributes();
-    assert!(
-        resource.contains(&"service.name=taskgate".to_owned()),
-        "{resource:?}"
-    );
+    for expected in [
+        "service.name=taskgate".to_owned(),
+        format!("service.version={}", env!("CARGO_PKG_VERSION")),
+    ] {
+        assert!(resource.contains(&expected), "{resource:?}");
+    }
     assert_eq!(int_attribute(&server, "taskgate.fault.code"), Some(1087));
     assert_eq!(
         attribute(&server, "taskgate.fault.name").as_deref(),
@@ -744,7 +780,7 @@ async fn log_publisher_connections_and_reconnects_are_spans() {
     let is_connection = |reconnect: &'static str| {
         move |span: &Span| {
             span.name == "log_publisher.connection"
-                && attribute(span, "reconnect").as_deref() == Some(reconnect)
+                && attribute(span, "taskgate.log_publisher.reconnect").as_deref() == Some(reconnect)
         }
     };
     let first = receiver
