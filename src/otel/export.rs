@@ -23,7 +23,10 @@ use tonic::transport::ClientTlsConfig;
 use url::Url;
 
 /// How many ended spans may wait for export: about a second of a busy gateway's calls (two
-/// spans each), a few MiB at most.
+/// spans each). A queued span is a `SpanData` (352 bytes) and its attributes (56 bytes each,
+/// in a vector with room to spare, plus their text): about 1.5 KiB for a server span's fifteen
+/// or so, under 1 KiB for a client span's eight; so 8 to 12 MiB when full, more only with long
+/// request ids or fault messages.
 const QUEUE_SPANS: usize = 8192;
 
 /// The most spans sent in one export request.
@@ -63,9 +66,18 @@ struct Failures {
     last_logged: Option<Instant>,
     /// Failures since the last line that were not logged.
     suppressed: u64,
+    /// Whether a failure was logged since the last recovery was: a recovery is logged only
+    /// then, so a flapping collector makes two lines a minute at most.
+    warned: bool,
 }
 
 impl Failures {
+    /// Notes an export that succeeded: `Some(suppressed)` when it is the first since a logged
+    /// failure, which is worth a line of its own.
+    fn recovered(&mut self) -> Option<u64> {
+        std::mem::take(&mut self.warned).then(|| std::mem::take(&mut self.suppressed))
+    }
+
     /// `Some(suppressed)` when a failure may be logged now, else counts it as suppressed.
     fn ready(&mut self, now: Instant) -> Option<u64> {
         match self.last_logged {
@@ -75,6 +87,7 @@ impl Failures {
             }
             _ => {
                 self.last_logged = Some(now);
+                self.warned = true;
                 Some(std::mem::take(&mut self.suppressed))
             }
         }
@@ -244,7 +257,17 @@ async fn send(
 ) {
     let spans = batch.len() as u64;
     let cause = match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(batch)).await {
-        Ok(Ok(())) => return,
+        Ok(Ok(())) => {
+            if let Some(suppressed) = failures.recovered() {
+                tracing::info!(
+                    target: "taskgate::otel",
+                    endpoint,
+                    suppressed,
+                    "exporting spans to the OTLP collector again (suppressed: failures since the last warning that were not logged)"
+                );
+            }
+            return;
+        }
         Ok(Err(error)) => cause(error),
         Err(_) => format!(
             "the collector did not answer within {}",
@@ -357,7 +380,7 @@ mod tests {
     }
 
     /// The collector's failures are logged once per interval, with the count of those that
-    /// were not.
+    /// were not, and its recovery once.
     #[test]
     fn failures_are_logged_once_a_minute_with_the_rest_counted() {
         let start = Instant::now();
@@ -367,5 +390,12 @@ mod tests {
         assert_eq!(failures.ready(start + Duration::from_secs(59)), None);
         assert_eq!(failures.ready(start + Duration::from_secs(60)), Some(2));
         assert_eq!(failures.ready(start + Duration::from_secs(61)), None);
+        // The first success after a logged failure says so, with the failures not logged;
+        // a failure and recovery within the same minute again are not logged.
+        assert_eq!(failures.recovered(), Some(1));
+        assert_eq!(failures.recovered(), None);
+        assert_eq!(failures.ready(start + Duration::from_secs(62)), None);
+        assert_eq!(failures.recovered(), None);
+        assert_eq!(failures.ready(start + Duration::from_secs(120)), Some(1));
     }
 }
