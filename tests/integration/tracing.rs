@@ -413,7 +413,7 @@ async fn a_collector_that_never_answers_slows_nothing_and_shutdown_keeps_its_gra
     // collector while calls are made, and each is bounded far below the export's 10 s timeout
     // (generous for a debug build: a call to the simulator takes milliseconds), so that a call
     // that waited for the exporter would fail here.
-    let calling = std::time::Instant::now();
+    let calling = tokio::time::Instant::now();
     let mut round = 0;
     while calling.elapsed() < Duration::from_secs(3) {
         round += 1;
