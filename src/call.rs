@@ -236,7 +236,9 @@ where
         );
         let caller = crate::otel::caller_context(request.headers());
         let (otel_span, trace, caller) = if self.shared.exporting {
-            let (otel_span, trace) = server_span(&request, &request_id, caller, &span);
+            let path = request.uri().path();
+            let known = known_path(&self.shared, path);
+            let (otel_span, trace) = server_span(&request, known, &request_id, caller, &span);
             (Some(otel_span), Some(trace), None)
         } else {
             let trace = caller.as_ref().map(|caller| {
@@ -259,6 +261,8 @@ where
         // what h2 offers for a value that is never repeated.
         let mut value = request_id.header_value().clone();
         value.set_sensitive(true);
+        // A call to health or reflection, or to no method at all, still has its code on its span.
+        let other_span = method.is_none().then(|| otel_span.clone()).flatten();
         let unanswered = Unanswered(method.map(|method| {
             let notes = Arc::new(OnceLock::new());
             request.extensions_mut().insert(CallScope {
@@ -315,6 +319,18 @@ where
                 } else {
                     finish.finished(status);
                 }
+            } else if let Some(span) = other_span {
+                match status_in(response.headers()) {
+                    Some(status) => record_status(&span, Some(&status), false),
+                    None => {
+                        response = response.map(|body| {
+                            tonic::body::Body::new(StatusBody {
+                                inner: body,
+                                span: Some(span),
+                            })
+                        });
+                    }
+                }
             }
             response.headers_mut().insert(REQUEST_ID, value);
             Ok(response)
@@ -340,32 +356,30 @@ where
 /// log fields.
 fn server_span<B>(
     request: &Request<B>,
+    known: Option<&str>,
     request_id: &RequestId,
     caller: Option<opentelemetry::Context>,
     parent: &tracing::Span,
 ) -> (tracing::Span, TraceIds) {
-    let path = request.uri().path();
-    let (service, method) = path
-        .trim_start_matches('/')
-        .split_once('/')
-        .unwrap_or_default();
-    let local = request
-        .extensions()
-        .get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::local_addr);
+    let (name, service, method) = rpc_name(known);
+    let connection = request.extensions().get::<TcpConnectInfo>();
+    let local = connection.and_then(TcpConnectInfo::local_addr);
+    let peer = connection.and_then(TcpConnectInfo::remote_addr);
     let empty = tracing::field::Empty;
     let span = tracing::info_span!(
         target: crate::otel::SPAN_TARGET,
         parent: parent,
         "server",
-        otel.name = crate::otel::rpc_span_name(path),
+        otel.name = name,
         otel.kind = "server",
         rpc.system = "grpc",
         rpc.service = service,
         rpc.method = method,
         server.address = local.map(|local| tracing::field::display(local.ip())),
         server.port = local.map(|local| i64::from(local.port())),
-        request_id = %request_id,
+        client.address = peer.map(|peer| tracing::field::display(peer.ip())),
+        client.port = peer.map(|peer| i64::from(peer.port())),
+        taskgate.request_id = %request_id,
         rpc.grpc.status_code = empty,
         taskgate.port_id = empty,
         taskgate.bin_id = empty,
@@ -391,6 +405,38 @@ fn server_span<B>(
     };
     (span, trace)
 }
+
+/// The paths of the services beside the task service, whose spans are named after their
+/// method like the task service's.
+const OTHER_SERVICE_PATHS: [&str; 4] = [
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// `path`, when it names a method the gateway serves: a span is named only after one of those,
+/// so that a scanner's paths do not make a new span name each.
+fn known_path<'a>(shared: &Shared, path: &'a str) -> Option<&'a str> {
+    let known = shared.methods.iter().any(|method| method.path == path)
+        || OTHER_SERVICE_PATHS.contains(&path);
+    known.then_some(path)
+}
+
+/// The span name, `rpc.service` and `rpc.method` of a call to `known`, a path the gateway
+/// serves: `taskgate.v1.TaskService/CaseExtract`, `taskgate.v1.TaskService`, `CaseExtract`;
+/// for any other path, `_OTHER` and no service, as the RPC conventions ask.
+fn rpc_name(known: Option<&str>) -> (&str, Option<&str>, &str) {
+    let named = known.and_then(|path| {
+        let name = path.strip_prefix('/')?;
+        let (service, method) = name.split_once('/')?;
+        Some((name, Some(service), method))
+    });
+    named.unwrap_or((OTHER, None, OTHER))
+}
+
+/// The RPC conventions' name for a method the server does not know.
+const OTHER: &str = "_OTHER";
 
 /// The ids that tie a call's log line and metrics to its trace.
 #[derive(Debug, Clone, Copy)]
@@ -564,13 +610,62 @@ impl Drop for StreamBody {
     }
 }
 
+/// The body of a response to a call outside the task service (health, reflection, an unknown
+/// method) that did not end in its headers: its server span gets the code in its trailers, and
+/// ends with it.
+struct StatusBody {
+    inner: tonic::body::Body,
+    /// Until the code is recorded.
+    span: Option<tracing::Span>,
+}
+
+impl hyper::body::Body for StatusBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(context);
+        let ended = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(status_in),
+            Poll::Ready(Some(Err(status))) => Some(Some(status.clone())),
+            Poll::Ready(None) => Some(None),
+            Poll::Pending => None,
+        };
+        if let Some(status) = ended
+            && let Some(span) = self.span.take()
+        {
+            record_status(&span, status.as_ref(), false);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for StatusBody {
+    fn drop(&mut self) {
+        if let Some(span) = self.span.take() {
+            let cancelled = tonic::Status::cancelled("the stream ended before its status");
+            record_status(&span, Some(&cancelled), false);
+        }
+    }
+}
+
 /// Puts what the call came to on its server span: the gRPC code, the port, bin and fault, and
 /// an error status for a fault or a server-side failure. The RPC conventions leave a server
 /// span's status unset for the codes that blame the caller; a fault is the controller's answer,
 /// so a call that met one is marked failed whatever its code.
 fn record_outcome(span: &tracing::Span, notes: &CallNotes, status: Option<&tonic::Status>) {
-    let code = status.map_or(tonic::Code::Ok, tonic::Status::code);
-    span.record("rpc.grpc.status_code", i32::from(code));
+    record_status(span, status, notes.fault_code.is_some());
     // As signed integers: tracing-opentelemetry records unsigned ones as text.
     span.record("taskgate.port_id", notes.port_id.map(i64::from));
     span.record("taskgate.bin_id", notes.bin_id.map(i64::from));
@@ -584,6 +679,13 @@ fn record_outcome(span: &tracing::Span, notes: &CallNotes, status: Option<&tonic
         span.record("taskgate.fault.name", name);
     }
     span.record("taskgate.upstream_error", notes.upstream_error);
+}
+
+/// Puts a call's gRPC code on its server span, with an error status for the codes that blame
+/// the server, or for any code when the call `failed` for another reason (a fault).
+fn record_status(span: &tracing::Span, status: Option<&tonic::Status>, failed: bool) {
+    let code = status.map_or(tonic::Code::Ok, tonic::Status::code);
+    span.record("rpc.grpc.status_code", i32::from(code));
     let server_failure = matches!(
         code,
         tonic::Code::Unknown
@@ -594,7 +696,7 @@ fn record_outcome(span: &tracing::Span, notes: &CallNotes, status: Option<&tonic
             | tonic::Code::DataLoss
     );
     if let Some(status) = status
-        && (server_failure || notes.fault_code.is_some())
+        && (server_failure || failed)
     {
         span.record("error.type", crate::fault::grpc_code_name(code));
         span.record("otel.status_code", "error");
@@ -686,6 +788,38 @@ mod tests {
             methods.contains(&declared("WatchCaseEvents", "watch_case_events", true)),
             "{methods:?}"
         );
+    }
+
+    /// A span is named after a method the gateway serves, and anything else is `_OTHER`: a
+    /// scanner's paths cannot make span names without bound.
+    #[test]
+    fn spans_are_named_after_known_methods_only() {
+        let layer = CallLayer::new(Metrics::new(), AccessLog::default());
+        let named = |path| rpc_name(known_path(&layer.shared, path));
+        assert_eq!(
+            named("/taskgate.v1.TaskService/CaseExtract"),
+            (
+                "taskgate.v1.TaskService/CaseExtract",
+                Some("taskgate.v1.TaskService"),
+                "CaseExtract"
+            )
+        );
+        assert_eq!(
+            named("/grpc.health.v1.Health/Check"),
+            (
+                "grpc.health.v1.Health/Check",
+                Some("grpc.health.v1.Health"),
+                "Check"
+            )
+        );
+        for unknown in [
+            "/taskgate.v1.TaskService/Nope",
+            "/wp-login.php",
+            "/",
+            "/a/b/c",
+        ] {
+            assert_eq!(named(unknown), ("_OTHER", None, "_OTHER"), "{unknown}");
+        }
     }
 
     #[test]

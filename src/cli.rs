@@ -89,8 +89,8 @@ pub(crate) struct Prepared {
     log_format: LogFormat,
     /// `serve`'s `--worker-threads`, checked; the other commands take tokio's default.
     worker_threads: Option<NonZeroUsize>,
-    /// `serve`'s OTLP endpoint, checked, when spans are exported.
-    otlp_endpoint: Option<url::Url>,
+    /// `serve`'s OTLP endpoint and sampler, checked, when spans are exported.
+    otlp_export: Option<(url::Url, taskgate::otel::Sampling)>,
 }
 
 /// The name of `serve`'s runtime threads (Linux keeps 15 bytes of a thread's name).
@@ -148,12 +148,12 @@ impl Cli {
     pub(crate) fn prepare(self) -> Result<Prepared, Ending> {
         let refused = |error| ending(Err((Exit::Usage, error)));
         let mut worker_threads = None;
-        let mut otlp_endpoint = None;
+        let mut otlp_export = None;
         let (command, log_format) = match self.command {
             Command::Serve(args) => {
                 let serve = args.prepare(self.log_format).map_err(refused)?;
                 worker_threads = Some(serve.worker_threads().map_err(refused)?);
-                otlp_endpoint = serve.otlp_endpoint().map_err(refused)?;
+                otlp_export = serve.otlp_export().map_err(refused)?;
                 let log_format = serve.log_format();
                 (PreparedCommand::Serve(Box::new(serve)), log_format)
             }
@@ -168,7 +168,7 @@ impl Cli {
             command,
             log_format: log_format.unwrap_or(LogFormat::Text),
             worker_threads,
-            otlp_endpoint,
+            otlp_export,
         })
     }
 }
@@ -213,11 +213,11 @@ impl Prepared {
         &self,
         runtime: &tokio::runtime::Runtime,
     ) -> Result<Option<taskgate::otel::Exporting>, Ending> {
-        let Some(endpoint) = &self.otlp_endpoint else {
+        let Some((endpoint, sampling)) = &self.otlp_export else {
             return Ok(None);
         };
         let _entered = runtime.enter();
-        taskgate::otel::start(endpoint)
+        taskgate::otel::start(endpoint, *sampling)
             .map(Some)
             .map_err(|error| ending(Err((Exit::Usage, error.into()))))
     }

@@ -20,10 +20,10 @@ use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::{Context, InstrumentationScope, KeyValue};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tonic::codegen::http::{HeaderMap, HeaderName, HeaderValue};
 use tracing::Subscriber;
 use tracing_subscriber::Layer;
@@ -55,6 +55,10 @@ pub const OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_
 /// `OTEL_RESOURCE_ATTRIBUTES` names one.
 const SERVICE_NAME: &str = "taskgate";
 
+/// The semantic conventions the spans' attributes follow (`rpc.grpc.status_code`, `error.type`,
+/// `http.request.resend_count`, `client.address`, …).
+const SCHEMA_URL: &str = "https://opentelemetry.io/schemas/1.27.0";
+
 /// The installed exporter, once [`start`] has run in this process.
 static INSTALLED: OnceLock<SdkTracerProvider> = OnceLock::new();
 
@@ -64,14 +68,17 @@ pub struct Exporting {
     provider: SdkTracerProvider,
     /// The collector, for the log.
     endpoint: Url,
+    /// The sampler in force, for the log.
+    sampling: Sampling,
 }
 
 /// Why tracing cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum OtlpError {
-    /// The endpoint is not an `http://` URL.
+    /// The endpoint is not an `http://` or `https://` URL.
     #[error(
-        "OTLP endpoint '{endpoint}' is not an http:// URL (for example http://127.0.0.1:4317): {reason}"
+        "OTLP endpoint '{endpoint}' is not an http:// or https:// URL (for example \
+         http://127.0.0.1:4317): {reason}"
     )]
     Endpoint {
         /// The endpoint as given, its credentials masked.
@@ -87,6 +94,29 @@ pub enum OtlpError {
         /// Its value.
         value: String,
     },
+    /// `OTEL_TRACES_SAMPLER` names a sampler the gateway does not have.
+    #[error(
+        "OTEL_TRACES_SAMPLER={value}: not a supported sampler (always_on, always_off, \
+         traceidratio, parentbased_always_on, parentbased_always_off, parentbased_traceidratio)"
+    )]
+    Sampler {
+        /// The variable's value.
+        value: String,
+    },
+    /// `OTEL_TRACES_SAMPLER_ARG` is not a ratio a `traceidratio` sampler can use.
+    #[error(
+        "OTEL_TRACES_SAMPLER_ARG={value}: the ratio of traces to sample must be a number from 0 to 1"
+    )]
+    SamplerArg {
+        /// The variable's value.
+        value: String,
+    },
+    /// `OTEL_TRACES_EXPORTER` names an exporter other than OTLP.
+    #[error("OTEL_TRACES_EXPORTER={value}: only otlp (or none, to export nothing) is supported")]
+    Exporters {
+        /// The variable's value.
+        value: String,
+    },
     /// The exporter could not be built.
     #[error("cannot set up the OTLP exporter for '{endpoint}': {reason}")]
     Exporter {
@@ -97,23 +127,16 @@ pub enum OtlpError {
     },
 }
 
-/// An OTLP/gRPC endpoint, checked: an `http://` URL with a host.
+/// An OTLP/gRPC endpoint, checked: an `http://` or `https://` URL with a host. An `https://`
+/// collector is trusted by the system's roots (or `SSL_CERT_FILE`/`SSL_CERT_DIR`).
 pub fn parse_endpoint(raw: &str) -> Result<Url, OtlpError> {
     let invalid = |reason: &str| OtlpError::Endpoint {
         endpoint: redact_url(raw).into_owned(),
         reason: reason.to_owned(),
     };
     let url = Url::parse(raw).map_err(|error| invalid(&error.to_string()))?;
-    match url.scheme() {
-        "http" => {}
-        // The gateway's TLS roots are not the exporter's; a collector is usually a sidecar on
-        // loopback or in the same pod.
-        "https" => {
-            return Err(invalid(
-                "https is not supported: export to a collector on loopback or in the pod",
-            ));
-        }
-        _ => return Err(invalid("its scheme is not http")),
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid("its scheme is neither http nor https"));
     }
     if url.host().is_none() {
         return Err(invalid("it has no host"));
@@ -157,19 +180,133 @@ pub fn check_protocol() -> Result<(), OtlpError> {
     }
 }
 
+/// Whether the standard variables leave export on: `OTEL_SDK_DISABLED=true` and
+/// `OTEL_TRACES_EXPORTER=none` turn it off, whatever the endpoint; an exporter other than
+/// `otlp` is refused rather than silently replaced.
+pub fn export_enabled() -> Result<bool, OtlpError> {
+    let disabled = std::env::var("OTEL_SDK_DISABLED")
+        .is_ok_and(|value| value.trim().eq_ignore_ascii_case("true"));
+    if disabled {
+        return Ok(false);
+    }
+    let Ok(value) = std::env::var("OTEL_TRACES_EXPORTER") else {
+        return Ok(true);
+    };
+    match value.trim() {
+        "" | "otlp" => Ok(true),
+        "none" => Ok(false),
+        _ => Err(OtlpError::Exporters { value }),
+    }
+}
+
+/// The sampler in force: `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG`, checked, or
+/// `parentbased_always_on` when the first is unset.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// Whether a call with a caller's context follows the caller's decision.
+    parent_based: bool,
+    /// The share of the traces the gateway starts that are sampled, 0 to 1.
+    ratio: f64,
+    /// Whether the ratio came from `traceidratio` (or `parentbased_traceidratio`).
+    by_ratio: bool,
+}
+
+impl Sampling {
+    /// Reads and checks the standard variables.
+    pub fn from_environment() -> Result<Sampling, OtlpError> {
+        let variable = |name| {
+            std::env::var(name)
+                .ok()
+                .filter(|value: &String| !value.trim().is_empty())
+        };
+        Sampling::parse(
+            variable("OTEL_TRACES_SAMPLER").as_deref(),
+            variable("OTEL_TRACES_SAMPLER_ARG").as_deref(),
+        )
+    }
+
+    fn parse(sampler: Option<&str>, argument: Option<&str>) -> Result<Sampling, OtlpError> {
+        let name = sampler.map_or("parentbased_always_on", str::trim);
+        let (parent_based, root) = match name.strip_prefix("parentbased_") {
+            Some(root) => (true, root),
+            None => (false, name),
+        };
+        let by_ratio = root == "traceidratio";
+        let ratio = match root {
+            "always_on" => 1.0,
+            "always_off" => 0.0,
+            // The specification's default when no ratio is given.
+            "traceidratio" => match argument {
+                None => 1.0,
+                Some(raw) => raw
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|ratio| (0.0..=1.0).contains(ratio))
+                    .ok_or_else(|| OtlpError::SamplerArg {
+                        value: raw.to_owned(),
+                    })?,
+            },
+            _ => {
+                return Err(OtlpError::Sampler {
+                    value: name.to_owned(),
+                });
+            }
+        };
+        Ok(Sampling {
+            parent_based,
+            ratio,
+            by_ratio,
+        })
+    }
+
+    /// The SDK's sampler for this choice.
+    fn sampler(self) -> Sampler {
+        let root = if self.by_ratio {
+            Sampler::TraceIdRatioBased(self.ratio)
+        } else if self.ratio > 0.0 {
+            Sampler::AlwaysOn
+        } else {
+            Sampler::AlwaysOff
+        };
+        if self.parent_based {
+            Sampler::ParentBased(Box::new(root))
+        } else {
+            root
+        }
+    }
+}
+
+impl std::fmt::Display for Sampling {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parent = if self.parent_based {
+            "parentbased_"
+        } else {
+            ""
+        };
+        let root = match (self.by_ratio, self.ratio > 0.0) {
+            (true, _) => "traceidratio",
+            (false, true) => "always_on",
+            (false, false) => "always_off",
+        };
+        write!(formatter, "{parent}{root}")
+    }
+}
+
 /// Starts exporting spans to `endpoint`. Must be called within the tokio runtime the export
 /// task is to run on, before the log's subscriber is installed (it takes
 /// [`Exporting::layer`]). `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
-/// `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` are read here, by the SDK.
-pub fn start(endpoint: &Url) -> Result<Exporting, OtlpError> {
+/// the sampler is `sampling`.
+pub fn start(endpoint: &Url, sampling: Sampling) -> Result<Exporting, OtlpError> {
     let resource = resource();
     let exporter = export::exporter(endpoint, &resource).map_err(|error| OtlpError::Exporter {
         endpoint: endpoint.to_string(),
         reason: error.to_string(),
     })?;
     let processor = export::QueueProcessor::start(exporter, endpoint.to_string());
-    // The sampler comes from the environment (`OTEL_TRACES_SAMPLER`), as the builder reads it.
+    // Set here, checked: the SDK would replace a sampler it cannot read with always-on, silently.
     let provider = SdkTracerProvider::builder()
+        .with_sampler(sampling.sampler())
         .with_span_processor(processor)
         .with_resource(resource)
         .build();
@@ -177,6 +314,7 @@ pub fn start(endpoint: &Url) -> Result<Exporting, OtlpError> {
     Ok(Exporting {
         provider,
         endpoint: endpoint.clone(),
+        sampling,
     })
 }
 
@@ -195,18 +333,24 @@ pub(crate) async fn flush(within: Duration) {
 
 /// The resource the SDK reads from `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`, with
 /// `service.name` "taskgate" when neither names one (the SDK's own default is
-/// "unknown_service").
+/// "unknown_service"), and `service.version` the gateway's version unless they name one.
 fn resource() -> Resource {
     let detected = Resource::builder().build();
     let named = detected
         .get(&opentelemetry::Key::from_static_str("service.name"))
         .is_some_and(|name| !name.as_str().starts_with("unknown_service"));
-    if named {
-        return detected;
+    let versioned = detected
+        .get(&opentelemetry::Key::from_static_str("service.version"))
+        .is_some();
+    let mut defaults = Vec::new();
+    if !named {
+        defaults.push(KeyValue::new("service.name", SERVICE_NAME));
     }
-    Resource::builder()
-        .with_attribute(KeyValue::new("service.name", SERVICE_NAME))
-        .build()
+    if !versioned {
+        defaults.push(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
+    }
+    // Only what the operator left unnamed is added; the detectors run again, as they are cheap.
+    Resource::builder().with_attributes(defaults).build()
 }
 
 // === impl Exporting ===
@@ -217,7 +361,8 @@ impl Exporting {
         tracing::info!(
             target: "taskgate::otel",
             endpoint = %self.endpoint,
-            sampler = std::env::var("OTEL_TRACES_SAMPLER").as_deref().unwrap_or("parentbased_always_on"),
+            sampler = %self.sampling,
+            ratio = self.sampling.ratio,
             "exporting spans over OTLP/gRPC"
         );
     }
@@ -227,8 +372,12 @@ impl Exporting {
     where
         S: Subscriber + for<'lookup> LookupSpan<'lookup> + Send + Sync,
     {
+        let scope = InstrumentationScope::builder("taskgate")
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .with_schema_url(SCHEMA_URL)
+            .build();
         tracing_opentelemetry::layer()
-            .with_tracer(self.provider.tracer("taskgate"))
+            .with_tracer(self.provider.tracer_with_scope(scope))
             // Events are log lines, which the log has; spans carry what a trace needs.
             .with_location(false)
             .with_threads(false)
@@ -288,12 +437,6 @@ impl Injector for HeaderInjector<'_> {
             self.0.insert(name, value);
         }
     }
-}
-
-/// The span name the RPC semantic conventions give a call: `taskgate.v1.TaskService/CaseExtract`
-/// for the path `/taskgate.v1.TaskService/CaseExtract`.
-pub(crate) fn rpc_span_name(path: &str) -> &str {
-    path.strip_prefix('/').unwrap_or(path)
 }
 
 #[cfg(test)]
@@ -357,42 +500,95 @@ mod tests {
     }
 
     #[test]
-    fn endpoints_are_http_urls_with_a_host() {
+    fn endpoints_are_http_or_https_urls_with_a_host() {
         let check = |raw: &str, expected: Option<&str>| {
             let error = parse_endpoint(raw).err().map(|error| error.to_string());
             assert_eq!(error.as_deref(), expected, "{raw}");
         };
         check("http://127.0.0.1:4317", None);
         check("http://collector.observability:4317/", None);
-        check(
-            "https://collector:4317",
-            Some(
-                "OTLP endpoint 'https://collector:4317' is not an http:// URL (for example \
-                 http://127.0.0.1:4317): https is not supported: export to a collector on \
-                 loopback or in the pod",
-            ),
-        );
+        check("https://collector:4317", None);
         check(
             "127.0.0.1:4317",
             Some(
-                "OTLP endpoint '127.0.0.1:4317' is not an http:// URL (for example \
+                "OTLP endpoint '127.0.0.1:4317' is not an http:// or https:// URL (for example \
                  http://127.0.0.1:4317): relative URL without a base",
+            ),
+        );
+        check(
+            "grpc://collector:4317",
+            Some(
+                "OTLP endpoint 'grpc://collector:4317' is not an http:// or https:// URL (for \
+                 example http://127.0.0.1:4317): its scheme is neither http nor https",
             ),
         );
         check(
             "http://user:secret@collector:4317",
             Some(
-                "OTLP endpoint 'http://user:***@collector:4317' is not an http:// URL (for \
-                 example http://127.0.0.1:4317): it has credentials, which gRPC would not send",
+                "OTLP endpoint 'http://user:***@collector:4317' is not an http:// or https:// \
+                 URL (for example http://127.0.0.1:4317): it has credentials, which gRPC would \
+                 not send",
             ),
         );
     }
 
+    /// The sampler in force is the one named, with its ratio; anything the gateway cannot
+    /// honour exactly is refused, never replaced by another sampler.
     #[test]
-    fn span_names_are_service_and_method() {
-        assert_eq!(
-            rpc_span_name("/taskgate.v1.TaskService/CaseExtract"),
-            "taskgate.v1.TaskService/CaseExtract"
-        );
+    fn the_sampler_is_the_one_named_or_refused() {
+        let chosen = |sampler, argument| {
+            Sampling::parse(sampler, argument)
+                .map(|sampling| format!("{sampling} ratio={}", sampling.ratio))
+                .map_err(|error| error.to_string())
+        };
+        for (sampler, argument, expected) in [
+            (None, None, "parentbased_always_on ratio=1"),
+            (Some("always_off"), None, "always_off ratio=0"),
+            (
+                Some("traceidratio"),
+                Some("0.25"),
+                "traceidratio ratio=0.25",
+            ),
+            (
+                Some("parentbased_traceidratio"),
+                Some("0"),
+                "parentbased_traceidratio ratio=0",
+            ),
+            // The specification's default ratio.
+            (
+                Some("parentbased_traceidratio"),
+                None,
+                "parentbased_traceidratio ratio=1",
+            ),
+            (
+                Some("parentbased_always_off"),
+                Some("0.5"),
+                "parentbased_always_off ratio=0",
+            ),
+        ] {
+            assert_eq!(chosen(sampler, argument).as_deref(), Ok(expected));
+        }
+        let unknown = "not a supported sampler (always_on, always_off, traceidratio, \
+                       parentbased_always_on, parentbased_always_off, parentbased_traceidratio)";
+        for sampler in [
+            "xray",
+            "jaeger_remote",
+            "parentbased_jaeger_remote",
+            "AlwaysOn",
+        ] {
+            assert_eq!(
+                chosen(Some(sampler), None),
+                Err(format!("OTEL_TRACES_SAMPLER={sampler}: {unknown}"))
+            );
+        }
+        for argument in ["1.5", "-0.1", "ten percent", "NaN"] {
+            assert_eq!(
+                chosen(Some("traceidratio"), Some(argument)),
+                Err(format!(
+                    "OTEL_TRACES_SAMPLER_ARG={argument}: the ratio of traces to sample must be a \
+                     number from 0 to 1"
+                ))
+            );
+        }
     }
 }

@@ -363,8 +363,11 @@ pub async fn serve(
             "shutdown grace ran out; these calls and streams end with the process"
         );
     }
-    // Ends whatever the grace left running.
+    // Ends whatever the grace left running, and waits a little for it to end, so that the
+    // spans of the calls cut off end before the export queue closes rather than after.
     connection_tasks.abort_all();
+    let reaping = async { while connection_tasks.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(ABORTED_CONNECTIONS_WAIT, reaping).await;
     // The spans of the calls just ended, in what is left of the grace: a collector that does
     // not answer must not hold the exit.
     crate::otel::flush(config.shutdown_grace.saturating_sub(stopping.elapsed())).await;
@@ -375,6 +378,10 @@ pub async fn serve(
     );
     Ok(())
 }
+
+/// How long shutdown waits for the connections the grace left running to end once aborted:
+/// an aborted task ends at its next poll, so this bounds only a runtime too busy to poll it.
+const ABORTED_CONNECTIONS_WAIT: Duration = Duration::from_secs(1);
 
 /// One gRPC connection: TCP settings, the TLS handshake within the handshake timeout, then HTTP.
 async fn serve_grpc_connection<S>(

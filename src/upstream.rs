@@ -24,7 +24,6 @@ use hyper::{StatusCode, Uri};
 use opentelemetry::Context;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
-use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use url::Url;
 
@@ -273,15 +272,34 @@ impl Upstream {
             // The caller's context, if it sent one, rides with the call (`call`).
             let mut trace_headers = HeaderMap::new();
             Context::map_current(|context| crate::otel::inject(context, &mut trace_headers));
+            let mut attempt = Attempt::Passed(trace_headers);
             return self
-                .timed_post(call, request_id, time_limit, trace_headers)
+                .timed_post(call, request_id, time_limit, &mut attempt)
                 .await;
         }
-        let span = tracing::info_span!(
+        let mut attempt = Attempt::Traced(self.client_span(0));
+        let reply = self
+            .timed_post(call, request_id, time_limit, &mut attempt)
+            .await;
+        if let (Err(error), Attempt::Traced(span)) = (&reply, &attempt) {
+            // A non-2xx status is its own `error.type`, recorded with the status.
+            if !matches!(error, UpstreamError::HttpStatus { .. }) {
+                span.record("error.type", error.kind());
+            }
+            span.record("otel.status_code", "error");
+        }
+        reply
+    }
+
+    /// The client span of one attempt at the POST: the first, or the retry after a failed
+    /// connect (`resend_count` 1). Made under the current span, the call's server span.
+    fn client_span(&self, resend_count: i64) -> tracing::Span {
+        tracing::info_span!(
             target: crate::otel::SPAN_TARGET,
             "POST",
             otel.kind = "client",
             http.request.method = "POST",
+            http.request.resend_count = (resend_count > 0).then_some(resend_count),
             server.address = self.url.host_str(),
             // As signed integers: tracing-opentelemetry records unsigned ones as text.
             server.port = self.url.port_or_known_default().map(i64::from),
@@ -289,18 +307,7 @@ impl Upstream {
             http.response.status_code = tracing::field::Empty,
             error.type = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
-        );
-        let mut trace_headers = HeaderMap::new();
-        crate::otel::inject(&span.context(), &mut trace_headers);
-        let reply = self
-            .timed_post(call, request_id, time_limit, trace_headers)
-            .instrument(span.clone())
-            .await;
-        if let Err(error) = &reply {
-            span.record("error.type", error.kind());
-            span.record("otel.status_code", "error");
-        }
-        reply
+        )
     }
 
     async fn timed_post(
@@ -308,9 +315,9 @@ impl Upstream {
         call: &Call<'_>,
         request_id: &RequestId,
         time_limit: Duration,
-        trace_headers: HeaderMap,
+        attempt: &mut Attempt,
     ) -> Result<Reply, UpstreamError> {
-        tokio::time::timeout(time_limit, self.post(call, request_id, trace_headers))
+        tokio::time::timeout(time_limit, self.post(call, request_id, attempt))
             .await
             .map_err(|_| UpstreamError::Timeout { limit: time_limit })?
     }
@@ -319,14 +326,19 @@ impl Upstream {
         &self,
         call: &Call<'_>,
         request_id: &RequestId,
-        trace_headers: HeaderMap,
+        attempt: &mut Attempt,
     ) -> Result<Reply, UpstreamError> {
         let body = Bytes::from(self.format.encode_call(call));
-        let mut response = self.send(body, request_id, trace_headers).await?;
+        let mut response = self.send(body, request_id, attempt).await?;
         let status = response.status();
-        if self.exporting {
-            tracing::Span::current()
-                .record("http.response.status_code", i64::from(status.as_u16()));
+        if let Attempt::Traced(span) = attempt {
+            span.record("http.response.status_code", i64::from(status.as_u16()));
+            // The HTTP conventions: a client span fails on any 4xx or 5xx, its `error.type`
+            // the status code, whether or not a fault came with it.
+            if status.is_client_error() || status.is_server_error() {
+                span.record("error.type", status.as_str());
+                span.record("otel.status_code", "error");
+            }
         }
         // Copied out: reading the body borrows the response.
         let content_type = response.headers().get(CONTENT_TYPE).cloned();
@@ -360,9 +372,9 @@ impl Upstream {
         &self,
         body: Bytes,
         request_id: &RequestId,
-        trace_headers: HeaderMap,
+        attempt: &mut Attempt,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let send_once = || {
+        let send_once = |trace_headers: HeaderMap| {
             let request = self
                 .client
                 .post(self.url.clone())
@@ -370,14 +382,20 @@ impl Upstream {
             let request = if trace_headers.is_empty() {
                 request
             } else {
-                request.headers(trace_headers.clone())
+                request.headers(trace_headers)
             };
             request.body(body.clone()).send()
         };
-        match send_once().await {
+        match send_once(attempt.trace_headers()).await {
             Err(error) if error.is_connect() => {
                 tracing::debug!(cause = %error_chain(&error), "connect failed; trying once more");
-                send_once().await
+                if let Attempt::Traced(span) = attempt {
+                    span.record("error.type", "unreachable");
+                    span.record("otel.status_code", "error");
+                    // The retry is a request of its own: a span of its own, which ends this one.
+                    *span = self.client_span(1);
+                }
+                send_once(attempt.trace_headers()).await
             }
             sent => sent,
         }
@@ -388,6 +406,28 @@ impl Upstream {
                 UpstreamError::ConnectionLost(boxed(error))
             }
         })
+    }
+}
+
+/// The trace context one attempt at the POST carries.
+enum Attempt {
+    /// Spans are not exported: the caller's context, passed on as it came.
+    Passed(HeaderMap),
+    /// Spans are exported: the attempt's client span, which the POST names.
+    Traced(tracing::Span),
+}
+
+impl Attempt {
+    /// The `traceparent` (and `tracestate`) this attempt sends.
+    fn trace_headers(&self) -> HeaderMap {
+        match self {
+            Attempt::Passed(headers) => headers.clone(),
+            Attempt::Traced(span) => {
+                let mut headers = HeaderMap::new();
+                crate::otel::inject(&span.context(), &mut headers);
+                headers
+            }
+        }
     }
 }
 

@@ -90,9 +90,12 @@ impl Serve {
         Ok(threads)
     }
 
-    /// The OTLP endpoint given by flag, environment or file, checked; `None` when spans are not
-    /// exported, which `--print-config` never does.
-    pub(super) fn otlp_endpoint(&self) -> anyhow::Result<Option<url::Url>> {
+    /// The OTLP endpoint given by flag, environment or file, checked, with the sampler the
+    /// standard variables choose; `None` when spans are not exported, which `--print-config`
+    /// never does, nor `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`.
+    pub(super) fn otlp_export(
+        &self,
+    ) -> anyhow::Result<Option<(url::Url, taskgate::otel::Sampling)>> {
         let endpoint = self
             .given
             .otlp_endpoint
@@ -100,10 +103,19 @@ impl Serve {
             .map(taskgate::otel::parse_endpoint)
             .transpose()
             .context("invalid --otlp-endpoint")?;
-        if endpoint.is_some() {
-            taskgate::otel::check_protocol().context("invalid configuration")?;
-        }
-        Ok(endpoint.filter(|_| !self.print_config))
+        let Some(endpoint) = endpoint else {
+            return Ok(None);
+        };
+        let checked = || -> Result<_, taskgate::otel::OtlpError> {
+            let enabled = taskgate::otel::export_enabled()?;
+            taskgate::otel::check_protocol()?;
+            let sampling = taskgate::otel::Sampling::from_environment()?;
+            Ok(enabled.then_some(sampling))
+        };
+        let sampling = checked().context("invalid configuration")?;
+        Ok(sampling
+            .filter(|_| !self.print_config)
+            .map(|sampling| (endpoint, sampling)))
     }
 
     /// The log format given by flag, environment or file, if any.

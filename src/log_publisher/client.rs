@@ -11,7 +11,7 @@
 //! vanishes without closing is found by TCP keep-alive.
 //!
 //! When spans are exported, each connection (attempt) is a span of its own, from the connect to
-//! the end of the connection: a reconnect is a new span, marked `reconnect`, and one that failed
+//! the end of the connection: a reconnect is a new span, marked `taskgate.log_publisher.reconnect`, and one that failed
 //! has an error status with the cause.
 
 use std::sync::Arc;
@@ -115,7 +115,7 @@ fn connection_span(address: &LogPublisherAddress, reconnect: bool) -> tracing::S
         otel.kind = "client",
         server.address = %address.host,
         server.port = i64::from(address.port),
-        reconnect,
+        taskgate.log_publisher.reconnect = reconnect,
         otel.status_code = tracing::field::Empty,
         otel.status_description = tracing::field::Empty,
     )

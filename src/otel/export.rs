@@ -15,13 +15,18 @@ use opentelemetry_otlp::{RetryPolicy, SpanExporter, WithExportConfig as _, WithT
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter as _, SpanProcessor};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tonic::transport::ClientTlsConfig;
 use url::Url;
 
 /// How many ended spans may wait for export: about a second of a busy gateway's calls (two
-/// spans each), a few MiB at most.
+/// spans each). A queued span is a `SpanData` (352 bytes) and its attributes (56 bytes each,
+/// in a vector with room to spare, plus their text): about 1.5 KiB for a server span's fifteen
+/// or so, under 1 KiB for a client span's eight; so 8 to 12 MiB when full, more only with long
+/// request ids or fault messages.
 const QUEUE_SPANS: usize = 8192;
 
 /// The most spans sent in one export request.
@@ -39,6 +44,9 @@ const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Spans dropped because the queue was full.
 static DROPPED_QUEUE_FULL: AtomicU64 = AtomicU64::new(0);
+
+/// Spans that ended after export stopped, at shutdown.
+static DROPPED_AFTER_SHUTDOWN: AtomicU64 = AtomicU64::new(0);
 
 /// Spans dropped because the collector did not take them.
 static DROPPED_EXPORT_FAILED: AtomicU64 = AtomicU64::new(0);
@@ -58,9 +66,18 @@ struct Failures {
     last_logged: Option<Instant>,
     /// Failures since the last line that were not logged.
     suppressed: u64,
+    /// Whether a failure was logged since the last recovery was: a recovery is logged only
+    /// then, so a flapping collector makes two lines a minute at most.
+    warned: bool,
 }
 
 impl Failures {
+    /// Notes an export that succeeded: `Some(suppressed)` when it is the first since a logged
+    /// failure, which is worth a line of its own.
+    fn recovered(&mut self) -> Option<u64> {
+        std::mem::take(&mut self.warned).then(|| std::mem::take(&mut self.suppressed))
+    }
+
     /// `Some(suppressed)` when a failure may be logged now, else counts it as suppressed.
     fn ready(&mut self, now: Instant) -> Option<u64> {
         match self.last_logged {
@@ -70,6 +87,7 @@ impl Failures {
             }
             _ => {
                 self.last_logged = Some(now);
+                self.warned = true;
                 Some(std::mem::take(&mut self.suppressed))
             }
         }
@@ -82,10 +100,15 @@ pub(super) struct QueueProcessor {
     queue: mpsc::Sender<SpanData>,
 }
 
-/// Spans that never reached the collector, by why: `queue_full` and `export_failed`.
-pub(crate) fn dropped_spans() -> [(&'static str, u64); 2] {
+/// Spans that never reached the collector, by why: `queue_full`, `after_shutdown` and
+/// `export_failed`.
+pub(crate) fn dropped_spans() -> [(&'static str, u64); 3] {
     [
         ("queue_full", DROPPED_QUEUE_FULL.load(Ordering::Relaxed)),
+        (
+            "after_shutdown",
+            DROPPED_AFTER_SHUTDOWN.load(Ordering::Relaxed),
+        ),
         (
             "export_failed",
             DROPPED_EXPORT_FAILED.load(Ordering::Relaxed),
@@ -93,16 +116,22 @@ pub(crate) fn dropped_spans() -> [(&'static str, u64); 2] {
     ]
 }
 
-/// The OTLP/gRPC exporter for `endpoint`, sending `resource` with every batch; its channel
+/// The OTLP/gRPC exporter for `endpoint` (over TLS trusting the system's roots for an
+/// `https://` one), sending `resource` with every batch; its channel
 /// connects when the first batch is sent. The exporter reads `OTEL_EXPORTER_OTLP_HEADERS`
 /// itself.
 pub(super) fn exporter(
     endpoint: &Url,
     resource: &Resource,
 ) -> Result<SpanExporter, opentelemetry_otlp::ExporterBuildError> {
-    let mut exporter = SpanExporter::builder()
+    let mut builder = SpanExporter::builder()
         .with_tonic()
-        .with_endpoint(endpoint.as_str())
+        .with_endpoint(endpoint.as_str());
+    if endpoint.scheme() == "https" {
+        // Left alone, the exporter would trust no root at all.
+        builder = builder.with_tls_config(ClientTlsConfig::new().with_native_roots());
+    }
+    let mut exporter = builder
         .with_timeout(EXPORT_TIMEOUT)
         .with_retry_policy(RetryPolicy::disabled())
         .build()?;
@@ -156,9 +185,12 @@ impl SpanProcessor for QueueProcessor {
             return;
         }
         // Never waits: a full queue (or a stopped task) drops the span.
-        if self.queue.try_send(span).is_err() {
-            DROPPED_QUEUE_FULL.fetch_add(1, Ordering::Relaxed);
-        }
+        let dropped = match self.queue.try_send(span) {
+            Ok(()) => return,
+            Err(TrySendError::Full(_)) => &DROPPED_QUEUE_FULL,
+            Err(TrySendError::Closed(_)) => &DROPPED_AFTER_SHUTDOWN,
+        };
+        dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     // The task sends what is queued within a second; shutdown flushes through `flush`.
@@ -225,7 +257,17 @@ async fn send(
 ) {
     let spans = batch.len() as u64;
     let cause = match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(batch)).await {
-        Ok(Ok(())) => return,
+        Ok(Ok(())) => {
+            if let Some(suppressed) = failures.recovered() {
+                tracing::info!(
+                    target: "taskgate::otel",
+                    endpoint,
+                    suppressed,
+                    "exporting spans to the OTLP collector again (suppressed: failures since the last warning that were not logged)"
+                );
+            }
+            return;
+        }
         Ok(Err(error)) => cause(error),
         Err(_) => format!(
             "the collector did not answer within {}",
@@ -323,8 +365,22 @@ mod tests {
         assert_eq!(DROPPED_QUEUE_FULL.load(Ordering::Relaxed) - before, 3);
     }
 
+    /// A span that ends once export has stopped, at shutdown, is counted as such, not as a
+    /// full queue.
+    #[test]
+    fn a_span_ending_after_shutdown_is_counted_as_such() {
+        let (queue, receiver) = mpsc::channel(2);
+        drop(receiver);
+        let processor = QueueProcessor { queue };
+        let full = DROPPED_QUEUE_FULL.load(Ordering::Relaxed);
+        let late = DROPPED_AFTER_SHUTDOWN.load(Ordering::Relaxed);
+        processor.on_end(span_data());
+        assert_eq!(DROPPED_AFTER_SHUTDOWN.load(Ordering::Relaxed) - late, 1);
+        assert_eq!(DROPPED_QUEUE_FULL.load(Ordering::Relaxed), full);
+    }
+
     /// The collector's failures are logged once per interval, with the count of those that
-    /// were not.
+    /// were not, and its recovery once.
     #[test]
     fn failures_are_logged_once_a_minute_with_the_rest_counted() {
         let start = Instant::now();
@@ -334,5 +390,12 @@ mod tests {
         assert_eq!(failures.ready(start + Duration::from_secs(59)), None);
         assert_eq!(failures.ready(start + Duration::from_secs(60)), Some(2));
         assert_eq!(failures.ready(start + Duration::from_secs(61)), None);
+        // The first success after a logged failure says so, with the failures not logged;
+        // a failure and recovery within the same minute again are not logged.
+        assert_eq!(failures.recovered(), Some(1));
+        assert_eq!(failures.recovered(), None);
+        assert_eq!(failures.ready(start + Duration::from_secs(62)), None);
+        assert_eq!(failures.recovered(), None);
+        assert_eq!(failures.ready(start + Duration::from_secs(120)), Some(1));
     }
 }

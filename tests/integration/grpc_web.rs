@@ -6,7 +6,7 @@ use reqwest::header::{HeaderMap, HeaderValue};
 
 use taskgate::proto::{CaseExtractRequest, TASK_FAULT_TYPE_URL, TaskFault};
 
-use crate::support::{Gateway, http_client};
+use crate::support::{FakeUpstream, Gateway, Script, Seen, http_client};
 
 const PATH: &str = "/taskgate.v1.TaskService/CaseExtract";
 
@@ -175,4 +175,39 @@ async fn a_traced_page_may_send_trace_context() {
     for header in ["content-type", "x-grpc-web", "traceparent", "tracestate"] {
         assert!(allowed.contains(&header), "{header} not in {allowed:?}");
     }
+}
+
+/// A browser page's trace context, sent over gRPC-Web, reaches the controller in the same
+/// trace, as it does over gRPC.
+#[tokio::test]
+async fn a_grpc_web_calls_trace_context_reaches_the_controller() {
+    let mut upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let response = http_client()
+        .post(format!("http://{}{PATH}", gateway.address))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .header("traceparent", traceparent)
+        .header("tracestate", "page=checkout")
+        .body(frame(&CaseExtractRequest {
+            port_id: 4,
+            bin_id: 101337,
+            ..Default::default()
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let Seen::Request { headers, .. } = upstream.next().await else {
+        panic!("expected a request");
+    };
+    assert_eq!(
+        headers.get("traceparent").map(String::as_str),
+        Some(traceparent)
+    );
+    assert_eq!(
+        headers.get("tracestate").map(String::as_str),
+        Some("page=checkout")
+    );
 }

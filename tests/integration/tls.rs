@@ -25,12 +25,12 @@ use crate::support::{Gateway, PROMPTLY, TestFolder, endpoint, error_info, test_f
 
 /// A CA, a certificate for localhost signed by it, and a client certificate signed by it, as
 /// PEM files in a fresh folder, removed with the `Pki`.
-struct Pki {
+pub(crate) struct Pki {
     directory: TestFolder,
 }
 
 impl Pki {
-    fn new(name: &str) -> Pki {
+    pub(crate) fn new(name: &str) -> Pki {
         let directory = test_folder(&format!("tls-{name}"));
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -56,11 +56,11 @@ impl Pki {
         std::fs::write(self.path(name), text).unwrap();
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.directory.join(name)
     }
 
-    fn read(&self, name: &str) -> Vec<u8> {
+    pub(crate) fn read(&self, name: &str) -> Vec<u8> {
         std::fs::read(self.path(name)).unwrap()
     }
 

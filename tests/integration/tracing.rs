@@ -23,8 +23,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 use taskgate::proto::CaseExtractRequest;
 use taskgate::proto::task_service_client::TaskServiceClient;
 
+use tonic::transport::{Identity, ServerTlsConfig};
+
 use crate::cli::{TaskgateProcess, config_file, print_config};
 use crate::support::{self, FakeUpstream, Gateway, Script, Seen, within};
+use crate::tls::Pki;
 
 /// The caller's trace and span, as a WMS service would send them.
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -41,11 +44,14 @@ struct Receiver {
     seen: Vec<Span>,
     /// The resource attributes of every export, each kept before its spans are handed over.
     resources: Arc<Mutex<Vec<Vec<KeyValue>>>>,
+    /// The instrumentation scope (name, version, schema URL) of every export's spans.
+    scopes: Arc<Mutex<Vec<(String, String, String)>>>,
 }
 
 struct Collect {
     spans: mpsc::UnboundedSender<Span>,
     resources: Arc<Mutex<Vec<Vec<KeyValue>>>>,
+    scopes: Arc<Mutex<Vec<(String, String, String)>>>,
 }
 
 #[tonic::async_trait]
@@ -57,6 +63,14 @@ impl TraceService for Collect {
         for resource_spans in request.into_inner().resource_spans {
             let resource = resource_spans.resource.unwrap_or_default().attributes;
             self.resources.lock().unwrap().push(resource);
+            for scope_spans in &resource_spans.scope_spans {
+                let scope = scope_spans.scope.clone().unwrap_or_default();
+                self.scopes.lock().unwrap().push((
+                    scope.name,
+                    scope.version,
+                    scope_spans.schema_url.clone(),
+                ));
+            }
             let spans = resource_spans
                 .scope_spans
                 .into_iter()
@@ -71,16 +85,36 @@ impl TraceService for Collect {
 
 impl Receiver {
     async fn start() -> Receiver {
+        Receiver::serve(None).await
+    }
+
+    /// A receiver served over TLS with `pki`'s certificate for localhost.
+    async fn start_tls(pki: &Pki) -> Receiver {
+        let identity = Identity::from_pem(pki.read("server.pem"), pki.read("server.key"));
+        Receiver::serve(Some(ServerTlsConfig::new().identity(identity))).await
+    }
+
+    async fn serve(tls: Option<ServerTlsConfig>) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let port = listener.local_addr().unwrap().port();
+        let endpoint = match tls {
+            Some(_) => format!("https://localhost:{port}"),
+            None => format!("http://127.0.0.1:{port}"),
+        };
         let (sender, spans) = mpsc::unbounded_channel();
         let resources = Arc::default();
+        let scopes = Arc::default();
         let collect = Collect {
             spans: sender,
             resources: Arc::clone(&resources),
+            scopes: Arc::clone(&scopes),
         };
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            server = server.tls_config(tls).unwrap();
+        }
         tokio::spawn(
-            tonic::transport::Server::builder()
+            server
                 .add_service(TraceServiceServer::new(collect))
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
@@ -89,6 +123,7 @@ impl Receiver {
             spans,
             seen: Vec::new(),
             resources,
+            scopes,
         }
     }
 
@@ -233,7 +268,27 @@ async fn a_traced_call_continues_the_callers_trace_to_the_controller() {
     ] {
         assert_eq!(int_attribute(&server, key), Some(value), "{key}");
     }
-    assert!(attribute(&server, "request_id").is_some(), "{server:?}");
+    assert!(
+        attribute(&server, "taskgate.request_id").is_some(),
+        "{server:?}"
+    );
+    assert_eq!(
+        attribute(&server, "client.address").as_deref(),
+        Some("127.0.0.1")
+    );
+    assert!(
+        int_attribute(&server, "client.port").is_some(),
+        "{server:?}"
+    );
+    let scope = receiver.scopes.lock().unwrap().clone();
+    assert!(
+        scope.contains(&(
+            "taskgate".to_owned(),
+            env!("CARGO_PKG_VERSION").to_owned(),
+            "https://opentelemetry.io/schemas/1.27.0".to_owned()
+        )),
+        "{scope:?}"
+    );
 
     let server_span_id = hex(&server.span_id);
     let client = receiver
@@ -318,10 +373,12 @@ async fn a_fault_calls_span_carries_the_fault_and_an_error_status() {
         .await;
     assert!(server.parent_span_id.is_empty(), "{server:?}");
     let resource = receiver.resource_attributes();
-    assert!(
-        resource.contains(&"service.name=taskgate".to_owned()),
-        "{resource:?}"
-    );
+    for expected in [
+        "service.name=taskgate".to_owned(),
+        format!("service.version={}", env!("CARGO_PKG_VERSION")),
+    ] {
+        assert!(resource.contains(&expected), "{resource:?}");
+    }
     assert_eq!(int_attribute(&server, "taskgate.fault.code"), Some(1087));
     assert_eq!(
         attribute(&server, "taskgate.fault.name").as_deref(),
@@ -352,10 +409,16 @@ async fn a_collector_that_never_answers_slows_nothing_and_shutdown_keeps_its_gra
         .await
         .unwrap();
     let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
-    for round in 0..20 {
+    // Calls go on for several batch delays, so that batches are in flight to the hung
+    // collector while calls are made, and each is bounded far below the export's 10 s timeout
+    // (generous for a debug build: a call to the simulator takes milliseconds), so that a call
+    // that waited for the exporter would fail here.
+    let calling = tokio::time::Instant::now();
+    let mut round = 0;
+    while calling.elapsed() < Duration::from_secs(3) {
+        round += 1;
         let call = client.case_extract(request(4, Some(&traceparent)));
-        // Generous: a call to the simulator takes milliseconds.
-        let answered = within(Duration::from_secs(10), "a call was held up", call).await;
+        let answered = within(Duration::from_secs(2), "a call was held up", call).await;
         // Later calls find the port busy with the first case: a fault, still an answer.
         if let Err(status) = answered {
             assert!(
@@ -451,13 +514,196 @@ async fn the_flag_beats_the_standard_variable_which_beats_the_file() {
         "error: invalid configuration: OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf: only OTLP over \
          gRPC (grpc) is exported"
     );
-    let (_, stderr) = print_config(&["--otlp-endpoint", "https://collector:4317"], &[], 2).await;
+    for (variables, refusal) in [
+        (
+            [("OTEL_TRACES_SAMPLER", "xray")],
+            "OTEL_TRACES_SAMPLER=xray: not a supported sampler (always_on, always_off, \
+             traceidratio, parentbased_always_on, parentbased_always_off, \
+             parentbased_traceidratio)",
+        ),
+        (
+            [("OTEL_TRACES_SAMPLER_ARG", "5")],
+            "OTEL_TRACES_SAMPLER_ARG=5: the ratio of traces to sample must be a number from 0 \
+             to 1",
+        ),
+        (
+            [("OTEL_TRACES_EXPORTER", "zipkin")],
+            "OTEL_TRACES_EXPORTER=zipkin: only otlp (or none, to export nothing) is supported",
+        ),
+    ] {
+        let mut variables = variables.to_vec();
+        if variables[0].0 == "OTEL_TRACES_SAMPLER_ARG" {
+            variables.push(("OTEL_TRACES_SAMPLER", "traceidratio"));
+        }
+        let (_, stderr) = print_config(&flag, &variables, 2).await;
+        assert_eq!(
+            stderr.trim_end(),
+            format!("error: invalid configuration: {refusal}")
+        );
+    }
+    let (_, stderr) = print_config(&["--otlp-endpoint", "collector:4317"], &[], 2).await;
     assert_eq!(
         stderr.trim_end(),
-        "error: invalid --otlp-endpoint: OTLP endpoint 'https://collector:4317' is not an \
-         http:// URL (for example http://127.0.0.1:4317): https is not supported: export to a \
-         collector on loopback or in the pod"
+        "error: invalid --otlp-endpoint: OTLP endpoint 'collector:4317' is not an http:// or \
+         https:// URL (for example http://127.0.0.1:4317): its scheme is neither http nor https"
     );
+}
+
+/// Every server span has a bounded name and a gRPC code: health checks are named after their
+/// method, and a path the gateway does not serve, as a scanner sends, is `_OTHER`.
+#[tokio::test]
+async fn every_server_span_has_a_known_name_and_a_code() {
+    let mut receiver = Receiver::start().await;
+    let gateway = TaskgateProcess::start(&["--otlp-endpoint", &receiver.endpoint]).await;
+    let channel = tonic::transport::Endpoint::from_shared(gateway.gateway.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .unary(
+            tonic::Request::new(CaseExtractRequest::default()),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/scanner.Probe/wp-login.php"),
+            tonic_prost::ProstCodec::<CaseExtractRequest, CaseExtractRequest>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+
+    let health = receiver
+        .span("health", |span| span.name == "grpc.health.v1.Health/Check")
+        .await;
+    assert_eq!(attribute(&health, "rpc.method").as_deref(), Some("Check"));
+    assert_eq!(int_attribute(&health, "rpc.grpc.status_code"), Some(0));
+    let other = receiver.span("unknown", |span| span.name == "_OTHER").await;
+    assert_eq!(attribute(&other, "rpc.method").as_deref(), Some("_OTHER"));
+    assert_eq!(attribute(&other, "rpc.service"), None);
+    assert_eq!(int_attribute(&other, "rpc.grpc.status_code"), Some(12));
+    assert!(
+        receiver
+            .seen
+            .iter()
+            .all(|span| !span.name.contains("wp-login")),
+        "{:?}",
+        receiver.seen
+    );
+}
+
+/// A controller's non-2xx reply fails the client span, as the HTTP conventions have it: an
+/// error status, and `error.type` the status code.
+#[tokio::test]
+async fn a_non_2xx_reply_fails_the_client_span_with_its_status_code() {
+    let mut receiver = Receiver::start().await;
+    let upstream = FakeUpstream::start(Script::Respond {
+        status: 500,
+        content_type: "text/plain",
+        body: b"internal error".to_vec(),
+    })
+    .await;
+    let gateway = TaskgateProcess::start_with_upstream(
+        upstream.url.as_str(),
+        &["--otlp-endpoint", &receiver.endpoint],
+    )
+    .await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+    client
+        .case_extract(request(4, Some(&traceparent)))
+        .await
+        .unwrap_err();
+    // The call's POST, not the health probe's.
+    let span = receiver
+        .span("client", |span| {
+            span.kind == SpanKind::Client as i32 && hex(&span.trace_id) == TRACE_ID
+        })
+        .await;
+    assert_eq!(int_attribute(&span, "http.response.status_code"), Some(500));
+    assert_eq!(attribute(&span, "error.type").as_deref(), Some("500"));
+    assert_eq!(attribute(&span, "http.request.resend_count"), None);
+    assert_eq!(span.status.unwrap().code, StatusCode::Error as i32);
+}
+
+/// Exported, a gRPC-Web call's trace context is continued like a gRPC call's: the controller
+/// is called in the page's trace, under the gateway's client span.
+#[tokio::test]
+async fn a_grpc_web_call_is_traced_to_the_controller() {
+    let mut receiver = Receiver::start().await;
+    let mut upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
+    let gateway = TaskgateProcess::start_with_upstream(
+        upstream.url.as_str(),
+        &["--otlp-endpoint", &receiver.endpoint],
+    )
+    .await;
+    let message = prost::Message::encode_to_vec(&request(4, None).into_inner());
+    let mut body = vec![0];
+    body.extend((message.len() as u32).to_be_bytes());
+    body.extend(message);
+    let response = support::http_client()
+        .post(format!(
+            "{}/taskgate.v1.TaskService/CaseExtract",
+            gateway.gateway
+        ))
+        .header("content-type", "application/grpc-web+proto")
+        .header("traceparent", format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let client = receiver
+        .span("client", |span| {
+            span.kind == SpanKind::Client as i32 && hex(&span.trace_id) == TRACE_ID
+        })
+        .await;
+    // The health probe's POSTs come first, in traces of their own.
+    let sent = loop {
+        let Seen::Request { headers, .. } = upstream.next().await else {
+            panic!("expected a request");
+        };
+        let traceparent = headers.get("traceparent").cloned().unwrap_or_default();
+        if traceparent.contains(TRACE_ID) {
+            break traceparent;
+        }
+    };
+    assert_eq!(sent, format!("00-{TRACE_ID}-{}-01", hex(&client.span_id)));
+}
+
+/// A collector served over TLS is trusted through the system's roots, which `SSL_CERT_FILE`
+/// names here as an operator would for a private CA.
+#[tokio::test]
+async fn spans_reach_an_https_collector_trusted_by_the_system_roots() {
+    let pki = Pki::new("otlp");
+    let mut receiver = Receiver::start_tls(&pki).await;
+    let mut command = tokio::process::Command::new(crate::cli::BIN);
+    command
+        .args(["serve", "--simulator", "--listen", "127.0.0.1:0"])
+        .args(["--otlp-endpoint", &receiver.endpoint])
+        .env("SSL_CERT_FILE", pki.path("ca.pem"));
+    let gateway =
+        TaskgateProcess::start_serving(TaskgateProcess::spawn_command(&mut command)).await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+    client
+        .case_extract(request(4, Some(&traceparent)))
+        .await
+        .unwrap();
+    let server = receiver
+        .span("server", |span| span.kind == SpanKind::Server as i32)
+        .await;
+    assert_eq!(hex(&server.trace_id), TRACE_ID);
+    gateway.signal("TERM").await;
+    let (code, _) = gateway.finish().await;
+    assert_eq!(code, Some(0));
 }
 
 /// A WatchCaseEvents stream is one span, from the call to the stream's end: it says how many
@@ -534,7 +780,7 @@ async fn log_publisher_connections_and_reconnects_are_spans() {
     let is_connection = |reconnect: &'static str| {
         move |span: &Span| {
             span.name == "log_publisher.connection"
-                && attribute(span, "reconnect").as_deref() == Some(reconnect)
+                && attribute(span, "taskgate.log_publisher.reconnect").as_deref() == Some(reconnect)
         }
     };
     let first = receiver
@@ -645,7 +891,9 @@ async fn the_standard_variables_name_the_service_and_choose_the_sampler() {
         gateway.log
     );
     assert!(
-        gateway.log.contains("sampler=\"parentbased_traceidratio\""),
+        gateway
+            .log
+            .contains("sampler=parentbased_traceidratio ratio=0"),
         "{}",
         gateway.log
     );
@@ -678,6 +926,57 @@ async fn the_standard_variables_name_the_service_and_choose_the_sampler() {
     gateway.signal("TERM").await;
     let _ = gateway.finish().await;
 }
+
+/// `OTEL_SDK_DISABLED=true` and `OTEL_TRACES_EXPORTER=none` turn export off whatever the
+/// endpoint, as in every SDK: no exporter starts and no span leaves.
+#[tokio::test]
+async fn the_standard_variables_can_turn_export_off() {
+    for variable in [
+        ("OTEL_SDK_DISABLED", "true"),
+        ("OTEL_TRACES_EXPORTER", "none"),
+    ] {
+        let mut command = tokio::process::Command::new(crate::cli::BIN);
+        command
+            .args(["serve", "--simulator", "--listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .env(OTEL_ENDPOINT, "http://127.0.0.1:4317")
+            .env(variable.0, variable.1);
+        let gateway =
+            TaskgateProcess::start_serving(TaskgateProcess::spawn_command(&mut command)).await;
+        assert!(
+            !gateway.log.contains("exporting spans over OTLP"),
+            "{variable:?}: {}",
+            gateway.log
+        );
+        // Without export, the latency histogram carries no exemplars, so a traced call leaves
+        // none.
+        let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+            .await
+            .unwrap();
+        let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+        client
+            .case_extract(request(4, Some(&traceparent)))
+            .await
+            .unwrap();
+        let metrics = support::http_client()
+            .get(gateway.metrics_url())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics.contains("taskgate_call_duration_seconds_bucket"),
+            "{metrics}"
+        );
+        assert!(!metrics.contains("trace_id="), "{variable:?}: {metrics}");
+        gateway.signal("TERM").await;
+        let _ = gateway.finish().await;
+    }
+}
+
+const OTEL_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 
 fn state_request() -> tonic::Request<taskgate::proto::CaseGetStateRequest> {
     tonic::Request::new(taskgate::proto::CaseGetStateRequest { port_id: 4 })
