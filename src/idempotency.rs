@@ -22,9 +22,10 @@
 //! OK keeps the entry unknown: see [`resent_ending`].
 //!
 //! Entries live for the window from the answer (or unknown outcome) of their last call, and at
-//! most `max_entries` are kept. An entry in flight never expires and is never evicted, and
-//! neither is an unknown one: forgotten, a repeat of it would be sent without reading the port
-//! first, and could extract twice. When full, the oldest answered fault is evicted, and only
+//! most `max_entries` are kept. An entry in flight never expires and is never evicted. An
+//! unknown one is never evicted (forgotten, a repeat of it would be sent without reading the
+//! port first, and could extract twice), but it does expire, the window after its call ended,
+//! like an answered one: a repeat after that is sent like a new call, as the window promises. When full, the oldest answered fault is evicted, and only
 //! when none is left the oldest answered OK: forgetting an OK lets a repeat of that id be sent
 //! like a new call, which acts a second time, so the caller is told to size the table to keep
 //! OKs and alert on their eviction. Answered entries are kept in their own ordered indexes, so
