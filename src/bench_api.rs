@@ -10,6 +10,7 @@ use tonic::Status;
 
 use crate::config::defaults;
 use crate::idempotency::{Claim, Method, Params, Store};
+use crate::metrics::EntryGauges;
 use crate::status::{self, CallContext, CallError, RetryPolicy};
 use crate::upstream::UpstreamError;
 
@@ -41,7 +42,7 @@ pub fn upstream_timeout_status(limit: Duration) -> Status {
 /// and its lease forgotten, so that the store alone holds what an entry costs. Kept for as long
 /// as the returned value lives.
 pub fn idempotency_store_in_flight(count: NonZeroUsize) -> impl std::fmt::Debug {
-    let store = Store::new(defaults::IDEMPOTENCY_WINDOW, count);
+    let store = Store::new(defaults::IDEMPOTENCY_WINDOW, count, EntryGauges::default());
     let params = Params {
         method: Method::CaseExtract,
         port_id: 4,

@@ -45,6 +45,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::domain::CaseState;
+use crate::metrics::EntryGauges;
 
 /// Reads an idempotency key (a message's `request_id`, the CLI's `--idempotency-key`): none when
 /// empty, else a UUID in its hyphenated form, in either case, other than the nil UUID (a
@@ -272,6 +273,7 @@ struct Inner {
     /// evicted. Entries in flight are in no index: they neither expire nor are evicted.
     unknown: BTreeMap<u64, u128>,
     next_serial: u64,
+    gauges: EntryGauges,
 }
 
 /// What the store remembers about one `request_id`.
@@ -323,8 +325,9 @@ impl Method {
 // === impl Store ===
 
 impl Store {
-    /// Remembers ids for `window` after their call ended, at most `max_entries` of them.
-    pub(crate) fn new(window: Duration, max_entries: NonZeroUsize) -> Self {
+    /// Remembers ids for `window` after their call ended, at most `max_entries` of them, and
+    /// keeps `gauges` counting them by state.
+    pub(crate) fn new(window: Duration, max_entries: NonZeroUsize, gauges: EntryGauges) -> Self {
         Store {
             inner: Arc::new(Mutex::new(Inner {
                 window,
@@ -334,6 +337,7 @@ impl Store {
                 oks: BTreeMap::new(),
                 unknown: BTreeMap::new(),
                 next_serial: 0,
+                gauges,
             })),
         }
     }
@@ -349,6 +353,20 @@ impl Store {
         now: Instant,
     ) -> (Claim, Counts) {
         let mut inner = self.lock();
+        let claimed = self.claim_in(&mut inner, request_id, params, unknown, now);
+        inner.publish();
+        claimed
+    }
+
+    /// [`Store::claim`], holding the table.
+    fn claim_in(
+        &self,
+        inner: &mut Inner,
+        request_id: u128,
+        params: Params,
+        unknown: Option<Instant>,
+        now: Instant,
+    ) -> (Claim, Counts) {
         inner.expire(now);
         let mut counts = Counts::default();
         if let Some(entry) = inner.entries.get_mut(&request_id) {
@@ -443,6 +461,14 @@ impl Store {
 // === impl Inner ===
 
 impl Inner {
+    /// Sets the gauges of entries by state from the indexes: an entry in none is in flight.
+    fn publish(&self) {
+        let answered = self.faults.len() + self.oks.len();
+        let unknown = self.unknown.len();
+        let in_flight = self.entries.len().saturating_sub(answered + unknown);
+        self.gauges.set(in_flight, answered, unknown);
+    }
+
     /// Forgets every entry not in flight whose last call ended a window ago or more: the
     /// oldest of each index, until one is younger.
     fn expire(&mut self, now: Instant) {
@@ -496,6 +522,7 @@ impl Inner {
             Ending::Unknown => (State::Unknown(sent), &mut self.unknown),
             Ending::NothingSent => {
                 self.entries.remove(&key);
+                self.publish();
                 return;
             }
         };
@@ -504,6 +531,7 @@ impl Inner {
         entry.serial = self.next_serial;
         index.insert(self.next_serial, key);
         self.next_serial += 1;
+        self.publish();
     }
 }
 
@@ -572,7 +600,11 @@ mod tests {
     };
 
     fn store(max_entries: usize) -> Store {
-        Store::new(WINDOW, NonZeroUsize::new(max_entries).unwrap())
+        Store::new(
+            WINDOW,
+            NonZeroUsize::new(max_entries).unwrap(),
+            EntryGauges::default(),
+        )
     }
 
     fn lease(claim: Claim) -> Lease {
@@ -587,6 +619,29 @@ mod tests {
         let mut lease = lease(claim);
         lease.sending();
         lease
+    }
+
+    /// The gauges follow each entry from in flight to answered or unknown, and out when the
+    /// window has passed.
+    #[test]
+    fn the_gauges_count_entries_by_state() {
+        let gauges = EntryGauges::default();
+        let store = Store::new(WINDOW, NonZeroUsize::new(10).unwrap(), gauges.clone());
+        let now = Instant::now();
+        let ok = lease(store.claim(1, EXTRACT, None, now).0);
+        let unknown = sent(store.claim(2, EXTRACT, None, now).0);
+        let _in_flight = lease(store.claim(3, EXTRACT, None, now).0);
+        let nothing_sent = lease(store.claim(4, EXTRACT, None, now).0);
+        assert_eq!(gauges.get(), [4, 0, 0]);
+        ok.end(Ending::Answered(Answer::Ok), now);
+        assert_eq!(gauges.get(), [3, 1, 0]);
+        drop(unknown);
+        assert_eq!(gauges.get(), [2, 1, 1]);
+        nothing_sent.end(Ending::NothingSent, now);
+        assert_eq!(gauges.get(), [1, 1, 1]);
+        let later = Instant::now() + WINDOW + Duration::from_secs(1);
+        let _new = lease(store.claim(5, EXTRACT, None, later).0);
+        assert_eq!(gauges.get(), [2, 0, 0]);
     }
 
     #[test]

@@ -107,6 +107,7 @@ impl TaskGateway {
             idempotency: Store::new(
                 settings.idempotency_window,
                 settings.idempotency_max_entries,
+                metrics.idempotency().entry_gauges(),
             ),
             idempotency_metrics: metrics.idempotency().clone(),
         }

@@ -638,6 +638,11 @@ async fn a_table_full_of_unknown_ids_refuses_a_new_one_without_a_post() {
     assert_eq!(upstream.methods_so_far(), ["case_cancel", "case_cancel"]);
     scrape_line(
         gateway.metrics_url(),
+        "taskgate_idempotency_entries{state=\"unknown\"} 2",
+    )
+    .await;
+    scrape_line(
+        gateway.metrics_url(),
         "taskgate_idempotency_refusals_total 1",
     )
     .await;
