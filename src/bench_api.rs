@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use crate::config::defaults;
-use crate::idempotency::{Claim, Method, Params, Store};
+use crate::idempotency::{Answer, Claim, Ending, Method, Params, Store};
 use crate::metrics::EntryGauges;
 use crate::status::{self, CallContext, CallError, RetryPolicy};
 use crate::upstream::UpstreamError;
@@ -52,6 +52,29 @@ pub fn idempotency_store_in_flight(count: NonZeroUsize) -> impl std::fmt::Debug 
     for request_id in 0..count.get() as u128 {
         match store.claim(request_id, params, None, now).0 {
             Claim::Call(lease) => std::mem::forget(lease),
+            other => panic!("a new id in a store with room is called, not {other:?}"),
+        }
+    }
+    store
+}
+
+/// An idempotency store holding `count` answered entries (OK), the state most of a busy table is
+/// in: the `request_id`s 0 to `count - 1`, each claimed and its call ended, so that each holds
+/// its place in the hash map and in the ordered index of OKs, and no watch channel. Kept for as
+/// long as the returned value lives.
+pub fn idempotency_store_answered(count: NonZeroUsize) -> impl std::fmt::Debug {
+    let store = Store::new(defaults::IDEMPOTENCY_WINDOW, count, EntryGauges::default());
+    let params = Params {
+        method: Method::CaseExtract,
+        port_id: 4,
+        bin_id: 101337,
+    };
+    let now = Instant::now();
+    for request_id in 0..count.get() as u128 {
+        match store.claim(request_id, params, None, now).0 {
+            Claim::Call(lease) => {
+                lease.end(Ending::Answered(Answer::Ok), now);
+            }
             other => panic!("a new id in a store with room is called, not {other:?}"),
         }
     }
