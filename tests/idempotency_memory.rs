@@ -57,7 +57,7 @@ fn stated_bytes_per_ended_entry() -> usize {
 /// kept until the end of the test so that freed memory is not reused by the next measurement.
 fn per_entry<T>(make: impl FnOnce(NonZeroUsize) -> T) -> (usize, T) {
     let before = resident_bytes();
-    let store = make(NonZeroUsize::new(ENTRIES).unwrap());
+    let store = make(NonZeroUsize::new(ENTRIES).expect("ENTRIES is not 0"));
     let after = resident_bytes();
     (after.saturating_sub(before) / ENTRIES, store)
 }
