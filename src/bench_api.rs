@@ -14,6 +14,10 @@ use crate::metrics::EntryGauges;
 use crate::status::{self, CallContext, CallError, RetryPolicy};
 use crate::upstream::UpstreamError;
 
+/// How long after a call was sent the gateway believes a port showing it not acted on
+/// (`idempotency::NOT_ACTED_BELIEVED_FOR`), for the chaos controller to run its ports around.
+pub const NOT_ACTED_BELIEVED_FOR: Duration = crate::idempotency::NOT_ACTED_BELIEVED_FOR;
+
 /// The call every mapping below is for.
 const CONTEXT: CallContext = CallContext {
     method: "case_extract",
