@@ -6,20 +6,20 @@
 //! service awaits. An entry is keyed by the request_id alone and remembers the method, port and
 //! bin it came with (a repeat with other ones is refused), and where the call stands:
 //!
-//! - in flight: one call holds its [`Lease`]; a repeat waits for it;
+//! - in flight: one call holds its `Lease`; a repeat waits for it;
 //! - answered: OK, or a fault the controller sent; a repeat gets the same answer;
 //! - unknown: the call ended where the controller may have acted (connection lost, timeout, a
 //!   5xx, a reply the gateway cannot read, or the caller went away once the call was being
 //!   sent); a repeat takes the lease and reads the port before doing anything. The entry keeps
 //!   when the first call that may have acted was claimed, just before it was sent: a port
-//!   showing the call not acted on proves it only shortly after ([`NOT_ACTED_BELIEVED_FOR`]).
+//!   showing the call not acted on proves it only shortly after (`NOT_ACTED_BELIEVED_FOR`).
 //!
 //! An answer where the controller certainly started nothing (unreachable, 503 or 429, fault
 //! 1148, a deadline too short, or the caller went away before the call was sent) is not kept: the entry is dropped, so a repeat calls again.
 //! Except after a resend: a lease that resolved an unknown outcome and sent the call again
 //! (the port showed no operation) cannot tell its own failure from the first call's outcome,
 //! which may still reach the controller after the port was read. Every ending of a resend but
-//! OK keeps the entry unknown: see [`resent_ending`].
+//! OK keeps the entry unknown: see `resent_ending`.
 //!
 //! Entries live for the window from the answer (or unknown outcome) of their last call, and at
 //! most `max_entries` are kept. An entry in flight never expires and is never evicted. An
@@ -30,7 +30,7 @@
 //! like a new call, which acts a second time, so the caller is told to size the table to keep
 //! OKs and alert on their eviction. Answered entries are kept in their own ordered indexes, so
 //! finding the one to evict never looks at an entry in flight or unknown. When none is left (every entry in flight or unknown), a new `request_id` is refused before anything is
-//! sent ([`Claim::Full`]). A repeat waiting for a call in flight is given its ending through the
+//! sent (`Claim::Full`). A repeat waiting for a call in flight is given its ending through the
 //! lease's channel, so evicting the entry the moment the call ends cannot make the repeat call
 //! again. A repeat that was told of an unknown ending and finds its entry gone reads the port
 //! all the same.
