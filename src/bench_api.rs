@@ -9,9 +9,14 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use crate::config::defaults;
-use crate::idempotency::{Claim, Method, Params, Store};
+use crate::idempotency::{Answer, Claim, Ending, Method, Params, Store};
+use crate::metrics::EntryGauges;
 use crate::status::{self, CallContext, CallError, RetryPolicy};
 use crate::upstream::UpstreamError;
+
+/// How long after a call was sent the gateway believes a port showing it not acted on
+/// (`idempotency::NOT_ACTED_BELIEVED_FOR`), for the chaos controller to run its ports around.
+pub const NOT_ACTED_BELIEVED_FOR: Duration = crate::idempotency::NOT_ACTED_BELIEVED_FOR;
 
 /// The call every mapping below is for.
 const CONTEXT: CallContext = CallContext {
@@ -41,7 +46,7 @@ pub fn upstream_timeout_status(limit: Duration) -> Status {
 /// and its lease forgotten, so that the store alone holds what an entry costs. Kept for as long
 /// as the returned value lives.
 pub fn idempotency_store_in_flight(count: NonZeroUsize) -> impl std::fmt::Debug {
-    let store = Store::new(defaults::IDEMPOTENCY_WINDOW, count);
+    let store = Store::new(defaults::IDEMPOTENCY_WINDOW, count, EntryGauges::default());
     let params = Params {
         method: Method::CaseExtract,
         port_id: 4,
@@ -51,6 +56,29 @@ pub fn idempotency_store_in_flight(count: NonZeroUsize) -> impl std::fmt::Debug 
     for request_id in 0..count.get() as u128 {
         match store.claim(request_id, params, None, now).0 {
             Claim::Call(lease) => std::mem::forget(lease),
+            other => panic!("a new id in a store with room is called, not {other:?}"),
+        }
+    }
+    store
+}
+
+/// An idempotency store holding `count` answered entries (OK), the state most of a busy table is
+/// in: the `request_id`s 0 to `count - 1`, each claimed and its call ended, so that each holds
+/// its place in the hash map and in the ordered index of OKs, and no watch channel. Kept for as
+/// long as the returned value lives.
+pub fn idempotency_store_answered(count: NonZeroUsize) -> impl std::fmt::Debug {
+    let store = Store::new(defaults::IDEMPOTENCY_WINDOW, count, EntryGauges::default());
+    let params = Params {
+        method: Method::CaseExtract,
+        port_id: 4,
+        bin_id: 101337,
+    };
+    let now = Instant::now();
+    for request_id in 0..count.get() as u128 {
+        match store.claim(request_id, params, None, now).0 {
+            Claim::Call(lease) => {
+                lease.end(Ending::Answered(Answer::Ok), now);
+            }
             other => panic!("a new id in a store with room is called, not {other:?}"),
         }
     }

@@ -6,30 +6,31 @@
 //! service awaits. An entry is keyed by the request_id alone and remembers the method, port and
 //! bin it came with (a repeat with other ones is refused), and where the call stands:
 //!
-//! - in flight: one call holds its [`Lease`]; a repeat waits for it;
+//! - in flight: one call holds its `Lease`; a repeat waits for it;
 //! - answered: OK, or a fault the controller sent; a repeat gets the same answer;
 //! - unknown: the call ended where the controller may have acted (connection lost, timeout, a
 //!   5xx, a reply the gateway cannot read, or the caller went away once the call was being
 //!   sent); a repeat takes the lease and reads the port before doing anything. The entry keeps
 //!   when the first call that may have acted was claimed, just before it was sent: a port
-//!   showing the call not acted on proves it only shortly after ([`NOT_ACTED_BELIEVED_FOR`]).
+//!   showing the call not acted on proves it only shortly after (`NOT_ACTED_BELIEVED_FOR`).
 //!
 //! An answer where the controller certainly started nothing (unreachable, 503 or 429, fault
 //! 1148, a deadline too short, or the caller went away before the call was sent) is not kept: the entry is dropped, so a repeat calls again.
 //! Except after a resend: a lease that resolved an unknown outcome and sent the call again
 //! (the port showed no operation) cannot tell its own failure from the first call's outcome,
 //! which may still reach the controller after the port was read. Every ending of a resend but
-//! OK keeps the entry unknown: see [`resent_ending`].
+//! OK keeps the entry unknown: see `resent_ending`.
 //!
 //! Entries live for the window from the answer (or unknown outcome) of their last call, and at
-//! most `max_entries` are kept. An entry in flight never expires and is never evicted, and
-//! neither is an unknown one: forgotten, a repeat of it would be sent without reading the port
-//! first, and could extract twice. When full, the oldest answered fault is evicted, and only
+//! most `max_entries` are kept. An entry in flight never expires and is never evicted. An
+//! unknown one is never evicted (forgotten, a repeat of it would be sent without reading the
+//! port first, and could extract twice), but it does expire, the window after its call ended,
+//! like an answered one: a repeat after that is sent like a new call, as the window promises. When full, the oldest answered fault is evicted, and only
 //! when none is left the oldest answered OK: forgetting an OK lets a repeat of that id be sent
 //! like a new call, which acts a second time, so the caller is told to size the table to keep
 //! OKs and alert on their eviction. Answered entries are kept in their own ordered indexes, so
 //! finding the one to evict never looks at an entry in flight or unknown. When none is left (every entry in flight or unknown), a new `request_id` is refused before anything is
-//! sent ([`Claim::Full`]). A repeat waiting for a call in flight is given its ending through the
+//! sent (`Claim::Full`). A repeat waiting for a call in flight is given its ending through the
 //! lease's channel, so evicting the entry the moment the call ends cannot make the repeat call
 //! again. A repeat that was told of an unknown ending and finds its entry gone reads the port
 //! all the same.
@@ -44,6 +45,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::domain::CaseState;
+use crate::metrics::EntryGauges;
 
 /// Reads an idempotency key (a message's `request_id`, the CLI's `--idempotency-key`): none when
 /// empty, else a UUID in its hyphenated form, in either case, other than the nil UUID (a
@@ -271,6 +273,7 @@ struct Inner {
     /// evicted. Entries in flight are in no index: they neither expire nor are evicted.
     unknown: BTreeMap<u64, u128>,
     next_serial: u64,
+    gauges: EntryGauges,
 }
 
 /// What the store remembers about one `request_id`.
@@ -322,8 +325,9 @@ impl Method {
 // === impl Store ===
 
 impl Store {
-    /// Remembers ids for `window` after their call ended, at most `max_entries` of them.
-    pub(crate) fn new(window: Duration, max_entries: NonZeroUsize) -> Self {
+    /// Remembers ids for `window` after their call ended, at most `max_entries` of them, and
+    /// keeps `gauges` counting them by state.
+    pub(crate) fn new(window: Duration, max_entries: NonZeroUsize, gauges: EntryGauges) -> Self {
         Store {
             inner: Arc::new(Mutex::new(Inner {
                 window,
@@ -333,6 +337,7 @@ impl Store {
                 oks: BTreeMap::new(),
                 unknown: BTreeMap::new(),
                 next_serial: 0,
+                gauges,
             })),
         }
     }
@@ -348,6 +353,20 @@ impl Store {
         now: Instant,
     ) -> (Claim, Counts) {
         let mut inner = self.lock();
+        let claimed = self.claim_in(&mut inner, request_id, params, unknown, now);
+        inner.publish();
+        claimed
+    }
+
+    /// [`Store::claim`], holding the table.
+    fn claim_in(
+        &self,
+        inner: &mut Inner,
+        request_id: u128,
+        params: Params,
+        unknown: Option<Instant>,
+        now: Instant,
+    ) -> (Claim, Counts) {
         inner.expire(now);
         let mut counts = Counts::default();
         if let Some(entry) = inner.entries.get_mut(&request_id) {
@@ -442,6 +461,14 @@ impl Store {
 // === impl Inner ===
 
 impl Inner {
+    /// Sets the gauges of entries by state from the indexes: an entry in none is in flight.
+    fn publish(&self) {
+        let answered = self.faults.len() + self.oks.len();
+        let unknown = self.unknown.len();
+        let in_flight = self.entries.len().saturating_sub(answered + unknown);
+        self.gauges.set(in_flight, answered, unknown);
+    }
+
     /// Forgets every entry not in flight whose last call ended a window ago or more: the
     /// oldest of each index, until one is younger.
     fn expire(&mut self, now: Instant) {
@@ -495,6 +522,7 @@ impl Inner {
             Ending::Unknown => (State::Unknown(sent), &mut self.unknown),
             Ending::NothingSent => {
                 self.entries.remove(&key);
+                self.publish();
                 return;
             }
         };
@@ -503,6 +531,7 @@ impl Inner {
         entry.serial = self.next_serial;
         index.insert(self.next_serial, key);
         self.next_serial += 1;
+        self.publish();
     }
 }
 
@@ -571,7 +600,11 @@ mod tests {
     };
 
     fn store(max_entries: usize) -> Store {
-        Store::new(WINDOW, NonZeroUsize::new(max_entries).unwrap())
+        Store::new(
+            WINDOW,
+            NonZeroUsize::new(max_entries).unwrap(),
+            EntryGauges::default(),
+        )
     }
 
     fn lease(claim: Claim) -> Lease {
@@ -586,6 +619,29 @@ mod tests {
         let mut lease = lease(claim);
         lease.sending();
         lease
+    }
+
+    /// The gauges follow each entry from in flight to answered or unknown, and out when the
+    /// window has passed.
+    #[test]
+    fn the_gauges_count_entries_by_state() {
+        let gauges = EntryGauges::default();
+        let store = Store::new(WINDOW, NonZeroUsize::new(10).unwrap(), gauges.clone());
+        let now = Instant::now();
+        let ok = lease(store.claim(1, EXTRACT, None, now).0);
+        let unknown = sent(store.claim(2, EXTRACT, None, now).0);
+        let _in_flight = lease(store.claim(3, EXTRACT, None, now).0);
+        let nothing_sent = lease(store.claim(4, EXTRACT, None, now).0);
+        assert_eq!(gauges.get(), [4, 0, 0]);
+        ok.end(Ending::Answered(Answer::Ok), now);
+        assert_eq!(gauges.get(), [3, 1, 0]);
+        drop(unknown);
+        assert_eq!(gauges.get(), [2, 1, 1]);
+        nothing_sent.end(Ending::NothingSent, now);
+        assert_eq!(gauges.get(), [1, 1, 1]);
+        let later = Instant::now() + WINDOW + Duration::from_secs(1);
+        let _new = lease(store.claim(5, EXTRACT, None, later).0);
+        assert_eq!(gauges.get(), [2, 0, 0]);
     }
 
     #[test]

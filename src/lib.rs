@@ -59,6 +59,11 @@ pub mod proto {
     /// the controller's method again: `stored` (the first call's answer) or `resolved` (OK, read
     /// from the port after an unknown outcome).
     pub const REPLAYED_HEADER: &str = "taskgate-replayed";
+
+    /// The metadata key that carries a CaseExtract's or CaseCancel's `request_id` outside the
+    /// message, for a proxy in front of several replicas to route a repeat to the replica that
+    /// holds its entry: the clients and the CLI send it; the gateway itself reads the message.
+    pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 }
 
 mod accept;

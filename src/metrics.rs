@@ -44,18 +44,23 @@ pub(crate) struct IdempotencyMetrics {
     hits: Counter,
     replays: Counter,
     resolved: Family<ResolvedLabels, Counter>,
-    evictions: Family<EvictedLabels, Counter>,
+    evictions: Family<StateLabels, Counter>,
     refusals: Counter,
+    entries: Family<StateLabels, Gauge>,
+}
+
+/// How many entries the idempotency store holds, by state: set by the store under the lock it
+/// takes anyway whenever it changes, so a call takes no other lock for them.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct EntryGauges {
+    in_flight: Gauge,
+    answered: Gauge,
+    unknown: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResolvedLabels {
     outcome: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct EvictedLabels {
-    state: &'static str,
 }
 
 /// The series of WatchCaseEvents and of the Log Publisher feed behind it.
@@ -413,6 +418,21 @@ impl IdempotencyMetrics {
             "New request_ids refused (IDEMPOTENCY_TABLE_FULL) because every one of --idempotency-max-entries was in flight or unknown",
             self.refusals.clone(),
         );
+        registry.register(
+            "idempotency_entries",
+            "Remembered request_ids, by state: in_flight, answered, or unknown (never evicted: a table filling with them ends in IDEMPOTENCY_TABLE_FULL); as of the last CaseExtract or CaseCancel",
+            self.entries.clone(),
+        );
+    }
+
+    /// The gauges of the store's entries, for the store to set.
+    pub(crate) fn entry_gauges(&self) -> EntryGauges {
+        let gauge = |state| self.entries.get_or_create(&StateLabels { state }).clone();
+        EntryGauges {
+            in_flight: gauge("in_flight"),
+            answered: gauge("answered"),
+            unknown: gauge("unknown"),
+        }
     }
 
     /// Counts a call whose `request_id` was already remembered.
@@ -437,7 +457,7 @@ impl IdempotencyMetrics {
         for (state, evicted) in [("fault", faults), ("ok", oks)] {
             if evicted > 0 {
                 self.evictions
-                    .get_or_create(&EvictedLabels { state })
+                    .get_or_create(&StateLabels { state })
                     .inc_by(evicted as u64);
             }
         }
@@ -447,6 +467,27 @@ impl IdempotencyMetrics {
     /// unknown.
     pub(crate) fn refused(&self) {
         self.refusals.inc();
+    }
+}
+
+// === impl EntryGauges ===
+
+impl EntryGauges {
+    /// Sets how many entries are in flight, answered and unknown.
+    pub(crate) fn set(&self, in_flight: usize, answered: usize, unknown: usize) {
+        for (gauge, count) in [
+            (&self.in_flight, in_flight),
+            (&self.answered, answered),
+            (&self.unknown, unknown),
+        ] {
+            gauge.set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// How many entries are in flight, answered and unknown.
+    #[cfg(test)]
+    pub(crate) fn get(&self) -> [i64; 3] {
+        [&self.in_flight, &self.answered, &self.unknown].map(Gauge::get)
     }
 }
 

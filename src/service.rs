@@ -107,6 +107,7 @@ impl TaskGateway {
             idempotency: Store::new(
                 settings.idempotency_window,
                 settings.idempotency_max_entries,
+                metrics.idempotency().entry_gauges(),
             ),
             idempotency_metrics: metrics.idempotency().clone(),
         }
@@ -333,8 +334,11 @@ impl TaskGateway {
                 },
             };
             let caller_deadline = once.deadline_left();
-            // Nothing awaits between here and the POST in `call`: a caller gone before this
-            // point sent nothing, and its lease forgets the id.
+            // A caller gone before this point sent nothing, and its lease forgets the id. From
+            // here it counts as sent, though `call` first awaits the connection to the
+            // controller (and its one retry of a failed connect): a caller gone during the
+            // connect leaves the outcome unknown although nothing was sent, the safe side, as
+            // the lease cannot see how far the request got.
             lease.sending();
             let (upstream_time, outcome) = self
                 .call(once.context, request_id, caller_deadline, read_reply)

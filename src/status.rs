@@ -628,10 +628,26 @@ fn error_info(reason: &str, domain: &str, metadata: HashMap<String, String>) -> 
 /// "pushback"): grpc-core and grpc-go honour it, and ignore `RetryInfo`.
 const RETRY_PUSHBACK_TRAILER: &str = "grpc-retry-pushback-ms";
 
+/// The pushback trailer's value for `delay`: the delay times a factor drawn in [1, 1.5), per
+/// status. gRPC's built-in retry waits exactly what the trailer says, with no jitter of its own,
+/// so every client turned away by one outage would otherwise come back in the same millisecond;
+/// `RetryInfo` keeps the delay itself, the minimum.
+fn pushback_millis(delay: Duration) -> u64 {
+    let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    let spread = millis / 2;
+    let jitter = if spread == 0 {
+        0
+    } else {
+        fastrand::u64(..spread)
+    };
+    millis.saturating_add(jitter)
+}
+
 /// Encodes the `google.rpc.Status` by hand: tonic-types builds only the standard details, and
 /// every fault also carries our own `TaskFault`. With `retry_after`, the status says a retry is
 /// safe after that delay twice, in one place so the two cannot disagree: as `RetryInfo`, for
-/// callers that read the details, and as the pushback trailer, for gRPC's built-in retry.
+/// callers that read the details, and as the pushback trailer, jittered above it
+/// ([`pushback_millis`]), for gRPC's built-in retry.
 fn build(
     code: Code,
     mut message: String,
@@ -660,10 +676,10 @@ fn build(
     };
     let mut status = Status::with_details(code, message, rpc_status.encode_to_vec().into());
     if let Some(delay) = retry_after {
-        let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-        status
-            .metadata_mut()
-            .insert(RETRY_PUSHBACK_TRAILER, MetadataValue::from(millis));
+        status.metadata_mut().insert(
+            RETRY_PUSHBACK_TRAILER,
+            MetadataValue::from(pushback_millis(delay)),
+        );
     }
     status
 }
@@ -756,6 +772,27 @@ mod tests {
         );
         let retry_info = status.get_details_retry_info().unwrap();
         assert_eq!(retry_info.retry_delay, Some(Duration::from_millis(1500)));
+    }
+
+    /// Clients pushed back by one outage come back spread over half the delay again, never
+    /// sooner than `RetryInfo` says.
+    #[test]
+    fn the_pushback_trailer_is_jittered_above_retry_info() {
+        let pushbacks: Vec<u64> = (0..200)
+            .map(|_| {
+                let status = status(&CONTEXT, &CallError::Fault(1148), RETRY);
+                let retry_info = status.get_details_retry_info().unwrap();
+                assert_eq!(retry_info.retry_delay, Some(Duration::from_millis(1500)));
+                let trailer = status.metadata().get(RETRY_PUSHBACK_TRAILER).unwrap();
+                trailer.to_str().unwrap().parse().unwrap()
+            })
+            .collect();
+        assert!(
+            pushbacks.iter().all(|millis| (1500..2250).contains(millis)),
+            "{pushbacks:?}"
+        );
+        let distinct: std::collections::HashSet<_> = pushbacks.iter().collect();
+        assert!(distinct.len() > 100, "{pushbacks:?}");
     }
 
     #[test]

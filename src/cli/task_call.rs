@@ -14,7 +14,8 @@ use tonic_types::{StatusExt, pb};
 
 use taskgate::proto::task_service_client::TaskServiceClient;
 use taskgate::proto::{
-    FaultCode, REPLAYED_HEADER, REQUEST_ID_HEADER, TASK_FAULT_TYPE_URL, TaskFault,
+    FaultCode, IDEMPOTENCY_KEY_HEADER, REPLAYED_HEADER, REQUEST_ID_HEADER, TASK_FAULT_TYPE_URL,
+    TaskFault,
 };
 use taskgate::{fault, gateway_error};
 
@@ -119,6 +120,14 @@ impl PortAndBinArgs {
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let message = message_of(self.port, self.bin, key.clone());
         let (client, mut request) = open(&self.gateway, message).await?;
+        // Sent as the clients send it, so that a proxy routing repeats on it sees the CLI's too.
+        let routed = key
+            .parse()
+            .with_context(|| format!("invalid --idempotency-key '{key}'"))
+            .map_err(usage)?;
+        request
+            .metadata_mut()
+            .insert(IDEMPOTENCY_KEY_HEADER, routed);
         // The gateway then answers within it (UPSTREAM_TIMEOUT, which may have acted, so the key
         // is printed) before this side gives up with a bare CANCELLED.
         request.set_timeout(self.gateway.timeout);

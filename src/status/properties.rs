@@ -249,14 +249,15 @@ fn check(
     let pushback = status
         .metadata()
         .get("grpc-retry-pushback-ms")
-        .map(|millis| millis.to_str().unwrap().to_owned());
-    prop_assert_eq!(
-        pushback,
-        documented
-            .retry_delay
-            .map(|delay| delay.as_millis().to_string()),
-        "the pushback trailer says what RetryInfo says"
-    );
+        .map(|millis| millis.to_str().unwrap().parse::<u128>().unwrap());
+    prop_assert_eq!(pushback.is_some(), documented.retry_delay.is_some());
+    if let (Some(pushback), Some(delay)) = (pushback, documented.retry_delay) {
+        let floor = delay.as_millis();
+        prop_assert!(
+            floor <= pushback && (pushback < floor * 3 / 2 || pushback == floor),
+            "the pushback trailer, {pushback} ms, lies in [RetryInfo, 1.5 RetryInfo) of {floor} ms"
+        );
+    }
     prop_assert_eq!(
         rpc_status.details.len(),
         error_infos + task_faults + retry_infos,

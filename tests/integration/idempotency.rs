@@ -8,8 +8,10 @@ use tokio::sync::Notify;
 use tonic::Code;
 use tonic_types::StatusExt;
 
+use prost::Message as _;
 use taskgate::proto::task_service_client::TaskServiceClient;
-use taskgate::proto::{CaseCancelRequest, CaseExtractRequest};
+
+use taskgate::proto::{CaseCancelRequest, CaseExtractRequest, IDEMPOTENCY_KEY_HEADER};
 
 use crate::cli::TaskgateProcess;
 use crate::support::{FakeUpstream, Gateway, Script, error_info, metadata, scrape_line, within};
@@ -636,6 +638,11 @@ async fn a_table_full_of_unknown_ids_refuses_a_new_one_without_a_post() {
     assert_eq!(upstream.methods_so_far(), ["case_cancel", "case_cancel"]);
     scrape_line(
         gateway.metrics_url(),
+        "taskgate_idempotency_entries{state=\"unknown\"} 2",
+    )
+    .await;
+    scrape_line(
+        gateway.metrics_url(),
         "taskgate_idempotency_refusals_total 1",
     )
     .await;
@@ -701,4 +708,91 @@ async fn the_cli_refuses_a_key_that_is_not_a_uuid_before_connecting() {
         );
         assert!(stderr.starts_with(&expected), "{stderr}");
     }
+}
+
+/// A stand-in gateway that answers every call `UNIMPLEMENTED`, and sends, for each, its
+/// `idempotency-key` metadata and the `request_id` its message carries.
+async fn recording_gateway() -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<(Option<String>, String)>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(socket).await else {
+                    return;
+                };
+                // Each stream on its own task: the connection makes progress only while
+                // `accept` is polled.
+                while let Some(Ok((request, respond))) = connection.accept().await {
+                    tokio::spawn(record(request, respond, sender.clone()));
+                }
+            });
+        }
+    });
+    (address, receiver)
+}
+
+/// Sends the call's `idempotency-key` metadata and its message's `request_id`, and answers it
+/// `UNIMPLEMENTED`.
+async fn record(
+    request: hyper::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<bytes::Bytes>,
+    sender: tokio::sync::mpsc::UnboundedSender<(Option<String>, String)>,
+) {
+    let header = request
+        .headers()
+        .get(IDEMPOTENCY_KEY_HEADER)
+        .map(|value| value.to_str().unwrap().to_owned());
+    let extract = request.uri().path().ends_with("/CaseExtract");
+    let mut body = request.into_body();
+    let mut bytes = Vec::new();
+    while let Some(Ok(chunk)) = body.data().await {
+        let _ = body.flow_control().release_capacity(chunk.len());
+        bytes.extend_from_slice(&chunk);
+    }
+    // A gRPC message: a flag byte and a 4-byte length before it.
+    let message = &bytes[5..];
+    let request_id = if extract {
+        CaseExtractRequest::decode(message).unwrap().request_id
+    } else {
+        CaseCancelRequest::decode(message).unwrap().request_id
+    };
+    sender.send((header, request_id)).unwrap();
+    let response = hyper::Response::builder()
+        .header("content-type", "application/grpc")
+        .header("grpc-status", "12")
+        .body(())
+        .unwrap();
+    let _ = respond.send_response(response, true);
+}
+
+/// The CLI sends the request_id also as the `idempotency-key` metadata, as the clients do, so
+/// that a proxy routing each id to one replica sends an operator's repeat where the first call
+/// went: a fresh key and a given one alike.
+#[tokio::test]
+async fn the_cli_sends_its_key_as_idempotency_key_metadata() {
+    let (address, mut seen) = recording_gateway().await;
+    let common = ["--gateway", &address, "--port", "4", "--bin", "101337"];
+    let mut extract = vec!["case-extract"];
+    extract.extend(common);
+    crate::cli::run(&extract, 1).await;
+    let (header, request_id) = within(CALL_LIMIT, "the extraction's record", seen.recv())
+        .await
+        .unwrap();
+    assert!(uuid::Uuid::parse_str(&request_id).is_ok(), "{request_id:?}");
+    assert_eq!(header.as_deref(), Some(request_id.as_str()));
+    let mut cancel = vec!["case-cancel"];
+    cancel.extend(common);
+    cancel.extend(["--idempotency-key", REQUEST_ID]);
+    crate::cli::run(&cancel, 1).await;
+    let recorded = within(CALL_LIMIT, "the cancel's record", seen.recv()).await;
+    assert_eq!(
+        recorded,
+        Some((Some(REQUEST_ID.to_owned()), REQUEST_ID.to_owned()))
+    );
 }
