@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use crate::config::defaults;
-use crate::idempotency::{Answer, Claim, Ending, Method, Params, Store};
+use crate::idempotency::{Answer, Claim, Ending, Lease, Method, Params, Store};
 use crate::metrics::EntryGauges;
 use crate::status::{self, CallContext, CallError, RetryPolicy};
 use crate::upstream::UpstreamError;
@@ -46,20 +46,7 @@ pub fn upstream_timeout_status(limit: Duration) -> Status {
 /// and its lease forgotten, so that the store alone holds what an entry costs. Kept for as long
 /// as the returned value lives.
 pub fn idempotency_store_in_flight(count: NonZeroUsize) -> impl std::fmt::Debug {
-    let store = Store::new(defaults::IDEMPOTENCY_WINDOW, count, EntryGauges::default());
-    let params = Params {
-        method: Method::CaseExtract,
-        port_id: 4,
-        bin_id: 101337,
-    };
-    let now = Instant::now();
-    for request_id in 0..count.get() as u128 {
-        match store.claim(request_id, params, None, now).0 {
-            Claim::Call(lease) => std::mem::forget(lease),
-            other => panic!("a new id in a store with room is called, not {other:?}"),
-        }
-    }
-    store
+    idempotency_store(count, |lease, _| std::mem::forget(lease))
 }
 
 /// An idempotency store holding `count` answered entries (OK), the state most of a busy table is
@@ -67,6 +54,14 @@ pub fn idempotency_store_in_flight(count: NonZeroUsize) -> impl std::fmt::Debug 
 /// its place in the hash map and in the ordered index of OKs, and no watch channel. Kept for as
 /// long as the returned value lives.
 pub fn idempotency_store_answered(count: NonZeroUsize) -> impl std::fmt::Debug {
+    idempotency_store(count, |lease, now| {
+        lease.end(Ending::Answered(Answer::Ok), now);
+    })
+}
+
+/// A store of `count` entries, the `request_id`s 0 to `count - 1`, each claimed and its lease
+/// then given to `settle`.
+fn idempotency_store(count: NonZeroUsize, settle: impl Fn(Lease, Instant)) -> Store {
     let store = Store::new(defaults::IDEMPOTENCY_WINDOW, count, EntryGauges::default());
     let params = Params {
         method: Method::CaseExtract,
@@ -76,9 +71,7 @@ pub fn idempotency_store_answered(count: NonZeroUsize) -> impl std::fmt::Debug {
     let now = Instant::now();
     for request_id in 0..count.get() as u128 {
         match store.claim(request_id, params, None, now).0 {
-            Claim::Call(lease) => {
-                lease.end(Ending::Answered(Answer::Ok), now);
-            }
+            Claim::Call(lease) => settle(lease, now),
             other => panic!("a new id in a store with room is called, not {other:?}"),
         }
     }

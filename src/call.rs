@@ -572,14 +572,7 @@ impl hyper::body::Body for StreamBody {
         context: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(context);
-        let ended = match &polled {
-            Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(status_in),
-            Poll::Ready(Some(Err(status))) => Some(Some(status.clone())),
-            // The end without trailers: nothing said it failed.
-            Poll::Ready(None) => Some(None),
-            Poll::Pending => None,
-        };
-        if let Some(status) = ended
+        if let Some(status) = stream_end(&polled)
             && let Some(finish) = self.finish.take()
         {
             let _entered = self.span.enter();
@@ -610,6 +603,20 @@ impl Drop for StreamBody {
     }
 }
 
+/// Whether a polled response body has ended, and how: `Some(status)` once its trailers, an error
+/// or its end came (`None` inside when it ended without trailers: nothing said it failed), `None`
+/// while it goes on.
+fn stream_end(
+    polled: &Poll<Option<Result<Frame<Bytes>, tonic::Status>>>,
+) -> Option<Option<tonic::Status>> {
+    match polled {
+        Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(status_in),
+        Poll::Ready(Some(Err(status))) => Some(Some(status.clone())),
+        Poll::Ready(None) => Some(None),
+        Poll::Pending => None,
+    }
+}
+
 /// The body of a response to a call outside the task service (health, reflection, an unknown
 /// method) that did not end in its headers: its server span gets the code in its trailers, and
 /// ends with it.
@@ -628,13 +635,7 @@ impl hyper::body::Body for StatusBody {
         context: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(context);
-        let ended = match &polled {
-            Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(status_in),
-            Poll::Ready(Some(Err(status))) => Some(Some(status.clone())),
-            Poll::Ready(None) => Some(None),
-            Poll::Pending => None,
-        };
-        if let Some(status) = ended
+        if let Some(status) = stream_end(&polled)
             && let Some(span) = self.span.take()
         {
             record_status(&span, status.as_ref(), false);
