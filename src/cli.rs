@@ -89,8 +89,8 @@ pub(crate) struct Prepared {
     log_format: LogFormat,
     /// `serve`'s `--worker-threads`, checked; the other commands take tokio's default.
     worker_threads: Option<NonZeroUsize>,
-    /// `serve`'s OTLP endpoint and sampler, checked, when spans are exported.
-    otlp_export: Option<(url::Url, taskgate::otel::Sampling)>,
+    /// What `serve` does with spans; nothing for the other commands.
+    span_export: serve::SpanExport,
 }
 
 /// The name of `serve`'s runtime threads (Linux keeps 15 bytes of a thread's name).
@@ -148,12 +148,12 @@ impl Cli {
     pub(crate) fn prepare(self) -> Result<Prepared, Ending> {
         let refused = |error| ending(Err((Exit::Usage, error)));
         let mut worker_threads = None;
-        let mut otlp_export = None;
+        let mut span_export = serve::SpanExport::Off;
         let (command, log_format) = match self.command {
             Command::Serve(args) => {
                 let serve = args.prepare(self.log_format).map_err(refused)?;
                 worker_threads = Some(serve.worker_threads().map_err(refused)?);
-                otlp_export = serve.otlp_export().map_err(refused)?;
+                span_export = serve.span_export().map_err(refused)?;
                 let log_format = serve.log_format();
                 (PreparedCommand::Serve(Box::new(serve)), log_format)
             }
@@ -168,7 +168,7 @@ impl Cli {
             command,
             log_format: log_format.unwrap_or(LogFormat::Text),
             worker_threads,
-            otlp_export,
+            span_export,
         })
     }
 }
@@ -213,13 +213,27 @@ impl Prepared {
         &self,
         runtime: &tokio::runtime::Runtime,
     ) -> Result<Option<taskgate::otel::Exporting>, Ending> {
-        let Some((endpoint, sampling)) = &self.otlp_export else {
+        let serve::SpanExport::On { endpoint, sampling } = &self.span_export else {
             return Ok(None);
         };
         let _entered = runtime.enter();
         taskgate::otel::start(endpoint, *sampling)
             .map(Some)
             .map_err(|error| ending(Err((Exit::Usage, error.into()))))
+    }
+
+    /// Logs, once the log is set up, where spans go, or why they do not go to the endpoint
+    /// given.
+    pub(crate) fn log_span_export(&self, exporting: Option<&taskgate::otel::Exporting>) {
+        if let Some(exporting) = exporting {
+            exporting.log_started();
+        } else if let serve::SpanExport::TurnedOff { endpoint, by } = &self.span_export {
+            tracing::warn!(
+                target: "taskgate::otel",
+                %endpoint,
+                "spans are not exported: {by} turns export off whatever the OTLP endpoint"
+            );
+        }
     }
 
     /// Runs the command and says how it ended.

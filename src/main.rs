@@ -27,9 +27,7 @@ fn main() -> ExitCode {
         prepared.default_log_filter(),
         exporting.as_ref(),
     );
-    if let Some(exporting) = &exporting {
-        exporting.log_started();
-    }
+    prepared.log_span_export(exporting.as_ref());
     let ending = runtime.block_on(prepared.run());
     // The log goes first so that the error, if any, is the last line, as it was when logging
     // was synchronous. Both are bounded: a stalled log reader must not hold the exit.

@@ -248,7 +248,7 @@ impl Metrics {
         );
         registry.register(
             "spans_dropped",
-            "Spans that never reached the OTLP collector, by reason: queue_full (the export queue was full), after_shutdown (the span ended after export stopped) or export_failed (the collector did not take them)",
+            "Spans that never reached the OTLP collector, by reason: queue_full (the export queue was full), after_shutdown (the span ended after export stopped), export_failed (the collector did not take them) or unsent_at_exit (still queued or being sent when the shutdown grace ran out)",
             DroppedSpans,
         );
         let health_serving = Gauge::default();

@@ -147,16 +147,17 @@ pub fn parse_endpoint(raw: &str) -> Result<Url, OtlpError> {
     Ok(url)
 }
 
-/// The endpoint the standard variables name, if any: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else
-/// `OTEL_EXPORTER_OTLP_ENDPOINT`. Empty counts as unset, as in every SDK.
-pub fn endpoint_from_environment() -> Option<String> {
+/// The endpoint the standard variables name, if any, with the variable that names it:
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else `OTEL_EXPORTER_OTLP_ENDPOINT`. Empty counts as
+/// unset, as in every SDK.
+pub fn endpoint_from_environment() -> Option<(&'static str, String)> {
     [
         OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
         OTEL_EXPORTER_OTLP_ENDPOINT,
     ]
     .into_iter()
-    .filter_map(|name| std::env::var(name).ok())
-    .find(|value| !value.trim().is_empty())
+    .filter_map(|name| Some((name, std::env::var(name).ok()?)))
+    .find(|(_, value)| !value.trim().is_empty())
 }
 
 /// Checks that the standard variables, if they name a protocol
@@ -173,28 +174,28 @@ pub fn check_protocol() -> Result<(), OtlpError> {
         (!value.trim().is_empty()).then_some((variable, value))
     });
     match named {
-        Some((variable, value)) if value.trim() != "grpc" => {
+        Some((variable, value)) if !value.trim().eq_ignore_ascii_case("grpc") => {
             Err(OtlpError::Protocol { variable, value })
         }
         _ => Ok(()),
     }
 }
 
-/// Whether the standard variables leave export on: `OTEL_SDK_DISABLED=true` and
-/// `OTEL_TRACES_EXPORTER=none` turn it off, whatever the endpoint; an exporter other than
-/// `otlp` is refused rather than silently replaced.
-pub fn export_enabled() -> Result<bool, OtlpError> {
+/// The standard variable that turns export off whatever the endpoint, if one does:
+/// `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`. An exporter other than `otlp` is
+/// refused rather than silently replaced.
+pub fn export_turned_off_by() -> Result<Option<&'static str>, OtlpError> {
     let disabled = std::env::var("OTEL_SDK_DISABLED")
         .is_ok_and(|value| value.trim().eq_ignore_ascii_case("true"));
     if disabled {
-        return Ok(false);
+        return Ok(Some("OTEL_SDK_DISABLED=true"));
     }
     let Ok(value) = std::env::var("OTEL_TRACES_EXPORTER") else {
-        return Ok(true);
+        return Ok(None);
     };
-    match value.trim() {
-        "" | "otlp" => Ok(true),
-        "none" => Ok(false),
+    match value.trim().to_ascii_lowercase().as_str() {
+        "" | "otlp" => Ok(None),
+        "none" => Ok(Some("OTEL_TRACES_EXPORTER=none")),
         _ => Err(OtlpError::Exporters { value }),
     }
 }
@@ -226,10 +227,13 @@ impl Sampling {
     }
 
     fn parse(sampler: Option<&str>, argument: Option<&str>) -> Result<Sampling, OtlpError> {
-        let name = sampler.map_or("parentbased_always_on", str::trim);
+        // The specification reads the variables' enum values without regard to case.
+        let name = sampler.map_or("parentbased_always_on".to_owned(), |name| {
+            name.trim().to_ascii_lowercase()
+        });
         let (parent_based, root) = match name.strip_prefix("parentbased_") {
             Some(root) => (true, root),
-            None => (false, name),
+            None => (false, name.as_str()),
         };
         let by_ratio = root == "traceidratio";
         let ratio = match root {
@@ -249,7 +253,7 @@ impl Sampling {
             },
             _ => {
                 return Err(OtlpError::Sampler {
-                    value: name.to_owned(),
+                    value: sampler.unwrap_or_default().to_owned(),
                 });
             }
         };
@@ -565,6 +569,13 @@ mod tests {
                 Some("0.5"),
                 "parentbased_always_off ratio=0",
             ),
+            // Names are read without regard to case, as the specification has it.
+            (Some(" ALWAYS_OFF "), None, "always_off ratio=0"),
+            (
+                Some("ParentBased_TraceIdRatio"),
+                Some("0.5"),
+                "parentbased_traceidratio ratio=0.5",
+            ),
         ] {
             assert_eq!(chosen(sampler, argument).as_deref(), Ok(expected));
         }
@@ -575,6 +586,7 @@ mod tests {
             "jaeger_remote",
             "parentbased_jaeger_remote",
             "AlwaysOn",
+            "parentbased always_on",
         ] {
             assert_eq!(
                 chosen(Some(sampler), None),

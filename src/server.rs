@@ -353,7 +353,18 @@ pub async fn serve(
         streams = census.streams,
         "no longer accepting calls; idle connections and partial requests are closed, calls and streams in flight may finish"
     );
-    let drained = tokio::time::timeout(config.shutdown_grace, connections.all_closed()).await;
+    // With spans exported, the end of the grace is kept for the spans of calls cut off, so that
+    // a call outliving the grace still reaches the collector.
+    let kept_for_export = if crate::otel::exporting() {
+        EXPORT_RESERVE.min(config.shutdown_grace / 4)
+    } else {
+        Duration::ZERO
+    };
+    let drained = tokio::time::timeout(
+        config.shutdown_grace - kept_for_export,
+        connections.all_closed(),
+    )
+    .await;
     let census = connections.census.counts();
     if drained.is_err() {
         tracing::warn!(
@@ -366,11 +377,13 @@ pub async fn serve(
     // Ends whatever the grace left running, and waits a little for it to end, so that the
     // spans of the calls cut off end before the export queue closes rather than after.
     connection_tasks.abort_all();
+    let left = || config.shutdown_grace.saturating_sub(stopping.elapsed());
     let reaping = async { while connection_tasks.join_next().await.is_some() {} };
-    let _ = tokio::time::timeout(ABORTED_CONNECTIONS_WAIT, reaping).await;
+    // Half of what is left at most, so the export keeps the rest.
+    let _ = tokio::time::timeout(ABORTED_CONNECTIONS_WAIT.min(left() / 2), reaping).await;
     // The spans of the calls just ended, in what is left of the grace: a collector that does
     // not answer must not hold the exit.
-    crate::otel::flush(config.shutdown_grace.saturating_sub(stopping.elapsed())).await;
+    crate::otel::flush(left()).await;
     tracing::info!(
         closed_idle = census.closed_idle,
         closed_partial = census.closed_partial,
@@ -382,6 +395,10 @@ pub async fn serve(
 /// How long shutdown waits for the connections the grace left running to end once aborted:
 /// an aborted task ends at its next poll, so this bounds only a runtime too busy to poll it.
 const ABORTED_CONNECTIONS_WAIT: Duration = Duration::from_secs(1);
+
+/// The most of the shutdown grace kept, when spans are exported, for ending the calls the
+/// grace cut off and sending their spans; a quarter of the grace when that is less.
+const EXPORT_RESERVE: Duration = Duration::from_secs(1);
 
 /// One gRPC connection: TCP settings, the TLS handshake within the handshake timeout, then HTTP.
 async fn serve_grpc_connection<S>(

@@ -51,6 +51,25 @@ pub(super) struct ServeArgs {
 pub(super) struct Serve {
     given: ServeSettings,
     print_config: bool,
+    /// The standard variable the OTLP endpoint came from, when it did, to name in its error.
+    otlp_endpoint_variable: Option<&'static str>,
+}
+
+/// What `serve` does with spans, from its settings and the standard variables.
+#[derive(Debug)]
+pub(super) enum SpanExport {
+    /// No OTLP endpoint was given.
+    Off,
+    /// An endpoint was given, and a standard variable (named here) turned export off.
+    TurnedOff {
+        endpoint: url::Url,
+        by: &'static str,
+    },
+    /// Spans go to `endpoint`, sampled by `sampling`.
+    On {
+        endpoint: url::Url,
+        sampling: taskgate::otel::Sampling,
+    },
 }
 
 // === impl ServeArgs ===
@@ -61,9 +80,13 @@ impl ServeArgs {
     pub(super) fn prepare(self, log_format: Option<LogFormat>) -> anyhow::Result<Serve> {
         let mut given = self.settings;
         given.log_format = log_format;
+        let mut otlp_endpoint_variable = None;
         // The standard variables are environment variables like ours: they win over the file.
-        if given.otlp_endpoint.is_none() {
-            given.otlp_endpoint = taskgate::otel::endpoint_from_environment();
+        if given.otlp_endpoint.is_none()
+            && let Some((variable, endpoint)) = taskgate::otel::endpoint_from_environment()
+        {
+            given.otlp_endpoint = Some(endpoint);
+            otlp_endpoint_variable = Some(variable);
         }
         if let Some(path) = &self.config {
             given = given.or(&ServeSettings::load(path)?)?;
@@ -71,6 +94,7 @@ impl ServeArgs {
         Ok(Serve {
             given,
             print_config: self.print_config,
+            otlp_endpoint_variable,
         })
     }
 }
@@ -91,31 +115,34 @@ impl Serve {
     }
 
     /// The OTLP endpoint given by flag, environment or file, checked, with the sampler the
-    /// standard variables choose; `None` when spans are not exported, which `--print-config`
-    /// never does, nor `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`.
-    pub(super) fn otlp_export(
-        &self,
-    ) -> anyhow::Result<Option<(url::Url, taskgate::otel::Sampling)>> {
+    /// standard variables choose. `--print-config` exports nothing.
+    pub(super) fn span_export(&self) -> anyhow::Result<SpanExport> {
         let endpoint = self
             .given
             .otlp_endpoint
             .as_deref()
             .map(taskgate::otel::parse_endpoint)
             .transpose()
-            .context("invalid --otlp-endpoint")?;
+            .with_context(|| {
+                format!(
+                    "invalid {}",
+                    self.otlp_endpoint_variable.unwrap_or("--otlp-endpoint")
+                )
+            })?;
         let Some(endpoint) = endpoint else {
-            return Ok(None);
+            return Ok(SpanExport::Off);
         };
         let checked = || -> Result<_, taskgate::otel::OtlpError> {
-            let enabled = taskgate::otel::export_enabled()?;
+            let turned_off_by = taskgate::otel::export_turned_off_by()?;
             taskgate::otel::check_protocol()?;
             let sampling = taskgate::otel::Sampling::from_environment()?;
-            Ok(enabled.then_some(sampling))
+            Ok(match turned_off_by {
+                _ if self.print_config => SpanExport::Off,
+                Some(by) => SpanExport::TurnedOff { endpoint, by },
+                None => SpanExport::On { endpoint, sampling },
+            })
         };
-        let sampling = checked().context("invalid configuration")?;
-        Ok(sampling
-            .filter(|_| !self.print_config)
-            .map(|sampling| (endpoint, sampling)))
+        checked().context("invalid configuration")
     }
 
     /// The log format given by flag, environment or file, if any.

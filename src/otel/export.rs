@@ -7,7 +7,7 @@
 //! queue while new spans are dropped), and logs the collector's failures at most once a minute.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use opentelemetry::Context;
@@ -50,6 +50,14 @@ static DROPPED_AFTER_SHUTDOWN: AtomicU64 = AtomicU64::new(0);
 
 /// Spans dropped because the collector did not take them.
 static DROPPED_EXPORT_FAILED: AtomicU64 = AtomicU64::new(0);
+
+/// Spans still queued or being sent when the shutdown grace ran out.
+static DROPPED_UNSENT_AT_EXIT: AtomicU64 = AtomicU64::new(0);
+
+/// Spans the queue took that are not yet exported nor counted as dropped: what is lost, and
+/// counted, when the export task is stopped before it sends them. Signed: a span that ends while
+/// the count is taken at exit may take its own back from zero.
+static PENDING: AtomicI64 = AtomicI64::new(0);
 
 /// What stops the export task, once it runs.
 static CONTROL: Mutex<Option<Control>> = Mutex::new(None);
@@ -100,9 +108,9 @@ pub(super) struct QueueProcessor {
     queue: mpsc::Sender<SpanData>,
 }
 
-/// Spans that never reached the collector, by why: `queue_full`, `after_shutdown` and
-/// `export_failed`.
-pub(crate) fn dropped_spans() -> [(&'static str, u64); 3] {
+/// Spans that never reached the collector, by why: `queue_full`, `after_shutdown`,
+/// `export_failed` and `unsent_at_exit`.
+pub(crate) fn dropped_spans() -> [(&'static str, u64); 4] {
     [
         ("queue_full", DROPPED_QUEUE_FULL.load(Ordering::Relaxed)),
         (
@@ -112,6 +120,10 @@ pub(crate) fn dropped_spans() -> [(&'static str, u64); 3] {
         (
             "export_failed",
             DROPPED_EXPORT_FAILED.load(Ordering::Relaxed),
+        ),
+        (
+            "unsent_at_exit",
+            DROPPED_UNSENT_AT_EXIT.load(Ordering::Relaxed),
         ),
     ]
 }
@@ -141,7 +153,8 @@ pub(super) fn exporter(
     Ok(exporter)
 }
 
-/// Sends what is queued, waiting at most `within`, and stops the export task.
+/// Sends what is queued, waiting at most `within`, and stops the export task; what it could
+/// not send by then is counted as `unsent_at_exit`.
 pub(super) async fn flush(within: Duration) {
     let control = CONTROL
         .lock()
@@ -153,10 +166,15 @@ pub(super) async fn flush(within: Duration) {
     let _ = stop.send(true);
     if tokio::time::timeout(within, &mut task).await.is_err() {
         task.abort();
+        // Aborted, the task has dropped its queue and batch by the time it is awaited.
+        let _ = task.await;
+        let unsent = u64::try_from(PENDING.swap(0, Ordering::Relaxed)).unwrap_or(0);
+        DROPPED_UNSENT_AT_EXIT.fetch_add(unsent, Ordering::Relaxed);
         tracing::warn!(
             target: "taskgate::otel",
-            grace = %humantime::format_duration(within),
-            "spans still queued were not all exported within the shutdown grace"
+            unsent,
+            within = %humantime::format_duration(within),
+            "spans were not all exported within what the shutdown grace left for them"
         );
     }
 }
@@ -184,12 +202,16 @@ impl SpanProcessor for QueueProcessor {
         if !span.span_context.is_sampled() {
             return;
         }
+        // Counted before it is queued, so the export task never takes away what is not yet
+        // added.
+        PENDING.fetch_add(1, Ordering::Relaxed);
         // Never waits: a full queue (or a stopped task) drops the span.
         let dropped = match self.queue.try_send(span) {
             Ok(()) => return,
             Err(TrySendError::Full(_)) => &DROPPED_QUEUE_FULL,
             Err(TrySendError::Closed(_)) => &DROPPED_AFTER_SHUTDOWN,
         };
+        PENDING.fetch_sub(1, Ordering::Relaxed);
         dropped.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -256,7 +278,9 @@ async fn send(
     failures: &mut Failures,
 ) {
     let spans = batch.len() as u64;
-    let cause = match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(batch)).await {
+    let exported = tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(batch)).await;
+    PENDING.fetch_sub(spans as i64, Ordering::Relaxed);
+    let cause = match exported {
         Ok(Ok(())) => {
             if let Some(suppressed) = failures.recovered() {
                 tracing::info!(

@@ -413,9 +413,13 @@ async fn a_collector_that_never_answers_slows_nothing_and_shutdown_keeps_its_gra
     // collector while calls are made, and each is bounded far below the export's 10 s timeout
     // (generous for a debug build: a call to the simulator takes milliseconds), so that a call
     // that waited for the exporter would fail here.
+    // Paced, so that the log fits in the pipe this test reads only at the end and its last
+    // lines are not dropped.
     let calling = tokio::time::Instant::now();
+    let mut pace = tokio::time::interval(Duration::from_millis(100));
     let mut round = 0;
     while calling.elapsed() < Duration::from_secs(3) {
+        pace.tick().await;
         round += 1;
         let call = client.case_extract(request(4, Some(&traceparent)));
         let answered = within(Duration::from_secs(2), "a call was held up", call).await;
@@ -431,6 +435,66 @@ async fn a_collector_that_never_answers_slows_nothing_and_shutdown_keeps_its_gra
     // The grace, and the same few seconds any exit is given.
     let (code, log) = gateway.finish_within(Duration::from_secs(2 + 5)).await;
     assert_eq!(code, Some(0), "{log}");
+    // The spans the hung collector never took are counted in the last word on them.
+    let unsent = log
+        .lines()
+        .find(|line| line.contains("spans were not all exported within what the shutdown grace"))
+        .and_then(|line| line.split("unsent=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|count| count.parse::<u64>().ok());
+    assert!(unsent.is_some_and(|unsent| unsent > 0), "{log}");
+}
+
+/// A call still in flight when the shutdown grace runs out is cut off, and its spans still
+/// reach the collector: the end of the grace is kept for them. The exit keeps the grace.
+#[tokio::test]
+async fn the_spans_of_a_call_the_grace_cut_off_are_still_exported() {
+    let mut receiver = Receiver::start().await;
+    let mut upstream = FakeUpstream::start(Script::Hang).await;
+    let gateway = TaskgateProcess::start_with_upstream(
+        upstream.url.as_str(),
+        &[
+            "--otlp-endpoint",
+            &receiver.endpoint,
+            "--upstream-timeout",
+            "60s",
+            // Long enough for the whole second kept for the export.
+            "--shutdown-grace",
+            "4s",
+        ],
+    )
+    .await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+    let call =
+        tokio::spawn(async move { client.case_extract(request(4, Some(&traceparent))).await });
+    within(
+        Duration::from_secs(30),
+        "the POST reaching the controller",
+        upstream.next_request_body(),
+    )
+    .await;
+    gateway.signal("TERM").await;
+    let (code, log) = gateway.finish_within(Duration::from_secs(4 + 5)).await;
+    assert_eq!(code, Some(0), "{log}");
+    let cut_off = within(Duration::from_secs(10), "the cut-off call's end", call)
+        .await
+        .unwrap();
+    assert!(cut_off.is_err(), "{cut_off:?}");
+    let server = receiver
+        .span("the cut-off call's server span", |span| {
+            span.kind == SpanKind::Server as i32 && hex(&span.trace_id) == TRACE_ID
+        })
+        .await;
+    let client_span = receiver
+        .span("its POST's client span", |span| {
+            span.kind == SpanKind::Client as i32 && span.parent_span_id == server.span_id
+        })
+        .await;
+    assert_eq!(hex(&client_span.trace_id), TRACE_ID);
+    assert!(log.contains("shutdown grace ran out"), "{log}");
 }
 
 /// Without export, a caller's trace context still reaches the controller, unchanged: the
@@ -546,6 +610,14 @@ async fn the_flag_beats_the_standard_variable_which_beats_the_file() {
         stderr.trim_end(),
         "error: invalid --otlp-endpoint: OTLP endpoint 'collector:4317' is not an http:// or \
          https:// URL (for example http://127.0.0.1:4317): its scheme is neither http nor https"
+    );
+    // An endpoint from a standard variable is refused under that variable's name.
+    let (_, stderr) = print_config(&[], &[(OTEL_ENDPOINT, "collector:4317")], 2).await;
+    assert_eq!(
+        stderr.trim_end(),
+        "error: invalid OTEL_EXPORTER_OTLP_ENDPOINT: OTLP endpoint 'collector:4317' is not an \
+         http:// or https:// URL (for example http://127.0.0.1:4317): its scheme is neither http \
+         nor https"
     );
 }
 
@@ -933,7 +1005,8 @@ async fn the_standard_variables_name_the_service_and_choose_the_sampler() {
 async fn the_standard_variables_can_turn_export_off() {
     for variable in [
         ("OTEL_SDK_DISABLED", "true"),
-        ("OTEL_TRACES_EXPORTER", "none"),
+        // Enum values are read without regard to case, as the specification has it.
+        ("OTEL_TRACES_EXPORTER", "None"),
     ] {
         let mut command = tokio::process::Command::new(crate::cli::BIN);
         command
@@ -946,6 +1019,21 @@ async fn the_standard_variables_can_turn_export_off() {
         assert!(
             !gateway.log.contains("exporting spans over OTLP"),
             "{variable:?}: {}",
+            gateway.log
+        );
+        // The endpoint given is not silently ignored: the log says what turned export off.
+        let turned_off = if variable.0 == "OTEL_SDK_DISABLED" {
+            "OTEL_SDK_DISABLED=true"
+        } else {
+            "OTEL_TRACES_EXPORTER=none"
+        };
+        let expected = format!(
+            "WARN taskgate::otel: spans are not exported: {turned_off} turns export off whatever \
+             the OTLP endpoint endpoint=http://127.0.0.1:4317/"
+        );
+        assert!(
+            gateway.log.contains(&expected),
+            "{expected}\n{}",
             gateway.log
         );
         // Without export, the latency histogram carries no exemplars, so a traced call leaves
