@@ -213,11 +213,16 @@ impl Prepared {
         &self,
         runtime: &tokio::runtime::Runtime,
     ) -> Result<Option<taskgate::otel::Exporting>, Ending> {
-        let serve::SpanExport::On { endpoint, sampling } = &self.span_export else {
+        let serve::SpanExport::On {
+            endpoint,
+            protocol,
+            sampling,
+        } = &self.span_export
+        else {
             return Ok(None);
         };
         let _entered = runtime.enter();
-        taskgate::otel::start(endpoint, *sampling)
+        taskgate::otel::start(endpoint, *protocol, *sampling)
             .map(Some)
             .map_err(|error| ending(Err((Exit::Usage, error.into()))))
     }

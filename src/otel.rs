@@ -1,5 +1,5 @@
 //! Distributed tracing: W3C trace context from the caller through the gateway to the
-//! controller, and spans exported over OTLP/gRPC (issue 22).
+//! controller, and spans exported over OTLP, gRPC or HTTP (issue 22).
 //!
 //! Off unless an OTLP endpoint is given (`--otlp-endpoint`, or `OTEL_EXPORTER_OTLP_ENDPOINT`).
 //! Off, no exporter, no tracer and no OpenTelemetry layer exist: the call layer only looks for a
@@ -68,6 +68,8 @@ pub struct Exporting {
     provider: SdkTracerProvider,
     /// The collector, for the log.
     endpoint: Url,
+    /// How spans travel to it, for the log.
+    protocol: OtlpProtocol,
     /// The sampler in force, for the log.
     sampling: Sampling,
 }
@@ -86,8 +88,8 @@ pub enum OtlpError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The standard variables ask for a protocol other than OTLP/gRPC.
-    #[error("{variable}={value}: only OTLP over gRPC (grpc) is exported")]
+    /// The standard variables ask for a protocol the gateway does not export with.
+    #[error("{variable}={value}: spans are exported with grpc or http/protobuf only")]
     Protocol {
         /// The variable that names the protocol.
         variable: &'static str,
@@ -160,24 +162,59 @@ pub fn endpoint_from_environment() -> Option<(&'static str, String)> {
     .find(|(_, value)| !value.trim().is_empty())
 }
 
-/// Checks that the standard variables, if they name a protocol
-/// (`OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else `OTEL_EXPORTER_OTLP_PROTOCOL`), name `grpc`: a
-/// collector's HTTP port spoken to in gRPC would refuse every export.
-pub fn check_protocol() -> Result<(), OtlpError> {
-    let named = [
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-        "OTEL_EXPORTER_OTLP_PROTOCOL",
-    ]
-    .into_iter()
-    .find_map(|variable| {
-        let value = std::env::var(variable).ok()?;
-        (!value.trim().is_empty()).then_some((variable, value))
-    });
-    match named {
-        Some((variable, value)) if !value.trim().eq_ignore_ascii_case("grpc") => {
-            Err(OtlpError::Protocol { variable, value })
+/// How spans travel to the collector: OTLP over gRPC, or protobuf over HTTP POSTs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// `grpc`, the default: a collector's port 4317.
+    Grpc,
+    /// `http/protobuf`: a collector's port 4318, at `/v1/traces`.
+    HttpProtobuf,
+}
+
+impl OtlpProtocol {
+    /// The protocol the standard variables name (`OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL`), `grpc` when they name none. `http/json` is refused rather
+    /// than replaced: a collector spoken to in another protocol would refuse every export.
+    pub fn from_environment() -> Result<OtlpProtocol, OtlpError> {
+        let named = [
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ]
+        .into_iter()
+        .find_map(|variable| {
+            let value = std::env::var(variable).ok()?;
+            (!value.trim().is_empty()).then_some((variable, value))
+        });
+        let Some((variable, value)) = named else {
+            return Ok(OtlpProtocol::Grpc);
+        };
+        match value.trim().to_ascii_lowercase().as_str() {
+            "grpc" => Ok(OtlpProtocol::Grpc),
+            "http/protobuf" => Ok(OtlpProtocol::HttpProtobuf),
+            _ => Err(OtlpError::Protocol { variable, value }),
         }
-        _ => Ok(()),
+    }
+
+    /// Where spans are sent for a collector at `endpoint`. Over HTTP, a base URL (the flag's,
+    /// or `OTEL_EXPORTER_OTLP_ENDPOINT`'s) gets `v1/traces` after its path, as every SDK does;
+    /// an endpoint for traces alone (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is used as it is.
+    pub fn traces_url(self, endpoint: &Url, for_traces_alone: bool) -> Url {
+        if self == OtlpProtocol::Grpc || for_traces_alone {
+            return endpoint.clone();
+        }
+        let mut url = endpoint.clone();
+        let path = url.path().trim_end_matches('/').to_owned();
+        url.set_path(&format!("{path}/v1/traces"));
+        url
+    }
+}
+
+impl std::fmt::Display for OtlpProtocol {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(match self {
+            OtlpProtocol::Grpc => "grpc",
+            OtlpProtocol::HttpProtobuf => "http/protobuf",
+        })
     }
 }
 
@@ -301,12 +338,17 @@ impl std::fmt::Display for Sampling {
 /// task is to run on, before the log's subscriber is installed (it takes
 /// [`Exporting::layer`]). `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
 /// the sampler is `sampling`.
-pub fn start(endpoint: &Url, sampling: Sampling) -> Result<Exporting, OtlpError> {
+pub fn start(
+    endpoint: &Url,
+    protocol: OtlpProtocol,
+    sampling: Sampling,
+) -> Result<Exporting, OtlpError> {
     let resource = resource();
-    let exporter = export::exporter(endpoint, &resource).map_err(|error| OtlpError::Exporter {
-        endpoint: endpoint.to_string(),
-        reason: error.to_string(),
-    })?;
+    let exporter =
+        export::exporter(endpoint, protocol, &resource).map_err(|reason| OtlpError::Exporter {
+            endpoint: endpoint.to_string(),
+            reason,
+        })?;
     let processor = export::QueueProcessor::start(exporter, endpoint.to_string());
     // Set here, checked: the SDK would replace a sampler it cannot read with always-on, silently.
     let provider = SdkTracerProvider::builder()
@@ -318,6 +360,7 @@ pub fn start(endpoint: &Url, sampling: Sampling) -> Result<Exporting, OtlpError>
     Ok(Exporting {
         provider,
         endpoint: endpoint.clone(),
+        protocol,
         sampling,
     })
 }
@@ -365,9 +408,10 @@ impl Exporting {
         tracing::info!(
             target: "taskgate::otel",
             endpoint = %self.endpoint,
+            protocol = %self.protocol,
             sampler = %self.sampling,
             ratio = self.sampling.ratio,
-            "exporting spans over OTLP/gRPC"
+            "exporting spans over OTLP"
         );
     }
 
@@ -533,6 +577,34 @@ mod tests {
                  URL (for example http://127.0.0.1:4317): it has credentials, which gRPC would \
                  not send",
             ),
+        );
+    }
+
+    /// Over HTTP, a base endpoint gets the traces path after its own, and an endpoint for
+    /// traces alone is taken as it is; over gRPC, every endpoint is.
+    #[test]
+    fn the_traces_url_follows_the_specification() {
+        let url = |endpoint: &str, protocol: OtlpProtocol, for_traces_alone| {
+            protocol
+                .traces_url(&Url::parse(endpoint).unwrap(), for_traces_alone)
+                .to_string()
+        };
+        let http = OtlpProtocol::HttpProtobuf;
+        assert_eq!(
+            url("http://collector:4318", http, false),
+            "http://collector:4318/v1/traces"
+        );
+        assert_eq!(
+            url("https://collector/otlp/", http, false),
+            "https://collector/otlp/v1/traces"
+        );
+        assert_eq!(
+            url("http://collector:4318/custom", http, true),
+            "http://collector:4318/custom"
+        );
+        assert_eq!(
+            url("http://collector:4317", OtlpProtocol::Grpc, false),
+            "http://collector:4317/"
         );
     }
 

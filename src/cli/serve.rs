@@ -65,9 +65,10 @@ pub(super) enum SpanExport {
         endpoint: url::Url,
         by: &'static str,
     },
-    /// Spans go to `endpoint`, sampled by `sampling`.
+    /// Spans go to `endpoint` in `protocol`, sampled by `sampling`.
     On {
         endpoint: url::Url,
+        protocol: taskgate::otel::OtlpProtocol,
         sampling: taskgate::otel::Sampling,
     },
 }
@@ -134,12 +135,19 @@ impl Serve {
         };
         let checked = || -> Result<_, taskgate::otel::OtlpError> {
             let turned_off_by = taskgate::otel::export_turned_off_by()?;
-            taskgate::otel::check_protocol()?;
+            let protocol = taskgate::otel::OtlpProtocol::from_environment()?;
             let sampling = taskgate::otel::Sampling::from_environment()?;
+            let for_traces_alone = self.otlp_endpoint_variable
+                == Some(taskgate::otel::OTEL_EXPORTER_OTLP_TRACES_ENDPOINT);
+            let endpoint = protocol.traces_url(&endpoint, for_traces_alone);
             Ok(match turned_off_by {
                 _ if self.print_config => SpanExport::Off,
                 Some(by) => SpanExport::TurnedOff { endpoint, by },
-                None => SpanExport::On { endpoint, sampling },
+                None => SpanExport::On {
+                    endpoint,
+                    protocol,
+                    sampling,
+                },
             })
         };
         checked().context("invalid configuration")

@@ -11,7 +11,10 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use opentelemetry::Context;
-use opentelemetry_otlp::{RetryPolicy, SpanExporter, WithExportConfig as _, WithTonicConfig as _};
+use opentelemetry_otlp::{
+    Protocol, RetryPolicy, SpanExporter, WithExportConfig as _, WithHttpConfig as _,
+    WithTonicConfig as _,
+};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter as _, SpanProcessor};
@@ -21,6 +24,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::transport::ClientTlsConfig;
 use url::Url;
+
+use super::OtlpProtocol;
 
 /// How many ended spans may wait for export: about a second of a busy gateway's calls (two
 /// spans each). A queued span is a `SpanData` (352 bytes) and its attributes (56 bytes each,
@@ -128,25 +133,47 @@ pub(crate) fn dropped_spans() -> [(&'static str, u64); 4] {
     ]
 }
 
-/// The OTLP/gRPC exporter for `endpoint` (over TLS trusting the system's roots for an
-/// `https://` one), sending `resource` with every batch; its channel
-/// connects when the first batch is sent. The exporter reads `OTEL_EXPORTER_OTLP_HEADERS`
-/// itself.
+/// The OTLP exporter for `endpoint` in `protocol` (over TLS trusting the system's roots for an
+/// `https://` one), sending `resource` with every batch; it connects when the first batch is
+/// sent, and reads `OTEL_EXPORTER_OTLP_HEADERS` itself. Fails with what is wrong.
 pub(super) fn exporter(
     endpoint: &Url,
+    protocol: OtlpProtocol,
     resource: &Resource,
-) -> Result<SpanExporter, opentelemetry_otlp::ExporterBuildError> {
-    let mut builder = SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(endpoint.as_str());
-    if endpoint.scheme() == "https" {
-        // Left alone, the exporter would trust no root at all.
-        builder = builder.with_tls_config(ClientTlsConfig::new().with_native_roots());
+) -> Result<SpanExporter, String> {
+    let mut exporter = match protocol {
+        OtlpProtocol::Grpc => {
+            let mut builder = SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint.as_str());
+            if endpoint.scheme() == "https" {
+                // Left alone, the exporter would trust no root at all.
+                builder = builder.with_tls_config(ClientTlsConfig::new().with_native_roots());
+            }
+            builder
+                .with_timeout(EXPORT_TIMEOUT)
+                .with_retry_policy(RetryPolicy::disabled())
+                .build()
+        }
+        OtlpProtocol::HttpProtobuf => {
+            // As the controller's client: no proxy from the environment, no redirect.
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(EXPORT_TIMEOUT)
+                .build()
+                .map_err(|error| format!("cannot build its HTTP client: {error}"))?;
+            SpanExporter::builder()
+                .with_http()
+                .with_endpoint(endpoint.as_str())
+                .with_protocol(Protocol::HttpBinary)
+                .with_http_client(client)
+                .with_timeout(EXPORT_TIMEOUT)
+                .with_retry_policy(RetryPolicy::disabled())
+                .build()
+        }
     }
-    let mut exporter = builder
-        .with_timeout(EXPORT_TIMEOUT)
-        .with_retry_policy(RetryPolicy::disabled())
-        .build()?;
+    .map_err(|error| error.to_string())?;
     // Given here: the provider hands it to its processors, and this one's exporter has moved
     // to the export task by then.
     exporter.set_resource(resource);

@@ -5,6 +5,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::Request;
+use hyper::body::Incoming;
+use hyper::header::CONTENT_TYPE;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -16,6 +21,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
+use prost::Message as _;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -60,7 +66,15 @@ impl TraceService for Collect {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        for resource_spans in request.into_inner().resource_spans {
+        self.collect(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Collect {
+    /// Keeps an export's resources and scopes, and hands over its spans.
+    fn collect(&self, request: ExportTraceServiceRequest) {
+        for resource_spans in request.resource_spans {
             let resource = resource_spans.resource.unwrap_or_default().attributes;
             self.resources.lock().unwrap().push(resource);
             for scope_spans in &resource_spans.scope_spans {
@@ -79,7 +93,29 @@ impl TraceService for Collect {
                 let _ = self.spans.send(span);
             }
         }
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+
+    /// Answers an OTLP/HTTP request: a protobuf export POSTed to `/v1/traces`, as the
+    /// specification has it; anything else is refused, so a test sees it fail.
+    fn answer_http(&self, request: &Request<Bytes>) -> hyper::Response<Full<Bytes>> {
+        let content_type = request.headers().get(CONTENT_TYPE);
+        let decoded = ExportTraceServiceRequest::decode(request.body().clone());
+        let proper = request.method() == hyper::Method::POST
+            && request.uri().path() == "/v1/traces"
+            && content_type.is_some_and(|value| value == "application/x-protobuf");
+        let (status, body) = match decoded {
+            Ok(export) if proper => {
+                self.collect(export);
+                let answer = ExportTraceServiceResponse::default().encode_to_vec();
+                (hyper::StatusCode::OK, Bytes::from(answer))
+            }
+            _ => (hyper::StatusCode::BAD_REQUEST, Bytes::new()),
+        };
+        hyper::Response::builder()
+            .status(status)
+            .header(CONTENT_TYPE, "application/x-protobuf")
+            .body(Full::new(body))
+            .unwrap()
     }
 }
 
@@ -118,6 +154,45 @@ impl Receiver {
                 .add_service(TraceServiceServer::new(collect))
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
+        Receiver {
+            endpoint,
+            spans,
+            seen: Vec::new(),
+            resources,
+            scopes,
+        }
+    }
+
+    /// A receiver of OTLP over HTTP (protobuf) at `/v1/traces`; its endpoint is the base URL.
+    async fn start_http() -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let (sender, spans) = mpsc::unbounded_channel();
+        let resources = Arc::default();
+        let scopes = Arc::default();
+        let collect = Arc::new(Collect {
+            spans: sender,
+            resources: Arc::clone(&resources),
+            scopes: Arc::clone(&scopes),
+        });
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let collect = Arc::clone(&collect);
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let collect = Arc::clone(&collect);
+                    async move {
+                        let (head, body) = request.into_parts();
+                        let body = body.collect().await?.to_bytes();
+                        let request = Request::from_parts(head, body);
+                        Ok::<_, hyper::Error>(collect.answer_http(&request))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
         Receiver {
             endpoint,
             spans,
@@ -571,12 +646,12 @@ async fn the_flag_beats_the_standard_variable_which_beats_the_file() {
         printed(&stdout).as_deref(),
         Some("otlp_endpoint = \"http://flag.example:4317\"")
     );
-    let http = [("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")];
-    let (_, stderr) = print_config(&flag, &http, 2).await;
+    let json = [("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")];
+    let (_, stderr) = print_config(&flag, &json, 2).await;
     assert_eq!(
         stderr.trim_end(),
-        "error: invalid configuration: OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf: only OTLP over \
-         gRPC (grpc) is exported"
+        "error: invalid configuration: OTEL_EXPORTER_OTLP_PROTOCOL=http/json: spans are exported \
+         with grpc or http/protobuf only"
     );
     for (variables, refusal) in [
         (
@@ -778,6 +853,49 @@ async fn spans_reach_an_https_collector_trusted_by_the_system_roots() {
     assert_eq!(code, Some(0));
 }
 
+/// With `OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`, spans are POSTed to the collector's
+/// `/v1/traces` under the endpoint given, or to `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` as it is.
+#[tokio::test]
+async fn spans_reach_a_collector_over_http() {
+    for traces_variable in [false, true] {
+        let mut receiver = Receiver::start_http().await;
+        let mut command = tokio::process::Command::new(crate::cli::BIN);
+        command
+            .args(["serve", "--simulator", "--listen", "127.0.0.1:0"])
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf");
+        let traces_url = format!("{}/v1/traces", receiver.endpoint);
+        if traces_variable {
+            command.env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &traces_url);
+        } else {
+            command.args(["--otlp-endpoint", &receiver.endpoint]);
+        }
+        let gateway =
+            TaskgateProcess::start_serving(TaskgateProcess::spawn_command(&mut command)).await;
+        let started =
+            format!("exporting spans over OTLP endpoint={traces_url} protocol=http/protobuf");
+        assert!(gateway.log.contains(&started), "{started}\n{}", gateway.log);
+        let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+            .await
+            .unwrap();
+        let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+        client
+            .case_extract(request(4, Some(&traceparent)))
+            .await
+            .unwrap();
+        let server = receiver
+            .span("server", |span| span.kind == SpanKind::Server as i32)
+            .await;
+        assert_eq!(hex(&server.trace_id), TRACE_ID);
+        let upstream = receiver
+            .span("client", |span| span.kind == SpanKind::Client as i32)
+            .await;
+        assert_eq!(upstream.parent_span_id, server.span_id);
+        gateway.signal("TERM").await;
+        let (code, log) = gateway.finish().await;
+        assert_eq!(code, Some(0), "{log}");
+    }
+}
+
 /// A WatchCaseEvents stream is one span, from the call to the stream's end: it says how many
 /// events the stream carried and how it ended.
 #[tokio::test]
@@ -956,9 +1074,7 @@ async fn the_standard_variables_name_the_service_and_choose_the_sampler() {
     let gateway =
         TaskgateProcess::start_serving(TaskgateProcess::spawn_command(&mut command)).await;
     assert!(
-        gateway
-            .log
-            .contains("exporting spans over OTLP/gRPC endpoint="),
+        gateway.log.contains("exporting spans over OTLP endpoint="),
         "{}",
         gateway.log
     );

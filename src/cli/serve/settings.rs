@@ -207,7 +207,8 @@ pub(crate) struct ServeSettings {
     #[arg(long, env = "TASKGATE_METRICS_LISTEN")]
     pub(super) metrics_listen: Option<SocketAddr>,
 
-    /// Export spans over OTLP/gRPC to this collector, for example http://127.0.0.1:4317; off
+    /// Export spans over OTLP to this collector, for example http://127.0.0.1:4317 (gRPC; for
+    /// HTTP set OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf); off
     /// unless given, here or in OTEL_EXPORTER_OTLP_ENDPOINT. Sampling is parent-based: a call
     /// follows its caller's traceparent, and one without is always sampled (OTEL_TRACES_SAMPLER
     /// changes that); see README, "Tracing".
