@@ -896,6 +896,52 @@ async fn spans_reach_a_collector_over_http() {
     }
 }
 
+/// A failed connect is tried once more, and each try is a client span of its own under the
+/// call's server span: both fail as `unreachable`, the second marked as a resend.
+#[tokio::test]
+async fn each_try_at_an_unreachable_controller_is_a_client_span() {
+    let mut receiver = Receiver::start().await;
+    let upstream = format!("http://{}/api/v2/task", support::unused_address().await);
+    let gateway =
+        TaskgateProcess::start_with_upstream(&upstream, &["--otlp-endpoint", &receiver.endpoint])
+            .await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+    let status = client
+        .case_extract(request(4, Some(&traceparent)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let server = receiver
+        .span("server", |span| {
+            span.kind == SpanKind::Server as i32 && hex(&span.trace_id) == TRACE_ID
+        })
+        .await;
+    let attempt = |resend: Option<i64>| {
+        let parent = server.span_id.clone();
+        move |span: &Span| {
+            span.kind == SpanKind::Client as i32
+                && span.parent_span_id == parent
+                && int_attribute(span, "http.request.resend_count") == resend
+        }
+    };
+    let first = receiver.span("first try", attempt(None)).await;
+    let second = receiver.span("second try", attempt(Some(1))).await;
+    assert_ne!(first.span_id, second.span_id);
+    for span in [first, second] {
+        assert_eq!(
+            attribute(&span, "error.type").as_deref(),
+            Some("unreachable")
+        );
+        assert_eq!(span.status.unwrap().code, StatusCode::Error as i32);
+    }
+    gateway.signal("TERM").await;
+    let (code, log) = gateway.finish().await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
 /// A WatchCaseEvents stream is one span, from the call to the stream's end: it says how many
 /// events the stream carried and how it ended.
 #[tokio::test]
