@@ -151,6 +151,16 @@ pub const UPSTREAM_TIMEOUT: GatewayError = GatewayError {
            100 ms) and `--upstream-timeout`; metadata `timeoutMs`",
     retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
 };
+/// A call still waiting for the controller when the shutdown grace ran out.
+pub const SHUTDOWN_GRACE_RAN_OUT: GatewayError = GatewayError {
+    reason: "SHUTDOWN_GRACE_RAN_OUT",
+    code: Code::Unknown,
+    when: "after SIGINT or SIGTERM, the call was still waiting for the controller when \
+           `--shutdown-grace` ran out (less its last second, kept for answering): the gateway \
+           stopped waiting, answered this and exited; the POST may have been sent; metadata \
+           `grace`",
+    retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
+};
 /// A task call without a valid bearer token.
 pub const UNAUTHENTICATED: GatewayError = GatewayError {
     reason: "UNAUTHENTICATED",
@@ -232,6 +242,7 @@ pub const GATEWAY_ERRORS: &[&GatewayError] = &[
     &UPSTREAM_HTTP_SERVER_ERROR,
     &UPSTREAM_HTTP_OTHER,
     &UPSTREAM_TIMEOUT,
+    &SHUTDOWN_GRACE_RAN_OUT,
     &UNAUTHENTICATED,
     &OVERLOADED,
     &TOO_MANY_HEALTH_WATCHES,

@@ -164,7 +164,11 @@ pub async fn serve(
     // The CLI checks too, but library callers build configs by hand, and a zero interval would
     // panic the health probe.
     config.validate().map_err(ServeError::Config)?;
-    let upstream = Upstream::new(&config.upstream).map_err(ServeError::Client)?;
+    let mut upstream = Upstream::new(&config.upstream).map_err(ServeError::Client)?;
+    // Set when the shutdown grace runs out: calls still waiting for the controller stop
+    // waiting and answer so, rather than end with their connection as if nothing was sent.
+    let (grace_ran_out, stop_waiting) = tokio::sync::watch::channel(None);
+    upstream.stop_waiting_on(stop_waiting);
     let metrics = Metrics::new();
     // Stops the metrics endpoint when the gateway stops, however `serve` returns.
     let metrics_listener_given = metrics_listener.is_some();
@@ -353,31 +357,28 @@ pub async fn serve(
         streams = census.streams,
         "no longer accepting calls; idle connections and partial requests are closed, calls and streams in flight may finish"
     );
-    // With spans exported, the end of the grace is kept for the spans of calls cut off, so that
-    // a call outliving the grace still reaches the collector.
-    let kept_for_export = if crate::otel::exporting() {
-        EXPORT_RESERVE.min(config.shutdown_grace / 4)
-    } else {
-        Duration::ZERO
-    };
-    let drained = tokio::time::timeout(
-        config.shutdown_grace - kept_for_export,
-        connections.all_closed(),
-    )
-    .await;
+    // The end of the grace is kept for the calls it cuts off: to answer them, and to send
+    // their spans.
+    let kept = CUT_OFF_RESERVE.min(config.shutdown_grace / 4);
+    let drained =
+        tokio::time::timeout(config.shutdown_grace - kept, connections.all_closed()).await;
     let census = connections.census.counts();
+    let left = || config.shutdown_grace.saturating_sub(stopping.elapsed());
     if drained.is_err() {
         tracing::warn!(
             calls = census.calls,
             watches = census.watches,
             streams = census.streams,
-            "shutdown grace ran out; these calls and streams end with the process"
+            "shutdown grace ran out; calls waiting for the controller are answered SHUTDOWN_GRACE_RAN_OUT, and what is still running then ends with the process"
         );
+        grace_ran_out.send_replace(Some(config.shutdown_grace));
+        // Half of what is left at most, for the answers to be written; the rest is the
+        // export's.
+        let _ = tokio::time::timeout(left() / 2, connections.all_closed()).await;
     }
     // Ends whatever the grace left running, and waits a little for it to end, so that the
     // spans of the calls cut off end before the export queue closes rather than after.
     connection_tasks.abort_all();
-    let left = || config.shutdown_grace.saturating_sub(stopping.elapsed());
     let reaping = async { while connection_tasks.join_next().await.is_some() {} };
     // Half of what is left at most, so the export keeps the rest.
     let _ = tokio::time::timeout(ABORTED_CONNECTIONS_WAIT.min(left() / 2), reaping).await;
@@ -396,9 +397,9 @@ pub async fn serve(
 /// an aborted task ends at its next poll, so this bounds only a runtime too busy to poll it.
 const ABORTED_CONNECTIONS_WAIT: Duration = Duration::from_secs(1);
 
-/// The most of the shutdown grace kept, when spans are exported, for ending the calls the
-/// grace cut off and sending their spans; a quarter of the grace when that is less.
-const EXPORT_RESERVE: Duration = Duration::from_secs(1);
+/// The most of the shutdown grace kept for the calls it cuts off, to answer them and send
+/// their spans; a quarter of the grace when that is less.
+const CUT_OFF_RESERVE: Duration = Duration::from_secs(1);
 
 /// One gRPC connection: TCP settings, the TLS handshake within the handshake timeout, then HTTP.
 async fn serve_grpc_connection<S>(

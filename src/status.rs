@@ -439,6 +439,8 @@ enum Extra {
     None,
     HttpStatus(u16),
     TimeoutMs(u128),
+    /// The shutdown grace that ran out.
+    Grace(Duration),
     /// The idempotency key, and the case state a repeat saw.
     RequestId(Uuid, Option<&'static str>),
 }
@@ -468,6 +470,9 @@ fn upstream_row(error: &UpstreamError) -> (&'static GatewayError, Extra) {
         UpstreamError::ResponseTooLarge { .. } => {
             (&gateway_error::UPSTREAM_RESPONSE_TOO_LARGE, Extra::None)
         }
+        UpstreamError::GraceRanOut { grace } => {
+            (&gateway_error::SHUTDOWN_GRACE_RAN_OUT, Extra::Grace(*grace))
+        }
     }
 }
 
@@ -486,6 +491,12 @@ fn gateway_error(
         }
         Extra::TimeoutMs(millis) => {
             metadata.insert("timeoutMs".to_owned(), millis.to_string());
+        }
+        Extra::Grace(grace) => {
+            metadata.insert(
+                "grace".to_owned(),
+                humantime::format_duration(grace).to_string(),
+            );
         }
         Extra::RequestId(request_id, case_state) => {
             metadata.insert("requestId".to_owned(), request_id.to_string());

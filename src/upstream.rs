@@ -24,6 +24,7 @@ use hyper::{StatusCode, Uri};
 use opentelemetry::Context;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
+use tokio::sync::watch;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use url::Url;
 
@@ -78,6 +79,9 @@ pub(crate) struct Upstream {
     format: WireFormat,
     /// Whether a client span is made for each POST, fixed when the client is built.
     exporting: bool,
+    /// The shutdown grace once it has run out: a call still waiting for the controller then
+    /// stops waiting and says so. `None` until then, and for ever without a server.
+    grace_ran_out: watch::Receiver<Option<Duration>>,
 }
 
 /// Why the controller client cannot be built.
@@ -140,6 +144,16 @@ pub(crate) enum UpstreamError {
         /// The cap in bytes.
         limit: usize,
     },
+    /// The gateway is shutting down, and its grace ran out before the controller answered.
+    #[error(
+        "the gateway is shutting down and its grace of {} (--shutdown-grace) ran out before the \
+         controller answered",
+        humantime::format_duration(*.grace)
+    )]
+    GraceRanOut {
+        /// The shutdown grace.
+        grace: Duration,
+    },
 }
 
 // === impl Settings ===
@@ -193,6 +207,7 @@ impl UpstreamError {
             UpstreamError::HttpStatus { .. } => "http_status",
             UpstreamError::BadResponse(_) => "bad_response",
             UpstreamError::ResponseTooLarge { .. } => "response_too_large",
+            UpstreamError::GraceRanOut { .. } => "shutdown",
         }
     }
 }
@@ -253,7 +268,14 @@ impl Upstream {
             max_response_bytes: settings.max_response_bytes.get(),
             format: settings.format,
             exporting: crate::otel::exporting(),
+            grace_ran_out: watch::channel(None).1,
         })
+    }
+
+    /// Makes calls stop waiting for the controller once `grace_ran_out` holds the shutdown
+    /// grace, which the server sets when the grace runs out with calls in flight.
+    pub(crate) fn stop_waiting_on(&mut self, grace_ran_out: watch::Receiver<Option<Duration>>) {
+        self.grace_ran_out = grace_ran_out;
     }
 
     /// The endpoint this client calls.
@@ -317,9 +339,15 @@ impl Upstream {
         time_limit: Duration,
         attempt: &mut Attempt,
     ) -> Result<Reply, UpstreamError> {
-        tokio::time::timeout(time_limit, self.post(call, request_id, attempt))
-            .await
-            .map_err(|_| UpstreamError::Timeout { limit: time_limit })?
+        let post = tokio::time::timeout(time_limit, self.post(call, request_id, attempt));
+        tokio::select! {
+            // A reply that is ready wins over a grace running out at the same moment.
+            biased;
+            posted = post => posted.map_err(|_| UpstreamError::Timeout { limit: time_limit })?,
+            grace = grace_ran_out(self.grace_ran_out.clone()) => {
+                Err(UpstreamError::GraceRanOut { grace })
+            }
+        }
     }
 
     async fn post(
@@ -497,6 +525,17 @@ pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         }
     }
     text
+}
+
+/// Resolves with the shutdown grace once it has run out; never, if it does not.
+async fn grace_ran_out(mut grace_ran_out: watch::Receiver<Option<Duration>>) -> Duration {
+    if let Ok(grace) = grace_ran_out.wait_for(Option::is_some).await
+        && let Some(grace) = *grace
+    {
+        return grace;
+    }
+    // The server is gone, or there never was one: nothing will cut the call off.
+    std::future::pending().await
 }
 
 #[cfg(test)]

@@ -74,22 +74,37 @@ async fn a_call_in_flight_completes_after_shutdown_begins() {
     gateway.join().await.unwrap();
 }
 
+/// A call still waiting for the controller when the grace runs out is answered, with a code no
+/// retry policy retries and the reason that says the controller may have acted, rather than
+/// left with a broken connection, which clients read as UNAVAILABLE and retry.
 #[tokio::test]
-async fn shutdown_stops_waiting_when_the_grace_runs_out() {
+async fn a_call_the_grace_cuts_off_is_answered_as_maybe_acted_on() {
     let mut upstream = FakeUpstream::start(Script::Hang).await;
     let mut gateway = Gateway::builder()
         .upstream(&upstream.url)
-        .config(|config| config.shutdown_grace = Duration::from_millis(100))
+        .config(|config| config.shutdown_grace = Duration::from_secs(2))
         .start()
         .await;
     let call = gateway.spawn_case_extract(4, 101337);
     upstream.next_request_body().await;
     gateway.begin_shutdown();
-    // The upstream never answers, so `serve` can only return because the grace ran out; the
-    // call itself ends with the process (here, with the test).
+    // The upstream never answers, so `serve` can only return because the grace ran out.
     gateway.join().await.unwrap();
-    assert!(!call.is_finished());
-    call.abort();
+    let status = within(PROMPTLY, "the cut-off call was not answered", call)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unknown, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "case_extract port 4 bin 101337: the gateway is shutting down and its grace of 2s \
+         (--shutdown-grace) ran out before the controller answered"
+    );
+    let info = error_info(&status);
+    assert_eq!(info.reason, "SHUTDOWN_GRACE_RAN_OUT");
+    assert_eq!(info.metadata["grace"], "2s");
+    // The POST was cut off with the call.
+    upstream.expect_closed().await;
 }
 
 /// With nothing in flight, the gateway's own idle client connection does not hold the 60 s grace.
@@ -184,11 +199,16 @@ async fn sigterm_with_a_call_in_flight_exits_after_the_grace_while_stderr_is_nev
     serve.signal("TERM").await;
     let (code, log) = serve.finish_within(GRACE + Duration::from_secs(5)).await;
     assert_eq!(code, Some(0), "{log}");
-    // It ended with the process (the connection broke), not with an answer.
+    // It was answered before the process ended: the controller may have acted.
     let ended = within(PROMPTLY, "the held call did not end", held)
         .await
         .unwrap();
-    assert!(ended.is_err(), "{ended:?}");
+    let status = ended.unwrap_err();
+    assert_eq!(
+        error_info(&status).reason,
+        "SHUTDOWN_GRACE_RAN_OUT",
+        "{status:?}"
+    );
 }
 
 /// Issue 20, items 1 and 10: a watcher that has stopped reading (its window full, its buffer not)

@@ -50,8 +50,8 @@ pub(crate) struct ServeSettings {
     #[arg(long, env = "TASKGATE_MAX_RESPONSE_BYTES")]
     pub(super) max_response_bytes: Option<u64>,
 
-    /// How long calls in flight may take to finish after SIGINT or SIGTERM (less the last
-    /// second, kept for sending their spans, when spans are exported); 0s to 1h.
+    /// How long calls in flight may take to finish after SIGINT or SIGTERM, less the last
+    /// second, kept for answering the calls it cuts off and sending their spans; 0s to 1h.
     #[arg(long, env = "TASKGATE_SHUTDOWN_GRACE", value_parser = duration)]
     #[serde(default, with = "humantime_serde")]
     pub(super) shutdown_grace: Option<Duration>,
