@@ -439,11 +439,38 @@ impl Exporting {
 /// The context a caller's `traceparent` and `tracestate` name, if the `traceparent` is valid.
 /// Only a request that carries one pays for parsing it.
 pub(crate) fn caller_context(headers: &HeaderMap) -> Option<Context> {
-    if !headers.contains_key(&TRACEPARENT) {
+    let mut traceparents = headers.get_all(&TRACEPARENT).iter();
+    let traceparent = traceparents.next()?;
+    // Two are no context (W3C: the header is not to be combined), and the SDK's parser reads
+    // hex numbers of any length and case, so the shape is checked here first.
+    if traceparents.next().is_some() || !well_formed(traceparent.as_bytes()) {
         return None;
     }
     let context = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
     context.span().span_context().is_valid().then_some(context)
+}
+
+/// Whether `traceparent` has the W3C shape: `version-traceid-parentid-flags`, in 2, 32, 16 and
+/// 2 lowercase hex digits; version `ff` is never valid, and a later version than `00` may carry
+/// more after a `-`.
+fn well_formed(traceparent: &[u8]) -> bool {
+    const SHAPE: [usize; 4] = [2, 32, 16, 2];
+    const LENGTH: usize = 2 + 1 + 32 + 1 + 16 + 1 + 2;
+    let lowercase_hex = |byte: &u8| byte.is_ascii_digit() || (b'a'..=b'f').contains(byte);
+    let (Some(head), rest) = (traceparent.get(..LENGTH), traceparent.get(LENGTH..)) else {
+        return false;
+    };
+    let mut fields = head.split(|&byte| byte == b'-');
+    let shaped = SHAPE.iter().all(|&width| {
+        fields
+            .next()
+            .is_some_and(|field| field.len() == width && field.iter().all(lowercase_hex))
+    }) && fields.next().is_none();
+    let version = &head[..2];
+    let more = rest.unwrap_or_default();
+    shaped
+        && version != b"ff"
+        && (more.is_empty() || (version != b"00" && more.first() == Some(&b'-')))
 }
 
 /// Adds `traceparent` (and `tracestate`, if there is any) naming `context`'s span to
@@ -531,6 +558,14 @@ mod tests {
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
             "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
             "not a traceparent",
+            // Short ids, which the SDK's hex parser would pad with zeros.
+            "00-1-2-01",
+            "00-+1-+2-1",
+            // Upper case, a version 00 with more after it, and a sign inside a field.
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+            "00-0af7651916cd43dd8448eb211c80319c-+7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-1",
         ] {
             assert!(
                 caller_context(&headers(&[("traceparent", bad)])).is_none(),
@@ -538,6 +573,12 @@ mod tests {
             );
         }
         assert!(caller_context(&headers(&[("tracestate", tracestate)])).is_none());
+        // Two traceparents are no context, even two good ones.
+        let twice = [("traceparent", traceparent), ("traceparent", traceparent)];
+        assert!(caller_context(&headers(&twice)).is_none());
+        // A later version may carry more after the four fields, which is ignored.
+        let later = "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-what-comes-next";
+        assert!(caller_context(&headers(&[("traceparent", later)])).is_some());
 
         // Without a trace state, no `tracestate` is sent.
         let context = caller_context(&headers(&[("traceparent", traceparent)])).unwrap();

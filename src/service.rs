@@ -663,7 +663,10 @@ fn case_event_stream(
                     let event = Ok(proto_case_event(&received));
                     Some((event, Some((subscription, timer, sent))))
                 }
-                Err(end) => Some((Err(status::watch_ended(&end, retry)), None)),
+                Err(end) => {
+                    subscription.ended(&end);
+                    Some((Err(status::watch_ended(&end, retry)), None))
+                }
             }
         },
     ))

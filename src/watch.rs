@@ -457,6 +457,14 @@ impl Subscription {
         }
     }
 
+    /// Notes, for the watch's span, that its stream ended for `end`, a reason from outside the
+    /// watch (the caller's deadline); an end the watch itself gave is kept.
+    pub(crate) fn ended(&mut self, end: &WatchEnd) {
+        if let Some(traced) = &mut self.traced {
+            traced.end.get_or_insert(end.kind());
+        }
+    }
+
     /// `Some` once the watch has ended (lagged, lost its feed, or shut down), whether or not
     /// its events have been taken, then counting the events taken since; its sender is
     /// dropped with the subscription.

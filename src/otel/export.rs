@@ -416,18 +416,17 @@ mod tests {
         assert_eq!(DROPPED_QUEUE_FULL.load(Ordering::Relaxed) - before, 3);
     }
 
-    /// A span that ends once export has stopped, at shutdown, is counted as such, not as a
-    /// full queue.
+    /// A span that ends once export has stopped, at shutdown, is counted as such. (Whether it
+    /// is also counted as a full queue cannot be seen here: the test above adds to that count
+    /// at the same time; only this test adds to this one.)
     #[test]
     fn a_span_ending_after_shutdown_is_counted_as_such() {
         let (queue, receiver) = mpsc::channel(2);
         drop(receiver);
         let processor = QueueProcessor { queue };
-        let full = DROPPED_QUEUE_FULL.load(Ordering::Relaxed);
         let late = DROPPED_AFTER_SHUTDOWN.load(Ordering::Relaxed);
         processor.on_end(span_data());
         assert_eq!(DROPPED_AFTER_SHUTDOWN.load(Ordering::Relaxed) - late, 1);
-        assert_eq!(DROPPED_QUEUE_FULL.load(Ordering::Relaxed), full);
     }
 
     /// The collector's failures are logged once per interval, with the count of those that

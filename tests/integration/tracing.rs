@@ -989,6 +989,47 @@ async fn a_watch_is_one_span_for_its_streams_life() {
     assert!(access.contains(" call{request_id="), "{access}");
 }
 
+/// A watch that ends at its caller's deadline says so on its span, not that its caller went
+/// away.
+#[tokio::test]
+async fn a_watch_ended_by_its_deadline_says_so_on_its_span() {
+    let mut receiver = Receiver::start().await;
+    let gateway = TaskgateProcess::start(&["--otlp-endpoint", &receiver.endpoint]).await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let mut request =
+        tonic::Request::new(taskgate::proto::WatchCaseEventsRequest { port_ids: vec![4] });
+    request.set_timeout(Duration::from_millis(500));
+    let mut events = client
+        .watch_case_events(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let ended = within(Duration::from_secs(30), "the watch's deadline", async {
+        loop {
+            match events.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the watch ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended.code(), tonic::Code::DeadlineExceeded, "{ended:?}");
+    let span = receiver
+        .span("watch", |span| {
+            span.name == "taskgate.v1.TaskService/WatchCaseEvents"
+                && attribute(span, "taskgate.watch.end").is_some()
+        })
+        .await;
+    assert_eq!(
+        attribute(&span, "taskgate.watch.end").as_deref(),
+        Some("deadline_reached")
+    );
+    assert_eq!(int_attribute(&span, "rpc.grpc.status_code"), Some(4));
+}
+
 /// Each connection to the Log Publisher is a span of its own: one that ends has an error
 /// status with its cause, and the next is marked as a reconnect.
 #[tokio::test]
