@@ -11,8 +11,8 @@
 //! Trace context comes in here too ([`crate::otel`]). When spans are exported, each call also
 //! gets a server span beside its log span, a child of the caller's `traceparent`, with the RPC
 //! attributes of the semantic conventions and the call's facts; its ids go into the access line
-//! and the latency histogram's exemplar. When they are not, a caller's valid `traceparent` is only read: its
-//! trace id goes into the access line, and the call's future carries its context, which the
+//! and the latency histogram's exemplar. When they are not, a caller's valid `traceparent` is
+//! only read: its trace id goes into the access line, and the call's future carries its context, which the
 //! controller POST passes on unchanged. A call without one pays for one header lookup.
 
 use std::future::Future;
@@ -28,6 +28,7 @@ use hyper::body::{Frame, SizeHint};
 use opentelemetry::context::FutureExt as _;
 use opentelemetry::trace::{SpanId, TraceContextExt as _, TraceId};
 use prost::Message as _;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::codegen::http::{HeaderMap, HeaderName, Request, Response};
 use tonic::transport::server::TcpConnectInfo;
@@ -71,6 +72,8 @@ struct Shared {
     access_log: AccessLog,
     /// Whether spans are exported, fixed when the layer is made.
     exporting: bool,
+    /// The shutdown grace once it has run out, when the server cuts off what is left.
+    grace_ran_out: watch::Receiver<Option<Duration>>,
     /// The task service's methods, with their metrics series.
     methods: Vec<Method>,
 }
@@ -120,8 +123,13 @@ pub(crate) struct CallNotes {
 // === impl CallLayer ===
 
 impl CallLayer {
-    /// Counts calls in `metrics` and writes the access lines `access_log` asks for.
-    pub(crate) fn new(metrics: Metrics, access_log: AccessLog) -> Self {
+    /// Counts calls in `metrics` and writes the access lines `access_log` asks for; a call
+    /// dropped once `grace_ran_out` holds the shutdown grace is recorded as cut off by it.
+    pub(crate) fn new(
+        metrics: Metrics,
+        access_log: AccessLog,
+        grace_ran_out: watch::Receiver<Option<Duration>>,
+    ) -> Self {
         let methods = task_methods()
             .iter()
             .map(|method| Method {
@@ -136,6 +144,7 @@ impl CallLayer {
                 metrics,
                 access_log,
                 exporting: crate::otel::exporting(),
+                grace_ran_out,
                 methods,
             }),
         }
@@ -262,7 +271,7 @@ where
         let mut value = request_id.header_value().clone();
         value.set_sensitive(true);
         // A call to health or reflection, or to no method at all, still has its code on its span.
-        let other_span = method.is_none().then(|| otel_span.clone()).flatten();
+        let other_span = UnansweredSpan(method.is_none().then(|| otel_span.clone()).flatten());
         let unanswered = Unanswered(method.map(|method| {
             let notes = Arc::new(OnceLock::new());
             request.extensions_mut().insert(CallScope {
@@ -294,6 +303,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let future = async move {
             let mut unanswered = unanswered;
+            let mut other_span = other_span;
             let response = inner.call(request).await;
             let finish = unanswered.0.take();
             let mut response = response?;
@@ -319,7 +329,7 @@ where
                 } else {
                     finish.finished(status);
                 }
-            } else if let Some(span) = other_span {
+            } else if let Some(span) = other_span.0.take() {
                 match status_in(response.headers()) {
                     Some(status) => record_status(&span, Some(&status), false),
                     None => {
@@ -425,7 +435,8 @@ fn known_path<'a>(shared: &Shared, path: &'a str) -> Option<&'a str> {
 
 /// The span name, `rpc.service` and `rpc.method` of a call to `known`, a path the gateway
 /// serves: `taskgate.v1.TaskService/CaseExtract`, `taskgate.v1.TaskService`, `CaseExtract`;
-/// for any other path, `_OTHER` and no service, as the RPC conventions ask.
+/// for any other path, `_OTHER` and no service, borrowed from RPC conventions later than the
+/// schema the spans name (1.27 leaves an unknown method to the instrumentation).
 fn rpc_name(known: Option<&str>) -> (&str, Option<&str>, &str) {
     let named = known.and_then(|path| {
         let name = path.strip_prefix('/')?;
@@ -495,9 +506,26 @@ struct Unanswered(Option<Finish>);
 impl Drop for Unanswered {
     fn drop(&mut self) {
         if let Some(finish) = self.0.take() {
-            finish.finished(Some(tonic::Status::cancelled(
-                "the caller went away before the reply",
-            )));
+            let cut_off = finish.shared.grace_ran_out.borrow().is_some();
+            let why = if cut_off {
+                "cut off when the shutdown grace ran out, before the reply"
+            } else {
+                "the caller went away before the reply"
+            };
+            finish.finished(Some(tonic::Status::cancelled(why)));
+        }
+    }
+}
+
+/// The server span of a call to health, reflection or no method at all, until its response
+/// has begun: dropped before then, the span still gets its code, `CANCELLED`.
+struct UnansweredSpan(Option<tracing::Span>);
+
+impl Drop for UnansweredSpan {
+    fn drop(&mut self) {
+        if let Some(span) = self.0.take() {
+            let cancelled = tonic::Status::cancelled("the caller went away before the reply");
+            record_status(&span, Some(&cancelled), false);
         }
     }
 }
@@ -795,7 +823,7 @@ mod tests {
     /// scanner's paths cannot make span names without bound.
     #[test]
     fn spans_are_named_after_known_methods_only() {
-        let layer = CallLayer::new(Metrics::new(), AccessLog::default());
+        let layer = CallLayer::new(Metrics::new(), AccessLog::default(), watch::channel(None).1);
         let named = |path| rpc_name(known_path(&layer.shared, path));
         assert_eq!(
             named("/taskgate.v1.TaskService/CaseExtract"),

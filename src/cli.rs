@@ -234,7 +234,7 @@ impl Prepared {
             exporting.log_started();
         } else if let serve::SpanExport::TurnedOff { endpoint, by } = &self.span_export {
             tracing::warn!(
-                target: "taskgate::otel",
+                target: taskgate::otel::LOG_TARGET,
                 %endpoint,
                 "spans are not exported: {by} turns export off whatever the OTLP endpoint"
             );

@@ -799,8 +799,8 @@ const HTTP1_MAX_BUFFER: usize = 16 * 1024;
 /// a handler can end ([`end_stream_when`]). Hyper's defaults bound the HTTP/2 header list and
 /// reset floods (pending-accept and local-error resets); the HTTP/1.1 buffer is bounded here,
 /// and HTTP/1.1 head timeouts are this module's (see the module doc).
-pub(crate) fn builder() -> auto::Builder<StreamExecutor> {
-    let mut builder = auto::Builder::new(StreamExecutor);
+pub(crate) fn builder(executor: StreamExecutor) -> auto::Builder<StreamExecutor> {
+    let mut builder = auto::Builder::new(executor);
     builder
         .http1()
         .header_read_timeout(None)

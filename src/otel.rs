@@ -10,8 +10,8 @@
 //! never shows) into OpenTelemetry spans: the call layer makes each call's server span, under
 //! the caller's `traceparent`, beside the call's log span; the controller POST is a client span
 //! under it (`upstream`), whose context the POST carries; a WatchCaseEvents stream is its call's
-//! span, for the stream's life; each Log Publisher connection is a span of its own. Spans are sampled parent-based, always on for a root, unless `OTEL_TRACES_SAMPLER`
-//! says otherwise, and exported in batches by a task of their own from a bounded queue
+//! span, for the stream's life; each Log Publisher connection is a span of its own. Spans are
+//! sampled parent-based, always on for a root, unless `OTEL_TRACES_SAMPLER` says otherwise, and exported in batches by a task of their own from a bounded queue
 //! (`export`): a call never waits for the collector, and a span that finds the queue full is
 //! dropped and counted (`taskgate_spans_dropped_total`).
 
@@ -23,7 +23,7 @@ use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry::{Context, InstrumentationScope, KeyValue};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanLimits};
 use tonic::codegen::http::{HeaderMap, HeaderName, HeaderValue};
 use tracing::Subscriber;
 use tracing_subscriber::Layer;
@@ -41,7 +41,11 @@ pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent"
 
 /// The target of the spans made for tracing alone: the OpenTelemetry layer sees only these, and
 /// the log never does, so their attributes stay out of log lines.
-pub(crate) const SPAN_TARGET: &str = "taskgate::otel";
+pub(crate) const SPAN_TARGET: &str = "taskgate::otel::span";
+
+/// The target of the log lines about tracing (the exporter starting, a collector failing), which
+/// `RUST_LOG` filters as any other.
+pub const LOG_TARGET: &str = "taskgate::otel";
 
 /// The standard variable for the endpoint of every OTLP signal, read when `--otlp-endpoint` is
 /// not given.
@@ -96,6 +100,17 @@ pub enum OtlpError {
         /// Its value.
         value: String,
     },
+    /// An entry of `OTEL_EXPORTER_OTLP_HEADERS` (or `…_TRACES_HEADERS`) that the exporter would
+    /// drop without a word. Its value is never shown: it is often a key.
+    #[error("{variable}: entry {entry} {problem}; values are not shown")]
+    Headers {
+        /// The variable.
+        variable: &'static str,
+        /// The entry's place in the list, from 1.
+        entry: usize,
+        /// What is wrong with it, naming its key when it has a valid one.
+        problem: String,
+    },
     /// `OTEL_TRACES_SAMPLER` names a sampler the gateway does not have.
     #[error(
         "OTEL_TRACES_SAMPLER={value}: not a supported sampler (always_on, always_off, \
@@ -118,6 +133,17 @@ pub enum OtlpError {
     Exporters {
         /// The variable's value.
         value: String,
+    },
+    /// The endpoint carries what OTLP does not send: credentials, a query or a fragment.
+    #[error(
+        "OTLP endpoint '{endpoint}' has {what}, which the exporter would not send; give \
+         credentials as headers with OTEL_EXPORTER_OTLP_HEADERS"
+    )]
+    EndpointExtras {
+        /// The endpoint as given, its credentials and query masked.
+        endpoint: String,
+        /// What it has: "credentials", "a query" or "a fragment".
+        what: &'static str,
     },
     /// The exporter could not be built.
     #[error("cannot set up the OTLP exporter for '{endpoint}': {reason}")]
@@ -143,8 +169,25 @@ pub fn parse_endpoint(raw: &str) -> Result<Url, OtlpError> {
     if url.host().is_none() {
         return Err(invalid("it has no host"));
     }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(invalid("it has credentials, which gRPC would not send"));
+    let what = if !url.username().is_empty() || url.password().is_some() {
+        Some("credentials")
+    } else if url.query().is_some() {
+        Some("a query")
+    } else if url.fragment().is_some() {
+        Some("a fragment")
+    } else {
+        None
+    };
+    if let Some(what) = what {
+        // A query may hold a key as well as credentials may.
+        let mut masked = Url::parse(&redact_url(raw)).unwrap_or_else(|_| url.clone());
+        if masked.query().is_some() {
+            masked.set_query(Some("***"));
+        }
+        return Err(OtlpError::EndpointExtras {
+            endpoint: masked.to_string(),
+            what,
+        });
     }
     Ok(url)
 }
@@ -216,6 +259,59 @@ impl std::fmt::Display for OtlpProtocol {
             OtlpProtocol::HttpProtobuf => "http/protobuf",
         })
     }
+}
+
+/// Checks `OTEL_EXPORTER_OTLP_HEADERS` and `OTEL_EXPORTER_OTLP_TRACES_HEADERS`, which the
+/// exporter reads itself: comma-separated `key=value` entries, values percent-encoded. The
+/// exporter drops a bad entry silently, and the collector then refuses every export for want of
+/// it, so a bad one is refused here, before anything starts.
+pub fn check_headers() -> Result<(), OtlpError> {
+    for variable in [
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    ] {
+        if let Ok(list) = std::env::var(variable) {
+            check_header_list(variable, &list)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_header_list(variable: &'static str, list: &str) -> Result<(), OtlpError> {
+    let entries = list
+        .split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty());
+    for (index, entry) in entries.enumerate() {
+        let refused = |problem: String| OtlpError::Headers {
+            variable,
+            entry: index + 1,
+            problem,
+        };
+        let Some((key, value)) = entry.split_once('=') else {
+            return Err(refused("is not key=value".to_owned()));
+        };
+        let key = key.trim();
+        if HeaderName::from_bytes(key.as_bytes()).is_err() {
+            return Err(refused(
+                "has a key that is not a valid header name".to_owned(),
+            ));
+        }
+        let raw = value.trim();
+        // As the exporter reads it: percent-decoded when that gives UTF-8, else as it is.
+        let decoded = percent_encoding::percent_decode_str(raw)
+            .decode_utf8()
+            .map_or_else(|_| raw.to_owned(), |value| value.into_owned());
+        if decoded.is_empty() {
+            return Err(refused(format!("('{key}') has an empty value")));
+        }
+        if HeaderValue::from_str(&decoded).is_err() {
+            return Err(refused(format!(
+                "('{key}') has a value that is not a valid header value once percent-decoded"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The standard variable that turns export off whatever the endpoint, if one does:
@@ -334,10 +430,10 @@ impl std::fmt::Display for Sampling {
     }
 }
 
-/// Starts exporting spans to `endpoint`. Must be called within the tokio runtime the export
-/// task is to run on, before the log's subscriber is installed (it takes
-/// [`Exporting::layer`]). `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
-/// the sampler is `sampling`.
+/// Starts exporting spans to `endpoint` in `protocol`, sampled by `sampling`, with the resource
+/// `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` name. Must be called within the tokio
+/// runtime the export task is to run on, before the log's subscriber is installed (it takes
+/// [`Exporting::layer`]).
 pub fn start(
     endpoint: &Url,
     protocol: OtlpProtocol,
@@ -353,6 +449,9 @@ pub fn start(
     // Set here, checked: the SDK would replace a sampler it cannot read with always-on, silently.
     let provider = SdkTracerProvider::builder()
         .with_sampler(sampling.sampler())
+        // The SDK's defaults, not `OTEL_SPAN_*_LIMIT`: a low limit would silently drop the
+        // attributes a call's span gets last, its code and fault among them.
+        .with_span_limits(SpanLimits::default())
         .with_span_processor(processor)
         .with_resource(resource)
         .build();
@@ -406,7 +505,7 @@ impl Exporting {
     /// Logs where spans go, once the log is set up.
     pub fn log_started(&self) {
         tracing::info!(
-            target: "taskgate::otel",
+            target: LOG_TARGET,
             endpoint = %self.endpoint,
             protocol = %self.protocol,
             sampler = %self.sampling,
@@ -614,11 +713,51 @@ mod tests {
         check(
             "http://user:secret@collector:4317",
             Some(
-                "OTLP endpoint 'http://user:***@collector:4317' is not an http:// or https:// \
-                 URL (for example http://127.0.0.1:4317): it has credentials, which gRPC would \
-                 not send",
+                "OTLP endpoint 'http://user:***@collector:4317/' has credentials, which the \
+                 exporter would not send; give credentials as headers with \
+                 OTEL_EXPORTER_OTLP_HEADERS",
             ),
         );
+        check(
+            "http://collector:4318/v1/traces?api_key=s3cret",
+            Some(
+                "OTLP endpoint 'http://collector:4318/v1/traces?***' has a query, which the \
+                 exporter would not send; give credentials as headers with \
+                 OTEL_EXPORTER_OTLP_HEADERS",
+            ),
+        );
+    }
+
+    /// A header entry the exporter would drop is refused, naming its place and key, never its
+    /// value.
+    #[test]
+    fn bad_header_entries_are_refused_without_their_values() {
+        let check = |list: &str| {
+            check_header_list("OTEL_EXPORTER_OTLP_HEADERS", list).map_err(|error| error.to_string())
+        };
+        assert_eq!(check("api-key=s3cret, x-tenant = wms%2C1 ,"), Ok(()));
+        assert_eq!(check(""), Ok(()));
+        let refused = |entry: &str| {
+            Err(format!(
+                "OTEL_EXPORTER_OTLP_HEADERS: entry {entry}; values are not shown"
+            ))
+        };
+        assert_eq!(check("api-key"), refused("1 is not key=value"));
+        assert_eq!(
+            check("a=1,bad key=s3cret"),
+            refused("2 has a key that is not a valid header name")
+        );
+        assert_eq!(
+            check("api-key="),
+            refused("1 ('api-key') has an empty value")
+        );
+        let refusal = check("api-key=s3cret%0Aevil").unwrap_err();
+        assert_eq!(
+            refusal,
+            "OTEL_EXPORTER_OTLP_HEADERS: entry 1 ('api-key') has a value that is not a valid \
+             header value once percent-decoded; values are not shown"
+        );
+        assert!(!refusal.contains("s3cret"));
     }
 
     /// Over HTTP, a base endpoint gets the traces path after its own, and an endpoint for

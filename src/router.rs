@@ -88,7 +88,7 @@ pub(crate) async fn serve(
     let local = acceptor.local_addr().ok();
     let mut connections =
         Connections::new(connection_limits, limits.max_connections.get(), metrics);
-    let builder = connection::builder().http1_only();
+    let builder = connection::builder(connection::StreamExecutor::default()).http1_only();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {

@@ -208,24 +208,20 @@ pub async fn serve(
         .log_publisher
         .as_ref()
         .map(|address| Watches::new(config.watches, address.to_string(), metrics.clone()));
-    // Stops the feed when the gateway stops, however `serve` returns.
-    let _feed = match (&config.log_publisher, &watches) {
-        (Some(address), Some(watches)) => {
-            let target = Target {
-                address: address.clone(),
-                tls: address
-                    .tls
-                    .then(|| config.upstream.tls.stream_config())
-                    .transpose()
-                    .map_err(|error| {
-                        ServeError::Client(crate::upstream::ClientError::Tls(error))
-                    })?,
-            };
-            let feed = log_publisher_client::run(target, watches.clone());
-            Some(AbortOnDrop(tokio::spawn(feed).abort_handle()))
-        }
-        _ => None,
-    };
+    // Stops the feed when the gateway stops, however `serve` returns (a `JoinSet` aborts its
+    // tasks when dropped).
+    let mut feed = tokio::task::JoinSet::new();
+    if let (Some(address), Some(watches)) = (&config.log_publisher, &watches) {
+        let target = Target {
+            address: address.clone(),
+            tls: address
+                .tls
+                .then(|| config.upstream.tls.stream_config())
+                .transpose()
+                .map_err(|error| ServeError::Client(crate::upstream::ClientError::Tls(error)))?,
+        };
+        feed.spawn(log_publisher_client::run(target, watches.clone()));
+    }
     let service = TaskGateway::new(upstream, &config.upstream, watches.clone(), &metrics);
     let task_service = TaskServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     let (authenticator, hangups) = match config.auth_tokens.clone() {
@@ -262,7 +258,11 @@ pub async fn serve(
         // gRPC-Web arrives over HTTP/1.1 from browsers, on the same port as gRPC.
         .layer(GrpcWebLayer::new())
         // Outside auth and the protocol checks: a call they refuse is logged and counted too.
-        .layer(CallLayer::new(metrics.clone(), config.access_log))
+        .layer(CallLayer::new(
+            metrics.clone(),
+            config.access_log,
+            grace_ran_out.subscribe(),
+        ))
         .layer(crate::protocol::ProtocolLayer)
         .service(routes);
     let max_connections = config.connections.max_connections.unwrap_or_else(|| {
@@ -279,7 +279,8 @@ pub async fn serve(
     }
     .warn_if_short(nofile::soft_limit());
     let limits = config.connections.limits();
-    let mut builder = connection::builder();
+    let streams = connection::StreamExecutor::default();
+    let mut builder = connection::builder(streams.clone());
     builder
         .http2()
         .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
@@ -382,6 +383,15 @@ pub async fn serve(
     let reaping = async { while connection_tasks.join_next().await.is_some() {} };
     // Half of what is left at most, so the export keeps the rest.
     let _ = tokio::time::timeout(ABORTED_CONNECTIONS_WAIT.min(left() / 2), reaping).await;
+    // An HTTP/2 call's handler runs in a stream task of its own, which ends once it sees its
+    // connection gone.
+    streams
+        .all_ended(ABORTED_CONNECTIONS_WAIT.min(left() / 2))
+        .await;
+    // The Log Publisher connection's span ends with it, before the export stops.
+    feed.abort_all();
+    let feed_ended = async { while feed.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(ABORTED_CONNECTIONS_WAIT.min(left() / 2), feed_ended).await;
     // The spans of the calls just ended, in what is left of the grace: a collector that does
     // not answer must not hold the exit.
     crate::otel::flush(left()).await;

@@ -136,6 +136,7 @@ impl Serve {
         let checked = || -> Result<_, taskgate::otel::OtlpError> {
             let turned_off_by = taskgate::otel::export_turned_off_by()?;
             let protocol = taskgate::otel::OtlpProtocol::from_environment()?;
+            taskgate::otel::check_headers()?;
             let sampling = taskgate::otel::Sampling::from_environment()?;
             let for_traces_alone = self.otlp_endpoint_variable
                 == Some(taskgate::otel::OTEL_EXPORTER_OTLP_TRACES_ENDPOINT);

@@ -23,6 +23,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 /// How long a response told to end may go without headway before it is dropped: long enough
 /// for a client that reads to make room for its next messages even when it (or the gateway)
@@ -41,9 +42,12 @@ tokio::task_local! {
 /// sign that its peer still reads).
 pub(crate) type ResponseEnd = Option<u64>;
 
-/// Spawns hyper's HTTP/2 stream tasks on tokio, each one endable through [`end_stream_when`].
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct StreamExecutor;
+/// Spawns hyper's HTTP/2 stream tasks on tokio, each one endable through [`end_stream_when`],
+/// and tracked so that shutdown can wait for those its connections' end has cut off.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StreamExecutor {
+    tasks: TaskTracker,
+}
 
 /// What a task that sends responses does about the signal a handler left in it.
 #[derive(Default)]
@@ -58,10 +62,19 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, stream: F) {
-        tokio::spawn(with_end_signal(async move {
+        self.tasks.spawn(with_end_signal(async move {
             let mut end_signal = EndSignal::default();
             until_ended(pin!(stream), &mut end_signal).await;
         }));
+    }
+}
+
+impl StreamExecutor {
+    /// Waits, for at most `within`, until every stream task spawned so far has ended: a handler
+    /// cut off with its connection ends at its task's next poll, and with it its call's spans.
+    pub(crate) async fn all_ended(&self, within: Duration) {
+        self.tasks.close();
+        let _ = tokio::time::timeout(within, self.tasks.wait()).await;
     }
 }
 
@@ -188,7 +201,7 @@ mod tests {
     async fn a_stream_told_to_end_is_dropped_after_the_linger() {
         let (end, ending) = watch::channel(None);
         let (dropped_sender, mut dropped) = mpsc::channel(1);
-        StreamExecutor.execute(stream_that_never_ends(ending, dropped_sender));
+        StreamExecutor::default().execute(stream_that_never_ends(ending, dropped_sender));
         tokio::task::yield_now().await;
         let told_at = tokio::time::Instant::now();
         end.send_replace(Some(0));
@@ -203,7 +216,7 @@ mod tests {
     async fn a_stream_told_to_end_is_dropped_only_once_its_headway_stops() {
         let (end, ending) = watch::channel(None);
         let (dropped_sender, mut dropped) = mpsc::channel(1);
-        StreamExecutor.execute(stream_that_never_ends(ending, dropped_sender));
+        StreamExecutor::default().execute(stream_that_never_ends(ending, dropped_sender));
         tokio::task::yield_now().await;
         end.send_replace(Some(0));
         // Four lingers, with headway ten times in each.

@@ -11,8 +11,8 @@
 //! vanishes without closing is found by TCP keep-alive.
 //!
 //! When spans are exported, each connection (attempt) is a span of its own, from the connect to
-//! the end of the connection: a reconnect is a new span, marked `taskgate.log_publisher.reconnect`, and one that failed
-//! has an error status with the cause.
+//! the end of the connection: a reconnect is a new span, marked
+//! `taskgate.log_publisher.reconnect`, and one that failed has an error status with the cause.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -198,7 +198,7 @@ pub(super) async fn flush(within: Duration) {
         let unsent = u64::try_from(PENDING.swap(0, Ordering::Relaxed)).unwrap_or(0);
         DROPPED_UNSENT_AT_EXIT.fetch_add(unsent, Ordering::Relaxed);
         tracing::warn!(
-            target: "taskgate::otel",
+            target: super::LOG_TARGET,
             unsent,
             within = %humantime::format_duration(within),
             "spans were not all exported within what the shutdown grace left for them"
@@ -311,7 +311,7 @@ async fn send(
         Ok(Ok(())) => {
             if let Some(suppressed) = failures.recovered() {
                 tracing::info!(
-                    target: "taskgate::otel",
+                    target: super::LOG_TARGET,
                     endpoint,
                     suppressed,
                     "exporting spans to the OTLP collector again (suppressed: failures since the last warning that were not logged)"
@@ -328,7 +328,7 @@ async fn send(
     DROPPED_EXPORT_FAILED.fetch_add(spans, Ordering::Relaxed);
     if let Some(suppressed) = failures.ready(Instant::now()) {
         tracing::warn!(
-            target: "taskgate::otel",
+            target: super::LOG_TARGET,
             endpoint,
             %cause,
             spans,
