@@ -75,6 +75,7 @@ pub mod codec;
 pub mod config;
 pub mod connection;
 pub mod domain;
+mod error_chain;
 pub mod fault;
 #[doc(hidden)]
 pub mod fuzz_api;

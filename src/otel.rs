@@ -440,12 +440,12 @@ pub fn start(
     sampling: Sampling,
 ) -> Result<Exporting, OtlpError> {
     let resource = resource();
-    let exporter =
-        export::exporter(endpoint, protocol, &resource).map_err(|reason| OtlpError::Exporter {
+    let collector =
+        export::collector(endpoint, protocol, &resource).map_err(|reason| OtlpError::Exporter {
             endpoint: endpoint.to_string(),
             reason,
         })?;
-    let processor = export::QueueProcessor::start(exporter, endpoint.to_string());
+    let processor = export::QueueProcessor::start(collector);
     // Set here, checked: the SDK would replace a sampler it cannot read with always-on, silently.
     let provider = SdkTracerProvider::builder()
         .with_sampler(sampling.sampler())

@@ -30,6 +30,7 @@ use url::Url;
 
 use crate::codec::{Call, DecodeError, Reply, WireFormat, charset_of};
 use crate::config::{ConfigError, defaults, limits, redact_url, refuse_credentials};
+use crate::error_chain::error_chain;
 use crate::request_id::RequestId;
 use crate::tls::UpstreamTls;
 
@@ -502,29 +503,6 @@ fn server_name(url: &Url) -> Option<ServerName<'static>> {
         url::Host::Ipv4(address) => Some(ServerName::from(std::net::IpAddr::V4(address))),
         url::Host::Ipv6(address) => Some(ServerName::from(std::net::IpAddr::V6(address))),
     }
-}
-
-/// An error and its causes on one line, for messages. The HTTP client's own layers say only
-/// where an error arose ("error sending request", "client error (Connect)"), so such a layer with
-/// a cause below it gives just that cause.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = String::new();
-    let mut next = Some(error);
-    while let Some(cause) = next {
-        next = cause.source();
-        let layer = cause.is::<reqwest::Error>() || cause.is::<hyper_util::client::legacy::Error>();
-        if layer && next.is_some() {
-            continue;
-        }
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            if !text.is_empty() {
-                text.push_str(": ");
-            }
-            text.push_str(&cause_text);
-        }
-    }
-    text
 }
 
 /// Resolves with the shutdown grace once it has run out; never, if it does not.

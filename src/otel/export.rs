@@ -6,11 +6,13 @@
 //! to itself; this one counts what it drops for `/metrics`, never retries (a retry holds the
 //! queue while new spans are dropped), and logs the collector's failures at most once a minute.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use opentelemetry::Context;
+use opentelemetry_http::{HttpClient, HttpError, Request, Response};
 use opentelemetry_otlp::{
     Protocol, RetryPolicy, SpanExporter, WithExportConfig as _, WithHttpConfig as _,
     WithTonicConfig as _,
@@ -133,14 +135,69 @@ pub(crate) fn dropped_spans() -> [(&'static str, u64); 4] {
     ]
 }
 
+/// The cause of the last HTTP request the exporter's client failed to complete, which the
+/// exporter itself reports only as "network error".
+type LastCause = Arc<Mutex<Option<String>>>;
+
+/// Where the export task sends batches, and what names its failures.
+#[derive(Debug)]
+pub(super) struct Collector {
+    exporter: SpanExporter,
+    /// The collector's endpoint, for log lines.
+    endpoint: String,
+    /// The HTTP client's last transport failure, over OTLP/HTTP.
+    last_cause: Option<LastCause>,
+}
+
+impl Collector {
+    /// What an export's failure says: [`cause`], and over HTTP the transport's own cause that
+    /// the exporter left out.
+    fn cause(&self, error: OTelSdkError) -> String {
+        let cause = cause(error);
+        let transport = self.last_cause.as_ref().and_then(|last| {
+            last.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+        });
+        match transport {
+            Some(transport) => format!("{cause}: {transport}"),
+            None => cause,
+        }
+    }
+}
+
+/// reqwest as the OTLP/HTTP exporter's client, keeping the cause of a request that failed.
+#[derive(Debug)]
+struct KeepingCause {
+    client: reqwest::Client,
+    last_cause: LastCause,
+}
+
+#[async_trait::async_trait]
+impl HttpClient for KeepingCause {
+    async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+        let sent = self.client.send_bytes(request).await;
+        if let Err(error) = &sent {
+            *self
+                .last_cause
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(crate::error_chain::error_chain(&**error));
+        }
+        sent
+    }
+}
+
 /// The OTLP exporter for `endpoint` in `protocol` (over TLS trusting the system's roots for an
-/// `https://` one), sending `resource` with every batch; it connects when the first batch is
-/// sent, and reads `OTEL_EXPORTER_OTLP_HEADERS` itself. Fails with what is wrong.
-pub(super) fn exporter(
+/// `https://` one), sending `resource` with every batch, and where an HTTP one keeps the cause of
+/// its last transport failure; it connects when the first batch is sent, and reads
+/// `OTEL_EXPORTER_OTLP_HEADERS` itself. Fails with what is wrong.
+pub(super) fn collector(
     endpoint: &Url,
     protocol: OtlpProtocol,
     resource: &Resource,
-) -> Result<SpanExporter, String> {
+) -> Result<Collector, String> {
+    let mut last_cause = None;
     let mut exporter = match protocol {
         OtlpProtocol::Grpc => {
             let mut builder = SpanExporter::builder()
@@ -163,11 +220,16 @@ pub(super) fn exporter(
                 .timeout(EXPORT_TIMEOUT)
                 .build()
                 .map_err(|error| format!("cannot build its HTTP client: {error}"))?;
+            let kept = LastCause::default();
+            last_cause = Some(Arc::clone(&kept));
             SpanExporter::builder()
                 .with_http()
                 .with_endpoint(endpoint.as_str())
                 .with_protocol(Protocol::HttpBinary)
-                .with_http_client(client)
+                .with_http_client(KeepingCause {
+                    client,
+                    last_cause: kept,
+                })
                 .with_timeout(EXPORT_TIMEOUT)
                 .with_retry_policy(RetryPolicy::disabled())
                 .build()
@@ -177,7 +239,11 @@ pub(super) fn exporter(
     // Given here: the provider hands it to its processors, and this one's exporter has moved
     // to the export task by then.
     exporter.set_resource(resource);
-    Ok(exporter)
+    Ok(Collector {
+        exporter,
+        endpoint: endpoint.to_string(),
+        last_cause,
+    })
 }
 
 /// Sends what is queued, waiting at most `within`, and stops the export task; what it could
@@ -209,12 +275,11 @@ pub(super) async fn flush(within: Duration) {
 // === impl QueueProcessor ===
 
 impl QueueProcessor {
-    /// Starts the export task on the current runtime, sending to `exporter`; `endpoint` names
-    /// the collector in log lines.
-    pub(super) fn start(exporter: SpanExporter, endpoint: String) -> QueueProcessor {
+    /// Starts the export task on the current runtime, sending to `collector`.
+    pub(super) fn start(collector: Collector) -> QueueProcessor {
         let (queue, receiver) = mpsc::channel(QUEUE_SPANS);
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(run(receiver, exporter, endpoint, stopped));
+        let task = tokio::spawn(run(receiver, collector, stopped));
         *CONTROL
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Control { stop, task });
@@ -255,8 +320,7 @@ impl SpanProcessor for QueueProcessor {
 /// Sends batches of queued spans until stopped; then sends what is left and returns.
 async fn run(
     mut queue: mpsc::Receiver<SpanData>,
-    exporter: SpanExporter,
-    endpoint: String,
+    collector: Collector,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -279,7 +343,7 @@ async fn run(
         }
         if !batch.is_empty() {
             let full = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
-            send(&exporter, full, &endpoint, &mut failures).await;
+            send(&collector, full, &mut failures).await;
         }
     }
     // Stopping: what is still queued goes now, without waiting for more.
@@ -288,24 +352,20 @@ async fn run(
         batch.push(span);
         if batch.len() == MAX_BATCH {
             let full = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
-            send(&exporter, full, &endpoint, &mut failures).await;
+            send(&collector, full, &mut failures).await;
         }
     }
     if !batch.is_empty() {
-        send(&exporter, batch, &endpoint, &mut failures).await;
+        send(&collector, batch, &mut failures).await;
     }
-    let _ = exporter.shutdown();
+    let _ = collector.exporter.shutdown();
 }
 
 /// Exports one batch; its spans are counted as dropped if the collector does not take them.
-async fn send(
-    exporter: &SpanExporter,
-    batch: Vec<SpanData>,
-    endpoint: &str,
-    failures: &mut Failures,
-) {
+async fn send(collector: &Collector, batch: Vec<SpanData>, failures: &mut Failures) {
+    let endpoint = collector.endpoint.as_str();
     let spans = batch.len() as u64;
-    let exported = tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(batch)).await;
+    let exported = tokio::time::timeout(EXPORT_TIMEOUT, collector.exporter.export(batch)).await;
     PENDING.fetch_sub(spans as i64, Ordering::Relaxed);
     let cause = match exported {
         Ok(Ok(())) => {
@@ -319,7 +379,7 @@ async fn send(
             }
             return;
         }
-        Ok(Err(error)) => cause(error),
+        Ok(Err(error)) => collector.cause(error),
         Err(_) => format!(
             "the collector did not answer within {}",
             humantime::format_duration(EXPORT_TIMEOUT)
