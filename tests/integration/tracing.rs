@@ -22,6 +22,8 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use prost::Message as _;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -163,10 +165,27 @@ impl Receiver {
         }
     }
 
-    /// A receiver of OTLP over HTTP (protobuf) at `/v1/traces`; its endpoint is the base URL.
-    async fn start_http() -> Receiver {
+    /// A receiver of OTLP over HTTP (protobuf) at `/v1/traces`, over TLS with `pki`'s
+    /// certificate for localhost when given; its endpoint is the base URL.
+    async fn start_http(tls: Option<&Pki>) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let port = listener.local_addr().unwrap().port();
+        let endpoint = match tls {
+            Some(_) => format!("https://localhost:{port}"),
+            None => format!("http://127.0.0.1:{port}"),
+        };
+        let acceptor = tls.map(|pki| {
+            let certificates = CertificateDer::pem_file_iter(pki.path("server.pem"))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            let key = PrivateKeyDer::from_pem_file(pki.path("server.key")).unwrap();
+            let config = rustls::ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(certificates, key)
+                .unwrap();
+            tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        });
         let (sender, spans) = mpsc::unbounded_channel();
         let resources = Arc::default();
         let scopes = Arc::default();
@@ -187,10 +206,22 @@ impl Receiver {
                         Ok::<_, hyper::Error>(collect.answer_http(&request))
                     }
                 });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-                );
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match acceptor {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let io = hyper_util::rt::TokioIo::new(stream);
+                                let _ = http.serve_connection(io, service).await;
+                            }
+                        }
+                        None => {
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            let _ = http.serve_connection(io, service).await;
+                        }
+                    }
+                });
             }
         });
         Receiver {
@@ -875,7 +906,7 @@ async fn spans_reach_an_https_collector_trusted_by_the_system_roots() {
 #[tokio::test]
 async fn spans_reach_a_collector_over_http() {
     for traces_variable in [false, true] {
-        let mut receiver = Receiver::start_http().await;
+        let mut receiver = Receiver::start_http(None).await;
         let mut command = tokio::process::Command::new(crate::cli::BIN);
         command
             .args(["serve", "--simulator", "--listen", "127.0.0.1:0"])
@@ -911,6 +942,37 @@ async fn spans_reach_a_collector_over_http() {
         let (code, log) = gateway.finish().await;
         assert_eq!(code, Some(0), "{log}");
     }
+}
+
+/// Over HTTP too, an https:// collector is trusted by the system's roots, which
+/// `SSL_CERT_FILE` replaces here with the test CA.
+#[tokio::test]
+async fn spans_reach_an_https_collector_over_http() {
+    let pki = Pki::new("otlp-http");
+    let mut receiver = Receiver::start_http(Some(&pki)).await;
+    let mut command = tokio::process::Command::new(crate::cli::BIN);
+    command
+        .args(["serve", "--simulator", "--listen", "127.0.0.1:0"])
+        .args(["--otlp-endpoint", &receiver.endpoint])
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        .env("SSL_CERT_FILE", pki.path("ca.pem"));
+    let gateway =
+        TaskgateProcess::start_serving(TaskgateProcess::spawn_command(&mut command)).await;
+    let mut client = TaskServiceClient::connect(gateway.gateway.clone())
+        .await
+        .unwrap();
+    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN_ID}-01");
+    client
+        .case_extract(request(4, Some(&traceparent)))
+        .await
+        .unwrap();
+    let server = receiver
+        .span("server", |span| span.kind == SpanKind::Server as i32)
+        .await;
+    assert_eq!(hex(&server.trace_id), TRACE_ID);
+    gateway.signal("TERM").await;
+    let (code, log) = gateway.finish().await;
+    assert_eq!(code, Some(0), "{log}");
 }
 
 /// A failed connect is tried once more, and each try is a client span of its own under the
