@@ -21,6 +21,7 @@ use tower::Service;
 
 use crate::call::CallScope;
 use crate::regular_file::{self, FileError};
+use crate::shutdown::Hangups;
 
 /// A token file, loaded and checked.
 #[derive(Debug, Clone)]
@@ -281,18 +282,17 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     (scheme.eq_ignore_ascii_case(b"bearer ") && !token.is_empty()).then_some(token)
 }
 
-/// Listens for SIGHUP now, and returns the future that reloads the tokens on each one (see
-/// [`crate::shutdown::hangups`]).
-pub(crate) fn reload_on_sighup(
-    authenticator: Authenticator,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
-    crate::shutdown::hangups(move || match authenticator.reload() {
-        Ok(count) => tracing::info!(tokens = count, "received SIGHUP; reloaded auth tokens"),
-        Err(error) => tracing::error!(
-            cause = %error,
-            "received SIGHUP; auth tokens not reloaded, the old ones stay in force"
-        ),
-    })
+/// Reloads the tokens on each SIGHUP (see [`Hangups`]).
+pub(crate) async fn reload_on_sighup(hangups: Hangups, authenticator: Authenticator) {
+    hangups
+        .handle(move || match authenticator.reload() {
+            Ok(count) => tracing::info!(tokens = count, "received SIGHUP; reloaded auth tokens"),
+            Err(error) => tracing::error!(
+                cause = %error,
+                "received SIGHUP; auth tokens not reloaded, the old ones stay in force"
+            ),
+        })
+        .await;
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
 use taskgate::config::parse_upstream_url;
 use taskgate::server::Config as GatewayConfig;
+use taskgate::shutdown::Hangups;
 
 use crate::support::{CALL_LIMIT, Gateway, PROMPTLY, within};
 
@@ -242,7 +243,7 @@ async fn serve_refuses_a_zero_health_interval_instead_of_panicking() {
     let mut config = GatewayConfig::with_upstream(url);
     config.health_interval = Duration::ZERO;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let serve = taskgate::server::serve(listener, config, std::future::pending());
+    let serve = taskgate::server::serve(listener, config, std::future::pending(), Hangups::catch());
     let outcome = within(PROMPTLY, "serve did not refuse the configuration", serve).await;
     // Each cause is said once: by the error, then by its source, as `{:#}` prints the chain.
     let message = format!("{:#}", anyhow::Error::from(outcome.unwrap_err()));
