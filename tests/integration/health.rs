@@ -127,6 +127,62 @@ async fn health_is_not_serving_while_the_controller_was_never_reached() {
     assert_eq!(check(channel, "").await, ServingStatus::NotServing);
 }
 
+/// Issue 25: `taskgate health`, a container's HEALTHCHECK, exits 0 only when the gateway is
+/// SERVING, and says in one line why not otherwise.
+#[tokio::test]
+async fn the_health_command_exits_0_only_when_the_gateway_is_serving() {
+    let controller = controller_at("127.0.0.1:0").await;
+    let address = controller.local_addr().unwrap();
+    let controller = accept_forever(controller);
+    let url = parse_upstream_url(&format!("http://{address}/api/v2/task")).unwrap();
+    let serving = Gateway::builder()
+        .upstream(&url)
+        .config(|config| config.health_interval = Duration::from_millis(20))
+        .start()
+        .await;
+    let mut stream = watch(serving.client_channel().await, "").await;
+    wait_for(&mut stream, ServingStatus::Serving).await;
+    let gateway = format!("http://{}", serving.address);
+    let (stdout, stderr) = crate::cli::run(&["health", "--gateway", &gateway], 0).await;
+    assert_eq!(stdout, format!("ok: health {gateway}: SERVING\n"));
+    assert_eq!(stderr, "");
+    controller.abort();
+
+    let unreached = crate::support::unused_address().await;
+    let url = parse_upstream_url(&format!("http://{unreached}/api/v2/task")).unwrap();
+    let not_serving = Gateway::builder()
+        .upstream(&url)
+        .config(|config| config.health_interval = Duration::from_millis(20))
+        .start()
+        .await;
+    let gateway = format!("http://{}", not_serving.address);
+    let (stdout, _) = crate::cli::run(&["health", "--gateway", &gateway], 1).await;
+    assert_eq!(
+        stdout,
+        format!(
+            "failed: health {gateway}: NOT_SERVING: the gateway cannot reach its controller, or \
+             is shutting down\n"
+        )
+    );
+
+    let nobody = format!("http://{}", crate::support::unused_address().await);
+    let (stdout, stderr) = crate::cli::run(&["health", "--gateway", &nobody], 1).await;
+    assert_eq!(stdout, "");
+    assert!(
+        stderr.starts_with(&format!(
+            "error: cannot connect to the gateway at {nobody}: "
+        )) && stderr.contains("Connection refused"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    let (_, stderr) = crate::cli::run(&["health", "--gateway", "ftp://gateway"], 2).await;
+    assert!(
+        stderr.starts_with("error: invalid --gateway 'ftp://gateway'"),
+        "{stderr}"
+    );
+}
+
 /// Sends one reflection request on `channel` and returns its answer.
 async fn reflect(channel: Channel, message_request: MessageRequest) -> MessageResponse {
     let request = ServerReflectionRequest {
