@@ -314,6 +314,37 @@ async fn case_extract(
     run(&args, expected_exit).await
 }
 
+/// Issue 25: `taskgate --version` names the version and the commit the binary was built from,
+/// as git names HEAD, so that an operator can tell which build runs; `TASKGATE_GIT_COMMIT` when
+/// set (a build from a copy of the source, such as a container's); else `unknown`.
+#[tokio::test]
+async fn version_names_the_commit() {
+    let source = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(source)
+            .output()
+            .ok()
+            .filter(|output| output.status.success())
+            .map(|output| String::from_utf8(output.stdout).unwrap().trim().to_owned())
+    };
+    let checkout = git(&["rev-parse", "--show-toplevel"]).is_some_and(|toplevel| {
+        std::fs::canonicalize(toplevel).unwrap() == std::fs::canonicalize(source).unwrap()
+    });
+    // Cargo runs the build script with the same environment as the tests.
+    let commit = match std::env::var("TASKGATE_GIT_COMMIT") {
+        Ok(commit) if !commit.trim().is_empty() => commit.trim().to_owned(),
+        _ if checkout => git(&["rev-parse", "--short", "HEAD"]).unwrap(),
+        _ => "unknown".to_owned(),
+    };
+    let (stdout, _) = run(&["--version"], 0).await;
+    assert_eq!(
+        stdout,
+        format!("taskgate {} (commit {commit})\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
 /// The longest a test waits for a `taskgate` process to log a line or to exit.
 const PROCESS_WAIT: Duration = Duration::from_secs(60);
 
