@@ -183,6 +183,42 @@ async fn the_health_command_exits_0_only_when_the_gateway_is_serving() {
     );
 }
 
+/// Issue 25: a liveness probe asks for `liveness`, which is SERVING while the controller cannot
+/// be reached (so that a controller outage restarts no gateway), and whose Watch ends when
+/// shutdown begins, as every health Watch does, so that it does not hold up the drain.
+#[tokio::test]
+async fn liveness_is_serving_whatever_the_controller_does_until_shutdown() {
+    let address = crate::support::unused_address().await;
+    let url = parse_upstream_url(&format!("http://{address}/api/v2/task")).unwrap();
+    let mut gateway = Gateway::builder()
+        .upstream(&url)
+        .config(|config| config.health_interval = Duration::from_millis(20))
+        .start()
+        .await;
+    let channel = gateway.client_channel().await;
+    let mut server = watch(channel.clone(), "").await;
+    wait_for(&mut server, ServingStatus::NotServing).await;
+    assert_eq!(
+        check(channel.clone(), "liveness").await,
+        ServingStatus::Serving
+    );
+    let mut liveness = watch(channel.clone(), "liveness").await;
+    wait_for(&mut liveness, ServingStatus::Serving).await;
+    gateway.begin_shutdown();
+    let ended = async {
+        while let Some(message) = liveness.message().await.unwrap() {
+            assert_eq!(message.status(), ServingStatus::Serving);
+        }
+    };
+    within(
+        PROMPTLY,
+        "the liveness Watch did not end at shutdown",
+        ended,
+    )
+    .await;
+    gateway.join().await.unwrap();
+}
+
 /// Sends one reflection request on `channel` and returns its answer.
 async fn reflect(channel: Channel, message_request: MessageRequest) -> MessageResponse {
     let request = ServerReflectionRequest {
