@@ -1,5 +1,6 @@
-//! The deployment files in `deploy/` agree with the binary: the example config starts it, and
-//! the systemd unit waits out its shutdown grace (issue 25). `scripts/deploy-check` runs the
+//! The deployment files in `deploy/` agree with the binary: the example config and the
+//! Kubernetes ConfigMap's start it, and the systemd unit and the Deployment wait out its
+//! shutdown grace (issue 25). `scripts/deploy-check` runs the
 //! real tools on them (systemd-analyze, hadolint, kubernetes-validate).
 
 use std::time::Duration;
@@ -7,9 +8,15 @@ use std::time::Duration;
 use taskgate::config::defaults;
 
 use crate::cli::run;
+use crate::tls::Pki;
 
 const UNIT: &str = include_str!("../../deploy/systemd/taskgate.service");
 const EXAMPLE_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/taskgate.toml");
+const CONFIG_MAP: &str = include_str!("../../deploy/kubernetes/configmap.yaml");
+const DEPLOYMENT: &str = include_str!("../../deploy/kubernetes/deployment.yaml");
+const SECRET: &str = include_str!("../../deploy/kubernetes/secret.yaml");
+/// Where the Deployment mounts the Secret, which the ConfigMap's paths name.
+const SECRET_FOLDER: &str = "/etc/taskgate/secret/";
 
 /// The value of `key=` in the unit, which must be set once.
 fn unit_setting(key: &str) -> &'static str {
@@ -66,4 +73,94 @@ fn the_unit_waits_out_the_shutdown_grace_of_the_config_it_reads() {
         .unwrap()
         .into();
     assert!(stop_timeout > defaults::SHUTDOWN_GRACE.max(example_grace));
+}
+
+/// The ConfigMap's `taskgate.toml`, as the pod reads it.
+fn config_map_toml() -> String {
+    let mut lines = CONFIG_MAP
+        .lines()
+        .skip_while(|line| *line != "  taskgate.toml: |")
+        .skip(1);
+    let mut toml = String::new();
+    for line in lines.by_ref() {
+        let Some(line) = line
+            .strip_prefix("    ")
+            .or((line.is_empty()).then_some(""))
+        else {
+            break;
+        };
+        toml.push_str(line);
+        toml.push('\n');
+    }
+    assert!(!toml.is_empty(), "no taskgate.toml in the ConfigMap");
+    toml
+}
+
+/// The ConfigMap's config starts the gateway once the Secret's files are where it says (here,
+/// in a test folder rather than the mount): the files it names are the Secret's keys.
+#[tokio::test]
+async fn the_config_maps_config_is_accepted_with_the_secrets_files() {
+    let toml = config_map_toml();
+    let pki = Pki::new("deploy");
+    let folder = pki.path("");
+    for key in ["tokens", "controller-ca.pem"] {
+        assert!(
+            toml.contains(&format!("\"{SECRET_FOLDER}{key}\"")),
+            "{key}:\n{toml}"
+        );
+        assert!(
+            SECRET.contains(&format!("\n  {key}: |\n")),
+            "the Secret has no {key}"
+        );
+    }
+    std::fs::write(folder.join("tokens"), "a-token\n").unwrap();
+    std::fs::copy(pki.path("ca.pem"), folder.join("controller-ca.pem")).unwrap();
+    let config = folder.join("taskgate.toml");
+    std::fs::write(
+        &config,
+        toml.replace(SECRET_FOLDER, folder.to_str().unwrap()),
+    )
+    .unwrap();
+    let args = [
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "--print-config",
+    ];
+    let (stdout, _) = run(&args, 0).await;
+    assert!(stdout.contains("listen = \"0.0.0.0:50051\"\n"), "{stdout}");
+    assert!(
+        stdout.contains("metrics_listen = \"0.0.0.0:9464\"\n"),
+        "{stdout}"
+    );
+}
+
+/// The Deployment reads the ConfigMap where it mounts it, mounts the Secret where the config
+/// looks, and lets the kubelet's SIGKILL come only after the config's shutdown grace.
+#[test]
+fn the_deployment_mounts_what_the_config_names_and_waits_out_its_grace() {
+    assert!(
+        DEPLOYMENT
+            .contains("args: [\"serve\", \"--config\", \"/etc/taskgate/config/taskgate.toml\"]")
+    );
+    assert!(DEPLOYMENT.contains("mountPath: /etc/taskgate/config\n"));
+    assert!(DEPLOYMENT.contains(&format!(
+        "mountPath: {}\n",
+        SECRET_FOLDER.trim_end_matches('/')
+    )));
+    let termination_grace = DEPLOYMENT
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("terminationGracePeriodSeconds: "))
+        .unwrap()
+        .parse::<u64>()
+        .unwrap();
+    let grace: Duration = config_map_toml()
+        .lines()
+        .find_map(|line| line.strip_prefix("shutdown_grace = "))
+        .unwrap()
+        .trim_matches('"')
+        .parse::<humantime::Duration>()
+        .unwrap()
+        .into();
+    assert!(Duration::from_secs(termination_grace) > grace.max(defaults::SHUTDOWN_GRACE));
 }
