@@ -230,9 +230,13 @@ pub async fn serve(
     let task_service = TaskServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     let (authenticator, reloads) = match config.auth_tokens.clone() {
         Some(token_file) => {
-            tracing::info!(file = %token_file.path().display(), tokens = token_file.len(), "task calls need a bearer token; SIGHUP reloads the file");
+            tracing::info!(file = %token_file.path().display(), tokens = token_file.len(), "task calls need a bearer token; SIGHUP or a change of the file reloads it");
             let authenticator = Authenticator::new(token_file);
-            let reloader = tokio::spawn(auth::reload_on_sighup(hangups, authenticator.clone()));
+            let on_sighup = auth::reload_on_sighup(hangups, authenticator.clone());
+            let on_change = auth::reload_on_change(authenticator.clone());
+            let reloader = tokio::spawn(async move {
+                tokio::join!(on_sighup, on_change);
+            });
             (Some(authenticator), reloader)
         }
         None => (
