@@ -1,7 +1,10 @@
 //! Compiles `proto/` with protox (pure Rust, so no `protoc` is needed), generates the tonic client
 //! and server, and writes the encoded descriptor set that reflection and the contract tests read.
+//! Also names the commit being built, for `taskgate --version`.
 
-use std::{env, error::Error, fs, path::PathBuf};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::{env, error::Error, fs};
 
 fn main() -> Result<(), Box<dyn Error>> {
     let protos = ["taskgate/v1/task.proto"];
@@ -20,5 +23,56 @@ fn main() -> Result<(), Box<dyn Error>> {
     tonic_prost_build::configure()
         .emit_rerun_if_changed(false)
         .compile_fds(compiler.file_descriptor_set())?;
+
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
+    println!("cargo:rerun-if-env-changed=TASKGATE_GIT_COMMIT");
+    println!(
+        "cargo:rustc-env=TASKGATE_GIT_COMMIT={}",
+        git_commit(&manifest_dir)
+    );
     Ok(())
+}
+
+/// The commit `taskgate --version` names: `TASKGATE_GIT_COMMIT` when set (a build from a copy of
+/// the source without `.git`, such as a container's), else `git rev-parse --short HEAD` when
+/// this crate is the top of a git checkout, else `unknown`: a tarball unpacked inside some other
+/// repository must not be named after that repository's commit.
+fn git_commit(manifest_dir: &Path) -> String {
+    if let Ok(commit) = env::var("TASKGATE_GIT_COMMIT")
+        && !commit.trim().is_empty()
+    {
+        return commit.trim().to_owned();
+    }
+    let toplevel = git(manifest_dir, &["rev-parse", "--show-toplevel"]);
+    let is_checkout = toplevel.is_some_and(|toplevel| {
+        fs::canonicalize(toplevel).ok() == fs::canonicalize(manifest_dir).ok()
+    });
+    if !is_checkout {
+        return "unknown".to_owned();
+    }
+    // Built again when HEAD moves: HEAD itself, the branch it names, and the packed refs.
+    let branch = git(manifest_dir, &["rev-parse", "--symbolic-full-name", "HEAD"]);
+    for name in ["HEAD", "packed-refs"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(branch)
+    {
+        if let Some(path) = git(manifest_dir, &["rev-parse", "--git-path", &name])
+            && manifest_dir.join(&path).exists()
+        {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
+    git(manifest_dir, &["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// What `git ARGS` prints, trimmed, when it succeeds.
+fn git(directory: &Path, args: &[&str]) -> Option<String> {
+    let output = Command::new("git")
+        .args(args)
+        .current_dir(directory)
+        .output()
+        .ok()?;
+    let text = String::from_utf8(output.stdout).ok()?;
+    (output.status.success() && !text.trim().is_empty()).then(|| text.trim().to_owned())
 }

@@ -1,6 +1,7 @@
 //! Bearer-token authentication for the task service.
 //!
-//! Tokens come from a file, one per line, and are reloaded on SIGHUP. Only SHA-256 digests are
+//! Tokens come from a file, one per line, and are reloaded on SIGHUP and whenever the file
+//! changes (a Kubernetes Secret's update, where nothing sends SIGHUP). Only SHA-256 digests are
 //! kept in memory and every comparison runs in constant time over all of them, so neither the
 //! timing nor the length of a guess tells anything about a token. A token never appears in a log
 //! line or an error message: errors name the file and the line number only.
@@ -21,6 +22,7 @@ use tower::Service;
 
 use crate::call::CallScope;
 use crate::regular_file::{self, FileError};
+use crate::shutdown::Hangups;
 
 /// A token file, loaded and checked.
 #[derive(Debug, Clone)]
@@ -281,18 +283,68 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     (scheme.eq_ignore_ascii_case(b"bearer ") && !token.is_empty()).then_some(token)
 }
 
-/// Listens for SIGHUP now, and returns the future that reloads the tokens on each one (see
-/// [`crate::shutdown::hangups`]).
-pub(crate) fn reload_on_sighup(
-    authenticator: Authenticator,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
-    crate::shutdown::hangups(move || match authenticator.reload() {
-        Ok(count) => tracing::info!(tokens = count, "received SIGHUP; reloaded auth tokens"),
-        Err(error) => tracing::error!(
-            cause = %error,
-            "received SIGHUP; auth tokens not reloaded, the old ones stay in force"
-        ),
-    })
+/// How often the token file is looked at (its metadata only) to reload it when it changes.
+const CHANGE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What tells one version of a file from the next without reading it: a Kubernetes Secret update
+/// swaps a symlink to a new file (another inode), an editor writes a new length or modification
+/// time. `None` while the file cannot be looked at. On a blocking thread, since a file system
+/// (a network one) may take its time, and the runtime's threads are the calls'.
+async fn file_version(path: &Path) -> Option<(std::time::SystemTime, u64, u64, u64)> {
+    let path = path.to_owned();
+    let metadata = tokio::task::spawn_blocking(move || std::fs::metadata(path))
+        .await
+        .ok()?
+        .ok()?;
+    #[cfg(unix)]
+    let (device, inode) = {
+        use std::os::unix::fs::MetadataExt as _;
+        (metadata.dev(), metadata.ino())
+    };
+    #[cfg(not(unix))]
+    let (device, inode) = (0, 0);
+    Some((metadata.modified().ok()?, metadata.len(), device, inode))
+}
+
+/// Reloads the tokens whenever the file changes, looking every [`CHANGE_CHECK_INTERVAL`]. A
+/// change that does not load (a half-written file, a file gone) is logged once and the old
+/// tokens stay in force until the next change loads.
+pub(crate) async fn reload_on_change(authenticator: Authenticator) {
+    let path = authenticator.snapshot().path;
+    let mut seen = file_version(&path).await;
+    let mut ticker = tokio::time::interval(CHANGE_CHECK_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let version = file_version(&path).await;
+        if version == seen {
+            continue;
+        }
+        seen = version;
+        match authenticator.reload() {
+            Ok(count) => tracing::info!(
+                tokens = count,
+                "the token file changed; reloaded auth tokens"
+            ),
+            Err(error) => tracing::error!(
+                cause = %error,
+                "the token file changed; auth tokens not reloaded, the old ones stay in force"
+            ),
+        }
+    }
+}
+
+/// Reloads the tokens on each SIGHUP (see [`Hangups`]).
+pub(crate) async fn reload_on_sighup(hangups: Hangups, authenticator: Authenticator) {
+    hangups
+        .handle(move || match authenticator.reload() {
+            Ok(count) => tracing::info!(tokens = count, "received SIGHUP; reloaded auth tokens"),
+            Err(error) => tracing::error!(
+                cause = %error,
+                "received SIGHUP; auth tokens not reloaded, the old ones stay in force"
+            ),
+        })
+        .await;
 }
 
 #[cfg(test)]

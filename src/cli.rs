@@ -1,5 +1,5 @@
-//! The `taskgate` command line: `serve`, `simulate`, `case-extract`, `case-cancel`, `case-state`
-//! and `bench`, one module each; `task_call` is what the three calling commands share.
+//! The `taskgate` command line: `serve`, `simulate`, `case-extract`, `case-cancel`, `case-state`,
+//! `watch`, `bench` and `health`, one module each; `task_call` is what the three calling commands share.
 //!
 //! Clap types stay raw; they are turned into the library's checked settings before any port is
 //! bound. Every flag can also be set with a `TASKGATE_…` environment variable. The command line
@@ -23,18 +23,28 @@ mod bench;
 mod case_cancel;
 mod case_extract;
 mod case_state;
+mod health;
 mod output;
 mod serve;
 mod simulate;
 mod task_call;
 mod watch;
 
+/// `taskgate --version`: the crate's version and the commit it was built from, or `unknown`
+/// outside a git checkout (see `build.rs`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("TASKGATE_GIT_COMMIT"),
+    ")"
+);
+
 const EXIT_STATUS: &str = "\
 EXIT STATUS:
     0  success (for serve and simulate: a clean shutdown on SIGINT or SIGTERM; for bench: the
-       run completed, even if some calls failed)
-    1  the call returned an error status, the gateway cannot be reached, or the server failed
-       while running
+       run completed, even if some calls failed; for health: the gateway is SERVING)
+    1  the call returned an error status, the gateway cannot be reached, the server failed
+       while running, or (health) the gateway is not SERVING
     2  a usage or configuration error (bad flag, bad file, address already in use)
     3  case-extract --wait: the extraction was accepted, but --wait-timeout ran out before the
        case ended (it may still be running)
@@ -46,10 +56,11 @@ there and the exit code is the one above; `watch` stops and exits 0.";
 ///
 /// `serve` runs the gateway, `simulate` runs a simulated controller, `case-extract`,
 /// `case-cancel` and `case-state` call a running gateway, `watch` prints the case events it
-/// streams, and `bench` puts a running gateway under load and reports its latency. Logs go to stderr; set their level with RUST_LOG (for example
-/// RUST_LOG=taskgate=debug).
+/// streams, `bench` puts a running gateway under load and reports its latency, and `health`
+/// asks a running gateway whether it is serving. Logs go to stderr; set their level with
+/// RUST_LOG (for example RUST_LOG=taskgate=debug).
 #[derive(Debug, Parser)]
-#[command(name = "taskgate", version, after_help = EXIT_STATUS)]
+#[command(name = "taskgate", version = VERSION, after_help = EXIT_STATUS)]
 pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -79,6 +90,9 @@ enum Command {
     /// Put a running gateway under load with CaseExtract calls and report calls/s, latency
     /// percentiles and a count per gRPC status code.
     Bench(bench::BenchArgs),
+    /// Ask a running gateway for its gRPC health: exit 0 when it is SERVING, 1 otherwise (for a
+    /// container's HEALTHCHECK or a supervisor's probe).
+    Health(health::HealthArgs),
 }
 
 /// A command whose settings are complete (for `serve`: flags, environment and file merged), so
@@ -105,6 +119,7 @@ enum PreparedCommand {
     CaseState(case_state::CaseStateArgs),
     Watch(watch::WatchArgs),
     Bench(bench::BenchArgs),
+    Health(health::HealthArgs),
 }
 
 /// How a command ended, as an exit code.
@@ -163,6 +178,7 @@ impl Cli {
             Command::CaseState(args) => (PreparedCommand::CaseState(args), self.log_format),
             Command::Watch(args) => (PreparedCommand::Watch(args), self.log_format),
             Command::Bench(args) => (PreparedCommand::Bench(args), self.log_format),
+            Command::Health(args) => (PreparedCommand::Health(args), self.log_format),
         };
         Ok(Prepared {
             command,
@@ -190,7 +206,8 @@ impl Prepared {
             | PreparedCommand::CaseCancel(_)
             | PreparedCommand::CaseState(_)
             | PreparedCommand::Watch(_)
-            | PreparedCommand::Bench(_) => "warn",
+            | PreparedCommand::Bench(_)
+            | PreparedCommand::Health(_) => "warn",
         }
     }
 
@@ -251,6 +268,7 @@ impl Prepared {
             PreparedCommand::CaseState(args) => case_state::case_state(args).await,
             PreparedCommand::Watch(args) => watch::watch(args).await,
             PreparedCommand::Bench(args) => bench::bench(args).await,
+            PreparedCommand::Health(args) => health::health(args).await,
         };
         ending(outcome)
     }

@@ -3,7 +3,8 @@
 //!
 //! The probe only opens and closes a TCP connection; it never POSTs anything, because any request
 //! to the task interface could move a robot. Both names report NOT_SERVING until the first probe
-//! succeeds, while the controller cannot be reached, and from the moment shutdown begins.
+//! succeeds, while the controller cannot be reached, and from the moment shutdown begins. A third
+//! name, [`LIVENESS`], is for liveness probes: it does not follow the controller.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -28,6 +29,10 @@ use crate::proto::task_service_server::SERVICE_NAME;
 
 /// The service names health is reported for: the whole server and the task service.
 const SERVICE_NAMES: [&str; 2] = ["", SERVICE_NAME];
+/// The name a liveness probe asks for: SERVING from the start until shutdown begins, whatever
+/// the controller does. A probe of `""` would restart the gateway whenever the controller is
+/// down, which brings no controller back and only drops the watchers' streams.
+pub(crate) const LIVENESS: &str = "liveness";
 
 /// Reports the gateway's health and runs the controller probe.
 #[derive(Debug)]
@@ -68,6 +73,9 @@ impl Health {
         metrics: Metrics,
     ) -> Self {
         set_all(&reporter, ServingStatus::NotServing).await;
+        reporter
+            .set_service_status(LIVENESS, ServingStatus::Serving)
+            .await;
         metrics.health(false);
         let target = probe_target(upstream_url);
         let probe = tokio::spawn(probe_loop(
@@ -91,7 +99,7 @@ impl Health {
         set_all(&self.reporter, ServingStatus::NotServing).await;
         self.metrics.health(false);
         let mut reporter = self.reporter.clone();
-        for name in SERVICE_NAMES {
+        for name in SERVICE_NAMES.into_iter().chain([LIVENESS]) {
             reporter.clear_service_status(name).await;
         }
     }

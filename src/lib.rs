@@ -20,7 +20,7 @@
 //!   gateway and the simulator.
 //! - [`log_publisher`]: the Log Publisher's event stream: CRLF lines and the segments in them.
 //! - [`tls`]: certificate files for gRPC (and mTLS) and for HTTPS to the controller.
-//! - [`auth`]: the bearer-token file for the task service, reloaded on SIGHUP.
+//! - [`auth`]: the bearer-token file for the task service, reloaded on SIGHUP and when it changes.
 //! - [`server`]: the whole configuration and [`server::serve`], which runs a gateway.
 //! - [`simulator`]: an embedded simulated controller.
 //! - [`log`]: logging off the call path: tracing-subscriber's fmt layer into tracing-appender's lossy writer.

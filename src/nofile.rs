@@ -149,6 +149,30 @@ impl FdBudget {
 mod tests {
     use super::*;
 
+    /// Issue 25: the systemd unit's `LimitNOFILE` gives the default limits (metrics served)
+    /// their full default `--max-connections`, with no warning that descriptors are short.
+    #[test]
+    fn the_systemd_units_nofile_fits_the_default_limits() {
+        use crate::config::defaults;
+        let unit = include_str!("../deploy/systemd/taskgate.service");
+        let limit: u64 = unit
+            .lines()
+            .find_map(|line| line.strip_prefix("LimitNOFILE="))
+            .expect("the unit sets LimitNOFILE")
+            .parse()
+            .expect("LimitNOFILE is one number");
+        let controller = defaults::MAX_IN_FLIGHT.get() + 1;
+        let metrics = defaults::METRICS_MAX_CONNECTIONS.get();
+        let max_connections = default_max_connections(Some(limit), controller, metrics).get();
+        assert_eq!(max_connections, MAX_DEFAULT_MAX_CONNECTIONS);
+        let budget = FdBudget {
+            max_connections,
+            controller_connections: controller,
+            metrics_connections: metrics,
+        };
+        assert!(u64::try_from(budget.total()).unwrap() <= limit);
+    }
+
     #[test]
     fn the_default_connection_limit_is_what_nofile_leaves() {
         let check = |soft: Option<u64>, controller: usize, metrics: usize, expected: usize| {

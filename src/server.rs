@@ -33,6 +33,7 @@ use crate::nofile::{self, FdBudget};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::task_service_server::TaskServiceServer;
 use crate::service::TaskGateway;
+use crate::shutdown::Hangups;
 use crate::upstream::Upstream;
 use crate::watch::Watches;
 
@@ -151,11 +152,14 @@ pub enum ServeError {
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then closes idle connections and
-/// lets calls in flight finish for at most `config.shutdown_grace`.
+/// lets calls in flight finish for at most `config.shutdown_grace`. Each of `hangups` reloads
+/// the token file: the caller catches them before binding the listeners, so that a reload sent
+/// as soon as a port accepts is applied once the gateway is ready rather than lost.
 pub async fn serve(
     listeners: impl Into<Listeners>,
     config: Config,
     shutdown: impl Future<Output = ()>,
+    hangups: Hangups,
 ) -> Result<(), ServeError> {
     let Listeners {
         grpc: listener,
@@ -224,23 +228,25 @@ pub async fn serve(
     }
     let service = TaskGateway::new(upstream, &config.upstream, watches.clone(), &metrics);
     let task_service = TaskServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
-    let (authenticator, hangups) = match config.auth_tokens.clone() {
+    let (authenticator, reloads) = match config.auth_tokens.clone() {
         Some(token_file) => {
-            tracing::info!(file = %token_file.path().display(), tokens = token_file.len(), "task calls need a bearer token; SIGHUP reloads the file");
+            tracing::info!(file = %token_file.path().display(), tokens = token_file.len(), "task calls need a bearer token; SIGHUP or a change of the file reloads it");
             let authenticator = Authenticator::new(token_file);
-            let reloader = tokio::spawn(auth::reload_on_sighup(authenticator.clone()));
+            let on_sighup = auth::reload_on_sighup(hangups, authenticator.clone());
+            let on_change = auth::reload_on_change(authenticator.clone());
+            let reloader = tokio::spawn(async move {
+                tokio::join!(on_sighup, on_change);
+            });
             (Some(authenticator), reloader)
         }
         None => (
             None,
-            tokio::spawn(crate::shutdown::hangups(|| {
+            tokio::spawn(hangups.handle(|| {
                 tracing::info!("received SIGHUP; nothing to reload without --auth-tokens-file")
             })),
         ),
     };
-    // SIGHUP is caught before "gateway listening" is logged, so one sent after it never ends
-    // the process.
-    let _hangups = AbortOnDrop(hangups.abort_handle());
+    let _reloads = AbortOnDrop(reloads.abort_handle());
     let task_service = auth::Guarded::new(task_service, authenticator);
     let health_service = WatchLimit::new(
         health_service,

@@ -1,5 +1,5 @@
 //! Process signals: one future that resolves when the process is asked to stop (SIGINT or
-//! SIGTERM) and says which, and a listener that keeps SIGHUP from ever stopping it.
+//! SIGTERM) and says which, and [`Hangups`], which keeps SIGHUP from ever stopping it.
 
 use std::future::Future;
 
@@ -50,29 +50,51 @@ pub fn signal() -> impl Future<Output = ()> + Send + 'static {
     }
 }
 
-/// Listens for SIGHUP now, and returns the future that calls `on_hangup` for each one.
+/// SIGHUPs, caught from the moment this is made.
 ///
 /// SIGHUP's default action ends the process, yet operators send it to ask for a reload (log
 /// rotation scripts, `systemctl reload`), so the servers always catch it, with or without
-/// something to reload. Listening starts before this returns, and tokio never restores the
-/// default action, so from then on no SIGHUP can end the process, even once the future is
-/// dropped.
-pub fn hangups(
-    mut on_hangup: impl FnMut() + Send + 'static,
-) -> impl Future<Output = ()> + Send + 'static {
+/// something to reload. They make this before binding any port, since a supervisor may reload
+/// as soon as a port accepts, and the gateway has a good deal to set up before it can act on a
+/// reload: tokio never restores the default action, so from then on no SIGHUP can end the
+/// process, and one that comes before [`Hangups::handle`] runs is kept (several as one) and
+/// handled then, not lost.
+#[derive(Debug)]
+pub struct Hangups {
+    /// `None` when SIGHUP could not be caught (or on platforms without it), which
+    /// [`Hangups::catch`] has logged.
     #[cfg(unix)]
-    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-    async move {
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+// === impl Hangups ===
+
+impl Hangups {
+    /// Catches SIGHUP from now on. Must be called within the tokio runtime.
+    pub fn catch() -> Hangups {
         #[cfg(unix)]
         {
-            let mut hangups = match hangups {
-                Ok(hangups) => hangups,
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::hangup()) {
+                Ok(signal) => Hangups {
+                    signal: Some(signal),
+                },
                 Err(error) => {
                     tracing::warn!(cause = %error, "cannot listen for SIGHUP; one would end the process");
-                    return;
+                    Hangups { signal: None }
                 }
-            };
-            while hangups.recv().await.is_some() {
+            }
+        }
+        #[cfg(not(unix))]
+        Hangups {}
+    }
+
+    /// Calls `on_hangup` for each SIGHUP from now on, and at once for those that came since
+    /// [`Hangups::catch`]. Never returns while SIGHUP is caught.
+    pub async fn handle(self, mut on_hangup: impl FnMut()) {
+        #[cfg(unix)]
+        if let Some(mut signal) = self.signal {
+            while signal.recv().await.is_some() {
                 on_hangup();
             }
         }

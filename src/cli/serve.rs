@@ -20,6 +20,7 @@ use taskgate::config::{
 use taskgate::log::LogFormat;
 use taskgate::nofile;
 use taskgate::server::{Config, Listeners};
+use taskgate::shutdown::Hangups;
 use taskgate::simulator::{self, Simulator};
 use taskgate::tls::{ServerTls, UpstreamTls};
 
@@ -161,8 +162,10 @@ impl Serve {
 
     /// Checks the settings, then prints them or serves until SIGINT or SIGTERM.
     pub(super) async fn run(self) -> Outcome {
-        // Before anything is bound: a SIGTERM sent as soon as a port accepts must drain, not kill.
+        // Before anything is read or bound: a SIGTERM sent as soon as a port accepts must drain,
+        // not kill, and a SIGHUP then must reload the token file read below, not kill either.
         let stop = taskgate::shutdown::signal();
+        let hangups = Hangups::catch();
         check_combinations(&self.given).map_err(usage)?;
         let effective = self.given.or(&ServeSettings::defaults()).map_err(usage)?;
         let mut config = resolve(&effective).map_err(usage)?;
@@ -196,7 +199,7 @@ impl Serve {
             Some(address) => Some(bind(address).await.map_err(usage)?),
             None => None,
         };
-        taskgate::server::serve(Listeners { grpc, metrics }, config, stop)
+        taskgate::server::serve(Listeners { grpc, metrics }, config, stop, hangups)
             .await
             .map_err(|error| (Exit::CallFailed, error.into()))?;
         Ok(Exit::Success)

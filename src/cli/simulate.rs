@@ -8,6 +8,7 @@ use clap::Args;
 
 use taskgate::config::{Bounds, ConfigError, Http1Flags, Http1Limits, defaults, limits};
 use taskgate::nofile;
+use taskgate::shutdown::Hangups;
 use taskgate::simulator::{self, Simulator, layout::Layout};
 
 use super::{Exit, Outcome, bind, usage};
@@ -84,6 +85,13 @@ impl SimulateArgs {
 }
 
 pub(super) async fn simulate(args: SimulateArgs) -> Outcome {
+    // Before any port is bound, so that a signal sent as soon as one accepts never ends the
+    // process without its drain, and a SIGHUP never ends it at all.
+    let stop = taskgate::shutdown::signal();
+    tokio::spawn(
+        Hangups::catch()
+            .handle(|| tracing::info!("received SIGHUP; the simulator has nothing to reload")),
+    );
     let layout = load_layout(args.config.as_deref()).map_err(usage)?;
     let limits = args
         .limits()
@@ -104,12 +112,6 @@ pub(super) async fn simulate(args: SimulateArgs) -> Outcome {
             std::future::pending(),
         ));
     }
-    // Caught before "listening" is logged, so a signal sent after it never ends the process
-    // without its drain, and a SIGHUP never ends it at all.
-    let stop = taskgate::shutdown::signal();
-    tokio::spawn(taskgate::shutdown::hangups(|| {
-        tracing::info!("received SIGHUP; the simulator has nothing to reload")
-    }));
     tracing::info!(
         url = %format!("http://{address}{}", simulator::http::TASK_PATH),
         ports = layout.ports.len(),

@@ -11,7 +11,7 @@ use taskgate::proto::CaseExtractRequest;
 use taskgate::proto::task_service_client::TaskServiceClient;
 
 use crate::cli::TaskgateProcess;
-use crate::support::{Gateway, TestFile, endpoint, error_info};
+use crate::support::{CALL_LIMIT, Gateway, TestFile, endpoint, error_info, within};
 
 /// The token the gateway takes.
 const RIGHT_TOKEN: &str = "right-4f1c9e";
@@ -145,4 +145,43 @@ fn token_file_errors_name_the_file_and_line_but_not_the_token() {
     let path = token_file("empty", "# nobody\n");
     let message = TokenFile::load(&path).unwrap_err().to_string();
     assert!(message.contains("has no tokens"), "{message}");
+}
+
+/// Issue 25: a token file replaced as Kubernetes replaces a mounted Secret's (a new file moved
+/// into place) is reloaded without SIGHUP, which Kubernetes never sends: the new token is taken
+/// and the old one refused, within a bounded wait.
+#[tokio::test]
+async fn a_replaced_token_file_is_reloaded_without_sighup() {
+    let tokens = token_file("replaced", &format!("{RIGHT_TOKEN}\n"));
+    let path = tokens.to_path_buf();
+    let gateway = Gateway::builder()
+        .config(move |config| config.auth_tokens = Some(TokenFile::load(&path).unwrap()))
+        .start()
+        .await;
+    let mut client = gateway.client.clone();
+    let mut code = async |token: &str| match client
+        .case_extract(call(Some(&format!("Bearer {token}"))))
+        .await
+    {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    };
+    assert_ne!(code(RIGHT_TOKEN).await, Code::Unauthenticated);
+    assert_eq!(code(WRONG_TOKEN).await, Code::Unauthenticated);
+
+    let next = tokens.with_file_name("tokens.next");
+    std::fs::write(&next, format!("{WRONG_TOKEN}\n")).unwrap();
+    std::fs::rename(&next, &tokens).unwrap();
+    let reloaded = async {
+        while code(WRONG_TOKEN).await == Code::Unauthenticated {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    within(
+        CALL_LIMIT,
+        "the replaced token file was not reloaded",
+        reloaded,
+    )
+    .await;
+    assert_eq!(code(RIGHT_TOKEN).await, Code::Unauthenticated);
 }

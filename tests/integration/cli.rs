@@ -314,6 +314,37 @@ async fn case_extract(
     run(&args, expected_exit).await
 }
 
+/// Issue 25: `taskgate --version` names the version and the commit the binary was built from,
+/// as git names HEAD, so that an operator can tell which build runs; `TASKGATE_GIT_COMMIT` when
+/// set (a build from a copy of the source, such as a container's); else `unknown`.
+#[tokio::test]
+async fn version_names_the_commit() {
+    let source = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(source)
+            .output()
+            .ok()
+            .filter(|output| output.status.success())
+            .map(|output| String::from_utf8(output.stdout).unwrap().trim().to_owned())
+    };
+    let checkout = git(&["rev-parse", "--show-toplevel"]).is_some_and(|toplevel| {
+        std::fs::canonicalize(toplevel).unwrap() == std::fs::canonicalize(source).unwrap()
+    });
+    // Cargo runs the build script with the same environment as the tests.
+    let commit = match std::env::var("TASKGATE_GIT_COMMIT") {
+        Ok(commit) if !commit.trim().is_empty() => commit.trim().to_owned(),
+        _ if checkout => git(&["rev-parse", "--short", "HEAD"]).unwrap(),
+        _ => "unknown".to_owned(),
+    };
+    let (stdout, _) = run(&["--version"], 0).await;
+    assert_eq!(
+        stdout,
+        format!("taskgate {} (commit {commit})\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
 /// The longest a test waits for a `taskgate` process to log a line or to exit.
 const PROCESS_WAIT: Duration = Duration::from_secs(60);
 
@@ -419,6 +450,26 @@ impl TaskgateProcess {
             if line.contains(needle) {
                 return line;
             }
+        }
+    }
+
+    /// Waits until `address` accepts a TCP connection, as a supervisor that waits for the port
+    /// does, polling every millisecond; the connection is closed at once. Fails the test when
+    /// the process exits first, or when nothing accepts within [`PROCESS_WAIT`].
+    pub(crate) async fn wait_until_accepting(&mut self, address: std::net::SocketAddr) {
+        let waited_until = tokio::time::Instant::now() + PROCESS_WAIT;
+        while tokio::net::TcpStream::connect(address).await.is_err() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "taskgate exited ({status}) before {address} accepted:\n{}",
+                    self.log
+                );
+            }
+            assert!(
+                tokio::time::Instant::now() < waited_until,
+                "{address} did not accept within {PROCESS_WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
@@ -1022,6 +1073,64 @@ async fn sighup_never_ends_serve_or_simulate() {
     simulate.signal("TERM").await;
     let (code, log) = simulate.finish().await;
     assert_eq!(code, Some(0), "{log}");
+}
+
+/// Issue 25: a supervisor that waits for the port and then reloads (`systemctl reload` as soon
+/// as the port accepts) never kills the gateway, which it did in one run of two: SIGHUP is
+/// caught from before any port is bound, and a reload that comes before the gateway is ready is
+/// applied once it is. The token file changes between the start and the SIGHUP, so a lost
+/// reload would show as the new token refused. Many times over, since one try may miss the
+/// moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_as_soon_as_the_port_accepts_is_applied_rather_than_kills() {
+    let tokens = crate::auth::token_file("sighup-at-once", "old-token\n");
+    for attempt in 0..20 {
+        std::fs::write(&tokens, "old-token\n").unwrap();
+        let address = unused_address().await;
+        let listen = address.to_string();
+        let mut serve = TaskgateProcess::spawn(&[
+            "serve",
+            "--simulator",
+            "--listen",
+            &listen,
+            "--auth-tokens-file",
+            tokens.to_str().unwrap(),
+        ]);
+        serve.wait_until_accepting(address).await;
+        std::fs::write(&tokens, "new-token\n").unwrap();
+        serve.signal("HUP").await;
+        let mut serve = TaskgateProcess::start_serving(serve).await;
+        let reloaded = "received SIGHUP; reloaded auth tokens tokens=1";
+        if !serve.log.contains(reloaded) {
+            serve.wait_for_line(reloaded).await;
+        }
+        let output = Command::new(BIN)
+            .args([
+                "case-extract",
+                "--gateway",
+                &serve.gateway,
+                "--port",
+                "1",
+                "--bin",
+                "1",
+            ])
+            .env("TASKGATE_TOKEN", "new-token")
+            .env_remove("RUST_LOG")
+            .output();
+        let output = within(PROCESS_WAIT, "taskgate did not exit", output)
+            .await
+            .unwrap();
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        // Port 1 is not an AutoCase port: fault 1087 proves the call passed auth.
+        assert!(
+            stdout.contains("PORT_IS_NOT_AUTOCASE"),
+            "attempt {attempt}: {stdout}\n{}",
+            serve.log
+        );
+        serve.signal("TERM").await;
+        let (code, log) = serve.finish().await;
+        assert_eq!(code, Some(0), "attempt {attempt}:\n{log}");
+    }
 }
 
 /// `case-extract --port 4 --bin 101337 --wait` on `gateway`, which must exit with

@@ -15,6 +15,7 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
 use taskgate::config::parse_upstream_url;
 use taskgate::server::Config as GatewayConfig;
+use taskgate::shutdown::Hangups;
 
 use crate::support::{CALL_LIMIT, Gateway, PROMPTLY, within};
 
@@ -124,6 +125,98 @@ async fn health_is_not_serving_while_the_controller_was_never_reached() {
     let mut stream = watch(channel.clone(), TASK_SERVICE).await;
     wait_for(&mut stream, ServingStatus::NotServing).await;
     assert_eq!(check(channel, "").await, ServingStatus::NotServing);
+}
+
+/// Issue 25: `taskgate health`, a container's HEALTHCHECK, exits 0 only when the gateway is
+/// SERVING, and says in one line why not otherwise.
+#[tokio::test]
+async fn the_health_command_exits_0_only_when_the_gateway_is_serving() {
+    let controller = controller_at("127.0.0.1:0").await;
+    let address = controller.local_addr().unwrap();
+    let controller = accept_forever(controller);
+    let url = parse_upstream_url(&format!("http://{address}/api/v2/task")).unwrap();
+    let serving = Gateway::builder()
+        .upstream(&url)
+        .config(|config| config.health_interval = Duration::from_millis(20))
+        .start()
+        .await;
+    let mut stream = watch(serving.client_channel().await, "").await;
+    wait_for(&mut stream, ServingStatus::Serving).await;
+    let gateway = format!("http://{}", serving.address);
+    let (stdout, stderr) = crate::cli::run(&["health", "--gateway", &gateway], 0).await;
+    assert_eq!(stdout, format!("ok: health {gateway}: SERVING\n"));
+    assert_eq!(stderr, "");
+    controller.abort();
+
+    let unreached = crate::support::unused_address().await;
+    let url = parse_upstream_url(&format!("http://{unreached}/api/v2/task")).unwrap();
+    let not_serving = Gateway::builder()
+        .upstream(&url)
+        .config(|config| config.health_interval = Duration::from_millis(20))
+        .start()
+        .await;
+    let gateway = format!("http://{}", not_serving.address);
+    let (stdout, _) = crate::cli::run(&["health", "--gateway", &gateway], 1).await;
+    assert_eq!(
+        stdout,
+        format!(
+            "failed: health {gateway}: NOT_SERVING: the gateway cannot reach its controller, or \
+             is shutting down\n"
+        )
+    );
+
+    let nobody = format!("http://{}", crate::support::unused_address().await);
+    let (stdout, stderr) = crate::cli::run(&["health", "--gateway", &nobody], 1).await;
+    assert_eq!(stdout, "");
+    assert!(
+        stderr.starts_with(&format!(
+            "error: cannot connect to the gateway at {nobody}: "
+        )) && stderr.contains("Connection refused"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    let (_, stderr) = crate::cli::run(&["health", "--gateway", "ftp://gateway"], 2).await;
+    assert!(
+        stderr.starts_with("error: invalid --gateway 'ftp://gateway'"),
+        "{stderr}"
+    );
+}
+
+/// Issue 25: a liveness probe asks for `liveness`, which is SERVING while the controller cannot
+/// be reached (so that a controller outage restarts no gateway), and whose Watch ends when
+/// shutdown begins, as every health Watch does, so that it does not hold up the drain.
+#[tokio::test]
+async fn liveness_is_serving_whatever_the_controller_does_until_shutdown() {
+    let address = crate::support::unused_address().await;
+    let url = parse_upstream_url(&format!("http://{address}/api/v2/task")).unwrap();
+    let mut gateway = Gateway::builder()
+        .upstream(&url)
+        .config(|config| config.health_interval = Duration::from_millis(20))
+        .start()
+        .await;
+    let channel = gateway.client_channel().await;
+    let mut server = watch(channel.clone(), "").await;
+    wait_for(&mut server, ServingStatus::NotServing).await;
+    assert_eq!(
+        check(channel.clone(), "liveness").await,
+        ServingStatus::Serving
+    );
+    let mut liveness = watch(channel.clone(), "liveness").await;
+    wait_for(&mut liveness, ServingStatus::Serving).await;
+    gateway.begin_shutdown();
+    let ended = async {
+        while let Some(message) = liveness.message().await.unwrap() {
+            assert_eq!(message.status(), ServingStatus::Serving);
+        }
+    };
+    within(
+        PROMPTLY,
+        "the liveness Watch did not end at shutdown",
+        ended,
+    )
+    .await;
+    gateway.join().await.unwrap();
 }
 
 /// Sends one reflection request on `channel` and returns its answer.
@@ -242,7 +335,7 @@ async fn serve_refuses_a_zero_health_interval_instead_of_panicking() {
     let mut config = GatewayConfig::with_upstream(url);
     config.health_interval = Duration::ZERO;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let serve = taskgate::server::serve(listener, config, std::future::pending());
+    let serve = taskgate::server::serve(listener, config, std::future::pending(), Hangups::catch());
     let outcome = within(PROMPTLY, "serve did not refuse the configuration", serve).await;
     // Each cause is said once: by the error, then by its source, as `{:#}` prints the chain.
     let message = format!("{:#}", anyhow::Error::from(outcome.unwrap_err()));

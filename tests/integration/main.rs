@@ -32,6 +32,7 @@
 //! - `operators`: the real binary as a careless operator runs it: no password printed.
 //! - `bench`: `taskgate bench` against the simulator: its report, counts and exit codes.
 //! - `contract`: the proto comments and the README agree with the fault table.
+//! - `deploy`: the example config starts the binary, and the systemd unit waits out its grace.
 //! - `readme_examples`: the README's command-line examples, run as written.
 //! - `tracing`: W3C trace context through the real binary to an OTLP receiver served here.
 //! - `watch`: WatchCaseEvents against the simulator's Log Publisher and a scripted one.
@@ -48,6 +49,7 @@ mod cli;
 mod cli_edges;
 mod connections;
 mod contract;
+mod deploy;
 mod fd_limits;
 mod fuzz_corpus;
 mod grpc_web;

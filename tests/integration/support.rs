@@ -29,6 +29,7 @@ use taskgate::proto::{
 };
 use taskgate::server::Config as GatewayConfig;
 use taskgate::server::{Listeners, ServeError};
+use taskgate::shutdown::Hangups;
 use taskgate::simulator::{self, Simulator, layout::Layout};
 use taskgate::tls::ServerTls;
 
@@ -272,9 +273,15 @@ impl GatewayBuilder {
         let shutdown_grace = config.shutdown_grace;
         let (shutdown, shutdown_rx) = oneshot::channel::<()>();
         let listeners = Listeners { grpc, metrics };
-        let handle = tokio::spawn(taskgate::server::serve(listeners, config, async {
+        let stop = async {
             let _ = shutdown_rx.await;
-        }));
+        };
+        let handle = tokio::spawn(taskgate::server::serve(
+            listeners,
+            config,
+            stop,
+            Hangups::catch(),
+        ));
         // The listener is already bound, so connecting needs no wait.
         let client = TaskServiceClient::new(endpoint.connect().await.unwrap());
         Gateway {

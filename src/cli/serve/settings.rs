@@ -162,7 +162,8 @@ pub(crate) struct ServeSettings {
     pub(super) upstream_format: Option<UpstreamFormat>,
 
     /// A file of bearer tokens, one per line (# starts a comment): task calls then need
-    /// `authorization: Bearer <token>`. Health and reflection stay open. SIGHUP reloads the file.
+    /// `authorization: Bearer <token>`. Health and reflection stay open. SIGHUP reloads the file,
+    /// and so does a change of it (looked at every 2s).
     #[arg(long, env = "TASKGATE_AUTH_TOKENS_FILE")]
     pub(super) auth_tokens_file: Option<PathBuf>,
 

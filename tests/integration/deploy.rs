@@ -1,0 +1,166 @@
+//! The deployment files in `deploy/` agree with the binary: the example config and the
+//! Kubernetes ConfigMap's start it, and the systemd unit and the Deployment wait out its
+//! shutdown grace (issue 25). `scripts/deploy-check` runs the
+//! real tools on them (systemd-analyze, hadolint, kubernetes-validate).
+
+use std::time::Duration;
+
+use taskgate::config::defaults;
+
+use crate::cli::run;
+use crate::tls::Pki;
+
+const UNIT: &str = include_str!("../../deploy/systemd/taskgate.service");
+const EXAMPLE_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/taskgate.toml");
+const CONFIG_MAP: &str = include_str!("../../deploy/kubernetes/configmap.yaml");
+const DEPLOYMENT: &str = include_str!("../../deploy/kubernetes/deployment.yaml");
+const SECRET: &str = include_str!("../../deploy/kubernetes/secret.yaml");
+/// Where the Deployment mounts the Secret, which the ConfigMap's paths name.
+const SECRET_FOLDER: &str = "/etc/taskgate/secret/";
+
+/// The value of `key=` in the unit, which must be set once.
+fn unit_setting(key: &str) -> &'static str {
+    let prefix = format!("{key}=");
+    let mut values = UNIT.lines().filter_map(|line| line.strip_prefix(&prefix));
+    let value = values
+        .next()
+        .unwrap_or_else(|| panic!("the unit sets no {key}"));
+    assert_eq!(values.next(), None, "the unit sets {key} twice");
+    value
+}
+
+/// `--print-config` reads and checks the whole file (every value, every file it names) and
+/// prints only a configuration that starts.
+#[tokio::test]
+async fn the_example_config_is_accepted_as_written() {
+    let (stdout, stderr) = run(&["serve", "--config", EXAMPLE_CONFIG, "--print-config"], 0).await;
+    assert_eq!(stderr, "");
+    for line in [
+        "listen = \"0.0.0.0:50051\"",
+        "upstream = \"http://autostore-controller:44000/api/v2/task\"",
+        "metrics_listen = \"0.0.0.0:9464\"",
+        "shutdown_grace = \"10s\"",
+        "log_format = \"json\"",
+    ] {
+        assert!(
+            stdout.lines().any(|printed| printed == line),
+            "{line}:\n{stdout}"
+        );
+    }
+}
+
+/// systemd sends SIGKILL when `TimeoutStopSec` runs out: it must be longer than the grace the
+/// gateway gives calls in flight after SIGTERM, by default and in the example config the unit
+/// reads.
+#[test]
+fn the_unit_waits_out_the_shutdown_grace_of_the_config_it_reads() {
+    assert_eq!(
+        unit_setting("ExecStart"),
+        "/usr/local/bin/taskgate serve --config /etc/taskgate/taskgate.toml"
+    );
+    assert_eq!(unit_setting("KillSignal"), "SIGTERM");
+    let stop_timeout: Duration = unit_setting("TimeoutStopSec")
+        .parse::<humantime::Duration>()
+        .unwrap()
+        .into();
+    let example = std::fs::read_to_string(EXAMPLE_CONFIG).unwrap();
+    let example_grace: Duration = example
+        .lines()
+        .find_map(|line| line.strip_prefix("shutdown_grace = "))
+        .unwrap()
+        .trim_matches('"')
+        .parse::<humantime::Duration>()
+        .unwrap()
+        .into();
+    assert!(stop_timeout > defaults::SHUTDOWN_GRACE.max(example_grace));
+}
+
+/// The ConfigMap's `taskgate.toml`, as the pod reads it.
+fn config_map_toml() -> String {
+    let mut lines = CONFIG_MAP
+        .lines()
+        .skip_while(|line| *line != "  taskgate.toml: |")
+        .skip(1);
+    let mut toml = String::new();
+    for line in lines.by_ref() {
+        let Some(line) = line
+            .strip_prefix("    ")
+            .or((line.is_empty()).then_some(""))
+        else {
+            break;
+        };
+        toml.push_str(line);
+        toml.push('\n');
+    }
+    assert!(!toml.is_empty(), "no taskgate.toml in the ConfigMap");
+    toml
+}
+
+/// The ConfigMap's config starts the gateway once the Secret's files are where it says (here,
+/// in a test folder rather than the mount): the files it names are the Secret's keys.
+#[tokio::test]
+async fn the_config_maps_config_is_accepted_with_the_secrets_files() {
+    let toml = config_map_toml();
+    let pki = Pki::new("deploy");
+    let folder = pki.path("");
+    for key in ["tokens", "controller-ca.pem"] {
+        assert!(
+            toml.contains(&format!("\"{SECRET_FOLDER}{key}\"")),
+            "{key}:\n{toml}"
+        );
+        assert!(
+            SECRET.contains(&format!("\n  {key}: |\n")),
+            "the Secret has no {key}"
+        );
+    }
+    std::fs::write(folder.join("tokens"), "a-token\n").unwrap();
+    std::fs::copy(pki.path("ca.pem"), folder.join("controller-ca.pem")).unwrap();
+    let config = folder.join("taskgate.toml");
+    std::fs::write(
+        &config,
+        toml.replace(SECRET_FOLDER, folder.to_str().unwrap()),
+    )
+    .unwrap();
+    let args = [
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "--print-config",
+    ];
+    let (stdout, _) = run(&args, 0).await;
+    assert!(stdout.contains("listen = \"0.0.0.0:50051\"\n"), "{stdout}");
+    assert!(
+        stdout.contains("metrics_listen = \"0.0.0.0:9464\"\n"),
+        "{stdout}"
+    );
+}
+
+/// The Deployment reads the ConfigMap where it mounts it, mounts the Secret where the config
+/// looks, and lets the kubelet's SIGKILL come only after the config's shutdown grace.
+#[test]
+fn the_deployment_mounts_what_the_config_names_and_waits_out_its_grace() {
+    assert!(
+        DEPLOYMENT
+            .contains("args: [\"serve\", \"--config\", \"/etc/taskgate/config/taskgate.toml\"]")
+    );
+    assert!(DEPLOYMENT.contains("mountPath: /etc/taskgate/config\n"));
+    assert!(DEPLOYMENT.contains(&format!(
+        "mountPath: {}\n",
+        SECRET_FOLDER.trim_end_matches('/')
+    )));
+    let termination_grace = DEPLOYMENT
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("terminationGracePeriodSeconds: "))
+        .unwrap()
+        .parse::<u64>()
+        .unwrap();
+    let grace: Duration = config_map_toml()
+        .lines()
+        .find_map(|line| line.strip_prefix("shutdown_grace = "))
+        .unwrap()
+        .trim_matches('"')
+        .parse::<humantime::Duration>()
+        .unwrap()
+        .into();
+    assert!(Duration::from_secs(termination_grace) > grace.max(defaults::SHUTDOWN_GRACE));
+}
