@@ -47,6 +47,7 @@ mod chaos;
 mod cli;
 mod cli_edges;
 mod connections;
+mod console;
 mod contract;
 mod fd_limits;
 mod fuzz_corpus;
