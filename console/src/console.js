@@ -87,7 +87,7 @@ async function follow(config, tiles) {
   for (;;) {
     const signal = watching.signal;
     try {
-      await watchThenState(config, tiles, signal);
+      await watchThenState(config, tiles, signal, () => { backoffMs = FIRST_BACKOFF_MS; });
       throw new Error("the watch ended without a status");
     } catch (error) {
       if (signal.aborted) {
@@ -95,18 +95,27 @@ async function follow(config, tiles) {
         continue;
       }
       const problem = describeError(error, config);
-      const delayMs = problem.retryDelayMs ?? backoffMs;
-      backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
-      for (const tile of tiles.values()) tile.element.classList.add("stale");
-      showBanner(`${watchProblem(problem)} Tiles may be out of date; watching again in ${seconds(delayMs)}.`,
-        problem.requestId);
-      await sleep(delayMs, signal);
+      if (problem.reason === "LOG_PUBLISHER_DISABLED") {
+        // Nothing to watch: the tiles are read now and again, and say when.
+        await Promise.all([...tiles.values()].map((tile) => readState(tile, config, signal).catch(() => {})));
+        showBanner(`Live updates are off: the gateway runs without a Log Publisher (LOG_PUBLISHER_DISABLED). The tiles are read every ${seconds(MAX_BACKOFF_MS)}.`);
+        await sleep(MAX_BACKOFF_MS, signal);
+      } else {
+        const delayMs = problem.retryDelayMs ?? backoffMs;
+        backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
+        for (const tile of tiles.values()) tile.element.classList.add("stale");
+        showBanner(`${watchProblem(problem)} Tiles may be out of date; watching again in ${seconds(delayMs)}.`,
+          problem.requestId);
+        await sleep(delayMs, signal);
+      }
       if (signal.aborted) watching = new AbortController();
     }
   }
 }
 
-async function watchThenState(config, tiles, signal) {
+// Opens the watch, then reads every tile, then applies each event until the stream ends;
+// `live()` is called once the tiles are current.
+async function watchThenState(config, tiles, signal, live) {
   let opened;
   const open = new Promise((resolve) => { opened = resolve; });
   const events = client.watchCaseEvents({ portIds: config.ports }, {
@@ -122,6 +131,7 @@ async function watchThenState(config, tiles, signal) {
   await Promise.race([open, next]);
   await Promise.all([...tiles.values()].map((tile) => readState(tile, config, signal)));
   hideBanner();
+  live();
   for (;;) {
     const { value: event, done } = await next;
     if (done) return;

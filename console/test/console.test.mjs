@@ -341,6 +341,28 @@ describe("the console with auth on", () => {
   });
 });
 
+describe("the console without a Log Publisher", () => {
+  let gateway;
+  let tab;
+  let errors;
+
+  before(async () => {
+    gateway = await startProcess(["serve", "--simulator", "--log-publisher", "off", "--listen", "127.0.0.1:0"], [LISTENING]);
+    ({ tab, errors } = await openConsole(gateway.found[0]));
+  });
+
+  after(async () => {
+    await tab?.close();
+    await gateway?.stop();
+  });
+
+  test("reads the tiles and says they are not live", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    await tab.waitForFunction(() => document.getElementById("banner").innerText.includes("LOG_PUBLISHER_DISABLED"));
+    assert.deepEqual(errors, []);
+  });
+});
+
 describe("a page on another origin, as the README shows it", () => {
   let gateway;
   let site;
