@@ -385,6 +385,7 @@ function seconds(ms) {
   return ms % 1000 === 0 ? `${ms / 1000}s` : `${(ms / 1000).toFixed(1)}s`;
 }
 
+// The time of day in UTC, as the gateway's logs and `taskgate watch` give it.
 function clock(date) {
-  return date.toISOString().slice(11, 23);
+  return `${date.toISOString().slice(11, 23)} UTC`;
 }

@@ -170,11 +170,16 @@ async function act(tab, form, port, bin) {
   await tab.$eval(`#${form}-bin`, (input) => { input.value = ""; });
   await tab.type(`#${form}-port`, String(port));
   await tab.type(`#${form}-bin`, String(bin));
-  // By keyboard: Enter submits the form, and the dialog's confirm button is reached with Tab.
+  // By keyboard: Enter submits the form; the dialog opens on Back, so that a stray Enter sends
+  // nothing, and Shift+Tab reaches the confirm button.
   await tab.focus(`#${form}-bin`);
   await tab.keyboard.press("Enter");
   await tab.waitForSelector("#confirm[open]");
-  await tab.focus("#confirm-yes");
+  assert.equal(await tab.evaluate(() => document.activeElement.id), "confirm-no");
+  await tab.keyboard.down("Shift");
+  await tab.keyboard.press("Tab");
+  await tab.keyboard.up("Shift");
+  assert.equal(await tab.evaluate(() => document.activeElement.id), "confirm-yes");
   await tab.keyboard.press("Enter");
   await tab.waitForSelector("#result h3");
   return tab.$eval("#result", (result) => result.innerText);
