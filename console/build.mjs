@@ -18,6 +18,15 @@ const check = process.argv.includes("--check");
 const dist = join(here, "dist");
 const out = check ? mkdtempSync(join(tmpdir(), "taskgate-console-")) : dist;
 
+// The bundle embeds the descriptor protoc hands the generator, so another protoc can give other
+// bytes: dist/ is built with Debian 12's.
+const PROTOC = "libprotoc 3.21.12";
+const protoc = execFileSync("protoc", ["--version"], { encoding: "utf8" }).trim();
+if (protoc !== PROTOC) {
+  console.error(`console/build.mjs: protoc is '${protoc}', not '${PROTOC}' (Debian 12's protobuf-compiler), which console/dist is built with: another can give other bytes`);
+  process.exit(1);
+}
+
 const gen = join(here, "gen");
 rmSync(gen, { recursive: true, force: true });
 mkdirSync(gen);

@@ -321,6 +321,30 @@ mod tests {
         );
     }
 
+    /// The README's "Console" section gives the headers as they are sent.
+    #[test]
+    fn the_readme_states_the_headers() {
+        let readme = include_str!("../README.md")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let policy = CONTENT_SECURITY_POLICY
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        for sentence in [
+            format!("`Content-Security-Policy: {policy}`"),
+            format!("| `{CONFIG_PATH}` |"),
+            format!("| `{REVALIDATE}` |"),
+            format!("| `{IMMUTABLE}` |"),
+        ] {
+            assert!(
+                readme.contains(&sentence),
+                "README.md does not say: {sentence}"
+            );
+        }
+    }
+
     /// Every file of the bundle is served with a type a browser runs or shows under `nosniff`,
     /// and the page is among them.
     #[test]

@@ -31,6 +31,9 @@ const SHOW_LIMIT_MS = 20_000;
 // The gateway's RetryInfo delay: short, so that the page's own resuming is quick to see.
 const RETRY_DELAY = "500ms";
 const KEPT_LINES = 200;
+// The longest a suite may take, whatever hangs: its processes, the browser or the page.
+const SUITE_LIMIT_MS = 180_000;
+const bounded = { timeout: SUITE_LIMIT_MS };
 
 // === processes ===
 
@@ -187,7 +190,7 @@ async function act(tab, form, port, bin) {
 
 // === the tests ===
 
-describe("the console against the gateway and the simulator", () => {
+describe("the console against the gateway and the simulator", bounded, () => {
   let simulator;
   let proxy;
   let gateway;
@@ -300,7 +303,7 @@ describe("the console against the gateway and the simulator", () => {
   });
 });
 
-describe("the console with auth on", () => {
+describe("the console with auth on", bounded, () => {
   let gateway;
   let tab;
   let errors;
@@ -346,7 +349,7 @@ describe("the console with auth on", () => {
   });
 });
 
-describe("the console without a Log Publisher", () => {
+describe("the console without a Log Publisher", bounded, () => {
   let gateway;
   let tab;
   let errors;
@@ -368,7 +371,7 @@ describe("the console without a Log Publisher", () => {
   });
 });
 
-describe("a page on another origin, as the README shows it", () => {
+describe("a page on another origin, as the README shows it", bounded, () => {
   let gateway;
   let site;
 
