@@ -28,8 +28,9 @@ const STARTUP_LIMIT_MS = 60_000;
 // The longest the page may take to show what a test waits for. The simulator's steps take 2 s
 // each; this is far more than any of them.
 const SHOW_LIMIT_MS = 20_000;
-// The gateway's RetryInfo delay: short, so that the page's own resuming is quick to see.
-const RETRY_DELAY = "500ms";
+// The gateway's RetryInfo delay: short, so that the page's own resuming is quick to see, and
+// not the page's own first backoff (0.5 s), so that a test can tell which one it waited.
+const RETRY_DELAY = "700ms";
 const KEPT_LINES = 200;
 // The longest a suite may take, whatever hangs: its processes, the browser or the page.
 const SUITE_LIMIT_MS = 180_000;
@@ -240,7 +241,7 @@ describe("the console against the gateway and the simulator", bounded, () => {
     assert.match(refused, /failed: case_extract port 4 bin 101337: UNAVAILABLE/);
     assert.match(refused, /Fault\s+1148 PREVIOUS_ACTION_NOT_COMPLETED/);
     assert.match(refused, /Meaning\s+New action cannot be started until the previous action has been completed\./);
-    assert.match(refused, /Retry\s+retry after the RetryInfo delay; the controller did not start the action \(after 0\.5s\)/);
+    assert.match(refused, /Retry\s+retry after the RetryInfo delay; the controller did not start the action \(after 0\.7s\)/);
     assert.match(refused, /Request id\s+[0-9a-f-]{36}/);
     mkdirSync(dirname(screenshot), { recursive: true });
     await tab.screenshot({ path: screenshot, fullPage: true });
@@ -291,6 +292,8 @@ describe("the console against the gateway and the simulator", bounded, () => {
     await tab.waitForSelector("#banner:not([hidden])");
     const banner = await tab.$eval("#banner", (element) => element.innerText);
     assert.match(banner, /LOG_PUBLISHER_UNAVAILABLE/);
+    // The wait is the gateway's RetryInfo delay (--retry-delay), not the page's own backoff.
+    assert.match(banner, /watching again in 0\.7s/);
     assert.match(banner, /Request id [0-9a-f-]{36}/);
     await tab.waitForSelector('li[data-port="4"].stale');
     proxy.restore();
