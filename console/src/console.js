@@ -68,14 +68,14 @@ async function main() {
     confirm: "Extract",
     describe: `case_extract port ${portId} bin ${binId}`,
     success: "the controller accepted the case extraction",
-    call: (options) => client.caseExtract({ portId, binId, requestId: crypto.randomUUID() }, options),
+    call: (options) => client.caseExtract({ portId, binId, requestId: idempotencyKey() }, options),
   }), config);
   setUpAction("cancel", (portId, binId) => ({
     question: `Cancel the case operation on bin ${binId} at port ${portId}?`,
     confirm: "Cancel the operation",
     describe: `case_cancel port ${portId} bin ${binId}`,
     success: "the controller accepted the cancel",
-    call: (options) => client.caseCancel({ portId, binId, requestId: crypto.randomUUID() }, options),
+    call: (options) => client.caseCancel({ portId, binId, requestId: idempotencyKey() }, options),
   }), config);
   follow(config, tiles);
 }
@@ -245,6 +245,16 @@ function confirmed(action) {
     page.confirm.showModal();
     page.confirmNo.focus();
   });
+}
+
+// A fresh UUID v4 for a call's request_id. Not crypto.randomUUID(): browsers offer it only to
+// secure contexts, and a gateway on a plant network is often served over plain http.
+function idempotencyKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  bytes[6] = (bytes[6] & 0x0f) | 0x40;
+  bytes[8] = (bytes[8] & 0x3f) | 0x80;
+  const hex = Array.from(bytes, (byte) => byte.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
 }
 
 function wholeNumber(text) {

@@ -157,6 +157,9 @@ async function openConsole(address) {
     if (request.failure()?.errorText !== "net::ERR_ABORTED") errors.push(`request failed: ${request.url()} ${request.failure()?.errorText}`);
   });
   tab.on("response", (response) => { if (response.status() >= 400) errors.push(`HTTP ${response.status()}: ${response.url()}`); });
+  // A gateway on a plant network is often plain http, not a secure context: browsers then
+  // offer no crypto.randomUUID. Loopback is one, so the page is shown it as the other would be.
+  await tab.evaluateOnNewDocument(() => { delete Crypto.prototype.randomUUID; });
   await tab.goto(`http://${address}/`, { waitUntil: "load" });
   return { tab, errors };
 }
