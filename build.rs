@@ -1,6 +1,8 @@
 //! Compiles `proto/` with protox (pure Rust, so no `protoc` is needed), generates the tonic client
 //! and server, and writes the encoded descriptor set that reflection and the contract tests read.
-//! Also names the commit being built, for `taskgate --version`.
+//! Also names the commit being built, for `taskgate --version`, and lists the operator console's
+//! committed bundle (`console/dist/`) for `include_bytes!`, so the binary carries it and `cargo
+//! build` needs no Node.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,6 +32,36 @@ fn main() -> Result<(), Box<dyn Error>> {
         "cargo:rustc-env=TASKGATE_GIT_COMMIT={}",
         git_commit(&manifest_dir)
     );
+    list_console_files(&manifest_dir, &out_dir)?;
+    Ok(())
+}
+
+/// Writes `console_files.rs`: one `(name, bytes)` entry per file of `console/dist/`, by name,
+/// each read with `include_bytes!` so that a change to the bundle rebuilds the binary.
+fn list_console_files(manifest_dir: &Path, out_dir: &Path) -> Result<(), Box<dyn Error>> {
+    let dist = manifest_dir.join("console/dist");
+    println!("cargo:rerun-if-changed={}", dist.display());
+    let mut names = Vec::new();
+    for entry in fs::read_dir(&dist)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            let name = entry.file_name().into_string().map_err(|name| {
+                format!("console/dist holds a file whose name is not UTF-8: {name:?}")
+            })?;
+            names.push(name);
+        }
+    }
+    names.sort();
+    let mut listing = String::from("&[\n");
+    for name in names {
+        let path = dist.join(&name);
+        listing.push_str(&format!(
+            "    ({name:?}, include_bytes!({:?})),\n",
+            path.display().to_string()
+        ));
+    }
+    listing.push_str("]\n");
+    fs::write(out_dir.join("console_files.rs"), listing)?;
     Ok(())
 }
 

@@ -149,7 +149,7 @@ pub(crate) enum RequestKind {
     Call,
     /// A case-event watch.
     Watch,
-    /// Anything else: health, reflection.
+    /// Anything else: health, reflection, the console's files.
     Stream,
 }
 

@@ -11,7 +11,7 @@
 use std::ops::RangeInclusive;
 
 /// Valid `port_id` values on every task-interface method.
-pub(crate) const PORT_ID_RANGE: RangeInclusive<u32> = 1..=2000;
+pub const PORT_ID_RANGE: RangeInclusive<u32> = 1..=2000;
 
 /// Valid `bin_id` values on every task-interface method.
 pub(crate) const BIN_ID_RANGE: RangeInclusive<u32> = 1..=4_000_000;

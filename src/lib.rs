@@ -22,6 +22,7 @@
 //! - [`tls`]: certificate files for gRPC (and mTLS) and for HTTPS to the controller.
 //! - [`auth`]: the bearer-token file for the task service, reloaded on SIGHUP and when it changes.
 //! - [`server`]: the whole configuration and [`server::serve`], which runs a gateway.
+//! - [`console`]: the operator console's page, served on the gRPC port with `--console`.
 //! - [`simulator`]: an embedded simulated controller.
 //! - [`log`]: logging off the call path: tracing-subscriber's fmt layer into tracing-appender's lossy writer.
 //! - [`otel`]: distributed tracing: W3C trace context in and out, spans exported over OTLP.
@@ -74,6 +75,7 @@ mod call;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod console;
 pub mod domain;
 mod error_chain;
 pub mod fault;

@@ -26,6 +26,7 @@ use crate::accept::Acceptor;
 use crate::auth::{self, Authenticator};
 use crate::call::CallLayer;
 use crate::connection::{self, Admission, Connections, RequestKind};
+use crate::console::ConsoleLayer;
 use crate::health::{Health, WatchLimit};
 use crate::log_publisher::client::{self as log_publisher_client, Target};
 use crate::metrics::Metrics;
@@ -258,8 +259,14 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .prepare();
+    let console = config
+        .console
+        .as_ref()
+        .map(|console| ConsoleLayer::new(console, config.auth_tokens.is_some()));
     // The first layer is the outermost, as with tonic's `Server::layer`.
     let service = ServiceBuilder::new()
+        // The page and its files, same-origin and not calls: no CORS, metrics or access line.
+        .option_layer(console)
         .option_layer(cors_layer(&config.cors_allow_origins))
         // gRPC-Web arrives over HTTP/1.1 from browsers, on the same port as gRPC.
         .layer(GrpcWebLayer::new())

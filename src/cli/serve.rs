@@ -17,6 +17,7 @@ use taskgate::config::{
     Bounds, Http1Limits, LogPublisherAddress, SettingValue, defaults, limits, parse_cors_origin,
     parse_upstream_url,
 };
+use taskgate::console;
 use taskgate::log::LogFormat;
 use taskgate::nofile;
 use taskgate::server::{Config, Listeners};
@@ -174,10 +175,12 @@ impl Serve {
             .context("invalid configuration")
             .map_err(usage)?;
         let simulator = effective.simulator == Some(true);
+        let console = effective.console.unwrap_or(simulator);
         // Printed only once every file has been read and every value checked, so what is printed
         // is a configuration that starts.
         if self.print_config {
             let mut shown = effective;
+            shown.console = Some(console);
             if simulator {
                 // The simulator's addresses are not known until it listens.
                 shown.upstream = None;
@@ -186,9 +189,26 @@ impl Serve {
             let shown = toml::to_string(&shown).map_err(|error| usage(error.into()))?;
             return output::exit_after(output::text(shown), Exit::Success);
         }
-        if simulator {
-            let layout = load_layout(effective.simulator_config.as_deref()).map_err(usage)?;
-            start_simulator(&Simulator::new(&layout), &mut config)
+        let layout = if simulator {
+            Some(load_layout(effective.simulator_config.as_deref()).map_err(usage)?)
+        } else {
+            None
+        };
+        if console {
+            // `check_combinations` has made sure that a console without a simulator has ports.
+            let ports = match (&effective.console_ports, &layout) {
+                (Some(ports), _) => ports.clone(),
+                (None, Some(layout)) => layout.ports.iter().map(|port| port.id).collect(),
+                (None, None) => Vec::new(),
+            };
+            config.console = Some(
+                console::Settings::new(ports)
+                    .context("invalid configuration")
+                    .map_err(usage)?,
+            );
+        }
+        if let Some(layout) = &layout {
+            start_simulator(&Simulator::new(layout), &mut config)
                 .await
                 .map_err(usage)?;
         }
@@ -267,6 +287,16 @@ fn check_combinations(given: &ServeSettings) -> anyhow::Result<()> {
     }
     if given.simulator_config.is_some() && !simulator {
         anyhow::bail!("--simulator-config needs --simulator");
+    }
+    let console = given.console.unwrap_or(simulator);
+    if given.console_ports.is_some() && !console {
+        anyhow::bail!("--console-ports needs --console");
+    }
+    if console && !simulator && given.console_ports.is_none() {
+        anyhow::bail!(
+            "--console needs --console-ports, the ports to show (for example --console-ports \
+             1,2,3,4); with --simulator they are its layout's"
+        );
     }
     match (&given.tls_cert, &given.tls_key) {
         (Some(_), None) => anyhow::bail!("--tls-cert needs --tls-key"),

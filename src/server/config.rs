@@ -14,6 +14,7 @@ use crate::config::{
     AccessLog, ConfigError, Http1Flags, Http1Limits, LogPublisherAddress, defaults, limits,
 };
 use crate::connection;
+use crate::console;
 use crate::tls::ServerTls;
 use crate::upstream;
 use crate::watch;
@@ -48,6 +49,9 @@ pub struct Config {
     pub log_publisher: Option<LogPublisherAddress>,
     /// The limits on WatchCaseEvents streams.
     pub watches: watch::Settings,
+    /// When set, the operator console is served on the gRPC port: the page at `/`, its files
+    /// under `/console/`.
+    pub console: Option<console::Settings>,
 }
 
 // === impl Config ===
@@ -72,6 +76,7 @@ impl Config {
             health_interval: defaults::HEALTH_INTERVAL,
             max_health_watches: defaults::MAX_HEALTH_WATCHES,
             metrics_limits: Http1Limits::with_max_connections(defaults::METRICS_MAX_CONNECTIONS),
+            console: None,
         }
     }
 

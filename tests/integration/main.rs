@@ -48,6 +48,7 @@ mod chaos;
 mod cli;
 mod cli_edges;
 mod connections;
+mod console;
 mod contract;
 mod deploy;
 mod fd_limits;

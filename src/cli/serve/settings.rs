@@ -226,6 +226,16 @@ pub(crate) struct ServeSettings {
     #[arg(long, env = "TASKGATE_SIMULATOR_CONFIG")]
     pub(super) simulator_config: Option<PathBuf>,
 
+    /// Serve the operator console, a page showing every port's case state live, on the gRPC
+    /// port: http://LISTEN/ (see README, "Console"). Default: on with --simulator, else off.
+    #[arg(long, env = "TASKGATE_CONSOLE", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub(super) console: Option<bool>,
+
+    /// The ports the console shows, in this order, comma-separated (for example 1,2,3,4), each 1
+    /// to 2000. Default: with --simulator, its layout's ports; needed otherwise.
+    #[arg(long, env = "TASKGATE_CONSOLE_PORTS", value_delimiter = ',')]
+    pub(super) console_ports: Option<Vec<u32>>,
+
     /// The log format; a global flag (`--log-format`), and a key of the file.
     #[arg(skip)]
     pub(super) log_format: Option<LogFormat>,

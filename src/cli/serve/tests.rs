@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use clap::FromArgMatches as _;
+use taskgate::domain::PORT_ID_RANGE;
 
 use super::*;
 use crate::cli::{Cli, Command, command};
@@ -43,6 +44,35 @@ fn settings_that_need_each_other() {
         Some("--tls-client-ca needs --tls-cert and --tls-key"),
     );
     check_combination(&["--tls-cert", "c.pem", "--tls-key", "k.pem"], None);
+}
+
+/// The console is on with the simulator, which gives it its layout's ports; elsewhere it needs
+/// its ports, and ports need a console.
+#[test]
+fn the_console_needs_ports_unless_the_simulator_gives_them() {
+    check_combination(&["--simulator"], None);
+    check_combination(&["--simulator", "--console=false"], None);
+    check_combination(&["--simulator", "--console-ports", "4"], None);
+    check_combination(&["--console", "--console-ports", "1,4"], None);
+    check_combination(
+        &["--console"],
+        Some(
+            "--console needs --console-ports, the ports to show (for example --console-ports \
+             1,2,3,4); with --simulator they are its layout's",
+        ),
+    );
+    check_combination(
+        &["--console-ports", "4"],
+        Some("--console-ports needs --console"),
+    );
+    check_combination(
+        &["--simulator", "--console=false", "--console-ports", "4"],
+        Some("--console-ports needs --console"),
+    );
+    assert_eq!(
+        given(&["--console-ports", "3,1,2000"]).console_ports,
+        Some(vec![3, 1, 2000])
+    );
 }
 
 #[test]
@@ -187,6 +217,13 @@ fn checked_ranges() -> BTreeMap<String, (String, String)> {
     );
     let streams = limits::MAX_CONCURRENT_STREAMS;
     ranges.insert(streams.setting.to_owned(), ends(streams));
+    ranges.insert(
+        "--console-ports".to_owned(),
+        (
+            PORT_ID_RANGE.start().to_string(),
+            PORT_ID_RANGE.end().to_string(),
+        ),
+    );
     ranges
 }
 

@@ -1,0 +1,401 @@
+// The operator console: one tile per port, kept live by the README's watch-then-state pattern,
+// a timeline of case events, and confirmed extract and cancel forms. It calls the gateway that
+// served it, over gRPC-Web (Connect-ES), and reads every error's details as the other clients do.
+import { ConnectError, createClient } from "@connectrpc/connect";
+import { createGrpcWebTransport } from "@connectrpc/connect-web";
+import { CaseState, TaskFaultSchema, TaskService } from "../gen/taskgate/v1/task_pb.js";
+import { BadRequestSchema, ErrorInfoSchema, RetryInfoSchema } from "../gen/google/rpc/error_details_pb.js";
+
+// Where the gateway says what to show: the ports, whether calls need a token, and the fault and
+// gateway-error tables every status is built from.
+const CONFIG_PATH = "/console/config.json";
+// The gRPC names of the codes, as the README, the CLI and every other client print them.
+const CODE_NAMES = [
+  "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+  "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
+  "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+];
+const CALL_TIMEOUT_MS = 5000;
+// Watching again after an error without a RetryInfo delay: doubling up to the cap, as the
+// gateway's own Log Publisher client does.
+const FIRST_BACKOFF_MS = 500;
+const MAX_BACKOFF_MS = 10000;
+const TIMELINE_LENGTH = 100;
+const UINT32_MAX = 4294967295;
+
+const page = {
+  banner: document.getElementById("banner"),
+  tiles: document.getElementById("tiles"),
+  timeline: document.getElementById("timeline"),
+  result: document.getElementById("result"),
+  confirm: document.getElementById("confirm"),
+  confirmText: document.getElementById("confirm-text"),
+  confirmYes: document.getElementById("confirm-yes"),
+  confirmNo: document.getElementById("confirm-no"),
+  tokenForm: document.getElementById("token-form"),
+  token: document.getElementById("token"),
+  tokenState: document.getElementById("token-state"),
+};
+
+// The bearer token lives only here, in this tab's memory: never in storage, a cookie or the URL.
+let bearerToken = "";
+// Aborting it ends the current watch, or its wait before watching again.
+let watching = new AbortController();
+
+const client = createClient(
+  TaskService,
+  createGrpcWebTransport({
+    baseUrl: window.location.origin,
+    interceptors: [
+      (next) => (request) => {
+        if (bearerToken) request.header.set("authorization", `Bearer ${bearerToken}`);
+        return next(request);
+      },
+    ],
+  }),
+);
+
+main().catch((error) => showBanner(`The console could not start: ${error.message}`));
+
+async function main() {
+  const response = await fetch(CONFIG_PATH, { cache: "no-cache" });
+  if (!response.ok) throw new Error(`${CONFIG_PATH} answered HTTP ${response.status}`);
+  const config = await response.json();
+  const tiles = new Map(config.ports.map((portId) => [portId, makeTile(portId)]));
+  if (config.auth) setUpToken();
+  setUpAction("extract", (portId, binId) => ({
+    question: `Extract a case from bin ${binId} at port ${portId}? A robot will move.`,
+    confirm: "Extract",
+    describe: `case_extract port ${portId} bin ${binId}`,
+    success: "the controller accepted the case extraction",
+    call: (options) => client.caseExtract({ portId, binId, requestId: idempotencyKey() }, options),
+  }), config);
+  setUpAction("cancel", (portId, binId) => ({
+    question: `Cancel the case operation on bin ${binId} at port ${portId}?`,
+    confirm: "Cancel the operation",
+    describe: `case_cancel port ${portId} bin ${binId}`,
+    success: "the controller accepted the cancel",
+    call: (options) => client.caseCancel({ portId, binId, requestId: idempotencyKey() }, options),
+  }), config);
+  follow(config, tiles);
+}
+
+// === the tiles: watch first, then read the state, then apply every event ===
+
+async function follow(config, tiles) {
+  let backoffMs = FIRST_BACKOFF_MS;
+  for (;;) {
+    const signal = watching.signal;
+    try {
+      await watchThenState(config, tiles, signal, () => { backoffMs = FIRST_BACKOFF_MS; });
+      throw new Error("the watch ended without a status");
+    } catch (error) {
+      if (signal.aborted) {
+        watching = new AbortController();
+        continue;
+      }
+      const problem = describeError(error, config);
+      if (problem.reason === "LOG_PUBLISHER_DISABLED") {
+        // Nothing to watch: the tiles are read now and again, and say when.
+        await Promise.all([...tiles.values()].map((tile) => readState(tile, config, signal).catch(() => {})));
+        showBanner(`Live updates are off: the gateway runs without a Log Publisher (LOG_PUBLISHER_DISABLED). The tiles are read every ${seconds(MAX_BACKOFF_MS)}.`);
+        await sleep(MAX_BACKOFF_MS, signal);
+      } else {
+        const delayMs = problem.retryDelayMs ?? backoffMs;
+        backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
+        for (const tile of tiles.values()) tile.element.classList.add("stale");
+        showBanner(`${watchProblem(problem)} Tiles may be out of date; watching again in ${seconds(delayMs)}.`,
+          problem.requestId);
+        await sleep(delayMs, signal);
+      }
+      if (signal.aborted) watching = new AbortController();
+    }
+  }
+}
+
+// Opens the watch, then reads every tile, then applies each event until the stream ends;
+// `live()` is called once the tiles are current.
+async function watchThenState(config, tiles, signal, live) {
+  let opened;
+  const open = new Promise((resolve) => { opened = resolve; });
+  const events = client.watchCaseEvents({ portIds: config.ports }, {
+    signal,
+    timeoutMs: 0,
+    // Headers without a status: the gateway has opened the watch, so no event can fall between
+    // it and the state read next. An error comes as headers with a status, and ends the stream.
+    onHeader: (headers) => { if (!headers.has("grpc-status")) opened(); },
+  })[Symbol.asyncIterator]();
+  let next = events.next();
+  // Handled below; this keeps an early error from being reported as unhandled meanwhile.
+  next.catch(() => {});
+  await Promise.race([open, next]);
+  await Promise.all([...tiles.values()].map((tile) => readState(tile, config, signal)));
+  hideBanner();
+  live();
+  for (;;) {
+    const { value: event, done } = await next;
+    if (done) return;
+    applyEvent(tiles.get(event.portId), event);
+    next = events.next();
+    next.catch(() => {});
+  }
+}
+
+async function readState(tile, config, signal) {
+  try {
+    const state = await client.caseGetState({ portId: tile.portId }, { signal, timeoutMs: CALL_TIMEOUT_MS });
+    showState(tile, state.rawState, CaseState[state.state], state.binId, "read");
+  } catch (error) {
+    if (signal.aborted) throw error;
+    const problem = describeError(error, config);
+    tile.element.className = "tile error";
+    tile.code.textContent = problem.codeName;
+    tile.name.textContent = problem.fault ? `${problem.fault.code} ${problem.fault.name}` : problem.reason ?? "";
+    tile.bin.textContent = "";
+    tile.detail.textContent = problem.fault?.meaning ?? problem.message;
+  }
+}
+
+function applyEvent(tile, event) {
+  if (!tile) return;
+  const name = event.change.case === "state" ? CaseState[event.change.value] : "CANCEL_REQUEST";
+  addToTimeline(event, name);
+  // `CR` is a signal, not a state: the port's state follows in its own event.
+  if (event.change.case === "state") showState(tile, event.rawState, name, event.binId, "event");
+}
+
+function showState(tile, rawState, name, binId, how) {
+  tile.element.className = `tile state-${rawState}`;
+  tile.element.dataset.state = rawState;
+  tile.code.textContent = rawState;
+  tile.name.textContent = name;
+  tile.bin.textContent = binId === undefined ? "no bin" : `bin ${binId}`;
+  tile.detail.textContent = `${how === "read" ? "read" : "event"} at ${clock(new Date())}`;
+}
+
+function makeTile(portId) {
+  const element = document.createElement("li");
+  element.className = "tile";
+  element.dataset.port = String(portId);
+  const part = (className, text = "") => {
+    const child = document.createElement("div");
+    child.className = className;
+    child.textContent = text;
+    element.append(child);
+    return child;
+  };
+  part("port", `Port ${portId}`);
+  const tile = { portId, element, code: part("code", "…"), name: part("name"), bin: part("bin"), detail: part("detail") };
+  page.tiles.append(element);
+  return tile;
+}
+
+function addToTimeline(event, name) {
+  const item = document.createElement("li");
+  const at = event.receivedAt ? new Date(Number(event.receivedAt.seconds) * 1000 + event.receivedAt.nanos / 1e6) : new Date();
+  const bin = event.binId === undefined ? "no bin" : `bin ${event.binId}`;
+  item.textContent = `${clock(at)} port ${event.portId} ${bin} ${event.rawState} (${name})`;
+  page.timeline.prepend(item);
+  while (page.timeline.children.length > TIMELINE_LENGTH) page.timeline.lastElementChild.remove();
+}
+
+// === the forms: check, confirm, call, show the outcome ===
+
+function setUpAction(name, plan, config) {
+  const form = document.getElementById(`${name}-form`);
+  const portInput = document.getElementById(`${name}-port`);
+  const binInput = document.getElementById(`${name}-bin`);
+  form.addEventListener("submit", async (submitted) => {
+    submitted.preventDefault();
+    const portId = wholeNumber(portInput.value);
+    const binId = wholeNumber(binInput.value);
+    const wrong = [["port_id", portInput, portId], ["bin_id", binInput, binId]].find(([, , value]) => value === null);
+    if (wrong) {
+      showLocalError(`${wrong[0]}: "${wrong[1].value}" is not a whole number from 0 to ${UINT32_MAX}`);
+      wrong[1].focus();
+      return;
+    }
+    const action = plan(portId, binId);
+    if (!(await confirmed(action))) return;
+    try {
+      let requestId;
+      await action.call({ timeoutMs: CALL_TIMEOUT_MS, onHeader: (headers) => { requestId = headers.get("x-request-id"); } });
+      showSuccess(`ok: ${action.describe}: ${action.success}`, requestId);
+    } catch (error) {
+      showFailure(action.describe, describeError(error, config));
+    }
+  });
+}
+
+function confirmed(action) {
+  page.confirmText.textContent = action.question;
+  page.confirmYes.textContent = action.confirm;
+  return new Promise((resolve) => {
+    const finish = (answer) => {
+      page.confirmYes.onclick = null;
+      page.confirmNo.onclick = null;
+      page.confirm.onclose = null;
+      if (page.confirm.open) page.confirm.close();
+      resolve(answer);
+    };
+    page.confirmYes.onclick = () => finish(true);
+    page.confirmNo.onclick = () => finish(false);
+    // Escape closes the dialog: the same as Back.
+    page.confirm.onclose = () => finish(false);
+    page.confirm.showModal();
+    page.confirmNo.focus();
+  });
+}
+
+// A fresh UUID v4 for a call's request_id. Not crypto.randomUUID(): browsers offer it only to
+// secure contexts, and a gateway on a plant network is often served over plain http.
+function idempotencyKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  bytes[6] = (bytes[6] & 0x0f) | 0x40;
+  bytes[8] = (bytes[8] & 0x3f) | 0x80;
+  const hex = Array.from(bytes, (byte) => byte.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+function wholeNumber(text) {
+  const trimmed = text.trim();
+  if (!/^\d+$/.test(trimmed)) return null;
+  const value = Number(trimmed);
+  return value <= UINT32_MAX ? value : null;
+}
+
+function showSuccess(text, requestId) {
+  page.result.className = "result";
+  page.result.replaceChildren(heading(text));
+  if (requestId) page.result.append(facts([["Request id", requestId]]));
+}
+
+function showLocalError(text) {
+  page.result.className = "result failed";
+  page.result.replaceChildren(heading(`not sent: ${text}`));
+}
+
+function showFailure(what, problem) {
+  page.result.className = "result failed";
+  const rows = [];
+  if (problem.fault) {
+    rows.push(["Fault", `${problem.fault.code} ${problem.fault.name}`], ["Meaning", problem.fault.meaning]);
+  } else if (problem.reason) {
+    rows.push(["Reason", problem.reason]);
+  }
+  for (const violation of problem.violations) rows.push(["Field", `${violation.field}: ${violation.description}`]);
+  rows.push(["Retry", problem.advice]);
+  rows.push(["Message", problem.message]);
+  if (problem.requestId) rows.push(["Request id", problem.requestId]);
+  page.result.replaceChildren(heading(`failed: ${what}: ${problem.codeName}`), facts(rows));
+}
+
+function heading(text) {
+  const element = document.createElement("h3");
+  element.textContent = text;
+  return element;
+}
+
+function facts(rows) {
+  const list = document.createElement("dl");
+  for (const [term, value] of rows) {
+    const dt = document.createElement("dt");
+    dt.textContent = term;
+    const dd = document.createElement("dd");
+    dd.textContent = value;
+    list.append(dt, dd);
+  }
+  return list;
+}
+
+// === errors: what a person needs from a status ===
+
+// The code, the fault or the gateway's reason with its meaning and retry advice from the
+// gateway's own tables, the field violations, the RetryInfo delay and the request id.
+function describeError(error, config) {
+  const status = ConnectError.from(error);
+  const [info] = status.findDetails(ErrorInfoSchema);
+  const [taskFault] = status.findDetails(TaskFaultSchema);
+  const [retryInfo] = status.findDetails(RetryInfoSchema);
+  const violations = status.findDetails(BadRequestSchema).flatMap((bad) => bad.fieldViolations);
+  const codeName = CODE_NAMES[status.code] ?? `code ${status.code}`;
+  const delay = retryInfo?.retryDelay;
+  const retryDelayMs = delay ? Number(delay.seconds) * 1000 + Math.round(delay.nanos / 1e6) : null;
+  const fault = taskFault ? faultRow(taskFault.rawCode, config) : null;
+  let advice = fault?.advice ?? gatewayAdvice(info, codeName, config) ?? "not known: read the message";
+  advice = advice.replaceAll("`", "");
+  if (retryDelayMs !== null) advice += ` (after ${seconds(retryDelayMs)})`;
+  return {
+    code: status.code,
+    codeName,
+    reason: info?.reason ?? null,
+    fault,
+    violations,
+    advice,
+    retryDelayMs,
+    message: status.rawMessage,
+    requestId: status.metadata.get("x-request-id"),
+  };
+}
+
+function faultRow(rawCode, config) {
+  const known = config.faults[String(rawCode)];
+  const [low, high] = config.documentedFaults;
+  const row = known ?? (rawCode >= low && rawCode <= high ? config.unknownFault : config.internalFault);
+  return { code: rawCode, ...row };
+}
+
+function gatewayAdvice(info, codeName, config) {
+  if (!info || info.domain !== config.gatewayDomain) return null;
+  return config.gatewayErrors.find((row) => row.reason === info.reason && row.code === codeName)?.advice ?? null;
+}
+
+function watchProblem(problem) {
+  switch (problem.reason) {
+    case "LOG_PUBLISHER_UNAVAILABLE":
+      return "Live updates paused: the gateway has no connection to the controller's Log Publisher (LOG_PUBLISHER_UNAVAILABLE).";
+    case "WATCH_LAGGED":
+      return "Live updates paused: this page fell behind the events (WATCH_LAGGED), so some were missed.";
+    default:
+      return `Live updates paused: watching failed with ${problem.codeName}${problem.reason ? ` (${problem.reason})` : ""}: ${problem.message}.`;
+  }
+}
+
+// === the banner, the token, time ===
+
+function showBanner(text, requestId) {
+  page.banner.textContent = requestId ? `${text} Request id ${requestId}.` : text;
+  page.banner.hidden = false;
+}
+
+function hideBanner() {
+  page.banner.hidden = true;
+  page.banner.textContent = "";
+}
+
+function setUpToken() {
+  page.tokenForm.hidden = false;
+  page.tokenForm.addEventListener("submit", (submitted) => {
+    submitted.preventDefault();
+    bearerToken = page.token.value.trim();
+    page.tokenState.textContent = bearerToken ? "in use (this tab only)" : "none given";
+    // Watch again at once with the new token.
+    watching.abort();
+  });
+}
+
+function sleep(ms, signal) {
+  return new Promise((resolve) => {
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
+  });
+}
+
+function seconds(ms) {
+  return ms % 1000 === 0 ? `${ms / 1000}s` : `${(ms / 1000).toFixed(1)}s`;
+}
+
+// The time of day in UTC, as the gateway's logs and `taskgate watch` give it.
+function clock(date) {
+  return `${date.toISOString().slice(11, 23)} UTC`;
+}

@@ -1,0 +1,435 @@
+// The console in a real browser: Debian's Chromium, headless, driven by puppeteer-core, against
+// the real gateway binary (TASKGATE_TEST_BINARY) and the real simulator. The simulator runs as
+// its own process, and its Log Publisher is reached through a proxy here, so that a test can
+// take the Log Publisher away from the gateway and give it back. Every wait is bounded; every
+// address is an ephemeral port on 127.0.0.1.
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { createServer as createHttpServer } from "node:http";
+import { createServer, connect } from "node:net";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+import * as esbuild from "esbuild";
+import puppeteer from "puppeteer-core";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const root = resolve(here, "..", "..");
+const binary = process.env.TASKGATE_TEST_BINARY || join(root, "target", "debug", "taskgate");
+const chromium = process.env.TASKGATE_TEST_CHROMIUM || "/usr/bin/chromium";
+// The screenshot the README shows (docs/console.png is copied from it by hand).
+const screenshot = process.env.TASKGATE_CONSOLE_SCREENSHOT || join(root, "target", "console.png");
+
+// The longest a process may take to log its address, and to exit after SIGTERM.
+const STARTUP_LIMIT_MS = 60_000;
+// The longest the page may take to show what a test waits for. The simulator's steps take 2 s
+// each; this is far more than any of them.
+const SHOW_LIMIT_MS = 20_000;
+// The gateway's RetryInfo delay: short, so that the page's own resuming is quick to see, and
+// not the page's own first backoff (0.5 s), so that a test can tell which one it waited.
+const RETRY_DELAY = "700ms";
+const KEPT_LINES = 200;
+// The longest a suite may take, whatever hangs: its processes, the browser or the page.
+const SUITE_LIMIT_MS = 180_000;
+const bounded = { timeout: SUITE_LIMIT_MS };
+
+// === processes ===
+
+function within(promise, limitMs, message) {
+  let timer;
+  const expired = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(message())), limitMs);
+  });
+  return Promise.race([promise, expired]).finally(() => clearTimeout(timer));
+}
+
+// Starts `binary args` and resolves once its log has matched every pattern, with each first
+// capture, and a stop() that sends SIGTERM and waits (bounded) for the exit.
+async function startProcess(args, patterns) {
+  if (!existsSync(binary)) throw new Error(`no taskgate binary at ${binary}: run 'cargo build' or set TASKGATE_TEST_BINARY`);
+  const child = spawn(binary, args, {
+    stdio: ["ignore", "ignore", "pipe"],
+    env: { ...process.env, RUST_LOG: "info", TASKGATE_LOG_FORMAT: "text" },
+  });
+  const exited = new Promise((resolveExit) => child.once("exit", (code, signal) => resolveExit(code ?? signal)));
+  const recent = [];
+  const found = patterns.map(() => null);
+  const ready = new Promise((resolveReady, reject) => {
+    exited.then((code) => reject(new Error(`taskgate ${args[0]} exited with ${code}:\n${recent.join("\n")}`)));
+    // Read to the end, so the log pipe never fills and blocks the process.
+    createInterface({ input: child.stderr }).on("line", (line) => {
+      recent.push(line);
+      if (recent.length > KEPT_LINES) recent.shift();
+      patterns.forEach((pattern, index) => {
+        const match = found[index] === null && pattern.exec(line);
+        if (match) found[index] = match[1];
+      });
+      if (found.every((value) => value !== null)) resolveReady(found);
+    });
+  });
+  try {
+    await within(ready, STARTUP_LIMIT_MS, () => `taskgate ${args[0]} did not log its addresses:\n${recent.join("\n")}`);
+  } catch (error) {
+    child.kill("SIGKILL");
+    throw error;
+  }
+  return {
+    found,
+    stop: async () => {
+      child.kill("SIGTERM");
+      await within(exited, STARTUP_LIMIT_MS, () => `taskgate ${args[0]} did not exit after SIGTERM`).catch((error) => {
+        child.kill("SIGKILL");
+        throw error;
+      });
+    },
+  };
+}
+
+// A TCP proxy to `target` that can be cut: cut() closes every connection and refuses new ones
+// (accepted and closed at once, as a controller that is down would), restore() lets them through.
+async function startProxy(target) {
+  const [host, port] = target.split(":");
+  const sockets = new Set();
+  let up = true;
+  const server = createServer((client) => {
+    if (!up) {
+      client.destroy();
+      return;
+    }
+    const upstream = connect(Number(port), host);
+    for (const [from, to] of [[client, upstream], [upstream, client]]) {
+      sockets.add(from);
+      from.pipe(to);
+      from.on("error", () => to.destroy());
+      from.on("close", () => { sockets.delete(from); to.destroy(); });
+    }
+  });
+  await new Promise((resolveListen) => server.listen(0, "127.0.0.1", resolveListen));
+  return {
+    address: `127.0.0.1:${server.address().port}`,
+    cut: () => {
+      up = false;
+      for (const socket of sockets) socket.destroy();
+    },
+    restore: () => { up = true; },
+    close: () => new Promise((resolveClose) => {
+      for (const socket of sockets) socket.destroy();
+      server.close(resolveClose);
+    }),
+  };
+}
+
+const LISTENING = /gateway listening address=(\S+)/;
+
+// === the browser ===
+
+let browser;
+
+before(async () => {
+  if (!existsSync(chromium)) throw new Error(`no Chromium at ${chromium}: install Debian's 'chromium' (scripts/console does) or set TASKGATE_TEST_CHROMIUM`);
+  browser = await puppeteer.launch({
+    executablePath: chromium,
+    headless: true,
+    // Root in a container has no user namespace for Chromium's sandbox.
+    args: ["--no-sandbox", "--disable-gpu"],
+    protocolTimeout: STARTUP_LIMIT_MS,
+  });
+});
+
+after(async () => {
+  await browser?.close();
+});
+
+// Opens the console at `address` in a tablet-sized tab, collecting what the page reports as
+// errors: console errors, uncaught exceptions and failed requests.
+async function openConsole(address) {
+  const tab = await browser.newPage();
+  await tab.setViewport({ width: 1024, height: 900 });
+  tab.setDefaultTimeout(SHOW_LIMIT_MS);
+  const errors = [];
+  tab.on("console", (message) => { if (message.type() === "error") errors.push(`console: ${message.text()}`); });
+  tab.on("pageerror", (error) => errors.push(`uncaught: ${error.message}`));
+  tab.on("requestfailed", (request) => {
+    // A watch the page itself ends (to watch again with a new token) is not an error.
+    if (request.failure()?.errorText !== "net::ERR_ABORTED") errors.push(`request failed: ${request.url()} ${request.failure()?.errorText}`);
+  });
+  tab.on("response", (response) => { if (response.status() >= 400) errors.push(`HTTP ${response.status()}: ${response.url()}`); });
+  // A gateway on a plant network is often plain http, not a secure context: browsers then
+  // offer no crypto.randomUUID. Loopback is one, so the page is shown it as the other would be.
+  await tab.evaluateOnNewDocument(() => { delete Crypto.prototype.randomUUID; });
+  await tab.goto(`http://${address}/`, { waitUntil: "load" });
+  return { tab, errors };
+}
+
+const tileState = (tab, port) => tab.$eval(`li[data-port="${port}"]`, (tile) => tile.dataset.state);
+
+async function waitForTile(tab, port, state) {
+  await tab.waitForSelector(`li[data-port="${port}"][data-state="${state}"]`);
+}
+
+// Fills a form and confirms it in the dialog; resolves once the outcome is shown.
+async function act(tab, form, port, bin) {
+  await tab.$eval("#result", (result) => result.replaceChildren());
+  await tab.$eval(`#${form}-port`, (input) => { input.value = ""; });
+  await tab.$eval(`#${form}-bin`, (input) => { input.value = ""; });
+  await tab.type(`#${form}-port`, String(port));
+  await tab.type(`#${form}-bin`, String(bin));
+  // By keyboard: Enter submits the form; the dialog opens on Back, so that a stray Enter sends
+  // nothing, and Shift+Tab reaches the confirm button.
+  await tab.focus(`#${form}-bin`);
+  await tab.keyboard.press("Enter");
+  await tab.waitForSelector("#confirm[open]");
+  assert.equal(await tab.evaluate(() => document.activeElement.id), "confirm-no");
+  await tab.keyboard.down("Shift");
+  await tab.keyboard.press("Tab");
+  await tab.keyboard.up("Shift");
+  assert.equal(await tab.evaluate(() => document.activeElement.id), "confirm-yes");
+  await tab.keyboard.press("Enter");
+  await tab.waitForSelector("#result h3");
+  return tab.$eval("#result", (result) => result.innerText);
+}
+
+// === the tests ===
+
+describe("the console against the gateway and the simulator", bounded, () => {
+  let simulator;
+  let proxy;
+  let gateway;
+  let tab;
+  let errors;
+
+  before(async () => {
+    simulator = await startProcess(
+      ["simulate", "--listen", "127.0.0.1:0", "--log-publisher-listen", "127.0.0.1:0"],
+      [/simulated controller listening url=(\S+)/, /simulated Log Publisher listening address=(\S+)/],
+    );
+    const [url, logPublisher] = simulator.found;
+    proxy = await startProxy(logPublisher);
+    gateway = await startProcess(
+      ["serve", "--upstream", url, "--log-publisher", proxy.address, "--listen", "127.0.0.1:0",
+        "--retry-delay", RETRY_DELAY, "--console", "--console-ports", "1,2,3,4"],
+      [LISTENING],
+    );
+    ({ tab, errors } = await openConsole(gateway.found[0]));
+  });
+
+  after(async () => {
+    await tab?.close();
+    await gateway?.stop();
+    await proxy?.close();
+    await simulator?.stop();
+  });
+
+  test("the page loads with a tile per port, and no errors", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    await waitForTile(tab, 3, "NOOP");
+    const ports = await tab.$$eval("#tiles li", (tiles) => tiles.map((tile) => tile.dataset.port));
+    assert.deepEqual(ports, ["1", "2", "3", "4"]);
+    // Without auth, there is no token field.
+    assert.equal(await tab.$eval("#token-form", (form) => getComputedStyle(form).display), "none");
+    // Port 1 is not an AutoCase port: its tile says so, by the fault's name.
+    await tab.waitForFunction(() => document.querySelector('li[data-port="1"]').innerText.includes("1087"));
+    assert.deepEqual(errors, []);
+  });
+
+  test("an extraction goes EREQ, ERSO, ECMP on its tile; a second one at once shows fault 1148", async () => {
+    const accepted = await act(tab, "extract", 4, 101337);
+    assert.match(accepted, /ok: case_extract port 4 bin 101337: the controller accepted the case extraction/);
+    assert.match(accepted, /Request id\s+[0-9a-f-]{36}/);
+    await waitForTile(tab, 4, "EREQ");
+    const refused = await act(tab, "extract", 4, 101337);
+    assert.match(refused, /failed: case_extract port 4 bin 101337: UNAVAILABLE/);
+    assert.match(refused, /Fault\s+1148 PREVIOUS_ACTION_NOT_COMPLETED/);
+    assert.match(refused, /Meaning\s+New action cannot be started until the previous action has been completed\./);
+    assert.match(refused, /Retry\s+retry after the RetryInfo delay; the controller did not start the action \(after 0\.7s\)/);
+    assert.match(refused, /Request id\s+[0-9a-f-]{36}/);
+    mkdirSync(dirname(screenshot), { recursive: true });
+    await tab.screenshot({ path: screenshot, fullPage: true });
+    await waitForTile(tab, 4, "ERSO");
+    await waitForTile(tab, 4, "ECMP");
+    const timeline = await tab.$eval("#timeline", (list) => list.innerText);
+    for (const state of ["EREQ (EXTRACTION_REQUESTED)", "ERSO (EXTRACTION_READY_TO_SEND)", "ECMP (EXTRACTION_COMPLETED)"]) {
+      assert.match(timeline, new RegExp(`port 4 bin 101337 ${state.replace(/[()]/g, "\\$&")}`));
+    }
+    assert.deepEqual(errors, []);
+  });
+
+  test("a cancel returns the port to NOOP, keeping the bin", async () => {
+    await act(tab, "extract", 4, 101337);
+    await waitForTile(tab, 4, "EREQ");
+    const cancelled = await act(tab, "cancel", 4, 101337);
+    assert.match(cancelled, /ok: case_cancel port 4 bin 101337: the controller accepted the cancel/);
+    await waitForTile(tab, 4, "NOOP");
+    assert.match(await tab.$eval('li[data-port="4"]', (tile) => tile.innerText), /bin 101337/);
+    assert.match(await tab.$eval("#timeline", (list) => list.innerText), /port 4 bin 101337 CR \(CANCEL_REQUEST\)/);
+    assert.deepEqual(errors, []);
+  });
+
+  test("Back sends nothing", async () => {
+    await tab.$eval("#result", (result) => result.replaceChildren());
+    await tab.$eval("#extract-port", (input) => { input.value = "4"; });
+    await tab.$eval("#extract-bin", (input) => { input.value = "101337"; });
+    await tab.focus("#extract-bin");
+    await tab.keyboard.press("Enter");
+    await tab.waitForSelector("#confirm[open]");
+    await tab.keyboard.press("Escape");
+    await tab.waitForSelector("#confirm:not([open])");
+    assert.equal(await tab.$eval("#result", (result) => result.innerText), "");
+    assert.equal(await tileState(tab, 4), "NOOP");
+  });
+
+  test("an out-of-range port is refused by the gateway, naming the field", async () => {
+    const refused = await act(tab, "extract", 2001, 101337);
+    assert.match(refused, /failed: case_extract port 2001 bin 101337: INVALID_ARGUMENT/);
+    assert.match(refused, /Reason\s+INVALID_PARAMETER/);
+    assert.match(refused, /Field\s+port_id: /);
+    assert.match(refused, /Retry\s+no; fix the request/);
+    assert.deepEqual(errors, []);
+  });
+
+  test("a Log Publisher outage shows the banner, and the tiles recover when it returns", async () => {
+    proxy.cut();
+    await tab.waitForSelector("#banner:not([hidden])");
+    const banner = await tab.$eval("#banner", (element) => element.innerText);
+    assert.match(banner, /LOG_PUBLISHER_UNAVAILABLE/);
+    // The wait is the gateway's RetryInfo delay (--retry-delay), not the page's own backoff.
+    assert.match(banner, /watching again in 0\.7s/);
+    assert.match(banner, /Request id [0-9a-f-]{36}/);
+    await tab.waitForSelector('li[data-port="4"].stale');
+    proxy.restore();
+    await tab.waitForSelector("#banner[hidden]");
+    await tab.waitForSelector('li[data-port="4"][data-state="NOOP"]:not(.stale)');
+    // Live again: a new extraction shows on the tile.
+    await act(tab, "extract", 4, 101337);
+    await waitForTile(tab, 4, "EREQ");
+    assert.deepEqual(errors, []);
+  });
+});
+
+describe("the console with auth on", bounded, () => {
+  let gateway;
+  let tab;
+  let errors;
+
+  before(async () => {
+    const folder = mkdtempSync(join(tmpdir(), "taskgate-console-auth-"));
+    const tokens = join(folder, "tokens");
+    writeFileSync(tokens, "right-token\n");
+    gateway = await startProcess(
+      ["serve", "--simulator", "--listen", "127.0.0.1:0", "--retry-delay", RETRY_DELAY, "--auth-tokens-file", tokens],
+      [LISTENING],
+    );
+    ({ tab, errors } = await openConsole(gateway.found[0]));
+  });
+
+  after(async () => {
+    await tab?.close();
+    await gateway?.stop();
+  });
+
+  test("a wrong token shows UNAUTHENTICATED and the right one works", async () => {
+    await tab.waitForSelector("#token-form:not([hidden])");
+    await tab.waitForFunction(() => document.getElementById("banner").innerText.includes("UNAUTHENTICATED"));
+    await tab.type("#token", "wrong-token");
+    await tab.keyboard.press("Enter");
+    const refused = await act(tab, "extract", 4, 101337);
+    assert.match(refused, /failed: case_extract port 4 bin 101337: UNAUTHENTICATED/);
+    assert.match(refused, /Reason\s+UNAUTHENTICATED/);
+    assert.equal(await tileState(tab, 4), undefined);
+    await tab.$eval("#token", (input) => { input.value = ""; });
+    await tab.type("#token", "right-token");
+    await tab.focus("#token");
+    await tab.keyboard.press("Enter");
+    await waitForTile(tab, 4, "NOOP");
+    await tab.waitForSelector("#banner[hidden]");
+    const accepted = await act(tab, "extract", 4, 101337);
+    assert.match(accepted, /ok: case_extract port 4 bin 101337/);
+    await waitForTile(tab, 4, "EREQ");
+    // The token is kept in the tab's memory only.
+    const stored = await tab.evaluate(() => [localStorage.length, sessionStorage.length, document.cookie]);
+    assert.deepEqual(stored, [0, 0, ""]);
+    assert.deepEqual(errors, []);
+  });
+});
+
+describe("the console without a Log Publisher", bounded, () => {
+  let gateway;
+  let tab;
+  let errors;
+
+  before(async () => {
+    gateway = await startProcess(["serve", "--simulator", "--log-publisher", "off", "--listen", "127.0.0.1:0"], [LISTENING]);
+    ({ tab, errors } = await openConsole(gateway.found[0]));
+  });
+
+  after(async () => {
+    await tab?.close();
+    await gateway?.stop();
+  });
+
+  test("reads the tiles and says they are not live", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    await tab.waitForFunction(() => document.getElementById("banner").innerText.includes("LOG_PUBLISHER_DISABLED"));
+    assert.deepEqual(errors, []);
+  });
+});
+
+describe("a page on another origin, as the README shows it", bounded, () => {
+  let gateway;
+  let site;
+
+  after(async () => {
+    await gateway?.stop();
+    site?.closeAllConnections();
+    await new Promise((resolveClose) => (site ? site.close(resolveClose) : resolveClose()));
+  });
+
+  test("calls the gateway with Connect-ES when its origin is allowed", async () => {
+    // The README's snippet itself, pointed at this test's gateway and generated code.
+    const readme = readFileSync(join(root, "README.md"), "utf8");
+    const snippet = /\*\*From a page on another origin\*\*[\s\S]*?```js\n([\s\S]*?)```/.exec(readme)?.[1];
+    assert.ok(snippet, "README.md has no cross-origin snippet");
+    site = createHttpServer();
+    await new Promise((resolveListen) => site.listen(0, "127.0.0.1", resolveListen));
+    const origin = `http://127.0.0.1:${site.address().port}`;
+    gateway = await startProcess(
+      ["serve", "--simulator", "--listen", "127.0.0.1:0", "--cors-allow-origin", origin],
+      [LISTENING],
+    );
+    assert.ok(snippet.includes('"http://gateway:50051"') && snippet.includes('"./gen/taskgate/v1/task_pb.js"'));
+    const source = snippet
+      .replace('"http://gateway:50051"', JSON.stringify(`http://${gateway.found[0]}`))
+      .replace('"./gen/taskgate/v1/task_pb.js"', JSON.stringify(join(here, "..", "gen", "taskgate", "v1", "task_pb.js")));
+    const bundle = await esbuild.build({
+      stdin: { contents: source, resolveDir: join(here, ".."), sourcefile: "readme-snippet.js" },
+      bundle: true, format: "esm", target: "es2022", write: false, logLevel: "warning",
+    });
+    site.on("request", (request, response) => {
+      if (request.url === "/snippet.js") {
+        response.writeHead(200, { "content-type": "text/javascript" });
+        response.end(bundle.outputFiles[0].contents);
+      } else {
+        response.writeHead(200, { "content-type": "text/html" });
+        response.end('<!doctype html><title>ops</title><script type="module" src="/snippet.js"></script>');
+      }
+    });
+    const tab = await browser.newPage();
+    try {
+      const logged = [];
+      const errors = [];
+      tab.on("console", (message) => (message.type() === "error" ? errors : logged).push(message.text()));
+      tab.on("pageerror", (error) => errors.push(error.message));
+      const printed = new Promise((resolvePrinted) => tab.on("console", () => logged.length > 0 && resolvePrinted()));
+      await tab.goto(`${origin}/`, { waitUntil: "load" });
+      await within(printed, SHOW_LIMIT_MS, () => `the snippet printed nothing; errors: ${errors.join("; ")}`);
+      // Port 4 of the default layout, before any case operation: NOOP, no bin.
+      assert.deepEqual(logged, ["NOOP no bin"]);
+      assert.deepEqual(errors, []);
+    } finally {
+      await tab.close();
+    }
+  });
+});

@@ -1,0 +1,357 @@
+//! The operator console (`--console`): one page that shows every port's case state live, calling
+//! the task service over gRPC-Web from the gateway's own origin, so it needs no CORS.
+//!
+//! The page is built from `console/` (Connect-ES, bundled by esbuild) into `console/dist/`, which
+//! is committed; `build.rs` lists it and the binary embeds every file, so neither `cargo build`
+//! nor the gateway needs Node or a file system for it. The bundle's names carry a hash of their
+//! content, so they are cached for good (`immutable`); the page itself, which names them, is
+//! revalidated on every load (`no-cache`).
+//!
+//! It is served in front of every gRPC layer: GET and HEAD of the page, its files and its
+//! settings (`/console/config.json`: the ports to show, whether task calls need a token, and the
+//! fault and gateway-error tables, so the page shows a fault's meaning and retry advice from
+//! the same tables as every status). Any other request goes on to gRPC and gRPC-Web untouched;
+//! with the console off there is no layer at all.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::future::{Either, Ready, ready};
+use http_body_util::Full;
+use tonic::codegen::http::header::{self, HeaderValue};
+use tonic::codegen::http::{Method, Request, Response, StatusCode};
+use tower::{Layer, Service};
+
+use crate::domain::PORT_ID_RANGE;
+use crate::fault::{self, FaultClass};
+use crate::gateway_error::{self, GATEWAY_ERRORS};
+
+/// Where the page is served.
+pub const PAGE_PATH: &str = "/";
+/// Where the page's settings are served.
+pub const CONFIG_PATH: &str = "/console/config.json";
+/// Under this path are the bundle's files, each by its name in `console/dist/`.
+pub const FILES_PATH: &str = "/console/";
+/// Sent with every console response: the page loads only the gateway's own files, calls only
+/// the gateway, and cannot be framed, so neither an injected script nor another site can act
+/// through it. `style-src 'self'` allows no inline style either.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+    style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; \
+    form-action 'none'; frame-ancestors 'none'";
+
+/// The bundle, as `build.rs` listed `console/dist/`: each file's name and content.
+const FILES: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/console_files.rs"));
+/// The page, among [`FILES`]: the one name without a hash, so it is never cached for good.
+const PAGE_FILE: &str = "index.html";
+
+/// What the console shows, checked: the ports it has a tile for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    ports: Vec<u32>,
+}
+
+/// Why console settings cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettingsError {
+    /// No port to show: the page would be empty.
+    #[error("the console needs at least one port to show (--console-ports)")]
+    NoPorts,
+    /// A port outside the task interface's range.
+    #[error(
+        "--console-ports {0} is out of range {min}-{max}: the task interface has no such port",
+        min = PORT_ID_RANGE.start(),
+        max = PORT_ID_RANGE.end()
+    )]
+    PortOutOfRange(u32),
+    /// A port given twice, which would show two tiles of one port.
+    #[error("--console-ports gives port {0} twice")]
+    PortTwice(u32),
+}
+
+/// Serves the console in front of the gRPC service.
+#[derive(Debug, Clone)]
+pub(crate) struct ConsoleLayer {
+    files: Arc<Files>,
+}
+
+/// The service [`ConsoleLayer`] puts in front of another.
+#[derive(Debug, Clone)]
+pub(crate) struct ConsoleService<S> {
+    inner: S,
+    files: Arc<Files>,
+}
+
+/// Every response the console can give, by path, made once.
+#[derive(Debug)]
+struct Files {
+    by_path: HashMap<String, File>,
+}
+
+#[derive(Debug)]
+struct File {
+    content: Bytes,
+    content_type: HeaderValue,
+    cache_control: HeaderValue,
+}
+
+/// How long a hashed file may be cached: a year, the longest RFC 9111 caches are asked to honour.
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+/// Revalidated on every load, so a new gateway's page names its new files at once.
+const REVALIDATE: &str = "no-cache";
+
+// === impl Settings ===
+
+impl Settings {
+    /// Settings showing `ports`, in that order: each 1–2000, none twice, at least one.
+    pub fn new(ports: Vec<u32>) -> Result<Settings, SettingsError> {
+        if ports.is_empty() {
+            return Err(SettingsError::NoPorts);
+        }
+        for (index, &port) in ports.iter().enumerate() {
+            if !PORT_ID_RANGE.contains(&port) {
+                return Err(SettingsError::PortOutOfRange(port));
+            }
+            if ports[..index].contains(&port) {
+                return Err(SettingsError::PortTwice(port));
+            }
+        }
+        Ok(Settings { ports })
+    }
+
+    /// The ports the console shows, in order.
+    pub fn ports(&self) -> &[u32] {
+        &self.ports
+    }
+}
+
+// === impl ConsoleLayer ===
+
+impl ConsoleLayer {
+    /// The console for `settings`; `auth` tells the page to ask for a bearer token.
+    pub(crate) fn new(settings: &Settings, auth: bool) -> ConsoleLayer {
+        let mut by_path = HashMap::new();
+        for &(name, content) in FILES {
+            let (path, cache_control) = if name == PAGE_FILE {
+                (PAGE_PATH.to_owned(), REVALIDATE)
+            } else {
+                (format!("{FILES_PATH}{name}"), IMMUTABLE)
+            };
+            by_path.insert(
+                path,
+                File {
+                    content: Bytes::from_static(content),
+                    content_type: HeaderValue::from_static(content_type(name)),
+                    cache_control: HeaderValue::from_static(cache_control),
+                },
+            );
+        }
+        by_path.insert(
+            CONFIG_PATH.to_owned(),
+            File {
+                content: Bytes::from(page_config(settings, auth).to_string()),
+                content_type: HeaderValue::from_static("application/json"),
+                cache_control: HeaderValue::from_static(REVALIDATE),
+            },
+        );
+        ConsoleLayer {
+            files: Arc::new(Files { by_path }),
+        }
+    }
+}
+
+impl<S> Layer<S> for ConsoleLayer {
+    type Service = ConsoleService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ConsoleService {
+            inner,
+            files: self.files.clone(),
+        }
+    }
+}
+
+// === impl ConsoleService ===
+
+impl<S, B> Service<Request<B>> for ConsoleService<S>
+where
+    S: Service<Request<B>, Response = Response<tonic::body::Body>>,
+{
+    type Response = Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Either<Ready<Result<Self::Response, S::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let method = request.method();
+        let path = request.uri().path();
+        if method != Method::GET && method != Method::HEAD {
+            return Either::Right(self.inner.call(request));
+        }
+        match self.files.by_path.get(path) {
+            Some(file) => Either::Left(ready(Ok(file.response()))),
+            // The console's own folder: a name not in the bundle (an old page's file, a typo).
+            None if path.starts_with(FILES_PATH) => Either::Left(ready(Ok(not_found(path)))),
+            None => Either::Right(self.inner.call(request)),
+        }
+    }
+}
+
+// === impl File ===
+
+impl File {
+    fn response(&self) -> Response<tonic::body::Body> {
+        let mut response = Response::new(body(self.content.clone()));
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, self.content_type.clone());
+        headers.insert(header::CACHE_CONTROL, self.cache_control.clone());
+        add_security_headers(headers);
+        response
+    }
+}
+
+fn not_found(path: &str) -> Response<tonic::body::Body> {
+    let text = format!("{path} is not a file of this gateway's console; the console is at /\n");
+    let mut response = Response::new(body(Bytes::from(text)));
+    *response.status_mut() = StatusCode::NOT_FOUND;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(REVALIDATE));
+    add_security_headers(headers);
+    response
+}
+
+fn add_security_headers(headers: &mut tonic::codegen::http::HeaderMap) {
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+}
+
+fn body(content: Bytes) -> tonic::body::Body {
+    tonic::body::Body::new(Full::new(content))
+}
+
+/// The content type of a bundle file, by its extension. `build.rs` embeds whatever is in
+/// `console/dist/`, so a file of another kind fails the test that checks every one.
+fn content_type(name: &str) -> &'static str {
+    match name.rsplit_once('.').map(|(_, extension)| extension) {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js") => "text/javascript; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("svg") => "image/svg+xml",
+        _ => "application/octet-stream",
+    }
+}
+
+/// What the page needs from the gateway: the ports to show, whether to ask for a token, and what
+/// each fault and gateway error means and advises, from the tables every status is built from.
+fn page_config(settings: &Settings, auth: bool) -> serde_json::Value {
+    let fault = |fault_class: FaultClass| {
+        serde_json::json!({
+            "name": fault_class.reason(),
+            "meaning": fault_class.meaning(),
+            "advice": fault_class.retry().advice(),
+        })
+    };
+    let faults: serde_json::Map<String, serde_json::Value> = fault::FAULTS
+        .iter()
+        .map(|known| (known.code.to_string(), fault(FaultClass::Known(known))))
+        .collect();
+    let gateway_errors: Vec<serde_json::Value> = GATEWAY_ERRORS
+        .iter()
+        .map(|row| {
+            serde_json::json!({
+                "reason": row.reason,
+                "code": fault::grpc_code_name(row.code),
+                "advice": row.retry.advice(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "ports": settings.ports,
+        "auth": auth,
+        "faults": faults,
+        "unknownFault": fault(FaultClass::Unknown(0)),
+        "internalFault": fault(FaultClass::OutOfRange(0)),
+        "documentedFaults": [fault::DOCUMENTED_RANGE.start(), fault::DOCUMENTED_RANGE.end()],
+        "gatewayDomain": gateway_error::DOMAIN,
+        "faultDomain": fault::DOMAIN,
+        "gatewayErrors": gateway_errors,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_checked() {
+        assert_eq!(Settings::new(vec![]), Err(SettingsError::NoPorts));
+        assert_eq!(
+            Settings::new(vec![4, 0]),
+            Err(SettingsError::PortOutOfRange(0))
+        );
+        assert_eq!(
+            Settings::new(vec![2001]).unwrap_err().to_string(),
+            "--console-ports 2001 is out of range 1-2000: the task interface has no such port"
+        );
+        assert_eq!(
+            Settings::new(vec![4, 3, 4]),
+            Err(SettingsError::PortTwice(4))
+        );
+        assert_eq!(
+            Settings::new(vec![4, 1, 2000]).unwrap().ports(),
+            [4, 1, 2000]
+        );
+    }
+
+    /// The README's "Console" section gives the headers as they are sent.
+    #[test]
+    fn the_readme_states_the_headers() {
+        let readme = include_str!("../README.md")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let policy = CONTENT_SECURITY_POLICY
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        for sentence in [
+            format!("`Content-Security-Policy: {policy}`"),
+            format!("| `{CONFIG_PATH}` |"),
+            format!("| `{REVALIDATE}` |"),
+            format!("| `{IMMUTABLE}` |"),
+        ] {
+            assert!(
+                readme.contains(&sentence),
+                "README.md does not say: {sentence}"
+            );
+        }
+    }
+
+    /// Every file of the bundle is served with a type a browser runs or shows under `nosniff`,
+    /// and the page is among them.
+    #[test]
+    fn every_bundle_file_has_a_known_type() {
+        assert!(FILES.iter().any(|(name, _)| *name == PAGE_FILE));
+        for (name, _) in FILES {
+            assert_ne!(content_type(name), "application/octet-stream", "{name}");
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The operator console on the gRPC port: the page and its files with the headers a browser
+//! needs to run them safely, the settings the page reads, and nothing of it when it is off.
+
+use reqwest::Response;
+use reqwest::header::HeaderMap;
+
+use taskgate::console::{self, CONTENT_SECURITY_POLICY};
+
+use crate::cli::{TaskgateProcess, run};
+use crate::support::{Gateway, GatewayBuilder, http_client};
+
+fn with_console(builder: GatewayBuilder, ports: &[u32]) -> GatewayBuilder {
+    let settings = console::Settings::new(ports.to_vec()).unwrap();
+    builder.config(move |config| config.console = Some(settings))
+}
+
+async fn get(base: &str, path: &str) -> Response {
+    http_client()
+        .get(format!("{base}{path}"))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn json(response: Response) -> serde_json::Value {
+    serde_json::from_slice(&response.bytes().await.unwrap()).unwrap()
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
+    headers
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header in {headers:?}"))
+        .to_str()
+        .unwrap()
+}
+
+/// The headers every console response carries, whatever the file.
+fn assert_locked_down(headers: &HeaderMap) {
+    assert_eq!(
+        header(headers, "content-security-policy"),
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+         img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    );
+    assert_eq!(header(headers, "x-content-type-options"), "nosniff");
+    assert_eq!(header(headers, "referrer-policy"), "no-referrer");
+}
+
+/// The files the page names, as `/console/…` paths, in the order it names them.
+fn named_files(page: &str) -> Vec<String> {
+    page.split(['"', '\''])
+        .filter(|part| part.starts_with("/console/"))
+        .map(ToOwned::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_page_and_its_files_are_served_locked_down_with_their_types_and_cache_rules() {
+    let gateway = with_console(Gateway::builder(), &[1, 2, 3, 4])
+        .start()
+        .await;
+    let base = format!("http://{}", gateway.address);
+    let page = get(&base, "/").await;
+    assert_eq!(page.status(), 200);
+    let headers = page.headers().clone();
+    assert_eq!(header(&headers, "content-type"), "text/html; charset=utf-8");
+    assert_eq!(header(&headers, "cache-control"), "no-cache");
+    assert_locked_down(&headers);
+    let page = page.text().await.unwrap();
+    let files = named_files(&page);
+    let extensions: Vec<&str> = files
+        .iter()
+        .map(|path| path.rsplit_once('.').unwrap().1)
+        .collect();
+    assert_eq!(extensions, ["svg", "css", "js"], "{page}");
+    for path in files {
+        let response = get(&base, &path).await;
+        assert_eq!(response.status(), 200, "{path}");
+        let headers = response.headers();
+        let expected_type = match path.rsplit_once('.').unwrap().1 {
+            "js" => "text/javascript; charset=utf-8",
+            "css" => "text/css; charset=utf-8",
+            _ => "image/svg+xml",
+        };
+        assert_eq!(header(headers, "content-type"), expected_type, "{path}");
+        assert_eq!(
+            header(headers, "cache-control"),
+            "public, max-age=31536000, immutable",
+            "{path}"
+        );
+        assert_locked_down(headers);
+    }
+    assert_eq!(
+        CONTENT_SECURITY_POLICY,
+        header(&headers, "content-security-policy")
+    );
+}
+
+#[tokio::test]
+async fn a_name_not_in_the_bundle_is_not_found_and_head_gives_no_body() {
+    let gateway = with_console(Gateway::builder(), &[4]).start().await;
+    let base = format!("http://{}", gateway.address);
+    let missing = get(&base, "/console/console-OLDHASH.js").await;
+    assert_eq!(missing.status(), 404);
+    assert_locked_down(missing.headers());
+    assert_eq!(
+        missing.text().await.unwrap(),
+        "/console/console-OLDHASH.js is not a file of this gateway's console; the console is at /\n"
+    );
+    let head = http_client().head(format!("{base}/")).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(
+        header(head.headers(), "content-type"),
+        "text/html; charset=utf-8"
+    );
+    assert_eq!(head.bytes().await.unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn the_page_reads_its_ports_auth_and_the_fault_table_from_the_gateway() {
+    let gateway = with_console(Gateway::builder(), &[4, 1, 2000])
+        .auth_tokens(&["secret"])
+        .start()
+        .await;
+    let response = get(&format!("http://{}", gateway.address), console::CONFIG_PATH).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        header(response.headers(), "content-type"),
+        "application/json"
+    );
+    assert_eq!(header(response.headers(), "cache-control"), "no-cache");
+    assert_locked_down(response.headers());
+    let config = json(response).await;
+    assert_eq!(config["ports"], serde_json::json!([4, 1, 2000]));
+    assert_eq!(config["auth"], true);
+    assert_eq!(
+        config["faults"]["1148"],
+        serde_json::json!({
+            "name": "PREVIOUS_ACTION_NOT_COMPLETED",
+            "meaning": "New action cannot be started until the previous action has been completed.",
+            "advice": "retry after the RetryInfo delay; the controller did not start the action",
+        })
+    );
+    let unauthenticated = config["gatewayErrors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["reason"] == "UNAUTHENTICATED")
+        .unwrap();
+    assert_eq!(unauthenticated["code"], "UNAUTHENTICATED");
+}
+
+/// The console takes only GET and HEAD of its own paths: gRPC and gRPC-Web calls go on as
+/// before, on the same port.
+#[tokio::test]
+async fn calls_are_unchanged_with_the_console_on() {
+    let gateway = with_console(Gateway::builder(), &[4]).start().await;
+    let state = gateway.case_get_state(4).await.unwrap();
+    assert_eq!(state.raw_state, "NOOP");
+    let post = http_client()
+        .post(format!("http://{}/", gateway.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 400);
+    assert!(post.headers().get("content-security-policy").is_none());
+}
+
+/// Off, nothing of the console is served: its paths get what any HTTP/1.1 request that is not
+/// gRPC-Web gets.
+#[tokio::test]
+async fn with_the_console_off_its_paths_are_not_served() {
+    let gateway = Gateway::builder().start().await;
+    let base = format!("http://{}", gateway.address);
+    for path in ["/", console::CONFIG_PATH, "/console/icon.svg"] {
+        let response = get(&base, path).await;
+        assert_eq!(response.status(), 400, "{path}");
+        assert!(
+            response.headers().get("content-security-policy").is_none(),
+            "{path}"
+        );
+    }
+}
+
+/// `serve --simulator` turns the console on with the layout's ports; `--console=false` turns it
+/// off.
+#[tokio::test]
+async fn the_simulator_turns_the_console_on_with_its_layouts_ports() {
+    let on = TaskgateProcess::start(&[]).await;
+    let config = json(get(&on.gateway, console::CONFIG_PATH).await).await;
+    assert_eq!(config["ports"], serde_json::json!([1, 2, 3, 4]));
+    assert_eq!(config["auth"], false);
+    let off = TaskgateProcess::start(&["--console=false"]).await;
+    assert_eq!(get(&off.gateway, "/").await.status(), 400);
+}
+
+#[tokio::test]
+async fn console_settings_that_cannot_work_stop_the_gateway_at_startup() {
+    let (_, stderr) = run(&["serve", "--console", "--listen", "127.0.0.1:0"], 2).await;
+    assert!(
+        stderr.contains(
+            "--console needs --console-ports, the ports to show (for example --console-ports \
+             1,2,3,4); with --simulator they are its layout's"
+        ),
+        "{stderr}"
+    );
+    let (_, stderr) = run(
+        &[
+            "serve",
+            "--simulator",
+            "--console-ports",
+            "4,2001",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        2,
+    )
+    .await;
+    assert!(
+        stderr.contains(
+            "--console-ports 2001 is out of range 1-2000: the task interface has no such port"
+        ),
+        "{stderr}"
+    );
+}
