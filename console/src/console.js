@@ -101,7 +101,9 @@ async function follow(config, tiles) {
         showBanner(`Live updates are off: the gateway runs without a Log Publisher (LOG_PUBLISHER_DISABLED). The tiles are read every ${seconds(MAX_BACKOFF_MS)}.`);
         await sleep(MAX_BACKOFF_MS, signal);
       } else {
-        const delayMs = problem.retryDelayMs ?? backoffMs;
+        // The gateway's RetryInfo delay when it sends one, but never less than the first
+        // backoff: `--retry-delay 0s` must not make every open page watch again in a loop.
+        const delayMs = Math.max(problem.retryDelayMs ?? backoffMs, FIRST_BACKOFF_MS);
         backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
         for (const tile of tiles.values()) tile.element.classList.add("stale");
         showBanner(`${watchProblem(problem)} Tiles may be out of date; watching again in ${seconds(delayMs)}.`,
@@ -152,7 +154,8 @@ async function readState(tile, config, signal) {
     tile.code.textContent = problem.codeName;
     tile.name.textContent = problem.fault ? `${problem.fault.code} ${problem.fault.name}` : problem.reason ?? "";
     tile.bin.textContent = "";
-    tile.detail.textContent = problem.fault?.meaning ?? problem.message;
+    const id = problem.requestId ? ` Request id ${problem.requestId}.` : "";
+    tile.detail.textContent = `${problem.fault?.meaning ?? problem.message} Retry: ${problem.advice}.${id}`;
   }
 }
 
@@ -378,6 +381,8 @@ function setUpToken() {
   page.tokenForm.addEventListener("submit", (submitted) => {
     submitted.preventDefault();
     bearerToken = page.token.value.trim();
+    // Cleared, so the browser has nothing to offer to save: the token lives in this tab only.
+    page.token.value = "";
     page.tokenState.textContent = bearerToken ? "in use (this tab only)" : "none given";
     // Watch again at once with the new token.
     watching.abort();
@@ -386,8 +391,13 @@ function setUpToken() {
 
 function sleep(ms, signal) {
   return new Promise((resolve) => {
-    const timer = setTimeout(resolve, ms);
-    signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
+    if (signal.aborted) {
+      resolve();
+      return;
+    }
+    const woken = () => { clearTimeout(timer); resolve(); };
+    const timer = setTimeout(() => { signal.removeEventListener("abort", woken); resolve(); }, ms);
+    signal.addEventListener("abort", woken, { once: true });
   });
 }
 

@@ -232,6 +232,10 @@ describe("the console against the gateway and the simulator", bounded, () => {
     assert.equal(await tab.$eval("#token-form", (form) => getComputedStyle(form).display), "none");
     // Port 1 is not an AutoCase port: its tile says so, by the fault's name.
     await tab.waitForFunction(() => document.querySelector('li[data-port="1"]').innerText.includes("1087"));
+    // ...with what to do about it, and the request id to quote.
+    const refused = await tab.$eval('li[data-port="1"]', (tile) => tile.innerText);
+    assert.match(refused, /Retry: /);
+    assert.match(refused, /Request id [0-9a-f-]{36}\./);
     assert.deepEqual(errors, []);
   });
 
