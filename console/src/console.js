@@ -325,7 +325,10 @@ function describeError(error, config) {
   const delay = retryInfo?.retryDelay;
   const retryDelayMs = delay ? Number(delay.seconds) * 1000 + Math.round(delay.nanos / 1e6) : null;
   const fault = taskFault ? faultRow(taskFault.rawCode, config) : null;
-  let advice = fault?.advice ?? gatewayAdvice(info, codeName, config) ?? "not known: read the message";
+  // Without the gateway's ErrorInfo (the page's own deadline, a connection lost on the way), the
+  // call may still have reached the controller.
+  let advice = fault?.advice ?? gatewayAdvice(info, codeName, config) ??
+    "not at once: the controller may have acted; check the port's tile first";
   advice = advice.replaceAll("`", "");
   if (retryDelayMs !== null) advice += ` (after ${seconds(retryDelayMs)})`;
   return {
