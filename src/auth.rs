@@ -58,6 +58,9 @@ pub enum TokenFileError {
         /// The file.
         path: PathBuf,
     },
+    /// The reload's thread ended before it read the file: the process is stopping.
+    #[error("the reload was interrupted: {0}")]
+    Interrupted(String),
 }
 
 /// The digests of the accepted tokens. Its `Debug` shows only how many there are: even a digest
@@ -321,7 +324,7 @@ pub(crate) async fn reload_on_change(authenticator: Authenticator) {
             continue;
         }
         seen = version;
-        match authenticator.reload() {
+        match reload_off_the_runtime(&authenticator).await {
             Ok(count) => tracing::info!(
                 tokens = count,
                 "the token file changed; reloaded auth tokens"
@@ -337,14 +340,32 @@ pub(crate) async fn reload_on_change(authenticator: Authenticator) {
 /// Reloads the tokens on each SIGHUP (see [`Hangups`]).
 pub(crate) async fn reload_on_sighup(hangups: Hangups, authenticator: Authenticator) {
     hangups
-        .handle(move || match authenticator.reload() {
-            Ok(count) => tracing::info!(tokens = count, "received SIGHUP; reloaded auth tokens"),
-            Err(error) => tracing::error!(
-                cause = %error,
-                "received SIGHUP; auth tokens not reloaded, the old ones stay in force"
-            ),
+        .handle(move || {
+            let authenticator = authenticator.clone();
+            tokio::spawn(async move {
+                match reload_off_the_runtime(&authenticator).await {
+                    Ok(count) => {
+                        tracing::info!(tokens = count, "received SIGHUP; reloaded auth tokens");
+                    }
+                    Err(error) => tracing::error!(
+                        cause = %error,
+                        "received SIGHUP; auth tokens not reloaded, the old ones stay in force"
+                    ),
+                }
+            });
         })
         .await;
+}
+
+/// Reloads the tokens on a blocking thread: reading and hashing a file (on a network file
+/// system, perhaps) must not hold a runtime thread, which is the calls'.
+async fn reload_off_the_runtime(authenticator: &Authenticator) -> Result<usize, TokenFileError> {
+    let authenticator = authenticator.clone();
+    match tokio::task::spawn_blocking(move || authenticator.reload()).await {
+        Ok(reloaded) => reloaded,
+        // The blocking pool is shutting down with the process; the old tokens stay in force.
+        Err(error) => Err(TokenFileError::Interrupted(error.to_string())),
+    }
 }
 
 #[cfg(test)]

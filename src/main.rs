@@ -5,6 +5,7 @@ use std::process::ExitCode;
 mod cli;
 
 fn main() -> ExitCode {
+    taskgate::shutdown::survive_hangups();
     let prepared = match cli::parse().prepare() {
         Ok(prepared) => prepared,
         // The settings could not be completed (a bad config file): nothing was logged yet.

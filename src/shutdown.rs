@@ -67,6 +67,36 @@ pub struct Hangups {
     signal: Option<tokio::signal::unix::Signal>,
 }
 
+/// Makes SIGHUP harmless from now on, before anything else is set up: the first thing `main`
+/// does, so that a reload sent as soon as the process is started (a unit's `ExecReload` right
+/// after `systemctl start`) never meets SIGHUP's default action, which ends the process.
+///
+/// tokio's handler, once installed, stays for the process's life; a throwaway runtime installs it
+/// here, before the command's own runtime exists. Until [`Hangups::catch`] a SIGHUP is only noted
+/// and dropped: nothing has been read yet that it could reload.
+pub fn survive_hangups() {
+    #[cfg(unix)]
+    {
+        let installed = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(|error| error.to_string())
+            .and_then(|runtime| {
+                runtime.block_on(async {
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                        .map(drop)
+                        .map_err(|error| error.to_string())
+                })
+            });
+        if let Err(error) = installed {
+            // Logging is not set up yet; `Hangups::catch` tries again and logs.
+            eprintln!(
+                "taskgate: cannot catch SIGHUP yet ({error}); one sent now would end the process"
+            );
+        }
+    }
+}
+
 // === impl Hangups ===
 
 impl Hangups {

@@ -1075,6 +1075,31 @@ async fn sighup_never_ends_serve_or_simulate() {
     assert_eq!(code, Some(0), "{log}");
 }
 
+/// A SIGHUP that comes before the command has even read its settings' last source (here right
+/// after the first log line, which an OTLP endpoint makes come before anything is bound) never
+/// ends the process: SIGHUP is caught from the first thing `main` does. Many times over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_before_the_gateway_is_set_up_never_kills() {
+    for attempt in 0..10 {
+        let collector = format!("http://{}", unused_address().await);
+        let mut serve = TaskgateProcess::spawn(&[
+            "serve",
+            "--simulator",
+            "--listen",
+            "127.0.0.1:0",
+            "--otlp-endpoint",
+            &collector,
+        ]);
+        // Logged as soon as logging starts, before `serve` has begun.
+        serve.wait_for_line("exporting spans over OTLP").await;
+        serve.signal("HUP").await;
+        let serve = TaskgateProcess::start_serving(serve).await;
+        serve.signal("TERM").await;
+        let (code, log) = serve.finish().await;
+        assert_eq!(code, Some(0), "attempt {attempt}:\n{log}");
+    }
+}
+
 /// Issue 25: a supervisor that waits for the port and then reloads (`systemctl reload` as soon
 /// as the port accepts) never kills the gateway, which it did in one run of two: SIGHUP is
 /// caught from before any port is bound, and a reload that comes before the gateway is ready is
