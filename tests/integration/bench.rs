@@ -81,11 +81,14 @@ async fn a_json_report_counts_exactly_the_calls_asked_for() {
     assert_eq!(report["calls"], 40);
     let codes = codes(&report);
     assert_eq!(codes.iter().map(|(_, count)| count).sum::<u64>(), 40);
-    // Port 4 takes the first call; the others find its case operation still running (1148).
-    assert_eq!(
-        codes,
-        [("OK".to_owned(), 1), ("UNAVAILABLE".to_owned(), 39)]
-    );
+    // Port 4 takes the first call; the others find its case operation still running (1148),
+    // unless a machine so busy that the 40 calls outlast the simulated case lets one more in.
+    let [(ok, accepted), (unavailable, busy)] = codes.as_slice() else {
+        panic!("{codes:?}");
+    };
+    assert_eq!((ok.as_str(), unavailable.as_str()), ("OK", "UNAVAILABLE"));
+    assert!((1..=2).contains(accepted), "{codes:?}");
+    assert_eq!(accepted + busy, 40);
 }
 
 #[tokio::test]
