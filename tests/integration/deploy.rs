@@ -135,6 +135,30 @@ async fn the_config_maps_config_is_accepted_with_the_secrets_files() {
     );
 }
 
+/// The Secret's token file as shipped is refused: applied without replacing its placeholder,
+/// the gateway stops at startup (exit 2) rather than accept a token everyone can read here.
+#[tokio::test]
+async fn the_secrets_placeholder_token_is_refused() {
+    let (_, after) = SECRET.split_once("\n  tokens: |\n").unwrap();
+    let tokens: String = after
+        .lines()
+        .take_while(|line| line.starts_with("    "))
+        .map(|line| format!("{}\n", &line[4..]))
+        .collect();
+    let file = crate::support::TestFile::new("deploy-secret", "tokens", &tokens);
+    let args = [
+        "serve",
+        "--auth-tokens-file",
+        file.to_str().unwrap(),
+        "--print-config",
+    ];
+    let (_, stderr) = run(&args, 2).await;
+    assert!(
+        stderr.contains("line 2: a token must be printable ASCII without spaces"),
+        "{stderr}"
+    );
+}
+
 /// The Deployment reads the ConfigMap where it mounts it, mounts the Secret where the config
 /// looks, and lets the kubelet's SIGKILL come only after the config's shutdown grace.
 #[test]
