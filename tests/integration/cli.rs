@@ -1037,23 +1037,7 @@ async fn sighup_never_ends_serve_or_simulate() {
         serve.signal("HUP").await;
         serve.wait_for_line(logged).await;
         // Port 1 is not an AutoCase port: fault 1087 proves the call reached the controller.
-        let output = Command::new(BIN)
-            .args([
-                "case-extract",
-                "--gateway",
-                &serve.gateway,
-                "--port",
-                "1",
-                "--bin",
-                "1",
-            ])
-            .env("TASKGATE_TOKEN", "a-token")
-            .env_remove("RUST_LOG")
-            .output();
-        let output = within(PROCESS_WAIT, "taskgate did not exit", output)
-            .await
-            .unwrap();
-        let stdout = String::from_utf8(output.stdout).unwrap();
+        let stdout = extract_at_port_1(&serve.gateway, "a-token").await;
         assert!(
             stdout.contains("PORT_IS_NOT_AUTOCASE"),
             "{args:?}: {stdout}"
@@ -1073,6 +1057,29 @@ async fn sighup_never_ends_serve_or_simulate() {
     simulate.signal("TERM").await;
     let (code, log) = simulate.finish().await;
     assert_eq!(code, Some(0), "{log}");
+}
+
+/// The CLI's `case-extract` at port 1 (not an AutoCase port, so fault 1087 once the call is
+/// through) with bearer `token`; its stdout.
+async fn extract_at_port_1(gateway: &str, token: &str) -> String {
+    let args = [
+        "case-extract",
+        "--gateway",
+        gateway,
+        "--port",
+        "1",
+        "--bin",
+        "1",
+    ];
+    let output = Command::new(BIN)
+        .args(args)
+        .env("TASKGATE_TOKEN", token)
+        .env_remove("RUST_LOG")
+        .output();
+    let output = within(PROCESS_WAIT, "taskgate did not exit", output)
+        .await
+        .unwrap();
+    String::from_utf8(output.stdout).unwrap()
 }
 
 /// A SIGHUP that comes before the command has even read its settings' last source (here right
@@ -1129,23 +1136,7 @@ async fn sighup_as_soon_as_the_port_accepts_is_applied_rather_than_kills() {
         if !serve.log.contains(reloaded) {
             serve.wait_for_line(reloaded).await;
         }
-        let output = Command::new(BIN)
-            .args([
-                "case-extract",
-                "--gateway",
-                &serve.gateway,
-                "--port",
-                "1",
-                "--bin",
-                "1",
-            ])
-            .env("TASKGATE_TOKEN", "new-token")
-            .env_remove("RUST_LOG")
-            .output();
-        let output = within(PROCESS_WAIT, "taskgate did not exit", output)
-            .await
-            .unwrap();
-        let stdout = String::from_utf8(output.stdout).unwrap();
+        let stdout = extract_at_port_1(&serve.gateway, "new-token").await;
         // Port 1 is not an AutoCase port: fault 1087 proves the call passed auth.
         assert!(
             stdout.contains("PORT_IS_NOT_AUTOCASE"),
