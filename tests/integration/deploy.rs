@@ -63,15 +63,7 @@ fn the_unit_waits_out_the_shutdown_grace_of_the_config_it_reads() {
         .parse::<humantime::Duration>()
         .unwrap()
         .into();
-    let example = std::fs::read_to_string(EXAMPLE_CONFIG).unwrap();
-    let example_grace: Duration = example
-        .lines()
-        .find_map(|line| line.strip_prefix("shutdown_grace = "))
-        .unwrap()
-        .trim_matches('"')
-        .parse::<humantime::Duration>()
-        .unwrap()
-        .into();
+    let example_grace = shutdown_grace(&std::fs::read_to_string(EXAMPLE_CONFIG).unwrap());
     assert!(stop_timeout > defaults::SHUTDOWN_GRACE.max(example_grace));
 }
 
@@ -178,13 +170,17 @@ fn the_deployment_mounts_what_the_config_names_and_waits_out_its_grace() {
         .unwrap()
         .parse::<u64>()
         .unwrap();
-    let grace: Duration = config_map_toml()
-        .lines()
+    let grace = shutdown_grace(&config_map_toml());
+    assert!(Duration::from_secs(termination_grace) > grace.max(defaults::SHUTDOWN_GRACE));
+}
+
+/// The `shutdown_grace` a config file's text sets.
+fn shutdown_grace(toml: &str) -> Duration {
+    toml.lines()
         .find_map(|line| line.strip_prefix("shutdown_grace = "))
         .unwrap()
         .trim_matches('"')
         .parse::<humantime::Duration>()
         .unwrap()
-        .into();
-    assert!(Duration::from_secs(termination_grace) > grace.max(defaults::SHUTDOWN_GRACE));
+        .into()
 }
