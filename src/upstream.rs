@@ -19,7 +19,7 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue};
+use hyper::header::{ACCEPT, CONTENT_TYPE, HOST, HeaderMap, HeaderValue};
 use hyper::{StatusCode, Uri};
 use opentelemetry::Context;
 use rustls::ClientConfig;
@@ -225,7 +225,7 @@ impl Upstream {
         };
         // reqwest would refuse such a URL on every call, as it makes this same `Uri` of it;
         // refusing it here names it at startup.
-        Uri::try_from(url.as_str()).map_err(|error| invalid(error.to_string()))?;
+        let uri = Uri::try_from(url.as_str()).map_err(|error| invalid(error.to_string()))?;
         let tls = match url.scheme() {
             "https" => {
                 if server_name(&url).is_none() {
@@ -247,6 +247,10 @@ impl Upstream {
             HeaderValue::from_static(settings.format.content_type()),
         );
         headers.insert(ACCEPT, HeaderValue::from_static(settings.format.accept()));
+        // hyper-util's client writes `Host` from the request's URI on every call unless the
+        // request has one (a `format!` and a header parse each time); this is the same value,
+        // made once.
+        headers.insert(HOST, host_header(&uri).map_err(invalid)?);
         let client = reqwest::Client::builder()
             .http1_only()
             .tls_backend_preconfigured(ClientConfig::clone(&tls))
@@ -496,6 +500,21 @@ fn boxed(error: reqwest::Error) -> TransportError {
     Box::new(error.without_url())
 }
 
+/// The `Host` header hyper-util's client would write for `uri`: its host, with its port unless
+/// that is the scheme's default.
+fn host_header(uri: &Uri) -> Result<HeaderValue, String> {
+    let host = uri.host().ok_or("it names no host")?;
+    let default_port = match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    let value = match uri.port_u16() {
+        Some(port) if port != default_port => HeaderValue::try_from(format!("{host}:{port}")),
+        _ => HeaderValue::try_from(host),
+    };
+    value.map_err(|error| format!("its host is not a valid Host header: {error}"))
+}
+
 /// The name an https:// controller's certificate must have: its URL's host.
 fn server_name(url: &Url) -> Option<ServerName<'static>> {
     match url.host()? {
@@ -519,6 +538,24 @@ async fn grace_ran_out(mut grace_ran_out: watch::Receiver<Option<Duration>>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Host` is what hyper-util's client would have written for the URL: the port only when it
+    /// is not the scheme's default.
+    #[test]
+    fn the_host_header_names_the_host_and_any_other_port() {
+        let host = |url: &str| host_header(&Uri::try_from(url).unwrap()).unwrap();
+        assert_eq!(
+            host("http://controller:44000/api/v2/task"),
+            "controller:44000"
+        );
+        assert_eq!(host("http://controller/api/v2/task"), "controller");
+        assert_eq!(host("http://controller:80/api/v2/task"), "controller");
+        assert_eq!(host("https://controller:443/api/v2/task"), "controller");
+        assert_eq!(host("https://controller:80/api/v2/task"), "controller:80");
+        assert_eq!(host("http://10.0.0.5:44000/api/v2/task"), "10.0.0.5:44000");
+        assert_eq!(host("http://[::1]:44000/api/v2/task"), "[::1]:44000");
+        assert_eq!(host("http://[::1]/api/v2/task"), "[::1]");
+    }
 
     /// A URL the client cannot call is refused when the client is built, with the reason.
     #[test]

@@ -72,6 +72,9 @@ async fn the_controller_receives_the_documented_xml() {
     };
     assert_eq!(request_line, "POST /api/v2/task HTTP/1.1");
     assert_eq!(headers["content-type"], "application/xml");
+    // `Host` names the controller as its URL does, port included.
+    let port = upstream.url.port().unwrap();
+    assert_eq!(headers["host"], format!("127.0.0.1:{port}"));
     assert_eq!(
         String::from_utf8(body).unwrap(),
         "<?xml version=\"1.0\"?>\n<methodcall>\n  <name>case_extract</name>\n  <params>\n    \
