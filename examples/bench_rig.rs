@@ -64,6 +64,11 @@ const MAX_P99_VS_NAIVE: f64 = 1.2;
 /// The gateway's bar at 1,024 in flight: the most peak RSS, in MiB.
 const MAX_PEAK_RSS_MIB: f64 = 64.0;
 
+/// Fresh processes of each server whose peak RSS is taken, the median judged: glibc's arenas
+/// fragment differently from one process to the next, which moves one process's peak by up to
+/// 5 MiB with the same build and load.
+const RSS_RUNS: usize = 3;
+
 struct Options {
     taskgate: PathBuf,
     gateway_bin: PathBuf,
@@ -152,11 +157,12 @@ struct Report {
     busy: Rounds,
     /// Instructions per call, gateway and naive stack, when valgrind is installed.
     instructions: Option<(f64, f64)>,
-    /// Peak RSS at 1,024 in flight, gateway and naive stack: the bar is the gateway's, the
-    /// naive stack's shows what the crates alone hold at that load.
-    peak_rss_kib: [u64; 2],
+    /// Peak RSS at 1,024 in flight of each fresh process, gateway and naive stack, in run
+    /// order: the bar is the gateway's median, the naive stack's shows what the crates alone
+    /// hold at that load.
+    peak_rss_kib: [Vec<u64>; 2],
     /// The runs that measured it, gateway's and naive stack's.
-    rss_runs: [Run; 2],
+    rss_runs: [Vec<Run>; 2],
 }
 
 /// Each server's runs at one load, one per round, in round order: a round's runs are side by
@@ -196,15 +202,26 @@ fn measure(options: &Options, fast: SocketAddr, slow: SocketAddr) -> Report {
         target.stop();
         (peak, run)
     };
-    let (gateway_rss, gateway_run) =
-        peak_rss(Target::gateway(&options.gateway_bin, &slow_upstream, None));
-    let (naive_rss, naive_run) = peak_rss(Target::naive(&slow_upstream, None));
+    let mut peak_rss_kib = [Vec::new(), Vec::new()];
+    let mut rss_runs = [Vec::new(), Vec::new()];
+    // In turn, as the rounds are, so that a slow spell of the machine meets both servers.
+    for _ in 0..if options.smoke { 1 } else { RSS_RUNS } {
+        let targets = [
+            Target::gateway(&options.gateway_bin, &slow_upstream, None),
+            Target::naive(&slow_upstream, None),
+        ];
+        for (index, target) in targets.into_iter().enumerate() {
+            let (peak, run) = peak_rss(target);
+            peak_rss_kib[index].push(peak);
+            rss_runs[index].push(run);
+        }
+    }
     Report {
         idle,
         busy,
         instructions,
-        peak_rss_kib: [gateway_rss, naive_rss],
-        rss_runs: [gateway_run, naive_run],
+        peak_rss_kib,
+        rss_runs,
     }
 }
 
@@ -277,6 +294,15 @@ impl Rounds {
 }
 
 /// The middle value (the upper middle of an even count).
+/// Sizes in KiB as MiB, to one decimal, separated by spaces.
+fn mib_list(sizes_kib: &[u64]) -> String {
+    sizes_kib
+        .iter()
+        .map(|&kib| format!("{:.1}", kib as f64 / 1024.0))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -770,7 +796,10 @@ impl Report {
             }
             None => row(instructions, ["-"; 5], "valgrind not installed"),
         }
-        let [rss_mib, naive_rss_mib] = self.peak_rss_kib.map(|kib| kib as f64 / 1024.0);
+        let [rss_mib, naive_rss_mib] = self
+            .peak_rss_kib
+            .each_ref()
+            .map(|peaks| median(peaks.iter().map(|&kib| kib as f64 / 1024.0).collect()));
         let rss_bar = format!(
             "<= {MAX_PEAK_RSS_MIB:.0} ({})",
             verdict(rss_mib <= MAX_PEAK_RSS_MIB)
@@ -800,15 +829,24 @@ impl Report {
              tonic in turn), after a {} warm-up run of each; values are medians over the rounds, \
              ratios the medians of the rounds' ratios (at 128 in flight, calls/s against the \
              naive stack: {}; p99: {})\n\
-             RSS: a fresh gateway, and a fresh naive stack, after {} at 1024 in flight against a \
-             stand-in that answers after {}\n",
+             RSS: the median of {} fresh gateway{} and as many fresh naive stacks, each after {} \
+             at 1024 in flight against a stand-in that answers after {} (MiB, in run order: \
+             gateway {}; naive stack {})\n",
             if rounds == 1 { "" } else { "s" },
             humantime::format_duration(self.busy.round_length),
             humantime::format_duration(options.warmup),
             list(&throughput_ratios),
             list(&p99_ratios),
+            self.peak_rss_kib[0].len(),
+            if self.peak_rss_kib[0].len() == 1 {
+                ""
+            } else {
+                "s"
+            },
             humantime::format_duration(options.duration),
             humantime::format_duration(SLOW_REPLY),
+            mib_list(&self.peak_rss_kib[0]),
+            mib_list(&self.peak_rss_kib[1]),
         );
         let mut warn_unless_ok = |server: &str, in_flight: u32, runs: &[Run]| {
             for run in runs.iter().filter(|run| run.ok_calls != run.calls) {
@@ -823,9 +861,9 @@ impl Report {
                 warn_unless_ok(server, in_flight, runs);
             }
         }
-        let [gateway_run, naive_run] = &self.rss_runs;
-        warn_unless_ok("gateway", 1024, std::slice::from_ref(gateway_run));
-        warn_unless_ok("naive stack", 1024, std::slice::from_ref(naive_run));
+        let [gateway_runs, naive_runs] = &self.rss_runs;
+        warn_unless_ok("gateway", 1024, gateway_runs);
+        warn_unless_ok("naive stack", 1024, naive_runs);
         out + &notes
     }
 }
