@@ -143,12 +143,27 @@ after(async () => {
   await browser?.close();
 });
 
+const WATCH = "/taskgate.v1.TaskService/WatchCaseEvents";
+const GET_STATE = "/taskgate.v1.TaskService/CaseGetState";
+
 // Opens the console at `address` in a tablet-sized tab, collecting what the page reports as
-// errors: console errors, uncaught exceptions and failed requests.
+// errors (console errors, uncaught exceptions and failed requests) and, in the order the
+// browser saw them, when each watch and state read was sent and when each watch's response
+// headers came.
 async function openConsole(address) {
   const tab = await browser.newPage();
   await tab.setViewport({ width: 1024, height: 900 });
   tab.setDefaultTimeout(SHOW_LIMIT_MS);
+  const calls = [];
+  tab.on("request", (request) => {
+    const path = new URL(request.url()).pathname;
+    if (path === WATCH) calls.push("watch sent");
+    if (path === GET_STATE) calls.push("state read sent");
+  });
+  tab.on("response", (response) => {
+    // A refusal is headers with a status (trailers-only): the watch never opened.
+    if (new URL(response.url()).pathname === WATCH) calls.push(response.headers()["grpc-status"] === undefined ? "watch opened" : "watch refused");
+  });
   const errors = [];
   tab.on("console", (message) => { if (message.type() === "error") errors.push(`console: ${message.text()}`); });
   tab.on("pageerror", (error) => errors.push(`uncaught: ${error.message}`));
@@ -161,7 +176,29 @@ async function openConsole(address) {
   // offer no crypto.randomUUID. Loopback is one, so the page is shown it as the other would be.
   await tab.evaluateOnNewDocument(() => { delete Crypto.prototype.randomUUID; });
   await tab.goto(`http://${address}/`, { waitUntil: "load" });
-  return { tab, errors };
+  return { tab, errors, calls };
+}
+
+// The README's watch-then-state pattern: a state read sent before the watch is open could miss
+// an event that changes the state between the two. So every state read follows the headers of
+// the watch sent last.
+function assertStateReadsFollowAnOpenWatch(calls) {
+  assert.ok(calls.includes("state read sent"), `no state read: ${calls.join(", ")}`);
+  let watch = "none sent";
+  calls.forEach((call, index) => {
+    if (call === "watch sent") watch = "sent";
+    if (call === "watch opened") watch = "open";
+    if (call === "watch refused") watch = "refused";
+    assert.ok(call !== "state read sent" || watch === "open",
+      `call ${index + 1} is a state read while the watch is ${watch}: ${calls.join(", ")}`);
+  });
+}
+
+// The gateway's licenses file, as the page's footer links it.
+async function fetchLicenses(tab, address) {
+  const path = await tab.$eval("footer a", (link) => link.getAttribute("href"));
+  assert.match(path, /^\/console\/licenses-[0-9A-Z]{8}\.txt$/);
+  return fetch(`http://${address}${path}`);
 }
 
 const tileState = (tab, port) => tab.$eval(`li[data-port="${port}"]`, (tile) => tile.dataset.state);
@@ -200,6 +237,7 @@ describe("the console against the gateway and the simulator", bounded, () => {
   let gateway;
   let tab;
   let errors;
+  let calls;
 
   before(async () => {
     simulator = await startProcess(
@@ -213,7 +251,7 @@ describe("the console against the gateway and the simulator", bounded, () => {
         "--retry-delay", RETRY_DELAY, "--console", "--console-ports", "1,2,3,4"],
       [LISTENING],
     );
-    ({ tab, errors } = await openConsole(gateway.found[0]));
+    ({ tab, errors, calls } = await openConsole(gateway.found[0]));
   });
 
   after(async () => {
@@ -236,6 +274,24 @@ describe("the console against the gateway and the simulator", bounded, () => {
     const refused = await tab.$eval('li[data-port="1"]', (tile) => tile.innerText);
     assert.match(refused, /Retry: /);
     assert.match(refused, /Request id [0-9a-f-]{36}\./);
+    assertStateReadsFollowAnOpenWatch(calls);
+    assert.deepEqual(errors, []);
+  });
+
+  test("the footer links the licenses of every package the script bundles", async () => {
+    const response = await fetchLicenses(tab, gateway.found[0]);
+    assert.equal(response.status, 200);
+    assert.equal(response.headers.get("content-type"), "text/plain; charset=utf-8");
+    assert.equal(response.headers.get("cache-control"), "public, max-age=31536000, immutable");
+    const licenses = await response.text();
+    const { dependencies } = JSON.parse(readFileSync(join(here, "..", "package.json"), "utf8"));
+    assert.deepEqual(Object.keys(dependencies).sort(), ["@bufbuild/protobuf", "@connectrpc/connect", "@connectrpc/connect-web"]);
+    for (const [name, version] of Object.entries(dependencies)) {
+      const { license } = JSON.parse(readFileSync(join(here, "..", "node_modules", name, "package.json"), "utf8"));
+      assert.ok(licenses.includes(`\n${name} ${version}: ${license}\n`), `${name} ${version} is not listed:\n${licenses}`);
+    }
+    assert.match(licenses, /=== Apache-2\.0 ===\n\n\s+Apache License\n\s+Version 2\.0, January 2004/);
+    assert.match(licenses, /=== BSD-3-Clause ===\n\nCopyright 2008 Google Inc\.  All rights reserved\./);
     assert.deepEqual(errors, []);
   });
 
@@ -306,6 +362,9 @@ describe("the console against the gateway and the simulator", bounded, () => {
     proxy.restore();
     await tab.waitForSelector("#banner[hidden]");
     await tab.waitForSelector('li[data-port="4"][data-state="NOOP"]:not(.stale)');
+    // Read again only once the new watch is open.
+    assert.ok(calls.filter((call) => call === "watch opened").length > 1, calls.join(", "));
+    assertStateReadsFollowAnOpenWatch(calls);
     // Live again: a new extraction shows on the tile.
     await act(tab, "extract", 4, 101337);
     await waitForTile(tab, 4, "EREQ");

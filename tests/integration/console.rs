@@ -71,7 +71,7 @@ async fn the_page_and_its_files_are_served_locked_down_with_their_types_and_cach
         .iter()
         .map(|path| path.rsplit_once('.').unwrap().1)
         .collect();
-    assert_eq!(extensions, ["svg", "css", "js"], "{page}");
+    assert_eq!(extensions, ["svg", "css", "js", "txt"], "{page}");
     for path in files {
         let response = get(&base, &path).await;
         assert_eq!(response.status(), 200, "{path}");
@@ -79,6 +79,7 @@ async fn the_page_and_its_files_are_served_locked_down_with_their_types_and_cach
         let expected_type = match path.rsplit_once('.').unwrap().1 {
             "js" => "text/javascript; charset=utf-8",
             "css" => "text/css; charset=utf-8",
+            "txt" => "text/plain; charset=utf-8",
             _ => "image/svg+xml",
         };
         assert_eq!(header(headers, "content-type"), expected_type, "{path}");
