@@ -8,13 +8,17 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { createServer as createHttpServer } from "node:http";
+import { randomUUID } from "node:crypto";
 import { createServer, connect } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
+import { createClient } from "@connectrpc/connect";
+import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import * as esbuild from "esbuild";
 import puppeteer from "puppeteer-core";
+import { TaskService } from "../gen/taskgate/v1/task_pb.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root = resolve(here, "..", "..");
@@ -90,24 +94,37 @@ async function startProcess(args, patterns) {
 
 // A TCP proxy to `target` that can be cut: cut() closes every connection and refuses new ones
 // (accepted and closed at once, as a controller that is down would), restore() lets them through.
+// hold() keeps back what `target` sends; release() sends all of it at once, as one write.
 async function startProxy(target) {
   const [host, port] = target.split(":");
   const sockets = new Set();
   let up = true;
+  let holding = false;
+  let held = [];
+  let heldChanged = () => {};
   const server = createServer((client) => {
     if (!up) {
       client.destroy();
       return;
     }
     const upstream = connect(Number(port), host);
+    client.pipe(upstream);
+    upstream.on("data", (chunk) => {
+      if (!holding) {
+        client.write(chunk);
+        return;
+      }
+      held.push({ client, chunk });
+      heldChanged();
+    });
     for (const [from, to] of [[client, upstream], [upstream, client]]) {
       sockets.add(from);
-      from.pipe(to);
       from.on("error", () => to.destroy());
       from.on("close", () => { sockets.delete(from); to.destroy(); });
     }
   });
   await new Promise((resolveListen) => server.listen(0, "127.0.0.1", resolveListen));
+  const heldText = () => Buffer.concat(held.map(({ chunk }) => chunk)).toString("latin1");
   return {
     address: `127.0.0.1:${server.address().port}`,
     cut: () => {
@@ -115,6 +132,21 @@ async function startProxy(target) {
       for (const socket of sockets) socket.destroy();
     },
     restore: () => { up = true; },
+    hold: () => { holding = true; },
+    // Resolves once at least `count` lines matching `pattern` are held back.
+    heldLines: (pattern, count) => within(new Promise((resolveHeld) => {
+      heldChanged = () => {
+        if (heldText().split("\r\n").filter((line) => pattern.test(line)).length >= count) resolveHeld();
+      };
+      heldChanged();
+    }), SHOW_LIMIT_MS, () => `fewer than ${count} lines matching ${pattern} came: ${JSON.stringify(heldText())}`),
+    release: () => {
+      holding = false;
+      for (const client of new Set(held.map((entry) => entry.client))) {
+        client.write(Buffer.concat(held.filter((entry) => entry.client === client).map(({ chunk }) => chunk)));
+      }
+      held = [];
+    },
     close: () => new Promise((resolveClose) => {
       for (const socket of sockets) socket.destroy();
       server.close(resolveClose);
@@ -368,6 +400,71 @@ describe("the console against the gateway and the simulator", bounded, () => {
     // Live again: a new extraction shows on the tile.
     await act(tab, "extract", 4, 101337);
     await waitForTile(tab, 4, "EREQ");
+    assert.deepEqual(errors, []);
+  });
+});
+
+describe("the console when its watch lags", bounded, () => {
+  // The fewest events a watch may fall behind (--watch-buffer's least value).
+  const WATCH_BUFFER = 16;
+  let simulator;
+  let proxy;
+  let gateway;
+  let tab;
+  let errors;
+  let calls;
+
+  before(async () => {
+    simulator = await startProcess(
+      ["simulate", "--listen", "127.0.0.1:0", "--log-publisher-listen", "127.0.0.1:0"],
+      [/simulated controller listening url=(\S+)/, /simulated Log Publisher listening address=(\S+)/],
+    );
+    const [url, logPublisher] = simulator.found;
+    proxy = await startProxy(logPublisher);
+    gateway = await startProcess(
+      ["serve", "--upstream", url, "--log-publisher", proxy.address, "--listen", "127.0.0.1:0",
+        "--retry-delay", RETRY_DELAY, "--watch-buffer", String(WATCH_BUFFER), "--console", "--console-ports", "1,2,3,4"],
+      [LISTENING],
+    );
+    ({ tab, errors, calls } = await openConsole(gateway.found[0]));
+  });
+
+  after(async () => {
+    await tab?.close();
+    await gateway?.stop();
+    await proxy?.close();
+    await simulator?.stop();
+  });
+
+  test("more events at once than the watch buffer shows the lag banner, then the tiles are right again", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    await tab.waitForSelector("#banner[hidden]");
+    // Extractions and cancels on port 4, each 1 or 2 events (EREQ; CR and NOOP), whose lines the
+    // Log Publisher proxy keeps back, then hands the gateway in one read: more than a watch's
+    // buffer before its stream can take any.
+    const client = createClient(TaskService, createGrpcWebTransport({ baseUrl: `http://${gateway.found[0]}` }));
+    const call = { portId: 4, binId: 101337 };
+    proxy.hold();
+    const pairs = WATCH_BUFFER / 2 + 1;
+    for (let pair = 0; pair < pairs; pair += 1) {
+      await client.caseExtract({ ...call, requestId: randomUUID() });
+      await client.caseCancel({ ...call, requestId: randomUUID() });
+    }
+    await client.caseExtract({ ...call, requestId: randomUUID() });
+    const events = pairs * 3 + 1;
+    assert.ok(events > WATCH_BUFFER);
+    await proxy.heldLines(/^AC,/, events);
+    const lagged = tab.waitForFunction(
+      () => document.getElementById("banner").innerText.includes("WATCH_LAGGED"),
+      { polling: "mutation" },
+    );
+    proxy.release();
+    await lagged;
+    assert.match(await tab.$eval("#banner", (element) => element.innerText), /fell behind the events \(WATCH_LAGGED\)/);
+    // The page watches again, reads the state, and follows the extraction to its end.
+    await tab.waitForSelector("#banner[hidden]");
+    await tab.waitForSelector('li[data-port="4"][data-state="ECMP"]:not(.stale)');
+    assertStateReadsFollowAnOpenWatch(calls);
     assert.deepEqual(errors, []);
   });
 });
