@@ -20,6 +20,13 @@ const CALL_TIMEOUT_MS = 5000;
 // gateway's own Log Publisher client does.
 const FIRST_BACKOFF_MS = 500;
 const MAX_BACKOFF_MS = 10000;
+// At most this many state reads at once: the browser keeps six HTTP/1.1 connections to the
+// gateway, one of them the watch's, and a form's call must not wait behind a page of reads.
+const MAX_READS_IN_FLIGHT = 4;
+// A failed read is tried again only when trying again can cure it; a read changes nothing, so it
+// is always safe to. The others (a port that is not an AutoCase port, a wrong token) change only
+// with an event or a new watch, which read the tile anyway.
+const REREAD_CODES = new Set(["UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "UNKNOWN"]);
 const TIMELINE_LENGTH = 100;
 const UINT32_MAX = 4294967295;
 
@@ -41,6 +48,9 @@ const page = {
 let bearerToken = "";
 // Aborting it ends the current watch, or its wait before watching again.
 let watching = new AbortController();
+// State reads under way, and those waiting for one of them to end (MAX_READS_IN_FLIGHT).
+let readsInFlight = 0;
+const readsWaiting = [];
 
 const client = createClient(
   TaskService,
@@ -105,7 +115,11 @@ async function follow(config, tiles) {
         // backoff: `--retry-delay 0s` must not make every open page watch again in a loop.
         const delayMs = Math.max(problem.retryDelayMs ?? backoffMs, FIRST_BACKOFF_MS);
         backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
-        for (const tile of tiles.values()) tile.element.classList.add("stale");
+        for (const tile of tiles.values()) {
+          tile.element.classList.add("stale");
+          // A read that is tried again would unmark a tile that no event can reach now.
+          tile.generation += 1;
+        }
         showBanner(`${watchProblem(problem)} Tiles may be out of date; watching again in ${seconds(delayMs)}.`,
           problem.requestId);
         await sleep(delayMs, signal);
@@ -143,20 +157,66 @@ async function watchThenState(config, tiles, signal, live) {
   }
 }
 
+// Reads the tile's state, and resolves with the first answer. A read that failed in a way a
+// retry can cure (REREAD_CODES) is tried again meanwhile, after the RetryInfo delay or a backoff
+// (0.5 s doubling to 10 s), until it succeeds, an event or a newer read tells the tile's state,
+// or the watch ends.
 async function readState(tile, config, signal) {
+  tile.generation += 1;
+  const generation = tile.generation;
+  const retryAfterMs = await readOnce(tile, config, signal, generation, FIRST_BACKOFF_MS);
+  if (retryAfterMs !== null) readAgain(tile, config, signal, generation, retryAfterMs).catch(() => {});
+}
+
+async function readAgain(tile, config, signal, generation, delayMs) {
+  let backoffMs = FIRST_BACKOFF_MS;
+  let retryAfterMs = delayMs;
+  while (retryAfterMs !== null) {
+    await sleep(retryAfterMs, signal);
+    if (signal.aborted || tile.generation !== generation) return;
+    backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
+    retryAfterMs = await readOnce(tile, config, signal, generation, backoffMs);
+  }
+}
+
+// One read, shown on the tile unless something newer has been; the delay before reading again,
+// or null when that would not help.
+async function readOnce(tile, config, signal, generation, backoffMs) {
   try {
-    const state = await client.caseGetState({ portId: tile.portId }, { signal, timeoutMs: CALL_TIMEOUT_MS });
-    showState(tile, state.rawState, CaseState[state.state], state.binId, "read");
+    const state = await withReadSlot(() => client.caseGetState({ portId: tile.portId }, { signal, timeoutMs: CALL_TIMEOUT_MS }));
+    if (tile.generation === generation) showState(tile, state.rawState, CaseState[state.state], state.binId, "read");
+    return null;
   } catch (error) {
     if (signal.aborted) throw error;
+    if (tile.generation !== generation) return null;
     const problem = describeError(error, config);
-    tile.element.className = "tile error";
-    tile.code.textContent = problem.codeName;
-    tile.name.textContent = problem.fault ? `${problem.fault.code} ${problem.fault.name}` : problem.reason ?? "";
-    tile.bin.textContent = "";
-    const id = problem.requestId ? ` Request id ${problem.requestId}.` : "";
-    tile.detail.textContent = `${problem.fault?.meaning ?? problem.message} Retry: ${problem.advice}.${id}`;
+    const retryAfterMs = REREAD_CODES.has(problem.codeName) ? Math.max(problem.retryDelayMs ?? backoffMs, FIRST_BACKOFF_MS) : null;
+    showTileError(tile, problem, retryAfterMs);
+    return retryAfterMs;
   }
+}
+
+async function withReadSlot(read) {
+  while (readsInFlight >= MAX_READS_IN_FLIGHT) await new Promise((resolve) => readsWaiting.push(resolve));
+  readsInFlight += 1;
+  try {
+    return await read();
+  } finally {
+    readsInFlight -= 1;
+    readsWaiting.shift()?.();
+  }
+}
+
+function showTileError(tile, problem, retryAfterMs) {
+  tile.element.className = "tile error";
+  delete tile.element.dataset.state;
+  tile.code.textContent = problem.codeName;
+  tile.name.textContent = problem.fault ? `${problem.fault.code} ${problem.fault.name}` : problem.reason ?? "";
+  tile.bin.textContent = "";
+  const id = problem.requestId ? ` Request id ${problem.requestId}.` : "";
+  // The page's own plan for a read it tries again, rather than advice for a call that may act.
+  const retry = retryAfterMs === null ? `Retry: ${problem.advice}.` : `Reading again in ${seconds(retryAfterMs)}.`;
+  tile.detail.textContent = `${problem.fault?.meaning ?? problem.message} ${retry}${id}`;
 }
 
 function applyEvent(tile, event) {
@@ -164,7 +224,10 @@ function applyEvent(tile, event) {
   const name = event.change.case === "state" ? CaseState[event.change.value] : "CANCEL_REQUEST";
   addToTimeline(event, name);
   // `CR` is a signal, not a state: the port's state follows in its own event.
-  if (event.change.case === "state") showState(tile, event.rawState, name, event.binId, "event");
+  if (event.change.case !== "state") return;
+  // Newer than any read still under way for the tile.
+  tile.generation += 1;
+  showState(tile, event.rawState, name, event.binId, "event");
 }
 
 function showState(tile, rawState, name, binId, how) {
@@ -188,7 +251,9 @@ function makeTile(portId) {
     return child;
   };
   part("port", `Port ${portId}`);
-  const tile = { portId, element, code: part("code", "…"), name: part("name"), bin: part("bin"), detail: part("detail") };
+  // `generation` counts what told the tile its state (reads started, events), so that an
+  // answer to an older read does not overwrite a newer state.
+  const tile = { portId, element, generation: 0, code: part("code", "…"), name: part("name"), bin: part("bin"), detail: part("detail") };
   page.tiles.append(element);
   return tile;
 }

@@ -186,16 +186,39 @@ async function openConsole(address) {
   const tab = await browser.newPage();
   await tab.setViewport({ width: 1024, height: 900 });
   tab.setDefaultTimeout(SHOW_LIMIT_MS);
-  const calls = [];
-  tab.on("request", (request) => {
-    const path = new URL(request.url()).pathname;
-    if (path === WATCH) calls.push("watch sent");
-    if (path === GET_STATE) calls.push("state read sent");
+  // From Chromium's own network events, which carry the time each happened: puppeteer's
+  // request and response events may come in another order than their requests did.
+  const network = await tab.createCDPSession();
+  await network.send("Network.enable");
+  const timed = [];
+  const reads = { inFlight: 0, most: 0 };
+  const readIds = new Set();
+  network.on("Network.requestWillBeSent", ({ requestId, request, timestamp }) => {
+    const path = new URL(request.url).pathname;
+    if (path === WATCH) timed.push({ timestamp, call: "watch sent" });
+    if (path !== GET_STATE) return;
+    timed.push({ timestamp, call: "state read sent" });
+    readIds.add(requestId);
+    reads.inFlight += 1;
+    reads.most = Math.max(reads.most, reads.inFlight);
   });
-  tab.on("response", (response) => {
+  network.on("Network.responseReceived", ({ timestamp, response }) => {
     // A refusal is headers with a status (trailers-only): the watch never opened.
-    if (new URL(response.url()).pathname === WATCH) calls.push(response.headers()["grpc-status"] === undefined ? "watch opened" : "watch refused");
+    if (new URL(response.url).pathname !== WATCH) return;
+    const refused = Object.keys(response.headers).some((name) => name.toLowerCase() === "grpc-status");
+    timed.push({ timestamp, call: refused ? "watch refused" : "watch opened" });
   });
+  // A read is counted from when it is sent until its answer's headers come (or it fails): the page
+  // sends the next only once it has the whole answer, after them, and a page that sent every
+  // read at once would send them all before any answer came.
+  for (const answered of ["Network.responseReceived", "Network.loadingFailed"]) {
+    network.on(answered, ({ requestId }) => {
+      if (readIds.delete(requestId)) reads.inFlight -= 1;
+    });
+  }
+  const calls = {
+    list: () => [...timed].sort((one, other) => one.timestamp - other.timestamp).map(({ call }) => call),
+  };
   const errors = [];
   tab.on("console", (message) => { if (message.type() === "error") errors.push(`console: ${message.text()}`); });
   tab.on("pageerror", (error) => errors.push(`uncaught: ${error.message}`));
@@ -208,21 +231,22 @@ async function openConsole(address) {
   // offer no crypto.randomUUID. Loopback is one, so the page is shown it as the other would be.
   await tab.evaluateOnNewDocument(() => { delete Crypto.prototype.randomUUID; });
   await tab.goto(`http://${address}/`, { waitUntil: "load" });
-  return { tab, errors, calls };
+  return { tab, errors, calls, reads };
 }
 
 // The README's watch-then-state pattern: a state read sent before the watch is open could miss
 // an event that changes the state between the two. So every state read follows the headers of
 // the watch sent last.
 function assertStateReadsFollowAnOpenWatch(calls) {
-  assert.ok(calls.includes("state read sent"), `no state read: ${calls.join(", ")}`);
+  const list = calls.list();
+  assert.ok(list.includes("state read sent"), `no state read: ${list.join(", ")}`);
   let watch = "none sent";
-  calls.forEach((call, index) => {
+  list.forEach((call, index) => {
     if (call === "watch sent") watch = "sent";
     if (call === "watch opened") watch = "open";
     if (call === "watch refused") watch = "refused";
     assert.ok(call !== "state read sent" || watch === "open",
-      `call ${index + 1} is a state read while the watch is ${watch}: ${calls.join(", ")}`);
+      `call ${index + 1} is a state read while the watch is ${watch}: ${list.join(", ")}`);
   });
 }
 
@@ -265,6 +289,7 @@ async function act(tab, form, port, bin) {
 
 describe("the console against the gateway and the simulator", bounded, () => {
   let simulator;
+  let upstream;
   let proxy;
   let gateway;
   let tab;
@@ -277,10 +302,11 @@ describe("the console against the gateway and the simulator", bounded, () => {
       [/simulated controller listening url=(\S+)/, /simulated Log Publisher listening address=(\S+)/],
     );
     const [url, logPublisher] = simulator.found;
+    upstream = await startProxy(new URL(url).host);
     proxy = await startProxy(logPublisher);
     gateway = await startProcess(
-      ["serve", "--upstream", url, "--log-publisher", proxy.address, "--listen", "127.0.0.1:0",
-        "--retry-delay", RETRY_DELAY, "--console", "--console-ports", "1,2,3,4"],
+      ["serve", "--upstream", url.replace(new URL(url).host, upstream.address), "--log-publisher", proxy.address,
+        "--listen", "127.0.0.1:0", "--retry-delay", RETRY_DELAY, "--console", "--console-ports", "1,2,3,4"],
       [LISTENING],
     );
     ({ tab, errors, calls } = await openConsole(gateway.found[0]));
@@ -290,6 +316,7 @@ describe("the console against the gateway and the simulator", bounded, () => {
     await tab?.close();
     await gateway?.stop();
     await proxy?.close();
+    await upstream?.close();
     await simulator?.stop();
   });
 
@@ -395,11 +422,31 @@ describe("the console against the gateway and the simulator", bounded, () => {
     await tab.waitForSelector("#banner[hidden]");
     await tab.waitForSelector('li[data-port="4"][data-state="NOOP"]:not(.stale)');
     // Read again only once the new watch is open.
-    assert.ok(calls.filter((call) => call === "watch opened").length > 1, calls.join(", "));
+    assert.ok(calls.list().filter((call) => call === "watch opened").length > 1, calls.list().join(", "));
     assertStateReadsFollowAnOpenWatch(calls);
     // Live again: a new extraction shows on the tile.
     await act(tab, "extract", 4, 101337);
     await waitForTile(tab, 4, "EREQ");
+    assert.deepEqual(errors, []);
+  });
+
+  test("a state read that failed is tried again until the port can be read", async () => {
+    // The last extraction's end: no event comes for port 4 after it, so only a read can tell it.
+    await waitForTile(tab, 4, "ECMP");
+    upstream.cut();
+    proxy.cut();
+    await tab.waitForSelector('li[data-port="4"].stale');
+    proxy.restore();
+    // Watching again, the page reads every port, and the controller cannot be reached.
+    await tab.waitForSelector('li[data-port="4"].error');
+    const failed = await tab.$eval('li[data-port="4"]', (tile) => tile.innerText);
+    // The proxy takes the gateway's connections and closes them at once.
+    assert.match(failed, /^Port 4\nUNKNOWN\nUPSTREAM_CONNECTION_LOST\ncase_getstate port 4: the connection to the controller failed: /);
+    assert.match(failed, / Reading again in 0\.5s\. Request id [0-9a-f-]{36}\.$/);
+    upstream.restore();
+    await tab.waitForSelector('li[data-port="4"][data-state="ECMP"]:not(.stale)');
+    assert.match(await tab.$eval('li[data-port="4"]', (tile) => tile.innerText), /bin 101337\nread at /);
+    assertStateReadsFollowAnOpenWatch(calls);
     assert.deepEqual(errors, []);
   });
 });
@@ -465,6 +512,38 @@ describe("the console when its watch lags", bounded, () => {
     await tab.waitForSelector("#banner[hidden]");
     await tab.waitForSelector('li[data-port="4"][data-state="ECMP"]:not(.stale)');
     assertStateReadsFollowAnOpenWatch(calls);
+    assert.deepEqual(errors, []);
+  });
+});
+
+describe("the console of more ports than it reads at once", bounded, () => {
+  const PORTS = Array.from({ length: 12 }, (_, index) => index + 1);
+  let gateway;
+  let tab;
+  let errors;
+  let reads;
+
+  before(async () => {
+    gateway = await startProcess(
+      ["serve", "--simulator", "--listen", "127.0.0.1:0", "--console-ports", PORTS.join(",")],
+      [LISTENING],
+    );
+    ({ tab, errors, reads } = await openConsole(gateway.found[0]));
+  });
+
+  after(async () => {
+    await tab?.close();
+    await gateway?.stop();
+  });
+
+  test("reads at most 4 ports at a time, and every tile gets its answer", async () => {
+    // Ports 5 to 12 are not in the simulator's layout: each tile shows the fault.
+    await tab.waitForFunction(
+      (count) => document.querySelectorAll("#tiles li[data-state], #tiles li.error").length === count,
+      {}, PORTS.length,
+    );
+    assert.match(await tab.$eval('li[data-port="12"]', (tile) => tile.innerText), /^Port 12\nNOT_FOUND\n1000 PORT_IS_NOT_AVAILABLE\n/);
+    assert.ok(reads.most <= 4 && reads.most > 1, `${reads.most} state reads were under way at once`);
     assert.deepEqual(errors, []);
   });
 });
