@@ -1,7 +1,7 @@
 // The operator console: one tile per port, kept live by the README's watch-then-state pattern,
 // a timeline of case events, and confirmed extract and cancel forms. It calls the gateway that
 // served it, over gRPC-Web (Connect-ES), and reads every error's details as the other clients do.
-import { ConnectError, createClient } from "@connectrpc/connect";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { CaseState, TaskFaultSchema, TaskService } from "../gen/taskgate/v1/task_pb.js";
 import { BadRequestSchema, ErrorInfoSchema, RetryInfoSchema } from "../gen/google/rpc/error_details_pb.js";
@@ -9,12 +9,6 @@ import { BadRequestSchema, ErrorInfoSchema, RetryInfoSchema } from "../gen/googl
 // Where the gateway says what to show: the ports, whether calls need a token, and the fault and
 // gateway-error tables every status is built from.
 const CONFIG_PATH = "/console/config.json";
-// The gRPC names of the codes, as the README, the CLI and every other client print them.
-const CODE_NAMES = [
-  "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-  "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
-  "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
-];
 const CALL_TIMEOUT_MS = 5000;
 // Watching again after an error without a RetryInfo delay: doubling up to the cap, as the
 // gateway's own Log Publisher client does.
@@ -386,7 +380,7 @@ function describeError(error, config) {
   const [taskFault] = status.findDetails(TaskFaultSchema);
   const [retryInfo] = status.findDetails(RetryInfoSchema);
   const violations = status.findDetails(BadRequestSchema).flatMap((bad) => bad.fieldViolations);
-  const codeName = CODE_NAMES[status.code] ?? `code ${status.code}`;
+  const codeName = grpcCodeName(status.code);
   const delay = retryInfo?.retryDelay;
   const retryDelayMs = delay ? Number(delay.seconds) * 1000 + Math.round(delay.nanos / 1e6) : null;
   const fault = taskFault ? faultRow(taskFault.rawCode, config) : null;
@@ -407,6 +401,15 @@ function describeError(error, config) {
     message: status.rawMessage,
     requestId: status.metadata.get("x-request-id"),
   };
+}
+
+// The gRPC name of a code, as the README, the CLI and every other client print it. Connect-ES
+// names its codes in PascalCase (`FailedPrecondition`), and one the American way (`Canceled`).
+function grpcCodeName(code) {
+  const name = Code[code];
+  if (name === undefined) return `code ${code}`;
+  if (code === Code.Canceled) return "CANCELLED";
+  return name.replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase();
 }
 
 function faultRow(rawCode, config) {
