@@ -114,8 +114,12 @@ async function follow(config, tiles) {
           // A read that is tried again would unmark a tile that no event can reach now.
           tile.generation += 1;
         }
-        showBanner(`${watchProblem(problem)} Tiles may be out of date; watching again in ${seconds(delayMs)}.`,
-          problem.requestId);
+        if (problem.unreachable) {
+          showBanner(`The gateway cannot be reached; trying again in ${seconds(delayMs)}. Tiles may be out of date.`);
+        } else {
+          showBanner(`${watchProblem(problem)} Tiles may be out of date; watching again in ${seconds(delayMs)}.`,
+            problem.requestId);
+        }
         await sleep(delayMs, signal);
       }
       if (signal.aborted) watching = new AbortController();
@@ -349,7 +353,8 @@ function showFailure(what, problem) {
   rows.push(["Retry", problem.advice]);
   rows.push(["Message", problem.message]);
   if (problem.requestId) rows.push(["Request id", problem.requestId]);
-  page.result.replaceChildren(heading(`failed: ${what}: ${problem.codeName}`), facts(rows));
+  const outcome = problem.unreachable ? "the gateway cannot be reached" : problem.codeName;
+  page.result.replaceChildren(heading(`failed: ${what}: ${outcome}`), facts(rows));
 }
 
 function heading(text) {
@@ -384,6 +389,9 @@ function describeError(error, config) {
   const delay = retryInfo?.retryDelay;
   const retryDelayMs = delay ? Number(delay.seconds) * 1000 + Math.round(delay.nanos / 1e6) : null;
   const fault = taskFault ? faultRow(taskFault.rawCode, config) : null;
+  // The browser's fetch failed without any answer: Connect-ES calls that UNKNOWN with the
+  // browser's own words ("Failed to fetch"), which tell a person nothing.
+  const unreachable = !status.isWireError && status.cause instanceof TypeError;
   // Without the gateway's ErrorInfo (the page's own deadline, a connection lost on the way), the
   // call may still have reached the controller.
   let advice = fault?.advice ?? gatewayAdvice(info, codeName, config) ??
@@ -398,7 +406,10 @@ function describeError(error, config) {
     violations,
     advice,
     retryDelayMs,
-    message: status.rawMessage,
+    unreachable,
+    message: unreachable
+      ? `the gateway cannot be reached: the browser got no answer from ${window.location.host} (${status.rawMessage})`
+      : status.rawMessage,
     requestId: status.metadata.get("x-request-id"),
   };
 }

@@ -548,6 +548,44 @@ describe("the console of more ports than it reads at once", bounded, () => {
   });
 });
 
+describe("the console when the gateway cannot be reached", bounded, () => {
+  let gateway;
+  let frontDoor;
+  let tab;
+  let errors;
+
+  before(async () => {
+    gateway = await startProcess(["serve", "--simulator", "--listen", "127.0.0.1:0"], [LISTENING]);
+    // The page is served through a proxy, which can take the gateway away from it.
+    frontDoor = await startProxy(gateway.found[0]);
+    ({ tab, errors } = await openConsole(frontDoor.address));
+  });
+
+  after(async () => {
+    await tab?.close();
+    await frontDoor?.close();
+    await gateway?.stop();
+  });
+
+  test("says so instead of the browser's words, keeps trying, and resumes", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    assert.deepEqual(errors, []);
+    frontDoor.cut();
+    await tab.waitForFunction(() => document.getElementById("banner").innerText.includes("cannot be reached"));
+    assert.match(await tab.$eval("#banner", (element) => element.innerText),
+      /^The gateway cannot be reached; trying again in \d+(\.\d)?s\. Tiles may be out of date\.$/);
+    await tab.waitForSelector('li[data-port="4"].stale');
+    const refused = await act(tab, "extract", 4, 101337);
+    assert.match(refused, /^failed: case_extract port 4 bin 101337: the gateway cannot be reached\n/);
+    assert.match(refused, /Message\s+the gateway cannot be reached: the browser got no answer from 127\.0\.0\.1:\d+ \(Failed to fetch\)/);
+    frontDoor.restore();
+    await tab.waitForSelector("#banner[hidden]");
+    await tab.waitForSelector('li[data-port="4"][data-state="NOOP"]:not(.stale)');
+    // The browser reports each request the cut ended, and nothing else.
+    assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
+  });
+});
+
 describe("the console with auth on", bounded, () => {
   let gateway;
   let tab;
