@@ -213,7 +213,7 @@ function showTileError(tile, problem, retryAfterMs) {
   tile.bin.textContent = "";
   const id = problem.requestId ? ` Request id ${problem.requestId}.` : "";
   // The page's own plan for a read it tries again, rather than advice for a call that may act.
-  const retry = retryAfterMs === null ? `Retry: ${problem.advice}.` : `Reading again in ${seconds(retryAfterMs)}.`;
+  const retry = retryAfterMs === null ? `Retry: ${problem.retry}; ${problem.advice}.` : `Reading again in ${seconds(retryAfterMs)}.`;
   tile.detail.textContent = `${problem.fault?.meaning ?? problem.message} ${retry}${id}`;
 }
 
@@ -350,7 +350,7 @@ function showFailure(what, problem) {
     rows.push(["Reason", problem.reason]);
   }
   for (const violation of problem.violations) rows.push(["Field", `${violation.field}: ${violation.description}`]);
-  rows.push(["Retry", problem.advice]);
+  rows.push(["Retry", problem.retry], ["Advice", problem.advice]);
   rows.push(["Message", problem.message]);
   if (problem.requestId) rows.push(["Request id", problem.requestId]);
   const outcome = problem.unreachable ? "the gateway cannot be reached" : problem.codeName;
@@ -377,8 +377,9 @@ function facts(rows) {
 
 // === errors: what a person needs from a status ===
 
-// The code, the fault or the gateway's reason with its meaning and retry advice from the
-// gateway's own tables, the field violations, the RetryInfo delay and the request id.
+// The code, the fault or the gateway's reason with its meaning, whether a retry is safe (as
+// `taskgate case-extract` prints it: from the RetryInfo) and what to do (from the gateway's own
+// tables), the field violations and the request id.
 function describeError(error, config) {
   const status = ConnectError.from(error);
   const [info] = status.findDetails(ErrorInfoSchema);
@@ -394,16 +395,15 @@ function describeError(error, config) {
   const unreachable = !status.isWireError && status.cause instanceof TypeError;
   // Without the gateway's ErrorInfo (the page's own deadline, a connection lost on the way), the
   // call may still have reached the controller.
-  let advice = fault?.advice ?? gatewayAdvice(info, codeName, config) ??
-    "not at once: the controller may have acted; check the port's tile first";
-  advice = advice.replaceAll("`", "");
-  if (retryDelayMs !== null) advice += ` (after ${seconds(retryDelayMs)})`;
+  const advice = (fault?.advice ?? gatewayAdvice(info, codeName, config) ??
+    "not at once: the controller may have acted; check the port's tile first").replaceAll("`", "");
   return {
     code: status.code,
     codeName,
     reason: info?.reason ?? null,
     fault,
     violations,
+    retry: retryDelayMs === null ? "not advised" : `safe after ${cliDuration(retryDelayMs)}`,
     advice,
     retryDelayMs,
     unreachable,
@@ -481,6 +481,19 @@ function sleep(ms, signal) {
     const timer = setTimeout(() => { signal.removeEventListener("abort", woken); resolve(); }, ms);
     signal.addEventListener("abort", woken, { once: true });
   });
+}
+
+// A duration as the CLI prints it (Rust's humantime): "700ms", "1s", "1m 30s".
+function cliDuration(ms) {
+  const units = [["d", 86400000], ["h", 3600000], ["m", 60000], ["s", 1000], ["ms", 1]];
+  const parts = [];
+  let rest = ms;
+  for (const [unit, size] of units) {
+    const count = Math.floor(rest / size);
+    if (count > 0) parts.push(`${count}${unit}`);
+    rest -= count * size;
+  }
+  return parts.length > 0 ? parts.join(" ") : "0s";
 }
 
 function seconds(ms) {

@@ -331,7 +331,7 @@ describe("the console against the gateway and the simulator", bounded, () => {
     await tab.waitForFunction(() => document.querySelector('li[data-port="1"]').innerText.includes("1087"));
     // ...with what to do about it, and the request id to quote.
     const refused = await tab.$eval('li[data-port="1"]', (tile) => tile.innerText);
-    assert.match(refused, /Retry: /);
+    assert.match(refused, /Retry: not advised; do not retry until the port's state changes\./);
     assert.match(refused, /Request id [0-9a-f-]{36}\./);
     assertStateReadsFollowAnOpenWatch(calls);
     assert.deepEqual(errors, []);
@@ -363,7 +363,9 @@ describe("the console against the gateway and the simulator", bounded, () => {
     assert.match(refused, /failed: case_extract port 4 bin 101337: UNAVAILABLE/);
     assert.match(refused, /Fault\s+1148 PREVIOUS_ACTION_NOT_COMPLETED/);
     assert.match(refused, /Meaning\s+New action cannot be started until the previous action has been completed\./);
-    assert.match(refused, /Retry\s+retry after the RetryInfo delay; the controller did not start the action \(after 0\.7s\)/);
+    // The retry line as `taskgate case-extract` prints it, then the fault table's advice.
+    assert.match(refused, /Retry\s+safe after 700ms\n/);
+    assert.match(refused, /Advice\s+retry after the RetryInfo delay; the controller did not start the action\n/);
     assert.match(refused, /Request id\s+[0-9a-f-]{36}/);
     mkdirSync(dirname(screenshot), { recursive: true });
     await tab.screenshot({ path: screenshot, fullPage: true });
@@ -405,7 +407,8 @@ describe("the console against the gateway and the simulator", bounded, () => {
     assert.match(refused, /failed: case_extract port 2001 bin 101337: INVALID_ARGUMENT/);
     assert.match(refused, /Reason\s+INVALID_PARAMETER/);
     assert.match(refused, /Field\s+port_id: /);
-    assert.match(refused, /Retry\s+no; fix the request/);
+    assert.match(refused, /Retry\s+not advised\n/);
+    assert.match(refused, /Advice\s+no; fix the request\n/);
     assert.deepEqual(errors, []);
   });
 
