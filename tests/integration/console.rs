@@ -116,6 +116,34 @@ async fn a_name_not_in_the_bundle_is_not_found_and_head_gives_no_body() {
     assert_eq!(head.bytes().await.unwrap().len(), 0);
 }
 
+/// A person who types the folder's name, with or without the slash, is sent to the page.
+#[tokio::test]
+async fn the_console_folder_redirects_to_the_page() {
+    let gateway = with_console(Gateway::builder(), &[4]).start().await;
+    let not_following = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for path in ["/console", "/console/"] {
+        let response = not_following
+            .get(format!("http://{}{path}", gateway.address))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 308, "{path}");
+        assert_eq!(header(response.headers(), "location"), "/", "{path}");
+        assert_eq!(header(response.headers(), "cache-control"), "no-cache");
+        assert_locked_down(response.headers());
+        assert_eq!(response.text().await.unwrap(), "the console is at /\n");
+    }
+    let followed = get(&format!("http://{}", gateway.address), "/console").await;
+    assert_eq!(followed.status(), 200);
+    assert_eq!(
+        header(followed.headers(), "content-type"),
+        "text/html; charset=utf-8"
+    );
+}
+
 #[tokio::test]
 async fn the_page_reads_its_ports_auth_and_the_fault_table_from_the_gateway() {
     let gateway = with_console(Gateway::builder(), &[4, 1, 2000])
