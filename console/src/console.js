@@ -208,8 +208,8 @@ async function withReadSlot(read) {
 function showTileError(tile, problem, retryAfterMs) {
   tile.element.className = "tile error";
   delete tile.element.dataset.state;
-  tile.code.textContent = problem.codeName;
-  tile.name.textContent = problem.fault ? `${problem.fault.code} ${problem.fault.name}` : problem.reason ?? "";
+  showName(tile.code, problem.codeName);
+  showName(tile.name, problem.fault ? `${problem.fault.code} ${problem.fault.name}` : problem.reason ?? "");
   tile.bin.textContent = "";
   const id = problem.requestId ? ` Request id ${problem.requestId}.` : "";
   // The page's own plan for a read it tries again, rather than advice for a call that may act.
@@ -232,9 +232,20 @@ function showState(tile, rawState, name, binId, how) {
   tile.element.className = `tile state-${rawState}`;
   tile.element.dataset.state = rawState;
   tile.code.textContent = rawState;
-  tile.name.textContent = name;
+  showName(tile.name, name);
   tile.bin.textContent = binId === undefined ? "no bin" : `bin ${binId}`;
   tile.detail.textContent = `${how === "read" ? "read" : "event"} at ${clock(new Date())}`;
+}
+
+// Shows a code's or a name's UPPER_SNAKE words in `element`, with a line break allowed after each
+// underscore (<wbr>, which copies as nothing), so that a narrow tile wraps FAILED_PRECONDITION
+// between its words, not inside one.
+function showName(element, text) {
+  element.replaceChildren();
+  text.split(/(?<=_)/).forEach((part, index) => {
+    if (index > 0) element.append(document.createElement("wbr"));
+    element.append(part);
+  });
 }
 
 function makeTile(portId) {

@@ -332,6 +332,27 @@ describe("the console against the gateway and the simulator", bounded, () => {
     // ...with what to do about it, and the request id to quote.
     const refused = await tab.$eval('li[data-port="1"]', (tile) => tile.innerText);
     assert.match(refused, /Retry: not advised; do not retry until the port's state changes\./);
+    // The tile is too narrow for FAILED_PRECONDITION on one line: it wraps between words.
+    assert.match(refused, /^Port 1\nFAILED_\s*PRECONDITION\n1087 PORT_IS_NOT_AUTOCASE\n/);
+    const wordsBroken = await tab.$eval('li[data-port="1"]', (tile) => {
+      const broken = [];
+      for (const part of tile.querySelectorAll(".code, .name")) {
+        for (const word of part.innerText.split(/[\s_]+/)) {
+          const walker = document.createTreeWalker(part, NodeFilter.SHOW_TEXT);
+          for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+            const start = node.data.indexOf(word);
+            if (start < 0 || word === "") continue;
+            const range = document.createRange();
+            range.setStart(node, start);
+            range.setEnd(node, start + word.length);
+            const lines = new Set([...range.getClientRects()].map((rect) => Math.round(rect.top)));
+            if (lines.size > 1) broken.push(word);
+          }
+        }
+      }
+      return broken;
+    });
+    assert.deepEqual(wordsBroken, []);
     assert.match(refused, /Request id [0-9a-f-]{36}\./);
     assertStateReadsFollowAnOpenWatch(calls);
     assert.deepEqual(errors, []);
