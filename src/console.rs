@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::future::{Either, Ready, ready};
 use http_body_util::Full;
-use tonic::codegen::http::header::{self, HeaderValue};
+use tonic::codegen::http::header::{self, HeaderName, HeaderValue};
 use tonic::codegen::http::{Method, Request, Response, StatusCode};
 use tower::{Layer, Service};
 
@@ -260,6 +260,18 @@ fn add_security_headers(headers: &mut tonic::codegen::http::HeaderMap) {
     headers.insert(
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
+    );
+    // For browsers that predate `frame-ancestors`.
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    // A page on another site that opens the console gets no handle on its window, and cannot
+    // load its files into its own.
+    headers.insert(
+        HeaderName::from_static("cross-origin-opener-policy"),
+        HeaderValue::from_static("same-origin"),
+    );
+    headers.insert(
+        HeaderName::from_static("cross-origin-resource-policy"),
+        HeaderValue::from_static("same-origin"),
     );
 }
 

@@ -43,6 +43,12 @@ fn assert_locked_down(headers: &HeaderMap) {
     );
     assert_eq!(header(headers, "x-content-type-options"), "nosniff");
     assert_eq!(header(headers, "referrer-policy"), "no-referrer");
+    assert_eq!(header(headers, "x-frame-options"), "DENY");
+    assert_eq!(header(headers, "cross-origin-opener-policy"), "same-origin");
+    assert_eq!(
+        header(headers, "cross-origin-resource-policy"),
+        "same-origin"
+    );
 }
 
 /// The files the page names, as `/console/…` paths, in the order it names them.
