@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::future::{Either, Ready, ready};
 use http_body_util::Full;
-use tonic::codegen::http::header::{self, HeaderValue};
+use tonic::codegen::http::header::{self, HeaderName, HeaderValue};
 use tonic::codegen::http::{Method, Request, Response, StatusCode};
 use tower::{Layer, Service};
 
@@ -34,6 +34,9 @@ pub const PAGE_PATH: &str = "/";
 pub const CONFIG_PATH: &str = "/console/config.json";
 /// Under this path are the bundle's files, each by its name in `console/dist/`.
 pub const FILES_PATH: &str = "/console/";
+/// Paths a person may type for the console, answered with a redirect to the page: the folder
+/// its files are in, with and without the slash.
+pub const REDIRECTED_PATHS: [&str; 2] = ["/console", FILES_PATH];
 /// Sent with every console response: the page loads only the gateway's own files, calls only
 /// the gateway, and cannot be framed, so neither an injected script nor another site can act
 /// through it. `style-src 'self'` allows no inline style either.
@@ -194,6 +197,7 @@ where
         }
         match self.files.by_path.get(path) {
             Some(file) => Either::Left(ready(Ok(file.response()))),
+            None if REDIRECTED_PATHS.contains(&path) => Either::Left(ready(Ok(redirect()))),
             // The console's own folder: a name not in the bundle (an old page's file, a typo).
             None if path.starts_with(FILES_PATH) => Either::Left(ready(Ok(not_found(path)))),
             None => Either::Right(self.inner.call(request)),
@@ -228,6 +232,22 @@ fn not_found(path: &str) -> Response<tonic::body::Body> {
     response
 }
 
+/// A permanent redirect to the page that keeps the method (308), so a HEAD stays a HEAD.
+fn redirect() -> Response<tonic::body::Body> {
+    let text = format!("the console is at {PAGE_PATH}\n");
+    let mut response = Response::new(body(Bytes::from(text)));
+    *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    let headers = response.headers_mut();
+    headers.insert(header::LOCATION, HeaderValue::from_static(PAGE_PATH));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(REVALIDATE));
+    add_security_headers(headers);
+    response
+}
+
 fn add_security_headers(headers: &mut tonic::codegen::http::HeaderMap) {
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
@@ -240,6 +260,18 @@ fn add_security_headers(headers: &mut tonic::codegen::http::HeaderMap) {
     headers.insert(
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
+    );
+    // For browsers that predate `frame-ancestors`.
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    // A page on another site that opens the console gets no handle on its window, and cannot
+    // load its files into its own.
+    headers.insert(
+        HeaderName::from_static("cross-origin-opener-policy"),
+        HeaderValue::from_static("same-origin"),
+    );
+    headers.insert(
+        HeaderName::from_static("cross-origin-resource-policy"),
+        HeaderValue::from_static("same-origin"),
     );
 }
 
@@ -255,6 +287,7 @@ fn content_type(name: &str) -> &'static str {
         Some("js") => "text/javascript; charset=utf-8",
         Some("css") => "text/css; charset=utf-8",
         Some("svg") => "image/svg+xml",
+        Some("txt") => "text/plain; charset=utf-8",
         _ => "application/octet-stream",
     }
 }

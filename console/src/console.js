@@ -1,7 +1,7 @@
 // The operator console: one tile per port, kept live by the README's watch-then-state pattern,
 // a timeline of case events, and confirmed extract and cancel forms. It calls the gateway that
 // served it, over gRPC-Web (Connect-ES), and reads every error's details as the other clients do.
-import { ConnectError, createClient } from "@connectrpc/connect";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { CaseState, TaskFaultSchema, TaskService } from "../gen/taskgate/v1/task_pb.js";
 import { BadRequestSchema, ErrorInfoSchema, RetryInfoSchema } from "../gen/google/rpc/error_details_pb.js";
@@ -9,17 +9,18 @@ import { BadRequestSchema, ErrorInfoSchema, RetryInfoSchema } from "../gen/googl
 // Where the gateway says what to show: the ports, whether calls need a token, and the fault and
 // gateway-error tables every status is built from.
 const CONFIG_PATH = "/console/config.json";
-// The gRPC names of the codes, as the README, the CLI and every other client print them.
-const CODE_NAMES = [
-  "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-  "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
-  "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
-];
 const CALL_TIMEOUT_MS = 5000;
 // Watching again after an error without a RetryInfo delay: doubling up to the cap, as the
 // gateway's own Log Publisher client does.
 const FIRST_BACKOFF_MS = 500;
 const MAX_BACKOFF_MS = 10000;
+// At most this many state reads at once: the browser keeps six HTTP/1.1 connections to the
+// gateway, one of them the watch's, and a form's call must not wait behind a page of reads.
+const MAX_READS_IN_FLIGHT = 4;
+// A failed read is tried again only when trying again can cure it; a read changes nothing, so it
+// is always safe to. The others (a port that is not an AutoCase port, a wrong token) change only
+// with an event or a new watch, which read the tile anyway.
+const REREAD_CODES = new Set(["UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "UNKNOWN"]);
 const TIMELINE_LENGTH = 100;
 const UINT32_MAX = 4294967295;
 
@@ -41,6 +42,9 @@ const page = {
 let bearerToken = "";
 // Aborting it ends the current watch, or its wait before watching again.
 let watching = new AbortController();
+// State reads under way, and those waiting for one of them to end (MAX_READS_IN_FLIGHT).
+let readsInFlight = 0;
+const readsWaiting = [];
 
 const client = createClient(
   TaskService,
@@ -105,9 +109,17 @@ async function follow(config, tiles) {
         // backoff: `--retry-delay 0s` must not make every open page watch again in a loop.
         const delayMs = Math.max(problem.retryDelayMs ?? backoffMs, FIRST_BACKOFF_MS);
         backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
-        for (const tile of tiles.values()) tile.element.classList.add("stale");
-        showBanner(`${watchProblem(problem)} Tiles may be out of date; watching again in ${seconds(delayMs)}.`,
-          problem.requestId);
+        for (const tile of tiles.values()) {
+          tile.element.classList.add("stale");
+          // A read that is tried again would unmark a tile that no event can reach now.
+          tile.generation += 1;
+        }
+        if (problem.unreachable) {
+          showBanner(`The gateway cannot be reached; trying again in ${seconds(delayMs)}. Tiles may be out of date.`);
+        } else {
+          showBanner(`${watchProblem(problem)} Tiles may be out of date; watching again in ${seconds(delayMs)}.`,
+            problem.requestId);
+        }
         await sleep(delayMs, signal);
       }
       if (signal.aborted) watching = new AbortController();
@@ -143,20 +155,66 @@ async function watchThenState(config, tiles, signal, live) {
   }
 }
 
+// Reads the tile's state, and resolves with the first answer. A read that failed in a way a
+// retry can cure (REREAD_CODES) is tried again meanwhile, after the RetryInfo delay or a backoff
+// (0.5 s doubling to 10 s), until it succeeds, an event or a newer read tells the tile's state,
+// or the watch ends.
 async function readState(tile, config, signal) {
+  tile.generation += 1;
+  const generation = tile.generation;
+  const retryAfterMs = await readOnce(tile, config, signal, generation, FIRST_BACKOFF_MS);
+  if (retryAfterMs !== null) readAgain(tile, config, signal, generation, retryAfterMs).catch(() => {});
+}
+
+async function readAgain(tile, config, signal, generation, delayMs) {
+  let backoffMs = FIRST_BACKOFF_MS;
+  let retryAfterMs = delayMs;
+  while (retryAfterMs !== null) {
+    await sleep(retryAfterMs, signal);
+    if (signal.aborted || tile.generation !== generation) return;
+    backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
+    retryAfterMs = await readOnce(tile, config, signal, generation, backoffMs);
+  }
+}
+
+// One read, shown on the tile unless something newer has been; the delay before reading again,
+// or null when that would not help.
+async function readOnce(tile, config, signal, generation, backoffMs) {
   try {
-    const state = await client.caseGetState({ portId: tile.portId }, { signal, timeoutMs: CALL_TIMEOUT_MS });
-    showState(tile, state.rawState, CaseState[state.state], state.binId, "read");
+    const state = await withReadSlot(() => client.caseGetState({ portId: tile.portId }, { signal, timeoutMs: CALL_TIMEOUT_MS }));
+    if (tile.generation === generation) showState(tile, state.rawState, CaseState[state.state], state.binId, "read");
+    return null;
   } catch (error) {
     if (signal.aborted) throw error;
+    if (tile.generation !== generation) return null;
     const problem = describeError(error, config);
-    tile.element.className = "tile error";
-    tile.code.textContent = problem.codeName;
-    tile.name.textContent = problem.fault ? `${problem.fault.code} ${problem.fault.name}` : problem.reason ?? "";
-    tile.bin.textContent = "";
-    const id = problem.requestId ? ` Request id ${problem.requestId}.` : "";
-    tile.detail.textContent = `${problem.fault?.meaning ?? problem.message} Retry: ${problem.advice}.${id}`;
+    const retryAfterMs = REREAD_CODES.has(problem.codeName) ? Math.max(problem.retryDelayMs ?? backoffMs, FIRST_BACKOFF_MS) : null;
+    showTileError(tile, problem, retryAfterMs);
+    return retryAfterMs;
   }
+}
+
+async function withReadSlot(read) {
+  while (readsInFlight >= MAX_READS_IN_FLIGHT) await new Promise((resolve) => readsWaiting.push(resolve));
+  readsInFlight += 1;
+  try {
+    return await read();
+  } finally {
+    readsInFlight -= 1;
+    readsWaiting.shift()?.();
+  }
+}
+
+function showTileError(tile, problem, retryAfterMs) {
+  tile.element.className = "tile error";
+  delete tile.element.dataset.state;
+  showName(tile.code, problem.codeName);
+  showName(tile.name, problem.fault ? `${problem.fault.code} ${problem.fault.name}` : problem.reason ?? "");
+  tile.bin.textContent = "";
+  const id = problem.requestId ? ` Request id ${problem.requestId}.` : "";
+  // The page's own plan for a read it tries again, rather than advice for a call that may act.
+  const retry = retryAfterMs === null ? `Retry: ${problem.retry}; ${problem.advice}.` : `Reading again in ${seconds(retryAfterMs)}.`;
+  tile.detail.textContent = `${problem.fault?.meaning ?? problem.message} ${retry}${id}`;
 }
 
 function applyEvent(tile, event) {
@@ -164,16 +222,30 @@ function applyEvent(tile, event) {
   const name = event.change.case === "state" ? CaseState[event.change.value] : "CANCEL_REQUEST";
   addToTimeline(event, name);
   // `CR` is a signal, not a state: the port's state follows in its own event.
-  if (event.change.case === "state") showState(tile, event.rawState, name, event.binId, "event");
+  if (event.change.case !== "state") return;
+  // Newer than any read still under way for the tile.
+  tile.generation += 1;
+  showState(tile, event.rawState, name, event.binId, "event");
 }
 
 function showState(tile, rawState, name, binId, how) {
   tile.element.className = `tile state-${rawState}`;
   tile.element.dataset.state = rawState;
   tile.code.textContent = rawState;
-  tile.name.textContent = name;
+  showName(tile.name, name);
   tile.bin.textContent = binId === undefined ? "no bin" : `bin ${binId}`;
   tile.detail.textContent = `${how === "read" ? "read" : "event"} at ${clock(new Date())}`;
+}
+
+// Shows a code's or a name's UPPER_SNAKE words in `element`, with a line break allowed after each
+// underscore (<wbr>, which copies as nothing), so that a narrow tile wraps FAILED_PRECONDITION
+// between its words, not inside one.
+function showName(element, text) {
+  element.replaceChildren();
+  text.split(/(?<=_)/).forEach((part, index) => {
+    if (index > 0) element.append(document.createElement("wbr"));
+    element.append(part);
+  });
 }
 
 function makeTile(portId) {
@@ -188,7 +260,9 @@ function makeTile(portId) {
     return child;
   };
   part("port", `Port ${portId}`);
-  const tile = { portId, element, code: part("code", "…"), name: part("name"), bin: part("bin"), detail: part("detail") };
+  // `generation` counts what told the tile its state (reads started, events), so that an
+  // answer to an older read does not overwrite a newer state.
+  const tile = { portId, element, generation: 0, code: part("code", "…"), name: part("name"), bin: part("bin"), detail: part("detail") };
   page.tiles.append(element);
   return tile;
 }
@@ -287,10 +361,11 @@ function showFailure(what, problem) {
     rows.push(["Reason", problem.reason]);
   }
   for (const violation of problem.violations) rows.push(["Field", `${violation.field}: ${violation.description}`]);
-  rows.push(["Retry", problem.advice]);
+  rows.push(["Retry", problem.retry], ["Advice", problem.advice]);
   rows.push(["Message", problem.message]);
   if (problem.requestId) rows.push(["Request id", problem.requestId]);
-  page.result.replaceChildren(heading(`failed: ${what}: ${problem.codeName}`), facts(rows));
+  const outcome = problem.unreachable ? "the gateway cannot be reached" : problem.codeName;
+  page.result.replaceChildren(heading(`failed: ${what}: ${outcome}`), facts(rows));
 }
 
 function heading(text) {
@@ -313,35 +388,50 @@ function facts(rows) {
 
 // === errors: what a person needs from a status ===
 
-// The code, the fault or the gateway's reason with its meaning and retry advice from the
-// gateway's own tables, the field violations, the RetryInfo delay and the request id.
+// The code, the fault or the gateway's reason with its meaning, whether a retry is safe (as
+// `taskgate case-extract` prints it: from the RetryInfo) and what to do (from the gateway's own
+// tables), the field violations and the request id.
 function describeError(error, config) {
   const status = ConnectError.from(error);
   const [info] = status.findDetails(ErrorInfoSchema);
   const [taskFault] = status.findDetails(TaskFaultSchema);
   const [retryInfo] = status.findDetails(RetryInfoSchema);
   const violations = status.findDetails(BadRequestSchema).flatMap((bad) => bad.fieldViolations);
-  const codeName = CODE_NAMES[status.code] ?? `code ${status.code}`;
+  const codeName = grpcCodeName(status.code);
   const delay = retryInfo?.retryDelay;
   const retryDelayMs = delay ? Number(delay.seconds) * 1000 + Math.round(delay.nanos / 1e6) : null;
   const fault = taskFault ? faultRow(taskFault.rawCode, config) : null;
+  // The browser's fetch failed without any answer: Connect-ES calls that UNKNOWN with the
+  // browser's own words ("Failed to fetch"), which tell a person nothing.
+  const unreachable = !status.isWireError && status.cause instanceof TypeError;
   // Without the gateway's ErrorInfo (the page's own deadline, a connection lost on the way), the
   // call may still have reached the controller.
-  let advice = fault?.advice ?? gatewayAdvice(info, codeName, config) ??
-    "not at once: the controller may have acted; check the port's tile first";
-  advice = advice.replaceAll("`", "");
-  if (retryDelayMs !== null) advice += ` (after ${seconds(retryDelayMs)})`;
+  const advice = (fault?.advice ?? gatewayAdvice(info, codeName, config) ??
+    "not at once: the controller may have acted; check the port's tile first").replaceAll("`", "");
   return {
     code: status.code,
     codeName,
     reason: info?.reason ?? null,
     fault,
     violations,
+    retry: retryDelayMs === null ? "not advised" : `safe after ${cliDuration(retryDelayMs)}`,
     advice,
     retryDelayMs,
-    message: status.rawMessage,
+    unreachable,
+    message: unreachable
+      ? `the gateway cannot be reached: the browser got no answer from ${window.location.host} (${status.rawMessage})`
+      : status.rawMessage,
     requestId: status.metadata.get("x-request-id"),
   };
+}
+
+// The gRPC name of a code, as the README, the CLI and every other client print it. Connect-ES
+// names its codes in PascalCase (`FailedPrecondition`), and one the American way (`Canceled`).
+function grpcCodeName(code) {
+  const name = Code[code];
+  if (name === undefined) return `code ${code}`;
+  if (code === Code.Canceled) return "CANCELLED";
+  return name.replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase();
 }
 
 function faultRow(rawCode, config) {
@@ -402,6 +492,19 @@ function sleep(ms, signal) {
     const timer = setTimeout(() => { signal.removeEventListener("abort", woken); resolve(); }, ms);
     signal.addEventListener("abort", woken, { once: true });
   });
+}
+
+// A duration as the CLI prints it (Rust's humantime): "700ms", "1s", "1m 30s".
+function cliDuration(ms) {
+  const units = [["d", 86400000], ["h", 3600000], ["m", 60000], ["s", 1000], ["ms", 1]];
+  const parts = [];
+  let rest = ms;
+  for (const [unit, size] of units) {
+    const count = Math.floor(rest / size);
+    if (count > 0) parts.push(`${count}${unit}`);
+    rest -= count * size;
+  }
+  return parts.length > 0 ? parts.join(" ") : "0s";
 }
 
 function seconds(ms) {

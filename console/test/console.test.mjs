@@ -8,13 +8,17 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { createServer as createHttpServer } from "node:http";
+import { randomUUID } from "node:crypto";
 import { createServer, connect } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
+import { createClient } from "@connectrpc/connect";
+import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import * as esbuild from "esbuild";
 import puppeteer from "puppeteer-core";
+import { TaskService } from "../gen/taskgate/v1/task_pb.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root = resolve(here, "..", "..");
@@ -90,24 +94,37 @@ async function startProcess(args, patterns) {
 
 // A TCP proxy to `target` that can be cut: cut() closes every connection and refuses new ones
 // (accepted and closed at once, as a controller that is down would), restore() lets them through.
+// hold() keeps back what `target` sends; release() sends all of it at once, as one write.
 async function startProxy(target) {
   const [host, port] = target.split(":");
   const sockets = new Set();
   let up = true;
+  let holding = false;
+  let held = [];
+  let heldChanged = () => {};
   const server = createServer((client) => {
     if (!up) {
       client.destroy();
       return;
     }
     const upstream = connect(Number(port), host);
+    client.pipe(upstream);
+    upstream.on("data", (chunk) => {
+      if (!holding) {
+        client.write(chunk);
+        return;
+      }
+      held.push({ client, chunk });
+      heldChanged();
+    });
     for (const [from, to] of [[client, upstream], [upstream, client]]) {
       sockets.add(from);
-      from.pipe(to);
       from.on("error", () => to.destroy());
       from.on("close", () => { sockets.delete(from); to.destroy(); });
     }
   });
   await new Promise((resolveListen) => server.listen(0, "127.0.0.1", resolveListen));
+  const heldText = () => Buffer.concat(held.map(({ chunk }) => chunk)).toString("latin1");
   return {
     address: `127.0.0.1:${server.address().port}`,
     cut: () => {
@@ -115,6 +132,21 @@ async function startProxy(target) {
       for (const socket of sockets) socket.destroy();
     },
     restore: () => { up = true; },
+    hold: () => { holding = true; },
+    // Resolves once at least `count` lines matching `pattern` are held back.
+    heldLines: (pattern, count) => within(new Promise((resolveHeld) => {
+      heldChanged = () => {
+        if (heldText().split("\r\n").filter((line) => pattern.test(line)).length >= count) resolveHeld();
+      };
+      heldChanged();
+    }), SHOW_LIMIT_MS, () => `fewer than ${count} lines matching ${pattern} came: ${JSON.stringify(heldText())}`),
+    release: () => {
+      holding = false;
+      for (const client of new Set(held.map((entry) => entry.client))) {
+        client.write(Buffer.concat(held.filter((entry) => entry.client === client).map(({ chunk }) => chunk)));
+      }
+      held = [];
+    },
     close: () => new Promise((resolveClose) => {
       for (const socket of sockets) socket.destroy();
       server.close(resolveClose);
@@ -143,12 +175,50 @@ after(async () => {
   await browser?.close();
 });
 
+const WATCH = "/taskgate.v1.TaskService/WatchCaseEvents";
+const GET_STATE = "/taskgate.v1.TaskService/CaseGetState";
+
 // Opens the console at `address` in a tablet-sized tab, collecting what the page reports as
-// errors: console errors, uncaught exceptions and failed requests.
+// errors (console errors, uncaught exceptions and failed requests) and, in the order the
+// browser saw them, when each watch and state read was sent and when each watch's response
+// headers came.
 async function openConsole(address) {
   const tab = await browser.newPage();
   await tab.setViewport({ width: 1024, height: 900 });
   tab.setDefaultTimeout(SHOW_LIMIT_MS);
+  // From Chromium's own network events, which carry the time each happened: puppeteer's
+  // request and response events may come in another order than their requests did.
+  const network = await tab.createCDPSession();
+  await network.send("Network.enable");
+  const timed = [];
+  const reads = { inFlight: 0, most: 0 };
+  const readIds = new Set();
+  network.on("Network.requestWillBeSent", ({ requestId, request, timestamp }) => {
+    const path = new URL(request.url).pathname;
+    if (path === WATCH) timed.push({ timestamp, call: "watch sent" });
+    if (path !== GET_STATE) return;
+    timed.push({ timestamp, call: "state read sent" });
+    readIds.add(requestId);
+    reads.inFlight += 1;
+    reads.most = Math.max(reads.most, reads.inFlight);
+  });
+  network.on("Network.responseReceived", ({ timestamp, response }) => {
+    // A refusal is headers with a status (trailers-only): the watch never opened.
+    if (new URL(response.url).pathname !== WATCH) return;
+    const refused = Object.keys(response.headers).some((name) => name.toLowerCase() === "grpc-status");
+    timed.push({ timestamp, call: refused ? "watch refused" : "watch opened" });
+  });
+  // A read is counted from when it is sent until its answer's headers come (or it fails): the page
+  // sends the next only once it has the whole answer, after them, and a page that sent every
+  // read at once would send them all before any answer came.
+  for (const answered of ["Network.responseReceived", "Network.loadingFailed"]) {
+    network.on(answered, ({ requestId }) => {
+      if (readIds.delete(requestId)) reads.inFlight -= 1;
+    });
+  }
+  const calls = {
+    list: () => [...timed].sort((one, other) => one.timestamp - other.timestamp).map(({ call }) => call),
+  };
   const errors = [];
   tab.on("console", (message) => { if (message.type() === "error") errors.push(`console: ${message.text()}`); });
   tab.on("pageerror", (error) => errors.push(`uncaught: ${error.message}`));
@@ -161,7 +231,30 @@ async function openConsole(address) {
   // offer no crypto.randomUUID. Loopback is one, so the page is shown it as the other would be.
   await tab.evaluateOnNewDocument(() => { delete Crypto.prototype.randomUUID; });
   await tab.goto(`http://${address}/`, { waitUntil: "load" });
-  return { tab, errors };
+  return { tab, errors, calls, reads };
+}
+
+// The README's watch-then-state pattern: a state read sent before the watch is open could miss
+// an event that changes the state between the two. So every state read follows the headers of
+// the watch sent last.
+function assertStateReadsFollowAnOpenWatch(calls) {
+  const list = calls.list();
+  assert.ok(list.includes("state read sent"), `no state read: ${list.join(", ")}`);
+  let watch = "none sent";
+  list.forEach((call, index) => {
+    if (call === "watch sent") watch = "sent";
+    if (call === "watch opened") watch = "open";
+    if (call === "watch refused") watch = "refused";
+    assert.ok(call !== "state read sent" || watch === "open",
+      `call ${index + 1} is a state read while the watch is ${watch}: ${list.join(", ")}`);
+  });
+}
+
+// The gateway's licenses file, as the page's footer links it.
+async function fetchLicenses(tab, address) {
+  const path = await tab.$eval("footer a", (link) => link.getAttribute("href"));
+  assert.match(path, /^\/console\/licenses-[0-9A-Z]{8}\.txt$/);
+  return fetch(`http://${address}${path}`);
 }
 
 const tileState = (tab, port) => tab.$eval(`li[data-port="${port}"]`, (tile) => tile.dataset.state);
@@ -196,10 +289,12 @@ async function act(tab, form, port, bin) {
 
 describe("the console against the gateway and the simulator", bounded, () => {
   let simulator;
+  let upstream;
   let proxy;
   let gateway;
   let tab;
   let errors;
+  let calls;
 
   before(async () => {
     simulator = await startProcess(
@@ -207,19 +302,21 @@ describe("the console against the gateway and the simulator", bounded, () => {
       [/simulated controller listening url=(\S+)/, /simulated Log Publisher listening address=(\S+)/],
     );
     const [url, logPublisher] = simulator.found;
+    upstream = await startProxy(new URL(url).host);
     proxy = await startProxy(logPublisher);
     gateway = await startProcess(
-      ["serve", "--upstream", url, "--log-publisher", proxy.address, "--listen", "127.0.0.1:0",
-        "--retry-delay", RETRY_DELAY, "--console", "--console-ports", "1,2,3,4"],
+      ["serve", "--upstream", url.replace(new URL(url).host, upstream.address), "--log-publisher", proxy.address,
+        "--listen", "127.0.0.1:0", "--retry-delay", RETRY_DELAY, "--console", "--console-ports", "1,2,3,4"],
       [LISTENING],
     );
-    ({ tab, errors } = await openConsole(gateway.found[0]));
+    ({ tab, errors, calls } = await openConsole(gateway.found[0]));
   });
 
   after(async () => {
     await tab?.close();
     await gateway?.stop();
     await proxy?.close();
+    await upstream?.close();
     await simulator?.stop();
   });
 
@@ -234,8 +331,47 @@ describe("the console against the gateway and the simulator", bounded, () => {
     await tab.waitForFunction(() => document.querySelector('li[data-port="1"]').innerText.includes("1087"));
     // ...with what to do about it, and the request id to quote.
     const refused = await tab.$eval('li[data-port="1"]', (tile) => tile.innerText);
-    assert.match(refused, /Retry: /);
+    assert.match(refused, /Retry: not advised; do not retry until the port's state changes\./);
+    // The tile is too narrow for FAILED_PRECONDITION on one line: it wraps between words.
+    assert.match(refused, /^Port 1\nFAILED_\s*PRECONDITION\n1087 PORT_IS_NOT_AUTOCASE\n/);
+    const wordsBroken = await tab.$eval('li[data-port="1"]', (tile) => {
+      const broken = [];
+      for (const part of tile.querySelectorAll(".code, .name")) {
+        for (const word of part.innerText.split(/[\s_]+/)) {
+          const walker = document.createTreeWalker(part, NodeFilter.SHOW_TEXT);
+          for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+            const start = node.data.indexOf(word);
+            if (start < 0 || word === "") continue;
+            const range = document.createRange();
+            range.setStart(node, start);
+            range.setEnd(node, start + word.length);
+            const lines = new Set([...range.getClientRects()].map((rect) => Math.round(rect.top)));
+            if (lines.size > 1) broken.push(word);
+          }
+        }
+      }
+      return broken;
+    });
+    assert.deepEqual(wordsBroken, []);
     assert.match(refused, /Request id [0-9a-f-]{36}\./);
+    assertStateReadsFollowAnOpenWatch(calls);
+    assert.deepEqual(errors, []);
+  });
+
+  test("the footer links the licenses of every package the script bundles", async () => {
+    const response = await fetchLicenses(tab, gateway.found[0]);
+    assert.equal(response.status, 200);
+    assert.equal(response.headers.get("content-type"), "text/plain; charset=utf-8");
+    assert.equal(response.headers.get("cache-control"), "public, max-age=31536000, immutable");
+    const licenses = await response.text();
+    const { dependencies } = JSON.parse(readFileSync(join(here, "..", "package.json"), "utf8"));
+    assert.deepEqual(Object.keys(dependencies).sort(), ["@bufbuild/protobuf", "@connectrpc/connect", "@connectrpc/connect-web"]);
+    for (const [name, version] of Object.entries(dependencies)) {
+      const { license } = JSON.parse(readFileSync(join(here, "..", "node_modules", name, "package.json"), "utf8"));
+      assert.ok(licenses.includes(`\n${name} ${version}: ${license}\n`), `${name} ${version} is not listed:\n${licenses}`);
+    }
+    assert.match(licenses, /=== Apache-2\.0 ===\n\n\s+Apache License\n\s+Version 2\.0, January 2004/);
+    assert.match(licenses, /=== BSD-3-Clause ===\n\nCopyright 2008 Google Inc\.  All rights reserved\./);
     assert.deepEqual(errors, []);
   });
 
@@ -248,7 +384,9 @@ describe("the console against the gateway and the simulator", bounded, () => {
     assert.match(refused, /failed: case_extract port 4 bin 101337: UNAVAILABLE/);
     assert.match(refused, /Fault\s+1148 PREVIOUS_ACTION_NOT_COMPLETED/);
     assert.match(refused, /Meaning\s+New action cannot be started until the previous action has been completed\./);
-    assert.match(refused, /Retry\s+retry after the RetryInfo delay; the controller did not start the action \(after 0\.7s\)/);
+    // The retry line as `taskgate case-extract` prints it, then the fault table's advice.
+    assert.match(refused, /Retry\s+safe after 700ms\n/);
+    assert.match(refused, /Advice\s+retry after the RetryInfo delay; the controller did not start the action\n/);
     assert.match(refused, /Request id\s+[0-9a-f-]{36}/);
     mkdirSync(dirname(screenshot), { recursive: true });
     await tab.screenshot({ path: screenshot, fullPage: true });
@@ -290,7 +428,8 @@ describe("the console against the gateway and the simulator", bounded, () => {
     assert.match(refused, /failed: case_extract port 2001 bin 101337: INVALID_ARGUMENT/);
     assert.match(refused, /Reason\s+INVALID_PARAMETER/);
     assert.match(refused, /Field\s+port_id: /);
-    assert.match(refused, /Retry\s+no; fix the request/);
+    assert.match(refused, /Retry\s+not advised\n/);
+    assert.match(refused, /Advice\s+no; fix the request\n/);
     assert.deepEqual(errors, []);
   });
 
@@ -306,10 +445,168 @@ describe("the console against the gateway and the simulator", bounded, () => {
     proxy.restore();
     await tab.waitForSelector("#banner[hidden]");
     await tab.waitForSelector('li[data-port="4"][data-state="NOOP"]:not(.stale)');
+    // Read again only once the new watch is open.
+    assert.ok(calls.list().filter((call) => call === "watch opened").length > 1, calls.list().join(", "));
+    assertStateReadsFollowAnOpenWatch(calls);
     // Live again: a new extraction shows on the tile.
     await act(tab, "extract", 4, 101337);
     await waitForTile(tab, 4, "EREQ");
     assert.deepEqual(errors, []);
+  });
+
+  test("a state read that failed is tried again until the port can be read", async () => {
+    // The last extraction's end: no event comes for port 4 after it, so only a read can tell it.
+    await waitForTile(tab, 4, "ECMP");
+    upstream.cut();
+    proxy.cut();
+    await tab.waitForSelector('li[data-port="4"].stale');
+    proxy.restore();
+    // Watching again, the page reads every port, and the controller cannot be reached.
+    await tab.waitForSelector('li[data-port="4"].error');
+    const failed = await tab.$eval('li[data-port="4"]', (tile) => tile.innerText);
+    // The proxy takes the gateway's connections and closes them at once.
+    assert.match(failed, /^Port 4\nUNKNOWN\nUPSTREAM_CONNECTION_LOST\ncase_getstate port 4: the connection to the controller failed: /);
+    assert.match(failed, / Reading again in 0\.5s\. Request id [0-9a-f-]{36}\.$/);
+    upstream.restore();
+    await tab.waitForSelector('li[data-port="4"][data-state="ECMP"]:not(.stale)');
+    assert.match(await tab.$eval('li[data-port="4"]', (tile) => tile.innerText), /bin 101337\nread at /);
+    assertStateReadsFollowAnOpenWatch(calls);
+    assert.deepEqual(errors, []);
+  });
+});
+
+describe("the console when its watch lags", bounded, () => {
+  // The fewest events a watch may fall behind (--watch-buffer's least value).
+  const WATCH_BUFFER = 16;
+  let simulator;
+  let proxy;
+  let gateway;
+  let tab;
+  let errors;
+  let calls;
+
+  before(async () => {
+    simulator = await startProcess(
+      ["simulate", "--listen", "127.0.0.1:0", "--log-publisher-listen", "127.0.0.1:0"],
+      [/simulated controller listening url=(\S+)/, /simulated Log Publisher listening address=(\S+)/],
+    );
+    const [url, logPublisher] = simulator.found;
+    proxy = await startProxy(logPublisher);
+    gateway = await startProcess(
+      ["serve", "--upstream", url, "--log-publisher", proxy.address, "--listen", "127.0.0.1:0",
+        "--retry-delay", RETRY_DELAY, "--watch-buffer", String(WATCH_BUFFER), "--console", "--console-ports", "1,2,3,4"],
+      [LISTENING],
+    );
+    ({ tab, errors, calls } = await openConsole(gateway.found[0]));
+  });
+
+  after(async () => {
+    await tab?.close();
+    await gateway?.stop();
+    await proxy?.close();
+    await simulator?.stop();
+  });
+
+  test("more events at once than the watch buffer shows the lag banner, then the tiles are right again", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    await tab.waitForSelector("#banner[hidden]");
+    // Extractions and cancels on port 4, each 1 or 2 events (EREQ; CR and NOOP), whose lines the
+    // Log Publisher proxy keeps back, then hands the gateway in one read: more than a watch's
+    // buffer before its stream can take any.
+    const client = createClient(TaskService, createGrpcWebTransport({ baseUrl: `http://${gateway.found[0]}` }));
+    const call = { portId: 4, binId: 101337 };
+    proxy.hold();
+    const pairs = WATCH_BUFFER / 2 + 1;
+    for (let pair = 0; pair < pairs; pair += 1) {
+      await client.caseExtract({ ...call, requestId: randomUUID() });
+      await client.caseCancel({ ...call, requestId: randomUUID() });
+    }
+    await client.caseExtract({ ...call, requestId: randomUUID() });
+    const events = pairs * 3 + 1;
+    assert.ok(events > WATCH_BUFFER);
+    await proxy.heldLines(/^AC,/, events);
+    const lagged = tab.waitForFunction(
+      () => document.getElementById("banner").innerText.includes("WATCH_LAGGED"),
+      { polling: "mutation" },
+    );
+    proxy.release();
+    await lagged;
+    assert.match(await tab.$eval("#banner", (element) => element.innerText), /fell behind the events \(WATCH_LAGGED\)/);
+    // The page watches again, reads the state, and follows the extraction to its end.
+    await tab.waitForSelector("#banner[hidden]");
+    await tab.waitForSelector('li[data-port="4"][data-state="ECMP"]:not(.stale)');
+    assertStateReadsFollowAnOpenWatch(calls);
+    assert.deepEqual(errors, []);
+  });
+});
+
+describe("the console of more ports than it reads at once", bounded, () => {
+  const PORTS = Array.from({ length: 12 }, (_, index) => index + 1);
+  let gateway;
+  let tab;
+  let errors;
+  let reads;
+
+  before(async () => {
+    gateway = await startProcess(
+      ["serve", "--simulator", "--listen", "127.0.0.1:0", "--console-ports", PORTS.join(",")],
+      [LISTENING],
+    );
+    ({ tab, errors, reads } = await openConsole(gateway.found[0]));
+  });
+
+  after(async () => {
+    await tab?.close();
+    await gateway?.stop();
+  });
+
+  test("reads at most 4 ports at a time, and every tile gets its answer", async () => {
+    // Ports 5 to 12 are not in the simulator's layout: each tile shows the fault.
+    await tab.waitForFunction(
+      (count) => document.querySelectorAll("#tiles li[data-state], #tiles li.error").length === count,
+      {}, PORTS.length,
+    );
+    assert.match(await tab.$eval('li[data-port="12"]', (tile) => tile.innerText), /^Port 12\nNOT_FOUND\n1000 PORT_IS_NOT_AVAILABLE\n/);
+    assert.ok(reads.most <= 4 && reads.most > 1, `${reads.most} state reads were under way at once`);
+    assert.deepEqual(errors, []);
+  });
+});
+
+describe("the console when the gateway cannot be reached", bounded, () => {
+  let gateway;
+  let frontDoor;
+  let tab;
+  let errors;
+
+  before(async () => {
+    gateway = await startProcess(["serve", "--simulator", "--listen", "127.0.0.1:0"], [LISTENING]);
+    // The page is served through a proxy, which can take the gateway away from it.
+    frontDoor = await startProxy(gateway.found[0]);
+    ({ tab, errors } = await openConsole(frontDoor.address));
+  });
+
+  after(async () => {
+    await tab?.close();
+    await frontDoor?.close();
+    await gateway?.stop();
+  });
+
+  test("says so instead of the browser's words, keeps trying, and resumes", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    assert.deepEqual(errors, []);
+    frontDoor.cut();
+    await tab.waitForFunction(() => document.getElementById("banner").innerText.includes("cannot be reached"));
+    assert.match(await tab.$eval("#banner", (element) => element.innerText),
+      /^The gateway cannot be reached; trying again in \d+(\.\d)?s\. Tiles may be out of date\.$/);
+    await tab.waitForSelector('li[data-port="4"].stale');
+    const refused = await act(tab, "extract", 4, 101337);
+    assert.match(refused, /^failed: case_extract port 4 bin 101337: the gateway cannot be reached\n/);
+    assert.match(refused, /Message\s+the gateway cannot be reached: the browser got no answer from 127\.0\.0\.1:\d+ \(Failed to fetch\)/);
+    frontDoor.restore();
+    await tab.waitForSelector("#banner[hidden]");
+    await tab.waitForSelector('li[data-port="4"][data-state="NOOP"]:not(.stale)');
+    // The browser reports each request the cut ended, and nothing else.
+    assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
   });
 });
 

@@ -43,6 +43,12 @@ fn assert_locked_down(headers: &HeaderMap) {
     );
     assert_eq!(header(headers, "x-content-type-options"), "nosniff");
     assert_eq!(header(headers, "referrer-policy"), "no-referrer");
+    assert_eq!(header(headers, "x-frame-options"), "DENY");
+    assert_eq!(header(headers, "cross-origin-opener-policy"), "same-origin");
+    assert_eq!(
+        header(headers, "cross-origin-resource-policy"),
+        "same-origin"
+    );
 }
 
 /// The files the page names, as `/console/…` paths, in the order it names them.
@@ -71,7 +77,7 @@ async fn the_page_and_its_files_are_served_locked_down_with_their_types_and_cach
         .iter()
         .map(|path| path.rsplit_once('.').unwrap().1)
         .collect();
-    assert_eq!(extensions, ["svg", "css", "js"], "{page}");
+    assert_eq!(extensions, ["svg", "css", "js", "txt"], "{page}");
     for path in files {
         let response = get(&base, &path).await;
         assert_eq!(response.status(), 200, "{path}");
@@ -79,6 +85,7 @@ async fn the_page_and_its_files_are_served_locked_down_with_their_types_and_cach
         let expected_type = match path.rsplit_once('.').unwrap().1 {
             "js" => "text/javascript; charset=utf-8",
             "css" => "text/css; charset=utf-8",
+            "txt" => "text/plain; charset=utf-8",
             _ => "image/svg+xml",
         };
         assert_eq!(header(headers, "content-type"), expected_type, "{path}");
@@ -113,6 +120,34 @@ async fn a_name_not_in_the_bundle_is_not_found_and_head_gives_no_body() {
         "text/html; charset=utf-8"
     );
     assert_eq!(head.bytes().await.unwrap().len(), 0);
+}
+
+/// A person who types the folder's name, with or without the slash, is sent to the page.
+#[tokio::test]
+async fn the_console_folder_redirects_to_the_page() {
+    let gateway = with_console(Gateway::builder(), &[4]).start().await;
+    let not_following = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for path in ["/console", "/console/"] {
+        let response = not_following
+            .get(format!("http://{}{path}", gateway.address))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 308, "{path}");
+        assert_eq!(header(response.headers(), "location"), "/", "{path}");
+        assert_eq!(header(response.headers(), "cache-control"), "no-cache");
+        assert_locked_down(response.headers());
+        assert_eq!(response.text().await.unwrap(), "the console is at /\n");
+    }
+    let followed = get(&format!("http://{}", gateway.address), "/console").await;
+    assert_eq!(followed.status(), 200);
+    assert_eq!(
+        header(followed.headers(), "content-type"),
+        "text/html; charset=utf-8"
+    );
 }
 
 #[tokio::test]
