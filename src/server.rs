@@ -317,7 +317,12 @@ pub async fn serve(
             .as_ref()
             .map_or_else(|| "off".to_owned(), ToString::to_string);
         let worker_threads = tokio::runtime::Handle::current().metrics().num_workers();
-        tracing::info!(%address, upstream = %task_upstream_url, %log_publisher, tls, max_connections, worker_threads, "gateway listening");
+        let console = match (&config.console, &config.tls) {
+            (None, _) => "off".to_owned(),
+            (Some(_), None) => format!("http://{address}/"),
+            (Some(_), Some(_)) => format!("https://{address}/"),
+        };
+        tracing::info!(%address, upstream = %task_upstream_url, %log_publisher, tls, %console, max_connections, worker_threads, "gateway listening");
     }
     let mut connections = Connections::new(limits, max_connections.get(), metrics.listener("grpc"));
     // Each connection's task, so that those the grace leaves running end when `serve` returns.

@@ -206,6 +206,13 @@ impl Serve {
                     .context("invalid configuration")
                     .map_err(usage)?,
             );
+            // The README asks for a token file wherever the console is more than a test bench's.
+            if layout.is_none() && config.auth_tokens.is_none() {
+                tracing::warn!(
+                    "the console is on without --auth-tokens-file: anyone whose browser reaches \
+                     this port can move a robot through it (README, Console)"
+                );
+            }
         }
         if let Some(layout) = &layout {
             start_simulator(&Simulator::new(layout), &mut config)

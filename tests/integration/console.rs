@@ -6,8 +6,9 @@ use reqwest::header::HeaderMap;
 
 use taskgate::console::{self, CONTENT_SECURITY_POLICY};
 
+use crate::auth::token_file;
 use crate::cli::{TaskgateProcess, run};
-use crate::support::{Gateway, GatewayBuilder, http_client};
+use crate::support::{Gateway, GatewayBuilder, http_client, unused_address};
 
 fn with_console(builder: GatewayBuilder, ports: &[u32]) -> GatewayBuilder {
     let settings = console::Settings::new(ports.to_vec()).unwrap();
@@ -256,4 +257,35 @@ async fn console_settings_that_cannot_work_stop_the_gateway_at_startup() {
         ),
         "{stderr}"
     );
+}
+
+/// A console served without a token file, outside the simulator's test bench, is warned about
+/// at startup, as the README asks for one; and the "gateway listening" line says where the page
+/// is, or that it is off.
+#[tokio::test]
+async fn a_console_without_a_token_file_is_warned_about_and_its_address_logged() {
+    const WARNING: &str = "the console is on without --auth-tokens-file: anyone whose browser \
+                           reaches this port can move a robot through it (README, Console)";
+    let upstream = format!("http://{}/api/v2/task", unused_address().await);
+    let console = ["--console", "--console-ports", "4"];
+    let warned = TaskgateProcess::start_with_upstream(&upstream, &console).await;
+    assert!(warned.log.contains(WARNING), "{}", warned.log);
+    let listening = warned.log.lines().last().unwrap();
+    assert!(
+        listening.contains(&format!(" console={}/ ", warned.gateway)),
+        "{listening}"
+    );
+
+    let tokens = token_file("console", "a-token\n");
+    let with_tokens = [
+        &console[..],
+        &["--auth-tokens-file", tokens.to_str().unwrap()],
+    ]
+    .concat();
+    let quiet = TaskgateProcess::start_with_upstream(&upstream, &with_tokens).await;
+    assert!(!quiet.log.contains(WARNING), "{}", quiet.log);
+    let simulator = TaskgateProcess::start(&[]).await;
+    assert!(!simulator.log.contains(WARNING), "{}", simulator.log);
+    let off = TaskgateProcess::start_with_upstream(&upstream, &[]).await;
+    assert!(off.log.contains(" console=off "), "{}", off.log);
 }
