@@ -8,18 +8,20 @@
 //! revalidated on every load (`no-cache`).
 //!
 //! It is served in front of every gRPC layer: GET and HEAD of the page, its files and its
-//! settings (`/console/config.json`: the ports to show, whether task calls need a token, and the
-//! fault and gateway-error tables, so the page shows a fault's meaning and retry advice from
-//! the same tables as every status). Any other request goes on to gRPC and gRPC-Web untouched;
+//! settings (`/console/config.json`: the ports to show, whether task calls need a token, the
+//! deadline of its calls, and the fault, gateway-error and code-name tables, so the page shows a
+//! fault's meaning and retry advice from the same tables as every status). Any other request goes on to gRPC and gRPC-Web untouched;
 //! with the console off there is no layer at all.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::{Either, Ready, ready};
 use http_body_util::Full;
+use tonic::Code;
 use tonic::codegen::http::header::{self, HeaderName, HeaderValue};
 use tonic::codegen::http::{Method, Request, Response, StatusCode};
 use tower::{Layer, Service};
@@ -29,14 +31,14 @@ use crate::fault::{self, FaultClass};
 use crate::gateway_error::{self, GATEWAY_ERRORS};
 
 /// Where the page is served.
-pub const PAGE_PATH: &str = "/";
+pub(crate) const PAGE_PATH: &str = "/";
 /// Where the page's settings are served.
 pub const CONFIG_PATH: &str = "/console/config.json";
 /// Under this path are the bundle's files, each by its name in `console/dist/`.
-pub const FILES_PATH: &str = "/console/";
+pub(crate) const FILES_PATH: &str = "/console/";
 /// Paths a person may type for the console, answered with a redirect to the page: the folder
 /// its files are in, with and without the slash.
-pub const REDIRECTED_PATHS: [&str; 2] = ["/console", FILES_PATH];
+pub(crate) const REDIRECTED_PATHS: [&str; 2] = ["/console", FILES_PATH];
 /// Sent with every console response: the page loads only the gateway's own files, calls only
 /// the gateway, and cannot be framed, so neither an injected script nor another site can act
 /// through it. `style-src 'self'` allows no inline style either.
@@ -48,6 +50,12 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'
 const FILES: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/console_files.rs"));
 /// The page, among [`FILES`]: the one name without a hash, so it is never cached for good.
 const PAGE_FILE: &str = "index.html";
+/// How much longer than `--upstream-timeout` the page's calls may take: the gateway gives up on
+/// the controller up to 100 ms before a caller's deadline (`service::time_limit`), and a call may
+/// wait for a connection or behind the same request id before it is sent. With less, a
+/// controller that answers within the upstream timeout would still get the page's own
+/// DEADLINE_EXCEEDED, or the gateway's UPSTREAM_TIMEOUT early, while the robot may move.
+const CALL_DEADLINE_MARGIN: Duration = Duration::from_secs(2);
 
 /// What the console shows, checked: the ports it has a tile for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,8 +140,9 @@ impl Settings {
 // === impl ConsoleLayer ===
 
 impl ConsoleLayer {
-    /// The console for `settings`; `auth` tells the page to ask for a bearer token.
-    pub(crate) fn new(settings: &Settings, auth: bool) -> ConsoleLayer {
+    /// The console for `settings`; `auth` tells the page to ask for a bearer token, and
+    /// `upstream_timeout` how long its calls may take.
+    pub(crate) fn new(settings: &Settings, auth: bool, upstream_timeout: Duration) -> ConsoleLayer {
         let mut by_path = HashMap::new();
         for &(name, content) in FILES {
             let (path, cache_control) = if name == PAGE_FILE {
@@ -153,7 +162,7 @@ impl ConsoleLayer {
         by_path.insert(
             CONFIG_PATH.to_owned(),
             File {
-                content: Bytes::from(page_config(settings, auth).to_string()),
+                content: Bytes::from(page_config(settings, auth, upstream_timeout).to_string()),
                 content_type: HeaderValue::from_static("application/json"),
                 cache_control: HeaderValue::from_static(REVALIDATE),
             },
@@ -292,14 +301,16 @@ fn content_type(name: &str) -> &'static str {
     }
 }
 
-/// What the page needs from the gateway: the ports to show, whether to ask for a token, and what
-/// each fault and gateway error means and advises, from the tables every status is built from.
-fn page_config(settings: &Settings, auth: bool) -> serde_json::Value {
+/// What the page needs from the gateway: the ports to show, whether to ask for a token, the
+/// deadline of its calls, and what each fault and gateway error means and advises, from the
+/// tables every status is built from.
+fn page_config(settings: &Settings, auth: bool, upstream_timeout: Duration) -> serde_json::Value {
     let fault = |fault_class: FaultClass| {
         serde_json::json!({
             "name": fault_class.reason(),
             "meaning": fault_class.meaning(),
             "advice": fault_class.retry().advice(),
+            "mayHaveActed": fault_class.retry().controller_may_have_acted(),
         })
     };
     let faults: serde_json::Map<String, serde_json::Value> = fault::FAULTS
@@ -311,27 +322,51 @@ fn page_config(settings: &Settings, auth: bool) -> serde_json::Value {
         .map(|row| {
             serde_json::json!({
                 "reason": row.reason,
-                "code": fault::grpc_code_name(row.code),
+                "code": row.code as i32,
                 "advice": row.retry.advice(),
+                "mayHaveActed": row.retry.controller_may_have_acted(),
             })
         })
+        .collect();
+    // Every gRPC code's name by its number, as the CLI and the logs print it.
+    let code_names: Vec<&str> = (0..=Code::Unauthenticated as i32)
+        .map(|number| fault::grpc_code_name(Code::from_i32(number)))
         .collect();
     serde_json::json!({
         "ports": settings.ports,
         "auth": auth,
+        "callDeadlineMs": call_deadline(upstream_timeout).as_millis() as u64,
         "faults": faults,
         "unknownFault": fault(FaultClass::Unknown(0)),
         "internalFault": fault(FaultClass::OutOfRange(0)),
         "documentedFaults": [fault::DOCUMENTED_RANGE.start(), fault::DOCUMENTED_RANGE.end()],
         "gatewayDomain": gateway_error::DOMAIN,
-        "faultDomain": fault::DOMAIN,
         "gatewayErrors": gateway_errors,
+        "codeNames": code_names,
     })
+}
+
+/// The deadline the page sets on its calls: long enough that the gateway waits the whole
+/// `--upstream-timeout` for the controller.
+fn call_deadline(upstream_timeout: Duration) -> Duration {
+    upstream_timeout.saturating_add(CALL_DEADLINE_MARGIN)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The gateway waits for the controller as long as `--upstream-timeout` allows on a call
+    /// with the page's deadline, whatever the timeout.
+    #[test]
+    fn the_pages_deadline_leaves_the_gateway_its_whole_upstream_timeout() {
+        for millis in [10, 100, 1_000, 5_000, 10_000, 600_000] {
+            let upstream_timeout = Duration::from_millis(millis);
+            let limit =
+                crate::service::time_limit(Some(call_deadline(upstream_timeout)), upstream_timeout);
+            assert_eq!(limit, Some(upstream_timeout), "{upstream_timeout:?}");
+        }
+    }
 
     #[test]
     fn ports_are_checked() {

@@ -259,10 +259,13 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .prepare();
-    let console = config
-        .console
-        .as_ref()
-        .map(|console| ConsoleLayer::new(console, config.auth_tokens.is_some()));
+    let console = config.console.as_ref().map(|console| {
+        ConsoleLayer::new(
+            console,
+            config.auth_tokens.is_some(),
+            config.upstream.timeout,
+        )
+    });
     // The first layer is the outermost, as with tonic's `Server::layer`.
     let service = ServiceBuilder::new()
         // The page and its files, same-origin and not calls: no CORS, metrics or access line.

@@ -6,21 +6,26 @@ import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { CaseState, TaskFaultSchema, TaskService } from "../gen/taskgate/v1/task_pb.js";
 import { BadRequestSchema, ErrorInfoSchema, RetryInfoSchema } from "../gen/google/rpc/error_details_pb.js";
 
-// Where the gateway says what to show: the ports, whether calls need a token, and the fault and
-// gateway-error tables every status is built from.
+// Where the gateway says what to show: the ports, whether calls need a token, the deadline of
+// every call but the watch (its --upstream-timeout and a margin), and the fault, gateway-error
+// and code-name tables every status is built from.
 const CONFIG_PATH = "/console/config.json";
-const CALL_TIMEOUT_MS = 5000;
 // Watching again after an error without a RetryInfo delay: doubling up to the cap, as the
-// gateway's own Log Publisher client does.
+// gateway's own Log Publisher client does, each wait ±20 % so that the pages a gateway's restart
+// cut off do not all come back at once.
 const FIRST_BACKOFF_MS = 500;
 const MAX_BACKOFF_MS = 10000;
+const JITTER = 0.2;
 // At most this many state reads at once: the browser keeps six HTTP/1.1 connections to the
 // gateway, one of them the watch's, and a form's call must not wait behind a page of reads.
 const MAX_READS_IN_FLIGHT = 4;
 // A failed read is tried again only when trying again can cure it; a read changes nothing, so it
 // is always safe to. The others (a port that is not an AutoCase port, a wrong token) change only
 // with an event or a new watch, which read the tile anyway.
-const REREAD_CODES = new Set(["UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "UNKNOWN"]);
+const REREAD_CODES = new Set([Code.Unavailable, Code.DeadlineExceeded, Code.ResourceExhausted, Code.Aborted, Code.Unknown]);
+// Refusals that watching or reading again cannot cure, only a person: the page stops calling
+// (each try would be another warning in the gateway's log) until a token is given.
+const STOP_CODES = new Set([Code.Unauthenticated, Code.PermissionDenied, Code.InvalidArgument]);
 const TIMELINE_LENGTH = 100;
 const UINT32_MAX = 4294967295;
 
@@ -37,6 +42,10 @@ const page = {
   token: document.getElementById("token"),
   tokenState: document.getElementById("token-state"),
 };
+
+// What the gateway's config.json said, as text (to tell whether it changed) and read, and the
+// tiles built from it.
+const current = { configText: null, config: null, tiles: new Map() };
 
 // The bearer token lives only here, in this tab's memory: never in storage, a cookie or the URL.
 let bearerToken = "";
@@ -62,44 +71,84 @@ const client = createClient(
 main().catch((error) => showBanner(`The console could not start: ${error.message}`));
 
 async function main() {
-  const response = await fetch(CONFIG_PATH, { cache: "no-cache" });
-  if (!response.ok) throw new Error(`${CONFIG_PATH} answered HTTP ${response.status}`);
-  const config = await response.json();
-  const tiles = new Map(config.ports.map((portId) => [portId, makeTile(portId)]));
-  if (config.auth) setUpToken();
-  setUpAction("extract", (portId, binId) => ({
+  setUpToken();
+  setUpAction("extract", (portId, binId, requestId) => ({
     question: `Extract a case from bin ${binId} at port ${portId}? A robot will move.`,
     confirm: "Extract",
     describe: `case_extract port ${portId} bin ${binId}`,
     success: "the controller accepted the case extraction",
-    call: (options) => client.caseExtract({ portId, binId, requestId: idempotencyKey() }, options),
-  }), config);
-  setUpAction("cancel", (portId, binId) => ({
+    call: (options) => client.caseExtract({ portId, binId, requestId }, options),
+  }));
+  setUpAction("cancel", (portId, binId, requestId) => ({
     question: `Cancel the case operation on bin ${binId} at port ${portId}?`,
     confirm: "Cancel the operation",
     describe: `case_cancel port ${portId} bin ${binId}`,
     success: "the controller accepted the cancel",
-    call: (options) => client.caseCancel({ portId, binId, requestId: idempotencyKey() }, options),
-  }), config);
-  follow(config, tiles);
+    call: (options) => client.caseCancel({ portId, binId, requestId }, options),
+  }));
+  // Until the gateway answers: a page loaded just before it went away starts once it is back.
+  let backoffMs = FIRST_BACKOFF_MS;
+  while (!(await loadConfig())) {
+    const delayMs = jittered(backoffMs);
+    backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
+    showBanner(`The gateway cannot be reached; trying again within ${seconds(MAX_BACKOFF_MS)}.`);
+    await sleep(delayMs, watching.signal);
+  }
+  follow();
+}
+
+// Fetches config.json, and builds the tiles and the token field anew when it changed (a new
+// gateway behind the same address). False when the gateway cannot be reached.
+async function loadConfig() {
+  let text;
+  try {
+    const response = await fetch(CONFIG_PATH, { cache: "no-cache" });
+    if (!response.ok) throw new Error(`${CONFIG_PATH} answered HTTP ${response.status}`);
+    text = await response.text();
+  } catch (error) {
+    if (error instanceof TypeError) return false;
+    throw error;
+  }
+  if (text === current.configText) return true;
+  const config = JSON.parse(text);
+  page.tiles.replaceChildren();
+  current.tiles = new Map(config.ports.map((portId) => [portId, makeTile(portId)]));
+  page.tokenForm.hidden = !config.auth;
+  current.config = config;
+  current.configText = text;
+  return true;
 }
 
 // === the tiles: watch first, then read the state, then apply every event ===
 
-async function follow(config, tiles) {
+async function follow() {
   let backoffMs = FIRST_BACKOFF_MS;
+  let wasUnreachable = false;
   for (;;) {
     const signal = watching.signal;
     try {
-      await watchThenState(config, tiles, signal, () => { backoffMs = FIRST_BACKOFF_MS; });
+      if (wasUnreachable && !(await loadConfig())) throw new TypeError("config.json could not be fetched");
+      wasUnreachable = false;
+      await watchThenState(current.config, current.tiles, signal, () => { backoffMs = FIRST_BACKOFF_MS; });
       throw new Error("the watch ended without a status");
     } catch (error) {
       if (signal.aborted) {
         watching = new AbortController();
         continue;
       }
+      const config = current.config;
+      const tiles = current.tiles;
       const problem = describeError(error, config);
-      if (problem.reason === "LOG_PUBLISHER_DISABLED") {
+      wasUnreachable ||= problem.unreachable;
+      if (STOP_CODES.has(problem.code)) {
+        markStale(tiles);
+        showBanner(problem.code === Code.Unauthenticated
+          ? "Calls need a valid bearer token: enter one below."
+          : `${problem.message} (${problem.codeName}${problem.reason ? ` ${problem.reason}` : ""})`,
+        problem.requestId);
+        // Until the token form is submitted, which aborts this.
+        await aborted(signal);
+      } else if (problem.reason === "LOG_PUBLISHER_DISABLED") {
         // Nothing to watch: the tiles are read now and again, and say when.
         await Promise.all([...tiles.values()].map((tile) => readState(tile, config, signal).catch(() => {})));
         showBanner(`Live updates are off: the gateway runs without a Log Publisher (LOG_PUBLISHER_DISABLED). The tiles are read every ${seconds(MAX_BACKOFF_MS)}.`);
@@ -107,23 +156,29 @@ async function follow(config, tiles) {
       } else {
         // The gateway's RetryInfo delay when it sends one, but never less than the first
         // backoff: `--retry-delay 0s` must not make every open page watch again in a loop.
-        const delayMs = Math.max(problem.retryDelayMs ?? backoffMs, FIRST_BACKOFF_MS);
+        const delayMs = Math.max(problem.retryDelayMs ?? jittered(backoffMs), FIRST_BACKOFF_MS);
         backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
-        for (const tile of tiles.values()) {
-          tile.element.classList.add("stale");
-          // A read that is tried again would unmark a tile that no event can reach now.
-          tile.generation += 1;
-        }
+        markStale(tiles);
+        // The gateway's delay is the same every time; a backoff's changes with every try, so
+        // the banner gives its cap, and does not change while the cause stays.
+        const when = problem.retryDelayMs === null ? `within ${seconds(MAX_BACKOFF_MS)}` : `in ${seconds(delayMs)}`;
         if (problem.unreachable) {
-          showBanner(`The gateway cannot be reached; trying again in ${seconds(delayMs)}. Tiles may be out of date.`);
+          showBanner(`The gateway cannot be reached; trying again ${when}. Tiles may be out of date.`);
         } else {
-          showBanner(`${watchProblem(problem)} Tiles may be out of date; watching again in ${seconds(delayMs)}.`,
-            problem.requestId);
+          showBanner(`${watchProblem(problem)} Tiles may be out of date; watching again ${when}.`, problem.requestId);
         }
         await sleep(delayMs, signal);
       }
       if (signal.aborted) watching = new AbortController();
     }
+  }
+}
+
+function markStale(tiles) {
+  for (const tile of tiles.values()) {
+    tile.element.classList.add("stale");
+    // A read that is tried again would unmark a tile that no event can reach now.
+    tile.generation += 1;
   }
 }
 
@@ -162,7 +217,7 @@ async function watchThenState(config, tiles, signal, live) {
 async function readState(tile, config, signal) {
   tile.generation += 1;
   const generation = tile.generation;
-  const retryAfterMs = await readOnce(tile, config, signal, generation, FIRST_BACKOFF_MS);
+  const retryAfterMs = await readOnce(tile, config, signal, generation, jittered(FIRST_BACKOFF_MS));
   if (retryAfterMs !== null) readAgain(tile, config, signal, generation, retryAfterMs).catch(() => {});
 }
 
@@ -173,7 +228,7 @@ async function readAgain(tile, config, signal, generation, delayMs) {
     await sleep(retryAfterMs, signal);
     if (signal.aborted || tile.generation !== generation) return;
     backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
-    retryAfterMs = await readOnce(tile, config, signal, generation, backoffMs);
+    retryAfterMs = await readOnce(tile, config, signal, generation, jittered(backoffMs));
   }
 }
 
@@ -181,14 +236,14 @@ async function readAgain(tile, config, signal, generation, delayMs) {
 // or null when that would not help.
 async function readOnce(tile, config, signal, generation, backoffMs) {
   try {
-    const state = await withReadSlot(() => client.caseGetState({ portId: tile.portId }, { signal, timeoutMs: CALL_TIMEOUT_MS }));
+    const state = await withReadSlot(() => client.caseGetState({ portId: tile.portId }, { signal, timeoutMs: config.callDeadlineMs }));
     if (tile.generation === generation) showState(tile, state.rawState, CaseState[state.state], state.binId, "read");
     return null;
   } catch (error) {
     if (signal.aborted) throw error;
     if (tile.generation !== generation) return null;
     const problem = describeError(error, config);
-    const retryAfterMs = REREAD_CODES.has(problem.codeName) ? Math.max(problem.retryDelayMs ?? backoffMs, FIRST_BACKOFF_MS) : null;
+    const retryAfterMs = REREAD_CODES.has(problem.code) ? Math.max(problem.retryDelayMs ?? backoffMs, FIRST_BACKOFF_MS) : null;
     showTileError(tile, problem, retryAfterMs);
     return retryAfterMs;
   }
@@ -278,7 +333,10 @@ function addToTimeline(event, name) {
 
 // === the forms: check, confirm, call, show the outcome ===
 
-function setUpAction(name, plan, config) {
+// Each submit is a new call with a fresh idempotency key; only "Repeat this call", offered when
+// the controller may have acted, sends one again with the same key, so that the gateway answers
+// a repeat of a call it already sent with the first call's outcome instead of acting twice.
+function setUpAction(name, plan) {
   const form = document.getElementById(`${name}-form`);
   const portInput = document.getElementById(`${name}-port`);
   const binInput = document.getElementById(`${name}-bin`);
@@ -292,16 +350,25 @@ function setUpAction(name, plan, config) {
       wrong[1].focus();
       return;
     }
-    const action = plan(portId, binId);
-    if (!(await confirmed(action))) return;
-    try {
-      let requestId;
-      await action.call({ timeoutMs: CALL_TIMEOUT_MS, onHeader: (headers) => { requestId = headers.get("x-request-id"); } });
-      showSuccess(`ok: ${action.describe}: ${action.success}`, requestId);
-    } catch (error) {
-      showFailure(action.describe, describeError(error, config));
+    if (!current.config) {
+      showLocalError("the console has not started yet: the gateway cannot be reached");
+      return;
     }
+    const requestId = idempotencyKey();
+    await send({ ...plan(portId, binId, requestId), requestId });
   });
+}
+
+async function send(action) {
+  if (!(await confirmed(action))) return;
+  const config = current.config;
+  try {
+    let gatewayRequestId;
+    await action.call({ timeoutMs: config.callDeadlineMs, onHeader: (headers) => { gatewayRequestId = headers.get("x-request-id"); } });
+    showSuccess(`ok: ${action.describe}: ${action.success}`, gatewayRequestId);
+  } catch (error) {
+    showFailure(action, describeError(error, config));
+  }
 }
 
 function confirmed(action) {
@@ -352,7 +419,7 @@ function showLocalError(text) {
   page.result.replaceChildren(heading(`not sent: ${text}`));
 }
 
-function showFailure(what, problem) {
+function showFailure(action, problem) {
   page.result.className = "result failed";
   const rows = [];
   if (problem.fault) {
@@ -364,8 +431,17 @@ function showFailure(what, problem) {
   rows.push(["Retry", problem.retry], ["Advice", problem.advice]);
   rows.push(["Message", problem.message]);
   if (problem.requestId) rows.push(["Request id", problem.requestId]);
+  if (problem.mayHaveActed) rows.push(["Idempotency key", action.requestId]);
   const outcome = problem.unreachable ? "the gateway cannot be reached" : problem.codeName;
-  page.result.replaceChildren(heading(`failed: ${what}: ${outcome}`), facts(rows));
+  page.result.replaceChildren(heading(`failed: ${action.describe}: ${outcome}`), facts(rows));
+  if (problem.mayHaveActed) {
+    const repeat = document.createElement("button");
+    repeat.type = "button";
+    repeat.id = "repeat";
+    repeat.textContent = "Repeat this call";
+    repeat.addEventListener("click", () => send(action));
+    page.result.append(repeat);
+  }
 }
 
 function heading(text) {
@@ -397,7 +473,7 @@ function describeError(error, config) {
   const [taskFault] = status.findDetails(TaskFaultSchema);
   const [retryInfo] = status.findDetails(RetryInfoSchema);
   const violations = status.findDetails(BadRequestSchema).flatMap((bad) => bad.fieldViolations);
-  const codeName = grpcCodeName(status.code);
+  const codeName = grpcCodeName(status.code, config);
   const delay = retryInfo?.retryDelay;
   const retryDelayMs = delay ? Number(delay.seconds) * 1000 + Math.round(delay.nanos / 1e6) : null;
   const fault = taskFault ? faultRow(taskFault.rawCode, config) : null;
@@ -406,8 +482,12 @@ function describeError(error, config) {
   const unreachable = !status.isWireError && status.cause instanceof TypeError;
   // Without the gateway's ErrorInfo (the page's own deadline, a connection lost on the way), the
   // call may still have reached the controller.
-  const advice = (fault?.advice ?? gatewayAdvice(info, codeName, config) ??
+  const gatewayRow = gatewayError(info, status.code, config);
+  const advice = (fault?.advice ?? gatewayRow?.advice ??
     "not at once: the controller may have acted; check the port's tile first").replaceAll("`", "");
+  // Unknown unless the gateway's tables say the controller did not act: a repeat of the call
+  // must then carry the same idempotency key.
+  const mayHaveActed = fault?.mayHaveActed ?? gatewayRow?.mayHaveActed ?? status.code !== Code.Canceled;
   return {
     code: status.code,
     codeName,
@@ -418,6 +498,7 @@ function describeError(error, config) {
     advice,
     retryDelayMs,
     unreachable,
+    mayHaveActed,
     message: unreachable
       ? `the gateway cannot be reached: the browser got no answer from ${window.location.host} (${status.rawMessage})`
       : status.rawMessage,
@@ -425,13 +506,10 @@ function describeError(error, config) {
   };
 }
 
-// The gRPC name of a code, as the README, the CLI and every other client print it. Connect-ES
-// names its codes in PascalCase (`FailedPrecondition`), and one the American way (`Canceled`).
-function grpcCodeName(code) {
-  const name = Code[code];
-  if (name === undefined) return `code ${code}`;
-  if (code === Code.Canceled) return "CANCELLED";
-  return name.replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase();
+// The gRPC name of a code, as the README, the CLI and every other client print it: from the
+// gateway's table, not Connect-ES's PascalCase names (one of them the American `Canceled`).
+function grpcCodeName(code, config) {
+  return config.codeNames[code] ?? `code ${code}`;
 }
 
 function faultRow(rawCode, config) {
@@ -441,9 +519,9 @@ function faultRow(rawCode, config) {
   return { code: rawCode, ...row };
 }
 
-function gatewayAdvice(info, codeName, config) {
+function gatewayError(info, code, config) {
   if (!info || info.domain !== config.gatewayDomain) return null;
-  return config.gatewayErrors.find((row) => row.reason === info.reason && row.code === codeName)?.advice ?? null;
+  return config.gatewayErrors.find((row) => row.reason === info.reason && row.code === code) ?? null;
 }
 
 function watchProblem(problem) {
@@ -459,7 +537,12 @@ function watchProblem(problem) {
 
 // === the banner, the token, time ===
 
+// Shows `text` unless the banner says it already (with another try's request id): a screen
+// reader reads each change of the banner (aria-live), and a page that tries again every few
+// seconds would have it read the same news over and over.
 function showBanner(text, requestId) {
+  if (!page.banner.hidden && page.banner.dataset.text === text) return;
+  page.banner.dataset.text = text;
   page.banner.textContent = requestId ? `${text} Request id ${requestId}.` : text;
   page.banner.hidden = false;
 }
@@ -467,10 +550,10 @@ function showBanner(text, requestId) {
 function hideBanner() {
   page.banner.hidden = true;
   page.banner.textContent = "";
+  delete page.banner.dataset.text;
 }
 
 function setUpToken() {
-  page.tokenForm.hidden = false;
   page.tokenForm.addEventListener("submit", (submitted) => {
     submitted.preventDefault();
     bearerToken = page.token.value.trim();
@@ -492,6 +575,18 @@ function sleep(ms, signal) {
     const timer = setTimeout(() => { signal.removeEventListener("abort", woken); resolve(); }, ms);
     signal.addEventListener("abort", woken, { once: true });
   });
+}
+
+function aborted(signal) {
+  return new Promise((resolve) => {
+    if (signal.aborted) resolve();
+    else signal.addEventListener("abort", resolve, { once: true });
+  });
+}
+
+// `ms` give or take JITTER, in whole tenths of a second as the banner and the tiles say it.
+function jittered(ms) {
+  return Math.round(ms * (1 - JITTER + 2 * JITTER * Math.random()) / 100) * 100;
 }
 
 // A duration as the CLI prints it (Rust's humantime): "700ms", "1s", "1m 30s".

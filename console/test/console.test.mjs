@@ -95,8 +95,9 @@ async function startProcess(args, patterns) {
 // A TCP proxy to `target` that can be cut: cut() closes every connection and refuses new ones
 // (accepted and closed at once, as a controller that is down would), restore() lets them through.
 // hold() keeps back what `target` sends; release() sends all of it at once, as one write.
+// retarget(other) sends new connections to `other`.
 async function startProxy(target) {
-  const [host, port] = target.split(":");
+  let [host, port] = target.split(":");
   const sockets = new Set();
   let up = true;
   let holding = false;
@@ -132,6 +133,7 @@ async function startProxy(target) {
       for (const socket of sockets) socket.destroy();
     },
     restore: () => { up = true; },
+    retarget: (other) => { [host, port] = other.split(":"); },
     hold: () => { holding = true; },
     // Resolves once at least `count` lines matching `pattern` are held back.
     heldLines: (pattern, count) => within(new Promise((resolveHeld) => {
@@ -177,12 +179,14 @@ after(async () => {
 
 const WATCH = "/taskgate.v1.TaskService/WatchCaseEvents";
 const GET_STATE = "/taskgate.v1.TaskService/CaseGetState";
+const CONFIG = "/console/config.json";
 
 // Opens the console at `address` in a tablet-sized tab, collecting what the page reports as
 // errors (console errors, uncaught exceptions and failed requests) and, in the order the
 // browser saw them, when each watch and state read was sent and when each watch's response
-// headers came.
-async function openConsole(address) {
+// headers came, with the deadline (grpc-timeout) of every call but the watch, and the idempotency
+// key each extract and cancel carried. `beforeLoad(tab)` runs before the page is loaded.
+async function openConsole(address, beforeLoad = async () => {}) {
   const tab = await browser.newPage();
   await tab.setViewport({ width: 1024, height: 900 });
   tab.setDefaultTimeout(SHOW_LIMIT_MS);
@@ -193,9 +197,15 @@ async function openConsole(address) {
   const timed = [];
   const reads = { inFlight: 0, most: 0 };
   const readIds = new Set();
+  const deadlines = new Set();
   network.on("Network.requestWillBeSent", ({ requestId, request, timestamp }) => {
     const path = new URL(request.url).pathname;
     if (path === WATCH) timed.push({ timestamp, call: "watch sent" });
+    if (path === CONFIG) timed.push({ timestamp, call: "settings read sent" });
+    if (path.startsWith("/taskgate.v1.TaskService/") && path !== WATCH) {
+      const name = Object.keys(request.headers).find((header) => header.toLowerCase() === "grpc-timeout");
+      deadlines.add(request.headers[name]);
+    }
     if (path !== GET_STATE) return;
     timed.push({ timestamp, call: "state read sent" });
     readIds.add(requestId);
@@ -218,6 +228,9 @@ async function openConsole(address) {
   }
   const calls = {
     list: () => [...timed].sort((one, other) => one.timestamp - other.timestamp).map(({ call }) => call),
+    deadlines,
+    // The request_id of each extract and cancel the page handed the browser, in order.
+    keys: () => tab.evaluate(() => window.sentKeys),
   };
   const errors = [];
   tab.on("console", (message) => { if (message.type() === "error") errors.push(`console: ${message.text()}`); });
@@ -230,6 +243,20 @@ async function openConsole(address) {
   // A gateway on a plant network is often plain http, not a secure context: browsers then
   // offer no crypto.randomUUID. Loopback is one, so the page is shown it as the other would be.
   await tab.evaluateOnNewDocument(() => { delete Crypto.prototype.randomUUID; });
+  await tab.evaluateOnNewDocument(() => {
+    window.sentKeys = [];
+    const send = window.fetch;
+    window.fetch = function (input, init) {
+      const url = typeof input === "string" ? input : input.url;
+      if (/\/Case(Extract|Cancel)$/.test(url)) {
+        // The request_id is the one UUID in the call's protobuf body.
+        const body = new TextDecoder("latin1").decode(init.body);
+        window.sentKeys.push(/[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}/.exec(body)?.[0] ?? null);
+      }
+      return send.apply(this, arguments);
+    };
+  });
+  await beforeLoad(tab);
   await tab.goto(`http://${address}/`, { waitUntil: "load" });
   return { tab, errors, calls, reads };
 }
@@ -355,6 +382,9 @@ describe("the console against the gateway and the simulator", bounded, () => {
     assert.deepEqual(wordsBroken, []);
     assert.match(refused, /Request id [0-9a-f-]{36}\./);
     assertStateReadsFollowAnOpenWatch(calls);
+    // The gateway's --upstream-timeout (10 s by default) and its margin, from config.json: the
+    // gateway, not the page, ends a call the controller is slow to answer.
+    assert.deepEqual([...calls.deadlines], ["12000m"]);
     assert.deepEqual(errors, []);
   });
 
@@ -466,11 +496,38 @@ describe("the console against the gateway and the simulator", bounded, () => {
     const failed = await tab.$eval('li[data-port="4"]', (tile) => tile.innerText);
     // The proxy takes the gateway's connections and closes them at once.
     assert.match(failed, /^Port 4\nUNKNOWN\nUPSTREAM_CONNECTION_LOST\ncase_getstate port 4: the connection to the controller failed: /);
-    assert.match(failed, / Reading again in 0\.5s\. Request id [0-9a-f-]{36}\.$/);
+    // The first backoff, 0.5 s ± 20 %.
+    assert.match(failed, / Reading again in 0\.[4-6]s\. Request id [0-9a-f-]{36}\.$/);
     upstream.restore();
     await tab.waitForSelector('li[data-port="4"][data-state="ECMP"]:not(.stale)');
     assert.match(await tab.$eval('li[data-port="4"]', (tile) => tile.innerText), /bin 101337\nread at /);
     assertStateReadsFollowAnOpenWatch(calls);
+    assert.deepEqual(errors, []);
+  });
+
+  test("after an outcome the controller may have acted on, Repeat sends the same key; a new call does not", async () => {
+    await waitForTile(tab, 4, "ECMP");
+    // The gateway's connection to the controller ends before any answer: did the robot move?
+    upstream.cut();
+    const lost = await act(tab, "extract", 4, 101337);
+    assert.match(lost, /^failed: case_extract port 4 bin 101337: UNKNOWN\n/);
+    assert.match(lost, /Reason\s+UPSTREAM_CONNECTION_LOST\n/);
+    const key = /Idempotency key\s+([0-9a-f-]{36})/.exec(lost)?.[1];
+    assert.ok(key, lost);
+    upstream.restore();
+    await tab.click("#repeat");
+    await tab.waitForSelector("#confirm[open]");
+    assert.equal(await tab.$eval("#confirm-text", (text) => text.innerText),
+      "Extract a case from bin 101337 at port 4? A robot will move.");
+    await tab.$eval("#result", (result) => result.replaceChildren());
+    await tab.click("#confirm-yes");
+    await tab.waitForSelector("#result h3");
+    assert.match(await tab.$eval("#result h3", (title) => title.innerText), /case_extract port 4 bin 101337/);
+    await act(tab, "extract", 4, 101337);
+    const keys = await calls.keys();
+    assert.deepEqual(keys.slice(-3, -1), [key, key]);
+    assert.notEqual(keys.at(-1), key);
+    assert.match(keys.at(-1), /^[0-9a-f-]{36}$/);
     assert.deepEqual(errors, []);
   });
 });
@@ -577,12 +634,13 @@ describe("the console when the gateway cannot be reached", bounded, () => {
   let frontDoor;
   let tab;
   let errors;
+  let calls;
 
   before(async () => {
     gateway = await startProcess(["serve", "--simulator", "--listen", "127.0.0.1:0"], [LISTENING]);
     // The page is served through a proxy, which can take the gateway away from it.
     frontDoor = await startProxy(gateway.found[0]);
-    ({ tab, errors } = await openConsole(frontDoor.address));
+    ({ tab, errors, calls } = await openConsole(frontDoor.address));
   });
 
   after(async () => {
@@ -596,8 +654,21 @@ describe("the console when the gateway cannot be reached", bounded, () => {
     assert.deepEqual(errors, []);
     frontDoor.cut();
     await tab.waitForFunction(() => document.getElementById("banner").innerText.includes("cannot be reached"));
-    assert.match(await tab.$eval("#banner", (element) => element.innerText),
-      /^The gateway cannot be reached; trying again in \d+(\.\d)?s\. Tiles may be out of date\.$/);
+    assert.equal(await tab.$eval("#banner", (element) => element.innerText),
+      "The gateway cannot be reached; trying again within 10s. Tiles may be out of date.");
+    // A screen reader reads the banner at each change: trying again is no news.
+    await tab.$eval("#banner", (banner) => {
+      window.bannerChanges = 0;
+      new MutationObserver(() => { window.bannerChanges += 1; })
+        .observe(banner, { childList: true, characterData: true, subtree: true });
+    });
+    // Each try fetches the page's settings, or watches once it has them.
+    const tries = () => calls.list().filter((call) => call === "watch sent" || call === "settings read sent").length;
+    const before = tries();
+    const givingUpAt = Date.now() + SHOW_LIMIT_MS;
+    while (tries() < before + 2 && Date.now() < givingUpAt) await new Promise((resolveWait) => setTimeout(resolveWait, 50));
+    assert.ok(tries() >= before + 2, `the page did not try again: ${calls.list().join(", ")}`);
+    assert.equal(await tab.evaluate(() => window.bannerChanges), 0);
     await tab.waitForSelector('li[data-port="4"].stale');
     const refused = await act(tab, "extract", 4, 101337);
     assert.match(refused, /^failed: case_extract port 4 bin 101337: the gateway cannot be reached\n/);
@@ -608,12 +679,59 @@ describe("the console when the gateway cannot be reached", bounded, () => {
     // The browser reports each request the cut ended, and nothing else.
     assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
   });
+
+  test("a page loaded while the gateway cannot be reached starts by itself once it can", async () => {
+    let refusing = true;
+    const late = await openConsole(frontDoor.address, async (tab) => {
+      await tab.setRequestInterception(true);
+      // The page and its files came from the cache; the gateway is gone before its settings.
+      tab.on("request", (request) => {
+        if (refusing && new URL(request.url()).pathname === "/console/config.json") request.abort("connectionrefused");
+        else request.continue();
+      });
+    });
+    try {
+      await late.tab.waitForFunction(() => document.getElementById("banner").innerText.includes("cannot be reached"));
+      assert.equal(await late.tab.$eval("#banner", (element) => element.innerText),
+        "The gateway cannot be reached; trying again within 10s.");
+      refusing = false;
+      await waitForTile(late.tab, 4, "NOOP");
+      await late.tab.waitForSelector("#banner[hidden]");
+      assert.deepEqual(late.errors.filter((error) => !/net::ERR_/.test(error)), []);
+    } finally {
+      await late.tab.close();
+    }
+  });
+
+  test("after an outage, a gateway with other ports at the same address gets tiles of its own", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    const other = await startProcess(
+      ["serve", "--simulator", "--listen", "127.0.0.1:0", "--console-ports", "3,2"],
+      [LISTENING],
+    );
+    try {
+      frontDoor.cut();
+      await tab.waitForFunction(() => document.getElementById("banner").innerText.includes("cannot be reached"));
+      frontDoor.retarget(other.found[0]);
+      frontDoor.restore();
+      await tab.waitForSelector("#banner[hidden]");
+      await tab.waitForFunction(() => [...document.querySelectorAll("#tiles li")].map((tile) => tile.dataset.port).join() === "3,2");
+      await waitForTile(tab, 2, "NOOP");
+      assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
+    } finally {
+      frontDoor.cut();
+      frontDoor.retarget(gateway.found[0]);
+      frontDoor.restore();
+      await other.stop();
+    }
+  });
 });
 
 describe("the console with auth on", bounded, () => {
   let gateway;
   let tab;
   let errors;
+  let calls;
 
   before(async () => {
     const folder = mkdtempSync(join(tmpdir(), "taskgate-console-auth-"));
@@ -623,7 +741,7 @@ describe("the console with auth on", bounded, () => {
       ["serve", "--simulator", "--listen", "127.0.0.1:0", "--retry-delay", RETRY_DELAY, "--auth-tokens-file", tokens],
       [LISTENING],
     );
-    ({ tab, errors } = await openConsole(gateway.found[0]));
+    ({ tab, errors, calls } = await openConsole(gateway.found[0]));
   });
 
   after(async () => {
@@ -631,9 +749,16 @@ describe("the console with auth on", bounded, () => {
     await gateway?.stop();
   });
 
-  test("a wrong token shows UNAUTHENTICATED and the right one works", async () => {
+  test("without a token the page asks for one and stops calling; a wrong token shows UNAUTHENTICATED and the right one works", async () => {
     await tab.waitForSelector("#token-form:not([hidden])");
-    await tab.waitForFunction(() => document.getElementById("banner").innerText.includes("UNAUTHENTICATED"));
+    await tab.waitForFunction(() => document.getElementById("banner").innerText.includes("bearer token"));
+    assert.match(await tab.$eval("#banner", (element) => element.innerText),
+      /^Calls need a valid bearer token: enter one below\. Request id [0-9a-f-]{36}\.$/);
+    // Watching again could not help: over a few seconds, in which a backoff from 0.5 s would
+    // have watched 4 times, the page does not (each try is a warning in the gateway's log).
+    await new Promise((resolveWait) => setTimeout(resolveWait, 4000));
+    const watches = calls.list().filter((call) => call === "watch sent").length;
+    assert.ok(watches <= 2, `${watches} watches: ${calls.list().join(", ")}`);
     await tab.type("#token", "wrong-token");
     await tab.keyboard.press("Enter");
     const refused = await act(tab, "extract", 4, 101337);

@@ -1,6 +1,8 @@
 //! The operator console on the gRPC port: the page and its files with the headers a browser
 //! needs to run them safely, the settings the page reads, and nothing of it when it is off.
 
+use std::time::Duration;
+
 use reqwest::Response;
 use reqwest::header::HeaderMap;
 
@@ -152,9 +154,10 @@ async fn the_console_folder_redirects_to_the_page() {
 }
 
 #[tokio::test]
-async fn the_page_reads_its_ports_auth_and_the_fault_table_from_the_gateway() {
+async fn the_page_reads_its_ports_auth_deadline_and_the_fault_table_from_the_gateway() {
     let gateway = with_console(Gateway::builder(), &[4, 1, 2000])
         .auth_tokens(&["secret"])
+        .config(|config| config.upstream.timeout = Duration::from_millis(3500))
         .start()
         .await;
     let response = get(&format!("http://{}", gateway.address), console::CONFIG_PATH).await;
@@ -168,21 +171,34 @@ async fn the_page_reads_its_ports_auth_and_the_fault_table_from_the_gateway() {
     let config = json(response).await;
     assert_eq!(config["ports"], serde_json::json!([4, 1, 2000]));
     assert_eq!(config["auth"], true);
+    // The upstream timeout and 2 s for the gateway's own work: a controller that answers
+    // within --upstream-timeout is never cut short by the page's deadline.
+    assert_eq!(config["callDeadlineMs"], 5500);
     assert_eq!(
         config["faults"]["1148"],
         serde_json::json!({
             "name": "PREVIOUS_ACTION_NOT_COMPLETED",
             "meaning": "New action cannot be started until the previous action has been completed.",
             "advice": "retry after the RetryInfo delay; the controller did not start the action",
+            "mayHaveActed": false,
         })
     );
-    let unauthenticated = config["gatewayErrors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|row| row["reason"] == "UNAUTHENTICATED")
-        .unwrap();
-    assert_eq!(unauthenticated["code"], "UNAUTHENTICATED");
+    let row = |reason: &str| {
+        config["gatewayErrors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["reason"] == reason)
+            .unwrap()
+            .clone()
+    };
+    // Codes by number, as a browser's gRPC-Web client gives them; their names from one table.
+    assert_eq!(row("UNAUTHENTICATED")["code"], 16);
+    assert_eq!(row("UNAUTHENTICATED")["mayHaveActed"], false);
+    assert_eq!(row("UPSTREAM_TIMEOUT")["mayHaveActed"], true);
+    assert_eq!(config["codeNames"][16], "UNAUTHENTICATED");
+    assert_eq!(config["codeNames"][1], "CANCELLED");
+    assert_eq!(config["codeNames"].as_array().unwrap().len(), 17);
 }
 
 /// The console takes only GET and HEAD of its own paths: gRPC and gRPC-Web calls go on as
