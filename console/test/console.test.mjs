@@ -813,7 +813,7 @@ describe("a page on another origin, as the README shows it", bounded, () => {
     await new Promise((resolveClose) => (site ? site.close(resolveClose) : resolveClose()));
   });
 
-  test("calls the gateway with Connect-ES when its origin is allowed", async () => {
+  test("calls the gateway with Connect-ES when its origin is allowed, and reads its errors", async () => {
     // The README's snippet itself, pointed at this test's gateway and generated code.
     const readme = readFileSync(join(root, "README.md"), "utf8");
     const snippet = /\*\*From a page on another origin\*\*[\s\S]*?```js\n([\s\S]*?)```/.exec(readme)?.[1];
@@ -825,37 +825,48 @@ describe("a page on another origin, as the README shows it", bounded, () => {
       ["serve", "--simulator", "--listen", "127.0.0.1:0", "--cors-allow-origin", origin],
       [LISTENING],
     );
-    assert.ok(snippet.includes('"http://gateway:50051"') && snippet.includes('"./gen/taskgate/v1/task_pb.js"'));
-    const source = snippet
-      .replace('"http://gateway:50051"', JSON.stringify(`http://${gateway.found[0]}`))
-      .replace('"./gen/taskgate/v1/task_pb.js"', JSON.stringify(join(here, "..", "gen", "taskgate", "v1", "task_pb.js")));
-    const bundle = await esbuild.build({
-      stdin: { contents: source, resolveDir: join(here, ".."), sourcefile: "readme-snippet.js" },
-      bundle: true, format: "esm", target: "es2022", write: false, logLevel: "warning",
-    });
+    for (const text of ['"http://gateway:50051"', '"./gen/taskgate/v1/task_pb.js"', "{ portId: 4 }"]) {
+      assert.ok(snippet.includes(text), `the README's snippet no longer has ${text}`);
+    }
+    const scripts = new Map();
     site.on("request", (request, response) => {
-      if (request.url === "/snippet.js") {
+      const script = scripts.get(request.url.slice(1));
+      if (script) {
         response.writeHead(200, { "content-type": "text/javascript" });
-        response.end(bundle.outputFiles[0].contents);
+        response.end(script);
       } else {
         response.writeHead(200, { "content-type": "text/html" });
-        response.end('<!doctype html><title>ops</title><script type="module" src="/snippet.js"></script>');
+        response.end(`<!doctype html><title>ops</title><script type="module" src="${request.url}.js"></script>`);
       }
     });
-    const tab = await browser.newPage();
-    try {
-      const logged = [];
-      const errors = [];
-      tab.on("console", (message) => (message.type() === "error" ? errors : logged).push(message.text()));
-      tab.on("pageerror", (error) => errors.push(error.message));
-      const printed = new Promise((resolvePrinted) => tab.on("console", () => logged.length > 0 && resolvePrinted()));
-      await tab.goto(`${origin}/`, { waitUntil: "load" });
-      await within(printed, SHOW_LIMIT_MS, () => `the snippet printed nothing; errors: ${errors.join("; ")}`);
-      // Port 4 of the default layout, before any case operation: NOOP, no bin.
-      assert.deepEqual(logged, ["NOOP no bin"]);
-      assert.deepEqual(errors, []);
-    } finally {
-      await tab.close();
-    }
+    // What the snippet prints in a page of that origin, for `port`.
+    const printedFor = async (port) => {
+      const source = snippet
+        .replace('"http://gateway:50051"', JSON.stringify(`http://${gateway.found[0]}`))
+        .replace('"./gen/taskgate/v1/task_pb.js"', JSON.stringify(join(here, "..", "gen", "taskgate", "v1", "task_pb.js")))
+        .replace("{ portId: 4 }", `{ portId: ${port} }`);
+      const bundle = await esbuild.build({
+        stdin: { contents: source, resolveDir: join(here, ".."), sourcefile: "readme-snippet.js" },
+        bundle: true, format: "esm", target: "es2022", write: false, logLevel: "warning",
+      });
+      scripts.set(`port-${port}.js`, bundle.outputFiles[0].contents);
+      const tab = await browser.newPage();
+      try {
+        const logged = [];
+        const errors = [];
+        tab.on("console", (message) => (message.type() === "error" ? errors : logged).push(message.text()));
+        tab.on("pageerror", (error) => errors.push(error.message));
+        const printed = new Promise((resolvePrinted) => tab.on("console", () => logged.length > 0 && resolvePrinted()));
+        await tab.goto(`${origin}/port-${port}`, { waitUntil: "load" });
+        await within(printed, SHOW_LIMIT_MS, () => `the snippet printed nothing; errors: ${errors.join("; ")}`);
+        return { logged, errors };
+      } finally {
+        await tab.close();
+      }
+    };
+    // Port 4 of the default layout, before any case operation: NOOP, no bin.
+    assert.deepEqual(await printedFor(4), { logged: ["NOOP no bin"], errors: [] });
+    // Port 1 is not an AutoCase port: the controller refuses to read it, fault 1087.
+    assert.deepEqual(await printedFor(1), { logged: ["FailedPrecondition 1087"], errors: [] });
   });
 });
