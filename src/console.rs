@@ -228,26 +228,29 @@ impl File {
 }
 
 fn not_found(path: &str) -> Response<tonic::body::Body> {
-    let text = format!("{path} is not a file of this gateway's console; the console is at /\n");
-    let mut response = Response::new(body(Bytes::from(text)));
-    *response.status_mut() = StatusCode::NOT_FOUND;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(REVALIDATE));
-    add_security_headers(headers);
-    response
+    text_response(
+        StatusCode::NOT_FOUND,
+        format!("{path} is not a file of this gateway's console; the console is at /\n"),
+    )
 }
 
 /// A permanent redirect to the page that keeps the method (308), so a HEAD stays a HEAD.
 fn redirect() -> Response<tonic::body::Body> {
-    let text = format!("the console is at {PAGE_PATH}\n");
+    let mut response = text_response(
+        StatusCode::PERMANENT_REDIRECT,
+        format!("the console is at {PAGE_PATH}\n"),
+    );
+    response
+        .headers_mut()
+        .insert(header::LOCATION, HeaderValue::from_static(PAGE_PATH));
+    response
+}
+
+/// A plain-text answer that is not one of the bundle's files, never cached unchecked.
+fn text_response(status: StatusCode, text: String) -> Response<tonic::body::Body> {
     let mut response = Response::new(body(Bytes::from(text)));
-    *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert(header::LOCATION, HeaderValue::from_static(PAGE_PATH));
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
