@@ -418,6 +418,8 @@ describe("the console against the gateway and the simulator", bounded, () => {
     assert.match(refused, /Retry\s+safe after 700ms\n/);
     assert.match(refused, /Advice\s+retry after the RetryInfo delay; the controller did not start the action\n/);
     assert.match(refused, /Request id\s+[0-9a-f-]{36}/);
+    // A definite refusal: a repeat with the same key would only get it again.
+    assert.equal(await tab.$("#repeat"), null);
     mkdirSync(dirname(screenshot), { recursive: true });
     await tab.screenshot({ path: screenshot, fullPage: true });
     await waitForTile(tab, 4, "ERSO");
@@ -460,6 +462,7 @@ describe("the console against the gateway and the simulator", bounded, () => {
     assert.match(refused, /Field\s+port_id: /);
     assert.match(refused, /Retry\s+not advised\n/);
     assert.match(refused, /Advice\s+no; fix the request\n/);
+    assert.equal(await tab.$("#repeat"), null);
     assert.deepEqual(errors, []);
   });
 
@@ -505,29 +508,20 @@ describe("the console against the gateway and the simulator", bounded, () => {
     assert.deepEqual(errors, []);
   });
 
-  test("after an outcome the controller may have acted on, Repeat sends the same key; a new call does not", async () => {
+  test("after an outcome whose advice is to read the port, no Repeat is offered; the key is shown", async () => {
     await waitForTile(tab, 4, "ECMP");
     // The gateway's connection to the controller ends before any answer: did the robot move?
     upstream.cut();
-    const lost = await act(tab, "extract", 4, 101337);
-    assert.match(lost, /^failed: case_extract port 4 bin 101337: UNKNOWN\n/);
-    assert.match(lost, /Reason\s+UPSTREAM_CONNECTION_LOST\n/);
-    const key = /Idempotency key\s+([0-9a-f-]{36})/.exec(lost)?.[1];
-    assert.ok(key, lost);
-    upstream.restore();
-    await tab.click("#repeat");
-    await tab.waitForSelector("#confirm[open]");
-    assert.equal(await tab.$eval("#confirm-text", (text) => text.innerText),
-      "Extract a case from bin 101337 at port 4? A robot will move.");
-    await tab.$eval("#result", (result) => result.replaceChildren());
-    await tab.click("#confirm-yes");
-    await tab.waitForSelector("#result h3");
-    assert.match(await tab.$eval("#result h3", (title) => title.innerText), /case_extract port 4 bin 101337/);
-    await act(tab, "extract", 4, 101337);
-    const keys = await calls.keys();
-    assert.deepEqual(keys.slice(-3, -1), [key, key]);
-    assert.notEqual(keys.at(-1), key);
-    assert.match(keys.at(-1), /^[0-9a-f-]{36}$/);
+    try {
+      const lost = await act(tab, "extract", 4, 101337);
+      assert.match(lost, /^failed: case_extract port 4 bin 101337: UNKNOWN\n/);
+      assert.match(lost, /Reason\s+UPSTREAM_CONNECTION_LOST\n/);
+      assert.match(lost, /Advice\s+no; read the port with CaseGetState first\n/);
+      assert.match(lost, /Idempotency key\s+[0-9a-f-]{36}/);
+      assert.equal(await tab.$("#repeat"), null);
+    } finally {
+      upstream.restore();
+    }
     assert.deepEqual(errors, []);
   });
 });
@@ -680,6 +674,63 @@ describe("the console when the gateway cannot be reached", bounded, () => {
     assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
   });
 
+  test("after no answer at all, Repeat sends the same key, said so in its dialog; a new call does not", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    frontDoor.cut();
+    const lost = await act(tab, "extract", 4, 101337);
+    assert.match(lost, /^failed: case_extract port 4 bin 101337: the gateway cannot be reached\n/);
+    const key = /Idempotency key\s+([0-9a-f-]{36})/.exec(lost)?.[1];
+    assert.ok(key, lost);
+    frontDoor.restore();
+    await tab.waitForSelector("#banner[hidden]");
+    await tab.click("#repeat");
+    await tab.waitForSelector("#confirm[open]");
+    assert.equal(await tab.$eval("#confirm-text", (text) => text.innerText),
+      `Repeat this call with the same idempotency key ${key}? Extract a case from bin 101337 at port 4? A robot will move.`);
+    await tab.$eval("#result", (result) => result.replaceChildren());
+    await tab.click("#confirm-yes");
+    await tab.waitForSelector("#result h3");
+    // The first call never reached the gateway, so the repeat is the one it acts on.
+    assert.match(await tab.$eval("#result h3", (title) => title.innerText),
+      /^ok: case_extract port 4 bin 101337: the controller accepted the case extraction$/);
+    await waitForTile(tab, 4, "EREQ");
+    await act(tab, "cancel", 4, 101337);
+    const keys = await calls.keys();
+    assert.deepEqual(keys.slice(-3, -1), [key, key]);
+    assert.notEqual(keys.at(-1), key);
+    assert.match(keys.at(-1), /^[0-9a-f-]{36}$/);
+    await waitForTile(tab, 4, "NOOP");
+    assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
+  });
+
+  test("a Repeat after the gateway restarted is refused, and nothing is sent", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    const other = await startProcess(["serve", "--simulator", "--listen", "127.0.0.1:0"], [LISTENING]);
+    try {
+      frontDoor.cut();
+      const lost = await act(tab, "extract", 4, 101337);
+      assert.match(lost, /^failed: case_extract port 4 bin 101337: the gateway cannot be reached\n/);
+      const sent = (await calls.keys()).length;
+      // Another gateway process at the same address: it never saw the key.
+      frontDoor.retarget(other.found[0]);
+      frontDoor.restore();
+      await tab.click("#repeat");
+      await tab.waitForSelector("#confirm[open]");
+      await tab.$eval("#result", (result) => result.replaceChildren());
+      await tab.click("#confirm-yes");
+      await tab.waitForSelector("#result h3");
+      assert.equal(await tab.$eval("#result h3", (title) => title.innerText),
+        "not sent: the gateway restarted (or no longer remembers this key after --idempotency-window): read the port's tile and decide");
+      assert.equal((await calls.keys()).length, sent);
+      assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
+    } finally {
+      frontDoor.cut();
+      frontDoor.retarget(gateway.found[0]);
+      frontDoor.restore();
+      await other.stop();
+    }
+  });
+
   test("a page loaded while the gateway cannot be reached starts by itself once it can", async () => {
     let refusing = true;
     const late = await openConsole(frontDoor.address, async (tab) => {
@@ -723,6 +774,53 @@ describe("the console when the gateway cannot be reached", bounded, () => {
       frontDoor.retarget(gateway.found[0]);
       frontDoor.restore();
       await other.stop();
+    }
+  });
+});
+
+describe("the console when a restart turns auth on", bounded, () => {
+  let gateway;
+  let frontDoor;
+
+  before(async () => {
+    gateway = await startProcess(["serve", "--simulator", "--listen", "127.0.0.1:0"], [LISTENING]);
+    frontDoor = await startProxy(gateway.found[0]);
+  });
+
+  after(async () => {
+    await frontDoor?.close();
+    await gateway?.stop();
+  });
+
+  test("shows the token form, and the tiles come back with the token", async () => {
+    const { tab, errors } = await openConsole(frontDoor.address);
+    const folder = mkdtempSync(join(tmpdir(), "taskgate-console-restart-"));
+    const tokens = join(folder, "tokens");
+    writeFileSync(tokens, "right-token\n");
+    const guarded = await startProcess(
+      ["serve", "--simulator", "--listen", "127.0.0.1:0", "--auth-tokens-file", tokens],
+      [LISTENING],
+    );
+    try {
+      await waitForTile(tab, 4, "NOOP");
+      assert.equal(await tab.$eval("#token-form", (form) => form.hidden), true);
+      // A restart as an operator makes one: the new gateway is up at once, and the old one ends
+      // its watches as it shuts down (UNAVAILABLE), not with a connection the browser sees fail.
+      frontDoor.retarget(guarded.found[0]);
+      await gateway.stop();
+      gateway = null;
+      await tab.waitForSelector("#token-form:not([hidden])");
+      await tab.waitForFunction(() => document.getElementById("banner").innerText.includes("bearer token"));
+      await tab.type("#token", "right-token");
+      await tab.focus("#token");
+      await tab.keyboard.press("Enter");
+      await tab.waitForSelector("#banner[hidden]");
+      await waitForTile(tab, 4, "NOOP");
+      await tab.waitForSelector('li[data-port="4"]:not(.stale)');
+      assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
+    } finally {
+      await tab.close();
+      await guarded.stop();
     }
   });
 });
