@@ -754,6 +754,32 @@ describe("the console when the gateway cannot be reached", bounded, () => {
     }
   });
 
+  test("a page whose settings a proxy answers with 502 says so, and starts once they come", async () => {
+    let failing = true;
+    const late = await openConsole(frontDoor.address, async (tab) => {
+      await tab.setRequestInterception(true);
+      // A reverse proxy while the gateway is away: an HTTP error, not a failed fetch.
+      tab.on("request", (request) => {
+        if (failing && new URL(request.url()).pathname === "/console/config.json") {
+          request.respond({ status: 502, contentType: "text/plain", body: "bad gateway" });
+        } else {
+          request.continue();
+        }
+      });
+    });
+    try {
+      await late.tab.waitForFunction(() => document.getElementById("banner").innerText.includes("HTTP 502"));
+      assert.equal(await late.tab.$eval("#banner", (element) => element.innerText),
+        "The console's settings could not be read (/console/config.json answered HTTP 502); trying again within 10s.");
+      failing = false;
+      await waitForTile(late.tab, 4, "NOOP");
+      await late.tab.waitForSelector("#banner[hidden]");
+      assert.deepEqual(late.errors.filter((error) => !/net::ERR_|502/.test(error)), []);
+    } finally {
+      await late.tab.close();
+    }
+  });
+
   test("after an outage, a gateway with other ports at the same address gets tiles of its own", async () => {
     await waitForTile(tab, 4, "NOOP");
     const other = await startProcess(
@@ -852,13 +878,24 @@ describe("the console with auth on", bounded, () => {
     await tab.waitForFunction(() => document.getElementById("banner").innerText.includes("bearer token"));
     assert.match(await tab.$eval("#banner", (element) => element.innerText),
       /^Calls need a valid bearer token: enter one below\. Request id [0-9a-f-]{36}\.$/);
-    // Watching again could not help: over a few seconds, in which a backoff from 0.5 s would
-    // have watched 4 times, the page does not (each try is a warning in the gateway's log).
+    // Watching again could not help, and each try is a warning in the gateway's log. Stopping
+    // is the absence of calls, which only a window of time can show: 4 s, in which a backoff
+    // from 0.5 s (doubling, ±20 %) would have watched at least 3 more times.
     await new Promise((resolveWait) => setTimeout(resolveWait, 4000));
     const watches = calls.list().filter((call) => call === "watch sent").length;
     assert.ok(watches <= 2, `${watches} watches: ${calls.list().join(", ")}`);
+    assert.ok(!calls.list().includes("state read sent"), calls.list().join(", "));
     await tab.type("#token", "wrong-token");
     await tab.keyboard.press("Enter");
+    // A wrong token gets an answer of its own, every time one is given.
+    await tab.waitForFunction(() => document.getElementById("banner").innerText.includes("was refused"));
+    assert.match(await tab.$eval("#banner", (element) => element.innerText),
+      /^The token given was refused \(UNAUTHENTICATED\): enter a valid one below\. Request id [0-9a-f-]{36}\.$/);
+    await tab.$eval("#banner", (banner) => { window.bannerText = banner.innerText; });
+    await tab.type("#token", "wrong-token");
+    await tab.keyboard.press("Enter");
+    await tab.waitForFunction(() => document.getElementById("banner").innerText !== window.bannerText);
+    assert.match(await tab.$eval("#banner", (element) => element.innerText), /^The token given was refused/);
     const refused = await act(tab, "extract", 4, 101337);
     assert.match(refused, /failed: case_extract port 4 bin 101337: UNAUTHENTICATED/);
     assert.match(refused, /Reason\s+UNAUTHENTICATED/);
