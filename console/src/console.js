@@ -365,6 +365,7 @@ function setUpAction(name, plan) {
   const binInput = document.getElementById(`${name}-bin`);
   form.addEventListener("submit", async (submitted) => {
     submitted.preventDefault();
+    if (page.result.classList.contains("sending")) return;
     const portId = wholeNumber(portInput.value);
     const binId = wholeNumber(binInput.value);
     const wrong = [["port_id", portInput, portId], ["bin_id", binInput, binId]].find(([, , value]) => value === null);
@@ -406,14 +407,25 @@ async function repeat(action) {
   await call(action, current.config);
 }
 
+// One call at a time: two outcomes must not race for #result, and the last outcome's Repeat is
+// withdrawn once another call is under way.
 async function call(action, config) {
+  setBusy(true);
+  page.result.className = "result sending";
+  page.result.replaceChildren(heading(`sending: ${action.describe} (idempotency key ${action.requestId})`));
   try {
     let gatewayRequestId;
     await action.call({ timeoutMs: config.callDeadlineMs, onHeader: (headers) => { gatewayRequestId = headers.get("x-request-id"); } });
     showSuccess(`ok: ${action.describe}: ${action.success}`, gatewayRequestId);
   } catch (error) {
     showFailure(action, describeError(error, config));
+  } finally {
+    setBusy(false);
   }
+}
+
+function setBusy(busy) {
+  for (const button of document.querySelectorAll("form.action button[type=submit], #repeat")) button.disabled = busy;
 }
 
 function confirmed(action) {

@@ -308,7 +308,7 @@ async function act(tab, form, port, bin) {
   await tab.keyboard.up("Shift");
   assert.equal(await tab.evaluate(() => document.activeElement.id), "confirm-yes");
   await tab.keyboard.press("Enter");
-  await tab.waitForSelector("#result h3");
+  await tab.waitForSelector("#result:not(.sending) h3");
   return tab.$eval("#result", (result) => result.innerText);
 }
 
@@ -439,6 +439,39 @@ describe("the console against the gateway and the simulator", bounded, () => {
     await waitForTile(tab, 4, "NOOP");
     assert.match(await tab.$eval('li[data-port="4"]', (tile) => tile.innerText), /bin 101337/);
     assert.match(await tab.$eval("#timeline", (list) => list.innerText), /port 4 bin 101337 CR \(CANCEL_REQUEST\)/);
+    assert.deepEqual(errors, []);
+  });
+
+  test("while a call is in flight it says so with its key, and no other can be sent", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    // The controller's answer is kept back: the call stays in flight.
+    upstream.hold();
+    try {
+      await tab.$eval("#extract-port", (input) => { input.value = "4"; });
+      await tab.$eval("#extract-bin", (input) => { input.value = "101337"; });
+      await tab.focus("#extract-bin");
+      await tab.keyboard.press("Enter");
+      await tab.waitForSelector("#confirm[open]");
+      await tab.click("#confirm-yes");
+      await tab.waitForSelector("#result.sending h3");
+      const [key] = (await calls.keys()).slice(-1);
+      assert.equal(await tab.$eval("#result h3", (title) => title.innerText),
+        `sending: case_extract port 4 bin 101337 (idempotency key ${key})`);
+      assert.deepEqual(await tab.$$eval("form.action button[type=submit]", (buttons) => buttons.map((button) => button.disabled)), [true, true]);
+      await tab.$eval("#cancel-port", (input) => { input.value = "4"; });
+      await tab.$eval("#cancel-bin", (input) => { input.value = "101337"; });
+      await tab.focus("#cancel-bin");
+      await tab.keyboard.press("Enter");
+      assert.equal(await tab.$("#confirm[open]"), null);
+    } finally {
+      upstream.release();
+    }
+    await tab.waitForSelector("#result:not(.sending) h3");
+    assert.match(await tab.$eval("#result h3", (title) => title.innerText), /^ok: case_extract port 4 bin 101337/);
+    assert.deepEqual(await tab.$$eval("form.action button[type=submit]", (buttons) => buttons.map((button) => button.disabled)), [false, false]);
+    await waitForTile(tab, 4, "EREQ");
+    await act(tab, "cancel", 4, 101337);
+    await waitForTile(tab, 4, "NOOP");
     assert.deepEqual(errors, []);
   });
 
@@ -689,7 +722,7 @@ describe("the console when the gateway cannot be reached", bounded, () => {
       `Repeat this call with the same idempotency key ${key}? Extract a case from bin 101337 at port 4? A robot will move.`);
     await tab.$eval("#result", (result) => result.replaceChildren());
     await tab.click("#confirm-yes");
-    await tab.waitForSelector("#result h3");
+    await tab.waitForSelector("#result:not(.sending) h3");
     // The first call never reached the gateway, so the repeat is the one it acts on.
     assert.match(await tab.$eval("#result h3", (title) => title.innerText),
       /^ok: case_extract port 4 bin 101337: the controller accepted the case extraction$/);
@@ -718,7 +751,7 @@ describe("the console when the gateway cannot be reached", bounded, () => {
       await tab.waitForSelector("#confirm[open]");
       await tab.$eval("#result", (result) => result.replaceChildren());
       await tab.click("#confirm-yes");
-      await tab.waitForSelector("#result h3");
+      await tab.waitForSelector("#result:not(.sending) h3");
       assert.equal(await tab.$eval("#result h3", (title) => title.innerText),
         "not sent: the gateway restarted (or no longer remembers this key after --idempotency-window): read the port's tile and decide");
       assert.equal((await calls.keys()).length, sent);
