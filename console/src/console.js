@@ -26,6 +26,13 @@ const REREAD_CODES = new Set([Code.Unavailable, Code.DeadlineExceeded, Code.Reso
 // Refusals that watching or reading again cannot cure, only a person: the page stops calling
 // (each try would be another warning in the gateway's log) until a token is given.
 const STOP_CODES = new Set([Code.Unauthenticated, Code.PermissionDenied, Code.InvalidArgument]);
+// The gateway's answer to a repeat it did not send to the controller (README, Idempotency): a
+// repeat must not look like a new success.
+const REPLAYED_HEADER = "taskgate-replayed";
+const REPLAYED = {
+  stored: "answered from the first call; nothing new was sent",
+  resolved: "the port showed the first call accepted; nothing new was sent",
+};
 const TIMELINE_LENGTH = 100;
 const UINT32_MAX = 4294967295;
 
@@ -415,8 +422,15 @@ async function call(action, config) {
   page.result.replaceChildren(heading(`sending: ${action.describe} (idempotency key ${action.requestId})`));
   try {
     let gatewayRequestId;
-    await action.call({ timeoutMs: config.callDeadlineMs, onHeader: (headers) => { gatewayRequestId = headers.get("x-request-id"); } });
-    showSuccess(`ok: ${action.describe}: ${action.success}`, gatewayRequestId);
+    let replayed;
+    await action.call({
+      timeoutMs: config.callDeadlineMs,
+      onHeader: (headers) => {
+        gatewayRequestId = headers.get("x-request-id");
+        replayed = headers.get(REPLAYED_HEADER);
+      },
+    });
+    showSuccess(`ok: ${action.describe}: ${REPLAYED[replayed] ?? action.success}`, gatewayRequestId);
   } catch (error) {
     showFailure(action, describeError(error, config));
   } finally {

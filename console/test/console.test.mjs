@@ -835,6 +835,33 @@ describe("the console when the gateway cannot be reached", bounded, () => {
       await other.stop();
     }
   });
+
+  test("a Repeat of a call whose answer was lost is answered from the first call, and says so", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    // The gateway answers, but the answer never reaches the browser.
+    frontDoor.hold();
+    await tab.$eval("#extract-port", (input) => { input.value = "4"; });
+    await tab.$eval("#extract-bin", (input) => { input.value = "101337"; });
+    await tab.focus("#extract-bin");
+    await tab.keyboard.press("Enter");
+    await tab.waitForSelector("#confirm[open]");
+    await tab.click("#confirm-yes");
+    await frontDoor.heldLines(/^HTTP\/1\.1 200/, 1);
+    frontDoor.cut();
+    frontDoor.release();
+    await tab.waitForSelector("#result:not(.sending) h3");
+    assert.match(await tab.$eval("#result h3", (title) => title.innerText), /the gateway cannot be reached$/);
+    frontDoor.restore();
+    await tab.waitForSelector("#banner[hidden]");
+    await tab.click("#repeat");
+    await tab.waitForSelector("#confirm[open]");
+    await tab.$eval("#result", (result) => result.replaceChildren());
+    await tab.click("#confirm-yes");
+    await tab.waitForSelector("#result:not(.sending) h3");
+    assert.equal(await tab.$eval("#result h3", (title) => title.innerText),
+      "ok: case_extract port 4 bin 101337: answered from the first call; nothing new was sent");
+    assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
+  });
 });
 
 describe("the console when a restart turns auth on", bounded, () => {
