@@ -666,9 +666,10 @@ function aborted(signal) {
   });
 }
 
-// `ms` give or take JITTER, in whole tenths of a second as the banner and the tiles say it.
+// `ms` give or take JITTER, in whole tenths of a second as the banner and the tiles say it, and
+// never more than the cap the banner names.
 function jittered(ms) {
-  return Math.round(ms * (1 - JITTER + 2 * JITTER * Math.random()) / 100) * 100;
+  return Math.min(Math.round(ms * (1 - JITTER + 2 * JITTER * Math.random()) / 100) * 100, MAX_BACKOFF_MS);
 }
 
 // A duration as the CLI prints it (Rust's humantime): "700ms", "1s", "1m 30s".

@@ -787,6 +787,40 @@ describe("the console when the gateway cannot be reached", bounded, () => {
     }
   });
 
+  test("the page waits no longer than the banner says between tries, whatever the jitter", async () => {
+    const late = await openConsole(frontDoor.address, async (tab) => {
+      // The largest jitter every time, and each wait recorded and then skipped, so the backoff
+      // reaches its cap at once instead of after half a minute.
+      await tab.evaluateOnNewDocument(() => {
+        Math.random = () => 0.9999;
+        window.waits = [];
+        const setTimer = window.setTimeout;
+        window.setTimeout = (callback, ms, ...rest) => {
+          if (window.recordingWaits) {
+            window.waits.push(ms);
+            return setTimer(callback, 0, ...rest);
+          }
+          return setTimer(callback, ms, ...rest);
+        };
+        window.recordingWaits = true;
+      });
+      await tab.setRequestInterception(true);
+      tab.on("request", (request) => {
+        if (new URL(request.url()).pathname === "/console/config.json") request.abort("connectionrefused");
+        else request.continue();
+      });
+    });
+    try {
+      await late.tab.waitForFunction(() => window.waits.length >= 10);
+      assert.equal(await late.tab.$eval("#banner", (element) => element.innerText),
+        "The gateway cannot be reached; trying again within 10s.");
+      const waits = await late.tab.evaluate(() => window.waits.slice(0, 10));
+      assert.equal(Math.max(...waits), 10000, waits.join());
+    } finally {
+      await late.tab.close();
+    }
+  });
+
   test("a page whose settings a proxy answers with 502 says so, and starts once they come", async () => {
     let failing = true;
     const late = await openConsole(frontDoor.address, async (tab) => {
