@@ -53,9 +53,9 @@ const FILES: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/console_file
 const PAGE_FILE: &str = "index.html";
 /// How much longer than `--upstream-timeout` the page's calls may take: the gateway gives up on
 /// the controller up to 100 ms before a caller's deadline (`service::time_limit`), and a call may
-/// wait for a connection or behind the same request id before it is sent. With less, a
-/// controller that answers within the upstream timeout would still get the page's own
-/// DEADLINE_EXCEEDED, or the gateway's UPSTREAM_TIMEOUT early, while the robot may move.
+/// wait for a connection to the controller before it is sent. With less, a controller that
+/// answers within the upstream timeout could still be cut short by the page's own deadline,
+/// while the robot may move.
 const CALL_DEADLINE_MARGIN: Duration = Duration::from_secs(2);
 
 /// What the console shows, checked: the ports it has a tile for.
