@@ -821,6 +821,28 @@ describe("the console when the gateway cannot be reached", bounded, () => {
     }
   });
 
+  test("a refusal no token can cure tells the operator to reload once it is fixed", async () => {
+    const settings = await (await fetch(`http://${frontDoor.address}/console/config.json`)).json();
+    const late = await openConsole(frontDoor.address, async (tab) => {
+      await tab.setRequestInterception(true);
+      // Settings naming a port the gateway refuses to watch: the watch gets INVALID_ARGUMENT.
+      tab.on("request", (request) => {
+        if (new URL(request.url()).pathname === "/console/config.json") {
+          request.respond({ status: 200, contentType: "application/json", body: JSON.stringify({ ...settings, ports: [4, 2001] }) });
+        } else {
+          request.continue();
+        }
+      });
+    });
+    try {
+      await late.tab.waitForFunction(() => document.getElementById("banner").innerText.includes("INVALID_ARGUMENT"));
+      assert.match(await late.tab.$eval("#banner", (element) => element.innerText),
+        /\(INVALID_ARGUMENT INVALID_PARAMETER\)\. Reload the page once the cause is fixed\. Request id [0-9a-f-]{36}\.$/);
+    } finally {
+      await late.tab.close();
+    }
+  });
+
   test("a page whose settings a proxy answers with 502 says so, and starts once they come", async () => {
     let failing = true;
     const late = await openConsole(frontDoor.address, async (tab) => {
