@@ -9,9 +9,10 @@
 //!
 //! It is served in front of every gRPC layer: GET and HEAD of the page, its files and its
 //! settings (`/console/config.json`: the ports to show, whether task calls need a token, the
-//! deadline of its calls, and the fault, gateway-error and code-name tables, so the page shows a
-//! fault's meaning and retry advice from the same tables as every status). Any other request goes on to gRPC and gRPC-Web untouched;
-//! with the console off there is no layer at all.
+//! deadline of its calls, `--idempotency-window`, a random id of this gateway process, and the
+//! fault, gateway-error and code-name tables, so the page shows a fault's meaning and retry
+//! advice from the same tables as every status). Any other request goes on to gRPC and gRPC-Web
+//! untouched; with the console off there is no layer at all.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -52,15 +53,25 @@ const FILES: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/console_file
 const PAGE_FILE: &str = "index.html";
 /// How much longer than `--upstream-timeout` the page's calls may take: the gateway gives up on
 /// the controller up to 100 ms before a caller's deadline (`service::time_limit`), and a call may
-/// wait for a connection or behind the same request id before it is sent. With less, a
-/// controller that answers within the upstream timeout would still get the page's own
-/// DEADLINE_EXCEEDED, or the gateway's UPSTREAM_TIMEOUT early, while the robot may move.
+/// wait for a connection to the controller before it is sent. With less, a controller that
+/// answers within the upstream timeout could still be cut short by the page's own deadline,
+/// while the robot may move.
 const CALL_DEADLINE_MARGIN: Duration = Duration::from_secs(2);
 
 /// What the console shows, checked: the ports it has a tile for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     ports: Vec<u32>,
+}
+
+/// The gateway's times the page needs: its calls' deadline is `upstream` and a margin, and a
+/// Repeat with the same key is refused once `idempotency_window` has passed since the first send.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    /// `--upstream-timeout`.
+    pub(crate) upstream: Duration,
+    /// `--idempotency-window`.
+    pub(crate) idempotency_window: Duration,
 }
 
 /// Why console settings cannot be used.
@@ -141,8 +152,8 @@ impl Settings {
 
 impl ConsoleLayer {
     /// The console for `settings`; `auth` tells the page to ask for a bearer token, and
-    /// `upstream_timeout` how long its calls may take.
-    pub(crate) fn new(settings: &Settings, auth: bool, upstream_timeout: Duration) -> ConsoleLayer {
+    /// `timeouts` how long its calls may take and how long the gateway remembers their keys.
+    pub(crate) fn new(settings: &Settings, auth: bool, timeouts: Timeouts) -> ConsoleLayer {
         let mut by_path = HashMap::new();
         for &(name, content) in FILES {
             let (path, cache_control) = if name == PAGE_FILE {
@@ -162,7 +173,7 @@ impl ConsoleLayer {
         by_path.insert(
             CONFIG_PATH.to_owned(),
             File {
-                content: Bytes::from(page_config(settings, auth, upstream_timeout).to_string()),
+                content: Bytes::from(page_config(settings, auth, timeouts).to_string()),
                 content_type: HeaderValue::from_static("application/json"),
                 cache_control: HeaderValue::from_static(REVALIDATE),
             },
@@ -305,9 +316,11 @@ fn content_type(name: &str) -> &'static str {
 }
 
 /// What the page needs from the gateway: the ports to show, whether to ask for a token, the
-/// deadline of its calls, and what each fault and gateway error means and advises, from the
-/// tables every status is built from.
-fn page_config(settings: &Settings, auth: bool, upstream_timeout: Duration) -> serde_json::Value {
+/// deadline of its calls, how long the gateway remembers a key and which process it is (so the
+/// page can tell that a Repeat would be a new call: the id is random, and says nothing about the
+/// gateway), and what each fault and gateway error means and advises, from the tables every
+/// status is built from.
+fn page_config(settings: &Settings, auth: bool, timeouts: Timeouts) -> serde_json::Value {
     let fault = |fault_class: FaultClass| {
         serde_json::json!({
             "name": fault_class.reason(),
@@ -328,6 +341,7 @@ fn page_config(settings: &Settings, auth: bool, upstream_timeout: Duration) -> s
                 "code": row.code as i32,
                 "advice": row.retry.advice(),
                 "mayHaveActed": row.retry.controller_may_have_acted(),
+                "repeatSameKey": row.repeat_same_key,
             })
         })
         .collect();
@@ -338,7 +352,9 @@ fn page_config(settings: &Settings, auth: bool, upstream_timeout: Duration) -> s
     serde_json::json!({
         "ports": settings.ports,
         "auth": auth,
-        "callDeadlineMs": call_deadline(upstream_timeout).as_millis() as u64,
+        "callDeadlineMs": call_deadline(timeouts.upstream).as_millis() as u64,
+        "idempotencyWindowMs": timeouts.idempotency_window.as_millis() as u64,
+        "instance": uuid::Uuid::new_v4().to_string(),
         "faults": faults,
         "unknownFault": fault(FaultClass::Unknown(0)),
         "internalFault": fault(FaultClass::OutOfRange(0)),

@@ -26,7 +26,7 @@ use crate::accept::Acceptor;
 use crate::auth::{self, Authenticator};
 use crate::call::CallLayer;
 use crate::connection::{self, Admission, Connections, RequestKind};
-use crate::console::ConsoleLayer;
+use crate::console::{ConsoleLayer, Timeouts};
 use crate::health::{Health, WatchLimit};
 use crate::log_publisher::client::{self as log_publisher_client, Target};
 use crate::metrics::Metrics;
@@ -263,7 +263,10 @@ pub async fn serve(
         ConsoleLayer::new(
             console,
             config.auth_tokens.is_some(),
-            config.upstream.timeout,
+            Timeouts {
+                upstream: config.upstream.timeout,
+                idempotency_window: config.upstream.idempotency_window,
+            },
         )
     });
     // The first layer is the outermost, as with tonic's `Server::layer`.

@@ -26,6 +26,13 @@ const REREAD_CODES = new Set([Code.Unavailable, Code.DeadlineExceeded, Code.Reso
 // Refusals that watching or reading again cannot cure, only a person: the page stops calling
 // (each try would be another warning in the gateway's log) until a token is given.
 const STOP_CODES = new Set([Code.Unauthenticated, Code.PermissionDenied, Code.InvalidArgument]);
+// The gateway's answer to a repeat it did not send to the controller (README, Idempotency): a
+// repeat must not look like a new success.
+const REPLAYED_HEADER = "taskgate-replayed";
+const REPLAYED = {
+  stored: "answered from the first call; nothing new was sent",
+  resolved: "the port showed the first call accepted; nothing new was sent",
+};
 const TIMELINE_LENGTH = 100;
 const UINT32_MAX = 4294967295;
 
@@ -88,47 +95,57 @@ async function main() {
   }));
   // Until the gateway answers: a page loaded just before it went away starts once it is back.
   let backoffMs = FIRST_BACKOFF_MS;
-  while (!(await loadConfig())) {
+  for (let failure = await loadConfig(); failure !== null; failure = await loadConfig()) {
     const delayMs = jittered(backoffMs);
     backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
-    showBanner(`The gateway cannot be reached; trying again within ${seconds(MAX_BACKOFF_MS)}.`);
+    showBanner(failure instanceof TypeError
+      ? `The gateway cannot be reached; trying again within ${seconds(MAX_BACKOFF_MS)}.`
+      : `The console's settings could not be read (${failure.message}); trying again within ${seconds(MAX_BACKOFF_MS)}.`);
     await sleep(delayMs, watching.signal);
   }
   follow();
 }
 
 // Fetches config.json, and builds the tiles and the token field anew when it changed (a new
-// gateway behind the same address). False when the gateway cannot be reached.
+// gateway behind the same address). Null once it is read; else why not: a TypeError when the
+// gateway cannot be reached, an Error naming the HTTP status (a reverse proxy's 502 or 503
+// while the gateway is away) or what is wrong with the answer.
 async function loadConfig() {
   let text;
+  let config;
   try {
     const response = await fetch(CONFIG_PATH, { cache: "no-cache" });
-    if (!response.ok) throw new Error(`${CONFIG_PATH} answered HTTP ${response.status}`);
+    if (!response.ok) return new Error(`${CONFIG_PATH} answered HTTP ${response.status}`);
     text = await response.text();
+    if (text === current.configText) return null;
+    config = JSON.parse(text);
   } catch (error) {
-    if (error instanceof TypeError) return false;
-    throw error;
+    return error instanceof TypeError ? error : new Error(`${CONFIG_PATH}: ${error.message}`);
   }
-  if (text === current.configText) return true;
-  const config = JSON.parse(text);
   page.tiles.replaceChildren();
   current.tiles = new Map(config.ports.map((portId) => [portId, makeTile(portId)]));
   page.tokenForm.hidden = !config.auth;
   current.config = config;
   current.configText = text;
-  return true;
+  return null;
 }
 
 // === the tiles: watch first, then read the state, then apply every event ===
 
 async function follow() {
   let backoffMs = FIRST_BACKOFF_MS;
-  let wasUnreachable = false;
+  // After a watch error the gateway may be another one (a restart, a new address behind a
+  // proxy): its settings are read again first, as they may have changed, auth with them. Only a
+  // lag is certain to leave the same gateway behind.
+  let rereadConfig = false;
   for (;;) {
     const signal = watching.signal;
     try {
-      if (wasUnreachable && !(await loadConfig())) throw new TypeError("config.json could not be fetched");
-      wasUnreachable = false;
+      if (rereadConfig) {
+        const failure = await loadConfig();
+        if (failure !== null) throw failure;
+      }
+      rereadConfig = false;
       await watchThenState(current.config, current.tiles, signal, () => { backoffMs = FIRST_BACKOFF_MS; });
       throw new Error("the watch ended without a status");
     } catch (error) {
@@ -139,13 +156,23 @@ async function follow() {
       const config = current.config;
       const tiles = current.tiles;
       const problem = describeError(error, config);
-      wasUnreachable ||= problem.unreachable;
+      rereadConfig = problem.reason !== "WATCH_LAGGED";
       if (STOP_CODES.has(problem.code)) {
         markStale(tiles);
-        showBanner(problem.code === Code.Unauthenticated
-          ? "Calls need a valid bearer token: enter one below."
-          : `${problem.message} (${problem.codeName}${problem.reason ? ` ${problem.reason}` : ""})`,
-        problem.requestId);
+        // The gateway that refused may not be the one whose settings the page has: read them
+        // before waiting for a person, who may need the token form they show.
+        rereadConfig = (await loadConfig()) !== null;
+        if (problem.code === Code.Unauthenticated) {
+          // Whatever the settings said: this gateway wants a token.
+          page.tokenForm.hidden = false;
+          showBanner(bearerToken
+            ? "The token given was refused (UNAUTHENTICATED): enter a valid one below."
+            : "Calls need a valid bearer token: enter one below.", problem.requestId);
+        } else {
+          const cure = current.config.auth ? "Enter another token below, or reload" : "Reload";
+          showBanner(`${problem.message} (${problem.codeName}${problem.reason ? ` ${problem.reason}` : ""}). ${cure} the page once the cause is fixed.`,
+            problem.requestId);
+        }
         // Until the token form is submitted, which aborts this.
         await aborted(signal);
       } else if (problem.reason === "LOG_PUBLISHER_DISABLED") {
@@ -333,15 +360,19 @@ function addToTimeline(event, name) {
 
 // === the forms: check, confirm, call, show the outcome ===
 
-// Each submit is a new call with a fresh idempotency key; only "Repeat this call", offered when
-// the controller may have acted, sends one again with the same key, so that the gateway answers
-// a repeat of a call it already sent with the first call's outcome instead of acting twice.
+// Each submit is a new call with a fresh idempotency key; only "Repeat this call" sends one again
+// with the same key, so that the gateway answers a repeat of a call it already sent with the
+// first call's outcome instead of acting twice. It is offered only where that is the advice (the
+// gateway-error table's `repeatSameKey`, a fault the gateway does not know, the page's own
+// deadline, no answer at all), and refused once the gateway that got the first call has
+// restarted or its --idempotency-window has passed: the same key would then be a new call.
 function setUpAction(name, plan) {
   const form = document.getElementById(`${name}-form`);
   const portInput = document.getElementById(`${name}-port`);
   const binInput = document.getElementById(`${name}-bin`);
   form.addEventListener("submit", async (submitted) => {
     submitted.preventDefault();
+    if (page.result.classList.contains("sending")) return;
     const portId = wholeNumber(portInput.value);
     const binId = wholeNumber(binInput.value);
     const wrong = [["port_id", portInput, portId], ["bin_id", binInput, binId]].find(([, , value]) => value === null);
@@ -362,13 +393,53 @@ function setUpAction(name, plan) {
 async function send(action) {
   if (!(await confirmed(action))) return;
   const config = current.config;
+  action.firstSent = { instance: config.instance, at: Date.now(), windowMs: config.idempotencyWindowMs };
+  await call(action, config);
+}
+
+async function repeat(action) {
+  const question = `Repeat this call with the same idempotency key ${action.requestId}? ${action.question}`;
+  if (!(await confirmed({ ...action, question, confirm: `Repeat: ${action.confirm}` }))) return;
+  // A gateway that restarted, or forgot the key, would take the repeat for a new call.
+  const failure = await loadConfig();
+  if (failure !== null) {
+    showLocalError(`the repeat was not sent: the gateway's settings could not be read (${failure instanceof TypeError ? "the gateway cannot be reached" : failure.message})`);
+    return;
+  }
+  const { instance, at, windowMs } = action.firstSent;
+  if (current.config.instance !== instance || Date.now() - at >= windowMs) {
+    showLocalError("the gateway restarted (or no longer remembers this key after --idempotency-window): read the port's tile and decide");
+    return;
+  }
+  await call(action, current.config);
+}
+
+// One call at a time: two outcomes must not race for #result, and the last outcome's Repeat is
+// withdrawn once another call is under way.
+async function call(action, config) {
+  setBusy(true);
+  page.result.className = "result sending";
+  page.result.replaceChildren(heading(`sending: ${action.describe} (idempotency key ${action.requestId})`));
   try {
     let gatewayRequestId;
-    await action.call({ timeoutMs: config.callDeadlineMs, onHeader: (headers) => { gatewayRequestId = headers.get("x-request-id"); } });
-    showSuccess(`ok: ${action.describe}: ${action.success}`, gatewayRequestId);
+    let replayed;
+    await action.call({
+      timeoutMs: config.callDeadlineMs,
+      onHeader: (headers) => {
+        gatewayRequestId = headers.get("x-request-id");
+        replayed = headers.get(REPLAYED_HEADER);
+      },
+    });
+    showSuccess(`ok: ${action.describe}: ${REPLAYED[replayed] ?? action.success}`, gatewayRequestId);
   } catch (error) {
     showFailure(action, describeError(error, config));
+  } finally {
+    setBusy(false);
   }
+}
+
+function setBusy(busy) {
+  for (const button of document.querySelectorAll("form.action button[type=submit], #repeat")) button.disabled = busy;
 }
 
 function confirmed(action) {
@@ -434,13 +505,13 @@ function showFailure(action, problem) {
   if (problem.mayHaveActed) rows.push(["Idempotency key", action.requestId]);
   const outcome = problem.unreachable ? "the gateway cannot be reached" : problem.codeName;
   page.result.replaceChildren(heading(`failed: ${action.describe}: ${outcome}`), facts(rows));
-  if (problem.mayHaveActed) {
-    const repeat = document.createElement("button");
-    repeat.type = "button";
-    repeat.id = "repeat";
-    repeat.textContent = "Repeat this call";
-    repeat.addEventListener("click", () => send(action));
-    page.result.append(repeat);
+  if (problem.repeatSameKey) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.id = "repeat";
+    button.textContent = "Repeat this call";
+    button.addEventListener("click", () => repeat(action));
+    page.result.append(button);
   }
 }
 
@@ -488,6 +559,14 @@ function describeError(error, config) {
   // Unknown unless the gateway's tables say the controller did not act: a repeat of the call
   // must then carry the same idempotency key.
   const mayHaveActed = fault?.mayHaveActed ?? gatewayRow?.mayHaveActed ?? status.code !== Code.Canceled;
+  // Where a repeat with the same key is the advice: the gateway's table says so for its rows;
+  // after a fault it does not know (a fault of the vendor's list is a definite answer), a failed
+  // read of the port after an earlier unknown outcome (README, Idempotency), the page's own
+  // deadline or no answer at all, the repeat reads the port before it acts.
+  const ownDeadline = !status.isWireError && status.code === Code.DeadlineExceeded;
+  const repeatSameKey = fault
+    ? fault.mayHaveActed && config.faults[String(fault.code)] === undefined
+    : info?.metadata.requestOutcome === "unknown" || (gatewayRow?.repeatSameKey ?? (!info && (unreachable || ownDeadline)));
   return {
     code: status.code,
     codeName,
@@ -499,6 +578,7 @@ function describeError(error, config) {
     retryDelayMs,
     unreachable,
     mayHaveActed,
+    repeatSameKey,
     message: unreachable
       ? `the gateway cannot be reached: the browser got no answer from ${window.location.host} (${status.rawMessage})`
       : status.rawMessage,
@@ -557,6 +637,8 @@ function setUpToken() {
   page.tokenForm.addEventListener("submit", (submitted) => {
     submitted.preventDefault();
     bearerToken = page.token.value.trim();
+    // The refusal of this token is news, even in the words the last one's had.
+    delete page.banner.dataset.text;
     // Cleared, so the browser has nothing to offer to save: the token lives in this tab only.
     page.token.value = "";
     page.tokenState.textContent = bearerToken ? "in use (this tab only)" : "none given";
@@ -584,9 +666,10 @@ function aborted(signal) {
   });
 }
 
-// `ms` give or take JITTER, in whole tenths of a second as the banner and the tiles say it.
+// `ms` give or take JITTER, in whole tenths of a second as the banner and the tiles say it, and
+// never more than the cap the banner names.
 function jittered(ms) {
-  return Math.round(ms * (1 - JITTER + 2 * JITTER * Math.random()) / 100) * 100;
+  return Math.min(Math.round(ms * (1 - JITTER + 2 * JITTER * Math.random()) / 100) * 100, MAX_BACKOFF_MS);
 }
 
 // A duration as the CLI prints it (Rust's humantime): "700ms", "1s", "1m 30s".

@@ -308,7 +308,7 @@ async function act(tab, form, port, bin) {
   await tab.keyboard.up("Shift");
   assert.equal(await tab.evaluate(() => document.activeElement.id), "confirm-yes");
   await tab.keyboard.press("Enter");
-  await tab.waitForSelector("#result h3");
+  await tab.waitForSelector("#result:not(.sending) h3");
   return tab.$eval("#result", (result) => result.innerText);
 }
 
@@ -418,6 +418,8 @@ describe("the console against the gateway and the simulator", bounded, () => {
     assert.match(refused, /Retry\s+safe after 700ms\n/);
     assert.match(refused, /Advice\s+retry after the RetryInfo delay; the controller did not start the action\n/);
     assert.match(refused, /Request id\s+[0-9a-f-]{36}/);
+    // A definite refusal: a repeat with the same key would only get it again.
+    assert.equal(await tab.$("#repeat"), null);
     mkdirSync(dirname(screenshot), { recursive: true });
     await tab.screenshot({ path: screenshot, fullPage: true });
     await waitForTile(tab, 4, "ERSO");
@@ -437,6 +439,39 @@ describe("the console against the gateway and the simulator", bounded, () => {
     await waitForTile(tab, 4, "NOOP");
     assert.match(await tab.$eval('li[data-port="4"]', (tile) => tile.innerText), /bin 101337/);
     assert.match(await tab.$eval("#timeline", (list) => list.innerText), /port 4 bin 101337 CR \(CANCEL_REQUEST\)/);
+    assert.deepEqual(errors, []);
+  });
+
+  test("while a call is in flight it says so with its key, and no other can be sent", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    // The controller's answer is kept back: the call stays in flight.
+    upstream.hold();
+    try {
+      await tab.$eval("#extract-port", (input) => { input.value = "4"; });
+      await tab.$eval("#extract-bin", (input) => { input.value = "101337"; });
+      await tab.focus("#extract-bin");
+      await tab.keyboard.press("Enter");
+      await tab.waitForSelector("#confirm[open]");
+      await tab.click("#confirm-yes");
+      await tab.waitForSelector("#result.sending h3");
+      const [key] = (await calls.keys()).slice(-1);
+      assert.equal(await tab.$eval("#result h3", (title) => title.innerText),
+        `sending: case_extract port 4 bin 101337 (idempotency key ${key})`);
+      assert.deepEqual(await tab.$$eval("form.action button[type=submit]", (buttons) => buttons.map((button) => button.disabled)), [true, true]);
+      await tab.$eval("#cancel-port", (input) => { input.value = "4"; });
+      await tab.$eval("#cancel-bin", (input) => { input.value = "101337"; });
+      await tab.focus("#cancel-bin");
+      await tab.keyboard.press("Enter");
+      assert.equal(await tab.$("#confirm[open]"), null);
+    } finally {
+      upstream.release();
+    }
+    await tab.waitForSelector("#result:not(.sending) h3");
+    assert.match(await tab.$eval("#result h3", (title) => title.innerText), /^ok: case_extract port 4 bin 101337/);
+    assert.deepEqual(await tab.$$eval("form.action button[type=submit]", (buttons) => buttons.map((button) => button.disabled)), [false, false]);
+    await waitForTile(tab, 4, "EREQ");
+    await act(tab, "cancel", 4, 101337);
+    await waitForTile(tab, 4, "NOOP");
     assert.deepEqual(errors, []);
   });
 
@@ -460,6 +495,7 @@ describe("the console against the gateway and the simulator", bounded, () => {
     assert.match(refused, /Field\s+port_id: /);
     assert.match(refused, /Retry\s+not advised\n/);
     assert.match(refused, /Advice\s+no; fix the request\n/);
+    assert.equal(await tab.$("#repeat"), null);
     assert.deepEqual(errors, []);
   });
 
@@ -505,29 +541,20 @@ describe("the console against the gateway and the simulator", bounded, () => {
     assert.deepEqual(errors, []);
   });
 
-  test("after an outcome the controller may have acted on, Repeat sends the same key; a new call does not", async () => {
+  test("after an outcome whose advice is to read the port, no Repeat is offered; the key is shown", async () => {
     await waitForTile(tab, 4, "ECMP");
     // The gateway's connection to the controller ends before any answer: did the robot move?
     upstream.cut();
-    const lost = await act(tab, "extract", 4, 101337);
-    assert.match(lost, /^failed: case_extract port 4 bin 101337: UNKNOWN\n/);
-    assert.match(lost, /Reason\s+UPSTREAM_CONNECTION_LOST\n/);
-    const key = /Idempotency key\s+([0-9a-f-]{36})/.exec(lost)?.[1];
-    assert.ok(key, lost);
-    upstream.restore();
-    await tab.click("#repeat");
-    await tab.waitForSelector("#confirm[open]");
-    assert.equal(await tab.$eval("#confirm-text", (text) => text.innerText),
-      "Extract a case from bin 101337 at port 4? A robot will move.");
-    await tab.$eval("#result", (result) => result.replaceChildren());
-    await tab.click("#confirm-yes");
-    await tab.waitForSelector("#result h3");
-    assert.match(await tab.$eval("#result h3", (title) => title.innerText), /case_extract port 4 bin 101337/);
-    await act(tab, "extract", 4, 101337);
-    const keys = await calls.keys();
-    assert.deepEqual(keys.slice(-3, -1), [key, key]);
-    assert.notEqual(keys.at(-1), key);
-    assert.match(keys.at(-1), /^[0-9a-f-]{36}$/);
+    try {
+      const lost = await act(tab, "extract", 4, 101337);
+      assert.match(lost, /^failed: case_extract port 4 bin 101337: UNKNOWN\n/);
+      assert.match(lost, /Reason\s+UPSTREAM_CONNECTION_LOST\n/);
+      assert.match(lost, /Advice\s+no; read the port with CaseGetState first\n/);
+      assert.match(lost, /Idempotency key\s+[0-9a-f-]{36}/);
+      assert.equal(await tab.$("#repeat"), null);
+    } finally {
+      upstream.restore();
+    }
     assert.deepEqual(errors, []);
   });
 });
@@ -680,6 +707,63 @@ describe("the console when the gateway cannot be reached", bounded, () => {
     assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
   });
 
+  test("after no answer at all, Repeat sends the same key, said so in its dialog; a new call does not", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    frontDoor.cut();
+    const lost = await act(tab, "extract", 4, 101337);
+    assert.match(lost, /^failed: case_extract port 4 bin 101337: the gateway cannot be reached\n/);
+    const key = /Idempotency key\s+([0-9a-f-]{36})/.exec(lost)?.[1];
+    assert.ok(key, lost);
+    frontDoor.restore();
+    await tab.waitForSelector("#banner[hidden]");
+    await tab.click("#repeat");
+    await tab.waitForSelector("#confirm[open]");
+    assert.equal(await tab.$eval("#confirm-text", (text) => text.innerText),
+      `Repeat this call with the same idempotency key ${key}? Extract a case from bin 101337 at port 4? A robot will move.`);
+    await tab.$eval("#result", (result) => result.replaceChildren());
+    await tab.click("#confirm-yes");
+    await tab.waitForSelector("#result:not(.sending) h3");
+    // The first call never reached the gateway, so the repeat is the one it acts on.
+    assert.match(await tab.$eval("#result h3", (title) => title.innerText),
+      /^ok: case_extract port 4 bin 101337: the controller accepted the case extraction$/);
+    await waitForTile(tab, 4, "EREQ");
+    await act(tab, "cancel", 4, 101337);
+    const keys = await calls.keys();
+    assert.deepEqual(keys.slice(-3, -1), [key, key]);
+    assert.notEqual(keys.at(-1), key);
+    assert.match(keys.at(-1), /^[0-9a-f-]{36}$/);
+    await waitForTile(tab, 4, "NOOP");
+    assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
+  });
+
+  test("a Repeat after the gateway restarted is refused, and nothing is sent", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    const other = await startProcess(["serve", "--simulator", "--listen", "127.0.0.1:0"], [LISTENING]);
+    try {
+      frontDoor.cut();
+      const lost = await act(tab, "extract", 4, 101337);
+      assert.match(lost, /^failed: case_extract port 4 bin 101337: the gateway cannot be reached\n/);
+      const sent = (await calls.keys()).length;
+      // Another gateway process at the same address: it never saw the key.
+      frontDoor.retarget(other.found[0]);
+      frontDoor.restore();
+      await tab.click("#repeat");
+      await tab.waitForSelector("#confirm[open]");
+      await tab.$eval("#result", (result) => result.replaceChildren());
+      await tab.click("#confirm-yes");
+      await tab.waitForSelector("#result:not(.sending) h3");
+      assert.equal(await tab.$eval("#result h3", (title) => title.innerText),
+        "not sent: the gateway restarted (or no longer remembers this key after --idempotency-window): read the port's tile and decide");
+      assert.equal((await calls.keys()).length, sent);
+      assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
+    } finally {
+      frontDoor.cut();
+      frontDoor.retarget(gateway.found[0]);
+      frontDoor.restore();
+      await other.stop();
+    }
+  });
+
   test("a page loaded while the gateway cannot be reached starts by itself once it can", async () => {
     let refusing = true;
     const late = await openConsole(frontDoor.address, async (tab) => {
@@ -698,6 +782,88 @@ describe("the console when the gateway cannot be reached", bounded, () => {
       await waitForTile(late.tab, 4, "NOOP");
       await late.tab.waitForSelector("#banner[hidden]");
       assert.deepEqual(late.errors.filter((error) => !/net::ERR_/.test(error)), []);
+    } finally {
+      await late.tab.close();
+    }
+  });
+
+  test("the page waits no longer than the banner says between tries, whatever the jitter", async () => {
+    const late = await openConsole(frontDoor.address, async (tab) => {
+      // The largest jitter every time, and each wait recorded and then skipped, so the backoff
+      // reaches its cap at once instead of after half a minute.
+      await tab.evaluateOnNewDocument(() => {
+        Math.random = () => 0.9999;
+        window.waits = [];
+        const setTimer = window.setTimeout;
+        window.setTimeout = (callback, ms, ...rest) => {
+          if (window.recordingWaits) {
+            window.waits.push(ms);
+            return setTimer(callback, 0, ...rest);
+          }
+          return setTimer(callback, ms, ...rest);
+        };
+        window.recordingWaits = true;
+      });
+      await tab.setRequestInterception(true);
+      tab.on("request", (request) => {
+        if (new URL(request.url()).pathname === "/console/config.json") request.abort("connectionrefused");
+        else request.continue();
+      });
+    });
+    try {
+      await late.tab.waitForFunction(() => window.waits.length >= 10);
+      assert.equal(await late.tab.$eval("#banner", (element) => element.innerText),
+        "The gateway cannot be reached; trying again within 10s.");
+      const waits = await late.tab.evaluate(() => window.waits.slice(0, 10));
+      assert.equal(Math.max(...waits), 10000, waits.join());
+    } finally {
+      await late.tab.close();
+    }
+  });
+
+  test("a refusal no token can cure tells the operator to reload once it is fixed", async () => {
+    const settings = await (await fetch(`http://${frontDoor.address}/console/config.json`)).json();
+    const late = await openConsole(frontDoor.address, async (tab) => {
+      await tab.setRequestInterception(true);
+      // Settings naming a port the gateway refuses to watch: the watch gets INVALID_ARGUMENT.
+      tab.on("request", (request) => {
+        if (new URL(request.url()).pathname === "/console/config.json") {
+          request.respond({ status: 200, contentType: "application/json", body: JSON.stringify({ ...settings, ports: [4, 2001] }) });
+        } else {
+          request.continue();
+        }
+      });
+    });
+    try {
+      await late.tab.waitForFunction(() => document.getElementById("banner").innerText.includes("INVALID_ARGUMENT"));
+      assert.match(await late.tab.$eval("#banner", (element) => element.innerText),
+        /\(INVALID_ARGUMENT INVALID_PARAMETER\)\. Reload the page once the cause is fixed\. Request id [0-9a-f-]{36}\.$/);
+    } finally {
+      await late.tab.close();
+    }
+  });
+
+  test("a page whose settings a proxy answers with 502 says so, and starts once they come", async () => {
+    let failing = true;
+    const late = await openConsole(frontDoor.address, async (tab) => {
+      await tab.setRequestInterception(true);
+      // A reverse proxy while the gateway is away: an HTTP error, not a failed fetch.
+      tab.on("request", (request) => {
+        if (failing && new URL(request.url()).pathname === "/console/config.json") {
+          request.respond({ status: 502, contentType: "text/plain", body: "bad gateway" });
+        } else {
+          request.continue();
+        }
+      });
+    });
+    try {
+      await late.tab.waitForFunction(() => document.getElementById("banner").innerText.includes("HTTP 502"));
+      assert.equal(await late.tab.$eval("#banner", (element) => element.innerText),
+        "The console's settings could not be read (/console/config.json answered HTTP 502); trying again within 10s.");
+      failing = false;
+      await waitForTile(late.tab, 4, "NOOP");
+      await late.tab.waitForSelector("#banner[hidden]");
+      assert.deepEqual(late.errors.filter((error) => !/net::ERR_|502/.test(error)), []);
     } finally {
       await late.tab.close();
     }
@@ -723,6 +889,80 @@ describe("the console when the gateway cannot be reached", bounded, () => {
       frontDoor.retarget(gateway.found[0]);
       frontDoor.restore();
       await other.stop();
+    }
+  });
+
+  test("a Repeat of a call whose answer was lost is answered from the first call, and says so", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    // The gateway answers, but the answer never reaches the browser.
+    frontDoor.hold();
+    await tab.$eval("#extract-port", (input) => { input.value = "4"; });
+    await tab.$eval("#extract-bin", (input) => { input.value = "101337"; });
+    await tab.focus("#extract-bin");
+    await tab.keyboard.press("Enter");
+    await tab.waitForSelector("#confirm[open]");
+    await tab.click("#confirm-yes");
+    await frontDoor.heldLines(/^HTTP\/1\.1 200/, 1);
+    frontDoor.cut();
+    frontDoor.release();
+    await tab.waitForSelector("#result:not(.sending) h3");
+    assert.match(await tab.$eval("#result h3", (title) => title.innerText), /the gateway cannot be reached$/);
+    frontDoor.restore();
+    await tab.waitForSelector("#banner[hidden]");
+    await tab.click("#repeat");
+    await tab.waitForSelector("#confirm[open]");
+    await tab.$eval("#result", (result) => result.replaceChildren());
+    await tab.click("#confirm-yes");
+    await tab.waitForSelector("#result:not(.sending) h3");
+    assert.equal(await tab.$eval("#result h3", (title) => title.innerText),
+      "ok: case_extract port 4 bin 101337: answered from the first call; nothing new was sent");
+    assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
+  });
+});
+
+describe("the console when a restart turns auth on", bounded, () => {
+  let gateway;
+  let frontDoor;
+
+  before(async () => {
+    gateway = await startProcess(["serve", "--simulator", "--listen", "127.0.0.1:0"], [LISTENING]);
+    frontDoor = await startProxy(gateway.found[0]);
+  });
+
+  after(async () => {
+    await frontDoor?.close();
+    await gateway?.stop();
+  });
+
+  test("shows the token form, and the tiles come back with the token", async () => {
+    const { tab, errors } = await openConsole(frontDoor.address);
+    const folder = mkdtempSync(join(tmpdir(), "taskgate-console-restart-"));
+    const tokens = join(folder, "tokens");
+    writeFileSync(tokens, "right-token\n");
+    const guarded = await startProcess(
+      ["serve", "--simulator", "--listen", "127.0.0.1:0", "--auth-tokens-file", tokens],
+      [LISTENING],
+    );
+    try {
+      await waitForTile(tab, 4, "NOOP");
+      assert.equal(await tab.$eval("#token-form", (form) => form.hidden), true);
+      // A restart as an operator makes one: the new gateway is up at once, and the old one ends
+      // its watches as it shuts down (UNAVAILABLE), not with a connection the browser sees fail.
+      frontDoor.retarget(guarded.found[0]);
+      await gateway.stop();
+      gateway = null;
+      await tab.waitForSelector("#token-form:not([hidden])");
+      await tab.waitForFunction(() => document.getElementById("banner").innerText.includes("bearer token"));
+      await tab.type("#token", "right-token");
+      await tab.focus("#token");
+      await tab.keyboard.press("Enter");
+      await tab.waitForSelector("#banner[hidden]");
+      await waitForTile(tab, 4, "NOOP");
+      await tab.waitForSelector('li[data-port="4"]:not(.stale)');
+      assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
+    } finally {
+      await tab.close();
+      await guarded.stop();
     }
   });
 });
@@ -754,13 +994,24 @@ describe("the console with auth on", bounded, () => {
     await tab.waitForFunction(() => document.getElementById("banner").innerText.includes("bearer token"));
     assert.match(await tab.$eval("#banner", (element) => element.innerText),
       /^Calls need a valid bearer token: enter one below\. Request id [0-9a-f-]{36}\.$/);
-    // Watching again could not help: over a few seconds, in which a backoff from 0.5 s would
-    // have watched 4 times, the page does not (each try is a warning in the gateway's log).
+    // Watching again could not help, and each try is a warning in the gateway's log. Stopping
+    // is the absence of calls, which only a window of time can show: 4 s, in which a backoff
+    // from 0.5 s (doubling, ±20 %) would have watched at least 3 more times.
     await new Promise((resolveWait) => setTimeout(resolveWait, 4000));
     const watches = calls.list().filter((call) => call === "watch sent").length;
     assert.ok(watches <= 2, `${watches} watches: ${calls.list().join(", ")}`);
+    assert.ok(!calls.list().includes("state read sent"), calls.list().join(", "));
     await tab.type("#token", "wrong-token");
     await tab.keyboard.press("Enter");
+    // A wrong token gets an answer of its own, every time one is given.
+    await tab.waitForFunction(() => document.getElementById("banner").innerText.includes("was refused"));
+    assert.match(await tab.$eval("#banner", (element) => element.innerText),
+      /^The token given was refused \(UNAUTHENTICATED\): enter a valid one below\. Request id [0-9a-f-]{36}\.$/);
+    await tab.$eval("#banner", (banner) => { window.bannerText = banner.innerText; });
+    await tab.type("#token", "wrong-token");
+    await tab.keyboard.press("Enter");
+    await tab.waitForFunction(() => document.getElementById("banner").innerText !== window.bannerText);
+    assert.match(await tab.$eval("#banner", (element) => element.innerText), /^The token given was refused/);
     const refused = await act(tab, "extract", 4, 101337);
     assert.match(refused, /failed: case_extract port 4 bin 101337: UNAUTHENTICATED/);
     assert.match(refused, /Reason\s+UNAUTHENTICATED/);

@@ -157,7 +157,10 @@ async fn the_console_folder_redirects_to_the_page() {
 async fn the_page_reads_its_ports_auth_deadline_and_the_fault_table_from_the_gateway() {
     let gateway = with_console(Gateway::builder(), &[4, 1, 2000])
         .auth_tokens(&["secret"])
-        .config(|config| config.upstream.timeout = Duration::from_millis(3500))
+        .config(|config| {
+            config.upstream.timeout = Duration::from_millis(3500);
+            config.upstream.idempotency_window = Duration::from_secs(90);
+        })
         .start()
         .await;
     let response = get(&format!("http://{}", gateway.address), console::CONFIG_PATH).await;
@@ -174,6 +177,8 @@ async fn the_page_reads_its_ports_auth_deadline_and_the_fault_table_from_the_gat
     // The upstream timeout and 2 s for the gateway's own work: a controller that answers
     // within --upstream-timeout is never cut short by the page's deadline.
     assert_eq!(config["callDeadlineMs"], 5500);
+    // How long a Repeat with the same key is answered from the first call.
+    assert_eq!(config["idempotencyWindowMs"], 90_000);
     assert_eq!(
         config["faults"]["1148"],
         serde_json::json!({
@@ -196,9 +201,31 @@ async fn the_page_reads_its_ports_auth_deadline_and_the_fault_table_from_the_gat
     assert_eq!(row("UNAUTHENTICATED")["code"], 16);
     assert_eq!(row("UNAUTHENTICATED")["mayHaveActed"], false);
     assert_eq!(row("UPSTREAM_TIMEOUT")["mayHaveActed"], true);
+    // Repeat is offered only where the advice is a repeat with the same request_id.
+    assert_eq!(row("REQUEST_IN_PROGRESS")["repeatSameKey"], true);
+    assert_eq!(row("UPSTREAM_TIMEOUT")["repeatSameKey"], false);
+    assert_eq!(row("SHUTDOWN_GRACE_RAN_OUT")["repeatSameKey"], false);
     assert_eq!(config["codeNames"][16], "UNAUTHENTICATED");
     assert_eq!(config["codeNames"][1], "CANCELLED");
     assert_eq!(config["codeNames"].as_array().unwrap().len(), 17);
+}
+
+/// Each gateway process tells the page a random id of its own, so the page can tell a restart
+/// (after which a repeated key is a new call) from the same gateway.
+#[tokio::test]
+async fn each_gateway_process_has_an_instance_id_of_its_own() {
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let gateway = with_console(Gateway::builder(), &[4]).start().await;
+        let base = format!("http://{}", gateway.address);
+        let first = json(get(&base, console::CONFIG_PATH).await).await;
+        let again = json(get(&base, console::CONFIG_PATH).await).await;
+        assert_eq!(first["instance"], again["instance"]);
+        let instance = first["instance"].as_str().unwrap().to_owned();
+        assert!(uuid::Uuid::parse_str(&instance).is_ok(), "{instance}");
+        instances.push(instance);
+    }
+    assert_ne!(instances[0], instances[1]);
 }
 
 /// The console takes only GET and HEAD of its own paths: gRPC and gRPC-Web calls go on as
