@@ -306,10 +306,6 @@ mod tests {
     use super::*;
     use crate::fault::{FAULTS, FaultClass, classify};
 
-    /// The retry contract: a standard retry policy retries UNAVAILABLE and nothing else, so
-    /// UNAVAILABLE is sent exactly where the controller started nothing and a retry is advised,
-    /// with the delay; wherever the controller may have acted, the code is one no standard
-    /// policy retries, and there is no `RetryInfo`.
     /// A row offers a repeat with the same `request_id` exactly where its README advice says so,
     /// and only where the controller may have acted (else a repeat is just a new call).
     #[test]
@@ -325,6 +321,10 @@ mod tests {
         assert!(GATEWAY_ERRORS.iter().any(|row| row.repeat_same_key));
     }
 
+    /// The retry contract: a standard retry policy retries UNAVAILABLE and nothing else, so
+    /// UNAVAILABLE is sent exactly where the controller started nothing and a retry is advised,
+    /// with the delay; wherever the controller may have acted, the code is one no standard
+    /// policy retries, and there is no `RetryInfo`.
     #[test]
     fn only_what_the_controller_did_not_act_on_is_unavailable() {
         for row in GATEWAY_ERRORS {

@@ -110,11 +110,11 @@ async function main() {
 // gateway behind the same address). Null once it is read; else why not: a TypeError when the
 // gateway cannot be reached, an Error naming the HTTP status (a reverse proxy's 502 or 503
 // while the gateway is away) or what is wrong with the answer.
-async function loadConfig() {
+async function loadConfig(signal) {
   let text;
   let config;
   try {
-    const response = await fetch(CONFIG_PATH, { cache: "no-cache" });
+    const response = await fetch(CONFIG_PATH, { cache: "no-cache", signal });
     if (!response.ok) return new Error(`${CONFIG_PATH} answered HTTP ${response.status}`);
     text = await response.text();
     if (text === current.configText) return null;
@@ -370,24 +370,47 @@ function setUpAction(name, plan) {
   const form = document.getElementById(`${name}-form`);
   const portInput = document.getElementById(`${name}-port`);
   const binInput = document.getElementById(`${name}-bin`);
-  form.addEventListener("submit", async (submitted) => {
+  form.addEventListener("submit", (submitted) => {
     submitted.preventDefault();
-    if (page.result.classList.contains("sending")) return;
-    const portId = wholeNumber(portInput.value);
-    const binId = wholeNumber(binInput.value);
-    const wrong = [["port_id", portInput, portId], ["bin_id", binInput, binId]].find(([, , value]) => value === null);
-    if (wrong) {
-      showLocalError(`${wrong[0]}: "${wrong[1].value}" is not a whole number from 0 to ${UINT32_MAX}`);
-      wrong[1].focus();
-      return;
-    }
-    if (!current.config) {
-      showLocalError("the console has not started yet: the gateway cannot be reached");
-      return;
-    }
-    const requestId = idempotencyKey();
-    await send({ ...plan(portId, binId, requestId), requestId });
+    oneAtATime(() => submit(portInput, binInput, plan));
   });
+}
+
+// A submitted form: its numbers checked, then a new call with a fresh key, once confirmed.
+async function submit(portInput, binInput, plan) {
+  const portId = wholeNumber(portInput.value);
+  const binId = wholeNumber(binInput.value);
+  const wrong = [["port_id", portInput, portId], ["bin_id", binInput, binId]].find(([, , value]) => value === null);
+  if (wrong) {
+    showLocalError(`${wrong[0]}: "${wrong[1].value}" is not a whole number from 0 to ${UINT32_MAX}`);
+    wrong[1].focus();
+    return;
+  }
+  if (!current.config) {
+    showLocalError("the console has not started yet: the gateway cannot be reached");
+    return;
+  }
+  const requestId = idempotencyKey();
+  await send({ ...plan(portId, binId, requestId), requestId });
+}
+
+// Whether an action is under way, from the click that starts it to its outcome: its dialog, a
+// repeat's check of the gateway, its call. Taken before anything is awaited, so that a second
+// action cannot start in any of those waits and two calls can never be under way at once.
+let acting = false;
+
+async function oneAtATime(action) {
+  if (acting) return;
+  acting = true;
+  setBusy(true);
+  try {
+    await action();
+  } catch (error) {
+    showLocalError(`the console could not finish the action: ${error.message}`);
+  } finally {
+    acting = false;
+    setBusy(false);
+  }
 }
 
 async function send(action) {
@@ -400,14 +423,19 @@ async function send(action) {
 async function repeat(action) {
   const question = `Repeat this call with the same idempotency key ${action.requestId}? ${action.question}`;
   if (!(await confirmed({ ...action, question, confirm: `Repeat: ${action.confirm}` }))) return;
-  // A gateway that restarted, or forgot the key, would take the repeat for a new call.
-  const failure = await loadConfig();
+  page.result.className = "result sending";
+  page.result.replaceChildren(heading(`checking the gateway before repeating: ${action.describe} (idempotency key ${action.requestId})`));
+  // A gateway that restarted, or forgot the key, would take the repeat for a new call. Bounded:
+  // the page does nothing else meanwhile.
+  const failure = await loadConfig(AbortSignal.timeout(current.config.callDeadlineMs));
   if (failure !== null) {
     showLocalError(`the repeat was not sent: the gateway's settings could not be read (${failure instanceof TypeError ? "the gateway cannot be reached" : failure.message})`);
     return;
   }
   const { instance, at, windowMs } = action.firstSent;
-  if (current.config.instance !== instance || Date.now() - at >= windowMs) {
+  // Refused unless both are known and hold: a repeat that cannot be shown safe is not sent.
+  const sameGateway = typeof instance === "string" && current.config.instance === instance;
+  if (!sameGateway || !(Date.now() - at < windowMs)) {
     showLocalError("the gateway restarted (or no longer remembers this key after --idempotency-window): read the port's tile and decide");
     return;
   }
@@ -417,7 +445,6 @@ async function repeat(action) {
 // One call at a time: two outcomes must not race for #result, and the last outcome's Repeat is
 // withdrawn once another call is under way.
 async function call(action, config) {
-  setBusy(true);
   page.result.className = "result sending";
   page.result.replaceChildren(heading(`sending: ${action.describe} (idempotency key ${action.requestId})`));
   try {
@@ -430,11 +457,13 @@ async function call(action, config) {
         replayed = headers.get(REPLAYED_HEADER);
       },
     });
-    showSuccess(`ok: ${action.describe}: ${REPLAYED[replayed] ?? action.success}`, gatewayRequestId);
+    // A value the page does not know is still a repeat, never a fresh success.
+    const answer = replayed === null || replayed === undefined ? action.success
+      : Object.hasOwn(REPLAYED, replayed) ? REPLAYED[replayed]
+      : `answered as a repeat (${REPLAYED_HEADER}: ${replayed})`;
+    showSuccess(`ok: ${action.describe}: ${answer}`, gatewayRequestId);
   } catch (error) {
     showFailure(action, describeError(error, config));
-  } finally {
-    setBusy(false);
   }
 }
 
@@ -510,7 +539,7 @@ function showFailure(action, problem) {
     button.type = "button";
     button.id = "repeat";
     button.textContent = "Repeat this call";
-    button.addEventListener("click", () => repeat(action));
+    button.addEventListener("click", () => oneAtATime(() => repeat(action)));
     page.result.append(button);
   }
 }
@@ -554,11 +583,17 @@ function describeError(error, config) {
   // Without the gateway's ErrorInfo (the page's own deadline, a connection lost on the way), the
   // call may still have reached the controller.
   const gatewayRow = gatewayError(info, status.code, config);
-  const advice = (fault?.advice ?? gatewayRow?.advice ??
-    "not at once: the controller may have acted; check the port's tile first").replaceAll("`", "");
+  // A repeat whose read of the port failed (README, Idempotency): whatever the read's own row
+  // says, the earlier call with this key may have acted, so a new call with a fresh key could act
+  // twice. As the CLI does, this outcome is unknown, and no retry is safe but the same key's.
+  const earlierUnknown = info?.metadata.requestOutcome === "unknown";
+  const advice = (earlierUnknown
+    ? "not with a new call: the earlier call with this key may have acted; repeat it with the same key (the gateway reads the port first), or read the port's tile and decide"
+    : fault?.advice ?? gatewayRow?.advice ??
+      "not at once: the controller may have acted; check the port's tile first").replaceAll("`", "");
   // Unknown unless the gateway's tables say the controller did not act: a repeat of the call
   // must then carry the same idempotency key.
-  const mayHaveActed = fault?.mayHaveActed ?? gatewayRow?.mayHaveActed ?? status.code !== Code.Canceled;
+  const mayHaveActed = earlierUnknown || (fault?.mayHaveActed ?? gatewayRow?.mayHaveActed ?? status.code !== Code.Canceled);
   // Where a repeat with the same key is the advice: the gateway's table says so for its rows;
   // after a fault it does not know (a fault of the vendor's list is a definite answer), a failed
   // read of the port after an earlier unknown outcome (README, Idempotency), the page's own
@@ -566,14 +601,14 @@ function describeError(error, config) {
   const ownDeadline = !status.isWireError && status.code === Code.DeadlineExceeded;
   const repeatSameKey = fault
     ? fault.mayHaveActed && config.faults[String(fault.code)] === undefined
-    : info?.metadata.requestOutcome === "unknown" || (gatewayRow?.repeatSameKey ?? (!info && (unreachable || ownDeadline)));
+    : earlierUnknown || (gatewayRow?.repeatSameKey ?? (!info && (unreachable || ownDeadline)));
   return {
     code: status.code,
     codeName,
     reason: info?.reason ?? null,
     fault,
     violations,
-    retry: retryDelayMs === null ? "not advised" : `safe after ${cliDuration(retryDelayMs)}`,
+    retry: retryDelayMs === null || earlierUnknown ? "not advised" : `safe after ${cliDuration(retryDelayMs)}`,
     advice,
     retryDelayMs,
     unreachable,

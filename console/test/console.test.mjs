@@ -736,6 +736,54 @@ describe("the console when the gateway cannot be reached", bounded, () => {
     assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
   });
 
+  test("while a Repeat checks the gateway, no other call can be started", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    frontDoor.cut();
+    const lost = await act(tab, "extract", 4, 101337);
+    assert.match(lost, /^failed: case_extract port 4 bin 101337: the gateway cannot be reached\n/);
+    frontDoor.restore();
+    await tab.waitForSelector("#banner[hidden]");
+    // The repeat's own read of the settings is kept back until the test lets it go.
+    const held = [];
+    let heldOne;
+    const settingsHeld = new Promise((resolveHeld) => { heldOne = resolveHeld; });
+    const hold = (request) => {
+      if (request.isInterceptResolutionHandled()) return;
+      if (new URL(request.url()).pathname === "/console/config.json") {
+        held.push(request);
+        heldOne();
+      } else {
+        request.continue();
+      }
+    };
+    await tab.setRequestInterception(true);
+    tab.on("request", hold);
+    try {
+      await tab.click("#repeat");
+      await tab.waitForSelector("#confirm[open]");
+      await tab.click("#confirm-yes");
+      await within(settingsHeld, SHOW_LIMIT_MS, () => "the repeat did not read the gateway's settings");
+      assert.match(await tab.$eval("#result h3", (title) => title.innerText), /^checking the gateway before repeating: /);
+      assert.equal(await tab.$eval("#extract-form button[type=submit]", (button) => button.disabled), true);
+      // A submit by keyboard opens no dialog: its handler runs at once, and refuses.
+      await tab.$eval("#cancel-port", (input) => { input.value = "4"; });
+      await tab.$eval("#cancel-bin", (input) => { input.value = "101337"; });
+      await tab.$eval("#cancel-form", (form) => form.requestSubmit());
+      assert.equal(await tab.$("#confirm[open]"), null);
+      for (const request of held) await request.continue();
+      await tab.waitForSelector("#result:not(.sending) h3");
+      assert.match(await tab.$eval("#result h3", (title) => title.innerText),
+        /^ok: case_extract port 4 bin 101337: the controller accepted the case extraction$/);
+    } finally {
+      tab.off("request", hold);
+      await tab.setRequestInterception(false);
+      for (const request of held) if (!request.isInterceptResolutionHandled()) await request.continue();
+    }
+    await waitForTile(tab, 4, "EREQ");
+    await act(tab, "cancel", 4, 101337);
+    await waitForTile(tab, 4, "NOOP");
+  });
+
   test("a Repeat after the gateway restarted is refused, and nothing is sent", async () => {
     await waitForTile(tab, 4, "NOOP");
     const other = await startProcess(["serve", "--simulator", "--listen", "127.0.0.1:0"], [LISTENING]);
