@@ -363,7 +363,7 @@ function addToTimeline(event, name) {
 // Each submit is a new call with a fresh idempotency key; only "Repeat this call" sends one again
 // with the same key, so that the gateway answers a repeat of a call it already sent with the
 // first call's outcome instead of acting twice. It is offered only where that is the advice (the
-// gateway-error table's `repeatSameKey`, a fault the gateway does not know, the page's own
+// gateway-error table's `repeatSameKey`, a failed read after an unknown outcome, the page's own
 // deadline, no answer at all), and refused once the gateway that got the first call has
 // restarted or its --idempotency-window has passed: the same key would then be a new call.
 function setUpAction(name, plan) {
@@ -595,13 +595,12 @@ function describeError(error, config) {
   // must then carry the same idempotency key.
   const mayHaveActed = earlierUnknown || (fault?.mayHaveActed ?? gatewayRow?.mayHaveActed ?? status.code !== Code.Canceled);
   // Where a repeat with the same key is the advice: the gateway's table says so for its rows;
-  // after a fault it does not know (a fault of the vendor's list is a definite answer), a failed
-  // read of the port after an earlier unknown outcome (README, Idempotency), the page's own
-  // deadline or no answer at all, the repeat reads the port before it acts.
+  // after a failed read of the port after an earlier unknown outcome (README, Idempotency), the
+  // page's own deadline or no answer at all, the repeat reads the port before it acts. Never
+  // after a fault: the controller answered, and the fault table's advice is what to do.
   const ownDeadline = !status.isWireError && status.code === Code.DeadlineExceeded;
-  const repeatSameKey = fault
-    ? fault.mayHaveActed && config.faults[String(fault.code)] === undefined
-    : earlierUnknown || (gatewayRow?.repeatSameKey ?? (!info && (unreachable || ownDeadline)));
+  const repeatSameKey = !fault &&
+    (earlierUnknown || (gatewayRow?.repeatSameKey ?? (!info && (unreachable || ownDeadline))));
   return {
     code: status.code,
     codeName,
