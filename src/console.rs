@@ -241,7 +241,7 @@ impl File {
 fn not_found(path: &str) -> Response<tonic::body::Body> {
     text_response(
         StatusCode::NOT_FOUND,
-        format!("{path} is not a file of this gateway's console; the console is at /\n"),
+        format!("{path} is not a file of this gateway's console; the console is at {PAGE_PATH}\n"),
     )
 }
 
@@ -341,7 +341,7 @@ fn page_config(settings: &Settings, auth: bool, timeouts: Timeouts) -> serde_jso
                 "code": row.code as i32,
                 "advice": row.retry.advice(),
                 "mayHaveActed": row.retry.controller_may_have_acted(),
-                "repeatSameKey": row.repeat_same_key,
+                "repeatSameKey": row.retry.repeat_same_key(),
             })
         })
         .collect();

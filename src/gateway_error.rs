@@ -23,10 +23,6 @@ pub struct GatewayError {
     pub when: &'static str,
     /// Whether the controller may have acted, and what a caller may do.
     pub retry: GatewayRetry,
-    /// Whether the advice is to repeat the call with the same `request_id` (within
-    /// `--idempotency-window`, on the same gateway process): the operator console offers its
-    /// Repeat button only then.
-    pub repeat_same_key: bool,
 }
 
 /// What a caller may do after a gateway error, and whether the controller may have acted: the
@@ -41,6 +37,10 @@ pub enum GatewayRetry {
     NotActed(&'static str),
     /// The POST may have reached the controller and been acted on; the caller should do this.
     MayHaveActed(&'static str),
+    /// The controller may have acted, and a repeat with the same `request_id` gets the first
+    /// call's answer (within `--idempotency-window`, from the same gateway process): the one
+    /// advice on which the operator console offers its Repeat button.
+    RepeatSameKey,
 }
 
 /// What the README advises after an error whose POST may have been acted on.
@@ -56,7 +56,6 @@ pub const INVALID_PARAMETER: GatewayError = GatewayError {
            rest, as the message does, so the reply stays within any client's header limit); the \
            controller was not called",
     retry: GatewayRetry::NotActed("no; fix the request"),
-    repeat_same_key: false,
 };
 /// A `request_id` the gateway remembers, sent with other parameters.
 pub const REQUEST_ID_REUSED: GatewayError = GatewayError {
@@ -66,7 +65,6 @@ pub const REQUEST_ID_REUSED: GatewayError = GatewayError {
            ended) came on another method, or with another `port_id` or `bin_id`; metadata \
            `requestId`; the controller was not called",
     retry: GatewayRetry::NotActed("no; send a fresh `request_id` for each new call"),
-    repeat_same_key: false,
 };
 /// A repeat that waited for the first call with its `request_id` until its time ran out.
 pub const REQUEST_IN_PROGRESS: GatewayError = GatewayError {
@@ -76,10 +74,7 @@ pub const REQUEST_IN_PROGRESS: GatewayError = GatewayError {
            smaller of its own deadline (less a margin of 10 %, at most 100 ms) and \
            `--upstream-timeout`; a first call that is itself a repeat reading the port, then \
            sending again, can take twice that; metadata `requestId`",
-    retry: GatewayRetry::MayHaveActed(
-        "yes, with the same `request_id`: it gets the first call's answer",
-    ),
-    repeat_same_key: true,
+    retry: GatewayRetry::RepeatSameKey,
 };
 /// A repeat after an unknown outcome, and a port state, or a resend, that does not tell what
 /// happened.
@@ -96,7 +91,6 @@ pub const REQUEST_OUTCOME_UNKNOWN: GatewayError = GatewayError {
            was read; the message names the state and bin, and how long ago or how a resend \
            ended, metadata `requestId`, `caseState`",
     retry: GatewayRetry::MayHaveActed("no; read the port with `CaseGetState` and decide"),
-    repeat_same_key: false,
 };
 /// A new `request_id` while every remembered one is in flight or has an unknown outcome.
 pub const IDEMPOTENCY_TABLE_FULL: GatewayError = GatewayError {
@@ -109,7 +103,6 @@ pub const IDEMPOTENCY_TABLE_FULL: GatewayError = GatewayError {
     retry: GatewayRetry::NotActed(
         "later, with backoff, once entries have expired; or raise `--idempotency-max-entries`",
     ),
-    repeat_same_key: false,
 };
 /// No connection to the controller could be made.
 pub const UPSTREAM_UNREACHABLE: GatewayError = GatewayError {
@@ -117,7 +110,6 @@ pub const UPSTREAM_UNREACHABLE: GatewayError = GatewayError {
     code: Code::Unavailable,
     when: "the controller refused the connection, or DNS failed (tried twice); nothing was sent",
     retry: GatewayRetry::AfterDelay,
-    repeat_same_key: false,
 };
 /// The connection failed once the request may have been sent.
 pub const UPSTREAM_CONNECTION_LOST: GatewayError = GatewayError {
@@ -127,7 +119,6 @@ pub const UPSTREAM_CONNECTION_LOST: GatewayError = GatewayError {
            or during the reply, a reply cut short, or bytes that are not an HTTP/1.1 reply \
            (garbage, two different `Content-Length`s)",
     retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
-    repeat_same_key: false,
 };
 /// HTTP 503 or 429: by HTTP's definition of them, the request was not processed.
 pub const UPSTREAM_HTTP_DECLINED: GatewayError = GatewayError {
@@ -137,7 +128,6 @@ pub const UPSTREAM_HTTP_DECLINED: GatewayError = GatewayError {
            HTTP defines these statuses; the vendor does not document them); metadata \
            `httpStatus`",
     retry: GatewayRetry::AfterDelay,
-    repeat_same_key: false,
 };
 /// Any other 5xx: the controller, or a proxy before it, failed while handling the request.
 pub const UPSTREAM_HTTP_SERVER_ERROR: GatewayError = GatewayError {
@@ -146,7 +136,6 @@ pub const UPSTREAM_HTTP_SERVER_ERROR: GatewayError = GatewayError {
     when: "HTTP 500, 502, 504 or any other 5xx without a fault in the body: the request may \
            have been acted on before it failed; metadata `httpStatus`",
     retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
-    repeat_same_key: false,
 };
 /// Any other non-2xx status: not what the task interface answers.
 pub const UPSTREAM_HTTP_OTHER: GatewayError = GatewayError {
@@ -155,7 +144,6 @@ pub const UPSTREAM_HTTP_OTHER: GatewayError = GatewayError {
     when: "any other non-2xx status without a fault in the body (`101`, `404`, …); metadata \
            `httpStatus`",
     retry: GatewayRetry::MayHaveActed("no; check the controller URL"),
-    repeat_same_key: false,
 };
 /// No complete reply within the time limit.
 pub const UPSTREAM_TIMEOUT: GatewayError = GatewayError {
@@ -164,7 +152,6 @@ pub const UPSTREAM_TIMEOUT: GatewayError = GatewayError {
     when: "no reply within the smaller of your deadline (less a margin of 10 %, at most \
            100 ms) and `--upstream-timeout`; metadata `timeoutMs`",
     retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
-    repeat_same_key: false,
 };
 /// A call still waiting for the controller when the shutdown grace ran out.
 pub const SHUTDOWN_GRACE_RAN_OUT: GatewayError = GatewayError {
@@ -175,7 +162,6 @@ pub const SHUTDOWN_GRACE_RAN_OUT: GatewayError = GatewayError {
            stopped waiting, answered this and exited; the POST may have been sent; metadata \
            `grace`",
     retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
-    repeat_same_key: false,
 };
 /// A task call without a valid bearer token.
 pub const UNAUTHENTICATED: GatewayError = GatewayError {
@@ -183,7 +169,6 @@ pub const UNAUTHENTICATED: GatewayError = GatewayError {
     code: Code::Unauthenticated,
     when: "auth is on and the call has no valid bearer token",
     retry: GatewayRetry::NotActed("with a valid token"),
-    repeat_same_key: false,
 };
 /// Shed at the in-flight limit.
 pub const OVERLOADED: GatewayError = GatewayError {
@@ -192,7 +177,6 @@ pub const OVERLOADED: GatewayError = GatewayError {
     when: "more than `--max-in-flight` task calls were in flight; this one was shed at once and \
            the controller was not called",
     retry: GatewayRetry::NotActed("yes, with backoff"),
-    repeat_same_key: false,
 };
 /// A health Watch past `--max-health-watches`.
 pub const TOO_MANY_HEALTH_WATCHES: GatewayError = GatewayError {
@@ -201,7 +185,6 @@ pub const TOO_MANY_HEALTH_WATCHES: GatewayError = GatewayError {
     when: "a health `Watch` while `--max-health-watches` are open (metadata `limit` only: it is \
            not a task call)",
     retry: GatewayRetry::NotActed("once a Watch has closed; or use `Check`"),
-    repeat_same_key: false,
 };
 /// A deadline too short to call the controller at all.
 pub const DEADLINE_TOO_SHORT: GatewayError = GatewayError {
@@ -209,7 +192,6 @@ pub const DEADLINE_TOO_SHORT: GatewayError = GatewayError {
     code: Code::DeadlineExceeded,
     when: "your deadline leaves less than 10 ms to call the controller; nothing was sent",
     retry: GatewayRetry::NotActed("with a longer deadline"),
-    repeat_same_key: false,
 };
 /// A 2xx reply that is not a task-interface response.
 pub const UPSTREAM_BAD_RESPONSE: GatewayError = GatewayError {
@@ -220,7 +202,6 @@ pub const UPSTREAM_BAD_RESPONSE: GatewayError = GatewayError {
            `case_state`, with a state the gateway does not know, or about another port than \
            asked (never guessed at)",
     retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
-    repeat_same_key: false,
 };
 /// A reply past `--max-response-bytes`.
 pub const UPSTREAM_RESPONSE_TOO_LARGE: GatewayError = GatewayError {
@@ -228,7 +209,6 @@ pub const UPSTREAM_RESPONSE_TOO_LARGE: GatewayError = GatewayError {
     code: Code::Internal,
     when: "the reply is larger than `--max-response-bytes` (default 64 KiB)",
     retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
-    repeat_same_key: false,
 };
 
 /// The `ErrorInfo` domain of errors the gateway itself detected.
@@ -281,14 +261,22 @@ impl GatewayRetry {
         match self {
             GatewayRetry::AfterDelay => "yes, after the `RetryInfo` delay",
             GatewayRetry::NotActed(advice) | GatewayRetry::MayHaveActed(advice) => advice,
+            GatewayRetry::RepeatSameKey => {
+                "yes, with the same `request_id`: it gets the first call's answer"
+            }
         }
+    }
+
+    /// Whether the advice is a repeat with the same `request_id`.
+    pub fn repeat_same_key(self) -> bool {
+        self == GatewayRetry::RepeatSameKey
     }
 
     /// Whether the controller may have acted on the call.
     pub fn controller_may_have_acted(self) -> bool {
         match self {
             GatewayRetry::AfterDelay | GatewayRetry::NotActed(_) => false,
-            GatewayRetry::MayHaveActed(_) => true,
+            GatewayRetry::MayHaveActed(_) | GatewayRetry::RepeatSameKey => true,
         }
     }
 
@@ -296,7 +284,9 @@ impl GatewayRetry {
     pub fn has_retry_info(self) -> bool {
         match self {
             GatewayRetry::AfterDelay => true,
-            GatewayRetry::NotActed(_) | GatewayRetry::MayHaveActed(_) => false,
+            GatewayRetry::NotActed(_)
+            | GatewayRetry::MayHaveActed(_)
+            | GatewayRetry::RepeatSameKey => false,
         }
     }
 }
@@ -312,13 +302,13 @@ mod tests {
     fn a_same_key_repeat_is_offered_where_the_advice_says_so() {
         for row in GATEWAY_ERRORS {
             let advised = row.retry.advice().contains("with the same `request_id`");
-            assert_eq!(row.repeat_same_key, advised, "{row:?}");
+            assert_eq!(row.retry.repeat_same_key(), advised, "{row:?}");
             assert!(
-                !row.repeat_same_key || row.retry.controller_may_have_acted(),
+                !row.retry.repeat_same_key() || row.retry.controller_may_have_acted(),
                 "{row:?}"
             );
         }
-        assert!(GATEWAY_ERRORS.iter().any(|row| row.repeat_same_key));
+        assert!(GATEWAY_ERRORS.iter().any(|row| row.retry.repeat_same_key()));
     }
 
     /// The retry contract: a standard retry policy retries UNAVAILABLE and nothing else, so
