@@ -793,28 +793,7 @@ async fn sighup_reloads_the_auth_tokens() {
     let path = crate::auth::token_file("sighup", "old-token\n");
     let mut serve = TaskgateProcess::start(&["--auth-tokens-file", path.to_str().unwrap()]).await;
     let gateway = serve.gateway.clone();
-    let with_token = |token: &'static str| {
-        let gateway = gateway.clone();
-        async move {
-            let output = Command::new(BIN)
-                .args([
-                    "case-extract",
-                    "--gateway",
-                    &gateway,
-                    "--port",
-                    "1",
-                    "--bin",
-                    "1",
-                ])
-                .env("TASKGATE_TOKEN", token)
-                .env_remove("RUST_LOG")
-                .output();
-            let output = within(PROCESS_WAIT, "taskgate did not exit", output)
-                .await
-                .unwrap();
-            String::from_utf8(output.stdout).unwrap()
-        }
-    };
+    let with_token = |token: &'static str| extract_at_port_1(&gateway, token);
     // Port 1 is not an AutoCase port: fault 1087 proves the call got past authentication.
     assert!(
         with_token("old-token")
