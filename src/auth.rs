@@ -31,6 +31,9 @@ pub struct TokenFile {
     path: PathBuf,
     /// The tokens' digests.
     tokens: Arc<Tokens>,
+    /// The file's version just before it was read: the change watcher starts from it, so a
+    /// change made after the read, even before the watcher starts, is reloaded.
+    version: Option<FileVersion>,
 }
 
 /// Why a token file cannot be used. Never carries a token.
@@ -87,6 +90,8 @@ pub(crate) struct Authenticator {
 impl TokenFile {
     /// Reads and checks a token file.
     pub fn load(path: &Path) -> Result<Self, TokenFileError> {
+        // Looked at before the read: a change during the read then shows as a new version.
+        let version = file_version_now(path);
         let text = regular_file::read_to_string(path).map_err(|cause| TokenFileError::Read {
             path: path.to_owned(),
             cause,
@@ -103,6 +108,7 @@ impl TokenFile {
         Ok(TokenFile {
             path: path.to_owned(),
             tokens: Arc::new(tokens),
+            version,
         })
     }
 
@@ -291,14 +297,12 @@ const CHANGE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_sec
 
 /// What tells one version of a file from the next without reading it: a Kubernetes Secret update
 /// swaps a symlink to a new file (another inode), an editor writes a new length or modification
-/// time. `None` while the file cannot be looked at. On a blocking thread, since a file system
-/// (a network one) may take its time, and the runtime's threads are the calls'.
-async fn file_version(path: &Path) -> Option<(std::time::SystemTime, u64, u64, u64)> {
-    let path = path.to_owned();
-    let metadata = tokio::task::spawn_blocking(move || std::fs::metadata(path))
-        .await
-        .ok()?
-        .ok()?;
+/// time.
+type FileVersion = (std::time::SystemTime, u64, u64, u64);
+
+/// The file's [`FileVersion`] now; `None` while the file cannot be looked at.
+fn file_version_now(path: &Path) -> Option<FileVersion> {
+    let metadata = std::fs::metadata(path).ok()?;
     #[cfg(unix)]
     let (device, inode) = {
         use std::os::unix::fs::MetadataExt as _;
@@ -309,32 +313,49 @@ async fn file_version(path: &Path) -> Option<(std::time::SystemTime, u64, u64, u
     Some((metadata.modified().ok()?, metadata.len(), device, inode))
 }
 
+/// [`file_version_now`] on a blocking thread, since a file system (a network one) may take its
+/// time, and the runtime's threads are the calls'.
+async fn file_version(path: &Path) -> Option<FileVersion> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || file_version_now(&path))
+        .await
+        .ok()?
+}
+
 /// Reloads the tokens whenever the file changes, looking every [`CHANGE_CHECK_INTERVAL`]. A
 /// change that does not load (a half-written file, a file gone) is logged once and the old
 /// tokens stay in force until the next change loads.
 pub(crate) async fn reload_on_change(authenticator: Authenticator) {
-    let path = authenticator.snapshot().path;
-    let mut seen = file_version(&path).await;
+    let mut seen = authenticator.snapshot().version;
     let mut ticker = tokio::time::interval(CHANGE_CHECK_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let version = file_version(&path).await;
-        if version == seen {
-            continue;
-        }
-        seen = version;
-        match reload_off_the_runtime(&authenticator).await {
-            Ok(count) => tracing::info!(
+        match reload_if_changed(&authenticator, &mut seen).await {
+            None => {}
+            Some(Ok(count)) => tracing::info!(
                 tokens = count,
                 "the token file changed; reloaded auth tokens"
             ),
-            Err(error) => tracing::error!(
+            Some(Err(error)) => tracing::error!(
                 cause = %error,
                 "the token file changed; auth tokens not reloaded, the old ones stay in force"
             ),
         }
     }
+}
+
+/// Reloads the tokens if the file's version is no longer `seen`, and makes the version seen.
+async fn reload_if_changed(
+    authenticator: &Authenticator,
+    seen: &mut Option<FileVersion>,
+) -> Option<Result<usize, TokenFileError>> {
+    let version = file_version(&authenticator.snapshot().path).await;
+    if version == *seen {
+        return None;
+    }
+    *seen = version;
+    Some(reload_off_the_runtime(authenticator).await)
 }
 
 /// Reloads the tokens on each SIGHUP (see [`Hangups`]).
@@ -377,6 +398,7 @@ mod tests {
         Authenticator::new(TokenFile {
             path: PathBuf::from("tokens"),
             tokens: Arc::new(tokens),
+            version: None,
         })
     }
 
@@ -412,5 +434,27 @@ mod tests {
                 .digests
                 .is_empty()
         );
+    }
+
+    #[tokio::test]
+    async fn a_change_made_before_the_watcher_starts_is_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, "old-token\n").unwrap();
+        let authenticator = Authenticator::new(TokenFile::load(&path).unwrap());
+        // Rotated between the load and the watcher's start: a new length, so a new version
+        // whatever the clock's resolution.
+        std::fs::write(&path, "rotated-token\n").unwrap();
+        let watcher = tokio::spawn(reload_on_change(authenticator.clone()));
+        // The watcher looks at once; two seconds later at the latest, had it missed the change.
+        let reloaded = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while !authenticator.accepts(Some(b"Bearer rotated-token")) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        watcher.abort();
+        assert!(reloaded.is_ok(), "the rotated token was never accepted");
+        assert!(!authenticator.accepts(Some(b"Bearer old-token")));
     }
 }
