@@ -25,14 +25,11 @@ use url::Url;
 
 use crate::connection::Holding;
 use crate::metrics::Metrics;
+use crate::proto::LIVENESS_SERVICE as LIVENESS;
 use crate::proto::task_service_server::SERVICE_NAME;
 
 /// The service names health is reported for: the whole server and the task service.
 const SERVICE_NAMES: [&str; 2] = ["", SERVICE_NAME];
-/// The name a liveness probe asks for: SERVING from the start until shutdown begins, whatever
-/// the controller does. A probe of `""` would restart the gateway whenever the controller is
-/// down, which brings no controller back and only drops the watchers' streams.
-pub(crate) const LIVENESS: &str = "liveness";
 
 /// Reports the gateway's health and runs the controller probe.
 #[derive(Debug)]

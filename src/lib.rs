@@ -51,6 +51,12 @@ pub mod proto {
     /// The full name of `TaskFault`, for its `google.protobuf.Any` type URL.
     pub const TASK_FAULT_TYPE_URL: &str = "type.googleapis.com/taskgate.v1.TaskFault";
 
+    /// The health service name for liveness probes: SERVING from the start until shutdown
+    /// begins, whatever the controller does. A liveness probe of `""` would restart the gateway
+    /// whenever the controller is down, which brings no controller back and only drops the
+    /// watchers' streams and the idempotency keys it remembers.
+    pub const LIVENESS_SERVICE: &str = "liveness";
+
     /// The metadata key of a call's request ID: a caller may send one (printable ASCII, at most
     /// 128 bytes), and the gateway returns it, on errors too, and logs it with every line of the
     /// call.

@@ -1,6 +1,6 @@
-//! `taskgate health`: the gateway's own gRPC health check (`grpc.health.v1.Health/Check` for the
-//! whole server), for probes that have no grpc_health_probe at hand, as a container's
-//! `HEALTHCHECK`.
+//! `taskgate health`: the gateway's own gRPC health check (`grpc.health.v1.Health/Check`, for the
+//! whole server or the service `--service` names), for probes that have no grpc_health_probe at
+//! hand, as a container's `HEALTHCHECK`.
 //!
 //! It prints one line and exits 0 only when the gateway answers SERVING, so that a probe needs
 //! nothing but the exit code.
@@ -14,6 +14,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 use taskgate::config::redact_url;
 use taskgate::fault;
+use taskgate::proto::LIVENESS_SERVICE;
 
 use super::{Exit, Outcome, connect, duration, gateway_endpoint, output, usage};
 
@@ -30,27 +31,42 @@ pub(super) struct HealthArgs {
     /// How long the connection and the check may take together, for example 2s.
     #[arg(long, env = "TASKGATE_TIMEOUT", default_value = "5s", value_parser = duration)]
     timeout: Duration,
+
+    /// The service whose health is asked: "" (the default) is the whole server, NOT_SERVING
+    /// while the controller cannot be reached; "liveness" is NOT_SERVING only once shutdown has
+    /// begun, for a probe that restarts the gateway (a container's HEALTHCHECK).
+    #[arg(long, default_value = "")]
+    service: String,
 }
 
-/// Asks the gateway for its health (service `""`, the whole server): exit 0 when SERVING, 1 for
-/// any other answer, an error status, or a gateway that cannot be reached within `--timeout`.
+/// Asks the gateway for the health of `--service` (`""`, the whole server, by default): exit 0
+/// when SERVING, 1 for any other answer, an error status (NOT_FOUND for a name the gateway does
+/// not report), or a gateway that cannot be reached within `--timeout`.
 pub(super) async fn health(args: HealthArgs) -> Outcome {
     let endpoint = gateway_endpoint(&args.gateway, args.timeout).map_err(usage)?;
-    let what = format!("health {}", redact_url(&args.gateway));
+    let what = match args.service.as_str() {
+        "" => format!("health {}", redact_url(&args.gateway)),
+        service => format!("health {} {service:?}", redact_url(&args.gateway)),
+    };
+    // Only the whole server's health, and the task service's, follow the controller.
+    let not_serving = if args.service == LIVENESS_SERVICE {
+        "the gateway is shutting down"
+    } else {
+        "the gateway cannot reach its controller, or is shutting down"
+    };
     // The connect is bounded by the endpoint's connect timeout, the call by its timeout.
     let channel = connect(&endpoint, &args.gateway)
         .await
         .map_err(|error| (Exit::CallFailed, error))?;
-    let mut request = tonic::Request::new(HealthCheckRequest::default());
+    let mut request = tonic::Request::new(HealthCheckRequest {
+        service: args.service,
+    });
     request.set_timeout(args.timeout);
     let (line, exit) = match HealthClient::new(channel).check(request).await {
         Ok(response) => match response.into_inner().status() {
             ServingStatus::Serving => (format!("ok: {what}: SERVING"), Exit::Success),
             ServingStatus::NotServing => (
-                format!(
-                    "failed: {what}: NOT_SERVING: the gateway cannot reach its controller, or is \
-                     shutting down"
-                ),
+                format!("failed: {what}: NOT_SERVING: {not_serving}"),
                 Exit::CallFailed,
             ),
             other => (

@@ -128,7 +128,8 @@ async fn health_is_not_serving_while_the_controller_was_never_reached() {
 }
 
 /// Issue 25: `taskgate health`, a container's HEALTHCHECK, exits 0 only when the gateway is
-/// SERVING, and says in one line why not otherwise.
+/// SERVING, and says in one line why not otherwise; `--service liveness` does not follow the
+/// controller.
 #[tokio::test]
 async fn the_health_command_exits_0_only_when_the_gateway_is_serving() {
     let controller = controller_at("127.0.0.1:0").await;
@@ -163,6 +164,26 @@ async fn the_health_command_exits_0_only_when_the_gateway_is_serving() {
             "failed: health {gateway}: NOT_SERVING: the gateway cannot reach its controller, or \
              is shutting down\n"
         )
+    );
+    // What a container's HEALTHCHECK asks: the process serves, whatever the controller does.
+    let (stdout, stderr) = crate::cli::run(
+        &["health", "--gateway", &gateway, "--service", "liveness"],
+        0,
+    )
+    .await;
+    assert_eq!(
+        stdout,
+        format!("ok: health {gateway} \"liveness\": SERVING\n")
+    );
+    assert_eq!(stderr, "");
+    let (stdout, _) = crate::cli::run(
+        &["health", "--gateway", &gateway, "--service", "livenes"],
+        1,
+    )
+    .await;
+    assert_eq!(
+        stdout,
+        format!("failed: health {gateway} \"livenes\": NOT_FOUND: service not registered\n")
     );
 
     let nobody = format!("http://{}", crate::support::unused_address().await);
