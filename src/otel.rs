@@ -250,6 +250,18 @@ impl OtlpProtocol {
         url.set_path(&format!("{path}/v1/traces"));
         url
     }
+
+    /// The endpoint a flag or a config file must name for spans to go to `traces_url`: the
+    /// inverse of [`OtlpProtocol::traces_url`] for a base URL. `None` over HTTP when no base URL
+    /// gives `traces_url`, whose path then does not end in `/v1/traces`.
+    pub fn base_url(self, traces_url: &Url) -> Option<Url> {
+        if self == OtlpProtocol::Grpc {
+            return Some(traces_url.clone());
+        }
+        let mut base = traces_url.clone();
+        base.set_path(traces_url.path().strip_suffix("/v1/traces")?);
+        (self.traces_url(&base, false) == *traces_url).then_some(base)
+    }
 }
 
 impl std::fmt::Display for OtlpProtocol {
@@ -785,6 +797,37 @@ mod tests {
         assert_eq!(
             url("http://collector:4317", OtlpProtocol::Grpc, false),
             "http://collector:4317/"
+        );
+    }
+
+    /// A traces URL is written back as the base URL that gives it, and only when one does.
+    #[test]
+    fn a_base_url_gives_back_the_traces_url() {
+        let base = |traces_url: &str, protocol: OtlpProtocol| {
+            let traces_url = Url::parse(traces_url).unwrap();
+            let base = protocol.base_url(&traces_url)?;
+            assert_eq!(protocol.traces_url(&base, false), traces_url);
+            Some(base.to_string())
+        };
+        let http = OtlpProtocol::HttpProtobuf;
+        for (traces_url, expected) in [
+            (
+                "http://collector:4318/v1/traces",
+                Some("http://collector:4318/"),
+            ),
+            (
+                "https://collector/otlp/v1/traces",
+                Some("https://collector/otlp"),
+            ),
+            ("http://collector:4318/custom", None),
+            ("http://collector:4318/v1/traces/", None),
+            ("http://collector:4318/otlp//v1/traces", None),
+        ] {
+            assert_eq!(base(traces_url, http).as_deref(), expected, "{traces_url}");
+        }
+        assert_eq!(
+            base("http://collector:4317/custom", OtlpProtocol::Grpc).as_deref(),
+            Some("http://collector:4317/custom")
         );
     }
 

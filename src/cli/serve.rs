@@ -181,6 +181,16 @@ impl Serve {
         if self.print_config {
             let mut shown = effective;
             shown.console = Some(console);
+            if self.otlp_endpoint_variable
+                == Some(taskgate::otel::OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)
+            {
+                shown.otlp_endpoint = shown
+                    .otlp_endpoint
+                    .as_deref()
+                    .map(otlp_endpoint_for_file)
+                    .transpose()
+                    .map_err(usage)?;
+            }
             if simulator {
                 // The simulator's addresses are not known until it listens.
                 shown.upstream = None;
@@ -270,6 +280,25 @@ async fn start_simulator(simulator: &Simulator, config: &mut Config) -> anyhow::
         std::future::pending(),
     ));
     Ok(())
+}
+
+/// The `otlp_endpoint` a config file needs to send spans where `traces_url`, taken from
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, sends them: over http/protobuf a file's endpoint is a
+/// base URL, which gets `/v1/traces` after its path, while the variable's is used as it is.
+fn otlp_endpoint_for_file(traces_url: &str) -> anyhow::Result<String> {
+    let variable = taskgate::otel::OTEL_EXPORTER_OTLP_TRACES_ENDPOINT;
+    let url = taskgate::otel::parse_endpoint(traces_url)
+        .with_context(|| format!("invalid {variable}"))?;
+    let protocol =
+        taskgate::otel::OtlpProtocol::from_environment().context("invalid configuration")?;
+    match protocol.base_url(&url) {
+        Some(base) => Ok(base.to_string()),
+        None => anyhow::bail!(
+            "--print-config cannot write {variable} '{url}' as a config file's otlp_endpoint: \
+             over {protocol} the file's endpoint gets /v1/traces after its path, and this \
+             URL's path does not end in /v1/traces"
+        ),
+    }
 }
 
 /// Settings that only make sense together, checked on what was given (flags, environment and

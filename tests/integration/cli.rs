@@ -859,6 +859,54 @@ pub(crate) async fn print_config(
     )
 }
 
+/// Issue 22: `--print-config` writes an endpoint taken from `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+/// as the base URL a config file needs over http/protobuf (where the file's endpoint gets
+/// `/v1/traces` after its path), and refuses one that no base URL gives rather than print a file
+/// that would send spans elsewhere.
+#[tokio::test]
+async fn print_config_writes_a_traces_endpoint_as_a_file_reads_it() {
+    let env = |traces_url| {
+        [
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", traces_url),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ]
+    };
+    let (stdout, _) = print_config(
+        &["--simulator"],
+        &env("http://collector:4318/otlp/v1/traces"),
+        0,
+    )
+    .await;
+    assert!(
+        stdout.contains("\notlp_endpoint = \"http://collector:4318/otlp\"\n"),
+        "{stdout}"
+    );
+    let (stdout, stderr) =
+        print_config(&["--simulator"], &env("http://collector:4318/custom"), 2).await;
+    assert_eq!(stdout, "");
+    assert_eq!(
+        stderr,
+        "error: --print-config cannot write OTEL_EXPORTER_OTLP_TRACES_ENDPOINT \
+         'http://collector:4318/custom' as a config file's otlp_endpoint: over http/protobuf the \
+         file's endpoint gets /v1/traces after its path, and this URL's path does not end in \
+         /v1/traces\n"
+    );
+    // Over gRPC no path is added, so the variable's endpoint is the file's as it is.
+    let (stdout, _) = print_config(
+        &["--simulator"],
+        &[(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://collector:4317/custom",
+        )],
+        0,
+    )
+    .await;
+    assert!(
+        stdout.contains("\notlp_endpoint = \"http://collector:4317/custom\"\n"),
+        "{stdout}"
+    );
+}
+
 #[tokio::test]
 async fn flags_beat_environment_beats_file_beats_defaults() {
     let path = config_file(
