@@ -152,7 +152,8 @@ async fn the_secrets_placeholder_token_is_refused() {
 }
 
 /// The Deployment reads the ConfigMap where it mounts it, mounts the Secret where the config
-/// looks, and lets the kubelet's SIGKILL come only after the config's shutdown grace.
+/// looks, and lets the kubelet's SIGKILL come only after its preStop pause and the config's
+/// shutdown grace.
 #[test]
 fn the_deployment_mounts_what_the_config_names_and_waits_out_its_grace() {
     assert!(
@@ -170,8 +171,19 @@ fn the_deployment_mounts_what_the_config_names_and_waits_out_its_grace() {
         .unwrap()
         .parse::<u64>()
         .unwrap();
+    // SIGTERM comes only after the preStop pause, within the same termination grace.
+    let pause = DEPLOYMENT
+        .split_once("preStop:")
+        .and_then(|(_, rest)| {
+            rest.lines()
+                .find_map(|line| line.trim().strip_prefix("seconds: "))
+        })
+        .map_or(0, |seconds| seconds.parse::<u64>().unwrap());
     let grace = shutdown_grace(&config_map_toml());
-    assert!(Duration::from_secs(termination_grace) > grace.max(defaults::SHUTDOWN_GRACE));
+    assert!(
+        Duration::from_secs(termination_grace)
+            > Duration::from_secs(pause) + grace.max(defaults::SHUTDOWN_GRACE)
+    );
 }
 
 /// The `shutdown_grace` a config file's text sets.
