@@ -4,7 +4,7 @@
 //! The probe only opens and closes a TCP connection; it never POSTs anything, because any request
 //! to the task interface could move a robot. Both names report NOT_SERVING until the first probe
 //! succeeds, while the controller cannot be reached, and from the moment shutdown begins. A third
-//! name, [`LIVENESS`], is for liveness probes: it does not follow the controller.
+//! name, [`LIVENESS_SERVICE`], is for liveness probes: it does not follow the controller.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -25,7 +25,7 @@ use url::Url;
 
 use crate::connection::Holding;
 use crate::metrics::Metrics;
-use crate::proto::LIVENESS_SERVICE as LIVENESS;
+use crate::proto::LIVENESS_SERVICE;
 use crate::proto::task_service_server::SERVICE_NAME;
 
 /// The service names health is reported for: the whole server and the task service.
@@ -71,7 +71,7 @@ impl Health {
     ) -> Self {
         set_all(&reporter, ServingStatus::NotServing).await;
         reporter
-            .set_service_status(LIVENESS, ServingStatus::Serving)
+            .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
             .await;
         metrics.health(false);
         let target = probe_target(upstream_url);
@@ -96,7 +96,7 @@ impl Health {
         set_all(&self.reporter, ServingStatus::NotServing).await;
         self.metrics.health(false);
         let mut reporter = self.reporter.clone();
-        for name in SERVICE_NAMES.into_iter().chain([LIVENESS]) {
+        for name in SERVICE_NAMES.into_iter().chain([LIVENESS_SERVICE]) {
             reporter.clear_service_status(name).await;
         }
     }

@@ -14,7 +14,6 @@ use tonic_health::pb::health_client::HealthClient;
 
 use taskgate::config::redact_url;
 use taskgate::fault;
-use taskgate::proto::LIVENESS_SERVICE;
 
 use super::{Exit, Outcome, connect, duration, gateway_endpoint, output, usage};
 
@@ -32,9 +31,11 @@ pub(super) struct HealthArgs {
     #[arg(long, env = "TASKGATE_TIMEOUT", default_value = "5s", value_parser = duration)]
     timeout: Duration,
 
-    /// The service whose health is asked: "" (the default) is the whole server, NOT_SERVING
-    /// while the controller cannot be reached; "liveness" is NOT_SERVING only once shutdown has
-    /// begun, for a probe that restarts the gateway (a container's HEALTHCHECK).
+    /// The service whose health is asked: "" (the default, the whole server) and
+    /// "taskgate.v1.TaskService" are NOT_SERVING while the controller cannot be reached;
+    /// "liveness" is SERVING whatever the controller does, for a probe that restarts the gateway
+    /// (a container's HEALTHCHECK). All three fail once shutdown has begun; any other name is
+    /// NOT_FOUND.
     #[arg(long, default_value = "")]
     service: String,
 }
@@ -48,12 +49,6 @@ pub(super) async fn health(args: HealthArgs) -> Outcome {
         "" => format!("health {}", redact_url(&args.gateway)),
         service => format!("health {} {service:?}", redact_url(&args.gateway)),
     };
-    // Only the whole server's health, and the task service's, follow the controller.
-    let not_serving = if args.service == LIVENESS_SERVICE {
-        "the gateway is shutting down"
-    } else {
-        "the gateway cannot reach its controller, or is shutting down"
-    };
     // The connect is bounded by the endpoint's connect timeout, the call by its timeout.
     let channel = connect(&endpoint, &args.gateway)
         .await
@@ -66,7 +61,10 @@ pub(super) async fn health(args: HealthArgs) -> Outcome {
         Ok(response) => match response.into_inner().status() {
             ServingStatus::Serving => (format!("ok: {what}: SERVING"), Exit::Success),
             ServingStatus::NotServing => (
-                format!("failed: {what}: NOT_SERVING: {not_serving}"),
+                format!(
+                    "failed: {what}: NOT_SERVING: the gateway cannot reach its controller, or is \
+                     shutting down"
+                ),
                 Exit::CallFailed,
             ),
             other => (
