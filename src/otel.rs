@@ -253,7 +253,8 @@ impl OtlpProtocol {
 
     /// The endpoint a flag or a config file must name for spans to go to `traces_url`: the
     /// inverse of [`OtlpProtocol::traces_url`] for a base URL. `None` over HTTP when no base URL
-    /// gives `traces_url`, whose path then does not end in `/v1/traces`.
+    /// gives `traces_url`: its path does not end in `/v1/traces`, or does after a `/` that a base
+    /// URL's path loses (`/otlp//v1/traces`).
     pub fn base_url(self, traces_url: &Url) -> Option<Url> {
         if self == OtlpProtocol::Grpc {
             return Some(traces_url.clone());
@@ -822,6 +823,8 @@ mod tests {
             ("http://collector:4318/custom", None),
             ("http://collector:4318/v1/traces/", None),
             ("http://collector:4318/otlp//v1/traces", None),
+            ("http://collector:4318//v1/traces", None),
+            ("http://collector:4318/", None),
         ] {
             assert_eq!(base(traces_url, http).as_deref(), expected, "{traces_url}");
         }

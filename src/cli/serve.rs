@@ -295,8 +295,9 @@ fn otlp_endpoint_for_file(traces_url: &str) -> anyhow::Result<String> {
         Some(base) => Ok(base.to_string()),
         None => anyhow::bail!(
             "--print-config cannot write {variable} '{url}' as a config file's otlp_endpoint: \
-             over {protocol} the file's endpoint gets /v1/traces after its path, and this \
-             URL's path does not end in /v1/traces"
+             over {protocol} the file's endpoint gets /v1/traces after its path (less a trailing \
+             /), and no path gives '{path}'; keep this endpoint in {variable}",
+            path = url.path()
         ),
     }
 }

@@ -888,16 +888,19 @@ async fn print_config_writes_a_traces_endpoint_as_a_file_reads_it() {
         stderr,
         "error: --print-config cannot write OTEL_EXPORTER_OTLP_TRACES_ENDPOINT \
          'http://collector:4318/custom' as a config file's otlp_endpoint: over http/protobuf the \
-         file's endpoint gets /v1/traces after its path, and this URL's path does not end in \
-         /v1/traces\n"
+         file's endpoint gets /v1/traces after its path (less a trailing /), and no path gives \
+         '/custom'; keep this endpoint in OTEL_EXPORTER_OTLP_TRACES_ENDPOINT\n"
     );
     // Over gRPC no path is added, so the variable's endpoint is the file's as it is.
     let (stdout, _) = print_config(
         &["--simulator"],
-        &[(
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-            "http://collector:4317/custom",
-        )],
+        &[
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "http://collector:4317/custom",
+            ),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ],
         0,
     )
     .await;
