@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use taskgate::config::defaults;
+use taskgate::proto::LIVENESS_SERVICE;
 
 use crate::cli::run;
 use crate::tls::Pki;
@@ -15,6 +16,7 @@ const EXAMPLE_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/taskga
 const CONFIG_MAP: &str = include_str!("../../deploy/kubernetes/configmap.yaml");
 const DEPLOYMENT: &str = include_str!("../../deploy/kubernetes/deployment.yaml");
 const SECRET: &str = include_str!("../../deploy/kubernetes/secret.yaml");
+const CONTAINERFILE: &str = include_str!("../../Containerfile");
 /// Where the Deployment mounts the Secret, which the ConfigMap's paths name.
 const SECRET_FOLDER: &str = "/etc/taskgate/secret/";
 
@@ -172,18 +174,49 @@ fn the_deployment_mounts_what_the_config_names_and_waits_out_its_grace() {
         .parse::<u64>()
         .unwrap();
     // SIGTERM comes only after the preStop pause, within the same termination grace.
-    let pause = DEPLOYMENT
-        .split_once("preStop:")
-        .and_then(|(_, rest)| {
-            rest.lines()
-                .find_map(|line| line.trim().strip_prefix("seconds: "))
-        })
-        .map_or(0, |seconds| seconds.parse::<u64>().unwrap());
+    let pause = yaml_block(DEPLOYMENT, "preStop:")
+        .iter()
+        .find_map(|line| line.trim().strip_prefix("seconds: "))
+        .expect("the Deployment's preStop sleeps")
+        .parse::<u64>()
+        .unwrap();
     let grace = shutdown_grace(&config_map_toml());
     assert!(
         Duration::from_secs(termination_grace)
             > Duration::from_secs(pause) + grace.max(defaults::SHUTDOWN_GRACE)
     );
+}
+
+/// The image's HEALTHCHECK and the Deployment's liveness probe ask for the health name that
+/// does not follow the controller, so that no controller outage restarts the gateway.
+#[test]
+fn what_restarts_the_gateway_asks_for_liveness() {
+    let healthcheck = CONTAINERFILE
+        .split_once("HEALTHCHECK ")
+        .expect("the Containerfile has a HEALTHCHECK")
+        .1;
+    assert!(
+        healthcheck.contains(&format!(
+            "\"health\", \"--service\", \"{LIVENESS_SERVICE}\""
+        )),
+        "{healthcheck}"
+    );
+    assert!(
+        yaml_block(DEPLOYMENT, "livenessProbe:")
+            .contains(&format!("service: {LIVENESS_SERVICE}").as_str()),
+        "{DEPLOYMENT}"
+    );
+}
+
+/// The lines nested under the one YAML line that is `key` (trimmed), their indentation kept.
+fn yaml_block<'a>(yaml: &'a str, key: &str) -> Vec<&'a str> {
+    let mut lines = yaml.lines().skip_while(|line| line.trim() != key);
+    let head = lines.next().unwrap_or_else(|| panic!("no {key} in {yaml}"));
+    let indent = |line: &str| line.len() - line.trim_start().len();
+    lines
+        .take_while(|line| indent(line) > indent(head))
+        .map(str::trim)
+        .collect()
 }
 
 /// The `shutdown_grace` a config file's text sets.
