@@ -7,7 +7,7 @@
 //! line or an error message: errors name the file and the line number only.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -32,7 +32,9 @@ pub struct TokenFile {
     /// The tokens' digests.
     tokens: Arc<Tokens>,
     /// The file's version just before it was read: the change watcher starts from it, so a
-    /// change made after the read, even before the watcher starts, is reloaded.
+    /// change made after the read, even before the watcher starts, is reloaded. The watcher
+    /// then keeps its own: a SIGHUP's reload of a change it has not yet seen is reloaded, and
+    /// logged, once more when it sees it.
     version: Option<FileVersion>,
 }
 
@@ -83,6 +85,9 @@ impl std::fmt::Debug for Tokens {
 pub(crate) struct Authenticator {
     /// The tokens now in force; replaced whole on reload, so a check never sees half a file.
     current: Arc<RwLock<TokenFile>>,
+    /// Held from a reload's read to its store: a SIGHUP and a change seen at once would
+    /// otherwise race, and the one that read the older file could store it last.
+    reloading: Arc<Mutex<()>>,
 }
 
 // === impl TokenFile ===
@@ -170,11 +175,16 @@ impl Authenticator {
     pub(crate) fn new(token_file: TokenFile) -> Self {
         Authenticator {
             current: Arc::new(RwLock::new(token_file)),
+            reloading: Arc::default(),
         }
     }
 
     /// Reads the token file again. On failure the old tokens stay in force.
     pub(crate) fn reload(&self) -> Result<usize, TokenFileError> {
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let path = self.snapshot().path;
         let token_file = TokenFile::load(&path)?;
         let count = token_file.len();
@@ -436,6 +446,8 @@ mod tests {
         );
     }
 
+    /// Issue 25: a Secret rotated between startup's load of the token file and the start of
+    /// its watcher is reloaded, not missed until the next rotation.
     #[tokio::test]
     async fn a_change_made_before_the_watcher_starts_is_reloaded() {
         let dir = tempfile::tempdir().unwrap();
@@ -446,7 +458,8 @@ mod tests {
         // whatever the clock's resolution.
         std::fs::write(&path, "rotated-token\n").unwrap();
         let watcher = tokio::spawn(reload_on_change(authenticator.clone()));
-        // The watcher looks at once; two seconds later at the latest, had it missed the change.
+        // The watcher's first look is at once; one that took the file's version at its start
+        // for the version in force would never reload.
         let reloaded = tokio::time::timeout(std::time::Duration::from_secs(10), async {
             while !authenticator.accepts(Some(b"Bearer rotated-token")) {
                 tokio::task::yield_now().await;
