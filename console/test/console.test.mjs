@@ -917,6 +917,46 @@ describe("the console when the gateway cannot be reached", bounded, () => {
     }
   });
 
+  test("a page whose settings come malformed with HTTP 200 says what is wrong, and starts once they come right", async () => {
+    const settings = await (await fetch(`http://${frontDoor.address}/console/config.json`)).json();
+    // What a misconfigured proxy might answer with HTTP 200, in turn, and what the banner names.
+    const malformed = [
+      [{ error: "no route to the gateway" }, "ports is missing"],
+      [{ ...settings, ports: [4, "5"] }, "ports[1] is a string, not a port number (0 to 4294967295)"],
+      [{ ...settings, faults: { ...settings.faults, 1087: { ...settings.faults[1087], mayHaveActed: "no" } } },
+        'faults["1087"].mayHaveActed is a string, not true or false'],
+      [[], "the answer is an empty list, not an object"],
+    ];
+    let answer = malformed[0][0];
+    const late = await openConsole(frontDoor.address, async (tab) => {
+      await tab.setRequestInterception(true);
+      tab.on("request", (request) => {
+        if (answer !== null && new URL(request.url()).pathname === "/console/config.json") {
+          request.respond({ status: 200, contentType: "application/json", body: JSON.stringify(answer) });
+        } else {
+          request.continue();
+        }
+      });
+    });
+    try {
+      // Each is read again, with the same backoff as an answer that is not JSON at all.
+      for (const [body, wrong] of malformed) {
+        answer = body;
+        const banner = `The console's settings could not be read (/console/config.json: ${wrong}); trying again within 10s.`;
+        await late.tab.waitForFunction((text) => document.getElementById("banner").innerText === text, {}, banner)
+          .catch(async (error) => {
+            throw new Error(`${error.message}: the banner says ${JSON.stringify(await late.tab.$eval("#banner", (element) => element.innerText))}`);
+          });
+      }
+      answer = null;
+      await waitForTile(late.tab, 4, "NOOP");
+      await late.tab.waitForSelector("#banner[hidden]");
+      assert.deepEqual(late.errors, []);
+    } finally {
+      await late.tab.close();
+    }
+  });
+
   test("after an outage, a gateway with other ports at the same address gets tiles of its own", async () => {
     await waitForTile(tab, 4, "NOOP");
     const other = await startProcess(
