@@ -546,14 +546,17 @@ async function call(action, config) {
         replayed = headers.get(REPLAYED_HEADER);
       },
     });
-    // A value the page does not know is still a repeat, never a fresh success.
-    const answer = replayed === null || replayed === undefined ? action.success
-      : Object.hasOwn(REPLAYED, replayed) ? REPLAYED[replayed]
-      : `answered as a repeat (${REPLAYED_HEADER}: ${replayed})`;
-    showSuccess(`ok: ${action.describe}: ${answer}`, gatewayRequestId);
+    showSuccess(`ok: ${action.describe}: ${replayedNote(replayed) ?? action.success}`, gatewayRequestId);
   } catch (error) {
     showFailure(action, describeError(error, config));
   }
+}
+
+// What the gateway's REPLAYED_HEADER says of an answer, success or failure: null for a call it
+// sent to the controller. A value the page does not know is still a repeat, never a fresh answer.
+function replayedNote(replayed) {
+  if (replayed === null || replayed === undefined) return null;
+  return Object.hasOwn(REPLAYED, replayed) ? REPLAYED[replayed] : `answered as a repeat (${REPLAYED_HEADER}: ${replayed})`;
 }
 
 function setBusy(busy) {
@@ -622,7 +625,10 @@ function showFailure(action, problem) {
   if (problem.requestId) rows.push(["Request id", problem.requestId]);
   if (problem.mayHaveActed) rows.push(["Idempotency key", action.requestId]);
   const outcome = problem.unreachable ? "the gateway cannot be reached" : problem.codeName;
-  page.result.replaceChildren(heading(`failed: ${action.describe}: ${outcome}`), facts(rows));
+  // A failure the gateway answered from the first call with this key, as a success can be: the
+  // operator is told that nothing new reached the controller.
+  const replayed = replayedNote(problem.replayed);
+  page.result.replaceChildren(heading(`failed: ${action.describe}: ${outcome}${replayed === null ? "" : `, ${replayed}`}`), facts(rows));
   if (problem.repeatSameKey) {
     const button = document.createElement("button");
     button.type = "button";
@@ -706,6 +712,7 @@ function describeError(error, config) {
       ? `the gateway cannot be reached: the browser got no answer from ${window.location.host} (${status.rawMessage})`
       : status.rawMessage,
     requestId: status.metadata.get("x-request-id"),
+    replayed: status.metadata.get(REPLAYED_HEADER),
   };
 }
 

@@ -980,30 +980,61 @@ describe("the console when the gateway cannot be reached", bounded, () => {
     }
   });
 
-  test("a Repeat of a call whose answer was lost is answered from the first call, and says so", async () => {
-    await waitForTile(tab, 4, "NOOP");
-    // The gateway answers, but the answer never reaches the browser.
+  // Extracts from `bin` at `port` and loses the answer: the gateway answers, but the front door
+  // keeps it back, then cuts the connection, so the page gets no answer at all. Resolves once
+  // the page has said so and watches again, the front door open whatever happened.
+  async function extractLosingTheAnswer(port, bin) {
     frontDoor.hold();
-    await tab.$eval("#extract-port", (input) => { input.value = "4"; });
-    await tab.$eval("#extract-bin", (input) => { input.value = "101337"; });
-    await tab.focus("#extract-bin");
-    await tab.keyboard.press("Enter");
-    await tab.waitForSelector("#confirm[open]");
-    await tab.click("#confirm-yes");
-    await frontDoor.heldLines(/^HTTP\/1\.1 200/, 1);
-    frontDoor.cut();
-    frontDoor.release();
-    await tab.waitForSelector("#result:not(.sending) h3");
-    assert.match(await tab.$eval("#result h3", (title) => title.innerText), /the gateway cannot be reached$/);
-    frontDoor.restore();
+    try {
+      try {
+        await tab.$eval("#extract-port", (input, value) => { input.value = value; }, String(port));
+        await tab.$eval("#extract-bin", (input, value) => { input.value = value; }, String(bin));
+        await tab.focus("#extract-bin");
+        await tab.keyboard.press("Enter");
+        await tab.waitForSelector("#confirm[open]");
+        await tab.click("#confirm-yes");
+        await frontDoor.heldLines(/^HTTP\/1\.1 200/, 1);
+        frontDoor.cut();
+      } finally {
+        frontDoor.release();
+      }
+      await tab.waitForSelector("#result:not(.sending) h3");
+      assert.match(await tab.$eval("#result h3", (title) => title.innerText), /the gateway cannot be reached$/);
+    } finally {
+      frontDoor.restore();
+    }
     await tab.waitForSelector("#banner[hidden]");
+  }
+
+  // Repeats the call the result offers to, and resolves with the repeat's outcome.
+  async function repeatTheCall() {
     await tab.click("#repeat");
     await tab.waitForSelector("#confirm[open]");
     await tab.$eval("#result", (result) => result.replaceChildren());
     await tab.click("#confirm-yes");
     await tab.waitForSelector("#result:not(.sending) h3");
+    return tab.$eval("#result", (result) => result.innerText);
+  }
+
+  test("a Repeat of a call whose answer was lost is answered from the first call, and says so", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    await extractLosingTheAnswer(4, 101337);
+    const repeated = await repeatTheCall();
     assert.equal(await tab.$eval("#result h3", (title) => title.innerText),
-      "ok: case_extract port 4 bin 101337: answered from the first call; nothing new was sent");
+      "ok: case_extract port 4 bin 101337: answered from the first call; nothing new was sent", repeated);
+    assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
+  });
+
+  test("a Repeat of a call whose fault was lost gets the first call's fault, and says nothing new was sent", async () => {
+    await tab.waitForSelector("#banner[hidden]");
+    // Port 1 is not an AutoCase port: the controller refuses the extraction with fault 1087, a
+    // definite answer the gateway keeps for the key.
+    await extractLosingTheAnswer(1, 101337);
+    const repeated = await repeatTheCall();
+    assert.equal(await tab.$eval("#result h3", (title) => title.innerText),
+      "failed: case_extract port 1 bin 101337: FAILED_PRECONDITION, answered from the first call; nothing new was sent", repeated);
+    assert.match(repeated, /Fault\s+1087 PORT_IS_NOT_AUTOCASE\n/);
+    assert.match(repeated, /Request id\s+[0-9a-f-]{36}/);
     assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
   });
 });
