@@ -517,11 +517,15 @@ async function repeat(action) {
   page.result.replaceChildren(heading(`checking the gateway before repeating: ${action.describe} (idempotency key ${action.requestId})`));
   // A gateway that restarted, or forgot the key, would take the repeat for a new call. Bounded:
   // the page does nothing else meanwhile.
+  const tiles = current.tiles;
   const failure = await loadConfig(AbortSignal.timeout(current.config.callDeadlineMs));
   if (failure !== null) {
     showLocalError(`the repeat was not sent: the gateway's settings could not be read (${failure instanceof TypeError ? "the gateway cannot be reached" : failure.message})`);
     return;
   }
+  // Settings that changed (other ports, say) built new tiles, which the watch under way does
+  // not follow: it watches again, for their ports, and reads them.
+  if (current.tiles !== tiles) watching.abort();
   const { instance, at, windowMs } = action.firstSent;
   // Refused unless both hold: a repeat that cannot be shown safe is not sent.
   if (current.config.instance !== instance || Date.now() - at >= windowMs) {

@@ -1038,6 +1038,37 @@ describe("the console when the gateway cannot be reached", bounded, () => {
     assert.match(repeated, /Request id\s+[0-9a-f-]{36}/);
     assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
   });
+
+  test("tiles a Repeat's read of the settings builds for other ports are followed by the watch", async () => {
+    await tab.waitForSelector("#banner[hidden]");
+    // No operation under way at port 4, which a new extraction would meet (fault 1148).
+    await tab.waitForSelector('li[data-port="4"][data-state="NOOP"], li[data-port="4"][data-state="ECMP"]');
+    const settings = await (await fetch(`http://${frontDoor.address}/console/config.json`)).json();
+    await extractLosingTheAnswer(4, 101337);
+    // The settings the repeat reads name other ports, from the same gateway process.
+    const answer = (request) => {
+      if (request.isInterceptResolutionHandled()) return;
+      if (new URL(request.url()).pathname === "/console/config.json") {
+        request.respond({ status: 200, contentType: "application/json", body: JSON.stringify({ ...settings, ports: [4, 2] }) });
+      } else {
+        request.continue();
+      }
+    };
+    await tab.setRequestInterception(true);
+    tab.on("request", answer);
+    try {
+      const repeated = await repeatTheCall();
+      assert.match(repeated, /^ok: case_extract port 4 bin 101337: answered from the first call; nothing new was sent\n/);
+      await tab.waitForFunction(() => [...document.querySelectorAll("#tiles li")].map((tile) => tile.dataset.port).join() === "4,2");
+      // The new tiles are read and follow the extraction to its end.
+      await waitForTile(tab, 2, "NOOP");
+      await waitForTile(tab, 4, "ECMP");
+    } finally {
+      tab.off("request", answer);
+      await tab.setRequestInterception(false);
+    }
+    assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
+  });
 });
 
 describe("the console when a restart turns auth on", bounded, () => {
