@@ -35,6 +35,27 @@ const REPLAYED = {
 };
 const TIMELINE_LENGTH = 100;
 const UINT32_MAX = 4294967295;
+// What config.json must hold, field by field. An answer of another shape (what a misconfigured
+// proxy may answer with HTTP 200) is settings that could not be read, as an answer that is not
+// JSON is: the banner names what is wrong with it, and it is read again. The page never uses it.
+const STRING = shape("a string", (value) => typeof value === "string");
+const BOOLEAN = shape("true or false", (value) => typeof value === "boolean");
+const WHOLE_NUMBER = shape("a whole number", (value) => Number.isSafeInteger(value) && value >= 0);
+const FAULT_ROW = record({ name: STRING, meaning: STRING, advice: STRING, mayHaveActed: BOOLEAN });
+const CONFIG_SHAPE = record({
+  ports: list(shape(`a port number (0 to ${UINT32_MAX})`, (value) => Number.isInteger(value) && value >= 0 && value <= UINT32_MAX)),
+  auth: BOOLEAN,
+  callDeadlineMs: shape("a whole number of milliseconds above 0", (value) => Number.isSafeInteger(value) && value > 0),
+  idempotencyWindowMs: WHOLE_NUMBER,
+  instance: STRING,
+  faults: table(FAULT_ROW),
+  unknownFault: FAULT_ROW,
+  internalFault: FAULT_ROW,
+  documentedFaults: list(WHOLE_NUMBER, 2),
+  gatewayDomain: STRING,
+  gatewayErrors: list(record({ reason: STRING, code: WHOLE_NUMBER, advice: STRING, mayHaveActed: BOOLEAN, repeatSameKey: BOOLEAN })),
+  codeNames: list(STRING),
+});
 
 const page = {
   banner: document.getElementById("banner"),
@@ -109,7 +130,8 @@ async function main() {
 // Fetches config.json, and builds the tiles and the token field anew when it changed (a new
 // gateway behind the same address). Null once it is read; else why not: a TypeError when the
 // gateway cannot be reached, an Error naming the HTTP status (a reverse proxy's 502 or 503
-// while the gateway is away) or what is wrong with the answer.
+// while the gateway is away) or what is wrong with the answer (not JSON, or not of
+// CONFIG_SHAPE). Settings that could not be read leave the page's as they were.
 async function loadConfig(signal) {
   let text;
   let config;
@@ -122,12 +144,80 @@ async function loadConfig(signal) {
   } catch (error) {
     return error instanceof TypeError ? error : new Error(`${CONFIG_PATH}: ${error.message}`);
   }
+  const wrong = CONFIG_SHAPE(config, null);
+  if (wrong !== null) return new Error(`${CONFIG_PATH}: ${wrong}`);
   page.tiles.replaceChildren();
   current.tiles = new Map(config.ports.map((portId) => [portId, makeTile(portId)]));
   page.tokenForm.hidden = !config.auth;
   current.config = config;
   current.configText = text;
   return null;
+}
+
+// A check of a value against what the page needs of it: null if it holds, else what is wrong,
+// naming the value by its `path` in the answer ("ports[1] is -1, not a port number (0 to
+// 4294967295)"); the path of the answer itself is null.
+function shape(expected, holds) {
+  return (value, path) => (holds(value) ? null : `${path} is ${kind(value)}, not ${expected}`);
+}
+
+// A list of values of `element`'s shape; of `length` values when one is given.
+function list(element, length) {
+  const expected = length === undefined ? "a list" : `a list of ${length}`;
+  return (value, path) => {
+    if (!Array.isArray(value) || (length !== undefined && value.length !== length)) return `${path} is ${kind(value)}, not ${expected}`;
+    for (const [index, item] of value.entries()) {
+      const wrong = element(item, `${path}[${index}]`);
+      if (wrong !== null) return wrong;
+    }
+    return null;
+  };
+}
+
+// An object with each of `fields`, of its shape; other fields are let be.
+function record(fields) {
+  return (value, path) => {
+    if (!isObject(value)) return `${path ?? "the answer"} is ${kind(value)}, not an object`;
+    for (const [name, field] of Object.entries(fields)) {
+      const at = path === null ? name : `${path}.${name}`;
+      if (!Object.hasOwn(value, name)) return `${at} is missing`;
+      const wrong = field(value[name], at);
+      if (wrong !== null) return wrong;
+    }
+    return null;
+  };
+}
+
+// An object whose every value has `row`'s shape, whatever its keys.
+function table(row) {
+  return (value, path) => {
+    if (!isObject(value)) return `${path} is ${kind(value)}, not an object`;
+    for (const [key, item] of Object.entries(value)) {
+      const wrong = row(item, `${path}[${JSON.stringify(key)}]`);
+      if (wrong !== null) return wrong;
+    }
+    return null;
+  };
+}
+
+function isObject(value) {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+// What a JSON value is, as a person reads it: numbers and true or false as they are (a wrong
+// one is often a near miss), anything else by its kind (a string may be a page of HTML).
+function kind(value) {
+  if (value === null) return "null";
+  if (Array.isArray(value)) return value.length === 0 ? "an empty list" : `a list of ${value.length}`;
+  switch (typeof value) {
+    case "number":
+    case "boolean":
+      return String(value);
+    case "string":
+      return "a string";
+    default:
+      return "an object";
+  }
 }
 
 // === the tiles: watch first, then read the state, then apply every event ===
@@ -427,15 +517,18 @@ async function repeat(action) {
   page.result.replaceChildren(heading(`checking the gateway before repeating: ${action.describe} (idempotency key ${action.requestId})`));
   // A gateway that restarted, or forgot the key, would take the repeat for a new call. Bounded:
   // the page does nothing else meanwhile.
+  const tiles = current.tiles;
   const failure = await loadConfig(AbortSignal.timeout(current.config.callDeadlineMs));
   if (failure !== null) {
     showLocalError(`the repeat was not sent: the gateway's settings could not be read (${failure instanceof TypeError ? "the gateway cannot be reached" : failure.message})`);
     return;
   }
+  // Settings that changed (other ports, say) built new tiles, which the watch under way does
+  // not follow: it watches again, for their ports, and reads them.
+  if (current.tiles !== tiles) watching.abort();
   const { instance, at, windowMs } = action.firstSent;
-  // Refused unless both are known and hold: a repeat that cannot be shown safe is not sent.
-  const sameGateway = typeof instance === "string" && current.config.instance === instance;
-  if (!sameGateway || !(Date.now() - at < windowMs)) {
+  // Refused unless both hold: a repeat that cannot be shown safe is not sent.
+  if (current.config.instance !== instance || Date.now() - at >= windowMs) {
     showLocalError("the gateway restarted (or no longer remembers this key after --idempotency-window): read the port's tile and decide");
     return;
   }
@@ -457,14 +550,17 @@ async function call(action, config) {
         replayed = headers.get(REPLAYED_HEADER);
       },
     });
-    // A value the page does not know is still a repeat, never a fresh success.
-    const answer = replayed === null || replayed === undefined ? action.success
-      : Object.hasOwn(REPLAYED, replayed) ? REPLAYED[replayed]
-      : `answered as a repeat (${REPLAYED_HEADER}: ${replayed})`;
-    showSuccess(`ok: ${action.describe}: ${answer}`, gatewayRequestId);
+    showSuccess(`ok: ${action.describe}: ${replayedNote(replayed) ?? action.success}`, gatewayRequestId);
   } catch (error) {
     showFailure(action, describeError(error, config));
   }
+}
+
+// What the gateway's REPLAYED_HEADER says of an answer, success or failure: null for a call it
+// sent to the controller. A value the page does not know is still a repeat, never a fresh answer.
+function replayedNote(replayed) {
+  if (replayed === null || replayed === undefined) return null;
+  return Object.hasOwn(REPLAYED, replayed) ? REPLAYED[replayed] : `answered as a repeat (${REPLAYED_HEADER}: ${replayed})`;
 }
 
 function setBusy(busy) {
@@ -533,7 +629,10 @@ function showFailure(action, problem) {
   if (problem.requestId) rows.push(["Request id", problem.requestId]);
   if (problem.mayHaveActed) rows.push(["Idempotency key", action.requestId]);
   const outcome = problem.unreachable ? "the gateway cannot be reached" : problem.codeName;
-  page.result.replaceChildren(heading(`failed: ${action.describe}: ${outcome}`), facts(rows));
+  // A failure the gateway answered from the first call with this key, as a success can be: the
+  // operator is told that nothing new reached the controller.
+  const replayed = replayedNote(problem.replayed);
+  page.result.replaceChildren(heading(`failed: ${action.describe}: ${outcome}${replayed === null ? "" : `, ${replayed}`}`), facts(rows));
   if (problem.repeatSameKey) {
     const button = document.createElement("button");
     button.type = "button";
@@ -617,6 +716,7 @@ function describeError(error, config) {
       ? `the gateway cannot be reached: the browser got no answer from ${window.location.host} (${status.rawMessage})`
       : status.rawMessage,
     requestId: status.metadata.get("x-request-id"),
+    replayed: status.metadata.get(REPLAYED_HEADER),
   };
 }
 

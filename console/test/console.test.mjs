@@ -836,22 +836,23 @@ describe("the console when the gateway cannot be reached", bounded, () => {
   });
 
   test("the page waits no longer than the banner says between tries, whatever the jitter", async () => {
+    // Doubling from the first backoff (0.5 s), the waits reach their cap within ten.
+    const TRIES = 10;
     const late = await openConsole(frontDoor.address, async (tab) => {
-      // The largest jitter every time, and each wait recorded and then skipped, so the backoff
-      // reaches its cap at once instead of after half a minute.
-      await tab.evaluateOnNewDocument(() => {
+      // The largest jitter every time, and each of the first TRIES waits recorded and then
+      // skipped, so the backoff reaches its cap at once instead of after half a minute. The
+      // waits after them are the page's own, so that it does not try again at once, over and
+      // over, until its tab is closed.
+      await tab.evaluateOnNewDocument((tries) => {
         Math.random = () => 0.9999;
         window.waits = [];
         const setTimer = window.setTimeout;
         window.setTimeout = (callback, ms, ...rest) => {
-          if (window.recordingWaits) {
-            window.waits.push(ms);
-            return setTimer(callback, 0, ...rest);
-          }
-          return setTimer(callback, ms, ...rest);
+          if (window.waits.length >= tries) return setTimer(callback, ms, ...rest);
+          window.waits.push(ms);
+          return setTimer(callback, 0, ...rest);
         };
-        window.recordingWaits = true;
-      });
+      }, TRIES);
       await tab.setRequestInterception(true);
       tab.on("request", (request) => {
         if (new URL(request.url()).pathname === "/console/config.json") request.abort("connectionrefused");
@@ -859,10 +860,10 @@ describe("the console when the gateway cannot be reached", bounded, () => {
       });
     });
     try {
-      await late.tab.waitForFunction(() => window.waits.length >= 10);
+      await late.tab.waitForFunction((tries) => window.waits.length >= tries, {}, TRIES);
       assert.equal(await late.tab.$eval("#banner", (element) => element.innerText),
         "The gateway cannot be reached; trying again within 10s.");
-      const waits = await late.tab.evaluate(() => window.waits.slice(0, 10));
+      const waits = await late.tab.evaluate(() => window.waits);
       assert.equal(Math.max(...waits), 10000, waits.join());
     } finally {
       await late.tab.close();
@@ -917,6 +918,46 @@ describe("the console when the gateway cannot be reached", bounded, () => {
     }
   });
 
+  test("a page whose settings come malformed with HTTP 200 says what is wrong, and starts once they come right", async () => {
+    const settings = await (await fetch(`http://${frontDoor.address}/console/config.json`)).json();
+    // What a misconfigured proxy might answer with HTTP 200, in turn, and what the banner names.
+    const malformed = [
+      [{ error: "no route to the gateway" }, "ports is missing"],
+      [{ ...settings, ports: [4, "5"] }, "ports[1] is a string, not a port number (0 to 4294967295)"],
+      [{ ...settings, faults: { ...settings.faults, 1087: { ...settings.faults[1087], mayHaveActed: "no" } } },
+        'faults["1087"].mayHaveActed is a string, not true or false'],
+      [[], "the answer is an empty list, not an object"],
+    ];
+    let answer = malformed[0][0];
+    const late = await openConsole(frontDoor.address, async (tab) => {
+      await tab.setRequestInterception(true);
+      tab.on("request", (request) => {
+        if (answer !== null && new URL(request.url()).pathname === "/console/config.json") {
+          request.respond({ status: 200, contentType: "application/json", body: JSON.stringify(answer) });
+        } else {
+          request.continue();
+        }
+      });
+    });
+    try {
+      // Each is read again, with the same backoff as an answer that is not JSON at all.
+      for (const [body, wrong] of malformed) {
+        answer = body;
+        const banner = `The console's settings could not be read (/console/config.json: ${wrong}); trying again within 10s.`;
+        await late.tab.waitForFunction((text) => document.getElementById("banner").innerText === text, {}, banner)
+          .catch(async (error) => {
+            throw new Error(`${error.message}: the banner says ${JSON.stringify(await late.tab.$eval("#banner", (element) => element.innerText))}`);
+          });
+      }
+      answer = null;
+      await waitForTile(late.tab, 4, "NOOP");
+      await late.tab.waitForSelector("#banner[hidden]");
+      assert.deepEqual(late.errors, []);
+    } finally {
+      await late.tab.close();
+    }
+  });
+
   test("after an outage, a gateway with other ports at the same address gets tiles of its own", async () => {
     await waitForTile(tab, 4, "NOOP");
     const other = await startProcess(
@@ -940,30 +981,92 @@ describe("the console when the gateway cannot be reached", bounded, () => {
     }
   });
 
-  test("a Repeat of a call whose answer was lost is answered from the first call, and says so", async () => {
-    await waitForTile(tab, 4, "NOOP");
-    // The gateway answers, but the answer never reaches the browser.
+  // Extracts from `bin` at `port` and loses the answer: the gateway answers, but the front door
+  // keeps it back, then cuts the connection, so the page gets no answer at all. Resolves once
+  // the page has said so and watches again, the front door open whatever happened.
+  async function extractLosingTheAnswer(port, bin) {
     frontDoor.hold();
-    await tab.$eval("#extract-port", (input) => { input.value = "4"; });
-    await tab.$eval("#extract-bin", (input) => { input.value = "101337"; });
-    await tab.focus("#extract-bin");
-    await tab.keyboard.press("Enter");
-    await tab.waitForSelector("#confirm[open]");
-    await tab.click("#confirm-yes");
-    await frontDoor.heldLines(/^HTTP\/1\.1 200/, 1);
-    frontDoor.cut();
-    frontDoor.release();
-    await tab.waitForSelector("#result:not(.sending) h3");
-    assert.match(await tab.$eval("#result h3", (title) => title.innerText), /the gateway cannot be reached$/);
-    frontDoor.restore();
+    try {
+      try {
+        await tab.$eval("#extract-port", (input, value) => { input.value = value; }, String(port));
+        await tab.$eval("#extract-bin", (input, value) => { input.value = value; }, String(bin));
+        await tab.focus("#extract-bin");
+        await tab.keyboard.press("Enter");
+        await tab.waitForSelector("#confirm[open]");
+        await tab.click("#confirm-yes");
+        await frontDoor.heldLines(/^HTTP\/1\.1 200/, 1);
+        frontDoor.cut();
+      } finally {
+        frontDoor.release();
+      }
+      await tab.waitForSelector("#result:not(.sending) h3");
+      assert.match(await tab.$eval("#result h3", (title) => title.innerText), /the gateway cannot be reached$/);
+    } finally {
+      frontDoor.restore();
+    }
     await tab.waitForSelector("#banner[hidden]");
+  }
+
+  // Repeats the call the result offers to, and resolves with the repeat's outcome.
+  async function repeatTheCall() {
     await tab.click("#repeat");
     await tab.waitForSelector("#confirm[open]");
     await tab.$eval("#result", (result) => result.replaceChildren());
     await tab.click("#confirm-yes");
     await tab.waitForSelector("#result:not(.sending) h3");
+    return tab.$eval("#result", (result) => result.innerText);
+  }
+
+  test("a Repeat of a call whose answer was lost is answered from the first call, and says so", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    await extractLosingTheAnswer(4, 101337);
+    const repeated = await repeatTheCall();
     assert.equal(await tab.$eval("#result h3", (title) => title.innerText),
-      "ok: case_extract port 4 bin 101337: answered from the first call; nothing new was sent");
+      "ok: case_extract port 4 bin 101337: answered from the first call; nothing new was sent", repeated);
+    assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
+  });
+
+  test("a Repeat of a call whose fault was lost gets the first call's fault, and says nothing new was sent", async () => {
+    await tab.waitForSelector("#banner[hidden]");
+    // Port 1 is not an AutoCase port: the controller refuses the extraction with fault 1087, a
+    // definite answer the gateway keeps for the key.
+    await extractLosingTheAnswer(1, 101337);
+    const repeated = await repeatTheCall();
+    assert.equal(await tab.$eval("#result h3", (title) => title.innerText),
+      "failed: case_extract port 1 bin 101337: FAILED_PRECONDITION, answered from the first call; nothing new was sent", repeated);
+    assert.match(repeated, /Fault\s+1087 PORT_IS_NOT_AUTOCASE\n/);
+    assert.match(repeated, /Request id\s+[0-9a-f-]{36}/);
+    assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
+  });
+
+  test("tiles a Repeat's read of the settings builds for other ports are followed by the watch", async () => {
+    await tab.waitForSelector("#banner[hidden]");
+    // No operation under way at port 4, which a new extraction would meet (fault 1148).
+    await tab.waitForSelector('li[data-port="4"][data-state="NOOP"], li[data-port="4"][data-state="ECMP"]');
+    const settings = await (await fetch(`http://${frontDoor.address}/console/config.json`)).json();
+    await extractLosingTheAnswer(4, 101337);
+    // The settings the repeat reads name other ports, from the same gateway process.
+    const answer = (request) => {
+      if (request.isInterceptResolutionHandled()) return;
+      if (new URL(request.url()).pathname === "/console/config.json") {
+        request.respond({ status: 200, contentType: "application/json", body: JSON.stringify({ ...settings, ports: [4, 2] }) });
+      } else {
+        request.continue();
+      }
+    };
+    await tab.setRequestInterception(true);
+    tab.on("request", answer);
+    try {
+      const repeated = await repeatTheCall();
+      assert.match(repeated, /^ok: case_extract port 4 bin 101337: answered from the first call; nothing new was sent\n/);
+      await tab.waitForFunction(() => [...document.querySelectorAll("#tiles li")].map((tile) => tile.dataset.port).join() === "4,2");
+      // The new tiles are read and follow the extraction to its end.
+      await waitForTile(tab, 2, "NOOP");
+      await waitForTile(tab, 4, "ECMP");
+    } finally {
+      tab.off("request", answer);
+      await tab.setRequestInterception(false);
+    }
     assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
   });
 });
