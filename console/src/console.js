@@ -43,7 +43,7 @@ const BOOLEAN = shape("true or false", (value) => typeof value === "boolean");
 const WHOLE_NUMBER = shape("a whole number", (value) => Number.isSafeInteger(value) && value >= 0);
 const FAULT_ROW = record({ name: STRING, meaning: STRING, advice: STRING, mayHaveActed: BOOLEAN });
 const CONFIG_SHAPE = record({
-  ports: list(shape(`a port number (0 to ${UINT32_MAX})`, (value) => Number.isInteger(value) && value >= 0 && value <= UINT32_MAX)),
+  ports: distinct(list(shape(`a port number (0 to ${UINT32_MAX})`, (value) => Number.isInteger(value) && value >= 0 && value <= UINT32_MAX))),
   auth: BOOLEAN,
   callDeadlineMs: shape("a whole number of milliseconds above 0", (value) => Number.isSafeInteger(value) && value > 0),
   idempotencyWindowMs: WHOLE_NUMBER,
@@ -119,12 +119,27 @@ async function main() {
   for (let failure = await loadConfig(); failure !== null; failure = await loadConfig()) {
     const delayMs = jittered(backoffMs);
     backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
-    showBanner(failure instanceof TypeError
-      ? `The gateway cannot be reached; trying again within ${seconds(MAX_BACKOFF_MS)}.`
-      : `The console's settings could not be read (${failure.message}); trying again within ${seconds(MAX_BACKOFF_MS)}.`);
+    showBanner(settingsBanner(failure));
     await sleep(delayMs, watching.signal);
   }
   follow();
+}
+
+// What the banner says of settings that could not be read (loadConfig's failure), and when they
+// are read again.
+function settingsBanner(failure) {
+  return failure instanceof TypeError
+    ? `The gateway cannot be reached; trying again within ${seconds(MAX_BACKOFF_MS)}.`
+    : `The console's settings could not be read (${failure.message}); trying again within ${seconds(MAX_BACKOFF_MS)}.`;
+}
+
+// Settings that could not be read again after a watch error: no watch was sent, so the banner
+// names the settings, not a watch.
+class SettingsUnread extends Error {
+  constructor(failure) {
+    super(failure.message);
+    this.failure = failure;
+  }
 }
 
 // Fetches config.json, and builds the tiles and the token field anew when it changed (a new
@@ -136,7 +151,10 @@ async function loadConfig(signal) {
   let text;
   let config;
   try {
-    const response = await fetch(CONFIG_PATH, { cache: "no-cache", signal });
+    // Bounded: a proxy that takes the request and never answers must not leave the page
+    // waiting with no banner.
+    const bounded = AbortSignal.any([signal ?? new AbortController().signal, AbortSignal.timeout(MAX_BACKOFF_MS)]);
+    const response = await fetch(CONFIG_PATH, { cache: "no-cache", signal: bounded });
     if (!response.ok) return new Error(`${CONFIG_PATH} answered HTTP ${response.status}`);
     text = await response.text();
     if (text === current.configText) return null;
@@ -171,6 +189,18 @@ function list(element, length) {
       if (wrong !== null) return wrong;
     }
     return null;
+  };
+}
+
+// A list of `ports`' shape that names at least one port, and none twice: the page would show no
+// tile for an empty list, which watches every port, and a tile never updated for a repeat.
+function distinct(ports) {
+  return (value, path) => {
+    const wrong = ports(value, path);
+    if (wrong !== null) return wrong;
+    if (value.length === 0) return `${path} is an empty list, not a list of at least one port`;
+    const index = value.findIndex((port, at) => value.indexOf(port) !== at);
+    return index === -1 ? null : `${path}[${index}] repeats port ${value[index]}`;
   };
 }
 
@@ -233,7 +263,7 @@ async function follow() {
     try {
       if (rereadConfig) {
         const failure = await loadConfig();
-        if (failure !== null) throw failure;
+        if (failure !== null) throw new SettingsUnread(failure);
       }
       rereadConfig = false;
       await watchThenState(current.config, current.tiles, signal, () => { backoffMs = FIRST_BACKOFF_MS; });
@@ -245,6 +275,15 @@ async function follow() {
       }
       const config = current.config;
       const tiles = current.tiles;
+      if (error instanceof SettingsUnread) {
+        const delayMs = jittered(backoffMs);
+        backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
+        markStale(tiles);
+        showBanner(`${settingsBanner(error.failure)} Tiles may be out of date.`);
+        await sleep(delayMs, signal);
+        if (signal.aborted) watching = new AbortController();
+        continue;
+      }
       const problem = describeError(error, config);
       rereadConfig = problem.reason !== "WATCH_LAGGED";
       if (STOP_CODES.has(problem.code)) {
@@ -527,8 +566,11 @@ async function repeat(action) {
   // not follow: it watches again, for their ports, and reads them.
   if (current.tiles !== tiles) watching.abort();
   const { instance, at, windowMs } = action.firstSent;
-  // Refused unless both hold: a repeat that cannot be shown safe is not sent.
-  if (current.config.instance !== instance || Date.now() - at >= windowMs) {
+  // Refused unless both hold, and so whenever a value is missing: a repeat that cannot be shown
+  // safe is not sent.
+  const sameGateway = typeof instance === "string" && current.config.instance === instance;
+  const withinWindow = Date.now() - at < windowMs;
+  if (!(sameGateway && withinWindow)) {
     showLocalError("the gateway restarted (or no longer remembers this key after --idempotency-window): read the port's tile and decide");
     return;
   }

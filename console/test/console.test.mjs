@@ -600,20 +600,24 @@ describe("the console when its watch lags", bounded, () => {
     const client = createClient(TaskService, createGrpcWebTransport({ baseUrl: `http://${gateway.found[0]}` }));
     const call = { portId: 4, binId: 101337 };
     proxy.hold();
-    const pairs = WATCH_BUFFER / 2 + 1;
-    for (let pair = 0; pair < pairs; pair += 1) {
+    let lagged;
+    try {
+      const pairs = WATCH_BUFFER / 2 + 1;
+      for (let pair = 0; pair < pairs; pair += 1) {
+        await client.caseExtract({ ...call, requestId: randomUUID() });
+        await client.caseCancel({ ...call, requestId: randomUUID() });
+      }
       await client.caseExtract({ ...call, requestId: randomUUID() });
-      await client.caseCancel({ ...call, requestId: randomUUID() });
+      const events = pairs * 3 + 1;
+      assert.ok(events > WATCH_BUFFER);
+      await proxy.heldLines(/^AC,/, events);
+      lagged = tab.waitForFunction(
+        () => document.getElementById("banner").innerText.includes("WATCH_LAGGED"),
+        { polling: "mutation" },
+      );
+    } finally {
+      proxy.release();
     }
-    await client.caseExtract({ ...call, requestId: randomUUID() });
-    const events = pairs * 3 + 1;
-    assert.ok(events > WATCH_BUFFER);
-    await proxy.heldLines(/^AC,/, events);
-    const lagged = tab.waitForFunction(
-      () => document.getElementById("banner").innerText.includes("WATCH_LAGGED"),
-      { polling: "mutation" },
-    );
-    proxy.release();
     await lagged;
     assert.match(await tab.$eval("#banner", (element) => element.innerText), /fell behind the events \(WATCH_LAGGED\)/);
     // The page watches again, reads the state, and follows the extraction to its end.
@@ -921,41 +925,69 @@ describe("the console when the gateway cannot be reached", bounded, () => {
   test("a page whose settings come malformed with HTTP 200 says what is wrong, and starts once they come right", async () => {
     const settings = await (await fetch(`http://${frontDoor.address}/console/config.json`)).json();
     // What a misconfigured proxy might answer with HTTP 200, in turn, and what the banner names.
+    const json = (value) => ({ body: JSON.stringify(value), contentType: "application/json" });
     const malformed = [
-      [{ error: "no route to the gateway" }, "ports is missing"],
-      [{ ...settings, ports: [4, "5"] }, "ports[1] is a string, not a port number (0 to 4294967295)"],
-      [{ ...settings, faults: { ...settings.faults, 1087: { ...settings.faults[1087], mayHaveActed: "no" } } },
+      [json({ error: "no route to the gateway" }), "ports is missing"],
+      [json({ ...settings, ports: [4, "5"] }), "ports[1] is a string, not a port number (0 to 4294967295)"],
+      [json({ ...settings, ports: [] }), "ports is an empty list, not a list of at least one port"],
+      [json({ ...settings, ports: [4, 3, 4] }), "ports[2] repeats port 4"],
+      [json({ ...settings, faults: { ...settings.faults, 1087: { ...settings.faults[1087], mayHaveActed: "no" } } }),
         'faults["1087"].mayHaveActed is a string, not true or false'],
-      [[], "the answer is an empty list, not an object"],
+      [json([]), "the answer is an empty list, not an object"],
+      // Not JSON at all: the parser's own words, whatever the browser's are.
+      [{ body: "<html>No route</html>", contentType: "text/html" }, /^\/console\/config\.json: .*JSON/],
     ];
     let answer = malformed[0][0];
     const late = await openConsole(frontDoor.address, async (tab) => {
       await tab.setRequestInterception(true);
       tab.on("request", (request) => {
         if (answer !== null && new URL(request.url()).pathname === "/console/config.json") {
-          request.respond({ status: 200, contentType: "application/json", body: JSON.stringify(answer) });
+          request.respond({ status: 200, ...answer });
         } else {
           request.continue();
         }
       });
     });
+    // Waits until the banner says the settings could not be read for `wrong` (a RegExp for what
+    // the browser words), then `after` (what a page that has started adds).
+    const bannerSays = (wrong, after = "") => late.tab.waitForFunction((source, flags, text, tail) => {
+      const banner = document.getElementById("banner").innerText;
+      const prefix = "The console's settings could not be read (";
+      const suffix = `); trying again within 10s.${tail}`;
+      if (!banner.startsWith(prefix) || !banner.endsWith(suffix)) return false;
+      const why = banner.slice(prefix.length, banner.length - suffix.length);
+      return source === null ? why === text : new RegExp(source, flags).test(why);
+    }, {}, wrong instanceof RegExp ? wrong.source : null, wrong instanceof RegExp ? wrong.flags : "",
+    wrong instanceof RegExp ? null : `/console/config.json: ${wrong}`, after)
+      .catch(async (error) => {
+        throw new Error(`${error.message}: the banner says ${JSON.stringify(await late.tab.$eval("#banner", (element) => element.innerText))}`);
+      });
     try {
       // Each is read again, with the same backoff as an answer that is not JSON at all.
       for (const [body, wrong] of malformed) {
         answer = body;
-        const banner = `The console's settings could not be read (/console/config.json: ${wrong}); trying again within 10s.`;
-        await late.tab.waitForFunction((text) => document.getElementById("banner").innerText === text, {}, banner)
-          .catch(async (error) => {
-            throw new Error(`${error.message}: the banner says ${JSON.stringify(await late.tab.$eval("#banner", (element) => element.innerText))}`);
-          });
+        await bannerSays(wrong);
       }
       answer = null;
       await waitForTile(late.tab, 4, "NOOP");
       await late.tab.waitForSelector("#banner[hidden]");
-      assert.deepEqual(late.errors, []);
+      // Once started, settings read again after the watch failed are named as the settings,
+      // not as a watch that failed: no watch was sent.
+      answer = malformed[0][0];
+      frontDoor.cut();
+      try {
+        await bannerSays("ports is missing", " Tiles may be out of date.");
+      } finally {
+        frontDoor.restore();
+      }
+      answer = null;
+      await late.tab.waitForSelector("#banner[hidden]");
+      await waitForTile(late.tab, 4, "NOOP");
+      assert.deepEqual(late.errors.filter((error) => !/net::ERR_/.test(error)), []);
     } finally {
       await late.tab.close();
     }
+    await tab.waitForSelector("#banner[hidden]");
   });
 
   test("after an outage, a gateway with other ports at the same address gets tiles of its own", async () => {
@@ -985,6 +1017,14 @@ describe("the console when the gateway cannot be reached", bounded, () => {
   // keeps it back, then cuts the connection, so the page gets no answer at all. Resolves once
   // the page has said so and watches again, the front door open whatever happened.
   async function extractLosingTheAnswer(port, bin) {
+    // Quiet first: every tile read (a state, or an error no read again can cure, as port 1's
+    // PORT_IS_NOT_AUTOCASE) and live, so that the only answer the front door holds is the
+    // extraction's.
+    await tab.waitForSelector("#banner[hidden]");
+    await tab.waitForFunction(() => [...document.querySelectorAll("#tiles li")]
+      .every((tile) => !tile.classList.contains("stale")
+        && (tile.dataset.state || (tile.classList.contains("error") && !tile.innerText.includes("Reading again")))));
+    const watchesBefore = calls.list().filter((call) => call === "watch sent").length;
     frontDoor.hold();
     try {
       try {
@@ -1004,6 +1044,11 @@ describe("the console when the gateway cannot be reached", bounded, () => {
     } finally {
       frontDoor.restore();
     }
+    // The cut ended the watch too: the page has watched again.
+    const watches = () => calls.list().filter((call) => call === "watch sent").length;
+    const givingUpAt = Date.now() + SHOW_LIMIT_MS;
+    while (watches() <= watchesBefore && Date.now() < givingUpAt) await new Promise((resolveWait) => setTimeout(resolveWait, 50));
+    assert.ok(watches() > watchesBefore, `the page did not watch again after the cut: ${calls.list().join(", ")}`);
     await tab.waitForSelector("#banner[hidden]");
   }
 
@@ -1057,8 +1102,14 @@ describe("the console when the gateway cannot be reached", bounded, () => {
     await tab.setRequestInterception(true);
     tab.on("request", answer);
     try {
+      const watchesBefore = calls.list().filter((call) => call === "watch sent").length;
       const repeated = await repeatTheCall();
       assert.match(repeated, /^ok: case_extract port 4 bin 101337: answered from the first call; nothing new was sent\n/);
+      // The watch under way ended, and a new one was sent for the new tiles.
+      const givingUpAt = Date.now() + SHOW_LIMIT_MS;
+      const watches = () => calls.list().filter((call) => call === "watch sent").length;
+      while (watches() <= watchesBefore && Date.now() < givingUpAt) await new Promise((resolveWait) => setTimeout(resolveWait, 50));
+      assert.ok(watches() > watchesBefore, `no watch followed the repeat: ${calls.list().join(", ")}`);
       await tab.waitForFunction(() => [...document.querySelectorAll("#tiles li")].map((tile) => tile.dataset.port).join() === "4,2");
       // The new tiles are read and follow the extraction to its end.
       await waitForTile(tab, 2, "NOOP");
