@@ -275,15 +275,6 @@ async function follow() {
       }
       const config = current.config;
       const tiles = current.tiles;
-      if (error instanceof SettingsUnread) {
-        const delayMs = jittered(backoffMs);
-        backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
-        markStale(tiles);
-        showBanner(`${settingsBanner(error.failure)} Tiles may be out of date.`);
-        await sleep(delayMs, signal);
-        if (signal.aborted) watching = new AbortController();
-        continue;
-      }
       const problem = describeError(error, config);
       rereadConfig = problem.reason !== "WATCH_LAGGED";
       if (STOP_CODES.has(problem.code)) {
@@ -318,7 +309,9 @@ async function follow() {
         // The gateway's delay is the same every time; a backoff's changes with every try, so
         // the banner gives its cap, and does not change while the cause stays.
         const when = problem.retryDelayMs === null ? `within ${seconds(MAX_BACKOFF_MS)}` : `in ${seconds(delayMs)}`;
-        if (problem.unreachable) {
+        if (error instanceof SettingsUnread) {
+          showBanner(`${settingsBanner(error.failure)} Tiles may be out of date.`);
+        } else if (problem.unreachable) {
           showBanner(`The gateway cannot be reached; trying again ${when}. Tiles may be out of date.`);
         } else {
           showBanner(`${watchProblem(problem)} Tiles may be out of date; watching again ${when}.`, problem.requestId);

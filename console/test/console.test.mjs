@@ -50,6 +50,14 @@ function within(promise, limitMs, message) {
   return Promise.race([promise, expired]).finally(() => clearTimeout(timer));
 }
 
+// Resolves once `count()` is above `floor`, looked at every 50 ms for at most SHOW_LIMIT_MS;
+// fails with `message()` otherwise.
+async function grows(count, floor, message) {
+  const givingUpAt = Date.now() + SHOW_LIMIT_MS;
+  while (count() <= floor && Date.now() < givingUpAt) await new Promise((resolveWait) => setTimeout(resolveWait, 50));
+  assert.ok(count() > floor, message());
+}
+
 // Starts `binary args` and resolves once its log has matched every pattern, with each first
 // capture, and a stop() that sends SIGTERM and waits (bounded) for the exit.
 async function startProcess(args, patterns) {
@@ -695,10 +703,7 @@ describe("the console when the gateway cannot be reached", bounded, () => {
     });
     // Each try fetches the page's settings, or watches once it has them.
     const tries = () => calls.list().filter((call) => call === "watch sent" || call === "settings read sent").length;
-    const before = tries();
-    const givingUpAt = Date.now() + SHOW_LIMIT_MS;
-    while (tries() < before + 2 && Date.now() < givingUpAt) await new Promise((resolveWait) => setTimeout(resolveWait, 50));
-    assert.ok(tries() >= before + 2, `the page did not try again: ${calls.list().join(", ")}`);
+    await grows(tries, tries() + 1, () => `the page did not try again: ${calls.list().join(", ")}`);
     assert.equal(await tab.evaluate(() => window.bannerChanges), 0);
     await tab.waitForSelector('li[data-port="4"].stale');
     const refused = await act(tab, "extract", 4, 101337);
@@ -711,15 +716,25 @@ describe("the console when the gateway cannot be reached", bounded, () => {
     assert.deepEqual(errors.filter((error) => !/net::ERR_/.test(error)), []);
   });
 
-  test("after no answer at all, Repeat sends the same key, said so in its dialog; a new call does not", async () => {
-    await waitForTile(tab, 4, "NOOP");
+  // How many watches the page has sent.
+  const watches = () => calls.list().filter((call) => call === "watch sent").length;
+
+  // Extracts from bin 101337 at port 4 while the gateway cannot be reached, so that the page
+  // gets no answer at all; resolves with the outcome shown, once the gateway is back.
+  async function extractWithNoAnswer() {
     frontDoor.cut();
     const lost = await act(tab, "extract", 4, 101337);
     assert.match(lost, /^failed: case_extract port 4 bin 101337: the gateway cannot be reached\n/);
-    const key = /Idempotency key\s+([0-9a-f-]{36})/.exec(lost)?.[1];
-    assert.ok(key, lost);
     frontDoor.restore();
     await tab.waitForSelector("#banner[hidden]");
+    return lost;
+  }
+
+  test("after no answer at all, Repeat sends the same key, said so in its dialog; a new call does not", async () => {
+    await waitForTile(tab, 4, "NOOP");
+    const lost = await extractWithNoAnswer();
+    const key = /Idempotency key\s+([0-9a-f-]{36})/.exec(lost)?.[1];
+    assert.ok(key, lost);
     await tab.click("#repeat");
     await tab.waitForSelector("#confirm[open]");
     assert.equal(await tab.$eval("#confirm-text", (text) => text.innerText),
@@ -742,11 +757,7 @@ describe("the console when the gateway cannot be reached", bounded, () => {
 
   test("while a Repeat checks the gateway, no other call can be started", async () => {
     await waitForTile(tab, 4, "NOOP");
-    frontDoor.cut();
-    const lost = await act(tab, "extract", 4, 101337);
-    assert.match(lost, /^failed: case_extract port 4 bin 101337: the gateway cannot be reached\n/);
-    frontDoor.restore();
-    await tab.waitForSelector("#banner[hidden]");
+    await extractWithNoAnswer();
     // The repeat's own read of the settings is kept back until the test lets it go.
     const held = [];
     let heldOne;
@@ -799,11 +810,7 @@ describe("the console when the gateway cannot be reached", bounded, () => {
       // Another gateway process at the same address: it never saw the key.
       frontDoor.retarget(other.found[0]);
       frontDoor.restore();
-      await tab.click("#repeat");
-      await tab.waitForSelector("#confirm[open]");
-      await tab.$eval("#result", (result) => result.replaceChildren());
-      await tab.click("#confirm-yes");
-      await tab.waitForSelector("#result:not(.sending) h3");
+      await repeatTheCall();
       assert.equal(await tab.$eval("#result h3", (title) => title.innerText),
         "not sent: the gateway restarted (or no longer remembers this key after --idempotency-window): read the port's tile and decide");
       assert.equal((await calls.keys()).length, sent);
@@ -1024,7 +1031,7 @@ describe("the console when the gateway cannot be reached", bounded, () => {
     await tab.waitForFunction(() => [...document.querySelectorAll("#tiles li")]
       .every((tile) => !tile.classList.contains("stale")
         && (tile.dataset.state || (tile.classList.contains("error") && !tile.innerText.includes("Reading again")))));
-    const watchesBefore = calls.list().filter((call) => call === "watch sent").length;
+    const watchesBefore = watches();
     frontDoor.hold();
     try {
       try {
@@ -1045,10 +1052,7 @@ describe("the console when the gateway cannot be reached", bounded, () => {
       frontDoor.restore();
     }
     // The cut ended the watch too: the page has watched again.
-    const watches = () => calls.list().filter((call) => call === "watch sent").length;
-    const givingUpAt = Date.now() + SHOW_LIMIT_MS;
-    while (watches() <= watchesBefore && Date.now() < givingUpAt) await new Promise((resolveWait) => setTimeout(resolveWait, 50));
-    assert.ok(watches() > watchesBefore, `the page did not watch again after the cut: ${calls.list().join(", ")}`);
+    await grows(watches, watchesBefore, () => `the page did not watch again after the cut: ${calls.list().join(", ")}`);
     await tab.waitForSelector("#banner[hidden]");
   }
 
@@ -1102,14 +1106,11 @@ describe("the console when the gateway cannot be reached", bounded, () => {
     await tab.setRequestInterception(true);
     tab.on("request", answer);
     try {
-      const watchesBefore = calls.list().filter((call) => call === "watch sent").length;
+      const watchesBefore = watches();
       const repeated = await repeatTheCall();
       assert.match(repeated, /^ok: case_extract port 4 bin 101337: answered from the first call; nothing new was sent\n/);
       // The watch under way ended, and a new one was sent for the new tiles.
-      const givingUpAt = Date.now() + SHOW_LIMIT_MS;
-      const watches = () => calls.list().filter((call) => call === "watch sent").length;
-      while (watches() <= watchesBefore && Date.now() < givingUpAt) await new Promise((resolveWait) => setTimeout(resolveWait, 50));
-      assert.ok(watches() > watchesBefore, `no watch followed the repeat: ${calls.list().join(", ")}`);
+      await grows(watches, watchesBefore, () => `no watch followed the repeat: ${calls.list().join(", ")}`);
       await tab.waitForFunction(() => [...document.querySelectorAll("#tiles li")].map((tile) => tile.dataset.port).join() === "4,2");
       // The new tiles are read and follow the extraction to its end.
       await waitForTile(tab, 2, "NOOP");
