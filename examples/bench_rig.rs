@@ -10,14 +10,10 @@
 //! - **a bare tonic server** (`bench_rig bare`) that implements `TaskService` as a no-op: what the
 //!   gRPC stack alone costs on this machine, for reference.
 //!
-//! ```text
-//! bench_rig --taskgate PATH [--gateway-bin PATH] [--duration SECS] [--smoke] [--keep-profiles DIR]
-//! bench_rig naive --upstream URL  # internal: the naive card stack, run as a child process
-//! bench_rig bare                  # internal: the bare tonic server, run as a child process
-//! bench_rig stand-in [--slow]      # the stand-in alone (--slow: after 250 ms), for profiling by hand
-//! bench_rig soak --taskgate PATH [--calls N] [--duration D] [--sample D] [--warmup D] [--plot PNG]
-//! bench_rig idle --taskgate PATH [--connections N] [--rounds N]  # memory per idle connection
-//! ```
+//! `bench_rig --help` lists its command lines. Besides the measurement itself: `naive` and
+//! `bare` run those two servers as child processes of the rig; `stand-in [--slow]` serves the
+//! stand-in alone (`--slow`: after 250 ms), for profiling by hand; `soak` is the long run behind
+//! `scripts/soak`; `idle` measures the memory each idle connection holds.
 //!
 //! `--taskgate` is the binary whose `bench` command drives the load; `--gateway-bin` (default:
 //! the same) is the binary whose `serve` is measured, so an older build can be compared with the
@@ -69,6 +65,23 @@ const MAX_PEAK_RSS_MIB: f64 = 64.0;
 /// 5 MiB with the same build and load.
 const RSS_RUNS: usize = 3;
 
+/// Every command line the rig takes, for `--help`.
+const USAGE: &str = "\
+usage: bench_rig --taskgate PATH [--gateway-bin PATH] [--duration SECS] [--smoke] [--keep-profiles DIR]
+       bench_rig naive --upstream URL
+       bench_rig bare
+       bench_rig stand-in [--slow]
+       bench_rig soak --taskgate PATH [--calls N] [--duration D] [--sample D] [--warmup D] [--plot PNG]
+       bench_rig idle --taskgate PATH [--connections N] [--rounds N]
+";
+
+/// Ends the rig on a command line it cannot take: the fault and the usage on stderr, exit 2, as
+/// a command-line tool does (a panic would add a backtrace that says nothing about the cause).
+fn usage_error(message: &str) -> ! {
+    eprintln!("bench_rig: {message}\n{USAGE}");
+    std::process::exit(2)
+}
+
 struct Options {
     taskgate: PathBuf,
     gateway_bin: PathBuf,
@@ -87,6 +100,7 @@ fn main() {
         Some("stand-in") => return run_stand_in(&args[1..]),
         Some("soak") => return soak::run(&args[1..]),
         Some("idle") => return idle::run(&args[1..]),
+        Some("--help" | "-h") => return print!("{USAGE}"),
         _ => {}
     }
     let options = parse_options(&args);
@@ -96,8 +110,6 @@ fn main() {
     print!("{}", report.table(&options));
 }
 fn parse_options(args: &[String]) -> Options {
-    let usage = "usage: bench_rig --taskgate PATH [--gateway-bin PATH] [--duration SECS] [--smoke] \
-                 [--keep-profiles DIR]";
     let mut taskgate = None;
     let mut gateway_bin = None;
     let mut duration = None;
@@ -107,24 +119,24 @@ fn parse_options(args: &[String]) -> Options {
     while let Some(arg) = args.next() {
         let mut value = || {
             args.next()
-                .unwrap_or_else(|| panic!("{arg} needs a value; {usage}"))
+                .unwrap_or_else(|| usage_error(&format!("{arg} needs a value")))
         };
         match arg.as_str() {
             "--taskgate" => taskgate = Some(PathBuf::from(value())),
             "--gateway-bin" => gateway_bin = Some(PathBuf::from(value())),
             "--duration" => {
                 let text = value();
-                let seconds: f64 = text
-                    .parse()
-                    .unwrap_or_else(|_| panic!("--duration '{text}' is not a number of seconds"));
+                let seconds: f64 = text.parse().unwrap_or_else(|_| {
+                    usage_error(&format!("--duration '{text}' is not a number of seconds"))
+                });
                 duration = Some(Duration::from_secs_f64(seconds));
             }
             "--smoke" => smoke = true,
             "--keep-profiles" => keep_profiles = Some(PathBuf::from(value())),
-            other => panic!("unknown argument '{other}'; {usage}"),
+            other => usage_error(&format!("unknown argument '{other}'")),
         }
     }
-    let taskgate = taskgate.unwrap_or_else(|| panic!("--taskgate is required; {usage}"));
+    let taskgate = taskgate.unwrap_or_else(|| usage_error("--taskgate is required"));
     let (default_duration, warmup) = if smoke {
         (Duration::from_millis(500), Duration::from_millis(200))
     } else {
@@ -568,7 +580,7 @@ fn run_stand_in(args: &[String]) {
     let delay = match args {
         [] => Duration::ZERO,
         [slow] if slow == "--slow" => SLOW_REPLY,
-        other => panic!("usage: bench_rig stand-in [--slow], not {other:?}"),
+        other => usage_error(&format!("stand-in takes only --slow, not {other:?}")),
     };
     let stand_in = start_stand_in(delay);
     println!("stand-in listening http://{stand_in}/api/v2/task");
@@ -666,7 +678,7 @@ async fn post_case_extract(
 fn run_naive(args: &[String]) {
     let upstream = match args {
         [flag, upstream] if flag == "--upstream" => upstream.clone(),
-        _ => panic!("usage: bench_rig naive --upstream URL"),
+        _ => usage_error("naive takes --upstream URL and nothing else"),
     };
     // reqwest's defaults but one: no proxy from the environment, so the calls stay on loopback,
     // as the gateway's do.

@@ -21,7 +21,7 @@ use std::net::{Shutdown, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
 
-use super::{Pipe, proc_status_kib, spawn_until};
+use super::{Pipe, proc_status_kib, spawn_until, usage_error};
 
 /// Connections opened before the first reading, so that what every connection shares
 /// (allocator arenas, the runtime's first tasks) is not counted per connection.
@@ -38,7 +38,6 @@ const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
 
 pub(super) fn run(args: &[String]) {
-    let usage = "usage: bench_rig idle --taskgate PATH [--connections N] [--rounds N]";
     let mut taskgate = None;
     let mut connections: usize = 2_000;
     let mut rounds: usize = 4;
@@ -46,16 +45,16 @@ pub(super) fn run(args: &[String]) {
     while let Some(arg) = args.next() {
         let mut value = || {
             args.next()
-                .unwrap_or_else(|| panic!("{arg} needs a value; {usage}"))
+                .unwrap_or_else(|| usage_error(&format!("{arg} needs a value")))
         };
         match arg.as_str() {
             "--taskgate" => taskgate = Some(PathBuf::from(value())),
             "--connections" => connections = count(arg, value()),
             "--rounds" => rounds = count(arg, value()),
-            other => panic!("unknown argument '{other}'; {usage}"),
+            other => usage_error(&format!("unknown argument '{other}'")),
         }
     }
-    let taskgate = taskgate.unwrap_or_else(|| panic!("--taskgate is required; {usage}"));
+    let taskgate = taskgate.unwrap_or_else(|| usage_error("--taskgate is required"));
     let mut command = Command::new(taskgate);
     command
         .env("RUST_LOG", "info")
@@ -108,7 +107,7 @@ pub(super) fn run(args: &[String]) {
 
 fn count(flag: &str, text: &str) -> usize {
     text.parse()
-        .unwrap_or_else(|_| panic!("{flag} '{text}' is not a count"))
+        .unwrap_or_else(|_| usage_error(&format!("{flag} '{text}' is not a count")))
 }
 
 /// An HTTP/2 client at rest: preface and SETTINGS sent, the server's SETTINGS read and

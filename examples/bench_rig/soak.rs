@@ -19,7 +19,7 @@ use std::time::Duration;
 use plotters::prelude::*;
 use tokio::time::Instant;
 
-use super::{Length, Options, Target, bench, start_stand_in};
+use super::{Length, Options, Target, bench, start_stand_in, usage_error};
 
 /// Calls in flight during the soak, over [`CONNECTIONS`] connections: a steady, moderate load.
 const IN_FLIGHT: usize = 64;
@@ -155,8 +155,6 @@ pub(super) fn run(args: &[String]) {
 }
 
 fn parse(args: &[String]) -> SoakOptions {
-    let usage = "usage: bench_rig soak --taskgate PATH [--calls N] [--duration D] [--sample D] \
-                 [--warmup D] [--plot PNG]";
     let mut options = SoakOptions {
         taskgate: PathBuf::new(),
         calls: u64::MAX,
@@ -169,29 +167,29 @@ fn parse(args: &[String]) -> SoakOptions {
     while let Some(arg) = args.next() {
         let value = args
             .next()
-            .unwrap_or_else(|| panic!("{arg} needs a value; {usage}"));
+            .unwrap_or_else(|| usage_error(&format!("{arg} needs a value")));
         let duration = || {
-            humantime::parse_duration(value)
-                .unwrap_or_else(|error| panic!("{arg} '{value}' is not a duration: {error}"))
+            humantime::parse_duration(value).unwrap_or_else(|error| {
+                usage_error(&format!("{arg} '{value}' is not a duration: {error}"))
+            })
         };
         match arg.as_str() {
             "--taskgate" => options.taskgate = PathBuf::from(value),
             "--calls" => {
                 options.calls = value
                     .parse()
-                    .unwrap_or_else(|_| panic!("--calls '{value}' is not a number"));
+                    .unwrap_or_else(|_| usage_error(&format!("--calls '{value}' is not a number")));
             }
             "--duration" => options.duration = duration(),
             "--sample" => options.sample = duration(),
             "--warmup" => options.warmup = duration(),
             "--plot" => options.plot = Some(PathBuf::from(value)),
-            other => panic!("unknown argument '{other}'; {usage}"),
+            other => usage_error(&format!("unknown argument '{other}'")),
         }
     }
-    assert!(
-        !options.taskgate.as_os_str().is_empty(),
-        "--taskgate is required; {usage}"
-    );
+    if options.taskgate.as_os_str().is_empty() {
+        usage_error("--taskgate is required");
+    }
     options
 }
 
