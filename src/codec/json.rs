@@ -4,13 +4,17 @@
 //! The vendor documents only the JSON request (`{"method":…,"params":{…}}`); replies are read as
 //! the XML shapes' equivalents, with or without a top-level `response` wrapper.
 
-use serde_json::{Map, Value};
+use std::cell::Cell;
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
 
 use super::{DecodeError, Element, MAX_DEPTH, MethodCall, Reply, shorten};
 
 /// Parses a JSON reply into a `response` element.
 pub(super) fn response_root(body: &[u8], charset: Option<&str>) -> Result<Element, DecodeError> {
-    let object = parse_object(body, charset)?;
+    let object = parse_object(body, charset, "response")?;
     let inner = match object.get("response") {
         Some(Value::Object(inner)) if object.len() == 1 => inner,
         _ => &object,
@@ -20,7 +24,7 @@ pub(super) fn response_root(body: &[u8], charset: Option<&str>) -> Result<Elemen
 
 /// Parses a JSON method call into a `methodcall` element with `name` and `params` children.
 pub(super) fn methodcall_root(body: &[u8], charset: Option<&str>) -> Result<Element, DecodeError> {
-    let object = parse_object(body, charset)?;
+    let object = parse_object(body, charset, "methodcall")?;
     let mut children = Vec::new();
     for (key, value) in &object {
         let child = match (key.as_str(), value) {
@@ -73,7 +77,12 @@ pub(super) fn encode_reply(reply: &Reply) -> Vec<u8> {
 }
 
 /// JSON is UTF-8 (RFC 8259); a charset naming anything else is refused rather than guessed at.
-fn parse_object(body: &[u8], charset: Option<&str>) -> Result<Map<String, Value>, DecodeError> {
+/// `root` names the element the object becomes, for an error about a key in it.
+fn parse_object(
+    body: &[u8],
+    charset: Option<&str>,
+    root: &str,
+) -> Result<Map<String, Value>, DecodeError> {
     if let Some(charset) = charset
         && !matches!(
             charset.trim().to_ascii_lowercase().as_str(),
@@ -86,7 +95,18 @@ fn parse_object(body: &[u8], charset: Option<&str>) -> Result<Map<String, Value>
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(DecodeError::Empty);
     }
-    match serde_json::from_slice::<Value>(body) {
+    let duplicate = Cell::new(None);
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let parsed = UniqueKeys {
+        parent: root,
+        duplicate: &duplicate,
+    }
+    .deserialize(&mut deserializer)
+    .and_then(|value| deserializer.end().map(|()| value));
+    if let Some(error) = duplicate.take() {
+        return Err(error);
+    }
+    match parsed {
         Ok(Value::Object(object)) => Ok(object),
         Ok(other) => Err(DecodeError::Malformed {
             position: 0,
@@ -96,6 +116,88 @@ fn parse_object(body: &[u8], charset: Option<&str>) -> Result<Map<String, Value>
             position: error.column() as u64,
             reason: format!("invalid JSON at line {}: {error}", error.line()),
         }),
+    }
+}
+
+/// Reads a JSON value as serde_json's `Value` does, except that an object naming a key twice is
+/// refused: `Value` keeps the last, so `{"fault":{"code":2001},"fault":{"code":1148}}` would read
+/// as fault 1148, where XML's `<fault>` twice is an error. The refusal is left in `duplicate`,
+/// naming the key and its parent as the element tree would.
+struct UniqueKeys<'a> {
+    /// The element an object read here becomes, or holds, for an array.
+    parent: &'a str,
+    duplicate: &'a Cell<Option<DecodeError>>,
+}
+
+impl<'de> DeserializeSeed<'de> for UniqueKeys<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for UniqueKeys<'_> {
+    type Value = Value;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, flag: bool) -> Result<Value, E> {
+        Ok(Value::Bool(flag))
+    }
+
+    fn visit_i64<E>(self, number: i64) -> Result<Value, E> {
+        Ok(Value::from(number))
+    }
+
+    fn visit_u64<E>(self, number: u64) -> Result<Value, E> {
+        Ok(Value::from(number))
+    }
+
+    fn visit_f64<E>(self, number: f64) -> Result<Value, E> {
+        // serde_json reads no NaN or infinity, so this is always a number.
+        Ok(Number::from_f64(number).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, text: &str) -> Result<Value, E> {
+        Ok(Value::String(text.to_owned()))
+    }
+
+    fn visit_string<E>(self, text: String) -> Result<Value, E> {
+        Ok(Value::String(text))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(UniqueKeys { ..self })? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                self.duplicate.set(Some(DecodeError::DuplicateElement {
+                    parent: shorten(self.parent),
+                    name: shorten(&key),
+                }));
+                return Err(A::Error::custom("a key named twice"));
+            }
+            let value = map.next_value_seed(UniqueKeys {
+                parent: &key,
+                duplicate: self.duplicate,
+            })?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
     }
 }
 
@@ -271,6 +373,46 @@ mod tests {
             "}".repeat(40)
         );
         check_reply(&deep, Err(DecodeError::TooDeep));
+    }
+
+    /// A key named twice is refused as XML refuses an element twice, never read as its last
+    /// value: `{"fault":{"code":2001},"fault":{"code":1148}}` is not fault 1148, which says
+    /// retry, nor a `case_state` of NOOP, which would have a repeat send a call again.
+    #[test]
+    fn a_key_named_twice_is_a_duplicate_element() {
+        fn duplicate<T>(parent: &str, name: &str) -> Result<T, DecodeError> {
+            Err(DecodeError::DuplicateElement {
+                parent: parent.to_owned(),
+                name: name.to_owned(),
+            })
+        }
+        check_reply(
+            r#"{"fault":{"code":1009,"code":1148}}"#,
+            duplicate("fault", "code"),
+        );
+        check_reply(
+            r#"{"fault":{"code":2001},"fault":{"code":1148}}"#,
+            duplicate("response", "fault"),
+        );
+        check_reply(
+            r#"{"response":{"params":{},"params":{}}}"#,
+            duplicate("response", "params"),
+        );
+        check_reply(
+            r#"{"params":{"port_id":4,"case_state":"ERSO","case_state":"NOOP"}}"#,
+            duplicate("params", "case_state"),
+        );
+        check_reply(
+            r#"{"params":{"bins":[{"bin_id":1,"bin_id":2}]}}"#,
+            duplicate("bins", "bin_id"),
+        );
+        assert_eq!(
+            WireFormat::Json.decode_method_call(
+                br#"{"method":"case_extract","method":"case_cancel","params":{}}"#,
+                None
+            ),
+            duplicate("methodcall", "method")
+        );
     }
 
     #[test]
