@@ -124,25 +124,26 @@ pub const UPSTREAM_CONNECTION_LOST: GatewayError = GatewayError {
 pub const UPSTREAM_HTTP_DECLINED: GatewayError = GatewayError {
     reason: "UPSTREAM_HTTP_ERROR",
     code: Code::Unavailable,
-    when: "HTTP 503 or 429 without a fault in the body: the controller declined the request (as \
-           HTTP defines these statuses; the vendor does not document them); metadata \
-           `httpStatus`",
+    when: "HTTP 503 or 429 without a fault or a success reply in the body: the controller \
+           declined the request (as HTTP defines these statuses; the vendor does not document \
+           them); metadata `httpStatus`",
     retry: GatewayRetry::AfterDelay,
 };
 /// Any other 5xx: the controller, or a proxy before it, failed while handling the request.
 pub const UPSTREAM_HTTP_SERVER_ERROR: GatewayError = GatewayError {
     reason: "UPSTREAM_HTTP_ERROR",
     code: Code::Unknown,
-    when: "HTTP 500, 502, 504 or any other 5xx without a fault in the body: the request may \
-           have been acted on before it failed; metadata `httpStatus`",
+    when: "HTTP 500, 502, 504 or any other 5xx without a fault in the body, 503 included when \
+           the body is a success reply (the controller says it acted): the request may have \
+           been acted on before it failed; metadata `httpStatus`",
     retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
 };
 /// Any other non-2xx status: not what the task interface answers.
 pub const UPSTREAM_HTTP_OTHER: GatewayError = GatewayError {
     reason: "UPSTREAM_HTTP_ERROR",
     code: Code::Internal,
-    when: "any other non-2xx status without a fault in the body (`101`, `404`, …); metadata \
-           `httpStatus`",
+    when: "any other non-2xx status without a fault in the body (`101`, `404`, 429 with a \
+           success reply, …); metadata `httpStatus`",
     retry: GatewayRetry::MayHaveActed("no; check the controller URL"),
 };
 /// No complete reply within the time limit.

@@ -458,9 +458,10 @@ fn upstream_row(error: &UpstreamError) -> (&'static GatewayError, Extra) {
             &gateway_error::UPSTREAM_TIMEOUT,
             Extra::TimeoutMs(limit.as_millis()),
         ),
-        UpstreamError::HttpStatus { status } => {
+        UpstreamError::HttpStatus { status, success } => {
             let row = match status.as_u16() {
-                429 | 503 => &gateway_error::UPSTREAM_HTTP_DECLINED,
+                // A success reply says the controller acted, whatever the status says.
+                429 | 503 if !success => &gateway_error::UPSTREAM_HTTP_DECLINED,
                 _ if status.is_server_error() => &gateway_error::UPSTREAM_HTTP_SERVER_ERROR,
                 _ => &gateway_error::UPSTREAM_HTTP_OTHER,
             };
@@ -1013,6 +1014,7 @@ mod tests {
         };
         let http = |code: u16| UpstreamError::HttpStatus {
             status: hyper::StatusCode::from_u16(code).unwrap(),
+            success: false,
         };
         // The controller may have acted: a code no standard retry policy retries, no RetryInfo.
         for http_status in [500, 502, 504, 599] {

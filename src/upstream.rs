@@ -131,10 +131,16 @@ pub(crate) enum UpstreamError {
         limit: Duration,
     },
     /// A non-2xx HTTP status without a fault in the body.
-    #[error("the controller answered HTTP {status}")]
+    #[error(
+        "the controller answered HTTP {status}{}",
+        if *.success { " with a success reply in its body" } else { "" }
+    )]
     HttpStatus {
         /// The status the controller sent.
         status: StatusCode,
+        /// Whether the body is a success reply: the controller says it acted, whatever the
+        /// status says.
+        success: bool,
     },
     /// A 2xx reply whose body is not a task-interface response.
     #[error("the controller's reply is not a valid response: {0}")]
@@ -382,10 +388,18 @@ impl Upstream {
         let body = read_capped(&mut response, self.max_response_bytes).await;
         if !status.is_success() {
             // A fault is the controller's answer whatever status carries it; anything else under
-            // a non-2xx status is not a reply we can act on.
+            // a non-2xx status is not a reply we can act on. A success reply under one still says
+            // the controller acted, so a status that means "declined" must not be believed.
             return match body.map(|body| self.format.decode_reply(&body, charset)) {
                 Ok(Ok(Reply::Fault(code))) => Ok(Reply::Fault(code)),
-                _ => Err(UpstreamError::HttpStatus { status }),
+                Ok(Ok(Reply::Success(_))) => Err(UpstreamError::HttpStatus {
+                    status,
+                    success: true,
+                }),
+                _ => Err(UpstreamError::HttpStatus {
+                    status,
+                    success: false,
+                }),
             };
         }
         let body = body.map_err(|error| match error {

@@ -124,7 +124,8 @@ enum Kind {
     Unreachable(String),
     ConnectionLost(String),
     Timeout(Duration),
-    HttpStatus(u16),
+    /// The status, and whether the body was a success reply.
+    HttpStatus(u16, bool),
     BadResponse(DecodeError),
     ResponseTooLarge(usize),
 }
@@ -145,10 +146,13 @@ fn kind() -> impl Strategy<Value = Kind> {
         "[a-z ]{0,20}".prop_map(Kind::Unreachable),
         "[a-z ]{0,20}".prop_map(Kind::ConnectionLost),
         (0_u64..10_000_000).prop_map(|millis| Kind::Timeout(Duration::from_millis(millis))),
-        (100_u16..1000).prop_map(Kind::HttpStatus),
+        (100_u16..1000, any::<bool>()).prop_map(|(code, success)| Kind::HttpStatus(code, success)),
         // The statuses whose code differs from their neighbours'.
-        prop::sample::select(vec![429, 499, 500, 502, 503, 504, 599, 600])
-            .prop_map(Kind::HttpStatus),
+        (
+            prop::sample::select(vec![429, 499, 500, 502, 503, 504, 599, 600]),
+            any::<bool>()
+        )
+            .prop_map(|(code, success)| Kind::HttpStatus(code, success)),
         decode_error.prop_map(Kind::BadResponse),
         any::<usize>().prop_map(Kind::ResponseTooLarge),
     ]
@@ -164,8 +168,9 @@ fn upstream_error(kind: &Kind) -> UpstreamError {
             std::io::Error::new(std::io::ErrorKind::ConnectionReset, message.clone()),
         )),
         Kind::Timeout(limit) => UpstreamError::Timeout { limit: *limit },
-        Kind::HttpStatus(code) => UpstreamError::HttpStatus {
+        Kind::HttpStatus(code, success) => UpstreamError::HttpStatus {
             status: hyper::StatusCode::from_u16(*code).expect("100-999 is a valid status"),
+            success: *success,
         },
         Kind::BadResponse(error) => UpstreamError::BadResponse(error.clone()),
         Kind::ResponseTooLarge(limit) => UpstreamError::ResponseTooLarge { limit: *limit },
@@ -193,11 +198,12 @@ fn documented_upstream(
             vec![("timeoutMs", limit.as_millis().to_string())],
             None,
         ),
-        Kind::HttpStatus(http_status) => {
-            // 503 and 429: the controller declined, so UNAVAILABLE with the delay; any other
-            // 5xx: it may have acted, so UNKNOWN; 600-999 are "others", like 4xx.
+        Kind::HttpStatus(http_status, success) => {
+            // 503 and 429: the controller declined, so UNAVAILABLE with the delay, unless the
+            // body is a success reply; any other 5xx: it may have acted, so UNKNOWN; 600-999
+            // are "others", like 4xx.
             let (code, retry_delay) = match http_status {
-                429 | 503 => (Code::Unavailable, Some(retry.delay)),
+                429 | 503 if !success => (Code::Unavailable, Some(retry.delay)),
                 500..=599 => (Code::Unknown, None),
                 _ => (Code::Internal, None),
             };

@@ -310,6 +310,37 @@ async fn http_503_and_429_are_unavailable_with_retry_info_and_404_is_internal() 
     assert!(status.get_details_retry_info().is_none());
 }
 
+/// A 503 or 429 whose body is a success reply is not a request the controller declined: the
+/// body says it acted. It must not be UNAVAILABLE, which a retry policy would send again.
+#[tokio::test]
+async fn a_success_under_a_declining_status_may_have_acted() {
+    for (http_status, code, text) in [
+        (503, Code::Unknown, "503 Service Unavailable"),
+        (429, Code::Internal, "429 Too Many Requests"),
+    ] {
+        let (status, _) = call_through(Script::Respond {
+            status: http_status,
+            content_type: "application/xml",
+            body: b"<response><params/></response>".to_vec(),
+        })
+        .await;
+        check_gateway_error(
+            &status,
+            code,
+            "UPSTREAM_HTTP_ERROR",
+            &[("httpStatus", &http_status.to_string())],
+        );
+        assert_eq!(
+            status.message(),
+            format!(
+                "case_extract port 4 bin 101337: the controller answered HTTP {text} with a \
+                 success reply in its body"
+            )
+        );
+        assert!(status.get_details_retry_info().is_none());
+    }
+}
+
 #[tokio::test]
 async fn a_fault_under_an_error_status_is_still_the_fault() {
     let (status, _) = call_through(Script::Respond {

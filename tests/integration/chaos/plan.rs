@@ -240,8 +240,11 @@ impl Behaviour {
                     (200, Body::Oversized) => {
                         gateway(Code::Internal, "UPSTREAM_RESPONSE_TOO_LARGE")
                     }
-                    // The controller declined; after any other 5xx it may have acted.
-                    (429 | 503, _) => gateway(Code::Unavailable, "UPSTREAM_HTTP_ERROR"),
+                    // The controller declined, unless the body read is a success reply, which
+                    // says it acted; after any other 5xx it may have acted.
+                    (429 | 503, Body::Garbage(_) | Body::Oversized) => {
+                        gateway(Code::Unavailable, "UPSTREAM_HTTP_ERROR")
+                    }
                     (500.., _) => gateway(Code::Unknown, "UPSTREAM_HTTP_ERROR"),
                     (_, _) => gateway(Code::Internal, "UPSTREAM_HTTP_ERROR"),
                 }

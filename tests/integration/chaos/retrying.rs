@@ -222,7 +222,8 @@ impl Fate {
         match self {
             Fate::DropIgnored => Behaviour::CloseBeforeHead,
             Fate::Fault(code) => reply(200, Body::Fault(code), Pacing::AtOnce),
-            Fate::Unavailable => reply(503, Body::Success, Pacing::AtOnce),
+            // A body that is not a success reply: with one, a 503 would say it acted.
+            Fate::Unavailable => reply(503, Body::Garbage(0), Pacing::AtOnce),
             _ => reply(200, Body::Fault(BUSY), Pacing::AtOnce),
         }
     }
