@@ -184,8 +184,9 @@ pub enum DecodeError {
         "<case_state> holds '{0}', not one of NOOP, EREQ, ERSO, ECMP, IREQ, IRTR, ICRC, ICIN or ICMP"
     )]
     UnknownCaseState(String),
-    /// An element that must hold a non-negative decimal integer holds something else.
-    #[error("<{element}> holds '{text}', not a non-negative integer")]
+    /// An element that must hold a non-negative decimal integer holds something else, or one
+    /// too large for any task-interface value.
+    #[error("<{element}> holds '{text}', not an integer from 0 to 4294967295")]
     InvalidInteger {
         /// The element.
         element: String,

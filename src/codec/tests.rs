@@ -306,6 +306,16 @@ fn fault_codes_that_are_not_integers() {
         let body = format!("<response><fault><code>{text}</code></fault></response>");
         check_reply(body.as_bytes(), None, invalid(text));
     }
+    // A code of ten digits is a non-negative integer, just not one a fault code can be: the
+    // message says which integers are.
+    let too_large = DecodeError::InvalidInteger {
+        element: "code".to_owned(),
+        text: "4294967296".to_owned(),
+    };
+    assert_eq!(
+        too_large.to_string(),
+        "<code> holds '4294967296', not an integer from 0 to 4294967295"
+    );
     check_reply(
         b"<response><fault><code><n>1</n></code></fault></response>",
         None,
