@@ -108,7 +108,8 @@ pub const IDEMPOTENCY_TABLE_FULL: GatewayError = GatewayError {
 pub const UPSTREAM_UNREACHABLE: GatewayError = GatewayError {
     reason: "UPSTREAM_UNREACHABLE",
     code: Code::Unavailable,
-    when: "the controller refused the connection, or DNS failed (tried twice); nothing was sent",
+    when: "the connection to the controller could not be made: refused, DNS failed, or the \
+           controller's TLS certificate was not trusted (tried twice); nothing was sent",
     retry: GatewayRetry::AfterDelay,
 };
 /// The connection failed once the request may have been sent.
