@@ -273,7 +273,25 @@ async fn errors_print_each_cause_once() {
     let (_, stderr) = run(&["serve", "--listen", &address], 2).await;
     assert_eq!(
         stderr,
-        format!("error: cannot listen on {address}: Address already in use (os error 98)\n")
+        format!(
+            "error: cannot listen on {address} (--listen): Address already in use (os error 98)\n"
+        )
+    );
+    // The flag is named: the address may be held by the gateway's own other listener.
+    let args = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        &address,
+    ];
+    let (_, stderr) = run(&args, 2).await;
+    assert_eq!(
+        stderr,
+        format!(
+            "error: cannot listen on {address} (--metrics-listen): Address already in use (os \
+             error 98)\n"
+        )
     );
 }
 
