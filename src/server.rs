@@ -38,8 +38,9 @@ use crate::shutdown::Hangups;
 use crate::upstream::Upstream;
 use crate::watch::Watches;
 
-/// The largest request message accepted: every task-interface request is a few integers, so
-/// anything bigger is a mistake or an attack, refused before it is decoded.
+/// The largest request message accepted, by every service: every task-interface request is a
+/// few integers, and a health or reflection request a name, so anything bigger is a mistake or
+/// an attack, refused before it is decoded.
 const MAX_REQUEST_BYTES: usize = 4 * 1024;
 /// HTTP/2 pings find dead client connections (a pulled cable, a crashed pod) that TCP alone would
 /// keep for hours.
@@ -190,6 +191,8 @@ pub async fn serve(
         AbortOnDrop(tokio::spawn(endpoint).abort_handle())
     });
     let (reporter, health_service) = tonic_health::server::health_reporter();
+    // Any peer may call health and reflection too, and tonic's own limit is 4 MiB a message.
+    let health_service = health_service.max_decoding_message_size(MAX_REQUEST_BYTES);
     let health = Health::start(
         reporter,
         upstream.url(),
@@ -202,12 +205,14 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(ServeError::Reflection)?;
+        .map_err(ServeError::Reflection)?
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
-        .map_err(ServeError::Reflection)?;
+        .map_err(ServeError::Reflection)?
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
     let task_upstream_url = upstream.url().clone();
     let watches = config
         .log_publisher
