@@ -26,7 +26,7 @@ use crate::accept::Acceptor;
 use crate::auth::{self, Authenticator};
 use crate::call::CallLayer;
 use crate::connection::{self, Admission, Connections, RequestKind};
-use crate::console::{ConsoleLayer, Timeouts};
+use crate::console::{self, ConsoleLayer, Timeouts};
 use crate::health::{Health, WatchLimit};
 use crate::log_publisher::client::{self as log_publisher_client, Target};
 use crate::metrics::Metrics;
@@ -65,6 +65,9 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 const TASK_SERVICE_PATH: &str = "/taskgate.v1.TaskService/";
 /// ...except this one, a watch, which shutdown ends rather than waits for.
 const WATCH_CASE_EVENTS_PATH: &str = "/taskgate.v1.TaskService/WatchCaseEvents";
+/// Answered with one message, as the task calls and the console's files are; the other health
+/// and reflection methods stream their answers.
+const HEALTH_CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
 
 /// The sockets the gateway serves on, bound before `serve` so that binding errors surface at
 /// startup and tests can use ephemeral ports.
@@ -488,6 +491,12 @@ fn request_kind(path: &str) -> RequestKind {
         RequestKind::Watch
     } else if path.starts_with(TASK_SERVICE_PATH) {
         RequestKind::Call
+    } else if path == HEALTH_CHECK_PATH
+        || path == console::PAGE_PATH
+        || path.starts_with(console::FILES_PATH)
+        || console::REDIRECTED_PATHS.contains(&path)
+    {
+        RequestKind::Other
     } else {
         RequestKind::Stream
     }
@@ -521,6 +530,21 @@ mod tests {
             WATCH_CASE_EVENTS_PATH,
             format!("/{SERVICE_NAME}/WatchCaseEvents")
         );
+        assert_eq!(
+            HEALTH_CHECK_PATH,
+            format!(
+                "/{}/Check",
+                <tonic_health::pb::health_server::HealthServer<
+                    tonic_health::server::HealthService,
+                > as tonic::server::NamedService>::NAME
+            )
+        );
+        assert_eq!(request_kind(HEALTH_CHECK_PATH), RequestKind::Other);
+        assert_eq!(
+            request_kind("/grpc.health.v1.Health/Watch"),
+            RequestKind::Stream
+        );
+        assert_eq!(request_kind(console::CONFIG_PATH), RequestKind::Other);
     }
 
     /// The README's worst case for a busy connection follows from the settings it rests on: the
