@@ -152,8 +152,11 @@ pub(crate) enum RequestKind {
     Call,
     /// A case-event watch.
     Watch,
-    /// Another stream of answers: health Watch, reflection.
+    /// Another stream of answers: health Watch.
     Stream,
+    /// A stream that answers each of its requests and ends with them: reflection. Its answers
+    /// are ready once its requests have ended (or their time ran out). Counted with the streams.
+    Exchange,
     /// Anything else, answered whole at once: health Check, the console's files. Counted with
     /// the streams.
     Other,
@@ -566,7 +569,7 @@ impl Census {
         match kind {
             RequestKind::Call => &self.calls,
             RequestKind::Watch => &self.watches,
-            RequestKind::Stream | RequestKind::Other => &self.streams,
+            RequestKind::Stream | RequestKind::Exchange | RequestKind::Other => &self.streams,
         }
     }
 
@@ -698,7 +701,11 @@ impl RequestKind {
 impl TrackedRequest {
     /// Its whole answer is ready: the connection is no busier for it than if it had ended.
     fn answered(&self) {
-        let stage = lock(&self.stage);
+        self.answered_in(&lock(&self.stage));
+    }
+
+    /// [`TrackedRequest::answered`], `stage` being held.
+    fn answered_in(&self, stage: &Stage) {
         if *stage != Stage::Ended && !self.answered.swap(true, Ordering::Relaxed) {
             let now = Instant::now();
             self.connection.update(|state| state.request_answered(now));
@@ -715,6 +722,9 @@ impl TrackedRequest {
                 .census
                 .arrived(self.kind)
                 .fetch_add(1, Ordering::Relaxed);
+            if self.kind == RequestKind::Exchange {
+                self.answered_in(&stage);
+            }
         }
     }
 }
@@ -760,6 +770,10 @@ impl HttpBody for RequestBody {
             Poll::Pending => match this.deadline.as_mut().map(|deadline| deadline.poll(cx)) {
                 Some(Poll::Ready(status)) => {
                     this.deadline = None;
+                    // No more requests: an exchange's answers are whole.
+                    if this.request.kind == RequestKind::Exchange {
+                        this.request.answered();
+                    }
                     Poll::Ready(Some(Err(status.into())))
                 }
                 _ => Poll::Pending,

@@ -65,9 +65,11 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 const TASK_SERVICE_PATH: &str = "/taskgate.v1.TaskService/";
 /// ...except this one, a watch, which shutdown ends rather than waits for.
 const WATCH_CASE_EVENTS_PATH: &str = "/taskgate.v1.TaskService/WatchCaseEvents";
-/// Answered with one message, as the task calls and the console's files are; the other health
-/// and reflection methods stream their answers.
+/// Answered with one message, as the task calls and the console's files are; health Watch
+/// streams its answers.
 const HEALTH_CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
+/// Reflection's services (v1 and v1alpha), whose one method answers each request of its stream.
+const REFLECTION_PATH: &str = "/grpc.reflection.";
 
 /// The sockets the gateway serves on, bound before `serve` so that binding errors surface at
 /// startup and tests can use ephemeral ports.
@@ -497,6 +499,8 @@ fn request_kind(path: &str) -> RequestKind {
         || console::REDIRECTED_PATHS.contains(&path)
     {
         RequestKind::Other
+    } else if path.starts_with(REFLECTION_PATH) {
+        RequestKind::Exchange
     } else {
         RequestKind::Stream
     }
@@ -545,6 +549,12 @@ mod tests {
             RequestKind::Stream
         );
         assert_eq!(request_kind(console::CONFIG_PATH), RequestKind::Other);
+        for reflection in [
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert_eq!(request_kind(reflection), RequestKind::Exchange);
+        }
     }
 
     /// The README's worst case for a busy connection follows from the settings it rests on: the
