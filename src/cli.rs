@@ -367,10 +367,12 @@ fn bearer_token(token: &str) -> anyhow::Result<AsciiMetadataValue> {
         .context("invalid --token: it must be printable ASCII")
 }
 
-async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
+/// Binds `address`, given by `flag`: the error names the flag, since the gateway's own other
+/// listener may be what holds the address.
+async fn bind(flag: &str, address: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(address)
         .await
-        .with_context(|| format!("cannot listen on {address}"))
+        .with_context(|| format!("cannot listen on {address} ({flag})"))
 }
 
 /// A duration flag's value, read by humantime ("10s", "1m 30s", "500ms"); clap names the flag

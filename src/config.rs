@@ -601,9 +601,14 @@ pub fn redact_userinfo(text: &str) -> Cow<'_, str> {
     while let Some(start) = rest.find(SCHEME_END) {
         let (before, after) = rest.split_at(start + SCHEME_END.len());
         shown.push_str(before);
-        // A URL in prose or TOML ends at white space. Not at a quote: a quote may be part of the
-        // user name (`http://'user:pw@host`), and masking a little too much is the safe side.
-        let end = after.find(char::is_whitespace).unwrap_or(after.len());
+        // A URL ends with its line, or at the white space before the next URL on it. Not at a
+        // quote, nor at white space within it: a TOML string may hold both
+        // (`"http://'user:my pw@host"`), and masking a little too much is the safe side.
+        let line = &after[..after.find('\n').unwrap_or(after.len())];
+        let end = line
+            .find(SCHEME_END)
+            .and_then(|next| line[..next].rfind(char::is_whitespace))
+            .unwrap_or(line.len());
         push_redacted_authority(&after[..end], &mut shown);
         rest = &after[end..];
     }
@@ -616,7 +621,9 @@ pub fn redact_userinfo(text: &str) -> Cow<'_, str> {
 /// may hold a `/`; but text whose first `/` comes before any `:` is a host and a path that holds
 /// an `@` (`controller/a@b`), and is kept.
 fn push_redacted_authority(url_rest: &str, shown: &mut String) {
-    let Some(at) = url_rest.rfind('@') else {
+    // TOML's escapes of `@`, which a TOML error quotes as written.
+    const ATS: [&str; 3] = ["@", "\\u0040", "\\U00000040"];
+    let Some(at) = ATS.iter().filter_map(|at| url_rest.rfind(at)).max() else {
         shown.push_str(url_rest);
         return;
     };
@@ -903,6 +910,32 @@ mod tests {
             "1 | upstream = \"http://'user:***@controller:44000/x\"\n  |  ^",
         );
         assert_eq!(redact_url("u:p@h:1"), "u:***@h:1");
+    }
+
+    /// A TOML error quotes its line as written, and TOML lets a URL hold what ends a word in
+    /// prose: a space in a quoted password (which the URL parser takes, encoded), or an `@`
+    /// written as an escape. Neither may show the password.
+    #[test]
+    fn credentials_in_a_quoted_toml_line_are_masked() {
+        let check = |text: &str, expected: &str| {
+            assert_eq!(redact_userinfo(text), expected, "{text}");
+        };
+        check(
+            "1 | upstream = \"http://u:my secret@h:1/x\" junk\n  |  ^",
+            "1 | upstream = \"http://u:***@h:1/x\" junk\n  |  ^",
+        );
+        check(
+            "invalid type: string \"http://u:my secret@h\", expected a sequence",
+            "invalid type: string \"http://u:***@h\", expected a sequence",
+        );
+        check(
+            "1 | upstream = \"http://u:secret\\u0040h:1/x\" junk",
+            "1 | upstream = \"http://u:***\\u0040h:1/x\" junk",
+        );
+        check(
+            "1 | upstream = \"http://secret\\U00000040h:1/x\" junk",
+            "1 | upstream = \"http://***\\U00000040h:1/x\" junk",
+        );
     }
 
     #[test]

@@ -24,7 +24,10 @@
 //!   is open. No task RPC streams its requests; reflection's stream, which does, gets the same
 //!   limit.
 //! - **Idle**: a connection without an open request for the idle timeout gets GOAWAY (an idle
-//!   HTTP/1.1 connection is closed). Hyper and hyper-util have no idle timeout for servers.
+//!   HTTP/1.1 connection is closed). Hyper and hyper-util have no idle timeout for servers. A
+//!   request whose whole answer is ready (one message, a file) counts as ended: hyper sends it
+//!   only as its peer makes room, so a peer that never reads would otherwise hold the
+//!   connection for good.
 //! - **Shutdown**: every connection gets GOAWAY at once. A request holds the drain only once its
 //!   body has fully arrived; a connection with nothing else (idle, a partial head, a body that
 //!   never comes) is closed after a short linger. hyper-util's `GracefulShutdown` waits for every
@@ -44,7 +47,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -142,15 +145,21 @@ pub(crate) struct CensusCounts {
     pub(crate) closed_partial: usize,
 }
 
-/// What a request is, for the census: a listener tells them apart by path.
+/// What a request is, for the census and the idle timeout: a listener tells them apart by path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RequestKind {
     /// A task call.
     Call,
     /// A case-event watch.
     Watch,
-    /// Anything else: health, reflection, the console's files.
+    /// Another stream of answers: health Watch.
     Stream,
+    /// A stream that answers each of its requests and ends with them: reflection. Its answers
+    /// are ready once its requests have ended (or their time ran out). Counted with the streams.
+    Exchange,
+    /// Anything else, answered whole at once: health Check, the console's files. Counted with
+    /// the streams.
+    Other,
 }
 
 /// One listener's connections: the limit on how many are open, what they are doing, and the
@@ -221,6 +230,9 @@ struct TrackedRequest {
     /// state, never after it, so the two taps agree on whether the request was counted as
     /// arrived.
     stage: Mutex<Stage>,
+    /// Its whole answer is ready and waits only for its peer to take it; written and read
+    /// under `stage`'s lock, for the same reason.
+    answered: AtomicBool,
 }
 
 /// Where a request is.
@@ -557,7 +569,7 @@ impl Census {
         match kind {
             RequestKind::Call => &self.calls,
             RequestKind::Watch => &self.watches,
-            RequestKind::Stream => &self.streams,
+            RequestKind::Stream | RequestKind::Exchange | RequestKind::Other => &self.streams,
         }
     }
 
@@ -650,6 +662,7 @@ where
             connection: Arc::clone(&self.connection),
             kind: (self.kind_of)(parts.uri.path()),
             stage: Mutex::new(Stage::Receiving),
+            answered: AtomicBool::new(false),
         });
         let guard = RequestGuard(Arc::clone(&tracked));
         if body.is_end_stream() {
@@ -664,14 +677,41 @@ where
         let response = self.inner.call(Request::from_parts(parts, body));
         Box::pin(async move {
             let response = response.await.map_err(Into::into)?;
+            if guard.0.kind.answers_once() {
+                guard.0.answered();
+            }
             Ok(response.map(|body| Holding::new(body, guard)))
         })
+    }
+}
+
+// === impl RequestKind ===
+
+impl RequestKind {
+    /// Whether its response is whole once it starts (one message, a file), so that only its
+    /// peer's reading is left: a peer that never reads must not keep its connection from the
+    /// idle timeout with it.
+    fn answers_once(self) -> bool {
+        matches!(self, RequestKind::Call | RequestKind::Other)
     }
 }
 
 // === impl TrackedRequest ===
 
 impl TrackedRequest {
+    /// Its whole answer is ready: the connection is no busier for it than if it had ended.
+    fn answered(&self) {
+        self.answered_in(&lock(&self.stage));
+    }
+
+    /// [`TrackedRequest::answered`], `stage` being held.
+    fn answered_in(&self, stage: &Stage) {
+        if *stage != Stage::Ended && !self.answered.swap(true, Ordering::Relaxed) {
+            let now = Instant::now();
+            self.connection.update(|state| state.request_answered(now));
+        }
+    }
+
     /// The body has fully arrived: from now on the request is worth waiting for.
     fn body_arrived(&self) {
         let mut stage = lock(&self.stage);
@@ -682,6 +722,9 @@ impl TrackedRequest {
                 .census
                 .arrived(self.kind)
                 .fetch_add(1, Ordering::Relaxed);
+            if self.kind == RequestKind::Exchange {
+                self.answered_in(&stage);
+            }
         }
     }
 }
@@ -691,11 +734,12 @@ impl Drop for RequestGuard {
         let request = &self.0;
         let mut stage = lock(&request.stage);
         let had_arrived = *stage == Stage::Arrived;
+        let had_answered = request.answered.load(Ordering::Relaxed);
         *stage = Stage::Ended;
         let now = Instant::now();
         request
             .connection
-            .update(|state| state.request_ended(had_arrived, now));
+            .update(|state| state.request_ended(had_arrived, had_answered, now));
         if had_arrived {
             request
                 .connection
@@ -726,6 +770,10 @@ impl HttpBody for RequestBody {
             Poll::Pending => match this.deadline.as_mut().map(|deadline| deadline.poll(cx)) {
                 Some(Poll::Ready(status)) => {
                     this.deadline = None;
+                    // No more requests: an exchange's answers are whole.
+                    if this.request.kind == RequestKind::Exchange {
+                        this.request.answered();
+                    }
                     Poll::Ready(Some(Err(status.into())))
                 }
                 _ => Poll::Pending,

@@ -113,6 +113,12 @@ pub fn init(
             .with(exported.layer().with_filter(filter_fn(is_traced)))
             .try_init(),
     };
+    if let Some((value, error)) = invalid_rust_log() {
+        tracing::warn!(
+            target: "taskgate::log",
+            "RUST_LOG={value:?} is not a valid filter ({error}); logging with the default {default_filter:?} instead"
+        );
+    }
     let reporter = DropReporter::start(dropped)
         .inspect_err(|error| {
             tracing::warn!(
@@ -179,6 +185,14 @@ where
 /// which the log has).
 fn is_traced(metadata: &tracing::Metadata<'_>) -> bool {
     metadata.is_span() && metadata.target() == crate::otel::SPAN_TARGET
+}
+
+/// `RUST_LOG`'s value and why it is not a filter, when it is set and not one: it is then
+/// replaced by the default, which the log says rather than leave a typo unseen.
+fn invalid_rust_log() -> Option<(String, tracing_subscriber::filter::ParseError)> {
+    let value = std::env::var("RUST_LOG").ok()?;
+    let error = EnvFilter::try_new(&value).err()?;
+    Some((value, error))
 }
 
 /// `RUST_LOG` if it is set and valid, else `default_filter`.

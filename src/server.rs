@@ -26,7 +26,7 @@ use crate::accept::Acceptor;
 use crate::auth::{self, Authenticator};
 use crate::call::CallLayer;
 use crate::connection::{self, Admission, Connections, RequestKind};
-use crate::console::{ConsoleLayer, Timeouts};
+use crate::console::{self, ConsoleLayer, Timeouts};
 use crate::health::{Health, WatchLimit};
 use crate::log_publisher::client::{self as log_publisher_client, Target};
 use crate::metrics::Metrics;
@@ -38,8 +38,9 @@ use crate::shutdown::Hangups;
 use crate::upstream::Upstream;
 use crate::watch::Watches;
 
-/// The largest request message accepted: every task-interface request is a few integers, so
-/// anything bigger is a mistake or an attack, refused before it is decoded.
+/// The largest request message accepted, by every service: every task-interface request is a
+/// few integers, and a health or reflection request a name, so anything bigger is a mistake or
+/// an attack, refused before it is decoded.
 const MAX_REQUEST_BYTES: usize = 4 * 1024;
 /// HTTP/2 pings find dead client connections (a pulled cable, a crashed pod) that TCP alone would
 /// keep for hours.
@@ -64,6 +65,11 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 const TASK_SERVICE_PATH: &str = "/taskgate.v1.TaskService/";
 /// ...except this one, a watch, which shutdown ends rather than waits for.
 const WATCH_CASE_EVENTS_PATH: &str = "/taskgate.v1.TaskService/WatchCaseEvents";
+/// Answered with one message, as the task calls and the console's files are; health Watch
+/// streams its answers.
+const HEALTH_CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
+/// Reflection's services (v1 and v1alpha), whose one method answers each request of its stream.
+const REFLECTION_PATH: &str = "/grpc.reflection.";
 
 /// The sockets the gateway serves on, bound before `serve` so that binding errors surface at
 /// startup and tests can use ephemeral ports.
@@ -190,6 +196,8 @@ pub async fn serve(
         AbortOnDrop(tokio::spawn(endpoint).abort_handle())
     });
     let (reporter, health_service) = tonic_health::server::health_reporter();
+    // Any peer may call health and reflection too, and tonic's own limit is 4 MiB a message.
+    let health_service = health_service.max_decoding_message_size(MAX_REQUEST_BYTES);
     let health = Health::start(
         reporter,
         upstream.url(),
@@ -202,12 +210,14 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(ServeError::Reflection)?;
+        .map_err(ServeError::Reflection)?
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
-        .map_err(ServeError::Reflection)?;
+        .map_err(ServeError::Reflection)?
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
     let task_upstream_url = upstream.url().clone();
     let watches = config
         .log_publisher
@@ -483,6 +493,14 @@ fn request_kind(path: &str) -> RequestKind {
         RequestKind::Watch
     } else if path.starts_with(TASK_SERVICE_PATH) {
         RequestKind::Call
+    } else if path == HEALTH_CHECK_PATH
+        || path == console::PAGE_PATH
+        || path.starts_with(console::FILES_PATH)
+        || console::REDIRECTED_PATHS.contains(&path)
+    {
+        RequestKind::Other
+    } else if path.starts_with(REFLECTION_PATH) {
+        RequestKind::Exchange
     } else {
         RequestKind::Stream
     }
@@ -516,6 +534,27 @@ mod tests {
             WATCH_CASE_EVENTS_PATH,
             format!("/{SERVICE_NAME}/WatchCaseEvents")
         );
+        assert_eq!(
+            HEALTH_CHECK_PATH,
+            format!(
+                "/{}/Check",
+                <tonic_health::pb::health_server::HealthServer<
+                    tonic_health::server::HealthService,
+                > as tonic::server::NamedService>::NAME
+            )
+        );
+        assert_eq!(request_kind(HEALTH_CHECK_PATH), RequestKind::Other);
+        assert_eq!(
+            request_kind("/grpc.health.v1.Health/Watch"),
+            RequestKind::Stream
+        );
+        assert_eq!(request_kind(console::CONFIG_PATH), RequestKind::Other);
+        for reflection in [
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert_eq!(request_kind(reflection), RequestKind::Exchange);
+        }
     }
 
     /// The README's worst case for a busy connection follows from the settings it rests on: the

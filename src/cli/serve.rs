@@ -231,9 +231,9 @@ impl Serve {
         }
         nofile::log_raise(nofile::raise_soft_limit());
         let listen = effective.listen.unwrap_or(defaults::LISTEN);
-        let grpc = bind(listen).await.map_err(usage)?;
+        let grpc = bind("--listen", listen).await.map_err(usage)?;
         let metrics = match effective.metrics_listen {
-            Some(address) => Some(bind(address).await.map_err(usage)?),
+            Some(address) => Some(bind("--metrics-listen", address).await.map_err(usage)?),
             None => None,
         };
         taskgate::server::serve(Listeners { grpc, metrics }, config, stop, hangups)
@@ -248,7 +248,7 @@ impl Serve {
 /// process, and stops when the runtime does.
 async fn start_simulator(simulator: &Simulator, config: &mut Config) -> anyhow::Result<()> {
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let listener = bind(loopback).await?;
+    let listener = bind("--simulator", loopback).await?;
     let address = listener
         .local_addr()
         .context("cannot read the simulator's address")?;
@@ -265,7 +265,7 @@ async fn start_simulator(simulator: &Simulator, config: &mut Config) -> anyhow::
     if config.log_publisher.is_none() {
         return Ok(());
     }
-    let listener = bind(loopback).await?;
+    let listener = bind("--simulator", loopback).await?;
     let address = listener
         .local_addr()
         .context("cannot read the simulator's Log Publisher address")?;

@@ -98,11 +98,13 @@ pub(super) async fn simulate(args: SimulateArgs) -> Outcome {
         .context("invalid configuration")
         .map_err(usage)?;
     nofile::log_raise(nofile::raise_soft_limit());
-    let listener = bind(args.listen).await.map_err(usage)?;
+    let listener = bind("--listen", args.listen).await.map_err(usage)?;
     let address = listener.local_addr().unwrap_or(args.listen);
     let simulator = Simulator::new(&layout);
     if let Some(listen) = args.log_publisher_listen {
-        let log_publisher = bind(listen).await.map_err(usage)?;
+        let log_publisher = bind("--log-publisher-listen", listen)
+            .await
+            .map_err(usage)?;
         let address = log_publisher.local_addr().unwrap_or(listen);
         tracing::info!(%address, "simulated Log Publisher listening");
         // It stops with the process, after the task interface below.

@@ -22,6 +22,10 @@ pub(super) struct State {
     open: usize,
     /// Of those, requests whose body has fully arrived: the ones shutdown waits for.
     arrived: usize,
+    /// Of those, requests whose whole answer is ready and waits only for its peer to take it:
+    /// they leave the connection idle, or a peer that never reads (an HTTP/2 window of 0) would
+    /// hold it for good.
+    answered: usize,
     /// Since when the bytes of a request head (or preface) have been arriving with no request
     /// open.
     head_since: Option<Instant>,
@@ -29,7 +33,7 @@ pub(super) struct State {
     /// HTTP/1.1, which has one request at a time: an HTTP/2 body late past the same limit ends
     /// its own stream (`RequestBody`), not the connection with the other streams on it.
     body_since: Option<Instant>,
-    /// Since when no request has been open.
+    /// Since when no request has been open, but for answered ones.
     idle_since: Instant,
     /// Shutdown has begun and GOAWAY was sent: from now on every change wakes the driver.
     pub(super) draining: bool,
@@ -85,6 +89,7 @@ impl State {
             identified: false,
             open: 0,
             arrived: 0,
+            answered: 0,
             head_since: None,
             body_since: None,
             idle_since: accepted_at,
@@ -129,11 +134,24 @@ impl State {
         self.draining
     }
 
+    /// A request's whole answer is ready at `now`: only its peer's reading is left.
+    pub(super) fn request_answered(&mut self, now: Instant) -> bool {
+        self.answered += 1;
+        self.idle_since = self.idle_since.max(now);
+        self.draining
+    }
+
     /// A request ended at `now` (its response sent, or the request cancelled), after its body
-    /// had arrived or not.
-    pub(super) fn request_ended(&mut self, had_arrived: bool, now: Instant) -> bool {
+    /// had arrived or not, and its answer was ready or not.
+    pub(super) fn request_ended(
+        &mut self,
+        had_arrived: bool,
+        had_answered: bool,
+        now: Instant,
+    ) -> bool {
         self.open -= 1;
         self.arrived -= usize::from(had_arrived);
+        self.answered -= usize::from(had_answered);
         // An HTTP/1.1 connection has one request at a time: its body is no longer awaited.
         self.body_since = None;
         // Concurrent streams read the clock before they take the lock, so not in order.
@@ -176,7 +194,7 @@ pub(super) fn next_step(state: &State, now: Instant, limits: &ConnectionLimits) 
     {
         return at_or_before(body_since + body_read_timeout, Ending::BodyTimeout);
     }
-    if state.open > 0 {
+    if state.open > state.answered {
         // Request ends do not wake the driver: it looks again when the connection could have
         // been idle for the whole idle timeout at the earliest.
         return Step::LookAgainAt(Some(now + limits.idle_timeout));
@@ -265,11 +283,26 @@ mod tests {
         check(identified, 60, |_| GoAway(Ending::Idle));
         let ended_at_30 = |state: &mut State, t0: Instant| {
             state.request_started(None);
-            state.request_ended(false, t0 + secs(30));
+            state.request_ended(false, false, t0 + secs(30));
         };
         check(ended_at_30, 60, at(90));
         // A request open: look again one idle timeout later, whatever the older deadlines.
         check(|state, _| _ = state.request_started(None), 100, at(160));
+        // A request whose whole answer is ready waits only for its peer to read: the connection
+        // is idle from then, unless another request is open.
+        let answered_at_30 = |state: &mut State, t0: Instant| {
+            identified(state, t0);
+            state.request_started(None);
+            state.body_arrived();
+            state.request_answered(t0 + secs(30));
+        };
+        check(answered_at_30, 60, at(90));
+        check(answered_at_30, 90, |_| GoAway(Ending::Idle));
+        let and_another_open = |state: &mut State, t0: Instant| {
+            answered_at_30(state, t0);
+            state.request_started(None);
+        };
+        check(and_another_open, 100, at(160));
         // An HTTP/1.1 body: dropped once the body-read timeout has passed since its head, open
         // requests or not; once it has arrived, the request is an open one like any other.
         let body_from_20 = |state: &mut State, t0: Instant| {
@@ -312,7 +345,7 @@ mod tests {
         let mut state = State::new(t0);
         assert!(state.request_started(None), "the first request identifies");
         assert!(!state.body_arrived());
-        assert!(!state.request_ended(true, t0));
+        assert!(!state.request_ended(true, false, t0));
         assert!(!state.request_started(None));
         assert!(!state.bytes_read(t0), "a body's bytes are no head");
         assert!(
@@ -321,7 +354,7 @@ mod tests {
         );
         state.draining = true;
         assert!(state.body_arrived());
-        assert!(state.request_ended(true, t0));
+        assert!(state.request_ended(true, false, t0));
     }
 
     #[test]
@@ -333,7 +366,7 @@ mod tests {
             "the handshake deadline times the first head"
         );
         assert!(state.request_started(None));
-        state.request_ended(false, t0);
+        state.request_ended(false, false, t0);
         assert!(state.bytes_read(t0));
         assert!(!state.bytes_read(t0), "only its first bytes");
     }

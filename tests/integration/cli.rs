@@ -101,6 +101,32 @@ async fn case_extract_without_a_gateway_fails_with_exit_1() {
     assert!(stderr.contains("cannot connect to the gateway"), "{stderr}");
 }
 
+/// A `RUST_LOG` that is not a filter is replaced by the default level, and the log says so
+/// first, rather than leave an operator wondering why their filter does nothing.
+#[tokio::test]
+async fn an_invalid_rust_log_is_named_before_the_default_is_used() {
+    let address = format!("http://{}", unused_address().await);
+    let args = ["case-state", "--gateway", &address, "--port", "4"];
+    let output = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info,[")
+        .stdin(Stdio::null())
+        .output();
+    let output = within(PROCESS_WAIT, "taskgate did not exit", output)
+        .await
+        .unwrap();
+    assert_exit(&output, &args, 1);
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let first = stderr.lines().next().unwrap_or_default();
+    assert!(
+        first.ends_with(
+            "WARN taskgate::log: RUST_LOG=\"info,[\" is not a valid filter (invalid filter \
+             directive); logging with the default \"warn\" instead"
+        ),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn usage_and_configuration_errors_exit_2() {
     let (_, stderr) = run(&["serve", "--upstream", "ftp://controller/x"], 2).await;
@@ -247,7 +273,25 @@ async fn errors_print_each_cause_once() {
     let (_, stderr) = run(&["serve", "--listen", &address], 2).await;
     assert_eq!(
         stderr,
-        format!("error: cannot listen on {address}: Address already in use (os error 98)\n")
+        format!(
+            "error: cannot listen on {address} (--listen): Address already in use (os error 98)\n"
+        )
+    );
+    // The flag is named: the address may be held by the gateway's own other listener.
+    let args = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        &address,
+    ];
+    let (_, stderr) = run(&args, 2).await;
+    assert_eq!(
+        stderr,
+        format!(
+            "error: cannot listen on {address} (--metrics-listen): Address already in use (os \
+             error 98)\n"
+        )
     );
 }
 

@@ -13,9 +13,9 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::support::{
     FakeUpstream, GOAWAY, Gateway, GatewayBuilder, PROMPTLY, SETTINGS_MAX_CONCURRENT_STREAMS,
-    Script, assert_grpc_over_http1_gets_400, frames, health_watch, idle_and_partial_connections,
-    read_until_closed, scrape_at_least, scrape_line, served_http2_client, server_settings, setting,
-    silent_http2_client, within,
+    Script, assert_grpc_over_http1_gets_400, endpoint, frames, health_watch,
+    idle_and_partial_connections, read_until_closed, scrape_at_least, scrape_line,
+    served_http2_client, server_settings, setting, silent_http2_client, within,
 };
 
 /// A gateway in front of a controller that never answers.
@@ -66,6 +66,76 @@ async fn an_idle_http2_connection_gets_goaway_and_is_closed_after_the_idle_timeo
     let types: Vec<u8> = frames(&received).iter().map(|(kind, _)| *kind).collect();
     assert!(types.contains(&GOAWAY), "no GOAWAY among frames {types:?}");
     // The test's own client connection, idle too, may be counted as well.
+    scrape_at_least(
+        gateway.metrics_url(),
+        "taskgate_connections_closed_total{listener=\"grpc\",reason=\"idle\"}",
+        1.0,
+    )
+    .await;
+}
+
+/// A client that never reads (an HTTP/2 window of 0) cannot hold its connection with a call
+/// whose answer is ready: the answer waits only for the client, so the connection is idle, and
+/// is closed at the idle timeout like one with nothing open. Health Check needs no token.
+#[tokio::test]
+async fn a_client_that_never_takes_its_answer_is_closed_after_the_idle_timeout() {
+    let gateway = gateway()
+        .await
+        .config(|config| config.connections.idle_timeout = Duration::from_millis(200))
+        .metrics()
+        .start()
+        .await;
+    let never_reads = endpoint(format!("http://{}", gateway.address))
+        .initial_stream_window_size(0)
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(never_reads);
+    let check = client.check(HealthCheckRequest::default());
+    // Its headers came; its message never could, and the connection is gone.
+    within(PROMPTLY, "the connection was not closed", check)
+        .await
+        .unwrap_err();
+    scrape_at_least(
+        gateway.metrics_url(),
+        "taskgate_connections_closed_total{listener=\"grpc\",reason=\"idle\"}",
+        1.0,
+    )
+    .await;
+}
+
+/// The same for reflection, which needs no token either: once its requests have ended, its
+/// answers are whole, and a client that never reads them does not hold its connection.
+#[tokio::test]
+async fn a_reflection_client_that_never_reads_is_closed_after_the_idle_timeout() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+
+    let gateway = gateway()
+        .await
+        .config(|config| config.connections.idle_timeout = Duration::from_millis(200))
+        .metrics()
+        .start()
+        .await;
+    let never_reads = endpoint(format!("http://{}", gateway.address))
+        .initial_stream_window_size(0)
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(never_reads);
+    let list_services = ServerReflectionRequest {
+        message_request: Some(MessageRequest::ListServices(String::new())),
+        ..Default::default()
+    };
+    let read = async {
+        let requests = futures_util::stream::iter([list_services]);
+        let mut answers = client.server_reflection_info(requests).await?.into_inner();
+        answers.message().await
+    };
+    within(PROMPTLY, "the connection was not closed", read)
+        .await
+        .unwrap_err();
     scrape_at_least(
         gateway.metrics_url(),
         "taskgate_connections_closed_total{listener=\"grpc\",reason=\"idle\"}",

@@ -61,3 +61,58 @@ async fn oversized_requests_are_refused_before_decoding() {
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert_eq!(upstream.requests_so_far(), 0);
 }
+
+/// A reflection request for the list of services, padded far beyond any real one.
+#[derive(Clone, PartialEq, prost::Message)]
+struct PaddedListServices {
+    #[prost(string, tag = "7")]
+    list_services: String,
+    #[prost(bytes = "vec", tag = "99")]
+    padding: Vec<u8>,
+}
+
+/// Health and reflection take requests from any peer too, and each stream of theirs holds its
+/// message while it arrives: the 4 KiB limit, and the README's budget of a stream, hold for
+/// them as for the task service (tonic's own limit is 4 MiB).
+#[tokio::test]
+async fn oversized_health_and_reflection_requests_are_refused_before_decoding() {
+    let gateway = Gateway::builder().start().await;
+    let mut grpc = tonic::client::Grpc::new(gateway.client_channel().await);
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .unary(
+            tonic::Request::new(Oversized {
+                padding: vec![0; 8 * 1024],
+            }),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Check"),
+            tonic_prost::ProstCodec::<Oversized, tonic_health::pb::HealthCheckResponse>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    // Reflection ends its stream at a message it cannot read, without a status of its own: the
+    // request is not answered.
+    for path in [
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ] {
+        let request = PaddedListServices {
+            // Not empty, which prost would leave out: reflection reads the field's presence.
+            list_services: "*".to_owned(),
+            padding: vec![0; 8 * 1024],
+        };
+        grpc.ready().await.unwrap();
+        let answer = grpc
+            .streaming(
+                tonic::Request::new(futures_util::stream::iter([request])),
+                tonic::codegen::http::uri::PathAndQuery::from_static(path),
+                tonic_prost::ProstCodec::<PaddedListServices, Oversized>::default(),
+            )
+            .await
+            .unwrap()
+            .into_inner()
+            .message()
+            .await;
+        assert!(matches!(answer, Ok(None)), "{path}: {answer:?}");
+    }
+}
