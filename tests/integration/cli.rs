@@ -1023,8 +1023,8 @@ pub(crate) async fn start_simulate(extra_args: &[&str]) -> (TaskgateProcess, Str
 
 /// POSTs `case_extract` port 4 bin 101337 to a simulator and returns its reply.
 async fn simulator_case_extract(url: &str) -> String {
-    let body = "<methodcall><name>case_extract</name><params><port_id>4</port_id>\
-                <bin_id>101337</bin_id></params></methodcall>";
+    let body = "<?xml version=\"1.0\"?><methodcall><name>case_extract</name><params>\
+                <port_id>4</port_id><bin_id>101337</bin_id></params></methodcall>";
     let reply = reqwest::Client::new()
         .post(url)
         .header("content-type", "application/xml")
