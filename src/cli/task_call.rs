@@ -38,9 +38,9 @@ pub(super) struct GatewayArgs {
     #[arg(long, env = "TASKGATE_TOKEN", hide_env_values = true)]
     token: Option<String>,
 
-    /// The x-request-id to send, to find this call in the gateway's and controller's logs;
-    /// default: one the gateway makes.
-    #[arg(long, env = "TASKGATE_REQUEST_ID")]
+    /// The x-request-id to send, to find this call in the gateway's and controller's logs: 1-128
+    /// visible ASCII characters; default: one the gateway makes.
+    #[arg(long, env = "TASKGATE_REQUEST_ID", value_parser = request_id)]
     request_id: Option<String>,
 
     /// The call's deadline, sent to the gateway as grpc-timeout; for `watch`, only the time to
@@ -79,6 +79,20 @@ fn idempotency_key(text: &str) -> Result<String, String> {
         Ok(Some(_)) => Ok(text.to_owned()),
         Ok(None) => Err("it is empty; leave the flag out for a fresh key".to_owned()),
         Err(error) => Err(format!("it {error}")),
+    }
+}
+
+/// Checks `--request-id` as the gateway checks an `x-request-id`: it keeps only a usable one and
+/// replaces any other with its own, so the logs would not carry the ID asked for.
+fn request_id(text: &str) -> Result<String, String> {
+    if taskgate::request_id::is_usable(text.as_bytes()) {
+        Ok(text.to_owned())
+    } else {
+        Err(
+            "it must be 1-128 visible ASCII characters (no spaces); the gateway replaces any \
+             other with an ID of its own"
+                .to_owned(),
+        )
     }
 }
 
