@@ -107,6 +107,12 @@ impl PortAndBinArgs {
         (self.port, self.bin)
     }
 
+    /// Whether the call repeats a key given with `--idempotency-key`: its operation may have
+    /// begun before this invocation.
+    pub(super) fn repeats_a_key(&self) -> bool {
+        self.idempotency_key.is_some()
+    }
+
     /// How to reach the gateway.
     pub(super) fn gateway(&self) -> &GatewayArgs {
         &self.gateway
