@@ -323,8 +323,21 @@ fn describe_status(what: &str, status: &tonic::Status) -> String {
         )),
         None => lines.push("  retry:   not advised".to_owned()),
     }
-    lines.push(format!("  message: {}", status.message()));
+    if timed_out_here(status) {
+        lines.push("  message: the gateway did not answer within --timeout".to_owned());
+    } else {
+        lines.push(format!("  message: {}", status.message()));
+    }
     lines.join("\n")
+}
+
+/// Whether the status is the one tonic makes on this side when `--timeout` runs out before the
+/// gateway answers (a gateway that answers in time says so itself, `UPSTREAM_TIMEOUT`): its
+/// bare "Timeout expired" names neither the gateway nor the flag.
+fn timed_out_here(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Cancelled
+        && status.details().is_empty()
+        && status.message() == tonic::TimeoutExpired(()).to_string()
 }
 
 fn task_fault(status: &tonic::Status) -> Option<TaskFault> {

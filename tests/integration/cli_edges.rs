@@ -663,3 +663,51 @@ async fn wait_while_publishing(lines: &str, exit: i32) -> String {
     .await;
     stdout
 }
+
+/// A gateway that accepts connections and never answers: the call ends at `--timeout` with a
+/// status tonic makes on this side, `CANCELLED` with "Timeout expired", which named neither the
+/// gateway nor the flag. CaseExtract may have reached it, so the key is printed.
+#[tokio::test]
+async fn a_gateway_that_never_answers_is_named_with_the_timeout() {
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_address = format!("http://{}", silent.local_addr().unwrap());
+    // Accepted and held open, never read nor written.
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let common = [
+        "--gateway",
+        &silent_address,
+        "--port",
+        "4",
+        "--timeout",
+        "200ms",
+    ];
+    let (stdout, _) = run(&[&["case-state"][..], &common[..]].concat(), 1).await;
+    assert_eq!(
+        stdout,
+        "failed: case_getstate port 4: CANCELLED\n\
+         \x20 retry:   not advised\n\
+         \x20 message: the gateway did not answer within --timeout\n"
+    );
+    let key = "0b6a4f0e-6c1b-4c53-9a8e-3d2f1e0c9b7a";
+    let extract = [
+        &["case-extract", "--bin", "101337", "--idempotency-key", key][..],
+        &common[..],
+    ]
+    .concat();
+    let (stdout, _) = run(&extract, 1).await;
+    assert_eq!(
+        stdout,
+        format!(
+            "failed: case_extract port 4 bin 101337: CANCELLED\n\
+             \x20 retry:   not advised\n\
+             \x20 message: the gateway did not answer within --timeout\n\
+             \x20 idempotency key: {key} (repeat with --idempotency-key {key})\n"
+        )
+    );
+    held.abort();
+}
