@@ -97,7 +97,7 @@ pub mod nofile;
 pub mod otel;
 mod protocol;
 pub mod regular_file;
-mod request_id;
+pub mod request_id;
 mod router;
 pub mod server;
 mod service;

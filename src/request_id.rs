@@ -65,7 +65,9 @@ impl fmt::Display for RequestId {
     }
 }
 
-fn is_usable(bytes: &[u8]) -> bool {
+/// Whether a caller's ID is kept as it is: 1–128 visible ASCII characters. The CLI checks its
+/// `--request-id` with this, so an ID the gateway would replace is refused before it is sent.
+pub fn is_usable(bytes: &[u8]) -> bool {
     !bytes.is_empty() && bytes.len() <= MAX_LEN && bytes.iter().all(|byte| byte.is_ascii_graphic())
 }
 

@@ -206,6 +206,31 @@ mod tests {
         );
     }
 
+    /// The vendor's ranges "1-2000" and "1 and 4000000" are read with both ends included
+    /// (task-interface.md §3.1): the ends pass the parameter checks and reach the port's.
+    #[test]
+    fn the_range_ends_are_valid_parameters() {
+        check(
+            &call("<port_id>2000</port_id><bin_id>1</bin_id>"),
+            fault(1000),
+        );
+        check(
+            &call("<port_id>1</port_id><bin_id>4000000</bin_id>"),
+            fault(1087),
+        );
+        check(
+            &named(
+                "case_cancel",
+                "<port_id>2000</port_id><bin_id>4000000</bin_id>",
+            ),
+            fault(1000),
+        );
+        check(
+            &named("case_getstate", "<port_id>2000</port_id>"),
+            fault(1000),
+        );
+    }
+
     #[test]
     fn the_default_layout_produces_every_port_fault() {
         check(&call("<port_id>9</port_id><bin_id>1</bin_id>"), fault(1000));

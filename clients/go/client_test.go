@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	taskgatev1 "taskgate/v1"
 )
@@ -248,6 +249,46 @@ func TestMayHaveActedIsKeptAcrossTheClientsOwnRetries(t *testing.T) {
 	alone := ErrorOf(statusWithReason(t, codes.Unavailable, "UPSTREAM_UNREACHABLE"))
 	if alone.MayHaveActed() {
 		t.Errorf("an unreachable controller alone may have acted")
+	}
+}
+
+func TestAfterAnAttemptThatMayHaveActedOnlyAPortReadIsRetried(t *testing.T) {
+	// The first attempt was cut off after it may have reached the controller. A gateway that
+	// forgot the key (restarted, another replica) sends the retry as a new call, and its 1148
+	// then most likely means the first attempt's extraction is running: retrying until it ends
+	// would start a second one.
+	withInfo := func(code codes.Code, reason string, metadata map[string]string) error {
+		info := &errdetails.ErrorInfo{Reason: reason, Domain: "taskgate", Metadata: metadata}
+		delay := &errdetails.RetryInfo{RetryDelay: durationpb.New(time.Millisecond)}
+		s, err := status.New(code, "failed").WithDetails(info, delay)
+		if err != nil {
+			t.Fatalf("cannot build the status: %v", err)
+		}
+		return s.Err()
+	}
+	cutOff := status.Error(codes.Unavailable, "cut off")
+	busy := withInfo(codes.Unavailable, "PREVIOUS_ACTION_NOT_COMPLETED", nil)
+	marked := withInfo(codes.Unavailable, "UPSTREAM_UNREACHABLE", map[string]string{"requestOutcome": "unknown"})
+	last := withInfo(codes.Unknown, "LAST", nil)
+	run := func(key string, failures ...error) *Error {
+		client := &Client{}
+		_, err := client.call(testContext(t), callSettings{maxAttempts: 3}, key, func(context.Context, *metadata.MD) error {
+			next := failures[0]
+			failures = failures[1:]
+			return next
+		})
+		return mustFail(t, err)
+	}
+	if failure := run("key", cutOff, busy, cutOff); failure.Reason != "PREVIOUS_ACTION_NOT_COMPLETED" || failure.Attempts != 2 || !failure.MayHaveActed() {
+		t.Errorf("reason %q, attempts %d, may have acted %v; want the 1148, 2, true", failure.Reason, failure.Attempts, failure.MayHaveActed())
+	}
+	// A gateway that remembers the key as unknown reads the port before sending again, and says
+	// so: that answer is retried. So is any answer to a read (no key), which never acts.
+	if failure := run("key", cutOff, marked, last); failure.Reason != "LAST" || failure.Attempts != 3 {
+		t.Errorf("after a marked answer: reason %q, attempts %d; want LAST, 3", failure.Reason, failure.Attempts)
+	}
+	if failure := run("", cutOff, busy, last); failure.Reason != "LAST" || failure.Attempts != 3 {
+		t.Errorf("a read: reason %q, attempts %d; want LAST, 3", failure.Reason, failure.Attempts)
 	}
 }
 

@@ -7,7 +7,9 @@
 // these say the controller started nothing (the README's retry contract); a bare UNAVAILABLE
 // without ErrorInfo is grpc-js's own, when the connection to the gateway broke, possibly after
 // the call reached it. Its retry carries the same key, so the same gateway process does not send
-// it twice; a gateway restarted in between, or another replica, has forgotten the key.
+// it twice; a gateway restarted in between, or another replica, has forgotten the key. So after
+// an attempt that may have acted, only an answer marked `requestOutcome: unknown` (the gateway
+// still holds the key and reads the port first) is retried; any other is thrown, mayHaveActed.
 
 const crypto = require("node:crypto");
 const path = require("node:path");
@@ -435,9 +437,18 @@ class TaskGate {
         error.idempotencyKey = request.request_id || null;
         error.attempts = attempt;
         error.earlierAttemptMayHaveActed = mayHaveActed;
+        // After an attempt that may have acted, only a gateway that remembers the key as unknown
+        // reads the port before sending again, and marks its answer so. Any other may come from
+        // one that forgot the key (restarted, another replica) and sent the retry as a new call:
+        // its 1148 then means the first attempt is running, and retrying until it ends would
+        // start a second operation.
+        const unsafeToRepeat =
+          Boolean(request.request_id) && mayHaveActed && error.metadata?.[REQUEST_OUTCOME_KEY] !== OUTCOME_UNKNOWN;
         mayHaveActed = error.mayHaveActed;
         const delayMs = error.retryDelayMs ?? backoffMs;
-        if (!error.retryable || attempt >= maxAttempts || Date.now() + delayMs >= deadline) throw error;
+        if (!error.retryable || unsafeToRepeat || attempt >= maxAttempts || Date.now() + delayMs >= deadline) {
+          throw error;
+        }
         await new Promise((done) => setTimeout(done, delayMs));
         backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
       }

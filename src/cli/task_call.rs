@@ -38,9 +38,9 @@ pub(super) struct GatewayArgs {
     #[arg(long, env = "TASKGATE_TOKEN", hide_env_values = true)]
     token: Option<String>,
 
-    /// The x-request-id to send, to find this call in the gateway's and controller's logs;
-    /// default: one the gateway makes.
-    #[arg(long, env = "TASKGATE_REQUEST_ID")]
+    /// The x-request-id to send, to find this call in the gateway's and controller's logs: 1-128
+    /// visible ASCII characters; default: one the gateway makes.
+    #[arg(long, env = "TASKGATE_REQUEST_ID", value_parser = request_id)]
     request_id: Option<String>,
 
     /// The call's deadline, sent to the gateway as grpc-timeout; for `watch`, only the time to
@@ -82,6 +82,20 @@ fn idempotency_key(text: &str) -> Result<String, String> {
     }
 }
 
+/// Checks `--request-id` as the gateway checks an `x-request-id`: it keeps only a usable one and
+/// replaces any other with its own, so the logs would not carry the ID asked for.
+fn request_id(text: &str) -> Result<String, String> {
+    if taskgate::request_id::is_usable(text.as_bytes()) {
+        Ok(text.to_owned())
+    } else {
+        Err(
+            "it must be 1-128 visible ASCII characters (no spaces); the gateway replaces any \
+             other with an ID of its own"
+                .to_owned(),
+        )
+    }
+}
+
 /// The client the calling commands use.
 pub(super) type Client = TaskServiceClient<Channel>;
 
@@ -91,6 +105,12 @@ impl PortAndBinArgs {
     /// The port and the bin given.
     pub(super) fn port_and_bin(&self) -> (u32, u32) {
         (self.port, self.bin)
+    }
+
+    /// Whether the call repeats a key given with `--idempotency-key`: its operation may have
+    /// begun before this invocation.
+    pub(super) fn repeats_a_key(&self) -> bool {
+        self.idempotency_key.is_some()
     }
 
     /// How to reach the gateway.
@@ -303,8 +323,21 @@ fn describe_status(what: &str, status: &tonic::Status) -> String {
         )),
         None => lines.push("  retry:   not advised".to_owned()),
     }
-    lines.push(format!("  message: {}", status.message()));
+    if timed_out_here(status) {
+        lines.push("  message: the gateway did not answer within --timeout".to_owned());
+    } else {
+        lines.push(format!("  message: {}", status.message()));
+    }
     lines.join("\n")
+}
+
+/// Whether the status is the one tonic makes on this side when `--timeout` runs out before the
+/// gateway answers (a gateway that answers in time says so itself, `UPSTREAM_TIMEOUT`): its
+/// bare "Timeout expired" names neither the gateway nor the flag.
+fn timed_out_here(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Cancelled
+        && status.details().is_empty()
+        && status.message() == tonic::TimeoutExpired(()).to_string()
 }
 
 fn task_fault(status: &tonic::Status) -> Option<TaskFault> {

@@ -138,6 +138,11 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
     // gone (`| head -n 1`); the first failure to print is kept for the end.
     let mut printed = Ok(());
     let mut followed = Followed::Going;
+    // The watch opened before the ask, so a fresh extraction is seen from its first state; an
+    // earlier operation on the bin may still end in between (its ECMP just before the
+    // controller accepted this one), which says nothing of this one. A repeated key's
+    // operation may have begun before the watch, so any of its states counts.
+    let mut begun = call.repeats_a_key();
     while followed == Followed::Going {
         let event = match events.message().await {
             Ok(Some(event)) => event,
@@ -159,6 +164,11 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
         };
         // Another bin's events are an earlier operation's.
         if event.bin_id != Some(bin_id) {
+            continue;
+        }
+        let is_state = matches!(event.change, Some(Change::State(_)));
+        begun = begun || (is_state && follow(&event) == Followed::Going);
+        if !begun {
             continue;
         }
         printed = printed.and(output::line(event_line(&event)));

@@ -156,6 +156,28 @@ async fn usage_and_configuration_errors_exit_2() {
         "{stderr}"
     );
     run(&["case-extract", "--port", "4"], 2).await;
+    // An x-request-id the gateway would replace with its own, so that the logs would not carry
+    // the one asked for, is refused before connecting (no gateway listens here).
+    for request_id in ["has space", &"x".repeat(129)] {
+        let args = [
+            "case-state",
+            "--gateway",
+            "http://127.0.0.1:1",
+            "--port",
+            "4",
+            "--request-id",
+            request_id,
+        ];
+        let (_, stderr) = run(&args, 2).await;
+        assert_eq!(
+            stderr,
+            format!(
+                "error: invalid value '{request_id}' for '--request-id <REQUEST_ID>': it must be \
+                 1-128 visible ASCII characters (no spaces); the gateway replaces any other with \
+                 an ID of its own\n\nFor more information, try '--help'.\n"
+            )
+        );
+    }
     run(&["case-cancel", "--port", "4"], 2).await;
     run(&["case-state"], 2).await;
     run(&["no-such-command"], 2).await;
@@ -1067,8 +1089,8 @@ pub(crate) async fn start_simulate(extra_args: &[&str]) -> (TaskgateProcess, Str
 
 /// POSTs `case_extract` port 4 bin 101337 to a simulator and returns its reply.
 async fn simulator_case_extract(url: &str) -> String {
-    let body = "<methodcall><name>case_extract</name><params><port_id>4</port_id>\
-                <bin_id>101337</bin_id></params></methodcall>";
+    let body = "<?xml version=\"1.0\"?><methodcall><name>case_extract</name><params>\
+                <port_id>4</port_id><bin_id>101337</bin_id></params></methodcall>";
     let reply = reqwest::Client::new()
         .post(url)
         .header("content-type", "application/xml")

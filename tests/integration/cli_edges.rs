@@ -4,12 +4,12 @@
 
 use std::process::Stdio;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::Command;
 
 use crate::cli::{BIN, TaskgateProcess, run};
-use crate::support::{Gateway, PROMPTLY, TestFile, unused_address, within};
+use crate::support::{FakeUpstream, Gateway, PROMPTLY, Script, TestFile, unused_address, within};
 
 /// The longest a test waits for a `taskgate` process to exit.
 const PROCESS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -572,4 +572,142 @@ async fn a_call_timing_out_at_the_controller_prints_the_key_to_repeat_it_with() 
         Some(format!("  idempotency key: {key} (repeat with --idempotency-key {key})").as_str()),
         "{stdout}"
     );
+}
+
+/// `case-extract --wait` follows the extraction it asked for: what an earlier operation on the
+/// same bin signals before the new one's first state (its ECMP, or its cancel, just before the
+/// controller accepted the new one) is not taken as the new case's end.
+#[tokio::test]
+async fn a_wait_does_not_take_an_earlier_operations_end_for_its_own() {
+    let cancelled = [
+        "bin 101337 EREQ (EXTRACTION_REQUESTED)",
+        "bin 101337 CR (CANCEL_REQUEST)",
+        "bin 101337 NOOP (NO_OPERATION)",
+        "failed: case_extract port 4 bin 101337: the extraction was cancelled (NOOP)",
+    ];
+    let completed = [
+        "bin 101337 EREQ (EXTRACTION_REQUESTED)",
+        "bin 101337 ERSO (EXTRACTION_READY_TO_SEND)",
+        "bin 101337 ECMP (EXTRACTION_COMPLETED)",
+        "ok: case_extract port 4 bin 101337: the case is out (ECMP)",
+    ];
+    for (lines, exit, expected) in [
+        (
+            "AC,4,101337,ECMP\r\nAC,4,101337,EREQ\r\nAC,4,101337,CR\r\nAC,4,101337,NOOP\r\n",
+            1,
+            &cancelled,
+        ),
+        (
+            "AC,4,101337,CR\r\nAC,4,101337,NOOP\r\nAC,4,101337,EREQ\r\nAC,4,101337,ERSO\r\n\
+             AC,4,101337,ECMP\r\n",
+            0,
+            &completed,
+        ),
+    ] {
+        let stdout = wait_while_publishing(lines, exit).await;
+        let printed: Vec<&str> = stdout
+            .lines()
+            .filter(|line| !line.starts_with("  request id: "))
+            .map(|line| match line.split_once(" port 4 ") {
+                Some((time, rest)) if time.starts_with(|first: char| first.is_ascii_digit()) => {
+                    rest
+                }
+                _ => line,
+            })
+            .collect();
+        let mut wanted = vec![
+            "ok: case_extract port 4 bin 101337: the controller accepted the case extraction; \
+             following it",
+        ];
+        wanted.extend(expected);
+        assert_eq!(printed, wanted, "{lines:?}");
+    }
+}
+
+/// Runs `case-extract --port 4 --bin 101337 --wait` against a gateway whose Log Publisher
+/// writes `lines` once the controller has seen the call; its stdout, once it exited `exit`.
+async fn wait_while_publishing(lines: &str, exit: i32) -> String {
+    let mut controller = FakeUpstream::start(Script::ok_xml(
+        "<?xml version=\"1.0\"?><response><params/></response>",
+    ))
+    .await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway = Gateway::builder()
+        .upstream(&controller.url)
+        .log_publisher(listener.local_addr().unwrap())
+        .start()
+        .await;
+    let (mut publisher, _) = within(PROMPTLY, "the gateway did not connect", listener.accept())
+        .await
+        .unwrap();
+    let address = format!("http://{}", gateway.address);
+    let args = [
+        "case-extract",
+        "--gateway",
+        &address,
+        "--port",
+        "4",
+        "--bin",
+        "101337",
+        "--wait",
+    ];
+    // The CLI opens its watch before it asks, so once the controller sees the call, every line
+    // published from then on reaches the CLI.
+    let publish = async {
+        controller.next_request_body().await;
+        publisher.write_all(lines.as_bytes()).await.unwrap();
+    };
+    let ((stdout, _), ()) = within(PROCESS_WAIT, "case-extract --wait did not end", async {
+        tokio::join!(run(&args, exit), publish)
+    })
+    .await;
+    stdout
+}
+
+/// A gateway that accepts connections and never answers: the call ends at `--timeout` with a
+/// status tonic makes on this side, `CANCELLED` with "Timeout expired", which named neither the
+/// gateway nor the flag. CaseExtract may have reached it, so the key is printed.
+#[tokio::test]
+async fn a_gateway_that_never_answers_is_named_with_the_timeout() {
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_address = format!("http://{}", silent.local_addr().unwrap());
+    // Accepted and held open, never read nor written.
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let common = [
+        "--gateway",
+        &silent_address,
+        "--port",
+        "4",
+        "--timeout",
+        "200ms",
+    ];
+    let (stdout, _) = run(&[&["case-state"][..], &common[..]].concat(), 1).await;
+    assert_eq!(
+        stdout,
+        "failed: case_getstate port 4: CANCELLED\n\
+         \x20 retry:   not advised\n\
+         \x20 message: the gateway did not answer within --timeout\n"
+    );
+    let key = "0b6a4f0e-6c1b-4c53-9a8e-3d2f1e0c9b7a";
+    let extract = [
+        &["case-extract", "--bin", "101337", "--idempotency-key", key][..],
+        &common[..],
+    ]
+    .concat();
+    let (stdout, _) = run(&extract, 1).await;
+    assert_eq!(
+        stdout,
+        format!(
+            "failed: case_extract port 4 bin 101337: CANCELLED\n\
+             \x20 retry:   not advised\n\
+             \x20 message: the gateway did not answer within --timeout\n\
+             \x20 idempotency key: {key} (repeat with --idempotency-key {key})\n"
+        )
+    );
+    held.abort();
 }

@@ -586,8 +586,8 @@ async fn simulate_log_publisher_frees_the_slots_of_clients_that_closed() {
     simulate
         .wait_for_line("simulator Log Publisher client connected")
         .await;
-    let case_extract = "<methodcall><name>case_extract</name><params><port_id>4</port_id>\
-                        <bin_id>101337</bin_id></params></methodcall>";
+    let case_extract = "<?xml version=\"1.0\"?><methodcall><name>case_extract</name><params>\
+                        <port_id>4</port_id><bin_id>101337</bin_id></params></methodcall>";
     let reply = http_client()
         .post(&url)
         .header("content-type", "application/xml")

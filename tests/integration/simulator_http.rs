@@ -84,16 +84,26 @@ async fn malformed_xml_is_400_with_a_reason() {
     assert_eq!(content_type, "text/plain; charset=utf-8");
     assert!(body.starts_with("malformed method call: "), "{body}");
 
-    let doctype = b"<!DOCTYPE m [<!ENTITY e \"4\">]><methodcall/>".to_vec();
+    let doctype = b"<?xml version=\"1.0\"?><!DOCTYPE m [<!ENTITY e \"4\">]><methodcall/>".to_vec();
     let (status, _, body) = post("/api/v2/task", "application/xml", doctype).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body.contains("DOCTYPE"), "{body}");
+
+    // The vendor requires the declaration (task-interface.md §1.2).
+    let undeclared = case_extract("4", "101337").split_off(22);
+    let (status, _, body) = post("/api/v2/task", "application/xml", undeclared).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body,
+        "malformed method call: malformed XML at byte 0: the body does not begin with an XML \
+         declaration (<?xml version=\"1.0\"?>), which the task interface requires\n"
+    );
 }
 
 #[tokio::test]
 async fn an_unimplemented_method_is_501_with_a_reason() {
-    let body =
-        b"<methodcall><name>openport</name><params><port_id>4</port_id></params></methodcall>";
+    let body = b"<?xml version=\"1.0\"?><methodcall><name>openport</name><params><port_id>4\
+                 </port_id></params></methodcall>";
     let (status, _, reason) = post("/api/v2/task", "application/xml", body.to_vec()).await;
     assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
     assert_eq!(

@@ -536,6 +536,38 @@ describe("safe retries", () => {
     assert.deepEqual([error.reason, error.attempts, error.mayHaveActed], ["UPSTREAM_UNREACHABLE", 2, true]);
   });
 
+  test("after an attempt that may have acted, only a port read is retried", async () => {
+    // The first attempt was cut off after it may have reached the controller. A gateway that
+    // forgot the key (restarted, another replica) sends the retry as a new call, and its 1148
+    // then most likely means the first attempt's extraction is running: retrying until it ends
+    // would start a second one.
+    const failure = ([codeName, reason, metadata = {}]) =>
+      new TaskGateError({ code: grpc.status[codeName], codeName, message: "", reason, metadata, retryDelayMs: 1 });
+    const run = async (method, request, failures) => {
+      const stub = Object.create(TaskGate.prototype);
+      stub.attempt = async () => {
+        throw failure(failures.shift());
+      };
+      return stub.call(method, request, { timeoutMs: 30000, maxAttempts: 3 }).then(
+        () => assert.fail("the call succeeded"),
+        (failed) => failed,
+      );
+    };
+    const request = { port_id: 4, bin_id: 101337, request_id: "9f1c2b3a-4d5e-4f60-8a7b-1c2d3e4f5a6b" };
+    const cutOff = ["UNAVAILABLE", ""];
+    const busy = ["UNAVAILABLE", "PREVIOUS_ACTION_NOT_COMPLETED"];
+    const error = await run("CaseExtract", request, [cutOff, busy, cutOff]);
+    assert.deepEqual([error.reason, error.attempts, error.mayHaveActed], ["PREVIOUS_ACTION_NOT_COMPLETED", 2, true]);
+    // A gateway that remembers the key as unknown reads the port before sending again, and says
+    // so: that answer is retried. So is any answer to a read, which never acts.
+    const marked = ["UNAVAILABLE", "UPSTREAM_UNREACHABLE", { requestOutcome: "unknown" }];
+    const last = ["UNKNOWN", "LAST"];
+    const afterMarked = await run("CaseExtract", request, [cutOff, marked, last]);
+    assert.deepEqual([afterMarked.reason, afterMarked.attempts], ["LAST", 3]);
+    const read = await run("CaseGetState", { port_id: 4 }, [cutOff, busy, last]);
+    assert.deepEqual([read.reason, read.attempts], ["LAST", 3]);
+  });
+
   test("CaseExtract and CaseCancel send the key also as idempotency-key metadata, for a proxy to hash on", async () => {
     // A stand-in TaskService that records what each call carried: the gateway reads only the
     // field, so only a server that looks at the metadata can tell it was sent.

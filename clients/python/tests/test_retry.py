@@ -111,12 +111,13 @@ def test_a_failed_port_read_after_an_unknown_outcome_may_have_acted():
 class _FailedAttempt(grpc.RpcError):
     """What grpcio raises for a failed call: a code, a message and the status details."""
 
-    def __init__(self, code, reason):
+    def __init__(self, code, reason, metadata=None):
         super().__init__()
         self._code = code
         status = status_pb2.Status(code=code.value[0], message="failed")
         if reason:
-            info = error_details_pb2.ErrorInfo(reason=reason, domain="taskgate")
+            info = error_details_pb2.ErrorInfo(reason=reason, domain="taskgate",
+                                               metadata=metadata or {})
             status.details.add().Pack(info)
         self._trailing = (("grpc-status-details-bin", status.SerializeToString()),)
 
@@ -153,6 +154,38 @@ def test_may_have_acted_is_kept_across_the_clients_own_retries():
     assert (error.reason, error.attempts, error.may_have_acted) == ("UPSTREAM_UNREACHABLE", 2, True)
     alone = _FailedAttempt(grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNREACHABLE")
     assert TaskGateError.from_rpc_error(alone).may_have_acted is False
+
+
+def test_after_an_attempt_that_may_have_acted_only_a_port_read_is_retried():
+    # The first attempt was cut off after it may have reached the controller. A gateway that
+    # forgot the key (restarted, another replica) sends the retry as a new call, and its 1148
+    # then most likely means the first attempt's extraction is running: retrying until it
+    # ends would start a second one.
+    cut_off = _FailedAttempt(grpc.StatusCode.UNAVAILABLE, "")
+    busy = _FailedAttempt(grpc.StatusCode.UNAVAILABLE, "PREVIOUS_ACTION_NOT_COMPLETED")
+    request = task_pb2.CaseExtractRequest(port_id=4, bin_id=101337, request_id=str(uuid.uuid4()))
+    method = _Attempts(cut_off, busy, _FailedAttempt(grpc.StatusCode.UNAVAILABLE, ""))
+    with TaskGate("127.0.0.1:1") as client:
+        with pytest.raises(TaskGateError) as raised:
+            client._call(method, request, timeout=30, request_id=None, max_attempts=3)
+    error = raised.value
+    assert (error.reason, error.attempts, error.may_have_acted) == (
+        "PREVIOUS_ACTION_NOT_COMPLETED", 2, True)
+    # A gateway that remembers the key as unknown reads the port before sending again, and
+    # says so: that answer is retried. So is any answer to a read, which never acts.
+    marked = _FailedAttempt(grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNREACHABLE",
+                            {"requestOutcome": "unknown"})
+    method = _Attempts(cut_off, marked, _FailedAttempt(grpc.StatusCode.UNKNOWN, "LAST"))
+    with TaskGate("127.0.0.1:1") as client:
+        with pytest.raises(TaskGateError) as raised:
+            client._call(method, request, timeout=30, request_id=None, max_attempts=3)
+    assert (raised.value.reason, raised.value.attempts) == ("LAST", 3)
+    method = _Attempts(cut_off, busy, _FailedAttempt(grpc.StatusCode.UNKNOWN, "LAST"))
+    with TaskGate("127.0.0.1:1") as client:
+        with pytest.raises(TaskGateError) as raised:
+            client._call(method, task_pb2.CaseGetStateRequest(port_id=4), timeout=30,
+                         request_id=None, max_attempts=3)
+    assert (raised.value.reason, raised.value.attempts) == ("LAST", 3)
 
 
 class _RecordingTaskService(task_pb2_grpc.TaskServiceServicer):
