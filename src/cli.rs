@@ -362,9 +362,10 @@ async fn connect(endpoint: &Endpoint, gateway: &str) -> anyhow::Result<Channel> 
 
 /// The `authorization` value for `token`. The error names the flag, never the token.
 fn bearer_token(token: &str) -> anyhow::Result<AsciiMetadataValue> {
+    // The library's own cause ("failed to parse metadata value") would only say this again, vaguely.
     format!("Bearer {token}")
         .parse()
-        .context("invalid --token: it must be printable ASCII")
+        .map_err(|_| anyhow::anyhow!("invalid --token: it must be printable ASCII"))
 }
 
 /// Binds `address`, given by `flag`: the error names the flag, since the gateway's own other

@@ -1037,7 +1037,7 @@ mod tests {
         );
         assert_eq!(
             error(&["--token", "not\nascii"]),
-            "invalid --token: it must be printable ASCII: failed to parse metadata value"
+            "invalid --token: it must be printable ASCII"
         );
         // Issue 20, item 7: these were tried as addresses, and exited 1 as if the gateway were
         // down.

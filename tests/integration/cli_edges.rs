@@ -317,7 +317,7 @@ async fn client_arguments_are_checked_before_connecting() {
                 "--token",
                 "line\nbreak",
             ],
-            "error: invalid --token: it must be printable ASCII: failed to parse metadata value\n",
+            "error: invalid --token: it must be printable ASCII\n",
         ),
         (
             &[
