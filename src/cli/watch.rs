@@ -134,15 +134,24 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
     if exit != Exit::Success {
         return Ok(exit);
     }
-    // The exit code says how the case ended, so following goes on after stdout's reader has
-    // gone (`| head -n 1`); the first failure to print is kept for the end.
-    let mut printed = Ok(());
-    let mut followed = Followed::Going;
     // The watch opened before the ask, so a fresh extraction is seen from its first state; an
     // earlier operation on the bin may still end in between (its ECMP just before the
     // controller accepted this one), which says nothing of this one. A repeated key's
-    // operation may have begun before the watch, so any of its states counts.
+    // operation may have begun before the watch, so any of its states counts; it may also have
+    // ended before, and then no event of it ever comes. The port's state cannot say which: an
+    // ECMP of this bin there may be an earlier extraction's, with this one not yet shown.
     let mut begun = call.repeats_a_key();
+    // The exit code says how the case ended, so following goes on after stdout's reader has
+    // gone (`| head -n 1`); the first failure to print is kept for the end.
+    let mut printed = if begun {
+        output::line(format_args!(
+            "  note: this key's extraction may have ended before following began; if no event \
+             comes, read the port: taskgate case-state --port {port_id}"
+        ))
+    } else {
+        Ok(())
+    };
+    let mut followed = Followed::Going;
     while followed == Followed::Going {
         let event = match events.message().await {
             Ok(Some(event)) => event,

@@ -604,7 +604,7 @@ async fn a_wait_does_not_take_an_earlier_operations_end_for_its_own() {
             &completed,
         ),
     ] {
-        let stdout = wait_while_publishing(lines, exit).await;
+        let stdout = wait_while_publishing(lines, &[], exit).await;
         let printed: Vec<&str> = stdout
             .lines()
             .filter(|line| !line.starts_with("  request id: "))
@@ -624,9 +624,36 @@ async fn a_wait_does_not_take_an_earlier_operations_end_for_its_own() {
     }
 }
 
-/// Runs `case-extract --port 4 --bin 101337 --wait` against a gateway whose Log Publisher
-/// writes `lines` once the controller has seen the call; its stdout, once it exited `exit`.
-async fn wait_while_publishing(lines: &str, exit: i32) -> String {
+/// A repeated key's extraction may have ended before `--wait` began to follow it, and then no
+/// event of it comes: the wait says so at once, rather than leave the operator waiting for an
+/// end that was already missed.
+#[tokio::test]
+async fn a_wait_on_a_repeated_key_says_its_end_may_have_passed() {
+    let key = "3f6c2a1e-8b4d-4c5e-9f0a-1b2c3d4e5f6a";
+    let repeated = ["--idempotency-key", key, "--wait-timeout", "1s"];
+    let stdout = wait_while_publishing("", &repeated, 3).await;
+    let printed: String = stdout
+        .lines()
+        .filter(|line| !line.starts_with("  request id: "))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    assert_eq!(
+        printed,
+        "ok: case_extract port 4 bin 101337: the controller accepted the case extraction; \
+         following it\n\
+         \x20 note: this key's extraction may have ended before following began; if no event \
+         comes, read the port: taskgate case-state --port 4\n\
+         stopped following: case_extract port 4 bin 101337: --wait-timeout 1s ran out before \
+         the case ended\n\
+         \x20 the controller accepted the extraction; the case may still be running\n\
+         \x20 follow it: taskgate watch --port 4, or taskgate case-state --port 4\n"
+    );
+}
+
+/// Runs `case-extract --port 4 --bin 101337 --wait` with `extra` arguments against a gateway
+/// whose Log Publisher writes `lines` once the controller has seen the call; its stdout, once
+/// it exited `exit`.
+async fn wait_while_publishing(lines: &str, extra: &[&str], exit: i32) -> String {
     let mut controller = FakeUpstream::start(Script::ok_xml(
         "<?xml version=\"1.0\"?><response><params/></response>",
     ))
@@ -650,7 +677,11 @@ async fn wait_while_publishing(lines: &str, exit: i32) -> String {
         "--bin",
         "101337",
         "--wait",
-    ];
+    ]
+    .iter()
+    .chain(extra)
+    .copied()
+    .collect::<Vec<_>>();
     // The CLI opens its watch before it asks, so once the controller sees the call, every line
     // published from then on reaches the CLI.
     let publish = async {
