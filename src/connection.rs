@@ -47,7 +47,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -228,11 +228,16 @@ struct TrackedRequest {
     kind: RequestKind,
     /// Held while the connection's state and the census are updated, and locked before the
     /// state, never after it, so the two taps agree on whether the request was counted as
-    /// arrived.
-    stage: Mutex<Stage>,
-    /// Its whole answer is ready and waits only for its peer to take it; written and read
-    /// under `stage`'s lock, for the same reason.
-    answered: AtomicBool,
+    /// arrived or answered.
+    progress: Mutex<Progress>,
+}
+
+/// How far a request has come.
+#[derive(Debug)]
+struct Progress {
+    stage: Stage,
+    /// Its whole answer is ready and waits only for its peer to take it.
+    answered: bool,
 }
 
 /// Where a request is.
@@ -661,12 +666,29 @@ where
         let tracked = Arc::new(TrackedRequest {
             connection: Arc::clone(&self.connection),
             kind: (self.kind_of)(parts.uri.path()),
-            stage: Mutex::new(Stage::Receiving),
-            answered: AtomicBool::new(false),
+            progress: Mutex::new(Progress {
+                stage: Stage::Receiving,
+                answered: false,
+            }),
         });
         let guard = RequestGuard(Arc::clone(&tracked));
         if body.is_end_stream() {
             tracked.body_arrived();
+        } else if tracked.kind == RequestKind::Exchange
+            && let Some(deadline) = &deadline
+        {
+            // tonic-reflection reads a stream's next request only once its last answer has been
+            // taken, so a client that never reads stops its body being polled: neither the
+            // body's end nor its deadline would then be seen. A timer of its own marks the
+            // answers whole at the deadline whatever the body does.
+            let request = Arc::downgrade(&tracked);
+            let at = deadline.at;
+            tokio::spawn(async move {
+                tokio::time::sleep_until(at).await;
+                if let Some(request) = request.upgrade() {
+                    request.answered();
+                }
+            });
         }
         parts.extensions.insert(self.connect_info.clone());
         let body = Body::new(RequestBody {
@@ -701,12 +723,13 @@ impl RequestKind {
 impl TrackedRequest {
     /// Its whole answer is ready: the connection is no busier for it than if it had ended.
     fn answered(&self) {
-        self.answered_in(&lock(&self.stage));
+        self.answered_in(&mut lock(&self.progress));
     }
 
-    /// [`TrackedRequest::answered`], `stage` being held.
-    fn answered_in(&self, stage: &Stage) {
-        if *stage != Stage::Ended && !self.answered.swap(true, Ordering::Relaxed) {
+    /// [`TrackedRequest::answered`], `progress` being held.
+    fn answered_in(&self, progress: &mut Progress) {
+        if progress.stage != Stage::Ended && !progress.answered {
+            progress.answered = true;
             let now = Instant::now();
             self.connection.update(|state| state.request_answered(now));
         }
@@ -714,16 +737,16 @@ impl TrackedRequest {
 
     /// The body has fully arrived: from now on the request is worth waiting for.
     fn body_arrived(&self) {
-        let mut stage = lock(&self.stage);
-        if *stage == Stage::Receiving {
-            *stage = Stage::Arrived;
+        let mut progress = lock(&self.progress);
+        if progress.stage == Stage::Receiving {
+            progress.stage = Stage::Arrived;
             self.connection.update(State::body_arrived);
             self.connection
                 .census
                 .arrived(self.kind)
                 .fetch_add(1, Ordering::Relaxed);
             if self.kind == RequestKind::Exchange {
-                self.answered_in(&stage);
+                self.answered_in(&mut progress);
             }
         }
     }
@@ -732,10 +755,10 @@ impl TrackedRequest {
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         let request = &self.0;
-        let mut stage = lock(&request.stage);
-        let had_arrived = *stage == Stage::Arrived;
-        let had_answered = request.answered.load(Ordering::Relaxed);
-        *stage = Stage::Ended;
+        let mut progress = lock(&request.progress);
+        let had_arrived = progress.stage == Stage::Arrived;
+        let had_answered = progress.answered;
+        progress.stage = Stage::Ended;
         let now = Instant::now();
         request
             .connection

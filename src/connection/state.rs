@@ -303,6 +303,14 @@ mod tests {
             state.request_started(None);
         };
         check(and_another_open, 100, at(160));
+        // An answered request that ends no longer counts as answered: a request opened after it
+        // keeps the connection busy.
+        let ended_then_another_open = |state: &mut State, t0: Instant| {
+            answered_at_30(state, t0);
+            state.request_ended(true, true, t0 + secs(40));
+            state.request_started(None);
+        };
+        check(ended_then_another_open, 100, at(160));
         // An HTTP/1.1 body: dropped once the body-read timeout has passed since its head, open
         // requests or not; once it has arrived, the request is an open one like any other.
         let body_from_20 = |state: &mut State, t0: Instant| {
