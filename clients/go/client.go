@@ -155,8 +155,8 @@ func (c *Client) CaseExtract(ctx context.Context, portID, binID uint32, options 
 		return nil, err
 	}
 	request := &taskgatev1.CaseExtractRequest{PortId: portID, BinId: binID, RequestId: key}
-	return c.call(ctx, settings, key, func(ctx context.Context, header *metadata.MD) error {
-		_, err := c.stub.CaseExtract(ctx, request, grpc.Header(header))
+	return c.call(ctx, settings, key, func(ctx context.Context, header, trailer *metadata.MD) error {
+		_, err := c.stub.CaseExtract(ctx, request, grpc.Header(header), grpc.Trailer(trailer))
 		return err
 	})
 }
@@ -171,8 +171,8 @@ func (c *Client) CaseCancel(ctx context.Context, portID, binID uint32, options .
 		return nil, err
 	}
 	request := &taskgatev1.CaseCancelRequest{PortId: portID, BinId: binID, RequestId: key}
-	return c.call(ctx, settings, key, func(ctx context.Context, header *metadata.MD) error {
-		_, err := c.stub.CaseCancel(ctx, request, grpc.Header(header))
+	return c.call(ctx, settings, key, func(ctx context.Context, header, trailer *metadata.MD) error {
+		_, err := c.stub.CaseCancel(ctx, request, grpc.Header(header), grpc.Trailer(trailer))
 		return err
 	})
 }
@@ -183,9 +183,9 @@ func (c *Client) CaseCancel(ctx context.Context, portID, binID uint32, options .
 func (c *Client) CaseGetState(ctx context.Context, portID uint32, options ...CallOption) (*taskgatev1.CaseGetStateResponse, error) {
 	var response *taskgatev1.CaseGetStateResponse
 	request := &taskgatev1.CaseGetStateRequest{PortId: portID}
-	_, err := c.call(ctx, settingsOf(options), "", func(ctx context.Context, header *metadata.MD) error {
+	_, err := c.call(ctx, settingsOf(options), "", func(ctx context.Context, header, trailer *metadata.MD) error {
 		var err error
-		response, err = c.stub.CaseGetState(ctx, request, grpc.Header(header))
+		response, err = c.stub.CaseGetState(ctx, request, grpc.Header(header), grpc.Trailer(trailer))
 		return err
 	})
 	if err != nil {
@@ -203,8 +203,9 @@ func keyOf(settings callSettings) (string, error) {
 }
 
 // call makes attempt with the token and request id, again after each retryable error while
-// the attempts and the context's deadline allow.
-func (c *Client) call(ctx context.Context, settings callSettings, key string, attempt func(context.Context, *metadata.MD) error) (*CallResult, error) {
+// the attempts and the context's deadline allow. attempt fills in the response's headers and
+// trailers.
+func (c *Client) call(ctx context.Context, settings callSettings, key string, attempt func(ctx context.Context, header, trailer *metadata.MD) error) (*CallResult, error) {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, DefaultTimeout)
@@ -215,8 +216,8 @@ func (c *Client) call(ctx context.Context, settings callSettings, key string, at
 	backoff := initialBackoff
 	mayHaveActed := false
 	for attempts := 1; ; attempts++ {
-		var header metadata.MD
-		err := attempt(ctx, &header)
+		var header, trailer metadata.MD
+		err := attempt(ctx, &header, &trailer)
 		if err == nil {
 			return &CallResult{
 				RequestID:      first(header, "x-request-id"),
@@ -227,6 +228,7 @@ func (c *Client) call(ctx context.Context, settings callSettings, key string, at
 		}
 		failure := endedBy(ctx, err)
 		failure.IdempotencyKey, failure.Attempts = key, attempts
+		failure.RequestID = requestIDOf(header, trailer)
 		failure.EarlierAttemptMayHaveActed = mayHaveActed
 		// After an attempt that may have acted, only a gateway that remembers the key as unknown
 		// reads the port before sending again, and marks its answer so. Any other may come from
@@ -271,6 +273,16 @@ func (c *Client) outgoing(ctx context.Context, requestID, key string) context.Co
 		ctx = metadata.AppendToOutgoingContext(ctx, idempotencyKeyHeader, key)
 	}
 	return ctx
+}
+
+// requestIDOf is the x-request-id the gateway answered a failed call with: grpc-go gives a
+// trailers-only answer (a call the gateway refused or failed at once) as trailers alone, and
+// otherwise the id came with the headers.
+func requestIDOf(header, trailer metadata.MD) string {
+	if id := first(trailer, "x-request-id"); id != "" {
+		return id
+	}
+	return first(header, "x-request-id")
 }
 
 func first(header metadata.MD, key string) string {

@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -74,8 +75,8 @@ func TestASuccessThen1148WithItsRetryDelay(t *testing.T) {
 	if !reflect.DeepEqual(failure.Metadata, wantMetadata) {
 		t.Errorf("the ErrorInfo metadata is %v, not %v", failure.Metadata, wantMetadata)
 	}
-	const text = "UNAVAILABLE: case_extract port 4 bin 101337: controller fault 1148 PREVIOUS_ACTION_NOT_COMPLETED: New action cannot be started until the previous action has been completed"
-	if failure.Error() != text {
+	text := "UNAVAILABLE: case_extract port 4 bin 101337: controller fault 1148 PREVIOUS_ACTION_NOT_COMPLETED: New action cannot be started until the previous action has been completed (request id: " + failure.RequestID + ")"
+	if failure.RequestID == "" || failure.Error() != text {
 		t.Errorf("the error reads\n%q, not\n%q", failure.Error(), text)
 	}
 	// grpc-go's own status functions read the client's errors as they read its own.
@@ -94,6 +95,48 @@ func TestASuccessThen1148WithItsRetryDelay(t *testing.T) {
 	}
 	if fault.GetRawCode() != 1148 || retryInfo.GetRetryDelay().AsDuration() != 1500*time.Millisecond {
 		t.Errorf("status.Convert(err).Details() has the TaskFault %v and the RetryInfo %v", fault, retryInfo)
+	}
+}
+
+// requestIDLogged waits for the gateway's access line of the call with idempotency key key, and
+// gives the request id it shows.
+func requestIDLogged(g *gateway, key string) string {
+	g.t.Helper()
+	line := attemptsLogged(g, key, 1)[0]
+	return accessRequestID.FindStringSubmatch(line)[1]
+}
+
+var accessRequestID = regexp.MustCompile(` request_id=(\S+)`)
+
+func TestAFailedCallCarriesTheRequestIDOfItsAccessLine(t *testing.T) {
+	g := startGateway(t)
+	client := g.client(Options{})
+	// Port 1 is not an AutoCase port: the controller refuses the call.
+	_, err := client.CaseExtract(testContext(t), 1, 101337, WithMaxAttempts(1))
+	failure := mustFail(t, err)
+	if logged := requestIDLogged(g, failure.IdempotencyKey); failure.RequestID != logged {
+		t.Errorf("the error carries request id %q, the access line %q", failure.RequestID, logged)
+	}
+	if text := "FAILED_PRECONDITION: " + failure.Message + " (request id: " + failure.RequestID + ")"; err.Error() != text {
+		t.Errorf("the error reads\n%q, not\n%q", err.Error(), text)
+	}
+	// One the caller sets is the one the gateway logs, and the one the error carries.
+	_, err = client.CaseGetState(testContext(t), 1, WithRequestID("go-failed-read"))
+	if failure := mustFail(t, err); failure.RequestID != "go-failed-read" || !strings.HasSuffix(err.Error(), " (request id: go-failed-read)") {
+		t.Errorf("a failed read with request id go-failed-read is %q, reading %q", failure.RequestID, err.Error())
+	}
+}
+
+func TestACallThatNeverReachedTheGatewayHasNoRequestID(t *testing.T) {
+	// Nothing listens on port 1: the connection is refused, and no gateway named the call.
+	client, err := New("127.0.0.1:1", Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	_, err = client.CaseGetState(testContext(t), 4, WithMaxAttempts(1))
+	if failure := mustFail(t, err); failure.Code != codes.Unavailable || failure.RequestID != "" || strings.Contains(err.Error(), "request id") {
+		t.Errorf("an unreachable gateway's call fails with %v, request id %q", err, failure.RequestID)
 	}
 }
 
@@ -237,7 +280,7 @@ func TestMayHaveActedIsKeptAcrossTheClientsOwnRetries(t *testing.T) {
 		statusWithReason(t, codes.Unavailable, "UPSTREAM_UNREACHABLE"),
 	}
 	client := &Client{}
-	_, err := client.call(testContext(t), callSettings{maxAttempts: 2}, "key", func(context.Context, *metadata.MD) error {
+	_, err := client.call(testContext(t), callSettings{maxAttempts: 2}, "key", func(context.Context, *metadata.MD, *metadata.MD) error {
 		next := failures[0]
 		failures = failures[1:]
 		return next
@@ -272,7 +315,7 @@ func TestAfterAnAttemptThatMayHaveActedOnlyAPortReadIsRetried(t *testing.T) {
 	last := withInfo(codes.Unknown, "LAST", nil)
 	run := func(key string, failures ...error) *Error {
 		client := &Client{}
-		_, err := client.call(testContext(t), callSettings{maxAttempts: 3}, key, func(context.Context, *metadata.MD) error {
+		_, err := client.call(testContext(t), callSettings{maxAttempts: 3}, key, func(context.Context, *metadata.MD, *metadata.MD) error {
 			next := failures[0]
 			failures = failures[1:]
 			return next

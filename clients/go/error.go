@@ -78,6 +78,11 @@ type Error struct {
 	// EarlierAttemptMayHaveActed says whether an earlier attempt of the same call, retried by
 	// Client, may have acted.
 	EarlierAttemptMayHaveActed bool
+	// RequestID is the x-request-id of the attempt that failed (the last one), as the gateway's
+	// access line and every log line of the call show it; empty when no answer came from the
+	// gateway (it could not be reached, or the connection broke before its headers), and in an
+	// *Error that ErrorOf made from another error.
+	RequestID string
 
 	// status is the gRPC status the fields are read from, for GRPCStatus.
 	status *status.Status
@@ -86,10 +91,15 @@ type Error struct {
 	cause error
 }
 
-// Error gives the code's canonical name and the message, as the Python and Node clients do:
-// "UNAVAILABLE: CaseExtract port 4 bin 101337: ...".
+// Error gives the code's canonical name, the message and the request id when there is one, as
+// the Python and Node clients do: "UNAVAILABLE: case_extract port 4 bin 101337: ... (request
+// id: 5b0c...)".
 func (e *Error) Error() string {
-	return codeName(e.Code) + ": " + e.Message
+	text := codeName(e.Code) + ": " + e.Message
+	if e.RequestID == "" {
+		return text
+	}
+	return text + " (request id: " + e.RequestID + ")"
 }
 
 // GRPCStatus is the status the error was read from, with all its details (for an *Error built

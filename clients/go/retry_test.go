@@ -97,6 +97,25 @@ func TestUnavailableIsRetriedWithTheSameKeyUpToMaxAttempts(t *testing.T) {
 	attemptsLogged(g, failure.IdempotencyKey, 3)
 }
 
+func TestARetriedCallsErrorCarriesTheRequestIDOfItsLastAttempt(t *testing.T) {
+	controller := startFakeController(t, "503")
+	g := serve(t, "--upstream", controller.url, "--log-publisher", "off", "--retry-delay", "100ms")
+	_, err := g.client(Options{}).CaseExtract(testContext(t), 4, 101337, WithMaxAttempts(3))
+	failure := mustFail(t, err)
+	// An error's access line is written before its answer is sent, so the lines come in the
+	// order of the attempts; the gateway gave each attempt an id of its own.
+	var logged []string
+	distinct := map[string]bool{}
+	for _, line := range attemptsLogged(g, failure.IdempotencyKey, 3) {
+		id := accessRequestID.FindStringSubmatch(line)[1]
+		logged = append(logged, id)
+		distinct[id] = true
+	}
+	if len(distinct) != 3 || failure.RequestID != logged[2] {
+		t.Errorf("the error carries request id %q; the attempts' access lines %q", failure.RequestID, logged)
+	}
+}
+
 func TestAnUnknownOutcomeIsNotRetriedAndCarriesTheKeyToRepeatWith(t *testing.T) {
 	controller := startFakeController(t, "503", "drop")
 	g := serve(t, "--upstream", controller.url, "--log-publisher", "off", "--retry-delay", "100ms")

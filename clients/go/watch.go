@@ -53,6 +53,7 @@ func (c *Client) WatchCaseEvents(ctx context.Context, portIDs []uint32, options 
 	}
 	if err != nil {
 		failure := endedBy(ctx, err)
+		failure.RequestID = requestIDOf(header, stream.Trailer())
 		cancel()
 		return nil, failure
 	}
@@ -75,6 +76,7 @@ func (w *Watch) Recv() (*taskgatev1.CaseEvent, error) {
 	if w.closed.Load() && failure.Code == codes.Canceled {
 		return nil, io.EOF
 	}
+	failure.RequestID = w.RequestID
 	return nil, failure
 }
 

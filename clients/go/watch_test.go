@@ -6,6 +6,7 @@ import (
 	"io"
 	"reflect"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -134,8 +135,8 @@ func TestAWatchEndsWithShuttingDownWhenTheGatewayStops(t *testing.T) {
 	if want := map[string]string{"method": "WatchCaseEvents"}; !reflect.DeepEqual(failure.Metadata, want) {
 		t.Errorf("the ErrorInfo metadata is %v, not %v", failure.Metadata, want)
 	}
-	const text = "UNAVAILABLE: WatchCaseEvents: the gateway is shutting down; watch again once it is back, or through another instance"
-	if failure.Error() != text {
+	text := "UNAVAILABLE: WatchCaseEvents: the gateway is shutting down; watch again once it is back, or through another instance (request id: " + watch.RequestID + ")"
+	if failure.RequestID == "" || failure.Error() != text {
 		t.Errorf("the error reads\n%q, not\n%q", failure.Error(), text)
 	}
 	if !failure.Retryable() {
@@ -152,6 +153,31 @@ func TestARefusedWatchIsAnErrorAtOnce(t *testing.T) {
 	failure := mustFail(t, err)
 	if failure.Code != codes.FailedPrecondition || failure.Reason != "LOG_PUBLISHER_DISABLED" || failure.HasRetryDelay {
 		t.Errorf("the refusal is %v %q (retry delay: %v)", failure.Code, failure.Reason, failure.HasRetryDelay)
+	}
+}
+
+func TestAWatchsErrorCarriesItsRequestID(t *testing.T) {
+	client := startGateway(t, layout(t, "50ms")...).client(Options{})
+	// Refused: the gateway's one answer is trailers-only.
+	_, err := client.WatchCaseEvents(testContext(t), []uint32{0}, WithRequestID("go-watch-refused"))
+	if failure := mustFail(t, err); failure.Reason != "INVALID_PARAMETER" || failure.RequestID != "go-watch-refused" {
+		t.Errorf("the refusal is %q with request id %q", failure.Reason, failure.RequestID)
+	}
+	// Ended after it started: the id came with the headers, the status with the trailers. (The
+	// first watch waits for the gateway's Log Publisher feed, so that the second one starts.)
+	openWatch(testContext(t), t, client, []uint32{4}).Close()
+	ctx, cancel := context.WithTimeout(testContext(t), time.Second)
+	defer cancel()
+	watch, err := client.WatchCaseEvents(ctx, []uint32{4}, WithRequestID("go-watch-ended"))
+	if err != nil {
+		t.Fatalf("WatchCaseEvents: %v", err)
+	}
+	defer watch.Close()
+	for err == nil {
+		_, err = watch.Recv()
+	}
+	if failure := mustFail(t, err); failure.Reason != "DEADLINE_REACHED" || failure.RequestID != "go-watch-ended" {
+		t.Errorf("the watch ended with %q, request id %q", failure.Reason, failure.RequestID)
 	}
 }
 

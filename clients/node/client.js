@@ -115,7 +115,8 @@ const OUTCOME_UNKNOWN = "unknown";
 /** A failed call, with everything the status details say. */
 class TaskGateError extends Error {
   constructor(fields) {
-    super(`${fields.codeName}: ${fields.message}`);
+    const text = `${fields.codeName}: ${fields.message}`;
+    super(fields.requestId ? `${text} (request id: ${fields.requestId})` : text);
     this.name = "TaskGateError";
     /** The numeric gRPC status code. */
     this.code = fields.code;
@@ -135,6 +136,12 @@ class TaskGateError extends Error {
     this.retryDelayMs = fields.retryDelayMs;
     /** From BadRequest: [{ field, description }]. */
     this.fieldViolations = fields.fieldViolations;
+    /**
+     * The x-request-id of the attempt that failed (the last one), as the gateway's access line
+     * and every log line of the call show it; null when no answer came from the gateway (it
+     * could not be reached, or the connection broke before its headers).
+     */
+    this.requestId = fields.requestId || null;
     /**
      * The call's idempotency key (CaseExtract and CaseCancel), or null: pass it back as the
      * `idempotencyKey` option to repeat the call safely, within the gateway's idempotency window.
@@ -176,12 +183,16 @@ class TaskGateError extends Error {
 
 const CODE_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([name, code]) => [code, name]));
 
-/** Decodes a google.rpc.Status (the grpc-status-details-bin bytes) into a TaskGateError. */
-function errorFromStatusDetails(code, message, detailsBytes) {
+/**
+ * Decodes a google.rpc.Status (the grpc-status-details-bin bytes) into a TaskGateError;
+ * `requestId` is the x-request-id the gateway answered with, if any.
+ */
+function errorFromStatusDetails(code, message, detailsBytes, requestId) {
   const fields = {
     code,
     codeName: CODE_NAMES[code] || String(code),
     message,
+    requestId,
     reason: "",
     domain: "",
     metadata: {},
@@ -217,10 +228,23 @@ function errorFromStatusDetails(code, message, detailsBytes) {
   return new TaskGateError(fields);
 }
 
-/** Decodes the grpc-status-details-bin of a grpc-js status's metadata into a TaskGateError. */
-function errorFromGrpcStatus({ code, details, metadata }) {
+/**
+ * Decodes the grpc-status-details-bin of a grpc-js status's metadata into a TaskGateError.
+ * `headers` are the response headers, when the gateway sent any before the status.
+ */
+function errorFromGrpcStatus({ code, details, metadata }, headers) {
   const bytes = metadata ? metadata.get("grpc-status-details-bin")[0] : undefined;
-  return errorFromStatusDetails(code, details || "", bytes);
+  return errorFromStatusDetails(code, details || "", bytes, requestIdIn(metadata) || requestIdIn(headers));
+}
+
+/**
+ * The x-request-id in grpc-js metadata, or null. grpc-js gives a trailers-only answer (a call
+ * the gateway refused or failed at once) as the status's metadata, with no headers: the id is
+ * then there, and otherwise in the headers.
+ */
+function requestIdIn(metadata) {
+  const [value] = metadata ? metadata.get("x-request-id") : [];
+  return value ? String(value) : null;
 }
 
 /**
@@ -291,6 +315,7 @@ function nativeWatch(call) {
   let status = null;
   let ended = false;
   let cancelled = false;
+  let headers = null;
   let wake = null;
   const notify = () => {
     if (wake) wake();
@@ -322,7 +347,7 @@ function nativeWatch(call) {
         } else if (status && (ended || status.code !== grpc.status.OK)) {
           // Every message is read once the stream has ended; an error status ends it anyway.
           if (status.code === grpc.status.OK || (cancelled && status.code === grpc.status.CANCELLED)) return;
-          throw errorFromGrpcStatus(status);
+          throw errorFromGrpcStatus(status, headers);
         } else {
           await new Promise((resolve) => {
             wake = resolve;
@@ -341,7 +366,8 @@ function nativeWatch(call) {
     call.cancel();
   };
   return new Promise((resolve, reject) => {
-    call.once("metadata", (headers) => {
+    call.once("metadata", (received) => {
+      headers = received;
       resolve(new CaseEventWatch(events(), cancel, String(headers.get("x-request-id")[0] || "")));
     });
     call.once("status", (received) => reject(errorFromGrpcStatus(received)));
@@ -468,8 +494,7 @@ class TaskGate {
             replayed: headers?.get("taskgate-replayed")[0]?.toString() ?? null,
           });
         }
-        const details = error.metadata ? error.metadata.get("grpc-status-details-bin")[0] : undefined;
-        return reject(errorFromStatusDetails(error.code, error.details || "", details));
+        return reject(errorFromGrpcStatus(error, headers));
       });
       call.on("metadata", (received) => {
         headers = received;
@@ -522,13 +547,17 @@ function grpcWebTrailers(payload) {
   return trailers;
 }
 
-/** The TaskGateError a gRPC-Web status (trailers or trailers-only headers) describes. */
-function errorFromGrpcWebTrailers(trailers) {
+/**
+ * The TaskGateError a gRPC-Web status (trailers or trailers-only headers) describes, with the
+ * x-request-id of the response's headers.
+ */
+function errorFromGrpcWebTrailers(trailers, headers) {
   const details = trailers.get("grpc-status-details-bin");
   return errorFromStatusDetails(
     Number(trailers.get("grpc-status")),
     decodeURIComponent(trailers.get("grpc-message") || ""),
     details ? Buffer.from(details, "base64") : undefined,
+    headers.get("x-request-id"),
   );
 }
 
@@ -553,7 +582,7 @@ async function watchCaseEventsGrpcWeb(baseUrl, portIds = [], { headers = {}, tim
   // A refusal is trailers-only: the status is in the response head and the body is empty.
   if (response.headers.has("grpc-status")) {
     await response.body?.cancel();
-    throw errorFromGrpcWebTrailers(new Map(response.headers));
+    throw errorFromGrpcWebTrailers(new Map(response.headers), response.headers);
   }
   let cancelled = false;
   let finished = false;
@@ -564,15 +593,25 @@ async function watchCaseEventsGrpcWeb(baseUrl, portIds = [], { headers = {}, tim
           finished = true;
           const trailers = grpcWebTrailers(payload);
           if (Number(trailers.get("grpc-status")) === 0) return;
-          throw errorFromGrpcWebTrailers(trailers);
+          throw errorFromGrpcWebTrailers(trailers, response.headers);
         }
         yield caseEventFrom(CaseEvent.toObject(CaseEvent.decode(payload), { enums: String, longs: Number }));
       }
-      throw errorFromStatusDetails(grpc.status.INTERNAL, "the gRPC-Web stream ended without a trailer frame");
+      throw errorFromStatusDetails(
+        grpc.status.INTERNAL,
+        "the gRPC-Web stream ended without a trailer frame",
+        undefined,
+        response.headers.get("x-request-id"),
+      );
     } catch (error) {
       if (error instanceof TaskGateError) throw error;
       if (cancelled) return;
-      throw errorFromStatusDetails(grpc.status.UNAVAILABLE, `the gRPC-Web stream broke off: ${error.message}`);
+      throw errorFromStatusDetails(
+        grpc.status.UNAVAILABLE,
+        `the gRPC-Web stream broke off: ${error.message}`,
+        undefined,
+        response.headers.get("x-request-id"),
+      );
     } finally {
       if (!finished) {
         cancelled = true;
@@ -622,9 +661,7 @@ async function caseExtractGrpcWeb(baseUrl, portId, binId, { headers = {} } = {})
   }
   const code = Number(trailers.get("grpc-status"));
   if (code === 0) return;
-  const details = trailers.get("grpc-status-details-bin");
-  const message_ = decodeURIComponent(trailers.get("grpc-message") || "");
-  throw errorFromStatusDetails(code, message_, details ? Buffer.from(details, "base64") : undefined);
+  throw errorFromGrpcWebTrailers(trailers, response.headers);
 }
 
 module.exports = {

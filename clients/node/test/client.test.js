@@ -55,6 +55,43 @@ test("success, then 1148 with the retry delay", async () => {
   assert.deepEqual(error.metadata, { faultCode: "1148", method: "case_extract", portId: "4", binId: "101337" });
 });
 
+// The request id of the gateway's access line for the call whose line passes `test`.
+async function requestIdLogged(gateway, test) {
+  const [line] = await gateway.linesLogged((line) => line.includes("taskgate::access") && test(line), 1);
+  return / request_id=(\S+)/.exec(line)[1];
+}
+
+test("a failed call carries the request id of its access line", async () => {
+  // Port 1 is not an AutoCase port: the controller refuses the call.
+  const error = await expectError(client.caseExtract(1, 101337, { maxAttempts: 1 }));
+  const logged = await requestIdLogged(gateway, (line) => line.includes(`idempotency_key=${error.idempotencyKey} `));
+  assert.equal(error.requestId, logged);
+  assert.ok(error.message.startsWith("FAILED_PRECONDITION: ") && error.message.endsWith(` (request id: ${logged})`), error.message);
+  // One the caller sets is the one the gateway logs, and the one the error carries.
+  const read = await expectError(client.caseGetState(1, { requestId: "node-failed-read" }));
+  assert.equal(read.requestId, "node-failed-read");
+  assert.match(String(read), /^TaskGateError: FAILED_PRECONDITION: .* \(request id: node-failed-read\)$/);
+});
+
+test("gRPC-Web: a failed call carries the request id of its access line", async () => {
+  const headers = { "x-request-id": "node-web-failed" };
+  const error = await expectError(caseExtractGrpcWeb(`http://${gateway.address}`, 1, 101337, { headers }));
+  assert.equal(error.requestId, await requestIdLogged(gateway, (line) => line.includes(" request_id=node-web-failed ")));
+  assert.match(error.message, /^FAILED_PRECONDITION: .* \(request id: node-web-failed\)$/);
+});
+
+test("a call that never reached the gateway has no request id", async () => {
+  // Nothing listens on port 1: the connection is refused, and no gateway named the call.
+  const unreachable = new TaskGate("127.0.0.1:1");
+  try {
+    const error = await expectError(unreachable.caseGetState(4, { timeoutMs: 5000, maxAttempts: 1 }));
+    assert.deepEqual([error.codeName, error.requestId], ["UNAVAILABLE", null]);
+    assert.doesNotMatch(error.message, /request id/);
+  } finally {
+    unreachable.close();
+  }
+});
+
 const SIMULATOR_FAULTS = [
   [1, "FAILED_PRECONDITION", "FAULT_CODE_PORT_IS_NOT_AUTOCASE", 1087],
   [2, "FAILED_PRECONDITION", "FAULT_CODE_PORT_NOT_IN_APPROPRIATE_MODE", 1099],
@@ -238,6 +275,9 @@ describe("WatchCaseEvents", () => {
     }
   }
 
+  // The option that sets a watch's x-request-id over `transport`.
+  const requestId = (transport, id) => (transport === "gRPC" ? { requestId: id } : { headers: { "x-request-id": id } });
+
   const transports = {
     gRPC: (gateway, portIds, options) => gateway.client.watchCaseEvents(portIds, options),
     "gRPC-Web": (gateway, portIds, options) => watchCaseEventsGrpcWeb(gateway.baseUrl, portIds, options),
@@ -303,6 +343,20 @@ describe("WatchCaseEvents", () => {
         error.fieldViolations.map((violation) => violation.field),
         ["port_ids", "port_ids"],
       );
+    });
+
+    test(`${transport}: a watch's error carries its request id`, async () => {
+      // Refused: the gateway's one answer is trailers-only.
+      const refused = await expectError(watch(fast, [0], { timeoutMs: STREAM_LIMIT_MS, ...requestId(transport, "node-watch-refused") }));
+      assert.equal(refused.requestId, "node-watch-refused");
+      // Ended after it started: the id came with the headers, the status with the trailers.
+      const events = await openWatch(() => watch(fast, [4], { timeoutMs: 1000, ...requestId(transport, "node-watch-ended") }));
+      const ended = await expectError(
+        (async () => {
+          for await (const _ of events);
+        })(),
+      );
+      assert.deepEqual([ended.reason, ended.requestId], ["DEADLINE_REACHED", "node-watch-ended"]);
     });
 
     test(`${transport}: cancelling a watch ends its iteration`, async () => {
@@ -468,6 +522,17 @@ describe("safe retries", () => {
       assert.deepEqual([error.retryable, error.mayHaveActed, error.attempts], [true, false, 3]);
       assert.equal(posts(), 3);
       assert.equal((await attemptsLogged(gateway, error.idempotencyKey, 3)).length, 3);
+    });
+  });
+
+  test("a retried call's error carries the request id of its last attempt", async () => {
+    await withFakeController(["503"], async ({ client, gateway }) => {
+      const error = await expectError(client.caseExtract(4, 101337, { timeoutMs: 30000, maxAttempts: 3 }));
+      // An error's access line is written before its answer is sent, so the lines come in the
+      // order of the attempts; the gateway gave each attempt an id of its own.
+      const logged = (await attemptsLogged(gateway, error.idempotencyKey, 3)).map((line) => / request_id=(\S+)/.exec(line)[1]);
+      assert.equal(new Set(logged).size, 3);
+      assert.equal(error.requestId, logged[2]);
     });
   });
 

@@ -146,9 +146,14 @@ class TaskGateError(Exception):
     """How many times the call was sent before it failed."""
     earlier_attempt_may_have_acted: bool = False
     """Whether an earlier attempt of the same call, retried by the client, may have acted."""
+    request_id: Optional[str] = None
+    """The ``x-request-id`` of the attempt that failed (the last one), as the gateway's access
+    line and every log line of the call show it; None when no answer came from the gateway
+    (it could not be reached, or the connection broke before its headers)."""
 
     def __str__(self) -> str:
-        return f"{self.code.name}: {self.message}"
+        text = f"{self.code.name}: {self.message}"
+        return f"{text} (request id: {self.request_id})" if self.request_id else text
 
     @property
     def fault_name(self) -> Optional[str]:
@@ -211,6 +216,7 @@ class TaskGateError(Exception):
         return cls(
             code=error.code(),
             message=error.details() or "",
+            request_id=_request_id_of(error),
             reason=error_info.reason,
             domain=error_info.domain,
             metadata=dict(error_info.metadata),
@@ -219,6 +225,17 @@ class TaskGateError(Exception):
             retry_delay=retry_delay,
             field_violations=violations,
         )
+
+
+def _request_id_of(error: grpc.RpcError) -> Optional[str]:
+    """The ``x-request-id`` the gateway answered a failed call with: among the trailing metadata
+    when the failure was its only answer (trailers-only, as a refused call is), else among the
+    headers (a watch that had started)."""
+    for metadata in (error.trailing_metadata(), error.initial_metadata()):
+        for key, value in metadata or ():
+            if key == "x-request-id":
+                return value
+    return None
 
 
 class TaskGate:

@@ -1,6 +1,7 @@
 """The Python client against the real gateway: success, every simulator fault, bad arguments,
 cancel and case state."""
 
+import re
 from datetime import timedelta
 
 import grpc
@@ -19,6 +20,25 @@ def expect_error(client, port_id, bin_id) -> TaskGateError:
     with pytest.raises(TaskGateError) as raised:
         client.case_extract(port_id=port_id, bin_id=bin_id, timeout=5, max_attempts=1)
     return raised.value
+
+
+def request_id_logged(gateway, key) -> str:
+    """The request id of the gateway's access line for the call with idempotency key ``key``."""
+    [line] = gateway.lines_logged(
+        lambda line: "taskgate::access" in line and re.search(rf"idempotency_key={key}\b", line), 1)
+    return re.search(r" request_id=(\S+)", line).group(1)
+
+
+def test_a_failed_call_carries_the_request_id_of_its_access_line(client, gateway):
+    # Port 1 is not an AutoCase port: the controller refuses the call.
+    error = expect_error(client, 1, 101337)
+    assert error.request_id == request_id_logged(gateway, error.idempotency_key)
+    assert str(error) == f"FAILED_PRECONDITION: {error.message} (request id: {error.request_id})"
+    # One the caller sets is the one the gateway logs, and the one the error carries.
+    with pytest.raises(TaskGateError) as raised:
+        client.case_get_state(port_id=1, request_id="py-failed-read")
+    assert raised.value.request_id == "py-failed-read"
+    assert str(raised.value).endswith(" (request id: py-failed-read)")
 
 
 def test_success_then_1148_with_the_retry_delay(client):

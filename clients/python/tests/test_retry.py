@@ -51,6 +51,30 @@ def test_unavailable_is_retried_with_the_same_key_up_to_max_attempts(fake_contro
     assert len(attempts_logged(gateway, error.idempotency_key, 3)) == 3
 
 
+@pytest.mark.script("503")
+def test_a_retried_call_s_error_carries_the_request_id_of_its_last_attempt(fake_controller):
+    _, gateway = fake_controller
+    with TaskGate(gateway) as client:
+        with pytest.raises(TaskGateError) as raised:
+            client.case_extract(port_id=4, bin_id=101337, timeout=30, max_attempts=3)
+    error = raised.value
+    # An error's access line is written before its answer is sent, so the lines come in the
+    # order of the attempts; the gateway gave each attempt an id of its own.
+    logged = [re.search(r" request_id=(\S+)", line).group(1)
+              for line in attempts_logged(gateway, error.idempotency_key, 3)]
+    assert len(set(logged)) == 3
+    assert error.request_id == logged[-1]
+
+
+def test_a_call_that_never_reached_the_gateway_has_no_request_id():
+    # Nothing listens on port 1: the connection is refused, and no gateway named the call.
+    with TaskGate("127.0.0.1:1") as client:
+        with pytest.raises(TaskGateError) as raised:
+            client.case_get_state(port_id=4, timeout=5, max_attempts=1)
+    assert (raised.value.code, raised.value.request_id) == (grpc.StatusCode.UNAVAILABLE, None)
+    assert "request id" not in str(raised.value)
+
+
 @pytest.mark.script("503", "drop")
 def test_an_unknown_outcome_is_not_retried_and_carries_the_key_to_repeat_with(fake_controller):
     controller, gateway = fake_controller
@@ -129,6 +153,9 @@ class _FailedAttempt(grpc.RpcError):
 
     def trailing_metadata(self):
         return self._trailing
+
+    def initial_metadata(self):
+        return ()
 
 
 class _Attempts:

@@ -28,14 +28,16 @@ def slow_client(slow_gateway):
         yield task_gate
 
 
-def open_watch(client: TaskGate, port_ids, timeout: float = STREAM_LIMIT_S) -> CaseEventWatch:
+def open_watch(client: TaskGate, port_ids, timeout: float = STREAM_LIMIT_S,
+               request_id=None) -> CaseEventWatch:
     """Opens a watch once the gateway's Log Publisher feed is connected: just after the gateway
     starts, a watch is refused with UNAVAILABLE (LOG_PUBLISHER_UNAVAILABLE) until then, which is
     retried for at most FEED_LIMIT_S."""
     give_up = time.monotonic() + FEED_LIMIT_S
     while True:
         try:
-            return client.watch_case_events(port_ids=port_ids, timeout=timeout)
+            return client.watch_case_events(port_ids=port_ids, timeout=timeout,
+                                            request_id=request_id)
         except TaskGateError as error:
             if error.reason != "LOG_PUBLISHER_UNAVAILABLE" or time.monotonic() > give_up:
                 raise
@@ -101,6 +103,20 @@ def test_a_deadline_ends_the_stream_with_deadline_reached(fast_client):
     )
     assert "deadline" in error.message
     assert time.monotonic() - started < STREAM_LIMIT_S
+
+
+def test_a_watch_s_error_carries_its_request_id(fast_client):
+    # Refused: the gateway's one answer is trailers-only.
+    with pytest.raises(TaskGateError) as raised:
+        fast_client.watch_case_events(port_ids=[0], timeout=STREAM_LIMIT_S,
+                                      request_id="py-watch-refused")
+    assert raised.value.request_id == "py-watch-refused"
+    # Ended after it started: the id came with the headers, the status with the trailers.
+    with open_watch(fast_client, [4], timeout=1.0, request_id="py-watch-ended") as events:
+        with pytest.raises(TaskGateError) as raised:
+            for _ in events:
+                pass
+    assert (raised.value.reason, raised.value.request_id) == ("DEADLINE_REACHED", "py-watch-ended")
 
 
 def test_cancelling_a_watch_ends_its_iteration(fast_client):
