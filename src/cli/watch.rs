@@ -134,9 +134,9 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
     if exit != Exit::Success {
         return Ok(exit);
     }
-    // The watch opened before the ask, so a fresh extraction is seen from its first state; an
-    // earlier operation on the bin may still end in between (its ECMP just before the
-    // controller accepted this one), which says nothing of this one. A repeated key's
+    // The watch opened before the ask, so a fresh extraction is seen from its first state,
+    // EREQ; an earlier operation on the bin may still signal in between (its ERSO or ECMP, late
+    // from the Log Publisher, or its cancel), which says nothing of this one. A repeated key's
     // operation may have begun before the watch, so any of its states counts; it may also have
     // ended before, and then no event of it ever comes. The port's state cannot say which: an
     // ECMP of this bin there may be an earlier extraction's, with this one not yet shown.
@@ -175,8 +175,7 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
         if event.bin_id != Some(bin_id) {
             continue;
         }
-        let is_state = matches!(event.change, Some(Change::State(_)));
-        begun = begun || (is_state && follow(&event) == Followed::Going);
+        begun = begun || event.change == Some(Change::State(CaseState::ExtractionRequested as i32));
         if !begun {
             continue;
         }

@@ -575,8 +575,8 @@ async fn a_call_timing_out_at_the_controller_prints_the_key_to_repeat_it_with() 
 }
 
 /// `case-extract --wait` follows the extraction it asked for: what an earlier operation on the
-/// same bin signals before the new one's first state (its ECMP, or its cancel, just before the
-/// controller accepted the new one) is not taken as the new case's end.
+/// same bin signals before the new one's first state, EREQ (its ERSO and ECMP, or its cancel,
+/// just before the controller accepted the new one), is not taken as the new case's end.
 #[tokio::test]
 async fn a_wait_does_not_take_an_earlier_operations_end_for_its_own() {
     let cancelled = [
@@ -599,6 +599,12 @@ async fn a_wait_does_not_take_an_earlier_operations_end_for_its_own() {
         ),
         (
             "AC,4,101337,CR\r\nAC,4,101337,NOOP\r\nAC,4,101337,EREQ\r\nAC,4,101337,ERSO\r\n\
+             AC,4,101337,ECMP\r\n",
+            0,
+            &completed,
+        ),
+        (
+            "AC,4,101337,ERSO\r\nAC,4,101337,ECMP\r\nAC,4,101337,EREQ\r\nAC,4,101337,ERSO\r\n\
              AC,4,101337,ECMP\r\n",
             0,
             &completed,
