@@ -25,6 +25,7 @@ mod xml;
 
 pub use case_state::CaseStateReply;
 pub use charset::charset_of;
+pub(crate) use charset::strip_bom;
 pub use shape::parse_integer;
 
 /// The default cap on a request or response body: task-interface messages are a few hundred
@@ -186,7 +187,7 @@ pub enum DecodeError {
     UnknownCaseState(String),
     /// An element that must hold a non-negative decimal integer holds something else, or one
     /// too large for any task-interface value.
-    #[error("<{element}> holds '{text}', not an integer from 0 to 4294967295")]
+    #[error("<{element}> holds '{text}', not an integer from 0 to {}", u32::MAX)]
     InvalidInteger {
         /// The element.
         element: String,

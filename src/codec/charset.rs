@@ -94,7 +94,7 @@ pub(super) fn encoding_named(label: &str) -> Option<Encoding> {
 }
 
 /// The body without a leading UTF-8 byte-order mark, and whether it had one.
-pub(super) fn strip_bom(body: &[u8]) -> (&[u8], bool) {
+pub(crate) fn strip_bom(body: &[u8]) -> (&[u8], bool) {
     match body.strip_prefix(b"\xEF\xBB\xBF") {
         Some(rest) => (rest, true),
         None => (body, false),

@@ -82,7 +82,7 @@ pub(crate) fn decode_request(
 /// declaration, not a processing instruction such as `<?xml-stylesheet?>`. The codec then
 /// checks what it says.
 fn begins_with_declaration(body: &[u8]) -> bool {
-    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let (body, _) = codec::strip_bom(body);
     body.strip_prefix(b"<?xml")
         .and_then(<[u8]>::first)
         .is_some_and(|byte| matches!(byte, b' ' | b'\t' | b'\r' | b'\n'))
