@@ -136,7 +136,8 @@ pub(crate) struct CensusCounts {
     /// WatchCaseEvents streams in the same state: shutdown ends them, so they never hold the
     /// drain as calls do.
     pub(crate) watches: usize,
-    /// Other requests in the same state: health Watch and reflection streams.
+    /// Other requests in the same state: health Watch and Check, reflection, the console's
+    /// files, and any other path.
     pub(crate) streams: usize,
     /// Connections closed at shutdown with no request open.
     pub(crate) closed_idle: usize,
@@ -148,11 +149,11 @@ pub(crate) struct CensusCounts {
 /// What a request is, for the census and the idle timeout: a listener tells them apart by path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RequestKind {
-    /// A task call.
+    /// A task call; on the router's listeners (metrics, the simulator), every request.
     Call,
     /// A case-event watch.
     Watch,
-    /// Another stream of answers: health Watch.
+    /// Another stream of answers: health Watch, and any path no other kind names.
     Stream,
     /// A stream that answers each of its requests and ends with them: reflection. Its answers
     /// are ready once its requests have ended (or their time ran out). Counted with the streams.
