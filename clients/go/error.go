@@ -76,7 +76,8 @@ type Error struct {
 	// Attempts is how many times the call was sent before it failed.
 	Attempts int
 	// EarlierAttemptMayHaveActed says whether an earlier attempt of the same call, retried by
-	// Client, may have acted.
+	// Client, may have acted; for a call given its key with WithIdempotencyKey, always: the call
+	// it repeats may have.
 	EarlierAttemptMayHaveActed bool
 	// RequestID is the x-request-id of the attempt that failed (the last one), as the gateway's
 	// access line and every log line of the call show it; empty when no answer came from the

@@ -10,6 +10,8 @@
 // it twice; a gateway restarted in between, or another replica, has forgotten the key. So after
 // an attempt that may have acted, only an answer marked `requestOutcome: unknown` (the gateway
 // still holds the key and reads the port first) is retried; any other is thrown, mayHaveActed.
+// A call given its `idempotencyKey` repeats one that may have acted, so its first attempt
+// already counts as one after such an attempt.
 
 const crypto = require("node:crypto");
 const path = require("node:path");
@@ -149,7 +151,10 @@ class TaskGateError extends Error {
     this.idempotencyKey = null;
     /** How many times the call was sent before it failed. */
     this.attempts = 1;
-    /** Whether an earlier attempt of the same call, retried by TaskGate, may have acted. */
+    /**
+     * Whether an earlier attempt of the same call, retried by TaskGate, may have acted; for a call
+     * given its `idempotencyKey`, always: the call it repeats may have.
+     */
     this.earlierAttemptMayHaveActed = false;
   }
 
@@ -389,8 +394,10 @@ class TaskGate {
    * of the key without calling the controller's method, else null), attempts }; rejects with a
    * TaskGateError. Options: `timeoutMs` bounds the whole call, retries included (10 s);
    * `requestId` sets the x-request-id; `idempotencyKey` the message's request_id (a fresh UUID v4
-   * when unset: give the one a TaskGateError carries to repeat a call whose outcome is unknown);
-   * `maxAttempts` (4) bounds the retries (on UNAVAILABLE and OVERLOADED only).
+   * when unset: give the one a TaskGateError carries to repeat a call whose outcome is unknown;
+   * such a repeat may meet its own first call's operation, so it is retried only on an answer
+   * marked `requestOutcome: unknown`: a key is for repeats, not for new calls); `maxAttempts` (4)
+   * bounds the retries (on UNAVAILABLE and OVERLOADED only).
    */
   caseExtract(portId, binId, options = {}) {
     return this.callWithKey("CaseExtract", { port_id: portId, bin_id: binId }, options);
@@ -408,7 +415,11 @@ class TaskGate {
   /** Calls `method` with `request` and an idempotency key; resolves with the call's result. */
   async callWithKey(method, request, { idempotencyKey, ...options }) {
     const key = idempotencyKey || crypto.randomUUID();
-    const { requestId, replayed, attempts } = await this.call(method, { ...request, request_id: key }, options);
+    const { requestId, replayed, attempts } = await this.call(
+      method,
+      { ...request, request_id: key },
+      { ...options, repeat: Boolean(idempotencyKey) },
+    );
     return { requestId, idempotencyKey: key, replayed, attempts };
   }
 
@@ -450,12 +461,17 @@ class TaskGate {
   /**
    * Calls `method` with the token and request id, again after each retryable error while
    * `maxAttempts` and `timeoutMs` allow; resolves with { response, requestId, replayed, attempts }
-   * or rejects with a TaskGateError.
+   * or rejects with a TaskGateError. `repeat`: the call repeats one that may have acted (the
+   * caller gave its key).
    */
-  async call(method, request, { timeoutMs = 10000, requestId, maxAttempts = DEFAULT_MAX_ATTEMPTS } = {}) {
+  async call(
+    method,
+    request,
+    { timeoutMs = 10000, requestId, maxAttempts = DEFAULT_MAX_ATTEMPTS, repeat = false } = {},
+  ) {
     const deadline = Date.now() + timeoutMs;
     let backoffMs = INITIAL_BACKOFF_MS;
-    let mayHaveActed = false;
+    let mayHaveActed = repeat;
     for (let attempt = 1; ; attempt += 1) {
       try {
         return { ...(await this.attempt(method, request, requestId, deadline)), attempts: attempt };
