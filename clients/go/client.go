@@ -31,9 +31,9 @@
 // gateway process does not send it twice; a gateway restarted in between, or another replica,
 // has forgotten the key. So after an attempt that may have acted, only an answer marked
 // requestOutcome: unknown (the gateway still holds the key and reads the port first) is
-// retried; any other is returned, MayHaveActed. A call given its key with WithIdempotencyKey
-// repeats one that may have acted, so its first attempt already counts as one after such an
-// attempt.
+// retried; any other is returned, MayHaveActed and not Retryable. A call given its key with
+// WithIdempotencyKey repeats one that may have acted, so its first attempt already counts as one
+// after such an attempt.
 package taskgateclient
 
 import (
@@ -234,18 +234,12 @@ func (c *Client) call(ctx context.Context, settings callSettings, key string, at
 		failure.IdempotencyKey, failure.Attempts = key, attempts
 		failure.RequestID = requestIDOf(header, trailer)
 		failure.EarlierAttemptMayHaveActed = mayHaveActed
-		// After an attempt that may have acted, only a gateway that remembers the key as unknown
-		// reads the port before sending again, and marks its answer so. Any other may come from
-		// one that forgot the key (restarted, another replica) and sent the retry as a new call:
-		// its 1148 then means the first attempt is running, and retrying until it ends would
-		// start a second operation.
-		unsafeToRepeat := key != "" && mayHaveActed && failure.Metadata[requestOutcomeKey] != outcomeUnknown
 		mayHaveActed = failure.MayHaveActed()
 		delay := backoff
 		if failure.HasRetryDelay {
 			delay = failure.RetryDelay
 		}
-		if !failure.Retryable() || unsafeToRepeat || attempts >= settings.maxAttempts || !time.Now().Add(delay).Before(deadline) {
+		if !failure.Retryable() || attempts >= settings.maxAttempts || !time.Now().Add(delay).Before(deadline) {
 			return nil, failure
 		}
 		timer := time.NewTimer(delay)

@@ -259,15 +259,17 @@ func TestARepeatWithTheCallersKeyDoesNotRetryIntoASecondOperation(t *testing.T) 
 		busy.mu.Unlock()
 		_, err := call(testContext(t), 4, 101337, WithIdempotencyKey(key), WithMaxAttempts(3))
 		repeat := mustFail(t, err)
-		if repeat.Reason != "PREVIOUS_ACTION_NOT_COMPLETED" || repeat.IdempotencyKey != key || repeat.Attempts != 1 || !repeat.MayHaveActed() {
-			t.Errorf("%s repeat: reason %q, key %q, attempts %d, may have acted %v; want the 1148, %q, 1, true",
-				name, repeat.Reason, repeat.IdempotencyKey, repeat.Attempts, repeat.MayHaveActed(), key)
+		if repeat.Reason != "PREVIOUS_ACTION_NOT_COMPLETED" || repeat.IdempotencyKey != key || repeat.Attempts != 1 ||
+			!repeat.MayHaveActed() || repeat.Retryable() {
+			t.Errorf("%s repeat: reason %q, key %q, attempts %d, may have acted %v, retryable %v; want the 1148, %q, 1, true, false",
+				name, repeat.Reason, repeat.IdempotencyKey, repeat.Attempts, repeat.MayHaveActed(), repeat.Retryable(), key)
 		}
 		// A new call (a fresh key) meets another operation's 1148: it is retried.
 		_, err = call(testContext(t), 4, 101337, WithMaxAttempts(3))
 		fresh := mustFail(t, err)
-		if fresh.Attempts != 3 || fresh.MayHaveActed() {
-			t.Errorf("%s new call: attempts %d, may have acted %v; want 3, false", name, fresh.Attempts, fresh.MayHaveActed())
+		if fresh.Attempts != 3 || fresh.MayHaveActed() || !fresh.Retryable() {
+			t.Errorf("%s new call: attempts %d, may have acted %v, retryable %v; want 3, false, true",
+				name, fresh.Attempts, fresh.MayHaveActed(), fresh.Retryable())
 		}
 		busy.mu.Lock()
 		want := []string{key, fresh.IdempotencyKey, fresh.IdempotencyKey, fresh.IdempotencyKey}

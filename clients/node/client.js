@@ -9,9 +9,9 @@
 // the call reached it. Its retry carries the same key, so the same gateway process does not send
 // it twice; a gateway restarted in between, or another replica, has forgotten the key. So after
 // an attempt that may have acted, only an answer marked `requestOutcome: unknown` (the gateway
-// still holds the key and reads the port first) is retried; any other is thrown, mayHaveActed.
-// A call given its `idempotencyKey` repeats one that may have acted, so its first attempt
-// already counts as one after such an attempt.
+// still holds the key and reads the port first) is retried; any other is thrown, mayHaveActed
+// and not retryable. A call given its `idempotencyKey` repeats one that may have acted, so its
+// first attempt already counts as one after such an attempt.
 
 const crypto = require("node:crypto");
 const path = require("node:path");
@@ -163,9 +163,15 @@ class TaskGateError extends Error {
    * backoff). From the gateway, these say the controller started nothing; a bare UNAVAILABLE
    * without ErrorInfo (the connection to the gateway broke) may have reached it, and is retried
    * with the same key, which only the same gateway process deduplicates. TaskGate retries these
-   * itself.
+   * itself. Not retryable: an error of a CaseExtract or CaseCancel call that may already have
+   * acted (an earlier attempt, or the call it repeats), unless marked `requestOutcome: unknown`.
+   * A gateway that forgot the key (restarted, another replica) sent that attempt as a new call:
+   * its 1148 most likely means the first operation is running, and retrying until it ends would
+   * start a second.
    */
   get retryable() {
+    const afterActing = this.idempotencyKey && this.earlierAttemptMayHaveActed;
+    if (afterActing && this.metadata?.[REQUEST_OUTCOME_KEY] !== OUTCOME_UNKNOWN) return false;
     return this.code === grpc.status.UNAVAILABLE || RETRYABLE_REASONS.has(this.reason);
   }
 
@@ -479,18 +485,9 @@ class TaskGate {
         error.idempotencyKey = request.request_id || null;
         error.attempts = attempt;
         error.earlierAttemptMayHaveActed = mayHaveActed;
-        // After an attempt that may have acted, only a gateway that remembers the key as unknown
-        // reads the port before sending again, and marks its answer so. Any other may come from
-        // one that forgot the key (restarted, another replica) and sent the retry as a new call:
-        // its 1148 then means the first attempt is running, and retrying until it ends would
-        // start a second operation.
-        const unsafeToRepeat =
-          Boolean(request.request_id) && mayHaveActed && error.metadata?.[REQUEST_OUTCOME_KEY] !== OUTCOME_UNKNOWN;
         mayHaveActed = error.mayHaveActed;
         const delayMs = error.retryDelayMs ?? backoffMs;
-        if (!error.retryable || unsafeToRepeat || attempt >= maxAttempts || Date.now() + delayMs >= deadline) {
-          throw error;
-        }
+        if (!error.retryable || attempt >= maxAttempts || Date.now() + delayMs >= deadline) throw error;
         await new Promise((done) => setTimeout(done, delayMs));
         backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
       }

@@ -622,7 +622,10 @@ describe("safe retries", () => {
     const cutOff = ["UNAVAILABLE", ""];
     const busy = ["UNAVAILABLE", "PREVIOUS_ACTION_NOT_COMPLETED"];
     const error = await run("CaseExtract", request, [cutOff, busy, cutOff]);
-    assert.deepEqual([error.reason, error.attempts, error.mayHaveActed], ["PREVIOUS_ACTION_NOT_COMPLETED", 2, true]);
+    assert.deepEqual(
+      [error.reason, error.attempts, error.mayHaveActed, error.retryable],
+      ["PREVIOUS_ACTION_NOT_COMPLETED", 2, true, false],
+    );
     // A gateway that remembers the key as unknown reads the port before sending again, and says
     // so: that answer is retried. So is any answer to a read, which never acts.
     const marked = ["UNAVAILABLE", "UPSTREAM_UNREACHABLE", { requestOutcome: "unknown" }];
@@ -660,12 +663,12 @@ describe("safe retries", () => {
       const key = "9f1c2b3a-4d5e-4f60-8a7b-1c2d3e4f5a6b";
       const repeat = await failed({ idempotencyKey: key });
       assert.deepEqual(
-        [repeat.reason, repeat.idempotencyKey, repeat.attempts, repeat.mayHaveActed],
-        ["PREVIOUS_ACTION_NOT_COMPLETED", key, 1, true],
+        [repeat.reason, repeat.idempotencyKey, repeat.attempts, repeat.mayHaveActed, repeat.retryable],
+        ["PREVIOUS_ACTION_NOT_COMPLETED", key, 1, true, false],
       );
       // A new call (a fresh key) meets another operation's 1148: it is retried.
       const fresh = await failed({});
-      assert.deepEqual([fresh.attempts, fresh.mayHaveActed], [3, false]);
+      assert.deepEqual([fresh.attempts, fresh.mayHaveActed, fresh.retryable], [3, false, true]);
       assert.deepEqual(keys, [key, ...Array(3).fill(fresh.idempotencyKey)]);
     });
   }

@@ -23,9 +23,9 @@ is grpcio's own, when the connection to the gateway broke, possibly after the ca
 retry carries the same key, so the same gateway process does not send it twice; a gateway
 restarted in between, or another replica, has forgotten the key. So after an attempt that may
 have acted, only an answer marked ``requestOutcome: unknown`` (the gateway still holds the key and
-reads the port first) is retried; any other is raised, ``may_have_acted`` true. A call given its
-``idempotency_key`` repeats one that may have acted, so its first attempt already counts as one
-after such an attempt.
+reads the port first) is retried; any other is raised, ``may_have_acted`` true and ``retryable``
+false. A call given its ``idempotency_key`` repeats one that may have acted, so its first attempt
+already counts as one after such an attempt.
 
 Case events stream from ``watch_case_events``; the stream's end raises the same ``TaskGateError``:
 
@@ -171,7 +171,14 @@ class TaskGateError(Exception):
         ``OVERLOADED`` (with backoff). From the gateway, these say the controller started
         nothing; a bare ``UNAVAILABLE`` without ErrorInfo (the connection to the gateway broke)
         may have reached it, and is retried with the same key, which only the same gateway
-        process deduplicates. The client retries these itself."""
+        process deduplicates. The client retries these itself. Not retryable: an error of a
+        CaseExtract or CaseCancel call that may already have acted (an earlier attempt, or the
+        call it repeats), unless marked ``requestOutcome: unknown``. A gateway that forgot the
+        key (restarted, another replica) sent that attempt as a new call: its 1148 most likely
+        means the first operation is running, and retrying until it ends would start a second."""
+        if (self.idempotency_key is not None and self.earlier_attempt_may_have_acted
+                and self.metadata.get(_REQUEST_OUTCOME_KEY) != _OUTCOME_UNKNOWN):
+            return False
         return self.code == grpc.StatusCode.UNAVAILABLE or self.reason in _RETRYABLE_REASONS
 
     @property
@@ -350,17 +357,10 @@ class TaskGate:
                 error.idempotency_key = idempotency_key
                 error.attempts = attempt
                 error.earlier_attempt_may_have_acted = may_have_acted
-                # After an attempt that may have acted, only a gateway that remembers the key as
-                # unknown reads the port before sending again, and marks its answer so. Any other
-                # may come from one that forgot the key (restarted, another replica) and sent the
-                # retry as a new call: its 1148 then means the first attempt is running, and
-                # retrying until it ends would start a second operation.
-                unsafe_to_repeat = (idempotency_key is not None and may_have_acted
-                                    and error.metadata.get(_REQUEST_OUTCOME_KEY) != _OUTCOME_UNKNOWN)
                 may_have_acted = error.may_have_acted
                 delay = (error.retry_delay.total_seconds() if error.retry_delay is not None
                          else backoff)
-                if (not error.retryable or unsafe_to_repeat or attempt >= max_attempts
+                if (not error.retryable or attempt >= max_attempts
                         or time.monotonic() + delay >= deadline):
                     raise error from None
                 time.sleep(delay)

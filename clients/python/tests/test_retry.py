@@ -198,8 +198,8 @@ def test_after_an_attempt_that_may_have_acted_only_a_port_read_is_retried():
         with pytest.raises(TaskGateError) as raised:
             client._call(method, request, timeout=30, request_id=None, max_attempts=3)
     error = raised.value
-    assert (error.reason, error.attempts, error.may_have_acted) == (
-        "PREVIOUS_ACTION_NOT_COMPLETED", 2, True)
+    assert (error.reason, error.attempts, error.may_have_acted, error.retryable) == (
+        "PREVIOUS_ACTION_NOT_COMPLETED", 2, True, False)
     # A gateway that remembers the key as unknown reads the port before sending again, and
     # says so: that answer is retried. So is any answer to a read, which never acts.
     marked = _FailedAttempt(grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNREACHABLE",
@@ -265,8 +265,8 @@ def test_a_repeat_with_the_callers_key_does_not_retry_into_a_second_operation(me
         server.stop(grace=None)
     assert (repeat.reason, repeat.idempotency_key, repeat.attempts) == (
         "PREVIOUS_ACTION_NOT_COMPLETED", key, 1)
-    assert repeat.may_have_acted is True
-    assert (new.attempts, new.may_have_acted) == (3, False)
+    assert (repeat.may_have_acted, repeat.retryable) == (True, False)
+    assert (new.attempts, new.may_have_acted, new.retryable) == (3, False, True)
     assert service.keys == [key] + [new.idempotency_key] * 3
 
 
