@@ -31,7 +31,9 @@
 // gateway process does not send it twice; a gateway restarted in between, or another replica,
 // has forgotten the key. So after an attempt that may have acted, only an answer marked
 // requestOutcome: unknown (the gateway still holds the key and reads the port first) is
-// retried; any other is returned, MayHaveActed.
+// retried; any other is returned, MayHaveActed and not Retryable. A call given its key with
+// WithIdempotencyKey repeats one that may have acted, so its first attempt already counts as one
+// after such an attempt.
 package taskgateclient
 
 import (
@@ -125,8 +127,9 @@ func WithRequestID(id string) CallOption {
 }
 
 // WithIdempotencyKey sends key as the message's request_id instead of a fresh UUID v4: give the
-// one an *Error carries to repeat a call whose outcome is unknown. CaseGetState and
-// WatchCaseEvents ignore it.
+// one an *Error carries to repeat a call whose outcome is unknown. Such a repeat may meet its own
+// first call's operation, so it is retried only on an answer marked requestOutcome: unknown: a
+// key is for repeats, not for new calls. CaseGetState and WatchCaseEvents ignore it.
 func WithIdempotencyKey(key string) CallOption {
 	return func(settings *callSettings) { settings.idempotencyKey = key }
 }
@@ -214,7 +217,8 @@ func (c *Client) call(ctx context.Context, settings callSettings, key string, at
 	ctx = c.outgoing(ctx, settings.requestID, key)
 	deadline, _ := ctx.Deadline()
 	backoff := initialBackoff
-	mayHaveActed := false
+	// A key the caller gave repeats a call that may have acted.
+	mayHaveActed := key != "" && key == settings.idempotencyKey
 	for attempts := 1; ; attempts++ {
 		var header, trailer metadata.MD
 		err := attempt(ctx, &header, &trailer)
@@ -230,18 +234,12 @@ func (c *Client) call(ctx context.Context, settings callSettings, key string, at
 		failure.IdempotencyKey, failure.Attempts = key, attempts
 		failure.RequestID = requestIDOf(header, trailer)
 		failure.EarlierAttemptMayHaveActed = mayHaveActed
-		// After an attempt that may have acted, only a gateway that remembers the key as unknown
-		// reads the port before sending again, and marks its answer so. Any other may come from
-		// one that forgot the key (restarted, another replica) and sent the retry as a new call:
-		// its 1148 then means the first attempt is running, and retrying until it ends would
-		// start a second operation.
-		unsafeToRepeat := key != "" && mayHaveActed && failure.Metadata[requestOutcomeKey] != outcomeUnknown
 		mayHaveActed = failure.MayHaveActed()
 		delay := backoff
 		if failure.HasRetryDelay {
 			delay = failure.RetryDelay
 		}
-		if !failure.Retryable() || unsafeToRepeat || attempts >= settings.maxAttempts || !time.Now().Add(delay).Before(deadline) {
+		if !failure.Retryable() || attempts >= settings.maxAttempts || !time.Now().Add(delay).Before(deadline) {
 			return nil, failure
 		}
 		timer := time.NewTimer(delay)

@@ -322,8 +322,10 @@ func TestAfterAnAttemptThatMayHaveActedOnlyAPortReadIsRetried(t *testing.T) {
 		})
 		return mustFail(t, err)
 	}
-	if failure := run("key", cutOff, busy, cutOff); failure.Reason != "PREVIOUS_ACTION_NOT_COMPLETED" || failure.Attempts != 2 || !failure.MayHaveActed() {
-		t.Errorf("reason %q, attempts %d, may have acted %v; want the 1148, 2, true", failure.Reason, failure.Attempts, failure.MayHaveActed())
+	if failure := run("key", cutOff, busy, cutOff); failure.Reason != "PREVIOUS_ACTION_NOT_COMPLETED" || failure.Attempts != 2 ||
+		!failure.MayHaveActed() || failure.Retryable() {
+		t.Errorf("reason %q, attempts %d, may have acted %v, retryable %v; want the 1148, 2, true, false",
+			failure.Reason, failure.Attempts, failure.MayHaveActed(), failure.Retryable())
 	}
 	// A gateway that remembers the key as unknown reads the port before sending again, and says
 	// so: that answer is retried. So is any answer to a read (no key), which never acts.

@@ -76,7 +76,8 @@ type Error struct {
 	// Attempts is how many times the call was sent before it failed.
 	Attempts int
 	// EarlierAttemptMayHaveActed says whether an earlier attempt of the same call, retried by
-	// Client, may have acted.
+	// Client, may have acted; for a call given its key with WithIdempotencyKey, always: the call
+	// it repeats may have.
 	EarlierAttemptMayHaveActed bool
 	// RequestID is the x-request-id of the attempt that failed (the last one), as the gateway's
 	// access line and every log line of the call show it; empty when no answer came from the
@@ -131,8 +132,15 @@ func (e *Error) FaultName() string {
 // OVERLOADED (with backoff). From the gateway, these say the controller started nothing; a
 // bare UNAVAILABLE without ErrorInfo (the connection to the gateway broke) may have reached it,
 // and is retried with the same key, which only the same gateway process deduplicates. Client
-// retries these itself.
+// retries these itself. Not retryable: an error of a CaseExtract or CaseCancel call that may
+// already have acted (an earlier attempt, or the call it repeats), unless marked requestOutcome:
+// unknown. A gateway that forgot the key (restarted, another replica) sent that attempt as a new
+// call: its 1148 most likely means the first operation is running, and retrying until it ends
+// would start a second.
 func (e *Error) Retryable() bool {
+	if e.IdempotencyKey != "" && e.EarlierAttemptMayHaveActed && e.Metadata[requestOutcomeKey] != outcomeUnknown {
+		return false
+	}
 	return e.Code == codes.Unavailable || retryableReasons[e.Reason]
 }
 

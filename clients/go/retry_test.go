@@ -14,9 +14,12 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	taskgatev1 "taskgate/v1"
 )
@@ -194,5 +197,85 @@ func TestCaseExtractAndCaseCancelSendTheKeyAlsoAsMetadataForAProxyToHashOn(t *te
 	defer recording.mu.Unlock()
 	if !reflect.DeepEqual(recording.seen, want) {
 		t.Fatalf("the stand-in TaskService saw (request_id, idempotency-key) %v, want %v", recording.seen, want)
+	}
+}
+
+// busyGateway is a TaskService that answers every CaseExtract and CaseCancel with its answer
+// (fault 1148, without the requestOutcome marker: as a gateway answers a key it does not hold
+// while an operation runs on the port), and records the key of each call.
+type busyGateway struct {
+	taskgatev1.UnimplementedTaskServiceServer
+	answer error
+	mu     sync.Mutex
+	keys   []string
+}
+
+func (g *busyGateway) busy(requestID string) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.keys = append(g.keys, requestID)
+	return g.answer
+}
+
+func (g *busyGateway) CaseExtract(_ context.Context, request *taskgatev1.CaseExtractRequest) (*taskgatev1.CaseExtractResponse, error) {
+	return nil, g.busy(request.RequestId)
+}
+
+func (g *busyGateway) CaseCancel(_ context.Context, request *taskgatev1.CaseCancelRequest) (*taskgatev1.CaseCancelResponse, error) {
+	return nil, g.busy(request.RequestId)
+}
+
+func TestARepeatWithTheCallersKeyDoesNotRetryIntoASecondOperation(t *testing.T) {
+	// The caller repeats, with its key, a call that may have acted. A gateway that forgot the key
+	// (restarted, another replica) sends the repeat as a new call, and its 1148 most likely means
+	// the first call's operation is running: retrying until it ends would start a second one.
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	info := &errdetails.ErrorInfo{Reason: "PREVIOUS_ACTION_NOT_COMPLETED", Domain: "autostore.task", Metadata: map[string]string{"faultCode": "1148"}}
+	delay := &errdetails.RetryInfo{RetryDelay: durationpb.New(time.Millisecond)}
+	answer, err := status.New(codes.Unavailable, "controller fault 1148 PREVIOUS_ACTION_NOT_COMPLETED").WithDetails(info, delay)
+	if err != nil {
+		t.Fatalf("cannot build the status: %v", err)
+	}
+	busy := &busyGateway{answer: answer.Err()}
+	server := grpc.NewServer()
+	taskgatev1.RegisterTaskServiceServer(server, busy)
+	go func() { _ = server.Serve(listener) }()
+	t.Cleanup(server.Stop)
+	client, err := New(listener.Addr().String(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = client.Close() })
+	const key = "9f1c2b3a-4d5e-4f60-8a7b-1c2d3e4f5a6b"
+	for name, call := range map[string]func(context.Context, uint32, uint32, ...CallOption) (*CallResult, error){
+		"CaseExtract": client.CaseExtract,
+		"CaseCancel":  client.CaseCancel,
+	} {
+		busy.mu.Lock()
+		busy.keys = nil
+		busy.mu.Unlock()
+		_, err := call(testContext(t), 4, 101337, WithIdempotencyKey(key), WithMaxAttempts(3))
+		repeat := mustFail(t, err)
+		if repeat.Reason != "PREVIOUS_ACTION_NOT_COMPLETED" || repeat.IdempotencyKey != key || repeat.Attempts != 1 ||
+			!repeat.MayHaveActed() || repeat.Retryable() {
+			t.Errorf("%s repeat: reason %q, key %q, attempts %d, may have acted %v, retryable %v; want the 1148, %q, 1, true, false",
+				name, repeat.Reason, repeat.IdempotencyKey, repeat.Attempts, repeat.MayHaveActed(), repeat.Retryable(), key)
+		}
+		// A new call (a fresh key) meets another operation's 1148: it is retried.
+		_, err = call(testContext(t), 4, 101337, WithMaxAttempts(3))
+		fresh := mustFail(t, err)
+		if fresh.Attempts != 3 || fresh.MayHaveActed() || !fresh.Retryable() {
+			t.Errorf("%s new call: attempts %d, may have acted %v, retryable %v; want 3, false, true",
+				name, fresh.Attempts, fresh.MayHaveActed(), fresh.Retryable())
+		}
+		busy.mu.Lock()
+		want := []string{key, fresh.IdempotencyKey, fresh.IdempotencyKey, fresh.IdempotencyKey}
+		if !reflect.DeepEqual(busy.keys, want) {
+			t.Errorf("%s: the stand-in gateway saw the keys %v, want %v", name, busy.keys, want)
+		}
+		busy.mu.Unlock()
 	}
 }

@@ -9,7 +9,9 @@
 // the call reached it. Its retry carries the same key, so the same gateway process does not send
 // it twice; a gateway restarted in between, or another replica, has forgotten the key. So after
 // an attempt that may have acted, only an answer marked `requestOutcome: unknown` (the gateway
-// still holds the key and reads the port first) is retried; any other is thrown, mayHaveActed.
+// still holds the key and reads the port first) is retried; any other is thrown, mayHaveActed
+// and not retryable. A call given its `idempotencyKey` repeats one that may have acted, so its
+// first attempt already counts as one after such an attempt.
 
 const crypto = require("node:crypto");
 const path = require("node:path");
@@ -149,7 +151,10 @@ class TaskGateError extends Error {
     this.idempotencyKey = null;
     /** How many times the call was sent before it failed. */
     this.attempts = 1;
-    /** Whether an earlier attempt of the same call, retried by TaskGate, may have acted. */
+    /**
+     * Whether an earlier attempt of the same call, retried by TaskGate, may have acted; for a call
+     * given its `idempotencyKey`, always: the call it repeats may have.
+     */
     this.earlierAttemptMayHaveActed = false;
   }
 
@@ -158,9 +163,15 @@ class TaskGateError extends Error {
    * backoff). From the gateway, these say the controller started nothing; a bare UNAVAILABLE
    * without ErrorInfo (the connection to the gateway broke) may have reached it, and is retried
    * with the same key, which only the same gateway process deduplicates. TaskGate retries these
-   * itself.
+   * itself. Not retryable: an error of a CaseExtract or CaseCancel call that may already have
+   * acted (an earlier attempt, or the call it repeats), unless marked `requestOutcome: unknown`.
+   * A gateway that forgot the key (restarted, another replica) sent that attempt as a new call:
+   * its 1148 most likely means the first operation is running, and retrying until it ends would
+   * start a second.
    */
   get retryable() {
+    const afterActing = this.idempotencyKey && this.earlierAttemptMayHaveActed;
+    if (afterActing && this.metadata?.[REQUEST_OUTCOME_KEY] !== OUTCOME_UNKNOWN) return false;
     return this.code === grpc.status.UNAVAILABLE || RETRYABLE_REASONS.has(this.reason);
   }
 
@@ -389,8 +400,10 @@ class TaskGate {
    * of the key without calling the controller's method, else null), attempts }; rejects with a
    * TaskGateError. Options: `timeoutMs` bounds the whole call, retries included (10 s);
    * `requestId` sets the x-request-id; `idempotencyKey` the message's request_id (a fresh UUID v4
-   * when unset: give the one a TaskGateError carries to repeat a call whose outcome is unknown);
-   * `maxAttempts` (4) bounds the retries (on UNAVAILABLE and OVERLOADED only).
+   * when unset: give the one a TaskGateError carries to repeat a call whose outcome is unknown;
+   * such a repeat may meet its own first call's operation, so it is retried only on an answer
+   * marked `requestOutcome: unknown`: a key is for repeats, not for new calls); `maxAttempts` (4)
+   * bounds the retries (on UNAVAILABLE and OVERLOADED only).
    */
   caseExtract(portId, binId, options = {}) {
     return this.callWithKey("CaseExtract", { port_id: portId, bin_id: binId }, options);
@@ -408,7 +421,11 @@ class TaskGate {
   /** Calls `method` with `request` and an idempotency key; resolves with the call's result. */
   async callWithKey(method, request, { idempotencyKey, ...options }) {
     const key = idempotencyKey || crypto.randomUUID();
-    const { requestId, replayed, attempts } = await this.call(method, { ...request, request_id: key }, options);
+    const { requestId, replayed, attempts } = await this.call(
+      method,
+      { ...request, request_id: key },
+      { ...options, repeat: Boolean(idempotencyKey) },
+    );
     return { requestId, idempotencyKey: key, replayed, attempts };
   }
 
@@ -450,12 +467,17 @@ class TaskGate {
   /**
    * Calls `method` with the token and request id, again after each retryable error while
    * `maxAttempts` and `timeoutMs` allow; resolves with { response, requestId, replayed, attempts }
-   * or rejects with a TaskGateError.
+   * or rejects with a TaskGateError. `repeat`: the call repeats one that may have acted (the
+   * caller gave its key).
    */
-  async call(method, request, { timeoutMs = 10000, requestId, maxAttempts = DEFAULT_MAX_ATTEMPTS } = {}) {
+  async call(
+    method,
+    request,
+    { timeoutMs = 10000, requestId, maxAttempts = DEFAULT_MAX_ATTEMPTS, repeat = false } = {},
+  ) {
     const deadline = Date.now() + timeoutMs;
     let backoffMs = INITIAL_BACKOFF_MS;
-    let mayHaveActed = false;
+    let mayHaveActed = repeat;
     for (let attempt = 1; ; attempt += 1) {
       try {
         return { ...(await this.attempt(method, request, requestId, deadline)), attempts: attempt };
@@ -463,18 +485,9 @@ class TaskGate {
         error.idempotencyKey = request.request_id || null;
         error.attempts = attempt;
         error.earlierAttemptMayHaveActed = mayHaveActed;
-        // After an attempt that may have acted, only a gateway that remembers the key as unknown
-        // reads the port before sending again, and marks its answer so. Any other may come from
-        // one that forgot the key (restarted, another replica) and sent the retry as a new call:
-        // its 1148 then means the first attempt is running, and retrying until it ends would
-        // start a second operation.
-        const unsafeToRepeat =
-          Boolean(request.request_id) && mayHaveActed && error.metadata?.[REQUEST_OUTCOME_KEY] !== OUTCOME_UNKNOWN;
         mayHaveActed = error.mayHaveActed;
         const delayMs = error.retryDelayMs ?? backoffMs;
-        if (!error.retryable || unsafeToRepeat || attempt >= maxAttempts || Date.now() + delayMs >= deadline) {
-          throw error;
-        }
+        if (!error.retryable || attempt >= maxAttempts || Date.now() + delayMs >= deadline) throw error;
         await new Promise((done) => setTimeout(done, delayMs));
         backoffMs = Math.min(backoffMs * 2, MAX_BACKOFF_MS);
       }

@@ -622,7 +622,10 @@ describe("safe retries", () => {
     const cutOff = ["UNAVAILABLE", ""];
     const busy = ["UNAVAILABLE", "PREVIOUS_ACTION_NOT_COMPLETED"];
     const error = await run("CaseExtract", request, [cutOff, busy, cutOff]);
-    assert.deepEqual([error.reason, error.attempts, error.mayHaveActed], ["PREVIOUS_ACTION_NOT_COMPLETED", 2, true]);
+    assert.deepEqual(
+      [error.reason, error.attempts, error.mayHaveActed, error.retryable],
+      ["PREVIOUS_ACTION_NOT_COMPLETED", 2, true, false],
+    );
     // A gateway that remembers the key as unknown reads the port before sending again, and says
     // so: that answer is retried. So is any answer to a read, which never acts.
     const marked = ["UNAVAILABLE", "UPSTREAM_UNREACHABLE", { requestOutcome: "unknown" }];
@@ -632,6 +635,43 @@ describe("safe retries", () => {
     const read = await run("CaseGetState", { port_id: 4 }, [cutOff, busy, last]);
     assert.deepEqual([read.reason, read.attempts], ["LAST", 3]);
   });
+
+  for (const method of ["caseExtract", "caseCancel"]) {
+    test(`${method}: a repeat with the caller's key does not retry into a second operation`, async () => {
+      // The caller repeats, with its key, a call that may have acted. A gateway that forgot the
+      // key (restarted, another replica) sends the repeat as a new call, and its 1148 (without the
+      // requestOutcome marker) most likely means the first call's operation is running: retrying
+      // until it ends would start a second one.
+      const keys = [];
+      const stub = Object.create(TaskGate.prototype);
+      stub.attempt = async (_, request) => {
+        keys.push(request.request_id);
+        throw new TaskGateError({
+          code: grpc.status.UNAVAILABLE,
+          codeName: "UNAVAILABLE",
+          message: "",
+          reason: "PREVIOUS_ACTION_NOT_COMPLETED",
+          metadata: { faultCode: "1148" },
+          retryDelayMs: 1,
+        });
+      };
+      const failed = (options) =>
+        stub[method](4, 101337, { timeoutMs: 30000, maxAttempts: 3, ...options }).then(
+          () => assert.fail("the call succeeded"),
+          (error) => error,
+        );
+      const key = "9f1c2b3a-4d5e-4f60-8a7b-1c2d3e4f5a6b";
+      const repeat = await failed({ idempotencyKey: key });
+      assert.deepEqual(
+        [repeat.reason, repeat.idempotencyKey, repeat.attempts, repeat.mayHaveActed, repeat.retryable],
+        ["PREVIOUS_ACTION_NOT_COMPLETED", key, 1, true, false],
+      );
+      // A new call (a fresh key) meets another operation's 1148: it is retried.
+      const fresh = await failed({});
+      assert.deepEqual([fresh.attempts, fresh.mayHaveActed, fresh.retryable], [3, false, true]);
+      assert.deepEqual(keys, [key, ...Array(3).fill(fresh.idempotencyKey)]);
+    });
+  }
 
   test("CaseExtract and CaseCancel send the key also as idempotency-key metadata, for a proxy to hash on", async () => {
     // A stand-in TaskService that records what each call carried: the gateway reads only the

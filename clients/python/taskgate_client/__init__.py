@@ -23,7 +23,9 @@ is grpcio's own, when the connection to the gateway broke, possibly after the ca
 retry carries the same key, so the same gateway process does not send it twice; a gateway
 restarted in between, or another replica, has forgotten the key. So after an attempt that may
 have acted, only an answer marked ``requestOutcome: unknown`` (the gateway still holds the key and
-reads the port first) is retried; any other is raised, ``may_have_acted`` true.
+reads the port first) is retried; any other is raised, ``may_have_acted`` true and ``retryable``
+false. A call given its ``idempotency_key`` repeats one that may have acted, so its first attempt
+already counts as one after such an attempt.
 
 Case events stream from ``watch_case_events``; the stream's end raises the same ``TaskGateError``:
 
@@ -145,7 +147,8 @@ class TaskGateError(Exception):
     attempts: int = 1
     """How many times the call was sent before it failed."""
     earlier_attempt_may_have_acted: bool = False
-    """Whether an earlier attempt of the same call, retried by the client, may have acted."""
+    """Whether an earlier attempt of the same call, retried by the client, may have acted; for
+    a call given its ``idempotency_key``, always: the call it repeats may have."""
     request_id: Optional[str] = None
     """The ``x-request-id`` of the attempt that failed (the last one), as the gateway's access
     line and every log line of the call show it; None when no answer came from the gateway
@@ -168,7 +171,14 @@ class TaskGateError(Exception):
         ``OVERLOADED`` (with backoff). From the gateway, these say the controller started
         nothing; a bare ``UNAVAILABLE`` without ErrorInfo (the connection to the gateway broke)
         may have reached it, and is retried with the same key, which only the same gateway
-        process deduplicates. The client retries these itself."""
+        process deduplicates. The client retries these itself. Not retryable: an error of a
+        CaseExtract or CaseCancel call that may already have acted (an earlier attempt, or the
+        call it repeats), unless marked ``requestOutcome: unknown``. A gateway that forgot the
+        key (restarted, another replica) sent that attempt as a new call: its 1148 most likely
+        means the first operation is running, and retrying until it ends would start a second."""
+        if (self.idempotency_key is not None and self.earlier_attempt_may_have_acted
+                and self.metadata.get(_REQUEST_OUTCOME_KEY) != _OUTCOME_UNKNOWN):
+            return False
         return self.code == grpc.StatusCode.UNAVAILABLE or self.reason in _RETRYABLE_REASONS
 
     @property
@@ -260,12 +270,15 @@ class TaskGate:
         ``timeout`` (seconds) bounds the whole call, retries included; ``request_id`` is the
         ``x-request-id`` (a correlation ID for the logs); ``idempotency_key`` the message's
         ``request_id`` (a fresh UUID v4 when None): give the one a ``TaskGateError`` carries to
-        repeat a call whose outcome is unknown. Raises ``TaskGateError`` with the typed fault
+        repeat a call whose outcome is unknown. Such a repeat may meet its own first call's
+        operation, so it is retried only on an answer marked ``requestOutcome: unknown``; a
+        key is for repeats, not for new calls. Raises ``TaskGateError`` with the typed fault
         when the call fails.
         """
         request = task_pb2.CaseExtractRequest(
             port_id=port_id, bin_id=bin_id, request_id=idempotency_key or str(uuid.uuid4()))
-        return self._call(self._stub.CaseExtract, request, timeout, request_id, max_attempts)[1]
+        return self._call(self._stub.CaseExtract, request, timeout, request_id, max_attempts,
+                          repeat=bool(idempotency_key))[1]
 
     def case_cancel(self, port_id: int, bin_id: int, timeout: float = 10.0,
                     request_id: Optional[str] = None, idempotency_key: Optional[str] = None,
@@ -278,7 +291,8 @@ class TaskGate:
         """
         request = task_pb2.CaseCancelRequest(
             port_id=port_id, bin_id=bin_id, request_id=idempotency_key or str(uuid.uuid4()))
-        return self._call(self._stub.CaseCancel, request, timeout, request_id, max_attempts)[1]
+        return self._call(self._stub.CaseCancel, request, timeout, request_id, max_attempts,
+                          repeat=bool(idempotency_key))[1]
 
     def case_get_state(self, port_id: int, timeout: float = 10.0,
                        request_id: Optional[str] = None,
@@ -320,10 +334,11 @@ class TaskGate:
         return self._metadata + ((("x-request-id", request_id),) if request_id else ())
 
     def _call(self, method, request, timeout: float, request_id: Optional[str],
-              max_attempts: int):
+              max_attempts: int, repeat: bool = False):
         """Calls ``method`` with the token and request id, again after each retryable error while
         attempts and ``timeout`` allow; returns the response and a ``CallResult``, or raises
-        ``TaskGateError``."""
+        ``TaskGateError``. ``repeat``: the call repeats one that may have acted (the caller gave
+        its key)."""
         idempotency_key = getattr(request, "request_id", "") or None
         metadata = self._call_metadata(request_id)
         if idempotency_key:
@@ -331,7 +346,7 @@ class TaskGate:
         deadline = time.monotonic() + timeout
         backoff = _INITIAL_BACKOFF_S
         attempt = 0
-        may_have_acted = False
+        may_have_acted = repeat
         while True:
             attempt += 1
             try:
@@ -342,17 +357,10 @@ class TaskGate:
                 error.idempotency_key = idempotency_key
                 error.attempts = attempt
                 error.earlier_attempt_may_have_acted = may_have_acted
-                # After an attempt that may have acted, only a gateway that remembers the key as
-                # unknown reads the port before sending again, and marks its answer so. Any other
-                # may come from one that forgot the key (restarted, another replica) and sent the
-                # retry as a new call: its 1148 then means the first attempt is running, and
-                # retrying until it ends would start a second operation.
-                unsafe_to_repeat = (idempotency_key is not None and may_have_acted
-                                    and error.metadata.get(_REQUEST_OUTCOME_KEY) != _OUTCOME_UNKNOWN)
                 may_have_acted = error.may_have_acted
                 delay = (error.retry_delay.total_seconds() if error.retry_delay is not None
                          else backoff)
-                if (not error.retryable or unsafe_to_repeat or attempt >= max_attempts
+                if (not error.retryable or attempt >= max_attempts
                         or time.monotonic() + delay >= deadline):
                     raise error from None
                 time.sleep(delay)

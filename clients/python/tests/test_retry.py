@@ -9,7 +9,9 @@ from concurrent import futures
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from taskgate_client import TaskGate, TaskGateError, task_pb2, task_pb2_grpc
 
@@ -196,8 +198,8 @@ def test_after_an_attempt_that_may_have_acted_only_a_port_read_is_retried():
         with pytest.raises(TaskGateError) as raised:
             client._call(method, request, timeout=30, request_id=None, max_attempts=3)
     error = raised.value
-    assert (error.reason, error.attempts, error.may_have_acted) == (
-        "PREVIOUS_ACTION_NOT_COMPLETED", 2, True)
+    assert (error.reason, error.attempts, error.may_have_acted, error.retryable) == (
+        "PREVIOUS_ACTION_NOT_COMPLETED", 2, True, False)
     # A gateway that remembers the key as unknown reads the port before sending again, and
     # says so: that answer is retried. So is any answer to a read, which never acts.
     marked = _FailedAttempt(grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNREACHABLE",
@@ -213,6 +215,59 @@ def test_after_an_attempt_that_may_have_acted_only_a_port_read_is_retried():
             client._call(method, task_pb2.CaseGetStateRequest(port_id=4), timeout=30,
                          request_id=None, max_attempts=3)
     assert (raised.value.reason, raised.value.attempts) == ("LAST", 3)
+
+
+class _BusyTaskService(task_pb2_grpc.TaskServiceServicer):
+    """A stand-in gateway that answers every CaseExtract and CaseCancel with fault 1148, without
+    the ``requestOutcome`` marker: as a gateway answers a key it does not hold while an
+    operation runs on the port."""
+
+    def __init__(self):
+        self.keys = []
+
+    def _busy(self, request, context):
+        self.keys.append(request.request_id)
+        status = status_pb2.Status(code=grpc.StatusCode.UNAVAILABLE.value[0],
+                                   message="controller fault 1148 PREVIOUS_ACTION_NOT_COMPLETED")
+        status.details.add().Pack(error_details_pb2.ErrorInfo(
+            reason="PREVIOUS_ACTION_NOT_COMPLETED", domain="autostore.task",
+            metadata={"faultCode": "1148"}))
+        status.details.add().Pack(error_details_pb2.RetryInfo(
+            retry_delay=duration_pb2.Duration(nanos=1_000_000)))
+        context.abort_with_status(rpc_status.to_status(status))
+
+    CaseExtract = _busy
+    CaseCancel = _busy
+
+
+@pytest.mark.parametrize("method", ["case_extract", "case_cancel"])
+def test_a_repeat_with_the_callers_key_does_not_retry_into_a_second_operation(method):
+    # The caller repeats, with its key, a call that may have acted. A gateway that forgot the
+    # key (restarted, another replica) sends the repeat as a new call, and its 1148 most likely
+    # means the first call's operation is running: retrying until it ends would start a second.
+    service = _BusyTaskService()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    task_pb2_grpc.add_TaskServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    key = str(uuid.uuid4())
+    try:
+        with TaskGate(f"127.0.0.1:{port}") as client:
+            call = getattr(client, method)
+            with pytest.raises(TaskGateError) as raised:
+                call(port_id=4, bin_id=101337, timeout=30, idempotency_key=key, max_attempts=3)
+            repeat = raised.value
+            # A new call (a fresh key) meets another operation's 1148: it is retried.
+            with pytest.raises(TaskGateError) as raised:
+                call(port_id=4, bin_id=101337, timeout=30, max_attempts=3)
+            new = raised.value
+    finally:
+        server.stop(grace=None)
+    assert (repeat.reason, repeat.idempotency_key, repeat.attempts) == (
+        "PREVIOUS_ACTION_NOT_COMPLETED", key, 1)
+    assert (repeat.may_have_acted, repeat.retryable) == (True, False)
+    assert (new.attempts, new.may_have_acted, new.retryable) == (3, False, True)
+    assert service.keys == [key] + [new.idempotency_key] * 3
 
 
 class _RecordingTaskService(task_pb2_grpc.TaskServiceServicer):
