@@ -14,6 +14,7 @@
 //! the spans made for tracing are never in a log line.
 //! Without export the subscriber is what it always was, with one filter for everything.
 
+use std::env::VarError;
 use std::io::BufWriter;
 use std::sync::OnceLock;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -100,23 +101,24 @@ pub fn init(
     let dropped = writer.error_counter();
     // Set once per process; a second `init` (only ever in tests) keeps the first writer's count.
     let _ = DROPPED.set(dropped.clone());
+    let (directives, refused) = directives(default_filter);
     // `try_init` so that a process that already has a subscriber keeps it rather than panicking.
     let _ = match exported {
         None => tracing_subscriber::registry()
-            .with(filter(default_filter))
+            .with(filter(&directives))
             .with(format_layer(format, writer))
             .try_init(),
         Some(exported) => tracing_subscriber::registry()
             .with(format_layer(format, writer).with_filter(
-                log_filter(default_filter).and(filter_fn(|metadata| !is_traced(metadata))),
+                log_filter(&directives).and(filter_fn(|metadata| !is_traced(metadata))),
             ))
             .with(exported.layer().with_filter(filter_fn(is_traced)))
             .try_init(),
     };
-    if let Some((value, error)) = invalid_rust_log() {
+    if let Some(refused) = refused {
         tracing::warn!(
             target: "taskgate::log",
-            "RUST_LOG={value:?} is not a valid filter ({error}); logging with the default {default_filter:?} instead"
+            "{refused}; logging with the default {default_filter:?} instead"
         );
     }
     let reporter = DropReporter::start(dropped)
@@ -156,12 +158,11 @@ where
     }
 }
 
-/// `RUST_LOG` if it is set and valid, else `default_filter`. Directives of targets and levels
-/// only (all but the rarest) become a [`Targets`] filter, which decides once per call site;
-/// `EnvFilter`, needed only for span and field directives (`[span{field=value}]`), also looks
-/// each span up under a lock every time a call's future is polled.
-fn filter(default_filter: &str) -> Box<dyn Layer<Registry> + Send + Sync> {
-    let directives = directives(default_filter);
+/// The filter of `directives`. Directives of targets and levels only (all but the rarest) become
+/// a [`Targets`] filter, which decides once per call site; `EnvFilter`, needed only for span and
+/// field directives (`[span{field=value}]`), also looks each span up under a lock every time a
+/// call's future is polled.
+fn filter(directives: &str) -> Box<dyn Layer<Registry> + Send + Sync> {
     match directives.parse::<Targets>() {
         Ok(targets) => Box::new(targets),
         Err(_) => Box::new(EnvFilter::new(directives)),
@@ -169,11 +170,10 @@ fn filter(default_filter: &str) -> Box<dyn Layer<Registry> + Send + Sync> {
 }
 
 /// The same directives as [`filter`], as a filter of the fmt layer alone.
-fn log_filter<S>(default_filter: &str) -> Box<dyn Filter<S> + Send + Sync>
+fn log_filter<S>(directives: &str) -> Box<dyn Filter<S> + Send + Sync>
 where
     S: Subscriber + for<'lookup> LookupSpan<'lookup>,
 {
-    let directives = directives(default_filter);
     match directives.parse::<Targets>() {
         Ok(targets) => Box::new(targets),
         Err(_) => Box::new(EnvFilter::new(directives)),
@@ -187,20 +187,20 @@ fn is_traced(metadata: &tracing::Metadata<'_>) -> bool {
     metadata.is_span() && metadata.target() == crate::otel::SPAN_TARGET
 }
 
-/// `RUST_LOG`'s value and why it is not a filter, when it is set and not one: it is then
-/// replaced by the default, which the log says rather than leave a typo unseen.
-fn invalid_rust_log() -> Option<(String, tracing_subscriber::filter::ParseError)> {
-    let value = std::env::var("RUST_LOG").ok()?;
-    let error = EnvFilter::try_new(&value).err()?;
-    Some((value, error))
-}
-
-/// `RUST_LOG` if it is set and valid, else `default_filter`.
-fn directives(default_filter: &str) -> String {
-    std::env::var("RUST_LOG")
-        .ok()
-        .filter(|directives| EnvFilter::try_new(directives).is_ok())
-        .unwrap_or_else(|| default_filter.to_owned())
+/// `RUST_LOG` if it is set and valid, else `default_filter`; and, when `RUST_LOG` is set but not
+/// taken, why not, for the log to say rather than leave a typo unseen.
+fn directives(default_filter: &str) -> (String, Option<String>) {
+    let refused = match std::env::var("RUST_LOG") {
+        Err(VarError::NotPresent) => None,
+        Err(VarError::NotUnicode(value)) => Some(format!("RUST_LOG={value:?} is not UTF-8")),
+        Ok(value) => match EnvFilter::try_new(&value) {
+            Ok(_) => return (value, None),
+            Err(error) => Some(format!(
+                "RUST_LOG={value:?} is not a valid filter ({error})"
+            )),
+        },
+    };
+    (default_filter.to_owned(), refused)
 }
 
 // === impl LogGuard ===

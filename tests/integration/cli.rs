@@ -105,26 +105,36 @@ async fn case_extract_without_a_gateway_fails_with_exit_1() {
 /// first, rather than leave an operator wondering why their filter does nothing.
 #[tokio::test]
 async fn an_invalid_rust_log_is_named_before_the_default_is_used() {
+    use std::os::unix::ffi::OsStrExt as _;
+
     let address = format!("http://{}", unused_address().await);
     let args = ["case-state", "--gateway", &address, "--port", "4"];
-    let output = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "info,[")
-        .stdin(Stdio::null())
-        .output();
-    let output = within(PROCESS_WAIT, "taskgate did not exit", output)
-        .await
-        .unwrap();
-    assert_exit(&output, &args, 1);
-    let stderr = String::from_utf8(output.stderr).unwrap();
-    let first = stderr.lines().next().unwrap_or_default();
-    assert!(
-        first.ends_with(
-            "WARN taskgate::log: RUST_LOG=\"info,[\" is not a valid filter (invalid filter \
-             directive); logging with the default \"warn\" instead"
+    let not_utf8 = std::ffi::OsStr::from_bytes(b"info,\xff");
+    for (value, named) in [
+        (
+            std::ffi::OsStr::new("info,["),
+            "RUST_LOG=\"info,[\" is not a valid filter (invalid filter directive)",
         ),
-        "{stderr}"
-    );
+        (not_utf8, "RUST_LOG=\"info,\\xFF\" is not UTF-8"),
+    ] {
+        let output = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", value)
+            .stdin(Stdio::null())
+            .output();
+        let output = within(PROCESS_WAIT, "taskgate did not exit", output)
+            .await
+            .unwrap();
+        assert_exit(&output, &args, 1);
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        let first = stderr.lines().next().unwrap_or_default();
+        assert!(
+            first.ends_with(&format!(
+                "WARN taskgate::log: {named}; logging with the default \"warn\" instead"
+            )),
+            "{stderr}"
+        );
+    }
 }
 
 #[tokio::test]
