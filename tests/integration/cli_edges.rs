@@ -9,7 +9,9 @@ use tokio::net::TcpListener;
 use tokio::process::Command;
 
 use crate::cli::{BIN, TaskgateProcess, run};
-use crate::support::{FakeUpstream, Gateway, PROMPTLY, Script, TestFile, unused_address, within};
+use crate::support::{
+    FakeUpstream, Gateway, PROMPTLY, Script, TestFile, silent_peer, unused_address, within,
+};
 
 /// The longest a test waits for a `taskgate` process to exit.
 const PROCESS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -163,15 +165,7 @@ async fn bench_refuses_a_gateway_that_is_not_an_http_url() {
 /// gave exit 0 and `CANCELLED 10`. It cannot be reached as a gateway: exit 1 before any load.
 #[tokio::test]
 async fn bench_exits_1_when_the_gateway_accepts_but_never_answers() {
-    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_address = format!("http://{}", silent.local_addr().unwrap());
-    // Accepted and held open, never read nor written.
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((stream, _)) = silent.accept().await {
-            open.push(stream);
-        }
-    });
+    let (silent_address, held) = silent_peer().await;
     let args = [
         "bench",
         "--gateway",
@@ -706,15 +700,7 @@ async fn wait_while_publishing(lines: &str, extra: &[&str], exit: i32) -> String
 /// gateway nor the flag. CaseExtract may have reached it, so the key is printed.
 #[tokio::test]
 async fn a_gateway_that_never_answers_is_named_with_the_timeout() {
-    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_address = format!("http://{}", silent.local_addr().unwrap());
-    // Accepted and held open, never read nor written.
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((stream, _)) = silent.accept().await {
-            open.push(stream);
-        }
-    });
+    let (silent_address, held) = silent_peer().await;
     let common = [
         "--gateway",
         &silent_address,

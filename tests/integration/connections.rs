@@ -2,12 +2,14 @@
 //! themselves, idle ones, too many of them, too many streams and Watch streams, non-gRPC
 //! HTTP/1.1, and shutdown with idle connections and partial requests.
 
+use std::future::Future;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tonic::Code;
+use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -79,28 +81,12 @@ async fn an_idle_http2_connection_gets_goaway_and_is_closed_after_the_idle_timeo
 /// is closed at the idle timeout like one with nothing open. Health Check needs no token.
 #[tokio::test]
 async fn a_client_that_never_takes_its_answer_is_closed_after_the_idle_timeout() {
-    let gateway = gateway()
-        .await
-        .config(|config| config.connections.idle_timeout = Duration::from_millis(200))
-        .metrics()
-        .start()
-        .await;
-    let never_reads = endpoint(format!("http://{}", gateway.address))
-        .initial_stream_window_size(0)
-        .connect()
-        .await
-        .unwrap();
-    let mut client = HealthClient::new(never_reads);
-    let check = client.check(HealthCheckRequest::default());
-    // Its headers came; its message never could, and the connection is gone.
-    within(PROMPTLY, "the connection was not closed", check)
-        .await
-        .unwrap_err();
-    scrape_at_least(
-        gateway.metrics_url(),
-        "taskgate_connections_closed_total{listener=\"grpc\",reason=\"idle\"}",
-        1.0,
-    )
+    // Its headers come; its message never can.
+    never_reading_is_closed_for_idle(|never_reads| async move {
+        HealthClient::new(never_reads)
+            .check(HealthCheckRequest::default())
+            .await
+    })
     .await;
 }
 
@@ -115,40 +101,53 @@ async fn a_reflection_client_that_never_reads_is_closed_after_the_idle_timeout()
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 
     for requests in [1, 10] {
-        let gateway = gateway()
-            .await
-            .config(|config| {
-                config.connections.idle_timeout = Duration::from_millis(200);
-                config.connections.handshake_timeout = Duration::from_millis(500);
-            })
-            .metrics()
-            .start()
-            .await;
-        let never_reads = endpoint(format!("http://{}", gateway.address))
-            .initial_stream_window_size(0)
-            .connect()
-            .await
-            .unwrap();
-        let mut client = ServerReflectionClient::new(never_reads);
-        let list_services = ServerReflectionRequest {
-            message_request: Some(MessageRequest::ListServices(String::new())),
-            ..Default::default()
-        };
-        let read = async {
+        never_reading_is_closed_for_idle(|never_reads| async move {
+            let list_services = ServerReflectionRequest {
+                message_request: Some(MessageRequest::ListServices(String::new())),
+                ..Default::default()
+            };
             let requests = futures_util::stream::iter(vec![list_services; requests]);
-            let mut answers = client.server_reflection_info(requests).await?.into_inner();
+            let mut answers = ServerReflectionClient::new(never_reads)
+                .server_reflection_info(requests)
+                .await?
+                .into_inner();
             answers.message().await
-        };
-        within(PROMPTLY, "the connection was not closed", read)
-            .await
-            .unwrap_err();
-        scrape_at_least(
-            gateway.metrics_url(),
-            "taskgate_connections_closed_total{listener=\"grpc\",reason=\"idle\"}",
-            1.0,
-        )
+        })
         .await;
     }
+}
+
+/// Makes `call` on a connection whose client never reads (an HTTP/2 window of 0), to a gateway
+/// with an idle timeout of 200 ms and a request body time limit of 500 ms, and checks that the
+/// call fails because the gateway closed that connection as idle.
+async fn never_reading_is_closed_for_idle<Call, Answer>(call: impl FnOnce(Channel) -> Call)
+where
+    Call: Future<Output = Result<Answer, tonic::Status>>,
+    Answer: std::fmt::Debug,
+{
+    let gateway = gateway()
+        .await
+        .config(|config| {
+            config.connections.idle_timeout = Duration::from_millis(200);
+            config.connections.handshake_timeout = Duration::from_millis(500);
+        })
+        .metrics()
+        .start()
+        .await;
+    let never_reads = endpoint(format!("http://{}", gateway.address))
+        .initial_stream_window_size(0)
+        .connect()
+        .await
+        .unwrap();
+    within(PROMPTLY, "the connection was not closed", call(never_reads))
+        .await
+        .unwrap_err();
+    scrape_at_least(
+        gateway.metrics_url(),
+        "taskgate_connections_closed_total{listener=\"grpc\",reason=\"idle\"}",
+        1.0,
+    )
+    .await;
 }
 
 #[tokio::test]

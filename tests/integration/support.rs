@@ -411,6 +411,21 @@ pub(crate) async fn unused_address() -> SocketAddr {
     listener.local_addr().unwrap()
 }
 
+/// A peer that accepts every connection and holds it open, never reading nor writing: a gateway
+/// or collector that never answers. Its `http://` URL, and the task holding the connections,
+/// which closes them when aborted.
+pub(crate) async fn silent_peer() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            open.push(stream);
+        }
+    });
+    (url, held)
+}
+
 /// What the fake controller does with each request.
 #[derive(Clone)]
 pub(crate) enum Script {

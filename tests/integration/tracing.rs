@@ -34,7 +34,7 @@ use taskgate::proto::task_service_client::TaskServiceClient;
 use tonic::transport::{Identity, ServerTlsConfig};
 
 use crate::cli::{TaskgateProcess, config_file, print_config};
-use crate::support::{self, FakeUpstream, Gateway, Script, Seen, within};
+use crate::support::{self, FakeUpstream, Gateway, Script, Seen, silent_peer, within};
 use crate::tls::Pki;
 
 /// The caller's trace and span, as a WMS service would send them.
@@ -500,15 +500,7 @@ async fn a_fault_calls_span_carries_the_fault_and_an_error_status() {
 /// SIGTERM still ends the process within the grace (plus the process's own exit bound).
 #[tokio::test]
 async fn a_collector_that_never_answers_slows_nothing_and_shutdown_keeps_its_grace() {
-    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", silent.local_addr().unwrap());
-    // Accepts and holds every connection, reading nothing.
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = silent.accept().await {
-            held.push(stream);
-        }
-    });
+    let (endpoint, _held) = silent_peer().await;
     let gateway =
         TaskgateProcess::start(&["--otlp-endpoint", &endpoint, "--shutdown-grace", "2s"]).await;
     let mut client = TaskServiceClient::connect(gateway.gateway.clone())
