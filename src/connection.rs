@@ -60,6 +60,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::AbortHandle;
 use tokio::time::{Instant, Sleep};
 use tokio_util::io::InspectReader;
 use tonic::body::Body;
@@ -158,8 +159,7 @@ pub(crate) enum RequestKind {
     /// A stream that answers each of its requests and ends with them: reflection. Its answers
     /// are ready once its requests have ended (or their time ran out). Counted with the streams.
     Exchange,
-    /// Anything else, answered whole at once: health Check, the console's files. Counted with
-    /// the streams.
+    /// Answered whole at once: health Check, the console's files. Counted with the streams.
     Other,
 }
 
@@ -239,6 +239,9 @@ struct Progress {
     stage: Stage,
     /// Its whole answer is ready and waits only for its peer to take it.
     answered: bool,
+    /// The timer that marks a reflection stream answered at its body's deadline, until its body
+    /// has arrived or it has ended.
+    timer: Option<AbortHandle>,
 }
 
 /// Where a request is.
@@ -670,6 +673,7 @@ where
             progress: Mutex::new(Progress {
                 stage: Stage::Receiving,
                 answered: false,
+                timer: None,
             }),
         });
         let guard = RequestGuard(Arc::clone(&tracked));
@@ -681,15 +685,17 @@ where
             // tonic-reflection reads a stream's next request only once its last answer has been
             // taken, so a client that never reads stops its body being polled: neither the
             // body's end nor its deadline would then be seen. A timer of its own marks the
-            // answers whole at the deadline whatever the body does.
+            // answers whole at the deadline whatever the body does; it ends with the body or
+            // the request, so a peer that opens and resets streams leaves no timers behind.
             let request = Arc::downgrade(&tracked);
             let at = deadline.at;
-            tokio::spawn(async move {
+            let timer = tokio::spawn(async move {
                 tokio::time::sleep_until(at).await;
                 if let Some(request) = request.upgrade() {
                     request.answered();
                 }
             });
+            lock(&tracked.progress).timer = Some(timer.abort_handle());
         }
         parts.extensions.insert(self.connect_info.clone());
         let body = Body::new(RequestBody {
@@ -748,6 +754,9 @@ impl TrackedRequest {
                 .fetch_add(1, Ordering::Relaxed);
             if self.kind == RequestKind::Exchange {
                 self.answered_in(&mut progress);
+                if let Some(timer) = progress.timer.take() {
+                    timer.abort();
+                }
             }
         }
     }
@@ -760,6 +769,9 @@ impl Drop for RequestGuard {
         let had_arrived = progress.stage == Stage::Arrived;
         let had_answered = progress.answered;
         progress.stage = Stage::Ended;
+        if let Some(timer) = progress.timer.take() {
+            timer.abort();
+        }
         let now = Instant::now();
         request
             .connection
@@ -879,4 +891,46 @@ pub(crate) fn builder(executor: StreamExecutor) -> auto::Builder<StreamExecutor>
         .max_buf_size(HTTP1_MAX_BUFFER);
     builder.http2().timer(TokioTimer::new());
     builder
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request whose answer is marked whole only after it ended (a reflection stream's timer
+    /// firing late) leaves the connection's count of answered requests as it was: a request
+    /// opened later still keeps the connection busy.
+    #[test]
+    fn an_answer_marked_after_its_request_ended_is_not_counted() {
+        let t0 = Instant::now();
+        let connection = Arc::new(Connection {
+            state: Mutex::new(State::new(t0)),
+            wake: Notify::new(),
+            census: Arc::default(),
+        });
+        let request = Arc::new(TrackedRequest {
+            connection: Arc::clone(&connection),
+            kind: RequestKind::Exchange,
+            progress: Mutex::new(Progress {
+                stage: Stage::Receiving,
+                answered: false,
+                timer: None,
+            }),
+        });
+        connection.update(|state| state.request_started(None));
+        drop(RequestGuard(Arc::clone(&request)));
+        request.answered();
+        connection.update(|state| state.request_started(None));
+        let limits = ConnectionLimits {
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(5),
+            body_read_timeout: Some(Duration::from_secs(5)),
+            idle_timeout: Duration::from_secs(60),
+        };
+        let now = t0 + Duration::from_secs(100);
+        assert_eq!(
+            next_step(&connection.lock(), now, &limits),
+            Step::LookAgainAt(Some(now + limits.idle_timeout))
+        );
+    }
 }

@@ -118,8 +118,9 @@ async fn a_reflection_client_that_never_reads_is_closed_after_the_idle_timeout()
 }
 
 /// Makes `call` on a connection whose client never reads (an HTTP/2 window of 0), to a gateway
-/// with an idle timeout of 200 ms and a request body time limit of 500 ms, and checks that the
-/// call fails because the gateway closed that connection as idle.
+/// with an idle timeout of 200 ms and a request body time limit of 500 ms (the gRPC port's is
+/// `--handshake-timeout`), and checks that the call fails because the gateway closed that
+/// connection as idle.
 async fn never_reading_is_closed_for_idle<Call, Answer>(call: impl FnOnce(Channel) -> Call)
 where
     Call: Future<Output = Result<Answer, tonic::Status>>,
