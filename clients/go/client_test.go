@@ -128,8 +128,8 @@ func TestAFailedCallCarriesTheRequestIDOfItsAccessLine(t *testing.T) {
 }
 
 func TestACallThatNeverReachedTheGatewayHasNoRequestID(t *testing.T) {
-	// Nothing listens on port 1: the connection is refused, and no gateway named the call.
-	client, err := New("127.0.0.1:1", Options{})
+	// Nothing listens there: the connection is refused, and no gateway named the call.
+	client, err := New(unusedAddress(t), Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -431,4 +431,18 @@ func TestACallWithoutRandomBytesIsATypedErrorThatSentNothing(t *testing.T) {
 	if err.Error() != text {
 		t.Errorf("the error reads %q, not %q", err.Error(), text)
 	}
+}
+
+// unusedAddress is a loopback address where nothing listens: bound, read, then released.
+func unusedAddress(t *testing.T) string {
+	t.Helper()
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	address := listener.Addr().String()
+	if err := listener.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return address
 }

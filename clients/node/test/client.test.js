@@ -81,8 +81,8 @@ test("gRPC-Web: a failed call carries the request id of its access line", async 
 });
 
 test("a call that never reached the gateway has no request id", async () => {
-  // Nothing listens on port 1: the connection is refused, and no gateway named the call.
-  const unreachable = new TaskGate("127.0.0.1:1");
+  // Nothing listens there: the connection is refused, and no gateway named the call.
+  const unreachable = new TaskGate(await unusedAddress());
   try {
     const error = await expectError(unreachable.caseGetState(4, { timeoutMs: 5000, maxAttempts: 1 }));
     assert.deepEqual([error.codeName, error.requestId], ["UNAVAILABLE", null]);
@@ -91,6 +91,15 @@ test("a call that never reached the gateway has no request id", async () => {
     unreachable.close();
   }
 });
+
+// A loopback address where nothing listens: bound, read, then released.
+async function unusedAddress() {
+  const listener = net.createServer();
+  await new Promise((resolve) => listener.listen(0, "127.0.0.1", resolve));
+  const { port } = listener.address();
+  await new Promise((resolve) => listener.close(resolve));
+  return `127.0.0.1:${port}`;
+}
 
 const SIMULATOR_FAULTS = [
   [1, "FAILED_PRECONDITION", "FAULT_CODE_PORT_IS_NOT_AUTOCASE", 1087],

@@ -4,6 +4,7 @@ OVERLOADED) is retried;
 an error says whether the controller may have acted."""
 
 import re
+import socket
 import uuid
 from concurrent import futures
 
@@ -68,9 +69,16 @@ def test_a_retried_call_s_error_carries_the_request_id_of_its_last_attempt(fake_
     assert error.request_id == logged[-1]
 
 
+def unused_address():
+    """A loopback address where nothing listens: bound, read, then released."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        return "127.0.0.1:%d" % listener.getsockname()[1]
+
+
 def test_a_call_that_never_reached_the_gateway_has_no_request_id():
-    # Nothing listens on port 1: the connection is refused, and no gateway named the call.
-    with TaskGate("127.0.0.1:1") as client:
+    # Nothing listens there: the connection is refused, and no gateway named the call.
+    with TaskGate(unused_address()) as client:
         with pytest.raises(TaskGateError) as raised:
             client.case_get_state(port_id=4, timeout=5, max_attempts=1)
     assert (raised.value.code, raised.value.request_id) == (grpc.StatusCode.UNAVAILABLE, None)
