@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio::net::TcpListener;
 use tonic::metadata::AsciiMetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use taskgate::config::{Bounds, redact_url};
 use taskgate::log::LogFormat;
@@ -347,8 +347,34 @@ fn gateway_endpoint(gateway: &str, timeout: Duration) -> anyhow::Result<Endpoint
             redact_url(gateway)
         );
     }
+    // `Uri` takes any digits for a port and then has none, so a connection would go to the
+    // scheme's default port instead.
+    let host_and_port = uri.authority().map_or("", |authority| {
+        let host_and_port = authority
+            .as_str()
+            .rsplit_once('@')
+            .map_or(authority.as_str(), |(_, rest)| rest);
+        host_and_port
+            .rsplit_once(']')
+            .map_or(host_and_port, |(_, rest)| rest)
+    });
+    if let Some((_, port)) = host_and_port.rsplit_once(':')
+        && port.parse::<u16>().is_err()
+    {
+        anyhow::bail!(
+            "invalid --gateway '{}': '{port}' is not a port (1-65535)",
+            redact_url(gateway)
+        );
+    }
     let timeout = CALL_TIMEOUT.check(timeout)?;
-    let endpoint = Endpoint::from(uri);
+    let https = uri.scheme_str() == Some("https");
+    let mut endpoint = Endpoint::from(uri);
+    if https {
+        // The system's roots, as for an https:// controller; SSL_CERT_FILE names another CA.
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().with_native_roots())
+            .context("cannot set up TLS for --gateway")?;
+    }
     Ok(endpoint.connect_timeout(timeout).timeout(timeout))
 }
 

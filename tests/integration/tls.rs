@@ -122,6 +122,41 @@ async fn grpc_over_tls() {
     }
 }
 
+/// The CLI reaches a gateway served over TLS at an `https://` address, trusting the system's
+/// roots, or the CA that `SSL_CERT_FILE` names, as here. It said "Connecting to HTTPS without
+/// TLS enabled" to every one.
+#[tokio::test]
+async fn the_cli_reaches_a_gateway_over_tls() {
+    let pki = Pki::new("cli");
+    let server_tls = ServerTls::load(&pki.path("server.pem"), &pki.path("server.key"), None);
+    let gateway = Gateway::builder()
+        .tls(server_tls.unwrap(), pki.client_tls())
+        .start()
+        .await;
+    let url = format!("https://localhost:{}", gateway.address.port());
+    let args = ["health", "--gateway", &url, "--service", "liveness"];
+    let output = tokio::process::Command::new(crate::cli::BIN)
+        .args(args)
+        .env("SSL_CERT_FILE", pki.path("ca.pem"))
+        .stdin(std::process::Stdio::null())
+        .output();
+    let output = within(PROMPTLY, "taskgate health did not exit", output)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).as_ref(),
+            String::from_utf8_lossy(&output.stderr).as_ref()
+        ),
+        (
+            Some(0),
+            format!("ok: health {url} \"liveness\": SERVING\n").as_str(),
+            ""
+        )
+    );
+}
+
 #[tokio::test]
 async fn mutual_tls_rejects_a_client_without_a_certificate() {
     let pki = Pki::new("mtls");
