@@ -89,8 +89,8 @@ fn request_id(text: &str) -> Result<String, String> {
         Ok(text.to_owned())
     } else {
         Err(
-            "it must be 1-128 visible ASCII characters (no spaces); the gateway replaces any \
-             other with an ID of its own"
+            "it must be 1-128 visible ASCII characters (no spaces), the only IDs the gateway \
+             keeps for its logs"
                 .to_owned(),
         )
     }

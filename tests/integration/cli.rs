@@ -183,8 +183,8 @@ async fn usage_and_configuration_errors_exit_2() {
             stderr,
             format!(
                 "error: invalid value '{request_id}' for '--request-id <REQUEST_ID>': it must be \
-                 1-128 visible ASCII characters (no spaces); the gateway replaces any other with \
-                 an ID of its own\n\nFor more information, try '--help'.\n"
+                 1-128 visible ASCII characters (no spaces), the only IDs the gateway keeps for \
+                 its logs\n\nFor more information, try '--help'.\n"
             )
         );
     }
