@@ -340,15 +340,8 @@ fn gateway_endpoint(gateway: &str, timeout: Duration) -> anyhow::Result<Endpoint
                 redact_url(gateway)
             )
         })?;
-    if uri.port_u16() == Some(0) {
-        anyhow::bail!(
-            "invalid --gateway '{}': port 0 cannot be connected to; give the gateway's port \
-             (50051 by default)",
-            redact_url(gateway)
-        );
-    }
-    // `Uri` takes any digits for a port and then has none, so a connection would go to the
-    // scheme's default port instead.
+    // The port as written: `Uri` takes any digits for one and then has none, so a connection
+    // would go to the scheme's default port instead.
     let host_and_port = uri.authority().map_or("", |authority| {
         let host_and_port = authority
             .as_str()
@@ -358,21 +351,30 @@ fn gateway_endpoint(gateway: &str, timeout: Duration) -> anyhow::Result<Endpoint
             .rsplit_once(']')
             .map_or(host_and_port, |(_, rest)| rest)
     });
-    if let Some((_, port)) = host_and_port.rsplit_once(':')
-        && port.parse::<u16>().is_err()
-    {
-        anyhow::bail!(
-            "invalid --gateway '{}': '{port}' is not a port (1-65535)",
-            redact_url(gateway)
-        );
+    if let Some((_, port)) = host_and_port.rsplit_once(':') {
+        let refused = match port.parse::<u16>() {
+            Ok(0) => Some("port 0 cannot be connected to".to_owned()),
+            Ok(_) if port.starts_with('+') => Some(format!("'{port}' is not a port")),
+            Ok(_) => None,
+            Err(_) if port.is_empty() => Some("its port is empty".to_owned()),
+            Err(_) => Some(format!("'{port}' is not a port (1-65535)")),
+        };
+        if let Some(refused) = refused {
+            anyhow::bail!(
+                "invalid --gateway '{}': {refused}; give the gateway's port (50051 by default)",
+                redact_url(gateway)
+            );
+        }
     }
     let timeout = CALL_TIMEOUT.check(timeout)?;
     let https = uri.scheme_str() == Some("https");
     let mut endpoint = Endpoint::from(uri);
     if https {
-        // The system's roots, as for an https:// controller; SSL_CERT_FILE names another CA.
+        // The system's roots, or the ones SSL_CERT_FILE or SSL_CERT_DIR name instead. The
+        // handshake has a limit of its own: the connect timeout ends with the TCP connect.
+        let tls = ClientTlsConfig::new().with_native_roots().timeout(timeout);
         endpoint = endpoint
-            .tls_config(ClientTlsConfig::new().with_native_roots())
+            .tls_config(tls)
             .context("cannot set up TLS for --gateway")?;
     }
     Ok(endpoint.connect_timeout(timeout).timeout(timeout))

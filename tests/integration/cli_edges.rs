@@ -345,17 +345,23 @@ async fn client_arguments_are_checked_before_connecting() {
             "error: invalid --gateway 'http://127.0.0.1:0': port 0 cannot be connected to; give \
              the gateway's port (50051 by default)\n",
         ),
-        // A port out of range was dropped by the URI parser, and the call went to port 80.
+        // A port out of range, or none after the colon, was dropped by the URI parser, and the
+        // call went to port 80.
         (
             &[
                 "case-state",
                 "--gateway",
-                "http://127.0.0.1:99999",
+                "http://u:p@127.0.0.1:99999",
                 "--port",
                 "4",
             ],
-            "error: invalid --gateway 'http://127.0.0.1:99999': '99999' is not a port \
-             (1-65535)\n",
+            "error: invalid --gateway 'http://u:***@127.0.0.1:99999': '99999' is not a port \
+             (1-65535); give the gateway's port (50051 by default)\n",
+        ),
+        (
+            &["case-state", "--gateway", "http://[::1]:", "--port", "4"],
+            "error: invalid --gateway 'http://[::1]:': its port is empty; give the gateway's \
+             port (50051 by default)\n",
         ),
     ];
     for (args, expected) in cases {

@@ -123,8 +123,9 @@ async fn grpc_over_tls() {
 }
 
 /// The CLI reaches a gateway served over TLS at an `https://` address, trusting the system's
-/// roots, or the CA that `SSL_CERT_FILE` names, as here. It said "Connecting to HTTPS without
-/// TLS enabled" to every one.
+/// roots, or only the CA that `SSL_CERT_FILE` names, as here. It said "Connecting to HTTPS
+/// without TLS enabled" to every one. A gateway whose certificate that CA did not sign is
+/// refused.
 #[tokio::test]
 async fn the_cli_reaches_a_gateway_over_tls() {
     let pki = Pki::new("cli");
@@ -134,27 +135,68 @@ async fn the_cli_reaches_a_gateway_over_tls() {
         .start()
         .await;
     let url = format!("https://localhost:{}", gateway.address.port());
-    let args = ["health", "--gateway", &url, "--service", "liveness"];
-    let output = tokio::process::Command::new(crate::cli::BIN)
-        .args(args)
-        .env("SSL_CERT_FILE", pki.path("ca.pem"))
-        .stdin(std::process::Stdio::null())
-        .output();
-    let output = within(PROMPTLY, "taskgate health did not exit", output)
-        .await
-        .unwrap();
+    let (code, stdout, stderr) = cli_health(&url, &pki.path("ca.pem"), "5s").await;
     assert_eq!(
-        (
-            output.status.code(),
-            String::from_utf8_lossy(&output.stdout).as_ref(),
-            String::from_utf8_lossy(&output.stderr).as_ref()
-        ),
+        (code, stdout.as_str(), stderr.as_str()),
         (
             Some(0),
             format!("ok: health {url} \"liveness\": SERVING\n").as_str(),
             ""
         )
     );
+    let other = Pki::new("cli-other");
+    let (code, stdout, stderr) = cli_health(&url, &other.path("ca.pem"), "5s").await;
+    assert_eq!((code, stdout.as_str()), (Some(1), ""));
+    assert!(
+        stderr.starts_with(&format!("error: cannot connect to the gateway at {url}: "))
+            && stderr.contains("invalid peer certificate"),
+        "{stderr}"
+    );
+}
+
+/// An `https://` peer that accepts connections and never answers ends the CLI at `--timeout`:
+/// the TLS handshake is bounded as the TCP connect is.
+#[tokio::test]
+async fn the_cli_gives_up_on_a_tls_handshake_at_its_timeout() {
+    let pki = Pki::new("cli-silent");
+    let (silent, _held) = crate::support::silent_peer().await;
+    let url = silent.replacen("http://", "https://", 1);
+    let (code, stdout, stderr) = cli_health(&url, &pki.path("ca.pem"), "200ms").await;
+    assert_eq!((code, stdout.as_str()), (Some(1), ""));
+    assert!(
+        stderr.starts_with(&format!("error: cannot connect to the gateway at {url}: ")),
+        "{stderr}"
+    );
+}
+
+/// Runs `taskgate health --service liveness` against `url` with `SSL_CERT_FILE` set to `ca`;
+/// its exit code, stdout and stderr.
+async fn cli_health(
+    url: &str,
+    ca: &std::path::Path,
+    timeout: &str,
+) -> (Option<i32>, String, String) {
+    let output = tokio::process::Command::new(crate::cli::BIN)
+        .args([
+            "health",
+            "--gateway",
+            url,
+            "--service",
+            "liveness",
+            "--timeout",
+            timeout,
+        ])
+        .env("SSL_CERT_FILE", ca)
+        .stdin(std::process::Stdio::null())
+        .output();
+    let output = within(PROMPTLY, "taskgate health did not exit", output)
+        .await
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 #[tokio::test]
