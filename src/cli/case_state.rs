@@ -21,7 +21,7 @@ pub(super) struct CaseStateArgs {
 pub(super) async fn case_state(args: CaseStateArgs) -> Outcome {
     let what = format!("case_getstate port {}", args.port);
     let message = CaseGetStateRequest { port_id: args.port };
-    task_call::call(
+    task_call::read(
         &args.gateway,
         &what,
         message,

@@ -159,7 +159,7 @@ impl PortAndBinArgs {
                 output::exit_after(printed, Exit::Success)
             }
             Err(status) => {
-                let printed = print_failure(&what, &status)
+                let printed = print_failure(&what, &status, CallKind::Command)
                     .and_then(|()| print_replayed(status.metadata()))
                     .and_then(|()| {
                         if outcome_unknown(&status) || self.idempotency_key.is_some() {
@@ -201,10 +201,10 @@ fn outcome_unknown(status: &tonic::Status) -> bool {
     }
 }
 
-/// Sends `message` with `rpc` and prints the outcome: `ok: {what}: ` and what `summary` makes
-/// of the reply, or the error status described for operators; then the request ID. A call the
-/// gateway answered with an error exits 1, like one that could not be made.
-pub(super) async fn call<Message, Reply, Answer>(
+/// Sends the read `message` with `rpc` and prints the outcome: `ok: {what}: ` and what `summary`
+/// makes of the reply, or the error status described for operators; then the request ID. A call
+/// the gateway answered with an error exits 1, like one that could not be made.
+pub(super) async fn read<Message, Reply, Answer>(
     args: &GatewayArgs,
     what: &str,
     message: Message,
@@ -223,7 +223,10 @@ where
                 .and_then(|()| print_request_id(&metadata));
             output::exit_after(printed, Exit::Success)
         }
-        Err(status) => output::exit_after(print_failure(what, &status), Exit::CallFailed),
+        Err(status) => output::exit_after(
+            print_failure(what, &status, CallKind::Read),
+            Exit::CallFailed,
+        ),
     }
 }
 
@@ -253,9 +256,18 @@ pub(super) async fn open<Message>(
     Ok((TaskServiceClient::new(channel), request))
 }
 
+/// What a failed call may have done, which decides the retry advice printed for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CallKind {
+    /// Reads state and moves nothing, so it is always safe to send again.
+    Read,
+    /// May move a robot: sent again only where the gateway says it is safe.
+    Command,
+}
+
 /// Prints a failed call for operators: the status described, then the request ID.
-pub(super) fn print_failure(what: &str, status: &tonic::Status) -> Printed {
-    output::line(describe_status(what, status))?;
+pub(super) fn print_failure(what: &str, status: &tonic::Status, kind: CallKind) -> Printed {
+    output::line(describe_status(what, status, kind))?;
     print_request_id(status.metadata())
 }
 
@@ -286,7 +298,7 @@ fn print_request_id(metadata: &tonic::metadata::MetadataMap) -> Printed {
 }
 
 /// Renders an error status for operators: gRPC code, fault, meaning, retry advice, message.
-fn describe_status(what: &str, status: &tonic::Status) -> String {
+fn describe_status(what: &str, status: &tonic::Status, kind: CallKind) -> String {
     let mut lines = vec![format!(
         "failed: {what}: {}",
         fault::grpc_code_name(status.code())
@@ -313,15 +325,21 @@ fn describe_status(what: &str, status: &tonic::Status) -> String {
             ));
         }
     }
-    match status
+    let delay = status
         .get_details_retry_info()
-        .and_then(|retry_info| retry_info.retry_delay)
-    {
-        Some(delay) => lines.push(format!(
+        .and_then(|retry_info| retry_info.retry_delay);
+    match (delay, kind) {
+        (Some(delay), _) => lines.push(format!(
             "  retry:   safe after {}",
             humantime::format_duration(delay)
         )),
-        None => lines.push("  retry:   not advised".to_owned()),
+        // The gateway's advice is written for calls that may move a robot; a read moves none,
+        // and "read the port first" is this very call.
+        (None, CallKind::Read) => lines.push(
+            "  retry:   safe: a read moves nothing, though it fails again while the cause lasts"
+                .to_owned(),
+        ),
+        (None, CallKind::Command) => lines.push("  retry:   not advised".to_owned()),
     }
     if timed_out_here(status) {
         lines.push("  message: the gateway did not answer within --timeout".to_owned());

@@ -13,7 +13,7 @@ use taskgate::proto::case_event::Change;
 use taskgate::proto::{CaseEvent, CaseState, WatchCaseEventsRequest};
 
 use super::output::{self, Printed, Unwritten};
-use super::task_call::{self, GatewayArgs, PortAndBinArgs};
+use super::task_call::{self, CallKind, GatewayArgs, PortAndBinArgs};
 use super::{Exit, Outcome, duration, usage};
 
 /// The range of `--wait-timeout`.
@@ -99,7 +99,7 @@ pub(super) async fn watch(args: WatchArgs) -> Outcome {
             }
             Err(status) => {
                 return output::exit_after(
-                    task_call::print_failure(&what, &status),
+                    task_call::print_failure(&what, &status, CallKind::Read),
                     Exit::CallFailed,
                 );
             }
@@ -166,7 +166,8 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
                     return output::exit_after(printed, Exit::WaitTimedOut);
                 }
                 _ => {
-                    let printed = printed.and(task_call::print_failure(&what, &status));
+                    let printed =
+                        printed.and(task_call::print_failure(&what, &status, CallKind::Read));
                     return output::exit_after(printed, Exit::CallFailed);
                 }
             },
@@ -222,7 +223,10 @@ async fn open(
     match client.watch_case_events(request).await {
         Ok(response) => Ok(Some(response.into_inner())),
         Err(status) => {
-            output::exit_after(task_call::print_failure(what, &status), Exit::CallFailed)?;
+            output::exit_after(
+                task_call::print_failure(what, &status, CallKind::Read),
+                Exit::CallFailed,
+            )?;
             Ok(None)
         }
     }
