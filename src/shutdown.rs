@@ -1,7 +1,6 @@
 //! Process signals: [`Stop`], SIGINT and SIGTERM, which ask the process to stop, and
 //! [`Hangups`], which keeps SIGHUP from ever stopping it.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::time::Duration;
 
@@ -45,35 +44,15 @@ impl Stop {
         Stop {}
     }
 
-    /// The future that resolves on the first SIGINT or SIGTERM and logs which, to stop a
-    /// server that drains for at most `grace`; and the one that then logs each later SIGINT or
-    /// SIGTERM, so that an operator who repeats one (`kill` run twice, `docker stop` after
-    /// `kill`) can tell it came and that it changes nothing: the drain goes on, within `grace`.
-    ///
-    /// The second never returns: run it alongside the server, so that it ends with the server
-    /// and keeps nothing running after the drain.
-    pub fn split(
-        self,
-        grace: Duration,
-    ) -> (
-        impl Future<Output = ()> + Send + 'static,
-        impl Future<Output = Infallible> + Send + 'static,
-    ) {
-        let (stopping, stopped) = tokio::sync::oneshot::channel();
-        let first = async move {
-            let mut stop = self;
-            stop.first().await;
-            // Fails only once the other half is gone, with its server.
-            let _ = stopping.send(stop);
-        };
-        let repeats = async move {
-            if let Ok(stop) = stopped.await {
-                stop.log_repeats(grace).await;
-            }
-            // Nothing more to log: the server returned before the first came, or none can come.
-            std::future::pending().await
-        };
-        (first, repeats)
+    /// Resolves on the first SIGINT or SIGTERM and logs which, to stop a server that drains for
+    /// at most `grace`; from then on logs each later one, so that an operator who repeats one
+    /// (`kill` run twice, `docker stop` after `kill`) can tell it came and that it changes
+    /// nothing: the drain goes on, within `grace`.
+    pub async fn first_then_repeats(mut self, grace: Duration) {
+        self.first().await;
+        // Spawned, not awaited: this future resolving is what starts the drain. The task ends
+        // with the runtime, so it keeps nothing running after the drain.
+        tokio::spawn(self.log_repeats(grace));
     }
 
     /// Resolves on the first SIGINT or SIGTERM and logs which.

@@ -236,12 +236,10 @@ impl Serve {
             Some(address) => Some(bind("--metrics-listen", address).await.map_err(usage)?),
             None => None,
         };
-        let (stop, repeats) = stop.split(config.shutdown_grace);
-        let serving = taskgate::server::serve(Listeners { grpc, metrics }, config, stop, hangups);
-        tokio::select! {
-            served = serving => served.map_err(|error| (Exit::CallFailed, error.into()))?,
-            never = repeats => match never {},
-        }
+        let stop = stop.first_then_repeats(config.shutdown_grace);
+        taskgate::server::serve(Listeners { grpc, metrics }, config, stop, hangups)
+            .await
+            .map_err(|error| (Exit::CallFailed, error.into()))?;
         Ok(Exit::Success)
     }
 }
