@@ -687,15 +687,7 @@ where
             // body's end nor its deadline would then be seen. A timer of its own marks the
             // answers whole at the deadline whatever the body does; it ends with the body or
             // the request, so a peer that opens and resets streams leaves no timers behind.
-            let request = Arc::downgrade(&tracked);
-            let at = deadline.at;
-            let timer = tokio::spawn(async move {
-                tokio::time::sleep_until(at).await;
-                if let Some(request) = request.upgrade() {
-                    request.answered();
-                }
-            });
-            lock(&tracked.progress).timer = Some(timer.abort_handle());
+            tracked.answered_at(deadline.at);
         }
         parts.extensions.insert(self.connect_info.clone());
         let body = Body::new(RequestBody {
@@ -740,6 +732,19 @@ impl TrackedRequest {
             let now = Instant::now();
             self.connection.update(|state| state.request_answered(now));
         }
+    }
+
+    /// Marks its answer whole at `at`, from a timer of its own that ends once its body has
+    /// arrived or it has ended, whichever comes first.
+    fn answered_at(self: &Arc<Self>, at: Instant) {
+        let request = Arc::downgrade(self);
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep_until(at).await;
+            if let Some(request) = request.upgrade() {
+                request.answered();
+            }
+        });
+        lock(&self.progress).timer = Some(timer.abort_handle());
     }
 
     /// The body has fully arrived: from now on the request is worth waiting for.
@@ -903,21 +908,8 @@ mod tests {
     #[test]
     fn an_answer_marked_after_its_request_ended_is_not_counted() {
         let t0 = Instant::now();
-        let connection = Arc::new(Connection {
-            state: Mutex::new(State::new(t0)),
-            wake: Notify::new(),
-            census: Arc::default(),
-        });
-        let request = Arc::new(TrackedRequest {
-            connection: Arc::clone(&connection),
-            kind: RequestKind::Exchange,
-            progress: Mutex::new(Progress {
-                stage: Stage::Receiving,
-                answered: false,
-                timer: None,
-            }),
-        });
-        connection.update(|state| state.request_started(None));
+        let request = started_exchange(t0);
+        let connection = Arc::clone(&request.connection);
         drop(RequestGuard(Arc::clone(&request)));
         request.answered();
         connection.update(|state| state.request_started(None));
@@ -932,5 +924,59 @@ mod tests {
             next_step(&connection.lock(), now, &limits),
             Step::LookAgainAt(Some(now + limits.idle_timeout))
         );
+    }
+
+    /// A reflection stream's timer ends once its body has arrived, or with its request if that
+    /// ends first, rather than at its deadline: a peer that opens and resets streams leaves no
+    /// task behind.
+    #[tokio::test]
+    async fn a_reflection_streams_timer_ends_with_its_body_or_its_request() {
+        check_timer_ends("its body arrived", |guard| {
+            guard.0.body_arrived();
+            Some(guard)
+        })
+        .await;
+        check_timer_ends("it ended", |guard| {
+            drop(guard);
+            None
+        })
+        .await;
+    }
+
+    /// Starts the timer of a reflection stream whose deadline is an hour away, does `end` to the
+    /// request (which returns its guard if the request goes on), and checks that the timer's
+    /// task is gone within a few seconds, on a runtime that runs nothing else.
+    async fn check_timer_ends(what: &str, end: impl FnOnce(RequestGuard) -> Option<RequestGuard>) {
+        let tasks = tokio::runtime::Handle::current().metrics();
+        let request = started_exchange(Instant::now());
+        request.answered_at(Instant::now() + Duration::from_secs(3600));
+        assert_eq!(tasks.num_alive_tasks(), 1, "no timer was started");
+        let _going_on = end(RequestGuard(Arc::clone(&request)));
+        let timer_gone = async {
+            while tasks.num_alive_tasks() > 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        let ended = tokio::time::timeout(Duration::from_secs(5), timer_gone).await;
+        assert!(ended.is_ok(), "the timer still runs after {what}");
+    }
+
+    /// A reflection stream just started, alone on a connection accepted at `t0`.
+    fn started_exchange(t0: Instant) -> Arc<TrackedRequest> {
+        let connection = Arc::new(Connection {
+            state: Mutex::new(State::new(t0)),
+            wake: Notify::new(),
+            census: Arc::default(),
+        });
+        connection.update(|state| state.request_started(None));
+        Arc::new(TrackedRequest {
+            connection,
+            kind: RequestKind::Exchange,
+            progress: Mutex::new(Progress {
+                stage: Stage::Receiving,
+                answered: false,
+                timer: None,
+            }),
+        })
     }
 }

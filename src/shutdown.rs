@@ -1,7 +1,8 @@
-//! Process signals: one future that resolves when the process is asked to stop (SIGINT or
-//! SIGTERM) and says which, and [`Hangups`], which keeps SIGHUP from ever stopping it.
+//! Process signals: [`Stop`], SIGINT and SIGTERM, which ask the process to stop, and
+//! [`Hangups`], which keeps SIGHUP from ever stopping it.
 
 use std::future::Future;
+use std::time::Duration;
 
 /// Listens for SIGINT and SIGTERM now, and returns the future that resolves on the first of
 /// them and logs which arrived.
@@ -11,24 +12,60 @@ use std::future::Future;
 /// polled would otherwise meet the default action and kill the process without its drain.
 /// Must be called within the tokio runtime.
 pub fn signal() -> impl Future<Output = ()> + Send + 'static {
+    let mut stop = Stop::catch();
+    async move { stop.first().await }
+}
+
+/// SIGINT and SIGTERM, caught from the moment this is made, for the same reason as [`signal`]'s.
+#[derive(Debug)]
+pub struct Stop {
+    /// An error when SIGINT could not be caught, which [`Stop::first`] logs.
     #[cfg(unix)]
-    let signals = {
-        use tokio::signal::unix::{SignalKind, signal};
-        (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        )
-    };
-    async move {
+    interrupt: std::io::Result<tokio::signal::unix::Signal>,
+    /// An error when SIGTERM could not be caught, which [`Stop::first`] logs.
+    #[cfg(unix)]
+    terminate: std::io::Result<tokio::signal::unix::Signal>,
+}
+
+// === impl Stop ===
+
+impl Stop {
+    /// Catches SIGINT and SIGTERM from now on. Must be called within the tokio runtime.
+    pub fn catch() -> Stop {
         #[cfg(unix)]
-        match signals {
-            (Ok(mut interrupt), Ok(mut terminate)) => {
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Stop {
+                interrupt: signal(SignalKind::interrupt()),
+                terminate: signal(SignalKind::terminate()),
+            }
+        }
+        #[cfg(not(unix))]
+        Stop {}
+    }
+
+    /// Resolves on the first SIGINT or SIGTERM and logs which, to stop a server that drains for
+    /// at most `grace`; from then on logs each later one, so that an operator who repeats one
+    /// (`kill` run twice, `docker stop` after `kill`) can tell it came and that it changes
+    /// nothing: the drain goes on, within `grace`.
+    pub async fn first_then_repeats(mut self, grace: Duration) {
+        self.first().await;
+        // Spawned, not awaited: this future resolving is what starts the drain. The task ends
+        // with the runtime, so it keeps nothing running after the drain.
+        tokio::spawn(self.log_repeats(grace));
+    }
+
+    /// Resolves on the first SIGINT or SIGTERM and logs which.
+    async fn first(&mut self) {
+        #[cfg(unix)]
+        match (&mut self.interrupt, &mut self.terminate) {
+            (Ok(interrupt), Ok(terminate)) => {
                 tokio::select! {
                     _ = interrupt.recv() => tracing::info!("received SIGINT; shutting down"),
                     _ = terminate.recv() => tracing::info!("received SIGTERM; shutting down"),
                 }
             }
-            (Ok(mut interrupt), Err(error)) => {
+            (Ok(interrupt), Err(error)) => {
                 tracing::warn!(cause = %error, "cannot listen for SIGTERM; only SIGINT stops the server");
                 interrupt.recv().await;
                 tracing::info!("received SIGINT; shutting down");
@@ -48,6 +85,36 @@ pub fn signal() -> impl Future<Output = ()> + Send + 'static {
             }
         }
     }
+
+    /// Logs each SIGINT or SIGTERM from now on, once [`Stop::first`] has resolved. Never
+    /// returns while one of them is caught.
+    ///
+    /// At info, as the first is: nothing is wrong and nothing needs doing, and an alert on
+    /// warnings must not fire because an operator pressed Ctrl-C twice.
+    async fn log_repeats(mut self, grace: Duration) {
+        let grace = humantime::format_duration(grace);
+        loop {
+            #[cfg(unix)]
+            let name = tokio::select! {
+                Some(()) = received(&mut self.interrupt) => "SIGINT",
+                Some(()) = received(&mut self.terminate) => "SIGTERM",
+                else => return,
+            };
+            #[cfg(not(unix))]
+            let name = match tokio::signal::ctrl_c().await {
+                Ok(()) => "SIGINT",
+                Err(_) => return,
+            };
+            tracing::info!(%grace, "received {name} while already shutting down; the drain goes on, bounded by --shutdown-grace");
+        }
+    }
+}
+
+/// The next delivery of `signal`, or `None` once it can bring none (never caught, or its
+/// driver gone).
+#[cfg(unix)]
+async fn received(signal: &mut std::io::Result<tokio::signal::unix::Signal>) -> Option<()> {
+    signal.as_mut().ok()?.recv().await
 }
 
 /// SIGHUPs, caught from the moment this is made.

@@ -21,7 +21,7 @@ use taskgate::console;
 use taskgate::log::LogFormat;
 use taskgate::nofile;
 use taskgate::server::{Config, Listeners};
-use taskgate::shutdown::Hangups;
+use taskgate::shutdown::{Hangups, Stop};
 use taskgate::simulator::{self, Simulator};
 use taskgate::tls::{ServerTls, UpstreamTls};
 
@@ -165,7 +165,7 @@ impl Serve {
     pub(super) async fn run(self) -> Outcome {
         // Before anything is read or bound: a SIGTERM sent as soon as a port accepts must drain,
         // not kill, and a SIGHUP then must reload the token file read below, not kill either.
-        let stop = taskgate::shutdown::signal();
+        let stop = Stop::catch();
         let hangups = Hangups::catch();
         check_combinations(&self.given).map_err(usage)?;
         let effective = self.given.or(&ServeSettings::defaults()).map_err(usage)?;
@@ -236,6 +236,7 @@ impl Serve {
             Some(address) => Some(bind("--metrics-listen", address).await.map_err(usage)?),
             None => None,
         };
+        let stop = stop.first_then_repeats(config.shutdown_grace);
         taskgate::server::serve(Listeners { grpc, metrics }, config, stop, hangups)
             .await
             .map_err(|error| (Exit::CallFailed, error.into()))?;

@@ -293,3 +293,51 @@ async fn sigterm_as_soon_as_the_gateway_listens_drains_rather_than_kills() {
         assert_eq!(code, Some(0), "attempt {attempt}: {log}");
     }
 }
+
+/// An operator or a supervisor may repeat SIGTERM (`kill` run twice, `docker stop` after `kill`):
+/// each one after the first is logged, saying the gateway is already shutting down, and changes
+/// nothing: the call in flight is still answered, and the process exits once it has been,
+/// within the grace and a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_sigterm_is_logged_and_the_drain_goes_on() {
+    const GRACE: Duration = Duration::from_secs(30);
+    let release = Arc::new(Notify::new());
+    let mut upstream = FakeUpstream::start(Script::RespondWhen {
+        release: release.clone(),
+        body: b"<response><params/></response>".to_vec(),
+    })
+    .await;
+    let mut serve =
+        TaskgateProcess::start_with_upstream(upstream.url.as_str(), &["--shutdown-grace", "30s"])
+            .await;
+    let mut client = TaskServiceClient::new(endpoint(serve.gateway.clone()).connect_lazy());
+    let held = tokio::spawn(async move {
+        client
+            .case_extract(CaseExtractRequest {
+                port_id: 4,
+                bin_id: 101337,
+                ..Default::default()
+            })
+            .await
+    });
+    upstream.next_request_body().await;
+    serve.signal("TERM").await;
+    serve.wait_for_line("no longer accepting calls").await;
+    serve.signal("TERM").await;
+    let repeated = serve.wait_for_line("while already shutting down").await;
+    assert!(
+        repeated.ends_with(
+            " INFO taskgate::shutdown: received SIGTERM while already shutting down; the drain \
+             goes on, bounded by --shutdown-grace grace=30s"
+        ),
+        "{repeated}"
+    );
+    release.notify_one();
+    within(PROMPTLY, "the held call did not end", held)
+        .await
+        .unwrap()
+        .unwrap();
+    let (code, log) = serve.finish_within(GRACE + Duration::from_secs(1)).await;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(!log.contains("shutdown grace ran out"), "{log}");
+}
