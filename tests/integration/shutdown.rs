@@ -13,12 +13,33 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 use taskgate::proto::task_service_client::TaskServiceClient;
-use taskgate::proto::{CaseCancelRequest, CaseExtractRequest, WatchCaseEventsRequest};
+use taskgate::proto::{
+    CaseCancelRequest, CaseExtractRequest, CaseExtractResponse, WatchCaseEventsRequest,
+};
 
 use crate::cli::{TaskgateProcess, call_until_log_lines_drop};
 use crate::support::{
     FakeUpstream, Gateway, PROMPTLY, Script, endpoint, error_info, scrape_line, within,
 };
+
+/// A CaseExtract sent through `gateway`, once `upstream` holds it: the task that answers it.
+async fn extract_held_by(
+    upstream: &mut FakeUpstream,
+    gateway: &str,
+) -> tokio::task::JoinHandle<Result<tonic::Response<CaseExtractResponse>, tonic::Status>> {
+    let mut client = TaskServiceClient::new(endpoint(gateway.to_owned()).connect_lazy());
+    let held = tokio::spawn(async move {
+        client
+            .case_extract(CaseExtractRequest {
+                port_id: 4,
+                bin_id: 101337,
+                ..Default::default()
+            })
+            .await
+    });
+    upstream.next_request_body().await;
+    held
+}
 
 /// Waits until `gateway` has begun shutting down: it ends health Watch streams only then, after
 /// it has closed its listener.
@@ -185,17 +206,7 @@ async fn sigterm_with_a_call_in_flight_exits_after_the_grace_while_stderr_is_nev
         ..Default::default()
     };
     call_until_log_lines_drop(&serve.gateway, &serve.metrics_url(), refused, "bin_id").await;
-    let mut client = TaskServiceClient::new(endpoint(serve.gateway.clone()).connect_lazy());
-    let held = tokio::spawn(async move {
-        client
-            .case_extract(CaseExtractRequest {
-                port_id: 4,
-                bin_id: 101337,
-                ..Default::default()
-            })
-            .await
-    });
-    upstream.next_request_body().await;
+    let held = extract_held_by(&mut upstream, &serve.gateway).await;
     serve.signal("TERM").await;
     let (code, log) = serve.finish_within(GRACE + Duration::from_secs(5)).await;
     assert_eq!(code, Some(0), "{log}");
@@ -310,17 +321,7 @@ async fn a_repeated_sigterm_is_logged_and_the_drain_goes_on() {
     let mut serve =
         TaskgateProcess::start_with_upstream(upstream.url.as_str(), &["--shutdown-grace", "30s"])
             .await;
-    let mut client = TaskServiceClient::new(endpoint(serve.gateway.clone()).connect_lazy());
-    let held = tokio::spawn(async move {
-        client
-            .case_extract(CaseExtractRequest {
-                port_id: 4,
-                bin_id: 101337,
-                ..Default::default()
-            })
-            .await
-    });
-    upstream.next_request_body().await;
+    let held = extract_held_by(&mut upstream, &serve.gateway).await;
     serve.signal("TERM").await;
     serve.wait_for_line("no longer accepting calls").await;
     serve.signal("TERM").await;
