@@ -9,6 +9,7 @@ use tonic::Code;
 use tonic::codec::Streaming;
 
 use taskgate::config::Bounds;
+use taskgate::fault;
 use taskgate::proto::case_event::Change;
 use taskgate::proto::{CaseEvent, CaseState, WatchCaseEventsRequest};
 
@@ -126,7 +127,9 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
     let message = WatchCaseEventsRequest {
         port_ids: vec![port_id],
     };
-    let Some(mut events) = open(call.gateway(), &what, message, wait_timeout).await? else {
+    // Named for what failed if it fails: the watch, a read, with the extraction not yet sent.
+    let watching = format!("watch port {port_id} before case_extract, which was not sent");
+    let Some(mut events) = open(call.gateway(), &watching, message, wait_timeout).await? else {
         return Ok(Exit::CallFailed);
     };
     let accepted = "the controller accepted the case extraction; following it";
@@ -155,19 +158,30 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
     while followed == Followed::Going {
         let event = match events.message().await {
             Ok(Some(event)) => event,
+            // Not `print_failure`: its retry advice would be read as the extraction's, and a
+            // second `case-extract` is a second extraction.
             Ok(None) => {
-                let printed = printed.and(print_ended_without_status(&what));
+                let why = "the watch's stream ended without a status (the connection was cut)";
+                let printed = printed.and(print_stopped_following(&what, port_id, why));
                 return output::exit_after(printed, Exit::CallFailed);
             }
             // The only deadline on the watch is --wait-timeout's.
             Err(status) => match (status.code(), wait_timeout) {
                 (Code::DeadlineExceeded, Some(wait_timeout)) => {
-                    let printed = printed.and(print_wait_ran_out(&what, port_id, wait_timeout));
+                    let why = format!(
+                        "--wait-timeout {} ran out before the case ended",
+                        humantime::format_duration(wait_timeout)
+                    );
+                    let printed = printed.and(print_stopped_following(&what, port_id, why));
                     return output::exit_after(printed, Exit::WaitTimedOut);
                 }
                 _ => {
-                    let printed =
-                        printed.and(task_call::print_failure(&what, &status, CallKind::Read));
+                    let why = format!(
+                        "the watch failed: {}: {}",
+                        fault::grpc_code_name(status.code()),
+                        status.message()
+                    );
+                    let printed = printed.and(print_stopped_following(&what, port_id, why));
                     return output::exit_after(printed, Exit::CallFailed);
                 }
             },
@@ -196,13 +210,12 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
     }
 }
 
-/// What is true when `--wait-timeout` runs out: the controller accepted the extraction, only
-/// the following stopped, and the case may still be running; and how to follow it further.
-fn print_wait_ran_out(what: &str, port_id: u32, wait_timeout: Duration) -> Printed {
-    let wait_timeout = humantime::format_duration(wait_timeout);
+/// What is true when following stops before the case ended, for `why`: the controller accepted
+/// the extraction, only the following stopped, and the case may still be running; and how to
+/// follow it further. No retry advice, since sending the extraction again would start another.
+fn print_stopped_following(what: &str, port_id: u32, why: impl std::fmt::Display) -> Printed {
     output::line(format_args!(
-        "stopped following: {what}: --wait-timeout {wait_timeout} ran out before the case \
-         ended\n\
+        "stopped following: {what}: {why}\n\
          \x20 the controller accepted the extraction; the case may still be running\n\
          \x20 follow it: taskgate watch --port {port_id}, or taskgate case-state --port \
          {port_id}"

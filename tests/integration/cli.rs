@@ -1365,7 +1365,8 @@ async fn case_extract_wait_asks_for_nothing_when_it_cannot_follow() {
     let stdout = case_extract_wait(gateway, 1).await;
     assert!(
         stdout.starts_with(
-            "failed: case_extract port 4 bin 101337: FAILED_PRECONDITION\n\
+            "failed: watch port 4 before case_extract, which was not sent: \
+             FAILED_PRECONDITION\n\
              \x20 reason:  LOG_PUBLISHER_DISABLED (taskgate)\n"
         ),
         "{stdout}"

@@ -389,6 +389,60 @@ async fn a_refused_connection_names_its_cause_once() {
     );
 }
 
+/// A watch that fails while `case-extract --wait` follows an accepted extraction (here, the
+/// gateway shutting down) is reported as following stopped, not as the extraction failing with
+/// retry advice: a second `case-extract` would be a second extraction.
+#[tokio::test]
+async fn a_watch_that_fails_while_following_says_the_case_may_still_be_running() {
+    let layout = TestFile::new(
+        "wait-fails",
+        "layout.toml",
+        "step_time = \"1h\"\n[[port]]\nid = 4\nautocase = true\nmode = \"OPEN\"\nselected_bin = 101337\n",
+    );
+    let mut serve = TaskgateProcess::start(&["--simulator-config", layout.to_str().unwrap()]).await;
+    let gateway = serve.gateway.clone();
+    let args = [
+        "case-extract",
+        "--gateway",
+        &gateway,
+        "--port",
+        "4",
+        "--bin",
+        "101337",
+        "--wait",
+    ];
+    let stop_once_accepted = async {
+        serve.wait_for_line("method=\"case_extract\"").await;
+        serve.signal("TERM").await;
+    };
+    let ((stdout, stderr), ()) = within(PROCESS_WAIT, "case-extract --wait did not end", async {
+        tokio::join!(run(&args, 1), stop_once_accepted)
+    })
+    .await;
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter(|line| !line.starts_with("  request id: "))
+        // Whether the EREQ came before the shutdown varies.
+        .filter(|line| !line.starts_with(|first: char| first.is_ascii_digit()))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "ok: case_extract port 4 bin 101337: the controller accepted the case extraction; \
+             following it",
+            "stopped following: case_extract port 4 bin 101337: the watch failed: UNAVAILABLE: \
+             WatchCaseEvents: the gateway is shutting down; watch again once it is back, or \
+             through another instance",
+            "  the controller accepted the extraction; the case may still be running",
+            "  follow it: taskgate watch --port 4, or taskgate case-state --port 4",
+        ],
+        "{stdout}"
+    );
+    assert_eq!(stderr, "");
+    let (code, log) = within(PROMPTLY * 12, "serve did not stop", serve.finish()).await;
+    assert_eq!(code, Some(0), "{log}");
+}
+
 /// Item 10: when `--wait-timeout` ran out, `case-extract --wait` printed `failed: …
 /// DEADLINE_EXCEEDED … retry: not advised`, though the extraction was accepted and running.
 #[tokio::test]
