@@ -91,13 +91,15 @@ impl Stop {
     ///
     /// At info, as the first is: nothing is wrong and nothing needs doing, and an alert on
     /// warnings must not fire because an operator pressed Ctrl-C twice.
-    async fn log_repeats(mut self, grace: Duration) {
+    async fn log_repeats(self, grace: Duration) {
         let grace = humantime::format_duration(grace);
+        #[cfg(unix)]
+        let mut stop = self;
         loop {
             #[cfg(unix)]
             let name = tokio::select! {
-                Some(()) = received(&mut self.interrupt) => "SIGINT",
-                Some(()) = received(&mut self.terminate) => "SIGTERM",
+                Some(()) = received(&mut stop.interrupt) => "SIGINT",
+                Some(()) = received(&mut stop.terminate) => "SIGTERM",
                 else => return,
             };
             #[cfg(not(unix))]

@@ -305,10 +305,10 @@ async fn sigterm_as_soon_as_the_gateway_listens_drains_rather_than_kills() {
     }
 }
 
-/// An operator or a supervisor may repeat SIGTERM (`kill` run twice, `docker stop` after `kill`):
-/// each one after the first is logged, saying the gateway is already shutting down, and changes
-/// nothing: the call in flight is still answered, and the process exits once it has been,
-/// within the grace and a second.
+/// An operator or a supervisor may repeat SIGTERM (`kill` run twice, `docker stop` after `kill`),
+/// or press Ctrl-C after it: each signal after the first is logged, saying the gateway is
+/// already shutting down, and changes nothing: the call in flight is still answered, and the
+/// process exits once it has been, within the grace and a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_sigterm_is_logged_and_the_drain_goes_on() {
     const GRACE: Duration = Duration::from_secs(30);
@@ -332,6 +332,15 @@ async fn a_repeated_sigterm_is_logged_and_the_drain_goes_on() {
              goes on, bounded by --shutdown-grace grace=30s"
         ),
         "{repeated}"
+    );
+    serve.signal("INT").await;
+    let interrupted = serve.wait_for_line("received SIGINT while").await;
+    assert!(
+        interrupted.ends_with(
+            " INFO taskgate::shutdown: received SIGINT while already shutting down; the drain \
+             goes on, bounded by --shutdown-grace grace=30s"
+        ),
+        "{interrupted}"
     );
     release.notify_one();
     within(PROMPTLY, "the held call did not end", held)
