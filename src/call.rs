@@ -795,8 +795,8 @@ impl AccessRecord<'_> {
 /// Milliseconds to the microsecond: `5.902`, where the nanoseconds would print as
 /// `5.902997999999999`, digits no reader needs from a clock of this precision.
 fn milliseconds(duration: Duration) -> f64 {
-    // Exact for any call's duration: an f64 holds every whole number of microseconds below
-    // 285 years.
+    // Prints the microseconds' own digits for any duration under 31 years: the quotient is
+    // correctly rounded, and printed as the shortest decimal that reads back to it.
     duration.as_micros() as f64 / 1000.0
 }
 
