@@ -14,7 +14,7 @@ use std::ops::RangeInclusive;
 pub const PORT_ID_RANGE: RangeInclusive<u32> = 1..=2000;
 
 /// Valid `bin_id` values on every task-interface method.
-pub(crate) const BIN_ID_RANGE: RangeInclusive<u32> = 1..=4_000_000;
+pub const BIN_ID_RANGE: RangeInclusive<u32> = 1..=4_000_000;
 
 /// An AutoCase state of a port, as the Log Publisher `AC` segment and `case_getstate` report it.
 /// Each variant is named after its vendor code (task-interface.md §3.3).

@@ -11,7 +11,7 @@ use super::task_call::{self, Client, GatewayArgs};
 #[derive(Debug, Args)]
 pub(super) struct CaseStateArgs {
     /// The AutoCase port, 1-2000.
-    #[arg(long, env = "TASKGATE_PORT")]
+    #[arg(long, env = "TASKGATE_PORT", value_parser = task_call::port_id)]
     port: u32,
 
     #[command(flatten)]

@@ -4,6 +4,7 @@
 //! it was).
 
 use std::future::Future;
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -12,6 +13,7 @@ use prost::Message as _;
 use tonic::transport::Channel;
 use tonic_types::{StatusExt, pb};
 
+use taskgate::domain::{BIN_ID_RANGE, PORT_ID_RANGE};
 use taskgate::proto::task_service_client::TaskServiceClient;
 use taskgate::proto::{
     FaultCode, IDEMPOTENCY_KEY_HEADER, REPLAYED_HEADER, REQUEST_ID_HEADER, TASK_FAULT_TYPE_URL,
@@ -54,12 +56,12 @@ pub(super) struct GatewayArgs {
 #[derive(Debug, Args)]
 pub(super) struct PortAndBinArgs {
     /// The AutoCase port, 1-2000.
-    #[arg(long, env = "TASKGATE_PORT")]
+    #[arg(long, env = "TASKGATE_PORT", value_parser = port_id)]
     port: u32,
 
     /// The bin, 1-4000000: for case-extract the port's selected bin, for case-cancel the bin of
     /// the case operation running at the port.
-    #[arg(long, env = "TASKGATE_BIN")]
+    #[arg(long, env = "TASKGATE_BIN", value_parser = bin_id)]
     bin: u32,
 
     /// The message's request_id, the idempotency key (a UUID; not the x-request-id): give the
@@ -70,6 +72,25 @@ pub(super) struct PortAndBinArgs {
 
     #[command(flatten)]
     gateway: GatewayArgs,
+}
+
+/// Checks `--port` against the task interface's port ids, as the gateway would, so that a port
+/// it would refuse is a usage error found before connecting.
+pub(super) fn port_id(text: &str) -> Result<u32, String> {
+    id_in(text, &PORT_ID_RANGE)
+}
+
+/// Checks `--bin` against the task interface's bin ids, as the gateway would.
+fn bin_id(text: &str) -> Result<u32, String> {
+    id_in(text, &BIN_ID_RANGE)
+}
+
+fn id_in(text: &str, range: &RangeInclusive<u32>) -> Result<u32, String> {
+    let (min, max) = (range.start(), range.end());
+    match text.parse::<u32>() {
+        Ok(id) if range.contains(&id) => Ok(id),
+        _ => Err(format!("it must be a whole number from {min} to {max}")),
+    }
 }
 
 /// Checks `--idempotency-key` as the gateway checks `request_id`, so that a key it would refuse
@@ -380,6 +401,22 @@ mod tests {
         let metadata = HashMap::from([("faultCode".to_owned(), fault_code.to_owned())]);
         let details = ErrorDetails::with_error_info(reason, domain, metadata);
         tonic::Status::with_error_details(code, "failed", details)
+    }
+
+    /// The gateway's field violations are printed one a line, for a gateway whose checks differ
+    /// from this CLI's (another version).
+    #[test]
+    fn field_violations_are_printed_one_a_line() {
+        let details =
+            ErrorDetails::with_bad_request_violation("port_id", "port_id 0 is out of range");
+        let status = tonic::Status::with_error_details(Code::InvalidArgument, "bad", details);
+        assert_eq!(
+            describe_status("case_extract port 0 bin 1", &status, CallKind::Command),
+            "failed: case_extract port 0 bin 1: INVALID_ARGUMENT\n\
+             \x20 field:   port_id: port_id 0 is out of range\n\
+             \x20 retry:   not advised\n\
+             \x20 message: bad"
+        );
     }
 
     /// The key is printed unless the status says the controller certainly did not act: a status

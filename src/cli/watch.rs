@@ -30,7 +30,12 @@ const WAIT_TIMEOUT: Bounds<Duration> = Bounds {
 pub(super) struct WatchArgs {
     /// Only events of this AutoCase port (1-2000); repeat, or separate with commas, for more.
     /// Default: every port.
-    #[arg(long = "port", env = "TASKGATE_PORTS", value_delimiter = ',')]
+    #[arg(
+        long = "port",
+        env = "TASKGATE_PORTS",
+        value_delimiter = ',',
+        value_parser = task_call::port_id
+    )]
     ports: Vec<u32>,
 
     #[command(flatten)]

@@ -82,15 +82,43 @@ async fn case_extract_prints_success_then_the_1148_fault() {
     );
 }
 
+/// A port or bin the gateway would refuse is a usage error, found before connecting: the same
+/// whether or not a gateway is there.
 #[tokio::test]
-async fn case_extract_prints_field_violations() {
-    let gateway = Gateway::builder().start().await;
-    let address = format!("http://{}", gateway.address);
-    let (stdout, _) = case_extract(&address, "0", "1", 1).await;
-    assert!(stdout.contains("INVALID_ARGUMENT"), "{stdout}");
+async fn a_port_or_bin_out_of_range_is_a_usage_error_before_connecting() {
+    let address = format!("http://{}", unused_address().await);
+    for (port, bin, flag, value, range) in [
+        ("0", "1", "--port <PORT>", "0", "1 to 2000"),
+        ("2001", "1", "--port <PORT>", "2001", "1 to 2000"),
+        ("4", "0", "--bin <BIN>", "0", "1 to 4000000"),
+        ("4", "4000001", "--bin <BIN>", "4000001", "1 to 4000000"),
+        ("4", "x", "--bin <BIN>", "x", "1 to 4000000"),
+    ] {
+        let (stdout, stderr) = case_extract(&address, port, bin, 2).await;
+        assert_eq!(stdout, "");
+        assert_eq!(
+            stderr.lines().next(),
+            Some(
+                format!(
+                    "error: invalid value '{value}' for '{flag}': it must be a whole number from \
+                     {range}"
+                )
+                .as_str()
+            ),
+            "{stderr}"
+        );
+    }
+    let args = ["case-state", "--gateway", &address, "--port", "2001"];
+    let (_, stderr) = run(&args, 2).await;
     assert!(
-        stdout.contains("field:   port_id: port_id 0 is out of range 1-2000"),
-        "{stdout}"
+        stderr.starts_with("error: invalid value '2001' for '--port <PORT>'"),
+        "{stderr}"
+    );
+    let args = ["watch", "--gateway", &address, "--port", "4,2001"];
+    let (_, stderr) = run(&args, 2).await;
+    assert!(
+        stderr.starts_with("error: invalid value '2001' for '--port <PORTS>'"),
+        "{stderr}"
     );
 }
 
