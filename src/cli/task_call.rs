@@ -346,28 +346,58 @@ fn describe_status(what: &str, status: &tonic::Status, kind: CallKind) -> String
             ));
         }
     }
-    let delay = status
-        .get_details_retry_info()
-        .and_then(|retry_info| retry_info.retry_delay);
-    match (delay, kind) {
-        (Some(delay), _) => lines.push(format!(
-            "  retry:   safe after {}",
-            humantime::format_duration(delay)
-        )),
-        // The gateway's advice is written for calls that may move a robot; a read moves none,
-        // and "read the port first" is this very call.
-        (None, CallKind::Read) => lines.push(
-            "  retry:   safe: a read moves nothing, though it fails again while the cause lasts"
-                .to_owned(),
-        ),
-        (None, CallKind::Command) => lines.push("  retry:   not advised".to_owned()),
-    }
+    lines.push(format!("  retry:   {}", retry_advice(status, kind)));
     if timed_out_here(status) {
         lines.push("  message: the gateway did not answer within --timeout".to_owned());
     } else {
         lines.push(format!("  message: {}", status.message()));
     }
     lines.join("\n")
+}
+
+/// The retry line. A command that may have acted is repeated only with its idempotency key,
+/// printed below it, so that the gateway never sends it twice. Otherwise the delay the gateway
+/// gave, else the advice of the gateway-error or fault table's row (written for calls that may
+/// move a robot). A read moves none, so it is safe to repeat unless its row says it fails again
+/// until something changes.
+fn retry_advice(status: &tonic::Status, kind: CallKind) -> String {
+    if kind == CallKind::Command && outcome_unknown(status) {
+        return "only as a repeat with the idempotency key below".to_owned();
+    }
+    if let Some(delay) = status
+        .get_details_retry_info()
+        .and_then(|retry_info| retry_info.retry_delay)
+    {
+        return format!("safe after {}", humantime::format_duration(delay));
+    }
+    let row = status
+        .get_details_error_info()
+        .and_then(|error_info| row_advice(&error_info, status.code()));
+    match (row, kind) {
+        (Some((_, advice)), CallKind::Command) | (Some((false, advice)), CallKind::Read) => {
+            // The tables' code spans are the README's markup.
+            advice.replace('`', "")
+        }
+        (_, CallKind::Read) => "safe: a read moves nothing".to_owned(),
+        (None, CallKind::Command) => "not advised".to_owned(),
+    }
+}
+
+/// Whether the controller may have acted, and the advice, of the table row behind `error_info`.
+fn row_advice(
+    error_info: &tonic_types::ErrorInfo,
+    code: tonic::Code,
+) -> Option<(bool, &'static str)> {
+    match error_info.domain.as_str() {
+        gateway_error::DOMAIN => gateway_error::find(&error_info.reason, code)
+            .map(|row| (row.retry.controller_may_have_acted(), row.retry.advice())),
+        fault::DOMAIN => {
+            let code = error_info.metadata.get("faultCode")?.parse().ok()?;
+            let retry = fault::classify(code).retry();
+            Some((retry.controller_may_have_acted(), retry.advice()))
+        }
+        _ => None,
+    }
 }
 
 /// Whether the status is the one tonic makes on this side when `--timeout` runs out before the
@@ -391,6 +421,7 @@ fn task_fault(status: &tonic::Status) -> Option<TaskFault> {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+    use std::time::Duration;
 
     use tonic::Code;
     use tonic_types::ErrorDetails;
@@ -407,16 +438,68 @@ mod tests {
     /// from this CLI's (another version).
     #[test]
     fn field_violations_are_printed_one_a_line() {
-        let details =
-            ErrorDetails::with_bad_request_violation("port_id", "port_id 0 is out of range");
+        let mut details = ErrorDetails::with_error_info(
+            "INVALID_PARAMETER",
+            gateway_error::DOMAIN,
+            HashMap::new(),
+        );
+        details.add_bad_request_violation("port_id", "port_id 0 is out of range");
         let status = tonic::Status::with_error_details(Code::InvalidArgument, "bad", details);
         assert_eq!(
             describe_status("case_extract port 0 bin 1", &status, CallKind::Command),
             "failed: case_extract port 0 bin 1: INVALID_ARGUMENT\n\
+             \x20 reason:  INVALID_PARAMETER (taskgate)\n\
              \x20 field:   port_id: port_id 0 is out of range\n\
-             \x20 retry:   not advised\n\
+             \x20 retry:   no; fix the request\n\
              \x20 message: bad"
         );
+    }
+
+    /// The retry line: a command that may have acted is repeated only with its key; otherwise
+    /// the delay, else the tables' advice; and a read is safe to repeat unless its row says it
+    /// fails again until something changes.
+    #[test]
+    fn the_retry_line_follows_the_tables_and_what_a_read_is() {
+        let gateway = |code, reason| with_error_info(code, gateway_error::DOMAIN, reason, "");
+        let fault = |code, number| with_error_info(code, fault::DOMAIN, "FAULT", number);
+        let busy = {
+            let metadata = HashMap::from([("faultCode".to_owned(), "1148".to_owned())]);
+            let mut details = ErrorDetails::with_error_info("FAULT", fault::DOMAIN, metadata);
+            details.set_retry_info(Some(Duration::from_secs(1)));
+            tonic::Status::with_error_details(Code::Unavailable, "busy", details)
+        };
+        let key = "only as a repeat with the idempotency key below";
+        let read = "safe: a read moves nothing";
+        let cases = [
+            (
+                gateway(Code::InvalidArgument, "INVALID_PARAMETER"),
+                "no; fix the request",
+                "no; fix the request",
+            ),
+            (
+                gateway(Code::DeadlineExceeded, "UPSTREAM_TIMEOUT"),
+                key,
+                read,
+            ),
+            (
+                gateway(Code::Unauthenticated, "UNAUTHENTICATED"),
+                "with a valid token",
+                "with a valid token",
+            ),
+            (
+                fault(Code::FailedPrecondition, "1087"),
+                "do not retry until the port's state changes",
+                "do not retry until the port's state changes",
+            ),
+            (busy, "safe after 1s", "safe after 1s"),
+            (fault(Code::Unknown, "1999"), key, read),
+            (tonic::Status::cancelled("Timeout expired"), key, read),
+        ];
+        for (status, command, read) in cases {
+            for (kind, expected) in [(CallKind::Command, command), (CallKind::Read, read)] {
+                assert_eq!(retry_advice(&status, kind), expected, "{kind:?} {status:?}");
+            }
+        }
     }
 
     /// The key is printed unless the status says the controller certainly did not act: a status

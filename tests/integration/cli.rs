@@ -695,7 +695,7 @@ async fn case_cancel_and_case_state_print_their_outcome_and_are_logged() {
             "failed: case_cancel port 4 bin 101337: FAILED_PRECONDITION\n\
              \x20 fault:   1149 BIN_NOT_SELECTED_FOR_PORT\n\
              \x20 meaning: {not_selected}.\n\
-             \x20 retry:   not advised\n\
+             \x20 retry:   do not retry until the port's state changes\n\
              \x20 message: case_cancel port 4 bin 101337: controller fault 1149 \
              BIN_NOT_SELECTED_FOR_PORT: {not_selected}\n\
              \x20 request id: cancel-1\n"
@@ -726,7 +726,7 @@ async fn case_cancel_and_case_state_print_their_outcome_and_are_logged() {
         "failed: case_getstate port 1: FAILED_PRECONDITION\n\
          \x20 fault:   1087 PORT_IS_NOT_AUTOCASE\n\
          \x20 meaning: The Port specified is not an AutoCase port.\n\
-         \x20 retry:   safe: a read moves nothing, though it fails again while the cause lasts\n\
+         \x20 retry:   do not retry until the port's state changes\n\
          \x20 message: case_getstate port 1: controller fault 1087 PORT_IS_NOT_AUTOCASE: The \
          Port specified is not an AutoCase port\n\
          \x20 request id: state-3\n"

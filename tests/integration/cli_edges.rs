@@ -785,7 +785,7 @@ async fn a_gateway_that_never_answers_is_named_with_the_timeout() {
     assert_eq!(
         stdout,
         "failed: case_getstate port 4: CANCELLED\n\
-         \x20 retry:   safe: a read moves nothing, though it fails again while the cause lasts\n\
+         \x20 retry:   safe: a read moves nothing\n\
          \x20 message: the gateway did not answer within --timeout\n"
     );
     let key = "0b6a4f0e-6c1b-4c53-9a8e-3d2f1e0c9b7a";
@@ -799,7 +799,7 @@ async fn a_gateway_that_never_answers_is_named_with_the_timeout() {
         stdout,
         format!(
             "failed: case_extract port 4 bin 101337: CANCELLED\n\
-             \x20 retry:   not advised\n\
+             \x20 retry:   only as a repeat with the idempotency key below\n\
              \x20 message: the gateway did not answer within --timeout\n\
              \x20 idempotency key: {key} (repeat with --idempotency-key {key})\n"
         )
