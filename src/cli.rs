@@ -46,8 +46,8 @@ EXIT STATUS:
     1  the call returned an error status, the gateway cannot be reached, the server failed
        while running, or (health) the gateway is not SERVING
     2  a usage or configuration error (bad flag, bad file, address already in use)
-    3  case-extract --wait: the extraction was accepted, but --wait-timeout ran out before the
-       case ended (it may still be running)
+    3  case-extract --wait: the extraction was accepted, but following it stopped before the
+       case ended (--wait-timeout ran out, or the watch failed): it may still be running
 
 A closed stdout (a reader such as `head -n 1` that has gone) is not an error: the output ends
 there and the exit code is the one above; `watch` stops and exits 0.";
@@ -128,8 +128,8 @@ enum Exit {
     Success,
     CallFailed,
     Usage,
-    /// `case-extract --wait` stopped following an accepted extraction at `--wait-timeout`.
-    WaitTimedOut,
+    /// `case-extract --wait` stopped following an accepted extraction before its case ended.
+    FollowingStopped,
 }
 
 /// How a command ended.
@@ -286,7 +286,7 @@ fn ending(outcome: Outcome) -> Ending {
             Exit::Success => 0,
             Exit::CallFailed => 1,
             Exit::Usage => 2,
-            Exit::WaitTimedOut => 3,
+            Exit::FollowingStopped => 3,
         }),
         error,
     }

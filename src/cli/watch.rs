@@ -48,8 +48,9 @@ pub(super) struct CaseExtractArgs {
     call: PortAndBinArgs,
 
     /// Follow the case after the controller accepts it, printing each state, until ECMP (exit
-    /// 0) or a cancel (exit 1). The watch opens before the extraction is asked for, so no state
-    /// is missed; if it cannot open (no Log Publisher), nothing is asked for.
+    /// 0) or a cancel (exit 1); exit 3 if following stops before (the watch failed): the case
+    /// may still be running. The watch opens before the extraction is asked for, so no state is
+    /// missed; if it cannot open (no Log Publisher), nothing is asked for.
     #[arg(long)]
     wait: bool,
 
@@ -168,7 +169,7 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
             Ok(None) => {
                 let why = "the watch's stream ended without a status (the connection was cut)";
                 let printed = printed.and(print_stopped_following(&what, port_id, why));
-                return output::exit_after(printed, Exit::CallFailed);
+                return output::exit_after(printed, Exit::FollowingStopped);
             }
             // The only deadline on the watch is --wait-timeout's.
             Err(status) => match (status.code(), wait_timeout) {
@@ -178,7 +179,7 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
                         humantime::format_duration(wait_timeout)
                     );
                     let printed = printed.and(print_stopped_following(&what, port_id, why));
-                    return output::exit_after(printed, Exit::WaitTimedOut);
+                    return output::exit_after(printed, Exit::FollowingStopped);
                 }
                 _ => {
                     let why = format!(
@@ -187,7 +188,7 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
                         status.message()
                     );
                     let printed = printed.and(print_stopped_following(&what, port_id, why));
-                    return output::exit_after(printed, Exit::CallFailed);
+                    return output::exit_after(printed, Exit::FollowingStopped);
                 }
             },
         };
