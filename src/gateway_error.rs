@@ -43,6 +43,10 @@ pub enum GatewayRetry {
     RepeatSameKey,
 }
 
+/// What every WatchCaseEvents error names as its `method` in `ErrorInfo`: it calls no
+/// task-interface method. Its statuses are not in [`GATEWAY_ERRORS`].
+pub const WATCH_METHOD: &str = "WatchCaseEvents";
+
 /// What the README advises after an error whose POST may have been acted on.
 const READ_THE_PORT_FIRST: &str = "no; read the port with `CaseGetState` first";
 

@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::domain::CaseState;
 use crate::fault::{self, FaultClass};
-use crate::gateway_error::{self, GatewayError};
+use crate::gateway_error::{self, GatewayError, WATCH_METHOD};
 use crate::idempotency::{self, Params};
 use crate::proto::{FaultCode, TASK_FAULT_TYPE_URL, TaskFault};
 use crate::upstream::UpstreamError;
@@ -302,9 +302,6 @@ pub(crate) fn health_watches_exhausted(limit: usize) -> Status {
         None,
     )
 }
-
-/// What every WatchCaseEvents error names as its `method`: it calls no task-interface method.
-pub(crate) const WATCH_METHOD: &str = "WatchCaseEvents";
 
 /// The status a WatchCaseEvents stream ends with, or is refused with.
 pub(crate) fn watch_ended(end: &WatchEnd, retry: RetryPolicy) -> Status {

@@ -183,10 +183,12 @@ impl PortAndBinArgs {
                 let printed = print_failure(&what, &status, CallKind::Command)
                     .and_then(|()| print_replayed(status.metadata()))
                     .and_then(|()| {
-                        if outcome_unknown(&status) || self.idempotency_key.is_some() {
+                        if outcome_unknown(&status) {
                             output::line(format_args!(
                                 "  idempotency key: {key} (repeat with --idempotency-key {key})"
                             ))
+                        } else if self.idempotency_key.is_some() {
+                            output::line(format_args!("  idempotency key: {key}"))
                         } else {
                             Ok(())
                         }
@@ -203,22 +205,60 @@ impl PortAndBinArgs {
 /// from the client or a proxy, perhaps after the request was sent (a connection broken
 /// mid-call), so the key is printed.
 fn outcome_unknown(status: &tonic::Status) -> bool {
-    let Some(error_info) = status.get_details_error_info() else {
-        return true;
-    };
-    let marked = error_info.metadata.get(gateway_error::REQUEST_OUTCOME_KEY);
-    if marked.is_some_and(|value| value == gateway_error::OUTCOME_UNKNOWN) {
-        return true;
-    }
-    match error_info.domain.as_str() {
-        gateway_error::DOMAIN => gateway_error::find(&error_info.reason, status.code())
-            .is_none_or(|row| row.retry.controller_may_have_acted()),
-        fault::DOMAIN => error_info
+    marked_unknown(status) || row_of(status).is_none_or(|row| row.may_have_acted)
+}
+
+/// Whether the gateway marked the status `requestOutcome: unknown`: it followed an attempt
+/// that may have acted, whatever its own row says.
+fn marked_unknown(status: &tonic::Status) -> bool {
+    status.get_details_error_info().is_some_and(|error_info| {
+        error_info
             .metadata
-            .get("faultCode")
-            .and_then(|code| code.parse().ok())
-            .is_none_or(|code| fault::classify(code).retry().controller_may_have_acted()),
-        _ => true,
+            .get(gateway_error::REQUEST_OUTCOME_KEY)
+            .is_some_and(|value| value == gateway_error::OUTCOME_UNKNOWN)
+    })
+}
+
+/// What the gateway-error or fault table says of a status.
+struct Row {
+    /// Whether the controller may have acted on the call.
+    may_have_acted: bool,
+    /// Whether a repeat with the same key gets the first call's answer.
+    repeat_same_key: bool,
+    /// Whether its advice is to wait for the `RetryInfo` delay.
+    after_delay: bool,
+    /// The advice, as the README's tables give it.
+    advice: &'static str,
+}
+
+/// The table row behind the status's `ErrorInfo`, if it has one. A watch's statuses are in
+/// neither table (their messages say what to do), and one shares its reason with health's.
+fn row_of(status: &tonic::Status) -> Option<Row> {
+    let error_info = status.get_details_error_info()?;
+    match error_info.domain.as_str() {
+        gateway_error::DOMAIN
+            if error_info.metadata.get("method").map(String::as_str)
+                != Some(gateway_error::WATCH_METHOD) =>
+        {
+            let row = gateway_error::find(&error_info.reason, status.code())?;
+            Some(Row {
+                may_have_acted: row.retry.controller_may_have_acted(),
+                repeat_same_key: row.retry.repeat_same_key(),
+                after_delay: row.retry.has_retry_info(),
+                advice: row.retry.advice(),
+            })
+        }
+        fault::DOMAIN => {
+            let retry =
+                fault::classify(error_info.metadata.get("faultCode")?.parse().ok()?).retry();
+            Some(Row {
+                may_have_acted: retry.controller_may_have_acted(),
+                repeat_same_key: false,
+                after_delay: retry.has_retry_info(),
+                advice: retry.advice(),
+            })
+        }
+        _ => None,
     }
 }
 
@@ -355,49 +395,42 @@ fn describe_status(what: &str, status: &tonic::Status, kind: CallKind) -> String
     lines.join("\n")
 }
 
-/// The retry line. A command that may have acted is repeated only with its idempotency key,
-/// printed below it, so that the gateway never sends it twice. Otherwise the delay the gateway
-/// gave, else the advice of the gateway-error or fault table's row (written for calls that may
-/// move a robot). A read moves none, so it is safe to repeat unless its row says it fails again
-/// until something changes.
+/// The retry line: the delay the gateway gave, else the advice of the status's table row, in
+/// this CLI's terms. A command whose outcome nothing settles (no row, a row whose advice is the
+/// repeat, or a status marked unknown) is repeated only with its key, printed below it. A read
+/// moves nothing, so it is safe to repeat unless its row says the call fails again as it is.
 fn retry_advice(status: &tonic::Status, kind: CallKind) -> String {
-    if kind == CallKind::Command && outcome_unknown(status) {
-        return "only as a repeat with the idempotency key below".to_owned();
-    }
-    if let Some(delay) = status
+    let row = row_of(status);
+    let delay = status
         .get_details_retry_info()
-        .and_then(|retry_info| retry_info.retry_delay)
-    {
-        return format!("safe after {}", humantime::format_duration(delay));
-    }
-    let row = status
-        .get_details_error_info()
-        .and_then(|error_info| row_advice(&error_info, status.code()));
-    match (row, kind) {
-        (Some((_, advice)), CallKind::Command) | (Some((false, advice)), CallKind::Read) => {
-            // The tables' code spans are the README's markup.
-            advice.replace('`', "")
+        .and_then(|retry_info| retry_info.retry_delay);
+    let safe_after = |delay| format!("safe after {}", humantime::format_duration(delay));
+    match (kind, row) {
+        (CallKind::Command, None) => KEY_ADVICE.to_owned(),
+        (CallKind::Command, Some(row)) if row.repeat_same_key || marked_unknown(status) => {
+            KEY_ADVICE.to_owned()
         }
-        (_, CallKind::Read) => "safe: a read moves nothing".to_owned(),
-        (None, CallKind::Command) => "not advised".to_owned(),
+        (CallKind::Command, Some(row)) if row.may_have_acted => in_cli_terms(row.advice),
+        (_, _) if delay.is_some() => delay.map(safe_after).unwrap_or_default(),
+        (_, Some(row)) if !row.may_have_acted && !row.after_delay => in_cli_terms(row.advice),
+        // A row whose advice is the delay, sent without one.
+        (CallKind::Command, Some(_)) => "safe: the controller started nothing".to_owned(),
+        (CallKind::Read, _) => READ_ADVICE.to_owned(),
     }
 }
 
-/// Whether the controller may have acted, and the advice, of the table row behind `error_info`.
-fn row_advice(
-    error_info: &tonic_types::ErrorInfo,
-    code: tonic::Code,
-) -> Option<(bool, &'static str)> {
-    match error_info.domain.as_str() {
-        gateway_error::DOMAIN => gateway_error::find(&error_info.reason, code)
-            .map(|row| (row.retry.controller_may_have_acted(), row.retry.advice())),
-        fault::DOMAIN => {
-            let code = error_info.metadata.get("faultCode")?.parse().ok()?;
-            let retry = fault::classify(code).retry();
-            Some((retry.controller_may_have_acted(), retry.advice()))
-        }
-        _ => None,
-    }
+/// The advice for a read whose row has nothing better.
+const READ_ADVICE: &str = "safe: a read moves nothing, though it fails again while the cause lasts";
+
+/// The advice for a command that may have acted and has nothing better.
+const KEY_ADVICE: &str = "only as a repeat with the idempotency key below";
+
+/// A table's advice as this CLI says it: its `request_id` is `--idempotency-key` here, and the
+/// README's code spans are plain text.
+fn in_cli_terms(advice: &str) -> String {
+    advice
+        .replace("`request_id`", "--idempotency-key")
+        .replace('`', "")
 }
 
 /// Whether the status is the one tonic makes on this side when `--timeout` runs out before the
@@ -455,50 +488,129 @@ mod tests {
         );
     }
 
-    /// The retry line: a command that may have acted is repeated only with its key; otherwise
-    /// the delay, else the tables' advice; and a read is safe to repeat unless its row says it
-    /// fails again until something changes.
-    #[test]
-    fn the_retry_line_follows_the_tables_and_what_a_read_is() {
-        let gateway = |code, reason| with_error_info(code, gateway_error::DOMAIN, reason, "");
-        let fault = |code, number| with_error_info(code, fault::DOMAIN, "FAULT", number);
-        let busy = {
-            let metadata = HashMap::from([("faultCode".to_owned(), "1148".to_owned())]);
-            let mut details = ErrorDetails::with_error_info("FAULT", fault::DOMAIN, metadata);
+    /// A status as the gateway makes it: `ErrorInfo` with `reason` in `domain` (and `faultCode`
+    /// when given), a `RetryInfo` of a second when `delay`.
+    fn status_of(
+        code: Code,
+        domain: &str,
+        reason: &str,
+        fault_code: &str,
+        delay: bool,
+    ) -> tonic::Status {
+        let metadata = HashMap::from([("faultCode".to_owned(), fault_code.to_owned())]);
+        let mut details = ErrorDetails::with_error_info(reason, domain, metadata);
+        if delay {
             details.set_retry_info(Some(Duration::from_secs(1)));
-            tonic::Status::with_error_details(Code::Unavailable, "busy", details)
+        }
+        tonic::Status::with_error_details(code, "failed", details)
+    }
+
+    /// For every row of both tables: a command that may have acted is never told that a retry is
+    /// safe, one that did not act gets the row's advice (or the delay), and a read never
+    /// mentions the key; a read is safe to repeat unless its row says the call fails again.
+    #[test]
+    fn the_retry_line_follows_every_row_of_the_tables() {
+        let gateway_rows = gateway_error::GATEWAY_ERRORS.iter().map(|row| {
+            let status = status_of(
+                row.code,
+                gateway_error::DOMAIN,
+                row.reason,
+                "",
+                row.retry.has_retry_info(),
+            );
+            (
+                status,
+                row.retry.controller_may_have_acted(),
+                row.retry.advice(),
+            )
+        });
+        let fault_rows = [1999, 2500]
+            .into_iter()
+            .chain(fault::FAULTS.iter().map(|fault| fault.code))
+            .map(|code| {
+                let class = fault::classify(code);
+                let retry = class.retry();
+                let status = status_of(
+                    class.grpc_code(),
+                    fault::DOMAIN,
+                    "FAULT",
+                    &code.to_string(),
+                    retry.has_retry_info(),
+                );
+                (status, retry.controller_may_have_acted(), retry.advice())
+            });
+        for (status, may_have_acted, advice) in gateway_rows.chain(fault_rows) {
+            let command = retry_advice(&status, CallKind::Command);
+            let read = retry_advice(&status, CallKind::Read);
+            let delayed = status.get_details_retry_info().is_some();
+            if may_have_acted {
+                assert!(!command.starts_with("safe"), "{command} {status:?}");
+                assert_eq!(read, READ_ADVICE, "{status:?}");
+            } else if delayed {
+                assert_eq!(command, "safe after 1s", "{status:?}");
+                assert_eq!(read, "safe after 1s", "{status:?}");
+            } else {
+                assert_eq!(command, in_cli_terms(advice), "{status:?}");
+                assert_eq!(read, command, "{status:?}");
+            }
+            assert_ne!(read, KEY_ADVICE, "{status:?}");
+        }
+    }
+
+    /// The lines a user reads, for the statuses that are not a row's plain advice.
+    #[test]
+    fn the_retry_line_in_the_words_a_user_reads() {
+        let marked = {
+            let metadata = HashMap::from([(
+                gateway_error::REQUEST_OUTCOME_KEY.to_owned(),
+                gateway_error::OUTCOME_UNKNOWN.to_owned(),
+            )]);
+            let details = ErrorDetails::with_error_info(
+                "UPSTREAM_UNREACHABLE",
+                gateway_error::DOMAIN,
+                metadata,
+            );
+            tonic::Status::with_error_details(Code::Unavailable, "failed", details)
         };
-        let key = "only as a repeat with the idempotency key below";
-        let read = "safe: a read moves nothing";
+        let watch_limit = {
+            let metadata =
+                HashMap::from([("method".to_owned(), gateway_error::WATCH_METHOD.to_owned())]);
+            let details =
+                ErrorDetails::with_error_info("TOO_MANY_WATCHES", gateway_error::DOMAIN, metadata);
+            tonic::Status::with_error_details(Code::ResourceExhausted, "failed", details)
+        };
+        let gateway = |code, reason| status_of(code, gateway_error::DOMAIN, reason, "", false);
         let cases = [
             (
-                gateway(Code::InvalidArgument, "INVALID_PARAMETER"),
-                "no; fix the request",
-                "no; fix the request",
+                tonic::Status::cancelled("Timeout expired"),
+                KEY_ADVICE,
+                READ_ADVICE,
+            ),
+            (marked, KEY_ADVICE, READ_ADVICE),
+            (
+                gateway(Code::Aborted, "REQUEST_IN_PROGRESS"),
+                KEY_ADVICE,
+                READ_ADVICE,
             ),
             (
                 gateway(Code::DeadlineExceeded, "UPSTREAM_TIMEOUT"),
-                key,
-                read,
+                "no; read the port with CaseGetState first",
+                READ_ADVICE,
             ),
             (
-                gateway(Code::Unauthenticated, "UNAUTHENTICATED"),
-                "with a valid token",
-                "with a valid token",
+                gateway(Code::InvalidArgument, "REQUEST_ID_REUSED"),
+                "no; send a fresh --idempotency-key for each new call",
+                "no; send a fresh --idempotency-key for each new call",
             ),
-            (
-                fault(Code::FailedPrecondition, "1087"),
-                "do not retry until the port's state changes",
-                "do not retry until the port's state changes",
-            ),
-            (busy, "safe after 1s", "safe after 1s"),
-            (fault(Code::Unknown, "1999"), key, read),
-            (tonic::Status::cancelled("Timeout expired"), key, read),
+            (watch_limit, KEY_ADVICE, READ_ADVICE),
         ];
         for (status, command, read) in cases {
-            for (kind, expected) in [(CallKind::Command, command), (CallKind::Read, read)] {
-                assert_eq!(retry_advice(&status, kind), expected, "{kind:?} {status:?}");
-            }
+            assert_eq!(
+                retry_advice(&status, CallKind::Command),
+                command,
+                "{status:?}"
+            );
+            assert_eq!(retry_advice(&status, CallKind::Read), read, "{status:?}");
         }
     }
 
