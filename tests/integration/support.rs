@@ -407,22 +407,35 @@ impl AsRef<Path> for TestFile {
 
 /// A loopback address where nothing listens: bound, read, then released.
 ///
-/// Its port is below the kernel's ephemeral range. A port from that range, once released, may be
-/// handed to the next bind to port 0 or outgoing connection, of this process or of a gateway
-/// under test: one that took a just-released `--listen` port for its embedded simulator then
-/// failed with "Address already in use".
+/// Its port is outside the kernel's ephemeral range. A port from that range, once released,
+/// may be handed to the next bind to port 0 or outgoing connection, of this process or of a
+/// gateway under test: one that took a just-released `--listen` port for its embedded simulator
+/// then failed with "Address already in use".
 pub(crate) async fn unused_address() -> SocketAddr {
-    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32768);
-    for _ in 0..1000 {
-        let port = fastrand::u16(1024..ephemeral_from);
-        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)).await {
-            return listener.local_addr().unwrap();
+        .and_then(|range| {
+            let mut ends = range.split_whitespace().map(|end| end.parse::<u16>().ok());
+            Some((ends.next()??, ends.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    // Below the range, or above it where the range starts too low to leave room below.
+    let outside = if ephemeral.0 >= 2048 {
+        1024..ephemeral.0
+    } else {
+        ephemeral.1.saturating_add(1)..u16::MAX
+    };
+    if outside.len() >= 1024 {
+        for _ in 0..1000 {
+            let port = fastrand::u16(outside.clone());
+            if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)).await {
+                return listener.local_addr().unwrap();
+            }
         }
     }
-    panic!("no free port on 127.0.0.1 below {ephemeral_from} in 1000 tries");
+    // A host whose whole port space is ephemeral: a released port is all there is.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
 }
 
 /// A peer that accepts every connection and holds it open, never reading nor writing: a gateway
