@@ -488,6 +488,18 @@ mod tests {
         );
     }
 
+    /// An UPSTREAM_UNREACHABLE marked `requestOutcome: unknown`: it followed an attempt that
+    /// may have acted.
+    fn marked_unknown_status() -> tonic::Status {
+        let metadata = HashMap::from([(
+            gateway_error::REQUEST_OUTCOME_KEY.to_owned(),
+            gateway_error::OUTCOME_UNKNOWN.to_owned(),
+        )]);
+        let details =
+            ErrorDetails::with_error_info("UPSTREAM_UNREACHABLE", gateway_error::DOMAIN, metadata);
+        tonic::Status::with_error_details(Code::Unavailable, "failed", details)
+    }
+
     /// A status as the gateway makes it: `ErrorInfo` with `reason` in `domain` (and `faultCode`
     /// when given), a `RetryInfo` of a second when `delay`.
     fn status_of(
@@ -560,18 +572,7 @@ mod tests {
     /// The lines a user reads, for the statuses that are not a row's plain advice.
     #[test]
     fn the_retry_line_in_the_words_a_user_reads() {
-        let marked = {
-            let metadata = HashMap::from([(
-                gateway_error::REQUEST_OUTCOME_KEY.to_owned(),
-                gateway_error::OUTCOME_UNKNOWN.to_owned(),
-            )]);
-            let details = ErrorDetails::with_error_info(
-                "UPSTREAM_UNREACHABLE",
-                gateway_error::DOMAIN,
-                metadata,
-            );
-            tonic::Status::with_error_details(Code::Unavailable, "failed", details)
-        };
+        let marked = marked_unknown_status();
         let watch_limit = {
             let metadata =
                 HashMap::from([("method".to_owned(), gateway_error::WATCH_METHOD.to_owned())]);
@@ -621,18 +622,7 @@ mod tests {
     fn the_key_is_printed_unless_the_controller_certainly_did_not_act() {
         let gateway = |code, reason| with_error_info(code, gateway_error::DOMAIN, reason, "");
         let fault = |code, number| with_error_info(code, fault::DOMAIN, "FAULT", number);
-        let marked = {
-            let metadata = HashMap::from([(
-                gateway_error::REQUEST_OUTCOME_KEY.to_owned(),
-                gateway_error::OUTCOME_UNKNOWN.to_owned(),
-            )]);
-            let details = ErrorDetails::with_error_info(
-                "UPSTREAM_UNREACHABLE",
-                gateway_error::DOMAIN,
-                metadata,
-            );
-            tonic::Status::with_error_details(Code::Unavailable, "failed", details)
-        };
+        let marked = marked_unknown_status();
         let cases = [
             (marked, true),
             (tonic::Status::unavailable("connection reset"), true),

@@ -324,24 +324,17 @@ async fn a_repeated_sigterm_is_logged_and_the_drain_goes_on() {
     let held = extract_held_by(&mut upstream, &serve.gateway).await;
     serve.signal("TERM").await;
     serve.wait_for_line("no longer accepting calls").await;
-    serve.signal("TERM").await;
-    let repeated = serve.wait_for_line("while already shutting down").await;
-    assert!(
-        repeated.ends_with(
-            " INFO taskgate::shutdown: received SIGTERM while already shutting down; the drain \
-             goes on, bounded by --shutdown-grace grace=30s"
-        ),
-        "{repeated}"
-    );
-    serve.signal("INT").await;
-    let interrupted = serve.wait_for_line("received SIGINT while").await;
-    assert!(
-        interrupted.ends_with(
-            " INFO taskgate::shutdown: received SIGINT while already shutting down; the drain \
-             goes on, bounded by --shutdown-grace grace=30s"
-        ),
-        "{interrupted}"
-    );
+    for (signal, name) in [("TERM", "SIGTERM"), ("INT", "SIGINT")] {
+        serve.signal(signal).await;
+        let repeated = serve.wait_for_line(&format!("received {name} while")).await;
+        assert!(
+            repeated.ends_with(&format!(
+                " INFO taskgate::shutdown: received {name} while already shutting down; the \
+                 drain goes on, bounded by --shutdown-grace grace=30s"
+            )),
+            "{repeated}"
+        );
+    }
     release.notify_one();
     within(PROMPTLY, "the held call did not end", held)
         .await
