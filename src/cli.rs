@@ -44,7 +44,8 @@ EXIT STATUS:
     0  success (for serve and simulate: a clean shutdown on SIGINT or SIGTERM; for bench: the
        run completed, even if some calls failed; for health: the gateway is SERVING)
     1  the call returned an error status, the gateway cannot be reached, the server failed
-       while running, or (health) the gateway is not SERVING
+       while running, (case-extract --wait) the case was cancelled, or (health) the gateway is
+       not SERVING
     2  a usage or configuration error (bad flag, bad file, address already in use)
     3  case-extract --wait: the extraction was accepted, but following it stopped before the
        case ended (--wait-timeout ran out, or the watch failed): it may still be running

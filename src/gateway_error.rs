@@ -48,7 +48,7 @@ pub enum GatewayRetry {
 pub const WATCH_METHOD: &str = "WatchCaseEvents";
 
 /// What the README advises after an error whose POST may have been acted on.
-const READ_THE_PORT_FIRST: &str = "no; read the port with `CaseGetState` first";
+pub const READ_THE_PORT_FIRST: &str = "no; read the port with `CaseGetState` first";
 
 /// `port_id` or `bin_id` out of range.
 pub const INVALID_PARAMETER: GatewayError = GatewayError {

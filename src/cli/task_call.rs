@@ -141,9 +141,9 @@ impl PortAndBinArgs {
 
     /// Calls `method` (its task-interface name, for the printed lines) with the message
     /// `message_of` makes from the port, bin and idempotency key, through `rpc`; a success
-    /// prints `accepted`. A failure whose outcome is unknown also prints the key, so that the
-    /// call can be repeated safely; so does every failure of a call given `--idempotency-key`:
-    /// the operator repeating with it keeps seeing it, whatever the repeat's own status.
+    /// prints `accepted`. A failure whose outcome is unknown also prints the key, with "repeat
+    /// with" where a repeat with it is the advice; so does every failure of a call given
+    /// `--idempotency-key`: the operator repeating with it keeps seeing it.
     pub(super) async fn call<Message, Reply, Answer>(
         &self,
         method: &str,
@@ -183,11 +183,12 @@ impl PortAndBinArgs {
                 let printed = print_failure(&what, &status, CallKind::Command)
                     .and_then(|()| print_replayed(status.metadata()))
                     .and_then(|()| {
-                        if outcome_unknown(&status) {
+                        // "Repeat with" exactly where the retry line says so.
+                        if offers_key_repeat(&status) {
                             output::line(format_args!(
                                 "  idempotency key: {key} (repeat with --idempotency-key {key})"
                             ))
-                        } else if self.idempotency_key.is_some() {
+                        } else if outcome_unknown(&status) || self.idempotency_key.is_some() {
                             output::line(format_args!("  idempotency key: {key}"))
                         } else {
                             Ok(())
@@ -223,8 +224,6 @@ fn marked_unknown(status: &tonic::Status) -> bool {
 struct Row {
     /// Whether the controller may have acted on the call.
     may_have_acted: bool,
-    /// Whether a repeat with the same key gets the first call's answer.
-    repeat_same_key: bool,
     /// Whether its advice is to wait for the `RetryInfo` delay.
     after_delay: bool,
     /// The advice, as the README's tables give it.
@@ -243,7 +242,6 @@ fn row_of(status: &tonic::Status) -> Option<Row> {
             let row = gateway_error::find(&error_info.reason, status.code())?;
             Some(Row {
                 may_have_acted: row.retry.controller_may_have_acted(),
-                repeat_same_key: row.retry.repeat_same_key(),
                 after_delay: row.retry.has_retry_info(),
                 advice: row.retry.advice(),
             })
@@ -253,7 +251,6 @@ fn row_of(status: &tonic::Status) -> Option<Row> {
                 fault::classify(error_info.metadata.get("faultCode")?.parse().ok()?).retry();
             Some(Row {
                 may_have_acted: retry.controller_may_have_acted(),
-                repeat_same_key: false,
                 after_delay: retry.has_retry_info(),
                 advice: retry.advice(),
             })
@@ -396,34 +393,50 @@ fn describe_status(what: &str, status: &tonic::Status, kind: CallKind) -> String
 }
 
 /// The retry line: the delay the gateway gave, else the advice of the status's table row, in
-/// this CLI's terms. A command whose outcome nothing settles (no row, a row whose advice is the
-/// repeat, or a status marked unknown) is repeated only with its key, printed below it. A read
-/// moves nothing, so it is safe to repeat unless its row says the call fails again as it is.
+/// this CLI's terms. A command whose outcome is unknown is repeated only with its key, printed
+/// below it, where the gateway can settle that repeat (`offers_key_repeat`); otherwise its
+/// row's advice. A read moves nothing, so it is safe to repeat unless its row says the call
+/// fails again as it is.
 fn retry_advice(status: &tonic::Status, kind: CallKind) -> String {
     let row = row_of(status);
     let delay = status
         .get_details_retry_info()
         .and_then(|retry_info| retry_info.retry_delay);
-    let safe_after = |delay| format!("safe after {}", humantime::format_duration(delay));
-    match (kind, row) {
-        (CallKind::Command, None) => KEY_ADVICE.to_owned(),
-        (CallKind::Command, Some(row)) if row.repeat_same_key || marked_unknown(status) => {
-            KEY_ADVICE.to_owned()
-        }
-        (CallKind::Command, Some(row)) if row.may_have_acted => in_cli_terms(row.advice),
-        (_, _) if delay.is_some() => delay.map(safe_after).unwrap_or_default(),
-        (_, Some(row)) if !row.may_have_acted && !row.after_delay => in_cli_terms(row.advice),
+    match (kind, row, delay) {
+        (CallKind::Command, _, _) if offers_key_repeat(status) => KEY_ADVICE.to_owned(),
+        (CallKind::Command, None, _) => in_cli_terms(gateway_error::READ_THE_PORT_FIRST),
+        (CallKind::Command, Some(row), _) if row.may_have_acted => in_cli_terms(row.advice),
+        (_, _, Some(delay)) => format!("safe after {}", humantime::format_duration(delay)),
+        (_, Some(row), None) if !row.may_have_acted && !row.after_delay => in_cli_terms(row.advice),
         // A row whose advice is the delay, sent without one.
-        (CallKind::Command, Some(_)) => "safe: the controller started nothing".to_owned(),
-        (CallKind::Read, _) => READ_ADVICE.to_owned(),
+        (CallKind::Command, Some(_), None) => "safe: the controller started nothing".to_owned(),
+        (CallKind::Read, _, _) => READ_ADVICE.to_owned(),
     }
+}
+
+/// Whether a command's failure is best followed by a repeat with its idempotency key: its
+/// outcome is unknown, and the gateway that holds the key settles a repeat by reading the port
+/// first (README, Idempotency). Not after `REQUEST_OUTCOME_UNKNOWN`, which is what such a
+/// repeat answers when the port could not settle it, nor once the gateway is stopping
+/// (`SHUTDOWN_GRACE_RAN_OUT`), whose repeat would reach a process that never saw the key.
+fn offers_key_repeat(status: &tonic::Status) -> bool {
+    let unsettled = status.get_details_error_info().is_some_and(|error_info| {
+        error_info.domain == gateway_error::DOMAIN
+            && [
+                gateway_error::SHUTDOWN_GRACE_RAN_OUT.reason,
+                gateway_error::REQUEST_OUTCOME_UNKNOWN.reason,
+            ]
+            .contains(&error_info.reason.as_str())
+    });
+    outcome_unknown(status) && !unsettled
 }
 
 /// The advice for a read whose row has nothing better.
 const READ_ADVICE: &str = "safe: a read moves nothing, though it fails again while the cause lasts";
 
-/// The advice for a command that may have acted and has nothing better.
-const KEY_ADVICE: &str = "only as a repeat with the idempotency key below";
+/// The advice for a command whose repeat with its key the gateway can settle.
+const KEY_ADVICE: &str = "only as a repeat with the idempotency key below, to the same gateway \
+     within its --idempotency-window; to any other it is a new call, so read the port first";
 
 /// A table's advice as this CLI says it: its `request_id` is `--idempotency-key` here, and the
 /// README's code spans are plain text.
@@ -517,23 +530,19 @@ mod tests {
         tonic::Status::with_error_details(code, "failed", details)
     }
 
-    /// For every row of both tables: a command that may have acted is never told that a retry is
-    /// safe, one that did not act gets the row's advice (or the delay), and a read never
-    /// mentions the key; a read is safe to repeat unless its row says the call fails again.
+    /// For every row of both tables, the exact retry line of a command and of a read, and
+    /// "repeat with" on the key line exactly where the retry line offers the repeat.
     #[test]
     fn the_retry_line_follows_every_row_of_the_tables() {
         let gateway_rows = gateway_error::GATEWAY_ERRORS.iter().map(|row| {
-            let status = status_of(
-                row.code,
-                gateway_error::DOMAIN,
-                row.reason,
-                "",
-                row.retry.has_retry_info(),
-            );
+            let delayed = row.retry.has_retry_info();
+            let status = status_of(row.code, gateway_error::DOMAIN, row.reason, "", delayed);
+            let retry = row.retry;
             (
                 status,
-                row.retry.controller_may_have_acted(),
-                row.retry.advice(),
+                retry.controller_may_have_acted(),
+                retry.repeat_same_key(),
+                retry.advice(),
             )
         });
         let fault_rows = [1999, 2500]
@@ -542,37 +551,44 @@ mod tests {
             .map(|code| {
                 let class = fault::classify(code);
                 let retry = class.retry();
-                let status = status_of(
-                    class.grpc_code(),
-                    fault::DOMAIN,
-                    "FAULT",
-                    &code.to_string(),
-                    retry.has_retry_info(),
-                );
-                (status, retry.controller_may_have_acted(), retry.advice())
+                let number = code.to_string();
+                let delayed = retry.has_retry_info();
+                let status = status_of(class.grpc_code(), fault::DOMAIN, "FAULT", &number, delayed);
+                (
+                    status,
+                    retry.controller_may_have_acted(),
+                    false,
+                    retry.advice(),
+                )
             });
-        for (status, may_have_acted, advice) in gateway_rows.chain(fault_rows) {
-            let command = retry_advice(&status, CallKind::Command);
-            let read = retry_advice(&status, CallKind::Read);
+        for (status, may_have_acted, repeat, advice) in gateway_rows.chain(fault_rows) {
             let delayed = status.get_details_retry_info().is_some();
-            if may_have_acted {
-                assert!(!command.starts_with("safe"), "{command} {status:?}");
-                assert_eq!(read, READ_ADVICE, "{status:?}");
-            } else if delayed {
-                assert_eq!(command, "safe after 1s", "{status:?}");
-                assert_eq!(read, "safe after 1s", "{status:?}");
-            } else {
-                assert_eq!(command, in_cli_terms(advice), "{status:?}");
-                assert_eq!(read, command, "{status:?}");
-            }
-            assert_ne!(read, KEY_ADVICE, "{status:?}");
+            let unsettled = ["SHUTDOWN_GRACE_RAN_OUT", "REQUEST_OUTCOME_UNKNOWN"]
+                .iter()
+                .any(|reason| status.get_details_error_info().unwrap().reason == *reason);
+            let (command, read) = match (repeat || may_have_acted, unsettled, delayed) {
+                (true, false, _) => (KEY_ADVICE.to_owned(), READ_ADVICE.to_owned()),
+                (true, true, _) => (in_cli_terms(advice), READ_ADVICE.to_owned()),
+                (false, _, true) => ("safe after 1s".to_owned(), "safe after 1s".to_owned()),
+                (false, _, false) => (in_cli_terms(advice), in_cli_terms(advice)),
+            };
+            assert_eq!(
+                retry_advice(&status, CallKind::Command),
+                command,
+                "{status:?}"
+            );
+            assert_eq!(retry_advice(&status, CallKind::Read), read, "{status:?}");
+            assert_eq!(
+                offers_key_repeat(&status),
+                command == KEY_ADVICE,
+                "{status:?}"
+            );
         }
     }
 
     /// The lines a user reads, for the statuses that are not a row's plain advice.
     #[test]
     fn the_retry_line_in_the_words_a_user_reads() {
-        let marked = marked_unknown_status();
         let watch_limit = {
             let metadata =
                 HashMap::from([("method".to_owned(), gateway_error::WATCH_METHOD.to_owned())]);
@@ -580,22 +596,42 @@ mod tests {
                 ErrorDetails::with_error_info("TOO_MANY_WATCHES", gateway_error::DOMAIN, metadata);
             tonic::Status::with_error_details(Code::ResourceExhausted, "failed", details)
         };
+        assert_eq!(retry_advice(&watch_limit, CallKind::Read), READ_ADVICE);
+        let stopping_marked = {
+            let metadata = HashMap::from([(
+                gateway_error::REQUEST_OUTCOME_KEY.to_owned(),
+                gateway_error::OUTCOME_UNKNOWN.to_owned(),
+            )]);
+            let details = ErrorDetails::with_error_info(
+                "SHUTDOWN_GRACE_RAN_OUT",
+                gateway_error::DOMAIN,
+                metadata,
+            );
+            tonic::Status::with_error_details(Code::Unknown, "failed", details)
+        };
         let gateway = |code, reason| status_of(code, gateway_error::DOMAIN, reason, "", false);
+        let read_the_port = "no; read the port with CaseGetState first";
         let cases = [
             (
                 tonic::Status::cancelled("Timeout expired"),
                 KEY_ADVICE,
                 READ_ADVICE,
             ),
-            (marked, KEY_ADVICE, READ_ADVICE),
+            (marked_unknown_status(), KEY_ADVICE, READ_ADVICE),
+            (stopping_marked, read_the_port, READ_ADVICE),
             (
-                gateway(Code::Aborted, "REQUEST_IN_PROGRESS"),
+                gateway(Code::DeadlineExceeded, "UPSTREAM_TIMEOUT"),
                 KEY_ADVICE,
                 READ_ADVICE,
             ),
             (
-                gateway(Code::DeadlineExceeded, "UPSTREAM_TIMEOUT"),
-                "no; read the port with CaseGetState first",
+                gateway(Code::FailedPrecondition, "REQUEST_OUTCOME_UNKNOWN"),
+                "no; read the port with CaseGetState and decide",
+                READ_ADVICE,
+            ),
+            (
+                gateway(Code::Unavailable, "UPSTREAM_UNREACHABLE"),
+                "safe: the controller started nothing",
                 READ_ADVICE,
             ),
             (
@@ -603,7 +639,6 @@ mod tests {
                 "no; send a fresh --idempotency-key for each new call",
                 "no; send a fresh --idempotency-key for each new call",
             ),
-            (watch_limit, KEY_ADVICE, READ_ADVICE),
         ];
         for (status, command, read) in cases {
             assert_eq!(
