@@ -65,8 +65,9 @@ pub(super) struct PortAndBinArgs {
     bin: u32,
 
     /// The message's request_id, the idempotency key (a UUID; not the x-request-id): give the
-    /// one a failed call printed to repeat that call, which the gateway then never sends to the
-    /// controller twice. Default: a fresh UUID for each invocation.
+    /// one a failed call printed to repeat that call, which the same gateway process then never
+    /// sends to the controller twice within its --idempotency-window. Default: a fresh UUID for
+    /// each invocation.
     #[arg(long, env = "TASKGATE_IDEMPOTENCY_KEY", value_parser = idempotency_key)]
     idempotency_key: Option<String>,
 
@@ -404,6 +405,7 @@ fn retry_advice(status: &tonic::Status, kind: CallKind) -> String {
         .and_then(|retry_info| retry_info.retry_delay);
     match (kind, row, delay) {
         (CallKind::Command, _, _) if offers_key_repeat(status) => KEY_ADVICE.to_owned(),
+        // Only a stopping or unsettled reason sent with a code its row does not have.
         (CallKind::Command, None, _) => in_cli_terms(gateway_error::READ_THE_PORT_FIRST),
         (CallKind::Command, Some(row), _) if row.may_have_acted => in_cli_terms(row.advice),
         (_, _, Some(delay)) => format!("safe after {}", humantime::format_duration(delay)),
@@ -436,7 +438,8 @@ const READ_ADVICE: &str = "safe: a read moves nothing, though it fails again whi
 
 /// The advice for a command whose repeat with its key the gateway can settle.
 const KEY_ADVICE: &str = "only as a repeat with the idempotency key below, to the same gateway \
-     within its --idempotency-window; to any other it is a new call, so read the port first";
+     process (not restarted since) within its --idempotency-window; to any other it is a new \
+     call, so read the port first";
 
 /// A table's advice as this CLI says it: its `request_id` is `--idempotency-key` here, and the
 /// README's code spans are plain text.

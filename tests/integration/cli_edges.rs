@@ -800,8 +800,8 @@ async fn a_gateway_that_never_answers_is_named_with_the_timeout() {
         format!(
             "failed: case_extract port 4 bin 101337: CANCELLED\n\
              \x20 retry:   only as a repeat with the idempotency key below, to the same gateway \
-             within its --idempotency-window; to any other it is a new call, so read the port \
-             first\n\
+             process (not restarted since) within its --idempotency-window; to any other it is \
+             a new call, so read the port first\n\
              \x20 message: the gateway did not answer within --timeout\n\
              \x20 idempotency key: {key} (repeat with --idempotency-key {key})\n"
         )
