@@ -36,7 +36,13 @@ pub enum GatewayRetry {
     /// The controller started nothing; the same call fails again unless the caller does this.
     NotActed(&'static str),
     /// The POST may have reached the controller and been acted on; the caller should do this.
+    /// A repeat with the same `request_id`, to the gateway process that holds it, is settled
+    /// there: it reads the port before it sends again (README, Idempotency).
     MayHaveActed(&'static str),
+    /// The POST may have reached the controller and been acted on, and a repeat with the same
+    /// `request_id` cannot settle it: the process that holds the key is stopping, or such a
+    /// repeat has already failed to. The caller should do this.
+    Unsettled(&'static str),
     /// The controller may have acted, and a repeat with the same `request_id` gets the first
     /// call's answer (within `--idempotency-window`, from the same gateway process): the one
     /// advice on which the operator console offers its Repeat button.
@@ -94,7 +100,7 @@ pub const REQUEST_OUTCOME_UNKNOWN: GatewayError = GatewayError {
            unknown outcome again), as when the first call reached the controller after the port \
            was read; the message names the state and bin, and how long ago or how a resend \
            ended, metadata `requestId`, `caseState`",
-    retry: GatewayRetry::MayHaveActed("no; read the port with `CaseGetState` and decide"),
+    retry: GatewayRetry::Unsettled("no; read the port with `CaseGetState` and decide"),
 };
 /// A new `request_id` while every remembered one is in flight or has an unknown outcome.
 pub const IDEMPOTENCY_TABLE_FULL: GatewayError = GatewayError {
@@ -167,7 +173,7 @@ pub const SHUTDOWN_GRACE_RAN_OUT: GatewayError = GatewayError {
            `--shutdown-grace` ran out (less its last second, kept for answering): the gateway \
            stopped waiting, answered this and exited; the POST may have been sent; metadata \
            `grace`",
-    retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
+    retry: GatewayRetry::Unsettled(READ_THE_PORT_FIRST),
 };
 /// A task call without a valid bearer token.
 pub const UNAUTHENTICATED: GatewayError = GatewayError {
@@ -266,7 +272,9 @@ impl GatewayRetry {
     pub fn advice(self) -> &'static str {
         match self {
             GatewayRetry::AfterDelay => "yes, after the `RetryInfo` delay",
-            GatewayRetry::NotActed(advice) | GatewayRetry::MayHaveActed(advice) => advice,
+            GatewayRetry::NotActed(advice)
+            | GatewayRetry::MayHaveActed(advice)
+            | GatewayRetry::Unsettled(advice) => advice,
             GatewayRetry::RepeatSameKey => {
                 "yes, with the same `request_id`: it gets the first call's answer"
             }
@@ -282,8 +290,15 @@ impl GatewayRetry {
     pub fn controller_may_have_acted(self) -> bool {
         match self {
             GatewayRetry::AfterDelay | GatewayRetry::NotActed(_) => false,
-            GatewayRetry::MayHaveActed(_) | GatewayRetry::RepeatSameKey => true,
+            GatewayRetry::MayHaveActed(_)
+            | GatewayRetry::Unsettled(_)
+            | GatewayRetry::RepeatSameKey => true,
         }
+    }
+
+    /// Whether a repeat with the same `request_id` cannot settle what the call did.
+    pub fn unsettled(self) -> bool {
+        matches!(self, GatewayRetry::Unsettled(_))
     }
 
     /// Whether the status tells the caller how long to wait, in a `google.rpc.RetryInfo`.
@@ -292,6 +307,7 @@ impl GatewayRetry {
             GatewayRetry::AfterDelay => true,
             GatewayRetry::NotActed(_)
             | GatewayRetry::MayHaveActed(_)
+            | GatewayRetry::Unsettled(_)
             | GatewayRetry::RepeatSameKey => false,
         }
     }

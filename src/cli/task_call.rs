@@ -227,6 +227,8 @@ struct Row {
     may_have_acted: bool,
     /// Whether its advice is to wait for the `RetryInfo` delay.
     after_delay: bool,
+    /// Whether a repeat with the same key cannot settle what the call did.
+    unsettled: bool,
     /// The advice, as the README's tables give it.
     advice: &'static str,
 }
@@ -244,6 +246,7 @@ fn row_of(status: &tonic::Status) -> Option<Row> {
             Some(Row {
                 may_have_acted: row.retry.controller_may_have_acted(),
                 after_delay: row.retry.has_retry_info(),
+                unsettled: row.retry.unsettled(),
                 advice: row.retry.advice(),
             })
         }
@@ -253,6 +256,7 @@ fn row_of(status: &tonic::Status) -> Option<Row> {
             Some(Row {
                 may_have_acted: retry.controller_may_have_acted(),
                 after_delay: retry.has_retry_info(),
+                unsettled: false,
                 advice: retry.advice(),
             })
         }
@@ -405,32 +409,21 @@ fn retry_advice(status: &tonic::Status, kind: CallKind) -> String {
         .and_then(|retry_info| retry_info.retry_delay);
     match (kind, row, delay) {
         (CallKind::Command, _, _) if offers_key_repeat(status) => KEY_ADVICE.to_owned(),
-        // Only a stopping or unsettled reason sent with a code its row does not have.
-        (CallKind::Command, None, _) => in_cli_terms(gateway_error::READ_THE_PORT_FIRST),
         (CallKind::Command, Some(row), _) if row.may_have_acted => in_cli_terms(row.advice),
         (_, _, Some(delay)) => format!("safe after {}", humantime::format_duration(delay)),
         (_, Some(row), None) if !row.may_have_acted && !row.after_delay => in_cli_terms(row.advice),
-        // A row whose advice is the delay, sent without one.
-        (CallKind::Command, Some(_), None) => "safe: the controller started nothing".to_owned(),
+        // A row whose advice is the delay, sent without one (a command's status that neither
+        // table knows has an unknown outcome, and is offered the key's repeat above).
+        (CallKind::Command, _, None) => "safe: the controller started nothing".to_owned(),
         (CallKind::Read, _, _) => READ_ADVICE.to_owned(),
     }
 }
 
 /// Whether a command's failure is best followed by a repeat with its idempotency key: its
 /// outcome is unknown, and the gateway that holds the key settles a repeat by reading the port
-/// first (README, Idempotency). Not after `REQUEST_OUTCOME_UNKNOWN`, which is what such a
-/// repeat answers when the port could not settle it, nor once the gateway is stopping
-/// (`SHUTDOWN_GRACE_RAN_OUT`), whose repeat would reach a process that never saw the key.
+/// first (README, Idempotency), which its row does not rule out (`GatewayRetry::Unsettled`).
 fn offers_key_repeat(status: &tonic::Status) -> bool {
-    let unsettled = status.get_details_error_info().is_some_and(|error_info| {
-        error_info.domain == gateway_error::DOMAIN
-            && [
-                gateway_error::SHUTDOWN_GRACE_RAN_OUT.reason,
-                gateway_error::REQUEST_OUTCOME_UNKNOWN.reason,
-            ]
-            .contains(&error_info.reason.as_str())
-    });
-    outcome_unknown(status) && !unsettled
+    outcome_unknown(status) && !row_of(status).is_some_and(|row| row.unsettled)
 }
 
 /// The advice for a read whose row has nothing better.
@@ -545,6 +538,7 @@ mod tests {
                 status,
                 retry.controller_may_have_acted(),
                 retry.repeat_same_key(),
+                retry.unsettled(),
                 retry.advice(),
             )
         });
@@ -561,14 +555,12 @@ mod tests {
                     status,
                     retry.controller_may_have_acted(),
                     false,
+                    false,
                     retry.advice(),
                 )
             });
-        for (status, may_have_acted, repeat, advice) in gateway_rows.chain(fault_rows) {
+        for (status, may_have_acted, repeat, unsettled, advice) in gateway_rows.chain(fault_rows) {
             let delayed = status.get_details_retry_info().is_some();
-            let unsettled = ["SHUTDOWN_GRACE_RAN_OUT", "REQUEST_OUTCOME_UNKNOWN"]
-                .iter()
-                .any(|reason| status.get_details_error_info().unwrap().reason == *reason);
             let (command, read) = match (repeat || may_have_acted, unsettled, delayed) {
                 (true, false, _) => (KEY_ADVICE.to_owned(), READ_ADVICE.to_owned()),
                 (true, true, _) => (in_cli_terms(advice), READ_ADVICE.to_owned()),
