@@ -383,10 +383,31 @@ fn gateway_endpoint(gateway: &str, timeout: Duration) -> anyhow::Result<Endpoint
 
 /// Opens one HTTP/2 connection to the gateway.
 async fn connect(endpoint: &Endpoint, gateway: &str) -> anyhow::Result<Channel> {
-    endpoint
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to the gateway at {}", redact_url(gateway)))
+    endpoint.connect().await.with_context(|| {
+        format!(
+            "cannot connect to the gateway at {}",
+            named(gateway, endpoint)
+        )
+    })
+}
+
+/// `gateway` as a connect error names it, with the port it went to when the URL gives none: a
+/// URL without one goes to its scheme's port, never to the gateway's.
+fn named(gateway: &str, endpoint: &Endpoint) -> String {
+    let uri = endpoint.uri();
+    let url = redact_url(gateway);
+    if uri.port_u16().is_some() {
+        return url.into_owned();
+    }
+    let port = if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
+    format!(
+        "{url} (no port given, so port {port}; a gateway listens on {} unless told otherwise)",
+        taskgate::config::defaults::LISTEN.port()
+    )
 }
 
 /// The `authorization` value for `token`. The error names the flag, never the token.
@@ -434,6 +455,28 @@ mod tests {
         );
         let nested = anyhow::anyhow!("cause").context("context").context("outer");
         assert_eq!(error_chain(&nested), "outer: context: cause");
+    }
+
+    /// A URL without a port goes to its scheme's port, and the connect error says which.
+    #[test]
+    fn a_connect_error_names_the_port_a_url_without_one_went_to() {
+        let named = |gateway: &str| {
+            named(
+                gateway,
+                &gateway_endpoint(gateway, Duration::from_secs(1)).unwrap(),
+            )
+        };
+        assert_eq!(named("http://127.0.0.1:50051"), "http://127.0.0.1:50051");
+        assert_eq!(
+            named("http://gateway.local"),
+            "http://gateway.local (no port given, so port 80; a gateway listens on 50051 unless \
+             told otherwise)"
+        );
+        assert_eq!(
+            named("https://user:secret@gateway.local/"),
+            "https://user:***@gateway.local/ (no port given, so port 443; a gateway listens on \
+             50051 unless told otherwise)"
+        );
     }
 
     #[test]
