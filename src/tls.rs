@@ -11,7 +11,7 @@ use std::sync::Arc;
 use rustls::client::WantsClientCert;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, ConfigBuilder, RootCertStore, ServerConfig};
-use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use rustls_platform_verifier::BuilderVerifierExt as _;
 use tokio_rustls::TlsAcceptor;
@@ -155,10 +155,14 @@ impl std::fmt::Debug for ServerTls {
 }
 
 fn unusable(what: String, error: &rustls::Error) -> TlsError {
-    TlsError::Unusable {
-        what,
-        reason: error.to_string(),
-    }
+    let reason = match error {
+        // rustls says "invalid peer certificate", but this one is in a file.
+        rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding) => {
+            "a certificate's base64 text does not decode to an X.509 certificate".to_owned()
+        }
+        other => other.to_string(),
+    };
+    TlsError::Unusable { what, reason }
 }
 
 // === impl UpstreamTls ===
@@ -189,9 +193,8 @@ impl UpstreamTls {
                 let pem = read_certificates("--upstream-ca", path)?;
                 let mut roots = RootCertStore::empty();
                 for certificate in certificates(&pem) {
-                    roots.add(certificate).map_err(|error| TlsError::Unusable {
-                        what: format!("--upstream-ca {}", path.display()),
-                        reason: error.to_string(),
+                    roots.add(certificate).map_err(|error| {
+                        unusable(format!("--upstream-ca {}", path.display()), &error)
                     })?;
                 }
                 config_builder()
@@ -283,7 +286,7 @@ fn read_certificates(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsErro
     for certificate in CertificateDer::pem_slice_iter(&pem) {
         certificate.map_err(|error| TlsError::Unusable {
             what: format!("{what} {}", path.display()),
-            reason: error.to_string(),
+            reason: pem_problem(&error),
         })?;
         count += 1;
     }
@@ -304,8 +307,27 @@ fn parse_private_key(
     PrivateKeyDer::from_pem_slice(pem).map_err(|error| TlsError::NoPrivateKey {
         what,
         path: path.to_owned(),
-        reason: error.to_string(),
+        reason: pem_problem(&error),
     })
+}
+
+/// What is wrong with a PEM file, in its own terms: the parser's words give bytes as numbers
+/// (`[45, 45, …]`) and a base64 error as a character's position.
+fn pem_problem(error: &pem::Error) -> String {
+    match error {
+        pem::Error::Base64Decode(_) => "the text between a BEGIN line and its END line is not \
+             base64, so it is not a certificate or key (is a placeholder still in place?)"
+            .to_owned(),
+        pem::Error::MissingSectionEnd { end_marker } => format!(
+            "a section has no end line (-----END {}-----)",
+            String::from_utf8_lossy(end_marker)
+        ),
+        pem::Error::IllegalSectionStart { line } => format!(
+            "a BEGIN line is malformed: {:?}",
+            String::from_utf8_lossy(line)
+        ),
+        other => other.to_string(),
+    }
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {

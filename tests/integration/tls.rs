@@ -256,6 +256,50 @@ fn bad_tls_files_are_startup_errors_that_name_the_file() {
         "{text}"
     );
 
+    // The placeholder of deploy/kubernetes/secret.yaml, left in place.
+    let placeholder = pki.path("placeholder.pem");
+    std::fs::write(
+        &placeholder,
+        "-----BEGIN CERTIFICATE-----\nREPLACE WITH THE CONTROLLER'S CA CERTIFICATE\n\
+         -----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let error = UpstreamTls::load(Some(&placeholder), None, None).unwrap_err();
+    assert_eq!(
+        message(error),
+        format!(
+            "--upstream-ca {}: the text between a BEGIN line and its END line is not base64, so \
+             it is not a certificate or key (is a placeholder still in place?)",
+            placeholder.display()
+        )
+    );
+    let unended = pki.path("unended.pem");
+    std::fs::write(&unended, "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
+    let error = UpstreamTls::load(Some(&unended), None, None).unwrap_err();
+    assert_eq!(
+        message(error),
+        format!(
+            "--upstream-ca {}: a section has no end line (-----END CERTIFICATE-----)",
+            unended.display()
+        )
+    );
+
+    let not_x509 = pki.path("not-x509.pem");
+    std::fs::write(
+        &not_x509,
+        "-----BEGIN CERTIFICATE-----\nMIIBkTCB+wIJAKHHIG\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let error = UpstreamTls::load(Some(&not_x509), None, None).unwrap_err();
+    assert_eq!(
+        message(error),
+        format!(
+            "--upstream-ca {}: a certificate's base64 text does not decode to an X.509 \
+             certificate",
+            not_x509.display()
+        )
+    );
+
     let error = UpstreamTls::load(None, Some(&pki.path("client.pem")), None).unwrap_err();
     assert!(message(error).contains("give both or neither"));
 
