@@ -717,6 +717,17 @@ impl RequestKind {
     }
 }
 
+// === impl Progress ===
+
+impl Progress {
+    /// Ends the timer of [`TrackedRequest::answered_at`], if it is still running.
+    fn stop_timer(&mut self) {
+        if let Some(timer) = self.timer.take() {
+            timer.abort();
+        }
+    }
+}
+
 // === impl TrackedRequest ===
 
 impl TrackedRequest {
@@ -759,9 +770,7 @@ impl TrackedRequest {
                 .fetch_add(1, Ordering::Relaxed);
             if self.kind == RequestKind::Exchange {
                 self.answered_in(&mut progress);
-                if let Some(timer) = progress.timer.take() {
-                    timer.abort();
-                }
+                progress.stop_timer();
             }
         }
     }
@@ -774,9 +783,7 @@ impl Drop for RequestGuard {
         let had_arrived = progress.stage == Stage::Arrived;
         let had_answered = progress.answered;
         progress.stage = Stage::Ended;
-        if let Some(timer) = progress.timer.take() {
-            timer.abort();
-        }
+        progress.stop_timer();
         let now = Instant::now();
         request
             .connection
