@@ -51,7 +51,9 @@ EXIT STATUS:
        case ended (--wait-timeout ran out, or the watch failed): it may still be running
 
 A closed stdout (a reader such as `head -n 1` that has gone) is not an error: the output ends
-there and the exit code is the one above; `watch` stops and exits 0.";
+there and the exit code is the one above; `watch` stops and exits 0. A stdout that cannot be
+written otherwise (a full disk) is an error on stderr; case-extract and case-cancel still exit
+with the code of what the controller did (0: accepted), any other command exits 1.";
 
 /// taskgate: a gRPC gateway to the AutoStore task interface.
 ///

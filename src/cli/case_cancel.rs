@@ -4,6 +4,7 @@
 use taskgate::proto::CaseCancelRequest;
 
 use super::Outcome;
+use super::output;
 use super::task_call::{Client, PortAndBinArgs};
 
 pub(super) async fn case_cancel(args: PortAndBinArgs) -> Outcome {
@@ -13,11 +14,13 @@ pub(super) async fn case_cancel(args: PortAndBinArgs) -> Outcome {
         request_id,
     };
     let rpc = |mut client: Client, request| async move { client.case_cancel(request).await };
-    args.call(
-        "case_cancel",
-        message_of,
-        rpc,
-        "the controller accepted the cancel",
-    )
-    .await
+    let (exit, printed) = args
+        .call(
+            "case_cancel",
+            message_of,
+            rpc,
+            "the controller accepted the cancel",
+        )
+        .await?;
+    output::exit_after_command(printed, exit)
 }

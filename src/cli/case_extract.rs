@@ -3,15 +3,20 @@
 
 use taskgate::proto::CaseExtractRequest;
 
-use super::Outcome;
+use super::output::{self, Printed};
 use super::task_call::{Client, PortAndBinArgs};
+use super::{Exit, Outcome};
 
 pub(super) async fn case_extract(args: PortAndBinArgs) -> Outcome {
-    ask(&args, "the controller accepted the case extraction").await
+    let (exit, printed) = ask(&args, "the controller accepted the case extraction").await?;
+    output::exit_after_command(printed, exit)
 }
 
 /// Asks for the extraction and prints the outcome; a success prints `accepted`.
-pub(super) async fn ask(args: &PortAndBinArgs, accepted: &str) -> Outcome {
+pub(super) async fn ask(
+    args: &PortAndBinArgs,
+    accepted: &str,
+) -> Result<(Exit, Printed), (Exit, anyhow::Error)> {
     let message_of = |port_id, bin_id, request_id| CaseExtractRequest {
         port_id,
         bin_id,

@@ -4,7 +4,10 @@
 //!
 //! A closed stdout is not an error, as in ripgrep: the output ends there, nothing is printed
 //! about it, and the command exits with the code it would have given otherwise (`watch`, whose
-//! only work is printing, stops and exits 0). Any other write error (a full disk) is one, exit 1.
+//! only work is printing, stops and exits 0). Any other write error (a full disk) is one, on
+//! stderr; it never changes an exit code that says what a command did (1 for a refusal, 3 for
+//! an extraction followed no further), since a script reads those to decide whether to send the
+//! command again. Only where the output is the whole result does it turn 0 into 1.
 
 use std::fmt::Display;
 use std::io::{self, Write as _};
@@ -39,12 +42,23 @@ pub(super) fn text(text: impl Display) -> Printed {
         })
 }
 
-/// `exit` once the output is printed, or its reader gone; a failed write is an error.
+/// `exit` once the output is printed, or its reader gone. A failed write is an error, exit 1
+/// if the command would have exited 0: a read, a watch, a report, whose output is the result.
 pub(super) fn exit_after(printed: Printed, exit: Exit) -> Outcome {
+    exit_after_command(printed, exit).map_err(|(exit, error)| match exit {
+        Exit::Success => (Exit::CallFailed, error),
+        other => (other, error),
+    })
+}
+
+/// `exit` once the output is printed, or its reader gone, for a command sent to the controller:
+/// a failed write is an error with the same exit code, since a 1 for an extraction that was
+/// accepted would have a script send it again.
+pub(super) fn exit_after_command(printed: Printed, exit: Exit) -> Outcome {
     match printed {
         Ok(()) | Err(Unwritten::ReaderGone) => Ok(exit),
         Err(Unwritten::Failed(error)) => Err((
-            Exit::CallFailed,
+            exit,
             anyhow::Error::new(error).context("cannot write to stdout"),
         )),
     }
@@ -73,5 +87,24 @@ mod tests {
             format!("{error:#}"),
             "cannot write to stdout: No space left on device (os error 28)"
         );
+    }
+
+    /// A failed write keeps every exit code that says what a command did: 0 for an accepted
+    /// extraction included, for a command; a 1 would have a script send it again.
+    #[test]
+    fn a_failed_write_keeps_the_exit_code_of_what_was_done() {
+        let failed = || Err(Unwritten::Failed(io::Error::from_raw_os_error(5)));
+        let exits = [Exit::CallFailed, Exit::FollowingStopped, Exit::Usage];
+        for exit in exits {
+            assert_eq!(exit_after(failed(), exit).unwrap_err().0, exit);
+        }
+        for exit in exits.into_iter().chain([Exit::Success]) {
+            let (kept, error) = exit_after_command(failed(), exit).unwrap_err();
+            assert_eq!(kept, exit);
+            assert_eq!(
+                format!("{error:#}"),
+                "cannot write to stdout: Input/output error (os error 5)"
+            );
+        }
     }
 }

@@ -144,14 +144,16 @@ impl PortAndBinArgs {
     /// `message_of` makes from the port, bin and idempotency key, through `rpc`; a success
     /// prints `accepted`. A failure whose outcome is unknown also prints the key, with "repeat
     /// with" where a repeat with it is the advice; so does every failure of a call given
-    /// `--idempotency-key`: the operator repeating with it keeps seeing it.
+    /// `--idempotency-key`: the operator repeating with it keeps seeing it. Gives the exit code
+    /// of what the controller did, and whether it was printed, for the caller to end with
+    /// (`output::exit_after_command`) or to go on printing after.
     pub(super) async fn call<Message, Reply, Answer>(
         &self,
         method: &str,
         message_of: impl FnOnce(u32, u32, String) -> Message,
         rpc: impl FnOnce(Client, tonic::Request<Message>) -> Answer,
         accepted: &str,
-    ) -> Outcome
+    ) -> Result<(Exit, Printed), (Exit, anyhow::Error)>
     where
         Answer: Future<Output = Result<tonic::Response<Reply>, tonic::Status>>,
     {
@@ -178,7 +180,7 @@ impl PortAndBinArgs {
                 let printed = output::line(format_args!("ok: {what}: {accepted}"))
                     .and_then(|()| print_replayed(response.metadata()))
                     .and_then(|()| print_request_id(response.metadata()));
-                output::exit_after(printed, Exit::Success)
+                Ok((Exit::Success, printed))
             }
             Err(status) => {
                 let printed = print_failure(&what, &status, CallKind::Command)
@@ -195,7 +197,7 @@ impl PortAndBinArgs {
                             Ok(())
                         }
                     });
-                output::exit_after(printed, Exit::CallFailed)
+                Ok((Exit::CallFailed, printed))
             }
         }
     }

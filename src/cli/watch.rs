@@ -139,9 +139,9 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
         return Ok(Exit::CallFailed);
     };
     let accepted = "the controller accepted the case extraction; following it";
-    let exit = super::case_extract::ask(&call, accepted).await?;
+    let (exit, asked) = super::case_extract::ask(&call, accepted).await?;
     if exit != Exit::Success {
-        return Ok(exit);
+        return output::exit_after_command(asked, exit);
     }
     // The watch opened before the ask, so a fresh extraction is seen from its first state,
     // EREQ; an earlier operation on the bin may still signal in between (its ERSO or ECMP, late
@@ -153,12 +153,12 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
     // The exit code says how the case ended, so following goes on after stdout's reader has
     // gone (`| head -n 1`); the first failure to print is kept for the end.
     let mut printed = if begun {
-        output::line(format_args!(
+        asked.and(output::line(format_args!(
             "  note: this key's extraction may have ended before following began; if no event \
              comes, read the port: taskgate case-state --port {port_id}"
-        ))
+        )))
     } else {
-        Ok(())
+        asked
     };
     let mut followed = Followed::Going;
     while followed == Followed::Going {
@@ -169,7 +169,7 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
             Ok(None) => {
                 let why = "the watch's stream ended without a status (the connection was cut)";
                 let printed = printed.and(print_stopped_following(&what, port_id, why));
-                return output::exit_after(printed, Exit::FollowingStopped);
+                return output::exit_after_command(printed, Exit::FollowingStopped);
             }
             // The only deadline on the watch is --wait-timeout's.
             Err(status) => match (status.code(), wait_timeout) {
@@ -179,7 +179,7 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
                         humantime::format_duration(wait_timeout)
                     );
                     let printed = printed.and(print_stopped_following(&what, port_id, why));
-                    return output::exit_after(printed, Exit::FollowingStopped);
+                    return output::exit_after_command(printed, Exit::FollowingStopped);
                 }
                 _ => {
                     let why = format!(
@@ -188,7 +188,7 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
                         status.message()
                     );
                     let printed = printed.and(print_stopped_following(&what, port_id, why));
-                    return output::exit_after(printed, Exit::FollowingStopped);
+                    return output::exit_after_command(printed, Exit::FollowingStopped);
                 }
             },
         };
@@ -207,12 +207,12 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
         let printed = printed.and(output::line(format_args!(
             "ok: {what}: the case is out (ECMP)"
         )));
-        output::exit_after(printed, Exit::Success)
+        output::exit_after_command(printed, Exit::Success)
     } else {
         let printed = printed.and(output::line(format_args!(
             "failed: {what}: the extraction was cancelled (NOOP)"
         )));
-        output::exit_after(printed, Exit::CallFailed)
+        output::exit_after_command(printed, Exit::CallFailed)
     }
 }
 

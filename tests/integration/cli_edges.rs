@@ -567,33 +567,75 @@ async fn a_cut_stream_prints_no_request_id_line() {
 }
 
 /// Item 5: a stdout that fails otherwise than by its reader going (a full disk) is an error,
-/// named once, exit 1; not a panic.
+/// named once; not a panic. It never changes an exit code that says what a command did: an
+/// extraction the controller accepted is 0 (a 1 would have a script send it again), and one
+/// accepted but followed no further is 3; a read, whose output is its result, is 1.
 #[tokio::test]
-async fn a_full_stdout_is_an_error() {
-    let gateway = Gateway::builder().start().await;
-    let address = format!("http://{}", gateway.address);
-    let output = Command::new(BIN)
-        .args(["case-state", "--gateway", &address, "--port", "4"])
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create("/dev/full").unwrap())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-        .wait_with_output();
-    let output = within(PROCESS_WAIT, "taskgate did not exit", output)
-        .await
-        .unwrap();
-    assert_eq!(
-        (
-            output.status.code(),
-            String::from_utf8(output.stderr).unwrap()
-        ),
-        (
-            Some(1),
-            "error: cannot write to stdout: No space left on device (os error 28)\n".to_owned()
-        )
+async fn a_full_stdout_is_an_error_that_keeps_what_the_command_did() {
+    let layout = TestFile::new(
+        "full-stdout",
+        "layout.toml",
+        "step_time = \"1h\"\n[[port]]\nid = 4\nautocase = true\nmode = \"OPEN\"\nselected_bin = 101337\n\
+         [[port]]\nid = 5\nautocase = true\nmode = \"OPEN\"\nselected_bin = 101338\n",
     );
+    let serve = TaskgateProcess::start(&["--simulator-config", layout.to_str().unwrap()]).await;
+    let to_full_stdout = |args: &[&str]| {
+        let output = Command::new(BIN)
+            .args(args)
+            .args(["--gateway", &serve.gateway])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create("/dev/full").unwrap())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+            .wait_with_output();
+        async {
+            let output = within(PROCESS_WAIT, "taskgate did not exit", output)
+                .await
+                .unwrap();
+            (
+                output.status.code(),
+                String::from_utf8(output.stderr).unwrap(),
+            )
+        }
+    };
+    let full = "error: cannot write to stdout: No space left on device (os error 28)\n".to_owned();
+    assert_eq!(
+        to_full_stdout(&["case-state", "--port", "4"]).await,
+        (Some(1), full.clone())
+    );
+    assert_eq!(
+        to_full_stdout(&["case-extract", "--port", "4", "--bin", "101337"]).await,
+        (Some(0), full.clone())
+    );
+    let wait = ["--wait", "--wait-timeout", "1s"];
+    assert_eq!(
+        to_full_stdout(
+            &[
+                &["case-extract", "--port", "5", "--bin", "101338"][..],
+                &wait
+            ]
+            .concat()
+        )
+        .await,
+        (Some(3), full)
+    );
+    // Each extraction was accepted: the port shows it.
+    for port in ["4", "5"] {
+        let (stdout, _) = run(
+            &["case-state", "--gateway", &serve.gateway, "--port", port],
+            0,
+        )
+        .await;
+        assert!(
+            stdout.contains("state EREQ (EXTRACTION_REQUESTED)"),
+            "{stdout}"
+        );
+    }
+    serve.signal("TERM").await;
+    let (code, log) = within(PROMPTLY * 12, "serve did not stop", serve.finish()).await;
+    assert_eq!(code, Some(0), "{log}");
 }
 
 /// The CLI's `--timeout` is the call's deadline at the gateway too: against a controller that
