@@ -210,6 +210,14 @@ impl Retry {
         }
     }
 
+    /// Whether the gateway keeps the fault as the answer to its call's `request_id`, for a
+    /// repeat to get again: a refusal that a retry would not change. After 1148 the controller
+    /// started nothing, so a repeat calls again; after a code outside the vendor's list what it
+    /// did is unknown, so a repeat reads the port first.
+    pub fn kept_for_repeats(self) -> bool {
+        !self.has_retry_info() && !self.controller_may_have_acted()
+    }
+
     /// Whether the status tells the caller how long to wait, in a `google.rpc.RetryInfo`.
     pub fn has_retry_info(self) -> bool {
         match self {

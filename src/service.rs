@@ -469,15 +469,16 @@ fn replay<Output: Default>(answer: Answer) -> Result<Output, CallError> {
 fn ending<Output>(outcome: &Result<Output, CallError>) -> Ending {
     match outcome {
         Ok(_) => Ending::Answered(Answer::Ok),
-        Err(CallError::Fault(code)) if fault::classify(*code).retry().has_retry_info() => {
-            Ending::NothingSent
+        Err(CallError::Fault(code)) => {
+            let retry = fault::classify(*code).retry();
+            if retry.kept_for_repeats() {
+                Ending::Answered(Answer::Fault(*code))
+            } else if retry.controller_may_have_acted() {
+                Ending::Unknown
+            } else {
+                Ending::NothingSent
+            }
         }
-        Err(CallError::Fault(code))
-            if fault::classify(*code).retry().controller_may_have_acted() =>
-        {
-            Ending::Unknown
-        }
-        Err(CallError::Fault(code)) => Ending::Answered(Answer::Fault(*code)),
         Err(CallError::Upstream(error)) if status::may_have_acted(error) => Ending::Unknown,
         Err(_) => Ending::NothingSent,
     }

@@ -186,16 +186,8 @@ impl PortAndBinArgs {
                 let printed = print_failure(&what, &status, CallKind::Command)
                     .and_then(|()| print_replayed(status.metadata()))
                     .and_then(|()| {
-                        // "Repeat with" exactly where the retry line says so.
-                        if offers_key_repeat(&status) {
-                            output::line(format_args!(
-                                "  idempotency key: {key} (repeat with --idempotency-key {key})"
-                            ))
-                        } else if outcome_unknown(&status) || self.idempotency_key.is_some() {
-                            output::line(format_args!("  idempotency key: {key}"))
-                        } else {
-                            Ok(())
-                        }
+                        let given = self.idempotency_key.is_some();
+                        key_line(&status, &key, given).map_or(Ok(()), output::line)
                     });
                 Ok((Exit::CallFailed, printed))
             }
@@ -231,6 +223,8 @@ struct Row {
     after_delay: bool,
     /// Whether a repeat with the same key cannot settle what the call did.
     unsettled: bool,
+    /// Whether the gateway keeps the answer for the key, so that a repeat gets it again.
+    kept: bool,
     /// The advice, as the README's tables give it.
     advice: &'static str,
 }
@@ -249,6 +243,7 @@ fn row_of(status: &tonic::Status) -> Option<Row> {
                 may_have_acted: row.retry.controller_may_have_acted(),
                 after_delay: row.retry.has_retry_info(),
                 unsettled: row.retry.unsettled(),
+                kept: false,
                 advice: row.retry.advice(),
             })
         }
@@ -259,6 +254,7 @@ fn row_of(status: &tonic::Status) -> Option<Row> {
                 may_have_acted: retry.controller_may_have_acted(),
                 after_delay: retry.has_retry_info(),
                 unsettled: false,
+                kept: retry.kept_for_repeats(),
                 advice: retry.advice(),
             })
         }
@@ -421,6 +417,27 @@ fn retry_advice(status: &tonic::Status, kind: CallKind) -> String {
     }
 }
 
+/// The line that prints a failed command's idempotency key `key` (`given` with
+/// `--idempotency-key`), if it is printed: "repeat with" exactly where the retry line offers
+/// that repeat; for a refusal the gateway keeps as the key's answer, that a repeat gets it
+/// again.
+fn key_line(status: &tonic::Status, key: &str, given: bool) -> Option<String> {
+    if offers_key_repeat(status) {
+        Some(format!(
+            "  idempotency key: {key} (repeat with --idempotency-key {key})"
+        ))
+    } else if given && row_of(status).is_some_and(|row| row.kept) {
+        Some(format!(
+            "  idempotency key: {key} (a repeat with it gets this answer again; a new attempt \
+             needs a new key)"
+        ))
+    } else if outcome_unknown(status) || given {
+        Some(format!("  idempotency key: {key}"))
+    } else {
+        None
+    }
+}
+
 /// Whether a command's failure is best followed by a repeat with its idempotency key: its
 /// outcome is unknown, and the gateway that holds the key settles a repeat by reading the port
 /// first (README, Idempotency), which its row does not rule out (`GatewayRetry::Unsettled`).
@@ -526,6 +543,67 @@ mod tests {
             details.set_retry_info(Some(Duration::from_secs(1)));
         }
         tonic::Status::with_error_details(code, "failed", details)
+    }
+
+    /// The key line a user reads: to repeat with where the outcome is unknown; that a repeat
+    /// gets the same answer where the gateway keeps a refusal for the key; bare where a repeat
+    /// is a new call, or cannot settle it; none for a refusal without a given key.
+    #[test]
+    fn the_key_line_says_what_a_repeat_with_the_key_gets() {
+        const KEY: &str = "3f6c2a1e-8b4d-4c5e-9f0a-1b2c3d4e5f6a";
+        let fault = |code: u32| {
+            let class = fault::classify(code);
+            let delayed = class.retry().has_retry_info();
+            status_of(
+                class.grpc_code(),
+                fault::DOMAIN,
+                "FAULT",
+                &code.to_string(),
+                delayed,
+            )
+        };
+        let gateway = |row: &gateway_error::GatewayError| {
+            status_of(
+                row.code,
+                gateway_error::DOMAIN,
+                row.reason,
+                "",
+                row.retry.has_retry_info(),
+            )
+        };
+        let repeat = format!("  idempotency key: {KEY} (repeat with --idempotency-key {KEY})");
+        let kept = format!(
+            "  idempotency key: {KEY} (a repeat with it gets this answer again; a new attempt \
+             needs a new key)"
+        );
+        let bare = format!("  idempotency key: {KEY}");
+        let cases = [
+            (fault(1149), true, Some(kept.clone())),
+            (fault(1000), true, Some(kept)),
+            (fault(1149), false, None),
+            (fault(1148), true, Some(bare.clone())),
+            (fault(1148), false, None),
+            (fault(1999), false, Some(repeat.clone())),
+            (
+                gateway(&gateway_error::UPSTREAM_TIMEOUT),
+                false,
+                Some(repeat),
+            ),
+            (
+                gateway(&gateway_error::SHUTDOWN_GRACE_RAN_OUT),
+                false,
+                Some(bare.clone()),
+            ),
+            (gateway(&gateway_error::OVERLOADED), true, Some(bare)),
+            (gateway(&gateway_error::OVERLOADED), false, None),
+        ];
+        for (status, given, line) in cases {
+            assert_eq!(
+                key_line(&status, KEY, given),
+                line,
+                "{status:?} given={given}"
+            );
+        }
     }
 
     /// For every row of both tables, the exact retry line of a command and of a read, and

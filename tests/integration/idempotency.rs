@@ -594,9 +594,19 @@ async fn the_cli_prints_a_given_key_on_every_failure() {
         "{stdout}"
     );
     // Not "repeat with" it: the gateway answers a repeat of a definite refusal with the same
-    // refusal, so a call once the port has changed needs a fresh key.
-    let expected = format!("\n  idempotency key: {REQUEST_ID}\n");
+    // refusal, so a call once the port has changed needs a fresh key; the line says so.
+    let expected = format!(
+        "\n  idempotency key: {REQUEST_ID} (a repeat with it gets this answer again; a new \
+         attempt needs a new key)\n"
+    );
     assert!(stdout.contains(&expected), "{stdout}");
+    let (again, _) = crate::cli::run(&args, 1).await;
+    assert!(
+        again.contains(
+            "\n  replayed: the first call's answer; the controller was not called again\n"
+        ) && again.contains(&expected),
+        "{again}"
+    );
 }
 
 /// Ids whose outcome is unknown are never forgotten: when they fill the table, a new id is
