@@ -40,8 +40,9 @@ pub enum GatewayRetry {
     /// there: it reads the port before it sends again (README, Idempotency).
     MayHaveActed(&'static str),
     /// The POST may have reached the controller and been acted on, and a repeat with the same
-    /// `request_id` cannot settle it: the process that holds the key is stopping, or such a
-    /// repeat has already failed to. The caller should do this.
+    /// `request_id` cannot settle it: the process that holds the key is stopping, such a repeat
+    /// has already failed to, or its read of the port would go to the same wrong URL. The
+    /// caller should do this.
     Unsettled(&'static str),
     /// The controller may have acted, and a repeat with the same `request_id` gets the first
     /// call's answer (within `--idempotency-window`, from the same gateway process): the one
@@ -155,7 +156,7 @@ pub const UPSTREAM_HTTP_OTHER: GatewayError = GatewayError {
     code: Code::Internal,
     when: "any other non-2xx status without a fault in the body (`101`, `404`, 429 with a \
            success reply, …); metadata `httpStatus`",
-    retry: GatewayRetry::MayHaveActed("no; check the controller URL"),
+    retry: GatewayRetry::Unsettled("no; check the controller URL"),
 };
 /// No complete reply within the time limit.
 pub const UPSTREAM_TIMEOUT: GatewayError = GatewayError {

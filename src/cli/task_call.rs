@@ -594,6 +594,11 @@ mod tests {
                 false,
                 Some(bare.clone()),
             ),
+            (
+                gateway(&gateway_error::UPSTREAM_HTTP_OTHER),
+                false,
+                Some(bare.clone()),
+            ),
             (gateway(&gateway_error::OVERLOADED), true, Some(bare)),
             (gateway(&gateway_error::OVERLOADED), false, None),
         ];
@@ -707,6 +712,12 @@ mod tests {
             (
                 gateway(Code::Unavailable, "UPSTREAM_UNREACHABLE"),
                 "safe: the controller started nothing",
+                READ_ADVICE,
+            ),
+            // A wrong controller URL: a repeat with the key would read the port through it.
+            (
+                gateway(Code::Internal, "UPSTREAM_HTTP_ERROR"),
+                "no; check the controller URL",
                 READ_ADVICE,
             ),
             (
