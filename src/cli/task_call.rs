@@ -453,11 +453,12 @@ const KEY_ADVICE: &str = "only as a repeat with the idempotency key below, to th
      process (not restarted since) within its --idempotency-window; to any other it is a new \
      call, so read the port first";
 
-/// A table's advice as this CLI says it: its `request_id` is `--idempotency-key` here, and the
-/// README's code spans are plain text.
+/// A table's advice as this CLI says it: its `request_id` is `--idempotency-key` here, its
+/// `CaseGetState` is `case-state`, and the README's code spans are plain text.
 fn in_cli_terms(advice: &str) -> String {
     advice
         .replace("`request_id`", "--idempotency-key")
+        .replace("`CaseGetState`", "case-state")
         .replace('`', "")
 }
 
@@ -690,7 +691,7 @@ mod tests {
             tonic::Status::with_error_details(Code::Unknown, "failed", details)
         };
         let gateway = |code, reason| status_of(code, gateway_error::DOMAIN, reason, "", false);
-        let read_the_port = "no; read the port with CaseGetState first";
+        let read_the_port = "no; read the port with case-state first";
         let cases = [
             (
                 tonic::Status::cancelled("Timeout expired"),
@@ -706,7 +707,7 @@ mod tests {
             ),
             (
                 gateway(Code::FailedPrecondition, "REQUEST_OUTCOME_UNKNOWN"),
-                "no; read the port with CaseGetState and decide",
+                "no; read the port with case-state and decide",
                 READ_ADVICE,
             ),
             (
