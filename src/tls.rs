@@ -213,13 +213,13 @@ impl UpstreamTls {
                 // This is what checks that the key belongs to the certificate.
                 builder
                     .with_client_auth_cert(chain, key_der)
-                    .map_err(|error| TlsError::Unusable {
-                        what: format!(
+                    .map_err(|error| {
+                        let what = format!(
                             "--upstream-client-cert {} with --upstream-client-key {}",
                             cert.display(),
                             key.display()
-                        ),
-                        reason: error.to_string(),
+                        );
+                        unusable(what, &error)
                     })?
             }
             None => builder.with_no_client_auth(),

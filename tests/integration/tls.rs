@@ -300,6 +300,19 @@ fn bad_tls_files_are_startup_errors_that_name_the_file() {
         )
     );
 
+    // The same as the client certificate, which is read by another path.
+    let error =
+        UpstreamTls::load(None, Some(&not_x509), Some(&pki.path("client.key"))).unwrap_err();
+    assert_eq!(
+        message(error),
+        format!(
+            "--upstream-client-cert {} with --upstream-client-key {}: a certificate's base64 \
+             text does not decode to an X.509 certificate",
+            not_x509.display(),
+            pki.path("client.key").display()
+        )
+    );
+
     let error = UpstreamTls::load(None, Some(&pki.path("client.pem")), None).unwrap_err();
     assert!(message(error).contains("give both or neither"));
 
