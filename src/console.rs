@@ -342,6 +342,7 @@ fn page_config(settings: &Settings, auth: bool, timeouts: Timeouts) -> serde_jso
                 "advice": row.retry.advice(),
                 "mayHaveActed": row.retry.controller_may_have_acted(),
                 "repeatSameKey": row.retry.repeat_same_key(),
+                "unsettled": row.retry.unsettled(),
             })
         })
         .collect();

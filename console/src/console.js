@@ -53,7 +53,7 @@ const CONFIG_SHAPE = record({
   internalFault: FAULT_ROW,
   documentedFaults: list(WHOLE_NUMBER, 2),
   gatewayDomain: STRING,
-  gatewayErrors: list(record({ reason: STRING, code: WHOLE_NUMBER, advice: STRING, mayHaveActed: BOOLEAN, repeatSameKey: BOOLEAN })),
+  gatewayErrors: list(record({ reason: STRING, code: WHOLE_NUMBER, advice: STRING, mayHaveActed: BOOLEAN, repeatSameKey: BOOLEAN, unsettled: BOOLEAN })),
   codeNames: list(STRING),
 });
 
@@ -485,9 +485,10 @@ function addToTimeline(event, name) {
 // Each submit is a new call with a fresh idempotency key; only "Repeat this call" sends one again
 // with the same key, so that the gateway answers a repeat of a call it already sent with the
 // first call's outcome instead of acting twice. It is offered only where that is the advice (the
-// gateway-error table's `repeatSameKey`, a failed read after an unknown outcome, the page's own
-// deadline, no answer at all), and refused once the gateway that got the first call has
-// restarted or its --idempotency-window has passed: the same key would then be a new call.
+// gateway-error table's `repeatSameKey`, a failed read after an unknown outcome whose row is not
+// `unsettled`, the page's own deadline, no answer at all), and refused once the gateway that got
+// the first call has restarted or its --idempotency-window has passed: the same key would then
+// be a new call.
 function setUpAction(name, plan) {
   const form = document.getElementById(`${name}-form`);
   const portInput = document.getElementById(`${name}-port`);
@@ -719,8 +720,10 @@ function describeError(error, config) {
   const gatewayRow = gatewayError(info, status.code, config);
   // A repeat whose read of the port failed (README, Idempotency): whatever the read's own row
   // says, the earlier call with this key may have acted, so a new call with a fresh key could act
-  // twice. As the CLI does, this outcome is unknown, and no retry is safe but the same key's.
-  const earlierUnknown = info?.metadata.requestOutcome === "unknown";
+  // twice. As the CLI does, this outcome is unknown, and no retry is safe but the same key's;
+  // unless the row says that repeat cannot settle it either (the gateway is stopping, say): its
+  // advice, to read the port, then stands.
+  const earlierUnknown = info?.metadata.requestOutcome === "unknown" && !gatewayRow?.unsettled;
   const advice = (earlierUnknown
     ? "not with a new call: the earlier call with this key may have acted; repeat it with the same key (the gateway reads the port first), or read the port's tile and decide"
     : fault?.advice ?? gatewayRow?.advice ??

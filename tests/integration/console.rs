@@ -205,6 +205,9 @@ async fn the_page_reads_its_ports_auth_deadline_and_the_fault_table_from_the_gat
     assert_eq!(row("REQUEST_IN_PROGRESS")["repeatSameKey"], true);
     assert_eq!(row("UPSTREAM_TIMEOUT")["repeatSameKey"], false);
     assert_eq!(row("SHUTDOWN_GRACE_RAN_OUT")["repeatSameKey"], false);
+    // Nor after a failed read of the port where the row says no repeat can settle it.
+    assert_eq!(row("SHUTDOWN_GRACE_RAN_OUT")["unsettled"], true);
+    assert_eq!(row("UPSTREAM_TIMEOUT")["unsettled"], false);
     assert_eq!(config["codeNames"][16], "UNAUTHENTICATED");
     assert_eq!(config["codeNames"][1], "CANCELLED");
     assert_eq!(config["codeNames"].as_array().unwrap().len(), 17);
