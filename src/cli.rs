@@ -53,7 +53,7 @@ EXIT STATUS:
 A closed stdout (a reader such as `head -n 1` that has gone) is not an error: the output ends
 there and the exit code is the one above; `watch` stops and exits 0. A stdout that cannot be
 written otherwise (a full disk) is an error on stderr; case-extract and case-cancel still exit
-with the code of what the controller did (0: accepted), any other command exits 1.";
+with the code above (0: accepted; with --wait, 3 as ever), any other command exits 1.";
 
 /// taskgate: a gRPC gateway to the AutoStore task interface.
 ///
@@ -364,8 +364,9 @@ fn gateway_endpoint(gateway: &str, timeout: Duration) -> anyhow::Result<Endpoint
         };
         if let Some(refused) = refused {
             anyhow::bail!(
-                "invalid --gateway '{}': {refused}; give the gateway's port (50051 by default)",
-                redact_url(gateway)
+                "invalid --gateway '{}': {refused}; give the gateway's port ({} by default)",
+                redact_url(gateway),
+                taskgate::config::defaults::LISTEN.port()
             );
         }
     }

@@ -101,7 +101,9 @@ pub const REQUEST_OUTCOME_UNKNOWN: GatewayError = GatewayError {
            unknown outcome again), as when the first call reached the controller after the port \
            was read; the message names the state and bin, and how long ago or how a resend \
            ended, metadata `requestId`, `caseState`",
-    retry: GatewayRetry::Unsettled("no; read the port with `CaseGetState` and decide"),
+    retry: GatewayRetry::Unsettled(
+        "no, not even with the same `request_id`: read the port with `CaseGetState` and decide",
+    ),
 };
 /// A new `request_id` while every remembered one is in flight or has an unknown outcome.
 pub const IDEMPOTENCY_TABLE_FULL: GatewayError = GatewayError {
@@ -156,7 +158,10 @@ pub const UPSTREAM_HTTP_OTHER: GatewayError = GatewayError {
     code: Code::Internal,
     when: "any other non-2xx status without a fault in the body (`101`, `404`, 429 with a \
            success reply, …); metadata `httpStatus`",
-    retry: GatewayRetry::Unsettled("no; check the controller URL"),
+    retry: GatewayRetry::Unsettled(
+        "no, not even with the same `request_id`: check the controller URL, then read the port \
+         with `CaseGetState`",
+    ),
 };
 /// No complete reply within the time limit.
 pub const UPSTREAM_TIMEOUT: GatewayError = GatewayError {
@@ -174,7 +179,9 @@ pub const SHUTDOWN_GRACE_RAN_OUT: GatewayError = GatewayError {
            `--shutdown-grace` ran out (less its last second, kept for answering): the gateway \
            stopped waiting, answered this and exited; the POST may have been sent; metadata \
            `grace`",
-    retry: GatewayRetry::Unsettled(READ_THE_PORT_FIRST),
+    retry: GatewayRetry::Unsettled(
+        "no, not even with the same `request_id`: read the port with `CaseGetState` first",
+    ),
 };
 /// A task call without a valid bearer token.
 pub const UNAUTHENTICATED: GatewayError = GatewayError {
@@ -324,7 +331,10 @@ mod tests {
     #[test]
     fn a_same_key_repeat_is_offered_where_the_advice_says_so() {
         for row in GATEWAY_ERRORS {
-            let advised = row.retry.advice().contains("with the same `request_id`");
+            let advised = row
+                .retry
+                .advice()
+                .contains("yes, with the same `request_id`");
             assert_eq!(row.retry.repeat_same_key(), advised, "{row:?}");
             assert!(
                 !row.retry.repeat_same_key() || row.retry.controller_may_have_acted(),
@@ -332,6 +342,28 @@ mod tests {
             );
         }
         assert!(GATEWAY_ERRORS.iter().any(|row| row.retry.repeat_same_key()));
+    }
+
+    /// A row says in its advice, as the README shows it, that a repeat with the same
+    /// `request_id` cannot settle it exactly where it is `Unsettled`; and wherever the controller
+    /// may have acted and that repeat is not the advice, the advice is to read the port first.
+    #[test]
+    fn the_advice_says_where_a_repeat_with_the_key_cannot_settle_it() {
+        for row in GATEWAY_ERRORS {
+            let advice = row.retry.advice();
+            assert_eq!(
+                row.retry.unsettled(),
+                advice.contains("not even with the same `request_id`"),
+                "{row:?}"
+            );
+            if row.retry.controller_may_have_acted() && !row.retry.repeat_same_key() {
+                assert!(
+                    advice.contains("read the port with `CaseGetState`"),
+                    "{row:?}"
+                );
+            }
+        }
+        assert!(GATEWAY_ERRORS.iter().any(|row| row.retry.unsettled()));
     }
 
     /// The retry contract: a standard retry policy retries UNAVAILABLE and nothing else, so

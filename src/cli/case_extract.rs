@@ -3,9 +3,9 @@
 
 use taskgate::proto::CaseExtractRequest;
 
-use super::output::{self, Printed};
-use super::task_call::{Client, PortAndBinArgs};
-use super::{Exit, Outcome};
+use super::Outcome;
+use super::output;
+use super::task_call::{Asked, Client, PortAndBinArgs};
 
 pub(super) async fn case_extract(args: PortAndBinArgs) -> Outcome {
     let (exit, printed) = ask(&args, "the controller accepted the case extraction").await?;
@@ -13,10 +13,7 @@ pub(super) async fn case_extract(args: PortAndBinArgs) -> Outcome {
 }
 
 /// Asks for the extraction and prints the outcome; a success prints `accepted`.
-pub(super) async fn ask(
-    args: &PortAndBinArgs,
-    accepted: &str,
-) -> Result<(Exit, Printed), (Exit, anyhow::Error)> {
+pub(super) async fn ask(args: &PortAndBinArgs, accepted: &str) -> Asked {
     let message_of = |port_id, bin_id, request_id| CaseExtractRequest {
         port_id,
         bin_id,

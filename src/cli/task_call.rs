@@ -21,7 +21,7 @@ use taskgate::proto::{
 };
 use taskgate::{fault, gateway_error};
 
-use super::output::{self, Printed};
+use super::output::{self, Printed, Unwritten};
 use super::{Exit, Outcome, bearer_token, connect, duration, gateway_endpoint, usage};
 
 /// How to reach the gateway, and what every call sends besides its message.
@@ -65,9 +65,9 @@ pub(super) struct PortAndBinArgs {
     bin: u32,
 
     /// The message's request_id, the idempotency key (a UUID; not the x-request-id): give the
-    /// one a failed call printed to repeat that call, which the same gateway process then never
-    /// sends to the controller twice within its --idempotency-window. Default: a fresh UUID for
-    /// each invocation.
+    /// one a failed call printed with "repeat with" to repeat that call, which the same gateway
+    /// process then never sends to the controller twice within its --idempotency-window.
+    /// Default: a fresh UUID for each invocation.
     #[arg(long, env = "TASKGATE_IDEMPOTENCY_KEY", value_parser = idempotency_key)]
     idempotency_key: Option<String>,
 
@@ -153,7 +153,7 @@ impl PortAndBinArgs {
         message_of: impl FnOnce(u32, u32, String) -> Message,
         rpc: impl FnOnce(Client, tonic::Request<Message>) -> Answer,
         accepted: &str,
-    ) -> Result<(Exit, Printed), (Exit, anyhow::Error)>
+    ) -> Asked
     where
         Answer: Future<Output = Result<tonic::Response<Reply>, tonic::Status>>,
     {
@@ -183,13 +183,20 @@ impl PortAndBinArgs {
                 Ok((Exit::Success, printed))
             }
             Err(status) => {
+                let key_line = key_line(&status, &key, self.idempotency_key.is_some());
                 let printed = print_failure(&what, &status, CallKind::Command)
                     .and_then(|()| print_replayed(status.metadata()))
-                    .and_then(|()| {
-                        let given = self.idempotency_key.is_some();
-                        key_line(&status, &key, given).map_or(Ok(()), output::line)
-                    });
-                Ok((Exit::CallFailed, printed))
+                    .and_then(|()| key_line.as_ref().map_or(Ok(()), output::line));
+                match (printed, key_line) {
+                    // The key is what repeats the call safely: it must not be lost with stdout.
+                    (Err(Unwritten::Failed(error)), Some(line)) => Err((
+                        Exit::CallFailed,
+                        anyhow::anyhow!(
+                            "cannot write to stdout: {error}; not printed there:\n{line}"
+                        ),
+                    )),
+                    (printed, _) => Ok((Exit::CallFailed, printed)),
+                }
             }
         }
     }
@@ -224,7 +231,7 @@ struct Row {
     /// Whether a repeat with the same key cannot settle what the call did.
     unsettled: bool,
     /// Whether the gateway keeps the answer for the key, so that a repeat gets it again.
-    kept: bool,
+    kept_for_repeats: bool,
     /// The advice, as the README's tables give it.
     advice: &'static str,
 }
@@ -243,7 +250,7 @@ fn row_of(status: &tonic::Status) -> Option<Row> {
                 may_have_acted: row.retry.controller_may_have_acted(),
                 after_delay: row.retry.has_retry_info(),
                 unsettled: row.retry.unsettled(),
-                kept: false,
+                kept_for_repeats: false,
                 advice: row.retry.advice(),
             })
         }
@@ -254,7 +261,7 @@ fn row_of(status: &tonic::Status) -> Option<Row> {
                 may_have_acted: retry.controller_may_have_acted(),
                 after_delay: retry.has_retry_info(),
                 unsettled: false,
-                kept: retry.kept_for_repeats(),
+                kept_for_repeats: retry.kept_for_repeats(),
                 advice: retry.advice(),
             })
         }
@@ -316,6 +323,11 @@ pub(super) async fn open<Message>(
         .map_err(|error| (Exit::CallFailed, error))?;
     Ok((TaskServiceClient::new(channel), request))
 }
+
+/// How a command sent to the controller ended: its exit code and whether its outcome was
+/// printed, for the caller to end with or to go on printing after; or an error before it was
+/// answered.
+pub(super) type Asked = Result<(Exit, Printed), (Exit, anyhow::Error)>;
 
 /// What a failed call may have done, which decides the retry advice printed for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -419,17 +431,23 @@ fn retry_advice(status: &tonic::Status, kind: CallKind) -> String {
 
 /// The line that prints a failed command's idempotency key `key` (`given` with
 /// `--idempotency-key`), if it is printed: "repeat with" exactly where the retry line offers
-/// that repeat; for a refusal the gateway keeps as the key's answer, that a repeat gets it
-/// again.
+/// that repeat; where its row says such a repeat cannot settle the outcome, that it cannot; for
+/// a refusal the gateway keeps as the key's answer, that a repeat gets it again.
 fn key_line(status: &tonic::Status, key: &str, given: bool) -> Option<String> {
+    let row = row_of(status);
     if offers_key_repeat(status) {
         Some(format!(
             "  idempotency key: {key} (repeat with --idempotency-key {key})"
         ))
-    } else if given && row_of(status).is_some_and(|row| row.kept) {
+    } else if row.as_ref().is_some_and(|row| row.unsettled) {
         Some(format!(
-            "  idempotency key: {key} (a repeat with it gets this answer again; a new attempt \
-             needs a new key)"
+            "  idempotency key: {key} (a repeat with it cannot settle this: read the port first)"
+        ))
+    } else if given && row.is_some_and(|row| row.kept_for_repeats) {
+        Some(format!(
+            "  idempotency key: {key} (the same gateway process answers a repeat with it the \
+             same way within its --idempotency-window; for a new attempt leave \
+             --idempotency-key out)"
         ))
     } else if outcome_unknown(status) || given {
         Some(format!("  idempotency key: {key}"))
@@ -574,8 +592,12 @@ mod tests {
         };
         let repeat = format!("  idempotency key: {KEY} (repeat with --idempotency-key {KEY})");
         let kept = format!(
-            "  idempotency key: {KEY} (a repeat with it gets this answer again; a new attempt \
-             needs a new key)"
+            "  idempotency key: {KEY} (the same gateway process answers a repeat with it the \
+             same way within its --idempotency-window; for a new attempt leave --idempotency-key \
+             out)"
+        );
+        let unsettled = format!(
+            "  idempotency key: {KEY} (a repeat with it cannot settle this: read the port first)"
         );
         let bare = format!("  idempotency key: {KEY}");
         let cases = [
@@ -593,12 +615,12 @@ mod tests {
             (
                 gateway(&gateway_error::SHUTDOWN_GRACE_RAN_OUT),
                 false,
-                Some(bare.clone()),
+                Some(unsettled.clone()),
             ),
             (
                 gateway(&gateway_error::UPSTREAM_HTTP_OTHER),
-                false,
-                Some(bare.clone()),
+                true,
+                Some(unsettled),
             ),
             (gateway(&gateway_error::OVERLOADED), true, Some(bare)),
             (gateway(&gateway_error::OVERLOADED), false, None),
@@ -691,7 +713,8 @@ mod tests {
             tonic::Status::with_error_details(Code::Unknown, "failed", details)
         };
         let gateway = |code, reason| status_of(code, gateway_error::DOMAIN, reason, "", false);
-        let read_the_port = "no; read the port with case-state first";
+        let read_the_port =
+            "no, not even with the same --idempotency-key: read the port with case-state first";
         let cases = [
             (
                 tonic::Status::cancelled("Timeout expired"),
@@ -707,7 +730,8 @@ mod tests {
             ),
             (
                 gateway(Code::FailedPrecondition, "REQUEST_OUTCOME_UNKNOWN"),
-                "no; read the port with case-state and decide",
+                "no, not even with the same --idempotency-key: read the port with case-state and \
+                 decide",
                 READ_ADVICE,
             ),
             (
@@ -718,7 +742,8 @@ mod tests {
             // A wrong controller URL: a repeat with the key would read the port through it.
             (
                 gateway(Code::Internal, "UPSTREAM_HTTP_ERROR"),
-                "no; check the controller URL",
+                "no, not even with the same --idempotency-key: check the controller URL, then \
+                 read the port with case-state",
                 READ_ADVICE,
             ),
             (

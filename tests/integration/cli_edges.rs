@@ -619,7 +619,7 @@ async fn a_full_stdout_is_an_error_that_keeps_what_the_command_did() {
             .concat()
         )
         .await,
-        (Some(3), full)
+        (Some(3), full.clone())
     );
     // Each extraction was accepted: the port shows it.
     for port in ["4", "5"] {
@@ -633,9 +633,58 @@ async fn a_full_stdout_is_an_error_that_keeps_what_the_command_did() {
             "{stdout}"
         );
     }
+    // A cancel the controller accepted is 0 the same way.
+    assert_eq!(
+        to_full_stdout(&["case-cancel", "--port", "4", "--bin", "101337"]).await,
+        (Some(0), full)
+    );
     serve.signal("TERM").await;
     let (code, log) = within(PROMPTLY * 12, "serve did not stop", serve.finish()).await;
     assert_eq!(code, Some(0), "{log}");
+}
+
+/// A command whose outcome is unknown, with a stdout that cannot be written: its idempotency
+/// key, the one way to repeat it safely, is on stderr with the error rather than lost.
+#[tokio::test]
+async fn a_full_stdout_does_not_lose_the_key_of_an_unknown_outcome() {
+    let upstream = crate::support::FakeUpstream::start(crate::support::Script::Drop).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let address = format!("http://{}", gateway.address);
+    let key = "3f6c2a1e-8b4d-4c5e-9f0a-1b2c3d4e5f6a";
+    let output = Command::new(BIN)
+        .args([
+            "case-extract",
+            "--gateway",
+            &address,
+            "--port",
+            "4",
+            "--bin",
+            "101337",
+        ])
+        .args(["--idempotency-key", key])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+        .wait_with_output();
+    let output = within(PROCESS_WAIT, "taskgate did not exit", output)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            output.status.code(),
+            String::from_utf8(output.stderr).unwrap()
+        ),
+        (
+            Some(1),
+            format!(
+                "error: cannot write to stdout: No space left on device (os error 28); not \
+                 printed there:\n  idempotency key: {key} (repeat with --idempotency-key {key})\n"
+            )
+        )
+    );
 }
 
 /// The CLI's `--timeout` is the call's deadline at the gateway too: against a controller that

@@ -596,8 +596,9 @@ async fn the_cli_prints_a_given_key_on_every_failure() {
     // Not "repeat with" it: the gateway answers a repeat of a definite refusal with the same
     // refusal, so a call once the port has changed needs a fresh key; the line says so.
     let expected = format!(
-        "\n  idempotency key: {REQUEST_ID} (a repeat with it gets this answer again; a new \
-         attempt needs a new key)\n"
+        "\n  idempotency key: {REQUEST_ID} (the same gateway process answers a repeat with it \
+         the same way within its --idempotency-window; for a new attempt leave \
+         --idempotency-key out)\n"
     );
     assert!(stdout.contains(&expected), "{stdout}");
     let (again, _) = crate::cli::run(&args, 1).await;
