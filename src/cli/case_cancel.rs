@@ -4,8 +4,7 @@
 use taskgate::proto::CaseCancelRequest;
 
 use super::Outcome;
-use super::output;
-use super::task_call::{Client, PortAndBinArgs};
+use super::task_call::{Client, PortAndBinArgs, end_command};
 
 pub(super) async fn case_cancel(args: PortAndBinArgs) -> Outcome {
     let message_of = |port_id, bin_id, request_id| CaseCancelRequest {
@@ -14,13 +13,13 @@ pub(super) async fn case_cancel(args: PortAndBinArgs) -> Outcome {
         request_id,
     };
     let rpc = |mut client: Client, request| async move { client.case_cancel(request).await };
-    let (exit, printed) = args
-        .call(
+    end_command(
+        args.call(
             "case_cancel",
             message_of,
             rpc,
             "the controller accepted the cancel",
         )
-        .await?;
-    output::exit_after_command(printed, exit)
+        .await?,
+    )
 }

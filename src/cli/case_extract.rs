@@ -4,12 +4,10 @@
 use taskgate::proto::CaseExtractRequest;
 
 use super::Outcome;
-use super::output;
-use super::task_call::{Asked, Client, PortAndBinArgs};
+use super::task_call::{Asked, Client, PortAndBinArgs, end_command};
 
 pub(super) async fn case_extract(args: PortAndBinArgs) -> Outcome {
-    let (exit, printed) = ask(&args, "the controller accepted the case extraction").await?;
-    output::exit_after_command(printed, exit)
+    end_command(ask(&args, "the controller accepted the case extraction").await?)
 }
 
 /// Asks for the extraction and prints the outcome; a success prints `accepted`.

@@ -175,30 +175,37 @@ impl PortAndBinArgs {
         // The gateway then answers within it (UPSTREAM_TIMEOUT, which may have acted, so the key
         // is printed) before this side gives up with a bare CANCELLED.
         request.set_timeout(self.gateway.timeout);
-        match rpc(client, request).await {
+        let (exit, lines) = match rpc(client, request).await {
             Ok(response) => {
-                let printed = output::line(format_args!("ok: {what}: {accepted}"))
-                    .and_then(|()| print_replayed(response.metadata()))
-                    .and_then(|()| print_request_id(response.metadata()));
-                Ok((Exit::Success, printed))
+                let metadata = response.metadata();
+                let lines = [
+                    Some(format!("ok: {what}: {accepted}")),
+                    replayed_line(metadata),
+                    request_id_line(metadata),
+                ];
+                (
+                    Exit::Success,
+                    lines.into_iter().flatten().collect::<Vec<_>>(),
+                )
             }
             Err(status) => {
-                let key_line = key_line(&status, &key, self.idempotency_key.is_some());
-                let printed = print_failure(&what, &status, CallKind::Command)
-                    .and_then(|()| print_replayed(status.metadata()))
-                    .and_then(|()| key_line.as_ref().map_or(Ok(()), output::line));
-                match (printed, key_line) {
-                    // The key is what repeats the call safely: it must not be lost with stdout.
-                    (Err(Unwritten::Failed(error)), Some(line)) => Err((
-                        Exit::CallFailed,
-                        anyhow::anyhow!(
-                            "cannot write to stdout: {error}; not printed there:\n{line}"
-                        ),
-                    )),
-                    (printed, _) => Ok((Exit::CallFailed, printed)),
-                }
+                let metadata = status.metadata();
+                let given = self.idempotency_key.is_some();
+                let lines = [
+                    Some(describe_status(&what, &status, CallKind::Command)),
+                    replayed_line(metadata),
+                    request_id_line(metadata),
+                    key_line(&status, &key, given),
+                ];
+                (Exit::CallFailed, lines.into_iter().flatten().collect())
             }
-        }
+        };
+        let text = lines
+            .iter()
+            .map(|line| format!("{line}\n"))
+            .collect::<String>();
+        let printed = output::text(&text);
+        Ok((exit, Told { text, printed }))
     }
 }
 
@@ -288,7 +295,7 @@ where
         Ok(response) => {
             let (metadata, reply, _) = response.into_parts();
             let printed = output::line(format_args!("ok: {what}: {}", summary(reply)))
-                .and_then(|()| print_request_id(&metadata));
+                .and_then(|()| request_id_line(&metadata).map_or(Ok(()), output::line));
             output::exit_after(printed, Exit::Success)
         }
         Err(status) => output::exit_after(
@@ -324,10 +331,35 @@ pub(super) async fn open<Message>(
     Ok((TaskServiceClient::new(channel), request))
 }
 
-/// How a command sent to the controller ended: its exit code and whether its outcome was
-/// printed, for the caller to end with or to go on printing after; or an error before it was
-/// answered.
-pub(super) type Asked = Result<(Exit, Printed), (Exit, anyhow::Error)>;
+/// How a command sent to the controller ended: its exit code and its outcome as printed, for
+/// the caller to end with ([`end_command`]) or to go on printing after; or an error before it
+/// was answered.
+pub(super) type Asked = Result<(Exit, Told), (Exit, anyhow::Error)>;
+
+/// A command's outcome as printed: its lines, and whether stdout took them.
+#[derive(Debug)]
+pub(super) struct Told {
+    /// The lines, each with its newline.
+    text: String,
+    /// Whether they were written.
+    pub(super) printed: Printed,
+}
+
+/// Ends a command with `exit` once its outcome is printed. Lines stdout could not take go to
+/// stderr with the error, with the same exit code: they say what the controller did, and the
+/// key that repeats the call safely.
+pub(super) fn end_command((exit, told): (Exit, Told)) -> Outcome {
+    match told.printed {
+        Err(Unwritten::Failed(error)) => Err((
+            exit,
+            anyhow::anyhow!(
+                "cannot write to stdout: {error}; not printed there:\n{}",
+                told.text.trim_end()
+            ),
+        )),
+        printed => output::exit_after_command(printed, exit),
+    }
+}
 
 /// What a failed call may have done, which decides the retry advice printed for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -341,33 +373,30 @@ pub(super) enum CallKind {
 /// Prints a failed call for operators: the status described, then the request ID.
 pub(super) fn print_failure(what: &str, status: &tonic::Status, kind: CallKind) -> Printed {
     output::line(describe_status(what, status, kind))?;
-    print_request_id(status.metadata())
+    request_id_line(status.metadata()).map_or(Ok(()), output::line)
 }
 
-/// Prints how the gateway answered a repeated idempotency key without calling the controller's
-/// method again, when it did.
-fn print_replayed(metadata: &tonic::metadata::MetadataMap) -> Printed {
+/// The line that says how the gateway answered a repeated idempotency key without calling the
+/// controller's method again, when it did.
+fn replayed_line(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
     let how = match metadata
         .get(REPLAYED_HEADER)
-        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.to_str().ok())?
     {
-        Some("stored") => "the first call's answer; the controller was not called again",
-        Some("resolved") => "the port showed the first call accepted; it was not sent again",
-        Some(_) | None => return Ok(()),
+        "stored" => "the first call's answer; the controller was not called again",
+        "resolved" => "the port showed the first call accepted; it was not sent again",
+        _ => return None,
     };
-    output::line(format_args!("  replayed: {how}"))
+    Some(format!("  replayed: {how}"))
 }
 
-/// Prints the request ID the gateway returned; a reply without one (a stream the connection cut,
-/// an error made on this side) has no line.
-fn print_request_id(metadata: &tonic::metadata::MetadataMap) -> Printed {
-    match metadata
+/// The line of the request ID the gateway returned; a reply without one (a stream the
+/// connection cut, an error made on this side) has none.
+fn request_id_line(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    let request_id = metadata
         .get(REQUEST_ID_HEADER)
-        .and_then(|value| value.to_str().ok())
-    {
-        Some(request_id) => output::line(format_args!("  request id: {request_id}")),
-        None => Ok(()),
-    }
+        .and_then(|value| value.to_str().ok())?;
+    Some(format!("  request id: {request_id}"))
 }
 
 /// Renders an error status for operators: gRPC code, fault, meaning, retry advice, message.

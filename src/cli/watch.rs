@@ -139,10 +139,11 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
         return Ok(Exit::CallFailed);
     };
     let accepted = "the controller accepted the case extraction; following it";
-    let (exit, asked) = super::case_extract::ask(&call, accepted).await?;
+    let (exit, told) = super::case_extract::ask(&call, accepted).await?;
     if exit != Exit::Success {
-        return output::exit_after_command(asked, exit);
+        return task_call::end_command((exit, told));
     }
+    let asked = told.printed;
     // The watch opened before the ask, so a fresh extraction is seen from its first state,
     // EREQ; an earlier operation on the bin may still signal in between (its ERSO or ECMP, late
     // from the Log Publisher, or its cancel), which says nothing of this one. A repeated key's

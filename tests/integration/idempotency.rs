@@ -604,9 +604,10 @@ async fn the_cli_prints_a_given_key_on_every_failure() {
     let (again, _) = crate::cli::run(&args, 1).await;
     assert!(
         again.contains(
-            "\n  replayed: the first call's answer; the controller was not called again\n"
+            "\n  replayed: the first call's answer; the controller was not called again\n  \
+             request id: "
         ) && again.contains(&expected),
-        "{again}"
+        "the replayed line, before the request id as after a success: {again}"
     );
 }
 
