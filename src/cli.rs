@@ -387,12 +387,50 @@ fn gateway_endpoint(gateway: &str, timeout: Duration) -> anyhow::Result<Endpoint
 
 /// Opens one HTTP/2 connection to the gateway.
 async fn connect(endpoint: &Endpoint, gateway: &str) -> anyhow::Result<Channel> {
-    endpoint.connect().await.with_context(|| {
-        format!(
+    endpoint.connect().await.map_err(|error| {
+        let hint = connect_hint(&error);
+        let error = anyhow::Error::new(error).context(format!(
             "cannot connect to the gateway at {}",
             named(gateway, endpoint)
-        )
+        ));
+        match hint {
+            Some(hint) => anyhow::anyhow!("{}; {hint}", error_chain(&error)),
+            None => error,
+        }
     })
+}
+
+/// What to do about a failed connect, where its cause tells: nothing listens at the address,
+/// or the gateway there answered a TLS handshake in plaintext.
+fn connect_hint(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let plaintext = |error: &(dyn std::error::Error + 'static)| {
+        matches!(
+            error.downcast_ref::<rustls::Error>(),
+            Some(rustls::Error::InvalidMessage(
+                rustls::InvalidMessage::InvalidContentType
+            ))
+        )
+    };
+    const PLAINTEXT: &str =
+        "it did not answer TLS: a gateway without --tls-cert serves plaintext, at http://";
+    const REFUSED: &str =
+        "is a gateway running there? --gateway (TASKGATE_GATEWAY) gives its address";
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if plaintext(error) {
+            return Some(PLAINTEXT);
+        }
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return Some(REFUSED);
+            }
+            if io.get_ref().is_some_and(|inner| plaintext(inner)) {
+                return Some(PLAINTEXT);
+            }
+        }
+        cause = error.source();
+    }
+    None
 }
 
 /// `gateway` as a connect error names it, with the port it went to when the URL gives none: a

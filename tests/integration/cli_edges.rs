@@ -384,8 +384,27 @@ async fn a_refused_connection_names_its_cause_once() {
         stderr,
         format!(
             "error: cannot connect to the gateway at {nowhere}: transport error: tcp connect \
-             error: Connection refused (os error 111)\n"
+             error: Connection refused (os error 111); is a gateway running there? --gateway \
+             (TASKGATE_GATEWAY) gives its address\n"
         )
+    );
+}
+
+/// `https://` to a gateway that serves plaintext: TLS's own words ("corrupt message of type
+/// InvalidContentType") do not say that the scheme is wrong, so the error does.
+#[tokio::test]
+async fn https_to_a_plaintext_gateway_says_to_use_http() {
+    let gateway = Gateway::builder().start().await;
+    let url = format!("https://{}", gateway.address);
+    let (stdout, stderr) = run(&["case-state", "--gateway", &url, "--port", "4"], 1).await;
+    assert_eq!(stdout, "");
+    assert!(
+        stderr.starts_with(&format!("error: cannot connect to the gateway at {url}: "))
+            && stderr.ends_with(
+                "; it did not answer TLS: a gateway without --tls-cert serves plaintext, at \
+                 http://\n"
+            ),
+        "{stderr}"
     );
 }
 
