@@ -78,7 +78,14 @@ pub(super) struct PortAndBinArgs {
 /// Checks `--port` against the task interface's port ids, as the gateway would, so that a port
 /// it would refuse is a usage error found before connecting.
 pub(super) fn port_id(text: &str) -> Result<u32, String> {
-    id_in(text, &PORT_ID_RANGE)
+    id_in(text, &PORT_ID_RANGE).map_err(|error| match text.parse::<u32>() {
+        // Most likely the gateway's own port, such as 50051.
+        Ok(port) if port > *PORT_ID_RANGE.end() => format!(
+            "{error}; --port is an AutoStore port's id, and the gateway's address goes in \
+             --gateway"
+        ),
+        _ => error,
+    })
 }
 
 /// Checks `--bin` against the task interface's bin ids, as the gateway would.

@@ -89,7 +89,15 @@ async fn a_port_or_bin_out_of_range_is_a_usage_error_before_connecting() {
     let address = format!("http://{}", unused_address().await);
     for (port, bin, flag, value, range) in [
         ("0", "1", "--port <PORT>", "0", "1 to 2000"),
-        ("2001", "1", "--port <PORT>", "2001", "1 to 2000"),
+        ("x", "1", "--port <PORT>", "x", "1 to 2000"),
+        (
+            "50051",
+            "1",
+            "--port <PORT>",
+            "50051",
+            "1 to 2000; --port is an AutoStore port's id, and the gateway's address goes in \
+             --gateway",
+        ),
         ("4", "0", "--bin <BIN>", "0", "1 to 4000000"),
         ("4", "4000001", "--bin <BIN>", "4000001", "1 to 4000000"),
         ("4", "x", "--bin <BIN>", "x", "1 to 4000000"),
