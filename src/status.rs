@@ -150,8 +150,12 @@ pub(crate) fn status(context: &CallContext, error: &CallError, retry: RetryPolic
             context,
             &gateway_error::DEADLINE_TOO_SHORT,
             format!(
-                "the caller's deadline of {} leaves no time to call the controller",
-                humantime::format_duration(*deadline)
+                "the caller's deadline of {} leaves less than {} to call the controller, after \
+                 the gateway's margin; nothing was sent",
+                // The deadline as it arrived, to the microsecond: the nanoseconds that remain
+                // of it say nothing to a reader.
+                humantime::format_duration(Duration::from_micros(deadline.as_micros() as u64)),
+                humantime::format_duration(crate::config::limits::MIN_UPSTREAM_TIME)
             ),
             Extra::None,
             retry,
