@@ -371,6 +371,14 @@ fn gateway_endpoint(gateway: &str, timeout: Duration) -> anyhow::Result<Endpoint
             );
         }
     }
+    // Every call goes to its method's path at the gateway's root: a path here would be dropped.
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        anyhow::bail!(
+            "invalid --gateway '{}': a gateway's address has no path or query; give \
+             http://HOST:PORT or https://HOST:PORT",
+            redact_url(gateway)
+        );
+    }
     let timeout = CALL_TIMEOUT.check(timeout)?;
     let https = uri.scheme_str() == Some("https");
     let mut endpoint = Endpoint::from(uri);
@@ -413,8 +421,7 @@ fn connect_hint(error: &(dyn std::error::Error + 'static)) -> Option<&'static st
     };
     const PLAINTEXT: &str =
         "it did not answer TLS: a gateway without --tls-cert serves plaintext, at http://";
-    const REFUSED: &str =
-        "is a gateway running there? --gateway (TASKGATE_GATEWAY) gives its address";
+    const REFUSED: &str = "is a gateway running there? --gateway gives its address";
     let mut cause = Some(error);
     while let Some(error) = cause {
         if plaintext(error) {

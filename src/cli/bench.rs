@@ -109,7 +109,7 @@ const WARMUP: Bounds<Duration> = Bounds {
 #[derive(Debug, Args)]
 #[command(after_help = BENCH_HELP)]
 pub(super) struct BenchArgs {
-    /// The gateway's address.
+    /// The gateway's address: http://HOST:PORT, or https://HOST:PORT for one serving TLS.
     #[arg(
         long,
         env = "TASKGATE_BENCH_GATEWAY",

@@ -19,7 +19,8 @@ use super::{Exit, Outcome, connect, duration, gateway_endpoint, output, usage};
 
 #[derive(Debug, Args)]
 pub(super) struct HealthArgs {
-    /// The gateway's address. Health needs no token.
+    /// The gateway's address: http://HOST:PORT, or https://HOST:PORT for one serving TLS.
+    /// Health needs no token.
     #[arg(
         long,
         env = "TASKGATE_GATEWAY",

@@ -27,7 +27,7 @@ use super::{Exit, Outcome, bearer_token, connect, duration, gateway_endpoint, us
 /// How to reach the gateway, and what every call sends besides its message.
 #[derive(Debug, Args)]
 pub(super) struct GatewayArgs {
-    /// The gateway's address.
+    /// The gateway's address: http://HOST:PORT, or https://HOST:PORT for one serving TLS.
     #[arg(
         long,
         env = "TASKGATE_GATEWAY",

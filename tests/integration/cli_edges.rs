@@ -363,6 +363,12 @@ async fn client_arguments_are_checked_before_connecting() {
             "error: invalid --gateway 'http://[::1]:': its port is empty; give the gateway's \
              port (50051 by default)\n",
         ),
+        // The path was dropped: calls went to the root of the host.
+        (
+            &["watch", "--gateway", "http://127.0.0.1:50051/taskgate"],
+            "error: invalid --gateway 'http://127.0.0.1:50051/taskgate': a gateway's address has \
+             no path or query; give http://HOST:PORT or https://HOST:PORT\n",
+        ),
     ];
     for (args, expected) in cases {
         let (stdout, stderr) = run(args, 2).await;
@@ -385,7 +391,7 @@ async fn a_refused_connection_names_its_cause_once() {
         format!(
             "error: cannot connect to the gateway at {nowhere}: transport error: tcp connect \
              error: Connection refused (os error 111); is a gateway running there? --gateway \
-             (TASKGATE_GATEWAY) gives its address\n"
+             gives its address\n"
         )
     );
 }
