@@ -297,10 +297,10 @@ class TaskGate:
         ``timeout`` (seconds) bounds the whole call, retries included; ``request_id`` is the
         ``x-request-id`` (a correlation ID for the logs); ``idempotency_key`` the message's
         ``request_id`` (a fresh UUID v4 when None): give the one a ``TaskGateError`` carries to
-        repeat a call whose error says ``repeat_settles``. Such a repeat may meet its own first call's
-        operation, so it is retried only on an answer marked ``requestOutcome: unknown``; a
-        key is for repeats, not for new calls. Raises ``TaskGateError`` with the typed fault
-        when the call fails.
+        repeat a call whose error says ``repeat_settles``. Such a repeat may meet its own first
+        call's operation, so it is retried only on an answer marked ``requestOutcome:
+        unknown``; a key is for repeats, not for new calls. Raises ``TaskGateError`` with the
+        typed fault when the call fails.
         """
         request = task_pb2.CaseExtractRequest(
             port_id=port_id, bin_id=bin_id, request_id=idempotency_key or str(uuid.uuid4()))
