@@ -110,8 +110,9 @@ const MAY_HAVE_ACTED_CODES = new Set([
 const NOTHING_SENT_REASONS = new Set(["DEADLINE_TOO_SHORT"]);
 const OUTCOME_UNKNOWN_REASONS = new Set(["REQUEST_OUTCOME_UNKNOWN"]);
 // The README's gateway errors (its "Gateway errors" table) after which the controller may have
-// acted but a repeat with the same key cannot settle what it did, by reason and code: the
-// gateway's "unsettled" rows. UPSTREAM_HTTP_ERROR is one only as INTERNAL, not as UNKNOWN.
+// acted but a repeat with the same key cannot settle what it did, by reason and code: the rows
+// whose advice says "not even with the same request_id". UPSTREAM_HTTP_ERROR is one only as
+// INTERNAL, not as UNKNOWN.
 const UNSETTLED_ROWS = new Map([
   ["SHUTDOWN_GRACE_RAN_OUT", grpc.status.UNKNOWN],
   ["REQUEST_OUTCOME_UNKNOWN", grpc.status.FAILED_PRECONDITION],
