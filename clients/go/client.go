@@ -9,9 +9,10 @@
 //	}
 //	defer gateway.Close()
 //	result, err := gateway.CaseExtract(ctx, 4, 101337)
-//	if failure := taskgateclient.ErrorOf(err); failure != nil && failure.MayHaveActed() {
+//	if failure := taskgateclient.ErrorOf(err); failure != nil && failure.RepeatSettles() {
 //		// The outcome is unknown: repeat with the same key, which is not extracted twice,
-//		// with a context of its own (the first call may have used up ctx).
+//		// with a context of its own (the first call may have used up ctx). When only
+//		// MayHaveActed, a repeat cannot settle it: read the port with CaseGetState first.
 //		repeat, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 //		defer cancel()
 //		result, err = gateway.CaseExtract(repeat, 4, 101337,

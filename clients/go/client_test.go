@@ -265,6 +265,38 @@ func TestEachErrorSaysWhetherToRetryAndWhetherTheControllerMayHaveActed(t *testi
 	}
 }
 
+func TestARepeatWithTheKeyIsOfferedOnlyWhereTheGatewayCanSettleIt(t *testing.T) {
+	marked := map[string]string{"requestOutcome": "unknown"}
+	for _, row := range []struct {
+		code          codes.Code
+		reason        string
+		metadata      map[string]string
+		repeatSettles bool
+	}{
+		// The process that held the key has exited: a repeat would be a new call.
+		{codes.Unknown, "SHUTDOWN_GRACE_RAN_OUT", nil, false},
+		{codes.Unknown, "SHUTDOWN_GRACE_RAN_OUT", marked, false},
+		// A repeat already read the port and could not tell.
+		{codes.FailedPrecondition, "REQUEST_OUTCOME_UNKNOWN", nil, false},
+		// A status the task interface never answers: a repeat reads the port through the same URL.
+		{codes.Internal, "UPSTREAM_HTTP_ERROR", nil, false},
+		{codes.Unknown, "UPSTREAM_HTTP_ERROR", nil, true},
+		{codes.DeadlineExceeded, "UPSTREAM_TIMEOUT", nil, true},
+		{codes.Unknown, "UPSTREAM_CONNECTION_LOST", nil, true},
+		// The connection to the gateway broke: the gateway that got the call holds its key.
+		{codes.Unavailable, "", nil, true},
+		// Refused: the controller did not act, so there is nothing to settle.
+		{codes.ResourceExhausted, "OVERLOADED", nil, false},
+		{codes.NotFound, "PORT_IS_NOT_AVAILABLE", nil, false},
+	} {
+		failure := &Error{Code: row.code, Reason: row.reason, Metadata: row.metadata}
+		if failure.RepeatSettles() != row.repeatSettles {
+			t.Errorf("%v %q %v: a repeat with the key settles it: %v; the README says %v",
+				row.code, row.reason, row.metadata, failure.RepeatSettles(), row.repeatSettles)
+		}
+	}
+}
+
 func TestAFailedPortReadAfterAnUnknownOutcomeMayHaveActed(t *testing.T) {
 	marked := &Error{Code: codes.Unavailable, Reason: "UPSTREAM_UNREACHABLE", Metadata: map[string]string{"requestOutcome": "unknown"}}
 	if !marked.Retryable() || !marked.MayHaveActed() {

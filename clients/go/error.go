@@ -29,6 +29,16 @@ var (
 	outcomeUnknownReasons = map[string]bool{"REQUEST_OUTCOME_UNKNOWN": true}
 )
 
+// unsettledRows are the README's gateway errors (its "Gateway errors" table) after which the
+// controller may have acted but a repeat with the same key cannot settle what it did, by reason
+// and code: the rows whose advice says "not even with the same request_id". UPSTREAM_HTTP_ERROR
+// is one only as INTERNAL, not as UNKNOWN. The Python and Node clients decide alike.
+var unsettledRows = map[string]codes.Code{
+	"SHUTDOWN_GRACE_RAN_OUT":  codes.Unknown,
+	"REQUEST_OUTCOME_UNKNOWN": codes.FailedPrecondition,
+	"UPSTREAM_HTTP_ERROR":     codes.Internal,
+}
+
 // The ErrorInfo metadata that marks a failed port read after an unknown outcome (README,
 // "Gateway errors"): whatever its code, the earlier call may have acted.
 const (
@@ -70,8 +80,9 @@ type Error struct {
 	RetryDelay time.Duration
 	// FieldViolations are the BadRequest's violations, in order.
 	FieldViolations []FieldViolation
-	// IdempotencyKey is the call's request_id (CaseExtract and CaseCancel): give it back with
-	// WithIdempotencyKey to repeat the call safely, within the gateway's idempotency window.
+	// IdempotencyKey is the call's request_id (CaseExtract and CaseCancel): when RepeatSettles,
+	// give it back with WithIdempotencyKey to repeat the call, within the gateway's idempotency
+	// window.
 	IdempotencyKey string
 	// Attempts is how many times the call was sent before it failed.
 	Attempts int
@@ -149,8 +160,8 @@ func (e *Error) Retryable() bool {
 // REQUEST_OUTCOME_UNKNOWN, a call cancelled or cut off before an answer (CANCELLED, or an
 // UNAVAILABLE without the gateway's ErrorInfo), a failed port read after an earlier unknown
 // outcome (metadata requestOutcome: unknown), and any error of a call one of whose earlier
-// attempts may have acted. Then repeat the call with WithIdempotencyKey, or read the port with
-// CaseGetState, before acting again.
+// attempts may have acted. Then, if RepeatSettles, repeat the call with WithIdempotencyKey;
+// else read the port with CaseGetState before acting again.
 func (e *Error) MayHaveActed() bool {
 	if e.EarlierAttemptMayHaveActed || outcomeUnknownReasons[e.Reason] || e.Metadata[requestOutcomeKey] == outcomeUnknown {
 		return true
@@ -159,6 +170,23 @@ func (e *Error) MayHaveActed() bool {
 		return e.Reason == ""
 	}
 	return mayHaveActedCodes[e.Code] && !nothingSentReasons[e.Reason]
+}
+
+// RepeatSettles says whether the controller may have acted (MayHaveActed) and a repeat of the
+// call with WithIdempotencyKey(IdempotencyKey) can settle what it did: the gateway process that
+// holds the key answers such a repeat from the first call or from the port, and sends it again
+// only if the port shows it was not acted on (README, "Idempotency: request_id"). False after
+// the README's gateway errors whose repeat cannot, marked requestOutcome: unknown or not:
+// SHUTDOWN_GRACE_RAN_OUT (the process that held the key has exited, and the one a repeat
+// reaches never saw it, so sends it as a new call, which may move a robot twice),
+// REQUEST_OUTCOME_UNKNOWN (a repeat has already read the port and could not tell) and
+// UPSTREAM_HTTP_ERROR as INTERNAL (a status the task interface never answers, most often a
+// wrong controller URL, which a repeat would read the port through too; fixing it restarts the
+// gateway, which forgets the key). After those, read the port with CaseGetState before acting
+// again.
+func (e *Error) RepeatSettles() bool {
+	code, unsettled := unsettledRows[e.Reason]
+	return e.MayHaveActed() && !(unsettled && code == e.Code)
 }
 
 // ErrorOf turns any error into an *Error: an *Error (from Client) as it is, a gRPC status with

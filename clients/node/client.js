@@ -109,6 +109,15 @@ const MAY_HAVE_ACTED_CODES = new Set([
 ]);
 const NOTHING_SENT_REASONS = new Set(["DEADLINE_TOO_SHORT"]);
 const OUTCOME_UNKNOWN_REASONS = new Set(["REQUEST_OUTCOME_UNKNOWN"]);
+// The README's gateway errors (its "Gateway errors" table) after which the controller may have
+// acted but a repeat with the same key cannot settle what it did, by reason and code: the rows
+// whose advice says "not even with the same request_id". UPSTREAM_HTTP_ERROR is one only as
+// INTERNAL, not as UNKNOWN.
+const UNSETTLED_ROWS = new Map([
+  ["SHUTDOWN_GRACE_RAN_OUT", grpc.status.UNKNOWN],
+  ["REQUEST_OUTCOME_UNKNOWN", grpc.status.FAILED_PRECONDITION],
+  ["UPSTREAM_HTTP_ERROR", grpc.status.INTERNAL],
+]);
 // The ErrorInfo metadata that marks a failed port read after an unknown outcome (README, "Gateway
 // errors"): whatever its code, the earlier call may have acted.
 const REQUEST_OUTCOME_KEY = "requestOutcome";
@@ -145,8 +154,9 @@ class TaskGateError extends Error {
      */
     this.requestId = fields.requestId || null;
     /**
-     * The call's idempotency key (CaseExtract and CaseCancel), or null: pass it back as the
-     * `idempotencyKey` option to repeat the call safely, within the gateway's idempotency window.
+     * The call's idempotency key (CaseExtract and CaseCancel), or null: when `repeatSettles`,
+     * pass it back as the `idempotencyKey` option to repeat the call, within the gateway's
+     * idempotency window.
      */
     this.idempotencyKey = null;
     /** How many times the call was sent before it failed. */
@@ -181,14 +191,31 @@ class TaskGateError extends Error {
    * REQUEST_OUTCOME_UNKNOWN, a call cancelled or cut off before an answer (an UNAVAILABLE
    * without the gateway's ErrorInfo), a failed port read after an earlier unknown outcome
    * (metadata requestOutcome: "unknown"), and any error of a call one of whose earlier attempts
-   * may have acted. Then repeat the call with `idempotencyKey`, or read the port with
-   * caseGetState, before acting again.
+   * may have acted. Then, if `repeatSettles`, repeat the call with `idempotencyKey`; else read
+   * the port with caseGetState before acting again.
    */
   get mayHaveActed() {
     if (this.earlierAttemptMayHaveActed || OUTCOME_UNKNOWN_REASONS.has(this.reason)) return true;
     if (this.metadata?.[REQUEST_OUTCOME_KEY] === OUTCOME_UNKNOWN) return true;
     if (this.code === grpc.status.UNAVAILABLE) return !this.reason;
     return MAY_HAVE_ACTED_CODES.has(this.code) && !NOTHING_SENT_REASONS.has(this.reason);
+  }
+
+  /**
+   * Whether the controller may have acted (`mayHaveActed`) and a repeat of the call with
+   * `idempotencyKey` can settle what it did: the gateway process that holds the key answers such
+   * a repeat from the first call or from the port, and sends it again only if the port shows it
+   * was not acted on (README, "Idempotency: `request_id`"). False after the README's gateway
+   * errors whose repeat cannot, marked `requestOutcome: unknown` or not: SHUTDOWN_GRACE_RAN_OUT
+   * (the process that held the key has exited, and the one a repeat reaches never saw it, so
+   * sends it as a new call, which may move a robot twice), REQUEST_OUTCOME_UNKNOWN (a repeat has
+   * already read the port and could not tell) and UPSTREAM_HTTP_ERROR as INTERNAL (a status the
+   * task interface never answers, most often a wrong controller URL, which a repeat would read
+   * the port through too; fixing it restarts the gateway, which forgets the key). After those,
+   * read the port with caseGetState before acting again.
+   */
+  get repeatSettles() {
+    return this.mayHaveActed && UNSETTLED_ROWS.get(this.reason) !== this.code;
   }
 }
 
@@ -400,9 +427,10 @@ class TaskGate {
    * of the key without calling the controller's method, else null), attempts }; rejects with a
    * TaskGateError. Options: `timeoutMs` bounds the whole call, retries included (10 s);
    * `requestId` sets the x-request-id; `idempotencyKey` the message's request_id (a fresh UUID v4
-   * when unset: give the one a TaskGateError carries to repeat a call whose outcome is unknown;
-   * such a repeat may meet its own first call's operation, so it is retried only on an answer
-   * marked `requestOutcome: unknown`: a key is for repeats, not for new calls); `maxAttempts` (4)
+   * when unset: give the one a TaskGateError carries to repeat a call whose error says
+   * `repeatSettles`; such a repeat may meet its own first call's operation, so it is retried only
+   * on an answer marked `requestOutcome: unknown`: a key is for repeats, not for new calls);
+   * `maxAttempts` (4)
    * bounds the retries (on UNAVAILABLE and OVERLOADED only).
    */
   caseExtract(portId, binId, options = {}) {

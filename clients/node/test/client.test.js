@@ -580,6 +580,31 @@ describe("safe retries", () => {
     ["RESOURCE_EXHAUSTED", "WATCH_LAGGED", false, false],
     ["CANCELLED", "", false, true],
   ];
+  const REPEAT_SETTLES = [
+    // The process that held the key has exited: a repeat would be a new call.
+    ["UNKNOWN", "SHUTDOWN_GRACE_RAN_OUT", {}, false],
+    ["UNKNOWN", "SHUTDOWN_GRACE_RAN_OUT", { requestOutcome: "unknown" }, false],
+    // A repeat already read the port and could not tell.
+    ["FAILED_PRECONDITION", "REQUEST_OUTCOME_UNKNOWN", {}, false],
+    // A status the task interface never answers: a repeat reads the port through the same URL.
+    ["INTERNAL", "UPSTREAM_HTTP_ERROR", {}, false],
+    ["UNKNOWN", "UPSTREAM_HTTP_ERROR", {}, true],
+    ["DEADLINE_EXCEEDED", "UPSTREAM_TIMEOUT", {}, true],
+    ["UNKNOWN", "UPSTREAM_CONNECTION_LOST", {}, true],
+    // The connection to the gateway broke: the gateway that got the call holds its key.
+    ["UNAVAILABLE", "", {}, true],
+    // Refused: the controller did not act, so there is nothing to settle.
+    ["RESOURCE_EXHAUSTED", "OVERLOADED", {}, false],
+    ["NOT_FOUND", "PORT_IS_NOT_AVAILABLE", {}, false],
+  ];
+  for (const [codeName, reason, metadata, repeatSettles] of REPEAT_SETTLES) {
+    const marked = metadata.requestOutcome ? ", marked requestOutcome unknown" : "";
+    test(`${codeName} ${reason || "without a reason"}${marked}: a repeat with the key settles it: ${repeatSettles}`, () => {
+      const error = new TaskGateError({ code: grpc.status[codeName], codeName, message: "", reason, metadata });
+      assert.equal(error.repeatSettles, repeatSettles);
+    });
+  }
+
   test("a failed port read after an unknown outcome may have acted, whatever its code", () => {
     const error = new TaskGateError({
       code: grpc.status.UNAVAILABLE,

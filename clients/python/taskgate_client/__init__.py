@@ -10,9 +10,11 @@ contract.
 ...         gateway.case_extract(port_id=4, bin_id=101337, timeout=5.0)
 ...     except TaskGateError as error:
 ...         print(error.fault_name, error.raw_code, error.code, error.retry_delay)
-...         if error.may_have_acted:  # the outcome is unknown: repeat with the same key
+...         if error.repeat_settles:  # the outcome is unknown: repeat with the same key
 ...             gateway.case_extract(port_id=4, bin_id=101337, timeout=5.0,
 ...                                  idempotency_key=error.idempotency_key)
+...         elif error.may_have_acted:  # a repeat cannot tell: read the port before acting
+...             print(gateway.case_get_state(port_id=4, timeout=5.0))
 
 Each CaseExtract and CaseCancel call sends a fresh idempotency key (the message's ``request_id``,
 a UUID v4, sent also as the ``idempotency-key`` metadata for a proxy to route on) and keeps it
@@ -95,6 +97,15 @@ _MAY_HAVE_ACTED_CODES = frozenset({
 })
 _NOTHING_SENT_REASONS = frozenset({"DEADLINE_TOO_SHORT"})
 _OUTCOME_UNKNOWN_REASONS = frozenset({"REQUEST_OUTCOME_UNKNOWN"})
+# The README's gateway errors (its "Gateway errors" table) after which the controller may have
+# acted but a repeat with the same key cannot settle what it did, by reason and code: the rows
+# whose advice says "not even with the same request_id". UPSTREAM_HTTP_ERROR is one only as
+# INTERNAL, not as UNKNOWN.
+_UNSETTLED_ROWS = frozenset({
+    ("SHUTDOWN_GRACE_RAN_OUT", grpc.StatusCode.UNKNOWN),
+    ("REQUEST_OUTCOME_UNKNOWN", grpc.StatusCode.FAILED_PRECONDITION),
+    ("UPSTREAM_HTTP_ERROR", grpc.StatusCode.INTERNAL),
+})
 # The ErrorInfo metadata that marks a failed port read after an unknown outcome (README, "Gateway
 # errors"): whatever its code, the earlier call may have acted.
 _REQUEST_OUTCOME_KEY = "requestOutcome"
@@ -142,8 +153,8 @@ class TaskGateError(Exception):
     field_violations: tuple = ()
     """From BadRequest: (field, description) pairs."""
     idempotency_key: Optional[str] = None
-    """The call's idempotency key (CaseExtract and CaseCancel): pass it back as
-    ``idempotency_key`` to repeat the call safely, within the gateway's idempotency window."""
+    """The call's idempotency key (CaseExtract and CaseCancel): when ``repeat_settles``, pass it
+    back as ``idempotency_key`` to repeat the call, within the gateway's idempotency window."""
     attempts: int = 1
     """How many times the call was sent before it failed."""
     earlier_attempt_may_have_acted: bool = False
@@ -188,8 +199,9 @@ class TaskGateError(Exception):
         ``INTERNAL``, ``REQUEST_OUTCOME_UNKNOWN``, a call cancelled or cut off before an answer
         (an ``UNAVAILABLE`` without the gateway's ``ErrorInfo``), a failed port read after an
         earlier unknown outcome (metadata ``requestOutcome: unknown``), and any error of a call
-        one of whose earlier attempts may have acted. Then repeat the call with
-        ``idempotency_key``, or read the port with ``case_get_state``, before acting again."""
+        one of whose earlier attempts may have acted. Then, if ``repeat_settles``, repeat the
+        call with ``idempotency_key``; else read the port with ``case_get_state`` before acting
+        again."""
         if self.earlier_attempt_may_have_acted or self.reason in _OUTCOME_UNKNOWN_REASONS:
             return True
         if self.metadata.get(_REQUEST_OUTCOME_KEY) == _OUTCOME_UNKNOWN:
@@ -197,6 +209,22 @@ class TaskGateError(Exception):
         if self.code == grpc.StatusCode.UNAVAILABLE:
             return not self.reason
         return self.code in _MAY_HAVE_ACTED_CODES and self.reason not in _NOTHING_SENT_REASONS
+
+    @property
+    def repeat_settles(self) -> bool:
+        """Whether the controller may have acted (``may_have_acted``) and a repeat of the call
+        with ``idempotency_key`` can settle what it did: the gateway process that holds the key
+        answers such a repeat from the first call or from the port, and sends it again only if
+        the port shows it was not acted on (README, "Idempotency: ``request_id``"). False after
+        the README's gateway errors whose repeat cannot, marked ``requestOutcome: unknown`` or
+        not: ``SHUTDOWN_GRACE_RAN_OUT`` (the process that held the key has exited, and the one
+        a repeat reaches never saw it, so sends it as a new call, which may move a robot
+        twice), ``REQUEST_OUTCOME_UNKNOWN`` (a repeat has already read the port and could not
+        tell) and ``UPSTREAM_HTTP_ERROR`` as ``INTERNAL`` (a status the task interface never
+        answers, most often a wrong controller URL, which a repeat would read the port through
+        too; fixing it restarts the gateway, which forgets the key). After those, read the
+        port with ``case_get_state`` before acting again."""
+        return self.may_have_acted and (self.reason, self.code) not in _UNSETTLED_ROWS
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> "TaskGateError":
@@ -270,10 +298,10 @@ class TaskGate:
         ``timeout`` (seconds) bounds the whole call, retries included; ``request_id`` is the
         ``x-request-id`` (a correlation ID for the logs); ``idempotency_key`` the message's
         ``request_id`` (a fresh UUID v4 when None): give the one a ``TaskGateError`` carries to
-        repeat a call whose outcome is unknown. Such a repeat may meet its own first call's
-        operation, so it is retried only on an answer marked ``requestOutcome: unknown``; a
-        key is for repeats, not for new calls. Raises ``TaskGateError`` with the typed fault
-        when the call fails.
+        repeat a call whose error says ``repeat_settles``. Such a repeat may meet its own first
+        call's operation, so it is retried only on an answer marked ``requestOutcome:
+        unknown``; a key is for repeats, not for new calls. Raises ``TaskGateError`` with the
+        typed fault when the call fails.
         """
         request = task_pb2.CaseExtractRequest(
             port_id=port_id, bin_id=bin_id, request_id=idempotency_key or str(uuid.uuid4()))

@@ -136,6 +136,33 @@ def test_each_error_says_whether_to_retry_and_whether_the_controller_may_have_ac
         retryable, may_have_acted)
 
 
+@pytest.mark.parametrize(
+    "code, reason, metadata, repeat_settles",
+    [
+        # The process that held the key has exited: a repeat would be a new call.
+        (grpc.StatusCode.UNKNOWN, "SHUTDOWN_GRACE_RAN_OUT", {}, False),
+        (grpc.StatusCode.UNKNOWN, "SHUTDOWN_GRACE_RAN_OUT", {"requestOutcome": "unknown"}, False),
+        # A repeat already read the port and could not tell.
+        (grpc.StatusCode.FAILED_PRECONDITION, "REQUEST_OUTCOME_UNKNOWN", {}, False),
+        # A status the task interface never answers: a repeat reads the port through the same URL.
+        (grpc.StatusCode.INTERNAL, "UPSTREAM_HTTP_ERROR", {}, False),
+        (grpc.StatusCode.UNKNOWN, "UPSTREAM_HTTP_ERROR", {}, True),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "UPSTREAM_TIMEOUT", {}, True),
+        (grpc.StatusCode.UNKNOWN, "UPSTREAM_CONNECTION_LOST", {}, True),
+        # The connection to the gateway broke: the gateway that got the call holds its key.
+        (grpc.StatusCode.UNAVAILABLE, "", {}, True),
+        # Refused: the controller did not act, so there is nothing to settle.
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED", {}, False),
+        (grpc.StatusCode.NOT_FOUND, "PORT_IS_NOT_AVAILABLE", {}, False),
+    ],
+)
+def test_a_repeat_with_the_key_is_offered_only_where_the_gateway_can_settle_it(
+        code, reason, metadata, repeat_settles):
+    failure = TaskGateError(code=code, message="", reason=reason, domain="taskgate",
+                            metadata=metadata)
+    assert failure.repeat_settles is repeat_settles
+
+
 def test_a_failed_port_read_after_an_unknown_outcome_may_have_acted():
     marked = TaskGateError(code=grpc.StatusCode.UNAVAILABLE, message="", reason="UPSTREAM_UNREACHABLE",
                            domain="taskgate", metadata={"requestOutcome": "unknown"})
