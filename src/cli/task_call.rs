@@ -352,6 +352,18 @@ pub(super) struct Told {
     pub(super) printed: Printed,
 }
 
+impl Told {
+    /// Prints `line` after what was told, while stdout takes it; it is kept either way, for
+    /// [`end_command`] to give on stderr if stdout failed.
+    pub(super) fn line(&mut self, line: impl std::fmt::Display) {
+        let line = format!("{line}\n");
+        if self.printed.is_ok() {
+            self.printed = output::text(&line);
+        }
+        self.text.push_str(&line);
+    }
+}
+
 /// Ends a command with `exit` once its outcome is printed. Lines stdout could not take go to
 /// stderr with the error, with the same exit code: they say what the controller did, and the
 /// key that repeats the call safely.

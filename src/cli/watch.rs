@@ -139,11 +139,10 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
         return Ok(Exit::CallFailed);
     };
     let accepted = "the controller accepted the case extraction; following it";
-    let (exit, told) = super::case_extract::ask(&call, accepted).await?;
+    let (exit, mut told) = super::case_extract::ask(&call, accepted).await?;
     if exit != Exit::Success {
         return task_call::end_command((exit, told));
     }
-    let asked = told.printed;
     // The watch opened before the ask, so a fresh extraction is seen from its first state,
     // EREQ; an earlier operation on the bin may still signal in between (its ERSO or ECMP, late
     // from the Log Publisher, or its cancel), which says nothing of this one. A repeated key's
@@ -152,15 +151,13 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
     // ECMP of this bin there may be an earlier extraction's, with this one not yet shown.
     let mut begun = call.repeats_a_key();
     // The exit code says how the case ended, so following goes on after stdout's reader has
-    // gone (`| head -n 1`); the first failure to print is kept for the end.
-    let mut printed = if begun {
-        asked.and(output::line(format_args!(
+    // gone (`| head -n 1`) or failed; what stdout could not take is given with the error.
+    if begun {
+        told.line(format_args!(
             "  note: this key's extraction may have ended before following began; if no event \
              comes, read the port: taskgate case-state --port {port_id}"
-        )))
-    } else {
-        asked
-    };
+        ));
+    }
     let mut followed = Followed::Going;
     while followed == Followed::Going {
         let event = match events.message().await {
@@ -169,29 +166,25 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
             // second `case-extract` is a second extraction.
             Ok(None) => {
                 let why = "the watch's stream ended without a status (the connection was cut)";
-                let printed = printed.and(print_stopped_following(&what, port_id, why));
-                return output::exit_after_command(printed, Exit::FollowingStopped);
+                told.line(stopped_following(&what, port_id, why));
+                return task_call::end_command((Exit::FollowingStopped, told));
             }
             // The only deadline on the watch is --wait-timeout's.
-            Err(status) => match (status.code(), wait_timeout) {
-                (Code::DeadlineExceeded, Some(wait_timeout)) => {
-                    let why = format!(
+            Err(status) => {
+                let why = match (status.code(), wait_timeout) {
+                    (Code::DeadlineExceeded, Some(wait_timeout)) => format!(
                         "--wait-timeout {} ran out before the case ended",
                         humantime::format_duration(wait_timeout)
-                    );
-                    let printed = printed.and(print_stopped_following(&what, port_id, why));
-                    return output::exit_after_command(printed, Exit::FollowingStopped);
-                }
-                _ => {
-                    let why = format!(
+                    ),
+                    _ => format!(
                         "the watch failed: {}: {}",
                         fault::grpc_code_name(status.code()),
                         status.message()
-                    );
-                    let printed = printed.and(print_stopped_following(&what, port_id, why));
-                    return output::exit_after_command(printed, Exit::FollowingStopped);
-                }
-            },
+                    ),
+                };
+                told.line(stopped_following(&what, port_id, why));
+                return task_call::end_command((Exit::FollowingStopped, told));
+            }
         };
         // Another bin's events are an earlier operation's.
         if event.bin_id != Some(bin_id) {
@@ -201,32 +194,30 @@ pub(super) async fn case_extract(args: CaseExtractArgs) -> Outcome {
         if !begun {
             continue;
         }
-        printed = printed.and(output::line(event_line(&event)));
+        told.line(event_line(&event));
         followed = follow(&event);
     }
     if followed == Followed::Completed {
-        let printed = printed.and(output::line(format_args!(
-            "ok: {what}: the case is out (ECMP)"
-        )));
-        output::exit_after_command(printed, Exit::Success)
+        told.line(format_args!("ok: {what}: the case is out (ECMP)"));
+        task_call::end_command((Exit::Success, told))
     } else {
-        let printed = printed.and(output::line(format_args!(
+        told.line(format_args!(
             "failed: {what}: the extraction was cancelled (NOOP)"
-        )));
-        output::exit_after_command(printed, Exit::CallFailed)
+        ));
+        task_call::end_command((Exit::CallFailed, told))
     }
 }
 
 /// What is true when following stops before the case ended, for `why`: the controller accepted
 /// the extraction, only the following stopped, and the case may still be running; and how to
 /// follow it further. No retry advice, since sending the extraction again would start another.
-fn print_stopped_following(what: &str, port_id: u32, why: impl std::fmt::Display) -> Printed {
-    output::line(format_args!(
+fn stopped_following(what: &str, port_id: u32, why: impl std::fmt::Display) -> String {
+    format!(
         "stopped following: {what}: {why}\n\
          \x20 the controller accepted the extraction; the case may still be running\n\
          \x20 follow it: taskgate watch --port {port_id}, or taskgate case-state --port \
          {port_id}"
-    ))
+    )
 }
 
 /// Opens the watch, with `deadline` if given; `None` when the gateway refused it (printed).

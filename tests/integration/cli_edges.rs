@@ -641,17 +641,29 @@ async fn a_full_stdout_is_an_error_that_keeps_what_the_command_did() {
             )
         )
     );
+    // Followed no further, and said so on stderr, the events between included.
     let wait = ["--wait", "--wait-timeout", "1s"];
-    assert_eq!(
-        to_full_stdout(
-            &[
-                &["case-extract", "--port", "5", "--bin", "101338"][..],
-                &wait
-            ]
-            .concat()
-        )
-        .await,
-        (Some(3), format!("{full}\n"))
+    let (code, stderr) = to_full_stdout(
+        &[
+            &["case-extract", "--port", "5", "--bin", "101338"][..],
+            &wait,
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "{full}; not printed there:\nok: case_extract port 5 bin 101338: the controller \
+             accepted the case extraction; following it\n"
+        )) && stderr.contains(" port 5 bin 101338 EREQ (EXTRACTION_REQUESTED)\n")
+            && stderr.ends_with(
+                "stopped following: case_extract port 5 bin 101338: --wait-timeout 1s ran out \
+                 before the case ended\n\
+                 \x20 the controller accepted the extraction; the case may still be running\n\
+                 \x20 follow it: taskgate watch --port 5, or taskgate case-state --port 5\n"
+            ),
+        "{stderr}"
     );
     // Each extraction was accepted: the port shows it.
     for port in ["4", "5"] {
