@@ -198,8 +198,13 @@ impl PortAndBinArgs {
             Err(status) => {
                 let metadata = status.metadata();
                 let given = self.idempotency_key.is_some();
+                let kind = if given {
+                    CallKind::Repeat
+                } else {
+                    CallKind::Command
+                };
                 let lines = [
-                    Some(describe_status(&what, &status, CallKind::Command)),
+                    Some(describe_status(&what, &status, kind)),
                     replayed_line(metadata),
                     request_id_line(metadata),
                     key_line(&status, &key, given),
@@ -387,6 +392,8 @@ pub(super) enum CallKind {
     Read,
     /// May move a robot: sent again only where the gateway says it is safe.
     Command,
+    /// A command given its idempotency key, which may repeat an earlier call that acted.
+    Repeat,
 }
 
 /// Prints a failed call for operators: the status described, then the request ID.
@@ -465,17 +472,31 @@ fn retry_advice(status: &tonic::Status, kind: CallKind) -> String {
     let delay = status
         .get_details_retry_info()
         .and_then(|retry_info| retry_info.retry_delay);
+    let command = matches!(kind, CallKind::Command | CallKind::Repeat);
     match (kind, row, delay) {
-        (CallKind::Command, _, _) if offers_key_repeat(status) => KEY_ADVICE.to_owned(),
-        (CallKind::Command, Some(row), _) if row.may_have_acted => in_cli_terms(row.advice),
+        _ if command && offers_key_repeat(status) => KEY_ADVICE.to_owned(),
+        (_, Some(row), _) if command && row.may_have_acted => in_cli_terms(row.advice),
+        // Had the gateway held the earlier call's unknown outcome, it would have read the port
+        // first and marked a failure of that (`marked_unknown`): it took the key as new
+        // (restarted, another process, past its window), and a retry would be a new call. After
+        // 1148, the operation the controller is busy with may be that very call's.
+        (CallKind::Repeat, Some(row), _) if row.after_delay => REPEAT_REFUSED_ADVICE.to_owned(),
         (_, _, Some(delay)) => format!("safe after {}", humantime::format_duration(delay)),
         (_, Some(row), None) if !row.may_have_acted && !row.after_delay => in_cli_terms(row.advice),
         // A row whose advice is the delay, sent without one (a command's status that neither
         // table knows has an unknown outcome, and is offered the key's repeat above).
-        (CallKind::Command, _, None) => "safe: the controller started nothing".to_owned(),
+        (CallKind::Command | CallKind::Repeat, _, None) => {
+            "safe: the controller started nothing".to_owned()
+        }
         (CallKind::Read, _, _) => READ_ADVICE.to_owned(),
     }
 }
+
+/// The advice after a repeat with a key that the gateway answered as a new call, with a
+/// refusal whose row advises trying again after a delay.
+const REPEAT_REFUSED_ADVICE: &str = "not at once: the gateway did not find this key's earlier \
+     call, which may have acted (after 1148, it may be the operation the controller is busy \
+     with); read the port with case-state first";
 
 /// The line that prints a failed command's idempotency key `key` (`given` with
 /// `--idempotency-key`), if it is printed: "repeat with" exactly where the retry line offers
@@ -610,6 +631,68 @@ mod tests {
             details.set_retry_info(Some(Duration::from_secs(1)));
         }
         tonic::Status::with_error_details(code, "failed", details)
+    }
+
+    /// A command given its key whose refusal the gateway did not mark: the gateway took the key
+    /// as new, so the delay's retry is not offered; a marked one, or an unknown outcome, is
+    /// repeated with the key as ever.
+    #[test]
+    fn a_repeat_answered_as_a_new_call_is_not_retried_after_the_delay() {
+        let fault = |code: u32| {
+            let class = fault::classify(code);
+            let delayed = class.retry().has_retry_info();
+            status_of(
+                class.grpc_code(),
+                fault::DOMAIN,
+                "FAULT",
+                &code.to_string(),
+                delayed,
+            )
+        };
+        let gateway = |row: &gateway_error::GatewayError| {
+            status_of(
+                row.code,
+                gateway_error::DOMAIN,
+                row.reason,
+                "",
+                row.retry.has_retry_info(),
+            )
+        };
+        let cases = [
+            (
+                fault(1148),
+                REPEAT_REFUSED_ADVICE.to_owned(),
+                "safe after 1s",
+            ),
+            (
+                gateway(&gateway_error::UPSTREAM_UNREACHABLE),
+                REPEAT_REFUSED_ADVICE.to_owned(),
+                "safe after 1s",
+            ),
+            (marked_unknown_status(), KEY_ADVICE.to_owned(), KEY_ADVICE),
+            (
+                gateway(&gateway_error::UPSTREAM_TIMEOUT),
+                KEY_ADVICE.to_owned(),
+                KEY_ADVICE,
+            ),
+            (
+                gateway(&gateway_error::OVERLOADED),
+                "yes, with backoff".to_owned(),
+                "yes, with backoff",
+            ),
+        ];
+        for (status, repeat, command) in cases {
+            assert_eq!(
+                retry_advice(&status, CallKind::Repeat),
+                repeat,
+                "{status:?}"
+            );
+            assert_eq!(
+                retry_advice(&status, CallKind::Command),
+                command,
+                "{status:?}"
+            );
+        }
     }
 
     /// The key line a user reads: to repeat with where the outcome is unknown; that a repeat
