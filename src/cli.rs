@@ -53,8 +53,8 @@ EXIT STATUS:
 A closed stdout (a reader such as `head -n 1` that has gone) is not an error: the output ends
 there and the exit code is the one above; `watch` stops and exits 0. A stdout that cannot be
 written otherwise (a full disk) is an error on stderr; case-extract and case-cancel still exit
-with the code above (0: accepted; with --wait, 3 as ever) and print their outcome after the
-error; any other command exits 1.";
+with the code above (with --wait, 0, 1 or 3 as above) and print their outcome after the error;
+any other command exits 1.";
 
 /// taskgate: a gRPC gateway to the AutoStore task interface.
 ///
@@ -372,9 +372,9 @@ fn gateway_endpoint(gateway: &str, timeout: Duration) -> anyhow::Result<Endpoint
         }
     }
     // Every call goes to its method's path at the gateway's root: a path here would be dropped.
-    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() || gateway.contains('#') {
         anyhow::bail!(
-            "invalid --gateway '{}': a gateway's address has no path or query; give \
+            "invalid --gateway '{}': a gateway's address has no path, query or fragment; give \
              http://HOST:PORT or https://HOST:PORT",
             redact_url(gateway)
         );

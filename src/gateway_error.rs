@@ -54,8 +54,9 @@ pub enum GatewayRetry {
 /// task-interface method. Its statuses are not in [`GATEWAY_ERRORS`].
 pub const WATCH_METHOD: &str = "WatchCaseEvents";
 
-/// What the README advises after an error whose POST may have been acted on.
-pub const READ_THE_PORT_FIRST: &str = "no; read the port with `CaseGetState` first";
+/// What the README advises after an error whose POST may have been acted on, where a repeat with
+/// the same `request_id` is not the advice (the `MayHaveActed` rows).
+const READ_THE_PORT_FIRST: &str = "no; read the port with `CaseGetState` first";
 
 /// `port_id` or `bin_id` out of range.
 pub const INVALID_PARAMETER: GatewayError = GatewayError {

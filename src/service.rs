@@ -905,8 +905,8 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
         assert_eq!(
             status.message(),
-            "case_extract port 4 bin 101337: the caller's deadline of 5ms leaves less than 10ms to \
-             call the controller, after the gateway's margin; nothing was sent"
+            "case_extract port 4 bin 101337: 5ms left of the caller's deadline leaves less than \
+             10ms to call the controller, after the gateway's margin; nothing was sent"
         );
     }
 

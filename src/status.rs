@@ -150,10 +150,10 @@ pub(crate) fn status(context: &CallContext, error: &CallError, retry: RetryPolic
             context,
             &gateway_error::DEADLINE_TOO_SHORT,
             format!(
-                "the caller's deadline of {} leaves less than {} to call the controller, after \
-                 the gateway's margin; nothing was sent",
-                // The deadline as it arrived, to the microsecond: the nanoseconds that remain
-                // of it say nothing to a reader.
+                "{} left of the caller's deadline leaves less than {} to call the controller, \
+                 after the gateway's margin; nothing was sent",
+                // What was left when the controller was to be called (a repeat's read of the
+                // port may have taken some), to the microsecond: nanoseconds say nothing here.
                 humantime::format_duration(Duration::from_micros(deadline.as_micros() as u64)),
                 humantime::format_duration(crate::config::limits::MIN_UPSTREAM_TIME)
             ),

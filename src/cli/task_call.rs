@@ -65,9 +65,10 @@ pub(super) struct PortAndBinArgs {
     bin: u32,
 
     /// The message's request_id, the idempotency key (a UUID; not the x-request-id): give the
-    /// one a failed call printed with "repeat with" to repeat that call, which the same gateway
-    /// process then never sends to the controller twice within its --idempotency-window.
-    /// Default: a fresh UUID for each invocation.
+    /// one a failed call printed with "repeat with" to repeat that call: within its
+    /// --idempotency-window the same gateway process answers it from the first call's answer
+    /// or from the port, and sends it again only if the port shows the first was not acted on
+    /// (README, Idempotency). Default: a fresh UUID for each invocation.
     #[arg(long, env = "TASKGATE_IDEMPOTENCY_KEY", value_parser = idempotency_key)]
     idempotency_key: Option<String>,
 
@@ -152,8 +153,8 @@ impl PortAndBinArgs {
     /// prints `accepted`. A failure whose outcome is unknown also prints the key, with "repeat
     /// with" where a repeat with it is the advice; so does every failure of a call given
     /// `--idempotency-key`: the operator repeating with it keeps seeing it. Gives the exit code
-    /// of what the controller did, and whether it was printed, for the caller to end with
-    /// (`output::exit_after_command`) or to go on printing after.
+    /// of what the controller did, and the outcome as printed, for the caller to end with
+    /// ([`end_command`]) or to go on printing after.
     pub(super) async fn call<Message, Reply, Answer>(
         &self,
         method: &str,

@@ -363,11 +363,16 @@ async fn client_arguments_are_checked_before_connecting() {
             "error: invalid --gateway 'http://[::1]:': its port is empty; give the gateway's \
              port (50051 by default)\n",
         ),
+        (
+            &["watch", "--gateway", "http://127.0.0.1:50051/#port-4"],
+            "error: invalid --gateway 'http://127.0.0.1:50051/#port-4': a gateway's address has \
+             no path, query or fragment; give http://HOST:PORT or https://HOST:PORT\n",
+        ),
         // The path was dropped: calls went to the root of the host.
         (
             &["watch", "--gateway", "http://127.0.0.1:50051/taskgate"],
             "error: invalid --gateway 'http://127.0.0.1:50051/taskgate': a gateway's address has \
-             no path or query; give http://HOST:PORT or https://HOST:PORT\n",
+             no path, query or fragment; give http://HOST:PORT or https://HOST:PORT\n",
         ),
     ];
     for (args, expected) in cases {
