@@ -160,8 +160,8 @@ pub const UPSTREAM_HTTP_OTHER: GatewayError = GatewayError {
     when: "any other non-2xx status without a fault in the body (`101`, `404`, 429 with a \
            success reply, …); metadata `httpStatus`",
     retry: GatewayRetry::Unsettled(
-        "no, not even with the same `request_id`: check the controller URL, then read the port \
-         with `CaseGetState`",
+        "no, not even with the same `request_id`: check the controller URL and what answers \
+         there, then read the port with `CaseGetState`",
     ),
 };
 /// No complete reply within the time limit.

@@ -874,8 +874,8 @@ mod tests {
             // A wrong controller URL: a repeat with the key would read the port through it.
             (
                 gateway(Code::Internal, "UPSTREAM_HTTP_ERROR"),
-                "no, not even with the same --idempotency-key: check the controller URL, then \
-                 read the port with case-state",
+                "no, not even with the same --idempotency-key: check the controller URL and \
+                 what answers there, then read the port with case-state",
                 READ_ADVICE,
             ),
             (
