@@ -32,7 +32,8 @@ var (
 // unsettledRows are the README's gateway errors (its "Gateway errors" table) after which the
 // controller may have acted but a repeat with the same key cannot settle what it did, by reason
 // and code: the rows whose advice says "not even with the same request_id". UPSTREAM_HTTP_ERROR
-// is one only as INTERNAL, not as UNKNOWN. The Python and Node clients decide alike.
+// is one only as INTERNAL, not as UNKNOWN. The Python and Node clients decide alike;
+// tests/integration/contract.rs checks each copy against the gateway's table.
 var unsettledRows = map[string]codes.Code{
 	"SHUTDOWN_GRACE_RAN_OUT":  codes.Unknown,
 	"REQUEST_OUTCOME_UNKNOWN": codes.FailedPrecondition,

@@ -100,7 +100,8 @@ _OUTCOME_UNKNOWN_REASONS = frozenset({"REQUEST_OUTCOME_UNKNOWN"})
 # The README's gateway errors (its "Gateway errors" table) after which the controller may have
 # acted but a repeat with the same key cannot settle what it did, by reason and code: the rows
 # whose advice says "not even with the same request_id". UPSTREAM_HTTP_ERROR is one only as
-# INTERNAL, not as UNKNOWN.
+# INTERNAL, not as UNKNOWN. tests/integration/contract.rs checks this copy against the gateway's
+# table.
 _UNSETTLED_ROWS = frozenset({
     ("SHUTDOWN_GRACE_RAN_OUT", grpc.StatusCode.UNKNOWN),
     ("REQUEST_OUTCOME_UNKNOWN", grpc.StatusCode.FAILED_PRECONDITION),
