@@ -271,28 +271,43 @@ func TestARepeatWithTheKeyIsOfferedOnlyWhereTheGatewayCanSettleIt(t *testing.T) 
 		code          codes.Code
 		reason        string
 		metadata      map[string]string
+		repeat        bool
 		repeatSettles bool
 	}{
 		// The process that held the key has exited: a repeat would be a new call.
-		{codes.Unknown, "SHUTDOWN_GRACE_RAN_OUT", nil, false},
-		{codes.Unknown, "SHUTDOWN_GRACE_RAN_OUT", marked, false},
+		{codes.Unknown, "SHUTDOWN_GRACE_RAN_OUT", nil, false, false},
+		{codes.Unknown, "SHUTDOWN_GRACE_RAN_OUT", marked, false, false},
+		{codes.Unknown, "SHUTDOWN_GRACE_RAN_OUT", marked, true, false},
 		// A repeat already read the port and could not tell.
-		{codes.FailedPrecondition, "REQUEST_OUTCOME_UNKNOWN", nil, false},
+		{codes.FailedPrecondition, "REQUEST_OUTCOME_UNKNOWN", nil, false, false},
 		// A status the task interface never answers: a repeat reads the port through the same URL.
-		{codes.Internal, "UPSTREAM_HTTP_ERROR", nil, false},
-		{codes.Unknown, "UPSTREAM_HTTP_ERROR", nil, true},
-		{codes.DeadlineExceeded, "UPSTREAM_TIMEOUT", nil, true},
-		{codes.Unknown, "UPSTREAM_CONNECTION_LOST", nil, true},
+		{codes.Internal, "UPSTREAM_HTTP_ERROR", nil, false, false},
+		{codes.Unknown, "UPSTREAM_HTTP_ERROR", nil, false, true},
+		{codes.DeadlineExceeded, "UPSTREAM_TIMEOUT", nil, false, true},
+		{codes.DeadlineExceeded, "UPSTREAM_TIMEOUT", nil, true, true},
+		{codes.Unknown, "UPSTREAM_CONNECTION_LOST", nil, false, true},
 		// The connection to the gateway broke: the gateway that got the call holds its key.
-		{codes.Unavailable, "", nil, true},
+		{codes.Unavailable, "", nil, false, true},
 		// Refused: the controller did not act, so there is nothing to settle.
-		{codes.ResourceExhausted, "OVERLOADED", nil, false},
-		{codes.NotFound, "PORT_IS_NOT_AVAILABLE", nil, false},
+		{codes.ResourceExhausted, "OVERLOADED", nil, false, false},
+		{codes.NotFound, "PORT_IS_NOT_AVAILABLE", nil, false, false},
+		// A repeat's failed port read: the gateway holds the key's unknown outcome.
+		{codes.Unavailable, "UPSTREAM_UNREACHABLE", marked, true, true},
+		// An unmarked definite answer to a repeat: the gateway took the key as new (forgotten,
+		// evicted, restarted, another replica) or has an answer stored, so a further repeat
+		// settles nothing; after 1148 it would start a second extraction.
+		{codes.Unavailable, "PREVIOUS_ACTION_NOT_COMPLETED", nil, true, false},
+		{codes.FailedPrecondition, "BIN_NOT_SELECTED_FOR_PORT", nil, true, false},
+		{codes.InvalidArgument, "REQUEST_ID_REUSED", nil, true, false},
 	} {
-		failure := &Error{Code: row.code, Reason: row.reason, Metadata: row.metadata}
+		// A repeat is a call given its key, which counts as one after an attempt that may have acted.
+		failure := &Error{Code: row.code, Reason: row.reason, Metadata: row.metadata, EarlierAttemptMayHaveActed: row.repeat}
+		if row.repeat {
+			failure.IdempotencyKey = "key"
+		}
 		if failure.RepeatSettles() != row.repeatSettles {
-			t.Errorf("%v %q %v: a repeat with the key settles it: %v; the README says %v",
-				row.code, row.reason, row.metadata, failure.RepeatSettles(), row.repeatSettles)
+			t.Errorf("%v %q %v, repeat %v: a repeat with the key settles it: %v; the README says %v",
+				row.code, row.reason, row.metadata, row.repeat, failure.RepeatSettles(), row.repeatSettles)
 		}
 	}
 }

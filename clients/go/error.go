@@ -32,7 +32,8 @@ var (
 // unsettledRows are the README's gateway errors (its "Gateway errors" table) after which the
 // controller may have acted but a repeat with the same key cannot settle what it did, by reason
 // and code: the rows whose advice says "not even with the same request_id". UPSTREAM_HTTP_ERROR
-// is one only as INTERNAL, not as UNKNOWN. The Python and Node clients decide alike.
+// is one only as INTERNAL, not as UNKNOWN. The Python and Node clients decide alike;
+// tests/integration/contract.rs checks each copy against the gateway's table.
 var unsettledRows = map[string]codes.Code{
 	"SHUTDOWN_GRACE_RAN_OUT":  codes.Unknown,
 	"REQUEST_OUTCOME_UNKNOWN": codes.FailedPrecondition,
@@ -163,7 +164,12 @@ func (e *Error) Retryable() bool {
 // attempts may have acted. Then, if RepeatSettles, repeat the call with WithIdempotencyKey;
 // else read the port with CaseGetState before acting again.
 func (e *Error) MayHaveActed() bool {
-	if e.EarlierAttemptMayHaveActed || outcomeUnknownReasons[e.Reason] || e.Metadata[requestOutcomeKey] == outcomeUnknown {
+	return e.EarlierAttemptMayHaveActed || e.answerMayHaveActed()
+}
+
+// answerMayHaveActed is MayHaveActed by this answer alone, without the call's earlier attempts.
+func (e *Error) answerMayHaveActed() bool {
+	if outcomeUnknownReasons[e.Reason] || e.Metadata[requestOutcomeKey] == outcomeUnknown {
 		return true
 	}
 	if e.Code == codes.Unavailable {
@@ -172,21 +178,27 @@ func (e *Error) MayHaveActed() bool {
 	return mayHaveActedCodes[e.Code] && !nothingSentReasons[e.Reason]
 }
 
-// RepeatSettles says whether the controller may have acted (MayHaveActed) and a repeat of the
+// RepeatSettles says whether this answer says the controller may have acted and a repeat of the
 // call with WithIdempotencyKey(IdempotencyKey) can settle what it did: the gateway process that
 // holds the key answers such a repeat from the first call or from the port, and sends it again
-// only if the port shows it was not acted on (README, "Idempotency: request_id"). False after
-// the README's gateway errors whose repeat cannot, marked requestOutcome: unknown or not:
-// SHUTDOWN_GRACE_RAN_OUT (the process that held the key has exited, and the one a repeat
-// reaches never saw it, so sends it as a new call, which may move a robot twice),
-// REQUEST_OUTCOME_UNKNOWN (a repeat has already read the port and could not tell) and
-// UPSTREAM_HTTP_ERROR as INTERNAL (a status the task interface never answers, most often a
-// wrong controller URL, which a repeat would read the port through too; fixing it restarts the
-// gateway, which forgets the key). After those, read the port with CaseGetState before acting
-// again.
+// only if the port shows it was not acted on (README, "Idempotency: request_id"). Judged by this
+// answer alone (MayHaveActed without the call's earlier attempts): an answer marked
+// requestOutcome: unknown, or one the README's column says may have acted. An unmarked definite
+// answer to a repeat (fault 1148, a kept fault such as 1149, REQUEST_ID_REUSED) means the
+// gateway did not hold the key's unknown outcome: it took the key as new (forgotten after its
+// window, evicted, restarted, another replica) or has a definite answer stored, so a further
+// repeat settles nothing; after 1148 (the first call's operation most likely running),
+// repeating until it ends would start a second. False too after the README's gateway errors
+// whose repeat cannot settle it, marked requestOutcome: unknown or not: SHUTDOWN_GRACE_RAN_OUT
+// (the process that held the key has exited, and the one a repeat reaches never saw it, so
+// sends it as a new call, which may move a robot twice), REQUEST_OUTCOME_UNKNOWN (a repeat has
+// already read the port and could not tell) and UPSTREAM_HTTP_ERROR as INTERNAL (a status the
+// task interface never answers, most often a wrong controller URL, which a repeat would read
+// the port through too; fixing it restarts the gateway, which forgets the key). Whenever
+// MayHaveActed but not this, read the port with CaseGetState before acting again.
 func (e *Error) RepeatSettles() bool {
 	code, unsettled := unsettledRows[e.Reason]
-	return e.MayHaveActed() && !(unsettled && code == e.Code)
+	return e.answerMayHaveActed() && !(unsettled && code == e.Code)
 }
 
 // ErrorOf turns any error into an *Error: an *Error (from Client) as it is, a gRPC status with

@@ -112,7 +112,8 @@ const OUTCOME_UNKNOWN_REASONS = new Set(["REQUEST_OUTCOME_UNKNOWN"]);
 // The README's gateway errors (its "Gateway errors" table) after which the controller may have
 // acted but a repeat with the same key cannot settle what it did, by reason and code: the rows
 // whose advice says "not even with the same request_id". UPSTREAM_HTTP_ERROR is one only as
-// INTERNAL, not as UNKNOWN.
+// INTERNAL, not as UNKNOWN. tests/integration/contract.rs checks this copy against the gateway's
+// table.
 const UNSETTLED_ROWS = new Map([
   ["SHUTDOWN_GRACE_RAN_OUT", grpc.status.UNKNOWN],
   ["REQUEST_OUTCOME_UNKNOWN", grpc.status.FAILED_PRECONDITION],
@@ -195,27 +196,39 @@ class TaskGateError extends Error {
    * the port with caseGetState before acting again.
    */
   get mayHaveActed() {
-    if (this.earlierAttemptMayHaveActed || OUTCOME_UNKNOWN_REASONS.has(this.reason)) return true;
+    return this.earlierAttemptMayHaveActed || this.#answerMayHaveActed();
+  }
+
+  /** `mayHaveActed` by this answer alone, without the call's earlier attempts. */
+  #answerMayHaveActed() {
+    if (OUTCOME_UNKNOWN_REASONS.has(this.reason)) return true;
     if (this.metadata?.[REQUEST_OUTCOME_KEY] === OUTCOME_UNKNOWN) return true;
     if (this.code === grpc.status.UNAVAILABLE) return !this.reason;
     return MAY_HAVE_ACTED_CODES.has(this.code) && !NOTHING_SENT_REASONS.has(this.reason);
   }
 
   /**
-   * Whether the controller may have acted (`mayHaveActed`) and a repeat of the call with
+   * Whether this answer says the controller may have acted and a repeat of the call with
    * `idempotencyKey` can settle what it did: the gateway process that holds the key answers such
    * a repeat from the first call or from the port, and sends it again only if the port shows it
-   * was not acted on (README, "Idempotency: `request_id`"). False after the README's gateway
-   * errors whose repeat cannot, marked `requestOutcome: unknown` or not: SHUTDOWN_GRACE_RAN_OUT
-   * (the process that held the key has exited, and the one a repeat reaches never saw it, so
-   * sends it as a new call, which may move a robot twice), REQUEST_OUTCOME_UNKNOWN (a repeat has
-   * already read the port and could not tell) and UPSTREAM_HTTP_ERROR as INTERNAL (a status the
-   * task interface never answers, most often a wrong controller URL, which a repeat would read
-   * the port through too; fixing it restarts the gateway, which forgets the key). After those,
-   * read the port with caseGetState before acting again.
+   * was not acted on (README, "Idempotency: `request_id`"). Judged by this answer alone
+   * (`mayHaveActed` without the call's earlier attempts): an answer marked `requestOutcome:
+   * unknown`, or one the README's column says may have acted. An unmarked definite answer to a
+   * repeat (fault 1148, a kept fault such as 1149, REQUEST_ID_REUSED) means the gateway did not
+   * hold the key's unknown outcome: it took the key as new (forgotten after its window, evicted,
+   * restarted, another replica) or has a definite answer stored, so a further repeat settles
+   * nothing; after 1148 (the first call's operation most likely running), repeating until it
+   * ends would start a second. False too after the README's gateway errors whose repeat cannot
+   * settle it, marked `requestOutcome: unknown` or not: SHUTDOWN_GRACE_RAN_OUT (the process that
+   * held the key has exited, and the one a repeat reaches never saw it, so sends it as a new
+   * call, which may move a robot twice), REQUEST_OUTCOME_UNKNOWN (a repeat has already read the
+   * port and could not tell) and UPSTREAM_HTTP_ERROR as INTERNAL (a status the task interface
+   * never answers, most often a wrong controller URL, which a repeat would read the port through
+   * too; fixing it restarts the gateway, which forgets the key). Whenever `mayHaveActed` but not
+   * this, read the port with caseGetState before acting again.
    */
   get repeatSettles() {
-    return this.mayHaveActed && UNSETTLED_ROWS.get(this.reason) !== this.code;
+    return this.#answerMayHaveActed() && UNSETTLED_ROWS.get(this.reason) !== this.code;
   }
 }
 

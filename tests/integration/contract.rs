@@ -1,7 +1,8 @@
 //! The fault table and the gateway-error table are the single source of truth: the proto's enum
-//! comments and the README's error tables must say what they say, retry advice and whether the
-//! controller may have acted included.
+//! comments, the README's error tables and the typed clients' copies must say what they say,
+//! retry advice and whether the controller may have acted included.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
@@ -131,6 +132,92 @@ fn yes_or_no(controller_may_have_acted: bool) -> &'static str {
     } else {
         "no"
     }
+}
+
+/// A typed client's copy of the gateway errors a repeat with the same key cannot settle, its
+/// `repeat_settles` exceptions.
+struct UnsettledCopy {
+    /// The client's source file.
+    file: &'static str,
+    /// The line that opens the literal.
+    opening: &'static str,
+    /// How the client spells a gRPC code, from its gateway name (`FAILED_PRECONDITION`).
+    spell: fn(&str) -> String,
+}
+
+/// The copies in the three typed clients.
+const UNSETTLED_COPIES: [UnsettledCopy; 3] = [
+    UnsettledCopy {
+        file: "clients/python/taskgate_client/__init__.py",
+        opening: "_UNSETTLED_ROWS = frozenset({",
+        spell: |name| format!("grpc.StatusCode.{name}"),
+    },
+    UnsettledCopy {
+        file: "clients/node/client.js",
+        opening: "const UNSETTLED_ROWS = new Map([",
+        spell: |name| format!("grpc.status.{name}"),
+    },
+    UnsettledCopy {
+        file: "clients/go/error.go",
+        opening: "var unsettledRows = map[string]codes.Code{",
+        spell: go_code,
+    },
+];
+
+/// The clients copy the unsettled rows by hand (each decides `repeat_settles` offline), so a row
+/// added to or changed in the gateway's table must reach all three. A copy is read from the
+/// line that opens its literal to the first line that closes a bracket, one row a line: the
+/// first double-quoted string is the reason, the last token the code.
+#[test]
+fn each_client_names_exactly_the_gateway_errors_a_repeat_cannot_settle() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for UnsettledCopy {
+        file,
+        opening,
+        spell,
+    } in UNSETTLED_COPIES
+    {
+        let expected: BTreeSet<(String, String)> = GATEWAY_ERRORS
+            .iter()
+            .filter(|row| row.retry.unsettled())
+            .map(|row| (row.reason.to_owned(), spell(grpc_code_name(row.code))))
+            .collect();
+        assert!(!expected.is_empty(), "the gateway has no unsettled rows");
+        let source = std::fs::read_to_string(root.join(file)).unwrap();
+        let copied: BTreeSet<(String, String)> = source
+            .lines()
+            .skip_while(|line| line.trim() != opening)
+            .skip(1)
+            .take_while(|line| !line.trim_start().starts_with(['}', ']', ')']))
+            .map(|line| {
+                let reason = line.split('"').nth(1).unwrap_or_else(|| {
+                    panic!("{file}: a row of `{opening}` has no quoted reason: {line:?}")
+                });
+                let code = line.trim().trim_end_matches([',', ')', ']']);
+                let code = code.rsplit([' ', ',']).next().unwrap();
+                (reason.to_owned(), code.to_owned())
+            })
+            .collect();
+        let missing: Vec<_> = expected.difference(&copied).collect();
+        let extra: Vec<_> = copied.difference(&expected).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{file} (`{opening}`) is not the gateway's unsettled rows: missing {missing:?}, extra {extra:?}"
+        );
+    }
+}
+
+/// grpc-go's name of a gRPC code, from its gateway name: `codes.FailedPrecondition`.
+fn go_code(name: &str) -> String {
+    // grpc-go spells CANCELLED the American way.
+    if name == "CANCELLED" {
+        return "codes.Canceled".to_owned();
+    }
+    let words: String = name
+        .split('_')
+        .map(|word| word[..1].to_owned() + &word[1..].to_lowercase())
+        .collect();
+    format!("codes.{words}")
 }
 
 /// Every source file says what it is for before anything else (rust-analyzer's `TidyDocs`).

@@ -582,25 +582,39 @@ describe("safe retries", () => {
   ];
   const REPEAT_SETTLES = [
     // The process that held the key has exited: a repeat would be a new call.
-    ["UNKNOWN", "SHUTDOWN_GRACE_RAN_OUT", {}, false],
-    ["UNKNOWN", "SHUTDOWN_GRACE_RAN_OUT", { requestOutcome: "unknown" }, false],
+    ["UNKNOWN", "SHUTDOWN_GRACE_RAN_OUT", {}, false, false],
+    ["UNKNOWN", "SHUTDOWN_GRACE_RAN_OUT", { requestOutcome: "unknown" }, false, false],
+    ["UNKNOWN", "SHUTDOWN_GRACE_RAN_OUT", { requestOutcome: "unknown" }, true, false],
     // A repeat already read the port and could not tell.
-    ["FAILED_PRECONDITION", "REQUEST_OUTCOME_UNKNOWN", {}, false],
+    ["FAILED_PRECONDITION", "REQUEST_OUTCOME_UNKNOWN", {}, false, false],
     // A status the task interface never answers: a repeat reads the port through the same URL.
-    ["INTERNAL", "UPSTREAM_HTTP_ERROR", {}, false],
-    ["UNKNOWN", "UPSTREAM_HTTP_ERROR", {}, true],
-    ["DEADLINE_EXCEEDED", "UPSTREAM_TIMEOUT", {}, true],
-    ["UNKNOWN", "UPSTREAM_CONNECTION_LOST", {}, true],
+    ["INTERNAL", "UPSTREAM_HTTP_ERROR", {}, false, false],
+    ["UNKNOWN", "UPSTREAM_HTTP_ERROR", {}, false, true],
+    ["DEADLINE_EXCEEDED", "UPSTREAM_TIMEOUT", {}, false, true],
+    ["DEADLINE_EXCEEDED", "UPSTREAM_TIMEOUT", {}, true, true],
+    ["UNKNOWN", "UPSTREAM_CONNECTION_LOST", {}, false, true],
     // The connection to the gateway broke: the gateway that got the call holds its key.
-    ["UNAVAILABLE", "", {}, true],
+    ["UNAVAILABLE", "", {}, false, true],
     // Refused: the controller did not act, so there is nothing to settle.
-    ["RESOURCE_EXHAUSTED", "OVERLOADED", {}, false],
-    ["NOT_FOUND", "PORT_IS_NOT_AVAILABLE", {}, false],
+    ["RESOURCE_EXHAUSTED", "OVERLOADED", {}, false, false],
+    ["NOT_FOUND", "PORT_IS_NOT_AVAILABLE", {}, false, false],
+    // A repeat's failed port read: the gateway holds the key's unknown outcome.
+    ["UNAVAILABLE", "UPSTREAM_UNREACHABLE", { requestOutcome: "unknown" }, true, true],
+    // An unmarked definite answer to a repeat: the gateway took the key as new (forgotten,
+    // evicted, restarted, another replica) or has an answer stored, so a further repeat settles
+    // nothing; after 1148 it would start a second extraction.
+    ["UNAVAILABLE", "PREVIOUS_ACTION_NOT_COMPLETED", {}, true, false],
+    ["FAILED_PRECONDITION", "BIN_NOT_SELECTED_FOR_PORT", {}, true, false],
+    ["INVALID_ARGUMENT", "REQUEST_ID_REUSED", {}, true, false],
   ];
-  for (const [codeName, reason, metadata, repeatSettles] of REPEAT_SETTLES) {
+  for (const [codeName, reason, metadata, repeat, repeatSettles] of REPEAT_SETTLES) {
     const marked = metadata.requestOutcome ? ", marked requestOutcome unknown" : "";
-    test(`${codeName} ${reason || "without a reason"}${marked}: a repeat with the key settles it: ${repeatSettles}`, () => {
+    const call = repeat ? "a repeat's" : "a call's";
+    test(`${call} ${codeName} ${reason || "without a reason"}${marked}: a repeat with the key settles it: ${repeatSettles}`, () => {
+      // A repeat is a call given its key, which counts as one after an attempt that may have acted.
       const error = new TaskGateError({ code: grpc.status[codeName], codeName, message: "", reason, metadata });
+      error.idempotencyKey = repeat ? "key" : null;
+      error.earlierAttemptMayHaveActed = repeat;
       assert.equal(error.repeatSettles, repeatSettles);
     });
   }

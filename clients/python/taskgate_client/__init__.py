@@ -100,7 +100,8 @@ _OUTCOME_UNKNOWN_REASONS = frozenset({"REQUEST_OUTCOME_UNKNOWN"})
 # The README's gateway errors (its "Gateway errors" table) after which the controller may have
 # acted but a repeat with the same key cannot settle what it did, by reason and code: the rows
 # whose advice says "not even with the same request_id". UPSTREAM_HTTP_ERROR is one only as
-# INTERNAL, not as UNKNOWN.
+# INTERNAL, not as UNKNOWN. tests/integration/contract.rs checks this copy against the gateway's
+# table.
 _UNSETTLED_ROWS = frozenset({
     ("SHUTDOWN_GRACE_RAN_OUT", grpc.StatusCode.UNKNOWN),
     ("REQUEST_OUTCOME_UNKNOWN", grpc.StatusCode.FAILED_PRECONDITION),
@@ -202,7 +203,11 @@ class TaskGateError(Exception):
         one of whose earlier attempts may have acted. Then, if ``repeat_settles``, repeat the
         call with ``idempotency_key``; else read the port with ``case_get_state`` before acting
         again."""
-        if self.earlier_attempt_may_have_acted or self.reason in _OUTCOME_UNKNOWN_REASONS:
+        return self.earlier_attempt_may_have_acted or self._answer_may_have_acted()
+
+    def _answer_may_have_acted(self) -> bool:
+        """``may_have_acted`` by this answer alone, without the call's earlier attempts."""
+        if self.reason in _OUTCOME_UNKNOWN_REASONS:
             return True
         if self.metadata.get(_REQUEST_OUTCOME_KEY) == _OUTCOME_UNKNOWN:
             return True
@@ -212,19 +217,27 @@ class TaskGateError(Exception):
 
     @property
     def repeat_settles(self) -> bool:
-        """Whether the controller may have acted (``may_have_acted``) and a repeat of the call
-        with ``idempotency_key`` can settle what it did: the gateway process that holds the key
+        """Whether this answer says the controller may have acted and a repeat of the call with
+        ``idempotency_key`` can settle what it did: the gateway process that holds the key
         answers such a repeat from the first call or from the port, and sends it again only if
-        the port shows it was not acted on (README, "Idempotency: ``request_id``"). False after
-        the README's gateway errors whose repeat cannot, marked ``requestOutcome: unknown`` or
-        not: ``SHUTDOWN_GRACE_RAN_OUT`` (the process that held the key has exited, and the one
-        a repeat reaches never saw it, so sends it as a new call, which may move a robot
-        twice), ``REQUEST_OUTCOME_UNKNOWN`` (a repeat has already read the port and could not
-        tell) and ``UPSTREAM_HTTP_ERROR`` as ``INTERNAL`` (a status the task interface never
-        answers, most often a wrong controller URL, which a repeat would read the port through
-        too; fixing it restarts the gateway, which forgets the key). After those, read the
-        port with ``case_get_state`` before acting again."""
-        return self.may_have_acted and (self.reason, self.code) not in _UNSETTLED_ROWS
+        the port shows it was not acted on (README, "Idempotency: ``request_id``"). Judged by
+        this answer alone (``may_have_acted`` without the call's earlier attempts): an answer
+        marked ``requestOutcome: unknown``, or one the README's column says may have acted. An
+        unmarked definite answer to a repeat (fault 1148, a kept fault such as 1149,
+        ``REQUEST_ID_REUSED``) means the gateway did not hold the key's unknown outcome: it took
+        the key as new (forgotten after its window, evicted, restarted, another replica) or has
+        a definite answer stored, so a further repeat settles nothing; after 1148 (the first
+        call's operation most likely running), repeating until it ends would start a second. False too
+        after the README's gateway errors whose repeat cannot settle it, marked
+        ``requestOutcome: unknown`` or not: ``SHUTDOWN_GRACE_RAN_OUT`` (the process that held
+        the key has exited, and the one a repeat reaches never saw it, so sends it as a new
+        call, which may move a robot twice), ``REQUEST_OUTCOME_UNKNOWN`` (a repeat has already
+        read the port and could not tell) and ``UPSTREAM_HTTP_ERROR`` as ``INTERNAL`` (a status
+        the task interface never answers, most often a wrong controller URL, which a repeat
+        would read the port through too; fixing it restarts the gateway, which forgets the
+        key). Whenever ``may_have_acted`` but not this, read the port with ``case_get_state``
+        before acting again."""
+        return self._answer_may_have_acted() and (self.reason, self.code) not in _UNSETTLED_ROWS
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> "TaskGateError":

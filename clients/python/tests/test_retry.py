@@ -137,29 +137,41 @@ def test_each_error_says_whether_to_retry_and_whether_the_controller_may_have_ac
 
 
 @pytest.mark.parametrize(
-    "code, reason, metadata, repeat_settles",
+    "code, reason, metadata, repeat, repeat_settles",
     [
         # The process that held the key has exited: a repeat would be a new call.
-        (grpc.StatusCode.UNKNOWN, "SHUTDOWN_GRACE_RAN_OUT", {}, False),
-        (grpc.StatusCode.UNKNOWN, "SHUTDOWN_GRACE_RAN_OUT", {"requestOutcome": "unknown"}, False),
+        (grpc.StatusCode.UNKNOWN, "SHUTDOWN_GRACE_RAN_OUT", {}, False, False),
+        (grpc.StatusCode.UNKNOWN, "SHUTDOWN_GRACE_RAN_OUT", {"requestOutcome": "unknown"}, False, False),
+        (grpc.StatusCode.UNKNOWN, "SHUTDOWN_GRACE_RAN_OUT", {"requestOutcome": "unknown"}, True, False),
         # A repeat already read the port and could not tell.
-        (grpc.StatusCode.FAILED_PRECONDITION, "REQUEST_OUTCOME_UNKNOWN", {}, False),
+        (grpc.StatusCode.FAILED_PRECONDITION, "REQUEST_OUTCOME_UNKNOWN", {}, False, False),
         # A status the task interface never answers: a repeat reads the port through the same URL.
-        (grpc.StatusCode.INTERNAL, "UPSTREAM_HTTP_ERROR", {}, False),
-        (grpc.StatusCode.UNKNOWN, "UPSTREAM_HTTP_ERROR", {}, True),
-        (grpc.StatusCode.DEADLINE_EXCEEDED, "UPSTREAM_TIMEOUT", {}, True),
-        (grpc.StatusCode.UNKNOWN, "UPSTREAM_CONNECTION_LOST", {}, True),
+        (grpc.StatusCode.INTERNAL, "UPSTREAM_HTTP_ERROR", {}, False, False),
+        (grpc.StatusCode.UNKNOWN, "UPSTREAM_HTTP_ERROR", {}, False, True),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "UPSTREAM_TIMEOUT", {}, False, True),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "UPSTREAM_TIMEOUT", {}, True, True),
+        (grpc.StatusCode.UNKNOWN, "UPSTREAM_CONNECTION_LOST", {}, False, True),
         # The connection to the gateway broke: the gateway that got the call holds its key.
-        (grpc.StatusCode.UNAVAILABLE, "", {}, True),
+        (grpc.StatusCode.UNAVAILABLE, "", {}, False, True),
         # Refused: the controller did not act, so there is nothing to settle.
-        (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED", {}, False),
-        (grpc.StatusCode.NOT_FOUND, "PORT_IS_NOT_AVAILABLE", {}, False),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED", {}, False, False),
+        (grpc.StatusCode.NOT_FOUND, "PORT_IS_NOT_AVAILABLE", {}, False, False),
+        # A repeat's failed port read: the gateway holds the key's unknown outcome.
+        (grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNREACHABLE", {"requestOutcome": "unknown"}, True, True),
+        # An unmarked definite answer to a repeat: the gateway took the key as new (forgotten,
+        # evicted, restarted, another replica) or has an answer stored, so a further repeat
+        # settles nothing; after 1148 it would start a second extraction.
+        (grpc.StatusCode.UNAVAILABLE, "PREVIOUS_ACTION_NOT_COMPLETED", {}, True, False),
+        (grpc.StatusCode.FAILED_PRECONDITION, "BIN_NOT_SELECTED_FOR_PORT", {}, True, False),
+        (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED", {}, True, False),
     ],
 )
 def test_a_repeat_with_the_key_is_offered_only_where_the_gateway_can_settle_it(
-        code, reason, metadata, repeat_settles):
+        code, reason, metadata, repeat, repeat_settles):
+    # A repeat is a call given its key, which counts as one after an attempt that may have acted.
     failure = TaskGateError(code=code, message="", reason=reason, domain="taskgate",
-                            metadata=metadata)
+                            metadata=metadata, idempotency_key="key" if repeat else None,
+                            earlier_attempt_may_have_acted=repeat)
     assert failure.repeat_settles is repeat_settles
 
 
