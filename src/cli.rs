@@ -53,8 +53,8 @@ EXIT STATUS:
 A closed stdout (a reader such as `head -n 1` that has gone) is not an error: the output ends
 there and the exit code is the one above; `watch` stops and exits 0. A stdout that cannot be
 written otherwise (a full disk) is an error on stderr; case-extract and case-cancel still exit
-with the code above (with --wait, 0, 1 or 3 as above) and print their outcome after the error;
-any other command exits 1.";
+with the code above (with --wait, 0, 1 or 3 as above) and print their outcome on stderr, after
+the error; any other command exits 1.";
 
 /// taskgate: a gRPC gateway to the AutoStore task interface.
 ///

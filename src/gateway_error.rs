@@ -21,6 +21,12 @@ pub struct GatewayError {
     pub code: Code,
     /// When a caller receives it, as the README says it.
     pub when: &'static str,
+    /// Whether the gateway had taken the call's `request_id` (found it new, or held its call)
+    /// when it answered this; refusals before that (auth, the in-flight limit, the message's
+    /// checks) say nothing of the key. An answer after it, to a repeat, not marked
+    /// `requestOutcome: unknown` nor replayed, says the gateway held no unknown outcome for the
+    /// key: it took the call as new.
+    pub key_claimed: bool,
     /// Whether the controller may have acted, and what a caller may do.
     pub retry: GatewayRetry,
 }
@@ -67,6 +73,7 @@ pub const INVALID_PARAMETER: GatewayError = GatewayError {
            field and range (at most ten, then a last one `and N more` counts the \
            rest, as the message does, so the reply stays within any client's header limit); the \
            controller was not called",
+    key_claimed: false,
     retry: GatewayRetry::NotActed("no; fix the request"),
 };
 /// A `request_id` the gateway remembers, sent with other parameters.
@@ -76,6 +83,7 @@ pub const REQUEST_ID_REUSED: GatewayError = GatewayError {
     when: "a `request_id` the gateway remembers (for `--idempotency-window` after its call \
            ended) came on another method, or with another `port_id` or `bin_id`; metadata \
            `requestId`; the controller was not called",
+    key_claimed: false,
     retry: GatewayRetry::NotActed("no; send a fresh `request_id` for each new call"),
 };
 /// A repeat that waited for the first call with its `request_id` until its time ran out.
@@ -86,6 +94,7 @@ pub const REQUEST_IN_PROGRESS: GatewayError = GatewayError {
            smaller of its own deadline (less a margin of 10 %, at most 100 ms) and \
            `--upstream-timeout`; a first call that is itself a repeat reading the port, then \
            sending again, can take twice that; metadata `requestId`",
+    key_claimed: true,
     retry: GatewayRetry::RepeatSameKey,
 };
 /// A repeat after an unknown outcome, and a port state, or a resend, that does not tell what
@@ -102,6 +111,7 @@ pub const REQUEST_OUTCOME_UNKNOWN: GatewayError = GatewayError {
            unknown outcome again), as when the first call reached the controller after the port \
            was read; the message names the state and bin, and how long ago or how a resend \
            ended, metadata `requestId`, `caseState`",
+    key_claimed: true,
     retry: GatewayRetry::Unsettled(
         "no, not even with the same `request_id`: read the port with `CaseGetState` and decide",
     ),
@@ -114,6 +124,7 @@ pub const IDEMPOTENCY_TABLE_FULL: GatewayError = GatewayError {
            flight or had an unknown outcome, which are never forgotten before \
            `--idempotency-window` has passed (forgotten, a repeat would be sent without reading \
            the port); metadata `requestId`; the controller was not called",
+    key_claimed: true,
     retry: GatewayRetry::NotActed(
         "later, with backoff, once entries have expired; or raise `--idempotency-max-entries`",
     ),
@@ -124,6 +135,7 @@ pub const UPSTREAM_UNREACHABLE: GatewayError = GatewayError {
     code: Code::Unavailable,
     when: "the connection to the controller could not be made: refused, DNS failed, or the \
            controller's TLS certificate was not trusted (tried twice); nothing was sent",
+    key_claimed: true,
     retry: GatewayRetry::AfterDelay,
 };
 /// The connection failed once the request may have been sent.
@@ -133,6 +145,7 @@ pub const UPSTREAM_CONNECTION_LOST: GatewayError = GatewayError {
     when: "the connection failed after the request may have been sent: closed or reset before \
            or during the reply, a reply cut short, or bytes that are not an HTTP/1.1 reply \
            (garbage, two different `Content-Length`s)",
+    key_claimed: true,
     retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
 };
 /// HTTP 503 or 429: by HTTP's definition of them, the request was not processed.
@@ -142,6 +155,7 @@ pub const UPSTREAM_HTTP_DECLINED: GatewayError = GatewayError {
     when: "HTTP 503 or 429 without a fault or a success reply in the body: the controller \
            declined the request (as HTTP defines these statuses; the vendor does not document \
            them); metadata `httpStatus`",
+    key_claimed: true,
     retry: GatewayRetry::AfterDelay,
 };
 /// Any other 5xx: the controller, or a proxy before it, failed while handling the request.
@@ -151,6 +165,7 @@ pub const UPSTREAM_HTTP_SERVER_ERROR: GatewayError = GatewayError {
     when: "HTTP 500, 502, 504 or any other 5xx without a fault in the body, 503 included when \
            the body is a success reply (the controller says it acted): the request may have \
            been acted on before it failed; metadata `httpStatus`",
+    key_claimed: true,
     retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
 };
 /// Any other non-2xx status: not what the task interface answers.
@@ -159,6 +174,7 @@ pub const UPSTREAM_HTTP_OTHER: GatewayError = GatewayError {
     code: Code::Internal,
     when: "any other non-2xx status without a fault in the body (`101`, `404`, 429 with a \
            success reply, …); metadata `httpStatus`",
+    key_claimed: true,
     retry: GatewayRetry::Unsettled(
         "no, not even with the same `request_id`: check the controller URL and what answers \
          there, then read the port with `CaseGetState`",
@@ -170,6 +186,7 @@ pub const UPSTREAM_TIMEOUT: GatewayError = GatewayError {
     code: Code::DeadlineExceeded,
     when: "no reply within the smaller of your deadline (less a margin of 10 %, at most \
            100 ms) and `--upstream-timeout`; metadata `timeoutMs`",
+    key_claimed: true,
     retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
 };
 /// A call still waiting for the controller when the shutdown grace ran out.
@@ -180,6 +197,7 @@ pub const SHUTDOWN_GRACE_RAN_OUT: GatewayError = GatewayError {
            `--shutdown-grace` ran out (less its last second, kept for answering): the gateway \
            stopped waiting, answered this and exited; the POST may have been sent; metadata \
            `grace`",
+    key_claimed: true,
     retry: GatewayRetry::Unsettled(
         "no, not even with the same `request_id`: read the port with `CaseGetState` first",
     ),
@@ -189,6 +207,7 @@ pub const UNAUTHENTICATED: GatewayError = GatewayError {
     reason: "UNAUTHENTICATED",
     code: Code::Unauthenticated,
     when: "auth is on and the call has no valid bearer token",
+    key_claimed: false,
     retry: GatewayRetry::NotActed("with a valid token"),
 };
 /// Shed at the in-flight limit.
@@ -197,6 +216,7 @@ pub const OVERLOADED: GatewayError = GatewayError {
     code: Code::ResourceExhausted,
     when: "more than `--max-in-flight` task calls were in flight; this one was shed at once and \
            the controller was not called",
+    key_claimed: false,
     retry: GatewayRetry::NotActed("yes, with backoff"),
 };
 /// A health Watch past `--max-health-watches`.
@@ -205,6 +225,7 @@ pub const TOO_MANY_HEALTH_WATCHES: GatewayError = GatewayError {
     code: Code::ResourceExhausted,
     when: "a health `Watch` while `--max-health-watches` are open (metadata `limit` only: it is \
            not a task call)",
+    key_claimed: false,
     retry: GatewayRetry::NotActed("once a Watch has closed; or use `Check`"),
 };
 /// A deadline too short to call the controller at all.
@@ -212,6 +233,7 @@ pub const DEADLINE_TOO_SHORT: GatewayError = GatewayError {
     reason: "DEADLINE_TOO_SHORT",
     code: Code::DeadlineExceeded,
     when: "your deadline leaves less than 10 ms to call the controller; nothing was sent",
+    key_claimed: true,
     retry: GatewayRetry::NotActed("with a longer deadline"),
 };
 /// A 2xx reply that is not a task-interface response.
@@ -222,6 +244,7 @@ pub const UPSTREAM_BAD_RESPONSE: GatewayError = GatewayError {
            non-integer code, …); for CaseGetState also a reply without `port_id` or \
            `case_state`, with a state the gateway does not know, or about another port than \
            asked (never guessed at)",
+    key_claimed: true,
     retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
 };
 /// A reply past `--max-response-bytes`.
@@ -229,6 +252,7 @@ pub const UPSTREAM_RESPONSE_TOO_LARGE: GatewayError = GatewayError {
     reason: "UPSTREAM_RESPONSE_TOO_LARGE",
     code: Code::Internal,
     when: "the reply is larger than `--max-response-bytes` (default 64 KiB)",
+    key_claimed: true,
     retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
 };
 

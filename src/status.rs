@@ -59,7 +59,8 @@ pub(crate) enum CallError {
     InvalidArgument(Vec<Violation>),
     /// The caller's deadline leaves no time to call the controller.
     DeadlineTooShort {
-        /// The caller's deadline, from `grpc-timeout`.
+        /// What was left of the caller's deadline (from `grpc-timeout`) when the controller
+        /// was to be called.
         deadline: Duration,
     },
     /// Too many calls are in flight; this one was shed before doing anything.

@@ -250,6 +250,8 @@ struct Row {
     after_delay: bool,
     /// Whether a repeat with the same key cannot settle what the call did.
     unsettled: bool,
+    /// Whether the gateway had taken the call's key when it answered.
+    key_claimed: bool,
     /// Whether the gateway keeps the answer for the key, so that a repeat gets it again.
     kept_for_repeats: bool,
     /// The advice, as the README's tables give it.
@@ -270,6 +272,7 @@ fn row_of(status: &tonic::Status) -> Option<Row> {
                 may_have_acted: row.retry.controller_may_have_acted(),
                 after_delay: row.retry.has_retry_info(),
                 unsettled: row.retry.unsettled(),
+                key_claimed: row.key_claimed,
                 kept_for_repeats: false,
                 advice: row.retry.advice(),
             })
@@ -281,6 +284,8 @@ fn row_of(status: &tonic::Status) -> Option<Row> {
                 may_have_acted: retry.controller_may_have_acted(),
                 after_delay: retry.has_retry_info(),
                 unsettled: false,
+                // A fault is the controller's answer, sent after the key was taken.
+                key_claimed: true,
                 kept_for_repeats: retry.kept_for_repeats(),
                 advice: retry.advice(),
             })
@@ -311,10 +316,7 @@ where
                 .and_then(|()| request_id_line(&metadata).map_or(Ok(()), output::line));
             output::exit_after(printed, Exit::Success)
         }
-        Err(status) => output::exit_after(
-            print_failure(what, &status, CallKind::Read),
-            Exit::CallFailed,
-        ),
+        Err(status) => output::exit_after(print_failure(what, &status), Exit::CallFailed),
     }
 }
 
@@ -388,7 +390,7 @@ pub(super) fn end_command((exit, told): (Exit, Told)) -> Outcome {
 
 /// What a failed call may have done, which decides the retry advice printed for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum CallKind {
+enum CallKind {
     /// Reads state and moves nothing, so it is always safe to send again.
     Read,
     /// May move a robot: sent again only where the gateway says it is safe.
@@ -397,9 +399,9 @@ pub(super) enum CallKind {
     Repeat,
 }
 
-/// Prints a failed call for operators: the status described, then the request ID.
-pub(super) fn print_failure(what: &str, status: &tonic::Status, kind: CallKind) -> Printed {
-    output::line(describe_status(what, status, kind))?;
+/// Prints a failed read for operators: the status described, then the request ID.
+pub(super) fn print_failure(what: &str, status: &tonic::Status) -> Printed {
+    output::line(describe_status(what, status, CallKind::Read))?;
     request_id_line(status.metadata()).map_or(Ok(()), output::line)
 }
 
@@ -477,11 +479,15 @@ fn retry_advice(status: &tonic::Status, kind: CallKind) -> String {
     match (kind, row, delay) {
         _ if command && offers_key_repeat(status) => KEY_ADVICE.to_owned(),
         (_, Some(row), _) if command && row.may_have_acted => in_cli_terms(row.advice),
-        // Had the gateway held the earlier call's unknown outcome, it would have read the port
-        // first and marked a failure of that (`marked_unknown`): it took the key as new
-        // (restarted, another process, past its window), and a retry would be a new call. After
-        // 1148, the operation the controller is busy with may be that very call's.
-        (CallKind::Repeat, Some(row), _) if row.after_delay => REPEAT_REFUSED_ADVICE.to_owned(),
+        // Had the gateway held an earlier call's unknown outcome for the key, it would have read
+        // the port first and marked a failure of that (`marked_unknown`), or replayed a kept
+        // answer: it took the call as new (restarted, another process, past its window), and
+        // any retry it invites would be a new call too.
+        (CallKind::Repeat, Some(row), _)
+            if row.key_claimed && !marked_unknown(status) && !replayed(status) =>
+        {
+            REPEAT_REFUSED_ADVICE.to_owned()
+        }
         (_, _, Some(delay)) => format!("safe after {}", humantime::format_duration(delay)),
         (_, Some(row), None) if !row.may_have_acted && !row.after_delay => in_cli_terms(row.advice),
         // A row whose advice is the delay, sent without one (a command's status that neither
@@ -493,11 +499,15 @@ fn retry_advice(status: &tonic::Status, kind: CallKind) -> String {
     }
 }
 
-/// The advice after a repeat with a key that the gateway answered as a new call, with a
-/// refusal whose row advises trying again after a delay.
-const REPEAT_REFUSED_ADVICE: &str = "not at once: the gateway did not find this key's earlier \
-     call, which may have acted (after 1148, it may be the operation the controller is busy \
-     with); read the port with case-state first";
+/// The advice after a refusal of a call given its key, which the gateway answered as a new call.
+const REPEAT_REFUSED_ADVICE: &str = "not at once: the gateway held no unknown outcome for this \
+     key and took the call as new; if an earlier call used the key, it may have acted (after \
+     1148, it may be what the controller is busy with): read the port with case-state first";
+
+/// Whether the gateway answered from what it kept for the call's key.
+fn replayed(status: &tonic::Status) -> bool {
+    status.metadata().get(REPLAYED_HEADER).is_some()
+}
 
 /// The line that prints a failed command's idempotency key `key` (`given` with
 /// `--idempotency-key`), if it is printed: "repeat with" exactly where the retry line offers
@@ -634,11 +644,13 @@ mod tests {
         tonic::Status::with_error_details(code, "failed", details)
     }
 
-    /// A command given its key whose refusal the gateway did not mark: the gateway took the key
-    /// as new, so the delay's retry is not offered; a marked one, or an unknown outcome, is
-    /// repeated with the key as ever.
+    /// A command given its key whose answer the gateway gave after taking the key, unmarked and
+    /// not replayed: the gateway took it as a new call, so no advice to send it again (after a
+    /// delay, with backoff, a longer deadline) is given; a marked one, or an unknown outcome, is
+    /// repeated with the key as ever, and a refusal before the key was looked at says nothing
+    /// of it.
     #[test]
-    fn a_repeat_answered_as_a_new_call_is_not_retried_after_the_delay() {
+    fn a_repeat_answered_as_a_new_call_is_not_advised_to_be_sent_again() {
         let fault = |code: u32| {
             let class = fault::classify(code);
             let delayed = class.retry().has_retry_info();
@@ -666,6 +678,22 @@ mod tests {
                 "safe after 1s",
             ),
             (
+                fault(1149),
+                REPEAT_REFUSED_ADVICE.to_owned(),
+                "do not retry until the port's state changes",
+            ),
+            (
+                gateway(&gateway_error::IDEMPOTENCY_TABLE_FULL),
+                REPEAT_REFUSED_ADVICE.to_owned(),
+                "later, with backoff, once entries have expired; or raise \
+                 --idempotency-max-entries",
+            ),
+            (
+                gateway(&gateway_error::DEADLINE_TOO_SHORT),
+                REPEAT_REFUSED_ADVICE.to_owned(),
+                "with a longer deadline",
+            ),
+            (
                 gateway(&gateway_error::UPSTREAM_UNREACHABLE),
                 REPEAT_REFUSED_ADVICE.to_owned(),
                 "safe after 1s",
@@ -676,6 +704,7 @@ mod tests {
                 KEY_ADVICE.to_owned(),
                 KEY_ADVICE,
             ),
+            // Refused before the key was looked at: it says nothing of an earlier call.
             (
                 gateway(&gateway_error::OVERLOADED),
                 "yes, with backoff".to_owned(),
@@ -691,6 +720,44 @@ mod tests {
             assert_eq!(
                 retry_advice(&status, CallKind::Command),
                 command,
+                "{status:?}"
+            );
+        }
+        // Every row: a repeat's answer that the gateway gave after taking the key, which says
+        // the controller did not act, is never followed by advice to send again; every other
+        // answer is advised as a command's.
+        let gateway_rows = gateway_error::GATEWAY_ERRORS.iter().map(|row| {
+            (
+                gateway(row),
+                row.key_claimed && !row.retry.controller_may_have_acted(),
+            )
+        });
+        let fault_rows = fault::FAULTS.iter().map(|known| {
+            let class = fault::FaultClass::Known(known);
+            (
+                fault(known.code),
+                !class.retry().controller_may_have_acted(),
+            )
+        });
+        for (status, taken_as_new) in gateway_rows.chain(fault_rows) {
+            let expected = if taken_as_new {
+                REPEAT_REFUSED_ADVICE.to_owned()
+            } else {
+                retry_advice(&status, CallKind::Command)
+            };
+            assert_eq!(
+                retry_advice(&status, CallKind::Repeat),
+                expected,
+                "{status:?}"
+            );
+            // Replayed, a kept answer is the first call's: its row's advice stands.
+            let mut replayed = status.clone();
+            replayed
+                .metadata_mut()
+                .insert(REPLAYED_HEADER, "stored".parse().unwrap());
+            assert_eq!(
+                retry_advice(&replayed, CallKind::Repeat),
+                retry_advice(&status, CallKind::Command),
                 "{status:?}"
             );
         }

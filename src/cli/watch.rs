@@ -14,7 +14,7 @@ use taskgate::proto::case_event::Change;
 use taskgate::proto::{CaseEvent, CaseState, WatchCaseEventsRequest};
 
 use super::output::{self, Printed, Unwritten};
-use super::task_call::{self, CallKind, GatewayArgs, PortAndBinArgs};
+use super::task_call::{self, GatewayArgs, PortAndBinArgs};
 use super::{Exit, Outcome, duration, usage};
 
 /// The range of `--wait-timeout`.
@@ -106,7 +106,7 @@ pub(super) async fn watch(args: WatchArgs) -> Outcome {
             }
             Err(status) => {
                 return output::exit_after(
-                    task_call::print_failure(&what, &status, CallKind::Read),
+                    task_call::print_failure(&what, &status),
                     Exit::CallFailed,
                 );
             }
@@ -234,10 +234,7 @@ async fn open(
     match client.watch_case_events(request).await {
         Ok(response) => Ok(Some(response.into_inner())),
         Err(status) => {
-            output::exit_after(
-                task_call::print_failure(what, &status, CallKind::Read),
-                Exit::CallFailed,
-            )?;
+            output::exit_after(task_call::print_failure(what, &status), Exit::CallFailed)?;
             Ok(None)
         }
     }

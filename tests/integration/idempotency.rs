@@ -601,7 +601,18 @@ async fn the_cli_prints_a_given_key_on_every_failure() {
          --idempotency-key out)\n"
     );
     assert!(stdout.contains(&expected), "{stdout}");
+    // The gateway took the key as new: if an earlier call used it, that call may have acted.
+    assert!(
+        stdout
+            .contains("\n  retry:   not at once: the gateway held no unknown outcome for this key"),
+        "{stdout}"
+    );
     let (again, _) = crate::cli::run(&args, 1).await;
+    // Replayed, the refusal is the first call's, and its row's advice stands.
+    assert!(
+        again.contains("\n  retry:   do not retry until the port's state changes\n"),
+        "{again}"
+    );
     assert!(
         again.contains(
             "\n  replayed: the first call's answer; the controller was not called again\n  \
