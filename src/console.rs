@@ -343,6 +343,7 @@ fn page_config(settings: &Settings, auth: bool, timeouts: Timeouts) -> serde_jso
                 "mayHaveActed": row.retry.controller_may_have_acted(),
                 "repeatSameKey": row.retry.repeat_same_key(),
                 "unsettled": row.retry.unsettled(),
+                "keyClaimed": row.key_claimed,
             })
         })
         .collect();

@@ -53,7 +53,7 @@ const CONFIG_SHAPE = record({
   internalFault: FAULT_ROW,
   documentedFaults: list(WHOLE_NUMBER, 2),
   gatewayDomain: STRING,
-  gatewayErrors: list(record({ reason: STRING, code: WHOLE_NUMBER, advice: STRING, mayHaveActed: BOOLEAN, repeatSameKey: BOOLEAN, unsettled: BOOLEAN })),
+  gatewayErrors: list(record({ reason: STRING, code: WHOLE_NUMBER, advice: STRING, mayHaveActed: BOOLEAN, repeatSameKey: BOOLEAN, unsettled: BOOLEAN, keyClaimed: BOOLEAN })),
   codeNames: list(STRING),
 });
 
@@ -568,12 +568,12 @@ async function repeat(action) {
     showLocalError("the gateway restarted (or no longer remembers this key after --idempotency-window): read the port's tile and decide");
     return;
   }
-  await call(action, current.config);
+  await call(action, current.config, { repeat: true });
 }
 
 // One call at a time: two outcomes must not race for #result, and the last outcome's Repeat is
 // withdrawn once another call is under way.
-async function call(action, config) {
+async function call(action, config, { repeat = false } = {}) {
   page.result.className = "result sending";
   page.result.replaceChildren(heading(`sending: ${action.describe} (idempotency key ${action.requestId})`));
   try {
@@ -588,7 +588,7 @@ async function call(action, config) {
     });
     showSuccess(`ok: ${action.describe}: ${replayedNote(replayed) ?? action.success}`, gatewayRequestId);
   } catch (error) {
-    showFailure(action, describeError(error, config));
+    showFailure(action, describeError(error, config, repeat));
   }
 }
 
@@ -702,7 +702,7 @@ function facts(rows) {
 // The code, the fault or the gateway's reason with its meaning, whether a retry is safe (as
 // `taskgate case-extract` prints it: from the RetryInfo) and what to do (from the gateway's own
 // tables), the field violations and the request id.
-function describeError(error, config) {
+function describeError(error, config, repeat = false) {
   const status = ConnectError.from(error);
   const [info] = status.findDetails(ErrorInfoSchema);
   const [taskFault] = status.findDetails(TaskFaultSchema);
@@ -724,8 +724,18 @@ function describeError(error, config) {
   // unless the row says that repeat cannot settle it either (the gateway is stopping, say): its
   // advice, to read the port, then stands.
   const earlierUnknown = info?.metadata.requestOutcome === "unknown" && !gatewayRow?.unsettled;
+  // A Repeat refused after the gateway took its key, neither marked as above nor replayed: the
+  // gateway no longer held the first call's outcome (its entry was evicted, say) and took the
+  // repeat as new, so sending it again, however the refusal invites it, would be a new call
+  // while the first may have acted (after 1148, it may be what the controller is busy with).
+  // As the CLI does, the port is read first.
+  const takenAsNew = repeat && info?.metadata.requestOutcome !== "unknown" &&
+    !status.metadata.get(REPLAYED_HEADER) &&
+    (fault ? !fault.mayHaveActed : gatewayRow !== null && gatewayRow.keyClaimed && !gatewayRow.mayHaveActed);
   const advice = (earlierUnknown
     ? "not with a new call: the earlier call with this key may have acted; repeat it with the same key (the gateway reads the port first), or read the port's tile and decide"
+    : takenAsNew
+    ? "not at once: the gateway took this repeat as a new call, and the first call with this key may have acted; read the port's tile first"
     : fault?.advice ?? gatewayRow?.advice ??
       "not at once: the controller may have acted; check the port's tile first").replaceAll("`", "");
   // Unknown unless the gateway's tables say the controller did not act: a repeat of the call
@@ -744,7 +754,7 @@ function describeError(error, config) {
     reason: info?.reason ?? null,
     fault,
     violations,
-    retry: retryDelayMs === null || earlierUnknown ? "not advised" : `safe after ${cliDuration(retryDelayMs)}`,
+    retry: retryDelayMs === null || earlierUnknown || takenAsNew ? "not advised" : `safe after ${cliDuration(retryDelayMs)}`,
     advice,
     retryDelayMs,
     unreachable,

@@ -208,6 +208,9 @@ async fn the_page_reads_its_ports_auth_deadline_and_the_fault_table_from_the_gat
     // Nor after a failed read of the port where the row says no repeat can settle it.
     assert_eq!(row("SHUTDOWN_GRACE_RAN_OUT")["unsettled"], true);
     assert_eq!(row("UPSTREAM_TIMEOUT")["unsettled"], false);
+    // A Repeat's refusal after the key was taken says the gateway took it as new.
+    assert_eq!(row("DEADLINE_TOO_SHORT")["keyClaimed"], true);
+    assert_eq!(row("OVERLOADED")["keyClaimed"], false);
     assert_eq!(config["codeNames"][16], "UNAUTHENTICATED");
     assert_eq!(config["codeNames"][1], "CANCELLED");
     assert_eq!(config["codeNames"].as_array().unwrap().len(), 17);
