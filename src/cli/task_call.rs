@@ -627,6 +627,30 @@ mod tests {
         tonic::Status::with_error_details(Code::Unavailable, "failed", details)
     }
 
+    /// The status the gateway sends for the controller's fault `code`, as its row makes it.
+    fn fault_status(code: u32) -> tonic::Status {
+        let class = fault::classify(code);
+        let delayed = class.retry().has_retry_info();
+        status_of(
+            class.grpc_code(),
+            fault::DOMAIN,
+            "FAULT",
+            &code.to_string(),
+            delayed,
+        )
+    }
+
+    /// The status the gateway sends for a row of its gateway-error table.
+    fn gateway_status(row: &gateway_error::GatewayError) -> tonic::Status {
+        status_of(
+            row.code,
+            gateway_error::DOMAIN,
+            row.reason,
+            "",
+            row.retry.has_retry_info(),
+        )
+    }
+
     /// A status as the gateway makes it: `ErrorInfo` with `reason` in `domain` (and `faultCode`
     /// when given), a `RetryInfo` of a second when `delay`.
     fn status_of(
@@ -651,62 +675,42 @@ mod tests {
     /// of it.
     #[test]
     fn a_repeat_answered_as_a_new_call_is_not_advised_to_be_sent_again() {
-        let fault = |code: u32| {
-            let class = fault::classify(code);
-            let delayed = class.retry().has_retry_info();
-            status_of(
-                class.grpc_code(),
-                fault::DOMAIN,
-                "FAULT",
-                &code.to_string(),
-                delayed,
-            )
-        };
-        let gateway = |row: &gateway_error::GatewayError| {
-            status_of(
-                row.code,
-                gateway_error::DOMAIN,
-                row.reason,
-                "",
-                row.retry.has_retry_info(),
-            )
-        };
         let cases = [
             (
-                fault(1148),
+                fault_status(1148),
                 REPEAT_REFUSED_ADVICE.to_owned(),
                 "safe after 1s",
             ),
             (
-                fault(1149),
+                fault_status(1149),
                 REPEAT_REFUSED_ADVICE.to_owned(),
                 "do not retry until the port's state changes",
             ),
             (
-                gateway(&gateway_error::IDEMPOTENCY_TABLE_FULL),
+                gateway_status(&gateway_error::IDEMPOTENCY_TABLE_FULL),
                 REPEAT_REFUSED_ADVICE.to_owned(),
                 "later, with backoff, once entries have expired; or raise \
                  --idempotency-max-entries",
             ),
             (
-                gateway(&gateway_error::DEADLINE_TOO_SHORT),
+                gateway_status(&gateway_error::DEADLINE_TOO_SHORT),
                 REPEAT_REFUSED_ADVICE.to_owned(),
                 "with a longer deadline",
             ),
             (
-                gateway(&gateway_error::UPSTREAM_UNREACHABLE),
+                gateway_status(&gateway_error::UPSTREAM_UNREACHABLE),
                 REPEAT_REFUSED_ADVICE.to_owned(),
                 "safe after 1s",
             ),
             (marked_unknown_status(), KEY_ADVICE.to_owned(), KEY_ADVICE),
             (
-                gateway(&gateway_error::UPSTREAM_TIMEOUT),
+                gateway_status(&gateway_error::UPSTREAM_TIMEOUT),
                 KEY_ADVICE.to_owned(),
                 KEY_ADVICE,
             ),
             // Refused before the key was looked at: it says nothing of an earlier call.
             (
-                gateway(&gateway_error::OVERLOADED),
+                gateway_status(&gateway_error::OVERLOADED),
                 "yes, with backoff".to_owned(),
                 "yes, with backoff",
             ),
@@ -728,14 +732,14 @@ mod tests {
         // answer is advised as a command's.
         let gateway_rows = gateway_error::GATEWAY_ERRORS.iter().map(|row| {
             (
-                gateway(row),
+                gateway_status(row),
                 row.key_claimed && !row.retry.controller_may_have_acted(),
             )
         });
         let fault_rows = fault::FAULTS.iter().map(|known| {
             let class = fault::FaultClass::Known(known);
             (
-                fault(known.code),
+                fault_status(known.code),
                 !class.retry().controller_may_have_acted(),
             )
         });
@@ -769,26 +773,6 @@ mod tests {
     #[test]
     fn the_key_line_says_what_a_repeat_with_the_key_gets() {
         const KEY: &str = "3f6c2a1e-8b4d-4c5e-9f0a-1b2c3d4e5f6a";
-        let fault = |code: u32| {
-            let class = fault::classify(code);
-            let delayed = class.retry().has_retry_info();
-            status_of(
-                class.grpc_code(),
-                fault::DOMAIN,
-                "FAULT",
-                &code.to_string(),
-                delayed,
-            )
-        };
-        let gateway = |row: &gateway_error::GatewayError| {
-            status_of(
-                row.code,
-                gateway_error::DOMAIN,
-                row.reason,
-                "",
-                row.retry.has_retry_info(),
-            )
-        };
         let repeat = format!("  idempotency key: {KEY} (repeat with --idempotency-key {KEY})");
         let kept = format!(
             "  idempotency key: {KEY} (the same gateway process answers a repeat with it the \
@@ -800,29 +784,29 @@ mod tests {
         );
         let bare = format!("  idempotency key: {KEY}");
         let cases = [
-            (fault(1149), true, Some(kept.clone())),
-            (fault(1000), true, Some(kept)),
-            (fault(1149), false, None),
-            (fault(1148), true, Some(bare.clone())),
-            (fault(1148), false, None),
-            (fault(1999), false, Some(repeat.clone())),
+            (fault_status(1149), true, Some(kept.clone())),
+            (fault_status(1000), true, Some(kept)),
+            (fault_status(1149), false, None),
+            (fault_status(1148), true, Some(bare.clone())),
+            (fault_status(1148), false, None),
+            (fault_status(1999), false, Some(repeat.clone())),
             (
-                gateway(&gateway_error::UPSTREAM_TIMEOUT),
+                gateway_status(&gateway_error::UPSTREAM_TIMEOUT),
                 false,
                 Some(repeat),
             ),
             (
-                gateway(&gateway_error::SHUTDOWN_GRACE_RAN_OUT),
+                gateway_status(&gateway_error::SHUTDOWN_GRACE_RAN_OUT),
                 false,
                 Some(unsettled.clone()),
             ),
             (
-                gateway(&gateway_error::UPSTREAM_HTTP_OTHER),
+                gateway_status(&gateway_error::UPSTREAM_HTTP_OTHER),
                 true,
                 Some(unsettled),
             ),
-            (gateway(&gateway_error::OVERLOADED), true, Some(bare)),
-            (gateway(&gateway_error::OVERLOADED), false, None),
+            (gateway_status(&gateway_error::OVERLOADED), true, Some(bare)),
+            (gateway_status(&gateway_error::OVERLOADED), false, None),
         ];
         for (status, given, line) in cases {
             assert_eq!(

@@ -610,25 +610,13 @@ async fn a_full_stdout_is_an_error_that_keeps_what_the_command_did() {
     );
     let serve = TaskgateProcess::start(&["--simulator-config", layout.to_str().unwrap()]).await;
     let to_full_stdout = |args: &[&str]| {
-        let output = Command::new(BIN)
-            .args(args)
-            .args(["--gateway", &serve.gateway])
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create("/dev/full").unwrap())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-            .wait_with_output();
-        async {
-            let output = within(PROCESS_WAIT, "taskgate did not exit", output)
-                .await
-                .unwrap();
-            (
-                output.status.code(),
-                without_request_ids(&String::from_utf8(output.stderr).unwrap()),
-            )
-        }
+        let gateway = ["--gateway", serve.gateway.as_str()];
+        to_full_stdout(
+            args.iter()
+                .chain(&gateway)
+                .map(|arg| arg.to_string())
+                .collect(),
+        )
     };
     let full = "error: cannot write to stdout: No space left on device (os error 28)";
     assert_eq!(
@@ -706,17 +694,34 @@ async fn a_full_stdout_does_not_lose_the_key_of_an_unknown_outcome() {
     let gateway = Gateway::builder().upstream(&upstream.url).start().await;
     let address = format!("http://{}", gateway.address);
     let key = "3f6c2a1e-8b4d-4c5e-9f0a-1b2c3d4e5f6a";
+    let args = [
+        "case-extract",
+        "--gateway",
+        &address,
+        "--port",
+        "4",
+        "--bin",
+        "101337",
+    ];
+    let args = [&args[..], &["--idempotency-key", key]].concat();
+    let (code, stderr) = to_full_stdout(args.iter().map(|arg| arg.to_string()).collect()).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "error: cannot write to stdout: No space left on device (os error 28); not printed \
+             there:\nfailed: case_extract port 4 bin 101337: UNKNOWN\n"
+        ) && stderr.ends_with(&format!(
+            "\n  idempotency key: {key} (repeat with --idempotency-key {key})\n"
+        )),
+        "{stderr}"
+    );
+}
+
+/// Runs taskgate with `args` and a stdout that cannot be written (`/dev/full`): its exit code
+/// and its stderr, without the `request id:` lines.
+async fn to_full_stdout(args: Vec<String>) -> (Option<i32>, String) {
     let output = Command::new(BIN)
-        .args([
-            "case-extract",
-            "--gateway",
-            &address,
-            "--port",
-            "4",
-            "--bin",
-            "101337",
-        ])
-        .args(["--idempotency-key", key])
+        .args(args)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create("/dev/full").unwrap())
@@ -727,17 +732,8 @@ async fn a_full_stdout_does_not_lose_the_key_of_an_unknown_outcome() {
     let output = within(PROCESS_WAIT, "taskgate did not exit", output)
         .await
         .unwrap();
-    let stderr = without_request_ids(&String::from_utf8(output.stderr).unwrap());
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.starts_with(
-            "error: cannot write to stdout: No space left on device (os error 28); not printed \
-             there:\nfailed: case_extract port 4 bin 101337: UNKNOWN\n"
-        ) && stderr.ends_with(&format!(
-            "\n  idempotency key: {key} (repeat with --idempotency-key {key})\n"
-        )),
-        "{stderr}"
-    );
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    (output.status.code(), without_request_ids(&stderr))
 }
 
 /// `text` without its `request id:` lines, whose IDs are fresh each time.
