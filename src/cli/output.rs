@@ -42,25 +42,22 @@ pub(super) fn text(text: impl Display) -> Printed {
         })
 }
 
-/// `exit` once the output is printed, or its reader gone. A failed write is an error, exit 1
-/// if the command would have exited 0: a read, a watch, a report, whose output is the result.
+/// `exit` once the output is printed, or its reader gone. A failed write is an error with the
+/// same exit code, but 1 for a 0: a read, a watch, a report, whose output is the result. (A
+/// command sent to the controller ends through `task_call::end_command`, which keeps its 0.)
 pub(super) fn exit_after(printed: Printed, exit: Exit) -> Outcome {
-    exit_after_command(printed, exit).map_err(|(exit, error)| match exit {
-        Exit::Success => (Exit::CallFailed, error),
-        other => (other, error),
-    })
-}
-
-/// `exit` once the output is printed, or its reader gone, for a command sent to the controller:
-/// a failed write is an error with the same exit code, since a 1 for an extraction that was
-/// accepted would have a script send it again.
-pub(super) fn exit_after_command(printed: Printed, exit: Exit) -> Outcome {
     match printed {
         Ok(()) | Err(Unwritten::ReaderGone) => Ok(exit),
-        Err(Unwritten::Failed(error)) => Err((
-            exit,
-            anyhow::Error::new(error).context("cannot write to stdout"),
-        )),
+        Err(Unwritten::Failed(error)) => {
+            let exit = match exit {
+                Exit::Success => Exit::CallFailed,
+                other => other,
+            };
+            Err((
+                exit,
+                anyhow::Error::new(error).context("cannot write to stdout"),
+            ))
+        }
     }
 }
 
@@ -89,22 +86,12 @@ mod tests {
         );
     }
 
-    /// A failed write keeps every exit code that says what a command did: 0 for an accepted
-    /// extraction included, for a command; a 1 would have a script send it again.
+    /// A failed write keeps every exit code that says what a command did but 0.
     #[test]
     fn a_failed_write_keeps_the_exit_code_of_what_was_done() {
         let failed = || Err(Unwritten::Failed(io::Error::from_raw_os_error(5)));
-        let exits = [Exit::CallFailed, Exit::FollowingStopped, Exit::Usage];
-        for exit in exits {
+        for exit in [Exit::CallFailed, Exit::FollowingStopped, Exit::Usage] {
             assert_eq!(exit_after(failed(), exit).unwrap_err().0, exit);
-        }
-        for exit in exits.into_iter().chain([Exit::Success]) {
-            let (kept, error) = exit_after_command(failed(), exit).unwrap_err();
-            assert_eq!(kept, exit);
-            assert_eq!(
-                format!("{error:#}"),
-                "cannot write to stdout: Input/output error (os error 5)"
-            );
         }
     }
 }

@@ -384,7 +384,7 @@ pub(super) fn end_command((exit, told): (Exit, Told)) -> Outcome {
                 told.text.trim_end()
             ),
         )),
-        printed => output::exit_after_command(printed, exit),
+        Ok(()) | Err(Unwritten::ReaderGone) => Ok(exit),
     }
 }
 
@@ -666,6 +666,30 @@ mod tests {
             details.set_retry_info(Some(Duration::from_secs(1)));
         }
         tonic::Status::with_error_details(code, "failed", details)
+    }
+
+    /// A failed write keeps every exit code of a command, 0 for an accepted extraction
+    /// included (a 1 would have a script send it again), and gives what was not printed.
+    #[test]
+    fn a_failed_write_keeps_the_exit_code_of_what_was_done() {
+        let told = || Told {
+            text: "ok: case_extract port 4 bin 1: accepted\n".to_owned(),
+            printed: Err(Unwritten::Failed(std::io::Error::from_raw_os_error(5))),
+        };
+        for exit in [
+            Exit::Success,
+            Exit::CallFailed,
+            Exit::FollowingStopped,
+            Exit::Usage,
+        ] {
+            let (kept, error) = end_command((exit, told())).unwrap_err();
+            assert_eq!(kept, exit);
+            assert_eq!(
+                format!("{error:#}"),
+                "cannot write to stdout: Input/output error (os error 5); not printed there:\n\
+                 ok: case_extract port 4 bin 1: accepted"
+            );
+        }
     }
 
     /// A command given its key whose answer the gateway gave after taking the key, unmarked and
