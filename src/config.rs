@@ -189,6 +189,14 @@ pub enum ConfigError {
         /// The value as given, its credentials masked.
         value: String,
     },
+    /// An `--upstream-proxy` that is not `http://HOST:PORT`.
+    #[error("--upstream-proxy '{url}' {reason}")]
+    InvalidProxy {
+        /// The value as given, its credentials masked.
+        url: String,
+        /// What is wrong with it, and what to give instead.
+        reason: String,
+    },
     /// A numeric setting outside the range the gateway can run with.
     #[error("{setting} {value} is out of range {range}: {reason}")]
     OutOfRange {
@@ -558,6 +566,46 @@ pub fn parse_upstream_url(raw: &str) -> Result<Url, ConfigError> {
     Ok(url)
 }
 
+/// Parses `--upstream-proxy`: an HTTP forward proxy's `http://HOST:PORT`, with nothing else in it.
+/// The gateway speaks plain HTTP to it and sends it no credentials, so a URL that seemed to ask
+/// for TLS or to carry a password would mislead; errors show the value with its credentials
+/// masked.
+pub fn parse_upstream_proxy(raw: &str) -> Result<Url, ConfigError> {
+    let refuse = |reason: &str| ConfigError::InvalidProxy {
+        url: redact_url(raw).into_owned(),
+        reason: reason.to_owned(),
+    };
+    let url = Url::parse(raw).map_err(|error| {
+        refuse(&format!(
+            "is not a valid URL: {error}; give http://HOST:PORT"
+        ))
+    })?;
+    if url.scheme() != "http" {
+        return Err(refuse(
+            "must start with http://: the gateway speaks plain HTTP to its proxy (an https:// \
+             controller's calls still cross it inside their own TLS)",
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(refuse(
+            "has credentials, which are never sent: the gateway does not log in to a proxy; \
+             let the proxy admit the gateway by its address",
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(refuse("has no host; give http://HOST:PORT"));
+    }
+    if url.port() == Some(0) {
+        return Err(refuse("has port 0, which cannot be connected to"));
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(refuse(
+            "has a path, query or fragment, which a proxy's address has not; give http://HOST:PORT",
+        ));
+    }
+    Ok(url)
+}
+
 /// Refuses a URL with a user name or password: the controller's task interface takes no
 /// credentials, so they would not be sent, and a URL that seemed to carry them would mislead.
 pub(crate) fn refuse_credentials(url: &Url) -> Result<(), ConfigError> {
@@ -840,6 +888,70 @@ mod tests {
                     .to_owned(),
             }),
         );
+    }
+
+    /// An operator names a forward proxy as `http://HOST:PORT`; anything it would not use, or
+    /// that would seem to mean more than it does, is refused with what to give instead, and a
+    /// password is never shown.
+    #[test]
+    fn upstream_proxies() {
+        for (raw, accepted) in [
+            ("http://proxy.example:3128", "http://proxy.example:3128/"),
+            ("http://10.0.0.9:8080/", "http://10.0.0.9:8080/"),
+            ("http://[::1]:3128", "http://[::1]:3128/"),
+            ("http://proxy", "http://proxy/"),
+        ] {
+            assert_eq!(
+                parse_upstream_proxy(raw).map(|url| url.to_string()),
+                Ok(accepted.to_owned()),
+                "{raw}"
+            );
+        }
+        for (raw, refused) in [
+            (
+                "proxy:3128",
+                "--upstream-proxy 'proxy:3128' must start with http://: the gateway speaks plain \
+                 HTTP to its proxy (an https:// controller's calls still cross it inside their \
+                 own TLS)",
+            ),
+            (
+                "https://proxy:3128",
+                "--upstream-proxy 'https://proxy:3128' must start with http://: the gateway \
+                 speaks plain HTTP to its proxy (an https:// controller's calls still cross it \
+                 inside their own TLS)",
+            ),
+            (
+                "http://user:secret@proxy:3128",
+                "--upstream-proxy 'http://user:***@proxy:3128' has credentials, which are never \
+                 sent: the gateway does not log in to a proxy; let the proxy admit the gateway \
+                 by its address",
+            ),
+            (
+                "http://proxy:3128/api/v2/task",
+                "--upstream-proxy 'http://proxy:3128/api/v2/task' has a path, query or fragment, \
+                 which a proxy's address has not; give http://HOST:PORT",
+            ),
+            (
+                "http://proxy:3128?x=1",
+                "--upstream-proxy 'http://proxy:3128?x=1' has a path, query or fragment, which \
+                 a proxy's address has not; give http://HOST:PORT",
+            ),
+            (
+                "http://proxy:0",
+                "--upstream-proxy 'http://proxy:0' has port 0, which cannot be connected to",
+            ),
+            (
+                "http://proxy:99999",
+                "--upstream-proxy 'http://proxy:99999' is not a valid URL: invalid port number; \
+                 give http://HOST:PORT",
+            ),
+        ] {
+            assert_eq!(
+                parse_upstream_proxy(raw).unwrap_err().to_string(),
+                refused,
+                "{raw}"
+            );
+        }
     }
 
     /// Issue 8, finding 5: whichever check refuses a URL, its password is not in the message.

@@ -154,7 +154,7 @@ pub const UPSTREAM_HTTP_DECLINED: GatewayError = GatewayError {
     code: Code::Unavailable,
     when: "HTTP 503 or 429 without a fault or a success reply in the body: the controller \
            declined the request (as HTTP defines these statuses; the vendor does not document \
-           them); metadata `httpStatus`",
+           them), unless it came through `--upstream-proxy` (next row); metadata `httpStatus`",
     key_claimed: true,
     retry: GatewayRetry::AfterDelay,
 };
@@ -163,8 +163,10 @@ pub const UPSTREAM_HTTP_SERVER_ERROR: GatewayError = GatewayError {
     reason: "UPSTREAM_HTTP_ERROR",
     code: Code::Unknown,
     when: "HTTP 500, 502, 504 or any other 5xx without a fault in the body, 503 included when \
-           the body is a success reply (the controller says it acted): the request may have \
-           been acted on before it failed; metadata `httpStatus`",
+           the body is a success reply (the controller says it acted), and 503 or 429 from an \
+           http:// controller through `--upstream-proxy` (a proxy may send one after it passed \
+           the request on): the request may have been acted on before it failed; metadata \
+           `httpStatus`",
     key_claimed: true,
     retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
 };

@@ -62,10 +62,11 @@ const WATCH_PATH: &str = "/grpc.health.v1.Health/Watch";
 // === impl Health ===
 
 impl Health {
-    /// Reports NOT_SERVING and starts probing `upstream_url` every `interval`.
+    /// Reports NOT_SERVING and starts probing the controller every `interval`: the next hop of
+    /// its calls, which is `--upstream-proxy` when there is one.
     pub(crate) async fn start(
         reporter: HealthReporter,
-        upstream_url: &Url,
+        upstream: &crate::upstream::Settings,
         interval: Duration,
         metrics: Metrics,
     ) -> Self {
@@ -74,7 +75,16 @@ impl Health {
             .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
             .await;
         metrics.health(false);
-        let target = probe_target(upstream_url);
+        let target = match &upstream.proxy {
+            Some(proxy) => Target {
+                what: "upstream proxy",
+                address: probe_target(proxy),
+            },
+            None => Target {
+                what: "controller",
+                address: probe_target(&upstream.url),
+            },
+        };
         let probe = tokio::spawn(probe_loop(
             reporter.clone(),
             target,
@@ -169,9 +179,17 @@ fn probe_target(upstream_url: &Url) -> (String, u16) {
     (host, port)
 }
 
+/// What the health probe connects to, and what the log calls it.
+struct Target {
+    /// `controller`, or `upstream proxy`: a proxy that accepts connections says nothing of the
+    /// controller behind it, and the log says which was probed.
+    what: &'static str,
+    address: (String, u16),
+}
+
 async fn probe_loop(
     reporter: HealthReporter,
-    target: (String, u16),
+    target: Target,
     interval: Duration,
     metrics: Metrics,
 ) {
@@ -180,19 +198,20 @@ async fn probe_loop(
     let mut reachable = None;
     loop {
         ticker.tick().await;
-        let outcome =
-            tokio::time::timeout(interval, TcpStream::connect((target.0.as_str(), target.1))).await;
+        let (host, port) = (target.address.0.as_str(), target.address.1);
+        let outcome = tokio::time::timeout(interval, TcpStream::connect((host, port))).await;
         let now_reachable = matches!(outcome, Ok(Ok(_)));
         if reachable != Some(now_reachable) {
+            let what = target.what;
             match &outcome {
                 Ok(Ok(_)) => {
-                    tracing::info!(host = %target.0, port = target.1, "controller reachable; health SERVING")
+                    tracing::info!(host = %host, port, "{what} reachable; health SERVING")
                 }
                 Ok(Err(error)) => {
-                    tracing::warn!(host = %target.0, port = target.1, cause = %error, "controller unreachable; health NOT_SERVING")
+                    tracing::warn!(host = %host, port, cause = %error, "{what} unreachable; health NOT_SERVING")
                 }
                 Err(_) => {
-                    tracing::warn!(host = %target.0, port = target.1, "controller connect timed out; health NOT_SERVING")
+                    tracing::warn!(host = %host, port, "{what} connect timed out; health NOT_SERVING")
                 }
             }
             let status = if now_reachable {

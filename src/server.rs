@@ -200,7 +200,7 @@ pub async fn serve(
     let health_service = health_service.max_decoding_message_size(MAX_REQUEST_BYTES);
     let health = Health::start(
         reporter,
-        upstream.url(),
+        &config.upstream,
         config.health_interval,
         metrics.clone(),
     )
@@ -338,7 +338,8 @@ pub async fn serve(
             (Some(_), None) => format!("http://{address}/"),
             (Some(_), Some(_)) => format!("https://{address}/"),
         };
-        tracing::info!(%address, upstream = %task_upstream_url, %log_publisher, tls, %console, max_connections, worker_threads, "gateway listening");
+        let upstream_proxy = config.upstream.proxy.as_ref().map(tracing::field::display);
+        tracing::info!(%address, upstream = %task_upstream_url, upstream_proxy, %log_publisher, tls, %console, max_connections, worker_threads, "gateway listening");
     }
     let mut connections = Connections::new(limits, max_connections.get(), metrics.listener("grpc"));
     // Each connection's task, so that those the grace leaves running end when `serve` returns.

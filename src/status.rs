@@ -460,10 +460,16 @@ fn upstream_row(error: &UpstreamError) -> (&'static GatewayError, Extra) {
             &gateway_error::UPSTREAM_TIMEOUT,
             Extra::TimeoutMs(limit.as_millis()),
         ),
-        UpstreamError::HttpStatus { status, success } => {
+        UpstreamError::HttpStatus {
+            status,
+            success,
+            proxied,
+        } => {
             let row = match status.as_u16() {
-                // A success reply says the controller acted, whatever the status says.
-                429 | 503 if !success => &gateway_error::UPSTREAM_HTTP_DECLINED,
+                // A success reply says the controller acted, whatever the status says; and a
+                // proxy may decline after it passed the request on.
+                429 | 503 if !success && !proxied => &gateway_error::UPSTREAM_HTTP_DECLINED,
+                429 | 503 if *proxied => &gateway_error::UPSTREAM_HTTP_SERVER_ERROR,
                 _ if status.is_server_error() => &gateway_error::UPSTREAM_HTTP_SERVER_ERROR,
                 _ => &gateway_error::UPSTREAM_HTTP_OTHER,
             };
@@ -1017,6 +1023,7 @@ mod tests {
         let http = |code: u16| UpstreamError::HttpStatus {
             status: hyper::StatusCode::from_u16(code).unwrap(),
             success: false,
+            proxied: false,
         };
         // The controller may have acted: a code no standard retry policy retries, no RetryInfo.
         for http_status in [500, 502, 504, 599] {
@@ -1032,6 +1039,25 @@ mod tests {
             let status = check(http(http_status), Code::Unavailable, "UPSTREAM_HTTP_ERROR");
             let retry_info = status.get_details_retry_info().unwrap();
             assert_eq!(retry_info.retry_delay, Some(Duration::from_millis(1500)));
+        }
+        // Through --upstream-proxy to an http:// controller, a 503 or 429 may be the proxy's,
+        // sent after it passed the request on: the controller may have acted.
+        for http_status in [503, 429] {
+            let proxied = UpstreamError::HttpStatus {
+                status: hyper::StatusCode::from_u16(http_status).unwrap(),
+                success: false,
+                proxied: true,
+            };
+            let status = check(proxied, Code::Unknown, "UPSTREAM_HTTP_ERROR");
+            assert!(status.get_details_retry_info().is_none(), "{http_status}");
+            assert_eq!(
+                status.message(),
+                format!(
+                    "case_extract port 4 bin 101337: --upstream-proxy, or the controller behind \
+                     it, answered HTTP {}",
+                    hyper::StatusCode::from_u16(http_status).unwrap()
+                )
+            );
         }
         check(http(404), Code::Internal, "UPSTREAM_HTTP_ERROR");
         check(http(302), Code::Internal, "UPSTREAM_HTTP_ERROR");

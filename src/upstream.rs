@@ -29,7 +29,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use url::Url;
 
 use crate::codec::{Call, DecodeError, Reply, WireFormat, charset_of};
-use crate::config::{ConfigError, defaults, limits, redact_url, refuse_credentials};
+use crate::config::{
+    ConfigError, defaults, limits, parse_upstream_proxy, redact_url, refuse_credentials,
+};
 use crate::error_chain::error_chain;
 use crate::request_id::RequestId;
 use crate::tls::UpstreamTls;
@@ -65,6 +67,9 @@ pub struct Settings {
     pub idempotency_max_entries: NonZeroUsize,
     /// HTTPS to the controller: its CA and a client certificate, when they are not the defaults.
     pub tls: UpstreamTls,
+    /// The HTTP forward proxy every controller call goes through (`--upstream-proxy`), if the
+    /// operator named one; proxy variables in the environment are never used.
+    pub proxy: Option<Url>,
 }
 
 /// A client for one controller's task interface.
@@ -78,6 +83,10 @@ pub(crate) struct Upstream {
     max_response_bytes: usize,
     /// XML (documented) or JSON, for requests and replies alike.
     format: WireFormat,
+    /// Whether an HTTP status may be a proxy's rather than the controller's: an http://
+    /// controller reached through `--upstream-proxy`. (An https:// one is reached through a
+    /// tunnel, inside which every status is the controller's.)
+    proxied: bool,
     /// Whether a client span is made for each POST, fixed when the client is built.
     exporting: bool,
     /// The shutdown grace once it has run out: a call still waiting for the controller then
@@ -132,7 +141,8 @@ pub(crate) enum UpstreamError {
     },
     /// A non-2xx HTTP status without a fault in the body.
     #[error(
-        "the controller answered HTTP {status}{}",
+        "{} answered HTTP {status}{}",
+        if *.proxied { "--upstream-proxy, or the controller behind it," } else { "the controller" },
         if *.success { " with a success reply in its body" } else { "" }
     )]
     HttpStatus {
@@ -141,6 +151,9 @@ pub(crate) enum UpstreamError {
         /// Whether the body is a success reply: the controller says it acted, whatever the
         /// status says.
         success: bool,
+        /// Whether the status may be the proxy's (`Upstream::proxied`): a proxy may answer 503
+        /// after it passed the request on, so it does not say the controller declined.
+        proxied: bool,
     },
     /// A 2xx reply whose body is not a task-interface response.
     #[error("the controller's reply is not a valid response: {0}")]
@@ -178,6 +191,7 @@ impl Settings {
             idempotency_window: defaults::IDEMPOTENCY_WINDOW,
             idempotency_max_entries: defaults::IDEMPOTENCY_MAX_ENTRIES,
             tls: UpstreamTls::default(),
+            proxy: None,
         }
     }
 
@@ -186,6 +200,9 @@ impl Settings {
         // `parse_upstream_url` refuses credentials, but library callers may build a `Url` by
         // hand, and every log line that names the upstream prints it whole.
         refuse_credentials(&self.url)?;
+        if let Some(proxy) = &self.proxy {
+            parse_upstream_proxy(proxy.as_str())?;
+        }
         limits::UPSTREAM_TIMEOUT.check(self.timeout)?;
         limits::RETRY_DELAY.check(self.retry_delay)?;
         limits::MAX_IN_FLIGHT.check(self.max_in_flight)?;
@@ -257,13 +274,19 @@ impl Upstream {
         // request has one (a `format!` and a header parse each time); this is the same value,
         // made once.
         headers.insert(HOST, host_header(&uri).map_err(invalid)?);
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .http1_only()
             .tls_backend_preconfigured(ClientConfig::clone(&tls))
             // A proxy from the environment would send robot commands somewhere the operator
             // did not name; a redirect would replay a POST there.
             .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(proxy) = &settings.proxy {
+            let proxy = reqwest::Proxy::all(proxy.as_str())
+                .map_err(|error| ClientError::Build(Box::new(error)))?;
+            builder = builder.proxy(proxy);
+        }
+        let client = builder
             // Our own retry of a failed connect (`send`) is the only one.
             .retry(reqwest::retry::never())
             .tcp_nodelay(true)
@@ -278,6 +301,7 @@ impl Upstream {
             url,
             max_response_bytes: settings.max_response_bytes.get(),
             format: settings.format,
+            proxied: settings.proxy.is_some() && settings.url.scheme() == "http",
             exporting: crate::otel::exporting(),
             grace_ran_out: watch::channel(None).1,
         })
@@ -395,10 +419,12 @@ impl Upstream {
                 Ok(Ok(Reply::Success(_))) => Err(UpstreamError::HttpStatus {
                     status,
                     success: true,
+                    proxied: self.proxied,
                 }),
                 _ => Err(UpstreamError::HttpStatus {
                     status,
                     success: false,
+                    proxied: self.proxied,
                 }),
             };
         }

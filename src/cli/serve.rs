@@ -15,7 +15,7 @@ use clap::Args;
 use taskgate::auth::TokenFile;
 use taskgate::config::{
     Bounds, Http1Limits, LogPublisherAddress, SettingValue, defaults, limits, parse_cors_origin,
-    parse_upstream_url,
+    parse_upstream_proxy, parse_upstream_url,
 };
 use taskgate::console;
 use taskgate::log::LogFormat;
@@ -307,6 +307,12 @@ fn otlp_endpoint_for_file(traces_url: &str) -> anyhow::Result<String> {
 /// file), before defaults fill the rest.
 fn check_combinations(given: &ServeSettings) -> anyhow::Result<()> {
     let simulator = given.simulator == Some(true);
+    if simulator && given.upstream_proxy.is_some() {
+        anyhow::bail!(
+            "--upstream-proxy and --simulator cannot both be given: the simulator is reached on \
+             loopback"
+        );
+    }
     if simulator && given.upstream.is_some() {
         anyhow::bail!(
             "--upstream and --simulator cannot both be given: the simulator is the upstream"
@@ -353,6 +359,9 @@ fn resolve(settings: &ServeSettings) -> anyhow::Result<Config> {
     let upstream = settings.upstream.as_deref().unwrap_or(defaults::UPSTREAM);
     let mut config =
         Config::with_upstream(parse_upstream_url(upstream).context("invalid --upstream")?);
+    if let Some(proxy) = &settings.upstream_proxy {
+        config.upstream.proxy = Some(parse_upstream_proxy(proxy)?);
+    }
     set(&mut config.upstream.timeout, settings.upstream_timeout);
     set(&mut config.upstream.retry_delay, settings.retry_delay);
     set(

@@ -124,8 +124,9 @@ enum Kind {
     Unreachable(String),
     ConnectionLost(String),
     Timeout(Duration),
-    /// The status, and whether the body was a success reply.
-    HttpStatus(u16, bool),
+    /// The status, whether the body was a success reply, and whether it came through a proxy
+    /// to an http:// controller.
+    HttpStatus(u16, bool, bool),
     BadResponse(DecodeError),
     ResponseTooLarge(usize),
 }
@@ -146,13 +147,15 @@ fn kind() -> impl Strategy<Value = Kind> {
         "[a-z ]{0,20}".prop_map(Kind::Unreachable),
         "[a-z ]{0,20}".prop_map(Kind::ConnectionLost),
         (0_u64..10_000_000).prop_map(|millis| Kind::Timeout(Duration::from_millis(millis))),
-        (100_u16..1000, any::<bool>()).prop_map(|(code, success)| Kind::HttpStatus(code, success)),
+        (100_u16..1000, any::<bool>(), any::<bool>())
+            .prop_map(|(code, success, proxied)| Kind::HttpStatus(code, success, proxied)),
         // The statuses whose code differs from their neighbours'.
         (
             prop::sample::select(vec![429, 499, 500, 502, 503, 504, 599, 600]),
+            any::<bool>(),
             any::<bool>()
         )
-            .prop_map(|(code, success)| Kind::HttpStatus(code, success)),
+            .prop_map(|(code, success, proxied)| Kind::HttpStatus(code, success, proxied)),
         decode_error.prop_map(Kind::BadResponse),
         any::<usize>().prop_map(Kind::ResponseTooLarge),
     ]
@@ -168,9 +171,10 @@ fn upstream_error(kind: &Kind) -> UpstreamError {
             std::io::Error::new(std::io::ErrorKind::ConnectionReset, message.clone()),
         )),
         Kind::Timeout(limit) => UpstreamError::Timeout { limit: *limit },
-        Kind::HttpStatus(code, success) => UpstreamError::HttpStatus {
+        Kind::HttpStatus(code, success, proxied) => UpstreamError::HttpStatus {
             status: hyper::StatusCode::from_u16(*code).expect("100-999 is a valid status"),
             success: *success,
+            proxied: *proxied,
         },
         Kind::BadResponse(error) => UpstreamError::BadResponse(error.clone()),
         Kind::ResponseTooLarge(limit) => UpstreamError::ResponseTooLarge { limit: *limit },
@@ -198,12 +202,13 @@ fn documented_upstream(
             vec![("timeoutMs", limit.as_millis().to_string())],
             None,
         ),
-        Kind::HttpStatus(http_status, success) => {
+        Kind::HttpStatus(http_status, success, proxied) => {
             // 503 and 429: the controller declined, so UNAVAILABLE with the delay, unless the
-            // body is a success reply; any other 5xx: it may have acted, so UNKNOWN; 600-999
-            // are "others", like 4xx.
+            // body is a success reply or a proxy may have sent it (then it may have acted, as
+            // after any other 5xx: UNKNOWN); 600-999 are "others", like 4xx.
             let (code, retry_delay) = match http_status {
-                429 | 503 if !success => (Code::Unavailable, Some(retry.delay)),
+                429 | 503 if !success && !proxied => (Code::Unavailable, Some(retry.delay)),
+                429 | 503 if *proxied => (Code::Unknown, None),
                 500..=599 => (Code::Unknown, None),
                 _ => (Code::Internal, None),
             };

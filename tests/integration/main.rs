@@ -73,4 +73,5 @@ mod tls;
 mod tracing;
 mod transport_outcomes;
 mod upstream_hygiene;
+mod upstream_proxy;
 mod watch;

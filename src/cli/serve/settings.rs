@@ -34,6 +34,11 @@ pub(crate) struct ServeSettings {
     #[arg(long, env = "TASKGATE_UPSTREAM")]
     pub(super) upstream: Option<String>,
 
+    /// An HTTP forward proxy to reach the controller through, http://HOST:PORT (no credentials).
+    /// Off by default: HTTP_PROXY and the like in the environment are never used.
+    #[arg(long, env = "TASKGATE_UPSTREAM_PROXY")]
+    pub(super) upstream_proxy: Option<String>,
+
     /// The longest to wait for one controller reply, for example 10s or 500ms; a caller's
     /// shorter gRPC deadline wins. 10ms to 1h: calls are never sent with less than 10ms left.
     #[arg(long, env = "TASKGATE_UPSTREAM_TIMEOUT", value_parser = duration)]
