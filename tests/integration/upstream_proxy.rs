@@ -18,17 +18,27 @@ const OK_REPLY: &str = "<response><params/></response>";
 
 /// A gateway that calls `upstream` through `proxy`.
 async fn gateway_through(proxy: &FakeUpstream, upstream: &str) -> Gateway {
-    let proxy = parse_upstream_proxy(&format!(
-        "http://{}:{}",
-        proxy.url.host_str().unwrap(),
-        proxy.url.port().unwrap()
-    ))
-    .unwrap();
+    let proxy = parse_upstream_proxy(&proxy_url(proxy)).unwrap();
     Gateway::builder()
         .upstream(&upstream.parse().unwrap())
         .config(move |config| config.upstream.proxy = Some(proxy))
         .start()
         .await
+}
+
+/// `taskgate case-extract` through `gateway`, which must accept it.
+async fn extract_with_the_cli(gateway: &str) {
+    let args = ["--port", "4", "--bin", "101337"];
+    run(
+        &[&["case-extract", "--gateway", gateway][..], &args].concat(),
+        0,
+    )
+    .await;
+}
+
+/// The address of the fake that stands in for the proxy, as `--upstream-proxy` takes it.
+fn proxy_url(proxy: &FakeUpstream) -> String {
+    format!("http://{}", proxy.url.authority())
 }
 
 /// The request line and `Host` of the next request the fake saw.
@@ -122,7 +132,7 @@ async fn a_refused_tunnel_to_an_https_controller_is_unreachable() {
 async fn proxy_variables_in_the_environment_are_never_used() {
     let mut proxy = FakeUpstream::start(Script::ok_xml(OK_REPLY)).await;
     let mut controller = FakeUpstream::start(Script::ok_xml(OK_REPLY)).await;
-    let proxy_url = format!("http://{}", proxy.url.authority());
+    let proxy_url = proxy_url(&proxy);
     let mut command = Command::new(BIN);
     command.args([
         "serve",
@@ -145,19 +155,7 @@ async fn proxy_variables_in_the_environment_are_never_used() {
     let process =
         TaskgateProcess::start_serving(TaskgateProcess::spawn_command(&mut command)).await;
 
-    run(
-        &[
-            "case-extract",
-            "--gateway",
-            &process.gateway,
-            "--port",
-            "4",
-            "--bin",
-            "101337",
-        ],
-        0,
-    )
-    .await;
+    extract_with_the_cli(&process.gateway).await;
 
     let (request_line, _) = next_request(&mut controller).await;
     assert_eq!(request_line, "POST /api/v2/task HTTP/1.1");
@@ -167,7 +165,7 @@ async fn proxy_variables_in_the_environment_are_never_used() {
 #[tokio::test]
 async fn the_proxy_is_named_in_the_listening_line_and_refused_with_the_simulator() {
     let mut proxy = FakeUpstream::start(Script::ok_xml(OK_REPLY)).await;
-    let proxy_url = format!("http://{}", proxy.url.authority());
+    let proxy_url = proxy_url(&proxy);
     let mut process = TaskgateProcess::start_with_upstream(
         &format!("http://{BEHIND_THE_PROXY}/api/v2/task"),
         &["--upstream-proxy", &proxy_url],
@@ -194,19 +192,7 @@ async fn the_proxy_is_named_in_the_listening_line_and_refused_with_the_simulator
         )),
         "{line}"
     );
-    run(
-        &[
-            "case-extract",
-            "--gateway",
-            &process.gateway,
-            "--port",
-            "4",
-            "--bin",
-            "101337",
-        ],
-        0,
-    )
-    .await;
+    extract_with_the_cli(&process.gateway).await;
     let (request_line, _) = next_request(&mut proxy).await;
     assert!(
         request_line.starts_with("POST http://127.0.0.2:9/"),
