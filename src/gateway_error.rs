@@ -133,8 +133,9 @@ pub const IDEMPOTENCY_TABLE_FULL: GatewayError = GatewayError {
 pub const UPSTREAM_UNREACHABLE: GatewayError = GatewayError {
     reason: "UPSTREAM_UNREACHABLE",
     code: Code::Unavailable,
-    when: "the connection to the controller could not be made: refused, DNS failed, or the \
-           controller's TLS certificate was not trusted (tried twice); nothing was sent",
+    when: "the connection to the controller could not be made: refused, DNS failed, the \
+           controller's TLS certificate was not trusted, or `--upstream-proxy` refused the \
+           connection or its tunnel (tried twice); nothing was sent",
     key_claimed: true,
     retry: GatewayRetry::AfterDelay,
 };
@@ -163,10 +164,9 @@ pub const UPSTREAM_HTTP_SERVER_ERROR: GatewayError = GatewayError {
     reason: "UPSTREAM_HTTP_ERROR",
     code: Code::Unknown,
     when: "HTTP 500, 502, 504 or any other 5xx without a fault in the body, 503 included when \
-           the body is a success reply (the controller says it acted), and 503 or 429 from an \
-           http:// controller through `--upstream-proxy` (a proxy may send one after it passed \
-           the request on): the request may have been acted on before it failed; metadata \
-           `httpStatus`",
+           the body is a success reply (the controller says it acted), and 503 or 429 through \
+           `--upstream-proxy` (a proxy may send one after it passed the request on): the \
+           request may have been acted on before it failed; metadata `httpStatus`",
     key_claimed: true,
     retry: GatewayRetry::MayHaveActed(READ_THE_PORT_FIRST),
 };
@@ -174,8 +174,8 @@ pub const UPSTREAM_HTTP_SERVER_ERROR: GatewayError = GatewayError {
 pub const UPSTREAM_HTTP_OTHER: GatewayError = GatewayError {
     reason: "UPSTREAM_HTTP_ERROR",
     code: Code::Internal,
-    when: "any other non-2xx status without a fault in the body (`101`, `404`, 429 with a \
-           success reply, …); metadata `httpStatus`",
+    when: "any other non-2xx status without a fault in the body (`101`, `404`, `407`, 429 \
+           with a success reply, …); metadata `httpStatus`",
     key_claimed: true,
     retry: GatewayRetry::Unsettled(
         "no, not even with the same `request_id`: check the controller URL and what answers \

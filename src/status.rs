@@ -454,7 +454,7 @@ fn upstream(context: &CallContext, error: &UpstreamError, retry: RetryPolicy) ->
 
 fn upstream_row(error: &UpstreamError) -> (&'static GatewayError, Extra) {
     match error {
-        UpstreamError::Unreachable(_) => (&gateway_error::UPSTREAM_UNREACHABLE, Extra::None),
+        UpstreamError::Unreachable { .. } => (&gateway_error::UPSTREAM_UNREACHABLE, Extra::None),
         UpstreamError::ConnectionLost(_) => (&gateway_error::UPSTREAM_CONNECTION_LOST, Extra::None),
         UpstreamError::Timeout { limit } => (
             &gateway_error::UPSTREAM_TIMEOUT,
@@ -911,7 +911,10 @@ mod tests {
     /// not act".
     #[test]
     fn a_failed_port_read_after_an_unknown_outcome_is_marked() {
-        let unreachable = UpstreamError::Unreachable("connection refused".into());
+        let unreachable = UpstreamError::Unreachable {
+            error: "connection refused".into(),
+            proxied: false,
+        };
         let error = CallError::ReadingThePort {
             request_id: REQUEST_ID,
             error: Box::new(CallError::Upstream(unreachable)),

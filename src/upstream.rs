@@ -83,9 +83,9 @@ pub(crate) struct Upstream {
     max_response_bytes: usize,
     /// XML (documented) or JSON, for requests and replies alike.
     format: WireFormat,
-    /// Whether an HTTP status may be a proxy's rather than the controller's: an http://
-    /// controller reached through `--upstream-proxy`. (An https:// one is reached through a
-    /// tunnel, inside which every status is the controller's.)
+    /// Whether an HTTP status may be a proxy's rather than the controller's: any call through
+    /// `--upstream-proxy`. An https:// call crosses it in a tunnel, but a proxy that inspects TLS
+    /// (its CA given as `--upstream-ca`) answers inside it.
     proxied: bool,
     /// Whether a client span is made for each POST, fixed when the client is built.
     exporting: bool,
@@ -128,8 +128,17 @@ pub(crate) type TransportError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UpstreamError {
     /// The connection could not be made, twice: nothing was sent.
-    #[error("cannot connect to the controller: {}", error_chain(&**.0))]
-    Unreachable(TransportError),
+    #[error(
+        "cannot connect to the controller{}: {}",
+        if *.proxied { " through --upstream-proxy" } else { "" },
+        error_chain(&**.error)
+    )]
+    Unreachable {
+        /// Why the connection failed.
+        error: TransportError,
+        /// Whether it was the proxy's connection or tunnel that failed, not the controller's.
+        proxied: bool,
+    },
     /// The connection failed after the request may have been sent.
     #[error("the connection to the controller failed: {}", error_chain(&**.0))]
     ConnectionLost(TransportError),
@@ -202,6 +211,19 @@ impl Settings {
         refuse_credentials(&self.url)?;
         if let Some(proxy) = &self.proxy {
             parse_upstream_proxy(proxy.as_str())?;
+            // reqwest's tunnel hands rustls the host with its brackets, which no certificate
+            // name matches: every call would fail.
+            if self.url.scheme() == "https" && matches!(self.url.host(), Some(url::Host::Ipv6(_))) {
+                return Err(ConfigError::InvalidProxy {
+                    url: proxy.to_string(),
+                    reason: format!(
+                        "cannot carry calls to an https:// controller at an IPv6 address ({}): \
+                         its certificate cannot be checked through the tunnel; give the \
+                         controller's name in --upstream",
+                        self.url.host_str().unwrap_or_default()
+                    ),
+                });
+            }
         }
         limits::UPSTREAM_TIMEOUT.check(self.timeout)?;
         limits::RETRY_DELAY.check(self.retry_delay)?;
@@ -225,7 +247,7 @@ impl UpstreamError {
     /// A fixed word for the kind of failure, for metrics labels.
     pub(crate) fn kind(&self) -> &'static str {
         match self {
-            UpstreamError::Unreachable(_) => "unreachable",
+            UpstreamError::Unreachable { .. } => "unreachable",
             UpstreamError::ConnectionLost(_) => "connection_lost",
             UpstreamError::Timeout { .. } => "timeout",
             UpstreamError::HttpStatus { .. } => "http_status",
@@ -301,7 +323,7 @@ impl Upstream {
             url,
             max_response_bytes: settings.max_response_bytes.get(),
             format: settings.format,
-            proxied: settings.proxy.is_some() && settings.url.scheme() == "http",
+            proxied: settings.proxy.is_some(),
             exporting: crate::otel::exporting(),
             grace_ran_out: watch::channel(None).1,
         })
@@ -474,7 +496,10 @@ impl Upstream {
         }
         .map_err(|error| {
             if error.is_connect() {
-                UpstreamError::Unreachable(boxed(error))
+                UpstreamError::Unreachable {
+                    error: boxed(error),
+                    proxied: self.proxied,
+                }
             } else {
                 UpstreamError::ConnectionLost(boxed(error))
             }
@@ -595,6 +620,32 @@ mod tests {
         assert_eq!(host("http://10.0.0.5:44000/api/v2/task"), "10.0.0.5:44000");
         assert_eq!(host("http://[::1]:44000/api/v2/task"), "[::1]:44000");
         assert_eq!(host("http://[::1]/api/v2/task"), "[::1]");
+    }
+
+    /// Through a proxy, an https:// controller must be named: at an IPv6 address every call
+    /// would fail its certificate check in reqwest's tunnel. Direct, or over http://, it works.
+    #[test]
+    fn an_https_controller_at_an_ipv6_address_is_refused_behind_a_proxy() {
+        let validate = |url: &str, proxy: Option<&str>| {
+            let mut settings = Settings::new(Url::parse(url).unwrap());
+            settings.proxy = proxy.map(|proxy| Url::parse(proxy).unwrap());
+            settings.validate().err().map(|error| error.to_string())
+        };
+        let proxy = Some("http://10.0.0.9:3128");
+        assert_eq!(
+            validate("https://[fd00::5]:44000/api/v2/task", proxy).as_deref(),
+            Some(
+                "--upstream-proxy 'http://10.0.0.9:3128/' cannot carry calls to an https:// \
+                 controller at an IPv6 address ([fd00::5]): its certificate cannot be checked \
+                 through the tunnel; give the controller's name in --upstream"
+            )
+        );
+        assert_eq!(validate("https://[fd00::5]:44000/api/v2/task", None), None);
+        assert_eq!(validate("http://[fd00::5]:44000/api/v2/task", proxy), None);
+        assert_eq!(
+            validate("https://controller:44000/api/v2/task", proxy),
+            None
+        );
     }
 
     /// A URL the client cannot call is refused when the client is built, with the reason.

@@ -163,10 +163,13 @@ fn kind() -> impl Strategy<Value = Kind> {
 
 fn upstream_error(kind: &Kind) -> UpstreamError {
     match kind {
-        Kind::Unreachable(message) => UpstreamError::Unreachable(Box::new(std::io::Error::new(
-            std::io::ErrorKind::ConnectionRefused,
-            message.clone(),
-        ))),
+        Kind::Unreachable(message) => UpstreamError::Unreachable {
+            error: Box::new(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                message.clone(),
+            )),
+            proxied: false,
+        },
         Kind::ConnectionLost(message) => UpstreamError::ConnectionLost(Box::new(
             std::io::Error::new(std::io::ErrorKind::ConnectionReset, message.clone()),
         )),

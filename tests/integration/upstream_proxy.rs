@@ -122,6 +122,14 @@ async fn a_refused_tunnel_to_an_https_controller_is_unreachable() {
 
     assert_eq!(error.code(), Code::Unavailable, "{error:?}");
     assert_eq!(error_info(&error).reason, "UPSTREAM_UNREACHABLE");
+    assert!(
+        error.message().starts_with(
+            "case_extract port 4 bin 101337: cannot connect to the controller through \
+             --upstream-proxy: "
+        ),
+        "{}",
+        error.message()
+    );
     let (request_line, _) = next_request(&mut proxy).await;
     assert_eq!(request_line, format!("CONNECT {BEHIND_THE_PROXY} HTTP/1.1"));
 }
@@ -166,11 +174,17 @@ async fn proxy_variables_in_the_environment_are_never_used() {
 async fn the_proxy_is_named_in_the_listening_line_and_refused_with_the_simulator() {
     let mut proxy = FakeUpstream::start(Script::ok_xml(OK_REPLY)).await;
     let proxy_url = proxy_url(&proxy);
-    let mut process = TaskgateProcess::start_with_upstream(
-        &format!("http://{BEHIND_THE_PROXY}/api/v2/task"),
-        &["--upstream-proxy", &proxy_url],
-    )
-    .await;
+    // NO_PROXY is a rule for the environment's proxies, which the gateway never takes: the
+    // proxy it is given carries every call.
+    let mut command = Command::new(BIN);
+    command
+        .args(["serve", "--upstream"])
+        .arg(format!("http://{BEHIND_THE_PROXY}/api/v2/task"))
+        .args(["--upstream-proxy", &proxy_url, "--listen", "127.0.0.1:0"])
+        .env("NO_PROXY", "*")
+        .env("no_proxy", "*");
+    let mut process =
+        TaskgateProcess::start_serving(TaskgateProcess::spawn_command(&mut command)).await;
     assert!(
         process
             .log
