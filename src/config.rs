@@ -575,17 +575,24 @@ pub fn parse_upstream_proxy(raw: &str) -> Result<Url, ConfigError> {
         url: redact_url(raw).into_owned(),
         reason: reason.to_owned(),
     };
-    let url = Url::parse(raw).map_err(|error| {
-        refuse(&format!(
-            "is not a valid URL: {error}; give http://HOST:PORT"
-        ))
-    })?;
-    if url.scheme() != "http" {
+    if raw.is_empty() {
         return Err(refuse(
-            "must start with http://: the gateway speaks plain HTTP to its proxy (an https:// \
-             controller's calls still cross it inside their own TLS)",
+            "is empty: give http://HOST:PORT, or leave the setting out for no proxy",
         ));
     }
+    const PLAIN_HTTP: &str = "must start with http://: the gateway speaks plain HTTP to its \
+                              proxy (an https:// controller's calls still cross it inside their \
+                              own TLS)";
+    let url = match Url::parse(raw) {
+        Ok(url) if url.scheme() == "http" => url,
+        // `10.0.0.9:3128` does not parse, and `proxy:3128` has the scheme `proxy`.
+        Ok(_) | Err(url::ParseError::RelativeUrlWithoutBase) => return Err(refuse(PLAIN_HTTP)),
+        Err(error) => {
+            return Err(refuse(&format!(
+                "is not a valid URL: {error}; give http://HOST:PORT"
+            )));
+        }
+    };
     if !url.username().is_empty() || url.password().is_some() {
         return Err(refuse(
             "has credentials, which are never sent: the gateway does not log in to a proxy; \
@@ -908,6 +915,17 @@ mod tests {
             );
         }
         for (raw, refused) in [
+            (
+                "",
+                "--upstream-proxy '' is empty: give http://HOST:PORT, or leave the setting out \
+                 for no proxy",
+            ),
+            (
+                "10.0.0.9:3128",
+                "--upstream-proxy '10.0.0.9:3128' must start with http://: the gateway speaks \
+                 plain HTTP to its proxy (an https:// controller's calls still cross it inside \
+                 their own TLS)",
+            ),
             (
                 "proxy:3128",
                 "--upstream-proxy 'proxy:3128' must start with http://: the gateway speaks plain \

@@ -338,7 +338,12 @@ pub async fn serve(
             (Some(_), None) => format!("http://{address}/"),
             (Some(_), Some(_)) => format!("https://{address}/"),
         };
-        let upstream_proxy = config.upstream.proxy.as_ref().map(tracing::field::display);
+        // As given: the one path a proxy's URL may have is `/`.
+        let upstream_proxy = config
+            .upstream
+            .proxy
+            .as_ref()
+            .map(|proxy| tracing::field::display(proxy.as_str().trim_end_matches('/')));
         tracing::info!(%address, upstream = %task_upstream_url, upstream_proxy, %log_publisher, tls, %console, max_connections, worker_threads, "gateway listening");
     }
     let mut connections = Connections::new(limits, max_connections.get(), metrics.listener("grpc"));

@@ -215,7 +215,8 @@ impl Settings {
             // name matches: every call would fail.
             if self.url.scheme() == "https" && matches!(self.url.host(), Some(url::Host::Ipv6(_))) {
                 return Err(ConfigError::InvalidProxy {
-                    url: proxy.to_string(),
+                    // As given: the one path a proxy's URL may have is `/`.
+                    url: proxy.as_str().trim_end_matches('/').to_owned(),
                     reason: format!(
                         "cannot carry calls to an https:// controller at an IPv6 address ({}): \
                          its certificate cannot be checked through the tunnel; give the \
@@ -635,7 +636,7 @@ mod tests {
         assert_eq!(
             validate("https://[fd00::5]:44000/api/v2/task", proxy).as_deref(),
             Some(
-                "--upstream-proxy 'http://10.0.0.9:3128/' cannot carry calls to an https:// \
+                "--upstream-proxy 'http://10.0.0.9:3128' cannot carry calls to an https:// \
                  controller at an IPv6 address ([fd00::5]): its certificate cannot be checked \
                  through the tunnel; give the controller's name in --upstream"
             )

@@ -188,7 +188,7 @@ async fn the_proxy_is_named_in_the_listening_line_and_refused_with_the_simulator
     assert!(
         process
             .log
-            .contains(&format!("upstream_proxy={proxy_url}/ ")),
+            .contains(&format!("upstream_proxy={proxy_url} ")),
         "{}",
         process.log
     );
