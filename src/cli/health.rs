@@ -63,8 +63,8 @@ pub(super) async fn health(args: HealthArgs) -> Outcome {
             ServingStatus::Serving => (format!("ok: {what}: SERVING"), Exit::Success),
             ServingStatus::NotServing => (
                 format!(
-                    "failed: {what}: NOT_SERVING: the gateway cannot reach its controller, or is \
-                     shutting down"
+                    "failed: {what}: NOT_SERVING: the gateway cannot reach its controller (or \
+                     its --upstream-proxy), or is shutting down"
                 ),
                 Exit::CallFailed,
             ),

@@ -161,8 +161,8 @@ async fn the_health_command_exits_0_only_when_the_gateway_is_serving() {
     assert_eq!(
         stdout,
         format!(
-            "failed: health {gateway}: NOT_SERVING: the gateway cannot reach its controller, or \
-             is shutting down\n"
+            "failed: health {gateway}: NOT_SERVING: the gateway cannot reach its controller (or \
+             its --upstream-proxy), or is shutting down\n"
         )
     );
     // What a container's HEALTHCHECK asks: the process serves, whatever the controller does.
