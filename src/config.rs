@@ -613,6 +613,12 @@ pub fn parse_upstream_proxy(raw: &str) -> Result<Url, ConfigError> {
     Ok(url)
 }
 
+/// `--upstream-proxy` as an operator gives it, `http://HOST:PORT`: without the `/` path that
+/// [`parse_upstream_proxy`]'s URL holds, the only path it may have.
+pub fn shown_proxy(proxy: &Url) -> &str {
+    proxy.as_str().trim_end_matches('/')
+}
+
 /// Refuses a URL with a user name or password: the controller's task interface takes no
 /// credentials, so they would not be sent, and a URL that seemed to carry them would mislead.
 pub(crate) fn refuse_credentials(url: &Url) -> Result<(), ConfigError> {

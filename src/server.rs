@@ -338,12 +338,11 @@ pub async fn serve(
             (Some(_), None) => format!("http://{address}/"),
             (Some(_), Some(_)) => format!("https://{address}/"),
         };
-        // As given: the one path a proxy's URL may have is `/`.
         let upstream_proxy = config
             .upstream
             .proxy
             .as_ref()
-            .map(|proxy| tracing::field::display(proxy.as_str().trim_end_matches('/')));
+            .map(|proxy| tracing::field::display(crate::config::shown_proxy(proxy)));
         tracing::info!(%address, upstream = %task_upstream_url, upstream_proxy, %log_publisher, tls, %console, max_connections, worker_threads, "gateway listening");
     }
     let mut connections = Connections::new(limits, max_connections.get(), metrics.listener("grpc"));

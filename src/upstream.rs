@@ -31,6 +31,7 @@ use url::Url;
 use crate::codec::{Call, DecodeError, Reply, WireFormat, charset_of};
 use crate::config::{
     ConfigError, defaults, limits, parse_upstream_proxy, redact_url, refuse_credentials,
+    shown_proxy,
 };
 use crate::error_chain::error_chain;
 use crate::request_id::RequestId;
@@ -215,8 +216,7 @@ impl Settings {
             // name matches: every call would fail.
             if self.url.scheme() == "https" && matches!(self.url.host(), Some(url::Host::Ipv6(_))) {
                 return Err(ConfigError::InvalidProxy {
-                    // As given: the one path a proxy's URL may have is `/`.
-                    url: proxy.as_str().trim_end_matches('/').to_owned(),
+                    url: shown_proxy(proxy).to_owned(),
                     reason: format!(
                         "cannot carry calls to an https:// controller at an IPv6 address ({}): \
                          its certificate cannot be checked through the tunnel; give the \
