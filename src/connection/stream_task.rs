@@ -62,10 +62,30 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, stream: F) {
-        self.tasks.spawn(with_end_signal(async move {
-            let mut end_signal = EndSignal::default();
-            until_ended(pin!(stream), &mut end_signal).await;
+        self.tasks.spawn(with_end_signal(Endable {
+            stream,
+            end_signal: EndSignal::default(),
         }));
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A stream's task, dropped once its handler's signal says so. A struct rather than an
+    /// `async` block: the block would hold the stream twice, as captured and as pinned, and it
+    /// is most of what every call's task holds.
+    struct Endable<F> {
+        #[pin]
+        stream: F,
+        end_signal: EndSignal,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Endable<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        this.end_signal.poll_with(this.stream, cx).map(|_| ())
     }
 }
 
@@ -98,17 +118,25 @@ pub(super) fn until_ended<'a, F: Future>(
     mut task: Pin<&'a mut F>,
     end_signal: &'a mut EndSignal,
 ) -> impl Future<Output = Option<F::Output>> + 'a {
-    poll_fn(move |cx| {
-        if let Poll::Ready(output) = task.as_mut().poll(cx) {
-            return Poll::Ready(Some(output));
-        }
-        end_signal.poll_end(cx).map(|()| None)
-    })
+    poll_fn(move |cx| end_signal.poll_with(task.as_mut(), cx))
 }
 
 // === impl EndSignal ===
 
 impl EndSignal {
+    /// Polls `task`, then the signal a handler may have left while it ran: `None` once the
+    /// signal says to drop it.
+    fn poll_with<F: Future>(
+        &mut self,
+        task: Pin<&mut F>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<F::Output>> {
+        if let Poll::Ready(output) = task.poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        self.poll_end(cx).map(|()| None)
+    }
+
     /// Takes a signal left since the last call; ready once the response must be dropped.
     fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
