@@ -271,8 +271,8 @@ where
         let mut value = request_id.header_value().clone();
         value.set_sensitive(true);
         // A call to health or reflection, or to no method at all, still has its code on its span.
-        let other_span = UnansweredSpan(method.is_none().then(|| otel_span.clone()).flatten());
-        let unanswered = Unanswered(method.map(|method| {
+        let mut other_span = UnansweredSpan(method.is_none().then(|| otel_span.clone()).flatten());
+        let mut unanswered = Unanswered(method.map(|method| {
             let notes = Arc::new(OnceLock::new());
             request.extensions_mut().insert(CallScope {
                 request_id: request_id.clone(),
@@ -301,9 +301,8 @@ where
         // The clone that was made ready is the one to call; keep a fresh clone for next time.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        // Taken in as they are: rebound inside, each would be held twice.
         let future = async move {
-            let mut unanswered = unanswered;
-            let mut other_span = other_span;
             let response = inner.call(request).await;
             let finish = unanswered.0.take();
             let mut response = response?;

@@ -161,7 +161,9 @@ impl TaskGateway {
                         started,
                         caller_deadline,
                     };
-                    self.call_once(&once, &scope.request_id, &mut replayed, read_reply)
+                    // Boxed: inline, this rarer path would make every call's future a third
+                    // larger (docs/performance.md).
+                    Box::pin(self.call_once(&once, &scope.request_id, &mut replayed, read_reply))
                         .await
                 }
                 _ => {
