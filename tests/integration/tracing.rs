@@ -1118,9 +1118,12 @@ async fn a_watch_is_one_span_for_its_streams_life() {
         span.end_time_unix_nano > extraction.end_time_unix_nano,
         "{span:?}\n{extraction:?}"
     );
-    // Its access line, written as the stream ends, is in the call's log span as ever.
+    // Its access line, written as the stream ends, names that span.
     let access = gateway.wait_for_line("method=\"watch_case_events\"").await;
-    assert!(access.contains(" call{request_id="), "{access}");
+    assert!(
+        access.contains(&format!(" span_id={} ", hex(&span.span_id))),
+        "{access}"
+    );
 }
 
 /// A watch that ends at its caller's deadline says so on its span, not that its caller went
