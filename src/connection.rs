@@ -53,6 +53,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::{Request, Response, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -695,14 +696,18 @@ where
             request: tracked,
             deadline,
         });
-        let response = self.inner.call(Request::from_parts(parts, body));
-        Box::pin(async move {
-            let response = response.await.map_err(Into::into)?;
-            if guard.0.kind.answers_once() {
-                guard.0.answered();
-            }
-            Ok(response.map(|body| Holding::new(body, guard)))
-        })
+        // A combinator, not an `async` block, which would hold the inner future twice.
+        Box::pin(
+            self.inner
+                .call(Request::from_parts(parts, body))
+                .map(move |response| {
+                    let response = response.map_err(Into::into)?;
+                    if guard.0.kind.answers_once() {
+                        guard.0.answered();
+                    }
+                    Ok(response.map(|body| Holding::new(body, guard)))
+                }),
+        )
     }
 }
 
