@@ -238,9 +238,9 @@ where
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let started = Instant::now();
         let request_id = RequestId::from_caller(request.headers().get(&REQUEST_ID));
-        // At debug level: the access line, the one line of a call at info, has the request ID
-        // as a field of its own, and formatting this span's fields for every call would cost it
-        // more than its own fields do (docs/performance.md).
+        // At debug level: at info a call's lines (its access line, a refusal's warning) have
+        // the request ID as a field of their own, and formatting this span's fields for every
+        // call cost about as much as the access line's own (docs/performance.md).
         let span = tracing::debug_span!(
             "call",
             request_id = %request_id,
