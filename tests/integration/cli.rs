@@ -512,9 +512,16 @@ impl TaskgateProcess {
 
     /// Starts `command` (which runs `taskgate`), reading its log.
     pub(crate) fn spawn_command(command: &mut Command) -> TaskgateProcess {
+        // The simulator logs each request at debug level; the tests follow a request id into it.
+        // A test that sets a filter of its own keeps it.
+        if !command
+            .as_std()
+            .get_envs()
+            .any(|(name, _)| name == "RUST_LOG")
+        {
+            command.env("RUST_LOG", "info,taskgate::simulator=debug");
+        }
         let mut child = command
-            // The simulator logs each request at debug level; the tests follow a request id into it.
-            .env("RUST_LOG", "info,taskgate::simulator=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

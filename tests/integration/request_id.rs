@@ -4,6 +4,7 @@ use tonic::metadata::MetadataMap;
 
 use taskgate::proto::CaseExtractRequest;
 
+use crate::cli::{BIN, TaskgateProcess};
 use crate::support::{FakeUpstream, Gateway, Script, Seen};
 
 fn request_with_id(request_id: Option<&str>) -> tonic::Request<CaseExtractRequest> {
@@ -94,4 +95,45 @@ async fn a_missing_or_unusable_id_is_replaced_by_a_fresh_one() {
         assert_eq!(request_id.len(), 36, "{request_id}");
         assert_eq!(id_seen_by_controller(&mut upstream).await, request_id);
     }
+}
+
+/// The request ID in a log line's `call{request_id=…}` span, if it is in one.
+fn span_request_id(line: &str) -> Option<&str> {
+    let (_, rest) = line.split_once(" call{request_id=")?;
+    rest.split([' ', '}']).next()
+}
+
+/// With the gateway's own debug lines on, every line of a call sits in its `call` span and so
+/// carries its request ID: the debug line of the controller call, the access line, and a
+/// watch's access line, which is written as its stream ends, outside the call's future.
+#[tokio::test]
+async fn at_debug_level_every_line_of_a_call_carries_its_request_id() {
+    let mut gateway = TaskgateProcess::start_serving(TaskgateProcess::spawn_command(
+        tokio::process::Command::new(BIN)
+            .args(["serve", "--simulator", "--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "info,taskgate=debug"),
+    ))
+    .await;
+    let client =
+        taskgate::proto::task_service_client::TaskServiceClient::connect(gateway.gateway.clone())
+            .await
+            .unwrap();
+    client
+        .clone()
+        .case_extract(request_with_id(Some("rid-debug-1")))
+        .await
+        .unwrap();
+    let calling = gateway.wait_for_line("calling the controller").await;
+    assert_eq!(span_request_id(&calling), Some("rid-debug-1"), "{calling}");
+    let access = gateway.wait_for_line("taskgate::access").await;
+    assert_eq!(span_request_id(&access), Some("rid-debug-1"), "{access}");
+    assert!(access.contains(" request_id=rid-debug-1 "), "{access}");
+
+    drop(crate::watch::watch(&client, &[4]).await);
+    let watched = gateway.wait_for_line("method=\"watch_case_events\"").await;
+    let watch_id = span_request_id(&watched).unwrap_or_else(|| panic!("no span: {watched}"));
+    assert!(
+        watched.contains(&format!(" request_id={watch_id} ")),
+        "{watched}"
+    );
 }
