@@ -240,7 +240,7 @@ where
         let request_id = RequestId::from_caller(request.headers().get(&REQUEST_ID));
         // At debug level: at info a call's lines (its access line, a refusal's warning) have
         // the request ID as a field of their own, and formatting this span's fields for every
-        // call cost about as much as the access line's own (docs/performance.md).
+        // call cost about half as much as the whole access line (docs/performance.md).
         let span = tracing::debug_span!(
             "call",
             request_id = %request_id,

@@ -161,8 +161,8 @@ impl TaskGateway {
                         started,
                         caller_deadline,
                     };
-                    // Boxed: inline, this rarer path would make every call's future a third
-                    // larger (docs/performance.md).
+                    // Boxed: inline, this rarer path would make every call's future about a
+                    // quarter larger (docs/performance.md).
                     Box::pin(self.call_once(&once, &scope.request_id, &mut replayed, read_reply))
                         .await
                 }
