@@ -310,8 +310,10 @@ impl Upstream {
             builder = builder.proxy(proxy);
         }
         let client = builder
-            // Our own retry of a failed connect (`send`) is the only one.
-            .retry(reqwest::retry::never())
+            // Our own retry of a failed connect (`send`) is the only one. `never()` alone still
+            // copies every request's headers in case of a retry it would then refuse; with no
+            // retry allowed, the copy is not made.
+            .retry(reqwest::retry::never().max_retries_per_request(0))
             .tcp_nodelay(true)
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(settings.max_in_flight.get())
