@@ -119,13 +119,17 @@ impl TaskGateway {
     /// success reply into the response with `read_reply`, leave the call layer its notes, and
     /// hand any failure to `status`. Generic, not boxed: each RPC compiles to its own copy of
     /// this, which does the work CaseExtract's own body did and no more.
-    async fn unary<Message, Output: Default>(
+    ///
+    /// The checks run when this is called, before the future it returns is first polled, which is
+    /// at once (the handler awaits it): written as an `async fn`, the future would also hold the
+    /// request and the key it has already read for as long as the call lasts.
+    fn unary<Message, Output: Default>(
         &self,
         request: Request<Message>,
         key: Option<IdempotencyKey>,
         context_of: impl FnOnce(Message) -> CallContext,
         read_reply: impl FnOnce(&CallContext, Element) -> Result<Output, DecodeError>,
-    ) -> Result<Response<Output>, Status> {
+    ) -> impl Future<Output = Result<Response<Output>, Status>> {
         let started = Instant::now();
         let caller_deadline = caller_deadline(&request);
         let scope = call_scope(&request);
@@ -143,62 +147,69 @@ impl TaskGateway {
             }
             Some((_, Ok(None))) | None => None,
         };
-        let mut replayed = None;
-        let (upstream_time, outcome) = match (permit, violations.is_empty()) {
-            (Err(_), _) => (None, Err(CallError::Overloaded)),
-            (Ok(_), false) => (None, Err(CallError::InvalidArgument(violations))),
-            (Ok(_permit), true) => match (key, context.bin_id) {
-                (Some((method, request_id)), Some(bin_id)) => {
-                    let params = Params {
-                        method,
-                        port_id: context.port_id,
-                        bin_id,
-                    };
-                    let once = Once {
-                        context: &context,
-                        params,
-                        request_id,
-                        started,
-                        caller_deadline,
-                    };
-                    // Boxed: inline, this rarer path would make every call's future about a
-                    // quarter larger (docs/performance.md).
-                    Box::pin(self.call_once(&once, &scope.request_id, &mut replayed, read_reply))
+        async move {
+            let mut replayed = None;
+            let (upstream_time, outcome) = match (permit, violations.is_empty()) {
+                (Err(_), _) => (None, Err(CallError::Overloaded)),
+                (Ok(_), false) => (None, Err(CallError::InvalidArgument(violations))),
+                (Ok(_permit), true) => match (key, context.bin_id) {
+                    (Some((method, request_id)), Some(bin_id)) => {
+                        let params = Params {
+                            method,
+                            port_id: context.port_id,
+                            bin_id,
+                        };
+                        let once = Once {
+                            context: &context,
+                            params,
+                            request_id,
+                            started,
+                            caller_deadline,
+                        };
+                        // Boxed: inline, this rarer path would make every call's future about a
+                        // quarter larger (docs/performance.md).
+                        Box::pin(self.call_once(
+                            &once,
+                            &scope.request_id,
+                            &mut replayed,
+                            read_reply,
+                        ))
                         .await
-                }
-                _ => {
-                    self.call(&context, &scope.request_id, caller_deadline, read_reply)
-                        .await
-                }
-            },
-        };
-        scope.note(CallNotes {
-            port_id: Some(context.port_id),
-            bin_id: context.bin_id,
-            // A replayed fault is counted once, when the controller sent it.
-            fault_code: match &outcome {
-                Err(CallError::Fault(code)) if replayed.is_none() => Some(*code),
-                _ => None,
-            },
-            upstream_time,
-            upstream_error: match &outcome {
-                Err(CallError::Upstream(upstream_error)) => Some(upstream_error.kind()),
-                _ => None,
-            },
-            idempotency_key: key.map(|(_, request_id)| request_id),
-            replayed: replayed.map(Replayed::as_str),
-        });
-        let mut answer = outcome
-            .map(Response::new)
-            .map_err(|call_error| status::status(&context, &call_error, self.retry));
-        if let Some(replayed) = replayed {
-            let value = MetadataValue::from_static(replayed.as_str());
-            match &mut answer {
-                Ok(response) => response.metadata_mut().insert(REPLAYED_HEADER, value),
-                Err(status) => status.metadata_mut().insert(REPLAYED_HEADER, value),
+                    }
+                    _ => {
+                        self.call(&context, &scope.request_id, caller_deadline, read_reply)
+                            .await
+                    }
+                },
             };
+            scope.note(CallNotes {
+                port_id: Some(context.port_id),
+                bin_id: context.bin_id,
+                // A replayed fault is counted once, when the controller sent it.
+                fault_code: match &outcome {
+                    Err(CallError::Fault(code)) if replayed.is_none() => Some(*code),
+                    _ => None,
+                },
+                upstream_time,
+                upstream_error: match &outcome {
+                    Err(CallError::Upstream(upstream_error)) => Some(upstream_error.kind()),
+                    _ => None,
+                },
+                idempotency_key: key.map(|(_, request_id)| request_id),
+                replayed: replayed.map(Replayed::as_str),
+            });
+            let mut answer = outcome
+                .map(Response::new)
+                .map_err(|call_error| status::status(&context, &call_error, self.retry));
+            if let Some(replayed) = replayed {
+                let value = MetadataValue::from_static(replayed.as_str());
+                match &mut answer {
+                    Ok(response) => response.metadata_mut().insert(REPLAYED_HEADER, value),
+                    Err(status) => status.metadata_mut().insert(REPLAYED_HEADER, value),
+                };
+            }
+            answer
         }
-        answer
     }
 
     /// Calls the controller at most once for `once.request_id`: the first call with it calls,
