@@ -114,7 +114,7 @@ impl TaskGateway {
     }
 
     /// The path of every unary RPC: validate the port and bin `context_of` reads from the
-    /// message (and the idempotency `key`, on the methods that take one), take an in-flight
+    /// message (and the idempotency key, on the methods that take one), take an in-flight
     /// permit, call the controller within the time limit (at most once per key), turn its
     /// success reply into the response with `read_reply`, leave the call layer its notes, and
     /// hand any failure to `status`. Generic, not boxed: each RPC compiles to its own copy of
@@ -126,14 +126,13 @@ impl TaskGateway {
     fn unary<Message, Output: Default>(
         &self,
         request: Request<Message>,
-        key: Option<IdempotencyKey>,
-        context_of: impl FnOnce(Message) -> CallContext,
+        context_of: impl FnOnce(Message) -> (CallContext, Option<IdempotencyKey>),
         read_reply: impl FnOnce(&CallContext, Element) -> Result<Output, DecodeError>,
     ) -> impl Future<Output = Result<Response<Output>, Status>> {
         let started = Instant::now();
         let caller_deadline = caller_deadline(&request);
         let scope = call_scope(&request);
-        let context = context_of(request.into_inner());
+        let (context, key) = context_of(request.into_inner());
         // Held until the call ends; dropped with the future if the caller goes away.
         let permit = self.in_flight.try_acquire();
         let mut violations = validate(context.port_id, context.bin_id)
@@ -519,67 +518,72 @@ fn parse_request_id(text: &str) -> Result<Option<Uuid>, Violation> {
     })
 }
 
+/// The call context and idempotency key of a method that takes a port, a bin and a `request_id`.
+fn keyed(
+    method: Method,
+    port_id: u32,
+    bin_id: u32,
+    request_id: String,
+) -> (CallContext, Option<IdempotencyKey>) {
+    let context = CallContext {
+        method: method.name(),
+        port_id,
+        bin_id: Some(bin_id),
+        reading_after: None,
+    };
+    let key = IdempotencyKey {
+        method,
+        text: request_id,
+    };
+    (context, Some(key))
+}
+
 #[tonic::async_trait]
 impl TaskService for TaskGateway {
     async fn case_extract(
         &self,
         request: Request<CaseExtractRequest>,
     ) -> Result<Response<CaseExtractResponse>, Status> {
-        let mut request = request;
-        let key = IdempotencyKey {
-            method: Method::CaseExtract,
-            text: std::mem::take(&mut request.get_mut().request_id),
-        };
-        let context_of = |CaseExtractRequest {
-                              port_id, bin_id, ..
-                          }| CallContext {
-            method: "case_extract",
-            port_id,
-            bin_id: Some(bin_id),
-            reading_after: None,
-        };
+        let context_of =
+            |CaseExtractRequest {
+                 port_id,
+                 bin_id,
+                 request_id,
+             }| keyed(Method::CaseExtract, port_id, bin_id, request_id);
         // `case_extract` has no response parameters; whatever `<params>` holds is not read.
-        self.unary(request, Some(key), context_of, |_, _| {
-            Ok(CaseExtractResponse {})
-        })
-        .await
+        self.unary(request, context_of, |_, _| Ok(CaseExtractResponse {}))
+            .await
     }
 
     async fn case_cancel(
         &self,
         request: Request<CaseCancelRequest>,
     ) -> Result<Response<CaseCancelResponse>, Status> {
-        let mut request = request;
-        let key = IdempotencyKey {
-            method: Method::CaseCancel,
-            text: std::mem::take(&mut request.get_mut().request_id),
-        };
-        let context_of = |CaseCancelRequest {
-                              port_id, bin_id, ..
-                          }| CallContext {
-            method: "case_cancel",
-            port_id,
-            bin_id: Some(bin_id),
-            reading_after: None,
-        };
+        let context_of =
+            |CaseCancelRequest {
+                 port_id,
+                 bin_id,
+                 request_id,
+             }| keyed(Method::CaseCancel, port_id, bin_id, request_id);
         // Like `case_extract`, `case_cancel` has no response parameters.
-        self.unary(request, Some(key), context_of, |_, _| {
-            Ok(CaseCancelResponse {})
-        })
-        .await
+        self.unary(request, context_of, |_, _| Ok(CaseCancelResponse {}))
+            .await
     }
 
     async fn case_get_state(
         &self,
         request: Request<CaseGetStateRequest>,
     ) -> Result<Response<CaseGetStateResponse>, Status> {
-        let context_of = |CaseGetStateRequest { port_id }| CallContext {
-            method: "case_getstate",
-            port_id,
-            bin_id: None,
-            reading_after: None,
+        let context_of = |CaseGetStateRequest { port_id }| {
+            let context = CallContext {
+                method: "case_getstate",
+                port_id,
+                bin_id: None,
+                reading_after: None,
+            };
+            (context, None)
         };
-        self.unary(request, None, context_of, |context, params| {
+        self.unary(request, context_of, |context, params| {
             let reply = CaseStateReply::from_params(&params)?.about_port(context.port_id)?;
             Ok(CaseGetStateResponse {
                 port_id: reply.port_id,
