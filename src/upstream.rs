@@ -310,9 +310,9 @@ impl Upstream {
             builder = builder.proxy(proxy);
         }
         let client = builder
-            // Our own retry of a failed connect (`send`) is the only one. `never()` alone still
-            // copies every request's headers in case of a retry it would then refuse; with no
-            // retry allowed, the copy is not made.
+            // Our own retry of a failed connect (`send`) is the only retry. `never()` alone still
+            // copies every request (its headers and extensions) in case of a retry it would then
+            // refuse; with no retry allowed, the copy is not made.
             .retry(reqwest::retry::never().max_retries_per_request(0))
             .tcp_nodelay(true)
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
