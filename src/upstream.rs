@@ -315,6 +315,12 @@ impl Upstream {
             // refuse; with no retry allowed, the copy is not made.
             .retry(reqwest::retry::never().max_retries_per_request(0))
             .tcp_nodelay(true)
+            // A call that finds no idle connection starts a connect, and takes another call's
+            // connection instead if that one comes back first; hyper-util then finishes the
+            // connect for the pool, with no call left to time it. This bounds such a connect as
+            // a call's own is bounded (a call's limit is never longer), so connects to a
+            // controller slow to accept cannot pile up, each holding a file descriptor.
+            .connect_timeout(settings.timeout)
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(settings.max_in_flight.get())
             .user_agent(USER_AGENT)

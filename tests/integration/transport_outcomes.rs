@@ -494,3 +494,166 @@ async fn an_endless_reply_head_is_connection_lost() {
         status.message()
     );
 }
+
+/// A connect the pool finishes for no call, because its call took a connection that came back
+/// first, is given up after `--upstream-timeout` like a call's own: a controller slow to accept
+/// connections cannot make the gateway's descriptors pile up in half-open connects.
+#[tokio::test]
+async fn a_connect_no_call_waits_for_is_given_up_after_the_upstream_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+    // A controller that accepts one connection and then none: with a backlog of 0, the one
+    // connection waiting to be accepted fills its queue, and the kernel drops later SYNs.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let listener = tokio::net::TcpListener::from_std(socket.into()).unwrap();
+    let address = listener.local_addr().unwrap();
+    let (probed_tx, probed) = tokio::sync::oneshot::channel::<()>();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (release_tx, release) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(async move {
+        let mut release = Some(release);
+        let mut buffer = [0; 4096];
+        // The health probe's connection, which closes at once, then the calls' one.
+        let mut probed_tx = Some(probed_tx);
+        let (mut connection, mut received) = loop {
+            let (mut connection, _) = listener.accept().await.unwrap();
+            match connection.read(&mut buffer).await.unwrap() {
+                0 => {
+                    if let Some(probed_tx) = probed_tx.take() {
+                        probed_tx.send(()).unwrap();
+                    }
+                }
+                read => break (connection, buffer[..read].to_vec()),
+            }
+        };
+        loop {
+            // Each POST of this test is one method call, ending with its closing tag.
+            while let Some(end) = find(&received, b"</methodcall>") {
+                received.drain(..end + b"</methodcall>".len());
+                seen_tx.send(()).unwrap();
+                // The first reply waits for the test: until then its connection is busy.
+                if let Some(release) = release.take() {
+                    release.await.unwrap();
+                }
+                let body = "<response><params/></response>";
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                connection.write_all(reply.as_bytes()).await.unwrap();
+            }
+            let read = connection.read(&mut buffer).await.unwrap();
+            if read == 0 {
+                // Listening on, accepting nothing: a closed port would refuse the connect.
+                return std::future::pending::<()>().await;
+            }
+            received.extend_from_slice(&buffer[..read]);
+        }
+    });
+    let url = format!("http://{address}/api/v2/task").parse().unwrap();
+    let gateway = Gateway::builder()
+        .upstream(&url)
+        .config(|config| {
+            config.upstream.timeout = UPSTREAM_TIMEOUT;
+            // One probe, at start: later ones would be connects of their own to this controller.
+            config.health_interval = Duration::from_secs(60 * 60);
+        })
+        .start()
+        .await;
+    tokio::time::timeout(Duration::from_secs(10), probed)
+        .await
+        .expect("the health probe connects at start")
+        .unwrap();
+
+    let first = gateway.spawn_case_extract(4, 101337);
+    tokio::time::timeout(Duration::from_secs(10), seen.recv())
+        .await
+        .expect("the first POST arrives")
+        .unwrap();
+    // Fills the accept queue: the next connect to the controller hangs, its SYNs dropped.
+    let _queued = tokio::net::TcpStream::connect(address).await.unwrap();
+    // The second call finds the one connection busy, so it starts a connect...
+    let second = gateway.spawn_case_extract(4, 101337);
+    let started = wait_for(
+        || half_open_connects_to(address) == 1,
+        "the second call's connect",
+    )
+    .await;
+    // ...and takes the first call's connection when that one's reply is read.
+    release_tx.send(()).unwrap();
+    let bounded = Duration::from_secs(10);
+    assert!(
+        tokio::time::timeout(bounded, first)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_ok()
+    );
+    assert!(
+        tokio::time::timeout(bounded, second)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_ok()
+    );
+    assert_eq!(
+        half_open_connects_to(address),
+        1,
+        "both calls answered, the connect goes on for the pool"
+    );
+    let given_up = wait_for(
+        || half_open_connects_to(address) == 0,
+        "the connect to be given up",
+    )
+    .await;
+    let lasted = given_up - started;
+    // Without a connect timeout the kernel's SYN retries would keep it for about two minutes.
+    assert!(
+        lasted >= UPSTREAM_TIMEOUT - Duration::from_millis(500),
+        "given up after {lasted:?}"
+    );
+    controller.abort();
+}
+
+/// Where `needle` starts in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+/// Loopback connects to `address` still in SYN-SENT, from `/proc/net/tcp`.
+fn half_open_connects_to(address: std::net::SocketAddr) -> usize {
+    const SYN_SENT: &str = "02";
+    let remote = format!("0100007F:{:04X}", address.port());
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(2) == Some(&remote.as_str()) && fields.get(3) == Some(&SYN_SENT)
+        })
+        .count()
+}
+
+/// Waits, for at most 20 s, until `condition` holds; returns when it was first seen to.
+async fn wait_for(condition: impl Fn() -> bool, what: &str) -> tokio::time::Instant {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if condition() {
+            return tokio::time::Instant::now();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited 20 s for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
