@@ -297,13 +297,13 @@ pub async fn serve(
     let max_connections = config.connections.max_connections.unwrap_or_else(|| {
         nofile::default_max_connections(
             nofile::soft_limit(),
-            controller_connections(&config),
+            nofile::controller_connections(config.upstream.max_in_flight),
             metrics_connections(&config, metrics_listener_given),
         )
     });
     FdBudget {
         max_connections: max_connections.get(),
-        controller_connections: controller_connections(&config),
+        controller_connections: nofile::controller_connections(config.upstream.max_in_flight),
         metrics_connections: metrics_connections(&config, metrics_listener_given),
     }
     .warn_if_short(nofile::soft_limit());
@@ -509,11 +509,6 @@ fn request_kind(path: &str) -> RequestKind {
     } else {
         RequestKind::Stream
     }
-}
-
-/// Controller connections: one per call in flight at most, plus the health probe's.
-fn controller_connections(config: &Config) -> usize {
-    config.upstream.max_in_flight.get().saturating_add(1)
 }
 
 /// Connections to `/metrics`, when it is served.
