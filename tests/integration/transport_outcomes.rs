@@ -587,21 +587,10 @@ async fn a_connect_no_call_waits_for_is_given_up_after_the_upstream_timeout() {
     .await;
     // ...and takes the first call's connection when that one's reply is read.
     release_tx.send(()).unwrap();
-    let bounded = Duration::from_secs(10);
-    assert!(
-        tokio::time::timeout(bounded, first)
-            .await
-            .unwrap()
-            .unwrap()
-            .is_ok()
-    );
-    assert!(
-        tokio::time::timeout(bounded, second)
-            .await
-            .unwrap()
-            .unwrap()
-            .is_ok()
-    );
+    for call in [first, second] {
+        let answer = tokio::time::timeout(Duration::from_secs(10), call).await;
+        assert!(answer.unwrap().unwrap().is_ok());
+    }
     assert_eq!(
         half_open_connects_to(address),
         1,
