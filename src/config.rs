@@ -244,6 +244,20 @@ pub trait SettingValue: PartialOrd + Copy {
     fn show(self) -> String;
 }
 
+/// The controller connections the gateway may hold at once with `max_in_flight` calls allowed:
+/// one per call in flight, as many idle in the pool, and the health probe's.
+///
+/// The idle ones are hyper-util's: a call that finds no idle connection starts a connect, and
+/// when a connection comes back to the pool first the call takes that one and the new
+/// connection joins the pool, which keeps at most `--max-in-flight` idle (for 4 s), so after a
+/// burst the gateway holds more connections than calls (the README's "How the controller is
+/// called" has the figures). Connects still in progress are not counted: each ends within
+/// `--upstream-timeout` (the controller client's connector), but their number follows the call
+/// rate while a controller stops accepting.
+pub const fn controller_connections(max_in_flight: NonZeroUsize) -> usize {
+    max_in_flight.get().saturating_mul(2).saturating_add(1)
+}
+
 /// The ranges every numeric `serve` setting is checked against at startup. Each is far wider
 /// than any deployment needs and far narrower than what would make the runtime panic or every
 /// call fail (a semaphore of 2^61 permits, a zero timer period, a timeout no call can meet).
@@ -453,9 +467,10 @@ pub mod defaults {
     pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
     /// Connections to `/metrics`: a few scrapers, with room to spare.
     pub const METRICS_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(64).unwrap();
-    /// Connections to the simulator: a gateway opens at most one per call in flight, so twice
-    /// the gateway's default `--max-in-flight`.
-    pub const SIMULATOR_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(2048).unwrap();
+    /// Connections to the simulator: as many as a gateway with the default `--max-in-flight`
+    /// may hold to its controller ([`super::controller_connections`]).
+    pub const SIMULATOR_MAX_CONNECTIONS: NonZeroUsize =
+        NonZeroUsize::new(super::controller_connections(MAX_IN_FLIGHT)).unwrap();
 
     /// The gateway's worker threads: one per core this process may use (which counts a
     /// container's CPU quota), within `--worker-threads`' range, as tokio's own default.

@@ -44,7 +44,7 @@ pub enum Raise {
 pub(crate) struct FdBudget {
     /// Accepted gRPC connections.
     pub(crate) max_connections: usize,
-    /// Controller connections, as [`controller_connections`] counts them.
+    /// Controller connections, as [`crate::config::controller_connections`] counts them.
     pub(crate) controller_connections: usize,
     /// Accepted connections to `/metrics`, when it is served.
     pub(crate) metrics_connections: usize,
@@ -92,19 +92,6 @@ pub fn log_raise(raise: Raise) {
 /// The soft `nofile` limit now; `None` when unlimited.
 pub(crate) fn soft_limit() -> Option<u64> {
     rustix::process::getrlimit(rustix::process::Resource::Nofile).current
-}
-
-/// The controller connections the gateway may hold at once with `max_in_flight` calls allowed:
-/// one per call in flight, as many idle in the pool, and the health probe's.
-///
-/// The idle ones are hyper-util's: a call that finds no idle connection starts a connect, and
-/// when a connection comes back to the pool first the call takes that one and the new
-/// connection joins the pool, which keeps at most `--max-in-flight` idle (for 4 s). After a
-/// burst of calls the gateway may so hold more connections than calls in flight (1,031 to
-/// 1,420 measured at 1,024 in flight; the naive card stack did the same). A connect started
-/// this way lasts at most `--upstream-timeout` (`upstream`).
-pub(crate) fn controller_connections(max_in_flight: NonZeroUsize) -> usize {
-    max_in_flight.get().saturating_mul(2).saturating_add(1)
 }
 
 /// The default `--max-connections`: what `nofile` leaves after the controller connections, the
@@ -174,7 +161,7 @@ mod tests {
             .expect("the unit sets LimitNOFILE")
             .parse()
             .expect("LimitNOFILE is one number");
-        let controller = controller_connections(defaults::MAX_IN_FLIGHT);
+        let controller = crate::config::controller_connections(defaults::MAX_IN_FLIGHT);
         let metrics = defaults::METRICS_MAX_CONNECTIONS.get();
         let max_connections = default_max_connections(Some(limit), controller, metrics).get();
         assert_eq!(max_connections, MAX_DEFAULT_MAX_CONNECTIONS);

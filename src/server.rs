@@ -297,13 +297,15 @@ pub async fn serve(
     let max_connections = config.connections.max_connections.unwrap_or_else(|| {
         nofile::default_max_connections(
             nofile::soft_limit(),
-            nofile::controller_connections(config.upstream.max_in_flight),
+            crate::config::controller_connections(config.upstream.max_in_flight),
             metrics_connections(&config, metrics_listener_given),
         )
     });
     FdBudget {
         max_connections: max_connections.get(),
-        controller_connections: nofile::controller_connections(config.upstream.max_in_flight),
+        controller_connections: crate::config::controller_connections(
+            config.upstream.max_in_flight,
+        ),
         metrics_connections: metrics_connections(&config, metrics_listener_given),
     }
     .warn_if_short(nofile::soft_limit());

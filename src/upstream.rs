@@ -52,7 +52,8 @@ pub struct Settings {
     pub url: Url,
     /// Whether the controller is spoken to in XML (documented) or JSON.
     pub format: WireFormat,
-    /// The longest the gateway waits for one controller reply, whatever the caller's deadline.
+    /// The longest the gateway waits for one controller reply, whatever the caller's deadline;
+    /// also the longest any connect to the controller may take.
     pub timeout: Duration,
     /// The delay put in `RetryInfo` when a retry is safe (fault 1148, controller unreachable,
     /// HTTP 503 or 429).
@@ -317,10 +318,13 @@ impl Upstream {
             .tcp_nodelay(true)
             // A call that finds no idle connection starts a connect, and takes another call's
             // connection instead if that one comes back first; hyper-util then finishes the
-            // connect for the pool, with no call left to time it. This bounds such a connect as
-            // a call's own is bounded (a call's limit is never longer), so connects to a
-            // controller slow to accept cannot pile up, each holding a file descriptor.
-            .connect_timeout(settings.timeout)
+            // connect for the pool, with no call left to time it. This ends such a connect as a
+            // call's own would end (a call's limit is never longer, so no call's outcome
+            // changes), rather than after the kernel's two minutes of SYN retries against a
+            // controller slow to accept. A layer, not `connect_timeout`, which hyper-util would
+            // split among the addresses of a name: a call could then fail on one address's
+            // share before its own limit.
+            .connector_layer(tower::timeout::TimeoutLayer::new(settings.timeout))
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(settings.max_in_flight.get())
             .user_agent(USER_AGENT)

@@ -40,7 +40,8 @@ pub(crate) struct ServeSettings {
     pub(super) upstream_proxy: Option<String>,
 
     /// The longest to wait for one controller reply, for example 10s or 500ms; a caller's
-    /// shorter gRPC deadline wins. 10ms to 1h: calls are never sent with less than 10ms left.
+    /// shorter gRPC deadline wins. Also the longest any connect to the controller may take.
+    /// 10ms to 1h: calls are never sent with less than 10ms left.
     #[arg(long, env = "TASKGATE_UPSTREAM_TIMEOUT", value_parser = duration)]
     #[serde(default, with = "humantime_serde")]
     pub(super) upstream_timeout: Option<Duration>,
