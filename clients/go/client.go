@@ -42,6 +42,7 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"fmt"
+	"io"
 	"time"
 
 	"google.golang.org/grpc"
@@ -291,11 +292,16 @@ func first(header metadata.MD, key string) string {
 	return ""
 }
 
+// randomBytes is where idempotency keys come from. A variable of this package, not
+// crypto/rand.Reader swapped, so that a test can take the bytes away from the keys alone:
+// crypto/tls reads rand.Reader too, from the goroutines of connections still open.
+var randomBytes io.Reader = rand.Reader
+
 // newUUID4 is a random UUID (version 4, RFC 4122) in its hyphenated form. Without random
 // bytes it fails with an *Error, as every call does, that says nothing was sent.
 func newUUID4() (string, error) {
 	var b [16]byte
-	if _, err := rand.Read(b[:]); err != nil {
+	if _, err := io.ReadFull(randomBytes, b[:]); err != nil {
 		return "", localError(err)
 	}
 	b[6] = b[6]&0x0f | 0x40

@@ -458,9 +458,9 @@ var errNoEntropy = errors.New("no entropy")
 func (failingReader) Read([]byte) (int, error) { return 0, errNoEntropy }
 
 func TestACallWithoutRandomBytesIsATypedErrorThatSentNothing(t *testing.T) {
-	reader := rand.Reader
-	rand.Reader = failingReader{}
-	t.Cleanup(func() { rand.Reader = reader })
+	reader := randomBytes
+	randomBytes = failingReader{}
+	t.Cleanup(func() { randomBytes = reader })
 	// Nothing listens there: the call must fail before it connects.
 	client, err := New("127.0.0.1:1", Options{})
 	if err != nil {
