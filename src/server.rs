@@ -294,18 +294,18 @@ pub async fn serve(
         ))
         .layer(crate::protocol::ProtocolLayer)
         .service(routes);
+    let controller_connections =
+        crate::config::controller_connections(config.upstream.max_in_flight);
     let max_connections = config.connections.max_connections.unwrap_or_else(|| {
         nofile::default_max_connections(
             nofile::soft_limit(),
-            crate::config::controller_connections(config.upstream.max_in_flight),
+            controller_connections,
             metrics_connections(&config, metrics_listener_given),
         )
     });
     FdBudget {
         max_connections: max_connections.get(),
-        controller_connections: crate::config::controller_connections(
-            config.upstream.max_in_flight,
-        ),
+        controller_connections,
         metrics_connections: metrics_connections(&config, metrics_listener_given),
     }
     .warn_if_short(nofile::soft_limit());
