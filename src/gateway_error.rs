@@ -133,9 +133,11 @@ pub const IDEMPOTENCY_TABLE_FULL: GatewayError = GatewayError {
 pub const UPSTREAM_UNREACHABLE: GatewayError = GatewayError {
     reason: "UPSTREAM_UNREACHABLE",
     code: Code::Unavailable,
-    when: "the connection to the controller could not be made: refused, DNS failed, the \
-           controller's TLS certificate was not trusted, or `--upstream-proxy` refused the \
-           connection or its tunnel (tried twice); nothing was sent",
+    when: "the connection to the controller could not be made: refused, DNS failed, no \
+           address of the controller's name answered within its share of \
+           `--upstream-timeout`, the controller's TLS certificate was not trusted, or \
+           `--upstream-proxy` refused the connection or its tunnel (tried twice); nothing was \
+           sent",
     key_claimed: true,
     retry: GatewayRetry::AfterDelay,
 };
