@@ -322,7 +322,7 @@ impl Upstream {
             // call's own would end (a call's limit is never longer), rather than after the
             // kernel's two minutes of SYN retries against a controller slow to accept.
             // hyper-util gives each address of a name its share of it, so a call to a name with
-            // several addresses moves on from one that does not answer, and fails
+            // several addresses moves on from one that does not answer, and can fail
             // UPSTREAM_UNREACHABLE (nothing sent) when none does, before its own limit. Not
             // tower's `TimeoutLayer` as a connector layer instead: reqwest then boxes and clones
             // its connector for every call, 6.3k instructions a call (callgrind).
