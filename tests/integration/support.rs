@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use reqwest::Url;
@@ -542,26 +542,66 @@ pub(crate) struct FakeUpstream {
     /// Events `requests_so_far` took off the channel but did not count, kept for `next`.
     backlog: VecDeque<Seen>,
     /// Connections that carried at least one request (the health probe's carry none).
-    connections: Arc<AtomicUsize>,
+    connections: watch::Receiver<usize>,
+    /// Connections accepted, the health probe's included.
+    accepted: watch::Receiver<usize>,
 }
 
 impl FakeUpstream {
     /// Starts a fake that applies `script` to every request.
     pub(crate) async fn start(script: Script) -> FakeUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        FakeUpstream::serve(listener, script, false)
+    }
+
+    /// Starts a fake like [`FakeUpstream::start`] that accepts no more connections once one has
+    /// carried a request, and listens on with a backlog of 0: one more connect then fills its
+    /// accept queue, and the kernel drops the SYNs of later ones, as for a controller too busy
+    /// to accept.
+    pub(crate) async fn start_accepting_until_a_request(script: Script) -> FakeUpstream {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("a TCP socket");
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("an ephemeral loopback port");
+        socket.listen(0).expect("listening");
+        socket.set_nonblocking(true).expect("a non-blocking socket");
+        let listener = TcpListener::from_std(socket.into()).expect("a tokio listener");
+        FakeUpstream::serve(listener, script, true)
+    }
+
+    fn serve(listener: TcpListener, script: Script, until_a_request: bool) -> FakeUpstream {
         let address = listener.local_addr().unwrap();
         let (seen_tx, seen) = mpsc::unbounded_channel();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let accepted = connections.clone();
+        let (connections_tx, connections) = watch::channel(0);
+        let connections_tx = Arc::new(connections_tx);
+        let (accepted_tx, accepted) = watch::channel(0);
+        let mut carried = connections.clone();
         tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
+            loop {
+                let carried_one = async {
+                    let _ = carried.wait_for(|&count| count > 0).await;
+                };
+                let stream = tokio::select! {
+                    // First: a connect that arrives after a request must stay in the queue.
+                    biased;
+                    () = carried_one, if until_a_request => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => return,
+                    },
+                };
+                accepted_tx.send_modify(|count| *count += 1);
                 tokio::spawn(serve_connection(
                     stream,
                     script.clone(),
                     seen_tx.clone(),
-                    accepted.clone(),
+                    connections_tx.clone(),
                 ));
             }
+            // Listening on, accepting nothing: a closed port would refuse the connects.
+            let _listening = listener;
+            std::future::pending::<()>().await;
         });
         let url = parse_upstream_url(&format!("http://{address}/api/v2/task")).unwrap();
         FakeUpstream {
@@ -569,7 +609,14 @@ impl FakeUpstream {
             seen,
             backlog: VecDeque::new(),
             connections,
+            accepted,
         }
+    }
+
+    /// The fake's loopback address.
+    pub(crate) fn address(&self) -> SocketAddr {
+        let port = self.url.port().expect("the fake's URL names its port");
+        SocketAddr::from(([127, 0, 0, 1], port))
     }
 
     /// The next thing the fake saw; fails the test if nothing comes within 10 s.
@@ -605,7 +652,20 @@ impl FakeUpstream {
 
     /// How many connections carried a request so far.
     pub(crate) fn connections_so_far(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
+        *self.connections.borrow()
+    }
+
+    /// Waits until the fake has accepted `count` connections, the health probe's included;
+    /// fails the test if it has not within [`CALL_LIMIT`].
+    pub(crate) async fn expect_accepted(&mut self, count: usize) {
+        let accepted = self.accepted.wait_for(|&accepted| accepted >= count);
+        within(
+            CALL_LIMIT,
+            "the fake controller accepted too few connections",
+            accepted,
+        )
+        .await
+        .expect("the fake controller stopped");
     }
 
     /// The task-interface method (`<name>`) of every request that arrived so far, in order,
@@ -649,7 +709,7 @@ async fn serve_connection(
     mut stream: TcpStream,
     script: Script,
     seen: mpsc::UnboundedSender<Seen>,
-    connections: Arc<AtomicUsize>,
+    connections: Arc<watch::Sender<usize>>,
 ) {
     let mut buffer = Vec::new();
     // Whether this connection carried `Script::Poisoned`'s first reply.
@@ -660,7 +720,7 @@ async fn serve_connection(
             return;
         };
         if request == 0 {
-            connections.fetch_add(1, Ordering::SeqCst);
+            connections.send_modify(|count| *count += 1);
         }
         let _ = seen.send(Seen::Request {
             request_line,

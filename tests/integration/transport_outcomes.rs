@@ -1,7 +1,9 @@
 //! Every transport outcome against a scripted fake controller.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -500,65 +502,16 @@ async fn an_endless_reply_head_is_connection_lost() {
 /// connections cannot make the gateway's descriptors pile up in half-open connects.
 #[tokio::test]
 async fn a_connect_no_call_waits_for_is_given_up_after_the_upstream_timeout() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
     const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
-    // A controller that accepts one connection and then none: with a backlog of 0, the one
-    // connection waiting to be accepted fills its queue, and the kernel drops later SYNs.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket
-        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    socket.listen(0).unwrap();
-    socket.set_nonblocking(true).unwrap();
-    let listener = tokio::net::TcpListener::from_std(socket.into()).unwrap();
-    let address = listener.local_addr().unwrap();
-    let (probed_tx, probed) = tokio::sync::oneshot::channel::<()>();
-    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let (release_tx, release) = tokio::sync::oneshot::channel::<()>();
-    let controller = tokio::spawn(async move {
-        let mut release = Some(release);
-        let mut buffer = [0; 4096];
-        // The health probe's connection, which closes at once, then the calls' one.
-        let mut probed_tx = Some(probed_tx);
-        let (mut connection, mut received) = loop {
-            let (mut connection, _) = listener.accept().await.unwrap();
-            match connection.read(&mut buffer).await.unwrap() {
-                0 => {
-                    if let Some(probed_tx) = probed_tx.take() {
-                        probed_tx.send(()).unwrap();
-                    }
-                }
-                read => break (connection, buffer[..read].to_vec()),
-            }
-        };
-        loop {
-            // Each POST of this test is one method call, ending with its closing tag.
-            while let Some(end) = find(&received, b"</methodcall>") {
-                received.drain(..end + b"</methodcall>".len());
-                seen_tx.send(()).unwrap();
-                // The first reply waits for the test: until then its connection is busy.
-                if let Some(release) = release.take() {
-                    release.await.unwrap();
-                }
-                let body = "<response><params/></response>";
-                let reply = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                connection.write_all(reply.as_bytes()).await.unwrap();
-            }
-            let read = connection.read(&mut buffer).await.unwrap();
-            if read == 0 {
-                // Listening on, accepting nothing: a closed port would refuse the connect.
-                return std::future::pending::<()>().await;
-            }
-            received.extend_from_slice(&buffer[..read]);
-        }
-    });
-    let url = format!("http://{address}/api/v2/task").parse().unwrap();
+    let release = Arc::new(Notify::new());
+    let mut controller = FakeUpstream::start_accepting_until_a_request(Script::RespondWhen {
+        release: release.clone(),
+        body: b"<response><params/></response>".to_vec(),
+    })
+    .await;
+    let address = controller.address();
     let gateway = Gateway::builder()
-        .upstream(&url)
+        .upstream(&controller.url)
         .config(|config| {
             config.upstream.timeout = UPSTREAM_TIMEOUT;
             // One probe, at start: later ones would be connects of their own to this controller.
@@ -566,16 +519,11 @@ async fn a_connect_no_call_waits_for_is_given_up_after_the_upstream_timeout() {
         })
         .start()
         .await;
-    tokio::time::timeout(CALL_LIMIT, probed)
-        .await
-        .expect("the health probe connects at start")
-        .unwrap();
+    // The health probe's connection, accepted before the calls' one.
+    controller.expect_accepted(1).await;
 
     let first = gateway.spawn_case_extract(4, 101337);
-    tokio::time::timeout(CALL_LIMIT, seen.recv())
-        .await
-        .expect("the first POST arrives")
-        .unwrap();
+    controller.next_request_body().await;
     // Fills the accept queue: the next connect to the controller hangs, its SYNs dropped.
     let _queued = tokio::net::TcpStream::connect(address).await.unwrap();
     // The second call finds the one connection busy, so it starts a connect...
@@ -585,8 +533,10 @@ async fn a_connect_no_call_waits_for_is_given_up_after_the_upstream_timeout() {
         "the second call's connect",
     )
     .await;
-    // ...and takes the first call's connection when that one's reply is read.
-    release_tx.send(()).unwrap();
+    // ...and takes the first call's connection when that one's reply is read. One release for
+    // each call's reply: the second's, on the same connection, finds its permit stored.
+    release.notify_one();
+    release.notify_one();
     for call in [first, second] {
         let outcome = tokio::time::timeout(CALL_LIMIT, call)
             .await
@@ -612,14 +562,6 @@ async fn a_connect_no_call_waits_for_is_given_up_after_the_upstream_timeout() {
         lasted >= UPSTREAM_TIMEOUT - Duration::from_millis(500) && lasted < 2 * UPSTREAM_TIMEOUT,
         "given up after {lasted:?}"
     );
-    controller.abort();
-}
-
-/// Where `needle` starts in `haystack`.
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
 }
 
 /// Loopback connects to `address` still in SYN-SENT, from `/proc/net/tcp`.
