@@ -12,7 +12,8 @@
 use std::num::NonZeroUsize;
 
 /// Descriptors kept for everything that is not a connection: stdio, the listeners, epoll, the
-/// log, token and TLS files read on reload, the embedded simulator's listener.
+/// log, token and TLS files read on reload, the embedded simulator's listener, the Log
+/// Publisher's and the OTLP exporter's connections.
 pub(crate) const RESERVE: usize = 64;
 /// The default `--max-connections` never goes below this, even when `nofile` is too small for
 /// the other limits (a warning says so).
