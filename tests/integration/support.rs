@@ -545,19 +545,29 @@ pub(crate) struct FakeUpstream {
     connections: watch::Receiver<usize>,
     /// Connections accepted, the health probe's included.
     accepted: watch::Receiver<usize>,
+    address: SocketAddr,
+}
+
+/// Which connections a [`FakeUpstream`] accepts.
+enum Accepting {
+    /// Every one, for as long as it runs.
+    All,
+    /// None once a connection has carried a request; it goes on listening.
+    UntilARequest,
 }
 
 impl FakeUpstream {
     /// Starts a fake that applies `script` to every request.
     pub(crate) async fn start(script: Script) -> FakeUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        FakeUpstream::serve(listener, script, false)
+        FakeUpstream::serve(listener, script, Accepting::All)
     }
 
     /// Starts a fake like [`FakeUpstream::start`] that accepts no more connections once one has
-    /// carried a request, and listens on with a backlog of 0: one more connect then fills its
-    /// accept queue, and the kernel drops the SYNs of later ones, as for a controller too busy
-    /// to accept.
+    /// carried a request, and listens on: one more connect then fills its accept queue, and the
+    /// kernel drops the SYNs of later ones, as for a controller too busy to accept. Its listen
+    /// backlog is 0 from the start, so connects made at the same moment before then can lose a
+    /// SYN and wait about a second for its retry.
     pub(crate) async fn start_accepting_until_a_request(script: Script) -> FakeUpstream {
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
             .expect("a TCP socket");
@@ -567,10 +577,11 @@ impl FakeUpstream {
         socket.listen(0).expect("listening");
         socket.set_nonblocking(true).expect("a non-blocking socket");
         let listener = TcpListener::from_std(socket.into()).expect("a tokio listener");
-        FakeUpstream::serve(listener, script, true)
+        FakeUpstream::serve(listener, script, Accepting::UntilARequest)
     }
 
-    fn serve(listener: TcpListener, script: Script, until_a_request: bool) -> FakeUpstream {
+    fn serve(listener: TcpListener, script: Script, accepting: Accepting) -> FakeUpstream {
+        let until_a_request = matches!(accepting, Accepting::UntilARequest);
         let address = listener.local_addr().unwrap();
         let (seen_tx, seen) = mpsc::unbounded_channel();
         let (connections_tx, connections) = watch::channel(0);
@@ -610,13 +621,13 @@ impl FakeUpstream {
             backlog: VecDeque::new(),
             connections,
             accepted,
+            address,
         }
     }
 
     /// The fake's loopback address.
     pub(crate) fn address(&self) -> SocketAddr {
-        let port = self.url.port().expect("the fake's URL names its port");
-        SocketAddr::from(([127, 0, 0, 1], port))
+        self.address
     }
 
     /// The next thing the fake saw; fails the test if nothing comes within 10 s.

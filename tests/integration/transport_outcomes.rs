@@ -11,7 +11,7 @@ use taskgate::proto::{CaseGetStateResponse, CaseState, FaultCode, TaskFault};
 
 use crate::support::{
     CALL_LIMIT, FakeUpstream, Gateway, Script, Seen, error_info, error_info_count, metadata,
-    task_fault, unused_address,
+    task_fault, unused_address, within,
 };
 
 /// Checks a gateway error of CaseExtract (port 4, bin 101337) exactly; see [`check_error_of`].
@@ -525,7 +525,13 @@ async fn a_connect_no_call_waits_for_is_given_up_after_the_upstream_timeout() {
     let first = gateway.spawn_case_extract(4, 101337);
     controller.next_request_body().await;
     // Fills the accept queue: the next connect to the controller hangs, its SYNs dropped.
-    let _queued = tokio::net::TcpStream::connect(address).await.unwrap();
+    let _queued = within(
+        CALL_LIMIT,
+        "the connect that fills the accept queue did not complete",
+        tokio::net::TcpStream::connect(address),
+    )
+    .await
+    .unwrap();
     // The second call finds the one connection busy, so it starts a connect...
     let second = gateway.spawn_case_extract(4, 101337);
     let started = wait_for(
@@ -533,9 +539,9 @@ async fn a_connect_no_call_waits_for_is_given_up_after_the_upstream_timeout() {
         "the second call's connect",
     )
     .await;
-    // ...and takes the first call's connection when that one's reply is read. One release for
-    // each call's reply: the second's, on the same connection, finds its permit stored.
+    // ...and takes the first call's connection when that one's reply is read.
     release.notify_one();
+    controller.next_request_body().await;
     release.notify_one();
     for call in [first, second] {
         let outcome = tokio::time::timeout(CALL_LIMIT, call)
