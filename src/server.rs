@@ -10,6 +10,7 @@
 //! not, to close.
 
 use std::future::Future;
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use hyper_util::server::conn::auto;
@@ -47,12 +48,20 @@ const MAX_REQUEST_BYTES: usize = 4 * 1024;
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a ping may go unanswered before the connection is closed.
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How much request data a client may send on a connection, and on each stream, before the
-/// gateway has read it: HTTP/2's own default (RFC 9113, section 6.9.2), where hyper's is 1 MiB
-/// of memory a client can fill on every connection. A request message is at most
-/// [`MAX_REQUEST_BYTES`], so no call waits for a window update unless more than 15 of the
-/// largest are sent at once.
+/// How much request data a client may send on each stream before the gateway has read it, and
+/// on a connection before [`PER_STREAM_WINDOW`] is added: HTTP/2's own default (RFC 9113, section
+/// 6.9.2), where hyper's is 1 MiB of memory a client can fill on every connection. A request
+/// message is at most [`MAX_REQUEST_BYTES`], so no call waits for a window update unless more
+/// than 15 of the largest are sent at once.
 const HTTP2_WINDOW: u32 = 65_535;
+/// What each stream `--max-concurrent-streams` allows adds to a connection's window. h2 sends
+/// GOAWAY (`ENHANCE_YOUR_CALM`, "too_many_data_frames") once the small DATA frames it holds
+/// unread count for more than half the connection's window, each as 256 bytes less its payload.
+/// A client that starts every call it may at once, each sending its message in a frame of its
+/// own (tonic's clients then end the stream with an empty frame, which h2 does not count), has
+/// up to one such frame per stream waiting before the stream's task reads it; this leaves room
+/// for two, on top of HTTP/2's default.
+const PER_STREAM_WINDOW: u32 = 1024;
 /// How much of a stream's response may wait for the client's flow-control window: hyper's
 /// default is 400 KiB a stream, 100 MiB for a connection of 256 streams that stop reading.
 /// Every response message is far smaller (a watch event is some 40 bytes), so a stream that
@@ -318,7 +327,9 @@ pub async fn serve(
         .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
         .max_concurrent_streams(config.connections.max_concurrent_streams.get())
         .initial_stream_window_size(HTTP2_WINDOW)
-        .initial_connection_window_size(HTTP2_WINDOW)
+        .initial_connection_window_size(connection_window(
+            config.connections.max_concurrent_streams,
+        ))
         .max_send_buf_size(HTTP2_MAX_SEND_BUFFER);
     let tls = config.tls.as_ref().map(crate::tls::ServerTls::acceptor);
     let mut acceptor = Acceptor::new(listener, metrics.listener("grpc"));
@@ -522,6 +533,18 @@ fn metrics_connections(config: &Config, metrics_served: bool) -> usize {
     }
 }
 
+/// A connection's flow-control window: HTTP/2's default, and [`PER_STREAM_WINDOW`] for each
+/// stream it may have open. At most 100,000 streams keep it far below HTTP/2's largest window.
+fn connection_window(max_concurrent_streams: NonZeroU32) -> u32 {
+    /// HTTP/2's largest window (RFC 9113, section 6.9.1); h2 panics on a larger one.
+    const MAX_WINDOW: u32 = (1 << 31) - 1;
+    max_concurrent_streams
+        .get()
+        .saturating_mul(PER_STREAM_WINDOW)
+        .saturating_add(HTTP2_WINDOW)
+        .min(MAX_WINDOW)
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::defaults;
@@ -559,6 +582,19 @@ mod tests {
         }
     }
 
+    /// Every stream a connection may have open can wait with two small DATA frames unread
+    /// before h2 counts the connection as a flood: half the window, at 256 bytes a frame.
+    #[test]
+    fn a_connection_window_holds_two_small_frames_of_every_stream() {
+        for streams in [1, 16, 100, 256, 1000, 100_000] {
+            let window = connection_window(NonZeroU32::new(streams).unwrap());
+            assert!(window >= HTTP2_WINDOW, "{streams}: {window}");
+            assert!(window / 2 >= streams * 2 * 256, "{streams}: {window}");
+        }
+        assert_eq!(connection_window(defaults::MAX_CONCURRENT_STREAMS), 327_679);
+        assert_eq!(connection_window(NonZeroU32::MAX), (1 << 31) - 1);
+    }
+
     /// The README's worst case for a busy connection follows from the settings it rests on: the
     /// idle cost, the connection window, the stream limit, the send buffer and the defaults.
     #[test]
@@ -575,7 +611,9 @@ mod tests {
         let watch = HTTP2_MAX_SEND_BUFFER + 2 * TONIC_CHUNK;
         let idle = nofile::CONNECTION_COST;
         let streams = defaults::MAX_CONCURRENT_STREAMS.get() as usize;
-        let busy = |streams: usize| idle + window + streams * STREAM;
+        // Each stream's share of the connection's window is paid for once per stream.
+        let per_stream = STREAM + PER_STREAM_WINDOW as usize;
+        let busy = |streams: usize| idle + window + streams * per_stream;
         let watches = defaults::MAX_WATCHES.get() + defaults::MAX_HEALTH_WATCHES.get();
         let connections = nofile::MAX_DEFAULT_MAX_CONNECTIONS;
         let expected = [
@@ -588,7 +626,7 @@ mod tests {
                  {streams} streams**",
                 idle / KIB,
                 window / KIB,
-                STREAM / KIB,
+                per_stream / KIB,
                 busy(streams) as f64 / MIB,
             ),
             format!(
@@ -600,7 +638,7 @@ mod tests {
             format!(
                 "budget `--max-connections` × ({} KiB + `--max-concurrent-streams` × {} KiB)",
                 (idle + window) / KIB,
-                STREAM / KIB
+                per_stream / KIB
             ),
             format!(
                 "with `--max-concurrent-streams 16`, a connection's worst case is {:.1} MiB, \

@@ -273,3 +273,76 @@ async fn idle_connections_and_partial_requests_do_not_hold_shutdown() {
         read_until_closed(stream).await;
     }
 }
+
+/// A client may start every call a connection allows at once, each sending its message in small
+/// DATA frames before ending its stream, and every call is answered: h2's defence against floods
+/// of tiny frames never takes such a client for one (README, "Limits"). All the frames arrive
+/// before any call's task has read one, as the gateway runs on this test's one thread.
+#[tokio::test]
+async fn every_call_a_connection_allows_may_start_at_once_in_small_frames() {
+    const CALLS: u32 = 256;
+    assert_eq!(
+        taskgate::config::defaults::MAX_CONCURRENT_STREAMS.get(),
+        CALLS,
+        "the default stream limit"
+    );
+    let upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let tcp = TcpStream::connect(gateway.address).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut client = within(
+        PROMPTLY,
+        "the server's settings did not come",
+        client.ready(),
+    )
+    .await
+    .unwrap();
+    let mut calls = Vec::new();
+    for _ in 0..CALLS {
+        let request = tonic::codegen::http::Request::post(format!(
+            "http://{}/taskgate.v1.TaskService/CaseExtract",
+            gateway.address
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+        let (response, mut body) = client.send_request(request, false).unwrap();
+        // CaseExtractRequest { port_id: 4, bin_id: 101337 }: its gRPC prefix and its message in
+        // a DATA frame each, as a client writing them apart sends them, neither ending the
+        // stream.
+        body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 6]), false)
+            .unwrap();
+        body.send_data(
+            bytes::Bytes::from_static(&[0x08, 4, 0x10, 0xD9, 0xBD, 0x06]),
+            false,
+        )
+        .unwrap();
+        calls.push((response, body));
+    }
+    let mut responses = Vec::new();
+    for (response, mut body) in calls {
+        body.send_data(bytes::Bytes::new(), true).unwrap();
+        responses.push(response);
+    }
+    for response in responses {
+        let response = within(PROMPTLY, "a call was not answered", response)
+            .await
+            .expect("the gateway kept the connection");
+        let mut body = response.into_body();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("the answer arrived whole");
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        let trailers = within(PROMPTLY, "a call's trailers did not come", body.trailers())
+            .await
+            .expect("the gateway kept the connection")
+            .expect("the call ended with trailers");
+        assert_eq!(trailers.get("grpc-status").unwrap(), "0", "{trailers:?}");
+    }
+    assert!(
+        !connection.is_finished(),
+        "the gateway closed the connection"
+    );
+}

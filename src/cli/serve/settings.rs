@@ -112,7 +112,8 @@ pub(crate) struct ServeSettings {
     pub(super) max_connections: Option<u64>,
 
     /// How many streams (calls) one HTTP/2 connection may have open at once; clients queue the
-    /// rest. 1 to 100000.
+    /// rest. Each adds 1 KiB to the connection's flow-control window (64 KiB without). 1 to
+    /// 100000.
     #[arg(long, env = "TASKGATE_MAX_CONCURRENT_STREAMS")]
     pub(super) max_concurrent_streams: Option<u64>,
 
