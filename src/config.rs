@@ -254,8 +254,8 @@ pub trait SettingValue: PartialOrd + Copy {
 /// called" has the figures). Connects still in progress are not counted: each ends within
 /// `--upstream-timeout` (the controller client's connector), but their number follows the call
 /// rate while a controller stops accepting.
-pub const fn controller_connections(max_in_flight: NonZeroUsize) -> usize {
-    max_in_flight.get().saturating_mul(2).saturating_add(1)
+pub const fn controller_connections(max_in_flight: NonZeroUsize) -> NonZeroUsize {
+    NonZeroUsize::MIN.saturating_add(max_in_flight.get().saturating_mul(2))
 }
 
 /// The ranges every numeric `serve` setting is checked against at startup. Each is far wider
@@ -470,7 +470,7 @@ pub mod defaults {
     /// Connections to the simulator: as many as a gateway with the default `--max-in-flight`
     /// may hold to its controller ([`super::controller_connections`]).
     pub const SIMULATOR_MAX_CONNECTIONS: NonZeroUsize =
-        NonZeroUsize::new(super::controller_connections(MAX_IN_FLIGHT)).unwrap();
+        super::controller_connections(MAX_IN_FLIGHT);
 
     /// The gateway's worker threads: one per core this process may use (which counts a
     /// container's CPU quota), within `--worker-threads`' range, as tokio's own default.

@@ -162,7 +162,7 @@ mod tests {
             .expect("the unit sets LimitNOFILE")
             .parse()
             .expect("LimitNOFILE is one number");
-        let controller = crate::config::controller_connections(defaults::MAX_IN_FLIGHT);
+        let controller = crate::config::controller_connections(defaults::MAX_IN_FLIGHT).get();
         let metrics = defaults::METRICS_MAX_CONNECTIONS.get();
         let max_connections = default_max_connections(Some(limit), controller, metrics).get();
         assert_eq!(max_connections, MAX_DEFAULT_MAX_CONNECTIONS);

@@ -304,7 +304,7 @@ pub async fn serve(
         .layer(crate::protocol::ProtocolLayer)
         .service(routes);
     let controller_connections =
-        crate::config::controller_connections(config.upstream.max_in_flight);
+        crate::config::controller_connections(config.upstream.max_in_flight).get();
     let max_connections = config.connections.max_connections.unwrap_or_else(|| {
         nofile::default_max_connections(
             nofile::soft_limit(),

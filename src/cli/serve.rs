@@ -257,10 +257,13 @@ async fn start_simulator(simulator: &Simulator, config: &mut Config) -> anyhow::
         parse_upstream_url(&format!("http://{address}{}", simulator::http::TASK_PATH))
             .context("cannot build the simulator's URL")?;
     tracing::info!(url = %config.upstream.url, "embedded simulated controller started; the gateway calls it instead of a real controller");
+    // As many connections as this gateway may hold to it: refusing one would make a call's
+    // outcome unknown where a real controller would have answered.
+    let max_connections = taskgate::config::controller_connections(config.upstream.max_in_flight);
     tokio::spawn(simulator::http::serve(
         listener,
         simulator.clone(),
-        Http1Limits::with_max_connections(defaults::SIMULATOR_MAX_CONNECTIONS),
+        Http1Limits::with_max_connections(max_connections),
         std::future::pending(),
     ));
     if config.log_publisher.is_none() {

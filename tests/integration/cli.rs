@@ -635,6 +635,33 @@ impl TaskgateProcess {
     }
 }
 
+/// The simulator `serve --simulator` embeds takes as many connections as the gateway may hold to
+/// it, `2 × --max-in-flight + 1`: with the default cap instead, a gateway allowed more calls in
+/// flight would have some of its connections refused, and their calls' outcomes made unknown.
+#[tokio::test]
+async fn the_embedded_simulator_takes_as_many_connections_as_the_gateway_may_hold() {
+    let mut serve = TaskgateProcess::start(&["--max-in-flight", "1"]).await;
+    let simulator = serve
+        .log
+        .lines()
+        .find(|line| line.contains("embedded simulated controller started"))
+        .and_then(|line| line.split_once("url=http://"))
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .map(|(address, _)| address.to_owned())
+        .unwrap_or_else(|| panic!("no simulator address in:\n{}", serve.log));
+    // More than the 3 connections allowed, the gateway's own among them: one is refused.
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(tokio::net::TcpStream::connect(&simulator).await.unwrap());
+    }
+    let refused = serve
+        .wait_for_line("connection refused: the connection limit is reached")
+        .await;
+    assert!(refused.contains("listener=\"simulator\""), "{refused}");
+    assert!(refused.contains("max_connections=3"), "{refused}");
+    drop(held);
+}
+
 /// README's first command, for real: `serve --simulator`, a call, SIGTERM, exit 0.
 #[tokio::test]
 async fn serve_with_the_simulator_answers_calls_and_exits_0_on_sigterm() {
