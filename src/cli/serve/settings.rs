@@ -105,9 +105,10 @@ pub(crate) struct ServeSettings {
     pub(super) idle_timeout: Option<Duration>,
 
     /// How many gRPC connections may be open at once; more are closed as soon as they are
-    /// accepted. Default: the open-file limit (nofile) less (2 x --max-in-flight + 1) controller
-    /// connections, --metrics-max-connections (when metrics are served) and 64 in reserve, at
-    /// least 16 and at most 6553 (256 MiB for idle connections at 40 KiB each). 1 to 1000000.
+    /// accepted. Default: the open-file limit (nofile, its soft limit once raised to the hard
+    /// one) less (2 x --max-in-flight + 1) controller connections, --metrics-max-connections
+    /// (when metrics are served) and 64 in reserve, at least 16 and at most 6553 (256 MiB for
+    /// idle connections at 40 KiB each). 1 to 1000000.
     #[arg(long, env = "TASKGATE_MAX_CONNECTIONS")]
     pub(super) max_connections: Option<u64>,
 
