@@ -258,7 +258,7 @@ func (c *Client) call(ctx context.Context, settings callSettings, key string, at
 }
 
 // idempotencyKeyHeader repeats the message's request_id, for a proxy to hash on (README,
-// "Idempotency", Limits); the gateway reads only the field.
+// "Idempotency", "What the table does not cover"); the gateway reads only the field.
 const idempotencyKeyHeader = "idempotency-key"
 
 // outgoing adds the token, the request id and the idempotency key to the call's headers.

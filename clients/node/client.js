@@ -21,7 +21,7 @@ const protobuf = require("protobufjs");
 
 const PROTO_ROOT = path.resolve(__dirname, "..", "..", "proto");
 // The metadata that repeats the message's request_id, for a proxy to hash on (README,
-// "Idempotency", Limits); the gateway reads only the field.
+// "Idempotency", "What the table does not cover"); the gateway reads only the field.
 const IDEMPOTENCY_KEY_HEADER = "idempotency-key";
 const TASK_PROTO = "taskgate/v1/task.proto";
 

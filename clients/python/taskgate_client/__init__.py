@@ -112,7 +112,7 @@ _UNSETTLED_ROWS = frozenset({
 _REQUEST_OUTCOME_KEY = "requestOutcome"
 _OUTCOME_UNKNOWN = "unknown"
 # The metadata that repeats the message's request_id, for a proxy to hash on (README,
-# "Idempotency", Limits); the gateway reads only the field.
+# "Idempotency", "What the table does not cover"); the gateway reads only the field.
 _IDEMPOTENCY_KEY_HEADER = "idempotency-key"
 
 
