@@ -274,6 +274,64 @@ async fn idle_connections_and_partial_requests_do_not_hold_shutdown() {
     }
 }
 
+/// A CaseExtract request on `client`'s connection to `gateway`, its stream left open.
+fn case_extract_request(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    gateway: std::net::SocketAddr,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let request = tonic::codegen::http::Request::post(format!(
+        "http://{gateway}/taskgate.v1.TaskService/CaseExtract"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    client.send_request(request, false).unwrap()
+}
+
+/// CaseExtractRequest { port_id: 4, bin_id: 101337 }, without its gRPC prefix.
+const CASE_EXTRACT_MESSAGE: &[u8] = &[0x08, 4, 0x10, 0xD9, 0xBD, 0x06];
+
+/// Waits for a call's answer and checks that it ended OK, on a connection the gateway kept.
+async fn answered_ok(response: h2::client::ResponseFuture) {
+    let response = within(PROMPTLY, "a call was not answered", response)
+        .await
+        .expect("the gateway kept the connection");
+    let mut body = response.into_body();
+    while let Some(chunk) = within(PROMPTLY, "a call's answer did not come", body.data()).await {
+        let chunk = chunk.expect("the answer arrived whole");
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    let trailers = within(PROMPTLY, "a call's trailers did not come", body.trailers())
+        .await
+        .expect("the gateway kept the connection")
+        .expect("the call ended with trailers");
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0", "{trailers:?}");
+}
+
+/// An HTTP/2 connection to a gateway in front of a controller that answers every call OK, ready
+/// to send requests, and the task driving it.
+async fn h2_connection_to_an_ok_gateway() -> (
+    Gateway,
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
+    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
+    let tcp = TcpStream::connect(gateway.address).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let client = within(
+        PROMPTLY,
+        "the server's settings did not come",
+        client.ready(),
+    )
+    .await
+    .unwrap();
+    // The fake controller lives as long as its listener task, which the runtime keeps.
+    (gateway, client, connection)
+}
+
 /// A client may start every call a connection allows at once, each sending its message in small
 /// DATA frames before ending its stream, and every call is answered: h2's defence against floods
 /// of tiny frames never takes such a client for one (README, "Limits"). All the frames arrive
@@ -286,39 +344,16 @@ async fn every_call_a_connection_allows_may_start_at_once_in_small_frames() {
         CALLS,
         "the default stream limit"
     );
-    let upstream = FakeUpstream::start(Script::ok_xml("<response><params/></response>")).await;
-    let gateway = Gateway::builder().upstream(&upstream.url).start().await;
-    let tcp = TcpStream::connect(gateway.address).await.unwrap();
-    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
-    let connection = tokio::spawn(connection);
-    let mut client = within(
-        PROMPTLY,
-        "the server's settings did not come",
-        client.ready(),
-    )
-    .await
-    .unwrap();
+    let (gateway, mut client, connection) = h2_connection_to_an_ok_gateway().await;
     let mut calls = Vec::new();
     for _ in 0..CALLS {
-        let request = tonic::codegen::http::Request::post(format!(
-            "http://{}/taskgate.v1.TaskService/CaseExtract",
-            gateway.address
-        ))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-        let (response, mut body) = client.send_request(request, false).unwrap();
-        // CaseExtractRequest { port_id: 4, bin_id: 101337 }: its gRPC prefix and its message in
-        // a DATA frame each, as a client writing them apart sends them, neither ending the
-        // stream.
+        let (response, mut body) = case_extract_request(&mut client, gateway.address);
+        // The gRPC prefix and the message in a DATA frame each, as a client writing them apart
+        // sends them, neither ending the stream.
         body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 6]), false)
             .unwrap();
-        body.send_data(
-            bytes::Bytes::from_static(&[0x08, 4, 0x10, 0xD9, 0xBD, 0x06]),
-            false,
-        )
-        .unwrap();
+        body.send_data(bytes::Bytes::from_static(CASE_EXTRACT_MESSAGE), false)
+            .unwrap();
         calls.push((response, body));
     }
     let mut responses = Vec::new();
@@ -327,19 +362,31 @@ async fn every_call_a_connection_allows_may_start_at_once_in_small_frames() {
         responses.push(response);
     }
     for response in responses {
-        let response = within(PROMPTLY, "a call was not answered", response)
+        answered_ok(response).await;
+    }
+    assert!(
+        !connection.is_finished(),
+        "the gateway closed the connection"
+    );
+}
+
+/// Calls that end their stream with an empty DATA frame after another empty one, as some
+/// clients and proxies do, keep their connection however many there are: h2 before 0.4.21
+/// closed it after the hundredth empty frame that did not end a stream.
+#[tokio::test]
+async fn calls_ending_with_two_empty_frames_keep_their_connection() {
+    let (gateway, mut client, connection) = h2_connection_to_an_ok_gateway().await;
+    for _ in 0..150 {
+        let (response, mut body) = case_extract_request(&mut client, gateway.address);
+        let mut message = vec![0, 0, 0, 0, 6];
+        message.extend_from_slice(CASE_EXTRACT_MESSAGE);
+        body.send_data(message.into(), false).unwrap();
+        body.send_data(bytes::Bytes::new(), false).unwrap();
+        body.send_data(bytes::Bytes::new(), true).unwrap();
+        answered_ok(response).await;
+        client = within(PROMPTLY, "the connection took no new call", client.ready())
             .await
             .expect("the gateway kept the connection");
-        let mut body = response.into_body();
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk.expect("the answer arrived whole");
-            let _ = body.flow_control().release_capacity(chunk.len());
-        }
-        let trailers = within(PROMPTLY, "a call's trailers did not come", body.trailers())
-            .await
-            .expect("the gateway kept the connection")
-            .expect("the call ended with trailers");
-        assert_eq!(trailers.get("grpc-status").unwrap(), "0", "{trailers:?}");
     }
     assert!(
         !connection.is_finished(),
