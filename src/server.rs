@@ -51,8 +51,8 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much request data a client may send on each stream before the gateway has read it, and
 /// on a connection before [`PER_STREAM_WINDOW`] is added: HTTP/2's own default (RFC 9113, section
 /// 6.9.2), where hyper's is 1 MiB of memory a client can fill on every connection. A request
-/// message is at most [`MAX_REQUEST_BYTES`], so no call waits for a window update unless more
-/// than 15 of the largest are sent at once.
+/// message is at most [`MAX_REQUEST_BYTES`], so a call waits for a window update only when the
+/// connection's window is full of other calls' largest messages.
 const HTTP2_WINDOW: u32 = 65_535;
 /// What each stream `--max-concurrent-streams` allows adds to a connection's window. h2 sends
 /// GOAWAY (`ENHANCE_YOUR_CALM`, "too_many_data_frames") once the small DATA frames it holds

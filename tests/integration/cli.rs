@@ -649,7 +649,8 @@ async fn the_embedded_simulator_takes_as_many_connections_as_the_gateway_may_hol
         .and_then(|(_, rest)| rest.split_once('/'))
         .map(|(address, _)| address.to_owned())
         .unwrap_or_else(|| panic!("no simulator address in:\n{}", serve.log));
-    // More than the 3 connections allowed, the gateway's own among them: one is refused.
+    // Twice the 3 connections allowed (the gateway holds at most its health probe's): at least
+    // three are refused.
     let mut held = Vec::new();
     for _ in 0..6 {
         held.push(tokio::net::TcpStream::connect(&simulator).await.unwrap());
