@@ -7,11 +7,15 @@
 //!   `case_extract` method call with `format!` and POSTs it with one `reqwest::Client`, and
 //!   nothing else. The yardstick the gateway's bar is set against: the card's stack at its most
 //!   naive;
+//! - **the naive stack with the parts issue 19 requires** (`bench_rig required`): the naive
+//!   stack, plus the access line through tracing-subscriber and tracing-appender and the codec
+//!   (the encoder writes the call, quick-xml reads the reply). What any gateway that keeps those
+//!   costs at the least, for reference: the bar is judged against the naive stack;
 //! - **a bare tonic server** (`bench_rig bare`) that implements `TaskService` as a no-op: what the
 //!   gRPC stack alone costs on this machine, for reference.
 //!
-//! `bench_rig --help` lists its command lines. Besides the measurement itself: `naive` and
-//! `bare` run those two servers as child processes of the rig; `stand-in [--slow]` serves the
+//! `bench_rig --help` lists its command lines. Besides the measurement itself: `naive`,
+//! `required` and `bare` run those servers as child processes of the rig; `stand-in [--slow]` serves the
 //! stand-in alone (`--slow`: after 250 ms), for profiling by hand; `soak` is the long run behind
 //! `scripts/soak`; `idle` measures the memory each idle connection holds.
 //!
@@ -33,8 +37,10 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tonic::{Status, transport::Server};
+use tokio::time::Instant;
+use tonic::{Status, transport::Server as TonicServer};
 
+use taskgate::codec::{Call, Reply, WireFormat};
 use taskgate::proto::task_service_server::{TaskService, TaskServiceServer};
 
 // In a folder of its own, so Cargo does not take it for an example of its own.
@@ -69,6 +75,7 @@ const RSS_RUNS: usize = 3;
 const USAGE: &str = "\
 usage: bench_rig --taskgate PATH [--gateway-bin PATH] [--duration SECS] [--smoke] [--keep-profiles DIR]
        bench_rig naive --upstream URL
+       bench_rig required --upstream URL
        bench_rig bare
        bench_rig stand-in [--slow]
        bench_rig soak --taskgate PATH [--calls N] [--duration D] [--sample D] [--warmup D] [--plot PNG]
@@ -95,7 +102,8 @@ struct Options {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("naive") => return run_naive(&args[1..]),
+        Some("naive") => return run_naive(&args[1..], Needs::Nothing),
+        Some("required") => return run_naive(&args[1..], Needs::IssueNineteen),
         Some("bare") => return serve_until_terminated(Reference::Bare),
         Some("stand-in") => return run_stand_in(&args[1..]),
         Some("soak") => return soak::run(&args[1..]),
@@ -167,8 +175,9 @@ struct Report {
     idle: Rounds,
     /// 128 in flight, on 8 connections: where the bar is judged.
     busy: Rounds,
-    /// Instructions per call, gateway and naive stack, when valgrind is installed.
-    instructions: Option<(f64, f64)>,
+    /// Instructions per call of the gateway, the naive stack with the required parts and the
+    /// naive stack, when valgrind is installed.
+    instructions: Option<[f64; 3]>,
     /// Peak RSS at 1,024 in flight of each fresh process, gateway and naive stack, in run
     /// order: the bar is the gateway's median, the naive stack's shows what the crates alone
     /// hold at that load.
@@ -177,34 +186,58 @@ struct Report {
     rss_runs: [Vec<Run>; 2],
 }
 
+/// The servers each round runs, in the table's order.
+#[derive(Clone, Copy)]
+enum UnderTest {
+    Gateway,
+    Required,
+    Naive,
+    Bare,
+}
+
+impl UnderTest {
+    const ALL: [UnderTest; 4] = [
+        UnderTest::Gateway,
+        UnderTest::Required,
+        UnderTest::Naive,
+        UnderTest::Bare,
+    ];
+
+    /// Its name in the table's header and in warnings.
+    fn name(self) -> &'static str {
+        match self {
+            UnderTest::Gateway => "gateway",
+            UnderTest::Required => "naive+log+codec",
+            UnderTest::Naive => "naive stack",
+            UnderTest::Bare => "bare tonic",
+        }
+    }
+}
+
 /// Each server's runs at one load, one per round, in round order: a round's runs are side by
 /// side in time, so their ratios are the fair comparison.
 #[derive(Default)]
 struct Rounds {
-    gateway: Vec<Run>,
-    naive: Vec<Run>,
-    bare: Vec<Run>,
+    /// Indexed by [`UnderTest`].
+    runs: [Vec<Run>; 4],
     round_length: Duration,
 }
 
 fn measure(options: &Options, fast: SocketAddr, slow: SocketAddr) -> Report {
     let upstream = format!("http://{fast}/api/v2/task");
-    let gateway = Target::gateway(&options.gateway_bin, &upstream, None);
-    let naive = Target::naive(&upstream, None);
-    let bare = Target::bare(None);
-    let idle = rounds(options, [&gateway, &naive, &bare], [1, 1]);
-    let busy = rounds(options, [&gateway, &naive, &bare], [128, 8]);
-    for target in [gateway, naive, bare] {
+    let targets = UnderTest::ALL.map(|server| Target::start(server, options, &upstream, None));
+    let idle = rounds(options, &targets, [1, 1]);
+    let busy = rounds(options, &targets, [128, 8]);
+    for target in targets {
         target.stop();
     }
 
     let instructions = which("valgrind").then(|| {
-        (
-            instructions_per_call(options, "gateway", |out| {
-                Target::gateway(&options.gateway_bin, &upstream, Some(out))
-            }),
-            instructions_per_call(options, "naive", |out| Target::naive(&upstream, Some(out))),
-        )
+        [UnderTest::Gateway, UnderTest::Required, UnderTest::Naive].map(|server| {
+            instructions_per_call(options, server, |out| {
+                Target::start(server, options, &upstream, Some(out))
+            })
+        })
     });
 
     let slow_upstream = format!("http://{slow}/api/v2/task");
@@ -237,14 +270,13 @@ fn measure(options: &Options, fast: SocketAddr, slow: SocketAddr) -> Report {
     }
 }
 
-/// `in_flight` calls on `connections` connections, in rounds that each run the gateway, the
-/// naive stack and the bare server in turn (each round starting with the next), after one
-/// warm-up run of each: a machine that slows
+/// `in_flight` calls on `connections` connections, in rounds that each run every server in turn
+/// (each round starting with the next), after one warm-up run of each: a machine that slows
 /// down for a while (a shared VM does, by a third at times) slows every side of a round alike,
 /// and the medians leave out the round it did not.
 fn rounds(
     options: &Options,
-    [gateway, naive, bare]: [&Target; 3],
+    targets: &[Target; 4],
     [in_flight, connections]: [usize; 2],
 ) -> Rounds {
     let rounds: u32 = if options.smoke { 1 } else { 5 };
@@ -257,7 +289,7 @@ fn rounds(
             Length::Round(length),
         )
     };
-    for target in [gateway, naive, bare] {
+    for target in targets {
         run(target, options.warmup);
     }
     let mut result = Rounds {
@@ -267,40 +299,29 @@ fn rounds(
     // Each round starts with the next server, so none always runs first (on a cold stand-in
     // connection pool) or right after the same neighbour.
     for round in 0..rounds as usize {
-        for turn in 0..3 {
+        for turn in 0..targets.len() {
+            let index = (round + turn) % targets.len();
             let length = result.round_length;
-            match (round + turn) % 3 {
-                0 => result.gateway.push(run(gateway, length)),
-                1 => result.naive.push(run(naive, length)),
-                _ => result.bare.push(run(bare, length)),
-            }
+            result.runs[index].push(run(&targets[index], length));
         }
     }
     result
 }
 
 impl Rounds {
-    /// Each server's name and runs, in the table's order.
-    fn servers(&self) -> [(&'static str, &[Run]); 3] {
-        [
-            ("gateway", &self.gateway),
-            ("naive stack", &self.naive),
-            ("bare tonic", &self.bare),
-        ]
-    }
-
     /// The median of `measure` over each server's runs, in the table's order.
-    fn medians(&self, measure: fn(&Run) -> f64) -> [f64; 3] {
-        self.servers()
-            .map(|(_, runs)| median(runs.iter().map(measure).collect()))
+    fn medians(&self, measure: fn(&Run) -> f64) -> [f64; 4] {
+        self.runs
+            .each_ref()
+            .map(|runs| median(runs.iter().map(measure).collect()))
     }
 
-    /// The gateway's `measure` over `other`'s, round by round.
-    fn ratios(&self, other: &[Run], measure: fn(&Run) -> f64) -> Vec<f64> {
-        self.gateway
+    /// `server`'s `measure` over `other`'s, round by round.
+    fn ratios(&self, server: UnderTest, other: UnderTest, measure: fn(&Run) -> f64) -> Vec<f64> {
+        self.runs[server as usize]
             .iter()
-            .zip(other)
-            .map(|(gateway, other)| ratio(measure(gateway), measure(other)))
+            .zip(&self.runs[other as usize])
+            .map(|(server, other)| ratio(measure(server), measure(other)))
             .collect()
     }
 }
@@ -329,7 +350,12 @@ fn ratio(part: f64, whole: f64) -> f64 {
 /// The instructions one CaseExtract costs the server `start` runs under callgrind, at 1 in
 /// flight, every thread counted: the difference between a long and a short run, so that start-up
 /// and warm-up cancel out.
-fn instructions_per_call(options: &Options, name: &str, start: impl Fn(&Path) -> Target) -> f64 {
+fn instructions_per_call(
+    options: &Options,
+    server: UnderTest,
+    start: impl Fn(&Path) -> Target,
+) -> f64 {
+    let name = server.name().replace([' ', '+'], "-");
     let (short, long) = if options.smoke { (20, 60) } else { (500, 2500) };
     let total = |calls: u64| {
         let folder = options
@@ -420,6 +446,24 @@ struct Target {
 }
 
 impl Target {
+    /// `server`, calling the controller at `upstream`, under callgrind when `callgrind_out` is
+    /// given.
+    fn start(
+        server: UnderTest,
+        options: &Options,
+        upstream: &str,
+        callgrind_out: Option<&Path>,
+    ) -> Target {
+        match server {
+            UnderTest::Gateway => Target::gateway(&options.gateway_bin, upstream, callgrind_out),
+            UnderTest::Required => {
+                Target::rig_server(server, &["required", "--upstream", upstream], callgrind_out)
+            }
+            UnderTest::Naive => Target::naive(upstream, callgrind_out),
+            UnderTest::Bare => Target::rig_server(server, &["bare"], callgrind_out),
+        }
+    }
+
     /// `taskgate serve` as deployed: its default access log, read by a thread as a log shipper
     /// would, metrics served, and its default limits.
     fn gateway(binary: &Path, upstream: &str, callgrind_out: Option<&Path>) -> Target {
@@ -437,7 +481,7 @@ impl Target {
             .unwrap()
             .to_owned();
         Target {
-            name: "the gateway",
+            name: UnderTest::Gateway.name(),
             url: format!("http://{address}"),
             child,
         }
@@ -446,19 +490,15 @@ impl Target {
     /// This program's `naive` command, calling `upstream`.
     fn naive(upstream: &str, callgrind_out: Option<&Path>) -> Target {
         Target::rig_server(
-            "the naive stack",
+            UnderTest::Naive,
             &["naive", "--upstream", upstream],
             callgrind_out,
         )
     }
 
-    /// This program's `bare` command.
-    fn bare(callgrind_out: Option<&Path>) -> Target {
-        Target::rig_server("the bare server", &["bare"], callgrind_out)
-    }
-
     /// One of this program's own servers, which prints `listening ADDRESS` once it listens.
-    fn rig_server(name: &'static str, args: &[&str], callgrind_out: Option<&Path>) -> Target {
+    fn rig_server(server: UnderTest, args: &[&str], callgrind_out: Option<&Path>) -> Target {
+        let name = server.name();
         let mut command = under_callgrind(&std::env::current_exe().unwrap(), callgrind_out);
         command.args(args);
         let (child, line) = spawn_until(command, Pipe::Stdout, "listening ");
@@ -494,16 +534,19 @@ fn under_callgrind(binary: &Path, out: Option<&Path>) -> Command {
     }
 }
 
+/// Where a server prints the line that says it listens.
 enum Pipe {
+    /// The rig's own servers; their stderr (the access lines of `required`) is read too.
     Stdout,
+    /// The gateway, whose log is on stderr.
     Stderr,
 }
 
 /// Starts `command` and reads `pipe` until a line containing `needle`; a thread then keeps
-/// reading the pipe, so the child never blocks on it.
+/// reading each pipe, as a log shipper would, so the child never blocks on one.
 fn spawn_until(mut command: Command, pipe: Pipe, needle: &str) -> (Child, String) {
     let (stdout, stderr) = match pipe {
-        Pipe::Stdout => (Stdio::piped(), Stdio::null()),
+        Pipe::Stdout => (Stdio::piped(), Stdio::piped()),
         Pipe::Stderr => (Stdio::null(), Stdio::piped()),
     };
     let mut child = command
@@ -513,7 +556,11 @@ fn spawn_until(mut command: Command, pipe: Pipe, needle: &str) -> (Child, String
         .spawn()
         .unwrap_or_else(|error| panic!("cannot start {command:?}: {error}"));
     let reader: Box<dyn Read + Send> = match pipe {
-        Pipe::Stdout => Box::new(child.stdout.take().unwrap()),
+        Pipe::Stdout => {
+            let mut log = BufReader::new(child.stderr.take().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
+            Box::new(child.stdout.take().unwrap())
+        }
         Pipe::Stderr => Box::new(child.stderr.take().unwrap()),
     };
     let mut reader = BufReader::new(reader);
@@ -589,18 +636,33 @@ fn run_stand_in(args: &[String]) {
     }
 }
 
-/// The two servers that measure the gateway's stack at its least. The bench calls only
-/// CaseExtract, so the other RPCs do nothing in both.
+/// The servers that measure the gateway's stack at its least. The bench calls only
+/// CaseExtract, so the other RPCs do nothing in all of them.
 enum Reference {
     /// A no-op: what tonic alone costs per call.
     Bare,
     /// The card's stack at its most naive: CaseExtract formats the method call and POSTs it with
     /// one shared `reqwest::Client`, and answers OK when the reply is 2xx. No validation, no
     /// limits, no logging: what any gateway built from tonic and reqwest costs at the least.
+    /// With [`Needs::IssueNineteen`], also what issue 19 requires of the gateway.
     Naive {
         client: reqwest::Client,
         upstream: String,
+        needs: Needs,
     },
+}
+
+/// What the naive stack does beyond POSTing.
+#[derive(Clone, Copy)]
+enum Needs {
+    /// Nothing: `format!`, POST, OK on 2xx.
+    Nothing,
+    /// The parts issue 19 requires of the gateway, done as the gateway does them: the method
+    /// call written by the codec's encoder and the reply read by its quick-xml parser (item 4),
+    /// and an access line with the gateway's fields through the gateway's own
+    /// tracing-subscriber and tracing-appender set-up, to stderr (item 3). No validation,
+    /// limits, metrics or request ids beyond the access line's.
+    IssueNineteen,
 }
 
 #[tonic::async_trait]
@@ -611,9 +673,16 @@ impl TaskService for Reference {
     ) -> Result<tonic::Response<CaseExtractResponse>, Status> {
         match self {
             Reference::Bare => Ok(tonic::Response::new(CaseExtractResponse {})),
-            Reference::Naive { client, upstream } => {
-                post_case_extract(client, upstream, request.into_inner()).await
-            }
+            Reference::Naive {
+                client,
+                upstream,
+                needs: Needs::Nothing,
+            } => post_case_extract(client, upstream, request.into_inner()).await,
+            Reference::Naive {
+                client,
+                upstream,
+                needs: Needs::IssueNineteen,
+            } => case_extract_as_required(client, upstream, request).await,
         }
     }
 
@@ -675,15 +744,80 @@ async fn post_case_extract(
     }
 }
 
-fn run_naive(args: &[String]) {
+/// `naive` and `required`: the naive stack, with what it `needs`.
+fn run_naive(args: &[String], needs: Needs) {
     let upstream = match args {
         [flag, upstream] if flag == "--upstream" => upstream.clone(),
-        _ => usage_error("naive takes --upstream URL and nothing else"),
+        _ => usage_error("naive and required take --upstream URL and nothing else"),
     };
+    // Kept until the server ends, so that the last access lines are written.
+    let _log = matches!(needs, Needs::IssueNineteen)
+        .then(|| taskgate::log::init(taskgate::log::LogFormat::Text, "info", None));
     // reqwest's defaults but one: no proxy from the environment, so the calls stay on loopback,
     // as the gateway's do.
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    serve_until_terminated(Reference::Naive { client, upstream });
+    serve_until_terminated(Reference::Naive {
+        client,
+        upstream,
+        needs,
+    });
+}
+
+/// The naive stack's CaseExtract with what issue 19 requires ([`Needs::IssueNineteen`]): the
+/// codec writes the call and reads the reply, and one access line with the gateway's fields.
+async fn case_extract_as_required(
+    client: &reqwest::Client,
+    upstream: &str,
+    request: tonic::Request<CaseExtractRequest>,
+) -> Result<tonic::Response<CaseExtractResponse>, Status> {
+    let started = Instant::now();
+    let peer = request.remote_addr();
+    let CaseExtractRequest {
+        port_id, bin_id, ..
+    } = request.into_inner();
+    let request_id = uuid::Uuid::new_v4();
+    let format = WireFormat::Xml;
+    let method_call = format.encode_call(&Call {
+        method: "case_extract",
+        params: &[("port_id", port_id), ("bin_id", bin_id)],
+    });
+    let unavailable = |error: reqwest::Error| Status::unavailable(error.to_string());
+    let posted = Instant::now();
+    let answer = async {
+        let reply = client
+            .post(upstream)
+            .header(reqwest::header::CONTENT_TYPE, format.content_type())
+            .body(method_call)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let body = reply.bytes().await.map_err(unavailable)?;
+        match format.decode_reply(&body, None) {
+            Ok(Reply::Success(_)) => Ok(tonic::Response::new(CaseExtractResponse {})),
+            Ok(Reply::Fault(code)) => Err(Status::failed_precondition(format!("fault {code}"))),
+            Err(error) => Err(Status::unknown(error.to_string())),
+        }
+    }
+    .await;
+    let upstream_time = posted.elapsed();
+    let milliseconds = |time: Duration| time.as_micros() as f64 / 1000.0;
+    let code = answer
+        .as_ref()
+        .map_or_else(Status::code, |_| tonic::Code::Ok);
+    tracing::info!(
+        target: "taskgate::access",
+        method = "case_extract",
+        port_id,
+        bin_id,
+        grpc_code = taskgate::fault::grpc_code_name(code),
+        fault_code = None::<u32>,
+        upstream_ms = milliseconds(upstream_time),
+        total_ms = milliseconds(started.elapsed()),
+        request_id = %request_id,
+        peer = peer.map(tracing::field::display),
+        "call"
+    );
+    answer
 }
 
 /// Serves `service` on a free loopback port, with tokio's default multi-thread runtime and
@@ -699,7 +833,7 @@ fn serve_until_terminated(service: impl TaskService) {
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
-        Server::builder()
+        TonicServer::builder()
             .add_service(TaskServiceServer::new(service))
             .serve_with_incoming_shutdown(incoming, async move {
                 terminate.recv().await;
@@ -753,23 +887,43 @@ impl Report {
         let calls_per_s: fn(&Run) -> f64 = |run| run.calls_per_s;
         let p99_us: fn(&Run) -> f64 = |run| run.p99_us;
         let mean_latency_us: fn(&Run) -> f64 = |run| run.mean_latency_us;
-        let throughput_ratios = self.busy.ratios(&self.busy.naive, calls_per_s);
-        let p99_ratios = self.busy.ratios(&self.busy.naive, p99_us);
+        let throughput_ratios = self
+            .busy
+            .ratios(UnderTest::Gateway, UnderTest::Naive, calls_per_s);
+        let p99_ratios = self
+            .busy
+            .ratios(UnderTest::Gateway, UnderTest::Naive, p99_us);
         let throughput = median(throughput_ratios.clone());
         let p99 = median(p99_ratios.clone());
 
         let mut out = String::new();
-        let mut row = |what: &str, cells: [&str; 5], bar: &str| {
-            let [gateway, naive, bare, vs_naive, vs_bare] = cells;
+        let mut row = |what: &str, cells: [&str; 7], bar: &str| {
+            let [
+                gateway,
+                required,
+                naive,
+                bare,
+                vs_naive,
+                required_vs_naive,
+                vs_bare,
+            ] = cells;
             out.push_str(&format!(
-                "| {what:<33} | {gateway:>9} | {naive:>11} | {bare:>10} | {vs_naive:>13} | \
-                 {vs_bare:>12} | {bar:<22} |\n"
+                "| {what:<33} | {gateway:>9} | {required:>15} | {naive:>11} | {bare:>10} | \
+                 {vs_naive:>13} | {required_vs_naive:>21} | {vs_bare:>12} | {bar:<22} |\n"
             ));
         };
-        let [gateway, naive, bare] = self.busy.servers().map(|(server, _)| server);
-        let header = [gateway, naive, bare, "gateway/naive", "gateway/bare"];
+        let [gateway, required, naive, bare] = UnderTest::ALL.map(UnderTest::name);
+        let header = [
+            gateway,
+            required,
+            naive,
+            bare,
+            "gateway/naive",
+            "naive+log+codec/naive",
+            "gateway/bare",
+        ];
         row("measure", header, "bar (met?)");
-        row("---", ["---:"; 5], "---");
+        row("---", ["---:"; 7], "---");
         let throughput_bar = format!(
             ">= {MIN_CALLS_PER_S_VS_NAIVE:.2}× naive ({})",
             verdict(throughput >= MIN_CALLS_PER_S_VS_NAIVE)
@@ -794,19 +948,44 @@ impl Report {
                 "",
             ),
         ] {
-            let [gateway, naive, bare] = rounds.medians(measure).map(|value| format!("{value:.0}"));
-            let [vs_naive, vs_bare] = [&rounds.naive, &rounds.bare]
-                .map(|other| format!("{:.2}", median(rounds.ratios(other, measure))));
-            row(what, [&gateway, &naive, &bare, &vs_naive, &vs_bare], bar);
+            let [gateway, required, naive, bare] =
+                rounds.medians(measure).map(|value| format!("{value:.0}"));
+            let [vs_naive, required_vs_naive, vs_bare] = [
+                (UnderTest::Gateway, UnderTest::Naive),
+                (UnderTest::Required, UnderTest::Naive),
+                (UnderTest::Gateway, UnderTest::Bare),
+            ]
+            .map(|(server, other)| format!("{:.2}", median(rounds.ratios(server, other, measure))));
+            let cells = [
+                &gateway[..],
+                &required,
+                &naive,
+                &bare,
+                &vs_naive,
+                &required_vs_naive,
+                &vs_bare,
+            ];
+            row(what, cells, bar);
         }
         let instructions = "instructions per call (callgrind)";
         match self.instructions {
-            Some((gateway, naive)) => {
-                let vs_naive = format!("{:.2}", ratio(gateway, naive));
-                let [gateway, naive] = [gateway, naive].map(|count| format!("{count:.0}"));
-                row(instructions, [&gateway, &naive, "-", &vs_naive, "-"], "");
+            Some([gateway, required, naive]) => {
+                let [vs_naive, required_vs_naive] =
+                    [gateway, required].map(|count| format!("{:.2}", ratio(count, naive)));
+                let [gateway, required, naive] =
+                    [gateway, required, naive].map(|count| format!("{count:.0}"));
+                let cells = [
+                    &gateway[..],
+                    &required,
+                    &naive,
+                    "-",
+                    &vs_naive,
+                    &required_vs_naive,
+                    "-",
+                ];
+                row(instructions, cells, "");
             }
-            None => row(instructions, ["-"; 5], "valgrind not installed"),
+            None => row(instructions, ["-"; 7], "valgrind not installed"),
         }
         let [rss_mib, naive_rss_mib] = self
             .peak_rss_kib
@@ -820,9 +999,11 @@ impl Report {
             "peak RSS, 1024 in flight (MiB)",
             [
                 &format!("{rss_mib:.1}"),
+                "-",
                 &format!("{naive_rss_mib:.1}"),
                 "-",
                 &format!("{:.2}", ratio(rss_mib, naive_rss_mib)),
+                "-",
                 "-",
             ],
             &rss_bar,
@@ -835,10 +1016,10 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
-        let rounds = self.busy.gateway.len();
+        let rounds = self.busy.runs[UnderTest::Gateway as usize].len();
         let mut notes = format!(
-            "\n1 and 128 in flight: {rounds} round{} of {} per server (gateway, naive stack, bare \
-             tonic in turn), after a {} warm-up run of each; values are medians over the rounds, \
+            "\n1 and 128 in flight: {rounds} round{} of {} per server (gateway, naive+log+codec, \
+             naive stack, bare tonic in turn), after a {} warm-up run of each; values are medians over the rounds, \
              ratios the medians of the rounds' ratios (at 128 in flight, calls/s against the \
              naive stack: {}; p99: {})\n\
              RSS: the median of {} fresh gateway{} and as many fresh naive stacks, each after {} \
@@ -869,8 +1050,8 @@ impl Report {
             }
         };
         for (rounds, in_flight) in [(&self.idle, 1), (&self.busy, 128)] {
-            for (server, runs) in rounds.servers() {
-                warn_unless_ok(server, in_flight, runs);
+            for (server, runs) in UnderTest::ALL.iter().zip(&rounds.runs) {
+                warn_unless_ok(server.name(), in_flight, runs);
             }
         }
         let [gateway_runs, naive_runs] = &self.rss_runs;
