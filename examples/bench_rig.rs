@@ -15,9 +15,9 @@
 //!   gRPC stack alone costs on this machine, for reference.
 //!
 //! `bench_rig --help` lists its command lines. Besides the measurement itself: `naive`,
-//! `required` and `bare` run those servers as child processes of the rig; `stand-in [--slow]` serves the
-//! stand-in alone (`--slow`: after 250 ms), for profiling by hand; `soak` is the long run behind
-//! `scripts/soak`; `idle` measures the memory each idle connection holds.
+//! `required` and `bare` run those servers as child processes of the rig; `stand-in [--slow]`
+//! serves the stand-in alone (`--slow`: after 250 ms), for profiling by hand; `soak` is the long
+//! run behind `scripts/soak`; `idle` measures the memory each idle connection holds.
 //!
 //! `--taskgate` is the binary whose `bench` command drives the load; `--gateway-bin` (default:
 //! the same) is the binary whose `serve` is measured, so an older build can be compared with the
@@ -38,7 +38,7 @@ use http_body_util::Full;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
-use tonic::{Status, transport::Server as TonicServer};
+use tonic::{Status, transport::Server};
 
 use taskgate::codec::{Call, Reply, WireFormat};
 use taskgate::proto::task_service_server::{TaskService, TaskServiceServer};
@@ -103,7 +103,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("naive") => return run_naive(&args[1..], Needs::Nothing),
-        Some("required") => return run_naive(&args[1..], Needs::IssueNineteen),
+        Some("required") => return run_naive(&args[1..], Needs::LogAndCodec),
         Some("bare") => return serve_until_terminated(Reference::Bare),
         Some("stand-in") => return run_stand_in(&args[1..]),
         Some("soak") => return soak::run(&args[1..]),
@@ -196,6 +196,7 @@ enum UnderTest {
 }
 
 impl UnderTest {
+    /// Every server, in the table's order and the order of a round's turns.
     const ALL: [UnderTest; 4] = [
         UnderTest::Gateway,
         UnderTest::Required,
@@ -297,7 +298,7 @@ fn rounds(
         ..Rounds::default()
     };
     // Each round starts with the next server, so none always runs first (on a cold stand-in
-    // connection pool) or right after the same neighbour.
+    // connection pool).
     for round in 0..rounds as usize {
         for turn in 0..targets.len() {
             let index = (round + turn) % targets.len();
@@ -500,7 +501,8 @@ impl Target {
     fn rig_server(server: UnderTest, args: &[&str], callgrind_out: Option<&Path>) -> Target {
         let name = server.name();
         let mut command = under_callgrind(&std::env::current_exe().unwrap(), callgrind_out);
-        command.args(args);
+        // The gateway's level, whatever the caller's: `required` logs what the gateway logs.
+        command.args(args).env("RUST_LOG", "info");
         let (child, line) = spawn_until(command, Pipe::Stdout, "listening ");
         Target {
             name,
@@ -643,8 +645,8 @@ enum Reference {
     Bare,
     /// The card's stack at its most naive: CaseExtract formats the method call and POSTs it with
     /// one shared `reqwest::Client`, and answers OK when the reply is 2xx. No validation, no
-    /// limits, no logging: what any gateway built from tonic and reqwest costs at the least.
-    /// With [`Needs::IssueNineteen`], also what issue 19 requires of the gateway.
+    /// limits: what any gateway built from tonic and reqwest costs at the least. It logs nothing
+    /// unless it [`Needs::LogAndCodec`], the two parts issue 19 requires of the gateway.
     Naive {
         client: reqwest::Client,
         upstream: String,
@@ -662,7 +664,7 @@ enum Needs {
     /// and an access line with the gateway's fields through the gateway's own
     /// tracing-subscriber and tracing-appender set-up, to stderr (item 3). No validation,
     /// limits, metrics or request ids beyond the access line's.
-    IssueNineteen,
+    LogAndCodec,
 }
 
 #[tonic::async_trait]
@@ -681,7 +683,7 @@ impl TaskService for Reference {
             Reference::Naive {
                 client,
                 upstream,
-                needs: Needs::IssueNineteen,
+                needs: Needs::LogAndCodec,
             } => case_extract_as_required(client, upstream, request).await,
         }
     }
@@ -751,7 +753,7 @@ fn run_naive(args: &[String], needs: Needs) {
         _ => usage_error("naive and required take --upstream URL and nothing else"),
     };
     // Kept until the server ends, so that the last access lines are written.
-    let _log = matches!(needs, Needs::IssueNineteen)
+    let _log = matches!(needs, Needs::LogAndCodec)
         .then(|| taskgate::log::init(taskgate::log::LogFormat::Text, "info", None));
     // reqwest's defaults but one: no proxy from the environment, so the calls stay on loopback,
     // as the gateway's do.
@@ -763,8 +765,8 @@ fn run_naive(args: &[String], needs: Needs) {
     });
 }
 
-/// The naive stack's CaseExtract with what issue 19 requires ([`Needs::IssueNineteen`]): the
-/// codec writes the call and reads the reply, and one access line with the gateway's fields.
+/// The naive stack's CaseExtract with the two parts issue 19 requires ([`Needs::LogAndCodec`]):
+/// the codec writes the call and reads the reply, and one access line with the gateway's fields.
 async fn case_extract_as_required(
     client: &reqwest::Client,
     upstream: &str,
@@ -833,7 +835,7 @@ fn serve_until_terminated(service: impl TaskService) {
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
-        TonicServer::builder()
+        Server::builder()
             .add_service(TaskServiceServer::new(service))
             .serve_with_incoming_shutdown(incoming, async move {
                 terminate.recv().await;
@@ -1019,9 +1021,10 @@ impl Report {
         let rounds = self.busy.runs[UnderTest::Gateway as usize].len();
         let mut notes = format!(
             "\n1 and 128 in flight: {rounds} round{} of {} per server (gateway, naive+log+codec, \
-             naive stack, bare tonic in turn), after a {} warm-up run of each; values are medians over the rounds, \
-             ratios the medians of the rounds' ratios (at 128 in flight, calls/s against the \
-             naive stack: {}; p99: {})\n\
+             naive stack, bare tonic in turn), after a {} warm-up run of each; values are medians \
+             over the rounds, ratios the medians of the rounds' ratios (at 128 in flight, against \
+             the naive stack: the gateway's calls/s {}, p99 {}; naive+log+codec's calls/s {}, \
+             p99 {})\n\
              RSS: the median of {} fresh gateway{} and as many fresh naive stacks, each after {} \
              at 1024 in flight against a stand-in that answers after {} (MiB, in run order: \
              gateway {}; naive stack {})\n",
@@ -1030,6 +1033,16 @@ impl Report {
             humantime::format_duration(options.warmup),
             list(&throughput_ratios),
             list(&p99_ratios),
+            list(
+                &self
+                    .busy
+                    .ratios(UnderTest::Required, UnderTest::Naive, calls_per_s)
+            ),
+            list(
+                &self
+                    .busy
+                    .ratios(UnderTest::Required, UnderTest::Naive, p99_us)
+            ),
             self.peak_rss_kib[0].len(),
             if self.peak_rss_kib[0].len() == 1 {
                 ""
