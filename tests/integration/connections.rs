@@ -17,7 +17,7 @@ use crate::support::{
     FakeUpstream, GOAWAY, Gateway, GatewayBuilder, PROMPTLY, SETTINGS_MAX_CONCURRENT_STREAMS,
     Script, assert_grpc_over_http1_gets_400, endpoint, frames, health_watch,
     idle_and_partial_connections, read_until_closed, scrape_at_least, scrape_line,
-    served_http2_client, server_settings, setting, silent_http2_client, within,
+    served_http2_client, server_settings, setting, silent_http2_client, task_call_head, within,
 };
 
 /// A gateway in front of a controller that never answers.
@@ -279,14 +279,9 @@ fn case_extract_request(
     client: &mut h2::client::SendRequest<bytes::Bytes>,
     gateway: std::net::SocketAddr,
 ) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
-    let request = tonic::codegen::http::Request::post(format!(
-        "http://{gateway}/taskgate.v1.TaskService/CaseExtract"
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(())
-    .unwrap();
-    client.send_request(request, false).unwrap()
+    client
+        .send_request(task_call_head(gateway, "CaseExtract"), false)
+        .unwrap()
 }
 
 /// CaseExtractRequest { port_id: 4, bin_id: 101337 }, without its gRPC prefix.

@@ -29,7 +29,7 @@ use crate::support::{
     assert_grpc_over_http1_gets_400, case_extract_stream, case_extract_with_grpc_timeout, endpoint,
     error_info, frames, health_watch, http_client, idle_and_partial_connections, read_response,
     read_until_closed, scrape_line, served_http2_client, server_settings, setting,
-    silent_http2_client, within,
+    silent_http2_client, task_call_head, within,
 };
 
 /// The limits every `serve` here starts with (a test may change some): short, so that each shows
@@ -313,14 +313,7 @@ async fn an_http2_request_body_that_never_ends_is_ended_after_the_handshake_time
     let (client, connection) = h2::client::handshake(tcp).await.unwrap();
     let connection = tokio::spawn(connection);
     let mut client = client.ready().await.unwrap();
-    let request = tonic::codegen::http::Request::post(format!(
-        "http://{}/taskgate.v1.TaskService/CaseGetState",
-        serve.address
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(())
-    .unwrap();
+    let request = task_call_head(&serve.address, "CaseGetState");
     let sent = Instant::now();
     let (response, mut request_body) = client.send_request(request, false).unwrap();
     // CaseGetStateRequest { port_id: 4 }, whole, and the stream left open.

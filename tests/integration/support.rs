@@ -318,6 +318,21 @@ pub(crate) fn http_client() -> reqwest::Client {
         .unwrap()
 }
 
+/// The head of a call to `method` of TaskService at `address`, as a raw HTTP/2 client sends
+/// it; the test sends the message on the stream.
+pub(crate) fn task_call_head(
+    address: impl std::fmt::Display,
+    method: &str,
+) -> tonic::codegen::http::Request<()> {
+    tonic::codegen::http::Request::post(format!(
+        "http://{address}/taskgate.v1.TaskService/{method}"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap()
+}
+
 /// Awaits `future`, failing the test with "`what_failed` within `limit`" if it takes longer.
 pub(crate) async fn within<T>(
     limit: Duration,

@@ -22,7 +22,8 @@ use taskgate::proto::{CaseEvent, CaseState, WatchCaseEventsRequest};
 use taskgate::simulator::{self, Simulator, layout::Layout};
 
 use crate::support::{
-    Gateway, GatewayBuilder, PROMPTLY, error_info, scrape_at_least, scrape_line, within,
+    Gateway, GatewayBuilder, PROMPTLY, error_info, scrape_at_least, scrape_line, task_call_head,
+    within,
 };
 
 /// The simulated controller: its task interface, and its Log Publisher, which a test may stop
@@ -461,13 +462,7 @@ async fn watch_with_a_window_never_opened(address: SocketAddr, window: u32) -> h
     tokio::spawn(connection);
     within(PROMPTLY, "the feed did not connect", async {
         loop {
-            let request = tonic::codegen::http::Request::post(format!(
-                "http://{address}/taskgate.v1.TaskService/WatchCaseEvents"
-            ))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
+            let request = task_call_head(address, "WatchCaseEvents");
             let mut client = client.clone().ready().await.unwrap();
             let (response, mut request_body) = client.send_request(request, false).unwrap();
             // An empty WatchCaseEventsRequest: every port.
