@@ -18,9 +18,10 @@
 //! controller never acts twice for one `request_id`, and every final answer agrees with what it
 //! did.
 //!
-//! `cargo test` runs [`CI_CALLS`] calls of a debug build; `scripts/chaos [CALLS] [SEED]` runs a
-//! release build and more calls (the long mode, 100,000 by default) through
-//! `TASKGATE_CHAOS_CALLS` and `TASKGATE_CHAOS_SEED`.
+//! `cargo test` runs [`CI_CALLS`] calls of a debug build (`scripts/test` runs this test on its
+//! own, after the rest: see [`ANSWER_SLACK`]); `scripts/chaos [CALLS] [SEED]` runs a release
+//! build and more calls (the long mode, 100,000 by default) through `TASKGATE_CHAOS_CALLS` and
+//! `TASKGATE_CHAOS_SEED`.
 
 mod controller;
 mod plan;
@@ -73,7 +74,9 @@ const DEADLINES: [Option<Duration>; 5] = [
 /// in a test process that is itself a debug build on the same two cores, often beside other
 /// builds: there a round of 128 calls has been seen answered up to 440 ms late by this measure,
 /// and, at a load average of 10 on two cores, 256 calls up to 1.1 s late, so the bound is 2 s,
-/// which still catches a call the gateway forgot or held too long.
+/// which still catches a call the gateway forgot or held too long. Other tests running beside it
+/// count as such load: on an idle machine the latest of 256 calls came 0.28 s late with this
+/// test alone and 0.5 s late beside the rest of the suite, so `scripts/test` runs it on its own.
 const ANSWER_SLACK: Duration = if cfg!(debug_assertions) {
     Duration::from_secs(2)
 } else {
